@@ -1,0 +1,265 @@
+"""Configuration: frozen records loaded by a pure function from the TOML dict.
+
+``load_config(data, base_dir)`` does no I/O, so every validation rule is
+table-tested without files. ``read_config(path)`` is the thin I/O edge, and
+``render_default()`` writes the commented default (values serialised by tomli-w).
+Every error is one line naming the key and what is allowed (CLI exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """One-line, user-facing: names the file/key and the fix."""
+
+
+def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, path: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    kind: str = _opt("local", "where agents run", choices=("local", "docker"))
+    command: tuple[str, ...] = _opt(
+        ["{python}", "-m", "orchestrator.agent"],
+        "local runtime: agent command; {python} = this interpreter; --workspace DIR is appended",
+    )
+    on_shutdown: str = _opt(
+        "leave", "on Ctrl-C/SIGTERM: 'leave' agents running (re-adopted on restart) or 'stop' them",
+        choices=("leave", "stop"),
+    )
+    stop_grace: float = _opt(10.0, "seconds between SIGTERM and SIGKILL", min=0, max=600)
+    start_retry_max: float = _opt(60.0, "cap (s) of the backoff when an agent cannot be started",
+                                  min=1, max=3600)
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    image: str = _opt("orchestrator-agent:latest", "agent image (build it: orchestrator image build)")
+    command: tuple[str, ...] = _opt(
+        ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace"], "container command")
+    instance: str = _opt("default", "label value that marks this orchestrator's containers")
+    network: str = _opt("none", "container network; agents calling remote APIs need e.g. 'bridge'")
+    user: str = _opt("auto", "'auto' = owner of data_dir, or 'UID:GID'")
+    memory: str = _opt("512m", "memory limit")
+    cpus: float = _opt(1.0, "CPU limit", min=0.01, max=1024)
+    pids_limit: int = _opt(256, "max processes in a container", min=1, max=1_000_000)
+    read_only_rootfs: bool = _opt(True, "read-only root filesystem (with a tmpfs /tmp)")
+    cap_drop: tuple[str, ...] = _opt(["ALL"], "capabilities dropped")
+    no_new_privileges: bool = _opt(True, "set no-new-privileges")
+    mounts: tuple[str, ...] = _opt([], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
+    allowed_mounts: tuple[str, ...] = _opt([], "host folders extra mounts may come from")
+    base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    idle_after: float = _opt(30.0, "seconds without heartbeat, reply or claim before 'idle'",
+                             min=0.01, max=86400)
+    stop_idle_after: float = _opt(300.0, "seconds idle before the agent is stopped",
+                                  min=0, max=7 * 86400)
+    ceiling: float = _opt(1800.0, "kill when the heartbeat is older than this (s)",
+                          min=0.1, max=7 * 86400)
+    claim_stuck: float = _opt(60.0, "kill when a claim is older than this with no heartbeat (s)",
+                              min=0.1, max=86400)
+    max_tries: int = _opt(5, "tries before a message is marked failed", min=1, max=100)
+    backoff_base: float = _opt(5.0, "retry backoff: base * 2^tries seconds", min=0, max=3600)
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    mode: str = _opt("events", "'events' (inotify) or 'poll' (network / shared file systems)",
+                     choices=("events", "poll"))
+    poll_interval: float = _opt(1.0, "poll mode: seconds between scans", min=0.05, max=3600)
+    sweep_interval: float = _opt(30.0, "seconds between full reconcile sweeps", min=0.05, max=86400)
+    debounce_ms: int = _opt(50, "watchfiles debounce (max batch length, ms)", min=1, max=10000)
+    step_ms: int = _opt(5, "watchfiles step (quiet time that ends a batch, ms)", min=1, max=1000)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    channel: str = _opt("jsonl", "'log' or 'jsonl'", choices=("log", "jsonl"))
+    path: Path = _opt("delivered.jsonl", "jsonl channel output, relative to data_dir", path=True)
+    max_attempts: int = _opt(5, "attempts before a reply is recorded failed", min=1, max=1000)
+    retry_base: float = _opt(2.0, "delivery retry backoff: base * 2^attempts seconds",
+                             min=0, max=3600)
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    default_mode: str = _opt("shared", "session resolution mode",
+                             choices=("shared", "per-thread", "agent-shared"))
+    max_attachment_bytes: int = _opt(25 * 1024 * 1024, "largest decoded attachment",
+                                     min=1, max=2**40)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _opt("INFO", "log level",
+                      choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"))
+    json: bool = _opt(False, "one JSON object per log line")
+
+
+SECTIONS: dict[str, type] = {
+    "runtime": RuntimeConfig,
+    "docker": DockerConfig,
+    "lifecycle": LifecycleConfig,
+    "watch": WatchConfig,
+    "delivery": DeliveryConfig,
+    "sessions": SessionsConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    runtime: RuntimeConfig = RuntimeConfig()
+    docker: DockerConfig = DockerConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    watch: WatchConfig = WatchConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    log: LogConfig = LogConfig()
+    source: Path | None = None
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with some keys changed, e.g. ``cfg.replace(lifecycle={"idle_after": 1})``."""
+        changes = {}
+        for name, values in sections.items():
+            if name in SECTIONS:
+                changes[name] = dataclasses.replace(getattr(self, name), **values)
+            else:
+                changes[name] = values
+        return dataclasses.replace(self, **changes)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
+    meta = f.metadata
+    default = f.default
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if meta.get("path"):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
+        return value  # resolved against data_dir by the caller
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{where} must be between {lo:g} and {hi:g}, got {value!r}")
+    return value
+
+
+def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key [{name}] {unknown[0]}: allowed keys are {', '.join(known)}"
+        )
+    values = {k: _check_value(f"[{name}] {k}", known[k], v, base_dir) for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML dict into a Config. Pure: no files are touched.
+
+    Relative paths are relative to ``base_dir`` (the config file's folder);
+    ``[delivery] path`` is relative to ``data_dir``.
+    """
+    top = {"data_dir"} | set(SECTIONS)
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]}: allowed top-level keys are "
+                          f"{', '.join(sorted(top))}")
+    raw_dir = data.get("data_dir", "data")
+    if not isinstance(raw_dir, str) or not raw_dir:
+        raise ConfigError(f"data_dir must be a non-empty path string, got {raw_dir!r}")
+    data_dir = (base_dir / Path(raw_dir).expanduser()).resolve()
+    sections = {name: _load_section(name, cls, data.get(name, {}), base_dir)
+                for name, cls in SECTIONS.items()}
+    delivery = sections["delivery"]
+    sections["delivery"] = dataclasses.replace(
+        delivery, path=(data_dir / Path(str(delivery.path)).expanduser()))
+    return Config(data_dir=data_dir, source=source, **sections)
+
+
+def read_config(path: Path) -> Config:
+    """Read and validate a config file; every failure is a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})")
+    try:
+        return load_config(data, path.resolve().parent, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _default_value(f: Any) -> Any:
+    value = f.default
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def render_default(data_dir: str = "data") -> str:
+    """The commented default config. Values go through tomli-w; comments are ours."""
+    lines = [
+        "# orchestrator configuration. Relative paths are relative to this file.",
+        "# Every key is optional; these are the defaults.",
+        "",
+        "# sessions in <data_dir>/sessions, registry at <data_dir>/orchestrator.db",
+        tomli_w.dumps({"data_dir": data_dir}).rstrip(),
+    ]
+    for name, cls in SECTIONS.items():
+        lines += ["", f"[{name}]"]
+        for f in fields(cls):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(tomli_w.dumps({f.name: _default_value(f)}).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def write_default(path: Path, *, force: bool = False) -> None:
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists; use --force to overwrite it")
+    path.write_text(render_default(), encoding="utf-8")
+
+
+if __name__ == "__main__":  # pragma: no cover - handy for regenerating config.toml
+    sys.stdout.write(render_default())

@@ -1,0 +1,87 @@
+"""The runtime protocol: how the supervisor starts, stops and observes agents.
+
+Two implementations: ``local`` (agent as a process group on this host) and
+``docker`` (one labelled container per session). The supervisor only sees this
+interface, so lifecycle tests run on the local runtime and the same rules hold
+for containers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime cannot start agents right now (daemon down, image missing).
+
+    The message is one line saying what failed and what to do. Callers keep the
+    work pending and retry with backoff; nothing is lost.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """Enough to start an agent for one session."""
+
+    agent_group: str
+    session_id: str
+    folder: Path
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHandle:
+    """A running agent the runtime owns (pid for local, container id for docker)."""
+
+    agent_group: str
+    session_id: str
+    ident: str
+    adopted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AgentExit:
+    """An agent ended. ``reason``: exited | killed | oom | stopped | vanished."""
+
+    agent_group: str
+    session_id: str
+    exit_code: int | None
+    reason: str
+
+
+ExitCallback = Callable[[AgentExit], None]
+
+
+class Runtime(Protocol):
+    """Called from the event loop; blocking work stays inside the implementation."""
+
+    name: str
+
+    async def recover(self) -> list[AgentHandle]:
+        """Find agents this instance owns that survived a restart: adopt the live
+        ones (return them), clean up dead ones. Never touch foreign agents."""
+        ...
+
+    async def start(self, session: SessionRef) -> AgentHandle:
+        """Start an agent; raise RuntimeUnavailable if that cannot be done now."""
+        ...
+
+    async def stop(self, session_id: str, grace: float) -> None:
+        """Polite stop (SIGTERM, then SIGKILL after ``grace`` s). Absent = done."""
+        ...
+
+    async def kill(self, session_id: str) -> None:
+        """Immediate kill. Absent = done."""
+        ...
+
+    def is_running(self, session_id: str) -> bool:
+        """From the runtime's own bookkeeping; cheap, no I/O."""
+        ...
+
+    def running(self) -> list[AgentHandle]:
+        ...
+
+    async def close(self) -> None:
+        """Release resources (threads, streams). Does not stop agents."""
+        ...

@@ -1,0 +1,231 @@
+"""The two per-session SQLite schemas, exactly as the session-folder contract.
+
+Both sides of the contract use this module: the host (``store.inbound``,
+``store.outbound``) and the reference agent, which runs in a container with
+nothing but python3 — so it is stdlib-only.
+
+Invariants carried here (see shared/design.md part 1):
+- ``journal_mode=DELETE`` on both files, never WAL: WAL's mmapped ``-shm`` does
+  not refresh across a bind mount.
+- ``CREATE TABLE IF NOT EXISTS`` and additive upgrades only: an older folder gets
+  its missing columns added (nullable or defaulted), never a destructive migration.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+BUSY_TIMEOUT_MS = 5000
+
+# (table, [(column, declaration used by CREATE and by ALTER TABLE ADD COLUMN)], extra DDL)
+INBOUND_TABLES: dict[str, list[tuple[str, str]]] = {
+    "messages_in": [
+        ("id", "TEXT PRIMARY KEY"),
+        ("seq", "INTEGER UNIQUE"),
+        ("kind", "TEXT NOT NULL"),
+        ("timestamp", "TEXT NOT NULL"),
+        ("status", "TEXT DEFAULT 'pending'"),
+        ("process_after", "TEXT"),
+        ("recurrence", "TEXT"),
+        ("series_id", "TEXT"),
+        ("tries", "INTEGER DEFAULT 0"),
+        ('"trigger"', "INTEGER NOT NULL DEFAULT 1"),
+        ("platform_id", "TEXT"),
+        ("channel_type", "TEXT"),
+        ("thread_id", "TEXT"),
+        ("content", "TEXT NOT NULL"),
+        ("source_session_id", "TEXT"),
+        ("on_wake", "INTEGER NOT NULL DEFAULT 0"),
+    ],
+    "delivered": [
+        ("message_out_id", "TEXT PRIMARY KEY"),
+        ("platform_message_id", "TEXT"),
+        ("status", "TEXT NOT NULL DEFAULT 'delivered'"),
+        ("delivered_at", "TEXT NOT NULL"),
+    ],
+    "destinations": [
+        ("name", "TEXT PRIMARY KEY"),
+        ("display_name", "TEXT"),
+        ("type", "TEXT NOT NULL"),
+        ("channel_type", "TEXT"),
+        ("platform_id", "TEXT"),
+        ("agent_group_id", "TEXT"),
+    ],
+    "session_routing": [
+        ("id", "INTEGER PRIMARY KEY CHECK (id = 1)"),
+        ("channel_type", "TEXT"),
+        ("platform_id", "TEXT"),
+        ("thread_id", "TEXT"),
+    ],
+}
+INBOUND_EXTRA = ["CREATE INDEX IF NOT EXISTS idx_messages_in_series ON messages_in(series_id)"]
+
+OUTBOUND_TABLES: dict[str, list[tuple[str, str]]] = {
+    "messages_out": [
+        ("id", "TEXT PRIMARY KEY"),
+        ("seq", "INTEGER UNIQUE"),
+        ("in_reply_to", "TEXT"),
+        ("timestamp", "TEXT NOT NULL"),
+        ("deliver_after", "TEXT"),
+        ("recurrence", "TEXT"),
+        ("kind", "TEXT NOT NULL"),
+        ("platform_id", "TEXT"),
+        ("channel_type", "TEXT"),
+        ("thread_id", "TEXT"),
+        ("content", "TEXT NOT NULL"),
+    ],
+    "processing_ack": [
+        ("message_id", "TEXT PRIMARY KEY"),
+        ("status", "TEXT NOT NULL"),
+        ("status_changed", "TEXT NOT NULL"),
+    ],
+    "session_state": [
+        ("key", "TEXT PRIMARY KEY"),
+        ("value", "TEXT NOT NULL"),
+        ("updated_at", "TEXT NOT NULL"),
+    ],
+    "container_state": [
+        ("id", "INTEGER PRIMARY KEY CHECK (id = 1)"),
+        ("current_tool", "TEXT"),
+        ("tool_declared_timeout_ms", "INTEGER"),
+        ("tool_started_at", "TEXT"),
+        ("updated_at", "TEXT NOT NULL"),
+    ],
+}
+OUTBOUND_EXTRA: list[str] = []
+
+
+def _column_name(col: str) -> str:
+    return col.strip('"')
+
+
+def _add_column_decl(decl: str) -> str | None:
+    """The declaration usable in ALTER TABLE ADD COLUMN, or None if it cannot be added.
+
+    SQLite refuses PRIMARY KEY / UNIQUE columns in ALTER TABLE; NOT NULL needs a
+    default. Such columns are part of every shape of the table that ever existed.
+    """
+    upper = decl.upper()
+    if "PRIMARY KEY" in upper or "UNIQUE" in upper:
+        return None
+    if "NOT NULL" in upper and "DEFAULT" not in upper:
+        return None
+    return decl
+
+
+def ensure_schema(
+    conn: sqlite3.Connection, tables: dict[str, list[tuple[str, str]]], extra: list[str]
+) -> list[str]:
+    """Create missing tables and add missing columns; return the columns added."""
+    added: list[str] = []
+    for table, columns in tables.items():
+        cols = ", ".join(f"{name} {decl}" for name, decl in columns)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns:
+            if _column_name(name) in present:
+                continue
+            add = _add_column_decl(decl)
+            if add is None:
+                raise sqlite3.DatabaseError(
+                    f"table {table} lacks required column {_column_name(name)}"
+                )
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {add}")
+            added.append(f"{table}.{_column_name(name)}")
+    for ddl in extra:
+        conn.execute(ddl)
+    return added
+
+
+def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a session DB the way the contract requires.
+
+    Read-only opens use the URI ``mode=ro`` so a reader can never become a
+    second writer. Autocommit mode: transactions are explicit (``BEGIN IMMEDIATE``).
+    """
+    if readonly:
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute("PRAGMA journal_mode=DELETE")
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return conn
+
+
+@contextmanager
+def opened(path: Path | str, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+    """Open, use, and always close: no long-lived handles on a shared file."""
+    conn = connect(path, readonly=readonly)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def init_inbound(path: Path | str) -> list[str]:
+    with opened(path) as conn, transaction(conn):
+        return ensure_schema(conn, INBOUND_TABLES, INBOUND_EXTRA)
+
+
+def init_outbound(path: Path | str) -> list[str]:
+    with opened(path) as conn, transaction(conn):
+        return ensure_schema(conn, OUTBOUND_TABLES, OUTBOUND_EXTRA)
+
+
+# --- timestamps -------------------------------------------------------------
+
+TS_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def format_ts(when: datetime) -> str:
+    """UTC, SQLite's own shape (``YYYY-MM-DD HH:MM:SS.mmm``), so that SQL string
+    and ``julianday()`` comparisons against ``datetime('now')`` agree."""
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when.strftime(TS_FORMAT)[:-3]
+
+
+def parse_ts(value: str | None) -> datetime | None:
+    """Parse a contract timestamp as an aware UTC datetime.
+
+    Accepts SQLite's ``datetime('now')`` (no zone: it IS UTC, never local time),
+    ISO-8601 with ``T``, fractional seconds and a ``Z``/offset suffix.
+    """
+    if value is None or value == "":
+        return None
+    text = value.strip().replace("T", " ")
+    if text.endswith("Z") or text.endswith("z"):
+        text = text[:-1]
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def now_ts() -> str:
+    return format_ts(utcnow())
+
+
+def after(seconds: float, now: datetime | None = None) -> str:
+    return format_ts((now or utcnow()) + timedelta(seconds=seconds))

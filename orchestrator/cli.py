@@ -1,0 +1,172 @@
+"""Thin argparse front end: each command parses, calls one library function, prints.
+
+``main(argv)`` returns an exit code instead of exiting, so tests drive the CLI
+in-process. Bad input (config, message, attachment) is one line on stderr and
+exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator import config as config_mod
+from orchestrator.config import Config, ConfigError
+from orchestrator.layout import InvalidId, registry_path
+from orchestrator.sessions import MODES, MessageError, MessagingGroup, Sessions
+from orchestrator.store.registry import Registry
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return config_mod.read_config(Path(args.config))
+
+
+def _open(cfg: Config) -> tuple[Registry, Sessions]:
+    registry = Registry(registry_path(cfg.data_dir))
+    return registry, Sessions(cfg.data_dir, registry, cfg.sessions.max_attachment_bytes)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    config_mod.write_default(path, force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
+def _attachment(path_text: str, max_bytes: int) -> dict:
+    path = Path(path_text)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UsageError(f"--attach {path}: {size} bytes is over the {max_bytes}-byte limit "
+                             "([sessions] max_attachment_bytes)")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--attach {path}: cannot read file ({exc.strerror})") from None
+    return {"name": path.name, "data": base64.b64encode(data).decode("ascii")}
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.json:
+        try:
+            content = json.loads(args.text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--json: TEXT is not valid JSON ({exc.msg}, column {exc.colno})")
+        if not isinstance(content, dict):
+            raise UsageError("--json: TEXT must be a JSON object, e.g. '{\"text\": \"hi\"}'")
+    else:
+        content = {"text": args.text}
+    if args.attach:
+        content.setdefault("attachments", []).extend(
+            _attachment(a, cfg.sessions.max_attachment_bytes) for a in args.attach)
+    registry, sessions = _open(cfg)
+    with registry:
+        mode = args.mode or cfg.sessions.default_mode
+        mg = MessagingGroup(args.channel, args.platform)
+        session = sessions.resolve(args.group, mg, args.thread, mode)
+        mid, seq = sessions.write_message(session, content, routing=sessions.routing_of(session))
+    print(session.id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import status
+
+    cfg = _load(args)
+    with Registry(registry_path(cfg.data_dir)) as registry:
+        rows = status.collect(cfg.data_dir, registry)
+    print(status.render_json(rows) if args.json else status.render_table(rows))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.logs import setup_logging
+    from orchestrator.supervisor import run
+
+    cfg = _load(args)
+    setup_logging(cfg.log, json=True if args.json_logs else None)
+    return run(cfg)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import demo
+
+    return demo(Path(args.config), json_logs=args.json_logs)
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from orchestrator.runtime import image
+
+    cfg = _load(args)
+    argv = ["build", "--tag", args.tag or cfg.docker.image] + (["--force"] if args.force else [])
+    return image.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="config.toml", metavar="PATH",
+                        help="config file (default: ./config.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", parents=[common], help="write a commented default config")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("send", parents=[common], help="write a message to a session")
+    p.add_argument("--group", required=True, help="agent group")
+    p.add_argument("--channel", default="cli", help="channel type (default: cli)")
+    p.add_argument("--platform", default="local", help="platform id of the chat (default: local)")
+    p.add_argument("--thread", default=None, help="thread id")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="session resolution mode (default: [sessions] default_mode)")
+    p.add_argument("--attach", action="append", default=[], metavar="FILE")
+    p.add_argument("--json", action="store_true", help="TEXT is the whole JSON content")
+    p.add_argument("text", metavar="TEXT")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("status", parents=[common], help="one row per session")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("run", parents=[common], help="run the supervisor until Ctrl-C")
+    p.add_argument("--json-logs", action="store_true", help="log one JSON object per line")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="run the orchestrator, send a message, show the reply and statuses")
+    p.add_argument("--json-logs", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("image", parents=[common], help="build the agent image (Docker runtime)")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--tag", default=None, help="default: [docker] image")
+    p.add_argument("--force", action="store_true", help="rebuild even if the tag is current")
+    p.set_defaults(func=cmd_image)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError, MessageError, InvalidId, ValueError) as exc:
+        print(f"orchestrator: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Sessions: resolve one for an incoming message, create its folder, write to it.
+
+The three resolution modes decide how conversations share an agent's memory:
+``shared`` — one session per messaging group (a chat), ``per-thread`` — one per
+chat thread, ``agent-shared`` — one per agent group, whatever the chat.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from orchestrator import attachments
+from orchestrator.layout import SessionPaths, session_paths, sessions_root, validate_id
+from orchestrator.store import inbound, schema
+from orchestrator.store.registry import Registry, SessionRow
+
+MODES = ("shared", "per-thread", "agent-shared")
+
+
+class MessageError(ValueError):
+    """A message refused as a whole; one line naming what is wrong and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessagingGroup:
+    channel_type: str
+    platform_id: str
+
+
+def resolution_key(mode: str, agent_group: str, mg_id: str | None, thread: str | None) -> str:
+    """The identity of a session under a mode (unique in the registry)."""
+    if mode == "agent-shared":
+        return f"agent-shared:{agent_group}"
+    if mg_id is None:
+        raise ValueError(f"mode {mode!r} needs a messaging group (--channel/--platform)")
+    if mode == "shared":
+        return f"shared:{agent_group}:{mg_id}"
+    if mode == "per-thread":
+        return f"per-thread:{agent_group}:{mg_id}:{thread or ''}"
+    raise ValueError(f"unknown session mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionPaths:
+    """Folder, ``inbox/``, ``outbox/`` and both DBs; idempotent (upgrades old DBs)."""
+    paths = session_paths(data_dir, agent_group, session_id)
+    for d in (paths.root, paths.inbox, paths.outbox):
+        d.mkdir(parents=True, exist_ok=True)
+    inbound.init(paths.inbound_db)
+    schema.init_outbound(paths.outbound_db)
+    return paths
+
+
+class Sessions:
+    """Session operations over one data dir and its registry."""
+
+    def __init__(self, data_dir: Path, registry: Registry, max_attachment_bytes: int) -> None:
+        self.data_dir = data_dir
+        self.registry = registry
+        self.max_attachment_bytes = max_attachment_bytes
+        sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
+
+    def paths(self, session: SessionRow) -> SessionPaths:
+        return session_paths(self.data_dir, session.agent_group_id, session.id)
+
+    def resolve(self, agent_group: str, messaging_group: MessagingGroup | None,
+                thread: str | None, mode: str) -> SessionRow:
+        validate_id(agent_group, "agent group")
+        self.registry.ensure_agent_group(agent_group)
+        mg_id = (self.registry.ensure_messaging_group(messaging_group.channel_type,
+                                                      messaging_group.platform_id)
+                 if messaging_group else None)
+        key = resolution_key(mode, agent_group, mg_id, thread)
+        session, _ = self.registry.get_or_create_session(
+            resolution_key=key, agent_group_id=agent_group,
+            messaging_group_id=None if mode == "agent-shared" else mg_id,
+            thread_id=thread if mode == "per-thread" else None, new_id=new_id("sess"))
+        create_folder(self.data_dir, agent_group, session.id)
+        return session
+
+    def write_message(self, session: SessionRow, content: str | dict[str, Any], *,
+                      kind: str = "chat", process_after: datetime | None = None,
+                      trigger: int = 1, routing: tuple[str | None, str | None, str | None] = (
+                          None, None, None), message_id: str | None = None) -> tuple[str, int]:
+        """Decode attachments into the inbox, then insert the row; all or nothing.
+
+        Returns (message id, seq).
+        """
+        if isinstance(content, str):
+            try:
+                content = json.loads(content)
+            except json.JSONDecodeError as exc:
+                raise MessageError(f"message content is not valid JSON ({exc.msg} at line "
+                                   f"{exc.lineno} column {exc.colno}); send a JSON object") from None
+        if not isinstance(content, dict):
+            raise MessageError("message content must be a JSON object, e.g. {\"text\": \"hi\"}")
+        mid = validate_id(message_id, "message id") if message_id else new_id("msg")
+        paths = self.paths(session)
+        try:
+            files = attachments.decode(content.get("attachments", []), self.max_attachment_bytes)
+        except attachments.AttachmentError as exc:
+            raise MessageError(str(exc)) from None
+        stored = dict(content)
+        if files:
+            try:
+                stored["attachments"] = attachments.write_inbox(paths, mid, files)
+            except attachments.AttachmentError as exc:
+                raise MessageError(str(exc)) from None
+        channel_type, platform_id, thread_id = routing
+        try:
+            seq = inbound.insert_message(paths.inbound_db, inbound.NewMessage(
+                id=mid, kind=kind, content=json.dumps(stored, ensure_ascii=False),
+                process_after=schema.format_ts(process_after) if process_after else None,
+                trigger=trigger, channel_type=channel_type, platform_id=platform_id,
+                thread_id=thread_id))
+        except BaseException:
+            attachments.remove_inbox(paths, mid)
+            raise
+        return mid, seq
+
+    def write_system_response(self, session: SessionRow, question_id: str,
+                              response: Any) -> tuple[str, int]:
+        """An answer to an agent's question: ``kind='system'``, never wakes an agent."""
+        return self.write_message(
+            session, {"type": "question_response", "question_id": question_id,
+                      "response": response}, kind="system", trigger=0)
+
+    def write_routing(self, session: SessionRow) -> None:
+        """Default reply route + destinations, written before every wake."""
+        paths = self.paths(session)
+        inbound.write_routing(paths.inbound_db, *self.routing_of(session))
+        inbound.replace_destinations(paths.inbound_db, [
+            inbound.Destination(name=d["name"], type=d["type"], display_name=d["display_name"],
+                                channel_type=d["channel_type"], platform_id=d["platform_id"],
+                                agent_group_id=d["target_agent_group_id"])
+            for d in self.registry.destinations(session.agent_group_id)])
+
+    def routing_of(self, session: SessionRow) -> tuple[str | None, str | None, str | None]:
+        mg = (self.registry.messaging_group(session.messaging_group_id)
+              if session.messaging_group_id else None)
+        return (mg[0], mg[1], session.thread_id) if mg else (None, None, session.thread_id)
+
+    def mark_container(self, session_id: str, status: str, reason: str,
+                       now: datetime | None = None) -> str | None:
+        return self.registry.set_container_status(session_id, status, reason, now)

@@ -1,0 +1,75 @@
+"""``orchestrator status``: one row per session, as a table or as JSON.
+
+Reads only: the registry for statuses and times, each inbound.db for counts, and
+outbound.db (read-only) to tell claimed messages from waiting ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from orchestrator.layout import session_paths
+from orchestrator.store import inbound, outbound
+from orchestrator.store.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    agent_group: str
+    session_id: str
+    container_status: str
+    status_reason: str | None
+    pending: int
+    processing: int
+    failed: int
+    completed: int
+    last_heartbeat: str | None
+    last_active: str | None
+    error: str | None = None
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat(timespec="seconds") if dt else None
+
+
+def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
+    rows = []
+    for s in registry.sessions():
+        paths = session_paths(data_dir, s.agent_group_id, s.id)
+        error = None
+        counts = inbound.Counts()
+        try:
+            acks = outbound.read(paths.outbound_db, after_seq=2**62).acks
+            claimed = [a.message_id for a in acks.values() if a.status == "processing"]
+            counts = inbound.status_counts(paths.inbound_db, claimed)
+        except Exception as exc:  # one bad session must not hide the others
+            error = str(exc).splitlines()[0]
+        rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
+                              counts.pending, counts.processing, counts.failed, counts.completed,
+                              _iso(s.last_heartbeat), _iso(s.last_active), error))
+    return rows
+
+
+COLUMNS = [("AGENT GROUP", "agent_group"), ("SESSION", "session_id"),
+           ("CONTAINER", "container_status"), ("PENDING", "pending"),
+           ("PROCESSING", "processing"), ("FAILED", "failed"),
+           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active")]
+
+
+def render_table(rows: list[StatusRow]) -> str:
+    if not rows:
+        return "no sessions yet (create one with: orchestrator send --group NAME TEXT)"
+    cells = [[h for h, _ in COLUMNS]]
+    for r in rows:
+        cells.append(["-" if getattr(r, k) is None else str(getattr(r, k)) for _, k in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]
+    return "\n".join(lines)
+
+
+def render_json(rows: list[StatusRow]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)

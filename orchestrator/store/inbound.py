@@ -1,0 +1,233 @@
+"""Host-side operations on a session's inbound.db (the host is its only writer).
+
+Every function opens the file, does one transaction, and closes it again: the
+agent reads this file through a bind mount with its own connections, and a
+long-lived host handle is how a reader ends up seeing stale pages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from orchestrator.store import schema
+from orchestrator.store.schema import opened, transaction
+
+DUE_SQL = (
+    "status = 'pending' AND \"trigger\" = 1 AND kind != 'system' AND "
+    "(process_after IS NULL OR julianday(process_after) <= julianday(:now))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """An inbound message to write. ``content`` is already-serialised JSON text."""
+
+    id: str
+    kind: str
+    content: str
+    process_after: str | None = None
+    trigger: int = 1
+    platform_id: str | None = None
+    channel_type: str | None = None
+    thread_id: str | None = None
+    series_id: str | None = None
+    recurrence: str | None = None
+    source_session_id: str | None = None
+    on_wake: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    type: str  # channel | agent
+    display_name: str | None = None
+    channel_type: str | None = None
+    platform_id: str | None = None
+    agent_group_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    pending: int = 0
+    processing: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+def init(path: Path) -> list[str]:
+    """Create or upgrade; returns the columns an older file was missing."""
+    return schema.init_inbound(path)
+
+
+def next_even_seq(current_max: int | None) -> int:
+    """Host seqs are even: 2, 4, 6 … the next even number above the max."""
+    m = current_max or 0
+    return m + 2 if m % 2 == 0 else m + 1
+
+
+def insert_message(path: Path, msg: NewMessage, now: datetime | None = None) -> int:
+    """Insert with the next even seq; returns the seq."""
+    json.loads(msg.content)  # the contract says JSON; refuse anything else before writing
+    ts = schema.format_ts(now or schema.utcnow())
+    with opened(path) as conn, transaction(conn):
+        (cur,) = conn.execute("SELECT MAX(seq) FROM messages_in").fetchone()
+        seq = next_even_seq(cur)
+        conn.execute(
+            "INSERT INTO messages_in (id, seq, kind, timestamp, status, process_after, recurrence,"
+            " series_id, tries, \"trigger\", platform_id, channel_type, thread_id, content,"
+            " source_session_id, on_wake) VALUES (?,?,?,?, 'pending', ?,?,?, 0, ?,?,?,?,?,?,?)",
+            (msg.id, seq, msg.kind, ts, msg.process_after, msg.recurrence, msg.series_id,
+             msg.trigger, msg.platform_id, msg.channel_type, msg.thread_id, msg.content,
+             msg.source_session_id, msg.on_wake),
+        )
+    return seq
+
+
+def count_due(path: Path, now: datetime) -> int:
+    with opened(path) as conn:
+        (n,) = conn.execute(f"SELECT COUNT(*) FROM messages_in WHERE {DUE_SQL}",
+                            {"now": schema.format_ts(now)}).fetchone()
+    return n
+
+
+def next_due_at(path: Path) -> datetime | None:
+    """The earliest ``process_after`` among waiting triggered messages (for a timer)."""
+    with opened(path) as conn:
+        (ts,) = conn.execute(
+            "SELECT MIN(julianday(process_after)) FROM messages_in WHERE status='pending' "
+            "AND \"trigger\"=1 AND kind != 'system' AND process_after IS NOT NULL").fetchone()
+    if ts is None:
+        return None
+    return _from_julian(ts)
+
+
+def _from_julian(jd: float) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=jd - 2440587.5)
+
+
+def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
+    """Counts by status; ``processing`` = pending rows the agent has claimed."""
+    claimed = set(processing_ids)
+    with opened(path) as conn:
+        rows = conn.execute("SELECT id, status FROM messages_in WHERE kind != 'system'").fetchall()
+    pending = processing = completed = failed = 0
+    for row in rows:
+        st = row["status"]
+        if st == "pending":
+            if row["id"] in claimed:
+                processing += 1
+            else:
+                pending += 1
+        elif st == "completed":
+            completed += 1
+        elif st == "failed":
+            failed += 1
+    return Counts(pending, processing, completed, failed)
+
+
+def sync_acks(path: Path, acks: dict[str, str]) -> int:
+    """Mirror the agent's final acks into ``messages_in.status``; returns rows changed."""
+    final = [(st, mid) for mid, st in acks.items() if st in ("completed", "failed")]
+    if not final:
+        return 0
+    with opened(path) as conn, transaction(conn):
+        changed = 0
+        for st, mid in final:
+            cur = conn.execute(
+                "UPDATE messages_in SET status=? WHERE id=? AND status NOT IN ('completed','failed')"
+                " AND status != ?", (st, mid, st))
+            changed += cur.rowcount
+    return changed
+
+
+def retry_delay(tries: int, base: float) -> float:
+    """Backoff for a reset claim: ``base × 2^tries`` (tries before this reset)."""
+    return base * (2 ** tries)
+
+
+def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base: float,
+                 now: datetime) -> dict[str, str]:
+    """Give a dead agent's claims back: pending with backoff, or failed at max_tries.
+
+    Returns {message_id: new status}. Rows already completed/failed are left alone.
+    """
+    result: dict[str, str] = {}
+    with opened(path) as conn, transaction(conn):
+        for mid in ids:
+            row = conn.execute("SELECT tries, status FROM messages_in WHERE id=?", (mid,)).fetchone()
+            if row is None or row["status"] != "pending":
+                continue
+            tries = row["tries"] or 0
+            if tries + 1 >= max_tries:
+                conn.execute("UPDATE messages_in SET tries=?, status='failed' WHERE id=?",
+                             (tries + 1, mid))
+                result[mid] = "failed"
+            else:
+                due = schema.after(retry_delay(tries, backoff_base), now)
+                conn.execute("UPDATE messages_in SET tries=?, process_after=? WHERE id=?",
+                             (tries + 1, due, mid))
+                result[mid] = "pending"
+    return result
+
+
+def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
+    """Which of these outbound ids already have a ``delivered`` row (any status)."""
+    wanted = list(ids)
+    if not wanted:
+        return set()
+    found: set[str] = set()
+    with opened(path) as conn:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in conn.execute(
+                f"SELECT message_out_id FROM delivered WHERE message_out_id IN ({marks})", chunk))
+    return found
+
+
+def record_delivery(path: Path, message_out_id: str, status: str,
+                    platform_message_id: str | None = None, now: datetime | None = None) -> None:
+    """Record delivered/failed. First record wins: a reply is settled once."""
+    assert status in ("delivered", "failed")
+    with opened(path) as conn, transaction(conn):
+        conn.execute(
+            "INSERT OR IGNORE INTO delivered (message_out_id, platform_message_id, status,"
+            " delivered_at) VALUES (?,?,?,?)",
+            (message_out_id, platform_message_id, status,
+             schema.format_ts(now or schema.utcnow())))
+
+
+def write_routing(path: Path, channel_type: str | None, platform_id: str | None,
+                  thread_id: str | None) -> None:
+    with opened(path) as conn, transaction(conn):
+        conn.execute(
+            "INSERT INTO session_routing (id, channel_type, platform_id, thread_id) "
+            "VALUES (1,?,?,?) ON CONFLICT(id) DO UPDATE SET channel_type=excluded.channel_type,"
+            " platform_id=excluded.platform_id, thread_id=excluded.thread_id",
+            (channel_type, platform_id, thread_id))
+
+
+def replace_destinations(path: Path, destinations: Iterable[Destination]) -> None:
+    """Rewrite the whole table in one transaction (the agent never sees half a set)."""
+    rows = [(d.name, d.display_name, d.type, d.channel_type, d.platform_id, d.agent_group_id)
+            for d in destinations]
+    with opened(path) as conn, transaction(conn):
+        conn.execute("DELETE FROM destinations")
+        conn.executemany(
+            "INSERT INTO destinations (name, display_name, type, channel_type, platform_id,"
+            " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
+
+
+def read_messages(path: Path) -> list[dict[str, Any]]:
+    with opened(path) as conn:
+        return [dict(r) for r in conn.execute("SELECT * FROM messages_in ORDER BY seq")]
+
+
+def read_routing(path: Path) -> dict[str, Any] | None:
+    with opened(path) as conn:
+        row = conn.execute("SELECT * FROM session_routing WHERE id=1").fetchone()
+    return dict(row) if row else None

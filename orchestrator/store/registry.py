@@ -1,0 +1,215 @@
+"""The central registry, ``<data_dir>/orchestrator.db``: host-only, so WAL is fine.
+
+It knows agent groups, messaging groups, destinations and sessions, and keeps
+what must survive an orchestrator restart: each session's container status with
+its last reason, a log of status changes, and persistent delivery attempt counts
+(a retry counter kept in memory resets on restart and retries forever).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from orchestrator.store.schema import format_ts, parse_ts, transaction, utcnow
+
+CONTAINER_STATUSES = ("running", "idle", "stopped")
+
+DDL = """
+CREATE TABLE IF NOT EXISTS agent_groups (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messaging_groups (
+    id TEXT PRIMARY KEY, channel_type TEXT NOT NULL, platform_id TEXT NOT NULL,
+    created_at TEXT NOT NULL, UNIQUE (channel_type, platform_id));
+CREATE TABLE IF NOT EXISTS destinations (
+    agent_group_id TEXT NOT NULL, name TEXT NOT NULL, display_name TEXT, type TEXT NOT NULL,
+    channel_type TEXT, platform_id TEXT, target_agent_group_id TEXT,
+    PRIMARY KEY (agent_group_id, name));
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    agent_group_id TEXT NOT NULL REFERENCES agent_groups(id),
+    messaging_group_id TEXT REFERENCES messaging_groups(id),
+    thread_id TEXT,
+    resolution_key TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL DEFAULT 'active',
+    container_status TEXT NOT NULL DEFAULT 'stopped'
+        CHECK (container_status IN ('running', 'idle', 'stopped')),
+    status_reason TEXT,
+    last_active TEXT,
+    last_heartbeat TEXT,
+    created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_sessions_group ON sessions(agent_group_id);
+CREATE TABLE IF NOT EXISTS status_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, at TEXT NOT NULL,
+    old TEXT, new TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    session_id TEXT NOT NULL, message_out_id TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_attempt_at TEXT, last_error TEXT, PRIMARY KEY (session_id, message_out_id));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    id: str
+    agent_group_id: str
+    messaging_group_id: str | None
+    thread_id: str | None
+    status: str
+    container_status: str
+    status_reason: str | None
+    last_active: datetime | None
+    last_heartbeat: datetime | None
+    created_at: datetime | None
+
+
+def _session(row: sqlite3.Row) -> SessionRow:
+    return SessionRow(
+        row["id"], row["agent_group_id"], row["messaging_group_id"], row["thread_id"],
+        row["status"], row["container_status"], row["status_reason"],
+        parse_ts(row["last_active"]), parse_ts(row["last_heartbeat"]), parse_ts(row["created_at"]))
+
+
+class Registry:
+    """One connection per Registry; each method is one short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), isolation_level=None, timeout=10,
+                                     check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._conn.executescript(DDL)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- groups -----------------------------------------------------------------
+
+    def ensure_agent_group(self, group_id: str, name: str | None = None) -> str:
+        with transaction(self._conn) as c:
+            c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at) VALUES (?,?,?)",
+                      (group_id, name or group_id, format_ts(utcnow())))
+        return group_id
+
+    def ensure_messaging_group(self, channel_type: str, platform_id: str) -> str:
+        with transaction(self._conn) as c:
+            c.execute("INSERT OR IGNORE INTO messaging_groups (id, channel_type, platform_id,"
+                      " created_at) VALUES (?,?,?,?)",
+                      ("mg-" + uuid.uuid4().hex[:12], channel_type, platform_id,
+                       format_ts(utcnow())))
+            (mg,) = c.execute("SELECT id FROM messaging_groups WHERE channel_type=? AND"
+                              " platform_id=?", (channel_type, platform_id)).fetchone()
+        return mg
+
+    def messaging_group(self, mg_id: str) -> tuple[str, str] | None:
+        row = self._conn.execute("SELECT channel_type, platform_id FROM messaging_groups"
+                                 " WHERE id=?", (mg_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def set_destinations(self, agent_group_id: str, rows: list[dict]) -> None:
+        with transaction(self._conn) as c:
+            c.execute("DELETE FROM destinations WHERE agent_group_id=?", (agent_group_id,))
+            c.executemany(
+                "INSERT INTO destinations (agent_group_id, name, display_name, type, channel_type,"
+                " platform_id, target_agent_group_id) VALUES (?,?,?,?,?,?,?)",
+                [(agent_group_id, r["name"], r.get("display_name"), r["type"],
+                  r.get("channel_type"), r.get("platform_id"), r.get("agent_group_id"))
+                 for r in rows])
+
+    def destinations(self, agent_group_id: str) -> list[dict]:
+        return [dict(r) for r in self._conn.execute(
+            "SELECT * FROM destinations WHERE agent_group_id=? ORDER BY name", (agent_group_id,))]
+
+    # --- sessions ---------------------------------------------------------------
+
+    def get_or_create_session(self, *, resolution_key: str, agent_group_id: str,
+                              messaging_group_id: str | None, thread_id: str | None,
+                              new_id: str) -> tuple[SessionRow, bool]:
+        """Race-free across processes: INSERT OR IGNORE on the unique key, then read."""
+        with transaction(self._conn) as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO sessions (id, agent_group_id, messaging_group_id, thread_id,"
+                " resolution_key, created_at) VALUES (?,?,?,?,?,?)",
+                (new_id, agent_group_id, messaging_group_id, thread_id, resolution_key,
+                 format_ts(utcnow())))
+            created = cur.rowcount == 1
+            row = c.execute("SELECT * FROM sessions WHERE resolution_key=?",
+                            (resolution_key,)).fetchone()
+        return _session(row), created
+
+    def session(self, session_id: str) -> SessionRow | None:
+        row = self._conn.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        return _session(row) if row else None
+
+    def sessions(self) -> list[SessionRow]:
+        return [_session(r) for r in self._conn.execute(
+            "SELECT * FROM sessions ORDER BY agent_group_id, created_at, id")]
+
+    def set_container_status(self, session_id: str, status: str, reason: str,
+                             now: datetime | None = None) -> str | None:
+        """Write the status and a status_changes row; returns the old status."""
+        if status not in CONTAINER_STATUSES:
+            raise ValueError(f"container status must be one of {CONTAINER_STATUSES}")
+        at = format_ts(now or utcnow())
+        with transaction(self._conn) as c:
+            row = c.execute("SELECT container_status FROM sessions WHERE id=?",
+                            (session_id,)).fetchone()
+            old = row[0] if row else None
+            c.execute("UPDATE sessions SET container_status=?, status_reason=? WHERE id=?",
+                      (status, reason, session_id))
+            c.execute("INSERT INTO status_changes (session_id, at, old, new, reason)"
+                      " VALUES (?,?,?,?,?)", (session_id, at, old, status, reason))
+        return old
+
+    def touch(self, session_id: str, *, active: datetime | None = None,
+              heartbeat: datetime | None = None) -> None:
+        sets, args = [], []
+        if active is not None:
+            sets.append("last_active=?")
+            args.append(format_ts(active))
+        if heartbeat is not None:
+            sets.append("last_heartbeat=?")
+            args.append(format_ts(heartbeat))
+        if sets:
+            with transaction(self._conn) as c:
+                c.execute(f"UPDATE sessions SET {', '.join(sets)} WHERE id=?", (*args, session_id))
+
+    def status_changes(self, session_id: str) -> list[dict]:
+        return [dict(r) for r in self._conn.execute(
+            "SELECT at, old, new, reason FROM status_changes WHERE session_id=? ORDER BY id",
+            (session_id,))]
+
+    # --- delivery attempts --------------------------------------------------------
+
+    def delivery_attempt(self, session_id: str, out_id: str) -> tuple[int, datetime | None]:
+        row = self._conn.execute(
+            "SELECT attempts, next_attempt_at FROM delivery_attempts WHERE session_id=? AND"
+            " message_out_id=?", (session_id, out_id)).fetchone()
+        return (row[0], parse_ts(row[1])) if row else (0, None)
+
+    def record_attempt_failure(self, session_id: str, out_id: str, attempts: int,
+                               next_at: datetime | None, error: str) -> None:
+        with transaction(self._conn) as c:
+            c.execute(
+                "INSERT INTO delivery_attempts (session_id, message_out_id, attempts,"
+                " next_attempt_at, last_error) VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " attempts=excluded.attempts, next_attempt_at=excluded.next_attempt_at,"
+                " last_error=excluded.last_error",
+                (session_id, out_id, attempts, format_ts(next_at) if next_at else None, error))
+
+    def clear_attempts(self, session_id: str, out_id: str) -> None:
+        with transaction(self._conn) as c:
+            c.execute("DELETE FROM delivery_attempts WHERE session_id=? AND message_out_id=?",
+                      (session_id, out_id))

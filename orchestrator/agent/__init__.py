@@ -1,0 +1,21 @@
+"""Reference agent speaking the session-folder contract (design.md part 1).
+
+Stdlib-only, because it runs in a container that has nothing but python3:
+``python -m orchestrator.agent --workspace /workspace``. Modules:
+
+- ``decide``: pure decisions (due rows, next odd seq, content in and out)
+- ``files``:  copying attachments into ``outbox/<out_id>/`` without following symlinks
+- ``agent``:  the CLI, the poll loop and the SQLite reads/writes
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent (imported lazily so ``import orchestrator.agent`` stays cheap)."""
+    from orchestrator.agent.agent import main as _main
+
+    return _main(argv)
+
+
+__all__ = ["main"]

@@ -1,0 +1,187 @@
+"""The agent's decisions as pure functions: which rows to work on, which seq to
+use, what an inbound message says and what the reply says.
+
+Kept free of I/O so every rule of the contract the agent depends on can be
+tested with plain tables (see tests/test_agent.py) instead of processes and
+sleeps. Stdlib-only: this runs inside a container that has nothing but python3.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any, Iterable, Mapping
+
+from orchestrator import layout
+from orchestrator.store import schema
+
+
+class MalformedContent(ValueError):
+    """Inbound ``content`` the agent cannot understand; the message is acked 'failed'."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One file the host decoded into ``inbox/``: ``path`` is workspace-relative."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """What the agent understood of an inbound message's content."""
+
+    text: str
+    attachments: tuple[Attachment, ...] = field(default_factory=tuple)
+
+
+# --- which rows -------------------------------------------------------------
+
+
+def is_due(process_after: str | None, now: datetime) -> bool:
+    """True when a row may be processed at ``now`` (an aware UTC datetime).
+
+    ``process_after`` is parsed as UTC even without a zone marker (SQLite's
+    ``datetime('now')`` shape). A value that cannot be parsed counts as due:
+    an unreadable timestamp must not block the session's queue forever, and the
+    host would otherwise keep waking an agent that never does anything.
+    """
+    try:
+        when = schema.parse_ts(process_after)
+    except (ValueError, TypeError):
+        return True
+    return when is None or when <= now
+
+
+def select_work(
+    rows: Iterable[Mapping[str, Any]], acked: set[str] | frozenset[str], now: datetime
+) -> list[Mapping[str, Any]]:
+    """The rows to handle now, in ``seq`` order.
+
+    Pending, not ``system``, due, and not already in ``processing_ack`` with
+    any status (an ack means this agent or a predecessor already owns it; the
+    host turns acks into ``messages_in.status`` in its own time).
+    """
+    picked = [
+        row
+        for row in rows
+        if row["status"] == "pending"
+        and row["kind"] != "system"
+        and row["id"] not in acked
+        and is_due(row["process_after"], now)
+    ]
+    return sorted(picked, key=lambda row: (row["seq"] is None, row["seq"] or 0))
+
+
+def next_odd_seq(*maxima: int | None) -> int:
+    """The next odd seq above every given maximum (None = empty table).
+
+    The host numbers ``messages_in`` with even seqs, the agent ``messages_out``
+    with odd ones, so seq stays unique across both tables of a session.
+    """
+    top = max((m for m in maxima if m is not None), default=0)
+    top = max(top, 0)
+    return top + 1 if top % 2 == 0 else top + 2
+
+
+def new_out_id() -> str:
+    """A fresh outbound message id; it names ``outbox/<id>/`` so it must be a safe id."""
+    return layout.validate_id("out-" + uuid.uuid4().hex, "message id")
+
+
+# --- what the message says --------------------------------------------------
+
+
+def safe_file_name(name: object) -> str | None:
+    """``name`` if it can be one file name inside ``outbox/<id>/``, else None.
+
+    Refuses separators, NUL, ``.``/``..``, hidden names and overlong names: the
+    name comes from inbound content, i.e. from outside.
+    """
+    if not isinstance(name, str) or not name or len(name) > 255:
+        return None
+    if "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
+        return None
+    return name
+
+
+def check_relative_path(path: object) -> PurePosixPath | None:
+    """``path`` as a workspace-relative path if it stays inside the workspace
+    by its spelling alone (not absolute, no ``..``, no NUL), else None.
+
+    The filesystem checks (symlinks, file type) happen when copying.
+    """
+    if not isinstance(path, str) or not path or "\x00" in path:
+        return None
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or pure.parts == (".",):
+        return None
+    return pure
+
+
+def parse_content(raw: object) -> Inbound:
+    """Understand an inbound ``content`` column.
+
+    Accepts a JSON object (``text`` optional, ``attachments`` optional) or a
+    plain JSON string. Anything else raises MalformedContent.
+    """
+    if not isinstance(raw, (str, bytes)):
+        raise MalformedContent(f"content is {type(raw).__name__}, not JSON text")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedContent(f"content is not JSON: {exc}") from None
+    if isinstance(data, str):
+        return Inbound(text=data)
+    if not isinstance(data, dict):
+        raise MalformedContent(f"content is a JSON {type(data).__name__}, not an object")
+    text = data.get("text")
+    if text is None:
+        text = ""
+    elif not isinstance(text, str):
+        raise MalformedContent("content.text is not a string")
+    raw_attachments = data.get("attachments") or []
+    if not isinstance(raw_attachments, list):
+        raise MalformedContent("content.attachments is not a list")
+    attachments = []
+    for item in raw_attachments:
+        if not isinstance(item, dict):
+            raise MalformedContent("an attachment is not an object")
+        path = item.get("path")
+        name = item.get("name")
+        if name is None and isinstance(path, str):
+            name = PurePosixPath(path).name
+        attachments.append(
+            Attachment(
+                name=name if isinstance(name, str) else "",
+                path=path if isinstance(path, str) else "",
+            )
+        )
+    return Inbound(text=text, attachments=tuple(attachments))
+
+
+def reply_text(text: str) -> str:
+    return f"echo: {text}"
+
+
+def reply_content(text: str, files: list[str] | None = None, refused: list[str] | None = None) -> str:
+    """The outbound ``content`` JSON: ``{"text": ..., "files": [...], "refused": [...]}``.
+
+    ``files`` (names inside ``outbox/<out_id>/``) and ``refused`` (attachments
+    not copied, with the reason) are present only when non-empty.
+    """
+    body: dict[str, Any] = {"text": text}
+    if files:
+        body["files"] = list(files)
+    if refused:
+        body["refused"] = list(refused)
+    return json.dumps(body, ensure_ascii=False)
+
+
+def error_content(error: str) -> str:
+    """The reply to a message the agent could not understand."""
+    return json.dumps({"text": f"error: {error}"}, ensure_ascii=False)

@@ -9,6 +9,7 @@ Every error is one line naming the key and what is allowed (CLI exit code 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
@@ -166,6 +167,8 @@ def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
         value = float(value)
     if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
         raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):  # nan passes every range check
+        raise ConfigError(f"{where} must be a number, got nan")
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
@@ -219,6 +222,9 @@ def read_config(path: Path) -> Config:
         raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte "
+                          f"{exc.start})")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -258,7 +264,10 @@ def render_default(data_dir: str = "data") -> str:
 def write_default(path: Path, *, force: bool = False) -> None:
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; use --force to overwrite it")
-    path.write_text(render_default(), encoding="utf-8")
+    try:
+        path.write_text(render_default(), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write config ({exc.strerror})") from None
 
 
 if __name__ == "__main__":  # pragma: no cover - handy for regenerating config.toml

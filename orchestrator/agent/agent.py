@@ -250,7 +250,6 @@ class Agent:
             log(f"{message_id} seq={row['seq']} context only -> completed")
             return True
         self.ack(message_id, "processing")
-        self.heartbeat()
         try:
             message = decide.parse_content(row["content"])
         except decide.MalformedContent as exc:
@@ -260,8 +259,9 @@ class Agent:
             return True
         if self.options.hang_on is not None and self.options.hang_on in message.text:
             log(f"{message_id} seq={row['seq']} claimed; hanging (--hang-on)")
-            self.stop.wait()
+            self.stop.wait()  # no heartbeat since the claim: the host's claim rule applies
             return False
+        self.heartbeat()
         if self.options.crash_on is not None and self.options.crash_on in message.text:
             log(f"{message_id} seq={row['seq']} claimed; crashing (--crash-on)")
             os._exit(EXIT_CRASH)

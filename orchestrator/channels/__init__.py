@@ -1,0 +1,18 @@
+"""Delivery channels: ``make_channel(cfg)`` picks one from ``[delivery] channel``."""
+
+from __future__ import annotations
+
+from orchestrator.channels.base import Channel, DeliveryError, Reply
+from orchestrator.config import DeliveryConfig
+
+__all__ = ["Channel", "DeliveryError", "Reply", "make_channel"]
+
+
+def make_channel(cfg: DeliveryConfig) -> Channel:
+    if cfg.channel == "jsonl":
+        from orchestrator.channels.jsonl import JsonlChannel
+
+        return JsonlChannel(cfg.path)
+    from orchestrator.channels.log import LogChannel
+
+    return LogChannel()

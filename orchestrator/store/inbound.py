@@ -192,13 +192,21 @@ def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
 def record_delivery(path: Path, message_out_id: str, status: str,
                     platform_message_id: str | None = None, now: datetime | None = None) -> None:
     """Record delivered/failed. First record wins: a reply is settled once."""
-    assert status in ("delivered", "failed")
+    record_deliveries(path, [(message_out_id, status, platform_message_id)], now)
+
+
+def record_deliveries(path: Path, records: Iterable[tuple[str, str, str | None]],
+                      now: datetime | None = None) -> None:
+    """Several ``(message_out_id, status, platform_message_id)`` in one transaction."""
+    rows = [(mid, pmid, st, schema.format_ts(now or schema.utcnow())) for mid, st, pmid in records]
+    if any(r[2] not in ("delivered", "failed") for r in rows):
+        raise ValueError("delivery status must be 'delivered' or 'failed'")
+    if not rows:
+        return
     with opened(path) as conn, transaction(conn):
-        conn.execute(
+        conn.executemany(
             "INSERT OR IGNORE INTO delivered (message_out_id, platform_message_id, status,"
-            " delivered_at) VALUES (?,?,?,?)",
-            (message_out_id, platform_message_id, status,
-             schema.format_ts(now or schema.utcnow())))
+            " delivered_at) VALUES (?,?,?,?)", rows)
 
 
 def write_routing(path: Path, channel_type: str | None, platform_id: str | None,

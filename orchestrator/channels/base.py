@@ -1,0 +1,41 @@
+"""Where replies go. A channel confirms a delivery by returning normally (optionally
+with the platform's message id); anything else is a failure to be retried."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class DeliveryError(RuntimeError):
+    """The channel could not take the reply now; it will be retried with backoff."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    message_id: str
+    session_id: str
+    agent_group: str
+    seq: int
+    kind: str
+    in_reply_to: str | None
+    channel_type: str | None
+    platform_id: str | None
+    thread_id: str | None
+    timestamp: str
+    content: Any  # parsed JSON
+    files: tuple[str, ...] = ()  # absolute paths under <data_dir>/delivered/<message_id>/
+
+
+class Channel(Protocol):
+    name: str
+
+    def already_delivered(self, message_id: str) -> bool:
+        """True if this channel has provably taken the reply before (crash window)."""
+        ...
+
+    async def deliver(self, reply: Reply) -> str | None:
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,79 @@
+"""The ``jsonl`` channel: one JSON object per reply, appended to a file.
+
+The file doubles as the channel's own record of what it has taken: the ids in it
+are loaded at open, so a reply written just before the orchestrator was killed
+(and not yet recorded in inbound.db) is recognised, not written twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator.channels.base import DeliveryError, Reply
+
+
+class JsonlChannel:
+    name = "jsonl"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: set[str] = set()
+        self._fh = None
+
+    def _open(self):
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._seen = set(read_ids(self.path))
+            self._fh = open(self.path, "a", encoding="utf-8")
+        return self._fh
+
+    def already_delivered(self, message_id: str) -> bool:
+        self._open()
+        return message_id in self._seen
+
+    async def deliver(self, reply: Reply) -> str | None:
+        line = json.dumps(asdict(reply) | {"files": list(reply.files)}, ensure_ascii=False)
+        try:
+            fh = self._open()
+            fh.write(line + "\n")
+            fh.flush()
+        except OSError as exc:
+            raise DeliveryError(f"{self.path}: cannot append ({exc.strerror})") from None
+        self._seen.add(reply.message_id)
+        return None
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_ids(path: Path) -> list[str]:
+    """Message ids already in the file; a torn last line (crash mid-write) is skipped."""
+    if not path.exists():
+        return []
+    ids = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                ids.append(json.loads(line)["message_id"])
+            except (ValueError, KeyError, TypeError):
+                logger.warning("{}:{}: skipping unreadable line", path, n)
+    return ids
+
+
+def read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out

@@ -1,0 +1,23 @@
+"""The ``log`` channel: replies go to the orchestrator's log. For trying things out."""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from orchestrator.channels.base import Reply
+
+
+class LogChannel:
+    name = "log"
+
+    def already_delivered(self, message_id: str) -> bool:
+        return False  # a log line cannot be looked up again: at-least-once in a crash window
+
+    async def deliver(self, reply: Reply) -> str | None:
+        text = reply.content.get("text") if isinstance(reply.content, dict) else reply.content
+        logger.info("reply {} [{}/{}] {!r} files={}", reply.message_id, reply.agent_group,
+                    reply.session_id, text, list(reply.files))
+        return None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,210 @@
+"""Delivery: new ``messages_out`` rows → channel → ``delivered`` → outbox cleaned.
+
+Work is proportional to what changed: each session keeps a seq watermark below
+which every reply is settled, so a pass reads only newer rows. A reply is
+delivered once: the supervisor runs one pass per session at a time, a settled
+row is recorded in inbound.db (the source of truth across restarts), and the
+channel is asked whether it already took a reply that a crash kept from being
+recorded. Attempt counts live in the registry, so backoff survives restarts.
+
+Outbox files are moved (never copied through a symlink) into
+``<data_dir>/delivered/<message_id>/`` before the channel sees the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator.attachments import safe_name
+from orchestrator.channels import Channel, DeliveryError, Reply
+from orchestrator.config import DeliveryConfig
+from orchestrator.layout import SessionPaths, delivered_root
+from orchestrator.lifecycle import delivery_backoff
+from orchestrator.store import inbound
+from orchestrator.store.outbound import OutMessage
+from orchestrator.store.registry import Registry
+
+
+@dataclass
+class DeliveryState:
+    """Per-session memory; losing it (restart) only costs one full read."""
+
+    watermark: int = 0  # every reply with seq <= watermark is settled
+
+
+@dataclass
+class PassResult:
+    delivered: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    next_due: datetime | None = None  # deliver_after or a retry coming due
+
+
+class FilesNotReady(DeliveryError):
+    pass
+
+
+def _parse_content(raw: str, out_id: str) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        logger.warning("reply {}: content is not JSON; delivering it as raw text", out_id)
+        return raw
+
+
+def listed_files(content: object) -> list[str]:
+    """The file names a reply declares in ``content.files`` (names only, no paths)."""
+    if isinstance(content, dict) and isinstance(content.get("files"), list):
+        return [f for f in content["files"] if isinstance(f, str)]
+    return []
+
+
+def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str]) -> list[Path]:
+    """Move ``outbox/<out_id>/<name>`` into ``delivered/<out_id>/``; idempotent.
+
+    Refuses (raises FilesNotReady) a name that is not a plain basename, a
+    symlink, or anything but a regular file: nothing outside the session folder
+    is ever read through a link the agent planted.
+    """
+    src_dir = paths.outbox_dir(out_id)
+    dst_dir = delivered_root(data_dir) / out_id
+    moved: list[Path] = []
+    if names and (paths.outbox.is_symlink() or src_dir.is_symlink()):
+        raise DeliveryError(f"reply {out_id}: outbox/{out_id} is a symlink; refusing to follow it")
+    for name in names:
+        if safe_name(name, 0) != name:
+            raise DeliveryError(f"reply {out_id}: refusing file name {name!r} (must be a basename)")
+        dst = dst_dir / name
+        src = src_dir / name
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            if dst.is_file() and not dst.is_symlink():
+                moved.append(dst)  # moved by an earlier pass that crashed before recording
+                continue
+            raise FilesNotReady(f"reply {out_id}: file {name!r} is not in outbox/{out_id}/ yet")
+        if not stat.S_ISREG(st.st_mode):
+            raise DeliveryError(f"reply {out_id}: outbox/{out_id}/{name} is not a regular file "
+                                "(symlinks are never followed)")
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(src, dst)
+        except OSError:  # another file system: copy the bytes, never a link
+            shutil.copyfile(src, dst, follow_symlinks=False)
+            os.unlink(src)
+        moved.append(dst)
+    return moved
+
+
+def remove_outbox(paths: SessionPaths, out_id: str) -> None:
+    target = paths.outbox / out_id
+    try:
+        if target.is_symlink():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+    except OSError as exc:
+        logger.warning("{}: could not clean up ({})", target, exc.strerror)
+
+
+@dataclass
+class Deliverer:
+    data_dir: Path
+    registry: Registry
+    channel: Channel
+    cfg: DeliveryConfig
+
+    async def run_pass(self, *, paths: SessionPaths, agent_group: str, session_id: str,
+                       state: DeliveryState, messages: list[OutMessage],
+                       routing: tuple[str | None, str | None, str | None],
+                       now: datetime) -> PassResult:
+        """Deliver what is due among ``messages`` (seq > watermark, ascending)."""
+        result = PassResult()
+        if not messages:
+            return result
+        settled = inbound.delivered_ids(paths.inbound_db, [m.id for m in messages])
+        records: list[tuple[str, str, str | None]] = []
+        retried: list[str] = []
+        for msg in messages:
+            if msg.id in settled:
+                continue
+            if msg.deliver_after and msg.deliver_after > now:
+                result.next_due = _min(result.next_due, msg.deliver_after)
+                continue
+            attempts, next_at = self.registry.delivery_attempt(session_id, msg.id)
+            if next_at and next_at > now:
+                result.next_due = _min(result.next_due, next_at)
+                continue
+            try:
+                pmid = await self._deliver_one(paths, agent_group, session_id, msg, routing)
+            except DeliveryError as exc:
+                attempts += 1
+                if attempts >= self.cfg.max_attempts:
+                    logger.error("reply {} of session {}: giving up after {} attempts: {}",
+                                 msg.id, session_id, attempts, exc)
+                    records.append((msg.id, "failed", None))
+                    result.failed.append(msg.id)
+                    retried.append(msg.id)
+                else:
+                    retry_at = now + timedelta(
+                        seconds=delivery_backoff(attempts, self.cfg.retry_base))
+                    logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
+                                   msg.id, session_id, attempts, exc, retry_at.time())
+                    self.registry.record_attempt_failure(session_id, msg.id, attempts, retry_at,
+                                                         str(exc))
+                    result.next_due = _min(result.next_due, retry_at)
+                continue
+            records.append((msg.id, "delivered", pmid))
+            result.delivered.append(msg.id)
+            if attempts:
+                retried.append(msg.id)
+        if records:
+            inbound.record_deliveries(paths.inbound_db, records, now)
+            settled.update(mid for mid, _, _ in records)
+            for mid, _, _ in records:
+                remove_outbox(paths, mid)
+            for mid in retried:
+                self.registry.clear_attempts(session_id, mid)
+        for msg in messages:  # advance over the settled prefix only
+            if msg.id not in settled:
+                break
+            state.watermark = msg.seq
+        return result
+
+    async def _deliver_one(self, paths: SessionPaths, agent_group: str, session_id: str,
+                           msg: OutMessage,
+                           routing: tuple[str | None, str | None, str | None]) -> str | None:
+        if self.channel.already_delivered(msg.id):
+            logger.info("reply {} was taken by the channel before a restart; recording it", msg.id)
+            return None
+        content = _parse_content(msg.content, msg.id)
+        files = move_files(paths, self.data_dir, msg.id, listed_files(content))
+        default_ct, default_pid, default_thread = routing
+        reply = Reply(
+            message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,
+            kind=msg.kind, in_reply_to=msg.in_reply_to,
+            channel_type=msg.channel_type or default_ct,
+            platform_id=msg.platform_id or default_pid,
+            thread_id=msg.thread_id or default_thread,
+            timestamp=msg.timestamp, content=content, files=tuple(str(f) for f in files))
+        try:
+            return await self.channel.deliver(reply)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # a channel bug is a failed attempt, not a crash
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _min(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

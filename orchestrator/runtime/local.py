@@ -1,0 +1,194 @@
+"""Local runtime: each agent is a process group on this host (dev runner, tests).
+
+Exits are noticed through a pidfd registered with the event loop — no thread per
+process and no polling — which also works for agents *adopted* after a restart
+(they are no longer our children, so ``waitpid`` cannot see them). A pid file in
+the session folder records ``pid`` and the kernel's start time of that process,
+so a recycled pid is never mistaken for our agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator.config import RuntimeConfig
+from orchestrator.layout import PID_FILE, sessions_root
+from orchestrator.runtime.base import AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable, SessionRef
+
+
+def process_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def read_pid_file(path: Path) -> tuple[int, str] | None:
+    try:
+        pid_text, start = path.read_text().split()
+        return int(pid_text), start
+    except (OSError, ValueError):
+        return None
+
+
+def build_command(cfg: RuntimeConfig, folder: Path) -> list[str]:
+    cmd = [sys.executable if part == "{python}" else part for part in cfg.command]
+    return cmd + ["--workspace", str(folder)]
+
+
+@dataclass
+class _Agent:
+    ref: SessionRef
+    pid: int
+    pidfd: int
+    popen: subprocess.Popen | None
+    adopted: bool
+    exited: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ending: str | None = None  # "stopped" | "killed" when we asked for it
+
+
+class LocalRuntime:
+    name = "local"
+
+    def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback) -> None:
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.on_exit = on_exit
+        self._agents: dict[str, _Agent] = {}
+
+    # --- bookkeeping ------------------------------------------------------------
+
+    def is_running(self, session_id: str) -> bool:
+        return session_id in self._agents
+
+    def running(self) -> list[AgentHandle]:
+        return [self._handle(a) for a in self._agents.values()]
+
+    @staticmethod
+    def _handle(a: _Agent) -> AgentHandle:
+        return AgentHandle(a.ref.agent_group, a.ref.session_id, str(a.pid), a.adopted)
+
+    def _watch(self, ref: SessionRef, pid: int, popen: subprocess.Popen | None,
+               adopted: bool) -> _Agent:
+        pidfd = os.pidfd_open(pid)
+        agent = _Agent(ref, pid, pidfd, popen, adopted)
+        self._agents[ref.session_id] = agent
+        asyncio.get_running_loop().add_reader(pidfd, self._reap, ref.session_id)
+        return agent
+
+    def _reap(self, session_id: str) -> None:
+        agent = self._agents.pop(session_id, None)
+        if agent is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(agent.pidfd)
+        os.close(agent.pidfd)
+        code = agent.popen.wait() if agent.popen is not None else None
+        if agent.ending:
+            reason = agent.ending
+        elif code is not None and code < 0:
+            reason = f"killed by signal {-code}"
+        else:
+            reason = "exited"
+        pid_file = agent.ref.folder / PID_FILE
+        if read_pid_file(pid_file) and read_pid_file(pid_file)[0] == agent.pid:
+            pid_file.unlink(missing_ok=True)
+        if not agent.exited.done():
+            agent.exited.set_result(code)
+        self.on_exit(AgentExit(agent.ref.agent_group, agent.ref.session_id, code, reason))
+
+    # --- protocol ---------------------------------------------------------------
+
+    async def recover(self) -> list[AgentHandle]:
+        adopted = []
+        root = sessions_root(self.data_dir)
+        for pid_file in root.glob(f"*/*/{PID_FILE}"):
+            found = read_pid_file(pid_file)
+            folder = pid_file.parent
+            if found and process_start_time(found[0]) == found[1]:
+                ref = SessionRef(folder.parent.name, folder.name, folder)
+                try:
+                    agent = self._watch(ref, found[0], None, adopted=True)
+                except ProcessLookupError:
+                    pid_file.unlink(missing_ok=True)
+                    continue
+                logger.info("adopted agent pid {} of session {}", found[0], ref.session_id)
+                adopted.append(self._handle(agent))
+            else:
+                pid_file.unlink(missing_ok=True)
+        return adopted
+
+    async def start(self, session: SessionRef) -> AgentHandle:
+        if session.session_id in self._agents:
+            return self._handle(self._agents[session.session_id])
+        cmd = build_command(self.cfg, session.folder)
+        log_dir = self.data_dir / "logs" / session.agent_group
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log_dir / f"{session.session_id}.log", "ab") as log:
+                popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise RuntimeUnavailable(
+                f"cannot start agent command {cmd[0]!r} ({exc.strerror}); "
+                "fix [runtime] command in the config") from None
+        start = process_start_time(popen.pid) or "0"
+        tmp = session.folder / f"{PID_FILE}.tmp"
+        tmp.write_text(f"{popen.pid} {start}\n")
+        os.replace(tmp, session.folder / PID_FILE)
+        agent = self._watch(session, popen.pid, popen, adopted=False)
+        return self._handle(agent)
+
+    def _signal(self, agent: _Agent, sig: int) -> None:
+        try:
+            os.killpg(agent.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(agent.pid, sig)
+
+    async def stop(self, session_id: str, grace: float) -> None:
+        agent = self._agents.get(session_id)
+        if agent is None:
+            return
+        agent.ending = agent.ending or "stopped"
+        self._signal(agent, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(agent.exited), grace)
+            return
+        except asyncio.TimeoutError:
+            logger.warning("agent of session {} ignored SIGTERM for {:g}s; killing it",
+                           session_id, grace)
+        await self.kill(session_id)
+
+    async def kill(self, session_id: str) -> None:
+        agent = self._agents.get(session_id)
+        if agent is None:
+            return
+        agent.ending = "killed"
+        self._signal(agent, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(asyncio.shield(agent.exited), 10)
+        except asyncio.TimeoutError:
+            logger.error("agent pid {} of session {} did not die after SIGKILL", agent.pid,
+                         session_id)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for agent in self._agents.values():
+            loop.remove_reader(agent.pidfd)
+            os.close(agent.pidfd)
+        self._agents.clear()

@@ -1,0 +1,174 @@
+"""Turns file-system changes under the sessions root into typed activity events.
+
+Two sources, one output (batches of ``Activity``):
+
+- ``events`` mode: one recursive ``watchfiles.awatch`` on the sessions root
+  (one inotify instance, one watch per directory). ``step``/``debounce`` are
+  tuned for latency: the library defaults (50/1600 ms) stretch a batch to 1.6 s
+  while other heartbeats keep arriving; 5/50 ms ends a batch 5 ms after the
+  last change and never later than 50 ms after the first.
+- ``poll`` mode, for file systems where inotify says nothing (NFS, CIFS, Docker
+  Desktop shares): every ``poll_interval`` we stat the few files that matter
+  per session and compare (mtime_ns, size, inode). watchfiles' own force-polling
+  compares whole-second mtimes and so misses a second change within a second.
+
+Neither is trusted for correctness: inotify drops events silently on queue
+overflow or when the watch budget runs out. The supervisor's reconcile sweep
+re-checks everything from disk; these events only make it fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import watchfiles
+from loguru import logger
+
+from orchestrator.config import WatchConfig
+from orchestrator.ticker import ticks
+from orchestrator.layout import (
+    HEARTBEAT, INBOUND_DB, OUTBOUND_DB, OUTBOX, Kind, classify,
+)
+
+MAX_WATCHES_FILE = Path("/proc/sys/fs/inotify/max_user_watches")
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    agent_group: str
+    session_id: str | None
+    kind: Kind
+    added: bool = False  # a directory or file appeared (list it: contents may be unreported)
+
+
+RESCAN = Activity("", None, Kind.OTHER)  # "events may have been lost: reconcile everything"
+
+
+def to_activities(root: Path, changes: set[tuple[watchfiles.Change, str]]) -> list[Activity]:
+    """Classify one batch; unrelated paths (journals, agent scratch files) drop out."""
+    out: dict[tuple, Activity] = {}
+    for change, path in changes:
+        info = classify(root, path)
+        if info is None or info.kind is Kind.OTHER:
+            continue
+        act = Activity(info.agent_group, info.session_id, info.kind,
+                       added=change == watchfiles.Change.added)
+        out.setdefault((act.agent_group, act.session_id, act.kind, act.added), act)
+    return list(out.values())
+
+
+def count_dirs(root: Path) -> int:
+    n = 0
+    for _, dirs, _ in os.walk(root):
+        n += len(dirs)
+    return n + 1
+
+
+def watch_budget() -> int | None:
+    try:
+        return int(MAX_WATCHES_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def choose_mode(cfg: WatchConfig, dirs: int, budget: int | None) -> tuple[str, str | None]:
+    """Events unless configured otherwise or the watch budget cannot cover the tree.
+
+    Returns (mode, warning). Half the budget is the line: other programs of the
+    same user need watches too, and the tree grows while we run.
+    """
+    if cfg.mode == "poll":
+        return "poll", None
+    if budget is not None and dirs > budget // 2:
+        return "poll", (f"inotify watch budget too small: {dirs} folders to watch, "
+                        f"fs.inotify.max_user_watches={budget}; polling every "
+                        f"{cfg.poll_interval:g}s instead (raise the limit with "
+                        f"'sysctl fs.inotify.max_user_watches={max(dirs * 4, 65536)}')")
+    return "events", None
+
+
+async def inotify_batches(root: Path, cfg: WatchConfig,
+                          stop: asyncio.Event) -> AsyncIterator[list[Activity]]:
+    """Recursive inotify on ``root``; restarts the watch if it ends with an error."""
+    failures = 0
+    while not stop.is_set():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            async for changes in watchfiles.awatch(
+                root, watch_filter=None, debounce=cfg.debounce_ms, step=cfg.step_ms,
+                stop_event=stop, recursive=True, ignore_permission_denied=True,
+            ):
+                failures = 0
+                batch = to_activities(root, changes)
+                if batch:
+                    yield batch
+            if not stop.is_set():  # the root vanished: events ended without an error
+                logger.warning("{}: watch ended (was the folder removed?); restarting it", root)
+                yield [RESCAN]
+        except (OSError, RuntimeError) as exc:
+            failures += 1
+            logger.error("{}: inotify watch failed ({}); restarting in {}s", root, exc,
+                         min(30, failures))
+            yield [RESCAN]
+            try:
+                await asyncio.wait_for(stop.wait(), min(30, failures))
+            except asyncio.TimeoutError:
+                pass
+
+
+_POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),
+           (INBOUND_DB, Kind.INBOUND_DB), (OUTBOX, Kind.OUTBOX))
+
+
+def _sig(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:
+    """One scan: what changed since ``seen`` (updated in place)."""
+    out: list[Activity] = []
+    try:
+        groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return out
+    for group in groups:
+        try:
+            sessions = [e for e in os.scandir(group.path) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for sess in sessions:
+            is_new = sess.path not in seen
+            if is_new:
+                seen[sess.path] = None
+                out.append(Activity(group.name, sess.name, Kind.SESSION, added=True))
+            for name, kind in _POLLED:
+                p = os.path.join(sess.path, name)
+                sig = _sig(p)
+                if seen.get(p) != sig:
+                    seen[p] = sig
+                    if not is_new:
+                        out.append(Activity(group.name, sess.name, kind))
+    return out
+
+
+async def poll_batches(root: Path, cfg: WatchConfig,
+                       stop: asyncio.Event) -> AsyncIterator[list[Activity]]:
+    seen: dict[str, tuple | None] = {}
+    poll_once(root, seen)  # baseline: start-up reconcile covers the initial state
+    async for _ in ticks(cfg.poll_interval, stop):
+        batch = poll_once(root, seen)
+        if batch:
+            yield batch
+
+
+def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
+            mode: str) -> AsyncIterator[list[Activity]]:
+    return inotify_batches(root, cfg, stop) if mode == "events" else poll_batches(root, cfg, stop)

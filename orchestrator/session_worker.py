@@ -1,0 +1,339 @@
+"""One pass over one session: read what changed, deliver, decide, act, set a timer.
+
+The supervisor guarantees at most one pass per session at a time. A pass only
+reads what its flags say changed (a heartbeat costs one ``stat``), feeds the
+pure rules in ``lifecycle`` and applies the verdict. Slow runtime operations
+(start, stop, kill) run as tasks so one slow container never delays another
+session's replies; their completion marks the session dirty again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Iterable
+
+from loguru import logger
+
+from orchestrator.config import Config
+from orchestrator.delivery import Deliverer, DeliveryState
+from orchestrator.layout import SessionPaths
+from orchestrator.lifecycle import Action, Claim, Observation, decide, last_activity, start_backoff
+from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.sessions import Sessions
+from orchestrator.store import inbound, outbound
+from orchestrator.store.outbound import OutboundError
+from orchestrator.store.registry import Registry
+
+REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
+
+
+class Flag(enum.Flag):
+    NONE = 0
+    HEARTBEAT = enum.auto()
+    OUTBOUND = enum.auto()
+    OUTBOX = enum.auto()
+    INBOUND = enum.auto()
+    EXIT = enum.auto()
+    TIMER = enum.auto()
+    SWEEP = enum.auto()  # reconcile: re-read whatever changed on disk (stat-gated)
+    FULL = enum.auto()  # re-read everything
+    FORCE = enum.auto()  # the start-up reconcile pass
+
+
+Signature = tuple[int, int, int] | None
+
+
+def file_signature(path: os.PathLike | str) -> Signature:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@dataclass
+class Tracked:
+    """What the supervisor remembers about a session between passes."""
+
+    agent_group: str
+    session_id: str
+    paths: SessionPaths
+    status: str = "stopped"
+    routing: tuple[str | None, str | None, str | None] | None = None
+    started_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    last_reply_at: datetime | None = None
+    idle_since: datetime | None = None
+    claims: tuple[Claim, ...] = ()
+    tool_timeout: float | None = None
+    due: int = 0
+    next_inbound_due: datetime | None = None
+    delivery: DeliveryState = field(default_factory=DeliveryState)
+    delivery_due: datetime | None = None
+    synced_acks: set[str] = field(default_factory=set)
+    max_seq_seen: int = 0
+    start_failures: int = 0
+    start_blocked_until: datetime | None = None
+    exit: AgentExit | None = None
+    ending_reason: str | None = None  # why we stopped/killed it, for the exit's status reason
+    op: asyncio.Task | None = None
+    timer: asyncio.TimerHandle | None = None
+    timer_at: datetime | None = None
+    sigs: dict[str, Signature] = field(default_factory=dict)
+    broken: str | None = None  # last error logged, so a bad session logs once, not per pass
+    registry_touched: datetime | None = None
+
+
+def _mtime(sig: Signature) -> datetime | None:
+    return datetime.fromtimestamp(sig[0] / 1e9, timezone.utc) if sig else None
+
+
+def _earliest(*times: datetime | None) -> datetime | None:
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+class SessionWorker:
+    def __init__(self, cfg: Config, registry: Registry, sessions: Sessions, runtime: Runtime,
+                 deliverer: Deliverer, clock: Callable[[], datetime],
+                 mark: Callable[[str, Flag], None]) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.sessions = sessions
+        self.runtime = runtime
+        self.deliverer = deliverer
+        self.clock = clock
+        self.mark = mark
+        self._ops: set[asyncio.Task] = set()
+
+    # --- the pass ---------------------------------------------------------------------
+
+    async def process(self, t: Tracked, flags: Flag) -> None:
+        now = self.clock()
+        try:
+            if flags & (Flag.FULL | Flag.FORCE):
+                flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
+            elif flags & Flag.SWEEP:
+                flags |= self._changed_on_disk(t)
+            if flags & Flag.HEARTBEAT:
+                self._read_heartbeat(t, now)
+            if flags & (Flag.OUTBOUND | Flag.OUTBOX | Flag.EXIT | Flag.TIMER):
+                await self._read_outbound(t, now)
+            if flags & Flag.EXIT and t.exit is not None:
+                self._on_exit(t, now)
+            alive = self.runtime.is_running(t.session_id)
+            if not alive and t.claims and (t.op is None or t.op.done()):
+                self._reset_orphan_claims(t, now)
+                flags |= Flag.INBOUND
+            if not alive or flags & (Flag.INBOUND | Flag.EXIT | Flag.TIMER):
+                self._read_inbound(t, now)
+            self._decide(t, now)
+            if t.broken:
+                logger.info("session {}: readable again", t.session_id)
+                t.broken = None
+        except (OutboundError, sqlite3.Error, OSError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if message != t.broken:
+                logger.error("session {}/{}: {}", t.agent_group, t.session_id, message)
+                t.broken = message
+            self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+
+    def _changed_on_disk(self, t: Tracked) -> Flag:
+        flags = Flag.NONE
+        for name, path, flag in (("hb", t.paths.heartbeat, Flag.HEARTBEAT),
+                                 ("out", t.paths.outbound_db, Flag.OUTBOUND),
+                                 ("in", t.paths.inbound_db, Flag.INBOUND)):
+            if file_signature(path) != t.sigs.get(name, ()):
+                flags |= flag
+        return flags
+
+    def _read_heartbeat(self, t: Tracked, now: datetime) -> None:
+        sig = file_signature(t.paths.heartbeat)
+        t.sigs["hb"] = sig
+        t.heartbeat_at = _mtime(sig)
+        self._touch_registry(t, now)
+
+    def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
+        """Heartbeats can come at 10 Hz from 100 agents: the registry hears every 5 s."""
+        if not force and t.registry_touched and now - t.registry_touched < REGISTRY_TOUCH_EVERY:
+            return
+        active = last_activity(self._observe(t))
+        if t.heartbeat_at or active:
+            self.registry.touch(t.session_id, heartbeat=t.heartbeat_at, active=active)
+            t.registry_touched = now
+
+    async def _read_outbound(self, t: Tracked, now: datetime) -> None:
+        t.sigs["out"] = file_signature(t.paths.outbound_db)
+        snap = outbound.read(t.paths.outbound_db, after_seq=t.delivery.watermark)
+        final = {mid: a.status for mid, a in snap.acks.items()
+                 if a.status in ("completed", "failed") and mid not in t.synced_acks}
+        if final:
+            inbound.sync_acks(t.paths.inbound_db, final)
+            t.synced_acks.update(final)
+        t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
+                         if a.status == "processing")
+        t.tool_timeout = (snap.tool.declared_timeout
+                          if snap.tool and snap.tool.current_tool else None)
+        if snap.messages and snap.messages[-1].seq > t.max_seq_seen:
+            t.max_seq_seen = snap.messages[-1].seq
+            t.last_reply_at = now
+        if t.routing is None:
+            row = self.registry.session(t.session_id)
+            t.routing = self.sessions.routing_of(row) if row else (None, None, None)
+        result = await self.deliverer.run_pass(
+            paths=t.paths, agent_group=t.agent_group, session_id=t.session_id,
+            state=t.delivery, messages=snap.messages, routing=t.routing, now=now)
+        t.delivery_due = result.next_due
+        for mid in result.delivered:
+            logger.info("delivered reply {} of session {}", mid, t.session_id)
+        if result.delivered or final:
+            self._touch_registry(t, now, force=True)
+
+    def _read_inbound(self, t: Tracked, now: datetime) -> None:
+        t.sigs["in"] = file_signature(t.paths.inbound_db)
+        t.due = inbound.count_due(t.paths.inbound_db, now)
+        nxt = inbound.next_due_at(t.paths.inbound_db)
+        t.next_inbound_due = nxt if nxt and nxt > now else None
+
+    def _on_exit(self, t: Tracked, now: datetime) -> None:
+        ev, t.exit = t.exit, None
+        code = f", exit code {ev.exit_code}" if ev.exit_code not in (None, 0) else ""
+        reason = t.ending_reason or f"agent {ev.reason}{code}"
+        t.ending_reason = None
+        t.started_at = None
+        t.idle_since = None
+        self.set_status(t, "stopped", reason, now)
+
+    def _reset_orphan_claims(self, t: Tracked, now: datetime) -> None:
+        """No agent runs, yet messages are claimed: the agent died mid-message.
+
+        Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
+        stale acks — the host may write outbound.db only while no agent runs.
+        """
+        lc = self.cfg.lifecycle
+        result = inbound.reset_claims(t.paths.inbound_db, [c.message_id for c in t.claims],
+                                      max_tries=lc.max_tries, backoff_base=lc.backoff_base,
+                                      now=now)
+        outbound.clear_processing_claims(t.paths.outbound_db)
+        t.sigs["out"] = file_signature(t.paths.outbound_db)
+        t.claims = ()
+        for mid, status in result.items():
+            if status == "failed":
+                logger.error("message {} of session {} failed after {} tries", mid,
+                             t.session_id, lc.max_tries)
+            else:
+                logger.warning("message {} of session {} given back for retry", mid,
+                               t.session_id)
+
+    # --- decisions and actions ----------------------------------------------------------
+
+    def _observe(self, t: Tracked) -> Observation:
+        return Observation(
+            alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
+            heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
+            tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
+            start_blocked_until=t.start_blocked_until)
+
+    def _decide(self, t: Tracked, now: datetime) -> None:
+        busy = t.op is not None and not t.op.done()
+        verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        if not busy:
+            if verdict.status != t.status and verdict.status != "stopped":
+                self.set_status(t, verdict.status, verdict.reason, now)
+            elif verdict.status == "stopped" and t.status != "stopped":
+                self.set_status(t, "stopped", "no agent running", now)
+            t.idle_since = verdict.detail.get("idle_since") if verdict.status == "idle" else None
+            if verdict.action is Action.START:
+                self._run_op(t, self._start(t))
+            elif verdict.action is Action.STOP:
+                t.ending_reason = f"stopped: {verdict.reason}"
+                self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+            elif verdict.action is Action.KILL:
+                logger.warning("session {}: killing stuck agent: {}", t.session_id,
+                               verdict.reason)
+                t.ending_reason = f"killed: {verdict.reason}"
+                self._run_op(t, self.runtime.kill(t.session_id))
+        self._schedule(t, _earliest(verdict.next_check, t.delivery_due, t.next_inbound_due,
+                                    t.start_blocked_until), now)
+
+    def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
+        old = t.status
+        t.status = status
+        self.registry.set_container_status(t.session_id, status, reason, now)
+        logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
+                    reason)
+
+    def _run_op(self, t: Tracked, coro) -> None:
+        async def wrapped() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                logger.error("session {}: runtime operation failed: {}", t.session_id, exc)
+            finally:
+                self.mark(t.session_id, Flag.TIMER)
+
+        t.op = asyncio.create_task(wrapped(), name=f"op-{t.session_id}")
+        self._ops.add(t.op)
+        t.op.add_done_callback(self._ops.discard)
+
+    async def _start(self, t: Tracked) -> None:
+        now = self.clock()
+        try:
+            t.paths.heartbeat.unlink(missing_ok=True)  # a stale heartbeat is not liveness
+            row = self.registry.session(t.session_id)
+            if row is not None:
+                self.sessions.write_routing(row)
+            await self.runtime.start(SessionRef(t.agent_group, t.session_id, t.paths.root))
+        except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:
+            t.start_failures += 1
+            delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
+            t.start_blocked_until = now + timedelta(seconds=delay)
+            log = logger.error if t.start_failures == 1 else logger.debug
+            log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
+                t.session_id, exc, delay)
+            return
+        if t.start_failures:
+            logger.info("session {}: agent started after {} failed attempts", t.session_id,
+                        t.start_failures)
+        t.start_failures = 0
+        t.start_blocked_until = None
+        t.started_at = self.clock()
+        t.heartbeat_at = None
+        t.sigs.pop("hb", None)
+        t.idle_since = None
+        self.set_status(t, "running", f"agent started, {t.due} message(s) due", t.started_at)
+
+    # --- timers -------------------------------------------------------------------
+
+    def _schedule(self, t: Tracked, when: datetime | None, now: datetime) -> None:
+        if when == t.timer_at and t.timer is not None:
+            return
+        if t.timer is not None:
+            t.timer.cancel()
+            t.timer = None
+        t.timer_at = when
+        if when is None:
+            return
+        delay = max(0.0, (when - now).total_seconds()) + 0.002
+        t.timer = asyncio.get_running_loop().call_later(delay, self._fire, t)
+
+    def _fire(self, t: Tracked) -> None:
+        t.timer = None
+        t.timer_at = None
+        self.mark(t.session_id, Flag.TIMER)
+
+    @staticmethod
+    def cancel_timers(tracked: Iterable[Tracked]) -> None:
+        for t in tracked:
+            if t.timer is not None:
+                t.timer.cancel()
+                t.timer = None
+
+    async def drain_ops(self, timeout: float) -> None:
+        if self._ops:
+            await asyncio.wait(list(self._ops), timeout=timeout)

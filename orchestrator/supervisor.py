@@ -1,0 +1,304 @@
+"""The supervisor: startup → main loop → shutdown.
+
+Events (inotify batches, runtime exits, timers) only mark a session *dirty*
+with what changed; one worker coroutine takes dirty sessions one at a time and
+runs ``SessionWorker.process`` on it. One pass per session at a time is what
+makes delivery exactly-once within the process, and coalescing means a burst of
+heartbeats costs one pass, not a thousand.
+
+Behind the events, a drift-correcting reconcile sweep re-checks every session
+from disk every ``sweep_interval`` (stat-gated, so an idle sweep over 1000
+sessions is a few thousand ``stat`` calls), so a missed event costs at most one
+sweep. Timers fire at exact due times (idle, stop, stuck, ``process_after``,
+``deliver_after``, retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from loguru import logger
+
+from orchestrator import watcher
+from orchestrator.channels import Channel, make_channel
+from orchestrator.config import Config
+from orchestrator.delivery import Deliverer
+from orchestrator.layout import InvalidId, Kind, registry_path, session_paths, sessions_root, validate_id
+from orchestrator.runtime.base import AgentExit, Runtime
+from orchestrator.sessions import Sessions
+from orchestrator.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.signals import capture_signals
+from orchestrator.store.registry import Registry
+from orchestrator.store.schema import utcnow
+from orchestrator.ticker import ticks
+
+Clock = Callable[[], datetime]
+
+_KIND_FLAGS = {
+    Kind.HEARTBEAT: Flag.HEARTBEAT,
+    Kind.OUTBOUND_DB: Flag.OUTBOUND,
+    Kind.OUTBOX: Flag.OUTBOX,
+    Kind.INBOUND_DB: Flag.INBOUND,
+    Kind.INBOX: Flag.NONE,
+    Kind.SESSION: Flag.FULL,
+}
+
+
+def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None]) -> Runtime:
+    if cfg.runtime.kind == "docker":
+        from orchestrator.runtime.docker import DockerRuntime
+
+        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit)
+    from orchestrator.runtime.local import LocalRuntime
+
+    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """One supervisor per data dir: two would deliver the same replies twice."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "orchestrator.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another orchestrator is running on {data_dir}; stop it first")
+    return fd
+
+
+@dataclass
+class Supervisor:
+    cfg: Config
+    runtime_factory: Callable[[Config, Callable[[AgentExit], None]], Runtime] = make_runtime
+    channel: Channel | None = None
+    clock: Clock = utcnow
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.tracked: dict[str, Tracked] = {}
+        self._dirty: dict[str, Flag] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.watch_mode: str | None = None
+        self._unreconciled: set[str] = set()
+
+    # --- events in ----------------------------------------------------------------
+
+    def mark(self, session_id: str, flags: Flag) -> None:
+        self._dirty[session_id] = self._dirty.get(session_id, Flag.NONE) | flags
+        self._wake.set()
+
+    def _on_exit(self, ev: AgentExit) -> None:
+        t = self.tracked.get(ev.session_id)
+        if t is not None:
+            t.exit = ev
+            self.mark(ev.session_id, Flag.EXIT)
+
+    def _on_activity(self, batch: list[watcher.Activity]) -> None:
+        for act in batch:
+            if act == watcher.RESCAN:
+                self._discover()
+                for sid in self.tracked:
+                    self.mark(sid, Flag.FULL)
+                continue
+            if act.session_id is None:
+                if act.added:  # a new agent group folder: its sessions may be unreported
+                    self._discover()
+                continue
+            if act.session_id not in self.tracked and not self._track_from_disk(
+                    act.agent_group, act.session_id):
+                continue
+            flags = _KIND_FLAGS.get(act.kind, Flag.NONE)
+            if flags:
+                self.mark(act.session_id, flags)
+
+    # --- discovery ----------------------------------------------------------------
+
+    def _track(self, agent_group: str, session_id: str) -> Tracked:
+        t = self.tracked.get(session_id)
+        if t is None:
+            paths = session_paths(self.cfg.data_dir, agent_group, session_id)
+            t = Tracked(agent_group, session_id, paths)
+            self.tracked[session_id] = t
+        return t
+
+    def _track_from_disk(self, agent_group: str, session_id: str) -> bool:
+        """A session folder we have not seen: created by ``send`` in another process,
+        or mounted in by someone else. Register it if it looks like a session."""
+        try:
+            validate_id(agent_group, "agent group")
+            validate_id(session_id, "session id")
+        except InvalidId:
+            return False
+        paths = session_paths(self.cfg.data_dir, agent_group, session_id)
+        row = self.registry.session(session_id)
+        if row is None:
+            if not paths.inbound_db.is_file():
+                return False
+            self.registry.ensure_agent_group(agent_group)
+            row, _ = self.registry.get_or_create_session(
+                resolution_key=f"folder:{agent_group}/{session_id}", agent_group_id=agent_group,
+                messaging_group_id=None, thread_id=None, new_id=session_id)
+            logger.info("registered session folder {}/{} found on disk", agent_group, session_id)
+        if row.agent_group_id != agent_group:
+            return False
+        t = self._track(agent_group, session_id)
+        t.status = row.container_status
+        self.mark(session_id, Flag.FULL)
+        return True
+
+    def _discover(self) -> None:
+        for row in self.registry.sessions():
+            if row.id not in self.tracked:
+                t = self._track(row.agent_group_id, row.id)
+                t.status = row.container_status
+                self.mark(row.id, Flag.FULL)
+        root = sessions_root(self.cfg.data_dir)
+        try:
+            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for g in groups:
+            try:
+                for s in os.scandir(g.path):
+                    if s.name not in self.tracked and s.is_dir(follow_symlinks=False):
+                        self._track_from_disk(g.name, s.name)
+            except OSError:
+                continue
+
+    # --- the loop -----------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                sid = next(iter(self._dirty))
+                flags = self._dirty.pop(sid)
+                t = self.tracked.get(sid)
+                if t is not None:
+                    await self.worker.process(t, flags)
+                    if flags & Flag.FORCE:
+                        self._unreconciled.discard(sid)
+                        if not self._unreconciled:
+                            self.ready.set()
+                await asyncio.sleep(0)  # let events in between sessions
+
+    async def _watch(self) -> None:
+        root = sessions_root(self.cfg.data_dir)
+        mode, warning = watcher.choose_mode(self.cfg.watch, watcher.count_dirs(root),
+                                            watcher.watch_budget())
+        if warning:
+            logger.warning(warning)
+        self.watch_mode = mode
+        async for batch in watcher.batches(root, self.cfg.watch, self.stop_event, mode):
+            self._on_activity(batch)
+
+    async def _sweep(self) -> None:
+        async for _ in ticks(self.cfg.watch.sweep_interval, self.stop_event):
+            self._discover()
+            for sid in self.tracked:
+                self.mark(sid, Flag.SWEEP)
+
+    async def _startup(self) -> None:
+        data_dir = self.cfg.data_dir
+        self._lock_fd = lock_data_dir(data_dir)
+        sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(registry_path(data_dir))
+        self.sessions = Sessions(data_dir, self.registry, self.cfg.sessions.max_attachment_bytes)
+        self.channel = self.channel or make_channel(self.cfg.delivery)
+        self.runtime = self.runtime_factory(self.cfg, self._on_exit)
+        self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
+        self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
+                                    self.deliverer, self.clock, self.mark)
+        try:
+            adopted = {h.session_id: h for h in await self.runtime.recover()}
+        except Exception as exc:  # e.g. Docker down: keep going, the sweep retries
+            logger.error("could not list existing agents ({}); continuing", exc)
+            adopted = {}
+        self._discover()
+        now = self.clock()
+        for sid, t in self.tracked.items():
+            if sid in adopted:
+                t.started_at = now
+                self.worker.set_status(t, "running", "adopted after restart", now)
+            elif t.status != "stopped":
+                self.worker.set_status(t, "stopped", "no agent found at start-up", now)
+        self._unreconciled = set(self.tracked)
+        for sid in self.tracked:
+            self._dirty[sid] = Flag.FULL | Flag.FORCE
+        if not self._unreconciled:
+            self.ready.set()
+        logger.info("orchestrator up: {} sessions, {} adopted agents, runtime {}, data {}",
+                    len(self.tracked), len(adopted), self.runtime.name, data_dir)
+
+    async def serve(self) -> None:
+        """Run until ``stop_event`` is set, then shut down cleanly."""
+        await self._startup()
+        self._tasks = [asyncio.create_task(self._watch(), name="watch"),
+                       asyncio.create_task(self._sweep(), name="sweep")]
+        worker = asyncio.create_task(self._work(), name="work")
+        self._wake.set()
+        try:
+            await self.stop_event.wait()
+        finally:
+            await self._shutdown(worker)
+
+    async def _shutdown(self, worker: asyncio.Task) -> None:
+        self.stop_event.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._dirty.clear()
+        self._wake.set()
+        await asyncio.sleep(0)
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
+        running = self.runtime.running()
+        if self.cfg.runtime.on_shutdown == "stop" and running:
+            logger.info("stopping {} agents", len(running))
+            await asyncio.gather(*(self.runtime.stop(h.session_id, self.cfg.runtime.stop_grace)
+                                   for h in running), return_exceptions=True)
+            now = self.clock()
+            for h in running:
+                t = self.tracked.get(h.session_id)
+                if t:
+                    self.worker.set_status(t, "stopped", "stopped at orchestrator shutdown", now)
+        elif running:
+            logger.info("leaving {} agents running; they are re-adopted on restart",
+                        len(running))
+        self.worker.cancel_timers(self.tracked.values())
+        await self.runtime.close()
+        self.channel.close()
+        self.registry.close()
+        os.close(self._lock_fd)
+        logger.info("orchestrator stopped")
+
+
+def run(cfg: Config) -> int:
+    """``orchestrator run``: serve until SIGINT/SIGTERM."""
+
+    async def main() -> int:
+        sup = Supervisor(cfg)
+        with capture_signals(sup.stop_event):
+            try:
+                await sup.serve()
+            except AlreadyRunning as exc:
+                logger.error(str(exc))
+                return 1
+        return 0
+
+    return asyncio.run(main())
+

@@ -9,10 +9,13 @@ its last reason, a log of status changes, and persistent delivery attempt counts
 from __future__ import annotations
 
 import sqlite3
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 from orchestrator.store.schema import format_ts, parse_ts, transaction, utcnow
 
@@ -73,7 +76,12 @@ def _session(row: sqlite3.Row) -> SessionRow:
 
 
 class Registry:
-    """One connection per Registry; each method is one short transaction."""
+    """One connection per Registry; each method is one short transaction.
+
+    The connection may be used from several threads (``check_same_thread=False``),
+    so a lock serialises its transactions: two threads must never interleave a
+    ``BEGIN`` on the same connection.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -85,6 +93,12 @@ class Registry:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._conn.executescript(DDL)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, transaction(self._conn) as c:
+            yield c
 
     def close(self) -> None:
         self._conn.close()
@@ -98,13 +112,13 @@ class Registry:
     # --- groups -----------------------------------------------------------------
 
     def ensure_agent_group(self, group_id: str, name: str | None = None) -> str:
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at) VALUES (?,?,?)",
                       (group_id, name or group_id, format_ts(utcnow())))
         return group_id
 
     def ensure_messaging_group(self, channel_type: str, platform_id: str) -> str:
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             c.execute("INSERT OR IGNORE INTO messaging_groups (id, channel_type, platform_id,"
                       " created_at) VALUES (?,?,?,?)",
                       ("mg-" + uuid.uuid4().hex[:12], channel_type, platform_id,
@@ -114,12 +128,13 @@ class Registry:
         return mg
 
     def messaging_group(self, mg_id: str) -> tuple[str, str] | None:
-        row = self._conn.execute("SELECT channel_type, platform_id FROM messaging_groups"
-                                 " WHERE id=?", (mg_id,)).fetchone()
+        with self._lock:
+            row = self._conn.execute("SELECT channel_type, platform_id FROM messaging_groups"
+                                     " WHERE id=?", (mg_id,)).fetchone()
         return (row[0], row[1]) if row else None
 
     def set_destinations(self, agent_group_id: str, rows: list[dict]) -> None:
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             c.execute("DELETE FROM destinations WHERE agent_group_id=?", (agent_group_id,))
             c.executemany(
                 "INSERT INTO destinations (agent_group_id, name, display_name, type, channel_type,"
@@ -129,8 +144,10 @@ class Registry:
                  for r in rows])
 
     def destinations(self, agent_group_id: str) -> list[dict]:
-        return [dict(r) for r in self._conn.execute(
-            "SELECT * FROM destinations WHERE agent_group_id=? ORDER BY name", (agent_group_id,))]
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(
+                "SELECT * FROM destinations WHERE agent_group_id=? ORDER BY name",
+                (agent_group_id,))]
 
     # --- sessions ---------------------------------------------------------------
 
@@ -138,7 +155,7 @@ class Registry:
                               messaging_group_id: str | None, thread_id: str | None,
                               new_id: str) -> tuple[SessionRow, bool]:
         """Race-free across processes: INSERT OR IGNORE on the unique key, then read."""
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             cur = c.execute(
                 "INSERT OR IGNORE INTO sessions (id, agent_group_id, messaging_group_id, thread_id,"
                 " resolution_key, created_at) VALUES (?,?,?,?,?,?)",
@@ -150,12 +167,15 @@ class Registry:
         return _session(row), created
 
     def session(self, session_id: str) -> SessionRow | None:
-        row = self._conn.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM sessions WHERE id=?",
+                                     (session_id,)).fetchone()
         return _session(row) if row else None
 
     def sessions(self) -> list[SessionRow]:
-        return [_session(r) for r in self._conn.execute(
-            "SELECT * FROM sessions ORDER BY agent_group_id, created_at, id")]
+        with self._lock:
+            return [_session(r) for r in self._conn.execute(
+                "SELECT * FROM sessions ORDER BY agent_group_id, created_at, id")]
 
     def set_container_status(self, session_id: str, status: str, reason: str,
                              now: datetime | None = None) -> str | None:
@@ -163,7 +183,7 @@ class Registry:
         if status not in CONTAINER_STATUSES:
             raise ValueError(f"container status must be one of {CONTAINER_STATUSES}")
         at = format_ts(now or utcnow())
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             row = c.execute("SELECT container_status FROM sessions WHERE id=?",
                             (session_id,)).fetchone()
             old = row[0] if row else None
@@ -183,25 +203,27 @@ class Registry:
             sets.append("last_heartbeat=?")
             args.append(format_ts(heartbeat))
         if sets:
-            with transaction(self._conn) as c:
+            with self._tx() as c:
                 c.execute(f"UPDATE sessions SET {', '.join(sets)} WHERE id=?", (*args, session_id))
 
     def status_changes(self, session_id: str) -> list[dict]:
-        return [dict(r) for r in self._conn.execute(
-            "SELECT at, old, new, reason FROM status_changes WHERE session_id=? ORDER BY id",
-            (session_id,))]
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(
+                "SELECT at, old, new, reason FROM status_changes WHERE session_id=? ORDER BY id",
+                (session_id,))]
 
     # --- delivery attempts --------------------------------------------------------
 
     def delivery_attempt(self, session_id: str, out_id: str) -> tuple[int, datetime | None]:
-        row = self._conn.execute(
-            "SELECT attempts, next_attempt_at FROM delivery_attempts WHERE session_id=? AND"
-            " message_out_id=?", (session_id, out_id)).fetchone()
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT attempts, next_attempt_at FROM delivery_attempts WHERE session_id=? AND"
+                " message_out_id=?", (session_id, out_id)).fetchone()
         return (row[0], parse_ts(row[1])) if row else (0, None)
 
     def record_attempt_failure(self, session_id: str, out_id: str, attempts: int,
                                next_at: datetime | None, error: str) -> None:
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             c.execute(
                 "INSERT INTO delivery_attempts (session_id, message_out_id, attempts,"
                 " next_attempt_at, last_error) VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
@@ -210,6 +232,6 @@ class Registry:
                 (session_id, out_id, attempts, format_ts(next_at) if next_at else None, error))
 
     def clear_attempts(self, session_id: str, out_id: str) -> None:
-        with transaction(self._conn) as c:
+        with self._tx() as c:
             c.execute("DELETE FROM delivery_attempts WHERE session_id=? AND message_out_id=?",
                       (session_id, out_id))

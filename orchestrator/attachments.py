@@ -126,16 +126,24 @@ def write_inbox(paths: SessionPaths, message_id: str, files: list[Decoded]) -> l
                 f"{paths.inbox} is missing or is a symlink; refusing to write attachments "
                 "(remove it; the orchestrator recreates it)") from None
         try:
-            os.mkdir(staging, 0o755, dir_fd=inbox_fd)
-            stage_fd = _open_dir(Path(staging), dir_fd=inbox_fd)
+            name = None
             try:
-                for f in files:
-                    fd = os.open(f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                 0o644, dir_fd=stage_fd)
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(f.data)
-            finally:
-                os.close(stage_fd)
+                os.mkdir(staging, 0o755, dir_fd=inbox_fd)
+                stage_fd = _open_dir(Path(staging), dir_fd=inbox_fd)
+                try:
+                    for f in files:
+                        name = f.name
+                        fd = os.open(f.name,
+                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                     0o644, dir_fd=stage_fd)
+                        with os.fdopen(fd, "wb") as out:
+                            out.write(f.data)
+                finally:
+                    os.close(stage_fd)
+            except OSError as exc:  # e.g. disk full: one line, not a traceback
+                what = f"attachment {name!r}" if name else "attachments"
+                raise AttachmentError(f"cannot write {what} to {paths.inbox} ({exc.strerror}); "
+                                      "free space or fix the folder and send again") from None
             try:
                 os.rename(staging, message_id, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
             except OSError:

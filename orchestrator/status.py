@@ -42,6 +42,8 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
         error = None
         counts = inbound.Counts()
         try:
+            if not paths.inbound_db.is_file():  # opening it would create an empty file
+                raise FileNotFoundError(f"{paths.inbound_db} is missing")
             acks = outbound.read(paths.outbound_db, after_seq=2**62).acks
             claimed = [a.message_id for a in acks.values() if a.status == "processing"]
             counts = inbound.status_counts(paths.inbound_db, claimed)

@@ -1,0 +1,254 @@
+"""sessions: resolution modes, session folders and writing messages, on real files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from helpers import journal_mode, query, table_columns
+from orchestrator import sessions as sessions_mod
+from orchestrator.layout import session_paths, validate_id
+from orchestrator.sessions import MessageError, MessagingGroup, Sessions, resolution_key
+from orchestrator.store import inbound
+from orchestrator.store.registry import Registry
+
+UTC = timezone.utc
+
+
+@pytest.fixture
+def env(tmp_path):
+    data = tmp_path / "data"
+    reg = Registry(data / "orchestrator.db")
+    yield Sessions(data, reg, max_attachment_bytes=1024), reg, data
+    reg.close()
+
+
+# --- resolution_key (pure) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, group, mg, thread, expected", [
+    ("shared", "g", "mg1", None, "shared:g:mg1"),
+    ("shared", "g", "mg1", "t1", "shared:g:mg1"),  # threads share the chat's session
+    ("per-thread", "g", "mg1", "t1", "per-thread:g:mg1:t1"),
+    ("per-thread", "g", "mg1", None, "per-thread:g:mg1:"),
+    ("agent-shared", "g", "mg1", "t1", "agent-shared:g"),
+    ("agent-shared", "g", None, None, "agent-shared:g"),
+])
+def test_resolution_key(mode, group, mg, thread, expected):
+    assert resolution_key(mode, group, mg, thread) == expected
+
+
+@pytest.mark.parametrize("mode, mg, fragment", [
+    ("shared", None, "needs a messaging group"),
+    ("per-thread", None, "needs a messaging group"),
+    ("bogus", "mg1", "unknown session mode 'bogus'"),
+])
+def test_resolution_key_refuses(mode, mg, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        resolution_key(mode, "g", mg, None)
+
+
+def test_resolution_keys_do_not_collide_across_modes_or_groups():
+    keys = {resolution_key(m, g, "mg", t) for m in sessions_mod.MODES for g in ("g", "h")
+            for t in (None, "t")}
+    # shared: 2 groups, per-thread: 2 groups x 2 threads, agent-shared: 2 groups
+    assert len(keys) == 2 + 4 + 2
+
+
+# --- modes against a mix of chats and threads -----------------------------------------------
+
+TRAFFIC = [  # (agent group, (channel, platform), thread)
+    ("g1", ("cli", "A"), None),
+    ("g1", ("cli", "A"), "t1"),
+    ("g1", ("cli", "A"), "t2"),
+    ("g1", ("cli", "A"), "t1"),
+    ("g1", ("cli", "B"), "t1"),
+    ("g1", ("slack", "A"), None),
+    ("g2", ("cli", "A"), "t1"),
+    ("g2", ("cli", "A"), None),
+    ("g2", ("cli", "A"), None),
+]
+IDENTITY = {  # what makes two messages land in the same session, per mode
+    "shared": lambda g, mg, t: (g, mg),
+    "per-thread": lambda g, mg, t: (g, mg, t),
+    "agent-shared": lambda g, mg, t: (g,),
+}
+
+
+@pytest.mark.parametrize("mode, expected_sessions", [
+    ("shared", 4), ("per-thread", 7), ("agent-shared", 2)])
+def test_mode_creates_the_right_sessions(env, mode, expected_sessions):
+    s, reg, data = env
+    ids = [s.resolve(g, MessagingGroup(*mg), t, mode).id for g, mg, t in TRAFFIC]
+    assert len(set(ids)) == expected_sessions
+    assert len(reg.sessions()) == expected_sessions
+    # same identity ⇔ same session
+    ident = IDENTITY[mode]
+    for i, (g, mg, t) in enumerate(TRAFFIC):
+        for j, (g2, mg2, t2) in enumerate(TRAFFIC):
+            assert (ids[i] == ids[j]) == (ident(g, mg, t) == ident(g2, mg2, t2)), (i, j)
+    # one folder per session, under its agent group
+    folders = sorted(p.relative_to(data / "sessions").as_posix()
+                     for p in (data / "sessions").glob("*/*"))
+    assert folders == sorted(f"{r.agent_group_id}/{r.id}" for r in reg.sessions())
+
+
+def test_modes_are_independent_for_the_same_chat(env):
+    s, _, _ = env
+    mg = MessagingGroup("cli", "A")
+    ids = {m: s.resolve("g", mg, "t", m).id for m in sessions_mod.MODES}
+    assert len(set(ids.values())) == 3
+
+
+def test_resolve_records_routing_fields_per_mode(env):
+    s, reg, _ = env
+    mg = MessagingGroup("slack", "C9")
+    shared = s.resolve("g", mg, "t1", "shared")
+    thread = s.resolve("g", mg, "t1", "per-thread")
+    agent = s.resolve("g", mg, "t1", "agent-shared")
+    assert shared.thread_id is None and shared.messaging_group_id is not None
+    assert thread.thread_id == "t1" and thread.messaging_group_id == shared.messaging_group_id
+    assert agent.messaging_group_id is None and agent.thread_id is None
+    assert s.routing_of(shared) == ("slack", "C9", None)
+    assert s.routing_of(thread) == ("slack", "C9", "t1")
+    assert s.routing_of(agent) == (None, None, None)
+
+
+def test_resolve_refuses_unsafe_agent_group(env):
+    s, reg, data = env
+    with pytest.raises(ValueError, match="invalid agent group"):
+        s.resolve("../evil", MessagingGroup("cli", "local"), None, "shared")
+    assert reg.sessions() == []
+    assert not (data / "evil").exists()
+
+
+def test_session_ids_are_safe_folder_names():
+    for _ in range(20):
+        sid = sessions_mod.new_id("sess")
+        assert sid.startswith("sess-") and len(sid) == 21
+        assert validate_id(sid) == sid
+
+
+# --- folders --------------------------------------------------------------------------------
+
+def test_create_folder_makes_the_contract_files(tmp_path):
+    paths = sessions_mod.create_folder(tmp_path, "g", "s1")
+    assert paths.root == tmp_path / "sessions" / "g" / "s1"
+    assert paths.inbox.is_dir() and paths.outbox.is_dir()
+    assert journal_mode(paths.inbound_db) == journal_mode(paths.outbound_db) == "delete"
+    assert "on_wake" in table_columns(paths.inbound_db, "messages_in")
+    assert "in_reply_to" in table_columns(paths.outbound_db, "messages_out")
+    sessions_mod.create_folder(tmp_path, "g", "s1")  # idempotent
+    assert query(paths.inbound_db, "SELECT COUNT(*) FROM messages_in") == [(0,)]
+
+
+def test_resolve_upgrades_an_old_inbound_db_keeping_rows(env):
+    s, reg, data = env
+    reg.ensure_agent_group("g")
+    row, _ = reg.get_or_create_session(resolution_key="agent-shared:g", agent_group_id="g",
+                                       messaging_group_id=None, thread_id=None, new_id="old-1")
+    paths = session_paths(data, "g", "old-1")
+    paths.root.mkdir(parents=True)
+    with closing(sqlite3.connect(paths.inbound_db)) as conn, conn:
+        conn.execute("CREATE TABLE messages_in (id TEXT PRIMARY KEY, seq INTEGER UNIQUE, "
+                     "kind TEXT NOT NULL, timestamp TEXT NOT NULL, status TEXT DEFAULT 'pending',"
+                     " process_after TEXT, recurrence TEXT, tries INTEGER DEFAULT 0, "
+                     "platform_id TEXT, channel_type TEXT, thread_id TEXT, content TEXT NOT NULL)")
+        conn.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) "
+                     "VALUES ('legacy', 2, 'chat', '2024-01-01 00:00:00', '{\"text\":\"old\"}')")
+    again = s.resolve("g", None, None, "agent-shared")
+    assert again.id == "old-1"
+    mid, seq = s.write_message(again, {"text": "new"})
+    assert seq == 4
+    rows = query(paths.inbound_db, 'SELECT id, seq, "trigger", on_wake FROM messages_in '
+                                   "ORDER BY seq")
+    assert rows == [("legacy", 2, 1, 0), (mid, 4, 1, 0)]
+    assert inbound.count_due(paths.inbound_db, datetime.now(UTC)) == 2
+
+
+# --- writing messages ---------------------------------------------------------------------
+
+def test_write_message_row(env):
+    s, _, _ = env
+    row = s.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    when = datetime(2030, 1, 1, 9, 30, tzinfo=UTC)
+    mid, seq = s.write_message(row, '{"text": "hi"}', kind="task", process_after=when,
+                               routing=s.routing_of(row), message_id="m-1")
+    assert (mid, seq) == ("m-1", 2)
+    (msg,) = inbound.read_messages(s.paths(row).inbound_db)
+    assert (msg["id"], msg["kind"], msg["status"], msg["trigger"], msg["process_after"],
+            msg["channel_type"], msg["platform_id"], msg["thread_id"]) == (
+        "m-1", "task", "pending", 1, "2030-01-01 09:30:00.000", "cli", "local", None)
+    assert json.loads(msg["content"]) == {"text": "hi"}
+    assert inbound.count_due(s.paths(row).inbound_db, when - timedelta(seconds=1)) == 0
+    assert inbound.count_due(s.paths(row).inbound_db, when) == 1
+
+
+def test_write_message_keeps_unicode_readable(env):
+    s, _, _ = env
+    row = s.resolve("g", None, None, "agent-shared")
+    s.write_message(row, {"text": "grüße 👋"})
+    (content,) = query(s.paths(row).inbound_db, "SELECT content FROM messages_in")[0]
+    assert "grüße 👋" in content
+
+
+def test_write_message_generates_distinct_ids_and_seqs(env):
+    s, _, _ = env
+    row = s.resolve("g", None, None, "agent-shared")
+    results = [s.write_message(row, {"text": str(i)}) for i in range(4)]
+    assert len({mid for mid, _ in results}) == 4
+    assert [seq for _, seq in results] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("message_id", ["../x", "a/b", "..", ".hidden"])
+def test_write_message_refuses_unsafe_message_ids(env, message_id):
+    s, _, _ = env
+    row = s.resolve("g", None, None, "agent-shared")
+    with pytest.raises(ValueError, match="invalid message id"):
+        s.write_message(row, {"text": "x", "attachments": [{"name": "a", "data": "eA=="}]},
+                        message_id=message_id)
+    assert query(s.paths(row).inbound_db, "SELECT COUNT(*) FROM messages_in") == [(0,)]
+
+
+def test_system_response_never_wakes(env):
+    s, _, _ = env
+    row = s.resolve("g", None, None, "agent-shared")
+    mid, seq = s.write_system_response(row, "q-1", {"choice": "yes"})
+    (msg,) = inbound.read_messages(s.paths(row).inbound_db)
+    assert (msg["kind"], msg["trigger"], msg["seq"]) == ("system", 0, seq)
+    assert json.loads(msg["content"]) == {"type": "question_response", "question_id": "q-1",
+                                          "response": {"choice": "yes"}}
+    assert inbound.count_due(s.paths(row).inbound_db, datetime.now(UTC)) == 0
+
+
+def test_write_routing_copies_route_and_destinations(env):
+    s, reg, _ = env
+    row = s.resolve("g", MessagingGroup("slack", "C1"), "t7", "per-thread")
+    reg.set_destinations("g", [
+        {"name": "main", "type": "channel", "display_name": "Main", "channel_type": "slack",
+         "platform_id": "C1"},
+        {"name": "helper", "type": "agent", "agent_group_id": "g2"}])
+    s.write_routing(row)
+    db = s.paths(row).inbound_db
+    assert inbound.read_routing(db) == {"id": 1, "channel_type": "slack", "platform_id": "C1",
+                                        "thread_id": "t7"}
+    assert query(db, "SELECT * FROM destinations ORDER BY name") == [
+        ("helper", None, "agent", None, None, "g2"), ("main", "Main", "channel", "slack", "C1", None)]
+    reg.set_destinations("g", [])
+    s.write_routing(row)
+    assert query(db, "SELECT COUNT(*) FROM destinations") == [(0,)]
+
+
+def test_mark_container_goes_to_the_registry(env):
+    s, reg, _ = env
+    row = s.resolve("g", None, None, "agent-shared")
+    assert s.mark_container(row.id, "running", "started") == "stopped"
+    assert reg.session(row.id).container_status == "running"
+    assert reg.status_changes(row.id)[-1]["reason"] == "started"
+
+
+def test_message_error_is_a_value_error():
+    assert issubclass(MessageError, ValueError)

@@ -1,0 +1,125 @@
+"""status: one row per session from the registry, inbound.db and outbound.db."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timezone
+
+import pytest
+
+from orchestrator import status
+from orchestrator.sessions import MessagingGroup, Sessions
+from orchestrator.store import inbound
+from orchestrator.store.registry import Registry
+
+UTC = timezone.utc
+
+
+@pytest.fixture
+def env(tmp_path):
+    data = tmp_path / "data"
+    reg = Registry(data / "orchestrator.db")
+    yield Sessions(data, reg, 1024), reg, data
+    reg.close()
+
+
+def ack(sessions, row, mid, st):
+    with closing(sqlite3.connect(sessions.paths(row).outbound_db)) as conn, conn:
+        conn.execute("INSERT OR REPLACE INTO processing_ack VALUES (?, ?, datetime('now'))",
+                     (mid, st))
+
+
+def test_collect_counts_per_session(env):
+    s, reg, data = env
+    a = s.resolve("alpha", MessagingGroup("cli", "A"), None, "shared")
+    b = s.resolve("beta", None, None, "agent-shared")
+    for i in range(4):
+        s.write_message(a, {"text": str(i)}, message_id=f"a{i}")
+    s.write_system_response(a, "q", "yes")  # system rows are not counted
+    s.write_message(b, {"text": "x"}, message_id="b0")
+    ack(s, a, "a0", "processing")  # claimed: processing, not pending
+    ack(s, a, "a1", "completed")
+    ack(s, a, "a2", "failed")
+    inbound.sync_acks(s.paths(a).inbound_db, {"a1": "completed", "a2": "failed"})
+    reg.set_container_status(a.id, "running", "started")
+    reg.touch(a.id, heartbeat=datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC))
+
+    rows = {r.session_id: r for r in status.collect(data, reg)}
+    assert set(rows) == {a.id, b.id}
+    ra, rb = rows[a.id], rows[b.id]
+    assert (ra.agent_group, ra.container_status, ra.status_reason) == ("alpha", "running", "started")
+    assert (ra.pending, ra.processing, ra.completed, ra.failed) == (1, 1, 1, 1)
+    assert ra.last_heartbeat == "2024-06-01T12:00:00+00:00"
+    assert ra.error is None
+    assert (rb.agent_group, rb.container_status, rb.pending, rb.processing) == (
+        "beta", "stopped", 1, 0)
+    assert rb.last_heartbeat is None
+
+
+def test_one_broken_session_does_not_hide_the_others(env):
+    s, reg, data = env
+    good = s.resolve("g", MessagingGroup("cli", "A"), None, "shared")
+    bad = s.resolve("g", MessagingGroup("cli", "B"), None, "shared")
+    s.write_message(good, {"text": "x"})
+    s.paths(bad).outbound_db.write_bytes(b"this is not sqlite" * 100)
+    rows = {r.session_id: r for r in status.collect(data, reg)}
+    assert rows[good.id].error is None and rows[good.id].pending == 1
+    assert rows[bad.id].error is not None
+    assert "not a readable outbound.db" in rows[bad.id].error
+    assert "\n" not in rows[bad.id].error
+    table = status.render_table(list(rows.values()))
+    assert f"! {bad.id}: " in table
+
+
+def test_missing_session_folder_is_reported_not_raised(env):
+    s, reg, data = env
+    reg.ensure_agent_group("g")
+    reg.get_or_create_session(resolution_key="k", agent_group_id="g", messaging_group_id=None,
+                              thread_id=None, new_id="ghost")
+    (row,) = status.collect(data, reg)
+    assert row.session_id == "ghost" and row.error.endswith("ghost/inbound.db is missing")
+    assert not (data / "sessions" / "g" / "ghost").exists()
+
+
+def test_render_table_header_and_one_row_per_session():
+    rows = [status.StatusRow("alpha", "sess-1", "running", "started", 2, 1, 0, 5,
+                             "2024-06-01T12:00:00+00:00", None),
+            status.StatusRow("beta-group", "sess-22", "stopped", None, 0, 0, 3, 0, None, None)]
+    lines = status.render_table(rows).splitlines()
+    assert len(lines) == 3
+    assert lines[0].split() == ["AGENT", "GROUP", "SESSION", "CONTAINER", "PENDING",
+                                "PROCESSING", "FAILED", "LAST", "HEARTBEAT", "LAST", "ACTIVE"]
+    assert lines[1].split() == ["alpha", "sess-1", "running", "2", "1", "0",
+                                "2024-06-01T12:00:00+00:00", "-"]
+    assert lines[2].split() == ["beta-group", "sess-22", "stopped", "0", "0", "3", "-", "-"]
+    # columns line up: each value starts under its header
+    for header in ("SESSION", "CONTAINER", "PENDING"):
+        col = lines[0].index(header)
+        assert lines[1][col - 1] == " " and lines[1][col] != " "
+        assert lines[2][col - 1] == " " and lines[2][col] != " "
+
+
+def test_render_table_empty():
+    assert "no sessions yet" in status.render_table([])
+
+
+def test_render_json_round_trips():
+    rows = [status.StatusRow("alpha", "sess-1", "idle", "quiet", 0, 0, 1, 2, None, None)]
+    data = json.loads(status.render_json(rows))
+    assert data == [{"agent_group": "alpha", "session_id": "sess-1", "container_status": "idle",
+                     "status_reason": "quiet", "pending": 0, "processing": 0, "failed": 1,
+                     "completed": 2, "last_heartbeat": None, "last_active": None,
+                     "error": None}]
+    assert json.loads(status.render_json([])) == []
+
+
+def test_status_never_creates_files(env):
+    """status only reads: a session whose inbound.db is gone is reported, not recreated."""
+    s, reg, data = env
+    row = s.resolve("g", None, None, "agent-shared")
+    s.paths(row).inbound_db.unlink()
+    (got,) = status.collect(data, reg)
+    assert got.error == f"{s.paths(row).inbound_db} is missing"
+    assert not s.paths(row).inbound_db.exists()

@@ -1,0 +1,275 @@
+"""cli: driven in-process through main(argv); exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import query
+from orchestrator import cli, config
+from orchestrator.layout import registry_path, session_paths
+from orchestrator.store import inbound
+from orchestrator.store.registry import Registry
+
+
+@pytest.fixture
+def conf(tmp_path):
+    """A config whose data_dir is inside tmp_path; extra TOML can be appended."""
+    path = tmp_path / "config.toml"
+
+    def write(extra: str = "") -> Path:
+        path.write_text(f'data_dir = "data"\n{extra}')
+        return path
+
+    write()
+    return write
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sessions_of(tmp_path):
+    with Registry(registry_path(tmp_path / "data")) as reg:
+        return reg.sessions()
+
+
+def messages_of(tmp_path, row):
+    return inbound.read_messages(session_paths(tmp_path / "data", row.agent_group_id,
+                                               row.id).inbound_db)
+
+
+# --- config errors: exit 2, one line, no traceback --------------------------------------------
+
+BAD_CONFIGS = [
+    pytest.param('bogus = 1\n', "unknown key bogus", id="unknown-top-level-key"),
+    pytest.param('[lifecycle]\nidle = 1\n', "unknown key [lifecycle] idle", id="unknown-section-key"),
+    pytest.param('[runtime]\nstop_grace = "soon"\n', "[runtime] stop_grace must be a number",
+                 id="wrong-type"),
+    pytest.param('[docker]\npids_limit = true\n', "[docker] pids_limit must be an integer",
+                 id="bool-where-int"),
+    pytest.param('[lifecycle]\nmax_tries = 0\n', "max_tries must be between 1 and 100",
+                 id="out-of-range"),
+    pytest.param('[watch]\nmode = "inotify"\n', "[watch] mode must be one of 'events', 'poll'",
+                 id="bad-choice"),
+    pytest.param('[lifecycle\nmax_tries = 3\n', "not valid TOML", id="invalid-toml"),
+    pytest.param(None, "config file not found", id="missing-file"),
+]
+
+
+@pytest.mark.parametrize("command", [["status"], ["send", "--group", "g", "hi"], ["status", "--json"]])
+@pytest.mark.parametrize("content, fragment", BAD_CONFIGS)
+def test_config_errors_exit_2_with_one_line(tmp_path, capsys, command, content, fragment):
+    path = tmp_path / "bad.toml"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = run(capsys, *command, "--config", path)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert err.startswith(f"orchestrator: error: {path}: ")
+    assert fragment in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # nothing was created from a bad config
+
+
+def test_argparse_errors_exit_2(capsys, conf):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["send", "--config", str(conf()), "--group", "g", "--mode", "bogus", "x"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# --- init ------------------------------------------------------------------------------
+
+def test_init_writes_defaults_and_refuses_to_overwrite(tmp_path, capsys):
+    path = tmp_path / "config.toml"
+    code, out, err = run(capsys, "init", "--config", path)
+    assert (code, out.strip(), err) == (0, f"wrote {path}", "")
+    assert path.read_text() == config.render_default()
+    cfg = config.read_config(path)
+    assert cfg == dataclasses.replace(config.load_config({}, tmp_path.resolve()), source=path)
+
+    path.write_text("# edited by hand\n")
+    code, out, err = run(capsys, "init", "--config", path)
+    assert code == 2 and out == ""
+    assert err == f"orchestrator: error: {path} already exists; use --force to overwrite it\n"
+    assert path.read_text() == "# edited by hand\n"
+
+    code, _, _ = run(capsys, "init", "--config", path, "--force")
+    assert code == 0 and path.read_text() == config.render_default()
+
+
+def test_init_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "init", "--config", tmp_path / "no" / "config.toml")
+    assert code == 2 and err.count("\n") == 1 and "cannot write config" in err
+
+
+# --- send ------------------------------------------------------------------------------
+
+def test_send_creates_group_session_and_message(tmp_path, capsys, conf):
+    code, out, err = run(capsys, "send", "--config", conf(), "--group", "main", "hello there")
+    assert code == 0, err
+    (row,) = sessions_of(tmp_path)
+    assert out == f"{row.id}\n"
+    assert row.agent_group_id == "main"
+    with Registry(registry_path(tmp_path / "data")) as reg:
+        assert reg.messaging_group(row.messaging_group_id) == ("cli", "local")
+    (msg,) = messages_of(tmp_path, row)
+    assert json.loads(msg["content"]) == {"text": "hello there"}
+    assert (msg["seq"], msg["status"], msg["kind"], msg["trigger"]) == (2, "pending", "chat", 1)
+    assert (msg["channel_type"], msg["platform_id"], msg["thread_id"]) == ("cli", "local", None)
+    paths = session_paths(tmp_path / "data", "main", row.id)
+    assert paths.inbox.is_dir() and paths.outbox.is_dir() and paths.outbound_db.is_file()
+
+
+def test_send_twice_reuses_the_session(tmp_path, capsys, conf):
+    _, first, _ = run(capsys, "send", "--config", conf(), "--group", "main", "one")
+    _, second, _ = run(capsys, "send", "--config", conf(), "--group", "main", "two")
+    assert first == second
+    (row,) = sessions_of(tmp_path)
+    assert [m["seq"] for m in messages_of(tmp_path, row)] == [2, 4]
+
+
+def test_send_with_attachments(tmp_path, capsys, conf):
+    a = tmp_path / "report.pdf"
+    a.write_bytes(b"%PDF-1.4 binary \x00\xff")
+    b = tmp_path / "sub" / "report.pdf"  # same name: kept apart
+    b.parent.mkdir()
+    b.write_bytes(b"second")
+    code, out, err = run(capsys, "send", "--config", conf(), "--group", "main",
+                         "--attach", a, "--attach", b, "see attached")
+    assert code == 0, err
+    (row,) = sessions_of(tmp_path)
+    (msg,) = messages_of(tmp_path, row)
+    content = json.loads(msg["content"])
+    root = session_paths(tmp_path / "data", "main", row.id).root
+    assert content["text"] == "see attached"
+    assert [(e["name"], e["size"]) for e in content["attachments"]] == [
+        ("report.pdf", len(a.read_bytes())), ("report-1.pdf", 6)]
+    assert (root / content["attachments"][0]["path"]).read_bytes() == a.read_bytes()
+    assert (root / content["attachments"][1]["path"]).read_bytes() == b"second"
+    assert content["attachments"][0]["path"] == f"inbox/{msg['id']}/report.pdf"
+    assert "data" not in content["attachments"][0]  # no base64 copy in the DB
+
+
+def test_send_thread_and_mode(tmp_path, capsys, conf):
+    c = conf()
+
+    def send(*extra):
+        code, out, err = run(capsys, "send", "--config", c, "--group", "g", *extra, "x")
+        assert code == 0, err
+        return out.strip()
+
+    shared_t1 = send("--thread", "t1")
+    shared_t2 = send("--thread", "t2")
+    assert shared_t1 == shared_t2  # default mode 'shared': threads share the chat's session
+    pt1 = send("--mode", "per-thread", "--thread", "t1")
+    pt2 = send("--mode", "per-thread", "--thread", "t2")
+    assert len({shared_t1, pt1, pt2}) == 3
+    assert send("--mode", "per-thread", "--thread", "t1") == pt1
+    other_chat = send("--platform", "room-2")
+    assert other_chat != shared_t1
+    agent = send("--mode", "agent-shared", "--platform", "room-3", "--thread", "t9")
+    assert send("--mode", "agent-shared", "--channel", "slack") == agent
+    assert len(sessions_of(tmp_path)) == 5
+    rows = {r.id: r for r in sessions_of(tmp_path)}
+    assert rows[pt2].thread_id == "t2"
+    assert messages_of(tmp_path, rows[pt2])[0]["thread_id"] == "t2"
+
+
+def test_send_uses_default_mode_from_config(tmp_path, capsys, conf):
+    c = conf('[sessions]\ndefault_mode = "per-thread"\n')
+    _, a, _ = run(capsys, "send", "--config", c, "--group", "g", "--thread", "t1", "x")
+    _, b, _ = run(capsys, "send", "--config", c, "--group", "g", "--thread", "t2", "x")
+    assert a != b
+
+
+def test_send_json_content(tmp_path, capsys, conf):
+    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--json",
+                       '{"text": "hi", "priority": 2}')
+    assert code == 0, err
+    (row,) = sessions_of(tmp_path)
+    assert json.loads(messages_of(tmp_path, row)[0]["content"]) == {"text": "hi", "priority": 2}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--group", "../up", "x"], "invalid agent group"),
+    (["--group", "g", "--json", "{broken"], "--json: TEXT is not valid JSON"),
+    (["--group", "g", "--json", "[1, 2]"], "--json: TEXT must be a JSON object"),
+    (["--group", "g", "--json", '{"attachments": [{"name": "a", "data": "!!"}]}'],
+     "not valid base64"),
+    (["--group", "g", "--attach", "/no/such/file.txt", "x"], "cannot read file"),
+])
+def test_send_refusals_are_one_line(tmp_path, capsys, conf, argv, fragment):
+    code, out, err = run(capsys, "send", "--config", conf(), *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err
+    for row in sessions_of(tmp_path) if (tmp_path / "data" / "orchestrator.db").exists() else []:
+        assert messages_of(tmp_path, row) == []
+
+
+def test_send_refuses_oversized_attachment(tmp_path, capsys, conf):
+    c = conf("[sessions]\nmax_attachment_bytes = 10\n")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 11)
+    code, out, err = run(capsys, "send", "--config", c, "--group", "g", "--attach", big, "x")
+    assert code == 2 and out == ""
+    assert err == (f"orchestrator: error: --attach {big}: 11 bytes is over the 10-byte limit "
+                   "([sessions] max_attachment_bytes)\n")
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+# --- status --------------------------------------------------------------------------
+
+def test_status_json_and_table(tmp_path, capsys, conf):
+    c = conf()
+    _, s1, _ = run(capsys, "send", "--config", c, "--group", "alpha", "one")
+    _, s1b, _ = run(capsys, "send", "--config", c, "--group", "alpha", "two")
+    _, s2, _ = run(capsys, "send", "--config", c, "--group", "beta", "three")
+    s1, s2 = s1.strip(), s2.strip()
+    assert s1b.strip() == s1
+
+    code, out, err = run(capsys, "status", "--config", c, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert isinstance(data, list) and len(data) == 2
+    by_id = {row["session_id"]: row for row in data}
+    assert set(by_id) == {s1, s2}
+    for row in data:
+        assert {"session_id", "agent_group", "container_status", "pending"} <= set(row)
+    assert (by_id[s1]["agent_group"], by_id[s1]["container_status"], by_id[s1]["pending"]) == (
+        "alpha", "stopped", 2)
+    assert (by_id[s2]["agent_group"], by_id[s2]["pending"]) == ("beta", 1)
+
+    code, out, err = run(capsys, "status", "--config", c)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("AGENT GROUP") and "SESSION" in lines[0] and "PENDING" in lines[0]
+    assert sorted(line.split()[:4] for line in lines[1:]) == [
+        ["alpha", s1, "stopped", "2"], ["beta", s2, "stopped", "1"]]
+
+
+def test_status_with_no_sessions(tmp_path, capsys, conf):
+    code, out, _ = run(capsys, "status", "--config", conf())
+    assert code == 0 and "no sessions yet" in out
+    code, out, _ = run(capsys, "status", "--config", conf(), "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+def test_status_does_not_modify_session_dbs(tmp_path, capsys, conf):
+    """status reads, it does not change anything in the session DBs."""
+    c = conf()
+    run(capsys, "send", "--config", c, "--group", "g", "x")
+    (row,) = sessions_of(tmp_path)
+    db = session_paths(tmp_path / "data", "g", row.id).inbound_db
+    before = db.read_bytes()
+    run(capsys, "status", "--config", c)
+    assert db.read_bytes() == before
+    assert query(db, "SELECT status FROM messages_in") == [("pending",)]

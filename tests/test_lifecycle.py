@@ -1,0 +1,201 @@
+"""Lifecycle rules as tables: an injected clock (fixed datetimes), no waiting.
+
+Times in the tables are seconds relative to ``NOW`` (negative = in the past), so
+each row reads like the situation it describes. The config is NanoClaw's
+numbers (the defaults): idle after 30 s, stop after 300 s idle, heartbeat
+ceiling 30 min, claim without heartbeat 60 s.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from orchestrator.config import LifecycleConfig
+from orchestrator.lifecycle import (Action, Claim, Observation, claim_limit, decide,
+                                    delivery_backoff, heartbeat_limit, last_activity,
+                                    start_backoff, stuck_reason)
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+CFG = LifecycleConfig()  # idle 30, stop 300, ceiling 1800, claim 60
+
+
+def at(seconds: float | None) -> datetime | None:
+    return None if seconds is None else NOW + timedelta(seconds=seconds)
+
+
+def obs(alive: bool = True, *, started: float | None = None, hb: float | None = None,
+        reply: float | None = None, claims: tuple = (), tool: float | None = None,
+        due: int = 0, idle_since: float | None = None,
+        blocked: float | None = None) -> Observation:
+    return Observation(
+        alive=alive, started_at=at(started), heartbeat_at=at(hb), last_reply_at=at(reply),
+        claims=tuple(Claim(mid, at(t)) for mid, t in claims), tool_timeout=tool, due=due,
+        idle_since=at(idle_since), start_blocked_until=at(blocked))
+
+
+# status, action, next_check (relative s or None), reason (substring)
+DECIDE_CASES = [
+    # --- no agent ---------------------------------------------------------------------
+    ("stopped, nothing to do", obs(False), "stopped", Action.NONE, None, "no agent"),
+    ("start when due and not alive", obs(False, due=2), "stopped", Action.START, None,
+     "2 message(s) due"),
+    ("start blocked until a time", obs(False, due=1, blocked=10), "stopped", Action.NONE, 10,
+     "waiting to retry start"),
+    ("start once the block has passed", obs(False, due=1, blocked=-0.001), "stopped",
+     Action.START, None, "1 message(s) due"),
+    ("a dead agent's stale heartbeat changes nothing", obs(False, hb=-5000, claims=(("m", -4000),)),
+     "stopped", Action.NONE, None, "no agent"),
+    # --- running --------------------------------------------------------------------
+    ("fresh start, no heartbeat yet: running until idle_after", obs(started=-10),
+     "running", Action.NONE, 20, "active"),
+    ("recent heartbeat: idle check at hb + idle_after", obs(started=-100, hb=-5),
+     "running", Action.NONE, 25, "active"),
+    ("a reply counts as activity", obs(started=-100, hb=-50, reply=-1),
+     "running", Action.NONE, 29, "active"),
+    ("a claim counts as activity and holds running (next check: claim rule)",
+     obs(started=-100, hb=-50, claims=(("m1", -40),)), "running", Action.NONE, 20, "active"),
+    ("activity after an old idle period is running again",
+     obs(started=-500, hb=-1, idle_since=-400), "running", Action.NONE, 29, "active"),
+    # --- idle and stop --------------------------------------------------------------
+    ("idle after idle_after without activity; stop check at idle + stop_idle_after",
+     obs(started=-100, hb=-40), "idle", Action.NONE, -10 + 300,
+     "no heartbeat, reply or claim for 30s"),
+    ("exactly at idle_after: idle", obs(started=-100, hb=-30), "idle", Action.NONE, 300,
+     "no heartbeat, reply or claim"),
+    ("stop after stop_idle_after", obs(started=-1000, hb=-330), "idle", Action.STOP, None,
+     "idle for 300s"),
+    ("idle_since from an earlier period does not shorten the wait",
+     obs(started=-1000, hb=-40, idle_since=-900), "idle", Action.NONE, 290, "no heartbeat"),
+    ("idle_since kept across passes", obs(started=-1000, hb=-100, idle_since=-50),
+     "idle", Action.NONE, 250, "no heartbeat"),
+    ("no stop while work is due (the agent will pick it up)",
+     obs(started=-1000, hb=-400, due=1), "idle", Action.NONE, 1400, "no heartbeat"),
+    # --- stuck ----------------------------------------------------------------------
+    ("kill on heartbeat ceiling", obs(started=-4000, hb=-1801, claims=(("m1", -1900),)),
+     "running", Action.KILL, None, "heartbeat 1801s old (limit 1800s)"),
+    ("heartbeat at the ceiling is not yet stuck", obs(started=-4000, hb=-1800,
+                                                       claims=(("m1", -1900),)),
+     "running", Action.NONE, 0, "active"),
+    ("kill on claim without heartbeat since the claim",
+     obs(started=-200, hb=-120, claims=(("m1", -61),)), "running", Action.KILL, None,
+     "claim on m1 61s old with no heartbeat since (limit 60s)"),
+    ("claim rule: next check when the claim turns stuck",
+     obs(started=-200, hb=-120, claims=(("m1", -20),)), "running", Action.NONE, 40, "active"),
+    ("heartbeat after the claim: the claim rule does not apply",
+     obs(started=-200, hb=-10, claims=(("m1", -100),)), "running", Action.NONE, 1790, "active"),
+    ("no kill when no heartbeat file yet (still starting)",
+     obs(started=-4000, claims=(("m1", -3000),)), "running", Action.NONE, None, "active"),
+    ("a claim without a time is never stuck", obs(started=-200, hb=-120, claims=(("m1", None),)),
+     "running", Action.NONE, 1680, "active"),
+    ("declared tool timeout widens the claim window",
+     obs(started=-500, hb=-400, claims=(("m1", -300),), tool=600), "running", Action.NONE, 300,
+     "active"),
+    ("declared tool timeout widens the heartbeat ceiling",
+     obs(started=-9000, hb=-2000, claims=(("m1", -2500),), tool=3600), "running", Action.NONE,
+     1600, "active"),
+    ("past a declared tool timeout: killed, limit named",
+     obs(started=-9000, hb=-3700, claims=(("m1", -3800),), tool=3600), "running", Action.KILL,
+     None, "heartbeat 3700s old (limit 3600s)"),
+    ("a tool timeout below the defaults does not shrink them",
+     obs(started=-500, hb=-400, claims=(("m1", -59),), tool=5), "running", Action.NONE, 1,
+     "active"),
+]
+
+
+@pytest.mark.parametrize(("case", "observation", "status", "action", "next_check", "reason"),
+                         DECIDE_CASES, ids=[c[0] for c in DECIDE_CASES])
+def test_decide(case: str, observation: Observation, status: str, action: Action,
+                next_check: float | None, reason: str) -> None:
+    verdict = decide(observation, NOW, CFG)
+    assert (verdict.status, verdict.action) == (status, action), verdict
+    assert verdict.next_check == at(next_check), verdict
+    assert reason in verdict.reason, verdict
+
+
+def test_idle_verdict_carries_idle_since() -> None:
+    verdict = decide(obs(started=-100, hb=-40), NOW, CFG)
+    assert verdict.detail == {"idle_since": at(-10)}
+    # the supervisor feeds it back; a later pass keeps the same idle period
+    later = NOW + timedelta(seconds=100)
+    again = decide(obs(started=-100, hb=-40, idle_since=-10), later, CFG)
+    assert again.detail == {"idle_since": at(-10)}
+    assert again.next_check == at(290)
+
+
+def test_idle_then_stop_with_short_windows() -> None:
+    """The same rules with the test suite's short windows, walked along a clock."""
+    cfg = LifecycleConfig(idle_after=0.5, stop_idle_after=0.5)
+    o = obs(started=-0.1, hb=0)
+    v = decide(o, NOW, cfg)
+    assert (v.status, v.next_check) == ("running", at(0.5))
+    v = decide(o, at(0.5), cfg)
+    assert (v.status, v.action, v.next_check) == ("idle", Action.NONE, at(1.0))
+    o2 = obs(started=-0.1, hb=0, idle_since=v.detail["idle_since"].timestamp() - NOW.timestamp())
+    v = decide(o2, at(1.0), cfg)
+    assert (v.status, v.action) == ("idle", Action.STOP)
+
+
+# --- the pieces --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tool", "heartbeat", "claim"), [
+    (None, 1800, 60), (0, 1800, 60), (30, 1800, 60), (120, 1800, 120), (7200, 7200, 7200),
+])
+def test_limits(tool: float | None, heartbeat: float, claim: float) -> None:
+    assert heartbeat_limit(CFG, tool) == heartbeat
+    assert claim_limit(CFG, tool) == claim
+
+
+@pytest.mark.parametrize(("observation", "expected"), [
+    (obs(), None),
+    (obs(started=-50), -50),
+    (obs(started=-50, hb=-40, reply=-30), -30),
+    (obs(started=-50, hb=-40, claims=(("a", -20), ("b", None))), -20),
+    (obs(hb=-5, claims=(("a", -20),)), -5),
+])
+def test_last_activity(observation: Observation, expected: float | None) -> None:
+    assert last_activity(observation) == at(expected)
+
+
+@pytest.mark.parametrize(("observation", "stuck"), [
+    (obs(False, hb=-5000), None),  # dead: nothing to kill
+    (obs(started=-5000), None),  # no heartbeat file yet
+    (obs(hb=-1800.5), "heartbeat"),
+    (obs(hb=-100, claims=(("x", -30),)), None),  # claim after hb, but young
+    (obs(hb=-100, claims=(("x", -61),)), "claim on x"),
+    (obs(hb=-100, claims=(("x", -100),)), "claim on x"),  # same instant: no heartbeat *since*
+    (obs(hb=-60, claims=(("x", -61),)), None),  # heartbeat since the claim
+])
+def test_stuck_reason(observation: Observation, stuck: str | None) -> None:
+    reason = stuck_reason(observation, NOW, CFG)
+    if stuck is None:
+        assert reason is None
+    else:
+        assert reason is not None and reason.startswith(stuck)
+
+
+@pytest.mark.parametrize(("failures", "base", "cap", "delay"), [
+    (0, 1.0, 60.0, 0.0),
+    (1, 1.0, 60.0, 1.0),
+    (2, 1.0, 60.0, 2.0),
+    (3, 1.0, 60.0, 4.0),
+    (7, 1.0, 60.0, 60.0),  # 64 capped
+    (30, 1.0, 60.0, 60.0),
+    (2, 0.5, 60.0, 1.0),
+])
+def test_start_backoff(failures: int, base: float, cap: float, delay: float) -> None:
+    assert start_backoff(failures, base, cap) == delay
+
+
+@pytest.mark.parametrize(("attempts", "base", "delay"), [
+    (0, 2.0, 2.0),
+    (1, 2.0, 2.0),  # after the first failure: base
+    (2, 2.0, 4.0),
+    (3, 2.0, 8.0),
+    (5, 0.1, 1.6),
+    (4, 0.0, 0.0),
+])
+def test_delivery_backoff(attempts: int, base: float, delay: float) -> None:
+    assert delivery_backoff(attempts, base) == pytest.approx(delay)

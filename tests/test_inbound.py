@@ -166,7 +166,9 @@ def test_host_write_is_visible_at_once_to_another_process(tmp_path):
     finally:
         if reader.poll() is None:
             reader.kill()
-            reader.wait()
+        reader.wait()
+        reader.stdin.close()
+        reader.stdout.close()
 
 
 def test_no_operation_leaves_a_handle_or_journal(db):

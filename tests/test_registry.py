@@ -249,7 +249,9 @@ def test_processes_resolving_the_same_key_get_the_same_session(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+            p.wait()
+            p.stdin.close()
+            p.stdout.close()
     assert len({sid for sid, _ in results}) == 1
     assert sum(created for _, created in results) == 1
     with Registry(path) as r:

@@ -348,3 +348,47 @@ def test_accepted_message_stores_paths_not_base64(sess):
         {"name": "a-1.txt", "path": "inbox/m1/a-1.txt", "size": 2}]}
     assert (s.paths(row).root / "inbox/m1/a.txt").read_bytes() == b"AAA"
     assert (s.paths(row).root / "inbox/m1/a-1.txt").read_bytes() == b"BB"
+
+
+def test_duplicate_names_reaching_write_inbox_are_refused_not_overwritten(place):
+    """decode() makes names unique; write_inbox still never truncates an existing file."""
+    paths, _ = place
+    with pytest.raises(AttachmentError, match="'a.txt'"):
+        attachments.write_inbox(paths, "m1", [Decoded("a.txt", b"one", {}),
+                                              Decoded("a.txt", b"two", {})])
+    assert os.listdir(paths.inbox) == []
+
+
+def test_symlink_planted_in_staging_by_a_racer_is_not_followed(place, monkeypatch):
+    """An agent racing the host plants a symlink in the staging folder right after it
+    is created: O_EXCL | O_NOFOLLOW refuse to write through it."""
+    paths, outside = place
+    real_mkdir = os.mkdir
+
+    def mkdir_then_plant(path, mode=0o777, *, dir_fd=None):
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        (paths.inbox / path / "keep.txt").symlink_to(outside / "keep.txt")
+
+    monkeypatch.setattr(attachments.os, "mkdir", mkdir_then_plant)
+    with pytest.raises(AttachmentError, match="'keep.txt'"):
+        attachments.write_inbox(paths, "m1", [Decoded("keep.txt", b"EVIL", {})])
+    monkeypatch.undo()
+    _assert_outside_untouched(outside)
+    assert os.listdir(paths.inbox) == []  # staging (and the planted link) removed
+
+
+def test_preplaced_staging_folder_is_refused_and_cleaned(place, monkeypatch):
+    """A guessed staging name that already exists: refused, nothing written outside."""
+    paths, outside = place
+
+    class FixedUUID:
+        hex = "deadbeef" * 4
+
+    monkeypatch.setattr(attachments.uuid, "uuid4", lambda: FixedUUID())
+    staging = paths.inbox / ".tmp-m1-deadbeef"
+    staging.mkdir()
+    (staging / "keep.txt").symlink_to(outside / "keep.txt")
+    with pytest.raises(AttachmentError):
+        attachments.write_inbox(paths, "m1", [Decoded("keep.txt", b"EVIL", {})])
+    _assert_outside_untouched(outside)
+    assert not (paths.inbox / "m1").exists()

@@ -106,6 +106,9 @@ def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str
 def remove_outbox(paths: SessionPaths, out_id: str) -> None:
     target = paths.outbox / out_id
     try:
+        if paths.outbox.is_symlink():  # rmtree would delete what the link points at
+            logger.warning("{}: is a symlink; not cleaning up through it", paths.outbox)
+            return
         if target.is_symlink():
             target.unlink()
         elif target.is_dir():

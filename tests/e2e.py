@@ -1,0 +1,222 @@
+"""Shared fixtures and helpers for the supervisor-level tests.
+
+Everything is real: the reference agent runs as a subprocess, the session
+folders are watched with inotify, every DB is a real SQLite file. The pieces:
+
+- ``make_config(tmp_path, ...)``: a Config with short lifecycle windows and the
+  reference agent as the local runtime command;
+- ``Client``: the "other process" side (what ``orchestrator send`` does): its
+  own registry connection, ``Sessions`` to resolve sessions and write messages;
+- ``supervised(cfg)``: runs a ``Supervisor`` in the test's event loop (the test
+  body is a coroutine run with ``run(...)``) and shuts it down cleanly;
+- ``until(...)``: await a condition with a deadline (the supervisor keeps
+  running meanwhile) — never a bare sleep that hopes;
+- ``reap_agents``: a fixture that kills, by pid, any process left running whose
+  command line names this test's tmp folder (only processes the test started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import pytest
+
+from orchestrator.channels.jsonl import read_lines
+from orchestrator.config import Config, load_config
+from orchestrator.layout import SessionPaths, registry_path
+from orchestrator.sessions import MessagingGroup, Sessions
+from orchestrator.store.registry import Registry, SessionRow
+from orchestrator.supervisor import Supervisor
+
+T = TypeVar("T")
+
+AGENT = ["{python}", "-m", "orchestrator.agent", "--poll-interval", "0.02",
+         "--heartbeat-interval", "0.1"]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_dict(tmp_path: Path, *, agent_args: list[str] | None = None,
+                command: list[str] | None = None, **sections: Any) -> dict:
+    """The TOML-shaped dict for a test config (also written to disk for subprocess runs)."""
+    base = {
+        "data_dir": str(tmp_path / "data"),
+        "runtime": {"command": list(command or AGENT) + list(agent_args or []),
+                    "on_shutdown": "stop", "stop_grace": 2.0},
+        "lifecycle": {"idle_after": 0.5, "stop_idle_after": 0.5, "claim_stuck": 1.0,
+                      "backoff_base": 0.2, "max_tries": 3},
+        "watch": {"sweep_interval": 5.0},
+        "delivery": {"retry_base": 0.1},
+    }
+    return _merge(base, sections)
+
+
+def make_config(tmp_path: Path, **kwargs: Any) -> Config:
+    return load_config(config_dict(tmp_path, **kwargs), tmp_path)
+
+
+# --- the sending side ---------------------------------------------------------------
+
+
+class Client:
+    """What another process (the CLI, a chat adapter) does: resolve and write."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.registry = Registry(registry_path(cfg.data_dir))
+        self.sessions = Sessions(cfg.data_dir, self.registry, cfg.sessions.max_attachment_bytes)
+
+    def session(self, group: str, *, channel: str = "cli", platform: str = "local",
+                thread: str | None = None, mode: str = "shared") -> SessionRow:
+        return self.sessions.resolve(group, MessagingGroup(channel, platform), thread, mode)
+
+    def send(self, group: str, text: str, *, files: dict[str, bytes] | None = None,
+             **where: Any) -> tuple[SessionRow, str]:
+        row = self.session(group, **where)
+        content: dict[str, Any] = {"text": text}
+        if files:
+            content["attachments"] = [{"name": n, "data": base64.b64encode(d).decode()}
+                                      for n, d in files.items()]
+        mid, _ = self.sessions.write_message(row, content,
+                                             routing=self.sessions.routing_of(row))
+        return row, mid
+
+    def paths(self, row: SessionRow) -> SessionPaths:
+        return self.sessions.paths(row)
+
+    def statuses(self, session_id: str) -> list[tuple[str, str]]:
+        """The registry's status log of a session: [(new status, reason), ...]."""
+        return [(c["new"], c["reason"]) for c in self.registry.status_changes(session_id)]
+
+    def container_status(self, session_id: str) -> str:
+        row = self.registry.session(session_id)
+        assert row is not None
+        return row.container_status
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def replies(cfg: Config) -> list[dict]:
+    """Every line of the jsonl channel's file."""
+    return read_lines(cfg.delivery.path)
+
+
+def reply_counts(cfg: Config) -> Counter:
+    return Counter(r["message_id"] for r in replies(cfg))
+
+
+def replies_to(cfg: Config, message_id: str) -> list[dict]:
+    return [r for r in replies(cfg) if r["in_reply_to"] == message_id]
+
+
+# --- waiting --------------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], T], timeout: float = 15.0, interval: float = 0.02,
+                message: str | None = None) -> T:
+    """Await ``condition()`` becoming truthy, letting the event loop run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{message or 'condition'} not met within {timeout:g}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def holds(condition: Callable[[], Any], seconds: float, interval: float = 0.02,
+                message: str | None = None) -> None:
+    """Assert ``condition()`` stays truthy for a whole window (a negative observation)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), f"{message or 'condition'} stopped holding"
+        await asyncio.sleep(interval)
+
+
+def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
+    """Run a test body coroutine in a fresh event loop with an overall deadline."""
+    async def main() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def supervised(cfg: Config, ready_timeout: float = 20.0,
+                     **kwargs: Any) -> AsyncIterator[Supervisor]:
+    """A Supervisor serving in this event loop; stopped (and checked) on exit."""
+    sup = Supervisor(cfg, **kwargs)
+    task = asyncio.create_task(sup.serve(), name="supervisor")
+    ready = asyncio.create_task(sup.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=ready_timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()  # raises what serve() raised
+        raise AssertionError("supervisor ended before it was ready")
+    if ready not in done:
+        ready.cancel()
+        sup.stop_event.set()
+        await asyncio.wait_for(task, 30)
+        raise AssertionError(f"supervisor not ready within {ready_timeout:g}s")
+    try:
+        yield sup
+    finally:
+        sup.stop_event.set()
+        await asyncio.wait_for(task, 30)
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) pids whose command line contains ``text``."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        if text in cmd and stat[stat.rfind(")") + 2:].split()[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def agent_pids(folder: Path) -> list[int]:
+    """Agent processes running on one session folder (``--workspace <folder>``)."""
+    return processes_mentioning(f"--workspace {folder}")
+
+
+@pytest.fixture
+def reap_agents(tmp_path: Path):
+    """After the test, SIGKILL any process still naming this test's tmp folder."""
+    yield
+    for pid in processes_mentioning(str(tmp_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,404 @@
+"""The supervisor end to end: real agents (subprocesses), real inotify, real SQLite.
+
+Each test body is a coroutine run in a fresh event loop with the supervisor
+serving in the same loop (``e2e.supervised``); every wait is a condition with
+a deadline (``e2e.until``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import tomli_w
+
+from e2e import (Client, agent_pids, config_dict, make_config, reap_agents,  # noqa: F401
+                 replies, replies_to, reply_counts, run, supervised, until)
+from helpers import query, wait_for
+from orchestrator.config import read_config
+from orchestrator.layout import delivered_root
+from orchestrator.runtime.local import read_pid_file
+from orchestrator.store.schema import parse_ts
+
+
+def messages_in(paths, message_id: str) -> dict:
+    rows = query(paths.inbound_db, "SELECT status, tries, process_after FROM messages_in"
+                 " WHERE id=?", (message_id,))
+    assert rows, f"no messages_in row {message_id}"
+    status, tries, process_after = rows[0]
+    return {"status": status, "tries": tries, "process_after": process_after}
+
+
+def delivered_rows(paths) -> dict[str, str]:
+    return dict(query(paths.inbound_db, "SELECT message_out_id, status FROM delivered"))
+
+
+# --- 1. the whole round trip ----------------------------------------------------------
+
+
+def test_send_reply_idle_stop_round_trip(tmp_path: Path, reap_agents) -> None:
+    cfg = make_config(tmp_path)
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, mid = client.send("helpers", "hello there", files={"notes.txt": b"some bytes"})
+            paths = client.paths(row)
+            [reply] = await until(lambda: replies_to(cfg, mid), message="the reply")
+            out_id = reply["message_id"]
+
+            # the reply: echo of the content, routed to the session's chat
+            assert reply["session_id"] == row.id and reply["agent_group"] == "helpers"
+            assert reply["content"]["text"] == "echo: hello there"
+            assert reply["content"]["files"] == ["notes.txt"]
+            assert (reply["channel_type"], reply["platform_id"]) == ("cli", "local")
+            assert reply["seq"] % 2 == 1
+            # files moved to delivered/<id>/, the outbox folder removed
+            moved = delivered_root(cfg.data_dir) / out_id / "notes.txt"
+            assert reply["files"] == [str(moved)]
+            assert moved.read_bytes() == b"some bytes"
+            await until(lambda: not (paths.outbox / out_id).exists(), message="outbox removed")
+            # settled in inbound.db: delivered row, inbound message completed
+            await until(lambda: delivered_rows(paths).get(out_id) == "delivered",
+                        message="delivered row")
+            await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                        message="messages_in completed")
+
+            # then idle after idle_after, then stopped after stop_idle_after
+            await until(lambda: client.container_status(row.id) == "stopped"
+                        and not agent_pids(paths.root), message="agent stopped when idle")
+            changes = client.registry.status_changes(row.id)
+
+        assert reply_counts(cfg) == {out_id: 1}
+        statuses = [(c["new"], c["reason"]) for c in changes]
+        assert [s for s, _ in statuses] == ["running", "idle", "stopped"], statuses
+        assert statuses[0][1] == "agent started, 1 message(s) due"
+        assert statuses[1][1].startswith("no heartbeat, reply or claim for 0.5s")
+        assert statuses[2][1].startswith("stopped: idle for"), statuses
+        at = [parse_ts(c["at"]) for c in changes]
+        # idle no earlier than idle_after after the reply, stop no earlier than
+        # stop_idle_after after idle
+        reply_at = parse_ts(reply["timestamp"])
+        assert at[1] - reply_at >= timedelta(seconds=cfg.lifecycle.idle_after - 0.01)
+        assert at[2] - at[1] >= timedelta(seconds=cfg.lifecycle.stop_idle_after - 0.01)
+        client.close()
+
+    run(body())
+
+
+# --- 2. many sessions at once ----------------------------------------------------------
+
+
+def test_twenty_sessions_each_get_exactly_their_own_replies(tmp_path: Path, reap_agents) -> None:
+    cfg = make_config(tmp_path, lifecycle={"stop_idle_after": 2.0})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            sent: dict[str, tuple[str, str]] = {}  # message id -> (session id, text)
+            for i in range(20):
+                for n in range(2):
+                    text = f"session {i} message {n}"
+                    row, mid = client.send(f"group-{i % 5}", text, channel=f"chan-{i % 3}",
+                                           platform=f"room-{i}")
+                    sent[mid] = (row.id, text)
+            assert len({sid for sid, _ in sent.values()}) == 20
+            await until(lambda: len(replies(cfg)) >= len(sent), timeout=60,
+                        message="40 replies")
+
+        got = replies(cfg)
+        assert len(got) == len(sent)
+        assert sorted(r["in_reply_to"] for r in got) == sorted(sent)
+        assert len({r["message_id"] for r in got}) == len(got)
+        for r in got:
+            sid, text = sent[r["in_reply_to"]]
+            assert r["session_id"] == sid
+            assert r["content"]["text"] == f"echo: {text}"
+        client.close()
+
+    run(body())
+
+
+# --- 3./4. crashes and hangs are retried with backoff -------------------------------------
+
+WRAPPER = '''\
+"""Run the reference agent, adding FLAG boom for the first LIMIT starts (counter file)."""
+import os, sys
+counter, limit, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    n = int(open(counter).read() or 0)
+except FileNotFoundError:
+    n = 0
+with open(counter, "w") as fh:
+    fh.write(str(n + 1))
+args = [sys.executable, "-m", "orchestrator.agent", *sys.argv[4:]]
+if n < limit:
+    args += [flag, "boom"]
+os.execv(sys.executable, args)  # same pid: the runtime's pid file stays right
+'''
+
+
+def misbehaving_agent(tmp_path: Path, flag: str, times: int) -> list[str]:
+    """A runtime command: the reference agent that crashes/hangs on its first ``times`` starts."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER)
+    return ["{python}", str(wrapper), str(tmp_path / "starts"), str(times), flag,
+            "--poll-interval", "0.02", "--heartbeat-interval", "0.1"]
+
+
+def starts(tmp_path: Path) -> int:
+    try:
+        return int((tmp_path / "starts").read_text())
+    except FileNotFoundError:
+        return 0
+
+
+def test_crash_mid_message_is_retried_with_backoff_and_completed(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    cfg = make_config(tmp_path, command=misbehaving_agent(tmp_path, "--crash-on", 1))
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, mid = client.send("crashy", "boom now")
+            paths = client.paths(row)
+            await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                        message="the retried message completed")
+            [reply] = await until(lambda: replies_to(cfg, mid), message="its reply")
+            await until(lambda: client.container_status(row.id) == "stopped",
+                        message="stopped when idle")
+            changes = client.registry.status_changes(row.id)
+
+        assert reply["content"]["text"] == "echo: boom now"
+        assert reply_counts(cfg)[reply["message_id"]] == 1
+        assert starts(tmp_path) == 2
+        seq = [(c["new"], c["reason"]) for c in changes]
+        assert [s for s, _ in seq] == ["running", "stopped", "running", "idle", "stopped"], seq
+        assert seq[1][1] == "agent exited, exit code 3"
+        row_in = messages_in(paths, mid)
+        assert row_in["tries"] == 1
+        # process_after = the moment the crash was handled + backoff_base × 2^0,
+        # and the next agent was not started before it
+        crashed_at = parse_ts(changes[1]["at"])
+        retry_at = parse_ts(row_in["process_after"])
+        assert retry_at == crashed_at + timedelta(seconds=cfg.lifecycle.backoff_base)
+        assert parse_ts(changes[2]["at"]) >= retry_at
+        # the host cleared the dead agent's claim; the successor's ack is final
+        assert query(paths.outbound_db, "SELECT status FROM processing_ack WHERE message_id=?",
+                     (mid,)) == [("completed",)]
+        client.close()
+
+    run(body())
+
+
+def test_crash_every_time_fails_the_message_after_max_tries(tmp_path: Path,
+                                                            reap_agents) -> None:
+    cfg = make_config(tmp_path, command=misbehaving_agent(tmp_path, "--crash-on", 99))
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, mid = client.send("crashy", "boom again")
+            ok_row, ok_mid = client.send("calm", "no trouble")
+            paths = client.paths(row)
+            await until(lambda: messages_in(paths, mid)["status"] == "failed", timeout=20,
+                        message="the message failed after max_tries")
+            await until(lambda: replies_to(cfg, ok_mid), message="the other session's reply")
+            changes = client.registry.status_changes(row.id)
+
+        row_in = messages_in(paths, mid)
+        assert row_in["tries"] == cfg.lifecycle.max_tries == 3
+        assert replies_to(cfg, mid) == []
+        seq = [(c["new"], c["reason"]) for c in changes]
+        assert [s for s, _ in seq] == ["running", "stopped"] * 3, seq
+        assert all(r == "agent exited, exit code 3" for s, r in seq if s == "stopped")
+        at = [parse_ts(c["at"]) for c in changes]
+        base = cfg.lifecycle.backoff_base
+        assert at[2] - at[1] >= timedelta(seconds=base)  # 0.2 s after the first crash
+        assert at[4] - at[3] >= timedelta(seconds=base * 2)  # 0.4 s after the second
+        assert parse_ts(row_in["process_after"]) == at[3] + timedelta(seconds=base * 2)
+        client.close()
+
+    run(body())
+
+
+def test_hang_after_claim_is_killed_by_the_claim_rule_and_retried(tmp_path: Path,
+                                                                  reap_agents) -> None:
+    cfg = make_config(tmp_path, command=misbehaving_agent(tmp_path, "--hang-on", 1))
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, mid = client.send("hangs", "boom, then silence")
+            paths = client.paths(row)
+            await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                        message="the retried message completed")
+            [reply] = await until(lambda: replies_to(cfg, mid), message="its reply")
+            changes = client.registry.status_changes(row.id)
+
+        assert reply["content"]["text"] == "echo: boom, then silence"
+        assert starts(tmp_path) == 2
+        seq = [(c["new"], c["reason"]) for c in changes]
+        assert [s for s, _ in seq[:3]] == ["running", "stopped", "running"], seq
+        killed = seq[1][1]
+        assert killed.startswith(f"killed: claim on {mid} ") and killed.endswith(
+            "s old with no heartbeat since (limit 1s)"), killed
+        at = [parse_ts(c["at"]) for c in changes]
+        assert at[1] - at[0] >= timedelta(seconds=cfg.lifecycle.claim_stuck)
+        assert messages_in(paths, mid)["tries"] == 1
+        client.close()
+
+    run(body())
+
+
+# --- 6./7. without inotify -------------------------------------------------------------
+
+
+def test_reconcile_sweep_alone_delivers_everything(tmp_path: Path, reap_agents) -> None:
+    """No file events at all (poll mode that never polls): the sweep finds sessions,
+    replies and heartbeats on its own; timers and process exits do the rest."""
+    cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 3600,
+                                       "sweep_interval": 0.2})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg) as sup:
+            assert sup.watch_mode == "poll"
+            sent = {}
+            for i in range(3):
+                row, mid = client.send(f"swept-{i}", f"hello {i}")
+                sent[mid] = row
+            await until(lambda: len(replies(cfg)) == 3, message="three replies via the sweep")
+            for mid, row in sent.items():
+                await until(lambda: messages_in(client.paths(row), mid)["status"] == "completed")
+                await until(lambda: client.container_status(row.id) == "stopped")
+            statuses = [client.statuses(row.id) for row in sent.values()]
+
+        assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
+        for seq in statuses:
+            assert [s for s, _ in seq] == ["running", "idle", "stopped"], seq
+        client.close()
+
+    run(body())
+
+
+def test_poll_mode_delivers_replies(tmp_path: Path, reap_agents) -> None:
+    """Poll mode with the sweep out of the way: the polled changes alone drive it."""
+    cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 0.1,
+                                       "sweep_interval": 3600})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg) as sup:
+            assert sup.watch_mode == "poll"
+            row, mid = client.send("polled", "over NFS", files={"f.txt": b"F"})
+            [reply] = await until(lambda: replies_to(cfg, mid), message="the reply")
+            row2, mid2 = client.send("polled", "second one")
+            await until(lambda: replies_to(cfg, mid2), message="the second reply")
+            paths = client.paths(row)
+            await until(lambda: client.container_status(row.id) == "stopped")
+            await until(lambda: messages_in(paths, mid2)["status"] == "completed")
+
+        assert reply["content"] == {"text": "echo: over NFS", "files": ["f.txt"]}
+        assert Path(reply["files"][0]).read_bytes() == b"F"
+        assert sorted(reply_counts(cfg).values()) == [1, 1]
+        client.close()
+
+    run(body())
+
+
+# --- 5. SIGKILL of the orchestrator itself ------------------------------------------------
+
+
+class OrchestratorProcess:
+    """``python -m orchestrator run --config FILE`` as a real process (SIGKILL is real)."""
+
+    def __init__(self, config_file: Path, log: Path) -> None:
+        self.log = log
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", "run", "--config", str(config_file)],
+                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                cwd=config_file.parent)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_up(self) -> None:
+        wait_for(lambda: "orchestrator up" in self.text() or self.proc.poll() is not None,
+                 timeout=30, message="orchestrator start-up")
+        assert self.proc.poll() is None, self.text()
+
+    def end(self, sig: int, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"orchestrator did not end on {sig}:\n{self.text()}")
+
+
+def test_sigkill_restart_delivers_every_reply_once_and_readopts_the_agent(
+        tmp_path: Path, reap_agents) -> None:
+    data = config_dict(tmp_path, agent_args=["--work-seconds", "0.4"],
+                       lifecycle={"stop_idle_after": 60.0})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    written = lambda: query(paths.outbound_db, "SELECT COUNT(*) FROM messages_out")[0][0]  # noqa: E731
+
+    first = OrchestratorProcess(config_file, tmp_path / "first.log")
+    try:
+        first.wait_up()
+        mids = [client.send("survivor", f"message {i}")[1] for i in range(7)]
+        row = client.session("survivor")
+        paths = client.paths(row)
+        wait_for(lambda: replies(cfg), timeout=20, message="a first reply")
+        agent_pid = read_pid_file(paths.pid_file)[0]
+    finally:
+        assert first.end(signal.SIGKILL) == -signal.SIGKILL
+
+    # the agent outlives the orchestrator and keeps writing replies nobody delivers
+    assert agent_pids(paths.root) == [agent_pid]
+    mids.append(client.send("survivor", "sent while the orchestrator was down")[1])
+    wait_for(lambda: written() - len(replies(cfg)) >= 2, timeout=20,
+             message="replies written while nobody delivers them")
+    assert written() <= 5, "the agent must still have due work when the orchestrator returns"
+
+    second = OrchestratorProcess(config_file, tmp_path / "second.log")
+    try:
+        second.wait_up()
+
+        def all_delivered() -> bool:
+            # re-adopted, not doubled: never a second agent on the folder, at any poll
+            assert agent_pids(paths.root) == [agent_pid]
+            return len(query(paths.inbound_db, "SELECT 1 FROM delivered")) == 8
+
+        wait_for(all_delivered, timeout=30, message="every reply delivered and recorded")
+        assert read_pid_file(paths.pid_file)[0] == agent_pid
+        assert "adopted agent pid" in second.text()
+        wait_for(lambda: all(messages_in(paths, m)["status"] == "completed" for m in mids),
+                 message="every inbound message completed")
+    finally:
+        assert second.end(signal.SIGTERM) == 0, second.text()
+
+    counts = reply_counts(cfg)
+    assert sorted(counts.values()) == [1] * 8, counts
+    assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(mids)
+    assert dict(query(paths.inbound_db, "SELECT status, COUNT(*) FROM delivered"
+                      " GROUP BY status")) == {"delivered": 8}
+    statuses = client.statuses(row.id)
+    assert statuses[0][0] == "running" and statuses[0][1].startswith("agent started")
+    # after the restart: adopted, never started again, stopped at the clean shutdown
+    after = statuses[statuses.index(("running", "adopted after restart")):]
+    assert after == [("running", "adopted after restart"),
+                     ("stopped", "stopped at orchestrator shutdown")], statuses
+    # on_shutdown = "stop": the clean shutdown stopped the adopted agent
+    wait_for(lambda: not agent_pids(paths.root), message="the agent stopped at shutdown")
+    client.close()

@@ -1,0 +1,248 @@
+"""Fixtures and helpers for tests against a real Docker engine.
+
+Import them into a test module (``from docker_fixtures import *``-style, by name).
+
+- ``docker_client``: a connected docker-py client. Unreachable daemon: the test
+  FAILS when ``CI`` is set (CI must never silently skip Docker tests) and is
+  skipped otherwise.
+- ``agent_image``: the agent image built from the current code with the
+  project's own ``build_image`` (idempotent: skipped when up to date).
+- ``instance``: a unique ``orchestrator.instance`` label value; every container
+  carrying it is force-removed after the test.
+- ``private_dockerd``: a second dockerd with its own socket, data and exec roots
+  (no bridge, no iptables), that a test may stop and start without disturbing
+  the machine's daemon or anyone else's containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import docker
+import pytest
+from docker.errors import DockerException
+
+from orchestrator import layout
+from orchestrator.runtime.docker import LABEL_INSTANCE
+from orchestrator.runtime.image import ImageBuildError, build_image
+from orchestrator.store import schema
+
+TEST_IMAGE = "orchestrator-agent:test"
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set: Docker tests must run; see .ci/setup-docker.sh)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env(version="auto", timeout=60)
+        client.ping()
+    except DockerException as exc:
+        _unavailable(f"Docker daemon unreachable: {str(exc).splitlines()[0]}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def agent_image(docker_client: docker.DockerClient) -> str:
+    """Build (or confirm up to date) the agent image under a test-only tag."""
+    try:
+        build_image(TEST_IMAGE, client=docker_client)
+    except ImageBuildError as exc:
+        _unavailable(f"cannot build the agent image: {exc}")
+    return TEST_IMAGE
+
+
+def remove_labelled(client: docker.DockerClient, label: str, timeout: float = 30.0) -> int:
+    """Force-remove every container carrying ``label`` (key=value); wait until none is left
+    (a removal the runtime already started may still be in progress)."""
+    removed = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        found = client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
+        if not found:
+            return removed
+        if time.monotonic() > deadline:
+            raise AssertionError(f"containers labelled {label} still there: {found}")
+        for c in found:
+            try:
+                c.remove(force=True)
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: removal already in progress
+                    raise
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def instance(docker_client: docker.DockerClient) -> Iterator[str]:
+    value = f"t{uuid.uuid4().hex[:10]}"
+    yield value
+    remove_labelled(docker_client, f"{LABEL_INSTANCE}={value}")
+
+
+# --- session folders --------------------------------------------------------------
+
+
+def make_session(data_dir: Path, agent_group: str, session_id: str) -> Path:
+    """A session folder as the host creates it: both DBs, inbox/ and outbox/."""
+    folder = layout.session_dir(data_dir, agent_group, session_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    schema.init_inbound(folder / layout.INBOUND_DB)
+    schema.init_outbound(folder / layout.OUTBOUND_DB)
+    (folder / layout.INBOX).mkdir(exist_ok=True)
+    (folder / layout.OUTBOX).mkdir(exist_ok=True)
+    return folder
+
+
+def insert_message(folder: Path, message_id: str, text: str,
+                   attachments: list[dict[str, str]] | None = None) -> int:
+    """A pending, triggering inbound message with the next even seq (plain SQL)."""
+    content: dict[str, Any] = {"text": text}
+    if attachments:
+        content["attachments"] = attachments
+    with schema.opened(folder / layout.INBOUND_DB) as conn, schema.transaction(conn):
+        top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
+        seq = top + 2 if top % 2 == 0 else top + 1
+        conn.execute(
+            "INSERT INTO messages_in (id, seq, kind, timestamp, status, content) "
+            "VALUES (?, ?, 'chat', ?, 'pending', ?)",
+            (message_id, seq, schema.now_ts(), json.dumps(content)))
+    return seq
+
+
+# --- async helpers ----------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], Any], timeout: float, what: str,
+                interval: float = 0.02) -> Any:
+    """Poll ``condition`` on the running loop (events keep flowing) until truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Blocking docker/test calls without stalling the loop the runtime reports on."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# --- a private daemon that tests may stop and restart ----------------------------------------
+
+
+class PrivateDockerd:
+    """A throwaway dockerd: own socket, data root, exec root and containerd namespace."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.sock = root / "d.sock"
+        self.base_url = f"unix://{self.sock}"
+        self.log_path = root / "dockerd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        r = self.root
+        return [
+            "dockerd", "--host", self.base_url, "--data-root", str(r / "data"),
+            "--exec-root", str(r / "x"), "--pidfile", str(r / "dockerd.pid"),
+            "--bridge", "none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
+            "--shutdown-timeout", "2", "--containerd-namespace", f"orchtest-{r.name}",
+            "--containerd-plugins-namespace", f"orchtest-plugins-{r.name}",
+        ]
+
+    def client(self) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.base_url, version="auto", timeout=60)
+
+    def reachable(self) -> bool:
+        try:
+            c = docker.DockerClient(base_url=self.base_url, version="auto", timeout=3)
+            try:
+                return bool(c.ping())
+            finally:
+                c.close()
+        except Exception:
+            return False
+
+    def start(self, timeout: float = 60.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.reachable():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"private dockerd did not come up:\n{tail}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (containers are stopped by the daemon), SIGKILL if it hangs."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def load_image(self, source: docker.DockerClient, tag: str) -> None:
+        """Copy ``tag`` from the machine's daemon (no registry involved)."""
+        data = source.images.get(tag).save(named=tag)
+        client = self.client()
+        try:
+            client.images.load(b"".join(data))
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        _unavailable("a private dockerd needs root and the dockerd binary")
+    root = Path(tempfile.mkdtemp(prefix="orchd-", dir="/tmp"))  # short: unix socket paths
+    daemon = PrivateDockerd(root)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        try:
+            if daemon.proc is None:
+                daemon.start()  # a test left it down: bring it up to clean its containers
+            client = daemon.client()
+            for c in client.containers.list(all=True):
+                c.remove(force=True)
+            client.close()
+        except Exception:
+            pass
+        daemon.stop()
+        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

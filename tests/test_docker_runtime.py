@@ -1,0 +1,504 @@
+"""DockerRuntime against a real Docker engine, with the real reference agent.
+
+Every container carries a per-test ``orchestrator.instance`` label and is removed
+afterwards. Containers use network none. Nothing sleeps and hopes: each wait is a
+condition polled against a deadline while the event loop keeps running.
+
+Pure helpers (names, mounts, users, exit reasons) are tested without Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
+    PrivateDockerd, agent_image, docker_client, in_thread, insert_message, instance,
+    make_session, private_dockerd, remove_labelled, until,
+)
+from orchestrator import layout
+from orchestrator.config import DockerConfig
+from orchestrator.runtime import image as image_mod
+from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.docker import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE, LABEL_SESSION,
+                                         DockerRuntime, MountNotAllowed, container_name,
+                                         exit_reason, parse_extra_mounts, prepare_folder,
+                                         resolve_user)
+
+AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
+         "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]
+
+
+def make_runtime(data_dir: Path, instance: str, image: str, *, command: list[str] | None = None,
+                 **overrides: Any) -> tuple[DockerRuntime, list[AgentExit]]:
+    exits: list[AgentExit] = []
+    cfg = DockerConfig(instance=instance, image=image, command=tuple(command or AGENT),
+                       network="none", **overrides)
+    return DockerRuntime(cfg, data_dir, exits.append), exits
+
+
+def labelled(client: docker.DockerClient, instance: str, **extra: str) -> list[Any]:
+    labels = [f"{LABEL_INSTANCE}={instance}"] + [f"orchestrator.{k}={v}" for k, v in extra.items()]
+    return client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
+
+
+# --- pure helpers (no Docker) ---------------------------------------------------------------
+
+
+def test_container_name_is_docker_safe_and_unambiguous() -> None:
+    assert container_name("default", "g1", "s1") == "orch-default-g1-s1"
+    a, b = container_name("i", "g", "a@b"), container_name("i", "g", "a_b")
+    assert a != b and a.startswith("orch-i-g-a_b-")
+    assert all(ch.isalnum() or ch in "_.-" for ch in a)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"exit_code": 0}, "exited"),
+    ({"exit_code": 3}, "exited"),
+    ({"exit_code": 137}, "killed"),
+    ({"exit_code": 137, "kill_signal": "9"}, "killed"),
+    ({"exit_code": 143, "kill_signal": "15"}, "stopped"),
+    ({"exit_code": 137, "oom": True}, "oom"),
+    ({"exit_code": 0, "stopping": True}, "stopped"),
+    ({"exit_code": 137, "killing": True}, "killed"),
+])
+def test_exit_reason(kwargs: dict, reason: str) -> None:
+    assert exit_reason(**kwargs) == reason
+
+
+def test_extra_mounts_only_under_allowed_roots(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    (allowed / "models").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (allowed / "escape").symlink_to(tmp_path / "secret")
+    ok = parse_extra_mounts(DockerConfig(mounts=(f"{allowed}/models:/models:ro",),
+                                         allowed_mounts=(str(allowed),)))
+    assert ok[0]["Source"] == str(allowed / "models") and ok[0]["ReadOnly"] is True
+    for spec in (f"{tmp_path}/secret:/s", f"{allowed}/escape:/s", "relative:/s",
+                 f"{allowed}/models:/workspace/models", f"{allowed}/models"):
+        with pytest.raises(MountNotAllowed):
+            parse_extra_mounts(DockerConfig(mounts=(spec,), allowed_mounts=(str(allowed),)))
+    with pytest.raises(MountNotAllowed, match="allowed_mounts"):
+        parse_extra_mounts(DockerConfig(mounts=(f"{allowed}/models:/m",)))
+
+
+def test_resolve_user(tmp_path: Path) -> None:
+    st = tmp_path.stat()
+    user, uid, gid = resolve_user("auto", tmp_path)
+    if st.st_uid == 0:
+        assert (uid, gid) == (FALLBACK_UID, FALLBACK_UID) and user == "10001:10001"
+    else:
+        assert uid == st.st_uid
+    assert resolve_user("1234:55", tmp_path) == ("1234:55", 1234, 55)
+    assert resolve_user("1234", tmp_path) == ("1234:1234", 1234, 1234)
+    assert resolve_user("nobody", tmp_path) == ("nobody", None, None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_prepare_folder_gives_agent_only_its_writable_parts(tmp_path: Path) -> None:
+    folder = make_session(tmp_path, "g", "s")
+    (folder / layout.OUTBOX / "m1").mkdir()
+    (folder / layout.OUTBOX / "m1" / "f.txt").write_text("x")
+    (folder / layout.INBOX / "m2").mkdir()
+    prepare_folder(folder, 4242, 4243)
+    owner = lambda p: (p.lstat().st_uid, p.lstat().st_gid)  # noqa: E731
+    for p in (folder, folder / layout.OUTBOUND_DB, folder / layout.OUTBOX,
+              folder / layout.OUTBOX / "m1", folder / layout.OUTBOX / "m1" / "f.txt"):
+        assert owner(p) == (4242, 4243), p
+    for p in (folder / layout.INBOUND_DB, folder / layout.INBOX, folder / layout.INBOX / "m2"):
+        assert owner(p) == (0, 0), p
+
+
+# --- against the engine ----------------------------------------------------------------------
+
+
+
+@pytest.mark.docker
+def test_image_build_is_idempotent(docker_client: docker.DockerClient, agent_image: str) -> None:
+    t0 = time.monotonic()
+    result = image_mod.build_image(agent_image, client=docker_client)
+    assert result.built is False and time.monotonic() - t0 < 5
+    labels = docker_client.images.get(agent_image).labels
+    assert labels[image_mod.CODE_LABEL] == image_mod.code_hash()
+    cfg = docker_client.images.get(agent_image).attrs["Config"]
+    assert cfg["WorkingDir"] == "/workspace" and cfg["User"] not in ("", "0", "root")
+
+
+@pytest.mark.docker
+def test_start_applies_least_privilege(tmp_path: Path, docker_client: docker.DockerClient,
+                                       agent_image: str, instance: str) -> None:
+    folder = make_session(tmp_path, "g1", "s1")
+
+    async def main() -> dict:
+        rt, _ = make_runtime(tmp_path, instance, agent_image)
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            assert rt.is_running("s1") and rt.running() == [handle] and not handle.adopted
+            return await in_thread(docker_client.api.inspect_container, handle.ident)
+        finally:
+            await rt.close()
+
+    info = asyncio.run(main())
+    assert info["State"]["Running"] is True
+    assert info["Name"] == f"/orch-{instance}-g1-s1"
+    labels = info["Config"]["Labels"]
+    assert labels[LABEL_INSTANCE] == instance and labels[LABEL_GROUP] == "g1"
+    assert labels[LABEL_SESSION] == "s1"
+    mounts = {m["Destination"]: m for m in info["Mounts"]}
+    assert set(mounts) == {"/workspace", "/workspace/inbound.db"}
+    assert mounts["/workspace"]["Source"] == str(folder.resolve()) and mounts["/workspace"]["RW"]
+    assert mounts["/workspace/inbound.db"]["Source"] == str(folder.resolve() / "inbound.db")
+    assert mounts["/workspace/inbound.db"]["RW"] is False
+    hc = info["HostConfig"]
+    assert hc["CapDrop"] == ["ALL"] and not hc.get("CapAdd")
+    assert any(o.startswith("no-new-privileges") for o in hc["SecurityOpt"])
+    assert hc["ReadonlyRootfs"] is True and "/tmp" in hc["Tmpfs"]
+    assert hc["Memory"] == 512 * 1024 * 1024 and hc["NanoCpus"] == 1_000_000_000
+    assert hc["PidsLimit"] == 256 and hc["NetworkMode"] == "none"
+    assert hc["Privileged"] is False and hc["AutoRemove"] is False and hc["Init"] is True
+    uid = info["Config"]["User"].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    if os.geteuid() == 0:  # root-owned data dir → the fixed unprivileged uid
+        assert uid == str(FALLBACK_UID)
+        assert folder.stat().st_uid == FALLBACK_UID
+        assert (folder / "inbound.db").stat().st_uid == 0  # host-owned, never chowned
+
+
+@pytest.mark.docker
+def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.DockerClient,
+                                        agent_image: str, instance: str) -> None:
+    folder = make_session(tmp_path, "g1", "s1")
+    (folder / "inbox" / "m2").mkdir()
+    (folder / "inbox" / "m2" / "hello.txt").write_text("attached")
+    insert_message(folder, "m2", "hi there",
+                   attachments=[{"path": "inbox/m2/hello.txt", "name": "hello.txt"}])
+
+    def replies() -> list[tuple]:
+        with schema_ro(folder / "outbound.db") as conn:
+            return conn.execute("SELECT id, seq, in_reply_to, content FROM messages_out").fetchall()
+
+    async def main() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            rows = await until(replies, 30, "reply row in outbound.db")
+            out_id, seq, in_reply_to, content = rows[0]
+            assert in_reply_to == "m2" and seq % 2 == 1 and "echo: hi there" in content
+            await until(lambda: (folder / "outbox" / out_id / "hello.txt").is_file(), 10,
+                        "outbox file on the host")
+            assert (folder / "outbox" / out_id / "hello.txt").read_text() == "attached"
+            await until(lambda: (folder / ".heartbeat").is_file(), 10, "heartbeat on the host")
+            first = (folder / ".heartbeat").stat().st_mtime_ns
+            insert_message(folder, "m4", "again")  # host writes while the agent runs
+            await until(lambda: len(replies()) == 2, 30, "second reply")
+            await until(lambda: (folder / ".heartbeat").stat().st_mtime_ns != first, 10,
+                        "heartbeat touched again")
+            # The agent cannot write inbound.db: the same python3 + sqlite3 inside fails.
+            probe = ("import sqlite3; c = sqlite3.connect('/workspace/inbound.db'); "
+                     "c.execute(\"UPDATE messages_in SET status='completed'\"); c.commit()")
+            res = await in_thread(lambda: docker_client.api.exec_create(
+                handle.ident, ["python3", "-c", probe]))
+            out = await in_thread(docker_client.api.exec_start, res["Id"])
+            code = (await in_thread(docker_client.api.exec_inspect, res["Id"]))["ExitCode"]
+            assert code != 0 and b"readonly" in out.replace(b"-", b"").lower(), out
+            # ... nor replace it (the read-only file is a mount point), nor write the rootfs.
+            for cmd in (["sh", "-c", "rm -f /workspace/inbound.db"],
+                        ["sh", "-c", "mv /workspace/inbound.db /workspace/x"],
+                        ["sh", "-c", "touch /etc/owned"]):
+                res = await in_thread(lambda: docker_client.api.exec_create(handle.ident, cmd))
+                await in_thread(docker_client.api.exec_start, res["Id"])
+                info = await in_thread(docker_client.api.exec_inspect, res["Id"])
+                assert info["ExitCode"] != 0, cmd
+            assert (folder / "inbound.db").is_file()
+            with schema_ro(folder / "inbound.db") as conn:
+                assert set(conn.execute("SELECT status FROM messages_in").fetchall()) == {("pending",)}
+            await rt.stop("s1", grace=5)
+            assert exits == [AgentExit("g1", "s1", exits[0].exit_code, "stopped")]
+            assert not rt.is_running("s1") and labelled(docker_client, instance) == []
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
+class schema_ro:
+    def __init__(self, db: Path) -> None:
+        self.uri = db.resolve().as_uri() + "?mode=ro"
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn = sqlite3.connect(self.uri, uri=True)
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+@pytest.mark.docker
+def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
+                                            agent_image: str, instance: str) -> None:
+    folder = make_session(tmp_path, "g1", "s1")
+
+    async def main() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            await until(lambda: rt.events_connected, 10, "event stream connected")
+            await in_thread(docker_client.api.kill, handle.ident)
+            t0 = time.monotonic()
+            await until(lambda: exits, 2.0, "on_exit after docker kill")
+            assert time.monotonic() - t0 < 2.0
+            assert exits == [AgentExit("g1", "s1", 137, "killed")]
+            assert not rt.is_running("s1") and rt.running() == []
+            await until(lambda: not labelled(docker_client, instance), 10, "container removed")
+            await asyncio.sleep(0.2)  # a late duplicate (die vs kill vs destroy) would show here
+            assert len(exits) == 1
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.docker
+def test_exit_and_runtime_kill(tmp_path: Path, docker_client: docker.DockerClient,
+                               agent_image: str, instance: str) -> None:
+    """An agent exiting by itself reports 'exited' with its code; kill() reports 'killed'."""
+    idle = make_session(tmp_path, "g1", "idle")
+    busy = make_session(tmp_path, "g1", "busy")
+
+    async def main() -> None:
+        rt_idle, exits_idle = make_runtime(tmp_path, instance, agent_image,
+                                           command=AGENT + ["--exit-when-idle", "0.3"])
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            await rt_idle.start(SessionRef("g1", "idle", idle))
+            await until(lambda: exits_idle, 20, "self-exit reported")
+            assert exits_idle == [AgentExit("g1", "idle", 0, "exited")]
+            await rt.start(SessionRef("g1", "busy", busy))
+            await rt.kill("busy")
+            assert exits == [AgentExit("g1", "busy", 137, "killed")]
+            assert labelled(docker_client, instance, session="busy") == []
+            await rt.kill("busy")  # absent = done
+            await rt.stop("busy", grace=1)
+            assert len(exits) == 1
+            await until(lambda: not labelled(docker_client, instance), 10, "all removed")
+        finally:
+            await rt_idle.close()
+            await rt.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.docker
+def test_reconcile_reports_exits_the_event_stream_missed(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    folder = make_session(tmp_path, "g1", "s1")
+
+    async def main() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            await rt._stop_events()  # deaf: as if the stream had dropped
+            await in_thread(docker_client.api.kill, handle.ident)
+            await in_thread(docker_client.api.wait, handle.ident)
+            assert exits == [] and rt.is_running("s1")  # nobody told it yet
+            await rt.reconcile()
+            assert exits == [AgentExit("g1", "s1", 137, "killed")] and not rt.is_running("s1")
+            await until(lambda: not labelled(docker_client, instance), 10, "container removed")
+            await rt.reconcile()
+            assert len(exits) == 1
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.docker
+def test_recover_adopts_running_and_removes_exited(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    live = make_session(tmp_path, "g1", "live")
+
+    async def first_life() -> str:
+        rt, _ = make_runtime(tmp_path, instance, agent_image)
+        handle = await rt.start(SessionRef("g1", "live", live))
+        await rt.close()  # the orchestrator goes away; its container stays
+        return handle.ident
+
+    ident = asyncio.run(first_life())
+    # A dead container of ours from the previous life (its exit was never handled).
+    dead = docker_client.containers.run(
+        agent_image, ["python3", "-c", "raise SystemExit(3)"], detach=True, network_mode="none",
+        name=f"orch-{instance}-g1-dead", labels={LABEL_INSTANCE: instance, LABEL_GROUP: "g1",
+                                                 LABEL_SESSION: "dead"})
+    assert dead.wait(timeout=30)["StatusCode"] == 3
+
+    async def second_life() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            adopted = await rt.recover()
+            assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [("live", ident, True)]
+            assert rt.is_running("live") and not rt.is_running("dead")
+            assert [c.id for c in labelled(docker_client, instance)] == [ident]
+            again = await rt.start(SessionRef("g1", "live", live))  # no second container
+            assert again.ident == ident
+            assert len(labelled(docker_client, instance, session="live")) == 1
+            # An adopted container's exit is reported like any other.
+            await until(lambda: rt.events_connected, 10, "event stream connected")
+            await in_thread(docker_client.api.kill, ident)
+            await until(lambda: exits, 5, "adopted container's exit")
+            assert exits == [AgentExit("g1", "live", 137, "killed")]
+        finally:
+            await rt.close()
+
+    asyncio.run(second_life())
+
+
+@pytest.mark.docker
+def test_foreign_containers_are_never_touched(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    folder = make_session(tmp_path, "g1", "s1")
+    keep = ["python3", "-c", "import time; time.sleep(600)"]
+    tag = f"foreign-{uuid.uuid4().hex[:8]}"
+    # Same name our runtime would use, no label at all; and one of a neighbouring instance
+    # (same session label), dead; both must survive everything below.
+    unlabelled = docker_client.containers.run(
+        agent_image, keep, detach=True, network_mode="none", name=f"orch-{instance}-g1-s1",
+        labels={"test.cleanup": tag})
+    neighbour = docker_client.containers.create(
+        agent_image, keep, network_mode="none", name=f"orch-{instance}x-g1-s1",
+        labels={"test.cleanup": tag, LABEL_INSTANCE: instance + "x", LABEL_GROUP: "g1",
+                LABEL_SESSION: "s1"})
+    try:
+        async def main() -> None:
+            rt, exits = make_runtime(tmp_path, instance, agent_image)
+            try:
+                assert await rt.recover() == []
+                await rt.stop("s1", grace=1)
+                await rt.kill("s1")
+                with pytest.raises(RuntimeUnavailable, match="does not own"):
+                    await rt.start(SessionRef("g1", "s1", folder))
+                assert exits == [] and not rt.is_running("s1")
+            finally:
+                await rt.close()
+
+        asyncio.run(main())
+        unlabelled.reload()
+        neighbour.reload()
+        assert unlabelled.status == "running" and neighbour.status == "created"
+    finally:
+        remove_labelled(docker_client, f"test.cleanup={tag}")
+
+
+@pytest.mark.docker
+def test_unavailable_cases_are_one_line_and_create_nothing(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    folder = make_session(tmp_path, "g1", "s1")
+
+    async def main() -> None:
+        rt, _ = make_runtime(tmp_path, instance, "orchestrator-agent:does-not-exist")
+        try:
+            with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`") as e:
+                await rt.start(SessionRef("g1", "s1", folder))
+            assert "\n" not in str(e.value)
+        finally:
+            await rt.close()
+        rt, _ = make_runtime(tmp_path, instance, agent_image,
+                             base_url=f"unix://{tmp_path}/no-daemon.sock")
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeUnavailable, match="unreachable at .*no-daemon.sock.*"
+                                                         r"start it or set \[docker\] base_url"):
+                await rt.start(SessionRef("g1", "s1", folder))
+            assert time.monotonic() - t0 < 5
+        finally:
+            await rt.close()
+        rt, _ = make_runtime(tmp_path, instance, agent_image,
+                             mounts=(f"{tmp_path}:/data",), allowed_mounts=("/nonexistent",))
+        try:
+            with pytest.raises(MountNotAllowed):
+                await rt.start(SessionRef("g1", "s1", folder))
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+    assert labelled(docker_client, instance) == []
+
+
+@pytest.mark.docker
+def test_allowed_extra_mount_is_applied(tmp_path: Path, docker_client: docker.DockerClient,
+                                        agent_image: str, instance: str) -> None:
+    data = tmp_path / "data"
+    folder = make_session(data, "g1", "s1")
+    shared = tmp_path / "shared" / "models"
+    shared.mkdir(parents=True)
+
+    async def main() -> dict:
+        rt, _ = make_runtime(data, instance, agent_image, mounts=(f"{shared}:/models:ro",),
+                             allowed_mounts=(str(tmp_path / "shared"),))
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            return await in_thread(docker_client.api.inspect_container, handle.ident)
+        finally:
+            await rt.close()
+
+    mounts = {m["Destination"]: m for m in asyncio.run(main())["Mounts"]}
+    assert mounts["/models"]["Source"] == str(shared) and mounts["/models"]["RW"] is False
+
+
+@pytest.mark.docker
+def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+                        private_dockerd: PrivateDockerd) -> None:
+    """Daemon stops: start raises RuntimeUnavailable, the running agent's end is reported
+    after the event stream reconnects, and start works again — without a new runtime."""
+    private_dockerd.load_image(docker_client, agent_image)
+    instance = f"t{uuid.uuid4().hex[:10]}"
+    one = make_session(tmp_path, "g1", "one")
+    two = make_session(tmp_path, "g1", "two")
+
+    async def main() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image,
+                                 base_url=private_dockerd.base_url)
+        try:
+            await rt.start(SessionRef("g1", "one", one))
+            await until(lambda: rt.events_connected, 10, "event stream connected")
+            connects = rt.event_connects
+            await in_thread(private_dockerd.stop)
+            await until(lambda: not rt.events_connected, 10, "event stream noticed the stop")
+            with pytest.raises(RuntimeUnavailable, match="unreachable"):
+                await rt.start(SessionRef("g1", "two", two))
+            assert not rt.is_running("two")
+            await in_thread(private_dockerd.start)
+            # The stream comes back by itself (backoff is capped at 5 s) and reconciles:
+            # the daemon stopped 'one' while nobody listened.
+            await until(lambda: rt.event_connects > connects, 15, "event stream reconnected")
+            await until(lambda: exits, 10, "exit of the container stopped with the daemon")
+            assert [(e.session_id, e.reason in ("exited", "stopped", "killed")) for e in exits] \
+                == [("one", True)]
+            assert not rt.is_running("one")
+            handle = await rt.start(SessionRef("g1", "two", two))
+            assert rt.is_running("two")
+            await rt.kill("two")
+            assert exits[-1] == AgentExit("g1", "two", 137, "killed")
+            client = private_dockerd.client()
+            try:
+                await until(lambda: not client.containers.list(
+                    all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}), 10,
+                    "dead containers removed after the restart")
+            finally:
+                client.close()
+            assert handle.ident
+        finally:
+            await rt.close()
+
+    asyncio.run(main())

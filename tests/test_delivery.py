@@ -360,6 +360,17 @@ def test_restart_in_the_crash_window_records_without_a_second_copy(tmp_path: Pat
     world.channel.close()
 
 
+def test_an_unusable_channel_file_counts_as_failed_attempts(tmp_path: Path) -> None:
+    """Even when the channel fails before delivering (cannot open its file)."""
+    (tmp_path / "out.jsonl").mkdir()
+    world = World(tmp_path, JsonlChannel(tmp_path / "out.jsonl"), max_attempts=2, retry_base=1)
+    world.reply("r1")
+    assert world.deliver(NOW).delivered == []
+    assert world.registry.delivery_attempt(world.row.id, "r1") == (1, later(1))
+    assert world.deliver(later(1)).failed == ["r1"]
+    assert world.settled() == {"r1": "failed"}
+
+
 def test_jsonl_channel_skips_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_text(json.dumps({"message_id": "r1"}) + "\n" + '{"message_id": "r2", "con')

@@ -26,9 +26,19 @@ class JsonlChannel:
 
     def _open(self):
         if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._seen = set(read_ids(self.path))
-            self._fh = open(self.path, "a", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._seen = set(read_ids(self.path))
+                torn = _ends_without_newline(self.path)
+                self._fh = open(self.path, "a", encoding="utf-8")
+                if torn:  # a crash mid-write: do not glue the next reply onto that line
+                    self._fh.write("\n")
+                    self._fh.flush()
+            except OSError as exc:
+                if self._fh is not None:
+                    self._fh.close()
+                    self._fh = None
+                raise DeliveryError(f"{self.path}: cannot open ({exc.strerror})") from None
         return self._fh
 
     def already_delivered(self, message_id: str) -> bool:
@@ -50,6 +60,17 @@ class JsonlChannel:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _ends_without_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            if fh.seek(0, 2) == 0:
+                return False
+            fh.seek(-1, 2)
+            return fh.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def read_ids(path: Path) -> list[str]:

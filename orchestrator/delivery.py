@@ -26,7 +26,7 @@ from loguru import logger
 from orchestrator.attachments import safe_name
 from orchestrator.channels import Channel, DeliveryError, Reply
 from orchestrator.config import DeliveryConfig
-from orchestrator.layout import SessionPaths, delivered_root
+from orchestrator.layout import InvalidId, SessionPaths, delivered_root
 from orchestrator.lifecycle import delivery_backoff
 from orchestrator.store import inbound
 from orchestrator.store.outbound import OutMessage
@@ -73,7 +73,10 @@ def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str
     symlink, or anything but a regular file: nothing outside the session folder
     is ever read through a link the agent planted.
     """
-    src_dir = paths.outbox_dir(out_id)
+    try:
+        src_dir = paths.outbox_dir(out_id)
+    except InvalidId as exc:  # the agent named a reply like a path: refuse it
+        raise DeliveryError(f"reply {out_id!r}: {exc}") from None
     dst_dir = delivered_root(data_dir) / out_id
     moved: list[Path] = []
     if names and (paths.outbox.is_symlink() or src_dir.is_symlink()):
@@ -104,7 +107,10 @@ def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str
 
 
 def remove_outbox(paths: SessionPaths, out_id: str) -> None:
-    target = paths.outbox / out_id
+    try:
+        target = paths.outbox_dir(out_id)
+    except InvalidId:
+        return  # not a folder name: nothing of ours to clean (never rmtree "../x")
     try:
         if paths.outbox.is_symlink():  # rmtree would delete what the link points at
             logger.warning("{}: is a symlink; not cleaning up through it", paths.outbox)
@@ -184,7 +190,13 @@ class Deliverer:
     async def _deliver_one(self, paths: SessionPaths, agent_group: str, session_id: str,
                            msg: OutMessage,
                            routing: tuple[str | None, str | None, str | None]) -> str | None:
-        if self.channel.already_delivered(msg.id):
+        try:
+            taken = self.channel.already_delivered(msg.id)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # a channel bug is a failed attempt, not a crash
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        if taken:
             logger.info("reply {} was taken by the channel before a restart; recording it", msg.id)
             return None
         content = _parse_content(msg.content, msg.id)

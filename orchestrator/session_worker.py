@@ -142,6 +142,15 @@ class SessionWorker:
                 logger.error("session {}/{}: {}", t.agent_group, t.session_id, message)
                 t.broken = message
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+        except Exception as exc:  # a bug or a hostile folder: contain it to this session
+            # (the supervisor runs every pass on one worker task; letting this escape
+            # would silently stop delivery and lifecycle for every session)
+            message = f"{type(exc).__name__}: {exc}"
+            if message != t.broken:
+                logger.opt(exception=exc).error("session {}/{}: pass failed: {}",
+                                                t.agent_group, t.session_id, message)
+                t.broken = message
+            self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
 
     def _changed_on_disk(self, t: Tracked) -> Flag:
         flags = Flag.NONE

@@ -48,6 +48,9 @@ class FakeChannel:
     taken: list[Reply] = field(default_factory=list)
 
     def already_delivered(self, message_id: str) -> bool:
+        if self.boom and message_id in self.fail and self.fail[message_id] is None:
+            self.calls.append(message_id)  # an attempt, failed by a lookup bug
+            raise KeyError("lookup bug")
         return any(r.message_id == message_id for r in self.taken)
 
     async def deliver(self, reply: Reply) -> str | None:
@@ -129,7 +132,7 @@ class World:
 # --- retries, backoff, persistent attempts ------------------------------------------------
 
 
-@pytest.mark.parametrize("boom", [False, True], ids=["delivery-error", "channel-bug"])
+@pytest.mark.parametrize("boom", [False, True], ids=["delivery-error", "channel-bugs"])
 def test_failing_channel_backs_off_persists_attempts_then_fails(tmp_path: Path,
                                                                 boom: bool) -> None:
     world = World(tmp_path, FakeChannel(fail={"r-bad": None}, boom=boom), max_attempts=3,
@@ -231,6 +234,24 @@ def test_file_names_must_be_basenames(tmp_path: Path, name: str) -> None:
     result = world.deliver(NOW)
     assert result.failed == ["r1"] and world.channel.calls == []
     assert (tmp_path / "escape.txt").read_text() == "outside"
+
+
+@pytest.mark.parametrize("out_id", ["../victim", "..", "has space", ".hidden"])
+def test_reply_ids_that_are_not_safe_names_are_refused(tmp_path: Path, out_id: str) -> None:
+    """Ids name folders (outbox/<id>, delivered/<id>): a path-like id is refused and
+    never used to move or remove anything."""
+    world = World(tmp_path, FakeChannel(), max_attempts=2, retry_base=1.0)
+    victim = world.paths.outbox.parent / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    world.reply(out_id)
+    world.reply("r-ok")
+    assert world.deliver(NOW).delivered == ["r-ok"]
+    assert world.deliver(later(1)).failed == [out_id]
+    assert world.settled() == {out_id: "failed", "r-ok": "delivered"}
+    assert (victim / "keep.txt").read_text() == "keep"
+    assert world.paths.outbox.is_dir() and world.paths.inbound_db.is_file()
+    assert world.channel.calls == ["r-ok"]
 
 
 # --- symlinks are never followed ------------------------------------------------------------

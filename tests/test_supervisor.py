@@ -7,6 +7,7 @@ a deadline (``e2e.until``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from helpers import query, wait_for
 from orchestrator.config import read_config
 from orchestrator.layout import delivered_root
 from orchestrator.runtime.local import read_pid_file
+from orchestrator.store import schema
 from orchestrator.store.schema import parse_ts
 
 
@@ -402,3 +404,69 @@ def test_sigkill_restart_delivers_every_reply_once_and_readopts_the_agent(
     # on_shutdown = "stop": the clean shutdown stopped the adopted agent
     wait_for(lambda: not agent_pids(paths.root), message="the agent stopped at shutdown")
     client.close()
+
+
+# --- robustness: one bad session never stops the others ---------------------------------
+
+
+def test_hostile_reply_ids_stop_nothing_and_remove_nothing(tmp_path: Path, reap_agents) -> None:
+    """A rogue agent writes reply ids that are not safe path components. They are
+    refused (recorded failed), nothing outside outbox/ is touched, and every other
+    session keeps getting its replies."""
+    cfg = make_config(tmp_path, delivery={"max_attempts": 2, "retry_base": 0.1})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            rogue = client.session("rogue")
+            paths = client.paths(rogue)
+            victim = paths.root / "victim"
+            victim.mkdir()
+            (victim / "keep.txt").write_text("keep")
+            schema.init_outbound(paths.outbound_db)
+            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+                for seq, out_id in ((1, "../victim"), (3, "has space"), (5, "out-fine")):
+                    conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                                 " VALUES (?, ?, ?, 'chat', ?)",
+                                 (out_id, seq, schema.now_ts(), json.dumps({"text": out_id})))
+            await until(lambda: len(delivered_rows(paths)) == 3, message="all three settled")
+            _, mid = client.send("honest", "still there?")
+            await until(lambda: replies_to(cfg, mid), message="another session's reply")
+
+        assert delivered_rows(paths) == {"../victim": "failed", "has space": "failed",
+                                         "out-fine": "delivered"}
+        assert (victim / "keep.txt").read_text() == "keep"
+        assert [r["message_id"] for r in replies(cfg)].count("out-fine") == 1
+        client.close()
+
+    run(body())
+
+
+def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_agents,
+                                                         monkeypatch) -> None:
+    """A bug that raises inside one session's pass (simulated by a patched reader)
+    must not stop the one worker task that serves every session."""
+    cfg = make_config(tmp_path, watch={"sweep_interval": 0.3})
+    from orchestrator import session_worker
+
+    real_count_due = session_worker.inbound.count_due
+
+    def buggy(path, now):
+        if "buggy" in str(path):
+            raise KeyError("a bug")
+        return real_count_due(path, now)
+
+    monkeypatch.setattr(session_worker.inbound, "count_due", buggy)
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            _, bad_mid = client.send("buggy", "first")
+            _, ok_mid = client.send("fine", "second")
+            await until(lambda: replies_to(cfg, ok_mid), message="the healthy session's reply")
+            assert not replies_to(cfg, bad_mid)
+            monkeypatch.undo()  # "fixed": the next scheduled pass recovers the session
+            await until(lambda: replies_to(cfg, bad_mid), message="the recovered session")
+        client.close()
+
+    run(body())

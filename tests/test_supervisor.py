@@ -15,6 +15,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import tomli_w
 
 from e2e import (Client, agent_pids, config_dict, make_config, reap_agents,  # noqa: F401
@@ -24,7 +25,8 @@ from orchestrator.config import read_config
 from orchestrator.layout import delivered_root
 from orchestrator.runtime.local import read_pid_file
 from orchestrator.store import schema
-from orchestrator.store.schema import parse_ts
+from orchestrator.store.schema import parse_ts, utcnow
+from orchestrator.supervisor import AlreadyRunning, Supervisor
 
 
 def messages_in(paths, message_id: str) -> dict:
@@ -468,5 +470,98 @@ def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_ag
             monkeypatch.undo()  # "fixed": the next scheduled pass recovers the session
             await until(lambda: replies_to(cfg, bad_mid), message="the recovered session")
         client.close()
+
+    run(body())
+
+
+# --- start-up reconcile, timers, start failures, one instance per data dir ------------------
+
+
+def test_stale_running_status_and_orphan_claim_are_reconciled_at_start(
+        tmp_path: Path, reap_agents) -> None:
+    """The host and its agent died together: the registry still says running and a
+    claim is left in outbound.db. Start-up puts status back on evidence and gives
+    the claim back for a retry."""
+    cfg = make_config(tmp_path)
+    client = Client(cfg)
+    row, mid = client.send("orphaned", "left behind")
+    paths = client.paths(row)
+    schema.init_outbound(paths.outbound_db)
+    with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+        conn.execute("INSERT INTO processing_ack (message_id, status, status_changed)"
+                     " VALUES (?, 'processing', ?)", (mid, schema.now_ts()))
+    client.registry.set_container_status(row.id, "running", "agent started, 1 message(s) due")
+
+    async def body() -> None:
+        async with supervised(cfg):
+            await until(lambda: replies_to(cfg, mid), message="the retried reply")
+            await until(lambda: messages_in(paths, mid)["status"] == "completed")
+
+    run(body())
+    seq = client.statuses(row.id)
+    assert seq[:3] == [("running", "agent started, 1 message(s) due"),
+                       ("stopped", "no agent found at start-up"),
+                       ("running", "agent started, 1 message(s) due")], seq
+    assert messages_in(paths, mid)["tries"] == 1
+    client.close()
+
+
+def test_scheduled_message_wakes_an_agent_at_its_time(tmp_path: Path, reap_agents) -> None:
+    """process_after in the future: a timer at the due time, not the (slow) sweep."""
+    cfg = make_config(tmp_path, watch={"sweep_interval": 120.0})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row = client.session("scheduled")
+            due = utcnow() + timedelta(seconds=1.0)
+            mid, _ = client.sessions.write_message(row, {"text": "later"}, process_after=due)
+            await until(lambda: replies_to(cfg, mid), message="the scheduled reply")
+            changes = client.registry.status_changes(row.id)
+        started = parse_ts(changes[0]["at"])
+        assert changes[0]["new"] == "running"
+        assert due <= started < due + timedelta(seconds=1.0), (due, started)
+        client.close()
+
+    run(body())
+
+
+def test_agent_that_cannot_start_is_retried_with_backoff(tmp_path: Path, reap_agents) -> None:
+    """The agent command is missing: the work stays pending, no status is invented,
+    and the start is retried with backoff until the command appears."""
+    script = tmp_path / "agent.sh"
+    cfg = make_config(tmp_path, command=[str(script)], watch={"sweep_interval": 120.0})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg) as sup:
+            row, mid = client.send("unlucky", "are you there?")
+            await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 1,
+                        message="a failed start")
+            failed_at = utcnow()
+            assert client.statuses(row.id) == []
+            assert messages_in(client.paths(row), mid)["status"] == "pending"
+            tmp = tmp_path / "agent.sh.tmp"
+            tmp.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m orchestrator.agent'
+                           ' --poll-interval 0.02 "$@"\n')
+            tmp.chmod(0o755)
+            tmp.rename(script)
+            await until(lambda: replies_to(cfg, mid), message="the reply once it can start")
+            changes = client.registry.status_changes(row.id)
+        assert changes[0]["new"] == "running"
+        # the first retry comes 1 s (start_backoff(1)) after the failure, by timer
+        assert parse_ts(changes[0]["at"]) - failed_at < timedelta(seconds=3)
+        client.close()
+
+    run(body())
+
+
+def test_one_supervisor_per_data_dir(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+
+    async def body() -> None:
+        async with supervised(cfg):
+            with pytest.raises(AlreadyRunning, match="another orchestrator is running"):
+                await Supervisor(cfg).serve()
 
     run(body())

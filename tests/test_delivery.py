@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import Client, make_config, reap_agents, replies_to, reply_counts, run, supervised, until  # noqa: F401
+from e2e import Client, make_config, reap_agents, run, supervised, until  # noqa: F401
 from helpers import query
 from orchestrator.channels import DeliveryError, Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
@@ -407,7 +407,6 @@ def test_supervisor_retries_a_failing_channel_without_blocking_others(tmp_path: 
                                                                       reap_agents) -> None:
     cfg = make_config(tmp_path, delivery={"retry_base": 0.2, "max_attempts": 5},
                       lifecycle={"stop_idle_after": 5.0})
-    channel = FakeChannel()
     flaky_text = "please be flaky"
 
     class Flaky(FakeChannel):

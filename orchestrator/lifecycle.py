@@ -68,6 +68,27 @@ def last_activity(obs: Observation) -> datetime | None:
     return max(times) if times else None
 
 
+def claim_tick_end(claimed_at: datetime) -> datetime:
+    """The end of the clock tick a claim was stamped in.
+
+    Claims are stamped by the agent, often with SQLite's ``datetime('now')`` (whole
+    seconds) or with milliseconds, while the heartbeat is a nanosecond mtime. A
+    heartbeat inside the same tick may well have come *before* the claim (agents
+    heartbeat at start and claim right after), so only a heartbeat after the whole
+    tick proves the agent did something since claiming.
+    """
+    if claimed_at.microsecond == 0:
+        return claimed_at + timedelta(seconds=1)
+    if claimed_at.microsecond % 1000 == 0:
+        return claimed_at + timedelta(milliseconds=1)
+    return claimed_at
+
+
+def heartbeat_since(obs: Observation, claim: Claim) -> bool:
+    return (obs.heartbeat_at is not None and claim.claimed_at is not None
+            and obs.heartbeat_at >= claim_tick_end(claim.claimed_at))
+
+
 def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str | None:
     """Why a live agent must be killed, or None.
 
@@ -83,7 +104,7 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
         return f"heartbeat {hb_age:.0f}s old (limit {limit:g}s)"
     climit = claim_limit(cfg, obs.tool_timeout)
     for claim in obs.claims:
-        if claim.claimed_at is None or obs.heartbeat_at > claim.claimed_at:
+        if claim.claimed_at is None or heartbeat_since(obs, claim):
             continue
         age = (now - claim.claimed_at).total_seconds()
         if age > climit:
@@ -98,7 +119,7 @@ def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     times = [obs.heartbeat_at + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
     climit = timedelta(seconds=claim_limit(cfg, obs.tool_timeout))
     times += [c.claimed_at + climit for c in obs.claims
-              if c.claimed_at is not None and obs.heartbeat_at <= c.claimed_at]
+              if c.claimed_at is not None and not heartbeat_since(obs, c)]
     return min(times)
 
 

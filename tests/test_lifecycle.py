@@ -16,6 +16,7 @@ from orchestrator.config import LifecycleConfig
 from orchestrator.lifecycle import (Action, Claim, Observation, claim_limit, decide,
                                     delivery_backoff, heartbeat_limit, last_activity,
                                     start_backoff, stuck_reason)
+from orchestrator.store.schema import parse_ts
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 CFG = LifecycleConfig()  # idle 30, stop 300, ceiling 1800, claim 60
@@ -174,6 +175,34 @@ def test_stuck_reason(observation: Observation, stuck: str | None) -> None:
         assert reason is None
     else:
         assert reason is not None and reason.startswith(stuck)
+
+
+@pytest.mark.parametrize(("claimed", "heartbeat", "since"), [
+    # the reference agent stamps milliseconds; the heartbeat is an ns mtime
+    ("2025-03-01 12:00:50.773", "2025-03-01 12:00:50.773102471", False),  # same ms: before?
+    ("2025-03-01 12:00:50.773", "2025-03-01 12:00:50.774", True),
+    ("2025-03-01 12:00:50.773", "2025-03-01 12:00:50.772999", False),
+    # SQLite's datetime('now') stamps whole seconds
+    ("2025-03-01 12:00:50", "2025-03-01 12:00:50.5", False),
+    ("2025-03-01 12:00:50", "2025-03-01 12:00:51", True),
+    # a stamp with microseconds is taken as exact
+    ("2025-03-01 12:00:50.773102", "2025-03-01 12:00:50.773103", True),
+    ("2025-03-01 12:00:50.773102", "2025-03-01 12:00:50.773101", False),
+])
+def test_claim_rule_respects_the_claim_stamp_precision(claimed: str, heartbeat: str,
+                                                       since: bool) -> None:
+    """A heartbeat in the same tick as a coarse claim stamp does not count as 'since the
+    claim': agents heartbeat at start and claim right after, within one tick."""
+    claimed_at, hb = parse_ts(claimed), parse_ts(heartbeat)
+    observation = Observation(alive=True, started_at=hb, heartbeat_at=hb,
+                              claims=(Claim("m1", claimed_at),))
+    later = claimed_at + timedelta(seconds=CFG.claim_stuck + 1)
+    reason = stuck_reason(observation, later, CFG)
+    assert (reason is None) == since, reason
+    verdict = decide(observation, claimed_at + timedelta(seconds=1), CFG)
+    expected = (hb + timedelta(seconds=CFG.ceiling) if since
+                else claimed_at + timedelta(seconds=CFG.claim_stuck))
+    assert verdict.next_check == expected
 
 
 @pytest.mark.parametrize(("failures", "base", "cap", "delay"), [

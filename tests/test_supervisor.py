@@ -565,3 +565,61 @@ def test_one_supervisor_per_data_dir(tmp_path: Path) -> None:
                 await Supervisor(cfg).serve()
 
     run(body())
+
+
+COARSE_AGENT = '''\
+"""A NanoClaw-style agent: stamps its claim with SQLite's datetime('now') (whole
+seconds) right after a heartbeat in the same second, then hangs. Only on its first
+start (counter file); later starts exec the reference agent."""
+import os, sys, time
+from pathlib import Path
+counter = Path(sys.argv[1])
+n = int(counter.read_text()) if counter.exists() else 0
+counter.write_text(str(n + 1))
+if n > 0:
+    os.execv(sys.executable, [sys.executable, "-m", "orchestrator.agent", *sys.argv[2:]])
+ws = Path(sys.argv[sys.argv.index("--workspace") + 1])
+from orchestrator.store import schema
+schema.init_outbound(ws / "outbound.db")
+while True:
+    try:
+        with schema.opened(ws / "inbound.db", readonly=True) as conn:
+            row = conn.execute("SELECT id FROM messages_in WHERE status='pending'").fetchone()
+    except Exception:
+        row = None
+    if row:
+        break
+    time.sleep(0.02)
+while time.time() % 1 > 0.5:  # heartbeat and claim inside one second
+    time.sleep(0.01)
+(ws / ".heartbeat").touch()
+with schema.opened(ws / "outbound.db") as conn, schema.transaction(conn):
+    conn.execute("INSERT INTO processing_ack (message_id, status, status_changed)"
+                 " VALUES (?, 'processing', datetime('now'))", (row[0],))
+time.sleep(3600)
+'''
+
+
+def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
+        tmp_path: Path, reap_agents) -> None:
+    """The heartbeat (ns mtime) comes a moment before a claim stamped in whole seconds:
+    it must not count as a heartbeat *since* the claim, or a hung agent lives until
+    the 30-minute ceiling."""
+    script = tmp_path / "coarse_agent.py"
+    script.write_text(COARSE_AGENT)
+    cfg = make_config(tmp_path, command=["{python}", str(script), str(tmp_path / "starts"),
+                                         "--poll-interval", "0.02"])
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, mid = client.send("coarse", "claim me")
+            paths = client.paths(row)
+            await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                        message="completed after the claim rule killed the first agent")
+            seq = client.statuses(row.id)
+        assert seq[1][0] == "stopped" and seq[1][1].startswith(f"killed: claim on {mid} "), seq
+        assert messages_in(paths, mid)["tries"] == 1
+        client.close()
+
+    run(body())

@@ -60,6 +60,9 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None]) -> Runtime:
     return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
 
 
+WATCH_START_TIMEOUT = 10.0
+
+
 class AlreadyRunning(RuntimeError):
     pass
 
@@ -92,6 +95,7 @@ class Supervisor:
         self._tasks: list[asyncio.Task] = []
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
+        self._watching = asyncio.Event()
 
     # --- events in ----------------------------------------------------------------
 
@@ -202,7 +206,8 @@ class Supervisor:
         if warning:
             logger.warning(warning)
         self.watch_mode = mode
-        async for batch in watcher.batches(root, self.cfg.watch, self.stop_event, mode):
+        async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
+                                           self._watching, mode):
             self._on_activity(batch)
 
     async def _sweep(self) -> None:
@@ -211,7 +216,7 @@ class Supervisor:
             for sid in self.tracked:
                 self.mark(sid, Flag.SWEEP)
 
-    async def _startup(self) -> None:
+    async def _open(self) -> None:
         data_dir = self.cfg.data_dir
         self._lock_fd = lock_data_dir(data_dir)
         sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
@@ -222,6 +227,9 @@ class Supervisor:
         self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
         self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
                                     self.deliverer, self.clock, self.mark)
+
+    async def _reconcile_at_start(self) -> None:
+        """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
         try:
             adopted = {h.session_id: h for h in await self.runtime.recover()}
         except Exception as exc:  # e.g. Docker down: keep going, the sweep retries
@@ -241,13 +249,19 @@ class Supervisor:
         if not self._unreconciled:
             self.ready.set()
         logger.info("orchestrator up: {} sessions, {} adopted agents, runtime {}, data {}",
-                    len(self.tracked), len(adopted), self.runtime.name, data_dir)
+                    len(self.tracked), len(adopted), self.runtime.name, self.cfg.data_dir)
 
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then shut down cleanly."""
-        await self._startup()
-        self._tasks = [asyncio.create_task(self._watch(), name="watch"),
-                       asyncio.create_task(self._sweep(), name="sweep")]
+        await self._open()
+        self._tasks = [asyncio.create_task(self._watch(), name="watch")]
+        try:
+            await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.warning("file watch not confirmed after {}s; relying on the sweep meanwhile",
+                           WATCH_START_TIMEOUT)
+        await self._reconcile_at_start()
+        self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
         worker = asyncio.create_task(self._work(), name="work")
         self._wake.set()
         try:

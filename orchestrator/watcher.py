@@ -91,33 +91,60 @@ def choose_mode(cfg: WatchConfig, dirs: int, budget: int | None) -> tuple[str, s
     return "events", None
 
 
-async def inotify_batches(root: Path, cfg: WatchConfig,
-                          stop: asyncio.Event) -> AsyncIterator[list[Activity]]:
-    """Recursive inotify on ``root``; restarts the watch if it ends with an error."""
+PROBE = ".orchestrator-watch-probe"
+
+
+async def _poke(probe: Path) -> None:
+    """Touch the probe until the watch reports it (bounded by the caller's cancel)."""
+    while True:
+        probe.touch()
+        await asyncio.sleep(0.02)
+
+
+async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
+                          started: asyncio.Event) -> AsyncIterator[list[Activity]]:
+    """Recursive inotify on ``root``; restarts the watch if it ends with an error.
+
+    watchfiles gives no signal when its watches are in place, and a file written
+    before that is never reported. So we touch a probe file until its event comes
+    back: only then is ``started`` set (the supervisor reconciles after it), and
+    after a restart we ask for a full reconcile.
+    """
     failures = 0
+    probe = root / PROBE
+    first = True
     while not stop.is_set():
         root.mkdir(parents=True, exist_ok=True)
+        poker = asyncio.create_task(_poke(probe))
+        watching = False
         try:
             async for changes in watchfiles.awatch(
                 root, watch_filter=None, debounce=cfg.debounce_ms, step=cfg.step_ms,
                 stop_event=stop, recursive=True, ignore_permission_denied=True,
             ):
                 failures = 0
+                if not watching and any(Path(p) == probe for _, p in changes):
+                    watching = True
+                    poker.cancel()
+                    started.set()
+                    if not first:
+                        yield [RESCAN]
+                    first = False
                 batch = to_activities(root, changes)
                 if batch:
                     yield batch
             if not stop.is_set():  # the root vanished: events ended without an error
                 logger.warning("{}: watch ended (was the folder removed?); restarting it", root)
-                yield [RESCAN]
         except (OSError, RuntimeError) as exc:
             failures += 1
             logger.error("{}: inotify watch failed ({}); restarting in {}s", root, exc,
                          min(30, failures))
-            yield [RESCAN]
             try:
                 await asyncio.wait_for(stop.wait(), min(30, failures))
             except asyncio.TimeoutError:
                 pass
+        finally:
+            poker.cancel()
 
 
 _POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),
@@ -159,16 +186,18 @@ def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:
     return out
 
 
-async def poll_batches(root: Path, cfg: WatchConfig,
-                       stop: asyncio.Event) -> AsyncIterator[list[Activity]]:
+async def poll_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
+                       started: asyncio.Event) -> AsyncIterator[list[Activity]]:
     seen: dict[str, tuple | None] = {}
     poll_once(root, seen)  # baseline: start-up reconcile covers the initial state
+    started.set()
     async for _ in ticks(cfg.poll_interval, stop):
         batch = poll_once(root, seen)
         if batch:
             yield batch
 
 
-def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
+def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.Event,
             mode: str) -> AsyncIterator[list[Activity]]:
-    return inotify_batches(root, cfg, stop) if mode == "events" else poll_batches(root, cfg, stop)
+    source = inotify_batches if mode == "events" else poll_batches
+    return source(root, cfg, stop, started)

@@ -212,6 +212,10 @@ class Supervisor:
 
     async def _sweep(self) -> None:
         async for _ in ticks(self.cfg.watch.sweep_interval, self.stop_event):
+            try:
+                await self.runtime.reconcile()
+            except Exception as exc:  # the runtime logs its own outages; keep sweeping
+                logger.debug("runtime reconcile failed: {}", exc)
             self._discover()
             for sid in self.tracked:
                 self.mark(sid, Flag.SWEEP)

@@ -75,6 +75,11 @@ class Runtime(Protocol):
         """Immediate kill. Absent = done."""
         ...
 
+    async def reconcile(self) -> None:
+        """Re-check owned agents against the runtime itself and report exits that
+        its event source missed (called by the reconcile sweep)."""
+        ...
+
     def is_running(self, session_id: str) -> bool:
         """From the runtime's own bookkeeping; cheap, no I/O."""
         ...

@@ -152,6 +152,9 @@ class LocalRuntime:
         agent = self._watch(session, popen.pid, popen, adopted=False)
         return self._handle(agent)
 
+    async def reconcile(self) -> None:
+        """Nothing to do: a pidfd cannot miss its process's exit."""
+
     def _signal(self, agent: _Agent, sig: int) -> None:
         try:
             os.killpg(agent.pid, sig)

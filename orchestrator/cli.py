@@ -68,7 +68,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         content = {"text": args.text}
     if args.attach:
-        content.setdefault("attachments", []).extend(
+        if not isinstance(content.setdefault("attachments", []), list):
+            raise UsageError("--json: content.attachments must be a list to add --attach files")
+        content["attachments"].extend(
             _attachment(a, cfg.sessions.max_attachment_bytes) for a in args.attach)
     registry, sessions = _open(cfg)
     with registry:

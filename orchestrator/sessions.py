@@ -8,6 +8,7 @@ chat thread, ``agent-shared`` — one per agent group, whatever the chat.
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,8 +122,14 @@ class Sessions:
                 process_after=schema.format_ts(process_after) if process_after else None,
                 trigger=trigger, channel_type=channel_type, platform_id=platform_id,
                 thread_id=thread_id))
+        except sqlite3.IntegrityError:
+            if files:  # only what this call wrote: never another message's inbox
+                attachments.remove_inbox(paths, mid)
+            raise MessageError(f"message id {mid} already exists in session {session.id}; "
+                               "use a new id") from None
         except BaseException:
-            attachments.remove_inbox(paths, mid)
+            if files:
+                attachments.remove_inbox(paths, mid)
             raise
         return mid, seq
 

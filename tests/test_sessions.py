@@ -252,3 +252,31 @@ def test_mark_container_goes_to_the_registry(env):
 
 def test_message_error_is_a_value_error():
     assert issubclass(MessageError, ValueError)
+
+
+def test_duplicate_message_id_is_refused_and_keeps_the_first_messages_files(tmp_path):
+    import base64
+
+    with Registry(tmp_path / "orchestrator.db") as reg:
+        s = Sessions(tmp_path, reg, 1024)
+        sess = s.resolve("g", MessagingGroup("cli", "x"), None, "shared")
+        data = base64.b64encode(b"first").decode()
+        s.write_message(sess, {"text": "a", "attachments": [{"name": "f.txt", "data": data}]},
+                        message_id="msg-dup")
+        with pytest.raises(MessageError, match="already exists"):
+            s.write_message(sess, {"text": "b"}, message_id="msg-dup")
+        kept = s.paths(sess).inbox / "msg-dup" / "f.txt"
+        assert kept.read_bytes() == b"first"
+
+
+def test_symlinked_inbound_db_is_refused(tmp_path):
+    from orchestrator.store import schema
+
+    outside = tmp_path / "outside.db"
+    schema.init_inbound(outside)
+    link = tmp_path / "inbound.db"
+    link.symlink_to(outside)
+    with pytest.raises(sqlite3.DatabaseError, match="symlink"):
+        schema.connect(link)
+    with pytest.raises(sqlite3.DatabaseError, match="symlink"):
+        schema.connect(link, readonly=True)

@@ -186,7 +186,9 @@ class Registry:
         with self._tx() as c:
             row = c.execute("SELECT container_status FROM sessions WHERE id=?",
                             (session_id,)).fetchone()
-            old = row[0] if row else None
+            if row is None:
+                return None  # unknown session: nothing to record
+            old = row[0]
             c.execute("UPDATE sessions SET container_status=?, status_reason=? WHERE id=?",
                       (status, reason, session_id))
             c.execute("INSERT INTO status_changes (session_id, at, old, new, reason)"

@@ -13,6 +13,7 @@ Invariants carried here (see shared/design.md part 1):
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -146,7 +147,11 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 
     Read-only opens use the URI ``mode=ro`` so a reader can never become a
     second writer. Autocommit mode: transactions are explicit (``BEGIN IMMEDIATE``).
+    A symlink in place of a DB is refused: SQLite would follow it out of the folder.
     """
+    if os.path.islink(path):
+        raise sqlite3.DatabaseError(f"{path} is a symlink; refusing to follow it out of the "
+                                    "session folder (replace it with the real file)")
     if readonly:
         uri = Path(path).resolve().as_uri() + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)

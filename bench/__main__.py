@@ -1,0 +1,203 @@
+"""``python -m bench [--quick] [--out bench/results/latest.json]`` — see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import fixture, machine, proc, report
+from bench.scenarios import FULL, QUICK, Bench
+
+RUNS = ("idle", "latency1", "latency1000", "agents", "budget")
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf become null, tuples lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _noisy(results: dict, limit: float = 0.15) -> list[tuple[str, float]]:
+    """Windows in which programs other than the bench's used > ``limit`` cores."""
+    found: list[tuple[str, float]] = []
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for key in ("machine", "machine_load"):
+                f = node.get(key, {}).get("foreign_cores") if isinstance(node.get(key), dict) else None
+                if f is not None and f > limit:
+                    found.append((path, f))
+            for k, v in node.items():
+                if k not in ("machine", "machine_load", "series", "profile"):
+                    walk(v, f"{path}/{k}" if path else k)
+
+    walk(results, "")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench",
+                                 description="Benchmark the orchestrator (events vs poll).")
+    ap.add_argument("--quick", action="store_true", help="smaller counts and windows (< 2 min)")
+    ap.add_argument("--out", default="bench/results/latest.json", help="JSON results path")
+    ap.add_argument("--tmp", default=None, help="parent folder for the temporary data dirs")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data dirs and logs")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of runs: {','.join(RUNS)}")
+    ap.add_argument("--modes", default="events,poll", help="watch modes to run")
+    ap.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "py-spy"),
+                    default=None,
+                    help="profile the orchestrator during each window (cProfile on its event "
+                         "loop thread, or py-spy); slows it: figures are marked 'profiled'")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each measurement wait up to S seconds until other programs "
+                         "on the host use < 0.1 core (default 0: measure at once)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override an orchestrator config key (what-if experiments only; "
+                         "the targets are judged on the defaults)")
+    args = ap.parse_args(argv)
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        try:
+            section, key, value = fixture.parse_override(item)
+        except ValueError as exc:
+            ap.error(str(exc))
+        overrides.setdefault(section, {})[key] = value
+
+    only = set(args.only.split(",")) if args.only else None
+    if only and only - set(RUNS):
+        ap.error(f"--only: unknown run(s) {sorted(only - set(RUNS))}; choose from {RUNS}")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - {"events", "poll"}:
+        ap.error("--modes: events and/or poll")
+    params = replace(QUICK if args.quick else FULL, modes=modes)
+    try:
+        fixture.effective_config("events", params.poll_interval, overrides)
+    except ValueError as exc:  # ConfigError: a bad --set
+        ap.error(str(exc))
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    out = Path(args.out)
+    tmp = Path(tempfile.mkdtemp(prefix="orch-bench-", dir=args.tmp))
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    profiler = None
+    if args.profile:
+        from bench.profile import make_profiler
+        profiler = make_profiler(args.profile, out.parent / "profiles")
+    bench = Bench(params, tmp, keep=args.keep, profiler=profiler, overrides=overrides,
+                  wait_quiet=args.wait_quiet)
+    bench.say(f"orchestrator bench ({'quick' if args.quick else 'full'}), modes {', '.join(modes)},"
+              f" temp {tmp}")
+    if overrides:
+        bench.say(f"NOTE: config overrides {overrides}: a what-if run, not the defaults")
+    if args.profile:
+        bench.say(f"NOTE: profiling with {args.profile}: figures are inflated by the profiler")
+    complete = False
+    rc = 0
+    info = machine.describe(tmp)
+    try:
+        bench.say(f"machine: {info['cores_logical']} cores, {info['cpu_model']}, Python "
+                  f"{info['python']}, watchfiles {info['watchfiles']}, fs {info['bench_tmp_fs']}")
+        bench.run_all(only)
+        complete = True
+    except KeyboardInterrupt:
+        bench.say("interrupted: stopping child processes and removing temp files")
+        rc = 130
+    finally:
+        proc.kill_all()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            bench.say(f"kept {tmp}")
+
+    summary = report.summarize(bench.results, params.sizes, params.agents)
+    noisy = _noisy(bench.results)
+    doc = {
+        "bench": "orchestrator",
+        "complete": complete,
+        "quick": args.quick,
+        "profiled": args.profile,
+        "config_overrides": overrides or None,
+        "started_at": started.isoformat(),
+        "duration_s": time.monotonic() - t0,
+        "machine": info | {"loadavg_at_end": os.getloadavg()},
+        "code": machine.code_state(),
+        "settings": {
+            "orchestrator_config": {
+                "watch": asdict(bench.config.watch) | {"mode": "events | poll"},
+                "lifecycle": asdict(bench.config.lifecycle),
+                "delivery": asdict(bench.config.delivery) | {"path": "<data_dir>/delivered.jsonl"},
+                "runtime": "local (real LocalRuntime) when no synthetic agents; "
+                           "synthetic (bench/host.py) when the writers play the agents",
+                "everything_else": "defaults (orchestrator/config.py)",
+                "overrides": overrides or None,
+            },
+            "bench": asdict(params),
+            "only": sorted(only) if only else None,
+            "template_build_s": bench.template_seconds,
+            "os_sync_before_run_s": bench.sync_seconds,
+            "wait_quiet_s": args.wait_quiet, "quiet_waits_s": bench.quiet_waits,
+            "latency_definition": "writer time.time() after COMMIT of the messages_out row → "
+                                  "commit of its delivered row in inbound.db (unlink of "
+                                  "inbound.db-journal seen by inotify); same host clock",
+        },
+        "summary": summary,
+        "shared_host_windows": [{"window": k, "foreign_cores": v} for k, v in noisy],
+        "results": bench.results,
+        "extra": bench.extra,
+    }
+    if not complete:  # never replace a complete result with an interrupted one
+        out = out.with_name(out.stem + ".partial.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_clean(doc), indent=2, default=str) + "\n")
+    print()
+    print(report.table(summary))
+    fb = bench.extra.get("budget_fallback")
+    if fb and "error" not in fb:
+        lat = fb.get("latency", {}).get("latency_ms", {}).get("commit_to_recorded", {})
+        print(f"\nwatch budget too small (pretended max_user_watches="
+              f"{fb.get('pretended_max_user_watches')}): mode {fb.get('watch_mode')}, "
+              f"{fb.get('inotify_watches')} inotify watches, warning logged: "
+              f"{'yes' if fb.get('warning_logged') else 'NO'}, "
+              f"replies still delivered: {fb.get('latency', {}).get('replies_written', 0) - fb.get('latency', {}).get('lost_not_recorded', 0)}"
+              f"/{fb.get('latency', {}).get('replies_written', 0)}, p50 "
+              f"{lat.get('p50', float('nan')):.0f} ms")
+    if noisy:
+        print("\nshared host: other programs used > 0.15 core during "
+              + ", ".join(f"{k} ({v:.2f})" for k, v in noisy)
+              + " — those figures are pessimistic")
+    failed = [r for r in summary if r["pass_events"] is False]
+    errors = [f"{m}/{k}" for m, res in bench.results.items() for k, v in res.items()
+              if isinstance(v, dict) and "error" in v]
+    print(f"\n{len(failed)} target(s) missed in events mode"
+          + (": " + ", ".join(r["metric"] for r in failed) if failed else "")
+          + (f"; errors in {', '.join(errors)}" if errors else ""))
+    if not complete:
+        print("INCOMPLETE: interrupted; the figures above cover only the runs that finished")
+    print(f"results: {out}  (total {time.monotonic() - t0:.1f}s)")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

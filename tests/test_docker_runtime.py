@@ -28,10 +28,12 @@ from orchestrator import layout
 from orchestrator.config import DockerConfig
 from orchestrator.runtime import image as image_mod
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.docker import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE, LABEL_SESSION,
-                                         DockerRuntime, MountNotAllowed, container_name,
-                                         exit_reason, parse_extra_mounts, prepare_folder,
-                                         resolve_user)
+from orchestrator.runtime.docker import DockerRuntime
+from orchestrator.runtime.docker_spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
+                                              LABEL_SESSION, MountNotAllowed, container_name,
+                                              container_spec, exit_reason, host_config_kwargs,
+                                              parse_extra_mounts, prepare_folder, resolve_user,
+                                              session_mounts)
 
 AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]
@@ -100,6 +102,42 @@ def test_resolve_user(tmp_path: Path) -> None:
     assert resolve_user("1234:55", tmp_path) == ("1234:55", 1234, 55)
     assert resolve_user("1234", tmp_path) == ("1234:1234", 1234, 1234)
     assert resolve_user("nobody", tmp_path) == ("nobody", None, None)
+
+
+def test_session_mounts_folder_rw_and_inbound_db_ro_on_top(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    folder = make_session(data, "g", "s")
+    rw, ro = session_mounts(folder, data)
+    assert (rw["Target"], rw["Source"], rw["ReadOnly"]) == ("/workspace", str(folder), False)
+    assert (ro["Target"], ro["Source"], ro["ReadOnly"]) == (
+        "/workspace/inbound.db", str(folder / "inbound.db"), True)
+    outside = make_session(tmp_path / "elsewhere", "g", "s")
+    with pytest.raises(MountNotAllowed, match="not under data_dir"):
+        session_mounts(outside, data)
+    (folder / "inbound.db").rename(folder / "real.db")
+    with pytest.raises(RuntimeUnavailable, match="does not exist"):
+        session_mounts(folder, data)
+    (folder / "inbound.db").symlink_to(folder / "real.db")
+    with pytest.raises(MountNotAllowed, match="symlinks are not followed"):
+        session_mounts(folder, data)
+
+
+def test_container_spec_and_host_config_are_least_privilege(tmp_path: Path) -> None:
+    cfg = DockerConfig(instance="i1", image="img:1", command=("agent", "--x"), memory="256m",
+                       cpus=0.5, pids_limit=64)
+    spec = container_spec(cfg, SessionRef("g", "s", tmp_path), "10001:10001")
+    assert spec["name"] == "orch-i1-g-s" and spec["image"] == "img:1"
+    assert spec["command"] == ["agent", "--x"] and spec["user"] == "10001:10001"
+    assert spec["labels"] == {LABEL_INSTANCE: "i1", LABEL_GROUP: "g", LABEL_SESSION: "s"}
+    assert spec["working_dir"] == "/workspace"
+    hc = host_config_kwargs(cfg, [])
+    assert hc["network_mode"] == "none" and hc["cap_drop"] == ["ALL"]
+    assert hc["security_opt"] == ["no-new-privileges:true"] and hc["read_only"] is True
+    assert hc["mem_limit"] == "256m" and hc["nano_cpus"] == 500_000_000
+    assert hc["pids_limit"] == 64 and hc["init"] is True and hc["auto_remove"] is False
+    assert "privileged" not in hc and "cap_add" not in hc
+    loose = host_config_kwargs(DockerConfig(no_new_privileges=False, network="bridge"), [])
+    assert loose["security_opt"] == [] and loose["network_mode"] == "bridge"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")

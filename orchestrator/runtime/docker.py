@@ -28,18 +28,18 @@ loop: from the ``die`` event (exit code from ``Actor.Attributes.exitCode``), fro
 (re)connection of the event stream (for containers that ended while nobody was
 listening). Containers are created without ``auto_remove`` so the exit code
 survives; the runtime removes each container once its exit is handled.
+
+This module is the bookkeeping (which container belongs to which session, who
+reports its end). What a container looks like is ``docker_spec`` (pure); the
+event-stream thread is ``docker_events``; blocking docker-py calls and their
+error policy are ``dockerexec``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import re
-import stat
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from docker.types import Mount
@@ -49,151 +49,12 @@ from orchestrator import layout
 from orchestrator.config import DockerConfig
 from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable,
                                        SessionRef)
-from orchestrator.runtime.dockerexec import DockerExec, _is_unreachable
-
-LABEL_INSTANCE = "orchestrator.instance"
-LABEL_GROUP = "orchestrator.agent_group"
-LABEL_SESSION = "orchestrator.session"
-
-WORKSPACE = "/workspace"
-# Used when the data dir belongs to root: agents never run as root.
-FALLBACK_UID = 10001
-FALLBACK_GID = 10001
-TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
-ALIVE_STATES = frozenset({"running", "paused", "restarting"})
-EVENT_BACKOFF_MAX = 5.0
-_NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
-
-
-class MountNotAllowed(RuntimeUnavailable, ValueError):
-    """An extra mount (or a session folder) that the config does not allow."""
-
-
-# --- pure helpers --------------------------------------------------------------
-
-def container_name(instance: str, agent_group: str, session_id: str) -> str:
-    raw = f"orch-{instance}-{agent_group}-{session_id}"
-    name = _NAME_BAD.sub("_", raw)
-    if name != raw:
-        name += "-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
-    return name
-
-
-def container_labels(instance: str, agent_group: str, session_id: str) -> dict[str, str]:
-    return {LABEL_INSTANCE: instance, LABEL_GROUP: agent_group, LABEL_SESSION: session_id}
-
-
-def _is_under(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_extra_mounts(config: DockerConfig) -> list[Mount]:
-    """``[docker] mounts`` as docker Mounts; each host path must be under an allowed root.
-
-    Paths are resolved (symlinks followed) before the check, so a symlink cannot
-    smuggle a folder in. Targets may not be /workspace or inside it (the session
-    folder belongs to the contract). Raises MountNotAllowed with a one-line message.
-    """
-    allowed = [Path(a).expanduser().resolve() for a in config.allowed_mounts]
-    mounts: list[Mount] = []
-    for spec in config.mounts:
-        parts = spec.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-            raise MountNotAllowed(f"[docker] mounts entry {spec!r}: use 'HOST:CONTAINER[:ro]'")
-        host, target = Path(parts[0]).expanduser(), PurePosixPath(parts[1])
-        read_only = len(parts) == 3 and parts[2] == "ro"
-        if not host.is_absolute() or not target.is_absolute():
-            raise MountNotAllowed(f"[docker] mounts entry {spec!r}: both paths must be absolute")
-        ws = PurePosixPath(WORKSPACE)
-        if target == ws or ws in target.parents:
-            raise MountNotAllowed(
-                f"[docker] mounts entry {spec!r}: {WORKSPACE} is the session folder; "
-                "mount somewhere else")
-        real = host.resolve()
-        if not any(_is_under(real, root) for root in allowed):
-            raise MountNotAllowed(
-                f"[docker] mounts entry {spec!r}: {real} is not under any [docker] "
-                f"allowed_mounts ({', '.join(map(str, allowed)) or 'none configured'})")
-        mounts.append(Mount(target=str(target), source=str(real), type="bind",
-                            read_only=read_only))
-    return mounts
-
-
-def resolve_user(user: str, data_dir: Path) -> tuple[str, int | None, int | None]:
-    """(docker --user value, uid, gid); uid/gid None when given by name.
-
-    ``auto``: the owner of ``data_dir``, so files the agent writes belong to the
-    same account as the rest of the data. If that owner is root, agents run as
-    the fixed unprivileged ``FALLBACK_UID:FALLBACK_GID`` (10001) instead — never
-    as root — and the agent-writable parts of each session folder are chowned to
-    it before start (see ``prepare_folder``). A root group is replaced likewise.
-    """
-    if user == "auto":
-        st = data_dir.stat()
-        uid, gid = st.st_uid, st.st_gid
-        if uid == 0:
-            uid, gid = FALLBACK_UID, FALLBACK_GID
-        elif gid == 0:
-            gid = FALLBACK_GID
-        return f"{uid}:{gid}", uid, gid
-    match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
-    if match:
-        uid = int(match.group(1))
-        gid = int(match.group(2)) if match.group(2) is not None else uid
-        return f"{uid}:{gid}", uid, gid
-    return user, None, None
-
-
-def prepare_folder(folder: Path, uid: int | None, gid: int | None) -> list[Path]:
-    """Give the agent's uid the parts of the folder it must write; return what changed.
-
-    Only when this process may chown (root) and ids are numeric. Changed: the
-    session folder itself (SQLite creates ``outbound.db-journal`` next to the db),
-    ``outbound.db``, ``.heartbeat`` and ``outbox/`` with everything in it.
-    ``inbound.db`` and ``inbox/`` stay host-owned (the agent only reads them).
-    Symlinks are never followed.
-    """
-    if uid is None or gid is None or os.geteuid() != 0:
-        return []
-    paths = layout.SessionPaths(folder)
-    targets = [folder, paths.outbound_db, paths.heartbeat, paths.outbox]
-    if paths.outbox.is_dir() and not paths.outbox.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(paths.outbox):
-            targets += [Path(dirpath) / n for n in dirnames + filenames]
-    changed = []
-    for target in targets:
-        try:
-            st = target.lstat()
-        except FileNotFoundError:
-            continue
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(target, uid, gid, follow_symlinks=False)
-            changed.append(target)
-    return changed
-
-
-def exit_reason(exit_code: int | None, *, stopping: bool = False, killing: bool = False,
-                oom: bool = False, kill_signal: str | None = None) -> str:
-    """exited | killed | oom | stopped, from what we asked for and what Docker saw."""
-    if stopping:
-        return "stopped"
-    if killing:
-        return "killed"
-    if oom:
-        return "oom"
-    if kill_signal is not None:
-        sig = kill_signal.upper().removeprefix("SIG")
-        if sig in ("9", "KILL"):
-            return "killed"
-        if sig in ("15", "TERM", "2", "INT"):
-            return "stopped"
-    if exit_code == 137:
-        return "killed"
-    return "exited"
+from orchestrator.runtime.docker_events import DockerEvents
+from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_INSTANCE,
+                                              LABEL_SESSION, container_spec, exit_reason,
+                                              host_config_kwargs, parse_extra_mounts,
+                                              prepare_folder, resolve_user, session_mounts)
+from orchestrator.runtime.dockerexec import DockerExec
 
 
 @dataclass
@@ -208,17 +69,6 @@ class _Tracked:
     kill_signal: str | None = None
     pending_exit: AgentExit | None = None
     done: bool = False
-
-
-@dataclass
-class _EventState:
-    thread: threading.Thread | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    stream: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    since: str | None = None
-    connected: bool = False
-    connects: int = 0
 
 
 class DockerRuntime:
@@ -238,7 +88,8 @@ class DockerRuntime:
         self._starting: set[str] = set()
         self._tasks: set[asyncio.Future] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events = _EventState()
+        self._events = DockerEvents(self.exec, self.instance, self._on_event,
+                                    self._after_connect)
         self._reconcile_lock: asyncio.Lock | None = None
         self.reconciles = 0  # completed reconciles (observable in tests)
 
@@ -338,60 +189,6 @@ class DockerRuntime:
             await self.exec.remove(container_id)
 
     # -- start ----------------------------------------------------------------
-    def _session_mounts(self, folder: Path) -> list[Mount]:
-        data_dir = self.data_dir.resolve()
-        real = folder.resolve()
-        if not _is_under(real, data_dir):
-            raise MountNotAllowed(f"session folder {folder} is not under data_dir {data_dir}")
-        inbound = real / layout.INBOUND_DB
-        try:
-            st = inbound.lstat()
-        except FileNotFoundError:
-            raise RuntimeUnavailable(
-                f"{inbound} does not exist: create the session (inbound.db) before starting it"
-            ) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise MountNotAllowed(f"{inbound} is not a regular file (symlinks are not followed)")
-        return [
-            Mount(target=WORKSPACE, source=str(real), type="bind", read_only=False),
-            Mount(target=f"{WORKSPACE}/{layout.INBOUND_DB}", source=str(inbound), type="bind",
-                  read_only=True),
-        ]
-
-    def container_spec(self, session: SessionRef, user: str) -> dict[str, Any]:
-        """Arguments for ``APIClient.create_container`` minus host_config (pure)."""
-        cfg = self.config
-        return {
-            "image": cfg.image,
-            "command": list(cfg.command),
-            "name": container_name(self.instance, session.agent_group, session.session_id),
-            "labels": container_labels(self.instance, session.agent_group, session.session_id),
-            "user": user,
-            "working_dir": WORKSPACE,
-            "environment": {
-                "HOME": "/tmp",
-                "ORCHESTRATOR_AGENT_GROUP": session.agent_group,
-                "ORCHESTRATOR_SESSION": session.session_id,
-            },
-        }
-
-    def host_config_kwargs(self, mounts: list[Mount]) -> dict[str, Any]:
-        cfg = self.config
-        kwargs: dict[str, Any] = {
-            "mounts": mounts,
-            "network_mode": cfg.network,
-            "cap_drop": list(cfg.cap_drop),
-            "security_opt": ["no-new-privileges:true"] if cfg.no_new_privileges else [],
-            "read_only": cfg.read_only_rootfs,
-            "tmpfs": {"/tmp": TMPFS_OPTIONS},
-            "mem_limit": cfg.memory,
-            "nano_cpus": int(round(cfg.cpus * 1e9)),
-            "pids_limit": cfg.pids_limit,
-            "init": True,
-            "auto_remove": False,
-        }
-        return kwargs
-
     async def start(self, session: SessionRef) -> AgentHandle:
         layout.validate_id(session.agent_group, "agent group")
         layout.validate_id(session.session_id, "session id")
@@ -401,7 +198,8 @@ class DockerRuntime:
             if t is not None and not t.done:
                 return t.handle
             self._ensure_events()
-            mounts = self._session_mounts(Path(session.folder)) + parse_extra_mounts(self.config)
+            mounts = (session_mounts(Path(session.folder), self.data_dir)
+                      + parse_extra_mounts(self.config))
             user, uid, gid = resolve_user(self.config.user, self.data_dir)
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
                                                                      uid, gid))
@@ -416,8 +214,8 @@ class DockerRuntime:
 
     async def _create_and_start(self, session: SessionRef, user: str,
                                 mounts: list[Mount]) -> AgentHandle:
-        spec = self.container_spec(session, user)
-        host_kwargs = self.host_config_kwargs(mounts)
+        spec = container_spec(self.config, session, user)
+        host_kwargs = host_config_kwargs(self.config, mounts)
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -556,91 +354,10 @@ class DockerRuntime:
         if self._loop is not loop:
             self._loop = loop
             self._reconcile_lock = asyncio.Lock()
+            self._events.bind(loop)
 
     def _ensure_events(self) -> None:
-        ev = self._events
-        if ev.thread is not None and ev.thread.is_alive():
-            return
-        ev.stop.clear()
-        ev.thread = threading.Thread(target=self._events_main, name=f"docker-events-{self.instance}",
-                                     daemon=True)
-        ev.thread.start()
-
-    def _post(self, fn: Any, *args: Any) -> bool:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return False
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed meanwhile
-            return False
-        return True
-
-    def _events_main(self) -> None:
-        """Thread: follow this instance's container events; reconnect with backoff.
-
-        The stream ends silently when the daemon restarts and the daemon keeps only
-        its last 256 events, so every (re)connect asks for ``since`` the last event
-        seen and is followed by a ``reconcile`` on the loop. An unreachable daemon
-        is logged once per outage (shared with ``start``'s message).
-        """
-        ev = self._events
-        filters = {"type": "container", "label": f"{LABEL_INSTANCE}={self.instance}"}
-        backoff = 0.1
-        dropped = False
-        other_logged = False
-        while not ev.stop.is_set():
-            client = None
-            try:
-                client = self.exec.new_client(timeout=10)
-                stream = client.events(decode=True, filters=filters, since=ev.since)
-                with ev.lock:
-                    if ev.stop.is_set():
-                        stream.close()
-                        break
-                    ev.stream = stream
-                ev.connected = True
-                ev.connects += 1
-                backoff = 0.1
-                self.exec.mark_available()
-                if dropped:
-                    logger.info("Docker event stream reconnected ({}); reconciling",
-                                self.exec.where)
-                dropped = other_logged = False
-                if not self._post(self._after_connect):
-                    break
-                for event in stream:
-                    nano = event.get("timeNano")
-                    if nano:
-                        ev.since = f"{nano // 1_000_000_000}.{nano % 1_000_000_000:09d}"
-                    if not self._post(self._on_event, event):
-                        ev.stop.set()
-                        break
-            except Exception as exc:  # DockerException, requests ConnectionError, ...
-                if not ev.stop.is_set():
-                    if _is_unreachable(exc):
-                        self.exec.mark_unavailable(exc)
-                    elif not other_logged:
-                        logger.warning("Docker event stream failed at {}: {}; retrying",
-                                       self.exec.where, str(exc).splitlines()[0] if str(exc)
-                                       else type(exc).__name__)
-                        other_logged = True
-            finally:
-                ev.connected = False
-                with ev.lock:
-                    ev.stream = None
-                if client is not None:
-                    try:
-                        client.close()
-                    except Exception:
-                        pass
-            if ev.stop.is_set():
-                break
-            if not dropped:
-                logger.debug("Docker event stream ended ({}); reconnecting", self.exec.where)
-                dropped = True
-            ev.stop.wait(backoff)
-            backoff = min(backoff * 2, EVENT_BACKOFF_MAX)
+        self._events.ensure_started()
 
     def _after_connect(self) -> None:
         self._spawn(self.reconcile())
@@ -719,17 +436,4 @@ class DockerRuntime:
         await self.exec.close()
 
     async def _stop_events(self) -> None:
-        ev = self._events
-        ev.stop.set()
-        with ev.lock:
-            stream = ev.stream
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:
-                pass
-        thread = ev.thread
-        if thread is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, thread.join, 5.0)
-            ev.thread = None
+        await self._events.stop()

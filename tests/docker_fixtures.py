@@ -33,7 +33,7 @@ import pytest
 from docker.errors import DockerException
 
 from orchestrator import layout
-from orchestrator.runtime.docker import LABEL_INSTANCE
+from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from orchestrator.runtime.image import ImageBuildError, build_image
 from orchestrator.store import schema
 
@@ -166,8 +166,18 @@ class PrivateDockerd:
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
+        """dockerd in its own network namespace (``unshare --net``, same pid: it execs).
+
+        Without ``--bridge`` a second daemon would fight the machine's over docker0;
+        with ``--bridge none`` dockerd *deletes* the interface named docker0 at start
+        (libnetwork's removeDefaultBridgeInterface) — in a shared namespace that is
+        the machine daemon's bridge, and every later ``docker build`` there fails
+        ("could not find bridge docker0"). Its own namespace keeps it to itself;
+        containers here use network none anyway.
+        """
         r = self.root
         return [
+            "unshare", "--net", "--",
             "dockerd", "--host", self.base_url, "--data-root", str(r / "data"),
             "--exec-root", str(r / "x"), "--pidfile", str(r / "dockerd.pid"),
             "--bridge", "none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",

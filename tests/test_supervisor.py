@@ -618,7 +618,9 @@ def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
             await until(lambda: messages_in(paths, mid)["status"] == "completed",
                         message="completed after the claim rule killed the first agent")
             seq = client.statuses(row.id)
-        assert seq[1][0] == "stopped" and seq[1][1].startswith(f"killed: claim on {mid} "), seq
+        # (it may look idle while it waits for a fresh second: that is fine)
+        first_stop = next(reason for status, reason in seq if status == "stopped")
+        assert first_stop.startswith(f"killed: claim on {mid} "), seq
         assert messages_in(paths, mid)["tries"] == 1
         client.close()
 

@@ -79,6 +79,8 @@ class Tracked:
     max_seq_seen: int = 0
     start_failures: int = 0
     start_blocked_until: datetime | None = None
+    op_failures: int = 0  # runtime operations (stop/kill) that raised, in a row
+    op_blocked_until: datetime | None = None  # after such a failure: no new op before
     exit: AgentExit | None = None
     ending_reason: str | None = None  # why we stopped/killed it, for the exit's status reason
     op: asyncio.Task | None = None
@@ -216,6 +218,8 @@ class SessionWorker:
         t.ending_reason = None
         t.started_at = None
         t.idle_since = None
+        t.op_failures = 0  # the agent a failed stop/kill was for has gone
+        t.op_blocked_until = None
         self.set_status(t, "stopped", reason, now)
 
     def _reset_orphan_claims(self, t: Tracked, now: datetime) -> None:
@@ -251,24 +255,30 @@ class SessionWorker:
     def _decide(self, t: Tracked, now: datetime) -> None:
         busy = t.op is not None and not t.op.done()
         verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        # A stop/kill that failed (e.g. Docker daemon down) is not retried at once: the
+        # same verdict would start the same failing op on every pass, in a hot loop.
+        gated = t.op_blocked_until is not None and t.op_blocked_until > now
         if not busy:
             if verdict.status != t.status and verdict.status != "stopped":
                 self.set_status(t, verdict.status, verdict.reason, now)
             elif verdict.status == "stopped" and t.status != "stopped":
                 self.set_status(t, "stopped", "no agent running", now)
             t.idle_since = verdict.detail.get("idle_since") if verdict.status == "idle" else None
-            if verdict.action is Action.START:
+            if gated and verdict.action is not Action.NONE:
+                pass  # retried when op_blocked_until passes (scheduled below)
+            elif verdict.action is Action.START:
                 self._run_op(t, self._start(t))
             elif verdict.action is Action.STOP:
                 t.ending_reason = f"stopped: {verdict.reason}"
                 self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
             elif verdict.action is Action.KILL:
-                logger.warning("session {}: killing stuck agent: {}", t.session_id,
-                               verdict.reason)
+                (logger.debug if t.op_failures else logger.warning)(
+                    "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
                 t.ending_reason = f"killed: {verdict.reason}"
                 self._run_op(t, self.runtime.kill(t.session_id))
         self._schedule(t, _earliest(verdict.next_check, t.delivery_due, t.next_inbound_due,
-                                    t.start_blocked_until), now)
+                                    t.start_blocked_until, t.op_blocked_until if gated else None),
+                       now)
 
     def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
         old = t.status
@@ -282,7 +292,19 @@ class SessionWorker:
             try:
                 await coro
             except Exception as exc:
-                logger.error("session {}: runtime operation failed: {}", t.session_id, exc)
+                # Back off before the next op on this session (see _decide). An outage
+                # the runtime has already reported (``reported``, e.g. the Docker daemon
+                # is down) is not logged again per session.
+                t.op_failures += 1
+                delay = start_backoff(t.op_failures, 1.0, self.cfg.runtime.start_retry_max)
+                t.op_blocked_until = self.clock() + timedelta(seconds=delay)
+                quiet = t.op_failures > 1 or getattr(exc, "reported", False)
+                (logger.debug if quiet else logger.error)(
+                    "session {}: runtime operation failed: {} (retrying in {:g}s)",
+                    t.session_id, exc, delay)
+            else:
+                t.op_failures = 0
+                t.op_blocked_until = None
             finally:
                 self.mark(t.session_id, Flag.TIMER)
 
@@ -302,7 +324,9 @@ class SessionWorker:
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
-            log = logger.error if t.start_failures == 1 else logger.debug
+            # once per session; not at all for an outage the runtime already reported
+            loud = t.start_failures == 1 and not getattr(exc, "reported", False)
+            log = logger.error if loud else logger.debug
             log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
                 t.session_id, exc, delay)
             return

@@ -287,12 +287,17 @@ class Supervisor:
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:
             logger.info("stopping {} agents", len(running))
-            await asyncio.gather(*(self.runtime.stop(h.session_id, self.cfg.runtime.stop_grace)
-                                   for h in running), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self.runtime.stop(h.session_id, self.cfg.runtime.stop_grace)
+                  for h in running), return_exceptions=True)
             now = self.clock()
-            for h in running:
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:  # e.g. Docker down: their status stays; recover() sorts them out
+                logger.warning("could not stop {} of {} agents ({}); they are re-adopted or "
+                               "cleaned up on restart", len(failed), len(running), failed[0])
+            for h, result in zip(running, results):
                 t = self.tracked.get(h.session_id)
-                if t:
+                if t and not isinstance(result, BaseException):
                     self.worker.set_status(t, "stopped", "stopped at orchestrator shutdown", now)
         elif running:
             logger.info("leaving {} agents running; they are re-adopted on restart",

@@ -6,10 +6,11 @@ in a small dedicated thread pool and returns its result to the event loop
 one-line message saying what failed and what to do:
 
 - daemon unreachable (``DockerException`` while connecting, or
-  ``requests.exceptions.ConnectionError`` on a later call): "Docker daemon
-  unreachable at ...: start it or set [docker] base_url". The client is dropped
-  and rebuilt on the next call, so the runtime recovers by itself when the
-  daemon is back. The transition down/up is logged once each, not per call.
+  ``requests.exceptions.ConnectionError`` on a later call): ``DaemonUnreachable``
+  "Docker daemon unreachable at ...: start it or set [docker] base_url". The
+  client is dropped and rebuilt on the next call, so the runtime recovers by
+  itself when the daemon is back. The transition down/up is logged once each,
+  not per call (the exception says so: ``reported = True``).
 - image missing: "image X not found: run `orchestrator image build`".
 - ``missing_ok=True`` (stop/kill/remove/inspect): NotFound, "is not running"
   and "removal ... already in progress" (409) mean "already done" -> None.
@@ -39,6 +40,13 @@ DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 # 409 answers that mean the container is already where we want it.
 _DONE_FRAGMENTS = ("is not running", "already in progress", "is already stopped",
                    "no such container")
+
+
+class DaemonUnreachable(RuntimeUnavailable):
+    """The daemon did not answer. ``reported``: this outage has already been logged
+    (once, by ``DockerExec``), so callers need not log it again per session."""
+
+    reported = True
 
 
 def docker_where(base_url: str = "") -> str:
@@ -144,7 +152,7 @@ class DockerExec:
         """One-line RuntimeUnavailable for ``exc``; marks the daemon down if unreachable."""
         if _is_unreachable(exc):
             self.mark_unavailable(exc)
-            return RuntimeUnavailable(self.unreachable_message())
+            return DaemonUnreachable(self.unreachable_message())
         self.mark_available()
         if isinstance(exc, ImageNotFound):
             name = image or "the agent image"

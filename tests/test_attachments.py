@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -328,7 +327,7 @@ def test_symlinked_inbox_refuses_the_whole_message(sess):
 def test_failed_row_insert_removes_the_files(sess):
     s, row, _ = sess
     s.write_message(row, {"text": "first"}, message_id="m1")  # no attachments: no inbox dir
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(MessageError, match="already exists"):
         s.write_message(row, {"attachments": [{"name": "a", "data": b64(b"x")}]},
                         message_id="m1")  # duplicate id: the row insert fails
     assert os.listdir(s.paths(row).inbox) == []

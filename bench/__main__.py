@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(_clean(doc), indent=2, default=str) + "\n")
     print()
     print(report.table(summary))
+    sweeps = {m: (bench.results.get(m, {}).get("idle_1000", {}).get("idle") or {})
+              .get("sweeps_in_window") for m in modes}
+    if any(v == 0 for v in sweeps.values()):
+        print(f"\nnote: the idle window held no reconcile sweep (one every "
+              f"{bench.sweep_interval:g}s); the full run's {FULL.idle_seconds:g}s window holds "
+              "one, which is the idle figure to quote")
     fb = bench.extra.get("budget_fallback")
     if fb and "error" not in fb:
         lat = fb.get("latency", {}).get("latency_ms", {}).get("commit_to_recorded", {})
@@ -184,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
               f"/{fb.get('latency', {}).get('replies_written', 0)}, p50 "
               f"{lat.get('p50', float('nan')):.0f} ms")
     if noisy:
-        print("\nshared host: other programs used > 0.15 core during "
-              + ", ".join(f"{k} ({v:.2f})" for k, v in noisy)
-              + " — those figures are pessimistic")
+        worst = max(noisy, key=lambda kv: kv[1])
+        shown = ", ".join(f"{k} ({v:.2f})" for k, v in noisy) if len(noisy) <= 4 else (
+            f"{len(noisy)} windows, worst {worst[0]} ({worst[1]:.2f} cores); see "
+            "shared_host_windows in the JSON")
+        print(f"\nSHARED HOST: other programs used > 0.15 core during {shown}. "
+              "Those figures are pessimistic (CPU and fsync contention).")
     failed = [r for r in summary if r["pass_events"] is False]
     errors = [f"{m}/{k}" for m, res in bench.results.items() for k, v in res.items()
               if isinstance(v, dict) and "error" in v]

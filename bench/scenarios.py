@@ -185,7 +185,9 @@ class Bench:
                 info["rss_peak_mb"] = run.orch.rss_peak_mb()
                 info["rss_mb_at_end"] = run.orch.rss_mb()
                 info["cpu_s_total"] = run.orch.cpu()
+            t_stop = time.monotonic()
             info["exit_code"] = run.orch.stop()
+            info["stop_s"] = round(time.monotonic() - t_stop, 3)
             info["log"] = run.orch.log_levels()
             info["status_changes"] = self._status_changes(run)
             if not self.keep:

@@ -92,7 +92,8 @@ def heartbeat_since(obs: Observation, claim: Claim) -> bool:
 def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str | None:
     """Why a live agent must be killed, or None.
 
-    - heartbeat older than max(ceiling, declared tool timeout);
+    - heartbeat older than max(ceiling, declared tool timeout) while it holds a claim
+      (an agent with no claim is idle, not stuck: the idle rule stops it politely);
     - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat
       since the claim. No heartbeat file at all means "still starting": not stuck.
     """
@@ -100,7 +101,7 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
         return None
     hb_age = (now - obs.heartbeat_at).total_seconds()
     limit = heartbeat_limit(cfg, obs.tool_timeout)
-    if hb_age > limit:
+    if obs.claims and hb_age > limit:
         return f"heartbeat {hb_age:.0f}s old (limit {limit:g}s)"
     climit = claim_limit(cfg, obs.tool_timeout)
     for claim in obs.claims:
@@ -115,6 +116,8 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
 def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     """When ``stuck_reason`` could next become true if nothing else happens."""
     if not obs.alive or obs.heartbeat_at is None:
+        return None
+    if not obs.claims:
         return None
     times = [obs.heartbeat_at + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
     climit = timedelta(seconds=claim_limit(cfg, obs.tool_timeout))

@@ -571,7 +571,8 @@ def test_malformed_content_fails_and_agent_keeps_running(session: Session, run_a
     session.insert("str", 6, '"plain"')
     session.insert("empty", 8, "{}")
     agent = run_agent(session)
-    wait_for(lambda: len(session.acks()) == 4, "all four acked")
+    wait_for(lambda: len(session.acks()) == 4
+             and "processing" not in session.acks().values(), "all four settled")
     acks = session.acks()
     assert acks == {"bad": "failed", "list": "failed", "str": "completed", "empty": "completed"}
     assert content_of(session.reply_to("bad"))["text"].startswith("error: ")

@@ -72,7 +72,7 @@ DECIDE_CASES = [
     ("idle_since kept across passes", obs(started=-1000, hb=-100, idle_since=-50),
      "idle", Action.NONE, 250, "no heartbeat"),
     ("no stop while work is due (the agent will pick it up)",
-     obs(started=-1000, hb=-400, due=1), "idle", Action.NONE, 1400, "no heartbeat"),
+     obs(started=-1000, hb=-400, due=1), "idle", Action.NONE, None, "no heartbeat"),
     # --- stuck ----------------------------------------------------------------------
     ("kill on heartbeat ceiling", obs(started=-4000, hb=-1801, claims=(("m1", -1900),)),
      "running", Action.KILL, None, "heartbeat 1801s old (limit 1800s)"),
@@ -163,7 +163,8 @@ def test_last_activity(observation: Observation, expected: float | None) -> None
 @pytest.mark.parametrize(("observation", "stuck"), [
     (obs(False, hb=-5000), None),  # dead: nothing to kill
     (obs(started=-5000), None),  # no heartbeat file yet
-    (obs(hb=-1800.5), "heartbeat"),
+    (obs(hb=-1800.5), None),  # no claim: idle, not stuck (the idle rule stops it)
+    (obs(hb=-1800.5, claims=(("x", -1900),)), "heartbeat"),
     (obs(hb=-100, claims=(("x", -30),)), None),  # claim after hb, but young
     (obs(hb=-100, claims=(("x", -61),)), "claim on x"),
     (obs(hb=-100, claims=(("x", -100),)), "claim on x"),  # same instant: no heartbeat *since*

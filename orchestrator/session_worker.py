@@ -132,7 +132,7 @@ class SessionWorker:
             if not alive and t.claims and (t.op is None or t.op.done()):
                 self._reset_orphan_claims(t, now)
                 flags |= Flag.INBOUND
-            if not alive or flags & (Flag.INBOUND | Flag.EXIT | Flag.TIMER):
+            if self._inbound_matters(t, flags, alive):
                 self._read_inbound(t, now)
             self._decide(t, now)
             if t.broken:
@@ -143,6 +143,7 @@ class SessionWorker:
             if message != t.broken:
                 logger.error("session {}/{}: {}", t.agent_group, t.session_id, message)
                 t.broken = message
+            t.sigs.clear()  # re-read everything on the next sweep, not just what changes
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
         except Exception as exc:  # a bug or a hostile folder: contain it to this session
             # (the supervisor runs every pass on one worker task; letting this escape
@@ -152,7 +153,22 @@ class SessionWorker:
                 logger.opt(exception=exc).error("session {}/{}: pass failed: {}",
                                                 t.agent_group, t.session_id, message)
                 t.broken = message
+            t.sigs.clear()
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+
+    @staticmethod
+    def _inbound_matters(t: Tracked, flags: Flag, alive: bool) -> bool:
+        """Whether this pass must re-count due work.
+
+        A running agent picks new messages up itself, and most inbound.db events are
+        our own delivery records: for a running agent only a timer (idle deadline)
+        or an exit needs the count. A stopped or idle one needs it to wake or to
+        hold off a stop.
+        """
+        wanted = flags & (Flag.INBOUND | Flag.EXIT | Flag.TIMER)
+        if wanted == Flag.INBOUND and alive and t.status == "running":
+            return False
+        return bool(wanted)
 
     def _changed_on_disk(self, t: Tracked) -> Flag:
         flags = Flag.NONE
@@ -207,9 +223,7 @@ class SessionWorker:
 
     def _read_inbound(self, t: Tracked, now: datetime) -> None:
         t.sigs["in"] = file_signature(t.paths.inbound_db)
-        t.due = inbound.count_due(t.paths.inbound_db, now)
-        nxt = inbound.next_due_at(t.paths.inbound_db)
-        t.next_inbound_due = nxt if nxt and nxt > now else None
+        t.due, t.next_inbound_due = inbound.due_state(t.paths.inbound_db, now)
 
     def _on_exit(self, t: Tracked, now: datetime) -> None:
         ev, t.exit = t.exit, None

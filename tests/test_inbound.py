@@ -212,19 +212,19 @@ def test_count_due_on_empty_db(db):
 
 
 def test_next_due_at(db):
-    assert inbound.next_due_at(db) is None
+    assert inbound.next_due_at(db, NOW) is None
     inbound.insert_message(db, msg("now"))  # no process_after: not a timer
-    assert inbound.next_due_at(db) is None
+    assert inbound.next_due_at(db, NOW) is None
     later, sooner = NOW + timedelta(minutes=10), NOW + timedelta(minutes=2)
     inbound.insert_message(db, msg("later", process_after=ts(later)))
     inbound.insert_message(db, msg("sys", kind="system", process_after=ts(NOW)))
     inbound.insert_message(db, msg("quiet", trigger=0, process_after=ts(NOW)))
-    assert abs(inbound.next_due_at(db) - later) < timedelta(milliseconds=5)
+    assert abs(inbound.next_due_at(db, NOW) - later) < timedelta(milliseconds=5)
     inbound.insert_message(db, msg("sooner", process_after=ts(sooner)))
-    got = inbound.next_due_at(db)
+    got = inbound.next_due_at(db, NOW)
     assert got.tzinfo is not None and abs(got - sooner) < timedelta(milliseconds=5)
     inbound.sync_acks(db, {"sooner": "completed"})
-    assert abs(inbound.next_due_at(db) - later) < timedelta(milliseconds=5)
+    assert abs(inbound.next_due_at(db, NOW) - later) < timedelta(milliseconds=5)
 
 
 def test_status_counts(db):

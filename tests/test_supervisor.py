@@ -461,14 +461,14 @@ def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_ag
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.3})
     from orchestrator import session_worker
 
-    real_count_due = session_worker.inbound.count_due
+    real_due_state = session_worker.inbound.due_state
 
     def buggy(path, now):
         if "buggy" in str(path):
             raise KeyError("a bug")
-        return real_count_due(path, now)
+        return real_due_state(path, now)
 
-    monkeypatch.setattr(session_worker.inbound, "count_due", buggy)
+    monkeypatch.setattr(session_worker.inbound, "due_state", buggy)
 
     async def body() -> None:
         client = Client(cfg)

@@ -16,11 +16,6 @@ from typing import Any, Iterable
 from orchestrator.store import schema
 from orchestrator.store.schema import opened, transaction
 
-DUE_SQL = (
-    "status = 'pending' AND \"trigger\" = 1 AND kind != 'system' AND "
-    "(process_after IS NULL OR julianday(process_after) <= julianday(:now))"
-)
-
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
@@ -87,22 +82,27 @@ def insert_message(path: Path, msg: NewMessage, now: datetime | None = None) -> 
     return seq
 
 
+def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
+    """(messages due now, earliest future ``process_after``) in one read-only query.
+
+    Called on every pass that may wake an agent, so it is one connection, one scan.
+    """
+    with opened(path, readonly=True) as conn:
+        n, jd = conn.execute(
+            "SELECT COALESCE(SUM(process_after IS NULL OR julianday(process_after) <= "
+            "julianday(:now)), 0), MIN(CASE WHEN julianday(process_after) > julianday(:now) "
+            "THEN julianday(process_after) END) FROM messages_in WHERE status = 'pending' AND "
+            "\"trigger\" = 1 AND kind != 'system'", {"now": schema.format_ts(now)}).fetchone()
+    return n, (_from_julian(jd) if jd is not None else None)
+
+
 def count_due(path: Path, now: datetime) -> int:
-    with opened(path) as conn:
-        (n,) = conn.execute(f"SELECT COUNT(*) FROM messages_in WHERE {DUE_SQL}",
-                            {"now": schema.format_ts(now)}).fetchone()
-    return n
+    return due_state(path, now)[0]
 
 
-def next_due_at(path: Path) -> datetime | None:
-    """The earliest ``process_after`` among waiting triggered messages (for a timer)."""
-    with opened(path) as conn:
-        (ts,) = conn.execute(
-            "SELECT MIN(julianday(process_after)) FROM messages_in WHERE status='pending' "
-            "AND \"trigger\"=1 AND kind != 'system' AND process_after IS NOT NULL").fetchone()
-    if ts is None:
-        return None
-    return _from_julian(ts)
+def next_due_at(path: Path, now: datetime | None = None) -> datetime | None:
+    """The earliest ``process_after`` still in the future (for a timer)."""
+    return due_state(path, now or schema.utcnow())[1]
 
 
 def _from_julian(jd: float) -> datetime:

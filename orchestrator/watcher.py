@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import watchfiles
 from loguru import logger
@@ -101,49 +102,97 @@ async def _poke(probe: Path) -> None:
         await asyncio.sleep(0.02)
 
 
+def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
+                  post: Callable[[str, object], None]) -> None:
+    """watchfiles' blocking ``watch`` in one long-lived thread.
+
+    ``awatch`` hands every batch through a fresh anyio worker-thread call; with 100
+    agents heartbeating that hand-off was a third of the supervisor's CPU. Here the
+    Rust watcher runs in one thread for the life of the watch and each batch costs
+    one ``call_soon_threadsafe``. (Re)starts are announced so the probe can run.
+    """
+    failures = 0
+    while not halt.is_set():
+        root.mkdir(parents=True, exist_ok=True)
+        post("start", None)
+        try:
+            for changes in watchfiles.watch(
+                root, watch_filter=None, debounce=cfg.debounce_ms, step=cfg.step_ms,
+                stop_event=halt, recursive=True, ignore_permission_denied=True,
+                raise_interrupt=False,
+            ):
+                failures = 0
+                post("changes", changes)
+            if not halt.is_set():  # the root vanished: events ended without an error
+                post("ended", None)
+        except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried
+            failures += 1
+            post("failed", (exc, min(30, failures)))
+            halt.wait(min(30, failures))
+    post("end", None)
+
+
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event) -> AsyncIterator[list[Activity]]:
-    """Recursive inotify on ``root``; restarts the watch if it ends with an error.
+    """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
     watchfiles gives no signal when its watches are in place, and a file written
     before that is never reported. So we touch a probe file until its event comes
     back: only then is ``started`` set (the supervisor reconciles after it), and
     after a restart we ask for a full reconcile.
     """
-    failures = 0
-    probe = root / PROBE
-    first = True
-    while not stop.is_set():
-        root.mkdir(parents=True, exist_ok=True)
-        poker = asyncio.create_task(_poke(probe))
-        watching = False
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    halt = threading.Event()
+
+    def post(kind: str, payload: object) -> None:
         try:
-            async for changes in watchfiles.awatch(
-                root, watch_filter=None, debounce=cfg.debounce_ms, step=cfg.step_ms,
-                stop_event=stop, recursive=True, ignore_permission_denied=True,
-            ):
-                failures = 0
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop closed first: nobody is listening any more
+            halt.set()
+
+    async def halt_on_stop() -> None:
+        await stop.wait()
+        halt.set()
+
+    probe = root / PROBE
+    restarts = 0
+    watching = False
+    poker: asyncio.Task | None = None
+    stopper = asyncio.create_task(halt_on_stop())
+    thread = threading.Thread(target=_watch_thread, args=(root, cfg, halt, post),
+                              name="watchfiles", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, payload = await queue.get()
+            if kind == "end":
+                return
+            if kind == "start":
+                watching = False
+                poker = asyncio.create_task(_poke(probe))
+            elif kind == "ended":
+                logger.warning("{}: watch ended (was the folder removed?); restarting it", root)
+            elif kind == "failed":
+                exc, delay = payload  # type: ignore[misc]
+                logger.error("{}: inotify watch failed ({}); restarting in {}s", root, exc, delay)
+            elif kind == "changes":
+                changes = payload  # type: ignore[assignment]
                 if not watching and any(Path(p) == probe for _, p in changes):
                     watching = True
-                    poker.cancel()
+                    if poker:
+                        poker.cancel()
                     started.set()
-                    if not first:
+                    restarts += 1
+                    if restarts > 1:
                         yield [RESCAN]
-                    first = False
                 batch = to_activities(root, changes)
                 if batch:
                     yield batch
-            if not stop.is_set():  # the root vanished: events ended without an error
-                logger.warning("{}: watch ended (was the folder removed?); restarting it", root)
-        except (OSError, RuntimeError) as exc:
-            failures += 1
-            logger.error("{}: inotify watch failed ({}); restarting in {}s", root, exc,
-                         min(30, failures))
-            try:
-                await asyncio.wait_for(stop.wait(), min(30, failures))
-            except asyncio.TimeoutError:
-                pass
-        finally:
+    finally:
+        halt.set()
+        stopper.cancel()
+        if poker:
             poker.cancel()
 
 

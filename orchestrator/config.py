@@ -87,7 +87,7 @@ class WatchConfig:
     poll_interval: float = _opt(1.0, "poll mode: seconds between scans", min=0.05, max=3600)
     sweep_interval: float = _opt(30.0, "seconds between full reconcile sweeps", min=0.05, max=86400)
     debounce_ms: int = _opt(50, "watchfiles debounce (max batch length, ms)", min=1, max=10000)
-    step_ms: int = _opt(5, "watchfiles step (quiet time that ends a batch, ms)", min=1, max=1000)
+    step_ms: int = _opt(3, "watchfiles step (quiet time that ends a batch, ms)", min=1, max=1000)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 Two sources, one output (batches of ``Activity``):
 
-- ``events`` mode: one recursive ``watchfiles.awatch`` on the sessions root
-  (one inotify instance, one watch per directory). ``step``/``debounce`` are
-  tuned for latency: the library defaults (50/1600 ms) stretch a batch to 1.6 s
-  while other heartbeats keep arriving; 5/50 ms ends a batch 5 ms after the
-  last change and never later than 50 ms after the first.
+- ``events`` mode: one recursive ``watchfiles.watch`` on the sessions root, in
+  one thread (one inotify instance, one watch per directory). ``step``/``debounce``
+  are tuned for latency: the library defaults (50/1600 ms) stretch a batch to
+  1.6 s while other heartbeats keep arriving; 3/50 ms ends a batch 3 ms after the
+  last change and never later than 50 ms after the first. Measured (bench/):
+  step 5 → reply p50 11 ms, step 3 → 7 ms, at the same idle CPU.
 - ``poll`` mode, for file systems where inotify says nothing (NFS, CIFS, Docker
   Desktop shares): every ``poll_interval`` we stat the few files that matter
   per session and compare (mtime_ns, size, inode). watchfiles' own force-polling

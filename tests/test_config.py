@@ -26,7 +26,7 @@ def test_empty_dict_gives_documented_defaults():
     assert cfg.lifecycle.claim_stuck == 60.0
     assert cfg.lifecycle.max_tries == 5
     assert cfg.lifecycle.backoff_base == 5.0
-    assert cfg.watch.debounce_ms == 50 and cfg.watch.step_ms == 5
+    assert cfg.watch.debounce_ms == 50 and cfg.watch.step_ms == 3
     assert cfg.sessions.default_mode == "shared"
     assert cfg.sessions.max_attachment_bytes == 25 * 1024 * 1024
     assert cfg.docker.cap_drop == ("ALL",)

@@ -32,6 +32,8 @@ import docker
 import pytest
 from docker.errors import DockerException
 
+import e2e
+
 from orchestrator import layout
 from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from orchestrator.runtime.image import ImageBuildError, build_image
@@ -133,14 +135,7 @@ def insert_message(folder: Path, message_id: str, text: str,
 async def until(condition: Callable[[], Any], timeout: float, what: str,
                 interval: float = 0.02) -> Any:
     """Poll ``condition`` on the running loop (events keep flowing) until truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s (last value {value!r})")
-        await asyncio.sleep(interval)
+    return await e2e.until(condition, timeout, interval, message=what)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -180,7 +180,7 @@ def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
 
 
 @contextlib.asynccontextmanager
-async def supervised(cfg: Config, ready_timeout: float = 20.0,
+async def supervised(cfg: Config, ready_timeout: float = 30.0,
                      **kwargs: Any) -> AsyncIterator[Supervisor]:
     """A Supervisor serving in this event loop; stopped (and checked) on exit."""
     sup = Supervisor(cfg, **kwargs)
@@ -199,6 +199,7 @@ async def supervised(cfg: Config, ready_timeout: float = 20.0,
         raise AssertionError(f"supervisor not ready within {ready_timeout:g}s")
     try:
         yield sup
+        assert not task.done(), "the supervisor ended on its own"
     finally:
         sup.stop_event.set()
         await asyncio.wait_for(task, 30)

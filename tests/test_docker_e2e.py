@@ -30,6 +30,7 @@ from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
     PrivateDockerd, agent_image, docker_client, in_thread, instance, private_dockerd,
     remove_labelled, until,
 )
+from e2e import supervised
 from helpers import query
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config import Config, load_config
@@ -64,27 +65,6 @@ def docker_config(tmp_path: Path, instance: str, image: str, *, agent_args: list
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return load_config(data, tmp_path)
-
-
-@contextlib.asynccontextmanager
-async def serving(cfg: Config, ready_timeout: float = 30.0) -> AsyncIterator[Supervisor]:
-    """A Supervisor serving in this loop; stopped cleanly (and its errors raised) on exit."""
-    sup = Supervisor(cfg)
-    task = asyncio.create_task(sup.serve(), name="supervisor")
-    ready = asyncio.create_task(sup.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=ready_timeout,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if ready not in done:
-        ready.cancel()
-        sup.stop_event.set()
-        await asyncio.wait_for(task, 30)
-        raise AssertionError(f"supervisor not ready within {ready_timeout:g}s")
-    try:
-        yield sup
-        assert not task.done(), "the supervisor ended on its own"
-    finally:
-        sup.stop_event.set()
-        await asyncio.wait_for(task, 30)
 
 
 def bounded(coro: Awaitable[Any], timeout: float = 90.0) -> Any:
@@ -214,7 +194,7 @@ def test_round_trip_in_a_locked_down_container(
     cfg = docker_config(tmp_path, instance, agent_image, agent_args=["--work-seconds", "0.5"])
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             row = session(sup, "helpers")
             folder = sup.sessions.paths(row).root.resolve()
             mid = send(sup, row, "hello docker", files={"notes.txt": b"some bytes"})
@@ -278,7 +258,7 @@ def test_container_writes_are_seen_by_the_watcher(
                         watch={"sweep_interval": 60.0})
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             assert sup.watch_mode == "events"
             row = session(sup, "watched")
             t_sent = time.monotonic()
@@ -311,7 +291,7 @@ def test_docker_kill_mid_claim_is_retried_by_a_fresh_container(
     cfg = docker_config(tmp_path, instance, agent_image, agent_args=["--work-seconds", "1.5"])
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             row = session(sup, "killed")
             mid = send(sup, row, "slow one")
             first = await until(lambda: container_id(sup, row.id), 20, "a container started")
@@ -366,7 +346,7 @@ def test_restart_adopts_the_running_container(
                         lifecycle={"idle_after": 30.0, "stop_idle_after": 30.0})
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             row = session(sup, "restarts")
             m1 = send(sup, row, "before the restart")
             cid = await until(lambda: container_id(sup, row.id), 20, "a container started")
@@ -379,7 +359,7 @@ def test_restart_adopts_the_running_container(
         assert info["State"]["Running"] is True
         assert replies_to(cfg, m2) == []
 
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             assert container_id(sup, row.id) == cid
             assert [h.adopted for h in sup.runtime.running()] == [True]
             assert status(sup, row.id) == "running"
@@ -426,7 +406,7 @@ def test_unlabelled_lookalike_containers_are_never_touched(
             labels={"test.cleanup": tag})
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             blocked = session(sup, "look", platform="blocked")
             ok = session(sup, "look", platform="ok")
             exact = await in_thread(run_foreign, container_name(instance, "look", blocked.id))
@@ -445,7 +425,7 @@ def test_unlabelled_lookalike_containers_are_never_touched(
             assert status(sup, blocked.id) == "stopped"
             assert sup.tracked[blocked.id].start_failures >= 2  # retried, refused each time
         first_life = len(log_records)
-        async with serving(cfg) as sup:  # recover + sweeps + start again + shutdown (stop)
+        async with supervised(cfg) as sup:  # recover + sweeps + start again + shutdown (stop)
             await until(lambda: conflicts(log_records[first_life:]), 10,
                         "the name conflict reported again")
             sweeps = sup.runtime.reconciles
@@ -486,7 +466,7 @@ def test_agent_cannot_write_inbound_db(
         return docker_client.api.exec_inspect(res["Id"])["ExitCode"], out
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             row = session(sup, "readonly")
             inbound_db = sup.sessions.paths(row).inbound_db
             mid = send(sup, row, "hang here")
@@ -517,7 +497,7 @@ def test_shutdown_stop_stops_and_removes_containers(
                         lifecycle={"idle_after": 30.0, "stop_idle_after": 30.0})
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             rows = [session(sup, "many", platform=f"p{i}") for i in range(2)]
             mids = [send(sup, r, f"hello {i}") for i, r in enumerate(rows)]
             for mid in mids:
@@ -554,7 +534,7 @@ def test_daemon_outage_keeps_work_pending_and_recovers(
     outage = 4.0
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             a, b = session(sup, "out", platform="a"), session(sup, "out", platform="b")
             a1 = send(sup, a, "first")
             await until(lambda: replies_to(cfg, a1), 30, "A answered while the daemon is up")
@@ -607,7 +587,7 @@ def test_daemon_crash_with_a_stuck_agent_backs_off_then_kills(
                         lifecycle={"claim_stuck": 1.0, "idle_after": 30.0, "max_tries": 3})
 
     async def body() -> None:
-        async with serving(cfg) as sup:
+        async with supervised(cfg) as sup:
             row = session(sup, "crash")
             mid = send(sup, row, "hang here")
             first = await until(lambda: container_id(sup, row.id), 20, "a container started")

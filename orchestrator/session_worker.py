@@ -25,7 +25,7 @@ from orchestrator.layout import SessionPaths
 from orchestrator.lifecycle import Action, Claim, Observation, decide, last_activity, start_backoff
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.sessions import Sessions
-from orchestrator.store import inbound, outbound
+from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
 
@@ -76,6 +76,7 @@ class Tracked:
     delivery: DeliveryState = field(default_factory=DeliveryState)
     delivery_due: datetime | None = None
     synced_acks: set[str] = field(default_factory=set)
+    acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
     max_seq_seen: int = 0
     start_failures: int = 0
     start_blocked_until: datetime | None = None
@@ -196,12 +197,18 @@ class SessionWorker:
 
     async def _read_outbound(self, t: Tracked, now: datetime) -> None:
         t.sigs["out"] = file_signature(t.paths.outbound_db)
-        snap = outbound.read(t.paths.outbound_db, after_seq=t.delivery.watermark)
-        final = {mid: a.status for mid, a in snap.acks.items()
-                 if a.status in ("completed", "failed") and mid not in t.synced_acks}
+        snap = outbound.read(t.paths.outbound_db, after_seq=t.delivery.watermark,
+                             acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None)
+        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
+        if stamps:
+            newest = max(stamps)
+            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
+        settled = {mid: a.status for mid, a in snap.acks.items()
+                   if a.status in ("completed", "failed")}
+        final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
         if final:
             inbound.sync_acks(t.paths.inbound_db, final)
-            t.synced_acks.update(final)
+        t.synced_acks = set(settled)  # acks older than this read are never returned again
         t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout

@@ -44,8 +44,7 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
         try:
             if not paths.inbound_db.is_file():  # opening it would create an empty file
                 raise FileNotFoundError(f"{paths.inbound_db} is missing")
-            acks = outbound.read(paths.outbound_db, after_seq=2**62).acks
-            claimed = [a.message_id for a in acks.values() if a.status == "processing"]
+            claimed = outbound.processing_ids(paths.outbound_db)
             counts = inbound.status_counts(paths.inbound_db, claimed)
         except Exception as exc:  # one bad session must not hide the others
             error = str(exc).splitlines()[0]

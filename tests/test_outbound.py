@@ -201,3 +201,16 @@ def test_clear_processing_claims_removes_only_processing(db):
     assert query(db, "SELECT message_id, status FROM processing_ack ORDER BY 1") == [
         ("b", "completed"), ("c", "failed")]
     assert outbound.clear_processing_claims(db) == 0
+
+
+def test_acks_since_returns_only_changed_and_open_claims(db):
+    rows = [("old-done", "completed", "2026-01-01 10:00:00"),
+            ("old-claim", "processing", "2026-01-01 10:00:00"),
+            ("same-tick", "failed", "2026-01-01 10:00:05"),
+            ("new-done", "completed", "2026-01-01T10:00:06.250Z")]
+    for mid, st, ts in rows:
+        agent_sql(db, "INSERT INTO processing_ack VALUES (?,?,?)", (mid, st, ts))
+    assert set(outbound.read(db).acks) == {m for m, _, _ in rows}
+    since = outbound.read(db, acks_since="2026-01-01 10:00:05.000").acks
+    assert set(since) == {"old-claim", "same-tick", "new-done"}
+    assert outbound.processing_ids(db) == ["old-claim"]

@@ -80,18 +80,28 @@ def _parse(value: str | None) -> datetime | None:
         return None
 
 
-def read(path: Path, after_seq: int = 0) -> Snapshot:
-    """Acks, messages with ``seq > after_seq`` and tool state, in one read transaction."""
+def read(path: Path, after_seq: int = 0, acks_since: str | None = None) -> Snapshot:
+    """Acks, messages with ``seq > after_seq`` and tool state, in one read transaction.
+
+    With ``acks_since`` (the newest ``status_changed`` seen before), only acks still
+    ``processing`` or changed since then are returned: a pass costs what changed,
+    not the session's whole history. The boundary tick is re-read (``>=``) because
+    agents may stamp whole seconds.
+    """
     ctx = _connect(path)
     if ctx is None:
         return Snapshot({}, [], None)
+    ack_sql = "SELECT message_id, status, status_changed FROM processing_ack"
+    ack_args: tuple = ()
+    if acks_since is not None:
+        ack_sql += (" WHERE status = 'processing' OR"
+                    " julianday(status_changed) >= julianday(?)")
+        ack_args = (acks_since,)
     try:
         with ctx as conn:
             conn.execute("BEGIN")
-            acks = {
-                r[0]: Ack(r[0], r[1], _parse(r[2]))
-                for r in conn.execute("SELECT message_id, status, status_changed FROM processing_ack")
-            }
+            acks = {r[0]: Ack(r[0], r[1], _parse(r[2]))
+                    for r in conn.execute(ack_sql, ack_args)}
             messages = [
                 OutMessage(r["id"], r["seq"], r["in_reply_to"], r["timestamp"],
                            _parse(r["deliver_after"]), r["kind"], r["platform_id"],
@@ -115,6 +125,12 @@ def read(path: Path, after_seq: int = 0) -> Snapshot:
     except sqlite3.DatabaseError as exc:
         raise _describe(path, exc) from None
     return Snapshot(acks, messages, tool)
+
+
+def processing_ids(path: Path) -> list[str]:
+    """Messages the agent has claimed and not finished."""
+    return [a.message_id for a in read(path, after_seq=2**62).acks.values()
+            if a.status == "processing"]
 
 
 def max_seq(path: Path) -> int:

@@ -18,6 +18,7 @@ container that has nothing but python3.
 from __future__ import annotations
 
 import enum
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -153,11 +154,13 @@ def classify(root: PurePath | str, path: PurePath | str) -> PathInfo | None:
     SQLite's ``-journal`` side files count as OTHER: a commit also reports the
     ``.db`` itself as modified, which is the event that matters.
     """
-    try:
-        rel = PurePath(path).relative_to(root)
-    except ValueError:
+    # plain string work: the watcher classifies every heartbeat, and pathlib's
+    # relative_to was the largest part of that cost
+    prefix = os.path.normpath(os.fspath(root))
+    full = os.path.normpath(os.fspath(path))
+    if not full.startswith(prefix) or full[len(prefix):len(prefix) + 1] not in ("/", ""):
         return None
-    parts = rel.parts
+    parts = [p for p in full[len(prefix):].split("/") if p]
     if not parts or not _ID_RE.fullmatch(parts[0]):
         return None
     group = parts[0]

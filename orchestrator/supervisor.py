@@ -163,11 +163,11 @@ class Supervisor:
         return True
 
     def _discover(self) -> None:
-        for row in self.registry.sessions():
-            if row.id not in self.tracked:
-                t = self._track(row.agent_group_id, row.id)
-                t.status = row.container_status
-                self.mark(row.id, Flag.FULL)
+        for session_id, agent_group, container_status in self.registry.session_index():
+            if session_id not in self.tracked:
+                t = self._track(agent_group, session_id)
+                t.status = container_status
+                self.mark(session_id, Flag.FULL)
         root = sessions_root(self.cfg.data_dir)
         try:
             groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]

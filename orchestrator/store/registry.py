@@ -172,6 +172,13 @@ class Registry:
                                      (session_id,)).fetchone()
         return _session(row) if row else None
 
+    def session_index(self) -> list[tuple[str, str, str]]:
+        """(id, agent_group_id, container_status) of every session, unparsed: the
+        reconcile sweep calls this for 1000s of sessions and needs nothing more."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT id, agent_group_id, container_status FROM sessions").fetchall()
+
     def sessions(self) -> list[SessionRow]:
         with self._lock:
             return [_session(r) for r in self._conn.execute(

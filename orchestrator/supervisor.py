@@ -32,7 +32,7 @@ from orchestrator.delivery import Deliverer
 from orchestrator.layout import InvalidId, Kind, registry_path, session_paths, sessions_root, validate_id
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.sessions import Sessions
-from orchestrator.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.signals import capture_signals
 from orchestrator.store.registry import Registry
 from orchestrator.store.schema import utcnow
@@ -90,7 +90,7 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.tracked: dict[str, Tracked] = {}
-        self._dirty: dict[str, Flag] = {}
+        self._dirty: dict[str, Flags] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.watch_mode: str | None = None
@@ -99,7 +99,7 @@ class Supervisor:
 
     # --- events in ----------------------------------------------------------------
 
-    def mark(self, session_id: str, flags: Flag) -> None:
+    def mark(self, session_id: str, flags: Flags) -> None:
         self._dirty[session_id] = self._dirty.get(session_id, Flag.NONE) | flags
         self._wake.set()
 

@@ -43,8 +43,9 @@ class RuntimeConfig:
         choices=("leave", "stop"),
     )
     stop_grace: float = _opt(10.0, "seconds between SIGTERM and SIGKILL", min=0, max=600)
-    start_retry_max: float = _opt(15.0, "cap (s) of the backoff when an agent cannot be started (e.g. Docker down)",
-                                  min=1, max=3600)
+    start_retry_max: float = _opt(
+        15.0, "cap (s) of the backoff when an agent cannot be started (e.g. Docker down)",
+        min=1, max=3600)
 
 
 @dataclass(frozen=True)

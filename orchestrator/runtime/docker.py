@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from docker.types import Mount
 from loguru import logger
@@ -292,21 +292,26 @@ class DockerRuntime:
         return out
 
     async def stop(self, session_id: str, grace: float) -> None:
-        self._bind_loop()
-        async with self._lock(session_id):
-            for t in await self._targets(session_id):
-                if await self._inspect_owned(t.container_id) is None:
-                    if not t.done:
-                        self._emit(t, None, "vanished")
-                    continue
-                t.stopping = True
-                await self.exec.stop(t.container_id, grace)
-                info = await self.exec.inspect(t.container_id)
-                code = ((info or {}).get("State") or {}).get("ExitCode")
-                self._emit(t, code, "stopped", remove=False)
-                await self._remove_owned(t.container_id)
+        async def end(t: _Tracked) -> int | None:
+            t.stopping = True
+            await self.exec.stop(t.container_id, grace)
+            info = await self.exec.inspect(t.container_id)
+            return ((info or {}).get("State") or {}).get("ExitCode")
+
+        await self._end(session_id, end, "stopped")
 
     async def kill(self, session_id: str) -> None:
+        async def end(t: _Tracked) -> int | None:
+            t.killing = True
+            await self.exec.kill(t.container_id)
+            return await self.exec.wait(t.container_id, timeout=10)
+
+        await self._end(session_id, end, "killed")
+
+    async def _end(self, session_id: str, end: Callable[[_Tracked], Awaitable[int | None]],
+                   reason: str) -> None:
+        """Stop or kill every owned container of a session, report its exit, remove it.
+        A container that is already gone is done (reported once as vanished)."""
         self._bind_loop()
         async with self._lock(session_id):
             for t in await self._targets(session_id):
@@ -314,10 +319,8 @@ class DockerRuntime:
                     if not t.done:
                         self._emit(t, None, "vanished")
                     continue
-                t.killing = True
-                await self.exec.kill(t.container_id)
-                code = await self.exec.wait(t.container_id, timeout=10)
-                self._emit(t, code, "killed", remove=False)
+                code = await end(t)
+                self._emit(t, code, reason, remove=False)
                 await self._remove_owned(t.container_id)
 
     # -- recover --------------------------------------------------------------------

@@ -373,7 +373,14 @@ class SessionWorker:
     # --- timers -------------------------------------------------------------------
 
     def _schedule(self, t: Tracked, when: datetime | None, now: datetime) -> None:
-        if when == t.timer_at and t.timer is not None:
+        """Make sure a pass runs at ``when``.
+
+        An earlier timer already set is kept: firing early only costs a pass that
+        re-decides and sets the later time. That spares a cancel-and-create per
+        heartbeat, whose every touch moves the idle deadline a little later.
+        """
+        if t.timer is not None and t.timer_at is not None and (
+                when is None or t.timer_at <= when):
             return
         if t.timer is not None:
             t.timer.cancel()

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 

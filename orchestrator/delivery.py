@@ -27,7 +27,7 @@ from orchestrator.attachments import safe_name
 from orchestrator.channels import Channel, DeliveryError, Reply
 from orchestrator.config import DeliveryConfig
 from orchestrator.layout import InvalidId, SessionPaths, delivered_root
-from orchestrator.lifecycle import delivery_backoff
+from orchestrator.lifecycle import delivery_backoff, earliest
 from orchestrator.store import inbound
 from orchestrator.store.outbound import OutMessage
 from orchestrator.store.registry import Registry
@@ -145,11 +145,11 @@ class Deliverer:
             if msg.id in settled:
                 continue
             if msg.deliver_after and msg.deliver_after > now:
-                result.next_due = _min(result.next_due, msg.deliver_after)
+                result.next_due = earliest(result.next_due, msg.deliver_after)
                 continue
             attempts, next_at = self.registry.delivery_attempt(session_id, msg.id)
             if next_at and next_at > now:
-                result.next_due = _min(result.next_due, next_at)
+                result.next_due = earliest(result.next_due, next_at)
                 continue
             try:
                 pmid = await self._deliver_one(paths, agent_group, session_id, msg, routing)
@@ -168,7 +168,7 @@ class Deliverer:
                                    msg.id, session_id, attempts, exc, retry_at.time())
                     self.registry.record_attempt_failure(session_id, msg.id, attempts, retry_at,
                                                          str(exc))
-                    result.next_due = _min(result.next_due, retry_at)
+                    result.next_due = earliest(result.next_due, retry_at)
                 continue
             records.append((msg.id, "delivered", pmid))
             result.delivered.append(msg.id)
@@ -216,10 +216,3 @@ class Deliverer:
         except Exception as exc:  # a channel bug is a failed attempt, not a crash
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
-
-def _min(a: datetime | None, b: datetime | None) -> datetime | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a, b)

@@ -126,7 +126,8 @@ def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     return min(times)
 
 
-def _earliest(*times: datetime | None) -> datetime | None:
+def earliest(*times: datetime | None) -> datetime | None:
+    """The soonest of some optional times (None if there are none)."""
     present = [t for t in times if t is not None]
     return min(present) if present else None
 
@@ -150,7 +151,7 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     idle_at = active + timedelta(seconds=cfg.idle_after)
     busy = bool(obs.claims)
     if busy or now < idle_at:
-        return Verdict("running", "active", next_check=_earliest(
+        return Verdict("running", "active", next_check=earliest(
             None if busy else idle_at, stuck_at))
 
     idle_since = obs.idle_since if obs.idle_since and obs.idle_since >= idle_at else idle_at
@@ -159,7 +160,7 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
         return Verdict("idle", f"idle for {(now - idle_since).total_seconds():.0f}s",
                        Action.STOP)
     return Verdict("idle", f"no heartbeat, reply or claim for {cfg.idle_after:g}s",
-                   next_check=_earliest(stop_at if obs.due == 0 else None, stuck_at),
+                   next_check=earliest(stop_at if obs.due == 0 else None, stuck_at),
                    detail={"idle_since": idle_since})
 
 

@@ -10,8 +10,6 @@ session's replies; their completion marks the session dirty again.
 from __future__ import annotations
 
 import asyncio
-import enum
-import os
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -22,12 +20,14 @@ from loguru import logger
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
 from orchestrator.layout import SessionPaths
-from orchestrator.lifecycle import Action, Claim, Observation, decide, last_activity, start_backoff
+from orchestrator.lifecycle import (Action, Claim, Observation, decide, earliest,
+                                    last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
+from orchestrator.watcher import Signature, file_signature
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 
@@ -51,17 +51,6 @@ class Flag:
 
 
 Flags = int
-
-
-Signature = tuple[int, int, int] | None
-
-
-def file_signature(path: os.PathLike | str) -> Signature:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @dataclass
@@ -102,11 +91,6 @@ class Tracked:
 
 def _mtime(sig: Signature) -> datetime | None:
     return datetime.fromtimestamp(sig[0] / 1e9, timezone.utc) if sig else None
-
-
-def _earliest(*times: datetime | None) -> datetime | None:
-    present = [t for t in times if t is not None]
-    return min(present) if present else None
 
 
 class SessionWorker:
@@ -305,7 +289,7 @@ class SessionWorker:
                     "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
                 t.ending_reason = f"killed: {verdict.reason}"
                 self._run_op(t, self.runtime.kill(t.session_id))
-        self._schedule(t, _earliest(verdict.next_check, t.delivery_due, t.next_inbound_due,
+        self._schedule(t, earliest(verdict.next_check, t.delivery_due, t.next_inbound_due,
                                     t.start_blocked_until, t.op_blocked_until if gated else None),
                        now)
 

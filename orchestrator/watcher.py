@@ -201,7 +201,12 @@ _POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),
            (INBOUND_DB, Kind.INBOUND_DB), (OUTBOX, Kind.OUTBOX))
 
 
-def _sig(path: str) -> tuple[int, int, int] | None:
+Signature = tuple[int, int, int] | None
+
+
+def file_signature(path: os.PathLike | str) -> Signature:
+    """(mtime_ns, size, inode) without following a symlink; None if absent. Any
+    SQLite commit or touch changes it, so equal signatures mean "nothing to read"."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except OSError:
@@ -228,7 +233,7 @@ def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:
                 out.append(Activity(group.name, sess.name, Kind.SESSION, added=True))
             for name, kind in _POLLED:
                 p = os.path.join(sess.path, name)
-                sig = _sig(p)
+                sig = file_signature(p)
                 if seen.get(p) != sig:
                     seen[p] = sig
                     if not is_new:

@@ -46,7 +46,7 @@ class JsonlChannel:
         return message_id in self._seen
 
     async def deliver(self, reply: Reply) -> str | None:
-        line = json.dumps(asdict(reply) | {"files": list(reply.files)}, ensure_ascii=False)
+        line = json.dumps(asdict(reply), ensure_ascii=False)
         try:
             fh = self._open()
             fh.write(line + "\n")

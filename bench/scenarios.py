@@ -437,17 +437,21 @@ class Bench:
             info["idle"] = self.idle(run)
         return info
 
+    def _latency(self, run, n: int) -> dict:
+        """The paced reply-latency measurement shared by the latency scenarios."""
+        p = self.p
+        result = self.replies(run, run.folders, count=p.latency_replies, rate=p.latency_rate,
+                              prefix=f"L{n}x", name=f"latency-{n}")
+        self.say("  latency: " + _lat_line(result) + self._load_note(result["machine_load"]))
+        return result
+
     def run_latency(self, n: int, mode: str) -> dict:
         p = self.p
         self.say(f"[{mode}] reply latency: {p.latency_replies} replies at {p.latency_rate:g}/s "
                  f"over {n} session(s)")
         run = self.new_run(f"latency{n}", n, mode, agents=True)
         with self.running(run) as info:
-            info["latency"] = self.replies(run, run.folders, count=p.latency_replies,
-                                           rate=p.latency_rate, prefix=f"L{n}x",
-                                           name=f"latency-{n}")
-            self.say("  latency: " + _lat_line(info["latency"])
-                     + self._load_note(info["latency"]["machine_load"]))
+            info["latency"] = self._latency(run, n)
         return info
 
     def run_budget(self) -> dict:
@@ -513,11 +517,7 @@ class Bench:
                  f"({p.throughput_replies} replies flat out)")
         run = self.new_run(f"sessions{n}", n, mode, agents=True)
         with self.running(run) as info:
-            info["latency"] = self.replies(run, run.folders, count=p.latency_replies,
-                                           rate=p.latency_rate, prefix=f"L{n}x",
-                                           name=f"latency-{n}")
-            self.say("  latency: " + _lat_line(info["latency"])
-                     + self._load_note(info["latency"]["machine_load"]))
+            info["latency"] = self._latency(run, n)
             for hz in p.hb_rates:
                 info[f"heartbeat_{hz:g}hz"] = self.heartbeats(run, run.folders, hz)
             time.sleep(0.5)

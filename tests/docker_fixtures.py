@@ -159,6 +159,9 @@ class PrivateDockerd:
         self.base_url = f"unix://{self.sock}"
         self.log_path = root / "dockerd.log"
         self.proc: subprocess.Popen | None = None
+        # containerd namespaces must match [A-Za-z0-9]+([._-][A-Za-z0-9]+)*: mkdtemp's
+        # random suffix may start with "_", so the namespace gets its own alphanumeric token.
+        self.namespace = f"orchtest{uuid.uuid4().hex[:12]}"
 
     def command(self) -> list[str]:
         """dockerd in its own network namespace (``unshare --net``, same pid: it execs).
@@ -176,8 +179,8 @@ class PrivateDockerd:
             "dockerd", "--host", self.base_url, "--data-root", str(r / "data"),
             "--exec-root", str(r / "x"), "--pidfile", str(r / "dockerd.pid"),
             "--bridge", "none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-            "--shutdown-timeout", "2", "--containerd-namespace", f"orchtest-{r.name}",
-            "--containerd-plugins-namespace", f"orchtest-plugins-{r.name}",
+            "--shutdown-timeout", "2", "--containerd-namespace", self.namespace,
+            "--containerd-plugins-namespace", f"{self.namespace}-plugins",
         ]
 
     def client(self) -> docker.DockerClient:

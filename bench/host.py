@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         agents = [tuple(line.strip().split("/", 1))
                   for line in Path(args.agents_file).read_text().splitlines() if line.strip()]
 
-        def factory(c: Config, on_exit: Callable[[AgentExit], None]):
+        def factory(c: Config, on_exit: Callable[[AgentExit], None], on_available):
             rt = SyntheticRuntime(agents, on_exit)
             synthetic.append(rt)
             return rt

@@ -354,6 +354,19 @@ class SessionWorker:
         t.idle_since = None
         self.set_status(t, "running", f"agent started, {t.due} message(s) due", t.started_at)
 
+    @staticmethod
+    def unblock(t: Tracked) -> bool:
+        """Lift the backoff of failed starts/ops (the runtime says it is back).
+
+        The failure counts stay: if the runtime fails again at once, the next
+        delay is still the longer one, so a flapping daemon cannot cause a hot loop.
+        """
+        if t.start_blocked_until is None and t.op_blocked_until is None:
+            return False
+        t.start_blocked_until = None
+        t.op_blocked_until = None
+        return True
+
     # --- timers -------------------------------------------------------------------
 
     def _schedule(self, t: Tracked, when: datetime | None, now: datetime) -> None:

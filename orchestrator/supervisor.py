@@ -50,11 +50,14 @@ _KIND_FLAGS = {
 }
 
 
-def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None]) -> Runtime:
+def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
+                 on_available: Callable[[], None]) -> Runtime:
+    """``on_available``: the runtime can start agents again (the Docker daemon is
+    back). The local runtime is never unavailable, so it does not take one."""
     if cfg.runtime.kind == "docker":
         from orchestrator.runtime.docker import DockerRuntime
 
-        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit)
+        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available)
     from orchestrator.runtime.local import LocalRuntime
 
     return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
@@ -82,7 +85,8 @@ def lock_data_dir(data_dir: Path) -> int:
 @dataclass
 class Supervisor:
     cfg: Config
-    runtime_factory: Callable[[Config, Callable[[AgentExit], None]], Runtime] = make_runtime
+    runtime_factory: Callable[[Config, Callable[[AgentExit], None], Callable[[], None]],
+                              Runtime] = make_runtime
     channel: Channel | None = None
     clock: Clock = utcnow
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -108,6 +112,12 @@ class Supervisor:
         if t is not None:
             t.exit = ev
             self.mark(ev.session_id, Flag.EXIT)
+
+    def _on_runtime_available(self) -> None:
+        """Retry what an outage put off now, not when each session's backoff ends."""
+        for t in self.tracked.values():
+            if self.worker.unblock(t):
+                self.mark(t.session_id, Flag.TIMER)
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
         for act in batch:
@@ -227,7 +237,7 @@ class Supervisor:
         self.registry = Registry(registry_path(data_dir))
         self.sessions = Sessions(data_dir, self.registry, self.cfg.sessions.max_attachment_bytes)
         self.channel = self.channel or make_channel(self.cfg.delivery)
-        self.runtime = self.runtime_factory(self.cfg, self._on_exit)
+        self.runtime = self.runtime_factory(self.cfg, self._on_exit, self._on_runtime_available)
         self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
         self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
                                     self.deliverer, self.clock, self.mark)

@@ -507,6 +507,8 @@ def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agen
     async def main() -> None:
         rt, exits = make_runtime(tmp_path, instance, agent_image,
                                  base_url=private_dockerd.base_url)
+        available: list[int] = []  # event_connects at each "available" call
+        rt.on_available = lambda: available.append(rt.event_connects)
         try:
             await rt.start(SessionRef("g1", "one", one))
             await until(lambda: rt.events_connected, 10, "event stream connected")
@@ -520,6 +522,8 @@ def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agen
             # The stream comes back by itself (backoff is capped at 5 s) and reconciles:
             # the daemon stopped 'one' while nobody listened.
             await until(lambda: rt.event_connects > connects, 15, "event stream reconnected")
+            # ... and tells the supervisor, after the reconcile, that it can start again
+            await until(lambda: available and available[-1] > connects, 10, "on_available")
             await until(lambda: exits, 10, "exit of the container stopped with the daemon")
             assert [(e.session_id, e.reason in ("exited", "stopped", "killed")) for e in exits] \
                 == [("one", True)]

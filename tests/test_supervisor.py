@@ -14,6 +14,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import tomli_w
@@ -23,10 +24,11 @@ from e2e import (Client, agent_pids, config_dict, make_config, milestones, pairs
 from helpers import query, wait_for
 from orchestrator.config import read_config
 from orchestrator.layout import delivered_root
+from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.local import read_pid_file
 from orchestrator.store import schema
 from orchestrator.store.schema import parse_ts, utcnow
-from orchestrator.supervisor import AlreadyRunning, Supervisor
+from orchestrator.supervisor import AlreadyRunning, Supervisor, make_runtime
 
 
 def messages_in(paths, message_id: str) -> dict:
@@ -562,6 +564,57 @@ def test_agent_that_cannot_start_is_retried_with_backoff(tmp_path: Path, reap_ag
         assert changes[0]["new"] == "running"
         # retried by timer (start_backoff: 1 s, then 2 s), not by the 120 s sweep
         assert parse_ts(changes[0]["at"]) - failed_at < timedelta(seconds=10)
+        client.close()
+
+    run(body())
+
+
+class Outage:
+    """A real LocalRuntime behind a switch: while ``down``, starts are refused the way
+    Docker refuses them with its daemon gone; ``back()`` is the daemon returning."""
+
+    def __init__(self, inner: Runtime, on_available: Callable[[], None]) -> None:
+        self.inner, self.on_available, self.down = inner, on_available, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def start(self, session: SessionRef) -> AgentHandle:
+        if self.down:
+            raise RuntimeUnavailable("test outage: runtime down")
+        return await self.inner.start(session)
+
+    def back(self) -> None:
+        self.down = False
+        self.on_available()
+
+
+def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_agents) -> None:
+    """Starts refused during an outage back off (1, 2, 4 s ...); when the runtime says
+    it is back, the put-off start runs then, not when its backoff would end."""
+    cfg = make_config(tmp_path, watch={"sweep_interval": 120.0},
+                      runtime={"start_retry_max": 600.0})
+    runtimes: list[Outage] = []
+
+    def factory(c, on_exit, on_available) -> Outage:
+        runtimes.append(Outage(make_runtime(c, on_exit, on_available), on_available))
+        return runtimes[-1]
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg, runtime_factory=factory) as sup:
+            row, mid = client.send("outage", "still there?")
+            await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 3,
+                        message="three refused starts")
+            put_off_until = sup.tracked[row.id].start_blocked_until
+            assert put_off_until is not None and messages_in(client.paths(row), mid)["status"] \
+                == "pending"
+            runtimes[0].back()
+            await until(lambda: replies_to(cfg, mid), message="the reply once the runtime is back")
+            started = client.registry.status_changes(row.id)[0]
+        assert started["new"] == "running"
+        assert parse_ts(started["at"]) < put_off_until, (started, put_off_until)
+        assert sup.tracked[row.id].start_failures == 0
         client.close()
 
     run(body())

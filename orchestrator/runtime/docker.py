@@ -1,11 +1,14 @@
 """Docker runtime: one labelled, locked-down container per session.
 
-    DockerRuntime(config: DockerConfig, data_dir: Path, on_exit: ExitCallback)
+    DockerRuntime(config: DockerConfig, data_dir: Path, on_exit: ExitCallback,
+                  on_available: Callable[[], None] | None = None)
 
 The constructor does no I/O. The Docker client is created on first use and
 rebuilt after a failure; while the daemon is down ``start`` raises
 ``RuntimeUnavailable`` ("Docker daemon unreachable at ...") and the runtime
-recovers by itself once it is back.
+recovers by itself once it is back: every (re)connection of the event stream
+reconciles and then calls ``on_available``, the supervisor's cue to retry the
+starts it had put off, instead of waiting out each session's backoff.
 
 Containers
     name   ``orch-<instance>-<agent_group>-<session_id>`` (characters Docker does
@@ -76,10 +79,12 @@ class DockerRuntime:
 
     name = "docker"
 
-    def __init__(self, config: DockerConfig, data_dir: Path, on_exit: ExitCallback):
+    def __init__(self, config: DockerConfig, data_dir: Path, on_exit: ExitCallback,
+                 on_available: Callable[[], None] | None = None):
         self.config = config
         self.data_dir = Path(data_dir)
         self.on_exit = on_exit
+        self.on_available = on_available
         self.instance = config.instance
         self.exec = DockerExec(config.base_url)
         self._by_session: dict[str, _Tracked] = {}
@@ -363,7 +368,15 @@ class DockerRuntime:
         self._events.ensure_started()
 
     def _after_connect(self) -> None:
-        self._spawn(self.reconcile())
+        self._spawn(self._reconnected())
+
+    async def _reconnected(self) -> None:
+        await self.reconcile()
+        if self.on_available is not None:
+            try:
+                self.on_available()
+            except Exception:  # pragma: no cover - a callback bug must not end the stream
+                logger.exception("on_available callback failed")
 
     def _on_event(self, event: dict) -> None:
         """On the loop: one container event of this instance."""

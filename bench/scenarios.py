@@ -536,7 +536,7 @@ class Bench:
 
 def _thread_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU used per thread in a window, threads of the same name summed ('python' = a
-    Python thread other than the event loop's, e.g. anyio's worker for watchfiles)."""
+    Python thread other than the event loop's, e.g. the watchfiles thread)."""
     out: dict[str, float] = {}
     for name, t in after.items():
         d = t - before.get(name, 0.0)

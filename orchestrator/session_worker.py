@@ -5,6 +5,15 @@ reads what its flags say changed (a heartbeat costs one ``stat``), feeds the
 pure rules in ``lifecycle`` and applies the verdict. Slow runtime operations
 (start, stop, kill) run as tasks so one slow container never delays another
 session's replies; their completion marks the session dirty again.
+
+Heartbeats are muted while they cannot matter. A heartbeat only says "still
+alive": for an agent we already call ``running`` it can only push a deadline
+(idle, heartbeat ceiling, claim) later, never cause an action. So after a pass
+that leaves a session running with a timer set, its id goes into ``muted`` and
+the watch thread drops its heartbeats; the next pass (that timer at the latest)
+takes it out and re-reads the heartbeat file before deciding anything. A touch
+dropped while muted happened before that re-read, so nothing is missed — and
+100 agents heartbeating at 1 Hz no longer wake the event loop 100 times a second.
 """
 
 from __future__ import annotations
@@ -96,7 +105,7 @@ def _mtime(sig: Signature) -> datetime | None:
 class SessionWorker:
     def __init__(self, cfg: Config, registry: Registry, sessions: Sessions, runtime: Runtime,
                  deliverer: Deliverer, clock: Callable[[], datetime],
-                 mark: Callable[[str, Flags], None]) -> None:
+                 mark: Callable[[str, Flags], None], muted: set[str] | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.sessions = sessions
@@ -104,12 +113,16 @@ class SessionWorker:
         self.deliverer = deliverer
         self.clock = clock
         self.mark = mark
+        self.muted = set() if muted is None else muted  # read by the watch thread
         self._ops: set[asyncio.Task] = set()
 
     # --- the pass ---------------------------------------------------------------------
 
     async def process(self, t: Tracked, flags: Flags) -> None:
         now = self.clock()
+        if t.session_id in self.muted:  # unmute first, then read: no touch falls between
+            self.muted.discard(t.session_id)
+            flags |= Flag.HEARTBEAT
         try:
             if flags & (Flag.FULL | Flag.FORCE):
                 flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
@@ -131,6 +144,9 @@ class SessionWorker:
             if t.broken:
                 logger.info("session {}: readable again", t.session_id)
                 t.broken = None
+            if t.status == "running" and t.timer is not None and (
+                    t.op is None or t.op.done()) and self.runtime.is_running(t.session_id):
+                self.muted.add(t.session_id)
         except (OutboundError, sqlite3.Error, OSError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if message != t.broken:

@@ -1,17 +1,21 @@
 """``orchestrator status``: one row per session, as a table or as JSON.
 
-Reads only: the registry for statuses and times, each inbound.db for counts, and
-outbound.db (read-only) to tell claimed messages from waiting ones.
+Reads only: the registry for statuses and times, each inbound.db for counts,
+outbound.db (read-only) to tell claimed messages from waiting ones, and the
+``.heartbeat`` file's mtime (the registry records heartbeats only now and then:
+the supervisor does not even look at every one).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator.layout import session_paths
+from orchestrator.layout import SessionPaths, session_paths
 from orchestrator.store import inbound, outbound
 from orchestrator.store.registry import Registry
 
@@ -35,6 +39,18 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat(timespec="seconds") if dt else None
 
 
+def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime | None:
+    """The newer of the registry's record and the file itself (never followed)."""
+    try:
+        st = os.stat(paths.heartbeat, follow_symlinks=False)
+    except OSError:
+        return recorded
+    if not stat.S_ISREG(st.st_mode):
+        return recorded
+    seen = datetime.fromtimestamp(st.st_mtime, timezone.utc)
+    return max(seen, recorded) if recorded else seen
+
+
 def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
     rows = []
     for s in registry.sessions():
@@ -50,7 +66,8 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
             error = str(exc).splitlines()[0]
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
-                              _iso(s.last_heartbeat), _iso(s.last_active), error))
+                              _iso(last_heartbeat(paths, s.last_heartbeat)),
+                              _iso(s.last_active), error))
     return rows
 
 

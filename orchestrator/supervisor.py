@@ -217,7 +217,7 @@ class Supervisor:
             logger.warning(warning)
         self.watch_mode = mode
         async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
-                                           self._watching, mode):
+                                           self._watching, mode, self.worker.muted):
             self._on_activity(batch)
 
     async def _sweep(self) -> None:

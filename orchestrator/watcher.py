@@ -16,6 +16,10 @@ Two sources, one output (batches of ``Activity``):
 Neither is trusted for correctness: inotify drops events silently on queue
 overflow or when the watch budget runs out. The supervisor's reconcile sweep
 re-checks everything from disk; these events only make it fast.
+
+``muted`` (owned by the session worker) names sessions whose heartbeats are
+dropped here, in the watch thread, before they cost the event loop anything:
+see ``SessionWorker`` for why that is safe.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Container
 
 import watchfiles
 from loguru import logger
@@ -61,6 +65,11 @@ def to_activities(root: Path, changes: set[tuple[watchfiles.Change, str]]) -> li
                        added=change == watchfiles.Change.added)
         out.setdefault((act.agent_group, act.session_id, act.kind, act.added), act)
     return list(out.values())
+
+
+def unmuted(batch: list[Activity], muted: Container[str]) -> list[Activity]:
+    """``batch`` without the heartbeats of muted sessions."""
+    return [a for a in batch if a.kind is not Kind.HEARTBEAT or a.session_id not in muted]
 
 
 def count_dirs(root: Path) -> int:
@@ -104,14 +113,16 @@ async def _poke(probe: Path) -> None:
 
 
 def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
-                  post: Callable[[str, object], None]) -> None:
+                  post: Callable[[str, object], None], muted: Container[str]) -> None:
     """watchfiles' blocking ``watch`` in one long-lived thread.
 
     ``awatch`` hands every batch through a fresh anyio worker-thread call; with 100
     agents heartbeating that hand-off was a third of the supervisor's CPU. Here the
-    Rust watcher runs in one thread for the life of the watch and each batch costs
-    one ``call_soon_threadsafe``. (Re)starts are announced so the probe can run.
+    Rust watcher runs in one thread for the life of the watch, batches are
+    classified here, and only a batch with something the loop wants costs a
+    ``call_soon_threadsafe``. (Re)starts are announced so the probe can run.
     """
+    probe = os.path.normpath(os.path.join(root, PROBE))
     failures = 0
     while not halt.is_set():
         root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +134,11 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                 raise_interrupt=False,
             ):
                 failures = 0
-                post("changes", changes)
+                probed = any(p.endswith(PROBE) and os.path.normpath(p) == probe
+                             for _, p in changes)
+                batch = unmuted(to_activities(root, changes), muted)
+                if batch or probed:
+                    post("changes", (probed, batch))
             if not halt.is_set():  # the root vanished: events ended without an error
                 post("ended", None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried
@@ -134,7 +149,8 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
 
 
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
-                          started: asyncio.Event) -> AsyncIterator[list[Activity]]:
+                          started: asyncio.Event, muted: Container[str] = frozenset()
+                          ) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
     watchfiles gives no signal when its watches are in place, and a file written
@@ -161,7 +177,7 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     watching = False
     poker: asyncio.Task | None = None
     stopper = asyncio.create_task(halt_on_stop())
-    thread = threading.Thread(target=_watch_thread, args=(root, cfg, halt, post),
+    thread = threading.Thread(target=_watch_thread, args=(root, cfg, halt, post, muted),
                               name="watchfiles", daemon=True)
     thread.start()
     try:
@@ -178,8 +194,8 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                 exc, delay = payload  # type: ignore[misc]
                 logger.error("{}: inotify watch failed ({}); restarting in {}s", root, exc, delay)
             elif kind == "changes":
-                changes = payload  # type: ignore[assignment]
-                if not watching and any(Path(p) == probe for _, p in changes):
+                probed, batch = payload  # type: ignore[misc]
+                if probed and not watching:
                     watching = True
                     if poker:
                         poker.cancel()
@@ -187,7 +203,6 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                     restarts += 1
                     if restarts > 1:
                         yield [RESCAN]
-                batch = to_activities(root, changes)
                 if batch:
                     yield batch
     finally:
@@ -242,17 +257,18 @@ def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:
 
 
 async def poll_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
-                       started: asyncio.Event) -> AsyncIterator[list[Activity]]:
+                       started: asyncio.Event, muted: Container[str] = frozenset()
+                       ) -> AsyncIterator[list[Activity]]:
     seen: dict[str, tuple | None] = {}
     poll_once(root, seen)  # baseline: start-up reconcile covers the initial state
     started.set()
     async for _ in ticks(cfg.poll_interval, stop):
-        batch = poll_once(root, seen)
+        batch = unmuted(poll_once(root, seen), muted)
         if batch:
             yield batch
 
 
 def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.Event,
-            mode: str) -> AsyncIterator[list[Activity]]:
+            mode: str, muted: Container[str] = frozenset()) -> AsyncIterator[list[Activity]]:
     source = inotify_batches if mode == "events" else poll_batches
-    return source(root, cfg, stop, started)
+    return source(root, cfg, stop, started, muted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
@@ -123,3 +124,27 @@ def test_status_never_creates_files(env):
     (got,) = status.collect(data, reg)
     assert got.error == f"{s.paths(row).inbound_db} is missing"
     assert not s.paths(row).inbound_db.exists()
+
+
+def test_last_heartbeat_is_the_newer_of_file_and_record(env, tmp_path):
+    """The supervisor records heartbeats only now and then (it mutes running agents'
+    heartbeats): status reads the file too, without following a symlink."""
+    s, reg, data = env
+    row = s.resolve("g", None, None, "agent-shared")
+    hb = s.paths(row).heartbeat
+    recorded = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
+    reg.touch(row.id, heartbeat=recorded)
+    hb.touch()
+    file_time = datetime(2024, 6, 1, 12, 0, 30, tzinfo=UTC)
+    os.utime(hb, (file_time.timestamp(), file_time.timestamp()))
+    assert status.collect(data, reg)[0].last_heartbeat == "2024-06-01T12:00:30+00:00"
+
+    older = datetime(2024, 6, 1, 11, 0, 0, tzinfo=UTC)  # a record newer than the file wins
+    os.utime(hb, (older.timestamp(), older.timestamp()))
+    assert status.collect(data, reg)[0].last_heartbeat == "2024-06-01T12:00:00+00:00"
+
+    hb.unlink()
+    target = tmp_path / "elsewhere"
+    target.touch()  # fresh mtime, but outside the session folder: never read through a link
+    hb.symlink_to(target)
+    assert status.collect(data, reg)[0].last_heartbeat == "2024-06-01T12:00:00+00:00"

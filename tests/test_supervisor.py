@@ -26,6 +26,7 @@ from orchestrator.config import read_config
 from orchestrator.layout import delivered_root
 from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.local import read_pid_file
+from orchestrator.session_worker import Flag
 from orchestrator.store import schema
 from orchestrator.store.schema import parse_ts, utcnow
 from orchestrator.supervisor import AlreadyRunning, Supervisor, make_runtime
@@ -567,6 +568,38 @@ def test_agent_that_cannot_start_is_retried_with_backoff(tmp_path: Path, reap_ag
         client.close()
 
     run(body())
+
+
+def test_a_busy_agents_heartbeats_are_muted_yet_keep_it_alive(tmp_path: Path,
+                                                             reap_agents) -> None:
+    """While an agent works on a claim (heartbeat every 0.1 s for 3 s) the loop stops
+    hearing its heartbeats; the claim rule's deadline (1 s) still re-reads the file,
+    finds a heartbeat since the claim, and leaves the agent alone."""
+    cfg = make_config(tmp_path, agent_args=["--work-seconds", "3"])
+    heartbeat_passes = 0
+
+    async def body() -> None:
+        nonlocal heartbeat_passes
+        client = Client(cfg)
+        async with supervised(cfg) as sup:
+            process = sup.worker.process
+
+            async def counting(t, flags):
+                nonlocal heartbeat_passes
+                heartbeat_passes += flags == Flag.HEARTBEAT
+                await process(t, flags)
+
+            sup.worker.process = counting
+            row, mid = client.send("busy", "take your time")
+            await until(lambda: row.id in sup.worker.muted, message="muted while it works")
+            await until(lambda: replies_to(cfg, mid), message="the reply")
+            reasons = [c["reason"] for c in client.registry.status_changes(row.id)]
+        assert not any("killed" in r for r in reasons), reasons
+        assert messages_in(client.paths(row), mid)["tries"] == 0
+        client.close()
+
+    run(body())
+    assert heartbeat_passes <= 5, heartbeat_passes  # ~30 heartbeats were written
 
 
 class Outage:

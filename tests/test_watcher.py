@@ -16,8 +16,8 @@ from orchestrator.config import WatchConfig
 from orchestrator.layout import Kind
 from orchestrator.sessions import create_folder
 from orchestrator.store import schema
-from orchestrator.watcher import (RESCAN, Activity, choose_mode, count_dirs, poll_once,
-                                  to_activities, watch_budget)
+from orchestrator.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
+                                  poll_once, to_activities, unmuted, watch_budget)
 
 
 def make_tree(tmp_path: Path) -> tuple[Path, Path]:
@@ -153,6 +153,54 @@ def test_to_activities_dedupes_and_filters() -> None:
         Activity("g", "s", Kind.INBOX),
     ], key=repr)
     assert RESCAN.session_id is None and RESCAN.kind is Kind.OTHER
+
+
+HB, OUT = Activity("g", "a", Kind.HEARTBEAT), Activity("g", "a", Kind.OUTBOUND_DB)
+HB_B = Activity("g", "b", Kind.HEARTBEAT)
+
+
+@pytest.mark.parametrize("batch, muted, kept", [
+    ([HB, OUT, HB_B], set(), [HB, OUT, HB_B]),
+    ([HB, OUT, HB_B], {"a"}, [OUT, HB_B]),  # only heartbeats, only of muted sessions
+    ([HB, HB_B], {"a", "b"}, []),
+    ([OUT, RESCAN], {"a"}, [OUT, RESCAN]),
+])
+def test_unmuted(batch: list, muted: set, kept: list) -> None:
+    assert unmuted(batch, muted) == kept
+
+
+def test_muted_heartbeats_never_reach_the_loop(tmp_path: Path) -> None:
+    """A muted session's heartbeats are dropped in the watch thread; everything else
+    of it still comes through, and so do its heartbeats once it is unmuted."""
+    root, folder = make_tree(tmp_path)
+    muted = {"sess-1"}
+
+    async def body() -> None:
+        stop, started = asyncio.Event(), asyncio.Event()
+        got: list[Activity] = []
+
+        async def consume() -> None:
+            async for batch in batches(root, WatchConfig(), stop, started, "events", muted):
+                got.extend(batch)
+
+        task = asyncio.create_task(consume())
+        await until(started.is_set, timeout=10, message="watch started")
+        os.utime(folder / ".heartbeat")
+        with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
+            conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
+                         " ('k', 'v', 'now')")
+        # inotify keeps order: once the commit is reported, the touch before it was seen
+        await until(lambda: Activity("grp", "sess-1", Kind.OUTBOUND_DB) in got,
+                    message="the commit")
+        assert Activity("grp", "sess-1", Kind.HEARTBEAT) not in got, got
+        muted.discard("sess-1")
+        os.utime(folder / ".heartbeat")
+        await until(lambda: Activity("grp", "sess-1", Kind.HEARTBEAT) in got,
+                    message="the heartbeat once unmuted")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    run(body())
 
 
 # --- poll mode ---------------------------------------------------------------------------

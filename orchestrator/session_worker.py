@@ -105,7 +105,7 @@ def _mtime(sig: Signature) -> datetime | None:
 class SessionWorker:
     def __init__(self, cfg: Config, registry: Registry, sessions: Sessions, runtime: Runtime,
                  deliverer: Deliverer, clock: Callable[[], datetime],
-                 mark: Callable[[str, Flags], None], muted: set[str] | None = None) -> None:
+                 mark: Callable[[str, Flags], None]) -> None:
         self.cfg = cfg
         self.registry = registry
         self.sessions = sessions
@@ -113,7 +113,7 @@ class SessionWorker:
         self.deliverer = deliverer
         self.clock = clock
         self.mark = mark
-        self.muted = set() if muted is None else muted  # read by the watch thread
+        self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
         self._ops: set[asyncio.Task] = set()
 
     # --- the pass ---------------------------------------------------------------------

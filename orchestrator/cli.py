@@ -76,8 +76,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     with registry:
         mode = args.mode or cfg.sessions.default_mode
         mg = MessagingGroup(args.channel, args.platform)
+        message = sessions.prepare(content)  # refused here: no session is created for it
         session = sessions.resolve(args.group, mg, args.thread, mode)
-        mid, seq = sessions.write_message(session, content, routing=sessions.routing_of(session))
+        sessions.write_message(session, message, routing=sessions.routing_of(session))
     print(session.id)
     return 0
 

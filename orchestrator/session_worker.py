@@ -32,7 +32,7 @@ from orchestrator.layout import SessionPaths
 from orchestrator.lifecycle import (Action, Claim, Observation, decide, earliest,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
-from orchestrator.sessions import Sessions
+from orchestrator.sessions import Sessions, upgrade_outbound
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
@@ -207,16 +207,18 @@ class SessionWorker:
         t.sigs["out"] = file_signature(t.paths.outbound_db)
         snap = outbound.read(t.paths.outbound_db, after_seq=t.delivery.watermark,
                              acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None)
-        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
-        if stamps:
-            newest = max(stamps)
-            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
         if final:
             inbound.sync_acks(t.paths.inbound_db, final)
-        t.synced_acks = set(settled)  # acks older than this read are never returned again
+        # Only once the sync is written: acks older than ``acks_seen`` are never read
+        # again, so moving it first would lose an ack whose sync failed.
+        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
+        if stamps:
+            newest = max(stamps)
+            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
+        t.synced_acks = set(settled)
         t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout
@@ -345,6 +347,7 @@ class SessionWorker:
         now = self.clock()
         try:
             t.paths.heartbeat.unlink(missing_ok=True)  # a stale heartbeat is not liveness
+            upgrade_outbound(t.paths)  # no agent runs: the host may write it
             row = self.registry.session(t.session_id)
             if row is not None:
                 self.sessions.write_routing(row)

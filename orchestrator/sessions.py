@@ -8,6 +8,7 @@ chat thread, ``agent-shared`` — one per agent group, whatever the chat.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -51,13 +52,51 @@ def new_id(prefix: str) -> str:
 
 
 def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionPaths:
-    """Folder, ``inbox/``, ``outbox/`` and both DBs; idempotent (upgrades old DBs)."""
+    """Folder, ``inbox/``, ``outbox/`` and both DBs; idempotent (upgrades inbound.db).
+
+    An existing outbound.db is left alone: its agent may be running and writing it
+    (one writer per file), and every ``send`` comes through here. It is upgraded
+    only when no agent runs, just before a wake (``upgrade_outbound``).
+    """
     paths = session_paths(data_dir, agent_group, session_id)
     for d in (paths.root, paths.inbox, paths.outbox):
         d.mkdir(parents=True, exist_ok=True)
     inbound.init(paths.inbound_db)
-    schema.init_outbound(paths.outbound_db)
+    if not os.path.lexists(paths.outbound_db):
+        schema.init_outbound(paths.outbound_db)
     return paths
+
+
+def upgrade_outbound(paths: SessionPaths) -> list[str]:
+    """Create outbound.db or add the columns an older one lacks. Only while no agent
+    runs for the session: the host may write outbound.db only then."""
+    return schema.init_outbound(paths.outbound_db)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message that passed every check: content as a dict, attachments decoded."""
+
+    content: dict[str, Any]
+    files: list[attachments.Decoded]
+
+
+def prepare_message(content: str | dict[str, Any], max_attachment_bytes: int) -> PreparedMessage:
+    """Parse and check a message without touching disk, so that a refused message
+    (bad JSON, bad base64, a file too big) leaves nothing behind, not even a session."""
+    if isinstance(content, str):
+        try:
+            content = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise MessageError(f"message content is not valid JSON ({exc.msg} at line "
+                               f"{exc.lineno} column {exc.colno}); send a JSON object") from None
+    if not isinstance(content, dict):
+        raise MessageError("message content must be a JSON object, e.g. {\"text\": \"hi\"}")
+    try:
+        files = attachments.decode(content.get("attachments", []), max_attachment_bytes)
+    except attachments.AttachmentError as exc:
+        raise MessageError(str(exc)) from None
+    return PreparedMessage(content, files)
 
 
 class Sessions:
@@ -87,29 +126,23 @@ class Sessions:
         create_folder(self.data_dir, agent_group, session.id)
         return session
 
-    def write_message(self, session: SessionRow, content: str | dict[str, Any], *,
-                      kind: str = "chat", process_after: datetime | None = None,
+    def prepare(self, content: str | dict[str, Any]) -> PreparedMessage:
+        """Check a message before anything is created for it (see ``prepare_message``)."""
+        return prepare_message(content, self.max_attachment_bytes)
+
+    def write_message(self, session: SessionRow, content: str | dict[str, Any] | PreparedMessage,
+                      *, kind: str = "chat", process_after: datetime | None = None,
                       trigger: int = 1, routing: tuple[str | None, str | None, str | None] = (
                           None, None, None), message_id: str | None = None) -> tuple[str, int]:
         """Decode attachments into the inbox, then insert the row; all or nothing.
 
         Returns (message id, seq).
         """
-        if isinstance(content, str):
-            try:
-                content = json.loads(content)
-            except json.JSONDecodeError as exc:
-                raise MessageError(f"message content is not valid JSON ({exc.msg} at line "
-                                   f"{exc.lineno} column {exc.colno}); send a JSON object") from None
-        if not isinstance(content, dict):
-            raise MessageError("message content must be a JSON object, e.g. {\"text\": \"hi\"}")
+        prepared = content if isinstance(content, PreparedMessage) else self.prepare(content)
         mid = validate_id(message_id, "message id") if message_id else new_id("msg")
         paths = self.paths(session)
-        try:
-            files = attachments.decode(content.get("attachments", []), self.max_attachment_bytes)
-        except attachments.AttachmentError as exc:
-            raise MessageError(str(exc)) from None
-        stored = dict(content)
+        files = prepared.files
+        stored = dict(prepared.content)
         if files:
             try:
                 stored["attachments"] = attachments.write_inbox(paths, mid, files)

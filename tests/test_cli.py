@@ -210,8 +210,10 @@ def test_send_refusals_are_one_line(tmp_path, capsys, conf, argv, fragment):
     code, out, err = run(capsys, "send", "--config", conf(), *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and fragment in err and "Traceback" not in err
-    for row in sessions_of(tmp_path) if (tmp_path / "data" / "orchestrator.db").exists() else []:
-        assert messages_of(tmp_path, row) == []
+    # refused before a session exists for it: no row, no folder, nothing half-written
+    if (tmp_path / "data" / "orchestrator.db").exists():
+        assert sessions_of(tmp_path) == []
+    assert not any((tmp_path / "data" / "sessions").glob("*/*"))
 
 
 def test_send_refuses_oversized_attachment(tmp_path, capsys, conf):

@@ -145,6 +145,43 @@ def test_create_folder_makes_the_contract_files(tmp_path):
     assert query(paths.inbound_db, "SELECT COUNT(*) FROM messages_in") == [(0,)]
 
 
+def test_resolve_never_writes_an_existing_outbound_db(env):
+    """Every ``send`` resolves its session; the agent may be mid-write on outbound.db.
+    Holding its write lock must not block (or be broken by) the host: the host only
+    creates outbound.db when it is missing, and upgrades it just before a wake."""
+    s, reg, data = env
+    first = s.resolve("g", None, None, "agent-shared")
+    out = session_paths(data, "g", first.id).outbound_db
+    before = out.stat()
+    agent = sqlite3.connect(out, isolation_level=None, timeout=0)
+    try:
+        agent.execute("BEGIN IMMEDIATE")  # the agent's writer holds the lock
+        again = s.resolve("g", None, None, "agent-shared")
+        s.write_message(again, {"text": "while the agent writes"})
+        agent.execute("ROLLBACK")
+    finally:
+        agent.close()
+    assert again.id == first.id
+    after = out.stat()
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (
+        before.st_mtime_ns, before.st_size, before.st_ino)
+
+
+def test_upgrade_outbound_adds_missing_columns(tmp_path):
+    paths = session_paths(tmp_path, "g", "old")
+    paths.root.mkdir(parents=True)
+    with closing(sqlite3.connect(paths.outbound_db)) as conn, conn:
+        conn.execute("CREATE TABLE messages_out (id TEXT PRIMARY KEY, seq INTEGER UNIQUE, "
+                     "timestamp TEXT NOT NULL, kind TEXT NOT NULL, content TEXT NOT NULL)")
+        conn.execute("INSERT INTO messages_out VALUES ('o1', 1, 't', 'chat', '{}')")
+    sessions_mod.create_folder(tmp_path, "g", "old")  # leaves the agent's file alone
+    assert "in_reply_to" not in table_columns(paths.outbound_db, "messages_out")
+    added = sessions_mod.upgrade_outbound(paths)
+    assert "messages_out.in_reply_to" in added and "messages_out.deliver_after" in added
+    assert query(paths.outbound_db, "SELECT id, seq FROM messages_out") == [("o1", 1)]
+    assert journal_mode(paths.outbound_db) == "delete"
+
+
 def test_resolve_upgrades_an_old_inbound_db_keeping_rows(env):
     s, reg, data = env
     reg.ensure_agent_group("g")

@@ -487,6 +487,48 @@ def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_ag
     run(body())
 
 
+def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path, reap_agents,
+                                                           monkeypatch) -> None:
+    """inbound.db cannot be written (a disk error, simulated: root ignores file modes)
+    until both of the agent's 'completed' acks have been read. Passes read only acks
+    stamped since the newest one already read, so a failed sync must not count as
+    read: a later pass syncs both, and neither message stays 'pending' (and is
+    re-counted as due) forever."""
+    import sqlite3
+
+    cfg = make_config(tmp_path, agent_args=["--work-seconds", "0.05"],
+                      watch={"sweep_interval": 0.3})
+    from orchestrator import session_worker
+
+    real_sync = session_worker.inbound.sync_acks
+    refused: list[dict] = []
+
+    def failing_until_both(path, acks):
+        if not refused or len(refused[-1]) < 2:
+            refused.append(dict(acks))
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_sync(path, acks)
+
+    monkeypatch.setattr(session_worker.inbound, "sync_acks", failing_until_both)
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, first = client.send("acks", "one")
+            _, second = client.send("acks", "two")
+            paths = client.paths(row)
+            await until(lambda: refused and len(refused[-1]) == 2,
+                        message="both completed acks read by a pass whose sync failed")
+            for mid in (first, second):
+                await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                            message=f"the ack of {mid} synced after the failed writes")
+            await until(lambda: replies_to(cfg, second), message="both replies delivered")
+            assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted([first, second])
+        client.close()
+
+    run(body())
+
+
 # --- start-up reconcile, timers, start failures, one instance per data dir ------------------
 
 

@@ -98,6 +98,8 @@ class DeliveryConfig:
     max_attempts: int = _opt(5, "attempts before a reply is recorded failed", min=1, max=1000)
     retry_base: float = _opt(2.0, "delivery retry backoff: base * 2^attempts seconds",
                              min=0, max=3600)
+    files_wait: float = _opt(60.0, "seconds a reply waits for its outbox/ files before "
+                             "that counts as a failed attempt", min=0, max=86400)
 
 
 @dataclass(frozen=True)

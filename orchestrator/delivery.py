@@ -38,6 +38,8 @@ class DeliveryState:
     """Per-session memory; losing it (restart) only costs one full read."""
 
     watermark: int = 0  # every reply with seq <= watermark is settled
+    # replies whose listed files are not (all) in outbox/ yet → when first seen so
+    waiting_files: dict[str, datetime] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,7 +50,12 @@ class PassResult:
 
 
 class FilesNotReady(DeliveryError):
-    pass
+    """A listed file is not in ``outbox/<id>/`` yet: the agent may write the row first.
+
+    Not a failed attempt: the reply waits (no backoff) and the next ``outbox/``
+    event retries it at once; only after ``[delivery] files_wait`` does a
+    missing file count as an attempt like any other failure.
+    """
 
 
 def _parse_content(raw: str, out_id: str) -> object:
@@ -153,23 +160,20 @@ class Deliverer:
                 continue
             try:
                 pmid = await self._deliver_one(paths, agent_group, session_id, msg, routing)
-            except DeliveryError as exc:
-                attempts += 1
-                if attempts >= self.cfg.max_attempts:
-                    logger.error("reply {} of session {}: giving up after {} attempts: {}",
-                                 msg.id, session_id, attempts, exc)
-                    records.append((msg.id, "failed", None))
-                    result.failed.append(msg.id)
-                    retried.append(msg.id)
-                else:
-                    retry_at = now + timedelta(
-                        seconds=delivery_backoff(attempts, self.cfg.retry_base))
-                    logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
-                                   msg.id, session_id, attempts, exc, retry_at.time())
-                    self.registry.record_attempt_failure(session_id, msg.id, attempts, retry_at,
-                                                         str(exc))
-                    result.next_due = earliest(result.next_due, retry_at)
+            except FilesNotReady as exc:
+                give_up_at = self._files_deadline(state, msg.id, now)
+                if give_up_at > now:
+                    logger.debug("reply {} of session {}: {}; waiting", msg.id, session_id, exc)
+                    result.next_due = earliest(result.next_due, give_up_at)
+                    continue
+                self._failed_attempt(session_id, msg.id, attempts, exc, now, result, records,
+                                     retried)
                 continue
+            except DeliveryError as exc:
+                self._failed_attempt(session_id, msg.id, attempts, exc, now, result, records,
+                                     retried)
+                continue
+            state.waiting_files.pop(msg.id, None)
             records.append((msg.id, "delivered", pmid))
             result.delivered.append(msg.id)
             if attempts:
@@ -185,7 +189,31 @@ class Deliverer:
             if msg.id not in settled:
                 break
             state.watermark = msg.seq
+        for mid in settled:
+            state.waiting_files.pop(mid, None)
         return result
+
+    def _files_deadline(self, state: DeliveryState, out_id: str, now: datetime) -> datetime:
+        since = state.waiting_files.setdefault(out_id, now)
+        return since + timedelta(seconds=self.cfg.files_wait)
+
+    def _failed_attempt(self, session_id: str, out_id: str, attempts: int, exc: Exception,
+                        now: datetime, result: PassResult,
+                        records: list[tuple[str, str, str | None]], retried: list[str]) -> None:
+        """Count one failed attempt: back off, or record ``failed`` at ``max_attempts``."""
+        attempts += 1
+        if attempts >= self.cfg.max_attempts:
+            logger.error("reply {} of session {}: giving up after {} attempts: {}",
+                         out_id, session_id, attempts, exc)
+            records.append((out_id, "failed", None))
+            result.failed.append(out_id)
+            retried.append(out_id)
+            return
+        retry_at = now + timedelta(seconds=delivery_backoff(attempts, self.cfg.retry_base))
+        logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
+                       out_id, session_id, attempts, exc, retry_at.time())
+        self.registry.record_attempt_failure(session_id, out_id, attempts, retry_at, str(exc))
+        result.next_due = earliest(result.next_due, retry_at)
 
     async def _deliver_one(self, paths: SessionPaths, agent_group: str, session_id: str,
                            msg: OutMessage,

@@ -186,6 +186,8 @@ class SessionWorker:
                                  ("in", t.paths.inbound_db, Flag.INBOUND)):
             if file_signature(path) != t.sigs.get(name, ()):
                 flags |= flag
+        if t.delivery.waiting_files:  # an outbox/ event may have been missed
+            flags |= Flag.OUTBOX
         return flags
 
     def _read_heartbeat(self, t: Tracked, now: datetime) -> None:

@@ -74,14 +74,15 @@ class World:
     """One session folder, the registry, and the agent's side of outbound.db."""
 
     def __init__(self, tmp_path: Path, channel, max_attempts: int = 3,
-                 retry_base: float = 2.0) -> None:
+                 retry_base: float = 2.0, files_wait: float = 60.0) -> None:
         self.data_dir = tmp_path / "data"
         self.registry = Registry(registry_path(self.data_dir))
         self.sessions = Sessions(self.data_dir, self.registry, 1 << 20)
         self.row = self.sessions.resolve("grp", MessagingGroup("chat", "room-1"), None, "shared")
         self.paths: SessionPaths = self.sessions.paths(self.row)
         schema.init_outbound(self.paths.outbound_db)
-        self.cfg = DeliveryConfig(max_attempts=max_attempts, retry_base=retry_base)
+        self.cfg = DeliveryConfig(max_attempts=max_attempts, retry_base=retry_base,
+                                  files_wait=files_wait)
         self.channel = channel
         self.state = DeliveryState()
         self.seq = 1
@@ -200,18 +201,40 @@ def test_reply_fields_and_files_moved(tmp_path: Path) -> None:
                                                                           "msg-1")
 
 
-def test_files_not_yet_in_outbox_are_retried_not_lost(tmp_path: Path) -> None:
-    world = World(tmp_path, FakeChannel(), max_attempts=3, retry_base=1.0)
-    world.reply("r1", files={})
+def _list_late_file(world: World, out_id: str) -> None:
+    """The agent committed the row listing ``late.txt`` before writing the file."""
+    world.reply(out_id, files={})
     with schema.opened(world.paths.outbound_db) as conn, schema.transaction(conn):
-        conn.execute("UPDATE messages_out SET content=? WHERE id='r1'",
-                     (json.dumps({"text": "x", "files": ["late.txt"]}),))
-    world.deliver(NOW)
+        conn.execute("UPDATE messages_out SET content=? WHERE id=?",
+                     (json.dumps({"text": "x", "files": ["late.txt"]}), out_id))
+
+
+def test_a_reply_waits_for_its_files_without_spending_attempts(tmp_path: Path) -> None:
+    """Files not there yet are not a failed attempt: no backoff, so the pass that the
+    file's outbox/ event causes delivers it at once, however often it looked before."""
+    world = World(tmp_path, FakeChannel(), max_attempts=2, retry_base=30.0, files_wait=10.0)
+    _list_late_file(world, "r1")
+    for t in (0, 1, 2, 3):
+        result = world.deliver(later(t))
+        assert result.next_due == later(10)  # the give-up time, not a backoff
     assert world.channel.calls == [] and world.settled() == {}
+    assert world.registry.delivery_attempt(world.row.id, "r1") == (0, None)
     (world.paths.outbox / "r1" / "late.txt").write_bytes(b"late")
-    result = world.deliver(later(1))
-    assert result.delivered == ["r1"]
+    result = world.deliver(later(3.01))
+    assert result.delivered == ["r1"] and world.state.waiting_files == {}
     assert (delivered_root(world.data_dir) / "r1" / "late.txt").read_bytes() == b"late"
+
+
+def test_files_that_never_come_count_as_attempts_after_files_wait(tmp_path: Path) -> None:
+    world = World(tmp_path, FakeChannel(), max_attempts=2, retry_base=1.0, files_wait=5.0)
+    _list_late_file(world, "r1")
+    world.reply("r2", "unaffected")
+    assert world.deliver(NOW).delivered == ["r2"]  # never blocks the replies after it
+    first = world.deliver(later(5))
+    assert first.failed == [] and world.registry.delivery_attempt(world.row.id, "r1")[0] == 1
+    last = world.deliver(first.next_due)
+    assert last.failed == ["r1"] and world.settled() == {"r1": "failed", "r2": "delivered"}
+    assert world.state.waiting_files == {} and world.channel.calls == ["r2"]
 
 
 def test_move_files_is_idempotent_after_a_crash(tmp_path: Path) -> None:
@@ -433,6 +456,39 @@ def test_supervisor_retries_a_failing_channel_without_blocking_others(tmp_path: 
                                       " message_out_id=?", (flaky_id,)) == [("delivered",)])
             assert client.registry.delivery_attempt(row_a.id, flaky_id) == (0, None)
             assert sup.tracked[row_a.id].delivery.watermark >= taken()[mid_a].seq
+        client.close()
+
+    run(body())
+
+
+def test_supervisor_delivers_a_reply_when_its_late_file_lands(tmp_path: Path,
+                                                              reap_agents) -> None:
+    """An agent that commits the row before writing the file: the outbox/ event of the
+    file delivers the reply at once (not after a backoff or ``files_wait``)."""
+    cfg = make_config(tmp_path, delivery={"retry_base": 30.0, "files_wait": 60.0},
+                      watch={"sweep_interval": 60.0})
+    channel = FakeChannel()
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg, channel=channel) as sup:
+            row = client.session("late")
+            paths = client.paths(row)
+            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+                conn.execute(
+                    "INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                    "VALUES ('r-late', 1, ?, 'chat', ?)",
+                    (schema.now_ts(), json.dumps({"text": "x", "files": ["late.txt"]})))
+            await until(lambda: row.id in sup.tracked
+                        and "r-late" in sup.tracked[row.id].delivery.waiting_files,
+                        message="the row seen by a pass, waiting for its file")
+            folder = paths.outbox / "r-late"
+            folder.mkdir()
+            (folder / "late.txt").write_bytes(b"late")
+            [reply] = await until(lambda: channel.taken, timeout=5.0,
+                                  message="the reply, once its file is there")
+            assert reply.files == (str(delivered_root(cfg.data_dir) / "r-late" / "late.txt"),)
+            assert channel.calls == ["r-late"]
         client.close()
 
     run(body())

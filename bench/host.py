@@ -49,6 +49,7 @@ class SyntheticRuntime:
     """Agents that exist because the bench says so; it never starts a process."""
 
     name = "synthetic"
+    listed = True
 
     def __init__(self, agents: list[tuple[str, str]], on_exit: Callable[[AgentExit], None]):
         self._alive = {sid: group for group, sid in agents}

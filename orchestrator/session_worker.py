@@ -135,7 +135,7 @@ class SessionWorker:
             if flags & Flag.EXIT and t.exit is not None:
                 self._on_exit(t, now)
             alive = self.runtime.is_running(t.session_id)
-            if not alive and t.claims and (t.op is None or t.op.done()):
+            if not alive and t.claims and (t.op is None or t.op.done()) and self.runtime.listed:
                 self._reset_orphan_claims(t, now)
                 flags |= Flag.INBOUND
             if self._inbound_matters(t, flags, alive):
@@ -353,7 +353,8 @@ class SessionWorker:
             row = self.registry.session(t.session_id)
             if row is not None:
                 self.sessions.write_routing(row)
-            await self.runtime.start(SessionRef(t.agent_group, t.session_id, t.paths.root))
+            handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
+                                                         t.paths.root))
         except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
@@ -373,7 +374,9 @@ class SessionWorker:
         t.heartbeat_at = None
         t.sigs.pop("hb", None)
         t.idle_since = None
-        self.set_status(t, "running", f"agent started, {t.due} message(s) due", t.started_at)
+        reason = ("adopted the agent already running" if handle.adopted
+                  else f"agent started, {t.due} message(s) due")
+        self.set_status(t, "running", reason, t.started_at)
 
     @staticmethod
     def unblock(t: Tracked) -> bool:

@@ -114,9 +114,12 @@ class Supervisor:
             self.mark(ev.session_id, Flag.EXIT)
 
     def _on_runtime_available(self) -> None:
-        """Retry what an outage put off now, not when each session's backoff ends."""
+        """The runtime answers again (and has just reconciled): retry what an outage
+        put off now, not when each session's backoff ends, and look again at every
+        session whose agent the reconcile found alive or gone."""
         for t in self.tracked.values():
-            if self.worker.unblock(t):
+            unblocked = self.worker.unblock(t)
+            if unblocked or self.runtime.is_running(t.session_id) != (t.status != "stopped"):
                 self.mark(t.session_id, Flag.TIMER)
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
@@ -246,9 +249,13 @@ class Supervisor:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
         try:
             adopted = {h.session_id: h for h in await self.runtime.recover()}
-        except Exception as exc:  # e.g. Docker down: keep going, the sweep retries
-            logger.error("could not list existing agents ({}); continuing", exc)
-            adopted = {}
+            unknown = None
+        except Exception as exc:  # e.g. Docker down: keep going, adopt when it is back
+            if not getattr(exc, "reported", False):  # the runtime said it once already
+                logger.error("could not list existing agents: {}", exc)
+            logger.info("agents from before the restart are adopted once the runtime "
+                        "answers; their claims are kept until then")
+            adopted, unknown = {}, "runtime unavailable at start-up"
         self._discover()
         now = self.clock()
         for sid, t in self.tracked.items():
@@ -256,7 +263,8 @@ class Supervisor:
                 t.started_at = now
                 self.worker.set_status(t, "running", "adopted after restart", now)
             elif t.status != "stopped":
-                self.worker.set_status(t, "stopped", "no agent found at start-up", now)
+                self.worker.set_status(t, "stopped", unknown or "no agent found at start-up",
+                                       now)
         self._unreconciled = set(self.tracked)
         for sid in self.tracked:
             self._dirty[sid] = Flag.FULL | Flag.FORCE

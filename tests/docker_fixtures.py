@@ -42,8 +42,13 @@ from orchestrator.store import schema
 TEST_IMAGE = "orchestrator-agent:test"
 
 
+def in_ci() -> bool:
+    """CI is set the way CI services set it (``true``/``1``); ``false``/``0`` is not CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _unavailable(message: str) -> None:
-    if os.environ.get("CI"):
+    if in_ci():
         pytest.fail(f"{message} (CI is set: Docker tests must run; see .ci/setup-docker.sh)")
     pytest.skip(message)
 
@@ -153,8 +158,9 @@ def run(coro: Awaitable[Any]) -> Any:
 class PrivateDockerd:
     """A throwaway dockerd: own socket, data root, exec root and containerd namespace."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, live_restore: bool = False):
         self.root = root
+        self.live_restore = live_restore  # containers outlive the daemon's stop
         self.sock = root / "d.sock"
         self.base_url = f"unix://{self.sock}"
         self.log_path = root / "dockerd.log"
@@ -181,7 +187,7 @@ class PrivateDockerd:
             "--bridge", "none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
             "--shutdown-timeout", "2", "--containerd-namespace", self.namespace,
             "--containerd-plugins-namespace", f"{self.namespace}-plugins",
-        ]
+        ] + (["--live-restore"] if self.live_restore else [])
 
     def client(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.base_url, version="auto", timeout=60)
@@ -232,12 +238,11 @@ class PrivateDockerd:
             client.close()
 
 
-@pytest.fixture
-def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
+def _private_daemon(live_restore: bool) -> Iterator[PrivateDockerd]:
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
         _unavailable("a private dockerd needs root and the dockerd binary")
     root = Path(tempfile.mkdtemp(prefix="orchd-", dir="/tmp"))  # short: unix socket paths
-    daemon = PrivateDockerd(root)
+    daemon = PrivateDockerd(root, live_restore=live_restore)
     try:
         daemon.start()
         yield daemon
@@ -254,3 +259,15 @@ def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDocke
         daemon.stop()
         subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
+    """Stopping it stops its containers (the default: no live restore)."""
+    yield from _private_daemon(live_restore=False)
+
+
+@pytest.fixture
+def private_dockerd_live(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
+    """``--live-restore``: its containers keep running while it is down."""
+    yield from _private_daemon(live_restore=True)

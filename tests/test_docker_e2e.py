@@ -28,7 +28,7 @@ from loguru import logger
 
 from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
     PrivateDockerd, agent_image, docker_client, in_thread, instance, private_dockerd,
-    remove_labelled, until,
+    private_dockerd_live, remove_labelled, until,
 )
 from e2e import supervised
 from helpers import query
@@ -615,3 +615,50 @@ def test_daemon_crash_with_a_stuck_agent_backs_off_then_kills(
         assert len([m for m in loud(during) if "killing stuck agent" in m]) == 1
 
     bounded(body(), timeout=60)
+
+
+def test_daemon_down_at_start_up_keeps_claims_and_adopts_when_back(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        private_dockerd_live: PrivateDockerd, log_records: list) -> None:
+    """A container is mid-message when the orchestrator restarts, and the daemon (with
+    live restore: the container keeps running) does not answer at start-up. Not
+    knowing is not "dead": the claim is kept (no retry, tries stays 0, the ack is not
+    cleared under a running agent) and, once the daemon answers, the container is
+    adopted; the reply is delivered once and no second container is started."""
+    daemon = private_dockerd_live
+    daemon.load_image(docker_client, agent_image)
+    instance = f"t{uuid.uuid4().hex[:10]}"
+    cfg = docker_config(tmp_path, instance, agent_image, agent_args=["--work-seconds", "6"],
+                        docker={"base_url": daemon.base_url},
+                        runtime={"on_shutdown": "leave"},
+                        lifecycle={"idle_after": 30.0, "stop_idle_after": 30.0})
+
+    async def body() -> None:
+        async with supervised(cfg) as sup:
+            row = session(sup, "blind")
+            mid = send(sup, row, "work through the outage")
+            cid = await until(lambda: container_id(sup, row.id), 20, "a container started")
+            await until(lambda: claimed(sup, row, mid), 20, "the message claimed")
+        await in_thread(daemon.stop)
+
+        async with supervised(cfg) as sup:
+            assert not sup.runtime.listed and container_id(sup, row.id) is None
+            await holds(lambda: claimed(sup, row, mid) and message_row(sup, row, mid) == {
+                "status": "pending", "tries": 0, "process_after": None}, 1.5,
+                "claim kept while the daemon is down")
+            await in_thread(daemon.start)
+            await until(lambda: container_id(sup, row.id) == cid, 20,
+                        "the surviving container adopted once the daemon answers")
+            await until(lambda: status(sup, row.id) == "running", 5, "status follows it")
+            [reply] = await until(lambda: replies_to(cfg, mid), 20, "its reply")
+            await until(lambda: message_row(sup, row, mid)["status"] == "completed", 10,
+                        "the ack synced")
+            assert message_row(sup, row, mid)["tries"] == 0
+            ids = [c.id for c in await in_thread(lambda: daemon.client().containers.list(
+                all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}))]
+            assert ids == [cid]  # adopted, never doubled
+        assert reply["content"]["text"] == "echo: work through the outage"
+        assert Counter(r["in_reply_to"] for r in replies(cfg)) == {mid: 1}
+        assert not [m for m in loud(log_records) if m.startswith("ERROR")], loud(log_records)
+
+    bounded(body(), timeout=90)

@@ -19,6 +19,7 @@ from typing import Any
 
 import docker
 import pytest
+from loguru import logger
 
 from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
     PrivateDockerd, agent_image, docker_client, in_thread, insert_message, instance,
@@ -401,6 +402,40 @@ def test_recover_adopts_running_and_removes_exited(
 
 
 @pytest.mark.docker
+def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """Restarted while the daemon did not answer, the runtime never ran ``recover``:
+    the reconcile that follows the event stream's connection (or a sweep) adopts
+    the container, and until a list succeeded ``listed`` says the runtime cannot
+    tell "not running" from "unknown"."""
+    live = make_session(tmp_path, "g1", "live")
+
+    async def first_life() -> str:
+        rt, _ = make_runtime(tmp_path, instance, agent_image)
+        handle = await rt.start(SessionRef("g1", "live", live))
+        await rt.close()
+        return handle.ident
+
+    ident = asyncio.run(first_life())
+
+    async def second_life() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            assert not rt.listed and not rt.is_running("live")
+            await rt.reconcile()
+            assert rt.listed and rt.is_running("live")
+            assert [(h.session_id, h.ident, h.adopted) for h in rt.running()] == [
+                ("live", ident, True)]
+            await rt.reconcile()  # idempotent
+            assert len(rt.running()) == 1 and exits == []
+        finally:
+            await rt.close()
+
+    asyncio.run(second_life())
+
+
+@pytest.mark.docker
 def test_foreign_containers_are_never_touched(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
@@ -445,11 +480,18 @@ def test_unavailable_cases_are_one_line_and_create_nothing(
 
     async def main() -> None:
         rt, _ = make_runtime(tmp_path, instance, "orchestrator-agent:does-not-exist")
+        errors: list[str] = []
+        sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
         try:
             with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`") as e:
                 await rt.start(SessionRef("g1", "s1", folder))
-            assert "\n" not in str(e.value)
+            assert "\n" not in str(e.value) and e.value.reported  # logged here, once
+            other = make_session(tmp_path, "g1", "s2")
+            with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`"):
+                await rt.start(SessionRef("g1", "s2", other))  # a second session, same image
+            assert errors == [str(e.value)]
         finally:
+            logger.remove(sink)
             await rt.close()
         rt, _ = make_runtime(tmp_path, instance, agent_image,
                              base_url=f"unix://{tmp_path}/no-daemon.sock")

@@ -76,12 +76,23 @@ class Runtime(Protocol):
         ...
 
     async def reconcile(self) -> None:
-        """Re-check owned agents against the runtime itself and report exits that
-        its event source missed (called by the reconcile sweep)."""
+        """Re-check owned agents against the runtime itself: report exits that its
+        event source missed, adopt live agents it did not know of (called by the
+        reconcile sweep)."""
         ...
 
     def is_running(self, session_id: str) -> bool:
         """From the runtime's own bookkeeping; cheap, no I/O."""
+        ...
+
+    @property
+    def listed(self) -> bool:
+        """Whether the runtime has listed the agents it owns since it started.
+
+        Until then (the Docker daemon did not answer at start-up) ``is_running``
+        False means "unknown", not "dead": an agent from before the restart may
+        still be working, so its claims must not be given back yet.
+        """
         ...
 
     def running(self) -> list[AgentHandle]:

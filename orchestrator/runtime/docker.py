@@ -60,6 +60,11 @@ from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_I
 from orchestrator.runtime.dockerexec import DockerExec
 
 
+def _name(c: dict) -> str:
+    """A container's name from a list entry."""
+    return ((c.get("Names") or ["?"])[0]).lstrip("/")
+
+
 @dataclass
 class _Tracked:
     handle: AgentHandle
@@ -97,6 +102,7 @@ class DockerRuntime:
                                     self._after_connect)
         self._reconcile_lock: asyncio.Lock | None = None
         self.reconciles = 0  # completed reconciles (observable in tests)
+        self.listed = False  # see Runtime.listed: set by the first list that succeeds
 
     # -- bookkeeping ------------------------------------------------------------
     def is_running(self, session_id: str) -> bool:
@@ -292,8 +298,7 @@ class DockerRuntime:
             if not self._owns(labels) or labels.get(LABEL_SESSION) != session_id:
                 continue
             handle = AgentHandle(labels.get(LABEL_GROUP, ""), session_id, c["Id"], adopted=True)
-            name = ((c.get("Names") or ["?"])[0]).lstrip("/")
-            out.append(_Tracked(handle, c["Id"], name, done=True))  # untracked: no AgentExit
+            out.append(_Tracked(handle, c["Id"], _name(c), done=True))  # untracked: no AgentExit
         return out
 
     async def stop(self, session_id: str, grace: float) -> None:
@@ -331,30 +336,46 @@ class DockerRuntime:
     # -- recover --------------------------------------------------------------------
     async def recover(self) -> list[AgentHandle]:
         """Adopt this instance's running containers; remove its dead ones. Others are
-        never listed (label filter) nor touched (label re-checked)."""
+        never listed (label filter) nor touched (label re-checked).
+
+        If the daemon does not answer, this raises and ``listed`` stays False; the
+        reconcile after the event stream connects adopts them instead.
+        """
         self._bind_loop()
         self._ensure_events()
-        adopted: list[AgentHandle] = []
-        for c in await self.exec.list_labelled([f"{LABEL_INSTANCE}={self.instance}"]):
-            labels = c.get("Labels") or {}
-            if not self._owns(labels):
-                continue
-            session_id, group = labels.get(LABEL_SESSION), labels.get(LABEL_GROUP)
-            name = ((c.get("Names") or ["?"])[0]).lstrip("/")
-            if c.get("State") in ALIVE_STATES and session_id and group:
-                t = self._by_session.get(session_id)
-                if t is None or t.done:
-                    t = _Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"], name)
-                    self._track(t)
-                    logger.info("adopted container {} for {}/{}", name, group, session_id)
-                adopted.append(t.handle)
-            elif c.get("State") not in ALIVE_STATES and session_id not in self._starting:
-                logger.info("removing dead container {} ({})", name, c.get("Status", c.get("State")))
+        found = await self.exec.list_labelled([f"{LABEL_INSTANCE}={self.instance}"])
+        adopted = self._adopt_alive(found)
+        for c in found:
+            session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
+            if (self._owns(c.get("Labels")) and c.get("State") not in ALIVE_STATES
+                    and session_id not in self._starting):
+                logger.info("removing dead container {} ({})", _name(c),
+                            c.get("Status", c.get("State")))
                 await self._remove_owned(c["Id"])
+        self.listed = True
         # A container that died between the list and its adoption had its die event
         # ignored (it was not ours yet): one more look closes that window.
         await self.reconcile()
         return [h for h in adopted if self.is_running(h.session_id)]
+
+    def _adopt_alive(self, found: list[dict]) -> list[AgentHandle]:
+        """Track the live, owned containers of ``found`` that are not tracked yet
+        (bookkeeping only); return the handles of every live owned one."""
+        handles: list[AgentHandle] = []
+        for c in found:
+            labels = c.get("Labels") or {}
+            session_id, group = labels.get(LABEL_SESSION), labels.get(LABEL_GROUP)
+            if (not self._owns(labels) or c.get("State") not in ALIVE_STATES
+                    or not session_id or not group or session_id in self._starting):
+                continue
+            t = self._by_session.get(session_id)
+            if t is None or t.done:
+                t = _Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"],
+                             _name(c))
+                self._track(t)
+                logger.info("adopted container {} for {}/{}", t.name, group, session_id)
+            handles.append(t.handle)
+        return handles
 
     # -- event stream -------------------------------------------------------------------
     def _bind_loop(self) -> None:
@@ -407,7 +428,8 @@ class DockerRuntime:
 
     async def reconcile(self) -> None:
         """Compare the bookkeeping with Docker: report tracked containers that ended or
-        vanished while no event reached us, and remove dead labelled leftovers.
+        vanished while no event reached us, adopt live ones we did not know of, and
+        remove dead labelled leftovers.
 
         Runs after every (re)connect of the event stream; a supervisor's periodic
         sweep may call it too (events make it fast, this makes it correct).
@@ -421,6 +443,10 @@ class DockerRuntime:
                 logger.debug("reconcile skipped: {}", exc)
                 return
             by_id = {c["Id"]: c for c in found if self._owns(c.get("Labels"))}
+            self.listed = True
+            # ours and alive, but unknown: started before a restart during which the
+            # daemon did not answer (recover could not list it)
+            self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
             for t in list(self._by_id.values()):
                 if t.starting or t.done:
                     continue

@@ -11,7 +11,8 @@ one-line message saying what failed and what to do:
   client is dropped and rebuilt on the next call, so the runtime recovers by
   itself when the daemon is back. The transition down/up is logged once each,
   not per call (the exception says so: ``reported = True``).
-- image missing: "image X not found: run `orchestrator image build`".
+- image missing: "image X not found: run `orchestrator image build`", logged
+  once per image until it is found (``ImageMissing.reported``).
 - ``missing_ok=True`` (stop/kill/remove/inspect): NotFound, "is not running"
   and "removal ... already in progress" (409) mean "already done" -> None.
 
@@ -45,6 +46,13 @@ _DONE_FRAGMENTS = ("is not running", "already in progress", "is already stopped"
 class DaemonUnreachable(RuntimeUnavailable):
     """The daemon did not answer. ``reported``: this outage has already been logged
     (once, by ``DockerExec``), so callers need not log it again per session."""
+
+    reported = True
+
+
+class ImageMissing(RuntimeUnavailable):
+    """The agent image is not on the daemon. Logged once per image by ``DockerExec``
+    (not once per session that wanted it), until the image is found."""
 
     reported = True
 
@@ -105,6 +113,7 @@ class DockerExec:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._available: bool | None = None  # None = not known yet
+        self._missing_images: set[str] = set()  # reported missing, not seen since
 
     # -- client -----------------------------------------------------------
     def api(self) -> APIClient:
@@ -156,7 +165,12 @@ class DockerExec:
         self.mark_available()
         if isinstance(exc, ImageNotFound):
             name = image or "the agent image"
-            return RuntimeUnavailable(f"image {name} not found: run `orchestrator image build`")
+            missing = ImageMissing(f"image {name} not found: run `orchestrator image build` "
+                                   "(work stays pending; starts are retried)")
+            if name not in self._missing_images:
+                self._missing_images.add(name)
+                logger.error("{}", missing)
+            return missing
         return RuntimeUnavailable(f"docker {what} failed: {_first_line(exc)}")
 
     def call_sync(self, what: str, fn: Callable[[APIClient], T], *, missing_ok: bool = False,
@@ -197,7 +211,11 @@ class DockerExec:
 
         Checked before create: docker-py's run() would try to pull (offline: APIError 500).
         """
-        return await self.call("image inspect", lambda api: api.inspect_image(image), image=image)
+        found = await self.call("image inspect", lambda api: api.inspect_image(image), image=image)
+        if image in self._missing_images:
+            self._missing_images.discard(image)
+            logger.info("image {} is there now", image)
+        return found
 
     async def inspect(self, container: str) -> dict | None:
         return await self.call("inspect", lambda api: api.inspect_container(container),

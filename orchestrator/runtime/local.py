@@ -61,6 +61,7 @@ class _Agent:
 
 class LocalRuntime:
     name = "local"
+    listed = True  # the pid files are always readable: nothing is ever unknown
 
     def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback) -> None:
         self.cfg = cfg

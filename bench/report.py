@@ -61,6 +61,12 @@ def rows(sizes: tuple[int, ...], agents: int) -> list[Row]:
             Row(f"latency_max_{n}", f"reply latency max @{n} sess", "ms", _lat(n, "max", agents)),
         ]
     out += [
+        Row("after_quiet_p50", "reply after a quiet spell p50", "ms",
+            lambda r: _dig(r, "idle_1000", "after_quiet", "latency_ms", "commit_to_recorded",
+                           "p50"), None),
+        Row("after_quiet_max", "reply after a quiet spell max", "ms",
+            lambda r: _dig(r, "idle_1000", "after_quiet", "latency_ms", "commit_to_recorded",
+                           "max"), None),
         Row("idle_cpu_pct", "idle CPU @1000 sess", "% core",
             lambda r: _dig(r, "idle_1000", "idle", "core_pct"), ("<", 1), 2),
         Row("idle_cpu_s_per_min", "idle CPU @1000 sess", "CPU-s/min",

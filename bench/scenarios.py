@@ -50,6 +50,8 @@ class Params:
     hb_seconds: float
     throughput_replies: int
     budget_replies: int
+    quiet_replies: int  # replies after a quiet spell (the watcher on its long step)
+    quiet_gap: float  # seconds between them: longer than [watch] quiet_after
     sizes: tuple[int, ...] = (1, 100, 1000)
     idle_sessions: int = 1000
     agents: int = 100
@@ -65,9 +67,10 @@ class Params:
 
 QUICK = Params(quick=True, latency_replies=200, latency_rate=50.0, idle_seconds=8.0,
                hb_warmup=1.0, hb_seconds=4.0, throughput_replies=2000, budget_replies=20,
-               throughput_timeout=90.0)
+               quiet_replies=3, quiet_gap=2.5, throughput_timeout=90.0)
 FULL = Params(quick=False, latency_replies=500, latency_rate=25.0, idle_seconds=30.0,
-              hb_warmup=3.0, hb_seconds=30.0, throughput_replies=10000, budget_replies=50)
+              hb_warmup=3.0, hb_seconds=30.0, throughput_replies=10000, budget_replies=50,
+              quiet_replies=10, quiet_gap=3.0)
 
 
 @dataclass
@@ -435,7 +438,20 @@ class Bench:
         run = self.new_run("idle", n, mode, agents=False)
         with self.running(run) as info:
             info["idle"] = self.idle(run)
+            info["after_quiet"] = self.after_quiet(run)
         return info
+
+    def after_quiet(self, run: Run) -> dict:
+        """Replies that each come after a quiet spell longer than ``[watch] quiet_after``:
+        the watcher is on its long idle step when each one is committed, so this is
+        what the first reply after a silence costs (the paced latency runs never let
+        the watcher go quiet)."""
+        p = self.p
+        self.say(f"  after a quiet spell: {p.quiet_replies} replies, {p.quiet_gap:g}s apart")
+        res = self.replies(run, run.folders[:p.quiet_replies], count=p.quiet_replies,
+                           rate=1.0 / p.quiet_gap, prefix="Q", name="after-quiet")
+        self.say("  after a quiet spell: " + _lat_line(res))
+        return res
 
     def _latency(self, run, n: int) -> dict:
         """The paced reply-latency measurement shared by the latency scenarios."""

@@ -2,12 +2,14 @@
 
 Two sources, one output (batches of ``Activity``):
 
-- ``events`` mode: one recursive ``watchfiles.watch`` on the sessions root, in
+- ``events`` mode: one recursive watchfiles watcher on the sessions root, in
   one thread (one inotify instance, one watch per directory). ``step``/``debounce``
   are tuned for latency: the library defaults (50/1600 ms) stretch a batch to
   1.6 s while other heartbeats keep arriving; 3/50 ms ends a batch 3 ms after the
-  last change and never later than 50 ms after the first. Measured (bench/):
-  step 5 → reply p50 11 ms, step 3 → 7 ms, at the same idle CPU.
+  last change and never later than 50 ms after the first (bench/: step 5 → reply
+  p50 11 ms, step 3 → 7 ms). After ``quiet_after`` s with no change at all the
+  step grows to ``quiet_step_ms``, because each step is a wake-up that costs CPU
+  even when nothing happens (``watch_step``).
 - ``poll`` mode, for file systems where inotify says nothing (NFS, CIFS, Docker
   Desktop shares): every ``poll_interval`` we stat the few files that matter
   per session and compare (mtime_ns, size, inode). watchfiles' own force-polling
@@ -27,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Container
 
 import watchfiles
 from loguru import logger
+from watchfiles._rust_notify import RustNotify
 
 from orchestrator.config import WatchConfig
 from orchestrator.ticker import ticks
@@ -112,15 +116,37 @@ async def _poke(probe: Path) -> None:
         await asyncio.sleep(0.02)
 
 
+def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
+    """(step, debounce, timeout) in ms for the next wait of the Rust watcher.
+
+    watchfiles' watcher wakes every ``step`` ms whether anything happened or not,
+    and on a VM each wake-up costs ~40-80 µs of CPU: 3 ms steps are 1-1.7 % of a
+    core with nothing to do. So the short ``step_ms`` (a batch ends that soon after
+    the last change) is used while changes keep coming, and ``quiet_step_ms`` once
+    there were none for ``quiet_after`` s. On the long step the batch ends at the
+    wake-up after the one that saw the first change (debounce 1 ms), so a burst
+    that starts after a silence is not held for the whole debounce: the first
+    change costs one to two long steps, every change after it the short ones.
+    The timeout brings a short-step wait back when the quiet spell begins.
+    """
+    if quiet_for >= cfg.quiet_after or cfg.quiet_step_ms <= cfg.step_ms:
+        if cfg.quiet_step_ms > cfg.step_ms:
+            return (cfg.quiet_step_ms, 1, 0)
+        return (cfg.step_ms, cfg.debounce_ms, 0)
+    return (cfg.step_ms, cfg.debounce_ms, max(1, int((cfg.quiet_after - quiet_for) * 1000)))
+
+
 def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                   post: Callable[[str, object], None], muted: Container[str]) -> None:
-    """watchfiles' blocking ``watch`` in one long-lived thread.
+    """watchfiles' Rust watcher in one long-lived thread.
 
     ``awatch`` hands every batch through a fresh anyio worker-thread call; with 100
     agents heartbeating that hand-off was a third of the supervisor's CPU. Here the
-    Rust watcher runs in one thread for the life of the watch, batches are
-    classified here, and only a batch with something the loop wants costs a
-    ``call_soon_threadsafe``. (Re)starts are announced so the probe can run.
+    watcher (``RustNotify``, the documented backend of ``watchfiles.watch``, used
+    directly so the step can change between waits: see ``watch_step``) runs in one
+    thread for the life of the watch, batches are classified here, and only a
+    batch with something the loop wants costs a ``call_soon_threadsafe``.
+    (Re)starts are announced so the probe can run.
     """
     probe = os.path.normpath(os.path.join(root, PROBE))
     failures = 0
@@ -128,18 +154,24 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
         root.mkdir(parents=True, exist_ok=True)
         post("start", None)
         try:
-            for changes in watchfiles.watch(
-                root, watch_filter=None, debounce=cfg.debounce_ms, step=cfg.step_ms,
-                stop_event=halt, recursive=True, ignore_permission_denied=True,
-                raise_interrupt=False,
-            ):
-                failures = 0
-                probed = any(p.endswith(PROBE) and os.path.normpath(p) == probe
-                             for _, p in changes)
-                batch = unmuted(to_activities(root, changes), muted)
-                if batch or probed:
-                    post("changes", (probed, batch))
-            if not halt.is_set():  # the root vanished: events ended without an error
+            with RustNotify([str(root)], False, False, 0, True, True) as notify:
+                last_change = time.monotonic()
+                while True:
+                    step, debounce, timeout = watch_step(time.monotonic() - last_change, cfg)
+                    raw = notify.watch(debounce, step, timeout, halt)
+                    if raw == "timeout":
+                        continue
+                    if isinstance(raw, str):  # "stop" (halt set) or "signal"
+                        break
+                    last_change = time.monotonic()
+                    failures = 0
+                    changes = {(watchfiles.Change(c), p) for c, p in raw}
+                    probed = any(p.endswith(PROBE) and os.path.normpath(p) == probe
+                                 for _, p in changes)
+                    batch = unmuted(to_activities(root, changes), muted)
+                    if batch or probed:
+                        post("changes", (probed, batch))
+            if not halt.is_set():  # the watch ended without an error
                 post("ended", None)
         except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried
             failures += 1

@@ -17,7 +17,8 @@ from orchestrator.layout import Kind
 from orchestrator.sessions import create_folder
 from orchestrator.store import schema
 from orchestrator.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
-                                  poll_once, to_activities, unmuted, watch_budget)
+                                  poll_once, to_activities, unmuted, watch_budget,
+                                  watch_step)
 
 
 def make_tree(tmp_path: Path) -> tuple[Path, Path]:
@@ -197,6 +198,52 @@ def test_muted_heartbeats_never_reach_the_loop(tmp_path: Path) -> None:
         os.utime(folder / ".heartbeat")
         await until(lambda: Activity("grp", "sess-1", Kind.HEARTBEAT) in got,
                     message="the heartbeat once unmuted")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    run(body())
+
+
+@pytest.mark.parametrize("quiet_for, step, quiet_step, quiet_after, expected", [
+    (0.0, 3, 20, 2.0, (3, 50, 2000)),  # changes just came: short steps, back at quiet time
+    (1.5, 3, 20, 2.0, (3, 50, 500)),
+    (1.9999, 3, 20, 2.0, (3, 50, 1)),  # never a 0 timeout (0 means "none") while short
+    (2.0, 3, 20, 2.0, (20, 1, 0)),     # quiet: long steps, a batch ends at the next wake
+    (600.0, 3, 20, 2.0, (20, 1, 0)),
+    (0.0, 3, 3, 2.0, (3, 50, 0)),      # quiet_step_ms = step_ms: off, no timeouts
+    (600.0, 10, 5, 2.0, (10, 50, 0)),  # a quiet step shorter than step_ms: never used
+    (0.0, 3, 20, 0.0, (20, 1, 0)),     # quiet_after = 0: always the long step
+])
+def test_watch_step(quiet_for: float, step: int, quiet_step: int, quiet_after: float,
+                    expected: tuple[int, int, int]) -> None:
+    cfg = WatchConfig(step_ms=step, debounce_ms=50, quiet_step_ms=quiet_step,
+                      quiet_after=quiet_after)
+    assert watch_step(quiet_for, cfg) == expected
+
+
+def test_changes_after_a_quiet_spell_are_still_reported(tmp_path: Path) -> None:
+    """Across the switch to long steps and back, on the real watcher: a change after
+    the quiet spell arrives, and so does one right after it (short steps again)."""
+    root, folder = make_tree(tmp_path)
+    cfg = WatchConfig(step_ms=3, quiet_step_ms=40, quiet_after=0.1)
+
+    async def body() -> None:
+        stop, started = asyncio.Event(), asyncio.Event()
+        got: list[Activity] = []
+
+        async def consume() -> None:
+            async for batch in batches(root, cfg, stop, started, "events"):
+                got.extend(batch)
+
+        task = asyncio.create_task(consume())
+        await until(started.is_set, timeout=10, message="watch started")
+        hb = Activity("grp", "sess-1", Kind.HEARTBEAT)
+        for _ in range(3):
+            await asyncio.sleep(0.3)  # a quiet spell: no change on purpose
+            n = len(got)
+            os.utime(folder / ".heartbeat")
+            await until(lambda: hb in got[n:], timeout=5,
+                        message="the heartbeat after a quiet spell")
         stop.set()
         await asyncio.wait_for(task, 10)
 

@@ -262,11 +262,13 @@ class SessionWorker:
         stale acks — the host may write outbound.db only while no agent runs.
         """
         lc = self.cfg.lifecycle
+        # Acks first: a crash between the two writes then leaves the message pending
+        # with its old tries (retried once more), not counted twice on the next start.
+        outbound.clear_processing_claims(t.paths.outbound_db)
+        t.sigs["out"] = file_signature(t.paths.outbound_db)
         result = inbound.reset_claims(t.paths.inbound_db, [c.message_id for c in t.claims],
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now)
-        outbound.clear_processing_claims(t.paths.outbound_db)
-        t.sigs["out"] = file_signature(t.paths.outbound_db)
         t.claims = ()
         for mid, status in result.items():
             if status == "failed":

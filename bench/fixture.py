@@ -1,10 +1,12 @@
 """Data dirs for the bench: N sessions created the orchestrator's own way, copied per run.
 
-A template per session count is built once with ``Registry`` +
-``sessions.create_folder`` (folders, inbox/, outbox/, both DBs with the contract
-schemas, registry rows, container status 'stopped') and NO inbound messages, so
-no agent is ever due. Each run gets a fresh copy (a run leaves delivered rows,
-registry status changes and a jsonl file behind).
+A template per session count is built once with ``Registry`` (registry rows,
+container status 'stopped') and ``sessions.create_folder`` for the first session
+(folders, inbox/, outbox/, both DBs with the contract schemas); the other
+sessions get byte-for-byte copies of that session's two empty DBs, which is
+what ``create_folder`` would write for them too, without its ~10 ms of fsyncs
+each. NO inbound messages, so no agent is ever due. Each run gets a fresh copy
+(a run leaves delivered rows, registry status changes and a jsonl file behind).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import tomli_w
 
-from orchestrator.layout import registry_path, sessions_root
+from orchestrator.layout import registry_path, session_paths, sessions_root
 from orchestrator.sessions import create_folder
 from orchestrator.store.registry import Registry
 
@@ -31,11 +33,19 @@ def build_template(path: Path, n: int) -> float:
     registry = Registry(registry_path(path))
     try:
         registry.ensure_agent_group(GROUP)
+        first = None
         for sid in session_ids(n):
             registry.get_or_create_session(
                 resolution_key=f"bench:{GROUP}:{sid}", agent_group_id=GROUP,
                 messaging_group_id=None, thread_id=None, new_id=sid)
-            create_folder(path, GROUP, sid)
+            if first is None:
+                first = create_folder(path, GROUP, sid)
+                continue
+            paths = session_paths(path, GROUP, sid)
+            for d in (paths.inbox, paths.outbox):
+                d.mkdir(parents=True)
+            shutil.copyfile(first.inbound_db, paths.inbound_db)
+            shutil.copyfile(first.outbound_db, paths.outbound_db)
     finally:
         registry.close()
     return time.monotonic() - t0

@@ -152,14 +152,16 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     if os.path.islink(path):
         raise sqlite3.DatabaseError(f"{path} is a symlink; refusing to follow it out of the "
                                     "session folder (replace it with the real file)")
+    # ``timeout`` is SQLite's busy timeout (sqlite3_busy_timeout): no PRAGMA needed.
     if readonly:
-        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        # abspath, not resolve(): a URI needs an absolute path, not one with every
+        # component lstat'ed (a third of a start-up pass at 1000 sessions)
+        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     else:
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute("PRAGMA journal_mode=DELETE")
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
 
 

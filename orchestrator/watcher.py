@@ -76,6 +76,19 @@ def unmuted(batch: list[Activity], muted: Container[str]) -> list[Activity]:
     return [a for a in batch if a.kind is not Kind.HEARTBEAT or a.session_id not in muted]
 
 
+def only_muted_heartbeats(prefix: str, raw: set[tuple[int, str]], muted: Container[str]) -> bool:
+    """Whether a raw batch is nothing but heartbeats of muted sessions (``prefix``:
+    the sessions root with a trailing separator). The common batch under heartbeat
+    load, told apart with string operations alone before anything is classified."""
+    for _, path in raw:
+        if not path.startswith(prefix):
+            return False
+        parts = path[len(prefix):].split(os.sep)
+        if len(parts) != 3 or parts[2] != HEARTBEAT or parts[1] not in muted:
+            return False
+    return True
+
+
 def count_dirs(root: Path) -> int:
     n = 0
     for _, dirs, _ in os.walk(root):
@@ -149,6 +162,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     (Re)starts are announced so the probe can run.
     """
     probe = os.path.normpath(os.path.join(root, PROBE))
+    prefix = os.path.join(str(root), "")
     failures = 0
     while not halt.is_set():
         root.mkdir(parents=True, exist_ok=True)
@@ -165,6 +179,8 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                         break
                     last_change = time.monotonic()
                     failures = 0
+                    if muted and only_muted_heartbeats(prefix, raw, muted):
+                        continue
                     changes = {(watchfiles.Change(c), p) for c, p in raw}
                     probed = any(p.endswith(PROBE) and os.path.normpath(p) == probe
                                  for _, p in changes)

@@ -17,8 +17,8 @@ from orchestrator.layout import Kind
 from orchestrator.sessions import create_folder
 from orchestrator.store import schema
 from orchestrator.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
-                                  poll_once, to_activities, unmuted, watch_budget,
-                                  watch_step)
+                                  only_muted_heartbeats, poll_once, to_activities, unmuted,
+                                  watch_budget, watch_step)
 
 
 def make_tree(tmp_path: Path) -> tuple[Path, Path]:
@@ -168,6 +168,24 @@ HB_B = Activity("g", "b", Kind.HEARTBEAT)
 ])
 def test_unmuted(batch: list, muted: set, kept: list) -> None:
     assert unmuted(batch, muted) == kept
+
+
+R = "/d/sessions/"
+
+
+@pytest.mark.parametrize("paths, expected", [
+    ([R + "g/s1/.heartbeat"], True),
+    ([R + "g/s1/.heartbeat", R + "g/s2/.heartbeat"], True),
+    ([R + "g/s1/.heartbeat", R + "g/s3/.heartbeat"], False),  # s3 is not muted
+    ([R + "g/s1/.heartbeat", R + "g/s1/outbound.db"], False),  # a commit: never dropped
+    ([R + "g/s1/outbox/s2/.heartbeat"], False),  # deeper: an outbox file, not a heartbeat
+    ([R + "s1/.heartbeat"], False),              # a group-level file
+    (["/elsewhere/g/s1/.heartbeat"], False),     # not under the root
+    ([R + "g/s1/.heartbeat-journal"], False),
+])
+def test_only_muted_heartbeats(paths: list[str], expected: bool) -> None:
+    raw = {(2, p) for p in paths}
+    assert only_muted_heartbeats(R, raw, {"s1", "s2"}) is expected
 
 
 def test_muted_heartbeats_never_reach_the_loop(tmp_path: Path) -> None:

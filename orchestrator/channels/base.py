@@ -3,7 +3,7 @@ with the platform's message id); anything else is a failure to be retried."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 
@@ -25,6 +25,11 @@ class Reply:
     timestamp: str
     content: Any  # parsed JSON
     files: tuple[str, ...] = ()  # absolute paths under <data_dir>/delivered/<message_id>/
+
+    def as_record(self) -> dict[str, Any]:
+        """The fields as a flat dict for JSON. Not ``asdict``: that deep-copies the
+        parsed content, a tenth of a delivery pass, for a dict that is only dumped."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Channel(Protocol):

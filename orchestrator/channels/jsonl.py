@@ -8,7 +8,6 @@ are loaded at open, so a reply written just before the orchestrator was killed
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
@@ -46,7 +45,7 @@ class JsonlChannel:
         return message_id in self._seen
 
     async def deliver(self, reply: Reply) -> str | None:
-        line = json.dumps(asdict(reply), ensure_ascii=False)
+        line = json.dumps(reply.as_record(), ensure_ascii=False)
         try:
             fh = self._open()
             fh.write(line + "\n")

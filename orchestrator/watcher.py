@@ -142,10 +142,10 @@ def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
     change costs one to two long steps, every change after it the short ones.
     The timeout brings a short-step wait back when the quiet spell begins.
     """
-    if quiet_for >= cfg.quiet_after or cfg.quiet_step_ms <= cfg.step_ms:
-        if cfg.quiet_step_ms > cfg.step_ms:
-            return (cfg.quiet_step_ms, 1, 0)
+    if cfg.quiet_step_ms <= cfg.step_ms:  # turned off
         return (cfg.step_ms, cfg.debounce_ms, 0)
+    if quiet_for >= cfg.quiet_after:
+        return (cfg.quiet_step_ms, 1, 0)
     return (cfg.step_ms, cfg.debounce_ms, max(1, int((cfg.quiet_after - quiet_for) * 1000)))
 
 

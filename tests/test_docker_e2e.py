@@ -654,9 +654,11 @@ def test_daemon_down_at_start_up_keeps_claims_and_adopts_when_back(
             await until(lambda: message_row(sup, row, mid)["status"] == "completed", 10,
                         "the ack synced")
             assert message_row(sup, row, mid)["tries"] == 0
-            ids = [c.id for c in await in_thread(lambda: daemon.client().containers.list(
-                all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}))]
-            assert ids == [cid]  # adopted, never doubled
+            client = daemon.client()
+            try:
+                assert await labelled_ids(client, instance) == [cid]  # adopted, never doubled
+            finally:
+                client.close()
         assert reply["content"]["text"] == "echo: work through the outage"
         assert Counter(r["in_reply_to"] for r in replies(cfg)) == {mid: 1}
         assert not [m for m in loud(log_records) if m.startswith("ERROR")], loud(log_records)

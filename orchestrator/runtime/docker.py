@@ -343,16 +343,7 @@ class DockerRuntime:
         """
         self._bind_loop()
         self._ensure_events()
-        found = await self.exec.list_labelled([f"{LABEL_INSTANCE}={self.instance}"])
-        adopted = self._adopt_alive(found)
-        for c in found:
-            session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
-            if (self._owns(c.get("Labels")) and c.get("State") not in ALIVE_STATES
-                    and session_id not in self._starting):
-                logger.info("removing dead container {} ({})", _name(c),
-                            c.get("Status", c.get("State")))
-                await self._remove_owned(c["Id"])
-        self.listed = True
+        adopted = await self._reconcile(strict=True)
         # A container that died between the list and its adoption had its die event
         # ignored (it was not ours yet): one more look closes that window.
         await self.reconcile()
@@ -434,19 +425,26 @@ class DockerRuntime:
         Runs after every (re)connect of the event stream; a supervisor's periodic
         sweep may call it too (events make it fast, this makes it correct).
         """
+        await self._reconcile(strict=False)
+
+    async def _reconcile(self, *, strict: bool) -> list[AgentHandle]:
+        """``reconcile``; returns the handles it adopted. ``strict``: an unreachable
+        daemon raises (``recover``) instead of skipping this round (the sweep)."""
         self._bind_loop()
         assert self._reconcile_lock is not None
         async with self._reconcile_lock:
             try:
                 found = await self.exec.list_labelled([f"{LABEL_INSTANCE}={self.instance}"])
             except RuntimeUnavailable as exc:
+                if strict:
+                    raise
                 logger.debug("reconcile skipped: {}", exc)
-                return
+                return []
             by_id = {c["Id"]: c for c in found if self._owns(c.get("Labels"))}
             self.listed = True
-            # ours and alive, but unknown: started before a restart during which the
-            # daemon did not answer (recover could not list it)
-            self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
+            # ours and alive, but unknown: from before a restart (recover), or one
+            # during which the daemon did not answer (a later reconcile)
+            adopted = self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
             for t in list(self._by_id.values()):
                 if t.starting or t.done:
                     continue
@@ -464,8 +462,11 @@ class DockerRuntime:
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
                         and session_id not in self._starting):
+                    logger.info("removing dead container {} ({})", _name(c),
+                                c.get("Status", c.get("State")))
                     await self._remove_owned(cid)
             self.reconciles += 1
+            return adopted
 
     # -- close ------------------------------------------------------------------------------
     async def close(self) -> None:

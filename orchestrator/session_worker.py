@@ -32,7 +32,7 @@ from orchestrator.layout import SessionPaths
 from orchestrator.lifecycle import (Action, Claim, Observation, decide, earliest,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
-from orchestrator.sessions import Sessions, upgrade_outbound
+from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
@@ -351,7 +351,9 @@ class SessionWorker:
         now = self.clock()
         try:
             t.paths.heartbeat.unlink(missing_ok=True)  # a stale heartbeat is not liveness
-            upgrade_outbound(t.paths)  # no agent runs: the host may write it
+            # no agent runs, so the host may write outbound.db: create it or add the
+            # columns an older one lacks (``send`` leaves an existing one alone)
+            schema.init_outbound(t.paths.outbound_db)
             row = self.registry.session(t.session_id)
             if row is not None:
                 self.sessions.write_routing(row)

@@ -56,7 +56,7 @@ def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionP
 
     An existing outbound.db is left alone: its agent may be running and writing it
     (one writer per file), and every ``send`` comes through here. It is upgraded
-    only when no agent runs, just before a wake (``upgrade_outbound``).
+    only when no agent runs, just before a wake (``SessionWorker._start``).
     """
     paths = session_paths(data_dir, agent_group, session_id)
     for d in (paths.root, paths.inbox, paths.outbox):
@@ -65,12 +65,6 @@ def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionP
     if not os.path.lexists(paths.outbound_db):
         schema.init_outbound(paths.outbound_db)
     return paths
-
-
-def upgrade_outbound(paths: SessionPaths) -> list[str]:
-    """Create outbound.db or add the columns an older one lacks. Only while no agent
-    runs for the session: the host may write outbound.db only then."""
-    return schema.init_outbound(paths.outbound_db)
 
 
 @dataclass(frozen=True, slots=True)

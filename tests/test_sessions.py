@@ -13,7 +13,7 @@ from helpers import journal_mode, query, table_columns
 from orchestrator import sessions as sessions_mod
 from orchestrator.layout import session_paths, validate_id
 from orchestrator.sessions import MessageError, MessagingGroup, Sessions, resolution_key
-from orchestrator.store import inbound
+from orchestrator.store import inbound, schema
 from orchestrator.store.registry import Registry
 
 UTC = timezone.utc
@@ -167,7 +167,7 @@ def test_resolve_never_writes_an_existing_outbound_db(env):
         before.st_mtime_ns, before.st_size, before.st_ino)
 
 
-def test_upgrade_outbound_adds_missing_columns(tmp_path):
+def test_outbound_is_upgraded_only_on_request(tmp_path):
     paths = session_paths(tmp_path, "g", "old")
     paths.root.mkdir(parents=True)
     with closing(sqlite3.connect(paths.outbound_db)) as conn, conn:
@@ -176,7 +176,7 @@ def test_upgrade_outbound_adds_missing_columns(tmp_path):
         conn.execute("INSERT INTO messages_out VALUES ('o1', 1, 't', 'chat', '{}')")
     sessions_mod.create_folder(tmp_path, "g", "old")  # leaves the agent's file alone
     assert "in_reply_to" not in table_columns(paths.outbound_db, "messages_out")
-    added = sessions_mod.upgrade_outbound(paths)
+    added = schema.init_outbound(paths.outbound_db)  # what a wake does, no agent running
     assert "messages_out.in_reply_to" in added and "messages_out.deliver_after" in added
     assert query(paths.outbound_db, "SELECT id, seq FROM messages_out") == [("o1", 1)]
     assert journal_mode(paths.outbound_db) == "delete"
@@ -307,8 +307,6 @@ def test_duplicate_message_id_is_refused_and_keeps_the_first_messages_files(tmp_
 
 
 def test_symlinked_inbound_db_is_refused(tmp_path):
-    from orchestrator.store import schema
-
     outside = tmp_path / "outside.db"
     schema.init_inbound(outside)
     link = tmp_path / "inbound.db"

@@ -308,12 +308,16 @@ def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docke
 @pytest.mark.docker
 def test_exit_and_runtime_kill(tmp_path: Path, docker_client: docker.DockerClient,
                                agent_image: str, instance: str) -> None:
-    """An agent exiting by itself reports 'exited' with its code; kill() reports 'killed'."""
+    """An agent exiting by itself reports 'exited' with its code; kill() reports 'killed'.
+
+    Two runtimes, so each is its own orchestrator instance: one label each. (Sharing
+    one, either may adopt the other's container in a reconcile, as it should.)"""
     idle = make_session(tmp_path, "g1", "idle")
     busy = make_session(tmp_path, "g1", "busy")
+    idle_instance = f"{instance}i"
 
     async def main() -> None:
-        rt_idle, exits_idle = make_runtime(tmp_path, instance, agent_image,
+        rt_idle, exits_idle = make_runtime(tmp_path, idle_instance, agent_image,
                                            command=AGENT + ["--exit-when-idle", "0.3"])
         rt, exits = make_runtime(tmp_path, instance, agent_image)
         try:
@@ -327,12 +331,16 @@ def test_exit_and_runtime_kill(tmp_path: Path, docker_client: docker.DockerClien
             await rt.kill("busy")  # absent = done
             await rt.stop("busy", grace=1)
             assert len(exits) == 1
-            await until(lambda: not labelled(docker_client, instance), 10, "all removed")
+            await until(lambda: not labelled(docker_client, instance)
+                        and not labelled(docker_client, idle_instance), 10, "all removed")
         finally:
             await rt_idle.close()
             await rt.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        remove_labelled(docker_client, f"{LABEL_INSTANCE}={idle_instance}")
 
 
 @pytest.mark.docker

@@ -39,7 +39,8 @@ from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from orchestrator.runtime.image import ImageBuildError, build_image
 from orchestrator.store import schema
 
-TEST_IMAGE = "orchestrator-agent:test"
+# A checkout of its own (a git worktree beside this one) may build under a tag of its own.
+TEST_IMAGE = os.environ.get("ORCHESTRATOR_TEST_IMAGE", "orchestrator-agent:test")
 
 
 def in_ci() -> bool:

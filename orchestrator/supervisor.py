@@ -163,11 +163,10 @@ class Supervisor:
         if row is None:
             if not paths.inbound_db.is_file():
                 return False
-            self.registry.ensure_agent_group(agent_group)
-            row, _ = self.registry.get_or_create_session(
-                resolution_key=f"folder:{agent_group}/{session_id}", agent_group_id=agent_group,
-                messaging_group_id=None, thread_id=None, new_id=session_id)
-            logger.info("registered session folder {}/{} found on disk", agent_group, session_id)
+            row, created = self.registry.adopt_folder(agent_group, session_id)
+            if created:  # not a `send` that was committing it just then
+                logger.info("registered session folder {}/{} found on disk", agent_group,
+                            session_id)
         if row.agent_group_id != agent_group:
             return False
         t = self._track(agent_group, session_id)

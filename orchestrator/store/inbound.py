@@ -112,7 +112,7 @@ def _from_julian(jd: float) -> datetime:
 def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
     """Counts by status; ``processing`` = pending rows the agent has claimed."""
     claimed = set(processing_ids)
-    with opened(path) as conn:
+    with opened(path, readonly=True) as conn:  # for ``status``, which never writes
         rows = conn.execute("SELECT id, status FROM messages_in WHERE kind != 'system'").fetchall()
     pending = processing = completed = failed = 0
     for row in rows:

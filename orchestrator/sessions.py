@@ -71,7 +71,7 @@ def build_folder(final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(final)
     try:
-        with storage(final, "create the session folder"):
+        with storage(final.parent, "create a session folder in it"):
             tmp.mkdir()
             staged = SessionPaths(tmp)
             staged.inbox.mkdir()

@@ -113,15 +113,18 @@ class Registry:
         """A registry opened read-only, for ``status``: it never writes, not even the
         schema, and works on a read-only or full disk. None if there is none yet.
 
-        A WAL file can be opened read-only only if its ``-shm`` exists or can be
-        made; in a read-only folder after a clean shutdown neither holds, and
-        ``immutable=1`` (no locking: nobody can write there anyway) is the way in.
+        Even a ``mode=ro`` open of a WAL database creates its ``-wal`` and ``-shm``
+        files (and fails where it cannot). With no ``-wal`` there, no connection
+        has the file open and every commit is in the main file: ``immutable=1``
+        reads it without creating anything. A writer that starts meanwhile writes
+        to a new ``-wal``, not the main file, so the read stays consistent.
         """
         if not path.exists():
             return None
         uri = Path(os.path.abspath(path)).as_uri()
         last: Exception | None = None
-        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+        wal = os.path.exists(f"{path}-wal")
+        for query in ("?mode=ro", "?mode=ro&immutable=1") if wal else ("?mode=ro&immutable=1",):
             conn = None
             try:
                 conn = sqlite3.connect(uri + query, uri=True, isolation_level=None, timeout=10,

@@ -77,7 +77,8 @@ def append_whole(fd: int, data: bytes, path: Path) -> None:
     try:
         written = os.write(fd, data)
         if written != len(data):
-            raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+            raise OSError(errno.ENOSPC, f"no space left on device (wrote {written} of "
+                          f"{len(data)} bytes)")
     except OSError as exc:
         try:
             os.ftruncate(fd, size)  # shrinking needs no space

@@ -88,11 +88,11 @@ def _attachment(path_text: str, max_bytes: int) -> dict:
     return {"name": path.name, "data": base64.b64encode(data).decode("ascii")}
 
 
-def message_text(text: str, stdin: object = None) -> str:
+def message_text(text: str) -> str:
     """TEXT as the user meant it: ``-`` reads standard input (no argv size limit);
-    undecodable bytes and an empty text are refused with one line naming TEXT."""
+    bytes that are not UTF-8 are refused with one line naming TEXT."""
     if text == "-":
-        raw = (stdin or sys.stdin).buffer.read()
+        raw = sys.stdin.buffer.read()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -137,6 +137,18 @@ def _move_file(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
+Route = tuple[str | None, str | None, str | None]  # channel_type, platform_id, thread_id
+
+
+def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
+    """Where a reply goes: where the agent said; a reply with no chat of its own goes
+    back to the chat of the message it answers; else each field missing from the
+    reply comes from the session's default route (``session_routing``)."""
+    if not (own[0] or own[1]) and answered is not None and (answered[0] or answered[1]):
+        return answered
+    return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
+
+
 def remove_outbox(paths: SessionPaths, out_id: str) -> None:
     try:
         target = paths.outbox_dir(out_id)
@@ -275,13 +287,14 @@ class Deliverer:
             return None
         content = _parse_content(msg.content, msg.id)
         files = move_files(paths, self.data_dir, msg.id, listed_files(content))
-        default_ct, default_pid, default_thread = routing
+        answered = (inbound.chat_of(paths.inbound_db, msg.in_reply_to)
+                    if msg.in_reply_to and not (msg.channel_type or msg.platform_id) else None)
+        channel_type, platform_id, thread_id = reply_route(
+            (msg.channel_type, msg.platform_id, msg.thread_id), answered, routing)
         reply = Reply(
             message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,
             kind=msg.kind, in_reply_to=msg.in_reply_to,
-            channel_type=msg.channel_type or default_ct,
-            platform_id=msg.platform_id or default_pid,
-            thread_id=msg.thread_id or default_thread,
+            channel_type=channel_type, platform_id=platform_id, thread_id=thread_id,
             timestamp=msg.timestamp, content=content, files=tuple(str(f) for f in files))
         try:
             return await self.channel.deliver(reply)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import attachments
-from orchestrator.errors import UserError, storage, storage_error
+from orchestrator.errors import StorageError, UserError, storage, storage_error
 from orchestrator.layout import (SessionPaths, registry_path, session_paths, sessions_root,
                                  validate_id)
 from orchestrator.store import inbound, schema

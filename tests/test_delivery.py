@@ -572,3 +572,34 @@ def test_supervisor_on_a_full_disk_loses_and_duplicates_nothing(tmp_path: Path,
         assert not any(s.startswith("ERROR") and "giving up" in s for s in seen)
     finally:
         disk.__exit__(None, None, None)
+
+
+# --- where a reply goes ------------------------------------------------------------------------
+
+CHAT = ("slack", "C9", "t3")
+
+
+@pytest.mark.parametrize("own, answered, default, expected", [
+    (("chat", "p1", "t1"), CHAT, ROUTING, ("chat", "p1", "t1")),  # the agent said where
+    ((None, None, None), CHAT, ROUTING, CHAT),  # back to the chat of the message it answers
+    ((None, None, None), None, ROUTING, ROUTING),  # answers nothing known: session default
+    ((None, None, None), (None, None, None), ROUTING, ROUTING),
+    ((None, None, None), None, (None, None, None), (None, None, None)),  # agent-shared
+    (("chat", None, None), CHAT, ROUTING, ("chat", "room-1", None)),  # fields filled in
+    ((None, None, "t9"), CHAT, ROUTING, CHAT),  # a thread alone is not a chat
+])
+def test_reply_route(own, answered, default, expected):
+    from orchestrator.delivery import reply_route
+
+    assert reply_route(own, answered, default) == expected
+
+
+def test_a_reply_without_a_route_goes_back_to_the_chat_it_answers(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    world = World(tmp_path, channel)
+    world.sessions.write_message(world.row, {"text": "q"}, message_id="msg-1", trigger=0,
+                                 routing=CHAT)
+    world.reply("r1")  # in_reply_to msg-1, no routing of its own
+    assert world.deliver(NOW).delivered == ["r1"]
+    (taken,) = channel.taken
+    assert (taken.channel_type, taken.platform_id, taken.thread_id) == CHAT

@@ -230,6 +230,14 @@ def replace_destinations(path: Path, destinations: Iterable[Destination]) -> Non
             " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
 
 
+def chat_of(path: Path, message_id: str) -> tuple[str | None, str | None, str | None] | None:
+    """The chat a message came from (channel_type, platform_id, thread_id), or None."""
+    with opened(path, readonly=True) as conn:
+        row = conn.execute("SELECT channel_type, platform_id, thread_id FROM messages_in"
+                           " WHERE id=?", (message_id,)).fetchone()
+    return (row[0], row[1], row[2]) if row else None
+
+
 def read_messages(path: Path) -> list[dict[str, Any]]:
     with opened(path) as conn:
         return [dict(r) for r in conn.execute("SELECT * FROM messages_in ORDER BY seq")]

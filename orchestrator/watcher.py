@@ -39,6 +39,7 @@ from loguru import logger
 from watchfiles._rust_notify import RustNotify
 
 from orchestrator.config import WatchConfig
+from orchestrator.filesig import file_signature
 from orchestrator.ticker import ticks
 from orchestrator.layout import (
     HEARTBEAT, INBOUND_DB, OUTBOUND_DB, OUTBOX, Kind, classify,
@@ -262,19 +263,6 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
 _POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),
            (INBOUND_DB, Kind.INBOUND_DB), (OUTBOX, Kind.OUTBOX))
-
-
-Signature = tuple[int, int, int] | None
-
-
-def file_signature(path: os.PathLike | str) -> Signature:
-    """(mtime_ns, size, inode) without following a symlink; None if absent. Any
-    SQLite commit or touch changes it, so equal signatures mean "nothing to read"."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:

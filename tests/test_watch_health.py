@@ -16,7 +16,8 @@ import pytest
 from loguru import logger
 from watchfiles._rust_notify import RustNotify
 
-from e2e import run, until
+from bench.overflow import overflow_run
+from e2e import reap_agents, run, until  # noqa: F401
 from helpers import wait_for
 from orchestrator import watch_health
 from orchestrator.config import WatchConfig
@@ -265,3 +266,19 @@ def test_a_batch_as_big_as_half_the_queue_rescans_with_one_warning(tmp_path: Pat
     assert warned == [f"WARNING {root}: inotify events may have been lost: {queue // 2} changes"
                       f" in one batch (the inotify queue holds {queue} events); rescanning"
                       " every session"], warned
+
+
+# --- a real overflow, end to end -----------------------------------------------------------
+
+
+def test_an_overflow_is_noticed_and_every_reply_delivered_at_once(tmp_path: Path,
+                                                                  reap_agents) -> None:
+    """The real orchestrator (a process) is stopped while more events than its inotify
+    queue holds arrive, then the agents' replies (dropped by the kernel). Resumed, it
+    notices, warns once, rescans, and delivers every reply once — long before the
+    120 s sweep that alone found them before (bench.overflow measures the time)."""
+    result = overflow_run(tmp_path, sessions=5, per_session=20, sweep=120.0, timeout=30.0)
+    assert result["replies"] == 5 * 21
+    assert (result["delivered"], result["distinct"], result["duplicated"]) == (105, 105, 0)
+    assert result["warnings"] == 1, Path(result["log"]).read_text()
+    assert result["resume_to_last_reply_s"] < 30.0

@@ -145,6 +145,24 @@ def session_folders(root: Path) -> dict[int, str]:
     return out
 
 
-def unwatched(folders: dict[int, str], watched: set[int]) -> dict[int, str]:
-    """The folders whose inode no watch of ours covers."""
-    return {ino: name for ino, name in folders.items() if ino not in watched}
+def unwatched(folders: dict[int, str], watched: set[int], root: Path | None = None
+              ) -> dict[int, str]:
+    """The folders whose inode no watch of ours covers — and that we could watch:
+    one we may not read (``root`` given) cannot be watched, so restarting the watch
+    for it would only repeat itself; it counts once it is readable."""
+    return {ino: name for ino, name in folders.items() if ino not in watched
+            and (root is None or os.access(root / name, os.R_OK | os.X_OK))}
+
+
+def watch_paths(root: Path) -> list[str]:
+    """What to hand ``RustNotify``: the root, then every group and session folder.
+
+    notify's recursive walk stops at the first folder it may not watch (``EACCES``
+    for a non-root host, swallowed by ``ignore_permission_denied``), leaving every
+    folder after it unwatched. Each path is walked on its own, so one unreadable
+    folder costs only itself; the duplicates cost nothing (one watch per inode).
+    """
+    folders = session_folders(root)
+    return [str(root)] + [str(root / name) for name in sorted(folders.values(),
+                                                               key=lambda n: (n.count("/"), n))
+                          if name != "."]

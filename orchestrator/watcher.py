@@ -239,7 +239,8 @@ class _Gate:
         if watched is None:
             self.verify_at = now + self.verify_every
             return
-        missing = watch_health.unwatched(watch_health.session_folders(self.root), watched)
+        missing = watch_health.unwatched(watch_health.session_folders(self.root), watched,
+                                         self.root)
         confirmed = {ino: name for ino, name in missing.items() if ino in self.suspects}
         if confirmed:
             names = sorted(confirmed.values())
@@ -255,8 +256,9 @@ class _Gate:
 
 def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
     before = watch_health.inotify_fds()
-    notify = notifier(watch_paths=[str(root)], debug=False, force_polling=False,
-                      poll_delay_ms=0, recursive=True, ignore_permission_denied=True)
+    notify = notifier(watch_paths=watch_health.watch_paths(root), debug=False,
+                      force_polling=False, poll_delay_ms=0, recursive=True,
+                      ignore_permission_denied=True)
     return notify, watch_health.find_instance(before, root)
 
 
@@ -365,6 +367,7 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
     probe = root / PROBE
     restarts = 0
+    restarted_for: str | None = None
     watching = False
     poker: asyncio.Task | None = None
     stopper = asyncio.create_task(halt_on_stop())
@@ -383,8 +386,10 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                 case Ended():
                     logger.warning("{}: watch ended (was the folder removed?); restarting it",
                                    root)
-                case Restarting(reason=reason):
-                    logger.warning("{}: {}; restarting the watch", root, reason)
+                case Restarting(reason=reason):  # the same folders again: said already
+                    (logger.debug if reason == restarted_for else logger.warning)(
+                        "{}: {}; restarting the watch", root, reason)
+                    restarted_for = reason
                 case Failed(error=error, retry_in=delay):
                     logger.error("{}: inotify watch failed ({}); restarting in {}s", root,
                                  error, delay)

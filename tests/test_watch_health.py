@@ -235,7 +235,8 @@ def test_a_failed_watch_restarts_and_rescans(tmp_path: Path) -> None:
     got, lines = _drive(root, [[{probe}, {hb}, OSError("inotify went away")], [{probe}]],
                         until_batches=2)
     assert got == [[Activity("grp", "sess-1", Kind.HEARTBEAT)], [RESCAN]]
-    assert [m["watch_paths"] for m in FakeNotify.made] == [[str(root)]] * 2
+    expected = [str(root), str(root / "grp"), str(root / "grp" / "sess-1")]
+    assert [m["watch_paths"] for m in FakeNotify.made] == [expected] * 2
     assert all(m["recursive"] and m["ignore_permission_denied"] for m in FakeNotify.made)
     assert [line for line in lines if line.startswith(("WARNING", "ERROR"))] == [
         f"ERROR {root}: inotify watch failed (inotify went away); restarting in 1s"]

@@ -153,10 +153,10 @@ class Supervisor:
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
         for act in batch:
-            if act == watcher.RESCAN:
+            if act == watcher.RESCAN:  # events may have been lost: a sweep, now
                 self._discover()
                 for sid in self.tracked:
-                    self.mark(sid, Flag.FULL)
+                    self.mark(sid, Flag.SWEEP)
                 continue
             if act.session_id is None:
                 if act.added:  # a new agent group folder: its sessions may be unreported

@@ -96,6 +96,22 @@ def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
     return n, (_from_julian(jd) if jd is not None else None)
 
 
+def fail_due(path: Path, now: datetime) -> list[str]:
+    """Mark failed the messages ``due_state`` counts as due now; returns their ids.
+
+    For a session whose agent can never be started: its work fails with a reason
+    instead of staying pending forever. Later messages are left alone.
+    """
+    with opened(path) as conn, transaction(conn):
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM messages_in WHERE status = 'pending' AND \"trigger\" = 1 AND "
+            "kind != 'system' AND (process_after IS NULL OR julianday(process_after) <= "
+            "julianday(?)) ORDER BY seq", (schema.format_ts(now),))]
+        conn.executemany("UPDATE messages_in SET status='failed' WHERE id=?",
+                         [(mid,) for mid in ids])
+    return ids
+
+
 def count_due(path: Path, now: datetime) -> int:
     return due_state(path, now)[0]
 

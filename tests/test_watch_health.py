@@ -67,7 +67,9 @@ def test_rust_notify_signature_is_the_one_we_call_with_names() -> None:
 
 def test_pinned_watchfiles_range_covers_the_installed_one() -> None:
     import importlib.metadata as md
-    requires = [r for r in md.requires("orchestrator") or [] if r.startswith("watchfiles")]
+
+    from orchestrator.cli import DISTRIBUTION  # the distribution is not named orchestrator
+    requires = [r for r in md.requires(DISTRIBUTION) or [] if r.startswith("watchfiles")]
     assert requires == ["watchfiles<1.4,>=1.0"] or requires == ["watchfiles>=1.0,<1.4"], requires
     major, minor = (int(x) for x in md.version("watchfiles").split(".")[:2])
     assert (1, 0) <= (major, minor) < (1, 4)

@@ -27,8 +27,8 @@ from loguru import logger
 
 from orchestrator.attachments import safe_name
 from orchestrator.channels import Channel, DeliveryError, Reply, StorageFull
-from orchestrator.channels.base import storage_failure
 from orchestrator.config import DeliveryConfig
+from orchestrator.errors import host_storage_failure
 from orchestrator.layout import InvalidId, SessionPaths, delivered_root
 from orchestrator.lifecycle import delivery_backoff, earliest
 from orchestrator.store import inbound
@@ -111,7 +111,7 @@ def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str
             dst_dir.mkdir(parents=True, exist_ok=True)
             _move_file(src, dst)
         except OSError as exc:
-            error = StorageFull if storage_failure(exc) else DeliveryError
+            error = StorageFull if host_storage_failure(exc) else DeliveryError
             raise error(f"reply {out_id}: cannot move {name!r} to {dst_dir} "
                         f"({exc.strerror or exc})") from None
         moved.append(dst)

@@ -75,6 +75,25 @@ def test_storage_error_names_path_cause_and_fix(tmp_path, exc, cause):
     assert "\n" not in str(err)
 
 
+def _sqlite_error(code: int) -> sqlite3.Error:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = code
+    return exc
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (OSError(errno.ENOSPC, "full"), True),
+    (OSError(errno.EDQUOT, "quota"), True),
+    (OSError(errno.EROFS, "read-only"), True),
+    (OSError(errno.EACCES, "denied"), False),  # could be the session's own folder
+    (_sqlite_error(13), True),  # SQLITE_FULL
+    (sqlite3.DatabaseError("file is not a database"), False),
+    (ValueError("x"), False),
+])
+def test_host_storage_failure(exc, expected):
+    assert errors.host_storage_failure(exc) is expected
+
+
 def test_a_bug_is_a_crash_not_bad_input(world, capsys, monkeypatch):
     """A ValueError from a bug must not pass for bad input (exit 2)."""
     conf, _, _ = world

@@ -69,7 +69,7 @@ def probe_cause(path: Path) -> str | None:
     if st.f_flag & os.ST_RDONLY:
         return "read-only file system"
     if not os.access(folder, os.W_OK):
-        return f"{folder} is not writable (permission denied)"
+        return "permission denied"
     if st.f_bavail == 0 or (st.f_favail == 0 and st.f_files):
         return "no space left on the device"
     return None

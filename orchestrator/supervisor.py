@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +30,10 @@ from orchestrator import watcher
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
-from orchestrator.layout import InvalidId, Kind, registry_path, session_paths, sessions_root, validate_id
+from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, session_paths,
+                                 sessions_root, validate_id)
 from orchestrator.runtime.base import AgentExit, Runtime
+from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.signals import capture_signals
@@ -100,6 +103,7 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
+        self._refused: set[tuple[str, str]] = set()  # linked folders, logged once
 
     # --- events in ----------------------------------------------------------------
 
@@ -161,7 +165,7 @@ class Supervisor:
         paths = session_paths(self.cfg.data_dir, agent_group, session_id)
         row = self.registry.session(session_id)
         if row is None:
-            if not paths.inbound_db.is_file():
+            if not self._real_session_folder(agent_group, session_id):
                 return False
             self.registry.ensure_agent_group(agent_group)
             row, _ = self.registry.get_or_create_session(
@@ -174,6 +178,21 @@ class Supervisor:
         t.status = row.container_status
         self.mark(session_id, Flag.FULL)
         return True
+
+    def _real_session_folder(self, agent_group: str, session_id: str) -> bool:
+        """A folder reached without following a link, holding a regular inbound.db.
+        A linked one is refused, logged once, and never registered."""
+        try:
+            with SessionDir(self.cfg.data_dir, agent_group, session_id) as folder:
+                st = folder.lstat(INBOUND_DB)
+                return st is not None and stat.S_ISREG(st.st_mode)
+        except Refused as exc:
+            if (agent_group, session_id) not in self._refused:
+                self._refused.add((agent_group, session_id))
+                logger.warning("{}; leaving it alone", exc.strerror)
+            return False
+        except OSError:
+            return False
 
     def _discover(self) -> None:
         for session_id, agent_group, container_status in self.registry.session_index():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.channels.base import DeliveryError, Reply
+from orchestrator.channels.base import DeliveryError, Failure, Reply
 
 
 class JsonlChannel:
@@ -21,6 +21,7 @@ class JsonlChannel:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen: set[str] = set()
+        self._failures: set[tuple[str, str]] = set()  # (kind, id) already reported
         self._fh = None
 
     def _open(self):
@@ -28,6 +29,7 @@ class JsonlChannel:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._seen = set(read_ids(self.path))
+                self._failures = set(read_failures(self.path))
                 torn = _ends_without_newline(self.path)
                 self._fh = open(self.path, "a", encoding="utf-8")
                 if torn:  # a crash mid-write: do not glue the next reply onto that line
@@ -55,6 +57,21 @@ class JsonlChannel:
         self._seen.add(reply.message_id)
         return None
 
+    async def report_failure(self, failure: Failure) -> None:
+        """A ``{"type": "failure", ...}`` line, once per (kind, id) even across restarts."""
+        key = (failure.kind, failure.id)
+        self._open()  # loads what the file already holds
+        if key in self._failures:
+            return
+        line = json.dumps(failure.as_record(), ensure_ascii=False)
+        try:
+            fh = self._open()
+            fh.write(line + "\n")
+            fh.flush()
+        except OSError as exc:
+            raise DeliveryError(f"{self.path}: cannot append ({exc.strerror})") from None
+        self._failures.add(key)
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -73,17 +90,26 @@ def _ends_without_newline(path: Path) -> bool:
 
 
 def read_ids(path: Path) -> list[str]:
-    """Message ids already in the file; a torn last line (crash mid-write) is skipped."""
+    """Reply ids already in the file; a torn last line (crash mid-write) is skipped,
+    failure records (``"type": "failure"``) are not replies."""
     if not path.exists():
         return []
     ids = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             try:
-                ids.append(json.loads(line)["message_id"])
-            except (ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if record.get("type") != "failure":
+                    ids.append(record["message_id"])
+            except (ValueError, KeyError, TypeError, AttributeError):
                 logger.warning("{}:{}: skipping unreadable line", path, n)
     return ids
+
+
+def read_failures(path: Path) -> list[tuple[str, str]]:
+    """(kind, id) of the failure records already in the file."""
+    return [(r.get("kind"), r.get("id")) for r in read_lines(path)
+            if isinstance(r, dict) and r.get("type") == "failure"]
 
 
 def read_lines(path: Path) -> list[dict]:

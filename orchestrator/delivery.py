@@ -47,6 +47,7 @@ class DeliveryState:
     """Per-session memory; losing it (restart, a replaced file) only costs one full read."""
 
     watermark: int = 0  # every reply with seq <= watermark is settled
+    anchor: str | None = None  # id of the row at ``watermark``: gone = file replaced
     # replies whose listed files are not (all) in outbox/ yet → when first seen so
     waiting_files: dict[str, datetime] = field(default_factory=dict)
 
@@ -319,6 +320,7 @@ class Deliverer:
             if msg.id not in settled:
                 break
             state.watermark = msg.seq
+            state.anchor = msg.id
         for mid in settled:
             state.waiting_files.pop(mid, None)
         return result

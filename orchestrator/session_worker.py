@@ -213,14 +213,17 @@ class SessionWorker:
                    if a is not None and a != b]
         if not changed:
             return False  # a file that did not exist before is not a replaced one
-        logger.info("session {}: {} replaced (new inode); reading it again from scratch",
-                    t.session_id, " and ".join(changed))
+        self._forget(t, f"{' and '.join(changed)} replaced (new inode)")
+        return True
+
+    @staticmethod
+    def _forget(t: Tracked, why: str) -> None:
+        logger.info("session {}: {}; reading it again from scratch", t.session_id, why)
         t.delivery = DeliveryState()
         t.synced_acks = set()
         t.acks_seen = None
         t.max_seq_seen = 0
         t.sigs.clear()
-        return True
 
     @staticmethod
     def _inbound_matters(t: Tracked, flags: Flags, alive: bool) -> bool:
@@ -266,7 +269,11 @@ class SessionWorker:
         t.sigs["out"] = folder.signature(OUTBOUND_DB)
         snap = outbound.read(folder.db(OUTBOUND_DB), after_seq=t.delivery.watermark,
                              acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None,
-                             max_content_bytes=self.cfg.delivery.max_content_bytes)
+                             max_content_bytes=self.cfg.delivery.max_content_bytes,
+                             anchor=t.delivery.anchor)
+        if snap.rewound:
+            self._forget(t, "outbound.db rewritten (the last settled row is gone)")
+            t.sigs["out"] = folder.signature(OUTBOUND_DB)
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}

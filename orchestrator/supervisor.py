@@ -103,7 +103,7 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
-        self._refused: set[tuple[str, str]] = set()  # linked folders, logged once
+        self._refused: set[tuple[str, str | None]] = set()  # linked folders, logged once
 
     # --- events in ----------------------------------------------------------------
 
@@ -187,12 +187,15 @@ class Supervisor:
                 st = folder.lstat(INBOUND_DB)
                 return st is not None and stat.S_ISREG(st.st_mode)
         except Refused as exc:
-            if (agent_group, session_id) not in self._refused:
-                self._refused.add((agent_group, session_id))
-                logger.warning("{}; leaving it alone", exc.strerror)
+            self._refuse(agent_group, session_id, exc.strerror)
             return False
         except OSError:
             return False
+
+    def _refuse(self, agent_group: str, session_id: str | None, why: str) -> None:
+        if (agent_group, session_id) not in self._refused:
+            self._refused.add((agent_group, session_id))
+            logger.warning("{}; leaving it alone", why)
 
     def _discover(self) -> None:
         for session_id, agent_group, container_status in self.registry.session_index():
@@ -202,13 +205,18 @@ class Supervisor:
                 self.mark(session_id, Flag.FULL)
         root = sessions_root(self.cfg.data_dir)
         try:
-            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
+                      or e.is_symlink()]
         except OSError:
             return
         for g in groups:
+            if g.is_symlink():  # never listed through: refused, said once
+                self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
+                continue
             try:
                 for s in os.scandir(g.path):
-                    if s.name not in self.tracked and s.is_dir(follow_symlinks=False):
+                    if s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
+                                                       or s.is_symlink()):
                         self._track_from_disk(g.name, s.name)
             except OSError:
                 continue

@@ -59,6 +59,7 @@ class Snapshot:
     acks: dict[str, Ack]
     messages: list[OutMessage]  # seq > the caller's watermark, ascending
     tool: ToolState | None
+    rewound: bool = False  # the anchor row was gone: everything was read from seq 0
 
 
 def _describe(path: Path, exc: Exception) -> OutboundError:
@@ -133,7 +134,7 @@ def _parse(value: str | None) -> datetime | None:
 
 
 def read(path: Path, after_seq: int = 0, acks_since: str | None = None,
-         max_content_bytes: int = DEFAULT_MAX_CONTENT) -> Snapshot:
+         max_content_bytes: int = DEFAULT_MAX_CONTENT, anchor: str | None = None) -> Snapshot:
     """Acks, messages with ``seq > after_seq`` and tool state, in one read transaction.
 
     With ``acks_since`` (the newest ``status_changed`` seen before), only acks still
@@ -146,6 +147,11 @@ def read(path: Path, after_seq: int = 0, acks_since: str | None = None,
     ``problem`` instead of failing the whole read. A locked file raises the
     ``sqlite3.OperationalError`` that ``schema.is_busy`` recognises (open ``path``
     with a zero busy timeout and it never waits).
+
+    ``anchor`` is the id of the row at ``after_seq``. If that row is not there any
+    more, the file was replaced or rewritten (an inode number alone cannot tell:
+    a file deleted and created again often gets the same one), so everything is
+    read from seq 0 and every ack, and the snapshot says ``rewound``.
     """
     ctx = _connect(path)
     if ctx is None:
@@ -160,6 +166,12 @@ def read(path: Path, after_seq: int = 0, acks_since: str | None = None,
         with ctx as conn:
             conn.text_factory = bytes
             conn.execute("BEGIN")
+            rewound = False
+            if anchor is not None and after_seq > 0:
+                row = conn.execute("SELECT id FROM messages_out WHERE seq = ?",
+                                   (after_seq,)).fetchone()
+                if row is None or _text(row[0]) != anchor:
+                    rewound, after_seq, ack_sql, ack_args = True, 0, ack_sql.split(" WHERE")[0], ()
             acks = {}
             for r in conn.execute(ack_sql, ack_args):
                 mid = _text(r[0]) or ""
@@ -187,7 +199,7 @@ def read(path: Path, after_seq: int = 0, acks_since: str | None = None,
         if schema.is_busy(exc):
             raise
         raise _describe(path, exc) from None
-    return Snapshot(acks, messages, tool)
+    return Snapshot(acks, messages, tool, rewound)
 
 
 def processing_ids(path: Path) -> list[str]:

@@ -436,9 +436,9 @@ class SessionWorker:
                 # no agent runs, so the host may write outbound.db: create it or add the
                 # columns an older one lacks (``send`` leaves an existing one alone)
                 schema.init_outbound(folder.db(OUTBOUND_DB, create=True))
-            row = self.registry.session(t.session_id)
-            if row is not None:
-                self.sessions.write_routing(row)
+                row = self.registry.session(t.session_id)
+                if row is not None:
+                    self.sessions.write_routing(row, folder.db(INBOUND_DB))
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root))
         except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:

@@ -346,6 +346,7 @@ def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agent
         os.symlink(outside / "secret.txt", outbox / "r-link" / "a.txt")
         (outbox / "r-fifo").mkdir()
         os.mkfifo(outbox / "r-fifo" / "a.txt")
+        os.symlink(outside, outbox / "r-dirlink")  # outbox/<id> itself a link
         async with supervised(cfg, channel=channel):
             t0 = time.monotonic()
             rows = [("r-utf8", b'{"text": "\xff\xfe"}', None),
@@ -356,6 +357,7 @@ def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agent
                     ("r-absolute", None, [str(outside / "secret.txt")]),
                     ("r-link", None, ["a.txt"]),
                     ("r-fifo", None, ["a.txt"]),
+                    ("r-dirlink", None, ["secret.txt"]),
                     ("r-big", json.dumps({"text": "x" * 10_000}), None),
                     ("ok-3", None, None)]
             for i, (mid, content, files) in enumerate(rows):
@@ -367,7 +369,8 @@ def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agent
         assert elapsed < 3.0  # not 5 attempts with backoff (5 s, 10 s, …)
 
         settled = delivered(paths)
-        bad = {"r-utf8", "r-notdir", "r-traversal", "r-absolute", "r-link", "r-fifo", "r-big"}
+        bad = {"r-utf8", "r-notdir", "r-traversal", "r-absolute", "r-link", "r-fifo", "r-big",
+               "r-dirlink"}
         assert settled == {**{m: "failed" for m in bad},
                            **{m: "delivered" for m in ("ok-1", "ok-2", "ok-3")}}
         assert sorted(channel.taken) == ["ok-1", "ok-2", "ok-3"]
@@ -383,10 +386,11 @@ def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agent
         assert "must be a basename" in reasons["r-absolute"]
         assert "a symlink" in reasons["r-link"]
         assert "a FIFO" in reasons["r-fifo"]
+        assert "is a symlink or not a directory" in reasons["r-dirlink"]
         assert "max_content_bytes" in reasons["r-big"]
         assert query(client_registry(cfg), "SELECT COUNT(*) FROM delivery_attempts") == [(0,)]
         assert snapshot(outside) == before
-        assert not any((paths.outbox / m).exists() for m in bad)  # cleaned, links unlinked
+        assert not any(os.path.lexists(paths.outbox / m) for m in bad)  # links unlinked
 
     run(body())
 

@@ -46,14 +46,17 @@ class JsonlChannel:
         self._open()
         return message_id in self._seen
 
-    async def deliver(self, reply: Reply) -> str | None:
-        line = json.dumps(reply.as_record(), ensure_ascii=False)
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False)
         try:
             fh = self._open()
             fh.write(line + "\n")
             fh.flush()
         except OSError as exc:
             raise DeliveryError(f"{self.path}: cannot append ({exc.strerror})") from None
+
+    async def deliver(self, reply: Reply) -> str | None:
+        self._append(reply.as_record())
         self._seen.add(reply.message_id)
         return None
 
@@ -63,13 +66,7 @@ class JsonlChannel:
         self._open()  # loads what the file already holds
         if key in self._failures:
             return
-        line = json.dumps(failure.as_record(), ensure_ascii=False)
-        try:
-            fh = self._open()
-            fh.write(line + "\n")
-            fh.flush()
-        except OSError as exc:
-            raise DeliveryError(f"{self.path}: cannot append ({exc.strerror})") from None
+        self._append(failure.as_record())
         self._failures.add(key)
 
     def close(self) -> None:

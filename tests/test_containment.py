@@ -240,8 +240,11 @@ def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
     assert len([m for m in refusals if "s-planted" not in m]) == 1, refusals
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink"])
 def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agents,
-                                                       logs) -> None:
+                                                       logs, kind: str) -> None:
+    """A link to a database outside, a FIFO (opening it would block the loop), a hard
+    link to an outside file: refused on sight, logged once, the others unaffected."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.5})
     channel = Recording()
     outside = outside_session(tmp_path / "outside", "evil-1")
@@ -253,7 +256,12 @@ def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agen
         other = client.paths(client.session("other", platform="p2"))
         schema.init_outbound(other.outbound_db)
         victim.outbound_db.unlink(missing_ok=True)
-        os.symlink(outside / "outbound.db", victim.outbound_db)
+        if kind == "symlink":
+            os.symlink(outside / "outbound.db", victim.outbound_db)
+        elif kind == "fifo":
+            os.mkfifo(victim.outbound_db)
+        else:
+            os.link(outside / "outbound.db", victim.outbound_db)
         async with supervised(cfg, channel=channel):
             add_reply(other.outbound_db, "ok-1", 1)
             await until(lambda: "ok-1" in channel.taken, message="the other session's reply")
@@ -265,8 +273,9 @@ def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agen
     run(body())
     assert sorted(channel.taken) == ["ok-1"] and channel.failures == []
     assert snapshot(outside) == before
-    refusals = [m for m in logs if "outbound.db is a symlink" in m]
-    assert len(refusals) == 1, refusals
+    word = {"symlink": "is a symlink", "fifo": "is a FIFO", "hardlink": "2 hard links"}[kind]
+    refusals = [m for m in logs if "outbound.db" in m and word in m]
+    assert len(refusals) == 1, [m for m in logs if "outbound.db" in m]
 
 
 # --- 3. a replaced file or folder is read again from scratch ----------------------------

@@ -354,7 +354,8 @@ class Deliverer:
         except Exception as exc:  # a channel bug is a failed attempt, not a crash
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
         if taken:
-            logger.info("reply {} was taken by the channel before a restart; recording it", msg.id)
+            logger.info("reply {} was taken by the channel already (before a restart, or its "
+                        "record could not be written then); recording it", msg.id)
             return None
         content = _parse_content(msg.content, msg.id)
         files = move_files(folder, self.data_dir, msg.id, listed_files(content))

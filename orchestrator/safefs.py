@@ -40,6 +40,14 @@ FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 Signature = tuple[int, int, int] | None  # (mtime_ns, size, inode) of a name, None if absent
 
+# A host write to a session DB waits at most this long for readers to finish (SQLite's
+# busy timeout; reads wait not at all). Not zero: the agent reads inbound.db every few
+# ms with sub-millisecond transactions, and a commit refused at once would make a
+# channel that cannot recognise a reply it already took (log, webhook) send it twice.
+# A few ms bound what an agent that holds a read lock forever costs the event loop:
+# one such wait per retry, and retries back off to one a second.
+HOST_WRITE_BUSY_MS = 5
+
 
 class Refused(OSError):
     """A name under ``sessions/`` is a symlink or not the kind of file the contract says.
@@ -187,8 +195,8 @@ class SafeDb:
             regular_or_refuse(st, where)
         mode = "ro" if readonly else ("rwc" if create else "rw")
         uri = f"file:/proc/self/fd/{self.folder.fd}/{self.name}?mode={mode}"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                               timeout=self.busy_ms / 1000.0)
+        busy_ms = self.busy_ms if readonly else max(self.busy_ms, HOST_WRITE_BUSY_MS)
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_ms / 1000.0)
         try:
             verify(conn, self.folder.fd, self.name, where)
             if not readonly:

@@ -40,7 +40,7 @@ class Recording:
     failures: list[Failure] = field(default_factory=list)
 
     def already_delivered(self, message_id: str) -> bool:
-        return False
+        return message_id in self.taken  # like jsonl: it remembers what it took
 
     async def deliver(self, reply: Reply) -> str | None:
         self.taken.setdefault(reply.message_id, time.monotonic())
@@ -194,6 +194,61 @@ def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
         assert 10 <= len(busy_lines) <= 10 * 3, busy_lines  # once per episode, not per pass
 
     run(body())
+
+
+READER = """
+import os, sqlite3, sys, time
+db, release = sys.argv[1], sys.argv[2]
+conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+conn.execute("BEGIN")
+conn.execute("SELECT COUNT(*) FROM messages_in").fetchone()  # a SHARED lock, held
+print("reading", flush=True)
+while not os.path.exists(release):
+    time.sleep(0.01)
+conn.execute("COMMIT")
+"""
+
+
+def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_records(
+        tmp_path: Path, reap_agents, logs) -> None:
+    """The host's delivery record (a write to inbound.db) cannot commit while the agent
+    reads: it is busy, retried by a timer, recorded once the read ends — and the
+    other session's replies meanwhile go out and are recorded as usual."""
+    cfg = make_config(tmp_path, watch={"sweep_interval": 30.0})
+    channel = Recording()
+    release = tmp_path / "release"
+
+    async def body() -> None:
+        client = Client(cfg)
+        held = client.paths(client.session("held"))
+        other = client.paths(client.session("other", platform="p2"))
+        for p in (held, other):
+            schema.init_outbound(p.outbound_db)
+        async with supervised(cfg, channel=channel):
+            reader = subprocess.Popen([sys.executable, "-c", READER, str(held.inbound_db),
+                                       str(release)], stdout=subprocess.PIPE, text=True)
+            try:
+                assert reader.stdout.readline().strip() == "reading"
+                add_reply(held.outbound_db, "h1", 1)
+                await until(lambda: "h1" in channel.taken, message="h1 handed over")
+                for i in range(5):
+                    add_reply(other.outbound_db, f"o{i}", 1 + 2 * i)
+                await until(lambda: len(delivered(other)) == 5, message="the other's records")
+                assert delivered(held) == {}  # its record waits for the reader
+                release.touch()
+                reader.wait(10)
+            finally:
+                release.touch()
+            await until(lambda: delivered(held) == {"h1": "delivered"}, timeout=10,
+                        message="h1 recorded once the read ended")
+        client.close()
+
+    run(body())
+    assert sorted(channel.taken) == ["h1", "o0", "o1", "o2", "o3", "o4"]
+    assert all(channel.count(m) == 1 for m in channel.taken)  # none twice
+    assert channel.failures == []
+    assert [m for m in logs if "is busy" in m]
+    assert not [m for m in logs if "not a readable" in m]
 
 
 # --- 2. symlinks are never followed ---------------------------------------------------

@@ -197,7 +197,7 @@ def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
     if not wanted:
         return set()
     found: set[str] = set()
-    with opened(path) as conn:
+    with opened(path, readonly=True) as conn:
         for i in range(0, len(wanted), 500):
             chunk = wanted[i:i + 500]
             marks = ",".join("?" * len(chunk))

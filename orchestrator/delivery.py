@@ -20,18 +20,21 @@ import errno
 import json
 import os
 import shutil
+import sqlite3
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from loguru import logger
 
 from orchestrator.attachments import safe_name
-from orchestrator.channels import Channel, DeliveryError, Failure, PermanentDeliveryError, Reply
+from orchestrator.channels import (Channel, DeliveryError, Failure, PermanentDeliveryError, Reply,
+                                   StorageFull)
+from orchestrator.channels.base import storage_failure
 from orchestrator.config import DeliveryConfig
 from orchestrator.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
-from orchestrator.layout import OUTBOX, InvalidId, delivered_root, validate_id
+from orchestrator.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
 from orchestrator.lifecycle import earliest
 from orchestrator.safefs import (DIR_FLAGS, FILE_FLAGS, Refused, SessionDir, lstat_at,
                                  open_dir, regular_or_refuse)
@@ -39,7 +42,7 @@ from orchestrator.store import inbound
 from orchestrator.store.outbound import OutMessage
 from orchestrator.store.registry import Registry
 
-Routing = tuple[str | None, str | None, str | None]
+Routing = tuple[str | None, str | None, str | None]  # the session's default route
 
 
 @dataclass
@@ -50,6 +53,7 @@ class DeliveryState:
     anchor: str | None = None  # id of the row at ``watermark``: gone = file replaced
     # replies whose listed files are not (all) in outbox/ yet → when first seen so
     waiting_files: dict[str, datetime] = field(default_factory=dict)
+    storage_full: str | None = None  # the host's disk is full: last error, logged once
 
 
 @dataclass
@@ -148,8 +152,12 @@ def move_files(folder: SessionDir, data_dir: Path, out_id: str, names: list[str]
     dst_dir = delivered_root(data_dir) / out_id
     src = _open_outbox_dir(folder, out_id)
     try:
-        dst_dir.mkdir(parents=True, exist_ok=True)
-        dst = os.open(dst_dir, DIR_FLAGS)
+        try:
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            dst = os.open(dst_dir, DIR_FLAGS)
+        except OSError as exc:
+            error = StorageFull if storage_failure(exc) else DeliveryError
+            raise error(f"reply {out_id}: cannot create {dst_dir} ({exc.strerror})") from None
         try:
             return [_move_one(src, dst, dst_dir, name, f"{folder.where}/{OUTBOX}/{out_id}",
                               out_id) for name in names]
@@ -176,7 +184,8 @@ def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
         os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
-            raise DeliveryError(f"reply {out_id}: cannot move {name!r} ({exc.strerror})") from None
+            error = StorageFull if storage_failure(exc) else DeliveryError
+            raise error(f"reply {out_id}: cannot move {name!r} ({exc.strerror})") from None
         _copy_across(src, dst, name, out_id)
     arrived = lstat_at(dst, name)  # what the rename really moved (the agent may race it)
     if arrived is None or not stat.S_ISREG(arrived.st_mode) or arrived.st_nlink > 1:
@@ -188,7 +197,9 @@ def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
 
 
 def _copy_across(src: int, dst: int, name: str, out_id: str) -> None:
-    """Another file system: copy the bytes of the file we opened (never a link)."""
+    """Another file system: copy the bytes of the file we opened (never a link), under a
+    hidden name first, so ``delivered/`` never holds a half-copied file (a full disk
+    mid-copy leaves nothing)."""
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=src)
     except OSError as exc:
@@ -196,23 +207,42 @@ def _copy_across(src: int, dst: int, name: str, out_id: str) -> None:
                                      f"({exc.strerror})") from None
     try:
         regular_or_refuse(os.fstat(fd), name)
-        part = f".{name}.part"
+        part = f".part-{name}"
         out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                       | os.O_CLOEXEC, 0o644, dir_fd=dst)
         try:
             with os.fdopen(os.dup(fd), "rb") as r, os.fdopen(out, "wb", closefd=False) as w:
                 shutil.copyfileobj(r, w, 1 << 20)
                 w.flush()
+            os.rename(part, name, src_dir_fd=dst, dst_dir_fd=dst)
+        except BaseException:
+            try:
+                os.unlink(part, dir_fd=dst)
+            except OSError:
+                pass
+            raise
         finally:
             os.close(out)
-        os.rename(part, name, src_dir_fd=dst, dst_dir_fd=dst)
         os.unlink(name, dir_fd=src)
     except Refused as exc:
         raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
     except OSError as exc:
-        raise DeliveryError(f"reply {out_id}: cannot copy {name!r} ({exc.strerror})") from None
+        error = StorageFull if storage_failure(exc) else DeliveryError
+        raise error(f"reply {out_id}: cannot copy {name!r} ({exc.strerror})") from None
     finally:
         os.close(fd)
+
+
+Route = tuple[str | None, str | None, str | None]  # channel_type, platform_id, thread_id
+
+
+def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
+    """Where a reply goes: where the agent said; a reply with no chat of its own goes
+    back to the chat of the message it answers; else each field missing from the
+    reply comes from the session's default route (``session_routing``)."""
+    if not (own[0] or own[1]) and answered is not None and (answered[0] or answered[1]):
+        return answered
+    return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
 
 
 def remove_outbox(folder: SessionDir, out_id: str) -> None:
@@ -259,7 +289,7 @@ class Deliverer:
         result = PassResult()
         if not messages:
             return result
-        inbound_db = folder.db("inbound.db")
+        inbound_db = folder.db(INBOUND_DB)
         settled = inbound.delivered_ids(inbound_db, [m.id for m in messages])
         records: list[tuple[str, str, str | None]] = []
         failures: list[Failure] = []
@@ -275,6 +305,9 @@ class Deliverer:
                 try:
                     pmid = await self._deliver_one(folder, agent_group, session_id, msg,
                                                    routing)
+                except StorageFull as exc:  # the host's disk: no attempt spent; the rest
+                    self._storage_full(state, session_id, exc, now, result)  # would fail too
+                    break
                 except DeliveryError as exc:
                     verdict = after_failure(_trouble(exc), str(exc), attempts,
                                             state.waiting_files.get(msg.id), now, self.cfg)
@@ -284,6 +317,9 @@ class Deliverer:
                                      session_id, exc)
                 else:
                     state.waiting_files.pop(msg.id, None)
+                    if state.storage_full:
+                        logger.info("session {}: delivering again (space freed)", session_id)
+                        state.storage_full = None
                     records.append((msg.id, "delivered", pmid))
                     result.delivered.append(msg.id)
                     if attempts:
@@ -295,16 +331,20 @@ class Deliverer:
                 logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
                                msg.id, session_id, attempts + 1, verdict.reason,
                                verdict.at.time() if verdict.at else None)
-                self.registry.record_attempt_failure(session_id, msg.id, attempts + 1,
-                                                     verdict.at, verdict.reason)
+                try:
+                    self.registry.record_attempt_failure(session_id, msg.id, attempts + 1,
+                                                         verdict.at, verdict.reason)
+                except sqlite3.Error as rec:  # a full disk: an attempt not recorded is not made
+                    logger.warning("reply {} of session {}: the failed attempt could not be "
+                                   "counted ({})", msg.id, session_id, rec)
                 result.next_due = earliest(result.next_due, verdict.at)
             elif verdict.step is Step.FAIL:
                 logger.error("reply {} of session {} failed: {}", msg.id, session_id,
                              verdict.reason)
                 records.append((msg.id, "failed", None))
                 result.failed.append(msg.id)
-                failures.append(self._failure(msg, agent_group, session_id, verdict.reason,
-                                              routing))
+                failures.append(self._failure(folder, msg, agent_group, session_id,
+                                              verdict.reason, routing))
                 if attempts:
                     retried.append(msg.id)
         for failure in failures:  # before the record: a crash re-reports (jsonl dedupes)
@@ -326,12 +366,27 @@ class Deliverer:
         return result
 
     @staticmethod
-    def _failure(msg: OutMessage, agent_group: str, session_id: str, reason: str,
-                 routing: Routing) -> Failure:
-        default_ct, default_pid, default_thread = routing
-        return Failure("reply", msg.id, session_id, agent_group, reason,
-                       msg.channel_type or default_ct, msg.platform_id or default_pid,
-                       msg.thread_id or default_thread)
+    def _route(folder: SessionDir, msg: OutMessage, routing: Routing) -> Route:
+        answered = (inbound.chat_of(folder.db(INBOUND_DB), msg.in_reply_to)
+                    if msg.in_reply_to and not (msg.channel_type or msg.platform_id) else None)
+        return reply_route((msg.channel_type, msg.platform_id, msg.thread_id), answered,
+                           routing)
+
+    def _failure(self, folder: SessionDir, msg: OutMessage, agent_group: str,
+                 session_id: str, reason: str, routing: Routing) -> Failure:
+        """Routed like the reply would have been, so the chat that waits for it hears."""
+        channel_type, platform_id, thread_id = self._route(folder, msg, routing)
+        return Failure("reply", msg.id, session_id, agent_group, reason, channel_type,
+                       platform_id, thread_id)
+
+    def _storage_full(self, state: DeliveryState, session_id: str, exc: Exception,
+                      now: datetime, result: PassResult) -> None:
+        if str(exc) != state.storage_full:  # once per outage, not per reply and retry
+            logger.warning("session {}: {}; replies wait (no attempts spent) and are "
+                           "retried every {:g}s", session_id, exc, self.cfg.retry_base)
+            state.storage_full = str(exc)
+        result.next_due = earliest(result.next_due,
+                                   now + timedelta(seconds=max(self.cfg.retry_base, 0.5)))
 
     async def report(self, failure: Failure) -> None:
         """One failure record on the channel; a channel without the method, or one that
@@ -359,13 +414,11 @@ class Deliverer:
             return None
         content = _parse_content(msg.content, msg.id)
         files = move_files(folder, self.data_dir, msg.id, listed_files(content))
-        default_ct, default_pid, default_thread = routing
+        channel_type, platform_id, thread_id = self._route(folder, msg, routing)
         reply = Reply(
             message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,
             kind=msg.kind, in_reply_to=msg.in_reply_to,
-            channel_type=msg.channel_type or default_ct,
-            platform_id=msg.platform_id or default_pid,
-            thread_id=msg.thread_id or default_thread,
+            channel_type=channel_type, platform_id=platform_id, thread_id=thread_id,
             timestamp=msg.timestamp, content=content, files=tuple(str(f) for f in files))
         try:
             return await self.channel.deliver(reply)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
 from loguru import logger
@@ -29,11 +29,12 @@ from loguru import logger
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
+from orchestrator.filesig import Signature, signature_mtime
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
-from orchestrator.lifecycle import (Action, Claim, Observation, decide, earliest,
+from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
-from orchestrator.safefs import Refused, SessionDir, Signature
+from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
@@ -89,8 +90,10 @@ class Tracked:
     synced_acks: set[str] = field(default_factory=set)
     acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
     max_seq_seen: int = 0
-    start_failures: int = 0
+    start_failures: int = 0  # failed starts in a row, any cause (sets the backoff)
     start_blocked_until: datetime | None = None
+    start_errors: int = 0  # of those, failed for this session's own reasons (not outages)
+    start_error: str | None = None  # the last such reason, for the failed messages
     op_failures: int = 0  # runtime operations (stop/kill) that raised, in a row
     op_blocked_until: datetime | None = None  # after such a failure: no new op before
     exit: AgentExit | None = None
@@ -103,10 +106,6 @@ class Tracked:
     registry_touched: datetime | None = None
     identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
     busy: int = 0  # passes in a row that met a locked database
-
-
-def _mtime(sig: Signature) -> datetime | None:
-    return datetime.fromtimestamp(sig[0] / 1e9, timezone.utc) if sig else None
 
 
 class SessionWorker:
@@ -126,6 +125,11 @@ class SessionWorker:
     # --- the pass ---------------------------------------------------------------------
 
     async def process(self, t: Tracked, flags: Flags) -> None:
+        # every log line of the pass (and of the ops it starts) names its session
+        with logger.contextualize(session=t.session_id, group=t.agent_group):
+            await self._process(t, flags)
+
+    async def _process(self, t: Tracked, flags: Flags) -> None:
         now = self.clock()
         if t.session_id in self.muted:  # unmute first, then read: no touch falls between
             self.muted.discard(t.session_id)
@@ -143,9 +147,6 @@ class SessionWorker:
             if t.broken:
                 logger.info("session {}: readable again", t.session_id)
                 t.broken = None
-            if t.status == "running" and t.timer is not None and (
-                    t.op is None or t.op.done()) and self.runtime.is_running(t.session_id):
-                self.muted.add(t.session_id)
         except (OutboundError, sqlite3.Error, OSError) as exc:
             if schema.is_busy(exc):
                 self._busy(t, now)
@@ -184,12 +185,9 @@ class SessionWorker:
         if flags & Flag.EXIT and t.exit is not None:
             self._on_exit(t, now)
         alive = self.runtime.is_running(t.session_id)
-        if not alive and t.claims and (t.op is None or t.op.done()) and self.runtime.listed:
-            await self._reset_orphan_claims(t, folder, now)
-            flags |= Flag.INBOUND
         if self._inbound_matters(t, flags, alive):
             self._read_inbound(t, folder, now)
-        self._decide(t, now)
+        await self._decide(t, folder, now)
 
     def _busy(self, t: Tracked, now: datetime) -> None:
         """A database of this session is locked (by its agent, or a reader of inbound.db):
@@ -253,7 +251,7 @@ class SessionWorker:
     def _read_heartbeat(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         sig = folder.signature(HEARTBEAT)
         t.sigs["hb"] = sig
-        t.heartbeat_at = _mtime(sig)
+        t.heartbeat_at = signature_mtime(sig)
         self._touch_registry(t, now)
 
     def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
@@ -335,7 +333,6 @@ class SessionWorker:
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now)
         t.claims = ()
-        failed = [mid for mid, status in result.items() if status == "failed"]
         for mid, status in result.items():
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,
@@ -343,21 +340,10 @@ class SessionWorker:
             else:
                 logger.warning("message {} of session {} given back for retry", mid,
                                t.session_id)
-        if failed:  # reset_claims turns a row failed once: each is reported once
-            await self.report_failed_messages(
-                t, folder, failed, f"failed after {lc.max_tries} tries: the agent ended "
-                "while working on it each time")
-
-    async def report_failed_messages(self, t: Tracked, folder: SessionDir, ids: list[str],
-                                     reason: str) -> None:
-        """One failure record on the channel per inbound message that ended ``failed``."""
-        routes = inbound.message_routes(folder.db(INBOUND_DB), ids)
-        default = t.routing or (None, None, None)
-        for mid in ids:
-            ct, pid, thread = routes.get(mid, (None, None, None))
-            await self.deliverer.report(Failure(
-                "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
-                pid or default[1], thread or default[2]))
+        # reset_claims turns a row failed once: each is reported once
+        await self._report_failed(t, folder, [m for m, st in result.items() if st == "failed"],
+                                  f"failed after {lc.max_tries} tries: the agent ended while "
+                                  "working on it each time")
 
     # --- decisions and actions ----------------------------------------------------------
 
@@ -366,35 +352,71 @@ class SessionWorker:
             alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
             heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
             tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
-            start_blocked_until=t.start_blocked_until)
+            start_blocked_until=t.start_blocked_until, status=t.status,
+            op_running=t.op is not None and not t.op.done(),
+            op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
+            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due))
 
-    def _decide(self, t: Tracked, now: datetime) -> None:
-        busy = t.op is not None and not t.op.done()
+    async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
         verdict = decide(self._observe(t), now, self.cfg.lifecycle)
-        # A stop/kill that failed (e.g. Docker daemon down) is not retried at once: the
-        # same verdict would start the same failing op on every pass, in a hot loop.
-        gated = t.op_blocked_until is not None and t.op_blocked_until > now
-        if not busy:
-            if verdict.status != t.status and verdict.status != "stopped":
-                self.set_status(t, verdict.status, verdict.reason, now)
-            elif verdict.status == "stopped" and t.status != "stopped":
-                self.set_status(t, "stopped", "no agent running", now)
-            t.idle_since = verdict.detail.get("idle_since") if verdict.status == "idle" else None
-            if gated and verdict.action is not Action.NONE:
-                pass  # retried when op_blocked_until passes (scheduled below)
-            elif verdict.action is Action.START:
-                self._run_op(t, self._start(t))
-            elif verdict.action is Action.STOP:
-                t.ending_reason = f"stopped: {verdict.reason}"
-                self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
-            elif verdict.action is Action.KILL:
-                (logger.debug if t.op_failures else logger.warning)(
-                    "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
-                t.ending_reason = f"killed: {verdict.reason}"
-                self._run_op(t, self.runtime.kill(t.session_id))
-        self._schedule(t, earliest(verdict.next_check, t.delivery_due, t.next_inbound_due,
-                                    t.start_blocked_until, t.op_blocked_until if gated else None),
-                       now)
+        if verdict.reset_claims:
+            await self._reset_orphan_claims(t, folder, now)
+            self._read_inbound(t, folder, now)
+            verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        await self._apply(t, folder, verdict, now)
+
+    async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
+                     now: datetime) -> None:
+        if verdict.record is not None:
+            self.set_status(t, *verdict.record, now)
+        t.idle_since = verdict.idle_since
+        if verdict.action is Action.START:
+            self._run_op(t, self._start(t))
+        elif verdict.action is Action.STOP:
+            t.ending_reason = f"stopped: {verdict.reason}"
+            self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        elif verdict.action is Action.KILL:
+            (logger.debug if t.op_failures else logger.warning)(
+                "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
+            t.ending_reason = f"killed: {verdict.reason}"
+            self._run_op(t, self.runtime.kill(t.session_id))
+        elif verdict.action is Action.FAIL_DUE:
+            await self._fail_due(t, folder, verdict.reason, now)
+        self._schedule(t, verdict.next_check, now)
+        if verdict.mute:
+            self.muted.add(t.session_id)
+
+    async def _fail_due(self, t: Tracked, folder: SessionDir, reason: str,
+                        now: datetime) -> None:
+        """The agent cannot be started (every try failed for this session's own
+        reason): its due messages fail now instead of waiting forever. The count
+        starts again, so a new message gets its own tries — and starts as soon as
+        the obstacle on disk is gone."""
+        why = f"{reason}: {t.start_error}" if t.start_error else reason
+        failed = inbound.fail_due(folder.db(INBOUND_DB), now)
+        t.start_errors = t.start_failures = 0
+        t.start_blocked_until = None
+        t.start_error = None
+        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
+        for mid in failed:
+            logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
+        await self._report_failed(t, folder, failed, why)
+
+    async def _report_failed(self, t: Tracked, folder: SessionDir, message_ids: list[str],
+                             reason: str) -> None:
+        """One failure record on the channel per inbound message that ended ``failed``
+        (after max_tries, or because its agent can never start), routed to the chat the
+        message came from, so a chat front end can tell its user."""
+        if not message_ids:
+            return
+        routes = inbound.message_routes(folder.db(INBOUND_DB), message_ids)
+        default = t.routing or (None, None, None)
+        for mid in message_ids:
+            ct, pid, thread = routes.get(mid, (None, None, None))
+            await self.deliverer.report(Failure(
+                "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
+                pid or default[1], thread or default[2]))
 
     def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
         old = t.status
@@ -441,10 +463,15 @@ class SessionWorker:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root))
-        except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
+            if not isinstance(exc, RuntimeUnavailable):
+                # this session's own obstacle (e.g. a directory where .heartbeat
+                # belongs), not an outage of the runtime: it counts towards max_tries
+                t.start_errors += 1
+                t.start_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             # once per session; not at all for an outage the runtime already reported
             loud = t.start_failures == 1 and not getattr(exc, "reported", False)
             log = logger.error if loud else logger.debug
@@ -454,7 +481,8 @@ class SessionWorker:
         if t.start_failures:
             logger.info("session {}: agent started after {} failed attempts", t.session_id,
                         t.start_failures)
-        t.start_failures = 0
+        t.start_failures = t.start_errors = 0
+        t.start_error = None
         t.start_blocked_until = None
         t.started_at = self.clock()
         t.heartbeat_at = None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from orchestrator.channels.base import (Channel, DeliveryError, Failure,
-                                         PermanentDeliveryError, Reply)
+                                         PermanentDeliveryError, Reply, StorageFull)
 from orchestrator.config import DeliveryConfig
 
 __all__ = ["Channel", "DeliveryError", "Failure", "PermanentDeliveryError", "Reply",
-           "make_channel"]
+           "StorageFull", "make_channel"]
 
 
 def make_channel(cfg: DeliveryConfig) -> Channel:

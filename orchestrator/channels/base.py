@@ -16,6 +16,22 @@ class PermanentDeliveryError(DeliveryError):
     says so for good): it is failed at once with this reason, not retried."""
 
 
+class StorageFull(DeliveryError):
+    """The host's own disk is full (or read-only): not the reply's fault.
+
+    Retried every ``retry_base`` seconds without spending an attempt, so a full
+    disk never turns good replies into ``failed`` ones; they all go out once space
+    is freed.
+    """
+
+
+STORAGE_ERRNOS = frozenset({28, 122, 30})  # ENOSPC, EDQUOT, EROFS
+
+
+def storage_failure(exc: OSError) -> bool:
+    return exc.errno in STORAGE_ERRNOS
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     message_id: str

@@ -33,12 +33,12 @@ import stat
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.filesig import Signature, file_signature
 from orchestrator.layout import sessions_root
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-Signature = tuple[int, int, int] | None  # (mtime_ns, size, inode) of a name, None if absent
 
 # A host write to a session DB waits at most this long for readers to finish (SQLite's
 # busy timeout; reads wait not at all). Not zero: the agent reads inbound.db every few
@@ -88,15 +88,6 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def signature_at(dir_fd: int, name: str) -> Signature:
-    """(mtime_ns, size, inode) of ``name`` itself (never what a link points at)."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 def regular_or_refuse(st: os.stat_result, where: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise Refused(errno.EINVAL, f"{where} is {_kind(st.st_mode)}, not a regular file; "
@@ -142,7 +133,8 @@ class SessionDir:
         return lstat_at(self.fd, name)
 
     def signature(self, name: str) -> Signature:
-        return signature_at(self.fd, name)
+        """(mtime_ns, size, inode) of ``name`` itself (never what a link points at)."""
+        return file_signature(name, self.fd)
 
     def inode(self, name: str) -> int | None:
         st = lstat_at(self.fd, name)

@@ -180,9 +180,11 @@ def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
               f"{1000 * max(before):.1f}; with 10 lockers "
               f"{1000 * statistics.median(during):.1f}/{1000 * quantile(during, .99):.1f}/"
               f"{1000 * max(during):.1f}")
-        # the old code waited SQLite's 5 s busy timeout on the loop per locked pass
-        assert max(during) < 1.0, during
-        assert statistics.median(during) < statistics.median(before) + 0.1
+        # the old code waited SQLite's 5 s busy timeout on the loop per locked pass (so
+        # every healthy reply waited seconds); on a loaded CI machine both phases may be
+        # slow, so the bound is relative to the same test's figures without lockers
+        assert max(during) < max(1.0, 2 * max(before)), during
+        assert statistics.median(during) < statistics.median(before) + 0.1, during
         # exact counts: every reply once, nothing failed
         ids = [f"calm-{i}" for i in range(per_phase)] + [f"busy-{i}" for i in range(per_phase)]
         ids += [f"lock-{i}" for i in range(10)]

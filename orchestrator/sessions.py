@@ -11,11 +11,14 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from loguru import logger
 
 from orchestrator import attachments
 from orchestrator.errors import StorageError, UserError, storage, storage_error
@@ -86,6 +89,26 @@ def build_folder(final: Path) -> Path:
 
 def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_STAGING = 3600.0  # s: no `send` builds a folder for this long
+
+
+def remove_stale_staging(entry: os.DirEntry, now: float | None = None) -> bool:
+    """Remove a staging folder a killed ``send`` left behind, once surely abandoned.
+    Never through a link (``rmtree`` does not follow them; a link itself is unlinked)."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+        if (now if now is not None else time.time()) - st.st_mtime < STALE_STAGING:
+            return False
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    except OSError:
+        return False
+    logger.info("removed {}, a session folder a killed send left half-built", entry.path)
+    return True
 
 
 def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionPaths:

@@ -387,3 +387,17 @@ def test_every_message_keeps_its_own_chat(env):
                  "SELECT channel_type, platform_id, thread_id FROM messages_in ORDER BY seq")
     assert rows == [("chat", "p4", "tx"), ("slack", "C1", None)]
     assert s.routing_of(row) == (None, None, None)  # agent-shared: no default chat
+
+
+def test_a_stale_staging_folder_is_removed_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    group = tmp_path / "sessions" / "g"
+    old = sessions_mod.build_folder(group / "sess-old")
+    fresh = sessions_mod.build_folder(group / "sess-new")
+    long_ago = time.time() - sessions_mod.STALE_STAGING - 10
+    os.utime(old, (long_ago, long_ago))
+    removed = {e.name: sessions_mod.remove_stale_staging(e) for e in os.scandir(group)}
+    assert removed == {old.name: True, fresh.name: False}
+    assert [p.name for p in group.iterdir()] == [fresh.name]

@@ -860,6 +860,22 @@ def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> No
         run(body())
 
 
+def test_the_sweep_removes_a_folder_a_killed_send_left_half_built(tmp_path: Path) -> None:
+    from orchestrator import sessions as sessions_mod
+
+    cfg = make_config(tmp_path, watch={"sweep_interval": 0.2})
+    left = sessions_mod.build_folder(cfg.data_dir / "sessions" / "g" / "sess-x")
+    long_ago = 1_000_000_000
+    os.utime(left, (long_ago, long_ago))
+
+    async def body() -> None:
+        async with supervised(cfg) as sup:
+            await until(lambda: not left.exists(), timeout=10, message="the leftover removed")
+            assert sup.tracked == {}  # never taken for a session
+
+    run(body())
+
+
 COARSE_AGENT = '''\
 """A NanoClaw-style agent: stamps its claim with SQLite's datetime('now') (whole
 seconds) right after a heartbeat in the same second, then hangs. Only on its first

@@ -184,6 +184,11 @@ class FakeNotify:
         item = self.script.pop(0)
         if isinstance(item, Exception):
             raise item
+        if isinstance(item, float):  # a stall: this process did not run for that long
+            time.sleep(item)
+            stop_event.is_set()
+            return self.watch(debounce_ms=debounce_ms, step_ms=step_ms, timeout_ms=timeout_ms,
+                              stop_event=stop_event)
         return item
 
     def __enter__(self) -> "FakeNotify":
@@ -283,3 +288,15 @@ def test_an_overflow_is_noticed_and_every_reply_delivered_at_once(tmp_path: Path
     assert (result["delivered"], result["distinct"], result["duplicated"]) == (105, 105, 0)
     assert result["warnings"] == 1, Path(result["log"]).read_text()
     assert result["resume_to_last_reply_s"] < 30.0
+
+
+def test_a_stalled_watch_rescans_with_one_warning(tmp_path: Path) -> None:
+    """The Rust loop asks its stop event every step; a gap of a second or more means
+    the process did not run while agents may have overflowed the queue."""
+    root, _ = _tree(tmp_path)
+    probe = (1, str(root / PROBE))
+    hb = (2, str(root / "grp" / "sess-1" / ".heartbeat"))
+    got, lines = _drive(root, [[{probe}, 1.2, {hb}]], until_batches=2)
+    assert got == [[RESCAN], [Activity("grp", "sess-1", Kind.HEARTBEAT)]]
+    warned = [line for line in lines if line.startswith("WARNING")]
+    assert len(warned) == 1 and "the watch did not run for 1.2s" in warned[0], warned

@@ -38,12 +38,15 @@ import array
 import fcntl
 import os
 import termios
+import threading
+import time
 from pathlib import Path
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 INOTIFY_LINK = "anon_inode:inotify"
 MIN_EVENT_BYTES = 16  # struct inotify_event without a name
 STALL_SECONDS = 1.0
+RECHECK_AFTER = 0.5  # s: a folder found unwatched is looked at again before we act
 
 
 def queue_limit() -> int:
@@ -166,3 +169,55 @@ def watch_paths(root: Path) -> list[str]:
     return [str(root)] + [str(root / name) for name in sorted(folders.values(),
                                                                key=lambda n: (n.count("/"), n))
                           if name != "."]
+
+
+class Gate:
+    """Given to ``RustNotify.watch`` as its ``stop_event``: the Rust loop calls
+    ``is_set`` once per step, which is the one place a long ``watch`` call lets us
+    look at the watch from outside without a thread of our own: a stall or a filling
+    queue is kept as a sign (``take_sign``), and every ``verify_every`` s the watched
+    inodes are compared with the folders; one unwatched twice in a row asks for a
+    restart (``is_set`` then says True and ``watch`` returns "stop")."""
+
+    def __init__(self, halt: threading.Event, root: Path, fd: int | None, queue: int,
+                 verify_every: float) -> None:
+        self.halt, self.root, self.fd, self.queue = halt, root, fd, queue
+        self.verify_every = verify_every
+        self.last = time.monotonic()
+        self.sign: str | None = None
+        self.restart: str | None = None
+        self.verify_at = self.last + verify_every
+        self.suspects: dict[int, str] = {}
+
+    def arm(self) -> None:
+        self.last = time.monotonic()
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        gap, self.last = now - self.last, now
+        if self.sign is None:
+            pending = pending_bytes(self.fd) if self.fd is not None else 0
+            self.sign = loss_sign(gap=gap, pending=pending, batch=0, queue=self.queue)
+        if self.fd is not None and now >= self.verify_at:
+            self._verify(now)
+        return self.halt.is_set() or self.restart is not None
+
+    def _verify(self, now: float) -> None:
+        """Folders no watch covers, twice in a row (a folder just created may not be
+        watched yet): restart the watch, which adds them (and rescans)."""
+        watched = watched_inodes(self.fd) if self.fd is not None else None
+        if watched is None:
+            self.verify_at = now + self.verify_every
+            return
+        missing = unwatched(session_folders(self.root), watched, self.root)
+        confirmed = {ino: name for ino, name in missing.items() if ino in self.suspects}
+        if confirmed:
+            names = sorted(confirmed.values())
+            self.restart = (f"{len(names)} folder(s) not watched ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''})")
+        self.suspects = missing
+        self.verify_at = now + (RECHECK_AFTER if missing else self.verify_every)
+
+    def take_sign(self) -> str | None:
+        sign, self.sign = self.sign, None
+        return sign

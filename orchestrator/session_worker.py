@@ -117,6 +117,11 @@ class SessionWorker:
     # --- the pass ---------------------------------------------------------------------
 
     async def process(self, t: Tracked, flags: Flags) -> None:
+        # every log line of the pass (and of the ops it starts) names its session
+        with logger.contextualize(session=t.session_id, group=t.agent_group):
+            await self._process(t, flags)
+
+    async def _process(self, t: Tracked, flags: Flags) -> None:
         now = self.clock()
         if t.session_id in self.muted:  # unmute first, then read: no touch falls between
             self.muted.discard(t.session_id)

@@ -128,7 +128,7 @@ def _from_julian(jd: float) -> datetime:
 def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
     """Counts by status; ``processing`` = pending rows the agent has claimed."""
     claimed = set(processing_ids)
-    with opened(path) as conn:
+    with opened(path, readonly=True) as conn:  # for ``status``, which never writes
         rows = conn.execute("SELECT id, status FROM messages_in WHERE kind != 'system'").fetchall()
     pending = processing = completed = failed = 0
     for row in rows:
@@ -244,6 +244,14 @@ def replace_destinations(path: Path, destinations: Iterable[Destination]) -> Non
         conn.executemany(
             "INSERT INTO destinations (name, display_name, type, channel_type, platform_id,"
             " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
+
+
+def chat_of(path: Path, message_id: str) -> tuple[str | None, str | None, str | None] | None:
+    """The chat a message came from (channel_type, platform_id, thread_id), or None."""
+    with opened(path, readonly=True) as conn:
+        row = conn.execute("SELECT channel_type, platform_id, thread_id FROM messages_in"
+                           " WHERE id=?", (message_id,)).fetchone()
+    return (row[0], row[1], row[2]) if row else None
 
 
 def read_messages(path: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,8 @@ MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 INOTIFY_LINK = "anon_inode:inotify"
 MIN_EVENT_BYTES = 16  # struct inotify_event without a name
 STALL_SECONDS = 1.0
+LOSS_RESCAN_EVERY = 1.0  # s: while signs keep coming, rescan at most this often
+LOSS_EPISODE_END = 5.0  # s without a sign: the next sign is a new episode (warned again)
 RECHECK_AFTER = 0.5  # s: a folder found unwatched is looked at again before we act
 
 
@@ -169,6 +171,39 @@ def watch_paths(root: Path) -> list[str]:
     return [str(root)] + [str(root / name) for name in sorted(folders.values(),
                                                                key=lambda n: (n.count("/"), n))
                           if name != "."]
+
+
+class Episodes:
+    """When signs of loss become rescans, and which rescan is warned about.
+
+    The first sign of an episode: a rescan now, with one warning. Signs while it
+    lasts: a rescan owed, made ``LOSS_RESCAN_EVERY`` after the last one (events may
+    still be getting lost; the last rescan must come after the last loss), logged
+    at debug only. ``LOSS_EPISODE_END`` without a sign ends the episode.
+    """
+
+    def __init__(self) -> None:
+        self.last_sign: float | None = None
+        self.last_rescan = 0.0
+        self.owed = False
+
+    def step(self, sign: str | None, now: float) -> tuple[str, bool] | None:
+        """(reason, warn) of the rescan to make now, or None."""
+        out = None
+        if sign:
+            if self.last_sign is None or now - self.last_sign >= LOSS_EPISODE_END:
+                out, self.last_rescan, self.owed = (sign, True), now, False
+            else:
+                self.owed = True
+            self.last_sign = now
+        if self.owed and now - self.last_rescan >= LOSS_RESCAN_EVERY:
+            out = ("events were still being lost", False)
+            self.last_rescan, self.owed = now, False
+        return out
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until an owed rescan is due (wake up for it), or None."""
+        return max(0.0, self.last_rescan + LOSS_RESCAN_EVERY - now) if self.owed else None
 
 
 class Gate:

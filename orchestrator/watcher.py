@@ -198,10 +198,6 @@ class Finished:
 
 WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
 
-LOSS_RESCAN_EVERY = 1.0  # s: while signs keep coming, rescan at most this often
-LOSS_EPISODE_END = 5.0  # s without a sign: the next sign is a new episode (warned again)
-
-
 def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
     before = watch_health.inotify_fds()
     notify = notifier(watch_paths=watch_health.watch_paths(root), debug=False,
@@ -236,13 +232,12 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
             with notify:
                 gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval)
                 last_change = time.monotonic()
-                episode_sign = last_rescan = 0.0  # monotonic times; 0 = no episode
-                owed = False  # a sign seen since the last rescan
+                episodes = watch_health.Episodes()
                 while True:
                     step, debounce, timeout = watch_step(time.monotonic() - last_change, cfg)
-                    if owed:  # come back in time to rescan after the last sign
-                        due = max(1, int((last_rescan + LOSS_RESCAN_EVERY
-                                          - time.monotonic()) * 1000))
+                    owed = episodes.due_in(time.monotonic())
+                    if owed is not None:  # come back in time for the owed rescan
+                        due = max(1, int(owed * 1000))
                         timeout = min(timeout, due) if timeout else due
                     gate.arm()
                     raw = notify.watch(debounce_ms=debounce, step_ms=step, timeout_ms=timeout,
@@ -252,16 +247,9 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                                                 watch_health.loss_sign(
                                                     gap=0.0, pending=0, batch=len(raw),
                                                     queue=queue))
-                    if sign:
-                        if not episode_sign or now - episode_sign >= LOSS_EPISODE_END:
-                            post(Lost(sign))
-                            last_rescan, owed = now, False
-                        else:
-                            owed = True
-                        episode_sign = now
-                    if owed and now - last_rescan >= LOSS_RESCAN_EVERY:
-                        post(Lost("events were still being lost", warn=False))
-                        last_rescan, owed = now, False
+                    rescan = episodes.step(sign, now)
+                    if rescan is not None:
+                        post(Lost(*rescan))
                     if raw == "timeout":
                         continue
                     if isinstance(raw, str):  # "stop" (halt or restart) or "signal"

@@ -48,6 +48,37 @@ def test_loss_sign_with_a_tiny_queue() -> None:
     assert watch_health.loss_sign(gap=0, pending=8, batch=0, queue=1) is not None
 
 
+@pytest.mark.parametrize(("events", "expected"), [
+    # (time, sign) in order -> the rescans made: (time, warned)
+    ([(0.0, "s")], [(0.0, True)]),
+    ([(0.0, "s"), (0.3, "s"), (0.6, None), (1.0, None)], [(0.0, True), (1.0, False)]),
+    ([(0.0, "s"), (0.5, "s"), (1.2, "s"), (2.1, None), (2.2, None)],
+     [(0.0, True), (1.2, False)]),  # the rescan at 1.2 comes after its sign: none owed
+    ([(0.0, "s"), (5.0, "s")], [(0.0, True), (5.0, True)]),  # a new episode: warned again
+    ([(0.0, "s"), (4.0, "s"), (8.0, "s")],  # one long episode: warned once
+     [(0.0, True), (4.0, False), (8.0, False)]),
+    ([(0.0, None), (1.0, None)], []),
+])
+def test_loss_episodes(events: list, expected: list) -> None:
+    episodes = watch_health.Episodes()
+    made = []
+    for now, sign in events:
+        rescan = episodes.step(sign, now)
+        if rescan is not None:
+            made.append((now, rescan[1]))
+    assert made == expected
+
+
+def test_an_owed_rescan_says_when_it_is_due() -> None:
+    episodes = watch_health.Episodes()
+    assert episodes.due_in(0.0) is None
+    episodes.step("s", 10.0)
+    episodes.step("s", 10.25)
+    assert episodes.due_in(10.25) == 0.75
+    assert episodes.step(None, 11.0) == ("events were still being lost", False)
+    assert episodes.due_in(11.0) is None
+
+
 # --- the binding we drive: fail loudly if it changes -----------------------------------
 
 

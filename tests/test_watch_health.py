@@ -102,9 +102,9 @@ def test_pinned_watchfiles_range_covers_the_installed_one() -> None:
     import tomllib
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     [pin] = [d for d in project["project"]["dependencies"] if d.startswith("watchfiles")]
-    assert pin == "watchfiles>=1.0,<1.4"
+    assert pin == "watchfiles>=1.3,<1.4"
     major, minor = (int(x) for x in md.version("watchfiles").split(".")[:2])
-    assert (1, 0) <= (major, minor) < (1, 4)
+    assert (1, 3) <= (major, minor) < (1, 4)
 
 
 # --- the kernel's view of our instance (real inotify) --------------------------------------

@@ -45,7 +45,7 @@ from pathlib import Path
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 INOTIFY_LINK = "anon_inode:inotify"
 MIN_EVENT_BYTES = 16  # struct inotify_event without a name
-STALL_SECONDS = 1.0
+STALL_SECONDS = 2.0  # a loaded host delays a thread by tens of ms, not seconds
 LOSS_RESCAN_EVERY = 1.0  # s: while signs keep coming, rescan at most this often
 LOSS_EPISODE_END = 5.0  # s without a sign: the next sign is a new episode (warned again)
 RECHECK_AFTER = 0.5  # s: a folder found unwatched is looked at again before we act

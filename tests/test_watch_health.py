@@ -30,8 +30,8 @@ Q = 16384
 
 @pytest.mark.parametrize(("gap", "pending", "batch", "sign"), [
     (0.003, 0, 1, None),                      # a normal step
-    (0.9, 0, 1, None),                        # a slow step, not a stall
-    (1.0, 0, 0, "did not run for 1.0s"),      # stopped or starved: agents went on writing
+    (1.9, 0, 1, None),                        # a slow step on a loaded host, not a stall
+    (2.0, 0, 0, "did not run for 2.0s"),      # stopped or starved: agents went on writing
     (30.0, 0, 0, "did not run for 30.0s"),
     (0.003, Q * 8 - 1, 0, None),              # notify is a little behind
     (0.003, Q * 8, 0, "queue is filling up"),  # half the queue, were events the smallest
@@ -325,12 +325,12 @@ def test_an_overflow_is_noticed_and_every_reply_delivered_at_once(tmp_path: Path
 
 
 def test_a_stalled_watch_rescans_with_one_warning(tmp_path: Path) -> None:
-    """The Rust loop asks its stop event every step; a gap of a second or more means
+    """The Rust loop asks its stop event every step; a gap of two seconds or more means
     the process did not run while agents may have overflowed the queue."""
     root, _ = _tree(tmp_path)
     probe = (1, str(root / PROBE))
     hb = (2, str(root / "grp" / "sess-1" / ".heartbeat"))
-    got, lines = _drive(root, [[{probe}, 1.2, {hb}]], until_batches=2)
+    got, lines = _drive(root, [[{probe}, 2.2, {hb}]], until_batches=2)
     assert got == [[RESCAN], [Activity("grp", "sess-1", Kind.HEARTBEAT)]]
     warned = [line for line in lines if line.startswith("WARNING")]
-    assert len(warned) == 1 and "the watch did not run for 1.2s" in warned[0], warned
+    assert len(warned) == 1 and "the watch did not run for 2.2s" in warned[0], warned

@@ -298,9 +298,11 @@ def test_a_batch_as_big_as_half_the_queue_rescans_with_one_warning(tmp_path: Pat
     hb = (2, str(root / "grp" / "sess-1" / ".heartbeat"))
     got, lines = _drive(root, [[{probe}, flood, flood | {hb}, {hb}]], until_batches=4)
     # the first sign: a rescan and one warning; the second, within the episode: a
-    # rescan owed, made LOSS_RESCAN_EVERY later (a timeout brings it), at debug only
+    # rescan owed, made LOSS_RESCAN_EVERY after the first (a timeout brings it, or the
+    # next batch if classifying the flood took that long), at debug only
     beat = [Activity("grp", "sess-1", Kind.HEARTBEAT)]
-    assert got == [[RESCAN], beat, beat, [RESCAN]], got
+    assert got[0] == [RESCAN] and got[1] == beat, got
+    assert sorted(got[2:], key=repr) == sorted([beat, [RESCAN]], key=repr), got
     assert sum("events were still being lost" in line for line in lines) == 1, lines
     warned = [line for line in lines if line.startswith("WARNING")]
     assert warned == [f"WARNING {root}: inotify events may have been lost: {queue // 2} changes"

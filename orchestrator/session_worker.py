@@ -22,7 +22,7 @@ import asyncio
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
@@ -37,6 +37,9 @@ from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
 from orchestrator.watcher import Signature, file_signature
+
+if TYPE_CHECKING:
+    from orchestrator.admission_gate import AdmissionGate
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 
@@ -114,6 +117,7 @@ class SessionWorker:
         self.clock = clock
         self.mark = mark
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
+        self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
         self._ops: set[asyncio.Task] = set()
 
     # --- the pass ---------------------------------------------------------------------
@@ -294,6 +298,8 @@ class SessionWorker:
         # same verdict would start the same failing op on every pass, in a hot loop.
         gated = t.op_blocked_until is not None and t.op_blocked_until > now
         if not busy:
+            if self.admission is not None:  # a start may wait for a slot; idle may make room
+                verdict = self.admission.review(t, verdict, now)
             if verdict.status != t.status and verdict.status != "stopped":
                 self.set_status(t, verdict.status, verdict.reason, now)
             elif verdict.status == "stopped" and t.status != "stopped":
@@ -302,7 +308,7 @@ class SessionWorker:
             if gated and verdict.action is not Action.NONE:
                 pass  # retried when op_blocked_until passes (scheduled below)
             elif verdict.action is Action.START:
-                self._run_op(t, self._start(t))
+                self._run_op(t, self._start_admitted(t))
             elif verdict.action is Action.STOP:
                 t.ending_reason = f"stopped: {verdict.reason}"
                 self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
@@ -346,6 +352,13 @@ class SessionWorker:
         t.op = asyncio.create_task(wrapped(), name=f"op-{t.session_id}")
         self._ops.add(t.op)
         t.op.add_done_callback(self._ops.discard)
+
+    async def _start_admitted(self, t: Tracked) -> None:
+        try:
+            await self._start(t)
+        finally:  # started or not, the slot it held while starting is the runtime's now
+            if self.admission is not None:
+                self.admission.start_done(t.session_id)
 
     async def _start(self, t: Tracked) -> None:
         now = self.clock()

@@ -1,0 +1,145 @@
+"""The agent cap end to end: real agent processes, real inotify, real SQLite.
+
+How many agents run is counted from the kernel (a thread scanning /proc for
+agent command lines under this test's sessions folder), never from the
+orchestrator's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+
+import tomli_w
+from loguru import logger
+
+from e2e import (Client, agent_pids, config_dict, reap_agents, replies, run,  # noqa: F401
+                 supervised, until)
+from helpers import query, wait_for
+from orchestrator import status
+from orchestrator.config import load_config, read_config
+from orchestrator.layout import sessions_root
+from orchestrator.store.schema import parse_ts
+from test_supervisor import OrchestratorProcess
+
+
+class Census:
+    """Counts live agent processes of one data dir, from /proc, every few ms."""
+
+    def __init__(self, data_dir: Path, interval: float = 0.01) -> None:
+        self.marker = f"--workspace {sessions_root(data_dir)}/".encode()
+        self.interval = interval
+        self.peak = 0
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def count(self) -> int:
+        n = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmd = fh.read()  # empty for a zombie
+            except OSError:
+                continue
+            if self.marker in cmd.replace(b"\0", b" "):
+                n += 1
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.count())
+            self.scans += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Census":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def started(client: Client, session_id: str) -> list[str]:
+    return [r for s, r in client.statuses(session_id) if s == "running"
+            and r.startswith("agent started")]
+
+
+def test_cap_of_four_with_forty_sessions(tmp_path: Path, reap_agents) -> None:
+    """40 sessions get work at once under max_agents = 4: never more than 4 agent
+    processes; all 40 answered exactly once; idle agents make room (the idle stop
+    itself is 300 s away, so only that can free a slot); an agent holding a claim
+    (it hangs on its message) keeps its slot throughout; the queue is fair."""
+    cfg = load_config(config_dict(
+        tmp_path, agent_args=["--hang-on", "HANG"],
+        runtime={"max_agents": 4, "make_room_after": 0.5},
+        lifecycle={"idle_after": 300.0, "stop_idle_after": 300.0, "claim_stuck": 300.0}),
+        tmp_path)
+    admitted: list[str] = []
+    sink = logger.add(lambda m: admitted.append(m.record["message"].split()[1].rstrip(":")),
+                      filter=lambda r: "admitted after" in r["message"])
+
+    async def body() -> None:
+        client = Client(cfg)
+        rows = [client.session(f"group-{i % 4}", platform=f"room-{i}") for i in range(40)]
+        async with supervised(cfg):
+            with Census(cfg.data_dir) as census:
+                _, hang_mid = client.send("group-0", "HANG on to this", platform="room-0")
+                mids = {hang_mid: rows[0].id}
+                for i, row in enumerate(rows[1:], 1):
+                    mids[client.sessions.write_message(
+                        row, {"text": f"message {i}"}, routing=client.sessions.routing_of(row)
+                    )[0]] = row.id
+                hung = client.paths(rows[0]).root
+                [hang_pid] = await until(lambda: agent_pids(hung), timeout=30,
+                                         message="the claim-holding agent")
+
+                def queued_in_status() -> list[int]:
+                    return sorted(r.queue_position for r in status.collect(
+                        cfg.data_dir, client.registry) if r.queue_position)
+
+                seen = await until(queued_in_status, message="the queue in status")
+                assert seen == list(range(1, len(seen) + 1))
+                await until(lambda: len(replies(cfg)) >= 39, timeout=150, interval=0.1,
+                            message="39 replies")
+                assert agent_pids(hung) == [hang_pid], "the agent with a claim was stopped"
+                assert census.count() == 4
+            assert census.scans > 100
+            peak = census.peak
+        return client, rows, mids, peak
+
+    try:
+        client, rows, mids, peak = run(body(), timeout=200)
+    finally:
+        logger.remove(sink)
+    assert peak == 4, f"{peak} agents ran at once under max_agents = 4"
+    hang_mid, hang_sid = next(iter(mids.items()))
+    got = replies(cfg)
+    assert Counter(r["in_reply_to"] for r in got) == {m: 1 for m in mids if m != hang_mid}
+    assert len({r["message_id"] for r in got}) == 39
+    # the claim-holding agent ran from the start until the shutdown stopped it
+    changes = client.statuses(hang_sid)
+    start = changes.index(("running", "agent started, 1 message(s) due"))
+    assert changes[start:] == [("running", "agent started, 1 message(s) due"),
+                               ("stopped", "stopped at orchestrator shutdown")], changes
+    # every session started exactly once; 36 starts needed a make-room stop
+    assert [len(started(client, r.id)) for r in rows] == [1] * 40
+    room = [r.id for r in rows
+            if any(reason.startswith("stopped: making room") for _, reason in
+                   client.statuses(r.id))]
+    assert len(room) == 36, room
+    assert hang_sid not in room
+    queued = [r.id for r in rows if any(reason.startswith("queued: #") for _, reason in
+                                         client.statuses(r.id))]
+    assert len(queued) == 36 and len(admitted) == 36
+    # fair: admitted in the order their work became due (= sending order here)
+    order = {sid: i for i, sid in enumerate(r.id for r in rows)}
+    assert [order[s] for s in admitted] == sorted(order[s] for s in admitted)
+    assert all(r.queued_since is None for r in client.registry.sessions())
+    client.close()

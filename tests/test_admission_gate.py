@@ -13,8 +13,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import docker
+import pytest
 import tomli_w
 from loguru import logger
+
+from docker_fixtures import agent_image, docker_client, instance  # noqa: F401 (fixtures)
 
 from e2e import (Client, agent_pids, config_dict, reap_agents, replies, run,  # noqa: F401
                  supervised, until)
@@ -22,7 +26,7 @@ from helpers import query, wait_for
 from orchestrator import status
 from orchestrator.config import load_config, read_config
 from orchestrator.layout import sessions_root
-from orchestrator.store.schema import parse_ts
+from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from test_supervisor import OrchestratorProcess
 
 
@@ -38,6 +42,9 @@ class Census:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def count(self) -> int:
+        return self._count_processes()
+
+    def _count_processes(self) -> int:
         n = 0
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -64,6 +71,20 @@ class Census:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class DockerCensus(Census):
+    """Counts this test's running containers from the engine (``docker ps`` with the
+    test's instance label), as often as the engine answers."""
+
+    def __init__(self, client: docker.DockerClient, instance: str) -> None:
+        super().__init__(Path("/"), interval=0.02)
+        self.client = client
+        self.label = f"{LABEL_INSTANCE}={instance}"
+
+    def count(self) -> int:
+        return len(self.client.containers.list(filters={"label": [self.label],
+                                                        "status": "running"}))
 
 
 def started(client: Client, session_id: str) -> list[str]:
@@ -142,4 +163,117 @@ def test_cap_of_four_with_forty_sessions(tmp_path: Path, reap_agents) -> None:
     order = {sid: i for i, sid in enumerate(r.id for r in rows)}
     assert [order[s] for s in admitted] == sorted(order[s] for s in admitted)
     assert all(r.queued_since is None for r in client.registry.sessions())
+    client.close()
+
+
+def test_sigkill_mid_queue_loses_nothing(tmp_path: Path, reap_agents) -> None:
+    """The orchestrator is SIGKILLed while sessions wait for a slot: the next one
+    adopts the agents left running (they count against the cap), derives the queue
+    from the session folders again, and answers every message exactly once."""
+    data = config_dict(tmp_path, runtime={"max_agents": 2, "make_room_after": 0.5},
+                       lifecycle={"idle_after": 300.0, "stop_idle_after": 300.0})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    rows = [client.session("burst", platform=f"room-{i}") for i in range(12)]
+
+    def waiting() -> int:
+        return sum(1 for r in client.registry.sessions() if r.queued_since is not None)
+
+    with Census(cfg.data_dir) as census:
+        first = OrchestratorProcess(config_file, tmp_path / "first.log")
+        try:
+            first.wait_up()
+            mids = [client.sessions.write_message(r, {"text": f"m{i}"},
+                                                  routing=client.sessions.routing_of(r))[0]
+                    for i, r in enumerate(rows)]
+            wait_for(lambda: len(replies(cfg)) >= 2 and waiting() >= 4, timeout=60,
+                     message="some answered, some still queued")
+        finally:
+            assert first.end(signal.SIGKILL) == -signal.SIGKILL
+        unanswered = len(mids) - len(replies(cfg))
+        assert unanswered >= 4
+        survivors = sorted(p for r in rows for p in agent_pids(client.paths(r).root))
+        assert 1 <= len(survivors) <= 2
+
+        second = OrchestratorProcess(config_file, tmp_path / "second.log")
+        try:
+            second.wait_up()
+            wait_for(lambda: len(replies(cfg)) >= len(mids), timeout=90, interval=0.05,
+                     message="every message answered after the restart")
+            assert "adopted agent pid" in second.text()
+        finally:
+            assert second.end(signal.SIGTERM) == 0, second.text()
+        peak = census.peak
+
+    assert peak == 2, f"{peak} agents ran at once under max_agents = 2"
+    counts = Counter(r["in_reply_to"] for r in replies(cfg))
+    assert counts == {m: 1 for m in mids}
+    for r in rows:  # completed in inbound.db, and nothing left marked queued
+        assert query(client.paths(r).inbound_db, "SELECT status FROM messages_in") == [
+            ("completed",)]
+    assert waiting() == 0
+    client.close()
+
+
+DOCKER_AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
+                "--poll-interval", "0.05", "--heartbeat-interval", "0.2", "--hang-on", "HANG"]
+
+
+@pytest.mark.docker
+def test_docker_cap_of_two_with_six_sessions_and_a_sigkill(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """The same on a real engine, counted with ``docker ps``: max_agents = 2, six
+    sessions (one agent hangs holding its claim, so one slot serves the other five,
+    idle containers making room), the orchestrator SIGKILLed mid-queue and restarted."""
+    data = config_dict(tmp_path, runtime={"kind": "docker", "max_agents": 2,
+                                          "make_room_after": 0.5, "start_retry_max": 2.0},
+                       docker={"instance": instance, "image": agent_image,
+                               "network": "none", "command": DOCKER_AGENT},
+                       lifecycle={"idle_after": 300.0, "stop_idle_after": 300.0,
+                                  "claim_stuck": 300.0})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    rows = [client.session("burst", platform=f"room-{i}") for i in range(6)]
+    send = client.sessions.write_message
+
+    def waiting() -> int:
+        return sum(1 for r in client.registry.sessions() if r.queued_since is not None)
+
+    with DockerCensus(docker_client, instance) as census:
+        first = OrchestratorProcess(config_file, tmp_path / "first.log")
+        try:
+            first.wait_up()
+            hang_mid = send(rows[0], {"text": "HANG on"},
+                            routing=client.sessions.routing_of(rows[0]))[0]
+            mids = [send(r, {"text": f"m{i}"}, routing=client.sessions.routing_of(r))[0]
+                    for i, r in enumerate(rows[1:], 1)]
+            wait_for(lambda: len(replies(cfg)) >= 1 and waiting() >= 2, timeout=90,
+                     interval=0.05, message="one answered, some still queued")
+        finally:
+            assert first.end(signal.SIGKILL) == -signal.SIGKILL
+        assert len(replies(cfg)) <= 3
+
+        second = OrchestratorProcess(config_file, tmp_path / "second.log")
+        try:
+            second.wait_up()
+            wait_for(lambda: len(replies(cfg)) >= len(mids), timeout=120, interval=0.1,
+                     message="every message answered after the restart")
+            # the claim-holder is still the one container it was: never stopped for room
+            hang = client.statuses(rows[0].id)
+            assert not any("making room" in r for _, r in hang), hang
+            assert sum(1 for _, r in hang if r.startswith("agent started")) == 1, hang
+        finally:
+            assert second.end(signal.SIGTERM) == 0, second.text()
+        peak = census.peak
+
+    assert census.scans > 20
+    assert peak == 2, f"{peak} containers ran at once under max_agents = 2"
+    assert Counter(r["in_reply_to"] for r in replies(cfg)) == {m: 1 for m in mids}
+    assert hang_mid not in {r["in_reply_to"] for r in replies(cfg)}
+    assert waiting() == 0
     client.close()

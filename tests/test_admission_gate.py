@@ -7,10 +7,12 @@ orchestrator's own bookkeeping.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import docker
@@ -19,14 +21,19 @@ import tomli_w
 from loguru import logger
 
 from docker_fixtures import agent_image, docker_client, instance  # noqa: F401 (fixtures)
-
 from e2e import (Client, agent_pids, config_dict, reap_agents, replies, run,  # noqa: F401
                  supervised, until)
 from helpers import query, wait_for
 from orchestrator import status
+from orchestrator.admission_gate import AdmissionGate
 from orchestrator.config import load_config, read_config
-from orchestrator.layout import sessions_root
+from orchestrator.layout import registry_path, session_paths, sessions_root
+from orchestrator.lifecycle import Action, Claim, Verdict
+from orchestrator.runtime.base import AgentHandle
 from orchestrator.runtime.docker_spec import LABEL_INSTANCE
+from orchestrator.session_worker import Tracked
+from orchestrator.store.registry import Registry
+from orchestrator.store.schema import utcnow
 from test_supervisor import OrchestratorProcess
 
 
@@ -85,6 +92,79 @@ class DockerCensus(Census):
     def count(self) -> int:
         return len(self.client.containers.list(filters={"label": [self.label],
                                                         "status": "running"}))
+
+
+class Live:
+    """A runtime that only answers "who is running" (the gate asks nothing else)."""
+
+    def __init__(self, *session_ids: str) -> None:
+        self.ids = set(session_ids)
+
+    def is_running(self, session_id: str) -> bool:
+        return session_id in self.ids
+
+    def running(self) -> list[AgentHandle]:
+        return [AgentHandle("g", sid, sid) for sid in sorted(self.ids)]
+
+
+def gate_with(tmp_path: Path, runtime: Live, cap: int):
+    registry = Registry(registry_path(tmp_path))
+    tracked: dict[str, Tracked] = {}
+    marked: list[str] = []
+    statuses: list[tuple[str, str]] = []
+
+    def track(sid: str, **kw) -> Tracked:
+        registry.ensure_agent_group("g")
+        registry.get_or_create_session(resolution_key=sid, agent_group_id="g",
+                                       messaging_group_id=None, thread_id=None, new_id=sid)
+        t = tracked[sid] = Tracked("g", sid, session_paths(tmp_path, "g", sid), **kw)
+        return t
+
+    gate = AdmissionGate(cap, 1.0, tracked, runtime, registry,
+                         lambda sid, flags: marked.append(sid),
+                         lambda t, st, reason, now: statuses.append((t.session_id, reason)),
+                         utcnow)
+    return gate, track, marked, statuses, registry
+
+
+START = Verdict("stopped", "1 message(s) due", Action.START)
+QUIET = Verdict("idle", "no heartbeat", Action.NONE)
+
+
+def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_path: Path) -> None:
+    """The races the end-to-end tests cannot aim at: a claim that arrives after the plan
+    picked its agent keeps the agent; the next plan picks another one."""
+    async def body() -> None:
+        now = utcnow()
+        gate, track, marked, statuses, registry = gate_with(tmp_path, Live("busy", "quiet"), 3)
+        long_ago = now - timedelta(seconds=60)
+        busy = track("busy", started_at=long_ago)
+        quiet = track("quiet", started_at=now - timedelta(seconds=30))
+        assert gate.review(track("first"), START, now) is START  # a free slot: at once
+        assert gate.granted == {"first": "g"}
+        held = gate.review(track("waits"), START, now)  # 2 live + 1 starting = the cap
+        assert (held.action, held.reason) == (Action.NONE, "queued")
+        assert statuses == [("waits", "queued: #1 in line, 2 of max_agents 3 running")]
+        assert registry.session("waits").queued_since is not None
+        assert gate.stats().queued == 1 and gate.queue_length() == 1
+        await asyncio.sleep(0)  # the plan: "busy" has been quiet longest
+        assert gate.make_room == {"busy"} and marked == ["busy"]
+        busy.claims = (Claim("m1", now),)  # ... but claimed a message meanwhile
+        assert gate.review(busy, Verdict("running", "active"), now).action is Action.NONE
+        await asyncio.sleep(0)  # so the next plan asks the other one
+        assert gate.make_room == {"quiet"} and marked == ["busy", "quiet"]
+        stop = gate.review(quiet, QUIET, now)
+        assert stop.action is Action.STOP and stop.reason.startswith("making room")
+        gate.start_done("first")  # its start finished: not "starting" any more
+        gate.runtime.ids.discard("quiet")  # the stop took effect
+        gate.agent_exited("quiet")
+        await asyncio.sleep(0)
+        assert gate.granted == {"waits": "g"} and marked[-1] == "waits"
+        assert registry.session("waits").queued_since is None
+        assert gate.review(gate.tracked["waits"], START, now) is START
+        registry.close()
+
+    asyncio.run(body())
 
 
 def started(client: Client, session_id: str) -> list[str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
 from loguru import logger
@@ -34,6 +34,8 @@ from orchestrator.runtime.base import Runtime
 from orchestrator.session_worker import Flag, Flags, Tracked
 from orchestrator.store import inbound
 from orchestrator.store.registry import Registry
+
+GRANT_TTL = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class AdmissionGate:
         self.clock = clock
         self.queue: dict[str, Waiting] = {}
         self.granted: dict[str, str] = {}  # session -> group: starts allowed, not finished
+        self.granted_at: dict[str, datetime] = {}
         self.make_room: set[str] = set()  # asked to stop for room; their pass decides
         self.spared: dict[str, datetime] = {}  # declined to make room at: counts as activity
         self._soon: asyncio.Handle | None = None
@@ -103,7 +106,7 @@ class AdmissionGate:
         if sid in self.granted:
             return verdict
         if not self.queue and self._room_for(t.agent_group):
-            self.granted[sid] = t.agent_group
+            self._grant(sid, t.agent_group, now)
             return verdict
         if sid not in self.queue:
             self._enqueue(t, now)
@@ -111,6 +114,7 @@ class AdmissionGate:
 
     def start_done(self, session_id: str) -> None:
         """The start this session was granted has finished (started or failed)."""
+        self.granted_at.pop(session_id, None)
         if self.granted.pop(session_id, None) is not None and self.queue:
             self.poke()
 
@@ -118,6 +122,7 @@ class AdmissionGate:
         """No start wanted any more (work gone, agent alive, start backing off)."""
         if self.queue.pop(session_id, None) is not None:
             self.registry.set_queued(session_id, None)
+        self.granted_at.pop(session_id, None)
         if self.granted.pop(session_id, None) is not None and self.queue:
             self.poke()
 
@@ -138,6 +143,7 @@ class AdmissionGate:
         if not self.queue:
             return
         now = self.clock()
+        self._expire_grants(now)
         agents = []
         for h in self.runtime.running():
             t = self.tracked.get(h.session_id)
@@ -147,7 +153,7 @@ class AdmissionGate:
                       self.make_room_after, self.groups)
         for sid in result.start:
             w = self.queue.pop(sid)
-            self.granted[sid] = w.group
+            self._grant(sid, w.group, now)
             self.registry.set_queued(sid, None)
             logger.info("session {}: admitted after {:.1f}s in the queue ({} still waiting)",
                         sid, (now - w.due_since).total_seconds(), len(self.queue))
@@ -177,6 +183,22 @@ class AdmissionGate:
             return Agent(t.session_id, t.agent_group, active, len(t.claims), t.due)
         stopping = t.session_id in self.make_room or (t.op is not None and not t.op.done())
         return Agent(t.session_id, t.agent_group, active, len(t.claims), 0, stopping)
+
+    def _grant(self, session_id: str, group: str, now: datetime) -> None:
+        self.granted[session_id] = group
+        self.granted_at[session_id] = now
+
+    def _expire_grants(self, now: datetime) -> None:
+        """A grant whose session never got to start (its passes fail, e.g. an unreadable
+        inbound.db) must not hold a slot for ever; a start under way is never expired."""
+        for sid, at in list(self.granted_at.items()):
+            t = self.tracked.get(sid)
+            if sid not in self.granted:
+                del self.granted_at[sid]
+            elif now - at > GRANT_TTL and (t is None or t.op is None or t.op.done()):
+                logger.warning("session {}: admitted {:.0f}s ago but never started; its slot "
+                               "goes to the next in line", sid, (now - at).total_seconds())
+                del self.granted[sid], self.granted_at[sid]
 
     def _room_for(self, group: str) -> bool:
         live = {h.session_id: h.agent_group for h in self.runtime.running()}

@@ -167,6 +167,23 @@ def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_path: Pa
     asyncio.run(body())
 
 
+def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> None:
+    async def body() -> None:
+        now = utcnow()
+        gate, track, marked, _, registry = gate_with(tmp_path, Live(), 1)
+        assert gate.review(track("stuck"), START, now) is START  # its start never comes
+        assert gate.review(track("next"), START, now).reason == "queued"
+        await asyncio.sleep(0)
+        assert gate.granted == {"stuck": "g"} and marked == []  # the slot is still held
+        gate.granted_at["stuck"] = now - timedelta(seconds=61)
+        gate.poke()
+        await asyncio.sleep(0)
+        assert gate.granted == {"next": "g"} and marked == ["next"]
+        registry.close()
+
+    asyncio.run(body())
+
+
 def started(client: Client, session_id: str) -> list[str]:
     return [r for s, r in client.statuses(session_id) if s == "running"
             and r.startswith("agent started")]

@@ -126,6 +126,11 @@ class AdmissionGate:
         if self.granted.pop(session_id, None) is not None and self.queue:
             self.poke()
 
+    def runtime_available(self) -> None:
+        """The runtime answers again and has listed its agents: the queue may move."""
+        if self.queue:
+            self.poke()
+
     def agent_exited(self, session_id: str) -> None:
         self.spared.pop(session_id, None)
         if self.queue:
@@ -140,7 +145,7 @@ class AdmissionGate:
 
     def _evaluate(self) -> None:
         self._soon = None
-        if not self.queue:
+        if not self.queue or self._unknown():  # runtime_available() pokes again
             return
         now = self.clock()
         self._expire_grants(now)
@@ -200,7 +205,14 @@ class AdmissionGate:
                                "goes to the next in line", sid, (now - at).total_seconds())
                 del self.granted[sid], self.granted_at[sid]
 
+    def _unknown(self) -> bool:
+        """The runtime has not listed its agents yet (Docker down at start-up): agents
+        from before the restart may be alive, so under a cap nothing may start yet."""
+        return bool(self.cap) and not self.runtime.listed
+
     def _room_for(self, group: str) -> bool:
+        if self._unknown():
+            return False
         live = {h.session_id: h.agent_group for h in self.runtime.running()}
         used = {**self.granted, **live}
         if self.cap and len(used) >= self.cap:

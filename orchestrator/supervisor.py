@@ -119,6 +119,7 @@ class Supervisor:
         """The runtime answers again (and has just reconciled): retry what an outage
         put off now, not when each session's backoff ends, and look again at every
         session whose agent the reconcile found alive or gone."""
+        self.admission.runtime_available()
         for t in self.tracked.values():
             unblocked = self.worker.unblock(t)
             if unblocked or self.runtime.is_running(t.session_id) != (t.status != "stopped"):

@@ -99,6 +99,7 @@ class Live:
 
     def __init__(self, *session_ids: str) -> None:
         self.ids = set(session_ids)
+        self.listed = True
 
     def is_running(self, session_id: str) -> bool:
         return session_id in self.ids
@@ -179,6 +180,27 @@ def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> None:
         gate.poke()
         await asyncio.sleep(0)
         assert gate.granted == {"next": "g"} and marked == ["next"]
+        registry.close()
+
+    asyncio.run(body())
+
+
+def test_nothing_starts_under_a_cap_until_the_runtime_has_listed_its_agents(
+        tmp_path: Path) -> None:
+    """Docker down at start-up: agents from before the restart may still run, so a
+    start now could pass the cap once they are adopted."""
+    async def body() -> None:
+        now = utcnow()
+        runtime = Live()
+        runtime.listed = False
+        gate, track, marked, _, registry = gate_with(tmp_path, runtime, 2)
+        assert gate.review(track("a"), START, now).reason == "queued"
+        await asyncio.sleep(0)
+        assert gate.granted == {} and marked == []
+        runtime.listed = True  # the runtime listed its agents: none survived
+        gate.runtime_available()
+        await asyncio.sleep(0)
+        assert gate.granted == {"a": "g"} and marked == ["a"]
         registry.close()
 
     asyncio.run(body())

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
@@ -95,9 +95,9 @@ class AdmissionGate:
                     and may_give_way(self._agent(t, fresh=True), now,
                                      self.make_room_after)):
                 self.spared.pop(sid, None)
-                return Verdict(verdict.status, f"making room for queued work "
-                               f"({len(self.queue)} waiting, max_agents {self.cap})",
-                               Action.STOP, next_check=verdict.next_check)
+                return replace(verdict, action=Action.STOP, mute=False,
+                               reason=f"making room for queued work ({len(self.queue)} "
+                                      f"waiting, max_agents {self.cap})")
             self.spared[sid] = now  # it has work after all: not asked again at once
             self.poke()
         if verdict.action is not Action.START:
@@ -109,8 +109,8 @@ class AdmissionGate:
             self._grant(sid, t.agent_group, now)
             return verdict
         if sid not in self.queue:
-            self._enqueue(t, now)
-        return Verdict("stopped", "queued", next_check=verdict.next_check)
+            self._enqueue(t, now)  # records its own status reason: "queued: #N in line"
+        return replace(verdict, reason="queued", action=Action.NONE, record=None, mute=False)
 
     def start_done(self, session_id: str) -> None:
         """The start this session was granted has finished (started or failed)."""

@@ -1,6 +1,8 @@
 """``orchestrator status``: one row per session, as a table or as JSON.
 
-Reads only: the registry for statuses and times, each inbound.db for counts,
+Reads only (the registry and every DB opened read-only, nothing created: it works
+on a read-only or full disk): the registry for statuses, times and each session's
+chat (channel, platform, thread), each inbound.db for counts,
 outbound.db (read-only) to tell claimed messages from waiting ones, and the
 ``.heartbeat`` file's mtime (the registry records heartbeats only now and then:
 the supervisor does not even look at every one).
@@ -33,6 +35,9 @@ class StatusRow:
     last_heartbeat: str | None
     last_active: str | None
     error: str | None = None
+    channel_type: str | None = None  # the session's chat (its default reply route)
+    platform_id: str | None = None
+    thread_id: str | None = None
     queue_position: int | None = None  # waiting for an agent slot ([runtime] max_agents)
     queued_for: float | None = None  # seconds its oldest due message has waited
 
@@ -64,6 +69,7 @@ def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float
 
 def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
     rows = []
+    routes = registry.routes()
     sessions = registry.sessions()
     queued = queue_positions(sessions, datetime.now(timezone.utc))
     for s in sessions:
@@ -80,14 +86,20 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
-                              _iso(s.last_active), error, *queued.get(s.id, (None, None))))
+                              _iso(s.last_active), error,
+                              *routes.get(s.id, (None, None, s.thread_id)),
+                              *queued.get(s.id, (None, None))))
     return rows
 
 
 COLUMNS = [("AGENT GROUP", "agent_group"), ("SESSION", "session_id"),
            ("CONTAINER", "container_status"), ("PENDING", "pending"),
            ("PROCESSING", "processing"), ("FAILED", "failed"),
-           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active")]
+           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active"),
+           ("CHANNEL", "channel_type"), ("PLATFORM", "platform_id"), ("THREAD", "thread_id")]
+
+
+_CONTAINER = [key for _, key in COLUMNS].index("container_status")
 
 
 def render_table(rows: list[StatusRow]) -> str:
@@ -97,7 +109,7 @@ def render_table(rows: list[StatusRow]) -> str:
     for r in rows:
         cells.append(["-" if getattr(r, k) is None else str(getattr(r, k)) for _, k in COLUMNS])
         if r.queue_position is not None:  # the CONTAINER cell: its place in the queue
-            cells[-1][2] = f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
+            cells[-1][_CONTAINER] = f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]

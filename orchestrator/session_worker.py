@@ -29,6 +29,7 @@ from loguru import logger
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
+from orchestrator.errors import host_storage_failure
 from orchestrator.filesig import Signature, signature_mtime
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
 from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
@@ -480,7 +481,7 @@ class SessionWorker:
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
-            if not isinstance(exc, RuntimeUnavailable):
+            if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
                 # this session's own obstacle (e.g. a directory where .heartbeat
                 # belongs), not an outage of the runtime: it counts towards max_tries
                 t.start_errors += 1

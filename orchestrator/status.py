@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator.layout import SessionPaths, session_paths
+from orchestrator.errors import probe_cause
+from orchestrator.layout import SessionPaths, session_paths, sessions_root
 from orchestrator.store import inbound, outbound
 from orchestrator.store.registry import Registry
 
@@ -114,6 +115,16 @@ def render_table(rows: list[StatusRow]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]
     return "\n".join(lines)
+
+
+def environment_warning(data_dir: Path) -> str | None:
+    """One line when ``send`` and ``run`` could not write here (read-only, full disk)."""
+    for path in (data_dir, sessions_root(data_dir)):
+        if path.is_dir():
+            cause = probe_cause(path)
+            if cause:
+                return f"{path}: {cause}; send and run cannot write there"
+    return None
 
 
 def render_json(rows: list[StatusRow]) -> str:

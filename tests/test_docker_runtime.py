@@ -268,6 +268,42 @@ def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.Do
     asyncio.run(main())
 
 
+@pytest.mark.docker
+def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """inotify in the container sees the host's commits to inbound.db, which is
+    bind-mounted read-only on top of the folder: the agent's only other ways to
+    notice (its poll, its safety poll) are set to 10 minutes, and it must not start
+    without inotify (--wake inotify)."""
+    folder = make_session(tmp_path, "g1", "s1")
+    command = AGENT + ["--wake", "inotify", "--safety-poll", "600", "--poll-interval", "600"]
+
+    def replies() -> list[tuple]:
+        with schema_ro(folder / "outbound.db") as conn:
+            return conn.execute("SELECT in_reply_to FROM messages_out ORDER BY seq").fetchall()
+
+    async def main() -> None:
+        rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            # .heartbeat is written by recover(), after which the watch is in place
+            await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
+            logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
+            assert b"waking on inotify" in logs, logs
+            for n, mid in enumerate(("m2", "m4", "m6"), start=1):
+                t0 = time.monotonic()
+                insert_message(folder, mid, f"hello {n}")  # the host's write, host side
+                await until(lambda: len(replies()) == n, 20, f"reply {n} (woken by inotify)")
+                assert time.monotonic() - t0 < 20  # a poll would have taken 600 s
+            assert replies() == [("m2",), ("m4",), ("m6",)]
+            await rt.stop("s1", grace=5)
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
 class schema_ro:
     def __init__(self, db: Path) -> None:
         self.uri = db.resolve().as_uri() + "?mode=ro"

@@ -211,6 +211,7 @@ def test_the_readme_agent_answers_with_a_file(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=REPO,
                             stderr=subprocess.PIPE)
     try:
+        wait_for(lambda: (folder / ".heartbeat").exists(), 10, message="agent started")
         insert(folder, "m2", "ping")
         rows = wait_for(lambda: outbound_rows(folder, "SELECT id, content FROM messages_out"),
                         10, message="the README agent's reply")

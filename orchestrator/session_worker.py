@@ -96,6 +96,7 @@ class Tracked:
     sigs: dict[str, Signature] = field(default_factory=dict)
     broken: str | None = None  # last error logged, so a bad session logs once, not per pass
     registry_touched: datetime | None = None
+    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
 
 
 def _mtime(sig: Signature) -> datetime | None:
@@ -285,7 +286,8 @@ class SessionWorker:
             alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
             heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
             tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
-            start_blocked_until=t.start_blocked_until)
+            start_blocked_until=t.start_blocked_until,
+            paused=self.runtime.is_paused(t.session_id), resumed_at=t.resumed_at)
 
     def _decide(self, t: Tracked, now: datetime) -> None:
         busy = t.op is not None and not t.op.done()
@@ -306,6 +308,10 @@ class SessionWorker:
             elif verdict.action is Action.STOP:
                 t.ending_reason = f"stopped: {verdict.reason}"
                 self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+            elif verdict.action is Action.PAUSE:
+                self._run_op(t, self._pause(t, verdict.reason))
+            elif verdict.action is Action.RESUME:
+                self._run_op(t, self._resume(t, verdict.reason))
             elif verdict.action is Action.KILL:
                 (logger.debug if t.op_failures else logger.warning)(
                     "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
@@ -381,6 +387,17 @@ class SessionWorker:
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.due} message(s) due")
         self.set_status(t, "running", reason, t.started_at)
+
+    async def _pause(self, t: Tracked, reason: str) -> None:
+        """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three
+        statuses stay), recorded as the status reason: ``paused after …``."""
+        await self.runtime.pause(t.session_id)
+        self.set_status(t, t.status, reason, self.clock())
+
+    async def _resume(self, t: Tracked, reason: str) -> None:
+        await self.runtime.resume(t.session_id)
+        t.resumed_at = self.clock()
+        self.set_status(t, t.status, reason, t.resumed_at)
 
     @staticmethod
     def unblock(t: Tracked) -> bool:

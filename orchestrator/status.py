@@ -51,6 +51,13 @@ def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime |
     return max(seen, recorded) if recorded else seen
 
 
+def is_paused(status: str, reason: str | None) -> bool:
+    """The supervisor records a pause as the reason of the status ``idle``
+    ("paused after …"), keeping the contract's three statuses; a resume or any
+    other change replaces that reason."""
+    return status == "idle" and (reason or "").startswith("paused")
+
+
 def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
     rows = []
     for s in registry.sessions():
@@ -83,6 +90,8 @@ def render_table(rows: list[StatusRow]) -> str:
     cells = [[h for h, _ in COLUMNS]]
     for r in rows:
         cells.append(["-" if getattr(r, k) is None else str(getattr(r, k)) for _, k in COLUMNS])
+        if is_paused(r.container_status, r.status_reason):
+            cells[-1][2] += " (paused)"
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]

@@ -77,6 +77,7 @@ class _Tracked:
     kill_signal: str | None = None
     pending_exit: AgentExit | None = None
     done: bool = False
+    paused: bool = False  # docker pause (by us, or found paused when adopted)
 
 
 class DockerRuntime:
@@ -111,6 +112,10 @@ class DockerRuntime:
 
     def running(self) -> list[AgentHandle]:
         return [t.handle for t in self._by_session.values() if not t.starting and not t.done]
+
+    def is_paused(self, session_id: str) -> bool:
+        t = self._by_session.get(session_id)
+        return t is not None and t.paused and not t.done
 
     @property
     def events_connected(self) -> bool:
@@ -301,9 +306,27 @@ class DockerRuntime:
             out.append(_Tracked(handle, c["Id"], _name(c), done=True))  # untracked: no AgentExit
         return out
 
+    async def pause(self, session_id: str) -> None:
+        """``docker pause``: the container's cgroup is frozen, its memory kept."""
+        t = self._by_session.get(session_id)
+        if t is not None and not t.done and not t.starting and not t.paused:
+            await self.exec.pause(t.container_id)
+            t.paused = True
+
+    async def resume(self, session_id: str) -> None:
+        t = self._by_session.get(session_id)
+        if t is not None and not t.done and t.paused:
+            await self._thaw(t)
+
+    async def _thaw(self, t: _Tracked) -> None:
+        await self.exec.unpause(t.container_id)
+        t.paused = False
+
     async def stop(self, session_id: str, grace: float) -> None:
         async def end(t: _Tracked) -> int | None:
             t.stopping = True
+            if t.paused:  # a frozen agent cannot act on SIGTERM: thaw it first
+                await self._thaw(t)
             await self.exec.stop(t.container_id, grace)
             info = await self.exec.inspect(t.container_id)
             return ((info or {}).get("State") or {}).get("ExitCode")
@@ -313,6 +336,8 @@ class DockerRuntime:
     async def kill(self, session_id: str) -> None:
         async def end(t: _Tracked) -> int | None:
             t.killing = True
+            if t.paused:
+                await self._thaw(t)
             await self.exec.kill(t.container_id)
             return await self.exec.wait(t.container_id, timeout=10)
 
@@ -362,7 +387,7 @@ class DockerRuntime:
             t = self._by_session.get(session_id)
             if t is None or t.done:
                 t = _Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"],
-                             _name(c))
+                             _name(c), paused=c.get("State") == "paused")
                 self._track(t)
                 logger.info("adopted container {} for {}/{}", t.name, group, session_id)
             handles.append(t.handle)

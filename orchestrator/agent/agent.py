@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import sys
@@ -28,7 +27,7 @@ from typing import Callable, Sequence
 
 from orchestrator.agent import decide
 from orchestrator.agent.files import copy_attachments
-from orchestrator.agent.sessionlib import WAKE_MODES, Message, SessionFolder
+from orchestrator.agent.sessionlib import WAKE_MODES, Message, SessionFolder, remove_tree
 
 EXIT_CRASH = 3
 
@@ -173,7 +172,7 @@ class Agent:
                                                       files, refused))
             session.reply(msg, content, out_id=out_id)
         except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
+            remove_tree(dest, ignore_errors=True)
             raise
         self.heartbeat()
         extra = f" files={len(files)}" + (f" refused={len(refused)}" if refused else "")
@@ -259,3 +258,4 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(options, stop)
     _install_signal_handlers(stop, agent.session.interrupt)
     return agent.run()
+

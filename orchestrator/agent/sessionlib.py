@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -134,7 +133,7 @@ class SessionFolder:
         for entry in os.scandir(outbox):
             if (entry.name.startswith("out-") and entry.name not in written
                     and entry.is_dir(follow_symlinks=False)):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                remove_tree(entry.path, ignore_errors=True)
         self.heartbeat()
         self._start_watch()
         return dropped
@@ -304,7 +303,7 @@ class SessionFolder:
                 body["files"] = list(body.get("files") or []) + list(files)
             self._write_reply(msg, out_id, json.dumps(body, ensure_ascii=False), status)
         except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
+            remove_tree(dest, ignore_errors=True)
             raise
         return out_id
 
@@ -321,3 +320,11 @@ class SessionFolder:
                  msg.thread_id, content))
             self._set_ack(conn, msg.id, status)
         return seq
+
+
+def remove_tree(path: object, ignore_errors: bool = True) -> None:
+    """shutil.rmtree, imported on first use: most agent runs never remove anything,
+    and shutil (with its compression modules) is a noticeable part of a cold start."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)  # type: ignore[arg-type]

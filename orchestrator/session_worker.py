@@ -180,6 +180,15 @@ class SessionWorker:
             return False
         return bool(wanted)
 
+    def sweep_flags(self, t: Tracked) -> Flags:
+        """What the reconcile sweep must have a pass look at, or NONE: files changed
+        on disk since the last pass read them (a missed event), a pass that failed
+        (its signatures were cleared), or a status the runtime contradicts."""
+        flags = self._changed_on_disk(t)
+        if self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+            flags |= Flag.SWEEP
+        return flags
+
     def _changed_on_disk(self, t: Tracked) -> Flags:
         flags = Flag.NONE
         for name, path, flag in (("hb", t.paths.heartbeat, Flag.HEARTBEAT),

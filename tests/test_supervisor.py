@@ -764,3 +764,36 @@ def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
         client.close()
 
     run(body())
+
+
+@pytest.mark.parametrize(("interval", "tick", "slices"), [
+    (30.0, 1.0, 30), (5.0, 1.0, 5), (1.5, 0.75, 2), (1.0, 1.0, 1), (0.2, 0.2, 1),
+    (0.05, 0.05, 1), (86400.0, 1.0, 86400),
+])
+def test_sweep_plan_spreads_a_round_over_ticks(interval: float, tick: float,
+                                               slices: int) -> None:
+    from orchestrator.supervisor import sweep_plan
+    assert sweep_plan(interval) == (pytest.approx(tick), slices)
+
+
+def test_a_sliced_sweep_alone_still_delivers_everything(tmp_path: Path, reap_agents) -> None:
+    """The sweep in three slices (one every second), no file events at all: each
+    session is still found, answered and stopped, within a round or two."""
+    cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 3600,
+                                       "sweep_interval": 3.0})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            sent = {}
+            for i in range(5):
+                row, mid = client.send(f"sliced-{i}", f"hello {i}")
+                sent[mid] = row
+            await until(lambda: len(replies(cfg)) == 5, 30, message="five replies via the sweep")
+            for row in sent.values():
+                await until(lambda: client.container_status(row.id) == "stopped", 30)
+        assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
+        assert reply_counts(cfg) == {r["message_id"]: 1 for r in replies(cfg)}
+        client.close()
+
+    run(body())

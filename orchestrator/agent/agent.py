@@ -8,7 +8,7 @@ It runs unchanged as a container entrypoint (``/workspace`` with inbound.db
 bind-mounted read-only) and as a local process (cwd = session folder), so it
 is stdlib-only. The contract itself (waiting on inotify, claims, replies,
 recovery) is ``sessionlib``, the library other agents can use too; this module
-adds the CLI and the echo.
+adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The agent half of the session-folder contract, as a library (stdlib only).
 
 Mount a session folder into your own agent and let this module speak the
-contract (design.md part 1; docs/contract.md where present) so your code only
+contract (docs/contract.md) so your code only
 answers messages::
 
     from orchestrator.agent.sessionlib import SessionFolder

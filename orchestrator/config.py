@@ -65,6 +65,9 @@ class DockerConfig:
     mounts: tuple[str, ...] = _opt([], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
     allowed_mounts: tuple[str, ...] = _opt([], "host folders extra mounts may come from")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
+    precreate: int = _opt(
+        0, "containers created ahead for the sessions stopped most recently, so their next "
+        "start skips docker create (each shows in docker ps -a); 0 = off", min=0, max=1000)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ costs its pass one extra read of inbound.db, so the latency is slightly pessimis
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import time
 
 from bench import fixture
@@ -42,6 +43,7 @@ def run_scale(bench, n: int, mode: str, idle_seconds: float, replies: int, rate:
     bench.say(f"[{mode}] {n} sessions: start-up, idle CPU over {idle_seconds:g}s (with sweeps), "
               f"{replies} paced replies")
     run = new_scale_run(bench, n, mode)
+    bench.p = replace(bench.p, ready_timeout=max(bench.p.ready_timeout, 300.0))
     with bench.running(run) as info:
         w = bench._cpu_window(run, idle_seconds, f"idle{n}")
         w["sweeps_in_window"] = bench._sweeps_in(run, w["t0"], w["t1"])

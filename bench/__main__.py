@@ -19,7 +19,7 @@ from bench import fixture, machine, proc, report, roundtrip, rt_report
 from bench.scale import run_scale
 from bench.scenarios import FULL, QUICK, Bench
 
-RUNS = ("idle", "latency1", "latency1000", "agents", "budget", "roundtrip", "scale")
+RUNS = ("idle", "latency1", "latency1000", "agents", "lockers", "budget", "roundtrip", "scale")
 
 
 def _interrupt(signum, _frame):

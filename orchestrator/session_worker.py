@@ -289,15 +289,6 @@ class SessionWorker:
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
-        if final:
-            inbound.sync_acks(folder.db(INBOUND_DB), final)
-        # Only once the sync is written: acks older than ``acks_seen`` are never read
-        # again, so moving it first would lose an ack whose sync failed.
-        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
-        if stamps:
-            newest = max(stamps)
-            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
-        t.synced_acks = set(settled)
         t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout
@@ -311,6 +302,17 @@ class SessionWorker:
         result = await self.deliverer.run_pass(
             folder=folder, agent_group=t.agent_group, session_id=t.session_id,
             state=t.delivery, messages=snap.messages, routing=t.routing, now=now)
+        # The acks after the replies: an agent writes a reply and its 'completed' ack in
+        # one commit, and the reply must not wait for a commit of the ack's mirror.
+        if final:
+            inbound.sync_acks(folder.db(INBOUND_DB), final)
+        # Only once the sync is written: acks older than ``acks_seen`` are never read
+        # again, so moving it first would lose an ack whose sync failed.
+        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
+        if stamps:
+            newest = max(stamps)
+            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
+        t.synced_acks = set(settled)
         t.delivery_due = result.next_due
         for mid in result.delivered:
             logger.info("delivered reply {} of session {}", mid, t.session_id)

@@ -923,3 +923,48 @@ def test_a_sliced_sweep_alone_still_delivers_everything(tmp_path: Path, reap_age
         client.close()
 
     run(body())
+
+
+def test_batched_replies_are_delivered_exactly_once_across_sigkill(tmp_path: Path) -> None:
+    """Replies committed many at a time (one agent transaction each) go out in passes
+    that record a whole batch per fsync'd commit. The orchestrator is SIGKILLed as
+    soon as the channel shows the first line of a round, i.e. while a batch is
+    between the channel and its record; after a restart every reply is on the
+    channel exactly once and recorded 'delivered' exactly once."""
+    data = config_dict(tmp_path, lifecycle={"stop_idle_after": 60.0})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    folders = [client.paths(client.session(f"batch-{i}")) for i in range(2)]
+    per_round, total = 150, 0
+    for rnd in range(3):
+        for paths in folders:  # what an agent that answers in bulk writes: one commit
+            schema.init_outbound(paths.outbound_db)
+            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+                top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+                conn.executemany(
+                    "INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                    "VALUES (?, ?, ?, 'chat', ?)",
+                    [(f"r{rnd}-{paths.root.name}-{k}", top + 2 * k + 1, schema.now_ts(),
+                      json.dumps({"text": f"batch {rnd} reply {k}"})) for k in range(per_round)])
+        total += per_round * len(folders)
+        proc = OrchestratorProcess(config_file, tmp_path / f"run{rnd}.log")
+        before = len(replies(cfg))
+        wait_for(lambda: len(replies(cfg)) > before or proc.proc.poll() is not None,
+                 timeout=30, interval=0.001, message="the first line of the round")
+        assert proc.end(signal.SIGKILL) == -signal.SIGKILL
+    final = OrchestratorProcess(config_file, tmp_path / "final.log")
+    try:
+        final.wait_up()
+        wait_for(lambda: sum(len(query(p.inbound_db, "SELECT 1 FROM delivered"))
+                             for p in folders) == total, timeout=60,
+                 message="every reply recorded after the restarts")
+    finally:
+        assert final.end(signal.SIGTERM) == 0, final.text()
+    counts = reply_counts(cfg)
+    assert len(counts) == total and set(counts.values()) == {1}, counts.most_common(3)
+    for paths in folders:
+        assert dict(query(paths.inbound_db, "SELECT status, COUNT(*) FROM delivered"
+                          " GROUP BY status")) == {"delivered": total // len(folders)}
+    client.close()

@@ -63,8 +63,8 @@ class RTParams:
     timeout: float = 30.0
 
 
-RT_QUICK = RTParams(warm=15, cold=5, paused=6, docker_warm=8, docker_cold=3, docker_paused=5,
-                    agent_idle_seconds=5.0)
+RT_QUICK = RTParams(warm=10, cold=4, paused=5, docker_warm=6, docker_cold=3, docker_paused=5,
+                    agent_idle_seconds=3.0)
 RT_FULL = RTParams(warm=60, cold=15, paused=20, docker_warm=30, docker_cold=10,
                    docker_paused=20, agent_idle_seconds=30.0)
 
@@ -268,13 +268,17 @@ class RoundTrips:
         p = self.p
         out: dict[str, dict] = {"agent_idle_cpu": {}, "local": {}, "docker": {}}
         self.say("[round trips] one idle reference agent's CPU")
-        for agent in ("inotify", "poll100ms", "poll1s"):
+        for agent in ("inotify", "poll100ms", "poll1s"):  # 3 s each quick, 30 s full
             out["agent_idle_cpu"][agent] = self._guard(lambda: self.agent_idle_cpu(agent))
         self.say("[round trips] local runtime, real reference agent")
+        quick = self.p is RT_QUICK  # --quick: the figures the table judges, fewer of the rest
         plan = [("warm", "inotify", "events", p.warm), ("warm", "poll1s", "events", p.warm // 2),
-                ("warm", "poll100ms", "events", p.warm), ("warm", "inotify", "poll", p.warm // 2),
-                ("cold", "inotify", "events", p.cold), ("cold", "poll1s", "events", p.cold),
+                ("warm", "poll100ms", "events", 0 if quick else p.warm),
+                ("warm", "inotify", "poll", p.warm // 3 if quick else p.warm // 2),
+                ("cold", "inotify", "events", p.cold),
+                ("cold", "poll1s", "events", 0 if quick else p.cold),
                 ("paused", "inotify", "events", p.paused)]
+        plan = [step for step in plan if step[3] > 0]
         for kind, agent, mode, n in plan:
             out["local"][f"{kind}_{agent}_{mode}"] = self._guard(
                 lambda: self.measure(runtime="local", agent=agent, mode=mode, kind=kind,
@@ -283,10 +287,11 @@ class RoundTrips:
             return out
         self.say(f"[round trips] Docker runtime, image {docker_image()}")
         plan = [("warm", "inotify", "events", p.docker_warm),
-                ("warm", "poll1s", "events", p.docker_warm // 2),
+                ("warm", "poll1s", "events", 0 if quick else p.docker_warm // 2),
                 ("cold", "inotify", "events", p.docker_cold),
                 ("coldpre", "inotify", "events", p.docker_cold),
                 ("paused", "inotify", "events", p.docker_paused)]
+        plan = [step for step in plan if step[3] > 0]
         for kind, agent, mode, n in plan:
             out["docker"][f"{kind}_{agent}_{mode}"] = self._guard(
                 lambda: self.measure(runtime="docker", agent=agent, mode=mode, kind=kind,

@@ -231,16 +231,22 @@ class SessionFolder:
 
     def wait_for_change(self, timeout: float) -> bool | None:
         """Sleep until inbound.db changes (True), ``timeout`` s pass (False) or
-        ``interrupt()`` (None). Without inotify it just sleeps (a poll)."""
+        ``interrupt()`` (None). Without inotify it just sleeps (a poll). Events about
+        other files of the folder (the agent's own writes) are read and slept through."""
         fds = [self._wake_r] + ([self._watch.fd] if self._watch is not None else [])
-        try:
-            ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
-            return False
-        if self._wake_r in ready:
-            self._drain_wake()
-            return None
-        return bool(ready) and self._watch is not None and self._watch.drain()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                ready, _, _ = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+                return False
+            if self._wake_r in ready:
+                self._drain_wake()
+                return None
+            if not ready:
+                return False
+            if self._watch is not None and self._watch.drain():
+                return True
 
     def interrupt(self) -> None:
         """Wake a blocked ``wait_for_work`` (safe from a signal handler or a thread)."""

@@ -287,7 +287,8 @@ def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
         rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
         try:
             handle = await rt.start(SessionRef("g1", "s1", folder))
-            # .heartbeat is written by recover(), after which the watch is in place
+            # .heartbeat: the agent is up (the first message may still be found by its
+            # first read; the later ones, sent after a reply, only inotify can report)
             await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
             logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
             assert b"waking on inotify" in logs, logs

@@ -124,6 +124,7 @@ class SessionFolder:
         outbox = self.paths.outbox
         if outbox.is_symlink():
             raise SystemExit(f"refusing to use {outbox}: it is a symlink")
+        self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
         outbox.mkdir(exist_ok=True)
         schema.init_outbound(self.paths.outbound_db)
         with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
@@ -134,7 +135,6 @@ class SessionFolder:
             if (entry.name.startswith("out-") and entry.name not in written
                     and entry.is_dir(follow_symlinks=False)):
                 remove_tree(entry.path, ignore_errors=True)
-        self.heartbeat()
         self._start_watch()
         return dropped
 

@@ -290,6 +290,8 @@ def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
             # .heartbeat: the agent is up (the first message may still be found by its
             # first read; the later ones, sent after a reply, only inotify can report)
             await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
+            await until(lambda: b"waking on" in docker_client.api.logs(handle.ident), 30,
+                        "the agent's start-up line")
             logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
             assert b"waking on inotify" in logs, logs
             for n, mid in enumerate(("m2", "m4", "m6"), start=1):

@@ -22,13 +22,14 @@ import asyncio
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
+from orchestrator.errors import host_storage_failure
 from orchestrator.filesig import Signature, signature_mtime
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
 from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
@@ -39,6 +40,9 @@ from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
+
+if TYPE_CHECKING:
+    from orchestrator.admission_gate import AdmissionGate
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
@@ -121,6 +125,7 @@ class SessionWorker:
         self.clock = clock
         self.mark = mark
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
+        self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
         self._ops: set[asyncio.Task] = set()
 
     # --- the pass ---------------------------------------------------------------------
@@ -385,11 +390,13 @@ class SessionWorker:
 
     async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
                      now: datetime) -> None:
+        if self.admission is not None and (t.op is None or t.op.done()):
+            verdict = self.admission.review(t, verdict, now)  # a start may wait for a slot
         if verdict.record is not None:
             self.set_status(t, *verdict.record, now)
         t.idle_since = verdict.idle_since
         if verdict.action is Action.START:
-            self._run_op(t, self._start(t))
+            self._run_op(t, self._start_admitted(t))
         elif verdict.action is Action.STOP:
             t.ending_reason = f"stopped: {verdict.reason}"
             self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
@@ -471,6 +478,13 @@ class SessionWorker:
         self._ops.add(t.op)
         t.op.add_done_callback(self._ops.discard)
 
+    async def _start_admitted(self, t: Tracked) -> None:
+        try:
+            await self._start(t)
+        finally:  # started or not, the slot it held while starting is the runtime's now
+            if self.admission is not None:
+                self.admission.start_done(t.session_id)
+
     async def _start(self, t: Tracked) -> None:
         now = self.clock()
         try:
@@ -488,7 +502,7 @@ class SessionWorker:
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
-            if not isinstance(exc, RuntimeUnavailable):
+            if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
                 # this session's own obstacle (e.g. a directory where .heartbeat
                 # belongs), not an outage of the runtime: it counts towards max_tries
                 t.start_errors += 1

@@ -27,6 +27,7 @@ from typing import Callable
 from loguru import logger
 
 from orchestrator import watcher
+from orchestrator.admission_gate import open_gate
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
@@ -154,11 +155,13 @@ class Supervisor:
         if t is not None:
             t.exit = ev
             self.mark(ev.session_id, Flag.EXIT)
+        self.admission.agent_exited(ev.session_id)  # a slot is free: the queue moves on
 
     def _on_runtime_available(self) -> None:
         """The runtime answers again (and has just reconciled): retry what an outage
         put off now, not when each session's backoff ends, and look again at every
         session whose agent the reconcile found alive or gone."""
+        self.admission.runtime_available()
         for t in self.tracked.values():
             unblocked = self.worker.unblock(t)
             if unblocked or self.runtime.is_running(t.session_id) != (t.status != "stopped"):
@@ -319,6 +322,9 @@ class Supervisor:
         self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
         self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
                                     self.deliverer, self.clock, self.mark)
+        self.admission = self.worker.admission = open_gate(
+            self.cfg, self.tracked, self.runtime, self.registry, self.mark,
+            self.worker.set_status, self.clock)
 
     async def _reconcile_at_start(self) -> None:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""

@@ -832,6 +832,34 @@ def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_ag
     run(body())
 
 
+def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> None:
+    """A wake that cannot write (the host's disk is full) is retried, never counted
+    against the messages: with max_tries = 3 and ~6 s of full disk, the message is
+    still pending, and is answered once space is freed."""
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        cfg = make_config(disk, lifecycle={"max_tries": 3},
+                          runtime={"start_retry_max": 1.0})
+        client = Client(cfg)
+        row, mid = client.send("full", "hello")
+        paths = client.paths(row)
+        filler = fill(disk)
+
+        async def body() -> None:
+            async with supervised(cfg) as sup:
+                await until(lambda: sup.tracked[row.id].start_failures >= 4, timeout=20,
+                            message="several failed wakes on the full disk")
+                assert messages_in(paths, mid)["status"] == "pending"
+                filler.unlink()
+                await until(lambda: replies_to(cfg, mid), timeout=30, message="the reply")
+                await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                            message="the message completed")
+            client.close()
+
+        run(body())
+
+
 COARSE_AGENT = '''\
 """A NanoClaw-style agent: stamps its claim with SQLite's datetime('now') (whole
 seconds) right after a heartbeat in the same second, then hangs. Only on its first

@@ -59,6 +59,13 @@ def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime |
     return max(seen, recorded) if recorded else seen
 
 
+def is_paused(status: str, reason: str | None) -> bool:
+    """The supervisor records a pause as the reason of the status ``idle``
+    ("paused after …"), keeping the contract's three statuses; a resume or any
+    other change replaces that reason."""
+    return status == "idle" and (reason or "").startswith("paused")
+
+
 def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float]]:
     """{session: (position, seconds waited)} for the sessions waiting for a slot, in the
     supervisor's own order (oldest due work first, then session id)."""
@@ -109,6 +116,8 @@ def render_table(rows: list[StatusRow]) -> str:
     cells = [[h for h, _ in COLUMNS]]
     for r in rows:
         cells.append(["-" if getattr(r, k) is None else str(getattr(r, k)) for _, k in COLUMNS])
+        if is_paused(r.container_status, r.status_reason):
+            cells[-1][_CONTAINER] += " (paused)"
         if r.queue_position is not None:  # the CONTAINER cell: its place in the queue
             cells[-1][_CONTAINER] = f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]

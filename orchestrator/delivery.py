@@ -24,7 +24,8 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.attachments import safe_name
-from orchestrator.channels import Channel, DeliveryError, Reply
+from orchestrator.channels import (Channel, DeliveryError, FailureRecord, InFlight,
+                                   PermanentDeliveryError, Reply)
 from orchestrator.config import DeliveryConfig
 from orchestrator.layout import InvalidId, SessionPaths, delivered_root
 from orchestrator.lifecycle import delivery_backoff, earliest
@@ -160,6 +161,8 @@ class Deliverer:
                 continue
             try:
                 pmid = await self._deliver_one(paths, agent_group, session_id, msg, routing)
+            except InFlight:
+                continue  # the channel wakes this session when the outcome is known
             except FilesNotReady as exc:
                 give_up_at = self._files_deadline(state, msg.id, now)
                 if give_up_at > now:
@@ -172,6 +175,9 @@ class Deliverer:
             except DeliveryError as exc:
                 self._failed_attempt(session_id, msg.id, attempts, exc, now, result, records,
                                      retried)
+                if msg.id in result.failed:
+                    self._report_failure(FailureRecord("reply", msg.id, session_id, agent_group,
+                                                       str(exc)))
                 continue
             state.waiting_files.pop(msg.id, None)
             records.append((msg.id, "delivered", pmid))
@@ -202,18 +208,30 @@ class Deliverer:
                         records: list[tuple[str, str, str | None]], retried: list[str]) -> None:
         """Count one failed attempt: back off, or record ``failed`` at ``max_attempts``."""
         attempts += 1
-        if attempts >= self.cfg.max_attempts:
+        if attempts >= self.cfg.max_attempts or isinstance(exc, PermanentDeliveryError):
             logger.error("reply {} of session {}: giving up after {} attempts: {}",
                          out_id, session_id, attempts, exc)
             records.append((out_id, "failed", None))
             result.failed.append(out_id)
             retried.append(out_id)
             return
-        retry_at = now + timedelta(seconds=delivery_backoff(attempts, self.cfg.retry_base))
+        delay = max(delivery_backoff(attempts, self.cfg.retry_base),
+                    getattr(exc, "retry_after", None) or 0.0)
+        retry_at = now + timedelta(seconds=delay)
         logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
                        out_id, session_id, attempts, exc, retry_at.time())
         self.registry.record_attempt_failure(session_id, out_id, attempts, retry_at, str(exc))
         result.next_due = earliest(result.next_due, retry_at)
+
+    def _report_failure(self, record: FailureRecord) -> None:
+        """Channels that report failures (the webhook) get a record; it must not block."""
+        report = getattr(self.channel, "deliver_failure", None)
+        if report is not None:
+            try:
+                report(record)
+            except Exception as exc:  # a report is best effort: never breaks the pass
+                logger.warning("could not report failed {} {}: {}", record.kind,
+                               record.message_id, exc)
 
     async def _deliver_one(self, paths: SessionPaths, agent_group: str, session_id: str,
                            msg: OutMessage,

@@ -115,6 +115,9 @@ class SessionWorker:
         self.mark = mark
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
         self._ops: set[asyncio.Task] = set()
+        # status changes, replies delivered/failed, failed messages, agent starts → the
+        # API's event log and metrics (``orchestrator.api.hub``); must not block
+        self.notify: Callable[[str, dict], None] = lambda kind, data: None
 
     # --- the pass ---------------------------------------------------------------------
 
@@ -237,6 +240,8 @@ class SessionWorker:
         t.delivery_due = result.next_due
         for mid in result.delivered:
             logger.info("delivered reply {} of session {}", mid, t.session_id)
+        if result.delivered or result.failed:
+            self._notify_replies(t, snap.messages, result, now)
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
 
@@ -274,6 +279,8 @@ class SessionWorker:
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,
                              t.session_id, lc.max_tries)
+                self.notify("message_failed", {"session_id": t.session_id,
+                                               "agent_group": t.agent_group, "message_id": mid})
             else:
                 logger.warning("message {} of session {} given back for retry", mid,
                                t.session_id)
@@ -321,6 +328,29 @@ class SessionWorker:
         self.registry.set_container_status(t.session_id, status, reason, now)
         logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
                     reason)
+        self.notify("status", {"session_id": t.session_id, "agent_group": t.agent_group,
+                               "old": old, "status": status, "reason": reason})
+
+    def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
+        stamps = {m.id: m.timestamp for m in messages}
+        for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
+            for mid in ids:
+                try:
+                    committed = schema.parse_ts(stamps.get(mid))  # the agent wrote it
+                except (ValueError, TypeError):
+                    committed = None
+                self.notify(kind, {
+                    "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
+                    "delay_seconds": (now - committed).total_seconds() if committed else None})
+
+    def request_stop(self, t: Tracked, reason: str) -> bool:
+        """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
+        operation is already under way. Due work wakes it again, as after any stop."""
+        if not self.runtime.is_running(t.session_id) or (t.op is not None and not t.op.done()):
+            return False
+        t.ending_reason = f"stopped: {reason}"
+        self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        return True
 
     def _run_op(self, t: Tracked, coro) -> None:
         async def wrapped() -> None:
@@ -360,6 +390,7 @@ class SessionWorker:
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root))
         except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:
+            self.notify("agent_start", {"result": "error", "seconds": 0.0})
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
@@ -375,6 +406,8 @@ class SessionWorker:
         t.start_failures = 0
         t.start_blocked_until = None
         t.started_at = self.clock()
+        self.notify("agent_start", {"result": "ok",
+                                    "seconds": (t.started_at - now).total_seconds()})
         t.heartbeat_at = None
         t.sigs.pop("hb", None)
         t.idle_since = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Callable
 from loguru import logger
 
 from orchestrator import watcher
+from orchestrator.api import server as api_server
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
@@ -100,6 +102,7 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
+        self.last_sweep: float | None = None
 
     # --- events in ----------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class Supervisor:
 
     async def _sweep(self) -> None:
         async for _ in ticks(self.cfg.watch.sweep_interval, self.stop_event):
+            self.last_sweep = time.monotonic()  # /healthz: the loop is sweeping
             try:
                 await self.runtime.reconcile()
             except Exception as exc:  # the runtime logs its own outages; keep sweeping
@@ -235,6 +239,7 @@ class Supervisor:
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
+        listen, token = api_server.preflight(self.cfg)  # refused here: nothing started yet
         self._lock_fd = lock_data_dir(data_dir)
         sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(registry_path(data_dir))
@@ -244,6 +249,9 @@ class Supervisor:
         self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
         self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
                                     self.deliverer, self.clock, self.mark)
+        if hasattr(self.channel, "bind"):  # the webhook: an outcome is known → a pass
+            self.channel.bind(lambda sid: self.mark(sid, Flag.OUTBOUND))
+        self.api = api_server.ApiService(self, listen, token)
 
     async def _reconcile_at_start(self) -> None:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
@@ -276,6 +284,7 @@ class Supervisor:
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then shut down cleanly."""
         await self._open()
+        await self.api.start()
         self._tasks = [asyncio.create_task(self._watch(), name="watch")]
         try:
             await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
@@ -321,7 +330,10 @@ class Supervisor:
             logger.info("leaving {} agents running; they are re-adopted on restart",
                         len(running))
         self.worker.cancel_timers(self.tracked.values())
+        await self.api.close()
         await self.runtime.close()
+        if hasattr(self.channel, "aclose"):
+            await self.channel.aclose()
         self.channel.close()
         self.registry.close()
         os.close(self._lock_fd)
@@ -339,6 +351,9 @@ def run(cfg: Config) -> int:
             except AlreadyRunning as exc:
                 logger.error(str(exc))
                 return 1
+            except api_server.ApiConfigError as exc:
+                logger.error(str(exc))
+                return 2
         return 0
 
     return asyncio.run(main())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from orchestrator.channels.base import Channel, DeliveryError, Reply
+from orchestrator.channels.base import (Channel, DeliveryError, FailureRecord, InFlight,
+                                        PermanentDeliveryError, Reply)
 from orchestrator.config import DeliveryConfig
 
-__all__ = ["Channel", "DeliveryError", "Reply", "make_channel"]
+__all__ = ["Channel", "DeliveryError", "FailureRecord", "InFlight", "PermanentDeliveryError",
+           "Reply", "make_channel"]
 
 
 def make_channel(cfg: DeliveryConfig) -> Channel:
@@ -13,6 +15,10 @@ def make_channel(cfg: DeliveryConfig) -> Channel:
         from orchestrator.channels.jsonl import JsonlChannel
 
         return JsonlChannel(cfg.path)
+    if cfg.channel == "webhook":
+        from orchestrator.channels.webhook import WebhookChannel
+
+        return WebhookChannel(cfg)
     from orchestrator.channels.log import LogChannel
 
     return LogChannel()

@@ -8,7 +8,23 @@ from typing import Any, Protocol
 
 
 class DeliveryError(RuntimeError):
-    """The channel could not take the reply now; it will be retried with backoff."""
+    """The channel could not take the reply now; it will be retried with backoff.
+
+    ``retry_after``: the receiver asked for at least this many seconds (HTTP
+    ``Retry-After``); the backoff is never shorter.
+    """
+
+    retry_after: float | None = None
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The receiver refused the reply for good (e.g. HTTP 400): recorded failed at once."""
+
+
+class InFlight(DeliveryError):
+    """The channel took the reply and is still sending it (off the event loop's hot
+    path). Not an attempt: the channel wakes the session when the outcome is known,
+    and the next pass asks again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +60,18 @@ class Channel(Protocol):
 
     def close(self) -> None:
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """A reply or an inbound message given up on, for channels that report failures
+    (``deliver_failure``): ``kind`` is ``reply`` or ``message``."""
+
+    kind: str
+    message_id: str
+    session_id: str
+    agent_group: str
+    error: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

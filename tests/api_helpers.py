@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -102,6 +103,7 @@ class Received:
     body: bytes
     json: dict
     signature_ok: bool
+    at: float  # time.monotonic() on arrival
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Receiver:
         ok = verify(self.secret, headers.get(TIMESTAMP_HEADER.lower(), ""), body,
                     headers.get(SIGNATURE_HEADER.lower(), ""))
         data = json.loads(body)
-        self.requests.append(Received(headers, body, data, ok))
+        self.requests.append(Received(headers, body, data, ok, time.monotonic()))
         status, delay, extra = self.behave(data)
         if delay:
             await asyncio.sleep(delay)

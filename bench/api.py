@@ -127,15 +127,16 @@ async def post(client: httpx.AsyncClient, session: int, text: str) -> dict:
     return resp.json()
 
 
-async def round_trip(client: httpx.AsyncClient, rx: Receiver, session: int) -> float:
+async def round_trip(client: httpx.AsyncClient, rx: Receiver, session: int,
+                     timeout: float = 120.0) -> float:
     t0 = time.monotonic()
     mid = (await post(client, session, "ping"))["message_id"]
-    return (await rx.wait(mid)) - t0
+    return (await rx.wait(mid, timeout)) - t0
 
 
 async def warm(client: httpx.AsyncClient, rx: Receiver, sessions: int) -> None:
-    """One message per session: starts every agent (not measured)."""
-    await asyncio.gather(*(round_trip(client, rx, s) for s in range(sessions)))
+    """One message per session: starts every agent (not measured; slow on a loaded host)."""
+    await asyncio.gather(*(round_trip(client, rx, s, timeout=600) for s in range(sessions)))
 
 
 async def latency(client: httpx.AsyncClient, rx: Receiver, sessions: int, count: int,

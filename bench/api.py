@@ -44,6 +44,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from orchestrator.store.schema import parse_ts
+
 POLL = 0.05  # the reference agent's inbound.db poll interval (its wake-up floor)
 
 
@@ -65,6 +67,7 @@ class Receiver:
         self.delay = 0.0
         self.waiters: dict[str, asyncio.Future] = {}  # in_reply_to → arrival time
         self.arrived: dict[str, float] = {}
+        self.commit_to_arrival: list[float] = []
         self.count = 0
 
     async def handle(self, request: Request) -> Response:
@@ -73,6 +76,9 @@ class Receiver:
         if body.get("type") == "reply":
             self.count += 1
             key = body.get("in_reply_to")
+            committed = parse_ts(body.get("timestamp"))
+            if committed is not None:  # the agent's commit → here: the orchestrator's part
+                self.commit_to_arrival.append(time.time() - committed.timestamp())
             self.arrived.setdefault(key, now)
             fut = self.waiters.get(key)
             if fut is not None and not fut.done():
@@ -102,15 +108,15 @@ async def start_receiver(rx: Receiver, port: int) -> uvicorn.Server:
     return server
 
 
-def write_config(root: Path, api_port: int, hook_port: int) -> Path:
+def write_config(root: Path, api_port: int, hook_port: int, poll: float) -> Path:
     cfg = {
         "data_dir": str(root / "data"),
         "runtime": {"command": ["{python}", "-m", "orchestrator.agent", "--poll-interval",
-                                str(POLL), "--heartbeat-interval", "1"],
+                                str(poll), "--heartbeat-interval", "1"],
                     "on_shutdown": "stop", "stop_grace": 2.0},
         "lifecycle": {"idle_after": 600, "stop_idle_after": 600},
         "delivery": {"channel": "webhook", "url": f"http://127.0.0.1:{hook_port}/hook",
-                     "timeout": 10.0},
+                     "timeout": 30.0},
         "api": {"listen": f"127.0.0.1:{api_port}"},
         "log": {"level": "WARNING"},
     }
@@ -199,13 +205,14 @@ async def run(args: argparse.Namespace) -> dict:
     api_port, hook_port = free_port(), free_port()
     rx = Receiver()
     receiver = await start_receiver(rx, hook_port)
-    config = write_config(root, api_port, hook_port)
+    config = write_config(root, api_port, hook_port, args.poll)
     log = open(root / "orchestrator.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "--config",
                              str(config)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     out: dict = {"machine_note": "2 shared cores, loaded by other engineers' work meanwhile",
-                 "agent_poll_interval_s": POLL, "quick": args.quick}
+                 "agent_poll_interval_s": args.poll, "quick": args.quick,
+                 "sessions": args.sessions}
     try:
         base = f"http://127.0.0.1:{api_port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as probe:
@@ -222,22 +229,38 @@ async def run(args: argparse.Namespace) -> dict:
         async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
                                      headers={"Authorization": f"Bearer {token}"}) as client:
             n1, n100 = (30, 150) if args.quick else (100, 500)
-            await warm(client, rx, 1)
-            out["latency_1"] = summary(await latency(client, rx, 1, n1, rate=20))
-            print("latency @1 session:", out["latency_1"], flush=True)
-            await warm(client, rx, 100)
-            out["latency_100"] = summary(await latency(client, rx, 100, n100, rate=20))
-            print("latency @100 sessions:", out["latency_100"], flush=True)
-            out["throughput_100"] = await throughput(client, rx, 100,
-                                                     500 if args.quick else 2000)
-            print("throughput:", out["throughput_100"], flush=True)
-            for delay in (0.0, 0.5):
-                rx.delay = delay
-                arrivals = await latency(client, rx, 100, n100, rate=20)
-                out[f"receiver_{int(delay * 1000)}ms"] = summary(arrivals)
-                print(f"receiver answering in {delay * 1000:.0f} ms (arrival latency):",
-                      out[f"receiver_{int(delay * 1000)}ms"], flush=True)
-            rx.delay = 0.0
+            only = set(args.only.split(",")) if args.only else None
+
+            def wanted(name: str) -> bool:
+                return only is None or name in only
+
+            def record(name: str, values: list[float], first: int) -> None:
+                out[name] = summary(values)
+                out[name]["commit_to_webhook"] = summary(rx.commit_to_arrival[first:])
+                print(f"{name}:", out[name], flush=True)
+
+            if wanted("latency1"):
+                await warm(client, rx, 1)
+                first = len(rx.commit_to_arrival)
+                record("latency_1", await latency(client, rx, 1, n1, rate=10), first)
+            sessions = args.sessions
+            if wanted("latency100") or wanted("throughput") or wanted("receiver"):
+                await warm(client, rx, sessions)
+            if wanted("latency100"):
+                first = len(rx.commit_to_arrival)
+                record(f"latency_{sessions}",
+                       await latency(client, rx, sessions, n100, rate=20), first)
+            if wanted("throughput"):
+                out[f"throughput_{sessions}"] = await throughput(
+                    client, rx, sessions, 500 if args.quick else 2000)
+                print("throughput:", out[f"throughput_{sessions}"], flush=True)
+            if wanted("receiver"):
+                for delay in (0.0, 0.5):
+                    rx.delay = delay
+                    first = len(rx.commit_to_arrival)
+                    record(f"receiver_{int(delay * 1000)}ms_arrival",
+                           await latency(client, rx, sessions, n100, rate=20), first)
+                rx.delay = 0.0
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -258,7 +281,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and log")
     parser.add_argument("--out", default="bench/results/api.json")
+    parser.add_argument("--only", default="", help="latency1,latency100,throughput,receiver")
+    parser.add_argument("--sessions", type=int, default=100)
+    parser.add_argument("--poll", type=float, default=POLL,
+                        help="the reference agent's --poll-interval (its wake-up floor)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     result = asyncio.run(run(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

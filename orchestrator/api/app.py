@@ -232,6 +232,10 @@ class Api:
             prepared = sessions.prepare(msg["content"])  # refused here: nothing is created
             if key is not None and message_id is not None:
                 self.keys.begin(key, fp, message_id)
+                entry = self.keys.get(key)  # a concurrent request may have begun first
+                if entry is not None and entry.done:
+                    return {"session_id": entry.session_id, "message_id": entry.message_id}
+                message_id = entry.message_id if entry else message_id
             session = sessions.resolve(msg["agent_group"],
                                        MessagingGroup(msg["channel"], msg["platform_id"]),
                                        msg["thread_id"], msg["mode"])

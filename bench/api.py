@@ -46,7 +46,7 @@ from starlette.routing import Route
 
 from orchestrator.store.schema import parse_ts
 
-POLL = 0.05  # the reference agent's inbound.db poll interval (its wake-up floor)
+POLL = 0.1  # the reference agent's default inbound.db poll interval (its wake-up floor)
 
 
 def free_port() -> int:
@@ -126,11 +126,22 @@ def write_config(root: Path, api_port: int, hook_port: int, poll: float) -> Path
 
 
 async def post(client: httpx.AsyncClient, session: int, text: str) -> dict:
-    resp = await client.post("/v1/messages", json={
-        "agent_group": "bench", "channel": "bench", "platform_id": f"chat-{session}",
-        "content": {"text": text}})
-    resp.raise_for_status()
-    return resp.json()
+    """POST with an Idempotency-Key, retried on a transport error (a keep-alive
+    connection the server closed as it was reused): the retry never writes twice."""
+    key = f"bench-{time.monotonic_ns()}-{random.getrandbits(32)}"
+    for attempt in range(5):
+        try:
+            resp = await client.post("/v1/messages", headers={"Idempotency-Key": key}, json={
+                "agent_group": "bench", "channel": "bench", "platform_id": f"chat-{session}",
+                "content": {"text": text}})
+        except httpx.TransportError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))
+            continue
+        resp.raise_for_status()
+        return resp.json()
+    raise AssertionError("unreachable")
 
 
 async def round_trip(client: httpx.AsyncClient, rx: Receiver, session: int,

@@ -325,3 +325,20 @@ def test_healthz_fails_when_the_sweep_is_late(tmp_path: Path) -> None:
             assert resp.status_code == 503 and "sweep" in resp.json()["error"]
 
     run(body())
+
+
+def test_many_concurrent_posts_with_keys_to_many_sessions_all_succeed(tmp_path: Path) -> None:
+    """API writes run in worker threads: the shared registry and key store must take it."""
+    cfg = make_config(tmp_path, runtime={"command": ["/bin/false"]})  # no agents needed
+
+    async def body() -> None:
+        async with api_supervised(cfg) as (sup, client):
+            results = await asyncio.gather(*(
+                client.post("/v1/messages", json=message(f"m{i}", platform_id=f"chat-{i % 40}"),
+                            headers={"Idempotency-Key": f"k-{i}"}) for i in range(120)))
+            assert [r.status_code for r in results] == [201] * 120, [
+                r.text for r in results if r.status_code != 201][:3]
+            assert len({r.json()["message_id"] for r in results}) == 120
+            assert len({r.json()["session_id"] for r in results}) == 40
+
+    run(body())

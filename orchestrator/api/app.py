@@ -16,6 +16,7 @@ from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from loguru import logger
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -129,6 +130,10 @@ class Api:
                 return await handler(request)
             except BadRequest as exc:
                 return error(str(exc), exc.status)
+            except Exception as exc:  # a bug or a broken disk: one line out, the trace logged
+                logger.opt(exception=exc).error("API {} {}: {}", request.method,
+                                                request.url.path, exc)
+                return error(f"internal error: {type(exc).__name__}: {exc}", 500)
         return wrapped
 
     def app(self) -> Starlette:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -53,25 +54,31 @@ class IdempotencyKeys:
                                      check_same_thread=False)
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._conn.executescript(DDL)
+        self._lock = threading.Lock()  # API requests call in from worker threads
         self.prune()
 
     def get(self, key: str) -> Entry | None:
-        row = self._conn.execute("SELECT fingerprint, message_id, session_id, done FROM "
-                                 "api_idempotency WHERE key=?", (key,)).fetchone()
+        with self._lock:
+            row = self._conn.execute("SELECT fingerprint, message_id, session_id, done FROM "
+                                     "api_idempotency WHERE key=?", (key,)).fetchone()
         return Entry(row[0], row[1], row[2], bool(row[3])) if row else None
 
     def begin(self, key: str, fp: str, message_id: str) -> None:
-        self._conn.execute("INSERT OR IGNORE INTO api_idempotency (key, fingerprint, message_id,"
-                           " created_at) VALUES (?,?,?,?)",
-                           (key, fp, message_id, format_ts(datetime.now(timezone.utc))))
+        with self._lock:
+            self._conn.execute("INSERT OR IGNORE INTO api_idempotency (key, fingerprint,"
+                               " message_id, created_at) VALUES (?,?,?,?)",
+                               (key, fp, message_id, format_ts(datetime.now(timezone.utc))))
 
     def finish(self, key: str, session_id: str) -> None:
-        self._conn.execute("UPDATE api_idempotency SET done=1, session_id=? WHERE key=?",
-                           (session_id, key))
+        with self._lock:
+            self._conn.execute("UPDATE api_idempotency SET done=1, session_id=? WHERE key=?",
+                               (session_id, key))
 
     def prune(self) -> None:
         cutoff = format_ts(datetime.now(timezone.utc) - KEEP)
-        self._conn.execute("DELETE FROM api_idempotency WHERE created_at < ?", (cutoff,))
+        with self._lock:
+            self._conn.execute("DELETE FROM api_idempotency WHERE created_at < ?", (cutoff,))
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()

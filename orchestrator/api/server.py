@@ -43,6 +43,23 @@ class _Server(uvicorn.Server):
     def capture_signals(self):  # the supervisor owns the signals
         yield
 
+    async def main_loop(self) -> None:
+        """uvicorn's own loop wakes every 0.1 s; once a second (its Date-header tick)
+        is enough here, where the supervisor's idle CPU is a target; ``stop()`` ends
+        the wait at once."""
+        self._stop = asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            counter += 10
+
+    def stop(self) -> None:
+        self.should_exit = True
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
 
 def preflight(cfg: Config) -> tuple[Listen | None, str | None]:
     """Checks before anything starts: (where to listen, the token). Raises ApiConfigError."""
@@ -121,7 +138,8 @@ class ApiService:
             return
         config = uvicorn.Config(self.api.app(), log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE,
-                                proxy_headers=False, server_header=False)
+                                proxy_headers=False, server_header=False,
+                                timeout_keep_alive=30)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         logger.info("API listening on {}", self.url)
@@ -130,7 +148,7 @@ class ApiService:
         self.api.closing.set()
         self.events.end_streams()
         if self._server is not None and self._task is not None:
-            self._server.should_exit = True
+            self._server.stop()
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), SHUTDOWN_GRACE + 2)
             except (asyncio.TimeoutError, Exception) as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,8 +32,11 @@ from orchestrator.api import server as api_server
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
-from orchestrator.layout import InvalidId, Kind, registry_path, session_paths, sessions_root, validate_id
+from orchestrator.errors import UserError, storage
+from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, session_paths,
+                                 sessions_root, validate_id)
 from orchestrator.runtime.base import AgentExit, Runtime
+from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.signals import capture_signals
@@ -68,20 +72,48 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
 WATCH_START_TIMEOUT = 10.0
 
 
-class AlreadyRunning(RuntimeError):
+class AlreadyRunning(UserError):
     pass
 
 
-def lock_data_dir(data_dir: Path) -> int:
-    """One supervisor per data dir: two would deliver the same replies twice."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "orchestrator.lock", os.O_RDWR | os.O_CREAT, 0o644)
+@dataclass
+class DataDirLock:
+    """The held locks; ``release`` (or the process's exit) lets the next ``run`` in."""
+
+    fds: list[int]
+
+    def release(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """One supervisor per data dir: two would deliver the same replies twice.
+
+    The lock is an ``flock`` on the data directory itself, which nobody can delete
+    from under a running supervisor (a lock *file* can be removed, and the next
+    ``run`` would lock a new file of the same name). ``orchestrator.lock`` is
+    locked as well, so a supervisor from before this change is excluded too.
+    """
+    with storage(data_dir, "create the data directory"):
+        data_dir.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock([])
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"another orchestrator is running on {data_dir}; stop it first")
-    return fd
+        with storage(data_dir, "lock the data directory"):
+            try:
+                lock.fds.append(os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY))
+                fcntl.flock(lock.fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                legacy = data_dir / "orchestrator.lock"
+                if os.access(data_dir, os.W_OK) or legacy.exists():
+                    lock.fds.append(os.open(legacy, os.O_RDWR | os.O_CREAT, 0o644))
+                    fcntl.flock(lock.fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AlreadyRunning(f"another orchestrator is running on {data_dir}; "
+                                     "stop it first") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 @dataclass
@@ -103,6 +135,7 @@ class Supervisor:
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
         self.last_sweep: float | None = None
+        self._refused: set[tuple[str, str | None]] = set()  # linked folders, logged once
 
     # --- events in ----------------------------------------------------------------
 
@@ -127,11 +160,11 @@ class Supervisor:
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
         for act in batch:
-            if act == watcher.RESCAN:
+            if act == watcher.RESCAN:  # events may have been lost: a sweep, now
                 self.worker.notify("rescan", {"cause": getattr(act, "cause", None) or "watch"})
                 self._discover()
                 for sid in self.tracked:
-                    self.mark(sid, Flag.FULL)
+                    self.mark(sid, Flag.SWEEP)
                 continue
             if act.session_id is None:
                 if act.added:  # a new agent group folder: its sessions may be unreported
@@ -165,19 +198,36 @@ class Supervisor:
         paths = session_paths(self.cfg.data_dir, agent_group, session_id)
         row = self.registry.session(session_id)
         if row is None:
-            if not paths.inbound_db.is_file():
+            if not self._real_session_folder(agent_group, session_id):
                 return False
-            self.registry.ensure_agent_group(agent_group)
-            row, _ = self.registry.get_or_create_session(
-                resolution_key=f"folder:{agent_group}/{session_id}", agent_group_id=agent_group,
-                messaging_group_id=None, thread_id=None, new_id=session_id)
-            logger.info("registered session folder {}/{} found on disk", agent_group, session_id)
+            row, created = self.registry.adopt_folder(agent_group, session_id)
+            if created:  # not a `send` that was committing it just then
+                logger.info("registered session folder {}/{} found on disk", agent_group,
+                            session_id)
         if row.agent_group_id != agent_group:
             return False
         t = self._track(agent_group, session_id)
         t.status = row.container_status
         self.mark(session_id, Flag.FULL)
         return True
+
+    def _real_session_folder(self, agent_group: str, session_id: str) -> bool:
+        """A folder reached without following a link, holding a regular inbound.db.
+        A linked one is refused, logged once, and never registered."""
+        try:
+            with SessionDir(self.cfg.data_dir, agent_group, session_id) as folder:
+                st = folder.lstat(INBOUND_DB)
+                return st is not None and stat.S_ISREG(st.st_mode)
+        except Refused as exc:
+            self._refuse(agent_group, session_id, exc.strerror)
+            return False
+        except OSError:
+            return False
+
+    def _refuse(self, agent_group: str, session_id: str | None, why: str) -> None:
+        if (agent_group, session_id) not in self._refused:
+            self._refused.add((agent_group, session_id))
+            logger.warning("{}; leaving it alone", why)
 
     def _discover(self) -> None:
         for session_id, agent_group, container_status in self.registry.session_index():
@@ -187,13 +237,18 @@ class Supervisor:
                 self.mark(session_id, Flag.FULL)
         root = sessions_root(self.cfg.data_dir)
         try:
-            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
+                      or e.is_symlink()]
         except OSError:
             return
         for g in groups:
+            if g.is_symlink():  # never listed through: refused, said once
+                self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
+                continue
             try:
                 for s in os.scandir(g.path):
-                    if s.name not in self.tracked and s.is_dir(follow_symlinks=False):
+                    if s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
+                                                       or s.is_symlink()):
                         self._track_from_disk(g.name, s.name)
             except OSError:
                 continue
@@ -241,7 +296,7 @@ class Supervisor:
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
         listen, token = api_server.preflight(self.cfg)  # refused here: nothing started yet
-        self._lock_fd = lock_data_dir(data_dir)
+        self._dir_lock = lock_data_dir(data_dir)
         sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(registry_path(data_dir))
         self.sessions = Sessions(data_dir, self.registry, self.cfg.sessions.max_attachment_bytes)
@@ -337,7 +392,7 @@ class Supervisor:
             await self.channel.aclose()
         self.channel.close()
         self.registry.close()
-        os.close(self._lock_fd)
+        self._dir_lock.release()
         logger.info("orchestrator stopped")
 
 
@@ -347,14 +402,7 @@ def run(cfg: Config) -> int:
     async def main() -> int:
         sup = Supervisor(cfg)
         with capture_signals(sup.stop_event):
-            try:
-                await sup.serve()
-            except AlreadyRunning as exc:
-                logger.error(str(exc))
-                return 1
-            except api_server.ApiConfigError as exc:
-                logger.error(str(exc))
-                return 2
+            await sup.serve()  # AlreadyRunning, ApiConfigError: one line and exit 2 (cli.main)
         return 0
 
     return asyncio.run(main())

@@ -90,13 +90,14 @@ class Client:
 
     def send(self, group: str, text: str, *, files: dict[str, bytes] | None = None,
              **where: Any) -> tuple[SessionRow, str]:
+        """As ``orchestrator send``: the message keeps its own chat, whatever the mode."""
         row = self.session(group, **where)
         content: dict[str, Any] = {"text": text}
         if files:
             content["attachments"] = [{"name": n, "data": base64.b64encode(d).decode()}
                                       for n, d in files.items()]
-        mid, _ = self.sessions.write_message(row, content,
-                                             routing=self.sessions.routing_of(row))
+        chat = (where.get("channel", "cli"), where.get("platform", "local"), where.get("thread"))
+        mid, _ = self.sessions.write_message(row, content, routing=chat)
         return row, mid
 
     def paths(self, row: SessionRow) -> SessionPaths:
@@ -134,8 +135,13 @@ def pairs(changes: list[dict]) -> list[tuple[str, str]]:
 
 
 def replies(cfg: Config) -> list[dict]:
-    """Every line of the jsonl channel's file."""
-    return read_lines(cfg.delivery.path)
+    """Every reply line of the jsonl channel's file (not its failure records)."""
+    return [r for r in read_lines(cfg.delivery.path) if r.get("type") != "failure"]
+
+
+def failures(cfg: Config) -> list[dict]:
+    """The failure records (``"type": "failure"``) of the jsonl channel's file."""
+    return [r for r in read_lines(cfg.delivery.path) if r.get("type") == "failure"]
 
 
 def reply_counts(cfg: Config) -> Counter:

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tomli_w
 
 from api_helpers import SseReader, api_supervised, message, token_of
-from e2e import make_config, reap_agents, replies_to, run, supervised, until  # noqa: F401
+from e2e import (config_dict, make_config, reap_agents, replies_to, run,  # noqa: F401
+                 supervised, until)
 from helpers import query
 from orchestrator.api.auth import ApiConfigError
 from orchestrator.layout import registry_path, session_paths
-from orchestrator.supervisor import run as run_supervisor
+from orchestrator import cli
 
 
 def inbound_ids(cfg, group: str, session_id: str) -> list[str]:
@@ -285,7 +287,7 @@ def test_sse_reconnect_with_last_event_id_across_a_restart_misses_nothing(
     run(body(), timeout=180)
 
 
-def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path) -> None:
+def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path, capsys) -> None:
     cfg = make_config(tmp_path, api={"listen": "0.0.0.0:0", "token_file": ""})
 
     async def body() -> None:
@@ -294,7 +296,13 @@ def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path) -> Non
                 pass
 
     run(body())
-    assert run_supervisor(cfg) == 2
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(config_dict(tmp_path, api={"listen": "0.0.0.0:0",
+                                                             "token_file": ""})))
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a loopback address" in err and "token_file" in err
     assert not (tmp_path / "data" / "events.db").exists()  # refused before anything started
 
 

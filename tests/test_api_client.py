@@ -41,7 +41,7 @@ def test_send_and_status_through_the_api(tmp_path: Path, capsys, monkeypatch,
                 token_file, "--group", "remote", "--platform", "p1", "hello from afar")
             assert (code, err) == (0, ""), err
             sid = out.strip()
-            assert sid in sup.tracked
+            await until(lambda: sid in sup.tracked, message="the new session tracked")
             await until(lambda: any(r["content"]["text"] == "echo: hello from afar"
                                     for r in replies_to_session(cfg, sid)))
 

@@ -9,13 +9,16 @@ the deliverer does with a failure. One test runs the whole supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from e2e import Client, make_config, reap_agents, run, supervised, until  # noqa: F401
 from helpers import query
@@ -24,6 +27,7 @@ from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config import DeliveryConfig
 from orchestrator.delivery import Deliverer, DeliveryState, move_files
 from orchestrator.layout import SessionPaths, delivered_root, registry_path
+from orchestrator.safefs import SessionDir
 from orchestrator.sessions import MessagingGroup, Sessions
 from orchestrator.store import outbound, schema
 from orchestrator.store.registry import Registry
@@ -115,13 +119,17 @@ class World:
         self.state = DeliveryState()
         self.deliverer = Deliverer(self.data_dir, self.registry, channel, self.cfg)
 
-    def deliver(self, now: datetime):
-        messages = outbound.read(self.paths.outbound_db, after_seq=self.state.watermark).messages
+    def folder(self) -> SessionDir:
+        return SessionDir(self.data_dir, "grp", self.row.id)
 
+    def deliver(self, now: datetime):
         async def go():
-            return await self.deliverer.run_pass(
-                paths=self.paths, agent_group="grp", session_id=self.row.id, state=self.state,
-                messages=messages, routing=ROUTING, now=now)
+            with self.folder() as folder:
+                messages = outbound.read(folder.db("outbound.db"), after_seq=self.state.watermark,
+                                         max_content_bytes=self.cfg.max_content_bytes).messages
+                return await self.deliverer.run_pass(
+                    folder=folder, agent_group="grp", session_id=self.row.id,
+                    state=self.state, messages=messages, routing=ROUTING, now=now)
 
         return run(go())
 
@@ -241,8 +249,9 @@ def test_move_files_is_idempotent_after_a_crash(tmp_path: Path) -> None:
     """Files moved by a pass that died before recording the delivery are found again."""
     world = World(tmp_path, FakeChannel())
     world.reply("r1", files={"a.txt": b"A"})
-    first = move_files(world.paths, world.data_dir, "r1", ["a.txt"])
-    again = move_files(world.paths, world.data_dir, "r1", ["a.txt"])
+    with world.folder() as folder:
+        first = move_files(folder, world.data_dir, "r1", ["a.txt"])
+        again = move_files(folder, world.data_dir, "r1", ["a.txt"])
     assert first == again == [delivered_root(world.data_dir) / "r1" / "a.txt"]
 
 
@@ -269,9 +278,11 @@ def test_reply_ids_that_are_not_safe_names_are_refused(tmp_path: Path, out_id: s
     (victim / "keep.txt").write_text("keep")
     world.reply(out_id)
     world.reply("r-ok")
-    assert world.deliver(NOW).delivered == ["r-ok"]
-    assert world.deliver(later(1)).failed == [out_id]
+    first = world.deliver(NOW)  # permanent: failed at once, not retried (issue 9.4)
+    assert (first.delivered, first.failed) == (["r-ok"], [out_id])
+    assert world.deliver(later(1)).failed == []
     assert world.settled() == {out_id: "failed", "r-ok": "delivered"}
+    assert world.registry.delivery_attempt(world.row.id, out_id) == (0, None)
     assert (victim / "keep.txt").read_text() == "keep"
     assert world.paths.outbox.is_dir() and world.paths.inbound_db.is_file()
     assert world.channel.calls == ["r-ok"]
@@ -302,12 +313,11 @@ def test_symlinked_file_in_outbox_is_never_followed(tmp_path: Path) -> None:
                      (json.dumps({"text": "x", "files": ["secret.txt"]}),))
     world.reply("r2")
 
-    result = world.deliver(NOW)
-    assert result.delivered == ["r2"]
+    result = world.deliver(NOW)  # permanent: failed at once, the next reply goes out
+    assert (result.delivered, result.failed) == (["r2"], ["r1"])
     assert world.channel.calls == ["r2"]  # r1 never reached the channel
     assert not (delivered_root(world.data_dir) / "r1" / "secret.txt").exists()
-    result = world.deliver(later(1))
-    assert result.failed == ["r1"]
+    assert world.deliver(later(1)).failed == []
     assert world.settled()["r1"] == "failed"
     assert not os.path.lexists(world.paths.outbox / "r1")  # the link is removed, not its target
     _unchanged(outside)
@@ -389,7 +399,8 @@ def test_restart_in_the_crash_window_records_without_a_second_copy(tmp_path: Pat
     world.reply("r1", files={"a.txt": b"A"})
     world.reply("r2")
     # what a killed pass leaves behind: files moved, line written, nothing recorded
-    move_files(world.paths, world.data_dir, "r1", ["a.txt"])
+    with world.folder() as folder:
+        move_files(folder, world.data_dir, "r1", ["a.txt"])
     run(world.channel.deliver(Reply("r1", world.row.id, "grp", 1, "chat", "msg-1", None, None,
                                     None, "t", {"text": "hi"}, ())))
     world.channel.close()
@@ -492,3 +503,111 @@ def test_supervisor_delivers_a_reply_when_its_late_file_lands(tmp_path: Path,
         client.close()
 
     run(body())
+
+
+def test_supervisor_on_a_full_disk_loses_and_duplicates_nothing(tmp_path: Path,
+                                                                reap_agents) -> None:
+    """data_dir on a real 8 MB tmpfs, filled to the last byte while replies come due,
+    then freed: every reply is delivered exactly once, within one sweep, with no
+    partial line and none recorded ``failed`` (a full host disk spends no attempts).
+
+    Before: 39 replies became 54 lines (3 replies 6 times each) and the attempt
+    counter could not be written.
+    """
+    from mounts import fill, tmpfs
+
+    sessions, per_session, early = 8, 5, 2
+    total = sessions * per_session
+    disk = tmpfs(tmp_path / "disk", "8m")
+    root = disk.__enter__()
+    try:
+        cfg = make_config(root, delivery={"retry_base": 0.2, "max_attempts": 3},
+                          watch={"sweep_interval": 5.0})
+        seen: list[str] = []
+        sink = logger.add(lambda m: seen.append(m.record["level"].name + " " +
+                                                m.record["message"]), level="INFO")
+
+        def write_replies(paths: SessionPaths, prefix: str, due_in: float) -> None:
+            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+                for i in range(per_session):
+                    due = schema.after(due_in) if i >= early else None
+                    conn.execute(
+                        "INSERT INTO messages_out (id, seq, timestamp, deliver_after, kind,"
+                        " content) VALUES (?,?,?,?, 'chat', ?)",
+                        (f"{prefix}-r{i}", 2 * i + 1, schema.now_ts(), due,
+                         json.dumps({"text": f"reply {i} " + "y" * 1500})))
+
+        def delivered_rows() -> list[tuple]:
+            rows: list[tuple] = []
+            for paths in all_paths:
+                rows += query(paths.inbound_db, "SELECT message_out_id, status FROM delivered")
+            return rows
+
+        async def body() -> None:
+            nonlocal all_paths
+            client = Client(cfg)
+            rows = [client.session(f"g{n}", platform=f"p{n}") for n in range(sessions)]
+            all_paths = [client.paths(r) for r in rows]
+            async with supervised(cfg):
+                for n, paths in enumerate(all_paths):  # 2 now, 3 due while the disk is full
+                    write_replies(paths, f"s{n}", due_in=1.5)
+                await until(lambda: len(delivered_rows()) == sessions * early,
+                            message="the replies due before the disk fills")
+                filler = fill(root)
+                await until(lambda: any("cannot append" in s or "full" in s for s in seen),
+                            timeout=10, message="deliveries failing on the full disk")
+                await asyncio.sleep(2.0)  # several retry rounds on the full disk
+                assert len(delivered_rows()) < total
+                filler.unlink()
+                freed = time.monotonic()
+                await until(lambda: len(delivered_rows()) == total, timeout=10,
+                            message="every reply after space is freed")
+                recovery = time.monotonic() - freed
+                assert recovery < cfg.watch.sweep_interval, recovery
+            client.close()
+
+        all_paths: list[SessionPaths] = []
+        try:
+            run(body())
+        finally:
+            logger.remove(sink)
+        data = cfg.delivery.path.read_bytes()
+        lines = data.splitlines()
+        ids = [json.loads(line)["message_id"] for line in lines]  # no partial line
+        assert data.endswith(b"\n")
+        assert len(lines) == total and len(set(ids)) == total  # 0 duplicated, 0 lost
+        assert sorted(delivered_rows()) == sorted((i, "delivered") for i in ids)
+        assert not any(s.startswith("ERROR") and "giving up" in s for s in seen)
+    finally:
+        disk.__exit__(None, None, None)
+
+
+# --- where a reply goes ------------------------------------------------------------------------
+
+CHAT = ("slack", "C9", "t3")
+
+
+@pytest.mark.parametrize("own, answered, default, expected", [
+    (("chat", "p1", "t1"), CHAT, ROUTING, ("chat", "p1", "t1")),  # the agent said where
+    ((None, None, None), CHAT, ROUTING, CHAT),  # back to the chat of the message it answers
+    ((None, None, None), None, ROUTING, ROUTING),  # answers nothing known: session default
+    ((None, None, None), (None, None, None), ROUTING, ROUTING),
+    ((None, None, None), None, (None, None, None), (None, None, None)),  # agent-shared
+    (("chat", None, None), CHAT, ROUTING, ("chat", "room-1", None)),  # fields filled in
+    ((None, None, "t9"), CHAT, ROUTING, CHAT),  # a thread alone is not a chat
+])
+def test_reply_route(own, answered, default, expected):
+    from orchestrator.delivery import reply_route
+
+    assert reply_route(own, answered, default) == expected
+
+
+def test_a_reply_without_a_route_goes_back_to_the_chat_it_answers(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    world = World(tmp_path, channel)
+    world.sessions.write_message(world.row, {"text": "q"}, message_id="msg-1", trigger=0,
+                                 routing=CHAT)
+    world.reply("r1")  # in_reply_to msg-1, no routing of its own
+    assert world.deliver(NOW).delivered == ["r1"]
+    (taken,) = channel.taken
+    assert (taken.channel_type, taken.platform_id, taken.thread_id) == CHAT

@@ -171,8 +171,9 @@ def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_path: P
             assert len(receiver.replies(out_id)) == 1
             [failure] = receiver.failures()
             assert failure.signature_ok
-            assert failure.json["kind"] == "reply" and failure.json["message_id"] == out_id
-            assert "400" in failure.json["error"]
+            assert failure.json["kind"] == "reply" and failure.json["id"] == out_id
+            assert "400" in failure.json["reason"]
+            assert failure.json["platform_id"] == "local"  # routed like the reply
             assert failure.headers["idempotency-key"] == f"failure-reply-{out_id}"
         await receiver.stop()
         client.close()

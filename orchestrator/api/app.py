@@ -245,9 +245,11 @@ class Api:
                                        MessagingGroup(msg["channel"], msg["platform_id"]),
                                        msg["thread_id"], msg["mode"])
             try:
+                # the message keeps its own chat, whatever the session's mode
                 mid, _ = sessions.write_message(session, prepared,
                                                 process_after=msg["process_after"],
-                                                routing=sessions.routing_of(session),
+                                                routing=(msg["channel"], msg["platform_id"],
+                                                         msg["thread_id"]),
                                                 message_id=message_id)
             except MessageError:
                 if key is None or not _exists(sessions, session, message_id):

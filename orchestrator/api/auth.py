@@ -12,8 +12,10 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
+from orchestrator.errors import UserError
 
-class ApiConfigError(ValueError):
+
+class ApiConfigError(UserError):
     """One line naming the key and the fix; ``run`` refuses to start."""
 
 

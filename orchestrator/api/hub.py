@@ -1,8 +1,9 @@
-"""Where the supervisor's notifications go: metrics, the event log, failure records.
+"""Where the supervisor's notifications go: metrics and the event log.
 
 ``SessionWorker.notify`` calls ``Hub.notify`` on the event loop, in the middle of a
 pass: everything here is in-memory or one local SQLite insert (WAL, no fsync), and
-nothing waits on the network — a failure record for the webhook is a task of its own.
+nothing waits on the network. (Failure records go to the channel through
+``Deliverer.report``.)
 """
 
 from __future__ import annotations
@@ -13,25 +14,18 @@ from loguru import logger
 
 from orchestrator.api.events import EventStore
 from orchestrator.api.metrics import Metrics
-from orchestrator.channels import Channel, FailureRecord
 
 LOGGED = ("status", "reply_delivered", "reply_failed", "message_failed")
 
 
 class Hub:
-    def __init__(self, events: EventStore, metrics: Metrics, channel: Channel) -> None:
+    def __init__(self, events: EventStore, metrics: Metrics) -> None:
         self.events = events
         self.metrics = metrics
-        self.channel = channel
         self._broken: str | None = None
 
     def notify(self, kind: str, data: dict[str, Any]) -> None:
         self.metrics.observe(kind, data)
-        if kind == "message_failed":
-            report = getattr(self.channel, "deliver_failure", None)
-            if report is not None:
-                report(FailureRecord("message", data["message_id"], data["session_id"],
-                                     data["agent_group"], "failed after max_tries"))
         if kind in LOGGED:
             try:
                 self.events.append(kind, data)

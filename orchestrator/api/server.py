@@ -118,7 +118,7 @@ class ApiService:
                                version=_version(),
                                statuses=lambda: [t.status for t in sup.tracked.values()],
                                queue_length=queue if callable(queue) else (lambda: None))
-        self.hub = Hub(self.events, self.metrics, sup.channel)
+        self.hub = Hub(self.events, self.metrics)
         sup.worker.notify = self.hub.notify
         self.keys = IdempotencyKeys(registry_path(cfg.data_dir))
         self.api = Api(sup, token, self.events, self.metrics, self.keys)

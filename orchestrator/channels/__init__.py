@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from orchestrator.channels.base import (Channel, DeliveryError, FailureRecord, InFlight,
-                                        PermanentDeliveryError, Reply)
+from orchestrator.channels.base import (Channel, DeliveryError, Failure, InFlight,
+                                        PermanentDeliveryError, Reply, StorageFull)
 from orchestrator.config import DeliveryConfig
 
-__all__ = ["Channel", "DeliveryError", "FailureRecord", "InFlight", "PermanentDeliveryError",
-           "Reply", "make_channel"]
+__all__ = ["Channel", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",
+           "StorageFull", "make_channel"]
 
 
 def make_channel(cfg: DeliveryConfig) -> Channel:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import httpx
 from loguru import logger
 
-from orchestrator.channels.base import (DeliveryError, FailureRecord, InFlight,
+from orchestrator.channels.base import (DeliveryError, Failure, InFlight,
                                         PermanentDeliveryError, Reply)
 from orchestrator.config import DeliveryConfig
 from orchestrator.lifecycle import delivery_backoff
@@ -164,10 +164,11 @@ class WebhookChannel:
         self._spawn(self._send_reply(reply))
         raise InFlight(f"reply {rid} is being sent")
 
-    def deliver_failure(self, record: FailureRecord) -> None:
+    async def report_failure(self, failure: Failure) -> None:
         """A failure record, POSTed to the same URL in the background with its own
-        retries (kept in memory: a restart in between loses it; the log has it)."""
-        self._spawn(self._send_failure(record))
+        retries (kept in memory: a restart in between loses it; the log has it).
+        Returns at once: the pass that found the failure never waits on the network."""
+        self._spawn(self._send_failure(failure))
 
     # --- sending ----------------------------------------------------------------------
 
@@ -213,16 +214,16 @@ class WebhookChannel:
         self._outcomes[reply.message_id] = error
         self._wake(reply.session_id)
 
-    async def _send_failure(self, record: FailureRecord) -> None:
-        body = {"type": "failure", **record.as_record()}
-        key = f"failure-{record.kind}-{record.message_id}"
+    async def _send_failure(self, failure: Failure) -> None:
+        body = failure.as_record()  # {"type": "failure", "kind", "id", ...}
+        key = f"failure-{failure.kind}-{failure.id}"
         for attempt in range(1, self.cfg.max_attempts + 1):
             error = await self._post(body, key, "failure")
             if error is None:
                 return
             if isinstance(error, PermanentDeliveryError) or attempt == self.cfg.max_attempts:
-                logger.error("failure record of {} {}: not delivered: {}", record.kind,
-                             record.message_id, error)
+                logger.error("failure record of {} {}: not delivered: {}", failure.kind,
+                             failure.id, error)
                 return
             await asyncio.sleep(max(delivery_backoff(attempt, self.cfg.retry_base),
                                     error.retry_after or 0.0))

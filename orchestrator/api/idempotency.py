@@ -53,7 +53,8 @@ class IdempotencyKeys:
         self._conn = sqlite3.connect(str(registry_db), isolation_level=None, timeout=10,
                                      check_same_thread=False)
         self._conn.execute("PRAGMA busy_timeout=10000")
-        self._conn.executescript(DDL)
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # as the registry (WAL): durable
+        self._conn.executescript(DDL)                    # across crashes, not power loss
         self._lock = threading.Lock()  # API requests call in from worker threads
         self.prune()
 

@@ -161,7 +161,6 @@ class Supervisor:
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
         for act in batch:
             if act == watcher.RESCAN:  # events may have been lost: a sweep, now
-                self.worker.notify("rescan", {"cause": getattr(act, "cause", None) or "watch"})
                 self._discover()
                 for sid in self.tracked:
                     self.mark(sid, Flag.SWEEP)

@@ -27,7 +27,8 @@ def sample(m: Metrics, name: str, labels: dict | None = None) -> float | None:
 
 def test_notifications_feed_the_counters() -> None:
     m = Metrics(runtime="local", channel="webhook", version="1", statuses=lambda: [
-        "running", "running", "stopped"], queue_length=lambda: 4)
+        "running", "running", "stopped"], queue_length=lambda: 4,
+        rescans=lambda: {"events_lost": 3, "Queue Overflow!": 1})
     m.observe("status", {"old": "running", "status": "stopped", "reason": "stopped: idle"})
     m.observe("status", {"old": "stopped", "status": "stopped", "reason": "x"})  # not a stop
     m.observe("status", {"old": "stopped", "status": "running", "reason": "agent started"})
@@ -37,7 +38,6 @@ def test_notifications_feed_the_counters() -> None:
     m.observe("message_failed", {})
     m.observe("agent_start", {"result": "ok", "seconds": 0.3})
     m.observe("agent_start", {"result": "error", "seconds": 0.0})
-    m.observe("rescan", {"cause": "Queue Overflow!"})
     assert sample(m, "orchestrator_agent_stops_total", {"reason": "idle"}) == 1
     assert sample(m, "orchestrator_agent_stops_total", {"reason": "crash"}) == 0
     assert sample(m, "orchestrator_replies_delivered_total", {"channel": "webhook"}) == 2
@@ -50,6 +50,8 @@ def test_notifications_feed_the_counters() -> None:
                   {"runtime": "local", "result": "error"}) == 1
     assert sample(m, "orchestrator_agent_start_duration_seconds_count", {"runtime": "local"}) == 1
     assert sample(m, "orchestrator_watch_rescans_total", {"cause": "queue_overflow"}) == 1
+    assert sample(m, "orchestrator_watch_rescans_total", {"cause": "events_lost"}) == 3
+    assert sample(m, "orchestrator_watch_rescans_total", {"cause": "watch_restarted"}) == 0
     assert sample(m, "orchestrator_sessions", {"status": "running"}) == 2
     assert sample(m, "orchestrator_sessions", {"status": "idle"}) == 0
     assert sample(m, "orchestrator_admission_queue_length") == 4

@@ -16,7 +16,7 @@ from collections import Counter as Tally
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested")
@@ -56,11 +56,19 @@ def inotify_watches(fdinfo_dir: str = "/proc/self/fdinfo") -> int:
 
 class _Gauges(Collector):
     def __init__(self, statuses: Callable[[], Iterable[str]],
-                 queue_length: Callable[[], int | None]) -> None:
+                 queue_length: Callable[[], int | None],
+                 rescans: Callable[[], dict[str, int]]) -> None:
         self.statuses = statuses
         self.queue_length = queue_length
+        self.rescans = rescans
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        rescans = CounterMetricFamily("orchestrator_watch_rescans", "Full rescans of the "
+                                      "sessions tree, by cause (this process)", labels=["cause"])
+        counts = self.rescans()
+        for cause in sorted(set(counts) | {"events_lost", "watch_restarted"}):
+            rescans.add_metric([_label(cause)], counts.get(cause, 0))
+        yield rescans
         by_status = GaugeMetricFamily("orchestrator_sessions", "Sessions by container status",
                                       labels=["status"])
         counts = Tally(self.statuses())
@@ -78,7 +86,8 @@ class _Gauges(Collector):
 class Metrics:
     def __init__(self, *, runtime: str, channel: str, version: str,
                  statuses: Callable[[], Iterable[str]],
-                 queue_length: Callable[[], int | None] = lambda: None) -> None:
+                 queue_length: Callable[[], int | None] = lambda: None,
+                 rescans: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.runtime = runtime
@@ -101,13 +110,11 @@ class Metrics:
                                buckets=LATENCY_BUCKETS, registry=r)
         self.messages_failed = Counter("orchestrator_messages_failed",
                                        "Inbound messages failed after max_tries", registry=r)
-        self.rescans = Counter("orchestrator_watch_rescans", "Full rescans of the sessions "
-                               "tree, by cause", ["cause"], registry=r)
         for reason in STOP_REASONS:  # present from the start, so rate() sees the first one
             self.stops.labels(reason)
         self.delivered.labels(channel)
         self.failed.labels(channel)
-        r.register(_Gauges(statuses, queue_length))
+        r.register(_Gauges(statuses, queue_length, rescans))
 
     def observe(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "status":
@@ -125,8 +132,6 @@ class Metrics:
             self.starts.labels(self.runtime, data["result"]).inc()
             if data["result"] == "ok":
                 self.start_seconds.labels(self.runtime).observe(data["seconds"])
-        elif kind == "rescan":
-            self.rescans.labels(_label(data.get("cause") or "unknown")).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from loguru import logger
 
+from orchestrator import watcher
 from orchestrator.api.app import Api
 from orchestrator.api.auth import ApiConfigError, Listen, parse_listen, start_error
 from orchestrator.api.events import EventStore
@@ -117,7 +118,8 @@ class ApiService:
         self.metrics = Metrics(runtime=sup.runtime.name, channel=sup.channel.name,
                                version=_version(),
                                statuses=lambda: [t.status for t in sup.tracked.values()],
-                               queue_length=queue if callable(queue) else (lambda: None))
+                               queue_length=queue if callable(queue) else (lambda: None),
+                               rescans=lambda: dict(watcher.RESCANS))
         self.hub = Hub(self.events, self.metrics)
         sup.worker.notify = self.hub.notify
         self.keys = IdempotencyKeys(registry_path(cfg.data_dir))

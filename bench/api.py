@@ -108,11 +108,13 @@ async def start_receiver(rx: Receiver, port: int) -> uvicorn.Server:
     return server
 
 
-def write_config(root: Path, api_port: int, hook_port: int, poll: float) -> Path:
+def write_config(root: Path, api_port: int, hook_port: int, poll: float,
+                 nice: int) -> Path:
+    agent = ["{python}", "-m", "orchestrator.agent", "--poll-interval", str(poll),
+             "--heartbeat-interval", "1"]
     cfg = {
         "data_dir": str(root / "data"),
-        "runtime": {"command": ["{python}", "-m", "orchestrator.agent", "--poll-interval",
-                                str(poll), "--heartbeat-interval", "1"],
+        "runtime": {"command": (["nice", "-n", str(nice)] if nice else []) + agent,
                     "on_shutdown": "stop", "stop_grace": 2.0},
         "lifecycle": {"idle_after": 600, "stop_idle_after": 600},
         "delivery": {"channel": "webhook", "url": f"http://127.0.0.1:{hook_port}/hook",
@@ -216,14 +218,14 @@ async def run(args: argparse.Namespace) -> dict:
     api_port, hook_port = free_port(), free_port()
     rx = Receiver()
     receiver = await start_receiver(rx, hook_port)
-    config = write_config(root, api_port, hook_port, args.poll)
+    config = write_config(root, api_port, hook_port, args.poll, args.nice_agents)
     log = open(root / "orchestrator.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", "--config",
                              str(config)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     out: dict = {"machine_note": "2 shared cores, loaded by other engineers' work meanwhile",
                  "agent_poll_interval_s": args.poll, "quick": args.quick,
-                 "sessions": args.sessions}
+                 "sessions": args.sessions, "agents_nice": args.nice_agents}
     try:
         base = f"http://127.0.0.1:{api_port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as probe:
@@ -294,6 +296,9 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/api.json")
     parser.add_argument("--only", default="", help="latency1,latency100,throughput,receiver")
     parser.add_argument("--sessions", type=int, default=100)
+    parser.add_argument("--nice-agents", type=int, default=0, metavar="N",
+                        help="run the agents under nice -n N (the orchestrator keeps its "
+                             "priority: 100 agent processes on 2 cores otherwise starve it)")
     parser.add_argument("--poll", type=float, default=POLL,
                         help="the reference agent's --poll-interval (its wake-up floor)")
     args = parser.parse_args()

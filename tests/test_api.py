@@ -287,7 +287,8 @@ def test_sse_reconnect_with_last_event_id_across_a_restart_misses_nothing(
     run(body(), timeout=180)
 
 
-def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path, capsys) -> None:
+def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
     cfg = make_config(tmp_path, api={"listen": "0.0.0.0:0", "token_file": ""})
 
     async def body() -> None:
@@ -300,6 +301,8 @@ def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path, capsys
     path.write_text(tomli_w.dumps(config_dict(tmp_path, api={"listen": "0.0.0.0:0",
                                                              "token_file": ""})))
     capsys.readouterr()
+    # keep loguru's sinks as they are (run's own set-up would bind this test's stderr)
+    monkeypatch.setattr("orchestrator.logs.setup_logging", lambda *a, **k: None)
     assert cli.main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not a loopback address" in err and "token_file" in err

@@ -114,11 +114,11 @@ class ApiService:
         cfg = sup.cfg
         self.listen = listen
         self.events = EventStore(cfg.data_dir / "events.db")
-        queue = getattr(sup, "queue_length", None)  # the admission queue, where there is one
+        gate = getattr(sup, "admission", None)  # the admission queue ([runtime] max_agents)
         self.metrics = Metrics(runtime=sup.runtime.name, channel=sup.channel.name,
                                version=_version(),
                                statuses=lambda: [t.status for t in sup.tracked.values()],
-                               queue_length=queue if callable(queue) else (lambda: None),
+                               queue_length=gate.queue_length if gate else (lambda: None),
                                rescans=lambda: dict(watcher.RESCANS))
         self.hub = Hub(self.events, self.metrics)
         sup.worker.notify = self.hub.notify

@@ -230,7 +230,9 @@ def test_metrics_after_a_round_trip(tmp_path: Path, reap_agents) -> None:
                          'orchestrator_sessions{status="running"} 0.0',
                          'orchestrator_reply_delivery_delay_seconds_count{channel="jsonl"} 1.0',
                          'orchestrator_agent_start_duration_seconds_count{runtime="local"} 1.0',
-                         "orchestrator_messages_failed_total 0.0"):
+                         "orchestrator_messages_failed_total 0.0",
+                         "orchestrator_admission_queue_length 0.0",
+                         'orchestrator_watch_rescans_total{cause="events_lost"}'):
                 assert line in text, line
             assert "orchestrator_build_info{" in text
             watches = [ln for ln in text.splitlines()

@@ -46,7 +46,6 @@ from starlette.routing import Route
 
 from orchestrator.store.schema import parse_ts
 
-POLL = 0.1  # the reference agent's default inbound.db poll interval (its wake-up floor)
 
 
 def free_port() -> int:
@@ -110,8 +109,9 @@ async def start_receiver(rx: Receiver, port: int) -> uvicorn.Server:
 
 def write_config(root: Path, api_port: int, hook_port: int, poll: float,
                  nice: int) -> Path:
-    agent = ["{python}", "-m", "orchestrator.agent", "--poll-interval", str(poll),
-             "--heartbeat-interval", "1"]
+    agent = ["{python}", "-m", "orchestrator.agent", "--heartbeat-interval", "1"]
+    if poll:  # a polling agent; by default it sleeps on inotify (--wake auto)
+        agent += ["--wake", "poll", "--poll-interval", str(poll)]
     cfg = {
         "data_dir": str(root / "data"),
         "runtime": {"command": (["nice", "-n", str(nice)] if nice else []) + agent,
@@ -224,7 +224,8 @@ async def run(args: argparse.Namespace) -> dict:
                              str(config)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     out: dict = {"machine_note": "2 shared cores, loaded by other engineers' work meanwhile",
-                 "agent_poll_interval_s": args.poll, "quick": args.quick,
+                 "agent_wake": f"poll {args.poll} s" if args.poll else "inotify",
+                 "quick": args.quick,
                  "sessions": args.sessions, "agents_nice": args.nice_agents}
     try:
         base = f"http://127.0.0.1:{api_port}"
@@ -299,8 +300,9 @@ def main() -> int:
     parser.add_argument("--nice-agents", type=int, default=0, metavar="N",
                         help="run the agents under nice -n N (the orchestrator keeps its "
                              "priority: 100 agent processes on 2 cores otherwise starve it)")
-    parser.add_argument("--poll", type=float, default=POLL,
-                        help="the reference agent's --poll-interval (its wake-up floor)")
+    parser.add_argument("--poll", type=float, default=0.0, metavar="S",
+                        help="agents poll inbound.db every S seconds instead of waking on "
+                             "inotify (the reference agent's default)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     result = asyncio.run(run(args))

@@ -127,6 +127,9 @@ class SessionWorker:
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
         self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
         self._ops: set[asyncio.Task] = set()
+        # status changes, replies delivered/failed, failed messages, agent starts → the
+        # API's event log and metrics (``orchestrator.api.hub``); must not block
+        self.notify: Callable[[str, dict], None] = lambda kind, data: None
 
     # --- the pass ---------------------------------------------------------------------
 
@@ -321,6 +324,8 @@ class SessionWorker:
         t.delivery_due = result.next_due
         for mid in result.delivered:
             logger.info("delivered reply {} of session {}", mid, t.session_id)
+        if result.delivered or result.failed:
+            self._notify_replies(t, snap.messages, result, now)
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
 
@@ -441,6 +446,9 @@ class SessionWorker:
         routes = inbound.message_routes(folder.db(INBOUND_DB), message_ids)
         default = t.routing or (None, None, None)
         for mid in message_ids:
+            self.notify("message_failed", {"session_id": t.session_id,
+                                           "agent_group": t.agent_group, "message_id": mid,
+                                           "reason": reason})
             ct, pid, thread = routes.get(mid, (None, None, None))
             await self.deliverer.report(Failure(
                 "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
@@ -452,6 +460,29 @@ class SessionWorker:
         self.registry.set_container_status(t.session_id, status, reason, now)
         logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
                     reason)
+        self.notify("status", {"session_id": t.session_id, "agent_group": t.agent_group,
+                               "old": old, "status": status, "reason": reason})
+
+    def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
+        stamps = {m.id: m.timestamp for m in messages}
+        for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
+            for mid in ids:
+                try:
+                    committed = schema.parse_ts(stamps.get(mid))  # the agent wrote it
+                except (ValueError, TypeError):
+                    committed = None
+                self.notify(kind, {
+                    "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
+                    "delay_seconds": (now - committed).total_seconds() if committed else None})
+
+    def request_stop(self, t: Tracked, reason: str) -> bool:
+        """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
+        operation is already under way. Due work wakes it again, as after any stop."""
+        if not self.runtime.is_running(t.session_id) or (t.op is not None and not t.op.done()):
+            return False
+        t.ending_reason = f"stopped: {reason}"
+        self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        return True
 
     def _run_op(self, t: Tracked, coro) -> None:
         async def wrapped() -> None:
@@ -499,6 +530,7 @@ class SessionWorker:
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root))
         except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
+            self.notify("agent_start", {"result": "error", "seconds": 0.0})
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
@@ -520,6 +552,8 @@ class SessionWorker:
         t.start_error = None
         t.start_blocked_until = None
         t.started_at = self.clock()
+        self.notify("agent_start", {"result": "ok",
+                                    "seconds": (t.started_at - now).total_seconds()})
         t.heartbeat_at = None
         t.sigs.pop("hb", None)
         t.idle_since = None

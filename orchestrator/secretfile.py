@@ -34,6 +34,9 @@ def ensure_secret(path: Path) -> str:
     try:
         os.write(fd, (value + "\n").encode("ascii"))
         os.fsync(fd)
+    except OSError as exc:  # a full disk: leave no empty or torn secret behind
+        path.unlink(missing_ok=True)
+        raise SecretFileError(f"{path}: cannot write ({exc.strerror})") from None
     finally:
         os.close(fd)
     return value

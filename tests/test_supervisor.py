@@ -840,7 +840,7 @@ def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> No
 
     with tmpfs(tmp_path / "disk", "8m") as disk:
         cfg = make_config(disk, lifecycle={"max_tries": 3},
-                          runtime={"start_retry_max": 1.0})
+                          runtime={"start_retry_max": 1.0}, api={"listen": ""})
         client = Client(cfg)
         row, mid = client.send("full", "hello")
         paths = client.paths(row)

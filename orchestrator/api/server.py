@@ -66,7 +66,7 @@ def preflight(cfg: Config) -> tuple[Listen | None, str | None]:
     """Checks before anything starts: (where to listen, the token). Raises ApiConfigError."""
     listen = parse_listen(cfg.api.listen)
     token = None
-    if cfg.api.token_file:
+    if listen is not None and cfg.api.token_file:  # no API, no token to create
         try:
             token = ensure_secret(Path(cfg.api.token_file))
         except SecretFileError as exc:
@@ -103,8 +103,9 @@ def bind(listen: Listen) -> socket.socket:
 
 
 def _version() -> str:
+    from orchestrator.cli import DISTRIBUTION  # the distribution is not named orchestrator
     try:
-        return version("orchestrator")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "unknown"
 

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 from loguru import logger
 
+from orchestrator import groups, scheduling
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
 from orchestrator.layout import SessionPaths
@@ -35,6 +36,7 @@ from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, Se
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
+from orchestrator.groups import AgentSettings
 from orchestrator.store.registry import Registry
 from orchestrator.watcher import Signature, file_signature
 
@@ -115,6 +117,20 @@ class SessionWorker:
         self.mark = mark
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
         self._ops: set[asyncio.Task] = set()
+        self._settings: dict[str, AgentSettings] = {}
+
+    def settings(self, agent_group: str) -> AgentSettings:
+        """The group's effective settings ([groups.<name>] over the global values),
+        resolved once per group from the config ``run`` started with."""
+        s = self._settings.get(agent_group)
+        if s is None:
+            s = self._settings[agent_group] = groups.resolve(self.cfg, agent_group)
+        return s
+
+    def _successor(self, now: datetime) -> Callable[[dict], inbound.NewMessage | None]:
+        """A settled recurring row's next occurrence (written in the same transaction)."""
+        zone = self.cfg.sessions.timezone
+        return lambda row: scheduling.successor(row, now, zone)
 
     # --- the pass ---------------------------------------------------------------------
 
@@ -213,7 +229,7 @@ class SessionWorker:
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
         if final:
-            inbound.sync_acks(t.paths.inbound_db, final)
+            inbound.sync_acks(t.paths.inbound_db, final, self._successor(now), now)
         # Only once the sync is written: acks older than ``acks_seen`` are never read
         # again, so moving it first would lose an ack whose sync failed.
         stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
@@ -261,14 +277,14 @@ class SessionWorker:
         Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
         stale acks — the host may write outbound.db only while no agent runs.
         """
-        lc = self.cfg.lifecycle
+        lc = self.settings(t.agent_group).lifecycle
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
         outbound.clear_processing_claims(t.paths.outbound_db)
         t.sigs["out"] = file_signature(t.paths.outbound_db)
         result = inbound.reset_claims(t.paths.inbound_db, [c.message_id for c in t.claims],
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
-                                      now=now)
+                                      now=now, follow_up=self._successor(now))
         t.claims = ()
         for mid, status in result.items():
             if status == "failed":
@@ -289,7 +305,7 @@ class SessionWorker:
 
     def _decide(self, t: Tracked, now: datetime) -> None:
         busy = t.op is not None and not t.op.done()
-        verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
         # A stop/kill that failed (e.g. Docker daemon down) is not retried at once: the
         # same verdict would start the same failing op on every pass, in a hot loop.
         gated = t.op_blocked_until is not None and t.op_blocked_until > now
@@ -357,8 +373,12 @@ class SessionWorker:
             row = self.registry.session(t.session_id)
             if row is not None:
                 self.sessions.write_routing(row)
+            settings = self.settings(t.agent_group)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
-                                                         t.paths.root))
+                                                         t.paths.root, settings))
+            if not handle.adopted:
+                self.registry.record_agent_settings(t.session_id, t.agent_group,
+                                                    settings.digest, settings.image)
         except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)

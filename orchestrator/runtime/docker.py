@@ -50,6 +50,7 @@ from loguru import logger
 
 from orchestrator import layout
 from orchestrator.config import DockerConfig
+from orchestrator.groups import read_env
 from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable,
                                        SessionRef)
 from orchestrator.runtime.docker_events import DockerEvents
@@ -209,31 +210,34 @@ class DockerRuntime:
             if t is not None and not t.done:
                 return t.handle
             self._ensure_events()
+            # the group's image, command, limits, network and mounts (groups.resolve)
+            config = session.settings.docker if session.settings else self.config
             mounts = (session_mounts(Path(session.folder), self.data_dir)
-                      + parse_extra_mounts(self.config))
+                      + parse_extra_mounts(config))
+            env = read_env(session.settings) if session.settings else {}
             user, uid, gid = resolve_user(self.config.user, self.data_dir)
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
                                                                      uid, gid))
             if changed:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
-            await self.exec.require_image(self.config.image)
+            await self.exec.require_image(config.image)
             self._starting.add(session.session_id)
             try:
-                return await self._create_and_start(session, user, mounts)
+                return await self._create_and_start(session, user, mounts, config, env)
             finally:
                 self._starting.discard(session.session_id)
 
-    async def _create_and_start(self, session: SessionRef, user: str,
-                                mounts: list[Mount]) -> AgentHandle:
-        spec = container_spec(self.config, session, user)
-        host_kwargs = host_config_kwargs(self.config, mounts)
+    async def _create_and_start(self, session: SessionRef, user: str, mounts: list[Mount],
+                                config: DockerConfig, env: dict[str, str]) -> AgentHandle:
+        spec = container_spec(config, session, user, env)
+        host_kwargs = host_config_kwargs(config, mounts)
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
 
         for attempt in (1, 2):
             try:
-                created = await self.exec.call("create", _create, image=self.config.image)
+                created = await self.exec.call("create", _create, image=config.image)
                 break
             except RuntimeUnavailable as exc:
                 if attempt == 2 or "Conflict" not in str(exc) and "already in use" not in str(exc):

@@ -14,11 +14,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from orchestrator import cli_groups
 from orchestrator import config as config_mod
 from orchestrator.config import Config, ConfigError
 from orchestrator.layout import InvalidId, registry_path
 from orchestrator.sessions import MODES, MessageError, MessagingGroup, Sessions
+from orchestrator.scheduling import format_due
 from orchestrator.store.registry import Registry
+from orchestrator.store.schema import utcnow
 
 EXIT_USAGE = 2
 
@@ -58,6 +61,7 @@ def _attachment(path_text: str, max_bytes: int) -> dict:
 
 def cmd_send(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    schedule = cli_groups.schedule_of(args, cfg, utcnow())  # --at / --every, checked first
     if args.json:
         try:
             content = json.loads(args.text)
@@ -78,8 +82,22 @@ def cmd_send(args: argparse.Namespace) -> int:
         mg = MessagingGroup(args.channel, args.platform)
         message = sessions.prepare(content)  # refused here: no session is created for it
         session = sessions.resolve(args.group, mg, args.thread, mode)
-        sessions.write_message(session, message, routing=sessions.routing_of(session))
+        if schedule.series_id:  # indexed first: a series is never left un-cancellable
+            registry.add_series(schedule.series_id, session.id, args.group,
+                                schedule.recurrence, cfg.sessions.timezone)
+        try:
+            sessions.write_message(session, message, routing=sessions.routing_of(session),
+                                   process_after=schedule.process_after,
+                                   recurrence=schedule.recurrence, series_id=schedule.series_id)
+        except BaseException:
+            if schedule.series_id:
+                registry.cancel_series(schedule.series_id)
+            raise
     print(session.id)
+    if schedule.series_id:
+        print(schedule.series_id)
+    if schedule.process_after:
+        print(f"due at {format_due(schedule.process_after)} UTC", file=sys.stderr)
     return 0
 
 
@@ -88,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     with Registry(registry_path(cfg.data_dir)) as registry:
-        rows = status.collect(cfg.data_dir, registry)
+        rows = status.collect(cfg.data_dir, registry, cfg)
     print(status.render_json(rows) if args.json else status.render_table(rows))
     return 0
 
@@ -97,7 +115,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.logs import setup_logging
     from orchestrator.supervisor import run
 
+    from orchestrator.groups import preflight
+
     cfg = _load(args)
+    preflight(cfg)
     setup_logging(cfg.log, json=True if args.json_logs else None)
     return run(cfg)
 
@@ -136,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="session resolution mode (default: [sessions] default_mode)")
     p.add_argument("--attach", action="append", default=[], metavar="FILE")
     p.add_argument("--json", action="store_true", help="TEXT is the whole JSON content")
+    cli_groups.add_send_options(p)
     p.add_argument("text", metavar="TEXT")
     p.set_defaults(func=cmd_send)
 
@@ -157,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="default: [docker] image")
     p.add_argument("--force", action="store_true", help="rebuild even if the tag is current")
     p.set_defaults(func=cmd_image)
+
+    cli_groups.register(sub, common, _load)
     return parser
 
 

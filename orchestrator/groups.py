@@ -231,6 +231,7 @@ class AgentSettings:
     def describe(self) -> dict[str, Any]:
         """For ``orchestrator group show``: values, secret names and paths, no secrets."""
         return {"group": self.group, "digest": self.digest, **self.fingerprint(),
+                "env": dict(self.env), "env_files": dict(self.env_files),
                 "max_agents": self.max_agents,
                 "lifecycle": {k: getattr(self.lifecycle, k) for k in _LIFECYCLE_KEYS}}
 
@@ -288,3 +289,20 @@ def read_env(settings: AgentSettings) -> dict[str, str]:
             raise SecretUnreadable(f"{where}: contains a NUL byte")
         env[key] = text
     return env
+
+
+def preflight(cfg: "Config") -> None:
+    """Refuse, before ``run`` starts, Docker mounts (global or a group's) that are
+    malformed or outside ``[docker] allowed_mounts``: one line (exit code 2), instead
+    of every start of that group failing later."""
+    if cfg.runtime.kind != "docker":
+        return
+    from orchestrator.runtime.docker_spec import MountNotAllowed, parse_extra_mounts
+
+    for name in [None, *(g.name for g in cfg.groups)]:
+        docker = cfg.docker if name is None else resolve(cfg, name).docker
+        try:
+            parse_extra_mounts(docker)
+        except MountNotAllowed as exc:
+            where = "" if name is None else f"[groups.{name}] mounts: "
+            raise ConfigError(f"{where}{exc}") from None

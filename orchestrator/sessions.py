@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import attachments
+from orchestrator import attachments, destinations
 from orchestrator.layout import SessionPaths, session_paths, sessions_root, validate_id
 from orchestrator.scheduling import format_due
 from orchestrator.store import inbound, schema
@@ -175,15 +175,11 @@ class Sessions:
         """Default reply route + destinations, written before every wake."""
         paths = self.paths(session)
         inbound.write_routing(paths.inbound_db, *self.routing_of(session))
-        group = session.agent_group_id
-        merged = {d["name"]: d for d in self.registry.destinations(group)}
-        # added by hand (``orchestrator group destinations``): a manual one wins a name
-        merged.update((d["name"], d) for d in self.registry.manual_destinations(group))
         inbound.replace_destinations(paths.inbound_db, [
             inbound.Destination(name=d["name"], type=d["type"], display_name=d["display_name"],
                                 channel_type=d["channel_type"], platform_id=d["platform_id"],
                                 agent_group_id=d["target_agent_group_id"])
-            for _, d in sorted(merged.items())])
+            for d in destinations.projected(self.registry, session.agent_group_id)])
 
     def routing_of(self, session: SessionRow) -> tuple[str | None, str | None, str | None]:
         mg = (self.registry.messaging_group(session.messaging_group_id)

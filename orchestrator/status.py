@@ -14,10 +14,15 @@ import stat
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from orchestrator import groups
 from orchestrator.layout import SessionPaths, session_paths
 from orchestrator.store import inbound, outbound
 from orchestrator.store.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orchestrator.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,11 @@ class StatusRow:
     last_heartbeat: str | None
     last_active: str | None
     error: str | None = None
+    # what its agent was started with: [groups.<name>] settings digest, Docker image;
+    # settings_current False = the config has changed since (applies at its next start)
+    settings: str | None = None
+    image: str | None = None
+    settings_current: bool | None = None
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -51,8 +61,9 @@ def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime |
     return max(seen, recorded) if recorded else seen
 
 
-def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
+def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> list[StatusRow]:
     rows = []
+    started = registry.agent_settings()
     for s in registry.sessions():
         paths = session_paths(data_dir, s.agent_group_id, s.id)
         error = None
@@ -64,27 +75,49 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
             counts = inbound.status_counts(paths.inbound_db, claimed)
         except Exception as exc:  # one bad session must not hide the others
             error = str(exc).splitlines()[0]
+        run = started.get(s.id, {})
+        current = (run.get("digest") == groups.resolve(cfg, s.agent_group_id).digest
+                   if cfg is not None and run else None)
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
-                              _iso(s.last_active), error))
+                              _iso(s.last_active), error, run.get("digest"), run.get("image"),
+                              current))
     return rows
+
+
+def settings_cell(r: StatusRow) -> str | None:
+    """The settings digest (and image) of a live agent; ``*``: the config has changed
+    since it started (it gets the new settings at its next start)."""
+    if r.container_status == "stopped" or r.settings is None:
+        return None
+    stale = "*" if r.settings_current is False else ""
+    return f"{r.settings}{stale}" + (f" {r.image}" if r.image else "")
 
 
 COLUMNS = [("AGENT GROUP", "agent_group"), ("SESSION", "session_id"),
            ("CONTAINER", "container_status"), ("PENDING", "pending"),
            ("PROCESSING", "processing"), ("FAILED", "failed"),
-           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active")]
+           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active"),
+           ("SETTINGS", settings_cell)]
+
+
+def table_lines(rows: list, columns: list[tuple[str, Any]]) -> list[str]:
+    """Aligned text columns; a column is an attribute name or a function of the row.
+    None prints as ``-``."""
+    def cell(r: object, key: Any) -> str:
+        value = key(r) if callable(key) else getattr(r, key)
+        return "-" if value is None else str(value)
+
+    cells = [[h for h, _ in columns]] + [[cell(r, k) for _, k in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
 
 
 def render_table(rows: list[StatusRow]) -> str:
     if not rows:
         return "no sessions yet (create one with: orchestrator send --group NAME TEXT)"
-    cells = [[h for h, _ in COLUMNS]]
-    for r in rows:
-        cells.append(["-" if getattr(r, k) is None else str(getattr(r, k)) for _, k in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = table_lines(rows, COLUMNS)
     lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]
     return "\n".join(lines)
 

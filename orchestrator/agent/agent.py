@@ -103,6 +103,7 @@ class Agent:
         self.paths = layout.SessionPaths(self.workspace)
         self.stop = stop or threading.Event()
         self._last_error: str | None = None
+        self.next_due = None  # earliest future process_after seen by the last poll
 
     # --- files --------------------------------------------------------------
 
@@ -178,10 +179,13 @@ class Agent:
                     "WHERE status = 'pending' AND kind != 'system' ORDER BY seq"
                 )
             ]
+        self.next_due = None
         if not rows:
             return []
         acked = self._acked_ids([row["id"] for row in rows])
-        return list(decide.select_work(rows, acked, schema.utcnow()))
+        now = schema.utcnow()
+        self.next_due = decide.next_due(rows, acked, now)
+        return list(decide.select_work(rows, acked, now))
 
     def _acked_ids(self, ids: list[str]) -> set[str]:
         acked: set[str] = set()
@@ -326,7 +330,8 @@ class Agent:
             if self.options.exit_when_idle is not None and idle_for >= self.options.exit_when_idle:
                 log(f"idle for {idle_for:.1f}s; exiting")
                 return 0
-            self.stop.wait(self.options.poll_interval)
+            self.stop.wait(decide.poll_wait(self.options.poll_interval, self.next_due,
+                                            schema.utcnow()))
         log("stopping on signal")
         return 0
 

@@ -77,6 +77,34 @@ def select_work(
     return sorted(picked, key=lambda row: (row["seq"] is None, row["seq"] or 0))
 
 
+def next_due(
+    rows: Iterable[Mapping[str, Any]], acked: set[str] | frozenset[str], now: datetime
+) -> datetime | None:
+    """The earliest ``process_after`` still in the future among the rows left to do.
+
+    The agent sleeps until then rather than a whole poll interval, so a scheduled
+    message is picked up at its time, not up to one interval later.
+    """
+    times = []
+    for row in rows:
+        if row["status"] != "pending" or row["kind"] == "system" or row["id"] in acked:
+            continue
+        try:
+            when = schema.parse_ts(row["process_after"])
+        except (ValueError, TypeError):
+            continue
+        if when is not None and when > now:
+            times.append(when)
+    return min(times, default=None)
+
+
+def poll_wait(poll_interval: float, due: datetime | None, now: datetime) -> float:
+    """Seconds to sleep before the next poll: the interval, or less if a row falls due."""
+    if due is None:
+        return poll_interval
+    return max(0.0, min(poll_interval, (due - now).total_seconds()))
+
+
 def next_odd_seq(*maxima: int | None) -> int:
     """The next odd seq above every given maximum (None = empty table).
 

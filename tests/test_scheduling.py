@@ -190,8 +190,8 @@ def test_hourly_series_under_a_fake_clock(tmp_path: Path):
     assert timeline(db) == [
         ("2026-03-27 10:00:00", "completed"), ("2026-03-27 11:00:00", "completed"),
         ("2026-03-27 12:00:00", "completed"),
-        ("2026-03-27 13:00:00", "completed"),  # run late, once, at 16:20
-        ("2026-03-27 17:00:00", "pending")]  # and the next is after now: collapsed
+        ("2026-03-27 13:00:00", "completed"),  # run late, once, at 15:20:59
+        ("2026-03-27 16:00:00", "pending")]  # next after now: 14:00, 15:00 collapsed
     seqs = [r[0] for r in query(db, "SELECT seq FROM messages_in ORDER BY seq")]
     assert seqs == [2, 4, 6, 8, 10]
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from orchestrator.errors import UserError
 from orchestrator.layout import InvalidId, validate_id
 from orchestrator.store.registry import Registry
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class DestinationError(ValueError):
+class DestinationError(UserError, ValueError):
     """Refused destination input: one line, CLI exit code 2."""
 
 

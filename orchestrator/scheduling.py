@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 from cronsim import CronSim, CronSimError
 
+from orchestrator.errors import UserError
 from orchestrator.store.inbound import NewMessage
 from orchestrator.store.schema import parse_ts
 
@@ -45,7 +46,7 @@ DUE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _RELATIVE = re.compile(r"^\+(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A ``--at`` time or ``--every`` expression refused; one line naming the fix."""
 
 

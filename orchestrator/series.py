@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from orchestrator.errors import UserError
 from orchestrator.layout import session_paths
 from orchestrator.status import table_lines
 from orchestrator.store import inbound, outbound
 from orchestrator.store.registry import Registry
 
 
-class SeriesError(ValueError):
+class SeriesError(UserError, ValueError):
     """Unknown series and the like: one line, CLI exit code 2."""
 
 

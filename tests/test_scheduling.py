@@ -243,6 +243,15 @@ def test_a_claim_failed_by_the_host_at_max_tries_continues_the_series(tmp_path: 
                             ("2026-03-27 10:05:00", "pending")]
 
 
+def test_an_occurrence_failed_because_no_agent_starts_continues_the_series(tmp_path: Path):
+    db = tmp_path / "inbound.db"
+    mid = first_occurrence(db, "*/5 * * * *", datetime(2026, 3, 27, 10, tzinfo=UTC))
+    now = datetime(2026, 3, 27, 10, 0, 1, tzinfo=UTC)
+    assert inbound.fail_due(db, now, lambda row: successor(row, now)) == [mid]
+    assert timeline(db) == [("2026-03-27 10:00:00", "failed"),
+                            ("2026-03-27 10:05:00", "pending")]
+
+
 def test_cancel_removes_the_waiting_occurrence_and_stops_the_series(tmp_path: Path):
     db = tmp_path / "inbound.db"
     mid = first_occurrence(db, "* * * * *", datetime(2026, 3, 27, 10, tzinfo=UTC))

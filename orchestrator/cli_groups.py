@@ -55,10 +55,18 @@ def _registry(cfg: Config) -> Registry:
     return Registry(registry_path(cfg.data_dir))
 
 
+def _reader(cfg: Config) -> Registry | None:
+    """Read-only, like ``status``: listing writes nothing (None: no registry yet)."""
+    return Registry.reader(registry_path(cfg.data_dir))
+
+
 def cmd_group_list(args: argparse.Namespace, cfg: Config) -> int:
     """Configured groups and groups with sessions, with their settings digest."""
-    with _registry(cfg) as registry:
-        known = {s.agent_group_id for s in registry.sessions()}
+    known: set[str] = set()
+    registry = _reader(cfg)
+    if registry is not None:
+        with registry:
+            known = {s.agent_group_id for s in registry.sessions()}
     names = sorted(known | {g.name for g in cfg.groups})
     rows = [groups.resolve(cfg, n) for n in names]
     if args.json:
@@ -117,8 +125,11 @@ def cmd_destinations(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_series_list(args: argparse.Namespace, cfg: Config) -> int:
-    with _registry(cfg) as registry:
-        rows = series.collect(cfg.data_dir, registry, args.group)
+    rows: list[series.SeriesRow] = []
+    registry = _reader(cfg)
+    if registry is not None:
+        with registry:
+            rows = series.collect(cfg.data_dir, registry, args.group)
     print(json.dumps(series.as_dicts(rows), indent=2) if args.json
           else series.render_table(rows))
     return 0

@@ -218,3 +218,9 @@ def test_adding_a_destination_twice_is_refused(conf, capsys):
 def test_a_bad_group_name_is_one_line(conf, capsys):
     code, _, err = run(capsys, "group", "destinations", "--config", conf, "../etc")
     assert code == 2 and "invalid agent group '../etc'" in err
+
+
+def test_listing_writes_nothing_not_even_a_registry(tmp_path, conf, capsys):
+    assert run(capsys, "series", "list", "--config", conf)[1].startswith("no series yet")
+    assert run(capsys, "group", "list", "--config", conf)[1].split()[0] == "support"
+    assert not (tmp_path / "data").exists()

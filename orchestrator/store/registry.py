@@ -448,12 +448,18 @@ class Registry:
                        format_ts(utcnow())))
 
     def series(self, series_id: str | None = None) -> list[dict]:
-        with self._lock:
-            sql = "SELECT * FROM series"
-            args: tuple = ()
-            if series_id is not None:
-                sql, args = sql + " WHERE id=?", (series_id,)
-            return [dict(r) for r in self._conn.execute(sql + " ORDER BY created_at, id", args)]
+        sql = "SELECT * FROM series"
+        args: tuple = ()
+        if series_id is not None:
+            sql, args = sql + " WHERE id=?", (series_id,)
+        try:
+            with self._lock:
+                return [dict(r) for r in self._conn.execute(sql + " ORDER BY created_at, id",
+                                                            args)]
+        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
+            if "no such table" in str(exc):
+                return []
+            raise
 
     def cancel_series(self, series_id: str, now: datetime | None = None) -> None:
         with self._tx() as c:

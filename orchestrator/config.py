@@ -26,8 +26,9 @@ class ConfigError(UserError, ValueError):
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, path: bool = False) -> Any:
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
+         max: float | None = None, path: bool = False, auto: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path,
+            "auto": auto}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,6 +49,16 @@ class RuntimeConfig:
     start_retry_max: float = _opt(
         15.0, "cap (s) of the backoff when an agent cannot be started (e.g. Docker down)",
         min=1, max=3600)
+    # "auto" is resolved when the supervisor starts (admission.resolve_max_agents), so
+    # this file stays the same on every host; the reason is rendered as its comment.
+    max_agents: int | str = _opt(
+        "auto", "most agents running at once; 0 = no cap. 'auto' = min(4 x CPU count, "
+        "3/4 of RAM / [docker] memory), at least 1: agents mostly wait on a model API, so "
+        "a few share a core, but each may use its whole memory limit and the host must "
+        "not swap", min=0, max=1_000_000, auto=True)
+    make_room_after: float = _opt(
+        2.0, "when work is queued at the cap, an agent with no claim and no due work that "
+             "has done nothing for this long (s) is stopped to make room", min=0, max=86400)
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,9 @@ class DeliveryConfig:
                              min=0, max=3600)
     files_wait: float = _opt(60.0, "seconds a reply waits for its outbox/ files before "
                              "that counts as a failed attempt", min=0, max=86400)
+    max_content_bytes: int = _opt(1024 * 1024, "largest reply content in bytes; a bigger "
+                                  "reply is failed with its reason, never loaded whole",
+                                  min=1, max=2**31)
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,14 @@ def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of strings, got {value!r}")
         return tuple(value)
+    if meta.get("auto"):  # "auto" or a whole number in range
+        if value == "auto":
+            return value
+        lo, hi = meta["min"], meta["max"]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{where} must be \"auto\" or a whole number from {lo:g} to "
+                              f"{hi:g} (0 = no cap), got {value!r}")
+        return value
     if meta.get("path"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")

@@ -250,11 +250,14 @@ class Sessions:
             session, {"type": "question_response", "question_id": question_id,
                       "response": response}, kind="system", trigger=0)
 
-    def write_routing(self, session: SessionRow) -> None:
-        """Default reply route + destinations, written before every wake."""
-        paths = self.paths(session)
-        inbound.write_routing(paths.inbound_db, *self.routing_of(session))
-        inbound.replace_destinations(paths.inbound_db, [
+    def write_routing(self, session: SessionRow, inbound_db: Path | None = None) -> None:
+        """Default reply route + destinations, written before every wake.
+
+        ``inbound_db``: the supervisor passes its ``safefs.SafeDb`` (no link followed,
+        no wait on a lock the agent holds)."""
+        db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
+        inbound.write_routing(db, *self.routing_of(session))
+        inbound.replace_destinations(db, [
             inbound.Destination(name=d["name"], type=d["type"], display_name=d["display_name"],
                                 channel_type=d["channel_type"], platform_id=d["platform_id"],
                                 agent_group_id=d["target_agent_group_id"])

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import groups
-from orchestrator.layout import SessionPaths, session_paths
+from orchestrator.errors import probe_cause
+from orchestrator.layout import SessionPaths, session_paths, sessions_root
 from orchestrator.store import inbound, outbound
 from orchestrator.store.registry import Registry
 
@@ -43,6 +44,8 @@ class StatusRow:
     channel_type: str | None = None  # the session's chat (its default reply route)
     platform_id: str | None = None
     thread_id: str | None = None
+    queue_position: int | None = None  # waiting for an agent slot ([runtime] max_agents)
+    queued_for: float | None = None  # seconds its oldest due message has waited
     # what its agent was started with: [groups.<name>] settings digest, Docker image;
     # settings_current False = the config has changed since (applies at its next start)
     settings: str | None = None
@@ -66,11 +69,22 @@ def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime |
     return max(seen, recorded) if recorded else seen
 
 
+def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float]]:
+    """{session: (position, seconds waited)} for the sessions waiting for a slot, in the
+    supervisor's own order (oldest due work first, then session id)."""
+    waiting = sorted((s.queued_since, s.id) for s in sessions
+                     if s.queued_since is not None and s.container_status == "stopped")
+    return {sid: (i + 1, max(0.0, round((now - since).total_seconds(), 1)))
+            for i, (since, sid) in enumerate(waiting)}
+
+
 def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> list[StatusRow]:
     rows = []
     started = registry.agent_settings()
     routes = registry.routes()
-    for s in registry.sessions():
+    sessions = registry.sessions()
+    queued = queue_positions(sessions, datetime.now(timezone.utc))
+    for s in sessions:
         paths = session_paths(data_dir, s.agent_group_id, s.id)
         error = None
         counts = inbound.Counts()
@@ -89,6 +103,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
                               _iso(s.last_active), error,
                               *routes.get(s.id, (None, None, s.thread_id)),
+                              *queued.get(s.id, (None, None)),
                               settings=run.get("digest"), image=run.get("image"),
                               settings_current=current))
     return rows
@@ -103,8 +118,15 @@ def settings_cell(r: StatusRow) -> str | None:
     return f"{r.settings}{stale}" + (f" {r.image}" if r.image else "")
 
 
+def container_cell(r: StatusRow) -> str:
+    """The container status, or its place in the admission queue."""
+    if r.queue_position is not None:
+        return f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
+    return r.container_status
+
+
 COLUMNS = [("AGENT GROUP", "agent_group"), ("SESSION", "session_id"),
-           ("CONTAINER", "container_status"), ("PENDING", "pending"),
+           ("CONTAINER", container_cell), ("PENDING", "pending"),
            ("PROCESSING", "processing"), ("FAILED", "failed"),
            ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active"),
            ("SETTINGS", settings_cell),
@@ -129,6 +151,16 @@ def render_table(rows: list[StatusRow]) -> str:
     lines = table_lines(rows, COLUMNS)
     lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]
     return "\n".join(lines)
+
+
+def environment_warning(data_dir: Path) -> str | None:
+    """One line when ``send`` and ``run`` could not write here (read-only, full disk)."""
+    for path in (data_dir, sessions_root(data_dir)):
+        if path.is_dir():
+            cause = probe_cause(path)
+            if cause:
+                return f"{path}: {cause}; send and run cannot write there"
+    return None
 
 
 def render_json(rows: list[StatusRow]) -> str:

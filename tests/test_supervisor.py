@@ -21,8 +21,8 @@ from typing import Any, Callable
 import pytest
 import tomli_w
 
-from e2e import (Client, agent_pids, config_dict, make_config, milestones, pairs,  # noqa: F401
-                 reap_agents, replies, replies_to, reply_counts, run, supervised, until)
+from e2e import (Client, agent_pids, config_dict, failures, make_config, milestones,  # noqa: F401
+                 pairs, reap_agents, replies, replies_to, reply_counts, run, supervised, until)
 from helpers import query, wait_for
 from orchestrator import cli
 from orchestrator.config import read_config
@@ -228,6 +228,14 @@ def test_crash_every_time_fails_the_message_after_max_tries(tmp_path: Path,
         row_in = messages_in(paths, mid)
         assert row_in["tries"] == cfg.lifecycle.max_tries == 3
         assert replies_to(cfg, mid) == []
+        # the chat hears of it: exactly one failure record, with its routing (issue 9.5)
+        [record] = failures(cfg)
+        assert {k: record[k] for k in ("type", "kind", "id", "session_id", "agent_group",
+                                       "channel_type", "platform_id", "thread_id")} == {
+            "type": "failure", "kind": "message", "id": mid, "session_id": row.id,
+            "agent_group": "crashy", "channel_type": "cli", "platform_id": "local",
+            "thread_id": None}
+        assert "failed after 3 tries" in record["reason"]
         changes = milestones(changes)
         seq = pairs(changes)
         assert [s for s, _ in seq] == ["running", "stopped"] * 3, seq
@@ -822,6 +830,34 @@ def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_ag
         client.close()
 
     run(body())
+
+
+def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> None:
+    """A wake that cannot write (the host's disk is full) is retried, never counted
+    against the messages: with max_tries = 3 and ~6 s of full disk, the message is
+    still pending, and is answered once space is freed."""
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        cfg = make_config(disk, lifecycle={"max_tries": 3},
+                          runtime={"start_retry_max": 1.0})
+        client = Client(cfg)
+        row, mid = client.send("full", "hello")
+        paths = client.paths(row)
+        filler = fill(disk)
+
+        async def body() -> None:
+            async with supervised(cfg) as sup:
+                await until(lambda: sup.tracked[row.id].start_failures >= 4, timeout=20,
+                            message="several failed wakes on the full disk")
+                assert messages_in(paths, mid)["status"] == "pending"
+                filler.unlink()
+                await until(lambda: replies_to(cfg, mid), timeout=30, message="the reply")
+                await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                            message="the message completed")
+            client.close()
+
+        run(body())
 
 
 COARSE_AGENT = '''\

@@ -118,6 +118,22 @@ def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
     return n, (_from_julian(jd) if jd is not None else None)
 
 
+def oldest_due_at(path: Path, now: datetime) -> datetime | None:
+    """When the oldest due message became due: max(written, ``process_after``).
+
+    The admission queue's order (oldest waiting work first). Read once when a
+    session joins the queue: no agent runs then, so the answer cannot get older.
+    """
+    with opened(path, readonly=True) as conn:
+        (jd,) = conn.execute(
+            "SELECT MIN(MAX(COALESCE(julianday(timestamp), 0), "
+            "COALESCE(julianday(process_after), 0))) FROM messages_in WHERE status = 'pending' "
+            "AND \"trigger\" = 1 AND kind != 'system' AND (process_after IS NULL OR "
+            "julianday(process_after) <= julianday(:now))", {"now": schema.format_ts(now)}
+        ).fetchone()
+    return _from_julian(jd) if jd else None
+
+
 def fail_due(path: Path, now: datetime, follow_up: FollowUp | None = None) -> list[str]:
     """Mark failed the messages ``due_state`` counts as due now; returns their ids.
 
@@ -252,13 +268,30 @@ def series_state(path: Path, series_id: str) -> dict[str, Any]:
     return {"counts": counts, "next": nxt, "recurring": bool(recurring)}
 
 
+def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,
+                                                                       str | None]]:
+    """(channel_type, platform_id, thread_id) of some inbound messages, for a failure record."""
+    wanted = list(ids)
+    found: dict[str, tuple[str | None, str | None, str | None]] = {}
+    if not wanted:
+        return found
+    with opened(path, readonly=True) as conn:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute("SELECT id, channel_type, platform_id, thread_id FROM"
+                                  f" messages_in WHERE id IN ({marks})", chunk):
+                found[r[0]] = (r[1], r[2], r[3])
+    return found
+
+
 def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
     """Which of these outbound ids already have a ``delivered`` row (any status)."""
     wanted = list(ids)
     if not wanted:
         return set()
     found: set[str] = set()
-    with opened(path) as conn:
+    with opened(path, readonly=True) as conn:
         for i in range(0, len(wanted), 500):
             chunk = wanted[i:i + 500]
             marks = ",".join("?" * len(chunk))

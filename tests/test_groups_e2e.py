@@ -177,3 +177,36 @@ def test_a_changed_group_setting_reaches_the_next_start_and_leaves_a_working_age
         client.close()
 
     run(body())
+
+
+def test_a_groups_max_agents_holds_its_sessions_back_but_not_other_groups(
+        tmp_path: Path, reap_agents) -> None:
+    """[groups.solo] max_agents = 1 (no global cap): its three sessions run one at a
+    time, while another group's session runs beside them."""
+    cfg = make_config(tmp_path, agent_args=["--work-seconds", "0.6"],
+                      runtime={"max_agents": 0},
+                      lifecycle={"idle_after": 0.3, "stop_idle_after": 0.0},
+                      groups={"solo": {"max_agents": 1}})
+    peak = {"solo": 0, "other": 0}
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg) as sup:
+            sent = [client.send("solo", f"job {i}", platform=f"room-{i}") for i in range(3)]
+            sent.append(client.send("other", "beside", platform="room-x"))
+
+            def all_done() -> bool:
+                live = {g: 0 for g in peak}
+                for h in sup.runtime.running():
+                    live[h.agent_group] += 1
+                for g, n in live.items():
+                    peak[g] = max(peak[g], n)
+                return all(replies_to(cfg, mid) for _, mid in sent)
+
+            await until(all_done, timeout=60, interval=0.01, message="every reply")
+        assert peak == {"solo": 1, "other": 1}, peak
+        rows = {r.id for r, _ in sent[:3]}  # three sessions of one group
+        assert len(rows) == 3
+        client.close()
+
+    run(body())

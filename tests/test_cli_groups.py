@@ -224,3 +224,12 @@ def test_listing_writes_nothing_not_even_a_registry(tmp_path, conf, capsys):
     assert run(capsys, "series", "list", "--config", conf)[1].startswith("no series yet")
     assert run(capsys, "group", "list", "--config", conf)[1].split()[0] == "support"
     assert not (tmp_path / "data").exists()
+
+
+def test_config_may_come_before_or_after_the_destination_action(tmp_path, conf, capsys):
+    assert run(capsys, "group", "destinations", "support", "add", "a", "--agent", "x",
+               "--config", conf)[0] == 0
+    assert run(capsys, "group", "destinations", "--config", conf, "support", "add", "b",
+               "--agent", "y")[0] == 0
+    out = run(capsys, "group", "destinations", "support", "list", "--config", conf)[1]
+    assert [line.split()[0] for line in out.splitlines()] == ["a", "b"]

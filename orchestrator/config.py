@@ -78,6 +78,9 @@ class DockerConfig:
     mounts: tuple[str, ...] = _opt([], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
     allowed_mounts: tuple[str, ...] = _opt([], "host folders extra mounts may come from")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
+    precreate: int = _opt(
+        0, "containers created ahead for the sessions stopped most recently, so their next "
+        "start skips docker create (each shows in docker ps -a); 0 = off", min=0, max=1000)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class LifecycleConfig:
                              min=0.01, max=86400)
     stop_idle_after: float = _opt(300.0, "seconds idle before the agent is stopped",
                                   min=0, max=7 * 86400)
+    pause_idle_after: float = _opt(
+        0.0, "seconds idle before the agent is frozen (docker pause / SIGSTOP; resumed in ms "
+        "when work arrives, still stopped after stop_idle_after); 0 = never",
+        min=0, max=7 * 86400)
     ceiling: float = _opt(1800.0, "kill when the heartbeat is older than this (s)",
                           min=0.1, max=7 * 86400)
     claim_stuck: float = _opt(60.0, "kill when a claim is older than this with no heartbeat (s)",

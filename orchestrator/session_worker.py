@@ -112,6 +112,7 @@ class Tracked:
     registry_touched: datetime | None = None
     identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
     busy: int = 0  # passes in a row that met a locked database
+    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
 
 
 class SessionWorker:
@@ -258,6 +259,19 @@ class SessionWorker:
             return False
         return bool(wanted)
 
+    def sweep_flags(self, t: Tracked) -> Flags:
+        """What the reconcile sweep must have a pass look at, or NONE: files changed
+        on disk since the last pass read them (a missed event), a pass that failed
+        (its signatures were cleared), or a status the runtime contradicts."""
+        try:
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                flags = self._changed_on_disk(t, folder)
+        except OSError:  # Refused too: the pass says what is wrong, once
+            return Flag.SWEEP
+        if self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+            flags |= Flag.SWEEP
+        return flags
+
     def _changed_on_disk(self, t: Tracked, folder: SessionDir) -> Flags:
         flags = Flag.NONE
         for name, path, flag in (("hb", HEARTBEAT, Flag.HEARTBEAT),
@@ -296,15 +310,6 @@ class SessionWorker:
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
-        if final:
-            inbound.sync_acks(folder.db(INBOUND_DB), final, self._successor(now), now)
-        # Only once the sync is written: acks older than ``acks_seen`` are never read
-        # again, so moving it first would lose an ack whose sync failed.
-        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
-        if stamps:
-            newest = max(stamps)
-            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
-        t.synced_acks = set(settled)
         t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout
@@ -318,6 +323,17 @@ class SessionWorker:
         result = await self.deliverer.run_pass(
             folder=folder, agent_group=t.agent_group, session_id=t.session_id,
             state=t.delivery, messages=snap.messages, routing=t.routing, now=now)
+        # The acks after the replies: an agent writes a reply and its 'completed' ack in
+        # one commit, and the reply must not wait for a commit of the ack's mirror.
+        if final:
+            inbound.sync_acks(folder.db(INBOUND_DB), final, self._successor(now), now)
+        # Only once the sync is written: acks older than ``acks_seen`` are never read
+        # again, so moving it first would lose an ack whose sync failed.
+        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
+        if stamps:
+            newest = max(stamps)
+            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
+        t.synced_acks = set(settled)
         t.delivery_due = result.next_due
         for mid in result.delivered:
             logger.info("delivered reply {} of session {}", mid, t.session_id)
@@ -376,7 +392,8 @@ class SessionWorker:
             start_blocked_until=t.start_blocked_until, status=t.status,
             op_running=t.op is not None and not t.op.done(),
             op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
-            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due))
+            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due),
+            paused=self.runtime.is_paused(t.session_id), resumed_at=t.resumed_at)
 
     async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
@@ -404,6 +421,10 @@ class SessionWorker:
                 "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
+        elif verdict.action is Action.PAUSE:
+            self._run_op(t, self._pause(t, verdict.reason))
+        elif verdict.action is Action.RESUME:
+            self._run_op(t, self._resume(t, verdict.reason))
         elif verdict.action is Action.FAIL_DUE:
             await self._fail_due(t, folder, verdict.reason, now)
         self._schedule(t, verdict.next_check, now)
@@ -525,6 +546,17 @@ class SessionWorker:
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.due} message(s) due")
         self.set_status(t, "running", reason, t.started_at)
+
+    async def _pause(self, t: Tracked, reason: str) -> None:
+        """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three
+        statuses stay), recorded as the status reason: ``paused after …``."""
+        await self.runtime.pause(t.session_id)
+        self.set_status(t, t.status, reason, self.clock())
+
+    async def _resume(self, t: Tracked, reason: str) -> None:
+        await self.runtime.resume(t.session_id)
+        t.resumed_at = self.clock()
+        self.set_status(t, t.status, reason, t.resumed_at)
 
     @staticmethod
     def unblock(t: Tracked) -> bool:

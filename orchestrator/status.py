@@ -69,6 +69,13 @@ def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime |
     return max(seen, recorded) if recorded else seen
 
 
+def is_paused(status: str, reason: str | None) -> bool:
+    """The supervisor records a pause as the reason of the status ``idle``
+    ("paused after …"), keeping the contract's three statuses; a resume or any
+    other change replaces that reason."""
+    return status == "idle" and (reason or "").startswith("paused")
+
+
 def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float]]:
     """{session: (position, seconds waited)} for the sessions waiting for a slot, in the
     supervisor's own order (oldest due work first, then session id)."""
@@ -119,9 +126,11 @@ def settings_cell(r: StatusRow) -> str | None:
 
 
 def container_cell(r: StatusRow) -> str:
-    """The container status, or its place in the admission queue."""
+    """The container status (marked when paused), or its place in the admission queue."""
     if r.queue_position is not None:
         return f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
+    if is_paused(r.container_status, r.status_reason):
+        return f"{r.container_status} (paused)"
     return r.container_status
 
 

@@ -154,6 +154,19 @@ def test_last_heartbeat_is_the_newer_of_file_and_record(env, tmp_path):
     assert status.collect(data, reg)[0].last_heartbeat == "2024-06-01T12:00:00+00:00"
 
 
+@pytest.mark.parametrize(("container", "reason", "shown"), [
+    ("idle", "paused after 60s idle", "idle (paused)"),
+    ("idle", "resumed: 1 message(s) due", "idle"),
+    ("idle", None, "idle"),
+    ("running", "paused?", "running"),
+])
+def test_a_paused_agent_shows_as_a_detail_of_idle(container: str, reason: str | None,
+                                                  shown: str) -> None:
+    row = status.StatusRow("g", "s", container, reason, 0, 0, 0, 0, None, None)
+    assert status.render_table([row]).splitlines()[1].split()[2:2 + len(shown.split())] \
+        == shown.split()
+
+
 def test_queued_sessions_show_their_place_and_wait(env):
     s, reg, data = env
     rows = [s.resolve(f"g{i}", None, None, "agent-shared") for i in range(4)]

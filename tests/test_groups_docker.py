@@ -98,3 +98,54 @@ def test_two_groups_side_by_side_with_their_own_image_env_and_limits(
     assert labels["alpha"] != labels["beta"]
     assert [e.reason for e in exits] == ["stopped", "stopped"]
     assert logged and not [line for line in logged if SECRET in line]
+
+
+@pytest.mark.docker
+def test_a_spare_container_is_made_with_its_groups_settings_and_dropped_when_they_differ(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        second_tag: str, instance: str) -> None:
+    """[docker] precreate: the container created ahead for a group's session carries
+    that group's image, env and settings label; a start with other settings (a new
+    config after a restart) does not start it but creates a fresh container."""
+    def config(role: str):
+        return load_config({
+            "data_dir": "data", "runtime": {"kind": "docker"},
+            "docker": {"instance": instance, "image": agent_image, "command": AGENT,
+                       "network": "none", "precreate": 2},
+            "groups": {"beta": {"image": second_tag, "env": {"ROLE": role}}}}, tmp_path)
+
+    cfg, changed = config("one"), config("two")
+    folder = make_session(cfg.data_dir, "beta", "s1")
+    first, second = groups.resolve(cfg, "beta"), groups.resolve(changed, "beta")
+
+    def containers() -> list:
+        return docker_client.containers.list(
+            all=True, filters={"label": f"orchestrator.instance={instance}"},
+            ignore_removed=True)
+
+    async def main() -> tuple[dict, str, str]:
+        rt = DockerRuntime(cfg.docker, cfg.data_dir, lambda e: None)
+        try:
+            await rt.start(SessionRef("beta", "s1", folder, first))
+            await rt.stop("s1", grace=5)
+            (spare,) = await until(lambda: [c for c in containers() if c.status == "created"],
+                                   20, "a spare for s1")
+            same = await rt.start(SessionRef("beta", "s1", folder, first))
+            assert same.ident == spare.id  # the same settings: the spare is started
+            await rt.stop("s1", grace=5)
+            (spare,) = await until(lambda: [c for c in containers() if c.status == "created"],
+                                   20, "a new spare for s1")
+            info = await in_thread(docker_client.api.inspect_container, spare.id)
+            handle = await rt.start(SessionRef("beta", "s1", folder, second))
+            await until(lambda: spare.id not in {c.id for c in containers()}, 20,
+                        "the outdated spare removed")
+            await rt.stop("s1", grace=5)
+            return info, spare.id, handle.ident
+        finally:
+            await rt.close()
+
+    info, spare_id, started = asyncio.run(main())
+    assert info["Config"]["Image"] == second_tag
+    assert "ROLE=one" in info["Config"]["Env"]
+    assert info["Config"]["Labels"][LABEL_SETTINGS] == first.digest
+    assert started != spare_id  # not started with the old settings

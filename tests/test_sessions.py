@@ -217,9 +217,10 @@ def test_write_message_row(env):
                                routing=s.routing_of(row), message_id="m-1")
     assert (mid, seq) == ("m-1", 2)
     (msg,) = inbound.read_messages(s.paths(row).inbound_db)
+    # process_after in the shape of SQLite's datetime('now'): agents compare it as text
     assert (msg["id"], msg["kind"], msg["status"], msg["trigger"], msg["process_after"],
             msg["channel_type"], msg["platform_id"], msg["thread_id"]) == (
-        "m-1", "task", "pending", 1, "2030-01-01 09:30:00.000", "cli", "local", None)
+        "m-1", "task", "pending", 1, "2030-01-01 09:30:00", "cli", "local", None)
     assert json.loads(msg["content"]) == {"text": "hi"}
     assert inbound.count_due(s.paths(row).inbound_db, when - timedelta(seconds=1)) == 0
     assert inbound.count_due(s.paths(row).inbound_db, when) == 1

@@ -21,10 +21,8 @@ import docker
 import pytest
 from loguru import logger
 
-from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
-    PrivateDockerd, agent_image, docker_client, in_thread, insert_message, instance,
-    make_session, private_dockerd, remove_labelled, until,
-)
+from docker_fixtures import PrivateDockerd, in_thread, insert_message, make_session, remove_labelled
+from helpers import until
 from orchestrator import layout
 from orchestrator.config import DockerConfig
 from orchestrator.runtime import image as image_mod
@@ -212,7 +210,7 @@ def test_start_applies_least_privilege(tmp_path: Path, docker_client: docker.Doc
 
 
 @pytest.mark.docker
-def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.DockerClient,
+async def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.DockerClient,
                                         agent_image: str, instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
     (folder / "inbox" / "m2").mkdir()
@@ -224,52 +222,49 @@ def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.Do
         with schema_ro(folder / "outbound.db") as conn:
             return conn.execute("SELECT id, seq, in_reply_to, content FROM messages_out").fetchall()
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            rows = await until(replies, 30, "reply row in outbound.db")
-            out_id, seq, in_reply_to, content = rows[0]
-            assert in_reply_to == "m2" and seq % 2 == 1 and "echo: hi there" in content
-            await until(lambda: (folder / "outbox" / out_id / "hello.txt").is_file(), 10,
-                        "outbox file on the host")
-            assert (folder / "outbox" / out_id / "hello.txt").read_text() == "attached"
-            await until(lambda: (folder / ".heartbeat").is_file(), 10, "heartbeat on the host")
-            first = (folder / ".heartbeat").stat().st_mtime_ns
-            insert_message(folder, "m4", "again")  # host writes while the agent runs
-            await until(lambda: len(replies()) == 2, 30, "second reply")
-            await until(lambda: (folder / ".heartbeat").stat().st_mtime_ns != first, 10,
-                        "heartbeat touched again")
-            # The agent cannot write inbound.db: the same python3 + sqlite3 inside fails.
-            probe = ("import sqlite3; c = sqlite3.connect('/workspace/inbound.db'); "
-                     "c.execute(\"UPDATE messages_in SET status='completed'\"); c.commit()")
-            res = await in_thread(lambda: docker_client.api.exec_create(
-                handle.ident, ["python3", "-c", probe]))
-            out = await in_thread(docker_client.api.exec_start, res["Id"])
-            code = (await in_thread(docker_client.api.exec_inspect, res["Id"]))["ExitCode"]
-            assert code != 0 and b"readonly" in out.replace(b"-", b"").lower(), out
-            # ... nor replace it (the read-only file is a mount point), nor write the rootfs.
-            for cmd in (["sh", "-c", "rm -f /workspace/inbound.db"],
-                        ["sh", "-c", "mv /workspace/inbound.db /workspace/x"],
-                        ["sh", "-c", "touch /etc/owned"]):
-                res = await in_thread(lambda: docker_client.api.exec_create(handle.ident, cmd))
-                await in_thread(docker_client.api.exec_start, res["Id"])
-                info = await in_thread(docker_client.api.exec_inspect, res["Id"])
-                assert info["ExitCode"] != 0, cmd
-            assert (folder / "inbound.db").is_file()
-            with schema_ro(folder / "inbound.db") as conn:
-                assert set(conn.execute("SELECT status FROM messages_in").fetchall()) == {("pending",)}
-            await rt.stop("s1", grace=5)
-            assert exits == [AgentExit("g1", "s1", exits[0].exit_code, "stopped")]
-            assert not rt.is_running("s1") and labelled(docker_client, instance) == []
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        rows = await until(replies, 30, "reply row in outbound.db")
+        out_id, seq, in_reply_to, content = rows[0]
+        assert in_reply_to == "m2" and seq % 2 == 1 and "echo: hi there" in content
+        await until(lambda: (folder / "outbox" / out_id / "hello.txt").is_file(), 10,
+                    "outbox file on the host")
+        assert (folder / "outbox" / out_id / "hello.txt").read_text() == "attached"
+        await until(lambda: (folder / ".heartbeat").is_file(), 10, "heartbeat on the host")
+        first = (folder / ".heartbeat").stat().st_mtime_ns
+        insert_message(folder, "m4", "again")  # host writes while the agent runs
+        await until(lambda: len(replies()) == 2, 30, "second reply")
+        await until(lambda: (folder / ".heartbeat").stat().st_mtime_ns != first, 10,
+                    "heartbeat touched again")
+        # The agent cannot write inbound.db: the same python3 + sqlite3 inside fails.
+        probe = ("import sqlite3; c = sqlite3.connect('/workspace/inbound.db'); "
+                 "c.execute(\"UPDATE messages_in SET status='completed'\"); c.commit()")
+        res = await in_thread(lambda: docker_client.api.exec_create(
+            handle.ident, ["python3", "-c", probe]))
+        out = await in_thread(docker_client.api.exec_start, res["Id"])
+        code = (await in_thread(docker_client.api.exec_inspect, res["Id"]))["ExitCode"]
+        assert code != 0 and b"readonly" in out.replace(b"-", b"").lower(), out
+        # ... nor replace it (the read-only file is a mount point), nor write the rootfs.
+        for cmd in (["sh", "-c", "rm -f /workspace/inbound.db"],
+                    ["sh", "-c", "mv /workspace/inbound.db /workspace/x"],
+                    ["sh", "-c", "touch /etc/owned"]):
+            res = await in_thread(lambda: docker_client.api.exec_create(handle.ident, cmd))
+            await in_thread(docker_client.api.exec_start, res["Id"])
+            info = await in_thread(docker_client.api.exec_inspect, res["Id"])
+            assert info["ExitCode"] != 0, cmd
+        assert (folder / "inbound.db").is_file()
+        with schema_ro(folder / "inbound.db") as conn:
+            assert set(conn.execute("SELECT status FROM messages_in").fetchall()) == {("pending",)}
+        await rt.stop("s1", grace=5)
+        assert exits == [AgentExit("g1", "s1", exits[0].exit_code, "stopped")]
+        assert not rt.is_running("s1") and labelled(docker_client, instance) == []
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
-def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
+async def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """inotify in the container sees the host's commits to inbound.db, which is
@@ -283,32 +278,29 @@ def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
         with schema_ro(folder / "outbound.db") as conn:
             return conn.execute("SELECT in_reply_to FROM messages_out ORDER BY seq").fetchall()
 
-    async def main() -> None:
-        rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            # .heartbeat: the agent is up (the first message may still be found by its
-            # first read; the later ones, sent after a reply, only inotify can report)
-            await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
-            await until(lambda: b"waking on" in docker_client.api.logs(handle.ident), 30,
-                        "the agent's start-up line")
-            logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
-            assert b"waking on inotify" in logs, logs
-            for n, mid in enumerate(("m2", "m4", "m6"), start=1):
-                t0 = time.monotonic()
-                insert_message(folder, mid, f"hello {n}")  # the host's write, host side
-                await until(lambda: len(replies()) == n, 20, f"reply {n} (woken by inotify)")
-                assert time.monotonic() - t0 < 20  # a poll would have taken 600 s
-            assert replies() == [("m2",), ("m4",), ("m6",)]
-            await rt.stop("s1", grace=5)
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        # .heartbeat: the agent is up (the first message may still be found by its
+        # first read; the later ones, sent after a reply, only inotify can report)
+        await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
+        await until(lambda: b"waking on" in docker_client.api.logs(handle.ident), 30,
+                    "the agent's start-up line")
+        logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
+        assert b"waking on inotify" in logs, logs
+        for n, mid in enumerate(("m2", "m4", "m6"), start=1):
+            t0 = time.monotonic()
+            insert_message(folder, mid, f"hello {n}")  # the host's write, host side
+            await until(lambda: len(replies()) == n, 20, f"reply {n} (woken by inotify)")
+            assert time.monotonic() - t0 < 20  # a poll would have taken 600 s
+        assert replies() == [("m2",), ("m4",), ("m6",)]
+        await rt.stop("s1", grace=5)
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
-def test_precreated_container_is_started_instead_of_created(
+async def test_precreated_container_is_started_instead_of_created(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """[docker] precreate: after a stop the session's next container is created (not
@@ -323,32 +315,29 @@ def test_precreated_container_is_started_instead_of_created(
     def states() -> dict[str, str]:
         return {c.labels[LABEL_SESSION]: c.status for c in labelled(docker_client, instance)}
 
-    async def main() -> None:
-        rt, _exits = make_runtime(tmp_path, instance, agent_image, precreate=1)
-        try:
-            await rt.start(SessionRef("g1", "s1", folders[0]))
-            await rt.stop("s1", grace=5)
-            await until(lambda: states() == {"s1": "created"}, 20,
-                        "a spare created for s1")
-            [spare] = labelled(docker_client, instance)
-            await rt.reconcile()
-            assert states() == {"s1": "created"}  # a spare is not a dead leftover
-            insert_message(folders[0], "m2", "hello")
-            handle = await rt.start(SessionRef("g1", "s1", folders[0]))
-            assert handle.ident == spare.id  # started, not created
-            await until(lambda: replies(folders[0]) == 1, 30, "reply from the spare")
-            await rt.stop("s1", grace=5)
-            await until(lambda: states() == {"s1": "created"}, 20,
-                        "a new spare for s1")
-            await rt.start(SessionRef("g1", "s2", folders[1]))
-            await rt.stop("s2", grace=5)
-            # capacity 1: s2's spare evicts s1's
-            await until(lambda: states() == {"s2": "created"}, 20,
-                        "only the newest spare is kept")
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, _exits = make_runtime(tmp_path, instance, agent_image, precreate=1)
+    try:
+        await rt.start(SessionRef("g1", "s1", folders[0]))
+        await rt.stop("s1", grace=5)
+        await until(lambda: states() == {"s1": "created"}, 20,
+                    "a spare created for s1")
+        [spare] = labelled(docker_client, instance)
+        await rt.reconcile()
+        assert states() == {"s1": "created"}  # a spare is not a dead leftover
+        insert_message(folders[0], "m2", "hello")
+        handle = await rt.start(SessionRef("g1", "s1", folders[0]))
+        assert handle.ident == spare.id  # started, not created
+        await until(lambda: replies(folders[0]) == 1, 30, "reply from the spare")
+        await rt.stop("s1", grace=5)
+        await until(lambda: states() == {"s1": "created"}, 20,
+                    "a new spare for s1")
+        await rt.start(SessionRef("g1", "s2", folders[1]))
+        await rt.stop("s2", grace=5)
+        # capacity 1: s2's spare evicts s1's
+        await until(lambda: states() == {"s2": "created"}, 20,
+                    "only the newest spare is kept")
+    finally:
+        await rt.close()
 
 
 class schema_ro:
@@ -364,28 +353,25 @@ class schema_ro:
 
 
 @pytest.mark.docker
-def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
+async def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
                                             agent_image: str, instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            await until(lambda: rt.events_connected, 10, "event stream connected")
-            await in_thread(docker_client.api.kill, handle.ident)
-            t0 = time.monotonic()
-            await until(lambda: exits, 2.0, "on_exit after docker kill")
-            assert time.monotonic() - t0 < 2.0
-            assert exits == [AgentExit("g1", "s1", 137, "killed")]
-            assert not rt.is_running("s1") and rt.running() == []
-            await until(lambda: not labelled(docker_client, instance), 10, "container removed")
-            await asyncio.sleep(0.2)  # a late duplicate (die vs kill vs destroy) would show here
-            assert len(exits) == 1
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        await until(lambda: rt.events_connected, 10, "event stream connected")
+        await in_thread(docker_client.api.kill, handle.ident)
+        t0 = time.monotonic()
+        await until(lambda: exits, 2.0, "on_exit after docker kill")
+        assert time.monotonic() - t0 < 2.0
+        assert exits == [AgentExit("g1", "s1", 137, "killed")]
+        assert not rt.is_running("s1") and rt.running() == []
+        await until(lambda: not labelled(docker_client, instance), 10, "container removed")
+        await asyncio.sleep(0.2)  # a late duplicate (die vs kill vs destroy) would show here
+        assert len(exits) == 1
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
@@ -427,32 +413,29 @@ def test_exit_and_runtime_kill(tmp_path: Path, docker_client: docker.DockerClien
 
 
 @pytest.mark.docker
-def test_reconcile_reports_exits_the_event_stream_missed(
+async def test_reconcile_reports_exits_the_event_stream_missed(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            await rt._stop_events()  # deaf: as if the stream had dropped
-            await in_thread(docker_client.api.kill, handle.ident)
-            await in_thread(docker_client.api.wait, handle.ident)
-            assert exits == [] and rt.is_running("s1")  # nobody told it yet
-            await rt.reconcile()
-            assert exits == [AgentExit("g1", "s1", 137, "killed")] and not rt.is_running("s1")
-            await until(lambda: not labelled(docker_client, instance), 10, "container removed")
-            await rt.reconcile()
-            assert len(exits) == 1
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        await rt._stop_events()  # deaf: as if the stream had dropped
+        await in_thread(docker_client.api.kill, handle.ident)
+        await in_thread(docker_client.api.wait, handle.ident)
+        assert exits == [] and rt.is_running("s1")  # nobody told it yet
+        await rt.reconcile()
+        assert exits == [AgentExit("g1", "s1", 137, "killed")] and not rt.is_running("s1")
+        await until(lambda: not labelled(docker_client, instance), 10, "container removed")
+        await rt.reconcile()
+        assert len(exits) == 1
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
-def test_recover_adopts_running_and_removes_exited(
+async def test_recover_adopts_running_and_removes_exited(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     live = make_session(tmp_path, "g1", "live")
@@ -471,29 +454,26 @@ def test_recover_adopts_running_and_removes_exited(
                                                  LABEL_SESSION: "dead"})
     assert dead.wait(timeout=30)["StatusCode"] == 3
 
-    async def second_life() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            adopted = await rt.recover()
-            assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [("live", ident, True)]
-            assert rt.is_running("live") and not rt.is_running("dead")
-            assert [c.id for c in labelled(docker_client, instance)] == [ident]
-            again = await rt.start(SessionRef("g1", "live", live))  # no second container
-            assert again.ident == ident
-            assert len(labelled(docker_client, instance, session="live")) == 1
-            # An adopted container's exit is reported like any other.
-            await until(lambda: rt.events_connected, 10, "event stream connected")
-            await in_thread(docker_client.api.kill, ident)
-            await until(lambda: exits, 5, "adopted container's exit")
-            assert exits == [AgentExit("g1", "live", 137, "killed")]
-        finally:
-            await rt.close()
-
-    asyncio.run(second_life())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        adopted = await rt.recover()
+        assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [("live", ident, True)]
+        assert rt.is_running("live") and not rt.is_running("dead")
+        assert [c.id for c in labelled(docker_client, instance)] == [ident]
+        again = await rt.start(SessionRef("g1", "live", live))  # no second container
+        assert again.ident == ident
+        assert len(labelled(docker_client, instance, session="live")) == 1
+        # An adopted container's exit is reported like any other.
+        await until(lambda: rt.events_connected, 10, "event stream connected")
+        await in_thread(docker_client.api.kill, ident)
+        await until(lambda: exits, 5, "adopted container's exit")
+        assert exits == [AgentExit("g1", "live", 137, "killed")]
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
-def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
+async def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """Restarted while the daemon did not answer, the runtime never ran ``recover``:
@@ -510,20 +490,17 @@ def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
 
     ident = asyncio.run(first_life())
 
-    async def second_life() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            assert not rt.listed and not rt.is_running("live")
-            await rt.reconcile()
-            assert rt.listed and rt.is_running("live")
-            assert [(h.session_id, h.ident, h.adopted) for h in rt.running()] == [
-                ("live", ident, True)]
-            await rt.reconcile()  # idempotent
-            assert len(rt.running()) == 1 and exits == []
-        finally:
-            await rt.close()
-
-    asyncio.run(second_life())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        assert not rt.listed and not rt.is_running("live")
+        await rt.reconcile()
+        assert rt.listed and rt.is_running("live")
+        assert [(h.session_id, h.ident, h.adopted) for h in rt.running()] == [
+            ("live", ident, True)]
+        await rt.reconcile()  # idempotent
+        assert len(rt.running()) == 1 and exits == []
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
@@ -628,7 +605,7 @@ def test_allowed_extra_mount_is_applied(tmp_path: Path, docker_client: docker.Do
 
 
 @pytest.mark.docker
-def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+async def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
                         private_dockerd: PrivateDockerd) -> None:
     """Daemon stops: start raises RuntimeUnavailable, the running agent's end is reported
     after the event stream reconnects, and start works again — without a new runtime."""
@@ -637,43 +614,40 @@ def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agen
     one = make_session(tmp_path, "g1", "one")
     two = make_session(tmp_path, "g1", "two")
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image,
-                                 base_url=private_dockerd.base_url)
-        available: list[int] = []  # event_connects at each "available" call
-        rt.on_available = lambda: available.append(rt.event_connects)
+    rt, exits = make_runtime(tmp_path, instance, agent_image,
+                             base_url=private_dockerd.base_url)
+    available: list[int] = []  # event_connects at each "available" call
+    rt.on_available = lambda: available.append(rt.event_connects)
+    try:
+        await rt.start(SessionRef("g1", "one", one))
+        await until(lambda: rt.events_connected, 10, "event stream connected")
+        connects = rt.event_connects
+        await in_thread(private_dockerd.stop)
+        await until(lambda: not rt.events_connected, 10, "event stream noticed the stop")
+        with pytest.raises(RuntimeUnavailable, match="unreachable"):
+            await rt.start(SessionRef("g1", "two", two))
+        assert not rt.is_running("two")
+        await in_thread(private_dockerd.start)
+        # The stream comes back by itself (backoff is capped at 5 s) and reconciles:
+        # the daemon stopped 'one' while nobody listened.
+        await until(lambda: rt.event_connects > connects, 15, "event stream reconnected")
+        # ... and tells the supervisor, after the reconcile, that it can start again
+        await until(lambda: available and available[-1] > connects, 10, "on_available")
+        await until(lambda: exits, 10, "exit of the container stopped with the daemon")
+        assert [(e.session_id, e.reason in ("exited", "stopped", "killed")) for e in exits] \
+            == [("one", True)]
+        assert not rt.is_running("one")
+        handle = await rt.start(SessionRef("g1", "two", two))
+        assert rt.is_running("two")
+        await rt.kill("two")
+        assert exits[-1] == AgentExit("g1", "two", 137, "killed")
+        client = private_dockerd.client()
         try:
-            await rt.start(SessionRef("g1", "one", one))
-            await until(lambda: rt.events_connected, 10, "event stream connected")
-            connects = rt.event_connects
-            await in_thread(private_dockerd.stop)
-            await until(lambda: not rt.events_connected, 10, "event stream noticed the stop")
-            with pytest.raises(RuntimeUnavailable, match="unreachable"):
-                await rt.start(SessionRef("g1", "two", two))
-            assert not rt.is_running("two")
-            await in_thread(private_dockerd.start)
-            # The stream comes back by itself (backoff is capped at 5 s) and reconciles:
-            # the daemon stopped 'one' while nobody listened.
-            await until(lambda: rt.event_connects > connects, 15, "event stream reconnected")
-            # ... and tells the supervisor, after the reconcile, that it can start again
-            await until(lambda: available and available[-1] > connects, 10, "on_available")
-            await until(lambda: exits, 10, "exit of the container stopped with the daemon")
-            assert [(e.session_id, e.reason in ("exited", "stopped", "killed")) for e in exits] \
-                == [("one", True)]
-            assert not rt.is_running("one")
-            handle = await rt.start(SessionRef("g1", "two", two))
-            assert rt.is_running("two")
-            await rt.kill("two")
-            assert exits[-1] == AgentExit("g1", "two", 137, "killed")
-            client = private_dockerd.client()
-            try:
-                await until(lambda: not client.containers.list(
-                    all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}), 10,
-                    "dead containers removed after the restart")
-            finally:
-                client.close()
-            assert handle.ident
+            await until(lambda: not client.containers.list(
+                all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}), 10,
+                "dead containers removed after the restart")
         finally:
-            await rt.close()
-
-    asyncio.run(main())
+            client.close()
+        assert handle.ident
+    finally:
+        await rt.close()

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from e2e import (Client, failures, make_config, replies_to, reap_agents, run,  # noqa: F401
-                 supervised, until)
-from helpers import query
+from e2e import Client, failures, make_config, replies_to, run, supervised
+from helpers import query, until
 
 
 def message_status(paths, message_id: str) -> str:

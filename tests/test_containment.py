@@ -80,6 +80,14 @@ def add_reply(db: Path, out_id: str, seq: int, content: str | bytes | None = Non
     return time.monotonic()
 
 
+def session_with_outbound(client: Client, agent_group: str):
+    """A new session of ``agent_group`` whose outbound.db the agent has already made."""
+    row = client.session(agent_group)
+    paths = client.paths(row)
+    schema.init_outbound(paths.outbound_db)
+    return row, paths
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every name under ``root`` (links not followed): kind, bytes, mtime — to prove
     nothing out there was read through, moved, written or deleted."""
@@ -266,9 +274,7 @@ def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
 
     async def body() -> None:
         client = Client(cfg)
-        victim = client.session("victim")
-        paths = client.paths(victim)
-        schema.init_outbound(paths.outbound_db)
+        victim, paths = session_with_outbound(client, "victim")
         async with supervised(cfg, channel=channel) as sup:
             add_reply(paths.outbound_db, "ok-1", 1)
             await until(lambda: "ok-1" in channel.taken, message="the victim's own reply")
@@ -343,9 +349,7 @@ def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
 
     async def body() -> None:
         client = Client(cfg)
-        row = client.session("replaced")
-        paths = client.paths(row)
-        schema.init_outbound(paths.outbound_db)
+        row, paths = session_with_outbound(client, "replaced")
         async with supervised(cfg, channel=channel) as sup:
             for i, seq in enumerate((1, 3, 5)):
                 add_reply(paths.outbound_db, f"a{i}", seq)
@@ -400,9 +404,7 @@ async def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap
     before = snapshot(outside)
 
     client = Client(cfg)
-    row = client.session("bad")
-    paths = client.paths(row)
-    schema.init_outbound(paths.outbound_db)
+    row, paths = session_with_outbound(client, "bad")
     outbox = paths.outbox
     (outbox / "r-notdir").write_text("a file where outbox/<id>/ should be")
     (outbox / "r-link").mkdir()
@@ -469,9 +471,7 @@ def test_a_50_mb_reply_is_failed_without_loading_it(tmp_path: Path) -> None:
     config.write_text(tomli_w.dumps(data))
     cfg = make_config(tmp_path)
     client = Client(cfg)
-    row = client.session("huge")
-    paths = client.paths(row)
-    schema.init_outbound(paths.outbound_db)
+    row, paths = session_with_outbound(client, "huge")
     add_reply(paths.outbound_db, "r-huge", 1, json.dumps({"text": "x" * 50_000_000}))
     add_reply(paths.outbound_db, "r-ok", 3)
     client.close()

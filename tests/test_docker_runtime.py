@@ -19,6 +19,7 @@ from typing import Any
 
 import docker
 import pytest
+import requests
 from loguru import logger
 
 from docker_fixtures import PrivateDockerd, in_thread, insert_message, make_session, remove_labelled
@@ -26,8 +27,9 @@ from helpers import until
 from orchestrator import layout
 from orchestrator.config import DockerConfig
 from orchestrator.runtime import image as image_mod
-from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.docker import DockerRuntime
+from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.docker import DockerRuntime, Phase, _Tracked
+from orchestrator.runtime.dockerexec import Conflict, DockerExec
 from orchestrator.runtime.docker_spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, MountNotAllowed, container_name,
                                               container_spec, exit_reason, host_config_kwargs,
@@ -435,7 +437,7 @@ async def test_reconcile_reports_exits_the_event_stream_missed(
 
 
 @pytest.mark.docker
-async def test_recover_adopts_running_and_removes_exited(
+def test_recover_adopts_running_and_removes_exited(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     live = make_session(tmp_path, "g1", "live")
@@ -454,26 +456,29 @@ async def test_recover_adopts_running_and_removes_exited(
                                                  LABEL_SESSION: "dead"})
     assert dead.wait(timeout=30)["StatusCode"] == 3
 
-    rt, exits = make_runtime(tmp_path, instance, agent_image)
-    try:
-        adopted = await rt.recover()
-        assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [("live", ident, True)]
-        assert rt.is_running("live") and not rt.is_running("dead")
-        assert [c.id for c in labelled(docker_client, instance)] == [ident]
-        again = await rt.start(SessionRef("g1", "live", live))  # no second container
-        assert again.ident == ident
-        assert len(labelled(docker_client, instance, session="live")) == 1
-        # An adopted container's exit is reported like any other.
-        await until(lambda: rt.events_connected, 10, "event stream connected")
-        await in_thread(docker_client.api.kill, ident)
-        await until(lambda: exits, 5, "adopted container's exit")
-        assert exits == [AgentExit("g1", "live", 137, "killed")]
-    finally:
-        await rt.close()
+    async def second_life() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            adopted = await rt.recover()
+            assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [("live", ident, True)]
+            assert rt.is_running("live") and not rt.is_running("dead")
+            assert [c.id for c in labelled(docker_client, instance)] == [ident]
+            again = await rt.start(SessionRef("g1", "live", live))  # no second container
+            assert again.ident == ident
+            assert len(labelled(docker_client, instance, session="live")) == 1
+            # An adopted container's exit is reported like any other.
+            await until(lambda: rt.events_connected, 10, "event stream connected")
+            await in_thread(docker_client.api.kill, ident)
+            await until(lambda: exits, 5, "adopted container's exit")
+            assert exits == [AgentExit("g1", "live", 137, "killed")]
+        finally:
+            await rt.close()
+
+    asyncio.run(second_life())
 
 
 @pytest.mark.docker
-async def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
+def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """Restarted while the daemon did not answer, the runtime never ran ``recover``:
@@ -490,17 +495,20 @@ async def test_reconcile_adopts_a_live_container_that_recover_could_not_list(
 
     ident = asyncio.run(first_life())
 
-    rt, exits = make_runtime(tmp_path, instance, agent_image)
-    try:
-        assert not rt.listed and not rt.is_running("live")
-        await rt.reconcile()
-        assert rt.listed and rt.is_running("live")
-        assert [(h.session_id, h.ident, h.adopted) for h in rt.running()] == [
-            ("live", ident, True)]
-        await rt.reconcile()  # idempotent
-        assert len(rt.running()) == 1 and exits == []
-    finally:
-        await rt.close()
+    async def second_life() -> None:
+        rt, exits = make_runtime(tmp_path, instance, agent_image)
+        try:
+            assert not rt.listed and not rt.is_running("live")
+            await rt.reconcile()
+            assert rt.listed and rt.is_running("live")
+            assert [(h.session_id, h.ident, h.adopted) for h in rt.running()] == [
+                ("live", ident, True)]
+            await rt.reconcile()  # idempotent
+            assert len(rt.running()) == 1 and exits == []
+        finally:
+            await rt.close()
+
+    asyncio.run(second_life())
 
 
 @pytest.mark.docker
@@ -651,3 +659,63 @@ async def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient
         assert handle.ident
     finally:
         await rt.close()
+
+
+# --- the container phase (no engine needed) ----------------------------------------------
+
+_ALL_PHASES = list(Phase)
+_ALLOWED = {(Phase.STARTING, Phase.RUNNING), (Phase.STARTING, Phase.DONE),
+            (Phase.RUNNING, Phase.STOPPING), (Phase.RUNNING, Phase.KILLING),
+            (Phase.RUNNING, Phase.DONE), (Phase.STOPPING, Phase.DONE),
+            (Phase.KILLING, Phase.STOPPING), (Phase.KILLING, Phase.DONE)}
+
+
+@pytest.mark.parametrize("start", _ALL_PHASES)
+@pytest.mark.parametrize("to", _ALL_PHASES)
+def test_a_container_phase_moves_only_where_it_may(start: Phase, to: Phase) -> None:
+    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", start)
+    moved = t.move(to)
+    assert moved == ((start, to) in _ALLOWED)
+    assert t.phase is (to if moved else start)
+
+
+@pytest.mark.parametrize("steps, code, oom, signal_, reason, live", [
+    ([], 0, False, None, "exited", True),
+    ([], 137, False, None, "killed", True),
+    ([], 1, True, None, "oom", True),
+    ([], 0, False, "SIGTERM", "stopped", True),
+    ([Phase.STOPPING], 143, False, None, "stopped", True),
+    ([Phase.KILLING], 137, False, None, "killed", True),
+    ([Phase.STOPPING, Phase.KILLING], 137, False, None, "stopped", True),  # a stop's reason wins
+    ([Phase.KILLING, Phase.STOPPING], 137, False, None, "stopped", True),
+    ([Phase.KILLING], 137, True, None, "killed", True),  # we killed it: not an oom
+    ([Phase.DONE], 0, False, None, "exited", False),
+])
+def test_a_container_exit_reason_follows_its_phase(steps, code, oom, signal_, reason,
+                                                   live) -> None:
+    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", oom=oom, kill_signal=signal_)
+    for step in steps:
+        t.move(step)
+    assert t.exit_reason(code) == reason
+    assert t.live is live and t.done is (not live)
+
+
+def test_a_starting_container_is_not_running_yet() -> None:
+    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", Phase.STARTING)
+    assert not t.live and not t.done
+    assert t.move(Phase.DONE) and not t.move(Phase.RUNNING)  # ended before start() returned
+
+
+@pytest.mark.parametrize("status, explanation, kind", [
+    (409, 'Conflict. The container name "/x" is already in use by container "abc"', Conflict),
+    (409, "some other conflict, worded anyhow", Conflict),
+    (500, "Conflict in the text alone is not a conflict", RuntimeUnavailable),
+    (400, "bad parameter", RuntimeUnavailable),
+])
+def test_translate_types_a_409_as_a_conflict(status: int, explanation: str, kind) -> None:
+    response = requests.Response()
+    response.status_code = status
+    exc = docker.errors.APIError("boom", response=response, explanation=explanation)
+    translated = DockerExec().translate("create", exc)
+    assert type(translated) is kind
+    assert str(translated) == f"docker create failed: {explanation}"

@@ -13,6 +13,7 @@ one-line message saying what failed and what to do:
   not per call (the exception says so: ``reported = True``).
 - image missing: "image X not found: run `orchestrator image build`", logged
   once per image until it is found (``ImageMissing.reported``).
+- HTTP 409 (a name in use): ``Conflict``, a RuntimeUnavailable a caller may resolve.
 - ``missing_ok=True`` (stop/kill/remove/inspect): NotFound, "is not running"
   and "removal ... already in progress" (409) mean "already done" -> None.
 
@@ -55,6 +56,11 @@ class ImageMissing(RuntimeUnavailable):
     (not once per session that wanted it), until the image is found."""
 
     reported = True
+
+
+class Conflict(RuntimeUnavailable):
+    """The daemon answered HTTP 409 (e.g. a container name already in use): callers
+    that can resolve it branch on this type, not on the message text."""
 
 
 def docker_where(base_url: str = "") -> str:
@@ -171,6 +177,8 @@ class DockerExec:
                 self._missing_images.add(name)
                 logger.error("{}", missing)
             return missing
+        if isinstance(exc, APIError) and exc.status_code == 409:
+            return Conflict(f"docker {what} failed: {_first_line(exc)}")
         return RuntimeUnavailable(f"docker {what} failed: {_first_line(exc)}")
 
     def call_sync(self, what: str, fn: Callable[[APIClient], T], *, missing_ok: bool = False,

@@ -36,6 +36,7 @@ from orchestrator.delivery import Deliverer
 from orchestrator.errors import UserError, storage
 from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, session_paths,
                                  sessions_root, validate_id)
+from orchestrator.logonce import LogOnce
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
@@ -145,7 +146,7 @@ class Supervisor:
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
         self.last_sweep: float | None = None
-        self._refused: set[tuple[str, str | None]] = set()  # linked folders, logged once
+        self._refused = LogOnce()  # linked folders (agent group, session id), said once
 
     # --- events in ----------------------------------------------------------------
 
@@ -236,8 +237,7 @@ class Supervisor:
             return False
 
     def _refuse(self, agent_group: str, session_id: str | None, why: str) -> None:
-        if (agent_group, session_id) not in self._refused:
-            self._refused.add((agent_group, session_id))
+        if self._refused.say((agent_group, session_id), "refused"):
             logger.warning("{}; leaving it alone", why)
 
     def _discover(self) -> None:

@@ -719,3 +719,28 @@ def test_translate_types_a_409_as_a_conflict(status: int, explanation: str, kind
     translated = DockerExec().translate("create", exc)
     assert type(translated) is kind
     assert str(translated) == f"docker create failed: {explanation}"
+
+
+@pytest.mark.parametrize("asked, events, code, reason", [
+    (None, [], "0", "exited"),
+    (None, [("oom", {})], "137", "oom"),
+    (None, [("kill", {"signal": "15"})], "143", "stopped"),
+    (Phase.STOPPING, [], "143", "stopped"),
+    (Phase.KILLING, [("kill", {"signal": "9"})], "137", "killed"),
+])
+def test_a_die_event_reports_the_exit_once_by_phase(tmp_path: Path, asked, events, code,
+                                                    reason) -> None:
+    """The event path alone (no engine): what we asked for and what Docker said decide
+    the reason; a second ``die`` for the same container reports nothing."""
+    rt, exits = make_runtime(tmp_path, "inst", "img")
+    t = _Tracked(AgentHandle("g", "s", "cid"), "cid", "n")
+    if asked is not None:
+        t.move(asked)
+    rt._track(t)
+    attrs = {LABEL_INSTANCE: "inst"}
+    for action, extra in events + [("die", {"exitCode": code}), ("die", {"exitCode": code})]:
+        if asked is None and action == "die":  # a self-exit removes its container: a task
+            rt._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+        rt._on_event({"Action": action, "Actor": {"ID": "cid", "Attributes": {**attrs, **extra}}})
+    assert exits == [AgentExit("g", "s", int(code), reason)]
+    assert t.done and not rt.is_running("s")

@@ -555,7 +555,7 @@ class DockerRuntime:
             except (TypeError, ValueError):
                 code = None
             # stop()/kill() remove the container themselves, after their own wait.
-            self._emit(t, t.exit_reason(code),
+            self._emit(t, code, t.exit_reason(code),
                        remove=t.phase not in (Phase.STOPPING, Phase.KILLING))
         elif action == "destroy":
             self._emit(t, None, "vanished")

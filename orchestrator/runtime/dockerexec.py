@@ -34,11 +34,13 @@ from docker import APIClient
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from loguru import logger
 
+from orchestrator.logonce import LogOnce
 from orchestrator.runtime.base import RuntimeUnavailable
 
 T = TypeVar("T")
 
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+DAEMON = "daemon"  # the LogOnce key of "the daemon is unreachable"
 # 409 answers that mean the container is already where we want it.
 _DONE_FRAGMENTS = ("is not running", "already in progress", "is already stopped",
                    "no such container", "is not paused")
@@ -118,8 +120,9 @@ class DockerExec:
         self._client: APIClient | None = None
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._available: bool | None = None  # None = not known yet
-        self._missing_images: set[str] = set()  # reported missing, not seen since
+        self._answered = False  # whether any call has reached (or failed to reach) it yet
+        # said once each: the daemon down (key DAEMON), an image missing (key ("image", name))
+        self._said = LogOnce()
 
     # -- client -----------------------------------------------------------
     def api(self) -> APIClient:
@@ -145,21 +148,21 @@ class DockerExec:
     @property
     def available(self) -> bool | None:
         """Whether the last call reached the daemon (None before the first call)."""
-        return self._available
+        return DAEMON not in self._said if self._answered else None
 
     def unreachable_message(self) -> str:
         return f"Docker daemon unreachable at {self.where}: start it or set [docker] base_url"
 
     def mark_available(self) -> None:
-        if self._available is False:
+        self._answered = True
+        if self._said.clear(DAEMON) is not None:
             logger.info("Docker daemon at {} is reachable again", self.where)
-        self._available = True
 
     def mark_unavailable(self, exc: BaseException) -> None:
         self._drop_client()
-        if self._available is not False:
+        self._answered = True
+        if self._said.say(DAEMON, self.unreachable_message()):
             logger.warning("{} ({})", self.unreachable_message(), _first_line(exc))
-        self._available = False
 
     # -- error policy --------------------------------------------------------
     def translate(self, what: str, exc: BaseException, *, image: str | None = None
@@ -173,8 +176,7 @@ class DockerExec:
             name = image or "the agent image"
             missing = ImageMissing(f"image {name} not found: run `orchestrator image build` "
                                    "(work stays pending; starts are retried)")
-            if name not in self._missing_images:
-                self._missing_images.add(name)
+            if self._said.say(("image", name), str(missing)):
                 logger.error("{}", missing)
             return missing
         if isinstance(exc, APIError) and exc.status_code == 409:
@@ -220,8 +222,7 @@ class DockerExec:
         Checked before create: docker-py's run() would try to pull (offline: APIError 500).
         """
         found = await self.call("image inspect", lambda api: api.inspect_image(image), image=image)
-        if image in self._missing_images:
-            self._missing_images.discard(image)
+        if self._said.clear(("image", image)) is not None:
             logger.info("image {} is there now", image)
         return found
 

@@ -134,6 +134,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not text.strip() and not args.attach:
         raise UsageError("TEXT is empty: give the message text, or - to read it from "
                          "standard input")
+    if remote and args.every:
+        raise UsageError("--every writes a series into the files: run it without --url "
+                         "(on the orchestrator's host)")
     schedule = cli_groups.schedule_of(args, cfg, utcnow())  # --at / --every, checked first
     if args.json:
         try:
@@ -153,6 +156,8 @@ def cmd_send(args: argparse.Namespace) -> int:
                 "thread_id": args.thread, "content": content}
         if args.mode:
             body["mode"] = args.mode
+        if schedule.process_after:
+            body["process_after"] = schedule.process_after.isoformat()
         print(api_client.send(remote[0], remote[1], body)["session_id"])
         return 0
     registry, sessions = _open(cfg)

@@ -38,9 +38,9 @@ class Schedule:
     series_id: str | None = None
 
 
-def schedule_of(args: argparse.Namespace, cfg: Config, now: datetime) -> Schedule:
+def schedule_of(args: argparse.Namespace, cfg: Config | None, now: datetime) -> Schedule:
     """The --at / --every of a ``send``, checked before anything is written."""
-    zone = cfg.sessions.timezone
+    zone = cfg.sessions.timezone if cfg else "UTC"  # with --url: the server's files, UTC
     at = scheduling.parse_at(args.at, now, zone) if args.at else None
     if not args.every:
         return Schedule(at)

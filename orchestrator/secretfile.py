@@ -30,13 +30,13 @@ def ensure_secret(path: Path) -> str:
     except FileExistsError:  # created meanwhile (another process): use that one
         return read_secret(path)
     except OSError as exc:
-        raise SecretFileError(f"{path}: cannot create ({exc.strerror})") from None
+        raise SecretFileError(f"{path}: cannot create ({exc.strerror.lower()})") from None
     try:
         os.write(fd, (value + "\n").encode("ascii"))
         os.fsync(fd)
     except OSError as exc:  # a full disk: leave no empty or torn secret behind
         path.unlink(missing_ok=True)
-        raise SecretFileError(f"{path}: cannot write ({exc.strerror})") from None
+        raise SecretFileError(f"{path}: cannot write ({exc.strerror.lower()})") from None
     finally:
         os.close(fd)
     return value

@@ -39,6 +39,7 @@ from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
+from orchestrator.session_status import Status
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.groups import AgentSettings
@@ -82,7 +83,7 @@ class Tracked:
     agent_group: str
     session_id: str
     paths: SessionPaths
-    status: str = "stopped"
+    status: Status = Status.STOPPED
     routing: tuple[str | None, str | None, str | None] | None = None
     started_at: datetime | None = None
     heartbeat_at: datetime | None = None
@@ -263,7 +264,7 @@ class SessionWorker:
         hold off a stop.
         """
         wanted = flags & (Flag.INBOUND | Flag.EXIT | Flag.TIMER)
-        if wanted == Flag.INBOUND and alive and t.status == "running":
+        if wanted == Flag.INBOUND and alive and t.status == Status.RUNNING:
             return False
         return bool(wanted)
 
@@ -276,7 +277,7 @@ class SessionWorker:
                 flags = self._changed_on_disk(t, folder)
         except OSError:  # Refused too: the pass says what is wrong, once
             return Flag.SWEEP
-        if self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+        if self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
             flags |= Flag.SWEEP
         return flags
 
@@ -364,7 +365,7 @@ class SessionWorker:
         t.op_failures = 0  # the agent a failed stop/kill was for has gone
         t.said.clear("op")
         t.op_blocked_until = None
-        self.set_status(t, "stopped", reason, now)
+        self.set_status(t, Status.STOPPED, reason, now)
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """No agent runs, yet messages are claimed: the agent died mid-message.
@@ -477,7 +478,7 @@ class SessionWorker:
                 "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
                 pid or default[1], thread or default[2]))
 
-    def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
+    def set_status(self, t: Tracked, status: Status, reason: str, now: datetime) -> None:
         old = t.status
         t.status = status
         self.registry.set_container_status(t.session_id, status, reason, now)
@@ -588,7 +589,7 @@ class SessionWorker:
         t.idle_since = None
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.due} message(s) due")
-        self.set_status(t, "running", reason, t.started_at)
+        self.set_status(t, Status.RUNNING, reason, t.started_at)
 
     async def _pause(self, t: Tracked, reason: str) -> None:
         """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three

@@ -41,6 +41,7 @@ from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
+from orchestrator.session_status import Status
 from orchestrator.signals import capture_signals
 from orchestrator.store.registry import Registry
 from orchestrator.store.schema import utcnow
@@ -168,7 +169,7 @@ class Supervisor:
         self.admission.runtime_available()
         for t in self.tracked.values():
             unblocked = self.worker.unblock(t)
-            if unblocked or self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+            if unblocked or self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
                 self.mark(t.session_id, Flag.TIMER)
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
@@ -352,9 +353,9 @@ class Supervisor:
         for sid, t in self.tracked.items():
             if sid in adopted:
                 t.started_at = now
-                self.worker.set_status(t, "running", "adopted after restart", now)
-            elif t.status != "stopped":
-                self.worker.set_status(t, "stopped", unknown or "no agent found at start-up",
+                self.worker.set_status(t, Status.RUNNING, "adopted after restart", now)
+            elif t.status != Status.STOPPED:
+                self.worker.set_status(t, Status.STOPPED, unknown or "no agent found at start-up",
                                        now)
         self._unreconciled = set(self.tracked)
         for sid in self.tracked:
@@ -408,7 +409,7 @@ class Supervisor:
             for h, result in zip(running, results):
                 t = self.tracked.get(h.session_id)
                 if t and not isinstance(result, BaseException):
-                    self.worker.set_status(t, "stopped", "stopped at orchestrator shutdown", now)
+                    self.worker.set_status(t, Status.STOPPED, "stopped at orchestrator shutdown", now)
         elif running:
             logger.info("leaving {} agents running; they are re-adopted on restart",
                         len(running))

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -81,11 +81,11 @@ def _name(c: dict) -> str:
 class Phase(Enum):
     """Where one container of ours is in its life, as far as this runtime knows."""
 
-    STARTING = "starting"  # ``docker start`` under way: an exit now waits for the handle
-    RUNNING = "running"
-    STOPPING = "stopping"  # we asked it to stop: its exit is "stopped"
-    KILLING = "killing"  # we killed it: its exit is "killed"
-    DONE = "done"  # its exit was reported (or it was never ours to report: a listed one)
+    STARTING = auto()  # ``docker start`` under way: an exit now waits for the handle
+    RUNNING = auto()
+    STOPPING = auto()  # we asked it to stop: its exit is "stopped"
+    KILLING = auto()  # we killed it: its exit is "killed"
+    DONE = auto()  # its exit was reported (or it was never ours to report: a listed one)
 
 
 # The only moves there are; any other asked for leaves the phase as it is. A stop that

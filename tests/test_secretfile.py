@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e import reap_agents  # noqa: F401
 from orchestrator.secretfile import SecretFileError, ensure_secret, read_secret
 
 
@@ -43,3 +44,36 @@ def test_unusable_files_are_refused(tmp_path: Path, setup: str, fragment: str) -
         os.mkfifo(path, 0o600)
     with pytest.raises(SecretFileError, match=fragment):
         ensure_secret(path)
+
+
+def test_a_full_disk_is_a_storage_error_and_leaves_no_empty_file(tmp_path: Path) -> None:
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        fill(disk)
+        with pytest.raises(SecretFileError) as caught:
+            ensure_secret(disk / "token")
+        assert caught.value.storage and "cannot create" in str(caught.value)
+        assert not (disk / "token").exists()
+
+
+def test_a_supervisor_on_a_full_disk_runs_with_the_api_off(tmp_path: Path,
+                                                           reap_agents) -> None:
+    """Delivery matters more than the API: no token can be made, so no API, one line."""
+    from e2e import Client, make_config, run, supervised
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        cfg = make_config(disk)
+        client = Client(cfg)  # the registry exists and is open (the disk fills up later)
+        client.send("g", "hello")
+        filler = fill(disk)
+
+        async def body() -> None:
+            async with supervised(cfg) as sup:
+                assert sup.api.url is None
+        try:
+            run(body())
+        finally:
+            filler.unlink()
+            client.close()

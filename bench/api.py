@@ -146,10 +146,14 @@ async def post(client: httpx.AsyncClient, session: int, text: str) -> dict:
     raise AssertionError("unreachable")
 
 
+POSTS: list[float] = []  # seconds each POST /v1/messages took (answer received)
+
+
 async def round_trip(client: httpx.AsyncClient, rx: Receiver, session: int,
                      timeout: float = 120.0) -> float:
     t0 = time.monotonic()
     mid = (await post(client, session, "ping"))["message_id"]
+    POSTS.append(time.monotonic() - t0)
     return (await rx.wait(mid, timeout)) - t0
 
 
@@ -251,6 +255,7 @@ async def run(args: argparse.Namespace) -> dict:
             def record(name: str, values: list[float], first: int) -> None:
                 out[name] = summary(values)
                 out[name]["commit_to_webhook"] = summary(rx.commit_to_arrival[first:])
+                out[name]["post_answered"] = summary(POSTS[-len(values):])
                 print(f"{name}:", out[name], flush=True)
 
             if wanted("latency1"):

@@ -115,7 +115,8 @@ def write_config(root: Path, api_port: int, hook_port: int, poll: float,
     cfg = {
         "data_dir": str(root / "data"),
         "runtime": {"command": (["nice", "-n", str(nice)] if nice else []) + agent,
-                    "on_shutdown": "stop", "stop_grace": 2.0},
+                    "on_shutdown": "stop", "stop_grace": 2.0,
+                    "max_agents": 0},  # every session's agent runs: the path, not the queue
         "lifecycle": {"idle_after": 600, "stop_idle_after": 600},
         "delivery": {"channel": "webhook", "url": f"http://127.0.0.1:{hook_port}/hook",
                      "timeout": 30.0},

@@ -172,7 +172,8 @@ async def latency(client: httpx.AsyncClient, rx: Receiver, sessions: int, count:
     async def one(s: int) -> None:
         try:
             results.append(await round_trip(client, rx, s))
-        finally:
+            await asyncio.sleep(rx.delay)  # its POST is answered only then: the session is
+        finally:                            # busy until the receiver has answered it
             busy.discard(s)
 
     tasks = []

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from orchestrator import cli_groups
 from orchestrator import config as config_mod
 from orchestrator.api import client as api_client
 from orchestrator.config import Config
@@ -24,7 +25,9 @@ from orchestrator.errors import UserError
 from orchestrator.layout import InvalidId, registry_path
 from orchestrator.secretfile import ensure_secret
 from orchestrator.sessions import MODES, MessagingGroup, Sessions
+from orchestrator.scheduling import format_due
 from orchestrator.store.registry import Registry
+from orchestrator.store.schema import utcnow
 
 EXIT_USAGE = 2
 DISTRIBUTION = "agent-session-orchestrator"
@@ -131,6 +134,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not text.strip() and not args.attach:
         raise UsageError("TEXT is empty: give the message text, or - to read it from "
                          "standard input")
+    if remote and args.every:
+        raise UsageError("--every writes a series into the files: run it without --url "
+                         "(on the orchestrator's host)")
+    schedule = cli_groups.schedule_of(args, cfg, utcnow())  # --at / --every, checked first
     if args.json:
         try:
             content = json.loads(text)
@@ -149,6 +156,8 @@ def cmd_send(args: argparse.Namespace) -> int:
                 "thread_id": args.thread, "content": content}
         if args.mode:
             body["mode"] = args.mode
+        if schedule.process_after:
+            body["process_after"] = schedule.process_after.isoformat()
         print(api_client.send(remote[0], remote[1], body)["session_id"])
         return 0
     registry, sessions = _open(cfg)
@@ -157,10 +166,24 @@ def cmd_send(args: argparse.Namespace) -> int:
         mg = MessagingGroup(args.channel, args.platform)
         message = sessions.prepare(content)  # refused here: no session is created for it
         session = sessions.resolve(args.group, mg, args.thread, mode)
-        # the message keeps its own chat, whatever the session's mode (replies go back there)
-        sessions.write_message(session, message, routing=(args.channel, args.platform,
-                                                          args.thread))
+        if schedule.series_id:  # indexed first: a series is never left un-cancellable
+            registry.add_series(schedule.series_id, session.id, args.group,
+                                schedule.recurrence, cfg.sessions.timezone)
+        try:
+            # the message keeps its own chat, whatever the session's mode (replies go back)
+            sessions.write_message(session, message,
+                                   routing=(args.channel, args.platform, args.thread),
+                                   process_after=schedule.process_after,
+                                   recurrence=schedule.recurrence, series_id=schedule.series_id)
+        except BaseException:
+            if schedule.series_id:
+                registry.cancel_series(schedule.series_id)
+            raise
     print(session.id)
+    if schedule.series_id:
+        print(schedule.series_id)
+    if schedule.process_after:
+        print(f"due at {format_due(schedule.process_after)} UTC", file=sys.stderr)
     return 0
 
 
@@ -180,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = []
     else:
         with registry:
-            rows = status.collect(cfg.data_dir, registry)
+            rows = status.collect(cfg.data_dir, registry, cfg)
     print(status.render_json(rows) if args.json else status.render_table(rows))
     warning = status.environment_warning(cfg.data_dir)
     if warning:  # status itself only reads, so it works; say what will not
@@ -192,7 +215,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.logs import setup_logging
     from orchestrator.supervisor import run
 
+    from orchestrator.groups import preflight
+
     cfg = _load(args)
+    preflight(cfg)
     setup_logging(cfg.log, json=True if args.json_logs else None)
     return run(cfg)
 
@@ -242,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='TEXT is the whole message content as a JSON object, e.g. '
                         '\'{"text": "hi", "priority": 2}\'')
+    cli_groups.add_send_options(p)
     p.add_argument("text", metavar="TEXT",
                    help="the message text (UTF-8); - reads it from standard input")
     p.set_defaults(func=cmd_send)
@@ -265,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="default: [docker] image")
     p.add_argument("--force", action="store_true", help="rebuild even if the tag is current")
     p.set_defaults(func=cmd_image)
+
+    cli_groups.register(sub, common, _load)
     return parser
 
 

@@ -143,6 +143,8 @@ class SessionsConfig:
                              choices=("shared", "per-thread", "agent-shared"))
     max_attachment_bytes: int = _opt(25 * 1024 * 1024, "largest decoded attachment",
                                      min=1, max=2**40)
+    timezone: str = _opt("UTC", "IANA time zone of 'send --at' times without an offset and "
+                         "of 'send --every' cron expressions, e.g. 'Europe/Berlin'")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class Config:
     sessions: SessionsConfig = SessionsConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
+    groups: tuple = ()  # of groups.GroupConfig, sorted by name: [groups.<name>] overrides
     source: Path | None = None
 
     def replace(self, **sections: Any) -> "Config":
@@ -253,7 +256,9 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
     Relative paths are relative to ``base_dir`` (the config file's folder);
     ``[delivery] path`` is relative to ``data_dir``.
     """
-    top = {"data_dir"} | set(SECTIONS)
+    from orchestrator.groups import load_groups  # groups builds on this module
+
+    top = {"data_dir", "groups"} | set(SECTIONS)
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]}: allowed top-level keys are "
@@ -275,7 +280,19 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
     if api.token_file:
         sections["api"] = dataclasses.replace(
             api, token_file=str(data_dir / Path(api.token_file).expanduser()))
-    return Config(data_dir=data_dir, source=source, **sections)
+    _check_timezone(sections["sessions"].timezone)
+    groups = load_groups(data.get("groups", {}), base_dir)
+    return Config(data_dir=data_dir, source=source, groups=groups, **sections)
+
+
+def _check_timezone(name: str) -> None:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"[sessions] timezone {name!r} is not a known IANA time zone; "
+                          "use e.g. 'UTC' or 'Europe/Berlin'") from None
 
 
 def read_config(path: Path) -> Config:
@@ -322,6 +339,9 @@ def render_default(data_dir: str = "data") -> str:
         for f in fields(cls):
             lines.append(f"# {f.metadata['help']}")
             lines.append(tomli_w.dumps({f.name: _default_value(f)}).rstrip())
+    from orchestrator.groups import render_example
+
+    lines += render_example()
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,6 @@ used: the token is the only thing between the network and every session.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import stat
@@ -15,10 +14,7 @@ from pathlib import Path
 
 
 class SecretFileError(ValueError):
-    """One line naming the file and the fix. ``storage``: the disk is full or read-only
-    (not the file's fault: the caller may carry on without it)."""
-
-    storage: bool = False
+    """One line naming the file and the fix."""
 
 
 def ensure_secret(path: Path) -> str:
@@ -34,22 +30,16 @@ def ensure_secret(path: Path) -> str:
     except FileExistsError:  # created meanwhile (another process): use that one
         return read_secret(path)
     except OSError as exc:
-        raise _cannot_create(path, exc) from None
+        raise SecretFileError(f"{path}: cannot create ({exc.strerror.lower()})") from None
     try:
         os.write(fd, (value + "\n").encode("ascii"))
         os.fsync(fd)
-    except OSError as exc:
-        os.unlink(path)  # never leave an empty or partial secret behind
-        raise _cannot_create(path, exc) from None
+    except OSError as exc:  # a full disk: leave no empty or torn secret behind
+        path.unlink(missing_ok=True)
+        raise SecretFileError(f"{path}: cannot write ({exc.strerror.lower()})") from None
     finally:
         os.close(fd)
     return value
-
-
-def _cannot_create(path: Path, exc: OSError) -> SecretFileError:
-    err = SecretFileError(f"{path}: cannot create ({exc.strerror})")
-    err.storage = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-    return err
 
 
 def read_secret(path: Path) -> str:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
+from orchestrator import groups, scheduling
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
@@ -39,6 +40,7 @@ from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
+from orchestrator.groups import AgentSettings
 from orchestrator.store.registry import Registry
 
 if TYPE_CHECKING:
@@ -130,6 +132,20 @@ class SessionWorker:
         # status changes, replies delivered/failed, failed messages, agent starts → the
         # API's event log and metrics (``orchestrator.api.hub``); must not block
         self.notify: Callable[[str, dict], None] = lambda kind, data: None
+        self._settings: dict[str, AgentSettings] = {}
+
+    def settings(self, agent_group: str) -> AgentSettings:
+        """The group's effective settings ([groups.<name>] over the global values),
+        resolved once per group from the config ``run`` started with."""
+        s = self._settings.get(agent_group)
+        if s is None:
+            s = self._settings[agent_group] = groups.resolve(self.cfg, agent_group)
+        return s
+
+    def _successor(self, now: datetime) -> Callable[[dict], inbound.NewMessage | None]:
+        """A settled recurring row's next occurrence (written in the same transaction)."""
+        zone = self.cfg.sessions.timezone
+        return lambda row: scheduling.successor(row, now, zone)
 
     # --- the pass ---------------------------------------------------------------------
 
@@ -313,7 +329,7 @@ class SessionWorker:
         # The acks after the replies: an agent writes a reply and its 'completed' ack in
         # one commit, and the reply must not wait for a commit of the ack's mirror.
         if final:
-            inbound.sync_acks(folder.db(INBOUND_DB), final)
+            inbound.sync_acks(folder.db(INBOUND_DB), final, self._successor(now), now)
         # Only once the sync is written: acks older than ``acks_seen`` are never read
         # again, so moving it first would lose an ack whose sync failed.
         stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
@@ -350,14 +366,14 @@ class SessionWorker:
         Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
         stale acks — the host may write outbound.db only while no agent runs.
         """
-        lc = self.cfg.lifecycle
+        lc = self.settings(t.agent_group).lifecycle
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
         outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
         t.sigs["out"] = folder.signature(OUTBOUND_DB)
         result = inbound.reset_claims(folder.db(INBOUND_DB), [c.message_id for c in t.claims],
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
-                                      now=now)
+                                      now=now, follow_up=self._successor(now))
         t.claims = ()
         for mid, status in result.items():
             if status == "failed":
@@ -386,11 +402,11 @@ class SessionWorker:
 
     async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
-        verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
         if verdict.reset_claims:
             await self._reset_orphan_claims(t, folder, now)
             self._read_inbound(t, folder, now)
-            verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+            verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
         await self._apply(t, folder, verdict, now)
 
     async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
@@ -427,7 +443,7 @@ class SessionWorker:
         starts again, so a new message gets its own tries — and starts as soon as
         the obstacle on disk is gone."""
         why = f"{reason}: {t.start_error}" if t.start_error else reason
-        failed = inbound.fail_due(folder.db(INBOUND_DB), now)
+        failed = inbound.fail_due(folder.db(INBOUND_DB), now, self._successor(now))
         t.start_errors = t.start_failures = 0
         t.start_blocked_until = None
         t.start_error = None
@@ -527,8 +543,12 @@ class SessionWorker:
                 row = self.registry.session(t.session_id)
                 if row is not None:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
+            settings = self.settings(t.agent_group)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
-                                                         t.paths.root))
+                                                         t.paths.root, settings))
+            if not handle.adopted:
+                self.registry.record_agent_settings(t.session_id, t.agent_group,
+                                                    settings.digest, settings.image)
         except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
             self.notify("agent_start", {"result": "error", "seconds": 0.0})
             t.start_failures += 1

@@ -38,7 +38,7 @@ from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, ses
                                  sessions_root, validate_id)
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.safefs import Refused, SessionDir
-from orchestrator.sessions import Sessions
+from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.signals import capture_signals
 from orchestrator.store.registry import Registry
@@ -258,8 +258,10 @@ class Supervisor:
                 continue
             try:
                 for s in os.scandir(g.path):
-                    if s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
-                                                       or s.is_symlink()):
+                    if s.name.startswith(STAGING_PREFIX):
+                        remove_stale_staging(s)  # left by a `send` killed mid-build
+                    elif s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
+                                                         or s.is_symlink()):
                         self._track_from_disk(g.name, s.name)
             except OSError:
                 continue

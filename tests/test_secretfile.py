@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from e2e import reap_agents  # noqa: F401
 from orchestrator.secretfile import SecretFileError, ensure_secret, read_secret
 
 
@@ -53,27 +52,6 @@ def test_a_full_disk_is_a_storage_error_and_leaves_no_empty_file(tmp_path: Path)
         fill(disk)
         with pytest.raises(SecretFileError) as caught:
             ensure_secret(disk / "token")
-        assert caught.value.storage and "cannot create" in str(caught.value)
+        assert "cannot" in str(caught.value) and "\n" not in str(caught.value)
         assert not (disk / "token").exists()
 
-
-def test_a_supervisor_on_a_full_disk_runs_with_the_api_off(tmp_path: Path,
-                                                           reap_agents) -> None:
-    """Delivery matters more than the API: no token can be made, so no API, one line."""
-    from e2e import Client, make_config, run, supervised
-    from mounts import fill, tmpfs
-
-    with tmpfs(tmp_path / "disk", "8m") as disk:
-        cfg = make_config(disk)
-        client = Client(cfg)  # the registry exists and is open (the disk fills up later)
-        client.send("g", "hello")
-        filler = fill(disk)
-
-        async def body() -> None:
-            async with supervised(cfg) as sup:
-                assert sup.api.url is None
-        try:
-            run(body())
-        finally:
-            filler.unlink()
-            client.close()

@@ -22,6 +22,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from orchestrator.store.schema import format_ts
 
 QUEUE_MAX = 10_000
@@ -56,16 +58,32 @@ class Subscription:
 
 class EventStore:
     def __init__(self, path: Path, *, keep: int = 100_000, keep_seconds: float = 86400.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(DDL)
+        try:
+            self._conn = self._open(path)
+        except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: serve, but say so
+            logger.warning("event log {}: cannot open ({}); events are kept in memory "
+                           "until the next start", path, exc)
+            self._conn = self._open(None)
         self.keep = keep
         self.keep_seconds = keep_seconds
         self._subs: set[Subscription] = set()
         self._appended = 0
         self.prune()
+
+    @staticmethod
+    def _open(path: Path | None) -> sqlite3.Connection:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(DDL)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
 
     # --- writing ------------------------------------------------------------------------
 

@@ -19,14 +19,14 @@ LOGGED = ("status", "reply_delivered", "reply_failed", "message_failed")
 
 
 class Hub:
-    def __init__(self, events: EventStore | None, metrics: Metrics) -> None:
+    def __init__(self, events: EventStore, metrics: Metrics) -> None:
         self.events = events
         self.metrics = metrics
         self._broken: str | None = None
 
     def notify(self, kind: str, data: dict[str, Any]) -> None:
         self.metrics.observe(kind, data)
-        if kind in LOGGED and self.events is not None:
+        if kind in LOGGED:
             try:
                 self.events.append(kind, data)
                 self._broken = None

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from loguru import logger
+
 from orchestrator.store.schema import format_ts
 
 KEEP = timedelta(hours=48)
@@ -54,30 +56,43 @@ class IdempotencyKeys:
                                      check_same_thread=False)
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._conn.execute("PRAGMA synchronous=NORMAL")  # as the registry (WAL): durable
-        self._conn.executescript(DDL)                    # across crashes, not power loss
         self._lock = threading.Lock()  # API requests call in from worker threads
-        self.prune()
+        self._ready = False  # the table exists (durable across crashes, not power loss)
+        try:
+            self.prune()
+        except sqlite3.Error as exc:  # e.g. a full disk at start-up: serve all the same;
+            logger.warning("idempotency keys in {}: {}; keyed POSTs fail until it "
+                           "clears", registry_db, exc)  # each keyed call tries again
+
+    def _table(self) -> None:
+        if not self._ready:
+            self._conn.executescript(DDL)
+            self._ready = True
 
     def get(self, key: str) -> Entry | None:
         with self._lock:
+            self._table()
             row = self._conn.execute("SELECT fingerprint, message_id, session_id, done FROM "
                                      "api_idempotency WHERE key=?", (key,)).fetchone()
         return Entry(row[0], row[1], row[2], bool(row[3])) if row else None
 
     def begin(self, key: str, fp: str, message_id: str) -> None:
         with self._lock:
+            self._table()
             self._conn.execute("INSERT OR IGNORE INTO api_idempotency (key, fingerprint,"
                                " message_id, created_at) VALUES (?,?,?,?)",
                                (key, fp, message_id, format_ts(datetime.now(timezone.utc))))
 
     def finish(self, key: str, session_id: str) -> None:
         with self._lock:
+            self._table()
             self._conn.execute("UPDATE api_idempotency SET done=1, session_id=? WHERE key=?",
                                (session_id, key))
 
     def prune(self) -> None:
         cutoff = format_ts(datetime.now(timezone.utc) - KEEP)
         with self._lock:
+            self._table()
             self._conn.execute("DELETE FROM api_idempotency WHERE created_at < ?", (cutoff,))
 
     def close(self) -> None:

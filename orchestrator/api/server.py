@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import sqlite3
 import stat
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -67,15 +66,11 @@ def preflight(cfg: Config) -> tuple[Listen | None, str | None]:
     """Checks before anything starts: (where to listen, the token). Raises ApiConfigError."""
     listen = parse_listen(cfg.api.listen)
     token = None
-    if cfg.api.token_file and listen is not None:
+    if listen is not None and cfg.api.token_file:  # no API, no token to create
         try:
             token = ensure_secret(Path(cfg.api.token_file))
         except SecretFileError as exc:
-            if not exc.storage:
-                raise ApiConfigError(f"[api] token_file: {exc}") from None
-            logger.error("API off: [api] token_file: {}; it starts with the next start once "
-                         "there is room (delivery goes on)", exc)
-            return None, None
+            raise ApiConfigError(f"[api] token_file: {exc}") from None
     if listen is not None:
         problem = start_error(listen, token is not None)
         if problem:
@@ -108,8 +103,9 @@ def bind(listen: Listen) -> socket.socket:
 
 
 def _version() -> str:
+    from orchestrator.cli import DISTRIBUTION  # the distribution is not named orchestrator
     try:
-        return version("orchestrator")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "unknown"
 
@@ -117,14 +113,8 @@ def _version() -> str:
 class ApiService:
     def __init__(self, sup: "Supervisor", listen: Listen | None, token: str | None) -> None:
         cfg = sup.cfg
-        try:
-            self.events = EventStore(cfg.data_dir / "events.db")
-            self.keys = IdempotencyKeys(registry_path(cfg.data_dir))
-        except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: delivery goes on without
-            logger.error("API and event log off: cannot open {} ({}); they start with the "
-                         "next start", cfg.data_dir / "events.db", exc)
-            self.events, self.keys, listen = None, None, None
         self.listen = listen
+        self.events = EventStore(cfg.data_dir / "events.db")
         gate = getattr(sup, "admission", None)  # the admission queue ([runtime] max_agents)
         self.metrics = Metrics(runtime=sup.runtime.name, channel=sup.channel.name,
                                version=_version(),
@@ -133,6 +123,7 @@ class ApiService:
                                rescans=lambda: dict(watcher.RESCANS))
         self.hub = Hub(self.events, self.metrics)
         sup.worker.notify = self.hub.notify
+        self.keys = IdempotencyKeys(registry_path(cfg.data_dir))
         self.api = Api(sup, token, self.events, self.metrics, self.keys)
         self._sock = bind(listen) if listen else None
         self._server: _Server | None = None
@@ -158,8 +149,7 @@ class ApiService:
 
     async def close(self) -> None:
         self.api.closing.set()
-        if self.events is not None:
-            self.events.end_streams()
+        self.events.end_streams()
         if self._server is not None and self._task is not None:
             self._server.stop()
             try:
@@ -173,7 +163,5 @@ class ApiService:
             if self.listen and self.listen.path:
                 with contextlib.suppress(OSError):
                     os.unlink(self.listen.path)
-        if self.keys is not None:
-            self.keys.close()
-        if self.events is not None:
-            self.events.close()
+        self.keys.close()
+        self.events.close()

@@ -91,9 +91,10 @@ class AdmissionGate:
         sid = t.session_id
         if sid in self.make_room:
             self.make_room.discard(sid)
+            blocked = t.op_blocked_until is not None and t.op_blocked_until > now
+            agent = self._agent(t, fresh=True)
             if (verdict.action is Action.NONE and self.runtime.is_running(sid) and self.queue
-                    and may_give_way(self._agent(t, fresh=True), now,
-                                     self.make_room_after)):
+                    and not blocked and may_give_way(agent, now, self.make_room_after)):
                 self.spared.pop(sid, None)
                 return replace(verdict, action=Action.STOP, mute=False,
                                reason=f"making room for queued work ({len(self.queue)} "

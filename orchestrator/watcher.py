@@ -198,9 +198,10 @@ class Finished:
 
 WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
 
-def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
+def _open_notifier(notifier: Callable[..., Any], root: Path,
+                   per_folder: bool) -> tuple[Any, int | None]:
     before = watch_health.inotify_fds()
-    notify = notifier(watch_paths=watch_health.watch_paths(root), debug=False,
+    notify = notifier(watch_paths=watch_health.watch_paths(root, per_folder), debug=False,
                       force_polling=False, poll_delay_ms=0, recursive=True,
                       ignore_permission_denied=True)
     return notify, watch_health.find_instance(before, root)
@@ -223,12 +224,13 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     probe = os.path.normpath(os.path.join(root, PROBE))
     prefix = os.path.join(str(root), "")
     failures = 0
+    per_folder = False  # once folders were found unwatched: walk each on its own
     while not halt.is_set():
         root.mkdir(parents=True, exist_ok=True)
         post(Started())
         try:
             queue = watch_health.queue_limit()  # what the new instance gets
-            notify, fd = _open_notifier(notifier, root)
+            notify, fd = _open_notifier(notifier, root, per_folder)
             with notify:
                 gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval)
                 last_change = time.monotonic()
@@ -266,6 +268,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                         post(Changes(batch, probed))
             if gate.restart is not None and not halt.is_set():
                 post(Restarting(gate.restart))
+                per_folder = True
             elif not halt.is_set():  # the watch ended without an error
                 post(Ended())
         except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried

@@ -8,6 +8,7 @@ ceiling 30 min, claim without heartbeat 60 s.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -145,7 +146,6 @@ def gated(alive: bool = True, *, status: str = "stopped", op: bool = False,
           blocked_ops: float | None = None, listed: bool = True, failures: int = 0,
           timers: tuple = (), **evidence) -> Observation:
     """``obs`` plus what the session worker knows beyond the evidence."""
-    from dataclasses import replace
     return replace(obs(alive, **evidence), status=status, op_running=op,
                    op_blocked_until=at(blocked_ops), listed=listed, start_failures=failures,
                    timers=tuple(at(t) for t in timers))

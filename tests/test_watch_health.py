@@ -23,7 +23,7 @@ from orchestrator import watch_health
 from orchestrator.config import WatchConfig
 from orchestrator.layout import Kind
 from orchestrator.sessions import create_folder
-from orchestrator.watcher import PROBE, RESCAN, Activity, batches, inotify_batches
+from orchestrator.watcher import PROBE, RESCAN, Activity, inotify_batches
 
 Q = 16384
 
@@ -155,6 +155,7 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
     root, folder = _tree(tmp_path)
     cfg = WatchConfig(sweep_interval=0.5)
     warnings: list[str] = []
+    made: list[list[str]] = []
     sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
 
     async def body() -> None:
@@ -162,8 +163,12 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
         got: list[Activity] = []
         before = watch_health.inotify_fds()
 
+        def recording(**kwargs) -> RustNotify:  # the real one, its arguments noted
+            made.append(kwargs["watch_paths"])
+            return RustNotify(**kwargs)
+
         async def consume() -> None:
-            async for batch in batches(root, cfg, stop, started, "events"):
+            async for batch in inotify_batches(root, cfg, stop, started, notifier=recording):
                 got.extend(batch)
 
         task = asyncio.create_task(consume())
@@ -187,6 +192,8 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
         logger.remove(sink)
     assert len(warnings) == 1 and "1 folder(s) not watched (grp/sess-1)" in warnings[0], warnings
     assert "restarting the watch" in warnings[0]
+    # restarted with every folder as a watch path of its own (see watch_paths)
+    assert made == [[str(root)], [str(root), str(root / "grp"), str(root / "grp" / "sess-1")]]
 
 
 # --- the watch thread's branches, with a stand-in notifier ---------------------------------
@@ -274,8 +281,7 @@ def test_a_failed_watch_restarts_and_rescans(tmp_path: Path) -> None:
     got, lines = _drive(root, [[{probe}, {hb}, OSError("inotify went away")], [{probe}]],
                         until_batches=2)
     assert got == [[Activity("grp", "sess-1", Kind.HEARTBEAT)], [RESCAN]]
-    expected = [str(root), str(root / "grp"), str(root / "grp" / "sess-1")]
-    assert [m["watch_paths"] for m in FakeNotify.made] == [expected] * 2
+    assert [m["watch_paths"] for m in FakeNotify.made] == [[str(root)]] * 2
     assert all(m["recursive"] and m["ignore_permission_denied"] for m in FakeNotify.made)
     assert [line for line in lines if line.startswith(("WARNING", "ERROR"))] == [
         f"ERROR {root}: inotify watch failed (inotify went away); restarting in 1s"]

@@ -1,5 +1,11 @@
 """``python -m orchestrator.agent``: the container entrypoint and local agent process."""
 
-from orchestrator.agent.agent import main
+import sys
+
+from orchestrator.agent import beat
+
+beat.early(sys.argv[1:])  # alive before the heavy imports (see beat.py)
+
+from orchestrator.agent.agent import main  # noqa: E402
 
 raise SystemExit(main())

@@ -4,8 +4,9 @@ import sys
 
 from orchestrator.agent import beat
 
+signals = beat.hold_signals()  # a SIGTERM during start-up still means "stop politely"
 beat.early(sys.argv[1:])  # alive before the heavy imports (see beat.py)
 
 from orchestrator.agent.agent import main  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(main(early_signals=signals))

@@ -9,6 +9,7 @@ one whose start-up outlasts ``idle_after`` as idle, so the sooner the better.
 from __future__ import annotations
 
 import os
+import signal
 
 HEARTBEAT = ".heartbeat"
 
@@ -50,3 +51,13 @@ def early(argv: list[str]) -> None:
             touch(os.path.join(folder, HEARTBEAT))
     except OSError:
         pass
+
+
+def hold_signals() -> list[int]:
+    """Record SIGTERM/SIGINT until the agent installs its own handlers (it then
+    stops politely if one came): without this, a stop sent right after the early
+    heartbeat would kill the agent by the default action instead."""
+    held: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda n, _frame: held.append(n))
+    return held

@@ -33,6 +33,7 @@ from orchestrator.lifecycle import Action, Observation, Verdict, last_activity
 from orchestrator.runtime.base import Runtime
 from orchestrator.session_worker import Flag, Flags, Tracked
 from orchestrator.store import inbound
+from orchestrator.session_status import Status
 from orchestrator.store.registry import Registry
 
 GRANT_TTL = timedelta(seconds=60)
@@ -231,7 +232,7 @@ class AdmissionGate:
         ahead = sum(1 for o in self.queue.values()
                     if (o.due_since, o.session_id) < (w.due_since, w.session_id))
         self.registry.set_queued(t.session_id, since)
-        self.set_status(t, "stopped", f"queued: #{ahead + 1} in line, "
+        self.set_status(t, Status.STOPPED, f"queued: #{ahead + 1} in line, "
                         f"{len(self.runtime.running())} of max_agents {self.cap} running", now)
         self.poke()
 

@@ -36,6 +36,7 @@ from orchestrator.errors import host_storage_failure
 from orchestrator.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
 from orchestrator.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
 from orchestrator.lifecycle import earliest
+from orchestrator.logonce import LogOnce
 from orchestrator.safefs import (DIR_FLAGS, FILE_FLAGS, Refused, SessionDir, lstat_at,
                                  open_dir, regular_or_refuse)
 from orchestrator.store import inbound
@@ -53,7 +54,8 @@ class DeliveryState:
     anchor: str | None = None  # id of the row at ``watermark``: gone = file replaced
     # replies whose listed files are not (all) in outbox/ yet → when first seen so
     waiting_files: dict[str, datetime] = field(default_factory=dict)
-    storage_full: str | None = None  # the host's disk is full: last error, logged once
+    # the host's disk is full (key "storage_full": the last error), said once per outage
+    said: LogOnce = field(default_factory=LogOnce)
 
 
 @dataclass
@@ -320,9 +322,8 @@ class Deliverer:
                                      session_id, exc)
                 else:
                     state.waiting_files.pop(msg.id, None)
-                    if state.storage_full:
+                    if state.said.clear("storage_full") is not None:
                         logger.info("session {}: delivering again (space freed)", session_id)
-                        state.storage_full = None
                     records.append((msg.id, "delivered", pmid))
                     result.delivered.append(msg.id)
                     if attempts:
@@ -384,10 +385,9 @@ class Deliverer:
 
     def _storage_full(self, state: DeliveryState, session_id: str, exc: Exception,
                       now: datetime, result: PassResult) -> None:
-        if str(exc) != state.storage_full:  # once per outage, not per reply and retry
+        if state.said.say("storage_full", str(exc)):  # once per outage, not per reply
             logger.warning("session {}: {}; replies wait (no attempts spent) and are "
                            "retried every {:g}s", session_id, exc, self.cfg.retry_base)
-            state.storage_full = str(exc)
         result.next_due = earliest(result.next_due,
                                    now + timedelta(seconds=max(self.cfg.retry_base, 0.5)))
 

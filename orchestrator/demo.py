@@ -20,6 +20,7 @@ from orchestrator import status
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config import read_config
 from orchestrator.logs import setup_logging
+from orchestrator.session_status import Status
 from orchestrator.sessions import MessagingGroup
 from orchestrator.supervisor import AlreadyRunning, Supervisor
 
@@ -65,8 +66,8 @@ async def _demo(config_path: Path) -> int:
         await _wait(lambda: reply() is not None, "the reply", deadline)
         print("\nreply delivered (jsonl line):")
         print(json.dumps(reply(), indent=2))
-        await _wait(lambda: sup.registry.session(session.id).container_status == "stopped"
-                    and any(c["new"] == "idle" for c in sup.registry.status_changes(session.id)),
+        await _wait(lambda: sup.registry.session(session.id).container_status == Status.STOPPED
+                    and any(c["new"] == Status.IDLE for c in sup.registry.status_changes(session.id)),
                     "the agent to go idle and stop", deadline)
         print("\nstatus changes:")
         for c in sup.registry.status_changes(session.id):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from orchestrator.config import LifecycleConfig
+from orchestrator.session_status import Status
 
 
 class Action(enum.Enum):
@@ -48,7 +49,7 @@ class Observation:
     paused: bool = False  # frozen by us (a detail of idle: see ``thawed``)
     resumed_at: datetime | None = None  # last thaw: frozen time before it is no hang
     # --- what the worker knows beyond the evidence (the gates of ``decide``) ---
-    status: str = "stopped"  # the status recorded now
+    status: Status = Status.STOPPED  # the status recorded now
     op_running: bool = False  # a start/stop/kill of ours is still under way
     op_blocked_until: datetime | None = None  # a stop/kill failed: no new op before
     listed: bool = True  # the runtime has listed its agents (else "not alive" = unknown)
@@ -58,7 +59,7 @@ class Observation:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    status: str  # running | idle | stopped: what the evidence says
+    status: Status  # what the evidence says
     reason: str
     action: Action = Action.NONE
     next_check: datetime | None = None  # re-evaluate then (a timer, not a sweep)
@@ -201,12 +202,12 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     action = Action.NONE if gated else verdict.action
     record: tuple[str, str] | None = None
     if verdict.status != obs.status:
-        record = ((verdict.status, verdict.reason) if verdict.status != "stopped"
-                  else ("stopped", "no agent running"))
+        record = ((verdict.status, verdict.reason) if verdict.status != Status.STOPPED
+                  else (Status.STOPPED, "no agent running"))
     status = record[0] if record else obs.status
-    mute = (status == "running" and obs.alive and action is Action.NONE
+    mute = (status == Status.RUNNING and obs.alive and action is Action.NONE
             and next_check is not None)
-    idle_since = verdict.detail.get("idle_since") if verdict.status == "idle" else None
+    idle_since = verdict.detail.get("idle_since") if verdict.status == Status.IDLE else None
     return replace(verdict, action=action, next_check=next_check, record=record, mute=mute,
                    idle_since=idle_since)
 
@@ -216,45 +217,45 @@ def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     if not obs.alive:
         if obs.due > 0:
             if obs.start_failures >= cfg.max_tries:
-                return Verdict("stopped", f"the agent could not be started "
+                return Verdict(Status.STOPPED, f"the agent could not be started "
                                f"{obs.start_failures} times", Action.FAIL_DUE)
             if obs.start_blocked_until and obs.start_blocked_until > now:
-                return Verdict("stopped", "waiting to retry start",
+                return Verdict(Status.STOPPED, "waiting to retry start",
                                next_check=obs.start_blocked_until)
-            return Verdict("stopped", f"{obs.due} message(s) due", Action.START)
-        return Verdict("stopped", "no agent")
+            return Verdict(Status.STOPPED, f"{obs.due} message(s) due", Action.START)
+        return Verdict(Status.STOPPED, "no agent")
 
     if obs.paused and obs.claims:  # it claimed just as it was frozen: let it work
-        return Verdict("running", "claim held by a paused agent: resuming", Action.RESUME)
+        return Verdict(Status.RUNNING, "claim held by a paused agent: resuming", Action.RESUME)
     reason = stuck_reason(obs, now, cfg)
     if reason:
-        return Verdict("running", reason, Action.KILL)
+        return Verdict(Status.RUNNING, reason, Action.KILL)
     stuck_at = _stuck_deadline(obs, cfg)
 
     active = last_activity(obs) or now
     idle_at = active + timedelta(seconds=cfg.idle_after)
     busy = bool(obs.claims)
     if busy or now < idle_at:
-        return Verdict("running", "active",
+        return Verdict(Status.RUNNING, "active",
                        Action.RESUME if obs.paused and obs.due > 0 else Action.NONE,
                        next_check=earliest(None if busy else idle_at, stuck_at))
 
     idle_since = obs.idle_since if obs.idle_since and obs.idle_since >= idle_at else idle_at
     stop_at = idle_since + timedelta(seconds=cfg.stop_idle_after)
     if now >= stop_at and obs.due == 0:
-        return Verdict("idle", f"idle for {(now - idle_since).total_seconds():.0f}s",
+        return Verdict(Status.IDLE, f"idle for {(now - idle_since).total_seconds():.0f}s",
                        Action.STOP)
     kept = {"idle_since": idle_since}
     if obs.paused:
         if obs.due > 0:
-            return Verdict("idle", f"resumed: {obs.due} message(s) due", Action.RESUME,
+            return Verdict(Status.IDLE, f"resumed: {obs.due} message(s) due", Action.RESUME,
                            detail=kept)
-        return Verdict("idle", "paused", next_check=stop_at, detail=kept | {"paused": True})
+        return Verdict(Status.IDLE, "paused", next_check=stop_at, detail=kept | {"paused": True})
     pause_at = pause_deadline(idle_since, stop_at, obs.due, cfg)
     if pause_at is not None and now >= pause_at:
-        return Verdict("idle", f"paused after {(now - idle_since).total_seconds():.0f}s idle",
+        return Verdict(Status.IDLE, f"paused after {(now - idle_since).total_seconds():.0f}s idle",
                        Action.PAUSE, next_check=stop_at, detail=kept)
-    return Verdict("idle", f"no heartbeat, reply or claim for {cfg.idle_after:g}s",
+    return Verdict(Status.IDLE, f"no heartbeat, reply or claim for {cfg.idle_after:g}s",
                    next_check=earliest(stop_at if obs.due == 0 else None, pause_at, stuck_at),
                    detail=kept)
 

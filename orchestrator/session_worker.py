@@ -33,11 +33,13 @@ from orchestrator.delivery import Deliverer, DeliveryState
 from orchestrator.errors import host_storage_failure
 from orchestrator.filesig import Signature, signature_mtime
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
+from orchestrator.logonce import LogOnce
 from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
+from orchestrator.session_status import Status
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.groups import AgentSettings
@@ -81,7 +83,7 @@ class Tracked:
     agent_group: str
     session_id: str
     paths: SessionPaths
-    status: str = "stopped"
+    status: Status = Status.STOPPED
     routing: tuple[str | None, str | None, str | None] | None = None
     started_at: datetime | None = None
     heartbeat_at: datetime | None = None
@@ -108,11 +110,18 @@ class Tracked:
     timer: asyncio.TimerHandle | None = None
     timer_at: datetime | None = None
     sigs: dict[str, Signature] = field(default_factory=dict)
-    broken: str | None = None  # last error logged, so a bad session logs once, not per pass
+    # troubles said once, not per pass: "pass" (the folder/DBs unreadable: the error),
+    # "start" and "op" (failed starts / stop-kills in a row: the first is loud)
+    said: LogOnce = field(default_factory=LogOnce)
     registry_touched: datetime | None = None
     identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
     busy: int = 0  # passes in a row that met a locked database
     resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
+
+    @property
+    def broken(self) -> str | None:
+        """The error that makes passes fail, as logged (None while they succeed)."""
+        return self.said.last("pass")
 
 
 class SessionWorker:
@@ -169,9 +178,8 @@ class SessionWorker:
             if t.busy:
                 logger.debug("session {}: its databases answer again", t.session_id)
                 t.busy = 0
-            if t.broken:
+            if t.said.clear("pass") is not None:
                 logger.info("session {}: readable again", t.session_id)
-                t.broken = None
         except (OutboundError, sqlite3.Error, OSError) as exc:
             if schema.is_busy(exc):
                 self._busy(t, now)
@@ -181,20 +189,18 @@ class SessionWorker:
                 message = exc.strerror
             elif isinstance(exc, OSError) and exc.strerror:
                 message = f"{t.paths.root}: {exc.strerror}"
-            if message != t.broken:
+            if t.said.say("pass", message):
                 logger.error("session {}/{}: {}{}", t.agent_group, t.session_id, message,
                              "; leaving it alone" if isinstance(exc, Refused) else "")
-                t.broken = message
             t.sigs.clear()  # re-read everything on the next sweep, not just what changes
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
         except Exception as exc:  # a bug or a hostile folder: contain it to this session
             # (the supervisor runs every pass on one worker task; letting this escape
             # would silently stop delivery and lifecycle for every session)
             message = f"{type(exc).__name__}: {exc}"
-            if message != t.broken:
+            if t.said.say("pass", message):
                 logger.opt(exception=exc).error("session {}/{}: pass failed: {}",
                                                 t.agent_group, t.session_id, message)
-                t.broken = message
             t.sigs.clear()
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
 
@@ -258,7 +264,7 @@ class SessionWorker:
         hold off a stop.
         """
         wanted = flags & (Flag.INBOUND | Flag.EXIT | Flag.TIMER)
-        if wanted == Flag.INBOUND and alive and t.status == "running":
+        if wanted == Flag.INBOUND and alive and t.status == Status.RUNNING:
             return False
         return bool(wanted)
 
@@ -271,7 +277,7 @@ class SessionWorker:
                 flags = self._changed_on_disk(t, folder)
         except OSError:  # Refused too: the pass says what is wrong, once
             return Flag.SWEEP
-        if self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+        if self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
             flags |= Flag.SWEEP
         return flags
 
@@ -357,8 +363,9 @@ class SessionWorker:
         t.started_at = None
         t.idle_since = None
         t.op_failures = 0  # the agent a failed stop/kill was for has gone
+        t.said.clear("op")
         t.op_blocked_until = None
-        self.set_status(t, "stopped", reason, now)
+        self.set_status(t, Status.STOPPED, reason, now)
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """No agent runs, yet messages are claimed: the agent died mid-message.
@@ -422,7 +429,7 @@ class SessionWorker:
             t.ending_reason = f"stopped: {verdict.reason}"
             self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
         elif verdict.action is Action.KILL:
-            (logger.debug if t.op_failures else logger.warning)(
+            (logger.debug if "op" in t.said else logger.warning)(
                 "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
@@ -445,6 +452,7 @@ class SessionWorker:
         why = f"{reason}: {t.start_error}" if t.start_error else reason
         failed = inbound.fail_due(folder.db(INBOUND_DB), now, self._successor(now))
         t.start_errors = t.start_failures = 0
+        t.said.clear("start")
         t.start_blocked_until = None
         t.start_error = None
         t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
@@ -470,7 +478,7 @@ class SessionWorker:
                 "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
                 pid or default[1], thread or default[2]))
 
-    def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
+    def set_status(self, t: Tracked, status: Status, reason: str, now: datetime) -> None:
         old = t.status
         t.status = status
         self.registry.set_container_status(t.session_id, status, reason, now)
@@ -511,12 +519,13 @@ class SessionWorker:
                 t.op_failures += 1
                 delay = start_backoff(t.op_failures, 1.0, self.cfg.runtime.start_retry_max)
                 t.op_blocked_until = self.clock() + timedelta(seconds=delay)
-                quiet = t.op_failures > 1 or getattr(exc, "reported", False)
+                quiet = not t.said.say("op", "failing") or getattr(exc, "reported", False)
                 (logger.debug if quiet else logger.error)(
                     "session {}: runtime operation failed: {} (retrying in {:g}s)",
                     t.session_id, exc, delay)
             else:
                 t.op_failures = 0
+                t.said.clear("op")
                 t.op_blocked_until = None
             finally:
                 self.mark(t.session_id, Flag.TIMER)
@@ -560,7 +569,7 @@ class SessionWorker:
                 t.start_errors += 1
                 t.start_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             # once per session; not at all for an outage the runtime already reported
-            loud = t.start_failures == 1 and not getattr(exc, "reported", False)
+            loud = t.said.say("start", "failing") and not getattr(exc, "reported", False)
             log = logger.error if loud else logger.debug
             log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
                 t.session_id, exc, delay)
@@ -569,6 +578,7 @@ class SessionWorker:
             logger.info("session {}: agent started after {} failed attempts", t.session_id,
                         t.start_failures)
         t.start_failures = t.start_errors = 0
+        t.said.clear("start")
         t.start_error = None
         t.start_blocked_until = None
         t.started_at = self.clock()
@@ -579,7 +589,7 @@ class SessionWorker:
         t.idle_since = None
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.due} message(s) due")
-        self.set_status(t, "running", reason, t.started_at)
+        self.set_status(t, Status.RUNNING, reason, t.started_at)
 
     async def _pause(self, t: Tracked, reason: str) -> None:
         """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three

@@ -22,6 +22,7 @@ from orchestrator import groups
 from orchestrator.errors import probe_cause
 from orchestrator.layout import SessionPaths, session_paths, sessions_root
 from orchestrator.store import inbound, outbound
+from orchestrator.session_status import Status
 from orchestrator.store.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,14 +74,14 @@ def is_paused(status: str, reason: str | None) -> bool:
     """The supervisor records a pause as the reason of the status ``idle``
     ("paused after …"), keeping the contract's three statuses; a resume or any
     other change replaces that reason."""
-    return status == "idle" and (reason or "").startswith("paused")
+    return status == Status.IDLE and (reason or "").startswith("paused")
 
 
 def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float]]:
     """{session: (position, seconds waited)} for the sessions waiting for a slot, in the
     supervisor's own order (oldest due work first, then session id)."""
     waiting = sorted((s.queued_since, s.id) for s in sessions
-                     if s.queued_since is not None and s.container_status == "stopped")
+                     if s.queued_since is not None and s.container_status == Status.STOPPED)
     return {sid: (i + 1, max(0.0, round((now - since).total_seconds(), 1)))
             for i, (since, sid) in enumerate(waiting)}
 
@@ -119,7 +120,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
 def settings_cell(r: StatusRow) -> str | None:
     """The settings digest (and image) of a live agent; ``*``: the config has changed
     since it started (it gets the new settings at its next start)."""
-    if r.container_status == "stopped" or r.settings is None:
+    if r.container_status == Status.STOPPED or r.settings is None:
         return None
     stale = "*" if r.settings_current is False else ""
     return f"{r.settings}{stale}" + (f" {r.image}" if r.image else "")

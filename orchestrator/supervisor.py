@@ -36,10 +36,12 @@ from orchestrator.delivery import Deliverer
 from orchestrator.errors import UserError, storage
 from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, session_paths,
                                  sessions_root, validate_id)
+from orchestrator.logonce import LogOnce
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
+from orchestrator.session_status import Status
 from orchestrator.signals import capture_signals
 from orchestrator.store.registry import Registry
 from orchestrator.store.schema import utcnow
@@ -145,7 +147,7 @@ class Supervisor:
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
         self.last_sweep: float | None = None
-        self._refused: set[tuple[str, str | None]] = set()  # linked folders, logged once
+        self._refused = LogOnce()  # linked folders (agent group, session id), said once
 
     # --- events in ----------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class Supervisor:
         self.admission.runtime_available()
         for t in self.tracked.values():
             unblocked = self.worker.unblock(t)
-            if unblocked or self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+            if unblocked or self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
                 self.mark(t.session_id, Flag.TIMER)
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
@@ -236,8 +238,7 @@ class Supervisor:
             return False
 
     def _refuse(self, agent_group: str, session_id: str | None, why: str) -> None:
-        if (agent_group, session_id) not in self._refused:
-            self._refused.add((agent_group, session_id))
+        if self._refused.say((agent_group, session_id), "refused"):
             logger.warning("{}; leaving it alone", why)
 
     def _discover(self) -> None:
@@ -352,9 +353,9 @@ class Supervisor:
         for sid, t in self.tracked.items():
             if sid in adopted:
                 t.started_at = now
-                self.worker.set_status(t, "running", "adopted after restart", now)
-            elif t.status != "stopped":
-                self.worker.set_status(t, "stopped", unknown or "no agent found at start-up",
+                self.worker.set_status(t, Status.RUNNING, "adopted after restart", now)
+            elif t.status != Status.STOPPED:
+                self.worker.set_status(t, Status.STOPPED, unknown or "no agent found at start-up",
                                        now)
         self._unreconciled = set(self.tracked)
         for sid in self.tracked:
@@ -408,7 +409,7 @@ class Supervisor:
             for h, result in zip(running, results):
                 t = self.tracked.get(h.session_id)
                 if t and not isinstance(result, BaseException):
-                    self.worker.set_status(t, "stopped", "stopped at orchestrator shutdown", now)
+                    self.worker.set_status(t, Status.STOPPED, "stopped at orchestrator shutdown", now)
         elif running:
             logger.info("leaving {} agents running; they are re-adopted on restart",
                         len(running))

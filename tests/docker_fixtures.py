@@ -1,17 +1,13 @@
-"""Fixtures and helpers for tests against a real Docker engine.
+"""Helpers for tests against a real Docker engine (the fixtures built on them —
+``docker_client``, ``agent_image``, ``instance``, ``private_dockerd`` — are in conftest.py).
 
-Import them into a test module (``from docker_fixtures import *``-style, by name).
-
-- ``docker_client``: a connected docker-py client. Unreachable daemon: the test
-  FAILS when ``CI`` is set (CI must never silently skip Docker tests) and is
-  skipped otherwise.
-- ``agent_image``: the agent image built from the current code with the
-  project's own ``build_image`` (idempotent: skipped when up to date).
-- ``instance``: a unique ``orchestrator.instance`` label value; every container
-  carrying it is force-removed after the test.
-- ``private_dockerd``: a second dockerd with its own socket, data and exec roots
+- ``unavailable``: a missing engine FAILS the test when ``CI`` is set (CI must never
+  silently skip Docker tests) and skips it otherwise.
+- ``remove_labelled``: force-remove the containers of one test instance.
+- ``PrivateDockerd``: a second dockerd with its own socket, data and exec roots
   (no bridge, no iptables), that a test may stop and start without disturbing
   the machine's daemon or anyone else's containers.
+- session folders and inbound rows made with plain SQL (``make_session``, ``insert_message``).
 """
 
 from __future__ import annotations
@@ -26,17 +22,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import docker
 import pytest
-from docker.errors import DockerException
-
-import e2e
 
 from orchestrator import layout
-from orchestrator.runtime.docker_spec import LABEL_INSTANCE
-from orchestrator.runtime.image import ImageBuildError, build_image
 from orchestrator.store import schema
 
 # A checkout of its own (a git worktree beside this one) may build under a tag of its own.
@@ -48,31 +39,10 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _unavailable(message: str) -> None:
+def unavailable(message: str) -> None:
     if in_ci():
         pytest.fail(f"{message} (CI is set: Docker tests must run; see .ci/setup-docker.sh)")
     pytest.skip(message)
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> Iterator[docker.DockerClient]:
-    try:
-        client = docker.from_env(version="auto", timeout=60)
-        client.ping()
-    except DockerException as exc:
-        _unavailable(f"Docker daemon unreachable: {str(exc).splitlines()[0]}")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="session")
-def agent_image(docker_client: docker.DockerClient) -> str:
-    """Build (or confirm up to date) the agent image under a test-only tag."""
-    try:
-        build_image(TEST_IMAGE, client=docker_client)
-    except ImageBuildError as exc:
-        _unavailable(f"cannot build the agent image: {exc}")
-    return TEST_IMAGE
 
 
 def remove_labelled(client: docker.DockerClient, label: str, timeout: float = 30.0) -> int:
@@ -96,13 +66,6 @@ def remove_labelled(client: docker.DockerClient, label: str, timeout: float = 30
                 if exc.status_code != 409:  # 409: removal already in progress
                     raise
         time.sleep(0.05)
-
-
-@pytest.fixture
-def instance(docker_client: docker.DockerClient) -> Iterator[str]:
-    value = f"t{uuid.uuid4().hex[:10]}"
-    yield value
-    remove_labelled(docker_client, f"{LABEL_INSTANCE}={value}")
 
 
 # --- session folders --------------------------------------------------------------
@@ -138,19 +101,9 @@ def insert_message(folder: Path, message_id: str, text: str,
 # --- async helpers ----------------------------------------------------------------------
 
 
-async def until(condition: Callable[[], Any], timeout: float, what: str,
-                interval: float = 0.02) -> Any:
-    """Poll ``condition`` on the running loop (events keep flowing) until truthy."""
-    return await e2e.until(condition, timeout, interval, message=what)
-
-
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Blocking docker/test calls without stalling the loop the runtime reports on."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 # --- a private daemon that tests may stop and restart ----------------------------------------
@@ -239,9 +192,9 @@ class PrivateDockerd:
             client.close()
 
 
-def _private_daemon(live_restore: bool) -> Iterator[PrivateDockerd]:
+def private_daemon(live_restore: bool) -> Iterator[PrivateDockerd]:
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
-        _unavailable("a private dockerd needs root and the dockerd binary")
+        unavailable("a private dockerd needs root and the dockerd binary")
     root = Path(tempfile.mkdtemp(prefix="orchd-", dir="/tmp"))  # short: unix socket paths
     daemon = PrivateDockerd(root, live_restore=live_restore)
     try:
@@ -262,13 +215,16 @@ def _private_daemon(live_restore: bool) -> Iterator[PrivateDockerd]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
-    """Stopping it stops its containers (the default: no live restore)."""
-    yield from _private_daemon(live_restore=False)
+# The fixtures moved to conftest.py (pytest finds them by name) and ``until`` to helpers.py;
+# these names stay importable from here for test modules written before the move.
+_MOVED = {"docker_client", "agent_image", "instance", "private_dockerd", "private_dockerd_live"}
 
 
-@pytest.fixture
-def private_dockerd_live(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
-    """``--live-restore``: its containers keep running while it is down."""
-    yield from _private_daemon(live_restore=True)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import conftest
+        return getattr(conftest, name)
+    if name == "until":
+        import helpers
+        return helpers.until
+    raise AttributeError(name)

@@ -8,11 +8,11 @@ folders are watched with inotify, every DB is a real SQLite file. The pieces:
 - ``Client``: the "other process" side (what ``orchestrator send`` does): its
   own registry connection, ``Sessions`` to resolve sessions and write messages;
 - ``supervised(cfg)``: runs a ``Supervisor`` in the test's event loop (the test
-  body is a coroutine run with ``run(...)``) and shuts it down cleanly;
-- ``until(...)``: await a condition with a deadline (the supervisor keeps
-  running meanwhile) — never a bare sleep that hopes;
-- ``reap_agents``: a fixture that kills, by pid, any process left running whose
-  command line names this test's tmp folder (only processes the test started).
+  is an async function, run by the anyio plugin) and shuts it down cleanly;
+- ``processes_mentioning`` / ``agent_pids``: live processes naming a folder (the
+  ``reap_agents`` fixture in conftest.py kills what a test left running).
+
+Waiting is ``helpers.until`` (async) or ``helpers.wait_for`` (sync).
 """
 
 from __future__ import annotations
@@ -22,13 +22,9 @@ import base64
 import contextlib
 import copy
 import os
-import signal
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
-
-import pytest
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config import Config, load_config
@@ -152,30 +148,7 @@ def replies_to(cfg: Config, message_id: str) -> list[dict]:
     return [r for r in replies(cfg) if r["in_reply_to"] == message_id]
 
 
-# --- waiting --------------------------------------------------------------------------
-
-
-async def until(condition: Callable[[], T], timeout: float = 15.0, interval: float = 0.02,
-                message: str | None = None) -> T:
-    """Await ``condition()`` becoming truthy, letting the event loop run meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"{message or 'condition'} not met within {timeout:g}s (last value {value!r})")
-        await asyncio.sleep(interval)
-
-
-async def holds(condition: Callable[[], Any], seconds: float, interval: float = 0.02,
-                message: str | None = None) -> None:
-    """Assert ``condition()`` stays truthy for a whole window (a negative observation)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert condition(), f"{message or 'condition'} stopped holding"
-        await asyncio.sleep(interval)
+# --- waiting and running -------------------------------------------------------------
 
 
 def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
@@ -239,10 +212,13 @@ def agent_pids(folder: Path) -> list[int]:
     return processes_mentioning(f"--workspace {folder}")
 
 
-@pytest.fixture
-def reap_agents(tmp_path: Path):
-    """After the test, SIGKILL any process still naming this test's tmp folder."""
-    yield
-    for pid in processes_mentioning(str(tmp_path)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+# Names that moved, still importable from here for test modules written before they moved:
+# the fixtures live in conftest.py (pytest finds them by name), the wait helpers in helpers.py.
+from helpers import holds, until  # noqa: E402,F401
+
+
+def __getattr__(name: str) -> Any:
+    if name == "reap_agents":
+        import conftest
+        return conftest.reap_agents
+    raise AttributeError(name)

@@ -2,16 +2,21 @@
 
 Nothing here knows about the orchestrator's internals beyond plain SQLite, so
 any test can use it. Waiting is always "poll until true, with a deadline" —
-never a bare sleep that hopes the other side was fast enough.
+never a bare sleep that hopes the other side was fast enough: ``wait_for`` is
+the one way to wait in plain code, ``until`` the one way on an event loop
+(where whatever is observed keeps running meanwhile), ``holds`` the negative
+observation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -33,6 +38,36 @@ def wait_for(condition: Callable[[], T], timeout: float = 5.0, interval: float =
             raise AssertionError(
                 f"{message or 'condition'} not met within {timeout:g}s (last value {value!r})")
         time.sleep(interval)
+
+
+async def until(condition: Callable[[], Any], timeout: float = 15.0, message: str | None = None,
+                *, interval: float = 0.02) -> Any:
+    """Await ``condition()`` becoming truthy, letting the event loop run meanwhile.
+
+    ``condition`` may return an awaitable (a check that must do blocking work,
+    such as a docker call, in a thread): it is awaited and its result judged.
+    Same deadline rule and failure message as ``wait_for``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{message or 'condition'} not met within {timeout:g}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+async def holds(condition: Callable[[], Any], seconds: float, message: str | None = None,
+                *, interval: float = 0.02) -> None:
+    """Assert ``condition()`` stays truthy for a whole window (a negative observation)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), f"{message or 'condition'} stopped holding"
+        await asyncio.sleep(interval)
 
 
 def table_columns(db: Path, table: str) -> list[str]:

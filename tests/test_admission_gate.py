@@ -20,10 +20,8 @@ import pytest
 import tomli_w
 from loguru import logger
 
-from docker_fixtures import agent_image, docker_client, instance  # noqa: F401 (fixtures)
-from e2e import (Client, agent_pids, config_dict, reap_agents, replies, run,  # noqa: F401
-                 supervised, until)
-from helpers import query, wait_for
+from e2e import Client, agent_pids, config_dict, replies, run, supervised
+from helpers import query, until, wait_for
 from orchestrator import status
 from orchestrator.admission_gate import AdmissionGate
 from orchestrator.config import load_config, read_config
@@ -132,78 +130,69 @@ START = Verdict("stopped", "1 message(s) due", Action.START)
 QUIET = Verdict("idle", "no heartbeat", Action.NONE)
 
 
-def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_path: Path) -> None:
+async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_path: Path) -> None:
     """The races the end-to-end tests cannot aim at: a claim that arrives after the plan
     picked its agent keeps the agent; the next plan picks another one."""
-    async def body() -> None:
-        now = utcnow()
-        gate, track, marked, statuses, registry = gate_with(tmp_path, Live("busy", "quiet"), 3)
-        long_ago = now - timedelta(seconds=60)
-        busy = track("busy", started_at=long_ago)
-        quiet = track("quiet", started_at=now - timedelta(seconds=30))
-        assert gate.review(track("first"), START, now) is START  # a free slot: at once
-        assert gate.granted == {"first": "g"}
-        held = gate.review(track("waits"), START, now)  # 2 live + 1 starting = the cap
-        assert (held.action, held.reason) == (Action.NONE, "queued")
-        assert statuses == [("waits", "queued: #1 in line, 2 of max_agents 3 running")]
-        assert registry.session("waits").queued_since is not None
-        assert gate.stats().queued == 1 and gate.queue_length() == 1
-        await asyncio.sleep(0)  # the plan: "busy" has been quiet longest
-        assert gate.make_room == {"busy"} and marked == ["busy"]
-        busy.claims = (Claim("m1", now),)  # ... but claimed a message meanwhile
-        assert gate.review(busy, Verdict("running", "active"), now).action is Action.NONE
-        await asyncio.sleep(0)  # so the next plan asks the other one
-        assert gate.make_room == {"quiet"} and marked == ["busy", "quiet"]
-        stop = gate.review(quiet, QUIET, now)
-        assert stop.action is Action.STOP and stop.reason.startswith("making room")
-        gate.start_done("first")  # its start finished: not "starting" any more
-        gate.runtime.ids.discard("quiet")  # the stop took effect
-        gate.agent_exited("quiet")
-        await asyncio.sleep(0)
-        assert gate.granted == {"waits": "g"} and marked[-1] == "waits"
-        assert registry.session("waits").queued_since is None
-        assert gate.review(gate.tracked["waits"], START, now) is START
-        registry.close()
-
-    asyncio.run(body())
+    now = utcnow()
+    gate, track, marked, statuses, registry = gate_with(tmp_path, Live("busy", "quiet"), 3)
+    long_ago = now - timedelta(seconds=60)
+    busy = track("busy", started_at=long_ago)
+    quiet = track("quiet", started_at=now - timedelta(seconds=30))
+    assert gate.review(track("first"), START, now) is START  # a free slot: at once
+    assert gate.granted == {"first": "g"}
+    held = gate.review(track("waits"), START, now)  # 2 live + 1 starting = the cap
+    assert (held.action, held.reason) == (Action.NONE, "queued")
+    assert statuses == [("waits", "queued: #1 in line, 2 of max_agents 3 running")]
+    assert registry.session("waits").queued_since is not None
+    assert gate.stats().queued == 1 and gate.queue_length() == 1
+    await asyncio.sleep(0)  # the plan: "busy" has been quiet longest
+    assert gate.make_room == {"busy"} and marked == ["busy"]
+    busy.claims = (Claim("m1", now),)  # ... but claimed a message meanwhile
+    assert gate.review(busy, Verdict("running", "active"), now).action is Action.NONE
+    await asyncio.sleep(0)  # so the next plan asks the other one
+    assert gate.make_room == {"quiet"} and marked == ["busy", "quiet"]
+    stop = gate.review(quiet, QUIET, now)
+    assert stop.action is Action.STOP and stop.reason.startswith("making room")
+    gate.start_done("first")  # its start finished: not "starting" any more
+    gate.runtime.ids.discard("quiet")  # the stop took effect
+    gate.agent_exited("quiet")
+    await asyncio.sleep(0)
+    assert gate.granted == {"waits": "g"} and marked[-1] == "waits"
+    assert registry.session("waits").queued_since is None
+    assert gate.review(gate.tracked["waits"], START, now) is START
+    registry.close()
 
 
-def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> None:
-    async def body() -> None:
-        now = utcnow()
-        gate, track, marked, _, registry = gate_with(tmp_path, Live(), 1)
-        assert gate.review(track("stuck"), START, now) is START  # its start never comes
-        assert gate.review(track("next"), START, now).reason == "queued"
-        await asyncio.sleep(0)
-        assert gate.granted == {"stuck": "g"} and marked == []  # the slot is still held
-        gate.granted_at["stuck"] = now - timedelta(seconds=61)
-        gate.poke()
-        await asyncio.sleep(0)
-        assert gate.granted == {"next": "g"} and marked == ["next"]
-        registry.close()
-
-    asyncio.run(body())
+async def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> None:
+    now = utcnow()
+    gate, track, marked, _, registry = gate_with(tmp_path, Live(), 1)
+    assert gate.review(track("stuck"), START, now) is START  # its start never comes
+    assert gate.review(track("next"), START, now).reason == "queued"
+    await asyncio.sleep(0)
+    assert gate.granted == {"stuck": "g"} and marked == []  # the slot is still held
+    gate.granted_at["stuck"] = now - timedelta(seconds=61)
+    gate.poke()
+    await asyncio.sleep(0)
+    assert gate.granted == {"next": "g"} and marked == ["next"]
+    registry.close()
 
 
-def test_nothing_starts_under_a_cap_until_the_runtime_has_listed_its_agents(
+async def test_nothing_starts_under_a_cap_until_the_runtime_has_listed_its_agents(
         tmp_path: Path) -> None:
     """Docker down at start-up: agents from before the restart may still run, so a
     start now could pass the cap once they are adopted."""
-    async def body() -> None:
-        now = utcnow()
-        runtime = Live()
-        runtime.listed = False
-        gate, track, marked, _, registry = gate_with(tmp_path, runtime, 2)
-        assert gate.review(track("a"), START, now).reason == "queued"
-        await asyncio.sleep(0)
-        assert gate.granted == {} and marked == []
-        runtime.listed = True  # the runtime listed its agents: none survived
-        gate.runtime_available()
-        await asyncio.sleep(0)
-        assert gate.granted == {"a": "g"} and marked == ["a"]
-        registry.close()
-
-    asyncio.run(body())
+    now = utcnow()
+    runtime = Live()
+    runtime.listed = False
+    gate, track, marked, _, registry = gate_with(tmp_path, runtime, 2)
+    assert gate.review(track("a"), START, now).reason == "queued"
+    await asyncio.sleep(0)
+    assert gate.granted == {} and marked == []
+    runtime.listed = True  # the runtime listed its agents: none survived
+    gate.runtime_available()
+    await asyncio.sleep(0)
+    assert gate.granted == {"a": "g"} and marked == ["a"]
+    registry.close()
 
 
 def started(client: Client, session_id: str) -> list[str]:

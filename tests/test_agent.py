@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import pytest
+from helpers import wait_for
 
 from orchestrator import layout
 from orchestrator.agent import agent as agent_mod
@@ -36,18 +37,6 @@ UTC = timezone.utc
 
 
 # --- helpers ----------------------------------------------------------------
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def holds_for(cond: Callable[[], Any], what: str, seconds: float, interval: float = 0.02) -> None:
@@ -362,7 +351,7 @@ def test_echo_reply_odd_seq_above_both_tables(session: Session, run_agent) -> No
     before = datetime.now(UTC)
     agent = run_agent(session)
 
-    reply = wait_for(lambda: session.reply_to("m1"), "reply to m1")
+    reply = wait_for(lambda: session.reply_to("m1"), 10.0, message="reply to m1")
     assert reply["seq"] == 9  # next odd above max(8 in, 5 out)
     assert reply["kind"] == "chat"
     assert (reply["platform_id"], reply["channel_type"], reply["thread_id"]) == ("chan-1", "slack", "t-9")
@@ -375,7 +364,7 @@ def test_echo_reply_odd_seq_above_both_tables(session: Session, run_agent) -> No
     assert not session.paths.outbox_dir(reply["id"]).exists()  # no files, no folder
 
     session.insert("m2", 10, text="again")
-    reply2 = wait_for(lambda: session.reply_to("m2"), "reply to m2")
+    reply2 = wait_for(lambda: session.reply_to("m2"), 10.0, message="reply to m2")
     assert reply2["seq"] == 11
     assert content_of(reply2) == {"text": "echo: again"}
     assert "m1 seq=2" in agent.stderr() and "m2 seq=10" in agent.stderr()
@@ -402,7 +391,7 @@ def test_attachment_copied_to_outbox_before_row(session: Session, run_agent, tmp
     session.insert("m1", 2, content)
     run_agent(session)
 
-    reply = wait_for(lambda: session.reply_to("m1"), "reply to m1")
+    reply = wait_for(lambda: session.reply_to("m1"), 10.0, message="reply to m1")
     body = content_of(reply)
     assert body["text"] == "echo: pics"
     assert body["files"] == ["a.png"]
@@ -448,13 +437,13 @@ def test_process_after_waits_until_due(session: Session, run_agent) -> None:
     # A zone far from UTC: an agent reading these as local time gets them wrong.
     run_agent(session, env={"TZ": "Asia/Tokyo"})
 
-    wait_for(lambda: session.acks().get("now") == "completed", "'now' completed")
-    wait_for(lambda: session.acks().get("past") == "completed", "'past' completed")
+    wait_for(lambda: session.acks().get("now") == "completed", 10.0, message="'now' completed")
+    wait_for(lambda: session.acks().get("past") == "completed", 10.0, message="'past' completed")
     window = (due - datetime.now(UTC)).total_seconds() - 0.2
     assert window > 0, "machine too slow for this test's window"
     holds_for(lambda: "later" not in session.acks(), "'later' not yet claimed", window)
 
-    wait_for(lambda: session.acks().get("later") == "completed", "'later' completed")
+    wait_for(lambda: session.acks().get("later") == "completed", 10.0, message="'later' completed")
     acked_at = schema.parse_ts(session.ack_rows()["later"]["status_changed"])
     assert acked_at >= due - timedelta(milliseconds=1)  # timestamps have ms precision
     assert content_of(session.reply_to("later")) == {"text": "echo: later"}
@@ -496,8 +485,8 @@ def test_hang_on_claims_then_goes_silent(session: Session, run_agent) -> None:
     session.insert("m2", 4, text="after")
     agent = run_agent(session, "--hang-on", "freeze", "--heartbeat-interval", "0.05",
                       "--work-seconds", "0.5", "--exit-when-idle", "0.2")
-    wait_for(lambda: session.acks().get("m1") == "processing", "m1 claimed")
-    beat = wait_for(session.heartbeat_mtime, "heartbeat after the claim")
+    wait_for(lambda: session.acks().get("m1") == "processing", 10.0, message="m1 claimed")
+    beat = wait_for(session.heartbeat_mtime, 10.0, message="heartbeat after the claim")
     holds_for(lambda: agent.alive() and session.heartbeat_mtime() == beat
               and "m2" not in session.acks() and session.replies() == [],
               "silence (no heartbeat, no work, no exit)", 0.6)
@@ -509,7 +498,7 @@ def test_hang_on_claims_then_goes_silent(session: Session, run_agent) -> None:
 def test_work_seconds_touches_heartbeat(session: Session, run_agent) -> None:
     session.insert("m1", 2, text="slow")
     run_agent(session, "--work-seconds", "1.0", "--heartbeat-interval", "0.1")
-    wait_for(lambda: session.acks().get("m1") == "processing", "m1 claimed")
+    wait_for(lambda: session.acks().get("m1") == "processing", 10.0, message="m1 claimed")
     seen: set[int] = set()
 
     def beats_while_processing() -> bool:
@@ -518,8 +507,8 @@ def test_work_seconds_touches_heartbeat(session: Session, run_agent) -> None:
         seen.add(session.heartbeat_mtime())
         return len(seen) >= 4
 
-    wait_for(beats_while_processing, "heartbeats during work", timeout=5)
-    wait_for(lambda: session.acks().get("m1") == "completed", "m1 completed")
+    wait_for(beats_while_processing, 5, message="heartbeats during work")
+    wait_for(lambda: session.acks().get("m1") == "completed", 10.0, message="m1 completed")
     assert content_of(session.reply_to("m1")) == {"text": "echo: slow"}
 
 
@@ -539,10 +528,10 @@ def test_waits_for_inbound_db_to_appear(tmp_path: Path, run_agent) -> None:
     session = Session(root)
     agent = run_agent(session, isolated=True)
     wait_for(lambda: session.paths.outbound_db.exists() and session.heartbeat_mtime(),
-             "agent started")
+             10.0, message="agent started")
     session.init_inbound()
     session.insert("m1", 2, text="late")
-    reply = wait_for(lambda: session.reply_to("m1"), "reply to m1")
+    reply = wait_for(lambda: session.reply_to("m1"), 10.0, message="reply to m1")
     assert content_of(reply) == {"text": "echo: late"}
     assert agent.alive()
 
@@ -553,9 +542,9 @@ def test_signal_exits_promptly(session: Session, run_agent, signum: int, busy: b
     agent = run_agent(session, "--work-seconds", "60", "--heartbeat-interval", "5")
     if busy:
         session.insert("m1", 2, text="long job")
-        wait_for(lambda: session.acks().get("m1") == "processing", "m1 claimed")
+        wait_for(lambda: session.acks().get("m1") == "processing", 10.0, message="m1 claimed")
     else:
-        wait_for(lambda: "started" in agent.stderr(), "agent started")
+        wait_for(lambda: "started" in agent.stderr(), 10.0, message="agent started")
     sent = time.monotonic()
     agent.proc.send_signal(signum)
     assert agent.wait(timeout=3) == 0, agent.stderr()
@@ -572,7 +561,7 @@ def test_malformed_content_fails_and_agent_keeps_running(session: Session, run_a
     session.insert("empty", 8, "{}")
     agent = run_agent(session)
     wait_for(lambda: len(session.acks()) == 4
-             and "processing" not in session.acks().values(), "all four settled")
+             and "processing" not in session.acks().values(), 10.0, message="all four settled")
     acks = session.acks()
     assert acks == {"bad": "failed", "list": "failed", "str": "completed", "empty": "completed"}
     assert content_of(session.reply_to("bad"))["text"].startswith("error: ")
@@ -582,7 +571,7 @@ def test_malformed_content_fails_and_agent_keeps_running(session: Session, run_a
     assert [r["seq"] for r in session.replies()] == [9, 11, 13, 15]
 
     session.insert("next", 10, text="still here")
-    wait_for(lambda: session.reply_to("next"), "reply after the malformed ones")
+    wait_for(lambda: session.reply_to("next"), 10.0, message="reply after the malformed ones")
     assert agent.alive()
 
 

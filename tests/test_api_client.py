@@ -11,7 +11,8 @@ import pytest
 import tomli_w
 
 from api_helpers import api_supervised, free_port, token_of
-from e2e import config_dict, make_config, reap_agents, replies_to, run, until  # noqa: F401
+from e2e import config_dict, make_config, replies_to
+from helpers import until
 from orchestrator import cli
 
 
@@ -21,7 +22,7 @@ def cli_run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_send_and_status_through_the_api(tmp_path: Path, capsys, monkeypatch,
+async def test_send_and_status_through_the_api(tmp_path: Path, capsys, monkeypatch,
                                          reap_agents) -> None:
     cfg = make_config(tmp_path)
     elsewhere = tmp_path / "elsewhere"  # another machine: no config file, no data dir
@@ -30,42 +31,39 @@ def test_send_and_status_through_the_api(tmp_path: Path, capsys, monkeypatch,
     monkeypatch.delenv("ORCHESTRATOR_URL", raising=False)
     monkeypatch.delenv("ORCHESTRATOR_TOKEN", raising=False)
 
-    async def body() -> None:
-        async with api_supervised(cfg) as (sup, client):
-            token_file.write_text(token_of(cfg) + "\n")
-            token_file.chmod(0o600)
-            url = sup.api.url
-            missing = elsewhere / "config.toml"
-            code, out, err = await asyncio.to_thread(
-                cli_run, capsys, "send", "--config", missing, "--url", url, "--token-file",
-                token_file, "--group", "remote", "--platform", "p1", "hello from afar")
-            assert (code, err) == (0, ""), err
-            sid = out.strip()
-            await until(lambda: sid in sup.tracked, message="the new session tracked")
-            await until(lambda: any(r["content"]["text"] == "echo: hello from afar"
-                                    for r in replies_to_session(cfg, sid)))
+    async with api_supervised(cfg) as (sup, client):
+        token_file.write_text(token_of(cfg) + "\n")
+        token_file.chmod(0o600)
+        url = sup.api.url
+        missing = elsewhere / "config.toml"
+        code, out, err = await asyncio.to_thread(
+            cli_run, capsys, "send", "--config", missing, "--url", url, "--token-file",
+            token_file, "--group", "remote", "--platform", "p1", "hello from afar")
+        assert (code, err) == (0, ""), err
+        sid = out.strip()
+        await until(lambda: sid in sup.tracked, message="the new session tracked")
+        await until(lambda: any(r["content"]["text"] == "echo: hello from afar"
+                                for r in replies_to_session(cfg, sid)))
 
-            monkeypatch.setenv("ORCHESTRATOR_URL", url)
-            monkeypatch.setenv("ORCHESTRATOR_TOKEN", token_of(cfg))
-            code, out, err = await asyncio.to_thread(cli_run, capsys, "status", "--config",
-                                                     missing, "--json")
-            assert code == 0, err
-            [row] = json.loads(out)
-            assert row["session_id"] == sid and row["agent_group"] == "remote"
-            code, out, _ = await asyncio.to_thread(cli_run, capsys, "status", "--config",
-                                                   missing)
-            assert code == 0 and sid in out and "AGENT GROUP" in out
+        monkeypatch.setenv("ORCHESTRATOR_URL", url)
+        monkeypatch.setenv("ORCHESTRATOR_TOKEN", token_of(cfg))
+        code, out, err = await asyncio.to_thread(cli_run, capsys, "status", "--config",
+                                                 missing, "--json")
+        assert code == 0, err
+        [row] = json.loads(out)
+        assert row["session_id"] == sid and row["agent_group"] == "remote"
+        code, out, _ = await asyncio.to_thread(cli_run, capsys, "status", "--config",
+                                               missing)
+        assert code == 0 and sid in out and "AGENT GROUP" in out
 
-            monkeypatch.setenv("ORCHESTRATOR_TOKEN", "wrong")
-            code, out, err = await asyncio.to_thread(cli_run, capsys, "status", "--config",
-                                                     missing)
-            assert code == 2 and out == "" and err.count("\n") == 1 and "HTTP 401" in err
-            monkeypatch.setenv("ORCHESTRATOR_TOKEN", token_of(cfg))
-            code, out, err = await asyncio.to_thread(
-                cli_run, capsys, "send", "--config", missing, "--group", "../x", "hi")
-            assert code == 2 and err.count("\n") == 1 and "HTTP 400" in err
-
-    run(body())
+        monkeypatch.setenv("ORCHESTRATOR_TOKEN", "wrong")
+        code, out, err = await asyncio.to_thread(cli_run, capsys, "status", "--config",
+                                                 missing)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "HTTP 401" in err
+        monkeypatch.setenv("ORCHESTRATOR_TOKEN", token_of(cfg))
+        code, out, err = await asyncio.to_thread(
+            cli_run, capsys, "send", "--config", missing, "--group", "../x", "hi")
+        assert code == 2 and err.count("\n") == 1 and "HTTP 400" in err
 
 
 def replies_to_session(cfg, sid: str) -> list[dict]:

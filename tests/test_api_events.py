@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
-from e2e import run
 from orchestrator.api.events import EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 
@@ -48,21 +46,18 @@ def test_sse_format_is_one_data_line() -> None:
     assert lines[2].startswith("data: {") and text.endswith("\n\n") and len(lines) == 5
 
 
-def test_a_subscriber_that_falls_behind_is_dropped_not_blocking(tmp_path: Path,
+async def test_a_subscriber_that_falls_behind_is_dropped_not_blocking(tmp_path: Path,
                                                                monkeypatch) -> None:
     from orchestrator.api import events as events_mod
 
     monkeypatch.setattr(events_mod, "QUEUE_MAX", 2)
 
-    async def body() -> None:
-        store = EventStore(tmp_path / "events.db")
-        sub = store.subscribe()
-        for i in range(5):
-            store.append("status", {"n": i})  # never waits
-        assert sub.dropped and sub.queue.qsize() == 2
-        store.close()
-
-    run(body())
+    store = EventStore(tmp_path / "events.db")
+    sub = store.subscribe()
+    for i in range(5):
+        store.append("status", {"n": i})  # never waits
+    assert sub.dropped and sub.queue.qsize() == 2
+    store.close()
 
 
 @pytest.mark.parametrize("key, ok", [("a", True), ("order-42", True), ("k" * 200, True),

@@ -23,8 +23,8 @@ import pytest
 import tomli_w
 from loguru import logger
 
-from e2e import Client, config_dict, make_config, reap_agents, run, supervised, until  # noqa: F401
-from helpers import query, wait_for
+from e2e import Client, config_dict, make_config, run, supervised
+from helpers import query, until, wait_for
 from orchestrator.channels import Failure, Reply
 from orchestrator.layout import delivered_root, sessions_root
 from orchestrator.store import schema
@@ -80,6 +80,14 @@ def add_reply(db: Path, out_id: str, seq: int, content: str | bytes | None = Non
     return time.monotonic()
 
 
+def session_with_outbound(client: Client, agent_group: str):
+    """A new session of ``agent_group`` whose outbound.db the agent has already made."""
+    row = client.session(agent_group)
+    paths = client.paths(row)
+    schema.init_outbound(paths.outbound_db)
+    return row, paths
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every name under ``root`` (links not followed): kind, bytes, mtime — to prove
     nothing out there was read through, moved, written or deleted."""
@@ -133,7 +141,7 @@ conn.execute("COMMIT")
 """
 
 
-def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
+async def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
         tmp_path: Path, reap_agents, logs) -> None:
     cfg = make_config(tmp_path, watch={"sweep_interval": 1.0})
     channel = Recording()
@@ -149,53 +157,50 @@ def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
             out.append(channel.taken[mid] - t_commit)
         return out
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg, channel=channel):
-            healthy = client.paths(client.session("healthy"))
-            schema.init_outbound(healthy.outbound_db)
-            locked = [client.paths(client.session(f"locked-{i}", platform=f"p{i}"))
-                      for i in range(10)]
-            for p in locked:
-                schema.init_outbound(p.outbound_db)
-            before = await replies_latency(healthy.outbound_db, "calm", 1)
-            lockers = [subprocess.Popen([sys.executable, "-c", LOCKER, str(p.outbound_db),
-                                         f"lock-{i}"], stdout=subprocess.PIPE, text=True)
-                       for i, p in enumerate(locked)]
-            try:
-                for proc in lockers:
-                    assert proc.stdout.readline().strip() == "locked"
-                during = await replies_latency(healthy.outbound_db, "busy", 1 + 2 * per_phase)
-            finally:
-                for i, p in enumerate(locked):
-                    (p.root.parent / f"release-lock-{i}").touch()
-                for proc in lockers:
-                    proc.wait(10)
-            await until(lambda: all(f"lock-{i}" in channel.taken for i in range(10)),
-                        timeout=15, message="the locked sessions' replies, once released")
-        client.close()
+    client = Client(cfg)
+    async with supervised(cfg, channel=channel):
+        healthy = client.paths(client.session("healthy"))
+        schema.init_outbound(healthy.outbound_db)
+        locked = [client.paths(client.session(f"locked-{i}", platform=f"p{i}"))
+                  for i in range(10)]
+        for p in locked:
+            schema.init_outbound(p.outbound_db)
+        before = await replies_latency(healthy.outbound_db, "calm", 1)
+        lockers = [subprocess.Popen([sys.executable, "-c", LOCKER, str(p.outbound_db),
+                                     f"lock-{i}"], stdout=subprocess.PIPE, text=True)
+                   for i, p in enumerate(locked)]
+        try:
+            for proc in lockers:
+                assert proc.stdout.readline().strip() == "locked"
+            during = await replies_latency(healthy.outbound_db, "busy", 1 + 2 * per_phase)
+        finally:
+            for i, p in enumerate(locked):
+                (p.root.parent / f"release-lock-{i}").touch()
+            for proc in lockers:
+                proc.wait(10)
+        await until(lambda: all(f"lock-{i}" in channel.taken for i in range(10)),
+                    timeout=15, message="the locked sessions' replies, once released")
+    client.close()
 
-        print(f"\nhealthy reply latency ms, p50/p99/max: without lockers "
-              f"{1000 * statistics.median(before):.1f}/{1000 * quantile(before, .99):.1f}/"
-              f"{1000 * max(before):.1f}; with 10 lockers "
-              f"{1000 * statistics.median(during):.1f}/{1000 * quantile(during, .99):.1f}/"
-              f"{1000 * max(during):.1f}")
-        # the old code waited SQLite's 5 s busy timeout on the loop per locked pass (so
-        # every healthy reply waited seconds); on a loaded CI machine both phases may be
-        # slow, so the bound is relative to the same test's figures without lockers
-        assert max(during) < max(1.0, 2 * max(before)), during
-        assert statistics.median(during) < statistics.median(before) + 0.1, during
-        # exact counts: every reply once, nothing failed
-        ids = [f"calm-{i}" for i in range(per_phase)] + [f"busy-{i}" for i in range(per_phase)]
-        ids += [f"lock-{i}" for i in range(10)]
-        assert sorted(channel.taken) == sorted(ids)
-        assert all(channel.count(mid) == 1 for mid in ids)
-        assert channel.failures == []
-        assert not [m for m in logs if "not a readable" in m or "unreadable" in m]
-        busy_lines = [m for m in logs if "is busy" in m]
-        assert 10 <= len(busy_lines) <= 10 * 3, busy_lines  # once per episode, not per pass
-
-    run(body())
+    print(f"\nhealthy reply latency ms, p50/p99/max: without lockers "
+          f"{1000 * statistics.median(before):.1f}/{1000 * quantile(before, .99):.1f}/"
+          f"{1000 * max(before):.1f}; with 10 lockers "
+          f"{1000 * statistics.median(during):.1f}/{1000 * quantile(during, .99):.1f}/"
+          f"{1000 * max(during):.1f}")
+    # the old code waited SQLite's 5 s busy timeout on the loop per locked pass (so
+    # every healthy reply waited seconds); on a loaded CI machine both phases may be
+    # slow, so the bound is relative to the same test's figures without lockers
+    assert max(during) < max(1.0, 2 * max(before)), during
+    assert statistics.median(during) < statistics.median(before) + 0.1, during
+    # exact counts: every reply once, nothing failed
+    ids = [f"calm-{i}" for i in range(per_phase)] + [f"busy-{i}" for i in range(per_phase)]
+    ids += [f"lock-{i}" for i in range(10)]
+    assert sorted(channel.taken) == sorted(ids)
+    assert all(channel.count(mid) == 1 for mid in ids)
+    assert channel.failures == []
+    assert not [m for m in logs if "not a readable" in m or "unreadable" in m]
+    busy_lines = [m for m in logs if "is busy" in m]
+    assert 10 <= len(busy_lines) <= 10 * 3, busy_lines  # once per episode, not per pass
 
 
 READER = """
@@ -269,9 +274,7 @@ def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
 
     async def body() -> None:
         client = Client(cfg)
-        victim = client.session("victim")
-        paths = client.paths(victim)
-        schema.init_outbound(paths.outbound_db)
+        victim, paths = session_with_outbound(client, "victim")
         async with supervised(cfg, channel=channel) as sup:
             add_reply(paths.outbound_db, "ok-1", 1)
             await until(lambda: "ok-1" in channel.taken, message="the victim's own reply")
@@ -346,9 +349,7 @@ def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
 
     async def body() -> None:
         client = Client(cfg)
-        row = client.session("replaced")
-        paths = client.paths(row)
-        schema.init_outbound(paths.outbound_db)
+        row, paths = session_with_outbound(client, "replaced")
         async with supervised(cfg, channel=channel) as sup:
             for i, seq in enumerate((1, 3, 5)):
                 add_reply(paths.outbound_db, f"a{i}", seq)
@@ -393,7 +394,7 @@ def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
 # --- 4./5. one bad row fails alone, at once, and the chat hears of it ----------------------
 
 
-def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agents) -> None:
+async def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agents) -> None:
     cfg = make_config(tmp_path, delivery={"max_content_bytes": 4096, "retry_base": 5.0,
                                           "max_attempts": 5})
     channel = Recording()
@@ -402,64 +403,59 @@ def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agent
     (outside / "secret.txt").write_text("secret")
     before = snapshot(outside)
 
-    async def body() -> None:
-        client = Client(cfg)
-        row = client.session("bad")
-        paths = client.paths(row)
-        schema.init_outbound(paths.outbound_db)
-        outbox = paths.outbox
-        (outbox / "r-notdir").write_text("a file where outbox/<id>/ should be")
-        (outbox / "r-link").mkdir()
-        os.symlink(outside / "secret.txt", outbox / "r-link" / "a.txt")
-        (outbox / "r-fifo").mkdir()
-        os.mkfifo(outbox / "r-fifo" / "a.txt")
-        os.symlink(outside, outbox / "r-dirlink")  # outbox/<id> itself a link
-        async with supervised(cfg, channel=channel):
-            t0 = time.monotonic()
-            rows = [("r-utf8", b'{"text": "\xff\xfe"}', None),
-                    ("ok-1", None, None),
-                    ("r-notdir", None, ["a.txt"]),
-                    ("ok-2", None, None),
-                    ("r-traversal", None, ["../../secret.txt"]),
-                    ("r-absolute", None, [str(outside / "secret.txt")]),
-                    ("r-link", None, ["a.txt"]),
-                    ("r-fifo", None, ["a.txt"]),
-                    ("r-dirlink", None, ["secret.txt"]),
-                    ("r-big", json.dumps({"text": "x" * 10_000}), None),
-                    ("ok-3", None, None)]
-            for i, (mid, content, files) in enumerate(rows):
-                add_reply(paths.outbound_db, mid, 1 + 2 * i, content, files)
-            await until(lambda: len(delivered(paths)) == len(rows), timeout=10,
-                        message="every row settled")
-            elapsed = time.monotonic() - t0
-        client.close()
-        assert elapsed < 3.0  # not 5 attempts with backoff (5 s, 10 s, …)
+    client = Client(cfg)
+    row, paths = session_with_outbound(client, "bad")
+    outbox = paths.outbox
+    (outbox / "r-notdir").write_text("a file where outbox/<id>/ should be")
+    (outbox / "r-link").mkdir()
+    os.symlink(outside / "secret.txt", outbox / "r-link" / "a.txt")
+    (outbox / "r-fifo").mkdir()
+    os.mkfifo(outbox / "r-fifo" / "a.txt")
+    os.symlink(outside, outbox / "r-dirlink")  # outbox/<id> itself a link
+    async with supervised(cfg, channel=channel):
+        t0 = time.monotonic()
+        rows = [("r-utf8", b'{"text": "\xff\xfe"}', None),
+                ("ok-1", None, None),
+                ("r-notdir", None, ["a.txt"]),
+                ("ok-2", None, None),
+                ("r-traversal", None, ["../../secret.txt"]),
+                ("r-absolute", None, [str(outside / "secret.txt")]),
+                ("r-link", None, ["a.txt"]),
+                ("r-fifo", None, ["a.txt"]),
+                ("r-dirlink", None, ["secret.txt"]),
+                ("r-big", json.dumps({"text": "x" * 10_000}), None),
+                ("ok-3", None, None)]
+        for i, (mid, content, files) in enumerate(rows):
+            add_reply(paths.outbound_db, mid, 1 + 2 * i, content, files)
+        await until(lambda: len(delivered(paths)) == len(rows), timeout=10,
+                    message="every row settled")
+        elapsed = time.monotonic() - t0
+    client.close()
+    assert elapsed < 3.0  # not 5 attempts with backoff (5 s, 10 s, …)
 
-        settled = delivered(paths)
-        bad = {"r-utf8", "r-notdir", "r-traversal", "r-absolute", "r-link", "r-fifo", "r-big",
-               "r-dirlink"}
-        assert settled == {**{m: "failed" for m in bad},
-                           **{m: "delivered" for m in ("ok-1", "ok-2", "ok-3")}}
-        assert sorted(channel.taken) == ["ok-1", "ok-2", "ok-3"]
-        assert all(channel.count(m) == 1 for m in ("ok-1", "ok-2", "ok-3"))
-        reasons = {f.id: f.reason for f in channel.failures}
-        assert len(channel.failures) == len(bad) and set(reasons) == bad  # one record each
-        assert all(f.kind == "reply" and f.session_id == row.id and f.agent_group == "bad"
-                   and (f.channel_type, f.platform_id) == ("cli", "local")
-                   for f in channel.failures)
-        assert "not valid UTF-8" in reasons["r-utf8"]
-        assert "not a directory" in reasons["r-notdir"]
-        assert "must be a basename" in reasons["r-traversal"]
-        assert "must be a basename" in reasons["r-absolute"]
-        assert "a symlink" in reasons["r-link"]
-        assert "a FIFO" in reasons["r-fifo"]
-        assert "is a symlink or not a directory" in reasons["r-dirlink"]
-        assert "max_content_bytes" in reasons["r-big"]
-        assert query(client_registry(cfg), "SELECT COUNT(*) FROM delivery_attempts") == [(0,)]
-        assert snapshot(outside) == before
-        assert not any(os.path.lexists(paths.outbox / m) for m in bad)  # links unlinked
-
-    run(body())
+    settled = delivered(paths)
+    bad = {"r-utf8", "r-notdir", "r-traversal", "r-absolute", "r-link", "r-fifo", "r-big",
+           "r-dirlink"}
+    assert settled == {**{m: "failed" for m in bad},
+                       **{m: "delivered" for m in ("ok-1", "ok-2", "ok-3")}}
+    assert sorted(channel.taken) == ["ok-1", "ok-2", "ok-3"]
+    assert all(channel.count(m) == 1 for m in ("ok-1", "ok-2", "ok-3"))
+    reasons = {f.id: f.reason for f in channel.failures}
+    assert len(channel.failures) == len(bad) and set(reasons) == bad  # one record each
+    assert all(f.kind == "reply" and f.session_id == row.id and f.agent_group == "bad"
+               and (f.channel_type, f.platform_id) == ("cli", "local")
+               for f in channel.failures)
+    assert "not valid UTF-8" in reasons["r-utf8"]
+    assert "not a directory" in reasons["r-notdir"]
+    assert "must be a basename" in reasons["r-traversal"]
+    assert "must be a basename" in reasons["r-absolute"]
+    assert "a symlink" in reasons["r-link"]
+    assert "a FIFO" in reasons["r-fifo"]
+    assert "is a symlink or not a directory" in reasons["r-dirlink"]
+    assert "max_content_bytes" in reasons["r-big"]
+    assert query(client_registry(cfg), "SELECT COUNT(*) FROM delivery_attempts") == [(0,)]
+    assert snapshot(outside) == before
+    assert not any(os.path.lexists(paths.outbox / m) for m in bad)  # links unlinked
 
 
 def client_registry(cfg) -> Path:
@@ -475,9 +471,7 @@ def test_a_50_mb_reply_is_failed_without_loading_it(tmp_path: Path) -> None:
     config.write_text(tomli_w.dumps(data))
     cfg = make_config(tmp_path)
     client = Client(cfg)
-    row = client.session("huge")
-    paths = client.paths(row)
-    schema.init_outbound(paths.outbound_db)
+    row, paths = session_with_outbound(client, "huge")
     add_reply(paths.outbound_db, "r-huge", 1, json.dumps({"text": "x" * 50_000_000}))
     add_reply(paths.outbound_db, "r-ok", 3)
     client.close()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from e2e import Client, make_config, reap_agents, run, supervised, until  # noqa: F401
-from helpers import query
+from e2e import Client, make_config, run, supervised
+from helpers import query, until
 from orchestrator.channels import DeliveryError, Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config import DeliveryConfig
@@ -437,7 +437,7 @@ def test_jsonl_channel_skips_a_torn_last_line(tmp_path: Path) -> None:
 # --- in the running supervisor ---------------------------------------------------------------
 
 
-def test_supervisor_retries_a_failing_channel_without_blocking_others(tmp_path: Path,
+async def test_supervisor_retries_a_failing_channel_without_blocking_others(tmp_path: Path,
                                                                       reap_agents) -> None:
     cfg = make_config(tmp_path, delivery={"retry_base": 0.2, "max_attempts": 5},
                       lifecycle={"stop_idle_after": 5.0})
@@ -451,28 +451,25 @@ def test_supervisor_retries_a_failing_channel_without_blocking_others(tmp_path: 
 
     channel = Flaky()
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg, channel=channel) as sup:
-            row_a, mid_a = client.send("alpha", flaky_text)
-            row_b, mid_b = client.send("beta", "plain", platform="p2")
-            taken = lambda: {r.in_reply_to: r for r in channel.taken}  # noqa: E731
-            await until(lambda: mid_b in taken(), message="the healthy reply")
-            await until(lambda: mid_a in taken(), message="the flaky reply, after retries")
-            flaky_id = taken()[mid_a].message_id
-            assert channel.calls.count(flaky_id) == 3
-            assert channel.calls.count(taken()[mid_b].message_id) == 1
-            paths = client.paths(row_a)
-            await until(lambda: query(paths.inbound_db, "SELECT status FROM delivered WHERE"
-                                      " message_out_id=?", (flaky_id,)) == [("delivered",)])
-            assert client.registry.delivery_attempt(row_a.id, flaky_id) == (0, None)
-            assert sup.tracked[row_a.id].delivery.watermark >= taken()[mid_a].seq
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg, channel=channel) as sup:
+        row_a, mid_a = client.send("alpha", flaky_text)
+        row_b, mid_b = client.send("beta", "plain", platform="p2")
+        taken = lambda: {r.in_reply_to: r for r in channel.taken}  # noqa: E731
+        await until(lambda: mid_b in taken(), message="the healthy reply")
+        await until(lambda: mid_a in taken(), message="the flaky reply, after retries")
+        flaky_id = taken()[mid_a].message_id
+        assert channel.calls.count(flaky_id) == 3
+        assert channel.calls.count(taken()[mid_b].message_id) == 1
+        paths = client.paths(row_a)
+        await until(lambda: query(paths.inbound_db, "SELECT status FROM delivered WHERE"
+                                  " message_out_id=?", (flaky_id,)) == [("delivered",)])
+        assert client.registry.delivery_attempt(row_a.id, flaky_id) == (0, None)
+        assert sup.tracked[row_a.id].delivery.watermark >= taken()[mid_a].seq
+    client.close()
 
 
-def test_supervisor_delivers_a_reply_when_its_late_file_lands(tmp_path: Path,
+async def test_supervisor_delivers_a_reply_when_its_late_file_lands(tmp_path: Path,
                                                               reap_agents) -> None:
     """An agent that commits the row before writing the file: the outbox/ event of the
     file delivers the reply at once (not after a backoff or ``files_wait``)."""
@@ -480,29 +477,26 @@ def test_supervisor_delivers_a_reply_when_its_late_file_lands(tmp_path: Path,
                       watch={"sweep_interval": 60.0})
     channel = FakeChannel()
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg, channel=channel) as sup:
-            row = client.session("late")
-            paths = client.paths(row)
-            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
-                conn.execute(
-                    "INSERT INTO messages_out (id, seq, timestamp, kind, content) "
-                    "VALUES ('r-late', 1, ?, 'chat', ?)",
-                    (schema.now_ts(), json.dumps({"text": "x", "files": ["late.txt"]})))
-            await until(lambda: row.id in sup.tracked
-                        and "r-late" in sup.tracked[row.id].delivery.waiting_files,
-                        message="the row seen by a pass, waiting for its file")
-            folder = paths.outbox / "r-late"
-            folder.mkdir()
-            (folder / "late.txt").write_bytes(b"late")
-            [reply] = await until(lambda: channel.taken, timeout=5.0,
-                                  message="the reply, once its file is there")
-            assert reply.files == (str(delivered_root(cfg.data_dir) / "r-late" / "late.txt"),)
-            assert channel.calls == ["r-late"]
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg, channel=channel) as sup:
+        row = client.session("late")
+        paths = client.paths(row)
+        with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+            conn.execute(
+                "INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                "VALUES ('r-late', 1, ?, 'chat', ?)",
+                (schema.now_ts(), json.dumps({"text": "x", "files": ["late.txt"]})))
+        await until(lambda: row.id in sup.tracked
+                    and "r-late" in sup.tracked[row.id].delivery.waiting_files,
+                    message="the row seen by a pass, waiting for its file")
+        folder = paths.outbox / "r-late"
+        folder.mkdir()
+        (folder / "late.txt").write_bytes(b"late")
+        [reply] = await until(lambda: channel.taken, timeout=5.0,
+                              message="the reply, once its file is there")
+        assert reply.files == (str(delivered_root(cfg.data_dir) / "r-late" / "late.txt"),)
+        assert channel.calls == ["r-late"]
+    client.close()
 
 
 def test_supervisor_on_a_full_disk_loses_and_duplicates_nothing(tmp_path: Path,

@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import signal
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable
 
 import docker
 import pytest
 from loguru import logger
 
-from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
-    PrivateDockerd, agent_image, docker_client, in_thread, instance, private_dockerd,
-    private_dockerd_live, remove_labelled, until,
-)
-from e2e import supervised
-from helpers import query
+from docker_fixtures import PrivateDockerd, in_thread, remove_labelled
+from e2e import run, supervised
+from helpers import holds, query, until
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config import Config, load_config
 from orchestrator.layout import delivered_root, registry_path
@@ -66,35 +62,6 @@ def docker_config(tmp_path: Path, instance: str, image: str, *, agent_args: list
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return load_config(data, tmp_path)
-
-
-def bounded(coro: Awaitable[Any], timeout: float = 90.0) -> Any:
-    """Run a test body in a fresh loop with an overall deadline."""
-    async def main() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(main())
-
-
-async def until_async(condition: Callable[[], Awaitable[Any]], timeout: float, what: str,
-                      interval: float = 0.1) -> Any:
-    """``until`` for conditions that must do blocking work (docker calls) in a thread."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s (last value {value!r})")
-        await asyncio.sleep(interval)
-
-
-async def holds(condition: Callable[[], Any], seconds: float, what: str) -> None:
-    """A negative observation: ``condition`` stays true for the whole window."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert condition(), f"{what} stopped holding"
-        await asyncio.sleep(0.05)
 
 
 # --- sending and observing ---------------------------------------------------------------
@@ -212,7 +179,7 @@ def test_round_trip_in_a_locked_down_container(
             await until(lambda: message_row(sup, row, mid)["status"] == "completed", 10,
                         "inbound message completed")
             await until(lambda: status(sup, row.id) == "stopped", 20, "stopped when idle")
-            await until_async(lambda: gone(docker_client, instance), 15,
+            await until(lambda: gone(docker_client, instance), 15,
                               "the container removed")
             changes = statuses(sup, row.id)
 
@@ -241,7 +208,7 @@ def test_round_trip_in_a_locked_down_container(
         assert changes[2][1].startswith("stopped: idle for"), changes
         assert Counter(r["message_id"] for r in replies(cfg)) == {out_id: 1}
 
-    bounded(body())
+    run(body(), 90)
     assert loud(log_records) == []
 
 
@@ -279,7 +246,7 @@ def test_container_writes_are_seen_by_the_watcher(
             assert not (sup.sessions.paths(row).outbox / reply["message_id"]).exists()
             assert status(sup, row.id) == "running" and container_id(sup, row.id)
 
-    bounded(body())
+    run(body(), 90)
     assert loud(log_records) == []
 
 
@@ -315,7 +282,7 @@ def test_docker_kill_mid_claim_is_retried_by_a_fresh_container(
             await until(lambda: message_row(sup, row, mid)["status"] == "completed", 10,
                         "message completed")
             await until(lambda: status(sup, row.id) == "stopped", 20, "stopped when idle")
-            await until_async(lambda: gone(docker_client, instance), 15, "containers removed")
+            await until(lambda: gone(docker_client, instance), 15, "containers removed")
             changes = sup.registry.status_changes(row.id)
 
         assert second != first
@@ -328,7 +295,7 @@ def test_docker_kill_mid_claim_is_retried_by_a_fresh_container(
         assert reply["content"]["text"] == "echo: slow one"
         assert Counter(r["message_id"] for r in replies(cfg)) == {reply["message_id"]: 1}
 
-    bounded(body())
+    run(body(), 90)
     assert [m for m in loud(log_records) if "given back for retry" not in m] == []
 
 
@@ -381,7 +348,7 @@ def test_restart_adopts_the_running_container(
         assert n_running == 2 and not any(r.startswith("agent started") for s, r in changes
                                           [1:]), changes
 
-    bounded(body())
+    run(body(), 90)
     assert loud(log_records) == []
 
 
@@ -445,7 +412,7 @@ def test_unlabelled_lookalike_containers_are_never_touched(
             "/" + container_name(instance, "look", blocked.id)
 
     try:
-        bounded(body())
+        run(body(), 90)
     finally:
         remove_labelled(docker_client, f"test.cleanup={tag}")
 
@@ -484,7 +451,7 @@ def test_agent_cannot_write_inbound_db(
             assert inbound_db.read_bytes() == before
             assert message_row(sup, row, mid)["status"] == "pending"
 
-    bounded(body())
+    run(body(), 90)
     assert loud(log_records) == []
 
 
@@ -512,7 +479,7 @@ def test_shutdown_stop_stops_and_removes_containers(
                 assert reg.session(r.id).container_status == "stopped"
                 assert reg.session(r.id).status_reason == "stopped at orchestrator shutdown"
 
-    bounded(body())
+    run(body(), 90)
     assert loud(log_records) == []
 
 
@@ -571,7 +538,7 @@ def test_daemon_outage_keeps_work_pending_and_recovers(
         counts = Counter(r["in_reply_to"] for r in replies(cfg))
         assert counts == {a1: 1, a2: 1, b1: 1}, counts
 
-    bounded(body(), timeout=60)
+    run(body(), 60)
 
 
 def test_daemon_crash_with_a_stuck_agent_backs_off_then_kills(
@@ -615,7 +582,7 @@ def test_daemon_crash_with_a_stuck_agent_backs_off_then_kills(
         assert line.startswith("WARNING: Docker daemon unreachable")
         assert len([m for m in loud(during) if "killing stuck agent" in m]) == 1
 
-    bounded(body(), timeout=60)
+    run(body(), 60)
 
 
 def test_daemon_down_at_start_up_keeps_claims_and_adopts_when_back(
@@ -664,13 +631,13 @@ def test_daemon_down_at_start_up_keeps_claims_and_adopts_when_back(
         assert Counter(r["in_reply_to"] for r in replies(cfg)) == {mid: 1}
         assert not [m for m in loud(log_records) if m.startswith("ERROR")], loud(log_records)
 
-    bounded(body(), timeout=90)
+    run(body(), 90)
 
 
 # --- the paused tier ----------------------------------------------------------------------------
 
 
-def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_after(
+async def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_after(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """docker pause after pause_idle_after; a message thaws the same container (no new
@@ -683,32 +650,29 @@ def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_after(
         info = await in_thread(docker_client.api.inspect_container, cid)
         return info["State"]["Status"]
 
-    async def body() -> None:
-        async with supervised(cfg) as sup:
-            row = session(sup, "helpers")
-            m1 = send(sup, row, "first")
-            await until(lambda: replies_to(cfg, m1), 30, "first reply")
-            cid = container_id(sup, row.id)
-            assert cid is not None
-            await until_async(lambda: _is(state(cid), "paused"), 15, "container paused")
-            assert status(sup, row.id) == "idle" and sup.runtime.is_paused(row.id)
+    async with supervised(cfg) as sup:
+        row = session(sup, "helpers")
+        m1 = send(sup, row, "first")
+        await until(lambda: replies_to(cfg, m1), 30, "first reply")
+        cid = container_id(sup, row.id)
+        assert cid is not None
+        await until(lambda: _is(state(cid), "paused"), 15, "container paused")
+        assert status(sup, row.id) == "idle" and sup.runtime.is_paused(row.id)
 
-            m2 = send(sup, row, "second")
-            [reply] = await until(lambda: replies_to(cfg, m2), 15, "reply after the thaw")
-            assert reply["content"]["text"] == "echo: second"
-            assert container_id(sup, row.id) == cid  # the same container, unpaused
-            await until_async(lambda: _is(state(cid), "paused"), 15, "paused again")
-            await until(lambda: status(sup, row.id) == "stopped", 20,
-                        "stopped after stop_idle_after")
-            await until_async(lambda: gone(docker_client, instance), 15, "container removed")
-            changes = statuses(sup, row.id)
-        found = [reason for _s, reason in changes]
-        assert "resumed: 1 message(s) due" in found, found
-        assert sum(r.startswith("paused after") for r in found) == 2, found
-        assert found[-1].startswith("stopped: idle for"), found
-        assert not [r for r in found if r.startswith("killed")], found
-
-    bounded(body())
+        m2 = send(sup, row, "second")
+        [reply] = await until(lambda: replies_to(cfg, m2), 15, "reply after the thaw")
+        assert reply["content"]["text"] == "echo: second"
+        assert container_id(sup, row.id) == cid  # the same container, unpaused
+        await until(lambda: _is(state(cid), "paused"), 15, "paused again")
+        await until(lambda: status(sup, row.id) == "stopped", 20,
+                    "stopped after stop_idle_after")
+        await until(lambda: gone(docker_client, instance), 15, "container removed")
+        changes = statuses(sup, row.id)
+    found = [reason for _s, reason in changes]
+    assert "resumed: 1 message(s) due" in found, found
+    assert sum(r.startswith("paused after") for r in found) == 2, found
+    assert found[-1].startswith("stopped: idle for"), found
+    assert not [r for r in found if r.startswith("killed")], found
 
 
 async def _is(value: Awaitable[Any], expected: Any) -> bool:

@@ -19,17 +19,17 @@ from typing import Any
 
 import docker
 import pytest
+import requests
 from loguru import logger
 
-from docker_fixtures import (  # noqa: F401  (fixtures are used by name)
-    PrivateDockerd, agent_image, docker_client, in_thread, insert_message, instance,
-    make_session, private_dockerd, remove_labelled, until,
-)
+from docker_fixtures import PrivateDockerd, in_thread, insert_message, make_session, remove_labelled
+from helpers import until
 from orchestrator import layout
 from orchestrator.config import DockerConfig
 from orchestrator.runtime import image as image_mod
-from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.docker import DockerRuntime
+from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.docker import DockerRuntime, Phase, _Tracked
+from orchestrator.runtime.dockerexec import Conflict, DockerExec
 from orchestrator.runtime.docker_spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, MountNotAllowed, container_name,
                                               container_spec, exit_reason, host_config_kwargs,
@@ -212,7 +212,7 @@ def test_start_applies_least_privilege(tmp_path: Path, docker_client: docker.Doc
 
 
 @pytest.mark.docker
-def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.DockerClient,
+async def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.DockerClient,
                                         agent_image: str, instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
     (folder / "inbox" / "m2").mkdir()
@@ -224,52 +224,49 @@ def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.Do
         with schema_ro(folder / "outbound.db") as conn:
             return conn.execute("SELECT id, seq, in_reply_to, content FROM messages_out").fetchall()
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            rows = await until(replies, 30, "reply row in outbound.db")
-            out_id, seq, in_reply_to, content = rows[0]
-            assert in_reply_to == "m2" and seq % 2 == 1 and "echo: hi there" in content
-            await until(lambda: (folder / "outbox" / out_id / "hello.txt").is_file(), 10,
-                        "outbox file on the host")
-            assert (folder / "outbox" / out_id / "hello.txt").read_text() == "attached"
-            await until(lambda: (folder / ".heartbeat").is_file(), 10, "heartbeat on the host")
-            first = (folder / ".heartbeat").stat().st_mtime_ns
-            insert_message(folder, "m4", "again")  # host writes while the agent runs
-            await until(lambda: len(replies()) == 2, 30, "second reply")
-            await until(lambda: (folder / ".heartbeat").stat().st_mtime_ns != first, 10,
-                        "heartbeat touched again")
-            # The agent cannot write inbound.db: the same python3 + sqlite3 inside fails.
-            probe = ("import sqlite3; c = sqlite3.connect('/workspace/inbound.db'); "
-                     "c.execute(\"UPDATE messages_in SET status='completed'\"); c.commit()")
-            res = await in_thread(lambda: docker_client.api.exec_create(
-                handle.ident, ["python3", "-c", probe]))
-            out = await in_thread(docker_client.api.exec_start, res["Id"])
-            code = (await in_thread(docker_client.api.exec_inspect, res["Id"]))["ExitCode"]
-            assert code != 0 and b"readonly" in out.replace(b"-", b"").lower(), out
-            # ... nor replace it (the read-only file is a mount point), nor write the rootfs.
-            for cmd in (["sh", "-c", "rm -f /workspace/inbound.db"],
-                        ["sh", "-c", "mv /workspace/inbound.db /workspace/x"],
-                        ["sh", "-c", "touch /etc/owned"]):
-                res = await in_thread(lambda: docker_client.api.exec_create(handle.ident, cmd))
-                await in_thread(docker_client.api.exec_start, res["Id"])
-                info = await in_thread(docker_client.api.exec_inspect, res["Id"])
-                assert info["ExitCode"] != 0, cmd
-            assert (folder / "inbound.db").is_file()
-            with schema_ro(folder / "inbound.db") as conn:
-                assert set(conn.execute("SELECT status FROM messages_in").fetchall()) == {("pending",)}
-            await rt.stop("s1", grace=5)
-            assert exits == [AgentExit("g1", "s1", exits[0].exit_code, "stopped")]
-            assert not rt.is_running("s1") and labelled(docker_client, instance) == []
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        rows = await until(replies, 30, "reply row in outbound.db")
+        out_id, seq, in_reply_to, content = rows[0]
+        assert in_reply_to == "m2" and seq % 2 == 1 and "echo: hi there" in content
+        await until(lambda: (folder / "outbox" / out_id / "hello.txt").is_file(), 10,
+                    "outbox file on the host")
+        assert (folder / "outbox" / out_id / "hello.txt").read_text() == "attached"
+        await until(lambda: (folder / ".heartbeat").is_file(), 10, "heartbeat on the host")
+        first = (folder / ".heartbeat").stat().st_mtime_ns
+        insert_message(folder, "m4", "again")  # host writes while the agent runs
+        await until(lambda: len(replies()) == 2, 30, "second reply")
+        await until(lambda: (folder / ".heartbeat").stat().st_mtime_ns != first, 10,
+                    "heartbeat touched again")
+        # The agent cannot write inbound.db: the same python3 + sqlite3 inside fails.
+        probe = ("import sqlite3; c = sqlite3.connect('/workspace/inbound.db'); "
+                 "c.execute(\"UPDATE messages_in SET status='completed'\"); c.commit()")
+        res = await in_thread(lambda: docker_client.api.exec_create(
+            handle.ident, ["python3", "-c", probe]))
+        out = await in_thread(docker_client.api.exec_start, res["Id"])
+        code = (await in_thread(docker_client.api.exec_inspect, res["Id"]))["ExitCode"]
+        assert code != 0 and b"readonly" in out.replace(b"-", b"").lower(), out
+        # ... nor replace it (the read-only file is a mount point), nor write the rootfs.
+        for cmd in (["sh", "-c", "rm -f /workspace/inbound.db"],
+                    ["sh", "-c", "mv /workspace/inbound.db /workspace/x"],
+                    ["sh", "-c", "touch /etc/owned"]):
+            res = await in_thread(lambda: docker_client.api.exec_create(handle.ident, cmd))
+            await in_thread(docker_client.api.exec_start, res["Id"])
+            info = await in_thread(docker_client.api.exec_inspect, res["Id"])
+            assert info["ExitCode"] != 0, cmd
+        assert (folder / "inbound.db").is_file()
+        with schema_ro(folder / "inbound.db") as conn:
+            assert set(conn.execute("SELECT status FROM messages_in").fetchall()) == {("pending",)}
+        await rt.stop("s1", grace=5)
+        assert exits == [AgentExit("g1", "s1", exits[0].exit_code, "stopped")]
+        assert not rt.is_running("s1") and labelled(docker_client, instance) == []
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
-def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
+async def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """inotify in the container sees the host's commits to inbound.db, which is
@@ -283,32 +280,29 @@ def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
         with schema_ro(folder / "outbound.db") as conn:
             return conn.execute("SELECT in_reply_to FROM messages_out ORDER BY seq").fetchall()
 
-    async def main() -> None:
-        rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            # .heartbeat: the agent is up (the first message may still be found by its
-            # first read; the later ones, sent after a reply, only inotify can report)
-            await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
-            await until(lambda: b"waking on" in docker_client.api.logs(handle.ident), 30,
-                        "the agent's start-up line")
-            logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
-            assert b"waking on inotify" in logs, logs
-            for n, mid in enumerate(("m2", "m4", "m6"), start=1):
-                t0 = time.monotonic()
-                insert_message(folder, mid, f"hello {n}")  # the host's write, host side
-                await until(lambda: len(replies()) == n, 20, f"reply {n} (woken by inotify)")
-                assert time.monotonic() - t0 < 20  # a poll would have taken 600 s
-            assert replies() == [("m2",), ("m4",), ("m6",)]
-            await rt.stop("s1", grace=5)
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        # .heartbeat: the agent is up (the first message may still be found by its
+        # first read; the later ones, sent after a reply, only inotify can report)
+        await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
+        await until(lambda: b"waking on" in docker_client.api.logs(handle.ident), 30,
+                    "the agent's start-up line")
+        logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
+        assert b"waking on inotify" in logs, logs
+        for n, mid in enumerate(("m2", "m4", "m6"), start=1):
+            t0 = time.monotonic()
+            insert_message(folder, mid, f"hello {n}")  # the host's write, host side
+            await until(lambda: len(replies()) == n, 20, f"reply {n} (woken by inotify)")
+            assert time.monotonic() - t0 < 20  # a poll would have taken 600 s
+        assert replies() == [("m2",), ("m4",), ("m6",)]
+        await rt.stop("s1", grace=5)
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
-def test_precreated_container_is_started_instead_of_created(
+async def test_precreated_container_is_started_instead_of_created(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     """[docker] precreate: after a stop the session's next container is created (not
@@ -323,32 +317,29 @@ def test_precreated_container_is_started_instead_of_created(
     def states() -> dict[str, str]:
         return {c.labels[LABEL_SESSION]: c.status for c in labelled(docker_client, instance)}
 
-    async def main() -> None:
-        rt, _exits = make_runtime(tmp_path, instance, agent_image, precreate=1)
-        try:
-            await rt.start(SessionRef("g1", "s1", folders[0]))
-            await rt.stop("s1", grace=5)
-            await until(lambda: states() == {"s1": "created"}, 20,
-                        "a spare created for s1")
-            [spare] = labelled(docker_client, instance)
-            await rt.reconcile()
-            assert states() == {"s1": "created"}  # a spare is not a dead leftover
-            insert_message(folders[0], "m2", "hello")
-            handle = await rt.start(SessionRef("g1", "s1", folders[0]))
-            assert handle.ident == spare.id  # started, not created
-            await until(lambda: replies(folders[0]) == 1, 30, "reply from the spare")
-            await rt.stop("s1", grace=5)
-            await until(lambda: states() == {"s1": "created"}, 20,
-                        "a new spare for s1")
-            await rt.start(SessionRef("g1", "s2", folders[1]))
-            await rt.stop("s2", grace=5)
-            # capacity 1: s2's spare evicts s1's
-            await until(lambda: states() == {"s2": "created"}, 20,
-                        "only the newest spare is kept")
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, _exits = make_runtime(tmp_path, instance, agent_image, precreate=1)
+    try:
+        await rt.start(SessionRef("g1", "s1", folders[0]))
+        await rt.stop("s1", grace=5)
+        await until(lambda: states() == {"s1": "created"}, 20,
+                    "a spare created for s1")
+        [spare] = labelled(docker_client, instance)
+        await rt.reconcile()
+        assert states() == {"s1": "created"}  # a spare is not a dead leftover
+        insert_message(folders[0], "m2", "hello")
+        handle = await rt.start(SessionRef("g1", "s1", folders[0]))
+        assert handle.ident == spare.id  # started, not created
+        await until(lambda: replies(folders[0]) == 1, 30, "reply from the spare")
+        await rt.stop("s1", grace=5)
+        await until(lambda: states() == {"s1": "created"}, 20,
+                    "a new spare for s1")
+        await rt.start(SessionRef("g1", "s2", folders[1]))
+        await rt.stop("s2", grace=5)
+        # capacity 1: s2's spare evicts s1's
+        await until(lambda: states() == {"s2": "created"}, 20,
+                    "only the newest spare is kept")
+    finally:
+        await rt.close()
 
 
 class schema_ro:
@@ -364,28 +355,25 @@ class schema_ro:
 
 
 @pytest.mark.docker
-def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
+async def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
                                             agent_image: str, instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            await until(lambda: rt.events_connected, 10, "event stream connected")
-            await in_thread(docker_client.api.kill, handle.ident)
-            t0 = time.monotonic()
-            await until(lambda: exits, 2.0, "on_exit after docker kill")
-            assert time.monotonic() - t0 < 2.0
-            assert exits == [AgentExit("g1", "s1", 137, "killed")]
-            assert not rt.is_running("s1") and rt.running() == []
-            await until(lambda: not labelled(docker_client, instance), 10, "container removed")
-            await asyncio.sleep(0.2)  # a late duplicate (die vs kill vs destroy) would show here
-            assert len(exits) == 1
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        await until(lambda: rt.events_connected, 10, "event stream connected")
+        await in_thread(docker_client.api.kill, handle.ident)
+        t0 = time.monotonic()
+        await until(lambda: exits, 2.0, "on_exit after docker kill")
+        assert time.monotonic() - t0 < 2.0
+        assert exits == [AgentExit("g1", "s1", 137, "killed")]
+        assert not rt.is_running("s1") and rt.running() == []
+        await until(lambda: not labelled(docker_client, instance), 10, "container removed")
+        await asyncio.sleep(0.2)  # a late duplicate (die vs kill vs destroy) would show here
+        assert len(exits) == 1
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
@@ -427,28 +415,25 @@ def test_exit_and_runtime_kill(tmp_path: Path, docker_client: docker.DockerClien
 
 
 @pytest.mark.docker
-def test_reconcile_reports_exits_the_event_stream_missed(
+async def test_reconcile_reports_exits_the_event_stream_missed(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image)
-        try:
-            handle = await rt.start(SessionRef("g1", "s1", folder))
-            await rt._stop_events()  # deaf: as if the stream had dropped
-            await in_thread(docker_client.api.kill, handle.ident)
-            await in_thread(docker_client.api.wait, handle.ident)
-            assert exits == [] and rt.is_running("s1")  # nobody told it yet
-            await rt.reconcile()
-            assert exits == [AgentExit("g1", "s1", 137, "killed")] and not rt.is_running("s1")
-            await until(lambda: not labelled(docker_client, instance), 10, "container removed")
-            await rt.reconcile()
-            assert len(exits) == 1
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, exits = make_runtime(tmp_path, instance, agent_image)
+    try:
+        handle = await rt.start(SessionRef("g1", "s1", folder))
+        await rt._stop_events()  # deaf: as if the stream had dropped
+        await in_thread(docker_client.api.kill, handle.ident)
+        await in_thread(docker_client.api.wait, handle.ident)
+        assert exits == [] and rt.is_running("s1")  # nobody told it yet
+        await rt.reconcile()
+        assert exits == [AgentExit("g1", "s1", 137, "killed")] and not rt.is_running("s1")
+        await until(lambda: not labelled(docker_client, instance), 10, "container removed")
+        await rt.reconcile()
+        assert len(exits) == 1
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
@@ -628,7 +613,7 @@ def test_allowed_extra_mount_is_applied(tmp_path: Path, docker_client: docker.Do
 
 
 @pytest.mark.docker
-def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+async def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
                         private_dockerd: PrivateDockerd) -> None:
     """Daemon stops: start raises RuntimeUnavailable, the running agent's end is reported
     after the event stream reconnects, and start works again — without a new runtime."""
@@ -637,43 +622,125 @@ def test_daemon_restart(tmp_path: Path, docker_client: docker.DockerClient, agen
     one = make_session(tmp_path, "g1", "one")
     two = make_session(tmp_path, "g1", "two")
 
-    async def main() -> None:
-        rt, exits = make_runtime(tmp_path, instance, agent_image,
-                                 base_url=private_dockerd.base_url)
-        available: list[int] = []  # event_connects at each "available" call
-        rt.on_available = lambda: available.append(rt.event_connects)
+    rt, exits = make_runtime(tmp_path, instance, agent_image,
+                             base_url=private_dockerd.base_url)
+    available: list[int] = []  # event_connects at each "available" call
+    rt.on_available = lambda: available.append(rt.event_connects)
+    try:
+        await rt.start(SessionRef("g1", "one", one))
+        await until(lambda: rt.events_connected, 10, "event stream connected")
+        connects = rt.event_connects
+        await in_thread(private_dockerd.stop)
+        await until(lambda: not rt.events_connected, 10, "event stream noticed the stop")
+        with pytest.raises(RuntimeUnavailable, match="unreachable"):
+            await rt.start(SessionRef("g1", "two", two))
+        assert not rt.is_running("two")
+        await in_thread(private_dockerd.start)
+        # The stream comes back by itself (backoff is capped at 5 s) and reconciles:
+        # the daemon stopped 'one' while nobody listened.
+        await until(lambda: rt.event_connects > connects, 15, "event stream reconnected")
+        # ... and tells the supervisor, after the reconcile, that it can start again
+        await until(lambda: available and available[-1] > connects, 10, "on_available")
+        await until(lambda: exits, 10, "exit of the container stopped with the daemon")
+        assert [(e.session_id, e.reason in ("exited", "stopped", "killed")) for e in exits] \
+            == [("one", True)]
+        assert not rt.is_running("one")
+        handle = await rt.start(SessionRef("g1", "two", two))
+        assert rt.is_running("two")
+        await rt.kill("two")
+        assert exits[-1] == AgentExit("g1", "two", 137, "killed")
+        client = private_dockerd.client()
         try:
-            await rt.start(SessionRef("g1", "one", one))
-            await until(lambda: rt.events_connected, 10, "event stream connected")
-            connects = rt.event_connects
-            await in_thread(private_dockerd.stop)
-            await until(lambda: not rt.events_connected, 10, "event stream noticed the stop")
-            with pytest.raises(RuntimeUnavailable, match="unreachable"):
-                await rt.start(SessionRef("g1", "two", two))
-            assert not rt.is_running("two")
-            await in_thread(private_dockerd.start)
-            # The stream comes back by itself (backoff is capped at 5 s) and reconciles:
-            # the daemon stopped 'one' while nobody listened.
-            await until(lambda: rt.event_connects > connects, 15, "event stream reconnected")
-            # ... and tells the supervisor, after the reconcile, that it can start again
-            await until(lambda: available and available[-1] > connects, 10, "on_available")
-            await until(lambda: exits, 10, "exit of the container stopped with the daemon")
-            assert [(e.session_id, e.reason in ("exited", "stopped", "killed")) for e in exits] \
-                == [("one", True)]
-            assert not rt.is_running("one")
-            handle = await rt.start(SessionRef("g1", "two", two))
-            assert rt.is_running("two")
-            await rt.kill("two")
-            assert exits[-1] == AgentExit("g1", "two", 137, "killed")
-            client = private_dockerd.client()
-            try:
-                await until(lambda: not client.containers.list(
-                    all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}), 10,
-                    "dead containers removed after the restart")
-            finally:
-                client.close()
-            assert handle.ident
+            await until(lambda: not client.containers.list(
+                all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"}), 10,
+                "dead containers removed after the restart")
         finally:
-            await rt.close()
+            client.close()
+        assert handle.ident
+    finally:
+        await rt.close()
 
-    asyncio.run(main())
+
+# --- the container phase (no engine needed) ----------------------------------------------
+
+_ALL_PHASES = list(Phase)
+_ALLOWED = {(Phase.STARTING, Phase.RUNNING), (Phase.STARTING, Phase.DONE),
+            (Phase.RUNNING, Phase.STOPPING), (Phase.RUNNING, Phase.KILLING),
+            (Phase.RUNNING, Phase.DONE), (Phase.STOPPING, Phase.DONE),
+            (Phase.KILLING, Phase.STOPPING), (Phase.KILLING, Phase.DONE)}
+
+
+@pytest.mark.parametrize("start", _ALL_PHASES)
+@pytest.mark.parametrize("to", _ALL_PHASES)
+def test_a_container_phase_moves_only_where_it_may(start: Phase, to: Phase) -> None:
+    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", start)
+    moved = t.move(to)
+    assert moved == ((start, to) in _ALLOWED)
+    assert t.phase is (to if moved else start)
+
+
+@pytest.mark.parametrize("steps, code, oom, signal_, reason, live", [
+    ([], 0, False, None, "exited", True),
+    ([], 137, False, None, "killed", True),
+    ([], 1, True, None, "oom", True),
+    ([], 0, False, "SIGTERM", "stopped", True),
+    ([Phase.STOPPING], 143, False, None, "stopped", True),
+    ([Phase.KILLING], 137, False, None, "killed", True),
+    ([Phase.STOPPING, Phase.KILLING], 137, False, None, "stopped", True),  # a stop's reason wins
+    ([Phase.KILLING, Phase.STOPPING], 137, False, None, "stopped", True),
+    ([Phase.KILLING], 137, True, None, "killed", True),  # we killed it: not an oom
+    ([Phase.DONE], 0, False, None, "exited", False),
+])
+def test_a_container_exit_reason_follows_its_phase(steps, code, oom, signal_, reason,
+                                                   live) -> None:
+    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", oom=oom, kill_signal=signal_)
+    for step in steps:
+        t.move(step)
+    assert t.exit_reason(code) == reason
+    assert t.live is live and t.done is (not live)
+
+
+def test_a_starting_container_is_not_running_yet() -> None:
+    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", Phase.STARTING)
+    assert not t.live and not t.done
+    assert t.move(Phase.DONE) and not t.move(Phase.RUNNING)  # ended before start() returned
+
+
+@pytest.mark.parametrize("status, explanation, kind", [
+    (409, 'Conflict. The container name "/x" is already in use by container "abc"', Conflict),
+    (409, "some other conflict, worded anyhow", Conflict),
+    (500, "Conflict in the text alone is not a conflict", RuntimeUnavailable),
+    (400, "bad parameter", RuntimeUnavailable),
+])
+def test_translate_types_a_409_as_a_conflict(status: int, explanation: str, kind) -> None:
+    response = requests.Response()
+    response.status_code = status
+    exc = docker.errors.APIError("boom", response=response, explanation=explanation)
+    translated = DockerExec().translate("create", exc)
+    assert type(translated) is kind
+    assert str(translated) == f"docker create failed: {explanation}"
+
+
+@pytest.mark.parametrize("asked, events, code, reason", [
+    (None, [], "0", "exited"),
+    (None, [("oom", {})], "137", "oom"),
+    (None, [("kill", {"signal": "15"})], "143", "stopped"),
+    (Phase.STOPPING, [], "143", "stopped"),
+    (Phase.KILLING, [("kill", {"signal": "9"})], "137", "killed"),
+])
+def test_a_die_event_reports_the_exit_once_by_phase(tmp_path: Path, asked, events, code,
+                                                    reason) -> None:
+    """The event path alone (no engine): what we asked for and what Docker said decide
+    the reason; a second ``die`` for the same container reports nothing."""
+    rt, exits = make_runtime(tmp_path, "inst", "img")
+    t = _Tracked(AgentHandle("g", "s", "cid"), "cid", "n")
+    if asked is not None:
+        t.move(asked)
+    rt._track(t)
+    attrs = {LABEL_INSTANCE: "inst"}
+    for action, extra in events + [("die", {"exitCode": code}), ("die", {"exitCode": code})]:
+        if asked is None and action == "die":  # a self-exit removes its container: a task
+            rt._spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+        rt._on_event({"Action": action, "Actor": {"ID": "cid", "Attributes": {**attrs, **extra}}})
+    assert exits == [AgentExit("g", "s", int(code), reason)]
+    assert t.done and not rt.is_running("s")

@@ -10,9 +10,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from docker_fixtures import (agent_image, docker_client, in_thread, insert_message,  # noqa: F401
-                             instance, make_session, until)
-from helpers import query
+from docker_fixtures import in_thread, insert_message, make_session
+from helpers import query, until
 from loguru import logger
 from orchestrator import groups
 from orchestrator.config import load_config

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from e2e import (AGENT, Client, make_config, pairs, reap_agents, replies_to, run,  # noqa: F401
-                 supervised, until)
-from helpers import query
+from e2e import AGENT, Client, make_config, pairs, replies_to, run, supervised
+from helpers import query, until
 from loguru import logger
 from orchestrator import groups, status
 from orchestrator.runtime.local import read_pid_file
@@ -133,7 +132,7 @@ def test_an_unreadable_secret_keeps_the_work_pending_with_one_clear_line(
         logger.remove(sink)
 
 
-def test_a_changed_group_setting_reaches_the_next_start_and_leaves_a_working_agent_alone(
+async def test_a_changed_group_setting_reaches_the_next_start_and_leaves_a_working_agent_alone(
         tmp_path: Path, reap_agents) -> None:
     def config(version: str):
         return make_config(tmp_path, agent_args=["--work-seconds", "2.5"],
@@ -145,41 +144,38 @@ def test_a_changed_group_setting_reaches_the_next_start_and_leaves_a_working_age
     d_old, d_new = groups.resolve(old, "g").digest, groups.resolve(new, "g").digest
     assert d_old != d_new
 
-    async def body() -> None:
-        client = Client(old)
-        async with supervised(old):
-            row, first = client.send("g", "long job")
-            paths = client.paths(row)
-            await until(lambda: query(paths.outbound_db, "SELECT 1 FROM processing_ack WHERE"
-                                      " status='processing'"), message="the agent at work")
-            working = agent_pid(client, row)
-            assert environ(working)["VERSION"] == "1"
-        # restarted with the new setting, while the agent is still working
-        async with supervised(new):
-            assert alive(working) and agent_pid(client, row) == working
-            assert environ(working)["VERSION"] == "1"  # untouched: not restarted, not killed
-            (r,) = status.collect(new.data_dir, client.registry, new)
-            assert (r.settings, r.settings_current) == (d_old, False)
-            assert status.settings_cell(r) == f"{d_old}*"
-            await until(lambda: replies_to(new, first), timeout=20, message="the long job done")
-            await until(lambda: not alive(working), timeout=20, message="the idle stop")
-            _, second = client.send("g", "after the change")
-            await until(lambda: replies_to(new, second), timeout=20, message="second reply")
-            fresh = agent_pid(client, row)
-            assert fresh != working and environ(fresh)["VERSION"] == "2"
-            (r,) = status.collect(new.data_dir, client.registry, new)
-            assert (r.settings, r.settings_current) == (d_new, True)
-        changes = pairs(client.registry.status_changes(row.id))
-        assert not [c for c in changes if "killed" in c[1]], changes
-        assert ("running", "adopted after restart") in changes
-        assert query(paths.inbound_db, "SELECT id, status, tries FROM messages_in ORDER BY seq"
-                     ) == [(first, "completed", 0), (second, "completed", 0)]
-        client.close()
-
-    run(body())
+    client = Client(old)
+    async with supervised(old):
+        row, first = client.send("g", "long job")
+        paths = client.paths(row)
+        await until(lambda: query(paths.outbound_db, "SELECT 1 FROM processing_ack WHERE"
+                                  " status='processing'"), message="the agent at work")
+        working = agent_pid(client, row)
+        assert environ(working)["VERSION"] == "1"
+    # restarted with the new setting, while the agent is still working
+    async with supervised(new):
+        assert alive(working) and agent_pid(client, row) == working
+        assert environ(working)["VERSION"] == "1"  # untouched: not restarted, not killed
+        (r,) = status.collect(new.data_dir, client.registry, new)
+        assert (r.settings, r.settings_current) == (d_old, False)
+        assert status.settings_cell(r) == f"{d_old}*"
+        await until(lambda: replies_to(new, first), timeout=20, message="the long job done")
+        await until(lambda: not alive(working), timeout=20, message="the idle stop")
+        _, second = client.send("g", "after the change")
+        await until(lambda: replies_to(new, second), timeout=20, message="second reply")
+        fresh = agent_pid(client, row)
+        assert fresh != working and environ(fresh)["VERSION"] == "2"
+        (r,) = status.collect(new.data_dir, client.registry, new)
+        assert (r.settings, r.settings_current) == (d_new, True)
+    changes = pairs(client.registry.status_changes(row.id))
+    assert not [c for c in changes if "killed" in c[1]], changes
+    assert ("running", "adopted after restart") in changes
+    assert query(paths.inbound_db, "SELECT id, status, tries FROM messages_in ORDER BY seq"
+                 ) == [(first, "completed", 0), (second, "completed", 0)]
+    client.close()
 
 
-def test_a_groups_max_agents_holds_its_sessions_back_but_not_other_groups(
+async def test_a_groups_max_agents_holds_its_sessions_back_but_not_other_groups(
         tmp_path: Path, reap_agents) -> None:
     """[groups.solo] max_agents = 1 (no global cap): its three sessions run one at a
     time, while another group's session runs beside them."""
@@ -189,24 +185,21 @@ def test_a_groups_max_agents_holds_its_sessions_back_but_not_other_groups(
                       groups={"solo": {"max_agents": 1}})
     peak = {"solo": 0, "other": 0}
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg) as sup:
-            sent = [client.send("solo", f"job {i}", platform=f"room-{i}") for i in range(3)]
-            sent.append(client.send("other", "beside", platform="room-x"))
+    client = Client(cfg)
+    async with supervised(cfg) as sup:
+        sent = [client.send("solo", f"job {i}", platform=f"room-{i}") for i in range(3)]
+        sent.append(client.send("other", "beside", platform="room-x"))
 
-            def all_done() -> bool:
-                live = {g: 0 for g in peak}
-                for h in sup.runtime.running():
-                    live[h.agent_group] += 1
-                for g, n in live.items():
-                    peak[g] = max(peak[g], n)
-                return all(replies_to(cfg, mid) for _, mid in sent)
+        def all_done() -> bool:
+            live = {g: 0 for g in peak}
+            for h in sup.runtime.running():
+                live[h.agent_group] += 1
+            for g, n in live.items():
+                peak[g] = max(peak[g], n)
+            return all(replies_to(cfg, mid) for _, mid in sent)
 
-            await until(all_done, timeout=60, interval=0.01, message="every reply")
-        assert peak == {"solo": 1, "other": 1}, peak
-        rows = {r.id for r, _ in sent[:3]}  # three sessions of one group
-        assert len(rows) == 3
-        client.close()
-
-    run(body())
+        await until(all_done, timeout=60, interval=0.01, message="every reply")
+    assert peak == {"solo": 1, "other": 1}, peak
+    rows = {r.id for r, _ in sent[:3]}  # three sessions of one group
+    assert len(rows) == 3
+    client.close()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e import AGENT, make_config, reap_agents, run, until  # noqa: F401
+from e2e import AGENT, make_config, run
+from helpers import until
 from orchestrator.layout import PID_FILE
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.local import LocalRuntime, process_start_time, read_pid_file
@@ -65,70 +66,61 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-def test_start_writes_pid_file_and_stop_is_polite(tmp_path: Path, reap_agents) -> None:
+async def test_start_writes_pid_file_and_stop_is_polite(tmp_path: Path, reap_agents) -> None:
     runtime, exits, ref = setup(tmp_path)
 
-    async def body() -> None:
-        handle = await runtime.start(ref)
-        pid = int(handle.ident)
-        assert group_alive(pid)
-        assert (handle.session_id, handle.adopted) == ("sess-1", False)
-        assert runtime.is_running("sess-1") and runtime.running() == [handle]
-        assert read_pid_file(ref.folder / PID_FILE) == (pid, process_start_time(pid))
-        assert os.getpgid(pid) == pid  # its own process group: stop/kill reach its children
-        assert await runtime.start(ref) == handle  # starting twice does not double it
-        # the agent's log goes to <data_dir>/logs/<group>/<session>.log
-        await until(lambda: (ref.folder / ".heartbeat").exists(), message="agent up")
-        await runtime.stop("sess-1", grace=5)
-        ev = await exits.wait()
-        assert ev == AgentExit("grp", "sess-1", 0, "stopped")
-        assert not runtime.is_running("sess-1") and runtime.running() == []
-        assert not (ref.folder / PID_FILE).exists()
-        log = runtime.data_dir / "logs" / "grp" / "sess-1.log"
-        assert "stopping on signal" in log.read_text()
-        await runtime.stop("sess-1", grace=5)  # absent = done
-        await runtime.kill("sess-1")
-        assert len(exits.seen) == 1
-        await runtime.close()
-
-    run(body())
+    handle = await runtime.start(ref)
+    pid = int(handle.ident)
+    assert group_alive(pid)
+    assert (handle.session_id, handle.adopted) == ("sess-1", False)
+    assert runtime.is_running("sess-1") and runtime.running() == [handle]
+    assert read_pid_file(ref.folder / PID_FILE) == (pid, process_start_time(pid))
+    assert os.getpgid(pid) == pid  # its own process group: stop/kill reach its children
+    assert await runtime.start(ref) == handle  # starting twice does not double it
+    # the agent's log goes to <data_dir>/logs/<group>/<session>.log
+    await until(lambda: (ref.folder / ".heartbeat").exists(), message="agent up")
+    await runtime.stop("sess-1", grace=5)
+    ev = await exits.wait()
+    assert ev == AgentExit("grp", "sess-1", 0, "stopped")
+    assert not runtime.is_running("sess-1") and runtime.running() == []
+    assert not (ref.folder / PID_FILE).exists()
+    log = runtime.data_dir / "logs" / "grp" / "sess-1.log"
+    assert "stopping on signal" in log.read_text()
+    await runtime.stop("sess-1", grace=5)  # absent = done
+    await runtime.kill("sess-1")
+    assert len(exits.seen) == 1
+    await runtime.close()
 
 
-def test_stop_escalates_to_sigkill_after_grace(tmp_path: Path, reap_agents) -> None:
+async def test_stop_escalates_to_sigkill_after_grace(tmp_path: Path, reap_agents) -> None:
     runtime, exits, ref = setup(tmp_path, command=IGNORES_TERM)
 
-    async def body() -> None:
-        handle = await runtime.start(ref)
-        pid = int(handle.ident)
-        await until(lambda: (ref.folder / "trapped").exists(), message="TERM trapped")
-        grace = 0.5
-        started = time.monotonic()
-        await runtime.stop("sess-1", grace=grace)
-        elapsed = time.monotonic() - started
-        ev = await exits.wait()
-        assert elapsed >= grace
-        assert ev == AgentExit("grp", "sess-1", -signal.SIGKILL, "killed")
-        # the whole group, the shell's children too
-        await until(lambda: not group_alive(pid), timeout=5, message="process group gone")
-        assert not (ref.folder / PID_FILE).exists()
-        await runtime.close()
-
-    run(body())
+    handle = await runtime.start(ref)
+    pid = int(handle.ident)
+    await until(lambda: (ref.folder / "trapped").exists(), message="TERM trapped")
+    grace = 0.5
+    started = time.monotonic()
+    await runtime.stop("sess-1", grace=grace)
+    elapsed = time.monotonic() - started
+    ev = await exits.wait()
+    assert elapsed >= grace
+    assert ev == AgentExit("grp", "sess-1", -signal.SIGKILL, "killed")
+    # the whole group, the shell's children too
+    await until(lambda: not group_alive(pid), timeout=5, message="process group gone")
+    assert not (ref.folder / PID_FILE).exists()
+    await runtime.close()
 
 
-def test_kill_is_immediate(tmp_path: Path, reap_agents) -> None:
+async def test_kill_is_immediate(tmp_path: Path, reap_agents) -> None:
     runtime, exits, ref = setup(tmp_path, command=IGNORES_TERM)
 
-    async def body() -> None:
-        handle = await runtime.start(ref)
-        await runtime.kill("sess-1")
-        ev = await exits.wait()
-        assert ev == AgentExit("grp", "sess-1", -signal.SIGKILL, "killed")
-        await until(lambda: not group_alive(int(handle.ident)), timeout=5,
-                    message="process group gone")
-        await runtime.close()
-
-    run(body())
+    handle = await runtime.start(ref)
+    await runtime.kill("sess-1")
+    ev = await exits.wait()
+    assert ev == AgentExit("grp", "sess-1", -signal.SIGKILL, "killed")
+    await until(lambda: not group_alive(int(handle.ident)), timeout=5,
+                message="process group gone")
+    await runtime.close()
 
 
 @pytest.mark.parametrize(("script", "code", "reason"), [
@@ -136,58 +128,49 @@ def test_kill_is_immediate(tmp_path: Path, reap_agents) -> None:
     ("exit 0", 0, "exited"),
     ("kill -KILL $$", -signal.SIGKILL, "killed by signal 9"),
 ])
-def test_exit_callback_carries_the_code(tmp_path: Path, script: str, code: int,
+async def test_exit_callback_carries_the_code(tmp_path: Path, script: str, code: int,
                                         reason: str) -> None:
     runtime, exits, ref = setup(tmp_path, command=["/bin/sh", "-c", script, "sh"])
 
-    async def body() -> None:
-        await runtime.start(ref)
-        ev = await exits.wait()
-        assert ev == AgentExit("grp", "sess-1", code, reason)
-        assert not runtime.is_running("sess-1")
-        assert not (ref.folder / PID_FILE).exists()
-        await runtime.close()
-
-    run(body())
+    await runtime.start(ref)
+    ev = await exits.wait()
+    assert ev == AgentExit("grp", "sess-1", code, reason)
+    assert not runtime.is_running("sess-1")
+    assert not (ref.folder / PID_FILE).exists()
+    await runtime.close()
 
 
-def test_missing_command_is_runtime_unavailable(tmp_path: Path) -> None:
+async def test_missing_command_is_runtime_unavailable(tmp_path: Path) -> None:
     runtime, exits, ref = setup(tmp_path, command=[str(tmp_path / "no-such-agent")])
 
-    async def body() -> None:
-        with pytest.raises(RuntimeUnavailable, match="no-such-agent"):
-            await runtime.start(ref)
-        assert not runtime.is_running("sess-1")
-        await runtime.close()
-
-    run(body())
+    with pytest.raises(RuntimeUnavailable, match="no-such-agent"):
+        await runtime.start(ref)
+    assert not runtime.is_running("sess-1")
+    await runtime.close()
 
 
-def test_recover_adopts_a_live_agent_from_its_pid_file(tmp_path: Path, reap_agents) -> None:
+async def test_recover_adopts_a_live_agent_from_its_pid_file(tmp_path: Path, reap_agents) -> None:
     first, first_exits, ref = setup(tmp_path)
     other, _, other_ref = setup(tmp_path, sid="sess-2")
 
-    async def body() -> None:
-        handle = await first.start(ref)
-        await until(lambda: (ref.folder / ".heartbeat").exists(), message="agent up")
-        await first.close()  # the orchestrator goes away; the agent does not
+    handle = await first.start(ref)
+    await until(lambda: (ref.folder / ".heartbeat").exists(), message="agent up")
+    await first.close()  # the orchestrator goes away; the agent does not
 
-        second_exits = Exits()
-        second = LocalRuntime(first.cfg, first.data_dir, second_exits)
-        adopted = await second.recover()
-        assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [
-            ("sess-1", handle.ident, True)]
-        assert second.is_running("sess-1")
-        assert not second.is_running("sess-2")
-        # an adopted agent is watched like our own: stop it, get its exit
-        await second.stop("sess-1", grace=5)
-        ev = await second_exits.wait()
-        assert (ev.session_id, ev.reason) == ("sess-1", "stopped")
-        assert not (ref.folder / PID_FILE).exists()
-        assert first_exits.seen == []
-        await second.close()
-
-    run(body())
+    second_exits = Exits()
+    second = LocalRuntime(first.cfg, first.data_dir, second_exits)
+    adopted = await second.recover()
+    assert [(h.session_id, h.ident, h.adopted) for h in adopted] == [
+        ("sess-1", handle.ident, True)]
+    assert second.is_running("sess-1")
+    assert not second.is_running("sess-2")
+    # an adopted agent is watched like our own: stop it, get its exit
+    await second.stop("sess-1", grace=5)
+    ev = await second_exits.wait()
+    assert (ev.session_id, ev.reason) == ("sess-1", "stopped")
+    assert not (ref.folder / PID_FILE).exists()
+    assert first_exits.seen == []
+    await second.close()
 
 
 def test_recover_ignores_a_recycled_or_dead_pid(tmp_path: Path) -> None:

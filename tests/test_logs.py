@@ -8,7 +8,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from e2e import Client, make_config, reap_agents, replies, run, supervised, until  # noqa: F401
+from e2e import Client, make_config, replies, run, supervised
+from helpers import until
 from orchestrator.config import LogConfig
 from orchestrator.logs import json_sink, setup_logging
 

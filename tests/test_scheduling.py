@@ -223,31 +223,27 @@ def test_a_replayed_completion_adds_no_second_successor(tmp_path: Path):
     assert len(timeline(db)) == 2
 
 
-def test_a_failed_occurrence_continues_the_series(tmp_path: Path):
-    db = tmp_path / "inbound.db"
-    mid = first_occurrence(db, "*/5 * * * *", datetime(2026, 3, 27, 10, tzinfo=UTC))
-    now = datetime(2026, 3, 27, 10, 0, 1, tzinfo=UTC)
+def _acked_failed(db: Path, mid: str, now: datetime) -> None:
     inbound.sync_acks(db, {mid: "failed"}, lambda row: successor(row, now), now)
-    assert timeline(db) == [("2026-03-27 10:00:00", "failed"),
-                            ("2026-03-27 10:05:00", "pending")]
 
 
-def test_a_claim_failed_by_the_host_at_max_tries_continues_the_series(tmp_path: Path):
-    db = tmp_path / "inbound.db"
-    mid = first_occurrence(db, "*/5 * * * *", datetime(2026, 3, 27, 10, tzinfo=UTC))
-    now = datetime(2026, 3, 27, 10, 0, 1, tzinfo=UTC)
+def _claim_failed_by_the_host_at_max_tries(db: Path, mid: str, now: datetime) -> None:
     result = inbound.reset_claims(db, [mid], max_tries=1, backoff_base=1, now=now,
                                   follow_up=lambda row: successor(row, now))
     assert result == {mid: "failed"}
-    assert timeline(db) == [("2026-03-27 10:00:00", "failed"),
-                            ("2026-03-27 10:05:00", "pending")]
 
 
-def test_an_occurrence_failed_because_no_agent_starts_continues_the_series(tmp_path: Path):
+def _failed_because_no_agent_starts(db: Path, mid: str, now: datetime) -> None:
+    assert inbound.fail_due(db, now, lambda row: successor(row, now)) == [mid]
+
+
+@pytest.mark.parametrize("fail", [_acked_failed, _claim_failed_by_the_host_at_max_tries,
+                                  _failed_because_no_agent_starts])
+def test_a_failed_occurrence_continues_the_series(tmp_path: Path, fail):
     db = tmp_path / "inbound.db"
     mid = first_occurrence(db, "*/5 * * * *", datetime(2026, 3, 27, 10, tzinfo=UTC))
     now = datetime(2026, 3, 27, 10, 0, 1, tzinfo=UTC)
-    assert inbound.fail_due(db, now, lambda row: successor(row, now)) == [mid]
+    fail(db, mid, now)
     assert timeline(db) == [("2026-03-27 10:00:00", "failed"),
                             ("2026-03-27 10:05:00", "pending")]
 

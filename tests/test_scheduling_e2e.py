@@ -11,9 +11,8 @@ from pathlib import Path
 
 import tomli_w
 
-from e2e import (Client, config_dict, make_config, reap_agents, replies, replies_to,  # noqa: F401
-                 run, supervised, until, holds)
-from helpers import query, wait_for
+from e2e import Client, config_dict, make_config, replies, replies_to, run, supervised
+from helpers import holds, query, until, wait_for
 from orchestrator import cli, scheduling, series
 from orchestrator.config import read_config
 from orchestrator.session_worker import SessionWorker
@@ -36,7 +35,7 @@ def claim_time(paths, mid: str) -> datetime | None:
     return parse_ts(rows[0][0]) if rows else None
 
 
-def test_at_is_not_processed_before_its_time_and_within_50ms_after(tmp_path: Path,
+async def test_at_is_not_processed_before_its_time_and_within_50ms_after(tmp_path: Path,
                                                                      reap_agents) -> None:
     """A running agent claims a message due at T within [T, T + 50 ms]: it sleeps until
     the due time, not a poll interval (1 s here); the sweep is 120 s."""
@@ -44,32 +43,29 @@ def test_at_is_not_processed_before_its_time_and_within_50ms_after(tmp_path: Pat
                       lifecycle={"idle_after": 30.0, "stop_idle_after": 60.0},
                       watch={"sweep_interval": 120.0})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, warm = client.send("timed", "wake up")
-            await until(lambda: replies_to(cfg, warm), timeout=30, message="the agent up")
-            paths = client.paths(row)
-            results = []
-            for _ in range(3):
-                due = whole_second_ahead(1.5)
-                mid, _ = client.sessions.write_message(row, {"text": "on time"},
-                                                       process_after=due)
-                await holds(lambda: claim_time(paths, mid) is None and not replies_to(cfg, mid),
-                            (due - utcnow()).total_seconds() - 0.02,
-                            message="nothing before its time")
-                claimed = await until(lambda: claim_time(paths, mid), timeout=10,
-                                      interval=0.005, message="the claim")
-                await until(lambda: replies_to(cfg, mid), timeout=10, message="the reply")
-                results.append((due, claimed))
-        for due, claimed in results:
-            assert due <= claimed <= due + LATENCY, (due, claimed - due)
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, warm = client.send("timed", "wake up")
+        await until(lambda: replies_to(cfg, warm), timeout=30, message="the agent up")
+        paths = client.paths(row)
+        results = []
+        for _ in range(3):
+            due = whole_second_ahead(1.5)
+            mid, _ = client.sessions.write_message(row, {"text": "on time"},
+                                                   process_after=due)
+            await holds(lambda: claim_time(paths, mid) is None and not replies_to(cfg, mid),
+                        (due - utcnow()).total_seconds() - 0.02,
+                        message="nothing before its time")
+            claimed = await until(lambda: claim_time(paths, mid), timeout=10,
+                                  interval=0.005, message="the claim")
+            await until(lambda: replies_to(cfg, mid), timeout=10, message="the reply")
+            results.append((due, claimed))
+    for due, claimed in results:
+        assert due <= claimed <= due + LATENCY, (due, claimed - due)
+    client.close()
 
 
-def test_at_wakes_a_stopped_agent_by_a_timer_within_50ms(tmp_path: Path, reap_agents,
+async def test_at_wakes_a_stopped_agent_by_a_timer_within_50ms(tmp_path: Path, reap_agents,
                                                          monkeypatch) -> None:
     """No agent runs: the host's timer begins the agent's start at the due time (not
     the 120 s sweep), and the agent it starts claims the message after that time."""
@@ -84,22 +80,19 @@ def test_at_wakes_a_stopped_agent_by_a_timer_within_50ms(tmp_path: Path, reap_ag
 
     monkeypatch.setattr(SessionWorker, "_start", recording_start)
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row = client.session("sleepy")
-            paths = client.paths(row)
-            due = whole_second_ahead(1.5)
-            mid, _ = client.sessions.write_message(row, {"text": "later"}, process_after=due)
-            claimed = await until(lambda: claim_time(paths, mid), timeout=30, interval=0.005,
-                                  message="the claim")
-            await until(lambda: replies_to(cfg, mid), timeout=20, message="the reply")
-        assert len(wakes) == 1
-        assert due <= wakes[0] <= due + LATENCY, (due, wakes[0] - due)
-        assert claimed >= due
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        row = client.session("sleepy")
+        paths = client.paths(row)
+        due = whole_second_ahead(1.5)
+        mid, _ = client.sessions.write_message(row, {"text": "later"}, process_after=due)
+        claimed = await until(lambda: claim_time(paths, mid), timeout=30, interval=0.005,
+                              message="the claim")
+        await until(lambda: replies_to(cfg, mid), timeout=20, message="the reply")
+    assert len(wakes) == 1
+    assert due <= wakes[0] <= due + LATENCY, (due, wakes[0] - due)
+    assert claimed >= due
+    client.close()
 
 
 def test_a_recurring_series_for_real_at_a_one_second_cadence_then_cancelled(

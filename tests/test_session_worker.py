@@ -1,17 +1,26 @@
-"""The session worker on real files: a real supervisor, the reference agent as a
-real subprocess (local runtime), real SQLite and inotify. The rules it applies
-are table-tested in test_lifecycle.py; here is what applying them does on disk.
+"""The session worker on real files. First end to end: a real supervisor, the reference
+agent as a real subprocess (local runtime), real SQLite and inotify. Then table tests of
+the worker alone with a fake runtime (what it does with each start/stop/exit outcome).
+The rules it applies are table-tested in test_lifecycle.py.
 """
 
 from __future__ import annotations
 
+import errno
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from loguru import logger
 
-from e2e import (Client, failures, make_config, replies_to, reap_agents, run,  # noqa: F401
-                 supervised, until)
-from helpers import query
+from e2e import Client, failures, make_config, replies_to, run, supervised
+from helpers import query, until
+from orchestrator.channels import make_channel
+from orchestrator.delivery import Deliverer
+from orchestrator.layout import sessions_root
+from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
+from orchestrator.session_worker import Flag, SessionWorker, Tracked
 
 
 def message_status(paths, message_id: str) -> str:
@@ -76,5 +85,208 @@ def test_a_session_that_can_never_start_fails_its_due_messages(tmp_path: Path,
 
     try:
         run(body())
+    finally:
+        logger.remove(sink)
+
+
+# --- table tests: the worker alone, with a fake runtime --------------------------------
+#
+# The Runtime protocol is small, so a fake that records calls and fails on cue shows what
+# the worker does with each outcome — without an agent, a container or a supervisor. The
+# session folder, its databases and the registry stay real.
+
+
+@dataclass
+class FakeRuntime:
+    """A Runtime that starts nothing: ``fail`` is raised by the next start/stop/kill."""
+
+    name: str = "fake"
+    fail: Exception | None = None
+    alive: set[str] = field(default_factory=set)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    listed: bool = True
+
+    def _call(self, what: str, session_id: str) -> None:
+        self.calls.append((what, session_id))
+        if self.fail is not None:
+            raise self.fail
+
+    async def recover(self) -> list[AgentHandle]:
+        return []
+
+    async def start(self, session: SessionRef) -> AgentHandle:
+        self._call("start", session.session_id)
+        self.alive.add(session.session_id)
+        return AgentHandle(session.agent_group, session.session_id, f"fake-{session.session_id}")
+
+    async def stop(self, session_id: str, grace: float) -> None:
+        self._call("stop", session_id)
+        self.alive.discard(session_id)
+
+    async def kill(self, session_id: str) -> None:
+        self._call("kill", session_id)
+        self.alive.discard(session_id)
+
+    async def pause(self, session_id: str) -> None:
+        self._call("pause", session_id)
+
+    async def resume(self, session_id: str) -> None:
+        self._call("resume", session_id)
+
+    def is_paused(self, session_id: str) -> bool:
+        return False
+
+    async def reconcile(self) -> None:
+        pass
+
+    def is_running(self, session_id: str) -> bool:
+        return session_id in self.alive
+
+    def running(self) -> list[AgentHandle]:
+        return [AgentHandle("g", sid, f"fake-{sid}") for sid in sorted(self.alive)]
+
+    async def close(self) -> None:
+        pass
+
+
+class Bench:
+    """A SessionWorker over a real data dir, registry and session folder, with a fake
+    runtime and a channel that keeps what it is given; ``marks`` records re-runs asked for."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cfg = make_config(tmp_path)
+        sessions_root(self.cfg.data_dir).mkdir(parents=True)
+        self.client = Client(self.cfg)
+        self.runtime = FakeRuntime()
+        self.marks: list[tuple[str, int]] = []
+        self.deliverer = Deliverer(self.cfg.data_dir, self.client.registry,
+                                   make_channel(self.cfg.delivery), self.cfg.delivery)
+        self.worker = SessionWorker(self.cfg, self.client.registry, self.client.sessions,
+                                    self.runtime, self.deliverer, datetime_now,
+                                    lambda sid, flags: self.marks.append((sid, flags)))
+        self.row = self.client.session("grp")
+        self.t = Tracked(self.row.agent_group_id, self.row.id, self.client.paths(self.row))
+
+    async def settle(self) -> None:
+        """Let the operation the last pass started (start/stop/kill) finish."""
+        if self.t.op is not None:
+            await self.t.op
+
+    def close(self) -> None:
+        SessionWorker.cancel_timers([self.t])
+        self.client.close()
+
+
+def datetime_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@pytest.fixture
+def bench(tmp_path: Path):
+    b = Bench(tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.mark.parametrize("fail, status, failures, errors, error", [
+    (None, "running", 0, 0, None),
+    # an outage of the runtime: backed off, but it does not count against the session
+    (RuntimeUnavailable("daemon down"), "stopped", 1, 0, None),
+    # the host's disk is full: not the session's fault either
+    (OSError(errno.ENOSPC, "No space left on device"), "stopped", 1, 0, None),
+    # this session's own obstacle: counts towards max_tries, remembered for the failure
+    (ValueError("bad folder\nsecond line"), "stopped", 1, 1, "bad folder"),
+])
+async def test_a_start_outcome_sets_status_and_counts(bench: Bench, fail, status, failures,
+                                                      errors, error) -> None:
+    bench.runtime.fail = fail
+    bench.client.send("grp", "hello")
+    await bench.worker.process(bench.t, Flag.FULL)
+    await bench.settle()
+    assert bench.runtime.calls == [("start", bench.t.session_id)]
+    t = bench.t
+    assert (t.status, t.start_failures, t.start_errors, t.start_error) == (
+        status, failures, errors, error)
+    assert (t.start_blocked_until is None) == (fail is None)
+    assert bench.client.container_status(t.session_id) == status
+    assert bench.marks[-1] == (t.session_id, Flag.TIMER)  # the op's end asks for a pass
+
+
+async def test_no_due_work_starts_nothing(bench: Bench) -> None:
+    await bench.worker.process(bench.t, Flag.FULL)
+    await bench.settle()
+    assert bench.runtime.calls == [] and bench.t.status == "stopped"
+
+
+@pytest.mark.parametrize("alive, status, sweep", [
+    (False, "stopped", False),
+    (True, "running", False),
+    (True, "idle", False),
+    (False, "running", True),  # it died and no exit event came: the sweep must look
+    (False, "idle", True),
+    (True, "stopped", True),  # an agent runs that the worker thinks is stopped
+])
+async def test_the_sweep_looks_where_the_runtime_contradicts_the_status(
+        bench: Bench, alive: bool, status: str, sweep: bool) -> None:
+    await bench.worker.process(bench.t, Flag.FULL)  # the signatures read: nothing changed
+    bench.t.status = status
+    if alive:
+        bench.runtime.alive.add(bench.t.session_id)
+    assert bool(bench.worker.sweep_flags(bench.t) & Flag.SWEEP) == sweep
+
+
+@pytest.mark.parametrize("flags, alive, status, matters", [
+    (Flag.INBOUND, True, "running", False),  # a running agent picks new work up itself
+    (Flag.INBOUND, False, "running", True),
+    (Flag.INBOUND, True, "idle", True),  # an idle agent's due count holds off a stop
+    (Flag.INBOUND, False, "stopped", True),  # new work wakes a stopped session
+    (Flag.INBOUND | Flag.TIMER, True, "running", True),
+    (Flag.EXIT, True, "running", True),
+    (Flag.HEARTBEAT | Flag.OUTBOUND, False, "stopped", False),
+])
+def test_whether_a_pass_recounts_due_work(flags: int, alive: bool, status: str,
+                                          matters: bool) -> None:
+    t = Tracked("g", "s", None)  # type: ignore[arg-type]  (paths are not read)
+    t.status = status
+    assert SessionWorker._inbound_matters(t, flags, alive) is matters
+
+
+@pytest.mark.parametrize("exit_code, reason, ending, recorded", [
+    (0, "exited", None, "agent exited"),
+    (3, "exited", None, "agent exited, exit code 3"),
+    (137, "oom", None, "agent oom, exit code 137"),
+    (0, "stopped", "stopped: idle for 5s", "stopped: idle for 5s"),  # why we stopped it
+])
+async def test_an_exit_records_stopped_with_its_reason(bench: Bench, exit_code, reason,
+                                                       ending, recorded) -> None:
+    t = bench.t
+    t.status, t.ending_reason, t.op_failures = "running", ending, 2
+    t.exit = AgentExit(t.agent_group, t.session_id, exit_code, reason)
+    await bench.worker.process(t, Flag.EXIT)
+    assert t.status == "stopped" and t.exit is None and t.ending_reason is None
+    assert t.op_failures == 0  # the agent a failed stop was for has gone
+    assert bench.client.statuses(t.session_id)[-1] == ("stopped", recorded)
+
+
+async def test_a_failing_stop_is_logged_once_then_quietly(bench: Bench) -> None:
+    lines: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])),
+                      level="DEBUG")
+    try:
+        t = bench.t
+        bench.runtime.alive.add(t.session_id)
+        bench.runtime.fail = RuntimeError("stop refused")
+        for _ in range(3):
+            assert bench.worker.request_stop(t, "asked")
+            await bench.settle()
+        assert t.op_failures == 3 and t.op_blocked_until is not None
+        said = [level for level, text in lines if "runtime operation failed" in text]
+        assert said == ["ERROR", "DEBUG", "DEBUG"]
+        bench.runtime.fail = None
+        assert bench.worker.request_stop(t, "asked")
+        await bench.settle()
+        assert t.op_failures == 0 and t.op_blocked_until is None
+        assert not bench.runtime.is_running(t.session_id)
+        assert not bench.worker.request_stop(t, "asked")  # nothing runs: nothing to stop
     finally:
         logger.remove(sink)

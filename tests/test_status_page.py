@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from api_helpers import api_supervised, message, token_of
-from e2e import make_config, reap_agents, replies_to, run, until  # noqa: F401
+from e2e import make_config, replies_to, run
+from helpers import until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

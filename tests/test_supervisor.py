@@ -21,9 +21,9 @@ from typing import Any, Callable
 import pytest
 import tomli_w
 
-from e2e import (Client, agent_pids, config_dict, failures, make_config, milestones,  # noqa: F401
-                 pairs, reap_agents, replies, replies_to, reply_counts, run, supervised, until)
-from helpers import query, wait_for
+from e2e import (Client, agent_pids, config_dict, failures, make_config, milestones, pairs,
+                 replies, replies_to, reply_counts, run, supervised)
+from helpers import query, until, wait_for
 from orchestrator import cli
 from orchestrator.config import read_config
 from orchestrator.layout import delivered_root
@@ -50,90 +50,84 @@ def delivered_rows(paths) -> dict[str, str]:
 # --- 1. the whole round trip ----------------------------------------------------------
 
 
-def test_send_reply_idle_stop_round_trip(tmp_path: Path, reap_agents) -> None:
+async def test_send_reply_idle_stop_round_trip(tmp_path: Path, reap_agents) -> None:
     cfg = make_config(tmp_path)
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, mid = client.send("helpers", "hello there", files={"notes.txt": b"some bytes"})
-            paths = client.paths(row)
-            [reply] = await until(lambda: replies_to(cfg, mid), message="the reply")
-            out_id = reply["message_id"]
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, mid = client.send("helpers", "hello there", files={"notes.txt": b"some bytes"})
+        paths = client.paths(row)
+        [reply] = await until(lambda: replies_to(cfg, mid), message="the reply")
+        out_id = reply["message_id"]
 
-            # the reply: echo of the content, routed to the session's chat
-            assert reply["session_id"] == row.id and reply["agent_group"] == "helpers"
-            assert reply["content"]["text"] == "echo: hello there"
-            assert reply["content"]["files"] == ["notes.txt"]
-            assert (reply["channel_type"], reply["platform_id"]) == ("cli", "local")
-            assert reply["seq"] % 2 == 1
-            # files moved to delivered/<id>/, the outbox folder removed
-            moved = delivered_root(cfg.data_dir) / out_id / "notes.txt"
-            assert reply["files"] == [str(moved)]
-            assert moved.read_bytes() == b"some bytes"
-            await until(lambda: not (paths.outbox / out_id).exists(), message="outbox removed")
-            # settled in inbound.db: delivered row, inbound message completed
-            await until(lambda: delivered_rows(paths).get(out_id) == "delivered",
-                        message="delivered row")
-            await until(lambda: messages_in(paths, mid)["status"] == "completed",
-                        message="messages_in completed")
+        # the reply: echo of the content, routed to the session's chat
+        assert reply["session_id"] == row.id and reply["agent_group"] == "helpers"
+        assert reply["content"]["text"] == "echo: hello there"
+        assert reply["content"]["files"] == ["notes.txt"]
+        assert (reply["channel_type"], reply["platform_id"]) == ("cli", "local")
+        assert reply["seq"] % 2 == 1
+        # files moved to delivered/<id>/, the outbox folder removed
+        moved = delivered_root(cfg.data_dir) / out_id / "notes.txt"
+        assert reply["files"] == [str(moved)]
+        assert moved.read_bytes() == b"some bytes"
+        await until(lambda: not (paths.outbox / out_id).exists(), message="outbox removed")
+        # settled in inbound.db: delivered row, inbound message completed
+        await until(lambda: delivered_rows(paths).get(out_id) == "delivered",
+                    message="delivered row")
+        await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                    message="messages_in completed")
 
-            # then idle after idle_after, then stopped after stop_idle_after
-            await until(lambda: client.container_status(row.id) == "stopped"
-                        and not agent_pids(paths.root), message="agent stopped when idle")
-            changes = client.registry.status_changes(row.id)
+        # then idle after idle_after, then stopped after stop_idle_after
+        await until(lambda: client.container_status(row.id) == "stopped"
+                    and not agent_pids(paths.root), message="agent stopped when idle")
+        changes = client.registry.status_changes(row.id)
 
-        assert reply_counts(cfg) == {out_id: 1}
-        events = pairs(milestones(changes))
-        assert [s for s, _ in events] == ["running", "stopped"], pairs(changes)
-        assert events[0][1] == "agent started, 1 message(s) due"
-        assert events[1][1].startswith("stopped: idle for"), events
-        # the stop came from idleness: idle, then stopped
-        assert pairs(changes)[-2] == ("idle", "no heartbeat, reply or claim for 0.5s")
-        at = [parse_ts(c["at"]) for c in changes[-3:]]
-        # idle no earlier than idle_after after the reply, stopped no earlier than
-        # stop_idle_after after that (counted from when it became idle, not from when
-        # a busy pass got round to writing the status)
-        reply_at = parse_ts(reply["timestamp"])
-        lc = cfg.lifecycle
-        assert at[1] - reply_at >= timedelta(seconds=lc.idle_after - 0.01)
-        assert at[2] - reply_at >= timedelta(seconds=lc.idle_after + lc.stop_idle_after - 0.01)
-        client.close()
-
-    run(body())
+    assert reply_counts(cfg) == {out_id: 1}
+    events = pairs(milestones(changes))
+    assert [s for s, _ in events] == ["running", "stopped"], pairs(changes)
+    assert events[0][1] == "agent started, 1 message(s) due"
+    assert events[1][1].startswith("stopped: idle for"), events
+    # the stop came from idleness: idle, then stopped
+    assert pairs(changes)[-2] == ("idle", "no heartbeat, reply or claim for 0.5s")
+    at = [parse_ts(c["at"]) for c in changes[-3:]]
+    # idle no earlier than idle_after after the reply, stopped no earlier than
+    # stop_idle_after after that (counted from when it became idle, not from when
+    # a busy pass got round to writing the status)
+    reply_at = parse_ts(reply["timestamp"])
+    lc = cfg.lifecycle
+    assert at[1] - reply_at >= timedelta(seconds=lc.idle_after - 0.01)
+    assert at[2] - reply_at >= timedelta(seconds=lc.idle_after + lc.stop_idle_after - 0.01)
+    client.close()
 
 
 # --- 2. many sessions at once ----------------------------------------------------------
 
 
-def test_twenty_sessions_each_get_exactly_their_own_replies(tmp_path: Path, reap_agents) -> None:
+async def test_twenty_sessions_each_get_exactly_their_own_replies(tmp_path: Path, reap_agents) -> None:
     cfg = make_config(tmp_path, lifecycle={"stop_idle_after": 2.0})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            sent: dict[str, tuple[str, str]] = {}  # message id -> (session id, text)
-            for i in range(20):
-                for n in range(2):
-                    text = f"session {i} message {n}"
-                    row, mid = client.send(f"group-{i % 5}", text, channel=f"chan-{i % 3}",
-                                           platform=f"room-{i}")
-                    sent[mid] = (row.id, text)
-            assert len({sid for sid, _ in sent.values()}) == 20
-            await until(lambda: len(replies(cfg)) >= len(sent), timeout=60,
-                        message="40 replies")
+    client = Client(cfg)
+    async with supervised(cfg):
+        sent: dict[str, tuple[str, str]] = {}  # message id -> (session id, text)
+        for i in range(20):
+            for n in range(2):
+                text = f"session {i} message {n}"
+                row, mid = client.send(f"group-{i % 5}", text, channel=f"chan-{i % 3}",
+                                       platform=f"room-{i}")
+                sent[mid] = (row.id, text)
+        assert len({sid for sid, _ in sent.values()}) == 20
+        await until(lambda: len(replies(cfg)) >= len(sent), timeout=60,
+                    message="40 replies")
 
-        got = replies(cfg)
-        assert len(got) == len(sent)
-        assert sorted(r["in_reply_to"] for r in got) == sorted(sent)
-        assert len({r["message_id"] for r in got}) == len(got)
-        for r in got:
-            sid, text = sent[r["in_reply_to"]]
-            assert r["session_id"] == sid
-            assert r["content"]["text"] == f"echo: {text}"
-        client.close()
-
-    run(body())
+    got = replies(cfg)
+    assert len(got) == len(sent)
+    assert sorted(r["in_reply_to"] for r in got) == sorted(sent)
+    assert len({r["message_id"] for r in got}) == len(got)
+    for r in got:
+        sid, text = sent[r["in_reply_to"]]
+        assert r["session_id"] == sid
+        assert r["content"]["text"] == f"echo: {text}"
+    client.close()
 
 
 # --- 3./4. crashes and hangs are retried with backoff -------------------------------------
@@ -170,173 +164,158 @@ def starts(tmp_path: Path) -> int:
         return 0
 
 
-def test_crash_mid_message_is_retried_with_backoff_and_completed(tmp_path: Path,
+async def test_crash_mid_message_is_retried_with_backoff_and_completed(tmp_path: Path,
                                                                  reap_agents) -> None:
     cfg = make_config(tmp_path, command=misbehaving_agent(tmp_path, "--crash-on", 1))
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, mid = client.send("crashy", "boom now")
-            paths = client.paths(row)
-            await until(lambda: messages_in(paths, mid)["status"] == "completed",
-                        message="the retried message completed")
-            [reply] = await until(lambda: replies_to(cfg, mid), message="its reply")
-            await until(lambda: client.container_status(row.id) == "stopped",
-                        message="stopped when idle")
-            changes = client.registry.status_changes(row.id)
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, mid = client.send("crashy", "boom now")
+        paths = client.paths(row)
+        await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                    message="the retried message completed")
+        [reply] = await until(lambda: replies_to(cfg, mid), message="its reply")
+        await until(lambda: client.container_status(row.id) == "stopped",
+                    message="stopped when idle")
+        changes = client.registry.status_changes(row.id)
 
-        assert reply["content"]["text"] == "echo: boom now"
-        assert reply_counts(cfg)[reply["message_id"]] == 1
-        assert starts(tmp_path) == 2
-        changes = milestones(changes)
-        seq = pairs(changes)
-        assert [s for s, _ in seq] == ["running", "stopped", "running", "stopped"], seq
-        assert seq[1][1] == "agent exited, exit code 3"
-        assert seq[3][1].startswith("stopped: idle for")
-        row_in = messages_in(paths, mid)
-        assert row_in["tries"] == 1
-        # process_after = the moment the crash was handled + backoff_base × 2^0,
-        # and the next agent was not started before it
-        crashed_at = parse_ts(changes[1]["at"])
-        retry_at = parse_ts(row_in["process_after"])
-        assert retry_at == crashed_at + timedelta(seconds=cfg.lifecycle.backoff_base)
-        assert parse_ts(changes[2]["at"]) >= retry_at
-        # the host cleared the dead agent's claim; the successor's ack is final
-        assert query(paths.outbound_db, "SELECT status FROM processing_ack WHERE message_id=?",
-                     (mid,)) == [("completed",)]
-        client.close()
-
-    run(body())
+    assert reply["content"]["text"] == "echo: boom now"
+    assert reply_counts(cfg)[reply["message_id"]] == 1
+    assert starts(tmp_path) == 2
+    changes = milestones(changes)
+    seq = pairs(changes)
+    assert [s for s, _ in seq] == ["running", "stopped", "running", "stopped"], seq
+    assert seq[1][1] == "agent exited, exit code 3"
+    assert seq[3][1].startswith("stopped: idle for")
+    row_in = messages_in(paths, mid)
+    assert row_in["tries"] == 1
+    # process_after = the moment the crash was handled + backoff_base × 2^0,
+    # and the next agent was not started before it
+    crashed_at = parse_ts(changes[1]["at"])
+    retry_at = parse_ts(row_in["process_after"])
+    assert retry_at == crashed_at + timedelta(seconds=cfg.lifecycle.backoff_base)
+    assert parse_ts(changes[2]["at"]) >= retry_at
+    # the host cleared the dead agent's claim; the successor's ack is final
+    assert query(paths.outbound_db, "SELECT status FROM processing_ack WHERE message_id=?",
+                 (mid,)) == [("completed",)]
+    client.close()
 
 
-def test_crash_every_time_fails_the_message_after_max_tries(tmp_path: Path,
+async def test_crash_every_time_fails_the_message_after_max_tries(tmp_path: Path,
                                                             reap_agents) -> None:
     cfg = make_config(tmp_path, command=misbehaving_agent(tmp_path, "--crash-on", 99))
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, mid = client.send("crashy", "boom again")
-            ok_row, ok_mid = client.send("calm", "no trouble")
-            paths = client.paths(row)
-            await until(lambda: messages_in(paths, mid)["status"] == "failed", timeout=20,
-                        message="the message failed after max_tries")
-            await until(lambda: replies_to(cfg, ok_mid), message="the other session's reply")
-            changes = client.registry.status_changes(row.id)
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, mid = client.send("crashy", "boom again")
+        ok_row, ok_mid = client.send("calm", "no trouble")
+        paths = client.paths(row)
+        await until(lambda: messages_in(paths, mid)["status"] == "failed", timeout=20,
+                    message="the message failed after max_tries")
+        await until(lambda: replies_to(cfg, ok_mid), message="the other session's reply")
+        changes = client.registry.status_changes(row.id)
 
-        row_in = messages_in(paths, mid)
-        assert row_in["tries"] == cfg.lifecycle.max_tries == 3
-        assert replies_to(cfg, mid) == []
-        # the chat hears of it: exactly one failure record, with its routing (issue 9.5)
-        [record] = failures(cfg)
-        assert {k: record[k] for k in ("type", "kind", "id", "session_id", "agent_group",
-                                       "channel_type", "platform_id", "thread_id")} == {
-            "type": "failure", "kind": "message", "id": mid, "session_id": row.id,
-            "agent_group": "crashy", "channel_type": "cli", "platform_id": "local",
-            "thread_id": None}
-        assert "failed after 3 tries" in record["reason"]
-        changes = milestones(changes)
-        seq = pairs(changes)
-        assert [s for s, _ in seq] == ["running", "stopped"] * 3, seq
-        assert all(r == "agent exited, exit code 3" for s, r in seq if s == "stopped")
-        at = [parse_ts(c["at"]) for c in changes]
-        base = cfg.lifecycle.backoff_base
-        assert at[2] - at[1] >= timedelta(seconds=base)  # 0.2 s after the first crash
-        assert at[4] - at[3] >= timedelta(seconds=base * 2)  # 0.4 s after the second
-        assert parse_ts(row_in["process_after"]) == at[3] + timedelta(seconds=base * 2)
-        client.close()
-
-    run(body())
+    row_in = messages_in(paths, mid)
+    assert row_in["tries"] == cfg.lifecycle.max_tries == 3
+    assert replies_to(cfg, mid) == []
+    # the chat hears of it: exactly one failure record, with its routing (issue 9.5)
+    [record] = failures(cfg)
+    assert {k: record[k] for k in ("type", "kind", "id", "session_id", "agent_group",
+                                   "channel_type", "platform_id", "thread_id")} == {
+        "type": "failure", "kind": "message", "id": mid, "session_id": row.id,
+        "agent_group": "crashy", "channel_type": "cli", "platform_id": "local",
+        "thread_id": None}
+    assert "failed after 3 tries" in record["reason"]
+    changes = milestones(changes)
+    seq = pairs(changes)
+    assert [s for s, _ in seq] == ["running", "stopped"] * 3, seq
+    assert all(r == "agent exited, exit code 3" for s, r in seq if s == "stopped")
+    at = [parse_ts(c["at"]) for c in changes]
+    base = cfg.lifecycle.backoff_base
+    assert at[2] - at[1] >= timedelta(seconds=base)  # 0.2 s after the first crash
+    assert at[4] - at[3] >= timedelta(seconds=base * 2)  # 0.4 s after the second
+    assert parse_ts(row_in["process_after"]) == at[3] + timedelta(seconds=base * 2)
+    client.close()
 
 
-def test_hang_after_claim_is_killed_by_the_claim_rule_and_retried(tmp_path: Path,
+async def test_hang_after_claim_is_killed_by_the_claim_rule_and_retried(tmp_path: Path,
                                                                   reap_agents) -> None:
     cfg = make_config(tmp_path, command=misbehaving_agent(tmp_path, "--hang-on", 1))
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, mid = client.send("hangs", "boom, then silence")
-            paths = client.paths(row)
-            await until(lambda: messages_in(paths, mid)["status"] == "completed",
-                        message="the retried message completed")
-            [reply] = await until(lambda: replies_to(cfg, mid), message="its reply")
-            changes = client.registry.status_changes(row.id)
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, mid = client.send("hangs", "boom, then silence")
+        paths = client.paths(row)
+        await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                    message="the retried message completed")
+        [reply] = await until(lambda: replies_to(cfg, mid), message="its reply")
+        changes = client.registry.status_changes(row.id)
 
-        assert reply["content"]["text"] == "echo: boom, then silence"
-        assert starts(tmp_path) == 2
-        changes = milestones(changes)
-        seq = pairs(changes)
-        assert [s for s, _ in seq[:3]] == ["running", "stopped", "running"], seq
-        killed = seq[1][1]
-        assert killed.startswith(f"killed: claim on {mid} ") and killed.endswith(
-            "s old with no heartbeat since (limit 1s)"), killed
-        at = [parse_ts(c["at"]) for c in changes]
-        assert at[1] - at[0] >= timedelta(seconds=cfg.lifecycle.claim_stuck)
-        assert messages_in(paths, mid)["tries"] == 1
-        client.close()
-
-    run(body())
+    assert reply["content"]["text"] == "echo: boom, then silence"
+    assert starts(tmp_path) == 2
+    changes = milestones(changes)
+    seq = pairs(changes)
+    assert [s for s, _ in seq[:3]] == ["running", "stopped", "running"], seq
+    killed = seq[1][1]
+    assert killed.startswith(f"killed: claim on {mid} ") and killed.endswith(
+        "s old with no heartbeat since (limit 1s)"), killed
+    at = [parse_ts(c["at"]) for c in changes]
+    assert at[1] - at[0] >= timedelta(seconds=cfg.lifecycle.claim_stuck)
+    assert messages_in(paths, mid)["tries"] == 1
+    client.close()
 
 
 # --- 6./7. without inotify -------------------------------------------------------------
 
 
-def test_reconcile_sweep_alone_delivers_everything(tmp_path: Path, reap_agents) -> None:
+async def test_reconcile_sweep_alone_delivers_everything(tmp_path: Path, reap_agents) -> None:
     """No file events at all (poll mode that never polls): the sweep finds sessions,
     replies and heartbeats on its own; timers and process exits do the rest."""
     cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 3600,
                                        "sweep_interval": 0.2})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg) as sup:
-            assert sup.watch_mode == "poll"
-            sent = {}
-            for i in range(3):
-                row, mid = client.send(f"swept-{i}", f"hello {i}")
-                sent[mid] = row
-            await until(lambda: len(replies(cfg)) == 3, message="three replies via the sweep")
-            for mid, row in sent.items():
-                await until(lambda: messages_in(client.paths(row), mid)["status"] == "completed")
-                await until(lambda: client.container_status(row.id) == "stopped")
-            statuses = [client.registry.status_changes(row.id) for row in sent.values()]
+    client = Client(cfg)
+    async with supervised(cfg) as sup:
+        assert sup.watch_mode == "poll"
+        sent = {}
+        for i in range(3):
+            row, mid = client.send(f"swept-{i}", f"hello {i}")
+            sent[mid] = row
+        await until(lambda: len(replies(cfg)) == 3, message="three replies via the sweep")
+        for mid, row in sent.items():
+            await until(lambda: messages_in(client.paths(row), mid)["status"] == "completed")
+            await until(lambda: client.container_status(row.id) == "stopped")
+        statuses = [client.registry.status_changes(row.id) for row in sent.values()]
 
-        assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
-        for changes in statuses:
-            events = pairs(milestones(changes))
-            assert [s for s, _ in events] == ["running", "stopped"], pairs(changes)
-            assert events[1][1].startswith("stopped: idle for")
-            assert changes[-2]["new"] == "idle"
-        client.close()
-
-    run(body())
+    assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
+    for changes in statuses:
+        events = pairs(milestones(changes))
+        assert [s for s, _ in events] == ["running", "stopped"], pairs(changes)
+        assert events[1][1].startswith("stopped: idle for")
+        assert changes[-2]["new"] == "idle"
+    client.close()
 
 
-def test_poll_mode_delivers_replies(tmp_path: Path, reap_agents) -> None:
+async def test_poll_mode_delivers_replies(tmp_path: Path, reap_agents) -> None:
     """Poll mode with the sweep out of the way: the polled changes alone drive it."""
     cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 0.1,
                                        "sweep_interval": 3600})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg) as sup:
-            assert sup.watch_mode == "poll"
-            row, mid = client.send("polled", "over NFS", files={"f.txt": b"F"})
-            [reply] = await until(lambda: replies_to(cfg, mid), message="the reply")
-            row2, mid2 = client.send("polled", "second one")
-            await until(lambda: replies_to(cfg, mid2), message="the second reply")
-            paths = client.paths(row)
-            await until(lambda: client.container_status(row.id) == "stopped")
-            await until(lambda: messages_in(paths, mid2)["status"] == "completed")
+    client = Client(cfg)
+    async with supervised(cfg) as sup:
+        assert sup.watch_mode == "poll"
+        row, mid = client.send("polled", "over NFS", files={"f.txt": b"F"})
+        [reply] = await until(lambda: replies_to(cfg, mid), message="the reply")
+        row2, mid2 = client.send("polled", "second one")
+        await until(lambda: replies_to(cfg, mid2), message="the second reply")
+        paths = client.paths(row)
+        await until(lambda: client.container_status(row.id) == "stopped")
+        await until(lambda: messages_in(paths, mid2)["status"] == "completed")
 
-        assert reply["content"] == {"text": "echo: over NFS", "files": ["f.txt"]}
-        assert Path(reply["files"][0]).read_bytes() == b"F"
-        assert sorted(reply_counts(cfg).values()) == [1, 1]
-        client.close()
-
-    run(body())
+    assert reply["content"] == {"text": "echo: over NFS", "files": ["f.txt"]}
+    assert Path(reply["files"][0]).read_bytes() == b"F"
+    assert sorted(reply_counts(cfg).values()) == [1, 1]
+    client.close()
 
 
 # --- 5. SIGKILL of the orchestrator itself ------------------------------------------------
@@ -435,40 +414,37 @@ def test_sigkill_restart_delivers_every_reply_once_and_readopts_the_agent(
 # --- robustness: one bad session never stops the others ---------------------------------
 
 
-def test_hostile_reply_ids_stop_nothing_and_remove_nothing(tmp_path: Path, reap_agents) -> None:
+async def test_hostile_reply_ids_stop_nothing_and_remove_nothing(tmp_path: Path, reap_agents) -> None:
     """A rogue agent writes reply ids that are not safe path components. They are
     refused (recorded failed), nothing outside outbox/ is touched, and every other
     session keeps getting its replies."""
     cfg = make_config(tmp_path, delivery={"max_attempts": 2, "retry_base": 0.1})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            rogue = client.session("rogue")
-            paths = client.paths(rogue)
-            victim = paths.root / "victim"
-            victim.mkdir()
-            (victim / "keep.txt").write_text("keep")
-            schema.init_outbound(paths.outbound_db)
-            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
-                for seq, out_id in ((1, "../victim"), (3, "has space"), (5, "out-fine")):
-                    conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
-                                 " VALUES (?, ?, ?, 'chat', ?)",
-                                 (out_id, seq, schema.now_ts(), json.dumps({"text": out_id})))
-            await until(lambda: len(delivered_rows(paths)) == 3, message="all three settled")
-            _, mid = client.send("honest", "still there?")
-            await until(lambda: replies_to(cfg, mid), message="another session's reply")
+    client = Client(cfg)
+    async with supervised(cfg):
+        rogue = client.session("rogue")
+        paths = client.paths(rogue)
+        victim = paths.root / "victim"
+        victim.mkdir()
+        (victim / "keep.txt").write_text("keep")
+        schema.init_outbound(paths.outbound_db)
+        with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+            for seq, out_id in ((1, "../victim"), (3, "has space"), (5, "out-fine")):
+                conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                             " VALUES (?, ?, ?, 'chat', ?)",
+                             (out_id, seq, schema.now_ts(), json.dumps({"text": out_id})))
+        await until(lambda: len(delivered_rows(paths)) == 3, message="all three settled")
+        _, mid = client.send("honest", "still there?")
+        await until(lambda: replies_to(cfg, mid), message="another session's reply")
 
-        assert delivered_rows(paths) == {"../victim": "failed", "has space": "failed",
-                                         "out-fine": "delivered"}
-        assert (victim / "keep.txt").read_text() == "keep"
-        assert [r["message_id"] for r in replies(cfg)].count("out-fine") == 1
-        client.close()
-
-    run(body())
+    assert delivered_rows(paths) == {"../victim": "failed", "has space": "failed",
+                                     "out-fine": "delivered"}
+    assert (victim / "keep.txt").read_text() == "keep"
+    assert [r["message_id"] for r in replies(cfg)].count("out-fine") == 1
+    client.close()
 
 
-def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_agents,
+async def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_agents,
                                                          monkeypatch) -> None:
     """A bug that raises inside one session's pass (simulated by a patched reader)
     must not stop the one worker task that serves every session."""
@@ -484,21 +460,18 @@ def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, reap_ag
 
     monkeypatch.setattr(session_worker.inbound, "due_state", buggy)
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            _, bad_mid = client.send("buggy", "first")
-            _, ok_mid = client.send("fine", "second")
-            await until(lambda: replies_to(cfg, ok_mid), message="the healthy session's reply")
-            assert not replies_to(cfg, bad_mid)
-            monkeypatch.undo()  # "fixed": the next scheduled pass recovers the session
-            await until(lambda: replies_to(cfg, bad_mid), message="the recovered session")
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        _, bad_mid = client.send("buggy", "first")
+        _, ok_mid = client.send("fine", "second")
+        await until(lambda: replies_to(cfg, ok_mid), message="the healthy session's reply")
+        assert not replies_to(cfg, bad_mid)
+        monkeypatch.undo()  # "fixed": the next scheduled pass recovers the session
+        await until(lambda: replies_to(cfg, bad_mid), message="the recovered session")
+    client.close()
 
 
-def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path, reap_agents,
+async def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path, reap_agents,
                                                            monkeypatch) -> None:
     """inbound.db cannot be written (a disk error, simulated: root ignores file modes)
     until both of the agent's 'completed' acks have been read. Passes read only acks
@@ -522,22 +495,19 @@ def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path, reap_
 
     monkeypatch.setattr(session_worker.inbound, "sync_acks", failing_until_both)
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, first = client.send("acks", "one")
-            _, second = client.send("acks", "two")
-            paths = client.paths(row)
-            await until(lambda: refused and len(refused[-1]) == 2,
-                        message="both completed acks read by a pass whose sync failed")
-            for mid in (first, second):
-                await until(lambda: messages_in(paths, mid)["status"] == "completed",
-                            message=f"the ack of {mid} synced after the failed writes")
-            await until(lambda: replies_to(cfg, second), message="both replies delivered")
-            assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted([first, second])
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, first = client.send("acks", "one")
+        _, second = client.send("acks", "two")
+        paths = client.paths(row)
+        await until(lambda: refused and len(refused[-1]) == 2,
+                    message="both completed acks read by a pass whose sync failed")
+        for mid in (first, second):
+            await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                        message=f"the ack of {mid} synced after the failed writes")
+        await until(lambda: replies_to(cfg, second), message="both replies delivered")
+        assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted([first, second])
+    client.close()
 
 
 # --- start-up reconcile, timers, start failures, one instance per data dir ------------------
@@ -572,55 +542,49 @@ def test_stale_running_status_and_orphan_claim_are_reconciled_at_start(
     client.close()
 
 
-def test_scheduled_message_wakes_an_agent_at_its_time(tmp_path: Path, reap_agents) -> None:
+async def test_scheduled_message_wakes_an_agent_at_its_time(tmp_path: Path, reap_agents) -> None:
     """process_after in the future: a timer at the due time, not the (slow) sweep."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 120.0})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row = client.session("scheduled")
-            due = utcnow() + timedelta(seconds=1.0)
-            mid, _ = client.sessions.write_message(row, {"text": "later"}, process_after=due)
-            await until(lambda: replies_to(cfg, mid), message="the scheduled reply")
-            changes = client.registry.status_changes(row.id)
-        started = parse_ts(changes[0]["at"])
-        assert changes[0]["new"] == "running"
-        # at its time, by a timer: not before, and nowhere near the 120 s sweep
-        assert due <= started < due + timedelta(seconds=3.0), (due, started)
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        row = client.session("scheduled")
+        due = utcnow() + timedelta(seconds=1.0)
+        mid, _ = client.sessions.write_message(row, {"text": "later"}, process_after=due)
+        await until(lambda: replies_to(cfg, mid), message="the scheduled reply")
+        changes = client.registry.status_changes(row.id)
+    started = parse_ts(changes[0]["at"])
+    assert changes[0]["new"] == "running"
+    # at its time, by a timer: not before, and nowhere near the 120 s sweep
+    assert due <= started < due + timedelta(seconds=3.0), (due, started)
+    client.close()
 
 
-def test_agent_that_cannot_start_is_retried_with_backoff(tmp_path: Path, reap_agents) -> None:
+async def test_agent_that_cannot_start_is_retried_with_backoff(tmp_path: Path, reap_agents) -> None:
     """The agent command is missing: the work stays pending, no status is invented,
     and the start is retried with backoff until the command appears."""
     script = tmp_path / "agent.sh"
     cfg = make_config(tmp_path, command=[str(script)], watch={"sweep_interval": 120.0})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg) as sup:
-            row, mid = client.send("unlucky", "are you there?")
-            await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 1,
-                        message="a failed start")
-            failed_at = utcnow()
-            assert client.statuses(row.id) == []
-            assert messages_in(client.paths(row), mid)["status"] == "pending"
-            tmp = tmp_path / "agent.sh.tmp"
-            tmp.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m orchestrator.agent'
-                           ' --poll-interval 0.02 "$@"\n')
-            tmp.chmod(0o755)
-            tmp.rename(script)
-            await until(lambda: replies_to(cfg, mid), message="the reply once it can start")
-            changes = client.registry.status_changes(row.id)
-        assert changes[0]["new"] == "running"
-        # retried by timer (start_backoff: 1 s, then 2 s), not by the 120 s sweep
-        assert parse_ts(changes[0]["at"]) - failed_at < timedelta(seconds=10)
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg) as sup:
+        row, mid = client.send("unlucky", "are you there?")
+        await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 1,
+                    message="a failed start")
+        failed_at = utcnow()
+        assert client.statuses(row.id) == []
+        assert messages_in(client.paths(row), mid)["status"] == "pending"
+        tmp = tmp_path / "agent.sh.tmp"
+        tmp.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m orchestrator.agent'
+                       ' --poll-interval 0.02 "$@"\n')
+        tmp.chmod(0o755)
+        tmp.rename(script)
+        await until(lambda: replies_to(cfg, mid), message="the reply once it can start")
+        changes = client.registry.status_changes(row.id)
+    assert changes[0]["new"] == "running"
+    # retried by timer (start_backoff: 1 s, then 2 s), not by the 120 s sweep
+    assert parse_ts(changes[0]["at"]) - failed_at < timedelta(seconds=10)
+    client.close()
 
 
 def test_a_busy_agents_heartbeats_are_muted_yet_keep_it_alive(tmp_path: Path,
@@ -675,7 +639,7 @@ class Outage:
         self.on_available()
 
 
-def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_agents) -> None:
+async def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_agents) -> None:
     """Starts refused during an outage back off (1, 2, 4 s ...); when the runtime says
     it is back, the put-off start runs then, not when its backoff would end."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 120.0},
@@ -686,35 +650,29 @@ def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_agents
         runtimes.append(Outage(make_runtime(c, on_exit, on_available), on_available))
         return runtimes[-1]
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg, runtime_factory=factory) as sup:
-            row, mid = client.send("outage", "still there?")
-            await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 3,
-                        message="three refused starts")
-            put_off_until = sup.tracked[row.id].start_blocked_until
-            assert put_off_until is not None and messages_in(client.paths(row), mid)["status"] \
-                == "pending"
-            runtimes[0].back()
-            await until(lambda: replies_to(cfg, mid), message="the reply once the runtime is back")
-            started = client.registry.status_changes(row.id)[0]
-        assert started["new"] == "running"
-        assert parse_ts(started["at"]) < put_off_until, (started, put_off_until)
-        assert sup.tracked[row.id].start_failures == 0
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg, runtime_factory=factory) as sup:
+        row, mid = client.send("outage", "still there?")
+        await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 3,
+                    message="three refused starts")
+        put_off_until = sup.tracked[row.id].start_blocked_until
+        assert put_off_until is not None and messages_in(client.paths(row), mid)["status"] \
+            == "pending"
+        runtimes[0].back()
+        await until(lambda: replies_to(cfg, mid), message="the reply once the runtime is back")
+        started = client.registry.status_changes(row.id)[0]
+    assert started["new"] == "running"
+    assert parse_ts(started["at"]) < put_off_until, (started, put_off_until)
+    assert sup.tracked[row.id].start_failures == 0
+    client.close()
 
 
-def test_one_supervisor_per_data_dir(tmp_path: Path) -> None:
+async def test_one_supervisor_per_data_dir(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
 
-    async def body() -> None:
-        async with supervised(cfg):
-            with pytest.raises(AlreadyRunning, match="another orchestrator is running"):
-                await Supervisor(cfg).serve()
-
-    run(body())
+    async with supervised(cfg):
+        with pytest.raises(AlreadyRunning, match="another orchestrator is running"):
+            await Supervisor(cfg).serve()
 
 
 def test_a_deleted_lock_file_does_not_let_a_second_supervisor_in(tmp_path: Path,
@@ -783,7 +741,7 @@ def test_sessions_created_while_run_watches_are_never_seen_half_made(tmp_path: P
 
 
 @pytest.mark.parametrize("mode", ["agent-shared", "shared", "per-thread"])
-def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_agents,
+async def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_agents,
                                                          mode: str) -> None:
     """Every messages_in row carries its own chat in every mode; the reference agent
     copies it into its reply, as NanoClaw-style agents do, so the reply goes back to
@@ -796,40 +754,37 @@ def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_ag
              "shared": [("chat", "p4", "tx"), ("chat", "p4", "ty"), ("chat", "p4", None)],
              "per-thread": [("chat", "p4", "tx"), ("chat", "p4", "ty")]}[mode]
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            sent = {}
-            for ct, pid, thread in chats:  # exactly what `orchestrator send` does
-                out = io.StringIO()
-                with contextlib.redirect_stdout(out):
-                    assert cli.main(["send", "--config", str(config_file), "--group", "routes",
-                                     "--mode", mode, "--channel", ct, "--platform", pid,
-                                     *(["--thread", thread] if thread else []),
-                                     f"from {ct}/{pid}/{thread}"]) == 0
-                row = client.registry.session(out.getvalue().strip())
-                (mid,) = [m for (m,) in query(client.paths(row).inbound_db,
-                                              "SELECT id FROM messages_in") if m not in sent]
-                sent[mid] = (row, (ct, pid, thread))
-            await until(lambda: len(replies(cfg)) == len(chats), timeout=30,
-                        message="a reply to every message")
-        for mid, (row, chat) in sent.items():
-            (reply,) = replies_to(cfg, mid)
-            assert (reply["channel_type"], reply["platform_id"], reply["thread_id"]) == chat
-            msg = query(client.paths(row).inbound_db, "SELECT channel_type, platform_id,"
-                        " thread_id FROM messages_in WHERE id=?", (mid,))
-            assert msg == [chat]
-        rows = {row.id: row for row, _ in sent.values()}
-        for row in rows.values():  # the session's default route, as the contract says
-            routing = query(client.paths(row).inbound_db, "SELECT channel_type, platform_id,"
-                            " thread_id FROM session_routing")
-            expected = {"agent-shared": (None, None, None), "shared": ("chat", "p4", None),
-                        "per-thread": ("chat", "p4", row.thread_id)}[mode]
-            assert routing == [expected]
-        assert len(rows) == {"agent-shared": 1, "shared": 1, "per-thread": 2}[mode]
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        sent = {}
+        for ct, pid, thread in chats:  # exactly what `orchestrator send` does
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert cli.main(["send", "--config", str(config_file), "--group", "routes",
+                                 "--mode", mode, "--channel", ct, "--platform", pid,
+                                 *(["--thread", thread] if thread else []),
+                                 f"from {ct}/{pid}/{thread}"]) == 0
+            row = client.registry.session(out.getvalue().strip())
+            (mid,) = [m for (m,) in query(client.paths(row).inbound_db,
+                                          "SELECT id FROM messages_in") if m not in sent]
+            sent[mid] = (row, (ct, pid, thread))
+        await until(lambda: len(replies(cfg)) == len(chats), timeout=30,
+                    message="a reply to every message")
+    for mid, (row, chat) in sent.items():
+        (reply,) = replies_to(cfg, mid)
+        assert (reply["channel_type"], reply["platform_id"], reply["thread_id"]) == chat
+        msg = query(client.paths(row).inbound_db, "SELECT channel_type, platform_id,"
+                    " thread_id FROM messages_in WHERE id=?", (mid,))
+        assert msg == [chat]
+    rows = {row.id: row for row, _ in sent.values()}
+    for row in rows.values():  # the session's default route, as the contract says
+        routing = query(client.paths(row).inbound_db, "SELECT channel_type, platform_id,"
+                        " thread_id FROM session_routing")
+        expected = {"agent-shared": (None, None, None), "shared": ("chat", "p4", None),
+                    "per-thread": ("chat", "p4", row.thread_id)}[mode]
+        assert routing == [expected]
+    assert len(rows) == {"agent-shared": 1, "shared": 1, "per-thread": 2}[mode]
+    client.close()
 
 
 def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> None:
@@ -860,7 +815,7 @@ def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> No
         run(body())
 
 
-def test_the_sweep_removes_a_folder_a_killed_send_left_half_built(tmp_path: Path) -> None:
+async def test_the_sweep_removes_a_folder_a_killed_send_left_half_built(tmp_path: Path) -> None:
     from orchestrator import sessions as sessions_mod
 
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.2})
@@ -868,12 +823,9 @@ def test_the_sweep_removes_a_folder_a_killed_send_left_half_built(tmp_path: Path
     long_ago = 1_000_000_000
     os.utime(left, (long_ago, long_ago))
 
-    async def body() -> None:
-        async with supervised(cfg) as sup:
-            await until(lambda: not left.exists(), timeout=10, message="the leftover removed")
-            assert sup.tracked == {}  # never taken for a session
-
-    run(body())
+    async with supervised(cfg) as sup:
+        await until(lambda: not left.exists(), timeout=10, message="the leftover removed")
+        assert sup.tracked == {}  # never taken for a session
 
 
 COARSE_AGENT = '''\
@@ -909,7 +861,7 @@ time.sleep(3600)
 '''
 
 
-def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
+async def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
         tmp_path: Path, reap_agents) -> None:
     """The heartbeat (ns mtime) comes a moment before a claim stamped in whole seconds:
     it must not count as a heartbeat *since* the claim, or a hung agent lives until
@@ -919,21 +871,18 @@ def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
     cfg = make_config(tmp_path, command=["{python}", str(script), str(tmp_path / "starts"),
                                          "--poll-interval", "0.02"])
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, mid = client.send("coarse", "claim me")
-            paths = client.paths(row)
-            await until(lambda: messages_in(paths, mid)["status"] == "completed",
-                        message="completed after the claim rule killed the first agent")
-            seq = client.statuses(row.id)
-        # (it may look idle while it waits for a fresh second: that is fine)
-        first_stop = next(reason for status, reason in seq if status == "stopped")
-        assert first_stop.startswith(f"killed: claim on {mid} "), seq
-        assert messages_in(paths, mid)["tries"] == 1
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, mid = client.send("coarse", "claim me")
+        paths = client.paths(row)
+        await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                    message="completed after the claim rule killed the first agent")
+        seq = client.statuses(row.id)
+    # (it may look idle while it waits for a fresh second: that is fine)
+    first_stop = next(reason for status, reason in seq if status == "stopped")
+    assert first_stop.startswith(f"killed: claim on {mid} "), seq
+    assert messages_in(paths, mid)["tries"] == 1
+    client.close()
 
 
 @pytest.mark.parametrize(("interval", "tick", "slices"), [
@@ -946,27 +895,24 @@ def test_sweep_plan_spreads_a_round_over_ticks(interval: float, tick: float,
     assert sweep_plan(interval) == (pytest.approx(tick), slices)
 
 
-def test_a_sliced_sweep_alone_still_delivers_everything(tmp_path: Path, reap_agents) -> None:
+async def test_a_sliced_sweep_alone_still_delivers_everything(tmp_path: Path, reap_agents) -> None:
     """The sweep in three slices (one every second), no file events at all: each
     session is still found, answered and stopped, within a round or two."""
     cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 3600,
                                        "sweep_interval": 3.0})
 
-    async def body() -> None:
-        client = Client(cfg)
-        async with supervised(cfg):
-            sent = {}
-            for i in range(5):
-                row, mid = client.send(f"sliced-{i}", f"hello {i}")
-                sent[mid] = row
-            await until(lambda: len(replies(cfg)) == 5, 30, message="five replies via the sweep")
-            for row in sent.values():
-                await until(lambda: client.container_status(row.id) == "stopped", 30)
-        assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
-        assert reply_counts(cfg) == {r["message_id"]: 1 for r in replies(cfg)}
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    async with supervised(cfg):
+        sent = {}
+        for i in range(5):
+            row, mid = client.send(f"sliced-{i}", f"hello {i}")
+            sent[mid] = row
+        await until(lambda: len(replies(cfg)) == 5, 30, message="five replies via the sweep")
+        for row in sent.values():
+            await until(lambda: client.container_status(row.id) == "stopped", 30)
+    assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
+    assert reply_counts(cfg) == {r["message_id"]: 1 for r in replies(cfg)}
+    client.close()
 
 
 def test_batched_replies_are_delivered_exactly_once_across_sigkill(tmp_path: Path) -> None:

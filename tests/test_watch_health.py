@@ -17,8 +17,8 @@ from loguru import logger
 from watchfiles._rust_notify import RustNotify
 
 from bench.overflow import overflow_run
-from e2e import reap_agents, run, until  # noqa: F401
-from helpers import wait_for
+from e2e import run
+from helpers import until, wait_for
 from orchestrator import watch_health
 from orchestrator.config import WatchConfig
 from orchestrator.layout import Kind

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import watchfiles
 
-from e2e import run, until
+from helpers import until
 from orchestrator.config import WatchConfig
 from orchestrator.layout import Kind
 from orchestrator.sessions import create_folder
@@ -70,65 +70,62 @@ class Recorder:
         await asyncio.wait_for(self.task, 10)
 
 
-def test_real_batches_are_classified(tmp_path: Path) -> None:
+async def test_real_batches_are_classified(tmp_path: Path) -> None:
     root, folder = make_tree(tmp_path)
 
-    async def body() -> None:
-        rec = Recorder(root)
-        await rec.ready()
-        n = len(rec.batches)
+    rec = Recorder(root)
+    await rec.ready()
+    n = len(rec.batches)
 
-        # a heartbeat touch (mtime only) → modified → HEARTBEAT
-        os.utime(folder / ".heartbeat")
-        n, batch = await rec.next_with(lambda b: any(p.endswith(".heartbeat") for _, p in b), n)
-        assert (watchfiles.Change.modified, str(folder / ".heartbeat")) in batch
-        assert to_activities(root, batch) == [Activity("grp", "sess-1", Kind.HEARTBEAT)]
+    # a heartbeat touch (mtime only) → modified → HEARTBEAT
+    os.utime(folder / ".heartbeat")
+    n, batch = await rec.next_with(lambda b: any(p.endswith(".heartbeat") for _, p in b), n)
+    assert (watchfiles.Change.modified, str(folder / ".heartbeat")) in batch
+    assert to_activities(root, batch) == [Activity("grp", "sess-1", Kind.HEARTBEAT)]
 
-        # one SQLite commit on outbound.db → OUTBOUND_DB; the -journal files drop out
-        mark = n
-        with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
-            conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
-                         " ('k', 'v', 'now')")
-        n, batch = await rec.next_with(
-            lambda b: (watchfiles.Change.modified, str(folder / "outbound.db")) in b, n)
-        raw = set().union(*rec.batches[mark:n])
-        assert any(p.endswith("outbound.db-journal") for _, p in raw)  # it was there...
-        acts = [a for b in rec.batches[mark:n] for a in to_activities(root, b)]
-        assert set(acts) == {Activity("grp", "sess-1", Kind.OUTBOUND_DB)}  # ...and dropped
+    # one SQLite commit on outbound.db → OUTBOUND_DB; the -journal files drop out
+    mark = n
+    with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
+        conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
+                     " ('k', 'v', 'now')")
+    n, batch = await rec.next_with(
+        lambda b: (watchfiles.Change.modified, str(folder / "outbound.db")) in b, n)
+    raw = set().union(*rec.batches[mark:n])
+    assert any(p.endswith("outbound.db-journal") for _, p in raw)  # it was there...
+    acts = [a for b in rec.batches[mark:n] for a in to_activities(root, b)]
+    assert set(acts) == {Activity("grp", "sess-1", Kind.OUTBOUND_DB)}  # ...and dropped
 
-        # an outbox folder for a reply → OUTBOX (added). What is written into a brand-new
-        # folder right away may go unreported (field notes): the supervisor reads the
-        # reply row and lists the folder itself, so the folder event is what counts.
-        out = folder / "outbox" / "out-1"
-        out.mkdir()
-        (out / "a.png").write_bytes(b"png")
-        n, batch = await rec.next_with(lambda b: (watchfiles.Change.added, str(out)) in b, n)
-        assert Activity("grp", "sess-1", Kind.OUTBOX, added=True) in to_activities(root, batch)
+    # an outbox folder for a reply → OUTBOX (added). What is written into a brand-new
+    # folder right away may go unreported (field notes): the supervisor reads the
+    # reply row and lists the folder itself, so the folder event is what counts.
+    out = folder / "outbox" / "out-1"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"png")
+    n, batch = await rec.next_with(lambda b: (watchfiles.Change.added, str(out)) in b, n)
+    assert Activity("grp", "sess-1", Kind.OUTBOX, added=True) in to_activities(root, batch)
 
-        # a new session folder in an existing group → SESSION (added)
-        create_folder(tmp_path / "data", "grp", "sess-2")
-        n, batch = await rec.next_with(
-            lambda b: (watchfiles.Change.added, str(root / "grp" / "sess-2")) in b, n)
-        assert Activity("grp", "sess-2", Kind.SESSION, added=True) in to_activities(root, batch)
-        # a new group folder → a group-level activity (added): its sessions, created
-        # right after, may be unreported, so the supervisor lists the group
-        create_folder(tmp_path / "data", "grp2", "sess-3")
-        n, batch = await rec.next_with(
-            lambda b: (watchfiles.Change.added, str(root / "grp2")) in b, n)
-        assert Activity("grp2", None, Kind.GROUP, added=True) in to_activities(root, batch)
+    # a new session folder in an existing group → SESSION (added)
+    create_folder(tmp_path / "data", "grp", "sess-2")
+    n, batch = await rec.next_with(
+        lambda b: (watchfiles.Change.added, str(root / "grp" / "sess-2")) in b, n)
+    assert Activity("grp", "sess-2", Kind.SESSION, added=True) in to_activities(root, batch)
+    # a new group folder → a group-level activity (added): its sessions, created
+    # right after, may be unreported, so the supervisor lists the group
+    create_folder(tmp_path / "data", "grp2", "sess-3")
+    n, batch = await rec.next_with(
+        lambda b: (watchfiles.Change.added, str(root / "grp2")) in b, n)
+    assert Activity("grp2", None, Kind.GROUP, added=True) in to_activities(root, batch)
 
-        # noise never becomes activity: the probe, junk names, scratch files
-        (root / ".DS_Store").write_text("x")
-        (root / "bad name!").mkdir()
-        (folder / "scratch.tmp").write_text("x")
-        os.utime(folder / ".heartbeat")
-        n, _ = await rec.next_with(lambda b: any(p.endswith(".heartbeat") for _, p in b), n)
-        late = [a for b in rec.batches[-3:] for a in to_activities(root, b)]
-        assert late and all(a.kind is not Kind.OTHER and a.agent_group in ("grp", "grp2")
-                            for a in late)
-        await rec.close()
-
-    run(body())
+    # noise never becomes activity: the probe, junk names, scratch files
+    (root / ".DS_Store").write_text("x")
+    (root / "bad name!").mkdir()
+    (folder / "scratch.tmp").write_text("x")
+    os.utime(folder / ".heartbeat")
+    n, _ = await rec.next_with(lambda b: any(p.endswith(".heartbeat") for _, p in b), n)
+    late = [a for b in rec.batches[-3:] for a in to_activities(root, b)]
+    assert late and all(a.kind is not Kind.OTHER and a.agent_group in ("grp", "grp2")
+                        for a in late)
+    await rec.close()
 
 
 def test_to_activities_dedupes_and_filters() -> None:
@@ -188,38 +185,35 @@ def test_only_muted_heartbeats(paths: list[str], expected: bool) -> None:
     assert only_muted_heartbeats(R, raw, {"s1", "s2"}) is expected
 
 
-def test_muted_heartbeats_never_reach_the_loop(tmp_path: Path) -> None:
+async def test_muted_heartbeats_never_reach_the_loop(tmp_path: Path) -> None:
     """A muted session's heartbeats are dropped in the watch thread; everything else
     of it still comes through, and so do its heartbeats once it is unmuted."""
     root, folder = make_tree(tmp_path)
     muted = {"sess-1"}
 
-    async def body() -> None:
-        stop, started = asyncio.Event(), asyncio.Event()
-        got: list[Activity] = []
+    stop, started = asyncio.Event(), asyncio.Event()
+    got: list[Activity] = []
 
-        async def consume() -> None:
-            async for batch in batches(root, WatchConfig(), stop, started, "events", muted):
-                got.extend(batch)
+    async def consume() -> None:
+        async for batch in batches(root, WatchConfig(), stop, started, "events", muted):
+            got.extend(batch)
 
-        task = asyncio.create_task(consume())
-        await until(started.is_set, timeout=10, message="watch started")
-        os.utime(folder / ".heartbeat")
-        with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
-            conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
-                         " ('k', 'v', 'now')")
-        # inotify keeps order: once the commit is reported, the touch before it was seen
-        await until(lambda: Activity("grp", "sess-1", Kind.OUTBOUND_DB) in got,
-                    message="the commit")
-        assert Activity("grp", "sess-1", Kind.HEARTBEAT) not in got, got
-        muted.discard("sess-1")
-        os.utime(folder / ".heartbeat")
-        await until(lambda: Activity("grp", "sess-1", Kind.HEARTBEAT) in got,
-                    message="the heartbeat once unmuted")
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-    run(body())
+    task = asyncio.create_task(consume())
+    await until(started.is_set, timeout=10, message="watch started")
+    os.utime(folder / ".heartbeat")
+    with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
+        conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
+                     " ('k', 'v', 'now')")
+    # inotify keeps order: once the commit is reported, the touch before it was seen
+    await until(lambda: Activity("grp", "sess-1", Kind.OUTBOUND_DB) in got,
+                message="the commit")
+    assert Activity("grp", "sess-1", Kind.HEARTBEAT) not in got, got
+    muted.discard("sess-1")
+    os.utime(folder / ".heartbeat")
+    await until(lambda: Activity("grp", "sess-1", Kind.HEARTBEAT) in got,
+                message="the heartbeat once unmuted")
+    stop.set()
+    await asyncio.wait_for(task, 10)
 
 
 @pytest.mark.parametrize("quiet_for, step, quiet_step, quiet_after, expected", [
@@ -239,33 +233,30 @@ def test_watch_step(quiet_for: float, step: int, quiet_step: int, quiet_after: f
     assert watch_step(quiet_for, cfg) == expected
 
 
-def test_changes_after_a_quiet_spell_are_still_reported(tmp_path: Path) -> None:
+async def test_changes_after_a_quiet_spell_are_still_reported(tmp_path: Path) -> None:
     """Across the switch to long steps and back, on the real watcher: a change after
     the quiet spell arrives, and so does one right after it (short steps again)."""
     root, folder = make_tree(tmp_path)
     cfg = WatchConfig(step_ms=3, quiet_step_ms=40, quiet_after=0.1)
 
-    async def body() -> None:
-        stop, started = asyncio.Event(), asyncio.Event()
-        got: list[Activity] = []
+    stop, started = asyncio.Event(), asyncio.Event()
+    got: list[Activity] = []
 
-        async def consume() -> None:
-            async for batch in batches(root, cfg, stop, started, "events"):
-                got.extend(batch)
+    async def consume() -> None:
+        async for batch in batches(root, cfg, stop, started, "events"):
+            got.extend(batch)
 
-        task = asyncio.create_task(consume())
-        await until(started.is_set, timeout=10, message="watch started")
-        hb = Activity("grp", "sess-1", Kind.HEARTBEAT)
-        for _ in range(3):
-            await asyncio.sleep(0.3)  # a quiet spell: no change on purpose
-            n = len(got)
-            os.utime(folder / ".heartbeat")
-            await until(lambda: hb in got[n:], timeout=5,
-                        message="the heartbeat after a quiet spell")
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-    run(body())
+    task = asyncio.create_task(consume())
+    await until(started.is_set, timeout=10, message="watch started")
+    hb = Activity("grp", "sess-1", Kind.HEARTBEAT)
+    for _ in range(3):
+        await asyncio.sleep(0.3)  # a quiet spell: no change on purpose
+        n = len(got)
+        os.utime(folder / ".heartbeat")
+        await until(lambda: hb in got[n:], timeout=5,
+                    message="the heartbeat after a quiet spell")
+    stop.set()
+    await asyncio.wait_for(task, 10)
 
 
 # --- poll mode ---------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from api_helpers import Receiver, free_port
-from e2e import Client, make_config, reap_agents, run, supervised, until  # noqa: F401
-from helpers import query
+from e2e import Client, make_config, supervised
+from helpers import query, until
 from orchestrator.channels import DeliveryError, PermanentDeliveryError, Reply
 from orchestrator.channels.webhook import (WebhookChannel, classify, file_entries, outcome_of,
                                            parse_retry_after, reply_body, sign, verify)
@@ -128,142 +128,124 @@ def scripted(*answers: tuple[int, float, dict]):
     return behave
 
 
-def test_500_then_200_is_delivered_once(tmp_path: Path, reap_agents) -> None:
-    async def body() -> None:
-        receiver = await Receiver(b"", scripted((500, 0, {}), (200, 0, {}))).start()
-        cfg = webhook_config(tmp_path, receiver.url)
-        client = Client(cfg)
-        async with supervised(cfg):
-            receiver.secret = secret_of(cfg)
-            row, mid = client.send("helpers", "hello", files={"n.txt": b"file bytes"})
-            await until(lambda: delivered(cfg, client, row), message="delivered row")
-            [(out_id, status)] = delivered(cfg, client, row).items()
-            assert status == "delivered"
-            posts = receiver.replies(out_id)
-            assert len(posts) == 2 and all(p.signature_ok for p in posts)
-            assert {p.headers["idempotency-key"] for p in posts} == {out_id}
-            body = posts[-1].json
-            assert body["in_reply_to"] == mid and body["content"]["text"] == "echo: hello"
-            assert body["files"] == [{"name": "n.txt", "size": 10, "data": "ZmlsZSBieXRlcw=="}]
-            assert body["routing"]["channel_type"] == "cli"
-            assert receiver.failures() == []
-        assert len(receiver.replies(out_id)) == 2  # nothing more after the 200
-        await receiver.stop()
-        client.close()
-
-    run(body())
+async def test_500_then_200_is_delivered_once(tmp_path: Path, reap_agents) -> None:
+    receiver = await Receiver(b"", scripted((500, 0, {}), (200, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, mid = client.send("helpers", "hello", files={"n.txt": b"file bytes"})
+        await until(lambda: delivered(cfg, client, row), message="delivered row")
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "delivered"
+        posts = receiver.replies(out_id)
+        assert len(posts) == 2 and all(p.signature_ok for p in posts)
+        assert {p.headers["idempotency-key"] for p in posts} == {out_id}
+        body = posts[-1].json
+        assert body["in_reply_to"] == mid and body["content"]["text"] == "echo: hello"
+        assert body["files"] == [{"name": "n.txt", "size": 10, "data": "ZmlsZSBieXRlcw=="}]
+        assert body["routing"]["channel_type"] == "cli"
+        assert receiver.failures() == []
+    assert len(receiver.replies(out_id)) == 2  # nothing more after the 200
+    await receiver.stop()
+    client.close()
 
 
-def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_path: Path,
+async def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_path: Path,
                                                                    reap_agents) -> None:
-    async def body() -> None:
-        receiver = await Receiver(b"", scripted((400, 0, {}))).start()
-        cfg = webhook_config(tmp_path, receiver.url, max_attempts=5)
-        client = Client(cfg)
-        async with supervised(cfg):
-            receiver.secret = secret_of(cfg)
-            row, _ = client.send("helpers", "hello")
-            await until(lambda: delivered(cfg, client, row), message="settled")
-            [(out_id, status)] = delivered(cfg, client, row).items()
-            assert status == "failed"
-            await until(lambda: receiver.failures(), message="the failure record")
-            await asyncio.sleep(0.5)  # retry_base is 0.1 s: a retry would have come by now
-            assert len(receiver.replies(out_id)) == 1
-            [failure] = receiver.failures()
-            assert failure.signature_ok
-            assert failure.json["kind"] == "reply" and failure.json["id"] == out_id
-            assert "400" in failure.json["reason"]
-            assert failure.json["platform_id"] == "local"  # routed like the reply
-            assert failure.headers["idempotency-key"] == f"failure-reply-{out_id}"
-        await receiver.stop()
-        client.close()
-
-    run(body())
+    receiver = await Receiver(b"", scripted((400, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url, max_attempts=5)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: delivered(cfg, client, row), message="settled")
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "failed"
+        await until(lambda: receiver.failures(), message="the failure record")
+        await asyncio.sleep(0.5)  # retry_base is 0.1 s: a retry would have come by now
+        assert len(receiver.replies(out_id)) == 1
+        [failure] = receiver.failures()
+        assert failure.signature_ok
+        assert failure.json["kind"] == "reply" and failure.json["id"] == out_id
+        assert "400" in failure.json["reason"]
+        assert failure.json["platform_id"] == "local"  # routed like the reply
+        assert failure.headers["idempotency-key"] == f"failure-reply-{out_id}"
+    await receiver.stop()
+    client.close()
 
 
-def test_a_receiver_that_hangs_past_the_timeout_is_retried(tmp_path: Path,
+async def test_a_receiver_that_hangs_past_the_timeout_is_retried(tmp_path: Path,
                                                            reap_agents) -> None:
-    async def body() -> None:
-        receiver = await Receiver(b"", scripted((200, 5.0, {}), (200, 0, {}))).start()
-        cfg = webhook_config(tmp_path, receiver.url, timeout=0.5)
-        client = Client(cfg)
-        async with supervised(cfg):
-            receiver.secret = secret_of(cfg)
-            row, _ = client.send("helpers", "hello")
-            started = time.monotonic()
-            await until(lambda: delivered(cfg, client, row), message="delivered")
-            assert time.monotonic() - started >= 0.5
-            [(out_id, status)] = delivered(cfg, client, row).items()
-            assert status == "delivered" and len(receiver.replies(out_id)) == 2
-            err = query(client.registry.path, "SELECT COUNT(*) FROM delivery_attempts")[0][0]
-            assert err == 0  # cleared once delivered
-        await receiver.stop()
-        client.close()
-
-    run(body())
+    receiver = await Receiver(b"", scripted((200, 5.0, {}), (200, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url, timeout=0.5)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, _ = client.send("helpers", "hello")
+        started = time.monotonic()
+        await until(lambda: delivered(cfg, client, row), message="delivered")
+        assert time.monotonic() - started >= 0.5
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "delivered" and len(receiver.replies(out_id)) == 2
+        err = query(client.registry.path, "SELECT COUNT(*) FROM delivery_attempts")[0][0]
+        assert err == 0  # cleared once delivered
+    await receiver.stop()
+    client.close()
 
 
-def test_a_receiver_that_is_down_then_back_gets_the_reply(tmp_path: Path, reap_agents) -> None:
-    async def body() -> None:
-        port = free_port()
-        cfg = webhook_config(tmp_path, f"http://127.0.0.1:{port}/hook", max_attempts=20,
-                             retry_base=0.05)
-        client = Client(cfg)
-        async with supervised(cfg):
-            row, _ = client.send("helpers", "hello")
-            await until(lambda: (query(client.registry.path, "SELECT MAX(attempts) FROM "
-                                       "delivery_attempts")[0][0] or 0) >= 2,
-                        message="failed attempts while down")
-            assert delivered(cfg, client, row) == {}
-            receiver = await Receiver(secret_of(cfg)).start(port)
-            await until(lambda: delivered(cfg, client, row), timeout=30, message="delivered")
-            [(out_id, status)] = delivered(cfg, client, row).items()
-            assert status == "delivered"
-            assert len(receiver.replies(out_id)) == 1 and receiver.replies()[0].signature_ok
-        await receiver.stop()
-        client.close()
-
-    run(body())
+async def test_a_receiver_that_is_down_then_back_gets_the_reply(tmp_path: Path, reap_agents) -> None:
+    port = free_port()
+    cfg = webhook_config(tmp_path, f"http://127.0.0.1:{port}/hook", max_attempts=20,
+                         retry_base=0.05)
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: (query(client.registry.path, "SELECT MAX(attempts) FROM "
+                                   "delivery_attempts")[0][0] or 0) >= 2,
+                    message="failed attempts while down")
+        assert delivered(cfg, client, row) == {}
+        receiver = await Receiver(secret_of(cfg)).start(port)
+        await until(lambda: delivered(cfg, client, row), timeout=30, message="delivered")
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "delivered"
+        assert len(receiver.replies(out_id)) == 1 and receiver.replies()[0].signature_ok
+    await receiver.stop()
+    client.close()
 
 
-def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents) -> None:
-    async def body() -> None:
-        receiver = await Receiver(b"", scripted((429, 0, {"Retry-After": "1"}),
-                                                (200, 0, {}))).start()
-        cfg = webhook_config(tmp_path, receiver.url)
-        client = Client(cfg)
-        async with supervised(cfg):
-            receiver.secret = secret_of(cfg)
-            row, _ = client.send("helpers", "hello")
-            await until(lambda: delivered(cfg, client, row), message="delivered")
-        arrivals = [r.at for r in receiver.replies()]
-        assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.0
-        await receiver.stop()
-        client.close()
-
-    run(body())
+async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents) -> None:
+    receiver = await Receiver(b"", scripted((429, 0, {"Retry-After": "1"}),
+                                            (200, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: delivered(cfg, client, row), message="delivered")
+    arrivals = [r.at for r in receiver.replies()]
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.0
+    await receiver.stop()
+    client.close()
 
 
-def test_a_slow_receiver_delays_only_its_own_session(tmp_path: Path, reap_agents) -> None:
+async def test_a_slow_receiver_delays_only_its_own_session(tmp_path: Path, reap_agents) -> None:
     def behave(body: dict):
         slow = body.get("routing", {}).get("platform_id") == "slow"
         return 200, 3.0 if slow else 0.0, {}
 
-    async def body() -> None:
-        receiver = await Receiver(b"", behave).start()
-        cfg = webhook_config(tmp_path, receiver.url, timeout=10)
-        client = Client(cfg)
-        async with supervised(cfg):
-            receiver.secret = secret_of(cfg)
-            slow_row, _ = client.send("helpers", "slow", platform="slow")
-            await until(lambda: receiver.replies(), message="the slow POST under way")
-            started = time.monotonic()
-            fast_row, _ = client.send("helpers", "fast", platform="fast")
-            await until(lambda: delivered(cfg, client, fast_row), message="fast delivered")
-            assert time.monotonic() - started < 2.5  # not behind the 3 s answer
-            assert delivered(cfg, client, slow_row) == {}  # still waiting for its receiver
-            await until(lambda: delivered(cfg, client, slow_row), message="slow delivered")
-        await receiver.stop()
-        client.close()
-
-    run(body())
+    receiver = await Receiver(b"", behave).start()
+    cfg = webhook_config(tmp_path, receiver.url, timeout=10)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        slow_row, _ = client.send("helpers", "slow", platform="slow")
+        await until(lambda: receiver.replies(), message="the slow POST under way")
+        started = time.monotonic()
+        fast_row, _ = client.send("helpers", "fast", platform="fast")
+        await until(lambda: delivered(cfg, client, fast_row), message="fast delivered")
+        assert time.monotonic() - started < 2.5  # not behind the 3 s answer
+        assert delivered(cfg, client, slow_row) == {}  # still waiting for its receiver
+        await until(lambda: delivered(cfg, client, slow_row), message="slow delivered")
+    await receiver.stop()
+    client.close()

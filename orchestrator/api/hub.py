@@ -14,6 +14,7 @@ from loguru import logger
 
 from orchestrator.api.events import EventStore
 from orchestrator.api.metrics import Metrics
+from orchestrator.logonce import LogOnce
 
 LOGGED = ("status", "reply_delivered", "reply_failed", "message_failed")
 
@@ -22,15 +23,14 @@ class Hub:
     def __init__(self, events: EventStore, metrics: Metrics) -> None:
         self.events = events
         self.metrics = metrics
-        self._broken: str | None = None
+        self._said = LogOnce()  # an append that fails: said once per distinct error
 
     def notify(self, kind: str, data: dict[str, Any]) -> None:
         self.metrics.observe(kind, data)
         if kind in LOGGED:
             try:
                 self.events.append(kind, data)
-                self._broken = None
+                self._said.clear("append")
             except Exception as exc:  # a full disk must not stop delivery
-                if str(exc) != self._broken:
+                if self._said.say("append", str(exc)):
                     logger.error("event log: cannot append ({}); /v1/events misses events", exc)
-                    self._broken = str(exc)

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.session_status import Status
+
 STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested")
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -72,7 +74,7 @@ class _Gauges(Collector):
         by_status = GaugeMetricFamily("orchestrator_sessions", "Sessions by container status",
                                       labels=["status"])
         counts = Tally(self.statuses())
-        for status in sorted(set(counts) | {"running", "idle", "stopped"}):
+        for status in sorted(set(counts) | set(Status)):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
         yield GaugeMetricFamily("orchestrator_inotify_watches",
@@ -118,7 +120,7 @@ class Metrics:
 
     def observe(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "status":
-            if data.get("status") == "stopped" and data.get("old") not in (None, "stopped"):
+            if data.get("status") == Status.STOPPED and data.get("old") not in (None, Status.STOPPED):
                 self.stops.labels(stop_reason(data.get("reason") or "")).inc()
         elif kind == "reply_delivered":
             self.delivered.labels(self.channel).inc()

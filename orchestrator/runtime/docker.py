@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -60,7 +61,7 @@ from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_I
                                               exit_reason, host_config_kwargs,
                                               parse_extra_mounts, prepare_folder, resolve_user,
                                               session_mounts)
-from orchestrator.runtime.dockerexec import DockerExec
+from orchestrator.runtime.dockerexec import Conflict, DockerExec
 
 
 def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
@@ -77,19 +78,58 @@ def _name(c: dict) -> str:
     return ((c.get("Names") or ["?"])[0]).lstrip("/")
 
 
+class Phase(Enum):
+    """Where one container of ours is in its life, as far as this runtime knows."""
+
+    STARTING = auto()  # ``docker start`` under way: an exit now waits for the handle
+    RUNNING = auto()
+    STOPPING = auto()  # we asked it to stop: its exit is "stopped"
+    KILLING = auto()  # we killed it: its exit is "killed"
+    DONE = auto()  # its exit was reported (or it was never ours to report: a listed one)
+
+
+# The only moves there are; any other asked for leaves the phase as it is. A stop that
+# failed half-way and a kill after it (or the other way round) end as "stopped".
+_MOVES: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.RUNNING, Phase.DONE}),
+    Phase.RUNNING: frozenset({Phase.STOPPING, Phase.KILLING, Phase.DONE}),
+    Phase.STOPPING: frozenset({Phase.DONE}),
+    Phase.KILLING: frozenset({Phase.STOPPING, Phase.DONE}),  # a stop's reason wins
+    Phase.DONE: frozenset(),
+}
+_LIVE = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.KILLING})  # what is_running means
+
+
 @dataclass
 class _Tracked:
     handle: AgentHandle
     container_id: str
     name: str
-    starting: bool = False
-    stopping: bool = False
-    killing: bool = False
-    oom: bool = False
-    kill_signal: str | None = None
-    pending_exit: AgentExit | None = None
-    done: bool = False
+    phase: Phase = Phase.RUNNING
+    oom: bool = False  # Docker said so (an ``oom`` event): a fact about the exit, not a phase
+    kill_signal: str | None = None  # the signal of Docker's last ``kill`` event
+    pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
     paused: bool = False  # docker pause (by us, or found paused when adopted)
+
+    def move(self, to: Phase) -> bool:
+        """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""
+        if to not in _MOVES[self.phase]:
+            return False
+        self.phase = to
+        return True
+
+    @property
+    def live(self) -> bool:
+        return self.phase in _LIVE
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def exit_reason(self, exit_code: int | None, *, oom: bool = False) -> str:
+        return exit_reason(exit_code, stopping=self.phase is Phase.STOPPING,
+                           killing=self.phase is Phase.KILLING, oom=self.oom or oom,
+                           kill_signal=self.kill_signal)
 
 
 class DockerRuntime:
@@ -124,10 +164,10 @@ class DockerRuntime:
     # -- bookkeeping ------------------------------------------------------------
     def is_running(self, session_id: str) -> bool:
         t = self._by_session.get(session_id)
-        return t is not None and not t.starting and not t.done
+        return t is not None and t.live
 
     def running(self) -> list[AgentHandle]:
-        return [t.handle for t in self._by_session.values() if not t.starting and not t.done]
+        return [t.handle for t in self._by_session.values() if t.live]
 
     def is_paused(self, session_id: str) -> bool:
         t = self._by_session.get(session_id)
@@ -165,14 +205,14 @@ class DockerRuntime:
               ) -> None:
         """Report the end of ``t`` once, then forget it and (in the background, unless
         the caller does it) remove its container."""
-        if t.done:
+        was = t.phase
+        if not t.move(Phase.DONE):
             return
-        t.done = True
         self._untrack(t)
         event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason)
         logger.info("agent {}/{} container {} ended: {} (exit code {})", event.agent_group,
                     event.session_id, t.name, reason, exit_code)
-        if t.starting:
+        if was is Phase.STARTING:
             t.pending_exit = event  # delivered after start() returned its handle
         else:
             self._deliver(event)
@@ -280,8 +320,8 @@ class DockerRuntime:
             try:
                 created = await self.exec.call("create", _create, image=config.image)
                 break
-            except RuntimeUnavailable as exc:
-                if attempt == 2 or "Conflict" not in str(exc) and "already in use" not in str(exc):
+            except Conflict:  # HTTP 409: the name is taken
+                if attempt == 2:
                     raise
                 adopted = await self._resolve_name_conflict(session, spec["name"])
                 if adopted is not None:
@@ -292,19 +332,19 @@ class DockerRuntime:
     async def _start_created(self, session: SessionRef, cid: str, name: str) -> AgentHandle:
         """``docker start`` of a created container; on failure it is removed."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
-        t = _Tracked(handle, cid, name, starting=True)
+        t = _Tracked(handle, cid, name, Phase.STARTING)
         self._track(t)
         try:
             await self.exec.call("start", lambda api: api.start(cid))
         except RuntimeUnavailable:
             self._untrack(t)
-            t.done = True
+            t.move(Phase.DONE)
             try:
                 await self._remove_owned(cid)
             except RuntimeUnavailable:
                 pass  # daemon down: reconcile / recover removes it later
             raise
-        t.starting = False
+        t.move(Phase.RUNNING)  # unless it already ended (DONE, with its pending exit)
         logger.info("started agent {}/{} in container {} ({})", session.agent_group,
                     session.session_id, name, cid[:12])
         if t.pending_exit is not None:
@@ -381,13 +421,13 @@ class DockerRuntime:
             if not self._owns(labels) or labels.get(LABEL_SESSION) != session_id:
                 continue
             handle = AgentHandle(labels.get(LABEL_GROUP, ""), session_id, c["Id"], adopted=True)
-            out.append(_Tracked(handle, c["Id"], _name(c), done=True))  # untracked: no AgentExit
+            out.append(_Tracked(handle, c["Id"], _name(c), Phase.DONE))  # untracked: no AgentExit
         return out
 
     async def pause(self, session_id: str) -> None:
         """``docker pause``: the container's cgroup is frozen, its memory kept."""
         t = self._by_session.get(session_id)
-        if t is not None and not t.done and not t.starting and not t.paused:
+        if t is not None and t.live and not t.paused:
             await self.exec.pause(t.container_id)
             t.paused = True
 
@@ -402,7 +442,7 @@ class DockerRuntime:
 
     async def stop(self, session_id: str, grace: float) -> None:
         async def end(t: _Tracked) -> int | None:
-            t.stopping = True
+            t.move(Phase.STOPPING)
             if t.paused:  # a frozen agent cannot act on SIGTERM: thaw it first
                 await self._thaw(t)
             await self.exec.stop(t.container_id, grace)
@@ -413,7 +453,7 @@ class DockerRuntime:
 
     async def kill(self, session_id: str) -> None:
         async def end(t: _Tracked) -> int | None:
-            t.killing = True
+            t.move(Phase.KILLING)
             if t.paused:
                 await self._thaw(t)
             await self.exec.kill(t.container_id)
@@ -515,9 +555,8 @@ class DockerRuntime:
             except (TypeError, ValueError):
                 code = None
             # stop()/kill() remove the container themselves, after their own wait.
-            self._emit(t, code, exit_reason(code, stopping=t.stopping, killing=t.killing,
-                                            oom=t.oom, kill_signal=t.kill_signal),
-                       remove=not (t.stopping or t.killing))
+            self._emit(t, code, t.exit_reason(code),
+                       remove=t.phase not in (Phase.STOPPING, Phase.KILLING))
         elif action == "destroy":
             self._emit(t, None, "vanished")
 
@@ -552,7 +591,7 @@ class DockerRuntime:
             # during which the daemon did not answer (a later reconcile)
             adopted = self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
             for t in list(self._by_id.values()):
-                if t.starting or t.done:
+                if t.phase in (Phase.STARTING, Phase.DONE):
                     continue
                 c = by_id.get(t.container_id)
                 if c is None:
@@ -561,9 +600,7 @@ class DockerRuntime:
                     info = await self.exec.inspect(t.container_id) or {}
                     state = info.get("State") or {}
                     code = state.get("ExitCode")
-                    self._emit(t, code, exit_reason(code, stopping=t.stopping, killing=t.killing,
-                                                    oom=t.oom or bool(state.get("OOMKilled")),
-                                                    kill_signal=t.kill_signal))
+                    self._emit(t, code, t.exit_reason(code, oom=bool(state.get("OOMKilled"))))
             for cid, c in by_id.items():
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
+from orchestrator.logonce import LogOnce
 from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from orchestrator.runtime.dockerexec import DockerExec, _is_unreachable
 
@@ -91,8 +92,7 @@ class DockerEvents:
         """Thread: follow this instance's container events; reconnect with backoff."""
         filters = {"type": "container", "label": f"{LABEL_INSTANCE}={self.instance}"}
         backoff = 0.1
-        dropped = False
-        other_logged = False
+        said = LogOnce()  # "ended" / "failed": each said once until the stream is back
         while not self._stop.is_set():
             client = None
             try:
@@ -107,10 +107,10 @@ class DockerEvents:
                 self.connects += 1
                 backoff = 0.1
                 self.exec.mark_available()
-                if dropped:
+                if said.clear("ended") is not None:
                     logger.info("Docker event stream reconnected ({}); reconciling",
                                 self.exec.where)
-                dropped = other_logged = False
+                said.clear("failed")
                 if not self._post(self.on_connect):
                     break
                 for event in stream:
@@ -124,11 +124,10 @@ class DockerEvents:
                 if not self._stop.is_set():
                     if _is_unreachable(exc):
                         self.exec.mark_unavailable(exc)
-                    elif not other_logged:
+                    elif said.say("failed", "failed"):
                         logger.warning("Docker event stream failed at {}: {}; retrying",
                                        self.exec.where, str(exc).splitlines()[0] if str(exc)
                                        else type(exc).__name__)
-                        other_logged = True
             finally:
                 self.connected = False
                 with self._lock:
@@ -140,8 +139,7 @@ class DockerEvents:
                         pass
             if self._stop.is_set():
                 break
-            if not dropped:
+            if said.say("ended", "ended"):
                 logger.debug("Docker event stream ended ({}); reconnecting", self.exec.where)
-                dropped = True
             self._stop.wait(backoff)
             backoff = min(backoff * 2, EVENT_BACKOFF_MAX)

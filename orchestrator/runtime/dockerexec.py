@@ -13,6 +13,7 @@ one-line message saying what failed and what to do:
   not per call (the exception says so: ``reported = True``).
 - image missing: "image X not found: run `orchestrator image build`", logged
   once per image until it is found (``ImageMissing.reported``).
+- HTTP 409 (a name in use): ``Conflict``, a RuntimeUnavailable a caller may resolve.
 - ``missing_ok=True`` (stop/kill/remove/inspect): NotFound, "is not running"
   and "removal ... already in progress" (409) mean "already done" -> None.
 
@@ -33,11 +34,13 @@ from docker import APIClient
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from loguru import logger
 
+from orchestrator.logonce import LogOnce
 from orchestrator.runtime.base import RuntimeUnavailable
 
 T = TypeVar("T")
 
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+DAEMON = "daemon"  # the LogOnce key of "the daemon is unreachable"
 # 409 answers that mean the container is already where we want it.
 _DONE_FRAGMENTS = ("is not running", "already in progress", "is already stopped",
                    "no such container", "is not paused")
@@ -55,6 +58,11 @@ class ImageMissing(RuntimeUnavailable):
     (not once per session that wanted it), until the image is found."""
 
     reported = True
+
+
+class Conflict(RuntimeUnavailable):
+    """The daemon answered HTTP 409 (e.g. a container name already in use): callers
+    that can resolve it branch on this type, not on the message text."""
 
 
 def docker_where(base_url: str = "") -> str:
@@ -112,8 +120,9 @@ class DockerExec:
         self._client: APIClient | None = None
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._available: bool | None = None  # None = not known yet
-        self._missing_images: set[str] = set()  # reported missing, not seen since
+        self._answered = False  # whether any call has reached (or failed to reach) it yet
+        # said once each: the daemon down (key DAEMON), an image missing (key ("image", name))
+        self._said = LogOnce()
 
     # -- client -----------------------------------------------------------
     def api(self) -> APIClient:
@@ -139,21 +148,21 @@ class DockerExec:
     @property
     def available(self) -> bool | None:
         """Whether the last call reached the daemon (None before the first call)."""
-        return self._available
+        return DAEMON not in self._said if self._answered else None
 
     def unreachable_message(self) -> str:
         return f"Docker daemon unreachable at {self.where}: start it or set [docker] base_url"
 
     def mark_available(self) -> None:
-        if self._available is False:
+        self._answered = True
+        if self._said.clear(DAEMON) is not None:
             logger.info("Docker daemon at {} is reachable again", self.where)
-        self._available = True
 
     def mark_unavailable(self, exc: BaseException) -> None:
         self._drop_client()
-        if self._available is not False:
+        self._answered = True
+        if self._said.say(DAEMON, self.unreachable_message()):
             logger.warning("{} ({})", self.unreachable_message(), _first_line(exc))
-        self._available = False
 
     # -- error policy --------------------------------------------------------
     def translate(self, what: str, exc: BaseException, *, image: str | None = None
@@ -167,10 +176,11 @@ class DockerExec:
             name = image or "the agent image"
             missing = ImageMissing(f"image {name} not found: run `orchestrator image build` "
                                    "(work stays pending; starts are retried)")
-            if name not in self._missing_images:
-                self._missing_images.add(name)
+            if self._said.say(("image", name), str(missing)):
                 logger.error("{}", missing)
             return missing
+        if isinstance(exc, APIError) and exc.status_code == 409:
+            return Conflict(f"docker {what} failed: {_first_line(exc)}")
         return RuntimeUnavailable(f"docker {what} failed: {_first_line(exc)}")
 
     def call_sync(self, what: str, fn: Callable[[APIClient], T], *, missing_ok: bool = False,
@@ -212,8 +222,7 @@ class DockerExec:
         Checked before create: docker-py's run() would try to pull (offline: APIError 500).
         """
         found = await self.call("image inspect", lambda api: api.inspect_image(image), image=image)
-        if image in self._missing_images:
-            self._missing_images.discard(image)
+        if self._said.clear(("image", image)) is not None:
             logger.info("image {} is there now", image)
         return found
 

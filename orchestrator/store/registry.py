@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from orchestrator.errors import storage, storage_error
+from orchestrator.session_status import Status, sql_list
 from orchestrator.store.schema import format_ts, parse_ts, transaction, utcnow
 
-CONTAINER_STATUSES = ("running", "idle", "stopped")
+CONTAINER_STATUSES = tuple(Status)
 
-DDL = """
+DDL = f"""
 CREATE TABLE IF NOT EXISTS agent_groups (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messaging_groups (
@@ -40,8 +41,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     thread_id TEXT,
     resolution_key TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL DEFAULT 'active',
-    container_status TEXT NOT NULL DEFAULT 'stopped'
-        CHECK (container_status IN ('running', 'idle', 'stopped')),
+    container_status TEXT NOT NULL DEFAULT '{Status.STOPPED.value}'
+        CHECK (container_status IN ({sql_list()})),
     status_reason TEXT,
     last_active TEXT,
     last_heartbeat TEXT,

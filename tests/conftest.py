@@ -1,0 +1,92 @@
+"""The fixtures every test module may ask for by name (pytest finds them here).
+
+- ``anyio_backend``: async tests (``async def test_...``; the anyio plugin runs
+  them all, ``anyio_mode = "auto"`` in pyproject.toml) run on asyncio, like the
+  orchestrator.
+- ``reap_agents``: after the test, SIGKILL any process whose command line names
+  this test's tmp folder (only processes the test started).
+- ``docker_client``: a connected docker-py client. Unreachable daemon: the test
+  FAILS when ``CI`` is set (CI must never silently skip Docker tests) and is
+  skipped otherwise.
+- ``agent_image``: the agent image built from the current code with the
+  project's own ``build_image`` (idempotent: skipped when up to date).
+- ``instance``: a unique ``orchestrator.instance`` label value; every container
+  carrying it is force-removed after the test.
+- ``private_dockerd`` / ``private_dockerd_live``: a throwaway second dockerd a test
+  may stop and start (see ``docker_fixtures.PrivateDockerd``).
+
+Helpers that are not fixtures live in helpers.py (waiting, SQLite peeks), e2e.py
+(configs, the sending side, ``supervised``) and docker_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import docker
+import pytest
+from docker.errors import DockerException
+
+from docker_fixtures import TEST_IMAGE, PrivateDockerd, private_daemon, remove_labelled, unavailable
+from e2e import processes_mentioning
+from orchestrator.runtime.docker_spec import LABEL_INSTANCE
+from orchestrator.runtime.image import ImageBuildError, build_image
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def reap_agents(tmp_path: Path) -> Iterator[None]:
+    """After the test, SIGKILL any process still naming this test's tmp folder."""
+    yield
+    for pid in processes_mentioning(str(tmp_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env(version="auto", timeout=60)
+        client.ping()
+    except DockerException as exc:
+        unavailable(f"Docker daemon unreachable: {str(exc).splitlines()[0]}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def agent_image(docker_client: docker.DockerClient) -> str:
+    """Build (or confirm up to date) the agent image under a test-only tag."""
+    try:
+        build_image(TEST_IMAGE, client=docker_client)
+    except ImageBuildError as exc:
+        unavailable(f"cannot build the agent image: {exc}")
+    return TEST_IMAGE
+
+
+@pytest.fixture
+def instance(docker_client: docker.DockerClient) -> Iterator[str]:
+    value = f"t{uuid.uuid4().hex[:10]}"
+    yield value
+    remove_labelled(docker_client, f"{LABEL_INSTANCE}={value}")
+
+
+@pytest.fixture
+def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
+    """Stopping it stops its containers (the default: no live restore)."""
+    yield from private_daemon(live_restore=False)
+
+
+@pytest.fixture
+def private_dockerd_live(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
+    """``--live-restore``: its containers keep running while it is down."""
+    yield from private_daemon(live_restore=True)

@@ -79,6 +79,9 @@ class LifecycleConfig:
                               min=0.1, max=86400)
     max_tries: int = _opt(5, "tries before a message is marked failed", min=1, max=100)
     backoff_base: float = _opt(5.0, "retry backoff: base * 2^tries seconds", min=0, max=3600)
+    answer_wait: float = _opt(
+        600.0, "seconds an acked message may wait for its reply, keeping the agent busy; "
+        "if the agent stops or dies first, the message is retried", min=0, max=7 * 86400)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ class Observation:
     due: int = 0  # due, triggered inbound messages
     idle_since: datetime | None = None  # when the status last became idle
     start_blocked_until: datetime | None = None  # runtime unavailable: retry after
+    tool_running: bool = False  # container_state.current_tool is set
+    answer_due: datetime | None = None  # an acked message may be answered until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +91,19 @@ def heartbeat_since(obs: Observation, claim: Claim) -> bool:
             and obs.heartbeat_at >= claim_tick_end(claim.claimed_at))
 
 
+def in_flight(obs: Observation, now: datetime) -> bool:
+    """Work in flight by any evidence but the heartbeat: a claim, a running tool, or
+    a message acknowledged and not answered yet (``answers``). Never idle then."""
+    return bool(obs.claims) or obs.tool_running or (
+        obs.answer_due is not None and obs.answer_due > now)
+
+
 def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str | None:
     """Why a live agent must be killed, or None.
 
     - heartbeat older than max(ceiling, declared tool timeout) while it holds a claim
-      (an agent with no claim is idle, not stuck: the idle rule stops it politely);
+      or runs a tool (an agent with neither is idle, not stuck: the idle rule stops
+      it politely);
     - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat
       since the claim. No heartbeat file at all means "still starting": not stuck.
     """
@@ -101,7 +111,7 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
         return None
     hb_age = (now - obs.heartbeat_at).total_seconds()
     limit = heartbeat_limit(cfg, obs.tool_timeout)
-    if obs.claims and hb_age > limit:
+    if (obs.claims or obs.tool_running) and hb_age > limit:
         return f"heartbeat {hb_age:.0f}s old (limit {limit:g}s)"
     climit = claim_limit(cfg, obs.tool_timeout)
     for claim in obs.claims:
@@ -117,7 +127,7 @@ def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     """When ``stuck_reason`` could next become true if nothing else happens."""
     if not obs.alive or obs.heartbeat_at is None:
         return None
-    if not obs.claims:
+    if not obs.claims and not obs.tool_running:
         return None
     times = [obs.heartbeat_at + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
     climit = timedelta(seconds=claim_limit(cfg, obs.tool_timeout))
@@ -149,10 +159,11 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
 
     active = last_activity(obs) or now
     idle_at = active + timedelta(seconds=cfg.idle_after)
-    busy = bool(obs.claims)
+    busy = in_flight(obs, now)
     if busy or now < idle_at:
+        answer_at = obs.answer_due if obs.answer_due and obs.answer_due > now else None
         return Verdict("running", "active", next_check=earliest(
-            None if busy else idle_at, stuck_at))
+            None if busy else idle_at, stuck_at, answer_at))
 
     idle_since = obs.idle_since if obs.idle_since and obs.idle_since >= idle_at else idle_at
     stop_at = idle_since + timedelta(seconds=cfg.stop_idle_after)

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 from loguru import logger
 
+from orchestrator import answers
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
 from orchestrator.layout import SessionPaths
@@ -77,6 +78,8 @@ class Tracked:
     idle_since: datetime | None = None
     claims: tuple[Claim, ...] = ()
     tool_timeout: float | None = None
+    tool_running: bool = False  # container_state.current_tool is set
+    answers: answers.Answers = field(default_factory=answers.Answers)
     due: int = 0
     next_inbound_due: datetime | None = None
     delivery: DeliveryState = field(default_factory=DeliveryState)
@@ -96,6 +99,13 @@ class Tracked:
     sigs: dict[str, Signature] = field(default_factory=dict)
     broken: str | None = None  # last error logged, so a bad session logs once, not per pass
     registry_touched: datetime | None = None
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    try:
+        return schema.parse_ts(value)
+    except (ValueError, TypeError):
+        return None
 
 
 def _mtime(sig: Signature) -> datetime | None:
@@ -135,7 +145,9 @@ class SessionWorker:
             if flags & Flag.EXIT and t.exit is not None:
                 self._on_exit(t, now)
             alive = self.runtime.is_running(t.session_id)
-            if not alive and t.claims and (t.op is None or t.op.done()) and self.runtime.listed:
+            awaiting = answers.awaiting(t.answers, now, self.cfg.lifecycle.answer_wait)
+            if not alive and (t.claims or awaiting) and (
+                    t.op is None or t.op.done()) and self.runtime.listed:
                 self._reset_orphan_claims(t, now)
                 flags |= Flag.INBOUND
             if self._inbound_matters(t, flags, alive):
@@ -225,6 +237,8 @@ class SessionWorker:
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout
                           if snap.tool and snap.tool.current_tool else None)
+        t.tool_running = bool(snap.tool and snap.tool.current_tool)
+        self._track_answers(t, snap, final, now)
         if snap.messages and snap.messages[-1].seq > t.max_seq_seen:
             t.max_seq_seen = snap.messages[-1].seq
             t.last_reply_at = now
@@ -239,6 +253,28 @@ class SessionWorker:
             logger.info("delivered reply {} of session {}", mid, t.session_id)
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
+
+    def _track_answers(self, t: Tracked, snap: outbound.Snapshot, final: dict[str, str],
+                       now: datetime) -> None:
+        """Fold this read into the acked-but-unanswered state (see ``answers``)."""
+        wait = self.cfg.lifecycle.answer_wait
+        horizon = now - timedelta(seconds=wait)
+        done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
+                if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
+        if done:  # context-only and system rows need no answer
+            keep = inbound.triggering(t.paths.inbound_db, done)
+            done = {mid: at for mid, at in done.items() if mid in keep}
+        replies = [answers.Reply(m.in_reply_to, _parse_ts(m.timestamp))
+                   for m in snap.messages if m.seq > t.max_seq_seen and answers.is_answer(m.content)]
+        if not done and not replies and not t.answers.groups and not t.claims:
+            return
+        t.answers = answers.step(t.answers, now=now, answer_wait=wait,
+                                 claims=[c.message_id for c in t.claims],
+                                 completed=done, replies=replies)
+        if t.answers.expired:
+            logger.warning("session {}: no reply to {} within answer_wait ({:g}s): taken as "
+                           "answered by silence", t.session_id, ", ".join(sorted(
+                               t.answers.expired)), wait)
 
     def _read_inbound(self, t: Tracked, now: datetime) -> None:
         t.sigs["in"] = file_signature(t.paths.inbound_db)
@@ -270,6 +306,18 @@ class SessionWorker:
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now)
         t.claims = ()
+        # Acked ``completed`` but not answered when the agent went: retried like a
+        # claim. The row is reopened before its ack is deleted: a crash in between
+        # leaves an ack the next read mirrors back and this rule reopens again.
+        unanswered = answers.awaiting(t.answers, now, lc.answer_wait)
+        t.answers = answers.forget(t.answers)
+        if unanswered:
+            result.update(inbound.reset_claims(
+                t.paths.inbound_db, unanswered, max_tries=lc.max_tries,
+                backoff_base=lc.backoff_base, now=now, statuses=("completed",)))
+            outbound.clear_acks(t.paths.outbound_db, unanswered)
+            t.sigs["out"] = file_signature(t.paths.outbound_db)
+            t.synced_acks.difference_update(unanswered)
         for mid, status in result.items():
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,
@@ -285,7 +333,8 @@ class SessionWorker:
             alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
             heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
             tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
-            start_blocked_until=t.start_blocked_until)
+            start_blocked_until=t.start_blocked_until, tool_running=t.tool_running,
+            answer_due=answers.answer_due(t.answers, self.cfg.lifecycle.answer_wait))
 
     def _decide(self, t: Tracked, now: datetime) -> None:
         busy = t.op is not None and not t.op.done()
@@ -354,6 +403,7 @@ class SessionWorker:
             # no agent runs, so the host may write outbound.db: create it or add the
             # columns an older one lacks (``send`` leaves an existing one alone)
             schema.init_outbound(t.paths.outbound_db)
+            outbound.clear_tool_state(t.paths.outbound_db)  # a dead agent's tool is over
             row = self.registry.session(t.session_id)
             if row is not None:
                 self.sessions.write_routing(row)
@@ -375,6 +425,8 @@ class SessionWorker:
         t.start_failures = 0
         t.start_blocked_until = None
         t.started_at = self.clock()
+        t.tool_running, t.tool_timeout = False, None  # cleared on disk before the start
+        t.answers = answers.forget(t.answers)
         t.heartbeat_at = None
         t.sigs.pop("hb", None)
         t.idle_since = None

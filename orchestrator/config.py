@@ -64,6 +64,10 @@ class DockerConfig:
     no_new_privileges: bool = _opt(True, "set no-new-privileges")
     mounts: tuple[str, ...] = _opt([], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
     allowed_mounts: tuple[str, ...] = _opt([], "host folders extra mounts may come from")
+    group_folder: str = _opt(
+        "", "a group's folder, mounted rw at /workspace/agent (NanoClaw images read "
+        "container.json there); {data_dir} and {group} are filled in, e.g. "
+        "'{data_dir}/groups/{group}'; empty = none")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
 
 

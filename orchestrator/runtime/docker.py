@@ -55,6 +55,7 @@ from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, Run
 from orchestrator.runtime.docker_events import DockerEvents
 from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, container_spec, exit_reason,
+                                              group_folder, group_mounts,
                                               host_config_kwargs, parse_extra_mounts,
                                               prepare_folder, resolve_user, session_mounts)
 from orchestrator.runtime.dockerexec import DockerExec
@@ -212,6 +213,10 @@ class DockerRuntime:
             mounts = (session_mounts(Path(session.folder), self.data_dir)
                       + parse_extra_mounts(self.config))
             user, uid, gid = resolve_user(self.config.user, self.data_dir)
+            folder = group_folder(self.config.group_folder, self.data_dir, session.agent_group)
+            mounts += await self.exec.offload(lambda: group_mounts(
+                folder, Path(session.folder).resolve(), self.data_dir,
+                self.config.allowed_mounts, uid, gid))
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
                                                                      uid, gid))
             if changed:

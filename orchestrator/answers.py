@@ -39,7 +39,7 @@ MAX_GROUPS = 1000  # an agent that acks without ever replying costs bounded memo
 @dataclass(frozen=True, slots=True)
 class Group:
     ids: frozenset[str]
-    seen: int  # the read in which the host first saw one of them claimed or acked
+    seen: tuple[int, datetime]  # (read, stamp) of when the host first saw it claimed/acked
     acked_at: datetime  # the ack's stamp, never later than when the host saw it
 
 
@@ -52,7 +52,7 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class Answers:
     reads: int = 0
-    first_seen: Mapping[str, int] = field(default_factory=dict)
+    first_seen: Mapping[str, tuple[int, datetime]] = field(default_factory=dict)
     groups: tuple[Group, ...] = ()  # waiting for a reply, oldest first
     prepaid: frozenset[str] = frozenset()  # claims a reply already answered
     expired: frozenset[str] = frozenset()  # given up on in the last step (for a log line)
@@ -68,16 +68,19 @@ def is_answer(content: str) -> bool:
 
 
 def _eligible(group: Group, reply: Reply, read: int) -> bool:
-    if group.seen < read:
+    if group.seen[0] < read:
         return True
     return reply.in_reply_to in group.ids or (reply.at is not None and group.acked_at <= reply.at)
 
 
-def step(state: Answers, *, now: datetime, answer_wait: float, claims: Iterable[str],
-         completed: Mapping[str, datetime | None], replies: Sequence[Reply]) -> Answers:
+def step(state: Answers, *, now: datetime, answer_wait: float,
+         claims: Mapping[str, datetime | None], completed: Mapping[str, datetime | None],
+         replies: Sequence[Reply]) -> Answers:
     """Fold one read of outbound.db into the state.
 
-    ``claims``: messages acked ``processing`` now; ``completed``: messages newly
+    ``claims``: messages acked ``processing`` now, with their claim stamps (first
+    seen in one read, a claim was taken before a follow-up acked after its stamp);
+    ``completed``: messages newly
     acked ``completed`` in this read that need an answer (trigger=1, not system),
     with their ack stamps; ``replies``: reply rows new in this read, by seq.
     """
@@ -85,10 +88,10 @@ def step(state: Answers, *, now: datetime, answer_wait: float, claims: Iterable[
     wait = timedelta(seconds=answer_wait)
     claimed = list(claims)
     first_seen = dict(state.first_seen)
-    for mid in claimed:
-        first_seen.setdefault(mid, read)
+    for mid, stamp in claims.items():
+        first_seen.setdefault(mid, (read, min(stamp, now) if stamp is not None else now))
     prepaid = set(state.prepaid)
-    fresh: dict[tuple[int, datetime], set[str]] = {}
+    fresh: dict[tuple[tuple[int, datetime], datetime], set[str]] = {}
     for mid, stamp in completed.items():
         if mid in prepaid:
             prepaid.discard(mid)
@@ -96,10 +99,11 @@ def step(state: Answers, *, now: datetime, answer_wait: float, claims: Iterable[
         acked = min(stamp, now) if stamp is not None else now
         if acked + wait <= now:
             continue  # history (e.g. the first read after a restart): long settled
-        fresh.setdefault((first_seen.get(mid, read), acked), set()).add(mid)
+        fresh.setdefault((first_seen.get(mid, (read, acked)), acked), set()).add(mid)
     groups = list(state.groups) + [Group(frozenset(ids), seen, acked)
                                    for (seen, acked), ids in fresh.items()]
-    groups.sort(key=lambda g: (g.seen, g.acked_at, sorted(g.ids)))
+    if fresh:  # the rest is in order already
+        groups.sort(key=lambda g: (g.seen, g.acked_at, min(g.ids)))
     for reply in replies:
         open_claims = [c for c in claimed if c not in prepaid and c not in completed]
         if reply.in_reply_to in open_claims:
@@ -109,7 +113,7 @@ def step(state: Answers, *, now: datetime, answer_wait: float, claims: Iterable[
         if hit is not None:
             groups.pop(hit)
         elif open_claims:
-            prepaid.add(min(open_claims, key=lambda c: (first_seen.get(c, read), c)))
+            prepaid.add(min(open_claims, key=lambda c: (first_seen[c], c)))
     kept = [g for g in groups if g.acked_at + wait > now]
     expired = frozenset(mid for g in groups if g.acked_at + wait <= now for mid in g.ids)
     kept = kept[-MAX_GROUPS:]

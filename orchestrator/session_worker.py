@@ -269,7 +269,7 @@ class SessionWorker:
         if not done and not replies and not t.answers.groups and not t.claims:
             return
         t.answers = answers.step(t.answers, now=now, answer_wait=wait,
-                                 claims=[c.message_id for c in t.claims],
+                                 claims={c.message_id: c.claimed_at for c in t.claims},
                                  completed=done, replies=replies)
         if t.answers.expired:
             logger.warning("session {}: no reply to {} within answer_wait ({:g}s): taken as "

@@ -25,6 +25,8 @@ def at(s: float | None) -> datetime | None:
 def run_reads(reads: list[tuple], now: float = 100.0) -> Answers:
     state = Answers()
     for claims, completed, replies in reads:
+        if not isinstance(claims, dict):
+            claims = {c: at(0) for c in claims}
         state = answers.step(state, now=at(now), answer_wait=WAIT, claims=claims,
                              completed={m: at(s) for m, s in completed.items()},
                              replies=[Reply(irt, at(s)) for irt, s in replies])
@@ -58,6 +60,11 @@ CASES = [
       ((), {"m2": 4}, [])], ["m2"]),
     ("a reply after a follow-up's ack in a later read answers it even if it names another",
      [((), {"f": 1}, []), ((), {}, [("zzz", 2)])], []),
+    ("claim and follow-ups first seen in one read: the claim came first (its stamp)",
+     [({"m1": at(0)}, {"f1": 1, "f2": 1}, []), ((), {"m1": 2}, [("f2", 2)])], ["f1", "f2"]),
+    ("... the follow-ups' answers come in one prompt's replies",
+     [({"m1": at(0)}, {"f1": 1, "f2": 1}, []), ((), {"m1": 2}, [("f2", 2)]),
+      ((), {}, [("f2", 5), ("f2", 5)])], []),
     ("history after a restart: acks older than answer_wait never wait",
      [((), {"old": -700}, [])], []),
     ("an ack stamped in the future counts from when the host saw it",
@@ -79,10 +86,10 @@ def test_answer_due_is_the_last_window_end() -> None:
 
 def test_a_group_expires_after_answer_wait_and_is_reported_once() -> None:
     state = run_reads([((), {"a": 10}, [])])
-    later = answers.step(state, now=at(10 + WAIT), answer_wait=WAIT, claims=(), completed={},
+    later = answers.step(state, now=at(10 + WAIT), answer_wait=WAIT, claims={}, completed={},
                          replies=[])
     assert (later.groups, later.expired) == ((), frozenset({"a"}))
-    again = answers.step(later, now=at(20 + WAIT), answer_wait=WAIT, claims=(), completed={},
+    again = answers.step(later, now=at(20 + WAIT), answer_wait=WAIT, claims={}, completed={},
                          replies=[])
     assert again.expired == frozenset()
 
@@ -95,7 +102,7 @@ def test_forget_keeps_nothing_but_the_read_count() -> None:
 def test_memory_is_bounded_for_an_agent_that_never_replies() -> None:
     state = Answers()
     for i in range(answers.MAX_GROUPS + 50):
-        state = answers.step(state, now=at(100), answer_wait=WAIT, claims=(),
+        state = answers.step(state, now=at(100), answer_wait=WAIT, claims={},
                              completed={f"m{i}": at(i / 100)}, replies=[])
     assert len(state.groups) == answers.MAX_GROUPS
     assert state.first_seen == {}  # no claims: the groups carry their own order

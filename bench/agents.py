@@ -1,7 +1,7 @@
 """Synthetic agents: processes that do to session folders what an agent does, and nothing else.
 
 Run as ``python -m bench.agents replies …`` or ``python -m bench.agents heartbeat …``.
-They are the *agent side* of the session-folder contract (design.md part 1),
+They are the *agent side* of the session-folder contract (docs/contract.md),
 trimmed to what the measurement needs, so that the orchestrator's cost is
 measured alone (no model, no reference agent, no process start-up per message):
 

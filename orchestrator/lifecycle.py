@@ -2,7 +2,7 @@
 
 Nothing here reads a file, a clock or a process table: the supervisor gathers an
 ``Observation`` and applies the ``Verdict``. That keeps the rules table-testable
-with an injected clock, and it keeps the peer system's mistakes out (design.md §4):
+with an injected clock, and it keeps a peer system's (NanoClaw v2's) mistakes out:
 status follows evidence, a freshly started agent that has not heartbeated yet is
 never "stuck", and a declared tool timeout widens every stuck window.
 """

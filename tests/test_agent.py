@@ -1,4 +1,4 @@
-"""The reference agent against the session-folder contract (design.md part 1).
+"""The reference agent against the session-folder contract (docs/contract.md).
 
 Pure decisions are table tests; behaviour is tested on real SQLite files with
 the agent as a real subprocess. Nothing sleeps and hopes: every wait is a

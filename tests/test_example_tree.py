@@ -1,7 +1,7 @@
 """The committed sessions.example/ still follows the session-folder contract, and
 scripts/make_example.py still produces the same rows.
 
-The contract's column lists are written out here from design.md part 1, so a
+The contract's column lists are written out here from docs/contract.md, so a
 schema change that is not reflected in the example (or vice versa) fails.
 """
 

@@ -1,6 +1,6 @@
 """schema: the two session DBs match the contract exactly, on real SQLite files.
 
-The expected columns are written out here by hand from design.md part 1 (not
+The expected columns are written out here by hand from docs/contract.md (not
 copied from schema.py), so a drift on either side fails this test.
 """
 

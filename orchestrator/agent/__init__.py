@@ -1,4 +1,4 @@
-"""Reference agent speaking the session-folder contract (design.md part 1).
+"""Reference agent speaking the session-folder contract (docs/contract.md).
 
 Stdlib-only, because it runs in a container that has nothing but python3:
 ``python -m orchestrator.agent --workspace /workspace``. Modules:

@@ -7,7 +7,7 @@ retry and delivery paths can be exercised against a real process.
 It runs unchanged as a container entrypoint (``/workspace`` with inbound.db
 bind-mounted read-only) and as a local process (cwd = session folder), so it
 is stdlib-only and opens inbound.db read-only, freshly, for every poll
-(design.md part 1, invariants 1-4).
+(docs/contract.md §2, invariants 1-4).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Both sides of the contract use this module: the host (``store.inbound``,
 ``store.outbound``) and the reference agent, which runs in a container with
 nothing but python3 — so it is stdlib-only.
 
-Invariants carried here (see shared/design.md part 1):
+Invariants carried here (see docs/contract.md §2):
 - ``journal_mode=DELETE`` on both files, never WAL: WAL's mmapped ``-shm`` does
   not refresh across a bind mount.
 - ``CREATE TABLE IF NOT EXISTS`` and additive upgrades only: an older folder gets

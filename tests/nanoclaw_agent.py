@@ -22,7 +22,8 @@ runner does to a session folder:
   set; ``ask`` writes a question card and waits (tool set) for a ``system`` row whose
   content matches ``%"questionId":"<id>"%``, then acks it and answers with its
   ``selectedOption``; attachments are read from ``/workspace/<localPath>`` (here: the
-  session folder); ``die`` exits with code 3 before answering, on its first try.
+  session folder); ``die`` exits with code 3 before answering, on its first try;
+  ``/workspace/agent/container.json``'s ``assistantName`` signs every answer.
 
 Each answer says ``answer to <message id>`` so a test can count answers exactly
 without trusting ``in_reply_to``.
@@ -153,6 +154,10 @@ class Model:
     def __init__(self, folder: Folder, silent: float) -> None:
         self.folder = folder
         self.silent = silent
+        # NanoClaw's runner reads its settings from the group folder's container.json
+        settings = folder.root / "agent" / "container.json"
+        self.name = (json.loads(settings.read_text()).get("assistantName", "?")
+                     if settings.is_file() else "?")
         self.prompts: queue.Queue[Prompt] = queue.Queue()
 
     def run(self) -> None:
@@ -170,7 +175,8 @@ class Model:
     def answer(self, row: dict) -> str:
         content = json.loads(row["content"])
         text = content.get("text", "")
-        parts = [f"answer to {row['id']}: {text}", f"sender={content.get('sender', 'Unknown')}"]
+        parts = [f"answer to {row['id']}: {text}", f"sender={content.get('sender', 'Unknown')}",
+                 f"by {self.name}"]
         if text.startswith("tool:"):
             self.folder.tool("Bash")
             time.sleep(float(text.split(":", 1)[1]))  # silent: no heartbeat while it runs

@@ -261,11 +261,13 @@ class SessionWorker:
         horizon = now - timedelta(seconds=wait)
         done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
                 if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
-        if done:  # context-only and system rows need no answer
-            keep = inbound.triggering(t.paths.inbound_db, done)
-            done = {mid: at for mid, at in done.items() if mid in keep}
         replies = [answers.Reply(m.in_reply_to, _parse_ts(m.timestamp))
                    for m in snap.messages if m.seq > t.max_seq_seen and answers.is_answer(m.content)]
+        named = {r.in_reply_to for r in replies}
+        unsure = [mid for mid in done if mid not in named]
+        if unsure:  # context-only and system rows need no answer (a named one is answered)
+            keep = inbound.triggering(t.paths.inbound_db, unsure)
+            done = {mid: at for mid, at in done.items() if mid in named or mid in keep}
         if not done and not replies and not t.answers.groups and not t.claims:
             return
         t.answers = answers.step(t.answers, now=now, answer_wait=wait,

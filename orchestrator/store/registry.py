@@ -159,6 +159,12 @@ class Registry:
 
         ``thread_id`` only for a thread that is a session of its own (per-thread).
         """
+        key = (agent_group_id, channel_type, platform_id, thread_id or "")
+        with self._lock:  # known chats (nearly every message) cost a read, not a write
+            if self._conn.execute(
+                    "SELECT 1 FROM group_chats WHERE agent_group_id=? AND channel_type=? AND"
+                    " platform_id=? AND thread_id=?", key).fetchone():
+                return False
         with self._tx() as c:
             return c.execute(
                 "INSERT OR IGNORE INTO group_chats (agent_group_id, channel_type, platform_id,"

@@ -20,13 +20,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.errors import UserError
 from orchestrator.layout import INBOX, SessionPaths
 
 MAX_NAME_BYTES = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class AttachmentError(ValueError):
+class AttachmentError(UserError, ValueError):
     """One line, names the attachment and the fix; the whole message is refused."""
 
 

@@ -1,8 +1,10 @@
 """Thin argparse front end: each command parses, calls one library function, prints.
 
 ``main(argv)`` returns an exit code instead of exiting, so tests drive the CLI
-in-process. Bad input (config, message, attachment) is one line on stderr and
-exit code 2 — never a traceback.
+in-process. The project's own errors (``errors.UserError``: bad config, bad
+message, bad attachment, an unusable data dir) are one line on stderr and exit
+code 2. Anything else is a bug: it crashes with a traceback and exit code 1, so
+a bug never passes for bad input.
 """
 
 from __future__ import annotations
@@ -15,16 +17,46 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator import config as config_mod
-from orchestrator.config import Config, ConfigError
+from orchestrator.config import Config
+from orchestrator.errors import UserError
 from orchestrator.layout import InvalidId, registry_path
-from orchestrator.sessions import MODES, MessageError, MessagingGroup, Sessions
+from orchestrator.sessions import MODES, MessagingGroup, Sessions
 from orchestrator.store.registry import Registry
 
 EXIT_USAGE = 2
+DISTRIBUTION = "agent-session-orchestrator"
+
+DESCRIPTION = """\
+Run AI agent sessions as containers or local processes, each in its own session
+folder, and deliver their replies. Start the supervisor with `run`; `send` and
+`status` work whether or not it is running."""
+
+EPILOG = """\
+examples:
+  orchestrator init                                  write ./config.toml
+  orchestrator run                                   supervise until Ctrl-C
+  orchestrator send --group support "hello"          prints the session id
+  echo "long text" | orchestrator send --group support -
+  orchestrator status                                one row per session
+
+Bad input is one line on stderr and exit code 2. Docs: README.md, docs/contract.md."""
+
+MODE_HELP = ("which session the message goes to: 'shared' = one per chat (channel + "
+             "platform), 'per-thread' = one per chat thread, 'agent-shared' = one per "
+             "agent group (default: [sessions] default_mode)")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown (not installed)"
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -56,17 +88,40 @@ def _attachment(path_text: str, max_bytes: int) -> dict:
     return {"name": path.name, "data": base64.b64encode(data).decode("ascii")}
 
 
+def message_text(text: str) -> str:
+    """TEXT as the user meant it: ``-`` reads standard input (no argv size limit);
+    bytes that are not UTF-8 are refused with one line naming TEXT."""
+    if text == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"TEXT (standard input) is not UTF-8 (byte {exc.start}); "
+                             "convert it first, e.g. with iconv -t UTF-8") from None
+    else:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes Python could not decode (surrogateescape)
+            raise UsageError("TEXT is not valid UTF-8; convert it (e.g. iconv -t UTF-8) or "
+                             "check your terminal's locale (LANG)") from None
+    return text
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    text = message_text(args.text)
+    if not text.strip() and not args.attach:
+        raise UsageError("TEXT is empty: give the message text, or - to read it from "
+                         "standard input")
     if args.json:
         try:
-            content = json.loads(args.text)
+            content = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--json: TEXT is not valid JSON ({exc.msg}, column {exc.colno})")
         if not isinstance(content, dict):
             raise UsageError("--json: TEXT must be a JSON object, e.g. '{\"text\": \"hi\"}'")
     else:
-        content = {"text": args.text}
+        content = {"text": text}
     if args.sender is not None:
         content["sender"] = args.sender  # the name the agent sees (NanoClaw: sender="…")
     if args.attach:
@@ -80,7 +135,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         mg = MessagingGroup(args.channel, args.platform)
         message = sessions.prepare(content)  # refused here: no session is created for it
         session = sessions.resolve(args.group, mg, args.thread, mode)
-        sessions.write_message(session, message, routing=sessions.routing_of(session))
+        # the message keeps its own chat, whatever the session's mode (replies go back there)
+        sessions.write_message(session, message, routing=(args.channel, args.platform,
+                                                          args.thread))
     print(session.id)
     return 0
 
@@ -103,8 +160,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import status
 
     cfg = _load(args)
-    with Registry(registry_path(cfg.data_dir)) as registry:
-        rows = status.collect(cfg.data_dir, registry)
+    registry = Registry.reader(registry_path(cfg.data_dir))  # never writes
+    if registry is None:
+        rows = []
+    else:
+        with registry:
+            rows = status.collect(cfg.data_dir, registry)
     print(status.render_json(rows) if args.json else status.render_table(rows))
     return 0
 
@@ -133,11 +194,14 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="orchestrator", description=DESCRIPTION,
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="config.toml", metavar="PATH",
                         help="config file (default: ./config.toml)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="write a commented default config")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -148,13 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", default="cli", help="channel type (default: cli)")
     p.add_argument("--platform", default="local", help="platform id of the chat (default: local)")
     p.add_argument("--thread", default=None, help="thread id")
-    p.add_argument("--mode", choices=MODES, default=None,
-                   help="session resolution mode (default: [sessions] default_mode)")
-    p.add_argument("--attach", action="append", default=[], metavar="FILE")
-    p.add_argument("--json", action="store_true", help="TEXT is the whole JSON content")
+    p.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
+    p.add_argument("--attach", action="append", default=[], metavar="FILE",
+                   help="attach a file (repeat for several); the agent finds it in "
+                        "inbox/<message id>/")
+    p.add_argument("--json", action="store_true",
+                   help='TEXT is the whole message content as a JSON object, e.g. '
+                        '\'{"text": "hi", "priority": 2}\'')
     p.add_argument("--sender", default=None, metavar="NAME",
                    help="who wrote the message (content.sender; the agent shows it)")
-    p.add_argument("text", metavar="TEXT")
+    p.add_argument("text", metavar="TEXT",
+                   help="the message text (UTF-8); - reads it from standard input")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("answer", parents=[common], help="answer an agent's question")
@@ -164,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="", help="who answered (userId)")
     p.set_defaults(func=cmd_answer)
 
-    p = sub.add_parser("status", parents=[common], help="one row per session")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", parents=[common], help="one row per session (reads only)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("run", parents=[common], help="run the supervisor until Ctrl-C")
@@ -189,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError, MessageError, InvalidId, ValueError) as exc:
+    except (UserError, InvalidId) as exc:  # InvalidId: layout is stdlib-only (agent image)
         print(f"orchestrator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

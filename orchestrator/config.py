@@ -18,8 +18,10 @@ from typing import Any
 
 import tomli_w
 
+from orchestrator.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """One-line, user-facing: names the file/key and the fix."""
 
 

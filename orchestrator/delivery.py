@@ -13,9 +13,11 @@ Outbox files are moved (never copied through a symlink) into
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sqlite3
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,7 +26,8 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.attachments import safe_name
-from orchestrator.channels import Channel, DeliveryError, Reply
+from orchestrator.channels import Channel, DeliveryError, Reply, StorageFull
+from orchestrator.channels.base import storage_failure
 from orchestrator.config import DeliveryConfig
 from orchestrator.layout import InvalidId, SessionPaths, delivered_root
 from orchestrator.lifecycle import delivery_backoff, earliest
@@ -40,6 +43,7 @@ class DeliveryState:
     watermark: int = 0  # every reply with seq <= watermark is settled
     # replies whose listed files are not (all) in outbox/ yet → when first seen so
     waiting_files: dict[str, datetime] = field(default_factory=dict)
+    storage_full: str | None = None  # the host's disk is full: last error, logged once
 
 
 @dataclass
@@ -103,14 +107,46 @@ def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str
         if not stat.S_ISREG(st.st_mode):
             raise DeliveryError(f"reply {out_id}: outbox/{out_id}/{name} is not a regular file "
                                 "(symlinks are never followed)")
-        dst_dir.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(src, dst)
-        except OSError:  # another file system: copy the bytes, never a link
-            shutil.copyfile(src, dst, follow_symlinks=False)
-            os.unlink(src)
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            _move_file(src, dst)
+        except OSError as exc:
+            error = StorageFull if storage_failure(exc) else DeliveryError
+            raise error(f"reply {out_id}: cannot move {name!r} to {dst_dir} "
+                        f"({exc.strerror or exc})") from None
         moved.append(dst)
     return moved
+
+
+def _move_file(src: Path, dst: Path) -> None:
+    """Rename; across file systems copy under a hidden name first, so ``delivered/``
+    never holds a half-copied file (a full disk mid-copy leaves nothing)."""
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    part = dst.with_name(f".part-{dst.name}")
+    try:
+        shutil.copyfile(src, part, follow_symlinks=False)  # the bytes, never a link
+        os.rename(part, dst)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.unlink(src)
+
+
+Route = tuple[str | None, str | None, str | None]  # channel_type, platform_id, thread_id
+
+
+def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
+    """Where a reply goes: where the agent said; a reply with no chat of its own goes
+    back to the chat of the message it answers; else each field missing from the
+    reply comes from the session's default route (``session_routing``)."""
+    if not (own[0] or own[1]) and answered is not None and (answered[0] or answered[1]):
+        return answered
+    return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
 
 
 def remove_outbox(paths: SessionPaths, out_id: str) -> None:
@@ -160,6 +196,9 @@ class Deliverer:
                 continue
             try:
                 pmid = await self._deliver_one(paths, agent_group, session_id, msg, routing)
+            except StorageFull as exc:  # the host's disk: no attempt spent; the rest would
+                self._storage_full(state, session_id, exc, now, result)  # fail the same way
+                break
             except FilesNotReady as exc:
                 give_up_at = self._files_deadline(state, msg.id, now)
                 if give_up_at > now:
@@ -174,6 +213,9 @@ class Deliverer:
                                      retried)
                 continue
             state.waiting_files.pop(msg.id, None)
+            if state.storage_full:
+                logger.info("session {}: delivering again ({})", session_id, "space freed")
+                state.storage_full = None
             records.append((msg.id, "delivered", pmid))
             result.delivered.append(msg.id)
             if attempts:
@@ -193,6 +235,15 @@ class Deliverer:
             state.waiting_files.pop(mid, None)
         return result
 
+    def _storage_full(self, state: DeliveryState, session_id: str, exc: Exception,
+                      now: datetime, result: PassResult) -> None:
+        if str(exc) != state.storage_full:  # once per outage, not per reply and retry
+            logger.warning("session {}: {}; replies wait (no attempts spent) and are "
+                           "retried every {:g}s", session_id, exc, self.cfg.retry_base)
+            state.storage_full = str(exc)
+        result.next_due = earliest(result.next_due,
+                                   now + timedelta(seconds=max(self.cfg.retry_base, 0.5)))
+
     def _files_deadline(self, state: DeliveryState, out_id: str, now: datetime) -> datetime:
         since = state.waiting_files.setdefault(out_id, now)
         return since + timedelta(seconds=self.cfg.files_wait)
@@ -210,9 +261,16 @@ class Deliverer:
             retried.append(out_id)
             return
         retry_at = now + timedelta(seconds=delivery_backoff(attempts, self.cfg.retry_base))
-        logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
-                       out_id, session_id, attempts, exc, retry_at.time())
-        self.registry.record_attempt_failure(session_id, out_id, attempts, retry_at, str(exc))
+        try:
+            self.registry.record_attempt_failure(session_id, out_id, attempts, retry_at,
+                                                 str(exc))
+        except sqlite3.Error as rec:  # e.g. a full disk: an attempt not recorded is not made
+            logger.warning("reply {} of session {}: attempt failed ({}) and could not be "
+                           "counted ({}); retry at {}", out_id, session_id, exc, rec,
+                           retry_at.time())
+        else:
+            logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
+                           out_id, session_id, attempts, exc, retry_at.time())
         result.next_due = earliest(result.next_due, retry_at)
 
     async def _deliver_one(self, paths: SessionPaths, agent_group: str, session_id: str,
@@ -229,13 +287,14 @@ class Deliverer:
             return None
         content = _parse_content(msg.content, msg.id)
         files = move_files(paths, self.data_dir, msg.id, listed_files(content))
-        default_ct, default_pid, default_thread = routing
+        answered = (inbound.chat_of(paths.inbound_db, msg.in_reply_to)
+                    if msg.in_reply_to and not (msg.channel_type or msg.platform_id) else None)
+        channel_type, platform_id, thread_id = reply_route(
+            (msg.channel_type, msg.platform_id, msg.thread_id), answered, routing)
         reply = Reply(
             message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,
             kind=msg.kind, in_reply_to=msg.in_reply_to,
-            channel_type=msg.channel_type or default_ct,
-            platform_id=msg.platform_id or default_pid,
-            thread_id=msg.thread_id or default_thread,
+            channel_type=channel_type, platform_id=platform_id, thread_id=thread_id,
             timestamp=msg.timestamp, content=content, files=tuple(str(f) for f in files))
         try:
             return await self.channel.deliver(reply)

@@ -55,7 +55,7 @@ async def _demo(config_path: Path) -> int:
                       "data": base64.b64encode(b"a file travelling both ways\n").decode()}
         mid, seq = sup.sessions.write_message(
             session, {"text": "hello, agent", "attachments": [attachment]},
-            routing=sup.sessions.routing_of(session))
+            routing=("cli", "demo", None))  # the message's own chat
         logger.info("demo: sent {} (seq {}) to session {}", mid, seq, session.id)
 
         def reply() -> dict | None:

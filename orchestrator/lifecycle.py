@@ -10,7 +10,7 @@ never "stuck", and a declared tool timeout widens every stuck window.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from orchestrator.config import LifecycleConfig
@@ -21,6 +21,7 @@ class Action(enum.Enum):
     START = "start"
     STOP = "stop"  # idle too long: polite stop
     KILL = "kill"  # stuck: kill, then its claims are retried
+    FAIL_DUE = "fail-due"  # the agent cannot be started: fail the due messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +45,26 @@ class Observation:
     start_blocked_until: datetime | None = None  # runtime unavailable: retry after
     tool_running: bool = False  # container_state.current_tool is set
     answer_due: datetime | None = None  # an acked message may be answered until then
+    # --- what the worker knows beyond the evidence (the gates of ``decide``) ---
+    status: str = "stopped"  # the status recorded now
+    op_running: bool = False  # a start/stop/kill of ours is still under way
+    op_blocked_until: datetime | None = None  # a stop/kill failed: no new op before
+    listed: bool = True  # the runtime has listed its agents (else "not alive" = unknown)
+    start_failures: int = 0  # starts in a row that failed for this session's own reasons
+    timers: tuple[datetime | None, ...] = ()  # other due times (delivery retry, process_after)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    status: str  # running | idle | stopped
+    status: str  # running | idle | stopped: what the evidence says
     reason: str
     action: Action = Action.NONE
     next_check: datetime | None = None  # re-evaluate then (a timer, not a sweep)
     detail: dict = field(default_factory=dict)
+    record: tuple[str, str] | None = None  # (status, reason) to write now; None = keep
+    reset_claims: bool = False  # give a dead agent's claims back, then decide again
+    mute: bool = False  # drop this session's heartbeats until the next pass
+    idle_since: datetime | None = None  # what to remember as the start of the idle spell
 
 
 def heartbeat_limit(cfg: LifecycleConfig, tool_timeout: float | None) -> float:
@@ -142,10 +154,60 @@ def earliest(*times: datetime | None) -> datetime | None:
     return min(present) if present else None
 
 
+_RUNTIME_OPS = (Action.START, Action.STOP, Action.KILL)
+
+
 def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
-    """The one lifecycle rule set. Order matters: stuck beats idle, idle beats running."""
+    """The one lifecycle rule set: what the evidence says (``judge``), then the
+    worker's gates on it.
+
+    - Claims held while no agent runs are a dead agent's, and so are messages it
+      acked but had not answered (``answers``): give them back first
+      (only once the runtime has listed its agents, and no op of ours is under way:
+      until then "not alive" may just be "not known yet").
+    - While one of our runtime ops runs, nothing is recorded or started: its end
+      brings the next pass.
+    - After a failed stop/kill the same op is not retried before ``op_blocked_until``
+      (the same verdict on every pass would be a hot loop against a dead daemon).
+    - The recorded status follows the evidence, except that "stopped" is recorded
+      with its own reason (the agent's exit writes the precise one).
+    - Heartbeats are muted when they cannot change anything: the agent runs, is
+      recorded running, no op is pending and a timer will bring the next pass.
+    """
+    unanswered = obs.answer_due is not None and obs.answer_due > now
+    if (obs.claims or unanswered) and not obs.alive and obs.listed and not obs.op_running:
+        what = (f"{len(obs.claims)} claim(s)" if obs.claims else
+                "acked message(s) not answered")
+        return Verdict(obs.status, f"{what} held with no agent running", reset_claims=True)
+    verdict = judge(obs, now, cfg)
+    next_check = earliest(verdict.next_check, *obs.timers)
+    if obs.op_running:
+        return replace(verdict, action=Action.NONE, next_check=next_check,
+                       idle_since=obs.idle_since)
+    gated = (obs.op_blocked_until is not None and obs.op_blocked_until > now
+             and verdict.action in _RUNTIME_OPS)
+    if gated:
+        next_check = earliest(next_check, obs.op_blocked_until)
+    action = Action.NONE if gated else verdict.action
+    record: tuple[str, str] | None = None
+    if verdict.status != obs.status:
+        record = ((verdict.status, verdict.reason) if verdict.status != "stopped"
+                  else ("stopped", "no agent running"))
+    status = record[0] if record else obs.status
+    mute = (status == "running" and obs.alive and action is Action.NONE
+            and next_check is not None)
+    idle_since = verdict.detail.get("idle_since") if verdict.status == "idle" else None
+    return replace(verdict, action=action, next_check=next_check, record=record, mute=mute,
+                   idle_since=idle_since)
+
+
+def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
+    """What the evidence says. Order matters: stuck beats idle, idle beats running."""
     if not obs.alive:
         if obs.due > 0:
+            if obs.start_failures >= cfg.max_tries:
+                return Verdict("stopped", f"the agent could not be started "
+                               f"{obs.start_failures} times", Action.FAIL_DUE)
             if obs.start_blocked_until and obs.start_blocked_until > now:
                 return Verdict("stopped", "waiting to retry start",
                                next_check=obs.start_blocked_until)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
 from loguru import logger
@@ -30,14 +30,14 @@ from orchestrator import answers
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
 from orchestrator.layout import SessionPaths
-from orchestrator.lifecycle import (Action, Claim, Observation, decide, earliest,
+from orchestrator.filesig import Signature, file_signature, signature_mtime
+from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
-from orchestrator.watcher import Signature, file_signature
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 
@@ -87,8 +87,10 @@ class Tracked:
     synced_acks: set[str] = field(default_factory=set)
     acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
     max_seq_seen: int = 0
-    start_failures: int = 0
+    start_failures: int = 0  # failed starts in a row, any cause (sets the backoff)
     start_blocked_until: datetime | None = None
+    start_errors: int = 0  # of those, failed for this session's own reasons (not outages)
+    start_error: str | None = None  # the last such reason, for the failed messages
     op_failures: int = 0  # runtime operations (stop/kill) that raised, in a row
     op_blocked_until: datetime | None = None  # after such a failure: no new op before
     exit: AgentExit | None = None
@@ -108,10 +110,6 @@ def _parse_ts(value: str | None) -> datetime | None:
         return None
 
 
-def _mtime(sig: Signature) -> datetime | None:
-    return datetime.fromtimestamp(sig[0] / 1e9, timezone.utc) if sig else None
-
-
 class SessionWorker:
     def __init__(self, cfg: Config, registry: Registry, sessions: Sessions, runtime: Runtime,
                  deliverer: Deliverer, clock: Callable[[], datetime],
@@ -129,6 +127,11 @@ class SessionWorker:
     # --- the pass ---------------------------------------------------------------------
 
     async def process(self, t: Tracked, flags: Flags) -> None:
+        # every log line of the pass (and of the ops it starts) names its session
+        with logger.contextualize(session=t.session_id, group=t.agent_group):
+            await self._process(t, flags)
+
+    async def _process(self, t: Tracked, flags: Flags) -> None:
         now = self.clock()
         if t.session_id in self.muted:  # unmute first, then read: no touch falls between
             self.muted.discard(t.session_id)
@@ -145,20 +148,12 @@ class SessionWorker:
             if flags & Flag.EXIT and t.exit is not None:
                 self._on_exit(t, now)
             alive = self.runtime.is_running(t.session_id)
-            awaiting = answers.awaiting(t.answers, now, self.cfg.lifecycle.answer_wait)
-            if not alive and (t.claims or awaiting) and (
-                    t.op is None or t.op.done()) and self.runtime.listed:
-                self._reset_orphan_claims(t, now)
-                flags |= Flag.INBOUND
             if self._inbound_matters(t, flags, alive):
                 self._read_inbound(t, now)
             self._decide(t, now)
             if t.broken:
                 logger.info("session {}: readable again", t.session_id)
                 t.broken = None
-            if t.status == "running" and t.timer is not None and (
-                    t.op is None or t.op.done()) and self.runtime.is_running(t.session_id):
-                self.muted.add(t.session_id)
         except (OutboundError, sqlite3.Error, OSError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if message != t.broken:
@@ -205,7 +200,7 @@ class SessionWorker:
     def _read_heartbeat(self, t: Tracked, now: datetime) -> None:
         sig = file_signature(t.paths.heartbeat)
         t.sigs["hb"] = sig
-        t.heartbeat_at = _mtime(sig)
+        t.heartbeat_at = signature_mtime(sig)
         self._touch_registry(t, now)
 
     def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
@@ -294,7 +289,8 @@ class SessionWorker:
         self.set_status(t, "stopped", reason, now)
 
     def _reset_orphan_claims(self, t: Tracked, now: datetime) -> None:
-        """No agent runs, yet messages are claimed: the agent died mid-message.
+        """No agent runs, yet messages are claimed or acked unanswered: the agent died
+        mid-message.
 
         Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
         stale acks — the host may write outbound.db only while no agent runs.
@@ -336,35 +332,62 @@ class SessionWorker:
             heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
             tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
             start_blocked_until=t.start_blocked_until, tool_running=t.tool_running,
-            answer_due=answers.answer_due(t.answers, self.cfg.lifecycle.answer_wait))
+            answer_due=answers.answer_due(t.answers, self.cfg.lifecycle.answer_wait),
+            status=t.status,
+            op_running=t.op is not None and not t.op.done(),
+            op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
+            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due))
 
     def _decide(self, t: Tracked, now: datetime) -> None:
-        busy = t.op is not None and not t.op.done()
+        """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
         verdict = decide(self._observe(t), now, self.cfg.lifecycle)
-        # A stop/kill that failed (e.g. Docker daemon down) is not retried at once: the
-        # same verdict would start the same failing op on every pass, in a hot loop.
-        gated = t.op_blocked_until is not None and t.op_blocked_until > now
-        if not busy:
-            if verdict.status != t.status and verdict.status != "stopped":
-                self.set_status(t, verdict.status, verdict.reason, now)
-            elif verdict.status == "stopped" and t.status != "stopped":
-                self.set_status(t, "stopped", "no agent running", now)
-            t.idle_since = verdict.detail.get("idle_since") if verdict.status == "idle" else None
-            if gated and verdict.action is not Action.NONE:
-                pass  # retried when op_blocked_until passes (scheduled below)
-            elif verdict.action is Action.START:
-                self._run_op(t, self._start(t))
-            elif verdict.action is Action.STOP:
-                t.ending_reason = f"stopped: {verdict.reason}"
-                self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
-            elif verdict.action is Action.KILL:
-                (logger.debug if t.op_failures else logger.warning)(
-                    "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
-                t.ending_reason = f"killed: {verdict.reason}"
-                self._run_op(t, self.runtime.kill(t.session_id))
-        self._schedule(t, earliest(verdict.next_check, t.delivery_due, t.next_inbound_due,
-                                    t.start_blocked_until, t.op_blocked_until if gated else None),
-                       now)
+        if verdict.reset_claims:
+            self._reset_orphan_claims(t, now)
+            self._read_inbound(t, now)
+            verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        self._apply(t, verdict, now)
+
+    def _apply(self, t: Tracked, verdict: Verdict, now: datetime) -> None:
+        if verdict.record is not None:
+            self.set_status(t, *verdict.record, now)
+        t.idle_since = verdict.idle_since
+        if verdict.action is Action.START:
+            self._run_op(t, self._start(t))
+        elif verdict.action is Action.STOP:
+            t.ending_reason = f"stopped: {verdict.reason}"
+            self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        elif verdict.action is Action.KILL:
+            (logger.debug if t.op_failures else logger.warning)(
+                "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
+            t.ending_reason = f"killed: {verdict.reason}"
+            self._run_op(t, self.runtime.kill(t.session_id))
+        elif verdict.action is Action.FAIL_DUE:
+            self._fail_due(t, verdict.reason, now)
+        self._schedule(t, verdict.next_check, now)
+        if verdict.mute:
+            self.muted.add(t.session_id)
+
+    def _fail_due(self, t: Tracked, reason: str, now: datetime) -> None:
+        """The agent cannot be started (every try failed for this session's own
+        reason): its due messages fail now instead of waiting forever. The count
+        starts again, so a new message gets its own tries — and starts as soon as
+        the obstacle on disk is gone."""
+        why = f"{reason}: {t.start_error}" if t.start_error else reason
+        failed = inbound.fail_due(t.paths.inbound_db, now)
+        t.start_errors = t.start_failures = 0
+        t.start_blocked_until = None
+        t.start_error = None
+        t.due, t.next_inbound_due = inbound.due_state(t.paths.inbound_db, now)
+        for mid in failed:
+            logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
+        self._report_failed(t, failed, why)
+
+    def _report_failed(self, t: Tracked, message_ids: list[str], reason: str) -> None:
+        """Hook for the channel's failure records (issue 9 point 5): a chat front end
+        hears of each message that ended failed. No-op until the channel has one."""
+        record = getattr(self.deliverer, "report_failed_messages", None)
+        if record is not None and message_ids:
+            record(t.agent_group, t.session_id, message_ids, reason, t.routing)
 
     def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
         old = t.status
@@ -411,10 +434,15 @@ class SessionWorker:
                 self.sessions.write_routing(row)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root))
-        except (RuntimeUnavailable, OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
+            if not isinstance(exc, RuntimeUnavailable):
+                # this session's own obstacle (e.g. a directory where .heartbeat
+                # belongs), not an outage of the runtime: it counts towards max_tries
+                t.start_errors += 1
+                t.start_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             # once per session; not at all for an outage the runtime already reported
             loud = t.start_failures == 1 and not getattr(exc, "reported", False)
             log = logger.error if loud else logger.debug
@@ -424,7 +452,8 @@ class SessionWorker:
         if t.start_failures:
             logger.info("session {}: agent started after {} failed attempts", t.session_id,
                         t.start_failures)
-        t.start_failures = 0
+        t.start_failures = t.start_errors = 0
+        t.start_error = None
         t.start_blocked_until = None
         t.started_at = self.clock()
         t.tool_running, t.tool_timeout = False, None  # cleared on disk before the start

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import attachments, destinations
-from orchestrator.layout import SessionPaths, session_paths, sessions_root, validate_id
+from orchestrator.errors import StorageError, UserError, storage, storage_error
+from orchestrator.layout import (SessionPaths, registry_path, session_paths, sessions_root,
+                                 validate_id)
 from orchestrator.store import inbound, schema
 from orchestrator.store.registry import Registry, SessionRow
 
 MODES = ("shared", "per-thread", "agent-shared")
 
 
-class MessageError(ValueError):
+class MessageError(UserError, ValueError):
     """A message refused as a whole; one line naming what is wrong and the fix."""
 
 
@@ -39,12 +42,13 @@ def resolution_key(mode: str, agent_group: str, mg_id: str | None, thread: str |
     if mode == "agent-shared":
         return f"agent-shared:{agent_group}"
     if mg_id is None:
-        raise ValueError(f"mode {mode!r} needs a messaging group (--channel/--platform)")
+        raise MessageError(f"mode {mode!r} needs a messaging group "
+                           "(a chat: --channel and --platform)")
     if mode == "shared":
         return f"shared:{agent_group}:{mg_id}"
     if mode == "per-thread":
         return f"per-thread:{agent_group}:{mg_id}:{thread or ''}"
-    raise ValueError(f"unknown session mode {mode!r}; use one of {', '.join(MODES)}")
+    raise MessageError(f"unknown session mode {mode!r}; use one of {', '.join(MODES)}")
 
 
 def compact_json(value: Any) -> str:
@@ -57,19 +61,65 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
-def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionPaths:
-    """Folder, ``inbox/``, ``outbox/`` and both DBs; idempotent (upgrades inbound.db).
+STAGING_PREFIX = ".new-"  # a dot: layout.classify and the supervisor ignore it
 
-    An existing outbound.db is left alone: its agent may be running and writing it
-    (one writer per file), and every ``send`` comes through here. It is upgraded
+
+def staging_dir(final: Path) -> Path:
+    """Where a session folder is built, beside its final place, under a hidden name."""
+    return final.with_name(f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+
+
+def build_folder(final: Path) -> Path:
+    """Build a complete session folder (both DBs, ``inbox/``, ``outbox/``) under a
+    hidden temporary name beside ``final``; returns that name. Nothing is left
+    behind on failure: the one-line StorageError names the folder and the cause."""
+    with storage(final.parent, "create the agent group folder"):
+        final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(final)
+    try:
+        with storage(final.parent, "create a session folder in it"):
+            tmp.mkdir()
+            staged = SessionPaths(tmp)
+            staged.inbox.mkdir()
+            staged.outbox.mkdir()
+            inbound.init(staged.inbound_db)
+            schema.init_outbound(staged.outbound_db)
+    except BaseException:
+        discard(tmp)
+        raise
+    return tmp
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionPaths:
+    """Make sure a session's folder exists whole; idempotent (upgrades inbound.db).
+
+    A missing folder is built aside and renamed into place, so no reader (the
+    supervisor's watcher, an agent) ever sees it half-made. An existing
+    outbound.db is left alone: its agent may be running and writing it (one
+    writer per file), and every ``send`` comes through here. It is upgraded
     only when no agent runs, just before a wake (``SessionWorker._start``).
     """
     paths = session_paths(data_dir, agent_group, session_id)
-    for d in (paths.root, paths.inbox, paths.outbox):
-        d.mkdir(parents=True, exist_ok=True)
-    inbound.init(paths.inbound_db)
-    if not os.path.lexists(paths.outbound_db):
-        schema.init_outbound(paths.outbound_db)
+    if not os.path.lexists(paths.root):
+        tmp = build_folder(paths.root)
+        try:
+            with storage(paths.root, "create the session folder"):
+                os.rename(tmp, paths.root)
+        except StorageError:
+            discard(tmp)
+            if not paths.root.is_dir():  # not a concurrent creation of the same folder
+                raise
+        return paths
+    with storage(paths.root, "open the session folder"):
+        for d in (paths.inbox, paths.outbox):
+            d.mkdir(exist_ok=True)
+        inbound.init(paths.inbound_db)
+        if not os.path.lexists(paths.outbound_db):
+            schema.init_outbound(paths.outbound_db)
     return paths
 
 
@@ -106,24 +156,49 @@ class Sessions:
         self.data_dir = data_dir
         self.registry = registry
         self.max_attachment_bytes = max_attachment_bytes
-        sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
+        with storage(sessions_root(data_dir), "create the sessions folder"):
+            sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
 
     def paths(self, session: SessionRow) -> SessionPaths:
         return session_paths(self.data_dir, session.agent_group_id, session.id)
 
     def resolve(self, agent_group: str, messaging_group: MessagingGroup | None,
                 thread: str | None, mode: str) -> SessionRow:
+        """The session for a chat under ``mode``, created (row and folder as one) if new.
+
+        The session remembers its chat as its default reply route: ``shared`` the
+        chat, ``per-thread`` the chat and thread, ``agent-shared`` none — it serves
+        every chat, and a default would send one chat's answers to another. Each
+        message keeps its own chat (``write_message``), and replies go back there.
+        """
         validate_id(agent_group, "agent group")
-        self.registry.ensure_agent_group(agent_group)
-        mg_id = (self.registry.ensure_messaging_group(messaging_group.channel_type,
-                                                      messaging_group.platform_id)
-                 if messaging_group else None)
-        key = resolution_key(mode, agent_group, mg_id, thread)
-        session, _ = self.registry.get_or_create_session(
-            resolution_key=key, agent_group_id=agent_group,
-            messaging_group_id=None if mode == "agent-shared" else mg_id,
-            thread_id=thread if mode == "per-thread" else None, new_id=new_id("sess"))
-        create_folder(self.data_dir, agent_group, session.id)
+        if mode not in MODES:
+            raise MessageError(f"unknown session mode {mode!r}; use one of {', '.join(MODES)}")
+        if messaging_group is None and mode != "agent-shared":
+            raise MessageError(f"mode {mode!r} needs a messaging group "
+                           "(a chat: --channel and --platform)")
+        chat = (messaging_group.channel_type, messaging_group.platform_id) \
+            if messaging_group and mode != "agent-shared" else None
+        mg_id = self.registry.find_messaging_group(*chat) if chat else None
+        if mg_id is not None or mode == "agent-shared":
+            found = self.registry.find_session(resolution_key(mode, agent_group, mg_id, thread))
+            if found is not None:
+                create_folder(self.data_dir, agent_group, found.id)
+                return found
+        sid = new_id("sess")
+        final = session_paths(self.data_dir, agent_group, sid).root
+        tmp = build_folder(final)
+        try:
+            with storage(registry_path(self.data_dir), "record the new session"):
+                session, created = self.registry.create_session(
+                    agent_group_id=agent_group, chat=chat,
+                    thread_id=thread if mode == "per-thread" else None,
+                    key=lambda mg: resolution_key(mode, agent_group, mg, thread), new_id=sid,
+                    place=lambda: os.rename(tmp, final), unplace=lambda: os.rename(final, tmp))
+        finally:
+            discard(tmp)  # nothing there once renamed into place
+        if not created:  # another process made it first
+            create_folder(self.data_dir, agent_group, session.id)
         return session
 
     def prepare(self, content: str | dict[str, Any]) -> PreparedMessage:
@@ -166,6 +241,10 @@ class Sessions:
                 attachments.remove_inbox(paths, mid)
             raise MessageError(f"message id {mid} already exists in session {session.id}; "
                                "use a new id") from None
+        except (sqlite3.Error, OSError) as exc:
+            if files:
+                attachments.remove_inbox(paths, mid)
+            raise storage_error(exc, paths.inbound_db, "write the message") from exc
         except BaseException:
             if files:
                 attachments.remove_inbox(paths, mid)

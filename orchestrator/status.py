@@ -1,6 +1,8 @@
 """``orchestrator status``: one row per session, as a table or as JSON.
 
-Reads only: the registry for statuses and times, each inbound.db for counts,
+Reads only (the registry and every DB opened read-only, nothing created: it works
+on a read-only or full disk): the registry for statuses, times and each session's
+chat (channel, platform, thread), each inbound.db for counts,
 outbound.db (read-only) to tell claimed messages from waiting ones, and the
 ``.heartbeat`` file's mtime (the registry records heartbeats only now and then:
 the supervisor does not even look at every one).
@@ -33,6 +35,9 @@ class StatusRow:
     last_heartbeat: str | None
     last_active: str | None
     error: str | None = None
+    channel_type: str | None = None  # the session's chat (its default reply route)
+    platform_id: str | None = None
+    thread_id: str | None = None
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -53,6 +58,7 @@ def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime |
 
 def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
     rows = []
+    routes = registry.routes()
     for s in registry.sessions():
         paths = session_paths(data_dir, s.agent_group_id, s.id)
         error = None
@@ -67,14 +73,16 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
-                              _iso(s.last_active), error))
+                              _iso(s.last_active), error,
+                              *routes.get(s.id, (None, None, s.thread_id))))
     return rows
 
 
 COLUMNS = [("AGENT GROUP", "agent_group"), ("SESSION", "session_id"),
            ("CONTAINER", "container_status"), ("PENDING", "pending"),
            ("PROCESSING", "processing"), ("FAILED", "failed"),
-           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active")]
+           ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active"),
+           ("CHANNEL", "channel_type"), ("PLATFORM", "platform_id"), ("THREAD", "thread_id")]
 
 
 def render_table(rows: list[StatusRow]) -> str:

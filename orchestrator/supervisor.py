@@ -29,6 +29,7 @@ from orchestrator import watcher
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
+from orchestrator.errors import UserError, storage
 from orchestrator.layout import InvalidId, Kind, registry_path, session_paths, sessions_root, validate_id
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.sessions import Sessions
@@ -66,20 +67,48 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
 WATCH_START_TIMEOUT = 10.0
 
 
-class AlreadyRunning(RuntimeError):
+class AlreadyRunning(UserError):
     pass
 
 
-def lock_data_dir(data_dir: Path) -> int:
-    """One supervisor per data dir: two would deliver the same replies twice."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "orchestrator.lock", os.O_RDWR | os.O_CREAT, 0o644)
+@dataclass
+class DataDirLock:
+    """The held locks; ``release`` (or the process's exit) lets the next ``run`` in."""
+
+    fds: list[int]
+
+    def release(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """One supervisor per data dir: two would deliver the same replies twice.
+
+    The lock is an ``flock`` on the data directory itself, which nobody can delete
+    from under a running supervisor (a lock *file* can be removed, and the next
+    ``run`` would lock a new file of the same name). ``orchestrator.lock`` is
+    locked as well, so a supervisor from before this change is excluded too.
+    """
+    with storage(data_dir, "create the data directory"):
+        data_dir.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock([])
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"another orchestrator is running on {data_dir}; stop it first")
-    return fd
+        with storage(data_dir, "lock the data directory"):
+            try:
+                lock.fds.append(os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY))
+                fcntl.flock(lock.fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                legacy = data_dir / "orchestrator.lock"
+                if os.access(data_dir, os.W_OK) or legacy.exists():
+                    lock.fds.append(os.open(legacy, os.O_RDWR | os.O_CREAT, 0o644))
+                    fcntl.flock(lock.fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AlreadyRunning(f"another orchestrator is running on {data_dir}; "
+                                     "stop it first") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 @dataclass
@@ -124,10 +153,10 @@ class Supervisor:
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
         for act in batch:
-            if act == watcher.RESCAN:
+            if act == watcher.RESCAN:  # events may have been lost: a sweep, now
                 self._discover()
                 for sid in self.tracked:
-                    self.mark(sid, Flag.FULL)
+                    self.mark(sid, Flag.SWEEP)
                 continue
             if act.session_id is None:
                 if act.added:  # a new agent group folder: its sessions may be unreported
@@ -163,11 +192,10 @@ class Supervisor:
         if row is None:
             if not paths.inbound_db.is_file():
                 return False
-            self.registry.ensure_agent_group(agent_group)
-            row, _ = self.registry.get_or_create_session(
-                resolution_key=f"folder:{agent_group}/{session_id}", agent_group_id=agent_group,
-                messaging_group_id=None, thread_id=None, new_id=session_id)
-            logger.info("registered session folder {}/{} found on disk", agent_group, session_id)
+            row, created = self.registry.adopt_folder(agent_group, session_id)
+            if created:  # not a `send` that was committing it just then
+                logger.info("registered session folder {}/{} found on disk", agent_group,
+                            session_id)
         if row.agent_group_id != agent_group:
             return False
         t = self._track(agent_group, session_id)
@@ -235,7 +263,7 @@ class Supervisor:
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
-        self._lock_fd = lock_data_dir(data_dir)
+        self._dir_lock = lock_data_dir(data_dir)
         sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(registry_path(data_dir))
         self.sessions = Sessions(data_dir, self.registry, self.cfg.sessions.max_attachment_bytes)
@@ -324,7 +352,7 @@ class Supervisor:
         await self.runtime.close()
         self.channel.close()
         self.registry.close()
-        os.close(self._lock_fd)
+        self._dir_lock.release()
         logger.info("orchestrator stopped")
 
 
@@ -334,11 +362,7 @@ def run(cfg: Config) -> int:
     async def main() -> int:
         sup = Supervisor(cfg)
         with capture_signals(sup.stop_event):
-            try:
-                await sup.serve()
-            except AlreadyRunning as exc:
-                logger.error(str(exc))
-                return 1
+            await sup.serve()  # AlreadyRunning: one line and exit 2 (cli.main)
         return 0
 
     return asyncio.run(main())

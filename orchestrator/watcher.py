@@ -32,13 +32,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Container
+from typing import Any, AsyncIterator, Callable, Container
 
 import watchfiles
 from loguru import logger
 from watchfiles._rust_notify import RustNotify
 
+from orchestrator import watch_health
 from orchestrator.config import WatchConfig
+from orchestrator.filesig import file_signature
 from orchestrator.ticker import ticks
 from orchestrator.layout import (
     HEARTBEAT, INBOUND_DB, OUTBOUND_DB, OUTBOX, Kind, classify,
@@ -149,8 +151,120 @@ def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
     return (cfg.step_ms, cfg.debounce_ms, max(1, int((cfg.quiet_after - quiet_for) * 1000)))
 
 
+# --- the watch thread and what it tells the loop -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The watch is (re)starting: confirm it with the probe."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The watch ended without an error (was the root removed?); it restarts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: Exception
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    batch: list[Activity]
+    probed: bool = False  # the probe file's event was in it: the watch is in place
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Events may have been lost (see ``watch_health``): rescan every session."""
+
+    reason: str
+    warn: bool = True  # the first sign of an episode is logged; the rest only rescan
+
+
+@dataclass(frozen=True, slots=True)
+class Restarting:
+    """Folders are not watched: the watch restarts (and rescans once confirmed)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The thread is done (halted)."""
+
+
+WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
+
+LOSS_RESCAN_EVERY = 1.0  # s: while signs keep coming, rescan at most this often
+LOSS_EPISODE_END = 5.0  # s without a sign: the next sign is a new episode (warned again)
+RECHECK_AFTER = 0.5  # s: a folder found unwatched is looked at again before we act
+
+
+class _Gate:
+    """Given to ``RustNotify.watch`` as its ``stop_event``: the Rust loop calls
+    ``is_set`` once per step, which is the one place a long ``watch`` call lets us
+    look at the watch from outside (``watch_health``) without a thread of our own."""
+
+    def __init__(self, halt: threading.Event, root: Path, fd: int | None, queue: int,
+                 verify_every: float) -> None:
+        self.halt, self.root, self.fd, self.queue = halt, root, fd, queue
+        self.verify_every = verify_every
+        self.last = time.monotonic()
+        self.sign: str | None = None
+        self.restart: str | None = None
+        self.verify_at = self.last + verify_every
+        self.suspects: dict[int, str] = {}
+
+    def arm(self) -> None:
+        self.last = time.monotonic()
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        gap, self.last = now - self.last, now
+        if self.sign is None:
+            pending = watch_health.pending_bytes(self.fd) if self.fd is not None else 0
+            self.sign = watch_health.loss_sign(gap=gap, pending=pending, batch=0,
+                                               queue=self.queue)
+        if self.fd is not None and now >= self.verify_at:
+            self._verify(now)
+        return self.halt.is_set() or self.restart is not None
+
+    def _verify(self, now: float) -> None:
+        """Folders no watch covers, twice in a row (a folder just created may not be
+        watched yet): restart the watch, which adds them (and rescans)."""
+        watched = watch_health.watched_inodes(self.fd) if self.fd is not None else None
+        if watched is None:
+            self.verify_at = now + self.verify_every
+            return
+        missing = watch_health.unwatched(watch_health.session_folders(self.root), watched,
+                                         self.root)
+        confirmed = {ino: name for ino, name in missing.items() if ino in self.suspects}
+        if confirmed:
+            names = sorted(confirmed.values())
+            self.restart = (f"{len(names)} folder(s) not watched ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''})")
+        self.suspects = missing
+        self.verify_at = now + (RECHECK_AFTER if missing else self.verify_every)
+
+    def take_sign(self) -> str | None:
+        sign, self.sign = self.sign, None
+        return sign
+
+
+def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
+    before = watch_health.inotify_fds()
+    notify = notifier(watch_paths=watch_health.watch_paths(root), debug=False,
+                      force_polling=False, poll_delay_ms=0, recursive=True,
+                      ignore_permission_denied=True)
+    return notify, watch_health.find_instance(before, root)
+
+
 def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
-                  post: Callable[[str, object], None], muted: Container[str]) -> None:
+                  post: Callable[[WatchMessage], None], muted: Container[str],
+                  notifier: Callable[..., Any] = RustNotify) -> None:
     """watchfiles' Rust watcher in one long-lived thread.
 
     ``awatch`` hands every batch through a fresh anyio worker-thread call; with 100
@@ -159,25 +273,52 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     directly so the step can change between waits: see ``watch_step``) runs in one
     thread for the life of the watch, batches are classified here, and only a
     batch with something the loop wants costs a ``call_soon_threadsafe``.
-    (Re)starts are announced so the probe can run.
+    (Re)starts are announced so the probe can run; signs of lost events
+    (``watch_health``) are announced so the loop rescans.
     """
     probe = os.path.normpath(os.path.join(root, PROBE))
     prefix = os.path.join(str(root), "")
     failures = 0
     while not halt.is_set():
         root.mkdir(parents=True, exist_ok=True)
-        post("start", None)
+        post(Started())
         try:
-            with RustNotify([str(root)], False, False, 0, True, True) as notify:
+            queue = watch_health.queue_limit()  # what the new instance gets
+            notify, fd = _open_notifier(notifier, root)
+            with notify:
+                gate = _Gate(halt, root, fd, queue, cfg.sweep_interval)
                 last_change = time.monotonic()
+                episode_sign = last_rescan = 0.0  # monotonic times; 0 = no episode
+                owed = False  # a sign seen since the last rescan
                 while True:
                     step, debounce, timeout = watch_step(time.monotonic() - last_change, cfg)
-                    raw = notify.watch(debounce, step, timeout, halt)
+                    if owed:  # come back in time to rescan after the last sign
+                        due = max(1, int((last_rescan + LOSS_RESCAN_EVERY
+                                          - time.monotonic()) * 1000))
+                        timeout = min(timeout, due) if timeout else due
+                    gate.arm()
+                    raw = notify.watch(debounce_ms=debounce, step_ms=step, timeout_ms=timeout,
+                                       stop_event=gate)
+                    now = time.monotonic()
+                    sign = gate.take_sign() or (None if isinstance(raw, str) else
+                                                watch_health.loss_sign(
+                                                    gap=0.0, pending=0, batch=len(raw),
+                                                    queue=queue))
+                    if sign:
+                        if not episode_sign or now - episode_sign >= LOSS_EPISODE_END:
+                            post(Lost(sign))
+                            last_rescan, owed = now, False
+                        else:
+                            owed = True
+                        episode_sign = now
+                    if owed and now - last_rescan >= LOSS_RESCAN_EVERY:
+                        post(Lost("events were still being lost", warn=False))
+                        last_rescan, owed = now, False
                     if raw == "timeout":
                         continue
-                    if isinstance(raw, str):  # "stop" (halt set) or "signal"
+                    if isinstance(raw, str):  # "stop" (halt or restart) or "signal"
                         break
-                    last_change = time.monotonic()
+                    last_change = now
                     failures = 0
                     if muted and only_muted_heartbeats(prefix, raw, muted):
                         continue
@@ -186,33 +327,37 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                                  for _, p in changes)
                     batch = unmuted(to_activities(root, changes), muted)
                     if batch or probed:
-                        post("changes", (probed, batch))
-            if not halt.is_set():  # the watch ended without an error
-                post("ended", None)
+                        post(Changes(batch, probed))
+            if gate.restart is not None and not halt.is_set():
+                post(Restarting(gate.restart))
+            elif not halt.is_set():  # the watch ended without an error
+                post(Ended())
         except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried
             failures += 1
-            post("failed", (exc, min(30, failures)))
+            post(Failed(exc, min(30, failures)))
             halt.wait(min(30, failures))
-    post("end", None)
+    post(Finished())
 
 
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
-                          started: asyncio.Event, muted: Container[str] = frozenset()
+                          started: asyncio.Event, muted: Container[str] = frozenset(),
+                          notifier: Callable[..., Any] = RustNotify
                           ) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
     watchfiles gives no signal when its watches are in place, and a file written
     before that is never reported. So we touch a probe file until its event comes
     back: only then is ``started`` set (the supervisor reconciles after it), and
-    after a restart we ask for a full reconcile.
+    after a restart we ask for a rescan, as we do on any sign of lost events.
+    ``notifier``: ``RustNotify`` or a stand-in with its signature (tests).
     """
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
     halt = threading.Event()
 
-    def post(kind: str, payload: object) -> None:
+    def post(message: WatchMessage) -> None:
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+            loop.call_soon_threadsafe(queue.put_nowait, message)
         except RuntimeError:  # the loop closed first: nobody is listening any more
             halt.set()
 
@@ -222,37 +367,48 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
     probe = root / PROBE
     restarts = 0
+    restarted_for: str | None = None
     watching = False
     poker: asyncio.Task | None = None
     stopper = asyncio.create_task(halt_on_stop())
-    thread = threading.Thread(target=_watch_thread, args=(root, cfg, halt, post, muted),
+    thread = threading.Thread(target=_watch_thread,
+                              args=(root, cfg, halt, post, muted, notifier),
                               name="watchfiles", daemon=True)
     thread.start()
     try:
         while True:
-            kind, payload = await queue.get()
-            if kind == "end":
-                return
-            if kind == "start":
-                watching = False
-                poker = asyncio.create_task(_poke(probe))
-            elif kind == "ended":
-                logger.warning("{}: watch ended (was the folder removed?); restarting it", root)
-            elif kind == "failed":
-                exc, delay = payload  # type: ignore[misc]
-                logger.error("{}: inotify watch failed ({}); restarting in {}s", root, exc, delay)
-            elif kind == "changes":
-                probed, batch = payload  # type: ignore[misc]
-                if probed and not watching:
-                    watching = True
-                    if poker:
-                        poker.cancel()
-                    started.set()
-                    restarts += 1
-                    if restarts > 1:
-                        yield [RESCAN]
-                if batch:
-                    yield batch
+            match await queue.get():
+                case Finished():
+                    return
+                case Started():
+                    watching = False
+                    poker = asyncio.create_task(_poke(probe))
+                case Ended():
+                    logger.warning("{}: watch ended (was the folder removed?); restarting it",
+                                   root)
+                case Restarting(reason=reason):  # the same folders again: said already
+                    (logger.debug if reason == restarted_for else logger.warning)(
+                        "{}: {}; restarting the watch", root, reason)
+                    restarted_for = reason
+                case Failed(error=error, retry_in=delay):
+                    logger.error("{}: inotify watch failed ({}); restarting in {}s", root,
+                                 error, delay)
+                case Lost(reason=reason, warn=warn):
+                    (logger.warning if warn else logger.debug)(
+                        "{}: inotify events may have been lost: {}; rescanning every session",
+                        root, reason)
+                    yield [RESCAN]
+                case Changes(batch=batch, probed=probed):
+                    if probed and not watching:
+                        watching = True
+                        if poker:
+                            poker.cancel()
+                        started.set()
+                        restarts += 1
+                        if restarts > 1:
+                            yield [RESCAN]
+                    if batch:
+                        yield batch
     finally:
         halt.set()
         stopper.cancel()
@@ -262,19 +418,6 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
 _POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),
            (INBOUND_DB, Kind.INBOUND_DB), (OUTBOX, Kind.OUTBOX))
-
-
-Signature = tuple[int, int, int] | None
-
-
-def file_signature(path: os.PathLike | str) -> Signature:
-    """(mtime_ns, size, inode) without following a symlink; None if absent. Any
-    SQLite commit or touch changes it, so equal signatures mean "nothing to read"."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:

@@ -89,13 +89,14 @@ class Client:
 
     def send(self, group: str, text: str, *, files: dict[str, bytes] | None = None,
              **where: Any) -> tuple[SessionRow, str]:
+        """As ``orchestrator send``: the message keeps its own chat, whatever the mode."""
         row = self.session(group, **where)
         content: dict[str, Any] = {"text": text}
         if files:
             content["attachments"] = [{"name": n, "data": base64.b64encode(d).decode()}
                                       for n, d in files.items()]
-        mid, _ = self.sessions.write_message(row, content,
-                                             routing=self.sessions.routing_of(row))
+        chat = (where.get("channel", "cli"), where.get("platform", "local"), where.get("thread"))
+        mid, _ = self.sessions.write_message(row, content, routing=chat)
         return row, mid
 
     def paths(self, row: SessionRow) -> SessionPaths:

@@ -9,7 +9,7 @@ import pytest
 from loguru import logger
 
 from e2e import run
-from orchestrator.channels import DeliveryError, Reply, make_channel
+from orchestrator.channels import DeliveryError, Reply, StorageFull, make_channel
 from orchestrator.channels.jsonl import JsonlChannel, read_ids, read_lines
 from orchestrator.channels.log import LogChannel
 from orchestrator.config import DeliveryConfig
@@ -114,3 +114,43 @@ def test_make_channel(tmp_path: Path) -> None:
     assert isinstance(jsonl, JsonlChannel) and jsonl.path == tmp_path / "x.jsonl"
     assert jsonl.name == "jsonl"
     assert isinstance(make_channel(DeliveryConfig(channel="log")), LogChannel)
+
+
+# --- a full disk: a real, small tmpfs ------------------------------------------------------
+
+def test_jsonl_on_a_full_disk_writes_whole_lines_or_nothing(tmp_path: Path) -> None:
+    """A line that does not fit (the kernel writes what fits: a short write) leaves
+    the file as it was, however often it is retried; once space is freed the
+    reply is written exactly once. Before: every retry appended the buffered
+    bytes again (39 replies became 54 lines)."""
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        path = disk / "out.jsonl"
+        channel = JsonlChannel(path)
+        run(channel.deliver(reply("r1")))
+        filler = fill(disk)
+        before = path.read_bytes()
+        big = reply("r2", content={"text": "x" * 20000})  # more than the last page holds
+        for _ in range(5):
+            with pytest.raises(StorageFull, match="cannot append"):
+                run(channel.deliver(big))
+            assert path.read_bytes() == before  # no partial line, no duplicate
+        assert not channel.already_delivered("r2")
+        filler.unlink()
+        run(channel.deliver(big))
+        channel.close()
+        assert read_ids(path) == ["r1", "r2"]
+        data = path.read_bytes()
+        assert data.endswith(b"\n") and data.count(b"\n") == 2
+        assert [json.loads(line)["message_id"] for line in data.splitlines()] == ["r1", "r2"]
+
+
+def test_jsonl_a_complete_last_record_without_newline_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps({"message_id": "r1"}))  # complete, only the newline missing
+    channel = JsonlChannel(path)
+    assert channel.already_delivered("r1")
+    run(channel.deliver(reply("r2")))
+    channel.close()
+    assert read_ids(path) == ["r1", "r2"]

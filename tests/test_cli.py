@@ -299,3 +299,120 @@ def test_status_does_not_modify_session_dbs(tmp_path, capsys, conf):
     run(capsys, "status", "--config", c)
     assert db.read_bytes() == before
     assert query(db, "SELECT status FROM messages_in") == [("pending",)]
+
+
+# --- a newcomer's CLI ----------------------------------------------------------------------
+
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"orchestrator {metadata.version(cli.DISTRIBUTION)}\n"
+
+
+def test_top_level_help_is_written_for_users(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "argparse" not in out and "main(argv)" not in out  # not the module docstring
+    assert out.startswith("usage: orchestrator ")
+    for text in ("run AI agent sessions", "--version", "examples:", "orchestrator send --group",
+                 "docs/contract.md"):
+        assert text.lower() in out.lower()
+
+
+def test_send_help_explains_every_argument(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["send", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "TEXT the message text (UTF-8); - reads it from standard input" in out
+    assert "--attach FILE attach a file" in out
+    assert "--json TEXT is the whole message content as a JSON object" in out
+    assert "'shared' = one per chat" in out and "'per-thread' = one per chat thread" in out
+    assert "'agent-shared' = one per agent group" in out
+
+
+class FakeStdin:
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        self.buffer = io.BytesIO(data)
+
+
+def test_send_reads_text_from_stdin(tmp_path, capsys, conf, monkeypatch):
+    text = "line one\nlíne two ✓\n" + "x" * 200_000  # over the ~128 KiB argv limit
+    monkeypatch.setattr("sys.stdin", FakeStdin(text.encode("utf-8")))
+    code, out, err = run(capsys, "send", "--config", conf(), "--group", "g", "-")
+    assert code == 0, err
+    (row,) = sessions_of(tmp_path)
+    (msg,) = messages_of(tmp_path, row)
+    assert json.loads(msg["content"]) == {"text": text}
+
+
+@pytest.mark.parametrize("argv, stdin, fragment", [
+    (["--group", "g", ""], None, "TEXT is empty"),
+    (["--group", "g", "  \n "], None, "TEXT is empty"),
+    (["--group", "g", "-"], b"", "TEXT is empty"),
+    (["--group", "g", "-"], b"caf\xe9", "TEXT (standard input) is not UTF-8 (byte 3)"),
+    (["--group", "g", "caf\udce9"], None, "TEXT is not valid UTF-8"),  # argv surrogateescape
+])
+def test_send_refuses_empty_and_undecodable_text(tmp_path, capsys, conf, monkeypatch, argv,
+                                                 stdin, fragment):
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", FakeStdin(stdin))
+    code, out, err = run(capsys, "send", "--config", conf(), *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "sessions").exists() or not any(
+        (tmp_path / "data" / "sessions").glob("*/*"))
+
+
+def test_non_utf8_argv_in_a_real_process_is_one_line(tmp_path, conf):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"orchestrator", b"send",
+                           b"--config", str(conf()).encode(), b"--group", b"g", b"caf\xe9"],
+                          capture_output=True, timeout=60, env={"LC_ALL": "C.UTF-8",
+                                                                 "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr == (b"orchestrator: error: TEXT is not valid UTF-8; convert it (e.g. "
+                           b"iconv -t UTF-8) or check your terminal's locale (LANG)\n")
+
+
+def test_empty_text_with_an_attachment_is_fine(tmp_path, capsys, conf):
+    a = tmp_path / "a.txt"
+    a.write_text("file")
+    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--attach", a, "")
+    assert code == 0, err
+
+
+def test_status_tells_sessions_of_one_group_apart(tmp_path, capsys, conf):
+    c = conf()
+    for extra in (["--platform", "room-1"], ["--platform", "room-2"],
+                  ["--mode", "per-thread", "--platform", "room-1", "--thread", "t9"]):
+        assert run(capsys, "send", "--config", c, "--group", "g", *extra, "x")[0] == 0
+    code, out, err = run(capsys, "status", "--config", c)
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[-3:] == ["CHANNEL", "PLATFORM", "THREAD"]
+    assert sorted(r.split()[-3:] for r in rows) == [
+        ["cli", "room-1", "-"], ["cli", "room-1", "t9"], ["cli", "room-2", "-"]]
+    data = json.loads(run(capsys, "status", "--config", c, "--json")[1])
+    assert sorted((r["channel_type"], r["platform_id"], r["thread_id"] or "") for r in data) == [
+        ("cli", "room-1", ""), ("cli", "room-1", "t9"), ("cli", "room-2", "")]
+    assert sum(r["thread_id"] is None for r in data) == 2
+
+
+def test_status_writes_nothing_not_even_a_registry(tmp_path, capsys, conf):
+    code, out, _ = run(capsys, "status", "--config", conf())
+    assert code == 0 and "no sessions yet" in out
+    assert not (tmp_path / "data").exists()
+    run(capsys, "send", "--config", conf(), "--group", "g", "x")
+    for suffix in ("-wal", "-shm"):  # as after the last writer closed it
+        (tmp_path / "data" / f"orchestrator.db{suffix}").unlink(missing_ok=True)
+    before = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert run(capsys, "status", "--config", conf())[0] == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before

@@ -9,13 +9,16 @@ the deliverer does with a failure. One test runs the whole supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from e2e import Client, make_config, reap_agents, run, supervised, until  # noqa: F401
 from helpers import query
@@ -492,3 +495,111 @@ def test_supervisor_delivers_a_reply_when_its_late_file_lands(tmp_path: Path,
         client.close()
 
     run(body())
+
+
+def test_supervisor_on_a_full_disk_loses_and_duplicates_nothing(tmp_path: Path,
+                                                                reap_agents) -> None:
+    """data_dir on a real 8 MB tmpfs, filled to the last byte while replies come due,
+    then freed: every reply is delivered exactly once, within one sweep, with no
+    partial line and none recorded ``failed`` (a full host disk spends no attempts).
+
+    Before: 39 replies became 54 lines (3 replies 6 times each) and the attempt
+    counter could not be written.
+    """
+    from mounts import fill, tmpfs
+
+    sessions, per_session, early = 8, 5, 2
+    total = sessions * per_session
+    disk = tmpfs(tmp_path / "disk", "8m")
+    root = disk.__enter__()
+    try:
+        cfg = make_config(root, delivery={"retry_base": 0.2, "max_attempts": 3},
+                          watch={"sweep_interval": 5.0})
+        seen: list[str] = []
+        sink = logger.add(lambda m: seen.append(m.record["level"].name + " " +
+                                                m.record["message"]), level="INFO")
+
+        def write_replies(paths: SessionPaths, prefix: str, due_in: float) -> None:
+            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+                for i in range(per_session):
+                    due = schema.after(due_in) if i >= early else None
+                    conn.execute(
+                        "INSERT INTO messages_out (id, seq, timestamp, deliver_after, kind,"
+                        " content) VALUES (?,?,?,?, 'chat', ?)",
+                        (f"{prefix}-r{i}", 2 * i + 1, schema.now_ts(), due,
+                         json.dumps({"text": f"reply {i} " + "y" * 1500})))
+
+        def delivered_rows() -> list[tuple]:
+            rows: list[tuple] = []
+            for paths in all_paths:
+                rows += query(paths.inbound_db, "SELECT message_out_id, status FROM delivered")
+            return rows
+
+        async def body() -> None:
+            nonlocal all_paths
+            client = Client(cfg)
+            rows = [client.session(f"g{n}", platform=f"p{n}") for n in range(sessions)]
+            all_paths = [client.paths(r) for r in rows]
+            async with supervised(cfg):
+                for n, paths in enumerate(all_paths):  # 2 now, 3 due while the disk is full
+                    write_replies(paths, f"s{n}", due_in=1.5)
+                await until(lambda: len(delivered_rows()) == sessions * early,
+                            message="the replies due before the disk fills")
+                filler = fill(root)
+                await until(lambda: any("cannot append" in s or "full" in s for s in seen),
+                            timeout=10, message="deliveries failing on the full disk")
+                await asyncio.sleep(2.0)  # several retry rounds on the full disk
+                assert len(delivered_rows()) < total
+                filler.unlink()
+                freed = time.monotonic()
+                await until(lambda: len(delivered_rows()) == total, timeout=10,
+                            message="every reply after space is freed")
+                recovery = time.monotonic() - freed
+                assert recovery < cfg.watch.sweep_interval, recovery
+            client.close()
+
+        all_paths: list[SessionPaths] = []
+        try:
+            run(body())
+        finally:
+            logger.remove(sink)
+        data = cfg.delivery.path.read_bytes()
+        lines = data.splitlines()
+        ids = [json.loads(line)["message_id"] for line in lines]  # no partial line
+        assert data.endswith(b"\n")
+        assert len(lines) == total and len(set(ids)) == total  # 0 duplicated, 0 lost
+        assert sorted(delivered_rows()) == sorted((i, "delivered") for i in ids)
+        assert not any(s.startswith("ERROR") and "giving up" in s for s in seen)
+    finally:
+        disk.__exit__(None, None, None)
+
+
+# --- where a reply goes ------------------------------------------------------------------------
+
+CHAT = ("slack", "C9", "t3")
+
+
+@pytest.mark.parametrize("own, answered, default, expected", [
+    (("chat", "p1", "t1"), CHAT, ROUTING, ("chat", "p1", "t1")),  # the agent said where
+    ((None, None, None), CHAT, ROUTING, CHAT),  # back to the chat of the message it answers
+    ((None, None, None), None, ROUTING, ROUTING),  # answers nothing known: session default
+    ((None, None, None), (None, None, None), ROUTING, ROUTING),
+    ((None, None, None), None, (None, None, None), (None, None, None)),  # agent-shared
+    (("chat", None, None), CHAT, ROUTING, ("chat", "room-1", None)),  # fields filled in
+    ((None, None, "t9"), CHAT, ROUTING, CHAT),  # a thread alone is not a chat
+])
+def test_reply_route(own, answered, default, expected):
+    from orchestrator.delivery import reply_route
+
+    assert reply_route(own, answered, default) == expected
+
+
+def test_a_reply_without_a_route_goes_back_to_the_chat_it_answers(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    world = World(tmp_path, channel)
+    world.sessions.write_message(world.row, {"text": "q"}, message_id="msg-1", trigger=0,
+                                 routing=CHAT)
+    world.reply("r1")  # in_reply_to msg-1, no routing of its own
+    assert world.deliver(NOW).delivered == ["r1"]
+    (taken,) = channel.taken
+    assert (taken.channel_type, taken.platform_id, taken.thread_id) == CHAT

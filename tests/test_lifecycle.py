@@ -160,6 +160,116 @@ def test_idle_then_stop_with_short_windows() -> None:
     assert (v.status, v.action) == ("idle", Action.STOP)
 
 
+# --- the worker's gates: what to record, start, stop, give back, mute ------------------
+
+
+def gated(alive: bool = True, *, status: str = "stopped", op: bool = False,
+          blocked_ops: float | None = None, listed: bool = True, failures: int = 0,
+          timers: tuple = (), **evidence) -> Observation:
+    """``obs`` plus what the session worker knows beyond the evidence."""
+    from dataclasses import replace
+    return replace(obs(alive, **evidence), status=status, op_running=op,
+                   op_blocked_until=at(blocked_ops), listed=listed, start_failures=failures,
+                   timers=tuple(at(t) for t in timers))
+
+
+# action, record (status, reason substring) or None, reset_claims, mute, next_check
+GATE_CASES = [
+    # --- which status to write ----------------------------------------------------------
+    ("fresh agent recorded stopped: write running", gated(started=-1, status="stopped"),
+     Action.NONE, ("running", "active"), False, True, 29),
+    ("already recorded running: write nothing, mute (a timer will come)",
+     gated(started=-1, status="running"), Action.NONE, None, False, True, 29),
+    ("idle evidence on a running record: write idle, no mute",
+     gated(started=-100, hb=-40, status="running"), Action.NONE, ("idle", "no heartbeat"),
+     False, False, 290),
+    ("no agent on a running record: write stopped with its own reason",
+     gated(False, status="running"), Action.NONE, ("stopped", "no agent running"), False,
+     False, None),
+    ("no agent, recorded stopped: nothing to write", gated(False), Action.NONE, None, False,
+     False, None),
+    # --- an op of ours is under way: nothing written, nothing started ---------------------
+    ("op running: no start, no record", gated(False, due=1, op=True, status="running"),
+     Action.NONE, None, False, False, None),
+    ("op running: no kill, no mute", gated(started=-200, hb=-120, claims=(("m1", -61),),
+                                           op=True, status="running"),
+     Action.NONE, None, False, False, None),
+    # --- the back-off gate after a failed stop/kill ---------------------------------------
+    ("failed kill: not retried before the gate, which is the next check (the gate's pass"
+     " re-reads the heartbeat, so muting meanwhile loses nothing)",
+     gated(started=-200, hb=-120, claims=(("m1", -61),), blocked_ops=7, status="running"),
+     Action.NONE, None, False, True, 7),
+    ("failed kill: retried once the gate has passed",
+     gated(started=-200, hb=-120, claims=(("m1", -61),), blocked_ops=-1, status="running"),
+     Action.KILL, None, False, False, None),
+    ("the gate holds a start too", gated(False, due=1, blocked_ops=3),
+     Action.NONE, None, False, False, 3),
+    ("the gate does not hold what is no op", gated(started=-10, blocked_ops=3,
+                                                   status="running"),
+     Action.NONE, None, False, True, 20),
+    # --- orphan claims --------------------------------------------------------------------
+    ("claims and no agent: give them back first", gated(False, claims=(("m1", -5),), due=1),
+     Action.NONE, None, True, False, None),
+    ("claims and no agent, runtime not listed yet: unknown, keep them",
+     gated(False, claims=(("m1", -5),), listed=False), Action.NONE, None, False, False, None),
+    ("claims and no agent while our op runs (a start): keep them",
+     gated(False, claims=(("m1", -5),), op=True), Action.NONE, None, False, False, None),
+    ("acked-but-unanswered messages and no agent: give them back too (issue 15)",
+     gated(False, answer=300), Action.NONE, None, True, False, None),
+    ("... unless the answer window is over: the silence was the answer",
+     gated(False, answer=-1), Action.NONE, None, False, False, None),
+    ("... and not before the runtime has listed its agents",
+     gated(False, answer=300, listed=False), Action.NONE, None, False, False, None),
+    # --- starts that keep failing ---------------------------------------------------------
+    ("start failed below max_tries: retry after the backoff",
+     gated(False, due=1, failures=CFG.max_tries - 1, blocked=2), Action.NONE, None, False,
+     False, 2),
+    ("start failed max_tries times: fail the due messages at once (no more backoff)",
+     gated(False, due=2, failures=CFG.max_tries, blocked=2), Action.FAIL_DUE, None, False,
+     False, None),
+    ("failed starts with nothing due: nothing to fail", gated(False, failures=CFG.max_tries),
+     Action.NONE, None, False, False, None),
+    # --- other timers join the next check -------------------------------------------------
+    ("a delivery retry sooner than the idle check", gated(started=-1, status="running",
+                                                          timers=(4, None)),
+     Action.NONE, None, False, True, 4),
+    ("a process_after of a stopped session is its only timer", gated(False, timers=(None, 60)),
+     Action.NONE, None, False, False, 60),
+    ("no mute without a timer (a busy agent that has not heartbeated yet)",
+     gated(started=-4000, claims=(("m1", -3000),), status="running"), Action.NONE, None,
+     False, False, None),
+]
+
+
+@pytest.mark.parametrize(("case", "observation", "action", "record", "reset", "mute",
+                          "next_check"), GATE_CASES, ids=[c[0] for c in GATE_CASES])
+def test_decide_gates(case: str, observation: Observation, action: Action,
+                      record: tuple[str, str] | None, reset: bool, mute: bool,
+                      next_check: float | None) -> None:
+    verdict = decide(observation, NOW, CFG)
+    assert verdict.action == action, verdict
+    if record is None:
+        assert verdict.record is None, verdict
+    else:
+        assert verdict.record is not None and verdict.record[0] == record[0], verdict
+        assert record[1] in verdict.record[1], verdict
+    assert (verdict.reset_claims, verdict.mute) == (reset, mute), verdict
+    assert verdict.next_check == at(next_check), verdict
+
+
+def test_failed_starts_name_the_count() -> None:
+    verdict = decide(gated(False, due=1, failures=5), NOW, CFG)
+    assert verdict.action is Action.FAIL_DUE
+    assert verdict.reason == "the agent could not be started 5 times"
+
+
+def test_idle_since_is_kept_while_an_op_runs_and_cleared_when_running() -> None:
+    idle = gated(started=-100, hb=-40, idle_since=-10, status="idle", op=True)
+    assert decide(idle, NOW, CFG).idle_since == at(-10)
+    assert decide(gated(started=-100, hb=-40, status="idle"), NOW, CFG).idle_since == at(-10)
+    assert decide(gated(started=-1, idle_since=-10, status="idle"), NOW, CFG).idle_since is None
+
+
 # --- the pieces --------------------------------------------------------------------------
 
 

@@ -258,6 +258,70 @@ def test_processes_resolving_the_same_key_get_the_same_session(tmp_path):
         assert [s.id for s in r.sessions()] == [results[0][0]]
 
 
+def test_adopting_a_folder_a_sender_is_committing_returns_the_senders_row(tmp_path):
+    """The supervisor may see a new folder (renamed into place inside the sender's
+    transaction) before the row commits: adoption selects by id, not by key."""
+    with Registry(tmp_path / "r.db") as sender, Registry(tmp_path / "r.db") as sup:
+        row, created = sender.create_session(
+            agent_group_id="g", chat=("cli", "local"), thread_id=None,
+            key=lambda mg: f"shared:g:{mg}", new_id="sess-1", place=lambda: None,
+            unplace=lambda: None)
+        assert created
+        adopted, fresh = sup.adopt_folder("g", "sess-1")
+        assert (adopted, fresh) == (row, False)
+        found, fresh = sup.adopt_folder("g", "sess-on-disk")  # really found on disk
+        assert fresh and found.id == "sess-on-disk" and found.messaging_group_id is None
+        assert [s.id for s in sup.sessions()] == ["sess-1", "sess-on-disk"]
+
+
+def test_create_session_rolls_back_when_placing_fails(tmp_path):
+    events = []
+    with Registry(tmp_path / "r.db") as reg:
+        def place():
+            events.append("place")
+            raise OSError(39, "Directory not empty")
+
+        with pytest.raises(OSError):
+            reg.create_session(agent_group_id="g", chat=None, thread_id=None,
+                               key=lambda mg: "agent-shared:g", new_id="s1", place=place,
+                               unplace=lambda: events.append("unplace"))
+        assert reg.sessions() == [] and events == ["place"]  # never placed: nothing to undo
+
+
+def test_create_session_undoes_the_placed_folder_when_the_commit_fails(tmp_path):
+    """A full disk at COMMIT: the folder already renamed into place is moved out again,
+    so there is never a folder without its row (on a real, filled tmpfs)."""
+    from mounts import fill, tmpfs
+
+    events = []
+    with tmpfs(tmp_path / "disk", "1m") as disk, Registry(disk / "r.db") as reg:
+        def place():
+            events.append("place")
+            fill(disk)  # the disk fills up between the rename and the commit
+
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            reg.create_session(agent_group_id="g", chat=("cli", "local"), thread_id=None,
+                               key=lambda mg: f"shared:g:{mg}", new_id="s1", place=place,
+                               unplace=lambda: events.append("unplace"))
+        assert events == ["place", "unplace"]
+        (disk / "filler").unlink()
+        assert reg.sessions() == [] and reg.find_messaging_group("cli", "local") is None
+
+
+def test_reader_is_read_only_and_none_without_a_registry(tmp_path):
+    assert Registry.reader(tmp_path / "none.db") is None
+    with Registry(tmp_path / "r.db") as reg:
+        reg.ensure_agent_group("g")
+        reg.get_or_create_session(resolution_key="k", agent_group_id="g",
+                                  messaging_group_id=None, thread_id=None, new_id="s1")
+    reader = Registry.reader(tmp_path / "r.db")
+    assert reader is not None
+    with reader:
+        assert [s.id for s in reader.sessions()] == ["s1"]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.ensure_agent_group("h")
+
+
 def test_group_chats_are_recorded_once_and_include_the_sessions_own(tmp_path):
     """Every chat that routes to a group: recorded ones plus the chats its sessions are
     bound to (folders made before chats were recorded), each once."""

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -347,3 +348,74 @@ def test_symlinked_inbound_db_is_refused(tmp_path):
         schema.connect(link)
     with pytest.raises(sqlite3.DatabaseError, match="symlink"):
         schema.connect(link, readonly=True)
+
+
+# --- a new folder appears whole, together with its registry row ----------------------------
+
+def test_a_folder_is_built_under_a_hidden_name_the_watcher_ignores(tmp_path):
+    from orchestrator.layout import classify, sessions_root
+
+    final = session_paths(tmp_path, "g", "s1").root
+    tmp = sessions_mod.build_folder(final)
+    assert tmp.parent == final.parent and tmp.name.startswith(".")
+    assert classify(sessions_root(tmp_path), tmp) is None
+    assert classify(sessions_root(tmp_path), tmp / "inbound.db") is None
+    assert sorted(p.name for p in tmp.iterdir()) == ["inbound.db", "inbox", "outbound.db",
+                                                      "outbox"]
+    assert not final.exists()
+    sessions_mod.discard(tmp)
+    assert list(final.parent.iterdir()) == []
+
+
+def test_resolve_renames_a_complete_folder_into_place(env, monkeypatch):
+    s, reg, data = env
+    seen = []
+    real_rename = sessions_mod.os.rename
+
+    def watching_rename(src, dst):  # what a reader sees the instant the name appears
+        real_rename(src, dst)
+        seen.append(sorted(p.name for p in Path(dst).iterdir()))
+        seen.append(table_columns(Path(dst) / "inbound.db", "messages_in"))
+        seen.append(table_columns(Path(dst) / "outbound.db", "processing_ack"))
+
+    monkeypatch.setattr(sessions_mod.os, "rename", watching_rename)
+    row = s.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    assert seen[0] == ["inbound.db", "inbox", "outbound.db", "outbox"]
+    assert "on_wake" in seen[1] and "status_changed" in seen[2]
+    assert [p.name for p in (data / "sessions" / "g").iterdir()] == [row.id]
+
+
+def test_a_failed_rename_leaves_no_row_and_no_folder(env, monkeypatch):
+    s, reg, data = env
+    monkeypatch.setattr(sessions_mod, "new_id", lambda prefix: "sess-fixed")
+    blocker = session_paths(data, "g", "sess-fixed").root
+    blocker.mkdir(parents=True)
+    (blocker / "something").write_text("in the way")  # rename onto a non-empty folder fails
+    with pytest.raises(sessions_mod.UserError, match="cannot record the new session"):
+        s.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    assert reg.sessions() == []
+    assert reg.find_messaging_group("cli", "local") is None  # the same transaction
+    assert sorted(p.name for p in (data / "sessions" / "g").iterdir()) == ["sess-fixed"]
+
+
+def test_two_senders_creating_one_session_agree_on_it(env, tmp_path):
+    s, reg, data = env
+    other_reg = Registry(data / "orchestrator.db")
+    other = Sessions(data, other_reg, max_attachment_bytes=1024)
+    first = s.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    other_reg.find_session = lambda key: None  # looked before the first one committed
+    second = other.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    other_reg.close()
+    assert second.id == first.id
+    assert [p.name for p in (data / "sessions" / "g").iterdir()] == [first.id]
+
+
+def test_every_message_keeps_its_own_chat(env):
+    s, reg, data = env
+    row = s.resolve("g", MessagingGroup("chat", "p4"), "tx", "agent-shared")
+    s.write_message(row, {"text": "a"}, routing=("chat", "p4", "tx"))
+    s.write_message(row, {"text": "b"}, routing=("slack", "C1", None))
+    rows = query(session_paths(data, "g", row.id).inbound_db,
+                 "SELECT channel_type, platform_id, thread_id FROM messages_in ORDER BY seq")
+    assert rows == [("chat", "p4", "tx"), ("slack", "C1", None)]
+    assert s.routing_of(row) == (None, None, None)  # agent-shared: no default chat

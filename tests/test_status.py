@@ -91,10 +91,12 @@ def test_render_table_header_and_one_row_per_session():
     lines = status.render_table(rows).splitlines()
     assert len(lines) == 3
     assert lines[0].split() == ["AGENT", "GROUP", "SESSION", "CONTAINER", "PENDING",
-                                "PROCESSING", "FAILED", "LAST", "HEARTBEAT", "LAST", "ACTIVE"]
+                                "PROCESSING", "FAILED", "LAST", "HEARTBEAT", "LAST", "ACTIVE",
+                                "CHANNEL", "PLATFORM", "THREAD"]
     assert lines[1].split() == ["alpha", "sess-1", "running", "2", "1", "0",
-                                "2024-06-01T12:00:00+00:00", "-"]
-    assert lines[2].split() == ["beta-group", "sess-22", "stopped", "0", "0", "3", "-", "-"]
+                                "2024-06-01T12:00:00+00:00", "-", "-", "-", "-"]
+    assert lines[2].split() == ["beta-group", "sess-22", "stopped", "0", "0", "3", "-", "-",
+                                "-", "-", "-"]
     # columns line up: each value starts under its header
     for header in ("SESSION", "CONTAINER", "PENDING"):
         col = lines[0].index(header)
@@ -112,7 +114,8 @@ def test_render_json_round_trips():
     assert data == [{"agent_group": "alpha", "session_id": "sess-1", "container_status": "idle",
                      "status_reason": "quiet", "pending": 0, "processing": 0, "failed": 1,
                      "completed": 2, "last_heartbeat": None, "last_active": None,
-                     "error": None}]
+                     "error": None, "channel_type": None, "platform_id": None,
+                     "thread_id": None}]
     assert json.loads(status.render_json([])) == []
 
 

@@ -7,6 +7,8 @@ a deadline (``e2e.until``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ import tomli_w
 from e2e import (Client, agent_pids, config_dict, make_config, milestones, pairs,  # noqa: F401
                  reap_agents, replies, replies_to, reply_counts, run, supervised, until)
 from helpers import query, wait_for
+from orchestrator import cli
 from orchestrator.config import read_config
 from orchestrator.layout import delivered_root
 from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
@@ -704,6 +707,121 @@ def test_one_supervisor_per_data_dir(tmp_path: Path) -> None:
         async with supervised(cfg):
             with pytest.raises(AlreadyRunning, match="another orchestrator is running"):
                 await Supervisor(cfg).serve()
+
+    run(body())
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_supervisor_in(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    """The lock is on the data directory itself. Before: after ``rm orchestrator.lock``
+    a second ``run`` started and delivered every reply twice (6 duplicate lines in 6 s)."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(config_dict(tmp_path)))
+    first = OrchestratorProcess(config_file, tmp_path / "first.log")
+    try:
+        first.wait_up()
+        (tmp_path / "data" / "orchestrator.lock").unlink()
+        second = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "run", "--config", str(config_file)],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+            cwd=tmp_path)
+        assert second.returncode == 2, second.stderr
+        assert second.stdout == ""
+        assert second.stderr == (f"orchestrator: error: another orchestrator is running on "
+                                 f"{tmp_path / 'data'}; stop it first\n")
+        assert first.proc.poll() is None  # the first one is untouched
+    finally:
+        assert first.end(signal.SIGTERM) == 0, first.text()
+    # released with the process: the next run gets in
+    third = OrchestratorProcess(config_file, tmp_path / "third.log")
+    try:
+        third.wait_up()
+    finally:
+        assert third.end(signal.SIGTERM) == 0, third.text()
+
+
+def test_sessions_created_while_run_watches_are_never_seen_half_made(tmp_path: Path,
+                                                                    reap_agents) -> None:
+    """``orchestrator send`` (another process) creates 16 sessions while ``run`` watches:
+    each folder appears whole (built under a hidden name, renamed into place), so
+    nothing is logged at ERROR and every message is answered. Before: 3 of 15
+    creations logged an ERROR (no such table, unable to open, "move the file aside")."""
+    data = config_dict(tmp_path, lifecycle={"stop_idle_after": 30.0, "idle_after": 5.0})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    sup = OrchestratorProcess(config_file, tmp_path / "run.log")
+    count = 16
+    try:
+        sup.wait_up()
+        sids = []
+        for n in range(count):
+            proc = subprocess.run(
+                [sys.executable, "-m", "orchestrator", "send", "--config", str(config_file),
+                 "--group", f"grp{n % 4}", "--platform", f"chat-{n}", f"hello {n}"],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            sids.append(proc.stdout.strip())
+        assert len(set(sids)) == count
+        wait_for(lambda: len(replies(cfg)) == count, timeout=60,
+                 message="a reply to every message")
+    finally:
+        assert sup.end(signal.SIGTERM) == 0, sup.text()
+    log = sup.text()
+    assert " ERROR " not in log and "Traceback" not in log, log
+    assert sorted(r["session_id"] for r in replies(cfg)) == sorted(sids)
+    assert sorted(reply_counts(cfg).values()) == [1] * count
+    for group in range(4):  # no staging folder left behind
+        assert not [p for p in (tmp_path / "data" / "sessions" / f"grp{group}").iterdir()
+                    if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("mode", ["agent-shared", "shared", "per-thread"])
+def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_agents,
+                                                         mode: str) -> None:
+    """Every messages_in row carries its own chat in every mode; the reference agent
+    copies it into its reply, as NanoClaw-style agents do, so the reply goes back to
+    that chat. Before: ``--mode agent-shared --channel chat --platform p4`` wrote NULL
+    routing and every reply went out with channel and platform null."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(config_dict(tmp_path)))
+    cfg = read_config(config_file)
+    chats = {"agent-shared": [("chat", "p4", None), ("slack", "C1", "t7"), ("chat", "p5", "tx")],
+             "shared": [("chat", "p4", "tx"), ("chat", "p4", "ty"), ("chat", "p4", None)],
+             "per-thread": [("chat", "p4", "tx"), ("chat", "p4", "ty")]}[mode]
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            sent = {}
+            for ct, pid, thread in chats:  # exactly what `orchestrator send` does
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    assert cli.main(["send", "--config", str(config_file), "--group", "routes",
+                                     "--mode", mode, "--channel", ct, "--platform", pid,
+                                     *(["--thread", thread] if thread else []),
+                                     f"from {ct}/{pid}/{thread}"]) == 0
+                row = client.registry.session(out.getvalue().strip())
+                (mid,) = [m for (m,) in query(client.paths(row).inbound_db,
+                                              "SELECT id FROM messages_in") if m not in sent]
+                sent[mid] = (row, (ct, pid, thread))
+            await until(lambda: len(replies(cfg)) == len(chats), timeout=30,
+                        message="a reply to every message")
+        for mid, (row, chat) in sent.items():
+            (reply,) = replies_to(cfg, mid)
+            assert (reply["channel_type"], reply["platform_id"], reply["thread_id"]) == chat
+            msg = query(client.paths(row).inbound_db, "SELECT channel_type, platform_id,"
+                        " thread_id FROM messages_in WHERE id=?", (mid,))
+            assert msg == [chat]
+        rows = {row.id: row for row, _ in sent.values()}
+        for row in rows.values():  # the session's default route, as the contract says
+            routing = query(client.paths(row).inbound_db, "SELECT channel_type, platform_id,"
+                            " thread_id FROM session_routing")
+            expected = {"agent-shared": (None, None, None), "shared": ("chat", "p4", None),
+                        "per-thread": ("chat", "p4", row.thread_id)}[mode]
+            assert routing == [expected]
+        assert len(rows) == {"agent-shared": 1, "shared": 1, "per-thread": 2}[mode]
+        client.close()
 
     run(body())
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from orchestrator.channels.base import Channel, DeliveryError, Reply
+from orchestrator.channels.base import Channel, DeliveryError, Reply, StorageFull
 from orchestrator.config import DeliveryConfig
 
-__all__ = ["Channel", "DeliveryError", "Reply", "make_channel"]
+__all__ = ["Channel", "DeliveryError", "Reply", "StorageFull", "make_channel"]
 
 
 def make_channel(cfg: DeliveryConfig) -> Channel:

@@ -11,6 +11,22 @@ class DeliveryError(RuntimeError):
     """The channel could not take the reply now; it will be retried with backoff."""
 
 
+class StorageFull(DeliveryError):
+    """The host's own disk is full (or read-only): not the reply's fault.
+
+    Retried every ``retry_base`` seconds without spending an attempt, so a full
+    disk never turns good replies into ``failed`` ones; they all go out once space
+    is freed.
+    """
+
+
+STORAGE_ERRNOS = frozenset({28, 122, 30})  # ENOSPC, EDQUOT, EROFS
+
+
+def storage_failure(exc: OSError) -> bool:
+    return exc.errno in STORAGE_ERRNOS
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     message_id: str

@@ -3,16 +3,26 @@
 The file doubles as the channel's own record of what it has taken: the ids in it
 are loaded at open, so a reply written just before the orchestrator was killed
 (and not yet recorded in inbound.db) is recognised, not written twice.
+
+A line is written whole or not at all: one ``os.write`` of the whole line on an
+``O_APPEND`` descriptor, and on any error (a full disk can also mean a short
+write) the file is cut back to its size before the write. A buffered file object
+would keep the failed bytes and write them again with every retry — a full disk
+once turned 39 replies into 54 lines that way.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.channels.base import DeliveryError, Reply
+from orchestrator.channels.base import DeliveryError, Reply, StorageFull, storage_failure
+
+_CHUNK = 1 << 16
 
 
 class JsonlChannel:
@@ -21,55 +31,103 @@ class JsonlChannel:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen: set[str] = set()
-        self._fh = None
+        self._fd: int | None = None
 
-    def _open(self):
-        if self._fh is None:
+    def _open(self) -> int:
+        if self._fd is None:
+            fd = None
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o644)
                 self._seen = set(read_ids(self.path))
-                torn = _ends_without_newline(self.path)
-                self._fh = open(self.path, "a", encoding="utf-8")
-                if torn:  # a crash mid-write: do not glue the next reply onto that line
-                    self._fh.write("\n")
-                    self._fh.flush()
+                _repair_tail(fd, self.path)
             except OSError as exc:
-                if self._fh is not None:
-                    self._fh.close()
-                    self._fh = None
-                raise DeliveryError(f"{self.path}: cannot open ({exc.strerror})") from None
-        return self._fh
+                if fd is not None:
+                    os.close(fd)
+                error = StorageFull if storage_failure(exc) else DeliveryError
+                raise error(f"{self.path}: cannot open ({exc.strerror})") from None
+            except BaseException:  # e.g. the torn line's newline did not fit
+                if fd is not None:
+                    os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
 
     def already_delivered(self, message_id: str) -> bool:
         self._open()
         return message_id in self._seen
 
     async def deliver(self, reply: Reply) -> str | None:
-        line = json.dumps(reply.as_record(), ensure_ascii=False)
-        try:
-            fh = self._open()
-            fh.write(line + "\n")
-            fh.flush()
-        except OSError as exc:
-            raise DeliveryError(f"{self.path}: cannot append ({exc.strerror})") from None
+        line = (json.dumps(reply.as_record(), ensure_ascii=False) + "\n").encode("utf-8")
+        fd = self._open()
+        append_whole(fd, line, self.path)
         self._seen.add(reply.message_id)
         return None
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-def _ends_without_newline(path: Path) -> bool:
+def append_whole(fd: int, data: bytes, path: Path) -> None:
+    """Append ``data`` in one write, or leave the file as it was and raise DeliveryError."""
+    size = os.fstat(fd).st_size
     try:
-        with open(path, "rb") as fh:
-            if fh.seek(0, 2) == 0:
-                return False
-            fh.seek(-1, 2)
-            return fh.read(1) != b"\n"
-    except FileNotFoundError:
-        return False
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"no space left on device (wrote {written} of "
+                          f"{len(data)} bytes)")
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, size)  # shrinking needs no space
+        except OSError as cut:
+            logger.error("{}: could not cut a failed write back ({}); the next open "
+                         "repairs the last line", path, cut.strerror)
+        error = StorageFull if storage_failure(exc) else DeliveryError
+        raise error(f"{path}: cannot append ({exc.strerror or exc})") from None
+
+
+def _repair_tail(fd: int, path: Path) -> None:
+    """After a crash mid-line: a complete record that only lacks its newline gets one
+    (its id was read, so the reply is not written again); anything else is cut off,
+    so the next reply never glues onto a fragment."""
+    size = os.fstat(fd).st_size
+    tail_at = _last_line_start(path, size)
+    if tail_at == size:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(tail_at)
+        tail = fh.read()
+    if _record_id(tail) is not None:
+        append_whole(fd, b"\n", path)
+    else:
+        logger.warning("{}: cutting off a torn last line ({} bytes)", path, size - tail_at)
+        os.ftruncate(fd, tail_at)
+
+
+def _last_line_start(path: Path, size: int) -> int:
+    """Offset just after the last newline (0 if none), read backwards in chunks."""
+    with open(path, "rb") as fh:
+        end = size
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            fh.seek(start)
+            chunk = fh.read(end - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                return start + nl + 1
+            end = start
+    return 0
+
+
+def _record_id(line: bytes | str) -> str | None:
+    try:
+        mid = json.loads(line)["message_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return mid if isinstance(mid, str) else None
 
 
 def read_ids(path: Path) -> list[str]:
@@ -79,10 +137,11 @@ def read_ids(path: Path) -> list[str]:
     ids = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
-            try:
-                ids.append(json.loads(line)["message_id"])
-            except (ValueError, KeyError, TypeError):
+            mid = _record_id(line)
+            if mid is None:
                 logger.warning("{}:{}: skipping unreadable line", path, n)
+            else:
+                ids.append(mid)
     return ids
 
 

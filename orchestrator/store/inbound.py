@@ -100,6 +100,22 @@ def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
     return n, (_from_julian(jd) if jd is not None else None)
 
 
+def fail_due(path: Path, now: datetime) -> list[str]:
+    """Mark failed the messages ``due_state`` counts as due now; returns their ids.
+
+    For a session whose agent can never be started: its work fails with a reason
+    instead of staying pending forever. Later messages are left alone.
+    """
+    with opened(path) as conn, transaction(conn):
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM messages_in WHERE status = 'pending' AND \"trigger\" = 1 AND "
+            "kind != 'system' AND (process_after IS NULL OR julianday(process_after) <= "
+            "julianday(?)) ORDER BY seq", (schema.format_ts(now),))]
+        conn.executemany("UPDATE messages_in SET status='failed' WHERE id=?",
+                         [(mid,) for mid in ids])
+    return ids
+
+
 def count_due(path: Path, now: datetime) -> int:
     return due_state(path, now)[0]
 
@@ -116,7 +132,7 @@ def _from_julian(jd: float) -> datetime:
 def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
     """Counts by status; ``processing`` = pending rows the agent has claimed."""
     claimed = set(processing_ids)
-    with opened(path) as conn:
+    with opened(path, readonly=True) as conn:  # for ``status``, which never writes
         rows = conn.execute("SELECT id, status FROM messages_in WHERE kind != 'system'").fetchall()
     pending = processing = completed = failed = 0
     for row in rows:
@@ -251,6 +267,14 @@ def replace_destinations(path: Path, destinations: Iterable[Destination]) -> Non
         conn.executemany(
             "INSERT INTO destinations (name, display_name, type, channel_type, platform_id,"
             " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
+
+
+def chat_of(path: Path, message_id: str) -> tuple[str | None, str | None, str | None] | None:
+    """The chat a message came from (channel_type, platform_id, thread_id), or None."""
+    with opened(path, readonly=True) as conn:
+        row = conn.execute("SELECT channel_type, platform_id, thread_id FROM messages_in"
+                           " WHERE id=?", (message_id,)).fetchone()
+    return (row[0], row[1], row[2]) if row else None
 
 
 def read_messages(path: Path) -> list[dict[str, Any]]:

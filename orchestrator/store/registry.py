@@ -8,6 +8,7 @@ its last reason, a log of status changes, and persistent delivery attempt counts
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import uuid
@@ -15,8 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from orchestrator.errors import storage, storage_error
 from orchestrator.store.schema import format_ts, parse_ts, transaction, utcnow
 
 CONTAINER_STATUSES = ("running", "idle", "stopped")
@@ -87,17 +89,60 @@ class Registry:
     ``BEGIN`` on the same connection.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, _conn: sqlite3.Connection | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), isolation_level=None, timeout=10,
-                                     check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=10000")
-        self._conn.executescript(DDL)
         self._lock = threading.RLock()
+        if _conn is not None:  # see ``reader``
+            self._conn = _conn
+            return
+        conn = None
+        try:
+            with storage(path, "open the registry"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(str(path), isolation_level=None, timeout=10,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=10000")
+                conn.executescript(DDL)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+
+    @classmethod
+    def reader(cls, path: Path) -> "Registry | None":
+        """A registry opened read-only, for ``status``: it never writes, not even the
+        schema, and works on a read-only or full disk. None if there is none yet.
+
+        Even a ``mode=ro`` open of a WAL database creates its ``-wal`` and ``-shm``
+        files (and fails where it cannot). With no ``-wal`` there, no connection
+        has the file open and every commit is in the main file: ``immutable=1``
+        reads it without creating anything. A writer that starts meanwhile writes
+        to a new ``-wal``, not the main file, so the read stays consistent.
+        """
+        if not path.exists():
+            return None
+        uri = Path(os.path.abspath(path)).as_uri()
+        last: Exception | None = None
+        wal = os.path.exists(f"{path}-wal")
+        for query in ("?mode=ro", "?mode=ro&immutable=1") if wal else ("?mode=ro&immutable=1",):
+            conn = None
+            try:
+                conn = sqlite3.connect(uri + query, uri=True, isolation_level=None, timeout=10,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+                return cls(path, _conn=conn)
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                last = exc
+                if "no such table" in str(exc):
+                    return None  # created but never used: no sessions
+        raise storage_error(last, path, "read the registry")  # type: ignore[arg-type]
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -200,6 +245,89 @@ class Registry:
             row = c.execute("SELECT * FROM sessions WHERE resolution_key=?",
                             (resolution_key,)).fetchone()
         return _session(row), created
+
+    def find_messaging_group(self, channel_type: str, platform_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT id FROM messaging_groups WHERE channel_type=? AND"
+                                     " platform_id=?", (channel_type, platform_id)).fetchone()
+        return row[0] if row else None
+
+    def find_session(self, resolution_key: str) -> SessionRow | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM sessions WHERE resolution_key=?",
+                                     (resolution_key,)).fetchone()
+        return _session(row) if row else None
+
+    def create_session(self, *, agent_group_id: str, chat: tuple[str, str] | None,
+                       thread_id: str | None, key: Callable[[str | None], str], new_id: str,
+                       place: Callable[[], None], unplace: Callable[[], None]
+                       ) -> tuple[SessionRow, bool]:
+        """Create a session's rows and put its folder in place as ONE step.
+
+        ``place`` (the rename of a fully built folder) runs inside the transaction,
+        so the row and the folder exist together or not at all: a failed rename
+        rolls the rows back, a failed commit (a full disk) calls ``unplace``.
+        Another process that created the same session first wins (INSERT OR
+        IGNORE on the unique key); then ``place`` is not called.
+        """
+        now = format_ts(utcnow())
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            placed = False
+            try:
+                c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at)"
+                          " VALUES (?,?,?)", (agent_group_id, agent_group_id, now))
+                mg_id = None
+                if chat is not None:
+                    c.execute("INSERT OR IGNORE INTO messaging_groups (id, channel_type,"
+                              " platform_id, created_at) VALUES (?,?,?,?)",
+                              ("mg-" + uuid.uuid4().hex[:12], chat[0], chat[1], now))
+                    (mg_id,) = c.execute("SELECT id FROM messaging_groups WHERE channel_type=?"
+                                         " AND platform_id=?", chat).fetchone()
+                resolution = key(mg_id)
+                created = c.execute(
+                    "INSERT OR IGNORE INTO sessions (id, agent_group_id, messaging_group_id,"
+                    " thread_id, resolution_key, created_at) VALUES (?,?,?,?,?,?)",
+                    (new_id, agent_group_id, mg_id, thread_id, resolution, now)).rowcount == 1
+                row = c.execute("SELECT * FROM sessions WHERE resolution_key=?",
+                                (resolution,)).fetchone()
+                if created:
+                    place()
+                    placed = True
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                if placed:
+                    unplace()
+                raise
+        return _session(row), created
+
+    def adopt_folder(self, agent_group_id: str, session_id: str) -> tuple[SessionRow, bool]:
+        """Register a session folder found on disk (made by someone else), by its id.
+
+        Selected by id, not by key: the folder may be a session another process is
+        committing right now under its own key, and then that row is the one.
+        """
+        now = format_ts(utcnow())
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at) VALUES (?,?,?)",
+                      (agent_group_id, agent_group_id, now))
+            created = c.execute(
+                "INSERT OR IGNORE INTO sessions (id, agent_group_id, resolution_key, created_at)"
+                " VALUES (?,?,?,?)", (session_id, agent_group_id,
+                                      f"folder:{agent_group_id}/{session_id}", now)).rowcount == 1
+            row = c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        return _session(row), created
+
+    def routes(self) -> dict[str, tuple[str | None, str | None, str | None]]:
+        """Each session's chat: (channel_type, platform_id, thread_id), for ``status``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.id, m.channel_type, m.platform_id, s.thread_id FROM sessions s"
+                " LEFT JOIN messaging_groups m ON m.id = s.messaging_group_id").fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def session(self, session_id: str) -> SessionRow | None:
         with self._lock:

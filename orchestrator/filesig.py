@@ -1,0 +1,27 @@
+"""File signatures: the one ``stat`` that says whether a file changed since we read it.
+
+Shared by the watcher's poll mode and the session worker's stat-gated passes, so
+neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+Signature = tuple[int, int, int] | None
+
+
+def file_signature(path: os.PathLike | str) -> Signature:
+    """(mtime_ns, size, inode) without following a symlink; None if absent. Any
+    SQLite commit or touch changes it, so equal signatures mean "nothing to read"."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def signature_mtime(sig: Signature) -> datetime | None:
+    """The modification time a signature records (UTC), or None for an absent file."""
+    return datetime.fromtimestamp(sig[0] / 1e9, timezone.utc) if sig else None

@@ -18,7 +18,7 @@ from pathlib import Path
 from bench import fixture, machine, proc, report
 from bench.scenarios import FULL, QUICK, Bench
 
-RUNS = ("idle", "latency1", "latency1000", "agents", "budget")
+RUNS = ("idle", "latency1", "latency1000", "agents", "lockers", "budget")
 
 
 def _interrupt(signum, _frame):

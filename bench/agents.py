@@ -15,6 +15,10 @@ measured alone (no model, no reference agent, no process start-up per message):
 - ``heartbeat``: touch ``.heartbeat`` of each listed session at ``--hz``, spread
   evenly in time (the touch is the reference agent's: open O_CREAT|O_NOFOLLOW,
   ``utime``, close).
+- ``lock``: a hostile agent per listed session: ``BEGIN EXCLUSIVE`` on its own
+  ``outbound.db`` (held until SIGTERM or ``--seconds``), touching the file and its
+  ``.heartbeat`` at ``--hz`` so that every touch is an event the orchestrator acts
+  on. Writes ``--out`` once every lock is held.
 
 Every loop is bounded by a count and by a deadline.
 """
@@ -141,6 +145,29 @@ def run_heartbeat(folders: list[str], hz: float, seconds: float, out: Path) -> i
     return 0
 
 
+def run_lock(folders: list[str], hz: float, seconds: float, out: Path) -> int:
+    conns = []
+    try:
+        for folder in folders:
+            conn = sqlite3.connect(os.path.join(folder, "outbound.db"), isolation_level=None,
+                                   timeout=10)
+            conn.execute("BEGIN EXCLUSIVE")
+            conns.append(conn)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"locked": len(conns), "t": time.time()}) + "\n")
+        os.replace(tmp, out)
+        deadline = time.time() + seconds
+        while not _Stop.flag and time.time() < deadline:
+            for folder in folders:
+                os.utime(os.path.join(folder, "outbound.db"))
+                touch(folder)
+            time.sleep(1.0 / hz)
+    finally:
+        for conn in conns:
+            conn.close()  # rolls back: the lock ends, nothing was written
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.agents")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -157,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--hz", type=float, required=True)
     h.add_argument("--seconds", type=float, required=True)
     h.add_argument("--out", required=True)
+    k = sub.add_parser("lock")
+    k.add_argument("--sessions", required=True)
+    k.add_argument("--hz", type=float, default=20.0)
+    k.add_argument("--seconds", type=float, required=True)
+    k.add_argument("--out", required=True)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, _on_term)
@@ -167,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "replies":
         return run_replies(folders, args.count, args.rate, args.prefix, Path(args.out),
                            args.max_seconds, not args.no_heartbeat)
+    if args.cmd == "lock":
+        return run_lock(folders, args.hz, args.seconds, Path(args.out))
     return run_heartbeat(folders, args.hz, args.seconds, Path(args.out))
 
 

@@ -60,6 +60,12 @@ def rows(sizes: tuple[int, ...], agents: int) -> list[Row]:
                 ("<=", 50)),
             Row(f"latency_max_{n}", f"reply latency max @{n} sess", "ms", _lat(n, "max", agents)),
         ]
+    for phase, label in (("without_locks", "no locks"), ("with_locks", "10 lockers")):
+        for stat in ("p50", "p99"):
+            out.append(Row(f"lockers_{phase}_{stat}", f"healthy reply {stat}, {label}", "ms",
+                           lambda r, phase=phase, stat=stat: _dig(
+                               r, "lockers_10", phase, "latency_ms", "commit_to_recorded",
+                               stat), ("<=", 10 if stat == "p50" else 50)))
     out += [
         Row("after_quiet_p50", "reply after a quiet spell p50", "ms",
             lambda r: _dig(r, "idle_1000", "after_quiet", "latency_ms", "commit_to_recorded",

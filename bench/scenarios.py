@@ -14,6 +14,10 @@ measured under the same conditions):
                     a window each), then throughput: N replies written flat out,
                     time until every one is recorded, lost and duplicated counted
                     in the jsonl file and in ``delivered``.
+- ``lockers_10``    20 sessions: paced replies to 10 healthy ones, first alone, then
+                    while 10 other agents hold ``BEGIN EXCLUSIVE`` on their own
+                    outbound.db and touch it (every touch an event, every event a
+                    pass that meets the lock): one agent must not stall the others.
 - ``budget``        (events only) a pretended watch budget below the tree size:
                     the orchestrator must fall back to polling, say so, and still deliver.
 """
@@ -59,6 +63,8 @@ class Params:
     throughput_sessions: int = 100
     poll_interval: float = 1.0
     modes: tuple[str, ...] = ("events", "poll")
+    lockers: int = 10  # hostile agents holding write locks (lockers run)
+    locker_hz: float = 20.0  # how often each touches its locked outbound.db
     drain_seconds: float = 40.0  # > one sweep: a missed event still gets delivered
     throughput_timeout: float = 180.0
     settle_max: float = 10.0
@@ -471,6 +477,46 @@ class Bench:
             info["latency"] = self._latency(run, n)
         return info
 
+    def run_lockers(self, mode: str) -> dict:
+        """Healthy sessions' reply latency without, then with, 10 agents holding write
+        locks on their own outbound.db (the figure pair of issue 9)."""
+        p = self.p
+        k = p.lockers
+        self.say(f"[{mode}] lockers: {p.latency_replies} replies at {p.latency_rate:g}/s over "
+                 f"{k} healthy sessions, without and then with {k} agents holding "
+                 "BEGIN EXCLUSIVE on their own outbound.db")
+        run = self.new_run(f"lockers{k}", 2 * k, mode, agents=True)
+        healthy, hostile = run.folders[:k], run.folders[k:]
+        with self.running(run) as info:
+            info["without_locks"] = self.replies(run, healthy, count=p.latency_replies,
+                                                 rate=p.latency_rate, prefix="Ux",
+                                                 name="lockers-free")
+            self.say("  without locks: " + _lat_line(info["without_locks"]))
+            sessions_file = run.dir / "lock.sessions"
+            sessions_file.write_text("".join(f"{f}\n" for f in hostile))
+            ready = run.dir / "lock.json"
+            seconds = p.latency_replies / p.latency_rate * 2 + 120
+            lockers = proc.spawn(proc.py("-m", "bench.agents", "lock", "--sessions",
+                                         str(sessions_file), "--hz", str(p.locker_hz),
+                                         "--seconds", str(seconds), "--out", str(ready)))
+            try:
+                deadline = time.monotonic() + 30
+                while not ready.exists() and time.monotonic() < deadline:
+                    if lockers.poll() is not None:
+                        raise RuntimeError(f"lockers exited early ({lockers.returncode})")
+                    time.sleep(0.05)
+                if not ready.exists():
+                    raise RuntimeError("lockers did not take their locks within 30 s")
+                info["lockers"] = json.loads(ready.read_text())
+                info["with_locks"] = self.replies(run, healthy, count=p.latency_replies,
+                                                  rate=p.latency_rate, prefix="Kx",
+                                                  name="lockers-held")
+            finally:
+                proc.stop(lockers)
+            self.say(f"  with {k} lockers: " + _lat_line(info["with_locks"])
+                     + self._load_note(info["with_locks"]["machine_load"]))
+        return info
+
     def run_budget(self) -> dict:
         """Watch budget too small: fall back to polling, warn, keep delivering."""
         n = 100
@@ -500,6 +546,7 @@ class Bench:
         sizes = sorted({p.idle_sessions} if want("idle") else set())
         sizes = sorted(set(sizes) | {n for n in p.sizes
                                      if want("agents" if n == p.agents else f"latency{n}")}
+                       | ({2 * p.lockers} if want("lockers") else set())
                        | ({100} if want("budget") else set()))
         for n in sizes:
             self.template(n)
@@ -515,6 +562,9 @@ class Bench:
                     self._guard(mode, f"agents_{n}", lambda: self.run_agents_and_latency(mode))
                 else:
                     self._guard(mode, f"latency_{n}", lambda: self.run_latency(n, mode))
+        if want("lockers"):
+            for mode in p.modes:
+                self._guard(mode, f"lockers_{p.lockers}", lambda: self.run_lockers(mode))
         if want("budget"):
             try:
                 self.extra["budget_fallback"] = self.run_budget()

@@ -113,6 +113,9 @@ class DeliveryConfig:
                              min=0, max=3600)
     files_wait: float = _opt(60.0, "seconds a reply waits for its outbox/ files before "
                              "that counts as a failed attempt", min=0, max=86400)
+    max_content_bytes: int = _opt(1024 * 1024, "largest reply content in bytes; a bigger "
+                                  "reply is failed with its reason, never loaded whole",
+                                  min=1, max=2**31)
 
 
 @dataclass(frozen=True)

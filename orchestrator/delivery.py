@@ -8,7 +8,10 @@ channel is asked whether it already took a reply that a crash kept from being
 recorded. Attempt counts live in the registry, so backoff survives restarts.
 
 Outbox files are moved (never copied through a symlink) into
-``<data_dir>/delivered/<message_id>/`` before the channel sees the reply.
+``<data_dir>/delivered/<message_id>/`` before the channel sees the reply. What to
+do with each reply is decided by ``delivery_plan`` (pure); this module gathers
+the facts and applies the verdict. A reply that ends failed is recorded
+``failed`` and reported to the channel (``Channel.report_failure``).
 """
 
 from __future__ import annotations
@@ -26,21 +29,28 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.attachments import safe_name
-from orchestrator.channels import Channel, DeliveryError, Reply, StorageFull
+from orchestrator.channels import (Channel, DeliveryError, Failure, PermanentDeliveryError, Reply,
+                                   StorageFull)
 from orchestrator.channels.base import storage_failure
 from orchestrator.config import DeliveryConfig
-from orchestrator.layout import InvalidId, SessionPaths, delivered_root
-from orchestrator.lifecycle import delivery_backoff, earliest
+from orchestrator.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
+from orchestrator.lifecycle import earliest
+from orchestrator.safefs import (DIR_FLAGS, FILE_FLAGS, Refused, SessionDir, lstat_at,
+                                 open_dir, regular_or_refuse)
 from orchestrator.store import inbound
 from orchestrator.store.outbound import OutMessage
 from orchestrator.store.registry import Registry
 
+Routing = tuple[str | None, str | None, str | None]  # the session's default route
+
 
 @dataclass
 class DeliveryState:
-    """Per-session memory; losing it (restart) only costs one full read."""
+    """Per-session memory; losing it (restart, a replaced file) only costs one full read."""
 
     watermark: int = 0  # every reply with seq <= watermark is settled
+    anchor: str | None = None  # id of the row at ``watermark``: gone = file replaced
     # replies whose listed files are not (all) in outbox/ yet → when first seen so
     waiting_files: dict[str, datetime] = field(default_factory=dict)
     storage_full: str | None = None  # the host's disk is full: last error, logged once
@@ -62,6 +72,14 @@ class FilesNotReady(DeliveryError):
     """
 
 
+def _trouble(exc: DeliveryError) -> Trouble:
+    if isinstance(exc, PermanentDeliveryError):
+        return Trouble.PERMANENT
+    if isinstance(exc, FilesNotReady):
+        return Trouble.FILES_NOT_READY
+    return Trouble.TRANSIENT
+
+
 def _parse_content(raw: str, out_id: str) -> object:
     try:
         return json.loads(raw)
@@ -77,64 +95,142 @@ def listed_files(content: object) -> list[str]:
     return []
 
 
-def move_files(paths: SessionPaths, data_dir: Path, out_id: str, names: list[str]) -> list[Path]:
+def id_problem(out_id: str) -> str | None:
+    """Reply ids name folders (``outbox/<id>``, ``delivered/<id>``)."""
+    try:
+        validate_id(out_id, "reply id")
+    except InvalidId as exc:
+        return str(exc)
+    return None
+
+
+def _open_outbox_dir(folder: SessionDir, out_id: str) -> int | None:
+    """``outbox/<out_id>/`` as a descriptor, None if absent; a link, a non-folder or an
+    unreadable one is permanent (it will not fix itself while the reply waits)."""
+    where = f"{folder.where}/{OUTBOX}/{out_id}"
+    try:
+        outbox = folder.open_dir(OUTBOX)
+    except FileNotFoundError:
+        return None
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    except OSError as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {folder.where}/{OUTBOX} cannot be "
+                                     f"read ({exc.strerror})") from None
+    try:
+        return open_dir(out_id, outbox, where)
+    except FileNotFoundError:
+        return None
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    except OSError as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {where} cannot be read "
+                                     f"({exc.strerror})") from None
+    finally:
+        os.close(outbox)
+
+
+def move_files(folder: SessionDir, data_dir: Path, out_id: str, names: list[str]) -> list[Path]:
     """Move ``outbox/<out_id>/<name>`` into ``delivered/<out_id>/``; idempotent.
 
-    Refuses (raises FilesNotReady) a name that is not a plain basename, a
-    symlink, or anything but a regular file: nothing outside the session folder
-    is ever read through a link the agent planted.
+    Everything under the session folder is reached by descriptor, never by a path:
+    a name that is not a plain basename, a symlink, a FIFO or anything but a
+    regular file with one link is refused for good (PermanentDeliveryError); a
+    file not there yet raises FilesNotReady. A file swapped for something else
+    while being moved is found out in ``delivered/`` (the host's own folder), by
+    looking at what actually arrived, and removed again.
     """
-    try:
-        src_dir = paths.outbox_dir(out_id)
-    except InvalidId as exc:  # the agent named a reply like a path: refuse it
-        raise DeliveryError(f"reply {out_id!r}: {exc}") from None
-    dst_dir = delivered_root(data_dir) / out_id
-    moved: list[Path] = []
-    if names and (paths.outbox.is_symlink() or src_dir.is_symlink()):
-        raise DeliveryError(f"reply {out_id}: outbox/{out_id} is a symlink; refusing to follow it")
+    problem = id_problem(out_id)
+    if problem:
+        raise PermanentDeliveryError(f"reply {out_id!r}: {problem}")
     for name in names:
         if safe_name(name, 0) != name:
-            raise DeliveryError(f"reply {out_id}: refusing file name {name!r} (must be a basename)")
-        dst = dst_dir / name
-        src = src_dir / name
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            if dst.is_file() and not dst.is_symlink():
-                moved.append(dst)  # moved by an earlier pass that crashed before recording
-                continue
-            raise FilesNotReady(f"reply {out_id}: file {name!r} is not in outbox/{out_id}/ yet")
-        if not stat.S_ISREG(st.st_mode):
-            raise DeliveryError(f"reply {out_id}: outbox/{out_id}/{name} is not a regular file "
-                                "(symlinks are never followed)")
+            raise PermanentDeliveryError(f"reply {out_id}: refusing file name {name!r} "
+                                         "(must be a basename)")
+    if not names:
+        return []
+    dst_dir = delivered_root(data_dir) / out_id
+    src = _open_outbox_dir(folder, out_id)
+    try:
         try:
             dst_dir.mkdir(parents=True, exist_ok=True)
-            _move_file(src, dst)
+            dst = os.open(dst_dir, DIR_FLAGS)
         except OSError as exc:
             error = StorageFull if storage_failure(exc) else DeliveryError
-            raise error(f"reply {out_id}: cannot move {name!r} to {dst_dir} "
-                        f"({exc.strerror or exc})") from None
-        moved.append(dst)
-    return moved
+            raise error(f"reply {out_id}: cannot create {dst_dir} ({exc.strerror})") from None
+        try:
+            return [_move_one(src, dst, dst_dir, name, f"{folder.where}/{OUTBOX}/{out_id}",
+                              out_id) for name in names]
+        finally:
+            os.close(dst)
+    finally:
+        if src is not None:
+            os.close(src)
 
 
-def _move_file(src: Path, dst: Path) -> None:
-    """Rename; across file systems copy under a hidden name first, so ``delivered/``
-    never holds a half-copied file (a full disk mid-copy leaves nothing)."""
+def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
+              out_id: str) -> Path:
+    st = lstat_at(src, name) if src is not None else None
+    if st is None:
+        have = lstat_at(dst, name)
+        if have is not None and stat.S_ISREG(have.st_mode):
+            return dst_dir / name  # moved by an earlier pass that crashed before recording
+        raise FilesNotReady(f"reply {out_id}: file {name!r} is not in outbox/{out_id}/ yet")
     try:
-        os.rename(src, dst)
-        return
+        regular_or_refuse(st, f"{where}/{name}")
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    try:
+        os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
-            raise
-    part = dst.with_name(f".part-{dst.name}")
+            error = StorageFull if storage_failure(exc) else DeliveryError
+            raise error(f"reply {out_id}: cannot move {name!r} ({exc.strerror})") from None
+        _copy_across(src, dst, name, out_id)
+    arrived = lstat_at(dst, name)  # what the rename really moved (the agent may race it)
+    if arrived is None or not stat.S_ISREG(arrived.st_mode) or arrived.st_nlink > 1:
+        if arrived is not None:
+            os.unlink(name, dir_fd=dst)
+        raise PermanentDeliveryError(f"reply {out_id}: {where}/{name} was swapped for "
+                                     "something else while being moved")
+    return dst_dir / name
+
+
+def _copy_across(src: int, dst: int, name: str, out_id: str) -> None:
+    """Another file system: copy the bytes of the file we opened (never a link), under a
+    hidden name first, so ``delivered/`` never holds a half-copied file (a full disk
+    mid-copy leaves nothing)."""
     try:
-        shutil.copyfile(src, part, follow_symlinks=False)  # the bytes, never a link
-        os.rename(part, dst)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.unlink(src)
+        fd = os.open(name, FILE_FLAGS, dir_fd=src)
+    except OSError as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: cannot open {name!r} "
+                                     f"({exc.strerror})") from None
+    try:
+        regular_or_refuse(os.fstat(fd), name)
+        part = f".part-{name}"
+        out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o644, dir_fd=dst)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as r, os.fdopen(out, "wb", closefd=False) as w:
+                shutil.copyfileobj(r, w, 1 << 20)
+                w.flush()
+            os.rename(part, name, src_dir_fd=dst, dst_dir_fd=dst)
+        except BaseException:
+            try:
+                os.unlink(part, dir_fd=dst)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(out)
+        os.unlink(name, dir_fd=src)
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    except OSError as exc:
+        error = StorageFull if storage_failure(exc) else DeliveryError
+        raise error(f"reply {out_id}: cannot copy {name!r} ({exc.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 Route = tuple[str | None, str | None, str | None]  # channel_type, platform_id, thread_id
@@ -149,21 +245,30 @@ def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
     return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
 
 
-def remove_outbox(paths: SessionPaths, out_id: str) -> None:
-    try:
-        target = paths.outbox_dir(out_id)
-    except InvalidId:
+def remove_outbox(folder: SessionDir, out_id: str) -> None:
+    """Remove ``outbox/<out_id>`` by descriptor: a link is removed, never its target."""
+    if id_problem(out_id):
         return  # not a folder name: nothing of ours to clean (never rmtree "../x")
     try:
-        if paths.outbox.is_symlink():  # rmtree would delete what the link points at
-            logger.warning("{}: is a symlink; not cleaning up through it", paths.outbox)
-            return
-        if target.is_symlink():
-            target.unlink()
-        elif target.is_dir():
-            shutil.rmtree(target)
+        outbox = folder.open_dir(OUTBOX)
+    except FileNotFoundError:
+        return
     except OSError as exc:
-        logger.warning("{}: could not clean up ({})", target, exc.strerror)
+        logger.warning("{}/{}: not cleaning up ({})", folder.where, OUTBOX, exc.strerror)
+        return
+    try:
+        st = lstat_at(outbox, out_id)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(out_id, dir_fd=outbox)  # fd-based: never follows a link inside
+        else:
+            os.unlink(out_id, dir_fd=outbox)
+    except OSError as exc:
+        logger.warning("{}/{}/{}: could not clean up ({})", folder.where, OUTBOX, out_id,
+                       exc.strerror)
+    finally:
+        os.close(outbox)
 
 
 @dataclass
@@ -173,67 +278,106 @@ class Deliverer:
     channel: Channel
     cfg: DeliveryConfig
 
-    async def run_pass(self, *, paths: SessionPaths, agent_group: str, session_id: str,
-                       state: DeliveryState, messages: list[OutMessage],
-                       routing: tuple[str | None, str | None, str | None],
+    async def run_pass(self, *, folder: SessionDir, agent_group: str, session_id: str,
+                       state: DeliveryState, messages: list[OutMessage], routing: Routing,
                        now: datetime) -> PassResult:
-        """Deliver what is due among ``messages`` (seq > watermark, ascending)."""
+        """Deliver what is due among ``messages`` (seq > watermark, ascending).
+
+        For each reply: gather the facts, ask ``delivery_plan.plan``, apply it; a
+        failed attempt goes through ``delivery_plan.after_failure``.
+        """
         result = PassResult()
         if not messages:
             return result
-        settled = inbound.delivered_ids(paths.inbound_db, [m.id for m in messages])
+        inbound_db = folder.db(INBOUND_DB)
+        settled = inbound.delivered_ids(inbound_db, [m.id for m in messages])
         records: list[tuple[str, str, str | None]] = []
+        failures: list[Failure] = []
         retried: list[str] = []
         for msg in messages:
             if msg.id in settled:
                 continue
-            if msg.deliver_after and msg.deliver_after > now:
-                result.next_due = earliest(result.next_due, msg.deliver_after)
-                continue
-            attempts, next_at = self.registry.delivery_attempt(session_id, msg.id)
-            if next_at and next_at > now:
-                result.next_due = earliest(result.next_due, next_at)
-                continue
-            try:
-                pmid = await self._deliver_one(paths, agent_group, session_id, msg, routing)
-            except StorageFull as exc:  # the host's disk: no attempt spent; the rest would
-                self._storage_full(state, session_id, exc, now, result)  # fail the same way
-                break
-            except FilesNotReady as exc:
-                give_up_at = self._files_deadline(state, msg.id, now)
-                if give_up_at > now:
-                    logger.debug("reply {} of session {}: {}; waiting", msg.id, session_id, exc)
-                    result.next_due = earliest(result.next_due, give_up_at)
+            attempts, retry_at = self.registry.delivery_attempt(session_id, msg.id)
+            verdict = plan(ReplyFacts(problem=msg.problem or id_problem(msg.id),
+                                      deliver_after=msg.deliver_after, attempts=attempts,
+                                      retry_at=retry_at), now)
+            if verdict.step is Step.TRY:
+                try:
+                    pmid = await self._deliver_one(folder, agent_group, session_id, msg,
+                                                   routing)
+                except StorageFull as exc:  # the host's disk: no attempt spent; the rest
+                    self._storage_full(state, session_id, exc, now, result)  # would fail too
+                    break
+                except DeliveryError as exc:
+                    verdict = after_failure(_trouble(exc), str(exc), attempts,
+                                            state.waiting_files.get(msg.id), now, self.cfg)
+                    if verdict.step is Step.WAIT:
+                        state.waiting_files.setdefault(msg.id, now)
+                        logger.debug("reply {} of session {}: {}; waiting", msg.id,
+                                     session_id, exc)
+                else:
+                    state.waiting_files.pop(msg.id, None)
+                    if state.storage_full:
+                        logger.info("session {}: delivering again (space freed)", session_id)
+                        state.storage_full = None
+                    records.append((msg.id, "delivered", pmid))
+                    result.delivered.append(msg.id)
+                    if attempts:
+                        retried.append(msg.id)
                     continue
-                self._failed_attempt(session_id, msg.id, attempts, exc, now, result, records,
-                                     retried)
-                continue
-            except DeliveryError as exc:
-                self._failed_attempt(session_id, msg.id, attempts, exc, now, result, records,
-                                     retried)
-                continue
-            state.waiting_files.pop(msg.id, None)
-            if state.storage_full:
-                logger.info("session {}: delivering again ({})", session_id, "space freed")
-                state.storage_full = None
-            records.append((msg.id, "delivered", pmid))
-            result.delivered.append(msg.id)
-            if attempts:
-                retried.append(msg.id)
+            if verdict.step is Step.WAIT:
+                result.next_due = earliest(result.next_due, verdict.at)
+            elif verdict.step is Step.RETRY:
+                logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
+                               msg.id, session_id, attempts + 1, verdict.reason,
+                               verdict.at.time() if verdict.at else None)
+                try:
+                    self.registry.record_attempt_failure(session_id, msg.id, attempts + 1,
+                                                         verdict.at, verdict.reason)
+                except sqlite3.Error as rec:  # a full disk: an attempt not recorded is not made
+                    logger.warning("reply {} of session {}: the failed attempt could not be "
+                                   "counted ({})", msg.id, session_id, rec)
+                result.next_due = earliest(result.next_due, verdict.at)
+            elif verdict.step is Step.FAIL:
+                logger.error("reply {} of session {} failed: {}", msg.id, session_id,
+                             verdict.reason)
+                records.append((msg.id, "failed", None))
+                result.failed.append(msg.id)
+                failures.append(self._failure(folder, msg, agent_group, session_id,
+                                              verdict.reason, routing))
+                if attempts:
+                    retried.append(msg.id)
+        for failure in failures:  # before the record: a crash re-reports (jsonl dedupes)
+            await self.report(failure)
         if records:
-            inbound.record_deliveries(paths.inbound_db, records, now)
+            inbound.record_deliveries(inbound_db, records, now)
             settled.update(mid for mid, _, _ in records)
             for mid, _, _ in records:
-                remove_outbox(paths, mid)
+                remove_outbox(folder, mid)
             for mid in retried:
                 self.registry.clear_attempts(session_id, mid)
         for msg in messages:  # advance over the settled prefix only
             if msg.id not in settled:
                 break
             state.watermark = msg.seq
+            state.anchor = msg.id
         for mid in settled:
             state.waiting_files.pop(mid, None)
         return result
+
+    @staticmethod
+    def _route(folder: SessionDir, msg: OutMessage, routing: Routing) -> Route:
+        answered = (inbound.chat_of(folder.db(INBOUND_DB), msg.in_reply_to)
+                    if msg.in_reply_to and not (msg.channel_type or msg.platform_id) else None)
+        return reply_route((msg.channel_type, msg.platform_id, msg.thread_id), answered,
+                           routing)
+
+    def _failure(self, folder: SessionDir, msg: OutMessage, agent_group: str,
+                 session_id: str, reason: str, routing: Routing) -> Failure:
+        """Routed like the reply would have been, so the chat that waits for it hears."""
+        channel_type, platform_id, thread_id = self._route(folder, msg, routing)
+        return Failure("reply", msg.id, session_id, agent_group, reason, channel_type,
+                       platform_id, thread_id)
 
     def _storage_full(self, state: DeliveryState, session_id: str, exc: Exception,
                       now: datetime, result: PassResult) -> None:
@@ -244,38 +388,20 @@ class Deliverer:
         result.next_due = earliest(result.next_due,
                                    now + timedelta(seconds=max(self.cfg.retry_base, 0.5)))
 
-    def _files_deadline(self, state: DeliveryState, out_id: str, now: datetime) -> datetime:
-        since = state.waiting_files.setdefault(out_id, now)
-        return since + timedelta(seconds=self.cfg.files_wait)
-
-    def _failed_attempt(self, session_id: str, out_id: str, attempts: int, exc: Exception,
-                        now: datetime, result: PassResult,
-                        records: list[tuple[str, str, str | None]], retried: list[str]) -> None:
-        """Count one failed attempt: back off, or record ``failed`` at ``max_attempts``."""
-        attempts += 1
-        if attempts >= self.cfg.max_attempts:
-            logger.error("reply {} of session {}: giving up after {} attempts: {}",
-                         out_id, session_id, attempts, exc)
-            records.append((out_id, "failed", None))
-            result.failed.append(out_id)
-            retried.append(out_id)
+    async def report(self, failure: Failure) -> None:
+        """One failure record on the channel; a channel without the method, or one that
+        raises, is logged (the failure itself is already final)."""
+        report = getattr(self.channel, "report_failure", None)
+        if report is None:
             return
-        retry_at = now + timedelta(seconds=delivery_backoff(attempts, self.cfg.retry_base))
         try:
-            self.registry.record_attempt_failure(session_id, out_id, attempts, retry_at,
-                                                 str(exc))
-        except sqlite3.Error as rec:  # e.g. a full disk: an attempt not recorded is not made
-            logger.warning("reply {} of session {}: attempt failed ({}) and could not be "
-                           "counted ({}); retry at {}", out_id, session_id, exc, rec,
-                           retry_at.time())
-        else:
-            logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
-                           out_id, session_id, attempts, exc, retry_at.time())
-        result.next_due = earliest(result.next_due, retry_at)
+            await report(failure)
+        except Exception as exc:  # noqa: BLE001 - a channel bug must not undo the failure
+            logger.error("could not report the failure of {} {} to the channel: {}",
+                         failure.kind, failure.id, exc)
 
-    async def _deliver_one(self, paths: SessionPaths, agent_group: str, session_id: str,
-                           msg: OutMessage,
-                           routing: tuple[str | None, str | None, str | None]) -> str | None:
+    async def _deliver_one(self, folder: SessionDir, agent_group: str, session_id: str,
+                           msg: OutMessage, routing: Routing) -> str | None:
         try:
             taken = self.channel.already_delivered(msg.id)
         except DeliveryError:
@@ -283,14 +409,12 @@ class Deliverer:
         except Exception as exc:  # a channel bug is a failed attempt, not a crash
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
         if taken:
-            logger.info("reply {} was taken by the channel before a restart; recording it", msg.id)
+            logger.info("reply {} was taken by the channel already (before a restart, or its "
+                        "record could not be written then); recording it", msg.id)
             return None
         content = _parse_content(msg.content, msg.id)
-        files = move_files(paths, self.data_dir, msg.id, listed_files(content))
-        answered = (inbound.chat_of(paths.inbound_db, msg.in_reply_to)
-                    if msg.in_reply_to and not (msg.channel_type or msg.platform_id) else None)
-        channel_type, platform_id, thread_id = reply_route(
-            (msg.channel_type, msg.platform_id, msg.thread_id), answered, routing)
+        files = move_files(folder, self.data_dir, msg.id, listed_files(content))
+        channel_type, platform_id, thread_id = self._route(folder, msg, routing)
         reply = Reply(
             message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,
             kind=msg.kind, in_reply_to=msg.in_reply_to,
@@ -302,4 +426,3 @@ class Deliverer:
             raise
         except Exception as exc:  # a channel bug is a failed attempt, not a crash
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-

@@ -12,11 +12,12 @@ from datetime import datetime, timezone
 Signature = tuple[int, int, int] | None
 
 
-def file_signature(path: os.PathLike | str) -> Signature:
+def file_signature(path: os.PathLike | str, dir_fd: int | None = None) -> Signature:
     """(mtime_ns, size, inode) without following a symlink; None if absent. Any
-    SQLite commit or touch changes it, so equal signatures mean "nothing to read"."""
+    SQLite commit or touch changes it, so equal signatures mean "nothing to read".
+    ``dir_fd``: ``path`` is a name in that folder (``safefs.SessionDir``)."""
     try:
-        st = os.stat(path, follow_symlinks=False)
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)

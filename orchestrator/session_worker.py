@@ -27,19 +27,25 @@ from typing import Callable, Iterable
 from loguru import logger
 
 from orchestrator import answers
+from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
-from orchestrator.layout import SessionPaths
-from orchestrator.filesig import Signature, file_signature, signature_mtime
+from orchestrator.filesig import Signature, signature_mtime
+from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
 from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
+BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
+BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
+
+Identity = tuple[tuple[int, int], int | None, int | None]  # folder, outbound.db, inbound.db
 
 
 class Flag:
@@ -101,6 +107,8 @@ class Tracked:
     sigs: dict[str, Signature] = field(default_factory=dict)
     broken: str | None = None  # last error logged, so a bad session logs once, not per pass
     registry_touched: datetime | None = None
+    identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
+    busy: int = 0  # passes in a row that met a locked database
 
 
 def _parse_ts(value: str | None) -> datetime | None:
@@ -137,27 +145,30 @@ class SessionWorker:
             self.muted.discard(t.session_id)
             flags |= Flag.HEARTBEAT
         try:
-            if flags & (Flag.FULL | Flag.FORCE):
-                flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
-            elif flags & Flag.SWEEP:
-                flags |= self._changed_on_disk(t)
-            if flags & Flag.HEARTBEAT:
-                self._read_heartbeat(t, now)
-            if flags & (Flag.OUTBOUND | Flag.OUTBOX | Flag.EXIT | Flag.TIMER):
-                await self._read_outbound(t, now)
-            if flags & Flag.EXIT and t.exit is not None:
-                self._on_exit(t, now)
-            alive = self.runtime.is_running(t.session_id)
-            if self._inbound_matters(t, flags, alive):
-                self._read_inbound(t, now)
-            self._decide(t, now)
+            # the folder by descriptor, reached without following a link: every file of
+            # this pass is opened relative to it (safefs); a linked folder is Refused
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                if self._replaced(t, folder):
+                    flags |= Flag.FULL
+                await self._pass(t, folder, flags, now)
+            if t.busy:
+                logger.debug("session {}: its databases answer again", t.session_id)
+                t.busy = 0
             if t.broken:
                 logger.info("session {}: readable again", t.session_id)
                 t.broken = None
         except (OutboundError, sqlite3.Error, OSError) as exc:
+            if schema.is_busy(exc):
+                self._busy(t, now)
+                return
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, Refused):
+                message = exc.strerror
+            elif isinstance(exc, OSError) and exc.strerror:
+                message = f"{t.paths.root}: {exc.strerror}"
             if message != t.broken:
-                logger.error("session {}/{}: {}", t.agent_group, t.session_id, message)
+                logger.error("session {}/{}: {}{}", t.agent_group, t.session_id, message,
+                             "; leaving it alone" if isinstance(exc, Refused) else "")
                 t.broken = message
             t.sigs.clear()  # re-read everything on the next sweep, not just what changes
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
@@ -171,6 +182,56 @@ class SessionWorker:
                 t.broken = message
             t.sigs.clear()
             self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+
+    async def _pass(self, t: Tracked, folder: SessionDir, flags: Flags, now: datetime) -> None:
+        if flags & (Flag.FULL | Flag.FORCE):
+            flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
+        elif flags & Flag.SWEEP:
+            flags |= self._changed_on_disk(t, folder)
+        if flags & Flag.HEARTBEAT:
+            self._read_heartbeat(t, folder, now)
+        if flags & (Flag.OUTBOUND | Flag.OUTBOX | Flag.EXIT | Flag.TIMER):
+            await self._read_outbound(t, folder, now)
+        if flags & Flag.EXIT and t.exit is not None:
+            self._on_exit(t, now)
+        alive = self.runtime.is_running(t.session_id)
+        if self._inbound_matters(t, flags, alive):
+            self._read_inbound(t, folder, now)
+        await self._decide(t, folder, now)
+
+    def _busy(self, t: Tracked, now: datetime) -> None:
+        """A database of this session is locked (by its agent, or a reader of inbound.db):
+        nothing waited for it; the pass runs again shortly, backing off. Said once."""
+        t.busy += 1
+        delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2 ** (t.busy - 1))
+        if t.busy == 1:
+            logger.info("session {}: a database is busy (locked by its agent); retrying "
+                        "shortly", t.session_id)
+        self._schedule(t, now + timedelta(seconds=delay), now)
+
+    def _replaced(self, t: Tracked, folder: SessionDir) -> bool:
+        """A new inode for the folder, outbound.db or inbound.db resets everything
+        remembered about the session: what was delivered is then known from inbound.db
+        alone, and every row of the new outbound.db is read again from seq 0."""
+        new = (folder.identity, folder.inode(OUTBOUND_DB), folder.inode(INBOUND_DB))
+        old, t.identity = t.identity, new
+        if old is None or old == new:
+            return False
+        changed = [name for name, a, b in zip(("the folder", OUTBOUND_DB, INBOUND_DB), old, new)
+                   if a is not None and a != b]
+        if not changed:
+            return False  # a file that did not exist before is not a replaced one
+        self._forget(t, f"{' and '.join(changed)} replaced (new inode)")
+        return True
+
+    @staticmethod
+    def _forget(t: Tracked, why: str) -> None:
+        logger.info("session {}: {}; reading it again from scratch", t.session_id, why)
+        t.delivery = DeliveryState()
+        t.synced_acks = set()
+        t.acks_seen = None
+        t.max_seq_seen = 0
+        t.sigs.clear()
 
     @staticmethod
     def _inbound_matters(t: Tracked, flags: Flags, alive: bool) -> bool:
@@ -186,19 +247,19 @@ class SessionWorker:
             return False
         return bool(wanted)
 
-    def _changed_on_disk(self, t: Tracked) -> Flags:
+    def _changed_on_disk(self, t: Tracked, folder: SessionDir) -> Flags:
         flags = Flag.NONE
-        for name, path, flag in (("hb", t.paths.heartbeat, Flag.HEARTBEAT),
-                                 ("out", t.paths.outbound_db, Flag.OUTBOUND),
-                                 ("in", t.paths.inbound_db, Flag.INBOUND)):
-            if file_signature(path) != t.sigs.get(name, ()):
+        for name, path, flag in (("hb", HEARTBEAT, Flag.HEARTBEAT),
+                                 ("out", OUTBOUND_DB, Flag.OUTBOUND),
+                                 ("in", INBOUND_DB, Flag.INBOUND)):
+            if folder.signature(path) != t.sigs.get(name, ()):
                 flags |= flag
         if t.delivery.waiting_files:  # an outbox/ event may have been missed
             flags |= Flag.OUTBOX
         return flags
 
-    def _read_heartbeat(self, t: Tracked, now: datetime) -> None:
-        sig = file_signature(t.paths.heartbeat)
+    def _read_heartbeat(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        sig = folder.signature(HEARTBEAT)
         t.sigs["hb"] = sig
         t.heartbeat_at = signature_mtime(sig)
         self._touch_registry(t, now)
@@ -212,15 +273,20 @@ class SessionWorker:
             self.registry.touch(t.session_id, heartbeat=t.heartbeat_at, active=active)
             t.registry_touched = now
 
-    async def _read_outbound(self, t: Tracked, now: datetime) -> None:
-        t.sigs["out"] = file_signature(t.paths.outbound_db)
-        snap = outbound.read(t.paths.outbound_db, after_seq=t.delivery.watermark,
-                             acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None)
+    async def _read_outbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        snap = outbound.read(folder.db(OUTBOUND_DB), after_seq=t.delivery.watermark,
+                             acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None,
+                             max_content_bytes=self.cfg.delivery.max_content_bytes,
+                             anchor=t.delivery.anchor)
+        if snap.rewound:
+            self._forget(t, "outbound.db rewritten (the last settled row is gone)")
+            t.sigs["out"] = folder.signature(OUTBOUND_DB)
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
         if final:
-            inbound.sync_acks(t.paths.inbound_db, final)
+            inbound.sync_acks(folder.db(INBOUND_DB), final)
         # Only once the sync is written: acks older than ``acks_seen`` are never read
         # again, so moving it first would lose an ack whose sync failed.
         stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
@@ -233,7 +299,7 @@ class SessionWorker:
         t.tool_timeout = (snap.tool.declared_timeout
                           if snap.tool and snap.tool.current_tool else None)
         t.tool_running = bool(snap.tool and snap.tool.current_tool)
-        self._track_answers(t, snap, final, now)
+        self._track_answers(t, folder, snap, final, now)
         if snap.messages and snap.messages[-1].seq > t.max_seq_seen:
             t.max_seq_seen = snap.messages[-1].seq
             t.last_reply_at = now
@@ -241,7 +307,7 @@ class SessionWorker:
             row = self.registry.session(t.session_id)
             t.routing = self.sessions.routing_of(row) if row else (None, None, None)
         result = await self.deliverer.run_pass(
-            paths=t.paths, agent_group=t.agent_group, session_id=t.session_id,
+            folder=folder, agent_group=t.agent_group, session_id=t.session_id,
             state=t.delivery, messages=snap.messages, routing=t.routing, now=now)
         t.delivery_due = result.next_due
         for mid in result.delivered:
@@ -249,8 +315,8 @@ class SessionWorker:
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
 
-    def _track_answers(self, t: Tracked, snap: outbound.Snapshot, final: dict[str, str],
-                       now: datetime) -> None:
+    def _track_answers(self, t: Tracked, folder: SessionDir, snap: outbound.Snapshot,
+                       final: dict[str, str], now: datetime) -> None:
         """Fold this read into the acked-but-unanswered state (see ``answers``)."""
         wait = self.cfg.lifecycle.answer_wait
         horizon = now - timedelta(seconds=wait)
@@ -261,7 +327,7 @@ class SessionWorker:
         named = {r.in_reply_to for r in replies}
         unsure = [mid for mid in done if mid not in named]
         if unsure:  # context-only and system rows need no answer (a named one is answered)
-            keep = inbound.triggering(t.paths.inbound_db, unsure)
+            keep = inbound.triggering(folder.db(INBOUND_DB), unsure)
             done = {mid: at for mid, at in done.items() if mid in named or mid in keep}
         if not done and not replies and not t.answers.groups and not t.claims:
             return
@@ -273,9 +339,9 @@ class SessionWorker:
                            "answered by silence", t.session_id, ", ".join(sorted(
                                t.answers.expired)), wait)
 
-    def _read_inbound(self, t: Tracked, now: datetime) -> None:
-        t.sigs["in"] = file_signature(t.paths.inbound_db)
-        t.due, t.next_inbound_due = inbound.due_state(t.paths.inbound_db, now)
+    def _read_inbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        t.sigs["in"] = folder.signature(INBOUND_DB)
+        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
 
     def _on_exit(self, t: Tracked, now: datetime) -> None:
         ev, t.exit = t.exit, None
@@ -288,7 +354,7 @@ class SessionWorker:
         t.op_blocked_until = None
         self.set_status(t, "stopped", reason, now)
 
-    def _reset_orphan_claims(self, t: Tracked, now: datetime) -> None:
+    async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """No agent runs, yet messages are claimed or acked unanswered: the agent died
         mid-message.
 
@@ -298,9 +364,9 @@ class SessionWorker:
         lc = self.cfg.lifecycle
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
-        outbound.clear_processing_claims(t.paths.outbound_db)
-        t.sigs["out"] = file_signature(t.paths.outbound_db)
-        result = inbound.reset_claims(t.paths.inbound_db, [c.message_id for c in t.claims],
+        outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
+        t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        result = inbound.reset_claims(folder.db(INBOUND_DB), [c.message_id for c in t.claims],
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now)
         t.claims = ()
@@ -311,10 +377,10 @@ class SessionWorker:
         t.answers = answers.forget(t.answers)
         if unanswered:
             result.update(inbound.reset_claims(
-                t.paths.inbound_db, unanswered, max_tries=lc.max_tries,
+                folder.db(INBOUND_DB), unanswered, max_tries=lc.max_tries,
                 backoff_base=lc.backoff_base, now=now, statuses=("completed",)))
-            outbound.clear_acks(t.paths.outbound_db, unanswered)
-            t.sigs["out"] = file_signature(t.paths.outbound_db)
+            outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
+            t.sigs["out"] = folder.signature(OUTBOUND_DB)
             t.synced_acks.difference_update(unanswered)
         for mid, status in result.items():
             if status == "failed":
@@ -323,6 +389,10 @@ class SessionWorker:
             else:
                 logger.warning("message {} of session {} given back for retry", mid,
                                t.session_id)
+        # reset_claims turns a row failed once: each is reported once
+        await self._report_failed(t, folder, [m for m, st in result.items() if st == "failed"],
+                                  f"failed after {lc.max_tries} tries: the agent ended while "
+                                  "working on it each time")
 
     # --- decisions and actions ----------------------------------------------------------
 
@@ -338,16 +408,17 @@ class SessionWorker:
             op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
             start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due))
 
-    def _decide(self, t: Tracked, now: datetime) -> None:
+    async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
         verdict = decide(self._observe(t), now, self.cfg.lifecycle)
         if verdict.reset_claims:
-            self._reset_orphan_claims(t, now)
-            self._read_inbound(t, now)
+            await self._reset_orphan_claims(t, folder, now)
+            self._read_inbound(t, folder, now)
             verdict = decide(self._observe(t), now, self.cfg.lifecycle)
-        self._apply(t, verdict, now)
+        await self._apply(t, folder, verdict, now)
 
-    def _apply(self, t: Tracked, verdict: Verdict, now: datetime) -> None:
+    async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
+                     now: datetime) -> None:
         if verdict.record is not None:
             self.set_status(t, *verdict.record, now)
         t.idle_since = verdict.idle_since
@@ -362,32 +433,41 @@ class SessionWorker:
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
         elif verdict.action is Action.FAIL_DUE:
-            self._fail_due(t, verdict.reason, now)
+            await self._fail_due(t, folder, verdict.reason, now)
         self._schedule(t, verdict.next_check, now)
         if verdict.mute:
             self.muted.add(t.session_id)
 
-    def _fail_due(self, t: Tracked, reason: str, now: datetime) -> None:
+    async def _fail_due(self, t: Tracked, folder: SessionDir, reason: str,
+                        now: datetime) -> None:
         """The agent cannot be started (every try failed for this session's own
         reason): its due messages fail now instead of waiting forever. The count
         starts again, so a new message gets its own tries — and starts as soon as
         the obstacle on disk is gone."""
         why = f"{reason}: {t.start_error}" if t.start_error else reason
-        failed = inbound.fail_due(t.paths.inbound_db, now)
+        failed = inbound.fail_due(folder.db(INBOUND_DB), now)
         t.start_errors = t.start_failures = 0
         t.start_blocked_until = None
         t.start_error = None
-        t.due, t.next_inbound_due = inbound.due_state(t.paths.inbound_db, now)
+        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
         for mid in failed:
             logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
-        self._report_failed(t, failed, why)
+        await self._report_failed(t, folder, failed, why)
 
-    def _report_failed(self, t: Tracked, message_ids: list[str], reason: str) -> None:
-        """Hook for the channel's failure records (issue 9 point 5): a chat front end
-        hears of each message that ended failed. No-op until the channel has one."""
-        record = getattr(self.deliverer, "report_failed_messages", None)
-        if record is not None and message_ids:
-            record(t.agent_group, t.session_id, message_ids, reason, t.routing)
+    async def _report_failed(self, t: Tracked, folder: SessionDir, message_ids: list[str],
+                             reason: str) -> None:
+        """One failure record on the channel per inbound message that ended ``failed``
+        (after max_tries, or because its agent can never start), routed to the chat the
+        message came from, so a chat front end can tell its user."""
+        if not message_ids:
+            return
+        routes = inbound.message_routes(folder.db(INBOUND_DB), message_ids)
+        default = t.routing or (None, None, None)
+        for mid in message_ids:
+            ct, pid, thread = routes.get(mid, (None, None, None))
+            await self.deliverer.report(Failure(
+                "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
+                pid or default[1], thread or default[2]))
 
     def set_status(self, t: Tracked, status: str, reason: str, now: datetime) -> None:
         old = t.status
@@ -424,14 +504,15 @@ class SessionWorker:
     async def _start(self, t: Tracked) -> None:
         now = self.clock()
         try:
-            t.paths.heartbeat.unlink(missing_ok=True)  # a stale heartbeat is not liveness
-            # no agent runs, so the host may write outbound.db: create it or add the
-            # columns an older one lacks (``send`` leaves an existing one alone)
-            schema.init_outbound(t.paths.outbound_db)
-            outbound.clear_tool_state(t.paths.outbound_db)  # a dead agent's tool is over
-            row = self.registry.session(t.session_id)
-            if row is not None:
-                self.sessions.write_routing(row)
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                folder.unlink(HEARTBEAT)  # a stale heartbeat is not liveness
+                # no agent runs, so the host may write outbound.db: create it or add the
+                # columns an older one lacks (``send`` leaves an existing one alone)
+                schema.init_outbound(folder.db(OUTBOUND_DB, create=True))
+                outbound.clear_tool_state(folder.db(OUTBOUND_DB))  # a dead agent's tool is over
+                row = self.registry.session(t.session_id)
+                if row is not None:
+                    self.sessions.write_routing(row, folder.db(INBOUND_DB))
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root))
         except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means

@@ -263,19 +263,23 @@ class Sessions:
                       "selectedOption": selected_option, "userId": user_id},
             kind="system", trigger=0, routing=self.routing_of(session))
 
-    def write_routing(self, session: SessionRow) -> None:
-        """Default reply route + destinations, written before every wake."""
-        paths = self.paths(session)
-        inbound.write_routing(paths.inbound_db, *self.routing_of(session))
-        self.write_destinations(session)
+    def write_routing(self, session: SessionRow, inbound_db: Path | None = None) -> None:
+        """Default reply route + destinations, written before every wake.
 
-    def write_destinations(self, session: SessionRow) -> None:
+        ``inbound_db``: the supervisor passes its ``safefs.SafeDb`` (no link followed,
+        no wait on a lock the agent holds)."""
+        db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
+        inbound.write_routing(db, *self.routing_of(session))
+        self.write_destinations(session, db)
+
+    def write_destinations(self, session: SessionRow, inbound_db: Path | None = None) -> None:
         """Every chat of the group plus the hand-set destinations (``destinations``)."""
+        db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
         channel_type, platform_id, thread_id = self.routing_of(session)
         own = (destinations.Chat(channel_type, platform_id, thread_id)
                if channel_type and platform_id else None)
         chats = [destinations.Chat(*c) for c in self.registry.group_chats(session.agent_group_id)]
-        inbound.replace_destinations(self.paths(session).inbound_db, destinations.project(
+        inbound.replace_destinations(db, destinations.project(
             chats, self.registry.destinations(session.agent_group_id), own))
 
     def routing_of(self, session: SessionRow) -> tuple[str | None, str | None, str | None]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,8 +31,10 @@ from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
 from orchestrator.errors import UserError, storage
-from orchestrator.layout import InvalidId, Kind, registry_path, session_paths, sessions_root, validate_id
+from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, session_paths,
+                                 sessions_root, validate_id)
 from orchestrator.runtime.base import AgentExit, Runtime
+from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.signals import capture_signals
@@ -129,6 +132,7 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
+        self._refused: set[tuple[str, str | None]] = set()  # linked folders, logged once
 
     # --- events in ----------------------------------------------------------------
 
@@ -190,7 +194,7 @@ class Supervisor:
         paths = session_paths(self.cfg.data_dir, agent_group, session_id)
         row = self.registry.session(session_id)
         if row is None:
-            if not paths.inbound_db.is_file():
+            if not self._real_session_folder(agent_group, session_id):
                 return False
             row, created = self.registry.adopt_folder(agent_group, session_id)
             if created:  # not a `send` that was committing it just then
@@ -203,6 +207,24 @@ class Supervisor:
         self.mark(session_id, Flag.FULL)
         return True
 
+    def _real_session_folder(self, agent_group: str, session_id: str) -> bool:
+        """A folder reached without following a link, holding a regular inbound.db.
+        A linked one is refused, logged once, and never registered."""
+        try:
+            with SessionDir(self.cfg.data_dir, agent_group, session_id) as folder:
+                st = folder.lstat(INBOUND_DB)
+                return st is not None and stat.S_ISREG(st.st_mode)
+        except Refused as exc:
+            self._refuse(agent_group, session_id, exc.strerror)
+            return False
+        except OSError:
+            return False
+
+    def _refuse(self, agent_group: str, session_id: str | None, why: str) -> None:
+        if (agent_group, session_id) not in self._refused:
+            self._refused.add((agent_group, session_id))
+            logger.warning("{}; leaving it alone", why)
+
     def _discover(self) -> None:
         for session_id, agent_group, container_status in self.registry.session_index():
             if session_id not in self.tracked:
@@ -211,13 +233,18 @@ class Supervisor:
                 self.mark(session_id, Flag.FULL)
         root = sessions_root(self.cfg.data_dir)
         try:
-            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
+                      or e.is_symlink()]
         except OSError:
             return
         for g in groups:
+            if g.is_symlink():  # never listed through: refused, said once
+                self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
+                continue
             try:
                 for s in os.scandir(g.path):
-                    if s.name not in self.tracked and s.is_dir(follow_symlinks=False):
+                    if s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
+                                                       or s.is_symlink()):
                         self._track_from_disk(g.name, s.name)
             except OSError:
                 continue

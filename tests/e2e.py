@@ -134,8 +134,13 @@ def pairs(changes: list[dict]) -> list[tuple[str, str]]:
 
 
 def replies(cfg: Config) -> list[dict]:
-    """Every line of the jsonl channel's file."""
-    return read_lines(cfg.delivery.path)
+    """Every reply line of the jsonl channel's file (not its failure records)."""
+    return [r for r in read_lines(cfg.delivery.path) if r.get("type") != "failure"]
+
+
+def failures(cfg: Config) -> list[dict]:
+    """The failure records (``"type": "failure"``) of the jsonl channel's file."""
+    return [r for r in read_lines(cfg.delivery.path) if r.get("type") == "failure"]
 
 
 def reply_counts(cfg: Config) -> Counter:

@@ -9,7 +9,7 @@ import pytest
 from loguru import logger
 
 from e2e import run
-from orchestrator.channels import DeliveryError, Reply, StorageFull, make_channel
+from orchestrator.channels import DeliveryError, Failure, Reply, StorageFull, make_channel
 from orchestrator.channels.jsonl import JsonlChannel, read_ids, read_lines
 from orchestrator.channels.log import LogChannel
 from orchestrator.config import DeliveryConfig
@@ -114,6 +114,47 @@ def test_make_channel(tmp_path: Path) -> None:
     assert isinstance(jsonl, JsonlChannel) and jsonl.path == tmp_path / "x.jsonl"
     assert jsonl.name == "jsonl"
     assert isinstance(make_channel(DeliveryConfig(channel="log")), LogChannel)
+
+
+# --- failure records (issue 9.5) ---------------------------------------------------------
+
+def failure(fid: str = "r9", kind: str = "reply") -> Failure:
+    return Failure(kind=kind, id=fid, session_id="sess-1", agent_group="grp",
+                   reason="content is not valid UTF-8", channel_type="chat",
+                   platform_id="room", thread_id="t1")
+
+
+def test_jsonl_failure_records_are_typed_once_and_never_taken_for_replies(
+        tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    channel = JsonlChannel(path)
+    run(channel.deliver(reply("r1")))
+    run(channel.report_failure(failure("r9")))
+    run(channel.report_failure(failure("m1", kind="message")))
+    run(channel.report_failure(failure("r9")))  # reported again: still one record
+    channel.close()
+    again = JsonlChannel(path)  # a restart: the file says what was reported
+    run(again.report_failure(failure("r9")))
+    assert not again.already_delivered("r9")  # a failure record is not a delivery
+    again.close()
+
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert [x.get("type") for x in lines] == [None, "failure", "failure"]
+    assert lines[1] == {"type": "failure", "kind": "reply", "id": "r9", "session_id": "sess-1",
+                        "agent_group": "grp", "reason": "content is not valid UTF-8",
+                        "channel_type": "chat", "platform_id": "room", "thread_id": "t1"}
+    assert (lines[2]["kind"], lines[2]["id"]) == ("message", "m1")
+    assert read_ids(path) == ["r1"]
+
+
+def test_log_channel_logs_a_failure_record() -> None:
+    seen: list[str] = []
+    handler = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        run(LogChannel().report_failure(failure("r9")))
+    finally:
+        logger.remove(handler)
+    assert len(seen) == 1 and "failed reply r9" in seen[0] and "not valid UTF-8" in seen[0]
 
 
 # --- a full disk: a real, small tmpfs ------------------------------------------------------

@@ -27,6 +27,7 @@ from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config import DeliveryConfig
 from orchestrator.delivery import Deliverer, DeliveryState, move_files
 from orchestrator.layout import SessionPaths, delivered_root, registry_path
+from orchestrator.safefs import SessionDir
 from orchestrator.sessions import MessagingGroup, Sessions
 from orchestrator.store import outbound, schema
 from orchestrator.store.registry import Registry
@@ -118,13 +119,17 @@ class World:
         self.state = DeliveryState()
         self.deliverer = Deliverer(self.data_dir, self.registry, channel, self.cfg)
 
-    def deliver(self, now: datetime):
-        messages = outbound.read(self.paths.outbound_db, after_seq=self.state.watermark).messages
+    def folder(self) -> SessionDir:
+        return SessionDir(self.data_dir, "grp", self.row.id)
 
+    def deliver(self, now: datetime):
         async def go():
-            return await self.deliverer.run_pass(
-                paths=self.paths, agent_group="grp", session_id=self.row.id, state=self.state,
-                messages=messages, routing=ROUTING, now=now)
+            with self.folder() as folder:
+                messages = outbound.read(folder.db("outbound.db"), after_seq=self.state.watermark,
+                                         max_content_bytes=self.cfg.max_content_bytes).messages
+                return await self.deliverer.run_pass(
+                    folder=folder, agent_group="grp", session_id=self.row.id,
+                    state=self.state, messages=messages, routing=ROUTING, now=now)
 
         return run(go())
 
@@ -244,8 +249,9 @@ def test_move_files_is_idempotent_after_a_crash(tmp_path: Path) -> None:
     """Files moved by a pass that died before recording the delivery are found again."""
     world = World(tmp_path, FakeChannel())
     world.reply("r1", files={"a.txt": b"A"})
-    first = move_files(world.paths, world.data_dir, "r1", ["a.txt"])
-    again = move_files(world.paths, world.data_dir, "r1", ["a.txt"])
+    with world.folder() as folder:
+        first = move_files(folder, world.data_dir, "r1", ["a.txt"])
+        again = move_files(folder, world.data_dir, "r1", ["a.txt"])
     assert first == again == [delivered_root(world.data_dir) / "r1" / "a.txt"]
 
 
@@ -272,9 +278,11 @@ def test_reply_ids_that_are_not_safe_names_are_refused(tmp_path: Path, out_id: s
     (victim / "keep.txt").write_text("keep")
     world.reply(out_id)
     world.reply("r-ok")
-    assert world.deliver(NOW).delivered == ["r-ok"]
-    assert world.deliver(later(1)).failed == [out_id]
+    first = world.deliver(NOW)  # permanent: failed at once, not retried (issue 9.4)
+    assert (first.delivered, first.failed) == (["r-ok"], [out_id])
+    assert world.deliver(later(1)).failed == []
     assert world.settled() == {out_id: "failed", "r-ok": "delivered"}
+    assert world.registry.delivery_attempt(world.row.id, out_id) == (0, None)
     assert (victim / "keep.txt").read_text() == "keep"
     assert world.paths.outbox.is_dir() and world.paths.inbound_db.is_file()
     assert world.channel.calls == ["r-ok"]
@@ -305,12 +313,11 @@ def test_symlinked_file_in_outbox_is_never_followed(tmp_path: Path) -> None:
                      (json.dumps({"text": "x", "files": ["secret.txt"]}),))
     world.reply("r2")
 
-    result = world.deliver(NOW)
-    assert result.delivered == ["r2"]
+    result = world.deliver(NOW)  # permanent: failed at once, the next reply goes out
+    assert (result.delivered, result.failed) == (["r2"], ["r1"])
     assert world.channel.calls == ["r2"]  # r1 never reached the channel
     assert not (delivered_root(world.data_dir) / "r1" / "secret.txt").exists()
-    result = world.deliver(later(1))
-    assert result.failed == ["r1"]
+    assert world.deliver(later(1)).failed == []
     assert world.settled()["r1"] == "failed"
     assert not os.path.lexists(world.paths.outbox / "r1")  # the link is removed, not its target
     _unchanged(outside)
@@ -392,7 +399,8 @@ def test_restart_in_the_crash_window_records_without_a_second_copy(tmp_path: Pat
     world.reply("r1", files={"a.txt": b"A"})
     world.reply("r2")
     # what a killed pass leaves behind: files moved, line written, nothing recorded
-    move_files(world.paths, world.data_dir, "r1", ["a.txt"])
+    with world.folder() as folder:
+        move_files(folder, world.data_dir, "r1", ["a.txt"])
     run(world.channel.deliver(Reply("r1", world.row.id, "grp", 1, "chat", "msg-1", None, None,
                                     None, "t", {"text": "hi"}, ())))
     world.channel.close()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from e2e import Client, make_config, replies_to, reap_agents, run, supervised, until  # noqa: F401
+from e2e import (Client, failures, make_config, replies_to, reap_agents, run,  # noqa: F401
+                 supervised, until)
 from helpers import query
 
 
@@ -64,6 +65,12 @@ def test_a_session_that_can_never_start_fails_its_due_messages(tmp_path: Path,
         assert [message_status(paths, m) for m in (first, second, third)] == [
             "failed", "failed", "completed"]
         assert replies_to(cfg, first) == [] and replies_to(cfg, second) == []
+        # the chat hears of each, once (issue 9.5), routed to the chat it came from
+        records = failures(cfg)
+        assert [(r["kind"], r["id"]) for r in records] == [("message", first),
+                                                          ("message", second)]
+        assert all((r["channel_type"], r["platform_id"]) == ("cli", "local")
+                   and "could not be started 3 times" in r["reason"] for r in records)
         assert client.statuses(row.id)[0] == ("running", "agent started, 1 message(s) due")
         client.close()
 

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import pytest
 import tomli_w
 
-from e2e import (Client, agent_pids, config_dict, make_config, milestones, pairs,  # noqa: F401
-                 reap_agents, replies, replies_to, reply_counts, run, supervised, until)
+from e2e import (Client, agent_pids, config_dict, failures, make_config, milestones,  # noqa: F401
+                 pairs, reap_agents, replies, replies_to, reply_counts, run, supervised, until)
 from helpers import query, wait_for
 from orchestrator import cli
 from orchestrator.config import read_config
@@ -230,6 +230,14 @@ def test_crash_every_time_fails_the_message_after_max_tries(tmp_path: Path,
         row_in = messages_in(paths, mid)
         assert row_in["tries"] == cfg.lifecycle.max_tries == 3
         assert replies_to(cfg, mid) == []
+        # the chat hears of it: exactly one failure record, with its routing (issue 9.5)
+        [record] = failures(cfg)
+        assert {k: record[k] for k in ("type", "kind", "id", "session_id", "agent_group",
+                                       "channel_type", "platform_id", "thread_id")} == {
+            "type": "failure", "kind": "message", "id": mid, "session_id": row.id,
+            "agent_group": "crashy", "channel_type": "cli", "platform_id": "local",
+            "thread_id": None}
+        assert "failed after 3 tries" in record["reason"]
         changes = milestones(changes)
         seq = pairs(changes)
         assert [s for s, _ in seq] == ["running", "stopped"] * 3, seq

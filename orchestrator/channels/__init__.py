@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from orchestrator.channels.base import Channel, DeliveryError, Reply, StorageFull
+from orchestrator.channels.base import (Channel, DeliveryError, Failure,
+                                         PermanentDeliveryError, Reply, StorageFull)
 from orchestrator.config import DeliveryConfig
 
-__all__ = ["Channel", "DeliveryError", "Reply", "StorageFull", "make_channel"]
+__all__ = ["Channel", "DeliveryError", "Failure", "PermanentDeliveryError", "Reply",
+           "StorageFull", "make_channel"]
 
 
 def make_channel(cfg: DeliveryConfig) -> Channel:

@@ -11,6 +11,11 @@ class DeliveryError(RuntimeError):
     """The channel could not take the reply now; it will be retried with backoff."""
 
 
+class PermanentDeliveryError(DeliveryError):
+    """The reply can never be delivered (a bad file, a refused name, or the channel
+    says so for good): it is failed at once with this reason, not retried."""
+
+
 class StorageFull(DeliveryError):
     """The host's own disk is full (or read-only): not the reply's fault.
 
@@ -48,6 +53,27 @@ class Reply:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Something the chat will never get: an inbound message that ended ``failed``
+    after ``max_tries`` (``kind="message"``) or a reply recorded ``failed``
+    (``kind="reply"``), with the reason and where it was going, so a front end can
+    tell its user."""
+
+    kind: str  # "message" | "reply"
+    id: str  # messages_in.id or messages_out.id
+    session_id: str
+    agent_group: str
+    reason: str
+    channel_type: str | None
+    platform_id: str | None
+    thread_id: str | None
+
+    def as_record(self) -> dict[str, Any]:
+        """``type: "failure"`` tells it apart from a reply (which has no ``type``)."""
+        return {"type": "failure", **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
 class Channel(Protocol):
     name: str
 
@@ -56,6 +82,11 @@ class Channel(Protocol):
         ...
 
     async def deliver(self, reply: Reply) -> str | None:
+        ...
+
+    async def report_failure(self, failure: Failure) -> None:
+        """Tell the chat a message or reply ended failed. Called once per failure;
+        an error here is logged, never retried (the failure is already final)."""
         ...
 
     def close(self) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.channels.base import DeliveryError, Reply, StorageFull, storage_failure
+from orchestrator.channels.base import (DeliveryError, Failure, Reply, StorageFull,
+                                         storage_failure)
 
 _CHUNK = 1 << 16
 
@@ -31,6 +32,7 @@ class JsonlChannel:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen: set[str] = set()
+        self._failures: set[tuple[str, str]] = set()  # (kind, id) already reported
         self._fd: int | None = None
 
     def _open(self) -> int:
@@ -41,6 +43,7 @@ class JsonlChannel:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                              0o644)
                 self._seen = set(read_ids(self.path))
+                self._failures = set(read_failures(self.path))
                 _repair_tail(fd, self.path)
             except OSError as exc:
                 if fd is not None:
@@ -64,6 +67,16 @@ class JsonlChannel:
         append_whole(fd, line, self.path)
         self._seen.add(reply.message_id)
         return None
+
+    async def report_failure(self, failure: Failure) -> None:
+        """A ``{"type": "failure", ...}`` line, once per (kind, id) even across restarts."""
+        key = (failure.kind, failure.id)
+        fd = self._open()  # loads what the file already holds
+        if key in self._failures:
+            return
+        line = (json.dumps(failure.as_record(), ensure_ascii=False) + "\n").encode("utf-8")
+        append_whole(fd, line, self.path)
+        self._failures.add(key)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -100,7 +113,7 @@ def _repair_tail(fd: int, path: Path) -> None:
     with open(path, "rb") as fh:
         fh.seek(tail_at)
         tail = fh.read()
-    if _record_id(tail) is not None:
+    if _record_id(tail) is not None or _failure_key(tail) is not None:
         append_whole(fd, b"\n", path)
     else:
         logger.warning("{}: cutting off a torn last line ({} bytes)", path, size - tail_at)
@@ -131,7 +144,8 @@ def _record_id(line: bytes | str) -> str | None:
 
 
 def read_ids(path: Path) -> list[str]:
-    """Message ids already in the file; a torn last line (crash mid-write) is skipped."""
+    """Reply ids already in the file; a torn last line (crash mid-write) is skipped,
+    failure records (``"type": "failure"``) are not replies."""
     if not path.exists():
         return []
     ids = []
@@ -139,10 +153,30 @@ def read_ids(path: Path) -> list[str]:
         for n, line in enumerate(fh, 1):
             mid = _record_id(line)
             if mid is None:
-                logger.warning("{}:{}: skipping unreadable line", path, n)
+                if _failure_key(line) is None:  # a failure record is not a reply
+                    logger.warning("{}:{}: skipping unreadable line", path, n)
             else:
                 ids.append(mid)
     return ids
+
+
+def _failure_key(line: bytes | str) -> tuple[str, str] | None:
+    """(kind, id) of a failure record line (``"type": "failure"``), else None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("type") != "failure":
+        return None
+    return (str(record.get("kind")), str(record.get("id")))
+
+
+def read_failures(path: Path) -> list[tuple[str, str]]:
+    """(kind, id) of the failure records already in the file."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [key for key in map(_failure_key, fh) if key is not None]
 
 
 def read_lines(path: Path) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loguru import logger
 
-from orchestrator.channels.base import Reply
+from orchestrator.channels.base import Failure, Reply
 
 
 class LogChannel:
@@ -18,6 +18,11 @@ class LogChannel:
         logger.info("reply {} [{}/{}] {!r} files={}", reply.message_id, reply.agent_group,
                     reply.session_id, text, list(reply.files))
         return None
+
+    async def report_failure(self, failure: Failure) -> None:
+        logger.warning("failed {} {} [{}/{}] to {}/{}: {}", failure.kind, failure.id,
+                       failure.agent_group, failure.session_id, failure.channel_type,
+                       failure.platform_id, failure.reason)
 
     def close(self) -> None:
         pass

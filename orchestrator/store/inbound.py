@@ -213,13 +213,30 @@ def triggering(path: Path, ids: Iterable[str]) -> set[str]:
     return found
 
 
+def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,
+                                                                       str | None]]:
+    """(channel_type, platform_id, thread_id) of some inbound messages, for a failure record."""
+    wanted = list(ids)
+    found: dict[str, tuple[str | None, str | None, str | None]] = {}
+    if not wanted:
+        return found
+    with opened(path, readonly=True) as conn:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in conn.execute("SELECT id, channel_type, platform_id, thread_id FROM"
+                                  f" messages_in WHERE id IN ({marks})", chunk):
+                found[r[0]] = (r[1], r[2], r[3])
+    return found
+
+
 def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
     """Which of these outbound ids already have a ``delivered`` row (any status)."""
     wanted = list(ids)
     if not wanted:
         return set()
     found: set[str] = set()
-    with opened(path) as conn:
+    with opened(path, readonly=True) as conn:
         for i in range(0, len(wanted), 500):
             chunk = wanted[i:i + 500]
             marks = ",".join("?" * len(chunk))

@@ -167,12 +167,27 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 
 @contextmanager
 def opened(path: Path | str, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
-    """Open, use, and always close: no long-lived handles on a shared file."""
-    conn = connect(path, readonly=readonly)
+    """Open, use, and always close: no long-lived handles on a shared file.
+
+    ``path`` may also be an object with ``connect(readonly)`` (the host's
+    ``safefs.SafeDb``: a file in a session folder, opened without following links).
+    """
+    opener = getattr(path, "connect", None)
+    conn = opener(readonly) if opener is not None else connect(path, readonly=readonly)
     try:
         yield conn
     finally:
         conn.close()
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLite said "locked" (another connection holds a lock; try again shortly), or
+    a read-only reader met a hot journal it may not roll back (the writer's next
+    open does): both pass by themselves, neither means the file is unreadable."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+    return code & 0xFF in (5, 6) or code == 776  # BUSY, LOCKED, READONLY_ROLLBACK
 
 
 @contextmanager

@@ -1,0 +1,65 @@
+"""The per-reply delivery rules, as tables: facts in, verdict out, no files, no clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from orchestrator.config import DeliveryConfig
+from orchestrator.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+CFG = DeliveryConfig(max_attempts=3, retry_base=2.0, files_wait=10.0)
+
+
+def at(seconds: float) -> datetime:
+    return NOW + timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("facts, expected", [
+    (ReplyFacts(), Plan(Step.TRY)),
+    (ReplyFacts(settled=True), Plan(Step.SKIP, "already recorded in delivered")),
+    # settled wins over everything, even a defect (a reply is settled once)
+    (ReplyFacts(settled=True, problem="content is not valid UTF-8"),
+     Plan(Step.SKIP, "already recorded in delivered")),
+    (ReplyFacts(problem="content is not valid UTF-8"),
+     Plan(Step.FAIL, "content is not valid UTF-8")),
+    # a defect fails even a reply scheduled for later, or backing off: it never improves
+    (ReplyFacts(problem="too big", deliver_after=at(60)), Plan(Step.FAIL, "too big")),
+    (ReplyFacts(problem="too big", attempts=1, retry_at=at(5)), Plan(Step.FAIL, "too big")),
+    (ReplyFacts(deliver_after=at(30)), Plan(Step.WAIT, "deliver_after is in the future", at(30))),
+    (ReplyFacts(deliver_after=NOW), Plan(Step.TRY)),
+    (ReplyFacts(deliver_after=at(-1)), Plan(Step.TRY)),
+    (ReplyFacts(attempts=2, retry_at=at(4)),
+     Plan(Step.WAIT, "backing off after 2 failed attempt(s)", at(4))),
+    (ReplyFacts(attempts=2, retry_at=NOW), Plan(Step.TRY)),
+    # deliver_after is looked at before the backoff
+    (ReplyFacts(deliver_after=at(30), attempts=1, retry_at=at(4)),
+     Plan(Step.WAIT, "deliver_after is in the future", at(30))),
+], ids=["new", "settled", "settled-beats-defect", "defect", "defect-beats-later",
+        "defect-beats-backoff", "later", "due-now", "overdue", "backing-off", "backoff-over",
+        "later-before-backoff"])
+def test_plan(facts: ReplyFacts, expected: Plan) -> None:
+    assert plan(facts, NOW) == expected
+
+
+@pytest.mark.parametrize("trouble, attempts, waiting_since, expected", [
+    # permanent: failed at once, whatever the count — never retried
+    (Trouble.PERMANENT, 0, None, Plan(Step.FAIL, "x")),
+    (Trouble.PERMANENT, 2, None, Plan(Step.FAIL, "x")),
+    # transient: back off base * 2^(n-1), then fail at max_attempts
+    (Trouble.TRANSIENT, 0, None, Plan(Step.RETRY, "x", at(2))),
+    (Trouble.TRANSIENT, 1, None, Plan(Step.RETRY, "x", at(4))),
+    (Trouble.TRANSIENT, 2, None, Plan(Step.FAIL, "giving up after 3 attempts: x")),
+    # files not there yet: wait (no attempt) until files_wait after first seen waiting
+    (Trouble.FILES_NOT_READY, 0, None, Plan(Step.WAIT, "x", at(10))),
+    (Trouble.FILES_NOT_READY, 0, at(-4), Plan(Step.WAIT, "x", at(6))),
+    (Trouble.FILES_NOT_READY, 0, at(-10), Plan(Step.RETRY, "x", at(2))),
+    (Trouble.FILES_NOT_READY, 2, at(-60), Plan(Step.FAIL, "giving up after 3 attempts: x")),
+], ids=["permanent", "permanent-after-attempts", "transient-1", "transient-2",
+        "transient-last", "files-first-seen", "files-waiting", "files-wait-over",
+        "files-last-attempt"])
+def test_after_failure(trouble: Trouble, attempts: int, waiting_since: datetime | None,
+                       expected: Plan) -> None:
+    assert after_failure(trouble, "x", attempts, waiting_since, NOW, CFG) == expected

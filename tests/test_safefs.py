@@ -1,0 +1,148 @@
+"""safefs on real files: links are refused, SQLite is held to the file in the folder,
+and a locked database answers "busy" at once instead of waiting."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import wait_for
+from orchestrator import safefs
+from orchestrator.layout import sessions_root
+from orchestrator.safefs import Refused, SessionDir
+from orchestrator.store import outbound, schema
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    folder = sessions_root(tmp_path / "data") / "grp" / "s1"
+    folder.mkdir(parents=True)
+    schema.init_inbound(folder / "inbound.db")
+    schema.init_outbound(folder / "outbound.db")
+    return tmp_path / "data"
+
+
+def outside_db(tmp_path: Path) -> Path:
+    """A real outbound DB outside data_dir, with a reply that must never be read."""
+    path = tmp_path / "outside.db"
+    schema.init_outbound(path)
+    with schema.opened(path) as conn:
+        conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                     " VALUES ('secret', 1, 't', 'chat', '{}')")
+    return path
+
+
+def test_a_real_session_folder_opens(data: Path) -> None:
+    with SessionDir(data, "grp", "s1") as folder:
+        st = os.stat(sessions_root(data) / "grp" / "s1")
+        assert folder.identity == (st.st_dev, st.st_ino)
+        assert folder.inode("outbound.db") == os.stat(folder_path(data) / "outbound.db").st_ino
+        assert outbound.read(folder.db("outbound.db")).messages == []
+    assert folder.fd == -1
+
+
+def folder_path(data: Path) -> Path:
+    return sessions_root(data) / "grp" / "s1"
+
+
+@pytest.mark.parametrize("which", ["session", "group"])
+def test_linked_folders_are_refused(tmp_path: Path, data: Path, which: str) -> None:
+    real = folder_path(data)
+    if which == "session":
+        os.rename(real, tmp_path / "moved")
+        os.symlink(tmp_path / "moved", real)
+    else:
+        os.rename(real.parent, tmp_path / "moved")
+        os.symlink(tmp_path / "moved", real.parent)
+    with pytest.raises(Refused, match="is a symlink or not a directory"):
+        SessionDir(data, "grp", "s1")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "hardlink"])
+def test_a_database_that_is_not_a_plain_file_is_refused(tmp_path: Path, data: Path,
+                                                        kind: str) -> None:
+    target = outside_db(tmp_path)
+    before = (target.read_bytes(), target.stat().st_mtime_ns)
+    db = folder_path(data) / "outbound.db"
+    db.unlink()
+    if kind == "symlink":
+        os.symlink(target, db)
+    elif kind == "fifo":
+        os.mkfifo(db)  # opening it for reading would block: it is never opened
+    elif kind == "directory":
+        db.mkdir()
+    else:
+        os.link(target, db)
+    t0 = time.monotonic()
+    with SessionDir(data, "grp", "s1") as folder, pytest.raises(Refused):
+        outbound.read(folder.db("outbound.db"))
+    assert time.monotonic() - t0 < 1.0
+    assert (target.read_bytes(), target.stat().st_mtime_ns) == before
+
+
+def test_verify_rejects_a_connection_to_another_file(tmp_path: Path, data: Path) -> None:
+    """What a swap between the check and SQLite's open would give: SQLite holding a
+    file that is not the one named in the folder. Found out before any use."""
+    assert safefs.VERIFIED_OPEN  # CPython + the unix VFS here: the check is in force
+    conn = sqlite3.connect(outside_db(tmp_path))
+    try:
+        with SessionDir(data, "grp", "s1") as folder:
+            with pytest.raises(Refused, match="swapped while being opened"):
+                safefs.verify(conn, folder.fd, "outbound.db", "x")
+            same = sqlite3.connect(folder_path(data) / "outbound.db")
+            safefs.verify(same, folder.fd, "outbound.db", "x")  # the right file passes
+            same.close()
+    finally:
+        conn.close()
+
+
+def test_a_folder_moved_after_opening_is_still_the_one_read(tmp_path: Path, data: Path) -> None:
+    """The descriptor names the folder we opened, wherever it goes; a link put in its
+    place later is not followed for that pass."""
+    with schema.opened(folder_path(data) / "outbound.db") as conn:
+        conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                     " VALUES ('inside', 1, 't', 'chat', '{}')")
+    outside = tmp_path / "evil"
+    outside.mkdir()
+    os.rename(outside_db(tmp_path), outside / "outbound.db")
+    with SessionDir(data, "grp", "s1") as folder:
+        os.rename(folder_path(data), tmp_path / "moved")
+        os.symlink(outside, folder_path(data))
+        assert [m.id for m in outbound.read(folder.db("outbound.db")).messages] == ["inside"]
+    with pytest.raises(Refused):
+        SessionDir(data, "grp", "s1")  # the next pass refuses the link
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_locked_database_is_busy_at_once_not_unreadable(data: Path) -> None:
+    db = folder_path(data) / "outbound.db"
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        with SessionDir(data, "grp", "s1") as folder:
+            t0 = time.monotonic()
+            with pytest.raises(sqlite3.OperationalError) as info:
+                outbound.read(folder.db("outbound.db"))
+            waited = time.monotonic() - t0
+        assert schema.is_busy(info.value)
+        assert waited < 0.2, f"waited {waited:.3f}s on a lock the agent holds"
+    finally:
+        locker.stdin.close()
+        locker.wait(10)
+    with SessionDir(data, "grp", "s1") as folder:
+        wait_for(lambda: outbound.read(folder.db("outbound.db")).messages == [], timeout=5)

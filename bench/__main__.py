@@ -15,10 +15,11 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import fixture, machine, proc, report
+from bench import fixture, machine, proc, report, roundtrip, rt_report
+from bench.scale import run_scale
 from bench.scenarios import FULL, QUICK, Bench
 
-RUNS = ("idle", "latency1", "latency1000", "agents", "lockers", "budget")
+RUNS = ("idle", "latency1", "latency1000", "agents", "lockers", "budget", "roundtrip", "scale")
 
 
 def _interrupt(signum, _frame):
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None,
                     help=f"comma-separated subset of runs: {','.join(RUNS)}")
     ap.add_argument("--modes", default="events,poll", help="watch modes to run")
+    ap.add_argument("--no-docker", action="store_true",
+                    help="skip the Docker round trips (they need an engine and the agent image)")
+    ap.add_argument("--scale", type=int, default=10000, metavar="N",
+                    help="sessions of the scale run (default 10000)")
     ap.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "py-spy"),
                     default=None,
                     help="profile the orchestrator during each window (cProfile on its event "
@@ -120,6 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         bench.say(f"machine: {info['cores_logical']} cores, {info['cpu_model']}, Python "
                   f"{info['python']}, watchfiles {info['watchfiles']}, fs {info['bench_tmp_fs']}")
         bench.run_all(only)
+        if only is None or "roundtrip" in only:
+            why = None if args.no_docker else roundtrip.docker_available()
+            if why:
+                bench.say(f"Docker round trips skipped: {why}")
+            rts = roundtrip.RoundTrips(bench, roundtrip.RT_QUICK if args.quick
+                                       else roundtrip.RT_FULL)
+            bench.extra["roundtrip"] = rts.run_all(docker=not args.no_docker and why is None)
+        if (only is None and not args.quick) or (only is not None and "scale" in only):
+            # 10 000 session folders take minutes to create on a busy disk: the full
+            # run (or --only scale) measures them, --quick does not
+            idle_s = 35.0 if args.quick else 120.0
+            for mode in modes:
+                if mode == "poll" and args.quick:
+                    continue  # 10 000 sessions polled: the full run measures it
+                bench._guard(mode, f"scale_{args.scale}", lambda: run_scale(
+                    bench, args.scale, mode, idle_s, 40 if args.quick else 200,
+                    20.0 if args.quick else 25.0))
         complete = True
     except KeyboardInterrupt:
         bench.say("interrupted: stopping child processes and removing temp files")
@@ -163,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
                                   "inbound.db-journal seen by inotify); same host clock",
         },
         "summary": summary,
+        "roundtrip": bench.extra.get("roundtrip"),
         "shared_host_windows": [{"window": k, "foreign_cores": v} for k, v in noisy],
         "results": bench.results,
-        "extra": bench.extra,
+        "extra": {k: v for k, v in bench.extra.items() if k != "roundtrip"},
     }
+    doc["summary_issue13"] = rt_report.summarize(doc)
     if not complete:  # never replace a complete result with an interrupted one
         out = out.with_name(out.stem + ".partial.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(doc), indent=2, default=str) + "\n")
     print()
     print(report.table(summary))
+    print("\nround trips, paused agents, idle agents, 10 000 sessions (issue 13; the inotify "
+          "column in events mode is judged):")
+    print(rt_report.table(doc["summary_issue13"]))
     sweeps = {m: (bench.results.get(m, {}).get("idle_1000", {}).get("idle") or {})
               .get("sweeps_in_window") for m in modes}
     if any(v == 0 for v in sweeps.values()):

@@ -78,6 +78,15 @@ class SyntheticRuntime:
     def is_running(self, session_id: str) -> bool:
         return session_id in self._alive
 
+    def is_paused(self, session_id: str) -> bool:
+        return False
+
+    async def pause(self, session_id: str) -> None:
+        pass
+
+    async def resume(self, session_id: str) -> None:
+        pass
+
     def running(self) -> list[AgentHandle]:
         return [AgentHandle(g, s, f"synthetic-{s}", adopted=True) for s, g in self._alive.items()]
 

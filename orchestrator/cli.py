@@ -167,6 +167,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         with registry:
             rows = status.collect(cfg.data_dir, registry)
     print(status.render_json(rows) if args.json else status.render_table(rows))
+    warning = status.environment_warning(cfg.data_dir)
+    if warning:  # status itself only reads, so it works; say what will not
+        print(f"orchestrator: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -26,8 +26,9 @@ class ConfigError(UserError, ValueError):
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, path: bool = False) -> Any:
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
+         max: float | None = None, path: bool = False, auto: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path,
+            "auto": auto}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,6 +49,16 @@ class RuntimeConfig:
     start_retry_max: float = _opt(
         15.0, "cap (s) of the backoff when an agent cannot be started (e.g. Docker down)",
         min=1, max=3600)
+    # "auto" is resolved when the supervisor starts (admission.resolve_max_agents), so
+    # this file stays the same on every host; the reason is rendered as its comment.
+    max_agents: int | str = _opt(
+        "auto", "most agents running at once; 0 = no cap. 'auto' = min(4 x CPU count, "
+        "3/4 of RAM / [docker] memory), at least 1: agents mostly wait on a model API, so "
+        "a few share a core, but each may use its whole memory limit and the host must "
+        "not swap", min=0, max=1_000_000, auto=True)
+    make_room_after: float = _opt(
+        2.0, "when work is queued at the cap, an agent with no claim and no due work that "
+             "has done nothing for this long (s) is stopped to make room", min=0, max=86400)
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,9 @@ class DockerConfig:
         "container.json there); {data_dir} and {group} are filled in, e.g. "
         "'{data_dir}/groups/{group}'; empty = none")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
+    precreate: int = _opt(
+        0, "containers created ahead for the sessions stopped most recently, so their next "
+        "start skips docker create (each shows in docker ps -a); 0 = off", min=0, max=1000)
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class LifecycleConfig:
                              min=0.01, max=86400)
     stop_idle_after: float = _opt(300.0, "seconds idle before the agent is stopped",
                                   min=0, max=7 * 86400)
+    pause_idle_after: float = _opt(
+        0.0, "seconds idle before the agent is frozen (docker pause / SIGSTOP; resumed in ms "
+        "when work arrives, still stopped after stop_idle_after); 0 = never",
+        min=0, max=7 * 86400)
     ceiling: float = _opt(1800.0, "kill when the heartbeat is older than this (s)",
                           min=0.1, max=7 * 86400)
     claim_stuck: float = _opt(60.0, "kill when a claim is older than this with no heartbeat (s)",
@@ -177,6 +195,14 @@ def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of strings, got {value!r}")
         return tuple(value)
+    if meta.get("auto"):  # "auto" or a whole number in range
+        if value == "auto":
+            return value
+        lo, hi = meta["min"], meta["max"]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{where} must be \"auto\" or a whole number from {lo:g} to "
+                              f"{hi:g} (0 = no cap), got {value!r}")
+        return value
     if meta.get("path"):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")

@@ -31,8 +31,8 @@ from loguru import logger
 from orchestrator.attachments import safe_name
 from orchestrator.channels import (Channel, DeliveryError, Failure, PermanentDeliveryError, Reply,
                                    StorageFull)
-from orchestrator.channels.base import storage_failure
 from orchestrator.config import DeliveryConfig
+from orchestrator.errors import host_storage_failure
 from orchestrator.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
 from orchestrator.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
 from orchestrator.lifecycle import earliest
@@ -156,7 +156,7 @@ def move_files(folder: SessionDir, data_dir: Path, out_id: str, names: list[str]
             dst_dir.mkdir(parents=True, exist_ok=True)
             dst = os.open(dst_dir, DIR_FLAGS)
         except OSError as exc:
-            error = StorageFull if storage_failure(exc) else DeliveryError
+            error = StorageFull if host_storage_failure(exc) else DeliveryError
             raise error(f"reply {out_id}: cannot create {dst_dir} ({exc.strerror})") from None
         try:
             return [_move_one(src, dst, dst_dir, name, f"{folder.where}/{OUTBOX}/{out_id}",
@@ -184,7 +184,7 @@ def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
         os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
-            error = StorageFull if storage_failure(exc) else DeliveryError
+            error = StorageFull if host_storage_failure(exc) else DeliveryError
             raise error(f"reply {out_id}: cannot move {name!r} ({exc.strerror})") from None
         _copy_across(src, dst, name, out_id)
     arrived = lstat_at(dst, name)  # what the rename really moved (the agent may race it)
@@ -227,7 +227,7 @@ def _copy_across(src: int, dst: int, name: str, out_id: str) -> None:
     except Refused as exc:
         raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
     except OSError as exc:
-        error = StorageFull if storage_failure(exc) else DeliveryError
+        error = StorageFull if host_storage_failure(exc) else DeliveryError
         raise error(f"reply {out_id}: cannot copy {name!r} ({exc.strerror})") from None
     finally:
         os.close(fd)

@@ -39,6 +39,18 @@ _ERRNO_CAUSES = {
 }
 
 
+HOST_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+SQLITE_FULL = 13
+
+
+def host_storage_failure(exc: BaseException) -> bool:
+    """The host's own disk is full or read-only: nobody's fault but the host's, so
+    it must not count against a message or a reply (they would fail while good)."""
+    if isinstance(exc, OSError):
+        return exc.errno in HOST_STORAGE_ERRNOS
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
+
+
 def probe_cause(path: Path) -> str | None:
     """Why writing under ``path`` fails, found by looking at its nearest existing folder.
 
@@ -57,7 +69,7 @@ def probe_cause(path: Path) -> str | None:
     if st.f_flag & os.ST_RDONLY:
         return "read-only file system"
     if not os.access(folder, os.W_OK):
-        return f"{folder} is not writable (permission denied)"
+        return "permission denied"
     if st.f_bavail == 0 or (st.f_favail == 0 and st.f_files):
         return "no space left on the device"
     return None

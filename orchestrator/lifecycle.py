@@ -22,6 +22,8 @@ class Action(enum.Enum):
     STOP = "stop"  # idle too long: polite stop
     KILL = "kill"  # stuck: kill, then its claims are retried
     FAIL_DUE = "fail-due"  # the agent cannot be started: fail the due messages
+    PAUSE = "pause"  # idle a while: freeze it (docker pause / SIGSTOP), memory kept
+    RESUME = "resume"  # paused and work arrived: thaw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class Observation:
     start_blocked_until: datetime | None = None  # runtime unavailable: retry after
     tool_running: bool = False  # container_state.current_tool is set
     answer_due: datetime | None = None  # an acked message may be answered until then
+    paused: bool = False  # frozen by us (a detail of idle: see ``thawed``)
+    resumed_at: datetime | None = None  # last thaw: frozen time before it is no hang
     # --- what the worker knows beyond the evidence (the gates of ``decide``) ---
     status: str = "stopped"  # the status recorded now
     op_running: bool = False  # a start/stop/kill of ours is still under way
@@ -110,6 +114,22 @@ def in_flight(obs: Observation, now: datetime) -> bool:
         obs.answer_due is not None and obs.answer_due > now)
 
 
+def thawed(obs: Observation) -> Observation:
+    """``obs`` with the time the agent spent frozen taken out of the stuck rules.
+
+    A paused agent cannot heartbeat; once thawed, its old heartbeat or a claim it
+    wrote just before the freeze would look like a hang. Both count from the thaw
+    at the earliest, so the usual windows start again when the agent can move.
+    """
+    r = obs.resumed_at
+    if r is None:
+        return obs
+    hb = max(obs.heartbeat_at, r) if obs.heartbeat_at is not None else None
+    claims = tuple(Claim(c.message_id, max(c.claimed_at, r)) if c.claimed_at else c
+                   for c in obs.claims)
+    return replace(obs, heartbeat_at=hb, claims=claims)
+
+
 def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str | None:
     """Why a live agent must be killed, or None.
 
@@ -118,9 +138,11 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
       it politely);
     - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat
       since the claim. No heartbeat file at all means "still starting": not stuck.
+    A paused agent is frozen by us, not hung; after a thaw see ``thawed``.
     """
-    if not obs.alive or obs.heartbeat_at is None:
+    if not obs.alive or obs.heartbeat_at is None or obs.paused:
         return None
+    obs = thawed(obs)
     hb_age = (now - obs.heartbeat_at).total_seconds()
     limit = heartbeat_limit(cfg, obs.tool_timeout)
     if (obs.claims or obs.tool_running) and hb_age > limit:
@@ -137,10 +159,11 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
 
 def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     """When ``stuck_reason`` could next become true if nothing else happens."""
-    if not obs.alive or obs.heartbeat_at is None:
+    if not obs.alive or obs.heartbeat_at is None or obs.paused:
         return None
     if not obs.claims and not obs.tool_running:
         return None
+    obs = thawed(obs)
     times = [obs.heartbeat_at + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
     climit = timedelta(seconds=claim_limit(cfg, obs.tool_timeout))
     times += [c.claimed_at + climit for c in obs.claims
@@ -154,7 +177,7 @@ def earliest(*times: datetime | None) -> datetime | None:
     return min(present) if present else None
 
 
-_RUNTIME_OPS = (Action.START, Action.STOP, Action.KILL)
+_RUNTIME_OPS = (Action.START, Action.STOP, Action.KILL, Action.PAUSE, Action.RESUME)
 
 
 def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
@@ -214,6 +237,8 @@ def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
             return Verdict("stopped", f"{obs.due} message(s) due", Action.START)
         return Verdict("stopped", "no agent")
 
+    if obs.paused and obs.claims:  # it claimed just as it was frozen: let it work
+        return Verdict("running", "claim held by a paused agent: resuming", Action.RESUME)
     reason = stuck_reason(obs, now, cfg)
     if reason:
         return Verdict("running", reason, Action.KILL)
@@ -224,17 +249,38 @@ def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     busy = in_flight(obs, now)
     if busy or now < idle_at:
         answer_at = obs.answer_due if obs.answer_due and obs.answer_due > now else None
-        return Verdict("running", "active", next_check=earliest(
-            None if busy else idle_at, stuck_at, answer_at))
+        return Verdict("running", "active",
+                       Action.RESUME if obs.paused and obs.due > 0 else Action.NONE,
+                       next_check=earliest(None if busy else idle_at, stuck_at, answer_at))
 
     idle_since = obs.idle_since if obs.idle_since and obs.idle_since >= idle_at else idle_at
     stop_at = idle_since + timedelta(seconds=cfg.stop_idle_after)
     if now >= stop_at and obs.due == 0:
         return Verdict("idle", f"idle for {(now - idle_since).total_seconds():.0f}s",
                        Action.STOP)
+    kept = {"idle_since": idle_since}
+    if obs.paused:
+        if obs.due > 0:
+            return Verdict("idle", f"resumed: {obs.due} message(s) due", Action.RESUME,
+                           detail=kept)
+        return Verdict("idle", "paused", next_check=stop_at, detail=kept | {"paused": True})
+    pause_at = pause_deadline(idle_since, stop_at, obs.due, cfg)
+    if pause_at is not None and now >= pause_at:
+        return Verdict("idle", f"paused after {(now - idle_since).total_seconds():.0f}s idle",
+                       Action.PAUSE, next_check=stop_at, detail=kept)
     return Verdict("idle", f"no heartbeat, reply or claim for {cfg.idle_after:g}s",
-                   next_check=earliest(stop_at if obs.due == 0 else None, stuck_at),
-                   detail={"idle_since": idle_since})
+                   next_check=earliest(stop_at if obs.due == 0 else None, pause_at, stuck_at),
+                   detail=kept)
+
+
+def pause_deadline(idle_since: datetime, stop_at: datetime, due: int,
+                   cfg: LifecycleConfig) -> datetime | None:
+    """When an idle agent is frozen: ``pause_idle_after`` s into its idle spell, if
+    pausing is on (> 0), nothing is due, and the stop would not come first anyway."""
+    if cfg.pause_idle_after <= 0 or due > 0:
+        return None
+    pause_at = idle_since + timedelta(seconds=cfg.pause_idle_after)
+    return pause_at if pause_at < stop_at else None
 
 
 def start_backoff(failures: int, base: float = 1.0, cap: float = 60.0) -> float:

@@ -22,7 +22,7 @@ import asyncio
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
@@ -30,6 +30,7 @@ from orchestrator import answers
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
+from orchestrator.errors import host_storage_failure
 from orchestrator.filesig import Signature, signature_mtime
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
 from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
@@ -40,6 +41,9 @@ from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
 from orchestrator.store.registry import Registry
+
+if TYPE_CHECKING:
+    from orchestrator.admission_gate import AdmissionGate
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
@@ -109,6 +113,7 @@ class Tracked:
     registry_touched: datetime | None = None
     identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
     busy: int = 0  # passes in a row that met a locked database
+    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
 
 
 def _parse_ts(value: str | None) -> datetime | None:
@@ -130,6 +135,7 @@ class SessionWorker:
         self.clock = clock
         self.mark = mark
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
+        self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
         self._ops: set[asyncio.Task] = set()
 
     # --- the pass ---------------------------------------------------------------------
@@ -247,6 +253,19 @@ class SessionWorker:
             return False
         return bool(wanted)
 
+    def sweep_flags(self, t: Tracked) -> Flags:
+        """What the reconcile sweep must have a pass look at, or NONE: files changed
+        on disk since the last pass read them (a missed event), a pass that failed
+        (its signatures were cleared), or a status the runtime contradicts."""
+        try:
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                flags = self._changed_on_disk(t, folder)
+        except OSError:  # Refused too: the pass says what is wrong, once
+            return Flag.SWEEP
+        if self.runtime.is_running(t.session_id) != (t.status != "stopped"):
+            flags |= Flag.SWEEP
+        return flags
+
     def _changed_on_disk(self, t: Tracked, folder: SessionDir) -> Flags:
         flags = Flag.NONE
         for name, path, flag in (("hb", HEARTBEAT, Flag.HEARTBEAT),
@@ -285,15 +304,6 @@ class SessionWorker:
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
         final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
-        if final:
-            inbound.sync_acks(folder.db(INBOUND_DB), final)
-        # Only once the sync is written: acks older than ``acks_seen`` are never read
-        # again, so moving it first would lose an ack whose sync failed.
-        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
-        if stamps:
-            newest = max(stamps)
-            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
-        t.synced_acks = set(settled)
         t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout
@@ -309,6 +319,17 @@ class SessionWorker:
         result = await self.deliverer.run_pass(
             folder=folder, agent_group=t.agent_group, session_id=t.session_id,
             state=t.delivery, messages=snap.messages, routing=t.routing, now=now)
+        # The acks after the replies: an agent writes a reply and its 'completed' ack in
+        # one commit, and the reply must not wait for a commit of the ack's mirror.
+        if final:
+            inbound.sync_acks(folder.db(INBOUND_DB), final)
+        # Only once the sync is written: acks older than ``acks_seen`` are never read
+        # again, so moving it first would lose an ack whose sync failed.
+        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
+        if stamps:
+            newest = max(stamps)
+            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
+        t.synced_acks = set(settled)
         t.delivery_due = result.next_due
         for mid in result.delivered:
             logger.info("delivered reply {} of session {}", mid, t.session_id)
@@ -406,7 +427,8 @@ class SessionWorker:
             status=t.status,
             op_running=t.op is not None and not t.op.done(),
             op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
-            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due))
+            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due),
+            paused=self.runtime.is_paused(t.session_id), resumed_at=t.resumed_at)
 
     async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
@@ -419,11 +441,13 @@ class SessionWorker:
 
     async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
                      now: datetime) -> None:
+        if self.admission is not None and (t.op is None or t.op.done()):
+            verdict = self.admission.review(t, verdict, now)  # a start may wait for a slot
         if verdict.record is not None:
             self.set_status(t, *verdict.record, now)
         t.idle_since = verdict.idle_since
         if verdict.action is Action.START:
-            self._run_op(t, self._start(t))
+            self._run_op(t, self._start_admitted(t))
         elif verdict.action is Action.STOP:
             t.ending_reason = f"stopped: {verdict.reason}"
             self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
@@ -432,6 +456,10 @@ class SessionWorker:
                 "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
+        elif verdict.action is Action.PAUSE:
+            self._run_op(t, self._pause(t, verdict.reason))
+        elif verdict.action is Action.RESUME:
+            self._run_op(t, self._resume(t, verdict.reason))
         elif verdict.action is Action.FAIL_DUE:
             await self._fail_due(t, folder, verdict.reason, now)
         self._schedule(t, verdict.next_check, now)
@@ -501,6 +529,13 @@ class SessionWorker:
         self._ops.add(t.op)
         t.op.add_done_callback(self._ops.discard)
 
+    async def _start_admitted(self, t: Tracked) -> None:
+        try:
+            await self._start(t)
+        finally:  # started or not, the slot it held while starting is the runtime's now
+            if self.admission is not None:
+                self.admission.start_done(t.session_id)
+
     async def _start(self, t: Tracked) -> None:
         now = self.clock()
         try:
@@ -519,7 +554,7 @@ class SessionWorker:
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
-            if not isinstance(exc, RuntimeUnavailable):
+            if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
                 # this session's own obstacle (e.g. a directory where .heartbeat
                 # belongs), not an outage of the runtime: it counts towards max_tries
                 t.start_errors += 1
@@ -545,6 +580,17 @@ class SessionWorker:
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.due} message(s) due")
         self.set_status(t, "running", reason, t.started_at)
+
+    async def _pause(self, t: Tracked, reason: str) -> None:
+        """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three
+        statuses stay), recorded as the status reason: ``paused after …``."""
+        await self.runtime.pause(t.session_id)
+        self.set_status(t, t.status, reason, self.clock())
+
+    async def _resume(self, t: Tracked, reason: str) -> None:
+        await self.runtime.resume(t.session_id)
+        t.resumed_at = self.clock()
+        self.set_status(t, t.status, reason, t.resumed_at)
 
     @staticmethod
     def unblock(t: Tracked) -> bool:

@@ -27,6 +27,7 @@ from typing import Callable
 from loguru import logger
 
 from orchestrator import watcher
+from orchestrator.admission_gate import open_gate
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
@@ -68,6 +69,15 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
 
 
 WATCH_START_TIMEOUT = 10.0
+SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
+
+
+def sweep_plan(interval: float, tick: float = SWEEP_TICK) -> tuple[float, int]:
+    """(seconds between slices, number of slices) so that every session is swept
+    once per ``interval``, one slice about every ``tick`` seconds."""
+    slices = max(1, round(interval / tick))
+    return interval / slices, slices
+
 
 
 class AlreadyRunning(UserError):
@@ -145,11 +155,13 @@ class Supervisor:
         if t is not None:
             t.exit = ev
             self.mark(ev.session_id, Flag.EXIT)
+        self.admission.agent_exited(ev.session_id)  # a slot is free: the queue moves on
 
     def _on_runtime_available(self) -> None:
         """The runtime answers again (and has just reconciled): retry what an outage
         put off now, not when each session's backoff ends, and look again at every
         session whose agent the reconcile found alive or gone."""
+        self.admission.runtime_available()
         for t in self.tracked.values():
             unblocked = self.worker.unblock(t)
             if unblocked or self.runtime.is_running(t.session_id) != (t.status != "stopped"):
@@ -279,14 +291,25 @@ class Supervisor:
             self._on_activity(batch)
 
     async def _sweep(self) -> None:
-        async for _ in ticks(self.cfg.watch.sweep_interval, self.stop_event):
-            try:
-                await self.runtime.reconcile()
-            except Exception as exc:  # the runtime logs its own outages; keep sweeping
-                logger.debug("runtime reconcile failed: {}", exc)
-            self._discover()
-            for sid in self.tracked:
-                self.mark(sid, Flag.SWEEP)
+        """Every session once per ``sweep_interval``, a slice per tick (see ``sweep_plan``):
+        10 000 sessions no longer arrive as one lump of passes. Only sessions whose
+        files changed on disk since their last pass (3 ``stat`` calls), whose last pass
+        failed or whose status disagrees with the runtime get a pass at all."""
+        tick, slices = sweep_plan(self.cfg.watch.sweep_interval)
+        order: list[str] = []
+        async for k in ticks(tick, self.stop_event):
+            part = k % slices
+            if part == 0 or not order:  # a new round: the runtime, new folders, the order
+                try:
+                    await self.runtime.reconcile()
+                except Exception as exc:  # the runtime logs its own outages; keep sweeping
+                    logger.debug("runtime reconcile failed: {}", exc)
+                self._discover()
+                order = list(self.tracked)
+            for sid in order[part::slices]:
+                t = self.tracked.get(sid)
+                if t is not None and (flags := self.worker.sweep_flags(t)):
+                    self.mark(sid, flags)
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
@@ -299,6 +322,9 @@ class Supervisor:
         self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
         self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
                                     self.deliverer, self.clock, self.mark)
+        self.admission = self.worker.admission = open_gate(
+            self.cfg, self.tracked, self.runtime, self.registry, self.mark,
+            self.worker.set_status, self.clock)
 
     async def _reconcile_at_start(self) -> None:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""

@@ -198,65 +198,10 @@ class Finished:
 
 WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
 
-LOSS_RESCAN_EVERY = 1.0  # s: while signs keep coming, rescan at most this often
-LOSS_EPISODE_END = 5.0  # s without a sign: the next sign is a new episode (warned again)
-RECHECK_AFTER = 0.5  # s: a folder found unwatched is looked at again before we act
-
-
-class _Gate:
-    """Given to ``RustNotify.watch`` as its ``stop_event``: the Rust loop calls
-    ``is_set`` once per step, which is the one place a long ``watch`` call lets us
-    look at the watch from outside (``watch_health``) without a thread of our own."""
-
-    def __init__(self, halt: threading.Event, root: Path, fd: int | None, queue: int,
-                 verify_every: float) -> None:
-        self.halt, self.root, self.fd, self.queue = halt, root, fd, queue
-        self.verify_every = verify_every
-        self.last = time.monotonic()
-        self.sign: str | None = None
-        self.restart: str | None = None
-        self.verify_at = self.last + verify_every
-        self.suspects: dict[int, str] = {}
-
-    def arm(self) -> None:
-        self.last = time.monotonic()
-
-    def is_set(self) -> bool:
-        now = time.monotonic()
-        gap, self.last = now - self.last, now
-        if self.sign is None:
-            pending = watch_health.pending_bytes(self.fd) if self.fd is not None else 0
-            self.sign = watch_health.loss_sign(gap=gap, pending=pending, batch=0,
-                                               queue=self.queue)
-        if self.fd is not None and now >= self.verify_at:
-            self._verify(now)
-        return self.halt.is_set() or self.restart is not None
-
-    def _verify(self, now: float) -> None:
-        """Folders no watch covers, twice in a row (a folder just created may not be
-        watched yet): restart the watch, which adds them (and rescans)."""
-        watched = watch_health.watched_inodes(self.fd) if self.fd is not None else None
-        if watched is None:
-            self.verify_at = now + self.verify_every
-            return
-        missing = watch_health.unwatched(watch_health.session_folders(self.root), watched,
-                                         self.root)
-        confirmed = {ino: name for ino, name in missing.items() if ino in self.suspects}
-        if confirmed:
-            names = sorted(confirmed.values())
-            self.restart = (f"{len(names)} folder(s) not watched ({', '.join(names[:3])}"
-                            f"{', ...' if len(names) > 3 else ''})")
-        self.suspects = missing
-        self.verify_at = now + (RECHECK_AFTER if missing else self.verify_every)
-
-    def take_sign(self) -> str | None:
-        sign, self.sign = self.sign, None
-        return sign
-
-
-def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
+def _open_notifier(notifier: Callable[..., Any], root: Path,
+                   per_folder: bool) -> tuple[Any, int | None]:
     before = watch_health.inotify_fds()
-    notify = notifier(watch_paths=watch_health.watch_paths(root), debug=False,
+    notify = notifier(watch_paths=watch_health.watch_paths(root, per_folder), debug=False,
                       force_polling=False, poll_delay_ms=0, recursive=True,
                       ignore_permission_denied=True)
     return notify, watch_health.find_instance(before, root)
@@ -279,22 +224,22 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     probe = os.path.normpath(os.path.join(root, PROBE))
     prefix = os.path.join(str(root), "")
     failures = 0
+    per_folder = False  # once folders were found unwatched: walk each on its own
     while not halt.is_set():
         root.mkdir(parents=True, exist_ok=True)
         post(Started())
         try:
             queue = watch_health.queue_limit()  # what the new instance gets
-            notify, fd = _open_notifier(notifier, root)
+            notify, fd = _open_notifier(notifier, root, per_folder)
             with notify:
-                gate = _Gate(halt, root, fd, queue, cfg.sweep_interval)
+                gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval)
                 last_change = time.monotonic()
-                episode_sign = last_rescan = 0.0  # monotonic times; 0 = no episode
-                owed = False  # a sign seen since the last rescan
+                episodes = watch_health.Episodes()
                 while True:
                     step, debounce, timeout = watch_step(time.monotonic() - last_change, cfg)
-                    if owed:  # come back in time to rescan after the last sign
-                        due = max(1, int((last_rescan + LOSS_RESCAN_EVERY
-                                          - time.monotonic()) * 1000))
+                    owed = episodes.due_in(time.monotonic())
+                    if owed is not None:  # come back in time for the owed rescan
+                        due = max(1, int(owed * 1000))
                         timeout = min(timeout, due) if timeout else due
                     gate.arm()
                     raw = notify.watch(debounce_ms=debounce, step_ms=step, timeout_ms=timeout,
@@ -304,16 +249,9 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                                                 watch_health.loss_sign(
                                                     gap=0.0, pending=0, batch=len(raw),
                                                     queue=queue))
-                    if sign:
-                        if not episode_sign or now - episode_sign >= LOSS_EPISODE_END:
-                            post(Lost(sign))
-                            last_rescan, owed = now, False
-                        else:
-                            owed = True
-                        episode_sign = now
-                    if owed and now - last_rescan >= LOSS_RESCAN_EVERY:
-                        post(Lost("events were still being lost", warn=False))
-                        last_rescan, owed = now, False
+                    rescan = episodes.step(sign, now)
+                    if rescan is not None:
+                        post(Lost(*rescan))
                     if raw == "timeout":
                         continue
                     if isinstance(raw, str):  # "stop" (halt or restart) or "signal"
@@ -330,6 +268,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                         post(Changes(batch, probed))
             if gate.restart is not None and not halt.is_set():
                 post(Restarting(gate.restart))
+                per_folder = True
             elif not halt.is_set():  # the watch ended without an error
                 post(Ended())
         except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried

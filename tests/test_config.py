@@ -56,6 +56,10 @@ def test_config_is_frozen():
     ({"log": {"level": "DEBUG", "json": True}}, lambda c: (c.log.level, c.log.json), ("DEBUG", True)),
     ({"data_dir": "var/x"}, lambda c: c.data_dir, BASE / "var" / "x"),
     ({"data_dir": "/abs/place"}, lambda c: c.data_dir, Path("/abs/place")),
+    ({}, lambda c: c.runtime.max_agents, "auto"),  # resolved on the host at run time
+    ({"runtime": {"max_agents": 0}}, lambda c: c.runtime.max_agents, 0),  # no cap
+    ({"runtime": {"max_agents": 12}}, lambda c: c.runtime.max_agents, 12),
+    ({"runtime": {"make_room_after": 0}}, lambda c: c.runtime.make_room_after, 0.0),
     ({"data_dir": "/d", "delivery": {"path": "out/r.jsonl"}}, lambda c: c.delivery.path,
      Path("/d/out/r.jsonl")),
     ({"data_dir": "/d", "delivery": {"path": "/elsewhere/r.jsonl"}}, lambda c: c.delivery.path,
@@ -110,6 +114,16 @@ BAD = [
     pytest.param({"data_dir": 5}, "data_dir must be a non-empty path string", id="int-data-dir"),
     pytest.param({"delivery": {"path": ""}}, "[delivery] path must be a non-empty path string",
                  id="empty-path"),
+    pytest.param({"runtime": {"max_agents": -1}},
+                 '[runtime] max_agents must be "auto" or a whole number from 0', id="cap-negative"),
+    pytest.param({"runtime": {"max_agents": 2.5}},
+                 '[runtime] max_agents must be "auto" or a whole number', id="cap-float"),
+    pytest.param({"runtime": {"max_agents": "lots"}},
+                 '[runtime] max_agents must be "auto" or a whole number', id="cap-string"),
+    pytest.param({"runtime": {"max_agents": True}},
+                 '[runtime] max_agents must be "auto" or a whole number', id="cap-bool"),
+    pytest.param({"runtime": {"make_room_after": -1}},
+                 "[runtime] make_room_after must be between 0", id="make-room-negative"),
 ]
 
 

@@ -664,3 +664,51 @@ def test_daemon_down_at_start_up_keeps_claims_and_adopts_when_back(
         assert not [m for m in loud(log_records) if m.startswith("ERROR")], loud(log_records)
 
     bounded(body(), timeout=90)
+
+
+# --- the paused tier ----------------------------------------------------------------------------
+
+
+def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_after(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """docker pause after pause_idle_after; a message thaws the same container (no new
+    one) and is answered; the paused container is still stopped at stop_idle_after."""
+    cfg = docker_config(tmp_path, instance, agent_image,
+                        lifecycle={"idle_after": 0.3, "pause_idle_after": 0.3,
+                                   "stop_idle_after": 5.0})
+
+    async def state(cid: str) -> str:
+        info = await in_thread(docker_client.api.inspect_container, cid)
+        return info["State"]["Status"]
+
+    async def body() -> None:
+        async with supervised(cfg) as sup:
+            row = session(sup, "helpers")
+            m1 = send(sup, row, "first")
+            await until(lambda: replies_to(cfg, m1), 30, "first reply")
+            cid = container_id(sup, row.id)
+            assert cid is not None
+            await until_async(lambda: _is(state(cid), "paused"), 15, "container paused")
+            assert status(sup, row.id) == "idle" and sup.runtime.is_paused(row.id)
+
+            m2 = send(sup, row, "second")
+            [reply] = await until(lambda: replies_to(cfg, m2), 15, "reply after the thaw")
+            assert reply["content"]["text"] == "echo: second"
+            assert container_id(sup, row.id) == cid  # the same container, unpaused
+            await until_async(lambda: _is(state(cid), "paused"), 15, "paused again")
+            await until(lambda: status(sup, row.id) == "stopped", 20,
+                        "stopped after stop_idle_after")
+            await until_async(lambda: gone(docker_client, instance), 15, "container removed")
+            changes = statuses(sup, row.id)
+        found = [reason for _s, reason in changes]
+        assert "resumed: 1 message(s) due" in found, found
+        assert sum(r.startswith("paused after") for r in found) == 2, found
+        assert found[-1].startswith("stopped: idle for"), found
+        assert not [r for r in found if r.startswith("killed")], found
+
+    bounded(body())
+
+
+async def _is(value: Awaitable[Any], expected: Any) -> bool:
+    return (await value) == expected

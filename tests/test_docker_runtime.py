@@ -305,6 +305,89 @@ def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: docker.Do
     asyncio.run(main())
 
 
+@pytest.mark.docker
+def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """inotify in the container sees the host's commits to inbound.db, which is
+    bind-mounted read-only on top of the folder: the agent's only other ways to
+    notice (its poll, its safety poll) are set to 10 minutes, and it must not start
+    without inotify (--wake inotify)."""
+    folder = make_session(tmp_path, "g1", "s1")
+    command = AGENT + ["--wake", "inotify", "--safety-poll", "600", "--poll-interval", "600"]
+
+    def replies() -> list[tuple]:
+        with schema_ro(folder / "outbound.db") as conn:
+            return conn.execute("SELECT in_reply_to FROM messages_out ORDER BY seq").fetchall()
+
+    async def main() -> None:
+        rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
+        try:
+            handle = await rt.start(SessionRef("g1", "s1", folder))
+            # .heartbeat: the agent is up (the first message may still be found by its
+            # first read; the later ones, sent after a reply, only inotify can report)
+            await until(lambda: (folder / ".heartbeat").is_file(), 30, "agent started")
+            await until(lambda: b"waking on" in docker_client.api.logs(handle.ident), 30,
+                        "the agent's start-up line")
+            logs = await in_thread(lambda: docker_client.api.logs(handle.ident))
+            assert b"waking on inotify" in logs, logs
+            for n, mid in enumerate(("m2", "m4", "m6"), start=1):
+                t0 = time.monotonic()
+                insert_message(folder, mid, f"hello {n}")  # the host's write, host side
+                await until(lambda: len(replies()) == n, 20, f"reply {n} (woken by inotify)")
+                assert time.monotonic() - t0 < 20  # a poll would have taken 600 s
+            assert replies() == [("m2",), ("m4",), ("m6",)]
+            await rt.stop("s1", grace=5)
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.docker
+def test_precreated_container_is_started_instead_of_created(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """[docker] precreate: after a stop the session's next container is created (not
+    started) ahead; the next start starts exactly that one; a reconcile leaves it be;
+    only the most recent ``precreate`` sessions keep one."""
+    folders = [make_session(tmp_path, "g1", f"s{i}") for i in (1, 2)]
+
+    def replies(folder: Path) -> int:
+        with schema_ro(folder / "outbound.db") as conn:
+            return conn.execute("SELECT COUNT(*) FROM messages_out").fetchone()[0]
+
+    def states() -> dict[str, str]:
+        return {c.labels[LABEL_SESSION]: c.status for c in labelled(docker_client, instance)}
+
+    async def main() -> None:
+        rt, _exits = make_runtime(tmp_path, instance, agent_image, precreate=1)
+        try:
+            await rt.start(SessionRef("g1", "s1", folders[0]))
+            await rt.stop("s1", grace=5)
+            await until(lambda: states() == {"s1": "created"}, 20,
+                        "a spare created for s1")
+            [spare] = labelled(docker_client, instance)
+            await rt.reconcile()
+            assert states() == {"s1": "created"}  # a spare is not a dead leftover
+            insert_message(folders[0], "m2", "hello")
+            handle = await rt.start(SessionRef("g1", "s1", folders[0]))
+            assert handle.ident == spare.id  # started, not created
+            await until(lambda: replies(folders[0]) == 1, 30, "reply from the spare")
+            await rt.stop("s1", grace=5)
+            await until(lambda: states() == {"s1": "created"}, 20,
+                        "a new spare for s1")
+            await rt.start(SessionRef("g1", "s2", folders[1]))
+            await rt.stop("s2", grace=5)
+            # capacity 1: s2's spare evicts s1's
+            await until(lambda: states() == {"s2": "created"}, 20,
+                        "only the newest spare is kept")
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
 class schema_ro:
     def __init__(self, db: Path) -> None:
         self.uri = db.resolve().as_uri() + "?mode=ro"

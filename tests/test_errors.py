@@ -2,13 +2,15 @@
 
 Bad environments are real: a read-only bind mount (root ignores file modes, not
 ``ro``) and a small tmpfs filled to the last byte. In each, ``send`` prints one
-line naming the path and the cause and leaves nothing half-made; ``status``
-only reads, so it works and writes nothing.
+line naming the path and the cause and leaves nothing half-made (exit 2);
+``status`` only reads, so it works (exit 0), writes nothing, and names the path
+and the cause in one warning line.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import sqlite3
 import subprocess
 import sys
@@ -75,6 +77,25 @@ def test_storage_error_names_path_cause_and_fix(tmp_path, exc, cause):
     assert "\n" not in str(err)
 
 
+def _sqlite_error(code: int) -> sqlite3.Error:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = code
+    return exc
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (OSError(errno.ENOSPC, "full"), True),
+    (OSError(errno.EDQUOT, "quota"), True),
+    (OSError(errno.EROFS, "read-only"), True),
+    (OSError(errno.EACCES, "denied"), False),  # could be the session's own folder
+    (_sqlite_error(13), True),  # SQLITE_FULL
+    (sqlite3.DatabaseError("file is not a database"), False),
+    (ValueError("x"), False),
+])
+def test_host_storage_failure(exc, expected):
+    assert errors.host_storage_failure(exc) is expected
+
+
 def test_a_bug_is_a_crash_not_bad_input(world, capsys, monkeypatch):
     """A ValueError from a bug must not pass for bad input (exit 2)."""
     conf, _, _ = world
@@ -120,10 +141,11 @@ def test_read_only_data_dir(world, capsys):
         code, out, err = run(capsys, "send", "--config", conf, "--group", "g", "again")
         assert code == 2 and "read-only file system" in one_line(err)
         code, out, err = run(capsys, "status", "--config", conf)  # reads only: it works
-        assert code == 0, err
-        assert sid in out and err == ""
+        assert code == 0 and sid in out
+        assert err == (f"orchestrator: warning: {data}: read-only file system; send and run "
+                       "cannot write there\n")
         code, out, _ = run(capsys, "status", "--config", conf, "--json")
-        assert code == 0 and len(__import__("json").loads(out)) == 1
+        assert code == 0 and len(json.loads(out)) == 1
     assert tree_snapshot(data) == before  # nothing written, nothing half-made
 
 
@@ -143,6 +165,8 @@ def test_read_only_sessions_folder(world, capsys):
         assert code == 2 and "inbound.db: cannot write the message" in one_line(err)
         code, out, err = run(capsys, "status", "--config", conf)
         assert code == 0 and sid in out
+        assert err == (f"orchestrator: warning: {data / 'sessions'}: read-only file system; "
+                       "send and run cannot write there\n")
     # the registry row and the folder come together or not at all
     assert session_count(data) == 1
     assert sorted(p.name for p in (data / "sessions").iterdir()) == ["g"]
@@ -170,6 +194,8 @@ def test_full_disk(tmp_path, capsys):
         assert code == 2 and "no space left on the device" in one_line(err)
         code, out, err = run(capsys, "status", "--config", conf)
         assert code == 0 and sid in out
+        assert err == (f"orchestrator: warning: {data}: no space left on the device; send "
+                       "and run cannot write there\n")
         after = tree_snapshot(data)
         # no new session row, no session folder, no staging folder left behind
         assert session_count(data) == 1

@@ -227,6 +227,25 @@ def test_next_due_at(db):
     assert abs(inbound.next_due_at(db, NOW) - later) < timedelta(milliseconds=5)
 
 
+def test_oldest_due_at_is_when_the_oldest_due_message_became_due(db):
+    assert inbound.oldest_due_at(db, NOW) is None
+    written = NOW - timedelta(minutes=5)
+    inbound.insert_message(db, msg("future", process_after=ts(NOW + timedelta(seconds=9))),
+                           now=written - timedelta(minutes=5))
+    inbound.insert_message(db, msg("quiet", trigger=0), now=written - timedelta(minutes=5))
+    assert inbound.oldest_due_at(db, NOW) is None  # nothing due yet
+    inbound.insert_message(db, msg("plain"), now=written)
+    got = inbound.oldest_due_at(db, NOW)
+    assert got.tzinfo is not None and abs(got - written) < timedelta(milliseconds=5)
+    # written long ago but held back until a minute ago: due since a minute ago
+    held = NOW - timedelta(minutes=1)
+    inbound.insert_message(db, msg("held", process_after=ts(held)),
+                           now=NOW - timedelta(hours=1))
+    assert abs(inbound.oldest_due_at(db, NOW) - written) < timedelta(milliseconds=5)
+    inbound.sync_acks(db, {"plain": "completed"})
+    assert abs(inbound.oldest_due_at(db, NOW) - held) < timedelta(milliseconds=5)
+
+
 def test_status_counts(db):
     for mid in ("a", "b", "c", "d", "e"):
         inbound.insert_message(db, msg(mid))

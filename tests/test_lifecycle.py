@@ -8,6 +8,7 @@ ceiling 30 min, claim without heartbeat 60 s.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -167,7 +168,6 @@ def gated(alive: bool = True, *, status: str = "stopped", op: bool = False,
           blocked_ops: float | None = None, listed: bool = True, failures: int = 0,
           timers: tuple = (), **evidence) -> Observation:
     """``obs`` plus what the session worker knows beyond the evidence."""
-    from dataclasses import replace
     return replace(obs(alive, **evidence), status=status, op_running=op,
                    op_blocked_until=at(blocked_ops), listed=listed, start_failures=failures,
                    timers=tuple(at(t) for t in timers))
@@ -361,3 +361,57 @@ def test_start_backoff(failures: int, base: float, cap: float, delay: float) -> 
 ])
 def test_delivery_backoff(attempts: int, base: float, delay: float) -> None:
     assert delivery_backoff(attempts, base) == pytest.approx(delay)
+
+
+# --- the paused tier (pause_idle_after = 60: idle 30 s, paused 60 s later, stopped at 300) ---
+
+PCFG = LifecycleConfig(pause_idle_after=60.0)
+
+
+def pobs(*, paused: bool = False, resumed: float | None = None, **kw) -> Observation:
+    from dataclasses import replace
+    return replace(obs(**kw), paused=paused, resumed_at=at(resumed))
+
+
+PAUSE_CASES = [
+    ("idle, not yet paused: next check at the pause", pobs(started=-100, hb=-40),
+     "idle", Action.NONE, 50, "no heartbeat"),
+    ("idle for pause_idle_after: pause", pobs(started=-200, hb=-90),
+     "idle", Action.PAUSE, 240, "paused after 60s idle"),
+    ("no pause while work is due", pobs(started=-200, hb=-90, due=1),
+     "idle", Action.NONE, None, "no heartbeat"),
+    ("paused: nothing to do until the stop", pobs(started=-200, hb=-100, paused=True),
+     "idle", Action.NONE, 230, "paused"),
+    ("paused and work due: resume at once", pobs(started=-200, hb=-100, paused=True, due=1),
+     "idle", Action.RESUME, None, "resumed: 1 message(s) due"),
+    ("paused still stops after stop_idle_after", pobs(started=-1000, hb=-400, paused=True),
+     "idle", Action.STOP, None, "idle for 370s"),
+    ("paused with a claim (claimed as it froze): resume, never kill",
+     pobs(started=-9000, hb=-5000, claims=(("m1", -4000),), paused=True),
+     "running", Action.RESUME, None, "resuming"),
+    ("frozen time is no hang: an old heartbeat counts from the thaw",
+     pobs(started=-9000, hb=-5000, claims=(("m1", -1),), resumed=-2),
+     "running", Action.NONE, 59, "active"),
+    ("a claim from before the freeze counts from the thaw too",
+     pobs(started=-9000, hb=-5000, claims=(("m1", -4000),), resumed=-10),
+     "running", Action.NONE, 50, "active"),
+    ("after the thaw the usual windows apply",
+     pobs(started=-9000, hb=-5000, claims=(("m1", -4000),), resumed=-61),
+     "running", Action.KILL, None, "claim on m1 61s old"),
+]
+
+
+@pytest.mark.parametrize(("case", "observation", "status", "action", "next_check", "reason"),
+                         PAUSE_CASES, ids=[c[0] for c in PAUSE_CASES])
+def test_decide_paused_tier(case: str, observation: Observation, status: str, action: Action,
+                            next_check: float | None, reason: str) -> None:
+    verdict = decide(observation, NOW, PCFG)
+    assert (verdict.status, verdict.action) == (status, action), verdict
+    assert verdict.next_check == at(next_check), verdict
+    assert reason in verdict.reason, verdict
+
+
+def test_no_pause_when_the_stop_comes_first() -> None:
+    cfg = LifecycleConfig(pause_idle_after=300.0, stop_idle_after=300.0)
+    verdict = decide(obs(started=-200, hb=-100), NOW, cfg)
+    assert (verdict.action, verdict.next_check) == (Action.NONE, at(230))

@@ -6,7 +6,7 @@ import json
 import os
 import sqlite3
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -115,7 +115,7 @@ def test_render_json_round_trips():
                      "status_reason": "quiet", "pending": 0, "processing": 0, "failed": 1,
                      "completed": 2, "last_heartbeat": None, "last_active": None,
                      "error": None, "channel_type": None, "platform_id": None,
-                     "thread_id": None}]
+                     "thread_id": None, "queue_position": None, "queued_for": None}]
     assert json.loads(status.render_json([])) == []
 
 
@@ -151,3 +151,38 @@ def test_last_heartbeat_is_the_newer_of_file_and_record(env, tmp_path):
     target.touch()  # fresh mtime, but outside the session folder: never read through a link
     hb.symlink_to(target)
     assert status.collect(data, reg)[0].last_heartbeat == "2024-06-01T12:00:00+00:00"
+
+
+@pytest.mark.parametrize(("container", "reason", "shown"), [
+    ("idle", "paused after 60s idle", "idle (paused)"),
+    ("idle", "resumed: 1 message(s) due", "idle"),
+    ("idle", None, "idle"),
+    ("running", "paused?", "running"),
+])
+def test_a_paused_agent_shows_as_a_detail_of_idle(container: str, reason: str | None,
+                                                  shown: str) -> None:
+    row = status.StatusRow("g", "s", container, reason, 0, 0, 0, 0, None, None)
+    assert status.render_table([row]).splitlines()[1].split()[2:2 + len(shown.split())] \
+        == shown.split()
+
+
+def test_queued_sessions_show_their_place_and_wait(env):
+    s, reg, data = env
+    rows = [s.resolve(f"g{i}", None, None, "agent-shared") for i in range(4)]
+    for r in rows:
+        s.write_message(r, {"text": "x"})
+    now = datetime.now(UTC)
+    reg.set_queued(rows[0].id, now.replace(microsecond=0) - timedelta(seconds=30))
+    reg.set_queued(rows[1].id, now.replace(microsecond=0) - timedelta(seconds=90))
+    reg.set_queued(rows[3].id, now.replace(microsecond=0) - timedelta(seconds=90))
+    reg.set_container_status(rows[3].id, "running", "agent started")  # left the queue
+
+    got = {r.session_id: r for r in status.collect(data, reg)}
+    assert got[rows[1].id].queue_position == 1 and got[rows[0].id].queue_position == 2
+    assert 90 <= got[rows[1].id].queued_for < 100 and 30 <= got[rows[0].id].queued_for < 40
+    assert got[rows[2].id].queue_position is None and got[rows[3].id].queue_position is None
+    table = status.render_table(list(got.values()))
+    assert "queued #1 (9" in table and "queued #2 (3" in table
+    assert json.loads(status.render_json(list(got.values())))[0]["queue_position"] in (1, 2, None)
+    reg.set_queued(rows[1].id, None)
+    assert {r.session_id: r.queue_position for r in status.collect(data, reg)}[rows[0].id] == 1

@@ -834,6 +834,34 @@ def test_each_reply_goes_back_to_the_chat_of_its_message(tmp_path: Path, reap_ag
     run(body())
 
 
+def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> None:
+    """A wake that cannot write (the host's disk is full) is retried, never counted
+    against the messages: with max_tries = 3 and ~6 s of full disk, the message is
+    still pending, and is answered once space is freed."""
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        cfg = make_config(disk, lifecycle={"max_tries": 3},
+                          runtime={"start_retry_max": 1.0})
+        client = Client(cfg)
+        row, mid = client.send("full", "hello")
+        paths = client.paths(row)
+        filler = fill(disk)
+
+        async def body() -> None:
+            async with supervised(cfg) as sup:
+                await until(lambda: sup.tracked[row.id].start_failures >= 4, timeout=20,
+                            message="several failed wakes on the full disk")
+                assert messages_in(paths, mid)["status"] == "pending"
+                filler.unlink()
+                await until(lambda: replies_to(cfg, mid), timeout=30, message="the reply")
+                await until(lambda: messages_in(paths, mid)["status"] == "completed",
+                            message="the message completed")
+            client.close()
+
+        run(body())
+
+
 COARSE_AGENT = '''\
 """A NanoClaw-style agent: stamps its claim with SQLite's datetime('now') (whole
 seconds) right after a heartbeat in the same second, then hangs. Only on its first
@@ -892,3 +920,81 @@ def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
         client.close()
 
     run(body())
+
+
+@pytest.mark.parametrize(("interval", "tick", "slices"), [
+    (30.0, 1.0, 30), (5.0, 1.0, 5), (1.5, 0.75, 2), (1.0, 1.0, 1), (0.2, 0.2, 1),
+    (0.05, 0.05, 1), (86400.0, 1.0, 86400),
+])
+def test_sweep_plan_spreads_a_round_over_ticks(interval: float, tick: float,
+                                               slices: int) -> None:
+    from orchestrator.supervisor import sweep_plan
+    assert sweep_plan(interval) == (pytest.approx(tick), slices)
+
+
+def test_a_sliced_sweep_alone_still_delivers_everything(tmp_path: Path, reap_agents) -> None:
+    """The sweep in three slices (one every second), no file events at all: each
+    session is still found, answered and stopped, within a round or two."""
+    cfg = make_config(tmp_path, watch={"mode": "poll", "poll_interval": 3600,
+                                       "sweep_interval": 3.0})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            sent = {}
+            for i in range(5):
+                row, mid = client.send(f"sliced-{i}", f"hello {i}")
+                sent[mid] = row
+            await until(lambda: len(replies(cfg)) == 5, 30, message="five replies via the sweep")
+            for row in sent.values():
+                await until(lambda: client.container_status(row.id) == "stopped", 30)
+        assert sorted(r["in_reply_to"] for r in replies(cfg)) == sorted(sent)
+        assert reply_counts(cfg) == {r["message_id"]: 1 for r in replies(cfg)}
+        client.close()
+
+    run(body())
+
+
+def test_batched_replies_are_delivered_exactly_once_across_sigkill(tmp_path: Path) -> None:
+    """Replies committed many at a time (one agent transaction each) go out in passes
+    that record a whole batch per fsync'd commit. The orchestrator is SIGKILLed as
+    soon as the channel shows the first line of a round, i.e. while a batch is
+    between the channel and its record; after a restart every reply is on the
+    channel exactly once and recorded 'delivered' exactly once."""
+    data = config_dict(tmp_path, lifecycle={"stop_idle_after": 60.0})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    folders = [client.paths(client.session(f"batch-{i}")) for i in range(2)]
+    per_round, total = 150, 0
+    for rnd in range(3):
+        for paths in folders:  # what an agent that answers in bulk writes: one commit
+            schema.init_outbound(paths.outbound_db)
+            with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+                top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+                conn.executemany(
+                    "INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                    "VALUES (?, ?, ?, 'chat', ?)",
+                    [(f"r{rnd}-{paths.root.name}-{k}", top + 2 * k + 1, schema.now_ts(),
+                      json.dumps({"text": f"batch {rnd} reply {k}"})) for k in range(per_round)])
+        total += per_round * len(folders)
+        proc = OrchestratorProcess(config_file, tmp_path / f"run{rnd}.log")
+        before = len(replies(cfg))
+        wait_for(lambda: len(replies(cfg)) > before or proc.proc.poll() is not None,
+                 timeout=30, interval=0.001, message="the first line of the round")
+        assert proc.end(signal.SIGKILL) == -signal.SIGKILL
+    final = OrchestratorProcess(config_file, tmp_path / "final.log")
+    try:
+        final.wait_up()
+        wait_for(lambda: sum(len(query(p.inbound_db, "SELECT 1 FROM delivered"))
+                             for p in folders) == total, timeout=60,
+                 message="every reply recorded after the restarts")
+    finally:
+        assert final.end(signal.SIGTERM) == 0, final.text()
+    counts = reply_counts(cfg)
+    assert len(counts) == total and set(counts.values()) == {1}, counts.most_common(3)
+    for paths in folders:
+        assert dict(query(paths.inbound_db, "SELECT status, COUNT(*) FROM delivered"
+                          " GROUP BY status")) == {"delivered": total // len(folders)}
+    client.close()

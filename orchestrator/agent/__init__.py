@@ -3,9 +3,12 @@
 Stdlib-only, because it runs in a container that has nothing but python3:
 ``python -m orchestrator.agent --workspace /workspace``. Modules:
 
-- ``decide``: pure decisions (due rows, next odd seq, content in and out)
+- ``sessionlib``: the agent half of the contract as a library (wait for work, claim,
+  reply with files, heartbeat, ack, recover); other agents can use it too
+- ``inotify``: waking on the host's inbound.db commits (ctypes), polling where missing
+- ``decide``: pure decisions (due rows, next due time, next odd seq, content in and out)
 - ``files``:  copying attachments into ``outbox/<out_id>/`` without following symlinks
-- ``agent``:  the CLI, the poll loop and the SQLite reads/writes
+- ``agent``:  the CLI and the echo, on top of ``sessionlib``
 """
 
 from __future__ import annotations

@@ -6,15 +6,16 @@ retry and delivery paths can be exercised against a real process.
 
 It runs unchanged as a container entrypoint (``/workspace`` with inbound.db
 bind-mounted read-only) and as a local process (cwd = session folder), so it
-is stdlib-only and opens inbound.db read-only, freshly, for every poll
-(docs/contract.md §2, invariants 1-4).
+is stdlib-only. The contract itself (waiting on inotify, claims, replies,
+recovery) is ``sessionlib``, the library other agents can use too; this module
+adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import signal
 import sqlite3
 import sys
@@ -22,15 +23,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
-from orchestrator import layout
 from orchestrator.agent import decide
 from orchestrator.agent.files import copy_attachments
-from orchestrator.store import schema
+from orchestrator.agent.sessionlib import WAKE_MODES, Message, SessionFolder, remove_tree
 
 EXIT_CRASH = 3
-_IN_CHUNK = 500  # bound parameters per IN (...) query, well under SQLite's limit
 
 
 def log(message: str) -> None:
@@ -47,6 +46,8 @@ class Options:
     exit_when_idle: float | None = None
     hang_on: str | None = None
     crash_on: str | None = None
+    wake: str = "auto"
+    safety_poll: float = 5.0
 
 
 def _non_negative(value: str) -> float:
@@ -71,7 +72,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--workspace", type=Path, default=Path("."),
                         help="session folder (default: current directory; /workspace in a container)")
     parser.add_argument("--poll-interval", type=_positive, default=0.1,
-                        help="seconds between polls of inbound.db (default 0.1)")
+                        help="seconds between polls of inbound.db without inotify (default 0.1)")
+    parser.add_argument("--wake", choices=WAKE_MODES, default="auto",
+                        help="how new work is noticed: inotify on the session folder, 'poll', "
+                             "or 'auto' (inotify where available; default)")
+    parser.add_argument("--safety-poll", type=_positive, default=5.0, metavar="S",
+                        help="with inotify, look at inbound.db every S s anyway, for shares "
+                             "that raise no events (default 5)")
     parser.add_argument("--work-seconds", type=_non_negative, default=0.0,
                         help="simulated work per message (default 0)")
     parser.add_argument("--heartbeat-interval", type=_positive, default=1.0,
@@ -91,144 +98,33 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         exit_when_idle=ns.exit_when_idle,
         hang_on=ns.hang_on,
         crash_on=ns.crash_on,
+        wake=ns.wake,
+        safety_poll=ns.safety_poll,
     )
 
 
 class Agent:
-    """One agent on one session folder. ``stop`` is set by SIGTERM/SIGINT."""
+    """One agent on one session folder, built on ``sessionlib`` (the contract) with
+    only the echo and the test behaviours here. ``stop`` is set by SIGTERM/SIGINT."""
 
     def __init__(self, options: Options, stop: threading.Event | None = None) -> None:
         self.options = options
-        self.workspace = options.workspace.resolve()
-        self.paths = layout.SessionPaths(self.workspace)
+        self.session = SessionFolder(options.workspace, wake=options.wake,
+                                     poll_interval=options.poll_interval,
+                                     safety_poll=options.safety_poll)
+        self.workspace = self.session.workspace
+        self.paths = self.session.paths
         self.stop = stop or threading.Event()
         self._last_error: str | None = None
 
-    # --- files --------------------------------------------------------------
-
     def heartbeat(self) -> None:
-        """Create ``.heartbeat`` if missing and bump its mtime, never through a symlink."""
-        path = self.paths.heartbeat
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError:
-            if not path.is_symlink():
-                raise
-            path.unlink()  # ours to own; a planted symlink is replaced, not followed
-            fd = os.open(path, flags, 0o644)
-        try:
-            os.utime(fd)
-        finally:
-            os.close(fd)
-
-    # --- start --------------------------------------------------------------
+        self.session.heartbeat()
 
     def start(self) -> None:
-        """Prepare outbound.db and outbox/, and drop a crashed predecessor's claims.
-
-        A leftover ``processing`` ack belongs to an agent that died mid-message;
-        deleting it makes the message pending-and-unacked again, so it is redone.
-        """
-        if not self.workspace.is_dir():
-            raise SystemExit(f"workspace {self.workspace} is not a directory")
-        outbox = self.paths.outbox
-        if outbox.is_symlink():
-            raise SystemExit(f"refusing to use {outbox}: it is a symlink")
-        outbox.mkdir(exist_ok=True)
-        schema.init_outbound(self.paths.outbound_db)
-        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
-            dropped = conn.execute(
-                "DELETE FROM processing_ack WHERE status = 'processing'"
-            ).rowcount
-            written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
+        """Prepare the folder and drop a crashed predecessor's claims (sessionlib.recover)."""
+        dropped = self.session.recover()
         if dropped:
             log(f"deleted {dropped} leftover processing ack(s)")
-        self._remove_orphan_outbox_dirs(written)
-        self.heartbeat()
-
-    def _remove_orphan_outbox_dirs(self, written: set[str]) -> None:
-        """Remove ``outbox/out-*`` folders of replies a predecessor never wrote.
-
-        Files are copied before their row is committed; a crash in between
-        leaves a folder no row will ever name (ids are fresh each time).
-        """
-        for entry in os.scandir(self.paths.outbox):
-            if (
-                entry.name.startswith("out-")
-                and entry.name not in written
-                and entry.is_dir(follow_symlinks=False)
-            ):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                log(f"removed orphan outbox/{entry.name}")
-
-    # --- reading ------------------------------------------------------------
-
-    def fetch_work(self) -> list[dict[str, Any]]:
-        """The due, unacked rows, from a fresh read-only connection to inbound.db."""
-        inbound = self.paths.inbound_db
-        if not inbound.exists():
-            return []
-        with schema.opened(inbound, readonly=True) as conn:
-            rows = [
-                dict(row)
-                for row in conn.execute(
-                    'SELECT id, seq, kind, status, process_after, "trigger", platform_id, '
-                    "channel_type, thread_id, content FROM messages_in "
-                    "WHERE status = 'pending' AND kind != 'system' ORDER BY seq"
-                )
-            ]
-        if not rows:
-            return []
-        acked = self._acked_ids([row["id"] for row in rows])
-        return list(decide.select_work(rows, acked, schema.utcnow()))
-
-    def _acked_ids(self, ids: list[str]) -> set[str]:
-        acked: set[str] = set()
-        with schema.opened(self.paths.outbound_db) as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                acked.update(
-                    row[0]
-                    for row in conn.execute(
-                        f"SELECT message_id FROM processing_ack WHERE message_id IN ({marks})", chunk
-                    )
-                )
-        return acked
-
-    def _max_inbound_seq(self) -> int | None:
-        with schema.opened(self.paths.inbound_db, readonly=True) as conn:
-            return conn.execute("SELECT MAX(seq) FROM messages_in").fetchone()[0]
-
-    # --- writing ------------------------------------------------------------
-
-    @staticmethod
-    def _set_ack(conn: sqlite3.Connection, message_id: str, status: str) -> None:
-        conn.execute(
-            "INSERT INTO processing_ack (message_id, status, status_changed) VALUES (?, ?, ?) "
-            "ON CONFLICT(message_id) DO UPDATE SET status = excluded.status, "
-            "status_changed = excluded.status_changed",
-            (message_id, status, schema.now_ts()),
-        )
-
-    def ack(self, message_id: str, status: str) -> None:
-        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
-            self._set_ack(conn, message_id, status)
-
-    def write_reply(self, row: dict[str, Any], out_id: str, content: str, status: str) -> int:
-        """Insert the reply and close the ack in ONE transaction; return the reply's seq."""
-        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
-            max_out = conn.execute("SELECT MAX(seq) FROM messages_out").fetchone()[0]
-            seq = decide.next_odd_seq(self._max_inbound_seq(), max_out)
-            conn.execute(
-                "INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id, "
-                "channel_type, thread_id, content) VALUES (?, ?, ?, ?, 'chat', ?, ?, ?, ?)",
-                (out_id, seq, row["id"], schema.now_ts(), row["platform_id"],
-                 row["channel_type"], row["thread_id"], content),
-            )
-            self._set_ack(conn, row["id"], status)
-        return seq
 
     # --- one message --------------------------------------------------------
 
@@ -241,107 +137,125 @@ class Agent:
             self.heartbeat()
         return True
 
-    def handle(self, row: dict[str, Any]) -> bool:
-        """Process one row; False when the agent must stop (signal or --hang-on)."""
-        message_id = row["id"]
-        if not row["trigger"]:
-            self.ack(message_id, "completed")
+    def handle(self, msg: Message) -> bool:
+        """Process one message; False when the agent must stop (signal or --hang-on)."""
+        session = self.session
+        if not msg.trigger:
+            session.ack(msg, "completed")
             self.heartbeat()
-            log(f"{message_id} seq={row['seq']} context only -> completed")
+            log(f"{msg.id} seq={msg.seq} context only -> completed")
             return True
-        self.ack(message_id, "processing")
+        session.claim(msg)
         try:
-            message = decide.parse_content(row["content"])
+            message = decide.parse_content(msg.content)
         except decide.MalformedContent as exc:
-            out_id = decide.new_out_id()
-            seq = self.write_reply(row, out_id, decide.error_content(str(exc)), "failed")
-            log(f"{message_id} seq={row['seq']} -> {out_id} seq={seq} failed: {exc}")
+            out_id = session.reply(msg, json.loads(decide.error_content(str(exc))),
+                                   status="failed")
+            log(f"{msg.id} seq={msg.seq} -> {out_id} failed: {exc}")
             return True
         if self.options.hang_on is not None and self.options.hang_on in message.text:
-            log(f"{message_id} seq={row['seq']} claimed; hanging (--hang-on)")
+            log(f"{msg.id} seq={msg.seq} claimed; hanging (--hang-on)")
             self.stop.wait()  # no heartbeat since the claim: the host's claim rule applies
             return False
         self.heartbeat()
         if self.options.crash_on is not None and self.options.crash_on in message.text:
-            log(f"{message_id} seq={row['seq']} claimed; crashing (--crash-on)")
+            log(f"{msg.id} seq={msg.seq} claimed; crashing (--crash-on)")
             os._exit(EXIT_CRASH)
         if not self._work():
-            log(f"{message_id} seq={row['seq']} interrupted; claim left for the host")
+            log(f"{msg.id} seq={msg.seq} interrupted; claim left for the host")
             return False
         out_id = decide.new_out_id()
-        dest = self.paths.outbox_dir(out_id)
+        dest = session.outbox_dir(out_id)
         try:
             files, refused = copy_attachments(self.workspace, message.attachments, dest)
-            content = decide.reply_content(decide.reply_text(message.text), files, refused)
-            seq = self.write_reply(row, out_id, content, "completed")
+            content = json.loads(decide.reply_content(decide.reply_text(message.text),
+                                                      files, refused))
+            session.reply(msg, content, out_id=out_id)
         except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
+            remove_tree(dest, ignore_errors=True)
             raise
         self.heartbeat()
         extra = f" files={len(files)}" + (f" refused={len(refused)}" if refused else "")
-        log(f"{message_id} seq={row['seq']} -> {out_id} seq={seq} completed{extra}")
+        log(f"{msg.id} seq={msg.seq} -> {out_id} completed{extra}")
         return True
 
-    def _handle_safely(self, row: dict[str, Any]) -> bool:
+    def _handle_safely(self, msg: Message) -> bool:
         """handle(), turning an unexpected error into a 'failed' ack with an error reply.
 
         If even that cannot be written, the error propagates and the agent exits
         non-zero: the host then treats the claim as a crash and retries with backoff.
         """
         try:
-            return self.handle(row)
+            return self.handle(msg)
         except Exception as exc:  # noqa: BLE001 - one bad message must not kill the loop
-            log(f"{row['id']} error: {exc!r}")
-            self.write_reply(row, decide.new_out_id(), decide.error_content(repr(exc)), "failed")
+            log(f"{msg.id} error: {exc!r}")
+            self.session.reply(msg, json.loads(decide.error_content(repr(exc))),
+                               status="failed")
             return True
 
     # --- loop ---------------------------------------------------------------
 
-    def _fetch_logged(self) -> list[dict[str, Any]]:
-        """fetch_work(), but a DB that is locked or still being created is retried
-        quietly: the same error is logged once, not on every poll."""
+    def _wait_logged(self, timeout: float | None) -> list[Message]:
+        """wait_for_work(), but a DB that is locked or still being created is retried
+        quietly: the same error is logged once, not on every look."""
         try:
-            rows = self.fetch_work()
+            rows = self.session.wait_for_work(timeout)
         except sqlite3.Error as exc:
             if str(exc) != self._last_error:
                 log(f"cannot read work yet: {exc}")
                 self._last_error = str(exc)
+            self.stop.wait(self.options.poll_interval)
             return []
         self._last_error = None
         return rows
 
     def run(self) -> int:
         self.start()
-        log(f"started on {self.workspace}")
+        how = "inotify" if self.session.watching else f"polling every {self.options.poll_interval:g}s"
+        log(f"started on {self.workspace} (waking on {how})")
         last_work = time.monotonic()
-        while not self.stop.is_set():
-            rows = self._fetch_logged()
-            for row in rows:
-                if self.stop.is_set() or not self._handle_safely(row):
-                    break
-            if rows:
-                last_work = time.monotonic()
-                continue
-            idle_for = time.monotonic() - last_work
-            if self.options.exit_when_idle is not None and idle_for >= self.options.exit_when_idle:
-                log(f"idle for {idle_for:.1f}s; exiting")
-                return 0
-            self.stop.wait(self.options.poll_interval)
+        try:
+            while not self.stop.is_set():
+                timeout = None
+                if self.options.exit_when_idle is not None:
+                    timeout = max(0.0, last_work + self.options.exit_when_idle - time.monotonic())
+                rows = self._wait_logged(timeout)
+                for row in rows:
+                    if self.stop.is_set() or not self._handle_safely(row):
+                        break
+                if rows:
+                    last_work = time.monotonic()
+                    continue
+                idle_for = time.monotonic() - last_work
+                if (self.options.exit_when_idle is not None
+                        and idle_for >= self.options.exit_when_idle):
+                    log(f"idle for {idle_for:.1f}s; exiting")
+                    return 0
+        finally:
+            self.session.close()
         log("stopping on signal")
         return 0
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT only set a flag: the current write finishes, then the loop exits."""
+def _install_signal_handlers(stop: threading.Event, wake: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT only set a flag and wake the wait: the current write finishes,
+    then the loop exits."""
     if threading.current_thread() is not threading.main_thread():
         return
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+        wake()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
+        signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m orchestrator.agent``; returns the exit code."""
     options = parse_args(argv)
     stop = threading.Event()
-    _install_signal_handlers(stop)
-    return Agent(options, stop).run()
+    agent = Agent(options, stop)
+    _install_signal_handlers(stop, agent.session.interrupt)
+    return agent.run()
+

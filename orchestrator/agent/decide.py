@@ -9,7 +9,7 @@ sleeps. Stdlib-only: this runs inside a container that has nothing but python3.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -77,6 +77,23 @@ def select_work(
     return sorted(picked, key=lambda row: (row["seq"] is None, row["seq"] or 0))
 
 
+def next_due(rows: Iterable[Mapping[str, Any]], acked: set[str] | frozenset[str],
+             now: datetime) -> datetime | None:
+    """The soonest ``process_after`` still in the future among pending, unacked rows:
+    when an agent that sleeps on inotify must look again by itself (no write wakes it)."""
+    soonest = None
+    for row in rows:
+        if row["id"] in acked or row["status"] != "pending" or row["kind"] == "system":
+            continue
+        try:
+            when = schema.parse_ts(row["process_after"])
+        except (ValueError, TypeError):
+            continue
+        if when is not None and when > now and (soonest is None or when < soonest):
+            soonest = when
+    return soonest
+
+
 def next_odd_seq(*maxima: int | None) -> int:
     """The next odd seq above every given maximum (None = empty table).
 
@@ -90,7 +107,8 @@ def next_odd_seq(*maxima: int | None) -> int:
 
 def new_out_id() -> str:
     """A fresh outbound message id; it names ``outbox/<id>/`` so it must be a safe id."""
-    return layout.validate_id("out-" + uuid.uuid4().hex, "message id")
+    return layout.validate_id("out-" + os.urandom(16).hex(), "message id")  # uuid4().hex's shape,
+    # without importing uuid (and platform) at every agent start
 
 
 # --- what the message says --------------------------------------------------

@@ -10,7 +10,6 @@ swapped in after the check is still refused.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 from typing import Iterable
@@ -53,7 +52,8 @@ def _open_inside(workspace: Path, rel: str) -> int:
 def _copy_fd(src_fd: int, dest: Path) -> None:
     out_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(src_fd, "rb", closefd=False) as src, os.fdopen(out_fd, "wb") as out:
-        shutil.copyfileobj(src, out, _CHUNK)
+        while chunk := src.read(_CHUNK):  # shutil.copyfileobj, without importing shutil
+            out.write(chunk)
 
 
 def copy_attachments(

@@ -25,13 +25,6 @@ class StorageFull(DeliveryError):
     """
 
 
-STORAGE_ERRNOS = frozenset({28, 122, 30})  # ENOSPC, EDQUOT, EROFS
-
-
-def storage_failure(exc: OSError) -> bool:
-    return exc.errno in STORAGE_ERRNOS
-
-
 @dataclass(frozen=True, slots=True)
 class Reply:
     message_id: str

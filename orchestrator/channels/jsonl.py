@@ -20,8 +20,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.channels.base import (DeliveryError, Failure, Reply, StorageFull,
-                                         storage_failure)
+from orchestrator.channels.base import DeliveryError, Failure, Reply, StorageFull
+from orchestrator.errors import host_storage_failure
 
 _CHUNK = 1 << 16
 
@@ -48,7 +48,7 @@ class JsonlChannel:
             except OSError as exc:
                 if fd is not None:
                     os.close(fd)
-                error = StorageFull if storage_failure(exc) else DeliveryError
+                error = StorageFull if host_storage_failure(exc) else DeliveryError
                 raise error(f"{self.path}: cannot open ({exc.strerror})") from None
             except BaseException:  # e.g. the torn line's newline did not fit
                 if fd is not None:
@@ -98,7 +98,7 @@ def append_whole(fd: int, data: bytes, path: Path) -> None:
         except OSError as cut:
             logger.error("{}: could not cut a failed write back ({}); the next open "
                          "repairs the last line", path, cut.strerror)
-        error = StorageFull if storage_failure(exc) else DeliveryError
+        error = StorageFull if host_storage_failure(exc) else DeliveryError
         raise error(f"{path}: cannot append ({exc.strerror or exc})") from None
 
 

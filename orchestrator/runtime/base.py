@@ -75,6 +75,19 @@ class Runtime(Protocol):
         """Immediate kill. Absent = done."""
         ...
 
+    async def pause(self, session_id: str) -> None:
+        """Freeze the agent (``docker pause`` / SIGSTOP of its process group): no CPU,
+        memory kept. Absent = done."""
+        ...
+
+    async def resume(self, session_id: str) -> None:
+        """Thaw a paused agent; it carries on where it was frozen. Absent = done."""
+        ...
+
+    def is_paused(self, session_id: str) -> bool:
+        """From the runtime's own bookkeeping (adopted agents: as found); no I/O."""
+        ...
+
     async def reconcile(self) -> None:
         """Re-check owned agents against the runtime itself: report exits that its
         event source missed, adopt live agents it did not know of (called by the

@@ -53,9 +53,10 @@ from orchestrator.config import DockerConfig
 from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable,
                                        SessionRef)
 from orchestrator.runtime.docker_events import DockerEvents
+from orchestrator.runtime.docker_spares import Spares
 from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_INSTANCE,
-                                              LABEL_SESSION, container_spec, exit_reason,
-                                              group_folder, group_mounts,
+                                              LABEL_SESSION, container_name, container_spec,
+                                              exit_reason, group_folder, group_mounts,
                                               host_config_kwargs, parse_extra_mounts,
                                               prepare_folder, resolve_user, session_mounts)
 from orchestrator.runtime.dockerexec import DockerExec
@@ -78,6 +79,7 @@ class _Tracked:
     kill_signal: str | None = None
     pending_exit: AgentExit | None = None
     done: bool = False
+    paused: bool = False  # docker pause (by us, or found paused when adopted)
 
 
 class DockerRuntime:
@@ -103,6 +105,8 @@ class DockerRuntime:
                                     self._after_connect)
         self._reconcile_lock: asyncio.Lock | None = None
         self.reconciles = 0  # completed reconciles (observable in tests)
+        self._spares = Spares(config.precreate)  # created ahead: see docker_spares
+        self._closing = False
         self.listed = False  # see Runtime.listed: set by the first list that succeeds
 
     # -- bookkeeping ------------------------------------------------------------
@@ -112,6 +116,10 @@ class DockerRuntime:
 
     def running(self) -> list[AgentHandle]:
         return [t.handle for t in self._by_session.values() if not t.starting and not t.done]
+
+    def is_paused(self, session_id: str) -> bool:
+        t = self._by_session.get(session_id)
+        return t is not None and t.paused and not t.done
 
     @property
     def events_connected(self) -> bool:
@@ -157,7 +165,7 @@ class DockerRuntime:
         else:
             self._deliver(event)
         if remove:
-            self._spawn(self._remove_owned(t.container_id))
+            self._spawn(self._remove_then_prepare(t))
 
     def _deliver(self, event: AgentExit) -> None:
         try:
@@ -221,15 +229,29 @@ class DockerRuntime:
                                                                      uid, gid))
             if changed:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
-            await self.exec.require_image(self.config.image)
+            spare = self._spares.take(session.session_id)
             self._starting.add(session.session_id)
             try:
-                return await self._create_and_start(session, user, mounts)
+                if spare is not None:
+                    try:  # created ahead (docker_spares): only the start is left to do
+                        return await self._start_created(session, spare, container_name(
+                            self.instance, session.agent_group, session.session_id))
+                    except RuntimeUnavailable as exc:
+                        logger.debug("spare container {} unusable ({}); creating one",
+                                     spare[:12], exc)
+                await self.exec.require_image(self.config.image)
+                created = await self._create(session, user, mounts)
+                if isinstance(created, AgentHandle):
+                    return created
+                return await self._start_created(session, created, container_name(
+                    self.instance, session.agent_group, session.session_id))
             finally:
                 self._starting.discard(session.session_id)
 
-    async def _create_and_start(self, session: SessionRef, user: str,
-                                mounts: list[Mount]) -> AgentHandle:
+    async def _create(self, session: SessionRef, user: str,
+                      mounts: list[Mount]) -> str | AgentHandle:
+        """``docker create``; the new container's id, or the handle of a live container
+        of ours that already had the name (adopted)."""
         spec = container_spec(self.config, session, user)
         host_kwargs = host_config_kwargs(self.config, mounts)
 
@@ -247,9 +269,12 @@ class DockerRuntime:
                 if adopted is not None:
                     return adopted
         assert created is not None
-        cid = created["Id"]
+        return created["Id"]
+
+    async def _start_created(self, session: SessionRef, cid: str, name: str) -> AgentHandle:
+        """``docker start`` of a created container; on failure it is removed."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
-        t = _Tracked(handle, cid, spec["name"], starting=True)
+        t = _Tracked(handle, cid, name, starting=True)
         self._track(t)
         try:
             await self.exec.call("start", lambda api: api.start(cid))
@@ -263,11 +288,41 @@ class DockerRuntime:
             raise
         t.starting = False
         logger.info("started agent {}/{} in container {} ({})", session.agent_group,
-                    session.session_id, spec["name"], cid[:12])
+                    session.session_id, name, cid[:12])
         if t.pending_exit is not None:
             # It already ended; report that after the caller has its handle.
             asyncio.get_running_loop().call_soon(self._deliver, t.pending_exit)
         return handle
+
+    async def _prepare_spare(self, agent_group: str, session_id: str) -> None:
+        """Create (not start) the session's next container ahead (``[docker] precreate``),
+        after its last one was removed; evict the oldest spares beyond the bound."""
+        if self._spares.capacity <= 0 or self._closing or not agent_group:
+            return
+        folder = layout.session_dir(self.data_dir, agent_group, session_id)
+        async with self._lock(session_id):
+            t = self._by_session.get(session_id)
+            if (t is not None and not t.done) or self._spares.has(session_id) or self._closing:
+                return
+            ref = SessionRef(agent_group, session_id, folder)
+            try:
+                mounts = session_mounts(folder, self.data_dir) + parse_extra_mounts(self.config)
+                user, _uid, _gid = resolve_user(self.config.user, self.data_dir)
+                created = await self._create(ref, user, mounts)
+            except (RuntimeUnavailable, OSError, ValueError) as exc:  # incl. MountNotAllowed
+                logger.debug("no spare container for {}: {}", session_id, exc)
+                return
+            if isinstance(created, AgentHandle):
+                return  # a live container of ours had the name: adopted, not a spare
+            evicted = self._spares.put(session_id, created)
+        logger.debug("created spare container for {}/{} ({})", agent_group, session_id,
+                     created[:12])
+        for cid in evicted:
+            self._spawn(self._remove_owned(cid))
+
+    async def _remove_then_prepare(self, t: _Tracked) -> None:
+        await self._remove_owned(t.container_id)
+        await self._prepare_spare(t.handle.agent_group, t.handle.session_id)
 
     async def _resolve_name_conflict(self, session: SessionRef, name: str) -> AgentHandle | None:
         """The container name is taken. Ours and alive → adopt it; ours and dead →
@@ -306,9 +361,27 @@ class DockerRuntime:
             out.append(_Tracked(handle, c["Id"], _name(c), done=True))  # untracked: no AgentExit
         return out
 
+    async def pause(self, session_id: str) -> None:
+        """``docker pause``: the container's cgroup is frozen, its memory kept."""
+        t = self._by_session.get(session_id)
+        if t is not None and not t.done and not t.starting and not t.paused:
+            await self.exec.pause(t.container_id)
+            t.paused = True
+
+    async def resume(self, session_id: str) -> None:
+        t = self._by_session.get(session_id)
+        if t is not None and not t.done and t.paused:
+            await self._thaw(t)
+
+    async def _thaw(self, t: _Tracked) -> None:
+        await self.exec.unpause(t.container_id)
+        t.paused = False
+
     async def stop(self, session_id: str, grace: float) -> None:
         async def end(t: _Tracked) -> int | None:
             t.stopping = True
+            if t.paused:  # a frozen agent cannot act on SIGTERM: thaw it first
+                await self._thaw(t)
             await self.exec.stop(t.container_id, grace)
             info = await self.exec.inspect(t.container_id)
             return ((info or {}).get("State") or {}).get("ExitCode")
@@ -318,6 +391,8 @@ class DockerRuntime:
     async def kill(self, session_id: str) -> None:
         async def end(t: _Tracked) -> int | None:
             t.killing = True
+            if t.paused:
+                await self._thaw(t)
             await self.exec.kill(t.container_id)
             return await self.exec.wait(t.container_id, timeout=10)
 
@@ -337,6 +412,7 @@ class DockerRuntime:
                 code = await end(t)
                 self._emit(t, code, reason, remove=False)
                 await self._remove_owned(t.container_id)
+                self._spawn(self._prepare_spare(t.handle.agent_group, session_id))
 
     # -- recover --------------------------------------------------------------------
     async def recover(self) -> list[AgentHandle]:
@@ -367,7 +443,7 @@ class DockerRuntime:
             t = self._by_session.get(session_id)
             if t is None or t.done:
                 t = _Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"],
-                             _name(c))
+                             _name(c), paused=c.get("State") == "paused")
                 self._track(t)
                 logger.info("adopted container {} for {}/{}", t.name, group, session_id)
             handles.append(t.handle)
@@ -447,6 +523,8 @@ class DockerRuntime:
                 return []
             by_id = {c["Id"]: c for c in found if self._owns(c.get("Labels"))}
             self.listed = True
+            self._spares.forget_missing(set(by_id))
+            spares = self._spares.ids()
             # ours and alive, but unknown: from before a restart (recover), or one
             # during which the daemon did not answer (a later reconcile)
             adopted = self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
@@ -466,7 +544,7 @@ class DockerRuntime:
             for cid, c in by_id.items():
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
-                        and session_id not in self._starting):
+                        and session_id not in self._starting and cid not in spares):
                     logger.info("removing dead container {} ({})", _name(c),
                                 c.get("Status", c.get("State")))
                     await self._remove_owned(cid)
@@ -475,7 +553,9 @@ class DockerRuntime:
 
     # -- close ------------------------------------------------------------------------------
     async def close(self) -> None:
-        """Stop following events and release the client; containers keep running."""
+        """Stop following events and release the client; containers keep running
+        (spares too: they are dead containers to the next ``recover``, which removes them)."""
+        self._closing = True
         await self._stop_events()
         for task in list(self._tasks):
             task.cancel()

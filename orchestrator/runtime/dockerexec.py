@@ -40,7 +40,7 @@ T = TypeVar("T")
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 # 409 answers that mean the container is already where we want it.
 _DONE_FRAGMENTS = ("is not running", "already in progress", "is already stopped",
-                   "no such container")
+                   "no such container", "is not paused")
 
 
 class DaemonUnreachable(RuntimeUnavailable):
@@ -233,6 +233,13 @@ class DockerExec:
 
     async def kill(self, container: str) -> None:
         await self.call("kill", lambda api: api.kill(container), missing_ok=True)
+
+    async def pause(self, container: str) -> None:
+        await self.call("pause", lambda api: api.pause(container))
+
+    async def unpause(self, container: str) -> None:
+        """Thaw; a container that is not paused (any more) or gone is done."""
+        await self.call("unpause", lambda api: api.unpause(container), missing_ok=True)
 
     async def wait(self, container: str, timeout: float) -> int | None:
         def _wait(api: APIClient) -> int | None:

@@ -35,6 +35,16 @@ def process_start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
 
 
+def process_stopped(pid: int) -> bool:
+    """Whether the process is in state T (stopped by a signal), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("ascii", "replace")
+    except OSError:
+        return False
+    return data[data.rfind(")") + 2:][:1] == "T"
+
+
 def read_pid_file(path: Path) -> tuple[int, str] | None:
     try:
         pid_text, start = path.read_text().split()
@@ -57,6 +67,7 @@ class _Agent:
     adopted: bool
     exited: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     ending: str | None = None  # "stopped" | "killed" when we asked for it
+    paused: bool = False  # SIGSTOPped by us (or found stopped when adopted)
 
 
 class LocalRuntime:
@@ -76,6 +87,10 @@ class LocalRuntime:
 
     def running(self) -> list[AgentHandle]:
         return [self._handle(a) for a in self._agents.values()]
+
+    def is_paused(self, session_id: str) -> bool:
+        agent = self._agents.get(session_id)
+        return agent is not None and agent.paused
 
     @staticmethod
     def _handle(a: _Agent) -> AgentHandle:
@@ -125,7 +140,9 @@ class LocalRuntime:
                 except ProcessLookupError:
                     pid_file.unlink(missing_ok=True)
                     continue
-                logger.info("adopted agent pid {} of session {}", found[0], ref.session_id)
+                agent.paused = process_stopped(found[0])
+                logger.info("adopted agent pid {} of session {}{}", found[0], ref.session_id,
+                            " (paused)" if agent.paused else "")
                 adopted.append(self._handle(agent))
             else:
                 pid_file.unlink(missing_ok=True)
@@ -164,12 +181,27 @@ class LocalRuntime:
         except PermissionError:
             os.kill(agent.pid, sig)
 
+    async def pause(self, session_id: str) -> None:
+        """SIGSTOP to the whole process group: nothing in it runs until SIGCONT."""
+        agent = self._agents.get(session_id)
+        if agent is not None and not agent.paused:
+            self._signal(agent, signal.SIGSTOP)
+            agent.paused = True
+
+    async def resume(self, session_id: str) -> None:
+        agent = self._agents.get(session_id)
+        if agent is not None and agent.paused:
+            self._signal(agent, signal.SIGCONT)
+            agent.paused = False
+
     async def stop(self, session_id: str, grace: float) -> None:
         agent = self._agents.get(session_id)
         if agent is None:
             return
         agent.ending = agent.ending or "stopped"
         self._signal(agent, signal.SIGTERM)
+        if agent.paused:  # a stopped process only acts on SIGTERM once continued
+            await self.resume(session_id)
         try:
             await asyncio.wait_for(asyncio.shield(agent.exited), grace)
             return

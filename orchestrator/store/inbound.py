@@ -100,6 +100,22 @@ def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
     return n, (_from_julian(jd) if jd is not None else None)
 
 
+def oldest_due_at(path: Path, now: datetime) -> datetime | None:
+    """When the oldest due message became due: max(written, ``process_after``).
+
+    The admission queue's order (oldest waiting work first). Read once when a
+    session joins the queue: no agent runs then, so the answer cannot get older.
+    """
+    with opened(path, readonly=True) as conn:
+        (jd,) = conn.execute(
+            "SELECT MIN(MAX(COALESCE(julianday(timestamp), 0), "
+            "COALESCE(julianday(process_after), 0))) FROM messages_in WHERE status = 'pending' "
+            "AND \"trigger\" = 1 AND kind != 'system' AND (process_after IS NULL OR "
+            "julianday(process_after) <= julianday(:now))", {"now": schema.format_ts(now)}
+        ).fetchone()
+    return _from_julian(jd) if jd else None
+
+
 def fail_due(path: Path, now: datetime) -> list[str]:
     """Mark failed the messages ``due_state`` counts as due now; returns their ids.
 

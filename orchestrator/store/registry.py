@@ -72,13 +72,26 @@ class SessionRow:
     last_active: datetime | None
     last_heartbeat: datetime | None
     created_at: datetime | None
+    queued_since: datetime | None = None  # waiting for an agent slot, due since then
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Columns newer than the file: added, never a destructive migration."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+    if "queued_since" not in have:
+        try:
+            conn.execute("ALTER TABLE sessions ADD COLUMN queued_since TEXT")
+        except sqlite3.OperationalError as exc:  # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _session(row: sqlite3.Row) -> SessionRow:
     return SessionRow(
         row["id"], row["agent_group_id"], row["messaging_group_id"], row["thread_id"],
         row["status"], row["container_status"], row["status_reason"],
-        parse_ts(row["last_active"]), parse_ts(row["last_heartbeat"]), parse_ts(row["created_at"]))
+        parse_ts(row["last_active"]), parse_ts(row["last_heartbeat"]), parse_ts(row["created_at"]),
+        parse_ts(row["queued_since"]) if "queued_since" in row.keys() else None)
 
 
 class Registry:
@@ -106,6 +119,7 @@ class Registry:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=10000")
                 conn.executescript(DDL)
+                _add_columns(conn)
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -364,6 +378,17 @@ class Registry:
             c.execute("INSERT INTO status_changes (session_id, at, old, new, reason)"
                       " VALUES (?,?,?,?,?)", (session_id, at, old, status, reason))
         return old
+
+    def set_queued(self, session_id: str, since: datetime | None) -> None:
+        """Mark a session as waiting for an agent slot (admission), or not any more."""
+        with self._tx() as c:
+            c.execute("UPDATE sessions SET queued_since=? WHERE id=?",
+                      (format_ts(since) if since else None, session_id))
+
+    def clear_queued(self) -> None:
+        """At start-up: the queue is derived again from the session folders."""
+        with self._tx() as c:
+            c.execute("UPDATE sessions SET queued_since=NULL WHERE queued_since IS NOT NULL")
 
     def touch(self, session_id: str, *, active: datetime | None = None,
               heartbeat: datetime | None = None) -> None:

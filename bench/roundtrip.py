@@ -1,0 +1,338 @@
+"""Round trips with the real reference agent: what a chat user waits for.
+
+Each figure is "message row committed to ``inbound.db`` (the bench's own
+``Sessions.write_message``, as ``orchestrator send`` does) → the reply's line
+written to the jsonl channel file" (seen by the bench's raw inotify on the data
+dir), with the real orchestrator (``bench.host`` = ``orchestrator run``) and the
+real reference agent, local processes or Docker containers:
+
+- ``warm``    the agent is running and idle; messages one at a time, each
+              after the previous reply (latency, not queueing);
+- ``cold``    no agent: ``stop_idle_after = 0`` stops it ``idle_after`` (0.3 s)
+              after each reply, and the next message waits until it is gone;
+- ``coldpre`` ``cold`` with ``[docker] precreate``: the next container was created
+              ahead, so the wake is a ``docker start`` only;
+- ``paused``  ``pause_idle_after`` froze the idle agent (docker pause / SIGSTOP);
+              the message thaws it.
+
+Agents: ``inotify`` (the reference agent as it now is), ``poll1s`` (the same
+agent told to poll every second, as NanoClaw's agents do) and ``poll100ms``
+(the reference agent before it woke on inotify). Orchestrator watch modes:
+``events`` and ``poll`` (``poll_interval`` 1 s).
+
+``agent_idle_cpu`` runs one agent alone on an empty session folder and reads its
+CPU time (psutil) over a window: what an idle agent costs the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import tomli_w
+
+from bench import collect, proc
+from bench.inotify import IN_MODIFY, Inotify
+from orchestrator.layout import registry_path
+from orchestrator.sessions import MessagingGroup, Sessions
+from orchestrator.store.registry import Registry
+
+AGENTS: dict[str, list[str]] = {
+    "inotify": ["--wake", "auto"],
+    "poll1s": ["--wake", "poll", "--poll-interval", "1"],
+    "poll100ms": ["--wake", "poll", "--poll-interval", "0.1"],
+}
+GROUP = "rt"
+
+
+@dataclass(frozen=True)
+class RTParams:
+    warm: int
+    cold: int
+    paused: int
+    docker_warm: int
+    docker_cold: int
+    docker_paused: int
+    agent_idle_seconds: float
+    timeout: float = 30.0
+
+
+RT_QUICK = RTParams(warm=10, cold=4, paused=5, docker_warm=6, docker_cold=3, docker_paused=5,
+                    agent_idle_seconds=3.0)
+RT_FULL = RTParams(warm=60, cold=15, paused=20, docker_warm=30, docker_cold=10,
+                   docker_paused=20, agent_idle_seconds=30.0)
+
+
+def docker_image() -> str:
+    return (os.environ.get("ORCHESTRATOR_BENCH_IMAGE") or os.environ.get("ORCHESTRATOR_TEST_IMAGE")
+            or "orchestrator-agent:latest")
+
+
+class ReplyWatch:
+    """Lines appended to the jsonl channel file, stamped when inotify reports them."""
+
+    def __init__(self, jsonl: Path) -> None:
+        jsonl.touch()
+        self.jsonl = jsonl
+        self.ino = Inotify()
+        self.ino.add(jsonl, IN_MODIFY)
+        self.fh = open(jsonl, "rb")
+        self.fh.seek(0, os.SEEK_END)
+        self.buf = b""
+        self.seen: dict[str, float] = {}
+
+    def _read(self) -> None:
+        now = time.time()
+        self.buf += self.fh.read()
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            try:
+                reply_to = json.loads(line).get("in_reply_to")
+            except ValueError:
+                continue
+            if reply_to:
+                self.seen.setdefault(reply_to, now)
+
+    def wait(self, message_id: str, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while message_id not in self.seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.ino.read(min(left, 0.5))
+            self._read()
+        return self.seen[message_id]
+
+    def close(self) -> None:
+        self.ino.close()
+        self.fh.close()
+
+
+def _status(registry: Registry, session_id: str) -> tuple[str, str]:
+    row = registry.session(session_id)
+    return (row.container_status, row.status_reason or "") if row else ("?", "")
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class RoundTrips:
+    def __init__(self, bench, params: RTParams) -> None:
+        self.bench = bench
+        self.p = params
+        self._n = 0
+
+    def say(self, msg: str) -> None:
+        self.bench.say(msg)
+
+    # --- one orchestrator with one session ---------------------------------------------
+
+    def _config(self, data: Path, runtime: str, agent: str, mode: str, lifecycle: dict,
+                instance: str) -> dict:
+        args = AGENTS[agent]
+        cfg = {
+            "data_dir": str(data),
+            "runtime": {"kind": runtime, "on_shutdown": "stop", "stop_grace": 2.0,
+                        "command": ["{python}", "-m", "orchestrator.agent", *args]},
+            "lifecycle": lifecycle,
+            "watch": {"mode": mode, "poll_interval": 1.0},
+            "delivery": {"channel": "jsonl", "path": "delivered.jsonl"},
+            "log": {"level": "INFO"},
+        }
+        if runtime == "docker":
+            cfg["docker"] = {"image": docker_image(), "instance": instance, "network": "none",
+                             "command": ["python3", "-m", "orchestrator.agent", "--workspace",
+                                         "/workspace", *args]}
+        return cfg
+
+    def measure(self, *, runtime: str, agent: str, mode: str, kind: str, samples: int) -> dict:
+        """``kind``: warm | cold | paused (see the module docstring)."""
+        self._n += 1
+        run_dir = self.bench.tmp / f"rt{self._n:02d}-{runtime}-{kind}-{agent}-{mode}"
+        data = run_dir / "data"
+        data.mkdir(parents=True)
+        lifecycle = {
+            "warm": {"idle_after": 30.0, "stop_idle_after": 600.0},
+            "cold": {"idle_after": 0.3, "stop_idle_after": 0.0},
+            "coldpre": {"idle_after": 0.3, "stop_idle_after": 0.0},
+            "paused": {"idle_after": 0.2, "pause_idle_after": 0.1, "stop_idle_after": 600.0},
+        }[kind]
+        instance = f"bench{os.getpid()}x{self._n}"
+        config = run_dir / "config.toml"
+        cfg = self._config(data, runtime, agent, mode, lifecycle, instance)
+        if kind == "coldpre":  # [docker] precreate: the next container created ahead
+            cfg["docker"]["precreate"] = 4
+        config.write_text(tomli_w.dumps(cfg))
+        registry = Registry(registry_path(data))
+        sessions = Sessions(data, registry, 1 << 20)
+        row = sessions.resolve(GROUP, MessagingGroup("bench", "chat-1"), None, "shared")
+        routing = sessions.routing_of(row)
+        orch = proc.Orchestrator(run_dir, config)
+        watch = ReplyWatch(data / "delivered.jsonl")
+        lat: list[float] = []
+        missed = 0
+        load = proc.MachineLoad()
+        try:
+            orch.start()
+            orch.wait_ready(60)
+
+            def send() -> float | None:
+                mid, _ = sessions.write_message(row, {"text": "ping"}, routing=routing)
+                t0 = time.time()
+                t1 = watch.wait(mid, self.p.timeout)
+                return None if t1 is None else 1000.0 * (t1 - t0)
+
+            if kind == "warm":  # the first message starts the agent; not a sample
+                if send() is None:
+                    raise RuntimeError("no reply to the warm-up message; log:\n"
+                                       + orch.log_tail(10))
+            for _ in range(samples):
+                if kind in ("cold", "coldpre"):
+                    _wait(lambda: _status(registry, row.id)[0] == "stopped", 20)
+                    # the exit is reported before the process is reaped / the next
+                    # container is created ahead: give that time, as a user's pause would
+                    time.sleep(0.05 if kind == "cold" else 1.0)
+                elif kind == "paused":
+                    _wait(lambda: _status(registry, row.id)[1].startswith("paused"), 20)
+                else:
+                    time.sleep(random.uniform(0.05, 0.15))
+                ms = send()
+                if ms is None:
+                    missed += 1
+                else:
+                    lat.append(ms)
+                if kind == "paused" and not lat and missed:
+                    break
+        finally:
+            machine = load.stop()
+            orch.stop()
+            watch.close()
+            registry.close()
+            if runtime == "docker":
+                _remove_labelled(instance)
+        res = {"runtime": runtime, "agent": agent, "mode": mode, "kind": kind,
+               "samples": len(lat), "missed": missed, "latency_ms": collect.summarize_ms(
+                   [ms / 1000.0 for ms in lat]), "machine_load": machine,
+               "log": orch.log_levels()}
+        r = res["latency_ms"]
+        self.say(f"  {runtime:6} {kind:6} agent {agent:9} watch {mode:6}: "
+                 + (f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f}, max {r['max']:.1f} "
+                    f"(n={r['n']}{f', missed {missed}' if missed else ''})" if r.get("n")
+                    else f"no reply ({missed} missed)")
+                 + self.bench._load_note(machine))
+        return res
+
+    # --- one idle agent alone ----------------------------------------------------------
+
+    def agent_idle_cpu(self, agent: str) -> dict:
+        self._n += 1
+        data = self.bench.tmp / f"rt{self._n:02d}-idle-{agent}"
+        data.mkdir(parents=True)
+        registry = Registry(registry_path(data))
+        row = Sessions(data, registry, 1 << 20).resolve(GROUP, None, None, "agent-shared")
+        folder = Sessions(data, registry, 1 << 20).paths(row).root
+        registry.close()
+        child = proc.spawn(proc.py("-m", "orchestrator.agent", "--workspace", str(folder),
+                                   *AGENTS[agent]))
+        try:
+            _wait(lambda: (folder / ".heartbeat").exists(), 20)
+            time.sleep(0.3)
+            ps = psutil.Process(child.pid)
+            c0, t0 = ps.cpu_times(), time.monotonic()
+            time.sleep(self.p.agent_idle_seconds)
+            c1, t1 = ps.cpu_times(), time.monotonic()
+        finally:
+            proc.stop(child)
+        cpu = (c1.user + c1.system) - (c0.user + c0.system)
+        pct = 100.0 * cpu / (t1 - t0)
+        self.say(f"  idle agent {agent:9}: {pct:.3f}% of a core ({cpu * 1000:.0f} ms CPU in "
+                 f"{t1 - t0:.0f}s)")
+        return {"agent": agent, "window_s": t1 - t0, "cpu_s": cpu, "core_pct": pct,
+                "note": "psutil reads CPU time in 10 ms clock ticks: 0 means < 1 tick"}
+
+    # --- everything --------------------------------------------------------------------
+
+    def run_all(self, docker: bool) -> dict:
+        p = self.p
+        out: dict[str, dict] = {"agent_idle_cpu": {}, "local": {}, "docker": {}}
+        self.say("[round trips] one idle reference agent's CPU")
+        for agent in ("inotify", "poll100ms", "poll1s"):  # 3 s each quick, 30 s full
+            out["agent_idle_cpu"][agent] = self._guard(lambda: self.agent_idle_cpu(agent))
+        self.say("[round trips] local runtime, real reference agent")
+        quick = self.p is RT_QUICK  # --quick: the figures the table judges, fewer of the rest
+        plan = [("warm", "inotify", "events", p.warm), ("warm", "poll1s", "events", p.warm // 2),
+                ("warm", "poll100ms", "events", 0 if quick else p.warm),
+                ("warm", "inotify", "poll", p.warm // 3 if quick else p.warm // 2),
+                ("cold", "inotify", "events", p.cold),
+                ("cold", "poll1s", "events", 0 if quick else p.cold),
+                ("paused", "inotify", "events", p.paused)]
+        plan = [step for step in plan if step[3] > 0]
+        for kind, agent, mode, n in plan:
+            out["local"][f"{kind}_{agent}_{mode}"] = self._guard(
+                lambda: self.measure(runtime="local", agent=agent, mode=mode, kind=kind,
+                                     samples=n))
+        if not docker:
+            return out
+        self.say(f"[round trips] Docker runtime, image {docker_image()}")
+        plan = [("warm", "inotify", "events", p.docker_warm),
+                ("warm", "poll1s", "events", 0 if quick else p.docker_warm // 2),
+                ("cold", "inotify", "events", p.docker_cold),
+                ("coldpre", "inotify", "events", p.docker_cold),
+                ("paused", "inotify", "events", p.docker_paused)]
+        plan = [step for step in plan if step[3] > 0]
+        for kind, agent, mode, n in plan:
+            out["docker"][f"{kind}_{agent}_{mode}"] = self._guard(
+                lambda: self.measure(runtime="docker", agent=agent, mode=mode, kind=kind,
+                                     samples=n))
+        return out
+
+    def _guard(self, fn: Callable[[], dict]) -> dict:
+        try:
+            return fn()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken run must not hide the rest
+            self.say(f"  !! failed: {exc}")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _remove_labelled(instance: str) -> None:
+    """Remove the containers of this bench run's own instance label (nobody else's)."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        for c in client.containers.list(all=True, filters={
+                "label": f"orchestrator.instance={instance}"}):
+            if c.labels.get("orchestrator.instance") == instance:
+                c.remove(force=True)
+        client.close()
+    except Exception:  # noqa: BLE001 - best effort; the label says whose they are
+        pass
+
+
+def docker_available() -> str | None:
+    """None when the engine answers and has the image; else why not (one line)."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        try:
+            client.images.get(docker_image())
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None

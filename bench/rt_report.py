@@ -1,0 +1,86 @@
+"""The issue-13 table: round trips, paused resumes, idle agents, throughput, 10 000 sessions.
+
+Columns: the reference agent woken by inotify (events mode: the figure judged
+against the target), the same agent polling every second (NanoClaw's design),
+polling every 0.1 s (the reference agent before), and the inotify agent with the
+orchestrator in ``mode = "poll"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.report import _dig, _fmt, _num, _passes
+
+COLS = ("inotify", "poll1s", "poll100ms", "mode=poll")
+
+
+def _rt(section: str, kind: str, stat: str):
+    def get(doc: dict, col: str) -> Any:
+        agent, mode = ("inotify", "poll") if col == "mode=poll" else (col, "events")
+        return _dig(doc, "roundtrip", section, f"{kind}_{agent}_{mode}", "latency_ms", stat)
+    return get
+
+
+def _idle_agent(doc: dict, col: str) -> Any:
+    return None if col == "mode=poll" else _dig(doc, "roundtrip", "agent_idle_cpu", col,
+                                                "core_pct")
+
+
+def _main(*path: str):
+    def get(doc: dict, col: str) -> Any:
+        if col == "inotify":
+            return _dig(doc, "results", "events", *path)
+        if col == "mode=poll":
+            return _dig(doc, "results", "poll", *path)
+        return None
+    return get
+
+
+ROWS = [
+    ("warm round trip, local p50", "ms", ("<=", 20), _rt("local", "warm", "p50"), 1),
+    ("warm round trip, local p99", "ms", ("<=", 50), _rt("local", "warm", "p99"), 1),
+    ("warm round trip, Docker p50", "ms", ("<=", 20), _rt("docker", "warm", "p50"), 1),
+    ("warm round trip, Docker p99", "ms", ("<=", 50), _rt("docker", "warm", "p99"), 1),
+    ("cold round trip, local p50", "ms", ("<=", 60), _rt("local", "cold", "p50"), 1),
+    ("cold round trip, Docker p50", "ms", ("<=", 600), _rt("docker", "cold", "p50"), 0),
+    ("cold, Docker, created ahead p50", "ms", ("<=", 600), _rt("docker", "coldpre", "p50"), 0),
+    ("paused → reply, Docker p50", "ms", ("<=", 60), _rt("docker", "paused", "p50"), 1),
+    ("paused → reply, local p50", "ms", None, _rt("local", "paused", "p50"), 1),
+    ("idle reference agent CPU", "% core", ("<=", 0.05), _idle_agent, 3),
+    ("throughput, flat out", "replies/min", (">=", 60000),
+     _main("agents_100", "throughput", "delivered_per_min"), 0),
+    ("10k sessions: start-up → reconciled", "s", ("<=", 2),
+     _main("scale_10000", "startup", "spawn_to_ready_s"), 2),
+    ("10k sessions: idle CPU (with sweeps)", "% core", ("<=", 1),
+     _main("scale_10000", "idle", "core_pct"), 2),
+    ("10k sessions: reply latency p50", "ms", ("<=", 10),
+     _main("scale_10000", "latency", "latency_ms", "commit_to_recorded", "p50"), 1),
+    ("10k sessions: peak RSS", "MB", ("<=", 100), _main("scale_10000", "rss_peak_mb"), 1),
+]
+
+
+def summarize(doc: dict) -> list[dict]:
+    out = []
+    for label, unit, target, get, digits in ROWS:
+        values = {c: _num(get(doc, c)) for c in COLS}
+        out.append({"metric": label, "unit": unit,
+                    "target": f"{target[0]} {target[1]:g}" if target else None,
+                    "values": values, "pass": _passes(target, values["inotify"]),
+                    "digits": digits})
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    head = ("metric", "unit", "target", "inotify agent", "1 s poll agent", "0.1 s poll agent",
+            "mode=poll", "")
+    body = [(r["metric"], r["unit"], r["target"] or "—",
+             *(_fmt(r["values"][c], r["digits"]) for c in COLS),
+             "—" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")) for r in summary]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    align = ["<", "<", "<", ">", ">", ">", ">", "^"]
+
+    def line(cells) -> str:
+        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(b) for b in body)])

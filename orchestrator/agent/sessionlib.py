@@ -1,0 +1,336 @@
+"""The agent half of the session-folder contract, as a library (stdlib only).
+
+Mount a session folder into your own agent and let this module speak the
+contract (docs/contract.md) so your code only
+answers messages::
+
+    from orchestrator.agent.sessionlib import SessionFolder
+
+    with SessionFolder("/workspace") as session:   # recovers after a crash
+        while True:
+            for msg in session.wait_for_work():    # inotify; slow poll behind it
+                session.claim(msg)                 # processing ack
+                text = msg.body().get("text", "")
+                session.reply(msg, f"you said {text}",
+                              files={"note.txt": b"hello"})  # outbox/ + row + ack
+
+What each call does, and why:
+
+- ``recover()`` (run by ``with``): creates outbound.db and outbox/, deletes this
+  session's leftover ``processing`` acks (their agent died mid-message, so the
+  messages become pending again and are redone) and ``outbox/out-*`` folders no
+  reply row names (files are written before their row is committed).
+- ``wait_for_work()``: the due, triggered, unacked messages in seq order; blocks
+  until there are some. It sleeps on inotify on the session folder (the host's
+  inbound.db commits wake it within a millisecond, through a read-only bind mount
+  too), re-reads every ``safety_poll`` s anyway (network and Docker Desktop shares
+  raise no event), wakes at the next ``process_after``, and polls every
+  ``poll_interval`` where inotify is missing.
+- ``claim`` / ``ack``: ``processing_ack`` rows. A claimed message stays yours:
+  the host gives it back (tries+1, backoff) only if your process dies.
+- ``reply``: files into ``outbox/<out_id>/`` first, then the ``messages_out`` row
+  (next odd seq above both tables) and the ack in ONE transaction, so the host
+  never sees a reply without its ack or a completed message without its reply.
+- ``heartbeat()``: touch ``.heartbeat`` while working; the host's stuck rules kill
+  an agent whose claim is older than ``claim_stuck`` with no heartbeat since.
+
+inbound.db is opened read-only and closed after every read, outbound.db is
+written with ``journal_mode=DELETE``, never WAL (a WAL's shared memory does not
+refresh across a bind mount). An agent that knows nothing of this module (e.g.
+NanoClaw's, polling once a second) keeps working: the host needs nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator import layout
+from orchestrator.agent import inotify
+from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
+from orchestrator.store import schema
+
+_IN_CHUNK = 500  # bound parameters per IN (...) query, well under SQLite's limit
+_WAKE_NAMES = frozenset({layout.INBOUND_DB, layout.INBOUND_DB + "-journal"})
+WAKE_MODES = ("auto", "inotify", "poll")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One inbound row; ``content`` is the raw JSON text the host wrote."""
+
+    id: str
+    seq: int | None
+    kind: str
+    trigger: int
+    process_after: str | None
+    platform_id: str | None
+    channel_type: str | None
+    thread_id: str | None
+    content: Any
+
+    def body(self) -> dict:
+        """``content`` parsed: a JSON object as a dict, a JSON string as {"text": ...};
+        ValueError for anything else (answer it with ``reply(..., status="failed")``)."""
+        data = json.loads(self.content)
+        if isinstance(data, str):
+            return {"text": data}
+        if not isinstance(data, dict):
+            raise ValueError(f"content is a JSON {type(data).__name__}, not an object")
+        return data
+
+
+class SessionFolder:
+    """The agent's side of one session folder. Not thread-safe except ``interrupt``.
+
+    ``wake``: ``auto`` (inotify where available, else poll), ``inotify`` (fail if
+    missing), ``poll``. ``poll_interval`` is the poll period without inotify;
+    ``safety_poll`` the re-read period with it.
+    """
+
+    def __init__(self, workspace: str | os.PathLike[str], *, wake: str = "auto",
+                 poll_interval: float = 0.1, safety_poll: float = 5.0) -> None:
+        if wake not in WAKE_MODES:
+            raise ValueError(f"wake must be one of {', '.join(WAKE_MODES)}, got {wake!r}")
+        self.workspace = Path(workspace).resolve()
+        self.paths = layout.SessionPaths(self.workspace)
+        self.wake = wake
+        self.poll_interval = poll_interval
+        self.safety_poll = safety_poll
+        self._watch: inotify.FolderWatch | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # --- set-up and recovery ------------------------------------------------------
+
+    def __enter__(self) -> "SessionFolder":
+        self.recover()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def recover(self) -> int:
+        """Prepare outbound.db and outbox/, drop a crashed predecessor's claims and
+        orphan outbox folders, heartbeat; start watching. Returns the claims dropped."""
+        if not self.workspace.is_dir():
+            raise SystemExit(f"workspace {self.workspace} is not a directory")
+        outbox = self.paths.outbox
+        if outbox.is_symlink():
+            raise SystemExit(f"refusing to use {outbox}: it is a symlink")
+        self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
+        outbox.mkdir(exist_ok=True)
+        schema.init_outbound(self.paths.outbound_db)
+        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
+            dropped = conn.execute(
+                "DELETE FROM processing_ack WHERE status = 'processing'").rowcount
+            written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
+        for entry in os.scandir(outbox):
+            if (entry.name.startswith("out-") and entry.name not in written
+                    and entry.is_dir(follow_symlinks=False)):
+                remove_tree(entry.path, ignore_errors=True)
+        self._start_watch()
+        return dropped
+
+    def _start_watch(self) -> None:
+        if self.wake == "poll" or self._watch is not None:
+            return
+        self._watch = inotify.open_watch(self.workspace, _WAKE_NAMES)
+        if self._watch is None and self.wake == "inotify":
+            raise OSError(f"inotify is not available on {self.workspace}")
+
+    @property
+    def watching(self) -> bool:
+        """True when inotify wakes this agent (False: it polls)."""
+        return self._watch is not None
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    # --- liveness ------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Create ``.heartbeat`` if missing and bump its mtime, never through a symlink."""
+        path = self.paths.heartbeat
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError:
+            if not path.is_symlink():
+                raise
+            path.unlink()  # ours to own; a planted symlink is replaced, not followed
+            fd = os.open(path, flags, 0o644)
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+
+    # --- reading -------------------------------------------------------------------
+
+    def pending(self) -> tuple[list[Message], datetime | None]:
+        """(due, triggered-or-not, unacked messages in seq order; when the next
+        not-yet-due one becomes due). One fresh read-only look at inbound.db."""
+        inbound = self.paths.inbound_db
+        if not inbound.exists():
+            return [], None
+        with schema.opened(inbound, readonly=True) as conn:
+            rows = [dict(row) for row in conn.execute(
+                'SELECT id, seq, kind, status, process_after, "trigger", platform_id, '
+                "channel_type, thread_id, content FROM messages_in "
+                "WHERE status = 'pending' AND kind != 'system' ORDER BY seq")]
+        if not rows:
+            return [], None
+        acked = self._acked_ids([row["id"] for row in rows])
+        now = schema.utcnow()
+        due = [Message(r["id"], r["seq"], r["kind"], r["trigger"], r["process_after"],
+                       r["platform_id"], r["channel_type"], r["thread_id"], r["content"])
+               for r in select_work(rows, acked, now)]
+        return due, next_due(rows, acked, now)
+
+    def _acked_ids(self, ids: list[str]) -> set[str]:
+        acked: set[str] = set()
+        with schema.opened(self.paths.outbound_db) as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                acked.update(row[0] for row in conn.execute(
+                    f"SELECT message_id FROM processing_ack WHERE message_id IN ({marks})", chunk))
+        return acked
+
+    # --- waiting -------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float | None = None) -> list[Message]:
+        """The messages to handle now; blocks until there are some, ``timeout`` s
+        pass, or ``interrupt()`` is called (then an empty list)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            due, upcoming = self.pending()
+            if due:
+                return due
+            period = self.safety_poll if self._watch is not None else self.poll_interval
+            if upcoming is not None:
+                period = min(period, max(0.0, (upcoming - schema.utcnow()).total_seconds()))
+            if deadline is not None:
+                period = min(period, deadline - time.monotonic())
+                if period <= 0:
+                    return []
+            if self.wait_for_change(period) is None:
+                return []
+
+    def wait_for_change(self, timeout: float) -> bool | None:
+        """Sleep until inbound.db changes (True), ``timeout`` s pass (False) or
+        ``interrupt()`` (None). Without inotify it just sleeps (a poll). Events about
+        other files of the folder (the agent's own writes) are read and slept through."""
+        fds = [self._wake_r] + ([self._watch.fd] if self._watch is not None else [])
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                ready, _, _ = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+                return False
+            if self._wake_r in ready:
+                self._drain_wake()
+                return None
+            if not ready:
+                return False
+            if self._watch is not None and self._watch.drain():
+                return True
+
+    def interrupt(self) -> None:
+        """Wake a blocked ``wait_for_work`` (safe from a signal handler or a thread)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already pending, or closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # --- writing -------------------------------------------------------------------
+
+    @staticmethod
+    def _set_ack(conn: sqlite3.Connection, message_id: str, status: str) -> None:
+        conn.execute(
+            "INSERT INTO processing_ack (message_id, status, status_changed) VALUES (?, ?, ?) "
+            "ON CONFLICT(message_id) DO UPDATE SET status = excluded.status, "
+            "status_changed = excluded.status_changed",
+            (message_id, status, schema.now_ts()))
+
+    def ack(self, msg: Message | str, status: str) -> None:
+        """``processing``, ``completed`` or ``failed`` for one inbound message."""
+        message_id = msg if isinstance(msg, str) else msg.id
+        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
+            self._set_ack(conn, message_id, status)
+
+    def claim(self, msg: Message | str) -> None:
+        """Take a message: the host counts it as work in progress from now on."""
+        self.ack(msg, "processing")
+
+    def outbox_dir(self, out_id: str) -> Path:
+        """``outbox/<out_id>/``: where a reply's files go before its row is written."""
+        return self.paths.outbox_dir(layout.validate_id(out_id, "message id"))
+
+    def reply(self, msg: Message, content: str | Mapping[str, Any], *,
+              files: Mapping[str, bytes] | None = None, status: str = "completed",
+              out_id: str | None = None) -> str:
+        """Answer ``msg`` and settle its ack (``status``) in one transaction; return the
+        reply's id. ``content``: text, or a JSON object. ``files`` (name → bytes) are
+        written to ``outbox/<id>/`` first and listed in ``content["files"]``; files
+        already placed there by the caller (pass ``out_id``) are listed by the caller."""
+        out_id = out_id or new_out_id()
+        body = {"text": content} if isinstance(content, str) else dict(content)
+        dest = self.outbox_dir(out_id)
+        try:
+            if files:
+                dest.mkdir(exist_ok=True)
+                for name, data in files.items():
+                    if not name or "/" in name or "\x00" in name or name.startswith("."):
+                        raise ValueError(f"unsafe outbox file name {name!r}")
+                    fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(data)
+                body["files"] = list(body.get("files") or []) + list(files)
+            self._write_reply(msg, out_id, json.dumps(body, ensure_ascii=False), status)
+        except BaseException:
+            remove_tree(dest, ignore_errors=True)
+            raise
+        return out_id
+
+    def _write_reply(self, msg: Message, out_id: str, content: str, status: str) -> int:
+        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
+            max_out = conn.execute("SELECT MAX(seq) FROM messages_out").fetchone()[0]
+            with schema.opened(self.paths.inbound_db, readonly=True) as inbound:
+                max_in = inbound.execute("SELECT MAX(seq) FROM messages_in").fetchone()[0]
+            seq = next_odd_seq(max_in, max_out)
+            conn.execute(
+                "INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id, "
+                "channel_type, thread_id, content) VALUES (?, ?, ?, ?, 'chat', ?, ?, ?, ?)",
+                (out_id, seq, msg.id, schema.now_ts(), msg.platform_id, msg.channel_type,
+                 msg.thread_id, content))
+            self._set_ack(conn, msg.id, status)
+        return seq
+
+
+def remove_tree(path: object, ignore_errors: bool = True) -> None:
+    """shutil.rmtree, imported on first use: most agent runs never remove anything,
+    and shutil (with its compression modules) is a noticeable part of a cold start."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)  # type: ignore[arg-type]

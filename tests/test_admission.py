@@ -1,0 +1,127 @@
+"""The admission rules, table-tested: who starts, who makes room, in what order."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from orchestrator.admission import (Agent, Plan, Waiting, auto_max_agents, gives_way_at,
+                                    parse_size, plan, queue_order, resolve_max_agents)
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+def idle(sid: str, seconds: float, group: str = "g", **kw) -> Agent:
+    return Agent(sid, group, ago(seconds), **kw)
+
+
+def wait(sid: str, seconds: float, group: str = "g") -> Waiting:
+    return Waiting(sid, group, ago(seconds))
+
+
+CASES = [
+    # (id, agents, starting, waiting, cap, groups, expected start, expected stop)
+    ("no cap starts everyone", [idle("a", 0)], {}, [wait("q1", 1), wait("q2", 2)], 0, {},
+     ("q2", "q1"), ()),
+    ("free slots in due order", [], {}, [wait("late", 1), wait("early", 9), wait("mid", 5)],
+     2, {}, ("early", "mid"), ()),
+    ("ties broken by session id", [], {}, [wait("b", 3), wait("a", 3)], 1, {}, ("a",), ()),
+    ("starts in flight count", [], {"s1": "g", "s2": "g"}, [wait("q", 1)], 2, {}, (), ()),
+    ("a live agent and its own start count once", [idle("s1", 0)], {"s1": "g"},
+     [wait("q", 1)], 2, {}, ("q",), ()),
+    ("already starting is not started twice", [], {"q": "g"}, [wait("q", 1)], 3, {}, (), ()),
+    ("full: the longest idle gives way", [idle("a", 5), idle("b", 50), idle("c", 10)], {},
+     [wait("q", 1)], 3, {}, (), ("b",)),
+    ("one stop per waiting session", [idle("a", 5), idle("b", 50), idle("c", 10)], {},
+     [wait("q1", 1), wait("q2", 2)], 3, {}, (), ("b", "c")),
+    ("a claim is never stopped", [idle("a", 99, claims=1), idle("b", 3)], {},
+     [wait("q", 1)], 2, {}, (), ("b",)),
+    ("due work is not idle", [idle("a", 99, due=1)], {}, [wait("q", 1)], 1, {}, (), ()),
+    ("recently active keeps its slot", [idle("a", 1)], {}, [wait("q", 1)], 1, {}, (), ()),
+    ("no stop while nobody waits", [idle("a", 99)], {}, [], 1, {}, (), ()),
+    ("a stop under way serves the head", [idle("a", 99, stopping=True), idle("b", 99)], {},
+     [wait("q", 1)], 2, {}, (), ()),
+    ("a stop under way plus one more", [idle("a", 99, stopping=True), idle("b", 50)], {},
+     [wait("q1", 1), wait("q2", 1)], 2, {}, (), ("b",)),
+    ("over the cap after a restart: nothing starts",
+     [idle("a", 0), idle("b", 0), idle("c", 0)], {}, [wait("q", 1)], 2, {}, (), ()),
+    ("group cap skips, others go on", [idle("a", 0, "busy")], {},
+     [wait("q1", 9, "busy"), wait("q2", 1, "calm")], 5, {"busy": 1}, ("q2",), ()),
+    ("group cap: only its own agent gives way",
+     [idle("a", 5, "busy"), idle("x", 99, "calm")], {}, [wait("q", 9, "busy")], 5,
+     {"busy": 1}, (), ("a",)),
+    ("group cap 0 = no group cap", [idle("a", 0, "busy")], {}, [wait("q", 1, "busy")], 5,
+     {"busy": 0}, ("q",), ()),
+    ("group counts starts in flight", [], {"s": "busy"}, [wait("q", 1, "busy")], 5,
+     {"busy": 1}, (), ()),
+]
+
+
+@pytest.mark.parametrize("name,agents,starting,waiting,cap,groups,start,stop", CASES,
+                         ids=[c[0] for c in CASES])
+def test_plan(name, agents, starting, waiting, cap, groups, start, stop) -> None:
+    result = plan(agents, starting, waiting, cap, NOW, 2.0, groups)
+    assert (result.start, result.stop) == (start, stop)
+
+
+def test_recheck_when_the_next_agent_becomes_idle_enough() -> None:
+    agents = [idle("a", 0.5), idle("b", 1.5), idle("c", 1, claims=1)]
+    result = plan(agents, {}, [wait("q", 1)], 3, NOW, 2.0)
+    assert result == Plan((), (), ago(1.5) + timedelta(seconds=2))
+
+
+def test_no_recheck_without_waiting_work() -> None:
+    assert plan([idle("a", 0.5)], {}, [], 1, NOW, 2.0).recheck_at is None
+
+
+@pytest.mark.parametrize("agent,expected", [
+    (idle("a", 0), NOW + timedelta(seconds=2)),
+    (idle("a", 0, claims=1), None),
+    (idle("a", 0, due=2), None),
+    (idle("a", 0, stopping=True), None),
+    (Agent("a", "g", None), None),
+])
+def test_gives_way_at(agent, expected) -> None:
+    assert gives_way_at(agent, 2.0) == expected
+
+
+def test_queue_order_is_oldest_due_first() -> None:
+    order = queue_order([wait("x", 1), wait("y", 30), wait("z", 30), wait("w", 5)])
+    assert [w.session_id for w in order] == ["y", "z", "w", "x"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("512m", 512 << 20), ("2g", 2 << 30), ("2G", 2 << 30), ("1048576", 1 << 20),
+    ("64k", 64 << 10), ("1.5g", int(1.5 * (1 << 30))), ("512mb", 512 << 20),
+    ("", None), ("lots", None), ("0", None), ("-1m", None),
+])
+def test_parse_size(text, expected) -> None:
+    assert parse_size(text) == expected
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("memory,cpus,per_agent,expected", [
+    (24 * GIB, 2, 512 << 20, 8),  # CPU-bound: 4 x 2
+    (4 * GIB, 16, 512 << 20, 6),  # memory-bound: 3 GiB / 512 MiB
+    (1 * GIB, 8, 2 * GIB, 1),  # never below one
+    (64 * GIB, 8, None, 32),  # no usable limit: 512 MiB assumed
+])
+def test_auto_max_agents(memory, cpus, per_agent, expected) -> None:
+    assert auto_max_agents(memory, cpus, per_agent) == expected
+
+
+@pytest.mark.parametrize("setting,cap", [(0, 0), (3, 3)])
+def test_explicit_max_agents_is_taken_as_is(setting, cap) -> None:
+    assert resolve_max_agents(setting, "512m")[0] == cap
+
+
+def test_auto_max_agents_reads_the_host() -> None:
+    cap, why = resolve_max_agents("auto", "512m")
+    assert cap >= 1 and why.startswith("auto:")

@@ -115,7 +115,8 @@ def write_config(root: Path, api_port: int, hook_port: int, poll: float,
     cfg = {
         "data_dir": str(root / "data"),
         "runtime": {"command": (["nice", "-n", str(nice)] if nice else []) + agent,
-                    "on_shutdown": "stop", "stop_grace": 2.0},
+                    "on_shutdown": "stop", "stop_grace": 2.0,
+                    "max_agents": 0},  # every session's agent runs: the path, not the queue
         "lifecycle": {"idle_after": 600, "stop_idle_after": 600},
         "delivery": {"channel": "webhook", "url": f"http://127.0.0.1:{hook_port}/hook",
                      "timeout": 30.0},
@@ -146,10 +147,14 @@ async def post(client: httpx.AsyncClient, session: int, text: str) -> dict:
     raise AssertionError("unreachable")
 
 
+POSTS: list[float] = []  # seconds each POST /v1/messages took (answer received)
+
+
 async def round_trip(client: httpx.AsyncClient, rx: Receiver, session: int,
                      timeout: float = 120.0) -> float:
     t0 = time.monotonic()
     mid = (await post(client, session, "ping"))["message_id"]
+    POSTS.append(time.monotonic() - t0)
     return (await rx.wait(mid, timeout)) - t0
 
 
@@ -167,7 +172,8 @@ async def latency(client: httpx.AsyncClient, rx: Receiver, sessions: int, count:
     async def one(s: int) -> None:
         try:
             results.append(await round_trip(client, rx, s))
-        finally:
+            await asyncio.sleep(rx.delay)  # its POST is answered only then: the session is
+        finally:                            # busy until the receiver has answered it
             busy.discard(s)
 
     tasks = []
@@ -251,6 +257,7 @@ async def run(args: argparse.Namespace) -> dict:
             def record(name: str, values: list[float], first: int) -> None:
                 out[name] = summary(values)
                 out[name]["commit_to_webhook"] = summary(rx.commit_to_arrival[first:])
+                out[name]["post_answered"] = summary(POSTS[-len(values):])
                 print(f"{name}:", out[name], flush=True)
 
             if wanted("latency1"):

@@ -104,6 +104,7 @@ class Received:
     json: dict
     signature_ok: bool
     at: float  # time.monotonic() on arrival
+    at_wall: float = 0.0  # time.time() on arrival
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Receiver:
         ok = verify(self.secret, headers.get(TIMESTAMP_HEADER.lower(), ""), body,
                     headers.get(SIGNATURE_HEADER.lower(), ""))
         data = json.loads(body)
-        self.requests.append(Received(headers, body, data, ok, time.monotonic()))
+        self.requests.append(Received(headers, body, data, ok, time.monotonic(), time.time()))
         status, delay, extra = self.behave(data)
         if delay:
             await asyncio.sleep(delay)

@@ -369,7 +369,6 @@ PCFG = LifecycleConfig(pause_idle_after=60.0)
 
 
 def pobs(*, paused: bool = False, resumed: float | None = None, **kw) -> Observation:
-    from dataclasses import replace
     return replace(obs(**kw), paused=paused, resumed_at=at(resumed))
 
 

@@ -91,3 +91,32 @@ def test_a_paused_agent_is_not_killed_for_its_frozen_time(tmp_path: Path, reap_a
         client.close()
 
     run(body())
+
+
+def test_a_paused_agent_left_at_shutdown_is_adopted_paused_and_thawed_by_work(
+        tmp_path: Path, reap_agents) -> None:
+    """on_shutdown = "leave": the frozen agent outlives the orchestrator; the next one
+    adopts it as paused (its state read from /proc) and thaws it for new work."""
+    cfg = make_config(tmp_path, runtime={"on_shutdown": "leave"},
+                      lifecycle={"idle_after": 0.3, "pause_idle_after": 0.3,
+                                 "stop_idle_after": 60.0})
+
+    async def body() -> None:
+        client = Client(cfg)
+        async with supervised(cfg):
+            row, m1 = client.send("helpers", "first")
+            paths = client.paths(row)
+            await until(lambda: replies_to(cfg, m1), message="first reply")
+            [pid] = await until(lambda: agent_pids(paths.root), message="agent pid")
+            await until(lambda: frozen(agent_pids(paths.root)), message="agent frozen")
+        assert frozen(agent_pids(paths.root))  # left as it was
+        async with supervised(cfg) as sup:
+            assert sup.runtime.is_paused(row.id)
+            _, m2 = client.send("helpers", "second")
+            [reply] = await until(lambda: replies_to(cfg, m2), 10, message="reply after thaw")
+            assert reply["content"]["text"] == "echo: second"
+            assert agent_pids(paths.root) == [pid]
+            await sup.runtime.stop(row.id, 2.0)  # leave nothing behind
+        client.close()
+
+    run(body())

@@ -43,3 +43,15 @@ def test_unusable_files_are_refused(tmp_path: Path, setup: str, fragment: str) -
         os.mkfifo(path, 0o600)
     with pytest.raises(SecretFileError, match=fragment):
         ensure_secret(path)
+
+
+def test_a_full_disk_is_a_storage_error_and_leaves_no_empty_file(tmp_path: Path) -> None:
+    from mounts import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        fill(disk)
+        with pytest.raises(SecretFileError) as caught:
+            ensure_secret(disk / "token")
+        assert "cannot" in str(caught.value) and "\n" not in str(caught.value)
+        assert not (disk / "token").exists()
+

@@ -231,3 +231,28 @@ def test_the_readme_agent_answers_with_a_file(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize(("argv", "folder"), [
+    ([], "."), (["--workspace", "/w"], "/w"), (["--workspace=/w"], "/w"),
+    (["--poll-interval", "1", "--workspace", "/x", "--wake", "poll"], "/x"),
+    (["--workspace"], "."),  # argparse reports it later
+])
+def test_the_early_heartbeat_finds_the_workspace(argv: list[str], folder: str) -> None:
+    from orchestrator.agent import beat
+    assert beat.workspace_of(argv) == folder
+
+
+def test_the_early_heartbeat_touches_only_a_real_folder(tmp_path: Path) -> None:
+    from orchestrator.agent import beat
+    beat.early(["--workspace", str(tmp_path)])
+    assert (tmp_path / ".heartbeat").is_file()
+    (tmp_path / "link").symlink_to(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    beat.early(["--workspace", str(tmp_path / "link")])  # not followed: nothing happens
+    beat.early(["--workspace", str(tmp_path / "missing")])
+    (tmp_path / "elsewhere" / ".heartbeat").symlink_to(tmp_path / "target")
+    beat.early(["--workspace", str(tmp_path / "elsewhere")])  # a planted link is replaced
+    assert not (tmp_path / "target").exists()
+    assert (tmp_path / "elsewhere" / ".heartbeat").is_file()
+    assert not (tmp_path / "elsewhere" / ".heartbeat").is_symlink()

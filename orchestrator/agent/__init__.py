@@ -6,6 +6,7 @@ Stdlib-only, because it runs in a container that has nothing but python3:
 - ``sessionlib``: the agent half of the contract as a library (wait for work, claim,
   reply with files, heartbeat, ack, recover); other agents can use it too
 - ``inotify``: waking on the host's inbound.db commits (ctypes), polling where missing
+- ``beat``: the heartbeat touch (os only), done first thing by ``__main__``
 - ``decide``: pure decisions (due rows, next due time, next odd seq, content in and out)
 - ``files``:  copying attachments into ``outbox/<out_id>/`` without following symlinks
 - ``agent``:  the CLI and the echo, on top of ``sessionlib``

@@ -251,11 +251,14 @@ def _install_signal_handlers(stop: threading.Event, wake: Callable[[], None]) ->
         signal.signal(signum, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m orchestrator.agent``; returns the exit code."""
+def main(argv: list[str] | None = None, early_signals: list[int] | None = None) -> int:
+    """Entry point of ``python -m orchestrator.agent``; returns the exit code.
+    ``early_signals``: SIGTERM/SIGINT received before this (see beat.hold_signals)."""
     options = parse_args(argv)
     stop = threading.Event()
     agent = Agent(options, stop)
     _install_signal_handlers(stop, agent.session.interrupt)
+    if early_signals:
+        stop.set()
     return agent.run()
 

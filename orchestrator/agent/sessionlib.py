@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from orchestrator import layout
-from orchestrator.agent import inotify
+from orchestrator.agent import beat, inotify
 from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
 from orchestrator.store import schema
 
@@ -163,19 +163,7 @@ class SessionFolder:
 
     def heartbeat(self) -> None:
         """Create ``.heartbeat`` if missing and bump its mtime, never through a symlink."""
-        path = self.paths.heartbeat
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError:
-            if not path.is_symlink():
-                raise
-            path.unlink()  # ours to own; a planted symlink is replaced, not followed
-            fd = os.open(path, flags, 0o644)
-        try:
-            os.utime(fd)
-        finally:
-            os.close(fd)
+        beat.touch(self.paths.heartbeat)
 
     # --- reading -------------------------------------------------------------------
 

@@ -20,6 +20,6 @@ RUN test -f README.md || echo "# orchestrator" > README.md \
 # Access to the Docker socket is root-equivalent anyway; the agents themselves run
 # unprivileged (see orchestrator/runtime/docker.py).
 WORKDIR /
-VOLUME ["/config"]
+EXPOSE 8750
 ENTRYPOINT ["orchestrator"]
-CMD ["run", "--config", "/config/config.toml"]
+CMD ["run", "--config", "/srv/orchestrator/data/config.toml"]

@@ -69,6 +69,7 @@ def config_dict(data_dir: Path, mode: str, poll_interval: float,
         "watch": {"mode": mode, "poll_interval": poll_interval},
         "delivery": {"channel": "jsonl", "path": "delivered.jsonl"},
         "log": {"level": "INFO"},
+        "api": {"listen": ""},  # the API's own bench is bench/api.py
     }
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)

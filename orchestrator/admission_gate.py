@@ -245,5 +245,8 @@ def open_gate(cfg: Config, tracked: Mapping[str, Tracked], runtime: Runtime,
     cap, why = resolve_max_agents(cfg.runtime.max_agents, cfg.docker.memory)
     logger.info("admission: {} ({})", f"at most {cap} agents at once" if cap else "no cap", why)
     registry.clear_queued()
+    group_caps = {g.name: g.max_agents for g in cfg.groups if g.max_agents}  # [groups.<name>]
+    for name, gcap in sorted(group_caps.items()):
+        logger.info("admission: at most {} agents of group {} at once", gcap, name)
     return AdmissionGate(cap, cfg.runtime.make_room_after, tracked, runtime, registry, mark,
-                         set_status, clock)
+                         set_status, clock, group_caps)

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from orchestrator import cli_groups
 from orchestrator import config as config_mod
+from orchestrator.api import client as api_client
 from orchestrator.config import Config
 from orchestrator.errors import UserError
 from orchestrator.layout import InvalidId, registry_path
+from orchestrator.secretfile import ensure_secret
 from orchestrator.sessions import MODES, MessagingGroup, Sessions
+from orchestrator.scheduling import format_due
 from orchestrator.store.registry import Registry
+from orchestrator.store.schema import utcnow
 
 EXIT_USAGE = 2
 DISTRIBUTION = "agent-session-orchestrator"
@@ -72,7 +78,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.config)
     config_mod.write_default(path, force=args.force)
     print(f"wrote {path}")
+    token_file = config_mod.read_config(path).api.token_file
+    if token_file:  # the API token, mode 0600 (kept if it exists)
+        ensure_secret(Path(token_file))
     return 0
+
+
+def _remote(args: argparse.Namespace) -> tuple[str, str | None, Config | None] | None:
+    """(url, token, local config if any) when --url / ORCHESTRATOR_URL says to use the API."""
+    url = api_client.resolve_url(args.url)
+    if url is None:
+        return None
+    cfg = _load(args) if Path(args.config).exists() else None
+    token = api_client.resolve_token(args.token_file, cfg.api.token_file if cfg else None)
+    return url, token, cfg
 
 
 def _attachment(path_text: str, max_bytes: int) -> dict:
@@ -108,11 +127,17 @@ def message_text(text: str) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    remote = _remote(args)
+    cfg = remote[2] if remote else _load(args)
+    max_bytes = cfg.sessions.max_attachment_bytes if cfg else 2**40  # else the server checks
     text = message_text(args.text)
     if not text.strip() and not args.attach:
         raise UsageError("TEXT is empty: give the message text, or - to read it from "
                          "standard input")
+    if remote and args.every:
+        raise UsageError("--every writes a series into the files: run it without --url "
+                         "(on the orchestrator's host)")
+    schedule = cli_groups.schedule_of(args, cfg, utcnow())  # --at / --every, checked first
     if args.json:
         try:
             content = json.loads(text)
@@ -125,31 +150,60 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.attach:
         if not isinstance(content.setdefault("attachments", []), list):
             raise UsageError("--json: content.attachments must be a list to add --attach files")
-        content["attachments"].extend(
-            _attachment(a, cfg.sessions.max_attachment_bytes) for a in args.attach)
+        content["attachments"].extend(_attachment(a, max_bytes) for a in args.attach)
+    if remote:
+        body = {"agent_group": args.group, "channel": args.channel, "platform_id": args.platform,
+                "thread_id": args.thread, "content": content}
+        if args.mode:
+            body["mode"] = args.mode
+        if schedule.process_after:
+            body["process_after"] = schedule.process_after.isoformat()
+        print(api_client.send(remote[0], remote[1], body)["session_id"])
+        return 0
     registry, sessions = _open(cfg)
     with registry:
         mode = args.mode or cfg.sessions.default_mode
         mg = MessagingGroup(args.channel, args.platform)
         message = sessions.prepare(content)  # refused here: no session is created for it
         session = sessions.resolve(args.group, mg, args.thread, mode)
-        # the message keeps its own chat, whatever the session's mode (replies go back there)
-        sessions.write_message(session, message, routing=(args.channel, args.platform,
-                                                          args.thread))
+        if schedule.series_id:  # indexed first: a series is never left un-cancellable
+            registry.add_series(schedule.series_id, session.id, args.group,
+                                schedule.recurrence, cfg.sessions.timezone)
+        try:
+            # the message keeps its own chat, whatever the session's mode (replies go back)
+            sessions.write_message(session, message,
+                                   routing=(args.channel, args.platform, args.thread),
+                                   process_after=schedule.process_after,
+                                   recurrence=schedule.recurrence, series_id=schedule.series_id)
+        except BaseException:
+            if schedule.series_id:
+                registry.cancel_series(schedule.series_id)
+            raise
     print(session.id)
+    if schedule.series_id:
+        print(schedule.series_id)
+    if schedule.process_after:
+        print(f"due at {format_due(schedule.process_after)} UTC", file=sys.stderr)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import status
 
+    remote = _remote(args)
+    if remote:
+        names = {f.name for f in dataclasses.fields(status.StatusRow)}
+        rows = [status.StatusRow(**{k: v for k, v in r.items() if k in names})
+                for r in api_client.sessions(remote[0], remote[1])]
+        print(status.render_json(rows) if args.json else status.render_table(rows))
+        return 0
     cfg = _load(args)
     registry = Registry.reader(registry_path(cfg.data_dir))  # never writes
     if registry is None:
         rows = []
     else:
         with registry:
-            rows = status.collect(cfg.data_dir, registry)
+            rows = status.collect(cfg.data_dir, registry, cfg)
     print(status.render_json(rows) if args.json else status.render_table(rows))
     warning = status.environment_warning(cfg.data_dir)
     if warning:  # status itself only reads, so it works; say what will not
@@ -161,7 +215,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.logs import setup_logging
     from orchestrator.supervisor import run
 
+    from orchestrator.groups import preflight
+
     cfg = _load(args)
+    preflight(cfg)
     setup_logging(cfg.log, json=True if args.json_logs else None)
     return run(cfg)
 
@@ -188,13 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="config.toml", metavar="PATH",
                         help="config file (default: ./config.toml)")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", default=None, help="go through the HTTP API at this URL "
+                        "(default: $ORCHESTRATOR_URL; unset = the files, no server needed)")
+    remote.add_argument("--token-file", default=None, metavar="PATH",
+                        help="API token (default: $ORCHESTRATOR_TOKEN, else [api] token_file)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="write a commented default config")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("send", parents=[common], help="write a message to a session")
+    p = sub.add_parser("send", parents=[common, remote], help="write a message to a session")
     p.add_argument("--group", required=True, help="agent group")
     p.add_argument("--channel", default="cli", help="channel type (default: cli)")
     p.add_argument("--platform", default="local", help="platform id of the chat (default: local)")
@@ -206,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='TEXT is the whole message content as a JSON object, e.g. '
                         '\'{"text": "hi", "priority": 2}\'')
+    cli_groups.add_send_options(p)
     p.add_argument("text", metavar="TEXT",
                    help="the message text (UTF-8); - reads it from standard input")
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("status", parents=[common], help="one row per session (reads only)")
+    p = sub.add_parser("status", parents=[common, remote],
+                       help="one row per session (reads only)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.set_defaults(func=cmd_status)
 
@@ -228,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="default: [docker] image")
     p.add_argument("--force", action="store_true", help="rebuild even if the tag is current")
     p.set_defaults(func=cmd_image)
+
+    cli_groups.register(sub, common, _load)
     return parser
 
 
@@ -235,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except api_client.ApiClientError as exc:
+        print(f"orchestrator: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (UserError, InvalidId) as exc:  # InvalidId: layout is stdlib-only (agent image)
         print(f"orchestrator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

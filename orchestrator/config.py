@@ -117,8 +117,16 @@ class WatchConfig:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    channel: str = _opt("jsonl", "'log' or 'jsonl'", choices=("log", "jsonl"))
+    channel: str = _opt("jsonl", "'log', 'jsonl' or 'webhook'", choices=("log", "jsonl", "webhook"))
     path: Path = _opt("delivered.jsonl", "jsonl channel output, relative to data_dir", path=True)
+    url: str = _opt("", "webhook channel: the URL each reply is POSTed to")
+    secret_file: Path = _opt("webhook-secret", "webhook channel: HMAC-SHA256 key, relative to "
+                             "data_dir (created with mode 0600 if missing)", path=True)
+    timeout: float = _opt(10.0, "webhook channel: seconds before a POST counts as failed",
+                          min=0.1, max=600)
+    max_file_bytes: int = _opt(1024 * 1024, "webhook channel: reply files up to this size are "
+                               "sent inline (base64); larger ones as name and size only",
+                               min=0, max=2**31)
     max_attempts: int = _opt(5, "attempts before a reply is recorded failed", min=1, max=1000)
     retry_base: float = _opt(2.0, "delivery retry backoff: base * 2^attempts seconds",
                              min=0, max=3600)
@@ -135,6 +143,16 @@ class SessionsConfig:
                              choices=("shared", "per-thread", "agent-shared"))
     max_attachment_bytes: int = _opt(25 * 1024 * 1024, "largest decoded attachment",
                                      min=1, max=2**40)
+    timezone: str = _opt("UTC", "IANA time zone of 'send --at' times without an offset and "
+                         "of 'send --every' cron expressions, e.g. 'Europe/Berlin'")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = _opt("127.0.0.1:8750", "HTTP API: 'HOST:PORT', 'unix:/path', or '' for no API")
+    token_file: str = _opt("api-token", "bearer token of /v1, relative to data_dir (created "
+                           "with mode 0600 if missing); '' = no token (loopback only)")
+    metrics_auth: bool = _opt(False, "require the token for /metrics too")
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,7 @@ SECTIONS: dict[str, type] = {
     "watch": WatchConfig,
     "delivery": DeliveryConfig,
     "sessions": SessionsConfig,
+    "api": ApiConfig,
     "log": LogConfig,
 }
 
@@ -164,7 +183,9 @@ class Config:
     watch: WatchConfig = WatchConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     sessions: SessionsConfig = SessionsConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
+    groups: tuple = ()  # of groups.GroupConfig, sorted by name: [groups.<name>] overrides
     source: Path | None = None
 
     def replace(self, **sections: Any) -> "Config":
@@ -235,7 +256,9 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
     Relative paths are relative to ``base_dir`` (the config file's folder);
     ``[delivery] path`` is relative to ``data_dir``.
     """
-    top = {"data_dir"} | set(SECTIONS)
+    from orchestrator.groups import load_groups  # groups builds on this module
+
+    top = {"data_dir", "groups"} | set(SECTIONS)
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]}: allowed top-level keys are "
@@ -248,8 +271,28 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
                 for name, cls in SECTIONS.items()}
     delivery = sections["delivery"]
     sections["delivery"] = dataclasses.replace(
-        delivery, path=(data_dir / Path(str(delivery.path)).expanduser()))
-    return Config(data_dir=data_dir, source=source, **sections)
+        delivery, path=(data_dir / Path(str(delivery.path)).expanduser()),
+        secret_file=(data_dir / Path(str(delivery.secret_file)).expanduser()))
+    if delivery.channel == "webhook" and not delivery.url.startswith(("http://", "https://")):
+        raise ConfigError(f"[delivery] url must be an http:// or https:// URL for the webhook "
+                          f"channel, got {delivery.url!r}")
+    api = sections["api"]
+    if api.token_file:
+        sections["api"] = dataclasses.replace(
+            api, token_file=str(data_dir / Path(api.token_file).expanduser()))
+    _check_timezone(sections["sessions"].timezone)
+    groups = load_groups(data.get("groups", {}), base_dir)
+    return Config(data_dir=data_dir, source=source, groups=groups, **sections)
+
+
+def _check_timezone(name: str) -> None:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"[sessions] timezone {name!r} is not a known IANA time zone; "
+                          "use e.g. 'UTC' or 'Europe/Berlin'") from None
 
 
 def read_config(path: Path) -> Config:
@@ -296,6 +339,9 @@ def render_default(data_dir: str = "data") -> str:
         for f in fields(cls):
             lines.append(f"# {f.metadata['help']}")
             lines.append(tomli_w.dumps({f.name: _default_value(f)}).rstrip())
+    from orchestrator.groups import render_example
+
+    lines += render_example()
     return "\n".join(lines) + "\n"
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.attachments import safe_name
-from orchestrator.channels import (Channel, DeliveryError, Failure, PermanentDeliveryError, Reply,
-                                   StorageFull)
+from orchestrator.channels import (Channel, DeliveryError, Failure, InFlight,
+                                   PermanentDeliveryError, Reply, StorageFull)
 from orchestrator.config import DeliveryConfig
 from orchestrator.errors import host_storage_failure
 from orchestrator.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
@@ -305,12 +305,15 @@ class Deliverer:
                 try:
                     pmid = await self._deliver_one(folder, agent_group, session_id, msg,
                                                    routing)
+                except InFlight:
+                    continue  # the channel wakes this session when the outcome is known
                 except StorageFull as exc:  # the host's disk: no attempt spent; the rest
                     self._storage_full(state, session_id, exc, now, result)  # would fail too
                     break
                 except DeliveryError as exc:
                     verdict = after_failure(_trouble(exc), str(exc), attempts,
-                                            state.waiting_files.get(msg.id), now, self.cfg)
+                                            state.waiting_files.get(msg.id), now, self.cfg,
+                                            retry_after=exc.retry_after)
                     if verdict.step is Step.WAIT:
                         state.waiting_files.setdefault(msg.id, now)
                         logger.debug("reply {} of session {}: {}; waiting", msg.id,

@@ -73,12 +73,13 @@ def plan(facts: ReplyFacts, now: datetime) -> Plan:
 
 def after_failure(trouble: Trouble, reason: str, attempts: int,
                   files_waiting_since: datetime | None, now: datetime,
-                  cfg: DeliveryConfig) -> Plan:
+                  cfg: DeliveryConfig, retry_after: float | None = None) -> Plan:
     """After a failed attempt (``attempts`` failed before this one).
 
     Files not there yet are not an attempt for ``files_wait`` seconds after the
     reply was first seen waiting (agents may commit the row first): the reply
     waits without backoff, and the ``outbox/`` event of the last file retries it.
+    ``retry_after``: the receiver asked to wait at least this long (HTTP Retry-After).
     """
     if trouble is Trouble.PERMANENT:
         return Plan(Step.FAIL, reason)
@@ -90,5 +91,5 @@ def after_failure(trouble: Trouble, reason: str, attempts: int,
     attempts += 1
     if attempts >= cfg.max_attempts:
         return Plan(Step.FAIL, f"giving up after {attempts} attempts: {reason}")
-    return Plan(Step.RETRY, reason,
-                now + timedelta(seconds=delivery_backoff(attempts, cfg.retry_base)))
+    delay = max(delivery_backoff(attempts, cfg.retry_base), retry_after or 0.0)
+    return Plan(Step.RETRY, reason, now + timedelta(seconds=delay))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
+from orchestrator import groups, scheduling
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
@@ -39,6 +40,7 @@ from orchestrator.safefs import Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.store import inbound, outbound, schema
 from orchestrator.store.outbound import OutboundError
+from orchestrator.groups import AgentSettings
 from orchestrator.store.registry import Registry
 
 if TYPE_CHECKING:
@@ -127,6 +129,23 @@ class SessionWorker:
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
         self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
         self._ops: set[asyncio.Task] = set()
+        # status changes, replies delivered/failed, failed messages, agent starts → the
+        # API's event log and metrics (``orchestrator.api.hub``); must not block
+        self.notify: Callable[[str, dict], None] = lambda kind, data: None
+        self._settings: dict[str, AgentSettings] = {}
+
+    def settings(self, agent_group: str) -> AgentSettings:
+        """The group's effective settings ([groups.<name>] over the global values),
+        resolved once per group from the config ``run`` started with."""
+        s = self._settings.get(agent_group)
+        if s is None:
+            s = self._settings[agent_group] = groups.resolve(self.cfg, agent_group)
+        return s
+
+    def _successor(self, now: datetime) -> Callable[[dict], inbound.NewMessage | None]:
+        """A settled recurring row's next occurrence (written in the same transaction)."""
+        zone = self.cfg.sessions.timezone
+        return lambda row: scheduling.successor(row, now, zone)
 
     # --- the pass ---------------------------------------------------------------------
 
@@ -310,7 +329,7 @@ class SessionWorker:
         # The acks after the replies: an agent writes a reply and its 'completed' ack in
         # one commit, and the reply must not wait for a commit of the ack's mirror.
         if final:
-            inbound.sync_acks(folder.db(INBOUND_DB), final)
+            inbound.sync_acks(folder.db(INBOUND_DB), final, self._successor(now), now)
         # Only once the sync is written: acks older than ``acks_seen`` are never read
         # again, so moving it first would lose an ack whose sync failed.
         stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
@@ -321,6 +340,8 @@ class SessionWorker:
         t.delivery_due = result.next_due
         for mid in result.delivered:
             logger.info("delivered reply {} of session {}", mid, t.session_id)
+        if result.delivered or result.failed:
+            self._notify_replies(t, snap.messages, result, now)
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
 
@@ -345,14 +366,14 @@ class SessionWorker:
         Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
         stale acks — the host may write outbound.db only while no agent runs.
         """
-        lc = self.cfg.lifecycle
+        lc = self.settings(t.agent_group).lifecycle
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
         outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
         t.sigs["out"] = folder.signature(OUTBOUND_DB)
         result = inbound.reset_claims(folder.db(INBOUND_DB), [c.message_id for c in t.claims],
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
-                                      now=now)
+                                      now=now, follow_up=self._successor(now))
         t.claims = ()
         for mid, status in result.items():
             if status == "failed":
@@ -381,11 +402,11 @@ class SessionWorker:
 
     async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
-        verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+        verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
         if verdict.reset_claims:
             await self._reset_orphan_claims(t, folder, now)
             self._read_inbound(t, folder, now)
-            verdict = decide(self._observe(t), now, self.cfg.lifecycle)
+            verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
         await self._apply(t, folder, verdict, now)
 
     async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
@@ -422,7 +443,7 @@ class SessionWorker:
         starts again, so a new message gets its own tries — and starts as soon as
         the obstacle on disk is gone."""
         why = f"{reason}: {t.start_error}" if t.start_error else reason
-        failed = inbound.fail_due(folder.db(INBOUND_DB), now)
+        failed = inbound.fail_due(folder.db(INBOUND_DB), now, self._successor(now))
         t.start_errors = t.start_failures = 0
         t.start_blocked_until = None
         t.start_error = None
@@ -441,6 +462,9 @@ class SessionWorker:
         routes = inbound.message_routes(folder.db(INBOUND_DB), message_ids)
         default = t.routing or (None, None, None)
         for mid in message_ids:
+            self.notify("message_failed", {"session_id": t.session_id,
+                                           "agent_group": t.agent_group, "message_id": mid,
+                                           "reason": reason})
             ct, pid, thread = routes.get(mid, (None, None, None))
             await self.deliverer.report(Failure(
                 "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
@@ -452,6 +476,29 @@ class SessionWorker:
         self.registry.set_container_status(t.session_id, status, reason, now)
         logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
                     reason)
+        self.notify("status", {"session_id": t.session_id, "agent_group": t.agent_group,
+                               "old": old, "status": status, "reason": reason})
+
+    def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
+        stamps = {m.id: m.timestamp for m in messages}
+        for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
+            for mid in ids:
+                try:
+                    committed = schema.parse_ts(stamps.get(mid))  # the agent wrote it
+                except (ValueError, TypeError):
+                    committed = None
+                self.notify(kind, {
+                    "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
+                    "delay_seconds": (now - committed).total_seconds() if committed else None})
+
+    def request_stop(self, t: Tracked, reason: str) -> bool:
+        """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
+        operation is already under way. Due work wakes it again, as after any stop."""
+        if not self.runtime.is_running(t.session_id) or (t.op is not None and not t.op.done()):
+            return False
+        t.ending_reason = f"stopped: {reason}"
+        self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        return True
 
     def _run_op(self, t: Tracked, coro) -> None:
         async def wrapped() -> None:
@@ -496,9 +543,14 @@ class SessionWorker:
                 row = self.registry.session(t.session_id)
                 if row is not None:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
+            settings = self.settings(t.agent_group)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
-                                                         t.paths.root))
+                                                         t.paths.root, settings))
+            if not handle.adopted:
+                self.registry.record_agent_settings(t.session_id, t.agent_group,
+                                                    settings.digest, settings.image)
         except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
+            self.notify("agent_start", {"result": "error", "seconds": 0.0})
             t.start_failures += 1
             delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
             t.start_blocked_until = now + timedelta(seconds=delay)
@@ -520,6 +572,8 @@ class SessionWorker:
         t.start_error = None
         t.start_blocked_until = None
         t.started_at = self.clock()
+        self.notify("agent_start", {"result": "ok",
+                                    "seconds": (t.started_at - now).total_seconds()})
         t.heartbeat_at = None
         t.sigs.pop("hb", None)
         t.idle_since = None

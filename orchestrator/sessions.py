@@ -11,16 +11,20 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator import attachments
+from loguru import logger
+
+from orchestrator import attachments, destinations
 from orchestrator.errors import StorageError, UserError, storage, storage_error
 from orchestrator.layout import (SessionPaths, registry_path, session_paths, sessions_root,
                                  validate_id)
+from orchestrator.scheduling import format_due
 from orchestrator.store import inbound, schema
 from orchestrator.store.registry import Registry, SessionRow
 
@@ -86,6 +90,26 @@ def build_folder(final: Path) -> Path:
 
 def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_STAGING = 3600.0  # s: no `send` builds a folder for this long
+
+
+def remove_stale_staging(entry: os.DirEntry, now: float | None = None) -> bool:
+    """Remove a staging folder a killed ``send`` left behind, once surely abandoned.
+    Never through a link (``rmtree`` does not follow them; a link itself is unlinked)."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+        if (now if now is not None else time.time()) - st.st_mtime < STALE_STAGING:
+            return False
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    except OSError:
+        return False
+    logger.info("removed {}, a session folder a killed send left half-built", entry.path)
+    return True
 
 
 def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionPaths:
@@ -202,10 +226,13 @@ class Sessions:
     def write_message(self, session: SessionRow, content: str | dict[str, Any] | PreparedMessage,
                       *, kind: str = "chat", process_after: datetime | None = None,
                       trigger: int = 1, routing: tuple[str | None, str | None, str | None] = (
-                          None, None, None), message_id: str | None = None) -> tuple[str, int]:
+                          None, None, None), message_id: str | None = None,
+                      recurrence: str | None = None, series_id: str | None = None
+                      ) -> tuple[str, int]:
         """Decode attachments into the inbox, then insert the row; all or nothing.
 
-        Returns (message id, seq).
+        ``process_after`` is stored in whole seconds, rounded up (see
+        ``scheduling.format_due``). Returns (message id, seq).
         """
         prepared = content if isinstance(content, PreparedMessage) else self.prepare(content)
         mid = validate_id(message_id, "message id") if message_id else new_id("msg")
@@ -221,9 +248,9 @@ class Sessions:
         try:
             seq = inbound.insert_message(paths.inbound_db, inbound.NewMessage(
                 id=mid, kind=kind, content=json.dumps(stored, ensure_ascii=False),
-                process_after=schema.format_ts(process_after) if process_after else None,
+                process_after=format_due(process_after) if process_after else None,
                 trigger=trigger, channel_type=channel_type, platform_id=platform_id,
-                thread_id=thread_id))
+                thread_id=thread_id, recurrence=recurrence, series_id=series_id))
         except sqlite3.IntegrityError:
             if files:  # only what this call wrote: never another message's inbox
                 attachments.remove_inbox(paths, mid)
@@ -257,7 +284,7 @@ class Sessions:
             inbound.Destination(name=d["name"], type=d["type"], display_name=d["display_name"],
                                 channel_type=d["channel_type"], platform_id=d["platform_id"],
                                 agent_group_id=d["target_agent_group_id"])
-            for d in self.registry.destinations(session.agent_group_id)])
+            for d in destinations.projected(self.registry, session.agent_group_id)])
 
     def routing_of(self, session: SessionRow) -> tuple[str | None, str | None, str | None]:
         mg = (self.registry.messaging_group(session.messaging_group_id)

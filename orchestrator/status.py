@@ -16,11 +16,16 @@ import stat
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from orchestrator import groups
 from orchestrator.errors import probe_cause
 from orchestrator.layout import SessionPaths, session_paths, sessions_root
 from orchestrator.store import inbound, outbound
 from orchestrator.store.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orchestrator.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,11 @@ class StatusRow:
     thread_id: str | None = None
     queue_position: int | None = None  # waiting for an agent slot ([runtime] max_agents)
     queued_for: float | None = None  # seconds its oldest due message has waited
+    # what its agent was started with: [groups.<name>] settings digest, Docker image;
+    # settings_current False = the config has changed since (applies at its next start)
+    settings: str | None = None
+    image: str | None = None
+    settings_current: bool | None = None
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -75,8 +85,9 @@ def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float
             for i, (since, sid) in enumerate(waiting)}
 
 
-def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
+def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> list[StatusRow]:
     rows = []
+    started = registry.agent_settings()
     routes = registry.routes()
     sessions = registry.sessions()
     queued = queue_positions(sessions, datetime.now(timezone.utc))
@@ -91,37 +102,62 @@ def collect(data_dir: Path, registry: Registry) -> list[StatusRow]:
             counts = inbound.status_counts(paths.inbound_db, claimed)
         except Exception as exc:  # one bad session must not hide the others
             error = str(exc).splitlines()[0]
+        run = started.get(s.id, {})
+        current = (run.get("digest") == groups.resolve(cfg, s.agent_group_id).digest
+                   if cfg is not None and run else None)
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
                               _iso(s.last_active), error,
                               *routes.get(s.id, (None, None, s.thread_id)),
-                              *queued.get(s.id, (None, None))))
+                              *queued.get(s.id, (None, None)),
+                              settings=run.get("digest"), image=run.get("image"),
+                              settings_current=current))
     return rows
 
 
+def settings_cell(r: StatusRow) -> str | None:
+    """The settings digest (and image) of a live agent; ``*``: the config has changed
+    since it started (it gets the new settings at its next start)."""
+    if r.container_status == "stopped" or r.settings is None:
+        return None
+    stale = "*" if r.settings_current is False else ""
+    return f"{r.settings}{stale}" + (f" {r.image}" if r.image else "")
+
+
+def container_cell(r: StatusRow) -> str:
+    """The container status (marked when paused), or its place in the admission queue."""
+    if r.queue_position is not None:
+        return f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
+    if is_paused(r.container_status, r.status_reason):
+        return f"{r.container_status} (paused)"
+    return r.container_status
+
+
 COLUMNS = [("AGENT GROUP", "agent_group"), ("SESSION", "session_id"),
-           ("CONTAINER", "container_status"), ("PENDING", "pending"),
+           ("CONTAINER", container_cell), ("PENDING", "pending"),
            ("PROCESSING", "processing"), ("FAILED", "failed"),
            ("LAST HEARTBEAT", "last_heartbeat"), ("LAST ACTIVE", "last_active"),
+           ("SETTINGS", settings_cell),
            ("CHANNEL", "channel_type"), ("PLATFORM", "platform_id"), ("THREAD", "thread_id")]
 
 
-_CONTAINER = [key for _, key in COLUMNS].index("container_status")
+def table_lines(rows: list, columns: list[tuple[str, Any]]) -> list[str]:
+    """Aligned text columns; a column is an attribute name or a function of the row.
+    None prints as ``-``."""
+    def cell(r: object, key: Any) -> str:
+        value = key(r) if callable(key) else getattr(r, key)
+        return "-" if value is None else str(value)
+
+    cells = [[h for h, _ in columns]] + [[cell(r, k) for _, k in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
 
 
 def render_table(rows: list[StatusRow]) -> str:
     if not rows:
         return "no sessions yet (create one with: orchestrator send --group NAME TEXT)"
-    cells = [[h for h, _ in COLUMNS]]
-    for r in rows:
-        cells.append(["-" if getattr(r, k) is None else str(getattr(r, k)) for _, k in COLUMNS])
-        if is_paused(r.container_status, r.status_reason):
-            cells[-1][_CONTAINER] += " (paused)"
-        if r.queue_position is not None:  # the CONTAINER cell: its place in the queue
-            cells[-1][_CONTAINER] = f"queued #{r.queue_position} ({r.queued_for:.0f}s)"
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = table_lines(rows, COLUMNS)
     lines += [f"! {r.session_id}: {r.error}" for r in rows if r.error]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ import asyncio
 import fcntl
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from loguru import logger
 
 from orchestrator import watcher
 from orchestrator.admission_gate import open_gate
+from orchestrator.api import server as api_server
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer
@@ -36,7 +38,7 @@ from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, ses
                                  sessions_root, validate_id)
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.safefs import Refused, SessionDir
-from orchestrator.sessions import Sessions
+from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.signals import capture_signals
 from orchestrator.store.registry import Registry
@@ -142,6 +144,7 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
+        self.last_sweep: float | None = None
         self._refused: set[tuple[str, str | None]] = set()  # linked folders, logged once
 
     # --- events in ----------------------------------------------------------------
@@ -255,8 +258,10 @@ class Supervisor:
                 continue
             try:
                 for s in os.scandir(g.path):
-                    if s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
-                                                       or s.is_symlink()):
+                    if s.name.startswith(STAGING_PREFIX):
+                        remove_stale_staging(s)  # left by a `send` killed mid-build
+                    elif s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
+                                                         or s.is_symlink()):
                         self._track_from_disk(g.name, s.name)
             except OSError:
                 continue
@@ -298,6 +303,7 @@ class Supervisor:
         tick, slices = sweep_plan(self.cfg.watch.sweep_interval)
         order: list[str] = []
         async for k in ticks(tick, self.stop_event):
+            self.last_sweep = time.monotonic()  # /healthz: the loop is sweeping
             part = k % slices
             if part == 0 or not order:  # a new round: the runtime, new folders, the order
                 try:
@@ -313,6 +319,7 @@ class Supervisor:
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
+        listen, token = api_server.preflight(self.cfg)  # refused here: nothing started yet
         self._dir_lock = lock_data_dir(data_dir)
         sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(registry_path(data_dir))
@@ -325,6 +332,9 @@ class Supervisor:
         self.admission = self.worker.admission = open_gate(
             self.cfg, self.tracked, self.runtime, self.registry, self.mark,
             self.worker.set_status, self.clock)
+        if hasattr(self.channel, "bind"):  # the webhook: an outcome is known → a pass
+            self.channel.bind(lambda sid: self.mark(sid, Flag.OUTBOUND))
+        self.api = api_server.ApiService(self, listen, token)
 
     async def _reconcile_at_start(self) -> None:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
@@ -357,6 +367,7 @@ class Supervisor:
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then shut down cleanly."""
         await self._open()
+        await self.api.start()
         self._tasks = [asyncio.create_task(self._watch(), name="watch")]
         try:
             await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
@@ -402,7 +413,10 @@ class Supervisor:
             logger.info("leaving {} agents running; they are re-adopted on restart",
                         len(running))
         self.worker.cancel_timers(self.tracked.values())
+        await self.api.close()
         await self.runtime.close()
+        if hasattr(self.channel, "aclose"):
+            await self.channel.aclose()
         self.channel.close()
         self.registry.close()
         self._dir_lock.release()
@@ -415,7 +429,7 @@ def run(cfg: Config) -> int:
     async def main() -> int:
         sup = Supervisor(cfg)
         with capture_signals(sup.stop_event):
-            await sup.serve()  # AlreadyRunning: one line and exit 2 (cli.main)
+            await sup.serve()  # AlreadyRunning, ApiConfigError: one line and exit 2 (cli.main)
         return 0
 
     return asyncio.run(main())

@@ -27,6 +27,7 @@ see ``SessionWorker`` for why that is safe.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import threading
 import time
@@ -58,6 +59,7 @@ class Activity:
 
 
 RESCAN = Activity("", None, Kind.OTHER)  # "events may have been lost: reconcile everything"
+RESCANS: collections.Counter[str] = collections.Counter()  # by cause, for /metrics
 
 
 def to_activities(root: Path, changes: set[tuple[watchfiles.Change, str]]) -> list[Activity]:
@@ -336,6 +338,7 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                     (logger.warning if warn else logger.debug)(
                         "{}: inotify events may have been lost: {}; rescanning every session",
                         root, reason)
+                    RESCANS["events_lost"] += 1
                     yield [RESCAN]
                 case Changes(batch=batch, probed=probed):
                     if probed and not watching:
@@ -345,6 +348,7 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                         started.set()
                         restarts += 1
                         if restarts > 1:
+                            RESCANS["watch_restarted"] += 1
                             yield [RESCAN]
                     if batch:
                         yield batch

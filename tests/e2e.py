@@ -64,6 +64,7 @@ def config_dict(tmp_path: Path, *, agent_args: list[str] | None = None,
                       "backoff_base": 0.2, "max_tries": 3},
         "watch": {"sweep_interval": 5.0},
         "delivery": {"retry_base": 0.1},
+        "api": {"listen": "127.0.0.1:0"},  # an ephemeral port: tests run side by side
     }
     return _merge(base, sections)
 

@@ -81,7 +81,7 @@ class Census:
 
 
 class DockerCensus(Census):
-    """Counts this test's running containers from the engine (``docker ps`` with the
+    """Counts this test's live containers from the engine (``docker ps`` with the
     test's instance label), as often as the engine answers."""
 
     def __init__(self, client: docker.DockerClient, instance: str) -> None:
@@ -90,8 +90,8 @@ class DockerCensus(Census):
         self.label = f"{LABEL_INSTANCE}={instance}"
 
     def count(self) -> int:
-        return len(self.client.containers.list(filters={"label": [self.label],
-                                                        "status": "running"}))
+        # what plain ``docker ps`` lists: running containers, paused ones included
+        return len(self.client.containers.list(filters={"label": [self.label]}))
 
 
 class Live:

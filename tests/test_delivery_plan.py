@@ -63,3 +63,14 @@ def test_plan(facts: ReplyFacts, expected: Plan) -> None:
 def test_after_failure(trouble: Trouble, attempts: int, waiting_since: datetime | None,
                        expected: Plan) -> None:
     assert after_failure(trouble, "x", attempts, waiting_since, NOW, CFG) == expected
+
+
+def test_retry_after_lengthens_the_backoff_never_shortens_it() -> None:
+    """HTTP Retry-After (the webhook channel): the next try is never sooner than asked."""
+    cfg = DeliveryConfig(retry_base=2.0, max_attempts=5)
+    longer = after_failure(Trouble.TRANSIENT, "429", 0, None, NOW, cfg, retry_after=30.0)
+    assert longer.step is Step.RETRY and longer.at == NOW + timedelta(seconds=30)
+    shorter = after_failure(Trouble.TRANSIENT, "429", 0, None, NOW, cfg, retry_after=0.5)
+    assert shorter.at == NOW + timedelta(seconds=2)
+    last = after_failure(Trouble.TRANSIENT, "429", 4, None, NOW, cfg, retry_after=30.0)
+    assert last.step is Step.FAIL

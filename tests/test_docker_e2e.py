@@ -61,6 +61,7 @@ def docker_config(tmp_path: Path, instance: str, image: str, *, agent_args: list
                       "backoff_base": 0.2, "max_tries": 3},
         "watch": {"sweep_interval": 5.0},
         "delivery": {"retry_base": 0.1},
+        "api": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

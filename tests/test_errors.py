@@ -217,3 +217,11 @@ def test_unreadable_registry_is_one_line_for_status(world, capsys):
     code, out, err = run(capsys, "status", "--config", conf)
     assert code == 2 and out == ""
     assert f"{data / 'orchestrator.db'}: cannot read the registry" in one_line(err)
+
+
+def test_run_on_a_read_only_data_dir_is_one_line(world, capsys):
+    conf, data, _ = world
+    with read_only(data):
+        code, out, err = run(capsys, "run", "--config", conf)
+    assert code == 2 and out == ""
+    assert str(data) in one_line(err) and "read-only file system" in err and "cannot" in err

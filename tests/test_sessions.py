@@ -217,9 +217,10 @@ def test_write_message_row(env):
                                routing=s.routing_of(row), message_id="m-1")
     assert (mid, seq) == ("m-1", 2)
     (msg,) = inbound.read_messages(s.paths(row).inbound_db)
+    # process_after in the shape of SQLite's datetime('now'): agents compare it as text
     assert (msg["id"], msg["kind"], msg["status"], msg["trigger"], msg["process_after"],
             msg["channel_type"], msg["platform_id"], msg["thread_id"]) == (
-        "m-1", "task", "pending", 1, "2030-01-01 09:30:00.000", "cli", "local", None)
+        "m-1", "task", "pending", 1, "2030-01-01 09:30:00", "cli", "local", None)
     assert json.loads(msg["content"]) == {"text": "hi"}
     assert inbound.count_due(s.paths(row).inbound_db, when - timedelta(seconds=1)) == 0
     assert inbound.count_due(s.paths(row).inbound_db, when) == 1
@@ -387,3 +388,17 @@ def test_every_message_keeps_its_own_chat(env):
                  "SELECT channel_type, platform_id, thread_id FROM messages_in ORDER BY seq")
     assert rows == [("chat", "p4", "tx"), ("slack", "C1", None)]
     assert s.routing_of(row) == (None, None, None)  # agent-shared: no default chat
+
+
+def test_a_stale_staging_folder_is_removed_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    group = tmp_path / "sessions" / "g"
+    old = sessions_mod.build_folder(group / "sess-old")
+    fresh = sessions_mod.build_folder(group / "sess-new")
+    long_ago = time.time() - sessions_mod.STALE_STAGING - 10
+    os.utime(old, (long_ago, long_ago))
+    removed = {e.name: sessions_mod.remove_stale_staging(e) for e in os.scandir(group)}
+    assert removed == {old.name: True, fresh.name: False}
+    assert [p.name for p in group.iterdir()] == [fresh.name]

@@ -92,11 +92,11 @@ def test_render_table_header_and_one_row_per_session():
     assert len(lines) == 3
     assert lines[0].split() == ["AGENT", "GROUP", "SESSION", "CONTAINER", "PENDING",
                                 "PROCESSING", "FAILED", "LAST", "HEARTBEAT", "LAST", "ACTIVE",
-                                "CHANNEL", "PLATFORM", "THREAD"]
+                                "SETTINGS", "CHANNEL", "PLATFORM", "THREAD"]
     assert lines[1].split() == ["alpha", "sess-1", "running", "2", "1", "0",
-                                "2024-06-01T12:00:00+00:00", "-", "-", "-", "-"]
+                                "2024-06-01T12:00:00+00:00", "-", "-", "-", "-", "-"]
     assert lines[2].split() == ["beta-group", "sess-22", "stopped", "0", "0", "3", "-", "-",
-                                "-", "-", "-"]
+                                "-", "-", "-", "-"]
     # columns line up: each value starts under its header
     for header in ("SESSION", "CONTAINER", "PENDING"):
         col = lines[0].index(header)
@@ -115,7 +115,8 @@ def test_render_json_round_trips():
                      "status_reason": "quiet", "pending": 0, "processing": 0, "failed": 1,
                      "completed": 2, "last_heartbeat": None, "last_active": None,
                      "error": None, "channel_type": None, "platform_id": None,
-                     "thread_id": None, "queue_position": None, "queued_for": None}]
+                     "thread_id": None, "queue_position": None, "queued_for": None,
+                     "settings": None, "image": None, "settings_current": None}]
     assert json.loads(status.render_json([])) == []
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from orchestrator.channels.base import (Channel, DeliveryError, Failure,
-                                         PermanentDeliveryError, Reply, StorageFull)
+from orchestrator.channels.base import (Channel, DeliveryError, Failure, InFlight,
+                                        PermanentDeliveryError, Reply, StorageFull)
 from orchestrator.config import DeliveryConfig
 
-__all__ = ["Channel", "DeliveryError", "Failure", "PermanentDeliveryError", "Reply",
+__all__ = ["Channel", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",
            "StorageFull", "make_channel"]
 
 
@@ -15,6 +15,10 @@ def make_channel(cfg: DeliveryConfig) -> Channel:
         from orchestrator.channels.jsonl import JsonlChannel
 
         return JsonlChannel(cfg.path)
+    if cfg.channel == "webhook":
+        from orchestrator.channels.webhook import WebhookChannel
+
+        return WebhookChannel(cfg)
     from orchestrator.channels.log import LogChannel
 
     return LogChannel()

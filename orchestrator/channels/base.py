@@ -8,7 +8,19 @@ from typing import Any, Protocol
 
 
 class DeliveryError(RuntimeError):
-    """The channel could not take the reply now; it will be retried with backoff."""
+    """The channel could not take the reply now; it will be retried with backoff.
+
+    ``retry_after``: the receiver asked for at least this many seconds (HTTP
+    ``Retry-After``); the backoff is never shorter.
+    """
+
+    retry_after: float | None = None
+
+
+class InFlight(DeliveryError):
+    """The channel took the reply and is still sending it (off the event loop's hot
+    path). Not an attempt: the channel wakes the session when the outcome is known,
+    and the next pass asks again."""
 
 
 class PermanentDeliveryError(DeliveryError):

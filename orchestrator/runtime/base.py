@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orchestrator.groups import AgentSettings
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -28,6 +31,8 @@ class SessionRef:
     agent_group: str
     session_id: str
     folder: Path
+    # the group's effective settings (groups.resolve); None = the runtime's own config
+    settings: "AgentSettings | None" = None
 
 
 @dataclass(frozen=True, slots=True)

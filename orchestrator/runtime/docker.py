@@ -50,6 +50,7 @@ from loguru import logger
 
 from orchestrator import layout
 from orchestrator.config import DockerConfig
+from orchestrator.groups import AgentSettings, read_env
 from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable,
                                        SessionRef)
 from orchestrator.runtime.docker_events import DockerEvents
@@ -60,6 +61,15 @@ from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_I
                                               parse_extra_mounts, prepare_folder, resolve_user,
                                               session_mounts)
 from orchestrator.runtime.dockerexec import DockerExec
+
+
+def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
+    """The group's effective [docker] settings, or the runtime's own without any."""
+    return session.settings.docker if session.settings is not None else default
+
+
+def _digest(session: SessionRef) -> str | None:
+    return session.settings.digest if session.settings is not None else None
 
 
 def _name(c: dict) -> str:
@@ -106,6 +116,8 @@ class DockerRuntime:
         self._reconcile_lock: asyncio.Lock | None = None
         self.reconciles = 0  # completed reconciles (observable in tests)
         self._spares = Spares(config.precreate)  # created ahead: see docker_spares
+        self._spare_digest: dict[str, str | None] = {}  # spare id -> settings it was made with
+        self._group_settings: dict[str, AgentSettings] = {}  # last seen per group
         self._closing = False
         self.listed = False  # see Runtime.listed: set by the first list that succeeds
 
@@ -218,14 +230,21 @@ class DockerRuntime:
             if t is not None and not t.done:
                 return t.handle
             self._ensure_events()
+            if session.settings is not None:  # what this group's spares are created with
+                self._group_settings[session.agent_group] = session.settings
+            # the group's image, command, limits, network and mounts (groups.resolve)
+            config = _config_of(session, self.config)
             mounts = (session_mounts(Path(session.folder), self.data_dir)
-                      + parse_extra_mounts(self.config))
+                      + parse_extra_mounts(config))
             user, uid, gid = resolve_user(self.config.user, self.data_dir)
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
                                                                      uid, gid))
             if changed:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
             spare = self._spares.take(session.session_id)
+            if spare is not None and self._spare_digest.pop(spare, None) != _digest(session):
+                self._spawn(self._remove_owned(spare))  # made with other settings
+                spare = None
             self._starting.add(session.session_id)
             try:
                 if spare is not None:
@@ -235,7 +254,7 @@ class DockerRuntime:
                     except RuntimeUnavailable as exc:
                         logger.debug("spare container {} unusable ({}); creating one",
                                      spare[:12], exc)
-                await self.exec.require_image(self.config.image)
+                await self.exec.require_image(config.image)
                 created = await self._create(session, user, mounts)
                 if isinstance(created, AgentHandle):
                     return created
@@ -247,16 +266,19 @@ class DockerRuntime:
     async def _create(self, session: SessionRef, user: str,
                       mounts: list[Mount]) -> str | AgentHandle:
         """``docker create``; the new container's id, or the handle of a live container
-        of ours that already had the name (adopted)."""
-        spec = container_spec(self.config, session, user)
-        host_kwargs = host_config_kwargs(self.config, mounts)
+        of ours that already had the name (adopted). The group's settings, its secret
+        files read now (``SecretUnreadable`` is an OSError)."""
+        config = _config_of(session, self.config)
+        env = read_env(session.settings) if session.settings is not None else {}
+        spec = container_spec(config, session, user, env)
+        host_kwargs = host_config_kwargs(config, mounts)
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
 
         for attempt in (1, 2):
             try:
-                created = await self.exec.call("create", _create, image=self.config.image)
+                created = await self.exec.call("create", _create, image=config.image)
                 break
             except RuntimeUnavailable as exc:
                 if attempt == 2 or "Conflict" not in str(exc) and "already in use" not in str(exc):
@@ -300,9 +322,11 @@ class DockerRuntime:
             t = self._by_session.get(session_id)
             if (t is not None and not t.done) or self._spares.has(session_id) or self._closing:
                 return
-            ref = SessionRef(agent_group, session_id, folder)
+            ref = SessionRef(agent_group, session_id, folder,
+                             self._group_settings.get(agent_group))
             try:
-                mounts = session_mounts(folder, self.data_dir) + parse_extra_mounts(self.config)
+                mounts = (session_mounts(folder, self.data_dir)
+                          + parse_extra_mounts(_config_of(ref, self.config)))
                 user, _uid, _gid = resolve_user(self.config.user, self.data_dir)
                 created = await self._create(ref, user, mounts)
             except (RuntimeUnavailable, OSError, ValueError) as exc:  # incl. MountNotAllowed
@@ -311,6 +335,9 @@ class DockerRuntime:
             if isinstance(created, AgentHandle):
                 return  # a live container of ours had the name: adopted, not a spare
             evicted = self._spares.put(session_id, created)
+            self._spare_digest[created] = _digest(ref)
+            for cid in evicted:
+                self._spare_digest.pop(cid, None)
         logger.debug("created spare container for {}/{} ({})", agent_group, session_id,
                      created[:12])
         for cid in evicted:

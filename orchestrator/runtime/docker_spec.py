@@ -33,6 +33,7 @@ from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 LABEL_INSTANCE = "orchestrator.instance"
 LABEL_GROUP = "orchestrator.agent_group"
 LABEL_SESSION = "orchestrator.session"
+LABEL_SETTINGS = "orchestrator.settings"  # short hash of the group settings it runs with
 
 WORKSPACE = "/workspace"
 # Used when the data dir belongs to root: agents never run as root.
@@ -198,17 +199,26 @@ def session_mounts(folder: Path, data_dir: Path) -> list[Mount]:
     ]
 
 
-def container_spec(cfg: DockerConfig, session: SessionRef, user: str) -> dict[str, Any]:
-    """Arguments for ``APIClient.create_container`` minus host_config."""
+def container_spec(cfg: DockerConfig, session: SessionRef, user: str,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Arguments for ``APIClient.create_container`` minus host_config.
+
+    ``cfg`` is the group's effective DockerConfig (``session.settings.docker``),
+    ``env`` its variables (secrets included: the spec is never logged).
+    """
+    labels = container_labels(cfg.instance, session.agent_group, session.session_id)
+    if session.settings is not None:
+        labels[LABEL_SETTINGS] = session.settings.digest
     return {
         "image": cfg.image,
         "command": list(cfg.command),
         "name": container_name(cfg.instance, session.agent_group, session.session_id),
-        "labels": container_labels(cfg.instance, session.agent_group, session.session_id),
+        "labels": labels,
         "user": user,
         "working_dir": WORKSPACE,
         "environment": {
             "HOME": "/tmp",
+            **(env or {}),
             "ORCHESTRATOR_AGENT_GROUP": session.agent_group,
             "ORCHESTRATOR_SESSION": session.session_id,
         },

@@ -20,6 +20,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.config import RuntimeConfig
+from orchestrator.groups import read_env
 from orchestrator.layout import PID_FILE, sessions_root
 from orchestrator.runtime.base import AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable, SessionRef
 
@@ -151,14 +152,17 @@ class LocalRuntime:
     async def start(self, session: SessionRef) -> AgentHandle:
         if session.session_id in self._agents:
             return self._handle(self._agents[session.session_id])
-        cmd = build_command(self.cfg, session.folder)
+        settings = session.settings
+        cmd = build_command(settings.runtime if settings else self.cfg, session.folder)
+        # group variables over ours; secret files are read now (SecretUnreadable: OSError)
+        env = {**os.environ, **read_env(settings)} if settings else None
         log_dir = self.data_dir / "logs" / session.agent_group
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(log_dir / f"{session.session_id}.log", "ab") as log:
                 popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, close_fds=True)
+                                         start_new_session=True, close_fds=True, env=env)
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot start agent command {cmd[0]!r} ({exc.strerror}); "

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from orchestrator.store import schema
 from orchestrator.store.schema import opened, transaction
@@ -67,19 +67,41 @@ def next_even_seq(current_max: int | None) -> int:
 def insert_message(path: Path, msg: NewMessage, now: datetime | None = None) -> int:
     """Insert with the next even seq; returns the seq."""
     json.loads(msg.content)  # the contract says JSON; refuse anything else before writing
-    ts = schema.format_ts(now or schema.utcnow())
     with opened(path) as conn, transaction(conn):
-        (cur,) = conn.execute("SELECT MAX(seq) FROM messages_in").fetchone()
-        seq = next_even_seq(cur)
-        conn.execute(
-            "INSERT INTO messages_in (id, seq, kind, timestamp, status, process_after, recurrence,"
-            " series_id, tries, \"trigger\", platform_id, channel_type, thread_id, content,"
-            " source_session_id, on_wake) VALUES (?,?,?,?, 'pending', ?,?,?, 0, ?,?,?,?,?,?,?)",
-            (msg.id, seq, msg.kind, ts, msg.process_after, msg.recurrence, msg.series_id,
-             msg.trigger, msg.platform_id, msg.channel_type, msg.thread_id, msg.content,
-             msg.source_session_id, msg.on_wake),
-        )
+        return _insert(conn, msg, now)
+
+
+def _insert(conn: Any, msg: NewMessage, now: datetime | None, *, or_ignore: bool = False
+            ) -> int:
+    """One row with the next even seq, inside the caller's transaction."""
+    ts = schema.format_ts(now or schema.utcnow())
+    (cur,) = conn.execute("SELECT MAX(seq) FROM messages_in").fetchone()
+    seq = next_even_seq(cur)
+    conn.execute(
+        f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO messages_in (id, seq, kind, timestamp,"
+        " status, process_after, recurrence, series_id, tries, \"trigger\", platform_id,"
+        " channel_type, thread_id, content, source_session_id, on_wake)"
+        " VALUES (?,?,?,?, 'pending', ?,?,?, 0, ?,?,?,?,?,?,?)",
+        (msg.id, seq, msg.kind, ts, msg.process_after, msg.recurrence, msg.series_id,
+         msg.trigger, msg.platform_id, msg.channel_type, msg.thread_id, msg.content,
+         msg.source_session_id, msg.on_wake),
+    )
     return seq
+
+
+FollowUp = Callable[[dict[str, Any]], "NewMessage | None"]
+
+
+def _follow_up(conn: Any, mid: str, follow_up: FollowUp | None, now: datetime | None
+               ) -> None:
+    """A row just settled: insert what follows it (a recurring series' next
+    occurrence), in the same transaction, at most once (``INSERT OR IGNORE``)."""
+    if follow_up is None:
+        return
+    row = conn.execute("SELECT * FROM messages_in WHERE id=?", (mid,)).fetchone()
+    nxt = follow_up(dict(row)) if row is not None else None
+    if nxt is not None:
+        _insert(conn, nxt, now, or_ignore=True)
 
 
 def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
@@ -112,11 +134,12 @@ def oldest_due_at(path: Path, now: datetime) -> datetime | None:
     return _from_julian(jd) if jd else None
 
 
-def fail_due(path: Path, now: datetime) -> list[str]:
+def fail_due(path: Path, now: datetime, follow_up: FollowUp | None = None) -> list[str]:
     """Mark failed the messages ``due_state`` counts as due now; returns their ids.
 
     For a session whose agent can never be started: its work fails with a reason
-    instead of staying pending forever. Later messages are left alone.
+    instead of staying pending forever. Later messages are left alone. Each failed
+    row gets its ``follow_up`` like in ``sync_acks`` (a series goes on).
     """
     with opened(path) as conn, transaction(conn):
         ids = [r[0] for r in conn.execute(
@@ -125,6 +148,8 @@ def fail_due(path: Path, now: datetime) -> list[str]:
             "julianday(?)) ORDER BY seq", (schema.format_ts(now),))]
         conn.executemany("UPDATE messages_in SET status='failed' WHERE id=?",
                          [(mid,) for mid in ids])
+        for mid in ids:
+            _follow_up(conn, mid, follow_up, now)
     return ids
 
 
@@ -161,8 +186,14 @@ def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
     return Counts(pending, processing, completed, failed)
 
 
-def sync_acks(path: Path, acks: dict[str, str]) -> int:
-    """Mirror the agent's final acks into ``messages_in.status``; returns rows changed."""
+def sync_acks(path: Path, acks: dict[str, str], follow_up: FollowUp | None = None,
+              now: datetime | None = None) -> int:
+    """Mirror the agent's final acks into ``messages_in.status``; returns rows changed.
+
+    ``follow_up(row)`` is called for each row this call settles, inside the same
+    transaction: what it returns (a series' next occurrence) is inserted with it,
+    so a crash can never leave a settled row without its successor, or the reverse.
+    """
     final = [(st, mid) for mid, st in acks.items() if st in ("completed", "failed")]
     if not final:
         return 0
@@ -173,6 +204,8 @@ def sync_acks(path: Path, acks: dict[str, str]) -> int:
                 "UPDATE messages_in SET status=? WHERE id=? AND status NOT IN ('completed','failed')"
                 " AND status != ?", (st, mid, st))
             changed += cur.rowcount
+            if cur.rowcount:
+                _follow_up(conn, mid, follow_up, now)
     return changed
 
 
@@ -182,10 +215,11 @@ def retry_delay(tries: int, base: float) -> float:
 
 
 def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base: float,
-                 now: datetime) -> dict[str, str]:
+                 now: datetime, follow_up: FollowUp | None = None) -> dict[str, str]:
     """Give a dead agent's claims back: pending with backoff, or failed at max_tries.
 
     Returns {message_id: new status}. Rows already completed/failed are left alone.
+    A row failed here gets its ``follow_up`` like in ``sync_acks``.
     """
     result: dict[str, str] = {}
     with opened(path) as conn, transaction(conn):
@@ -197,6 +231,7 @@ def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base
             if tries + 1 >= max_tries:
                 conn.execute("UPDATE messages_in SET tries=?, status='failed' WHERE id=?",
                              (tries + 1, mid))
+                _follow_up(conn, mid, follow_up, now)
                 result[mid] = "failed"
             else:
                 due = schema.after(retry_delay(tries, backoff_base), now)
@@ -204,6 +239,33 @@ def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base
                              (tries + 1, due, mid))
                 result[mid] = "pending"
     return result
+
+
+def cancel_series(path: Path, series_id: str, keep: Iterable[str] = ()) -> tuple[int, int]:
+    """End a recurring series: no row of it recurs any more, and its pending rows
+    are removed except ``keep`` (those an agent has claimed: they finish, and
+    nothing follows them). Returns (rows that recurred, pending rows removed)."""
+    kept = list(keep)
+    marks = ",".join("?" * len(kept))
+    with opened(path) as conn, transaction(conn):
+        ended = conn.execute("UPDATE messages_in SET recurrence=NULL WHERE series_id=? AND"
+                             " recurrence IS NOT NULL", (series_id,)).rowcount
+        removed = conn.execute(
+            "DELETE FROM messages_in WHERE series_id=? AND status='pending'"
+            + (f" AND id NOT IN ({marks})" if kept else ""), (series_id, *kept)).rowcount
+    return ended, removed
+
+
+def series_state(path: Path, series_id: str) -> dict[str, Any]:
+    """Counts by status, the next pending due time and whether it still recurs."""
+    with opened(path, readonly=True) as conn:
+        counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages_in WHERE series_id=?"
+                                   " GROUP BY status", (series_id,)).fetchall())
+        nxt, recurring = conn.execute(
+            "SELECT MIN(CASE WHEN status='pending' THEN process_after END),"
+            " MAX(recurrence IS NOT NULL) FROM messages_in WHERE series_id=?",
+            (series_id,)).fetchone()
+    return {"counts": counts, "next": nxt, "recurring": bool(recurring)}
 
 
 def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,

@@ -53,6 +53,18 @@ CREATE TABLE IF NOT EXISTS status_changes (
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     session_id TEXT NOT NULL, message_out_id TEXT NOT NULL, attempts INTEGER NOT NULL,
     next_attempt_at TEXT, last_error TEXT, PRIMARY KEY (session_id, message_out_id));
+CREATE TABLE IF NOT EXISTS manual_destinations (
+    agent_group_id TEXT NOT NULL, name TEXT NOT NULL, display_name TEXT, type TEXT NOT NULL
+        CHECK (type IN ('channel', 'agent')),
+    channel_type TEXT, platform_id TEXT, target_agent_group_id TEXT, created_at TEXT NOT NULL,
+    PRIMARY KEY (agent_group_id, name));
+CREATE TABLE IF NOT EXISTS agent_settings (
+    session_id TEXT PRIMARY KEY, agent_group_id TEXT NOT NULL, digest TEXT NOT NULL,
+    image TEXT, started_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, agent_group_id TEXT NOT NULL,
+    recurrence TEXT NOT NULL, timezone TEXT NOT NULL, created_at TEXT NOT NULL,
+    cancelled_at TEXT);
 """
 
 
@@ -397,3 +409,84 @@ class Registry:
         with self._tx() as c:
             c.execute("DELETE FROM delivery_attempts WHERE session_id=? AND message_out_id=?",
                       (session_id, out_id))
+
+    # --- manual destinations (``orchestrator group destinations``) ------------------
+    # Their own table: automatic ones (per chat) live elsewhere; both are merged when
+    # a wake projects them into inbound.db (``Sessions.write_routing``).
+
+    def add_manual_destination(self, agent_group_id: str, row: dict) -> bool:
+        """Insert; False if the group already has a destination of that name."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO manual_destinations (agent_group_id, name, display_name,"
+                " type, channel_type, platform_id, target_agent_group_id, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (agent_group_id, row["name"], row.get("display_name"), row["type"],
+                 row.get("channel_type"), row.get("platform_id"), row.get("agent_group_id"),
+                 format_ts(utcnow())))
+        return cur.rowcount == 1
+
+    def remove_manual_destination(self, agent_group_id: str, name: str) -> bool:
+        with self._tx() as c:
+            cur = c.execute("DELETE FROM manual_destinations WHERE agent_group_id=? AND name=?",
+                            (agent_group_id, name))
+        return cur.rowcount == 1
+
+    def manual_destinations(self, agent_group_id: str) -> list[dict]:
+        """Same keys as ``destinations``."""
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(
+                "SELECT agent_group_id, name, display_name, type, channel_type, platform_id,"
+                " target_agent_group_id FROM manual_destinations WHERE agent_group_id=?"
+                " ORDER BY name", (agent_group_id,))]
+
+    # --- which settings an agent was started with -----------------------------------
+
+    def record_agent_settings(self, session_id: str, agent_group_id: str, digest: str,
+                              image: str | None, now: datetime | None = None) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO agent_settings (session_id, agent_group_id, digest, image,"
+                      " started_at) VALUES (?,?,?,?,?) ON CONFLICT(session_id) DO UPDATE SET"
+                      " agent_group_id=excluded.agent_group_id, digest=excluded.digest,"
+                      " image=excluded.image, started_at=excluded.started_at",
+                      (session_id, agent_group_id, digest, image, format_ts(now or utcnow())))
+
+    def agent_settings(self) -> dict[str, dict]:
+        """session id → {digest, image, started_at} of its last started agent."""
+        try:
+            with self._lock:
+                return {r["session_id"]: dict(r) for r in self._conn.execute(
+                    "SELECT session_id, digest, image, started_at FROM agent_settings")}
+        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
+            if "no such table" in str(exc):
+                return {}
+            raise
+
+    # --- recurring series -------------------------------------------------------------
+
+    def add_series(self, series_id: str, session_id: str, agent_group_id: str,
+                   recurrence: str, timezone: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO series (id, session_id, agent_group_id, recurrence, timezone,"
+                      " created_at) VALUES (?,?,?,?,?,?)",
+                      (series_id, session_id, agent_group_id, recurrence, timezone,
+                       format_ts(utcnow())))
+
+    def series(self, series_id: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM series"
+        args: tuple = ()
+        if series_id is not None:
+            sql, args = sql + " WHERE id=?", (series_id,)
+        try:
+            with self._lock:
+                return [dict(r) for r in self._conn.execute(sql + " ORDER BY created_at, id",
+                                                            args)]
+        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
+            if "no such table" in str(exc):
+                return []
+            raise
+
+    def cancel_series(self, series_id: str, now: datetime | None = None) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE series SET cancelled_at=? WHERE id=? AND cancelled_at IS NULL",
+                      (format_ts(now or utcnow()), series_id))

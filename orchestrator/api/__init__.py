@@ -1,0 +1,1 @@
+"""The sidecar's network surface: HTTP API, SSE event stream, metrics, status page."""

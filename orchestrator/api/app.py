@@ -1,0 +1,365 @@
+"""The Starlette app: routes over a running Supervisor.
+
+Handlers run on the supervisor's event loop, so anything that touches a session
+folder (an agent may have planted a FIFO or a huge file there) or does several
+SQLite writes runs in a worker thread (``asyncio.to_thread``); the loop only
+routes, checks and serialises. Errors are ``{"error": "<one line>"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from loguru import logger
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from orchestrator import status as status_mod
+from orchestrator.api.auth import bearer_ok
+from orchestrator.api.events import EventStore, gap_after
+from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
+from orchestrator.api.metrics import Metrics
+from orchestrator.attachments import AttachmentError
+from orchestrator.layout import InvalidId
+from orchestrator.sessions import MODES, MessageError, MessagingGroup
+from orchestrator.store.schema import parse_ts
+
+if TYPE_CHECKING:
+    from orchestrator.supervisor import Supervisor
+
+Handler = Callable[[Request], Awaitable[Response]]
+MESSAGE_FIELDS = {"agent_group", "channel", "platform_id", "thread_id", "mode", "content",
+                  "process_after"}
+KEEPALIVE = 15.0
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# --- pure request checks ----------------------------------------------------------------
+
+
+def parse_message(body: bytes, default_mode: str) -> dict[str, Any]:
+    """The POST /v1/messages body, checked; BadRequest names the field and the fix."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object with agent_group and content")
+    unknown = sorted(set(data) - MESSAGE_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}: allowed fields are "
+                         f"{', '.join(sorted(MESSAGE_FIELDS))}")
+    out: dict[str, Any] = {}
+    for name, default, required in (("agent_group", None, True), ("channel", "api", False),
+                                    ("platform_id", "default", False),
+                                    ("thread_id", None, False), ("mode", default_mode, False)):
+        value = data.get(name, default)
+        if (value is None and required) or (value is not None and not isinstance(value, str)):
+            raise BadRequest(f"{name} must be a string" + (" (required)" if required else ""))
+        out[name] = value
+    if out["mode"] not in MODES:
+        raise BadRequest(f"mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
+    content = data.get("content")
+    if not isinstance(content, dict):
+        raise BadRequest('content must be a JSON object, e.g. {"text": "hi"}')
+    out["content"] = content
+    process_after = data.get("process_after")
+    if process_after is not None:
+        try:
+            out["process_after"] = parse_ts(process_after) if isinstance(
+                process_after, str) else None
+        except ValueError:
+            out["process_after"] = None
+        if out["process_after"] is None:
+            raise BadRequest("process_after must be an ISO 8601 time, e.g. "
+                             "2030-01-01T09:00:00Z")
+    else:
+        out["process_after"] = None
+    return out
+
+
+def last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return -1  # a new client: live events only
+    if not raw.isdigit():
+        raise BadRequest("Last-Event-ID must be an event id (a non-negative integer)")
+    return int(raw)
+
+
+# --- the app ------------------------------------------------------------------------------
+
+
+class Api:
+    def __init__(self, sup: "Supervisor", token: str | None, events: EventStore,
+                 metrics: Metrics, keys: IdempotencyKeys) -> None:
+        self.sup = sup
+        self.token = token
+        self.events = events
+        self.metrics = metrics
+        self.keys = keys
+        self.max_body = sup.cfg.sessions.max_attachment_bytes * 4 // 3 + 1024 * 1024
+        self._key_locks: dict[str, asyncio.Lock] = {}
+        self.closing = asyncio.Event()
+        self.started = time.monotonic()
+
+    def authed(self, handler: Handler) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            if not bearer_ok(request.headers.get("authorization"), self.token):
+                return JSONResponse({"error": "missing or wrong bearer token (Authorization: "
+                                     "Bearer <the contents of [api] token_file>)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return error(str(exc), exc.status)
+            except Exception as exc:  # a bug or a broken disk: one line out, the trace logged
+                logger.opt(exception=exc).error("API {} {}: {}", request.method,
+                                                request.url.path, exc)
+                return error(f"internal error: {type(exc).__name__}: {exc}", 500)
+        return wrapped
+
+    def app(self) -> Starlette:
+        metrics = (self.authed(self.metrics_page) if self.sup.cfg.api.metrics_auth
+                   else self.metrics_page)
+        return Starlette(routes=[
+            Route("/", self.index),
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
+            Route("/metrics", metrics),
+            Route("/v1/messages", self.authed(self.post_message), methods=["POST"]),
+            Route("/v1/sessions", self.authed(self.list_sessions)),
+            Route("/v1/sessions/{session_id}", self.authed(self.get_session)),
+            Route("/v1/sessions/{session_id}/stop", self.authed(self.stop_session),
+                  methods=["POST"]),
+            Route("/v1/events", self.authed(self.stream_events)),
+        ])
+
+    # --- unauthenticated ------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        page = resources.files("orchestrator.api").joinpath("static/status.html").read_text(
+            encoding="utf-8")
+        return HTMLResponse(page, headers={"Cache-Control": "no-store",
+                                           "Content-Security-Policy": "default-src 'self'; "
+                                           "script-src 'unsafe-inline'; style-src "
+                                           "'unsafe-inline'"})
+
+    async def healthz(self, request: Request) -> Response:
+        limit = 2 * self.sup.cfg.watch.sweep_interval
+        age = time.monotonic() - (getattr(self.sup, "last_sweep", None) or self.started)
+        if age > limit:
+            return error(f"last reconcile sweep finished {age:.0f}s ago (limit {limit:g}s)", 503)
+        return JSONResponse({"ok": True, "last_sweep_seconds_ago": round(age, 3)})
+
+    async def readyz(self, request: Request) -> Response:
+        if not self.sup.ready.is_set():
+            return error("start-up reconcile not done yet", 503)
+        docker = getattr(self.sup.runtime, "exec", None)  # DockerExec: ping the daemon
+        if docker is not None:
+            try:
+                await asyncio.wait_for(docker.call("ping", lambda api: api.ping()), 5)
+            except Exception as exc:
+                return error(f"runtime {self.sup.runtime.name} unreachable: {exc}", 503)
+        return JSONResponse({"ok": True, "runtime": self.sup.runtime.name})
+
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(self.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # --- /v1 ------------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise BadRequest(f"body of {length} bytes is over the {self.max_body}-byte limit "
+                             "(attachments count against [sessions] max_attachment_bytes)", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise BadRequest(f"body is over the {self.max_body}-byte limit (attachments "
+                                 "count against [sessions] max_attachment_bytes)", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def post_message(self, request: Request) -> Response:
+        body = await self._body(request)
+        msg = parse_message(body, self.sup.cfg.sessions.default_mode)
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            result = await asyncio.to_thread(self._write, msg, None, None)
+            return JSONResponse(result, status_code=201)
+        problem = check_key(key)
+        if problem:
+            raise BadRequest(problem)
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # the same key twice at once: the second waits, then replays
+                result = await asyncio.to_thread(self._write, msg, key, fingerprint(body))
+        finally:
+            if not lock.locked():
+                self._key_locks.pop(key, None)
+        return JSONResponse(result, status_code=201)
+
+    def _write(self, msg: dict[str, Any], key: str | None, fp: str | None) -> dict[str, str]:
+        """Runs in a worker thread: resolve the session and write the message."""
+        from orchestrator.sessions import new_id
+
+        sessions = self.sup.sessions
+        message_id = None
+        if key is not None:
+            entry = self.keys.get(key)
+            if entry is not None and entry.fingerprint != fp:
+                raise BadRequest("Idempotency-Key was used before with a different body; "
+                                 "use a new key", 422)
+            if entry is not None and entry.done:
+                return {"session_id": entry.session_id, "message_id": entry.message_id}
+            message_id = entry.message_id if entry else new_id("msg")
+        try:
+            prepared = sessions.prepare(msg["content"])  # refused here: nothing is created
+            if key is not None and message_id is not None:
+                self.keys.begin(key, fp, message_id)
+                entry = self.keys.get(key)  # a concurrent request may have begun first
+                if entry is not None and entry.done:
+                    return {"session_id": entry.session_id, "message_id": entry.message_id}
+                message_id = entry.message_id if entry else message_id
+            session = sessions.resolve(msg["agent_group"],
+                                       MessagingGroup(msg["channel"], msg["platform_id"]),
+                                       msg["thread_id"], msg["mode"])
+            try:
+                # the message keeps its own chat, whatever the session's mode
+                mid, _ = sessions.write_message(session, prepared,
+                                                process_after=msg["process_after"],
+                                                routing=(msg["channel"], msg["platform_id"],
+                                                         msg["thread_id"]),
+                                                message_id=message_id)
+            except MessageError:
+                if key is None or not _exists(sessions, session, message_id):
+                    raise
+                mid = message_id  # written by an attempt that crashed before finishing
+        except (MessageError, InvalidId, AttachmentError, ValueError) as exc:
+            if isinstance(exc, BadRequest):
+                raise
+            raise BadRequest(str(exc)) from None
+        if key is not None:
+            self.keys.finish(key, session.id)
+        return {"session_id": session.id, "message_id": mid}
+
+    def _rows(self) -> list[dict[str, Any]]:
+        """``status --json`` rows plus routing and activity times (worker thread)."""
+        sup = self.sup
+        by_id = {s.id: s for s in sup.registry.sessions()}
+        out = []
+        for row in status_mod.collect(sup.cfg.data_dir, sup.registry):
+            item = asdict(row)
+            s = by_id.get(row.session_id)
+            ct, pid, thread = sup.sessions.routing_of(s) if s else (None, None, None)
+            item["routing"] = {"channel_type": ct, "platform_id": pid, "thread_id": thread}
+            item["created_at"] = _iso(s.created_at) if s else None
+            out.append(item)
+        return out
+
+    async def list_sessions(self, request: Request) -> Response:
+        group = request.query_params.get("agent_group")
+        status = request.query_params.get("status")
+        rows = await asyncio.to_thread(self._rows)
+        rows = [r for r in rows if (group is None or r["agent_group"] == group)
+                and (status is None or r["container_status"] == status)]
+        return JSONResponse(rows)
+
+    async def get_session(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        rows = await asyncio.to_thread(self._rows)
+        for r in rows:
+            if r["session_id"] == sid:
+                return JSONResponse(r)
+        return error(f"no session {sid!r}", 404)
+
+    async def stop_session(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        t = self.sup.tracked.get(sid)
+        if t is None:
+            return error(f"no session {sid!r}", 404)
+        if not self.sup.worker.request_stop(t, "requested through the API"):
+            return error(f"session {sid}: no agent is running, or a start/stop is under way",
+                         409)
+        return JSONResponse({"session_id": sid, "stopping": True}, status_code=202)
+
+    async def stream_events(self, request: Request) -> Response:
+        after = last_event_id(request)
+        sub = self.events.subscribe()  # before the replay: nothing falls in between
+        live_from = self.events.last_id()
+
+        async def stream():
+            try:
+                last = after
+                yield "retry: 1000\n\n"
+                if after >= 0:
+                    if gap_after(after, self.events.oldest_id()):
+                        yield ('event: gap\ndata: {"reason": "events after your Last-Event-ID '
+                               'were pruned; re-read /v1/sessions"}\n\n')
+                    while True:
+                        batch = self.events.since(last)
+                        for ev in batch:
+                            last = ev.id
+                            yield ev.sse()
+                        if len(batch) < 1000:
+                            break
+                else:
+                    last = live_from
+                    yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
+                while not self.closing.is_set():
+                    try:
+                        ev = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    if ev is None:
+                        return
+                    if ev.id > last:
+                        last = ev.id
+                        yield ev.sse()
+                    if sub.dropped and sub.queue.empty():
+                        return  # fell behind: the client reconnects and replays the rest
+            finally:
+                self.events.unsubscribe(sub)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
+
+
+def _exists(sessions: Any, session: Any, message_id: str | None) -> bool:
+    import sqlite3
+
+    if message_id is None:
+        return False
+    path = sessions.paths(session).inbound_db
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT 1 FROM messages_in WHERE id=?",
+                            (message_id,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat(timespec="seconds") if dt else None

@@ -1,0 +1,36 @@
+"""Where the supervisor's notifications go: metrics and the event log.
+
+``SessionWorker.notify`` calls ``Hub.notify`` on the event loop, in the middle of a
+pass: everything here is in-memory or one local SQLite insert (WAL, no fsync), and
+nothing waits on the network. (Failure records go to the channel through
+``Deliverer.report``.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loguru import logger
+
+from orchestrator.api.events import EventStore
+from orchestrator.api.metrics import Metrics
+
+LOGGED = ("status", "reply_delivered", "reply_failed", "message_failed")
+
+
+class Hub:
+    def __init__(self, events: EventStore, metrics: Metrics) -> None:
+        self.events = events
+        self.metrics = metrics
+        self._broken: str | None = None
+
+    def notify(self, kind: str, data: dict[str, Any]) -> None:
+        self.metrics.observe(kind, data)
+        if kind in LOGGED:
+            try:
+                self.events.append(kind, data)
+                self._broken = None
+            except Exception as exc:  # a full disk must not stop delivery
+                if str(exc) != self._broken:
+                    logger.error("event log: cannot append ({}); /v1/events misses events", exc)
+                    self._broken = str(exc)

@@ -95,7 +95,7 @@ def decode(items: object, max_bytes: int) -> list[Decoded]:
         if len(data) > max_bytes:
             raise AttachmentError(f"attachment {label} is larger than the {max_bytes}-byte "
                                   "limit ([sessions] max_attachment_bytes)")
-        extra = {k: v for k, v in item.items() if k not in ("name", "data", "path", "size")}
+        extra = {k: v for k, v in item.items() if k not in ("name", "data", "path", "localPath", "size")}
         decoded.append(Decoded(safe_name(item.get("name"), i + 1), data, extra))
     names = unique_names([d.name for d in decoded])
     return [Decoded(n, d.data, d.extra) for n, d in zip(names, decoded)]
@@ -108,8 +108,10 @@ def _open_dir(path: Path, dir_fd: int | None = None) -> int:
 def write_inbox(paths: SessionPaths, message_id: str, files: list[Decoded]) -> list[dict]:
     """Write the files to ``inbox/<message_id>/`` atomically; return content entries.
 
-    The entries replace the base64 in the stored content: ``{"name", "path", "size"}``
-    with ``path`` relative to the session folder (valid in a container and locally).
+    The entries replace the base64 in the stored content: ``{"name", "path",
+    "localPath", "size"}`` with ``path`` relative to the session folder (valid in a
+    container and locally); ``localPath`` is the same, under the name NanoClaw's
+    runner reads (it prefixes ``/workspace/``).
     """
     if not files:
         return []
@@ -158,8 +160,8 @@ def write_inbox(paths: SessionPaths, message_id: str, files: list[Decoded]) -> l
             os.close(inbox_fd)
     finally:
         os.close(root_fd)
-    return [{"name": f.name, "path": str(final_rel / f.name), "size": len(f.data), **f.extra}
-            for f in files]
+    return [{"name": f.name, "path": str(final_rel / f.name), "localPath": str(final_rel / f.name),
+             "size": len(f.data), **f.extra} for f in files]
 
 
 def remove_inbox(paths: SessionPaths, message_id: str) -> None:

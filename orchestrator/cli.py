@@ -147,6 +147,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise UsageError("--json: TEXT must be a JSON object, e.g. '{\"text\": \"hi\"}'")
     else:
         content = {"text": text}
+    if args.sender is not None:
+        content["sender"] = args.sender  # the name the agent sees (NanoClaw: sender="…")
     if args.attach:
         if not isinstance(content.setdefault("attachments", []), list):
             raise UsageError("--json: content.attachments must be a list to add --attach files")
@@ -184,6 +186,20 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(schedule.series_id)
     if schedule.process_after:
         print(f"due at {format_due(schedule.process_after)} UTC", file=sys.stderr)
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    """Answer an agent's question card (``{"type": "ask_question", "questionId": …}``)."""
+    cfg = _load(args)
+    registry, sessions = _open(cfg)
+    with registry:
+        session = registry.session(args.session)
+        if session is None:
+            raise UsageError(f"no session {args.session!r}; see `orchestrator status`")
+        mid, _ = sessions.write_system_response(session, args.question_id, args.option,
+                                                args.user)
+    print(mid)
     return 0
 
 
@@ -269,9 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help='TEXT is the whole message content as a JSON object, e.g. '
                         '\'{"text": "hi", "priority": 2}\'')
     cli_groups.add_send_options(p)
+    p.add_argument("--sender", default=None, metavar="NAME",
+                   help="who wrote the message (content.sender; the agent shows it)")
     p.add_argument("text", metavar="TEXT",
                    help="the message text (UTF-8); - reads it from standard input")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("answer", parents=[common], help="answer an agent's question")
+    p.add_argument("session", help="session id (the question card's session_id)")
+    p.add_argument("question_id", metavar="QUESTION_ID", help="the card's questionId")
+    p.add_argument("option", metavar="OPTION", help="the chosen option's value")
+    p.add_argument("--user", default="", help="who answered (userId)")
+    p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("status", parents=[common, remote],
                        help="one row per session (reads only)")

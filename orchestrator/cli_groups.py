@@ -106,7 +106,11 @@ def cmd_destinations(args: argparse.Namespace, cfg: Config) -> int:
             destinations.remove(registry, args.group, args.name)
             print(f"removed destination {args.name} from group {args.group}")
             return 0
-        rows = destinations.projected(registry, args.group)
+        rows = sorted(({"name": d.name, "type": d.type, "display_name": d.display_name,
+                        "channel_type": d.channel_type, "platform_id": d.platform_id,
+                        "target_agent_group_id": d.agent_group_id, "source": source}
+                       for d, source in destinations.projected(registry, args.group)),
+                      key=lambda row: row["name"])
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:

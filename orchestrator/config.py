@@ -77,6 +77,10 @@ class DockerConfig:
     no_new_privileges: bool = _opt(True, "set no-new-privileges")
     mounts: tuple[str, ...] = _opt([], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
     allowed_mounts: tuple[str, ...] = _opt([], "host folders extra mounts may come from")
+    group_folder: str = _opt(
+        "", "a group's folder, mounted rw at /workspace/agent (NanoClaw images read "
+        "container.json there); {data_dir} and {group} are filled in, e.g. "
+        "'{data_dir}/groups/{group}'; empty = none")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
     precreate: int = _opt(
         0, "containers created ahead for the sessions stopped most recently, so their next "
@@ -99,6 +103,9 @@ class LifecycleConfig:
                               min=0.1, max=86400)
     max_tries: int = _opt(5, "tries before a message is marked failed", min=1, max=100)
     backoff_base: float = _opt(5.0, "retry backoff: base * 2^tries seconds", min=0, max=3600)
+    answer_wait: float = _opt(
+        600.0, "seconds an acked message may wait for its reply, keeping the agent busy; "
+        "if the agent stops or dies first, the message is retried", min=0, max=7 * 86400)
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,52 @@
-"""Destinations added by hand: where a group's agents may send besides the reply route.
+"""The ``destinations`` an agent sees: every chat of its group, plus the ones set by hand.
 
-Stored in the registry (``manual_destinations``, one table of their own: the
-automatic per-chat destinations live elsewhere) and projected into each
-session's ``inbound.db`` ``destinations`` table on every wake, merged with the
-automatic ones (a manual destination wins a name clash). A change therefore
-reaches a session at its next wake, like everything the wake writes.
+NanoClaw's runner only sends to names in ``destinations`` and shows each inbound
+message ``from="<name>"`` by looking its chat up there; a chat missing from the
+table is ``unknown:<channel>:<platform>`` and every reply to it is dropped. So
+every chat that routes to an agent group (recorded in the registry's
+``group_chats`` when a message from it is written) is projected as an automatic
+destination of that group, next to the destinations set by hand, before every
+wake (and at once into the session a new chat writes to).
 
-``parse`` is the pure check (one line naming the fix); ``add``/``remove``/
-``listing`` are the registry edge used by the CLI (and by an HTTP API).
+Set by hand: ``orchestrator group destinations GROUP add`` (registry table
+``manual_destinations``; ``parse``/``add``/``remove`` here are its checks and
+registry edge) and rows host code put in the registry's ``destinations`` table
+(``Registry.set_destinations``). A name in both: the CLI's wins.
+
+Naming rule of an automatic destination (stable, readable, the same on every
+projection): ``<channel_type>:<platform_id>``, plus ``:<thread_id>`` for a thread
+of a ``per-thread`` session. Characters outside ``A-Z a-z 0-9 . _ @ + -`` become
+``_``; a name that had to be changed that way, or is longer than 64 characters,
+gets ``~`` and 8 hex digits of a hash of the chat appended, so two chats never
+share a name. Hand-set destinations win: a chat that already has one is not
+added again, and an automatic name taken by a hand-set one gets the hash suffix.
+
+``project`` is the pure merge; ``projected`` is the one registry edge both the
+wake (``Sessions.write_destinations``) and ``group destinations list`` use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping
 
 from orchestrator.errors import UserError
 from orchestrator.layout import InvalidId, validate_id
+from orchestrator.store.inbound import Destination
 from orchestrator.store.registry import Registry
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_NAME = 64
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a hand-set name (CLI)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
 class DestinationError(UserError, ValueError):
     """Refused destination input: one line, CLI exit code 2."""
 
 
-@dataclass(frozen=True, slots=True)
-class Destination:
-    name: str
-    type: str  # channel | agent
-    display_name: str | None = None
-    channel_type: str | None = None
-    platform_id: str | None = None
-    agent_group_id: str | None = None
+# --- hand-set destinations (``orchestrator group destinations``) --------------------------
 
 
 def _text(value: str | None, what: str) -> str:
@@ -82,11 +95,91 @@ def remove(registry: Registry, group: str, name: str) -> None:
                                f"see: orchestrator group destinations {group} list")
 
 
-def projected(registry: Registry, group: str) -> list[dict]:
-    """Manual and automatic ones as a wake projects them (manual wins a name),
-    sorted by name; each with ``source``: manual | auto."""
+# --- automatic destinations: one per chat ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    channel_type: str
+    platform_id: str
+    thread_id: str | None = None  # only for per-thread sessions
+
+
+def _suffix(chat: Chat) -> str:
+    raw = "\0".join((chat.channel_type, chat.platform_id, chat.thread_id or ""))
+    return "~" + hashlib.sha256(raw.encode()).hexdigest()[:8]
+
+
+def chat_name(chat: Chat) -> str:
+    """The destination name of a chat (see the module docstring for the rule)."""
+    parts = [chat.channel_type, chat.platform_id] + (
+        [chat.thread_id] if chat.thread_id is not None else [])
+    safe = [_UNSAFE.sub("_", p) or "_" for p in parts]
+    name = ":".join(safe)
+    if safe != parts or len(name) > MAX_NAME:
+        name = name[:MAX_NAME - 9] + _suffix(chat)
+    return name
+
+
+def display_name(chat: Chat) -> str:
+    label = f"{chat.channel_type} chat {chat.platform_id}"
+    return label + (f", thread {chat.thread_id}" if chat.thread_id is not None else "")
+
+
+# --- the merge -------------------------------------------------------------------------------
+
+
+def project(chats: Iterable[Chat], manual: Iterable[Mapping], own: Chat | None = None
+            ) -> list[Destination]:
+    """Hand-set destinations (registry rows, first one of a name wins) plus one per
+    chat, the session's own chat first.
+
+    NanoClaw resolves ``from`` with the first row matching a message's channel and
+    platform (its table has no thread column), so the session's own chat — its
+    thread, for a per-thread session — comes first.
+    """
+    out: list[Destination] = []
+    taken: set[str] = set()
+    for d in manual:
+        if d["name"] in taken:
+            continue
+        taken.add(d["name"])
+        out.append(Destination(name=d["name"], type=d["type"],
+                               display_name=d.get("display_name"),
+                               channel_type=d.get("channel_type"),
+                               platform_id=d.get("platform_id"),
+                               agent_group_id=d.get("target_agent_group_id",
+                                                    d.get("agent_group_id"))))
+    by_hand = {(d.channel_type, d.platform_id) for d in out if d.type == "channel"}
+    auto: list[Destination] = []
+    for chat in sorted(set(chats), key=lambda c: (c.channel_type, c.platform_id,
+                                                  c.thread_id or "")):
+        if (chat.channel_type, chat.platform_id) in by_hand:
+            continue
+        name = chat_name(chat)
+        if name in taken:
+            name = name[:MAX_NAME - 9] + _suffix(chat)
+        taken.add(name)
+        auto.append(Destination(name=name, type="channel", display_name=display_name(chat),
+                                channel_type=chat.channel_type, platform_id=chat.platform_id))
+    rows = out + auto
+    if own is not None:
+        own_name = chat_name(own)
+        first = [d for d in rows if d.name == own_name and d.channel_type == own.channel_type
+                 and d.platform_id == own.platform_id]
+        if not first:  # set by hand: the chat's hand-set destination
+            first = [d for d in out if d.type == "channel" and
+                     (d.channel_type, d.platform_id) == (own.channel_type, own.platform_id)][:1]
+        rows = first + [d for d in rows if d not in first]
+    return rows
+
+
+def projected(registry: Registry, group: str, own: Chat | None = None
+              ) -> list[tuple[Destination, str]]:
+    """What a wake of a session of ``group`` (its chat ``own``) projects, in that
+    order, each with its source: ``manual`` (set by hand) or ``auto`` (a chat)."""
     validate_id(group, "agent group")
-    merged = {d["name"]: {**d, "source": "auto"} for d in registry.destinations(group)}
-    merged.update((d["name"], {**d, "source": "manual"})
-                  for d in registry.manual_destinations(group))
-    return [merged[k] for k in sorted(merged)]
+    manual = registry.manual_destinations(group) + registry.destinations(group)
+    chats = [Chat(*c) for c in registry.group_chats(group)]
+    names = {d["name"] for d in manual}
+    return [(d, "manual" if d.name in names else "auto") for d in project(chats, manual, own)]

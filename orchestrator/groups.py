@@ -52,12 +52,13 @@ _SHARED: dict[str, tuple[type, str]] = {
     "cpus": (DockerConfig, "cpus"),
     "pids_limit": (DockerConfig, "pids_limit"),
     "mounts": (DockerConfig, "mounts"),
+    "group_folder": (DockerConfig, "group_folder"),
     "idle_after": (LifecycleConfig, "idle_after"),
     "stop_idle_after": (LifecycleConfig, "stop_idle_after"),
     "ceiling": (LifecycleConfig, "ceiling"),
     "claim_stuck": (LifecycleConfig, "claim_stuck"),
 }
-_DOCKER_KEYS = ("image", "network", "memory", "cpus", "pids_limit", "mounts")
+_DOCKER_KEYS = ("image", "network", "memory", "cpus", "pids_limit", "mounts", "group_folder")
 _LIFECYCLE_KEYS = ("idle_after", "stop_idle_after", "ceiling", "claim_stuck")
 MAX_AGENTS_RANGE = (1, 100_000)
 
@@ -72,6 +73,7 @@ class GroupConfig:
     env: tuple[tuple[str, str], ...] | None = None
     env_files: tuple[tuple[str, str], ...] | None = None
     mounts: tuple[str, ...] | None = None
+    group_folder: str | None = None
     memory: str | None = None
     cpus: float | None = None
     pids_limit: int | None = None
@@ -94,6 +96,8 @@ KEY_HELP: dict[str, tuple[str, str]] = {
     "env_files": ('{ API_KEY = "/run/secrets/support_key" }',
                   "secret variables, read from these files at each start, never logged"),
     "mounts": ('["/srv/kb:/kb:ro"]', "Docker extra mounts, each under [docker] allowed_mounts"),
+    "group_folder": ('"/srv/agents/support"',
+                     "[docker] group_folder for this group (mounted at /workspace/agent)"),
     "memory": ('"1g"', "Docker memory limit"),
     "cpus": ("2.0", "Docker CPU limit"),
     "pids_limit": ("512", "Docker max processes in a container"),
@@ -218,7 +222,7 @@ class AgentSettings:
             d = self.docker
             base.update(image=d.image, command=list(d.command), network=d.network,
                         memory=d.memory, cpus=d.cpus, pids_limit=d.pids_limit,
-                        mounts=list(d.mounts))
+                        mounts=list(d.mounts), group_folder=d.group_folder)
         else:
             base.update(command=list(self.runtime.command))
         return base

@@ -46,6 +46,8 @@ class Observation:
     due: int = 0  # due, triggered inbound messages
     idle_since: datetime | None = None  # when the status last became idle
     start_blocked_until: datetime | None = None  # runtime unavailable: retry after
+    tool_running: bool = False  # container_state.current_tool is set
+    answer_due: datetime | None = None  # an acked message may be answered until then
     paused: bool = False  # frozen by us (a detail of idle: see ``thawed``)
     resumed_at: datetime | None = None  # last thaw: frozen time before it is no hang
     # --- what the worker knows beyond the evidence (the gates of ``decide``) ---
@@ -106,6 +108,13 @@ def heartbeat_since(obs: Observation, claim: Claim) -> bool:
             and obs.heartbeat_at >= claim_tick_end(claim.claimed_at))
 
 
+def in_flight(obs: Observation, now: datetime) -> bool:
+    """Work in flight by any evidence but the heartbeat: a claim, a running tool, or
+    a message acknowledged and not answered yet (``answers``). Never idle then."""
+    return bool(obs.claims) or obs.tool_running or (
+        obs.answer_due is not None and obs.answer_due > now)
+
+
 def thawed(obs: Observation) -> Observation:
     """``obs`` with the time the agent spent frozen taken out of the stuck rules.
 
@@ -126,7 +135,8 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
     """Why a live agent must be killed, or None.
 
     - heartbeat older than max(ceiling, declared tool timeout) while it holds a claim
-      (an agent with no claim is idle, not stuck: the idle rule stops it politely);
+      or runs a tool (an agent with neither is idle, not stuck: the idle rule stops
+      it politely);
     - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat
       since the claim. No heartbeat file at all means "still starting": not stuck.
     A paused agent is frozen by us, not hung; after a thaw see ``thawed``.
@@ -136,7 +146,7 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
     obs = thawed(obs)
     hb_age = (now - obs.heartbeat_at).total_seconds()
     limit = heartbeat_limit(cfg, obs.tool_timeout)
-    if obs.claims and hb_age > limit:
+    if (obs.claims or obs.tool_running) and hb_age > limit:
         return f"heartbeat {hb_age:.0f}s old (limit {limit:g}s)"
     climit = claim_limit(cfg, obs.tool_timeout)
     for claim in obs.claims:
@@ -152,7 +162,7 @@ def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     """When ``stuck_reason`` could next become true if nothing else happens."""
     if not obs.alive or obs.heartbeat_at is None or obs.paused:
         return None
-    if not obs.claims:
+    if not obs.claims and not obs.tool_running:
         return None
     obs = thawed(obs)
     times = [obs.heartbeat_at + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
@@ -175,7 +185,8 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     """The one lifecycle rule set: what the evidence says (``judge``), then the
     worker's gates on it.
 
-    - Claims held while no agent runs are a dead agent's: give them back first
+    - Claims held while no agent runs are a dead agent's, and so are messages it
+      acked but had not answered (``answers``): give them back first
       (only once the runtime has listed its agents, and no op of ours is under way:
       until then "not alive" may just be "not known yet").
     - While one of our runtime ops runs, nothing is recorded or started: its end
@@ -187,9 +198,11 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     - Heartbeats are muted when they cannot change anything: the agent runs, is
       recorded running, no op is pending and a timer will bring the next pass.
     """
-    if obs.claims and not obs.alive and obs.listed and not obs.op_running:
-        return Verdict(obs.status, f"{len(obs.claims)} claim(s) held with no agent running",
-                       reset_claims=True)
+    unanswered = obs.answer_due is not None and obs.answer_due > now
+    if (obs.claims or unanswered) and not obs.alive and obs.listed and not obs.op_running:
+        what = (f"{len(obs.claims)} claim(s)" if obs.claims else
+                "acked message(s) not answered")
+        return Verdict(obs.status, f"{what} held with no agent running", reset_claims=True)
     verdict = judge(obs, now, cfg)
     next_check = earliest(verdict.next_check, *obs.timers)
     if obs.op_running:
@@ -234,11 +247,12 @@ def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
 
     active = last_activity(obs) or now
     idle_at = active + timedelta(seconds=cfg.idle_after)
-    busy = bool(obs.claims)
+    busy = in_flight(obs, now)
     if busy or now < idle_at:
+        answer_at = obs.answer_due if obs.answer_due and obs.answer_due > now else None
         return Verdict(Status.RUNNING, "active",
                        Action.RESUME if obs.paused and obs.due > 0 else Action.NONE,
-                       next_check=earliest(None if busy else idle_at, stuck_at))
+                       next_check=earliest(None if busy else idle_at, stuck_at, answer_at))
 
     idle_since = obs.idle_since if obs.idle_since and obs.idle_since >= idle_at else idle_at
     stop_at = idle_since + timedelta(seconds=cfg.stop_idle_after)

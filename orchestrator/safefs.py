@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.filesig import Signature, file_signature
-from orchestrator.layout import sessions_root
+from orchestrator.layout import INBOUND_DB, sessions_root
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -185,6 +185,8 @@ class SafeDb:
             raise sqlite3.OperationalError(f"{where}: no such file")
         if st is not None:
             regular_or_refuse(st, where)
+        if readonly and self.name == INBOUND_DB and self._hot_journal():
+            self._roll_back()
         mode = "ro" if readonly else ("rwc" if create else "rw")
         uri = f"file:/proc/self/fd/{self.folder.fd}/{self.name}?mode={mode}"
         busy_ms = self.busy_ms if readonly else max(self.busy_ms, HOST_WRITE_BUSY_MS)
@@ -198,6 +200,24 @@ class SafeDb:
             raise
         conn.row_factory = sqlite3.Row
         return conn
+
+
+    def _hot_journal(self) -> bool:
+        st = self.folder.lstat(self.name + "-journal")
+        return st is not None and stat.S_ISREG(st.st_mode) and st.st_size > 0
+
+    def _roll_back(self) -> None:
+        """A host write cut short (SIGKILL, power loss) leaves a hot journal in
+        inbound.db, and no read-only connection may roll it back: every reader, the
+        host's own and the agent's, would get "attempt to write a readonly database"
+        until the host writes that session again. The host is the one writer, so it
+        rolls the journal back itself with a read-write open and one read (SQLite does
+        nothing if the journal belongs to a write still in progress elsewhere)."""
+        conn = self.connect(readonly=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
 
 
 # --- which file did SQLite open? ------------------------------------------------------

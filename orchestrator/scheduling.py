@@ -39,10 +39,10 @@ from cronsim import CronSim, CronSimError
 
 from orchestrator.errors import UserError
 from orchestrator.store.inbound import NewMessage
-from orchestrator.store.schema import parse_ts
+from orchestrator.store.schema import (  # noqa: F401 (re-exported: one implementation)
+    DUE_FORMAT, ceil_second, format_due, parse_ts)
 
 UTC = timezone.utc
-DUE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _RELATIVE = re.compile(r"^\+(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -86,18 +86,6 @@ def parse_at(text: str, now: datetime, zone: str = "UTC") -> datetime:
         raise ScheduleError(f"--at {text!r}: {format_due(when)} UTC is not in the future "
                             f"(now {format_due(now)} UTC)")
     return when
-
-
-def ceil_second(when: datetime) -> datetime:
-    """Round up to the whole second (a due time is never moved earlier)."""
-    if when.microsecond:
-        when = when.replace(microsecond=0) + timedelta(seconds=1)
-    return when
-
-
-def format_due(when: datetime) -> str:
-    """``process_after`` text: UTC, whole seconds (rounded up), SQLite's shape."""
-    return ceil_second(when.astimezone(UTC)).strftime(DUE_FORMAT)
 
 
 def check_cron(expr: str) -> str:

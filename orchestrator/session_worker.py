@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
-from orchestrator import groups, scheduling
+from orchestrator import answers, groups, scheduling
 from orchestrator.channels import Failure
 from orchestrator.config import Config
 from orchestrator.delivery import Deliverer, DeliveryState
@@ -91,6 +91,8 @@ class Tracked:
     idle_since: datetime | None = None
     claims: tuple[Claim, ...] = ()
     tool_timeout: float | None = None
+    tool_running: bool = False  # container_state.current_tool is set
+    answers: answers.Answers = field(default_factory=answers.Answers)
     due: int = 0
     next_inbound_due: datetime | None = None
     delivery: DeliveryState = field(default_factory=DeliveryState)
@@ -122,6 +124,13 @@ class Tracked:
     def broken(self) -> str | None:
         """The error that makes passes fail, as logged (None while they succeed)."""
         return self.said.last("pass")
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    try:
+        return schema.parse_ts(value)
+    except (ValueError, TypeError):
+        return None
 
 
 class SessionWorker:
@@ -323,6 +332,8 @@ class SessionWorker:
                          if a.status == "processing")
         t.tool_timeout = (snap.tool.declared_timeout
                           if snap.tool and snap.tool.current_tool else None)
+        t.tool_running = bool(snap.tool and snap.tool.current_tool)
+        self._track_answers(t, folder, snap, final, now)
         if snap.messages and snap.messages[-1].seq > t.max_seq_seen:
             t.max_seq_seen = snap.messages[-1].seq
             t.last_reply_at = now
@@ -351,6 +362,30 @@ class SessionWorker:
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
 
+    def _track_answers(self, t: Tracked, folder: SessionDir, snap: outbound.Snapshot,
+                       final: dict[str, str], now: datetime) -> None:
+        """Fold this read into the acked-but-unanswered state (see ``answers``)."""
+        wait = self.cfg.lifecycle.answer_wait
+        horizon = now - timedelta(seconds=wait)
+        done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
+                if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
+        replies = [answers.Reply(m.in_reply_to, _parse_ts(m.timestamp))
+                   for m in snap.messages if m.seq > t.max_seq_seen and answers.is_answer(m.content)]
+        named = {r.in_reply_to for r in replies}
+        unsure = [mid for mid in done if mid not in named]
+        if unsure:  # context-only and system rows need no answer (a named one is answered)
+            keep = inbound.triggering(folder.db(INBOUND_DB), unsure)
+            done = {mid: at for mid, at in done.items() if mid in named or mid in keep}
+        if not done and not replies and not t.answers.groups and not t.claims:
+            return
+        t.answers = answers.step(t.answers, now=now, answer_wait=wait,
+                                 claims={c.message_id: c.claimed_at for c in t.claims},
+                                 completed=done, replies=replies)
+        if t.answers.expired:
+            logger.warning("session {}: no reply to {} within answer_wait ({:g}s): taken as "
+                           "answered by silence", t.session_id, ", ".join(sorted(
+                               t.answers.expired)), wait)
+
     def _read_inbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         t.sigs["in"] = folder.signature(INBOUND_DB)
         t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
@@ -368,7 +403,8 @@ class SessionWorker:
         self.set_status(t, Status.STOPPED, reason, now)
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        """No agent runs, yet messages are claimed: the agent died mid-message.
+        """No agent runs, yet messages are claimed or acked unanswered: the agent died
+        mid-message.
 
         Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
         stale acks — the host may write outbound.db only while no agent runs.
@@ -382,6 +418,19 @@ class SessionWorker:
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now, follow_up=self._successor(now))
         t.claims = ()
+        # Acked ``completed`` but not answered when the agent went: retried like a
+        # claim. The row is reopened before its ack is deleted: a crash in between
+        # leaves an ack the next read mirrors back and this rule reopens again.
+        unanswered = answers.awaiting(t.answers, now, lc.answer_wait)
+        t.answers = answers.forget(t.answers)
+        if unanswered:
+            result.update(inbound.reset_claims(
+                folder.db(INBOUND_DB), unanswered, max_tries=lc.max_tries,
+                backoff_base=lc.backoff_base, now=now, follow_up=self._successor(now),
+                statuses=("completed",)))
+            outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
+            t.sigs["out"] = folder.signature(OUTBOUND_DB)
+            t.synced_acks.difference_update(unanswered)
         for mid, status in result.items():
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,
@@ -401,7 +450,9 @@ class SessionWorker:
             alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
             heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
             tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
-            start_blocked_until=t.start_blocked_until, status=t.status,
+            start_blocked_until=t.start_blocked_until, tool_running=t.tool_running,
+            answer_due=answers.answer_due(t.answers, self.cfg.lifecycle.answer_wait),
+            status=t.status,
             op_running=t.op is not None and not t.op.done(),
             op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
             start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due),
@@ -549,6 +600,7 @@ class SessionWorker:
                 # no agent runs, so the host may write outbound.db: create it or add the
                 # columns an older one lacks (``send`` leaves an existing one alone)
                 schema.init_outbound(folder.db(OUTBOUND_DB, create=True))
+                outbound.clear_tool_state(folder.db(OUTBOUND_DB))  # a dead agent's tool is over
                 row = self.registry.session(t.session_id)
                 if row is not None:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
@@ -584,6 +636,8 @@ class SessionWorker:
         t.started_at = self.clock()
         self.notify("agent_start", {"result": "ok",
                                     "seconds": (t.started_at - now).total_seconds()})
+        t.tool_running, t.tool_timeout = False, None  # cleared on disk before the start
+        t.answers = answers.forget(t.answers)
         t.heartbeat_at = None
         t.sigs.pop("hb", None)
         t.idle_since = None

@@ -24,7 +24,6 @@ from orchestrator import attachments, destinations
 from orchestrator.errors import StorageError, UserError, storage, storage_error
 from orchestrator.layout import (SessionPaths, registry_path, session_paths, sessions_root,
                                  validate_id)
-from orchestrator.scheduling import format_due
 from orchestrator.store import inbound, schema
 from orchestrator.store.registry import Registry, SessionRow
 
@@ -53,6 +52,12 @@ def resolution_key(mode: str, agent_group: str, mg_id: str | None, thread: str |
     if mode == "per-thread":
         return f"per-thread:{agent_group}:{mg_id}:{thread or ''}"
     raise MessageError(f"unknown session mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+def compact_json(value: Any) -> str:
+    """Message content as stored: compact (no spaces after ``,`` and ``:``), the shape
+    NanoClaw's host writes and its runner's ``LIKE`` patterns expect."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def new_id(prefix: str) -> str:
@@ -232,7 +237,7 @@ class Sessions:
         """Decode attachments into the inbox, then insert the row; all or nothing.
 
         ``process_after`` is stored in whole seconds, rounded up (see
-        ``scheduling.format_due``). Returns (message id, seq).
+        ``schema.format_due``). Returns (message id, seq).
         """
         prepared = content if isinstance(content, PreparedMessage) else self.prepare(content)
         mid = validate_id(message_id, "message id") if message_id else new_id("msg")
@@ -246,9 +251,15 @@ class Sessions:
                 raise MessageError(str(exc)) from None
         channel_type, platform_id, thread_id = routing
         try:
+            if channel_type and platform_id and self.registry.record_chat(
+                    session.agent_group_id, channel_type, platform_id,
+                    thread_id if session.thread_id is not None else None):
+                # a chat new to the group: its destination is there before the message,
+                # so a running agent can answer it (``from`` names it)
+                self.write_destinations(session)
             seq = inbound.insert_message(paths.inbound_db, inbound.NewMessage(
-                id=mid, kind=kind, content=json.dumps(stored, ensure_ascii=False),
-                process_after=format_due(process_after) if process_after else None,
+                id=mid, kind=kind, content=compact_json(stored),
+                process_after=schema.format_due(process_after) if process_after else None,
                 trigger=trigger, channel_type=channel_type, platform_id=platform_id,
                 thread_id=thread_id, recurrence=recurrence, series_id=series_id))
         except sqlite3.IntegrityError:
@@ -267,11 +278,16 @@ class Sessions:
         return mid, seq
 
     def write_system_response(self, session: SessionRow, question_id: str,
-                              response: Any) -> tuple[str, int]:
-        """An answer to an agent's question: ``kind='system'``, never wakes an agent."""
+                              selected_option: str, user_id: str = "") -> tuple[str, int]:
+        """An answer to an agent's question, in NanoClaw's shape: ``kind='system'``,
+        never wakes an agent, compact JSON so that its runner's
+        ``content LIKE '%"questionId":"<id>"%'`` finds it."""
+        if not isinstance(selected_option, str):
+            raise MessageError("a question's answer (selectedOption) must be a string")
         return self.write_message(
-            session, {"type": "question_response", "question_id": question_id,
-                      "response": response}, kind="system", trigger=0)
+            session, {"type": "question_response", "questionId": question_id,
+                      "selectedOption": selected_option, "userId": user_id},
+            kind="system", trigger=0, routing=self.routing_of(session))
 
     def write_routing(self, session: SessionRow, inbound_db: Path | None = None) -> None:
         """Default reply route + destinations, written before every wake.
@@ -280,11 +296,16 @@ class Sessions:
         no wait on a lock the agent holds)."""
         db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
         inbound.write_routing(db, *self.routing_of(session))
-        inbound.replace_destinations(db, [
-            inbound.Destination(name=d["name"], type=d["type"], display_name=d["display_name"],
-                                channel_type=d["channel_type"], platform_id=d["platform_id"],
-                                agent_group_id=d["target_agent_group_id"])
-            for d in destinations.projected(self.registry, session.agent_group_id)])
+        self.write_destinations(session, db)
+
+    def write_destinations(self, session: SessionRow, inbound_db: Path | None = None) -> None:
+        """Every chat of the group plus the hand-set destinations (``destinations``)."""
+        db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
+        channel_type, platform_id, thread_id = self.routing_of(session)
+        own = (destinations.Chat(channel_type, platform_id, thread_id)
+               if channel_type and platform_id else None)
+        inbound.replace_destinations(db, [d for d, _ in destinations.projected(
+            self.registry, session.agent_group_id, own)])
 
     def routing_of(self, session: SessionRow) -> tuple[str | None, str | None, str | None]:
         mg = (self.registry.messaging_group(session.messaging_group_id)

@@ -246,6 +246,7 @@ def test_select_work(rows: list[dict[str, Any]], acked: set[str], expected: list
         ('{"text": "x", "attachments": [{"name": "a.png", "path": "inbox/m/a.png", "size": 3}]}',
          "x", [("a.png", "inbox/m/a.png")]),
         ('{"attachments": [{"path": "inbox/m/b.txt"}]}', "", [("b.txt", "inbox/m/b.txt")]),
+        ('{"attachments": [{"localPath": "inbox/m/c.txt"}]}', "", [("c.txt", "inbox/m/c.txt")]),
         ('{"attachments": [{"name": 5}]}', "", [("", "")]),
         (b'{"text": "bytes"}', "bytes", []),
     ],

@@ -63,6 +63,27 @@ async def test_post_message_gets_a_reply_and_the_session_shows_up(tmp_path: Path
         assert (await client.get("/v1/sessions/sess-nope")).status_code == 404
 
 
+async def test_a_posted_message_makes_its_chat_a_destination_of_the_group(tmp_path: Path,
+                                                                     reap_agents) -> None:
+    """Like ``send``: every chat that routes to a group is one of its destinations,
+    in the session it writes to before the message (a running agent can answer it)."""
+    cfg = make_config(tmp_path)
+
+    async with api_supervised(cfg) as (sup, client):
+        first = (await client.post("/v1/messages", json=message(
+            "one", mode="agent-shared"))).json()
+        second = (await client.post("/v1/messages", json=message(
+            "two", mode="agent-shared", platform_id="room-2"))).json()
+        assert first["session_id"] == second["session_id"]
+        db = session_paths(cfg.data_dir, "helpers", first["session_id"]).inbound_db
+        names = query(db, "SELECT name, channel_type, platform_id FROM destinations")
+        assert sorted(names) == [("chat:room-1", "chat", "room-1"),
+                                 ("chat:room-2", "chat", "room-2")]
+        assert sorted(query(registry_path(cfg.data_dir),
+                            "SELECT channel_type, platform_id FROM group_chats")) == [
+            ("chat", "room-1"), ("chat", "room-2")]
+
+
 async def test_every_v1_endpoint_needs_the_token_health_and_metrics_do_not(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
 

@@ -343,8 +343,10 @@ def test_accepted_message_stores_paths_not_base64(sess):
     (content,) = query(s.paths(row).inbound_db, "SELECT content FROM messages_in")[0]
     stored = json.loads(content)
     assert stored == {"text": "see files", "attachments": [
-        {"name": "a.txt", "path": "inbox/m1/a.txt", "size": 3, "mime": "text/plain"},
-        {"name": "a-1.txt", "path": "inbox/m1/a-1.txt", "size": 2}]}
+        {"name": "a.txt", "path": "inbox/m1/a.txt", "localPath": "inbox/m1/a.txt", "size": 3,
+         "mime": "text/plain"},
+        {"name": "a-1.txt", "path": "inbox/m1/a-1.txt", "localPath": "inbox/m1/a-1.txt",
+         "size": 2}]}
     assert (s.paths(row).root / "inbox/m1/a.txt").read_bytes() == b"AAA"
     assert (s.paths(row).root / "inbox/m1/a-1.txt").read_bytes() == b"BB"
 
@@ -391,3 +393,15 @@ def test_preplaced_staging_folder_is_refused_and_cleaned(place, monkeypatch):
         attachments.write_inbox(paths, "m1", [Decoded("keep.txt", b"EVIL", {})])
     _assert_outside_untouched(outside)
     assert not (paths.inbox / "m1").exists()
+
+
+def test_a_sender_cannot_choose_localpath(sess):
+    """``localPath`` (NanoClaw's name for ``path``) is the host's, like ``path``: a value
+    in the sent attachment is replaced, never passed on to the agent."""
+    s, row, _ = sess
+    s.write_message(row, {"attachments": [
+        {"name": "x.txt", "data": b64(b"x"), "localPath": "../../etc/passwd",
+         "path": "/etc/shadow"}]}, message_id="m2")
+    (content,) = query(s.paths(row).inbound_db, "SELECT content FROM messages_in")[0]
+    (entry,) = json.loads(content)["attachments"]
+    assert (entry["path"], entry["localPath"]) == ("inbox/m2/x.txt", "inbox/m2/x.txt")

@@ -198,6 +198,30 @@ def test_send_json_content(tmp_path, capsys, conf):
     assert json.loads(messages_of(tmp_path, row)[0]["content"]) == {"text": "hi", "priority": 2}
 
 
+def test_send_with_a_sender(tmp_path, capsys, conf):
+    """NanoClaw's runner shows ``sender="…"``; without one the model reads "Unknown"."""
+    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--sender", "Ann",
+                       "hi")
+    assert code == 0, err
+    (row,) = sessions_of(tmp_path)
+    assert messages_of(tmp_path, row)[0]["content"] == '{"text":"hi","sender":"Ann"}'
+
+
+def test_answer_writes_nanoclaws_question_response(tmp_path, capsys, conf):
+    _, sid, _ = run(capsys, "send", "--config", conf(), "--group", "g", "hi")
+    code, out, err = run(capsys, "answer", "--config", conf(), sid.strip(), "msg-q1", "yes",
+                         "--user", "u1")
+    assert code == 0, err
+    (row,) = sessions_of(tmp_path)
+    answer = messages_of(tmp_path, row)[1]
+    assert out == f"{answer['id']}\n"
+    assert (answer["kind"], answer["trigger"], answer["content"]) == (
+        "system", 0, '{"type":"question_response","questionId":"msg-q1",'
+                     '"selectedOption":"yes","userId":"u1"}')
+    code, out, err = run(capsys, "answer", "--config", conf(), "sess-nope", "q", "yes")
+    assert (code, out) == (2, "") and "no session 'sess-nope'" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--group", "../up", "x"], "invalid agent group"),
     (["--group", "g", "--json", "{broken"], "--json: TEXT is not valid JSON"),

@@ -53,7 +53,8 @@ def test_send_at_relative_writes_process_after_in_whole_utc_seconds(tmp_path, co
     due = schema.parse_ts(msg["process_after"])
     assert len(msg["process_after"]) == 19 and msg["process_after"][10] == " "
     assert before + timedelta(minutes=10) <= due <= after + timedelta(minutes=10, seconds=1)
-    assert (msg["recurrence"], msg["series_id"]) == (None, None)
+    # not recurring; series_id is the message's own id (as NanoClaw's host sets it)
+    assert (msg["recurrence"], msg["series_id"]) == (None, msg["id"])
 
 
 def test_send_at_without_offset_is_in_sessions_timezone(tmp_path, conf, capsys):
@@ -163,30 +164,40 @@ def test_destinations_add_list_remove_and_projection_on_wake(tmp_path, conf, cap
     assert run(capsys, *base, "add", "ops", "--channel", "email", "--platform",
                "ops@example.org", "--display-name", "Ops team")[0] == 0
     assert run(capsys, *base, "add", "coder", "--agent", "coding")[0] == 0
-    with registry(tmp_path) as reg:  # an automatic destination of the same name and another
+    with registry(tmp_path) as reg:
+        # the host's own registry row of the same name (the CLI's wins) and another
         reg.set_destinations("support", [
             {"name": "ops", "type": "channel", "channel_type": "chat", "platform_id": "c-1"},
             {"name": "room", "type": "channel", "channel_type": "chat", "platform_id": "c-2"}])
+        # chats that wrote to the group: automatic ones, except the chat set by hand
+        reg.record_chat("support", "web", "w-1")
+        reg.record_chat("support", "email", "ops@example.org")
     code, out, _ = run(capsys, *base, "list")
     assert code == 0 and out.splitlines() == [
         "coder  agent coding  [manual]",
         "ops  channel email ops@example.org  [manual]  (Ops team)",
-        "room  channel chat c-2  [auto]"]
+        "room  channel chat c-2  [manual]",
+        "web:w-1  channel web w-1  [auto]  (web chat w-1)"]
 
-    # projected into inbound.db when a session of the group wakes, manual winning "ops"
+    # projected into inbound.db when a session of the group wakes, manual winning "ops",
+    # the session's own chat an automatic destination too (first)
     with registry(tmp_path) as reg:
         sessions = Sessions(tmp_path / "data", reg, 1024)
         row = sessions.resolve("support", MessagingGroup("cli", "local"), None, "shared")
         sessions.write_routing(row)
         db = sessions.paths(row).inbound_db
     assert query(db, "SELECT name, display_name, type, channel_type, platform_id, agent_group_id"
-                     " FROM destinations ORDER BY name") == [
+                     " FROM destinations") == [
+        ("cli:local", "cli chat local", "channel", "cli", "local", None),
         ("coder", None, "agent", None, None, "coding"),
         ("ops", "Ops team", "channel", "email", "ops@example.org", None),
-        ("room", None, "channel", "chat", "c-2", None)]
+        ("room", None, "channel", "chat", "c-2", None),
+        ("web:w-1", "web chat w-1", "channel", "web", "w-1", None)]
 
     assert run(capsys, *base, "remove", "coder")[1] == "removed destination coder from group support\n"
-    assert [d["name"] for d in json.loads(run(capsys, *base, "--json")[1])] == ["ops", "room"]
+    listed = json.loads(run(capsys, *base, "--json")[1])
+    assert [(d["name"], d["source"]) for d in listed] == [
+        ("cli:local", "auto"), ("ops", "manual"), ("room", "manual"), ("web:w-1", "auto")]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -657,7 +657,9 @@ async def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_aft
         cid = container_id(sup, row.id)
         assert cid is not None
         await until(lambda: _is(state(cid), "paused"), 15, "container paused", interval=0.1)
-        assert status(sup, row.id) == "idle" and sup.runtime.is_paused(row.id)
+        # the runtime's bookkeeping follows when its pause call returns
+        await until(lambda: sup.runtime.is_paused(row.id), 5, "runtime says paused")
+        assert status(sup, row.id) == "idle"
 
         m2 = send(sup, row, "second")
         [reply] = await until(lambda: replies_to(cfg, m2), 15, "reply after the thaw")

@@ -32,7 +32,8 @@ from orchestrator.runtime.docker import DockerRuntime, Phase, _Tracked
 from orchestrator.runtime.dockerexec import Conflict, DockerExec
 from orchestrator.runtime.docker_spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, MountNotAllowed, container_name,
-                                              container_spec, exit_reason, host_config_kwargs,
+                                              container_spec, exit_reason, group_folder,
+                                              group_mounts, host_config_kwargs,
                                               parse_extra_mounts, prepare_folder, resolve_user,
                                               session_mounts)
 
@@ -121,6 +122,42 @@ def test_session_mounts_folder_rw_and_inbound_db_ro_on_top(tmp_path: Path) -> No
     (folder / "inbound.db").symlink_to(folder / "real.db")
     with pytest.raises(MountNotAllowed, match="symlinks are not followed"):
         session_mounts(folder, data)
+
+
+def test_group_folder_template(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert group_folder("", data, "g") is None
+    assert group_folder("{data_dir}/groups/{group}", data, "g") == data / "groups" / "g"
+    assert group_folder("agents/{group}", data, "g") == data / "agents" / "g"
+    with pytest.raises(MountNotAllowed, match="only {data_dir} and {group}"):
+        group_folder("{home}/x", data, "g")
+    with pytest.raises(ValueError, match="invalid agent group"):
+        group_folder("{data_dir}/{group}", data, "../up")
+
+
+def test_group_mounts_folder_rw_and_container_json_ro_on_top(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    folder = make_session(data, "g", "s")
+    group = data / "groups" / "g"
+    assert group_mounts(None, folder, data) == []
+    (rw,) = group_mounts(group, folder, data)  # created; no container.json yet
+    assert (rw["Target"], rw["Source"], rw["ReadOnly"]) == ("/workspace/agent", str(group), False)
+    assert (folder / "agent").is_dir() and not (folder / "agent").is_symlink()
+    (group / "container.json").write_text('{"assistantName": "Andy"}')
+    (folder / "agent").rmdir()
+    (folder / "agent").symlink_to("/etc")  # planted by the agent: replaced, never followed
+    rw, ro = group_mounts(group, folder, data)
+    assert (ro["Target"], ro["Source"], ro["ReadOnly"]) == (
+        "/workspace/agent/container.json", str(group / "container.json"), True)
+    assert (folder / "agent").is_dir() and not (folder / "agent").is_symlink()
+    (group / "container.json").unlink()
+    (group / "container.json").symlink_to("/etc/passwd")
+    assert len(group_mounts(group, folder, data)) == 1  # a symlinked container.json: not mounted
+    with pytest.raises(MountNotAllowed, match="not under sessions/"):
+        group_mounts(data / "sessions" / "g" / "shared", folder, data)
+    with pytest.raises(MountNotAllowed, match="under data_dir or"):
+        group_mounts(tmp_path / "elsewhere", folder, data)
+    assert len(group_mounts(tmp_path / "elsewhere", folder, data, (str(tmp_path),))) == 1
 
 
 def test_container_spec_and_host_config_are_least_privilege(tmp_path: Path) -> None:

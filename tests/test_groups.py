@@ -25,13 +25,13 @@ def test_every_key_of_a_group_is_loaded():
     cfg = cfg_with({"support": {
         "command": ["bot", "--fast"], "image": "bot:2", "env": {"MODEL": "small", "A": "1"},
         "env_files": {"API_KEY": "secrets/key"}, "mounts": ["/srv/kb:/kb:ro"],
-        "memory": "1g", "cpus": 2, "pids_limit": 64, "network": "bridge", "max_agents": 3,
+        "group_folder": "{data_dir}/nc/{group}", "memory": "1g", "cpus": 2, "pids_limit": 64, "network": "bridge", "max_agents": 3,
         "idle_after": 5, "stop_idle_after": 6, "ceiling": 7, "claim_stuck": 8}})
     (g,) = cfg.groups
     assert g == GroupConfig(
         name="support", command=("bot", "--fast"), image="bot:2",
         env=(("A", "1"), ("MODEL", "small")), env_files=(("API_KEY", "/base/dir/secrets/key"),),
-        mounts=("/srv/kb:/kb:ro",), memory="1g", cpus=2.0, pids_limit=64, network="bridge",
+        mounts=("/srv/kb:/kb:ro",), group_folder="{data_dir}/nc/{group}", memory="1g", cpus=2.0, pids_limit=64, network="bridge",
         max_agents=3, idle_after=5.0, stop_idle_after=6.0, ceiling=7.0, claim_stuck=8.0)
     assert tuple(f.name for f in dataclasses.fields(GroupConfig))[1:] == groups.GROUP_KEYS
 
@@ -107,6 +107,8 @@ RESOLVE = [
      lambda s: (s.docker.image, s.docker.memory, s.docker.cpus, s.docker.network),
      ("i:2", "1g", 1.0, "bridge")),
     ({"g": {"mounts": ["/a:/b"]}}, "docker", lambda s: s.docker.mounts, ("/a:/b",)),
+    ({"g": {"group_folder": "/srv/g"}}, "docker", lambda s: s.docker.group_folder, "/srv/g"),
+    ({}, "docker", lambda s: s.docker.group_folder, ""),
     ({"other": {"memory": "9g"}}, "docker", lambda s: s.docker.memory, "512m"),
     ({"g": {"idle_after": 3}}, "local", lambda s: (s.lifecycle.idle_after,
                                                    s.lifecycle.stop_idle_after), (3.0, 300.0)),
@@ -146,6 +148,7 @@ def test_digest_is_short_stable_and_follows_what_the_agent_runs_with():
     assert digest({"g": {"env": {"A": "2"}}}) != base
     assert digest({"g": {"env": {"A": "1"}, "image": "x:1"}}) != base
     assert digest({"g": {"env": {"A": "1"}, "memory": "1g"}}) != base
+    assert digest({"g": {"env": {"A": "1"}, "group_folder": "/srv/g"}}) != base
     assert digest({"g": {"env": {"A": "1"}, "env_files": {"K": "/k"}}}) != base
     # host-side timings and the cap are not what the agent runs with
     assert digest({"g": {"env": {"A": "1"}, "idle_after": 3, "max_agents": 2}}) == base

@@ -104,14 +104,15 @@ def test_a_spare_container_is_made_with_its_groups_settings_and_dropped_when_the
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         second_tag: str, instance: str) -> None:
     """[docker] precreate: the container created ahead for a group's session carries
-    that group's image, env and settings label; a start with other settings (a new
+    that group's image, env, group folder and settings label; a start with other settings (a new
     config after a restart) does not start it but creates a fresh container."""
     def config(role: str):
         return load_config({
             "data_dir": "data", "runtime": {"kind": "docker"},
             "docker": {"instance": instance, "image": agent_image, "command": AGENT,
                        "network": "none", "precreate": 2},
-            "groups": {"beta": {"image": second_tag, "env": {"ROLE": role}}}}, tmp_path)
+            "groups": {"beta": {"image": second_tag, "env": {"ROLE": role},
+                                "group_folder": "{data_dir}/groups/{group}"}}}, tmp_path)
 
     cfg, changed = config("one"), config("two")
     folder = make_session(cfg.data_dir, "beta", "s1")
@@ -147,4 +148,8 @@ def test_a_spare_container_is_made_with_its_groups_settings_and_dropped_when_the
     assert info["Config"]["Image"] == second_tag
     assert "ROLE=one" in info["Config"]["Env"]
     assert info["Config"]["Labels"][LABEL_SETTINGS] == first.digest
+    # the group's own group_folder, mounted in the spare as in a container started at once
+    assert [(m["Source"], m["RW"]) for m in info["Mounts"]
+            if m["Destination"] == "/workspace/agent"] == [
+        (str((cfg.data_dir / "groups" / "beta").resolve()), True)]
     assert started != spare_id  # not started with the old settings

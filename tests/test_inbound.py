@@ -297,7 +297,7 @@ def test_reset_claims_backs_off_then_fails(db):
     expected_delays = [5, 10, 20, 40]
     for i, delay in enumerate(expected_delays):
         assert seen[i] == ({"m": "pending"}, i + 1, "pending",
-                           ts(NOW + timedelta(seconds=delay))), i
+                           schema.format_due(NOW + timedelta(seconds=delay))), i
     assert seen[4][0] == {"m": "failed"}
     assert seen[4][1:3] == (5, "failed")
     # once failed it is left alone
@@ -380,3 +380,31 @@ def test_replace_destinations_is_one_transaction(db):
         inbound.replace_destinations(db, [Destination("new", "channel"),
                                           Destination("new", "channel")])  # duplicate key
     assert query(db, "SELECT name FROM destinations ORDER BY name") == [("old1",), ("old2",)]
+
+
+def test_reset_claims_reopens_acked_but_unanswered_messages(db):
+    """An agent acked ``completed`` but went before answering: the message is reopened
+    (pending, tries+1, backoff) only when asked for completed rows, never by default."""
+    inbound.insert_message(db, msg("m"))
+    inbound.sync_acks(db, {"m": "completed"})
+    assert inbound.reset_claims(db, ["m"], max_tries=5, backoff_base=5.0, now=NOW) == {}
+    assert inbound.reset_claims(db, ["m"], max_tries=5, backoff_base=5.0, now=NOW,
+                                statuses=("completed",)) == {"m": "pending"}
+    assert query(db, "SELECT status, tries, process_after FROM messages_in") == [
+        ("pending", 1, "2024-06-01 12:00:05")]
+
+
+def test_triggering_is_work_that_needs_an_answer(db):
+    inbound.insert_message(db, msg("work"))
+    inbound.insert_message(db, msg("context", trigger=0))
+    inbound.insert_message(db, msg("answer", kind="system"))
+    assert inbound.triggering(db, ["work", "context", "answer", "ghost"]) == {"work"}
+    assert inbound.triggering(db, []) == set()
+
+
+def test_series_id_defaults_to_the_message_id(db):
+    """NanoClaw's host sets series_id = id; an explicit one (a later occurrence) is kept."""
+    inbound.insert_message(db, msg("first"))
+    inbound.insert_message(db, msg("again", series_id="first"))
+    assert query(db, "SELECT id, series_id FROM messages_in ORDER BY seq") == [
+        ("first", "first"), ("again", "first")]

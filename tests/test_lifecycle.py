@@ -30,11 +30,13 @@ def at(seconds: float | None) -> datetime | None:
 def obs(alive: bool = True, *, started: float | None = None, hb: float | None = None,
         reply: float | None = None, claims: tuple = (), tool: float | None = None,
         due: int = 0, idle_since: float | None = None,
-        blocked: float | None = None) -> Observation:
+        blocked: float | None = None, tool_running: bool = False,
+        answer: float | None = None) -> Observation:
     return Observation(
         alive=alive, started_at=at(started), heartbeat_at=at(hb), last_reply_at=at(reply),
         claims=tuple(Claim(mid, at(t)) for mid, t in claims), tool_timeout=tool, due=due,
-        idle_since=at(idle_since), start_blocked_until=at(blocked))
+        idle_since=at(idle_since), start_blocked_until=at(blocked), tool_running=tool_running,
+        answer_due=at(answer))
 
 
 # status, action, next_check (relative s or None), reason (substring)
@@ -103,6 +105,26 @@ DECIDE_CASES = [
     ("a tool timeout below the defaults does not shrink them",
      obs(started=-500, hb=-400, claims=(("m1", -59),), tool=5), "running", Action.NONE, 1,
      "active"),
+    # --- work in flight without a claim (NanoClaw's runner: issue 15) ----------------
+    ("a running tool is work: a 10-minute silent tool call is not idle",
+     obs(started=-700, hb=-600, tool_running=True), "running", Action.NONE, 1200, "active"),
+    ("a running tool past the heartbeat ceiling is stuck",
+     obs(started=-4000, hb=-1801, tool_running=True), "running", Action.KILL, None,
+     "heartbeat 1801s old"),
+    ("a declared timeout widens the ceiling for a claimless tool too",
+     obs(started=-4000, hb=-2000, tool_running=True, tool=3600), "running", Action.NONE, 1600,
+     "active"),
+    ("an acked, unanswered message is work: a 2-minute silent model call is not idle",
+     obs(started=-200, hb=-120, answer=480), "running", Action.NONE, 480, "active"),
+    ("the answer window's end is the next check, before the idle time",
+     obs(started=-200, hb=-1, answer=5), "running", Action.NONE, 5, "active"),
+    ("an unanswered message does not make the agent stuck (no kill on the ceiling)",
+     obs(started=-4000, hb=-1900, answer=60), "running", Action.NONE, 60, "active"),
+    ("once the answer window is over, the usual idle rule applies",
+     obs(started=-1000, hb=-700, answer=-100), "idle", Action.STOP, None, "idle for"),
+    ("tool cleared and no answer awaited: idle as before",
+     obs(started=-100, hb=-40, tool_running=False, answer=None), "idle", Action.NONE, 290,
+     "no heartbeat"),
 ]
 
 
@@ -192,6 +214,12 @@ GATE_CASES = [
      gated(False, claims=(("m1", -5),), listed=False), Action.NONE, None, False, False, None),
     ("claims and no agent while our op runs (a start): keep them",
      gated(False, claims=(("m1", -5),), op=True), Action.NONE, None, False, False, None),
+    ("acked-but-unanswered messages and no agent: give them back too (issue 15)",
+     gated(False, answer=300), Action.NONE, None, True, False, None),
+    ("... unless the answer window is over: the silence was the answer",
+     gated(False, answer=-1), Action.NONE, None, False, False, None),
+    ("... and not before the runtime has listed its agents",
+     gated(False, answer=300, listed=False), Action.NONE, None, False, False, None),
     # --- starts that keep failing ---------------------------------------------------------
     ("start failed below max_tries: retry after the backoff",
      gated(False, due=1, failures=CFG.max_tries - 1, blocked=2), Action.NONE, None, False,

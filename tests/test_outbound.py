@@ -214,3 +214,21 @@ def test_acks_since_returns_only_changed_and_open_claims(db):
     since = outbound.read(db, acks_since="2026-01-01 10:00:05.000").acks
     assert set(since) == {"old-claim", "same-tick", "new-done"}
     assert outbound.processing_ids(db) == ["old-claim"]
+
+
+def test_clear_acks_and_tool_state_for_a_retry(db, tmp_path):
+    """With no agent running, the host deletes the acks of messages it gives back and
+    forgets a dead agent's running tool, so the next agent starts clean."""
+    agent_sql(db, "INSERT INTO processing_ack VALUES ('a', 'completed', '2024-06-01 12:00:05')")
+    agent_sql(db, "INSERT INTO processing_ack VALUES ('b', 'completed', '2024-06-01 12:00:05')")
+    agent_sql(db, "INSERT INTO container_state VALUES (1, 'Bash', 60000, 't', 't')")
+    assert outbound.read(db).tool.current_tool == "Bash"
+    assert outbound.clear_acks(db, ["a", "ghost"]) == 1
+    assert outbound.clear_acks(db, []) == 0
+    outbound.clear_tool_state(db)
+    snap = outbound.read(db)
+    assert list(snap.acks) == ["b"]
+    assert (snap.tool.current_tool, snap.tool.declared_timeout) == (None, None)
+    assert outbound.clear_acks(tmp_path / "none.db", ["a"]) == 0
+    outbound.clear_tool_state(tmp_path / "none.db")  # no file: nothing to do
+    assert not (tmp_path / "none.db").exists()

@@ -320,3 +320,21 @@ def test_reader_is_read_only_and_none_without_a_registry(tmp_path):
         assert [s.id for s in reader.sessions()] == ["s1"]
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             reader.ensure_agent_group("h")
+
+
+def test_group_chats_are_recorded_once_and_include_the_sessions_own(tmp_path):
+    """Every chat that routes to a group: recorded ones plus the chats its sessions are
+    bound to (folders made before chats were recorded), each once."""
+    reg = Registry(tmp_path / "orchestrator.db")
+    assert reg.record_chat("g", "cli", "local") is True
+    assert reg.record_chat("g", "cli", "local") is False
+    assert reg.record_chat("g", "slack", "C1", "t1") is True
+    assert reg.record_chat("h", "cli", "local") is True
+    mg = reg.ensure_messaging_group("web", "w1")
+    reg.get_or_create_session(resolution_key="shared:g:web", agent_group_id="g",
+                              messaging_group_id=mg, thread_id=None, new_id="s1")
+    assert sorted(reg.group_chats("g"), key=str) == sorted(
+        [("cli", "local", None), ("slack", "C1", "t1"), ("web", "w1", None)], key=str)
+    assert reg.group_chats("h") == [("cli", "local", None)]
+    assert reg.group_chats("nobody") == []
+    reg.close()

@@ -146,3 +146,39 @@ def test_a_locked_database_is_busy_at_once_not_unreadable(data: Path) -> None:
         locker.wait(10)
     with SessionDir(data, "grp", "s1") as folder:
         wait_for(lambda: outbound.read(folder.db("outbound.db")).messages == [], timeout=5)
+
+
+HALF_WRITE = r"""
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA cache_size=1")  # spill changed pages into the file before commit
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("CREATE TABLE IF NOT EXISTS filler (x BLOB)")
+for _ in range(200):
+    conn.execute("INSERT INTO filler VALUES (randomblob(4000))")
+os.kill(os.getpid(), signal.SIGKILL)  # the host dies mid-write
+"""
+
+
+def test_a_hot_inbound_journal_is_rolled_back_by_the_host(data: Path) -> None:
+    """A host write cut short by SIGKILL leaves a hot journal: read-only readers fail
+    until it is rolled back, so the host's own read-only open rolls it back first."""
+    db = folder_path(data) / "inbound.db"
+    schema.init_inbound(db)
+    before = sorted(r[0] for r in sqlite3.connect(db).execute(
+        "SELECT name FROM sqlite_master WHERE type='table'"))
+    proc = subprocess.run([sys.executable, "-c", HALF_WRITE, str(db)])
+    assert proc.returncode == -9
+    journal = db.with_name("inbound.db-journal")
+    assert journal.stat().st_size > 0
+    ro = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        ro.execute("SELECT count(*) FROM messages_in").fetchone()
+    ro.close()
+    with SessionDir(data, "grp", "s1") as folder:
+        with schema.opened(folder.db("inbound.db"), readonly=True) as conn:
+            assert conn.execute("SELECT count(*) FROM messages_in").fetchone()[0] == 0
+            tables = sorted(r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'"))
+    assert tables == before  # the half-made table is gone: rolled back, not committed
+    assert not journal.exists()

@@ -329,5 +329,23 @@ def test_sqlite_now_is_parsed_as_utc_even_on_a_non_utc_host():
 
 def test_after_is_now_plus_seconds():
     now = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
-    assert schema.after(90, now) == "2024-01-01 00:01:30.000"
-    assert schema.after(0.5, now) == "2024-01-01 00:00:00.500"
+    assert schema.after(90, now) == "2024-01-01 00:01:30"
+    assert schema.after(0.5, now) == "2024-01-01 00:00:01"  # rounded up: never early
+
+
+@pytest.mark.parametrize(("when", "text"), [
+    (datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC), "2024-01-01 00:00:00"),
+    (datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC), "2024-01-01 00:00:01"),
+    (datetime(2024, 1, 1, 23, 59, 59, 999999, tzinfo=UTC), "2024-01-02 00:00:00"),
+    (datetime(2024, 1, 1, 2, 0, 0, 500000, tzinfo=timezone(timedelta(hours=2))),
+     "2024-01-01 00:00:01"),
+])
+def test_format_due_is_whole_seconds_rounded_up(when, text):
+    """NanoClaw's runner: datetime(process_after) <= datetime('now'); ours: exact. In
+    whole seconds both agree, and rounding up means neither takes a message early."""
+    assert schema.format_due(when) == text
+    with sqlite3.connect(":memory:") as conn:
+        (due_for_sqlite,) = conn.execute("SELECT datetime(?) <= datetime(?)",
+                                         (text, schema.format_ts(when))).fetchone()
+    assert due_for_sqlite == (schema.parse_ts(text) <= when)
+    assert schema.parse_ts(text) >= when

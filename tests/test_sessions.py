@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import journal_mode, query, table_columns
-from orchestrator import sessions as sessions_mod
+from orchestrator import destinations, sessions as sessions_mod
 from orchestrator.layout import session_paths, validate_id
 from orchestrator.sessions import MessageError, MessagingGroup, Sessions, resolution_key
 from orchestrator.store import inbound, schema
@@ -255,12 +255,42 @@ def test_write_message_refuses_unsafe_message_ids(env, message_id):
 def test_system_response_never_wakes(env):
     s, _, _ = env
     row = s.resolve("g", None, None, "agent-shared")
-    mid, seq = s.write_system_response(row, "q-1", {"choice": "yes"})
+    mid, seq = s.write_system_response(row, "q-1", "yes", "u-7")
     (msg,) = inbound.read_messages(s.paths(row).inbound_db)
     assert (msg["kind"], msg["trigger"], msg["seq"]) == ("system", 0, seq)
-    assert json.loads(msg["content"]) == {"type": "question_response", "question_id": "q-1",
-                                          "response": {"choice": "yes"}}
+    # NanoClaw's keys, compact: its runner finds the answer with this LIKE pattern
+    assert msg["content"] == ('{"type":"question_response","questionId":"q-1",'
+                              '"selectedOption":"yes","userId":"u-7"}')
+    assert query(s.paths(row).inbound_db, "SELECT COUNT(*) FROM messages_in WHERE content"
+                 " LIKE ?", ('%"questionId":"q-1"%',)) == [(1,)]
     assert inbound.count_due(s.paths(row).inbound_db, datetime.now(UTC)) == 0
+    with pytest.raises(MessageError, match="must be a string"):
+        s.write_system_response(row, "q-1", {"choice": "yes"})  # type: ignore[arg-type]
+
+
+def test_content_is_stored_as_compact_json(env):
+    s, _, _ = env
+    row = s.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    s.write_message(row, {"text": "hi", "sender": "Ann"}, routing=s.routing_of(row))
+    (msg,) = inbound.read_messages(s.paths(row).inbound_db)
+    assert msg["content"] == '{"text":"hi","sender":"Ann"}'
+
+
+def test_every_chat_of_the_group_is_a_destination(env):
+    """Chats that write to a group become its destinations, projected at once into the
+    session a new chat writes to (a running agent can answer it) and at every wake."""
+    s, _, _ = env
+    a = s.resolve("g", MessagingGroup("cli", "local"), None, "shared")
+    s.write_message(a, {"text": "one"}, routing=s.routing_of(a))
+    b = s.resolve("g", MessagingGroup("chat", "room 9"), None, "shared")
+    s.write_message(b, {"text": "two"}, routing=s.routing_of(b))
+    names = lambda row: query(s.paths(row).inbound_db,  # noqa: E731
+                              "SELECT name, type, channel_type, platform_id FROM destinations")
+    room = ("chat:room_9~" + destinations.chat_name(destinations.Chat("chat", "room 9"))[-8:])
+    assert names(b) == [(room, "channel", "chat", "room 9"), ("cli:local", "channel", "cli", "local")]
+    assert names(a) == [("cli:local", "channel", "cli", "local")]  # until its next wake
+    s.write_routing(a)
+    assert names(a) == [("cli:local", "channel", "cli", "local"), (room, "channel", "chat", "room 9")]
 
 
 def test_write_routing_copies_route_and_destinations(env):
@@ -274,11 +304,13 @@ def test_write_routing_copies_route_and_destinations(env):
     db = s.paths(row).inbound_db
     assert inbound.read_routing(db) == {"id": 1, "channel_type": "slack", "platform_id": "C1",
                                         "thread_id": "t7"}
-    assert query(db, "SELECT * FROM destinations ORDER BY name") == [
-        ("helper", None, "agent", None, None, "g2"), ("main", "Main", "channel", "slack", "C1", None)]
+    # the chat has a hand-set destination: no automatic one beside it, and it comes first
+    assert query(db, "SELECT * FROM destinations") == [
+        ("main", "Main", "channel", "slack", "C1", None), ("helper", None, "agent", None, None, "g2")]
     reg.set_destinations("g", [])
     s.write_routing(row)
-    assert query(db, "SELECT COUNT(*) FROM destinations") == [(0,)]
+    assert query(db, "SELECT * FROM destinations") == [
+        ("slack:C1:t7", "slack chat C1, thread t7", "channel", "slack", "C1", None)]
 
 
 def test_mark_container_goes_to_the_registry(env):

@@ -169,7 +169,7 @@ def parse_content(raw: object) -> Inbound:
     for item in raw_attachments:
         if not isinstance(item, dict):
             raise MalformedContent("an attachment is not an object")
-        path = item.get("path")
+        path = item.get("path") or item.get("localPath")  # NanoClaw's name for it
         name = item.get("name")
         if name is None and isinstance(path, str):
             name = PurePosixPath(path).name

@@ -58,9 +58,9 @@ from orchestrator.runtime.docker_events import DockerEvents
 from orchestrator.runtime.docker_spares import Spares
 from orchestrator.runtime.docker_spec import (ALIVE_STATES, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, container_name, container_spec,
-                                              exit_reason, host_config_kwargs,
-                                              parse_extra_mounts, prepare_folder, resolve_user,
-                                              session_mounts)
+                                              exit_reason, group_folder, group_mounts,
+                                              host_config_kwargs, parse_extra_mounts,
+                                              prepare_folder, resolve_user, session_mounts)
 from orchestrator.runtime.dockerexec import Conflict, DockerExec
 
 
@@ -274,9 +274,8 @@ class DockerRuntime:
                 self._group_settings[session.agent_group] = session.settings
             # the group's image, command, limits, network and mounts (groups.resolve)
             config = _config_of(session, self.config)
-            mounts = (session_mounts(Path(session.folder), self.data_dir)
-                      + parse_extra_mounts(config))
             user, uid, gid = resolve_user(self.config.user, self.data_dir)
+            mounts = await self._mounts(session, config, uid, gid)
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
                                                                      uid, gid))
             if changed:
@@ -352,6 +351,16 @@ class DockerRuntime:
             asyncio.get_running_loop().call_soon(self._deliver, t.pending_exit)
         return handle
 
+    async def _mounts(self, session: SessionRef, config: DockerConfig, uid: int | None,
+                      gid: int | None) -> list[Mount]:
+        """The session folder, the group's extra mounts and its group folder (if any):
+        the same for a started container and a spare made ahead for it."""
+        mounts = session_mounts(Path(session.folder), self.data_dir) + parse_extra_mounts(config)
+        folder = group_folder(config.group_folder, self.data_dir, session.agent_group)
+        return mounts + await self.exec.offload(lambda: group_mounts(
+            folder, Path(session.folder).resolve(), self.data_dir, config.allowed_mounts,
+            uid, gid))
+
     async def _prepare_spare(self, agent_group: str, session_id: str) -> None:
         """Create (not start) the session's next container ahead (``[docker] precreate``),
         after its last one was removed; evict the oldest spares beyond the bound."""
@@ -365,9 +374,8 @@ class DockerRuntime:
             ref = SessionRef(agent_group, session_id, folder,
                              self._group_settings.get(agent_group))
             try:
-                mounts = (session_mounts(folder, self.data_dir)
-                          + parse_extra_mounts(_config_of(ref, self.config)))
-                user, _uid, _gid = resolve_user(self.config.user, self.data_dir)
+                user, uid, gid = resolve_user(self.config.user, self.data_dir)
+                mounts = await self._mounts(ref, _config_of(ref, self.config), uid, gid)
                 created = await self._create(ref, user, mounts)
             except (RuntimeUnavailable, OSError, ValueError) as exc:  # incl. MountNotAllowed
                 logger.debug("no spare container for {}: {}", session_id, exc)

@@ -36,6 +36,7 @@ LABEL_SESSION = "orchestrator.session"
 LABEL_SETTINGS = "orchestrator.settings"  # short hash of the group settings it runs with
 
 WORKSPACE = "/workspace"
+AGENT_DIR = "agent"  # NanoClaw-built images read /workspace/agent/container.json
 # Used when the data dir belongs to root: agents never run as root.
 FALLBACK_UID = 10001
 FALLBACK_GID = 10001
@@ -197,6 +198,70 @@ def session_mounts(folder: Path, data_dir: Path) -> list[Mount]:
         Mount(target=f"{WORKSPACE}/{layout.INBOUND_DB}", source=str(inbound), type="bind",
               read_only=True),
     ]
+
+
+def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None:
+    """The host folder ``[docker] group_folder`` names for a group (None: no mount).
+
+    ``{data_dir}`` and ``{group}`` are filled in; a relative result is relative to
+    ``data_dir``. (Per-group settings may hand ``group_mounts`` a folder of their own.)
+    """
+    if not template:
+        return None
+    layout.validate_id(agent_group, "agent group")
+    try:
+        text = template.format(data_dir=str(data_dir), group=agent_group)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MountNotAllowed(f"[docker] group_folder {template!r}: only {{data_dir}} and "
+                              f"{{group}} may be filled in ({exc})") from None
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else data_dir / path
+
+
+def group_mounts(folder: Path | None, session_folder: Path, data_dir: Path,
+                 allowed_mounts: tuple[str, ...] = (), uid: int | None = None,
+                 gid: int | None = None) -> list[Mount]:
+    """A group's folder read-write at ``/workspace/agent`` and its ``container.json``
+    read-only on top, as NanoClaw's host mounts them, so NanoClaw-built images find
+    their settings. Every session of the group shares the folder.
+
+    The folder is created if missing (given to the agent's uid when we may chown)
+    and must lie under ``data_dir`` or an ``[docker] allowed_mounts`` root, outside
+    ``sessions/`` (agent-writable). ``container.json`` is mounted only if it is a
+    regular file (a symlink is not followed). The mount point ``agent/`` in the
+    session folder is made a plain folder first: the agent may have put anything there.
+    """
+    if folder is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    real = folder.resolve()
+    roots = [data_dir.resolve()] + [Path(a).expanduser().resolve() for a in allowed_mounts]
+    if not any(_is_under(real, root) for root in roots) or _is_under(
+            real, layout.sessions_root(data_dir).resolve()):
+        raise MountNotAllowed(f"group folder {real} must be under data_dir or [docker] "
+                              "allowed_mounts, and not under sessions/")
+    if uid is not None and gid is not None and os.geteuid() == 0:
+        st = real.stat()
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(real, uid, gid)
+    point = Path(session_folder) / AGENT_DIR
+    try:
+        st = point.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            point.unlink()
+            point.mkdir()
+    except FileNotFoundError:
+        point.mkdir()
+    target = f"{WORKSPACE}/{AGENT_DIR}"
+    mounts = [Mount(target=target, source=str(real), type="bind", read_only=False)]
+    settings = real / "container.json"
+    try:
+        if stat.S_ISREG(settings.lstat().st_mode):
+            mounts.append(Mount(target=f"{target}/container.json", source=str(settings),
+                                type="bind", read_only=True))
+    except FileNotFoundError:
+        pass
+    return mounts
 
 
 def container_spec(cfg: DockerConfig, session: SessionRef, user: str,

@@ -65,7 +65,11 @@ def next_even_seq(current_max: int | None) -> int:
 
 
 def insert_message(path: Path, msg: NewMessage, now: datetime | None = None) -> int:
-    """Insert with the next even seq; returns the seq."""
+    """Insert with the next even seq; returns the seq.
+
+    ``series_id`` defaults to the message's own id, as NanoClaw's host sets it: a
+    recurring message's later occurrences carry the first one's id.
+    """
     json.loads(msg.content)  # the contract says JSON; refuse anything else before writing
     with opened(path) as conn, transaction(conn):
         return _insert(conn, msg, now)
@@ -82,7 +86,7 @@ def _insert(conn: Any, msg: NewMessage, now: datetime | None, *, or_ignore: bool
         " status, process_after, recurrence, series_id, tries, \"trigger\", platform_id,"
         " channel_type, thread_id, content, source_session_id, on_wake)"
         " VALUES (?,?,?,?, 'pending', ?,?,?, 0, ?,?,?,?,?,?,?)",
-        (msg.id, seq, msg.kind, ts, msg.process_after, msg.recurrence, msg.series_id,
+        (msg.id, seq, msg.kind, ts, msg.process_after, msg.recurrence, msg.series_id or msg.id,
          msg.trigger, msg.platform_id, msg.channel_type, msg.thread_id, msg.content,
          msg.source_session_id, msg.on_wake),
     )
@@ -215,17 +219,21 @@ def retry_delay(tries: int, base: float) -> float:
 
 
 def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base: float,
-                 now: datetime, follow_up: FollowUp | None = None) -> dict[str, str]:
+                 now: datetime, follow_up: FollowUp | None = None,
+                 statuses: tuple[str, ...] = ("pending",)) -> dict[str, str]:
     """Give a dead agent's claims back: pending with backoff, or failed at max_tries.
 
-    Returns {message_id: new status}. Rows already completed/failed are left alone.
-    A row failed here gets its ``follow_up`` like in ``sync_acks``.
+    Returns {message_id: new status}. Only rows in ``statuses`` change: a claim is
+    still ``pending`` here; a message the agent acknowledged ``completed`` but never
+    answered is reopened with ``statuses=("completed",)``. A row failed here gets
+    its ``follow_up`` like in ``sync_acks`` (at most once: a series' next occurrence
+    made when the row first completed is not made again).
     """
     result: dict[str, str] = {}
     with opened(path) as conn, transaction(conn):
         for mid in ids:
             row = conn.execute("SELECT tries, status FROM messages_in WHERE id=?", (mid,)).fetchone()
-            if row is None or row["status"] != "pending":
+            if row is None or row["status"] not in statuses:
                 continue
             tries = row["tries"] or 0
             if tries + 1 >= max_tries:
@@ -235,8 +243,8 @@ def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base
                 result[mid] = "failed"
             else:
                 due = schema.after(retry_delay(tries, backoff_base), now)
-                conn.execute("UPDATE messages_in SET tries=?, process_after=? WHERE id=?",
-                             (tries + 1, due, mid))
+                conn.execute("UPDATE messages_in SET tries=?, process_after=?, status='pending'"
+                             " WHERE id=?", (tries + 1, due, mid))
                 result[mid] = "pending"
     return result
 
@@ -266,6 +274,23 @@ def series_state(path: Path, series_id: str) -> dict[str, Any]:
             " MAX(recurrence IS NOT NULL) FROM messages_in WHERE series_id=?",
             (series_id,)).fetchone()
     return {"counts": counts, "next": nxt, "recurring": bool(recurring)}
+
+
+def triggering(path: Path, ids: Iterable[str]) -> set[str]:
+    """Which of these messages are work an agent must answer (``trigger=1``, not
+    ``system``): only those can be awaiting an answer after their ack."""
+    wanted = list(ids)
+    found: set[str] = set()
+    if not wanted:
+        return found
+    with opened(path, readonly=True) as conn:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in conn.execute(
+                f"SELECT id FROM messages_in WHERE id IN ({marks}) AND \"trigger\" = 1"
+                " AND kind != 'system'", chunk))
+    return found
 
 
 def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,

@@ -235,3 +235,40 @@ def clear_processing_claims(path: Path) -> int:
         if schema.is_busy(exc):
             raise
         raise _describe(path, exc) from None
+
+
+def clear_acks(path: Path, ids: list[str]) -> int:
+    """Delete the acks of messages given back for a retry (any status), so the next
+    agent takes them up again. Only when NO agent runs for the session."""
+    if not ids or not _exists(path):
+        return 0
+    try:
+        with schema.opened(path) as conn, schema.transaction(conn):
+            return sum(conn.execute("DELETE FROM processing_ack WHERE message_id=?",
+                                    (mid,)).rowcount for mid in ids)
+    except sqlite3.DatabaseError as exc:
+        if schema.is_busy(exc):
+            raise
+        raise _describe(path, exc) from None
+
+
+def clear_tool_state(path: Path) -> None:
+    """Forget a dead agent's ``container_state.current_tool`` before the next start:
+    a tool left "running" by a killed agent must not keep its successor busy.
+    Only when NO agent runs for the session."""
+    if not _exists(path):
+        return
+    try:
+        with schema.opened(path) as conn, schema.transaction(conn):
+            conn.execute("UPDATE container_state SET current_tool=NULL,"
+                         " tool_declared_timeout_ms=NULL, tool_started_at=NULL")
+    except sqlite3.DatabaseError as exc:
+        if schema.is_busy(exc):
+            raise
+        raise _describe(path, exc) from None
+
+
+def _exists(path: Path) -> bool:
+    """A plain path or the supervisor's ``safefs.SafeDb`` (which has ``exists``)."""
+    exists = getattr(path, "exists", None)
+    return exists() if exists is not None else path.is_file()

@@ -51,6 +51,10 @@ CREATE INDEX IF NOT EXISTS idx_sessions_group ON sessions(agent_group_id);
 CREATE TABLE IF NOT EXISTS status_changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, at TEXT NOT NULL,
     old TEXT, new TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS group_chats (
+    agent_group_id TEXT NOT NULL, channel_type TEXT NOT NULL, platform_id TEXT NOT NULL,
+    thread_id TEXT NOT NULL DEFAULT '', first_seen TEXT NOT NULL,
+    PRIMARY KEY (agent_group_id, channel_type, platform_id, thread_id));
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     session_id TEXT NOT NULL, message_out_id TEXT NOT NULL, attempts INTEGER NOT NULL,
     next_attempt_at TEXT, last_error TEXT, PRIMARY KEY (session_id, message_out_id));
@@ -220,6 +224,37 @@ class Registry:
             return [dict(r) for r in self._conn.execute(
                 "SELECT * FROM destinations WHERE agent_group_id=? ORDER BY name",
                 (agent_group_id,))]
+
+    def record_chat(self, agent_group_id: str, channel_type: str, platform_id: str,
+                    thread_id: str | None = None) -> bool:
+        """Remember that a chat routes to a group (its automatic destination); True if new.
+
+        ``thread_id`` only for a thread that is a session of its own (per-thread).
+        """
+        key = (agent_group_id, channel_type, platform_id, thread_id or "")
+        with self._lock:  # known chats (nearly every message) cost a read, not a write
+            if self._conn.execute(
+                    "SELECT 1 FROM group_chats WHERE agent_group_id=? AND channel_type=? AND"
+                    " platform_id=? AND thread_id=?", key).fetchone():
+                return False
+        with self._tx() as c:
+            return c.execute(
+                "INSERT OR IGNORE INTO group_chats (agent_group_id, channel_type, platform_id,"
+                " thread_id, first_seen) VALUES (?,?,?,?,?)",
+                (agent_group_id, channel_type, platform_id, thread_id or "",
+                 format_ts(utcnow()))).rowcount == 1
+
+    def group_chats(self, agent_group_id: str) -> list[tuple[str, str, str | None]]:
+        """(channel_type, platform_id, thread_id or None) of every chat routing to the
+        group: those recorded by ``record_chat`` and those its sessions are bound to."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT channel_type, platform_id, NULLIF(thread_id, '') FROM group_chats"
+                " WHERE agent_group_id=? UNION SELECT m.channel_type, m.platform_id,"
+                " s.thread_id FROM sessions s JOIN messaging_groups m"
+                " ON m.id = s.messaging_group_id WHERE s.agent_group_id=?",
+                (agent_group_id, agent_group_id)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # --- sessions ---------------------------------------------------------------
 

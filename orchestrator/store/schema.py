@@ -227,6 +227,29 @@ def format_ts(when: datetime) -> str:
     return when.strftime(TS_FORMAT)[:-3]
 
 
+DUE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def ceil_second(when: datetime) -> datetime:
+    """Round up to the whole second (a due time is never moved earlier)."""
+    if when.microsecond:
+        when = when.replace(microsecond=0) + timedelta(seconds=1)
+    return when
+
+
+def format_due(when: datetime) -> str:
+    """A due time (``process_after``) in whole seconds, rounded UP: ``YYYY-MM-DD HH:MM:SS``.
+
+    NanoClaw's runner compares ``datetime(process_after) <= datetime('now')``, which
+    drops fractions of a second; ours compares exact instants. In whole seconds,
+    rounded up, both agree to the second and neither takes a message early. The
+    one implementation: ``scheduling`` re-exports it.
+    """
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return ceil_second(when).strftime(DUE_FORMAT)
+
+
 def parse_ts(value: str | None) -> datetime | None:
     """Parse a contract timestamp as an aware UTC datetime.
 
@@ -253,4 +276,5 @@ def now_ts() -> str:
 
 
 def after(seconds: float, now: datetime | None = None) -> str:
-    return format_ts((now or utcnow()) + timedelta(seconds=seconds))
+    """A due time ``seconds`` from now, in ``format_due``'s whole-second shape."""
+    return format_due((now or utcnow()) + timedelta(seconds=seconds))

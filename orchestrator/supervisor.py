@@ -220,7 +220,7 @@ class Supervisor:
         if row.agent_group_id != agent_group:
             return False
         t = self._track(agent_group, session_id)
-        t.status = row.container_status
+        t.status = Status(row.container_status)
         self.mark(session_id, Flag.FULL)
         return True
 
@@ -245,7 +245,7 @@ class Supervisor:
         for session_id, agent_group, container_status in self.registry.session_index():
             if session_id not in self.tracked:
                 t = self._track(agent_group, session_id)
-                t.status = container_status
+                t.status = Status(container_status)
                 self.mark(session_id, Flag.FULL)
         root = sessions_root(self.cfg.data_dir)
         try:

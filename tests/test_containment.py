@@ -216,7 +216,7 @@ conn.execute("COMMIT")
 """
 
 
-def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_records(
+async def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_records(
         tmp_path: Path, reap_agents, logs) -> None:
     """The host's delivery record (a write to inbound.db) cannot commit while the agent
     reads: it is busy, retried by a timer, recorded once the read ends — and the
@@ -225,32 +225,29 @@ def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_record
     channel = Recording()
     release = tmp_path / "release"
 
-    async def body() -> None:
-        client = Client(cfg)
-        held = client.paths(client.session("held"))
-        other = client.paths(client.session("other", platform="p2"))
-        for p in (held, other):
-            schema.init_outbound(p.outbound_db)
-        async with supervised(cfg, channel=channel):
-            reader = subprocess.Popen([sys.executable, "-c", READER, str(held.inbound_db),
-                                       str(release)], stdout=subprocess.PIPE, text=True)
-            try:
-                assert reader.stdout.readline().strip() == "reading"
-                add_reply(held.outbound_db, "h1", 1)
-                await until(lambda: "h1" in channel.taken, message="h1 handed over")
-                for i in range(5):
-                    add_reply(other.outbound_db, f"o{i}", 1 + 2 * i)
-                await until(lambda: len(delivered(other)) == 5, message="the other's records")
-                assert delivered(held) == {}  # its record waits for the reader
-                release.touch()
-                reader.wait(10)
-            finally:
-                release.touch()
-            await until(lambda: delivered(held) == {"h1": "delivered"}, timeout=10,
-                        message="h1 recorded once the read ended")
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    held = client.paths(client.session("held"))
+    other = client.paths(client.session("other", platform="p2"))
+    for p in (held, other):
+        schema.init_outbound(p.outbound_db)
+    async with supervised(cfg, channel=channel):
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(held.inbound_db),
+                                   str(release)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout.readline().strip() == "reading"
+            add_reply(held.outbound_db, "h1", 1)
+            await until(lambda: "h1" in channel.taken, message="h1 handed over")
+            for i in range(5):
+                add_reply(other.outbound_db, f"o{i}", 1 + 2 * i)
+            await until(lambda: len(delivered(other)) == 5, message="the other's records")
+            assert delivered(held) == {}  # its record waits for the reader
+            release.touch()
+            reader.wait(10)
+        finally:
+            release.touch()
+        await until(lambda: delivered(held) == {"h1": "delivered"}, timeout=10,
+                    message="h1 recorded once the read ended")
+    client.close()
     assert sorted(channel.taken) == ["h1", "o0", "o1", "o2", "o3", "o4"]
     assert all(channel.count(m) == 1 for m in channel.taken)  # none twice
     assert channel.failures == []
@@ -261,7 +258,7 @@ def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_record
 # --- 2. symlinks are never followed ---------------------------------------------------
 
 
-def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
+async def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
         tmp_path: Path, reap_agents, logs) -> None:
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.5})
     channel = Recording()
@@ -272,25 +269,22 @@ def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
     os.symlink(outside / "planted", sessions_root(cfg.data_dir) / "grp" / "s-planted")
     before = snapshot(outside)
 
-    async def body() -> None:
-        client = Client(cfg)
-        victim, paths = session_with_outbound(client, "victim")
-        async with supervised(cfg, channel=channel) as sup:
-            add_reply(paths.outbound_db, "ok-1", 1)
-            await until(lambda: "ok-1" in channel.taken, message="the victim's own reply")
-            # swap the registered folder for a link to a folder outside data_dir
-            os.rename(paths.root, tmp_path / "moved-away")
-            os.symlink(outside / "swapped", paths.root)
-            await until(lambda: any("victim" in m or victim.id in m for m in logs
-                                    if "symlink" in m), message="the refusal logged")
-            swept = sup.tracked[victim.id]
-            await until(lambda: swept.broken is not None, message="the session refused")
-            t_sweeps = time.monotonic()
-            await until(lambda: time.monotonic() - t_sweeps > 2.0, timeout=5)  # 4 sweeps
-            assert "s-planted" not in sup.tracked
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    victim, paths = session_with_outbound(client, "victim")
+    async with supervised(cfg, channel=channel) as sup:
+        add_reply(paths.outbound_db, "ok-1", 1)
+        await until(lambda: "ok-1" in channel.taken, message="the victim's own reply")
+        # swap the registered folder for a link to a folder outside data_dir
+        os.rename(paths.root, tmp_path / "moved-away")
+        os.symlink(outside / "swapped", paths.root)
+        await until(lambda: any("victim" in m or victim.id in m for m in logs
+                                if "symlink" in m), message="the refusal logged")
+        swept = sup.tracked[victim.id]
+        await until(lambda: swept.broken is not None, message="the session refused")
+        t_sweeps = time.monotonic()
+        await until(lambda: time.monotonic() - t_sweeps > 2.0, timeout=5)  # 4 sweeps
+        assert "s-planted" not in sup.tracked
+    client.close()
     assert sorted(channel.taken) == ["ok-1"] and channel.failures == []
     assert snapshot(outside) == before  # nothing read through, moved, written or deleted
     assert not (delivered_root(cfg.data_dir) / "evil-1").exists()
@@ -301,7 +295,7 @@ def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink"])
-def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agents,
+async def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agents,
                                                        logs, kind: str) -> None:
     """A link to a database outside, a FIFO (opening it would block the loop), a hard
     link to an outside file: refused on sight, logged once, the others unaffected."""
@@ -310,28 +304,25 @@ def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agen
     outside = outside_session(tmp_path / "outside", "evil-1")
     before = snapshot(outside)
 
-    async def body() -> None:
-        client = Client(cfg)
-        victim = client.paths(client.session("victim"))
-        other = client.paths(client.session("other", platform="p2"))
-        schema.init_outbound(other.outbound_db)
-        victim.outbound_db.unlink(missing_ok=True)
-        if kind == "symlink":
-            os.symlink(outside / "outbound.db", victim.outbound_db)
-        elif kind == "fifo":
-            os.mkfifo(victim.outbound_db)
-        else:
-            os.link(outside / "outbound.db", victim.outbound_db)
-        async with supervised(cfg, channel=channel):
-            add_reply(other.outbound_db, "ok-1", 1)
-            await until(lambda: "ok-1" in channel.taken, message="the other session's reply")
-            if kind != "hardlink":  # (through a hard link, a touch would change the outside file)
-                os.utime(victim.outbound_db, follow_symlinks=False)
-            t0 = time.monotonic()
-            await until(lambda: time.monotonic() - t0 > 1.5, timeout=5)  # 3 sweeps
-        client.close()
-
-    run(body())
+    client = Client(cfg)
+    victim = client.paths(client.session("victim"))
+    other = client.paths(client.session("other", platform="p2"))
+    schema.init_outbound(other.outbound_db)
+    victim.outbound_db.unlink(missing_ok=True)
+    if kind == "symlink":
+        os.symlink(outside / "outbound.db", victim.outbound_db)
+    elif kind == "fifo":
+        os.mkfifo(victim.outbound_db)
+    else:
+        os.link(outside / "outbound.db", victim.outbound_db)
+    async with supervised(cfg, channel=channel):
+        add_reply(other.outbound_db, "ok-1", 1)
+        await until(lambda: "ok-1" in channel.taken, message="the other session's reply")
+        if kind != "hardlink":  # (through a hard link, a touch would change the outside file)
+            os.utime(victim.outbound_db, follow_symlinks=False)
+        t0 = time.monotonic()
+        await until(lambda: time.monotonic() - t0 > 1.5, timeout=5)  # 3 sweeps
+    client.close()
     assert sorted(channel.taken) == ["ok-1"] and channel.failures == []
     assert snapshot(outside) == before
     word = {"symlink": "is a symlink", "fifo": "is a FIFO", "hardlink": "2 hard links"}[kind]
@@ -342,48 +333,45 @@ def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, reap_agen
 # --- 3. a replaced file or folder is read again from scratch ----------------------------
 
 
-def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
+async def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
         tmp_path: Path, reap_agents, logs) -> None:
     cfg = make_config(tmp_path, watch={"sweep_interval": 30.0})  # events alone must do it
     channel = Recording()
 
-    async def body() -> None:
-        client = Client(cfg)
-        row, paths = session_with_outbound(client, "replaced")
-        async with supervised(cfg, channel=channel) as sup:
-            for i, seq in enumerate((1, 3, 5)):
-                add_reply(paths.outbound_db, f"a{i}", seq)
-            await until(lambda: {"a0", "a1", "a2"} <= set(channel.taken), message="first rows")
-            await until(lambda: sup.tracked[row.id].delivery.watermark == 5)
+    client = Client(cfg)
+    row, paths = session_with_outbound(client, "replaced")
+    async with supervised(cfg, channel=channel) as sup:
+        for i, seq in enumerate((1, 3, 5)):
+            add_reply(paths.outbound_db, f"a{i}", seq)
+        await until(lambda: {"a0", "a1", "a2"} <= set(channel.taken), message="first rows")
+        await until(lambda: sup.tracked[row.id].delivery.watermark == 5)
 
-            # the log's old advice: remove outbound.db, the agent creates it again, lower seqs
-            paths.outbound_db.unlink()
-            t_replaced = time.monotonic()
-            schema.init_outbound(paths.outbound_db)
-            for i, seq in enumerate((1, 3)):
-                add_reply(paths.outbound_db, f"b{i}", seq)
-            await until(lambda: {"b0", "b1"} <= set(channel.taken), timeout=10,
-                        message="the rows of the new outbound.db")
-            replaced_s = max(channel.taken["b0"], channel.taken["b1"]) - t_replaced
+        # the log's old advice: remove outbound.db, the agent creates it again, lower seqs
+        paths.outbound_db.unlink()
+        t_replaced = time.monotonic()
+        schema.init_outbound(paths.outbound_db)
+        for i, seq in enumerate((1, 3)):
+            add_reply(paths.outbound_db, f"b{i}", seq)
+        await until(lambda: {"b0", "b1"} <= set(channel.taken), timeout=10,
+                    message="the rows of the new outbound.db")
+        replaced_s = max(channel.taken["b0"], channel.taken["b1"]) - t_replaced
 
-            # the whole folder deleted and created again
-            shutil.rmtree(paths.root)
-            t_recreated = time.monotonic()
-            paths.root.mkdir()
-            schema.init_inbound(paths.inbound_db)
-            schema.init_outbound(paths.outbound_db)
-            add_reply(paths.outbound_db, "c0", 1)
-            add_reply(paths.outbound_db, "c1", 3)
-            await until(lambda: {"c0", "c1"} <= set(channel.taken), timeout=10,
-                        message="the rows of the recreated folder")
-            recreated_s = max(channel.taken["c0"], channel.taken["c1"]) - t_recreated
-            await until(lambda: delivered(paths) == {"c0": "delivered", "c1": "delivered"})
-        client.close()
-        print(f"\noutbound.db replaced → last reply delivered: {1000 * replaced_s:.0f} ms; "
-              f"folder recreated → last reply delivered: {1000 * recreated_s:.0f} ms")
-        assert replaced_s < 5.0 and recreated_s < 5.0
-
-    run(body())
+        # the whole folder deleted and created again
+        shutil.rmtree(paths.root)
+        t_recreated = time.monotonic()
+        paths.root.mkdir()
+        schema.init_inbound(paths.inbound_db)
+        schema.init_outbound(paths.outbound_db)
+        add_reply(paths.outbound_db, "c0", 1)
+        add_reply(paths.outbound_db, "c1", 3)
+        await until(lambda: {"c0", "c1"} <= set(channel.taken), timeout=10,
+                    message="the rows of the recreated folder")
+        recreated_s = max(channel.taken["c0"], channel.taken["c1"]) - t_recreated
+        await until(lambda: delivered(paths) == {"c0": "delivered", "c1": "delivered"})
+    client.close()
+    print(f"\noutbound.db replaced → last reply delivered: {1000 * replaced_s:.0f} ms; "
+          f"folder recreated → last reply delivered: {1000 * recreated_s:.0f} ms")
+    assert replaced_s < 5.0 and recreated_s < 5.0
     ids = ["a0", "a1", "a2", "b0", "b1", "c0", "c1"]
     assert sorted(channel.taken) == ids
     assert all(channel.count(mid) == 1 for mid in ids)  # none duplicated, none lost

@@ -180,7 +180,7 @@ def test_round_trip_in_a_locked_down_container(
                         "inbound message completed")
             await until(lambda: status(sup, row.id) == "stopped", 20, "stopped when idle")
             await until(lambda: gone(docker_client, instance), 15,
-                              "the container removed")
+                              "the container removed", interval=0.1)
             changes = statuses(sup, row.id)
 
         # the container: labels, the two mounts, least privilege
@@ -282,7 +282,7 @@ def test_docker_kill_mid_claim_is_retried_by_a_fresh_container(
             await until(lambda: message_row(sup, row, mid)["status"] == "completed", 10,
                         "message completed")
             await until(lambda: status(sup, row.id) == "stopped", 20, "stopped when idle")
-            await until(lambda: gone(docker_client, instance), 15, "containers removed")
+            await until(lambda: gone(docker_client, instance), 15, "containers removed", interval=0.1)
             changes = sup.registry.status_changes(row.id)
 
         assert second != first
@@ -656,7 +656,7 @@ async def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_aft
         await until(lambda: replies_to(cfg, m1), 30, "first reply")
         cid = container_id(sup, row.id)
         assert cid is not None
-        await until(lambda: _is(state(cid), "paused"), 15, "container paused")
+        await until(lambda: _is(state(cid), "paused"), 15, "container paused", interval=0.1)
         # the runtime's bookkeeping follows when its pause call returns
         await until(lambda: sup.runtime.is_paused(row.id), 5, "runtime says paused")
         assert status(sup, row.id) == "idle"
@@ -665,10 +665,10 @@ async def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_aft
         [reply] = await until(lambda: replies_to(cfg, m2), 15, "reply after the thaw")
         assert reply["content"]["text"] == "echo: second"
         assert container_id(sup, row.id) == cid  # the same container, unpaused
-        await until(lambda: _is(state(cid), "paused"), 15, "paused again")
+        await until(lambda: _is(state(cid), "paused"), 15, "paused again", interval=0.1)
         await until(lambda: status(sup, row.id) == "stopped", 20,
                     "stopped after stop_idle_after")
-        await until(lambda: gone(docker_client, instance), 15, "container removed")
+        await until(lambda: gone(docker_client, instance), 15, "container removed", interval=0.1)
         changes = statuses(sup, row.id)
     found = [reason for _s, reason in changes]
     assert "resumed: 1 message(s) due" in found, found

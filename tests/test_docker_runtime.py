@@ -586,45 +586,42 @@ def test_foreign_containers_are_never_touched(
 
 
 @pytest.mark.docker
-def test_unavailable_cases_are_one_line_and_create_nothing(
+async def test_unavailable_cases_are_one_line_and_create_nothing(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
 
-    async def main() -> None:
-        rt, _ = make_runtime(tmp_path, instance, "orchestrator-agent:does-not-exist")
-        errors: list[str] = []
-        sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
-        try:
-            with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`") as e:
-                await rt.start(SessionRef("g1", "s1", folder))
-            assert "\n" not in str(e.value) and e.value.reported  # logged here, once
-            other = make_session(tmp_path, "g1", "s2")
-            with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`"):
-                await rt.start(SessionRef("g1", "s2", other))  # a second session, same image
-            assert errors == [str(e.value)]
-        finally:
-            logger.remove(sink)
-            await rt.close()
-        rt, _ = make_runtime(tmp_path, instance, agent_image,
-                             base_url=f"unix://{tmp_path}/no-daemon.sock")
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(RuntimeUnavailable, match="unreachable at .*no-daemon.sock.*"
-                                                         r"start it or set \[docker\] base_url"):
-                await rt.start(SessionRef("g1", "s1", folder))
-            assert time.monotonic() - t0 < 5
-        finally:
-            await rt.close()
-        rt, _ = make_runtime(tmp_path, instance, agent_image,
-                             mounts=(f"{tmp_path}:/data",), allowed_mounts=("/nonexistent",))
-        try:
-            with pytest.raises(MountNotAllowed):
-                await rt.start(SessionRef("g1", "s1", folder))
-        finally:
-            await rt.close()
-
-    asyncio.run(main())
+    rt, _ = make_runtime(tmp_path, instance, "orchestrator-agent:does-not-exist")
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
+    try:
+        with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`") as e:
+            await rt.start(SessionRef("g1", "s1", folder))
+        assert "\n" not in str(e.value) and e.value.reported  # logged here, once
+        other = make_session(tmp_path, "g1", "s2")
+        with pytest.raises(RuntimeUnavailable, match="run `orchestrator image build`"):
+            await rt.start(SessionRef("g1", "s2", other))  # a second session, same image
+        assert errors == [str(e.value)]
+    finally:
+        logger.remove(sink)
+        await rt.close()
+    rt, _ = make_runtime(tmp_path, instance, agent_image,
+                         base_url=f"unix://{tmp_path}/no-daemon.sock")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeUnavailable, match="unreachable at .*no-daemon.sock.*"
+                                                     r"start it or set \[docker\] base_url"):
+            await rt.start(SessionRef("g1", "s1", folder))
+        assert time.monotonic() - t0 < 5
+    finally:
+        await rt.close()
+    rt, _ = make_runtime(tmp_path, instance, agent_image,
+                         mounts=(f"{tmp_path}:/data",), allowed_mounts=("/nonexistent",))
+    try:
+        with pytest.raises(MountNotAllowed):
+            await rt.start(SessionRef("g1", "s1", folder))
+    finally:
+        await rt.close()
     assert labelled(docker_client, instance) == []
 
 

@@ -23,6 +23,17 @@ def frozen(pids: list[int]) -> bool:
     return len(pids) == 1 and process_stopped(pids[0])
 
 
+async def answered_then_frozen(client: Client, cfg) -> tuple:
+    """A first message answered, then its agent left idle until it is frozen:
+    (the session row, its paths, the agent's pid)."""
+    row, m1 = client.send("helpers", "first")
+    paths = client.paths(row)
+    await until(lambda: replies_to(cfg, m1), message="first reply")
+    [pid] = await until(lambda: agent_pids(paths.root), message="agent pid")
+    await until(lambda: frozen(agent_pids(paths.root)), message="agent frozen")
+    return row, paths, pid
+
+
 async def test_paused_agent_resumed_by_work_then_stopped_after_stop_idle_after(
         tmp_path: Path, reap_agents) -> None:
     cfg = make_config(tmp_path, lifecycle={"idle_after": 0.3, "pause_idle_after": 0.3,
@@ -67,11 +78,7 @@ async def test_a_paused_agent_is_not_killed_for_its_frozen_time(tmp_path: Path, 
 
     client = Client(cfg)
     async with supervised(cfg):
-        row, m1 = client.send("helpers", "first")
-        paths = client.paths(row)
-        await until(lambda: replies_to(cfg, m1), message="first reply")
-        [pid] = await until(lambda: agent_pids(paths.root), message="agent pid")
-        await until(lambda: frozen(agent_pids(paths.root)), message="agent frozen")
+        row, paths, pid = await answered_then_frozen(client, cfg)
         hb = paths.heartbeat.stat().st_mtime
         # stay frozen well past ceiling and claim_stuck
         await until(lambda: __import__("time").time() - hb > 1.5, 5, interval=0.05,
@@ -97,11 +104,7 @@ async def test_a_paused_agent_left_at_shutdown_is_adopted_paused_and_thawed_by_w
 
     client = Client(cfg)
     async with supervised(cfg):
-        row, m1 = client.send("helpers", "first")
-        paths = client.paths(row)
-        await until(lambda: replies_to(cfg, m1), message="first reply")
-        [pid] = await until(lambda: agent_pids(paths.root), message="agent pid")
-        await until(lambda: frozen(agent_pids(paths.root)), message="agent frozen")
+        row, paths, pid = await answered_then_frozen(client, cfg)
     assert frozen(agent_pids(paths.root))  # left as it was
     async with supervised(cfg) as sup:
         assert sup.runtime.is_paused(row.id)

@@ -515,7 +515,7 @@ async def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path,
 # --- start-up reconcile, timers, start failures, one instance per data dir ------------------
 
 
-def test_stale_running_status_and_orphan_claim_are_reconciled_at_start(
+async def test_stale_running_status_and_orphan_claim_are_reconciled_at_start(
         tmp_path: Path, reap_agents) -> None:
     """The host and its agent died together: the registry still says running and a
     claim is left in outbound.db. Start-up puts status back on evidence and gives
@@ -530,12 +530,9 @@ def test_stale_running_status_and_orphan_claim_are_reconciled_at_start(
                      " VALUES (?, 'processing', ?)", (mid, schema.now_ts()))
     client.registry.set_container_status(row.id, "running", "agent started, 1 message(s) due")
 
-    async def body() -> None:
-        async with supervised(cfg):
-            await until(lambda: replies_to(cfg, mid), message="the retried reply")
-            await until(lambda: messages_in(paths, mid)["status"] == "completed")
-
-    run(body())
+    async with supervised(cfg):
+        await until(lambda: replies_to(cfg, mid), message="the retried reply")
+        await until(lambda: messages_in(paths, mid)["status"] == "completed")
     seq = pairs(client.milestones(row.id))
     assert seq[:3] == [("running", "agent started, 1 message(s) due"),
                        ("stopped", "no agent found at start-up"),

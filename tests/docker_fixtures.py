@@ -213,18 +213,3 @@ def private_daemon(live_restore: bool) -> Iterator[PrivateDockerd]:
         daemon.stop()
         subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-
-
-# The fixtures moved to conftest.py (pytest finds them by name) and ``until`` to helpers.py;
-# these names stay importable from here for test modules written before the move.
-_MOVED = {"docker_client", "agent_image", "instance", "private_dockerd", "private_dockerd_live"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import conftest
-        return getattr(conftest, name)
-    if name == "until":
-        import helpers
-        return helpers.until
-    raise AttributeError(name)

@@ -210,15 +210,3 @@ def processes_mentioning(text: str) -> list[int]:
 def agent_pids(folder: Path) -> list[int]:
     """Agent processes running on one session folder (``--workspace <folder>``)."""
     return processes_mentioning(f"--workspace {folder}")
-
-
-# Names that moved, still importable from here for test modules written before they moved:
-# the fixtures live in conftest.py (pytest finds them by name), the wait helpers in helpers.py.
-from helpers import holds, until  # noqa: E402,F401
-
-
-def __getattr__(name: str) -> Any:
-    if name == "reap_agents":
-        import conftest
-        return conftest.reap_agents
-    raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 Each test body is a coroutine run in a fresh event loop with the supervisor
 serving in the same loop (``e2e.supervised``); every wait is a condition with
-a deadline (``e2e.until``).
+a deadline (``helpers.until``).
 """
 
 from __future__ import annotations

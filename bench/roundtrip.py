@@ -324,13 +324,17 @@ def _remove_labelled(instance: str) -> None:
 
 
 def docker_available() -> str | None:
-    """None when the engine answers and has the image; else why not (one line)."""
+    """None when the engine answers and the image holds the current code (built here if
+    it does not: an image from older code would run an agent that refuses today's
+    arguments); else why not (one line)."""
     try:
         import docker
 
+        from orchestrator.runtime.image import build_image
+
         client = docker.from_env()
         try:
-            client.images.get(docker_image())
+            build_image(docker_image(), client=client)
         finally:
             client.close()
     except Exception as exc:  # noqa: BLE001

@@ -276,53 +276,44 @@ def series_state(path: Path, series_id: str) -> dict[str, Any]:
     return {"counts": counts, "next": nxt, "recurring": bool(recurring)}
 
 
+IN_CHUNK = 500  # ids per query: under SQLite's limit on bound parameters
+
+
+def _rows_for(path: Path, ids: Iterable[str], select: str) -> list[tuple]:
+    """Rows of ``select`` (its ``IN ({})`` filled with one ``?`` per id) for any number
+    of ids, in one read-only open."""
+    wanted = list(ids)
+    rows: list[tuple] = []
+    if not wanted:
+        return rows
+    with opened(path, readonly=True) as conn:
+        for i in range(0, len(wanted), IN_CHUNK):
+            chunk = wanted[i:i + IN_CHUNK]
+            rows.extend(tuple(r) for r in conn.execute(
+                select.format(",".join("?" * len(chunk))), chunk))
+    return rows
+
+
 def triggering(path: Path, ids: Iterable[str]) -> set[str]:
     """Which of these messages are work an agent must answer (``trigger=1``, not
     ``system``): only those can be awaiting an answer after their ack."""
-    wanted = list(ids)
-    found: set[str] = set()
-    if not wanted:
-        return found
-    with opened(path, readonly=True) as conn:
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in conn.execute(
-                f"SELECT id FROM messages_in WHERE id IN ({marks}) AND \"trigger\" = 1"
-                " AND kind != 'system'", chunk))
-    return found
+    return {r[0] for r in _rows_for(
+        path, ids, "SELECT id FROM messages_in WHERE id IN ({}) AND \"trigger\" = 1"
+                   " AND kind != 'system'")}
 
 
 def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,
                                                                        str | None]]:
     """(channel_type, platform_id, thread_id) of some inbound messages, for a failure record."""
-    wanted = list(ids)
-    found: dict[str, tuple[str | None, str | None, str | None]] = {}
-    if not wanted:
-        return found
-    with opened(path, readonly=True) as conn:
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in conn.execute("SELECT id, channel_type, platform_id, thread_id FROM"
-                                  f" messages_in WHERE id IN ({marks})", chunk):
-                found[r[0]] = (r[1], r[2], r[3])
-    return found
+    return {r[0]: (r[1], r[2], r[3]) for r in _rows_for(
+        path, ids, "SELECT id, channel_type, platform_id, thread_id FROM messages_in"
+                   " WHERE id IN ({})")}
 
 
 def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
     """Which of these outbound ids already have a ``delivered`` row (any status)."""
-    wanted = list(ids)
-    if not wanted:
-        return set()
-    found: set[str] = set()
-    with opened(path, readonly=True) as conn:
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in conn.execute(
-                f"SELECT message_out_id FROM delivered WHERE message_out_id IN ({marks})", chunk))
-    return found
+    return {r[0] for r in _rows_for(
+        path, ids, "SELECT message_out_id FROM delivered WHERE message_out_id IN ({})")}
 
 
 def record_delivery(path: Path, message_out_id: str, status: str,

@@ -32,7 +32,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 import tomli_w
@@ -278,11 +278,7 @@ class RoundTrips:
                 ("cold", "inotify", "events", p.cold),
                 ("cold", "poll1s", "events", 0 if quick else p.cold),
                 ("paused", "inotify", "events", p.paused)]
-        plan = [step for step in plan if step[3] > 0]
-        for kind, agent, mode, n in plan:
-            out["local"][f"{kind}_{agent}_{mode}"] = self._guard(
-                lambda: self.measure(runtime="local", agent=agent, mode=mode, kind=kind,
-                                     samples=n))
+        self._run_plan("local", plan, out["local"])
         if not docker:
             return out
         self.say(f"[round trips] Docker runtime, image {docker_image()}")
@@ -291,12 +287,17 @@ class RoundTrips:
                 ("cold", "inotify", "events", p.docker_cold),
                 ("coldpre", "inotify", "events", p.docker_cold),
                 ("paused", "inotify", "events", p.docker_paused)]
-        plan = [step for step in plan if step[3] > 0]
-        for kind, agent, mode, n in plan:
-            out["docker"][f"{kind}_{agent}_{mode}"] = self._guard(
-                lambda: self.measure(runtime="docker", agent=agent, mode=mode, kind=kind,
-                                     samples=n))
+        self._run_plan("docker", plan, out["docker"])
         return out
+
+    def _run_plan(self, runtime: str, plan: list[tuple[str, str, str, int]],
+                  into: dict[str, Any]) -> None:
+        """Measure each (kind, agent, mode, samples) step that has samples."""
+        for kind, agent, mode, n in plan:
+            if n > 0:
+                into[f"{kind}_{agent}_{mode}"] = self._guard(
+                    lambda: self.measure(runtime=runtime, agent=agent, mode=mode, kind=kind,
+                                         samples=n))
 
     def _guard(self, fn: Callable[[], dict]) -> dict:
         try:

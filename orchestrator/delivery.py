@@ -106,21 +106,11 @@ def id_problem(out_id: str) -> str | None:
     return None
 
 
-def _open_outbox_dir(folder: SessionDir, out_id: str) -> int | None:
-    """``outbox/<out_id>/`` as a descriptor, None if absent; a link, a non-folder or an
-    unreadable one is permanent (it will not fix itself while the reply waits)."""
-    where = f"{folder.where}/{OUTBOX}/{out_id}"
+def _open_step(name: str, dir_fd: int, where: str, out_id: str) -> int | None:
+    """One folder of the walk to a reply's files, None if absent; a link, a non-folder or
+    an unreadable one is permanent (it will not fix itself while the reply waits)."""
     try:
-        outbox = folder.open_dir(OUTBOX)
-    except FileNotFoundError:
-        return None
-    except Refused as exc:
-        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
-    except OSError as exc:
-        raise PermanentDeliveryError(f"reply {out_id}: {folder.where}/{OUTBOX} cannot be "
-                                     f"read ({exc.strerror})") from None
-    try:
-        return open_dir(out_id, outbox, where)
+        return open_dir(name, dir_fd, where)
     except FileNotFoundError:
         return None
     except Refused as exc:
@@ -128,6 +118,15 @@ def _open_outbox_dir(folder: SessionDir, out_id: str) -> int | None:
     except OSError as exc:
         raise PermanentDeliveryError(f"reply {out_id}: {where} cannot be read "
                                      f"({exc.strerror})") from None
+
+
+def _open_outbox_dir(folder: SessionDir, out_id: str) -> int | None:
+    """``outbox/<out_id>/`` as a descriptor, None if absent."""
+    outbox = _open_step(OUTBOX, folder.fd, f"{folder.where}/{OUTBOX}", out_id)
+    if outbox is None:
+        return None
+    try:
+        return _open_step(out_id, outbox, f"{folder.where}/{OUTBOX}/{out_id}", out_id)
     finally:
         os.close(outbox)
 

@@ -232,3 +232,15 @@ def test_clear_acks_and_tool_state_for_a_retry(db, tmp_path):
     assert outbound.clear_acks(tmp_path / "none.db", ["a"]) == 0
     outbound.clear_tool_state(tmp_path / "none.db")  # no file: nothing to do
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_huge_tool_name_is_read_bounded(tmp_path: Path) -> None:
+    """container_state is the agent's: a 20 MB tool name is read as its first 200
+    characters, never whole."""
+    db = tmp_path / "outbound.db"
+    schema.init_outbound(db)
+    with schema.opened(db) as conn:
+        conn.execute("INSERT INTO container_state (id, current_tool, updated_at)"
+                     " VALUES (1, ?, '2026-01-01 00:00:00')", ("B" * 20_000_000,))
+    tool = outbound.read(db).tool
+    assert tool is not None and tool.current_tool == "B" * 200

@@ -184,8 +184,10 @@ def read(path: Path, after_seq: int = 0, acks_since: str | None = None,
             tool = None
             try:
                 row = conn.execute(
-                    "SELECT current_tool, tool_declared_timeout_ms, tool_started_at"
-                    " FROM container_state WHERE id=1").fetchone()
+                    # bounded: the agent writes these, and only a name and a time matter
+                    "SELECT substr(current_tool, 1, 200), tool_declared_timeout_ms,"
+                    " substr(tool_started_at, 1, 64) FROM container_state WHERE id=1"
+                    ).fetchone()
             except sqlite3.OperationalError as exc:
                 if schema.is_busy(exc):
                     raise

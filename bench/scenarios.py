@@ -73,7 +73,7 @@ class Params:
 
 
 QUICK = Params(quick=True, latency_replies=160, latency_rate=50.0, idle_seconds=6.0,
-               hb_warmup=0.5, hb_seconds=4.0, throughput_replies=5000, budget_replies=20,
+               hb_warmup=0.5, hb_seconds=4.0, throughput_replies=3000, budget_replies=20,
                quiet_replies=3, quiet_gap=2.4, throughput_timeout=90.0)
 FULL = Params(quick=False, latency_replies=500, latency_rate=25.0, idle_seconds=30.0,
               hb_warmup=3.0, hb_seconds=30.0, throughput_replies=10000, budget_replies=50,

@@ -71,6 +71,13 @@ def plan(facts: ReplyFacts, now: datetime) -> Plan:
     return Plan(Step.TRY)
 
 
+def files_recheck(waited: float) -> float:
+    """Seconds until a reply waiting for its files is looked at again: soon at first
+    (an agent that writes the row a moment before its files), then less often, at
+    most once a second (one stat per listed file each time)."""
+    return min(1.0, max(0.05, waited / 4))
+
+
 def after_failure(trouble: Trouble, reason: str, attempts: int,
                   files_waiting_since: datetime | None, now: datetime,
                   cfg: DeliveryConfig, retry_after: float | None = None) -> Plan:
@@ -78,7 +85,8 @@ def after_failure(trouble: Trouble, reason: str, attempts: int,
 
     Files not there yet are not an attempt for ``files_wait`` seconds after the
     reply was first seen waiting (agents may commit the row first): the reply
-    waits without backoff, and the ``outbox/`` event of the last file retries it.
+    waits without backoff, looked at again after ``files_recheck`` (files written
+    into ``outbox/<id>/`` raise no event: the host does not watch below ``outbox/``).
     ``retry_after``: the receiver asked to wait at least this long (HTTP Retry-After).
     """
     if trouble is Trouble.PERMANENT:
@@ -87,7 +95,8 @@ def after_failure(trouble: Trouble, reason: str, attempts: int,
         since = files_waiting_since or now
         give_up_at = since + timedelta(seconds=cfg.files_wait)
         if give_up_at > now:
-            return Plan(Step.WAIT, reason, give_up_at)
+            recheck = now + timedelta(seconds=files_recheck((now - since).total_seconds()))
+            return Plan(Step.WAIT, reason, min(give_up_at, recheck))
     attempts += 1
     if attempts >= cfg.max_attempts:
         return Plan(Step.FAIL, f"giving up after {attempts} attempts: {reason}")

@@ -1,6 +1,8 @@
 """Is the inotify watch still telling us everything? Signs of lost events.
 
-inotify loses events in two ways, and the watchfiles binding reports neither:
+inotify loses events in two ways. ``folder_watch`` reads the overflow event itself;
+these checks look from outside as well, as they did when the watch was watchfiles'
+``RustNotify``, which reports neither:
 
 - **Queue overflow.** The kernel queues at most ``fs.inotify.max_queued_events``
   events per instance; past that it queues one ``IN_Q_OVERFLOW`` and drops the
@@ -16,7 +18,7 @@ inotify loses events in two ways, and the watchfiles binding reports neither:
   ``ignore_permission_denied`` the error is swallowed.
 
 So we look from outside, at what the kernel itself says about *our* inotify
-instance (the fd ``RustNotify`` opened, found in ``/proc/self/fd``):
+instance (its fd; for ``RustNotify``, found in ``/proc/self/fd``):
 
 - ``FIONREAD`` on it: bytes queued and not yet read by notify. A queue near
   its limit means notify is behind and events are being, or are about to be,
@@ -156,25 +158,6 @@ def unwatched(folders: dict[int, str], watched: set[int], root: Path | None = No
     for it would only repeat itself; it counts once it is readable."""
     return {ino: name for ino, name in folders.items() if ino not in watched
             and (root is None or os.access(root / name, os.R_OK | os.X_OK))}
-
-
-def watch_paths(root: Path, per_folder: bool) -> list[str]:
-    """What to hand ``RustNotify``: the root; with ``per_folder`` also every group and
-    session folder.
-
-    notify's recursive walk stops at the first folder it may not watch (``EACCES``
-    for a non-root host, swallowed by ``ignore_permission_denied``), leaving every
-    folder after it unwatched. Walked one by one, one unreadable folder costs only
-    itself (the duplicates cost nothing: one watch per inode), but the start takes
-    about three times as long (1000 sessions: 1.2 s instead of 0.36 s), so it is
-    only done once folders were found unwatched.
-    """
-    if not per_folder:
-        return [str(root)]
-    folders = session_folders(root)
-    return [str(root)] + [str(root / name) for name in sorted(folders.values(),
-                                                               key=lambda n: (n.count("/"), n))
-                          if name != "."]
 
 
 class Episodes:

@@ -2,8 +2,9 @@
 
 Two sources, one output (batches of ``Activity``):
 
-- ``events`` mode: one recursive watchfiles watcher on the sessions root, in
-  one thread (one inotify instance, one watch per directory). ``step``/``debounce``
+- ``events`` mode: one inotify instance (``folder_watch``: a watch on the root,
+  each group, each session folder and its ``outbox/``, never through a link), in
+  one thread. ``step``/``debounce``
   are tuned for latency: the library defaults (50/1600 ms) stretch a batch to
   1.6 s while other heartbeats keep arriving; 3/50 ms ends a batch 3 ms after the
   last change and never later than 50 ms after the first (bench/: step 5 → reply
@@ -37,9 +38,9 @@ from typing import Any, AsyncIterator, Callable, Container
 
 import watchfiles
 from loguru import logger
-from watchfiles._rust_notify import RustNotify
 
 from orchestrator import watch_health
+from orchestrator.folder_watch import FolderWatch
 from orchestrator.config import WatchConfig
 from orchestrator.filesig import file_signature
 from orchestrator.ticker import ticks
@@ -200,39 +201,38 @@ class Finished:
 
 WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
 
-def _open_notifier(notifier: Callable[..., Any], root: Path,
-                   per_folder: bool) -> tuple[Any, int | None]:
+def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
     before = watch_health.inotify_fds()
-    notify = notifier(watch_paths=watch_health.watch_paths(root, per_folder), debug=False,
+    notify = notifier(watch_paths=[str(root)], debug=False,
                       force_polling=False, poll_delay_ms=0, recursive=True,
                       ignore_permission_denied=True)
-    return notify, watch_health.find_instance(before, root)
+    fd = getattr(notify, "fd", None)  # FolderWatch says; RustNotify must be looked for
+    return notify, fd if isinstance(fd, int) else watch_health.find_instance(before, root)
 
 
 def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                   post: Callable[[WatchMessage], None], muted: Container[str],
-                  notifier: Callable[..., Any] = RustNotify) -> None:
-    """watchfiles' Rust watcher in one long-lived thread.
+                  notifier: Callable[..., Any] = FolderWatch) -> None:
+    """The inotify watch (``folder_watch.FolderWatch``) in one long-lived thread.
 
-    ``awatch`` hands every batch through a fresh anyio worker-thread call; with 100
-    agents heartbeating that hand-off was a third of the supervisor's CPU. Here the
-    watcher (``RustNotify``, the documented backend of ``watchfiles.watch``, used
-    directly so the step can change between waits: see ``watch_step``) runs in one
-    thread for the life of the watch, batches are classified here, and only a
-    batch with something the loop wants costs a ``call_soon_threadsafe``.
+    A worker-thread call per batch (watchfiles' ``awatch``) was a third of the
+    supervisor's CPU with 100 agents heartbeating. Here the watch runs in one thread
+    for its whole life, its step can change between waits (``watch_step``), batches
+    are classified here, and only a batch with something the loop wants costs a
+    ``call_soon_threadsafe``. ``notifier`` may be anything with its shape
+    (``watchfiles``' ``RustNotify`` has it; tests script a stand-in).
     (Re)starts are announced so the probe can run; signs of lost events
     (``watch_health``) are announced so the loop rescans.
     """
     probe = os.path.normpath(os.path.join(root, PROBE))
     prefix = os.path.join(str(root), "")
     failures = 0
-    per_folder = False  # once folders were found unwatched: walk each on its own
     while not halt.is_set():
         root.mkdir(parents=True, exist_ok=True)
         post(Started())
         try:
             queue = watch_health.queue_limit()  # what the new instance gets
-            notify, fd = _open_notifier(notifier, root, per_folder)
+            notify, fd = _open_notifier(notifier, root)
             with notify:
                 gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval)
                 last_change = time.monotonic()
@@ -247,10 +247,10 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                     raw = notify.watch(debounce_ms=debounce, step_ms=step, timeout_ms=timeout,
                                        stop_event=gate)
                     now = time.monotonic()
-                    sign = gate.take_sign() or (None if isinstance(raw, str) else
-                                                watch_health.loss_sign(
-                                                    gap=0.0, pending=0, batch=len(raw),
-                                                    queue=queue))
+                    take_lost = getattr(notify, "take_lost", None)  # FolderWatch: overflow
+                    sign = (gate.take_sign() or (take_lost() if take_lost else None)
+                            or (None if isinstance(raw, str) else watch_health.loss_sign(
+                                gap=0.0, pending=0, batch=len(raw), queue=queue)))
                     rescan = episodes.step(sign, now)
                     if rescan is not None:
                         post(Lost(*rescan))
@@ -270,7 +270,6 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                         post(Changes(batch, probed))
             if gate.restart is not None and not halt.is_set():
                 post(Restarting(gate.restart))
-                per_folder = True
             elif not halt.is_set():  # the watch ended without an error
                 post(Ended())
         except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried
@@ -282,7 +281,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
 
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event, muted: Container[str] = frozenset(),
-                          notifier: Callable[..., Any] = RustNotify
+                          notifier: Callable[..., Any] = FolderWatch
                           ) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 

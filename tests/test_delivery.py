@@ -218,13 +218,14 @@ def _list_late_file(world: World, out_id: str) -> None:
 
 
 def test_a_reply_waits_for_its_files_without_spending_attempts(tmp_path: Path) -> None:
-    """Files not there yet are not a failed attempt: no backoff, so the pass that the
-    file's outbox/ event causes delivers it at once, however often it looked before."""
+    """Files not there yet are not a failed attempt: no backoff, and a recheck timer
+    (no event comes from inside outbox/<id>/) that grows to at most a second, so the
+    file is delivered at the next look, however often it looked before."""
     world = World(tmp_path, FakeChannel(), max_attempts=2, retry_base=30.0, files_wait=10.0)
     _list_late_file(world, "r1")
-    for t in (0, 1, 2, 3):
+    for t, recheck in ((0, 0.05), (0.4, 0.1), (1, 0.25), (3, 0.75)):
         result = world.deliver(later(t))
-        assert result.next_due == later(10)  # the give-up time, not a backoff
+        assert result.next_due == later(t + recheck)  # not a backoff, not the give-up time
     assert world.channel.calls == [] and world.settled() == {}
     assert world.registry.delivery_attempt(world.row.id, "r1") == (0, None)
     (world.paths.outbox / "r1" / "late.txt").write_bytes(b"late")

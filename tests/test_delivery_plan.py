@@ -53,12 +53,16 @@ def test_plan(facts: ReplyFacts, expected: Plan) -> None:
     (Trouble.TRANSIENT, 1, None, Plan(Step.RETRY, "x", at(4))),
     (Trouble.TRANSIENT, 2, None, Plan(Step.FAIL, "giving up after 3 attempts: x")),
     # files not there yet: wait (no attempt) until files_wait after first seen waiting
-    (Trouble.FILES_NOT_READY, 0, None, Plan(Step.WAIT, "x", at(10))),
-    (Trouble.FILES_NOT_READY, 0, at(-4), Plan(Step.WAIT, "x", at(6))),
+    # … looked at again soon, then at most once a second (no outbox/<id>/ events)
+    (Trouble.FILES_NOT_READY, 0, None, Plan(Step.WAIT, "x", at(0.05))),
+    (Trouble.FILES_NOT_READY, 0, at(-0.4), Plan(Step.WAIT, "x", at(0.1))),
+    (Trouble.FILES_NOT_READY, 0, at(-4), Plan(Step.WAIT, "x", at(1))),
+    (Trouble.FILES_NOT_READY, 0, at(-9.5), Plan(Step.WAIT, "x", at(0.5))),
     (Trouble.FILES_NOT_READY, 0, at(-10), Plan(Step.RETRY, "x", at(2))),
     (Trouble.FILES_NOT_READY, 2, at(-60), Plan(Step.FAIL, "giving up after 3 attempts: x")),
 ], ids=["permanent", "permanent-after-attempts", "transient-1", "transient-2",
-        "transient-last", "files-first-seen", "files-waiting", "files-wait-over",
+        "transient-last", "files-first-seen", "files-soon", "files-waiting",
+        "files-wait-ends-first", "files-wait-over",
         "files-last-attempt"])
 def test_after_failure(trouble: Trouble, attempts: int, waiting_since: datetime | None,
                        expected: Plan) -> None:

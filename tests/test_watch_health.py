@@ -16,6 +16,8 @@ import pytest
 from loguru import logger
 from watchfiles._rust_notify import RustNotify
 
+from orchestrator.folder_watch import FolderWatch
+
 from bench.overflow import overflow_run
 from e2e import run
 from helpers import until, wait_for
@@ -163,9 +165,9 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
         got: list[Activity] = []
         before = watch_health.inotify_fds()
 
-        def recording(**kwargs) -> RustNotify:  # the real one, its arguments noted
+        def recording(**kwargs) -> FolderWatch:  # the real one, its arguments noted
             made.append(kwargs["watch_paths"])
-            return RustNotify(**kwargs)
+            return FolderWatch(**kwargs)
 
         async def consume() -> None:
             async for batch in inotify_batches(root, cfg, stop, started, notifier=recording):
@@ -192,8 +194,8 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
         logger.remove(sink)
     assert len(warnings) == 1 and "1 folder(s) not watched (grp/sess-1)" in warnings[0], warnings
     assert "restarting the watch" in warnings[0]
-    # restarted with every folder as a watch path of its own (see watch_paths)
-    assert made == [[str(root)], [str(root), str(root / "grp"), str(root / "grp" / "sess-1")]]
+    # restarted: the new instance walks the folders again (and watches sess-1)
+    assert made == [[str(root)], [str(root)]]
 
 
 # --- the watch thread's branches, with a stand-in notifier ---------------------------------

@@ -326,6 +326,43 @@ def test_parse_args_defaults_and_overrides() -> None:
         agent_mod.parse_args(["--poll-interval", "0"])
 
 
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--workspace", "/w", "--wake", "poll", "--poll-interval", "0.5"],
+    ["--workspace=/w", "--exit-when-idle=0", "--hang-on", "h h", "--crash-on=c"],
+    ["--safety-poll", "600", "--heartbeat-interval", "2", "--work-seconds", "0"],
+])
+def test_quick_parse_agrees_with_argparse(argv: list[str]) -> None:
+    assert agent_mod.quick_parse(argv) == agent_mod._argparse(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["-h"], ["--work", "1"],  # an abbreviation: argparse says it is ambiguous
+    ["--workspace"], ["--wake", "sometimes"], ["--poll-interval", "0"],
+    ["--poll-interval", "x"], ["--hang-on", "-x"], ["stray"], ["--unknown", "1"],
+])
+def test_quick_parse_leaves_anything_unusual_to_argparse(argv: list[str]) -> None:
+    assert agent_mod.quick_parse(argv) is None
+
+
+# modules a cold start of the agent must not load (each is milliseconds of every start;
+# ctypes comes later, once the first due work is answered: SessionFolder.start_watch)
+COLD_START_FORBIDDEN = ["argparse", "ctypes", "dataclasses", "inspect", "loguru", "shutil",
+                        "typing", "uuid"]
+
+
+def test_agent_cold_start_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, orchestrator.agent.agent\n"
+        f"bad = sorted(set(sys.modules) & set({COLD_START_FORBIDDEN!r}))\n"
+        "assert not bad, bad\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-S", "-P", "-c", code], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_agent_imports_only_stdlib() -> None:
     code = (
         "import sys, orchestrator.agent, orchestrator.agent.agent\n"

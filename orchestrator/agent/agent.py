@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections import namedtuple
-from pathlib import Path
 
 from orchestrator.agent import decide
 from orchestrator.agent.files import copy_attachments
@@ -45,7 +44,7 @@ class Options(namedtuple("Options", "workspace poll_interval work_seconds heartb
     """The parsed command line (see ``OPTIONS`` for each one's meaning)."""
 
     __slots__ = ()
-    workspace: Path
+    workspace: str
     poll_interval: float
     work_seconds: float
     heartbeat_interval: float
@@ -77,7 +76,7 @@ def _positive(value: str) -> float:
 # flag -> (Options field, type, choices, metavar, help): the one description of the
 # command line, read by the quick parser and by argparse (--help, bad input)
 OPTIONS: dict[str, tuple[str, Callable[[str], object], tuple[str, ...] | None, str | None, str]] = {
-    "--workspace": ("workspace", Path, None, None,
+    "--workspace": ("workspace", str, None, None,
                     "session folder (default: current directory; /workspace in a container)"),
     "--poll-interval": ("poll_interval", _positive, None, None,
                         "seconds between polls of inbound.db without inotify (default 0.1)"),
@@ -148,7 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     values = quick_parse(args)
     if values is None:
         values = _argparse(args)
-    values.setdefault("workspace", Path("."))
+    values.setdefault("workspace", ".")
     return Options(**values)
 
 
@@ -161,8 +160,6 @@ class Agent:
         self.session = SessionFolder(options.workspace, wake=options.wake,
                                      poll_interval=options.poll_interval,
                                      safety_poll=options.safety_poll)
-        self.workspace = self.session.workspace
-        self.paths = self.session.paths
         self.stop = stop or threading.Event()
         self._last_error: str | None = None
         self._watching = False  # start_watch() done (see _wait_logged)
@@ -215,14 +212,16 @@ class Agent:
             log(f"{msg.id} seq={msg.seq} interrupted; claim left for the host")
             return False
         out_id = decide.new_out_id()
-        dest = session.outbox_dir(out_id)
+        dest = session.outbox_dir(out_id) if message.attachments else None
         try:
-            files, refused = copy_attachments(self.workspace, message.attachments, dest)
+            files, refused = (copy_attachments(session.workspace, message.attachments, dest)
+                              if dest is not None else ([], []))
             content = json.loads(decide.reply_content(decide.reply_text(message.text),
                                                       files, refused))
             session.reply(msg, content, out_id=out_id)
         except BaseException:
-            remove_tree(dest, ignore_errors=True)
+            if dest is not None:
+                remove_tree(dest, ignore_errors=True)
             raise
         self.heartbeat()
         extra = f" files={len(files)}" + (f" refused={len(refused)}" if refused else "")
@@ -271,7 +270,7 @@ class Agent:
 
     def run(self) -> int:
         self.start()
-        log(f"started on {self.workspace}")
+        log(f"started on {self.session.root}")
         last_work = time.monotonic()
         try:
             while not self.stop.is_set():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections import namedtuple
-from pathlib import PurePosixPath
 
 from orchestrator import layout
 from orchestrator.store import schema
@@ -19,6 +18,7 @@ from orchestrator.store import schema
 TYPE_CHECKING = False  # no typing / dataclasses at run time: they are ~8 ms of a cold start
 if TYPE_CHECKING:
     from datetime import datetime
+    from pathlib import PurePosixPath
     from typing import Any, Iterable, Mapping
 
 
@@ -138,6 +138,8 @@ def check_relative_path(path: object) -> PurePosixPath | None:
     """
     if not isinstance(path, str) or not path or "\x00" in path:
         return None
+    from pathlib import PurePosixPath  # only for attachments: not on the cold start path
+
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts or pure.parts == (".",):
         return None
@@ -175,6 +177,8 @@ def parse_content(raw: object) -> Inbound:
         path = item.get("path") or item.get("localPath")  # NanoClaw's name for it
         name = item.get("name")
         if name is None and isinstance(path, str):
+            from pathlib import PurePosixPath
+
             name = PurePosixPath(path).name
         attachments.append(
             Attachment(

@@ -20,6 +20,10 @@ What each call does, and why:
   session's leftover ``processing`` acks (their agent died mid-message, so the
   messages become pending again and are redone) and ``outbox/out-*`` folders no
   reply row names (files are written before their row is committed).
+  ``recover(watch=False)`` leaves the inotify watch to the first ``wait_for_work``
+  that finds nothing due: a cold-started agent answers first (ctypes, which the
+  watch needs, is ~3 ms of a start) and misses nothing, since that wait reads
+  inbound.db again once the watch is there.
 - ``wait_for_work()``: the due, triggered, unacked messages in seq order; blocks
   until there are some. It sleeps on inotify on the session folder (the host's
   inbound.db commits wake it within a millisecond, through a read-only bind mount

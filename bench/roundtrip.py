@@ -166,6 +166,9 @@ class RoundTrips:
             "watch": {"mode": mode, "poll_interval": 1.0},
             "delivery": {"channel": "jsonl", "path": "delivered.jsonl"},
             "log": {"level": "INFO"},
+            # no API, as in the other runs (bench/fixture.py): its default port is shared
+            # by every orchestrator on the host, and a second bench there failed to start
+            "api": {"listen": ""},
         }
         if runtime == "docker":
             cfg["docker"] = {"image": docker_image(), "instance": instance, "network": "none",

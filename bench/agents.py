@@ -68,7 +68,11 @@ def _on_term(_sig, _frame) -> None:
 
 
 def run_replies(folders: list[str], count: int, rate: float, prefix: str, out: Path,
-                max_seconds: float, heartbeat: bool) -> int:
+                max_seconds: float, heartbeat: bool, part: int = 0, parts: int = 1) -> int:
+    """Replies ``i`` = part, part + parts, … < count, reply ``i`` to ``folders[i % n]``.
+
+    With ``parts`` writers (one process each) and ``n`` a multiple of ``parts``, each
+    writer owns its own folders: one writer per file, as one agent per session."""
     conns: dict[str, sqlite3.Connection] = {}
     max_in: dict[str, int | None] = {}
     rows: list[str] = []
@@ -76,7 +80,7 @@ def run_replies(folders: list[str], count: int, rate: float, prefix: str, out: P
     deadline = t_start + max_seconds
     written = 0
     try:
-        for i in range(count):
+        for i in range(part, count, parts):
             if _Stop.flag or time.time() > deadline:
                 break
             if rate > 0:
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--max-seconds", type=float, default=300.0)
     r.add_argument("--no-heartbeat", action="store_true")
+    r.add_argument("--part", type=int, default=0, help="this writer's index (of --parts)")
+    r.add_argument("--parts", type=int, default=1, help="writers sharing the replies")
     h = sub.add_parser("heartbeat")
     h.add_argument("--sessions", required=True)
     h.add_argument("--hz", type=float, required=True)
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "replies":
         return run_replies(folders, args.count, args.rate, args.prefix, Path(args.out),
-                           args.max_seconds, not args.no_heartbeat)
+                           args.max_seconds, not args.no_heartbeat, args.part, args.parts)
     if args.cmd == "lock":
         return run_lock(folders, args.hz, args.seconds, Path(args.out))
     return run_heartbeat(folders, args.hz, args.seconds, Path(args.out))

@@ -128,6 +128,19 @@ def read_writer(path: Path) -> tuple[dict, dict[str, tuple[str, float, float]]]:
     return header, out
 
 
+def read_writers(paths: list[Path]) -> tuple[dict, dict[str, tuple[str, float, float]]]:
+    """Several writers' results as one: the first start, the last end, every commit."""
+    header: dict = {}
+    commits: dict[str, tuple[str, float, float]] = {}
+    for path in paths:
+        h, c = read_writer(path)
+        commits.update(c)
+        header = {"written": header.get("written", 0) + h["written"],
+                  "t_start": min(header.get("t_start", h["t_start"]), h["t_start"]),
+                  "t_end": max(header.get("t_end", h["t_end"]), h["t_end"])}
+    return header, commits
+
+
 def read_delivered(folders: list[str], prefix: str) -> dict[str, tuple[str, str, str]]:
     """{message id: (folder, status, delivered_at)} for this phase's replies."""
     out = {}

@@ -61,6 +61,7 @@ class Params:
     agents: int = 100
     hb_rates: tuple[float, ...] = (1.0, 10.0)
     throughput_sessions: int = 100
+    throughput_writers: int = 4  # agent processes writing flat out (one owns 25 sessions)
     poll_interval: float = 1.0
     modes: tuple[str, ...] = ("events", "poll")
     lockers: int = 10  # hostile agents holding write locks (lockers run)
@@ -72,7 +73,7 @@ class Params:
 
 
 QUICK = Params(quick=True, latency_replies=160, latency_rate=50.0, idle_seconds=6.0,
-               hb_warmup=0.5, hb_seconds=4.0, throughput_replies=1000, budget_replies=20,
+               hb_warmup=0.5, hb_seconds=4.0, throughput_replies=3000, budget_replies=20,
                quiet_replies=3, quiet_gap=2.4, throughput_timeout=90.0)
 FULL = Params(quick=False, latency_replies=500, latency_rate=25.0, idle_seconds=30.0,
               hb_warmup=3.0, hb_seconds=30.0, throughput_replies=10000, budget_replies=50,
@@ -318,27 +319,34 @@ class Bench:
         return time.monotonic() - t0
 
     def replies(self, run: Run, folders: list[Path], *, count: int, rate: float,
-                prefix: str, name: str) -> dict:
-        """Write ``count`` replies round-robin over ``folders`` (rate 0 = flat out)."""
+                prefix: str, name: str, writers: int = 1) -> dict:
+        """Write ``count`` replies round-robin over ``folders`` (rate 0 = flat out), from
+        ``writers`` processes, each owning its share of the folders (one writer per
+        file): one process alone commits ~1000 times a second at best here."""
+        if len(folders) % writers:
+            writers = 1
         sessions_file = run.dir / f"{prefix}.sessions"
         sessions_file.write_text("".join(f"{f}\n" for f in folders))
-        out = run.dir / f"{prefix}.writer"
+        outs = [run.dir / f"{prefix}.writer{j}" for j in range(writers)]
         expected = count / rate if rate else count / 200.0
         col = collect.Collector(run.jsonl, folders, prefix=prefix,
                                 max_seconds=expected * 2 + self.p.drain_seconds + 240)
         col.start()
         self._quiet()
-        prof = self._profile(run, name, expected + 2) if rate else None
+        prof = self._profile(run, name, expected + 2)
         load = proc.MachineLoad()
         (u0, s0), t0 = run.orch.cpu_split(), time.time()
-        writer = proc.spawn(proc.py("-m", "bench.agents", "replies", "--sessions",
+        procs = [proc.spawn(proc.py("-m", "bench.agents", "replies", "--sessions",
                                     str(sessions_file), "--count", str(count), "--rate",
                                     str(rate), "--prefix", prefix, "--out", str(out),
-                                    "--max-seconds", str(expected * 2 + 60)))
-        self._wait_writer(writer, time.monotonic() + expected * 2 + 90,
-                          lambda: f"{col.seen()}/{count} on the channel")
+                                    "--max-seconds", str(expected * 2 + 60),
+                                    "--part", str(j), "--parts", str(writers)))
+                 for j, out in enumerate(outs)]
+        deadline = time.monotonic() + expected * 2 + 90
+        for writer in procs:
+            self._wait_writer(writer, deadline, lambda: f"{col.seen()}/{count} on the channel")
         t_writer_done = time.time()
-        header, commits = collect.read_writer(out)
+        header, commits = collect.read_writers(outs)
         drain_s = self._drain(col, prefix, len(commits),
                               self.p.drain_seconds if rate else self.p.throughput_timeout)
         (u1, s1), t1 = run.orch.cpu_split(), time.time()
@@ -589,10 +597,11 @@ class Bench:
                 info[f"heartbeat_{hz:g}hz"] = self.heartbeats(run, run.folders, hz)
             time.sleep(0.5)
             self.say(f"  throughput: {p.throughput_replies} replies over "
-                     f"{p.throughput_sessions} sessions, as fast as one writer commits")
+                     f"{p.throughput_sessions} sessions, as fast as {p.throughput_writers} "
+                     "writers commit")
             tp = self.replies(run, run.folders[:p.throughput_sessions],
                               count=p.throughput_replies, rate=0.0, prefix="Tx",
-                              name="throughput")
+                              name="throughput", writers=p.throughput_writers)
             info["throughput"] = tp
             self.say(f"  throughput: {tp.get('delivered_per_min', 0):.0f} replies/min "
                      f"(writer {tp['writer_rate_per_s']:.0f}/s), lost "

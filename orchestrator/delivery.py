@@ -56,6 +56,9 @@ class DeliveryState:
     waiting_files: dict[str, datetime] = field(default_factory=dict)
     # the host's disk is full (key "storage_full": the last error), said once per outage
     said: LogOnce = field(default_factory=LogOnce)
+    # ids above ``watermark`` this run has settled itself; None = not known yet (a new
+    # state: read from inbound.db once, then kept here — the host is its only writer)
+    settled: set[str] | None = None
 
 
 @dataclass
@@ -246,10 +249,12 @@ def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
     return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
 
 
-def remove_outbox(folder: SessionDir, out_id: str) -> None:
-    """Remove ``outbox/<out_id>`` by descriptor: a link is removed, never its target."""
-    if id_problem(out_id):
-        return  # not a folder name: nothing of ours to clean (never rmtree "../x")
+def remove_outboxes(folder: SessionDir, out_ids: list[str]) -> None:
+    """Remove ``outbox/<id>`` of settled replies by descriptor (``outbox/`` opened once):
+    a link is removed, never its target."""
+    ids = [i for i in out_ids if not id_problem(i)]  # not a folder name: never rmtree "../x"
+    if not ids:
+        return
     try:
         outbox = folder.open_dir(OUTBOX)
     except FileNotFoundError:
@@ -258,16 +263,18 @@ def remove_outbox(folder: SessionDir, out_id: str) -> None:
         logger.warning("{}/{}: not cleaning up ({})", folder.where, OUTBOX, exc.strerror)
         return
     try:
-        st = lstat_at(outbox, out_id)
-        if st is None:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(out_id, dir_fd=outbox)  # fd-based: never follows a link inside
-        else:
-            os.unlink(out_id, dir_fd=outbox)
-    except OSError as exc:
-        logger.warning("{}/{}/{}: could not clean up ({})", folder.where, OUTBOX, out_id,
-                       exc.strerror)
+        for out_id in ids:
+            try:
+                st = lstat_at(outbox, out_id)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(out_id, dir_fd=outbox)  # fd-based: never follows a link
+                else:
+                    os.unlink(out_id, dir_fd=outbox)
+            except OSError as exc:
+                logger.warning("{}/{}/{}: could not clean up ({})", folder.where, OUTBOX,
+                               out_id, exc.strerror)
     finally:
         os.close(outbox)
 
@@ -281,24 +288,29 @@ class Deliverer:
 
     async def run_pass(self, *, folder: SessionDir, agent_group: str, session_id: str,
                        state: DeliveryState, messages: list[OutMessage], routing: Routing,
-                       now: datetime) -> PassResult:
-        """Deliver what is due among ``messages`` (seq > watermark, ascending).
+                       now: datetime, acks: dict[str, str] | None = None,
+                       follow_up: inbound.FollowUp | None = None) -> PassResult:
+        """Deliver what is due among ``messages`` (seq > watermark, ascending), and
+        record it with the agent's final ``acks`` mirrored in the same commit.
 
         For each reply: gather the facts, ask ``delivery_plan.plan``, apply it; a
-        failed attempt goes through ``delivery_plan.after_failure``.
+        failed attempt goes through ``delivery_plan.after_failure``. Everything the
+        pass settles costs one fsync'd commit of inbound.db, however many replies.
         """
         result = PassResult()
-        if not messages:
-            return result
         inbound_db = folder.db(INBOUND_DB)
-        settled = inbound.delivered_ids(inbound_db, [m.id for m in messages])
+        if state.settled is None:
+            state.settled = inbound.delivered_ids(inbound_db, [m.id for m in messages])
+        settled = state.settled
         records: list[tuple[str, str, str | None]] = []
         failures: list[Failure] = []
         retried: list[str] = []
+        attempts_of = (self.registry.delivery_attempts(session_id)
+                       if any(m.id not in settled for m in messages) else {})
         for msg in messages:
             if msg.id in settled:
                 continue
-            attempts, retry_at = self.registry.delivery_attempt(session_id, msg.id)
+            attempts, retry_at = attempts_of.get(msg.id, (0, None))
             verdict = plan(ReplyFacts(problem=msg.problem or id_problem(msg.id),
                                       deliver_after=msg.deliver_after, attempts=attempts,
                                       retry_at=retry_at), now)
@@ -352,20 +364,20 @@ class Deliverer:
                     retried.append(msg.id)
         for failure in failures:  # before the record: a crash re-reports (jsonl dedupes)
             await self.report(failure)
-        if records:
-            inbound.record_deliveries(inbound_db, records, now)
+        if records or acks:
+            inbound.settle(inbound_db, records, acks or {}, follow_up, now)
             settled.update(mid for mid, _, _ in records)
-            for mid, _, _ in records:
-                remove_outbox(folder, mid)
+            remove_outboxes(folder, [mid for mid, _, _ in records])
             for mid in retried:
                 self.registry.clear_attempts(session_id, mid)
         for msg in messages:  # advance over the settled prefix only
             if msg.id not in settled:
                 break
+            settled.discard(msg.id)  # at or below the watermark: never read again
             state.watermark = msg.seq
             state.anchor = msg.id
-        for mid in settled:
-            state.waiting_files.pop(mid, None)
+        for mid in records:
+            state.waiting_files.pop(mid[0], None)
         return result
 
     @staticmethod

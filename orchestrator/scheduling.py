@@ -17,7 +17,7 @@ Healthchecks.io; croniter pulls in python-dateutil and was declared unmaintained
 in 2024 before a new home took it over. Both accept the optional seconds field.
 
 Exactly once: a completed recurring row gets ONE successor, in the same
-inbound.db transaction that records it completed (``store.inbound.sync_acks``
+inbound.db transaction that records it completed (``store.inbound.settle``
 calls ``successor`` inside its transaction, and only for rows whose status that
 transaction changes). The successor's id is derived from its predecessor's id,
 and inserted with ``INSERT OR IGNORE``: even a replay of the same completion

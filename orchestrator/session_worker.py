@@ -126,6 +126,13 @@ class Tracked:
         return self.said.last("pass")
 
 
+def _ids(ids: list[str], shown: int = 20) -> str:
+    if len(ids) == 1:
+        return f"reply {ids[0]}"
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"{len(ids)} replies: {', '.join(ids[:shown])}{more}"
+
+
 def _parse_ts(value: str | None) -> datetime | None:
     try:
         return schema.parse_ts(value)
@@ -340,13 +347,12 @@ class SessionWorker:
         if t.routing is None:
             row = self.registry.session(t.session_id)
             t.routing = self.sessions.routing_of(row) if row else (None, None, None)
+        # The acks' mirror goes into the replies' own record commit (an agent writes a
+        # reply and its 'completed' ack in one commit; one fsync settles both).
         result = await self.deliverer.run_pass(
             folder=folder, agent_group=t.agent_group, session_id=t.session_id,
-            state=t.delivery, messages=snap.messages, routing=t.routing, now=now)
-        # The acks after the replies: an agent writes a reply and its 'completed' ack in
-        # one commit, and the reply must not wait for a commit of the ack's mirror.
-        if final:
-            inbound.sync_acks(folder.db(INBOUND_DB), final, self._successor(now), now)
+            state=t.delivery, messages=snap.messages, routing=t.routing, now=now,
+            acks=final, follow_up=self._successor(now))
         # Only once the sync is written: acks older than ``acks_seen`` are never read
         # again, so moving it first would lose an ack whose sync failed.
         stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
@@ -355,8 +361,8 @@ class SessionWorker:
             t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
         t.synced_acks = set(settled)
         t.delivery_due = result.next_due
-        for mid in result.delivered:
-            logger.info("delivered reply {} of session {}", mid, t.session_id)
+        if result.delivered:  # one line per pass, however many replies it delivered
+            logger.info("delivered {} of session {}", _ids(result.delivered), t.session_id)
         if result.delivered or result.failed:
             self._notify_replies(t, snap.messages, result, now)
         if result.delivered or final:

@@ -176,7 +176,7 @@ def test_no_operation_leaves_a_handle_or_journal(db):
     inbound.count_due(db, NOW)
     inbound.next_due_at(db)
     inbound.status_counts(db)
-    inbound.sync_acks(db, {"m1": "completed"})
+    inbound.settle(db, (), {"m1": "completed"})
     inbound.record_delivery(db, "o1", "delivered")
     inbound.write_routing(db, "c", "p", None)
     inbound.replace_destinations(db, [Destination("d", "channel")])
@@ -223,7 +223,7 @@ def test_next_due_at(db):
     inbound.insert_message(db, msg("sooner", process_after=ts(sooner)))
     got = inbound.next_due_at(db, NOW)
     assert got.tzinfo is not None and abs(got - sooner) < timedelta(milliseconds=5)
-    inbound.sync_acks(db, {"sooner": "completed"})
+    inbound.settle(db, (), {"sooner": "completed"})
     assert abs(inbound.next_due_at(db, NOW) - later) < timedelta(milliseconds=5)
 
 
@@ -242,7 +242,7 @@ def test_oldest_due_at_is_when_the_oldest_due_message_became_due(db):
     inbound.insert_message(db, msg("held", process_after=ts(held)),
                            now=NOW - timedelta(hours=1))
     assert abs(inbound.oldest_due_at(db, NOW) - written) < timedelta(milliseconds=5)
-    inbound.sync_acks(db, {"plain": "completed"})
+    inbound.settle(db, (), {"plain": "completed"})
     assert abs(inbound.oldest_due_at(db, NOW) - held) < timedelta(milliseconds=5)
 
 
@@ -250,7 +250,7 @@ def test_status_counts(db):
     for mid in ("a", "b", "c", "d", "e"):
         inbound.insert_message(db, msg(mid))
     inbound.insert_message(db, msg("sys", kind="system"))
-    inbound.sync_acks(db, {"d": "completed", "e": "failed"})
+    inbound.settle(db, (), {"d": "completed", "e": "failed"})
     assert inbound.status_counts(db) == inbound.Counts(pending=3, processing=0, completed=1,
                                                        failed=1)
     # claimed (processing ack) pending rows count as processing; a claim on a
@@ -261,19 +261,19 @@ def test_status_counts(db):
 
 # --- acks -------------------------------------------------------------------------------
 
-def test_sync_acks(db):
+def test_settle_mirrors_final_acks(db):
     for mid in ("a", "b", "c", "d"):
         inbound.insert_message(db, msg(mid))
-    changed = inbound.sync_acks(db, {"a": "completed", "b": "failed", "c": "processing",
+    changed = inbound.settle(db, (), {"a": "completed", "b": "failed", "c": "processing",
                                      "ghost": "completed"})
     assert changed == 2
     assert dict(query(db, "SELECT id, status FROM messages_in")) == {
         "a": "completed", "b": "failed", "c": "pending", "d": "pending"}
     # idempotent, and a settled row is never flipped by a later ack
-    assert inbound.sync_acks(db, {"a": "completed", "b": "completed", "a2": "failed"}) == 0
+    assert inbound.settle(db, (), {"a": "completed", "b": "completed", "a2": "failed"}) == 0
     assert dict(query(db, "SELECT id, status FROM messages_in"))["b"] == "failed"
-    assert inbound.sync_acks(db, {}) == 0
-    assert inbound.sync_acks(db, {"c": "processing"}) == 0
+    assert inbound.settle(db, (), {}) == 0
+    assert inbound.settle(db, (), {"c": "processing"}) == 0
 
 
 # --- retries ----------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_reset_claims_max_tries_one_fails_immediately(db):
 def test_reset_claims_skips_settled_and_unknown_rows(db):
     for mid in ("done", "live"):
         inbound.insert_message(db, msg(mid))
-    inbound.sync_acks(db, {"done": "completed"})
+    inbound.settle(db, (), {"done": "completed"})
     result = inbound.reset_claims(db, ["done", "live", "ghost"], max_tries=5, backoff_base=1.0,
                                   now=NOW)
     assert result == {"live": "pending"}
@@ -418,7 +418,7 @@ def test_reset_claims_reopens_acked_but_unanswered_messages(db):
     """An agent acked ``completed`` but went before answering: the message is reopened
     (pending, tries+1, backoff) only when asked for completed rows, never by default."""
     inbound.insert_message(db, msg("m"))
-    inbound.sync_acks(db, {"m": "completed"})
+    inbound.settle(db, (), {"m": "completed"})
     assert inbound.reset_claims(db, ["m"], max_tries=5, backoff_base=5.0, now=NOW) == {}
     assert inbound.reset_claims(db, ["m"], max_tries=5, backoff_base=5.0, now=NOW,
                                 statuses=("completed",)) == {"m": "pending"}

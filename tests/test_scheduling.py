@@ -167,7 +167,7 @@ def complete_due(db: Path, now: datetime, zone: str = "UTC") -> list[str]:
     the host syncs the acks with the series' follow-up (exactly as the worker does)."""
     due = [r[0] for r in query(db, "SELECT id FROM messages_in WHERE status='pending' AND"
                                " process_after <= ?", (format_due(now),))]
-    inbound.sync_acks(db, {mid: "completed" for mid in due},
+    inbound.settle(db, (), {mid: "completed" for mid in due},
                       lambda row: scheduling.successor(row, now, zone), now)
     return due
 
@@ -214,7 +214,7 @@ def test_a_replayed_completion_adds_no_second_successor(tmp_path: Path):
     mid = first_occurrence(db, "0 * * * *", datetime(2026, 3, 27, 10, tzinfo=UTC))
     for hours in (0, 5):  # e.g. the acks are read again after a restart, hours later
         now = datetime(2026, 3, 27, 10 + hours, 0, 1, tzinfo=UTC)
-        inbound.sync_acks(db, {mid: "completed"}, lambda row: successor(row, now), now)
+        inbound.settle(db, (), {mid: "completed"}, lambda row: successor(row, now), now)
     assert timeline(db) == [("2026-03-27 10:00:00", "completed"),
                             ("2026-03-27 11:00:00", "pending")]
     # and even a follow-up asked for twice is inserted once (same id, INSERT OR IGNORE)
@@ -224,7 +224,7 @@ def test_a_replayed_completion_adds_no_second_successor(tmp_path: Path):
 
 
 def _acked_failed(db: Path, mid: str, now: datetime) -> None:
-    inbound.sync_acks(db, {mid: "failed"}, lambda row: successor(row, now), now)
+    inbound.settle(db, (), {mid: "failed"}, lambda row: successor(row, now), now)
 
 
 def _claim_failed_by_the_host_at_max_tries(db: Path, mid: str, now: datetime) -> None:
@@ -255,7 +255,7 @@ def test_cancel_removes_the_waiting_occurrence_and_stops_the_series(tmp_path: Pa
     # the first occurrence is claimed by an agent: it is kept, and nothing follows it
     assert inbound.cancel_series(db, "ser-t", keep=[mid]) == (1, 0)
     now = datetime(2026, 3, 27, 10, 0, 1, tzinfo=UTC)
-    inbound.sync_acks(db, {mid: "completed", other: "completed"},
+    inbound.settle(db, (), {mid: "completed", other: "completed"},
                       lambda row: successor(row, now), now)
     rows = query(db, "SELECT series_id, status, recurrence FROM messages_in ORDER BY seq")
     assert rows == [("ser-t", "completed", None), ("ser-o", "completed", "* * * * *"),

@@ -151,15 +151,15 @@ def test_a_recurring_series_for_real_at_a_one_second_cadence_then_cancelled(
 KILLER = """
 import os, signal, sys
 from orchestrator.store import inbound
-original, mode = inbound.sync_acks, sys.argv[2]
-def sync_acks(path, acks, *args, **kwargs):
+original, mode = inbound.settle, sys.argv[2]
+def settle(path, records, acks, *args, **kwargs):
     if mode == "before" and acks:   # the agent completed; the host has written nothing
         os.kill(os.getpid(), signal.SIGKILL)
-    changed = original(path, acks, *args, **kwargs)
+    changed = original(path, records, acks, *args, **kwargs)
     if mode == "after" and changed:  # written, but the process forgets it saw the ack
         os.kill(os.getpid(), signal.SIGKILL)
     return changed
-inbound.sync_acks = sync_acks
+inbound.settle = settle
 from orchestrator.cli import main
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """

@@ -43,7 +43,7 @@ def test_collect_counts_per_session(env):
     ack(s, a, "a0", "processing")  # claimed: processing, not pending
     ack(s, a, "a1", "completed")
     ack(s, a, "a2", "failed")
-    inbound.sync_acks(s.paths(a).inbound_db, {"a1": "completed", "a2": "failed"})
+    inbound.settle(s.paths(a).inbound_db, (), {"a1": "completed", "a2": "failed"})
     reg.set_container_status(a.id, "running", "started")
     reg.touch(a.id, heartbeat=datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC))
 

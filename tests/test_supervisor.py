@@ -484,18 +484,18 @@ async def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path,
 
     cfg = make_config(tmp_path, agent_args=["--work-seconds", "0.05"],
                       watch={"sweep_interval": 0.3})
-    from orchestrator import session_worker
+    from orchestrator.store import inbound
 
-    real_sync = session_worker.inbound.sync_acks
+    real_settle = inbound.settle
     refused: list[dict] = []
 
-    def failing_until_both(path, acks, *args, **kwargs):  # (series follow-up, now)
-        if not refused or len(refused[-1]) < 2:
+    def failing_until_both(path, records, acks, *args, **kwargs):  # (follow-up, now)
+        if acks and (not refused or len(refused[-1]) < 2):
             refused.append(dict(acks))
             raise sqlite3.OperationalError("disk I/O error")
-        return real_sync(path, acks, *args, **kwargs)
+        return real_settle(path, records, acks, *args, **kwargs)
 
-    monkeypatch.setattr(session_worker.inbound, "sync_acks", failing_until_both)
+    monkeypatch.setattr(inbound, "settle", failing_until_both)
 
     client = Client(cfg)
     async with supervised(cfg):

@@ -143,7 +143,7 @@ def fail_due(path: Path, now: datetime, follow_up: FollowUp | None = None) -> li
 
     For a session whose agent can never be started: its work fails with a reason
     instead of staying pending forever. Later messages are left alone. Each failed
-    row gets its ``follow_up`` like in ``sync_acks`` (a series goes on).
+    row gets its ``follow_up`` like in ``settle`` (a series goes on).
     """
     with opened(path) as conn, transaction(conn):
         ids = [r[0] for r in conn.execute(
@@ -190,19 +190,31 @@ def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
     return Counts(pending, processing, completed, failed)
 
 
-def sync_acks(path: Path, acks: dict[str, str], follow_up: FollowUp | None = None,
-              now: datetime | None = None) -> int:
-    """Mirror the agent's final acks into ``messages_in.status``; returns rows changed.
+def settle(path: Path, records: Iterable[tuple[str, str, str | None]],
+           acks: dict[str, str], follow_up: FollowUp | None = None,
+           now: datetime | None = None) -> int:
+    """Delivery records (``(message_out_id, status, platform_message_id)``, first
+    record wins) and the agent's final acks mirrored into ``messages_in.status``, in
+    ONE transaction: a reply and the ack the agent committed with it cost one fsync'd
+    commit, not two. Returns the messages_in rows the acks changed.
 
-    ``follow_up(row)`` is called for each row this call settles, inside the same
+    ``follow_up(row)`` is called for each row an ack settles, inside the same
     transaction: what it returns (a series' next occurrence) is inserted with it,
     so a crash can never leave a settled row without its successor, or the reverse.
     """
+    stamp = schema.format_ts(now or schema.utcnow())
+    rows = [(mid, pmid, st, stamp) for mid, st, pmid in records]
+    if any(r[2] not in ("delivered", "failed") for r in rows):
+        raise ValueError("delivery status must be 'delivered' or 'failed'")
     final = [(st, mid) for mid, st in acks.items() if st in ("completed", "failed")]
-    if not final:
+    if not rows and not final:
         return 0
+    changed = 0
     with opened(path) as conn, transaction(conn):
-        changed = 0
+        if rows:
+            conn.executemany(
+                "INSERT OR IGNORE INTO delivered (message_out_id, platform_message_id, status,"
+                " delivered_at) VALUES (?,?,?,?)", rows)
         for st, mid in final:
             cur = conn.execute(
                 "UPDATE messages_in SET status=? WHERE id=? AND status NOT IN ('completed','failed')"
@@ -226,7 +238,7 @@ def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base
     Returns {message_id: new status}. Only rows in ``statuses`` change: a claim is
     still ``pending`` here; a message the agent acknowledged ``completed`` but never
     answered is reopened with ``statuses=("completed",)``. A row failed here gets
-    its ``follow_up`` like in ``sync_acks`` (at most once: a series' next occurrence
+    its ``follow_up`` like in ``settle`` (at most once: a series' next occurrence
     made when the row first completed is not made again).
     """
     result: dict[str, str] = {}
@@ -325,15 +337,7 @@ def record_delivery(path: Path, message_out_id: str, status: str,
 def record_deliveries(path: Path, records: Iterable[tuple[str, str, str | None]],
                       now: datetime | None = None) -> None:
     """Several ``(message_out_id, status, platform_message_id)`` in one transaction."""
-    rows = [(mid, pmid, st, schema.format_ts(now or schema.utcnow())) for mid, st, pmid in records]
-    if any(r[2] not in ("delivered", "failed") for r in rows):
-        raise ValueError("delivery status must be 'delivered' or 'failed'")
-    if not rows:
-        return
-    with opened(path) as conn, transaction(conn):
-        conn.executemany(
-            "INSERT OR IGNORE INTO delivered (message_out_id, platform_message_id, status,"
-            " delivered_at) VALUES (?,?,?,?)", rows)
+    settle(path, records, {}, None, now)
 
 
 def write_routing(path: Path, channel_type: str | None, platform_id: str | None,

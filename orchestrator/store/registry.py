@@ -431,6 +431,15 @@ class Registry:
                 " message_out_id=?", (session_id, out_id)).fetchone()
         return (row[0], parse_ts(row[1])) if row else (0, None)
 
+    def delivery_attempts(self, session_id: str) -> dict[str, tuple[int, datetime | None]]:
+        """Every reply of the session with failed attempts (usually none): one query per
+        pass instead of one per reply."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT message_out_id, attempts, next_attempt_at FROM delivery_attempts"
+                " WHERE session_id=?", (session_id,)).fetchall()
+        return {r[0]: (r[1], parse_ts(r[2])) for r in rows}
+
     def record_attempt_failure(self, session_id: str, out_id: str, attempts: int,
                                next_at: datetime | None, error: str) -> None:
         with self._tx() as c:

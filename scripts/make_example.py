@@ -144,7 +144,7 @@ def build(data_dir: Path) -> None:
         paths = sessions.paths(chat)
         agent_turn(paths)
         acks = {a.message_id: a.status for a in outbound.read(paths.outbound_db).acks.values()}
-        inbound.sync_acks(paths.inbound_db, acks)
+        inbound.settle(paths.inbound_db, (), acks)
         inbound.record_delivery(paths.inbound_db, "out-0001", "delivered", "cli-0001",
                                 now=datetime(2024, 6, 1, 12, 0, 4, tzinfo=timezone.utc))
 

@@ -12,7 +12,11 @@ thousands of paths per batch cheaply and tests need no filesystem at all.
     <data_dir>/delivered/<message_id>/<file>                 files handed to a channel
 
 This module is stdlib-only on purpose: the reference agent imports it inside a
-container that has nothing but python3.
+container that has nothing but python3. It is also on the agent's cold start
+path, so it imports nothing the agent would not load anyway (``re``, ``enum`` and
+``collections`` come with ``json`` and ``signal``): no ``dataclasses`` (its
+``inspect`` import alone is ~6 ms of every agent start), no ``pathlib``. The two
+records are named tuples instead; paths are whatever the caller passes in.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from __future__ import annotations
 import enum
 import os
 import re
-from dataclasses import dataclass
-from pathlib import Path, PurePath
+from collections import namedtuple
+
+TYPE_CHECKING = False  # typing / pathlib only for the type checker: see below
+if TYPE_CHECKING:
+    from pathlib import Path, PurePath
 
 SESSIONS_DIR = "sessions"
 REGISTRY_DB = "orchestrator.db"
@@ -68,12 +75,15 @@ class Kind(enum.Enum):
     OTHER = "other"
 
 
-@dataclass(frozen=True, slots=True)
-class PathInfo:
+class PathInfo(namedtuple("PathInfo", "agent_group session_id kind message_id",
+                          defaults=(None,))):
+    """(agent group, session id or None, Kind, message id for inbox/outbox entries)."""
+
+    __slots__ = ()
     agent_group: str
     session_id: str | None
     kind: Kind
-    message_id: str | None = None  # for inbox/outbox entries
+    message_id: str | None
 
 
 def sessions_root(data_dir: Path) -> Path:
@@ -88,10 +98,10 @@ def delivered_root(data_dir: Path) -> Path:
     return data_dir / DELIVERED_DIR
 
 
-@dataclass(frozen=True, slots=True)
-class SessionPaths:
-    """The fixed file names inside one session folder."""
+class SessionPaths(namedtuple("SessionPaths", "root")):
+    """The fixed file names inside one session folder (``root``: a Path)."""
 
+    __slots__ = ()
     root: Path
 
     @property

@@ -295,17 +295,20 @@ class Sessions:
         ``inbound_db``: the supervisor passes its ``safefs.SafeDb`` (no link followed,
         no wait on a lock the agent holds)."""
         db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
-        inbound.write_routing(db, *self.routing_of(session))
-        self.write_destinations(session, db)
+        routing = self.routing_of(session)
+        inbound.sync_routing(db, routing, self._destinations(session, routing))
 
     def write_destinations(self, session: SessionRow, inbound_db: Path | None = None) -> None:
         """Every chat of the group plus the hand-set destinations (``destinations``)."""
         db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
-        channel_type, platform_id, thread_id = self.routing_of(session)
+        inbound.replace_destinations(db, self._destinations(session, self.routing_of(session)))
+
+    def _destinations(self, session: SessionRow, routing: tuple[str | None, str | None,
+                                                                  str | None]) -> list:
+        channel_type, platform_id, thread_id = routing
         own = (destinations.Chat(channel_type, platform_id, thread_id)
                if channel_type and platform_id else None)
-        inbound.replace_destinations(db, [d for d, _ in destinations.projected(
-            self.registry, session.agent_group_id, own)])
+        return [d for d, _ in destinations.projected(self.registry, session.agent_group_id, own)]
 
     def routing_of(self, session: SessionRow) -> tuple[str | None, str | None, str | None]:
         mg = (self.registry.messaging_group(session.messaging_group_id)

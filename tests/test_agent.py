@@ -315,15 +315,63 @@ def test_new_out_id_is_fresh_and_valid() -> None:
 
 def test_parse_args_defaults_and_overrides() -> None:
     opts = agent_mod.parse_args([])
-    assert opts == agent_mod.Options(workspace=Path("."), poll_interval=0.1, work_seconds=0.0,
+    assert opts == agent_mod.Options(workspace=".", poll_interval=0.1, work_seconds=0.0,
                                      heartbeat_interval=1.0, exit_when_idle=None,
                                      hang_on=None, crash_on=None)
     opts = agent_mod.parse_args(["--workspace", "/workspace", "--work-seconds", "2",
                                  "--exit-when-idle", "5", "--hang-on", "h", "--crash-on", "c"])
     assert (opts.workspace, opts.work_seconds, opts.exit_when_idle, opts.hang_on, opts.crash_on) == (
-        Path("/workspace"), 2.0, 5.0, "h", "c")
+        "/workspace", 2.0, 5.0, "h", "c")
     with pytest.raises(SystemExit):
         agent_mod.parse_args(["--poll-interval", "0"])
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--workspace", "/w", "--wake", "poll", "--poll-interval", "0.5"],
+    ["--workspace=/w", "--exit-when-idle=0", "--hang-on", "h h", "--crash-on=c"],
+    ["--safety-poll", "600", "--heartbeat-interval", "2", "--work-seconds", "0"],
+])
+def test_quick_parse_agrees_with_argparse(argv: list[str]) -> None:
+    assert agent_mod.quick_parse(argv) == agent_mod._argparse(argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["-h"], ["--work", "1"],  # an abbreviation: argparse says it is ambiguous
+    ["--workspace"], ["--wake", "sometimes"], ["--poll-interval", "0"],
+    ["--poll-interval", "x"], ["--hang-on", "-x"], ["stray"], ["--unknown", "1"],
+])
+def test_quick_parse_leaves_anything_unusual_to_argparse(argv: list[str]) -> None:
+    assert agent_mod.quick_parse(argv) is None
+
+
+# modules a cold start of the agent must not load (each is milliseconds of every start;
+# ctypes comes later, once the first due work is answered: SessionFolder.start_watch)
+COLD_START_FORBIDDEN = {"argparse", "ctypes", "dataclasses", "inspect", "loguru", "pathlib",
+                        "shutil", "typing", "uuid"}
+
+
+def test_agent_cold_start_imports_nothing_heavy(session: Session) -> None:
+    """From its start to its first reply, the agent (run as the local runtime runs it)
+    imports none of the modules that used to be most of a cold round trip; ctypes
+    (inotify) follows the reply."""
+    session.insert("m2", 2, text="hi")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-S", "-P", "-X", "importtime",
+         str(REPO / "orchestrator" / "agent" / "__main__.py"), "--workspace", str(session.root),
+         "--exit-when-idle", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert session.reply_to("m2") is not None
+    before, replied, after = done.stderr.partition(" completed")
+    assert replied, done.stderr
+
+    def imported(text: str) -> set[str]:
+        return {line.rsplit("|", 1)[1].strip() for line in text.splitlines()
+                if line.startswith("import time:") and "|" in line}
+
+    assert not imported(before) & COLD_START_FORBIDDEN, sorted(imported(before))
+    assert "ctypes" in imported(after)  # the watch, set up once the due work was answered
 
 
 def test_agent_imports_only_stdlib() -> None:

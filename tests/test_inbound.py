@@ -382,6 +382,38 @@ def test_replace_destinations_is_one_transaction(db):
     assert query(db, "SELECT name FROM destinations ORDER BY name") == [("old1",), ("old2",)]
 
 
+def change_counter(db) -> int:
+    """SQLite's file change counter (header bytes 24-27): +1 per committed write."""
+    with open(db, "rb") as fh:
+        return int.from_bytes(fh.read(28)[24:28], "big")
+
+
+A, B = Destination("a", "channel", "A", "slack", "C1"), Destination("b", "agent", agent_group_id="g2")
+
+
+@pytest.mark.parametrize("routing,dests,written", [
+    (("slack", "C1", "T1"), [A, B], False),  # as before: nothing written
+    (("slack", "C1", None), [A, B], True),  # the route changed
+    (("slack", "C1", "T1"), [A], True),  # a destination went
+    (("slack", "C1", "T1"), [B, A], True),  # the same set in another order is rewritten
+    ((None, None, None), [], True),
+])
+def test_sync_routing_writes_only_what_changed(db, routing, dests, written):
+    """Before every agent start: unchanged routing and destinations cost no write (no
+    journal, no fsync, no event for the host's watcher), changed ones are written
+    whole, in one transaction."""
+    assert inbound.sync_routing(db, ("slack", "C1", "T1"), [A, B]) is True  # a new folder
+    before = change_counter(db)
+    assert inbound.sync_routing(db, routing, dests) is written
+    assert change_counter(db) == before + written  # one transaction, or none
+    assert query(db, "SELECT channel_type, platform_id, thread_id FROM session_routing") == [
+        routing]
+    assert query(db, "SELECT name, display_name, type, channel_type, platform_id, agent_group_id"
+                     " FROM destinations ORDER BY rowid") == [
+        (d.name, d.display_name, d.type, d.channel_type, d.platform_id, d.agent_group_id)
+        for d in dests]
+
+
 def test_reset_claims_reopens_acked_but_unanswered_messages(db):
     """An agent acked ``completed`` but went before answering: the message is reopened
     (pending, tries+1, backoff) only when asked for completed rows, never by default."""

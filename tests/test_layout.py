@@ -110,4 +110,4 @@ def test_layout_is_stdlib_only():
     source = Path(layout.__file__).read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines()
                if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "enum", "os", "re", "dataclasses", "pathlib"}
+    assert imports <= {"__future__", "collections", "enum", "os", "re"}

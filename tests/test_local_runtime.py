@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from docker_fixtures import insert_message
 from e2e import AGENT, make_config, run
-from helpers import until
-from orchestrator.layout import PID_FILE
+from helpers import query, until
+from orchestrator.layout import OUTBOUND_DB, PID_FILE
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.local import LocalRuntime, process_start_time, read_pid_file
+from orchestrator.runtime.local import (AGENT_MAIN, PACKAGE_ROOT, LocalRuntime,
+                                        process_start_time, quick_start, read_pid_file)
 from orchestrator.sessions import create_folder
 
 # ignores SIGTERM (so do its children), and says so in ./trapped once it does
@@ -137,6 +139,52 @@ async def test_exit_callback_carries_the_code(tmp_path: Path, script: str, code:
     assert ev == AgentExit("grp", "sess-1", code, reason)
     assert not runtime.is_running("sess-1")
     assert not (ref.folder / PID_FILE).exists()
+    await runtime.close()
+
+
+PY = sys.executable
+FAST = [PY, "-S", "-P", AGENT_MAIN]
+
+
+@pytest.mark.parametrize("configured,group_path,cmd,path", [
+    (("{python}", "-m", "orchestrator.agent"), None, FAST, PACKAGE_ROOT),
+    (("{python}", "-m", "orchestrator.agent", "--wake", "poll"), "/g/lib",
+     FAST + ["--wake", "poll"], PACKAGE_ROOT + os.pathsep + "/g/lib"),
+    (("python3", "-m", "orchestrator.agent"), "/g/lib", ["python3", "-m", "orchestrator.agent"],
+     "/g/lib"),  # another interpreter: its own site-packages may be what makes it work
+    (("{python}", "-m", "orchestrator.agentx"), None, [PY, "-m", "orchestrator.agentx"], None),
+    (("{python}", "my_agent.py", "-m", "orchestrator.agent"), None,
+     [PY, "my_agent.py", "-m", "orchestrator.agent"], None),
+])
+def test_quick_start_only_rewrites_the_reference_agent(configured: tuple, group_path: str | None,
+                                                      cmd: list[str], path: str | None) -> None:
+    expanded = [PY if part == "{python}" else part for part in configured]
+    env = {"HOME": "/h"} | ({"PYTHONPATH": group_path} if group_path else {})
+    got_cmd, got_env = quick_start(configured, expanded + ["--workspace", "/w"], env)
+    assert got_cmd == cmd + ["--workspace", "/w"]
+    assert got_env.get("PYTHONPATH") == path
+    assert got_env["HOME"] == "/h"
+
+
+async def test_reference_agent_starts_without_site_and_ignores_its_folder(
+        tmp_path: Path, reap_agents) -> None:
+    """The quick start (-S -P, PYTHONPATH) runs the real agent, which answers; an
+    ``orchestrator`` package planted in the session folder (the agent's cwd) is not
+    what it imports."""
+    runtime, exits, ref = setup(tmp_path)
+    planted = ref.folder / "orchestrator"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("open('planted-ran', 'w').close()\nraise SystemExit(9)\n")
+    insert_message(ref.folder, "m2", "hello")
+
+    handle = await runtime.start(ref)
+    with open(f"/proc/{handle.ident}/cmdline", "rb") as fh:
+        assert fh.read().split(b"\0")[:4] == [os.fsencode(part) for part in FAST]
+    await until(lambda: query(ref.folder / OUTBOUND_DB,
+                              "SELECT 1 FROM messages_out WHERE in_reply_to = 'm2'"), 20, "reply")
+    assert not (ref.folder / "planted-ran").exists()
+    await runtime.stop("sess-1", 10)
+    assert (await exits.wait()).exit_code == 0
     await runtime.close()
 
 

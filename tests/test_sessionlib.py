@@ -147,6 +147,34 @@ def test_wait_for_work_is_woken_by_inotify_not_the_poll(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 5  # far below the 600 s polls
 
 
+def test_a_watch_started_late_misses_no_commit(tmp_path: Path) -> None:
+    """recover(watch=False) (the reference agent's cold start): no watch yet, so the
+    commit made now raises no event; the first wait that finds nothing to do sets up
+    the watch and looks again, and later commits wake it through inotify alone."""
+    folder = make_folder(tmp_path)
+    with SessionFolder(folder, wake="inotify", poll_interval=600, safety_poll=600) as session:
+        pass  # outbound.db and outbox/ exist now, as after any earlier agent
+    session = SessionFolder(folder, wake="inotify", poll_interval=600, safety_poll=600)
+    try:
+        session.recover(watch=False)
+        assert not session.watching
+        insert(folder, "m2")
+        assert [m.id for m in session.wait_for_work(30)] == ["m2"]
+        assert not session.watching  # work was due: the watch waits until there is none
+        session.ack("m2", "completed")
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(session.wait_for_work(30)))
+        waiter.start()
+        wait_for(lambda: session.watching, 10, message="the watch set up by the wait")
+        insert(folder, "m4")
+        t0 = time.monotonic()
+        waiter.join(30)
+        assert [m.id for m in got[0]] == ["m4"]
+        assert time.monotonic() - t0 < 5  # inotify, not the 600 s polls
+    finally:
+        session.close()
+
+
 def test_wait_for_work_wakes_by_itself_at_process_after(tmp_path: Path) -> None:
     folder = make_folder(tmp_path)
     due = schema.after(0.4)

@@ -13,7 +13,6 @@ adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -21,13 +20,15 @@ import sqlite3
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from collections import namedtuple
 
 from orchestrator.agent import decide
 from orchestrator.agent.files import copy_attachments
 from orchestrator.agent.sessionlib import WAKE_MODES, Message, SessionFolder, remove_tree
+
+TYPE_CHECKING = False  # no typing, dataclasses or argparse on the cold start path (see parse_args)
+if TYPE_CHECKING:
+    from typing import Callable, Sequence
 
 EXIT_CRASH = 3
 
@@ -37,22 +38,28 @@ def log(message: str) -> None:
     print(f"agent[{os.getpid()}] {message}", file=sys.stderr, flush=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    workspace: Path
-    poll_interval: float = 0.1
-    work_seconds: float = 0.0
-    heartbeat_interval: float = 1.0
-    exit_when_idle: float | None = None
-    hang_on: str | None = None
-    crash_on: str | None = None
-    wake: str = "auto"
-    safety_poll: float = 5.0
+class Options(namedtuple("Options", "workspace poll_interval work_seconds heartbeat_interval "
+                                    "exit_when_idle hang_on crash_on wake safety_poll",
+                         defaults=(0.1, 0.0, 1.0, None, None, None, "auto", 5.0))):
+    """The parsed command line (see ``OPTIONS`` for each one's meaning)."""
+
+    __slots__ = ()
+    workspace: str
+    poll_interval: float
+    work_seconds: float
+    heartbeat_interval: float
+    exit_when_idle: float | None
+    hang_on: str | None
+    crash_on: str | None
+    wake: str
+    safety_poll: float
 
 
 def _non_negative(value: str) -> float:
     number = float(value)
     if number < 0:
+        import argparse  # only on bad input: argparse is not on the cold start path
+
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
 
@@ -60,47 +67,88 @@ def _non_negative(value: str) -> float:
 def _positive(value: str) -> float:
     number = float(value)
     if number <= 0:
+        import argparse
+
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Options:
+# flag -> (Options field, type, choices, metavar, help): the one description of the
+# command line, read by the quick parser and by argparse (--help, bad input)
+OPTIONS: dict[str, tuple[str, Callable[[str], object], tuple[str, ...] | None, str | None, str]] = {
+    "--workspace": ("workspace", str, None, None,
+                    "session folder (default: current directory; /workspace in a container)"),
+    "--poll-interval": ("poll_interval", _positive, None, None,
+                        "seconds between polls of inbound.db without inotify (default 0.1)"),
+    "--wake": ("wake", str, WAKE_MODES, None,
+               "how new work is noticed: inotify on the session folder, 'poll', "
+               "or 'auto' (inotify where available; default)"),
+    "--safety-poll": ("safety_poll", _positive, None, "S",
+                      "with inotify, look at inbound.db every S s anyway, for shares "
+                      "that raise no events (default 5)"),
+    "--work-seconds": ("work_seconds", _non_negative, None, None,
+                       "simulated work per message (default 0)"),
+    "--heartbeat-interval": ("heartbeat_interval", _positive, None, None,
+                             "seconds between heartbeats while working (default 1.0)"),
+    "--exit-when-idle": ("exit_when_idle", _non_negative, None, "S",
+                         "exit 0 after S seconds without work (default: never)"),
+    "--hang-on": ("hang_on", str, None, "TEXT",
+                  "go silent forever on a message whose text contains TEXT"),
+    "--crash-on": ("crash_on", str, None, "TEXT",
+                   f"exit {EXIT_CRASH} right after claiming a message whose text contains TEXT"),
+}
+
+
+def quick_parse(argv: Sequence[str]) -> dict[str, object] | None:
+    """The options of a plain, valid command line (``--flag value`` / ``--flag=value``,
+    each flag spelled in full), or None for anything else: help, errors, abbreviations
+    and the like go to argparse, which says what is wrong. Why: argparse (with gettext)
+    is ~3 ms of every agent start, and the host always passes a plain command line."""
+    values: dict[str, object] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        flag, eq, text = args[i].partition("=")
+        if flag not in OPTIONS:
+            return None
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("-"):
+                return None  # a missing value (or a negative number: argparse decides)
+            text = args[i + 1]
+            i += 1
+        i += 1
+        field, kind, choices, _metavar, _help = OPTIONS[flag]
+        if choices is not None and text not in choices:
+            return None
+        try:
+            values[field] = kind(text)
+        except Exception:  # noqa: BLE001 - argparse reports it properly
+            return None
+    return values
+
+
+def _argparse(argv: Sequence[str] | None) -> dict[str, object]:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.agent",
         description="Reference agent: echoes inbound messages of one session folder.",
     )
-    parser.add_argument("--workspace", type=Path, default=Path("."),
-                        help="session folder (default: current directory; /workspace in a container)")
-    parser.add_argument("--poll-interval", type=_positive, default=0.1,
-                        help="seconds between polls of inbound.db without inotify (default 0.1)")
-    parser.add_argument("--wake", choices=WAKE_MODES, default="auto",
-                        help="how new work is noticed: inotify on the session folder, 'poll', "
-                             "or 'auto' (inotify where available; default)")
-    parser.add_argument("--safety-poll", type=_positive, default=5.0, metavar="S",
-                        help="with inotify, look at inbound.db every S s anyway, for shares "
-                             "that raise no events (default 5)")
-    parser.add_argument("--work-seconds", type=_non_negative, default=0.0,
-                        help="simulated work per message (default 0)")
-    parser.add_argument("--heartbeat-interval", type=_positive, default=1.0,
-                        help="seconds between heartbeats while working (default 1.0)")
-    parser.add_argument("--exit-when-idle", type=_non_negative, default=None, metavar="S",
-                        help="exit 0 after S seconds without work (default: never)")
-    parser.add_argument("--hang-on", metavar="TEXT", default=None,
-                        help="go silent forever on a message whose text contains TEXT")
-    parser.add_argument("--crash-on", metavar="TEXT", default=None,
-                        help=f"exit {EXIT_CRASH} right after claiming a message whose text contains TEXT")
-    ns = parser.parse_args(argv)
-    return Options(
-        workspace=ns.workspace,
-        poll_interval=ns.poll_interval,
-        work_seconds=ns.work_seconds,
-        heartbeat_interval=ns.heartbeat_interval,
-        exit_when_idle=ns.exit_when_idle,
-        hang_on=ns.hang_on,
-        crash_on=ns.crash_on,
-        wake=ns.wake,
-        safety_poll=ns.safety_poll,
-    )
+    for flag, (field, kind, choices, metavar, text) in OPTIONS.items():
+        parser.add_argument(flag, dest=field, type=kind, choices=choices, metavar=metavar,
+                            help=text, default=argparse.SUPPRESS)
+    return vars(parser.parse_args(argv))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """Options from the command line (``sys.argv[1:]`` when None); exits 2 with
+    argparse's message on bad input, 0 after ``--help``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    values = quick_parse(args)
+    if values is None:
+        values = _argparse(args)
+    values.setdefault("workspace", ".")
+    return Options(**values)
 
 
 class Agent:
@@ -112,17 +160,16 @@ class Agent:
         self.session = SessionFolder(options.workspace, wake=options.wake,
                                      poll_interval=options.poll_interval,
                                      safety_poll=options.safety_poll)
-        self.workspace = self.session.workspace
-        self.paths = self.session.paths
         self.stop = stop or threading.Event()
         self._last_error: str | None = None
+        self._watching = False  # start_watch() done (see _wait_logged)
 
     def heartbeat(self) -> None:
         self.session.heartbeat()
 
     def start(self) -> None:
         """Prepare the folder and drop a crashed predecessor's claims (sessionlib.recover)."""
-        dropped = self.session.recover()
+        dropped = self.session.recover(watch=False)  # watched once the due work is done
         if dropped:
             log(f"deleted {dropped} leftover processing ack(s)")
 
@@ -165,14 +212,16 @@ class Agent:
             log(f"{msg.id} seq={msg.seq} interrupted; claim left for the host")
             return False
         out_id = decide.new_out_id()
-        dest = session.outbox_dir(out_id)
+        dest = session.outbox_dir(out_id) if message.attachments else None
         try:
-            files, refused = copy_attachments(self.workspace, message.attachments, dest)
+            files, refused = (copy_attachments(session.workspace, message.attachments, dest)
+                              if dest is not None else ([], []))
             content = json.loads(decide.reply_content(decide.reply_text(message.text),
                                                       files, refused))
             session.reply(msg, content, out_id=out_id)
         except BaseException:
-            remove_tree(dest, ignore_errors=True)
+            if dest is not None:
+                remove_tree(dest, ignore_errors=True)
             raise
         self.heartbeat()
         extra = f" files={len(files)}" + (f" refused={len(refused)}" if refused else "")
@@ -197,8 +246,18 @@ class Agent:
 
     def _wait_logged(self, timeout: float | None) -> list[Message]:
         """wait_for_work(), but a DB that is locked or still being created is retried
-        quietly: the same error is logged once, not on every look."""
+        quietly: the same error is logged once, not on every look. The first time
+        nothing is due, the watch is set up (and said) before the wait."""
         try:
+            if not self._watching:
+                rows = self.session.pending()[0]
+                if rows:  # a cold start: answer first, set up the watch after
+                    return rows
+                self.session.start_watch()
+                self._watching = True
+                how = ("inotify" if self.session.watching
+                       else f"polling every {self.options.poll_interval:g}s")
+                log(f"waking on {how}")
             rows = self.session.wait_for_work(timeout)
         except sqlite3.Error as exc:
             if str(exc) != self._last_error:
@@ -211,8 +270,7 @@ class Agent:
 
     def run(self) -> int:
         self.start()
-        how = "inotify" if self.session.watching else f"polling every {self.options.poll_interval:g}s"
-        log(f"started on {self.workspace} (waking on {how})")
+        log(f"started on {self.session.root}")
         last_work = time.monotonic()
         try:
             while not self.stop.is_set():

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
-from typing import Iterable
 
 from orchestrator.agent.decide import Attachment, check_relative_path, safe_file_name
+
+TYPE_CHECKING = False  # typing stays off the agent's cold start
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Iterable
 
 _CHUNK = 1 << 20
 

@@ -21,7 +21,6 @@ the caller polls instead.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import struct
@@ -38,6 +37,10 @@ IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000  # a symlinked workspace is not followed either
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
@@ -73,7 +76,11 @@ def parse_events(buf: bytes) -> list[tuple[int, str]]:
 
 def _libc() -> ctypes.CDLL | None:
     """The C library (the interpreter's own symbols; no ``find_library``, which
-    runs ldconfig and costs tens of ms at every agent start)."""
+    runs ldconfig and costs tens of ms at every agent start). ctypes is imported
+    here, not with the module: it is ~3 ms that a cold start defers until the
+    first reply is written (``SessionFolder.start_watch``)."""
+    import ctypes
+
     for name in (None, "libc.so.6"):
         try:
             libc = ctypes.CDLL(name, use_errno=True)

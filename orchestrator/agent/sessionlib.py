@@ -20,6 +20,10 @@ What each call does, and why:
   session's leftover ``processing`` acks (their agent died mid-message, so the
   messages become pending again and are redone) and ``outbox/out-*`` folders no
   reply row names (files are written before their row is committed).
+  ``recover(watch=False)`` leaves the inotify watch to the first ``wait_for_work``
+  that finds nothing due: a cold-started agent answers first (ctypes, which the
+  watch needs, is ~3 ms of a start) and misses nothing, since that wait reads
+  inbound.db again once the watch is there.
 - ``wait_for_work()``: the due, triggered, unacked messages in seq order; blocks
   until there are some. It sleeps on inotify on the session folder (the host's
   inbound.db commits wake it within a millisecond, through a read-only bind mount
@@ -47,25 +51,29 @@ import os
 import select
 import sqlite3
 import time
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
-from typing import Any, Mapping
+from collections import namedtuple
 
 from orchestrator import layout
 from orchestrator.agent import beat, inotify
 from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
 from orchestrator.store import schema
 
+TYPE_CHECKING = False  # typing and dataclasses stay off the agent's cold start (~8 ms)
+if TYPE_CHECKING:
+    from datetime import datetime
+    from pathlib import Path
+    from typing import Any, Mapping
+
 _IN_CHUNK = 500  # bound parameters per IN (...) query, well under SQLite's limit
 _WAKE_NAMES = frozenset({layout.INBOUND_DB, layout.INBOUND_DB + "-journal"})
 WAKE_MODES = ("auto", "inotify", "poll")
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(namedtuple("Message", "id seq kind trigger process_after platform_id "
+                                    "channel_type thread_id content")):
     """One inbound row; ``content`` is the raw JSON text the host wrote."""
 
+    __slots__ = ()
     id: str
     seq: int | None
     kind: str
@@ -99,13 +107,30 @@ class SessionFolder:
                  poll_interval: float = 0.1, safety_poll: float = 5.0) -> None:
         if wake not in WAKE_MODES:
             raise ValueError(f"wake must be one of {', '.join(WAKE_MODES)}, got {wake!r}")
-        self.workspace = Path(workspace).resolve()
-        self.paths = layout.SessionPaths(self.workspace)
+        # the resolved workspace as a string: the agent's own path work is os.path,
+        # because pathlib (with urllib.parse and ipaddress) is ~4 ms of a cold start
+        self.root = os.path.realpath(os.fspath(workspace))
+        self._outbound = os.path.join(self.root, layout.OUTBOUND_DB)
+        self._inbound = os.path.join(self.root, layout.INBOUND_DB)
+        self._outbox = os.path.join(self.root, layout.OUTBOX)
         self.wake = wake
         self.poll_interval = poll_interval
         self.safety_poll = safety_poll
         self._watch: inotify.FolderWatch | None = None
+        self._watch_tried = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def workspace(self) -> Path:
+        """The resolved session folder (a Path, made on first use)."""
+        from pathlib import Path
+
+        return Path(self.root)
+
+    @property
+    def paths(self) -> layout.SessionPaths:
+        """The contract's file names in the folder, as Paths."""
+        return layout.SessionPaths(self.workspace)
 
     # --- set-up and recovery ------------------------------------------------------
 
@@ -116,18 +141,20 @@ class SessionFolder:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def recover(self) -> int:
+    def recover(self, watch: bool = True) -> int:
         """Prepare outbound.db and outbox/, drop a crashed predecessor's claims and
-        orphan outbox folders, heartbeat; start watching. Returns the claims dropped."""
-        if not self.workspace.is_dir():
-            raise SystemExit(f"workspace {self.workspace} is not a directory")
-        outbox = self.paths.outbox
-        if outbox.is_symlink():
+        orphan outbox folders, heartbeat; start watching unless ``watch`` is False
+        (then the first ``wait_for_work`` that finds nothing to do starts it, see
+        ``start_watch``). Returns the claims dropped."""
+        if not os.path.isdir(self.root):
+            raise SystemExit(f"workspace {self.root} is not a directory")
+        outbox = self._outbox
+        if os.path.islink(outbox):
             raise SystemExit(f"refusing to use {outbox}: it is a symlink")
         self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
-        outbox.mkdir(exist_ok=True)
-        schema.init_outbound(self.paths.outbound_db)
-        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
+        _mkdir(outbox)
+        schema.init_outbound(self._outbound)
+        with schema.opened(self._outbound) as conn, schema.transaction(conn):
             dropped = conn.execute(
                 "DELETE FROM processing_ack WHERE status = 'processing'").rowcount
             written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
@@ -135,15 +162,21 @@ class SessionFolder:
             if (entry.name.startswith("out-") and entry.name not in written
                     and entry.is_dir(follow_symlinks=False)):
                 remove_tree(entry.path, ignore_errors=True)
-        self._start_watch()
+        if watch:
+            self.start_watch()
         return dropped
 
-    def _start_watch(self) -> None:
-        if self.wake == "poll" or self._watch is not None:
+    def start_watch(self) -> None:
+        """Set up the inotify watch (``wake`` auto/inotify; once). A cold-started agent
+        answers what is already due first and watches after: inotify loads ctypes
+        (~3 ms of a start), and the next ``wait_for_work`` reads inbound.db again
+        before it sleeps, so a commit made before the watch existed is not missed."""
+        if self.wake == "poll" or self._watch_tried:
             return
-        self._watch = inotify.open_watch(self.workspace, _WAKE_NAMES)
+        self._watch_tried = True
+        self._watch = inotify.open_watch(self.root, _WAKE_NAMES)
         if self._watch is None and self.wake == "inotify":
-            raise OSError(f"inotify is not available on {self.workspace}")
+            raise OSError(f"inotify is not available on {self.root}")
 
     @property
     def watching(self) -> bool:
@@ -163,15 +196,15 @@ class SessionFolder:
 
     def heartbeat(self) -> None:
         """Create ``.heartbeat`` if missing and bump its mtime, never through a symlink."""
-        beat.touch(self.paths.heartbeat)
+        beat.touch(os.path.join(self.root, layout.HEARTBEAT))
 
     # --- reading -------------------------------------------------------------------
 
     def pending(self) -> tuple[list[Message], datetime | None]:
         """(due, triggered-or-not, unacked messages in seq order; when the next
         not-yet-due one becomes due). One fresh read-only look at inbound.db."""
-        inbound = self.paths.inbound_db
-        if not inbound.exists():
+        inbound = self._inbound
+        if not os.path.exists(inbound):
             return [], None
         with schema.opened(inbound, readonly=True) as conn:
             rows = [dict(row) for row in conn.execute(
@@ -189,7 +222,7 @@ class SessionFolder:
 
     def _acked_ids(self, ids: list[str]) -> set[str]:
         acked: set[str] = set()
-        with schema.opened(self.paths.outbound_db) as conn:
+        with schema.opened(self._outbound) as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start:start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -207,6 +240,9 @@ class SessionFolder:
             due, upcoming = self.pending()
             if due:
                 return due
+            if self.wake != "poll" and not self._watch_tried:
+                self.start_watch()  # recover(watch=False): watch now, then look again
+                continue
             period = self.safety_poll if self._watch is not None else self.poll_interval
             if upcoming is not None:
                 period = min(period, max(0.0, (upcoming - schema.utcnow()).total_seconds()))
@@ -263,7 +299,7 @@ class SessionFolder:
     def ack(self, msg: Message | str, status: str) -> None:
         """``processing``, ``completed`` or ``failed`` for one inbound message."""
         message_id = msg if isinstance(msg, str) else msg.id
-        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
+        with schema.opened(self._outbound) as conn, schema.transaction(conn):
             self._set_ack(conn, message_id, status)
 
     def claim(self, msg: Message | str) -> None:
@@ -283,14 +319,14 @@ class SessionFolder:
         already placed there by the caller (pass ``out_id``) are listed by the caller."""
         out_id = out_id or new_out_id()
         body = {"text": content} if isinstance(content, str) else dict(content)
-        dest = self.outbox_dir(out_id)
+        dest = os.path.join(self._outbox, layout.validate_id(out_id, "message id"))
         try:
             if files:
-                dest.mkdir(exist_ok=True)
+                _mkdir(dest)
                 for name, data in files.items():
                     if not name or "/" in name or "\x00" in name or name.startswith("."):
                         raise ValueError(f"unsafe outbox file name {name!r}")
-                    fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                    fd = os.open(os.path.join(dest, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                  | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(data)
@@ -302,9 +338,9 @@ class SessionFolder:
         return out_id
 
     def _write_reply(self, msg: Message, out_id: str, content: str, status: str) -> int:
-        with schema.opened(self.paths.outbound_db) as conn, schema.transaction(conn):
+        with schema.opened(self._outbound) as conn, schema.transaction(conn):
             max_out = conn.execute("SELECT MAX(seq) FROM messages_out").fetchone()[0]
-            with schema.opened(self.paths.inbound_db, readonly=True) as inbound:
+            with schema.opened(self._inbound, readonly=True) as inbound:
                 max_in = inbound.execute("SELECT MAX(seq) FROM messages_in").fetchone()[0]
             seq = next_odd_seq(max_in, max_out)
             conn.execute(
@@ -314,6 +350,16 @@ class SessionFolder:
                  msg.thread_id, content))
             self._set_ack(conn, msg.id, status)
         return seq
+
+
+def _mkdir(path: str) -> None:
+    """``Path.mkdir(exist_ok=True)``: a folder already there is fine, anything else
+    in its place is an error."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 def remove_tree(path: object, ignore_errors: bool = True) -> None:

@@ -17,8 +17,11 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Iterator
+
+TYPE_CHECKING = False  # the agent's cold start loads neither typing nor pathlib
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Iterator
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -142,6 +145,16 @@ def ensure_schema(
     return added
 
 
+_URI_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
+def file_uri(abs_path: str) -> str:
+    """``file:`` URI of an absolute path, as ``Path.as_uri()`` writes it but without
+    importing pathlib (and urllib.parse, ipaddress behind it) on the agent's start."""
+    return "file://" + "".join(chr(b) if b in _URI_SAFE else f"%{b:02X}"
+                               for b in os.fsencode(abs_path))
+
+
 def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     """Open a session DB the way the contract requires.
 
@@ -156,7 +169,7 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         # abspath, not resolve(): a URI needs an absolute path, not one with every
         # component lstat'ed (a third of a start-up pass at 1000 sessions)
-        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+        uri = file_uri(os.path.abspath(path)) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     else:
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)

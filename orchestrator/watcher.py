@@ -95,10 +95,12 @@ def only_muted_heartbeats(prefix: str, raw: set[tuple[int, str]], muted: Contain
 
 
 def count_dirs(root: Path) -> int:
-    n = 0
-    for _, dirs, _ in os.walk(root):
-        n += len(dirs)
-    return n + 1
+    """The watches ``folder_watch`` needs: the root, each group, each session and its
+    ``outbox/`` (counted as one per session), without looking inside any session
+    folder: how many folders an agent makes there is not the host's cost, and walking
+    them would let one agent slow every start."""
+    folders = watch_health.session_folders(root)
+    return len(folders) + sum(1 for name in folders.values() if "/" in name)
 
 
 def watch_budget() -> int | None:

@@ -484,3 +484,43 @@ def test_a_50_mb_reply_is_failed_without_loading_it(tmp_path: Path) -> None:
     assert "over [delivery] max_content_bytes" in failure["reason"]
     assert [x["message_id"] for x in lines if x.get("type") != "failure"] == ["r-ok"]
     assert peak_mb < 100
+
+
+# --- 6. links in a session folder never reach the host's inotify watch ---------------------
+
+
+async def test_links_an_agent_makes_are_never_walked_by_the_watch(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    """``outbox/x -> <a big tree>`` present at start, and a folder holding a link renamed
+    into outbox/ and into the session folder while the host runs: the host watches its
+    own folders only (counted from the kernel's list of our watches), changes out there
+    are never reported as the session's, and replies still go out at once."""
+    from orchestrator import watch_health
+
+    cfg = make_config(tmp_path, watch={"sweep_interval": 600.0})
+    channel = Recording()
+    big = tmp_path / "host-tree"
+    for i in range(40):
+        (big / f"d{i}" / "a").mkdir(parents=True)
+    client = Client(cfg)
+    row, paths = session_with_outbound(client, "linky")
+    (paths.outbox / "x").symlink_to(big)
+    (paths.root / "evil").symlink_to(big)
+    before = watch_health.inotify_fds()
+    async with supervised(cfg, channel=channel):
+        [fd] = watch_health.inotify_fds() - before
+        expected = len(watch_health.watched_inodes(fd))
+        assert expected == 4  # root, group, session, outbox
+        for target in (paths.outbox / "r-link", paths.root / "more"):
+            staged = tmp_path / f"staged-{target.name}"
+            staged.mkdir()
+            (staged / "z").symlink_to(big)
+            os.rename(staged, target)
+        add_reply(paths.outbound_db, "after-links", 1)
+        await until(lambda: "after-links" in channel.taken, timeout=5,
+                    message="the reply after the links were made")
+        for i in range(40):
+            (big / f"d{i}" / "a" / "touched").write_text("x")
+        assert len(watch_health.watched_inodes(fd)) == expected
+    client.close()
+    assert sorted(channel.taken) == ["after-links"]

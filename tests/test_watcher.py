@@ -16,6 +16,7 @@ from orchestrator.config import WatchConfig
 from orchestrator.layout import Kind
 from orchestrator.sessions import create_folder
 from orchestrator.store import schema
+from orchestrator.folder_watch import FolderWatch
 from orchestrator.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
                                   only_muted_heartbeats, poll_once, to_activities, unmuted,
                                   watch_budget, watch_step)
@@ -336,7 +337,7 @@ def test_choose_mode(mode: str, dirs: int, budget: int | None, expected: str,
         assert "polling every 0.5s" in warning and "sysctl fs.inotify.max_user_watches=" in warning
 
 
-def test_count_dirs_matches_the_watch_cost_formula(tmp_path: Path) -> None:
+def test_count_dirs_matches_what_the_watch_adds(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     root = data_dir / "sessions"
     root.mkdir(parents=True)
@@ -347,9 +348,11 @@ def test_count_dirs_matches_the_watch_cost_formula(tmp_path: Path) -> None:
             paths = create_folder(data_dir, f"g{g}", f"s{s}")
             for m in range(outbox_dirs):
                 (paths.outbox / f"out-{m}").mkdir()
-    # 1 + groups + sessions × (1 folder + inbox + outbox + outbox message dirs)
-    expected = 1 + groups + groups * sessions * (3 + outbox_dirs)
+    # 1 + groups + sessions × (the folder + its outbox/): nothing below is watched
+    expected = 1 + groups + groups * sessions * 2
     assert count_dirs(root) == expected
+    with FolderWatch(watch_paths=[str(root)]) as watch:
+        assert len(watch.paths) == expected
 
 
 def test_watch_budget_reads_the_kernel_limit() -> None:

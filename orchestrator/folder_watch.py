@@ -119,6 +119,10 @@ class FolderWatch:
         watches; ``found`` collects the paths of the folders below it."""
         if not self._watch(dir_fd, path, depth):
             return
+        if depth >= 2:  # a session folder: only its outbox/, never a list of what is in it
+            if depth == 2:  # (an agent's million files would cost every start)
+                self._enter(dir_fd, path, depth, OUTBOX, found)
+            return
         try:
             entries = [e.name for e in os.scandir(dir_fd)
                        if e.is_dir(follow_symlinks=False)]
@@ -133,7 +137,7 @@ class FolderWatch:
         child = f"{parent}/{name}"
         try:
             fd = open_dir(name, parent_fd, child)  # a link or a non-folder: refused
-        except OSError:
+        except OSError:  # (absent too)
             return
         try:
             found.append(child)

@@ -15,11 +15,12 @@ import pytest
 
 from docker_fixtures import insert_message
 from e2e import AGENT, make_config, run
-from helpers import query, until
+from helpers import query, until, wait_for
 from orchestrator.layout import OUTBOUND_DB, PID_FILE
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.local import (AGENT_MAIN, PACKAGE_ROOT, LocalRuntime,
-                                        process_start_time, quick_start, read_pid_file)
+from orchestrator.runtime.local import (AGENT_MAIN, PACKAGE_ROOT, LocalRuntime, quick_start,
+                                        read_pid_file)
+from orchestrator.runtime.local_procs import MARKER, marker, process_start_time
 from orchestrator.sessions import create_folder
 
 # ignores SIGTERM (so do its children), and says so in ./trapped once it does
@@ -221,17 +222,19 @@ async def test_recover_adopts_a_live_agent_from_its_pid_file(tmp_path: Path, rea
     await second.close()
 
 
-def test_recover_ignores_a_recycled_or_dead_pid(tmp_path: Path) -> None:
+def test_recover_never_trusts_a_pid_file(tmp_path: Path) -> None:
+    """A session folder is its agent's to write: a pid file naming a live process of
+    ours — with its real start time, so it would pass any check of the file — or a dead
+    one, or junk, adopts nothing and signals nothing."""
     runtime, exits, ref = setup(tmp_path)
     _, _, dead_ref = setup(tmp_path, sid="sess-dead")
     _, _, junk_ref = setup(tmp_path, sid="sess-junk")
-    # a live process that is NOT our agent: same pid, different start time
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                                 stdin=subprocess.DEVNULL)
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         real_start = process_start_time(bystander.pid)
         assert real_start is not None
-        (ref.folder / PID_FILE).write_text(f"{bystander.pid} {int(real_start) + 12345}\n")
+        (ref.folder / PID_FILE).write_text(f"{bystander.pid} {real_start}\n")
         gone = subprocess.Popen(["/bin/true"])
         gone.wait()
         (dead_ref.folder / PID_FILE).write_text(f"{gone.pid} 1\n")
@@ -244,12 +247,62 @@ def test_recover_ignores_a_recycled_or_dead_pid(tmp_path: Path) -> None:
 
         run(body())
         assert bystander.poll() is None  # never signalled
-        for r in (ref, dead_ref, junk_ref):
-            assert not (r.folder / PID_FILE).exists()
         assert exits.seen == []
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_an_agent_whose_pid_file_was_never_written_is_adopted(tmp_path: Path) -> None:
+    """The host SIGKILLed between the spawn and the pid file: the agent is found by the
+    marker in its environment and adopted (not doubled by a second start); its pid
+    file is written then."""
+    runtime, exits, ref = setup(tmp_path)
+    env = {**os.environ, MARKER: marker(runtime.data_dir, ref.agent_group, ref.session_id)}
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    child_of_other = subprocess.Popen(  # the marker of another data dir: not ours
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, MARKER: marker(tmp_path / "elsewhere", "g", "s")})
+    try:
+        until_found = wait_for(lambda: process_start_time(orphan.pid), message="orphan up")
+        assert until_found and not (ref.folder / PID_FILE).exists()
+
+        async def body() -> None:
+            [handle] = await runtime.recover()
+            assert (handle.session_id, handle.adopted, handle.ident) == (
+                ref.session_id, True, str(orphan.pid))
+            assert read_pid_file(ref.folder / PID_FILE) == (orphan.pid,
+                                                            process_start_time(orphan.pid))
+            await runtime.stop(ref.session_id, grace=5)
+            assert (await exits.wait()).reason == "stopped"
+            await runtime.close()
+
+        run(body())
+        assert orphan.wait(5) is not None and child_of_other.poll() is None
+    finally:
+        for p in (orphan, child_of_other):
+            p.kill()
+            p.wait()
+
+
+def test_a_link_in_place_of_the_pid_file_is_never_written_through(tmp_path: Path) -> None:
+    runtime, exits, ref = setup(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (ref.folder / f"{PID_FILE}.tmp").symlink_to(outside)
+    (ref.folder / PID_FILE).symlink_to(outside)
+
+    async def body() -> None:
+        handle = await runtime.start(ref)
+        assert read_pid_file(ref.folder / PID_FILE)[0] == int(handle.ident)
+        await runtime.kill(ref.session_id)
+        await exits.wait()
+        await runtime.close()
+
+    run(body())
+    assert outside.read_text() == "keep me"
 
 
 def test_process_start_time_and_pid_file_parsing(tmp_path: Path) -> None:

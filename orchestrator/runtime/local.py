@@ -2,9 +2,9 @@
 
 Exits are noticed through a pidfd registered with the event loop — no thread per
 process and no polling — which also works for agents *adopted* after a restart
-(they are no longer our children, so ``waitpid`` cannot see them). A pid file in
-the session folder records ``pid`` and the kernel's start time of that process,
-so a recycled pid is never mistaken for our agent.
+(they are no longer our children, so ``waitpid`` cannot see them). Which processes
+are ours is read from /proc (``local_procs``: a marker in each agent's environment),
+never from a file an agent can write.
 """
 
 from __future__ import annotations
@@ -21,32 +21,16 @@ from loguru import logger
 
 from orchestrator.config import RuntimeConfig
 from orchestrator.groups import read_env
-from orchestrator.layout import PID_FILE, sessions_root
+from orchestrator.layout import PID_FILE, session_paths
 from orchestrator.runtime.base import AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable, SessionRef
-
-
-def process_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat (clock ticks since boot), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
-
-
-def process_stopped(pid: int) -> bool:
-    """Whether the process is in state T (stopped by a signal), from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode("ascii", "replace")
-    except OSError:
-        return False
-    return data[data.rfind(")") + 2:][:1] == "T"
+from orchestrator.runtime.local_procs import (MARKER, marked_agents, marker, process_stopped,
+                                              write_pid_file)
+from orchestrator.safefs import SessionDir
 
 
 def read_pid_file(path: Path) -> tuple[int, str] | None:
+    """(pid, start time) from a ``.agent.pid`` (for people and tests; the host itself
+    never trusts one: see ``local_procs``)."""
     try:
         pid_text, start = path.read_text().split()
         return int(pid_text), start
@@ -99,7 +83,7 @@ class _Agent:
 
 class LocalRuntime:
     name = "local"
-    listed = True  # the pid files are always readable: nothing is ever unknown
+    listed = True  # /proc is always readable: nothing is ever unknown
 
     def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback) -> None:
         self.cfg = cfg
@@ -145,9 +129,7 @@ class LocalRuntime:
             reason = f"killed by signal {-code}"
         else:
             reason = "exited"
-        pid_file = agent.ref.folder / PID_FILE
-        if read_pid_file(pid_file) and read_pid_file(pid_file)[0] == agent.pid:
-            pid_file.unlink(missing_ok=True)
+        self._pid_file(agent.ref, None)
         if not agent.exited.done():
             agent.exited.set_result(code)
         self.on_exit(AgentExit(agent.ref.agent_group, agent.ref.session_id, code, reason))
@@ -155,25 +137,34 @@ class LocalRuntime:
     # --- protocol ---------------------------------------------------------------
 
     async def recover(self) -> list[AgentHandle]:
+        """Adopt the agents started for this data dir that outlived the last run: the
+        process-group leaders carrying one of its sessions' markers (``local_procs``)."""
         adopted = []
-        root = sessions_root(self.data_dir)
-        for pid_file in root.glob(f"*/*/{PID_FILE}"):
-            found = read_pid_file(pid_file)
-            folder = pid_file.parent
-            if found and process_start_time(found[0]) == found[1]:
-                ref = SessionRef(folder.parent.name, folder.name, folder)
-                try:
-                    agent = self._watch(ref, found[0], None, adopted=True)
-                except ProcessLookupError:
-                    pid_file.unlink(missing_ok=True)
-                    continue
-                agent.paused = process_stopped(found[0])
-                logger.info("adopted agent pid {} of session {}{}", found[0], ref.session_id,
-                            " (paused)" if agent.paused else "")
-                adopted.append(self._handle(agent))
-            else:
-                pid_file.unlink(missing_ok=True)
+        for (group, session_id), pid in sorted(marked_agents(self.data_dir).items()):
+            ref = SessionRef(group, session_id, session_paths(self.data_dir, group,
+                                                              session_id).root)
+            try:
+                agent = self._watch(ref, pid, None, adopted=True)
+            except ProcessLookupError:
+                continue
+            agent.paused = process_stopped(pid)
+            self._pid_file(ref, pid)
+            logger.info("adopted agent pid {} of session {}{}", pid, session_id,
+                        " (paused)" if agent.paused else "")
+            adopted.append(self._handle(agent))
         return adopted
+
+    def _pid_file(self, ref: SessionRef, pid: int | None) -> None:
+        """Write (``pid``) or remove (None) the session's ``.agent.pid``, by descriptor."""
+        try:
+            with SessionDir(self.data_dir, ref.agent_group, ref.session_id) as folder:
+                if pid is None:
+                    folder.unlink(PID_FILE)
+                else:
+                    write_pid_file(folder, pid)
+        except OSError as exc:  # a linked/removed folder, a full disk: the file is a nicety
+            logger.debug("session {}: {} not {} ({})", ref.session_id, PID_FILE,
+                         "removed" if pid is None else "written", exc)
 
     async def start(self, session: SessionRef) -> AgentHandle:
         if session.session_id in self._agents:
@@ -183,6 +174,7 @@ class LocalRuntime:
         # group variables over ours; secret files are read now (SecretUnreadable: OSError)
         cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, session.folder),
                                {**os.environ, **(read_env(settings) if settings else {})})
+        env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         log_dir = self.data_dir / "logs" / session.agent_group
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -194,11 +186,8 @@ class LocalRuntime:
             raise RuntimeUnavailable(
                 f"cannot start agent command {cmd[0]!r} ({exc.strerror}); "
                 "fix [runtime] command in the config") from None
-        start = process_start_time(popen.pid) or "0"
-        tmp = session.folder / f"{PID_FILE}.tmp"
-        tmp.write_text(f"{popen.pid} {start}\n")
-        os.replace(tmp, session.folder / PID_FILE)
         agent = self._watch(session, popen.pid, popen, adopted=False)
+        self._pid_file(session, popen.pid)
         return self._handle(agent)
 
     async def reconcile(self) -> None:

@@ -416,18 +416,26 @@ class SessionWorker:
         stale acks — the host may write outbound.db only while no agent runs.
         """
         lc = self.settings(t.agent_group).lifecycle
+        unanswered = answers.awaiting(t.answers, now, lc.answer_wait)
+        claimed = [c.message_id for c in t.claims]
+        # Those that will fail are told to the channel before any write: a crash in
+        # between tells it again (it knows what it has), and never loses the record.
+        doomed = (inbound.claims_to_fail(folder.db(INBOUND_DB), claimed, max_tries=lc.max_tries)
+                  + inbound.claims_to_fail(folder.db(INBOUND_DB), unanswered,
+                                           max_tries=lc.max_tries, statuses=("completed",)))
+        await self._report_failed(t, folder, doomed, f"failed after {lc.max_tries} tries: the "
+                                  "agent ended while working on it each time")
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
         outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
         t.sigs["out"] = folder.signature(OUTBOUND_DB)
-        result = inbound.reset_claims(folder.db(INBOUND_DB), [c.message_id for c in t.claims],
+        result = inbound.reset_claims(folder.db(INBOUND_DB), claimed,
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now, follow_up=self._successor(now))
         t.claims = ()
         # Acked ``completed`` but not answered when the agent went: retried like a
         # claim. The row is reopened before its ack is deleted: a crash in between
         # leaves an ack the next read mirrors back and this rule reopens again.
-        unanswered = answers.awaiting(t.answers, now, lc.answer_wait)
         t.answers = answers.forget(t.answers)
         if unanswered:
             result.update(inbound.reset_claims(
@@ -444,10 +452,6 @@ class SessionWorker:
             else:
                 logger.warning("message {} of session {} given back for retry", mid,
                                t.session_id)
-        # reset_claims turns a row failed once: each is reported once
-        await self._report_failed(t, folder, [m for m, st in result.items() if st == "failed"],
-                                  f"failed after {lc.max_tries} tries: the agent ended while "
-                                  "working on it each time")
 
     # --- decisions and actions ----------------------------------------------------------
 
@@ -507,7 +511,10 @@ class SessionWorker:
         starts again, so a new message gets its own tries — and starts as soon as
         the obstacle on disk is gone."""
         why = f"{reason}: {t.start_error}" if t.start_error else reason
-        failed = inbound.fail_due(folder.db(INBOUND_DB), now, self._successor(now))
+        due = inbound.due_ids(folder.db(INBOUND_DB), now)
+        # told to the channel before the write: a crash in between tells it again
+        await self._report_failed(t, folder, due, why)
+        failed = inbound.fail_messages(folder.db(INBOUND_DB), due, now, self._successor(now))
         t.start_errors = t.start_failures = 0
         t.said.clear("start")
         t.start_blocked_until = None
@@ -515,7 +522,6 @@ class SessionWorker:
         t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
         for mid in failed:
             logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
-        await self._report_failed(t, folder, failed, why)
 
     async def _report_failed(self, t: Tracked, folder: SessionDir, message_ids: list[str],
                              reason: str) -> None:

@@ -440,3 +440,34 @@ def test_series_id_defaults_to_the_message_id(db):
     inbound.insert_message(db, msg("again", series_id="first"))
     assert query(db, "SELECT id, series_id FROM messages_in ORDER BY seq") == [
         ("first", "first"), ("again", "first")]
+
+
+@pytest.mark.parametrize("max_tries,statuses,expected", [
+    (5, ("pending",), []),  # first resets: given back
+    (1, ("pending",), ["live"]),
+    (1, ("completed",), ["done"]),
+    (3, ("pending",), ["worn"]),  # two tries already: the third fails it
+])
+def test_claims_to_fail_is_what_reset_claims_then_fails(db, max_tries, statuses, expected):
+    """Read before the write, so the failure is reported first: it must name exactly
+    the rows ``reset_claims`` turns failed."""
+    for mid in ("done", "live", "worn"):
+        inbound.insert_message(db, msg(mid))
+    inbound.settle(db, (), {"done": "completed"})
+    with schema.opened(db) as conn, schema.transaction(conn):
+        conn.execute("UPDATE messages_in SET tries=2 WHERE id='worn'")
+    ids = ["done", "live", "worn", "ghost"]
+    assert inbound.claims_to_fail(db, ids, max_tries=max_tries, statuses=statuses) == expected
+    result = inbound.reset_claims(db, ids, max_tries=max_tries, backoff_base=1.0, now=NOW,
+                                  statuses=statuses)
+    assert sorted(m for m, st in result.items() if st == "failed") == expected
+
+
+def test_fail_messages_fails_only_rows_still_pending(db):
+    for mid in ("a", "b", "c"):
+        inbound.insert_message(db, msg(mid))
+    inbound.settle(db, (), {"b": "completed"})
+    assert inbound.due_ids(db, NOW) == ["a", "c"]
+    assert inbound.fail_messages(db, ["a", "b", "ghost"], NOW) == ["a"]
+    assert dict(query(db, "SELECT id, status FROM messages_in")) == {
+        "a": "failed", "b": "completed", "c": "pending"}

@@ -234,7 +234,8 @@ def _claim_failed_by_the_host_at_max_tries(db: Path, mid: str, now: datetime) ->
 
 
 def _failed_because_no_agent_starts(db: Path, mid: str, now: datetime) -> None:
-    assert inbound.fail_due(db, now, lambda row: successor(row, now)) == [mid]
+    assert inbound.fail_messages(db, inbound.due_ids(db, now), now,
+                                 lambda row: successor(row, now)) == [mid]
 
 
 @pytest.mark.parametrize("fail", [_acked_failed, _claim_failed_by_the_host_at_max_tries,

@@ -29,6 +29,64 @@ def message_status(paths, message_id: str) -> str:
     return status
 
 
+FAIL_KILLER = """
+import os, signal, sys
+from orchestrator.store import inbound
+def fail_messages(*args, **kwargs):  # the failure was just told to the channel: die
+    os.kill(os.getpid(), signal.SIGKILL)
+inbound.fail_messages = fail_messages
+from orchestrator.cli import main
+sys.exit(main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
+        tmp_path: Path, reap_agents) -> None:
+    """The host is SIGKILLed between telling the channel that a message failed and
+    writing ``failed``: after a restart the message still ends ``failed`` and the chat
+    has exactly one failure record (never none, as when the write came first)."""
+    import signal
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    from e2e import config_dict
+    from helpers import wait_for
+    from orchestrator.config import read_config
+    from test_supervisor import OrchestratorProcess
+
+    data = config_dict(tmp_path, runtime={"start_retry_max": 0.2},
+                       lifecycle={"max_tries": 1})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    row = client.session("blocked")
+    paths = client.paths(row)
+    paths.heartbeat.mkdir()  # every start fails: the message fails after max_tries
+    _, mid = client.send("blocked", "anyone?")
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", FAIL_KILLER, str(config_file)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            assert proc.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert message_status(paths, mid) == "pending"  # killed before the write
+    assert [(r["kind"], r["id"]) for r in failures(cfg)] == [("message", mid)]
+    again = OrchestratorProcess(config_file, tmp_path / "again.log")
+    try:
+        again.wait_up()
+        wait_for(lambda: message_status(paths, mid) == "failed", timeout=30,
+                 message="the message failed after the restart")
+    finally:
+        assert again.end(signal.SIGTERM) == 0, again.text()
+    assert [(r["kind"], r["id"]) for r in failures(cfg)] == [("message", mid)]
+    client.close()
+
+
 def test_a_session_that_can_never_start_fails_its_due_messages(tmp_path: Path,
                                                                reap_agents) -> None:
     """``.heartbeat`` is a directory, so every start fails (the stale heartbeat cannot

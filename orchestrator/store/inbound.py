@@ -138,23 +138,33 @@ def oldest_due_at(path: Path, now: datetime) -> datetime | None:
     return _from_julian(jd) if jd else None
 
 
-def fail_due(path: Path, now: datetime, follow_up: FollowUp | None = None) -> list[str]:
-    """Mark failed the messages ``due_state`` counts as due now; returns their ids.
+DUE_SQL = ("SELECT id FROM messages_in WHERE status = 'pending' AND \"trigger\" = 1 AND "
+           "kind != 'system' AND (process_after IS NULL OR julianday(process_after) <= "
+           "julianday(?)) ORDER BY seq")
 
-    For a session whose agent can never be started: its work fails with a reason
-    instead of staying pending forever. Later messages are left alone. Each failed
-    row gets its ``follow_up`` like in ``settle`` (a series goes on).
+
+def due_ids(path: Path, now: datetime) -> list[str]:
+    """The messages ``due_state`` counts as due now (read only)."""
+    with opened(path, readonly=True) as conn:
+        return [r[0] for r in conn.execute(DUE_SQL, (schema.format_ts(now),))]
+
+
+def fail_messages(path: Path, ids: Iterable[str], now: datetime,
+                  follow_up: FollowUp | None = None) -> list[str]:
+    """Mark failed those of ``ids`` still pending; returns them.
+
+    For a session whose agent can never be started (``due_ids`` first, their failure
+    reported, then this: a crash in between reports again, never loses the record).
+    Each failed row gets its ``follow_up`` like in ``settle`` (a series goes on).
     """
+    failed: list[str] = []
     with opened(path) as conn, transaction(conn):
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM messages_in WHERE status = 'pending' AND \"trigger\" = 1 AND "
-            "kind != 'system' AND (process_after IS NULL OR julianday(process_after) <= "
-            "julianday(?)) ORDER BY seq", (schema.format_ts(now),))]
-        conn.executemany("UPDATE messages_in SET status='failed' WHERE id=?",
-                         [(mid,) for mid in ids])
         for mid in ids:
-            _follow_up(conn, mid, follow_up, now)
-    return ids
+            if conn.execute("UPDATE messages_in SET status='failed' WHERE id=? AND "
+                            "status='pending'", (mid,)).rowcount:
+                failed.append(mid)
+                _follow_up(conn, mid, follow_up, now)
+    return failed
 
 
 def count_due(path: Path, now: datetime) -> int:
@@ -228,6 +238,16 @@ def settle(path: Path, records: Iterable[tuple[str, str, str | None]],
 def retry_delay(tries: int, base: float) -> float:
     """Backoff for a reset claim: ``base × 2^tries`` (tries before this reset)."""
     return base * (2 ** tries)
+
+
+def claims_to_fail(path: Path, ids: Iterable[str], *, max_tries: int,
+                   statuses: tuple[str, ...] = ("pending",)) -> list[str]:
+    """Which of ``ids`` ``reset_claims`` would turn failed (read only), so their failure
+    is reported before the write: a crash in between reports again (the channel knows
+    what it has), never loses the record."""
+    rows = _rows_for(path, ids, "SELECT id, tries, status FROM messages_in WHERE id IN ({})")
+    return [mid for mid, tries, status in rows
+            if status in statuses and (tries or 0) + 1 >= max_tries]
 
 
 def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base: float,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass, field
@@ -38,11 +39,12 @@ from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, ses
                                  sessions_root, validate_id)
 from orchestrator.logonce import LogOnce
 from orchestrator.runtime.base import AgentExit, Runtime
-from orchestrator.safefs import Refused, SessionDir
+from orchestrator.safefs import Refused, SessionDir, open_group
 from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.session_status import Status
 from orchestrator.signals import capture_signals
+from orchestrator.startup_state import StateBook, scan_group, start_pass_reason
 from orchestrator.store.registry import Registry
 from orchestrator.store.schema import utcnow
 from orchestrator.ticker import ticks
@@ -148,6 +150,7 @@ class Supervisor:
         self._watching = asyncio.Event()
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
+        self._said = LogOnce()
 
     # --- events in ----------------------------------------------------------------
 
@@ -313,10 +316,41 @@ class Supervisor:
                     logger.debug("runtime reconcile failed: {}", exc)
                 self._discover()
                 order = list(self.tracked)
-            for sid in order[part::slices]:
+            self._sweep_slice(order[part::slices])
+            self._save_state()
+
+    def _sweep_slice(self, sids: list[str]) -> None:
+        """Each group folder is opened once per slice (``safefs.open_group``), each
+        session folder from it: a swept session costs one ``openat`` and three
+        ``stat`` calls."""
+        group_fds: dict[str, int | None] = {}
+        try:
+            for sid in sids:
                 t = self.tracked.get(sid)
-                if t is not None and (flags := self.worker.sweep_flags(t)):
+                if t is None:
+                    continue
+                if t.agent_group not in group_fds:
+                    try:
+                        group_fds[t.agent_group] = open_group(self.cfg.data_dir, t.agent_group)
+                    except OSError:  # a linked group too: the pass says what is wrong
+                        group_fds[t.agent_group] = None
+                if flags := self.worker.sweep_flags(t, group_fds[t.agent_group]):
                     self.mark(sid, flags)
+        finally:
+            for fd in group_fds.values():
+                if fd is not None:
+                    os.close(fd)
+
+    def _save_state(self) -> None:
+        """Write the settled sessions' start-up state noted since the last call
+        (``startup_state``): one registry transaction, not one per pass."""
+        try:
+            self._book.flush()
+            self._said.clear("save_state")
+        except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: kept for the next try
+            if self._said.say("save_state", str(exc)):
+                logger.warning("could not save the sessions' start-up state ({}); retrying; "
+                               "a restart meanwhile gives them a full pass", exc)
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
@@ -333,6 +367,9 @@ class Supervisor:
         self.admission = self.worker.admission = open_gate(
             self.cfg, self.tracked, self.runtime, self.registry, self.mark,
             self.worker.set_status, self.clock)
+        self._book = StateBook(self.registry)
+        self.worker.after_pass = lambda t: self._book.note(t, self.runtime.is_running(
+            t.session_id))
         if hasattr(self.channel, "bind"):  # the webhook: an outcome is known → a pass
             self.channel.bind(lambda sid: self.mark(sid, Flag.OUTBOUND))
         self.api = api_server.ApiService(self, listen, token)
@@ -350,6 +387,7 @@ class Supervisor:
             adopted, unknown = {}, "runtime unavailable at start-up"
         self._discover()
         now = self.clock()
+        before = {sid: t.status for sid, t in self.tracked.items()}
         for sid, t in self.tracked.items():
             if sid in adopted:
                 t.started_at = now
@@ -357,13 +395,51 @@ class Supervisor:
             elif t.status != Status.STOPPED:
                 self.worker.set_status(t, Status.STOPPED, unknown or "no agent found at start-up",
                                        now)
-        self._unreconciled = set(self.tracked)
-        for sid in self.tracked:
+        skipped = self._skip_unchanged(adopted, before)
+        self._unreconciled = set(self.tracked) - skipped
+        for sid in self._unreconciled:
             self._dirty[sid] = Flag.FULL | Flag.FORCE
         if not self._unreconciled:
             self.ready.set()
-        logger.info("orchestrator up: {} sessions, {} adopted agents, runtime {}, data {}",
-                    len(self.tracked), len(adopted), self.runtime.name, self.cfg.data_dir)
+        logger.info("orchestrator up: {} sessions ({} unchanged since the last run), {} adopted "
+                    "agents, runtime {}, data {}", len(self.tracked), len(skipped), len(adopted),
+                    self.runtime.name, self.cfg.data_dir)
+
+    def _skip_unchanged(self, adopted: dict, before: dict[str, Status]) -> set[str]:
+        """The sessions whose start-up pass can be skipped (``startup_state``): settled
+        when the last run saved them, and nothing on disk changed since. Their
+        signatures are restored, so the sweep sees no change, and their first pass
+        is a full one. Runs after the watch is up and without an ``await`` between
+        the check and the end: any later change has its event."""
+        saved = self._book.saved
+        groups: dict[str, list[str]] = {}
+        for sid, t in self.tracked.items():
+            if sid in saved and start_pass_reason(saved[sid], saved[sid], sid in adopted,
+                                                  before[sid]) is None:
+                groups.setdefault(t.agent_group, []).append(sid)
+        skipped: set[str] = set()
+        for group, sids in groups.items():
+            try:
+                fd = open_group(self.cfg.data_dir, group)
+            except OSError:
+                continue
+            try:
+                disk = scan_group(fd, sids)
+            finally:
+                os.close(fd)
+            for sid in sids:
+                seen = disk.get(sid)
+                if start_pass_reason(saved[sid], seen.text() if seen else None,
+                                     sid in adopted, before[sid]) is not None:
+                    continue
+                t = self.tracked[sid]
+                t.sigs = dict(seen.sigs)
+                out, inb = seen.sigs["out"], seen.sigs["in"]
+                t.identity = (seen.folder, out[2] if out else None, inb[2] if inb else None)
+                t.restored = True
+                self._dirty.pop(sid, None)  # _discover's mark; an event's change is seen above
+                skipped.add(sid)
+        return skipped
 
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then shut down cleanly."""
@@ -395,6 +471,7 @@ class Supervisor:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
+        self._save_state()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:
             logger.info("stopping {} agents", len(running))

@@ -37,7 +37,7 @@ from orchestrator.logonce import LogOnce
 from orchestrator.lifecycle import (Action, Claim, Observation, Verdict, decide,
                                     last_activity, start_backoff)
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
-from orchestrator.safefs import Refused, SessionDir
+from orchestrator.safefs import FolderStat, Refused, SessionDir
 from orchestrator.sessions import Sessions
 from orchestrator.session_status import Status
 from orchestrator.store import inbound, outbound, schema
@@ -302,17 +302,21 @@ class SessionWorker:
         (its signatures were cleared), or a status the runtime contradicts.
         ``group_fd``: the group folder, opened by the caller for a whole slice."""
         try:
-            with (SessionDir(self.cfg.data_dir, t.agent_group, t.session_id)
-                  if group_fd is None else SessionDir.within(group_fd, t.agent_group,
-                                                              t.session_id)) as folder:
-                flags = self._changed_on_disk(t, folder)
+            if group_fd is None:
+                with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                    flags = self._changed_on_disk(t, folder)
+            else:  # stat only; a folder other than the one last passed gets a pass
+                seen = FolderStat(group_fd, t.agent_group, t.session_id)
+                flags = self._changed_on_disk(t, seen)
+                if t.identity is None or seen.identity != t.identity[0]:
+                    flags |= Flag.SWEEP
         except OSError:  # Refused too: the pass says what is wrong, once
             return Flag.SWEEP
         if self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
             flags |= Flag.SWEEP
         return flags
 
-    def _changed_on_disk(self, t: Tracked, folder: SessionDir) -> Flags:
+    def _changed_on_disk(self, t: Tracked, folder: SessionDir | FolderStat) -> Flags:
         flags = Flag.NONE
         for name, path, flag in (("hb", HEARTBEAT, Flag.HEARTBEAT),
                                  ("out", OUTBOUND_DB, Flag.OUTBOUND),

@@ -22,20 +22,19 @@ a row from before a change, a replaced file (new inode with the same size and
 mtime), a folder that cannot be read — gets the full pass as before. Losing the
 table costs time, never a wrong decision.
 
-The start-up check stats the files through the group folder's descriptor and
-an ``O_NOFOLLOW`` open of each session folder (``safefs``): no link is
-followed, and nothing is read but ``stat`` results.
+The start-up check stats the files through the group folder's descriptor
+(``safefs.FolderStat``: the session folder is ``lstat``-ed, a link is never
+taken for it, and nothing but ``stat`` results is read).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from orchestrator.filesig import Signature, file_signature
+from orchestrator.filesig import Signature
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
-from orchestrator.safefs import DIR_FLAGS
+from orchestrator.safefs import FolderStat
 from orchestrator.session_status import Status
 
 if TYPE_CHECKING:
@@ -104,23 +103,18 @@ def start_pass_reason(saved: str | None, now: str | None, adopted: bool,
     return None
 
 
-def scan_group(group_fd: int, session_ids: Iterable[str]) -> dict[str, OnDisk]:
+def scan_group(group_fd: int, agent_group: str, session_ids: Iterable[str]
+               ) -> dict[str, OnDisk]:
     """``OnDisk`` of each session folder in the group (opened by the caller through
-    ``safefs``); a folder that is a link, missing or unreadable is left out."""
+    ``safefs.open_group``), by ``stat`` alone (``safefs.FolderStat``); a folder that
+    is a link, missing or unreadable is left out."""
     out: dict[str, OnDisk] = {}
     for sid in session_ids:
         try:
-            fd = os.open(sid, DIR_FLAGS, dir_fd=group_fd)
+            seen = FolderStat(group_fd, agent_group, sid)
         except OSError:
             continue
-        try:
-            st = os.fstat(fd)
-            out[sid] = OnDisk((st.st_dev, st.st_ino),
-                              {k: file_signature(name, fd) for k, name in SIG_KEYS})
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+        out[sid] = OnDisk(seen.identity, {k: seen.signature(name) for k, name in SIG_KEYS})
     return out
 
 

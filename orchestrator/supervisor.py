@@ -424,7 +424,7 @@ class Supervisor:
             except OSError:
                 continue
             try:
-                disk = scan_group(fd, sids)
+                disk = scan_group(fd, group, sids)
             finally:
                 os.close(fd)
             for sid in sids:

@@ -139,7 +139,7 @@ def test_scan_sees_files_by_inode_and_never_through_a_link(tmp_path: Path) -> No
     (group / "linked").symlink_to(tmp_path / "elsewhere")
     fd = open_group(tmp_path, "g")
     try:
-        first = scan_group(fd, ["s1", "linked", "missing"])
+        first = scan_group(fd, "g", ["s1", "linked", "missing"])
         assert set(first) == {"s1"}
         assert first["s1"].sigs["hb"] is None and first["s1"].sigs["out"] is None
         # replaced by a copy with the same bytes and mtime: only the inode differs
@@ -148,7 +148,7 @@ def test_scan_sees_files_by_inode_and_never_through_a_link(tmp_path: Path) -> No
         shutil.copyfile(old, group / "s1" / "new")
         os.utime(group / "s1" / "new", ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(group / "s1" / "new", old)
-        second = scan_group(fd, ["s1"])
+        second = scan_group(fd, "g", ["s1"])
     finally:
         os.close(fd)
     assert second["s1"].sigs["in"][:2] == first["s1"].sigs["in"][:2]

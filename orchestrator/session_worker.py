@@ -190,8 +190,8 @@ class SessionWorker:
 
     async def _process(self, t: Tracked, flags: Flags) -> None:
         now = self.clock()
-        if t.restored:  # skipped at start-up: nothing of it was read in this run yet
-            t.restored = False
+        if t.restored and flags != Flag.SWEEP:  # skipped at start-up, nothing read yet;
+            t.restored = False  # (a rescan's stat-gated SWEEP stays cheap: 10 000 of them)
             flags |= Flag.FULL
         if t.session_id in self.muted:  # unmute first, then read: no touch falls between
             self.muted.discard(t.session_id)

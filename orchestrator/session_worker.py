@@ -76,6 +76,10 @@ class Flag:
 Flags = int
 
 
+# what a stat-gated look compares with the last pass: (key in sigs, file, flag)
+_WATCHED = (("hb", HEARTBEAT, Flag.HEARTBEAT), ("out", OUTBOUND_DB, Flag.OUTBOUND),
+            ("in", INBOUND_DB, Flag.INBOUND))
+_QUIET = _WATCHED[1:]
 _NO_ANSWERS = answers.Answers()  # frozen: every session starts with this one
 
 
@@ -307,7 +311,9 @@ class SessionWorker:
                     flags = self._changed_on_disk(t, folder)
             else:  # stat only; a folder other than the one last passed gets a pass
                 seen = FolderStat(group_fd, t.agent_group, t.session_id)
-                flags = self._changed_on_disk(t, seen)
+                # no agent and none believed: its heartbeat decides nothing (a stat less)
+                idle = t.status == Status.STOPPED and not self.runtime.is_running(t.session_id)
+                flags = self._changed_on_disk(t, seen, _QUIET if idle else _WATCHED)
                 if t.identity is None or seen.identity != t.identity[0]:
                     flags |= Flag.SWEEP
         except OSError:  # Refused too: the pass says what is wrong, once
@@ -316,11 +322,10 @@ class SessionWorker:
             flags |= Flag.SWEEP
         return flags
 
-    def _changed_on_disk(self, t: Tracked, folder: SessionDir | FolderStat) -> Flags:
+    def _changed_on_disk(self, t: Tracked, folder: SessionDir | FolderStat,
+                         files: tuple[tuple[str, str, int], ...] | None = None) -> Flags:
         flags = Flag.NONE
-        for name, path, flag in (("hb", HEARTBEAT, Flag.HEARTBEAT),
-                                 ("out", OUTBOUND_DB, Flag.OUTBOUND),
-                                 ("in", INBOUND_DB, Flag.INBOUND)):
+        for name, path, flag in files or _WATCHED:
             if folder.signature(path) != t.sigs.get(name, ()):
                 flags |= flag
         if t.delivery.waiting_files:  # an outbox/ event may have been missed

@@ -446,6 +446,8 @@ class Supervisor:
         await self._open()
         await self.api.start()
         self._tasks = [asyncio.create_task(self._watch(), name="watch")]
+        await asyncio.sleep(0)  # the watch thread starts adding its watches …
+        self._discover()  # … while the sessions are listed (again after it, for late ones)
         try:
             await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
         except asyncio.TimeoutError:

@@ -23,6 +23,7 @@ from orchestrator.layout import sessions_root
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
 from orchestrator.safefs import open_group
 from orchestrator.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.session_status import Status
 from orchestrator.store import schema
 
 
@@ -256,7 +257,8 @@ async def test_a_session_skipped_at_start_up_reads_everything_on_its_first_real_
 
 @pytest.mark.parametrize("change, flags", [
     ("nothing", Flag.NONE),
-    ("heartbeat", Flag.HEARTBEAT),
+    ("heartbeat", Flag.NONE),  # stopped, no agent: its heartbeat decides nothing
+    ("heartbeat of a running agent", Flag.HEARTBEAT),
     ("reply", Flag.OUTBOUND),
     ("message", Flag.INBOUND),
     # the same files behind a link to the moved folder: every file signature matches,
@@ -270,8 +272,11 @@ async def test_the_sweep_by_stat_through_the_group_folder(tmp_path: Path, bench:
     paths = bench.client.paths(bench.row)
     schema.init_outbound(paths.outbound_db)
     await bench.worker.process(bench.t, Flag.FULL)
-    if change == "heartbeat":
+    if change.startswith("heartbeat"):
         paths.heartbeat.touch()
+        if change.endswith("running agent"):
+            bench.runtime.alive.add(bench.t.session_id)
+            bench.t.status = Status.RUNNING
     elif change == "reply":
         with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
             conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"

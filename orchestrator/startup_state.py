@@ -29,12 +29,18 @@ taken for it, and nothing but ``stat`` results is read).
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
+
+from loguru import logger
 
 from orchestrator.filesig import Signature
 from orchestrator.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
-from orchestrator.safefs import FolderStat
+from orchestrator.logonce import LogOnce
+from orchestrator.safefs import FolderStat, open_group
 from orchestrator.session_status import Status
 
 if TYPE_CHECKING:
@@ -118,6 +124,43 @@ def scan_group(group_fd: int, agent_group: str, session_ids: Iterable[str]
     return out
 
 
+def unchanged(data_dir: Path, tracked: dict[str, Tracked], saved: dict[str, str],
+              adopted: set[str], before: dict[str, str]) -> set[str]:
+    """The tracked sessions a start-up may skip (``start_pass_reason`` None against the
+    disk now), each restored: signatures as checked (the sweep sees no change), and
+    ``restored`` (its first real pass is a full one)."""
+    groups: dict[str, list[str]] = {}
+    for sid, t in tracked.items():
+        if sid in saved and start_pass_reason(saved[sid], saved[sid], sid in adopted,
+                                              before[sid]) is None:
+            groups.setdefault(t.agent_group, []).append(sid)
+    skipped: set[str] = set()
+    for group, sids in groups.items():
+        try:
+            fd = open_group(data_dir, group)
+        except OSError:  # gone, or a link (refused): their passes say so
+            continue
+        try:
+            disk = scan_group(fd, group, sids)
+        finally:
+            os.close(fd)
+        for sid in sids:
+            seen = disk.get(sid)
+            if start_pass_reason(saved[sid], seen.text() if seen else None, sid in adopted,
+                                 before[sid]) is None and seen is not None:
+                restore(tracked[sid], seen)
+                skipped.add(sid)
+    return skipped
+
+
+def restore(t: Tracked, seen: OnDisk) -> None:
+    """What a full pass would have left in ``t`` about its files."""
+    t.sigs = dict(seen.sigs)
+    out, inb = seen.sigs["out"], seen.sigs["in"]
+    t.identity = (seen.folder, out[2] if out else None, inb[2] if inb else None)
+    t.restored = True
+
+
 class StateBook:
     """The saved rows: what is in the registry, and what the next flush changes."""
 
@@ -125,6 +168,7 @@ class StateBook:
         self.registry = registry
         self.saved: dict[str, str] = registry.saved_states()
         self._pending: dict[str, str | None] = {}
+        self._said = LogOnce()
 
     def note(self, t: Tracked, alive: bool) -> None:
         """After a pass: remember the row to write (or to delete), if it changed."""
@@ -133,6 +177,17 @@ class StateBook:
         latest = self._pending[sid] if sid in self._pending else self.saved.get(sid)
         if latest != text:
             self._pending[sid] = text
+
+    def save(self) -> None:
+        """``flush``, a failure said once (e.g. a full disk): the rows are kept for the
+        next call, and a restart meanwhile only gives those sessions a full pass."""
+        try:
+            self.flush()
+            self._said.clear("save")
+        except (sqlite3.Error, OSError) as exc:
+            if self._said.say("save", str(exc)):
+                logger.warning("could not save the sessions' start-up state ({}); retrying",
+                               exc)
 
     def flush(self) -> int:
         """Write what changed since the last flush in one transaction; the count."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import sqlite3
 import stat
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.session_status import Status
 from orchestrator.signals import capture_signals
-from orchestrator.startup_state import StateBook, scan_group, start_pass_reason
+from orchestrator.startup_state import StateBook, unchanged
 from orchestrator.store.registry import Registry
 from orchestrator.store.schema import utcnow
 from orchestrator.ticker import ticks
@@ -150,7 +149,6 @@ class Supervisor:
         self._watching = asyncio.Event()
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
-        self._said = LogOnce()
 
     # --- events in ----------------------------------------------------------------
 
@@ -317,7 +315,7 @@ class Supervisor:
                 self._discover()
                 order = list(self.tracked)
             self._sweep_slice(order[part::slices])
-            self._save_state()
+            self._book.save()
 
     def _sweep_slice(self, sids: list[str]) -> None:
         """Each group folder is opened once per slice (``safefs.open_group``), each
@@ -340,17 +338,6 @@ class Supervisor:
             for fd in group_fds.values():
                 if fd is not None:
                     os.close(fd)
-
-    def _save_state(self) -> None:
-        """Write the settled sessions' start-up state noted since the last call
-        (``startup_state``): one registry transaction, not one per pass."""
-        try:
-            self._book.flush()
-            self._said.clear("save_state")
-        except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: kept for the next try
-            if self._said.say("save_state", str(exc)):
-                logger.warning("could not save the sessions' start-up state ({}); retrying; "
-                               "a restart meanwhile gives them a full pass", exc)
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
@@ -407,38 +394,13 @@ class Supervisor:
 
     def _skip_unchanged(self, adopted: dict, before: dict[str, Status]) -> set[str]:
         """The sessions whose start-up pass can be skipped (``startup_state``): settled
-        when the last run saved them, and nothing on disk changed since. Their
-        signatures are restored, so the sweep sees no change, and their first pass
-        is a full one. Runs after the watch is up and without an ``await`` between
-        the check and the end: any later change has its event."""
-        saved = self._book.saved
-        groups: dict[str, list[str]] = {}
-        for sid, t in self.tracked.items():
-            if sid in saved and start_pass_reason(saved[sid], saved[sid], sid in adopted,
-                                                  before[sid]) is None:
-                groups.setdefault(t.agent_group, []).append(sid)
-        skipped: set[str] = set()
-        for group, sids in groups.items():
-            try:
-                fd = open_group(self.cfg.data_dir, group)
-            except OSError:
-                continue
-            try:
-                disk = scan_group(fd, group, sids)
-            finally:
-                os.close(fd)
-            for sid in sids:
-                seen = disk.get(sid)
-                if start_pass_reason(saved[sid], seen.text() if seen else None,
-                                     sid in adopted, before[sid]) is not None:
-                    continue
-                t = self.tracked[sid]
-                t.sigs = dict(seen.sigs)
-                out, inb = seen.sigs["out"], seen.sigs["in"]
-                t.identity = (seen.folder, out[2] if out else None, inb[2] if inb else None)
-                t.restored = True
-                self._dirty.pop(sid, None)  # _discover's mark; an event's change is seen above
-                skipped.add(sid)
+        when the last run saved them, and nothing on disk changed since. Runs after the
+        watch is up, with no ``await`` from the check to the end: a later change has its
+        event. ``_discover``'s mark goes; an earlier event's change was seen by the check."""
+        skipped = unchanged(self.cfg.data_dir, self.tracked, self._book.saved,
+                            set(adopted), before)
+        for sid in skipped:
+            self._dirty.pop(sid, None)
         return skipped
 
     async def serve(self) -> None:
@@ -473,7 +435,7 @@ class Supervisor:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
-        self._save_state()
+        self._book.save()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:
             logger.info("stopping {} agents", len(running))

@@ -118,6 +118,29 @@ def test_the_book_writes_in_batches_and_a_later_note_wins(tmp_path: Path) -> Non
     reg.close()
 
 
+def test_a_save_that_fails_keeps_the_rows_and_says_so_once(tmp_path: Path) -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    handler = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    reg = Registry(tmp_path / "orchestrator.db")
+    book = StateBook(reg)
+    book.note(_settled_tracked(session_id="a"), False)
+    reg.close()  # every write now fails, as on a full disk
+    try:
+        book.save()
+        book.save()
+    finally:
+        logger.remove(handler)
+    assert len(lines) == 1 and "could not save the sessions' start-up state" in lines[0]
+    assert book.saved == {}
+    reg = Registry(tmp_path / "orchestrator.db")
+    book.registry = reg
+    book.save()  # the disk is back: the kept row is written
+    assert reg.saved_states() == {"a": TEXT}
+    reg.close()
+
+
 def test_a_registry_from_before_opens_with_an_empty_table(tmp_path: Path) -> None:
     path = tmp_path / "orchestrator.db"
     Registry(path).close()

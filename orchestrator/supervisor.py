@@ -318,9 +318,9 @@ class Supervisor:
             self._book.save()
 
     def _sweep_slice(self, sids: list[str]) -> None:
-        """Each group folder is opened once per slice (``safefs.open_group``), each
-        session folder from it: a swept session costs one ``openat`` and three
-        ``stat`` calls."""
+        """Each group folder is opened once per slice (``safefs.open_group``); a swept
+        session costs an ``lstat`` of its folder and two or three ``stat`` calls through
+        it (``safefs.FolderStat``), no ``open``."""
         group_fds: dict[str, int | None] = {}
         try:
             for sid in sids:

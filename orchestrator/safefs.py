@@ -164,8 +164,8 @@ class SessionDir:
 
 class FolderStat:
     """A session folder seen through its group folder's descriptor (``open_group``) by
-    ``stat`` alone: nothing is opened (an open of a watched folder also costs the
-    watch thread an inotify event), nothing is read.
+    ``stat`` alone: nothing is opened (``SessionDir``'s three opens and closes were most
+    of what a swept session cost), nothing is read.
 
     For change detection only (the sweep, the start-up check); a pass opens the folder
     with ``SessionDir``. The folder itself is ``lstat``-ed first: a link is Refused. A

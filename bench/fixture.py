@@ -11,13 +11,14 @@ each. NO inbound messages, so no agent is ever due. Each run gets a fresh copy
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
 import tomli_w
 
-from orchestrator.layout import registry_path, session_paths, sessions_root
+from orchestrator.layout import INBOX, OUTBOX, registry_path, sessions_root
 from orchestrator.sessions import create_folder
 from orchestrator.store.registry import Registry
 
@@ -33,22 +34,35 @@ def build_template(path: Path, n: int) -> float:
     registry = Registry(registry_path(path))
     try:
         registry.ensure_agent_group(GROUP)
-        first = None
+        dbs: list[tuple[str, bytes]] = []
+        group = sessions_root(path) / GROUP
         for sid in session_ids(n):
             registry.get_or_create_session(
                 resolution_key=f"bench:{GROUP}:{sid}", agent_group_id=GROUP,
                 messaging_group_id=None, thread_id=None, new_id=sid)
-            if first is None:
+            if not dbs:
                 first = create_folder(path, GROUP, sid)
+                dbs = [(p.name, p.read_bytes()) for p in (first.inbound_db, first.outbound_db)]
                 continue
-            paths = session_paths(path, GROUP, sid)
-            for d in (paths.inbox, paths.outbox):
-                d.mkdir(parents=True)
-            shutil.copyfile(first.inbound_db, paths.inbound_db)
-            shutil.copyfile(first.outbound_db, paths.outbound_db)
+            _write_folder(str(group / sid), dbs)
     finally:
         registry.close()
     return time.monotonic() - t0
+
+
+def _write_folder(root: str, dbs: list[tuple[str, bytes]]) -> None:
+    """One session folder with byte-for-byte copies of the first one's DBs: one
+    ``mkdir`` per folder and one ``open``/``write`` per file (no parents walk, no
+    source file opened 20 000 times): the bench's set-up on a shared, busy disk."""
+    os.mkdir(root)
+    os.mkdir(os.path.join(root, INBOX))
+    os.mkdir(os.path.join(root, OUTBOX))
+    for name, data in dbs:
+        fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
 
 def copy_template(template: Path, data_dir: Path) -> None:

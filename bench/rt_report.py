@@ -62,6 +62,8 @@ ROWS = [
      _main("agents_100", "throughput", "delivered_per_min"), 0),
     ("10k sessions: start-up → reconciled", "s", ("<=", 2),
      _scale("startup", "spawn_to_ready_s"), 2),
+    ("10k sessions: first start (no saved state)", "s", None,
+     _scale("first_start", "spawn_to_ready_s"), 2),
     ("10k sessions: idle CPU (with sweeps)", "% core", ("<=", 1),
      _scale("idle", "core_pct"), 2),
     ("10k sessions: reply latency p50", "ms", ("<=", 10),

@@ -97,6 +97,15 @@ def regular_or_refuse(st: os.stat_result, where: str) -> None:
                       "that may also live outside the session folder")
 
 
+def open_group(data_dir: Path, agent_group: str) -> int:
+    """An agent group folder's descriptor, reached without following a link (Refused)."""
+    root = os.open(sessions_root(data_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return open_dir(agent_group, root, f"sessions/{agent_group}")
+    finally:
+        os.close(root)
+
+
 class SessionDir:
     """One session folder, opened from the sessions root without following links.
 
@@ -151,6 +160,33 @@ class SessionDir:
 
     def db(self, name: str, *, busy_ms: int = 0, create: bool = False) -> SafeDb:
         return SafeDb(self, name, busy_ms, create)
+
+
+class FolderStat:
+    """A session folder seen through its group folder's descriptor (``open_group``) by
+    ``stat`` alone: nothing is opened (``SessionDir``'s three opens and closes were most
+    of what a swept session cost), nothing is read.
+
+    For change detection only (the sweep, the start-up check); a pass opens the folder
+    with ``SessionDir``. The folder itself is ``lstat``-ed first: a link is Refused. A
+    folder swapped for a link between that ``lstat`` and a file's ``stat`` can make
+    that ``stat`` look through the link: it then reports another file's signature,
+    which at worst causes or (for the very same inodes, moved) skips a pass — no data
+    is ever read through it.
+    """
+
+    def __init__(self, group_fd: int, agent_group: str, session_id: str) -> None:
+        self.where = f"sessions/{agent_group}/{session_id}"
+        st = os.stat(session_id, dir_fd=group_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise Refused(errno.ENOTDIR, f"{self.where} is {_kind(st.st_mode)}, not a folder; "
+                          "refusing to follow it")
+        self.identity = (st.st_dev, st.st_ino)
+        self._fd = group_fd
+        self._prefix = session_id + "/"
+
+    def signature(self, name: str) -> Signature:
+        return file_signature(self._prefix + name, self._fd)
 
 
 class SafeDb:

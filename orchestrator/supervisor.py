@@ -38,11 +38,12 @@ from orchestrator.layout import (INBOUND_DB, InvalidId, Kind, registry_path, ses
                                  sessions_root, validate_id)
 from orchestrator.logonce import LogOnce
 from orchestrator.runtime.base import AgentExit, Runtime
-from orchestrator.safefs import Refused, SessionDir
+from orchestrator.safefs import Refused, SessionDir, open_group
 from orchestrator.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
 from orchestrator.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.session_status import Status
 from orchestrator.signals import capture_signals
+from orchestrator.startup_state import StateBook, unchanged
 from orchestrator.store.registry import Registry
 from orchestrator.store.schema import utcnow
 from orchestrator.ticker import ticks
@@ -313,10 +314,30 @@ class Supervisor:
                     logger.debug("runtime reconcile failed: {}", exc)
                 self._discover()
                 order = list(self.tracked)
-            for sid in order[part::slices]:
+            self._sweep_slice(order[part::slices])
+            self._book.save()
+
+    def _sweep_slice(self, sids: list[str]) -> None:
+        """Each group folder is opened once per slice (``safefs.open_group``); a swept
+        session costs an ``lstat`` of its folder and two or three ``stat`` calls through
+        it (``safefs.FolderStat``), no ``open``."""
+        group_fds: dict[str, int | None] = {}
+        try:
+            for sid in sids:
                 t = self.tracked.get(sid)
-                if t is not None and (flags := self.worker.sweep_flags(t)):
+                if t is None:
+                    continue
+                if t.agent_group not in group_fds:
+                    try:
+                        group_fds[t.agent_group] = open_group(self.cfg.data_dir, t.agent_group)
+                    except OSError:  # a linked group too: the pass says what is wrong
+                        group_fds[t.agent_group] = None
+                if flags := self.worker.sweep_flags(t, group_fds[t.agent_group]):
                     self.mark(sid, flags)
+        finally:
+            for fd in group_fds.values():
+                if fd is not None:
+                    os.close(fd)
 
     async def _open(self) -> None:
         data_dir = self.cfg.data_dir
@@ -333,6 +354,9 @@ class Supervisor:
         self.admission = self.worker.admission = open_gate(
             self.cfg, self.tracked, self.runtime, self.registry, self.mark,
             self.worker.set_status, self.clock)
+        self._book = StateBook(self.registry)
+        self.worker.after_pass = lambda t: self._book.note(t, self.runtime.is_running(
+            t.session_id))
         if hasattr(self.channel, "bind"):  # the webhook: an outcome is known → a pass
             self.channel.bind(lambda sid: self.mark(sid, Flag.OUTBOUND))
         self.api = api_server.ApiService(self, listen, token)
@@ -350,6 +374,7 @@ class Supervisor:
             adopted, unknown = {}, "runtime unavailable at start-up"
         self._discover()
         now = self.clock()
+        before = {sid: t.status for sid, t in self.tracked.items()}
         for sid, t in self.tracked.items():
             if sid in adopted:
                 t.started_at = now
@@ -357,19 +382,34 @@ class Supervisor:
             elif t.status != Status.STOPPED:
                 self.worker.set_status(t, Status.STOPPED, unknown or "no agent found at start-up",
                                        now)
-        self._unreconciled = set(self.tracked)
-        for sid in self.tracked:
+        skipped = self._skip_unchanged(adopted, before)
+        self._unreconciled = set(self.tracked) - skipped
+        for sid in self._unreconciled:
             self._dirty[sid] = Flag.FULL | Flag.FORCE
         if not self._unreconciled:
             self.ready.set()
-        logger.info("orchestrator up: {} sessions, {} adopted agents, runtime {}, data {}",
-                    len(self.tracked), len(adopted), self.runtime.name, self.cfg.data_dir)
+        logger.info("orchestrator up: {} sessions ({} unchanged since the last run), {} adopted "
+                    "agents, runtime {}, data {}", len(self.tracked), len(skipped), len(adopted),
+                    self.runtime.name, self.cfg.data_dir)
+
+    def _skip_unchanged(self, adopted: dict, before: dict[str, Status]) -> set[str]:
+        """The sessions whose start-up pass can be skipped (``startup_state``): settled
+        when the last run saved them, and nothing on disk changed since. Runs after the
+        watch is up, with no ``await`` from the check to the end: a later change has its
+        event. ``_discover``'s mark goes; an earlier event's change was seen by the check."""
+        skipped = unchanged(self.cfg.data_dir, self.tracked, self._book.saved,
+                            set(adopted), before)
+        for sid in skipped:
+            self._dirty.pop(sid, None)
+        return skipped
 
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then shut down cleanly."""
         await self._open()
         await self.api.start()
         self._tasks = [asyncio.create_task(self._watch(), name="watch")]
+        await asyncio.sleep(0)  # the watch thread starts adding its watches …
+        self._discover()  # … while the sessions are listed (again after it, for late ones)
         try:
             await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -395,6 +435,7 @@ class Supervisor:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
+        self._book.save()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:
             logger.info("stopping {} agents", len(running))

@@ -51,6 +51,41 @@ def folder_path(data: Path) -> Path:
     return sessions_root(data) / "grp" / "s1"
 
 
+def test_folder_stat_sees_what_a_session_dir_sees_without_opening_it(data: Path) -> None:
+    group = safefs.open_group(data, "grp")
+    try:
+        seen = safefs.FolderStat(group, "grp", "s1")
+        with SessionDir(data, "grp", "s1") as folder:
+            assert seen.identity == folder.identity
+            for name in ("inbound.db", "outbound.db", ".heartbeat"):
+                assert seen.signature(name) == folder.signature(name)
+        assert seen.signature(".heartbeat") is None
+    finally:
+        os.close(group)
+
+
+@pytest.mark.parametrize("planted", ["link", "file"])
+def test_folder_stat_refuses_a_link_or_a_file_for_the_folder(tmp_path: Path, data: Path,
+                                                             planted: str) -> None:
+    real = folder_path(data)
+    os.rename(real, tmp_path / "moved")
+    if planted == "link":
+        os.symlink(tmp_path / "moved", real)
+    else:
+        real.write_bytes(b"not a folder")
+    group = safefs.open_group(data, "grp")
+    try:
+        with pytest.raises(Refused, match="not a folder"):
+            safefs.FolderStat(group, "grp", "s1")
+    finally:
+        os.close(group)
+    if planted == "link":  # a linked group is refused when it is opened
+        os.rename(real.parent, tmp_path / "group")
+        os.symlink(tmp_path / "group", real.parent)
+        with pytest.raises(Refused, match="is a symlink or not a directory"):
+            safefs.open_group(data, "grp")
+
+
 @pytest.mark.parametrize("which", ["session", "group"])
 def test_linked_folders_are_refused(tmp_path: Path, data: Path, which: str) -> None:
     real = folder_path(data)

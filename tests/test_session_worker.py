@@ -7,6 +7,7 @@ The rules it applies are table-tested in test_lifecycle.py.
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,10 @@ from orchestrator.channels import make_channel
 from orchestrator.delivery import Deliverer
 from orchestrator.layout import sessions_root
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
+from orchestrator.safefs import open_group
 from orchestrator.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.session_status import Status
+from orchestrator.store import schema
 
 
 def message_status(paths, message_id: str) -> str:
@@ -291,6 +295,65 @@ async def test_the_sweep_looks_where_the_runtime_contradicts_the_status(
     if alive:
         bench.runtime.alive.add(bench.t.session_id)
     assert bool(bench.worker.sweep_flags(bench.t) & Flag.SWEEP) == sweep
+
+
+async def test_a_session_skipped_at_start_up_reads_everything_on_its_first_real_pass(
+        bench: Bench) -> None:
+    await bench.worker.process(bench.t, Flag.FULL)  # the last run's pass
+    t = Tracked(bench.row.agent_group_id, bench.row.id, bench.client.paths(bench.row))
+    t.sigs, t.identity, t.restored = dict(bench.t.sigs), bench.t.identity, True
+    await bench.worker.process(t, Flag.SWEEP)  # a rescan: stat-gated, nothing changed
+    assert t.restored and bench.runtime.calls == []
+    bench.client.send("grp", "hello")  # its inotify event is not what this pass is for
+    await bench.worker.process(t, Flag.HEARTBEAT)
+    assert not t.restored and t.due == 1  # inbound.db read too: a full pass
+    assert t.op is not None
+    await t.op
+    assert bench.runtime.calls == [("start", t.session_id)]
+    SessionWorker.cancel_timers([t])
+
+
+@pytest.mark.parametrize("change, flags", [
+    ("nothing", Flag.NONE),
+    ("heartbeat", Flag.NONE),  # stopped, no agent: its heartbeat decides nothing
+    ("heartbeat of a running agent", Flag.HEARTBEAT),
+    ("reply", Flag.OUTBOUND),
+    ("message", Flag.INBOUND),
+    # the same files behind a link to the moved folder: every file signature matches,
+    # the folder is refused (the pass then says why)
+    ("folder linked", Flag.SWEEP),
+    # a folder that is not the one last passed (same file inodes, moved back in a new one)
+    ("new folder", Flag.SWEEP),
+])
+async def test_the_sweep_by_stat_through_the_group_folder(tmp_path: Path, bench: Bench,
+                                                          change: str, flags: int) -> None:
+    paths = bench.client.paths(bench.row)
+    schema.init_outbound(paths.outbound_db)
+    await bench.worker.process(bench.t, Flag.FULL)
+    if change.startswith("heartbeat"):
+        paths.heartbeat.touch()
+        if change.endswith("running agent"):
+            bench.runtime.alive.add(bench.t.session_id)
+            bench.t.status = Status.RUNNING
+    elif change == "reply":
+        with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+            conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                         " VALUES ('r1', 1, ?, 'chat', '{}')", (schema.now_ts(),))
+    elif change == "message":
+        bench.client.send("grp", "hello")
+    elif change == "folder linked":
+        os.rename(paths.root, tmp_path / "moved")
+        os.symlink(tmp_path / "moved", paths.root)
+    elif change == "new folder":
+        os.rename(paths.root, tmp_path / "moved")
+        paths.root.mkdir()
+        for entry in os.listdir(tmp_path / "moved"):
+            os.rename(tmp_path / "moved" / entry, paths.root / entry)
+    group = open_group(bench.cfg.data_dir, bench.row.agent_group_id)
+    try:
+        assert bench.worker.sweep_flags(bench.t, group) == flags
+    finally:
+        os.close(group)
 
 
 @pytest.mark.parametrize("flags, alive, status, matters", [

@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS manual_destinations (
 CREATE TABLE IF NOT EXISTS agent_settings (
     session_id TEXT PRIMARY KEY, agent_group_id TEXT NOT NULL, digest TEXT NOT NULL,
     image TEXT, started_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS session_state (
+    session_id TEXT PRIMARY KEY, state TEXT NOT NULL, saved_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS series (
     id TEXT PRIMARY KEY, session_id TEXT NOT NULL, agent_group_id TEXT NOT NULL,
     recurrence TEXT NOT NULL, timezone TEXT NOT NULL, created_at TEXT NOT NULL,
@@ -368,6 +370,22 @@ class Registry:
         with self._lock:
             return self._conn.execute(
                 "SELECT id, agent_group_id, container_status FROM sessions").fetchall()
+
+    def saved_states(self) -> dict[str, str]:
+        """session id → the start-up state saved after its last settled pass
+        (``orchestrator.startup_state``)."""
+        with self._lock:
+            return dict(self._conn.execute("SELECT session_id, state FROM session_state"))
+
+    def save_states(self, rows: dict[str, str | None]) -> None:
+        """Many sessions' start-up states in one transaction (None removes the row)."""
+        now = format_ts(utcnow())
+        with self._tx() as c:
+            c.executemany("DELETE FROM session_state WHERE session_id=?",
+                          [(sid,) for sid, text in rows.items() if text is None])
+            c.executemany("INSERT OR REPLACE INTO session_state (session_id, state, saved_at)"
+                          " VALUES (?,?,?)",
+                          [(sid, text, now) for sid, text in rows.items() if text is not None])
 
     def sessions(self) -> list[SessionRow]:
         with self._lock:

@@ -444,7 +444,7 @@ def test_series_id_defaults_to_the_message_id(db):
 
 @pytest.mark.parametrize("max_tries,statuses,expected", [
     (5, ("pending",), []),  # first resets: given back
-    (1, ("pending",), ["live"]),
+    (1, ("pending",), ["live", "worn"]),
     (1, ("completed",), ["done"]),
     (3, ("pending",), ["worn"]),  # two tries already: the third fails it
 ])

@@ -60,7 +60,7 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
     from orchestrator.config import read_config
     from test_supervisor import OrchestratorProcess
 
-    data = config_dict(tmp_path, runtime={"start_retry_max": 0.2},
+    data = config_dict(tmp_path, runtime={"start_retry_max": 1.0},
                        lifecycle={"max_tries": 1})
     config_file = tmp_path / "config.toml"
     config_file.write_text(tomli_w.dumps(data))

@@ -52,6 +52,10 @@ MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | I
 ADDED, MODIFIED, DELETED = 1, 2, 3  # watchfiles.Change values
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 _READ = 64 * 1024
+# While nothing has changed, how often ``watch`` wakes up to ask its stop event (the
+# first change ends the wait at once, so this costs no latency, only wake-ups).
+IDLE_WAKE_MS = 100
+
 
 
 class StopEvent(Protocol):
@@ -93,6 +97,7 @@ class FolderWatch:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify_init1: {os.strerror(code)}")
         self.paths: dict[int, tuple[str, int]] = {}  # wd → (path, depth)
+        self.inodes: dict[int, int] = {}  # wd → the watched folder's inode
         self.lost: str | None = None
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
@@ -112,6 +117,7 @@ class FolderWatch:
                 raise OSError(code, "the inotify watch budget (max_user_watches) is used up")
             return False  # e.g. EACCES: watch_health finds it unwatched and says so
         self.paths[wd] = (path, depth)
+        self.inodes[wd] = os.fstat(dir_fd).st_ino
         return True
 
     def _walk(self, dir_fd: int, path: str, depth: int, found: list[str]) -> None:
@@ -202,14 +208,16 @@ class FolderWatch:
             offset += _HEADER.size
             name = buf[offset:offset + length].split(b"\0", 1)[0].decode("utf-8", "replace")
             offset += length
-            if mask & IN_Q_OVERFLOW:
+            if mask & IN_Q_OVERFLOW:  # a new folder's event may be among the lost: walk again
                 self.lost = "the kernel's inotify queue overflowed"
+                self._rewalk(changes)
                 continue
             where = self.paths.get(wd)
             if where is None:
                 continue
             if mask & IN_IGNORED:  # the folder is gone (or unmounted): so is its watch
                 del self.paths[wd]
+                self.inodes.pop(wd, None)
                 continue
             path, depth = where
             if mask & (IN_DELETE_SELF | IN_MOVE_SELF) or not name:
@@ -222,6 +230,25 @@ class FolderWatch:
             if change == ADDED and mask & IN_ISDIR and watched_level(depth + 1, name):
                 for sub in self._appeared(path, depth, name):
                     changes.add((ADDED, sub))
+
+    def _rewalk(self, changes: set[tuple[int, str]]) -> None:
+        """Watch every folder that should be (an existing watch is kept: same inode,
+        same descriptor); the ones newly watched are reported as added."""
+        before = {path for path, _ in self.paths.values()}
+        found: list[str] = []
+        root_fd = self._open(self.root)
+        if root_fd is None:
+            return
+        try:
+            self._walk(root_fd, self.root, 0, found)
+        finally:
+            os.close(root_fd)
+        changes.update((ADDED, path) for path in found if path not in before)
+
+    def watched_inodes(self) -> set[int]:
+        """The inodes this instance watches, from its own exact bookkeeping (the
+        kernel's list in /proc/self/fdinfo says the same, at ~50 ms per 20 000)."""
+        return set(self.inodes.values())
 
     def take_lost(self) -> str | None:
         """Why events were lost since the last call (a queue overflow), or None."""
@@ -240,8 +267,11 @@ class FolderWatch:
         while True:
             if stop_event is not None and stop_event.is_set():
                 return "stop"
+            wait = step_ms if first is not None else max(step_ms, IDLE_WAKE_MS)
+            if timeout_ms:
+                wait = min(wait, max(0, timeout_ms - int((time.monotonic() - start) * 1000)))
             try:
-                ready = self._poll.poll(step_ms)
+                ready = self._poll.poll(wait)
             except InterruptedError:
                 ready = []
             now = time.monotonic()

@@ -44,6 +44,7 @@ import termios
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 INOTIFY_LINK = "anon_inode:inotify"
@@ -202,8 +203,11 @@ class Gate:
     restart (``is_set`` then says True and ``watch`` returns "stop")."""
 
     def __init__(self, halt: threading.Event, root: Path, fd: int | None, queue: int,
-                 verify_every: float) -> None:
+                 verify_every: float,
+                 watched: Callable[[], set[int] | None] | None = None) -> None:
         self.halt, self.root, self.fd, self.queue = halt, root, fd, queue
+        # the watched inodes: the notifier's own list if it keeps one, else the kernel's
+        self.watched = watched or (lambda: watched_inodes(fd) if fd is not None else None)
         self.verify_every = verify_every
         self.last = time.monotonic()
         self.sign: str | None = None
@@ -232,7 +236,7 @@ class Gate:
     def _verify(self, now: float) -> None:
         """Folders no watch covers, twice in a row (a folder just created may not be
         watched yet): restart the watch, which adds them (and rescans)."""
-        watched = watched_inodes(self.fd) if self.fd is not None else None
+        watched = self.watched()
         if watched is None:
             self.verify_at = now + self.verify_every
             return

@@ -236,7 +236,8 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
             queue = watch_health.queue_limit()  # what the new instance gets
             notify, fd = _open_notifier(notifier, root)
             with notify:
-                gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval)
+                gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval,
+                                         getattr(notify, "watched_inodes", None))
                 last_change = time.monotonic()
                 episodes = watch_health.Episodes()
                 while True:

@@ -181,3 +181,24 @@ def test_a_stop_event_ends_the_wait(tmp_path: Path) -> None:
     with _watch(root) as watch:
         assert watch.watch(debounce_ms=50, step_ms=1, timeout_ms=0, stop_event=Stop()) == "stop"
         assert watch.watch(debounce_ms=50, step_ms=1, timeout_ms=10, stop_event=None) == "timeout"
+
+
+def test_a_folder_made_while_events_were_lost_is_watched_after_the_overflow(
+        tmp_path: Path) -> None:
+    """Its creation event is among the lost: the overflow makes the watch walk its
+    folders again, so the new session is watched (and reported) all the same."""
+    root, folder = _tree(tmp_path)
+    limit = watch_health.queue_limit()
+    with _watch(root) as watch:
+        files = [folder / ".heartbeat", folder / "outbound.db"]
+        for f in files:
+            f.touch()
+        for i in range(limit + 100):
+            os.utime(files[i % 2])
+        new = root / "grp" / "sess-new"
+        (new / "outbox").mkdir(parents=True)  # the queue is full: no event for these
+        got = watch.watch(debounce_ms=20, step_ms=5, timeout_ms=20, stop_event=None)
+        assert watch.take_lost() == "the kernel's inotify queue overflowed"
+        assert {(ADDED, str(new)), (ADDED, str(new / "outbox"))} <= got
+        assert {str(new), str(new / "outbox")} <= set(watched_folders(watch))
+        assert watch.watched_inodes() == watch_health.watched_inodes(watch.fd)

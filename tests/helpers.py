@@ -118,3 +118,20 @@ class _ro:
 
     def __exit__(self, *exc: object) -> None:
         self.conn.close()
+
+
+def killed_run(code: str, args: list[str], log: Path, cwd: Path, timeout: float = 60) -> None:
+    """Run ``python -c code ARGS`` until it SIGKILLs itself: a crash at the very point
+    a test chose (the code patches that point, then runs the orchestrator)."""
+    import signal
+    import subprocess
+    import sys
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd)
+        try:
+            assert proc.wait(timeout=timeout) == -signal.SIGKILL, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()

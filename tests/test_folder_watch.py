@@ -49,6 +49,15 @@ def _watch(root: Path) -> FolderWatch:
     return FolderWatch(watch_paths=[str(root)])
 
 
+def _overflow(folder: Path) -> None:
+    """More events than the kernel queues while nobody reads: the queue overflows."""
+    files = [folder / ".heartbeat", folder / "outbound.db"]
+    for f in files:
+        f.touch()
+    for i in range(watch_health.queue_limit() + 100):
+        os.utime(files[i % 2])  # (the kernel merges an event equal to the last one)
+
+
 @pytest.mark.parametrize("mask,change", [
     (IN_CREATE, ADDED), (IN_MOVED_TO, ADDED), (IN_DELETE, DELETED),
     (IN_ATTRIB, MODIFIED), (0, None)])
@@ -156,13 +165,8 @@ def test_a_removed_session_drops_its_watches(tmp_path: Path) -> None:
 
 def test_a_queue_overflow_is_reported(tmp_path: Path) -> None:
     root, folder = _tree(tmp_path)
-    limit = watch_health.queue_limit()
     with _watch(root) as watch:
-        files = [folder / ".heartbeat", folder / "outbound.db"]
-        for f in files:
-            f.touch()
-        for i in range(limit + 100):  # nothing reads meanwhile: the queue overflows
-            os.utime(files[i % 2])  # (the kernel merges an event equal to the last one)
+        _overflow(folder)
         watch.watch(debounce_ms=20, step_ms=5, timeout_ms=20, stop_event=None)
         assert watch.take_lost() == "the kernel's inotify queue overflowed"
         assert watch.take_lost() is None
@@ -188,13 +192,8 @@ def test_a_folder_made_while_events_were_lost_is_watched_after_the_overflow(
     """Its creation event is among the lost: the overflow makes the watch walk its
     folders again, so the new session is watched (and reported) all the same."""
     root, folder = _tree(tmp_path)
-    limit = watch_health.queue_limit()
     with _watch(root) as watch:
-        files = [folder / ".heartbeat", folder / "outbound.db"]
-        for f in files:
-            f.touch()
-        for i in range(limit + 100):
-            os.utime(files[i % 2])
+        _overflow(folder)
         new = root / "grp" / "sess-new"
         (new / "outbox").mkdir(parents=True)  # the queue is full: no event for these
         got = watch.watch(debounce_ms=20, step_ms=5, timeout_ms=20, stop_event=None)

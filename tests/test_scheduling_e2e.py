@@ -4,15 +4,13 @@ real inotify and SQLite; the SIGKILL test kills a real orchestrator process."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import tomli_w
 
 from e2e import Client, config_dict, make_config, replies, replies_to, run, supervised
-from helpers import holds, query, until, wait_for
+from helpers import holds, killed_run, query, until, wait_for
 from orchestrator import cli, scheduling, series
 from orchestrator.config import read_config
 from orchestrator.session_worker import SessionWorker
@@ -180,14 +178,7 @@ def killed_once(tmp_path: Path, mode: str) -> None:
                                            series_id=series_id)
     db = client.paths(row).inbound_db
 
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(config_file), mode],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        try:
-            assert proc.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    killed_run(KILLER, [str(config_file), mode], tmp_path / "killed.log", tmp_path)
     rows = query(db, "SELECT id, status FROM messages_in ORDER BY seq")
     if mode == "before":  # the agent's ack is there, the host never synced it
         assert rows == [(mid, "pending")]

@@ -50,13 +50,11 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
     writing ``failed``: after a restart the message still ends ``failed`` and the chat
     has exactly one failure record (never none, as when the write came first)."""
     import signal
-    import subprocess
-    import sys
 
     import tomli_w
 
     from e2e import config_dict
-    from helpers import wait_for
+    from helpers import killed_run, wait_for
     from orchestrator.config import read_config
     from test_supervisor import OrchestratorProcess
 
@@ -70,14 +68,7 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
     paths = client.paths(row)
     paths.heartbeat.mkdir()  # every start fails: the message fails after max_tries
     _, mid = client.send("blocked", "anyone?")
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", FAIL_KILLER, str(config_file)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        try:
-            assert proc.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    killed_run(FAIL_KILLER, [str(config_file)], tmp_path / "killed.log", tmp_path)
     assert message_status(paths, mid) == "pending"  # killed before the write
     assert [(r["kind"], r["id"]) for r in failures(cfg)] == [("message", mid)]
     again = OrchestratorProcess(config_file, tmp_path / "again.log")

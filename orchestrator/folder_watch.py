@@ -101,11 +101,15 @@ class FolderWatch:
         self.lost: str | None = None
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
-        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self._walk(root_fd, self.root, 0, [])
-        finally:
-            os.close(root_fd)
+        try:  # a root that cannot be opened, a used-up budget: no descriptor left behind
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._walk(root_fd, self.root, 0, [])
+            finally:
+                os.close(root_fd)
+        except BaseException:
+            self.close()
+            raise
 
     # --- watches ------------------------------------------------------------------------
 

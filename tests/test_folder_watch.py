@@ -201,3 +201,10 @@ def test_a_folder_made_while_events_were_lost_is_watched_after_the_overflow(
         assert {(ADDED, str(new)), (ADDED, str(new / "outbox"))} <= got
         assert {str(new), str(new / "outbox")} <= set(watched_folders(watch))
         assert watch.watched_inodes() == watch_health.watched_inodes(watch.fd)
+
+
+def test_a_root_that_cannot_be_watched_leaves_no_descriptor(tmp_path: Path) -> None:
+    before = watch_health.inotify_fds()
+    with pytest.raises(FileNotFoundError):
+        FolderWatch(watch_paths=[str(tmp_path / "missing")])
+    assert watch_health.inotify_fds() == before

@@ -115,11 +115,7 @@ class SessionDir:
 
     def __init__(self, data_dir: Path, agent_group: str, session_id: str) -> None:
         self.where = f"sessions/{agent_group}/{session_id}"
-        root = os.open(sessions_root(data_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            group = open_dir(agent_group, root, f"sessions/{agent_group}")
-        finally:
-            os.close(root)
+        group = open_group(data_dir, agent_group)
         try:
             self.fd = open_dir(session_id, group, self.where)
         finally:

@@ -178,7 +178,7 @@ def test_no_operation_leaves_a_handle_or_journal(db):
     inbound.status_counts(db)
     inbound.settle(db, (), {"m1": "completed"})
     inbound.record_delivery(db, "o1", "delivered")
-    inbound.write_routing(db, "c", "p", None)
+    inbound.sync_routing(db, ("c", "p", None), [])
     inbound.replace_destinations(db, [Destination("d", "channel")])
     inbound.delivered_ids(db, ["o1"])
     inbound.read_messages(db)
@@ -353,12 +353,12 @@ def test_delivered_ids_handles_many_ids(db):
 
 # --- routing and destinations -----------------------------------------------------------
 
-def test_write_routing_upserts_one_row(db):
+def test_sync_routing_upserts_one_row(db):
     assert inbound.read_routing(db) is None
-    inbound.write_routing(db, "slack", "C1", "T1")
+    inbound.sync_routing(db, ("slack", "C1", "T1"), [])
     assert inbound.read_routing(db) == {"id": 1, "channel_type": "slack", "platform_id": "C1",
                                         "thread_id": "T1"}
-    inbound.write_routing(db, "cli", "local", None)
+    inbound.sync_routing(db, ("cli", "local", None), [])
     assert query(db, "SELECT * FROM session_routing") == [(1, "cli", "local", None)]
 
 

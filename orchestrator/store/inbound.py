@@ -360,55 +360,53 @@ def record_deliveries(path: Path, records: Iterable[tuple[str, str, str | None]]
     settle(path, records, {}, None, now)
 
 
-def write_routing(path: Path, channel_type: str | None, platform_id: str | None,
-                  thread_id: str | None) -> None:
-    with opened(path) as conn, transaction(conn):
-        conn.execute(
-            "INSERT INTO session_routing (id, channel_type, platform_id, thread_id) "
-            "VALUES (1,?,?,?) ON CONFLICT(id) DO UPDATE SET channel_type=excluded.channel_type,"
-            " platform_id=excluded.platform_id, thread_id=excluded.thread_id",
-            (channel_type, platform_id, thread_id))
+_UPSERT_ROUTING = (
+    "INSERT INTO session_routing (id, channel_type, platform_id, thread_id) VALUES (1,?,?,?)"
+    " ON CONFLICT(id) DO UPDATE SET channel_type=excluded.channel_type,"
+    " platform_id=excluded.platform_id, thread_id=excluded.thread_id")
+
+
+def _destination_rows(destinations: Iterable[Destination]) -> list[tuple]:
+    return [(d.name, d.display_name, d.type, d.channel_type, d.platform_id, d.agent_group_id)
+            for d in destinations]
+
+
+def _replace_destinations(conn: Any, rows: list[tuple]) -> None:
+    conn.execute("DELETE FROM destinations")
+    conn.executemany(
+        "INSERT INTO destinations (name, display_name, type, channel_type, platform_id,"
+        " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
 
 
 def replace_destinations(path: Path, destinations: Iterable[Destination]) -> None:
     """Rewrite the whole table in one transaction (the agent never sees half a set)."""
-    rows = [(d.name, d.display_name, d.type, d.channel_type, d.platform_id, d.agent_group_id)
-            for d in destinations]
+    rows = _destination_rows(destinations)
     with opened(path) as conn, transaction(conn):
-        conn.execute("DELETE FROM destinations")
-        conn.executemany(
-            "INSERT INTO destinations (name, display_name, type, channel_type, platform_id,"
-            " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
+        _replace_destinations(conn, rows)
 
 
 def sync_routing(path: Path, routing: tuple[str | None, str | None, str | None],
                  destinations: Iterable[Destination]) -> bool:
-    """``write_routing`` and ``replace_destinations`` in one transaction that writes
-    only what differs from what is there; True if it wrote anything.
+    """The session's default route (``session_routing``, one row) and its
+    ``destinations``, in one transaction that writes only what differs from what is
+    there; True if it wrote anything.
 
     Why: it runs before every agent start, on the cold round trip's path, and nearly
     always finds both unchanged; two unconditional write transactions were ~2 ms
     (journal, fsyncs) and two inotify events for the host's own watcher."""
-    rows = [(d.name, d.display_name, d.type, d.channel_type, d.platform_id, d.agent_group_id)
-            for d in destinations]
+    rows = _destination_rows(destinations)
     changed = False
     with opened(path) as conn, transaction(conn):
         current = conn.execute("SELECT channel_type, platform_id, thread_id FROM session_routing"
                                " WHERE id = 1").fetchone()
         if current is None or tuple(current) != tuple(routing):
-            conn.execute(
-                "INSERT INTO session_routing (id, channel_type, platform_id, thread_id) "
-                "VALUES (1,?,?,?) ON CONFLICT(id) DO UPDATE SET channel_type=excluded.channel_type,"
-                " platform_id=excluded.platform_id, thread_id=excluded.thread_id", tuple(routing))
+            conn.execute(_UPSERT_ROUTING, tuple(routing))
             changed = True
         have = [tuple(r) for r in conn.execute(
             "SELECT name, display_name, type, channel_type, platform_id, agent_group_id"
             " FROM destinations ORDER BY rowid")]
         if have != rows:
-            conn.execute("DELETE FROM destinations")
-            conn.executemany(
-                "INSERT INTO destinations (name, display_name, type, channel_type, platform_id,"
-                " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
+            _replace_destinations(conn, rows)
             changed = True
     return changed
 

@@ -265,6 +265,10 @@ def test_an_agent_whose_pid_file_was_never_written_is_adopted(tmp_path: Path) ->
         [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL,
         start_new_session=True,
         env={**os.environ, MARKER: marker(tmp_path / "elsewhere", "g", "s")})
+    traversing = subprocess.Popen(  # a marker naming no session folder: never followed
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, MARKER: marker(runtime.data_dir, "..", "..")})
     try:
         until_found = wait_for(lambda: process_start_time(orphan.pid), message="orphan up")
         assert until_found and not (ref.folder / PID_FILE).exists()
@@ -281,8 +285,9 @@ def test_an_agent_whose_pid_file_was_never_written_is_adopted(tmp_path: Path) ->
 
         run(body())
         assert orphan.wait(5) is not None and child_of_other.poll() is None
+        assert traversing.poll() is None
     finally:
-        for p in (orphan, child_of_other):
+        for p in (orphan, child_of_other, traversing):
             p.kill()
             p.wait()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.layout import PID_FILE
+from orchestrator.layout import PID_FILE, InvalidId, validate_id
 from orchestrator.safefs import SessionDir
 
 MARKER = "ORCHESTRATOR_AGENT"
@@ -84,8 +84,12 @@ def marked_agents(data_dir: os.PathLike[str] | str) -> dict[tuple[str, str], int
         except OSError:
             continue
         group, _, session = value[:-len(suffix)].partition("/")
-        if group and session:
-            found[(group, session)] = pid
+        try:  # any process of the host's user can carry a marker: it names folders
+            validate_id(group, "agent group")
+            validate_id(session, "session id")
+        except InvalidId:
+            continue
+        found[(group, session)] = pid
     return found
 
 

@@ -88,8 +88,11 @@ class DockerCensus(Census):
         self.label = f"{LABEL_INSTANCE}={instance}"
 
     def count(self) -> int:
-        # what plain ``docker ps`` lists: running containers, paused ones included
-        return len(self.client.containers.list(filters={"label": [self.label]}))
+        # what plain ``docker ps`` lists: running containers, paused ones included.
+        # sparse: the list alone, no inspect of each (a container removed between the
+        # two raised NotFound and ended the census thread, and with it the count)
+        return len(self.client.containers.list(filters={"label": [self.label]},
+                                               sparse=True))
 
 
 class Live:

@@ -115,20 +115,22 @@ def in_flight(obs: Observation, now: datetime) -> bool:
         obs.answer_due is not None and obs.answer_due > now)
 
 
-def thawed(obs: Observation) -> Observation:
-    """``obs`` with the time the agent spent frozen taken out of the stuck rules.
+def thawed(obs: Observation) -> tuple[datetime, tuple[Claim, ...]]:
+    """The heartbeat time the heartbeat rule counts from, and the claims as the claim
+    rule sees them, with the time the agent spent frozen taken out.
 
     A paused agent cannot heartbeat; once thawed, its old heartbeat or a claim it
     wrote just before the freeze would look like a hang. Both count from the thaw
-    at the earliest, so the usual windows start again when the agent can move.
+    at the earliest, so the usual windows start again when the agent can move. The
+    claim rule still asks for a *real* heartbeat after the (moved) claim: the thaw
+    itself is no sign of life.
     """
+    assert obs.heartbeat_at is not None
     r = obs.resumed_at
     if r is None:
-        return obs
-    hb = max(obs.heartbeat_at, r) if obs.heartbeat_at is not None else None
-    claims = tuple(Claim(c.message_id, max(c.claimed_at, r)) if c.claimed_at else c
-                   for c in obs.claims)
-    return replace(obs, heartbeat_at=hb, claims=claims)
+        return obs.heartbeat_at, obs.claims
+    return max(obs.heartbeat_at, r), tuple(
+        Claim(c.message_id, max(c.claimed_at, r)) if c.claimed_at else c for c in obs.claims)
 
 
 def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str | None:
@@ -139,20 +141,25 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
       it politely);
     - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat
       since the claim. No heartbeat file at all means "still starting": not stuck.
+      The age counts from the end of the claim stamp's tick (``claim_tick_end``): the
+      claim may have come that late, and only a heartbeat after it counts, so counting
+      from the stamp itself would leave the agent no time at all to show one (a whole-
+      second stamp, or a millisecond one ending in .000, reached its limit in the very
+      instant its first countable heartbeat could come).
     A paused agent is frozen by us, not hung; after a thaw see ``thawed``.
     """
     if not obs.alive or obs.heartbeat_at is None or obs.paused:
         return None
-    obs = thawed(obs)
-    hb_age = (now - obs.heartbeat_at).total_seconds()
+    beat, claims = thawed(obs)
+    hb_age = (now - beat).total_seconds()
     limit = heartbeat_limit(cfg, obs.tool_timeout)
-    if (obs.claims or obs.tool_running) and hb_age > limit:
+    if (claims or obs.tool_running) and hb_age > limit:
         return f"heartbeat {hb_age:.0f}s old (limit {limit:g}s)"
     climit = claim_limit(cfg, obs.tool_timeout)
-    for claim in obs.claims:
+    for claim in claims:
         if claim.claimed_at is None or heartbeat_since(obs, claim):
             continue
-        age = (now - claim.claimed_at).total_seconds()
+        age = (now - claim_tick_end(claim.claimed_at)).total_seconds()
         if age > climit:
             return f"claim on {claim.message_id} {age:.0f}s old with no heartbeat since (limit {climit:g}s)"
     return None
@@ -164,10 +171,10 @@ def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
         return None
     if not obs.claims and not obs.tool_running:
         return None
-    obs = thawed(obs)
-    times = [obs.heartbeat_at + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
+    beat, claims = thawed(obs)
+    times = [beat + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
     climit = timedelta(seconds=claim_limit(cfg, obs.tool_timeout))
-    times += [c.claimed_at + climit for c in obs.claims
+    times += [claim_tick_end(c.claimed_at) + climit for c in claims
               if c.claimed_at is not None and not heartbeat_since(obs, c)]
     return min(times)
 

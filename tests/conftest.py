@@ -1,5 +1,9 @@
 """The fixtures every test module may ask for by name (pytest finds them here).
 
+- (autouse) after each test, loguru is back to one sink writing to whatever
+  ``sys.stderr`` is when a line is logged: a test that calls ``setup_logging`` (the
+  CLI does) would otherwise leave a sink on its own captured stream, closed when the
+  test ends, and every later test's log lines would fail against it.
 - ``anyio_backend``: async tests (``async def test_...``; the anyio plugin runs
   them all, ``anyio_mode = "auto"`` in pyproject.toml) run on asyncio, like the
   orchestrator.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -31,11 +36,23 @@ from typing import Iterator
 import docker
 import pytest
 from docker.errors import DockerException
+from loguru import logger
 
 from docker_fixtures import TEST_IMAGE, PrivateDockerd, private_daemon, remove_labelled, unavailable
 from e2e import processes_mentioning
 from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from orchestrator.runtime.image import ImageBuildError, build_image
+
+
+def _to_current_stderr(message: str) -> None:
+    sys.stderr.write(message)
+
+
+@pytest.fixture(autouse=True)
+def loguru_sinks_end_with_the_test() -> Iterator[None]:
+    yield
+    logger.remove()
+    logger.add(_to_current_stderr, level="DEBUG")
 
 
 @pytest.fixture

@@ -14,12 +14,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from orchestrator.config import LifecycleConfig
-from orchestrator.lifecycle import (Action, Claim, Observation, claim_limit, decide,
+from orchestrator.lifecycle import (Action, Claim, Observation, claim_limit, claim_tick_end,
+                                    decide,
                                     delivery_backoff, heartbeat_limit, last_activity,
                                     start_backoff, stuck_reason)
 from orchestrator.store.schema import parse_ts
 
-NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+# stamped to the microsecond, so the tables' claims are exact (``claim_tick_end`` is
+# the stamp itself); coarse stamps have their own test below
+NOW = datetime(2025, 3, 1, 12, 0, 0, 250_001, tzinfo=timezone.utc)
 CFG = LifecycleConfig()  # idle 30, stop 300, ceiling 1800, claim 60
 
 
@@ -299,7 +302,7 @@ def test_last_activity(observation: Observation, expected: float | None) -> None
     (obs(hb=-1800.5, claims=(("x", -1900),)), "heartbeat"),
     (obs(hb=-100, claims=(("x", -30),)), None),  # claim after hb, but young
     (obs(hb=-100, claims=(("x", -61),)), "claim on x"),
-    (obs(hb=-100, claims=(("x", -100),)), "claim on x"),  # same instant: no heartbeat *since*
+    (obs(hb=-100.5, claims=(("x", -100),)), "claim on x"),  # a beat just before: none *since*
     (obs(hb=-60, claims=(("x", -61),)), None),  # heartbeat since the claim
 ])
 def test_stuck_reason(observation: Observation, stuck: str | None) -> None:
@@ -329,13 +332,36 @@ def test_claim_rule_respects_the_claim_stamp_precision(claimed: str, heartbeat: 
     claimed_at, hb = parse_ts(claimed), parse_ts(heartbeat)
     observation = Observation(alive=True, started_at=hb, heartbeat_at=hb,
                               claims=(Claim("m1", claimed_at),))
-    later = claimed_at + timedelta(seconds=CFG.claim_stuck + 1)
+    later = claim_tick_end(claimed_at) + timedelta(seconds=CFG.claim_stuck + 1)
     reason = stuck_reason(observation, later, CFG)
     assert (reason is None) == since, reason
     verdict = decide(observation, claimed_at + timedelta(seconds=1), CFG)
     expected = (hb + timedelta(seconds=CFG.ceiling) if since
-                else claimed_at + timedelta(seconds=CFG.claim_stuck))
+                else claim_tick_end(claimed_at) + timedelta(seconds=CFG.claim_stuck))
     assert verdict.next_check == expected
+
+
+@pytest.mark.parametrize("claimed", [
+    "2025-03-01 12:00:50",  # SQLite's datetime('now')
+    "2025-03-01 12:00:50.000",  # the reference agent's milliseconds, on a whole second
+    "2025-03-01 12:00:50.773",
+])
+def test_a_heartbeating_agent_is_never_killed_at_its_claim_deadline(claimed: str) -> None:
+    """The pass at the claim rule's deadline finds an agent that heartbeats every 0.1 s
+    and has not beaten since the deadline's instant: it must get its time, whatever the
+    stamp's precision (a whole-second stamp once made that deadline the end of its tick,
+    killing healthy agents in CI)."""
+    cfg = LifecycleConfig(claim_stuck=1.0)
+    claimed_at = parse_ts(claimed)
+    deadline = decide(Observation(alive=True, heartbeat_at=claimed_at,
+                                  claims=(Claim("m1", claimed_at),)), claimed_at, cfg).next_check
+    assert deadline is not None and deadline > claim_tick_end(claimed_at)
+    beats = [claimed_at + timedelta(seconds=0.1 * i - 0.05) for i in range(1, 40)]
+    for now in (deadline, deadline + timedelta(milliseconds=2)):
+        last = max(b for b in beats if b <= now)
+        observation = Observation(alive=True, heartbeat_at=last,
+                                  claims=(Claim("m1", claimed_at),))
+        assert stuck_reason(observation, now, cfg) is None, (now, last)
 
 
 @pytest.mark.parametrize(("failures", "base", "cap", "delay"), [

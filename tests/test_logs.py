@@ -25,8 +25,7 @@ def test_json_lines_are_flat(capsys):
         except ValueError:
             logger.exception("failed")
     finally:
-        logger.remove()
-        logger.add(__import__("sys").stderr)
+        logger.remove()  # (conftest puts the usual sink back after the test)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
     first, second, third = (json.loads(line) for line in lines)

@@ -1,9 +1,10 @@
 """The fixtures every test module may ask for by name (pytest finds them here).
 
-- (autouse) after each test, loguru is back to one sink writing to whatever
-  ``sys.stderr`` is when a line is logged: a test that calls ``setup_logging`` (the
-  CLI does) would otherwise leave a sink on its own captured stream, closed when the
-  test ends, and every later test's log lines would fail against it.
+- (autouse) after each test, loguru is back to one sink on the process's own stderr
+  (``sys.__stderr__``: pytest captures it per test at the descriptor, and ``capsys``
+  never sees it): a test that calls ``setup_logging`` (the CLI does) would otherwise
+  leave a sink on its own captured stream, closed when the test ends, and every later
+  test's log lines would fail against it.
 - ``anyio_backend``: async tests (``async def test_...``; the anyio plugin runs
   them all, ``anyio_mode = "auto"`` in pyproject.toml) run on asyncio, like the
   orchestrator.
@@ -44,15 +45,11 @@ from orchestrator.runtime.docker_spec import LABEL_INSTANCE
 from orchestrator.runtime.image import ImageBuildError, build_image
 
 
-def _to_current_stderr(message: str) -> None:
-    sys.stderr.write(message)
-
-
 @pytest.fixture(autouse=True)
 def loguru_sinks_end_with_the_test() -> Iterator[None]:
     yield
     logger.remove()
-    logger.add(_to_current_stderr, level="DEBUG")
+    logger.add(sys.__stderr__, level="DEBUG")
 
 
 @pytest.fixture

@@ -347,6 +347,8 @@ async def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
         await until(lambda: sup.tracked[row.id].delivery.watermark == 5)
 
         # the log's old advice: remove outbound.db, the agent creates it again, lower seqs
+        # (a link elsewhere keeps the old inode taken: ext4 may hand a freed one out again)
+        os.link(paths.outbound_db, tmp_path / "old-outbound.db")
         paths.outbound_db.unlink()
         t_replaced = time.monotonic()
         schema.init_outbound(paths.outbound_db)

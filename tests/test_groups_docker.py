@@ -105,7 +105,8 @@ def test_a_spare_container_is_made_with_its_groups_settings_and_dropped_when_the
         second_tag: str, instance: str) -> None:
     """[docker] precreate: the container created ahead for a group's session carries
     that group's image, env, group folder and settings label; a start with other settings (a new
-    config after a restart) does not start it but creates a fresh container."""
+    config after a restart) or other mounts (a ``container.json`` written since) does not
+    start it but creates a fresh container."""
     def config(role: str):
         return load_config({
             "data_dir": "data", "runtime": {"kind": "docker"},
@@ -132,6 +133,18 @@ def test_a_spare_container_is_made_with_its_groups_settings_and_dropped_when_the
                                    20, "a spare for s1")
             same = await rt.start(SessionRef("beta", "s1", folder, first))
             assert same.ident == spare.id  # the same settings: the spare is started
+            await rt.stop("s1", grace=5)
+            (spare,) = await until(lambda: [c for c in containers() if c.status == "created"],
+                                   20, "a new spare for s1")
+            # a container.json written since the spare was made: it needs its own mount
+            (cfg.data_dir / "groups" / "beta" / "container.json").write_text("{}")
+            fresh = await rt.start(SessionRef("beta", "s1", folder, first))
+            assert fresh.ident != spare.id
+            mounted = await in_thread(docker_client.api.inspect_container, fresh.ident)
+            assert "/workspace/agent/container.json" in {
+                m["Destination"] for m in mounted["Mounts"]}
+            await until(lambda: spare.id not in {c.id for c in containers()}, 20,
+                        "the spare without container.json removed")
             await rt.stop("s1", grace=5)
             (spare,) = await until(lambda: [c for c in containers() if c.status == "created"],
                                    20, "a new spare for s1")

@@ -69,8 +69,13 @@ def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
     return session.settings.docker if session.settings is not None else default
 
 
-def _digest(session: SessionRef) -> str | None:
-    return session.settings.digest if session.settings is not None else None
+def _made_with(session: SessionRef, user: str, mounts: list[Mount]) -> tuple:
+    """What a container is created from, beyond its name: the group's settings, the
+    user, and the mounts as they are on disk now. A spare made from other ones (a new
+    config, a ``container.json`` that appeared since) is not started."""
+    digest = session.settings.digest if session.settings is not None else None
+    return digest, user, tuple(sorted((m["Target"], m.get("Source") or "", bool(m.get("ReadOnly")))
+                                      for m in mounts))
 
 
 def _name(c: dict) -> str:
@@ -156,7 +161,7 @@ class DockerRuntime:
         self._reconcile_lock: asyncio.Lock | None = None
         self.reconciles = 0  # completed reconciles (observable in tests)
         self._spares = Spares(config.precreate)  # created ahead: see docker_spares
-        self._spare_digest: dict[str, str | None] = {}  # spare id -> settings it was made with
+        self._spare_made_with: dict[str, tuple] = {}  # spare id -> _made_with at its create
         self._group_settings: dict[str, AgentSettings] = {}  # last seen per group
         self._closing = False
         self.listed = False  # see Runtime.listed: set by the first list that succeeds
@@ -281,8 +286,9 @@ class DockerRuntime:
             if changed:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
             spare = self._spares.take(session.session_id)
-            if spare is not None and self._spare_digest.pop(spare, None) != _digest(session):
-                self._spawn(self._remove_owned(spare))  # made with other settings
+            made_with = _made_with(session, user, mounts)
+            if spare is not None and self._spare_made_with.pop(spare, None) != made_with:
+                self._spawn(self._remove_owned(spare))  # made with other settings or mounts
                 spare = None
             self._starting.add(session.session_id)
             try:
@@ -383,9 +389,9 @@ class DockerRuntime:
             if isinstance(created, AgentHandle):
                 return  # a live container of ours had the name: adopted, not a spare
             evicted = self._spares.put(session_id, created)
-            self._spare_digest[created] = _digest(ref)
+            self._spare_made_with[created] = _made_with(ref, user, mounts)
             for cid in evicted:
-                self._spare_digest.pop(cid, None)
+                self._spare_made_with.pop(cid, None)
         logger.debug("created spare container for {}/{} ({})", agent_group, session_id,
                      created[:12])
         for cid in evicted:

@@ -58,7 +58,7 @@ def _noisy(results: dict, limit: float = 0.15) -> list[tuple[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench",
                                  description="Benchmark the orchestrator (events vs poll).")
-    ap.add_argument("--quick", action="store_true", help="smaller counts and windows (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="smaller counts and windows (< 3 min)")
     ap.add_argument("--out", default="bench/results/latest.json", help="JSON results path")
     ap.add_argument("--tmp", default=None, help="parent folder for the temporary data dirs")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dirs and logs")

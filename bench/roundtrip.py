@@ -13,7 +13,8 @@ real reference agent, local processes or Docker containers:
 - ``coldpre`` ``cold`` with ``[docker] precreate``: the next container was created
               ahead, so the wake is a ``docker start`` only;
 - ``paused``  ``pause_idle_after`` froze the idle agent (docker pause / SIGSTOP);
-              the message thaws it.
+              the message thaws it. A first message (not a sample) starts the
+              agent, as for ``warm``: until then there is nothing to freeze.
 
 Agents: ``inotify`` (the reference agent as it now is), ``poll1s`` (the same
 agent told to poll every second, as NanoClaw's agents do) and ``poll100ms``
@@ -213,8 +214,8 @@ class RoundTrips:
                 t1 = watch.wait(mid, self.p.timeout)
                 return None if t1 is None else 1000.0 * (t1 - t0)
 
-            if kind == "warm":  # the first message starts the agent; not a sample
-                if send() is None:
+            if kind in ("warm", "paused"):  # the first message starts the agent; not a
+                if send() is None:  # sample (a paused one must have run to be frozen)
                     raise RuntimeError("no reply to the warm-up message; log:\n"
                                        + orch.log_tail(10))
             for _ in range(samples):

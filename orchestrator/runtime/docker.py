@@ -286,8 +286,8 @@ class DockerRuntime:
             if changed:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
             spare = self._spares.take(session.session_id)
-            made_with = _made_with(session, user, mounts)
-            if spare is not None and self._spare_made_with.pop(spare, None) != made_with:
+            if spare is not None and (self._spare_made_with.pop(spare, None)
+                                      != _made_with(session, user, mounts)):
                 self._spawn(self._remove_owned(spare))  # made with other settings or mounts
                 spare = None
             self._starting.add(session.session_id)

@@ -18,7 +18,7 @@ RUN test -f README.md || echo "# orchestrator" > README.md \
  && rm -rf /src
 
 # Access to the Docker socket is root-equivalent anyway; the agents themselves run
-# unprivileged (see orchestrator/runtime/docker.py).
+# unprivileged (see orchestrator/runtime/docker/runtime.py).
 WORKDIR /
 EXPOSE 8750
 ENTRYPOINT ["orchestrator"]

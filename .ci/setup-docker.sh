@@ -58,5 +58,5 @@ docker version --format 'setup-docker: client {{.Client.Version}}, server {{.Ser
 
 # 3. agent image (debootstrap base once, then the code layer; skipped when up to date)
 cd "$REPO"
-"$PY" -m orchestrator.runtime.image build
+"$PY" -m orchestrator.runtime.docker.image build
 say "done"

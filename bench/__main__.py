@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 "delivery": asdict(bench.config.delivery) | {"path": "<data_dir>/delivered.jsonl"},
                 "runtime": "local (real LocalRuntime) when no synthetic agents; "
                            "synthetic (bench/host.py) when the writers play the agents",
-                "everything_else": "defaults (orchestrator/config.py)",
+                "everything_else": "defaults (orchestrator/config/model.py)",
                 "overrides": overrides or None,
             },
             "bench": asdict(params),

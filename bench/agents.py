@@ -6,7 +6,7 @@ trimmed to what the measurement needs, so that the orchestrator's cost is
 measured alone (no model, no reference agent, no process start-up per message):
 
 - ``replies``: insert rows into ``messages_out`` of the sessions listed, one row
-  per transaction (``BEGIN IMMEDIATE`` … ``COMMIT`` via ``orchestrator.store.schema``
+  per transaction (``BEGIN IMMEDIATE`` … ``COMMIT`` via ``orchestrator.contract.schema``
   ``connect``/``transaction``, ``journal_mode=DELETE``), with the next ODD seq above
   the max of both tables, ``timestamp`` = the writer's UTC clock inside the
   transaction; then touch ``.heartbeat`` (as the reference agent does after each
@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.store import schema
+from orchestrator.contract import schema
 
 HEARTBEAT = ".heartbeat"
 

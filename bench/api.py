@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestrator.store.schema import parse_ts
+from orchestrator.contract.schema import parse_ts
 
 
 

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from bench import fixture, machine, proc
-from orchestrator.layout import registry_path, sessions_root
-from orchestrator.sessions import Sessions
-from orchestrator.store.registry import Registry
+from orchestrator.contract.layout import registry_path, sessions_root
+from orchestrator.host.sessions import Sessions
+from orchestrator.host.registry import Registry
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

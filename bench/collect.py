@@ -30,7 +30,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from orchestrator.store import schema
+from orchestrator.contract import schema
 
 from bench.inotify import IN_DELETE, IN_MODIFY, Inotify
 

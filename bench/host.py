@@ -2,7 +2,7 @@
 
 ``python -m bench.host --config C --ready-file F [--agents-file A] [--watch-budget N]``
 
-This is ``orchestrator.supervisor.run`` line for line (same config loading,
+This is ``orchestrator.engine.supervisor.run`` line for line (same config loading,
 same logging set-up, same ``Supervisor.serve`` under ``capture_signals``) with
 three additions that the bench needs and the CLI does not offer:
 
@@ -35,14 +35,14 @@ from typing import Callable  # noqa: E402
 
 from loguru import logger  # noqa: E402
 
-from orchestrator import watcher  # noqa: E402
-from orchestrator.config import Config, read_config  # noqa: E402
-from orchestrator.logs import setup_logging  # noqa: E402
+from orchestrator.watch import watcher  # noqa: E402
+from orchestrator.config.model import Config, read_config  # noqa: E402
+from orchestrator.cli.logs import setup_logging  # noqa: E402
 from orchestrator.runtime.base import (  # noqa: E402
     AgentExit, AgentHandle, RuntimeUnavailable, SessionRef,
 )
-from orchestrator.signals import capture_signals  # noqa: E402
-from orchestrator.supervisor import AlreadyRunning, Supervisor, make_runtime  # noqa: E402
+from orchestrator.support.signals import capture_signals  # noqa: E402
+from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime  # noqa: E402
 
 
 class SyntheticRuntime:

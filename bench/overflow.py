@@ -37,11 +37,11 @@ from typing import Any
 import tomli_w
 
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config import read_config
-from orchestrator.layout import registry_path
-from orchestrator.sessions import MessagingGroup, Sessions
-from orchestrator.store.registry import Registry
-from orchestrator.watch_health import queue_limit
+from orchestrator.config.model import read_config
+from orchestrator.contract.layout import registry_path
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.host.registry import Registry
+from orchestrator.watch.health import queue_limit
 
 LOST = "inotify events may have been lost"
 

@@ -48,9 +48,9 @@ import tomli_w
 
 from bench import collect, proc
 from bench.inotify import IN_MODIFY, Inotify
-from orchestrator.layout import registry_path
-from orchestrator.sessions import MessagingGroup, Sessions
-from orchestrator.store.registry import Registry
+from orchestrator.contract.layout import registry_path
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.host.registry import Registry
 
 AGENTS: dict[str, list[str]] = {
     "inotify": ["--wake", "auto"],
@@ -354,7 +354,7 @@ def docker_available() -> str | None:
     try:
         import docker
 
-        from orchestrator.runtime.image import build_image
+        from orchestrator.runtime.docker.image import build_image
 
         client = docker.from_env()
         try:

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator import watcher
-from orchestrator.layout import registry_path, sessions_root
-from orchestrator.store import schema
+from orchestrator.watch import watcher
+from orchestrator.contract.layout import registry_path, sessions_root
+from orchestrator.contract import schema
 
 from bench import collect, fixture, proc
 from bench.proc import Orchestrator

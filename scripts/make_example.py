@@ -38,10 +38,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator import layout
-from orchestrator.sessions import Sessions, create_folder, resolution_key
-from orchestrator.store import inbound, outbound, schema
-from orchestrator.store.registry import Registry, SessionRow
+from orchestrator.contract import layout
+from orchestrator.host.sessions import Sessions, create_folder, resolution_key
+from orchestrator.host import inbound, outbound
+from orchestrator.contract import schema
+from orchestrator.host.registry import Registry, SessionRow
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "sessions.example"

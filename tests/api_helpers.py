@@ -26,8 +26,8 @@ from starlette.routing import Route
 
 from e2e import supervised
 from orchestrator.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from orchestrator.config import Config
-from orchestrator.supervisor import Supervisor
+from orchestrator.config.model import Config
+from orchestrator.engine.supervisor import Supervisor
 
 
 def token_of(cfg: Config) -> str:

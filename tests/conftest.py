@@ -41,8 +41,8 @@ from loguru import logger
 
 from docker_fixtures import TEST_IMAGE, PrivateDockerd, private_daemon, remove_labelled, unavailable
 from e2e import processes_mentioning
-from orchestrator.runtime.docker_spec import LABEL_INSTANCE
-from orchestrator.runtime.image import ImageBuildError, build_image
+from orchestrator.runtime.docker.spec import LABEL_INSTANCE
+from orchestrator.runtime.docker.image import ImageBuildError, build_image
 
 
 @pytest.fixture(autouse=True)

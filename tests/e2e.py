@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config import Config, load_config
-from orchestrator.layout import SessionPaths, registry_path
-from orchestrator.sessions import MessagingGroup, Sessions
-from orchestrator.store.registry import Registry, SessionRow
-from orchestrator.supervisor import Supervisor
+from orchestrator.config.model import Config, load_config
+from orchestrator.contract.layout import SessionPaths, registry_path
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.engine.supervisor import Supervisor
 
 T = TypeVar("T")
 

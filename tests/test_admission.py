@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.admission import (Agent, Plan, Waiting, auto_max_agents, gives_way_at,
+from orchestrator.rules.admission import (Agent, Plan, Waiting, auto_max_agents, gives_way_at,
                                     parse_size, plan, queue_order, resolve_max_agents)
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -22,16 +22,16 @@ from loguru import logger
 
 from e2e import Client, agent_pids, config_dict, replies, run, supervised
 from helpers import query, until, wait_for
-from orchestrator import status
-from orchestrator.admission_gate import AdmissionGate
-from orchestrator.config import load_config, read_config
-from orchestrator.layout import registry_path, session_paths, sessions_root
-from orchestrator.lifecycle import Action, Claim, Verdict
+from orchestrator.host import status
+from orchestrator.engine.admission_gate import AdmissionGate
+from orchestrator.config.model import load_config, read_config
+from orchestrator.contract.layout import registry_path, session_paths, sessions_root
+from orchestrator.rules.lifecycle import Action, Claim, Verdict
 from orchestrator.runtime.base import AgentHandle
-from orchestrator.runtime.docker_spec import LABEL_INSTANCE
-from orchestrator.session_worker import Tracked
-from orchestrator.store.registry import Registry
-from orchestrator.store.schema import utcnow
+from orchestrator.runtime.docker.spec import LABEL_INSTANCE
+from orchestrator.engine.session_worker import Tracked
+from orchestrator.host.registry import Registry
+from orchestrator.contract.schema import utcnow
 from test_supervisor import OrchestratorProcess
 
 

@@ -11,8 +11,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator import answers
-from orchestrator.answers import Answers, Reply
+from orchestrator.rules import answers
+from orchestrator.rules.answers import Answers, Reply
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 WAIT = 600.0

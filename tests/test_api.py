@@ -16,8 +16,8 @@ from api_helpers import SseReader, api_supervised, message, token_of
 from e2e import config_dict, make_config, replies_to, run, supervised
 from helpers import query, until
 from orchestrator.api.auth import ApiConfigError
-from orchestrator.layout import registry_path, session_paths
-from orchestrator import cli
+from orchestrator.contract.layout import registry_path, session_paths
+from orchestrator.cli import main as cli
 
 
 def inbound_ids(cfg, group: str, session_id: str) -> list[str]:
@@ -300,7 +300,7 @@ def test_non_loopback_without_a_token_is_refused_at_start(tmp_path: Path, capsys
                                                              "token_file": ""})))
     capsys.readouterr()
     # keep loguru's sinks as they are (run's own set-up would bind this test's stderr)
-    monkeypatch.setattr("orchestrator.logs.setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr("orchestrator.cli.logs.setup_logging", lambda *a, **k: None)
     assert cli.main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not a loopback address" in err and "token_file" in err

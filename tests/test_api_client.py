@@ -13,7 +13,7 @@ import tomli_w
 from api_helpers import api_supervised, free_port, token_of
 from e2e import config_dict, make_config, replies_to
 from helpers import until
-from orchestrator import cli
+from orchestrator.cli import main as cli
 
 
 def cli_run(capsys, *argv) -> tuple[int, str, str]:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from helpers import query
-from orchestrator import attachments
-from orchestrator.attachments import AttachmentError, Decoded, safe_name, unique_names
-from orchestrator.layout import SessionPaths
-from orchestrator.sessions import MessageError, Sessions
-from orchestrator.store.registry import Registry
+from orchestrator.host import attachments
+from orchestrator.host.attachments import AttachmentError, Decoded, safe_name, unique_names
+from orchestrator.contract.layout import SessionPaths
+from orchestrator.host.sessions import MessageError, Sessions
+from orchestrator.host.registry import Registry
 
 
 def b64(data: bytes) -> str:

@@ -12,7 +12,7 @@ from e2e import run
 from orchestrator.channels import DeliveryError, Failure, Reply, StorageFull, make_channel
 from orchestrator.channels.jsonl import JsonlChannel, read_ids, read_lines
 from orchestrator.channels.log import LogChannel
-from orchestrator.config import DeliveryConfig
+from orchestrator.config.model import DeliveryConfig
 
 
 def reply(mid: str, content: object = None, files: tuple[str, ...] = ()) -> Reply:

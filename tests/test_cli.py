@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from helpers import query
-from orchestrator import cli, config
-from orchestrator.layout import registry_path, session_paths
-from orchestrator.store import inbound
-from orchestrator.store.registry import Registry
+from orchestrator.cli import main as cli
+from orchestrator.config import model as config
+from orchestrator.contract.layout import registry_path, session_paths
+from orchestrator.host import inbound
+from orchestrator.host.registry import Registry
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ from datetime import timedelta
 import pytest
 
 from helpers import query
-from orchestrator import cli, scheduling
-from orchestrator.layout import registry_path, session_paths
-from orchestrator.sessions import MessagingGroup, Sessions
-from orchestrator.store import inbound, schema
-from orchestrator.store.registry import Registry
+from orchestrator.cli import main as cli
+from orchestrator.rules import scheduling
+from orchestrator.contract.layout import registry_path, session_paths
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.host import inbound
+from orchestrator.contract import schema
+from orchestrator.host.registry import Registry
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import config
-from orchestrator.config import Config, ConfigError, load_config, read_config, render_default
+from orchestrator.config import model as config
+from orchestrator.config.model import Config, ConfigError, load_config, read_config, render_default
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = Path("/base/dir")

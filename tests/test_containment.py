@@ -26,8 +26,8 @@ from loguru import logger
 from e2e import Client, config_dict, make_config, run, supervised
 from helpers import query, until, wait_for
 from orchestrator.channels import Failure, Reply
-from orchestrator.layout import delivered_root, sessions_root
-from orchestrator.store import schema
+from orchestrator.contract.layout import delivered_root, sessions_root
+from orchestrator.contract import schema
 
 
 @dataclass
@@ -497,7 +497,7 @@ async def test_links_an_agent_makes_are_never_walked_by_the_watch(tmp_path: Path
     into outbox/ and into the session folder while the host runs: the host watches its
     own folders only (counted from the kernel's list of our watches), changes out there
     are never reported as the session's, and replies still go out at once."""
-    from orchestrator import watch_health
+    from orchestrator.watch import health as watch_health
 
     cfg = make_config(tmp_path, watch={"sweep_interval": 600.0})
     channel = Recording()

@@ -24,13 +24,14 @@ from e2e import Client, make_config, run, supervised
 from helpers import query, until
 from orchestrator.channels import DeliveryError, Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
-from orchestrator.config import DeliveryConfig
-from orchestrator.delivery import Deliverer, DeliveryState, move_files
-from orchestrator.layout import SessionPaths, delivered_root, registry_path
-from orchestrator.safefs import SessionDir
-from orchestrator.sessions import MessagingGroup, Sessions
-from orchestrator.store import outbound, schema
-from orchestrator.store.registry import Registry
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.engine.delivery import Deliverer, DeliveryState, move_files
+from orchestrator.contract.layout import SessionPaths, delivered_root, registry_path
+from orchestrator.host.safefs import SessionDir
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.host import outbound
+from orchestrator.contract import schema
+from orchestrator.host.registry import Registry
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 ROUTING = ("chat", "room-1", None)
@@ -592,7 +593,7 @@ CHAT = ("slack", "C9", "t3")
     ((None, None, "t9"), CHAT, ROUTING, CHAT),  # a thread alone is not a chat
 ])
 def test_reply_route(own, answered, default, expected):
-    from orchestrator.delivery import reply_route
+    from orchestrator.engine.delivery import reply_route
 
     assert reply_route(own, answered, default) == expected
 

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.config import DeliveryConfig
-from orchestrator.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.rules.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 CFG = DeliveryConfig(max_attempts=3, retry_base=2.0, files_wait=10.0)

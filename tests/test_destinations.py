@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.destinations import MAX_NAME, Chat, chat_name, project
+from orchestrator.host.destinations import MAX_NAME, Chat, chat_name, project
 
 
 @pytest.mark.parametrize(("chat", "name"), [

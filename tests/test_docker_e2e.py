@@ -29,14 +29,14 @@ from docker_fixtures import PrivateDockerd, in_thread, remove_labelled
 from e2e import run, supervised
 from helpers import holds, query, until
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config import Config, load_config
-from orchestrator.layout import delivered_root, registry_path
-from orchestrator.runtime.docker_spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
+from orchestrator.config.model import Config, load_config
+from orchestrator.contract.layout import delivered_root, registry_path
+from orchestrator.runtime.docker.spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, container_name)
-from orchestrator.sessions import MessagingGroup
-from orchestrator.store.registry import Registry, SessionRow
-from orchestrator.store.schema import parse_ts
-from orchestrator.supervisor import Supervisor
+from orchestrator.host.sessions import MessagingGroup
+from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.contract.schema import parse_ts
+from orchestrator.engine.supervisor import Supervisor
 
 pytestmark = pytest.mark.docker
 

@@ -24,13 +24,13 @@ from loguru import logger
 
 from docker_fixtures import PrivateDockerd, in_thread, insert_message, make_session, remove_labelled
 from helpers import until
-from orchestrator import layout
-from orchestrator.config import DockerConfig
-from orchestrator.runtime import image as image_mod
+from orchestrator.contract import layout
+from orchestrator.config.model import DockerConfig
+from orchestrator.runtime.docker import image as image_mod
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.docker import DockerRuntime, Phase, _Tracked
-from orchestrator.runtime.dockerexec import Conflict, DockerExec
-from orchestrator.runtime.docker_spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
+from orchestrator.runtime.docker.runtime import DockerRuntime, Phase, _Tracked
+from orchestrator.runtime.docker.calls import Conflict, DockerExec
+from orchestrator.runtime.docker.spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
                                               LABEL_SESSION, MountNotAllowed, container_name,
                                               container_spec, exit_reason, group_folder,
                                               group_mounts, host_config_kwargs,

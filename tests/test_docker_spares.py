@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.runtime.docker_spares import Spares
+from orchestrator.runtime.docker.spares import Spares
 
 
 @pytest.mark.parametrize(("capacity", "puts", "evicted", "left"), [

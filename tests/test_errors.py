@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from mounts import fill, read_only, tmpfs, tree_snapshot
-from orchestrator import cli, errors
-from orchestrator.attachments import AttachmentError
-from orchestrator.config import ConfigError
-from orchestrator.sessions import MessageError
-from orchestrator.store.registry import Registry
+from orchestrator.cli import main as cli
+from orchestrator.support import errors
+from orchestrator.host.attachments import AttachmentError
+from orchestrator.config.model import ConfigError
+from orchestrator.host.sessions import MessageError
+from orchestrator.host.registry import Registry
 
 
 def run(capsys, *argv):
@@ -99,7 +100,7 @@ def test_host_storage_failure(exc, expected):
 def test_a_bug_is_a_crash_not_bad_input(world, capsys, monkeypatch):
     """A ValueError from a bug must not pass for bad input (exit 2)."""
     conf, _, _ = world
-    from orchestrator import status
+    from orchestrator.host import status
 
     def broken(*_a, **_k):
         raise ValueError("a bug")
@@ -111,10 +112,10 @@ def test_a_bug_is_a_crash_not_bad_input(world, capsys, monkeypatch):
 
 def test_a_bug_exits_1_with_a_traceback(world):
     conf, _, _ = world
-    code = ("import sys, orchestrator.status as s\n"
+    code = ("import sys, orchestrator.host.status as s\n"
             "def broken(*a, **k): raise ValueError('a bug')\n"
             "s.collect = broken\n"
-            "from orchestrator.cli import main\n"
+            "from orchestrator.cli.main import main\n"
             f"sys.exit(main(['status', '--config', {str(conf)!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

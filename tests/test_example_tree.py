@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from helpers import journal_mode, table_columns, tables
-from orchestrator.layout import validate_id
-from orchestrator.store import schema
+from orchestrator.contract.layout import validate_id
+from orchestrator.contract import schema
 
 REPO = Path(__file__).resolve().parent.parent
 TREE = REPO / "sessions.example"

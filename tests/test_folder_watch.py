@@ -1,4 +1,4 @@
-"""The host's inotify watch (orchestrator.folder_watch): real inotify on real folders."""
+"""The host's inotify watch (orchestrator.watch.folder_watch): real inotify on real folders."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import watch_health
-from orchestrator.folder_watch import (ADDED, DELETED, MODIFIED, FolderWatch, change_of,
+from orchestrator.watch import health as watch_health
+from orchestrator.watch.folder_watch import (ADDED, DELETED, MODIFIED, FolderWatch, change_of,
                                        watched_folders, watched_level)
-from orchestrator.agent.inotify import IN_ATTRIB, IN_CREATE, IN_DELETE, IN_MOVED_TO
+from orchestrator.contract.inotify import IN_ATTRIB, IN_CREATE, IN_DELETE, IN_MOVED_TO
 
 from tests.helpers import wait_for
 

@@ -13,11 +13,11 @@ import pytest
 from docker_fixtures import in_thread, insert_message, make_session
 from helpers import query, until
 from loguru import logger
-from orchestrator import groups
-from orchestrator.config import load_config
+from orchestrator.config import groups
+from orchestrator.config.model import load_config
 from orchestrator.runtime.base import AgentExit, SessionRef
-from orchestrator.runtime.docker import DockerRuntime
-from orchestrator.runtime.docker_spec import LABEL_SETTINGS
+from orchestrator.runtime.docker.runtime import DockerRuntime
+from orchestrator.runtime.docker.spec import LABEL_SETTINGS
 
 AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]

@@ -11,8 +11,9 @@ from pathlib import Path
 from e2e import AGENT, Client, make_config, pairs, replies_to, run, supervised
 from helpers import query, until
 from loguru import logger
-from orchestrator import groups, status
-from orchestrator.runtime.local import read_pid_file
+from orchestrator.config import groups
+from orchestrator.host import status
+from orchestrator.runtime.local.runtime import read_pid_file
 
 SECRET = "s3cret-T0KEN-4f9a"
 

@@ -12,8 +12,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from helpers import journal_mode, open_fds_to, query
-from orchestrator.store import inbound, schema
-from orchestrator.store.inbound import Destination, NewMessage
+from orchestrator.host import inbound
+from orchestrator.contract import schema
+from orchestrator.host.inbound import Destination, NewMessage
 
 UTC = timezone.utc
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)

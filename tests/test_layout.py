@@ -6,8 +6,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from orchestrator import layout
-from orchestrator.layout import InvalidId, Kind, PathInfo, classify, validate_id
+from orchestrator.contract import layout
+from orchestrator.contract.layout import InvalidId, Kind, PathInfo, classify, validate_id
 
 ROOT = PurePosixPath("/data/sessions")
 

@@ -13,12 +13,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.config import LifecycleConfig
-from orchestrator.lifecycle import (Action, Claim, Observation, claim_limit, claim_tick_end,
+from orchestrator.config.model import LifecycleConfig
+from orchestrator.rules.lifecycle import (Action, Claim, Observation, claim_limit, claim_tick_end,
                                     decide,
                                     delivery_backoff, heartbeat_limit, last_activity,
                                     start_backoff, stuck_reason)
-from orchestrator.store.schema import parse_ts
+from orchestrator.contract.schema import parse_ts
 
 # stamped to the microsecond, so the tables' claims are exact (``claim_tick_end`` is
 # the stamp itself); coarse stamps have their own test below

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.logonce import LogOnce
+from orchestrator.support.logonce import LogOnce
 
 
 @pytest.mark.parametrize("steps, said", [

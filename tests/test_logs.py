@@ -10,8 +10,8 @@ from loguru import logger
 
 from e2e import Client, make_config, replies, run, supervised
 from helpers import until
-from orchestrator.config import LogConfig
-from orchestrator.logs import json_sink, setup_logging
+from orchestrator.config.model import LogConfig
+from orchestrator.cli.logs import json_sink, setup_logging
 
 
 def test_json_lines_are_flat(capsys):

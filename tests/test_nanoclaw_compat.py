@@ -19,9 +19,9 @@ import pytest
 
 from e2e import Client, make_config, milestones, pairs, replies, run, supervised
 from helpers import query, until
-from orchestrator import cli
-from orchestrator.config import Config
-from orchestrator.store import inbound
+from orchestrator.cli import main as cli
+from orchestrator.config.model import Config
+from orchestrator.host import inbound
 
 SCRIPT = Path(__file__).with_name("nanoclaw_agent.py")
 AGENT = [sys.executable, str(SCRIPT), "--silent", "1.5"]

@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 import pytest
 
 from helpers import open_fds_to, query
-from orchestrator.store import outbound, schema
-from orchestrator.store.outbound import OutboundError
+from orchestrator.host import outbound
+from orchestrator.contract import schema
+from orchestrator.host.outbound import OutboundError
 
 UTC = timezone.utc
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from e2e import Client, agent_pids, make_config, replies_to, supervised
 from helpers import until
-from orchestrator.runtime.local_procs import process_stopped
+from orchestrator.runtime.local.procs import process_stopped
 
 
 def reasons(client: Client, session_id: str) -> list[str]:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.store.registry import Registry
+from orchestrator.host.registry import Registry
 
 UTC = timezone.utc
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -217,7 +217,7 @@ def test_threads_sharing_one_registry_get_one_session_each_key(reg):
 RESOLVER = r"""
 import json, sys
 from pathlib import Path
-from orchestrator.store.registry import Registry
+from orchestrator.host.registry import Registry
 reg = Registry(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()

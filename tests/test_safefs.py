@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_for
-from orchestrator import safefs
-from orchestrator.layout import sessions_root
-from orchestrator.safefs import Refused, SessionDir
-from orchestrator.store import outbound, schema
+from orchestrator.host import safefs
+from orchestrator.contract.layout import sessions_root
+from orchestrator.host.safefs import Refused, SessionDir
+from orchestrator.host import outbound
+from orchestrator.contract import schema
 
 
 @pytest.fixture

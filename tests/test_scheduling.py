@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from helpers import query
-from orchestrator import scheduling
-from orchestrator.scheduling import (ScheduleError, check_cron, format_due, next_run, parse_at,
+from orchestrator.rules import scheduling
+from orchestrator.rules.scheduling import (ScheduleError, check_cron, format_due, next_run, parse_at,
                                      successor, successor_id)
-from orchestrator.store import inbound, schema
+from orchestrator.host import inbound
+from orchestrator.contract import schema
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 27, 10, 15, 30, 250000, tzinfo=UTC)  # a Friday

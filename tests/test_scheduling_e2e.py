@@ -11,10 +11,12 @@ import tomli_w
 
 from e2e import Client, config_dict, make_config, replies, replies_to, run, supervised
 from helpers import holds, killed_run, query, until, wait_for
-from orchestrator import cli, scheduling, series
-from orchestrator.config import read_config
-from orchestrator.session_worker import SessionWorker
-from orchestrator.store.schema import parse_ts, utcnow
+from orchestrator.cli import main as cli
+from orchestrator.rules import scheduling
+from orchestrator.host import series
+from orchestrator.config.model import read_config
+from orchestrator.engine.session_worker import SessionWorker
+from orchestrator.contract.schema import parse_ts, utcnow
 from test_supervisor import OrchestratorProcess
 
 LATENCY = timedelta(milliseconds=50)
@@ -148,7 +150,7 @@ def test_a_recurring_series_for_real_at_a_one_second_cadence_then_cancelled(
 
 KILLER = """
 import os, signal, sys
-from orchestrator.store import inbound
+from orchestrator.host import inbound
 original, mode = inbound.settle, sys.argv[2]
 def settle(path, records, acks, *args, **kwargs):
     if mode == "before" and acks:   # the agent completed; the host has written nothing
@@ -158,7 +160,7 @@ def settle(path, records, acks, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return changed
 inbound.settle = settle
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 

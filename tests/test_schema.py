@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from helpers import journal_mode, table_columns, tables
-from orchestrator.store import schema
+from orchestrator.contract import schema
 
 # (name, declared type, notnull, default, pk) per column, from the contract
 CONTRACT_INBOUND = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.secretfile import SecretFileError, ensure_secret, read_secret
+from orchestrator.host.secretfile import SecretFileError, ensure_secret, read_secret
 
 
 def test_created_once_with_mode_0600(tmp_path: Path) -> None:

@@ -18,13 +18,13 @@ from loguru import logger
 from e2e import Client, failures, make_config, replies_to, run, supervised
 from helpers import query, until
 from orchestrator.channels import make_channel
-from orchestrator.delivery import Deliverer
-from orchestrator.layout import sessions_root
+from orchestrator.engine.delivery import Deliverer
+from orchestrator.contract.layout import sessions_root
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
-from orchestrator.safefs import open_group
-from orchestrator.session_worker import Flag, SessionWorker, Tracked
-from orchestrator.session_status import Status
-from orchestrator.store import schema
+from orchestrator.host.safefs import open_group
+from orchestrator.engine.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.contract.session_status import Status
+from orchestrator.contract import schema
 
 
 def message_status(paths, message_id: str) -> str:
@@ -35,11 +35,11 @@ def message_status(paths, message_id: str) -> str:
 
 FAIL_KILLER = """
 import os, signal, sys
-from orchestrator.store import inbound
+from orchestrator.host import inbound
 def fail_messages(*args, **kwargs):  # the failure was just told to the channel: die
     os.kill(os.getpid(), signal.SIGKILL)
 inbound.fail_messages = fail_messages
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 
@@ -55,7 +55,7 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
 
     from e2e import config_dict
     from helpers import killed_run, wait_for
-    from orchestrator.config import read_config
+    from orchestrator.config.model import read_config
     from test_supervisor import OrchestratorProcess
 
     data = config_dict(tmp_path, runtime={"start_retry_max": 1.0},

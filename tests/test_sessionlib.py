@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_for
-from orchestrator import layout
-from orchestrator.agent import inotify
+from orchestrator.contract import layout
+from orchestrator.contract import inotify
 from orchestrator.agent.decide import next_due
 from orchestrator.agent.sessionlib import SessionFolder
-from orchestrator.store import schema
+from orchestrator.contract import schema
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = schema.parse_ts("2026-01-01 12:00:00")

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from helpers import journal_mode, query, table_columns
-from orchestrator import destinations, sessions as sessions_mod
-from orchestrator.layout import session_paths, validate_id
-from orchestrator.sessions import MessageError, MessagingGroup, Sessions, resolution_key
-from orchestrator.store import inbound, schema
-from orchestrator.store.registry import Registry
+from orchestrator.host import destinations, sessions as sessions_mod
+from orchestrator.contract.layout import session_paths, validate_id
+from orchestrator.host.sessions import MessageError, MessagingGroup, Sessions, resolution_key
+from orchestrator.host import inbound
+from orchestrator.contract import schema
+from orchestrator.host.registry import Registry
 
 UTC = timezone.utc
 
@@ -354,7 +355,7 @@ def test_symlinked_inbound_db_is_refused(tmp_path):
 # --- a new folder appears whole, together with its registry row ----------------------------
 
 def test_a_folder_is_built_under_a_hidden_name_the_watcher_ignores(tmp_path):
-    from orchestrator.layout import classify, sessions_root
+    from orchestrator.contract.layout import classify, sessions_root
 
     final = session_paths(tmp_path, "g", "s1").root
     tmp = sessions_mod.build_folder(final)

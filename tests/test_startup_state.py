@@ -21,16 +21,16 @@ import pytest
 
 from e2e import Client, make_config, replies, replies_to, supervised
 from helpers import until
-from orchestrator.delivery import DeliveryState
-from orchestrator.layout import registry_path
-from orchestrator.lifecycle import Claim
-from orchestrator.safefs import open_group
-from orchestrator.session_status import Status
-from orchestrator.session_worker import Tracked
-from orchestrator.startup_state import (StateBook, scan_group, settled, start_pass_reason,
+from orchestrator.engine.delivery import DeliveryState
+from orchestrator.contract.layout import registry_path
+from orchestrator.rules.lifecycle import Claim
+from orchestrator.host.safefs import open_group
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.session_worker import Tracked
+from orchestrator.engine.startup_state import (StateBook, scan_group, settled, start_pass_reason,
                                         state_text)
-from orchestrator.store import schema
-from orchestrator.store.registry import Registry
+from orchestrator.contract import schema
+from orchestrator.host.registry import Registry
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 SIGS = {"hb": None, "out": (1, 2, 3), "in": (4, 5, 6)}

@@ -10,10 +10,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator import status
-from orchestrator.sessions import MessagingGroup, Sessions
-from orchestrator.store import inbound
-from orchestrator.store.registry import Registry
+from orchestrator.host import status
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.host import inbound
+from orchestrator.host.registry import Registry
 
 UTC = timezone.utc
 

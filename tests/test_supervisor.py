@@ -24,15 +24,15 @@ import tomli_w
 from e2e import (Client, agent_pids, config_dict, failures, make_config, milestones, pairs,
                  replies, replies_to, reply_counts, run, supervised)
 from helpers import query, until, wait_for
-from orchestrator import cli
-from orchestrator.config import read_config
-from orchestrator.layout import delivered_root
+from orchestrator.cli import main as cli
+from orchestrator.config.model import read_config
+from orchestrator.contract.layout import delivered_root
 from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.local import read_pid_file
-from orchestrator.session_worker import Flag
-from orchestrator.store import schema
-from orchestrator.store.schema import parse_ts, utcnow
-from orchestrator.supervisor import AlreadyRunning, Supervisor, make_runtime
+from orchestrator.runtime.local.runtime import read_pid_file
+from orchestrator.engine.session_worker import Flag
+from orchestrator.contract import schema
+from orchestrator.contract.schema import parse_ts, utcnow
+from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime
 
 
 def messages_in(paths, message_id: str) -> dict:
@@ -451,7 +451,7 @@ async def test_an_unexpected_error_in_one_session_is_contained(tmp_path: Path, r
     """A bug that raises inside one session's pass (simulated by a patched reader)
     must not stop the one worker task that serves every session."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.3})
-    from orchestrator import session_worker
+    from orchestrator.engine import session_worker
 
     real_due_state = session_worker.inbound.due_state
 
@@ -484,7 +484,7 @@ async def test_acks_whose_sync_failed_are_synced_by_a_later_pass(tmp_path: Path,
 
     cfg = make_config(tmp_path, agent_args=["--work-seconds", "0.05"],
                       watch={"sweep_interval": 0.3})
-    from orchestrator.store import inbound
+    from orchestrator.host import inbound
 
     real_settle = inbound.settle
     refused: list[dict] = []
@@ -815,7 +815,7 @@ def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> No
 
 
 async def test_the_sweep_removes_a_folder_a_killed_send_left_half_built(tmp_path: Path) -> None:
-    from orchestrator import sessions as sessions_mod
+    from orchestrator.host import sessions as sessions_mod
 
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.2})
     left = sessions_mod.build_folder(cfg.data_dir / "sessions" / "g" / "sess-x")
@@ -839,7 +839,7 @@ counter.write_text(str(n + 1))
 if n > 0:
     os.execv(sys.executable, [sys.executable, "-m", "orchestrator.agent", *sys.argv[2:]])
 ws = Path(sys.argv[sys.argv.index("--workspace") + 1])
-from orchestrator.store import schema
+from orchestrator.contract import schema
 schema.init_outbound(ws / "outbound.db")
 while True:
     try:
@@ -890,7 +890,7 @@ async def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
 ])
 def test_sweep_plan_spreads_a_round_over_ticks(interval: float, tick: float,
                                                slices: int) -> None:
-    from orchestrator.supervisor import sweep_plan
+    from orchestrator.engine.supervisor import sweep_plan
     assert sweep_plan(interval) == (pytest.approx(tick), slices)
 
 

@@ -12,12 +12,12 @@ import pytest
 import watchfiles
 
 from helpers import until
-from orchestrator.config import WatchConfig
-from orchestrator.layout import Kind
-from orchestrator.sessions import create_folder
-from orchestrator.store import schema
-from orchestrator.folder_watch import FolderWatch
-from orchestrator.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
+from orchestrator.config.model import WatchConfig
+from orchestrator.contract.layout import Kind
+from orchestrator.host.sessions import create_folder
+from orchestrator.contract import schema
+from orchestrator.watch.folder_watch import FolderWatch
+from orchestrator.watch.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
                                   only_muted_heartbeats, poll_once, to_activities, unmuted,
                                   watch_budget, watch_step)
 

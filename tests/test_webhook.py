@@ -16,8 +16,8 @@ from helpers import query, until
 from orchestrator.channels import DeliveryError, PermanentDeliveryError, Reply
 from orchestrator.channels.webhook import (WebhookChannel, classify, file_entries, outcome_of,
                                            parse_retry_after, reply_body, sign, verify)
-from orchestrator.config import DeliveryConfig
-from orchestrator.secretfile import read_secret
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.host.secretfile import read_secret
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
 

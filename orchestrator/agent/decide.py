@@ -12,8 +12,8 @@ import json
 import os
 from collections import namedtuple
 
-from orchestrator import layout
-from orchestrator.store import schema
+from orchestrator.contract import layout
+from orchestrator.contract import schema
 
 TYPE_CHECKING = False  # no typing / dataclasses at run time: they are ~8 ms of a cold start
 if TYPE_CHECKING:

@@ -22,18 +22,18 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from orchestrator import status as status_mod
+from orchestrator.host import status as status_mod
 from orchestrator.api.auth import bearer_ok
 from orchestrator.api.events import EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.metrics import Metrics
-from orchestrator.attachments import AttachmentError
-from orchestrator.layout import InvalidId
-from orchestrator.sessions import MODES, MessageError, MessagingGroup
-from orchestrator.store.schema import parse_ts
+from orchestrator.host.attachments import AttachmentError
+from orchestrator.contract.layout import InvalidId
+from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
+from orchestrator.contract.schema import parse_ts
 
 if TYPE_CHECKING:
-    from orchestrator.supervisor import Supervisor
+    from orchestrator.engine.supervisor import Supervisor
 
 Handler = Callable[[Request], Awaitable[Response]]
 MESSAGE_FIELDS = {"agent_group", "channel", "platform_id", "thread_id", "mode", "content",
@@ -221,7 +221,7 @@ class Api:
 
     def _write(self, msg: dict[str, Any], key: str | None, fp: str | None) -> dict[str, str]:
         """Runs in a worker thread: resolve the session and write the message."""
-        from orchestrator.sessions import new_id
+        from orchestrator.host.sessions import new_id
 
         sessions = self.sup.sessions
         message_id = None

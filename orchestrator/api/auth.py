@@ -12,7 +12,7 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
-from orchestrator.errors import UserError
+from orchestrator.support.errors import UserError
 
 
 class ApiConfigError(UserError):

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.secretfile import SecretFileError, read_secret
+from orchestrator.host.secretfile import SecretFileError, read_secret
 
 TIMEOUT = 30.0
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from loguru import logger
 
-from orchestrator.store.schema import format_ts
+from orchestrator.contract.schema import format_ts
 
 QUEUE_MAX = 10_000
 PRUNE_EVERY = 1000

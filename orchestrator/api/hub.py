@@ -14,7 +14,7 @@ from loguru import logger
 
 from orchestrator.api.events import EventStore
 from orchestrator.api.metrics import Metrics
-from orchestrator.logonce import LogOnce
+from orchestrator.support.logonce import LogOnce
 
 LOGGED = ("status", "reply_delivered", "reply_failed", "message_failed")
 

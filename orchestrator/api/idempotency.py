@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.store.schema import format_ts
+from orchestrator.contract.schema import format_ts
 
 KEEP = timedelta(hours=48)
 MAX_KEY = 200

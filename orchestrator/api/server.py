@@ -22,19 +22,19 @@ from typing import TYPE_CHECKING
 import uvicorn
 from loguru import logger
 
-from orchestrator import watcher
+from orchestrator.watch import watcher
 from orchestrator.api.app import Api
 from orchestrator.api.auth import ApiConfigError, Listen, parse_listen, start_error
 from orchestrator.api.events import EventStore
 from orchestrator.api.hub import Hub
 from orchestrator.api.idempotency import IdempotencyKeys
 from orchestrator.api.metrics import Metrics
-from orchestrator.config import Config
-from orchestrator.layout import registry_path
-from orchestrator.secretfile import SecretFileError, ensure_secret
+from orchestrator.config.model import Config
+from orchestrator.contract.layout import registry_path
+from orchestrator.host.secretfile import SecretFileError, ensure_secret
 
 if TYPE_CHECKING:
-    from orchestrator.supervisor import Supervisor
+    from orchestrator.engine.supervisor import Supervisor
 
 SHUTDOWN_GRACE = 3.0
 
@@ -103,7 +103,7 @@ def bind(listen: Listen) -> socket.socket:
 
 
 def _version() -> str:
-    from orchestrator.cli import DISTRIBUTION  # the distribution is not named orchestrator
+    from orchestrator.cli.main import DISTRIBUTION  # the distribution is not named orchestrator
     try:
         return version(DISTRIBUTION)
     except PackageNotFoundError:

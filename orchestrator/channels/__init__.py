@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.channels.base import (Channel, DeliveryError, Failure, InFlight,
                                         PermanentDeliveryError, Reply, StorageFull)
-from orchestrator.config import DeliveryConfig
+from orchestrator.config.model import DeliveryConfig
 
 __all__ = ["Channel", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",
            "StorageFull", "make_channel"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.channels.base import DeliveryError, Failure, Reply, StorageFull
-from orchestrator.errors import host_storage_failure
+from orchestrator.support.errors import host_storage_failure
 
 _CHUNK = 1 << 16
 

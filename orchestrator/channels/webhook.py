@@ -32,9 +32,9 @@ from loguru import logger
 
 from orchestrator.channels.base import (DeliveryError, Failure, InFlight,
                                         PermanentDeliveryError, Reply)
-from orchestrator.config import DeliveryConfig
-from orchestrator.lifecycle import delivery_backoff
-from orchestrator.secretfile import ensure_secret
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.rules.lifecycle import delivery_backoff
+from orchestrator.host.secretfile import ensure_secret
 
 SIGNATURE_HEADER = "X-Orchestrator-Signature"
 TIMESTAMP_HEADER = "X-Orchestrator-Timestamp"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orchestrator.groups import AgentSettings
+    from orchestrator.config.groups import AgentSettings
 
 
 class RuntimeUnavailable(RuntimeError):

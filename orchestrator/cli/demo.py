@@ -1,0 +1,93 @@
+"""``orchestrator demo``: the whole loop once, in one process, in a few seconds.
+
+Runs the supervisor on the given config (short idle timings so the statuses are
+seen changing), sends a message with an attachment, prints the reply as the
+jsonl channel wrote it, waits for the agent to go idle and be stopped, prints
+``status``, and shuts down. Everything it creates stays in the data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator.host import status
+from orchestrator.channels.jsonl import read_lines
+from orchestrator.config.model import read_config
+from orchestrator.cli.logs import setup_logging
+from orchestrator.contract.session_status import Status
+from orchestrator.host.sessions import MessagingGroup
+from orchestrator.engine.supervisor import AlreadyRunning, Supervisor
+
+DEADLINE = 60.0
+
+
+async def _wait(predicate, what: str, deadline: float) -> None:
+    """Check a condition every 50 ms until it holds or the deadline passes."""
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: gave up waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _demo(config_path: Path) -> int:
+    cfg = read_config(config_path)
+    if cfg.delivery.channel != "jsonl":
+        cfg = cfg.replace(delivery={"channel": "jsonl"})
+    cfg = cfg.replace(lifecycle={"idle_after": 2.0, "stop_idle_after": 2.0})
+    logger.info("demo: data dir {}, runtime {}, replies to {}", cfg.data_dir, cfg.runtime.kind,
+                cfg.delivery.path)
+    sup = Supervisor(cfg)
+    server = asyncio.create_task(sup.serve())
+    ready = asyncio.create_task(sup.ready.wait())
+    await asyncio.wait([server, ready], return_when=asyncio.FIRST_COMPLETED)
+    if server.done():  # start-up failed (e.g. another orchestrator holds the data dir)
+        ready.cancel()
+        server.result()
+    deadline = time.monotonic() + DEADLINE
+    try:
+        session = sup.sessions.resolve("demo", MessagingGroup("cli", "demo"), None, "shared")
+        attachment = {"name": "hello.txt",
+                      "data": base64.b64encode(b"a file travelling both ways\n").decode()}
+        mid, seq = sup.sessions.write_message(
+            session, {"text": "hello, agent", "attachments": [attachment]},
+            routing=("cli", "demo", None))  # the message's own chat
+        logger.info("demo: sent {} (seq {}) to session {}", mid, seq, session.id)
+
+        def reply() -> dict | None:
+            return next((r for r in read_lines(cfg.delivery.path) if r.get("in_reply_to") == mid),
+                        None)
+
+        await _wait(lambda: reply() is not None, "the reply", deadline)
+        print("\nreply delivered (jsonl line):")
+        print(json.dumps(reply(), indent=2))
+        await _wait(lambda: sup.registry.session(session.id).container_status == Status.STOPPED
+                    and any(c["new"] == Status.IDLE for c in sup.registry.status_changes(session.id)),
+                    "the agent to go idle and stop", deadline)
+        print("\nstatus changes:")
+        for c in sup.registry.status_changes(session.id):
+            print(f"  {c['at']}  {c['old'] or '-':>7} → {c['new']:<7}  {c['reason']}")
+        print()
+        print(status.render_table(status.collect(cfg.data_dir, sup.registry)))
+        return 0
+    except TimeoutError as exc:
+        logger.error(str(exc))
+        return 1
+    finally:
+        sup.stop_event.set()
+        await server
+
+
+def demo(config_path: Path, *, json_logs: bool = False) -> int:
+    cfg = read_config(config_path)
+    setup_logging(cfg.log, json=True if json_logs else None)
+    try:
+        return asyncio.run(_demo(config_path))
+    except AlreadyRunning as exc:
+        logger.error(str(exc))
+        return 1

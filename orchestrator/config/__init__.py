@@ -1,0 +1,1 @@
+"""The configuration: records, loading, rendering, agent groups. Imports only contract and support."""

@@ -1,0 +1,442 @@
+"""Delivery: new ``messages_out`` rows → channel → ``delivered`` → outbox cleaned.
+
+Work is proportional to what changed: each session keeps a seq watermark below
+which every reply is settled, so a pass reads only newer rows. A reply is
+delivered once: the supervisor runs one pass per session at a time, a settled
+row is recorded in inbound.db (the source of truth across restarts), and the
+channel is asked whether it already took a reply that a crash kept from being
+recorded. Attempt counts live in the registry, so backoff survives restarts.
+
+Outbox files are moved (never copied through a symlink) into
+``<data_dir>/delivered/<message_id>/`` before the channel sees the reply. What to
+do with each reply is decided by ``delivery_plan`` (pure); this module gathers
+the facts and applies the verdict. A reply that ends failed is recorded
+``failed`` and reported to the channel (``Channel.report_failure``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sqlite3
+import stat
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator.host.attachments import safe_name
+from orchestrator.channels import (Channel, DeliveryError, Failure, InFlight,
+                                   PermanentDeliveryError, Reply, StorageFull)
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.support.errors import host_storage_failure
+from orchestrator.rules.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
+from orchestrator.rules.lifecycle import earliest
+from orchestrator.support.logonce import LogOnce
+from orchestrator.host.safefs import (DIR_FLAGS, FILE_FLAGS, Refused, SessionDir, lstat_at,
+                                 open_dir, regular_or_refuse)
+from orchestrator.host import inbound
+from orchestrator.host.outbound import OutMessage
+from orchestrator.host.registry import Registry
+
+Routing = tuple[str | None, str | None, str | None]  # the session's default route
+
+
+@dataclass
+class DeliveryState:
+    """Per-session memory; losing it (restart, a replaced file) only costs one full read."""
+
+    watermark: int = 0  # every reply with seq <= watermark is settled
+    anchor: str | None = None  # id of the row at ``watermark``: gone = file replaced
+    # replies whose listed files are not (all) in outbox/ yet → when first seen so
+    waiting_files: dict[str, datetime] = field(default_factory=dict)
+    # the host's disk is full (key "storage_full": the last error), said once per outage
+    said: LogOnce = field(default_factory=LogOnce)
+    # ids above ``watermark`` this run has settled itself; None = not known yet (a new
+    # state: read from inbound.db once, then kept here — the host is its only writer)
+    settled: set[str] | None = None
+
+
+@dataclass
+class PassResult:
+    delivered: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    next_due: datetime | None = None  # deliver_after or a retry coming due
+
+
+class FilesNotReady(DeliveryError):
+    """A listed file is not in ``outbox/<id>/`` yet: the agent may write the row first.
+
+    Not a failed attempt: the reply waits (no backoff) and the next ``outbox/``
+    event retries it at once; only after ``[delivery] files_wait`` does a
+    missing file count as an attempt like any other failure.
+    """
+
+
+def _trouble(exc: DeliveryError) -> Trouble:
+    if isinstance(exc, PermanentDeliveryError):
+        return Trouble.PERMANENT
+    if isinstance(exc, FilesNotReady):
+        return Trouble.FILES_NOT_READY
+    return Trouble.TRANSIENT
+
+
+def _parse_content(raw: str, out_id: str) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        logger.warning("reply {}: content is not JSON; delivering it as raw text", out_id)
+        return raw
+
+
+def listed_files(content: object) -> list[str]:
+    """The file names a reply declares in ``content.files`` (names only, no paths)."""
+    if isinstance(content, dict) and isinstance(content.get("files"), list):
+        return [f for f in content["files"] if isinstance(f, str)]
+    return []
+
+
+def id_problem(out_id: str) -> str | None:
+    """Reply ids name folders (``outbox/<id>``, ``delivered/<id>``)."""
+    try:
+        validate_id(out_id, "reply id")
+    except InvalidId as exc:
+        return str(exc)
+    return None
+
+
+def _open_step(name: str, dir_fd: int, where: str, out_id: str) -> int | None:
+    """One folder of the walk to a reply's files, None if absent; a link, a non-folder or
+    an unreadable one is permanent (it will not fix itself while the reply waits)."""
+    try:
+        return open_dir(name, dir_fd, where)
+    except FileNotFoundError:
+        return None
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    except OSError as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {where} cannot be read "
+                                     f"({exc.strerror})") from None
+
+
+def _open_outbox_dir(folder: SessionDir, out_id: str) -> int | None:
+    """``outbox/<out_id>/`` as a descriptor, None if absent."""
+    outbox = _open_step(OUTBOX, folder.fd, f"{folder.where}/{OUTBOX}", out_id)
+    if outbox is None:
+        return None
+    try:
+        return _open_step(out_id, outbox, f"{folder.where}/{OUTBOX}/{out_id}", out_id)
+    finally:
+        os.close(outbox)
+
+
+def move_files(folder: SessionDir, data_dir: Path, out_id: str, names: list[str]) -> list[Path]:
+    """Move ``outbox/<out_id>/<name>`` into ``delivered/<out_id>/``; idempotent.
+
+    Everything under the session folder is reached by descriptor, never by a path:
+    a name that is not a plain basename, a symlink, a FIFO or anything but a
+    regular file with one link is refused for good (PermanentDeliveryError); a
+    file not there yet raises FilesNotReady. A file swapped for something else
+    while being moved is found out in ``delivered/`` (the host's own folder), by
+    looking at what actually arrived, and removed again.
+    """
+    problem = id_problem(out_id)
+    if problem:
+        raise PermanentDeliveryError(f"reply {out_id!r}: {problem}")
+    for name in names:
+        if safe_name(name, 0) != name:
+            raise PermanentDeliveryError(f"reply {out_id}: refusing file name {name!r} "
+                                         "(must be a basename)")
+    if not names:
+        return []
+    dst_dir = delivered_root(data_dir) / out_id
+    src = _open_outbox_dir(folder, out_id)
+    try:
+        try:
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            dst = os.open(dst_dir, DIR_FLAGS)
+        except OSError as exc:
+            error = StorageFull if host_storage_failure(exc) else DeliveryError
+            raise error(f"reply {out_id}: cannot create {dst_dir} ({exc.strerror})") from None
+        try:
+            return [_move_one(src, dst, dst_dir, name, f"{folder.where}/{OUTBOX}/{out_id}",
+                              out_id) for name in names]
+        finally:
+            os.close(dst)
+    finally:
+        if src is not None:
+            os.close(src)
+
+
+def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
+              out_id: str) -> Path:
+    st = lstat_at(src, name) if src is not None else None
+    if st is None:
+        have = lstat_at(dst, name)
+        if have is not None and stat.S_ISREG(have.st_mode):
+            return dst_dir / name  # moved by an earlier pass that crashed before recording
+        raise FilesNotReady(f"reply {out_id}: file {name!r} is not in outbox/{out_id}/ yet")
+    try:
+        regular_or_refuse(st, f"{where}/{name}")
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    try:
+        os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            error = StorageFull if host_storage_failure(exc) else DeliveryError
+            raise error(f"reply {out_id}: cannot move {name!r} ({exc.strerror})") from None
+        _copy_across(src, dst, name, out_id)
+    arrived = lstat_at(dst, name)  # what the rename really moved (the agent may race it)
+    if arrived is None or not stat.S_ISREG(arrived.st_mode) or arrived.st_nlink > 1:
+        if arrived is not None:
+            os.unlink(name, dir_fd=dst)
+        raise PermanentDeliveryError(f"reply {out_id}: {where}/{name} was swapped for "
+                                     "something else while being moved")
+    return dst_dir / name
+
+
+def _copy_across(src: int, dst: int, name: str, out_id: str) -> None:
+    """Another file system: copy the bytes of the file we opened (never a link), under a
+    hidden name first, so ``delivered/`` never holds a half-copied file (a full disk
+    mid-copy leaves nothing)."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=src)
+    except OSError as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: cannot open {name!r} "
+                                     f"({exc.strerror})") from None
+    try:
+        regular_or_refuse(os.fstat(fd), name)
+        part = f".part-{name}"
+        out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o644, dir_fd=dst)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as r, os.fdopen(out, "wb", closefd=False) as w:
+                shutil.copyfileobj(r, w, 1 << 20)
+                w.flush()
+            os.rename(part, name, src_dir_fd=dst, dst_dir_fd=dst)
+        except BaseException:
+            try:
+                os.unlink(part, dir_fd=dst)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(out)
+        os.unlink(name, dir_fd=src)
+    except Refused as exc:
+        raise PermanentDeliveryError(f"reply {out_id}: {exc.strerror}") from None
+    except OSError as exc:
+        error = StorageFull if host_storage_failure(exc) else DeliveryError
+        raise error(f"reply {out_id}: cannot copy {name!r} ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+Route = tuple[str | None, str | None, str | None]  # channel_type, platform_id, thread_id
+
+
+def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
+    """Where a reply goes: where the agent said; a reply with no chat of its own goes
+    back to the chat of the message it answers; else each field missing from the
+    reply comes from the session's default route (``session_routing``)."""
+    if not (own[0] or own[1]) and answered is not None and (answered[0] or answered[1]):
+        return answered
+    return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
+
+
+def remove_outboxes(folder: SessionDir, out_ids: list[str]) -> None:
+    """Remove ``outbox/<id>`` of settled replies by descriptor (``outbox/`` opened once):
+    a link is removed, never its target."""
+    ids = [i for i in out_ids if not id_problem(i)]  # not a folder name: never rmtree "../x"
+    if not ids:
+        return
+    try:
+        outbox = folder.open_dir(OUTBOX)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        logger.warning("{}/{}: not cleaning up ({})", folder.where, OUTBOX, exc.strerror)
+        return
+    try:
+        for out_id in ids:
+            try:
+                st = lstat_at(outbox, out_id)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(out_id, dir_fd=outbox)  # fd-based: never follows a link
+                else:
+                    os.unlink(out_id, dir_fd=outbox)
+            except OSError as exc:
+                logger.warning("{}/{}/{}: could not clean up ({})", folder.where, OUTBOX,
+                               out_id, exc.strerror)
+    finally:
+        os.close(outbox)
+
+
+@dataclass
+class Deliverer:
+    data_dir: Path
+    registry: Registry
+    channel: Channel
+    cfg: DeliveryConfig
+
+    async def run_pass(self, *, folder: SessionDir, agent_group: str, session_id: str,
+                       state: DeliveryState, messages: list[OutMessage], routing: Routing,
+                       now: datetime, acks: dict[str, str] | None = None,
+                       follow_up: inbound.FollowUp | None = None) -> PassResult:
+        """Deliver what is due among ``messages`` (seq > watermark, ascending), and
+        record it with the agent's final ``acks`` mirrored in the same commit.
+
+        For each reply: gather the facts, ask ``delivery_plan.plan``, apply it; a
+        failed attempt goes through ``delivery_plan.after_failure``. Everything the
+        pass settles costs one fsync'd commit of inbound.db, however many replies.
+        """
+        result = PassResult()
+        inbound_db = folder.db(INBOUND_DB)
+        if state.settled is None:
+            state.settled = inbound.delivered_ids(inbound_db, [m.id for m in messages])
+        settled = state.settled
+        records: list[tuple[str, str, str | None]] = []
+        failures: list[Failure] = []
+        retried: list[str] = []
+        attempts_of = (self.registry.delivery_attempts(session_id)
+                       if any(m.id not in settled for m in messages) else {})
+        for msg in messages:
+            if msg.id in settled:
+                continue
+            attempts, retry_at = attempts_of.get(msg.id, (0, None))
+            verdict = plan(ReplyFacts(problem=msg.problem or id_problem(msg.id),
+                                      deliver_after=msg.deliver_after, attempts=attempts,
+                                      retry_at=retry_at), now)
+            if verdict.step is Step.TRY:
+                try:
+                    pmid = await self._deliver_one(folder, agent_group, session_id, msg,
+                                                   routing)
+                except InFlight:
+                    continue  # the channel wakes this session when the outcome is known
+                except StorageFull as exc:  # the host's disk: no attempt spent; the rest
+                    self._storage_full(state, session_id, exc, now, result)  # would fail too
+                    break
+                except DeliveryError as exc:
+                    verdict = after_failure(_trouble(exc), str(exc), attempts,
+                                            state.waiting_files.get(msg.id), now, self.cfg,
+                                            retry_after=exc.retry_after)
+                    if verdict.step is Step.WAIT:
+                        state.waiting_files.setdefault(msg.id, now)
+                        logger.debug("reply {} of session {}: {}; waiting", msg.id,
+                                     session_id, exc)
+                else:
+                    state.waiting_files.pop(msg.id, None)
+                    if state.said.clear("storage_full") is not None:
+                        logger.info("session {}: delivering again (space freed)", session_id)
+                    records.append((msg.id, "delivered", pmid))
+                    result.delivered.append(msg.id)
+                    if attempts:
+                        retried.append(msg.id)
+                    continue
+            if verdict.step is Step.WAIT:
+                result.next_due = earliest(result.next_due, verdict.at)
+            elif verdict.step is Step.RETRY:
+                logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
+                               msg.id, session_id, attempts + 1, verdict.reason,
+                               verdict.at.time() if verdict.at else None)
+                try:
+                    self.registry.record_attempt_failure(session_id, msg.id, attempts + 1,
+                                                         verdict.at, verdict.reason)
+                except sqlite3.Error as rec:  # a full disk: an attempt not recorded is not made
+                    logger.warning("reply {} of session {}: the failed attempt could not be "
+                                   "counted ({})", msg.id, session_id, rec)
+                result.next_due = earliest(result.next_due, verdict.at)
+            elif verdict.step is Step.FAIL:
+                logger.error("reply {} of session {} failed: {}", msg.id, session_id,
+                             verdict.reason)
+                records.append((msg.id, "failed", None))
+                result.failed.append(msg.id)
+                failures.append(self._failure(folder, msg, agent_group, session_id,
+                                              verdict.reason, routing))
+                if attempts:
+                    retried.append(msg.id)
+        for failure in failures:  # before the record: a crash re-reports (jsonl dedupes)
+            await self.report(failure)
+        if records or acks:
+            inbound.settle(inbound_db, records, acks or {}, follow_up, now)
+            settled.update(mid for mid, _, _ in records)
+            remove_outboxes(folder, [mid for mid, _, _ in records])
+            for mid in retried:
+                self.registry.clear_attempts(session_id, mid)
+        for msg in messages:  # advance over the settled prefix only
+            if msg.id not in settled:
+                break
+            settled.discard(msg.id)  # at or below the watermark: never read again
+            state.watermark = msg.seq
+            state.anchor = msg.id
+        for mid in records:
+            state.waiting_files.pop(mid[0], None)
+        return result
+
+    @staticmethod
+    def _route(folder: SessionDir, msg: OutMessage, routing: Routing) -> Route:
+        answered = (inbound.chat_of(folder.db(INBOUND_DB), msg.in_reply_to)
+                    if msg.in_reply_to and not (msg.channel_type or msg.platform_id) else None)
+        return reply_route((msg.channel_type, msg.platform_id, msg.thread_id), answered,
+                           routing)
+
+    def _failure(self, folder: SessionDir, msg: OutMessage, agent_group: str,
+                 session_id: str, reason: str, routing: Routing) -> Failure:
+        """Routed like the reply would have been, so the chat that waits for it hears."""
+        channel_type, platform_id, thread_id = self._route(folder, msg, routing)
+        return Failure("reply", msg.id, session_id, agent_group, reason, channel_type,
+                       platform_id, thread_id)
+
+    def _storage_full(self, state: DeliveryState, session_id: str, exc: Exception,
+                      now: datetime, result: PassResult) -> None:
+        if state.said.say("storage_full", str(exc)):  # once per outage, not per reply
+            logger.warning("session {}: {}; replies wait (no attempts spent) and are "
+                           "retried every {:g}s", session_id, exc, self.cfg.retry_base)
+        result.next_due = earliest(result.next_due,
+                                   now + timedelta(seconds=max(self.cfg.retry_base, 0.5)))
+
+    async def report(self, failure: Failure) -> None:
+        """One failure record on the channel; a channel without the method, or one that
+        raises, is logged (the failure itself is already final)."""
+        report = getattr(self.channel, "report_failure", None)
+        if report is None:
+            return
+        try:
+            await report(failure)
+        except Exception as exc:  # noqa: BLE001 - a channel bug must not undo the failure
+            logger.error("could not report the failure of {} {} to the channel: {}",
+                         failure.kind, failure.id, exc)
+
+    async def _deliver_one(self, folder: SessionDir, agent_group: str, session_id: str,
+                           msg: OutMessage, routing: Routing) -> str | None:
+        try:
+            taken = self.channel.already_delivered(msg.id)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # a channel bug is a failed attempt, not a crash
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        if taken:
+            logger.info("reply {} was taken by the channel already (before a restart, or its "
+                        "record could not be written then); recording it", msg.id)
+            return None
+        content = _parse_content(msg.content, msg.id)
+        files = move_files(folder, self.data_dir, msg.id, listed_files(content))
+        channel_type, platform_id, thread_id = self._route(folder, msg, routing)
+        reply = Reply(
+            message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,
+            kind=msg.kind, in_reply_to=msg.in_reply_to,
+            channel_type=channel_type, platform_id=platform_id, thread_id=thread_id,
+            timestamp=msg.timestamp, content=content, files=tuple(str(f) for f in files))
+        try:
+            return await self.channel.deliver(reply)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # a channel bug is a failed attempt, not a crash
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc

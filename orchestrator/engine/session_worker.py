@@ -1,0 +1,745 @@
+"""One pass over one session: read what changed, deliver, decide, act, set a timer.
+
+The supervisor guarantees at most one pass per session at a time. A pass only
+reads what its flags say changed (a heartbeat costs one ``stat``), feeds the
+pure rules in ``lifecycle`` and applies the verdict. Slow runtime operations
+(start, stop, kill) run as tasks so one slow container never delays another
+session's replies; their completion marks the session dirty again.
+
+Heartbeats are muted while they cannot matter. A heartbeat only says "still
+alive": for an agent we already call ``running`` it can only push a deadline
+(idle, heartbeat ceiling, claim) later, never cause an action. So after a pass
+that leaves a session running with a timer set, its id goes into ``muted`` and
+the watch thread drops its heartbeats; the next pass (that timer at the latest)
+takes it out and re-reads the heartbeat file before deciding anything. A touch
+dropped while muted happened before that re-read, so nothing is missed — and
+100 agents heartbeating at 1 Hz no longer wake the event loop 100 times a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from loguru import logger
+
+from orchestrator.rules import answers, scheduling
+from orchestrator.config import groups
+from orchestrator.channels import Failure
+from orchestrator.config.model import Config
+from orchestrator.engine.delivery import Deliverer, DeliveryState
+from orchestrator.support.errors import host_storage_failure
+from orchestrator.host.filesig import Signature, signature_mtime
+from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
+from orchestrator.support.logonce import LogOnce
+from orchestrator.rules.lifecycle import (Action, Claim, Observation, Verdict, decide,
+                                    last_activity, start_backoff)
+from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.host.safefs import FolderStat, Refused, SessionDir
+from orchestrator.host.sessions import Sessions
+from orchestrator.contract.session_status import Status
+from orchestrator.host import inbound, outbound
+from orchestrator.contract import schema
+from orchestrator.host.outbound import OutboundError
+from orchestrator.config.groups import AgentSettings
+from orchestrator.host.registry import Registry
+
+if TYPE_CHECKING:
+    from orchestrator.engine.admission_gate import AdmissionGate
+
+REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
+BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
+BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
+
+Identity = tuple[tuple[int, int], int | None, int | None]  # folder, outbound.db, inbound.db
+
+
+class Flag:
+    """What changed for a session, as bits of a plain ``int``.
+
+    (Not ``enum.Flag``: its ``|``/``&`` cost a third of a heartbeat pass.)
+    """
+
+    NONE = 0
+    HEARTBEAT = 1 << 0
+    OUTBOUND = 1 << 1
+    OUTBOX = 1 << 2
+    INBOUND = 1 << 3
+    EXIT = 1 << 4
+    TIMER = 1 << 5
+    SWEEP = 1 << 6  # reconcile: re-read whatever changed on disk (stat-gated)
+    FULL = 1 << 7  # re-read everything
+    FORCE = 1 << 8  # the start-up reconcile pass
+
+
+Flags = int
+
+
+# what a stat-gated look compares with the last pass: (key in sigs, file, flag)
+_WATCHED = (("hb", HEARTBEAT, Flag.HEARTBEAT), ("out", OUTBOUND_DB, Flag.OUTBOUND),
+            ("in", INBOUND_DB, Flag.INBOUND))
+_QUIET = _WATCHED[1:]
+_NO_ANSWERS = answers.Answers()  # frozen: every session starts with this one
+
+
+@dataclass(slots=True)
+class Tracked:
+    """What the supervisor remembers about a session between passes.
+
+    Slotted: 10 000 sessions are 10 000 of these (a ``__dict__`` each was ~1 KB)."""
+
+    agent_group: str
+    session_id: str
+    paths: SessionPaths
+    status: Status = Status.STOPPED
+    routing: tuple[str | None, str | None, str | None] | None = None
+    started_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    last_reply_at: datetime | None = None
+    idle_since: datetime | None = None
+    claims: tuple[Claim, ...] = ()
+    tool_timeout: float | None = None
+    tool_running: bool = False  # container_state.current_tool is set
+    answers: answers.Answers = _NO_ANSWERS
+    due: int = 0
+    next_inbound_due: datetime | None = None
+    delivery: DeliveryState = field(default_factory=DeliveryState)
+    delivery_due: datetime | None = None
+    synced_acks: set[str] = field(default_factory=set)
+    acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
+    max_seq_seen: int = 0
+    start_failures: int = 0  # failed starts in a row, any cause (sets the backoff)
+    start_blocked_until: datetime | None = None
+    start_errors: int = 0  # of those, failed for this session's own reasons (not outages)
+    start_error: str | None = None  # the last such reason, for the failed messages
+    op_failures: int = 0  # runtime operations (stop/kill) that raised, in a row
+    op_blocked_until: datetime | None = None  # after such a failure: no new op before
+    exit: AgentExit | None = None
+    ending_reason: str | None = None  # why we stopped/killed it, for the exit's status reason
+    op: asyncio.Task | None = None
+    timer: asyncio.TimerHandle | None = None
+    timer_at: datetime | None = None
+    sigs: dict[str, Signature] = field(default_factory=dict)
+    # troubles said once, not per pass: "pass" (the folder/DBs unreadable: the error),
+    # "start" and "op" (failed starts / stop-kills in a row: the first is loud)
+    said: LogOnce = field(default_factory=LogOnce)
+    registry_touched: datetime | None = None
+    identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
+    busy: int = 0  # passes in a row that met a locked database
+    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
+    restored: bool = False  # skipped at start-up (``startup_state``): first pass is full
+
+    @property
+    def broken(self) -> str | None:
+        """The error that makes passes fail, as logged (None while they succeed)."""
+        return self.said.last("pass")
+
+
+def _ids(ids: list[str], shown: int = 20) -> str:
+    if len(ids) == 1:
+        return f"reply {ids[0]}"
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"{len(ids)} replies: {', '.join(ids[:shown])}{more}"
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    try:
+        return schema.parse_ts(value)
+    except (ValueError, TypeError):
+        return None
+
+
+class SessionWorker:
+    def __init__(self, cfg: Config, registry: Registry, sessions: Sessions, runtime: Runtime,
+                 deliverer: Deliverer, clock: Callable[[], datetime],
+                 mark: Callable[[str, Flags], None]) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.sessions = sessions
+        self.runtime = runtime
+        self.deliverer = deliverer
+        self.clock = clock
+        self.mark = mark
+        self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
+        self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
+        self._ops: set[asyncio.Task] = set()
+        # status changes, replies delivered/failed, failed messages, agent starts → the
+        # API's event log and metrics (``orchestrator.api.hub``); must not block
+        self.notify: Callable[[str, dict], None] = lambda kind, data: None
+        self._settings: dict[str, AgentSettings] = {}
+        # after every pass (the supervisor saves settled sessions: ``startup_state``)
+        self.after_pass: Callable[[Tracked], None] = lambda t: None
+
+    def settings(self, agent_group: str) -> AgentSettings:
+        """The group's effective settings ([groups.<name>] over the global values),
+        resolved once per group from the config ``run`` started with."""
+        s = self._settings.get(agent_group)
+        if s is None:
+            s = self._settings[agent_group] = groups.resolve(self.cfg, agent_group)
+        return s
+
+    def _successor(self, now: datetime) -> Callable[[dict], inbound.NewMessage | None]:
+        """A settled recurring row's next occurrence (written in the same transaction)."""
+        zone = self.cfg.sessions.timezone
+        return lambda row: scheduling.successor(row, now, zone)
+
+    # --- the pass ---------------------------------------------------------------------
+
+    async def process(self, t: Tracked, flags: Flags) -> None:
+        # every log line of the pass (and of the ops it starts) names its session
+        with logger.contextualize(session=t.session_id, group=t.agent_group):
+            await self._process(t, flags)
+        self.after_pass(t)
+
+    async def _process(self, t: Tracked, flags: Flags) -> None:
+        now = self.clock()
+        if t.restored and flags != Flag.SWEEP:  # skipped at start-up, nothing read yet;
+            t.restored = False  # (a rescan's stat-gated SWEEP stays cheap: 10 000 of them)
+            flags |= Flag.FULL
+        if t.session_id in self.muted:  # unmute first, then read: no touch falls between
+            self.muted.discard(t.session_id)
+            flags |= Flag.HEARTBEAT
+        try:
+            # the folder by descriptor, reached without following a link: every file of
+            # this pass is opened relative to it (safefs); a linked folder is Refused
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                if self._replaced(t, folder):
+                    flags |= Flag.FULL
+                await self._pass(t, folder, flags, now)
+            if t.busy:
+                logger.debug("session {}: its databases answer again", t.session_id)
+                t.busy = 0
+            if t.said.clear("pass") is not None:
+                logger.info("session {}: readable again", t.session_id)
+        except (OutboundError, sqlite3.Error, OSError) as exc:
+            if schema.is_busy(exc):
+                self._busy(t, now)
+                return
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, Refused):
+                message = exc.strerror
+            elif isinstance(exc, OSError) and exc.strerror:
+                message = f"{t.paths.root}: {exc.strerror}"
+            if t.said.say("pass", message):
+                logger.error("session {}/{}: {}{}", t.agent_group, t.session_id, message,
+                             "; leaving it alone" if isinstance(exc, Refused) else "")
+            t.sigs.clear()  # re-read everything on the next sweep, not just what changes
+            self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+        except Exception as exc:  # a bug or a hostile folder: contain it to this session
+            # (the supervisor runs every pass on one worker task; letting this escape
+            # would silently stop delivery and lifecycle for every session)
+            message = f"{type(exc).__name__}: {exc}"
+            if t.said.say("pass", message):
+                logger.opt(exception=exc).error("session {}/{}: pass failed: {}",
+                                                t.agent_group, t.session_id, message)
+            t.sigs.clear()
+            self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+
+    async def _pass(self, t: Tracked, folder: SessionDir, flags: Flags, now: datetime) -> None:
+        if flags & (Flag.FULL | Flag.FORCE):
+            flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
+        elif flags & Flag.SWEEP:
+            flags |= self._changed_on_disk(t, folder)
+        if flags & Flag.HEARTBEAT:
+            self._read_heartbeat(t, folder, now)
+        if flags & (Flag.OUTBOUND | Flag.OUTBOX | Flag.EXIT | Flag.TIMER):
+            await self._read_outbound(t, folder, now)
+        if flags & Flag.EXIT and t.exit is not None:
+            self._on_exit(t, now)
+        alive = self.runtime.is_running(t.session_id)
+        if self._inbound_matters(t, flags, alive):
+            self._read_inbound(t, folder, now)
+        await self._decide(t, folder, now)
+
+    def _busy(self, t: Tracked, now: datetime) -> None:
+        """A database of this session is locked (by its agent, or a reader of inbound.db):
+        nothing waited for it; the pass runs again shortly, backing off. Said once."""
+        t.busy += 1
+        delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2 ** (t.busy - 1))
+        if t.busy == 1:
+            logger.info("session {}: a database is busy (locked by its agent); retrying "
+                        "shortly", t.session_id)
+        self._schedule(t, now + timedelta(seconds=delay), now)
+
+    def _replaced(self, t: Tracked, folder: SessionDir) -> bool:
+        """A new inode for the folder, outbound.db or inbound.db resets everything
+        remembered about the session: what was delivered is then known from inbound.db
+        alone, and every row of the new outbound.db is read again from seq 0."""
+        new = (folder.identity, folder.inode(OUTBOUND_DB), folder.inode(INBOUND_DB))
+        old, t.identity = t.identity, new
+        if old is None or old == new:
+            return False
+        changed = [name for name, a, b in zip(("the folder", OUTBOUND_DB, INBOUND_DB), old, new)
+                   if a is not None and a != b]
+        if not changed:
+            return False  # a file that did not exist before is not a replaced one
+        self._forget(t, f"{' and '.join(changed)} replaced (new inode)")
+        return True
+
+    @staticmethod
+    def _forget(t: Tracked, why: str) -> None:
+        logger.info("session {}: {}; reading it again from scratch", t.session_id, why)
+        t.delivery = DeliveryState()
+        t.synced_acks = set()
+        t.acks_seen = None
+        t.max_seq_seen = 0
+        t.sigs.clear()
+
+    @staticmethod
+    def _inbound_matters(t: Tracked, flags: Flags, alive: bool) -> bool:
+        """Whether this pass must re-count due work.
+
+        A running agent picks new messages up itself, and most inbound.db events are
+        our own delivery records: for a running agent only a timer (idle deadline)
+        or an exit needs the count. A stopped or idle one needs it to wake or to
+        hold off a stop.
+        """
+        wanted = flags & (Flag.INBOUND | Flag.EXIT | Flag.TIMER)
+        if wanted == Flag.INBOUND and alive and t.status == Status.RUNNING:
+            return False
+        return bool(wanted)
+
+    def sweep_flags(self, t: Tracked, group_fd: int | None = None) -> Flags:
+        """What the reconcile sweep must have a pass look at, or NONE: files changed
+        on disk since the last pass read them (a missed event), a pass that failed
+        (its signatures were cleared), or a status the runtime contradicts.
+        ``group_fd``: the group folder, opened by the caller for a whole slice."""
+        try:
+            if group_fd is None:
+                with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                    flags = self._changed_on_disk(t, folder)
+            else:  # stat only; a folder other than the one last passed gets a pass
+                seen = FolderStat(group_fd, t.agent_group, t.session_id)
+                # no agent and none believed: its heartbeat decides nothing (a stat less)
+                idle = t.status == Status.STOPPED and not self.runtime.is_running(t.session_id)
+                flags = self._changed_on_disk(t, seen, _QUIET if idle else _WATCHED)
+                if t.identity is None or seen.identity != t.identity[0]:
+                    flags |= Flag.SWEEP
+        except OSError:  # Refused too: the pass says what is wrong, once
+            return Flag.SWEEP
+        if self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
+            flags |= Flag.SWEEP
+        return flags
+
+    def _changed_on_disk(self, t: Tracked, folder: SessionDir | FolderStat,
+                         files: tuple[tuple[str, str, int], ...] | None = None) -> Flags:
+        flags = Flag.NONE
+        for name, path, flag in files or _WATCHED:
+            if folder.signature(path) != t.sigs.get(name, ()):
+                flags |= flag
+        if t.delivery.waiting_files:  # an outbox/ event may have been missed
+            flags |= Flag.OUTBOX
+        return flags
+
+    def _read_heartbeat(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        sig = folder.signature(HEARTBEAT)
+        t.sigs["hb"] = sig
+        t.heartbeat_at = signature_mtime(sig)
+        self._touch_registry(t, now)
+
+    def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
+        """Heartbeats can come at 10 Hz from 100 agents: the registry hears every 5 s."""
+        if not force and t.registry_touched and now - t.registry_touched < REGISTRY_TOUCH_EVERY:
+            return
+        active = last_activity(self._observe(t))
+        if t.heartbeat_at or active:
+            self.registry.touch(t.session_id, heartbeat=t.heartbeat_at, active=active)
+            t.registry_touched = now
+
+    async def _read_outbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        snap = outbound.read(folder.db(OUTBOUND_DB), after_seq=t.delivery.watermark,
+                             acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None,
+                             max_content_bytes=self.cfg.delivery.max_content_bytes,
+                             anchor=t.delivery.anchor)
+        if snap.rewound:
+            self._forget(t, "outbound.db rewritten (the last settled row is gone)")
+            t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        settled = {mid: a.status for mid, a in snap.acks.items()
+                   if a.status in ("completed", "failed")}
+        final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
+        t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
+                         if a.status == "processing")
+        t.tool_timeout = (snap.tool.declared_timeout
+                          if snap.tool and snap.tool.current_tool else None)
+        t.tool_running = bool(snap.tool and snap.tool.current_tool)
+        self._track_answers(t, folder, snap, final, now)
+        if snap.messages and snap.messages[-1].seq > t.max_seq_seen:
+            t.max_seq_seen = snap.messages[-1].seq
+            t.last_reply_at = now
+        if t.routing is None:
+            row = self.registry.session(t.session_id)
+            t.routing = self.sessions.routing_of(row) if row else (None, None, None)
+        # The acks' mirror goes into the replies' own record commit (an agent writes a
+        # reply and its 'completed' ack in one commit; one fsync settles both).
+        result = await self.deliverer.run_pass(
+            folder=folder, agent_group=t.agent_group, session_id=t.session_id,
+            state=t.delivery, messages=snap.messages, routing=t.routing, now=now,
+            acks=final, follow_up=self._successor(now))
+        # Only once the sync is written: acks older than ``acks_seen`` are never read
+        # again, so moving it first would lose an ack whose sync failed.
+        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
+        if stamps:
+            newest = max(stamps)
+            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
+        t.synced_acks = set(settled)
+        t.delivery_due = result.next_due
+        if result.delivered:  # one line per pass, however many replies it delivered
+            logger.info("delivered {} of session {}", _ids(result.delivered), t.session_id)
+        if result.delivered or result.failed:
+            self._notify_replies(t, snap.messages, result, now)
+        if result.delivered or final:
+            self._touch_registry(t, now, force=True)
+
+    def _track_answers(self, t: Tracked, folder: SessionDir, snap: outbound.Snapshot,
+                       final: dict[str, str], now: datetime) -> None:
+        """Fold this read into the acked-but-unanswered state (see ``answers``)."""
+        wait = self.cfg.lifecycle.answer_wait
+        horizon = now - timedelta(seconds=wait)
+        done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
+                if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
+        replies = [answers.Reply(m.in_reply_to, _parse_ts(m.timestamp))
+                   for m in snap.messages if m.seq > t.max_seq_seen and answers.is_answer(m.content)]
+        named = {r.in_reply_to for r in replies}
+        unsure = [mid for mid in done if mid not in named]
+        if unsure:  # context-only and system rows need no answer (a named one is answered)
+            keep = inbound.triggering(folder.db(INBOUND_DB), unsure)
+            done = {mid: at for mid, at in done.items() if mid in named or mid in keep}
+        if not done and not replies and not t.answers.groups and not t.claims:
+            return
+        t.answers = answers.step(t.answers, now=now, answer_wait=wait,
+                                 claims={c.message_id: c.claimed_at for c in t.claims},
+                                 completed=done, replies=replies)
+        if t.answers.expired:
+            logger.warning("session {}: no reply to {} within answer_wait ({:g}s): taken as "
+                           "answered by silence", t.session_id, ", ".join(sorted(
+                               t.answers.expired)), wait)
+
+    def _read_inbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        t.sigs["in"] = folder.signature(INBOUND_DB)
+        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
+
+    def _on_exit(self, t: Tracked, now: datetime) -> None:
+        ev, t.exit = t.exit, None
+        code = f", exit code {ev.exit_code}" if ev.exit_code not in (None, 0) else ""
+        reason = t.ending_reason or f"agent {ev.reason}{code}"
+        t.ending_reason = None
+        t.started_at = None
+        t.idle_since = None
+        t.op_failures = 0  # the agent a failed stop/kill was for has gone
+        t.said.clear("op")
+        t.op_blocked_until = None
+        self.set_status(t, Status.STOPPED, reason, now)
+
+    async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        """No agent runs, yet messages are claimed or acked unanswered: the agent died
+        mid-message.
+
+        Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
+        stale acks — the host may write outbound.db only while no agent runs.
+        """
+        lc = self.settings(t.agent_group).lifecycle
+        unanswered = answers.awaiting(t.answers, now, lc.answer_wait)
+        claimed = [c.message_id for c in t.claims]
+        # Those that will fail are told to the channel before any write: a crash in
+        # between tells it again (it knows what it has), and never loses the record.
+        doomed = (inbound.claims_to_fail(folder.db(INBOUND_DB), claimed, max_tries=lc.max_tries)
+                  + inbound.claims_to_fail(folder.db(INBOUND_DB), unanswered,
+                                           max_tries=lc.max_tries, statuses=("completed",)))
+        await self._report_failed(t, folder, doomed, f"failed after {lc.max_tries} tries: the "
+                                  "agent ended while working on it each time")
+        # Acks first: a crash between the two writes then leaves the message pending
+        # with its old tries (retried once more), not counted twice on the next start.
+        outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
+        t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        result = inbound.reset_claims(folder.db(INBOUND_DB), claimed,
+                                      max_tries=lc.max_tries, backoff_base=lc.backoff_base,
+                                      now=now, follow_up=self._successor(now))
+        t.claims = ()
+        # Acked ``completed`` but not answered when the agent went: retried like a
+        # claim. The row is reopened before its ack is deleted: a crash in between
+        # leaves an ack the next read mirrors back and this rule reopens again.
+        t.answers = answers.forget(t.answers)
+        if unanswered:
+            result.update(inbound.reset_claims(
+                folder.db(INBOUND_DB), unanswered, max_tries=lc.max_tries,
+                backoff_base=lc.backoff_base, now=now, follow_up=self._successor(now),
+                statuses=("completed",)))
+            outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
+            t.sigs["out"] = folder.signature(OUTBOUND_DB)
+            t.synced_acks.difference_update(unanswered)
+        for mid, status in result.items():
+            if status == "failed":
+                logger.error("message {} of session {} failed after {} tries", mid,
+                             t.session_id, lc.max_tries)
+            else:
+                logger.warning("message {} of session {} given back for retry", mid,
+                               t.session_id)
+
+    # --- decisions and actions ----------------------------------------------------------
+
+    def _observe(self, t: Tracked) -> Observation:
+        return Observation(
+            alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
+            heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
+            tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
+            start_blocked_until=t.start_blocked_until, tool_running=t.tool_running,
+            answer_due=answers.answer_due(t.answers, self.cfg.lifecycle.answer_wait),
+            status=t.status,
+            op_running=t.op is not None and not t.op.done(),
+            op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
+            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due),
+            paused=self.runtime.is_paused(t.session_id), resumed_at=t.resumed_at)
+
+    async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
+        verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
+        if verdict.reset_claims:
+            await self._reset_orphan_claims(t, folder, now)
+            self._read_inbound(t, folder, now)
+            verdict = decide(self._observe(t), now, self.settings(t.agent_group).lifecycle)
+        await self._apply(t, folder, verdict, now)
+
+    async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
+                     now: datetime) -> None:
+        if self.admission is not None and (t.op is None or t.op.done()):
+            verdict = self.admission.review(t, verdict, now)  # a start may wait for a slot
+        if verdict.record is not None:
+            self.set_status(t, *verdict.record, now)
+        t.idle_since = verdict.idle_since
+        if verdict.action is Action.START:
+            self._run_op(t, self._start_admitted(t))
+        elif verdict.action is Action.STOP:
+            t.ending_reason = f"stopped: {verdict.reason}"
+            self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        elif verdict.action is Action.KILL:
+            (logger.debug if "op" in t.said else logger.warning)(
+                "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
+            t.ending_reason = f"killed: {verdict.reason}"
+            self._run_op(t, self.runtime.kill(t.session_id))
+        elif verdict.action is Action.PAUSE:
+            self._run_op(t, self._pause(t, verdict.reason))
+        elif verdict.action is Action.RESUME:
+            self._run_op(t, self._resume(t, verdict.reason))
+        elif verdict.action is Action.FAIL_DUE:
+            await self._fail_due(t, folder, verdict.reason, now)
+        self._schedule(t, verdict.next_check, now)
+        if verdict.mute:
+            self.muted.add(t.session_id)
+
+    async def _fail_due(self, t: Tracked, folder: SessionDir, reason: str,
+                        now: datetime) -> None:
+        """The agent cannot be started (every try failed for this session's own
+        reason): its due messages fail now instead of waiting forever. The count
+        starts again, so a new message gets its own tries — and starts as soon as
+        the obstacle on disk is gone."""
+        why = f"{reason}: {t.start_error}" if t.start_error else reason
+        due = inbound.due_ids(folder.db(INBOUND_DB), now)
+        # told to the channel before the write: a crash in between tells it again
+        await self._report_failed(t, folder, due, why)
+        failed = inbound.fail_messages(folder.db(INBOUND_DB), due, now, self._successor(now))
+        t.start_errors = t.start_failures = 0
+        t.said.clear("start")
+        t.start_blocked_until = None
+        t.start_error = None
+        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
+        for mid in failed:
+            logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
+
+    async def _report_failed(self, t: Tracked, folder: SessionDir, message_ids: list[str],
+                             reason: str) -> None:
+        """One failure record on the channel per inbound message that ended ``failed``
+        (after max_tries, or because its agent can never start), routed to the chat the
+        message came from, so a chat front end can tell its user."""
+        if not message_ids:
+            return
+        routes = inbound.message_routes(folder.db(INBOUND_DB), message_ids)
+        default = t.routing or (None, None, None)
+        for mid in message_ids:
+            self.notify("message_failed", {"session_id": t.session_id,
+                                           "agent_group": t.agent_group, "message_id": mid,
+                                           "reason": reason})
+            ct, pid, thread = routes.get(mid, (None, None, None))
+            await self.deliverer.report(Failure(
+                "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
+                pid or default[1], thread or default[2]))
+
+    def set_status(self, t: Tracked, status: Status, reason: str, now: datetime) -> None:
+        old = t.status
+        t.status = status
+        self.registry.set_container_status(t.session_id, status, reason, now)
+        logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
+                    reason)
+        self.notify("status", {"session_id": t.session_id, "agent_group": t.agent_group,
+                               "old": old, "status": status, "reason": reason})
+
+    def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
+        stamps = {m.id: m.timestamp for m in messages}
+        for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
+            for mid in ids:
+                try:
+                    committed = schema.parse_ts(stamps.get(mid))  # the agent wrote it
+                except (ValueError, TypeError):
+                    committed = None
+                self.notify(kind, {
+                    "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
+                    "delay_seconds": (now - committed).total_seconds() if committed else None})
+
+    def request_stop(self, t: Tracked, reason: str) -> bool:
+        """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
+        operation is already under way. Due work wakes it again, as after any stop."""
+        if not self.runtime.is_running(t.session_id) or (t.op is not None and not t.op.done()):
+            return False
+        t.ending_reason = f"stopped: {reason}"
+        self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
+        return True
+
+    def _run_op(self, t: Tracked, coro) -> None:
+        async def wrapped() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                # Back off before the next op on this session (see _decide). An outage
+                # the runtime has already reported (``reported``, e.g. the Docker daemon
+                # is down) is not logged again per session.
+                t.op_failures += 1
+                delay = start_backoff(t.op_failures, 1.0, self.cfg.runtime.start_retry_max)
+                t.op_blocked_until = self.clock() + timedelta(seconds=delay)
+                quiet = not t.said.say("op", "failing") or getattr(exc, "reported", False)
+                (logger.debug if quiet else logger.error)(
+                    "session {}: runtime operation failed: {} (retrying in {:g}s)",
+                    t.session_id, exc, delay)
+            else:
+                t.op_failures = 0
+                t.said.clear("op")
+                t.op_blocked_until = None
+            finally:
+                self.mark(t.session_id, Flag.TIMER)
+
+        t.op = asyncio.create_task(wrapped(), name=f"op-{t.session_id}")
+        self._ops.add(t.op)
+        t.op.add_done_callback(self._ops.discard)
+
+    async def _start_admitted(self, t: Tracked) -> None:
+        try:
+            await self._start(t)
+        finally:  # started or not, the slot it held while starting is the runtime's now
+            if self.admission is not None:
+                self.admission.start_done(t.session_id)
+
+    async def _start(self, t: Tracked) -> None:
+        now = self.clock()
+        try:
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                folder.unlink(HEARTBEAT)  # a stale heartbeat is not liveness
+                # no agent runs, so the host may write outbound.db: create it or add the
+                # columns an older one lacks (``send`` leaves an existing one alone)
+                schema.init_outbound(folder.db(OUTBOUND_DB, create=True))
+                outbound.clear_tool_state(folder.db(OUTBOUND_DB))  # a dead agent's tool is over
+                row = self.registry.session(t.session_id)
+                if row is not None:
+                    self.sessions.write_routing(row, folder.db(INBOUND_DB))
+            settings = self.settings(t.agent_group)
+            handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
+                                                         t.paths.root, settings))
+            if not handle.adopted:
+                self.registry.record_agent_settings(t.session_id, t.agent_group,
+                                                    settings.digest, settings.image)
+        except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
+            self.notify("agent_start", {"result": "error", "seconds": 0.0})
+            t.start_failures += 1
+            delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
+            t.start_blocked_until = now + timedelta(seconds=delay)
+            if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
+                # this session's own obstacle (e.g. a directory where .heartbeat
+                # belongs), not an outage of the runtime: it counts towards max_tries
+                t.start_errors += 1
+                t.start_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # once per session; not at all for an outage the runtime already reported
+            loud = t.said.say("start", "failing") and not getattr(exc, "reported", False)
+            log = logger.error if loud else logger.debug
+            log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
+                t.session_id, exc, delay)
+            return
+        if t.start_failures:
+            logger.info("session {}: agent started after {} failed attempts", t.session_id,
+                        t.start_failures)
+        t.start_failures = t.start_errors = 0
+        t.said.clear("start")
+        t.start_error = None
+        t.start_blocked_until = None
+        t.started_at = self.clock()
+        self.notify("agent_start", {"result": "ok",
+                                    "seconds": (t.started_at - now).total_seconds()})
+        t.tool_running, t.tool_timeout = False, None  # cleared on disk before the start
+        t.answers = answers.forget(t.answers)
+        t.heartbeat_at = None
+        t.sigs.pop("hb", None)
+        t.idle_since = None
+        reason = ("adopted the agent already running" if handle.adopted
+                  else f"agent started, {t.due} message(s) due")
+        self.set_status(t, Status.RUNNING, reason, t.started_at)
+
+    async def _pause(self, t: Tracked, reason: str) -> None:
+        """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three
+        statuses stay), recorded as the status reason: ``paused after …``."""
+        await self.runtime.pause(t.session_id)
+        self.set_status(t, t.status, reason, self.clock())
+
+    async def _resume(self, t: Tracked, reason: str) -> None:
+        await self.runtime.resume(t.session_id)
+        t.resumed_at = self.clock()
+        self.set_status(t, t.status, reason, t.resumed_at)
+
+    @staticmethod
+    def unblock(t: Tracked) -> bool:
+        """Lift the backoff of failed starts/ops (the runtime says it is back).
+
+        The failure counts stay: if the runtime fails again at once, the next
+        delay is still the longer one, so a flapping daemon cannot cause a hot loop.
+        """
+        if t.start_blocked_until is None and t.op_blocked_until is None:
+            return False
+        t.start_blocked_until = None
+        t.op_blocked_until = None
+        return True
+
+    # --- timers -------------------------------------------------------------------
+
+    def _schedule(self, t: Tracked, when: datetime | None, now: datetime) -> None:
+        """Make sure a pass runs at ``when``.
+
+        An earlier timer already set is kept: firing early only costs a pass that
+        re-decides and sets the later time. That spares a cancel-and-create per
+        heartbeat, whose every touch moves the idle deadline a little later.
+        """
+        if t.timer is not None and t.timer_at is not None and (
+                when is None or t.timer_at <= when):
+            return
+        if t.timer is not None:
+            t.timer.cancel()
+            t.timer = None
+        t.timer_at = when
+        if when is None:
+            return
+        delay = max(0.0, (when - now).total_seconds()) + 0.002
+        t.timer = asyncio.get_running_loop().call_later(delay, self._fire, t)
+
+    def _fire(self, t: Tracked) -> None:
+        t.timer = None
+        t.timer_at = None
+        self.mark(t.session_id, Flag.TIMER)
+
+    @staticmethod
+    def cancel_timers(tracked: Iterable[Tracked]) -> None:
+        for t in tracked:
+            if t.timer is not None:
+                t.timer.cancel()
+                t.timer = None
+
+    async def drain_ops(self, timeout: float) -> None:
+        if self._ops:
+            await asyncio.wait(list(self._ops), timeout=timeout)

@@ -1,0 +1,1 @@
+"""Synchronous disk work on the host: safe file access, the stores, sessions, attachments."""

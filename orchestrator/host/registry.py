@@ -1,0 +1,555 @@
+"""The central registry, ``<data_dir>/orchestrator.db``: host-only, so WAL is fine.
+
+It knows agent groups, messaging groups, destinations and sessions, and keeps
+what must survive an orchestrator restart: each session's container status with
+its last reason, a log of status changes, and persistent delivery attempt counts
+(a retry counter kept in memory resets on restart and retries forever).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+from orchestrator.support.errors import storage, storage_error
+from orchestrator.contract.session_status import Status, sql_list
+from orchestrator.contract.schema import format_ts, parse_ts, transaction, utcnow
+
+CONTAINER_STATUSES = tuple(Status)
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS agent_groups (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messaging_groups (
+    id TEXT PRIMARY KEY, channel_type TEXT NOT NULL, platform_id TEXT NOT NULL,
+    created_at TEXT NOT NULL, UNIQUE (channel_type, platform_id));
+CREATE TABLE IF NOT EXISTS destinations (
+    agent_group_id TEXT NOT NULL, name TEXT NOT NULL, display_name TEXT, type TEXT NOT NULL,
+    channel_type TEXT, platform_id TEXT, target_agent_group_id TEXT,
+    PRIMARY KEY (agent_group_id, name));
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    agent_group_id TEXT NOT NULL REFERENCES agent_groups(id),
+    messaging_group_id TEXT REFERENCES messaging_groups(id),
+    thread_id TEXT,
+    resolution_key TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL DEFAULT 'active',
+    container_status TEXT NOT NULL DEFAULT '{Status.STOPPED.value}'
+        CHECK (container_status IN ({sql_list()})),
+    status_reason TEXT,
+    last_active TEXT,
+    last_heartbeat TEXT,
+    created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_sessions_group ON sessions(agent_group_id);
+CREATE TABLE IF NOT EXISTS status_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, at TEXT NOT NULL,
+    old TEXT, new TEXT NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS group_chats (
+    agent_group_id TEXT NOT NULL, channel_type TEXT NOT NULL, platform_id TEXT NOT NULL,
+    thread_id TEXT NOT NULL DEFAULT '', first_seen TEXT NOT NULL,
+    PRIMARY KEY (agent_group_id, channel_type, platform_id, thread_id));
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    session_id TEXT NOT NULL, message_out_id TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_attempt_at TEXT, last_error TEXT, PRIMARY KEY (session_id, message_out_id));
+CREATE TABLE IF NOT EXISTS manual_destinations (
+    agent_group_id TEXT NOT NULL, name TEXT NOT NULL, display_name TEXT, type TEXT NOT NULL
+        CHECK (type IN ('channel', 'agent')),
+    channel_type TEXT, platform_id TEXT, target_agent_group_id TEXT, created_at TEXT NOT NULL,
+    PRIMARY KEY (agent_group_id, name));
+CREATE TABLE IF NOT EXISTS agent_settings (
+    session_id TEXT PRIMARY KEY, agent_group_id TEXT NOT NULL, digest TEXT NOT NULL,
+    image TEXT, started_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS session_state (
+    session_id TEXT PRIMARY KEY, state TEXT NOT NULL, saved_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, agent_group_id TEXT NOT NULL,
+    recurrence TEXT NOT NULL, timezone TEXT NOT NULL, created_at TEXT NOT NULL,
+    cancelled_at TEXT);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    id: str
+    agent_group_id: str
+    messaging_group_id: str | None
+    thread_id: str | None
+    status: str
+    container_status: str
+    status_reason: str | None
+    last_active: datetime | None
+    last_heartbeat: datetime | None
+    created_at: datetime | None
+    queued_since: datetime | None = None  # waiting for an agent slot, due since then
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Columns newer than the file: added, never a destructive migration."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+    if "queued_since" not in have:
+        try:
+            conn.execute("ALTER TABLE sessions ADD COLUMN queued_since TEXT")
+        except sqlite3.OperationalError as exc:  # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
+
+
+def _session(row: sqlite3.Row) -> SessionRow:
+    return SessionRow(
+        row["id"], row["agent_group_id"], row["messaging_group_id"], row["thread_id"],
+        row["status"], row["container_status"], row["status_reason"],
+        parse_ts(row["last_active"]), parse_ts(row["last_heartbeat"]), parse_ts(row["created_at"]),
+        parse_ts(row["queued_since"]) if "queued_since" in row.keys() else None)
+
+
+class Registry:
+    """One connection per Registry; each method is one short transaction.
+
+    The connection may be used from several threads (``check_same_thread=False``),
+    so a lock serialises its transactions: two threads must never interleave a
+    ``BEGIN`` on the same connection.
+    """
+
+    def __init__(self, path: Path, *, _conn: sqlite3.Connection | None = None) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        if _conn is not None:  # see ``reader``
+            self._conn = _conn
+            return
+        conn = None
+        try:
+            with storage(path, "open the registry"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(str(path), isolation_level=None, timeout=10,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=10000")
+                conn.executescript(DDL)
+                _add_columns(conn)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+
+    @classmethod
+    def reader(cls, path: Path) -> "Registry | None":
+        """A registry opened read-only, for ``status``: it never writes, not even the
+        schema, and works on a read-only or full disk. None if there is none yet.
+
+        Even a ``mode=ro`` open of a WAL database creates its ``-wal`` and ``-shm``
+        files (and fails where it cannot). With no ``-wal`` there, no connection
+        has the file open and every commit is in the main file: ``immutable=1``
+        reads it without creating anything. A writer that starts meanwhile writes
+        to a new ``-wal``, not the main file, so the read stays consistent.
+        """
+        if not path.exists():
+            return None
+        uri = Path(os.path.abspath(path)).as_uri()
+        last: Exception | None = None
+        wal = os.path.exists(f"{path}-wal")
+        for query in ("?mode=ro", "?mode=ro&immutable=1") if wal else ("?mode=ro&immutable=1",):
+            conn = None
+            try:
+                conn = sqlite3.connect(uri + query, uri=True, isolation_level=None, timeout=10,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+                return cls(path, _conn=conn)
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                last = exc
+                if "no such table" in str(exc):
+                    return None  # created but never used: no sessions
+        raise storage_error(last, path, "read the registry")  # type: ignore[arg-type]
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, transaction(self._conn) as c:
+            yield c
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- groups -----------------------------------------------------------------
+
+    def ensure_agent_group(self, group_id: str, name: str | None = None) -> str:
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at) VALUES (?,?,?)",
+                      (group_id, name or group_id, format_ts(utcnow())))
+        return group_id
+
+    def ensure_messaging_group(self, channel_type: str, platform_id: str) -> str:
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO messaging_groups (id, channel_type, platform_id,"
+                      " created_at) VALUES (?,?,?,?)",
+                      ("mg-" + uuid.uuid4().hex[:12], channel_type, platform_id,
+                       format_ts(utcnow())))
+            (mg,) = c.execute("SELECT id FROM messaging_groups WHERE channel_type=? AND"
+                              " platform_id=?", (channel_type, platform_id)).fetchone()
+        return mg
+
+    def messaging_group(self, mg_id: str) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT channel_type, platform_id FROM messaging_groups"
+                                     " WHERE id=?", (mg_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def set_destinations(self, agent_group_id: str, rows: list[dict]) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM destinations WHERE agent_group_id=?", (agent_group_id,))
+            c.executemany(
+                "INSERT INTO destinations (agent_group_id, name, display_name, type, channel_type,"
+                " platform_id, target_agent_group_id) VALUES (?,?,?,?,?,?,?)",
+                [(agent_group_id, r["name"], r.get("display_name"), r["type"],
+                  r.get("channel_type"), r.get("platform_id"), r.get("agent_group_id"))
+                 for r in rows])
+
+    def destinations(self, agent_group_id: str) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(
+                "SELECT * FROM destinations WHERE agent_group_id=? ORDER BY name",
+                (agent_group_id,))]
+
+    def record_chat(self, agent_group_id: str, channel_type: str, platform_id: str,
+                    thread_id: str | None = None) -> bool:
+        """Remember that a chat routes to a group (its automatic destination); True if new.
+
+        ``thread_id`` only for a thread that is a session of its own (per-thread).
+        """
+        key = (agent_group_id, channel_type, platform_id, thread_id or "")
+        with self._lock:  # known chats (nearly every message) cost a read, not a write
+            if self._conn.execute(
+                    "SELECT 1 FROM group_chats WHERE agent_group_id=? AND channel_type=? AND"
+                    " platform_id=? AND thread_id=?", key).fetchone():
+                return False
+        with self._tx() as c:
+            return c.execute(
+                "INSERT OR IGNORE INTO group_chats (agent_group_id, channel_type, platform_id,"
+                " thread_id, first_seen) VALUES (?,?,?,?,?)",
+                (agent_group_id, channel_type, platform_id, thread_id or "",
+                 format_ts(utcnow()))).rowcount == 1
+
+    def group_chats(self, agent_group_id: str) -> list[tuple[str, str, str | None]]:
+        """(channel_type, platform_id, thread_id or None) of every chat routing to the
+        group: those recorded by ``record_chat`` and those its sessions are bound to."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT channel_type, platform_id, NULLIF(thread_id, '') FROM group_chats"
+                " WHERE agent_group_id=? UNION SELECT m.channel_type, m.platform_id,"
+                " s.thread_id FROM sessions s JOIN messaging_groups m"
+                " ON m.id = s.messaging_group_id WHERE s.agent_group_id=?",
+                (agent_group_id, agent_group_id)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # --- sessions ---------------------------------------------------------------
+
+    def get_or_create_session(self, *, resolution_key: str, agent_group_id: str,
+                              messaging_group_id: str | None, thread_id: str | None,
+                              new_id: str) -> tuple[SessionRow, bool]:
+        """Race-free across processes: INSERT OR IGNORE on the unique key, then read."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO sessions (id, agent_group_id, messaging_group_id, thread_id,"
+                " resolution_key, created_at) VALUES (?,?,?,?,?,?)",
+                (new_id, agent_group_id, messaging_group_id, thread_id, resolution_key,
+                 format_ts(utcnow())))
+            created = cur.rowcount == 1
+            row = c.execute("SELECT * FROM sessions WHERE resolution_key=?",
+                            (resolution_key,)).fetchone()
+        return _session(row), created
+
+    def find_messaging_group(self, channel_type: str, platform_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT id FROM messaging_groups WHERE channel_type=? AND"
+                                     " platform_id=?", (channel_type, platform_id)).fetchone()
+        return row[0] if row else None
+
+    def find_session(self, resolution_key: str) -> SessionRow | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM sessions WHERE resolution_key=?",
+                                     (resolution_key,)).fetchone()
+        return _session(row) if row else None
+
+    def create_session(self, *, agent_group_id: str, chat: tuple[str, str] | None,
+                       thread_id: str | None, key: Callable[[str | None], str], new_id: str,
+                       place: Callable[[], None], unplace: Callable[[], None]
+                       ) -> tuple[SessionRow, bool]:
+        """Create a session's rows and put its folder in place as ONE step.
+
+        ``place`` (the rename of a fully built folder) runs inside the transaction,
+        so the row and the folder exist together or not at all: a failed rename
+        rolls the rows back, a failed commit (a full disk) calls ``unplace``.
+        Another process that created the same session first wins (INSERT OR
+        IGNORE on the unique key); then ``place`` is not called.
+        """
+        now = format_ts(utcnow())
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            placed = False
+            try:
+                c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at)"
+                          " VALUES (?,?,?)", (agent_group_id, agent_group_id, now))
+                mg_id = None
+                if chat is not None:
+                    c.execute("INSERT OR IGNORE INTO messaging_groups (id, channel_type,"
+                              " platform_id, created_at) VALUES (?,?,?,?)",
+                              ("mg-" + uuid.uuid4().hex[:12], chat[0], chat[1], now))
+                    (mg_id,) = c.execute("SELECT id FROM messaging_groups WHERE channel_type=?"
+                                         " AND platform_id=?", chat).fetchone()
+                resolution = key(mg_id)
+                created = c.execute(
+                    "INSERT OR IGNORE INTO sessions (id, agent_group_id, messaging_group_id,"
+                    " thread_id, resolution_key, created_at) VALUES (?,?,?,?,?,?)",
+                    (new_id, agent_group_id, mg_id, thread_id, resolution, now)).rowcount == 1
+                row = c.execute("SELECT * FROM sessions WHERE resolution_key=?",
+                                (resolution,)).fetchone()
+                if created:
+                    place()
+                    placed = True
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                if placed:
+                    unplace()
+                raise
+        return _session(row), created
+
+    def adopt_folder(self, agent_group_id: str, session_id: str) -> tuple[SessionRow, bool]:
+        """Register a session folder found on disk (made by someone else), by its id.
+
+        Selected by id, not by key: the folder may be a session another process is
+        committing right now under its own key, and then that row is the one.
+        """
+        now = format_ts(utcnow())
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO agent_groups (id, name, created_at) VALUES (?,?,?)",
+                      (agent_group_id, agent_group_id, now))
+            created = c.execute(
+                "INSERT OR IGNORE INTO sessions (id, agent_group_id, resolution_key, created_at)"
+                " VALUES (?,?,?,?)", (session_id, agent_group_id,
+                                      f"folder:{agent_group_id}/{session_id}", now)).rowcount == 1
+            row = c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        return _session(row), created
+
+    def routes(self) -> dict[str, tuple[str | None, str | None, str | None]]:
+        """Each session's chat: (channel_type, platform_id, thread_id), for ``status``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.id, m.channel_type, m.platform_id, s.thread_id FROM sessions s"
+                " LEFT JOIN messaging_groups m ON m.id = s.messaging_group_id").fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def session(self, session_id: str) -> SessionRow | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM sessions WHERE id=?",
+                                     (session_id,)).fetchone()
+        return _session(row) if row else None
+
+    def session_index(self) -> list[tuple[str, str, str]]:
+        """(id, agent_group_id, container_status) of every session, unparsed: the
+        reconcile sweep calls this for 1000s of sessions and needs nothing more."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT id, agent_group_id, container_status FROM sessions").fetchall()
+
+    def saved_states(self) -> dict[str, str]:
+        """session id → the start-up state saved after its last settled pass
+        (``orchestrator.engine.startup_state``)."""
+        with self._lock:
+            return dict(self._conn.execute("SELECT session_id, state FROM session_state"))
+
+    def save_states(self, rows: dict[str, str | None]) -> None:
+        """Many sessions' start-up states in one transaction (None removes the row)."""
+        now = format_ts(utcnow())
+        with self._tx() as c:
+            c.executemany("DELETE FROM session_state WHERE session_id=?",
+                          [(sid,) for sid, text in rows.items() if text is None])
+            c.executemany("INSERT OR REPLACE INTO session_state (session_id, state, saved_at)"
+                          " VALUES (?,?,?)",
+                          [(sid, text, now) for sid, text in rows.items() if text is not None])
+
+    def sessions(self) -> list[SessionRow]:
+        with self._lock:
+            return [_session(r) for r in self._conn.execute(
+                "SELECT * FROM sessions ORDER BY agent_group_id, created_at, id")]
+
+    def set_container_status(self, session_id: str, status: str, reason: str,
+                             now: datetime | None = None) -> str | None:
+        """Write the status and a status_changes row; returns the old status."""
+        if status not in CONTAINER_STATUSES:
+            raise ValueError(f"container status must be one of {CONTAINER_STATUSES}")
+        at = format_ts(now or utcnow())
+        with self._tx() as c:
+            row = c.execute("SELECT container_status FROM sessions WHERE id=?",
+                            (session_id,)).fetchone()
+            if row is None:
+                return None  # unknown session: nothing to record
+            old = row[0]
+            c.execute("UPDATE sessions SET container_status=?, status_reason=? WHERE id=?",
+                      (status, reason, session_id))
+            c.execute("INSERT INTO status_changes (session_id, at, old, new, reason)"
+                      " VALUES (?,?,?,?,?)", (session_id, at, old, status, reason))
+        return old
+
+    def set_queued(self, session_id: str, since: datetime | None) -> None:
+        """Mark a session as waiting for an agent slot (admission), or not any more."""
+        with self._tx() as c:
+            c.execute("UPDATE sessions SET queued_since=? WHERE id=?",
+                      (format_ts(since) if since else None, session_id))
+
+    def clear_queued(self) -> None:
+        """At start-up: the queue is derived again from the session folders."""
+        with self._tx() as c:
+            c.execute("UPDATE sessions SET queued_since=NULL WHERE queued_since IS NOT NULL")
+
+    def touch(self, session_id: str, *, active: datetime | None = None,
+              heartbeat: datetime | None = None) -> None:
+        sets, args = [], []
+        if active is not None:
+            sets.append("last_active=?")
+            args.append(format_ts(active))
+        if heartbeat is not None:
+            sets.append("last_heartbeat=?")
+            args.append(format_ts(heartbeat))
+        if sets:
+            with self._tx() as c:
+                c.execute(f"UPDATE sessions SET {', '.join(sets)} WHERE id=?", (*args, session_id))
+
+    def status_changes(self, session_id: str) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(
+                "SELECT at, old, new, reason FROM status_changes WHERE session_id=? ORDER BY id",
+                (session_id,))]
+
+    # --- delivery attempts --------------------------------------------------------
+
+    def delivery_attempt(self, session_id: str, out_id: str) -> tuple[int, datetime | None]:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT attempts, next_attempt_at FROM delivery_attempts WHERE session_id=? AND"
+                " message_out_id=?", (session_id, out_id)).fetchone()
+        return (row[0], parse_ts(row[1])) if row else (0, None)
+
+    def delivery_attempts(self, session_id: str) -> dict[str, tuple[int, datetime | None]]:
+        """Every reply of the session with failed attempts (usually none): one query per
+        pass instead of one per reply."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT message_out_id, attempts, next_attempt_at FROM delivery_attempts"
+                " WHERE session_id=?", (session_id,)).fetchall()
+        return {r[0]: (r[1], parse_ts(r[2])) for r in rows}
+
+    def record_attempt_failure(self, session_id: str, out_id: str, attempts: int,
+                               next_at: datetime | None, error: str) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO delivery_attempts (session_id, message_out_id, attempts,"
+                " next_attempt_at, last_error) VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " attempts=excluded.attempts, next_attempt_at=excluded.next_attempt_at,"
+                " last_error=excluded.last_error",
+                (session_id, out_id, attempts, format_ts(next_at) if next_at else None, error))
+
+    def clear_attempts(self, session_id: str, out_id: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM delivery_attempts WHERE session_id=? AND message_out_id=?",
+                      (session_id, out_id))
+
+    # --- manual destinations (``orchestrator group destinations``) ------------------
+    # Their own table: automatic ones (per chat) live elsewhere; both are merged when
+    # a wake projects them into inbound.db (``Sessions.write_routing``).
+
+    def add_manual_destination(self, agent_group_id: str, row: dict) -> bool:
+        """Insert; False if the group already has a destination of that name."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO manual_destinations (agent_group_id, name, display_name,"
+                " type, channel_type, platform_id, target_agent_group_id, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (agent_group_id, row["name"], row.get("display_name"), row["type"],
+                 row.get("channel_type"), row.get("platform_id"), row.get("agent_group_id"),
+                 format_ts(utcnow())))
+        return cur.rowcount == 1
+
+    def remove_manual_destination(self, agent_group_id: str, name: str) -> bool:
+        with self._tx() as c:
+            cur = c.execute("DELETE FROM manual_destinations WHERE agent_group_id=? AND name=?",
+                            (agent_group_id, name))
+        return cur.rowcount == 1
+
+    def manual_destinations(self, agent_group_id: str) -> list[dict]:
+        """Same keys as ``destinations``."""
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(
+                "SELECT agent_group_id, name, display_name, type, channel_type, platform_id,"
+                " target_agent_group_id FROM manual_destinations WHERE agent_group_id=?"
+                " ORDER BY name", (agent_group_id,))]
+
+    # --- which settings an agent was started with -----------------------------------
+
+    def record_agent_settings(self, session_id: str, agent_group_id: str, digest: str,
+                              image: str | None, now: datetime | None = None) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO agent_settings (session_id, agent_group_id, digest, image,"
+                      " started_at) VALUES (?,?,?,?,?) ON CONFLICT(session_id) DO UPDATE SET"
+                      " agent_group_id=excluded.agent_group_id, digest=excluded.digest,"
+                      " image=excluded.image, started_at=excluded.started_at",
+                      (session_id, agent_group_id, digest, image, format_ts(now or utcnow())))
+
+    def agent_settings(self) -> dict[str, dict]:
+        """session id → {digest, image, started_at} of its last started agent."""
+        try:
+            with self._lock:
+                return {r["session_id"]: dict(r) for r in self._conn.execute(
+                    "SELECT session_id, digest, image, started_at FROM agent_settings")}
+        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
+            if "no such table" in str(exc):
+                return {}
+            raise
+
+    # --- recurring series -------------------------------------------------------------
+
+    def add_series(self, series_id: str, session_id: str, agent_group_id: str,
+                   recurrence: str, timezone: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO series (id, session_id, agent_group_id, recurrence, timezone,"
+                      " created_at) VALUES (?,?,?,?,?,?)",
+                      (series_id, session_id, agent_group_id, recurrence, timezone,
+                       format_ts(utcnow())))
+
+    def series(self, series_id: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM series"
+        args: tuple = ()
+        if series_id is not None:
+            sql, args = sql + " WHERE id=?", (series_id,)
+        try:
+            with self._lock:
+                return [dict(r) for r in self._conn.execute(sql + " ORDER BY created_at, id",
+                                                            args)]
+        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
+            if "no such table" in str(exc):
+                return []
+            raise
+
+    def cancel_series(self, series_id: str, now: datetime | None = None) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE series SET cancelled_at=? WHERE id=? AND cancelled_at IS NULL",
+                      (format_ts(now or utcnow()), series_id))

@@ -1,0 +1,104 @@
+"""What to do with one reply, as pure functions of (facts, now, config).
+
+``plan`` says, before an attempt, whether a reply is skipped, waits until a
+time, is tried, or fails for good; ``after_failure`` says what a failed attempt
+leads to. ``delivery.Deliverer`` gathers the facts (inbound.db, the registry,
+the row) and applies the verdict; nothing here reads a file or a clock, so
+every rule is table-tested (tests/test_delivery_plan.py).
+
+The rules that keep one bad reply from holding up the others: a defect of the
+row itself (not UTF-8, too big, an id that cannot name a folder) or of its
+files (a traversal name, a symlink, a FIFO, an unreadable ``outbox/<id>/``) is
+permanent and fails the reply at once with its reason; only a failure that
+may pass by itself (the channel is down, a file is not there yet) is retried
+with backoff, up to ``[delivery] max_attempts``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.rules.lifecycle import delivery_backoff
+
+
+class Step(enum.Enum):
+    SKIP = "skip"  # already settled in inbound.db
+    WAIT = "wait"  # not now: look again at ``at`` (no attempt spent)
+    TRY = "try"  # hand it to the channel now
+    RETRY = "retry"  # an attempt failed: count it, try again at ``at``
+    FAIL = "fail"  # record it failed, tell the channel, never try again
+
+
+class Trouble(enum.Enum):
+    """How a failed attempt failed."""
+
+    TRANSIENT = "transient"  # may pass by itself: back off and retry
+    FILES_NOT_READY = "files not ready"  # a listed file is not in outbox/ yet
+    PERMANENT = "permanent"  # can never succeed: fail at once
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFacts:
+    settled: bool = False  # a ``delivered`` row exists (delivered or failed)
+    problem: str | None = None  # a defect of the row itself, found while reading it
+    deliver_after: datetime | None = None
+    attempts: int = 0  # failed attempts so far (registry)
+    retry_at: datetime | None = None  # backoff after the last failed attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    step: Step
+    reason: str = ""
+    at: datetime | None = None
+
+
+def plan(facts: ReplyFacts, now: datetime) -> Plan:
+    """Before an attempt. Order matters: settled beats everything (a reply is settled
+    once), a defect fails even a reply scheduled for later (it will never improve)."""
+    if facts.settled:
+        return Plan(Step.SKIP, "already recorded in delivered")
+    if facts.problem:
+        return Plan(Step.FAIL, facts.problem)
+    if facts.deliver_after is not None and facts.deliver_after > now:
+        return Plan(Step.WAIT, "deliver_after is in the future", facts.deliver_after)
+    if facts.retry_at is not None and facts.retry_at > now:
+        return Plan(Step.WAIT, f"backing off after {facts.attempts} failed attempt(s)",
+                    facts.retry_at)
+    return Plan(Step.TRY)
+
+
+def files_recheck(waited: float) -> float:
+    """Seconds until a reply waiting for its files is looked at again: soon at first
+    (an agent that writes the row a moment before its files), then less often, at
+    most once a second (one stat per listed file each time)."""
+    return min(1.0, max(0.05, waited / 4))
+
+
+def after_failure(trouble: Trouble, reason: str, attempts: int,
+                  files_waiting_since: datetime | None, now: datetime,
+                  cfg: DeliveryConfig, retry_after: float | None = None) -> Plan:
+    """After a failed attempt (``attempts`` failed before this one).
+
+    Files not there yet are not an attempt for ``files_wait`` seconds after the
+    reply was first seen waiting (agents may commit the row first): the reply
+    waits without backoff, looked at again after ``files_recheck`` (files written
+    into ``outbox/<id>/`` raise no event: the host does not watch below ``outbox/``).
+    ``retry_after``: the receiver asked to wait at least this long (HTTP Retry-After).
+    """
+    if trouble is Trouble.PERMANENT:
+        return Plan(Step.FAIL, reason)
+    if trouble is Trouble.FILES_NOT_READY:
+        since = files_waiting_since or now
+        give_up_at = since + timedelta(seconds=cfg.files_wait)
+        if give_up_at > now:
+            recheck = now + timedelta(seconds=files_recheck((now - since).total_seconds()))
+            return Plan(Step.WAIT, reason, min(give_up_at, recheck))
+    attempts += 1
+    if attempts >= cfg.max_attempts:
+        return Plan(Step.FAIL, f"giving up after {attempts} attempts: {reason}")
+    delay = max(delivery_backoff(attempts, cfg.retry_base), retry_after or 0.0)
+    return Plan(Step.RETRY, reason, now + timedelta(seconds=delay))

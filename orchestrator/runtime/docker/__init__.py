@@ -1,0 +1,1 @@
+"""Agents as Docker containers (docker-py behind one blocking-call wrapper)."""

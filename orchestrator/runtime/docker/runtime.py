@@ -1,0 +1,641 @@
+"""Docker runtime: one labelled, locked-down container per session.
+
+    DockerRuntime(config: DockerConfig, data_dir: Path, on_exit: ExitCallback,
+                  on_available: Callable[[], None] | None = None)
+
+The constructor does no I/O. The Docker client is created on first use and
+rebuilt after a failure; while the daemon is down ``start`` raises
+``RuntimeUnavailable`` ("Docker daemon unreachable at ...") and the runtime
+recovers by itself once it is back: every (re)connection of the event stream
+reconciles and then calls ``on_available``, the supervisor's cue to retry the
+starts it had put off, instead of waiting out each session's backoff.
+
+Containers
+    name   ``orch-<instance>-<agent_group>-<session_id>`` (characters Docker does
+           not allow become ``_``; a short hash is appended when that changed
+           anything, so two ids cannot collide)
+    labels ``orchestrator.instance``, ``orchestrator.agent_group``,
+           ``orchestrator.session``. Only containers carrying this instance's
+           label are ever listed, stopped or removed: the label is the filter of
+           every list call AND is re-checked (inspect) before every stop/kill/remove.
+    mounts the session folder at /workspace (rw) and its inbound.db again,
+           read-only, at /workspace/inbound.db on top (the host is its only
+           writer); extra ``[docker] mounts`` only from under ``allowed_mounts``.
+    limits from DockerConfig: user, cap_drop (ALL), no-new-privileges, read-only
+           root with a tmpfs /tmp, memory, cpus, pids, network (default none),
+           and docker-init as PID 1 so SIGTERM reaches the agent.
+
+Exits are reported through ``on_exit`` exactly once per container, on the event
+loop: from the ``die`` event (exit code from ``Actor.Attributes.exitCode``), from
+``stop``/``kill`` themselves, or from the reconcile that follows every
+(re)connection of the event stream (for containers that ended while nobody was
+listening). Containers are created without ``auto_remove`` so the exit code
+survives; the runtime removes each container once its exit is handled.
+
+This module is the bookkeeping (which container belongs to which session, who
+reports its end). What a container looks like is ``docker_spec`` (pure); the
+event-stream thread is ``docker_events``; blocking docker-py calls and their
+error policy are ``dockerexec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import Enum, auto
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from docker.types import Mount
+from loguru import logger
+
+from orchestrator.contract import layout
+from orchestrator.config.model import DockerConfig
+from orchestrator.config.groups import AgentSettings, read_env
+from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable,
+                                       SessionRef)
+from orchestrator.runtime.docker.events import DockerEvents
+from orchestrator.runtime.docker.spares import Spares
+from orchestrator.runtime.docker.spec import (ALIVE_STATES, LABEL_GROUP, LABEL_INSTANCE,
+                                              LABEL_SESSION, container_name, container_spec,
+                                              exit_reason, group_folder, group_mounts,
+                                              host_config_kwargs, parse_extra_mounts,
+                                              prepare_folder, resolve_user, session_mounts)
+from orchestrator.runtime.docker.calls import Conflict, DockerExec
+
+
+def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
+    """The group's effective [docker] settings, or the runtime's own without any."""
+    return session.settings.docker if session.settings is not None else default
+
+
+def _made_with(session: SessionRef, user: str, mounts: list[Mount]) -> tuple:
+    """What a container is created from, beyond its name: the group's settings, the
+    user, and the mounts as they are on disk now. A spare made from other ones (a new
+    config, a ``container.json`` that appeared since) is not started."""
+    digest = session.settings.digest if session.settings is not None else None
+    return digest, user, tuple(sorted((m["Target"], m.get("Source") or "", bool(m.get("ReadOnly")))
+                                      for m in mounts))
+
+
+def _name(c: dict) -> str:
+    """A container's name from a list entry."""
+    return ((c.get("Names") or ["?"])[0]).lstrip("/")
+
+
+class Phase(Enum):
+    """Where one container of ours is in its life, as far as this runtime knows."""
+
+    STARTING = auto()  # ``docker start`` under way: an exit now waits for the handle
+    RUNNING = auto()
+    STOPPING = auto()  # we asked it to stop: its exit is "stopped"
+    KILLING = auto()  # we killed it: its exit is "killed"
+    DONE = auto()  # its exit was reported (or it was never ours to report: a listed one)
+
+
+# The only moves there are; any other asked for leaves the phase as it is. A stop that
+# failed half-way and a kill after it (or the other way round) end as "stopped".
+_MOVES: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.RUNNING, Phase.DONE}),
+    Phase.RUNNING: frozenset({Phase.STOPPING, Phase.KILLING, Phase.DONE}),
+    Phase.STOPPING: frozenset({Phase.DONE}),
+    Phase.KILLING: frozenset({Phase.STOPPING, Phase.DONE}),  # a stop's reason wins
+    Phase.DONE: frozenset(),
+}
+_LIVE = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.KILLING})  # what is_running means
+
+
+@dataclass
+class _Tracked:
+    handle: AgentHandle
+    container_id: str
+    name: str
+    phase: Phase = Phase.RUNNING
+    oom: bool = False  # Docker said so (an ``oom`` event): a fact about the exit, not a phase
+    kill_signal: str | None = None  # the signal of Docker's last ``kill`` event
+    pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
+    paused: bool = False  # docker pause (by us, or found paused when adopted)
+
+    def move(self, to: Phase) -> bool:
+        """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""
+        if to not in _MOVES[self.phase]:
+            return False
+        self.phase = to
+        return True
+
+    @property
+    def live(self) -> bool:
+        return self.phase in _LIVE
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def exit_reason(self, exit_code: int | None, *, oom: bool = False) -> str:
+        return exit_reason(exit_code, stopping=self.phase is Phase.STOPPING,
+                           killing=self.phase is Phase.KILLING, oom=self.oom or oom,
+                           kill_signal=self.kill_signal)
+
+
+class DockerRuntime:
+    """The Runtime protocol (base.py) on a Docker engine. See the module docstring."""
+
+    name = "docker"
+
+    def __init__(self, config: DockerConfig, data_dir: Path, on_exit: ExitCallback,
+                 on_available: Callable[[], None] | None = None):
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.on_exit = on_exit
+        self.on_available = on_available
+        self.instance = config.instance
+        self.exec = DockerExec(config.base_url)
+        self._by_session: dict[str, _Tracked] = {}
+        self._by_id: dict[str, _Tracked] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._starting: set[str] = set()
+        self._tasks: set[asyncio.Future] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events = DockerEvents(self.exec, self.instance, self._on_event,
+                                    self._after_connect)
+        self._reconcile_lock: asyncio.Lock | None = None
+        self.reconciles = 0  # completed reconciles (observable in tests)
+        self._spares = Spares(config.precreate)  # created ahead: see docker_spares
+        self._spare_made_with: dict[str, tuple] = {}  # spare id -> _made_with at its create
+        self._group_settings: dict[str, AgentSettings] = {}  # last seen per group
+        self._closing = False
+        self.listed = False  # see Runtime.listed: set by the first list that succeeds
+
+    # -- bookkeeping ------------------------------------------------------------
+    def is_running(self, session_id: str) -> bool:
+        t = self._by_session.get(session_id)
+        return t is not None and t.live
+
+    def running(self) -> list[AgentHandle]:
+        return [t.handle for t in self._by_session.values() if t.live]
+
+    def is_paused(self, session_id: str) -> bool:
+        t = self._by_session.get(session_id)
+        return t is not None and t.paused and not t.done
+
+    @property
+    def events_connected(self) -> bool:
+        return self._events.connected
+
+    @property
+    def event_connects(self) -> int:
+        """How many times the event stream has (re)connected."""
+        return self._events.connects
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
+
+    def _track(self, t: _Tracked) -> None:
+        self._by_session[t.handle.session_id] = t
+        self._by_id[t.container_id] = t
+
+    def _untrack(self, t: _Tracked) -> None:
+        if self._by_session.get(t.handle.session_id) is t:
+            del self._by_session[t.handle.session_id]
+        if self._by_id.get(t.container_id) is t:
+            del self._by_id[t.container_id]
+        lock = self._locks.get(t.handle.session_id)
+        if lock is not None and not lock.locked():
+            del self._locks[t.handle.session_id]
+
+    def _emit(self, t: _Tracked, exit_code: int | None, reason: str, *, remove: bool = True
+              ) -> None:
+        """Report the end of ``t`` once, then forget it and (in the background, unless
+        the caller does it) remove its container."""
+        was = t.phase
+        if not t.move(Phase.DONE):
+            return
+        self._untrack(t)
+        event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason)
+        logger.info("agent {}/{} container {} ended: {} (exit code {})", event.agent_group,
+                    event.session_id, t.name, reason, exit_code)
+        if was is Phase.STARTING:
+            t.pending_exit = event  # delivered after start() returned its handle
+        else:
+            self._deliver(event)
+        if remove:
+            self._spawn(self._remove_then_prepare(t))
+
+    def _deliver(self, event: AgentExit) -> None:
+        try:
+            self.on_exit(event)
+        except Exception:
+            logger.exception("on_exit callback failed for {}", event)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, RuntimeUnavailable):
+                logger.debug("docker background task: {}", exc)
+            else:
+                logger.opt(exception=exc).error("docker background task failed")
+
+    # -- ownership guard ----------------------------------------------------------
+    def _owns(self, labels: dict[str, str] | None) -> bool:
+        return bool(labels) and labels.get(LABEL_INSTANCE) == self.instance
+
+    async def _inspect_owned(self, container_id: str) -> dict | None:
+        """Inspect; None when gone. Refuses (logs, returns None) a container without our label."""
+        info = await self.exec.inspect(container_id)
+        if info is None:
+            return None
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if not self._owns(labels):
+            logger.error("refusing to touch container {} ({}): it lacks label {}={}",
+                         info.get("Name", "?").lstrip("/"), container_id[:12], LABEL_INSTANCE,
+                         self.instance)
+            return None
+        return info
+
+    async def _remove_owned(self, container_id: str) -> None:
+        if await self._inspect_owned(container_id) is not None:
+            await self.exec.remove(container_id)
+
+    # -- start ----------------------------------------------------------------
+    async def start(self, session: SessionRef) -> AgentHandle:
+        layout.validate_id(session.agent_group, "agent group")
+        layout.validate_id(session.session_id, "session id")
+        self._bind_loop()
+        async with self._lock(session.session_id):
+            t = self._by_session.get(session.session_id)
+            if t is not None and not t.done:
+                return t.handle
+            self._ensure_events()
+            if session.settings is not None:  # what this group's spares are created with
+                self._group_settings[session.agent_group] = session.settings
+            # the group's image, command, limits, network and mounts (groups.resolve)
+            config = _config_of(session, self.config)
+            user, uid, gid = resolve_user(self.config.user, self.data_dir)
+            mounts = await self._mounts(session, config, uid, gid)
+            changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
+                                                                     uid, gid))
+            if changed:
+                logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
+            spare = self._spares.take(session.session_id)
+            if spare is not None and (self._spare_made_with.pop(spare, None)
+                                      != _made_with(session, user, mounts)):
+                self._spawn(self._remove_owned(spare))  # made with other settings or mounts
+                spare = None
+            self._starting.add(session.session_id)
+            try:
+                if spare is not None:
+                    try:  # created ahead (docker_spares): only the start is left to do
+                        return await self._start_created(session, spare, container_name(
+                            self.instance, session.agent_group, session.session_id))
+                    except RuntimeUnavailable as exc:
+                        logger.debug("spare container {} unusable ({}); creating one",
+                                     spare[:12], exc)
+                await self.exec.require_image(config.image)
+                created = await self._create(session, user, mounts)
+                if isinstance(created, AgentHandle):
+                    return created
+                return await self._start_created(session, created, container_name(
+                    self.instance, session.agent_group, session.session_id))
+            finally:
+                self._starting.discard(session.session_id)
+
+    async def _create(self, session: SessionRef, user: str,
+                      mounts: list[Mount]) -> str | AgentHandle:
+        """``docker create``; the new container's id, or the handle of a live container
+        of ours that already had the name (adopted). The group's settings, its secret
+        files read now (``SecretUnreadable`` is an OSError)."""
+        config = _config_of(session, self.config)
+        env = read_env(session.settings) if session.settings is not None else {}
+        spec = container_spec(config, session, user, env)
+        host_kwargs = host_config_kwargs(config, mounts)
+
+        def _create(api: Any) -> dict:
+            return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
+
+        for attempt in (1, 2):
+            try:
+                created = await self.exec.call("create", _create, image=config.image)
+                break
+            except Conflict:  # HTTP 409: the name is taken
+                if attempt == 2:
+                    raise
+                adopted = await self._resolve_name_conflict(session, spec["name"])
+                if adopted is not None:
+                    return adopted
+        assert created is not None
+        return created["Id"]
+
+    async def _start_created(self, session: SessionRef, cid: str, name: str) -> AgentHandle:
+        """``docker start`` of a created container; on failure it is removed."""
+        handle = AgentHandle(session.agent_group, session.session_id, cid)
+        t = _Tracked(handle, cid, name, Phase.STARTING)
+        self._track(t)
+        try:
+            await self.exec.call("start", lambda api: api.start(cid))
+        except RuntimeUnavailable:
+            self._untrack(t)
+            t.move(Phase.DONE)
+            try:
+                await self._remove_owned(cid)
+            except RuntimeUnavailable:
+                pass  # daemon down: reconcile / recover removes it later
+            raise
+        t.move(Phase.RUNNING)  # unless it already ended (DONE, with its pending exit)
+        logger.info("started agent {}/{} in container {} ({})", session.agent_group,
+                    session.session_id, name, cid[:12])
+        if t.pending_exit is not None:
+            # It already ended; report that after the caller has its handle.
+            asyncio.get_running_loop().call_soon(self._deliver, t.pending_exit)
+        return handle
+
+    async def _mounts(self, session: SessionRef, config: DockerConfig, uid: int | None,
+                      gid: int | None) -> list[Mount]:
+        """The session folder, the group's extra mounts and its group folder (if any):
+        the same for a started container and a spare made ahead for it."""
+        mounts = session_mounts(Path(session.folder), self.data_dir) + parse_extra_mounts(config)
+        folder = group_folder(config.group_folder, self.data_dir, session.agent_group)
+        return mounts + await self.exec.offload(lambda: group_mounts(
+            folder, Path(session.folder).resolve(), self.data_dir, config.allowed_mounts,
+            uid, gid))
+
+    async def _prepare_spare(self, agent_group: str, session_id: str) -> None:
+        """Create (not start) the session's next container ahead (``[docker] precreate``),
+        after its last one was removed; evict the oldest spares beyond the bound."""
+        if self._spares.capacity <= 0 or self._closing or not agent_group:
+            return
+        folder = layout.session_dir(self.data_dir, agent_group, session_id)
+        async with self._lock(session_id):
+            t = self._by_session.get(session_id)
+            if (t is not None and not t.done) or self._spares.has(session_id) or self._closing:
+                return
+            ref = SessionRef(agent_group, session_id, folder,
+                             self._group_settings.get(agent_group))
+            try:
+                user, uid, gid = resolve_user(self.config.user, self.data_dir)
+                mounts = await self._mounts(ref, _config_of(ref, self.config), uid, gid)
+                created = await self._create(ref, user, mounts)
+            except (RuntimeUnavailable, OSError, ValueError) as exc:  # incl. MountNotAllowed
+                logger.debug("no spare container for {}: {}", session_id, exc)
+                return
+            if isinstance(created, AgentHandle):
+                return  # a live container of ours had the name: adopted, not a spare
+            evicted = self._spares.put(session_id, created)
+            self._spare_made_with[created] = _made_with(ref, user, mounts)
+            for cid in evicted:
+                self._spare_made_with.pop(cid, None)
+        logger.debug("created spare container for {}/{} ({})", agent_group, session_id,
+                     created[:12])
+        for cid in evicted:
+            self._spawn(self._remove_owned(cid))
+
+    async def _remove_then_prepare(self, t: _Tracked) -> None:
+        await self._remove_owned(t.container_id)
+        await self._prepare_spare(t.handle.agent_group, t.handle.session_id)
+
+    async def _resolve_name_conflict(self, session: SessionRef, name: str) -> AgentHandle | None:
+        """The container name is taken. Ours and alive → adopt it; ours and dead →
+        remove it (the caller retries create); not ours → refuse."""
+        info = await self.exec.inspect(name)
+        if info is None:
+            return None  # gone meanwhile: retry
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        if not self._owns(labels) or labels.get(LABEL_SESSION) != session.session_id:
+            raise RuntimeUnavailable(
+                f"container name {name} is taken by a container this orchestrator does not own "
+                f"(no {LABEL_INSTANCE}={self.instance} label): rename or remove it")
+        if (info.get("State") or {}).get("Status") in ALIVE_STATES:
+            handle = AgentHandle(session.agent_group, session.session_id, info["Id"], adopted=True)
+            self._track(_Tracked(handle, info["Id"], name))
+            logger.info("adopted running container {} for {}/{}", name, session.agent_group,
+                        session.session_id)
+            return handle
+        await self._remove_owned(info["Id"])
+        return None
+
+    # -- stop / kill ------------------------------------------------------------------
+    async def _targets(self, session_id: str) -> list[_Tracked]:
+        """The tracked container for ``session_id``, or labelled ones found by listing."""
+        t = self._by_session.get(session_id)
+        if t is not None and not t.done:
+            return [t]
+        found = await self.exec.list_labelled(
+            [f"{LABEL_INSTANCE}={self.instance}", f"{LABEL_SESSION}={session_id}"])
+        out = []
+        for c in found:
+            labels = c.get("Labels") or {}
+            if not self._owns(labels) or labels.get(LABEL_SESSION) != session_id:
+                continue
+            handle = AgentHandle(labels.get(LABEL_GROUP, ""), session_id, c["Id"], adopted=True)
+            out.append(_Tracked(handle, c["Id"], _name(c), Phase.DONE))  # untracked: no AgentExit
+        return out
+
+    async def pause(self, session_id: str) -> None:
+        """``docker pause``: the container's cgroup is frozen, its memory kept."""
+        t = self._by_session.get(session_id)
+        if t is not None and t.live and not t.paused:
+            await self.exec.pause(t.container_id)
+            t.paused = True
+
+    async def resume(self, session_id: str) -> None:
+        t = self._by_session.get(session_id)
+        if t is not None and not t.done and t.paused:
+            await self._thaw(t)
+
+    async def _thaw(self, t: _Tracked) -> None:
+        await self.exec.unpause(t.container_id)
+        t.paused = False
+
+    async def stop(self, session_id: str, grace: float) -> None:
+        async def end(t: _Tracked) -> int | None:
+            t.move(Phase.STOPPING)
+            if t.paused:  # a frozen agent cannot act on SIGTERM: thaw it first
+                await self._thaw(t)
+            await self.exec.stop(t.container_id, grace)
+            info = await self.exec.inspect(t.container_id)
+            return ((info or {}).get("State") or {}).get("ExitCode")
+
+        await self._end(session_id, end, "stopped")
+
+    async def kill(self, session_id: str) -> None:
+        async def end(t: _Tracked) -> int | None:
+            t.move(Phase.KILLING)
+            if t.paused:
+                await self._thaw(t)
+            await self.exec.kill(t.container_id)
+            return await self.exec.wait(t.container_id, timeout=10)
+
+        await self._end(session_id, end, "killed")
+
+    async def _end(self, session_id: str, end: Callable[[_Tracked], Awaitable[int | None]],
+                   reason: str) -> None:
+        """Stop or kill every owned container of a session, report its exit, remove it.
+        A container that is already gone is done (reported once as vanished)."""
+        self._bind_loop()
+        async with self._lock(session_id):
+            for t in await self._targets(session_id):
+                if await self._inspect_owned(t.container_id) is None:
+                    if not t.done:
+                        self._emit(t, None, "vanished")
+                    continue
+                code = await end(t)
+                self._emit(t, code, reason, remove=False)
+                await self._remove_owned(t.container_id)
+                self._spawn(self._prepare_spare(t.handle.agent_group, session_id))
+
+    # -- recover --------------------------------------------------------------------
+    async def recover(self) -> list[AgentHandle]:
+        """Adopt this instance's running containers; remove its dead ones. Others are
+        never listed (label filter) nor touched (label re-checked).
+
+        If the daemon does not answer, this raises and ``listed`` stays False; the
+        reconcile after the event stream connects adopts them instead.
+        """
+        self._bind_loop()
+        self._ensure_events()
+        adopted = await self._reconcile(strict=True)
+        # A container that died between the list and its adoption had its die event
+        # ignored (it was not ours yet): one more look closes that window.
+        await self.reconcile()
+        return [h for h in adopted if self.is_running(h.session_id)]
+
+    def _adopt_alive(self, found: list[dict]) -> list[AgentHandle]:
+        """Track the live, owned containers of ``found`` that are not tracked yet
+        (bookkeeping only); return the handles of every live owned one."""
+        handles: list[AgentHandle] = []
+        for c in found:
+            labels = c.get("Labels") or {}
+            session_id, group = labels.get(LABEL_SESSION), labels.get(LABEL_GROUP)
+            if (not self._owns(labels) or c.get("State") not in ALIVE_STATES
+                    or not session_id or not group or session_id in self._starting):
+                continue
+            t = self._by_session.get(session_id)
+            if t is None or t.done:
+                t = _Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"],
+                             _name(c), paused=c.get("State") == "paused")
+                self._track(t)
+                logger.info("adopted container {} for {}/{}", t.name, group, session_id)
+            handles.append(t.handle)
+        return handles
+
+    # -- event stream -------------------------------------------------------------------
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._reconcile_lock = asyncio.Lock()
+            self._events.bind(loop)
+
+    def _ensure_events(self) -> None:
+        self._events.ensure_started()
+
+    def _after_connect(self) -> None:
+        self._spawn(self._reconnected())
+
+    async def _reconnected(self) -> None:
+        await self.reconcile()
+        if self.on_available is not None:
+            try:
+                self.on_available()
+            except Exception:  # pragma: no cover - a callback bug must not end the stream
+                logger.exception("on_available callback failed")
+
+    def _on_event(self, event: dict) -> None:
+        """On the loop: one container event of this instance."""
+        action = str(event.get("Action") or event.get("status") or "")
+        actor = event.get("Actor") or {}
+        cid = actor.get("ID") or event.get("id") or ""
+        attrs = actor.get("Attributes") or {}
+        if attrs.get(LABEL_INSTANCE) != self.instance:
+            return
+        t = self._by_id.get(cid)
+        if t is None or t.done:
+            return
+        if action == "oom":
+            t.oom = True
+        elif action == "kill":
+            t.kill_signal = str(attrs.get("signal") or "")
+        elif action == "die":
+            try:
+                code: int | None = int(attrs.get("exitCode"))
+            except (TypeError, ValueError):
+                code = None
+            # stop()/kill() remove the container themselves, after their own wait.
+            self._emit(t, code, t.exit_reason(code),
+                       remove=t.phase not in (Phase.STOPPING, Phase.KILLING))
+        elif action == "destroy":
+            self._emit(t, None, "vanished")
+
+    async def reconcile(self) -> None:
+        """Compare the bookkeeping with Docker: report tracked containers that ended or
+        vanished while no event reached us, adopt live ones we did not know of, and
+        remove dead labelled leftovers.
+
+        Runs after every (re)connect of the event stream; a supervisor's periodic
+        sweep may call it too (events make it fast, this makes it correct).
+        """
+        await self._reconcile(strict=False)
+
+    async def _reconcile(self, *, strict: bool) -> list[AgentHandle]:
+        """``reconcile``; returns the handles it adopted. ``strict``: an unreachable
+        daemon raises (``recover``) instead of skipping this round (the sweep)."""
+        self._bind_loop()
+        assert self._reconcile_lock is not None
+        async with self._reconcile_lock:
+            try:
+                found = await self.exec.list_labelled([f"{LABEL_INSTANCE}={self.instance}"])
+            except RuntimeUnavailable as exc:
+                if strict:
+                    raise
+                logger.debug("reconcile skipped: {}", exc)
+                return []
+            by_id = {c["Id"]: c for c in found if self._owns(c.get("Labels"))}
+            self.listed = True
+            self._spares.forget_missing(set(by_id))
+            spares = self._spares.ids()
+            # ours and alive, but unknown: from before a restart (recover), or one
+            # during which the daemon did not answer (a later reconcile)
+            adopted = self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
+            for t in list(self._by_id.values()):
+                if t.phase in (Phase.STARTING, Phase.DONE):
+                    continue
+                c = by_id.get(t.container_id)
+                if c is None:
+                    self._emit(t, None, "vanished")
+                elif c.get("State") not in ALIVE_STATES:
+                    info = await self.exec.inspect(t.container_id) or {}
+                    state = info.get("State") or {}
+                    code = state.get("ExitCode")
+                    self._emit(t, code, t.exit_reason(code, oom=bool(state.get("OOMKilled"))))
+            for cid, c in by_id.items():
+                session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
+                if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
+                        and session_id not in self._starting and cid not in spares):
+                    logger.info("removing dead container {} ({})", _name(c),
+                                c.get("Status", c.get("State")))
+                    await self._remove_owned(cid)
+            self.reconciles += 1
+            return adopted
+
+    # -- close ------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop following events and release the client; containers keep running
+        (spares too: they are dead containers to the next ``recover``, which removes them)."""
+        self._closing = True
+        await self._stop_events()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.exec.close()
+
+    async def _stop_events(self) -> None:
+        await self._events.stop()

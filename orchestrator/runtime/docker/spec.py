@@ -1,0 +1,307 @@
+"""What a session's container looks like, as pure functions of the config.
+
+No Docker calls happen here (only the folder checks and ``prepare_folder``'s
+chown touch the disk), so every rule is tested without an engine:
+
+- ``container_name`` / ``container_labels``: ``orch-<instance>-<group>-<session>``
+  and the three ``orchestrator.*`` labels that mark the containers we own;
+- ``session_mounts`` (the session folder rw at /workspace, its inbound.db ro on
+  top) and ``parse_extra_mounts`` (``[docker] mounts``, only from under
+  ``allowed_mounts``);
+- ``resolve_user`` / ``prepare_folder``: which uid the agent runs as (never
+  root) and the parts of the folder it is given;
+- ``container_spec`` / ``host_config_kwargs``: the create and host-config
+  arguments (least privilege: cap_drop, no-new-privileges, read-only root, limits);
+- ``exit_reason``: exited | killed | oom | stopped from what Docker reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from docker.types import Mount
+
+from orchestrator.contract import layout
+from orchestrator.config.model import DockerConfig
+from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
+
+LABEL_INSTANCE = "orchestrator.instance"
+LABEL_GROUP = "orchestrator.agent_group"
+LABEL_SESSION = "orchestrator.session"
+LABEL_SETTINGS = "orchestrator.settings"  # short hash of the group settings it runs with
+
+WORKSPACE = "/workspace"
+AGENT_DIR = "agent"  # NanoClaw-built images read /workspace/agent/container.json
+# Used when the data dir belongs to root: agents never run as root.
+FALLBACK_UID = 10001
+FALLBACK_GID = 10001
+TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
+ALIVE_STATES = frozenset({"running", "paused", "restarting"})
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
+
+
+class MountNotAllowed(RuntimeUnavailable, ValueError):
+    """An extra mount (or a session folder) that the config does not allow."""
+
+
+def container_name(instance: str, agent_group: str, session_id: str) -> str:
+    raw = f"orch-{instance}-{agent_group}-{session_id}"
+    name = _NAME_BAD.sub("_", raw)
+    if name != raw:
+        name += "-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return name
+
+
+def container_labels(instance: str, agent_group: str, session_id: str) -> dict[str, str]:
+    return {LABEL_INSTANCE: instance, LABEL_GROUP: agent_group, LABEL_SESSION: session_id}
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_extra_mounts(config: DockerConfig) -> list[Mount]:
+    """``[docker] mounts`` as docker Mounts; each host path must be under an allowed root.
+
+    Paths are resolved (symlinks followed) before the check, so a symlink cannot
+    smuggle a folder in. Targets may not be /workspace or inside it (the session
+    folder belongs to the contract). Raises MountNotAllowed with a one-line message.
+    """
+    allowed = [Path(a).expanduser().resolve() for a in config.allowed_mounts]
+    mounts: list[Mount] = []
+    for spec in config.mounts:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise MountNotAllowed(f"[docker] mounts entry {spec!r}: use 'HOST:CONTAINER[:ro]'")
+        host, target = Path(parts[0]).expanduser(), PurePosixPath(parts[1])
+        read_only = len(parts) == 3 and parts[2] == "ro"
+        if not host.is_absolute() or not target.is_absolute():
+            raise MountNotAllowed(f"[docker] mounts entry {spec!r}: both paths must be absolute")
+        ws = PurePosixPath(WORKSPACE)
+        if target == ws or ws in target.parents:
+            raise MountNotAllowed(
+                f"[docker] mounts entry {spec!r}: {WORKSPACE} is the session folder; "
+                "mount somewhere else")
+        real = host.resolve()
+        if not any(_is_under(real, root) for root in allowed):
+            raise MountNotAllowed(
+                f"[docker] mounts entry {spec!r}: {real} is not under any [docker] "
+                f"allowed_mounts ({', '.join(map(str, allowed)) or 'none configured'})")
+        mounts.append(Mount(target=str(target), source=str(real), type="bind",
+                            read_only=read_only))
+    return mounts
+
+
+def resolve_user(user: str, data_dir: Path) -> tuple[str, int | None, int | None]:
+    """(docker --user value, uid, gid); uid/gid None when given by name.
+
+    ``auto``: the owner of ``data_dir``, so files the agent writes belong to the
+    same account as the rest of the data. If that owner is root, agents run as
+    the fixed unprivileged ``FALLBACK_UID:FALLBACK_GID`` (10001) instead — never
+    as root — and the agent-writable parts of each session folder are chowned to
+    it before start (see ``prepare_folder``). A root group is replaced likewise.
+    """
+    if user == "auto":
+        st = data_dir.stat()
+        uid, gid = st.st_uid, st.st_gid
+        if uid == 0:
+            uid, gid = FALLBACK_UID, FALLBACK_GID
+        elif gid == 0:
+            gid = FALLBACK_GID
+        return f"{uid}:{gid}", uid, gid
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    if match:
+        uid = int(match.group(1))
+        gid = int(match.group(2)) if match.group(2) is not None else uid
+        return f"{uid}:{gid}", uid, gid
+    return user, None, None
+
+
+def prepare_folder(folder: Path, uid: int | None, gid: int | None) -> list[Path]:
+    """Give the agent's uid the parts of the folder it must write; return what changed.
+
+    Only when this process may chown (root) and ids are numeric. Changed: the
+    session folder itself (SQLite creates ``outbound.db-journal`` next to the db),
+    ``outbound.db``, ``.heartbeat`` and ``outbox/`` with everything in it.
+    ``inbound.db`` and ``inbox/`` stay host-owned (the agent only reads them).
+    Symlinks are never followed.
+    """
+    if uid is None or gid is None or os.geteuid() != 0:
+        return []
+    paths = layout.SessionPaths(folder)
+    targets = [folder, paths.outbound_db, paths.heartbeat, paths.outbox]
+    if paths.outbox.is_dir() and not paths.outbox.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(paths.outbox):
+            targets += [Path(dirpath) / n for n in dirnames + filenames]
+    changed = []
+    for target in targets:
+        try:
+            st = target.lstat()
+        except FileNotFoundError:
+            continue
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(target, uid, gid, follow_symlinks=False)
+            changed.append(target)
+    return changed
+
+
+def exit_reason(exit_code: int | None, *, stopping: bool = False, killing: bool = False,
+                oom: bool = False, kill_signal: str | None = None) -> str:
+    """exited | killed | oom | stopped, from what we asked for and what Docker saw."""
+    if stopping:
+        return "stopped"
+    if killing:
+        return "killed"
+    if oom:
+        return "oom"
+    if kill_signal is not None:
+        sig = kill_signal.upper().removeprefix("SIG")
+        if sig in ("9", "KILL"):
+            return "killed"
+        if sig in ("15", "TERM", "2", "INT"):
+            return "stopped"
+    if exit_code == 137:
+        return "killed"
+    return "exited"
+
+
+def session_mounts(folder: Path, data_dir: Path) -> list[Mount]:
+    """The session folder (rw) at /workspace and its inbound.db again, read-only, on top.
+
+    The folder must resolve to a place under ``data_dir``, and inbound.db must be a
+    regular file (a symlink is refused, not followed).
+    """
+    data_dir = data_dir.resolve()
+    real = folder.resolve()
+    if not _is_under(real, data_dir):
+        raise MountNotAllowed(f"session folder {folder} is not under data_dir {data_dir}")
+    inbound = real / layout.INBOUND_DB
+    try:
+        st = inbound.lstat()
+    except FileNotFoundError:
+        raise RuntimeUnavailable(
+            f"{inbound} does not exist: create the session (inbound.db) before starting it"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MountNotAllowed(f"{inbound} is not a regular file (symlinks are not followed)")
+    return [
+        Mount(target=WORKSPACE, source=str(real), type="bind", read_only=False),
+        Mount(target=f"{WORKSPACE}/{layout.INBOUND_DB}", source=str(inbound), type="bind",
+              read_only=True),
+    ]
+
+
+def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None:
+    """The host folder ``[docker] group_folder`` names for a group (None: no mount).
+
+    ``{data_dir}`` and ``{group}`` are filled in; a relative result is relative to
+    ``data_dir``. (Per-group settings may hand ``group_mounts`` a folder of their own.)
+    """
+    if not template:
+        return None
+    layout.validate_id(agent_group, "agent group")
+    try:
+        text = template.format(data_dir=str(data_dir), group=agent_group)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise MountNotAllowed(f"[docker] group_folder {template!r}: only {{data_dir}} and "
+                              f"{{group}} may be filled in ({exc})") from None
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else data_dir / path
+
+
+def group_mounts(folder: Path | None, session_folder: Path, data_dir: Path,
+                 allowed_mounts: tuple[str, ...] = (), uid: int | None = None,
+                 gid: int | None = None) -> list[Mount]:
+    """A group's folder read-write at ``/workspace/agent`` and its ``container.json``
+    read-only on top, as NanoClaw's host mounts them, so NanoClaw-built images find
+    their settings. Every session of the group shares the folder.
+
+    The folder is created if missing (given to the agent's uid when we may chown)
+    and must lie under ``data_dir`` or an ``[docker] allowed_mounts`` root, outside
+    ``sessions/`` (agent-writable). ``container.json`` is mounted only if it is a
+    regular file (a symlink is not followed). The mount point ``agent/`` in the
+    session folder is made a plain folder first: the agent may have put anything there.
+    """
+    if folder is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    real = folder.resolve()
+    roots = [data_dir.resolve()] + [Path(a).expanduser().resolve() for a in allowed_mounts]
+    if not any(_is_under(real, root) for root in roots) or _is_under(
+            real, layout.sessions_root(data_dir).resolve()):
+        raise MountNotAllowed(f"group folder {real} must be under data_dir or [docker] "
+                              "allowed_mounts, and not under sessions/")
+    if uid is not None and gid is not None and os.geteuid() == 0:
+        st = real.stat()
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(real, uid, gid)
+    point = Path(session_folder) / AGENT_DIR
+    try:
+        st = point.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            point.unlink()
+            point.mkdir()
+    except FileNotFoundError:
+        point.mkdir()
+    target = f"{WORKSPACE}/{AGENT_DIR}"
+    mounts = [Mount(target=target, source=str(real), type="bind", read_only=False)]
+    settings = real / "container.json"
+    try:
+        if stat.S_ISREG(settings.lstat().st_mode):
+            mounts.append(Mount(target=f"{target}/container.json", source=str(settings),
+                                type="bind", read_only=True))
+    except FileNotFoundError:
+        pass
+    return mounts
+
+
+def container_spec(cfg: DockerConfig, session: SessionRef, user: str,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Arguments for ``APIClient.create_container`` minus host_config.
+
+    ``cfg`` is the group's effective DockerConfig (``session.settings.docker``),
+    ``env`` its variables (secrets included: the spec is never logged).
+    """
+    labels = container_labels(cfg.instance, session.agent_group, session.session_id)
+    if session.settings is not None:
+        labels[LABEL_SETTINGS] = session.settings.digest
+    return {
+        "image": cfg.image,
+        "command": list(cfg.command),
+        "name": container_name(cfg.instance, session.agent_group, session.session_id),
+        "labels": labels,
+        "user": user,
+        "working_dir": WORKSPACE,
+        "environment": {
+            "HOME": "/tmp",
+            **(env or {}),
+            "ORCHESTRATOR_AGENT_GROUP": session.agent_group,
+            "ORCHESTRATOR_SESSION": session.session_id,
+        },
+    }
+
+
+def host_config_kwargs(cfg: DockerConfig, mounts: list[Mount]) -> dict[str, Any]:
+    """Arguments for ``APIClient.create_host_config``: mounts, limits, least privilege."""
+    return {
+        "mounts": mounts,
+        "network_mode": cfg.network,
+        "cap_drop": list(cfg.cap_drop),
+        "security_opt": ["no-new-privileges:true"] if cfg.no_new_privileges else [],
+        "read_only": cfg.read_only_rootfs,
+        "tmpfs": {"/tmp": TMPFS_OPTIONS},
+        "mem_limit": cfg.memory,
+        "nano_cpus": int(round(cfg.cpus * 1e9)),
+        "pids_limit": cfg.pids_limit,
+        "init": True,
+        "auto_remove": False,
+    }

@@ -1,0 +1,1 @@
+"""Agents as local process groups."""

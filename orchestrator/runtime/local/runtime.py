@@ -1,0 +1,250 @@
+"""Local runtime: each agent is a process group on this host (dev runner, tests).
+
+Exits are noticed through a pidfd registered with the event loop — no thread per
+process and no polling — which also works for agents *adopted* after a restart
+(they are no longer our children, so ``waitpid`` cannot see them). Which processes
+are ours is read from /proc (``local_procs``: a marker in each agent's environment),
+never from a file an agent can write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator.config.model import RuntimeConfig
+from orchestrator.config.groups import read_env
+from orchestrator.contract.layout import PID_FILE, session_paths
+from orchestrator.runtime.base import AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.local.procs import (MARKER, marked_agents, marker, process_stopped,
+                                              write_pid_file)
+from orchestrator.host.safefs import SessionDir
+
+
+def read_pid_file(path: Path) -> tuple[int, str] | None:
+    """(pid, start time) from a ``.agent.pid`` (for people and tests; the host itself
+    never trusts one: see ``local_procs``)."""
+    try:
+        pid_text, start = path.read_text().split()
+        return int(pid_text), start
+    except (OSError, ValueError):
+        return None
+
+
+REFERENCE_AGENT = ("{python}", "-m", "orchestrator.agent")
+# where ``orchestrator`` is importable from: the folder holding the package
+PACKAGE_ROOT = str(Path(os.path.abspath(__file__)).parents[3])
+AGENT_MAIN = os.path.join(PACKAGE_ROOT, "orchestrator", "agent", "__main__.py")
+
+
+def build_command(cfg: RuntimeConfig, folder: Path) -> list[str]:
+    cmd = [sys.executable if part == "{python}" else part for part in cfg.command]
+    return cmd + ["--workspace", str(folder)]
+
+
+def quick_start(configured: tuple[str, ...] | list[str], cmd: list[str],
+                env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start the reference agent quickly.
+
+    ``{python} -m orchestrator.agent ARGS`` becomes ``{python} -S -P
+    <package>/orchestrator/agent/__main__.py ARGS`` with the package's folder first on
+    PYTHONPATH. Why, in a cold start's milliseconds: ``-m`` runs ``runpy`` (importlib
+    machinery, ~5 ms) where running the file does not; ``site`` (site-packages, every
+    ``.pth`` file, an editable install's import finder) is 3-10 ms the stdlib-only
+    agent has no use for. ``-P`` keeps the session folder (the agent's cwd, which the
+    agent writes) off ``sys.path``, so nothing there can stand in for the agent's own
+    modules. Any other command is left alone, and so is a group's PYTHONPATH (after ours).
+    """
+    if tuple(configured[:3]) != REFERENCE_AGENT:
+        return cmd, env
+    path = env.get("PYTHONPATH")
+    return ([cmd[0], "-S", "-P", AGENT_MAIN, *cmd[3:]],
+            {**env, "PYTHONPATH": PACKAGE_ROOT + (os.pathsep + path if path else "")})
+
+
+@dataclass
+class _Agent:
+    ref: SessionRef
+    pid: int
+    pidfd: int
+    popen: subprocess.Popen | None
+    adopted: bool
+    exited: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ending: str | None = None  # "stopped" | "killed" when we asked for it
+    paused: bool = False  # SIGSTOPped by us (or found stopped when adopted)
+
+
+class LocalRuntime:
+    name = "local"
+    listed = True  # /proc is always readable: nothing is ever unknown
+
+    def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback) -> None:
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.on_exit = on_exit
+        self._agents: dict[str, _Agent] = {}
+
+    # --- bookkeeping ------------------------------------------------------------
+
+    def is_running(self, session_id: str) -> bool:
+        return session_id in self._agents
+
+    def running(self) -> list[AgentHandle]:
+        return [self._handle(a) for a in self._agents.values()]
+
+    def is_paused(self, session_id: str) -> bool:
+        agent = self._agents.get(session_id)
+        return agent is not None and agent.paused
+
+    @staticmethod
+    def _handle(a: _Agent) -> AgentHandle:
+        return AgentHandle(a.ref.agent_group, a.ref.session_id, str(a.pid), a.adopted)
+
+    def _watch(self, ref: SessionRef, pid: int, popen: subprocess.Popen | None,
+               adopted: bool) -> _Agent:
+        pidfd = os.pidfd_open(pid)
+        agent = _Agent(ref, pid, pidfd, popen, adopted)
+        self._agents[ref.session_id] = agent
+        asyncio.get_running_loop().add_reader(pidfd, self._reap, ref.session_id)
+        return agent
+
+    def _reap(self, session_id: str) -> None:
+        agent = self._agents.pop(session_id, None)
+        if agent is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(agent.pidfd)
+        os.close(agent.pidfd)
+        code = agent.popen.wait() if agent.popen is not None else None
+        if agent.ending:
+            reason = agent.ending
+        elif code is not None and code < 0:
+            reason = f"killed by signal {-code}"
+        else:
+            reason = "exited"
+        self._pid_file(agent.ref, None)
+        if not agent.exited.done():
+            agent.exited.set_result(code)
+        self.on_exit(AgentExit(agent.ref.agent_group, agent.ref.session_id, code, reason))
+
+    # --- protocol ---------------------------------------------------------------
+
+    async def recover(self) -> list[AgentHandle]:
+        """Adopt the agents started for this data dir that outlived the last run: the
+        process-group leaders carrying one of its sessions' markers (``local_procs``)."""
+        adopted = []
+        for (group, session_id), pid in sorted(marked_agents(self.data_dir).items()):
+            ref = SessionRef(group, session_id, session_paths(self.data_dir, group,
+                                                              session_id).root)
+            try:
+                agent = self._watch(ref, pid, None, adopted=True)
+            except ProcessLookupError:
+                continue
+            agent.paused = process_stopped(pid)
+            self._pid_file(ref, pid)
+            logger.info("adopted agent pid {} of session {}{}", pid, session_id,
+                        " (paused)" if agent.paused else "")
+            adopted.append(self._handle(agent))
+        return adopted
+
+    def _pid_file(self, ref: SessionRef, pid: int | None) -> None:
+        """Write (``pid``) or remove (None) the session's ``.agent.pid``, by descriptor."""
+        try:
+            with SessionDir(self.data_dir, ref.agent_group, ref.session_id) as folder:
+                if pid is None:
+                    folder.unlink(PID_FILE)
+                else:
+                    write_pid_file(folder, pid)
+        except OSError as exc:  # a linked/removed folder, a full disk: the file is a nicety
+            logger.debug("session {}: {} not {} ({})", ref.session_id, PID_FILE,
+                         "removed" if pid is None else "written", exc)
+
+    async def start(self, session: SessionRef) -> AgentHandle:
+        if session.session_id in self._agents:
+            return self._handle(self._agents[session.session_id])
+        settings = session.settings
+        runtime_cfg = settings.runtime if settings else self.cfg
+        # group variables over ours; secret files are read now (SecretUnreadable: OSError)
+        cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, session.folder),
+                               {**os.environ, **(read_env(settings) if settings else {})})
+        env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
+        log_dir = self.data_dir / "logs" / session.agent_group
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log_dir / f"{session.session_id}.log", "ab") as log:
+                popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, close_fds=True, env=env)
+        except OSError as exc:
+            raise RuntimeUnavailable(
+                f"cannot start agent command {cmd[0]!r} ({exc.strerror}); "
+                "fix [runtime] command in the config") from None
+        agent = self._watch(session, popen.pid, popen, adopted=False)
+        self._pid_file(session, popen.pid)
+        return self._handle(agent)
+
+    async def reconcile(self) -> None:
+        """Nothing to do: a pidfd cannot miss its process's exit."""
+
+    def _signal(self, agent: _Agent, sig: int) -> None:
+        try:
+            os.killpg(agent.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(agent.pid, sig)
+
+    async def pause(self, session_id: str) -> None:
+        """SIGSTOP to the whole process group: nothing in it runs until SIGCONT."""
+        agent = self._agents.get(session_id)
+        if agent is not None and not agent.paused:
+            self._signal(agent, signal.SIGSTOP)
+            agent.paused = True
+
+    async def resume(self, session_id: str) -> None:
+        agent = self._agents.get(session_id)
+        if agent is not None and agent.paused:
+            self._signal(agent, signal.SIGCONT)
+            agent.paused = False
+
+    async def stop(self, session_id: str, grace: float) -> None:
+        agent = self._agents.get(session_id)
+        if agent is None:
+            return
+        agent.ending = agent.ending or "stopped"
+        self._signal(agent, signal.SIGTERM)
+        if agent.paused:  # a stopped process only acts on SIGTERM once continued
+            await self.resume(session_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(agent.exited), grace)
+            return
+        except asyncio.TimeoutError:
+            logger.warning("agent of session {} ignored SIGTERM for {:g}s; killing it",
+                           session_id, grace)
+        await self.kill(session_id)
+
+    async def kill(self, session_id: str) -> None:
+        agent = self._agents.get(session_id)
+        if agent is None:
+            return
+        agent.ending = "killed"
+        self._signal(agent, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(asyncio.shield(agent.exited), 10)
+        except asyncio.TimeoutError:
+            logger.error("agent pid {} of session {} did not die after SIGKILL", agent.pid,
+                         session_id)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for agent in self._agents.values():
+            loop.remove_reader(agent.pidfd)
+            os.close(agent.pidfd)
+        self._agents.clear()

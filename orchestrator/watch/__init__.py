@@ -1,0 +1,1 @@
+"""Seeing activity: the host's inotify watch of the session folders."""

@@ -1,0 +1,410 @@
+"""Turns file-system changes under the sessions root into typed activity events.
+
+Two sources, one output (batches of ``Activity``):
+
+- ``events`` mode: one inotify instance (``folder_watch``: a watch on the root,
+  each group, each session folder and its ``outbox/``, never through a link), in
+  one thread. ``step``/``debounce``
+  are tuned for latency: the library defaults (50/1600 ms) stretch a batch to
+  1.6 s while other heartbeats keep arriving; 3/50 ms ends a batch 3 ms after the
+  last change and never later than 50 ms after the first (bench/: step 5 → reply
+  p50 11 ms, step 3 → 7 ms). After ``quiet_after`` s with no change at all the
+  step grows to ``quiet_step_ms``, because each step is a wake-up that costs CPU
+  even when nothing happens (``watch_step``).
+- ``poll`` mode, for file systems where inotify says nothing (NFS, CIFS, Docker
+  Desktop shares): every ``poll_interval`` we stat the few files that matter
+  per session and compare (mtime_ns, size, inode). watchfiles' own force-polling
+  compares whole-second mtimes and so misses a second change within a second.
+
+Neither is trusted for correctness: inotify drops events silently on queue
+overflow or when the watch budget runs out. The supervisor's reconcile sweep
+re-checks everything from disk; these events only make it fast.
+
+``muted`` (owned by the session worker) names sessions whose heartbeats are
+dropped here, in the watch thread, before they cost the event loop anything:
+see ``SessionWorker`` for why that is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Container
+
+import watchfiles
+from loguru import logger
+
+from orchestrator.watch import health as watch_health
+from orchestrator.watch.folder_watch import FolderWatch
+from orchestrator.config.model import WatchConfig
+from orchestrator.host.filesig import file_signature
+from orchestrator.support.ticker import ticks
+from orchestrator.contract.layout import (
+    HEARTBEAT, INBOUND_DB, OUTBOUND_DB, OUTBOX, Kind, classify,
+)
+
+MAX_WATCHES_FILE = Path("/proc/sys/fs/inotify/max_user_watches")
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    agent_group: str
+    session_id: str | None
+    kind: Kind
+    added: bool = False  # a directory or file appeared (list it: contents may be unreported)
+
+
+RESCAN = Activity("", None, Kind.OTHER)  # "events may have been lost: reconcile everything"
+RESCANS: collections.Counter[str] = collections.Counter()  # by cause, for /metrics
+
+
+def to_activities(root: Path, changes: set[tuple[watchfiles.Change, str]]) -> list[Activity]:
+    """Classify one batch; unrelated paths (journals, agent scratch files) drop out."""
+    out: dict[tuple, Activity] = {}
+    for change, path in changes:
+        info = classify(root, path)
+        if info is None or info.kind is Kind.OTHER:
+            continue
+        act = Activity(info.agent_group, info.session_id, info.kind,
+                       added=change == watchfiles.Change.added)
+        out.setdefault((act.agent_group, act.session_id, act.kind, act.added), act)
+    return list(out.values())
+
+
+def unmuted(batch: list[Activity], muted: Container[str]) -> list[Activity]:
+    """``batch`` without the heartbeats of muted sessions."""
+    return [a for a in batch if a.kind is not Kind.HEARTBEAT or a.session_id not in muted]
+
+
+def only_muted_heartbeats(prefix: str, raw: set[tuple[int, str]], muted: Container[str]) -> bool:
+    """Whether a raw batch is nothing but heartbeats of muted sessions (``prefix``:
+    the sessions root with a trailing separator). The common batch under heartbeat
+    load, told apart with string operations alone before anything is classified."""
+    for _, path in raw:
+        if not path.startswith(prefix):
+            return False
+        parts = path[len(prefix):].split(os.sep)
+        if len(parts) != 3 or parts[2] != HEARTBEAT or parts[1] not in muted:
+            return False
+    return True
+
+
+def count_dirs(root: Path) -> int:
+    """The watches ``folder_watch`` needs: the root, each group, each session and its
+    ``outbox/`` (counted as one per session), without looking inside any session
+    folder: how many folders an agent makes there is not the host's cost, and walking
+    them would let one agent slow every start."""
+    folders = watch_health.session_folders(root)
+    return len(folders) + sum(1 for name in folders.values() if "/" in name)
+
+
+def watch_budget() -> int | None:
+    try:
+        return int(MAX_WATCHES_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def choose_mode(cfg: WatchConfig, dirs: int, budget: int | None) -> tuple[str, str | None]:
+    """Events unless configured otherwise or the watch budget cannot cover the tree.
+
+    Returns (mode, warning). Half the budget is the line: other programs of the
+    same user need watches too, and the tree grows while we run.
+    """
+    if cfg.mode == "poll":
+        return "poll", None
+    if budget is not None and dirs > budget // 2:
+        return "poll", (f"inotify watch budget too small: {dirs} folders to watch, "
+                        f"fs.inotify.max_user_watches={budget}; polling every "
+                        f"{cfg.poll_interval:g}s instead (raise the limit with "
+                        f"'sysctl fs.inotify.max_user_watches={max(dirs * 4, 65536)}')")
+    return "events", None
+
+
+PROBE = ".orchestrator-watch-probe"
+
+
+async def _poke(probe: Path) -> None:
+    """Touch the probe until the watch reports it (bounded by the caller's cancel)."""
+    while True:
+        probe.touch()
+        await asyncio.sleep(0.02)
+
+
+def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
+    """(step, debounce, timeout) in ms for the next wait of the Rust watcher.
+
+    watchfiles' watcher wakes every ``step`` ms whether anything happened or not,
+    and on a VM each wake-up costs ~40-80 µs of CPU: 3 ms steps are 1-1.7 % of a
+    core with nothing to do. So the short ``step_ms`` (a batch ends that soon after
+    the last change) is used while changes keep coming, and ``quiet_step_ms`` once
+    there were none for ``quiet_after`` s. On the long step the batch ends at the
+    wake-up after the one that saw the first change (debounce 1 ms), so a burst
+    that starts after a silence is not held for the whole debounce: the first
+    change costs one to two long steps, every change after it the short ones.
+    The timeout brings a short-step wait back when the quiet spell begins.
+    """
+    if cfg.quiet_step_ms <= cfg.step_ms:  # turned off
+        return (cfg.step_ms, cfg.debounce_ms, 0)
+    if quiet_for >= cfg.quiet_after:
+        return (cfg.quiet_step_ms, 1, 0)
+    return (cfg.step_ms, cfg.debounce_ms, max(1, int((cfg.quiet_after - quiet_for) * 1000)))
+
+
+# --- the watch thread and what it tells the loop -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The watch is (re)starting: confirm it with the probe."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The watch ended without an error (was the root removed?); it restarts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: Exception
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    batch: list[Activity]
+    probed: bool = False  # the probe file's event was in it: the watch is in place
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Events may have been lost (see ``watch_health``): rescan every session."""
+
+    reason: str
+    warn: bool = True  # the first sign of an episode is logged; the rest only rescan
+
+
+@dataclass(frozen=True, slots=True)
+class Restarting:
+    """Folders are not watched: the watch restarts (and rescans once confirmed)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The thread is done (halted)."""
+
+
+WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
+
+def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
+    before = watch_health.inotify_fds()
+    notify = notifier(watch_paths=[str(root)], debug=False,
+                      force_polling=False, poll_delay_ms=0, recursive=True,
+                      ignore_permission_denied=True)
+    fd = getattr(notify, "fd", None)  # FolderWatch says; RustNotify must be looked for
+    return notify, fd if isinstance(fd, int) else watch_health.find_instance(before, root)
+
+
+def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
+                  post: Callable[[WatchMessage], None], muted: Container[str],
+                  notifier: Callable[..., Any] = FolderWatch) -> None:
+    """The inotify watch (``folder_watch.FolderWatch``) in one long-lived thread.
+
+    A worker-thread call per batch (watchfiles' ``awatch``) was a third of the
+    supervisor's CPU with 100 agents heartbeating. Here the watch runs in one thread
+    for its whole life, its step can change between waits (``watch_step``), batches
+    are classified here, and only a batch with something the loop wants costs a
+    ``call_soon_threadsafe``. ``notifier`` may be anything with its shape
+    (``watchfiles``' ``RustNotify`` has it; tests script a stand-in).
+    (Re)starts are announced so the probe can run; signs of lost events
+    (``watch_health``) are announced so the loop rescans.
+    """
+    probe = os.path.normpath(os.path.join(root, PROBE))
+    prefix = os.path.join(str(root), "")
+    failures = 0
+    while not halt.is_set():
+        root.mkdir(parents=True, exist_ok=True)
+        post(Started())
+        try:
+            queue = watch_health.queue_limit()  # what the new instance gets
+            notify, fd = _open_notifier(notifier, root)
+            with notify:
+                gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval,
+                                         getattr(notify, "watched_inodes", None))
+                last_change = time.monotonic()
+                episodes = watch_health.Episodes()
+                while True:
+                    step, debounce, timeout = watch_step(time.monotonic() - last_change, cfg)
+                    owed = episodes.due_in(time.monotonic())
+                    if owed is not None:  # come back in time for the owed rescan
+                        due = max(1, int(owed * 1000))
+                        timeout = min(timeout, due) if timeout else due
+                    gate.arm()
+                    raw = notify.watch(debounce_ms=debounce, step_ms=step, timeout_ms=timeout,
+                                       stop_event=gate)
+                    now = time.monotonic()
+                    take_lost = getattr(notify, "take_lost", None)  # FolderWatch: overflow
+                    sign = (gate.take_sign() or (take_lost() if take_lost else None)
+                            or (None if isinstance(raw, str) else watch_health.loss_sign(
+                                gap=0.0, pending=0, batch=len(raw), queue=queue)))
+                    rescan = episodes.step(sign, now)
+                    if rescan is not None:
+                        post(Lost(*rescan))
+                    if raw == "timeout":
+                        continue
+                    if isinstance(raw, str):  # "stop" (halt or restart) or "signal"
+                        break
+                    last_change = now
+                    failures = 0
+                    if muted and only_muted_heartbeats(prefix, raw, muted):
+                        continue
+                    changes = {(watchfiles.Change(c), p) for c, p in raw}
+                    probed = any(p.endswith(PROBE) and os.path.normpath(p) == probe
+                                 for _, p in changes)
+                    batch = unmuted(to_activities(root, changes), muted)
+                    if batch or probed:
+                        post(Changes(batch, probed))
+            if gate.restart is not None and not halt.is_set():
+                post(Restarting(gate.restart))
+            elif not halt.is_set():  # the watch ended without an error
+                post(Ended())
+        except Exception as exc:  # noqa: BLE001 - reported to the loop, then retried
+            failures += 1
+            post(Failed(exc, min(30, failures)))
+            halt.wait(min(30, failures))
+    post(Finished())
+
+
+async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
+                          started: asyncio.Event, muted: Container[str] = frozenset(),
+                          notifier: Callable[..., Any] = FolderWatch
+                          ) -> AsyncIterator[list[Activity]]:
+    """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
+
+    watchfiles gives no signal when its watches are in place, and a file written
+    before that is never reported. So we touch a probe file until its event comes
+    back: only then is ``started`` set (the supervisor reconciles after it), and
+    after a restart we ask for a rescan, as we do on any sign of lost events.
+    ``notifier``: ``RustNotify`` or a stand-in with its signature (tests).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
+    halt = threading.Event()
+
+    def post(message: WatchMessage) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, message)
+        except RuntimeError:  # the loop closed first: nobody is listening any more
+            halt.set()
+
+    async def halt_on_stop() -> None:
+        await stop.wait()
+        halt.set()
+
+    probe = root / PROBE
+    restarts = 0
+    restarted_for: str | None = None
+    watching = False
+    poker: asyncio.Task | None = None
+    stopper = asyncio.create_task(halt_on_stop())
+    thread = threading.Thread(target=_watch_thread,
+                              args=(root, cfg, halt, post, muted, notifier),
+                              name="watchfiles", daemon=True)
+    thread.start()
+    try:
+        while True:
+            match await queue.get():
+                case Finished():
+                    return
+                case Started():
+                    watching = False
+                    poker = asyncio.create_task(_poke(probe))
+                case Ended():
+                    logger.warning("{}: watch ended (was the folder removed?); restarting it",
+                                   root)
+                case Restarting(reason=reason):  # the same folders again: said already
+                    (logger.debug if reason == restarted_for else logger.warning)(
+                        "{}: {}; restarting the watch", root, reason)
+                    restarted_for = reason
+                case Failed(error=error, retry_in=delay):
+                    logger.error("{}: inotify watch failed ({}); restarting in {}s", root,
+                                 error, delay)
+                case Lost(reason=reason, warn=warn):
+                    (logger.warning if warn else logger.debug)(
+                        "{}: inotify events may have been lost: {}; rescanning every session",
+                        root, reason)
+                    RESCANS["events_lost"] += 1
+                    yield [RESCAN]
+                case Changes(batch=batch, probed=probed):
+                    if probed and not watching:
+                        watching = True
+                        if poker:
+                            poker.cancel()
+                        started.set()
+                        restarts += 1
+                        if restarts > 1:
+                            RESCANS["watch_restarted"] += 1
+                            yield [RESCAN]
+                    if batch:
+                        yield batch
+    finally:
+        halt.set()
+        stopper.cancel()
+        if poker:
+            poker.cancel()
+
+
+_POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),
+           (INBOUND_DB, Kind.INBOUND_DB), (OUTBOX, Kind.OUTBOX))
+
+
+def poll_once(root: Path, seen: dict[str, tuple | None]) -> list[Activity]:
+    """One scan: what changed since ``seen`` (updated in place)."""
+    out: list[Activity] = []
+    try:
+        groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return out
+    for group in groups:
+        try:
+            sessions = [e for e in os.scandir(group.path) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for sess in sessions:
+            is_new = sess.path not in seen
+            if is_new:
+                seen[sess.path] = None
+                out.append(Activity(group.name, sess.name, Kind.SESSION, added=True))
+            for name, kind in _POLLED:
+                p = os.path.join(sess.path, name)
+                sig = file_signature(p)
+                if seen.get(p) != sig:
+                    seen[p] = sig
+                    if not is_new:
+                        out.append(Activity(group.name, sess.name, kind))
+    return out
+
+
+async def poll_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
+                       started: asyncio.Event, muted: Container[str] = frozenset()
+                       ) -> AsyncIterator[list[Activity]]:
+    seen: dict[str, tuple | None] = {}
+    poll_once(root, seen)  # baseline: start-up reconcile covers the initial state
+    started.set()
+    async for _ in ticks(cfg.poll_interval, stop):
+        batch = unmuted(poll_once(root, seen), muted)
+        if batch:
+            yield batch
+
+
+def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.Event,
+            mode: str, muted: Container[str] = frozenset()) -> AsyncIterator[list[Activity]]:
+    source = inotify_batches if mode == "events" else poll_batches
+    return source(root, cfg, stop, started, muted)

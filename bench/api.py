@@ -47,7 +47,6 @@ from starlette.routing import Route
 from orchestrator.contract.schema import parse_ts
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

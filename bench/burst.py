@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench import fixture, machine, proc
 from orchestrator.contract.layout import registry_path, sessions_root
-from orchestrator.host.sessions import Sessions
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import Sessions
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -30,9 +30,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from orchestrator.contract import schema
-
 from bench.inotify import IN_DELETE, IN_MODIFY, Inotify
+from orchestrator.contract import schema
 
 JOURNAL = "inbound.db-journal"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import tomli_w
 
 from orchestrator.contract.layout import INBOX, OUTBOX, registry_path, sessions_root
-from orchestrator.host.sessions import create_folder
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import create_folder
 
 GROUP = "bench"
 

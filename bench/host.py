@@ -35,14 +35,17 @@ from typing import Callable  # noqa: E402
 
 from loguru import logger  # noqa: E402
 
-from orchestrator.watch import watcher  # noqa: E402
-from orchestrator.config.model import Config, read_config  # noqa: E402
 from orchestrator.cli.logs import setup_logging  # noqa: E402
+from orchestrator.config.model import Config, read_config  # noqa: E402
+from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime  # noqa: E402
 from orchestrator.runtime.base import (  # noqa: E402
-    AgentExit, AgentHandle, RuntimeUnavailable, SessionRef,
+    AgentExit,
+    AgentHandle,
+    RuntimeUnavailable,
+    SessionRef,
 )
 from orchestrator.support.signals import capture_signals  # noqa: E402
-from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime  # noqa: E402
+from orchestrator.watch import watcher  # noqa: E402
 
 
 class SyntheticRuntime:

@@ -39,8 +39,8 @@ import tomli_w
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config.model import read_config
 from orchestrator.contract.layout import registry_path
-from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.watch.health import queue_limit
 
 LOST = "inotify events may have been lost"

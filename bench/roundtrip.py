@@ -49,8 +49,8 @@ import tomli_w
 from bench import collect, proc
 from bench.inotify import IN_MODIFY, Inotify
 from orchestrator.contract.layout import registry_path
-from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessagingGroup, Sessions
 
 AGENTS: dict[str, list[str]] = {
     "inotify": ["--wake", "auto"],

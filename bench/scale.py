@@ -11,8 +11,8 @@ costs its pass one extra read of inbound.db, so the latency is slightly pessimis
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 import time
+from dataclasses import replace
 
 from bench import fixture
 from bench.proc import Orchestrator

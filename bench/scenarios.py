@@ -35,13 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator.watch import watcher
-from orchestrator.contract.layout import registry_path, sessions_root
-from orchestrator.contract import schema
-
 from bench import collect, fixture, proc
 from bench.proc import Orchestrator
-
+from orchestrator.contract import schema
+from orchestrator.contract.layout import registry_path, sessions_root
+from orchestrator.watch import watcher
 
 
 @dataclass(frozen=True)

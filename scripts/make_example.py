@@ -38,11 +38,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator.contract import layout
-from orchestrator.host.sessions import Sessions, create_folder, resolution_key
+from orchestrator.contract import layout, schema
 from orchestrator.host import inbound, outbound
-from orchestrator.contract import schema
 from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.host.sessions import Sessions, create_folder, resolution_key
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "sessions.example"

@@ -19,12 +19,12 @@ from typing import Any, AsyncIterator, Callable
 
 import httpx
 import uvicorn
+from e2e import supervised
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from e2e import supervised
 from orchestrator.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from orchestrator.config.model import Config
 from orchestrator.engine.supervisor import Supervisor

@@ -27,8 +27,7 @@ from typing import Any, Callable, Iterator
 import docker
 import pytest
 
-from orchestrator.contract import layout
-from orchestrator.contract import schema
+from orchestrator.contract import layout, schema
 
 # A checkout of its own (a git worktree beside this one) may build under a tag of its own.
 TEST_IMAGE = os.environ.get("ORCHESTRATOR_TEST_IMAGE", "orchestrator-agent:test")

@@ -29,9 +29,9 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config.model import Config, load_config
 from orchestrator.contract.layout import SessionPaths, registry_path
-from orchestrator.host.sessions import MessagingGroup, Sessions
-from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.engine.supervisor import Supervisor
+from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.host.sessions import MessagingGroup, Sessions
 
 T = TypeVar("T")
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from docker_fixtures import in_ci
 
 

@@ -6,8 +6,17 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.rules.admission import (Agent, Plan, Waiting, auto_max_agents, gives_way_at,
-                                    parse_size, plan, queue_order, resolve_max_agents)
+from orchestrator.rules.admission import (
+    Agent,
+    Plan,
+    Waiting,
+    auto_max_agents,
+    gives_way_at,
+    parse_size,
+    plan,
+    queue_order,
+    resolve_max_agents,
+)
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

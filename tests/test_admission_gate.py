@@ -18,21 +18,21 @@ from pathlib import Path
 import docker
 import pytest
 import tomli_w
-from loguru import logger
-
 from e2e import Client, agent_pids, config_dict, replies, run, supervised
 from helpers import query, until, wait_for
-from orchestrator.host import status
-from orchestrator.engine.admission_gate import AdmissionGate
+from loguru import logger
+from test_supervisor import OrchestratorProcess
+
 from orchestrator.config.model import load_config, read_config
 from orchestrator.contract.layout import registry_path, session_paths, sessions_root
+from orchestrator.contract.schema import utcnow
+from orchestrator.engine.admission_gate import AdmissionGate
+from orchestrator.engine.session_worker import Tracked
+from orchestrator.host import status
+from orchestrator.host.registry import Registry
 from orchestrator.rules.lifecycle import Action, Claim, Verdict
 from orchestrator.runtime.base import AgentHandle
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
-from orchestrator.engine.session_worker import Tracked
-from orchestrator.host.registry import Registry
-from orchestrator.contract.schema import utcnow
-from test_supervisor import OrchestratorProcess
 
 
 class Census:

@@ -27,10 +27,9 @@ from typing import Any, Callable
 import pytest
 from helpers import wait_for
 
-from orchestrator.contract import layout
 from orchestrator.agent import agent as agent_mod
 from orchestrator.agent import decide
-from orchestrator.contract import schema
+from orchestrator.contract import layout, schema
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = timezone.utc

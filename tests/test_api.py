@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 import tomli_w
-
 from api_helpers import SseReader, api_supervised, message, token_of
 from e2e import config_dict, make_config, replies_to, run, supervised
 from helpers import query, until
+
 from orchestrator.api.auth import ApiConfigError
-from orchestrator.contract.layout import registry_path, session_paths
 from orchestrator.cli import main as cli
+from orchestrator.contract.layout import registry_path, session_paths
 
 
 def inbound_ids(cfg, group: str, session_id: str) -> list[str]:

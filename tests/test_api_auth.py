@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.api.auth import (ApiConfigError, Listen, bearer_ok, is_loopback, parse_listen,
-                                   start_error)
+from orchestrator.api.auth import (
+    ApiConfigError,
+    Listen,
+    bearer_ok,
+    is_loopback,
+    parse_listen,
+    start_error,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

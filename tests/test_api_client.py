@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-
 from api_helpers import api_supervised, free_port, token_of
 from e2e import config_dict, make_config, replies_to
 from helpers import until
+
 from orchestrator.cli import main as cli
 
 

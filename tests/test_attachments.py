@@ -8,13 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import query
+
+from orchestrator.contract.layout import SessionPaths
 from orchestrator.host import attachments
 from orchestrator.host.attachments import AttachmentError, Decoded, safe_name, unique_names
-from orchestrator.contract.layout import SessionPaths
-from orchestrator.host.sessions import MessageError, Sessions
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessageError, Sessions
 
 
 def b64(data: bytes) -> str:

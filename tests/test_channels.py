@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from e2e import run
 from loguru import logger
 
-from e2e import run
 from orchestrator.channels import DeliveryError, Failure, Reply, StorageFull, make_channel
 from orchestrator.channels.jsonl import JsonlChannel, read_ids, read_lines
 from orchestrator.channels.log import LogChannel

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import query
+
 from orchestrator.cli import main as cli
 from orchestrator.config import model as config
 from orchestrator.contract.layout import registry_path, session_paths

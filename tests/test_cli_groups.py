@@ -7,15 +7,15 @@ import json
 from datetime import timedelta
 
 import pytest
-
 from helpers import query
+
 from orchestrator.cli import main as cli
-from orchestrator.rules import scheduling
-from orchestrator.contract.layout import registry_path, session_paths
-from orchestrator.host.sessions import MessagingGroup, Sessions
-from orchestrator.host import inbound
 from orchestrator.contract import schema
+from orchestrator.contract.layout import registry_path, session_paths
+from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessagingGroup, Sessions
+from orchestrator.rules import scheduling
 
 
 @pytest.fixture

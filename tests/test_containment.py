@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from loguru import logger
-
 from e2e import Client, config_dict, make_config, run, supervised
 from helpers import query, until, wait_for
+from loguru import logger
+
 from orchestrator.channels import Failure, Reply
-from orchestrator.contract.layout import delivered_root, sessions_root
 from orchestrator.contract import schema
+from orchestrator.contract.layout import delivered_root, sessions_root
 
 
 @dataclass

@@ -18,20 +18,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from loguru import logger
-
 from e2e import Client, make_config, run, supervised
 from helpers import query, until
+from loguru import logger
+
 from orchestrator.channels import DeliveryError, Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config.model import DeliveryConfig
-from orchestrator.engine.delivery import Deliverer, DeliveryState, move_files
+from orchestrator.contract import schema
 from orchestrator.contract.layout import SessionPaths, delivered_root, registry_path
+from orchestrator.engine.delivery import Deliverer, DeliveryState, move_files
+from orchestrator.host import outbound
+from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import MessagingGroup, Sessions
-from orchestrator.host import outbound
-from orchestrator.contract import schema
-from orchestrator.host.registry import Registry
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 ROUTING = ("chat", "room-1", None)

@@ -23,20 +23,25 @@ from typing import Any, Awaitable
 
 import docker
 import pytest
-from loguru import logger
-
 from docker_fixtures import PrivateDockerd, in_thread, remove_labelled
 from e2e import run, supervised
 from helpers import holds, query, until
+from loguru import logger
+
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config.model import Config, load_config
 from orchestrator.contract.layout import delivered_root, registry_path
-from orchestrator.runtime.docker.spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
-                                              LABEL_SESSION, container_name)
-from orchestrator.host.sessions import MessagingGroup
-from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.supervisor import Supervisor
+from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.host.sessions import MessagingGroup
+from orchestrator.runtime.docker.spec import (
+    FALLBACK_UID,
+    LABEL_GROUP,
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    container_name,
+)
 
 pytestmark = pytest.mark.docker
 

@@ -20,22 +20,33 @@ from typing import Any
 import docker
 import pytest
 import requests
-from loguru import logger
-
 from docker_fixtures import PrivateDockerd, in_thread, insert_message, make_session, remove_labelled
 from helpers import until
-from orchestrator.contract import layout
+from loguru import logger
+
 from orchestrator.config.model import DockerConfig
-from orchestrator.runtime.docker import image as image_mod
+from orchestrator.contract import layout
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.docker.runtime import DockerRuntime, Phase, _Tracked
+from orchestrator.runtime.docker import image as image_mod
 from orchestrator.runtime.docker.calls import Conflict, DockerExec
-from orchestrator.runtime.docker.spec import (FALLBACK_UID, LABEL_GROUP, LABEL_INSTANCE,
-                                              LABEL_SESSION, MountNotAllowed, container_name,
-                                              container_spec, exit_reason, group_folder,
-                                              group_mounts, host_config_kwargs,
-                                              parse_extra_mounts, prepare_folder, resolve_user,
-                                              session_mounts)
+from orchestrator.runtime.docker.runtime import DockerRuntime, Phase, _Tracked
+from orchestrator.runtime.docker.spec import (
+    FALLBACK_UID,
+    LABEL_GROUP,
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    MountNotAllowed,
+    container_name,
+    container_spec,
+    exit_reason,
+    group_folder,
+    group_mounts,
+    host_config_kwargs,
+    parse_extra_mounts,
+    prepare_folder,
+    resolve_user,
+    session_mounts,
+)
 
 AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]

@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mounts import fill, read_only, tmpfs, tree_snapshot
+
 from orchestrator.cli import main as cli
-from orchestrator.support import errors
-from orchestrator.host.attachments import AttachmentError
 from orchestrator.config.model import ConfigError
-from orchestrator.host.sessions import MessageError
+from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessageError
+from orchestrator.support import errors
 
 
 def run(capsys, *argv):

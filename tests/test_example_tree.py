@@ -15,10 +15,10 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-
 from helpers import journal_mode, table_columns, tables
-from orchestrator.contract.layout import validate_id
+
 from orchestrator.contract import schema
+from orchestrator.contract.layout import validate_id
 
 REPO = Path(__file__).resolve().parent.parent
 TREE = REPO / "sessions.example"

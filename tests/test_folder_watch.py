@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.watch import health as watch_health
-from orchestrator.watch.folder_watch import (ADDED, DELETED, MODIFIED, FolderWatch, change_of,
-                                       watched_folders, watched_level)
 from orchestrator.contract.inotify import IN_ATTRIB, IN_CREATE, IN_DELETE, IN_MOVED_TO
-
+from orchestrator.watch import health as watch_health
+from orchestrator.watch.folder_watch import (
+    ADDED,
+    DELETED,
+    MODIFIED,
+    FolderWatch,
+    change_of,
+    watched_folders,
+    watched_level,
+)
 from tests.helpers import wait_for
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import groups
-from orchestrator.config.model import ConfigError, load_config, render_default
 from orchestrator.config.groups import GroupConfig, SecretUnreadable, read_env, resolve
+from orchestrator.config.model import ConfigError, load_config, render_default
 
 BASE = Path("/base/dir")
 

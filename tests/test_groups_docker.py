@@ -9,10 +9,10 @@ from pathlib import Path
 
 import docker
 import pytest
-
 from docker_fixtures import in_thread, insert_message, make_session
 from helpers import query, until
 from loguru import logger
+
 from orchestrator.config import groups
 from orchestrator.config.model import load_config
 from orchestrator.runtime.base import AgentExit, SessionRef

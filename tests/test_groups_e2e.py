@@ -11,6 +11,7 @@ from pathlib import Path
 from e2e import AGENT, Client, make_config, pairs, replies_to, run, supervised
 from helpers import query, until
 from loguru import logger
+
 from orchestrator.config import groups
 from orchestrator.host import status
 from orchestrator.runtime.local.runtime import read_pid_file

@@ -10,10 +10,10 @@ from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
 from helpers import journal_mode, open_fds_to, query
-from orchestrator.host import inbound
+
 from orchestrator.contract import schema
+from orchestrator.host import inbound
 from orchestrator.host.inbound import Destination, NewMessage
 
 UTC = timezone.utc

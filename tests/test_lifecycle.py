@@ -14,11 +14,20 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from orchestrator.config.model import LifecycleConfig
-from orchestrator.rules.lifecycle import (Action, Claim, Observation, claim_limit, claim_tick_end,
-                                    decide,
-                                    delivery_backoff, heartbeat_limit, last_activity,
-                                    start_backoff, stuck_reason)
 from orchestrator.contract.schema import parse_ts
+from orchestrator.rules.lifecycle import (
+    Action,
+    Claim,
+    Observation,
+    claim_limit,
+    claim_tick_end,
+    decide,
+    delivery_backoff,
+    heartbeat_limit,
+    last_activity,
+    start_backoff,
+    stuck_reason,
+)
 
 # stamped to the microsecond, so the tables' claims are exact (``claim_tick_end`` is
 # the stamp itself); coarse stamps have their own test below

@@ -12,16 +12,21 @@ import time
 from pathlib import Path
 
 import pytest
-
 from docker_fixtures import insert_message
 from e2e import AGENT, make_config, run
 from helpers import query, until, wait_for
+
 from orchestrator.contract.layout import OUTBOUND_DB, PID_FILE
-from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.local.runtime import (AGENT_MAIN, PACKAGE_ROOT, LocalRuntime, quick_start,
-                                        read_pid_file)
-from orchestrator.runtime.local.procs import MARKER, marker, process_start_time
 from orchestrator.host.sessions import create_folder
+from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.local.procs import MARKER, marker, process_start_time
+from orchestrator.runtime.local.runtime import (
+    AGENT_MAIN,
+    PACKAGE_ROOT,
+    LocalRuntime,
+    quick_start,
+    read_pid_file,
+)
 
 # ignores SIGTERM (so do its children), and says so in ./trapped once it does
 IGNORES_TERM = ["/bin/sh", "-c", "trap '' TERM; : > trapped; while :; do sleep 0.05; done", "sh"]

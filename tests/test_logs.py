@@ -6,12 +6,12 @@ import io
 import json
 from pathlib import Path
 
-from loguru import logger
-
 from e2e import Client, make_config, replies, run, supervised
 from helpers import until
-from orchestrator.config.model import LogConfig
+from loguru import logger
+
 from orchestrator.cli.logs import json_sink, setup_logging
+from orchestrator.config.model import LogConfig
 
 
 def test_json_lines_are_flat(capsys):

@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from e2e import Client, make_config, milestones, pairs, replies, run, supervised
 from helpers import query, until
+
 from orchestrator.cli import main as cli
 from orchestrator.config.model import Config
 from orchestrator.host import inbound

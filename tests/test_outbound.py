@@ -8,10 +8,10 @@ from contextlib import closing
 from datetime import datetime, timezone
 
 import pytest
-
 from helpers import open_fds_to, query
-from orchestrator.host import outbound
+
 from orchestrator.contract import schema
+from orchestrator.host import outbound
 from orchestrator.host.outbound import OutboundError
 
 UTC = timezone.utc

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from e2e import Client, agent_pids, make_config, replies_to, supervised
 from helpers import until
+
 from orchestrator.runtime.local.procs import process_stopped
 
 

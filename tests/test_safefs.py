@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import wait_for
-from orchestrator.host import safefs
-from orchestrator.contract.layout import sessions_root
-from orchestrator.host.safefs import Refused, SessionDir
-from orchestrator.host import outbound
+
 from orchestrator.contract import schema
+from orchestrator.contract.layout import sessions_root
+from orchestrator.host import outbound, safefs
+from orchestrator.host.safefs import Refused, SessionDir
 
 
 @pytest.fixture

@@ -8,13 +8,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from helpers import query
-from orchestrator.rules import scheduling
-from orchestrator.rules.scheduling import (ScheduleError, check_cron, format_due, next_run, parse_at,
-                                     successor, successor_id)
-from orchestrator.host import inbound
+
 from orchestrator.contract import schema
+from orchestrator.host import inbound
+from orchestrator.rules import scheduling
+from orchestrator.rules.scheduling import (
+    ScheduleError,
+    check_cron,
+    format_due,
+    next_run,
+    parse_at,
+    successor,
+    successor_id,
+)
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 27, 10, 15, 30, 250000, tzinfo=UTC)  # a Friday

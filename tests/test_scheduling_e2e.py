@@ -8,16 +8,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import tomli_w
-
 from e2e import Client, config_dict, make_config, replies, replies_to, run, supervised
 from helpers import holds, killed_run, query, until, wait_for
-from orchestrator.cli import main as cli
-from orchestrator.rules import scheduling
-from orchestrator.host import series
-from orchestrator.config.model import read_config
-from orchestrator.engine.session_worker import SessionWorker
-from orchestrator.contract.schema import parse_ts, utcnow
 from test_supervisor import OrchestratorProcess
+
+from orchestrator.cli import main as cli
+from orchestrator.config.model import read_config
+from orchestrator.contract.schema import parse_ts, utcnow
+from orchestrator.engine.session_worker import SessionWorker
+from orchestrator.host import series
+from orchestrator.rules import scheduling
 
 LATENCY = timedelta(milliseconds=50)
 

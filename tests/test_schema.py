@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
 from helpers import journal_mode, table_columns, tables
+
 from orchestrator.contract import schema
 
 # (name, declared type, notnull, default, pk) per column, from the contract

@@ -13,18 +13,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from loguru import logger
-
 from e2e import Client, failures, make_config, replies_to, run, supervised
 from helpers import query, until
+from loguru import logger
+
 from orchestrator.channels import make_channel
-from orchestrator.engine.delivery import Deliverer
-from orchestrator.contract.layout import sessions_root
-from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
-from orchestrator.host.safefs import open_group
-from orchestrator.engine.session_worker import Flag, SessionWorker, Tracked
-from orchestrator.contract.session_status import Status
 from orchestrator.contract import schema
+from orchestrator.contract.layout import sessions_root
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.delivery import Deliverer
+from orchestrator.engine.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.host.safefs import open_group
+from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
 
 
 def message_status(paths, message_id: str) -> str:
@@ -52,11 +52,11 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
     import signal
 
     import tomli_w
-
     from e2e import config_dict
     from helpers import killed_run, wait_for
-    from orchestrator.config.model import read_config
     from test_supervisor import OrchestratorProcess
+
+    from orchestrator.config.model import read_config
 
     data = config_dict(tmp_path, runtime={"start_retry_max": 1.0},
                        lifecycle={"max_tries": 1})

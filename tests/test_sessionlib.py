@@ -18,13 +18,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from helpers import wait_for
-from orchestrator.contract import layout
-from orchestrator.contract import inotify
+
 from orchestrator.agent.decide import next_due
 from orchestrator.agent.sessionlib import SessionFolder
-from orchestrator.contract import schema
+from orchestrator.contract import inotify, layout, schema
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = schema.parse_ts("2026-01-01 12:00:00")

@@ -9,14 +9,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from helpers import journal_mode, query, table_columns
-from orchestrator.host import destinations, sessions as sessions_mod
-from orchestrator.contract.layout import session_paths, validate_id
-from orchestrator.host.sessions import MessageError, MessagingGroup, Sessions, resolution_key
-from orchestrator.host import inbound
+
 from orchestrator.contract import schema
+from orchestrator.contract.layout import session_paths, validate_id
+from orchestrator.host import destinations, inbound
+from orchestrator.host import sessions as sessions_mod
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessageError, MessagingGroup, Sessions, resolution_key
 
 UTC = timezone.utc
 

@@ -18,19 +18,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-
 from e2e import Client, make_config, replies, replies_to, supervised
 from helpers import until
-from orchestrator.engine.delivery import DeliveryState
-from orchestrator.contract.layout import registry_path
-from orchestrator.rules.lifecycle import Claim
-from orchestrator.host.safefs import open_group
-from orchestrator.contract.session_status import Status
-from orchestrator.engine.session_worker import Tracked
-from orchestrator.engine.startup_state import (StateBook, scan_group, settled, start_pass_reason,
-                                        state_text)
+
 from orchestrator.contract import schema
+from orchestrator.contract.layout import registry_path
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.delivery import DeliveryState
+from orchestrator.engine.session_worker import Tracked
+from orchestrator.engine.startup_state import (
+    StateBook,
+    scan_group,
+    settled,
+    start_pass_reason,
+    state_text,
+)
 from orchestrator.host.registry import Registry
+from orchestrator.host.safefs import open_group
+from orchestrator.rules.lifecycle import Claim
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 SIGS = {"hb": None, "out": (1, 2, 3), "in": (4, 5, 6)}

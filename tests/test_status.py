@@ -10,10 +10,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.host import status
-from orchestrator.host.sessions import MessagingGroup, Sessions
-from orchestrator.host import inbound
+from orchestrator.host import inbound, status
 from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import MessagingGroup, Sessions
 
 UTC = timezone.utc
 

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from api_helpers import api_supervised, message, token_of
 from e2e import make_config, replies_to, run
 from helpers import until

@@ -20,19 +20,31 @@ from typing import Any, Callable
 
 import pytest
 import tomli_w
-
-from e2e import (Client, agent_pids, config_dict, failures, make_config, milestones, pairs,
-                 replies, replies_to, reply_counts, run, supervised)
+from e2e import (
+    Client,
+    agent_pids,
+    config_dict,
+    failures,
+    make_config,
+    milestones,
+    pairs,
+    replies,
+    replies_to,
+    reply_counts,
+    run,
+    supervised,
+)
 from helpers import query, until, wait_for
+
 from orchestrator.cli import main as cli
 from orchestrator.config.model import read_config
+from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root
+from orchestrator.contract.schema import parse_ts, utcnow
+from orchestrator.engine.session_worker import Flag
+from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime
 from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.local.runtime import read_pid_file
-from orchestrator.engine.session_worker import Flag
-from orchestrator.contract import schema
-from orchestrator.contract.schema import parse_ts, utcnow
-from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime
 
 
 def messages_in(paths, message_id: str) -> dict:

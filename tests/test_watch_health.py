@@ -13,18 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e import run
+from helpers import until, wait_for
 from loguru import logger
 from watchfiles._rust_notify import RustNotify
 
-from orchestrator.watch.folder_watch import FolderWatch
-
 from bench.overflow import overflow_run
-from e2e import run
-from helpers import until, wait_for
-from orchestrator.watch import health as watch_health
 from orchestrator.config.model import WatchConfig
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder
+from orchestrator.watch import health as watch_health
+from orchestrator.watch.folder_watch import FolderWatch
 from orchestrator.watch.watcher import PROBE, RESCAN, Activity, inotify_batches
 
 Q = 16384

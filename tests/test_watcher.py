@@ -10,16 +10,26 @@ from pathlib import Path
 
 import pytest
 import watchfiles
-
 from helpers import until
+
 from orchestrator.config.model import WatchConfig
+from orchestrator.contract import schema
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder
-from orchestrator.contract import schema
 from orchestrator.watch.folder_watch import FolderWatch
-from orchestrator.watch.watcher import (RESCAN, Activity, batches, choose_mode, count_dirs,
-                                  only_muted_heartbeats, poll_once, to_activities, unmuted,
-                                  watch_budget, watch_step)
+from orchestrator.watch.watcher import (
+    RESCAN,
+    Activity,
+    batches,
+    choose_mode,
+    count_dirs,
+    only_muted_heartbeats,
+    poll_once,
+    to_activities,
+    unmuted,
+    watch_budget,
+    watch_step,
+)
 
 
 def make_tree(tmp_path: Path) -> tuple[Path, Path]:

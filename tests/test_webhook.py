@@ -9,13 +9,21 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from api_helpers import Receiver, free_port
 from e2e import Client, make_config, supervised
 from helpers import query, until
+
 from orchestrator.channels import DeliveryError, PermanentDeliveryError, Reply
-from orchestrator.channels.webhook import (WebhookChannel, classify, file_entries, outcome_of,
-                                           parse_retry_after, reply_body, sign, verify)
+from orchestrator.channels.webhook import (
+    WebhookChannel,
+    classify,
+    file_entries,
+    outcome_of,
+    parse_retry_after,
+    reply_body,
+    sign,
+    verify,
+)
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.host.secretfile import read_secret
 

@@ -12,8 +12,7 @@ import json
 import os
 from collections import namedtuple
 
-from orchestrator.contract import layout
-from orchestrator.contract import schema
+from orchestrator.contract import layout, schema
 
 TYPE_CHECKING = False  # no typing / dataclasses at run time: they are ~8 ms of a cold start
 if TYPE_CHECKING:

@@ -53,11 +53,9 @@ import sqlite3
 import time
 from collections import namedtuple
 
-from orchestrator.contract import layout
 from orchestrator.agent import beat
-from orchestrator.contract import inotify
 from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
-from orchestrator.contract import schema
+from orchestrator.contract import inotify, layout, schema
 
 TYPE_CHECKING = False  # typing and dataclasses stay off the agent's cold start (~8 ms)
 if TYPE_CHECKING:

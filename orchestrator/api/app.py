@@ -22,15 +22,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from orchestrator.host import status as status_mod
 from orchestrator.api.auth import bearer_ok
 from orchestrator.api.events import EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.metrics import Metrics
-from orchestrator.host.attachments import AttachmentError
 from orchestrator.contract.layout import InvalidId
-from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
 from orchestrator.contract.schema import parse_ts
+from orchestrator.host import status as status_mod
+from orchestrator.host.attachments import AttachmentError
+from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
 
 if TYPE_CHECKING:
     from orchestrator.engine.supervisor import Supervisor

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import uvicorn
 from loguru import logger
 
-from orchestrator.watch import watcher
 from orchestrator.api.app import Api
 from orchestrator.api.auth import ApiConfigError, Listen, parse_listen, start_error
 from orchestrator.api.events import EventStore
@@ -32,6 +31,7 @@ from orchestrator.api.metrics import Metrics
 from orchestrator.config.model import Config
 from orchestrator.contract.layout import registry_path
 from orchestrator.host.secretfile import SecretFileError, ensure_secret
+from orchestrator.watch import watcher
 
 if TYPE_CHECKING:
     from orchestrator.engine.supervisor import Supervisor

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from orchestrator.channels.base import (Channel, DeliveryError, Failure, InFlight,
-                                        PermanentDeliveryError, Reply, StorageFull)
+from orchestrator.channels.base import (
+    Channel,
+    DeliveryError,
+    Failure,
+    InFlight,
+    PermanentDeliveryError,
+    Reply,
+    StorageFull,
+)
 from orchestrator.config.model import DeliveryConfig
 
 __all__ = ["Channel", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",

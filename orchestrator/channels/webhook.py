@@ -30,11 +30,16 @@ from typing import Any, Callable
 import httpx
 from loguru import logger
 
-from orchestrator.channels.base import (DeliveryError, Failure, InFlight,
-                                        PermanentDeliveryError, Reply)
+from orchestrator.channels.base import (
+    DeliveryError,
+    Failure,
+    InFlight,
+    PermanentDeliveryError,
+    Reply,
+)
 from orchestrator.config.model import DeliveryConfig
-from orchestrator.rules.lifecycle import delivery_backoff
 from orchestrator.host.secretfile import ensure_secret
+from orchestrator.rules.lifecycle import delivery_backoff
 
 SIGNATURE_HEADER = "X-Orchestrator-Signature"
 TIMESTAMP_HEADER = "X-Orchestrator-Timestamp"

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.host import status
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config.model import read_config
 from orchestrator.cli.logs import setup_logging
+from orchestrator.config.model import read_config
 from orchestrator.contract.session_status import Status
-from orchestrator.host.sessions import MessagingGroup
 from orchestrator.engine.supervisor import AlreadyRunning, Supervisor
+from orchestrator.host import status
+from orchestrator.host.sessions import MessagingGroup
 
 DEADLINE = 60.0
 

@@ -13,13 +13,12 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from orchestrator.host import destinations, series
 from orchestrator.config import groups
-from orchestrator.rules import scheduling
 from orchestrator.config.model import Config
 from orchestrator.contract.layout import registry_path, validate_id
+from orchestrator.host import destinations, series
 from orchestrator.host.registry import Registry
-
+from orchestrator.rules import scheduling
 
 # --- send --at / --every ------------------------------------------------------------------
 

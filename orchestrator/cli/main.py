@@ -17,17 +17,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from orchestrator.api import client as api_client
 from orchestrator.cli import groups as cli_groups
 from orchestrator.config import model as config_mod
-from orchestrator.api import client as api_client
 from orchestrator.config.model import Config
-from orchestrator.support.errors import UserError
 from orchestrator.contract.layout import InvalidId, registry_path
+from orchestrator.contract.schema import utcnow
+from orchestrator.host.registry import Registry
 from orchestrator.host.secretfile import ensure_secret
 from orchestrator.host.sessions import MODES, MessagingGroup, Sessions
 from orchestrator.rules.scheduling import format_due
-from orchestrator.host.registry import Registry
-from orchestrator.contract.schema import utcnow
+from orchestrator.support.errors import UserError
 
 EXIT_USAGE = 2
 DISTRIBUTION = "agent-session-orchestrator"
@@ -229,9 +229,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.cli.logs import setup_logging
-    from orchestrator.engine.supervisor import run
-
     from orchestrator.config.groups import preflight
+    from orchestrator.engine.supervisor import run
 
     cfg = _load(args)
     preflight(cfg)

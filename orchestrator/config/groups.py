@@ -33,8 +33,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config.model import (ConfigError, DockerConfig, LifecycleConfig, RuntimeConfig,
-                                 _check_value)
+from orchestrator.config.model import (
+    ConfigError,
+    DockerConfig,
+    LifecycleConfig,
+    RuntimeConfig,
+    _check_value,
+)
 from orchestrator.contract.layout import InvalidId, validate_id
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -27,14 +27,14 @@ from typing import Callable, Mapping
 
 from loguru import logger
 
-from orchestrator.rules.admission import Agent, Waiting, may_give_way, plan, resolve_max_agents
 from orchestrator.config.model import Config
-from orchestrator.rules.lifecycle import Action, Observation, Verdict, last_activity
-from orchestrator.runtime.base import Runtime
+from orchestrator.contract.session_status import Status
 from orchestrator.engine.session_worker import Flag, Flags, Tracked
 from orchestrator.host import inbound
-from orchestrator.contract.session_status import Status
 from orchestrator.host.registry import Registry
+from orchestrator.rules.admission import Agent, Waiting, may_give_way, plan, resolve_max_agents
+from orchestrator.rules.lifecycle import Action, Observation, Verdict, last_activity
+from orchestrator.runtime.base import Runtime
 
 GRANT_TTL = timedelta(seconds=60)
 

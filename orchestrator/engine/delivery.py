@@ -28,20 +28,34 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.host.attachments import safe_name
-from orchestrator.channels import (Channel, DeliveryError, Failure, InFlight,
-                                   PermanentDeliveryError, Reply, StorageFull)
+from orchestrator.channels import (
+    Channel,
+    DeliveryError,
+    Failure,
+    InFlight,
+    PermanentDeliveryError,
+    Reply,
+    StorageFull,
+)
 from orchestrator.config.model import DeliveryConfig
-from orchestrator.support.errors import host_storage_failure
-from orchestrator.rules.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
 from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
-from orchestrator.rules.lifecycle import earliest
-from orchestrator.support.logonce import LogOnce
-from orchestrator.host.safefs import (DIR_FLAGS, FILE_FLAGS, Refused, SessionDir, lstat_at,
-                                 open_dir, regular_or_refuse)
 from orchestrator.host import inbound
+from orchestrator.host.attachments import safe_name
 from orchestrator.host.outbound import OutMessage
 from orchestrator.host.registry import Registry
+from orchestrator.host.safefs import (
+    DIR_FLAGS,
+    FILE_FLAGS,
+    Refused,
+    SessionDir,
+    lstat_at,
+    open_dir,
+    regular_or_refuse,
+)
+from orchestrator.rules.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.rules.lifecycle import earliest
+from orchestrator.support.errors import host_storage_failure
+from orchestrator.support.logonce import LogOnce
 
 Routing = tuple[str | None, str | None, str | None]  # the session's default route
 

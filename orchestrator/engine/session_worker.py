@@ -26,26 +26,33 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from loguru import logger
 
-from orchestrator.rules import answers, scheduling
-from orchestrator.config import groups
 from orchestrator.channels import Failure
+from orchestrator.config import groups
+from orchestrator.config.groups import AgentSettings
 from orchestrator.config.model import Config
-from orchestrator.engine.delivery import Deliverer, DeliveryState
-from orchestrator.support.errors import host_storage_failure
-from orchestrator.host.filesig import Signature, signature_mtime
+from orchestrator.contract import schema
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
-from orchestrator.support.logonce import LogOnce
-from orchestrator.rules.lifecycle import (Action, Claim, Observation, Verdict, decide,
-                                    last_activity, start_backoff)
-from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.delivery import Deliverer, DeliveryState
+from orchestrator.host import inbound, outbound
+from orchestrator.host.filesig import Signature, signature_mtime
+from orchestrator.host.outbound import OutboundError
+from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, Refused, SessionDir
 from orchestrator.host.sessions import Sessions
-from orchestrator.contract.session_status import Status
-from orchestrator.host import inbound, outbound
-from orchestrator.contract import schema
-from orchestrator.host.outbound import OutboundError
-from orchestrator.config.groups import AgentSettings
-from orchestrator.host.registry import Registry
+from orchestrator.rules import answers, scheduling
+from orchestrator.rules.lifecycle import (
+    Action,
+    Claim,
+    Observation,
+    Verdict,
+    decide,
+    last_activity,
+    start_backoff,
+)
+from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.support.errors import host_storage_failure
+from orchestrator.support.logonce import LogOnce
 
 if TYPE_CHECKING:
     from orchestrator.engine.admission_gate import AdmissionGate

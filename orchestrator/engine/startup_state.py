@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Iterable
 
 from loguru import logger
 
-from orchestrator.host.filesig import Signature
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
-from orchestrator.support.logonce import LogOnce
-from orchestrator.host.safefs import FolderStat, open_group
 from orchestrator.contract.session_status import Status
+from orchestrator.host.filesig import Signature
+from orchestrator.host.safefs import FolderStat, open_group
+from orchestrator.support.logonce import LogOnce
 
 if TYPE_CHECKING:
     from orchestrator.engine.session_worker import Tracked

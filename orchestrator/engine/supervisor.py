@@ -27,26 +27,33 @@ from typing import Callable
 
 from loguru import logger
 
-from orchestrator.watch import watcher
-from orchestrator.engine.admission_gate import open_gate
 from orchestrator.api import server as api_server
 from orchestrator.channels import Channel, make_channel
 from orchestrator.config.model import Config
-from orchestrator.engine.delivery import Deliverer
-from orchestrator.support.errors import UserError, storage
-from orchestrator.contract.layout import (INBOUND_DB, InvalidId, Kind, registry_path, session_paths,
-                                 sessions_root, validate_id)
-from orchestrator.support.logonce import LogOnce
-from orchestrator.runtime.base import AgentExit, Runtime
-from orchestrator.host.safefs import Refused, SessionDir, open_group
-from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
-from orchestrator.engine.session_worker import Flag, Flags, SessionWorker, Tracked
+from orchestrator.contract.layout import (
+    INBOUND_DB,
+    InvalidId,
+    Kind,
+    registry_path,
+    session_paths,
+    sessions_root,
+    validate_id,
+)
+from orchestrator.contract.schema import utcnow
 from orchestrator.contract.session_status import Status
-from orchestrator.support.signals import capture_signals
+from orchestrator.engine.admission_gate import open_gate
+from orchestrator.engine.delivery import Deliverer
+from orchestrator.engine.session_worker import Flag, Flags, SessionWorker, Tracked
 from orchestrator.engine.startup_state import StateBook, unchanged
 from orchestrator.host.registry import Registry
-from orchestrator.contract.schema import utcnow
+from orchestrator.host.safefs import Refused, SessionDir, open_group
+from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
+from orchestrator.runtime.base import AgentExit, Runtime
+from orchestrator.support.errors import UserError, storage
+from orchestrator.support.logonce import LogOnce
+from orchestrator.support.signals import capture_signals
 from orchestrator.support.ticker import ticks
+from orchestrator.watch import watcher
 
 Clock = Callable[[], datetime]
 

@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.support.errors import UserError
 from orchestrator.contract.layout import INBOX, SessionPaths
+from orchestrator.support.errors import UserError
 
 MAX_NAME_BYTES = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

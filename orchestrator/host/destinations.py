@@ -32,10 +32,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
-from orchestrator.support.errors import UserError
 from orchestrator.contract.layout import InvalidId, validate_id
 from orchestrator.host.inbound import Destination
 from orchestrator.host.registry import Registry
+from orchestrator.support.errors import UserError
 
 MAX_NAME = 64
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a hand-set name (CLI)

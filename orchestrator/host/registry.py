@@ -18,9 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator.support.errors import storage, storage_error
-from orchestrator.contract.session_status import Status, sql_list
 from orchestrator.contract.schema import format_ts, parse_ts, transaction, utcnow
+from orchestrator.contract.session_status import Status, sql_list
+from orchestrator.support.errors import storage, storage_error
 
 CONTAINER_STATUSES = tuple(Status)
 

@@ -33,8 +33,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.host.filesig import Signature, file_signature
 from orchestrator.contract.layout import INBOUND_DB, sessions_root
+from orchestrator.host.filesig import Signature, file_signature
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from orchestrator.support.errors import UserError
 from orchestrator.contract.layout import session_paths
-from orchestrator.host.status import table_lines
 from orchestrator.host import inbound, outbound
 from orchestrator.host.registry import Registry
+from orchestrator.host.status import table_lines
+from orchestrator.support.errors import UserError
 
 
 class SeriesError(UserError, ValueError):

@@ -20,13 +20,17 @@ from typing import Any
 
 from loguru import logger
 
-from orchestrator.host import attachments, destinations
-from orchestrator.support.errors import StorageError, UserError, storage, storage_error
-from orchestrator.contract.layout import (SessionPaths, registry_path, session_paths, sessions_root,
-                                 validate_id)
-from orchestrator.host import inbound
 from orchestrator.contract import schema
+from orchestrator.contract.layout import (
+    SessionPaths,
+    registry_path,
+    session_paths,
+    sessions_root,
+    validate_id,
+)
+from orchestrator.host import attachments, destinations, inbound
 from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.support.errors import StorageError, UserError, storage, storage_error
 
 MODES = ("shared", "per-thread", "agent-shared")
 

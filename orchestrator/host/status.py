@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import groups
-from orchestrator.support.errors import probe_cause
 from orchestrator.contract.layout import SessionPaths, session_paths, sessions_root
-from orchestrator.host import inbound, outbound
 from orchestrator.contract.session_status import Status
+from orchestrator.host import inbound, outbound
 from orchestrator.host.registry import Registry
+from orchestrator.support.errors import probe_cause
 
 if TYPE_CHECKING:  # pragma: no cover
     from orchestrator.config.model import Config

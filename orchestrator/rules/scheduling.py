@@ -37,10 +37,9 @@ from typing import Any, Mapping
 
 from cronsim import CronSim, CronSimError
 
-from orchestrator.support.errors import UserError
+from orchestrator.contract.schema import DUE_FORMAT, ceil_second, format_due, parse_ts  # noqa: F401 (re-exported: one implementation)
 from orchestrator.host.inbound import NewMessage
-from orchestrator.contract.schema import (  # noqa: F401 (re-exported: one implementation)
-    DUE_FORMAT, ceil_second, format_due, parse_ts)
+from orchestrator.support.errors import UserError
 
 UTC = timezone.utc
 _RELATIVE = re.compile(r"^\+(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")

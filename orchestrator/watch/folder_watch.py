@@ -36,10 +36,22 @@ import struct
 import time
 from typing import Protocol
 
-from orchestrator.contract.inotify import (IN_ATTRIB, IN_CLOEXEC, IN_CLOSE_WRITE, IN_CREATE,
-                                        IN_DELETE, IN_DELETE_SELF, IN_IGNORED, IN_MODIFY,
-                                        IN_MOVE_SELF, IN_MOVED_TO, IN_NONBLOCK, IN_ONLYDIR,
-                                        IN_Q_OVERFLOW, _libc)
+from orchestrator.contract.inotify import (
+    IN_ATTRIB,
+    IN_CLOEXEC,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    IN_MOVED_TO,
+    IN_NONBLOCK,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    _libc,
+)
 from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
 

@@ -39,14 +39,19 @@ from typing import Any, AsyncIterator, Callable, Container
 import watchfiles
 from loguru import logger
 
-from orchestrator.watch import health as watch_health
-from orchestrator.watch.folder_watch import FolderWatch
 from orchestrator.config.model import WatchConfig
+from orchestrator.contract.layout import (
+    HEARTBEAT,
+    INBOUND_DB,
+    OUTBOUND_DB,
+    OUTBOX,
+    Kind,
+    classify,
+)
 from orchestrator.host.filesig import file_signature
 from orchestrator.support.ticker import ticks
-from orchestrator.contract.layout import (
-    HEARTBEAT, INBOUND_DB, OUTBOUND_DB, OUTBOX, Kind, classify,
-)
+from orchestrator.watch import health as watch_health
+from orchestrator.watch.folder_watch import FolderWatch
 
 MAX_WATCHES_FILE = Path("/proc/sys/fs/inotify/max_user_watches")
 

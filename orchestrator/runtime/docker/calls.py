@@ -34,8 +34,8 @@ from docker import APIClient
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from loguru import logger
 
-from orchestrator.support.logonce import LogOnce
 from orchestrator.runtime.base import RuntimeUnavailable
+from orchestrator.support.logonce import LogOnce
 
 T = TypeVar("T")
 

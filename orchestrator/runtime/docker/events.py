@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from orchestrator.support.logonce import LogOnce
-from orchestrator.runtime.docker.spec import LABEL_INSTANCE
 from orchestrator.runtime.docker.calls import DockerExec, _is_unreachable
+from orchestrator.runtime.docker.spec import LABEL_INSTANCE
+from orchestrator.support.logonce import LogOnce
 
 EVENT_BACKOFF_MAX = 5.0
 

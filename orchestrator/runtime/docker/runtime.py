@@ -49,19 +49,35 @@ from typing import Any, Awaitable, Callable
 from docker.types import Mount
 from loguru import logger
 
-from orchestrator.contract import layout
-from orchestrator.config.model import DockerConfig
 from orchestrator.config.groups import AgentSettings, read_env
-from orchestrator.runtime.base import (AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable,
-                                       SessionRef)
+from orchestrator.config.model import DockerConfig
+from orchestrator.contract import layout
+from orchestrator.runtime.base import (
+    AgentExit,
+    AgentHandle,
+    ExitCallback,
+    RuntimeUnavailable,
+    SessionRef,
+)
+from orchestrator.runtime.docker.calls import Conflict, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
 from orchestrator.runtime.docker.spares import Spares
-from orchestrator.runtime.docker.spec import (ALIVE_STATES, LABEL_GROUP, LABEL_INSTANCE,
-                                              LABEL_SESSION, container_name, container_spec,
-                                              exit_reason, group_folder, group_mounts,
-                                              host_config_kwargs, parse_extra_mounts,
-                                              prepare_folder, resolve_user, session_mounts)
-from orchestrator.runtime.docker.calls import Conflict, DockerExec
+from orchestrator.runtime.docker.spec import (
+    ALIVE_STATES,
+    LABEL_GROUP,
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    container_name,
+    container_spec,
+    exit_reason,
+    group_folder,
+    group_mounts,
+    host_config_kwargs,
+    parse_extra_mounts,
+    prepare_folder,
+    resolve_user,
+    session_mounts,
+)
 
 
 def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:

@@ -26,8 +26,8 @@ from typing import Any
 
 from docker.types import Mount
 
-from orchestrator.contract import layout
 from orchestrator.config.model import DockerConfig
+from orchestrator.contract import layout
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 
 LABEL_INSTANCE = "orchestrator.instance"

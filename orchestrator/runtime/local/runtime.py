@@ -19,13 +19,24 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.config.model import RuntimeConfig
 from orchestrator.config.groups import read_env
+from orchestrator.config.model import RuntimeConfig
 from orchestrator.contract.layout import PID_FILE, session_paths
-from orchestrator.runtime.base import AgentExit, AgentHandle, ExitCallback, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.local.procs import (MARKER, marked_agents, marker, process_stopped,
-                                              write_pid_file)
 from orchestrator.host.safefs import SessionDir
+from orchestrator.runtime.base import (
+    AgentExit,
+    AgentHandle,
+    ExitCallback,
+    RuntimeUnavailable,
+    SessionRef,
+)
+from orchestrator.runtime.local.procs import (
+    MARKER,
+    marked_agents,
+    marker,
+    process_stopped,
+    write_pid_file,
+)
 
 
 def read_pid_file(path: Path) -> tuple[int, str] | None:

@@ -16,7 +16,7 @@ from e2e import config_dict, make_config, replies_to, run, supervised
 from helpers import query, until
 
 from orchestrator.api.auth import ApiConfigError
-from orchestrator.cli import main as cli
+from orchestrator.cli import commands as cli
 from orchestrator.contract.layout import registry_path, session_paths
 
 

@@ -13,7 +13,7 @@ from api_helpers import api_supervised, free_port, token_of
 from e2e import config_dict, make_config, replies_to
 from helpers import until
 
-from orchestrator.cli import main as cli
+from orchestrator.cli import commands as cli
 
 
 def cli_run(capsys, *argv) -> tuple[int, str, str]:

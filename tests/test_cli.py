@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import query
 
-from orchestrator.cli import main as cli
+from orchestrator import DISTRIBUTION
+from orchestrator.cli import commands as cli
 from orchestrator.config import model as config
 from orchestrator.contract.layout import registry_path, session_paths
 from orchestrator.host import inbound
@@ -310,7 +311,7 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
     assert info.value.code == 0
-    assert capsys.readouterr().out == f"orchestrator {metadata.version(cli.DISTRIBUTION)}\n"
+    assert capsys.readouterr().out == f"orchestrator {metadata.version(DISTRIBUTION)}\n"
 
 
 def test_top_level_help_is_written_for_users(capsys):

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from helpers import query
 
-from orchestrator.cli import main as cli
+from orchestrator.cli import commands as cli
 from orchestrator.contract import schema
 from orchestrator.contract.layout import registry_path, session_paths
 from orchestrator.host import inbound

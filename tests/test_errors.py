@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from mounts import fill, read_only, tmpfs, tree_snapshot
 
-from orchestrator.cli import main as cli
+from orchestrator.cli import commands as cli
 from orchestrator.config.model import ConfigError
 from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.registry import Registry
@@ -115,7 +115,7 @@ def test_a_bug_exits_1_with_a_traceback(world):
     code = ("import sys, orchestrator.host.status as s\n"
             "def broken(*a, **k): raise ValueError('a bug')\n"
             "s.collect = broken\n"
-            "from orchestrator.cli.main import main\n"
+            "from orchestrator.cli.commands import main\n"
             f"sys.exit(main(['status', '--config', {str(conf)!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

@@ -19,7 +19,7 @@ import pytest
 from e2e import Client, make_config, milestones, pairs, replies, run, supervised
 from helpers import query, until
 
-from orchestrator.cli import main as cli
+from orchestrator.cli import commands as cli
 from orchestrator.config.model import Config
 from orchestrator.host import inbound
 

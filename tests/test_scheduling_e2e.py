@@ -12,7 +12,7 @@ from e2e import Client, config_dict, make_config, replies, replies_to, run, supe
 from helpers import holds, killed_run, query, until, wait_for
 from test_supervisor import OrchestratorProcess
 
-from orchestrator.cli import main as cli
+from orchestrator.cli import commands as cli
 from orchestrator.config.model import read_config
 from orchestrator.contract.schema import parse_ts, utcnow
 from orchestrator.engine.session_worker import SessionWorker
@@ -160,7 +160,7 @@ def settle(path, records, acks, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return changed
 inbound.settle = settle
-from orchestrator.cli.main import main
+from orchestrator.cli.commands import main
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 

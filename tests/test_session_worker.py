@@ -39,7 +39,7 @@ from orchestrator.host import inbound
 def fail_messages(*args, **kwargs):  # the failure was just told to the channel: die
     os.kill(os.getpid(), signal.SIGKILL)
 inbound.fail_messages = fail_messages
-from orchestrator.cli.main import main
+from orchestrator.cli.commands import main
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 

@@ -15,13 +15,13 @@ import contextlib
 import os
 import socket
 import stat
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 from loguru import logger
 
+from orchestrator import version
 from orchestrator.api.app import Api
 from orchestrator.api.auth import ApiConfigError, Listen, parse_listen, start_error
 from orchestrator.api.events import EventStore
@@ -102,14 +102,6 @@ def bind(listen: Listen) -> socket.socket:
     return sock
 
 
-def _version() -> str:
-    from orchestrator.cli.main import DISTRIBUTION  # the distribution is not named orchestrator
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 class ApiService:
     def __init__(self, sup: "Supervisor", listen: Listen | None, token: str | None) -> None:
         cfg = sup.cfg
@@ -117,7 +109,7 @@ class ApiService:
         self.events = EventStore(cfg.data_dir / "events.db")
         gate = getattr(sup, "admission", None)  # the admission queue ([runtime] max_agents)
         self.metrics = Metrics(runtime=sup.runtime.name, channel=sup.channel.name,
-                               version=_version(),
+                               version=version(),
                                statuses=lambda: [t.status for t in sup.tracked.values()],
                                queue_length=gate.queue_length if gate else (lambda: None),
                                rescans=lambda: dict(watcher.RESCANS))

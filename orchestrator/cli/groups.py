@@ -2,7 +2,7 @@
 ``--at`` / ``--every`` options of ``send``.
 
 Kept apart from ``cli.py`` (which only wires them in) so the parser stays short.
-Every refusal is one line on stderr and exit code 2 (``cli.main`` catches the
+Every refusal is one line on stderr and exit code 2 (``cli.commands.main`` catches the
 ValueErrors raised here), and nothing is half-written.
 """
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from orchestrator import version
 from orchestrator.api import client as api_client
 from orchestrator.cli import groups as cli_groups
 from orchestrator.config import model as config_mod
@@ -30,7 +31,6 @@ from orchestrator.rules.scheduling import format_due
 from orchestrator.support.errors import UserError
 
 EXIT_USAGE = 2
-DISTRIBUTION = "agent-session-orchestrator"
 
 DESCRIPTION = """\
 Run AI agent sessions as containers or local processes, each in its own session
@@ -54,15 +54,6 @@ MODE_HELP = ("which session the message goes to: 'shared' = one per chat (channe
 
 class UsageError(UserError):
     """Bad input from the user: printed as one line, exit code 2."""
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:  # running from a source tree
-        return "unknown (not installed)"
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -256,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=DESCRIPTION,
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="config.toml", metavar="PATH",
                         help="config file (default: ./config.toml)")

@@ -2,7 +2,7 @@
 
 ``python -m bench.host --config C --ready-file F [--agents-file A] [--watch-budget N]``
 
-This is ``orchestrator.engine.supervisor.run`` line for line (same config loading,
+This is ``orchestrator.cli.compose.run`` line for line (same config loading,
 same logging set-up, same ``Supervisor.serve`` under ``capture_signals``) with
 three additions that the bench needs and the CLI does not offer:
 
@@ -35,9 +35,11 @@ from typing import Callable  # noqa: E402
 
 from loguru import logger  # noqa: E402
 
+from orchestrator.cli.compose import assembled, make_runtime  # noqa: E402
 from orchestrator.cli.logs import setup_logging  # noqa: E402
 from orchestrator.config.model import Config, read_config  # noqa: E402
-from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime  # noqa: E402
+from orchestrator.engine.supervisor import Supervisor  # noqa: E402
+from orchestrator.host.data_lock import AlreadyRunning  # noqa: E402
 from orchestrator.runtime.base import (  # noqa: E402
     AgentExit,
     AgentHandle,
@@ -88,6 +90,9 @@ class SyntheticRuntime:
         pass
 
     async def resume(self, session_id: str) -> None:
+        pass
+
+    async def ping(self) -> None:
         pass
 
     def running(self) -> list[AgentHandle]:
@@ -178,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         factory = make_runtime
 
     async def run() -> int:
-        sup = Supervisor(cfg, runtime_factory=factory)
-
-        async def report() -> None:
+        async def report(sup: Supervisor) -> None:
             await sup.ready.wait()
             times["ready"] = time.time()
             for _ in range(500):  # the watch task sets the mode right after start-up
@@ -198,16 +201,19 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.profile_dir:
             _install_profiler(Path(args.profile_dir))
-        with capture_signals(sup.stop_event):
+        stop = asyncio.Event()
+        with capture_signals(stop):
             times["serve"] = time.time()
-            reporter = asyncio.create_task(report())
             try:
-                await sup.serve()
+                async with assembled(cfg, runtime_factory=factory, stop_event=stop) as service:
+                    reporter = asyncio.create_task(report(service.supervisor))
+                    try:
+                        await service.supervisor.serve()
+                    finally:
+                        reporter.cancel()
             except AlreadyRunning as exc:
                 logger.error(str(exc))
                 return 1
-            finally:
-                reporter.cancel()
         if synthetic and synthetic[0].start_requests:
             logger.error("bench: synthetic runtime was asked to start {} agents",
                          synthetic[0].start_requests)

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable
 
 import httpx
 import uvicorn
-from e2e import supervised
+from e2e import serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,11 +37,11 @@ def token_of(cfg: Config) -> str:
 @contextlib.asynccontextmanager
 async def api_supervised(cfg: Config, **kwargs: Any
                          ) -> AsyncIterator[tuple[Supervisor, httpx.AsyncClient]]:
-    async with supervised(cfg, **kwargs) as sup:
-        assert sup.api.url is not None
-        async with httpx.AsyncClient(base_url=sup.api.url, timeout=10, headers={
+    async with serving(cfg, **kwargs) as service:
+        assert service.api.url is not None
+        async with httpx.AsyncClient(base_url=service.api.url, timeout=10, headers={
                 "Authorization": f"Bearer {token_of(cfg)}"}) as client:
-            yield sup, client
+            yield service.supervisor, client
 
 
 def message(text: str = "hello", group: str = "helpers", **extra: Any) -> dict:

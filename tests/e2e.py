@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from orchestrator.channels.jsonl import read_lines
+from orchestrator.cli.compose import Service, assembled
 from orchestrator.config.model import Config, load_config
 from orchestrator.contract.layout import SessionPaths, registry_path
 from orchestrator.engine.supervisor import Supervisor
@@ -160,10 +161,25 @@ def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
 
 
 @contextlib.asynccontextmanager
+async def serving(cfg: Config, ready_timeout: float = 30.0,
+                  **kwargs: Any) -> AsyncIterator[Service]:
+    """The whole orchestrator (``compose.assembled``) serving in this event loop; stopped
+    (and checked) on exit."""
+    async with assembled(cfg, **kwargs) as service:
+        async with _serving(service.supervisor, ready_timeout):
+            yield service
+
+
+@contextlib.asynccontextmanager
 async def supervised(cfg: Config, ready_timeout: float = 30.0,
                      **kwargs: Any) -> AsyncIterator[Supervisor]:
-    """A Supervisor serving in this event loop; stopped (and checked) on exit."""
-    sup = Supervisor(cfg, **kwargs)
+    """As ``serving``, for tests that need only the engine."""
+    async with serving(cfg, ready_timeout, **kwargs) as service:
+        yield service.supervisor
+
+
+@contextlib.asynccontextmanager
+async def _serving(sup: Supervisor, ready_timeout: float) -> AsyncIterator[None]:
     task = asyncio.create_task(sup.serve(), name="supervisor")
     ready = asyncio.create_task(sup.ready.wait())
     done, _ = await asyncio.wait({task, ready}, timeout=ready_timeout,
@@ -178,7 +194,7 @@ async def supervised(cfg: Config, ready_timeout: float = 30.0,
         await asyncio.wait_for(task, 30)
         raise AssertionError(f"supervisor not ready within {ready_timeout:g}s")
     try:
-        yield sup
+        yield
         assert not task.done(), "the supervisor ended on its own"
     finally:
         sup.stop_event.set()

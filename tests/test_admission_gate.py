@@ -27,7 +27,7 @@ from orchestrator.config.model import load_config, read_config
 from orchestrator.contract.layout import registry_path, session_paths, sessions_root
 from orchestrator.contract.schema import utcnow
 from orchestrator.engine.admission_gate import AdmissionGate
-from orchestrator.engine.session_worker import Tracked
+from orchestrator.engine.tracked import Tracked
 from orchestrator.host import status
 from orchestrator.host.registry import Registry
 from orchestrator.rules.lifecycle import Action, Claim, Verdict

@@ -22,7 +22,8 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import sessions_root
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer
-from orchestrator.engine.session_worker import Flag, SessionWorker, Tracked
+from orchestrator.engine.session_worker import SessionWorker
+from orchestrator.engine.tracked import Flag, Tracked
 from orchestrator.host.safefs import open_group
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
 
@@ -188,6 +189,9 @@ class FakeRuntime:
 
     def is_paused(self, session_id: str) -> bool:
         return False
+
+    async def ping(self) -> None:
+        pass
 
     async def reconcile(self) -> None:
         pass

@@ -25,7 +25,6 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import registry_path
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
-from orchestrator.engine.session_worker import Tracked
 from orchestrator.engine.startup_state import (
     StateBook,
     scan_group,
@@ -33,6 +32,7 @@ from orchestrator.engine.startup_state import (
     start_pass_reason,
     state_text,
 )
+from orchestrator.engine.tracked import Tracked
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.rules.lifecycle import Claim

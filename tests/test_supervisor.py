@@ -37,12 +37,13 @@ from e2e import (
 from helpers import query, until, wait_for
 
 from orchestrator.cli import commands as cli
+from orchestrator.cli.compose import assembled, make_runtime
 from orchestrator.config.model import read_config
 from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root
 from orchestrator.contract.schema import parse_ts, utcnow
-from orchestrator.engine.session_worker import Flag
-from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime
+from orchestrator.engine.tracked import Flag
+from orchestrator.host.data_lock import AlreadyRunning
 from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.local.runtime import read_pid_file
 
@@ -683,7 +684,8 @@ async def test_one_supervisor_per_data_dir(tmp_path: Path) -> None:
 
     async with supervised(cfg):
         with pytest.raises(AlreadyRunning, match="another orchestrator is running"):
-            await Supervisor(cfg).serve()
+            async with assembled(cfg):
+                pass
 
 
 def test_a_deleted_lock_file_does_not_let_a_second_supervisor_in(tmp_path: Path,

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from loguru import logger
 from starlette.applications import Starlette
@@ -28,12 +28,10 @@ from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.metrics import Metrics
 from orchestrator.contract.layout import InvalidId
 from orchestrator.contract.schema import parse_ts
+from orchestrator.engine.ports import Control
 from orchestrator.host import status as status_mod
 from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
-
-if TYPE_CHECKING:
-    from orchestrator.engine.supervisor import Supervisor
 
 Handler = Callable[[Request], Awaitable[Response]]
 MESSAGE_FIELDS = {"agent_group", "channel", "platform_id", "thread_id", "mode", "content",
@@ -108,14 +106,14 @@ def last_event_id(request: Request) -> int:
 
 
 class Api:
-    def __init__(self, sup: "Supervisor", token: str | None, events: EventStore,
+    def __init__(self, control: Control, token: str | None, events: EventStore,
                  metrics: Metrics, keys: IdempotencyKeys) -> None:
-        self.sup = sup
+        self.control = control
         self.token = token
         self.events = events
         self.metrics = metrics
         self.keys = keys
-        self.max_body = sup.cfg.sessions.max_attachment_bytes * 4 // 3 + 1024 * 1024
+        self.max_body = control.cfg.sessions.max_attachment_bytes * 4 // 3 + 1024 * 1024
         self._key_locks: dict[str, asyncio.Lock] = {}
         self.closing = asyncio.Event()
         self.started = time.monotonic()
@@ -137,7 +135,7 @@ class Api:
         return wrapped
 
     def app(self) -> Starlette:
-        metrics = (self.authed(self.metrics_page) if self.sup.cfg.api.metrics_auth
+        metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
         return Starlette(routes=[
             Route("/", self.index),
@@ -163,22 +161,20 @@ class Api:
                                            "'unsafe-inline'"})
 
     async def healthz(self, request: Request) -> Response:
-        limit = 2 * self.sup.cfg.watch.sweep_interval
-        age = time.monotonic() - (getattr(self.sup, "last_sweep", None) or self.started)
+        limit = 2 * self.control.cfg.watch.sweep_interval
+        age = time.monotonic() - (self.control.last_sweep or self.started)
         if age > limit:
             return error(f"last reconcile sweep finished {age:.0f}s ago (limit {limit:g}s)", 503)
         return JSONResponse({"ok": True, "last_sweep_seconds_ago": round(age, 3)})
 
     async def readyz(self, request: Request) -> Response:
-        if not self.sup.ready.is_set():
+        if not self.control.ready.is_set():
             return error("start-up reconcile not done yet", 503)
-        docker = getattr(self.sup.runtime, "exec", None)  # DockerExec: ping the daemon
-        if docker is not None:
-            try:
-                await asyncio.wait_for(docker.call("ping", lambda api: api.ping()), 5)
-            except Exception as exc:
-                return error(f"runtime {self.sup.runtime.name} unreachable: {exc}", 503)
-        return JSONResponse({"ok": True, "runtime": self.sup.runtime.name})
+        try:
+            await asyncio.wait_for(self.control.check_runtime(), 5)
+        except Exception as exc:  # noqa: BLE001 - any failure of the ping is "unreachable"
+            return error(f"runtime {self.control.runtime_name} unreachable: {exc}", 503)
+        return JSONResponse({"ok": True, "runtime": self.control.runtime_name})
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(self.metrics.render(),
@@ -202,7 +198,7 @@ class Api:
 
     async def post_message(self, request: Request) -> Response:
         body = await self._body(request)
-        msg = parse_message(body, self.sup.cfg.sessions.default_mode)
+        msg = parse_message(body, self.control.cfg.sessions.default_mode)
         key = request.headers.get("idempotency-key")
         if key is None:
             result = await asyncio.to_thread(self._write, msg, None, None)
@@ -223,7 +219,7 @@ class Api:
         """Runs in a worker thread: resolve the session and write the message."""
         from orchestrator.host.sessions import new_id
 
-        sessions = self.sup.sessions
+        sessions = self.control.sessions
         message_id = None
         if key is not None:
             entry = self.keys.get(key)
@@ -265,13 +261,13 @@ class Api:
 
     def _rows(self) -> list[dict[str, Any]]:
         """``status --json`` rows plus routing and activity times (worker thread)."""
-        sup = self.sup
-        by_id = {s.id: s for s in sup.registry.sessions()}
+        control = self.control
+        by_id = {s.id: s for s in control.registry.sessions()}
         out = []
-        for row in status_mod.collect(sup.cfg.data_dir, sup.registry):
+        for row in status_mod.collect(control.cfg.data_dir, control.registry):
             item = asdict(row)
             s = by_id.get(row.session_id)
-            ct, pid, thread = sup.sessions.routing_of(s) if s else (None, None, None)
+            ct, pid, thread = control.sessions.routing_of(s) if s else (None, None, None)
             item["routing"] = {"channel_type": ct, "platform_id": pid, "thread_id": thread}
             item["created_at"] = _iso(s.created_at) if s else None
             out.append(item)
@@ -295,10 +291,10 @@ class Api:
 
     async def stop_session(self, request: Request) -> Response:
         sid = request.path_params["session_id"]
-        t = self.sup.tracked.get(sid)
-        if t is None:
+        stopping = self.control.stop_agent(sid, "requested through the API")
+        if stopping is None:
             return error(f"no session {sid!r}", 404)
-        if not self.sup.worker.request_stop(t, "requested through the API"):
+        if not stopping:
             return error(f"session {sid}: no agent is running, or a start/stop is under way",
                          409)
         return JSONResponse({"session_id": sid, "stopping": True}, status_code=202)

@@ -16,25 +16,18 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import uvicorn
 from loguru import logger
 
-from orchestrator import version
 from orchestrator.api.app import Api
 from orchestrator.api.auth import ApiConfigError, Listen, parse_listen, start_error
 from orchestrator.api.events import EventStore
-from orchestrator.api.hub import Hub
 from orchestrator.api.idempotency import IdempotencyKeys
 from orchestrator.api.metrics import Metrics
 from orchestrator.config.model import Config
-from orchestrator.contract.layout import registry_path
+from orchestrator.engine.ports import Control
 from orchestrator.host.secretfile import SecretFileError, ensure_secret
-from orchestrator.watch import watcher
-
-if TYPE_CHECKING:
-    from orchestrator.engine.supervisor import Supervisor
 
 SHUTDOWN_GRACE = 3.0
 
@@ -103,25 +96,20 @@ def bind(listen: Listen) -> socket.socket:
 
 
 class ApiService:
-    def __init__(self, sup: "Supervisor", listen: Listen | None, token: str | None) -> None:
-        cfg = sup.cfg
+    """The HTTP face on the engine's event loop. Its stores (event log, idempotency
+    keys) are opened and closed by the composition root; ``close`` ends the server."""
+
+    def __init__(self, control: Control, listen: Listen | None, token: str | None,
+                 events: EventStore, metrics: Metrics, keys: IdempotencyKeys) -> None:
         self.listen = listen
-        self.events = EventStore(cfg.data_dir / "events.db")
-        gate = getattr(sup, "admission", None)  # the admission queue ([runtime] max_agents)
-        self.metrics = Metrics(runtime=sup.runtime.name, channel=sup.channel.name,
-                               version=version(),
-                               statuses=lambda: [t.status for t in sup.tracked.values()],
-                               queue_length=gate.queue_length if gate else (lambda: None),
-                               rescans=lambda: dict(watcher.RESCANS))
-        self.hub = Hub(self.events, self.metrics)
-        sup.worker.notify = self.hub.notify
-        self.keys = IdempotencyKeys(registry_path(cfg.data_dir))
-        self.api = Api(sup, token, self.events, self.metrics, self.keys)
+        self.events = events
+        self.metrics = metrics
+        self.api = Api(control, token, events, metrics, keys)
         self._sock = bind(listen) if listen else None
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
         self.url: str | None = None
-        if self._sock is not None:
+        if self._sock is not None and listen is not None:
             if listen.path:
                 self.url = listen.url()
             else:
@@ -155,5 +143,3 @@ class ApiService:
             if self.listen and self.listen.path:
                 with contextlib.suppress(OSError):
                     os.unlink(self.listen.path)
-        self.keys.close()
-        self.events.close()

@@ -219,9 +219,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.cli.compose import run
     from orchestrator.cli.logs import setup_logging
     from orchestrator.config.groups import preflight
-    from orchestrator.engine.supervisor import run
 
     cfg = _load(args)
     preflight(cfg)

@@ -17,11 +17,13 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.channels.jsonl import read_lines
+from orchestrator.cli.compose import assembled
 from orchestrator.cli.logs import setup_logging
-from orchestrator.config.model import read_config
+from orchestrator.config.model import Config, read_config
 from orchestrator.contract.session_status import Status
-from orchestrator.engine.supervisor import AlreadyRunning, Supervisor
+from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host import status
+from orchestrator.host.data_lock import AlreadyRunning
 from orchestrator.host.sessions import MessagingGroup
 
 DEADLINE = 60.0
@@ -42,7 +44,12 @@ async def _demo(config_path: Path) -> int:
     cfg = cfg.replace(lifecycle={"idle_after": 2.0, "stop_idle_after": 2.0})
     logger.info("demo: data dir {}, runtime {}, replies to {}", cfg.data_dir, cfg.runtime.kind,
                 cfg.delivery.path)
-    sup = Supervisor(cfg)
+    async with assembled(cfg) as service:
+        return await _converse(cfg, service.supervisor)
+
+
+async def _converse(cfg: Config, sup: Supervisor) -> int:
+    """Send one message, print the reply and the status changes, stop."""
     server = asyncio.create_task(sup.serve())
     ready = asyncio.create_task(sup.ready.wait())
     await asyncio.wait([server, ready], return_when=asyncio.FIRST_COMPLETED)

@@ -29,7 +29,7 @@ from loguru import logger
 
 from orchestrator.config.model import Config
 from orchestrator.contract.session_status import Status
-from orchestrator.engine.session_worker import Flag, Flags, Tracked
+from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
 from orchestrator.rules.admission import Agent, Waiting, may_give_way, plan, resolve_max_agents

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 from loguru import logger
 
@@ -31,11 +30,13 @@ from orchestrator.config import groups
 from orchestrator.config.groups import AgentSettings
 from orchestrator.config.model import Config
 from orchestrator.contract import schema
-from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, SessionPaths
+from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer, DeliveryState
+from orchestrator.engine.ports import Admission, Mark, Notify, StatusBook, Unlimited, notify_nobody
+from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound, outbound
-from orchestrator.host.filesig import Signature, signature_mtime
+from orchestrator.host.filesig import signature_mtime
 from orchestrator.host.outbound import OutboundError
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, Refused, SessionDir
@@ -50,100 +51,18 @@ from orchestrator.rules.lifecycle import (
     last_activity,
     start_backoff,
 )
-from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.base import Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.support.errors import host_storage_failure
-from orchestrator.support.logonce import LogOnce
-
-if TYPE_CHECKING:
-    from orchestrator.engine.admission_gate import AdmissionGate
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
 BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
-
-Identity = tuple[tuple[int, int], int | None, int | None]  # folder, outbound.db, inbound.db
-
-
-class Flag:
-    """What changed for a session, as bits of a plain ``int``.
-
-    (Not ``enum.Flag``: its ``|``/``&`` cost a third of a heartbeat pass.)
-    """
-
-    NONE = 0
-    HEARTBEAT = 1 << 0
-    OUTBOUND = 1 << 1
-    OUTBOX = 1 << 2
-    INBOUND = 1 << 3
-    EXIT = 1 << 4
-    TIMER = 1 << 5
-    SWEEP = 1 << 6  # reconcile: re-read whatever changed on disk (stat-gated)
-    FULL = 1 << 7  # re-read everything
-    FORCE = 1 << 8  # the start-up reconcile pass
-
-
-Flags = int
 
 
 # what a stat-gated look compares with the last pass: (key in sigs, file, flag)
 _WATCHED = (("hb", HEARTBEAT, Flag.HEARTBEAT), ("out", OUTBOUND_DB, Flag.OUTBOUND),
             ("in", INBOUND_DB, Flag.INBOUND))
 _QUIET = _WATCHED[1:]
-_NO_ANSWERS = answers.Answers()  # frozen: every session starts with this one
-
-
-@dataclass(slots=True)
-class Tracked:
-    """What the supervisor remembers about a session between passes.
-
-    Slotted: 10 000 sessions are 10 000 of these (a ``__dict__`` each was ~1 KB)."""
-
-    agent_group: str
-    session_id: str
-    paths: SessionPaths
-    status: Status = Status.STOPPED
-    routing: tuple[str | None, str | None, str | None] | None = None
-    started_at: datetime | None = None
-    heartbeat_at: datetime | None = None
-    last_reply_at: datetime | None = None
-    idle_since: datetime | None = None
-    claims: tuple[Claim, ...] = ()
-    tool_timeout: float | None = None
-    tool_running: bool = False  # container_state.current_tool is set
-    answers: answers.Answers = _NO_ANSWERS
-    due: int = 0
-    next_inbound_due: datetime | None = None
-    delivery: DeliveryState = field(default_factory=DeliveryState)
-    delivery_due: datetime | None = None
-    synced_acks: set[str] = field(default_factory=set)
-    acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
-    max_seq_seen: int = 0
-    start_failures: int = 0  # failed starts in a row, any cause (sets the backoff)
-    start_blocked_until: datetime | None = None
-    start_errors: int = 0  # of those, failed for this session's own reasons (not outages)
-    start_error: str | None = None  # the last such reason, for the failed messages
-    op_failures: int = 0  # runtime operations (stop/kill) that raised, in a row
-    op_blocked_until: datetime | None = None  # after such a failure: no new op before
-    exit: AgentExit | None = None
-    ending_reason: str | None = None  # why we stopped/killed it, for the exit's status reason
-    op: asyncio.Task | None = None
-    timer: asyncio.TimerHandle | None = None
-    timer_at: datetime | None = None
-    sigs: dict[str, Signature] = field(default_factory=dict)
-    # troubles said once, not per pass: "pass" (the folder/DBs unreadable: the error),
-    # "start" and "op" (failed starts / stop-kills in a row: the first is loud)
-    said: LogOnce = field(default_factory=LogOnce)
-    registry_touched: datetime | None = None
-    identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
-    busy: int = 0  # passes in a row that met a locked database
-    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
-    restored: bool = False  # skipped at start-up (``startup_state``): first pass is full
-
-    @property
-    def broken(self) -> str | None:
-        """The error that makes passes fail, as logged (None while they succeed)."""
-        return self.said.last("pass")
-
 
 def _ids(ids: list[str], shown: int = 20) -> str:
     if len(ids) == 1:
@@ -160,9 +79,18 @@ def _parse_ts(value: str | None) -> datetime | None:
 
 
 class SessionWorker:
+    """Runs one pass over one session (``process``); the supervisor calls it.
+
+    ``statuses`` writes status changes; ``admission`` may turn a start into a wait
+    for a slot; ``notify`` gets status changes, replies delivered/failed, failed
+    messages and agent starts (the API's event log and metrics: must not block);
+    ``after_pass`` sees every session after its pass (the start-up state book)."""
+
     def __init__(self, cfg: Config, registry: Registry, sessions: Sessions, runtime: Runtime,
-                 deliverer: Deliverer, clock: Callable[[], datetime],
-                 mark: Callable[[str, Flags], None]) -> None:
+                 deliverer: Deliverer, clock: Callable[[], datetime], mark: Mark, *,
+                 statuses: StatusBook | None = None, admission: Admission | None = None,
+                 notify: Notify = notify_nobody,
+                 after_pass: Callable[[Tracked], None] = lambda t: None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.sessions = sessions
@@ -170,15 +98,13 @@ class SessionWorker:
         self.deliverer = deliverer
         self.clock = clock
         self.mark = mark
+        self.statuses = statuses or StatusBook(registry, notify)
+        self.admission = admission or Unlimited()
+        self.notify = notify
+        self.after_pass = after_pass
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
-        self.admission: AdmissionGate | None = None  # the cap on agents; set by the supervisor
         self._ops: set[asyncio.Task] = set()
-        # status changes, replies delivered/failed, failed messages, agent starts → the
-        # API's event log and metrics (``orchestrator.api.hub``); must not block
-        self.notify: Callable[[str, dict], None] = lambda kind, data: None
         self._settings: dict[str, AgentSettings] = {}
-        # after every pass (the supervisor saves settled sessions: ``startup_state``)
-        self.after_pass: Callable[[Tracked], None] = lambda t: None
 
     def settings(self, agent_group: str) -> AgentSettings:
         """The group's effective settings ([groups.<name>] over the global values),
@@ -439,7 +365,7 @@ class SessionWorker:
         t.op_failures = 0  # the agent a failed stop/kill was for has gone
         t.said.clear("op")
         t.op_blocked_until = None
-        self.set_status(t, Status.STOPPED, reason, now)
+        self.statuses.set(t, Status.STOPPED, reason, now)
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """No agent runs, yet messages are claimed or acked unanswered: the agent died
@@ -512,10 +438,10 @@ class SessionWorker:
 
     async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
                      now: datetime) -> None:
-        if self.admission is not None and (t.op is None or t.op.done()):
+        if t.op is None or t.op.done():
             verdict = self.admission.review(t, verdict, now)  # a start may wait for a slot
         if verdict.record is not None:
-            self.set_status(t, *verdict.record, now)
+            self.statuses.set(t, *verdict.record, now)
         t.idle_since = verdict.idle_since
         if verdict.action is Action.START:
             self._run_op(t, self._start_admitted(t))
@@ -574,15 +500,6 @@ class SessionWorker:
                 "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
                 pid or default[1], thread or default[2]))
 
-    def set_status(self, t: Tracked, status: Status, reason: str, now: datetime) -> None:
-        old = t.status
-        t.status = status
-        self.registry.set_container_status(t.session_id, status, reason, now)
-        logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
-                    reason)
-        self.notify("status", {"session_id": t.session_id, "agent_group": t.agent_group,
-                               "old": old, "status": status, "reason": reason})
-
     def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
         stamps = {m.id: m.timestamp for m in messages}
         for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
@@ -634,8 +551,7 @@ class SessionWorker:
         try:
             await self._start(t)
         finally:  # started or not, the slot it held while starting is the runtime's now
-            if self.admission is not None:
-                self.admission.start_done(t.session_id)
+            self.admission.start_done(t.session_id)
 
     async def _start(self, t: Tracked) -> None:
         now = self.clock()
@@ -688,18 +604,18 @@ class SessionWorker:
         t.idle_since = None
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.due} message(s) due")
-        self.set_status(t, Status.RUNNING, reason, t.started_at)
+        self.statuses.set(t, Status.RUNNING, reason, t.started_at)
 
     async def _pause(self, t: Tracked, reason: str) -> None:
         """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three
         statuses stay), recorded as the status reason: ``paused after …``."""
         await self.runtime.pause(t.session_id)
-        self.set_status(t, t.status, reason, self.clock())
+        self.statuses.set(t, t.status, reason, self.clock())
 
     async def _resume(self, t: Tracked, reason: str) -> None:
         await self.runtime.resume(t.session_id)
         t.resumed_at = self.clock()
-        self.set_status(t, t.status, reason, t.resumed_at)
+        self.statuses.set(t, t.status, reason, t.resumed_at)
 
     @staticmethod
     def unblock(t: Tracked) -> bool:

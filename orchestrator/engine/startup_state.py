@@ -33,19 +33,17 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from loguru import logger
 
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
 from orchestrator.contract.session_status import Status
+from orchestrator.engine.tracked import Tracked
 from orchestrator.host.filesig import Signature
+from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, open_group
 from orchestrator.support.logonce import LogOnce
-
-if TYPE_CHECKING:
-    from orchestrator.engine.session_worker import Tracked
-    from orchestrator.host.registry import Registry
 
 SIG_KEYS = (("hb", HEARTBEAT), ("out", OUTBOUND_DB), ("in", INBOUND_DB))
 

@@ -16,42 +16,36 @@ sweep. Timers fire at exact due times (idle, stop, stuck, ``process_after``,
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Callable
 
 from loguru import logger
 
-from orchestrator.api import server as api_server
-from orchestrator.channels import Channel, make_channel
 from orchestrator.config.model import Config
 from orchestrator.contract.layout import (
     INBOUND_DB,
     InvalidId,
     Kind,
-    registry_path,
     session_paths,
     sessions_root,
     validate_id,
 )
 from orchestrator.contract.schema import utcnow
 from orchestrator.contract.session_status import Status
-from orchestrator.engine.admission_gate import open_gate
-from orchestrator.engine.delivery import Deliverer
-from orchestrator.engine.session_worker import Flag, Flags, SessionWorker, Tracked
+from orchestrator.engine.admission_gate import AdmissionGate
+from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
+from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook, unchanged
+from orchestrator.engine.tracked import Flag, Tracked
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import Refused, SessionDir, open_group
 from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
-from orchestrator.runtime.base import AgentExit, Runtime
-from orchestrator.support.errors import UserError, storage
+from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
-from orchestrator.support.signals import capture_signals
 from orchestrator.support.ticker import ticks
 from orchestrator.watch import watcher
 
@@ -67,19 +61,6 @@ _KIND_FLAGS = {
 }
 
 
-def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
-                 on_available: Callable[[], None]) -> Runtime:
-    """``on_available``: the runtime can start agents again (the Docker daemon is
-    back). The local runtime is never unavailable, so it does not take one."""
-    if cfg.runtime.kind == "docker":
-        from orchestrator.runtime.docker.runtime import DockerRuntime
-
-        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available)
-    from orchestrator.runtime.local.runtime import LocalRuntime
-
-    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
-
-
 WATCH_START_TIMEOUT = 10.0
 SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
 
@@ -92,76 +73,60 @@ def sweep_plan(interval: float, tick: float = SWEEP_TICK) -> tuple[float, int]:
 
 
 
-class AlreadyRunning(UserError):
-    pass
-
-
-@dataclass
-class DataDirLock:
-    """The held locks; ``release`` (or the process's exit) lets the next ``run`` in."""
-
-    fds: list[int]
-
-    def release(self) -> None:
-        while self.fds:
-            os.close(self.fds.pop())
-
-
-def lock_data_dir(data_dir: Path) -> DataDirLock:
-    """One supervisor per data dir: two would deliver the same replies twice.
-
-    The lock is an ``flock`` on the data directory itself, which nobody can delete
-    from under a running supervisor (a lock *file* can be removed, and the next
-    ``run`` would lock a new file of the same name). ``orchestrator.lock`` is
-    locked as well, so a supervisor from before this change is excluded too.
-    """
-    with storage(data_dir, "create the data directory"):
-        data_dir.mkdir(parents=True, exist_ok=True)
-    lock = DataDirLock([])
-    try:
-        with storage(data_dir, "lock the data directory"):
-            try:
-                lock.fds.append(os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY))
-                fcntl.flock(lock.fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
-                legacy = data_dir / "orchestrator.lock"
-                if os.access(data_dir, os.W_OK) or legacy.exists():
-                    lock.fds.append(os.open(legacy, os.O_RDWR | os.O_CREAT, 0o644))
-                    fcntl.flock(lock.fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise AlreadyRunning(f"another orchestrator is running on {data_dir}; "
-                                     "stop it first") from None
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
 @dataclass
 class Supervisor:
+    """Startup → main loop → shutdown, over collaborators built by the composition root
+    (``orchestrator.cli.compose``), which also opens and closes them."""
+
     cfg: Config
-    runtime_factory: Callable[[Config, Callable[[AgentExit], None], Callable[[], None]],
-                              Runtime] = make_runtime
-    channel: Channel | None = None
+    tracked: dict[str, Tracked]  # shared with the gate and the metrics
+    registry: Registry
+    sessions: Sessions
+    runtime: Runtime
+    inbox: RuntimeInbox
+    dirty: Dirty
+    statuses: StatusBook
+    worker: SessionWorker
+    admission: AdmissionGate
+    book: StateBook
     clock: Clock = utcnow
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        self.tracked: dict[str, Tracked] = {}
-        self._dirty: dict[str, Flags] = {}
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
+        self._tasks: list[asyncio.Task] = []  # watch, sweep
+        self._worker: asyncio.Task | None = None
+
+    # --- what the API may ask (``ports.Control``) -----------------------------------
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name
+
+    async def check_runtime(self) -> None:
+        await self.runtime.ping()
+
+    def stop_agent(self, session_id: str, reason: str) -> bool | None:
+        t = self.tracked.get(session_id)
+        return None if t is None else self.worker.request_stop(t, reason)
 
     # --- events in ----------------------------------------------------------------
 
-    def mark(self, session_id: str, flags: Flags) -> None:
-        self._dirty[session_id] = self._dirty.get(session_id, Flag.NONE) | flags
-        self._wake.set()
+    def mark(self, session_id: str, flags: int) -> None:
+        self.dirty.mark(session_id, flags)
+
+    def _take_runtime_news(self) -> None:
+        """What the runtime reported since the last look (``RuntimeInbox``)."""
+        exits, came_back = self.inbox.take()
+        for ev in exits:
+            self._on_exit(ev)
+        if came_back:
+            self._on_runtime_available()
 
     def _on_exit(self, ev: AgentExit) -> None:
         t = self.tracked.get(ev.session_id)
@@ -216,7 +181,6 @@ class Supervisor:
             validate_id(session_id, "session id")
         except InvalidId:
             return False
-        paths = session_paths(self.cfg.data_dir, agent_group, session_id)
         row = self.registry.session(session_id)
         if row is None:
             if not self._real_session_folder(agent_group, session_id):
@@ -279,11 +243,11 @@ class Supervisor:
 
     async def _work(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._dirty:
-                sid = next(iter(self._dirty))
-                flags = self._dirty.pop(sid)
+            await self.dirty.wake.wait()
+            self.dirty.wake.clear()
+            self._take_runtime_news()
+            while self.dirty.flags:
+                sid, flags = self.dirty.pop()
                 t = self.tracked.get(sid)
                 if t is not None:
                     await self.worker.process(t, flags)
@@ -292,6 +256,7 @@ class Supervisor:
                         if not self._unreconciled:
                             self.ready.set()
                 await asyncio.sleep(0)  # let events in between sessions
+                self._take_runtime_news()
 
     async def _watch(self) -> None:
         root = sessions_root(self.cfg.data_dir)
@@ -322,7 +287,7 @@ class Supervisor:
                 self._discover()
                 order = list(self.tracked)
             self._sweep_slice(order[part::slices])
-            self._book.save()
+            self.book.save()
 
     def _sweep_slice(self, sids: list[str]) -> None:
         """Each group folder is opened once per slice (``safefs.open_group``); a swept
@@ -346,35 +311,13 @@ class Supervisor:
                 if fd is not None:
                     os.close(fd)
 
-    async def _open(self) -> None:
-        data_dir = self.cfg.data_dir
-        listen, token = api_server.preflight(self.cfg)  # refused here: nothing started yet
-        self._dir_lock = lock_data_dir(data_dir)
-        sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(registry_path(data_dir))
-        self.sessions = Sessions(data_dir, self.registry, self.cfg.sessions.max_attachment_bytes)
-        self.channel = self.channel or make_channel(self.cfg.delivery)
-        self.runtime = self.runtime_factory(self.cfg, self._on_exit, self._on_runtime_available)
-        self.deliverer = Deliverer(data_dir, self.registry, self.channel, self.cfg.delivery)
-        self.worker = SessionWorker(self.cfg, self.registry, self.sessions, self.runtime,
-                                    self.deliverer, self.clock, self.mark)
-        self.admission = self.worker.admission = open_gate(
-            self.cfg, self.tracked, self.runtime, self.registry, self.mark,
-            self.worker.set_status, self.clock)
-        self._book = StateBook(self.registry)
-        self.worker.after_pass = lambda t: self._book.note(t, self.runtime.is_running(
-            t.session_id))
-        if hasattr(self.channel, "bind"):  # the webhook: an outcome is known → a pass
-            self.channel.bind(lambda sid: self.mark(sid, Flag.OUTBOUND))
-        self.api = api_server.ApiService(self, listen, token)
-
     async def _reconcile_at_start(self) -> None:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
         try:
             adopted = {h.session_id: h for h in await self.runtime.recover()}
             unknown = None
         except Exception as exc:  # e.g. Docker down: keep going, adopt when it is back
-            if not getattr(exc, "reported", False):  # the runtime said it once already
+            if not (isinstance(exc, RuntimeUnavailable) and exc.reported):  # said once already
                 logger.error("could not list existing agents: {}", exc)
             logger.info("agents from before the restart are adopted once the runtime "
                         "answers; their claims are kept until then")
@@ -385,14 +328,14 @@ class Supervisor:
         for sid, t in self.tracked.items():
             if sid in adopted:
                 t.started_at = now
-                self.worker.set_status(t, Status.RUNNING, "adopted after restart", now)
+                self.statuses.set(t, Status.RUNNING, "adopted after restart", now)
             elif t.status != Status.STOPPED:
-                self.worker.set_status(t, Status.STOPPED, unknown or "no agent found at start-up",
+                self.statuses.set(t, Status.STOPPED, unknown or "no agent found at start-up",
                                        now)
         skipped = self._skip_unchanged(adopted, before)
         self._unreconciled = set(self.tracked) - skipped
         for sid in self._unreconciled:
-            self._dirty[sid] = Flag.FULL | Flag.FORCE
+            self.dirty.flags[sid] = Flag.FULL | Flag.FORCE
         if not self._unreconciled:
             self.ready.set()
         logger.info("orchestrator up: {} sessions ({} unchanged since the last run), {} adopted "
@@ -404,17 +347,30 @@ class Supervisor:
         when the last run saved them, and nothing on disk changed since. Runs after the
         watch is up, with no ``await`` from the check to the end: a later change has its
         event. ``_discover``'s mark goes; an earlier event's change was seen by the check."""
-        skipped = unchanged(self.cfg.data_dir, self.tracked, self._book.saved,
+        skipped = unchanged(self.cfg.data_dir, self.tracked, self.book.saved,
                             set(adopted), before)
         for sid in skipped:
-            self._dirty.pop(sid, None)
+            self.dirty.drop(sid)
         return skipped
 
     async def serve(self) -> None:
-        """Run until ``stop_event`` is set, then shut down cleanly."""
-        await self._open()
-        await self.api.start()
-        self._tasks = [asyncio.create_task(self._watch(), name="watch")]
+        """Run until ``stop_event`` is set, then stop what this started: the engine's
+        tasks, and the agents if ``on_shutdown = "stop"``. A failure at any point of
+        start-up stops them too. The collaborators are closed by whoever opened them
+        (the composition root's exit stack).
+
+        The tasks are kept in a list, not an ``asyncio.TaskGroup``: a group wraps the
+        body's own error in an ``ExceptionGroup``, and a ``UserError`` raised during
+        start-up must reach the command line as itself (one line, exit 2)."""
+        try:
+            self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
+            await self._start()
+            await self.stop_event.wait()
+        finally:
+            await self._stop_tasks()
+            await self._shutdown()
+
+    async def _start(self) -> None:
         await asyncio.sleep(0)  # the watch thread starts adding its watches …
         self._discover()  # … while the sessions are listed (again after it, for late ones)
         try:
@@ -424,25 +380,25 @@ class Supervisor:
                            WATCH_START_TIMEOUT)
         await self._reconcile_at_start()
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
-        worker = asyncio.create_task(self._work(), name="work")
-        self._wake.set()
-        try:
-            await self.stop_event.wait()
-        finally:
-            await self._shutdown(worker)
+        self._worker = asyncio.create_task(self._work(), name="work")
+        self.dirty.wake.set()
 
-    async def _shutdown(self, worker: asyncio.Task) -> None:
+    async def _stop_tasks(self) -> None:
+        """Watch and sweep first; then the work loop, between two sessions' passes."""
         self.stop_event.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._dirty.clear()
-        self._wake.set()
+        self.dirty.clear()
+        self.dirty.wake.set()
         await asyncio.sleep(0)
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def _shutdown(self) -> None:
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
-        self._book.save()
+        self.book.save()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:
             logger.info("stopping {} agents", len(running))
@@ -454,32 +410,11 @@ class Supervisor:
             if failed:  # e.g. Docker down: their status stays; recover() sorts them out
                 logger.warning("could not stop {} of {} agents ({}); they are re-adopted or "
                                "cleaned up on restart", len(failed), len(running), failed[0])
-            for h, result in zip(running, results):
+            for h, result in zip(running, results, strict=True):
                 t = self.tracked.get(h.session_id)
                 if t and not isinstance(result, BaseException):
-                    self.worker.set_status(t, Status.STOPPED, "stopped at orchestrator shutdown", now)
+                    self.statuses.set(t, Status.STOPPED, "stopped at orchestrator shutdown", now)
         elif running:
             logger.info("leaving {} agents running; they are re-adopted on restart",
                         len(running))
         self.worker.cancel_timers(self.tracked.values())
-        await self.api.close()
-        await self.runtime.close()
-        if hasattr(self.channel, "aclose"):
-            await self.channel.aclose()
-        self.channel.close()
-        self.registry.close()
-        self._dir_lock.release()
-        logger.info("orchestrator stopped")
-
-
-def run(cfg: Config) -> int:
-    """``orchestrator run``: serve until SIGINT/SIGTERM."""
-
-    async def main() -> int:
-        sup = Supervisor(cfg)
-        with capture_signals(sup.stop_event):
-            await sup.serve()  # AlreadyRunning, ApiConfigError: one line and exit 2 (cli.main)
-        return 0
-
-    return asyncio.run(main())
-

@@ -93,6 +93,10 @@ class Runtime(Protocol):
         """From the runtime's own bookkeeping (adopted agents: as found); no I/O."""
         ...
 
+    async def ping(self) -> None:
+        """Raises ``RuntimeUnavailable`` when the runtime does not answer (``/readyz``)."""
+        ...
+
     async def reconcile(self) -> None:
         """Re-check owned agents against the runtime itself: report exits that its
         event source missed, adopt live agents it did not know of (called by the

@@ -590,6 +590,9 @@ class DockerRuntime:
         elif action == "destroy":
             self._emit(t, None, "vanished")
 
+    async def ping(self) -> None:
+        await self.exec.call("ping", lambda api: api.ping())
+
     async def reconcile(self) -> None:
         """Compare the bookkeeping with Docker: report tracked containers that ended or
         vanished while no event reached us, adopt live ones we did not know of, and

@@ -201,6 +201,9 @@ class LocalRuntime:
         self._pid_file(session, popen.pid)
         return self._handle(agent)
 
+    async def ping(self) -> None:
+        return None  # processes on this host: nothing to be unreachable
+
     async def reconcile(self) -> None:
         """Nothing to do: a pidfd cannot miss its process's exit."""
 

@@ -1,0 +1,143 @@
+"""The composition root: the one place that builds the running orchestrator.
+
+Everything is built here, in order, and handed to constructors; nothing is patched
+on afterwards. Every resource is opened under one ``AsyncExitStack``, so shutdown is
+the stack unwinding — and a failure at any point of start-up (a refused API setting,
+a locked data dir, a start-up reconcile that raises) closes exactly what was opened
+before it: the API socket, the runtime and its threads, the channel, the stores, the
+data-dir lock.
+
+This is also the only module that names the concrete runtimes, the concrete channels
+(through ``make_channel``) and the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import AsyncIterator, Callable
+
+from loguru import logger
+
+from orchestrator import version
+from orchestrator.api import server as api_server
+from orchestrator.api.events import EventStore
+from orchestrator.api.hub import Hub
+from orchestrator.api.idempotency import IdempotencyKeys
+from orchestrator.api.metrics import Metrics
+from orchestrator.channels import Channel, make_channel
+from orchestrator.config.model import Config
+from orchestrator.contract.layout import registry_path, sessions_root
+from orchestrator.contract.schema import utcnow
+from orchestrator.engine.admission_gate import open_gate
+from orchestrator.engine.delivery import Deliverer
+from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
+from orchestrator.engine.session_worker import SessionWorker
+from orchestrator.engine.startup_state import StateBook
+from orchestrator.engine.supervisor import Supervisor
+from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.host.data_lock import lock_data_dir
+from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import Sessions
+from orchestrator.runtime.base import AgentExit, Runtime
+from orchestrator.support.signals import capture_signals
+from orchestrator.watch import watcher
+
+Clock = Callable[[], datetime]
+RuntimeFactory = Callable[[Config, Callable[[AgentExit], None], Callable[[], None]], Runtime]
+
+
+def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
+                 on_available: Callable[[], None]) -> Runtime:
+    """``on_available``: the runtime can start agents again (the Docker daemon is
+    back). The local runtime is never unavailable, so it does not take one."""
+    if cfg.runtime.kind == "docker":
+        from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
+
+        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available)
+    from orchestrator.runtime.local.runtime import LocalRuntime
+
+    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
+
+
+@dataclass(frozen=True)
+class Service:
+    """The assembled orchestrator: the engine, and the API in front of it."""
+
+    supervisor: Supervisor
+    api: api_server.ApiService
+
+
+@asynccontextmanager
+async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runtime,
+                    channel: Channel | None = None, clock: Clock = utcnow,
+                    stop_event: asyncio.Event | None = None) -> AsyncIterator[Service]:
+    """Build and open everything; leaving the block closes it all, in reverse order."""
+    data_dir = cfg.data_dir
+    listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
+    async with AsyncExitStack() as stack:
+        stack.callback(lock_data_dir(data_dir).release)
+        sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
+        registry = stack.enter_context(Registry(registry_path(data_dir)))
+        sessions = Sessions(data_dir, registry, cfg.sessions.max_attachment_bytes)
+
+        chan = channel or make_channel(cfg.delivery)
+        stack.callback(chan.close)
+        stack.push_async_callback(chan.aclose)
+        dirty = Dirty()
+        inbox = RuntimeInbox(dirty)
+        runtime = runtime_factory(cfg, inbox.exited, inbox.available)
+        stack.push_async_callback(runtime.close)
+
+        tracked: dict[str, Tracked] = {}
+        events = EventStore(data_dir / "events.db")
+        stack.callback(events.close)
+        keys = IdempotencyKeys(registry_path(data_dir))
+        stack.callback(keys.close)
+        # the gauges are read at scrape time, when the gate below exists (the gate
+        # writes statuses, which the hub counts: it cannot come first)
+        metrics = Metrics(runtime=runtime.name, channel=chan.name, version=version(),
+                          statuses=lambda: [t.status for t in tracked.values()],
+                          queue_length=lambda: gate.queue_length(),
+                          rescans=lambda: dict(watcher.RESCANS))
+        hub = Hub(events, metrics)
+
+        statuses = StatusBook(registry, hub.notify)
+        gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)
+        book = StateBook(registry)
+        deliverer = Deliverer(data_dir, registry, chan, cfg.delivery)
+        worker = SessionWorker(
+            cfg, registry, sessions, runtime, deliverer, clock, dirty.mark,
+            statuses=statuses, admission=gate, notify=hub.notify,
+            after_pass=lambda t: book.note(t, runtime.is_running(t.session_id)))
+        sup = Supervisor(cfg, tracked, registry, sessions, runtime, inbox, dirty, statuses,
+                         worker, gate, book, clock,
+                         stop_event=stop_event or asyncio.Event())
+        chan.bind(lambda sid: dirty.mark(sid, Flag.OUTBOUND))  # an outcome known → a pass
+
+        api = api_server.ApiService(sup, listen, token, events, metrics, keys)
+        stack.push_async_callback(api.close)
+        await api.start()
+        yield Service(sup, api)
+    logger.info("orchestrator stopped")
+
+
+async def serve(cfg: Config, stop_event: asyncio.Event) -> None:
+    """Serve until ``stop_event`` is set."""
+    async with assembled(cfg, stop_event=stop_event) as service:
+        await service.supervisor.serve()
+
+
+def run(cfg: Config) -> int:
+    """``orchestrator run``: serve until SIGINT/SIGTERM. AlreadyRunning, ApiConfigError
+    and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``)."""
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        with capture_signals(stop):
+            await serve(cfg, stop)
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,158 @@
+"""The engine's small shared parts, built first so that nothing is patched on later.
+
+The composition root (``orchestrator.cli.compose``) builds these before the objects
+that use them, then hands them to constructors:
+
+- ``Dirty``: which sessions need a pass and why (``mark``), and the wake-up of the
+  supervisor's work loop. The worker, the gate and the channel mark; the supervisor
+  takes.
+- ``RuntimeInbox``: what the runtime reports from its own threads and tasks (an agent
+  exited, the runtime answers again), kept until the supervisor's loop reads it. The
+  runtime is built before the supervisor, so it gets these two methods, not the
+  supervisor.
+- ``StatusBook``: a session's status change, written to the registry, logged and
+  told to the API's hub. The gate and the worker both write statuses.
+- ``Admission``: the two methods of the admission gate that the worker uses.
+- ``Notify``: where notifications go (the API's hub: metrics and the event log).
+- ``Control``: what the API may ask of the running engine (the supervisor is one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from datetime import datetime
+from typing import Any, Callable, Protocol
+
+from loguru import logger
+
+from orchestrator.config.model import Config
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.tracked import Flag, Flags, Tracked
+from orchestrator.host.registry import Registry
+from orchestrator.host.sessions import Sessions
+from orchestrator.rules.lifecycle import Verdict
+from orchestrator.runtime.base import AgentExit
+
+Notify = Callable[[str, dict[str, Any]], None]
+Mark = Callable[[str, Flags], None]
+
+
+def notify_nobody(kind: str, data: dict[str, Any]) -> None:
+    """The notification sink when no API hub listens (tests of one part)."""
+
+
+class Admission(Protocol):
+    """What the worker asks of the admission gate."""
+
+    def review(self, t: Tracked, verdict: Verdict, now: datetime) -> Verdict:
+        """The verdict, or a start turned into a wait for a free slot."""
+        ...
+
+    def start_done(self, session_id: str) -> None:
+        """A start admitted earlier has finished (either way): its slot is settled."""
+        ...
+
+
+class Unlimited:
+    """No cap on agents: every start goes ahead."""
+
+    def review(self, t: Tracked, verdict: Verdict, now: datetime) -> Verdict:
+        return verdict
+
+    def start_done(self, session_id: str) -> None:
+        return None
+
+
+class Dirty:
+    """Sessions that need a pass, with the union of what changed for each.
+
+    One pass per session at a time is what makes delivery exactly-once within the
+    process; coalescing means a burst of heartbeats costs one pass, not a thousand."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, Flags] = {}
+        self.wake = asyncio.Event()
+
+    def mark(self, session_id: str, flags: Flags) -> None:
+        self.flags[session_id] = self.flags.get(session_id, Flag.NONE) | flags
+        self.wake.set()
+
+    def pop(self) -> tuple[str, Flags]:
+        """The session marked longest ago, and its flags (only while ``flags``)."""
+        sid = next(iter(self.flags))
+        return sid, self.flags.pop(sid)
+
+    def drop(self, session_id: str) -> None:
+        self.flags.pop(session_id, None)
+
+    def clear(self) -> None:
+        self.flags.clear()
+
+
+class RuntimeInbox:
+    """What the runtime told us, until the supervisor's loop reads it.
+
+    The runtime calls ``exited`` and ``available`` on the event loop (its callbacks are
+    scheduled there); each wakes the loop, which takes them with ``take`` before the
+    next dirty session."""
+
+    def __init__(self, dirty: Dirty) -> None:
+        self._dirty = dirty
+        self.exits: deque[AgentExit] = deque()
+        self.came_back = False
+
+    def exited(self, ev: AgentExit) -> None:
+        self.exits.append(ev)
+        self._dirty.wake.set()
+
+    def available(self) -> None:
+        self.came_back = True
+        self._dirty.wake.set()
+
+    def take(self) -> tuple[list[AgentExit], bool]:
+        exits, came_back = list(self.exits), self.came_back
+        self.exits.clear()
+        self.came_back = False
+        return exits, came_back
+
+
+class StatusBook:
+    """A status change: the registry row, one log line, and a notification."""
+
+    def __init__(self, registry: Registry, notify: Notify = notify_nobody) -> None:
+        self.registry = registry
+        self.notify = notify
+
+    def set(self, t: Tracked, status: Status, reason: str, now: datetime) -> None:
+        old = t.status
+        t.status = status
+        self.registry.set_container_status(t.session_id, status, reason, now)
+        logger.info("session {}/{}: {} → {} ({})", t.agent_group, t.session_id, old, status,
+                    reason)
+        self.notify("status", {"session_id": t.session_id, "agent_group": t.agent_group,
+                               "old": old, "status": status, "reason": reason})
+
+
+class Control(Protocol):
+    """The running engine as the API sees it: its settings and stores, whether it is
+    up, and the one action it offers (stop an agent). Nothing else of the engine's
+    state is reachable from a request handler."""
+
+    cfg: Config
+    sessions: Sessions
+    registry: Registry
+    ready: asyncio.Event  # set once the start-up reconcile is done
+    last_sweep: float | None  # ``time.monotonic()`` of the last reconcile slice
+
+    @property
+    def runtime_name(self) -> str: ...
+
+    async def check_runtime(self) -> None:
+        """Raises when the runtime does not answer (Docker: the daemon's ping)."""
+        ...
+
+    def stop_agent(self, session_id: str, reason: str) -> bool | None:
+        """Stop a session's agent now: None for an unknown session, False if none runs
+        or a start/stop is under way."""
+        ...

@@ -36,7 +36,8 @@ from typing import Callable  # noqa: E402
 from loguru import logger  # noqa: E402
 
 from orchestrator.cli.logs import setup_logging  # noqa: E402
-from orchestrator.config.model import Config, read_config  # noqa: E402
+from orchestrator.config.load import read_config  # noqa: E402
+from orchestrator.config.model import Config  # noqa: E402
 from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime  # noqa: E402
 from orchestrator.runtime.base import (  # noqa: E402
     AgentExit,

@@ -37,7 +37,7 @@ from e2e import (
 from helpers import query, until, wait_for
 
 from orchestrator.cli import main as cli
-from orchestrator.config.model import read_config
+from orchestrator.config.load import read_config
 from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root
 from orchestrator.contract.schema import parse_ts, utcnow

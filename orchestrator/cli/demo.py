@@ -18,7 +18,7 @@ from loguru import logger
 
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.cli.logs import setup_logging
-from orchestrator.config.model import read_config
+from orchestrator.config.load import read_config
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.supervisor import AlreadyRunning, Supervisor
 from orchestrator.host import status

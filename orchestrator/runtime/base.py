@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from orchestrator.config.groups import AgentSettings
+from orchestrator.config.groups import AgentSettings
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -32,7 +31,7 @@ class SessionRef:
     session_id: str
     folder: Path
     # the group's effective settings (groups.resolve); None = the runtime's own config
-    settings: "AgentSettings | None" = None
+    settings: AgentSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)

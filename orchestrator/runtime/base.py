@@ -20,7 +20,12 @@ class RuntimeUnavailable(RuntimeError):
 
     The message is one line saying what failed and what to do. Callers keep the
     work pending and retry with backoff; nothing is lost.
+
+    ``reported``: the runtime has logged this failure itself (once per outage, or
+    once per missing image), so a caller must not log it again at every retry.
     """
+
+    reported: bool = False
 
 
 @dataclass(frozen=True, slots=True)

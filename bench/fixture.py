@@ -99,7 +99,7 @@ def write_config(path: Path, data_dir: Path, mode: str, poll_interval: float,
 
 def effective_config(mode: str, poll_interval: float, overrides: dict[str, dict] | None):
     """The validated orchestrator Config the runs get (raises ConfigError on bad --set)."""
-    from orchestrator.config.model import load_config
+    from orchestrator.config.load import load_config
 
     return load_config(config_dict(Path("/bench-data"), mode, poll_interval, overrides),
                        Path("/"))

@@ -37,7 +37,8 @@ from loguru import logger  # noqa: E402
 
 from orchestrator.cli.compose import assembled, make_runtime  # noqa: E402
 from orchestrator.cli.logs import setup_logging  # noqa: E402
-from orchestrator.config.model import Config, read_config  # noqa: E402
+from orchestrator.config.load import read_config  # noqa: E402
+from orchestrator.config.model import Config  # noqa: E402
 from orchestrator.engine.supervisor import Supervisor  # noqa: E402
 from orchestrator.host.data_lock import AlreadyRunning  # noqa: E402
 from orchestrator.runtime.base import (  # noqa: E402

@@ -37,7 +37,7 @@ from typing import Any
 import tomli_w
 
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config.model import read_config
+from orchestrator.config.load import read_config
 from orchestrator.contract.layout import registry_path
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import MessagingGroup, Sessions

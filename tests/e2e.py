@@ -28,7 +28,8 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.cli.compose import Service, assembled
-from orchestrator.config.model import Config, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.model import Config
 from orchestrator.contract.layout import SessionPaths, registry_path
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host.registry import Registry, SessionRow

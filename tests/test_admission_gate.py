@@ -23,7 +23,7 @@ from helpers import query, until, wait_for
 from loguru import logger
 from test_supervisor import OrchestratorProcess
 
-from orchestrator.config.model import load_config, read_config
+from orchestrator.config.load import load_config, read_config
 from orchestrator.contract.layout import registry_path, session_paths, sessions_root
 from orchestrator.contract.schema import utcnow
 from orchestrator.engine.admission_gate import AdmissionGate

@@ -116,6 +116,20 @@ def test_make_channel(tmp_path: Path) -> None:
     assert isinstance(make_channel(DeliveryConfig(channel="log")), LogChannel)
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "log", "webhook"])
+def test_every_channel_has_the_whole_protocol(tmp_path: Path, kind: str) -> None:
+    """``bind`` and ``aclose`` are part of ``Channel``: a caller never probes for them
+    (the jsonl and log channels answer at once and hold nothing: no-ops)."""
+    channel = make_channel(DeliveryConfig(channel=kind, path=tmp_path / "x.jsonl",
+                                          url="http://127.0.0.1:9/hook",
+                                          secret_file=tmp_path / "secret"))
+    woken: list[str] = []
+    channel.bind(woken.append)
+    run(channel.aclose())
+    channel.close()
+    assert woken == []
+
+
 # --- failure records (issue 9.5) ---------------------------------------------------------
 
 def failure(fid: str = "r9", kind: str = "reply") -> Failure:

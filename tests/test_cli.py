@@ -11,7 +11,8 @@ from helpers import query
 
 from orchestrator import DISTRIBUTION
 from orchestrator.cli import commands as cli
-from orchestrator.config import model as config
+from orchestrator.config.load import load_config, read_config
+from orchestrator.config.render import render_default
 from orchestrator.contract.layout import registry_path, session_paths
 from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
@@ -93,9 +94,9 @@ def test_init_writes_defaults_and_refuses_to_overwrite(tmp_path, capsys):
     path = tmp_path / "config.toml"
     code, out, err = run(capsys, "init", "--config", path)
     assert (code, out.strip(), err) == (0, f"wrote {path}", "")
-    assert path.read_text() == config.render_default()
-    cfg = config.read_config(path)
-    assert cfg == dataclasses.replace(config.load_config({}, tmp_path.resolve()), source=path)
+    assert path.read_text() == render_default()
+    cfg = read_config(path)
+    assert cfg == dataclasses.replace(load_config({}, tmp_path.resolve()), source=path)
 
     path.write_text("# edited by hand\n")
     code, out, err = run(capsys, "init", "--config", path)
@@ -104,7 +105,7 @@ def test_init_writes_defaults_and_refuses_to_overwrite(tmp_path, capsys):
     assert path.read_text() == "# edited by hand\n"
 
     code, _, _ = run(capsys, "init", "--config", path, "--force")
-    assert code == 0 and path.read_text() == config.render_default()
+    assert code == 0 and path.read_text() == render_default()
 
 
 def test_init_into_a_missing_folder_is_one_line(tmp_path, capsys):

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from orchestrator.api.auth import is_loopback, parse_listen
-from orchestrator.config.model import read_config
+from orchestrator.config.load import read_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import model as config
-from orchestrator.config.model import Config, ConfigError, load_config, read_config, render_default
+from orchestrator.config.load import load_config, read_config
+from orchestrator.config.model import Config, ConfigError
+from orchestrator.config.render import render_default, write_default
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = Path("/base/dir")
@@ -215,20 +217,20 @@ def test_write_default_refuses_to_overwrite_without_force(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text("# mine\n")
     with pytest.raises(ConfigError, match="already exists; use --force"):
-        config.write_default(path)
+        write_default(path)
     assert path.read_text() == "# mine\n"
-    config.write_default(path, force=True)
+    write_default(path, force=True)
     assert path.read_text() == render_default()
 
 
 def test_write_default_into_missing_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot write config"):
-        config.write_default(tmp_path / "no" / "such" / "config.toml")
+        write_default(tmp_path / "no" / "such" / "config.toml")
 
 
 def test_written_default_reads_back(tmp_path):
     path = tmp_path / "config.toml"
-    config.write_default(path)
+    write_default(path)
     cfg = read_config(path)
     assert cfg == dataclasses.replace(load_config({}, tmp_path.resolve()), source=path)
     assert isinstance(cfg, Config)

@@ -25,13 +25,13 @@ from e2e import Client, config_dict, make_config, run, supervised
 from helpers import query, until, wait_for
 from loguru import logger
 
-from orchestrator.channels import Failure, Reply
+from orchestrator.channels import ChannelBase, Failure, Reply
 from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root, sessions_root
 
 
 @dataclass
-class Recording:
+class Recording(ChannelBase):
     """A Channel that records every reply and failure record with its arrival time."""
 
     name: str = "recording"

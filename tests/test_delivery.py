@@ -22,7 +22,7 @@ from e2e import Client, make_config, run, supervised
 from helpers import query, until
 from loguru import logger
 
-from orchestrator.channels import DeliveryError, Reply
+from orchestrator.channels import ChannelBase, DeliveryError, Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.contract import schema
@@ -42,7 +42,7 @@ def later(seconds: float) -> datetime:
 
 
 @dataclass
-class FakeChannel:
+class FakeChannel(ChannelBase):
     """A Channel that fails on cue: ``fail`` maps a reply id to how many attempts fail
     (``None`` = always), ``boom`` makes it raise a non-DeliveryError (a channel bug)."""
 

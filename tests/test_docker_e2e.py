@@ -29,7 +29,8 @@ from helpers import holds, query, until
 from loguru import logger
 
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config.model import Config, load_config
+from orchestrator.config.load import load_config
+from orchestrator.config.model import Config
 from orchestrator.contract.layout import delivered_root, registry_path
 from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.supervisor import Supervisor

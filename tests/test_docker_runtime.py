@@ -25,6 +25,7 @@ from helpers import until
 from loguru import logger
 
 from orchestrator.config.model import DockerConfig
+from orchestrator.config.mounts import MountNotAllowed
 from orchestrator.contract import layout
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.docker import image as image_mod
@@ -35,7 +36,7 @@ from orchestrator.runtime.docker.spec import (
     LABEL_GROUP,
     LABEL_INSTANCE,
     LABEL_SESSION,
-    MountNotAllowed,
+    MountRefused,
     container_name,
     container_spec,
     exit_reason,
@@ -101,7 +102,8 @@ def test_extra_mounts_only_under_allowed_roots(tmp_path: Path) -> None:
                  f"{allowed}/models:/workspace/models", f"{allowed}/models"):
         with pytest.raises(MountNotAllowed):
             parse_extra_mounts(DockerConfig(mounts=(spec,), allowed_mounts=(str(allowed),)))
-    with pytest.raises(MountNotAllowed, match="allowed_mounts"):
+    # refused at a start: also a RuntimeUnavailable (the work stays pending)
+    with pytest.raises(MountRefused, match="allowed_mounts"):
         parse_extra_mounts(DockerConfig(mounts=(f"{allowed}/models:/m",)))
 
 
@@ -125,7 +127,7 @@ def test_session_mounts_folder_rw_and_inbound_db_ro_on_top(tmp_path: Path) -> No
     assert (ro["Target"], ro["Source"], ro["ReadOnly"]) == (
         "/workspace/inbound.db", str(folder / "inbound.db"), True)
     outside = make_session(tmp_path / "elsewhere", "g", "s")
-    with pytest.raises(MountNotAllowed, match="not under data_dir"):
+    with pytest.raises(MountRefused, match="not under data_dir"):
         session_mounts(outside, data)
     (folder / "inbound.db").rename(folder / "real.db")
     with pytest.raises(RuntimeUnavailable, match="does not exist"):

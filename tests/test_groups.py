@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import groups
-from orchestrator.config.groups import GroupConfig, SecretUnreadable, read_env, resolve
-from orchestrator.config.model import ConfigError, load_config, render_default
+from orchestrator.config.groups import SecretUnreadable, read_env, resolve
+from orchestrator.config.load import load_config
+from orchestrator.config.model import GROUP_KEYS, ConfigError, GroupConfig
+from orchestrator.config.render import render_default
 
 BASE = Path("/base/dir")
 
@@ -33,7 +35,7 @@ def test_every_key_of_a_group_is_loaded():
         env=(("A", "1"), ("MODEL", "small")), env_files=(("API_KEY", "/base/dir/secrets/key"),),
         mounts=("/srv/kb:/kb:ro",), group_folder="{data_dir}/nc/{group}", memory="1g", cpus=2.0, pids_limit=64, network="bridge",
         max_agents=3, idle_after=5.0, stop_idle_after=6.0, ceiling=7.0, claim_stuck=8.0)
-    assert tuple(f.name for f in dataclasses.fields(GroupConfig))[1:] == groups.GROUP_KEYS
+    assert tuple(f.name for f in dataclasses.fields(GroupConfig))[1:] == GROUP_KEYS
 
 
 def test_groups_are_sorted_and_default_to_none():
@@ -86,7 +88,7 @@ def test_the_commented_example_in_the_default_config_is_valid():
                and not line.startswith("#   ")]
     data = tomllib.loads("\n".join(example))
     (g,) = load_config(data, BASE).groups
-    assert all(getattr(g, key) is not None for key in groups.GROUP_KEYS)
+    assert all(getattr(g, key) is not None for key in GROUP_KEYS)
 
 
 # --- effective settings: unset keys inherit -----------------------------------------------

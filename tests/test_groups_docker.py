@@ -14,7 +14,7 @@ from helpers import query, until
 from loguru import logger
 
 from orchestrator.config import groups
-from orchestrator.config.model import load_config
+from orchestrator.config.load import load_config
 from orchestrator.runtime.base import AgentExit, SessionRef
 from orchestrator.runtime.docker.runtime import DockerRuntime
 from orchestrator.runtime.docker.spec import LABEL_SETTINGS

@@ -13,7 +13,7 @@ from helpers import holds, killed_run, query, until, wait_for
 from test_supervisor import OrchestratorProcess
 
 from orchestrator.cli import commands as cli
-from orchestrator.config.model import read_config
+from orchestrator.config.load import read_config
 from orchestrator.contract.schema import parse_ts, utcnow
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.host import series

@@ -57,7 +57,7 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
     from helpers import killed_run, wait_for
     from test_supervisor import OrchestratorProcess
 
-    from orchestrator.config.model import read_config
+    from orchestrator.config.load import read_config
 
     data = config_dict(tmp_path, runtime={"start_retry_max": 1.0},
                        lifecycle={"max_tries": 1})

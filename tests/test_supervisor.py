@@ -38,7 +38,7 @@ from helpers import query, until, wait_for
 
 from orchestrator.cli import commands as cli
 from orchestrator.cli.compose import assembled, make_runtime
-from orchestrator.config.model import read_config
+from orchestrator.config.load import read_config
 from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root
 from orchestrator.contract.schema import parse_ts, utcnow

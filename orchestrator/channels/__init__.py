@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from orchestrator.channels.base import (
     Channel,
+    ChannelBase,
     DeliveryError,
     Failure,
     InFlight,
@@ -13,7 +14,7 @@ from orchestrator.channels.base import (
 )
 from orchestrator.config.model import DeliveryConfig
 
-__all__ = ["Channel", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",
+__all__ = ["Channel", "ChannelBase", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",
            "StorageFull", "make_channel"]
 
 

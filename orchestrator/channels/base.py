@@ -4,7 +4,7 @@ with the platform's message id); anything else is a failure to be retried."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 class DeliveryError(RuntimeError):
@@ -79,8 +79,17 @@ class Failure:
         return {"type": "failure", **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
+OnOutcome = Callable[[str], None]  # (session_id): an outcome of that session is known
+
+
 class Channel(Protocol):
     name: str
+
+    def bind(self, on_outcome: OnOutcome) -> None:
+        """Called once before the first delivery. A channel that answers ``InFlight``
+        calls ``on_outcome(session_id)`` when the outcome is known, so a pass asks
+        again; one that answers at once never calls it."""
+        ...
 
     def already_delivered(self, message_id: str) -> bool:
         """True if this channel has provably taken the reply before (crash window)."""
@@ -94,5 +103,21 @@ class Channel(Protocol):
         an error here is logged, never retried (the failure is already final)."""
         ...
 
+    async def aclose(self) -> None:
+        """Release what needs the event loop (tasks in flight, an HTTP client);
+        called once at shutdown, before ``close``."""
+        ...
+
     def close(self) -> None:
         ...
+
+
+class ChannelBase:
+    """``bind`` and ``aclose`` for a channel that needs neither: it answers every
+    delivery at once and holds nothing that needs the event loop to release."""
+
+    def bind(self, on_outcome: OnOutcome) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass

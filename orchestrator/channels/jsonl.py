@@ -20,13 +20,13 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.channels.base import DeliveryError, Failure, Reply, StorageFull
+from orchestrator.channels.base import ChannelBase, DeliveryError, Failure, Reply, StorageFull
 from orchestrator.support.errors import host_storage_failure
 
 _CHUNK = 1 << 16
 
 
-class JsonlChannel:
+class JsonlChannel(ChannelBase):
     name = "jsonl"
 
     def __init__(self, path: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from loguru import logger
 
-from orchestrator.channels.base import Failure, Reply
+from orchestrator.channels.base import ChannelBase, Failure, Reply
 
 
-class LogChannel:
+class LogChannel(ChannelBase):
     name = "log"
 
     def already_delivered(self, message_id: str) -> bool:

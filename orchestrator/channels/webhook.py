@@ -25,7 +25,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 from loguru import logger
@@ -34,6 +34,7 @@ from orchestrator.channels.base import (
     DeliveryError,
     Failure,
     InFlight,
+    OnOutcome,
     PermanentDeliveryError,
     Reply,
 )
@@ -146,11 +147,11 @@ class WebhookChannel:
         self._tasks: set[asyncio.Task] = set()
         self._sending: dict[str, str] = {}  # session id → the reply id being POSTed
         self._outcomes: dict[str, DeliveryError | None] = {}
-        self._wake: Callable[[str], None] = lambda session_id: None
+        self._wake: OnOutcome = lambda session_id: None
 
-    def bind(self, wake: Callable[[str], None]) -> None:
-        """``wake(session_id)``: an outcome is known; run a pass for that session."""
-        self._wake = wake
+    def bind(self, on_outcome: OnOutcome) -> None:
+        """``on_outcome(session_id)``: an outcome is known; run a pass for that session."""
+        self._wake = on_outcome
 
     def already_delivered(self, message_id: str) -> bool:
         return False  # the receiver de-duplicates on Idempotency-Key (at-least-once)

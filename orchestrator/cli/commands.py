@@ -20,8 +20,9 @@ from typing import Sequence
 from orchestrator import version
 from orchestrator.api import client as api_client
 from orchestrator.cli import groups as cli_groups
-from orchestrator.config import model as config_mod
+from orchestrator.config.load import read_config
 from orchestrator.config.model import Config
+from orchestrator.config.render import write_default
 from orchestrator.contract.layout import InvalidId, registry_path
 from orchestrator.contract.schema import utcnow
 from orchestrator.host.registry import Registry
@@ -57,7 +58,7 @@ class UsageError(UserError):
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return config_mod.read_config(Path(args.config))
+    return read_config(Path(args.config))
 
 
 def _open(cfg: Config) -> tuple[Registry, Sessions]:
@@ -67,9 +68,9 @@ def _open(cfg: Config) -> tuple[Registry, Sessions]:
 
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.config)
-    config_mod.write_default(path, force=args.force)
+    write_default(path, force=args.force)
     print(f"wrote {path}")
-    token_file = config_mod.read_config(path).api.token_file
+    token_file = read_config(path).api.token_file
     if token_file:  # the API token, mode 0600 (kept if it exists)
         ensure_secret(Path(token_file))
     return 0

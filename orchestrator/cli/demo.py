@@ -19,7 +19,8 @@ from loguru import logger
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.cli.compose import assembled
 from orchestrator.cli.logs import setup_logging
-from orchestrator.config.model import Config, read_config
+from orchestrator.config.load import read_config
+from orchestrator.config.model import Config
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host import status

@@ -1,1 +1,2 @@
-"""The configuration: records, loading, rendering, agent groups. Imports only contract and support."""
+"""The configuration: records and metadata (model), reading (load), rendering (render),
+extra mounts (mounts), agent groups (groups). Imports only contract and support."""

@@ -1,22 +1,18 @@
-"""Configuration: frozen records loaded by a pure function from the TOML dict.
+"""Configuration records and their field metadata: the one source of the rules.
 
-``load_config(data, base_dir)`` does no I/O, so every validation rule is
-table-tested without files. ``read_config(path)`` is the thin I/O edge, and
-``render_default()`` writes the commented default (values serialised by tomli-w).
-Every error is one line naming the key and what is allowed (CLI exit code 2).
+Each key is a field of a frozen record whose metadata (help text, choices, range,
+path, auto) drives validation (``load``), the commented default of ``init``
+(``render``) and the docs. ``[groups.<name>]`` tables are ``GroupConfig`` records;
+a group key shares the metadata of the global key it overrides (``GROUP_SHARED``).
+This module only declares: reading a file is ``load``, writing one ``render``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 from orchestrator.support.errors import UserError
 
@@ -169,6 +165,72 @@ class LogConfig:
     json: bool = _opt(False, "one JSON object per log line")
 
 
+# group key -> (section record, field) whose metadata (type, range, choices) it shares
+GROUP_SHARED: dict[str, tuple[type, str]] = {
+    "image": (DockerConfig, "image"),
+    "network": (DockerConfig, "network"),
+    "memory": (DockerConfig, "memory"),
+    "cpus": (DockerConfig, "cpus"),
+    "pids_limit": (DockerConfig, "pids_limit"),
+    "mounts": (DockerConfig, "mounts"),
+    "group_folder": (DockerConfig, "group_folder"),
+    "idle_after": (LifecycleConfig, "idle_after"),
+    "stop_idle_after": (LifecycleConfig, "stop_idle_after"),
+    "ceiling": (LifecycleConfig, "ceiling"),
+    "claim_stuck": (LifecycleConfig, "claim_stuck"),
+}
+GROUP_DOCKER_KEYS = ("image", "network", "memory", "cpus", "pids_limit", "mounts", "group_folder")
+GROUP_LIFECYCLE_KEYS = ("idle_after", "stop_idle_after", "ceiling", "claim_stuck")
+MAX_AGENTS_RANGE = (1, 100_000)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One ``[groups.<name>]`` table; ``None`` = inherit the global value."""
+
+    name: str
+    command: tuple[str, ...] | None = None
+    image: str | None = None
+    env: tuple[tuple[str, str], ...] | None = None
+    env_files: tuple[tuple[str, str], ...] | None = None
+    mounts: tuple[str, ...] | None = None
+    group_folder: str | None = None
+    memory: str | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
+    network: str | None = None
+    max_agents: int | None = None
+    idle_after: float | None = None
+    stop_idle_after: float | None = None
+    ceiling: float | None = None
+    claim_stuck: float | None = None
+
+
+GROUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GroupConfig) if f.name != "name")
+
+# (example value, meaning) of each key, for `init`'s commented example and `group show`.
+KEY_HELP: dict[str, tuple[str, str]] = {
+    "command": ('["python3", "-m", "support_agent"]',
+                "agent command: replaces [runtime] command (local) or [docker] command"),
+    "image": ('"support-agent:2"', "Docker image of this group's agents"),
+    "env": ('{ MODEL = "small" }', "environment variables of its agents"),
+    "env_files": ('{ API_KEY = "/run/secrets/support_key" }',
+                  "secret variables, read from these files at each start, never logged"),
+    "mounts": ('["/srv/kb:/kb:ro"]', "Docker extra mounts, each under [docker] allowed_mounts"),
+    "group_folder": ('"/srv/agents/support"',
+                     "[docker] group_folder for this group (mounted at /workspace/agent)"),
+    "memory": ('"1g"', "Docker memory limit"),
+    "cpus": ("2.0", "Docker CPU limit"),
+    "pids_limit": ("512", "Docker max processes in a container"),
+    "network": ('"bridge"', "Docker network"),
+    "max_agents": ("4", "most agents of this group running at once"),
+    "idle_after": ("30.0", "[lifecycle] idle_after for this group"),
+    "stop_idle_after": ("300.0", "[lifecycle] stop_idle_after for this group"),
+    "ceiling": ("1800.0", "[lifecycle] ceiling for this group"),
+    "claim_stuck": ("60.0", "[lifecycle] claim_stuck for this group"),
+}
+
+
 SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "docker": DockerConfig,
@@ -192,7 +254,7 @@ class Config:
     sessions: SessionsConfig = SessionsConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
-    groups: tuple = ()  # of groups.GroupConfig, sorted by name: [groups.<name>] overrides
+    groups: tuple[GroupConfig, ...] = ()  # sorted by name: [groups.<name>] overrides
     source: Path | None = None
 
     def replace(self, **sections: Any) -> "Config":
@@ -204,162 +266,3 @@ class Config:
             else:
                 changes[name] = values
         return dataclasses.replace(self, **changes)
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
-    meta = f.metadata
-    default = f.default
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
-        return tuple(value)
-    if meta.get("auto"):  # "auto" or a whole number in range
-        if value == "auto":
-            return value
-        lo, hi = meta["min"], meta["max"]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"{where} must be \"auto\" or a whole number from {lo:g} to "
-                              f"{hi:g} (0 = no cap), got {value!r}")
-        return value
-    if meta.get("path"):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
-        return value  # resolved against data_dir by the caller
-    expected = type(default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-        raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, got {value!r}")
-    if isinstance(value, float) and math.isnan(value):  # nan passes every range check
-        raise ConfigError(f"{where} must be a number, got nan")
-    if meta.get("choices") and value not in meta["choices"]:
-        allowed = ", ".join(repr(c) for c in meta["choices"])
-        raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{where} must be between {lo:g} and {hi:g}, got {value!r}")
-    return value
-
-
-def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown key [{name}] {unknown[0]}: allowed keys are {', '.join(known)}"
-        )
-    values = {k: _check_value(f"[{name}] {k}", known[k], v, base_dir) for k, v in raw.items()}
-    return cls(**values)
-
-
-def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
-    """Validate a parsed TOML dict into a Config. Pure: no files are touched.
-
-    Relative paths are relative to ``base_dir`` (the config file's folder);
-    ``[delivery] path`` is relative to ``data_dir``.
-    """
-    from orchestrator.config.groups import load_groups  # groups builds on this module
-
-    top = {"data_dir", "groups"} | set(SECTIONS)
-    unknown = sorted(set(data) - top)
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]}: allowed top-level keys are "
-                          f"{', '.join(sorted(top))}")
-    raw_dir = data.get("data_dir", "data")
-    if not isinstance(raw_dir, str) or not raw_dir:
-        raise ConfigError(f"data_dir must be a non-empty path string, got {raw_dir!r}")
-    data_dir = (base_dir / Path(raw_dir).expanduser()).resolve()
-    sections = {name: _load_section(name, cls, data.get(name, {}), base_dir)
-                for name, cls in SECTIONS.items()}
-    delivery = sections["delivery"]
-    sections["delivery"] = dataclasses.replace(
-        delivery, path=(data_dir / Path(str(delivery.path)).expanduser()),
-        secret_file=(data_dir / Path(str(delivery.secret_file)).expanduser()))
-    if delivery.channel == "webhook" and not delivery.url.startswith(("http://", "https://")):
-        raise ConfigError(f"[delivery] url must be an http:// or https:// URL for the webhook "
-                          f"channel, got {delivery.url!r}")
-    api = sections["api"]
-    if api.token_file:
-        sections["api"] = dataclasses.replace(
-            api, token_file=str(data_dir / Path(api.token_file).expanduser()))
-    _check_timezone(sections["sessions"].timezone)
-    groups = load_groups(data.get("groups", {}), base_dir)
-    return Config(data_dir=data_dir, source=source, groups=groups, **sections)
-
-
-def _check_timezone(name: str) -> None:
-    import zoneinfo
-
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"[sessions] timezone {name!r} is not a known IANA time zone; "
-                          "use e.g. 'UTC' or 'Europe/Berlin'") from None
-
-
-def read_config(path: Path) -> Config:
-    """Read and validate a config file; every failure is a one-line ConfigError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte "
-                          f"{exc.start})")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})")
-    try:
-        return load_config(data, path.resolve().parent, source=path)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def _default_value(f: Any) -> Any:
-    value = f.default
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def render_default(data_dir: str = "data") -> str:
-    """The commented default config. Values go through tomli-w; comments are ours."""
-    lines = [
-        "# orchestrator configuration. Relative paths are relative to this file.",
-        "# Every key is optional; these are the defaults.",
-        "",
-        "# sessions in <data_dir>/sessions, registry at <data_dir>/orchestrator.db",
-        tomli_w.dumps({"data_dir": data_dir}).rstrip(),
-    ]
-    for name, cls in SECTIONS.items():
-        lines += ["", f"[{name}]"]
-        for f in fields(cls):
-            lines.append(f"# {f.metadata['help']}")
-            lines.append(tomli_w.dumps({f.name: _default_value(f)}).rstrip())
-    from orchestrator.config.groups import render_example
-
-    lines += render_example()
-    return "\n".join(lines) + "\n"
-
-
-def write_default(path: Path, *, force: bool = False) -> None:
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists; use --force to overwrite it")
-    try:
-        path.write_text(render_default(), encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write config ({exc.strerror})") from None
-
-
-if __name__ == "__main__":  # pragma: no cover - handy for regenerating config.toml
-    sys.stdout.write(render_default())

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from orchestrator.config.groups import AgentSettings
+from orchestrator.config.groups import AgentSettings
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -21,7 +20,12 @@ class RuntimeUnavailable(RuntimeError):
 
     The message is one line saying what failed and what to do. Callers keep the
     work pending and retry with backoff; nothing is lost.
+
+    ``reported``: the runtime has logged this failure itself (once per outage, or
+    once per missing image), so a caller must not log it again at every retry.
     """
+
+    reported: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +36,7 @@ class SessionRef:
     session_id: str
     folder: Path
     # the group's effective settings (groups.resolve); None = the runtime's own config
-    settings: "AgentSettings | None" = None
+    settings: AgentSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)

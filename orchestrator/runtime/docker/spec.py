@@ -7,7 +7,7 @@ chown touch the disk), so every rule is tested without an engine:
   and the three ``orchestrator.*`` labels that mark the containers we own;
 - ``session_mounts`` (the session folder rw at /workspace, its inbound.db ro on
   top) and ``parse_extra_mounts`` (``[docker] mounts``, only from under
-  ``allowed_mounts``);
+  ``allowed_mounts``: the checks are ``config.mounts``', shared with ``preflight``);
 - ``resolve_user`` / ``prepare_folder``: which uid the agent runs as (never
   root) and the parts of the folder it is given;
 - ``container_spec`` / ``host_config_kwargs``: the create and host-config
@@ -21,12 +21,18 @@ import hashlib
 import os
 import re
 import stat
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from docker.types import Mount
 
 from orchestrator.config.model import DockerConfig
+from orchestrator.config.mounts import (
+    WORKSPACE,
+    MountNotAllowed,
+    extra_mounts,
+    is_under,
+)
 from orchestrator.contract import layout
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 
@@ -35,7 +41,6 @@ LABEL_GROUP = "orchestrator.agent_group"
 LABEL_SESSION = "orchestrator.session"
 LABEL_SETTINGS = "orchestrator.settings"  # short hash of the group settings it runs with
 
-WORKSPACE = "/workspace"
 AGENT_DIR = "agent"  # NanoClaw-built images read /workspace/agent/container.json
 # Used when the data dir belongs to root: agents never run as root.
 FALLBACK_UID = 10001
@@ -45,8 +50,10 @@ ALIVE_STATES = frozenset({"running", "paused", "restarting"})
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
 
 
-class MountNotAllowed(RuntimeUnavailable, ValueError):
-    """An extra mount (or a session folder) that the config does not allow."""
+class MountRefused(RuntimeUnavailable, MountNotAllowed):
+    """A mount (extra, group or session folder) the config does not allow, found as
+    an agent starts: a ``MountNotAllowed`` that fails the start like any runtime
+    outage (the work stays pending)."""
 
 
 def container_name(instance: str, agent_group: str, session_id: str) -> str:
@@ -61,44 +68,16 @@ def container_labels(instance: str, agent_group: str, session_id: str) -> dict[s
     return {LABEL_INSTANCE: instance, LABEL_GROUP: agent_group, LABEL_SESSION: session_id}
 
 
-def _is_under(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_extra_mounts(config: DockerConfig) -> list[Mount]:
-    """``[docker] mounts`` as docker Mounts; each host path must be under an allowed root.
-
-    Paths are resolved (symlinks followed) before the check, so a symlink cannot
-    smuggle a folder in. Targets may not be /workspace or inside it (the session
-    folder belongs to the contract). Raises MountNotAllowed with a one-line message.
-    """
-    allowed = [Path(a).expanduser().resolve() for a in config.allowed_mounts]
-    mounts: list[Mount] = []
-    for spec in config.mounts:
-        parts = spec.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-            raise MountNotAllowed(f"[docker] mounts entry {spec!r}: use 'HOST:CONTAINER[:ro]'")
-        host, target = Path(parts[0]).expanduser(), PurePosixPath(parts[1])
-        read_only = len(parts) == 3 and parts[2] == "ro"
-        if not host.is_absolute() or not target.is_absolute():
-            raise MountNotAllowed(f"[docker] mounts entry {spec!r}: both paths must be absolute")
-        ws = PurePosixPath(WORKSPACE)
-        if target == ws or ws in target.parents:
-            raise MountNotAllowed(
-                f"[docker] mounts entry {spec!r}: {WORKSPACE} is the session folder; "
-                "mount somewhere else")
-        real = host.resolve()
-        if not any(_is_under(real, root) for root in allowed):
-            raise MountNotAllowed(
-                f"[docker] mounts entry {spec!r}: {real} is not under any [docker] "
-                f"allowed_mounts ({', '.join(map(str, allowed)) or 'none configured'})")
-        mounts.append(Mount(target=str(target), source=str(real), type="bind",
-                            read_only=read_only))
-    return mounts
+    """``[docker] mounts`` as docker Mounts: the records ``config.mounts.extra_mounts``
+    checked (each host path under an allowed root, symlinks resolved, nothing at
+    /workspace); a refused one raises ``MountRefused`` with its one-line message."""
+    try:
+        checked = extra_mounts(config)
+    except MountNotAllowed as exc:
+        raise MountRefused(str(exc)) from None
+    return [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+            for m in checked]
 
 
 def resolve_user(user: str, data_dir: Path) -> tuple[str, int | None, int | None]:
@@ -182,8 +161,8 @@ def session_mounts(folder: Path, data_dir: Path) -> list[Mount]:
     """
     data_dir = data_dir.resolve()
     real = folder.resolve()
-    if not _is_under(real, data_dir):
-        raise MountNotAllowed(f"session folder {folder} is not under data_dir {data_dir}")
+    if not is_under(real, data_dir):
+        raise MountRefused(f"session folder {folder} is not under data_dir {data_dir}")
     inbound = real / layout.INBOUND_DB
     try:
         st = inbound.lstat()
@@ -192,7 +171,7 @@ def session_mounts(folder: Path, data_dir: Path) -> list[Mount]:
             f"{inbound} does not exist: create the session (inbound.db) before starting it"
         ) from None
     if not stat.S_ISREG(st.st_mode):
-        raise MountNotAllowed(f"{inbound} is not a regular file (symlinks are not followed)")
+        raise MountRefused(f"{inbound} is not a regular file (symlinks are not followed)")
     return [
         Mount(target=WORKSPACE, source=str(real), type="bind", read_only=False),
         Mount(target=f"{WORKSPACE}/{layout.INBOUND_DB}", source=str(inbound), type="bind",
@@ -212,7 +191,7 @@ def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None
     try:
         text = template.format(data_dir=str(data_dir), group=agent_group)
     except (KeyError, IndexError, ValueError) as exc:
-        raise MountNotAllowed(f"[docker] group_folder {template!r}: only {{data_dir}} and "
+        raise MountRefused(f"[docker] group_folder {template!r}: only {{data_dir}} and "
                               f"{{group}} may be filled in ({exc})") from None
     path = Path(text).expanduser()
     return path if path.is_absolute() else data_dir / path
@@ -236,9 +215,9 @@ def group_mounts(folder: Path | None, session_folder: Path, data_dir: Path,
     folder.mkdir(parents=True, exist_ok=True)
     real = folder.resolve()
     roots = [data_dir.resolve()] + [Path(a).expanduser().resolve() for a in allowed_mounts]
-    if not any(_is_under(real, root) for root in roots) or _is_under(
+    if not any(is_under(real, root) for root in roots) or is_under(
             real, layout.sessions_root(data_dir).resolve()):
-        raise MountNotAllowed(f"group folder {real} must be under data_dir or [docker] "
+        raise MountRefused(f"group folder {real} must be under data_dir or [docker] "
                               "allowed_mounts, and not under sessions/")
     if uid is not None and gid is not None and os.geteuid() == 0:
         st = real.stat()

@@ -1,0 +1,220 @@
+"""Reading and validating the TOML into records: ``load_config`` and ``read_config``.
+
+``load_config(data, base_dir)`` does no I/O, so every validation rule is
+table-tested without files; ``read_config(path)`` is the thin I/O edge. The rules
+come from the field metadata in ``model`` (a ``[groups.<name>]`` key is checked
+with the metadata of the global key it overrides, so the two cannot drift apart).
+Every error is one line naming the key and what is allowed (CLI exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config.model import (
+    GROUP_KEYS,
+    GROUP_SHARED,
+    MAX_AGENTS_RANGE,
+    SECTIONS,
+    Config,
+    ConfigError,
+    GroupConfig,
+)
+from orchestrator.contract.layout import InvalidId, validate_id
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV_PREFIX = "ORCHESTRATOR_"  # set by the runtimes themselves
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
+    meta = f.metadata
+    default = f.default
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if meta.get("auto"):  # "auto" or a whole number in range
+        if value == "auto":
+            return value
+        lo, hi = meta["min"], meta["max"]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{where} must be \"auto\" or a whole number from {lo:g} to "
+                              f"{hi:g} (0 = no cap), got {value!r}")
+        return value
+    if meta.get("path"):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
+        return value  # resolved against data_dir by the caller
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):  # nan passes every range check
+        raise ConfigError(f"{where} must be a number, got nan")
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{where} must be between {lo:g} and {hi:g}, got {value!r}")
+    return value
+
+
+def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key [{name}] {unknown[0]}: allowed keys are {', '.join(known)}"
+        )
+    values = {k: _check_value(f"[{name}] {k}", known[k], v, base_dir) for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML dict into a Config. Pure: no files are touched.
+
+    Relative paths are relative to ``base_dir`` (the config file's folder);
+    ``[delivery] path`` is relative to ``data_dir``.
+    """
+    top = {"data_dir", "groups"} | set(SECTIONS)
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]}: allowed top-level keys are "
+                          f"{', '.join(sorted(top))}")
+    raw_dir = data.get("data_dir", "data")
+    if not isinstance(raw_dir, str) or not raw_dir:
+        raise ConfigError(f"data_dir must be a non-empty path string, got {raw_dir!r}")
+    data_dir = (base_dir / Path(raw_dir).expanduser()).resolve()
+    sections = {name: _load_section(name, cls, data.get(name, {}), base_dir)
+                for name, cls in SECTIONS.items()}
+    delivery = sections["delivery"]
+    sections["delivery"] = dataclasses.replace(
+        delivery, path=(data_dir / Path(str(delivery.path)).expanduser()),
+        secret_file=(data_dir / Path(str(delivery.secret_file)).expanduser()))
+    if delivery.channel == "webhook" and not delivery.url.startswith(("http://", "https://")):
+        raise ConfigError(f"[delivery] url must be an http:// or https:// URL for the webhook "
+                          f"channel, got {delivery.url!r}")
+    api = sections["api"]
+    if api.token_file:
+        sections["api"] = dataclasses.replace(
+            api, token_file=str(data_dir / Path(api.token_file).expanduser()))
+    _check_timezone(sections["sessions"].timezone)
+    groups = load_groups(data.get("groups", {}), base_dir)
+    return Config(data_dir=data_dir, source=source, groups=groups, **sections)
+
+
+def _check_timezone(name: str) -> None:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"[sessions] timezone {name!r} is not a known IANA time zone; "
+                          "use e.g. 'UTC' or 'Europe/Berlin'") from None
+
+
+def read_config(path: Path) -> Config:
+    """Read and validate a config file; every failure is a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte "
+                          f"{exc.start})")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})")
+    try:
+        return load_config(data, path.resolve().parent, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# --- [groups.<name>] tables ------------------------------------------------------------
+
+
+def _env_table(where: str, raw: Any, *, paths: bool, base_dir: Path
+               ) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table of NAME = \"value\", got {raw!r}"
+                          if not paths else f"{where} must be a table of NAME = \"/path\"")
+    out = []
+    for key, value in raw.items():
+        if not ENV_NAME.fullmatch(key):
+            raise ConfigError(f"{where}: {key!r} is not a valid variable name "
+                              "(letters, digits and _, not starting with a digit)")
+        if key.upper().startswith(RESERVED_ENV_PREFIX):
+            raise ConfigError(f"{where}: {key} is reserved (the runtime sets "
+                              f"{RESERVED_ENV_PREFIX}* itself); use another name")
+        if paths:
+            if not isinstance(value, str) or not value or "\x00" in value:
+                raise ConfigError(f"{where} {key} must be a non-empty path string")
+            value = str((base_dir / Path(value).expanduser()).resolve())
+        elif not isinstance(value, str) or "\x00" in value:
+            # never echo the value: it may be a secret someone put in the wrong table
+            raise ConfigError(f"{where} {key} must be a string without NUL characters")
+        out.append((key, value))
+    return tuple(sorted(out))
+
+
+def _load_group(name: str, raw: Any, base_dir: Path) -> GroupConfig:
+    try:
+        validate_id(name, "agent group")
+    except InvalidId as exc:
+        raise ConfigError(f"[groups.{name}]: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[groups.{name}] must be a table, got {raw!r}")
+    unknown = sorted(set(raw) - set(GROUP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key [groups.{name}] {unknown[0]}: allowed keys are "
+                          f"{', '.join(GROUP_KEYS)}")
+    where = f"[groups.{name}]"
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in GROUP_SHARED:
+            cls, fname = GROUP_SHARED[key]
+            f = next(f for f in fields(cls) if f.name == fname)
+            values[key] = _check_value(f"{where} {key}", f, value, base_dir)
+        elif key == "command":
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(f"{where} command must be a non-empty list of strings, "
+                                  f"got {value!r}")
+            values[key] = tuple(value)
+        elif key == "max_agents":
+            lo, hi = MAX_AGENTS_RANGE
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"{where} max_agents must be an integer between {lo} and "
+                                  f"{hi}, got {value!r}")
+            values[key] = value
+        else:  # env / env_files
+            values[key] = _env_table(f"{where} {key}", value, paths=key == "env_files",
+                                     base_dir=base_dir)
+    both = {k for k, _ in values.get("env", ())} & {k for k, _ in values.get("env_files", ())}
+    if both:
+        raise ConfigError(f"{where}: {sorted(both)[0]} is in both env and env_files; keep one")
+    return GroupConfig(name=name, **values)
+
+
+def load_groups(raw: Any, base_dir: Path) -> tuple[GroupConfig, ...]:
+    """Validate the ``[groups]`` table into records, sorted by name. Pure."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[groups] must be a table of [groups.<name>] tables, got {raw!r}")
+    return tuple(_load_group(name, raw[name], base_dir) for name in sorted(raw))

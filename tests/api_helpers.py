@@ -44,6 +44,11 @@ async def api_supervised(cfg: Config, **kwargs: Any
             yield service.supervisor, client
 
 
+def url_of(client: httpx.AsyncClient) -> str:
+    """The API's address, as the orchestrator printed it (no trailing slash)."""
+    return str(client.base_url).rstrip("/")
+
+
 def message(text: str = "hello", group: str = "helpers", **extra: Any) -> dict:
     return {"agent_group": group, "channel": "chat", "platform_id": "room-1",
             "content": {"text": text}, **extra}

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import tomli_w
-from api_helpers import SseReader, api_supervised, message, token_of
-from e2e import config_dict, make_config, replies_to, run, supervised
+from api_helpers import SseReader, api_supervised, message, token_of, url_of
+from e2e import config_dict, make_config, replies_to, run, serving, supervised
 from helpers import query, until
 
 from orchestrator.api.auth import ApiConfigError
@@ -87,10 +87,10 @@ async def test_a_posted_message_makes_its_chat_a_destination_of_the_group(tmp_pa
 async def test_every_v1_endpoint_needs_the_token_health_and_metrics_do_not(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
 
-    async with api_supervised(cfg) as (sup, _):
+    async with api_supervised(cfg) as (sup, client):
         token = token_of(cfg)
         assert (Path(cfg.api.token_file).stat().st_mode & 0o777) == 0o600
-        async with httpx.AsyncClient(base_url=sup.api.url) as anon:
+        async with httpx.AsyncClient(base_url=url_of(client)) as anon:
             for method, path in (("GET", "/v1/sessions"), ("GET", "/v1/sessions/x"),
                                  ("POST", "/v1/messages"), ("POST", "/v1/sessions/x/stop"),
                                  ("GET", "/v1/events")):
@@ -114,7 +114,7 @@ async def test_metrics_auth_true_requires_the_token(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, api={"listen": "127.0.0.1:0", "metrics_auth": True})
 
     async with api_supervised(cfg) as (sup, client):
-        async with httpx.AsyncClient(base_url=sup.api.url) as anon:
+        async with httpx.AsyncClient(base_url=url_of(client)) as anon:
             assert (await anon.get("/metrics")).status_code == 401
         assert (await client.get("/metrics")).status_code == 200
 
@@ -311,8 +311,8 @@ async def test_loopback_without_a_token_serves_and_a_unix_socket_works(tmp_path:
     sock = tmp_path / "api.sock"
     cfg = make_config(tmp_path, api={"listen": f"unix:{sock}", "token_file": ""})
 
-    async with supervised(cfg) as sup:
-        assert sup.api.url == f"unix:{sock}"
+    async with serving(cfg) as service:
+        assert service.api.url == f"unix:{sock}"
         transport = httpx.AsyncHTTPTransport(uds=str(sock))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
             assert (await c.get("/v1/sessions")).json() == []

@@ -7,10 +7,9 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
 import tomli_w
-from api_helpers import api_supervised, free_port, token_of
-from e2e import config_dict, make_config, replies_to
+from api_helpers import api_supervised, free_port, token_of, url_of
+from e2e import config_dict, make_config
 from helpers import until
 
 from orchestrator.cli import commands as cli
@@ -34,7 +33,7 @@ async def test_send_and_status_through_the_api(tmp_path: Path, capsys, monkeypat
     async with api_supervised(cfg) as (sup, client):
         token_file.write_text(token_of(cfg) + "\n")
         token_file.chmod(0o600)
-        url = sup.api.url
+        url = url_of(client)
         missing = elsewhere / "config.toml"
         code, out, err = await asyncio.to_thread(
             cli_run, capsys, "send", "--config", missing, "--url", url, "--token-file",

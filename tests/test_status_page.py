@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from api_helpers import api_supervised, message, token_of
+from api_helpers import api_supervised, message, token_of, url_of
 from e2e import make_config, replies_to, run
 from helpers import until
 
@@ -82,7 +82,7 @@ def test_status_page_shows_a_session_and_updates_live(tmp_path: Path, browser,
             def page(fn, *args):
                 return asyncio.to_thread(fn, *args)
 
-            await page(browser.get, sup.api.url + "/")
+            await page(browser.get, url_of(client) + "/")
             await page(answer_prompt, browser, token_of(cfg))
             await wait_in_browser(lambda: status_cell(browser, sid) == "running",
                                   "the session row, running")

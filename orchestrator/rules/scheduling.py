@@ -38,7 +38,7 @@ from typing import Any, Mapping
 from cronsim import CronSim, CronSimError
 
 from orchestrator.contract.schema import DUE_FORMAT, ceil_second, format_due, parse_ts  # noqa: F401 (re-exported: one implementation)
-from orchestrator.host.inbound import NewMessage
+from orchestrator.rules.messages import NewMessage
 from orchestrator.support.errors import UserError
 
 UTC = timezone.utc

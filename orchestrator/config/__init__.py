@@ -1,1 +1,3 @@
-"""The configuration: records, loading, rendering, agent groups. Imports only contract and support."""
+"""The configuration: records, loading, rendering, agent groups.
+
+Imports only contract and support."""

@@ -210,8 +210,8 @@ def settle(path: Path, records: Iterable[tuple[str, str, str | None]],
                 " delivered_at) VALUES (?,?,?,?)", rows)
         for st, mid in final:
             cur = conn.execute(
-                "UPDATE messages_in SET status=? WHERE id=? AND status NOT IN ('completed','failed')"
-                " AND status != ?", (st, mid, st))
+                "UPDATE messages_in SET status=? WHERE id=?"
+                " AND status NOT IN ('completed','failed') AND status != ?", (st, mid, st))
             changed += cur.rowcount
             if cur.rowcount:
                 _follow_up(conn, mid, follow_up, now)
@@ -247,7 +247,8 @@ def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base
     result: dict[str, str] = {}
     with opened(path) as conn, transaction(conn):
         for mid in ids:
-            row = conn.execute("SELECT tries, status FROM messages_in WHERE id=?", (mid,)).fetchone()
+            row = conn.execute("SELECT tries, status FROM messages_in WHERE id=?",
+                               (mid,)).fetchone()
             if row is None or row["status"] not in statuses:
                 continue
             tries = row["tries"] or 0

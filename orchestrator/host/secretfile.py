@@ -56,7 +56,8 @@ def read_secret(path: Path) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise SecretFileError(f"{path}: not a regular file")
         if st.st_mode & 0o077:
-            raise SecretFileError(f"{path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            mode = stat.S_IMODE(st.st_mode)
+            raise SecretFileError(f"{path}: readable by others (mode {mode:o}); "
                                   f"run: chmod 600 {path}")
         data = os.read(fd, 4096)
     finally:

@@ -55,7 +55,7 @@ def collect(data_dir: Path, registry: Registry, group: str | None = None) -> lis
             if not paths.inbound_db.is_file():
                 raise FileNotFoundError(f"{paths.inbound_db} is missing")
             state = inbound.series_state(paths.inbound_db, s["id"])
-        except Exception as exc:  # one bad session must not hide the others
+        except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
             error = str(exc).splitlines()[0]
         if s["cancelled_at"]:
             label = "cancelled"

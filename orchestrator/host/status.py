@@ -101,7 +101,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
                 raise FileNotFoundError(f"{paths.inbound_db} is missing")
             claimed = outbound.processing_ids(paths.outbound_db)
             counts = inbound.status_counts(paths.inbound_db, claimed)
-        except Exception as exc:  # one bad session must not hide the others
+        except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
             error = str(exc).splitlines()[0]
         run = started.get(s.id, {})
         current = (run.get("digest") == groups.resolve(cfg, s.agent_group_id).digest
@@ -152,7 +152,8 @@ def table_lines(rows: list, columns: list[tuple[str, Any]]) -> list[str]:
 
     cells = [[h for h, _ in columns]] + [[cell(r, k) for _, k in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]
 
 
 def render_table(rows: list[StatusRow]) -> str:

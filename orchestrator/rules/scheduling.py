@@ -108,7 +108,8 @@ def next_run(expr: str, after: datetime, zone: str = "UTC") -> datetime:
     try:
         return next(CronSim(expr, local)).astimezone(UTC)
     except (CronSimError, StopIteration) as exc:
-        raise ScheduleError(f"recurrence {expr!r}: no next run ({exc or 'never matches'})")
+        raise ScheduleError(
+            f"recurrence {expr!r}: no next run ({exc or 'never matches'})") from exc
 
 
 def first_run(expr: str, now: datetime, at: datetime | None, zone: str = "UTC") -> datetime:

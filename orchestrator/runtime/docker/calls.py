@@ -142,7 +142,7 @@ class DockerExec:
         if client is not None:
             try:
                 client.close()
-            except Exception:  # pragma: no cover - best effort
+            except Exception:  # noqa: BLE001  # pragma: no cover - best effort: it is dropped
                 pass
 
     @property

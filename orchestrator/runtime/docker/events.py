@@ -69,7 +69,7 @@ class DockerEvents:
         if stream is not None:
             try:
                 stream.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort: the thread ends either way
                 pass
         thread = self._thread
         if thread is not None:
@@ -120,7 +120,7 @@ class DockerEvents:
                     if not self._post(self.on_event, event):
                         self._stop.set()
                         break
-            except Exception as exc:  # DockerException, requests ConnectionError, ...
+            except Exception as exc:  # noqa: BLE001 - DockerException, ConnectionError...: retry
                 if not self._stop.is_set():
                     if _is_unreachable(exc):
                         self.exec.mark_unavailable(exc)
@@ -135,7 +135,7 @@ class DockerEvents:
                 if client is not None:
                     try:
                         client.close()
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - best effort: a new client is made
                         pass
             if self._stop.is_set():
                 break

@@ -243,7 +243,7 @@ class DockerRuntime:
     def _deliver(self, event: AgentExit) -> None:
         try:
             self.on_exit(event)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a callback bug must not stop the other exits
             logger.exception("on_exit callback failed for {}", event)
 
     def _spawn(self, coro: Any) -> None:
@@ -561,7 +561,7 @@ class DockerRuntime:
         if self.on_available is not None:
             try:
                 self.on_available()
-            except Exception:  # pragma: no cover - a callback bug must not end the stream
+            except Exception:  # noqa: BLE001  # pragma: no cover - a callback bug must not end it
                 logger.exception("on_available callback failed")
 
     def _on_event(self, event: dict) -> None:

@@ -106,12 +106,14 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
         run = started.get(s.id, {})
         current = (run.get("digest") == groups.resolve(cfg, s.agent_group_id).digest
                    if cfg is not None and run else None)
+        channel_type, platform_id, thread_id = routes.get(s.id, (None, None, s.thread_id))
+        position, waited = queued.get(s.id, (None, None))
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
                               _iso(s.last_active), error,
-                              *routes.get(s.id, (None, None, s.thread_id)),
-                              *queued.get(s.id, (None, None)),
+                              channel_type=channel_type, platform_id=platform_id,
+                              thread_id=thread_id, queue_position=position, queued_for=waited,
                               settings=run.get("digest"), image=run.get("image"),
                               settings_current=current))
     return rows

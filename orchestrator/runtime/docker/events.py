@@ -97,7 +97,10 @@ class DockerEvents:
             client = None
             try:
                 client = self.exec.new_client(timeout=10)
-                stream = client.events(decode=True, filters=filters, since=self.since)
+                # since: the last event's "seconds.nanoseconds" text, which the API takes as it
+                # is and docker-py passes on; types-docker allows only datetime | int
+                stream = client.events(decode=True, filters=filters,
+                                       since=self.since)  # type: ignore[call-overload]
                 with self._lock:
                     if self._stop.is_set():
                         stream.close()

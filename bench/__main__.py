@@ -44,7 +44,8 @@ def _noisy(results: dict, limit: float = 0.15) -> list[tuple[str, float]]:
     def walk(node, path: str) -> None:
         if isinstance(node, dict):
             for key in ("machine", "machine_load"):
-                f = node.get(key, {}).get("foreign_cores") if isinstance(node.get(key), dict) else None
+                sub = node.get(key)
+                f = sub.get("foreign_cores") if isinstance(sub, dict) else None
                 if f is not None and f > limit:
                     found.append((path, f))
             for k, v in node.items():
@@ -209,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     fb = bench.extra.get("budget_fallback")
     if fb and "error" not in fb:
         lat = fb.get("latency", {}).get("latency_ms", {}).get("commit_to_recorded", {})
+        written = fb.get("latency", {}).get("replies_written", 0)
+        lost = fb.get("latency", {}).get("lost_not_recorded", 0)
         print(f"\nwatch budget too small (pretended max_user_watches="
               f"{fb.get('pretended_max_user_watches')}): mode {fb.get('watch_mode')}, "
               f"{fb.get('inotify_watches')} inotify watches, warning logged: "
               f"{'yes' if fb.get('warning_logged') else 'NO'}, "
-              f"replies still delivered: {fb.get('latency', {}).get('replies_written', 0) - fb.get('latency', {}).get('lost_not_recorded', 0)}"
-              f"/{fb.get('latency', {}).get('replies_written', 0)}, p50 "
+              f"replies still delivered: {written - lost}/{written}, p50 "
               f"{lat.get('p50', float('nan')):.0f} ms")
     if noisy:
         worst = max(noisy, key=lambda kv: kv[1])

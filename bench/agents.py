@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, _on_term)
-    folders = [line.strip() for line in Path(args.sessions).read_text().splitlines() if line.strip()]
+    lines = Path(args.sessions).read_text().splitlines()
+    folders = [line.strip() for line in lines if line.strip()]
     if not folders:
         print("no sessions", file=sys.stderr)
         return 2

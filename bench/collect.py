@@ -174,7 +174,7 @@ def recorded_times(delivered: dict[str, tuple[str, str, str]],
         seen = sorted(commits.get(folder, []))
         ordered = sorted(passes.items(), key=lambda kv: schema.parse_ts(kv[0]))
         if len(ordered) == len(seen):
-            for (_, mids), t in zip(ordered, seen):
+            for (_, mids), t in zip(ordered, seen, strict=True):
                 for mid in mids:
                     out[mid] = t
             exact += len(ordered)

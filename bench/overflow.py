@@ -130,7 +130,7 @@ def overflow_run(work: Path, *, sessions: int = 10, per_session: int = 200,
         for i in range(flood):
             os.utime(scratch[i % 2])
         for n in range(per_session):
-            for row, route in zip(rows, routing):
+            for row, route in zip(rows, routing, strict=True):
                 client.write_message(row, {"text": f"message {n}"}, routing=route)
         expected = sessions * (per_session + 1)
         _wait(lambda: _outbound_rows([f.root for f in folders]) == expected, 300,

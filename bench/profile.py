@@ -129,7 +129,8 @@ def pyspy_top(path: Path, n: int = 15) -> dict:
 
 class PySpy:
     def __init__(self, out_dir: Path) -> None:
-        exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        venv_bin = str(Path(sys.executable).parent)
+        exe = shutil.which("py-spy", path=venv_bin) or shutil.which("py-spy")
         if exe is None:
             raise SystemExit("--profile py-spy needs py-spy: .venv/bin/pip install py-spy")
         self.exe = exe

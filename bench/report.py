@@ -156,7 +156,7 @@ def table(summary: list[dict]) -> str:
     align = ["<", "<", "<", ">", ">", ">", "^", "^"]
 
     def line(cells) -> str:
-        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths))
+        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths, strict=True))
 
     sep = "  ".join("-" * w for w in widths)
     title = " " * (sum(widths[:6]) + 12) + "vs target"

@@ -102,6 +102,7 @@ def table(summary: list[dict]) -> str:
     align = ["<", "<", "<", ">", ">", ">", ">", "^"]
 
     def line(cells) -> str:
-        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
+        return "  ".join(f"{str(c):{a}{w}}"
+                         for c, a, w in zip(cells, align, widths, strict=True)).rstrip()
 
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(b) for b in body)])

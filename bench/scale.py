@@ -1,11 +1,12 @@
 """10 000 sessions: real folders, a real orchestrator (``bench.host``), events mode.
 
 Start-up to "every session reconciled" (of a restart: the first start, which has no
-saved start-up state and passes every session, is measured and reported beside it), idle CPU over a window that holds reconcile
-sweeps (2 min full, 35 s quick: the default ``sweep_interval`` is 30 s), paced reply
-latency from synthetic writers, and peak RSS. The sessions have no agent (nothing is
-due, so the real local runtime starts nothing); a reply from an agent-less session
-costs its pass one extra read of inbound.db, so the latency is slightly pessimistic.
+saved start-up state and passes every session, is measured and reported beside it), idle
+CPU over a window that holds reconcile sweeps (2 min full, 35 s quick: the default
+``sweep_interval`` is 30 s), paced reply latency from synthetic writers, and peak RSS.
+The sessions have no agent (nothing is due, so the real local runtime starts nothing); a
+reply from an agent-less session costs its pass one extra read of inbound.db, so the
+latency is slightly pessimistic.
 """
 
 from __future__ import annotations

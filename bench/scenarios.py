@@ -431,7 +431,8 @@ class Bench:
                 raise RuntimeError(f"heartbeat writer exited early ({writer.returncode})")
             w = self._cpu_window(run, self.p.hb_seconds, f"heartbeat-{hz:g}hz")
             if writer.poll() is not None:
-                raise RuntimeError(f"heartbeat writer ended inside the window ({writer.returncode})")
+                raise RuntimeError(
+                    f"heartbeat writer ended inside the window ({writer.returncode})")
         finally:
             proc.stop(writer)  # SIGTERM: it stops touching and writes its counts
         w["writer"] = json.loads(out.read_text()) if out.exists() else None
@@ -548,7 +549,8 @@ class Bench:
         """Every run, each mode back to back; ``only`` picks a subset
         (idle, latency1, latency1000, agents, budget)."""
         p = self.p
-        want = (lambda name: only is None or name in only)
+        def want(name: str) -> bool:
+            return only is None or name in only
         sizes = sorted({p.idle_sessions} if want("idle") else set())
         sizes = sorted(set(sizes) | {n for n in p.sizes
                                      if want("agents" if n == p.agents else f"latency{n}")}

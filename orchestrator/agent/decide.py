@@ -192,7 +192,8 @@ def reply_text(text: str) -> str:
     return f"echo: {text}"
 
 
-def reply_content(text: str, files: list[str] | None = None, refused: list[str] | None = None) -> str:
+def reply_content(text: str, files: list[str] | None = None,
+                  refused: list[str] | None = None) -> str:
     """The outbound ``content`` JSON: ``{"text": ..., "files": [...], "refused": [...]}``.
 
     ``files`` (names inside ``outbox/<out_id>/``) and ``refused`` (attachments

@@ -53,7 +53,8 @@ def _open_inside(workspace: Path, rel: str) -> int:
 
 
 def _copy_fd(src_fd: int, dest: Path) -> None:
-    out_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    out_fd = os.open(dest, flags, 0o644)
     with os.fdopen(src_fd, "rb", closefd=False) as src, os.fdopen(out_fd, "wb") as out:
         while chunk := src.read(_CHUNK):  # shutil.copyfileobj, without importing shutil
             out.write(chunk)

@@ -317,7 +317,7 @@ class SessionFolder:
         written to ``outbox/<id>/`` first and listed in ``content["files"]``; files
         already placed there by the caller (pass ``out_id``) are listed by the caller."""
         out_id = out_id or new_out_id()
-        body = {"text": content} if isinstance(content, str) else dict(content)
+        body: dict[str, Any] = {"text": content} if isinstance(content, str) else dict(content)
         dest = os.path.join(self._outbox, layout.validate_id(out_id, "message id"))
         try:
             if files:

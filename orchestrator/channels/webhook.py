@@ -213,7 +213,7 @@ class WebhookChannel:
             error = await self._post(reply_body(reply, files), reply.message_id, "reply")
         except DeliveryError as exc:
             error = exc
-        except Exception as exc:  # a bug is a failed attempt, never a lost wake-up
+        except Exception as exc:  # noqa: BLE001 - a bug is a failed attempt, never a lost wake-up
             error = DeliveryError(f"{type(exc).__name__}: {exc}")
         finally:
             self._sending.pop(reply.session_id, None)

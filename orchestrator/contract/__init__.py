@@ -1,1 +1,3 @@
-"""The folder contract shared with agents and other programs: layout, SQLite schema, statuses, inotify. Stdlib only."""
+"""The folder contract shared with agents and other programs.
+
+Layout, SQLite schema, statuses, inotify. Stdlib only."""

@@ -21,7 +21,14 @@ from datetime import datetime, timedelta, timezone
 TYPE_CHECKING = False  # the agent's cold start loads neither typing nor pathlib
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Iterator
+    from typing import Iterator, Protocol, TypeAlias
+
+    class Opener(Protocol):
+        """A database file that opens itself (the host's ``safefs.SafeDb``)."""
+
+        def connect(self, readonly: bool) -> sqlite3.Connection: ...
+
+    DbFile: TypeAlias = "Path | str | Opener"  # what ``opened`` and the stores accept
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -179,14 +186,17 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 @contextmanager
-def opened(path: Path | str, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+def opened(path: DbFile, *, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     """Open, use, and always close: no long-lived handles on a shared file.
 
     ``path`` may also be an object with ``connect(readonly)`` (the host's
     ``safefs.SafeDb``: a file in a session folder, opened without following links).
     """
     opener = getattr(path, "connect", None)
-    conn = opener(readonly) if opener is not None else connect(path, readonly=readonly)
+    if opener is not None:
+        conn = opener(readonly)
+    else:  # no connect(): a plain path (mypy cannot narrow the union by getattr)
+        conn = connect(path, readonly=readonly)  # type: ignore[arg-type]
     try:
         yield conn
     finally:
@@ -217,12 +227,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def init_inbound(path: Path | str) -> list[str]:
+def init_inbound(path: DbFile) -> list[str]:
     with opened(path) as conn, transaction(conn):
         return ensure_schema(conn, INBOUND_TABLES, INBOUND_EXTRA)
 
 
-def init_outbound(path: Path | str) -> list[str]:
+def init_outbound(path: DbFile) -> list[str]:
     with opened(path) as conn, transaction(conn):
         return ensure_schema(conn, OUTBOUND_TABLES, OUTBOUND_EXTRA)
 

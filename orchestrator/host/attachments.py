@@ -25,6 +25,7 @@ from orchestrator.support.errors import UserError
 
 MAX_NAME_BYTES = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_EXTRA = ("name", "data", "path", "localPath", "size")  # an item's keys that are not extras
 
 
 class AttachmentError(UserError, ValueError):
@@ -95,10 +96,10 @@ def decode(items: object, max_bytes: int) -> list[Decoded]:
         if len(data) > max_bytes:
             raise AttachmentError(f"attachment {label} is larger than the {max_bytes}-byte "
                                   "limit ([sessions] max_attachment_bytes)")
-        extra = {k: v for k, v in item.items() if k not in ("name", "data", "path", "localPath", "size")}
+        extra = {k: v for k, v in item.items() if k not in _NOT_EXTRA}
         decoded.append(Decoded(safe_name(item.get("name"), i + 1), data, extra))
     names = unique_names([d.name for d in decoded])
-    return [Decoded(n, d.data, d.extra) for n, d in zip(names, decoded)]
+    return [Decoded(n, d.data, d.extra) for n, d in zip(names, decoded, strict=True)]
 
 
 def _open_dir(path: Path, dir_fd: int | None = None) -> int:

@@ -11,28 +11,14 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from orchestrator.contract import schema
 from orchestrator.contract.schema import opened, transaction
+from orchestrator.rules.messages import NewMessage
 
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """An inbound message to write. ``content`` is already-serialised JSON text."""
-
-    id: str
-    kind: str
-    content: str
-    process_after: str | None = None
-    trigger: int = 1
-    platform_id: str | None = None
-    channel_type: str | None = None
-    thread_id: str | None = None
-    series_id: str | None = None
-    recurrence: str | None = None
-    source_session_id: str | None = None
-    on_wake: int = 0
+if TYPE_CHECKING:
+    from orchestrator.contract.schema import DbFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +94,7 @@ def _follow_up(conn: Any, mid: str, follow_up: FollowUp | None, now: datetime | 
         _insert(conn, nxt, now, or_ignore=True)
 
 
-def due_state(path: Path, now: datetime) -> tuple[int, datetime | None]:
+def due_state(path: DbFile, now: datetime) -> tuple[int, datetime | None]:
     """(messages due now, earliest future ``process_after``) in one read-only query.
 
     Called on every pass that may wake an agent, so it is one connection, one scan.
@@ -143,13 +129,13 @@ DUE_SQL = ("SELECT id FROM messages_in WHERE status = 'pending' AND \"trigger\" 
            "julianday(?)) ORDER BY seq")
 
 
-def due_ids(path: Path, now: datetime) -> list[str]:
+def due_ids(path: DbFile, now: datetime) -> list[str]:
     """The messages ``due_state`` counts as due now (read only)."""
     with opened(path, readonly=True) as conn:
         return [r[0] for r in conn.execute(DUE_SQL, (schema.format_ts(now),))]
 
 
-def fail_messages(path: Path, ids: Iterable[str], now: datetime,
+def fail_messages(path: DbFile, ids: Iterable[str], now: datetime,
                   follow_up: FollowUp | None = None) -> list[str]:
     """Mark failed those of ``ids`` still pending; returns them.
 
@@ -200,7 +186,7 @@ def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
     return Counts(pending, processing, completed, failed)
 
 
-def settle(path: Path, records: Iterable[tuple[str, str, str | None]],
+def settle(path: DbFile, records: Iterable[tuple[str, str, str | None]],
            acks: dict[str, str], follow_up: FollowUp | None = None,
            now: datetime | None = None) -> int:
     """Delivery records (``(message_out_id, status, platform_message_id)``, first
@@ -227,8 +213,8 @@ def settle(path: Path, records: Iterable[tuple[str, str, str | None]],
                 " delivered_at) VALUES (?,?,?,?)", rows)
         for st, mid in final:
             cur = conn.execute(
-                "UPDATE messages_in SET status=? WHERE id=? AND status NOT IN ('completed','failed')"
-                " AND status != ?", (st, mid, st))
+                "UPDATE messages_in SET status=? WHERE id=?"
+                " AND status NOT IN ('completed','failed') AND status != ?", (st, mid, st))
             changed += cur.rowcount
             if cur.rowcount:
                 _follow_up(conn, mid, follow_up, now)
@@ -240,7 +226,7 @@ def retry_delay(tries: int, base: float) -> float:
     return base * (2 ** tries)
 
 
-def claims_to_fail(path: Path, ids: Iterable[str], *, max_tries: int,
+def claims_to_fail(path: DbFile, ids: Iterable[str], *, max_tries: int,
                    statuses: tuple[str, ...] = ("pending",)) -> list[str]:
     """Which of ``ids`` ``reset_claims`` would turn failed (read only), so their failure
     is reported before the write: a crash in between reports again (the channel knows
@@ -250,7 +236,7 @@ def claims_to_fail(path: Path, ids: Iterable[str], *, max_tries: int,
             if status in statuses and (tries or 0) + 1 >= max_tries]
 
 
-def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base: float,
+def reset_claims(path: DbFile, ids: Iterable[str], *, max_tries: int, backoff_base: float,
                  now: datetime, follow_up: FollowUp | None = None,
                  statuses: tuple[str, ...] = ("pending",)) -> dict[str, str]:
     """Give a dead agent's claims back: pending with backoff, or failed at max_tries.
@@ -264,7 +250,8 @@ def reset_claims(path: Path, ids: Iterable[str], *, max_tries: int, backoff_base
     result: dict[str, str] = {}
     with opened(path) as conn, transaction(conn):
         for mid in ids:
-            row = conn.execute("SELECT tries, status FROM messages_in WHERE id=?", (mid,)).fetchone()
+            row = conn.execute("SELECT tries, status FROM messages_in WHERE id=?",
+                               (mid,)).fetchone()
             if row is None or row["status"] not in statuses:
                 continue
             tries = row["tries"] or 0
@@ -311,7 +298,7 @@ def series_state(path: Path, series_id: str) -> dict[str, Any]:
 IN_CHUNK = 500  # ids per query: under SQLite's limit on bound parameters
 
 
-def _rows_for(path: Path, ids: Iterable[str], select: str) -> list[tuple]:
+def _rows_for(path: DbFile, ids: Iterable[str], select: str) -> list[tuple]:
     """Rows of ``select`` (its ``IN ({})`` filled with one ``?`` per id) for any number
     of ids, in one read-only open."""
     wanted = list(ids)
@@ -326,7 +313,7 @@ def _rows_for(path: Path, ids: Iterable[str], select: str) -> list[tuple]:
     return rows
 
 
-def triggering(path: Path, ids: Iterable[str]) -> set[str]:
+def triggering(path: DbFile, ids: Iterable[str]) -> set[str]:
     """Which of these messages are work an agent must answer (``trigger=1``, not
     ``system``): only those can be awaiting an answer after their ack."""
     return {r[0] for r in _rows_for(
@@ -334,7 +321,7 @@ def triggering(path: Path, ids: Iterable[str]) -> set[str]:
                    " AND kind != 'system'")}
 
 
-def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,
+def message_routes(path: DbFile, ids: Iterable[str]) -> dict[str, tuple[str | None, str | None,
                                                                        str | None]]:
     """(channel_type, platform_id, thread_id) of some inbound messages, for a failure record."""
     return {r[0]: (r[1], r[2], r[3]) for r in _rows_for(
@@ -342,7 +329,7 @@ def message_routes(path: Path, ids: Iterable[str]) -> dict[str, tuple[str | None
                    " WHERE id IN ({})")}
 
 
-def delivered_ids(path: Path, ids: Iterable[str]) -> set[str]:
+def delivered_ids(path: DbFile, ids: Iterable[str]) -> set[str]:
     """Which of these outbound ids already have a ``delivered`` row (any status)."""
     return {r[0] for r in _rows_for(
         path, ids, "SELECT message_out_id FROM delivered WHERE message_out_id IN ({})")}
@@ -378,14 +365,14 @@ def _replace_destinations(conn: Any, rows: list[tuple]) -> None:
         " agent_group_id) VALUES (?,?,?,?,?,?)", rows)
 
 
-def replace_destinations(path: Path, destinations: Iterable[Destination]) -> None:
+def replace_destinations(path: DbFile, destinations: Iterable[Destination]) -> None:
     """Rewrite the whole table in one transaction (the agent never sees half a set)."""
     rows = _destination_rows(destinations)
     with opened(path) as conn, transaction(conn):
         _replace_destinations(conn, rows)
 
 
-def sync_routing(path: Path, routing: tuple[str | None, str | None, str | None],
+def sync_routing(path: DbFile, routing: tuple[str | None, str | None, str | None],
                  destinations: Iterable[Destination]) -> bool:
     """The session's default route (``session_routing``, one row) and its
     ``destinations``, in one transaction that writes only what differs from what is
@@ -411,7 +398,7 @@ def sync_routing(path: Path, routing: tuple[str | None, str | None, str | None],
     return changed
 
 
-def chat_of(path: Path, message_id: str) -> tuple[str | None, str | None, str | None] | None:
+def chat_of(path: DbFile, message_id: str) -> tuple[str | None, str | None, str | None] | None:
     """The chat a message came from (channel_type, platform_id, thread_id), or None."""
     with opened(path, readonly=True) as conn:
         row = conn.execute("SELECT channel_type, platform_id, thread_id FROM messages_in"

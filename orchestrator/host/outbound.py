@@ -9,12 +9,13 @@ the supervisor can log it and carry on with the other sessions.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 from orchestrator.contract import schema
+from orchestrator.host.safefs import SafeDb
 
 
 class OutboundError(RuntimeError):
@@ -62,7 +63,7 @@ class Snapshot:
     rewound: bool = False  # the anchor row was gone: everything was read from seq 0
 
 
-def _describe(path: Path, exc: Exception) -> OutboundError:
+def _describe(path: Path | SafeDb, exc: Exception) -> OutboundError:
     return OutboundError(
         f"{path}: not a readable outbound.db ({exc}); the agent must recreate it — "
         "stop the agent, move the file aside, and it will be recreated on the next start"
@@ -72,9 +73,8 @@ def _describe(path: Path, exc: Exception) -> OutboundError:
 DEFAULT_MAX_CONTENT = 1 << 20
 
 
-def _connect(path: Path) -> Iterator[sqlite3.Connection] | None:
-    exists = getattr(path, "exists", None)  # a safefs.SafeDb: lstat, never a link's target
-    if not (exists() if exists is not None else path.is_file()):
+def _connect(path: Path | SafeDb) -> AbstractContextManager[sqlite3.Connection] | None:
+    if not _exists(path):
         return None
     return schema.opened(path, readonly=True)
 
@@ -133,7 +133,7 @@ def _parse(value: str | None) -> datetime | None:
         return None
 
 
-def read(path: Path, after_seq: int = 0, acks_since: str | None = None,
+def read(path: Path | SafeDb, after_seq: int = 0, acks_since: str | None = None,
          max_content_bytes: int = DEFAULT_MAX_CONTENT, anchor: str | None = None) -> Snapshot:
     """Acks, messages with ``seq > after_seq`` and tool state, in one read transaction.
 
@@ -224,11 +224,10 @@ def max_seq(path: Path) -> int:
     return m or 0
 
 
-def clear_processing_claims(path: Path) -> int:
+def clear_processing_claims(path: Path | SafeDb) -> int:
     """Delete leftover ``processing`` acks. Only when NO agent runs for the session
     (one writer per file); the reference agent does this itself at start too."""
-    exists = getattr(path, "exists", None)
-    if not (exists() if exists is not None else path.is_file()):
+    if not _exists(path):
         return 0
     try:
         with schema.opened(path) as conn, schema.transaction(conn):
@@ -239,7 +238,7 @@ def clear_processing_claims(path: Path) -> int:
         raise _describe(path, exc) from None
 
 
-def clear_acks(path: Path, ids: list[str]) -> int:
+def clear_acks(path: Path | SafeDb, ids: list[str]) -> int:
     """Delete the acks of messages given back for a retry (any status), so the next
     agent takes them up again. Only when NO agent runs for the session."""
     if not ids or not _exists(path):
@@ -254,7 +253,7 @@ def clear_acks(path: Path, ids: list[str]) -> int:
         raise _describe(path, exc) from None
 
 
-def clear_tool_state(path: Path) -> None:
+def clear_tool_state(path: Path | SafeDb) -> None:
     """Forget a dead agent's ``container_state.current_tool`` before the next start:
     a tool left "running" by a killed agent must not keep its successor busy.
     Only when NO agent runs for the session."""
@@ -270,7 +269,6 @@ def clear_tool_state(path: Path) -> None:
         raise _describe(path, exc) from None
 
 
-def _exists(path: Path) -> bool:
-    """A plain path or the supervisor's ``safefs.SafeDb`` (which has ``exists``)."""
-    exists = getattr(path, "exists", None)
-    return exists() if exists is not None else path.is_file()
+def _exists(path: Path | SafeDb) -> bool:
+    """A plain path, or the supervisor's ``safefs.SafeDb`` (lstat: never a link's target)."""
+    return path.exists() if isinstance(path, SafeDb) else path.is_file()

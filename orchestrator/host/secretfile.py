@@ -17,6 +17,11 @@ class SecretFileError(ValueError):
     """One line naming the file and the fix."""
 
 
+def _reason(exc: OSError) -> str:
+    """The OS's reason, lower case ("permission denied"); strerror is None for some."""
+    return (exc.strerror or str(exc)).lower()
+
+
 def ensure_secret(path: Path) -> str:
     """The secret in ``path``; a new random one (mode 0600) if the file is missing."""
     try:
@@ -30,13 +35,13 @@ def ensure_secret(path: Path) -> str:
     except FileExistsError:  # created meanwhile (another process): use that one
         return read_secret(path)
     except OSError as exc:
-        raise SecretFileError(f"{path}: cannot create ({exc.strerror.lower()})") from None
+        raise SecretFileError(f"{path}: cannot create ({_reason(exc)})") from None
     try:
         os.write(fd, (value + "\n").encode("ascii"))
         os.fsync(fd)
     except OSError as exc:  # a full disk: leave no empty or torn secret behind
         path.unlink(missing_ok=True)
-        raise SecretFileError(f"{path}: cannot write ({exc.strerror.lower()})") from None
+        raise SecretFileError(f"{path}: cannot write ({_reason(exc)})") from None
     finally:
         os.close(fd)
     return value
@@ -56,7 +61,8 @@ def read_secret(path: Path) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise SecretFileError(f"{path}: not a regular file")
         if st.st_mode & 0o077:
-            raise SecretFileError(f"{path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            mode = stat.S_IMODE(st.st_mode)
+            raise SecretFileError(f"{path}: readable by others (mode {mode:o}); "
                                   f"run: chmod 600 {path}")
         data = os.read(fd, 4096)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from orchestrator.contract.layout import session_paths
 from orchestrator.host import inbound, outbound
@@ -49,13 +50,13 @@ def collect(data_dir: Path, registry: Registry, group: str | None = None) -> lis
         if group is not None and s["agent_group_id"] != group:
             continue
         paths = session_paths(data_dir, s["agent_group_id"], s["session_id"])
-        state = {"counts": {}, "next": None, "recurring": False}
+        state: dict[str, Any] = {"counts": {}, "next": None, "recurring": False}
         error = None
         try:
             if not paths.inbound_db.is_file():
                 raise FileNotFoundError(f"{paths.inbound_db} is missing")
             state = inbound.series_state(paths.inbound_db, s["id"])
-        except Exception as exc:  # one bad session must not hide the others
+        except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
             error = str(exc).splitlines()[0]
         if s["cancelled_at"]:
             label = "cancelled"

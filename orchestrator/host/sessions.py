@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -31,6 +31,9 @@ from orchestrator.contract.layout import (
 from orchestrator.host import attachments, destinations, inbound
 from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.support.errors import StorageError, UserError, storage, storage_error
+
+if TYPE_CHECKING:
+    from orchestrator.contract.schema import DbFile
 
 MODES = ("shared", "per-thread", "agent-shared")
 
@@ -294,7 +297,7 @@ class Sessions:
                       "selectedOption": selected_option, "userId": user_id},
             kind="system", trigger=0, routing=self.routing_of(session))
 
-    def write_routing(self, session: SessionRow, inbound_db: Path | None = None) -> None:
+    def write_routing(self, session: SessionRow, inbound_db: DbFile | None = None) -> None:
         """Default reply route + destinations, written before every wake.
 
         ``inbound_db``: the supervisor passes its ``safefs.SafeDb`` (no link followed,
@@ -303,7 +306,7 @@ class Sessions:
         routing = self.routing_of(session)
         inbound.sync_routing(db, routing, self._destinations(session, routing))
 
-    def write_destinations(self, session: SessionRow, inbound_db: Path | None = None) -> None:
+    def write_destinations(self, session: SessionRow, inbound_db: DbFile | None = None) -> None:
         """Every chat of the group plus the hand-set destinations (``destinations``)."""
         db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
         inbound.replace_destinations(db, self._destinations(session, self.routing_of(session)))

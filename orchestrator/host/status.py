@@ -101,17 +101,19 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
                 raise FileNotFoundError(f"{paths.inbound_db} is missing")
             claimed = outbound.processing_ids(paths.outbound_db)
             counts = inbound.status_counts(paths.inbound_db, claimed)
-        except Exception as exc:  # one bad session must not hide the others
+        except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
             error = str(exc).splitlines()[0]
         run = started.get(s.id, {})
         current = (run.get("digest") == groups.resolve(cfg, s.agent_group_id).digest
                    if cfg is not None and run else None)
+        channel_type, platform_id, thread_id = routes.get(s.id, (None, None, s.thread_id))
+        position, waited = queued.get(s.id, (None, None))
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
                               _iso(last_heartbeat(paths, s.last_heartbeat)),
                               _iso(s.last_active), error,
-                              *routes.get(s.id, (None, None, s.thread_id)),
-                              *queued.get(s.id, (None, None)),
+                              channel_type=channel_type, platform_id=platform_id,
+                              thread_id=thread_id, queue_position=position, queued_for=waited,
                               settings=run.get("digest"), image=run.get("image"),
                               settings_current=current))
     return rows
@@ -152,7 +154,8 @@ def table_lines(rows: list, columns: list[tuple[str, Any]]) -> list[str]:
 
     cells = [[h for h, _ in columns]] + [[cell(r, k) for _, k in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]
 
 
 def render_table(rows: list[StatusRow]) -> str:

@@ -161,7 +161,8 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
             continue
         age = (now - claim_tick_end(claim.claimed_at)).total_seconds()
         if age > climit:
-            return f"claim on {claim.message_id} {age:.0f}s old with no heartbeat since (limit {climit:g}s)"
+            return (f"claim on {claim.message_id} {age:.0f}s old with no heartbeat since"
+                    f" (limit {climit:g}s)")
     return None
 
 

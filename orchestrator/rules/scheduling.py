@@ -38,7 +38,7 @@ from typing import Any, Mapping
 from cronsim import CronSim, CronSimError
 
 from orchestrator.contract.schema import DUE_FORMAT, ceil_second, format_due, parse_ts  # noqa: F401 (re-exported: one implementation)
-from orchestrator.host.inbound import NewMessage
+from orchestrator.rules.messages import NewMessage
 from orchestrator.support.errors import UserError
 
 UTC = timezone.utc
@@ -108,7 +108,8 @@ def next_run(expr: str, after: datetime, zone: str = "UTC") -> datetime:
     try:
         return next(CronSim(expr, local)).astimezone(UTC)
     except (CronSimError, StopIteration) as exc:
-        raise ScheduleError(f"recurrence {expr!r}: no next run ({exc or 'never matches'})")
+        raise ScheduleError(
+            f"recurrence {expr!r}: no next run ({exc or 'never matches'})") from exc
 
 
 def first_run(expr: str, now: datetime, at: datetime | None, zone: str = "UTC") -> datetime:

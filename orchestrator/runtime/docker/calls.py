@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Literal, TypeVar, overload
 
 import requests
 from docker import APIClient
@@ -73,10 +73,12 @@ def docker_where(base_url: str = "") -> str:
 def make_api_client(base_url: str = "", timeout: float = 60.0) -> APIClient:
     """A low-level client; negotiates the API version, so it connects (and may raise)."""
     if base_url:
-        return APIClient(base_url=base_url, version="auto", timeout=timeout)
+        # types-docker says int; docker-py hands the timeout to requests, which takes a float
+        return APIClient(base_url=base_url, version="auto",
+                         timeout=timeout)  # type: ignore[arg-type]
     import docker
 
-    return docker.from_env(version="auto", timeout=timeout).api
+    return docker.from_env(version="auto", timeout=timeout).api  # type: ignore[arg-type]
 
 
 def _is_unreachable(exc: BaseException) -> bool:
@@ -142,7 +144,7 @@ class DockerExec:
         if client is not None:
             try:
                 client.close()
-            except Exception:  # pragma: no cover - best effort
+            except Exception:  # noqa: BLE001  # pragma: no cover - best effort: it is dropped
                 pass
 
     @property
@@ -195,6 +197,14 @@ class DockerExec:
             raise self.translate(what, exc, image=image) from None
         self.mark_available()
         return result
+
+    @overload
+    async def call(self, what: str, fn: Callable[[APIClient], T], *,
+                   missing_ok: Literal[False] = False, image: str | None = None) -> T: ...
+
+    @overload
+    async def call(self, what: str, fn: Callable[[APIClient], T], *, missing_ok: bool,
+                   image: str | None = None) -> T | None: ...
 
     async def call(self, what: str, fn: Callable[[APIClient], T], *, missing_ok: bool = False,
                    image: str | None = None) -> T | None:
@@ -253,7 +263,9 @@ class DockerExec:
     async def wait(self, container: str, timeout: float) -> int | None:
         def _wait(api: APIClient) -> int | None:
             try:
-                return int(api.wait(container, timeout=timeout)["StatusCode"])
+                # types-docker says int; docker-py hands it to requests, which takes a float
+                return int(api.wait(container, timeout=timeout)  # type: ignore[arg-type]
+                           ["StatusCode"])
             except requests.exceptions.ReadTimeout:
                 return None
 

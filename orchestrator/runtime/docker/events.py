@@ -69,7 +69,7 @@ class DockerEvents:
         if stream is not None:
             try:
                 stream.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort: the thread ends either way
                 pass
         thread = self._thread
         if thread is not None:
@@ -97,7 +97,10 @@ class DockerEvents:
             client = None
             try:
                 client = self.exec.new_client(timeout=10)
-                stream = client.events(decode=True, filters=filters, since=self.since)
+                # since: the last event's "seconds.nanoseconds" text, which the API takes as it
+                # is and docker-py passes on; types-docker allows only datetime | int
+                stream = client.events(decode=True, filters=filters,
+                                       since=self.since)  # type: ignore[call-overload]
                 with self._lock:
                     if self._stop.is_set():
                         stream.close()
@@ -120,7 +123,7 @@ class DockerEvents:
                     if not self._post(self.on_event, event):
                         self._stop.set()
                         break
-            except Exception as exc:  # DockerException, requests ConnectionError, ...
+            except Exception as exc:  # noqa: BLE001 - DockerException, ConnectionError...: retry
                 if not self._stop.is_set():
                     if _is_unreachable(exc):
                         self.exec.mark_unavailable(exc)
@@ -135,7 +138,7 @@ class DockerEvents:
                 if client is not None:
                     try:
                         client.close()
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - best effort: a new client is made
                         pass
             if self._stop.is_set():
                 break

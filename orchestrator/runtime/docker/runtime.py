@@ -243,7 +243,7 @@ class DockerRuntime:
     def _deliver(self, event: AgentExit) -> None:
         try:
             self.on_exit(event)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a callback bug must not stop the other exits
             logger.exception("on_exit callback failed for {}", event)
 
     def _spawn(self, coro: Any) -> None:
@@ -262,7 +262,7 @@ class DockerRuntime:
 
     # -- ownership guard ----------------------------------------------------------
     def _owns(self, labels: dict[str, str] | None) -> bool:
-        return bool(labels) and labels.get(LABEL_INSTANCE) == self.instance
+        return labels is not None and labels.get(LABEL_INSTANCE) == self.instance
 
     async def _inspect_owned(self, container_id: str) -> dict | None:
         """Inspect; None when gone. Refuses (logs, returns None) a container without our label."""
@@ -561,7 +561,7 @@ class DockerRuntime:
         if self.on_available is not None:
             try:
                 self.on_available()
-            except Exception:  # pragma: no cover - a callback bug must not end the stream
+            except Exception:  # noqa: BLE001  # pragma: no cover - a callback bug must not end it
                 logger.exception("on_available callback failed")
 
     def _on_event(self, event: dict) -> None:
@@ -581,8 +581,8 @@ class DockerRuntime:
             t.kill_signal = str(attrs.get("signal") or "")
         elif action == "die":
             try:
-                code: int | None = int(attrs.get("exitCode"))
-            except (TypeError, ValueError):
+                code: int | None = int(attrs["exitCode"])
+            except (KeyError, TypeError, ValueError):
                 code = None
             # stop()/kill() remove the container themselves, after their own wait.
             self._emit(t, code, t.exit_reason(code),

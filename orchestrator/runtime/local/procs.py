@@ -48,7 +48,7 @@ def process_start_time(pid: int) -> str | None:
 def process_stopped(pid: int) -> bool:
     """Whether the process is in state T (stopped by a signal)."""
     fields = _stat_fields(pid)
-    return bool(fields) and fields[0] == "T"
+    return bool(fields and fields[0] == "T")
 
 
 def process_marker(pid: int) -> str | None:

@@ -87,7 +87,8 @@ class _Agent:
     pidfd: int
     popen: subprocess.Popen | None
     adopted: bool
-    exited: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    exited: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
     ending: str | None = None  # "stopped" | "killed" when we asked for it
     paused: bool = False  # SIGSTOPped by us (or found stopped when adopted)
 

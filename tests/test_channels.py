@@ -9,9 +9,10 @@ import pytest
 from e2e import run
 from loguru import logger
 
-from orchestrator.channels import DeliveryError, Failure, Reply, StorageFull, make_channel
+from orchestrator.channels import DeliveryError, Failure, Reply, StorageFull
 from orchestrator.channels.jsonl import JsonlChannel, read_ids, read_lines
 from orchestrator.channels.log import LogChannel
+from orchestrator.cli.compose import make_channel
 from orchestrator.config.model import DeliveryConfig
 
 

@@ -17,7 +17,7 @@ from e2e import Client, failures, make_config, replies_to, run, supervised
 from helpers import query, until
 from loguru import logger
 
-from orchestrator.channels import make_channel
+from orchestrator.cli.compose import make_channel
 from orchestrator.contract import schema
 from orchestrator.contract.layout import sessions_root
 from orchestrator.contract.session_status import Status

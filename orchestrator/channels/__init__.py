@@ -1,4 +1,9 @@
-"""Delivery channels: ``make_channel(cfg)`` picks one from ``[delivery] channel``."""
+"""Delivery channels: where replies and failure records go (``Channel``, in base.py).
+
+The concrete channels (jsonl, log, webhook) are picked from ``[delivery] channel`` by
+the composition root (``orchestrator.cli.compose.make_channel``); the engine knows only
+the protocol.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +17,6 @@ from orchestrator.channels.base import (
     Reply,
     StorageFull,
 )
-from orchestrator.config.model import DeliveryConfig
 
-__all__ = ["Channel", "ChannelBase", "DeliveryError", "Failure", "InFlight", "PermanentDeliveryError", "Reply",
-           "StorageFull", "make_channel"]
-
-
-def make_channel(cfg: DeliveryConfig) -> Channel:
-    if cfg.channel == "jsonl":
-        from orchestrator.channels.jsonl import JsonlChannel
-
-        return JsonlChannel(cfg.path)
-    if cfg.channel == "webhook":
-        from orchestrator.channels.webhook import WebhookChannel
-
-        return WebhookChannel(cfg)
-    from orchestrator.channels.log import LogChannel
-
-    return LogChannel()
+__all__ = ["Channel", "ChannelBase", "DeliveryError", "Failure", "InFlight",
+           "PermanentDeliveryError", "Reply", "StorageFull"]

@@ -8,7 +8,7 @@ before it: the API socket, the runtime and its threads, the channel, the stores,
 data-dir lock.
 
 This is also the only module that names the concrete runtimes, the concrete channels
-(through ``make_channel``) and the API server.
+and the API server.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from orchestrator.api.events import EventStore
 from orchestrator.api.hub import Hub
 from orchestrator.api.idempotency import IdempotencyKeys
 from orchestrator.api.metrics import Metrics
-from orchestrator.channels import Channel, make_channel
-from orchestrator.config.model import Config
+from orchestrator.channels import Channel
+from orchestrator.channels.jsonl import JsonlChannel
+from orchestrator.channels.log import LogChannel
+from orchestrator.channels.webhook import WebhookChannel
+from orchestrator.config.model import Config, DeliveryConfig
 from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.schema import utcnow
 from orchestrator.engine.admission_gate import open_gate
@@ -60,6 +63,15 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
     from orchestrator.runtime.local.runtime import LocalRuntime
 
     return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
+
+
+def make_channel(cfg: DeliveryConfig) -> Channel:
+    """The channel ``[delivery] channel`` names."""
+    if cfg.channel == "jsonl":
+        return JsonlChannel(cfg.path)
+    if cfg.channel == "webhook":
+        return WebhookChannel(cfg)
+    return LogChannel()
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class Api:
                 return await handler(request)
             except BadRequest as exc:
                 return error(str(exc), exc.status)
-            except Exception as exc:  # a bug or a broken disk: one line out, the trace logged
+            except Exception as exc:  # noqa: BLE001 - a bug or a broken disk: a 500, the trace logged
                 logger.opt(exception=exc).error("API {} {}: {}", request.method,
                                                 request.url.path, exc)
                 return error(f"internal error: {type(exc).__name__}: {exc}", 500)
@@ -215,7 +215,8 @@ class Api:
                 self._key_locks.pop(key, None)
         return JSONResponse(result, status_code=201)
 
-    def _write(self, msg: dict[str, Any], key: str | None, fp: str | None) -> dict[str, str]:
+    def _write(self, msg: dict[str, Any], key: str | None, fp: str | None
+               ) -> dict[str, str | None]:
         """Runs in a worker thread: resolve the session and write the message."""
         from orchestrator.host.sessions import new_id
 
@@ -231,7 +232,7 @@ class Api:
             message_id = entry.message_id if entry else new_id("msg")
         try:
             prepared = sessions.prepare(msg["content"])  # refused here: nothing is created
-            if key is not None and message_id is not None:
+            if key is not None and fp is not None and message_id is not None:
                 self.keys.begin(key, fp, message_id)
                 entry = self.keys.get(key)  # a concurrent request may have begun first
                 if entry is not None and entry.done:
@@ -248,7 +249,8 @@ class Api:
                                                          msg["thread_id"]),
                                                 message_id=message_id)
             except MessageError:
-                if key is None or not _exists(sessions, session, message_id):
+                if key is None or message_id is None or not _exists(sessions, session,
+                                                                     message_id):
                     raise
                 mid = message_id  # written by an attempt that crashed before finishing
         except (MessageError, InvalidId, AttachmentError, ValueError) as exc:
@@ -324,15 +326,15 @@ class Api:
                     yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
                 while not self.closing.is_set():
                     try:
-                        ev = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
+                        live = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
-                    if ev is None:
+                    if live is None:
                         return
-                    if ev.id > last:
-                        last = ev.id
-                        yield ev.sse()
+                    if live.id > last:
+                        last = live.id
+                        yield live.sse()
                     if sub.dropped and sub.queue.empty():
                         return  # fell behind: the client reconnects and replays the rest
             finally:

@@ -55,7 +55,7 @@ def is_loopback(listen: Listen) -> bool:
     if listen.host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(listen.host).is_loopback
+        return ipaddress.ip_address(listen.host or "").is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
 

@@ -91,6 +91,8 @@ class EventStore:
         at = format_ts(datetime.now(timezone.utc))
         cur = self._conn.execute("INSERT INTO events (at, kind, data) VALUES (?,?,?)",
                                  (at, kind, json.dumps(data, ensure_ascii=False)))
+        if cur.lastrowid is None:  # an INSERT always sets it; say so if it ever does not
+            raise sqlite3.DatabaseError("event log: the insert returned no row id")
         event = Event(cur.lastrowid, at, kind, data)
         for sub in list(self._subs):
             if sub.dropped:

@@ -31,6 +31,6 @@ class Hub:
             try:
                 self.events.append(kind, data)
                 self._said.clear("append")
-            except Exception as exc:  # a full disk must not stop delivery
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop delivery
                 if self._said.say("append", str(exc)):
                     logger.error("event log: cannot append ({}); /v1/events misses events", exc)

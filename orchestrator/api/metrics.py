@@ -120,7 +120,8 @@ class Metrics:
 
     def observe(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "status":
-            if data.get("status") == Status.STOPPED and data.get("old") not in (None, Status.STOPPED):
+            stopped = data.get("status") == Status.STOPPED
+            if stopped and data.get("old") not in (None, Status.STOPPED):
                 self.stops.labels(stop_reason(data.get("reason") or "")).inc()
         elif kind == "reply_delivered":
             self.delivered.labels(self.channel).inc()

@@ -121,7 +121,6 @@ def message_text(text: str) -> str:
 def cmd_send(args: argparse.Namespace) -> int:
     remote = _remote(args)
     cfg = remote[2] if remote else _load(args)
-    max_bytes = cfg.sessions.max_attachment_bytes if cfg else 2**40  # else the server checks
     text = message_text(args.text)
     if not text.strip() and not args.attach:
         raise UsageError("TEXT is empty: give the message text, or - to read it from "
@@ -130,11 +129,22 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise UsageError("--every writes a series into the files: run it without --url "
                          "(on the orchestrator's host)")
     schedule = cli_groups.schedule_of(args, cfg, utcnow())  # --at / --every, checked first
+    max_bytes = cfg.sessions.max_attachment_bytes if cfg else 2**40  # else the server checks
+    content = _content(args, text, max_bytes)
+    if remote:
+        return _send_remote(args, remote[0], remote[1], content, schedule)
+    assert cfg is not None  # without --url, _load gave the config
+    return _send_local(args, cfg, content, schedule)
+
+
+def _content(args: argparse.Namespace, text: str, max_bytes: int) -> dict:
+    """The message content from TEXT (plain or ``--json``), ``--sender`` and ``--attach``."""
     if args.json:
         try:
             content = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"--json: TEXT is not valid JSON ({exc.msg}, column {exc.colno})")
+            raise UsageError(f"--json: TEXT is not valid JSON ({exc.msg}, "
+                             f"column {exc.colno})") from None
         if not isinstance(content, dict):
             raise UsageError("--json: TEXT must be a JSON object, e.g. '{\"text\": \"hi\"}'")
     else:
@@ -145,22 +155,30 @@ def cmd_send(args: argparse.Namespace) -> int:
         if not isinstance(content.setdefault("attachments", []), list):
             raise UsageError("--json: content.attachments must be a list to add --attach files")
         content["attachments"].extend(_attachment(a, max_bytes) for a in args.attach)
-    if remote:
-        body = {"agent_group": args.group, "channel": args.channel, "platform_id": args.platform,
-                "thread_id": args.thread, "content": content}
-        if args.mode:
-            body["mode"] = args.mode
-        if schedule.process_after:
-            body["process_after"] = schedule.process_after.isoformat()
-        print(api_client.send(remote[0], remote[1], body)["session_id"])
-        return 0
+    return content
+
+
+def _send_remote(args: argparse.Namespace, url: str, token: str | None, content: dict,
+                 schedule: cli_groups.Schedule) -> int:
+    body = {"agent_group": args.group, "channel": args.channel, "platform_id": args.platform,
+            "thread_id": args.thread, "content": content}
+    if args.mode:
+        body["mode"] = args.mode
+    if schedule.process_after:
+        body["process_after"] = schedule.process_after.isoformat()
+    print(api_client.send(url, token, body)["session_id"])
+    return 0
+
+
+def _send_local(args: argparse.Namespace, cfg: Config, content: dict,
+                schedule: cli_groups.Schedule) -> int:
     registry, sessions = _open(cfg)
     with registry:
         mode = args.mode or cfg.sessions.default_mode
         mg = MessagingGroup(args.channel, args.platform)
         message = sessions.prepare(content)  # refused here: no session is created for it
         session = sessions.resolve(args.group, mg, args.thread, mode)
-        if schedule.series_id:  # indexed first: a series is never left un-cancellable
+        if schedule.series_id and schedule.recurrence:  # indexed first: always cancellable
             registry.add_series(schedule.series_id, session.id, args.group,
                                 schedule.recurrence, cfg.sessions.timezone)
         try:

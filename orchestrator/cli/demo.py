@@ -74,9 +74,13 @@ async def _converse(cfg: Config, sup: Supervisor) -> int:
         await _wait(lambda: reply() is not None, "the reply", deadline)
         print("\nreply delivered (jsonl line):")
         print(json.dumps(reply(), indent=2))
-        await _wait(lambda: sup.registry.session(session.id).container_status == Status.STOPPED
-                    and any(c["new"] == Status.IDLE for c in sup.registry.status_changes(session.id)),
-                    "the agent to go idle and stop", deadline)
+        def stopped_after_idle() -> bool:
+            row = sup.registry.session(session.id)
+            return (row is not None and row.container_status == Status.STOPPED
+                    and any(c["new"] == Status.IDLE
+                            for c in sup.registry.status_changes(session.id)))
+
+        await _wait(stopped_after_idle, "the agent to go idle and stop", deadline)
         print("\nstatus changes:")
         for c in sup.registry.status_changes(session.id):
             print(f"  {c['at']}  {c['old'] or '-':>7} → {c['new']:<7}  {c['reason']}")

@@ -111,7 +111,7 @@ def cmd_destinations(args: argparse.Namespace, cfg: Config) -> int:
                         "channel_type": d.channel_type, "platform_id": d.platform_id,
                         "target_agent_group_id": d.agent_group_id, "source": source}
                        for d, source in destinations.projected(registry, args.group)),
-                      key=lambda row: row["name"])
+                      key=lambda row: row["name"] or "")
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:

@@ -53,7 +53,7 @@ class AdmissionStats:
 class AdmissionGate:
     def __init__(self, cap: int, make_room_after: float, tracked: Mapping[str, Tracked],
                  runtime: Runtime, registry: Registry, mark: Callable[[str, Flags], None],
-                 set_status: Callable[[Tracked, str, str, datetime], None],
+                 set_status: Callable[[Tracked, Status, str, datetime], None],
                  clock: Callable[[], datetime], groups: Mapping[str, int] | None = None
                  ) -> None:
         self.cap = cap
@@ -239,7 +239,7 @@ class AdmissionGate:
 
 def open_gate(cfg: Config, tracked: Mapping[str, Tracked], runtime: Runtime,
               registry: Registry, mark: Callable[[str, Flags], None],
-              set_status: Callable[[Tracked, str, str, datetime], None],
+              set_status: Callable[[Tracked, Status, str, datetime], None],
               clock: Callable[[], datetime]) -> AdmissionGate:
     """The supervisor's gate: the cap resolved on this host, last run's queue marks gone
     (the start-up reconcile queues again whatever still waits)."""

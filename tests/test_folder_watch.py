@@ -52,7 +52,7 @@ def _collect(watch: FolderWatch, want, timeout: float = 5.0) -> set[tuple[int, s
 
 
 def _watch(root: Path) -> FolderWatch:
-    return FolderWatch(watch_paths=[str(root)])
+    return FolderWatch(root)
 
 
 def _overflow(folder: Path) -> None:
@@ -212,5 +212,5 @@ def test_a_folder_made_while_events_were_lost_is_watched_after_the_overflow(
 def test_a_root_that_cannot_be_watched_leaves_no_descriptor(tmp_path: Path) -> None:
     before = watch_health.inotify_fds()
     with pytest.raises(FileNotFoundError):
-        FolderWatch(watch_paths=[str(tmp_path / "missing")])
+        FolderWatch(tmp_path / "missing")
     assert watch_health.inotify_fds() == before

@@ -1,6 +1,6 @@
 """Lost inotify events: the signs (pure, as a table), the kernel's view of our own
 instance (real inotify), and the watcher's restart-and-rescan path driven branch by
-branch with a stand-in notifier, as watchfiles' own tests do (``mock_rust_notify``)."""
+branch with a stand-in notifier (a scripted ``watcher.Notifier``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 from e2e import run
 from helpers import until, wait_for
 from loguru import logger
-from watchfiles._rust_notify import RustNotify
 
 from bench.overflow import overflow_run
 from orchestrator.config.model import WatchConfig
@@ -34,7 +33,7 @@ Q = 16384
     (1.9, 0, 1, None),                        # a slow step on a loaded host, not a stall
     (2.0, 0, 0, "did not run for 2.0s"),      # stopped or starved: agents went on writing
     (30.0, 0, 0, "did not run for 30.0s"),
-    (0.003, Q * 8 - 1, 0, None),              # notify is a little behind
+    (0.003, Q * 8 - 1, 0, None),              # the watch is a little behind
     (0.003, Q * 8, 0, "queue is filling up"),  # half the queue, were events the smallest
     (0.003, 0, Q // 2 - 1, None),
     (0.003, 0, Q // 2, "changes in one batch"),
@@ -80,34 +79,6 @@ def test_an_owed_rescan_says_when_it_is_due() -> None:
     assert episodes.due_in(11.0) is None
 
 
-# --- the binding we drive: fail loudly if it changes -----------------------------------
-
-
-def test_rust_notify_signature_is_the_one_we_call_with_names() -> None:
-    """``RustNotify`` is private to watchfiles; we call it with every argument named.
-    If a release renames or reorders one, this fails here, not at run time."""
-    assert RustNotify.__text_signature__ == (
-        "(watch_paths, debug, force_polling, poll_delay_ms, recursive,"
-        " ignore_permission_denied)")
-    assert RustNotify.watch.__text_signature__ == (
-        "($self, debounce_ms, step_ms, timeout_ms, stop_event)")
-    with RustNotify(watch_paths=["/"], debug=False, force_polling=False, poll_delay_ms=0,
-                    recursive=False, ignore_permission_denied=True) as notify:
-        assert notify.watch(debounce_ms=1, step_ms=1, timeout_ms=1, stop_event=None) \
-            == "timeout"
-
-
-def test_pinned_watchfiles_range_covers_the_installed_one() -> None:
-    """The range in pyproject.toml is the one tested: the installed release is in it."""
-    import importlib.metadata as md
-    import tomllib
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    [pin] = [d for d in project["project"]["dependencies"] if d.startswith("watchfiles")]
-    assert pin == "watchfiles>=1.3,<1.4"
-    major, minor = (int(x) for x in md.version("watchfiles").split(".")[:2])
-    assert (1, 3) <= (major, minor) < (1, 4)
-
-
 # --- the kernel's view of our instance (real inotify) --------------------------------------
 
 
@@ -119,16 +90,15 @@ def _tree(tmp_path: Path) -> tuple[Path, Path]:
 def test_fdinfo_names_every_watched_folder_and_a_recreated_one(tmp_path: Path) -> None:
     root, folder = _tree(tmp_path)
     before = watch_health.inotify_fds()
-    with RustNotify(watch_paths=[str(root)], debug=False, force_polling=False,
-                    poll_delay_ms=0, recursive=True, ignore_permission_denied=True) as notify:
-        fd = watch_health.find_instance(before, root)
-        assert fd is not None
+    with FolderWatch(root) as notify:
+        fd = notify.fd
+        assert watch_health.inotify_fds() - before == {fd}
         folders = watch_health.session_folders(root)
         assert sorted(folders.values()) == [".", "grp", "grp/sess-1"]
         assert watch_health.unwatched(folders, watch_health.watched_inodes(fd)) == {}
         assert watch_health.pending_bytes(fd) >= 0  # (listing the folders is events too)
 
-        shutil.rmtree(folder)  # deleted and recreated: notify watches the new one
+        shutil.rmtree(folder)  # deleted and recreated: the watch covers the new one
         create_folder(tmp_path / "data", "grp", "sess-1")
         notify.watch(debounce_ms=50, step_ms=5, timeout_ms=2000, stop_event=None)
         folders = watch_health.session_folders(root)
@@ -140,8 +110,8 @@ def test_fdinfo_names_every_watched_folder_and_a_recreated_one(tmp_path: Path) -
 
 
 def _rm_watch(fd: int, inode: int) -> None:
-    """Drop the kernel watch on ``inode`` behind notify's back: the folder is then
-    really unwatched, as one notify failed to add is (EACCES, ENOSPC)."""
+    """Drop the kernel watch on ``inode`` behind the watch's back: the folder is then
+    really unwatched, as one the watch failed to add is (EACCES, ENOSPC)."""
     libc = ctypes.CDLL(None, use_errno=True)
     with open(f"/proc/self/fdinfo/{fd}") as fh:
         for line in fh:
@@ -156,7 +126,7 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
     root, folder = _tree(tmp_path)
     cfg = WatchConfig(sweep_interval=0.5)
     warnings: list[str] = []
-    made: list[list[str]] = []
+    made: list[Path] = []
     sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
 
     async def body() -> None:
@@ -164,9 +134,9 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
         got: list[Activity] = []
         before = watch_health.inotify_fds()
 
-        def recording(**kwargs) -> FolderWatch:  # the real one, its arguments noted
-            made.append(kwargs["watch_paths"])
-            return FolderWatch(**kwargs)
+        def recording(root: Path) -> FolderWatch:  # the real one, its argument noted
+            made.append(root)
+            return FolderWatch(root)
 
         async def consume() -> None:
             async for batch in inotify_batches(root, cfg, stop, started, notifier=recording):
@@ -194,26 +164,31 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
     assert len(warnings) == 1 and "1 folder(s) not watched (grp/sess-1)" in warnings[0], warnings
     assert "restarting the watch" in warnings[0]
     # restarted: the new instance walks the folders again (and watches sess-1)
-    assert made == [[str(root)], [str(root)]]
+    assert made == [root, root]
 
 
 # --- the watch thread's branches, with a stand-in notifier ---------------------------------
 
 
 class FakeNotify:
-    """Stands in for ``RustNotify``: same keyword signature, scripted ``watch``
-    results (a set of changes, a result string, or an exception to raise). Each
-    instance takes the next script; once a script is used up it waits for the stop
-    event, as the real one does."""
+    """Stands in for ``FolderWatch`` (a ``watcher.Notifier``): scripted ``watch``
+    results (a set of changes, a result string, or an exception to raise), no inotify
+    instance of its own. Each instance takes the next script; once a script is used
+    up it waits for the stop event, as the real one does."""
 
     scripts: list[list] = []
-    made: list[dict] = []
+    made: list[Path] = []
+    fd = None
 
-    def __init__(self, *, watch_paths: list[str], debug: bool, force_polling: bool,
-                 poll_delay_ms: int, recursive: bool, ignore_permission_denied: bool) -> None:
-        FakeNotify.made.append(dict(watch_paths=watch_paths, recursive=recursive,
-                                    ignore_permission_denied=ignore_permission_denied))
+    def __init__(self, root: Path) -> None:
+        FakeNotify.made.append(root)
         self.script = FakeNotify.scripts.pop(0) if FakeNotify.scripts else []
+
+    def watched_inodes(self) -> set[int] | None:
+        return None
+
+    def take_lost(self) -> str | None:
+        return None
 
     def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int, stop_event) -> object:
         deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
@@ -240,11 +215,13 @@ class FakeNotify:
         pass
 
 
-def test_fake_notify_has_the_binding_signature() -> None:
-    real = inspect.signature(lambda watch_paths, debug, force_polling, poll_delay_ms, recursive,
-                             ignore_permission_denied: None)
-    assert list(inspect.signature(FakeNotify).parameters) == list(real.parameters)
-    assert RustNotify.__text_signature__.strip("()").split(", ") == list(real.parameters)
+def test_the_stand_in_has_the_notifiers_shape() -> None:
+    """What the watch thread calls, on the real watch and on the stand-in alike."""
+    for name in ("__init__", "watch"):
+        assert (list(inspect.signature(getattr(FakeNotify, name)).parameters)
+                == list(inspect.signature(getattr(FolderWatch, name)).parameters)), name
+    for name in ("watched_inodes", "take_lost", "__enter__", "__exit__"):
+        assert callable(getattr(FakeNotify, name)) and callable(getattr(FolderWatch, name))
 
 
 def _drive(root: Path, scripts: list[list], cfg: WatchConfig = WatchConfig(),
@@ -282,8 +259,7 @@ def test_a_failed_watch_restarts_and_rescans(tmp_path: Path) -> None:
     got, lines = _drive(root, [[{probe}, {hb}, OSError("inotify went away")], [{probe}]],
                         until_batches=2)
     assert got == [[Activity("grp", "sess-1", Kind.HEARTBEAT)], [RESCAN]]
-    assert [m["watch_paths"] for m in FakeNotify.made] == [[str(root)]] * 2
-    assert all(m["recursive"] and m["ignore_permission_denied"] for m in FakeNotify.made)
+    assert FakeNotify.made == [root] * 2
     assert [line for line in lines if line.startswith(("WARNING", "ERROR"))] == [
         f"ERROR {root}: inotify watch failed (inotify went away); restarting in 1s"]
 
@@ -334,7 +310,7 @@ def test_an_overflow_is_noticed_and_every_reply_delivered_at_once(tmp_path: Path
 
 
 def test_a_stalled_watch_rescans_with_one_warning(tmp_path: Path) -> None:
-    """The Rust loop asks its stop event every step; a gap of two seconds or more means
+    """The watch asks its stop event every step; a gap of two seconds or more means
     the process did not run while agents may have overflowed the queue."""
     root, _ = _tree(tmp_path)
     probe = (1, str(root / PROBE))

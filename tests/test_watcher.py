@@ -1,21 +1,22 @@
-"""The watcher: real inotify batches from watchfiles on a real tmp dir, classified;
+"""The watcher: real inotify batches from the host's watch on a real tmp dir, classified;
 the poll scanner; the mode choice and the watch-budget arithmetic (pure)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
-import watchfiles
 from helpers import until
 
 from orchestrator.config.model import WatchConfig
 from orchestrator.contract import schema
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder
+from orchestrator.watch.changes import Change
 from orchestrator.watch.folder_watch import FolderWatch
 from orchestrator.watch.watcher import (
     RESCAN,
@@ -41,22 +42,25 @@ def make_tree(tmp_path: Path) -> tuple[Path, Path]:
 
 
 class Recorder:
-    """Collects raw watchfiles batches from a running ``awatch`` on ``root``."""
+    """Collects raw batches from a ``FolderWatch`` on ``root``, run in a thread."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.batches: list[set[tuple[watchfiles.Change, str]]] = []
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(self._run())
+        self.batches: list[set[tuple[Change, str]]] = []
+        self.stop = threading.Event()
+        self.task = asyncio.create_task(asyncio.to_thread(self._run))
 
-    async def _run(self) -> None:
-        async for changes in watchfiles.awatch(self.root, watch_filter=None, debounce=50,
-                                               step=5, stop_event=self.stop, recursive=True):
-            self.batches.append(changes)
+    def _run(self) -> None:
+        with FolderWatch(self.root) as watch:
+            while not self.stop.is_set():
+                raw = watch.watch(debounce_ms=50, step_ms=5, timeout_ms=0,
+                                  stop_event=self.stop)
+                if isinstance(raw, set) and raw:
+                    self.batches.append(raw)
 
     async def ready(self) -> None:
-        """watchfiles does not say when its watches are in place: touch a probe until
-        its event comes back (a handshake, not a sleep)."""
+        """Touch a probe until its event comes back (a handshake, not a sleep): the
+        same start-up check the watcher makes."""
         probe = self.root / ".probe"  # not a valid id: never an activity
 
         def seen() -> bool:
@@ -91,7 +95,7 @@ async def test_real_batches_are_classified(tmp_path: Path) -> None:
     # a heartbeat touch (mtime only) → modified → HEARTBEAT
     os.utime(folder / ".heartbeat")
     n, batch = await rec.next_with(lambda b: any(p.endswith(".heartbeat") for _, p in b), n)
-    assert (watchfiles.Change.modified, str(folder / ".heartbeat")) in batch
+    assert (Change.modified, str(folder / ".heartbeat")) in batch
     assert to_activities(root, batch) == [Activity("grp", "sess-1", Kind.HEARTBEAT)]
 
     # one SQLite commit on outbound.db → OUTBOUND_DB; the -journal files drop out
@@ -100,7 +104,7 @@ async def test_real_batches_are_classified(tmp_path: Path) -> None:
         conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
                      " ('k', 'v', 'now')")
     n, batch = await rec.next_with(
-        lambda b: (watchfiles.Change.modified, str(folder / "outbound.db")) in b, n)
+        lambda b: (Change.modified, str(folder / "outbound.db")) in b, n)
     raw = set().union(*rec.batches[mark:n])
     assert any(p.endswith("outbound.db-journal") for _, p in raw)  # it was there...
     acts = [a for b in rec.batches[mark:n] for a in to_activities(root, b)]
@@ -112,19 +116,19 @@ async def test_real_batches_are_classified(tmp_path: Path) -> None:
     out = folder / "outbox" / "out-1"
     out.mkdir()
     (out / "a.png").write_bytes(b"png")
-    n, batch = await rec.next_with(lambda b: (watchfiles.Change.added, str(out)) in b, n)
+    n, batch = await rec.next_with(lambda b: (Change.added, str(out)) in b, n)
     assert Activity("grp", "sess-1", Kind.OUTBOX, added=True) in to_activities(root, batch)
 
     # a new session folder in an existing group → SESSION (added)
     create_folder(tmp_path / "data", "grp", "sess-2")
     n, batch = await rec.next_with(
-        lambda b: (watchfiles.Change.added, str(root / "grp" / "sess-2")) in b, n)
+        lambda b: (Change.added, str(root / "grp" / "sess-2")) in b, n)
     assert Activity("grp", "sess-2", Kind.SESSION, added=True) in to_activities(root, batch)
     # a new group folder → a group-level activity (added): its sessions, created
     # right after, may be unreported, so the supervisor lists the group
     create_folder(tmp_path / "data", "grp2", "sess-3")
     n, batch = await rec.next_with(
-        lambda b: (watchfiles.Change.added, str(root / "grp2")) in b, n)
+        lambda b: (Change.added, str(root / "grp2")) in b, n)
     assert Activity("grp2", None, Kind.GROUP, added=True) in to_activities(root, batch)
 
     # noise never becomes activity: the probe, junk names, scratch files
@@ -143,16 +147,16 @@ def test_to_activities_dedupes_and_filters() -> None:
     root = Path("/srv/data/sessions")
     s = "/srv/data/sessions/g/s"
     changes = {
-        (watchfiles.Change.modified, f"{s}/.heartbeat"),
-        (watchfiles.Change.added, f"{s}/outbound.db-journal"),
-        (watchfiles.Change.deleted, f"{s}/outbound.db-journal"),
-        (watchfiles.Change.modified, f"{s}/outbound.db"),
-        (watchfiles.Change.added, f"{s}/outbox/out-1"),
-        (watchfiles.Change.added, f"{s}/outbox/out-1/a.txt"),
-        (watchfiles.Change.modified, f"{s}/inbox/m/x"),
-        (watchfiles.Change.modified, "/elsewhere/g/s/.heartbeat"),
-        (watchfiles.Change.modified, f"{root}/.hidden/s/.heartbeat"),
-        (watchfiles.Change.modified, f"{s}/notes/deep/file"),
+        (Change.modified, f"{s}/.heartbeat"),
+        (Change.added, f"{s}/outbound.db-journal"),
+        (Change.deleted, f"{s}/outbound.db-journal"),
+        (Change.modified, f"{s}/outbound.db"),
+        (Change.added, f"{s}/outbox/out-1"),
+        (Change.added, f"{s}/outbox/out-1/a.txt"),
+        (Change.modified, f"{s}/inbox/m/x"),
+        (Change.modified, "/elsewhere/g/s/.heartbeat"),
+        (Change.modified, f"{root}/.hidden/s/.heartbeat"),
+        (Change.modified, f"{s}/notes/deep/file"),
     }
     acts = to_activities(root, changes)
     assert sorted(acts, key=repr) == sorted([
@@ -361,7 +365,7 @@ def test_count_dirs_matches_what_the_watch_adds(tmp_path: Path) -> None:
     # 1 + groups + sessions × (the folder + its outbox/): nothing below is watched
     expected = 1 + groups + groups * sessions * 2
     assert count_dirs(root) == expected
-    with FolderWatch(watch_paths=[str(root)]) as watch:
+    with FolderWatch(root) as watch:
         assert len(watch.paths) == expected
 
 

@@ -110,10 +110,10 @@ class WatchConfig:
                      choices=("events", "poll"))
     poll_interval: float = _opt(1.0, "poll mode: seconds between scans", min=0.05, max=3600)
     sweep_interval: float = _opt(30.0, "seconds between full reconcile sweeps", min=0.05, max=86400)
-    debounce_ms: int = _opt(50, "watchfiles debounce (max batch length, ms)", min=1, max=10000)
-    step_ms: int = _opt(3, "watchfiles step (quiet time that ends a batch, ms)", min=1, max=1000)
-    quiet_step_ms: int = _opt(20, "watchfiles step once quiet_after s pass with no change (ms)",
-                              min=1, max=1000)
+    debounce_ms: int = _opt(50, "events mode: longest batch of changes (ms)", min=1, max=10000)
+    step_ms: int = _opt(3, "events mode: quiet time that ends a batch (ms)", min=1, max=1000)
+    quiet_step_ms: int = _opt(20, "events mode: the step once quiet_after s pass with no "
+                              "change (ms)", min=1, max=1000)
     quiet_after: float = _opt(2.0, "seconds without any change before quiet_step_ms applies",
                               min=0, max=3600)
 

@@ -1,7 +1,7 @@
 """The host's inotify watch: one watch per folder, and never through a link.
 
-Why not watchfiles' ``RustNotify`` (the ``notify`` crate) in recursive mode: it
-walks every folder it is given, and every folder that appears later, following
+Why not a recursive watch (watchfiles' ``RustNotify``, the ``notify`` crate, which
+the host used before): it walks every folder it is given, and every folder that appears later, following
 symbolic links. A session folder is the agent's to write, so ``outbox/d/x -> /``
 (made elsewhere, then renamed in, or present when the host starts) made the host
 add a watch for every folder of the machine: the whole watch budget, seconds of a
@@ -18,12 +18,11 @@ knows by name: the sessions root, each agent group, each session folder and its
   that event causes sees everything written before the watch existed;
 - nothing below ``outbox/`` and no other folder of a session is ever watched.
 
-``FolderWatch`` has the shape of ``RustNotify`` as ``watcher`` uses it
+``FolderWatch`` is the ``watcher.Notifier`` the watch thread drives
 (``watch(debounce_ms, step_ms, timeout_ms, stop_event)`` returning a set of
-``(change, path)``, "timeout" or "stop"; a context manager), so the watch
-thread, its health checks (``watch_health``) and their tests are the same. It
-also does what RustNotify cannot: a queue overflow (``IN_Q_OVERFLOW``) is reported
-(``take_lost``) instead of being dropped.
+``(Change, path)``, "timeout" or "stop"; a context manager; tests script a
+stand-in). A queue overflow (``IN_Q_OVERFLOW``) is reported (``take_lost``), not
+dropped, and the watched inodes come from its own bookkeeping (``watched_inodes``).
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from orchestrator.contract.inotify import (
 )
 from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
+from orchestrator.watch.changes import Change
 
 IN_MOVED_FROM = 0x00000040
 IN_ISDIR = 0x40000000
@@ -61,7 +61,7 @@ IN_EXCL_UNLINK = 0x04000000
 
 MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
         | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
-ADDED, MODIFIED, DELETED = 1, 2, 3  # watchfiles.Change values
+ADDED, MODIFIED, DELETED = Change.added, Change.modified, Change.deleted
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 _READ = 64 * 1024
 # While nothing has changed, how often ``watch`` wakes up to ask its stop event (the
@@ -74,8 +74,8 @@ class StopEvent(Protocol):
     def is_set(self) -> bool: ...
 
 
-def change_of(mask: int) -> int | None:
-    """An inotify event as a watchfiles ``Change`` value (None: not a change)."""
+def change_of(mask: int) -> Change | None:
+    """An inotify event as a ``Change`` (None: not a change)."""
     if mask & (IN_CREATE | IN_MOVED_TO):
         return ADDED
     if mask & (IN_DELETE | IN_MOVED_FROM):
@@ -94,12 +94,8 @@ def watched_level(depth: int, name: str) -> bool:
 class FolderWatch:
     """inotify on the sessions root, its groups, sessions and their ``outbox/``."""
 
-    def __init__(self, *, watch_paths: list[str], debug: bool = False,
-                 force_polling: bool = False, poll_delay_ms: int = 0, recursive: bool = True,
-                 ignore_permission_denied: bool = True) -> None:
-        # RustNotify's keywords, so ``watcher`` can use either; the first path is the
-        # root and this class walks it itself (the others are folders under it)
-        self.root = os.path.normpath(watch_paths[0])
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.normpath(root)
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
@@ -202,7 +198,7 @@ class FolderWatch:
 
     # --- events -------------------------------------------------------------------------
 
-    def _read(self, changes: set[tuple[int, str]]) -> bool:
+    def _read(self, changes: set[tuple[Change, str]]) -> bool:
         """Read what is queued into ``changes``; True if anything was read."""
         got = False
         while True:
@@ -217,7 +213,7 @@ class FolderWatch:
             got = True
             self._parse(buf, changes)
 
-    def _parse(self, buf: bytes, changes: set[tuple[int, str]]) -> None:
+    def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> None:
         offset = 0
         while offset + _HEADER.size <= len(buf):
             wd, mask, _cookie, length = _HEADER.unpack_from(buf, offset)
@@ -247,7 +243,7 @@ class FolderWatch:
                 for sub in self._appeared(path, depth, name):
                     changes.add((ADDED, sub))
 
-    def _rewalk(self, changes: set[tuple[int, str]]) -> None:
+    def _rewalk(self, changes: set[tuple[Change, str]]) -> None:
         """Watch every folder that should be (an existing watch is kept: same inode,
         same descriptor); the ones newly watched are reported as added."""
         before = {path for path, _ in self.paths.values()}
@@ -272,12 +268,12 @@ class FolderWatch:
         return lost
 
     def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int,
-              stop_event: StopEvent | None) -> set[tuple[int, str]] | str:
-        """Wait for changes, as ``RustNotify.watch``: a batch ends ``step_ms`` after the
+              stop_event: StopEvent | None) -> set[tuple[Change, str]] | str:
+        """Wait for changes: a batch ends ``step_ms`` after the
         last change and at most ``debounce_ms`` after the first; "timeout" after
         ``timeout_ms`` (0: never) without any; "stop" once ``stop_event`` is set
         (asked once per step, which is what ``watch_health.Gate`` relies on)."""
-        changes: set[tuple[int, str]] = set()
+        changes: set[tuple[Change, str]] = set()
         start = time.monotonic()
         first: float | None = None
         while True:

@@ -1,31 +1,23 @@
 """Is the inotify watch still telling us everything? Signs of lost events.
 
-inotify loses events in two ways. ``folder_watch`` reads the overflow event itself;
-these checks look from outside as well, as they did when the watch was watchfiles'
-``RustNotify``, which reports neither:
+inotify loses events in two ways, and ``folder_watch`` sees both only in part, so
+these checks also look from outside:
 
 - **Queue overflow.** The kernel queues at most ``fs.inotify.max_queued_events``
   events per instance; past that it queues one ``IN_Q_OVERFLOW`` and drops the
-  rest until the reader catches up. The ``notify`` crate (8.0, inside watchfiles
-  1.x) turns ``IN_Q_OVERFLOW`` into an event of kind ``Other`` with the ``Rescan``
-  flag and **no path**; watchfiles' handler (``src/lib.rs``) only records events
-  that have a path, so the overflow is dropped without a trace (it is printed
-  only with ``debug=True``, to the process's stderr, with every other event).
-- **Folders that are not watched.** A recursive watch adds one watch per
-  directory; notify adds them for new folders itself, but ignores any error in
-  doing so (``add_watch(...).ok()``), and at start-up a folder it may not read
-  (``EACCES`` for a non-root host) ends its walk — with
-  ``ignore_permission_denied`` the error is swallowed.
+  rest until the reader catches up. ``folder_watch`` reads that event
+  (``take_lost``); a queue close to its limit, or a long stall, is a sign too.
+- **Folders that are not watched.** A folder may not get its watch (``EACCES``
+  for a non-root host, a watch lost in a race); then nothing in it is reported.
 
-So we look from outside, at what the kernel itself says about *our* inotify
-instance (its fd; for ``RustNotify``, found in ``/proc/self/fd``):
+What we look at, for *our* inotify instance (its fd):
 
-- ``FIONREAD`` on it: bytes queued and not yet read by notify. A queue near
-  its limit means notify is behind and events are being, or are about to be,
-  dropped.
-- ``/proc/self/fdinfo/<fd>``: one line per watch with the watched inode, so
-  "is this session folder watched?" has an exact answer.
-- a stall: the Rust loop asks its stop event once per step; a gap of seconds
+- ``FIONREAD`` on it: bytes queued and not yet read. A queue near its limit
+  means the watch is behind and events are being, or are about to be, dropped.
+- the watched inodes (the watch's own list; ``/proc/self/fdinfo/<fd>`` has the
+  kernel's, one line per watch): "is this session folder watched?" has an exact
+  answer.
+- a stall: the watch asks its stop event once per step; a gap of seconds
   between two asks means this process did not run (SIGSTOP, a frozen VM, a
   starved host) while agents went on writing — the queue may have overflowed.
 - a batch with as many distinct changes as half the queue holds.
@@ -87,21 +79,6 @@ def watched_inodes(fd: int) -> set[int] | None:
     except OSError:
         return None
     return {int(ino, 16) for ino in _WATCHED_INODE.findall(text)}
-
-
-def find_instance(before: set[int], root: Path) -> int | None:
-    """The inotify fd that appeared since ``before`` and watches ``root``.
-
-    watchfiles does not expose its fd; another thread may open an instance at the
-    same moment, so the new fd must also be the one that watches our root.
-    """
-    try:
-        root_ino = os.stat(root).st_ino
-    except OSError:
-        return None
-    found = [fd for fd in inotify_fds() - before
-             if root_ino in (watched_inodes(fd) or ())]
-    return found[0] if len(found) == 1 else None
 
 
 def pending_bytes(fd: int, buf: array.array | None = None) -> int:
@@ -195,7 +172,7 @@ class Episodes:
 
 
 class Gate:
-    """Given to ``RustNotify.watch`` as its ``stop_event``: the Rust loop calls
+    """Given to the notifier's ``watch`` as its ``stop_event``: the watch calls
     ``is_set`` once per step, which is the one place a long ``watch`` call lets us
     look at the watch from outside without a thread of our own: a stall or a filling
     queue is kept as a sign (``take_sign``), and every ``verify_every`` s the watched
@@ -203,11 +180,9 @@ class Gate:
     restart (``is_set`` then says True and ``watch`` returns "stop")."""
 
     def __init__(self, halt: threading.Event, root: Path, fd: int | None, queue: int,
-                 verify_every: float,
-                 watched: Callable[[], set[int] | None] | None = None) -> None:
+                 verify_every: float, watched: Callable[[], set[int] | None]) -> None:
         self.halt, self.root, self.fd, self.queue = halt, root, fd, queue
-        # the watched inodes: the notifier's own list if it keeps one, else the kernel's
-        self.watched = watched or (lambda: watched_inodes(fd) if fd is not None else None)
+        self.watched = watched  # the notifier's own list of the inodes it watches
         self.verify_every = verify_every
         self.last = time.monotonic()
         self.sign: str | None = None

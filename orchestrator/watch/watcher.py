@@ -13,8 +13,8 @@ Two sources, one output (batches of ``Activity``):
   even when nothing happens (``watch_step``).
 - ``poll`` mode, for file systems where inotify says nothing (NFS, CIFS, Docker
   Desktop shares): every ``poll_interval`` we stat the few files that matter
-  per session and compare (mtime_ns, size, inode). watchfiles' own force-polling
-  compares whole-second mtimes and so misses a second change within a second.
+  per session and compare (mtime_ns, size, inode). (watchfiles' force-polling
+  compared whole-second mtimes and so missed a second change within a second.)
 
 Neither is trusted for correctness: inotify drops events silently on queue
 overflow or when the watch budget runs out. The supervisor's reconcile sweep
@@ -34,9 +34,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Container
+from typing import AsyncIterator, Callable, Container, Protocol, Self
 
-import watchfiles
 from loguru import logger
 
 from orchestrator.config.model import WatchConfig
@@ -51,7 +50,8 @@ from orchestrator.contract.layout import (
 from orchestrator.host.filesig import file_signature
 from orchestrator.support.ticker import ticks
 from orchestrator.watch import health as watch_health
-from orchestrator.watch.folder_watch import FolderWatch
+from orchestrator.watch.changes import Change
+from orchestrator.watch.folder_watch import FolderWatch, StopEvent
 
 MAX_WATCHES_FILE = Path("/proc/sys/fs/inotify/max_user_watches")
 
@@ -68,7 +68,7 @@ RESCAN = Activity("", None, Kind.OTHER)  # "events may have been lost: reconcile
 RESCANS: collections.Counter[str] = collections.Counter()  # by cause, for /metrics
 
 
-def to_activities(root: Path, changes: set[tuple[watchfiles.Change, str]]) -> list[Activity]:
+def to_activities(root: Path, changes: set[tuple[Change, str]]) -> list[Activity]:
     """Classify one batch; unrelated paths (journals, agent scratch files) drop out."""
     out: dict[tuple, Activity] = {}
     for change, path in changes:
@@ -76,7 +76,7 @@ def to_activities(root: Path, changes: set[tuple[watchfiles.Change, str]]) -> li
         if info is None or info.kind is Kind.OTHER:
             continue
         act = Activity(info.agent_group, info.session_id, info.kind,
-                       added=change == watchfiles.Change.added)
+                       added=change == Change.added)
         out.setdefault((act.agent_group, act.session_id, act.kind, act.added), act)
     return list(out.values())
 
@@ -86,7 +86,8 @@ def unmuted(batch: list[Activity], muted: Container[str]) -> list[Activity]:
     return [a for a in batch if a.kind is not Kind.HEARTBEAT or a.session_id not in muted]
 
 
-def only_muted_heartbeats(prefix: str, raw: set[tuple[int, str]], muted: Container[str]) -> bool:
+def only_muted_heartbeats(prefix: str, raw: set[tuple[Change, str]],
+                          muted: Container[str]) -> bool:
     """Whether a raw batch is nothing but heartbeats of muted sessions (``prefix``:
     the sessions root with a trailing separator). The common batch under heartbeat
     load, told apart with string operations alone before anything is classified."""
@@ -142,11 +143,11 @@ async def _poke(probe: Path) -> None:
 
 
 def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
-    """(step, debounce, timeout) in ms for the next wait of the Rust watcher.
+    """(step, debounce, timeout) in ms for the next wait of the watch.
 
-    watchfiles' watcher wakes every ``step`` ms whether anything happened or not,
-    and on a VM each wake-up costs ~40-80 µs of CPU: 3 ms steps are 1-1.7 % of a
-    core with nothing to do. So the short ``step_ms`` (a batch ends that soon after
+    Each wake-up of a watch costs CPU: on a VM ~40-80 µs, so 3 ms steps are
+    1-1.7 % of a core with nothing to do (measured with watchfiles' watcher, which
+    woke every step; ``FolderWatch`` does only while a batch is open). So the short ``step_ms`` (a batch ends that soon after
     the last change) is used while changes keep coming, and ``quiet_step_ms`` once
     there were none for ``quiet_after`` s. On the long step the batch ends at the
     wake-up after the one that saw the first change (debounce 1 ms), so a burst
@@ -208,26 +209,47 @@ class Finished:
 
 WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
 
-def _open_notifier(notifier: Callable[..., Any], root: Path) -> tuple[Any, int | None]:
-    before = watch_health.inotify_fds()
-    notify = notifier(watch_paths=[str(root)], debug=False,
-                      force_polling=False, poll_delay_ms=0, recursive=True,
-                      ignore_permission_denied=True)
-    fd = getattr(notify, "fd", None)  # FolderWatch says; RustNotify must be looked for
-    return notify, fd if isinstance(fd, int) else watch_health.find_instance(before, root)
+
+class Notifier(Protocol):
+    """What the watch thread drives: ``folder_watch.FolderWatch``, or a test's stand-in."""
+
+    @property
+    def fd(self) -> int | None:
+        """Its inotify instance (queue checks by FIONREAD), None if it has none."""
+        ...
+
+    def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int,
+              stop_event: StopEvent | None) -> set[tuple[Change, str]] | str:
+        """A batch of changes, or "timeout", "stop" (``stop_event`` set) or "signal"."""
+        ...
+
+    def watched_inodes(self) -> set[int] | None:
+        """The inodes it watches (None: it cannot say)."""
+        ...
+
+    def take_lost(self) -> str | None:
+        """Why events were lost since the last call (e.g. a queue overflow), or None."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+NotifierFactory = Callable[[Path], Notifier]  # the sessions root → a running watch on it
 
 
 def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                   post: Callable[[WatchMessage], None], muted: Container[str],
-                  notifier: Callable[..., Any] = FolderWatch) -> None:
+                  notifier: NotifierFactory = FolderWatch) -> None:
     """The inotify watch (``folder_watch.FolderWatch``) in one long-lived thread.
 
     A worker-thread call per batch (watchfiles' ``awatch``) was a third of the
     supervisor's CPU with 100 agents heartbeating. Here the watch runs in one thread
     for its whole life, its step can change between waits (``watch_step``), batches
     are classified here, and only a batch with something the loop wants costs a
-    ``call_soon_threadsafe``. ``notifier`` may be anything with its shape
-    (``watchfiles``' ``RustNotify`` has it; tests script a stand-in).
+    ``call_soon_threadsafe``. ``notifier`` makes the watch (a ``Notifier``; tests
+    script a stand-in).
     (Re)starts are announced so the probe can run; signs of lost events
     (``watch_health``) are announced so the loop rescans.
     """
@@ -239,10 +261,10 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
         post(Started())
         try:
             queue = watch_health.queue_limit()  # what the new instance gets
-            notify, fd = _open_notifier(notifier, root)
+            notify = notifier(root)
             with notify:
-                gate = watch_health.Gate(halt, root, fd, queue, cfg.sweep_interval,
-                                         getattr(notify, "watched_inodes", None))
+                gate = watch_health.Gate(halt, root, notify.fd, queue, cfg.sweep_interval,
+                                         notify.watched_inodes)
                 last_change = time.monotonic()
                 episodes = watch_health.Episodes()
                 while True:
@@ -255,8 +277,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                     raw = notify.watch(debounce_ms=debounce, step_ms=step, timeout_ms=timeout,
                                        stop_event=gate)
                     now = time.monotonic()
-                    take_lost = getattr(notify, "take_lost", None)  # FolderWatch: overflow
-                    sign = (gate.take_sign() or (take_lost() if take_lost else None)
+                    sign = (gate.take_sign() or notify.take_lost()
                             or (None if isinstance(raw, str) else watch_health.loss_sign(
                                 gap=0.0, pending=0, batch=len(raw), queue=queue)))
                     rescan = episodes.step(sign, now)
@@ -270,10 +291,9 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                     failures = 0
                     if muted and only_muted_heartbeats(prefix, raw, muted):
                         continue
-                    changes = {(watchfiles.Change(c), p) for c, p in raw}
                     probed = any(p.endswith(PROBE) and os.path.normpath(p) == probe
-                                 for _, p in changes)
-                    batch = unmuted(to_activities(root, changes), muted)
+                                 for _, p in raw)
+                    batch = unmuted(to_activities(root, raw), muted)
                     if batch or probed:
                         post(Changes(batch, probed))
             if gate.restart is not None and not halt.is_set():
@@ -289,15 +309,15 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
 
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event, muted: Container[str] = frozenset(),
-                          notifier: Callable[..., Any] = FolderWatch
+                          notifier: NotifierFactory = FolderWatch
                           ) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
-    watchfiles gives no signal when its watches are in place, and a file written
+    The loop cannot see when the thread's watches are in place, and a file written
     before that is never reported. So we touch a probe file until its event comes
     back: only then is ``started`` set (the supervisor reconciles after it), and
     after a restart we ask for a rescan, as we do on any sign of lost events.
-    ``notifier``: ``RustNotify`` or a stand-in with its signature (tests).
+    ``notifier``: makes the ``Notifier`` (``FolderWatch``; tests pass a stand-in).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
@@ -321,7 +341,7 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     stopper = asyncio.create_task(halt_on_stop())
     thread = threading.Thread(target=_watch_thread,
                               args=(root, cfg, halt, post, muted, notifier),
-                              name="watchfiles", daemon=True)
+                              name="folder-watch", daemon=True)
     thread.start()
     try:
         while True:

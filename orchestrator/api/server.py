@@ -37,11 +37,14 @@ class _Server(uvicorn.Server):
     def capture_signals(self):  # the supervisor owns the signals
         yield
 
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._stop = asyncio.Event()
+
     async def main_loop(self) -> None:
         """uvicorn's own loop wakes every 0.1 s; once a second (its Date-header tick)
         is enough here, where the supervisor's idle CPU is a target; ``stop()`` ends
         the wait at once."""
-        self._stop = asyncio.Event()
         counter = 0
         while not await self.on_tick(counter):
             with contextlib.suppress(asyncio.TimeoutError):
@@ -50,9 +53,7 @@ class _Server(uvicorn.Server):
 
     def stop(self) -> None:
         self.should_exit = True
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        self._stop.set()
 
 
 def preflight(cfg: Config) -> tuple[Listen | None, str | None]:

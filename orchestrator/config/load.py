@@ -131,16 +131,16 @@ def read_config(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'")
+        raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})")
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte "
-                          f"{exc.start})")
+                          f"{exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})")
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     try:
         return load_config(data, path.resolve().parent, source=path)
     except ConfigError as exc:

@@ -59,7 +59,8 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class DockerConfig:
-    image: str = _opt("orchestrator-agent:latest", "agent image (build it: orchestrator image build)")
+    image: str = _opt("orchestrator-agent:latest",
+                      "agent image (build it: orchestrator image build)")
     command: tuple[str, ...] = _opt(
         ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace"], "container command")
     instance: str = _opt("default", "label value that marks this orchestrator's containers")
@@ -71,7 +72,8 @@ class DockerConfig:
     read_only_rootfs: bool = _opt(True, "read-only root filesystem (with a tmpfs /tmp)")
     cap_drop: tuple[str, ...] = _opt(["ALL"], "capabilities dropped")
     no_new_privileges: bool = _opt(True, "set no-new-privileges")
-    mounts: tuple[str, ...] = _opt([], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
+    mounts: tuple[str, ...] = _opt(
+        [], "extra mounts 'HOST:CONTAINER[:ro]', each under allowed_mounts")
     allowed_mounts: tuple[str, ...] = _opt([], "host folders extra mounts may come from")
     group_folder: str = _opt(
         "", "a group's folder, mounted rw at /workspace/agent (NanoClaw images read "

@@ -37,12 +37,18 @@ from typing import Iterator
 import docker
 import pytest
 from docker.errors import DockerException
-from docker_fixtures import TEST_IMAGE, PrivateDockerd, private_daemon, remove_labelled, unavailable
-from e2e import processes_mentioning
 from loguru import logger
 
 from orchestrator.runtime.docker.image import ImageBuildError, build_image
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
+from tests.support.docker_fixtures import (
+    TEST_IMAGE,
+    PrivateDockerd,
+    private_daemon,
+    remove_labelled,
+    unavailable,
+)
+from tests.support.e2e import processes_mentioning
 
 
 @pytest.fixture(autouse=True)

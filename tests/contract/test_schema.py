@@ -317,7 +317,7 @@ def test_format_ts_compares_correctly_with_sqlite_now():
 def test_sqlite_now_is_parsed_as_utc_even_on_a_non_utc_host():
     """A fresh datetime('now') must look fresh whatever the local time zone is."""
     code = (
-        "import sqlite3; from orchestrator.store import schema; "
+        "import sqlite3; from orchestrator.contract import schema; "
         "ts = sqlite3.connect(':memory:').execute(\"SELECT datetime('now')\").fetchone()[0]; "
         "print(abs((schema.utcnow() - schema.parse_ts(ts)).total_seconds()))"
     )

@@ -13,6 +13,7 @@ from orchestrator.config import model as config
 from orchestrator.contract.layout import registry_path, session_paths
 from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
+from tests.support.fakes import FakeStdin
 from tests.support.helpers import query
 
 
@@ -333,13 +334,6 @@ def test_send_help_explains_every_argument(capsys):
     assert "--json TEXT is the whole message content as a JSON object" in out
     assert "'shared' = one per chat" in out and "'per-thread' = one per chat thread" in out
     assert "'agent-shared' = one per agent group" in out
-
-
-class FakeStdin:
-    def __init__(self, data: bytes) -> None:
-        import io
-
-        self.buffer = io.BytesIO(data)
 
 
 def test_send_reads_text_from_stdin(tmp_path, capsys, conf, monkeypatch):

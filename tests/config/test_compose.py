@@ -4,7 +4,6 @@ exists, and the config it mounts loads, runs Docker, and serves the API with a t
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from orchestrator.api.auth import is_loopback, parse_listen
 from orchestrator.config.model import read_config

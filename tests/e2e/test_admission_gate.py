@@ -28,10 +28,17 @@ from orchestrator.engine.session_worker import Tracked
 from orchestrator.host import status
 from orchestrator.host.registry import Registry
 from orchestrator.rules.lifecycle import Action, Claim, Verdict
-from orchestrator.runtime.base import AgentHandle
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
-from tests.e2e.test_supervisor import OrchestratorProcess
-from tests.support.e2e import Client, agent_pids, config_dict, replies, run, supervised
+from tests.support.e2e import (
+    Client,
+    OrchestratorProcess,
+    agent_pids,
+    config_dict,
+    replies,
+    run,
+    supervised,
+)
+from tests.support.fakes import LiveRuntime
 from tests.support.helpers import query, until, wait_for
 
 
@@ -95,21 +102,7 @@ class DockerCensus(Census):
                                                sparse=True))
 
 
-class Live:
-    """A runtime that only answers "who is running" (the gate asks nothing else)."""
-
-    def __init__(self, *session_ids: str) -> None:
-        self.ids = set(session_ids)
-        self.listed = True
-
-    def is_running(self, session_id: str) -> bool:
-        return session_id in self.ids
-
-    def running(self) -> list[AgentHandle]:
-        return [AgentHandle("g", sid, sid) for sid in sorted(self.ids)]
-
-
-def gate_with(tmp_path: Path, runtime: Live, cap: int):
+def gate_with(tmp_path: Path, runtime: LiveRuntime, cap: int):
     registry = Registry(registry_path(tmp_path))
     tracked: dict[str, Tracked] = {}
     marked: list[str] = []
@@ -137,7 +130,7 @@ async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_pa
     """The races the end-to-end tests cannot aim at: a claim that arrives after the plan
     picked its agent keeps the agent; the next plan picks another one."""
     now = utcnow()
-    gate, track, marked, statuses, registry = gate_with(tmp_path, Live("busy", "quiet"), 3)
+    gate, track, marked, statuses, registry = gate_with(tmp_path, LiveRuntime("busy", "quiet"), 3)
     long_ago = now - timedelta(seconds=60)
     busy = track("busy", started_at=long_ago)
     quiet = track("quiet", started_at=now - timedelta(seconds=30))
@@ -168,7 +161,7 @@ async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_pa
 
 async def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> None:
     now = utcnow()
-    gate, track, marked, _, registry = gate_with(tmp_path, Live(), 1)
+    gate, track, marked, _, registry = gate_with(tmp_path, LiveRuntime(), 1)
     assert gate.review(track("stuck"), START, now) is START  # its start never comes
     assert gate.review(track("next"), START, now).reason == "queued"
     await asyncio.sleep(0)
@@ -185,7 +178,7 @@ async def test_nothing_starts_under_a_cap_until_the_runtime_has_listed_its_agent
     """Docker down at start-up: agents from before the restart may still run, so a
     start now could pass the cap once they are adopted."""
     now = utcnow()
-    runtime = Live()
+    runtime = LiveRuntime()
     runtime.listed = False
     gate, track, marked, _, registry = gate_with(tmp_path, runtime, 2)
     assert gate.review(track("a"), START, now).reason == "queued"

@@ -16,45 +16,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import tomli_w
 from loguru import logger
 
-from orchestrator.channels import Failure, Reply
 from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root, sessions_root
-from tests.support.e2e import Client, config_dict, make_config, run, supervised
+from tests.support.e2e import Client, config_dict, make_config, supervised
+from tests.support.fakes import RecordingChannel
 from tests.support.helpers import query, until, wait_for
-
-
-@dataclass
-class Recording:
-    """A Channel that records every reply and failure record with its arrival time."""
-
-    name: str = "recording"
-    taken: dict[str, float] = field(default_factory=dict)  # reply id -> monotonic time
-    replies: list[Reply] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-
-    def already_delivered(self, message_id: str) -> bool:
-        return message_id in self.taken  # like jsonl: it remembers what it took
-
-    async def deliver(self, reply: Reply) -> str | None:
-        self.taken.setdefault(reply.message_id, time.monotonic())
-        self.replies.append(reply)
-        return None
-
-    async def report_failure(self, failure: Failure) -> None:
-        self.failures.append(failure)
-
-    def close(self) -> None:
-        pass
-
-    def count(self, mid: str) -> int:
-        return sum(1 for r in self.replies if r.message_id == mid)
 
 
 @pytest.fixture
@@ -144,7 +116,7 @@ conn.execute("COMMIT")
 async def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
         tmp_path: Path, reap_agents, logs) -> None:
     cfg = make_config(tmp_path, watch={"sweep_interval": 1.0})
-    channel = Recording()
+    channel = RecordingChannel()
     per_phase = 20
 
     async def replies_latency(db: Path, prefix: str, first_seq: int) -> list[float]:
@@ -222,7 +194,7 @@ async def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_
     reads: it is busy, retried by a timer, recorded once the read ends — and the
     other session's replies meanwhile go out and are recorded as usual."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 30.0})
-    channel = Recording()
+    channel = RecordingChannel()
     release = tmp_path / "release"
 
     client = Client(cfg)
@@ -261,7 +233,7 @@ async def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_
 async def test_a_linked_session_folder_is_refused_before_start_and_when_swapped_in(
         tmp_path: Path, reap_agents, logs) -> None:
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.5})
-    channel = Recording()
+    channel = RecordingChannel()
     outside = tmp_path / "outside"
     outside_session(outside / "planted", "evil-1")
     outside_session(outside / "swapped", "evil-2")
@@ -300,7 +272,7 @@ async def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, rea
     """A link to a database outside, a FIFO (opening it would block the loop), a hard
     link to an outside file: refused on sight, logged once, the others unaffected."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 0.5})
-    channel = Recording()
+    channel = RecordingChannel()
     outside = outside_session(tmp_path / "outside", "evil-1")
     before = snapshot(outside)
 
@@ -336,7 +308,7 @@ async def test_a_linked_outbound_db_is_never_read_or_written(tmp_path: Path, rea
 async def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
         tmp_path: Path, reap_agents, logs) -> None:
     cfg = make_config(tmp_path, watch={"sweep_interval": 30.0})  # events alone must do it
-    channel = Recording()
+    channel = RecordingChannel()
 
     client = Client(cfg)
     row, paths = session_with_outbound(client, "replaced")
@@ -387,7 +359,7 @@ async def test_replaced_outbound_db_and_recreated_folder_deliver_every_row(
 async def test_bad_rows_fail_at_once_alone_and_are_reported(tmp_path: Path, reap_agents) -> None:
     cfg = make_config(tmp_path, delivery={"max_content_bytes": 4096, "retry_base": 5.0,
                                           "max_attempts": 5})
-    channel = Recording()
+    channel = RecordingChannel()
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("secret")
@@ -500,7 +472,7 @@ async def test_links_an_agent_makes_are_never_walked_by_the_watch(tmp_path: Path
     from orchestrator.watch import health as watch_health
 
     cfg = make_config(tmp_path, watch={"sweep_interval": 600.0})
-    channel = Recording()
+    channel = RecordingChannel()
     big = tmp_path / "host-tree"
     for i in range(40):
         (big / f"d{i}" / "a").mkdir(parents=True)

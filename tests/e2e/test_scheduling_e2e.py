@@ -15,8 +15,16 @@ from orchestrator.contract.schema import parse_ts, utcnow
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.host import series
 from orchestrator.rules import scheduling
-from tests.e2e.test_supervisor import OrchestratorProcess
-from tests.support.e2e import Client, config_dict, make_config, replies, replies_to, run, supervised
+from tests.support.e2e import (
+    Client,
+    OrchestratorProcess,
+    config_dict,
+    make_config,
+    replies,
+    replies_to,
+    run,
+    supervised,
+)
 from tests.support.helpers import holds, killed_run, query, until, wait_for
 
 LATENCY = timedelta(milliseconds=50)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 import tomli_w
@@ -28,10 +27,10 @@ from orchestrator.contract.layout import delivered_root
 from orchestrator.contract.schema import parse_ts, utcnow
 from orchestrator.engine.session_worker import Flag
 from orchestrator.engine.supervisor import AlreadyRunning, Supervisor, make_runtime
-from orchestrator.runtime.base import AgentHandle, Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.local.runtime import read_pid_file
 from tests.support.e2e import (
     Client,
+    OrchestratorProcess,
     agent_pids,
     config_dict,
     failures,
@@ -44,6 +43,7 @@ from tests.support.e2e import (
     run,
     supervised,
 )
+from tests.support.fakes import OutageRuntime
 from tests.support.helpers import query, until, wait_for
 
 
@@ -335,35 +335,6 @@ async def test_poll_mode_delivers_replies(tmp_path: Path, reap_agents) -> None:
 # --- 5. SIGKILL of the orchestrator itself ------------------------------------------------
 
 
-class OrchestratorProcess:
-    """``python -m orchestrator run --config FILE`` as a real process (SIGKILL is real)."""
-
-    def __init__(self, config_file: Path, log: Path) -> None:
-        self.log = log
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", "run", "--config", str(config_file)],
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                cwd=config_file.parent)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_up(self) -> None:
-        wait_for(lambda: "orchestrator up" in self.text() or self.proc.poll() is not None,
-                 timeout=30, message="orchestrator start-up")
-        assert self.proc.poll() is None, self.text()
-
-    def end(self, sig: int, timeout: float = 30) -> int:
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"orchestrator did not end on {sig}:\n{self.text()}")
-
-
 def test_sigkill_restart_delivers_every_reply_once_and_readopts_the_agent(
         tmp_path: Path, reap_agents) -> None:
     data = config_dict(tmp_path, agent_args=["--work-seconds", "0.4"],
@@ -630,35 +601,15 @@ def test_a_busy_agents_heartbeats_are_muted_yet_keep_it_alive(tmp_path: Path,
     assert heartbeat_passes <= 5, heartbeat_passes  # ~30 heartbeats were written
 
 
-class Outage:
-    """A real LocalRuntime behind a switch: while ``down``, starts are refused the way
-    Docker refuses them with its daemon gone; ``back()`` is the daemon returning."""
-
-    def __init__(self, inner: Runtime, on_available: Callable[[], None]) -> None:
-        self.inner, self.on_available, self.down = inner, on_available, True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def start(self, session: SessionRef) -> AgentHandle:
-        if self.down:
-            raise RuntimeUnavailable("test outage: runtime down")
-        return await self.inner.start(session)
-
-    def back(self) -> None:
-        self.down = False
-        self.on_available()
-
-
 async def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_agents) -> None:
     """Starts refused during an outage back off (1, 2, 4 s ...); when the runtime says
     it is back, the put-off start runs then, not when its backoff would end."""
     cfg = make_config(tmp_path, watch={"sweep_interval": 120.0},
                       runtime={"start_retry_max": 600.0})
-    runtimes: list[Outage] = []
+    runtimes: list[OutageRuntime] = []
 
-    def factory(c, on_exit, on_available) -> Outage:
-        runtimes.append(Outage(make_runtime(c, on_exit, on_available), on_available))
+    def factory(c, on_exit, on_available) -> OutageRuntime:
+        runtimes.append(OutageRuntime(make_runtime(c, on_exit, on_available), on_available))
         return runtimes[-1]
 
     client = Client(cfg)

@@ -13,14 +13,13 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from loguru import logger
 
-from orchestrator.channels import DeliveryError, Reply
+from orchestrator.channels import Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.contract import schema
@@ -31,6 +30,7 @@ from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from tests.support.e2e import Client, make_config, run, supervised
+from tests.support.fakes import FakeChannel
 from tests.support.helpers import query, until
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -39,40 +39,6 @@ ROUTING = ("chat", "room-1", None)
 
 def later(seconds: float) -> datetime:
     return NOW + timedelta(seconds=seconds)
-
-
-@dataclass
-class FakeChannel:
-    """A Channel that fails on cue: ``fail`` maps a reply id to how many attempts fail
-    (``None`` = always), ``boom`` makes it raise a non-DeliveryError (a channel bug)."""
-
-    fail: dict[str, int | None] = field(default_factory=dict)
-    boom: bool = False
-    name: str = "fake"
-    calls: list[str] = field(default_factory=list)
-    taken: list[Reply] = field(default_factory=list)
-
-    def already_delivered(self, message_id: str) -> bool:
-        if self.boom and message_id in self.fail and self.fail[message_id] is None:
-            self.calls.append(message_id)  # an attempt, failed by a lookup bug
-            raise KeyError("lookup bug")
-        return any(r.message_id == message_id for r in self.taken)
-
-    async def deliver(self, reply: Reply) -> str | None:
-        self.calls.append(reply.message_id)
-        if reply.message_id in self.fail:
-            left = self.fail[reply.message_id]
-            if left is None or left > 0:
-                if left is not None:
-                    self.fail[reply.message_id] = left - 1
-                if self.boom:
-                    raise RuntimeError("channel bug")
-                raise DeliveryError("platform said no")
-        self.taken.append(reply)
-        return f"pm-{reply.message_id}"
-
-    def close(self) -> None:
-        pass
 
 
 class World:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer
 from orchestrator.engine.session_worker import Flag, SessionWorker, Tracked
 from orchestrator.host.safefs import open_group
-from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.base import AgentExit, RuntimeUnavailable
 from tests.support.e2e import Client, failures, make_config, replies_to, run, supervised
+from tests.support.fakes import FakeRuntime
 from tests.support.helpers import query, until
 
 
@@ -54,8 +54,7 @@ def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
     import tomli_w
 
     from orchestrator.config.model import read_config
-    from tests.e2e.test_supervisor import OrchestratorProcess
-    from tests.support.e2e import config_dict
+    from tests.support.e2e import OrchestratorProcess, config_dict
     from tests.support.helpers import killed_run, wait_for
 
     data = config_dict(tmp_path, runtime={"start_retry_max": 1.0},
@@ -147,59 +146,6 @@ def test_a_session_that_can_never_start_fails_its_due_messages(tmp_path: Path,
 # The Runtime protocol is small, so a fake that records calls and fails on cue shows what
 # the worker does with each outcome — without an agent, a container or a supervisor. The
 # session folder, its databases and the registry stay real.
-
-
-@dataclass
-class FakeRuntime:
-    """A Runtime that starts nothing: ``fail`` is raised by the next start/stop/kill."""
-
-    name: str = "fake"
-    fail: Exception | None = None
-    alive: set[str] = field(default_factory=set)
-    calls: list[tuple[str, str]] = field(default_factory=list)
-    listed: bool = True
-
-    def _call(self, what: str, session_id: str) -> None:
-        self.calls.append((what, session_id))
-        if self.fail is not None:
-            raise self.fail
-
-    async def recover(self) -> list[AgentHandle]:
-        return []
-
-    async def start(self, session: SessionRef) -> AgentHandle:
-        self._call("start", session.session_id)
-        self.alive.add(session.session_id)
-        return AgentHandle(session.agent_group, session.session_id, f"fake-{session.session_id}")
-
-    async def stop(self, session_id: str, grace: float) -> None:
-        self._call("stop", session_id)
-        self.alive.discard(session_id)
-
-    async def kill(self, session_id: str) -> None:
-        self._call("kill", session_id)
-        self.alive.discard(session_id)
-
-    async def pause(self, session_id: str) -> None:
-        self._call("pause", session_id)
-
-    async def resume(self, session_id: str) -> None:
-        self._call("resume", session_id)
-
-    def is_paused(self, session_id: str) -> bool:
-        return False
-
-    async def reconcile(self) -> None:
-        pass
-
-    def is_running(self, session_id: str) -> bool:
-        return session_id in self.alive
-
-    def running(self) -> list[AgentHandle]:
-        return [AgentHandle("g", sid, f"fake-{sid}") for sid in sorted(self.alive)]
-
-    async def close(self) -> None:
-        pass
 
 
 class Bench:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -52,7 +51,7 @@ from tests.support.docker_fixtures import (
     make_session,
     remove_labelled,
 )
-from tests.support.helpers import until
+from tests.support.helpers import ro_db, until
 
 AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]
@@ -213,7 +212,6 @@ def test_prepare_folder_gives_agent_only_its_writable_parts(tmp_path: Path) -> N
 # --- against the engine ----------------------------------------------------------------------
 
 
-
 @pytest.mark.docker
 def test_image_build_is_idempotent(docker_client: docker.DockerClient, agent_image: str) -> None:
     t0 = time.monotonic()
@@ -275,7 +273,7 @@ async def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: doc
                    attachments=[{"path": "inbox/m2/hello.txt", "name": "hello.txt"}])
 
     def replies() -> list[tuple]:
-        with schema_ro(folder / "outbound.db") as conn:
+        with ro_db(folder / "outbound.db") as conn:
             return conn.execute("SELECT id, seq, in_reply_to, content FROM messages_out").fetchall()
 
     rt, exits = make_runtime(tmp_path, instance, agent_image)
@@ -310,7 +308,7 @@ async def test_agent_works_through_the_mounts(tmp_path: Path, docker_client: doc
             info = await in_thread(docker_client.api.exec_inspect, res["Id"])
             assert info["ExitCode"] != 0, cmd
         assert (folder / "inbound.db").is_file()
-        with schema_ro(folder / "inbound.db") as conn:
+        with ro_db(folder / "inbound.db") as conn:
             assert set(conn.execute("SELECT status FROM messages_in").fetchall()) == {("pending",)}
         await rt.stop("s1", grace=5)
         assert exits == [AgentExit("g1", "s1", exits[0].exit_code, "stopped")]
@@ -331,7 +329,7 @@ async def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
     command = AGENT + ["--wake", "inotify", "--safety-poll", "600", "--poll-interval", "600"]
 
     def replies() -> list[tuple]:
-        with schema_ro(folder / "outbound.db") as conn:
+        with ro_db(folder / "outbound.db") as conn:
             return conn.execute("SELECT in_reply_to FROM messages_out ORDER BY seq").fetchall()
 
     rt, _exits = make_runtime(tmp_path, instance, agent_image, command=command)
@@ -365,7 +363,7 @@ async def test_precreated_container_is_started_instead_of_created(
     folders = [make_session(tmp_path, "g1", f"s{i}") for i in (1, 2)]
 
     def replies(folder: Path) -> int:
-        with schema_ro(folder / "outbound.db") as conn:
+        with ro_db(folder / "outbound.db") as conn:
             return conn.execute("SELECT COUNT(*) FROM messages_out").fetchone()[0]
 
     def states() -> dict[str, str]:
@@ -394,18 +392,6 @@ async def test_precreated_container_is_started_instead_of_created(
                     "only the newest spare is kept")
     finally:
         await rt.close()
-
-
-class schema_ro:
-    def __init__(self, db: Path) -> None:
-        self.uri = db.resolve().as_uri() + "?mode=ro"
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn = sqlite3.connect(self.uri, uri=True)
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
 
 
 @pytest.mark.docker

@@ -9,6 +9,8 @@ folders are watched with inotify, every DB is a real SQLite file. The pieces:
   own registry connection, ``Sessions`` to resolve sessions and write messages;
 - ``supervised(cfg)``: runs a ``Supervisor`` in the test's event loop (the test
   is an async function, run by the anyio plugin) and shuts it down cleanly;
+- ``OrchestratorProcess``: ``python -m orchestrator run`` as a real process (for
+  SIGKILL and restart tests);
 - ``processes_mentioning`` / ``agent_pids``: live processes naming a folder (the
   ``reap_agents`` fixture in conftest.py kills what a test left running).
 
@@ -22,6 +24,8 @@ import base64
 import contextlib
 import copy
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
@@ -32,6 +36,7 @@ from orchestrator.contract.layout import SessionPaths, registry_path
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.host.sessions import MessagingGroup, Sessions
+from tests.support.helpers import wait_for
 
 T = TypeVar("T")
 
@@ -210,3 +215,32 @@ def processes_mentioning(text: str) -> list[int]:
 def agent_pids(folder: Path) -> list[int]:
     """Agent processes running on one session folder (``--workspace <folder>``)."""
     return processes_mentioning(f"--workspace {folder}")
+
+
+class OrchestratorProcess:
+    """``python -m orchestrator run --config FILE`` as a real process (SIGKILL is real)."""
+
+    def __init__(self, config_file: Path, log: Path) -> None:
+        self.log = log
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", "run", "--config", str(config_file)],
+                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                cwd=config_file.parent)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_up(self) -> None:
+        wait_for(lambda: "orchestrator up" in self.text() or self.proc.poll() is not None,
+                 timeout=30, message="orchestrator start-up")
+        assert self.proc.poll() is None, self.text()
+
+    def end(self, sig: int, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"orchestrator did not end on {sig}:\n{self.text()}")

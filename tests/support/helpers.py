@@ -76,26 +76,26 @@ async def holds(condition: Callable[[], Any], seconds: float, message: str | Non
 
 def table_columns(db: Path, table: str) -> list[str]:
     """Column names of ``table`` in declaration order (read-only open)."""
-    with _ro(db) as conn:
+    with ro_db(db) as conn:
         return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
 
 
 def tables(db: Path) -> set[str]:
     """Names of the user tables in ``db`` (read-only open)."""
-    with _ro(db) as conn:
+    with ro_db(db) as conn:
         return {row[0] for row in conn.execute(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
 
 
 def journal_mode(db: Path) -> str:
     """The journal mode stored in the file (read-only open, so nothing is changed)."""
-    with _ro(db) as conn:
+    with ro_db(db) as conn:
         return conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
 
 
 def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
     """Rows of a read-only query, as plain tuples."""
-    with _ro(db) as conn:
+    with ro_db(db) as conn:
         return [tuple(r) for r in conn.execute(sql, params)]
 
 
@@ -112,7 +112,9 @@ def open_fds_to(path: Path) -> list[str]:
     return found
 
 
-class _ro:
+class ro_db:
+    """``with ro_db(path) as conn``: a read-only SQLite connection, closed at the end."""
+
     def __init__(self, db: Path) -> None:
         self.uri = Path(db).resolve().as_uri() + "?mode=ro"
 

@@ -9,7 +9,6 @@ import ctypes
 import inspect
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from orchestrator.watch import health as watch_health
 from orchestrator.watch.folder_watch import FolderWatch
 from orchestrator.watch.watcher import PROBE, RESCAN, Activity, inotify_batches
 from tests.support.e2e import run
+from tests.support.fakes import FakeNotify
 from tests.support.helpers import REPO, until, wait_for
 
 Q = 16384
@@ -198,46 +198,6 @@ def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path:
 
 
 # --- the watch thread's branches, with a stand-in notifier ---------------------------------
-
-
-class FakeNotify:
-    """Stands in for ``RustNotify``: same keyword signature, scripted ``watch``
-    results (a set of changes, a result string, or an exception to raise). Each
-    instance takes the next script; once a script is used up it waits for the stop
-    event, as the real one does."""
-
-    scripts: list[list] = []
-    made: list[dict] = []
-
-    def __init__(self, *, watch_paths: list[str], debug: bool, force_polling: bool,
-                 poll_delay_ms: int, recursive: bool, ignore_permission_denied: bool) -> None:
-        FakeNotify.made.append(dict(watch_paths=watch_paths, recursive=recursive,
-                                    ignore_permission_denied=ignore_permission_denied))
-        self.script = FakeNotify.scripts.pop(0) if FakeNotify.scripts else []
-
-    def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int, stop_event) -> object:
-        deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-        while not self.script:
-            if stop_event.is_set():
-                return "stop"
-            if deadline is not None and time.monotonic() >= deadline:
-                return "timeout"
-            time.sleep(0.005)
-        item = self.script.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        if isinstance(item, float):  # a stall: this process did not run for that long
-            time.sleep(item)
-            stop_event.is_set()
-            return self.watch(debounce_ms=debounce_ms, step_ms=step_ms, timeout_ms=timeout_ms,
-                              stop_event=stop_event)
-        return item
-
-    def __enter__(self) -> "FakeNotify":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 def test_fake_notify_has_the_binding_signature() -> None:

@@ -260,6 +260,7 @@ def test_the_readme_agent_answers_with_a_file(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        proc.stderr.close()
 
 
 @pytest.mark.parametrize(("argv", "folder"), [

@@ -150,6 +150,7 @@ async def test_ten_agents_holding_write_locks_do_not_slow_a_healthy_session(
                 (p.root.parent / f"release-lock-{i}").touch()
             for proc in lockers:
                 proc.wait(10)
+                proc.stdout.close()
         await until(lambda: all(f"lock-{i}" in channel.taken for i in range(10)),
                     timeout=15, message="the locked sessions' replies, once released")
     client.close()
@@ -217,6 +218,8 @@ async def test_an_agent_holding_a_read_lock_on_inbound_db_holds_up_only_its_own_
             reader.wait(10)
         finally:
             release.touch()
+            reader.wait(10)
+            reader.stdout.close()
         await until(lambda: delivered(held) == {"h1": "delivered"}, timeout=10,
                     message="h1 recorded once the read ended")
     client.close()

@@ -179,6 +179,7 @@ def test_a_locked_database_is_busy_at_once_not_unreadable(data: Path) -> None:
     finally:
         locker.stdin.close()
         locker.wait(10)
+        locker.stdout.close()
     with SessionDir(data, "grp", "s1") as folder:
         wait_for(lambda: outbound.read(folder.db("outbound.db")).messages == [], timeout=5)
 

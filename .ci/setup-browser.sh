@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Debian's Chromium and its WebDriver for the status-page test
-# (tests/test_status_page.py drives the page in a real headless browser; with CI set
+# (tests/api/test_status_page.py drives the page in a real headless browser; with CI set
 # that test fails, not skips, when they are missing). Idempotent; needs root.
 set -euo pipefail
 

@@ -20,8 +20,12 @@
 - ``private_dockerd`` / ``private_dockerd_live``: a throwaway second dockerd a test
   may stop and start (see ``docker_fixtures.PrivateDockerd``).
 
-Helpers that are not fixtures live in helpers.py (waiting, SQLite peeks), e2e.py
-(configs, the sending side, ``supervised``) and docker_fixtures.py.
+Helpers that are not fixtures live in the tests/support package: helpers.py (waiting,
+SQLite peeks, ``REPO``), e2e.py (configs, the sending side, ``supervised``,
+``OrchestratorProcess``), fakes.py (every shared fake: channels, runtimes, the
+watchfiles binding), api_helpers.py, docker_fixtures.py and mounts.py. Test modules
+import them absolutely (``from tests.support.e2e import supervised``) and never
+import another test module.
 """
 
 from __future__ import annotations
@@ -37,12 +41,18 @@ from typing import Iterator
 import docker
 import pytest
 from docker.errors import DockerException
-from docker_fixtures import TEST_IMAGE, PrivateDockerd, private_daemon, remove_labelled, unavailable
-from e2e import processes_mentioning
 from loguru import logger
 
 from orchestrator.runtime.docker.image import ImageBuildError, build_image
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
+from tests.support.docker_fixtures import (
+    TEST_IMAGE,
+    PrivateDockerd,
+    private_daemon,
+    remove_labelled,
+    unavailable,
+)
+from tests.support.e2e import processes_mentioning
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,259 @@
+"""The webhook channel: pure rules table-tested; then the real thing — the supervisor,
+the reference agent, and a real local HTTP receiver that verifies every signature."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from orchestrator.channels import DeliveryError, PermanentDeliveryError, Reply
+from orchestrator.channels.webhook import (
+    WebhookChannel,
+    classify,
+    file_entries,
+    outcome_of,
+    parse_retry_after,
+    reply_body,
+    sign,
+    verify,
+)
+from orchestrator.config.model import DeliveryConfig
+from orchestrator.host.secretfile import read_secret
+from tests.support.api_helpers import Receiver, free_port
+from tests.support.e2e import Client, make_config, supervised
+from tests.support.helpers import query, until
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status, verdict", [
+    (200, "delivered"), (201, "delivered"), (204, "delivered"), (299, "delivered"),
+    (408, "retry"), (429, "retry"), (500, "retry"), (502, "retry"), (503, "retry"),
+    (400, "fail"), (401, "fail"), (403, "fail"), (404, "fail"), (410, "fail"), (422, "fail"),
+    (301, "fail"), (302, "fail"), (100, "fail"),
+])
+def test_classify(status: int, verdict: str) -> None:
+    assert classify(status) == verdict
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (None, None), ("", None), ("7", 7.0), (" 30 ", 30.0), ("999999", 3600.0),
+    ("Tue, 01 Jan 2030 12:00:20 GMT", 20.0), ("Tue, 01 Jan 2030 11:00:00 GMT", 0.0),
+    ("soon", None), ("-5", None),
+])
+def test_parse_retry_after(value, seconds) -> None:
+    assert parse_retry_after(value, NOW) == seconds
+
+
+def test_outcome_of() -> None:
+    assert outcome_of(200, None, NOW) is None
+    err = outcome_of(429, "12", NOW)
+    assert type(err) is DeliveryError and err.retry_after == 12.0
+    assert outcome_of(503, None, NOW).retry_after is None
+    bad = outcome_of(400, None, NOW)
+    assert isinstance(bad, PermanentDeliveryError) and "400" in str(bad)
+    assert "redirects are not followed" in str(outcome_of(302, None, NOW))
+
+
+def test_sign_and_verify() -> None:
+    secret, body, stamp = b"k3y", b'{"a":1}', str(int(time.time()))
+    sig = sign(secret, stamp, body)
+    assert sig.startswith("v1=") and len(sig) == 3 + 64
+    assert verify(secret, stamp, body, sig)
+    assert not verify(secret, stamp, body + b" ", sig)  # body changed
+    assert not verify(b"other", stamp, body, sig)  # wrong key
+    assert not verify(secret, str(int(stamp) + 1), body, sig)  # stamp changed
+    old = str(int(time.time()) - 3600)
+    assert not verify(secret, old, body, sign(secret, old, body))  # a replay, too old
+    assert not verify(secret, "x", body, sig)
+
+
+def test_files_inline_up_to_the_limit_then_name_and_size_only(tmp_path: Path) -> None:
+    (tmp_path / "small.txt").write_bytes(b"hey")
+    (tmp_path / "big.bin").write_bytes(b"x" * 11)
+    entries = file_entries((str(tmp_path / "small.txt"), str(tmp_path / "big.bin")), 10)
+    assert entries == [{"name": "small.txt", "size": 3, "data": "aGV5"},
+                       {"name": "big.bin", "size": 11, "data": None}]
+    (tmp_path / "link").symlink_to(tmp_path / "small.txt")
+    with pytest.raises(DeliveryError):
+        file_entries((str(tmp_path / "link"),), 10)
+
+
+def test_reply_body_fields() -> None:
+    reply = Reply("out-1", "sess-1", "grp", 3, "chat", "msg-1", "chat", "room", "t",
+                  "2030-01-01 12:00:00", {"text": "hi"}, ())
+    assert reply_body(reply, []) == {
+        "type": "reply", "id": "out-1", "session_id": "sess-1", "agent_group": "grp", "seq": 3,
+        "kind": "chat", "in_reply_to": "msg-1",
+        "routing": {"channel_type": "chat", "platform_id": "room", "thread_id": "t"},
+        "timestamp": "2030-01-01 12:00:00", "content": {"text": "hi"}, "files": []}
+
+
+def test_secret_file_is_created_0600_and_reused(tmp_path: Path) -> None:
+    cfg = DeliveryConfig(channel="webhook", url="http://127.0.0.1:1/",
+                         secret_file=tmp_path / "s" / "secret")
+    WebhookChannel(cfg)
+    assert (cfg.secret_file.stat().st_mode & 0o777) == 0o600
+    first = read_secret(cfg.secret_file)
+    WebhookChannel(cfg)
+    assert read_secret(cfg.secret_file) == first and len(first) >= 32
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+def webhook_config(tmp_path: Path, url: str, **delivery):
+    return make_config(tmp_path, delivery={"channel": "webhook", "url": url,
+                                           "retry_base": 0.1, "timeout": 2.0, **delivery})
+
+
+def delivered(cfg, client: Client, row) -> dict[str, str]:
+    return dict(query(client.paths(row).inbound_db,
+                      "SELECT message_out_id, status FROM delivered"))
+
+
+def secret_of(cfg) -> bytes:
+    return read_secret(cfg.delivery.secret_file).encode()
+
+
+def scripted(*answers: tuple[int, float, dict]):
+    """Answers to the reply POSTs in order (the last repeats); failures always 200."""
+    calls = {"n": 0}
+
+    def behave(body: dict):
+        if body["type"] != "reply":
+            return 200, 0.0, {}
+        i = min(calls["n"], len(answers) - 1)
+        calls["n"] += 1
+        return answers[i]
+    return behave
+
+
+async def test_500_then_200_is_delivered_once(tmp_path: Path, reap_agents) -> None:
+    receiver = await Receiver(b"", scripted((500, 0, {}), (200, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, mid = client.send("helpers", "hello", files={"n.txt": b"file bytes"})
+        await until(lambda: delivered(cfg, client, row), message="delivered row")
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "delivered"
+        posts = receiver.replies(out_id)
+        assert len(posts) == 2 and all(p.signature_ok for p in posts)
+        assert {p.headers["idempotency-key"] for p in posts} == {out_id}
+        body = posts[-1].json
+        assert body["in_reply_to"] == mid and body["content"]["text"] == "echo: hello"
+        assert body["files"] == [{"name": "n.txt", "size": 10, "data": "ZmlsZSBieXRlcw=="}]
+        assert body["routing"]["channel_type"] == "cli"
+        assert receiver.failures() == []
+    assert len(receiver.replies(out_id)) == 2  # nothing more after the 200
+    await receiver.stop()
+    client.close()
+
+
+async def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_path: Path,
+                                                                   reap_agents) -> None:
+    receiver = await Receiver(b"", scripted((400, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url, max_attempts=5)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: delivered(cfg, client, row), message="settled")
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "failed"
+        await until(lambda: receiver.failures(), message="the failure record")
+        await asyncio.sleep(0.5)  # retry_base is 0.1 s: a retry would have come by now
+        assert len(receiver.replies(out_id)) == 1
+        [failure] = receiver.failures()
+        assert failure.signature_ok
+        assert failure.json["kind"] == "reply" and failure.json["id"] == out_id
+        assert "400" in failure.json["reason"]
+        assert failure.json["platform_id"] == "local"  # routed like the reply
+        assert failure.headers["idempotency-key"] == f"failure-reply-{out_id}"
+    await receiver.stop()
+    client.close()
+
+
+async def test_a_receiver_that_hangs_past_the_timeout_is_retried(tmp_path: Path,
+                                                           reap_agents) -> None:
+    receiver = await Receiver(b"", scripted((200, 5.0, {}), (200, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url, timeout=0.5)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, _ = client.send("helpers", "hello")
+        started = time.monotonic()
+        await until(lambda: delivered(cfg, client, row), message="delivered")
+        assert time.monotonic() - started >= 0.5
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "delivered" and len(receiver.replies(out_id)) == 2
+        err = query(client.registry.path, "SELECT COUNT(*) FROM delivery_attempts")[0][0]
+        assert err == 0  # cleared once delivered
+    await receiver.stop()
+    client.close()
+
+
+async def test_a_receiver_that_is_down_then_back_gets_the_reply(tmp_path: Path, reap_agents) -> None:
+    port = free_port()
+    cfg = webhook_config(tmp_path, f"http://127.0.0.1:{port}/hook", max_attempts=20,
+                         retry_base=0.05)
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: (query(client.registry.path, "SELECT MAX(attempts) FROM "
+                                   "delivery_attempts")[0][0] or 0) >= 2,
+                    message="failed attempts while down")
+        assert delivered(cfg, client, row) == {}
+        receiver = await Receiver(secret_of(cfg)).start(port)
+        await until(lambda: delivered(cfg, client, row), timeout=30, message="delivered")
+        [(out_id, status)] = delivered(cfg, client, row).items()
+        assert status == "delivered"
+        assert len(receiver.replies(out_id)) == 1 and receiver.replies()[0].signature_ok
+    await receiver.stop()
+    client.close()
+
+
+async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents) -> None:
+    receiver = await Receiver(b"", scripted((429, 0, {"Retry-After": "1"}),
+                                            (200, 0, {}))).start()
+    cfg = webhook_config(tmp_path, receiver.url)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: delivered(cfg, client, row), message="delivered")
+    arrivals = [r.at for r in receiver.replies()]
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.0
+    await receiver.stop()
+    client.close()
+
+
+async def test_a_slow_receiver_delays_only_its_own_session(tmp_path: Path, reap_agents) -> None:
+    def behave(body: dict):
+        slow = body.get("routing", {}).get("platform_id") == "slow"
+        return 200, 3.0 if slow else 0.0, {}
+
+    receiver = await Receiver(b"", behave).start()
+    cfg = webhook_config(tmp_path, receiver.url, timeout=10)
+    client = Client(cfg)
+    async with supervised(cfg):
+        receiver.secret = secret_of(cfg)
+        slow_row, _ = client.send("helpers", "slow", platform="slow")
+        await until(lambda: receiver.replies(), message="the slow POST under way")
+        started = time.monotonic()
+        fast_row, _ = client.send("helpers", "fast", platform="fast")
+        await until(lambda: delivered(cfg, client, fast_row), message="fast delivered")
+        assert time.monotonic() - started < 2.5  # not behind the 3 s answer
+        assert delivered(cfg, client, slow_row) == {}  # still waiting for its receiver
+        await until(lambda: delivered(cfg, client, slow_row), message="slow delivered")
+    await receiver.stop()
+    client.close()

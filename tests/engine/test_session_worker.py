@@ -1,0 +1,351 @@
+"""The session worker on real files. First end to end: a real supervisor, the reference
+agent as a real subprocess (local runtime), real SQLite and inotify. Then table tests of
+the worker alone with a fake runtime (what it does with each start/stop/exit outcome).
+The rules it applies are table-tested in test_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from orchestrator.cli.compose import make_channel
+from orchestrator.contract import schema
+from orchestrator.contract.layout import sessions_root
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.delivery import Deliverer
+from orchestrator.engine.session_worker import SessionWorker
+from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.host.safefs import open_group
+from orchestrator.runtime.base import AgentExit, RuntimeUnavailable
+from tests.support.e2e import Client, failures, make_config, replies_to, run, supervised
+from tests.support.fakes import FakeRuntime
+from tests.support.helpers import query, until
+
+
+def message_status(paths, message_id: str) -> str:
+    [(status,)] = query(paths.inbound_db, "SELECT status FROM messages_in WHERE id=?",
+                        (message_id,))
+    return status
+
+
+FAIL_KILLER = """
+import os, signal, sys
+from orchestrator.host import inbound
+def fail_messages(*args, **kwargs):  # the failure was just told to the channel: die
+    os.kill(os.getpid(), signal.SIGKILL)
+inbound.fail_messages = fail_messages
+from orchestrator.cli.commands import main
+sys.exit(main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_failure_is_told_before_it_is_written_and_once_across_sigkill(
+        tmp_path: Path, reap_agents) -> None:
+    """The host is SIGKILLed between telling the channel that a message failed and
+    writing ``failed``: after a restart the message still ends ``failed`` and the chat
+    has exactly one failure record (never none, as when the write came first)."""
+    import signal
+
+    import tomli_w
+
+    from orchestrator.config.load import read_config
+    from tests.support.e2e import OrchestratorProcess, config_dict
+    from tests.support.helpers import killed_run, wait_for
+
+    data = config_dict(tmp_path, runtime={"start_retry_max": 1.0},
+                       lifecycle={"max_tries": 1})
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(tomli_w.dumps(data))
+    cfg = read_config(config_file)
+    client = Client(cfg)
+    row = client.session("blocked")
+    paths = client.paths(row)
+    paths.heartbeat.mkdir()  # every start fails: the message fails after max_tries
+    _, mid = client.send("blocked", "anyone?")
+    killed_run(FAIL_KILLER, [str(config_file)], tmp_path / "killed.log", tmp_path)
+    assert message_status(paths, mid) == "pending"  # killed before the write
+    assert [(r["kind"], r["id"]) for r in failures(cfg)] == [("message", mid)]
+    again = OrchestratorProcess(config_file, tmp_path / "again.log")
+    try:
+        again.wait_up()
+        wait_for(lambda: message_status(paths, mid) == "failed", timeout=30,
+                 message="the message failed after the restart")
+    finally:
+        assert again.end(signal.SIGTERM) == 0, again.text()
+    assert [(r["kind"], r["id"]) for r in failures(cfg)] == [("message", mid)]
+    client.close()
+
+
+def test_a_session_that_can_never_start_fails_its_due_messages(tmp_path: Path,
+                                                               reap_agents) -> None:
+    """``.heartbeat`` is a directory, so every start fails (the stale heartbeat cannot
+    be removed). After ``max_tries`` failed starts the due message is failed with the
+    reason — not retried forever; the next message gets its own tries; once the
+    obstacle is gone a new message starts an agent and is answered."""
+    cfg = make_config(tmp_path, runtime={"start_retry_max": 1.0},
+                      watch={"sweep_interval": 120.0})
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
+
+    def attempts(session_id: str) -> int:
+        return sum(f"session {session_id}: cannot start agent" in line for line in lines)
+
+    async def body() -> None:
+        client = Client(cfg)
+        row = client.session("blocked")
+        paths = client.paths(row)
+        paths.heartbeat.mkdir()  # the obstacle
+        async with supervised(cfg) as sup:
+            _, first = client.send("blocked", "are you there?")
+            await until(lambda: message_status(paths, first) == "failed", timeout=30,
+                        message="the first message failed")
+            assert attempts(row.id) == cfg.lifecycle.max_tries == 3
+            assert client.statuses(row.id) == []  # no agent ever ran
+            failed = [line for line in lines if f"message {first} of session" in line]
+            assert len(failed) == 1 and "could not be started 3 times" in failed[0], failed
+            assert "Is a directory" in failed[0], failed
+            assert sup.tracked[row.id].start_errors == 0  # counted afresh for new work
+
+            # a new message while the obstacle is there: its own tries, then failed
+            _, second = client.send("blocked", "still there?")
+            await until(lambda: message_status(paths, second) == "failed", timeout=30,
+                        message="the second message failed")
+            assert attempts(row.id) == 6
+
+            paths.heartbeat.rmdir()  # the obstacle is gone
+            _, third = client.send("blocked", "now?")
+            [reply] = await until(lambda: replies_to(cfg, third), timeout=30,
+                                  message="the reply once it can start")
+            assert reply["content"]["text"] == "echo: now?"
+            assert attempts(row.id) == 6
+        assert [message_status(paths, m) for m in (first, second, third)] == [
+            "failed", "failed", "completed"]
+        assert replies_to(cfg, first) == [] and replies_to(cfg, second) == []
+        # the chat hears of each, once (issue 9.5), routed to the chat it came from
+        records = failures(cfg)
+        assert [(r["kind"], r["id"]) for r in records] == [("message", first),
+                                                          ("message", second)]
+        assert all((r["channel_type"], r["platform_id"]) == ("cli", "local")
+                   and "could not be started 3 times" in r["reason"] for r in records)
+        assert client.statuses(row.id)[0] == ("running", "agent started, 1 message(s) due")
+        client.close()
+
+    try:
+        run(body())
+    finally:
+        logger.remove(sink)
+
+
+# --- table tests: the worker alone, with a fake runtime --------------------------------
+#
+# The Runtime protocol is small, so a fake that records calls and fails on cue shows what
+# the worker does with each outcome — without an agent, a container or a supervisor. The
+# session folder, its databases and the registry stay real.
+
+
+class Bench:
+    """A SessionWorker over a real data dir, registry and session folder, with a fake
+    runtime and a channel that keeps what it is given; ``marks`` records re-runs asked for."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cfg = make_config(tmp_path)
+        sessions_root(self.cfg.data_dir).mkdir(parents=True)
+        self.client = Client(self.cfg)
+        self.runtime = FakeRuntime()
+        self.marks: list[tuple[str, int]] = []
+        self.deliverer = Deliverer(self.cfg.data_dir, self.client.registry,
+                                   make_channel(self.cfg.delivery), self.cfg.delivery)
+        self.worker = SessionWorker(self.cfg, self.client.registry, self.client.sessions,
+                                    self.runtime, self.deliverer, datetime_now,
+                                    lambda sid, flags: self.marks.append((sid, flags)))
+        self.row = self.client.session("grp")
+        self.t = Tracked(self.row.agent_group_id, self.row.id, self.client.paths(self.row))
+
+    async def settle(self) -> None:
+        """Let the operation the last pass started (start/stop/kill) finish."""
+        if self.t.op is not None:
+            await self.t.op
+
+    def close(self) -> None:
+        SessionWorker.cancel_timers([self.t])
+        self.client.close()
+
+
+def datetime_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@pytest.fixture
+def bench(tmp_path: Path):
+    b = Bench(tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.mark.parametrize("fail, status, failures, errors, error", [
+    (None, "running", 0, 0, None),
+    # an outage of the runtime: backed off, but it does not count against the session
+    (RuntimeUnavailable("daemon down"), "stopped", 1, 0, None),
+    # the host's disk is full: not the session's fault either
+    (OSError(errno.ENOSPC, "No space left on device"), "stopped", 1, 0, None),
+    # this session's own obstacle: counts towards max_tries, remembered for the failure
+    (ValueError("bad folder\nsecond line"), "stopped", 1, 1, "bad folder"),
+])
+async def test_a_start_outcome_sets_status_and_counts(bench: Bench, fail, status, failures,
+                                                      errors, error) -> None:
+    bench.runtime.fail = fail
+    bench.client.send("grp", "hello")
+    await bench.worker.process(bench.t, Flag.FULL)
+    await bench.settle()
+    assert bench.runtime.calls == [("start", bench.t.session_id)]
+    t = bench.t
+    assert (t.status, t.start_failures, t.start_errors, t.start_error) == (
+        status, failures, errors, error)
+    assert (t.start_blocked_until is None) == (fail is None)
+    assert bench.client.container_status(t.session_id) == status
+    assert bench.marks[-1] == (t.session_id, Flag.TIMER)  # the op's end asks for a pass
+
+
+async def test_no_due_work_starts_nothing(bench: Bench) -> None:
+    await bench.worker.process(bench.t, Flag.FULL)
+    await bench.settle()
+    assert bench.runtime.calls == [] and bench.t.status == "stopped"
+
+
+@pytest.mark.parametrize("alive, status, sweep", [
+    (False, "stopped", False),
+    (True, "running", False),
+    (True, "idle", False),
+    (False, "running", True),  # it died and no exit event came: the sweep must look
+    (False, "idle", True),
+    (True, "stopped", True),  # an agent runs that the worker thinks is stopped
+])
+async def test_the_sweep_looks_where_the_runtime_contradicts_the_status(
+        bench: Bench, alive: bool, status: str, sweep: bool) -> None:
+    await bench.worker.process(bench.t, Flag.FULL)  # the signatures read: nothing changed
+    bench.t.status = status
+    if alive:
+        bench.runtime.alive.add(bench.t.session_id)
+    assert bool(bench.worker.sweep_flags(bench.t) & Flag.SWEEP) == sweep
+
+
+async def test_a_session_skipped_at_start_up_reads_everything_on_its_first_real_pass(
+        bench: Bench) -> None:
+    await bench.worker.process(bench.t, Flag.FULL)  # the last run's pass
+    t = Tracked(bench.row.agent_group_id, bench.row.id, bench.client.paths(bench.row))
+    t.sigs, t.identity, t.restored = dict(bench.t.sigs), bench.t.identity, True
+    await bench.worker.process(t, Flag.SWEEP)  # a rescan: stat-gated, nothing changed
+    assert t.restored and bench.runtime.calls == []
+    bench.client.send("grp", "hello")  # its inotify event is not what this pass is for
+    await bench.worker.process(t, Flag.HEARTBEAT)
+    assert not t.restored and t.due == 1  # inbound.db read too: a full pass
+    assert t.op is not None
+    await t.op
+    assert bench.runtime.calls == [("start", t.session_id)]
+    SessionWorker.cancel_timers([t])
+
+
+@pytest.mark.parametrize("change, flags", [
+    ("nothing", Flag.NONE),
+    ("heartbeat", Flag.NONE),  # stopped, no agent: its heartbeat decides nothing
+    ("heartbeat of a running agent", Flag.HEARTBEAT),
+    ("reply", Flag.OUTBOUND),
+    ("message", Flag.INBOUND),
+    # the same files behind a link to the moved folder: every file signature matches,
+    # the folder is refused (the pass then says why)
+    ("folder linked", Flag.SWEEP),
+    # a folder that is not the one last passed (same file inodes, moved back in a new one)
+    ("new folder", Flag.SWEEP),
+])
+async def test_the_sweep_by_stat_through_the_group_folder(tmp_path: Path, bench: Bench,
+                                                          change: str, flags: int) -> None:
+    paths = bench.client.paths(bench.row)
+    schema.init_outbound(paths.outbound_db)
+    await bench.worker.process(bench.t, Flag.FULL)
+    if change.startswith("heartbeat"):
+        paths.heartbeat.touch()
+        if change.endswith("running agent"):
+            bench.runtime.alive.add(bench.t.session_id)
+            bench.t.status = Status.RUNNING
+    elif change == "reply":
+        with schema.opened(paths.outbound_db) as conn, schema.transaction(conn):
+            conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                         " VALUES ('r1', 1, ?, 'chat', '{}')", (schema.now_ts(),))
+    elif change == "message":
+        bench.client.send("grp", "hello")
+    elif change == "folder linked":
+        os.rename(paths.root, tmp_path / "moved")
+        os.symlink(tmp_path / "moved", paths.root)
+    elif change == "new folder":
+        os.rename(paths.root, tmp_path / "moved")
+        paths.root.mkdir()
+        for entry in os.listdir(tmp_path / "moved"):
+            os.rename(tmp_path / "moved" / entry, paths.root / entry)
+    group = open_group(bench.cfg.data_dir, bench.row.agent_group_id)
+    try:
+        assert bench.worker.sweep_flags(bench.t, group) == flags
+    finally:
+        os.close(group)
+
+
+@pytest.mark.parametrize("flags, alive, status, matters", [
+    (Flag.INBOUND, True, "running", False),  # a running agent picks new work up itself
+    (Flag.INBOUND, False, "running", True),
+    (Flag.INBOUND, True, "idle", True),  # an idle agent's due count holds off a stop
+    (Flag.INBOUND, False, "stopped", True),  # new work wakes a stopped session
+    (Flag.INBOUND | Flag.TIMER, True, "running", True),
+    (Flag.EXIT, True, "running", True),
+    (Flag.HEARTBEAT | Flag.OUTBOUND, False, "stopped", False),
+])
+def test_whether_a_pass_recounts_due_work(flags: int, alive: bool, status: str,
+                                          matters: bool) -> None:
+    t = Tracked("g", "s", None)  # type: ignore[arg-type]  (paths are not read)
+    t.status = status
+    assert SessionWorker._inbound_matters(t, flags, alive) is matters
+
+
+@pytest.mark.parametrize("exit_code, reason, ending, recorded", [
+    (0, "exited", None, "agent exited"),
+    (3, "exited", None, "agent exited, exit code 3"),
+    (137, "oom", None, "agent oom, exit code 137"),
+    (0, "stopped", "stopped: idle for 5s", "stopped: idle for 5s"),  # why we stopped it
+])
+async def test_an_exit_records_stopped_with_its_reason(bench: Bench, exit_code, reason,
+                                                       ending, recorded) -> None:
+    t = bench.t
+    t.status, t.ending_reason, t.op_failures = "running", ending, 2
+    t.exit = AgentExit(t.agent_group, t.session_id, exit_code, reason)
+    await bench.worker.process(t, Flag.EXIT)
+    assert t.status == "stopped" and t.exit is None and t.ending_reason is None
+    assert t.op_failures == 0  # the agent a failed stop was for has gone
+    assert bench.client.statuses(t.session_id)[-1] == ("stopped", recorded)
+
+
+async def test_a_failing_stop_is_logged_once_then_quietly(bench: Bench) -> None:
+    lines: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])),
+                      level="DEBUG")
+    try:
+        t = bench.t
+        bench.runtime.alive.add(t.session_id)
+        bench.runtime.fail = RuntimeError("stop refused")
+        for _ in range(3):
+            assert bench.worker.request_stop(t, "asked")
+            await bench.settle()
+        assert t.op_failures == 3 and t.op_blocked_until is not None
+        said = [level for level, text in lines if "runtime operation failed" in text]
+        assert said == ["ERROR", "DEBUG", "DEBUG"]
+        bench.runtime.fail = None
+        assert bench.worker.request_stop(t, "asked")
+        await bench.settle()
+        assert t.op_failures == 0 and t.op_blocked_until is None
+        assert not bench.runtime.is_running(t.session_id)
+        assert not bench.worker.request_stop(t, "asked")  # nothing runs: nothing to stop
+    finally:
+        logger.remove(sink)

@@ -1,0 +1,216 @@
+"""The host's inotify watch (orchestrator.watch.folder_watch): real inotify on real folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.contract.inotify import IN_ATTRIB, IN_CREATE, IN_DELETE, IN_MOVED_TO
+from orchestrator.watch import health as watch_health
+from orchestrator.watch.folder_watch import (
+    ADDED,
+    DELETED,
+    MODIFIED,
+    FolderWatch,
+    change_of,
+    watched_folders,
+    watched_level,
+)
+from tests.support.helpers import wait_for
+
+
+def _tree(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "sessions"
+    folder = root / "grp" / "sess-1"
+    (folder / "outbox").mkdir(parents=True)
+    (folder / "inbox").mkdir()
+    (folder / "inbound.db").write_bytes(b"")
+    return root, folder
+
+
+def _outside(tmp_path: Path) -> Path:
+    """A folder tree outside the sessions root: 30 folders an agent would like watched."""
+    out = tmp_path / "host"
+    for i in range(10):
+        (out / f"d{i}" / "a" / "b").mkdir(parents=True)
+    return out
+
+
+def _collect(watch: FolderWatch, want, timeout: float = 5.0) -> set[tuple[int, str]]:
+    got: set[tuple[int, str]] = set()
+
+    def more() -> bool:
+        raw = watch.watch(debounce_ms=50, step_ms=5, timeout_ms=50, stop_event=None)
+        if isinstance(raw, set):
+            got.update(raw)
+        return want(got)
+
+    wait_for(more, timeout=timeout, interval=0, message="the expected changes")
+    return got
+
+
+def _watch(root: Path) -> FolderWatch:
+    return FolderWatch(root)
+
+
+def _overflow(folder: Path) -> None:
+    """More events than the kernel queues while nobody reads: the queue overflows."""
+    files = [folder / ".heartbeat", folder / "outbound.db"]
+    for f in files:
+        f.touch()
+    for i in range(watch_health.queue_limit() + 100):
+        os.utime(files[i % 2])  # (the kernel merges an event equal to the last one)
+
+
+@pytest.mark.parametrize("mask,change", [
+    (IN_CREATE, ADDED), (IN_MOVED_TO, ADDED), (IN_DELETE, DELETED),
+    (IN_ATTRIB, MODIFIED), (0, None)])
+def test_change_of(mask: int, change: int | None) -> None:
+    assert change_of(mask) == change
+
+
+@pytest.mark.parametrize("depth,name,watched", [
+    (1, "grp", True), (2, "sess-1", True), (3, "outbox", True), (3, "inbox", False),
+    (3, "x", False), (4, "r-1", False), (4, "outbox", False)])
+def test_watched_level(depth: int, name: str, watched: bool) -> None:
+    assert watched_level(depth, name) is watched
+
+
+def test_watches_the_root_groups_sessions_and_outboxes_only(tmp_path: Path) -> None:
+    root, folder = _tree(tmp_path)
+    (folder / "outbox" / "r-1").mkdir()
+    with _watch(root) as watch:
+        assert watched_folders(watch) == [str(root), str(root / "grp"), str(folder),
+                                          str(folder / "outbox")]
+        assert len(watch_health.watched_inodes(watch.fd)) == 4
+
+
+def test_a_link_to_a_folder_present_at_start_is_not_followed(tmp_path: Path) -> None:
+    root, folder = _tree(tmp_path)
+    outside = _outside(tmp_path)
+    (folder / "outbox" / "x").symlink_to(outside)
+    (folder / "evil").symlink_to(outside)
+    (folder / "outbox" / "r-1").mkdir()
+    (folder / "outbox" / "r-1" / "y").symlink_to(outside)
+    with _watch(root) as watch:
+        assert len(watch_health.watched_inodes(watch.fd)) == 4
+        (outside / "d0" / "touched").write_text("x")
+        (folder / ".heartbeat").touch()
+        got = _collect(watch, lambda g: any(p.endswith(".heartbeat") for _, p in g))
+    assert not any("touched" in p for _, p in got), got
+
+
+def test_a_folder_renamed_in_with_links_inside_adds_no_watch_outside(tmp_path: Path) -> None:
+    """The attack on a recursive watch: build a folder holding a link elsewhere, then
+    rename it into outbox/ (and a whole session folder into the group)."""
+    root, folder = _tree(tmp_path)
+    outside = _outside(tmp_path)
+    with _watch(root) as watch:
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        (staged / "x").symlink_to(outside)
+        os.rename(staged, folder / "outbox" / "r-2")
+        sess = tmp_path / "sess-2"
+        (sess / "outbox").mkdir(parents=True)
+        (sess / "outbox" / "z").symlink_to(outside)
+        (sess / "ln").symlink_to(outside)
+        os.rename(sess, root / "grp" / "sess-2")
+        got = _collect(watch, lambda g: (ADDED, str(root / "grp" / "sess-2" / "outbox")) in g)
+        assert (ADDED, str(folder / "outbox" / "r-2")) in got
+        assert watched_folders(watch) == sorted([
+            str(root), str(root / "grp"), str(folder), str(folder / "outbox"),
+            str(root / "grp" / "sess-2"), str(root / "grp" / "sess-2" / "outbox")])
+        assert len(watch_health.watched_inodes(watch.fd)) == 6
+
+
+def test_a_link_in_place_of_a_session_folder_is_not_watched(tmp_path: Path) -> None:
+    root, _ = _tree(tmp_path)
+    outside = _outside(tmp_path)
+    (root / "grp" / "sess-linked").symlink_to(outside)
+    (root / "linked-group").symlink_to(outside)
+    with _watch(root) as watch:
+        assert len(watch_health.watched_inodes(watch.fd)) == 4
+        (root / "grp" / "sess-late").symlink_to(outside)
+        (outside / "d1" / "touched").write_text("x")
+        got = _collect(watch, lambda g: (ADDED, str(root / "grp" / "sess-late")) in g)
+        assert len(watch_health.watched_inodes(watch.fd)) == 4
+    assert not any("touched" in p for _, p in got)
+
+
+def test_a_new_session_is_watched_before_its_event_is_returned(tmp_path: Path) -> None:
+    """Whatever is written in a new folder after the batch that reports it has an
+    event of its own: the watch was added while that batch was read."""
+    root, _ = _tree(tmp_path)
+    with _watch(root) as watch:
+        new = root / "grp" / "sess-9"
+        new.mkdir()
+        (new / "outbox").mkdir()
+        _collect(watch, lambda g: (ADDED, str(new)) in g)
+        (new / "outbound.db").write_bytes(b"x")
+        (new / "outbox" / "r-1").mkdir()
+        got = _collect(watch, lambda g: {(ADDED, str(new / "outbound.db")),
+                                         (ADDED, str(new / "outbox" / "r-1"))} <= g)
+        assert got
+
+
+def test_a_removed_session_drops_its_watches(tmp_path: Path) -> None:
+    root, folder = _tree(tmp_path)
+    with _watch(root) as watch:
+        for sub in ("outbox", "inbox"):
+            (folder / sub).rmdir()
+        (folder / "inbound.db").unlink()
+        folder.rmdir()
+        _collect(watch, lambda g: (DELETED, str(folder)) in g)
+        wait_for(lambda: watch.watch(debounce_ms=5, step_ms=1, timeout_ms=5,
+                                     stop_event=None) is not None
+                 and watched_folders(watch) == [str(root), str(root / "grp")], timeout=5,
+                 interval=0, message="the removed folders' watches gone")
+
+
+def test_a_queue_overflow_is_reported(tmp_path: Path) -> None:
+    root, folder = _tree(tmp_path)
+    with _watch(root) as watch:
+        _overflow(folder)
+        watch.watch(debounce_ms=20, step_ms=5, timeout_ms=20, stop_event=None)
+        assert watch.take_lost() == "the kernel's inotify queue overflowed"
+        assert watch.take_lost() is None
+
+
+def test_a_stop_event_ends_the_wait(tmp_path: Path) -> None:
+    root, _ = _tree(tmp_path)
+
+    class Stop:
+        calls = 0
+
+        def is_set(self) -> bool:
+            Stop.calls += 1
+            return Stop.calls > 3
+
+    with _watch(root) as watch:
+        assert watch.watch(debounce_ms=50, step_ms=1, timeout_ms=0, stop_event=Stop()) == "stop"
+        assert watch.watch(debounce_ms=50, step_ms=1, timeout_ms=10, stop_event=None) == "timeout"
+
+
+def test_a_folder_made_while_events_were_lost_is_watched_after_the_overflow(
+        tmp_path: Path) -> None:
+    """Its creation event is among the lost: the overflow makes the watch walk its
+    folders again, so the new session is watched (and reported) all the same."""
+    root, folder = _tree(tmp_path)
+    with _watch(root) as watch:
+        _overflow(folder)
+        new = root / "grp" / "sess-new"
+        (new / "outbox").mkdir(parents=True)  # the queue is full: no event for these
+        got = watch.watch(debounce_ms=20, step_ms=5, timeout_ms=20, stop_event=None)
+        assert watch.take_lost() == "the kernel's inotify queue overflowed"
+        assert {(ADDED, str(new)), (ADDED, str(new / "outbox"))} <= got
+        assert {str(new), str(new / "outbox")} <= set(watched_folders(watch))
+        assert watch.watched_inodes() == watch_health.watched_inodes(watch.fd)
+
+
+def test_a_root_that_cannot_be_watched_leaves_no_descriptor(tmp_path: Path) -> None:
+    before = watch_health.inotify_fds()
+    with pytest.raises(FileNotFoundError):
+        FolderWatch(tmp_path / "missing")
+    assert watch_health.inotify_fds() == before

@@ -142,11 +142,9 @@ class AdmissionGate:
     def _move(self, session_id: str, group: str, stage: Stage,
               since: datetime | None = None) -> Stage:
         """Put the session's start in ``stage``; the stage it leaves."""
-        seat = self.seats.get(session_id)
-        if seat is None:
-            if stage is Stage.NONE:
-                return Stage.NONE
-            seat = self.seats[session_id] = Seat(Stage.NONE, group)
+        if stage is Stage.NONE and session_id not in self.seats:
+            return Stage.NONE
+        seat = self._seat(session_id, group)
         old = seat.stage
         if old in self._count:
             self._count[old] -= 1

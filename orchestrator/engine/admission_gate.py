@@ -12,6 +12,11 @@ sessions it admits, and the idle agents it asks to make room, for a pass of thei
 The agent asked to make room decides in its own pass, on what that pass has just
 read (claims, due work, heartbeat): a claim that arrived meanwhile keeps it running.
 
+What the gate knows of a session is one ``Seat`` in ``seats`` (none: it wants nothing
+of the gate): its ``Stage`` — waiting in the queue, or admitted (holding a slot until
+its start has finished; ``t.op`` says whether the start is under way) — whether its
+live agent has been asked to make room, and when it last declined to.
+
 Nothing here is the only copy of the queue: it is rebuilt from the session folders
 (due work and no agent) by the start-up reconcile, and the registry's
 ``queued_since`` only shows it to ``status``.
@@ -20,6 +25,7 @@ Nothing here is the only copy of the queue: it is rebuilt from the session folde
 from __future__ import annotations
 
 import asyncio
+import enum
 import sqlite3
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -50,6 +56,33 @@ class AdmissionStats:
     longest_wait: float  # seconds the head of the queue has waited (0 if empty)
 
 
+class Stage(enum.Enum):
+    """Where a session's start stands with the gate."""
+
+    NONE = "none"  # no start wanted (or its seat is only about its live agent)
+    WAITING = "waiting"  # in the queue for a slot
+    ADMITTED = "admitted"  # holds a slot until its start has finished (started or failed)
+
+
+@dataclass(slots=True)
+class Seat:
+    """One session, as the gate sees it; no seat at all is ``Stage.NONE`` with nothing
+    else to remember."""
+
+    stage: Stage
+    group: str
+    since: datetime | None = None  # WAITING: its oldest due work's time; ADMITTED: granted
+    make_room: bool = False  # its live agent is asked to stop for room; its pass decides
+    spared: datetime | None = None  # declined to make room at: counts as activity
+
+    def empty(self) -> bool:
+        return self.stage is Stage.NONE and not self.make_room and self.spared is None
+
+    def waiting(self, session_id: str) -> Waiting:
+        assert self.since is not None  # WAITING always has it
+        return Waiting(session_id, self.group, self.since)
+
+
 class AdmissionGate:
     def __init__(self, cap: int, make_room_after: float, tracked: Mapping[str, Tracked],
                  runtime: Runtime, registry: Registry, mark: Callable[[str, Flags], None],
@@ -65,77 +98,128 @@ class AdmissionGate:
         self.mark = mark
         self.set_status = set_status
         self.clock = clock
-        self.queue: dict[str, Waiting] = {}
-        self.granted: dict[str, str] = {}  # session -> group: starts allowed, not finished
-        self.granted_at: dict[str, datetime] = {}
-        self.make_room: set[str] = set()  # asked to stop for room; their pass decides
-        self.spared: dict[str, datetime] = {}  # declined to make room at: counts as activity
+        self.seats: dict[str, Seat] = {}  # no seat: Stage.NONE, nothing to remember
+        self._count = {Stage.WAITING: 0, Stage.ADMITTED: 0}
         self._soon: asyncio.Handle | None = None
         self._recheck: asyncio.TimerHandle | None = None
 
     # --- read-only ------------------------------------------------------------------
 
     def queue_length(self) -> int:
-        return len(self.queue)
+        return self._count[Stage.WAITING]
+
+    def stage(self, session_id: str) -> Stage:
+        seat = self.seats.get(session_id)
+        return Stage.NONE if seat is None else seat.stage
+
+    def queue(self) -> list[Waiting]:
+        """The sessions waiting for a slot (in no particular order: ``queue_order``)."""
+        return [s.waiting(sid) for sid, s in self.seats.items() if s.stage is Stage.WAITING]
+
+    @property
+    def granted(self) -> dict[str, str]:
+        """{session: group} of the starts admitted and not finished."""
+        return {sid: s.group for sid, s in self.seats.items() if s.stage is Stage.ADMITTED}
+
+    def asked_to_make_room(self) -> set[str]:
+        return {sid for sid, s in self.seats.items() if s.make_room}
 
     def stats(self) -> AdmissionStats:
         now = self.clock()
-        head = min((w.due_since for w in self.queue.values()), default=None)
-        return AdmissionStats(self.cap, len(self.runtime.running()), len(self.granted),
-                              len(self.queue),
+        head = min((w.due_since for w in self.queue()), default=None)
+        return AdmissionStats(self.cap, len(self.runtime.running()),
+                              self._count[Stage.ADMITTED], self.queue_length(),
                               max(0.0, (now - head).total_seconds()) if head else 0.0)
+
+    # --- the seats --------------------------------------------------------------------
+
+    def _seat(self, session_id: str, group: str) -> Seat:
+        seat = self.seats.get(session_id)
+        if seat is None:
+            seat = self.seats[session_id] = Seat(Stage.NONE, group)
+        return seat
+
+    def _move(self, session_id: str, group: str, stage: Stage,
+              since: datetime | None = None) -> Stage:
+        """Put the session's start in ``stage``; the stage it leaves."""
+        if stage is Stage.NONE and session_id not in self.seats:
+            return Stage.NONE
+        seat = self._seat(session_id, group)
+        old = seat.stage
+        if old in self._count:
+            self._count[old] -= 1
+        if stage in self._count:
+            self._count[stage] += 1
+        seat.stage, seat.group, seat.since = stage, group, since
+        self._tidy(session_id, seat)
+        return old
+
+    def _tidy(self, session_id: str, seat: Seat) -> None:
+        if seat.empty():
+            del self.seats[session_id]
 
     # --- the hook in a session's pass ---------------------------------------------------
 
     def review(self, t: Tracked, verdict: Verdict, now: datetime) -> Verdict:
         """The session's verdict, held back (queued) or turned into a stop for room."""
         sid = t.session_id
-        if sid in self.make_room:
-            self.make_room.discard(sid)
-            blocked = t.op_blocked_until is not None and t.op_blocked_until > now
+        seat = self.seats.get(sid)
+        if seat is not None and seat.make_room:
+            seat.make_room = False
             agent = self._agent(t, fresh=True)
-            if (verdict.action is Action.NONE and self.runtime.is_running(sid) and self.queue
-                    and not blocked and may_give_way(agent, now, self.make_room_after)):
-                self.spared.pop(sid, None)
+            waiting = self.queue_length()
+            if (verdict.action is Action.NONE and self.runtime.is_running(sid) and waiting
+                    and not t.ops.blocked(now)
+                    and may_give_way(agent, now, self.make_room_after)):
+                seat.spared = None
+                self._tidy(sid, seat)
                 return replace(verdict, action=Action.STOP, mute=False,
-                               reason=f"making room for queued work ({len(self.queue)} "
+                               reason=f"making room for queued work ({waiting} "
                                       f"waiting, max_agents {self.cap})")
-            self.spared[sid] = now  # it has work after all: not asked again at once
+            seat.spared = now  # it has work after all: not asked again at once
             self.poke()
         if verdict.action is not Action.START:
             self.forget(sid)
             return verdict
-        if sid in self.granted:
+        stage = self.stage(sid)
+        if stage is Stage.ADMITTED:
             return verdict
-        if not self.queue and self._room_for(t.agent_group):
-            self._grant(sid, t.agent_group, now)
+        if not self.queue_length() and self._room_for(t.agent_group):
+            self._move(sid, t.agent_group, Stage.ADMITTED, now)
             return verdict
-        if sid not in self.queue:
+        if stage is not Stage.WAITING:
             self._enqueue(t, now)  # records its own status reason: "queued: #N in line"
         return replace(verdict, reason="queued", action=Action.NONE, record=None, mute=False)
 
     def start_done(self, session_id: str) -> None:
         """The start this session was granted has finished (started or failed)."""
-        self.granted_at.pop(session_id, None)
-        if self.granted.pop(session_id, None) is not None and self.queue:
-            self.poke()
+        if self.stage(session_id) is Stage.ADMITTED:
+            self._move(session_id, self.seats[session_id].group, Stage.NONE)
+            if self.queue_length():
+                self.poke()
 
     def forget(self, session_id: str) -> None:
         """No start wanted any more (work gone, agent alive, start backing off)."""
-        if self.queue.pop(session_id, None) is not None:
+        seat = self.seats.get(session_id)
+        if seat is None or seat.stage is Stage.NONE:  # the common case: nothing to do
+            return
+        old = self._move(session_id, seat.group, Stage.NONE)
+        if old is Stage.WAITING:
             self.registry.set_queued(session_id, None)
-        self.granted_at.pop(session_id, None)
-        if self.granted.pop(session_id, None) is not None and self.queue:
+        elif old is Stage.ADMITTED and self.queue_length():
             self.poke()
 
     def runtime_available(self) -> None:
         """The runtime answers again and has listed its agents: the queue may move."""
-        if self.queue:
+        if self.queue_length():
             self.poke()
 
     def agent_exited(self, session_id: str) -> None:
-        self.spared.pop(session_id, None)
-        if self.queue:
+        seat = self.seats.get(session_id)
+        if seat is not None and seat.spared is not None:
+            seat.spared = None
+            self._tidy(session_id, seat)
+        if self.queue_length():
             self.poke()
 
     # --- the plan -----------------------------------------------------------------------
@@ -147,7 +231,7 @@ class AdmissionGate:
 
     def _evaluate(self) -> None:
         self._soon = None
-        if not self.queue or self._unknown():  # runtime_available() pokes again
+        if not self.queue_length() or self._unknown():  # runtime_available() pokes again
             return
         now = self.clock()
         self._expire_grants(now)
@@ -156,17 +240,20 @@ class AdmissionGate:
             t = self.tracked.get(h.session_id)
             agents.append(self._agent(t) if t is not None
                           else Agent(h.session_id, h.agent_group, None))  # never gives way
-        result = plan(agents, self.granted, list(self.queue.values()), self.cap, now,
+        result = plan(agents, self.granted, self.queue(), self.cap, now,
                       self.make_room_after, self.groups)
         for sid in result.start:
-            w = self.queue.pop(sid)
-            self._grant(sid, w.group, now)
+            seat = self.seats[sid]
+            waited = seat.since
+            self._move(sid, seat.group, Stage.ADMITTED, now)
             self.registry.set_queued(sid, None)
             logger.info("session {}: admitted after {:.1f}s in the queue ({} still waiting)",
-                        sid, (now - w.due_since).total_seconds(), len(self.queue))
+                        sid, (now - waited).total_seconds() if waited else 0.0,
+                        self.queue_length())
             self.mark(sid, Flag.TIMER)
         for sid in result.stop:
-            self.make_room.add(sid)
+            self._seat(sid, self.tracked[sid].agent_group).make_room = True  # (tracked: it
+            # may give way only with a last activity, which only a tracked one has)
             self.mark(sid, Flag.TIMER)
         if self._recheck is not None:
             self._recheck.cancel()
@@ -180,32 +267,30 @@ class AdmissionGate:
         everything. Otherwise its due count is left out: for a running agent it is not
         re-read on every reply (the agent picks work up by itself), so it may be stale
         — the agent's own pass re-reads it before any stop."""
+        ev = t.evidence
         active = last_activity(Observation(alive=True, started_at=t.started_at,
-                                           heartbeat_at=t.heartbeat_at,
-                                           last_reply_at=t.last_reply_at, claims=t.claims))
-        spared = self.spared.get(t.session_id)
+                                           heartbeat_at=ev.heartbeat_at,
+                                           last_reply_at=ev.last_reply_at, claims=ev.claims))
+        seat = self.seats.get(t.session_id)
+        spared = seat.spared if seat is not None else None
         if spared is not None and (active is None or spared > active):
             active = spared
         if fresh:
-            return Agent(t.session_id, t.agent_group, active, len(t.claims), t.due)
-        stopping = t.session_id in self.make_room or (t.op is not None and not t.op.done())
-        return Agent(t.session_id, t.agent_group, active, len(t.claims), 0, stopping)
-
-    def _grant(self, session_id: str, group: str, now: datetime) -> None:
-        self.granted[session_id] = group
-        self.granted_at[session_id] = now
+            return Agent(t.session_id, t.agent_group, active, len(ev.claims), ev.due)
+        stopping = (seat is not None and seat.make_room) or t.op_running()
+        return Agent(t.session_id, t.agent_group, active, len(ev.claims), 0, stopping)
 
     def _expire_grants(self, now: datetime) -> None:
         """A grant whose session never got to start (its passes fail, e.g. an unreadable
         inbound.db) must not hold a slot for ever; a start under way is never expired."""
-        for sid, at in list(self.granted_at.items()):
+        for sid, seat in list(self.seats.items()):
+            if seat.stage is not Stage.ADMITTED or seat.since is None:
+                continue
             t = self.tracked.get(sid)
-            if sid not in self.granted:
-                del self.granted_at[sid]
-            elif now - at > GRANT_TTL and (t is None or t.op is None or t.op.done()):
+            if now - seat.since > GRANT_TTL and (t is None or not t.op_running()):
                 logger.warning("session {}: admitted {:.0f}s ago but never started; its slot "
-                               "goes to the next in line", sid, (now - at).total_seconds())
-                del self.granted[sid], self.granted_at[sid]
+                               "goes to the next in line", sid, (now - seat.since).total_seconds())
+                self._move(sid, seat.group, Stage.NONE)
 
     def _unknown(self) -> bool:
         """The runtime has not listed its agents yet (Docker down at start-up): agents
@@ -227,10 +312,8 @@ class AdmissionGate:
             since = inbound.oldest_due_at(t.paths.inbound_db, now) or now
         except (sqlite3.Error, OSError):
             since = now
-        w = Waiting(t.session_id, t.agent_group, since)
-        self.queue[t.session_id] = w
-        ahead = sum(1 for o in self.queue.values()
-                    if (o.due_since, o.session_id) < (w.due_since, w.session_id))
+        self._move(t.session_id, t.agent_group, Stage.WAITING, since)
+        ahead = sum(1 for o in self.queue() if (o.due_since, o.session_id) < (since, t.session_id))
         self.registry.set_queued(t.session_id, since)
         self.set_status(t, Status.STOPPED, f"queued: #{ahead + 1} in line, "
                         f"{len(self.runtime.running())} of max_agents {self.cap} running", now)

@@ -189,7 +189,7 @@ def move_files(folder: SessionDir, data_dir: Path, out_id: str, names: list[str]
 def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
               out_id: str) -> Path:
     st = lstat_at(src, name) if src is not None else None
-    if st is None:
+    if src is None or st is None:  # (no outbox/<id>/ folder: no file in it either)
         have = lstat_at(dst, name)
         if have is not None and stat.S_ISREG(have.st_mode):
             return dst_dir / name  # moved by an earlier pass that crashed before recording
@@ -390,8 +390,8 @@ class Deliverer:
             settled.discard(msg.id)  # at or below the watermark: never read again
             state.watermark = msg.seq
             state.anchor = msg.id
-        for mid in records:
-            state.waiting_files.pop(mid[0], None)
+        for mid, _, _ in records:
+            state.waiting_files.pop(mid, None)
         return result
 
     @staticmethod

@@ -49,7 +49,6 @@ from orchestrator.rules.lifecycle import (
     Verdict,
     decide,
     last_activity,
-    start_backoff,
 )
 from orchestrator.runtime.base import Runtime, RuntimeUnavailable, SessionRef
 from orchestrator.support.errors import host_storage_failure
@@ -142,34 +141,42 @@ class SessionWorker:
                 if self._replaced(t, folder):
                     flags |= Flag.FULL
                 await self._pass(t, folder, flags, now)
-            if t.busy:
+            if t.read.busy:
                 logger.debug("session {}: its databases answer again", t.session_id)
-                t.busy = 0
+                t.read.busy = 0
             if t.said.clear("pass") is not None:
                 logger.info("session {}: readable again", t.session_id)
         except (OutboundError, sqlite3.Error, OSError) as exc:
-            if schema.is_busy(exc):
-                self._busy(t, now)
-                return
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if isinstance(exc, Refused):
-                message = exc.strerror
-            elif isinstance(exc, OSError) and exc.strerror:
-                message = f"{t.paths.root}: {exc.strerror}"
-            if t.said.say("pass", message):
-                logger.error("session {}/{}: {}{}", t.agent_group, t.session_id, message,
-                             "; leaving it alone" if isinstance(exc, Refused) else "")
-            t.sigs.clear()  # re-read everything on the next sweep, not just what changes
-            self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
-        except Exception as exc:  # a bug or a hostile folder: contain it to this session
+            self._unreadable(t, exc, now)
+        except Exception as exc:  # noqa: BLE001 - a bug or a hostile folder: kept to this session
             # (the supervisor runs every pass on one worker task; letting this escape
             # would silently stop delivery and lifecycle for every session)
             message = f"{type(exc).__name__}: {exc}"
             if t.said.say("pass", message):
                 logger.opt(exception=exc).error("session {}/{}: pass failed: {}",
                                                 t.agent_group, t.session_id, message)
-            t.sigs.clear()
-            self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
+            self._again_at_sweep(t, now)
+
+    def _unreadable(self, t: Tracked, exc: OutboundError | sqlite3.Error | OSError,
+                    now: datetime) -> None:
+        """The pass met a database or file it could not read: busy (retried shortly), or
+        a trouble said once and looked at again by the sweep."""
+        if schema.is_busy(exc):
+            self._busy(t, now)
+            return
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, Refused):
+            message = exc.strerror or message
+        elif isinstance(exc, OSError) and exc.strerror:
+            message = f"{t.paths.root}: {exc.strerror}"
+        if t.said.say("pass", message):
+            logger.error("session {}/{}: {}{}", t.agent_group, t.session_id, message,
+                         "; leaving it alone" if isinstance(exc, Refused) else "")
+        self._again_at_sweep(t, now)
+
+    def _again_at_sweep(self, t: Tracked, now: datetime) -> None:
+        t.read.sigs.clear()  # re-read everything on the next sweep, not just what changes
+        self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
 
     async def _pass(self, t: Tracked, folder: SessionDir, flags: Flags, now: datetime) -> None:
         if flags & (Flag.FULL | Flag.FORCE):
@@ -190,9 +197,9 @@ class SessionWorker:
     def _busy(self, t: Tracked, now: datetime) -> None:
         """A database of this session is locked (by its agent, or a reader of inbound.db):
         nothing waited for it; the pass runs again shortly, backing off. Said once."""
-        t.busy += 1
-        delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2 ** (t.busy - 1))
-        if t.busy == 1:
+        t.read.busy += 1
+        delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2 ** (t.read.busy - 1))
+        if t.read.busy == 1:
             logger.info("session {}: a database is busy (locked by its agent); retrying "
                         "shortly", t.session_id)
         self._schedule(t, now + timedelta(seconds=delay), now)
@@ -202,10 +209,11 @@ class SessionWorker:
         remembered about the session: what was delivered is then known from inbound.db
         alone, and every row of the new outbound.db is read again from seq 0."""
         new = (folder.identity, folder.inode(OUTBOUND_DB), folder.inode(INBOUND_DB))
-        old, t.identity = t.identity, new
+        old, t.read.identity = t.read.identity, new
         if old is None or old == new:
             return False
-        changed = [name for name, a, b in zip(("the folder", OUTBOUND_DB, INBOUND_DB), old, new)
+        names = ("the folder", OUTBOUND_DB, INBOUND_DB)
+        changed = [name for name, a, b in zip(names, old, new, strict=True)
                    if a is not None and a != b]
         if not changed:
             return False  # a file that did not exist before is not a replaced one
@@ -216,10 +224,7 @@ class SessionWorker:
     def _forget(t: Tracked, why: str) -> None:
         logger.info("session {}: {}; reading it again from scratch", t.session_id, why)
         t.delivery = DeliveryState()
-        t.synced_acks = set()
-        t.acks_seen = None
-        t.max_seq_seen = 0
-        t.sigs.clear()
+        t.read.forget()
 
     @staticmethod
     def _inbound_matters(t: Tracked, flags: Flags, alive: bool) -> bool:
@@ -249,7 +254,7 @@ class SessionWorker:
                 # no agent and none believed: its heartbeat decides nothing (a stat less)
                 idle = t.status == Status.STOPPED and not self.runtime.is_running(t.session_id)
                 flags = self._changed_on_disk(t, seen, _QUIET if idle else _WATCHED)
-                if t.identity is None or seen.identity != t.identity[0]:
+                if t.read.identity is None or seen.identity != t.read.identity[0]:
                     flags |= Flag.SWEEP
         except OSError:  # Refused too: the pass says what is wrong, once
             return Flag.SWEEP
@@ -261,7 +266,7 @@ class SessionWorker:
                          files: tuple[tuple[str, str, int], ...] | None = None) -> Flags:
         flags = Flag.NONE
         for name, path, flag in files or _WATCHED:
-            if folder.signature(path) != t.sigs.get(name, ()):
+            if folder.signature(path) != t.read.sigs.get(name, ()):
                 flags |= flag
         if t.delivery.waiting_files:  # an outbox/ event may have been missed
             flags |= Flag.OUTBOX
@@ -269,40 +274,43 @@ class SessionWorker:
 
     def _read_heartbeat(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         sig = folder.signature(HEARTBEAT)
-        t.sigs["hb"] = sig
-        t.heartbeat_at = signature_mtime(sig)
+        t.read.sigs["hb"] = sig
+        t.evidence.heartbeat_at = signature_mtime(sig)
         self._touch_registry(t, now)
 
     def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
         """Heartbeats can come at 10 Hz from 100 agents: the registry hears every 5 s."""
-        if not force and t.registry_touched and now - t.registry_touched < REGISTRY_TOUCH_EVERY:
+        touched = t.read.registry_touched
+        if not force and touched and now - touched < REGISTRY_TOUCH_EVERY:
             return
         active = last_activity(self._observe(t))
-        if t.heartbeat_at or active:
-            self.registry.touch(t.session_id, heartbeat=t.heartbeat_at, active=active)
-            t.registry_touched = now
+        if t.evidence.heartbeat_at or active:
+            self.registry.touch(t.session_id, heartbeat=t.evidence.heartbeat_at, active=active)
+            t.read.registry_touched = now
 
     async def _read_outbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
+        acks_seen = t.read.acks_seen
         snap = outbound.read(folder.db(OUTBOUND_DB), after_seq=t.delivery.watermark,
-                             acks_since=schema.format_ts(t.acks_seen) if t.acks_seen else None,
+                             acks_since=schema.format_ts(acks_seen) if acks_seen else None,
                              max_content_bytes=self.cfg.delivery.max_content_bytes,
                              anchor=t.delivery.anchor)
         if snap.rewound:
             self._forget(t, "outbound.db rewritten (the last settled row is gone)")
-            t.sigs["out"] = folder.signature(OUTBOUND_DB)
+            t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
         settled = {mid: a.status for mid, a in snap.acks.items()
                    if a.status in ("completed", "failed")}
-        final = {mid: st for mid, st in settled.items() if mid not in t.synced_acks}
-        t.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
-                         if a.status == "processing")
-        t.tool_timeout = (snap.tool.declared_timeout
-                          if snap.tool and snap.tool.current_tool else None)
-        t.tool_running = bool(snap.tool and snap.tool.current_tool)
+        final = {mid: st for mid, st in settled.items() if mid not in t.read.synced_acks}
+        ev = t.evidence
+        ev.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
+                          if a.status == "processing")
+        ev.tool_timeout = (snap.tool.declared_timeout
+                           if snap.tool and snap.tool.current_tool else None)
+        ev.tool_running = bool(snap.tool and snap.tool.current_tool)
         self._track_answers(t, folder, snap, final, now)
-        if snap.messages and snap.messages[-1].seq > t.max_seq_seen:
-            t.max_seq_seen = snap.messages[-1].seq
-            t.last_reply_at = now
+        if snap.messages and snap.messages[-1].seq > t.read.max_seq_seen:
+            t.read.max_seq_seen = snap.messages[-1].seq
+            ev.last_reply_at = now
         if t.routing is None:
             row = self.registry.session(t.session_id)
             t.routing = self.sessions.routing_of(row) if row else (None, None, None)
@@ -317,8 +325,9 @@ class SessionWorker:
         stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
         if stamps:
             newest = max(stamps)
-            t.acks_seen = newest if t.acks_seen is None else max(t.acks_seen, newest)
-        t.synced_acks = set(settled)
+            seen = t.read.acks_seen
+            t.read.acks_seen = newest if seen is None else max(seen, newest)
+        t.read.synced_acks = set(settled)
         t.delivery_due = result.next_due
         if result.delivered:  # one line per pass, however many replies it delivered
             logger.info("delivered {} of session {}", _ids(result.delivered), t.session_id)
@@ -335,36 +344,39 @@ class SessionWorker:
         done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
                 if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
         replies = [answers.Reply(m.in_reply_to, _parse_ts(m.timestamp))
-                   for m in snap.messages if m.seq > t.max_seq_seen and answers.is_answer(m.content)]
+                   for m in snap.messages
+                   if m.seq > t.read.max_seq_seen and answers.is_answer(m.content)]
         named = {r.in_reply_to for r in replies}
         unsure = [mid for mid in done if mid not in named]
         if unsure:  # context-only and system rows need no answer (a named one is answered)
             keep = inbound.triggering(folder.db(INBOUND_DB), unsure)
             done = {mid: at for mid, at in done.items() if mid in named or mid in keep}
-        if not done and not replies and not t.answers.groups and not t.claims:
+        ev = t.evidence
+        if not done and not replies and not ev.answers.groups and not ev.claims:
             return
-        t.answers = answers.step(t.answers, now=now, answer_wait=wait,
-                                 claims={c.message_id: c.claimed_at for c in t.claims},
-                                 completed=done, replies=replies)
-        if t.answers.expired:
+        ev.answers = answers.step(ev.answers, now=now, answer_wait=wait,
+                                  claims={c.message_id: c.claimed_at for c in ev.claims},
+                                  completed=done, replies=replies)
+        if ev.answers.expired:
             logger.warning("session {}: no reply to {} within answer_wait ({:g}s): taken as "
                            "answered by silence", t.session_id, ", ".join(sorted(
-                               t.answers.expired)), wait)
+                               ev.answers.expired)), wait)
 
     def _read_inbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        t.sigs["in"] = folder.signature(INBOUND_DB)
-        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
+        t.read.sigs["in"] = folder.signature(INBOUND_DB)
+        t.evidence.counted(*inbound.due_state(folder.db(INBOUND_DB), now))
 
     def _on_exit(self, t: Tracked, now: datetime) -> None:
         ev, t.exit = t.exit, None
+        if ev is None:  # (the pass only calls it for an exit)
+            return
         code = f", exit code {ev.exit_code}" if ev.exit_code not in (None, 0) else ""
         reason = t.ending_reason or f"agent {ev.reason}{code}"
         t.ending_reason = None
         t.started_at = None
-        t.idle_since = None
-        t.op_failures = 0  # the agent a failed stop/kill was for has gone
+        t.evidence.idle_since = None
+        t.ops.succeeded()  # the agent a failed stop/kill was for has gone
         t.said.clear("op")
-        t.op_blocked_until = None
         self.statuses.set(t, Status.STOPPED, reason, now)
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
@@ -375,8 +387,8 @@ class SessionWorker:
         stale acks — the host may write outbound.db only while no agent runs.
         """
         lc = self.settings(t.agent_group).lifecycle
-        unanswered = answers.awaiting(t.answers, now, lc.answer_wait)
-        claimed = [c.message_id for c in t.claims]
+        unanswered = answers.awaiting(t.evidence.answers, now, lc.answer_wait)
+        claimed = [c.message_id for c in t.evidence.claims]
         # Those that will fail are told to the channel before any write: a crash in
         # between tells it again (it knows what it has), and never loses the record.
         doomed = (inbound.claims_to_fail(folder.db(INBOUND_DB), claimed, max_tries=lc.max_tries)
@@ -387,23 +399,23 @@ class SessionWorker:
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
         outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
-        t.sigs["out"] = folder.signature(OUTBOUND_DB)
+        t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
         result = inbound.reset_claims(folder.db(INBOUND_DB), claimed,
                                       max_tries=lc.max_tries, backoff_base=lc.backoff_base,
                                       now=now, follow_up=self._successor(now))
-        t.claims = ()
+        t.evidence.claims = ()
         # Acked ``completed`` but not answered when the agent went: retried like a
         # claim. The row is reopened before its ack is deleted: a crash in between
         # leaves an ack the next read mirrors back and this rule reopens again.
-        t.answers = answers.forget(t.answers)
+        t.evidence.answers = answers.forget(t.evidence.answers)
         if unanswered:
             result.update(inbound.reset_claims(
                 folder.db(INBOUND_DB), unanswered, max_tries=lc.max_tries,
                 backoff_base=lc.backoff_base, now=now, follow_up=self._successor(now),
                 statuses=("completed",)))
             outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
-            t.sigs["out"] = folder.signature(OUTBOUND_DB)
-            t.synced_acks.difference_update(unanswered)
+            t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
+            t.read.synced_acks.difference_update(unanswered)
         for mid, status in result.items():
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,
@@ -415,17 +427,18 @@ class SessionWorker:
     # --- decisions and actions ----------------------------------------------------------
 
     def _observe(self, t: Tracked) -> Observation:
+        ev = t.evidence
         return Observation(
             alive=self.runtime.is_running(t.session_id), started_at=t.started_at,
-            heartbeat_at=t.heartbeat_at, last_reply_at=t.last_reply_at, claims=t.claims,
-            tool_timeout=t.tool_timeout, due=t.due, idle_since=t.idle_since,
-            start_blocked_until=t.start_blocked_until, tool_running=t.tool_running,
-            answer_due=answers.answer_due(t.answers, self.cfg.lifecycle.answer_wait),
+            heartbeat_at=ev.heartbeat_at, last_reply_at=ev.last_reply_at, claims=ev.claims,
+            tool_timeout=ev.tool_timeout, due=ev.due, idle_since=ev.idle_since,
+            start_blocked_until=t.start.blocked_until, tool_running=ev.tool_running,
+            answer_due=answers.answer_due(ev.answers, self.cfg.lifecycle.answer_wait),
             status=t.status,
-            op_running=t.op is not None and not t.op.done(),
-            op_blocked_until=t.op_blocked_until, listed=self.runtime.listed,
-            start_failures=t.start_errors, timers=(t.delivery_due, t.next_inbound_due),
-            paused=self.runtime.is_paused(t.session_id), resumed_at=t.resumed_at)
+            op_running=t.op_running(),
+            op_blocked_until=t.ops.blocked_until, listed=self.runtime.listed,
+            start_failures=t.start.errors, timers=(t.delivery_due, ev.next_inbound_due),
+            paused=self.runtime.is_paused(t.session_id), resumed_at=ev.resumed_at)
 
     async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
@@ -438,11 +451,12 @@ class SessionWorker:
 
     async def _apply(self, t: Tracked, folder: SessionDir, verdict: Verdict,
                      now: datetime) -> None:
-        if t.op is None or t.op.done():
+        if not t.op_running():
             verdict = self.admission.review(t, verdict, now)  # a start may wait for a slot
         if verdict.record is not None:
-            self.statuses.set(t, *verdict.record, now)
-        t.idle_since = verdict.idle_since
+            status, reason = verdict.record
+            self.statuses.set(t, Status(status), reason, now)
+        t.evidence.idle_since = verdict.idle_since
         if verdict.action is Action.START:
             self._run_op(t, self._start_admitted(t))
         elif verdict.action is Action.STOP:
@@ -469,16 +483,14 @@ class SessionWorker:
         reason): its due messages fail now instead of waiting forever. The count
         starts again, so a new message gets its own tries — and starts as soon as
         the obstacle on disk is gone."""
-        why = f"{reason}: {t.start_error}" if t.start_error else reason
+        why = f"{reason}: {t.start.error}" if t.start.error else reason
         due = inbound.due_ids(folder.db(INBOUND_DB), now)
         # told to the channel before the write: a crash in between tells it again
         await self._report_failed(t, folder, due, why)
         failed = inbound.fail_messages(folder.db(INBOUND_DB), due, now, self._successor(now))
-        t.start_errors = t.start_failures = 0
+        t.start.succeeded()
         t.said.clear("start")
-        t.start_blocked_until = None
-        t.start_error = None
-        t.due, t.next_inbound_due = inbound.due_state(folder.db(INBOUND_DB), now)
+        t.evidence.counted(*inbound.due_state(folder.db(INBOUND_DB), now))
         for mid in failed:
             logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
 
@@ -515,7 +527,7 @@ class SessionWorker:
     def request_stop(self, t: Tracked, reason: str) -> bool:
         """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
         operation is already under way. Due work wakes it again, as after any stop."""
-        if not self.runtime.is_running(t.session_id) or (t.op is not None and not t.op.done()):
+        if not self.runtime.is_running(t.session_id) or t.op_running():
             return False
         t.ending_reason = f"stopped: {reason}"
         self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
@@ -525,21 +537,18 @@ class SessionWorker:
         async def wrapped() -> None:
             try:
                 await coro
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of the op: back off, retry
                 # Back off before the next op on this session (see _decide). An outage
                 # the runtime has already reported (``reported``, e.g. the Docker daemon
                 # is down) is not logged again per session.
-                t.op_failures += 1
-                delay = start_backoff(t.op_failures, 1.0, self.cfg.runtime.start_retry_max)
-                t.op_blocked_until = self.clock() + timedelta(seconds=delay)
+                delay = t.ops.failed(self.clock(), self.cfg.runtime.start_retry_max)
                 quiet = not t.said.say("op", "failing") or getattr(exc, "reported", False)
                 (logger.debug if quiet else logger.error)(
                     "session {}: runtime operation failed: {} (retrying in {:g}s)",
                     t.session_id, exc, delay)
             else:
-                t.op_failures = 0
+                t.ops.succeeded()
                 t.said.clear("op")
-                t.op_blocked_until = None
             finally:
                 self.mark(t.session_id, Flag.TIMER)
 
@@ -573,37 +582,29 @@ class SessionWorker:
                                                     settings.digest, settings.image)
         except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
             self.notify("agent_start", {"result": "error", "seconds": 0.0})
-            t.start_failures += 1
-            delay = start_backoff(t.start_failures, 1.0, self.cfg.runtime.start_retry_max)
-            t.start_blocked_until = now + timedelta(seconds=delay)
+            delay = t.start.failed(now, self.cfg.runtime.start_retry_max)
             if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
                 # this session's own obstacle (e.g. a directory where .heartbeat
                 # belongs), not an outage of the runtime: it counts towards max_tries
-                t.start_errors += 1
-                t.start_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                t.start.own_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             # once per session; not at all for an outage the runtime already reported
             loud = t.said.say("start", "failing") and not getattr(exc, "reported", False)
             log = logger.error if loud else logger.debug
             log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
                 t.session_id, exc, delay)
             return
-        if t.start_failures:
+        if t.start.failures:
             logger.info("session {}: agent started after {} failed attempts", t.session_id,
-                        t.start_failures)
-        t.start_failures = t.start_errors = 0
+                        t.start.failures)
+        t.start.succeeded()
         t.said.clear("start")
-        t.start_error = None
-        t.start_blocked_until = None
         t.started_at = self.clock()
         self.notify("agent_start", {"result": "ok",
                                     "seconds": (t.started_at - now).total_seconds()})
-        t.tool_running, t.tool_timeout = False, None  # cleared on disk before the start
-        t.answers = answers.forget(t.answers)
-        t.heartbeat_at = None
-        t.sigs.pop("hb", None)
-        t.idle_since = None
+        t.evidence.agent_started()
+        t.read.sigs.pop("hb", None)
         reason = ("adopted the agent already running" if handle.adopted
-                  else f"agent started, {t.due} message(s) due")
+                  else f"agent started, {t.evidence.due} message(s) due")
         self.statuses.set(t, Status.RUNNING, reason, t.started_at)
 
     async def _pause(self, t: Tracked, reason: str) -> None:
@@ -614,8 +615,8 @@ class SessionWorker:
 
     async def _resume(self, t: Tracked, reason: str) -> None:
         await self.runtime.resume(t.session_id)
-        t.resumed_at = self.clock()
-        self.statuses.set(t, t.status, reason, t.resumed_at)
+        t.evidence.resumed_at = self.clock()
+        self.statuses.set(t, t.status, reason, t.evidence.resumed_at)
 
     @staticmethod
     def unblock(t: Tracked) -> bool:
@@ -624,44 +625,23 @@ class SessionWorker:
         The failure counts stay: if the runtime fails again at once, the next
         delay is still the longer one, so a flapping daemon cannot cause a hot loop.
         """
-        if t.start_blocked_until is None and t.op_blocked_until is None:
-            return False
-        t.start_blocked_until = None
-        t.op_blocked_until = None
-        return True
+        lifted = t.start.unblock()
+        return t.ops.unblock() or lifted
 
     # --- timers -------------------------------------------------------------------
 
     def _schedule(self, t: Tracked, when: datetime | None, now: datetime) -> None:
-        """Make sure a pass runs at ``when``.
-
-        An earlier timer already set is kept: firing early only costs a pass that
-        re-decides and sets the later time. That spares a cancel-and-create per
-        heartbeat, whose every touch moves the idle deadline a little later.
-        """
-        if t.timer is not None and t.timer_at is not None and (
-                when is None or t.timer_at <= when):
-            return
-        if t.timer is not None:
-            t.timer.cancel()
-            t.timer = None
-        t.timer_at = when
-        if when is None:
-            return
-        delay = max(0.0, (when - now).total_seconds()) + 0.002
-        t.timer = asyncio.get_running_loop().call_later(delay, self._fire, t)
+        """Make sure a pass runs at ``when`` (an earlier timer already set is kept)."""
+        t.timer.schedule(when, now, self._fire, t)
 
     def _fire(self, t: Tracked) -> None:
-        t.timer = None
-        t.timer_at = None
+        t.timer.fired()
         self.mark(t.session_id, Flag.TIMER)
 
     @staticmethod
     def cancel_timers(tracked: Iterable[Tracked]) -> None:
         for t in tracked:
-            if t.timer is not None:
-                t.timer.cancel()
-                t.timer = None
+            t.timer.cancel()
 
     async def drain_ops(self, timeout: float) -> None:
         if self._ops:

@@ -33,7 +33,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from loguru import logger
 
@@ -70,20 +70,21 @@ def state_text(folder: tuple[int, int], sigs: dict[str, Signature]) -> str:
 
 def settled(t: Tracked, alive: bool) -> bool:
     """Whether the pass just ended left ``t`` in a state a restart may skip."""
-    return (t.status == Status.STOPPED and not alive and t.timer_at is None
-            and t.due == 0 and t.next_inbound_due is None and t.delivery_due is None
-            and not t.claims and not t.answers.groups and not t.delivery.waiting_files
-            and t.exit is None and (t.op is None or t.op.done()) and not t.busy
-            and not t.start_failures and t.start_blocked_until is None
-            and t.broken is None and t.identity is not None
-            and all(k in t.sigs for k, _ in SIG_KEYS))
+    ev, read = t.evidence, t.read
+    return (t.status == Status.STOPPED and not alive and t.timer.at is None
+            and ev.due == 0 and ev.next_inbound_due is None and t.delivery_due is None
+            and not ev.claims and not ev.answers.groups and not t.delivery.waiting_files
+            and t.exit is None and not t.op_running() and not read.busy
+            and not t.start.failures and t.start.blocked_until is None
+            and t.broken is None and read.identity is not None
+            and all(k in read.sigs for k, _ in SIG_KEYS))
 
 
 def saved_text(t: Tracked, alive: bool) -> str | None:
     """The row to save after a pass: its signatures when settled, else None (no row)."""
-    if not settled(t, alive):
+    if not settled(t, alive) or t.read.identity is None:  # (settled: never None)
         return None
-    return state_text(t.identity[0], t.sigs)  # type: ignore[index]
+    return state_text(t.read.identity[0], t.read.sigs)
 
 
 def start_pass_reason(saved: str | None, now: str | None, adopted: bool,
@@ -123,7 +124,7 @@ def scan_group(group_fd: int, agent_group: str, session_ids: Iterable[str]
 
 
 def unchanged(data_dir: Path, tracked: dict[str, Tracked], saved: dict[str, str],
-              adopted: set[str], before: dict[str, str]) -> set[str]:
+              adopted: set[str], before: Mapping[str, str]) -> set[str]:
     """The tracked sessions a start-up may skip (``start_pass_reason`` None against the
     disk now), each restored: signatures as checked (the sweep sees no change), and
     ``restored`` (its first real pass is a full one)."""
@@ -153,9 +154,9 @@ def unchanged(data_dir: Path, tracked: dict[str, Tracked], saved: dict[str, str]
 
 def restore(t: Tracked, seen: OnDisk) -> None:
     """What a full pass would have left in ``t`` about its files."""
-    t.sigs = dict(seen.sigs)
+    t.read.sigs = dict(seen.sigs)
     out, inb = seen.sigs["out"], seen.sigs["in"]
-    t.identity = (seen.folder, out[2] if out else None, inb[2] if inb else None)
+    t.read.identity = (seen.folder, out[2] if out else None, inb[2] if inb else None)
     t.restored = True
 
 

@@ -204,7 +204,7 @@ class Supervisor:
                 st = folder.lstat(INBOUND_DB)
                 return st is not None and stat.S_ISREG(st.st_mode)
         except Refused as exc:
-            self._refuse(agent_group, session_id, exc.strerror)
+            self._refuse(agent_group, session_id, exc.strerror or str(exc))
             return False
         except OSError:
             return False
@@ -282,7 +282,7 @@ class Supervisor:
             if part == 0 or not order:  # a new round: the runtime, new folders, the order
                 try:
                     await self.runtime.reconcile()
-                except Exception as exc:  # the runtime logs its own outages; keep sweeping
+                except Exception as exc:  # noqa: BLE001 - it logs its own outages; keep sweeping
                     logger.debug("runtime reconcile failed: {}", exc)
                 self._discover()
                 order = list(self.tracked)
@@ -316,7 +316,7 @@ class Supervisor:
         try:
             adopted = {h.session_id: h for h in await self.runtime.recover()}
             unknown = None
-        except Exception as exc:  # e.g. Docker down: keep going, adopt when it is back
+        except Exception as exc:  # noqa: BLE001 - e.g. Docker down: adopt when it is back
             if not (isinstance(exc, RuntimeUnavailable) and exc.reported):  # said once already
                 logger.error("could not list existing agents: {}", exc)
             logger.info("agents from before the restart are adopted once the runtime "

@@ -3,20 +3,26 @@
 ``Tracked`` is written by the session worker (each pass), the admission gate (queue
 and slot), the supervisor (discovery, exits) and the start-up state (restore): it lives
 here, below all of them, so none of them imports another to reach it.
+
+Its fields come in records, each changed together: ``Evidence`` (what was read from
+the folder to decide on), ``ReadMarks`` (how far the files have been read),
+``Backoff`` twice (failed starts, failed stop/kill/pause/resume) and ``Timer`` (the
+pending pass). The gate keeps its own per-session ``Seat`` (``admission_gate``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Callable
 
 from orchestrator.contract.layout import SessionPaths
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
 from orchestrator.host.filesig import Signature
 from orchestrator.rules import answers
-from orchestrator.rules.lifecycle import Claim
+from orchestrator.rules.lifecycle import Claim, start_backoff
 from orchestrator.runtime.base import AgentExit
 from orchestrator.support.logonce import LogOnce
 
@@ -48,10 +54,136 @@ _NO_ANSWERS = answers.Answers()  # frozen: every session starts with this one
 
 
 @dataclass(slots=True)
+class Backoff:
+    """Failures in a row of one kind of runtime call, and the wait they impose.
+
+    Used twice per session: for starts (``Tracked.start``) and for the other runtime
+    operations, stop/kill/pause/resume (``Tracked.ops``)."""
+
+    failures: int = 0  # failed in a row, any cause (sets the delay)
+    blocked_until: datetime | None = None  # no new try before
+    errors: int = 0  # starts only: of those, failed for the session's own reasons (not outages)
+    error: str | None = None  # starts only: the last such reason, for the failed messages
+
+    def failed(self, now: datetime, retry_max: float) -> float:
+        """One more failure: the delay before the next try (doubling from 1 s up to
+        ``retry_max``), blocked until then."""
+        self.failures += 1
+        delay = start_backoff(self.failures, 1.0, retry_max)
+        self.blocked_until = now + timedelta(seconds=delay)
+        return delay
+
+    def own_error(self, reason: str) -> None:
+        """The failure just counted was the session's own (it counts towards max_tries)."""
+        self.errors += 1
+        self.error = reason
+
+    def succeeded(self) -> None:
+        """It worked (or the work it was for is gone): the count starts again."""
+        self.failures = self.errors = 0
+        self.error = None
+        self.blocked_until = None
+
+    def blocked(self, now: datetime) -> bool:
+        return self.blocked_until is not None and self.blocked_until > now
+
+    def unblock(self) -> bool:
+        """Lift the wait, keep the count (a flapping runtime still gets the longer
+        delay next time); whether there was a wait to lift."""
+        if self.blocked_until is None:
+            return False
+        self.blocked_until = None
+        return True
+
+
+@dataclass(slots=True)
+class Evidence:
+    """What the passes read from the session folder (and the runtime) to decide on."""
+
+    heartbeat_at: datetime | None = None
+    last_reply_at: datetime | None = None
+    idle_since: datetime | None = None  # from the last verdict
+    claims: tuple[Claim, ...] = ()
+    tool_timeout: float | None = None
+    tool_running: bool = False  # container_state.current_tool is set
+    answers: answers.Answers = _NO_ANSWERS
+    due: int = 0
+    next_inbound_due: datetime | None = None
+    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
+
+    def counted(self, due: int, next_due: datetime | None) -> None:
+        """inbound.db read: messages due now, and when the next one falls due."""
+        self.due, self.next_inbound_due = due, next_due
+
+    def agent_started(self) -> None:
+        """A new agent: nothing the last one left on disk (heartbeat, tool, answers
+        owed) speaks for it."""
+        self.tool_running, self.tool_timeout = False, None  # cleared on disk before the start
+        self.answers = answers.forget(self.answers)
+        self.heartbeat_at = None
+        self.idle_since = None
+
+
+@dataclass(slots=True)
+class ReadMarks:
+    """How far the passes have read the session's files: what need not be read again."""
+
+    sigs: dict[str, Signature] = field(default_factory=dict)  # "hb", "out", "in"
+    identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
+    acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
+    synced_acks: set[str] = field(default_factory=set)
+    max_seq_seen: int = 0
+    registry_touched: datetime | None = None
+    busy: int = 0  # passes in a row that met a locked database
+
+    def forget(self) -> None:
+        """Read everything again from scratch (a replaced or rewritten file)."""
+        self.synced_acks = set()
+        self.acks_seen = None
+        self.max_seq_seen = 0
+        self.sigs.clear()
+
+
+@dataclass(slots=True)
+class Timer:
+    """The one pending timer of a session: the pass that must run at ``at``."""
+
+    handle: asyncio.TimerHandle | None = None
+    at: datetime | None = None
+
+    def schedule(self, when: datetime | None, now: datetime, fire: Callable[..., object],
+                 *args: object) -> None:
+        """Make sure ``fire(*args)`` runs at ``when``.
+
+        An earlier timer already set is kept: firing early only costs a pass that
+        re-decides and sets the later time. That spares a cancel-and-create per
+        heartbeat, whose every touch moves the idle deadline a little later.
+        """
+        if self.handle is not None and self.at is not None and (when is None or self.at <= when):
+            return
+        self.cancel()
+        self.at = when
+        if when is None:
+            return
+        delay = max(0.0, (when - now).total_seconds()) + 0.002
+        self.handle = asyncio.get_running_loop().call_later(delay, fire, *args)
+
+    def fired(self) -> None:
+        self.handle = None
+        self.at = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+@dataclass(slots=True)
 class Tracked:
     """What the supervisor remembers about a session between passes.
 
-    Slotted: 10 000 sessions are 10 000 of these (a ``__dict__`` each was ~1 KB)."""
+    Slotted, and so are its records: 10 000 sessions are 10 000 of these (a
+    ``__dict__`` each was ~1 KB)."""
 
     agent_group: str
     session_id: str
@@ -59,42 +191,26 @@ class Tracked:
     status: Status = Status.STOPPED
     routing: tuple[str | None, str | None, str | None] | None = None
     started_at: datetime | None = None
-    heartbeat_at: datetime | None = None
-    last_reply_at: datetime | None = None
-    idle_since: datetime | None = None
-    claims: tuple[Claim, ...] = ()
-    tool_timeout: float | None = None
-    tool_running: bool = False  # container_state.current_tool is set
-    answers: answers.Answers = _NO_ANSWERS
-    due: int = 0
-    next_inbound_due: datetime | None = None
+    evidence: Evidence = field(default_factory=Evidence)
+    read: ReadMarks = field(default_factory=ReadMarks)
     delivery: DeliveryState = field(default_factory=DeliveryState)
     delivery_due: datetime | None = None
-    synced_acks: set[str] = field(default_factory=set)
-    acks_seen: datetime | None = None  # newest ack change read; older acks are not re-read
-    max_seq_seen: int = 0
-    start_failures: int = 0  # failed starts in a row, any cause (sets the backoff)
-    start_blocked_until: datetime | None = None
-    start_errors: int = 0  # of those, failed for this session's own reasons (not outages)
-    start_error: str | None = None  # the last such reason, for the failed messages
-    op_failures: int = 0  # runtime operations (stop/kill) that raised, in a row
-    op_blocked_until: datetime | None = None  # after such a failure: no new op before
+    start: Backoff = field(default_factory=Backoff)  # failed starts
+    ops: Backoff = field(default_factory=Backoff)  # runtime operations (stop/kill) that raised
     exit: AgentExit | None = None
     ending_reason: str | None = None  # why we stopped/killed it, for the exit's status reason
     op: asyncio.Task | None = None
-    timer: asyncio.TimerHandle | None = None
-    timer_at: datetime | None = None
-    sigs: dict[str, Signature] = field(default_factory=dict)
+    timer: Timer = field(default_factory=Timer)
     # troubles said once, not per pass: "pass" (the folder/DBs unreadable: the error),
     # "start" and "op" (failed starts / stop-kills in a row: the first is loud)
     said: LogOnce = field(default_factory=LogOnce)
-    registry_touched: datetime | None = None
-    identity: Identity | None = None  # inodes of the folder and its DBs, at the last pass
-    busy: int = 0  # passes in a row that met a locked database
-    resumed_at: datetime | None = None  # last thaw of a paused agent (lifecycle.thawed)
     restored: bool = False  # skipped at start-up (``startup_state``): first pass is full
 
     @property
     def broken(self) -> str | None:
         """The error that makes passes fail, as logged (None while they succeed)."""
         return self.said.last("pass")
+
+    def op_running(self) -> bool:
+        """A runtime operation (start, stop, kill, pause, resume) is under way."""
+        return self.op is not None and not self.op.done()

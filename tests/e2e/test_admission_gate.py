@@ -142,11 +142,11 @@ async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_pa
     assert registry.session("waits").queued_since is not None
     assert gate.stats().queued == 1 and gate.queue_length() == 1
     await asyncio.sleep(0)  # the plan: "busy" has been quiet longest
-    assert gate.make_room == {"busy"} and marked == ["busy"]
-    busy.claims = (Claim("m1", now),)  # ... but claimed a message meanwhile
+    assert gate.asked_to_make_room() == {"busy"} and marked == ["busy"]
+    busy.evidence.claims = (Claim("m1", now),)  # ... but claimed a message meanwhile
     assert gate.review(busy, Verdict("running", "active"), now).action is Action.NONE
     await asyncio.sleep(0)  # so the next plan asks the other one
-    assert gate.make_room == {"quiet"} and marked == ["busy", "quiet"]
+    assert gate.asked_to_make_room() == {"quiet"} and marked == ["busy", "quiet"]
     stop = gate.review(quiet, QUIET, now)
     assert stop.action is Action.STOP and stop.reason.startswith("making room")
     gate.start_done("first")  # its start finished: not "starting" any more
@@ -166,7 +166,7 @@ async def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> 
     assert gate.review(track("next"), START, now).reason == "queued"
     await asyncio.sleep(0)
     assert gate.granted == {"stuck": "g"} and marked == []  # the slot is still held
-    gate.granted_at["stuck"] = now - timedelta(seconds=61)
+    gate.seats["stuck"].since = now - timedelta(seconds=61)
     gate.poke()
     await asyncio.sleep(0)
     assert gate.granted == {"next": "g"} and marked == ["next"]

@@ -239,8 +239,8 @@ def test_container_writes_are_seen_by_the_watcher(
             mid = send(sup, row, "write through the mount", files={"a.bin": b"\x00\x01bytes"})
             t = await until(lambda: sup.tracked.get(row.id), 5, "session tracked")
             # heartbeats while working (the agent touches .heartbeat every 0.2 s)
-            first = await until(lambda: t.heartbeat_at, 20, "a heartbeat seen")
-            await until(lambda: t.heartbeat_at and t.heartbeat_at > first, 5,
+            first = await until(lambda: t.evidence.heartbeat_at, 20, "a heartbeat seen")
+            await until(lambda: t.evidence.heartbeat_at and t.evidence.heartbeat_at > first, 5,
                         "a later heartbeat seen")
             await until(lambda: (r := sup.registry.session(row.id)) and r.last_heartbeat,
                         5, "registry last_heartbeat")
@@ -397,7 +397,7 @@ def test_unlabelled_lookalike_containers_are_never_touched(
             await until(lambda: sup.runtime.reconciles >= sweeps + 3, 10, "sweeps ran")
             assert message_row(sup, blocked, m_blocked)["status"] == "pending"
             assert status(sup, blocked.id) == "stopped"
-            assert sup.tracked[blocked.id].start_failures >= 2  # retried, refused each time
+            assert sup.tracked[blocked.id].start.failures >= 2  # retried, refused each time
         first_life = len(log_records)
         async with supervised(cfg) as sup:  # recover + sweeps + start again + shutdown (stop)
             await until(lambda: conflicts(log_records[first_life:]), 10,
@@ -519,7 +519,7 @@ def test_daemon_outage_keeps_work_pending_and_recovers(
             t_down = time.monotonic()
             b1 = send(sup, b, "while the daemon is down")
             # nothing can start; B's work stays pending and B is not 'running'
-            await until(lambda: sup.tracked.get(b.id) and sup.tracked[b.id].start_failures,
+            await until(lambda: sup.tracked.get(b.id) and sup.tracked[b.id].start.failures,
                         10, "B's start attempted and refused")
             await holds(lambda: message_row(sup, b, b1)["status"] == "pending"
                         and status(sup, b.id) == "stopped",

@@ -552,7 +552,7 @@ async def test_agent_that_cannot_start_is_retried_with_backoff(tmp_path: Path, r
     client = Client(cfg)
     async with supervised(cfg) as sup:
         row, mid = client.send("unlucky", "are you there?")
-        await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 1,
+        await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start.failures >= 1,
                     message="a failed start")
         failed_at = utcnow()
         assert client.statuses(row.id) == []
@@ -616,9 +616,9 @@ async def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_
     client = Client(cfg)
     async with supervised(cfg, runtime_factory=factory) as sup:
         row, mid = client.send("outage", "still there?")
-        await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start_failures >= 3,
+        await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start.failures >= 3,
                     message="three refused starts")
-        put_off_until = sup.tracked[row.id].start_blocked_until
+        put_off_until = sup.tracked[row.id].start.blocked_until
         assert put_off_until is not None and messages_in(client.paths(row), mid)["status"] \
             == "pending"
         runtimes[0].back()
@@ -626,7 +626,7 @@ async def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_
         started = client.registry.status_changes(row.id)[0]
     assert started["new"] == "running"
     assert parse_ts(started["at"]) < put_off_until, (started, put_off_until)
-    assert sup.tracked[row.id].start_failures == 0
+    assert sup.tracked[row.id].start.failures == 0
     client.close()
 
 
@@ -767,7 +767,7 @@ def test_a_full_disk_at_wake_fails_no_message(tmp_path: Path, reap_agents) -> No
 
         async def body() -> None:
             async with supervised(cfg) as sup:
-                await until(lambda: sup.tracked[row.id].start_failures >= 4, timeout=20,
+                await until(lambda: sup.tracked[row.id].start.failures >= 4, timeout=20,
                             message="several failed wakes on the full disk")
                 assert messages_in(paths, mid)["status"] == "pending"
                 filler.unlink()

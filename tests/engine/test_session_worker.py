@@ -110,7 +110,7 @@ def test_a_session_that_can_never_start_fails_its_due_messages(tmp_path: Path,
             failed = [line for line in lines if f"message {first} of session" in line]
             assert len(failed) == 1 and "could not be started 3 times" in failed[0], failed
             assert "Is a directory" in failed[0], failed
-            assert sup.tracked[row.id].start_errors == 0  # counted afresh for new work
+            assert sup.tracked[row.id].start.errors == 0  # counted afresh for new work
 
             # a new message while the obstacle is there: its own tries, then failed
             _, second = client.send("blocked", "still there?")
@@ -205,9 +205,9 @@ async def test_a_start_outcome_sets_status_and_counts(bench: Bench, fail, status
     await bench.settle()
     assert bench.runtime.calls == [("start", bench.t.session_id)]
     t = bench.t
-    assert (t.status, t.start_failures, t.start_errors, t.start_error) == (
+    assert (t.status, t.start.failures, t.start.errors, t.start.error) == (
         status, failures, errors, error)
-    assert (t.start_blocked_until is None) == (fail is None)
+    assert (t.start.blocked_until is None) == (fail is None)
     assert bench.client.container_status(t.session_id) == status
     assert bench.marks[-1] == (t.session_id, Flag.TIMER)  # the op's end asks for a pass
 
@@ -239,12 +239,13 @@ async def test_a_session_skipped_at_start_up_reads_everything_on_its_first_real_
         bench: Bench) -> None:
     await bench.worker.process(bench.t, Flag.FULL)  # the last run's pass
     t = Tracked(bench.row.agent_group_id, bench.row.id, bench.client.paths(bench.row))
-    t.sigs, t.identity, t.restored = dict(bench.t.sigs), bench.t.identity, True
+    t.read.sigs, t.read.identity = dict(bench.t.read.sigs), bench.t.read.identity
+    t.restored = True
     await bench.worker.process(t, Flag.SWEEP)  # a rescan: stat-gated, nothing changed
     assert t.restored and bench.runtime.calls == []
     bench.client.send("grp", "hello")  # its inotify event is not what this pass is for
     await bench.worker.process(t, Flag.HEARTBEAT)
-    assert not t.restored and t.due == 1  # inbound.db read too: a full pass
+    assert not t.restored and t.evidence.due == 1  # inbound.db read too: a full pass
     assert t.op is not None
     await t.op
     assert bench.runtime.calls == [("start", t.session_id)]
@@ -319,11 +320,11 @@ def test_whether_a_pass_recounts_due_work(flags: int, alive: bool, status: str,
 async def test_an_exit_records_stopped_with_its_reason(bench: Bench, exit_code, reason,
                                                        ending, recorded) -> None:
     t = bench.t
-    t.status, t.ending_reason, t.op_failures = "running", ending, 2
+    t.status, t.ending_reason, t.ops.failures = "running", ending, 2
     t.exit = AgentExit(t.agent_group, t.session_id, exit_code, reason)
     await bench.worker.process(t, Flag.EXIT)
     assert t.status == "stopped" and t.exit is None and t.ending_reason is None
-    assert t.op_failures == 0  # the agent a failed stop was for has gone
+    assert t.ops.failures == 0  # the agent a failed stop was for has gone
     assert bench.client.statuses(t.session_id)[-1] == ("stopped", recorded)
 
 
@@ -338,13 +339,13 @@ async def test_a_failing_stop_is_logged_once_then_quietly(bench: Bench) -> None:
         for _ in range(3):
             assert bench.worker.request_stop(t, "asked")
             await bench.settle()
-        assert t.op_failures == 3 and t.op_blocked_until is not None
+        assert t.ops.failures == 3 and t.ops.blocked_until is not None
         said = [level for level, text in lines if "runtime operation failed" in text]
         assert said == ["ERROR", "DEBUG", "DEBUG"]
         bench.runtime.fail = None
         assert bench.worker.request_stop(t, "asked")
         await bench.settle()
-        assert t.op_failures == 0 and t.op_blocked_until is None
+        assert t.ops.failures == 0 and t.ops.blocked_until is None
         assert not bench.runtime.is_running(t.session_id)
         assert not bench.worker.request_stop(t, "asked")  # nothing runs: nothing to stop
     finally:

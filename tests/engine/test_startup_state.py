@@ -64,10 +64,14 @@ def test_start_pass_reason(saved, now, adopted, before, reason) -> None:
 
 def _settled_tracked(**changes) -> Tracked:
     t = Tracked("g", "s", None)  # type: ignore[arg-type]  (paths are not read)
-    t.identity = ((7, 8), 3, 6)
-    t.sigs = dict(SIGS)
-    for name, value in changes.items():
-        setattr(t, name, value)
+    t.read.identity = ((7, 8), 3, 6)
+    t.read.sigs = dict(SIGS)
+    for name, value in changes.items():  # "record.field" for a field of one of its records
+        *records, field = name.split(".")
+        owner = t
+        for record in records:
+            owner = getattr(owner, record)
+        setattr(owner, field, value)
     return t
 
 
@@ -76,17 +80,17 @@ def _settled_tracked(**changes) -> Tracked:
     ({}, True, False),  # an agent runs
     ({"status": Status.RUNNING}, False, False),
     ({"status": Status.IDLE}, False, False),
-    ({"due": 1}, False, False),
-    ({"next_inbound_due": NOW}, False, False),  # a message with process_after later
+    ({"evidence.due": 1}, False, False),
+    ({"evidence.next_inbound_due": NOW}, False, False),  # a message with process_after later
     ({"delivery_due": NOW}, False, False),  # a reply to retry or deliver later
-    ({"timer_at": NOW}, False, False),
-    ({"claims": (Claim("m1", NOW),)}, False, False),
-    ({"busy": 1}, False, False),
-    ({"start_failures": 2}, False, False),
-    ({"start_blocked_until": NOW}, False, False),
-    ({"identity": None}, False, False),  # never passed
-    ({"sigs": {"out": (1, 2, 3), "in": (4, 5, 6)}}, False, False),  # a file never read
-    ({"sigs": {}}, False, False),  # cleared by a failed pass
+    ({"timer.at": NOW}, False, False),
+    ({"evidence.claims": (Claim("m1", NOW),)}, False, False),
+    ({"read.busy": 1}, False, False),
+    ({"start.failures": 2}, False, False),
+    ({"start.blocked_until": NOW}, False, False),
+    ({"read.identity": None}, False, False),  # never passed
+    ({"read.sigs": {"out": (1, 2, 3), "in": (4, 5, 6)}}, False, False),  # a file never read
+    ({"read.sigs": {}}, False, False),  # cleared by a failed pass
 ])
 def test_settled(changes, alive, expected) -> None:
     assert settled(_settled_tracked(**changes), alive) is expected

@@ -131,7 +131,8 @@ def read_config(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; create one with 'orchestrator init'") from None
+        raise ConfigError(f"{path}: config file not found; create one with "
+                          "'orchestrator init'") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     except UnicodeDecodeError as exc:

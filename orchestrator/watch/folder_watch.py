@@ -2,7 +2,8 @@
 
 Why not a recursive watch (watchfiles' ``RustNotify``, the ``notify`` crate, which
 the host used before): it walks every folder it is given, and every folder that
-appears later, following symbolic links. A session folder is the agent's to write, so ``outbox/d/x -> /``
+appears later, following symbolic links. A session folder is the agent's to write,
+so ``outbox/d/x -> /``
 (made elsewhere, then renamed in, or present when the host starts) made the host
 add a watch for every folder of the machine: the whole watch budget, seconds of a
 walk holding the GIL at a start, and every change on the host reported as that

@@ -148,7 +148,8 @@ def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
     Each wake-up of a watch costs CPU: on a VM ~40-80 µs, so 3 ms steps are
     1-1.7 % of a core with nothing to do (measured with watchfiles' watcher, which
     woke every step; ``FolderWatch`` does only while a batch is open). So the short
-    ``step_ms`` (a batch ends that soon after the last change) is used while changes keep coming, and ``quiet_step_ms`` once
+    ``step_ms`` (a batch ends that soon after the last change) is used while changes
+    keep coming, and ``quiet_step_ms`` once
     there were none for ``quiet_after`` s. On the long step the batch ends at the
     wake-up after the one that saw the first change (debounce 1 ms), so a burst
     that starts after a silence is not held for the whole debounce: the first

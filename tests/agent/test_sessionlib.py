@@ -92,7 +92,7 @@ def test_parse_events_reads_packed_structs() -> None:
     ([("a", "pending", "chat", "garbage")], set(), None),  # unparsable counts as due
 ])
 def test_next_due(rows: list[tuple], acked: set[str], expected: int | None) -> None:
-    dicts = [dict(zip(("id", "status", "kind", "process_after"), r)) for r in rows]
+    dicts = [dict(zip(("id", "status", "kind", "process_after"), r, strict=True)) for r in rows]
     want = None if expected is None else T0 + timedelta(seconds=expected)
     assert next_due(dicts, acked, T0) == want
 

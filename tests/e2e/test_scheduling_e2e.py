@@ -3,6 +3,7 @@ real inotify and SQLite; the SIGKILL test kills a real orchestrator process."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -149,8 +150,8 @@ def test_a_recurring_series_for_real_at_a_one_second_cadence_then_cancelled(
     dues = [parse_ts(r[0]) for r in completed]
     # one run per second: each next occurrence is the next whole second after its
     # predecessor completed (a run is a few ms), none replayed or doubled
-    assert [(b - a).total_seconds() for a, b in zip(dues, dues[1:])] == [1.0] * (len(dues) - 1)
-    for due, (_, _, replied) in zip(dues, completed):
+    assert [(b - a).total_seconds() for a, b in itertools.pairwise(dues)] == [1.0] * (len(dues) - 1)
+    for due, (_, _, replied) in zip(dues, completed, strict=False):
         assert due <= parse_ts(replied), (due, replied)  # never before its time
 
 

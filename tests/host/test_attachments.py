@@ -140,7 +140,7 @@ def place(tmp_path):
 
 def _all_files(folder: Path) -> dict[str, bytes]:
     out = {}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
         for f in filenames:
             p = Path(dirpath) / f
             out[str(p.relative_to(folder))] = p.read_bytes() if not p.is_symlink() else b"<link>"

@@ -290,7 +290,7 @@ def test_retry_delay(tries, base, expected):
 def test_reset_claims_backs_off_then_fails(db):
     inbound.insert_message(db, msg("m"))
     seen = []
-    for attempt in range(5):
+    for _attempt in range(5):
         result = inbound.reset_claims(db, ["m"], max_tries=5, backoff_base=5.0, now=NOW)
         (tries, status, after) = query(
             db, "SELECT tries, status, process_after FROM messages_in WHERE id='m'")[0]

@@ -152,7 +152,7 @@ class PrivateDockerd:
                 return bool(c.ping())
             finally:
                 c.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
 
     def start(self, timeout: float = 60.0) -> None:
@@ -207,7 +207,7 @@ def private_daemon(live_restore: bool) -> Iterator[PrivateDockerd]:
             for c in client.containers.list(all=True):
                 c.remove(force=True)
             client.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort clean-up of a test daemon
             pass
         daemon.stop()
         subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)

@@ -260,4 +260,4 @@ class OrchestratorProcess:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"orchestrator did not end on {sig}:\n{self.text()}")
+            raise AssertionError(f"orchestrator did not end on {sig}:\n{self.text()}") from None

@@ -169,7 +169,7 @@ class Model:
             self.folder.heartbeat()  # the "result" stream event
             if prompt.initial:
                 self.folder.ack([r["id"] for r in prompt.rows], "completed")
-            for row, text in zip(prompt.rows, answers):
+            for row, text in zip(prompt.rows, answers, strict=False):
                 self.send(row, text)
 
     def answer(self, row: dict) -> str:

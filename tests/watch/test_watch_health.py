@@ -179,7 +179,10 @@ def test_the_stand_in_has_the_notifiers_shape() -> None:
         assert callable(getattr(FakeNotify, name)) and callable(getattr(FolderWatch, name))
 
 
-def _drive(root: Path, scripts: list[list], cfg: WatchConfig = WatchConfig(),
+DEFAULT_WATCH = WatchConfig()
+
+
+def _drive(root: Path, scripts: list[list], cfg: WatchConfig = DEFAULT_WATCH,
            until_batches: int = 1) -> tuple[list[list[Activity]], list[str]]:
     FakeNotify.scripts = scripts
     FakeNotify.made = []

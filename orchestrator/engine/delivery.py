@@ -417,13 +417,10 @@ class Deliverer:
                                    now + timedelta(seconds=max(self.cfg.retry_base, 0.5)))
 
     async def report(self, failure: Failure) -> None:
-        """One failure record on the channel; a channel without the method, or one that
-        raises, is logged (the failure itself is already final)."""
-        report = getattr(self.channel, "report_failure", None)
-        if report is None:
-            return
+        """One failure record on the channel; a channel that raises is logged (the
+        failure itself is already final)."""
         try:
-            await report(failure)
+            await self.channel.report_failure(failure)
         except Exception as exc:  # noqa: BLE001 - a channel bug must not undo the failure
             logger.error("could not report the failure of {} {} to the channel: {}",
                          failure.kind, failure.id, exc)

@@ -542,7 +542,8 @@ class SessionWorker:
                 # the runtime has already reported (``reported``, e.g. the Docker daemon
                 # is down) is not logged again per session.
                 delay = t.ops.failed(self.clock(), self.cfg.runtime.start_retry_max)
-                quiet = not t.said.say("op", "failing") or getattr(exc, "reported", False)
+                quiet = not t.said.say("op", "failing") or (
+                    isinstance(exc, RuntimeUnavailable) and exc.reported)
                 (logger.debug if quiet else logger.error)(
                     "session {}: runtime operation failed: {} (retrying in {:g}s)",
                     t.session_id, exc, delay)
@@ -588,7 +589,8 @@ class SessionWorker:
                 # belongs), not an outage of the runtime: it counts towards max_tries
                 t.start.own_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             # once per session; not at all for an outage the runtime already reported
-            loud = t.said.say("start", "failing") and not getattr(exc, "reported", False)
+            loud = t.said.say("start", "failing") and not (
+                isinstance(exc, RuntimeUnavailable) and exc.reported)
             log = logger.error if loud else logger.debug
             log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
                 t.session_id, exc, delay)

@@ -31,6 +31,7 @@ class FakeChannel(ChannelBase):
     name: str = "fake"
     calls: list[str] = field(default_factory=list)
     taken: list[Reply] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
     def already_delivered(self, message_id: str) -> bool:
         if self.boom and message_id in self.fail and self.fail[message_id] is None:
@@ -50,6 +51,9 @@ class FakeChannel(ChannelBase):
                 raise DeliveryError("platform said no")
         self.taken.append(reply)
         return f"pm-{reply.message_id}"
+
+    async def report_failure(self, failure: Failure) -> None:
+        self.failures.append(failure)
 
     def close(self) -> None:
         pass

@@ -22,7 +22,7 @@ So the host keeps, per session, the acked messages still awaiting a reply:
 
 ``in_reply_to`` is used only as a hint inside one read: NanoClaw fills it with the
 newest message of the chat, not the one answered. Pure functions of values, so
-the rules are table-tested (tests/test_answers.py); the session worker keeps the
+the rules are table-tested (tests/rules/test_answers.py); the session worker keeps the
 state and applies the rule for a stopped agent (retry what still waits).
 """
 

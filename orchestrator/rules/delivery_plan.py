@@ -4,7 +4,7 @@
 time, is tried, or fails for good; ``after_failure`` says what a failed attempt
 leads to. ``delivery.Deliverer`` gathers the facts (inbound.db, the registry,
 the row) and applies the verdict; nothing here reads a file or a clock, so
-every rule is table-tested (tests/test_delivery_plan.py).
+every rule is table-tested (tests/rules/test_delivery_plan.py).
 
 The rules that keep one bad reply from holding up the others: a defect of the
 row itself (not UTF-8, too big, an id that cannot name a folder) or of its

@@ -39,35 +39,57 @@ def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
     meta = f.metadata
     default = f.default
     if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
-        return tuple(value)
+        return _check_str_list(where, value)
     if meta.get("auto"):  # "auto" or a whole number in range
-        if value == "auto":
-            return value
-        lo, hi = meta["min"], meta["max"]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"{where} must be \"auto\" or a whole number from {lo:g} to "
-                              f"{hi:g} (0 = no cap), got {value!r}")
-        return value
+        return _check_auto(where, meta, value)
     if meta.get("path"):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
-        return value  # resolved against data_dir by the caller
-    expected = type(default)
+        return _check_path(where, value)
+    value = _check_type(where, type(default), value)
+    _check_allowed(where, meta, value)
+    return value
+
+
+def _check_str_list(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _check_auto(where: str, meta: Any, value: Any) -> Any:
+    if value == "auto":
+        return value
+    lo, hi = meta["min"], meta["max"]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{where} must be \"auto\" or a whole number from {lo:g} to "
+                          f"{hi:g} (0 = no cap), got {value!r}")
+    return value
+
+
+def _check_path(where: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
+    return value  # resolved against data_dir by the caller
+
+
+def _check_type(where: str, expected: type, value: Any) -> Any:
+    """``value`` as the type of the key's default (an integer where a number goes)."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
         raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, got {value!r}")
     if isinstance(value, float) and math.isnan(value):  # nan passes every range check
         raise ConfigError(f"{where} must be a number, got nan")
+    return value
+
+
+def _check_allowed(where: str, meta: Any, value: Any) -> None:
+    """The key's ``choices`` and ``min``/``max`` from its metadata."""
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ConfigError(f"{where} must be between {lo:g} and {hi:g}, got {value!r}")
-    return value
 
 
 def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:

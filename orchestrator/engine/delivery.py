@@ -52,7 +52,7 @@ from orchestrator.host.safefs import (
     open_dir,
     regular_or_refuse,
 )
-from orchestrator.rules.delivery_plan import ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.rules.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
 from orchestrator.rules.lifecycle import earliest
 from orchestrator.support.errors import host_storage_failure
 from orchestrator.support.logonce import LogOnce
@@ -294,6 +294,32 @@ def remove_outboxes(folder: SessionDir, out_ids: list[str]) -> None:
 
 
 @dataclass
+class _Pass:
+    """One ``run_pass``: what it was given and what it has decided so far."""
+
+    folder: SessionDir
+    agent_group: str
+    session_id: str
+    state: DeliveryState
+    routing: Routing
+    now: datetime
+    result: PassResult = field(default_factory=PassResult)
+    records: list[tuple[str, str, str | None]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # settled after failed attempts
+
+
+def _advance_watermark(state: DeliveryState, messages: list[OutMessage],
+                       settled: set[str]) -> None:
+    for msg in messages:  # advance over the settled prefix only
+        if msg.id not in settled:
+            break
+        settled.discard(msg.id)  # at or below the watermark: never read again
+        state.watermark = msg.seq
+        state.anchor = msg.id
+
+
+@dataclass
 class Deliverer:
     data_dir: Path
     registry: Registry
@@ -311,88 +337,100 @@ class Deliverer:
         failed attempt goes through ``delivery_plan.after_failure``. Everything the
         pass settles costs one fsync'd commit of inbound.db, however many replies.
         """
-        result = PassResult()
+        run = _Pass(folder, agent_group, session_id, state, routing, now)
         inbound_db = folder.db(INBOUND_DB)
         if state.settled is None:
             state.settled = inbound.delivered_ids(inbound_db, [m.id for m in messages])
         settled = state.settled
-        records: list[tuple[str, str, str | None]] = []
-        failures: list[Failure] = []
-        retried: list[str] = []
         attempts_of = (self.registry.delivery_attempts(session_id)
                        if any(m.id not in settled for m in messages) else {})
         for msg in messages:
             if msg.id in settled:
                 continue
             attempts, retry_at = attempts_of.get(msg.id, (0, None))
-            verdict = plan(ReplyFacts(problem=msg.problem or id_problem(msg.id),
-                                      deliver_after=msg.deliver_after, attempts=attempts,
-                                      retry_at=retry_at), now)
-            if verdict.step is Step.TRY:
-                try:
-                    pmid = await self._deliver_one(folder, agent_group, session_id, msg,
-                                                   routing)
-                except InFlight:
-                    continue  # the channel wakes this session when the outcome is known
-                except StorageFull as exc:  # the host's disk: no attempt spent; the rest
-                    self._storage_full(state, session_id, exc, now, result)  # would fail too
-                    break
-                except DeliveryError as exc:
-                    verdict = after_failure(_trouble(exc), str(exc), attempts,
-                                            state.waiting_files.get(msg.id), now, self.cfg,
-                                            retry_after=exc.retry_after)
-                    if verdict.step is Step.WAIT:
-                        state.waiting_files.setdefault(msg.id, now)
-                        logger.debug("reply {} of session {}: {}; waiting", msg.id,
-                                     session_id, exc)
-                else:
-                    state.waiting_files.pop(msg.id, None)
-                    if state.said.clear("storage_full") is not None:
-                        logger.info("session {}: delivering again (space freed)", session_id)
-                    records.append((msg.id, "delivered", pmid))
-                    result.delivered.append(msg.id)
-                    if attempts:
-                        retried.append(msg.id)
-                    continue
-            if verdict.step is Step.WAIT:
-                result.next_due = earliest(result.next_due, verdict.at)
-            elif verdict.step is Step.RETRY:
-                logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
-                               msg.id, session_id, attempts + 1, verdict.reason,
-                               verdict.at.time() if verdict.at else None)
-                try:
-                    self.registry.record_attempt_failure(session_id, msg.id, attempts + 1,
-                                                         verdict.at, verdict.reason)
-                except sqlite3.Error as rec:  # a full disk: an attempt not recorded is not made
-                    logger.warning("reply {} of session {}: the failed attempt could not be "
-                                   "counted ({})", msg.id, session_id, rec)
-                result.next_due = earliest(result.next_due, verdict.at)
-            elif verdict.step is Step.FAIL:
-                logger.error("reply {} of session {} failed: {}", msg.id, session_id,
-                             verdict.reason)
-                records.append((msg.id, "failed", None))
-                result.failed.append(msg.id)
-                failures.append(self._failure(folder, msg, agent_group, session_id,
-                                              verdict.reason, routing))
-                if attempts:
-                    retried.append(msg.id)
-        for failure in failures:  # before the record: a crash re-reports (jsonl dedupes)
-            await self.report(failure)
-        if records or acks:
-            inbound.settle(inbound_db, records, acks or {}, follow_up, now)
-            settled.update(mid for mid, _, _ in records)
-            remove_outboxes(folder, [mid for mid, _, _ in records])
-            for mid in retried:
-                self.registry.clear_attempts(session_id, mid)
-        for msg in messages:  # advance over the settled prefix only
-            if msg.id not in settled:
+            if not await self._one_reply(run, msg, attempts, retry_at):
                 break
-            settled.discard(msg.id)  # at or below the watermark: never read again
-            state.watermark = msg.seq
-            state.anchor = msg.id
-        for mid, _, _ in records:
+        for failure in run.failures:  # before the record: a crash re-reports (jsonl dedupes)
+            await self.report(failure)
+        if run.records or acks:
+            inbound.settle(inbound_db, run.records, acks or {}, follow_up, now)
+            settled.update(mid for mid, _, _ in run.records)
+            remove_outboxes(folder, [mid for mid, _, _ in run.records])
+            for mid in run.retried:
+                self.registry.clear_attempts(session_id, mid)
+        _advance_watermark(state, messages, settled)
+        for mid, _, _ in run.records:
             state.waiting_files.pop(mid, None)
-        return result
+        return run.result
+
+    async def _one_reply(self, run: _Pass, msg: OutMessage, attempts: int,
+                         retry_at: datetime | None) -> bool:
+        """Plan one unsettled reply and apply the verdict; False ends the pass."""
+        verdict = plan(ReplyFacts(problem=msg.problem or id_problem(msg.id),
+                                  deliver_after=msg.deliver_after, attempts=attempts,
+                                  retry_at=retry_at), run.now)
+        if verdict.step is Step.TRY:
+            try:
+                pmid = await self._deliver_one(run.folder, run.agent_group, run.session_id,
+                                               msg, run.routing)
+            except InFlight:
+                return True  # the channel wakes this session when the outcome is known
+            except StorageFull as exc:  # the host's disk: no attempt spent; the rest
+                self._storage_full(run.state, run.session_id, exc, run.now, run.result)
+                return False  # would fail too
+            except DeliveryError as exc:
+                verdict = self._after_failure(run, msg, attempts, exc)
+            else:
+                self._delivered(run, msg, attempts, pmid)
+                return True
+        if verdict.step is Step.WAIT:
+            run.result.next_due = earliest(run.result.next_due, verdict.at)
+        elif verdict.step is Step.RETRY:
+            self._retry_later(run, msg, attempts, verdict)
+        elif verdict.step is Step.FAIL:
+            self._fail(run, msg, attempts, verdict)
+        return True
+
+    def _after_failure(self, run: _Pass, msg: OutMessage, attempts: int,
+                       exc: DeliveryError) -> Plan:
+        verdict = after_failure(_trouble(exc), str(exc), attempts,
+                                run.state.waiting_files.get(msg.id), run.now, self.cfg,
+                                retry_after=exc.retry_after)
+        if verdict.step is Step.WAIT:
+            run.state.waiting_files.setdefault(msg.id, run.now)
+            logger.debug("reply {} of session {}: {}; waiting", msg.id, run.session_id, exc)
+        return verdict
+
+    @staticmethod
+    def _delivered(run: _Pass, msg: OutMessage, attempts: int, pmid: str | None) -> None:
+        run.state.waiting_files.pop(msg.id, None)
+        if run.state.said.clear("storage_full") is not None:
+            logger.info("session {}: delivering again (space freed)", run.session_id)
+        run.records.append((msg.id, "delivered", pmid))
+        run.result.delivered.append(msg.id)
+        if attempts:
+            run.retried.append(msg.id)
+
+    def _retry_later(self, run: _Pass, msg: OutMessage, attempts: int, verdict: Plan) -> None:
+        logger.warning("reply {} of session {}: attempt {} failed ({}); retry at {}",
+                       msg.id, run.session_id, attempts + 1, verdict.reason,
+                       verdict.at.time() if verdict.at else None)
+        try:
+            self.registry.record_attempt_failure(run.session_id, msg.id, attempts + 1,
+                                                 verdict.at, verdict.reason)
+        except sqlite3.Error as rec:  # a full disk: an attempt not recorded is not made
+            logger.warning("reply {} of session {}: the failed attempt could not be "
+                           "counted ({})", msg.id, run.session_id, rec)
+        run.result.next_due = earliest(run.result.next_due, verdict.at)
+
+    def _fail(self, run: _Pass, msg: OutMessage, attempts: int, verdict: Plan) -> None:
+        logger.error("reply {} of session {} failed: {}", msg.id, run.session_id, verdict.reason)
+        run.records.append((msg.id, "failed", None))
+        run.result.failed.append(msg.id)
+        run.failures.append(self._failure(run.folder, msg, run.agent_group, run.session_id,
+                                          verdict.reason, run.routing))
+        if attempts:
+            run.retried.append(msg.id)
 
     @staticmethod
     def _route(folder: SessionDir, msg: OutMessage, routing: Routing) -> Route:

@@ -308,6 +308,63 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     post(Finished())
 
 
+@dataclass
+class _LoopSide:
+    """What ``inotify_batches`` keeps between the watch thread's messages, and what
+    each message logs and yields."""
+
+    root: Path
+    started: asyncio.Event
+    restarts: int = 0
+    restarted_for: str | None = None
+    watching: bool = False  # the probe's event came back since the last (re)start
+    poker: asyncio.Task | None = None
+
+    def take(self, message: WatchMessage) -> list[list[Activity]] | None:
+        """The batches to yield for ``message``, in order; None: the thread is done."""
+        root = self.root
+        match message:
+            case Finished():
+                return None
+            case Started():
+                self.watching = False
+                self.poker = asyncio.create_task(_poke(root / PROBE))
+            case Ended():
+                logger.warning("{}: watch ended (was the folder removed?); restarting it",
+                               root)
+            case Restarting(reason=reason):  # the same folders again: said already
+                (logger.debug if reason == self.restarted_for else logger.warning)(
+                    "{}: {}; restarting the watch", root, reason)
+                self.restarted_for = reason
+            case Failed(error=error, retry_in=delay):
+                logger.error("{}: inotify watch failed ({}); restarting in {}s", root,
+                             error, delay)
+            case Lost(reason=reason, warn=warn):
+                (logger.warning if warn else logger.debug)(
+                    "{}: inotify events may have been lost: {}; rescanning every session",
+                    root, reason)
+                RESCANS["events_lost"] += 1
+                return [[RESCAN]]
+            case Changes(batch=batch, probed=probed):
+                return self._changes(batch, probed)
+        return []
+
+    def _changes(self, batch: list[Activity], probed: bool) -> list[list[Activity]]:
+        out: list[list[Activity]] = []
+        if probed and not self.watching:
+            self.watching = True
+            if self.poker:
+                self.poker.cancel()
+            self.started.set()
+            self.restarts += 1
+            if self.restarts > 1:
+                RESCANS["watch_restarted"] += 1
+                out.append([RESCAN])
+        if batch:
+            out.append(batch)
+        return out
+
+
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event, muted: Container[str] = frozenset(),
                           notifier: NotifierFactory = FolderWatch
@@ -334,11 +391,7 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
         await stop.wait()
         halt.set()
 
-    probe = root / PROBE
-    restarts = 0
-    restarted_for: str | None = None
-    watching = False
-    poker: asyncio.Task | None = None
+    side = _LoopSide(root, started)
     stopper = asyncio.create_task(halt_on_stop())
     thread = threading.Thread(target=_watch_thread,
                               args=(root, cfg, halt, post, muted, notifier),
@@ -346,45 +399,16 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     thread.start()
     try:
         while True:
-            match await queue.get():
-                case Finished():
-                    return
-                case Started():
-                    watching = False
-                    poker = asyncio.create_task(_poke(probe))
-                case Ended():
-                    logger.warning("{}: watch ended (was the folder removed?); restarting it",
-                                   root)
-                case Restarting(reason=reason):  # the same folders again: said already
-                    (logger.debug if reason == restarted_for else logger.warning)(
-                        "{}: {}; restarting the watch", root, reason)
-                    restarted_for = reason
-                case Failed(error=error, retry_in=delay):
-                    logger.error("{}: inotify watch failed ({}); restarting in {}s", root,
-                                 error, delay)
-                case Lost(reason=reason, warn=warn):
-                    (logger.warning if warn else logger.debug)(
-                        "{}: inotify events may have been lost: {}; rescanning every session",
-                        root, reason)
-                    RESCANS["events_lost"] += 1
-                    yield [RESCAN]
-                case Changes(batch=batch, probed=probed):
-                    if probed and not watching:
-                        watching = True
-                        if poker:
-                            poker.cancel()
-                        started.set()
-                        restarts += 1
-                        if restarts > 1:
-                            RESCANS["watch_restarted"] += 1
-                            yield [RESCAN]
-                    if batch:
-                        yield batch
+            due = side.take(await queue.get())
+            if due is None:
+                return
+            for batch in due:
+                yield batch
     finally:
         halt.set()
         stopper.cancel()
-        if poker:
-            poker.cancel()
+        if side.poker:
+            side.poker.cancel()
 
 
 _POLLED = ((HEARTBEAT, Kind.HEARTBEAT), (OUTBOUND_DB, Kind.OUTBOUND_DB),

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from loguru import logger
 
 from orchestrator.runtime.docker.calls import DockerExec, _is_unreachable
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
 from orchestrator.support.logonce import LogOnce
+
+if TYPE_CHECKING:
+    from docker import APIClient
 
 EVENT_BACKOFF_MAX = 5.0
 
@@ -97,52 +100,73 @@ class DockerEvents:
             client = None
             try:
                 client = self.exec.new_client(timeout=10)
-                # since: the last event's "seconds.nanoseconds" text, which the API takes as it
-                # is and docker-py passes on; types-docker allows only datetime | int
-                stream = client.events(decode=True, filters=filters,
-                                       since=self.since)  # type: ignore[call-overload]
-                with self._lock:
-                    if self._stop.is_set():
-                        stream.close()
-                        break
-                    self._stream = stream
-                self.connected = True
-                self.connects += 1
-                backoff = 0.1
-                self.exec.mark_available()
-                if said.clear("ended") is not None:
-                    logger.info("Docker event stream reconnected ({}); reconciling",
-                                self.exec.where)
-                said.clear("failed")
-                if not self._post(self.on_connect):
+                stream = self._open_stream(client, filters)
+                if stream is None:  # stopped meanwhile
                     break
-                for event in stream:
-                    nano = event.get("timeNano")
-                    if nano:
-                        self.since = f"{nano // 1_000_000_000}.{nano % 1_000_000_000:09d}"
-                    if not self._post(self.on_event, event):
-                        self._stop.set()
-                        break
+                backoff = 0.1
+                if not self._connected(said):
+                    break
+                self._follow(stream)
             except Exception as exc:  # noqa: BLE001 - DockerException, ConnectionError...: retry
-                if not self._stop.is_set():
-                    if _is_unreachable(exc):
-                        self.exec.mark_unavailable(exc)
-                    elif said.say("failed", "failed"):
-                        logger.warning("Docker event stream failed at {}: {}; retrying",
-                                       self.exec.where, str(exc).splitlines()[0] if str(exc)
-                                       else type(exc).__name__)
+                self._failed(exc, said)
             finally:
-                self.connected = False
-                with self._lock:
-                    self._stream = None
-                if client is not None:
-                    try:
-                        client.close()
-                    except Exception:  # noqa: BLE001 - best effort: a new client is made
-                        pass
+                self._disconnected(client)
             if self._stop.is_set():
                 break
             if said.say("ended", "ended"):
                 logger.debug("Docker event stream ended ({}); reconnecting", self.exec.where)
             self._stop.wait(backoff)
             backoff = min(backoff * 2, EVENT_BACKOFF_MAX)
+
+    def _open_stream(self, client: APIClient, filters: dict[str, str]) -> Any:
+        """The event stream, kept for ``stop`` to close; None (closed) if stopped."""
+        # since: the last event's "seconds.nanoseconds" text, which the API takes as it
+        # is and docker-py passes on; types-docker allows only datetime | int
+        stream = client.events(decode=True, filters=filters,
+                               since=self.since)  # type: ignore[call-overload]
+        with self._lock:
+            if self._stop.is_set():
+                stream.close()
+                return None
+            self._stream = stream
+        return stream
+
+    def _connected(self, said: LogOnce) -> bool:
+        """Mark the stream up and tell the loop (to reconcile); False: the loop is gone."""
+        self.connected = True
+        self.connects += 1
+        self.exec.mark_available()
+        if said.clear("ended") is not None:
+            logger.info("Docker event stream reconnected ({}); reconciling", self.exec.where)
+        said.clear("failed")
+        return self._post(self.on_connect)
+
+    def _follow(self, stream: Any) -> None:
+        """Pass each event to the loop, remembering its time for the next ``since``."""
+        for event in stream:
+            nano = event.get("timeNano")
+            if nano:
+                self.since = f"{nano // 1_000_000_000}.{nano % 1_000_000_000:09d}"
+            if not self._post(self.on_event, event):
+                self._stop.set()
+                return
+
+    def _failed(self, exc: Exception, said: LogOnce) -> None:
+        if self._stop.is_set():
+            return
+        if _is_unreachable(exc):
+            self.exec.mark_unavailable(exc)
+        elif said.say("failed", "failed"):
+            logger.warning("Docker event stream failed at {}: {}; retrying",
+                           self.exec.where, str(exc).splitlines()[0] if str(exc)
+                           else type(exc).__name__)
+
+    def _disconnected(self, client: APIClient | None) -> None:
+        self.connected = False
+        with self._lock:
+            self._stream = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - best effort: a new client is made
+                pass

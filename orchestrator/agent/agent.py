@@ -39,7 +39,8 @@ def log(message: str) -> None:
 
 
 class Options(namedtuple("Options", "workspace poll_interval work_seconds heartbeat_interval "
-                                    "exit_when_idle hang_on crash_on wake safety_poll idle_heartbeat",
+                                    "exit_when_idle hang_on crash_on wake safety_poll "
+                                    "idle_heartbeat",
                          defaults=(0.1, 0.0, 1.0, None, None, None, "auto", 5.0, None))):
     """The parsed command line (see ``OPTIONS`` for each one's meaning)."""
 

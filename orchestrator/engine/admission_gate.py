@@ -10,7 +10,7 @@ idle enough — the gate runs ``admission.plan`` once (coalesced) and marks the
 sessions it admits, and the idle agents it asks to make room, for a pass of their own.
 
 The agent asked to make room decides in its own pass, on what that pass has just
-read (claims, due work, a tool, answers owed): a claim that arrived meanwhile keeps it
+read (claims, due work, answers owed): a claim that arrived meanwhile keeps it
 running; a heartbeat does not (it says alive, not working).
 
 What the gate knows of a session is one ``Seat`` in ``seats`` (none: it wants nothing
@@ -41,7 +41,7 @@ from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
 from orchestrator.rules import answers
 from orchestrator.rules.admission import Agent, Waiting, may_give_way, plan, resolve_max_agents
-from orchestrator.rules.lifecycle import Action, Observation, Verdict, in_flight, last_work
+from orchestrator.rules.lifecycle import Action, Observation, Verdict, last_work
 from orchestrator.runtime.base import Runtime
 
 GRANT_TTL = timedelta(seconds=60)
@@ -276,10 +276,13 @@ class AdmissionGate:
         """
         ev = t.evidence
         obs = Observation(alive=True, started_at=t.started_at, last_reply_at=ev.last_reply_at,
-                          claims=ev.claims, tool_running=ev.tool_running,
-                          answer_due=answers.answer_due(ev.answers, self.answer_wait))
+                          claims=ev.claims)
         active = last_work(obs)
-        busy = in_flight(obs, now)
+        # an acked message still owed its answer is work (for answer_wait at most); a
+        # tool declared without a claim or an answer owed is not: it would hold the slot
+        # for as long as the agent heartbeats
+        owed = answers.answer_due(ev.answers, self.answer_wait)
+        busy = owed is not None and owed > now
         seat = self.seats.get(t.session_id)
         spared = seat.spared if seat is not None else None
         if spared is not None and (active is None or spared > active):

@@ -15,8 +15,8 @@ promised to the head of the queue meanwhile, so no second agent is stopped for t
 same waiting session.
 
 An agent gives way only if it has nothing to do: no claim (a running agent with a
-claim is never stopped for room), no tool running, no acked message still owed its
-answer, no due work, and no work (start, reply, claim) for ``make_room_after``
+claim is never stopped for room), no acked message still owed its answer (for at
+most ``answer_wait``), no due work, and no work (start, reply, claim) for ``make_room_after``
 seconds; the one idle longest goes first. Heartbeats do not count: a heartbeat says
 the agent is alive, not that it works, and an agent that only heartbeats would
 otherwise hold its slot for as long as it likes while others wait (issue #21).
@@ -48,7 +48,7 @@ class Agent:
     claims: int = 0
     due: int = 0  # due messages of its session that it has not claimed yet
     stopping: bool = False  # a stop is under way or has been asked for
-    busy: bool = False  # a tool runs, or an acked message still awaits its answer
+    busy: bool = False  # an acked message still awaits its answer (answers.answer_due)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from orchestrator.engine.admission_gate import AdmissionGate
 from orchestrator.engine.tracked import Tracked
 from orchestrator.host import status
 from orchestrator.host.registry import Registry
+from orchestrator.rules import answers
 from orchestrator.rules.lifecycle import Action, Claim, Verdict
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
 from tests.support.e2e import (
@@ -158,6 +159,37 @@ async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_pa
     assert gate.granted == {"waits": "g"} and marked[-1] == "waits"
     assert registry.session("waits").queued_since is None
     assert gate.review(gate.tracked["waits"], START, now) is START
+    registry.close()
+
+
+@pytest.mark.parametrize("evidence, gives_way", [
+    ({"heartbeat_at": 0}, True),  # beating right now: alive, not working
+    ({"heartbeat_at": 0, "tool_running": True, "tool_timeout": 3600.0}, True),  # no claim
+    ({"heartbeat_at": 0, "claims": (Claim("m1", None),)}, False),
+    ({"heartbeat_at": 0, "last_reply_at": 0}, False),  # answered just now
+    ({"heartbeat_at": 0, "answers": "owed"}, False),  # acked, its answer still owed
+], ids=["heartbeat only", "a tool without a claim", "a claim", "a reply", "an answer owed"])
+async def test_what_keeps_a_slot_when_work_waits(tmp_path: Path, evidence: dict,
+                                                 gives_way: bool) -> None:
+    """max_agents = 1, the agent started a minute ago: only work (a claim, a reply, an
+    acked message owed its answer) keeps its slot; a heartbeat does not (issue #21)."""
+    now = utcnow()
+    gate, track, marked, _statuses, registry = gate_with(tmp_path, LiveRuntime("holder"), 1)
+    holder = track("holder", started_at=now - timedelta(seconds=60))
+    for key, value in evidence.items():
+        if value == 0:
+            value = now
+        elif value == "owed":
+            value = answers.step(answers.Answers(), now=now, answer_wait=600.0, claims={},
+                                 completed={"m1": now}, replies=[])
+        setattr(holder.evidence, key, value)
+    held = gate.review(track("waits"), START, now)
+    assert held.reason == "queued"
+    await asyncio.sleep(0)
+    assert (gate.asked_to_make_room() == {"holder"}) is gives_way
+    if gives_way:
+        stop = gate.review(holder, QUIET, now)
+        assert stop.action is Action.STOP and stop.reason.startswith("making room")
     registry.close()
 
 

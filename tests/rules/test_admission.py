@@ -51,7 +51,7 @@ CASES = [
     ("a claim is never stopped", [idle("a", 99, claims=1), idle("b", 3)], {},
      [wait("q", 1)], 2, {}, (), ("b",)),
     ("due work is not idle", [idle("a", 99, due=1)], {}, [wait("q", 1)], 1, {}, (), ()),
-    ("a running tool or an answer owed is not idle", [idle("a", 99, busy=True)], {},
+    ("an answer owed is not idle", [idle("a", 99, busy=True)], {},
      [wait("q", 1)], 1, {}, (), ()),
     ("no work for make_room_after gives way however it heartbeats (last_work has none)",
      [idle("a", 2)], {}, [wait("q", 1)], 1, {}, (), ("a",)),

@@ -39,8 +39,9 @@ def log(message: str) -> None:
 
 
 class Options(namedtuple("Options", "workspace poll_interval work_seconds heartbeat_interval "
-                                    "exit_when_idle hang_on crash_on wake safety_poll",
-                         defaults=(0.1, 0.0, 1.0, None, None, None, "auto", 5.0))):
+                                    "exit_when_idle hang_on crash_on wake safety_poll "
+                                    "idle_heartbeat",
+                         defaults=(0.1, 0.0, 1.0, None, None, None, "auto", 5.0, None))):
     """The parsed command line (see ``OPTIONS`` for each one's meaning)."""
 
     __slots__ = ()
@@ -53,6 +54,7 @@ class Options(namedtuple("Options", "workspace poll_interval work_seconds heartb
     crash_on: str | None
     wake: str
     safety_poll: float
+    idle_heartbeat: float | None
 
 
 def _non_negative(value: str) -> float:
@@ -92,6 +94,9 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], tuple[str, ...] | None, s
                              "seconds between heartbeats while working (default 1.0)"),
     "--exit-when-idle": ("exit_when_idle", _non_negative, None, "S",
                          "exit 0 after S seconds without work (default: never)"),
+    "--idle-heartbeat": ("idle_heartbeat", _positive, None, "S",
+                         "also heartbeat every S s while waiting for work (a test of "
+                         "the host's make-room rule; default: only while working)"),
     "--hang-on": ("hang_on", str, None, "TEXT",
                   "go silent forever on a message whose text contains TEXT"),
     "--crash-on": ("crash_on", str, None, "TEXT",
@@ -268,9 +273,17 @@ class Agent:
         self._last_error = None
         return rows
 
+    def _beat_while_idle(self, every: float) -> None:
+        """--idle-heartbeat: touch .heartbeat every ``every`` s until stopped, work or not."""
+        while not self.stop.wait(every):
+            self.heartbeat()
+
     def run(self) -> int:
         self.start()
         log(f"started on {self.session.root}")
+        if self.options.idle_heartbeat is not None:
+            threading.Thread(target=self._beat_while_idle, args=(self.options.idle_heartbeat,),
+                             daemon=True, name="idle-heartbeat").start()
         last_work = time.monotonic()
         try:
             while not self.stop.is_set():

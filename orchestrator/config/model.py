@@ -99,6 +99,10 @@ class LifecycleConfig:
                           min=0.1, max=7 * 86400)
     claim_stuck: float = _opt(60.0, "kill when a claim is older than this with no heartbeat (s)",
                               min=0.1, max=86400)
+    max_tool_timeout: float = _opt(
+        86400.0, "most seconds an agent's declared tool timeout may widen the stuck windows "
+        "(ceiling, claim_stuck); a bigger, infinite or NaN declaration is clamped or ignored",
+        min=0, max=30 * 86400)
     max_tries: int = _opt(5, "tries before a message is marked failed", min=1, max=100)
     backoff_base: float = _opt(5.0, "retry backoff: base * 2^tries seconds", min=0, max=3600)
     answer_wait: float = _opt(

@@ -277,7 +277,9 @@ def parse_ts(value: str | None) -> datetime | None:
     """Parse a contract timestamp as an aware UTC datetime.
 
     Accepts SQLite's ``datetime('now')`` (no zone: it IS UTC, never local time),
-    ISO-8601 with ``T``, fractional seconds and a ``Z``/offset suffix.
+    ISO-8601 with ``T``, fractional seconds and a ``Z``/offset suffix. Anything
+    else raises ValueError (an offset that moves it past year 9999 or before year 1
+    too: agents write these, and callers catch ValueError only).
     """
     if value is None or value == "":
         return None
@@ -287,7 +289,10 @@ def parse_ts(value: str | None) -> datetime | None:
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         return dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc)
+    try:
+        return dt.astimezone(timezone.utc)
+    except OverflowError:  # '9999-12-31T23:59:59-05:00' is past datetime.max in UTC
+        raise ValueError(f"{value!r}: out of range in UTC") from None
 
 
 def utcnow() -> datetime:

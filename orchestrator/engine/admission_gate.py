@@ -10,7 +10,8 @@ idle enough — the gate runs ``admission.plan`` once (coalesced) and marks the
 sessions it admits, and the idle agents it asks to make room, for a pass of their own.
 
 The agent asked to make room decides in its own pass, on what that pass has just
-read (claims, due work, heartbeat): a claim that arrived meanwhile keeps it running.
+read (claims, due work, answers owed): a claim that arrived meanwhile keeps it
+running; a heartbeat does not (it says alive, not working).
 
 What the gate knows of a session is one ``Seat`` in ``seats`` (none: it wants nothing
 of the gate): its ``Stage`` — waiting in the queue, or admitted (holding a slot until
@@ -38,8 +39,9 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
+from orchestrator.rules import answers
 from orchestrator.rules.admission import Agent, Waiting, may_give_way, plan, resolve_max_agents
-from orchestrator.rules.lifecycle import Action, Observation, Verdict, last_activity
+from orchestrator.rules.lifecycle import Action, Observation, Verdict, last_work
 from orchestrator.runtime.base import Runtime
 
 GRANT_TTL = timedelta(seconds=60)
@@ -87,9 +89,10 @@ class AdmissionGate:
     def __init__(self, cap: int, make_room_after: float, tracked: Mapping[str, Tracked],
                  runtime: Runtime, registry: Registry, mark: Callable[[str, Flags], None],
                  set_status: Callable[[Tracked, Status, str, datetime], None],
-                 clock: Callable[[], datetime], groups: Mapping[str, int] | None = None
-                 ) -> None:
+                 clock: Callable[[], datetime], groups: Mapping[str, int] | None = None,
+                 answer_wait: float = 600.0) -> None:
         self.cap = cap
+        self.answer_wait = answer_wait  # [lifecycle]: an acked message owed its answer is work
         self.make_room_after = make_room_after
         self.groups = dict(groups or {})  # per-group caps ({group: max_agents}), 0 = none
         self.tracked = tracked
@@ -166,7 +169,7 @@ class AdmissionGate:
         seat = self.seats.get(sid)
         if seat is not None and seat.make_room:
             seat.make_room = False
-            agent = self._agent(t, fresh=True)
+            agent = self._agent(t, now, fresh=True)
             waiting = self.queue_length()
             if (verdict.action is Action.NONE and self.runtime.is_running(sid) and waiting
                     and not t.ops.blocked(now)
@@ -238,7 +241,7 @@ class AdmissionGate:
         agents = []
         for h in self.runtime.running():
             t = self.tracked.get(h.session_id)
-            agents.append(self._agent(t) if t is not None
+            agents.append(self._agent(t, now) if t is not None
                           else Agent(h.session_id, h.agent_group, None))  # never gives way
         result = plan(agents, self.granted, self.queue(), self.cap, now,
                       self.make_room_after, self.groups)
@@ -262,23 +265,33 @@ class AdmissionGate:
             delay = max(0.0, (result.recheck_at - now).total_seconds()) + 0.002
             self._recheck = asyncio.get_running_loop().call_later(delay, self.poke)
 
-    def _agent(self, t: Tracked, fresh: bool = False) -> Agent:
+    def _agent(self, t: Tracked, now: datetime, fresh: bool = False) -> Agent:
         """How admission sees a live agent. ``fresh``: its own pass has just re-read
         everything. Otherwise its due count is left out: for a running agent it is not
         re-read on every reply (the agent picks work up by itself), so it may be stale
-        — the agent's own pass re-reads it before any stop."""
+        — the agent's own pass re-reads it before any stop.
+
+        Its last work is its start, reply or claim, never a heartbeat (``last_work``):
+        an agent that only heartbeats has nothing to do and gives way to waiting work.
+        """
         ev = t.evidence
-        active = last_activity(Observation(alive=True, started_at=t.started_at,
-                                           heartbeat_at=ev.heartbeat_at,
-                                           last_reply_at=ev.last_reply_at, claims=ev.claims))
+        obs = Observation(alive=True, started_at=t.started_at, last_reply_at=ev.last_reply_at,
+                          claims=ev.claims)
+        active = last_work(obs)
+        # an acked message still owed its answer is work (for answer_wait at most); a
+        # tool declared without a claim or an answer owed is not: it would hold the slot
+        # for as long as the agent heartbeats
+        owed = answers.answer_due(ev.answers, self.answer_wait)
+        busy = owed is not None and owed > now
         seat = self.seats.get(t.session_id)
         spared = seat.spared if seat is not None else None
         if spared is not None and (active is None or spared > active):
             active = spared
         if fresh:
-            return Agent(t.session_id, t.agent_group, active, len(ev.claims), ev.due)
+            return Agent(t.session_id, t.agent_group, active, len(ev.claims), ev.due,
+                         busy=busy)
         stopping = (seat is not None and seat.make_room) or t.op_running()
-        return Agent(t.session_id, t.agent_group, active, len(ev.claims), 0, stopping)
+        return Agent(t.session_id, t.agent_group, active, len(ev.claims), 0, stopping, busy)
 
     def _expire_grants(self, now: datetime) -> None:
         """A grant whose session never got to start (its passes fail, e.g. an unreadable
@@ -333,4 +346,4 @@ def open_gate(cfg: Config, tracked: Mapping[str, Tracked], runtime: Runtime,
     for name, gcap in sorted(group_caps.items()):
         logger.info("admission: at most {} agents of group {} at once", gcap, name)
     return AdmissionGate(cap, cfg.runtime.make_room_after, tracked, runtime, registry, mark,
-                         set_status, clock, group_caps)
+                         set_status, clock, group_caps, cfg.lifecycle.answer_wait)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
@@ -36,12 +37,17 @@ from orchestrator.engine.delivery import Deliverer, DeliveryState
 from orchestrator.engine.ports import Admission, Mark, Notify, StatusBook, Unlimited, notify_nobody
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound, outbound
-from orchestrator.host.filesig import signature_mtime
 from orchestrator.host.outbound import OutboundError
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, Refused, SessionDir
 from orchestrator.host.sessions import Sessions
 from orchestrator.rules import answers, scheduling
+from orchestrator.rules.agent_values import (
+    agent_time,
+    claim_time,
+    time_from_ns,
+    timeout_seconds,
+)
 from orchestrator.rules.lifecycle import (
     Action,
     Claim,
@@ -273,9 +279,15 @@ class SessionWorker:
         return flags
 
     def _read_heartbeat(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        """The .heartbeat mtime, as ``agent_values.agent_time`` allows: an mtime in the
+        future reads as the time it was first seen, and the same file (signature) reads
+        the same on every pass, so it ages and the stuck rules still apply."""
         sig = folder.signature(HEARTBEAT)
         t.read.sigs["hb"] = sig
-        t.evidence.heartbeat_at = signature_mtime(sig)
+        ev = t.evidence
+        previous = ev.heartbeat_at if sig == ev.heartbeat_sig else None
+        ev.heartbeat_at = agent_time(time_from_ns(sig[0]), now, previous) if sig else None
+        ev.heartbeat_sig = sig
         self._touch_registry(t, now)
 
     def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
@@ -295,6 +307,7 @@ class SessionWorker:
                              acks_since=schema.format_ts(acks_seen) if acks_seen else None,
                              max_content_bytes=self.cfg.delivery.max_content_bytes,
                              anchor=t.delivery.anchor)
+        snap = self._sanitised(t, snap, now)
         if snap.rewound:
             self._forget(t, "outbound.db rewritten (the last settled row is gone)")
             t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
@@ -304,7 +317,7 @@ class SessionWorker:
         ev = t.evidence
         ev.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
                           if a.status == "processing")
-        ev.tool_timeout = (snap.tool.declared_timeout
+        ev.tool_timeout = (snap.tool.declared_timeout  # clamped by _sanitised
                            if snap.tool and snap.tool.current_tool else None)
         ev.tool_running = bool(snap.tool and snap.tool.current_tool)
         self._track_answers(t, folder, snap, final, now)
@@ -336,6 +349,27 @@ class SessionWorker:
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
 
+    def _sanitised(self, t: Tracked, snap: outbound.Snapshot,
+                   now: datetime) -> outbound.Snapshot:
+        """The agent's numbers and times in this read, clamped (``agent_values``) before
+        any rule sees them: ack stamps never later than now; a claim's stamp in the
+        future, or none usable, keeps the time the claim was first read at (so it ages
+        and the claim rule applies); the declared tool timeout within (0, [lifecycle]
+        max_tool_timeout] or none. The one place these values come in."""
+        before = {c.message_id: c.claimed_at for c in t.evidence.claims}
+
+        def stamp(a: outbound.Ack) -> datetime | None:
+            clamp = claim_time if a.status == "processing" else agent_time
+            return clamp(a.status_changed, now, before.get(a.message_id))
+
+        acks = {mid: replace(a, status_changed=stamp(a)) for mid, a in snap.acks.items()}
+        tool = snap.tool
+        if tool is not None:
+            ceiling = self.settings(t.agent_group).lifecycle.max_tool_timeout
+            tool = replace(tool, declared_timeout=timeout_seconds(tool.declared_timeout, ceiling),
+                           started_at=agent_time(tool.started_at, now))
+        return replace(snap, acks=acks, tool=tool)
+
     def _track_answers(self, t: Tracked, folder: SessionDir, snap: outbound.Snapshot,
                        final: dict[str, str], now: datetime) -> None:
         """Fold this read into the acked-but-unanswered state (see ``answers``)."""
@@ -343,7 +377,7 @@ class SessionWorker:
         horizon = now - timedelta(seconds=wait)
         done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
                 if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
-        replies = [answers.Reply(m.in_reply_to, _parse_ts(m.timestamp))
+        replies = [answers.Reply(m.in_reply_to, agent_time(_parse_ts(m.timestamp), now))
                    for m in snap.messages
                    if m.seq > t.read.max_seq_seen and answers.is_answer(m.content)]
         named = {r.in_reply_to for r in replies}

@@ -100,7 +100,8 @@ class Backoff:
 class Evidence:
     """What the passes read from the session folder (and the runtime) to decide on."""
 
-    heartbeat_at: datetime | None = None
+    heartbeat_at: datetime | None = None  # clamped (agent_values.agent_time)
+    heartbeat_sig: Signature = None  # the .heartbeat it was read from (same file: same time)
     last_reply_at: datetime | None = None
     idle_since: datetime | None = None  # from the last verdict
     claims: tuple[Claim, ...] = ()
@@ -120,7 +121,7 @@ class Evidence:
         owed) speaks for it."""
         self.tool_running, self.tool_timeout = False, None  # cleared on disk before the start
         self.answers = answers.forget(self.answers)
-        self.heartbeat_at = None
+        self.heartbeat_at = self.heartbeat_sig = None
         self.idle_since = None
 
 

@@ -15,8 +15,11 @@ promised to the head of the queue meanwhile, so no second agent is stopped for t
 same waiting session.
 
 An agent gives way only if it has nothing to do: no claim (a running agent with a
-claim is never stopped for room), no due work, and no sign of life (start, heartbeat,
-reply, claim) for ``make_room_after`` seconds; the one idle longest goes first.
+claim is never stopped for room), no acked message still owed its answer (for at
+most ``answer_wait``), no due work, and no work (start, reply, claim) for ``make_room_after``
+seconds; the one idle longest goes first. Heartbeats do not count: a heartbeat says
+the agent is alive, not that it works, and an agent that only heartbeats would
+otherwise hold its slot for as long as it likes while others wait (issue #21).
 
 ``groups`` caps are optional per agent group (``{group: max_agents}``): a queued
 session whose group is at its own cap keeps its place but does not block sessions of
@@ -41,10 +44,11 @@ class Agent:
 
     session_id: str
     group: str
-    last_active: datetime | None  # newest start, heartbeat, reply or claim
+    last_work: datetime | None  # newest start, reply or claim (never a heartbeat)
     claims: int = 0
     due: int = 0  # due messages of its session that it has not claimed yet
     stopping: bool = False  # a stop is under way or has been asked for
+    busy: bool = False  # an acked message still awaits its answer (answers.answer_due)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +74,10 @@ def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
 
 def gives_way_at(agent: Agent, make_room_after: float) -> datetime | None:
     """When this agent may be stopped for room, or None while it has work (ever)."""
-    if agent.claims or agent.due or agent.stopping or agent.last_active is None:
+    if (agent.claims or agent.due or agent.stopping or agent.busy
+            or agent.last_work is None):
         return None
-    return agent.last_active + timedelta(seconds=make_room_after)
+    return agent.last_work + timedelta(seconds=make_room_after)
 
 
 def may_give_way(agent: Agent, now: datetime, make_room_after: float) -> bool:
@@ -101,7 +106,7 @@ def plan(agents: Sequence[Agent], starting: Mapping[str, str], waiting: Sequence
     # slots that free up soon (a stop under way), any group or per group
     freeing = [a for a in agents if a.stopping]
     idle = sorted((a for a in agents if may_give_way(a, now, make_room_after)),
-                  key=lambda a: (a.last_active, a.session_id))
+                  key=lambda a: (a.last_work, a.session_id))
     start: list[str] = []
     stop: list[str] = []
     blocked = False  # someone is still waiting after this pass

@@ -87,6 +87,15 @@ def last_activity(obs: Observation) -> datetime | None:
     return max(times) if times else None
 
 
+def last_work(obs: Observation) -> datetime | None:
+    """Newest evidence the agent *worked*: start, reply or claim. Not the heartbeat,
+    which only says it is alive: admission's make-room rule counts from this, so an
+    agent that only heartbeats cannot hold a slot others wait for."""
+    times = [t for t in (obs.started_at, obs.last_reply_at) if t]
+    times += [c.claimed_at for c in obs.claims if c.claimed_at]
+    return max(times) if times else None
+
+
 def claim_tick_end(claimed_at: datetime) -> datetime:
     """The end of the clock tick a claim was stamped in.
 

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from orchestrator.engine.admission_gate import AdmissionGate
 from orchestrator.engine.tracked import Tracked
 from orchestrator.host import status
 from orchestrator.host.registry import Registry
+from orchestrator.rules import answers
 from orchestrator.rules.lifecycle import Action, Claim, Verdict
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
 from tests.support.e2e import (
@@ -35,6 +37,7 @@ from tests.support.e2e import (
     agent_pids,
     config_dict,
     replies,
+    replies_to,
     run,
     supervised,
 )
@@ -159,6 +162,37 @@ async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_pa
     registry.close()
 
 
+@pytest.mark.parametrize("evidence, gives_way", [
+    ({"heartbeat_at": 0}, True),  # beating right now: alive, not working
+    ({"heartbeat_at": 0, "tool_running": True, "tool_timeout": 3600.0}, True),  # no claim
+    ({"heartbeat_at": 0, "claims": (Claim("m1", None),)}, False),
+    ({"heartbeat_at": 0, "last_reply_at": 0}, False),  # answered just now
+    ({"heartbeat_at": 0, "answers": "owed"}, False),  # acked, its answer still owed
+], ids=["heartbeat only", "a tool without a claim", "a claim", "a reply", "an answer owed"])
+async def test_what_keeps_a_slot_when_work_waits(tmp_path: Path, evidence: dict,
+                                                 gives_way: bool) -> None:
+    """max_agents = 1, the agent started a minute ago: only work (a claim, a reply, an
+    acked message owed its answer) keeps its slot; a heartbeat does not (issue #21)."""
+    now = utcnow()
+    gate, track, marked, _statuses, registry = gate_with(tmp_path, LiveRuntime("holder"), 1)
+    holder = track("holder", started_at=now - timedelta(seconds=60))
+    for key, value in evidence.items():
+        if value == 0:
+            value = now
+        elif value == "owed":
+            value = answers.step(answers.Answers(), now=now, answer_wait=600.0, claims={},
+                                 completed={"m1": now}, replies=[])
+        setattr(holder.evidence, key, value)
+    held = gate.review(track("waits"), START, now)
+    assert held.reason == "queued"
+    await asyncio.sleep(0)
+    assert (gate.asked_to_make_room() == {"holder"}) is gives_way
+    if gives_way:
+        stop = gate.review(holder, QUIET, now)
+        assert stop.action is Action.STOP and stop.reason.startswith("making room")
+    registry.close()
+
+
 async def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> None:
     now = utcnow()
     gate, track, marked, _, registry = gate_with(tmp_path, LiveRuntime(), 1)
@@ -268,6 +302,46 @@ def test_cap_of_four_with_forty_sessions(tmp_path: Path, reap_agents) -> None:
     assert [order[s] for s in admitted] == sorted(order[s] for s in admitted)
     assert all(r.queued_since is None for r in client.registry.sessions())
     client.close()
+
+
+def test_a_heartbeat_only_agent_gives_its_slot_to_waiting_work(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    """max_agents = 1: an agent that has answered and then only touches .heartbeat
+    (--idle-heartbeat) holds no claim and no due work, so it is stopped for the session
+    waiting behind it within make_room_after of its last work, however often it
+    heartbeats (issue #21: it used to keep the slot until it left by itself)."""
+    cfg = load_config(config_dict(
+        tmp_path, agent_args=["--idle-heartbeat", "0.1"],
+        runtime={"max_agents": 1, "make_room_after": 1.0},
+        lifecycle={"idle_after": 300.0, "stop_idle_after": 300.0}), tmp_path)
+
+    async def body() -> float:
+        client = Client(cfg)
+        async with supervised(cfg):
+            with Census(cfg.data_dir) as census:
+                first, first_mid = client.send("g", "first", platform="room-1")
+                await until(lambda: replies_to(cfg, first_mid), timeout=30,
+                            message="the first session's reply")
+                holder = client.paths(first).root
+                [pid] = await until(lambda: agent_pids(holder), message="the slot holder")
+                hb = holder / ".heartbeat"
+                beat = hb.stat().st_mtime_ns
+                await until(lambda: hb.stat().st_mtime_ns != beat, message="a heartbeat")
+                sent = time.monotonic()
+                _, second_mid = client.send("g", "second", platform="room-2")
+                await until(lambda: replies_to(cfg, second_mid), timeout=45, interval=0.05,
+                            message="the waiting session's reply")
+                waited = time.monotonic() - sent
+                assert agent_pids(holder) == [], "the heartbeat-only agent kept running"
+                assert census.peak == 1
+            reasons = [r for _, r in client.statuses(first.id)]
+            assert any(r.startswith("stopped: making room") for r in reasons), reasons
+        client.close()
+        return waited
+
+    waited = run(body(), timeout=90)
+    logger.info("the waiting session got its reply after {:.2f}s", waited)
+    assert waited < 10.0, f"the waiting session waited {waited:.1f}s"
 
 
 def test_sigkill_mid_queue_loses_nothing(tmp_path: Path, reap_agents) -> None:

@@ -7,8 +7,10 @@ The rules it applies are table-tested in test_lifecycle.py.
 from __future__ import annotations
 
 import errno
+import math
 import os
-from datetime import datetime, timezone
+import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -153,8 +155,8 @@ class Bench:
     """A SessionWorker over a real data dir, registry and session folder, with a fake
     runtime and a channel that keeps what it is given; ``marks`` records re-runs asked for."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.cfg = make_config(tmp_path)
+    def __init__(self, tmp_path: Path, **sections: dict) -> None:
+        self.cfg = make_config(tmp_path, **sections)
         sessions_root(self.cfg.data_dir).mkdir(parents=True)
         self.client = Client(self.cfg)
         self.runtime = FakeRuntime()
@@ -350,3 +352,95 @@ async def test_a_failing_stop_is_logged_once_then_quietly(bench: Bench) -> None:
         assert not bench.worker.request_stop(t, "asked")  # nothing runs: nothing to stop
     finally:
         logger.remove(sink)
+
+
+# --- hostile values (issue #21): every agent-written number or time, absurd -------------
+
+HOSTILE_LC = {"claim_stuck": 10.0, "ceiling": 100.0, "max_tool_timeout": 1000.0}
+T0 = datetime.now(timezone.utc).replace(microsecond=250_001)  # a claim's tick ends after it
+Y2400 = int(datetime(2400, 1, 1, tzinfo=timezone.utc).timestamp())
+
+
+def _ns(seconds: float) -> int:
+    return int((T0.timestamp() + seconds) * 1e9)
+
+
+# (id, claim stamp, declared tool timeout in ms (None: no tool), heartbeat mtime in ns
+#  (None: T0 - 5 s, before the claim), reply row (timestamp, deliver_after) or None,
+#  seconds after T0 when the agent must be killed: claim rule at 10 s, heartbeat rule
+#  at ceiling 100 s (counted from the heartbeat), both widened by a tool timeout
+#  clamped to max_tool_timeout 1000 s)
+HOSTILE = [
+    ("sane baseline", schema.format_ts(T0), None, None, None, 10),
+    ("tool timeout 2^63-1 ms", schema.format_ts(T0), 2**63 - 1, None, None, 995),
+    ("tool timeout 1e300", schema.format_ts(T0), 1e300, None, None, 995),
+    ("tool timeout inf", schema.format_ts(T0), math.inf, None, None, 995),
+    ("tool timeout -inf", schema.format_ts(T0), -math.inf, None, None, 10),
+    ("tool timeout nan", schema.format_ts(T0), math.nan, None, None, 10),
+    ("tool timeout negative", schema.format_ts(T0), -5000, None, None, 10),
+    ("tool timeout text", schema.format_ts(T0), "forever", None, None, 10),
+    ("tool timeout sane 500 s", schema.format_ts(T0), 500_000, None, None, 495),
+    ("claim stamped 9999-12-31", "9999-12-31 23:59:59", None, None, None, 10),
+    ("claim past datetime.max in UTC", "9999-12-31T23:59:59-05:00", None, None, None, 10),
+    ("claim before datetime.min in UTC", "0001-01-01T00:00:00+05:00", None, None, None, 10),
+    ("claim stamp unparsable", "soon", None, None, None, 10),
+    ("claim stamp empty", "", None, None, None, 10),
+    ("claim stamped year 1", "0001-01-01 00:00:00", None, None, None, 95),  # hb since: ceiling
+    ("heartbeat in the 25th century", schema.format_ts(T0), None, Y2400 * 10**9, None, 10),
+    ("heartbeat at int64's end", schema.format_ts(T0), None, 2**63 - 1, None, 10),
+    ("heartbeat before 1970", schema.format_ts(T0), None, -(10**18), None, 0),
+    ("heartbeat at the epoch", schema.format_ts(T0), None, 0, None, 0),
+    ("reply stamps past datetime.max", schema.format_ts(T0), None, None,
+     ("9999-12-31T23:59:59-05:00", "9999-12-31T23:59:59-05:00"), 10),
+    ("reply stamps unparsable", schema.format_ts(T0), None, None, ("x", "y"), 10),
+    ("reply deliver_after far future", schema.format_ts(T0), None, None,
+     ("9999-12-31 23:59:59", "9999-12-31 23:59:59"), 10),
+]
+
+
+@pytest.mark.parametrize("name,claimed,tool_ms,hb_ns,reply,kill_at", HOSTILE,
+                         ids=[c[0] for c in HOSTILE])
+async def test_hostile_values_never_fail_a_pass_and_the_stuck_rules_still_fire(
+        tmp_path: Path, name, claimed, tool_ms, hb_ns, reply, kill_at) -> None:
+    """An agent holding a claim writes an absurd value: every pass completes (nothing
+    raises: ``t.broken`` stays None) and it is killed exactly when the clamped values
+    say (not a second before), re-reading everything on every pass."""
+    b = Bench(tmp_path, lifecycle=HOSTILE_LC)
+    offset = [0.0]
+    b.worker.clock = lambda: T0 + timedelta(seconds=offset[0])
+    try:
+        t, paths = b.t, b.client.paths(b.row)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        schema.init_outbound(paths.outbound_db)
+        with sqlite3.connect(paths.outbound_db) as conn:
+            conn.execute("INSERT INTO processing_ack (message_id, status, status_changed)"
+                         " VALUES ('m1', 'processing', ?)", (claimed,))
+            if tool_ms is not None:
+                conn.execute("INSERT INTO container_state (id, current_tool,"
+                             " tool_declared_timeout_ms, tool_started_at, updated_at)"
+                             " VALUES (1, 'bash', ?, ?, ?)", (tool_ms, claimed, claimed))
+            if reply is not None:
+                conn.execute("INSERT INTO messages_out (id, seq, in_reply_to, timestamp,"
+                             " deliver_after, kind, content) VALUES ('o1', 2, 'm1', ?, ?,"
+                             " 'chat', '{\"text\": \"hi\"}')", reply)
+        hb = paths.root / ".heartbeat"
+        hb.write_text("")
+        os.utime(hb, ns=(0, hb_ns if hb_ns is not None else _ns(-5)))
+        b.runtime.alive.add(t.session_id)
+        t.started_at, t.status = T0 - timedelta(seconds=30), Status.RUNNING
+
+        async def kills_at(seconds: float) -> bool:
+            offset[0] = seconds
+            await b.worker.process(t, Flag.FULL)
+            await b.settle()
+            assert t.broken is None, f"{name}: the pass failed: {t.broken}"
+            return ("kill", t.session_id) in b.runtime.calls
+
+        if kill_at > 0:
+            assert not await kills_at(0)
+            assert not await kills_at(kill_at - 1), f"{name}: killed before {kill_at}s"
+            b.runtime.alive.add(t.session_id)  # (a stop by another rule would show here)
+            assert ("stop", t.session_id) not in b.runtime.calls
+        assert await kills_at(kill_at + 1), f"{name}: not killed by {kill_at + 1}s"
+    finally:
+        b.close()

@@ -51,6 +51,10 @@ CASES = [
     ("a claim is never stopped", [idle("a", 99, claims=1), idle("b", 3)], {},
      [wait("q", 1)], 2, {}, (), ("b",)),
     ("due work is not idle", [idle("a", 99, due=1)], {}, [wait("q", 1)], 1, {}, (), ()),
+    ("an answer owed is not idle", [idle("a", 99, busy=True)], {},
+     [wait("q", 1)], 1, {}, (), ()),
+    ("no work for make_room_after gives way however it heartbeats (last_work has none)",
+     [idle("a", 2)], {}, [wait("q", 1)], 1, {}, (), ("a",)),
     ("recently active keeps its slot", [idle("a", 1)], {}, [wait("q", 1)], 1, {}, (), ()),
     ("no stop while nobody waits", [idle("a", 99)], {}, [], 1, {}, (), ()),
     ("a stop under way serves the head", [idle("a", 99, stopping=True), idle("b", 99)], {},
@@ -93,6 +97,7 @@ def test_no_recheck_without_waiting_work() -> None:
     (idle("a", 0, claims=1), None),
     (idle("a", 0, due=2), None),
     (idle("a", 0, stopping=True), None),
+    (idle("a", 0, busy=True), None),
     (Agent("a", "g", None), None),
 ])
 def test_gives_way_at(agent, expected) -> None:

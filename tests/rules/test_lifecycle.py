@@ -25,6 +25,7 @@ from orchestrator.rules.lifecycle import (
     delivery_backoff,
     heartbeat_limit,
     last_activity,
+    last_work,
     start_backoff,
     stuck_reason,
 )
@@ -302,6 +303,17 @@ def test_limits(tool: float | None, heartbeat: float, claim: float) -> None:
 ])
 def test_last_activity(observation: Observation, expected: float | None) -> None:
     assert last_activity(observation) == at(expected)
+
+
+@pytest.mark.parametrize(("observation", "expected"), [
+    (obs(), None),
+    (obs(hb=-1), None),  # a heartbeat is life, not work
+    (obs(started=-50, hb=-1), -50),
+    (obs(started=-50, hb=-1, reply=-30), -30),
+    (obs(started=-50, hb=-1, claims=(("a", -20), ("b", None))), -20),
+])
+def test_last_work_ignores_heartbeats(observation: Observation, expected: float | None) -> None:
+    assert last_work(observation) == at(expected)
 
 
 @pytest.mark.parametrize(("observation", "stuck"), [

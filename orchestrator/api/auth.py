@@ -139,17 +139,16 @@ class HostRule:
 
 
 def host_rule(listen: Listen, allowed_hosts: tuple[str, ...], has_token: bool) -> HostRule:
-    """``[api] allowed_hosts`` resolved: empty = loopback names plus the listen host
-    (any host when a token guards a wildcard listen or a Unix socket)."""
+    """``[api] allowed_hosts`` resolved: loopback names, the listen host and the names
+    listed; with none listed, any host when a token guards a wildcard listen (0.0.0.0,
+    ::) or a Unix socket. Without a token ``allows`` takes loopback names only."""
     names = {h.strip().lower().strip("[]").rstrip(".") for h in allowed_hosts if h.strip()}
     any_host = "*" in names
-    if not names:
-        if listen.path:  # no browser reaches a Unix socket: its Host is whatever the client says
-            any_host = True
-        elif listen.host is not None and listen.host.lower() in WILDCARD_HOSTS:
-            any_host = True
-        elif listen.host is not None:
-            names.add(listen.host.lower())
+    wildcard = listen.host is not None and listen.host.lower() in WILDCARD_HOSTS
+    if not names and (listen.path or wildcard):
+        any_host = True
+    if listen.host is not None and not wildcard:
+        names.add(listen.host.lower())
     return HostRule(frozenset(names - {"*"}), any_host, has_token)
 
 

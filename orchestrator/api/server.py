@@ -83,13 +83,14 @@ def connection_cap(configured: int) -> int:
 
 class Tally:
     """Connections the API closed on its own (deadline, cap) or could not accept:
-    one warning when an episode starts, one summary when QUIET seconds pass without
-    one, never a line per connection."""
+    one warning per kind when an episode starts, one summary when QUIET seconds pass
+    without one, never a line per connection."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.total: dict[str, int] = {}
         self._since: float | None = None
+        self._warned: set[str] = set()
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -100,9 +101,11 @@ class Tally:
         self._last = now
         if self._since is None:
             self._since = now
+            self._arm(QUIET)
+        if kind not in self._warned:  # once per kind and episode
+            self._warned.add(kind)
             logger.warning("API: {} (further ones are counted, not logged: a summary "
                            "follows when they stop)", detail)
-            self._arm(QUIET)
 
     def _arm(self, delay: float) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: summary at close()
@@ -124,6 +127,7 @@ class Tally:
             parts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
             logger.info("API: episode over after {:.0f}s: {}", self._last - self._since, parts)
         self._since = None
+        self._warned = set()
         self.counts = {}
 
 

@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import time
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from loguru import logger
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.api.auth import bearer_ok
+from orchestrator.api.auth import SAFE_METHODS, HostRule, bearer_ok, request_refusal
 from orchestrator.api.events import EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.metrics import Metrics
 from orchestrator.contract.layout import InvalidId
-from orchestrator.contract.schema import parse_ts
+from orchestrator.contract.schema import format_due, parse_ts
 from orchestrator.engine.ports import Control
 from orchestrator.host import status as status_mod
 from orchestrator.host.attachments import AttachmentError
@@ -37,6 +42,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 MESSAGE_FIELDS = {"agent_group", "channel", "platform_id", "thread_id", "mode", "content",
                   "process_after"}
 KEEPALIVE = 15.0
+MAX_DEPTH = 32  # nesting of a request body (content is read by agents: keep it plain)
+PAST_TOLERANCE = timedelta(seconds=60)  # a client's clock may lag ours a little
+MAX_AHEAD = timedelta(days=100 * 366)
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # SQLite integers are 64-bit
 
 
 class BadRequest(Exception):
@@ -52,12 +61,90 @@ def error(message: str, status: int) -> JSONResponse:
 # --- pure request checks ----------------------------------------------------------------
 
 
-def parse_message(body: bytes, default_mode: str) -> dict[str, Any]:
-    """The POST /v1/messages body, checked; BadRequest names the field and the fix."""
+def body_refusal(method: str, content_type: str | None, content_length: str | None,
+                 transfer_encoding: str | None) -> str | None:
+    """Why a request body is refused (415), or None: a body must be JSON. This also
+    shuts out the "simple" cross-site requests a browser sends without asking
+    (text/plain, form-urlencoded, multipart)."""
+    if method.upper() in SAFE_METHODS:
+        return None
+    has_body = transfer_encoding is not None or content_length not in (None, "0")
+    if content_type is None:
+        return ("a request body needs Content-Type: application/json" if has_body else None)
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        return (f"Content-Type {media[:60]!r} is not accepted: send the body as "
+                "application/json")
+    return None
+
+
+def _not_json(name: str) -> Any:
+    raise BadRequest(f"body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"body is not valid JSON: {text[:30]} is out of range for a number")
+    return value
+
+
+def depth_of(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply ``value`` nests (a scalar 0, ``[]`` 1), counted up to ``limit + 1``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level > limit:
+                return level
+            stack.extend((child, level + 1)
+                         for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def loads(body: bytes) -> Any:
+    """A request body as JSON, strictly: no NaN or Infinity (nor 1e999), at most
+    MAX_DEPTH levels deep; BadRequest otherwise."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON ({exc}); send a JSON object") from None
+        raise BadRequest(f"body is not valid JSON ({str(exc)[:200]}); send a JSON object"
+                         ) from None
+    if depth_of(data) > MAX_DEPTH:
+        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def due_time(value: Any, now: datetime) -> datetime:
+    """``process_after``: an ISO 8601 time (no offset = UTC) in the future, as
+    ``send --at`` requires (``scheduling.parse_at``), allowing PAST_TOLERANCE for a
+    client's clock; at most MAX_AHEAD ahead (the calendar ends in 9999)."""
+    hint = "process_after must be an ISO 8601 time, e.g. 2030-01-01T09:00:00Z"
+    if not isinstance(value, str) or len(value) > 64:
+        raise BadRequest(hint)
+    try:
+        when = parse_ts(value)
+        due = format_due(when) if when is not None else None  # rounds up: may overflow
+    except (ValueError, OverflowError):
+        raise BadRequest(hint) from None
+    if when is None or due is None:
+        raise BadRequest(hint)
+    if when < now - PAST_TOLERANCE:
+        raise BadRequest(f"process_after {due} UTC is in the past (now {format_due(now)} UTC): "
+                         "give a future time, as for send --at, or leave it out to process "
+                         "the message now")
+    if when > now + MAX_AHEAD:
+        raise BadRequest(f"process_after {due} UTC is more than 100 years ahead")
+    return when
+
+
+def parse_message(body: bytes, default_mode: str, now: datetime | None = None
+                  ) -> dict[str, Any]:
+    """The POST /v1/messages body, checked; BadRequest names the field and the fix."""
+    data = loads(body)
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object with agent_group and content")
     unknown = sorted(set(data) - MESSAGE_FIELDS)
@@ -79,17 +166,8 @@ def parse_message(body: bytes, default_mode: str) -> dict[str, Any]:
         raise BadRequest('content must be a JSON object, e.g. {"text": "hi"}')
     out["content"] = content
     process_after = data.get("process_after")
-    if process_after is not None:
-        try:
-            out["process_after"] = parse_ts(process_after) if isinstance(
-                process_after, str) else None
-        except ValueError:
-            out["process_after"] = None
-        if out["process_after"] is None:
-            raise BadRequest("process_after must be an ISO 8601 time, e.g. "
-                             "2030-01-01T09:00:00Z")
-    else:
-        out["process_after"] = None
+    out["process_after"] = None if process_after is None else due_time(
+        process_after, now or datetime.now(timezone.utc))
     return out
 
 
@@ -97,9 +175,48 @@ def last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if raw is None or raw == "":
         return -1  # a new client: live events only
-    if not raw.isdigit():
-        raise BadRequest("Last-Event-ID must be an event id (a non-negative integer)")
+    if not _EVENT_ID.fullmatch(raw):
+        raise BadRequest("Last-Event-ID must be an event id (a non-negative integer of at "
+                         "most 18 digits)")
     return int(raw)
+
+
+class Guard:
+    """Pure ASGI middleware in front of every route: Host and Origin (403, see
+    ``auth.request_refusal``), JSON-only bodies (415), and a trailing-slash redirect
+    whose Location is a path, never a host taken from the request."""
+
+    def __init__(self, app: ASGIApp, rule: HostRule | None, unix: bool) -> None:
+        self.app = app
+        self.rule = rule
+        self.unix = unix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        method = scope["method"]
+        if self.rule is not None:
+            problem = request_refusal(self.rule, method, headers.get("host"),
+                                      headers.get("origin"), self.unix)
+            if problem:
+                await error(problem, 403)(scope, receive, send)
+                return
+        problem = body_refusal(method, headers.get("content-type"),
+                               headers.get("content-length"), headers.get("transfer-encoding"))
+        if problem:
+            await error(problem, 415)(scope, receive, send)
+            return
+        raw = scope.get("raw_path") or scope["path"].encode()
+        if raw != b"/" and raw.endswith(b"/"):
+            location = "/" + raw.decode("latin-1").strip("/")  # "//host/" must not become a URL
+            if scope.get("query_string"):
+                location += "?" + scope["query_string"].decode("latin-1")
+            await Response(status_code=308, headers={"Location": location})(scope, receive,
+                                                                             send)
+            return
+        await self.app(scope, receive, send)
 
 
 # --- the app ------------------------------------------------------------------------------
@@ -107,9 +224,12 @@ def last_event_id(request: Request) -> int:
 
 class Api:
     def __init__(self, control: Control, token: str | None, events: EventStore,
-                 metrics: Metrics, keys: IdempotencyKeys) -> None:
+                 metrics: Metrics, keys: IdempotencyKeys, rule: HostRule | None = None,
+                 unix: bool = False) -> None:
         self.control = control
         self.token = token
+        self.rule = rule
+        self.unix = unix
         self.events = events
         self.metrics = metrics
         self.keys = keys
@@ -128,6 +248,8 @@ class Api:
                 return await handler(request)
             except BadRequest as exc:
                 return error(str(exc), exc.status)
+            except ClientDisconnect:  # gone (or cut at [api] body_timeout): nobody reads this
+                return error("client disconnected", 400)
             except Exception as exc:  # noqa: BLE001 - a bug or a broken disk: a 500, the trace logged
                 logger.opt(exception=exc).error("API {} {}: {}", request.method,
                                                 request.url.path, exc)
@@ -137,7 +259,7 @@ class Api:
     def app(self) -> Starlette:
         metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
-        return Starlette(routes=[
+        return Starlette(middleware=[Middleware(Guard, self.rule, self.unix)], routes=[
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),

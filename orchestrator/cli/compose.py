@@ -146,6 +146,8 @@ def run(cfg: Config) -> int:
     """``orchestrator run``: serve until SIGINT/SIGTERM. AlreadyRunning, ApiConfigError
     and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``)."""
 
+    api_server.raise_nofile_limit()  # connections, agent pipes and SQLite files are all fds
+
     async def main() -> int:
         stop = asyncio.Event()
         with capture_signals(stop):

@@ -162,6 +162,23 @@ class ApiConfig:
     token_file: str = _opt("api-token", "bearer token of /v1, relative to data_dir (created "
                            "with mode 0600 if missing); '' = no token (loopback only)")
     metrics_auth: bool = _opt(False, "require the token for /metrics too")
+    allowed_hosts: tuple[str, ...] = _opt(
+        [], "Host names the API answers to (the Host header, and the Origin of a browser's "
+        "request), e.g. ['orch.example.com']; '*' = any. Empty = loopback names plus the "
+        "listen address (any name when listening on 0.0.0.0 or :: with a token). Without a "
+        "token only loopback names are ever served")
+    header_timeout: float = _opt(
+        10.0, "seconds from a connection's opening (or the first byte of its next request) "
+        "to the end of the request's headers; slower connections are closed", min=0.1, max=3600)
+    body_timeout: float = _opt(
+        60.0, "seconds from the end of a request's headers to the end of its body",
+        min=0.1, max=86400)
+    keepalive_timeout: float = _opt(
+        15.0, "seconds an idle kept-alive connection stays open", min=0.1, max=3600)
+    max_connections: int = _opt(
+        200, "most open API connections (at most half the open-file limit); beyond it the "
+        "connection idle longest is closed, or the new one answered 503", min=1,
+        max=1_000_000)
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,15 @@ class SessionsConfig:
                                      min=1, max=2**40)
     timezone: str = _opt("UTC", "IANA time zone of 'send --at' times without an offset and "
                          "of 'send --every' cron expressions, e.g. 'Europe/Berlin'")
+    max_session_bytes: int = _opt(
+        2**30, "space quota of one session folder (bytes allocated under it, counted by the "
+        "host); over it the agent is killed, its starts are refused (each counts towards "
+        "max_tries) until it is back under; 0 = no quota", min=0, max=2**50)
+    min_free_bytes: int = _opt(
+        64 * 1024 * 1024, "space the host keeps for its own records on data_dir's file "
+        "system (held as the file data_dir/space-reserve and given up when the disk is "
+        "full); below it the session using the most space is stopped; 0 = no reserve",
+        min=0, max=2**50)
 
 
 @dataclass(frozen=True)

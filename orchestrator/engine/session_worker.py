@@ -34,6 +34,7 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer, DeliveryState
+from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
 from orchestrator.engine.ports import Admission, Mark, Notify, StatusBook, Unlimited, notify_nobody
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound, outbound
@@ -110,6 +111,7 @@ class SessionWorker:
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
         self._ops: set[asyncio.Task] = set()
         self._settings: dict[str, AgentSettings] = {}
+        self.space = SpaceWatch(cfg, mark, Flag.TIMER)  # quota and reserve (space_watch)
 
     def settings(self, agent_group: str) -> AgentSettings:
         """The group's effective settings ([groups.<name>] over the global values),
@@ -196,6 +198,10 @@ class SessionWorker:
         if flags & Flag.EXIT and t.exit is not None:
             self._on_exit(t, now)
         alive = self.runtime.is_running(t.session_id)
+        if flags & (Flag.OUTBOX | Flag.OUTBOUND | Flag.SWEEP | Flag.FULL):  # off the loop,
+            # rate-limited; a folder just written is walked even if its agent has gone
+            self.space.look(t.agent_group, t.session_id,
+                            alive or bool(flags & (Flag.OUTBOX | Flag.OUTBOUND)))
         if self._inbound_matters(t, flags, alive):
             self._read_inbound(t, folder, now)
         await self._decide(t, folder, now)
@@ -264,7 +270,9 @@ class SessionWorker:
                     flags |= Flag.SWEEP
         except OSError:  # Refused too: the pass says what is wrong, once
             return Flag.SWEEP
-        if self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
+        running = self.runtime.is_running(t.session_id)
+        self.space.look(t.agent_group, t.session_id, running)
+        if running != (t.status != Status.STOPPED):
             flags |= Flag.SWEEP
         return flags
 
@@ -432,11 +440,18 @@ class SessionWorker:
                                   "agent ended while working on it each time")
         # Acks first: a crash between the two writes then leaves the message pending
         # with its old tries (retried once more), not counted twice on the next start.
-        outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
-        t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-        result = inbound.reset_claims(folder.db(INBOUND_DB), claimed,
-                                      max_tries=lc.max_tries, backoff_base=lc.backoff_base,
-                                      now=now, follow_up=self._successor(now))
+        try:
+            outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
+            t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
+            result = inbound.reset_claims(folder.db(INBOUND_DB), claimed,
+                                          max_tries=lc.max_tries, backoff_base=lc.backoff_base,
+                                          now=now, follow_up=self._successor(now))
+        except (OSError, sqlite3.Error) as exc:
+            if host_storage_failure(exc):  # the try is not on disk: count it in memory
+                t.start.failed(now, self.cfg.runtime.start_retry_max)
+                t.start.own_error("the agent ended while working and its try could not be "
+                                  f"recorded ({exc})")
+            raise
         t.evidence.claims = ()
         # Acked ``completed`` but not answered when the agent went: retried like a
         # claim. The row is reopened before its ack is deleted: a crash in between
@@ -472,7 +487,8 @@ class SessionWorker:
             op_running=t.op_running(),
             op_blocked_until=t.ops.blocked_until, listed=self.runtime.listed,
             start_failures=t.start.errors, timers=(t.delivery_due, ev.next_inbound_due),
-            paused=self.runtime.is_paused(t.session_id), resumed_at=ev.resumed_at)
+            paused=self.runtime.is_paused(t.session_id), resumed_at=ev.resumed_at,
+            over_space=self.space.over(t.session_id))
 
     async def _decide(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """Observe, decide (``lifecycle.decide`` holds every rule), apply."""
@@ -600,6 +616,9 @@ class SessionWorker:
     async def _start(self, t: Tracked) -> None:
         now = self.clock()
         try:
+            refused = await self.space.refusal(t.agent_group, t.session_id)
+            if refused:  # counts as its own failure below: max_tries ends its work
+                raise SpaceRefused(refused)
             with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
                 folder.unlink(HEARTBEAT)  # a stale heartbeat is not liveness
                 # no agent runs, so the host may write outbound.db: create it or add the
@@ -682,3 +701,4 @@ class SessionWorker:
     async def drain_ops(self, timeout: float) -> None:
         if self._ops:
             await asyncio.wait(list(self._ops), timeout=timeout)
+        await self.space.drain(timeout)

@@ -57,6 +57,7 @@ class Observation:
     listed: bool = True  # the runtime has listed its agents (else "not alive" = unknown)
     start_failures: int = 0  # starts in a row that failed for this session's own reasons
     timers: tuple[datetime | None, ...] = ()  # other due times (delivery retry, process_after)
+    over_space: str | None = None  # over its space quota / biggest on a full disk (rules.space)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +256,8 @@ def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
             return Verdict(Status.STOPPED, f"{obs.due} message(s) due", Action.START)
         return Verdict(Status.STOPPED, "no agent")
 
+    if obs.over_space:  # it must not write more; its starts are refused (counted)
+        return Verdict(Status.RUNNING, obs.over_space, Action.KILL)
     if obs.paused and obs.claims:  # it claimed just as it was frozen: let it work
         return Verdict(Status.RUNNING, "claim held by a paused agent: resuming", Action.RESUME)
     reason = stuck_reason(obs, now, cfg)

@@ -34,8 +34,8 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer, DeliveryState
-from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
 from orchestrator.engine.ports import Admission, Mark, Notify, StatusBook, Unlimited, notify_nobody
+from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound, outbound
 from orchestrator.host.outbound import OutboundError

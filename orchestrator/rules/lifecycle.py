@@ -256,11 +256,10 @@ def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
             return Verdict(Status.STOPPED, f"{obs.due} message(s) due", Action.START)
         return Verdict(Status.STOPPED, "no agent")
 
-    if obs.over_space:  # it must not write more; its starts are refused (counted)
-        return Verdict(Status.RUNNING, obs.over_space, Action.KILL)
     if obs.paused and obs.claims:  # it claimed just as it was frozen: let it work
         return Verdict(Status.RUNNING, "claim held by a paused agent: resuming", Action.RESUME)
-    reason = stuck_reason(obs, now, cfg)
+    # over its space it must not write more (its starts are then refused, counted)
+    reason = obs.over_space or stuck_reason(obs, now, cfg)
     if reason:
         return Verdict(Status.RUNNING, reason, Action.KILL)
     stuck_at = _stuck_deadline(obs, cfg)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import re
+import sqlite3
 import time
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
@@ -468,17 +469,21 @@ class Api:
 
 
 def _exists(sessions: Any, session: Any, message_id: str | None) -> bool:
-    import sqlite3
+    """Whether a crashed attempt already wrote ``message_id``: inbound.db read the
+    supervisor's way (``safefs``: no link, no FIFO, no wait); unreadable = no."""
+    from orchestrator.contract import schema
+    from orchestrator.contract.layout import INBOUND_DB
+    from orchestrator.host.safefs import SessionDir
 
     if message_id is None:
         return False
-    path = sessions.paths(session).inbound_db
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return conn.execute("SELECT 1 FROM messages_in WHERE id=?",
-                            (message_id,)).fetchone() is not None
-    finally:
-        conn.close()
+        with SessionDir(sessions.data_dir, session.agent_group_id, session.id) as folder, \
+                schema.opened(folder.reader(INBOUND_DB), readonly=True) as conn:
+            return conn.execute("SELECT 1 FROM messages_in WHERE id=?",
+                                (message_id,)).fetchone() is not None
+    except (OSError, sqlite3.Error):
+        return False
 
 
 def _iso(dt: datetime | None) -> str | None:

@@ -39,7 +39,7 @@ class Counts:
     failed: int = 0
 
 
-def init(path: Path) -> list[str]:
+def init(path: DbFile) -> list[str]:
     """Create or upgrade; returns the columns an older file was missing."""
     return schema.init_inbound(path)
 
@@ -50,7 +50,7 @@ def next_even_seq(current_max: int | None) -> int:
     return m + 2 if m % 2 == 0 else m + 1
 
 
-def insert_message(path: Path, msg: NewMessage, now: datetime | None = None) -> int:
+def insert_message(path: DbFile, msg: NewMessage, now: datetime | None = None) -> int:
     """Insert with the next even seq; returns the seq.
 
     ``series_id`` defaults to the message's own id, as NanoClaw's host sets it: a
@@ -166,7 +166,7 @@ def _from_julian(jd: float) -> datetime:
     return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=jd - 2440587.5)
 
 
-def status_counts(path: Path, processing_ids: Iterable[str] = ()) -> Counts:
+def status_counts(path: DbFile, processing_ids: Iterable[str] = ()) -> Counts:
     """Counts by status; ``processing`` = pending rows the agent has claimed."""
     claimed = set(processing_ids)
     with opened(path, readonly=True) as conn:  # for ``status``, which never writes
@@ -268,7 +268,7 @@ def reset_claims(path: DbFile, ids: Iterable[str], *, max_tries: int, backoff_ba
     return result
 
 
-def cancel_series(path: Path, series_id: str, keep: Iterable[str] = ()) -> tuple[int, int]:
+def cancel_series(path: DbFile, series_id: str, keep: Iterable[str] = ()) -> tuple[int, int]:
     """End a recurring series: no row of it recurs any more, and its pending rows
     are removed except ``keep`` (those an agent has claimed: they finish, and
     nothing follows them). Returns (rows that recurred, pending rows removed)."""
@@ -283,7 +283,7 @@ def cancel_series(path: Path, series_id: str, keep: Iterable[str] = ()) -> tuple
     return ended, removed
 
 
-def series_state(path: Path, series_id: str) -> dict[str, Any]:
+def series_state(path: DbFile, series_id: str) -> dict[str, Any]:
     """Counts by status, the next pending due time and whether it still recurs."""
     with opened(path, readonly=True) as conn:
         counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages_in WHERE series_id=?"

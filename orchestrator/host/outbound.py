@@ -204,10 +204,21 @@ def read(path: Path | SafeDb, after_seq: int = 0, acks_since: str | None = None,
     return Snapshot(acks, messages, tool, rewound)
 
 
-def processing_ids(path: Path) -> list[str]:
-    """Messages the agent has claimed and not finished."""
-    return [a.message_id for a in read(path, after_seq=2**62).acks.values()
-            if a.status == "processing"]
+def processing_ids(path: Path | SafeDb) -> list[str]:
+    """Messages the agent has claimed and not finished (only those rows are read)."""
+    ctx = _connect(path)
+    if ctx is None:
+        return []
+    try:
+        with ctx as conn:
+            conn.text_factory = bytes
+            rows = conn.execute("SELECT message_id FROM processing_ack"
+                                " WHERE status = 'processing'").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if schema.is_busy(exc):
+            raise
+        raise _describe(path, exc) from None
+    return [_text(r[0]) or "" for r in rows]
 
 
 def max_seq(path: Path) -> int:

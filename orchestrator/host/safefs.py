@@ -30,6 +30,7 @@ import errno
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +48,18 @@ FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # A few ms bound what an agent that holds a read lock forever costs the event loop:
 # one such wait per retry, and retries back off to one a second.
 HOST_WRITE_BUSY_MS = 5
+
+# What one reader that is not the supervisor (``status``, the API, ``series``, the
+# bench) may spend inside one session's database: SQLite's progress handler interrupts
+# a query past it (a huge table, a pathological file), so a session's bad files cost
+# that session's row, never the command or a worker thread. Readers never wait on a
+# lock (busy timeout 0): a database the agent keeps locked is an error in its row.
+READ_DEADLINE = 2.0
+
+# Files SQLite opens beside a database by name (a hot journal is opened to be rolled
+# back, a WAL database's -wal and -shm always): one that is not a regular file (a FIFO
+# blocks SQLite's open forever) refuses the database before SQLite is called.
+SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
 class Refused(OSError):
@@ -157,6 +170,20 @@ class SessionDir:
     def db(self, name: str, *, busy_ms: int = 0, create: bool = False) -> SafeDb:
         return SafeDb(self, name, busy_ms, create)
 
+    def reader(self, name: str, deadline: float = READ_DEADLINE) -> SafeDb:
+        """A database for a reader that is not the supervisor: read-only use, no wait
+        on a lock, every query interrupted once ``deadline`` seconds have passed since
+        the open."""
+        return SafeDb(self, name, 0, False, deadline)
+
+    def regular(self, name: str) -> os.stat_result | None:
+        """``lstat`` of ``name``; None if absent, Refused unless a regular file."""
+        st = self.lstat(name)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise Refused(errno.EINVAL, f"{self.where}/{name} is {_kind(st.st_mode)}, not a "
+                          "regular file; refusing to use it")
+        return st
+
 
 class FolderStat:
     """A session folder seen through its group folder's descriptor (``open_group``) by
@@ -194,11 +221,12 @@ class SafeDb:
     """
 
     def __init__(self, folder: SessionDir, name: str, busy_ms: int = 0,
-                 create: bool = False) -> None:
+                 create: bool = False, deadline: float | None = None) -> None:
         self.folder = folder
         self.name = name
         self.busy_ms = busy_ms
         self.create = create  # only the host's own files, and outbound.db while no agent runs
+        self.deadline = deadline  # seconds from the open after which queries are interrupted
 
     def __fspath__(self) -> str:
         return f"{self.folder.where}/{self.name}"
@@ -217,6 +245,11 @@ class SafeDb:
             raise sqlite3.OperationalError(f"{where}: no such file")
         if st is not None:
             regular_or_refuse(st, where)
+        for suffix in SIDE_FILES:
+            side = self.folder.lstat(self.name + suffix)
+            if side is not None and not stat.S_ISREG(side.st_mode):
+                raise Refused(errno.EINVAL, f"{where}{suffix} is {_kind(side.st_mode)}, not a "
+                              f"regular file; refusing to open {self.name} beside it")
         if readonly and self.name == INBOUND_DB and self._hot_journal():
             self._roll_back()
         mode = "ro" if readonly else ("rwc" if create else "rw")
@@ -227,6 +260,9 @@ class SafeDb:
             verify(conn, self.folder.fd, self.name, where)
             if not readonly:
                 conn.execute("PRAGMA journal_mode=DELETE")
+            if self.deadline is not None:
+                end = time.monotonic() + self.deadline
+                conn.set_progress_handler(lambda: time.monotonic() > end, 1000)
         except BaseException:
             conn.close()
             raise

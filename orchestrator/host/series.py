@@ -19,10 +19,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.contract.layout import session_paths
+from orchestrator.contract import schema
+from orchestrator.contract.layout import INBOUND_DB, OUTBOUND_DB
 from orchestrator.host import inbound, outbound
 from orchestrator.host.registry import Registry
-from orchestrator.host.status import table_lines
+from orchestrator.host.safefs import Refused, SessionDir
+from orchestrator.host.status import one_line, table_lines
 from orchestrator.support.errors import UserError
 
 
@@ -49,15 +51,15 @@ def collect(data_dir: Path, registry: Registry, group: str | None = None) -> lis
     for s in registry.series():
         if group is not None and s["agent_group_id"] != group:
             continue
-        paths = session_paths(data_dir, s["agent_group_id"], s["session_id"])
         state: dict[str, Any] = {"counts": {}, "next": None, "recurring": False}
         error = None
-        try:
-            if not paths.inbound_db.is_file():
-                raise FileNotFoundError(f"{paths.inbound_db} is missing")
-            state = inbound.series_state(paths.inbound_db, s["id"])
+        try:  # the agent's folder: reached as the supervisor does (see status.read_session)
+            with SessionDir(data_dir, s["agent_group_id"], s["session_id"]) as folder:
+                if folder.lstat(INBOUND_DB) is None:
+                    raise FileNotFoundError(f"{folder.where}/{INBOUND_DB} is missing")
+                state = inbound.series_state(folder.reader(INBOUND_DB), s["id"])
         except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
-            error = str(exc).splitlines()[0]
+            error = one_line(exc)
         if s["cancelled_at"]:
             label = "cancelled"
         else:
@@ -80,10 +82,17 @@ def cancel(data_dir: Path, registry: Registry, series_id: str,
     if not found:
         raise SeriesError(f"no series {series_id!r}; see: orchestrator series list")
     s = found[0]
-    paths = session_paths(data_dir, s["agent_group_id"], s["session_id"])
-    claimed = outbound.processing_ids(paths.outbound_db) if paths.outbound_db.is_file() else []
-    # inbound.db first: once no row recurs, no completion can add an occurrence
-    result = inbound.cancel_series(paths.inbound_db, series_id, keep=claimed)
+    try:
+        with SessionDir(data_dir, s["agent_group_id"], s["session_id"]) as folder:
+            try:
+                claimed = outbound.processing_ids(folder.reader(OUTBOUND_DB))
+            except Refused:  # not a file an agent can claim anything in
+                claimed = []
+            # inbound.db first: once no row recurs, no completion can add an occurrence
+            result = inbound.cancel_series(
+                folder.db(INBOUND_DB, busy_ms=schema.BUSY_TIMEOUT_MS), series_id, keep=claimed)
+    except Refused as exc:
+        raise SeriesError(f"series {series_id}: {one_line(exc)}") from None
     registry.cancel_series(series_id, now)
     return result
 

@@ -13,15 +13,20 @@ import shutil
 import sqlite3
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from loguru import logger
 
 from orchestrator.contract import schema
 from orchestrator.contract.layout import (
+    INBOUND_DB,
+    INBOX,
+    OUTBOUND_DB,
+    OUTBOX,
     SessionPaths,
     registry_path,
     session_paths,
@@ -30,12 +35,17 @@ from orchestrator.contract.layout import (
 )
 from orchestrator.host import attachments, destinations, inbound
 from orchestrator.host.registry import Registry, SessionRow
+from orchestrator.host.safefs import SafeDb, SessionDir
 from orchestrator.support.errors import StorageError, UserError, storage, storage_error
 
 if TYPE_CHECKING:
     from orchestrator.contract.schema import DbFile
 
 MODES = ("shared", "per-thread", "agent-shared")
+
+# A write from outside the supervisor (``send``, ``answer``, ``POST /v1/messages``)
+# waits this long at most for the supervisor's or an agent's lock on inbound.db.
+WRITE_BUSY_MS = schema.BUSY_TIMEOUT_MS
 
 
 class MessageError(UserError, ValueError):
@@ -145,13 +155,26 @@ def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionP
             if not paths.root.is_dir():  # not a concurrent creation of the same folder
                 raise
         return paths
-    with storage(paths.root, "open the session folder"):
-        for d in (paths.inbox, paths.outbox):
-            d.mkdir(exist_ok=True)
-        inbound.init(paths.inbound_db)
-        if not os.path.lexists(paths.outbound_db):
-            schema.init_outbound(paths.outbound_db)
+    # the folder is the agent's: reached without following a link, by descriptor
+    with storage(paths.root, "open the session folder"), \
+            SessionDir(data_dir, agent_group, session_id) as folder:
+        for name in (INBOX, OUTBOX):
+            try:
+                os.mkdir(name, dir_fd=folder.fd)
+            except FileExistsError:
+                pass  # (a link or a file there is refused where it is used)
+        inbound.init(folder.db(INBOUND_DB, busy_ms=WRITE_BUSY_MS, create=True))
+        if folder.lstat(OUTBOUND_DB) is None:
+            schema.init_outbound(folder.db(OUTBOUND_DB, busy_ms=WRITE_BUSY_MS, create=True))
     return paths
+
+
+@contextmanager
+def inbound_of(data_dir: Path, agent_group: str, session_id: str) -> Iterator[SafeDb]:
+    """A session's inbound.db for a writer that is not the supervisor: its folder opened
+    with ``safefs.SessionDir`` (no link followed, no FIFO opened), waits bounded."""
+    with SessionDir(data_dir, agent_group, session_id) as folder:
+        yield folder.db(INBOUND_DB, busy_ms=WRITE_BUSY_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,17 +282,18 @@ class Sessions:
                 raise MessageError(str(exc)) from None
         channel_type, platform_id, thread_id = routing
         try:
-            if channel_type and platform_id and self.registry.record_chat(
-                    session.agent_group_id, channel_type, platform_id,
-                    thread_id if session.thread_id is not None else None):
-                # a chat new to the group: its destination is there before the message,
-                # so a running agent can answer it (``from`` names it)
-                self.write_destinations(session)
-            seq = inbound.insert_message(paths.inbound_db, inbound.NewMessage(
-                id=mid, kind=kind, content=compact_json(stored),
-                process_after=schema.format_due(process_after) if process_after else None,
-                trigger=trigger, channel_type=channel_type, platform_id=platform_id,
-                thread_id=thread_id, recurrence=recurrence, series_id=series_id))
+            with inbound_of(self.data_dir, session.agent_group_id, session.id) as db:
+                if channel_type and platform_id and self.registry.record_chat(
+                        session.agent_group_id, channel_type, platform_id,
+                        thread_id if session.thread_id is not None else None):
+                    # a chat new to the group: its destination is there before the
+                    # message, so a running agent can answer it (``from`` names it)
+                    self.write_destinations(session, db)
+                seq = inbound.insert_message(db, inbound.NewMessage(
+                    id=mid, kind=kind, content=compact_json(stored),
+                    process_after=schema.format_due(process_after) if process_after else None,
+                    trigger=trigger, channel_type=channel_type, platform_id=platform_id,
+                    thread_id=thread_id, recurrence=recurrence, series_id=series_id))
         except sqlite3.IntegrityError:
             if files:  # only what this call wrote: never another message's inbox
                 attachments.remove_inbox(paths, mid)
@@ -302,14 +326,21 @@ class Sessions:
 
         ``inbound_db``: the supervisor passes its ``safefs.SafeDb`` (no link followed,
         no wait on a lock the agent holds)."""
-        db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
+        if inbound_db is None:
+            with inbound_of(self.data_dir, session.agent_group_id, session.id) as db:
+                self.write_routing(session, db)
+            return
         routing = self.routing_of(session)
-        inbound.sync_routing(db, routing, self._destinations(session, routing))
+        inbound.sync_routing(inbound_db, routing, self._destinations(session, routing))
 
     def write_destinations(self, session: SessionRow, inbound_db: DbFile | None = None) -> None:
         """Every chat of the group plus the hand-set destinations (``destinations``)."""
-        db = inbound_db if inbound_db is not None else self.paths(session).inbound_db
-        inbound.replace_destinations(db, self._destinations(session, self.routing_of(session)))
+        if inbound_db is None:
+            with inbound_of(self.data_dir, session.agent_group_id, session.id) as db:
+                self.write_destinations(session, db)
+            return
+        inbound.replace_destinations(inbound_db,
+                                     self._destinations(session, self.routing_of(session)))
 
     def _destinations(self, session: SessionRow, routing: tuple[str | None, str | None,
                                                                   str | None]) -> list:

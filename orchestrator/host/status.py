@@ -6,23 +6,28 @@ chat (channel, platform, thread), each inbound.db for counts,
 outbound.db (read-only) to tell claimed messages from waiting ones, and the
 ``.heartbeat`` file's mtime (the registry records heartbeats only now and then:
 the supervisor does not even look at every one).
+
+Everything in a session folder is the agent's, so it is reached the supervisor's
+way (``safefs.SessionDir``: no link followed, nothing but a regular file opened, no
+wait on a lock, each database's queries bounded by ``safefs.READ_DEADLINE``): a FIFO,
+a link or a folder where a file should be costs that session's row an error, never
+the command (``orchestrator status``, ``GET /v1/sessions``, the status page).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import groups
-from orchestrator.contract.layout import SessionPaths, session_paths, sessions_root
+from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, sessions_root
 from orchestrator.contract.session_status import Status
 from orchestrator.host import inbound, outbound
 from orchestrator.host.registry import Registry
+from orchestrator.host.safefs import SessionDir
 from orchestrator.support.errors import probe_cause
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,16 +63,45 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat(timespec="seconds") if dt else None
 
 
-def last_heartbeat(paths: SessionPaths, recorded: datetime | None) -> datetime | None:
-    """The newer of the registry's record and the file itself (never followed)."""
-    try:
-        st = os.stat(paths.heartbeat, follow_symlinks=False)
-    except OSError:
-        return recorded
-    if not stat.S_ISREG(st.st_mode):
+def last_heartbeat(folder: SessionDir, recorded: datetime | None) -> datetime | None:
+    """The newer of the registry's record and the file itself (``lstat`` by the folder's
+    descriptor: never followed); anything but a regular file is Refused."""
+    st = folder.regular(HEARTBEAT)
+    if st is None:
         return recorded
     seen = datetime.fromtimestamp(st.st_mtime, timezone.utc)
     return max(seen, recorded) if recorded else seen
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_session(data_dir: Path, agent_group: str, session_id: str,
+                 recorded: datetime | None) -> tuple[inbound.Counts, datetime | None, str | None]:
+    """(counts, last heartbeat, one-line error or None) of one session, contained: its
+    files are opened through ``SessionDir`` and any failure is that session's error."""
+    counts, heartbeat, errors = inbound.Counts(), recorded, []
+    try:
+        folder = SessionDir(data_dir, agent_group, session_id)
+    except FileNotFoundError:
+        return counts, heartbeat, f"sessions/{agent_group}/{session_id}/{INBOUND_DB} is missing"
+    except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
+        return counts, heartbeat, one_line(exc)
+    with folder:
+        try:
+            heartbeat = last_heartbeat(folder, recorded)
+        except Exception as exc:  # noqa: BLE001 - the counts are still worth reading
+            errors.append(one_line(exc))
+        try:
+            if folder.lstat(INBOUND_DB) is None:  # opening it would create an empty file
+                raise FileNotFoundError(f"{folder.where}/{INBOUND_DB} is missing")
+            claimed = outbound.processing_ids(folder.reader(OUTBOUND_DB))
+            counts = inbound.status_counts(folder.reader(INBOUND_DB), claimed)
+        except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
+            errors.insert(0, one_line(exc))
+    return counts, heartbeat, "; ".join(errors) or None
 
 
 def is_paused(status: str, reason: str | None) -> bool:
@@ -93,16 +127,8 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
     sessions = registry.sessions()
     queued = queue_positions(sessions, datetime.now(timezone.utc))
     for s in sessions:
-        paths = session_paths(data_dir, s.agent_group_id, s.id)
-        error = None
-        counts = inbound.Counts()
-        try:
-            if not paths.inbound_db.is_file():  # opening it would create an empty file
-                raise FileNotFoundError(f"{paths.inbound_db} is missing")
-            claimed = outbound.processing_ids(paths.outbound_db)
-            counts = inbound.status_counts(paths.inbound_db, claimed)
-        except Exception as exc:  # noqa: BLE001 - one bad session must not hide the others
-            error = str(exc).splitlines()[0]
+        counts, heartbeat, error = read_session(data_dir, s.agent_group_id, s.id,
+                                                s.last_heartbeat)
         run = started.get(s.id, {})
         current = (run.get("digest") == groups.resolve(cfg, s.agent_group_id).digest
                    if cfg is not None and run else None)
@@ -110,7 +136,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
         position, waited = queued.get(s.id, (None, None))
         rows.append(StatusRow(s.agent_group_id, s.id, s.container_status, s.status_reason,
                               counts.pending, counts.processing, counts.failed, counts.completed,
-                              _iso(last_heartbeat(paths, s.last_heartbeat)),
+                              _iso(heartbeat),
                               _iso(s.last_active), error,
                               channel_type=channel_type, platform_id=platform_id,
                               thread_id=thread_id, queue_position=position, queued_for=waited,

@@ -125,7 +125,7 @@ def test_status_never_creates_files(env):
     row = s.resolve("g", None, None, "agent-shared")
     s.paths(row).inbound_db.unlink()
     (got,) = status.collect(data, reg)
-    assert got.error == f"{s.paths(row).inbound_db} is missing"
+    assert got.error == f"sessions/g/{row.id}/inbound.db is missing"  # as the supervisor says
     assert not s.paths(row).inbound_db.exists()
 
 

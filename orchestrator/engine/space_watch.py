@@ -145,7 +145,9 @@ class SpaceWatch:
         if self.min_free <= 0:
             return
         with self._disk_lock:
-            disk = Disk(free_bytes(self.data_dir), self.reserve.held(), self.disk.ever_held)
+            held = self.reserve.held()  # a reserve kept by the previous run counts as held
+            disk = Disk(free_bytes(self.data_dir), held,
+                        self.disk.ever_held or held >= self.min_free)
             verdict = disk_verdict(disk, self.min_free)
             if verdict.step is Step.RELEASE:
                 self.reserve.release()

@@ -22,6 +22,7 @@ from loguru import logger
 from orchestrator.config.groups import read_env
 from orchestrator.config.model import RuntimeConfig
 from orchestrator.contract.layout import PID_FILE, session_paths
+from orchestrator.host.private import FILE_MODE, make_dirs
 from orchestrator.host.safefs import SessionDir
 from orchestrator.runtime.base import (
     AgentExit,
@@ -188,9 +189,10 @@ class LocalRuntime:
                                {**os.environ, **(read_env(settings) if settings else {})})
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         log_dir = self.data_dir / "logs" / session.agent_group
-        log_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(log_dir)
         try:
-            with open(log_dir / f"{session.session_id}.log", "ab") as log:
+            with open(os.open(log_dir / f"{session.session_id}.log", os.O_WRONLY | os.O_APPEND
+                              | os.O_CREAT | os.O_CLOEXEC, FILE_MODE), "ab") as log:
                 popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, close_fds=True, env=env)

@@ -46,6 +46,7 @@ from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import Sessions
+from orchestrator.host.uids import parse_range
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.signals import capture_signals
 from orchestrator.watch import watcher
@@ -61,10 +62,12 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
     if cfg.runtime.kind == "docker":
         from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
 
-        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available)
+        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available,
+                             uid_range=parse_range(cfg.runtime.uid_range))
     from orchestrator.runtime.local.runtime import LocalRuntime
 
-    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
+    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit,
+                        uid_range=parse_range(cfg.runtime.uid_range, default=None))
 
 
 def _channel_files(cfg: Config) -> tuple[Path, ...]:

@@ -25,6 +25,7 @@ from typing import Any
 from loguru import logger
 
 from orchestrator.contract.schema import format_ts
+from orchestrator.host.private import make_dirs, private_file
 
 QUEUE_MAX = 10_000
 PRUNE_EVERY = 1000
@@ -73,7 +74,9 @@ class EventStore:
     @staticmethod
     def _open(path: Path | None) -> sqlite3.Connection:
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
+            if not path.exists():
+                private_file(path)  # 0600 whatever the umask; its -wal/-shm follow it
         conn = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None,
                                check_same_thread=False)
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.channels.base import ChannelBase, DeliveryError, Failure, Reply, StorageFull
+from orchestrator.host.private import FILE_MODE, make_dirs
 from orchestrator.support.errors import host_storage_failure
 
 _CHUNK = 1 << 16
@@ -39,9 +40,9 @@ class JsonlChannel(ChannelBase):
         if self._fd is None:
             fd = None
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(self.path.parent)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o644)
+                             FILE_MODE)  # private (with the umask: 0600 or less)
                 self._seen = set(read_ids(self.path))
                 self._failures = set(read_failures(self.path))
                 _repair_tail(fd, self.path)

@@ -17,6 +17,7 @@ import asyncio
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from loguru import logger
@@ -42,8 +43,10 @@ from orchestrator.engine.startup_state import StateBook
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.engine.tracked import Flag, Tracked
 from orchestrator.host.data_lock import lock_data_dir
+from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import Sessions
+from orchestrator.host.uids import parse_range
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.signals import capture_signals
 from orchestrator.watch import watcher
@@ -59,10 +62,17 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
     if cfg.runtime.kind == "docker":
         from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
 
-        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available)
+        return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available,
+                             uid_range=parse_range(cfg.runtime.uid_range))
     from orchestrator.runtime.local.runtime import LocalRuntime
 
-    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit)
+    return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit,
+                        uid_range=parse_range(cfg.runtime.uid_range, default=None))
+
+
+def _channel_files(cfg: Config) -> tuple[Path, ...]:
+    """The files a channel writes (``jsonl``: its path), made private at start."""
+    return (Path(cfg.delivery.path),) if cfg.delivery.channel == "jsonl" else ()
 
 
 def make_channel(cfg: DeliveryConfig) -> Channel:
@@ -91,7 +101,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
     listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
     async with AsyncExitStack() as stack:
         stack.callback(lock_data_dir(data_dir).release)
-        sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
+        make_dirs(sessions_root(data_dir))
+        tighten_data_dir(data_dir, _channel_files(cfg))
         registry = stack.enter_context(Registry(registry_path(data_dir)))
         sessions = Sessions(data_dir, registry, cfg.sessions.max_attachment_bytes)
 

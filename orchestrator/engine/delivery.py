@@ -42,6 +42,7 @@ from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivere
 from orchestrator.host import inbound
 from orchestrator.host.attachments import safe_name
 from orchestrator.host.outbound import OutMessage
+from orchestrator.host.private import clear_special_bits, make_dirs
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import (
     DIR_FLAGS,
@@ -171,7 +172,7 @@ def move_files(folder: SessionDir, data_dir: Path, out_id: str, names: list[str]
     src = _open_outbox_dir(folder, out_id)
     try:
         try:
-            dst_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(dst_dir)
             dst = os.open(dst_dir, DIR_FLAGS)
         except OSError as exc:
             error = StorageFull if host_storage_failure(exc) else DeliveryError
@@ -211,7 +212,19 @@ def _move_one(src: int | None, dst: int, dst_dir: Path, name: str, where: str,
             os.unlink(name, dir_fd=dst)
         raise PermanentDeliveryError(f"reply {out_id}: {where}/{name} was swapped for "
                                      "something else while being moved")
+    _private_or_remove(dst, name, out_id)
     return dst_dir / name
+
+
+def _private_or_remove(dst: int, name: str, out_id: str) -> None:
+    """No setuid/setgid/sticky bit and no access for others on a delivered file
+    (``private.clear_special_bits``, by descriptor); one that keeps a bit is removed."""
+    try:
+        clear_special_bits(dst, name)
+    except OSError as exc:
+        os.unlink(name, dir_fd=dst)
+        raise PermanentDeliveryError(f"reply {out_id}: cannot clear the setuid/setgid bits "
+                                     f"of {name!r} ({exc.strerror})") from None
 
 
 def _copy_across(src: int, dst: int, name: str, out_id: str) -> None:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.host.private import FILE_MODE, make_dirs
 from orchestrator.support.errors import UserError, storage
 
 
@@ -37,7 +38,7 @@ def lock_data_dir(data_dir: Path) -> DataDirLock:
     locked as well, so a supervisor from before this change is excluded too.
     """
     with storage(data_dir, "create the data directory"):
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(data_dir)
     lock = DataDirLock([])
     try:
         with storage(data_dir, "lock the data directory"):
@@ -46,7 +47,7 @@ def lock_data_dir(data_dir: Path) -> DataDirLock:
                 fcntl.flock(lock.fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 legacy = data_dir / "orchestrator.lock"
                 if os.access(data_dir, os.W_OK) or legacy.exists():
-                    lock.fds.append(os.open(legacy, os.O_RDWR | os.O_CREAT, 0o644))
+                    lock.fds.append(os.open(legacy, os.O_RDWR | os.O_CREAT, FILE_MODE))
                     fcntl.flock(lock.fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise AlreadyRunning(f"another orchestrator is running on {data_dir}; "

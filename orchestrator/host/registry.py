@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from orchestrator.contract.schema import format_ts, parse_ts, transaction, utcnow
 from orchestrator.contract.session_status import Status, sql_list
+from orchestrator.host.private import make_dirs, private_file
 from orchestrator.support.errors import storage, storage_error
 
 CONTAINER_STATUSES = tuple(Status)
@@ -126,7 +127,9 @@ class Registry:
         conn = None
         try:
             with storage(path, "open the registry"):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(path.parent)
+                if not os.path.lexists(path):
+                    private_file(path)  # 0600 whatever the umask; its -wal/-shm follow it
                 conn = sqlite3.connect(str(path), isolation_level=None, timeout=10,
                                        check_same_thread=False)
                 conn.row_factory = sqlite3.Row

@@ -34,6 +34,7 @@ from orchestrator.contract.layout import (
     validate_id,
 )
 from orchestrator.host import attachments, destinations, inbound
+from orchestrator.host.private import DIR_MODE, FILE_MODE, make_dirs
 from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.host.safefs import SafeDb, SessionDir
 from orchestrator.support.errors import StorageError, UserError, storage, storage_error
@@ -95,16 +96,21 @@ def build_folder(final: Path) -> Path:
     hidden temporary name beside ``final``; returns that name. Nothing is left
     behind on failure: the one-line StorageError names the folder and the cause."""
     with storage(final.parent, "create the agent group folder"):
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(final.parent)
     tmp = staging_dir(final)
     try:
         with storage(final.parent, "create a session folder in it"):
-            tmp.mkdir()
+            tmp.mkdir(DIR_MODE)
             staged = SessionPaths(tmp)
-            staged.inbox.mkdir()
-            staged.outbox.mkdir()
+            staged.inbox.mkdir(DIR_MODE)
+            staged.outbox.mkdir(DIR_MODE)
             inbound.init(staged.inbound_db)
             schema.init_outbound(staged.outbound_db)
+            # explicit: mkdir's and SQLite's modes are masked by the umask (0755/0644)
+            for path, mode in ((tmp, DIR_MODE), (staged.inbox, DIR_MODE),
+                               (staged.outbox, DIR_MODE), (staged.inbound_db, FILE_MODE),
+                               (staged.outbound_db, FILE_MODE)):
+                os.chmod(path, mode)
     except BaseException:
         discard(tmp)
         raise
@@ -160,7 +166,7 @@ def create_folder(data_dir: Path, agent_group: str, session_id: str) -> SessionP
             SessionDir(data_dir, agent_group, session_id) as folder:
         for name in (INBOX, OUTBOX):
             try:
-                os.mkdir(name, dir_fd=folder.fd)
+                os.mkdir(name, DIR_MODE, dir_fd=folder.fd)
             except FileExistsError:
                 pass  # (a link or a file there is refused where it is used)
         inbound.init(folder.db(INBOUND_DB, busy_ms=WRITE_BUSY_MS, create=True))
@@ -211,7 +217,7 @@ class Sessions:
         self.registry = registry
         self.max_attachment_bytes = max_attachment_bytes
         with storage(sessions_root(data_dir), "create the sessions folder"):
-            sessions_root(data_dir).mkdir(parents=True, exist_ok=True)
+            make_dirs(sessions_root(data_dir))
 
     def paths(self, session: SessionRow) -> SessionPaths:
         return session_paths(self.data_dir, session.agent_group_id, session.id)

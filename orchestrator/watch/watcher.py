@@ -48,6 +48,7 @@ from orchestrator.contract.layout import (
     classify,
 )
 from orchestrator.host.filesig import file_signature
+from orchestrator.host.private import make_dirs
 from orchestrator.support.ticker import ticks
 from orchestrator.watch import health as watch_health
 from orchestrator.watch.changes import Change
@@ -258,7 +259,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     prefix = os.path.join(str(root), "")
     failures = 0
     while not halt.is_set():
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root)
         post(Started())
         try:
             queue = watch_health.queue_limit()  # what the new instance gets

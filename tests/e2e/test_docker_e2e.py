@@ -33,6 +33,7 @@ from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.host.sessions import MessagingGroup
+from orchestrator.host.uids import DEFAULT_RANGE, SessionUids
 from orchestrator.runtime.docker.spec import (
     FALLBACK_UID,
     LABEL_GROUP,
@@ -206,7 +207,12 @@ def test_round_trip_in_a_locked_down_container(
         assert hc["Init"] is True and hc["AutoRemove"] is False
         user = info["Config"]["User"]
         assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"
-        if tmp_path.stat().st_uid == 0:
+        if os.geteuid() == 0:  # root: the session's own uid ([runtime] uid_range = auto)
+            uids = SessionUids(registry_path(cfg.data_dir), DEFAULT_RANGE)
+            uid = uids.uid_for(row.id)
+            uids.close()
+            assert user == f"{uid}:{uid}" and DEFAULT_RANGE[0] <= uid <= DEFAULT_RANGE[1]
+        elif tmp_path.stat().st_uid == 0:
             assert user == f"{FALLBACK_UID}:{FALLBACK_UID}"
 
         assert [s for s, _ in changes] == ["running", "idle", "stopped"], changes
@@ -449,7 +455,10 @@ def test_agent_cannot_write_inbound_db(
             before = inbound_db.read_bytes()
             for user in ("", "0"):  # the agent's uid, and root inside the container
                 code, out = await in_thread(exec_in, cid, ["python3", "-c", probe], user)
-                assert code != 0 and b"readonly" in out.replace(b"-", b"").lower(), out
+                # read-only mount; root in the container (no capabilities) cannot even
+                # reach /workspace, the agent's uid's 0700 folder
+                assert code != 0 and (b"readonly" in out.replace(b"-", b"").lower()
+                                      or b"unable to open database" in out), out
                 code, out = await in_thread(exec_in, cid,
                                             ["sh", "-c", "echo x >> /workspace/inbound.db"],
                                             user)

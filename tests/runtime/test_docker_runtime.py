@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -207,8 +208,12 @@ def test_prepare_folder_gives_agent_only_its_writable_parts(tmp_path: Path) -> N
     for p in (folder, folder / layout.OUTBOUND_DB, folder / layout.OUTBOX,
               folder / layout.OUTBOX / "m1", folder / layout.OUTBOX / "m1" / "f.txt"):
         assert owner(p) == (4242, 4243), p
+    # what the agent only reads stays the host's, readable by the agent's gid only
     for p in (folder / layout.INBOUND_DB, folder / layout.INBOX, folder / layout.INBOX / "m2"):
-        assert owner(p) == (0, 0), p
+        assert owner(p) == (0, 4243), p
+    mode = lambda p: stat.S_IMODE(p.lstat().st_mode)  # noqa: E731
+    assert (mode(folder), mode(folder / layout.INBOUND_DB), mode(folder / layout.INBOX)) == (
+        0o700, 0o640, 0o2750)
 
 
 # --- against the engine ----------------------------------------------------------------------

@@ -52,6 +52,7 @@ from loguru import logger
 from orchestrator.config.groups import AgentSettings, read_env
 from orchestrator.config.model import DockerConfig
 from orchestrator.contract import layout
+from orchestrator.host.uids import open_uids
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -159,9 +160,12 @@ class DockerRuntime:
     name = "docker"
 
     def __init__(self, config: DockerConfig, data_dir: Path, on_exit: ExitCallback,
-                 on_available: Callable[[], None] | None = None):
+                 on_available: Callable[[], None] | None = None, *,
+                 uid_range: tuple[int, int] | None = None):
         self.config = config
         self.data_dir = Path(data_dir)
+        # one uid per session (root, [runtime] uid_range, [docker] user = auto)
+        self._uids = open_uids(self.data_dir, uid_range if config.user == "auto" else None)
         self.on_exit = on_exit
         self.on_available = on_available
         self.instance = config.instance
@@ -295,7 +299,7 @@ class DockerRuntime:
                 self._group_settings[session.agent_group] = session.settings
             # the group's image, command, limits, network and mounts (groups.resolve)
             config = _config_of(session, self.config)
-            user, uid, gid = resolve_user(self.config.user, self.data_dir)
+            user, uid, gid = self._user(session.session_id)
             mounts = await self._mounts(session, config, uid, gid)
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
                                                                      uid, gid))
@@ -323,6 +327,14 @@ class DockerRuntime:
                     self.instance, session.agent_group, session.session_id))
             finally:
                 self._starting.discard(session.session_id)
+
+    def _user(self, session_id: str) -> tuple[str, int | None, int | None]:
+        """(docker --user, uid, gid): the session's own uid (``uids``), else the one
+        uid every agent runs as (``resolve_user``)."""
+        if self._uids is None:
+            return resolve_user(self.config.user, self.data_dir)
+        uid = self._uids.uid_for(session_id)
+        return f"{uid}:{uid}", uid, uid
 
     async def _create(self, session: SessionRef, user: str,
                       mounts: list[Mount]) -> str | AgentHandle:
@@ -379,6 +391,8 @@ class DockerRuntime:
         the same for a started container and a spare made ahead for it."""
         mounts = session_mounts(Path(session.folder), self.data_dir) + parse_extra_mounts(config)
         folder = group_folder(config.group_folder, self.data_dir, session.agent_group)
+        if self._uids is not None:  # shared by the group's sessions: not one session's uid
+            uid = gid = None
         return mounts + await self.exec.offload(lambda: group_mounts(
             folder, Path(session.folder).resolve(), self.data_dir, config.allowed_mounts,
             uid, gid))
@@ -396,7 +410,7 @@ class DockerRuntime:
             ref = SessionRef(agent_group, session_id, folder,
                              self._group_settings.get(agent_group))
             try:
-                user, uid, gid = resolve_user(self.config.user, self.data_dir)
+                user, uid, gid = self._user(session_id)
                 mounts = await self._mounts(ref, _config_of(ref, self.config), uid, gid)
                 created = await self._create(ref, user, mounts)
             except (RuntimeUnavailable, OSError, ValueError) as exc:  # incl. MountNotAllowed
@@ -655,6 +669,8 @@ class DockerRuntime:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.exec.close()
+        if self._uids is not None:
+            self._uids.close()
 
     async def _stop_events(self) -> None:
         await self._events.stop()

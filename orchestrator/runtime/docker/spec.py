@@ -34,6 +34,7 @@ from orchestrator.config.mounts import (
     is_under,
 )
 from orchestrator.contract import layout
+from orchestrator.host.uids import give_folder
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 
 LABEL_INSTANCE = "orchestrator.instance"
@@ -108,29 +109,15 @@ def resolve_user(user: str, data_dir: Path) -> tuple[str, int | None, int | None
 def prepare_folder(folder: Path, uid: int | None, gid: int | None) -> list[Path]:
     """Give the agent's uid the parts of the folder it must write; return what changed.
 
-    Only when this process may chown (root) and ids are numeric. Changed: the
-    session folder itself (SQLite creates ``outbound.db-journal`` next to the db),
-    ``outbound.db``, ``.heartbeat`` and ``outbox/`` with everything in it.
-    ``inbound.db`` and ``inbox/`` stay host-owned (the agent only reads them).
-    Symlinks are never followed.
+    Only when this process may chown (root) and ids are numeric (``uids.give_folder``):
+    the session folder itself (0700; SQLite creates ``outbound.db-journal`` next to
+    the db), ``outbound.db``, ``.heartbeat`` and ``outbox/`` with everything in it.
+    ``inbound.db`` and ``inbox/`` stay host-owned, readable by the agent's gid only
+    (the agent only reads them). Symlinks are never followed.
     """
     if uid is None or gid is None or os.geteuid() != 0:
         return []
-    paths = layout.SessionPaths(folder)
-    targets = [folder, paths.outbound_db, paths.heartbeat, paths.outbox]
-    if paths.outbox.is_dir() and not paths.outbox.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(paths.outbox):
-            targets += [Path(dirpath) / n for n in dirnames + filenames]
-    changed = []
-    for target in targets:
-        try:
-            st = target.lstat()
-        except FileNotFoundError:
-            continue
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(target, uid, gid, follow_symlinks=False)
-            changed.append(target)
-    return changed
+    return give_folder(folder, uid, gid)
 
 
 def exit_reason(exit_code: int | None, *, stopping: bool = False, killing: bool = False,

@@ -22,7 +22,9 @@ from loguru import logger
 from orchestrator.config.groups import read_env
 from orchestrator.config.model import RuntimeConfig
 from orchestrator.contract.layout import PID_FILE, session_paths
+from orchestrator.host.private import FILE_MODE, make_dirs
 from orchestrator.host.safefs import SessionDir
+from orchestrator.host.uids import give_folder, open_uids
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -97,11 +99,13 @@ class LocalRuntime:
     name = "local"
     listed = True  # /proc is always readable: nothing is ever unknown
 
-    def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback) -> None:
+    def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback, *,
+                 uid_range: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
         self.data_dir = data_dir
         self.on_exit = on_exit
         self._agents: dict[str, _Agent] = {}
+        self._uids = open_uids(Path(data_dir), uid_range)  # root and a range: one per session
 
     # --- bookkeeping ------------------------------------------------------------
 
@@ -184,16 +188,23 @@ class LocalRuntime:
         settings = session.settings
         runtime_cfg = settings.runtime if settings else self.cfg
         # group variables over ours; secret files are read now (SecretUnreadable: OSError)
-        cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, session.folder),
+        uid = self._uids.uid_for(session.session_id) if self._uids is not None else None
+        if uid is not None:  # its folder is its own; the folders above it stay 0700 (root's):
+            give_folder(Path(session.folder), uid, uid)  # it starts in it (cwd, set as root)
+        workspace = Path(".") if uid is not None else session.folder
+        cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, workspace),
                                {**os.environ, **(read_env(settings) if settings else {})})
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         log_dir = self.data_dir / "logs" / session.agent_group
-        log_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(log_dir)
         try:
-            with open(log_dir / f"{session.session_id}.log", "ab") as log:
+            with open(os.open(log_dir / f"{session.session_id}.log", os.O_WRONLY | os.O_APPEND
+                              | os.O_CREAT | os.O_CLOEXEC, FILE_MODE), "ab") as log:
                 popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, close_fds=True, env=env)
+                                         start_new_session=True, close_fds=True, env=env,
+                                         user=uid, group=uid,
+                                         extra_groups=[] if uid is not None else None)
         except OSError as exc:
             raise RuntimeUnavailable(
                 f"cannot start agent command {cmd[0]!r} ({exc.strerror}); "
@@ -263,3 +274,5 @@ class LocalRuntime:
             loop.remove_reader(agent.pidfd)
             os.close(agent.pidfd)
         self._agents.clear()
+        if self._uids is not None:
+            self._uids.close()

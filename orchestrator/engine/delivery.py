@@ -16,6 +16,7 @@ the facts and applies the verdict. A reply that ends failed is recorded
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -490,7 +491,11 @@ class Deliverer:
                         "record could not be written then); recording it", msg.id)
             return None
         content = _parse_content(msg.content, msg.id)
-        files = move_files(folder, self.data_dir, msg.id, listed_files(content))
+        names = listed_files(content)
+        if len(names) > INLINE_OPS // 4:  # thousands of names: the moves off the loop
+            files = await asyncio.to_thread(move_files, folder, self.data_dir, msg.id, names)
+        else:
+            files = move_files(folder, self.data_dir, msg.id, names)
         channel_type, platform_id, thread_id = self._route(folder, msg, routing)
         reply = Reply(
             message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,

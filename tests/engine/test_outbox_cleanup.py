@@ -170,3 +170,23 @@ def test_remove_outboxes_shares_one_budget_over_many_replies(tmp_path: Path) -> 
         left = remove_outboxes(folder, ids, budget=50)
     gone = [i for i in ids if not (world.paths.outbox / i).exists()]
     assert len(gone) == 25 and left == [i for i in ids if i not in gone]
+
+
+def test_a_reply_listing_thousands_of_files_moves_them_off_the_loop(tmp_path: Path) -> None:
+    world = World(tmp_path, FakeChannel())
+    world.reply("r-many", files={f"f{i}": b"" for i in range(20_000)})
+
+    async def go() -> list[str]:
+        async with LoopWatch() as watch:
+            with world.folder() as folder:
+                messages = outbound.read(folder.db("outbound.db"), after_seq=0,
+                                         max_content_bytes=1 << 20).messages
+                result = await world.deliverer.run_pass(
+                    folder=folder, agent_group="grp", session_id=world.row.id,
+                    state=world.state, messages=messages, routing=("chat", "room-1", None),
+                    now=NOW)
+        assert watch.max_lag < 0.1, watch.max_lag
+        return result.delivered
+
+    assert run(go()) == ["r-many"]
+    assert len(os.listdir(world.data_dir / "delivered" / "r-many")) == 20_000

@@ -59,6 +59,9 @@ class LoopWatch:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
+        seen = len(self.lags)
+        while len(self.lags) < seen + 2:  # a stall just before the exit is counted too
+            await asyncio.sleep(self.period)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 

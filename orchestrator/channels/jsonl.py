@@ -63,7 +63,7 @@ class JsonlChannel(ChannelBase):
         return message_id in self._seen
 
     async def deliver(self, reply: Reply) -> str | None:
-        line = (json.dumps(reply.as_record(), ensure_ascii=False) + "\n").encode("utf-8")
+        line = json_line(reply.as_record())
         fd = self._open()
         append_whole(fd, line, self.path)
         self._seen.add(reply.message_id)
@@ -75,14 +75,30 @@ class JsonlChannel(ChannelBase):
         fd = self._open()  # loads what the file already holds
         if key in self._failures:
             return
-        line = (json.dumps(failure.as_record(), ensure_ascii=False) + "\n").encode("utf-8")
-        append_whole(fd, line, self.path)
+        append_whole(fd, json_line(failure.as_record()), self.path)
         self._failures.add(key)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def json_line(record: dict) -> bytes:
+    """One record, one line, whatever the agent put in it: ``json.dumps`` escapes
+    control characters (so no newline or terminal escape is ever written raw) and this
+    also escapes the three characters that are not controls in JSON's eyes but end a
+    line for ``str.splitlines`` and some readers (U+2028, U+2029, NEL). The line is
+    as big as the reply's content (``[delivery] max_content_bytes``) and file paths:
+    files are named, never inlined."""
+    text = json.dumps(record, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        if raw in text:  # only ever inside a JSON string: escaping keeps it valid JSON
+            text = text.replace(raw, escaped)
+    return (text + "\n").encode("utf-8")
 
 
 def append_whole(fd: int, data: bytes, path: Path) -> None:

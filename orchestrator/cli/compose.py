@@ -131,6 +131,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)
         book = StateBook(registry)
         deliverer = Deliverer(data_dir, registry, chan, cfg.delivery)
+        stack.push_async_callback(deliverer.aclose)  # the outbox janitor, between steps
         worker = SessionWorker(
             cfg, registry, sessions, runtime, deliverer, clock, dirty.mark,
             statuses=statuses, admission=gate, notify=hub.notify,

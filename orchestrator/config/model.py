@@ -142,6 +142,10 @@ class DeliveryConfig:
     max_file_bytes: int = _opt(1024 * 1024, "webhook channel: reply files up to this size are "
                                "sent inline (base64); larger ones as name and size only",
                                min=0, max=2**31)
+    max_payload_bytes: int = _opt(8 * 1024 * 1024, "webhook channel: largest POST body in "
+                                  "bytes; files that do not fit inline are sent as name and "
+                                  "size only (data null, omitted says why); at most 4 such "
+                                  "bodies are held in memory at once", min=65536, max=2**31)
     max_attempts: int = _opt(5, "attempts before a reply is recorded failed", min=1, max=1000)
     retry_base: float = _opt(2.0, "delivery retry backoff: base * 2^attempts seconds",
                              min=0, max=3600)

@@ -16,6 +16,7 @@ the facts and applies the verdict. A reply that ends failed is recorded
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -39,6 +40,7 @@ from orchestrator.channels import (
 )
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
+from orchestrator.engine.outbox_janitor import INLINE_OPS, OutboxJanitor
 from orchestrator.host import inbound
 from orchestrator.host.attachments import safe_name
 from orchestrator.host.outbound import OutMessage
@@ -53,6 +55,7 @@ from orchestrator.host.safefs import (
     open_dir,
     regular_or_refuse,
 )
+from orchestrator.host.treeremove import remove_tree
 from orchestrator.rules.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
 from orchestrator.rules.lifecycle import earliest
 from orchestrator.support.errors import host_storage_failure
@@ -276,34 +279,36 @@ def reply_route(own: Route, answered: Route | None, default: Route) -> Route:
     return (own[0] or default[0], own[1] or default[1], own[2] or default[2])
 
 
-def remove_outboxes(folder: SessionDir, out_ids: list[str]) -> None:
-    """Remove ``outbox/<id>`` of settled replies by descriptor (``outbox/`` opened once):
-    a link is removed, never its target."""
-    ids = [i for i in out_ids if not id_problem(i)]  # not a folder name: never rmtree "../x"
+def remove_outboxes(folder: SessionDir, out_ids: list[str], budget: int = INLINE_OPS) -> list[str]:
+    """Remove ``outbox/<id>`` of settled replies by descriptor (``outbox/`` opened once;
+    a link is removed, never its target), at most ``budget`` operations in all, on the
+    loop. Returns the ids not finished within it: for the ``OutboxJanitor``."""
+    ids = [i for i in out_ids if not id_problem(i)]  # not a folder name: never touch "../x"
     if not ids:
-        return
+        return []
     try:
         outbox = folder.open_dir(OUTBOX)
     except FileNotFoundError:
-        return
+        return []
     except OSError as exc:
         logger.warning("{}/{}: not cleaning up ({})", folder.where, OUTBOX, exc.strerror)
-        return
+        return []
+    left: list[str] = []
     try:
         for out_id in ids:
-            try:
-                st = lstat_at(outbox, out_id)
-                if st is None:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(out_id, dir_fd=outbox)  # fd-based: never follows a link
-                else:
-                    os.unlink(out_id, dir_fd=outbox)
-            except OSError as exc:
+            if budget <= 0:
+                left.append(out_id)
+                continue
+            r = remove_tree(outbox, out_id, budget)
+            budget -= r.ops
+            if r.stuck is not None:
                 logger.warning("{}/{}/{}: could not clean up ({})", folder.where, OUTBOX,
-                               out_id, exc.strerror)
+                               out_id, r.stuck)
+            elif not r.done:
+                left.append(out_id)
     finally:
         os.close(outbox)
+    return left
 
 
 @dataclass
@@ -338,6 +343,14 @@ class Deliverer:
     registry: Registry
     channel: Channel
     cfg: DeliveryConfig
+    janitor: OutboxJanitor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.janitor is None:
+            self.janitor = OutboxJanitor(self.data_dir)
+
+    async def aclose(self) -> None:
+        await self.janitor.aclose()
 
     async def run_pass(self, *, folder: SessionDir, agent_group: str, session_id: str,
                        state: DeliveryState, messages: list[OutMessage], routing: Routing,
@@ -368,7 +381,9 @@ class Deliverer:
         if run.records or acks:
             inbound.settle(inbound_db, run.records, acks or {}, follow_up, now)
             settled.update(mid for mid, _, _ in run.records)
-            remove_outboxes(folder, [mid for mid, _, _ in run.records])
+            left = remove_outboxes(folder, [mid for mid, _, _ in run.records])
+            if left:  # more than a few entries: in the background, off the loop
+                self.janitor.submit(agent_group, session_id, left)
             for mid in run.retried:
                 self.registry.clear_attempts(session_id, mid)
         _advance_watermark(state, messages, settled)
@@ -489,7 +504,11 @@ class Deliverer:
                         "record could not be written then); recording it", msg.id)
             return None
         content = _parse_content(msg.content, msg.id)
-        files = move_files(folder, self.data_dir, msg.id, listed_files(content))
+        names = listed_files(content)
+        if len(names) > INLINE_OPS // 4:  # thousands of names: the moves off the loop
+            files = await asyncio.to_thread(move_files, folder, self.data_dir, msg.id, names)
+        else:
+            files = move_files(folder, self.data_dir, msg.id, names)
         channel_type, platform_id, thread_id = self._route(folder, msg, routing)
         reply = Reply(
             message_id=msg.id, session_id=session_id, agent_group=agent_group, seq=msg.seq,

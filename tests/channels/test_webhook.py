@@ -4,6 +4,10 @@ the reference agent, and a real local HTTP receiver that verifies every signatur
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,9 +18,12 @@ from orchestrator.channels import DeliveryError, PermanentDeliveryError, Reply
 from orchestrator.channels.webhook import (
     WebhookChannel,
     classify,
+    encode_reply,
     file_entries,
     outcome_of,
     parse_retry_after,
+    plan_files,
+    plan_reply,
     reply_body,
     sign,
     verify,
@@ -79,11 +86,89 @@ def test_files_inline_up_to_the_limit_then_name_and_size_only(tmp_path: Path) ->
     (tmp_path / "small.txt").write_bytes(b"hey")
     (tmp_path / "big.bin").write_bytes(b"x" * 11)
     entries = file_entries((str(tmp_path / "small.txt"), str(tmp_path / "big.bin")), 10)
-    assert entries == [{"name": "small.txt", "size": 3, "data": "aGV5"},
-                       {"name": "big.bin", "size": 11, "data": None}]
+    assert entries == [{"name": "small.txt", "size": 3, "sha256": hashlib.sha256(b"hey")
+                        .hexdigest(), "data": "aGV5", "omitted": None},
+                       {"name": "big.bin", "size": 11, "sha256": None, "data": None,
+                        "omitted": "max_file_bytes"}]
     (tmp_path / "link").symlink_to(tmp_path / "small.txt")
     with pytest.raises(DeliveryError):
         file_entries((str(tmp_path / "link"),), 10)
+    os.mkfifo(tmp_path / "fifo")  # never opened for reading in a way that blocks
+    with pytest.raises(DeliveryError):
+        file_entries((str(tmp_path / "fifo"),), 10)
+
+
+MiB = 1 << 20
+
+
+def _plan(sizes: list[int], *, base: int = 1000, max_file: int = MiB, cap: int = 8 * MiB):
+    files = [(f"/d/f{i}", f"f{i}", n) for i, n in enumerate(sizes)]
+    return plan_files(files, base, max_file, cap)
+
+
+@pytest.mark.parametrize("sizes, max_file, cap, inline, unlisted", [
+    ([], MiB, 8 * MiB, [], 0),
+    ([10, 20], MiB, 8 * MiB, [0, 1], 0),
+    ([2 * MiB, 10], MiB, 8 * MiB, [1], 0),  # over max_file_bytes: named only
+    ([MiB] * 10, MiB, 8 * MiB, list(range(5)), 0),  # 5 × 1.33 MiB of base64 fit in 8 MiB
+    ([MiB] * 300, MiB, 8 * MiB, list(range(5)), 0),  # the rest named, not read
+    ([6 * MiB, 10], 8 * MiB, 8 * MiB, [1], 0),  # 8 MiB of base64 does not fit; later small does
+    ([0] * 200_000, MiB, 8 * MiB, None, "some"),  # names alone over the cap: counted
+    ([MiB], MiB, 64 * 1024, [], 0),
+])
+def test_plan_files_keeps_the_body_under_the_cap(sizes, max_file, cap, inline, unlisted) -> None:
+    plan = _plan(sizes, max_file=max_file, cap=cap)
+    if inline is not None:
+        assert plan.inline == inline
+    if unlisted == "some":
+        assert 0 < plan.unlisted < len(sizes) and len(plan.entries) + plan.unlisted == len(sizes)
+    else:
+        assert plan.unlisted == unlisted
+    assert plan.size <= cap
+    assert all(e["omitted"] == "max_file_bytes" for e in plan.entries if e["size"] > max_file)
+
+
+def test_encoded_body_is_under_the_cap_and_says_what_it_left_out(tmp_path: Path) -> None:
+    paths = []
+    for i, n in enumerate([MiB, 3 * MiB, 100, MiB, MiB, MiB, MiB, MiB, 5]):
+        (tmp_path / f"f{i}").write_bytes(os.urandom(n))
+        paths.append(str(tmp_path / f"f{i}"))
+    reply = Reply("out-1", "sess-1", "grp", 3, "chat", None, None, None, None, "t",
+                  {"text": "hi", "files": "\u0000files\u0000"}, tuple(paths))
+    cfg = DeliveryConfig(max_file_bytes=2 * MiB, max_payload_bytes=4 * MiB)
+    plan = plan_reply(reply, cfg)
+    data = encode_reply(reply, plan, cfg)
+    assert len(data) <= cfg.max_payload_bytes
+    body = json.loads(data)
+    assert body["content"] == reply.content and body["files_unlisted"] == 0
+    sent = {e["name"]: e for e in body["files"]}
+    assert [e["name"] for e in body["files"]] == [f"f{i}" for i in range(9)]
+    assert sent["f1"]["omitted"] == "max_file_bytes" and sent["f1"]["data"] is None
+    for name, e in sent.items():
+        raw = (tmp_path / name).read_bytes()
+        assert e["size"] == len(raw)
+        if e["data"] is not None:
+            assert base64.b64decode(e["data"]) == raw and e["omitted"] is None
+            assert e["sha256"] == hashlib.sha256(raw).hexdigest()
+        else:
+            assert e["omitted"] in ("max_file_bytes", "max_payload_bytes")
+    assert {n for n, e in sent.items() if e["data"]} == {"f0", "f2", "f3", "f8"}
+
+
+def test_content_alone_over_the_cap_fails_for_good() -> None:
+    reply = Reply("out-1", "sess-1", "grp", 3, "chat", None, None, None, None, "t",
+                  {"text": "x" * 70_000}, ())
+    with pytest.raises(PermanentDeliveryError, match="max_payload_bytes"):
+        plan_reply(reply, DeliveryConfig(max_payload_bytes=65536))
+
+
+def test_a_file_that_grows_after_planning_is_a_failed_attempt(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    reply = Reply("out-1", "s", "g", 1, "chat", None, None, None, None, "t", {}, (str(tmp_path / "f"),))
+    plan = plan_reply(reply, DeliveryConfig())
+    (tmp_path / "f").write_bytes(b"abcdef")  # an agent still holding the file open
+    with pytest.raises(DeliveryError, match="changed size"):
+        encode_reply(reply, plan, DeliveryConfig())
 
 
 def test_reply_body_fields() -> None:
@@ -93,7 +178,8 @@ def test_reply_body_fields() -> None:
         "type": "reply", "id": "out-1", "session_id": "sess-1", "agent_group": "grp", "seq": 3,
         "kind": "chat", "in_reply_to": "msg-1",
         "routing": {"channel_type": "chat", "platform_id": "room", "thread_id": "t"},
-        "timestamp": "2030-01-01 12:00:00", "content": {"text": "hi"}, "files": []}
+        "timestamp": "2030-01-01 12:00:00", "content": {"text": "hi"}, "files": [],
+        "files_unlisted": 0}
 
 
 def test_secret_file_is_created_0600_and_reused(tmp_path: Path) -> None:
@@ -151,7 +237,9 @@ async def test_500_then_200_is_delivered_once(tmp_path: Path, reap_agents) -> No
         assert {p.headers["idempotency-key"] for p in posts} == {out_id}
         body = posts[-1].json
         assert body["in_reply_to"] == mid and body["content"]["text"] == "echo: hello"
-        assert body["files"] == [{"name": "n.txt", "size": 10, "data": "ZmlsZSBieXRlcw=="}]
+        assert body["files"] == [{"name": "n.txt", "size": 10, "data": "ZmlsZSBieXRlcw==",
+                                  "sha256": hashlib.sha256(b"file bytes").hexdigest(),
+                                  "omitted": None}]
         assert body["routing"]["channel_type"] == "cli"
         assert receiver.failures() == []
     assert len(receiver.replies(out_id)) == 2  # nothing more after the 200

@@ -9,9 +9,12 @@ session folder (``World`` from test_delivery).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -111,18 +114,35 @@ def test_a_link_or_file_in_place_of_the_folder_is_unlinked(tmp_path: Path) -> No
     assert remove_all(tmp_path, "absent", 5) == 1
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may remove from a read-only folder")
+@contextlib.contextmanager
+def unremovable(folder: Path) -> Iterator[None]:
+    """``folder``'s entries cannot be removed: a read-only bind mount of it as root (root
+    ignores permission bits), its write bit off otherwise."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o500)
+        try:
+            yield
+        finally:
+            os.chmod(folder, 0o700)
+        return
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 def test_a_folder_that_cannot_be_emptied_is_stuck_not_rescanned_forever(tmp_path: Path) -> None:
     (tmp_path / "r1" / "ro").mkdir(parents=True)
     (tmp_path / "r1" / "ro" / "x").touch()
-    os.chmod(tmp_path / "r1" / "ro", 0o500)
-    try:
+    with unremovable(tmp_path / "r1" / "ro"):
         fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-        r = remove_tree(fd, "r1", 10**6)
-        os.close(fd)
+        try:
+            r = remove_tree(fd, "r1", 10**6)
+        finally:
+            os.close(fd)
         assert not r.done and r.stuck and r.ops < 10
-    finally:
-        os.chmod(tmp_path / "r1" / "ro", 0o700)
 
 
 # --- the deliverer and its janitor ----------------------------------------------------

@@ -51,6 +51,7 @@ from orchestrator.api.metrics import Metrics
 from orchestrator.config.model import ApiConfig, Config
 from orchestrator.engine.ports import Control
 from orchestrator.host.secretfile import SecretFileError, ensure_secret
+from orchestrator.support.port_holder import port_holder
 
 SHUTDOWN_GRACE = 3  # s (uvicorn takes whole seconds)
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -389,9 +390,20 @@ def bind(listen: Listen) -> _ListenSocket:
         sock.setblocking(False)
         sock.keep_spare()
     except OSError as exc:
-        raise ApiConfigError(f"[api] listen = {listen.url()}: cannot listen "
-                             f"({exc.strerror or exc})") from None
+        raise ApiConfigError(listen_error(listen, exc)) from None
     return sock
+
+
+def listen_error(listen: Listen, exc: OSError) -> str:
+    """One line: why, who holds the port (an orchestrator: its data dir), what to do."""
+    line = f"[api] listen = {listen.url()}: cannot listen ({exc.strerror or exc})"
+    if exc.errno != errno.EADDRINUSE or listen.path:
+        return line
+    holder = port_holder(listen.port)
+    if holder is not None:
+        line += f"; {holder.describe()}"
+    return (line + "; pick another port in the config: [api] listen = \"127.0.0.1:PORT\", "
+            "\"127.0.0.1:0\" for any free one, or \"\" for no API")
 
 
 class ApiService:

@@ -3,7 +3,9 @@
 Runs the supervisor on the given config (short idle timings so the statuses are
 seen changing), sends a message with an attachment, prints the reply as the
 jsonl channel wrote it, waits for the agent to go idle and be stopped, prints
-``status``, and shuts down. Everything it creates stays in the data dir.
+``status``, and shuts down. The HTTP API, if configured on a TCP port, listens on a
+free port instead (printed), so a running orchestrator on the default port is no
+obstacle. Everything it creates stays in the data dir.
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ async def _demo(config_path: Path) -> int:
     if cfg.delivery.channel != "jsonl":
         cfg = cfg.replace(delivery={"channel": "jsonl"})
     cfg = cfg.replace(lifecycle={"idle_after": 2.0, "stop_idle_after": 2.0})
+    if cfg.api.listen and not cfg.api.listen.startswith("unix:"):
+        # the demo needs no fixed port: another orchestrator may hold the configured one
+        cfg = cfg.replace(api={"listen": "127.0.0.1:0"})
     logger.info("demo: data dir {}, runtime {}, replies to {}", cfg.data_dir, cfg.runtime.kind,
                 cfg.delivery.path)
     async with assembled(cfg) as service:
+        print(f"demo: HTTP API on {service.api.url} (a free port, not the configured one)"
+              if service.api.url else "demo: no HTTP API", flush=True)
         return await _converse(cfg, service.supervisor)
 
 

@@ -63,6 +63,7 @@ _KIND_FLAGS = {
 
 WATCH_START_TIMEOUT = 10.0
 SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
+PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
 
 
 def sweep_plan(interval: float, tick: float = SWEEP_TICK) -> tuple[float, int]:
@@ -173,9 +174,12 @@ class Supervisor:
             self.tracked[session_id] = t
         return t
 
-    def _track_from_disk(self, agent_group: str, session_id: str) -> bool:
+    def _track_from_disk(self, agent_group: str, session_id: str,
+                         found: list[str] | None = None) -> bool:
         """A session folder we have not seen: created by ``send`` in another process,
-        or mounted in by someone else. Register it if it looks like a session."""
+        or mounted in by someone else. Register it if it looks like a session. With
+        ``found`` (``_discover``), the registration is appended there and logged at
+        DEBUG: the caller says it once with a count."""
         try:
             validate_id(agent_group, "agent group")
             validate_id(session_id, "session id")
@@ -187,8 +191,12 @@ class Supervisor:
                 return False
             row, created = self.registry.adopt_folder(agent_group, session_id)
             if created:  # not a `send` that was committing it just then
-                logger.info("registered session folder {}/{} found on disk", agent_group,
-                            session_id)
+                where = f"{agent_group}/{session_id}"
+                if found is None:
+                    logger.info("registered session folder {} found on disk", where)
+                else:
+                    found.append(where)
+                    logger.debug("registered session folder {} found on disk", where)
         if row.agent_group_id != agent_group:
             return False
         t = self._track(agent_group, session_id)
@@ -219,12 +227,18 @@ class Supervisor:
                 t = self._track(agent_group, session_id)
                 t.status = Status(container_status)
                 self.mark(session_id, Flag.FULL)
+        self._register_found(self._unseen_folders())
+
+    def _unseen_folders(self) -> list[tuple[str, str]]:
+        """(group, session) of the folders on disk not tracked yet; listed before any is
+        registered, so that progress can say "of how many"."""
         root = sessions_root(self.cfg.data_dir)
         try:
             groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
                       or e.is_symlink()]
         except OSError:
-            return
+            return []
+        unseen: list[tuple[str, str]] = []
         for g in groups:
             if g.is_symlink():  # never listed through: refused, said once
                 self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
@@ -235,9 +249,27 @@ class Supervisor:
                         remove_stale_staging(s)  # left by a `send` killed mid-build
                     elif s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
                                                          or s.is_symlink()):
-                        self._track_from_disk(g.name, s.name)
+                        unseen.append((g.name, s.name))
             except OSError:
                 continue
+        return unseen
+
+    def _register_found(self, unseen: list[tuple[str, str]]) -> None:
+        """Register each as found on disk: one INFO line with the count (each one at
+        DEBUG), and progress every few seconds on a long start-up."""
+        found: list[str] = []
+        said = time.monotonic()
+        for n, (group, sid) in enumerate(unseen, 1):
+            if sid not in self.tracked:
+                self._track_from_disk(group, sid, found)
+            if time.monotonic() - said >= PROGRESS_EVERY and n < len(unseen):
+                said = time.monotonic()
+                logger.info("checking session folders found on disk: {} of {}", n, len(unseen))
+        if len(found) == 1:
+            logger.info("registered session folder {} found on disk", found[0])
+        elif found:
+            logger.info("registered {} session folders found on disk (each at DEBUG)",
+                        len(found))
 
     # --- the loop -----------------------------------------------------------------
 

@@ -225,16 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             "shared_host_windows in the JSON")
         print(f"\nSHARED HOST: other programs used > 0.15 core during {shown}. "
               "Those figures are pessimistic (CPU and fsync contention).")
-    failed = [r for r in summary if r["pass_events"] is False]
     errors = [f"{m}/{k}" for m, res in bench.results.items() for k, v in res.items()
               if isinstance(v, dict) and "error" in v]
-    print(f"\n{len(failed)} target(s) missed in events mode"
-          + (": " + ", ".join(r["metric"] for r in failed) if failed else "")
-          + (f"; errors in {', '.join(errors)}" if errors else ""))
+    line, verdict_rc = report.verdict(summary, doc["summary_issue13"], errors)
+    print("\n" + line)
     if not complete:
         print("INCOMPLETE: interrupted; the figures above cover only the runs that finished")
     print(f"results: {out}  (total {time.monotonic() - t0:.1f}s)")
-    return rc
+    return rc or verdict_rc
 
 
 if __name__ == "__main__":

@@ -161,3 +161,17 @@ def table(summary: list[dict]) -> str:
     sep = "  ".join("-" * w for w in widths)
     title = " " * (sum(widths[:6]) + 12) + "vs target"
     return "\n".join([title, line(head), sep, *(line(b) for b in body)])
+
+
+def verdict(summary: list[dict], issue13: list[dict], errors: list[str]) -> tuple[str, int]:
+    """The closing line and the exit status over *every* table: the events-mode column
+    of the first (``summarize`` here) and the judged column of the round-trip table
+    (``rt_report.summarize``). A missed target or a failed run exits 1: a run that
+    misses one cannot read as a clean pass."""
+    failed = [r["metric"] for r in summary if r["pass_events"] is False]
+    failed += [r["metric"] for r in issue13 if r["pass"] is False]
+    line = (f"{len(failed)} target(s) missed in events mode"
+            + (": " + ", ".join(failed) if failed else "")
+            + (f"; errors in {', '.join(errors)}" if errors else ""))
+    return line, 1 if failed or errors else 0
+

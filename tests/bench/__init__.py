@@ -1,0 +1,1 @@
+"""bench/: the benchmark's own logic (no runs)."""

@@ -114,3 +114,14 @@ def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDocke
 def private_dockerd_live(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
     """``--live-restore``: its containers keep running while it is down."""
     yield from private_daemon(live_restore=True)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, whatever the test runner's: what the host writes must not
+    depend on it."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from loguru import logger
 
 from orchestrator.api.events import EventStore
@@ -24,15 +22,6 @@ from orchestrator.host.private import tighten_data_dir
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import MessagingGroup, Sessions
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def mode(path: Path) -> int:

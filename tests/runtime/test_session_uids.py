@@ -12,7 +12,6 @@ import os
 import stat
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -26,15 +25,6 @@ from orchestrator.runtime.base import AgentExit, SessionRef
 
 RANGE = (200000, 200099)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="per-session uids need root")
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def status_uids(text: str) -> list[int]:

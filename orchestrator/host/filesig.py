@@ -7,7 +7,6 @@ neither imports the other for it.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 
 Signature = tuple[int, int, int] | None
 
@@ -21,8 +20,3 @@ def file_signature(path: os.PathLike | str, dir_fd: int | None = None) -> Signat
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def signature_mtime(sig: Signature) -> datetime | None:
-    """The modification time a signature records (UTC), or None for an absent file."""
-    return datetime.fromtimestamp(sig[0] / 1e9, timezone.utc) if sig else None

@@ -202,6 +202,11 @@ def prepare_message(content: str | dict[str, Any], max_attachment_bytes: int) ->
                                f"{exc.lineno} column {exc.colno}); send a JSON object") from None
     if not isinstance(content, dict):
         raise MessageError("message content must be a JSON object, e.g. {\"text\": \"hi\"}")
+    try:  # Python reads NaN and Infinity, JSON has no way to write them: no reader could
+        json.dumps(content, allow_nan=False)
+    except ValueError:
+        raise MessageError("message content holds NaN or Infinity, which JSON cannot "
+                           "carry; send finite numbers") from None
     try:
         files = attachments.decode(content.get("attachments", []), max_attachment_bytes)
     except attachments.AttachmentError as exc:

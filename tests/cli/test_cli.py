@@ -202,6 +202,13 @@ def test_send_json_content(tmp_path, capsys, conf):
     assert json.loads(messages_of(tmp_path, row)[0]["content"]) == {"text": "hi", "priority": 2}
 
 
+def test_send_json_with_nan_is_one_line_and_writes_nothing(tmp_path, capsys, conf):
+    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--json",
+                       '{"text": "hi", "score": NaN}')
+    assert code == 2 and err.count("\n") == 1 and "NaN or Infinity" in err, err
+    assert sessions_of(tmp_path) == []
+
+
 def test_send_with_a_sender(tmp_path, capsys, conf):
     """NanoClaw's runner shows ``sender="…"``; without one the model reads "Unknown"."""
     code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--sender", "Ann",

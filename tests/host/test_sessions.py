@@ -435,3 +435,12 @@ def test_a_stale_staging_folder_is_removed_a_fresh_one_kept(tmp_path):
     removed = {e.name: sessions_mod.remove_stale_staging(e) for e in os.scandir(group)}
     assert removed == {old.name: True, fresh.name: False}
     assert [p.name for p in group.iterdir()] == [fresh.name]
+
+
+@pytest.mark.parametrize("content", ['{"x": NaN}', '{"x": [1, Infinity]}', {"x": float("-inf")}])
+def test_non_finite_numbers_are_refused_before_anything_is_written(tmp_path: Path,
+                                                                    content) -> None:
+    """Every way in (CLI ``--json``, the API, a library caller) ends here: NaN stored
+    would make the row unreadable JSON for every agent."""
+    with pytest.raises(MessageError, match="NaN or Infinity"):
+        sessions_mod.prepare_message(content, 1 << 20)

@@ -118,9 +118,6 @@ class Supervisor:
 
     # --- events in ----------------------------------------------------------------
 
-    def mark(self, session_id: str, flags: int) -> None:
-        self.dirty.mark(session_id, flags)
-
     def _take_runtime_news(self) -> None:
         """What the runtime reported since the last look (``RuntimeInbox``)."""
         exits, came_back = self.inbox.take()
@@ -133,7 +130,7 @@ class Supervisor:
         t = self.tracked.get(ev.session_id)
         if t is not None:
             t.exit = ev
-            self.mark(ev.session_id, Flag.EXIT)
+            self.dirty.mark(ev.session_id, Flag.EXIT)
         self.admission.agent_exited(ev.session_id)  # a slot is free: the queue moves on
 
     def _on_runtime_available(self) -> None:
@@ -144,14 +141,14 @@ class Supervisor:
         for t in self.tracked.values():
             unblocked = self.worker.unblock(t)
             if unblocked or self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
-                self.mark(t.session_id, Flag.TIMER)
+                self.dirty.mark(t.session_id, Flag.TIMER)
 
     def _on_activity(self, batch: list[watcher.Activity]) -> None:
         for act in batch:
             if act == watcher.RESCAN:  # events may have been lost: a sweep, now
                 self._discover()
                 for sid in self.tracked:
-                    self.mark(sid, Flag.SWEEP)
+                    self.dirty.mark(sid, Flag.SWEEP)
                 continue
             if act.session_id is None:
                 if act.added:  # a new agent group folder: its sessions may be unreported
@@ -162,7 +159,7 @@ class Supervisor:
                 continue
             flags = _KIND_FLAGS.get(act.kind, Flag.NONE)
             if flags:
-                self.mark(act.session_id, flags)
+                self.dirty.mark(act.session_id, flags)
 
     # --- discovery ----------------------------------------------------------------
 
@@ -201,7 +198,7 @@ class Supervisor:
             return False
         t = self._track(agent_group, session_id)
         t.status = Status(row.container_status)
-        self.mark(session_id, Flag.FULL)
+        self.dirty.mark(session_id, Flag.FULL)
         return True
 
     def _real_session_folder(self, agent_group: str, session_id: str) -> bool:
@@ -226,7 +223,7 @@ class Supervisor:
             if session_id not in self.tracked:
                 t = self._track(agent_group, session_id)
                 t.status = Status(container_status)
-                self.mark(session_id, Flag.FULL)
+                self.dirty.mark(session_id, Flag.FULL)
         self._register_found(self._unseen_folders())
 
     def _unseen_folders(self) -> list[tuple[str, str]]:
@@ -337,7 +334,7 @@ class Supervisor:
                     except OSError:  # a linked group too: the pass says what is wrong
                         group_fds[t.agent_group] = None
                 if flags := self.worker.sweep_flags(t, group_fds[t.agent_group]):
-                    self.mark(sid, flags)
+                    self.dirty.mark(sid, flags)
         finally:
             for fd in group_fds.values():
                 if fd is not None:

@@ -32,6 +32,7 @@ from orchestrator.channels import Channel
 from orchestrator.channels.jsonl import JsonlChannel
 from orchestrator.channels.log import LogChannel
 from orchestrator.channels.webhook import WebhookChannel
+from orchestrator.config.load import parse_range
 from orchestrator.config.model import Config, DeliveryConfig
 from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.schema import utcnow
@@ -46,7 +47,6 @@ from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import Sessions
-from orchestrator.host.uids import parse_range
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.signals import capture_signals
 from orchestrator.watch import watcher

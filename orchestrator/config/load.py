@@ -134,8 +134,28 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
         sections["api"] = dataclasses.replace(
             api, token_file=str(data_dir / Path(api.token_file).expanduser()))
     _check_timezone(sections["sessions"].timezone)
+    parse_range(sections["runtime"].uid_range)  # refused here, before anything is opened
     groups = load_groups(data.get("groups", {}), base_dir)
     return Config(data_dir=data_dir, source=source, groups=groups, **sections)
+
+
+DEFAULT_RANGE = (200000, 299999)
+
+
+def parse_range(text: str, *, default: tuple[int, int] | None = DEFAULT_RANGE
+                ) -> tuple[int, int] | None:
+    """``"LO-HI"`` (inclusive, both above 0, LO <= HI) -> (LO, HI); ``""`` -> None;
+    ``"auto"`` -> ``default``."""
+    text = text.strip()
+    if text == "auto":
+        return default
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+    if not match or not 0 < int(match.group(1)) <= int(match.group(2)) < 2**31 - 1:
+        raise ConfigError(f"[runtime] uid_range {text!r}: write LOW-HIGH, e.g. "
+                          "\"200000-299999\" (uids above 0), \"auto\" or \"\" (one uid for all)")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _check_timezone(name: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sqlite3
 import stat
 import threading
@@ -23,12 +22,10 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.config.model import ConfigError
 from orchestrator.contract import layout
 from orchestrator.contract.schema import format_ts, transaction, utcnow
 from orchestrator.host.private import DIR_MODE, make_dirs, private_file
 
-DEFAULT_RANGE = (200000, 299999)
 DDL = """CREATE TABLE IF NOT EXISTS session_uids (
     session_id TEXT PRIMARY KEY, uid INTEGER NOT NULL UNIQUE, assigned_at TEXT NOT NULL)"""
 _said_shared = False
@@ -36,22 +33,6 @@ _said_shared = False
 
 class NoUidLeft(RuntimeError):
     """Every uid of the range belongs to a session."""
-
-
-def parse_range(text: str, *, default: tuple[int, int] | None = DEFAULT_RANGE
-                ) -> tuple[int, int] | None:
-    """``"LO-HI"`` (inclusive, both above 0, LO <= HI) -> (LO, HI); ``""`` -> None;
-    ``"auto"`` -> ``default``."""
-    text = text.strip()
-    if text == "auto":
-        return default
-    if not text:
-        return None
-    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
-    if not match or not 0 < int(match.group(1)) <= int(match.group(2)) < 2**31 - 1:
-        raise ConfigError(f"[runtime] uid_range {text!r}: write LOW-HIGH, e.g. "
-                          "\"200000-299999\" (uids above 0), \"auto\" or \"\" (one uid for all)")
-    return int(match.group(1)), int(match.group(2))
 
 
 class SessionUids:

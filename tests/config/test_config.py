@@ -234,3 +234,11 @@ def test_written_default_reads_back(tmp_path):
     cfg = read_config(path)
     assert cfg == dataclasses.replace(load_config({}, tmp_path.resolve()), source=path)
     assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("value", ["abc", "300-200", "0-10", "10", "-5-10"])
+def test_a_bad_uid_range_is_refused_when_the_config_loads(tmp_path: Path, value: str) -> None:
+    """Refused with the other config errors, before `run` locks or creates anything."""
+    with pytest.raises(ConfigError, match=r"\[runtime\] uid_range"):
+        load_config({"runtime": {"uid_range": value}}, tmp_path)
+    assert not (tmp_path / "data").exists()

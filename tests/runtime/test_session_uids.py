@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.load import parse_range
 from orchestrator.config.model import DockerConfig, RuntimeConfig
 from orchestrator.contract.layout import delivered_root
 from orchestrator.engine.delivery import move_files
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import create_folder
-from orchestrator.host.uids import SessionUids, parse_range
+from orchestrator.host.uids import SessionUids
 from orchestrator.runtime.base import AgentExit, SessionRef
 
 RANGE = (200000, 200099)

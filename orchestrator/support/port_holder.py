@@ -62,13 +62,14 @@ def _fd_targets(pid_dir: Path) -> list[str]:
 
 
 def _command(pid_dir: Path) -> str:
+    """The program's name only: another program's arguments may hold its secrets
+    (a token on the command line), and this text goes into an error line."""
     try:
         raw = (pid_dir / "cmdline").read_bytes()
     except OSError:
         return "?"
-    text = " ".join(p.decode(errors="replace") for p in raw.split(b"\0") if p)
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text[:120] or "?"  # one line, whatever the arguments hold
+    name = os.path.basename(raw.split(b"\0", 1)[0].decode(errors="replace"))
+    return "".join(c for c in name if c.isprintable())[:64] or "?"
 
 
 def port_holder(port: int, proc: Path = Path("/proc")) -> PortHolder | None:

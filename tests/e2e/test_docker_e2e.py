@@ -33,7 +33,8 @@ from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.host.sessions import MessagingGroup
-from orchestrator.host.uids import DEFAULT_RANGE, SessionUids
+from orchestrator.config.load import DEFAULT_RANGE
+from orchestrator.host.uids import SessionUids
 from orchestrator.runtime.docker.spec import (
     FALLBACK_UID,
     LABEL_GROUP,

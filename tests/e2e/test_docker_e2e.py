@@ -26,14 +26,13 @@ import pytest
 from loguru import logger
 
 from orchestrator.channels.jsonl import read_lines
-from orchestrator.config.load import load_config
+from orchestrator.config.load import DEFAULT_RANGE, load_config
 from orchestrator.config.model import Config
 from orchestrator.contract.layout import delivered_root, registry_path
 from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.host.registry import Registry, SessionRow
 from orchestrator.host.sessions import MessagingGroup
-from orchestrator.config.load import DEFAULT_RANGE
 from orchestrator.host.uids import SessionUids
 from orchestrator.runtime.docker.spec import (
     FALLBACK_UID,

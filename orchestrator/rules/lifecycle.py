@@ -157,7 +157,7 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
       that never shows life.) The age counts from the end of the claim stamp's tick
       (``claim_tick_end``): the claim may have come that late, and only a heartbeat after
       it counts, so counting from the stamp itself would leave the agent no time at all to
-      show one (a whole- second stamp, or a millisecond one ending in .000, reached its
+      show one (a whole-second stamp, or a millisecond one ending in .000, reached its
       limit in the very instant its first countable heartbeat could come).
     A paused agent is frozen by us, not hung; after a thaw see ``thawed``.
     """

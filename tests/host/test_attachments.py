@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -405,3 +406,16 @@ def test_a_sender_cannot_choose_localpath(sess):
     (content,) = query(s.paths(row).inbound_db, "SELECT content FROM messages_in")[0]
     (entry,) = json.loads(content)["attachments"]
     assert (entry["path"], entry["localPath"]) == ("inbox/m2/x.txt", "inbox/m2/x.txt")
+
+
+@pytest.mark.parametrize("setgid", [False, True])
+def test_attachments_are_for_their_agent_only_whatever_the_umask(place, umask_022, setgid):
+    """0640 files in a 0750 folder (no access for others), and an inbox's setgid bit
+    (the agent's gid, with a uid per session) carries over to the message folder."""
+    paths, _ = place
+    if setgid:
+        os.chmod(paths.inbox, 0o2750)
+    attachments.write_inbox(paths, "m1", [Decoded("a.txt", b"hi", {})])
+    folder = paths.inbox / "m1"
+    assert stat.S_IMODE(folder.stat().st_mode) == (0o2750 if setgid else 0o750)
+    assert stat.S_IMODE((folder / "a.txt").stat().st_mode) == 0o640

@@ -20,12 +20,14 @@ import asyncio
 import errno
 import json
 import os
+import random
 import shutil
 import sqlite3
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Callable
 
 from loguru import logger
 
@@ -40,6 +42,7 @@ from orchestrator.channels import (
 )
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
+from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.outbox_janitor import INLINE_OPS, OutboxJanitor
 from orchestrator.host import inbound
 from orchestrator.host.attachments import safe_name
@@ -337,6 +340,19 @@ def _advance_watermark(state: DeliveryState, messages: list[OutMessage],
         state.anchor = msg.id
 
 
+def deliverable_since(msg: OutMessage) -> datetime | None:
+    """When a reply became deliverable: written (its timestamp) or, if later, due
+    (``deliver_after``); where ``[delivery] retry_horizon`` is counted from (a stamp
+    in the future is clamped to now by the rule)."""
+    try:
+        written = parse_ts(msg.timestamp)
+    except ValueError:
+        written = None
+    if written is None or (msg.deliver_after is not None and msg.deliver_after > written):
+        return msg.deliver_after
+    return written
+
+
 @dataclass
 class Deliverer:
     data_dir: Path
@@ -344,6 +360,7 @@ class Deliverer:
     channel: Channel
     cfg: DeliveryConfig
     janitor: OutboxJanitor = field(default=None)  # type: ignore[assignment]
+    rand: Callable[[], float] = random.random  # the backoff's jitter
 
     def __post_init__(self) -> None:
         if self.janitor is None:
@@ -423,7 +440,8 @@ class Deliverer:
                        exc: DeliveryError) -> Plan:
         verdict = after_failure(_trouble(exc), str(exc), attempts,
                                 run.state.waiting_files.get(msg.id), run.now, self.cfg,
-                                retry_after=exc.retry_after)
+                                retry_after=exc.retry_after, since=deliverable_since(msg),
+                                rand=self.rand())
         if verdict.step is Step.WAIT:
             run.state.waiting_files.setdefault(msg.id, run.now)
             logger.debug("reply {} of session {}: {}; waiting", msg.id, run.session_id, exc)

@@ -183,6 +183,7 @@ class WebhookChannel:
         self._said_full = False
         self.responses: Counter[str] = Counter()  # code → count (see response_code)
         self.events = frozenset(cfg.events)
+        self._closed = False
 
     def bind(self, on_outcome: OnOutcome) -> None:
         """``on_outcome(session_id)``: an outcome is known; run a pass for that session."""
@@ -227,6 +228,8 @@ class WebhookChannel:
         task.add_done_callback(self._tasks.discard)
 
     def _record(self, body: dict[str, Any], msg_id: str) -> None:
+        if self._closed:  # shutting down: nothing new is started
+            return
         if self._records >= MAX_PENDING_RECORDS:  # a receiver down for long: bounded memory
             if not self._said_full:
                 self._said_full = True
@@ -313,6 +316,7 @@ class WebhookChannel:
 
     async def aclose(self) -> None:
         """Cancel what is in flight (sent again after a restart: at-least-once)."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

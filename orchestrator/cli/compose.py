@@ -125,7 +125,9 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           statuses=lambda: [t.status for t in tracked.values()],
                           queue_length=lambda: gate.queue_length(),
                           rescans=lambda: dict(watcher.RESCANS))
-        hub = Hub(events, metrics)
+        forward = (chan.forward_event if isinstance(chan, WebhookChannel)
+                   and cfg.delivery.events else None)  # [delivery] events: same ids as SSE
+        hub = Hub(events, metrics, forward)
 
         statuses = StatusBook(registry, hub.notify)
         gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)

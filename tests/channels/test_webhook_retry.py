@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tomli_w
 
+from orchestrator.api.events import EventStore
 from orchestrator.cli.commands import main
 from orchestrator.cli.deliveries import listen_url
 from tests.channels.test_webhook import all_verified, delivered, webhook_config, write_secret
@@ -153,3 +154,41 @@ def test_listen_url() -> None:
     assert listen_url("[::1]:9") == "http://[::1]:9"
     assert listen_url("unix:/run/o.sock") == "unix:/run/o.sock"
     assert listen_url("127.0.0.1:0") is None and listen_url("") is None
+
+
+async def test_status_and_failure_events_go_to_the_webhook_with_the_sse_ids(
+        tmp_path: Path, reap_agents) -> None:
+    receiver = await Receiver("", Switch(400)).start()
+    cfg = webhook_config(tmp_path, receiver.url, events=["status", "failure"])
+    receiver.secret = write_secret(cfg)
+    client = Client(cfg)
+    async with api_supervised(cfg) as (sup, api):
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: any(r.json["type"] == "reply_failed" for r in receiver.requests),
+                    message="the reply_failed event")
+        await until(lambda: any(r.json["type"] == "status" and r.json["status"] == "stopped"
+                                for r in receiver.requests), timeout=30,
+                    message="the stopped status event")
+        logged = {e.id: e for e in api_events(sup)}
+    events = [r for r in receiver.requests if r.json["type"] in ("status", "reply_failed")]
+    for r in events:
+        e = logged[r.json["id"]]  # the id of GET /v1/events
+        assert r.headers["webhook-id"] == f"event-{e.id}"
+        assert r.json["type"] == e.kind and r.json["session_id"] == row.id == e.data[
+            "session_id"]
+        assert r.json["at"].endswith("Z") and "T" in r.json["at"]
+    statuses = [r.json["status"] for r in events if r.json["type"] == "status"]
+    assert statuses[:1] == ["running"] and "stopped" in statuses
+    assert not any(r.json["type"] == "reply_delivered" for r in receiver.requests)
+    all_verified(receiver)
+    await receiver.stop()
+    client.close()
+
+
+def api_events(sup) -> list:
+    """What ``GET /v1/events`` replays: the event log of this orchestrator."""
+    store = EventStore(sup.cfg.data_dir / "events.db")
+    try:
+        return store.since(0)
+    finally:
+        store.close()

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orchestrator.api.auth import SAFE_METHODS, HostRule, bearer_ok, request_refusal
 from orchestrator.api.events import EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
-from orchestrator.api.metrics import Metrics
+from orchestrator.api.metrics import Metrics, RequestTimer
 from orchestrator.contract.layout import InvalidId
 from orchestrator.contract.schema import format_due, parse_ts
 from orchestrator.engine.ports import Control
@@ -261,7 +261,8 @@ class Api:
     def app(self) -> Starlette:
         metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
-        return Starlette(middleware=[Middleware(Guard, self.rule, self.unix)], routes=[
+        return Starlette(middleware=[Middleware(RequestTimer, self.metrics),
+                                     Middleware(Guard, self.rule, self.unix)], routes=[
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),

@@ -433,3 +433,26 @@ async def test_a_slow_receiver_delays_only_its_own_session(tmp_path: Path, reap_
     all_verified(receiver)
     await receiver.stop()
     client.close()
+
+
+async def test_rotation_two_keys_sign_and_a_receiver_knowing_either_accepts(
+        tmp_path: Path, reap_agents) -> None:
+    """``secret_files = [new, old]``: every request carries both signatures, so the
+    receiver moved to the new key accepts, and one still on the old key does too."""
+    receiver = await Receiver("").start()
+    cfg = webhook_config(tmp_path, receiver.url,
+                         secret_files=["webhook-secret-2", "webhook-secret"])
+    new, old = write_secret(cfg, 0), write_secret(cfg, 1)
+    receiver.secret = new  # the receiver knows only the new key
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: delivered(cfg, client, row), message="delivered")
+    [post] = receiver.replies()
+    assert post.signature_ok
+    assert len(post.headers["webhook-signature"].split(" ")) == 2
+    assert verified(old, post.body, post.headers)  # a receiver still on the old key
+    assert not verified(new_secret(), post.body, post.headers)
+    all_verified(receiver)
+    await receiver.stop()
+    client.close()

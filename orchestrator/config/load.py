@@ -149,6 +149,9 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
         delivery, path=(data_dir / Path(str(delivery.path)).expanduser()),
         secret_files=_secret_files(delivery.secret_files, data_dir))
     _check_events(delivery.events)
+    if delivery.events and delivery.channel != "webhook":
+        raise ConfigError(f"[delivery] events is for the webhook channel (channel = "
+                          f"{delivery.channel!r}); remove it, or read GET /v1/events")
     if delivery.channel == "webhook" and not delivery.url.startswith(("http://", "https://")):
         raise ConfigError(f"[delivery] url must be an http:// or https:// URL for the webhook "
                           f"channel, got {delivery.url!r}")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -396,9 +397,26 @@ async def test_a_receiver_that_is_down_then_back_gets_the_reply(tmp_path: Path, 
     client.close()
 
 
-async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents) -> None:
-    receiver = await Receiver("", scripted((429, 0, {"Retry-After": "1"}),
-                                            (200, 0, {}))).start()
+def _in_two_seconds() -> str:
+    return email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2),
+                                       usegmt=True)
+
+
+@pytest.mark.parametrize("retry_after, least", [
+    (lambda: "1", 1.0),  # delta-seconds
+    (_in_two_seconds, 1.0),  # an HTTP date (whole seconds: at least 1 s of the 2)
+], ids=["seconds", "http-date"])
+async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents, retry_after,
+                                           least: float) -> None:
+    answers = iter([(429, 0.0, "ask"), (200, 0.0, None)])
+
+    def behave(body: dict):
+        if body["type"] != "reply":
+            return 200, 0.0, {}
+        status, delay, ask = next(answers, (200, 0.0, None))
+        return status, delay, ({"Retry-After": retry_after()} if ask else {})
+
+    receiver = await Receiver("", behave).start()
     cfg = webhook_config(tmp_path, receiver.url)
     receiver.secret = write_secret(cfg)
     client = Client(cfg)
@@ -406,7 +424,7 @@ async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents) -> None:
         row, _ = client.send("helpers", "hello")
         await until(lambda: delivered(cfg, client, row), message="delivered")
     arrivals = [r.at for r in receiver.replies()]
-    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.0
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= least
     all_verified(receiver)
     await receiver.stop()
     client.close()

@@ -28,8 +28,10 @@ def test_defaults_and_paths(tmp_path: Path) -> None:
     ({"secret_files": []}, "[delivery] secret_files must list at least one file"),
     ({"secret_files": [""]}, "[delivery] secret_files must list at least one file"),
     ({"secret_files": "one"}, "[delivery] secret_files must be a list of strings"),
-    ({"events": ["status", "replies"]},
+    ({"channel": "webhook", "url": "http://x/", "events": ["status", "replies"]},
      "[delivery] events: each must be one of 'status', 'failure', got 'replies'"),
+    ({"events": ["status"]}, "[delivery] events is for the webhook channel (channel = "
+     "'jsonl'); remove it, or read GET /v1/events"),
     ({"retry_horizon": -1}, "[delivery] retry_horizon must be between 0 and"),
     ({"retry_max_delay": 0}, "[delivery] retry_max_delay must be between 0.1 and"),
 ])

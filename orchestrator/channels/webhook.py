@@ -27,7 +27,7 @@ import random
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 from loguru import logger
@@ -168,7 +168,7 @@ class WebhookChannel:
     name = "webhook"
 
     def __init__(self, cfg: DeliveryConfig, *, keys: tuple[bytes, ...] | None = None,
-                 rand: Any = random.random) -> None:
+                 rand: Callable[[], float] = random.random) -> None:
         self.cfg = cfg
         self.url = cfg.url
         self._keys = keys if keys is not None else load_keys(cfg.secret_files)

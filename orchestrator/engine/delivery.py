@@ -42,7 +42,6 @@ from orchestrator.channels import (
 )
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
-from orchestrator.contract.schema import parse_ts
 from orchestrator.engine.outbox_janitor import INLINE_OPS, OutboxJanitor
 from orchestrator.host import inbound
 from orchestrator.host.attachments import safe_name
@@ -59,7 +58,15 @@ from orchestrator.host.safefs import (
     regular_or_refuse,
 )
 from orchestrator.host.treeremove import remove_tree
-from orchestrator.rules.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.rules.delivery_plan import (
+    Plan,
+    ReplyFacts,
+    Step,
+    Trouble,
+    after_failure,
+    deliverable_since,
+    plan,
+)
 from orchestrator.rules.lifecycle import earliest
 from orchestrator.support.errors import host_storage_failure
 from orchestrator.support.logonce import LogOnce
@@ -340,19 +347,6 @@ def _advance_watermark(state: DeliveryState, messages: list[OutMessage],
         state.anchor = msg.id
 
 
-def deliverable_since(msg: OutMessage) -> datetime | None:
-    """When a reply became deliverable: written (its timestamp) or, if later, due
-    (``deliver_after``); where ``[delivery] retry_horizon`` is counted from (a stamp
-    in the future is clamped to now by the rule)."""
-    try:
-        written = parse_ts(msg.timestamp)
-    except ValueError:
-        written = None
-    if written is None or (msg.deliver_after is not None and msg.deliver_after > written):
-        return msg.deliver_after
-    return written
-
-
 @dataclass
 class Deliverer:
     data_dir: Path
@@ -440,7 +434,8 @@ class Deliverer:
                        exc: DeliveryError) -> Plan:
         verdict = after_failure(_trouble(exc), str(exc), attempts,
                                 run.state.waiting_files.get(msg.id), run.now, self.cfg,
-                                retry_after=exc.retry_after, since=deliverable_since(msg),
+                                retry_after=exc.retry_after,
+                                since=deliverable_since(msg.timestamp, msg.deliver_after),
                                 rand=self.rand())
         if verdict.step is Step.WAIT:
             run.state.waiting_files.setdefault(msg.id, run.now)

@@ -16,6 +16,7 @@ The session folder is the agent's: inbound.db is opened by descriptor
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from loguru import logger
@@ -24,6 +25,8 @@ from orchestrator.contract.layout import INBOUND_DB
 from orchestrator.contract.schema import opened, transaction
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import SessionDir
+
+BUSY_MS = 2000
 
 
 class UnknownSession(LookupError):
@@ -34,7 +37,8 @@ def _requeue_one(data_dir: Path, agent_group: str, session_id: str) -> list[str]
     with SessionDir(data_dir, agent_group, session_id) as folder:
         if folder.regular(INBOUND_DB) is None:
             return []
-        with opened(folder.db(INBOUND_DB)) as conn, transaction(conn):
+        # off the loop (a thread): waiting a little for a reader's lock is fine here
+        with opened(folder.db(INBOUND_DB, busy_ms=BUSY_MS)) as conn, transaction(conn):
             ids = [r[0] for r in conn.execute(
                 "SELECT message_out_id FROM delivered WHERE status='failed'")]
             if ids:
@@ -55,7 +59,8 @@ def requeue_failed(data_dir: Path, registry: Registry,
     for sid, group in sessions:
         try:
             ids = _requeue_one(data_dir, group, sid)
-        except OSError as exc:  # includes safefs.Refused: a planted link, a gone folder
+        except (OSError, sqlite3.Error) as exc:  # safefs.Refused (a planted link), a gone
+            # folder, a database locked for longer than BUSY_MS: the others still go
             logger.warning("session {}: failed replies not re-queued ({})", sid, exc)
             continue
         for out_id in ids:

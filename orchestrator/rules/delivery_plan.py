@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from orchestrator.config.model import DeliveryConfig
+from orchestrator.contract.schema import parse_ts
 
 
 class Step(enum.Enum):
@@ -76,6 +77,20 @@ def files_recheck(waited: float) -> float:
     (an agent that writes the row a moment before its files), then less often, at
     most once a second (one stat per listed file each time)."""
     return min(1.0, max(0.05, waited / 4))
+
+
+def deliverable_since(timestamp: str | None, deliver_after: datetime | None
+                      ) -> datetime | None:
+    """When a reply became deliverable: written (its row's ``timestamp``) or, if later,
+    due (``deliver_after``); where ``[delivery] retry_horizon`` is counted from (a
+    stamp in the future is clamped to now by ``after_failure``)."""
+    try:
+        written = parse_ts(timestamp)
+    except ValueError:
+        written = None
+    if written is None or (deliver_after is not None and deliver_after > written):
+        return deliver_after
+    return written
 
 
 def retry_delay(attempts: int, base: float, cap: float, rand: float) -> float:

@@ -13,6 +13,7 @@ from orchestrator.rules.delivery_plan import (
     Step,
     Trouble,
     after_failure,
+    deliverable_since,
     plan,
     retry_delay,
 )
@@ -137,3 +138,13 @@ def test_the_defaults_retry_for_a_day() -> None:
         now = verdict.at
     assert "retry_horizon" in verdict.reason
     assert now - since >= timedelta(hours=24) and attempts < cfg.max_attempts
+
+
+@pytest.mark.parametrize("timestamp, deliver_after, since", [
+    ("2025-03-01 12:00:00.000", None, at(0)),
+    ("2025-03-01 12:00:00.000", at(60), at(60)),  # due later: counted from then
+    ("2025-03-01 12:00:00.000", at(-60), at(0)),
+    ("not a time", at(5), at(5)), ("not a time", None, None), (None, None, None),
+])
+def test_deliverable_since(timestamp, deliver_after, since) -> None:
+    assert deliverable_since(timestamp, deliver_after) == since

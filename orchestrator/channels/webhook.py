@@ -107,9 +107,8 @@ def outcome_of(status: int, retry_after: str | None, now: datetime) -> DeliveryE
     return PermanentDeliveryError(f"webhook answered HTTP {status} ({hint})")
 
 
-# A file entry's fields; ``data`` and ``sha256`` are null unless the file is inline, and
-# ``omitted`` then says why: over ``max_file_bytes`` or no room left under ``max_payload_bytes``.
 def reply_body(reply: Reply, files: list[dict[str, Any]], unlisted: int = 0) -> dict[str, Any]:
+    """A reply's payload (docs/contract.md §12); its time in RFC 3339."""
     return {"type": "reply", "id": reply.message_id, "session_id": reply.session_id,
             "agent_group": reply.agent_group, "seq": reply.seq, "kind": reply.kind,
             "in_reply_to": reply.in_reply_to,

@@ -24,6 +24,8 @@ from orchestrator.channels.base import DeliveryError
 SEND_SLICE = 1 << 18
 
 
+# A file entry's fields; ``data`` and ``sha256`` are null unless the file is inline, and
+# ``omitted`` then says why: over ``max_file_bytes`` or no room left under ``max_payload_bytes``.
 OMITTED_FILE = "max_file_bytes"
 OMITTED_PAYLOAD = "max_payload_bytes"
 _INLINE_EXTRA = 64  # an inline entry's sha256 (66) and "data" quotes, less its reason

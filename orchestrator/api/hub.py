@@ -22,7 +22,7 @@ Forward = Callable[[int, str, str, dict[str, Any]], None]
 
 
 class Hub:
-    def __init__(self, events: EventStore, metrics: Metrics,
+    def __init__(self, events: EventStore, metrics: Metrics, *,
                  forward: Forward | None = None) -> None:
         self.events = events
         self.metrics = metrics

@@ -130,7 +130,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           if isinstance(chan, WebhookChannel) else None)
         forward = (chan.forward_event if isinstance(chan, WebhookChannel)
                    and cfg.delivery.events else None)  # [delivery] events: same ids as SSE
-        hub = Hub(events, metrics, forward)
+        hub = Hub(events, metrics, forward=forward)
 
         statuses = StatusBook(registry, hub.notify)
         gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)

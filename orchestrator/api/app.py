@@ -31,10 +31,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orchestrator.api.auth import SAFE_METHODS, HostRule, bearer_ok, request_refusal
 from orchestrator.api.events import EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
-from orchestrator.api.metrics import Metrics
+from orchestrator.api.metrics import Metrics, RequestTimer
 from orchestrator.contract.layout import InvalidId
 from orchestrator.contract.schema import format_due, parse_ts
 from orchestrator.engine.ports import Control
+from orchestrator.engine.requeue import UnknownSession
 from orchestrator.host import status as status_mod
 from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
@@ -260,7 +261,8 @@ class Api:
     def app(self) -> Starlette:
         metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
-        return Starlette(middleware=[Middleware(Guard, self.rule, self.unix)], routes=[
+        return Starlette(middleware=[Middleware(RequestTimer, self.metrics),
+                                     Middleware(Guard, self.rule, self.unix)], routes=[
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
@@ -271,6 +273,8 @@ class Api:
             Route("/v1/sessions/{session_id}/stop", self.authed(self.stop_session),
                   methods=["POST"]),
             Route("/v1/events", self.authed(self.stream_events)),
+            Route("/v1/deliveries/retry", self.authed(self.retry_deliveries),
+                  methods=["POST"]),
         ])
 
     # --- unauthenticated ------------------------------------------------------------------
@@ -423,6 +427,22 @@ class Api:
             return error(f"session {sid}: no agent is running, or a start/stop is under way",
                          409)
         return JSONResponse({"session_id": sid, "stopping": True}, status_code=202)
+
+    async def retry_deliveries(self, request: Request) -> Response:
+        """``{"session_id": optional}`` → ``{"retried": N}``: failed replies re-queued
+        with fresh attempts (``engine.requeue``); an empty body means every session."""
+        body = await self._body(request)
+        data = loads(body) if body.strip() else {}
+        if not isinstance(data, dict) or set(data) - {"session_id"}:
+            raise BadRequest('body must be a JSON object with at most "session_id"')
+        sid = data.get("session_id")
+        if sid is not None and not isinstance(sid, str):
+            raise BadRequest(f"session_id must be a string, got {sid!r}")
+        try:
+            retried = await self.control.retry_deliveries(sid)
+        except UnknownSession as exc:
+            return error(str(exc), 404)
+        return JSONResponse({"retried": retried})
 
     async def stream_events(self, request: Request) -> Response:
         after = last_event_id(request)

@@ -77,3 +77,9 @@ def send(url: str, token: str | None, body: dict[str, Any],
 
 def sessions(url: str, token: str | None) -> list[dict[str, Any]]:
     return _call(url, token, "GET", "/v1/sessions")
+
+
+def retry_deliveries(url: str, token: str | None, session_id: str | None) -> dict[str, Any]:
+    """``POST /v1/deliveries/retry``: ``{"retried": N}``."""
+    body = {"session_id": session_id} if session_id else {}
+    return _call(url, token, "POST", "/v1/deliveries/retry", json=body)

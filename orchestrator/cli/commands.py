@@ -19,6 +19,7 @@ from typing import Sequence
 
 from orchestrator import version
 from orchestrator.api import client as api_client
+from orchestrator.cli import deliveries as cli_deliveries
 from orchestrator.cli import groups as cli_groups
 from orchestrator.config.load import read_config
 from orchestrator.config.model import Config
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_image)
 
     cli_groups.register(sub, common, _load)
+    cli_deliveries.register(sub, common, remote, _load)
     return parser
 
 

@@ -98,11 +98,33 @@ def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
+        if (name, unknown[0]) in RENAMED:
+            raise ConfigError(f"[{name}] {unknown[0]} is no longer read: write "
+                              f"{RENAMED[(name, unknown[0])]}")
         raise ConfigError(
             f"unknown key [{name}] {unknown[0]}: allowed keys are {', '.join(known)}"
         )
     values = {k: _check_value(f"[{name}] {k}", known[k], v, base_dir) for k, v in raw.items()}
     return cls(**values)
+
+
+EVENT_KINDS = ("status", "failure")
+RENAMED = {("delivery", "secret_file"): 'secret_files = ["<file>"] (a list: several keys '
+           'sign at once, for rotation)'}
+
+
+def _secret_files(names: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
+    if not names or not all(names):
+        raise ConfigError("[delivery] secret_files must list at least one file, e.g. "
+                          '["webhook-secret"]')
+    return tuple(str(data_dir / Path(n).expanduser()) for n in names)
+
+
+def _check_events(kinds: tuple[str, ...]) -> None:
+    for kind in kinds:
+        if kind not in EVENT_KINDS:
+            allowed = ", ".join(repr(k) for k in EVENT_KINDS)
+            raise ConfigError(f"[delivery] events: each must be one of {allowed}, got {kind!r}")
 
 
 def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
@@ -125,7 +147,11 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
     delivery = sections["delivery"]
     sections["delivery"] = dataclasses.replace(
         delivery, path=(data_dir / Path(str(delivery.path)).expanduser()),
-        secret_file=(data_dir / Path(str(delivery.secret_file)).expanduser()))
+        secret_files=_secret_files(delivery.secret_files, data_dir))
+    _check_events(delivery.events)
+    if delivery.events and delivery.channel != "webhook":
+        raise ConfigError(f"[delivery] events is for the webhook channel (channel = "
+                          f"{delivery.channel!r}); remove it, or read GET /v1/events")
     if delivery.channel == "webhook" and not delivery.url.startswith(("http://", "https://")):
         raise ConfigError(f"[delivery] url must be an http:// or https:// URL for the webhook "
                           f"channel, got {delivery.url!r}")

@@ -7,7 +7,16 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from orchestrator.config.model import DeliveryConfig
-from orchestrator.rules.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.rules.delivery_plan import (
+    Plan,
+    ReplyFacts,
+    Step,
+    Trouble,
+    after_failure,
+    deliverable_since,
+    plan,
+    retry_delay,
+)
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 CFG = DeliveryConfig(max_attempts=3, retry_base=2.0, files_wait=10.0)
@@ -78,3 +87,64 @@ def test_retry_after_lengthens_the_backoff_never_shortens_it() -> None:
     assert shorter.at == NOW + timedelta(seconds=2)
     last = after_failure(Trouble.TRANSIENT, "429", 4, None, NOW, cfg, retry_after=30.0)
     assert last.step is Step.FAIL
+
+
+@pytest.mark.parametrize("attempts, rand, delay", [
+    (1, 1.0, 2.0), (2, 1.0, 4.0), (3, 1.0, 8.0), (11, 1.0, 2048.0),
+    (13, 1.0, 3600.0),  # capped at retry_max_delay
+    (1000, 1.0, 3600.0),  # no overflow
+    (3, 0.5, 4.0), (3, 0.0, 2.0),  # full jitter, never under the base
+    (13, 0.25, 900.0),
+])
+def test_retry_delay_is_exponential_with_full_jitter(attempts: int, rand: float,
+                                                     delay: float) -> None:
+    assert retry_delay(attempts, 2.0, 3600.0, rand) == delay
+
+
+HORIZON = DeliveryConfig(retry_base=2.0, max_attempts=1000, retry_horizon=3600.0,
+                         retry_max_delay=600.0)
+
+
+@pytest.mark.parametrize("since, attempts, retry_after, expected", [
+    (at(0), 0, None, Plan(Step.RETRY, "x", at(2))),
+    (at(-3590), 20, None, Plan(Step.RETRY, "x", at(10))),  # cut short: the last try at the end
+    (at(-3600), 20, None,
+     Plan(Step.FAIL, "giving up after 21 attempts over [delivery] retry_horizon (3600s): x")),
+    (at(-7200), 0, None,
+     Plan(Step.FAIL, "giving up after 1 attempts over [delivery] retry_horizon (3600s): x")),
+    (at(600), 0, None, Plan(Step.RETRY, "x", at(2))),  # a stamp in the future counts as now
+    (at(-3590), 0, 30.0, Plan(Step.RETRY, "x", at(30))),  # the receiver asked: honoured
+    (at(0), 0, 99999.0, Plan(Step.RETRY, "x", at(600))),  # ... up to retry_max_delay
+], ids=["first", "cut-at-horizon", "horizon-over", "long-over", "future-stamp",
+        "retry-after-past-horizon", "retry-after-capped"])
+def test_retries_end_at_the_horizon(since, attempts, retry_after, expected) -> None:
+    assert after_failure(Trouble.TRANSIENT, "x", attempts, None, NOW, HORIZON,
+                         retry_after=retry_after, since=since) == expected
+
+
+def test_the_defaults_retry_for_a_day() -> None:
+    """With the defaults a receiver may be down for 24 h: attempts (at the top of the
+    jitter, the fewest) keep coming until the horizon, and max_attempts is not what ends
+    them."""
+    cfg = DeliveryConfig()
+    now, attempts, since = NOW, 0, NOW
+    while True:
+        verdict = after_failure(Trouble.TRANSIENT, "down", attempts, None, now, cfg,
+                                since=since)
+        if verdict.step is Step.FAIL:
+            break
+        attempts += 1
+        assert verdict.at is not None
+        now = verdict.at
+    assert "retry_horizon" in verdict.reason
+    assert now - since >= timedelta(hours=24) and attempts < cfg.max_attempts
+
+
+@pytest.mark.parametrize("timestamp, deliver_after, since", [
+    ("2025-03-01 12:00:00.000", None, at(0)),
+    ("2025-03-01 12:00:00.000", at(60), at(60)),  # due later: counted from then
+    ("2025-03-01 12:00:00.000", at(-60), at(0)),
+    ("not a time", at(5), at(5)), ("not a time", None, None), (None, None, None),
+])
+def test_deliverable_since(timestamp, deliver_after, since) -> None:
+    assert deliverable_since(timestamp, deliver_after) == since

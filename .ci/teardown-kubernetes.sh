@@ -19,8 +19,18 @@ source "$REPO/.ci/kubernetes/common.sh"
 # 1. the kubelet first, so it does not restart what is being removed
 stop_pid kubelet 15
 
-# 2. CRI containers and sandboxes, through our own containerd while it still runs
+# 2. CRI containers and sandboxes, through our own containerd (started again for this if a
+#    half-started cluster lost it while its containers live on)
 netns=()
+if ! pid_of containerd >/dev/null && [ -s "$K8S_STATE/containerd.toml" ] \
+        && [ -d "$CONTAINERD_ROOT/root" ]; then
+    say "containerd is not running: starting it to remove what it left"
+    mkdir -p "$K8S_PIDS" "$K8S_LOGS"
+    setsid nohup containerd --config "$K8S_STATE/containerd.toml" \
+        >>"$K8S_LOGS/containerd.log" 2>&1 </dev/null &
+    echo $! > "$K8S_PIDS/containerd.pid"
+    for _ in $(seq 1 100); do ctr --address "$CONTAINERD_SOCK" version >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 if pid_of containerd >/dev/null; then
     for c in $(ctr_k8s containers ls -q 2>/dev/null); do
         ns=$(ctr_k8s containers info "$c" 2>/dev/null | python3 -c '
@@ -77,10 +87,20 @@ while iptables -S FORWARD 2>/dev/null | grep -q -- "--comment $IPT_COMMENT"; do
     eval iptables $rule || break
 done
 
-# 7. kubepods cgroups (all hierarchies; empty ones only, deepest first)
-for root in /sys/fs/cgroup /sys/fs/cgroup/*; do
+# 7. kubepods cgroups: any process still in one (a container whose shim died) is killed by
+#    its pid, then the cgroups go (all hierarchies, deepest first)
+for procs in $(find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/kubepods.slice -name cgroup.procs 2>/dev/null); do
+    while read -r pid; do
+        [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null && say "killed leftover container process $pid"
+    done < "$procs"
+done
+for root in /sys/fs/cgroup/*; do
     [ -d "$root/kubepods" ] || [ -d "$root/kubepods.slice" ] || continue
-    find "$root/kubepods" "$root/kubepods.slice" -depth -type d -exec rmdir {} + 2>/dev/null
+    for _ in $(seq 1 50); do   # a killed process leaves its cgroup a moment later
+        find "$root/kubepods" "$root/kubepods.slice" -depth -type d -exec rmdir {} + 2>/dev/null
+        [ -d "$root/kubepods" ] || [ -d "$root/kubepods.slice" ] || break
+        sleep 0.1
+    done
     [ -d "$root/kubepods" ] && say "could not remove $root/kubepods (processes left?)"
 done
 

@@ -112,5 +112,6 @@ if [ -s "$SYSCTL_SAVED" ]; then
 fi
 
 # 9. state that must not leak into the next start (certs and the image store stay)
-rm -rf "$K8S_STATE/etcd" "$KUBELET_DIR" "$K8S_RUN" "$K8S_PIDS"
+# --one-file-system: never through a mount that failed to go (a volume of a Pod)
+rm -rf --one-file-system "$K8S_STATE/etcd" "$KUBELET_DIR" "$K8S_RUN" "$K8S_PIDS"
 say "done"

@@ -7,8 +7,8 @@
 # Layout of $K8S_CACHE (default /var/cache/orchestrator-k8s/v1.20.2):
 #   bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kubectl}
 #   pause.tar        docker-archive of the pause image (imported into containerd)
-#   src/             the patched source tree (kept for a rebuild; removed by
-#                    ORCHESTRATOR_K8S_KEEP_SRC=0 after a successful build)
+#   src/, gopath/, gocache/   the patched tree and Go's build cache (~2 GB), kept so another
+#                    binary of the same tree (kube-proxy, say) builds in a minute or two
 
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 GO119=/usr/lib/go-1.19/bin/go

@@ -28,6 +28,7 @@ source "$REPO/.ci/kubernetes/common.sh"
 source "$REPO/.ci/kubernetes/build.sh"
 # shellcheck source=kubernetes/start.sh
 source "$REPO/.ci/kubernetes/start.sh"
+k8s_lock
 
 T_ALL=$SECONDS
 T_STEP=$SECONDS

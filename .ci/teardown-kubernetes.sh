@@ -15,6 +15,7 @@ die() { echo "teardown-kubernetes: ERROR: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0)"
 # shellcheck source=kubernetes/common.sh
 source "$REPO/.ci/kubernetes/common.sh"
+k8s_lock
 
 # 1. the kubelet first, so it does not restart what is being removed
 stop_pid kubelet 15

@@ -65,10 +65,15 @@ done
 # 4. control plane, in reverse start order
 for p in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$p" 15; done
 
-# 5. mounts under the kubelet dir, containerd's root/state (deepest first)
+# 5. mounts: the kubelet dir itself (the kubelet bind-mounts it onto itself, shared) and
+#    everything under it and containerd's root/state, deepest first, stacked ones too
 for prefix in "$KUBELET_DIR" "$CONTAINERD_ROOT" "$K8S_RUN"; do
-    findmnt -rn -o TARGET | grep -F "$prefix/" | sort -r | while read -r m; do
-        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || say "could not unmount $m"
+    for _ in 1 2 3 4 5; do
+        mounts=$(findmnt -rn -o TARGET | awk -v p="$prefix" '$0 == p || index($0, p "/") == 1' | sort -r)
+        [ -n "$mounts" ] || break
+        while read -r m; do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || say "could not unmount $m"
+        done <<< "$mounts"
     done
 done
 

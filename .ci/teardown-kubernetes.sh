@@ -28,7 +28,7 @@ if ! pid_of containerd >/dev/null && [ -s "$K8S_STATE/containerd.toml" ] \
     say "containerd is not running: starting it to remove what it left"
     mkdir -p "$K8S_PIDS" "$K8S_LOGS"
     setsid nohup containerd --config "$K8S_STATE/containerd.toml" \
-        >>"$K8S_LOGS/containerd.log" 2>&1 </dev/null &
+        >>"$K8S_LOGS/containerd.log" 2>&1 </dev/null 9>&- &
     echo $! > "$K8S_PIDS/containerd.pid"
     for _ in $(seq 1 100); do ctr --address "$CONTAINERD_SOCK" version >/dev/null 2>&1 && break; sleep 0.1; done
 fi
@@ -57,7 +57,7 @@ fi
 # 3. containerd; then any shim still serving our socket (found by our socket path, killed by pid)
 stop_pid containerd 15
 for p in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "containerd-shim.* -address $CONTAINERD_SOCK "; then
+    if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "containerd-shim.* -address $CONTAINERD_SOCK "; then
         say "killing leftover shim ${p#/proc/}"; kill -KILL "${p#/proc/}" 2>/dev/null
     fi
 done

@@ -112,7 +112,8 @@ _start() {  # _start NAME CMD...: setsid nohup, pid and log recorded
     local name=$1; shift
     say "starting $name (log: $K8S_LOGS/$name.log)"
     echo "==== $(date -u +%FT%TZ) start" >> "$K8S_LOGS/$name.log"
-    setsid nohup "$@" >>"$K8S_LOGS/$name.log" 2>&1 </dev/null &
+    # 9>&-: the daemon must not inherit (and so hold for ever) the set-up lock
+    setsid nohup "$@" >>"$K8S_LOGS/$name.log" 2>&1 </dev/null 9>&- &
     echo $! > "$K8S_PIDS/$name.pid"
 }
 

@@ -40,7 +40,7 @@ PKGS=(etcd-server golang-1.19-go containerd runc containernetworking-plugins bus
       openssl dpkg-dev gcc libc6-dev iptables curl)
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"

@@ -45,7 +45,7 @@ for n in (spec.get("linux") or {}).get("namespaces") or []:
     done
     for c in $(ctr_k8s containers ls -q 2>/dev/null); do
         for _ in $(seq 1 50); do
-            ctr_k8s tasks ls -q 2>/dev/null | grep -qxF "$c" || break
+            ctr_k8s tasks ls -q 2>/dev/null | grep -xF "$c" >/dev/null || break
             ctr_k8s tasks delete -f "$c" >/dev/null 2>&1 && break
             sleep 0.1
         done
@@ -57,7 +57,7 @@ fi
 # 3. containerd; then any shim still serving our socket (found by our socket path, killed by pid)
 stop_pid containerd 15
 for p in /proc/[0-9]*; do
-    if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -q -- "containerd-shim.* -address $CONTAINERD_SOCK "; then
+    if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -- "containerd-shim.* -address $CONTAINERD_SOCK " >/dev/null; then
         say "killing leftover shim ${p#/proc/}"; kill -KILL "${p#/proc/}" 2>/dev/null
     fi
 done
@@ -87,7 +87,7 @@ for ns in "${netns[@]}"; do
 done
 ip link show "$CNI_BRIDGE" >/dev/null 2>&1 && ip link delete "$CNI_BRIDGE" && say "deleted bridge $CNI_BRIDGE"
 rm -rf "$CNI_DATA_DIR"
-while iptables -S FORWARD 2>/dev/null | grep -q -- "--comment $IPT_COMMENT"; do
+while iptables -S FORWARD 2>/dev/null | grep -- "--comment $IPT_COMMENT" >/dev/null; do
     rule=$(iptables -S FORWARD | grep -- "--comment $IPT_COMMENT" | head -n1 | sed 's/^-A /-D /')
     # shellcheck disable=SC2086
     eval iptables $rule || break

@@ -22,7 +22,7 @@ k8s_binaries_built() {
 k8s_fetch_source() {
     local src="$K8S_CACHE/src" dl="$K8S_CACHE/download"
     if [ -f "$src/.patched" ]; then say "source tree already unpacked and patched"; return; fi
-    if ! apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Version: .*1\.20\.2'; then
+    if ! apt-cache showsrc kubernetes 2>/dev/null | grep '^Version: .*1\.20\.2' >/dev/null; then
         say "adding a deb-src line for bookworm ($DEB_SRC_FILE)"
         cat > "$DEB_SRC_FILE" <<'SRC'
 Types: deb-src

@@ -18,30 +18,36 @@ from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Awaitable, Callable
+from urllib.parse import quote
 
 from loguru import logger
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator.api import openapi
 from orchestrator.api.auth import SAFE_METHODS, HostRule, bearer_ok, request_refusal
-from orchestrator.api.events import EventStore, gap_after
+from orchestrator.api.events import EventStore, Subscription, gap_after
+from orchestrator.api.hub import file_entries
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.metrics import Metrics
-from orchestrator.contract.layout import InvalidId
+from orchestrator.contract.layout import InvalidId, validate_id
 from orchestrator.contract.schema import format_due, parse_ts
 from orchestrator.engine.ports import Control
+from orchestrator.host import messages
 from orchestrator.host import status as status_mod
 from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
 
 Handler = Callable[[Request], Awaitable[Response]]
 MESSAGE_FIELDS = {"agent_group", "channel", "platform_id", "thread_id", "mode", "content",
-                  "process_after"}
+                  "process_after", "wait"}
+MAX_WAIT = 60.0  # s a POST /v1/messages may hold its answer for the reply
 KEEPALIVE = 15.0
 MAX_DEPTH = 32  # nesting of a request body (content is read by agents: keep it plain)
 PAST_TOLERANCE = timedelta(seconds=60)  # a client's clock may lag ours a little
@@ -169,7 +175,33 @@ def parse_message(body: bytes, default_mode: str, now: datetime | None = None
     process_after = data.get("process_after")
     out["process_after"] = None if process_after is None else due_time(
         process_after, now or datetime.now(timezone.utc))
+    out["wait"] = wait_seconds(data.get("wait"))
     return out
+
+
+def wait_seconds(value: Any) -> float | None:
+    """The body's ``wait``: seconds (0-60) to hold the answer for the first reply."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value <= MAX_WAIT):
+        raise BadRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT:g}, got "
+                         f"{str(value)[:40]}")
+    return float(value)
+
+
+def prefer_wait(header: str | None) -> float | None:
+    """``Prefer: wait=N`` (RFC 7240) in seconds, capped at MAX_WAIT; None when absent
+    or not a number (a preference a server cannot honour is ignored, as the RFC says)."""
+    if not header:
+        return None
+    for pref in header.split(","):
+        name, _, value = pref.split(";", 1)[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            value = value.strip().strip('"')
+            if value.isdigit() and len(value) <= 6:
+                return min(float(value), MAX_WAIT)
+    return None
 
 
 def last_event_id(request: Request) -> int:
@@ -220,6 +252,16 @@ class Guard:
         await self.app(scope, receive, send)
 
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 in the API's error shape (not plain text)."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    text = {404: f"no route {request.url.path[:200]!r}: see /openapi.json",
+            405: f"method {request.method} is not allowed on {request.url.path[:200]}"}.get(
+                status, exc.detail if isinstance(exc, HTTPException) else "error")
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+
 # --- the app ------------------------------------------------------------------------------
 
 
@@ -260,7 +302,8 @@ class Api:
     def app(self) -> Starlette:
         metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
-        return Starlette(middleware=[Middleware(Guard, self.rule, self.unix)], routes=[
+        return Starlette(middleware=[Middleware(Guard, self.rule, self.unix)],
+                         exception_handlers={HTTPException: http_error}, routes=[
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
@@ -271,6 +314,13 @@ class Api:
             Route("/v1/sessions/{session_id}/stop", self.authed(self.stop_session),
                   methods=["POST"]),
             Route("/v1/events", self.authed(self.stream_events)),
+            # --- the document and a session's messages (issue 24) ---
+            Route("/openapi.json", self.openapi_doc),
+            Route("/v1/sessions/{session_id}/messages", self.authed(self.list_messages)),
+            Route("/v1/sessions/{session_id}/messages/{message_id}",
+                  self.authed(self.get_message)),
+            Route("/v1/sessions/{session_id}/messages/{message_id}/files/{name}",
+                  self.authed(self.get_file)),
         ])
 
     # --- unauthenticated ------------------------------------------------------------------
@@ -322,21 +372,60 @@ class Api:
     async def post_message(self, request: Request) -> Response:
         body = await self._body(request)
         msg = parse_message(body, self.control.cfg.sessions.default_mode)
+        wait, headers = msg["wait"], {}
+        if wait is None:
+            wait = prefer_wait(request.headers.get("prefer"))
+            if wait is not None:
+                headers["Preference-Applied"] = f"wait={wait:g}"
+        # subscribed before the write: a reply cannot come before it, so none is missed
+        sub = self.events.subscribe() if wait is not None else None
+        try:
+            result = await self._submit(request, body, msg)
+            if sub is None or wait is None:
+                return JSONResponse(result, status_code=201)
+            reply = await self._first_reply(sub, result["message_id"], wait)
+        finally:
+            if sub is not None:
+                self.events.unsubscribe(sub)
+        if reply is None:
+            return JSONResponse(result, status_code=202, headers=headers)
+        return JSONResponse({**result, "reply": reply}, status_code=200, headers=headers)
+
+    async def _submit(self, request: Request, body: bytes, msg: dict[str, Any]
+                      ) -> dict[str, Any]:
         key = request.headers.get("idempotency-key")
         if key is None:
-            result = await asyncio.to_thread(self._write, msg, None, None)
-            return JSONResponse(result, status_code=201)
+            return await asyncio.to_thread(self._write, msg, None, None)
         problem = check_key(key)
         if problem:
             raise BadRequest(problem)
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:  # the same key twice at once: the second waits, then replays
-                result = await asyncio.to_thread(self._write, msg, key, fingerprint(body))
+                return await asyncio.to_thread(self._write, msg, key, fingerprint(body))
         finally:
             if not lock.locked():
                 self._key_locks.pop(key, None)
-        return JSONResponse(result, status_code=201)
+
+    async def _first_reply(self, sub: Subscription, message_id: str | None, wait: float
+                           ) -> dict[str, Any] | None:
+        """The first ``reply_delivered`` event answering ``message_id`` within ``wait``
+        seconds (from the event hub the supervisor's watcher feeds; no file is read)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self.closing.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), left)
+            except asyncio.TimeoutError:
+                return None
+            if event is None:
+                return None
+            if event.kind == "reply_delivered" and event.data.get("in_reply_to") == message_id:
+                return {"event_id": event.id, "at": event.at, **event.data}
+        return None
 
     def _write(self, msg: dict[str, Any], key: str | None, fp: str | None
                ) -> dict[str, str | None]:
@@ -466,6 +555,95 @@ class Api:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
+
+
+    # --- the document and a session's messages ------------------------------------------
+
+    async def openapi_doc(self, request: Request) -> Response:
+        return JSONResponse(openapi.document(), headers={"Cache-Control": "no-store"})
+
+    async def _session(self, sid: str) -> Any:
+        session = await asyncio.to_thread(self.control.registry.session, sid)
+        if session is None:
+            raise BadRequest(f"no session {sid!r}", 404)
+        return session
+
+    def _read(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A reader of a session's files (worker thread): the agent's bad files are a
+        409 naming them, a missing folder a 404."""
+        try:
+            return fn(*args, **kwargs)
+        except messages.CursorError as exc:
+            raise BadRequest(str(exc)) from None
+        except FileNotFoundError:
+            raise BadRequest(f"{what}: not found", 404) from None
+        except (OSError, sqlite3.Error) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise BadRequest(f"{what}: its files cannot be read ({line})", 409) from None
+
+    def _shown(self, session_id: str, item: dict[str, Any]) -> dict[str, Any]:
+        names = item.pop("files")
+        if item["direction"] == "out":
+            item["files"] = file_entries(session_id, item["id"], {"files": names})
+        else:
+            item["files"] = [{"name": n, "url": None} for n in names]
+        item.setdefault("problem", None)
+        return item
+
+    async def list_messages(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= messages.MAX_LIMIT:
+            raise BadRequest(f"limit must be a whole number from 1 to {messages.MAX_LIMIT}")
+        cursor = request.query_params.get("cursor") or None
+        session = await self._session(sid)
+        page = await asyncio.to_thread(
+            self._read, f"session {sid}", messages.list_messages, self.control.cfg.data_dir,
+            session.agent_group_id, sid, limit=int(raw), cursor=cursor,
+            max_bytes=self.control.cfg.delivery.max_content_bytes)
+        return JSONResponse({"messages": [self._shown(sid, m) for m in page.messages],
+                             "next_cursor": page.next_cursor})
+
+    async def get_message(self, request: Request) -> Response:
+        sid, mid = request.path_params["session_id"], request.path_params["message_id"]
+        session = await self._session(sid)
+        item = await asyncio.to_thread(
+            self._read, f"session {sid}", messages.find_message, self.control.cfg.data_dir,
+            session.agent_group_id, sid, mid,
+            max_bytes=self.control.cfg.delivery.max_content_bytes)
+        if item is None:
+            raise BadRequest(f"session {sid} has no message {mid!r}", 404)
+        return JSONResponse(self._shown(sid, item))
+
+    async def get_file(self, request: Request) -> Response:
+        sid, mid = request.path_params["session_id"], request.path_params["message_id"]
+        name = request.path_params["name"]
+        session = await self._session(sid)
+        missing = f"session {sid}: reply {mid!r} has no delivered file {name[:100]!r}"
+        try:
+            validate_id(mid, "message id")
+        except InvalidId:
+            raise BadRequest(missing, 404) from None
+        if messages.check_name(name):
+            raise BadRequest(missing, 404)
+        data_dir = self.control.cfg.data_dir
+
+        def opened() -> tuple[int, int] | None:
+            if not messages.reply_of(data_dir, session.agent_group_id, sid, mid):
+                return None
+            return messages.open_reply_file(data_dir, mid, name)
+
+        found = await asyncio.to_thread(self._read, missing, opened)
+        if found is None:
+            raise BadRequest(missing, 404)
+        fd, size = found
+        return StreamingResponse(messages.chunks(fd), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size),
+                                          "Content-Disposition": "attachment; filename*=UTF-8''"
+                                          + quote(name, safe=""),
+                                          "X-Content-Type-Options": "nosniff",
+                                          "Cache-Control": "no-store"})
 
 
 def _exists(sessions: Any, session: Any, message_id: str | None) -> bool:

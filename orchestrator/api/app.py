@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote
 
 from loguru import logger
@@ -163,8 +163,11 @@ def parse_message(body: bytes, default_mode: str, now: datetime | None = None
                                     ("platform_id", "default", False),
                                     ("thread_id", None, False), ("mode", default_mode, False)):
         value = data.get(name, default)
-        if (value is None and required) or (value is not None and not isinstance(value, str)):
-            raise BadRequest(f"{name} must be a string" + (" (required)" if required else ""))
+        nullable = name == "thread_id"  # null = no thread; the others have no null meaning
+        if (value is None and (required or not nullable)) or (
+                value is not None and not isinstance(value, str)):
+            raise BadRequest(f"{name} must be a string" + (" (required)" if required else
+                                                          " (or left out)"))
         out[name] = value
     if out["mode"] not in MODES:
         raise BadRequest(f"mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
@@ -205,12 +208,15 @@ def prefer_wait(header: str | None) -> float | None:
 
 
 def last_event_id(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    header = request.headers.get("last-event-id")
+    query = request.query_params.get("last_event_id")
+    for given in (header, query):  # both checked, though the header wins
+        if given and not _EVENT_ID.fullmatch(given):
+            raise BadRequest("Last-Event-ID must be an event id (a non-negative integer of "
+                             "at most 18 digits)")
+    raw = header or query
     if raw is None or raw == "":
         return -1  # a new client: live events only
-    if not _EVENT_ID.fullmatch(raw):
-        raise BadRequest("Last-Event-ID must be an event id (a non-negative integer of at "
-                         "most 18 digits)")
     return int(raw)
 
 
@@ -376,7 +382,10 @@ class Api:
         if wait is None:
             wait = prefer_wait(request.headers.get("prefer"))
             if wait is not None:
+                wait = min(wait, self.control.cfg.api.max_wait)
                 headers["Preference-Applied"] = f"wait={wait:g}"
+        if wait is not None:
+            wait = min(wait, self.control.cfg.api.max_wait)
         # subscribed before the write: a reply cannot come before it, so none is missed
         sub = self.events.subscribe() if wait is not None else None
         try:
@@ -424,7 +433,8 @@ class Api:
             if event is None:
                 return None
             if event.kind == "reply_delivered" and event.data.get("in_reply_to") == message_id:
-                return {"event_id": event.id, "at": event.at, **event.data}
+                return {"event_id": event.id, "at": event.at, "kind": event.kind,
+                        **event.data}
         return None
 
     def _write(self, msg: dict[str, Any], key: str | None, fp: str | None
@@ -515,47 +525,61 @@ class Api:
 
     async def stream_events(self, request: Request) -> Response:
         after = last_event_id(request)
+        accept = request.headers.get("accept", "").lower()
+        if "application/json" in accept and "text/event-stream" not in accept:
+            return self.events_page(after)
         sub = self.events.subscribe()  # before the replay: nothing falls in between
-        live_from = self.events.last_id()
-
-        async def stream():
-            try:
-                last = after
-                yield "retry: 1000\n\n"
-                if after >= 0:
-                    if gap_after(after, self.events.oldest_id()):
-                        yield ('event: gap\ndata: {"reason": "events after your Last-Event-ID '
-                               'were pruned; re-read /v1/sessions"}\n\n')
-                    while True:
-                        batch = self.events.since(last)
-                        for ev in batch:
-                            last = ev.id
-                            yield ev.sse()
-                        if len(batch) < 1000:
-                            break
-                else:
-                    last = live_from
-                    yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
-                while not self.closing.is_set():
-                    try:
-                        live = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if live is None:
-                        return
-                    if live.id > last:
-                        last = live.id
-                        yield live.sse()
-                    if sub.dropped and sub.queue.empty():
-                        return  # fell behind: the client reconnects and replays the rest
-            finally:
-                self.events.unsubscribe(sub)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(self._stream(after, sub, self.events.last_id()),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
 
+    async def _stream(self, after: int, sub: Subscription, live_from: int
+                      ) -> AsyncIterator[str]:
+        try:
+            last = after
+            yield "retry: 1000\n\n"
+            if after >= 0:
+                if gap_after(after, self.events.oldest_id()):
+                    yield ('event: gap\ndata: {"reason": "events after your Last-Event-ID '
+                           'were pruned; re-read /v1/sessions"}\n\n')
+                while True:
+                    batch = self.events.since(last)
+                    for ev in batch:
+                        last = ev.id
+                        yield ev.sse()
+                    if len(batch) < 1000:
+                        break
+            else:
+                last = live_from
+                yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
+            while not self.closing.is_set():
+                try:
+                    live = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if live is None:
+                    return
+                if live.id > last:
+                    last = live.id
+                    yield live.sse()
+                if sub.dropped and sub.queue.empty():
+                    return  # fell behind: the client reconnects and replays the rest
+        finally:
+            self.events.unsubscribe(sub)
+
+    def events_page(self, after: int) -> Response:
+        """``/v1/events`` asked for as JSON (``Accept: application/json``): the stored
+        events after ``after``, at most 1000, for a client that polls instead of
+        streaming; ``last_event_id`` is where its next call goes on."""
+        if after < 0:  # a new client: nothing yet, and where to go on from
+            return JSONResponse({"events": [], "last_event_id": self.events.last_id(),
+                                 "gap": False})
+        batch = self.events.since(after)
+        return JSONResponse({"events": [ev.record() for ev in batch],
+                             "last_event_id": batch[-1].id if batch else after,
+                             "gap": gap_after(after, self.events.oldest_id())})
 
     # --- the document and a session's messages ------------------------------------------
 

@@ -22,6 +22,7 @@ from orchestrator.host.messages import MAX_LIMIT
 
 MAX_WAIT = 60  # app.MAX_WAIT (app imports this module: the number is kept in both)
 STATUSES = [s.value for s in Status]
+ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"  # layout.validate_id (and no "..")
 
 
 def ref(name: str) -> dict[str, str]:
@@ -98,7 +99,7 @@ SESSION = obj({
 
 MESSAGE_IN = obj({
     "agent_group": {"type": "string", "description": "agent group ([groups.<name>] or any "
-                    "valid id)", "minLength": 1},
+                    "id: 1-128 of A-Z a-z 0-9 . _ @ + -, no '..')", "pattern": ID_PATTERN},
     "channel": {"type": "string", "default": "api"},
     "platform_id": {"type": "string", "default": "default"},
     "thread_id": nullable("string"),
@@ -107,11 +108,12 @@ MESSAGE_IN = obj({
     "content": {"type": "object", "description": "the message content the agent reads, e.g. "
                 "{\"text\": \"hi\"}; attachments: [{name, data (base64)}]",
                 "example": {"text": "hello"}},
-    "process_after": {"type": "string", "format": "date-time",
-                      "description": "deliver at this time (ISO 8601; no offset = UTC)"},
-    "wait": {"type": "number", "minimum": 0, "maximum": MAX_WAIT,
-             "description": "hold the answer up to this many seconds for the first reply "
-             "(200 with it; 202 with the ids if none came)"},
+    "process_after": {"type": ["string", "null"], "format": "date-time",
+                      "description": "deliver at this time (ISO 8601; no offset = UTC); "
+                      "null or left out = now"},
+    "wait": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_WAIT,
+             "description": "hold the answer up to this many seconds (cut to [api] "
+             "max_wait) for the first reply: 200 with it; 202 with the ids if none came"},
 }, ["agent_group", "content"])
 
 IDS = obj({"session_id": {"type": "string"}, "message_id": {"type": "string"}})
@@ -182,6 +184,10 @@ EVENTS = {
 }
 
 
+STORED_EVENTS = ("StatusEvent", "ReplyDeliveredEvent", "ReplyFailedEvent",
+                 "MessageFailedEvent")
+
+
 def responses() -> dict[str, Any]:
     return {f"E{code}": json_body(ref("Error"), text) for code, text in ERRORS.items()}
 
@@ -241,8 +247,8 @@ def paths() -> dict[str, Any]:
                  "description": "a retried POST with the same key returns the first "
                  "result and writes nothing (kept 48 h)"},
                 {"name": "Prefer", "in": "header", "required": False,
-                 "schema": {"type": "string", "example": "wait=10"},
-                 "description": "wait=N (seconds, at most 60): as the body's wait"}],
+                 "schema": {"type": "string", "example": "wait=1"},
+                 "description": "wait=N (whole seconds): as the body's wait"}],
             requestBody={"required": True, "content": {"application/json": {
                 "schema": ref("NewMessage")}}})},
         "/v1/sessions": {"get": op(
@@ -288,12 +294,17 @@ def paths() -> dict[str, Any]:
                 "oneOf below); `: keep-alive` comments every 15 s",
                 "content": {"text/event-stream": {"schema": {
                     "type": "string", "description": "SSE stream",
-                    "x-event-data": {"oneOf": [ref(n) for n in EVENTS]}}}}}},
-            *AUTHED, parameters=[
+                    "x-event-data": ref("Event")}},
+                    "application/json": {"schema": ref("EventPage")}}}},
+            *AUTHED, description="With Accept: application/json (and not "
+            "text/event-stream) the answer is one JSON page of the stored events after "
+            "Last-Event-ID (at most 1000; none without it) instead of a stream: for "
+            "clients that poll.", parameters=[
                 {"name": "Last-Event-ID", "in": "header", "schema": {
-                    "type": "string", "pattern": "^[0-9]{1,18}$"}},
+                    "type": "string", "pattern": "^([0-9]{1,18})?$"},
+                 "description": "resume after this event id (empty: a new client)"},
                 {"name": "last_event_id", "in": "query", "schema": {
-                    "type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "type": "string", "pattern": "^([0-9]{1,18})?$"},
                  "description": "as the header (EventSource cannot set headers)"}])},
     }
 
@@ -304,7 +315,14 @@ def _document() -> dict[str, Any]:
                "Session": SESSION, "NewMessage": MESSAGE_IN, "Ids": IDS, "Waited": WAITED,
                "Reply": REPLY, "Message": MESSAGE, "MessagePage": PAGE, "File": FILE,
                "Routing": ROUTING, **EVENTS,
-               "Event": {"oneOf": [ref(n) for n in EVENTS]}, **WEBHOOK_SCHEMAS}
+               "Event": {"oneOf": [ref(n) for n in EVENTS]},
+               "EventPage": obj({"events": {"type": "array", "items": {"oneOf": [
+                   ref(n) for n in STORED_EVENTS]}},
+                   "last_event_id": {"type": "integer", "description": "send as "
+                                     "Last-Event-ID next time"},
+                   "gap": {"type": "boolean", "description": "events after yours were "
+                           "pruned: re-read /v1/sessions"}}),
+               **WEBHOOK_SCHEMAS}
     return {
         "openapi": "3.1.0",
         "info": {"title": "orchestrator API", "version": version(),

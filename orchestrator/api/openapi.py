@@ -16,11 +16,11 @@ import functools
 from typing import Any
 
 from orchestrator import version
+from orchestrator.api.checks import MAX_WAIT
 from orchestrator.api.openapi_webhooks import WEBHOOK_SCHEMAS, webhooks
 from orchestrator.contract.session_status import Status
 from orchestrator.host.messages import MAX_LIMIT
 
-MAX_WAIT = 60  # app.MAX_WAIT (app imports this module: the number is kept in both)
 STATUSES = [s.value for s in Status]
 ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"  # layout.validate_id (and no "..")
 

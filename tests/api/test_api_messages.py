@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.api.app import BadRequest, prefer_wait, wait_seconds
+from orchestrator.api.checks import BadRequest, prefer_wait, wait_seconds
 from orchestrator.api.hub import reply_event
 from orchestrator.contract.layout import delivered_root
 from orchestrator.host.messages import CursorError, check_name, decode_cursor, encode_cursor

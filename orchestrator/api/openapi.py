@@ -286,6 +286,15 @@ def paths() -> dict[str, Any]:
             *AUTHED, "409", parameters=[SID, MID, {
                 "name": "name", "in": "path", "required": True,
                 "schema": {"type": "string"}}])},
+        # POST /v1/deliveries/retry: the webhook channel's route (branch webhooks)
+        "/v1/deliveries/retry": {"post": op(
+            "retryDeliveries", "re-queue failed replies with fresh attempts (all sessions, "
+            "or one)", {"200": json_body(obj({"retried": {"type": "integer", "minimum": 0}}),
+                                         "how many replies were re-queued")},
+            *AUTHED, "413", "415",
+            requestBody={"required": False, "content": {"application/json": {"schema": obj(
+                {"session_id": {"type": "string", "description": "only this session's; "
+                                "unknown: 404"}}, [])}}})},
         "/v1/events": {"get": op(
             "streamEvents", "Server-Sent Events: status changes, replies, failures; "
             "replayed from Last-Event-ID", {"200": {

@@ -28,6 +28,16 @@ _FILE = {
     "required": ["name", "size", "sha256", "data", "omitted"],
 }
 
+def _event(kind: str, description: str, props: dict[str, Any]) -> dict[str, Any]:
+    """An event of ``GET /v1/events`` as POSTed with ``[delivery] events``: ``type`` is
+    its kind, ``id`` its SSE id (``webhook-id: event-<id>``), ``at`` when it was logged."""
+    return {"type": "object", "description": description,
+            "properties": {"type": {"const": kind}, "id": {"type": "integer"},
+                           "at": RFC3339, "session_id": {"type": "string"},
+                           "agent_group": {"type": "string"}, **props},
+            "required": ["type", "id", "at", "session_id", "agent_group", *props]}
+
+
 WEBHOOK_SCHEMAS: dict[str, Any] = {
     "WebhookReply": {
         "type": "object",
@@ -38,8 +48,10 @@ WEBHOOK_SCHEMAS: dict[str, Any] = {
             "agent_group": {"type": "string"}, "seq": {"type": "integer"},
             "kind": {"type": "string"}, "in_reply_to": NULLABLE_STR,
             "routing": {"$ref": "#/components/schemas/Routing"},
-            "timestamp": RFC3339,
-            "content": {"description": "the reply's content (JSON)"},
+            "timestamp": {"type": "string", "description": "the row's time, RFC 3339 "
+                          "(as the agent wrote it when it is not a time)"},
+            "content": {"description": "the reply's content (JSON; the raw text if the "
+                        "agent's is not JSON)"},
             "files": {"type": "array", "items": _FILE},
             "files_unlisted": {"type": "integer"},
         },
@@ -49,8 +61,9 @@ WEBHOOK_SCHEMAS: dict[str, Any] = {
     },
     "WebhookFailure": {
         "type": "object",
-        "description": "a reply given up on, or an inbound message that ended failed "
-                       "(webhook-id: failure-<kind>-<id>)",
+        "description": "a reply recorded failed, or an inbound message that ended failed, "
+                       "routed like the reply would have been; always sent (webhook-id: "
+                       "failure-<kind>-<id>)",
         "properties": {
             "type": {"const": "failure"},
             "kind": {"type": "string", "enum": ["reply", "message"]},
@@ -59,17 +72,20 @@ WEBHOOK_SCHEMAS: dict[str, Any] = {
             "channel_type": NULLABLE_STR, "platform_id": NULLABLE_STR,
             "thread_id": NULLABLE_STR, "timestamp": RFC3339,
         },
-        "required": ["type", "kind", "id", "session_id", "agent_group", "reason"],
+        "required": ["type", "kind", "id", "session_id", "agent_group", "reason",
+                     "channel_type", "platform_id", "thread_id", "timestamp"],
     },
-    "WebhookEvent": {
-        "type": "object",
-        "description": "with [delivery] events: an event of GET /v1/events (type: its "
-                       "kind; id: its SSE id; webhook-id: event-<id>); the other fields "
-                       "are the event's (components StatusEvent, MessageFailedEvent, …)",
-        "properties": {"type": {"type": "string"}, "id": {"type": "integer"},
-                       "at": RFC3339},
-        "required": ["type", "id", "at"],
-    },
+    "WebhookStatus": _event("status", "[delivery] events \"status\": a status change",
+                            {"old": {"type": "string"}, "status": {"type": "string"},
+                             "reason": NULLABLE_STR}),
+    "WebhookReplyFailed": _event(
+        "reply_failed", "[delivery] events \"failure\": a reply given up on (the "
+        "fields of the reply_failed event of /v1/events)",
+        {"message_id": {"type": "string"},
+         "delay_seconds": {"type": ["number", "null"]}}),
+    "WebhookMessageFailed": _event(
+        "message_failed", "[delivery] events \"failure\": an inbound message that ended "
+        "failed", {"message_id": {"type": "string"}, "reason": {"type": "string"}}),
 }
 
 _HEADERS = [
@@ -96,4 +112,6 @@ def webhooks() -> dict[str, Any]:
     """POSTed to ``[delivery] url`` by the webhook channel."""
     return {"reply": _hook("Reply", "an agent's reply"),
             "failure": _hook("Failure", "a reply or message that will never get through"),
-            "event": _hook("Event", "a status change or failure event ([delivery] events)")}
+            "status": _hook("Status", "a status change ([delivery] events)"),
+            "reply_failed": _hook("ReplyFailed", "a reply failed ([delivery] events)"),
+            "message_failed": _hook("MessageFailed", "a message failed ([delivery] events)")}

@@ -125,7 +125,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           statuses=lambda: [t.status for t in tracked.values()],
                           queue_length=lambda: gate.queue_length(),
                           rescans=lambda: dict(watcher.RESCANS))
-        hub = Hub(events, metrics, cfg.api.event_content_bytes)
+        hub = Hub(events, metrics, max_content_bytes=cfg.api.event_content_bytes)
 
         statuses = StatusBook(registry, hub.notify)
         gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)

@@ -23,11 +23,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import tomli_w
 
+from tests.api.test_openapi import AWAITING_MERGE
 from tests.support.e2e import OrchestratorProcess, config_dict
 
-MAX_EXAMPLES = 25  # per operation and phase: the whole test stays under a minute here
+MAX_EXAMPLES = 20  # per operation and phase: the whole test stays under a minute here
 
 
 def test_schemathesis_finds_nothing_against_a_live_orchestrator(tmp_path: Path,
@@ -38,10 +40,15 @@ def test_schemathesis_finds_nothing_against_a_live_orchestrator(tmp_path: Path,
     orch = OrchestratorProcess(config_file, tmp_path / "run.log")
     try:
         orch.wait_up()
-        found = re.search(r"API listening on (http://\S+)", orch.text())
+        found = re.search(r"API listening on (http://[0-9.]+:[0-9]+)", orch.text())
         assert found, orch.text()
         url = found.group(1)
         token = (tmp_path / "data" / "api-token").read_text().strip()
+        # documented for the webhooks branch's route; before that branch is merged in,
+        # there is no route to fuzz (tests/api/test_openapi.py: AWAITING_MERGE)
+        absent = [path for path, _method in AWAITING_MERGE if httpx.post(
+            f"{url}{path}", json={}, headers={"Authorization": f"Bearer {token}"},
+            timeout=10).json().get("error", "").startswith("no route")]
         report = tmp_path / "report.json"
         cli = Path(sys.executable).parent / "schemathesis"
         proc = subprocess.run(
@@ -50,7 +57,8 @@ def test_schemathesis_finds_nothing_against_a_live_orchestrator(tmp_path: Path,
              "--checks", "all", "--exclude-checks", "positive_data_acceptance",
              "--max-examples", str(MAX_EXAMPLES), "--request-timeout", "10",
              "--workers", "2", "--no-color", "--report", "json",
-             "--report-json-path", str(report)],
+             "--report-json-path", str(report),
+             *[arg for path in absent for arg in ("--exclude-path", path)]],
             capture_output=True, text=True, timeout=150, cwd=tmp_path)
         data = json.loads(report.read_text())
         ops, cases = data["operations"], data["test_cases"]
@@ -59,7 +67,7 @@ def test_schemathesis_finds_nothing_against_a_live_orchestrator(tmp_path: Path,
               f"{len(data['errors'])} errors, {data['running_time']:.1f}s, "
               f"seed {data['seed']}")
         assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-        assert ops["tested"] == ops["total"] == ops["selected"]
+        assert ops["tested"] == ops["selected"] == ops["total"] - len(absent)
         assert data["failures"] == [] and data["errors"] == []
         assert cases["generated"] > 100
         log = orch.text()

@@ -58,7 +58,7 @@ class UsageError(UserError):
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return read_config(Path(args.config))
+    return read_config(Path(args.config), sets=tuple(getattr(args, "set", None) or ()))
 
 
 def _open(cfg: Config) -> tuple[Registry, Sessions]:
@@ -81,7 +81,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     """The effective configuration and where each value came from."""
     from orchestrator.config.show import effective
 
-    rows = effective(*read_config_sources(Path(args.config)))
+    rows = effective(*read_config_sources(Path(args.config), sets=tuple(args.set or ())))
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="config.toml", metavar="PATH",
                         help="config file (default: ./config.toml)")
+    common.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                        help="override a config key (wins over ORCHESTRATOR_<SECTION>__<KEY> "
+                             "and the file), e.g. --set api.listen=127.0.0.1:9000; repeatable")
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--url", default=None, help="go through the HTTP API at this URL "
                         "(default: $ORCHESTRATOR_URL; unset = the files, no server needed)")

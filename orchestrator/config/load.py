@@ -170,20 +170,23 @@ def _check_timezone(name: str) -> None:
                           "use e.g. 'UTC' or 'Europe/Berlin'") from None
 
 
-def read_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+def read_config(path: Path, environ: Mapping[str, str] | None = None,
+                sets: tuple[str, ...] = ()) -> Config:
     """Read and validate a config file with the environment's overrides
     (``ORCHESTRATOR_<SECTION>__<KEY>``, see ``sources``; ``environ`` defaults to
-    ``os.environ``); every failure is a one-line ConfigError."""
-    return read_config_sources(path, environ)[0]
+    ``os.environ``) and the command line's (``--set``: ``sets``), which win; every
+    failure is a one-line ConfigError."""
+    return read_config_sources(path, environ, sets)[0]
 
 
-def read_config_sources(path: Path, environ: Mapping[str, str] | None = None
-                        ) -> tuple[Config, dict[str, str]]:
+def read_config_sources(path: Path, environ: Mapping[str, str] | None = None,
+                        sets: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
     """``read_config`` and where each value came from (``sources.origins``)."""
     data = _read_toml(path)
     groups = data.get("groups")
-    values = sources.env_values(os.environ if environ is None else environ,
-                                list(groups) if isinstance(groups, dict) else [])
+    names = list(groups) if isinstance(groups, dict) else []
+    values = sources.env_values(os.environ if environ is None else environ, names)
+    values += sources.cli_values(sets, names)  # last: the command line wins
     try:
         cfg = load_config(sources.overlay(data, values), path.resolve().parent, source=path)
     except ConfigError as exc:

@@ -142,6 +142,26 @@ def env_values(environ: Mapping[str, str], file_groups: list[str] | None = None
     return out
 
 
+def cli_values(sets: list[str] | tuple[str, ...], file_groups: list[str] | None = None
+               ) -> list[EnvValue]:
+    """``--set SECTION.KEY=VALUE`` (``--set groups.NAME.KEY=VALUE``), read as the
+    variable ``ORCHESTRATOR_<SECTION>__<KEY>`` would be; errors name the option."""
+    out = []
+    for item in sets:
+        key, eq, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts) or len(parts) not in (2, 3):
+            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. "
+                              "--set api.listen=127.0.0.1:9000")
+        var = PREFIX + "__".join(parts).upper()
+        try:
+            (ev,) = env_values({var: text}, file_groups)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(var, f"--set {key.strip()}", 1)) from None
+        out.append(EnvValue(f"--set {key.strip()}", ev.path, ev.value))
+    return out
+
+
 def overlay(data: dict[str, Any], values: list[EnvValue]) -> dict[str, Any]:
     """A copy of the file's TOML dict with the environment's values put in."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
@@ -164,7 +184,7 @@ def overlay(data: dict[str, Any], values: list[EnvValue]) -> dict[str, Any]:
 def origins(data: dict[str, Any], values: list[EnvValue], cli: tuple[str, ...] = ()
             ) -> dict[str, str]:
     """Where each key's value comes from, by its label (``[api] listen``): ``cli``
-    (``cli`` lists those labels), else ``env``, else ``file``, else ``default``."""
+    (``--set``, or a label in ``cli``), else ``env``, else ``file``, else ``default``."""
     out = {"data_dir": "file" if "data_dir" in data else "default"}
     for section, cls in SECTIONS.items():
         raw = data.get(section)
@@ -176,7 +196,7 @@ def origins(data: dict[str, Any], values: list[EnvValue], cli: tuple[str, ...] =
         for key in (table if isinstance(table, dict) else {}):
             out[f"[groups.{name}] {key}"] = "file"
     for ev in values:
-        out[ev.where] = "env"
+        out[ev.where] = "cli" if ev.var.startswith("--set ") else "env"
     for label in cli:
         out[label] = "cli"
     return out

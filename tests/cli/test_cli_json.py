@@ -82,3 +82,22 @@ def test_send_wait_without_an_api_is_one_line(tmp_path: Path, capsys, monkeypatc
     with pytest.raises(SystemExit) as info:  # argparse's own refusal
         cli.main(["send", "--config", str(conf), "--group", "g", "--wait", "61", "x"])
     assert info.value.code == 2 and "from 0 to 60" in capsys.readouterr().err
+
+
+def test_group_destinations_and_series_cancel_print_json(tmp_path: Path, capsys) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text('data_dir = "data"\n')
+    code, out, err = cli_run(capsys, "group", "destinations", "g", "--json", "add", "ops",
+                             "--channel", "email", "--platform", "ops@example.org",
+                             "--config", conf)
+    assert code == 0, err
+    assert json.loads(out) == {"group": "g", "added": "ops"}
+    code, out, err = cli_run(capsys, "group", "destinations", "g", "--json", "remove", "ops",
+                             "--config", conf)
+    assert code == 0 and json.loads(out) == {"group": "g", "removed": "ops"}, err
+    code, out, err = cli_run(capsys, "send", "--config", conf, "--group", "g", "--json",
+                             "--every", "0 9 * * *", "daily")
+    series_id = json.loads(out)["series_id"]
+    code, out, err = cli_run(capsys, "series", "cancel", series_id, "--config", conf, "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"series_id": series_id, "removed": 1}

@@ -139,3 +139,30 @@ def test_a_bad_variable_stops_every_command_with_one_line(conf, capsys,
     assert cli.main(["status", "--config", str(conf)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ORCHESTRATOR_API__LISTEN" in err
+
+
+def test_the_command_line_wins_over_the_environment_and_the_file(conf, capsys,
+                                                                  monkeypatch) -> None:
+    env = {"ORCHESTRATOR_API__LISTEN": "127.0.0.1:9200"}
+    cfg, origins = read_config_sources(conf, env, ("api.listen=127.0.0.1:9300",
+                                                   "groups.support.memory=5g"))
+    assert cfg.api.listen == "127.0.0.1:9300" and origins["[api] listen"] == "cli"
+    assert cfg.groups[0].memory == "5g" and origins["[groups.support] memory"] == "cli"
+    monkeypatch.setenv("ORCHESTRATOR_API__LISTEN", "127.0.0.1:9200")
+    assert cli.main(["config", "show", "--config", str(conf), "--json",
+                     "--set", "api.listen=127.0.0.1:9300"]) == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["[api] listen"]["value"] == "127.0.0.1:9300"
+    assert rows["[api] listen"]["origin"] == "cli"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("api.max_connections=0", "--set api.max_connections: [api] max_connections must be"),
+    ("api.listn=x", "--set api.listn: no such configuration key; did you mean"),
+    ("listen", "--set 'listen': write SECTION.KEY=VALUE"),
+    ("a.b.c.d=1", "--set 'a.b.c.d=1': write SECTION.KEY=VALUE"),
+])
+def test_a_bad_set_is_one_line_naming_it(conf, item, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        read_config(conf, {}, (item,))
+    assert str(info.value).startswith(message), str(info.value)

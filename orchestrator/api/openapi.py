@@ -293,8 +293,9 @@ def paths() -> dict[str, Any]:
                                          "how many replies were re-queued")},
             *AUTHED, "413", "415",
             requestBody={"required": False, "content": {"application/json": {"schema": obj(
-                {"session_id": {"type": "string", "description": "only this session's; "
-                                "unknown: 404"}}, [])}}})},
+                {"session_id": {"type": ["string", "null"], "description": "only this "
+                                "session's (unknown: 404); null or left out: every session"}},
+                [])}}})},
         "/v1/events": {"get": op(
             "streamEvents", "Server-Sent Events: status changes, replies, failures; "
             "replayed from Last-Event-ID", {"200": {

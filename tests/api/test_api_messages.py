@@ -7,6 +7,7 @@ table-tested."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
@@ -158,6 +159,10 @@ def test_a_waited_post_answers_with_the_reply_and_the_messages_page_back(
             r = await client.get(f"{reply['url']}/files/link")
             assert r.status_code == 409 and "symlink" in r.json()["error"]
             assert "do not serve" not in r.text
+            # a FIFO there: refused at once (opened non-blocking), not waited on
+            os.mkfifo(delivered_root(cfg.data_dir) / reply["message_id"] / "pipe")
+            r = await asyncio.wait_for(client.get(f"{reply['url']}/files/pipe"), 5)
+            assert r.status_code == 409 and "not a regular file" in r.json()["error"]
             assert replies_to(cfg, mid)
 
     run(body(), timeout=120)

@@ -106,7 +106,7 @@ class MessageRoutes:
         if found is None:
             raise BadRequest(missing, 404)
         fd, size = found
-        return StreamingResponse(messages.chunks(fd), media_type="application/octet-stream",
+        return StreamingResponse(messages.Chunks(fd), media_type="application/octet-stream",
                                  headers={"Content-Length": str(size),
                                           "Content-Disposition": "attachment; filename*=UTF-8''"
                                           + quote(name, safe=""),

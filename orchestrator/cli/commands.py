@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "inbox/<message id>/")
     p.add_argument("--content-json", action="store_true",
                    help='TEXT is the whole message content as a JSON object, e.g. '
-                        '\'{"text": "hi", "priority": 2}\' (was --json before 0.2)')
+                        '\'{"text": "hi", "priority": 2}\' (formerly --json)')
     p.add_argument("--json", action="store_true",
                    help="print {session_id, message_id, series_id} (and reply) as JSON")
     p.add_argument("--wait", type=_wait_arg, default=None, metavar="SECONDS",

@@ -249,16 +249,34 @@ def open_reply_file(data_dir: Path, message_id: str, name: str) -> tuple[int, in
     return fd, st.st_size
 
 
-def chunks(fd: int) -> Iterator[bytes]:
-    """A file's bytes in CHUNK pieces; closes ``fd`` at the end (or when dropped)."""
-    try:
-        while True:
-            data = os.read(fd, CHUNK)
-            if not data:
-                return
-            yield data
-    finally:
-        os.close(fd)
+class Chunks:
+    """A file's bytes in CHUNK pieces for a streamed response; the descriptor is closed
+    at the end, on ``close()``, or when the object is dropped — also when the response
+    never started (a client gone before the first byte), which a generator's
+    ``finally`` would not cover."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.fd < 0:
+            raise StopIteration
+        data = os.read(self.fd, CHUNK)
+        if not data:
+            self.close()
+            raise StopIteration
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def reply_of(data_dir: Path, agent_group: str, session_id: str, message_id: str) -> bool:

@@ -107,7 +107,8 @@ MESSAGE_IN = obj({
              "description": "default: [sessions] default_mode"},
     "content": {"type": "object", "description": "the message content the agent reads, e.g. "
                 "{\"text\": \"hi\"}; attachments: [{name, data (base64)}]",
-                "example": {"text": "hello"}},
+                "example": {"text": "hello", "attachments": [{"name": "a.txt",
+                                                              "data": "aGVsbG8="}]}},
     "process_after": {"type": ["string", "null"], "format": "date-time",
                       "description": "deliver at this time (ISO 8601; no offset = UTC); "
                       "null or left out = now"},
@@ -198,6 +199,11 @@ SID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": 
 MID = {"name": "message_id", "in": "path", "required": True, "schema": {"type": "string"}}
 OPEN: list[dict[str, list[str]]] = []  # no security
 _SESSION = {"session_id": "$response.body#/session_id"}
+REPLY_LINKS = {"GetReply": {"operationId": "getMessage", "parameters": {
+    **_SESSION, "message_id": "$response.body#/reply/message_id"}}}
+FILE_LINKS = {"GetFirstFile": {"operationId": "getReplyFile", "parameters": {
+    "session_id": "$request.path.session_id", "message_id": "$response.body#/id",
+    "name": "$response.body#/files/0/name"}}}
 LINKS = {  # what a client (and schemathesis's stateful phase) does next with the ids
     "GetSession": {"operationId": "getSession", "parameters": _SESSION},
     "ListMessages": {"operationId": "listMessages", "parameters": _SESSION},
@@ -235,9 +241,9 @@ def paths() -> dict[str, Any]:
         "/v1/messages": {"post": op(
             "postMessage", "write a message to a session (created or resolved)", {
                 "201": {**json_body(ref("Ids"), "written"), "links": LINKS},
-                "200": json_body(ref("Waited"), "written, and its first reply came within "
-                                 "the wait", **{"Preference-Applied": {"schema": {
-                                     "type": "string"}}}),
+                "200": {**json_body(ref("Waited"), "written, and its first reply came "
+                                    "within the wait", **{"Preference-Applied": {"schema": {
+                                        "type": "string"}}}), "links": REPLY_LINKS},
                 "202": json_body(ref("Ids"), "written; no reply within the wait",
                                  **{"Preference-Applied": {"schema": {"type": "string"}}}),
             }, *AUTHED, "413", "415", "422",
@@ -276,7 +282,8 @@ def paths() -> dict[str, Any]:
                          "description": "next_cursor of the previous page (opaque)"}])},
         "/v1/sessions/{session_id}/messages/{message_id}": {"get": op(
             "getMessage", "one message of the session, whole (content up to [delivery] "
-            "max_content_bytes)", {"200": json_body(ref("Message"), "the message")},
+            "max_content_bytes)", {"200": {**json_body(ref("Message"), "the message"),
+                                           "links": FILE_LINKS}},
             *AUTHED, "409", parameters=[SID, MID])},
         "/v1/sessions/{session_id}/messages/{message_id}/files/{name}": {"get": op(
             "getReplyFile", "a delivered reply's file (from <data_dir>/delivered/<id>/)", {

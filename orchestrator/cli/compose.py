@@ -130,7 +130,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           if isinstance(chan, WebhookChannel) else None)
         forward = (chan.forward_event if isinstance(chan, WebhookChannel)
                    and cfg.delivery.events else None)  # [delivery] events: same ids as SSE
-        hub = Hub(events, metrics, forward=forward)
+        hub = Hub(events, metrics, forward=forward,
+                  max_content_bytes=cfg.api.event_content_bytes)
 
         statuses = StatusBook(registry, hub.notify)
         gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)

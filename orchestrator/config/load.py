@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from orchestrator.config import sources
 from orchestrator.config.model import (
     GROUP_KEYS,
     GROUP_SHARED,
@@ -194,8 +196,32 @@ def _check_timezone(name: str) -> None:
                           "use e.g. 'UTC' or 'Europe/Berlin'") from None
 
 
-def read_config(path: Path) -> Config:
-    """Read and validate a config file; every failure is a one-line ConfigError."""
+def read_config(path: Path, environ: Mapping[str, str] | None = None,
+                sets: tuple[str, ...] = ()) -> Config:
+    """Read and validate a config file with the environment's overrides
+    (``ORCHESTRATOR_<SECTION>__<KEY>``, see ``sources``; ``environ`` defaults to
+    ``os.environ``) and the command line's (``--set``: ``sets``), which win; every
+    failure is a one-line ConfigError."""
+    return read_config_sources(path, environ, sets)[0]
+
+
+def read_config_sources(path: Path, environ: Mapping[str, str] | None = None,
+                        sets: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+    """``read_config`` and where each value came from (``sources.origins``)."""
+    data = _read_toml(path)
+    groups = data.get("groups")
+    names = list(groups) if isinstance(groups, dict) else []
+    values = sources.env_values(os.environ if environ is None else environ, names)
+    values += sources.cli_values(sets, names)  # last: the command line wins
+    try:
+        cfg = load_config(sources.overlay(data, values), path.resolve().parent, source=path)
+    except ConfigError as exc:
+        blamed = sources.blame(exc, values)
+        raise (blamed if blamed is not exc else ConfigError(f"{path}: {exc}")) from None
+    return cfg, sources.origins(data, values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -207,13 +233,9 @@ def read_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte "
                           f"{exc.start})") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    try:
-        return load_config(data, path.resolve().parent, source=path)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # --- [groups.<name>] tables ------------------------------------------------------------

@@ -214,6 +214,13 @@ class ApiConfig:
         200, "most open API connections (at most half the open-file limit); beyond it the "
         "connection idle longest is closed, or the new one answered 503", min=1,
         max=1_000_000)
+    max_wait: float = _opt(
+        60.0, "most seconds a POST /v1/messages may wait for its reply (its wait field or "
+        "Prefer: wait=N is cut to this)", min=0, max=60)
+    event_content_bytes: int = _opt(
+        64 * 1024, "largest reply content (bytes of its JSON) carried in a /v1/events reply "
+        "event and a waited POST /v1/messages; a bigger one comes as truncated: true and "
+        "the message's URL", min=0, max=2**31)
 
 
 @dataclass(frozen=True)

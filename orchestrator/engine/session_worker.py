@@ -563,16 +563,21 @@ class SessionWorker:
                 pid or default[1], thread or default[2]))
 
     def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
-        stamps = {m.id: m.timestamp for m in messages}
+        by_id = {m.id: m for m in messages}
         for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
             for mid in ids:
+                m = by_id.get(mid)
                 try:
-                    committed = schema.parse_ts(stamps.get(mid))  # the agent wrote it
+                    committed = schema.parse_ts(m.timestamp if m else None)  # the agent's
                 except (ValueError, TypeError):
                     committed = None
+                # in_reply_to and the content text: the API's waiters and SSE events (the
+                # hub bounds the content before it is stored)
                 self.notify(kind, {
                     "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
-                    "delay_seconds": (now - committed).total_seconds() if committed else None})
+                    "delay_seconds": (now - committed).total_seconds() if committed else None,
+                    "in_reply_to": m.in_reply_to if m else None,
+                    "content_text": m.content if m else None})
 
     def request_stop(self, t: Tracked, reason: str) -> bool:
         """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an

@@ -1,6 +1,6 @@
 """The pure request rules of the open network, table-tested: Host and Origin
-(``auth.request_refusal``), JSON-only bodies (``app.body_refusal``), strict JSON
-(``app.loads``), ``process_after`` (``app.due_time``) and ``Last-Event-ID``."""
+(``auth.request_refusal``), JSON-only bodies (``checks.body_refusal``), strict JSON
+(``checks.loads``), ``process_after`` (``checks.due_time``) and ``Last-Event-ID``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.api.app import MAX_DEPTH, BadRequest, body_refusal, depth_of, due_time, loads
 from orchestrator.api.auth import (
     HostRule,
     Listen,
@@ -19,6 +18,7 @@ from orchestrator.api.auth import (
     origin_host,
     request_refusal,
 )
+from orchestrator.api.checks import MAX_DEPTH, BadRequest, body_refusal, depth_of, due_time, loads
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 LOOP = Listen(host="127.0.0.1", port=8750)

@@ -53,7 +53,7 @@ from tests.support.docker_fixtures import (
     make_session,
     remove_labelled,
 )
-from tests.support.helpers import ro_db, until
+from tests.support.helpers import needs_root, ro_db, until
 
 AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]
@@ -197,7 +197,7 @@ def test_container_spec_and_host_config_are_least_privilege(tmp_path: Path) -> N
     assert loose["security_opt"] == [] and loose["network_mode"] == "bridge"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+@needs_root("chown")
 def test_prepare_folder_gives_agent_only_its_writable_parts(tmp_path: Path) -> None:
     folder = make_session(tmp_path, "g", "s")
     (folder / layout.OUTBOX / "m1").mkdir()

@@ -14,6 +14,7 @@ from orchestrator.rules.delivery_plan import (
     Trouble,
     after_failure,
     deliverable_since,
+    files_recheck,
     plan,
     retry_delay,
 )
@@ -67,15 +68,34 @@ def test_plan(facts: ReplyFacts, expected: Plan) -> None:
     (Trouble.FILES_NOT_READY, 0, at(-0.4), Plan(Step.WAIT, "x", at(0.1))),
     (Trouble.FILES_NOT_READY, 0, at(-4), Plan(Step.WAIT, "x", at(1))),
     (Trouble.FILES_NOT_READY, 0, at(-9.5), Plan(Step.WAIT, "x", at(0.5))),
+    # the 1 s cap with the give-up time far off: waited 8 s of 20, still once a second
+    (Trouble.FILES_NOT_READY, 0, at(-8), Plan(Step.WAIT, "x", at(1))),
+    # boundary: the give-up time is exactly now: no more free looks, an attempt counts
     (Trouble.FILES_NOT_READY, 0, at(-10), Plan(Step.RETRY, "x", at(2))),
     (Trouble.FILES_NOT_READY, 2, at(-60), Plan(Step.FAIL, "giving up after 3 attempts: x")),
 ], ids=["permanent", "permanent-after-attempts", "transient-1", "transient-2",
         "transient-last", "files-first-seen", "files-soon", "files-waiting",
-        "files-wait-ends-first", "files-wait-over",
+        "files-wait-ends-first", "files-capped-at-1s",
+        "files-wait-over",
         "files-last-attempt"])
 def test_after_failure(trouble: Trouble, attempts: int, waiting_since: datetime | None,
                        expected: Plan) -> None:
-    assert after_failure(trouble, "x", attempts, waiting_since, NOW, CFG) == expected
+    cfg = CFG if waiting_since != at(-8) else DeliveryConfig(max_attempts=3, retry_base=2.0,
+                                                               files_wait=20.0)
+    assert after_failure(trouble, "x", attempts, waiting_since, NOW, cfg) == expected
+
+
+@pytest.mark.parametrize("waited, recheck", [
+    (0.0, 0.05), (0.2, 0.05), (0.4, 0.1), (2.0, 0.5), (4.0, 1.0), (8.0, 1.0), (3600.0, 1.0),
+])
+def test_files_recheck_is_soon_at_first_then_at_most_once_a_second(waited, recheck) -> None:
+    assert files_recheck(waited) == pytest.approx(recheck)
+
+
+def test_a_short_backoff_without_retry_after_is_not_lengthened() -> None:
+    cfg = DeliveryConfig(retry_base=0.25, max_attempts=5)
+    result = after_failure(Trouble.TRANSIENT, "x", 0, None, NOW, cfg)
+    assert result == Plan(Step.RETRY, "x", NOW + timedelta(seconds=0.25))
 
 
 def test_retry_after_lengthens_the_backoff_never_shortens_it() -> None:

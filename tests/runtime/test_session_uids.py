@@ -8,7 +8,6 @@ container per session (``docker`` mark), a real local agent process.
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
 import subprocess
 from pathlib import Path
@@ -23,9 +22,10 @@ from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import create_folder
 from orchestrator.host.uids import SessionUids
 from orchestrator.runtime.base import AgentExit, SessionRef
+from tests.support.helpers import needs_root
 
 RANGE = (200000, 200099)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="per-session uids need root")
+root_only = needs_root("per-session uids")
 
 
 def status_uids(text: str) -> list[int]:
@@ -51,7 +51,7 @@ def test_uid_map_is_stable_unique_and_bounded(tmp_path: Path) -> None:
         parse_range("20-10")
 
 
-@needs_root
+@root_only
 def test_local_agent_runs_as_its_sessions_uid(tmp_path: Path, umask_022: None) -> None:
     from orchestrator.runtime.local.runtime import LocalRuntime
 
@@ -91,7 +91,7 @@ def test_local_agent_runs_as_its_sessions_uid(tmp_path: Path, umask_022: None) -
 
 
 @pytest.mark.docker
-@needs_root
+@root_only
 def test_docker_agents_run_as_their_own_uids_and_setuid_is_not_delivered(
         tmp_path: Path, umask_022: None, docker_client, agent_image: str, instance: str) -> None:
     from orchestrator.runtime.docker.runtime import DockerRuntime
@@ -137,7 +137,7 @@ def test_docker_agents_run_as_their_own_uids_and_setuid_is_not_delivered(
     assert stat.S_IMODE(moved.stat().st_mode) == 0o700  # no setuid, nothing for others
 
 
-@needs_root
+@root_only
 @pytest.mark.docker
 def test_a_group_folder_is_shared_through_the_groups_own_gid(
         tmp_path: Path, umask_022: None, docker_client, agent_image: str, instance: str) -> None:

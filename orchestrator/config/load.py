@@ -123,6 +123,9 @@ def _check_kubernetes(k8s: Any) -> None:
         raise ConfigError("[kubernetes] image must not be empty")
     if not k8s.command:
         raise ConfigError("[kubernetes] command must be a non-empty list of strings")
+    if k8s.user != "auto" and not re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", k8s.user):
+        raise ConfigError(f"[kubernetes] user {k8s.user!r}: write 'auto' or 'UID:GID' "
+                          "(numbers above 0: agents never run as root)")
     check_quantities("[kubernetes]", k8s)
 
 
@@ -333,7 +336,10 @@ def _load_group(name: str, raw: Any, base_dir: Path) -> GroupConfig:
     both = {k for k, _ in values.get("env", ())} & {k for k, _ in values.get("env_files", ())}
     if both:
         raise ConfigError(f"{where}: {sorted(both)[0]} is in both env and env_files; keep one")
-    group = GroupConfig(name=name, **values)
+    return _check_group_kubernetes(where, GroupConfig(name=name, **values))
+
+
+def _check_group_kubernetes(where: str, group: GroupConfig) -> GroupConfig:
     check_quantities(where, group)
     for key in ("service_account", "runtime_class"):
         value = getattr(group, key)

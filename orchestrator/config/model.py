@@ -50,9 +50,9 @@ class RuntimeConfig:
     uid_range: str = _opt(
         "auto", "when run as root: each session's agent runs as its own uid (gid the same) "
         "from LOW-HIGH, kept across restarts and never shared, its folder given to that uid "
-        "(0700). 'auto' = 200000-299999 for [runtime] kind = docker or kubernetes, off for local (its "
-        "command must be runnable by those uids: set a range to use it); '' = off, every "
-        "agent runs as one uid ([docker] user). Without root there is always one uid")
+        "(0700). 'auto' = 200000-299999 for [runtime] kind = docker or kubernetes, off for "
+        "local (its command must be runnable by those uids: set a range to use it); '' = off, "
+        "every agent runs as one uid ([docker] user). Without root there is always one uid")
     start_retry_max: float = _opt(
         15.0, "cap (s) of the backoff when an agent cannot be started (e.g. Docker down)",
         min=1, max=3600)

@@ -119,7 +119,7 @@ def classify(pod: dict[str, Any]) -> PodView:
                 f"({status.get('reason') or 'Failed'}: "
                 f"{_one_line(status.get('message')) or 'no detail'})"))
         return PodView(ENDED, None, "vanished" if deleting else "exited")
-    if cs is not None and (cs.get("state") or {}).get("running"):
+    if cs is not None and (cs.get("state") or {}).get("running") is not None:
         return PodView(RUNNING)
     for cond in status.get("conditions") or []:
         if (cond.get("type") == "PodScheduled" and cond.get("status") == "False"

@@ -19,6 +19,11 @@
   carrying it is force-removed after the test.
 - ``private_dockerd`` / ``private_dockerd_live``: a throwaway second dockerd a test
   may stop and start (see ``docker_fixtures.PrivateDockerd``).
+- ``kube_cluster`` (session): a ``tests.support.kube.Cluster`` for the real single-node
+  Kubernetes test cluster that ``.ci/setup-kubernetes.sh`` starts. Unreachable: the test
+  FAILS when ``CI`` is set and is skipped otherwise, like Docker.
+- ``kube_namespace``: a fresh namespace (created) for one test; deleted after it,
+  without waiting for its Pods to go.
 
 Helpers that are not fixtures live in the tests/support package: helpers.py (waiting,
 SQLite peeks, ``REPO``), e2e.py (configs, the sending side, ``supervised``,
@@ -48,11 +53,13 @@ from orchestrator.runtime.docker.spec import LABEL_INSTANCE
 from tests.support.docker_fixtures import (
     TEST_IMAGE,
     PrivateDockerd,
+    in_ci,
     private_daemon,
     remove_labelled,
     unavailable,
 )
 from tests.support.e2e import processes_mentioning
+from tests.support.kube import SETUP_SCRIPT, Cluster, ClusterUnavailable, connect
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +121,25 @@ def private_dockerd(docker_client: docker.DockerClient) -> Iterator[PrivateDocke
 def private_dockerd_live(docker_client: docker.DockerClient) -> Iterator[PrivateDockerd]:
     """``--live-restore``: its containers keep running while it is down."""
     yield from private_daemon(live_restore=True)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Cluster:
+    try:
+        return connect()
+    except ClusterUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"Kubernetes test cluster unusable: {exc} (CI is set: start it with "
+                        f"sudo bash {SETUP_SCRIPT})", pytrace=False)
+        pytest.skip(f"Kubernetes test cluster unusable: {exc} (start it with {SETUP_SCRIPT})")
+
+
+@pytest.fixture
+def kube_namespace(kube_cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube_cluster.create_namespace(name)
+    yield name
+    kube_cluster.delete_namespace(name)
 
 
 @pytest.fixture

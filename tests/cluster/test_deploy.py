@@ -38,6 +38,7 @@ import tomli_w
 import yaml
 from loguru import logger
 
+from orchestrator.config.load import load_config
 from orchestrator.runtime.docker.image import ImageBuildError
 from orchestrator.runtime.docker.server_image import LOCAL_BASE, build_server_image
 from tests.support.api_helpers import Receiver, free_port
@@ -101,6 +102,15 @@ def test_the_role_is_exactly_what_the_runtime_calls() -> None:
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} \
         == {one(docs, "Namespace")["metadata"]["name"]} == {config_of(docs)["kubernetes"]
                                                             ["namespace"]}
+
+
+def test_the_configs_in_the_repository_load() -> None:
+    """The ConfigMap's config.toml and deploy/compose-config.toml are valid configs."""
+    k8s = load_config(config_of(manifests()), Path("/etc/orchestrator"))
+    assert k8s.runtime.kind == "kubernetes" and k8s.delivery.channel == "webhook"
+    assert str(k8s.data_dir) == "/var/lib/orchestrator/data"
+    compose = tomllib.loads((REPO / "deploy" / "compose-config.toml").read_text())
+    assert load_config(compose, Path("/srv/orchestrator/data")).runtime.kind == "docker"
 
 
 def test_the_daemonset_runs_the_orchestrator_on_each_nodes_data_dir() -> None:

@@ -57,9 +57,10 @@ DOCKERFILE = REPO / "Dockerfile"
 PYPROJECT = REPO / "pyproject.toml"
 
 # The image's interpreter: python:3.11-slim and bookworm's python3 are both 3.11 on
-# glibc 2.36. pip expands manylinux_2_36 to every older manylinux tag.
+# glibc 2.36. pip (23.x) takes --platform tags literally, so every manylinux tag up to
+# that glibc is named (platform_tags).
 PY_VERSION = "3.11"
-GLIBC = "2_36"
+GLIBC_MINOR = 36
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 _SKIP_DIRS = {"__pycache__"}
@@ -118,6 +119,14 @@ def code_hash(base: str, deps: list[str], package_dir: Path = PACKAGE_DIR,
     return h.hexdigest()
 
 
+def platform_tags(arch: str, glibc_minor: int = GLIBC_MINOR) -> list[str]:
+    """Every manylinux tag a glibc 2.<minor> system runs, newest first, with the legacy
+    aliases (manylinux2014 = 2.17, manylinux2010 = 2.12, manylinux1 = 2.5)."""
+    tags = [f"manylinux_2_{m}_{arch}" for m in range(glibc_minor, 4, -1)]
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    return tags + [f"{name}_{arch}" for m, name in legacy.items() if m <= glibc_minor]
+
+
 def pip_target_command(target: Path, deps: list[str], arch: str,
                        python: str = sys.executable) -> list[str]:
     """``pip install --target`` for the image's interpreter and platform, wheels only."""
@@ -125,7 +134,7 @@ def pip_target_command(target: Path, deps: list[str], arch: str,
             "--no-compile", "--target", str(target), "--only-binary=:all:",
             "--implementation", "cp", "--python-version", PY_VERSION,
             "--abi", "cp" + PY_VERSION.replace(".", ""), "--abi", "abi3", "--abi", "none",
-            "--platform", f"manylinux_{GLIBC}_{arch}", *deps]
+            *[f"--platform={tag}" for tag in platform_tags(arch)], *deps]
 
 
 def image_arch(client: Any) -> str:
@@ -145,11 +154,13 @@ def make_context(ctx: Path, deps: list[str], arch: str, package_dir: Path = PACK
     shutil.copy2(dockerfile, ctx / "Dockerfile")
     cmd = pip_target_command(ctx / "deps", deps, arch)
     started = time.monotonic()
-    logger.info("installing {} dependencies for cp{} manylinux_{}_{}",
-                len(deps), PY_VERSION, GLIBC, arch)
+    logger.info("installing {} dependencies for CPython {} on manylinux (glibc <= 2.{}) {}",
+                len(deps), PY_VERSION, GLIBC_MINOR, arch)
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     if proc.returncode != 0:
-        for line in (proc.stdout + proc.stderr).strip().splitlines()[-15:]:
+        lines = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines()
+                 if "is ignored: it is neither a file nor a directory" not in ln]
+        for line in lines[-15:]:
             logger.error("  {}", line)
         raise ImageBuildError("pip could not install the image's dependencies (output above): "
                               "check the index is reachable (pip config list)")

@@ -370,7 +370,8 @@ class KubernetesRuntime:
             logger.error("agent {}/{}: {}", t.handle.agent_group, t.handle.session_id,
                          view.message)
             self._emit(t, None, "exited", delete=False)
-            self._background.spawn(self._delete_owned(t.handle.session_id, t.name, t.uid, KILL_GRACE))
+            self._background.spawn(self._delete_owned(t.handle.session_id, t.name, t.uid,
+                                                      KILL_GRACE))
 
     async def _sync(self, pods: list[dict[str, Any]]) -> None:
         """A full list of our Pods (the watch's, or reconcile's): adopt live ones we do

@@ -11,47 +11,32 @@ agent Pod is pinned there (``nodeName``) and gets its session folder as a
 task is ``watch``. This module is the bookkeeping: which Pod belongs to which
 session, and who reports its end, exactly once, on the event loop.
 
-start
-    creates the Pod and waits (up to ``[kubernetes] start_timeout``) until its
-    container runs: a Pod whose image cannot be pulled or whose container cannot be
-    created, or one still Pending at the timeout (unschedulable), is deleted and the
-    start fails with ``RuntimeUnavailable`` (one line naming the image or the
-    scheduler's words, logged once): the session's work stays pending and the
-    supervisor retries the start with its backoff.
-stop / kill
-    delete with ``gracePeriodSeconds`` = grace (SIGTERM, then SIGKILL) / 1 s, and
-    wait until the Pod is gone: only then is the agent surely not writing. (A grace
-    of 0 would be a *force* delete: the API object goes at once while the kubelet may
-    still be running the container, so "gone" would not mean "dead".)
-exits
-    from the watch: exit code (``exited``), ``oom``, ``evicted``, deleted by someone
-    else (``vanished``); ours are ``stopped`` / ``killed``. Finished Pods are deleted
-    once their exit is reported.
-recover / reconcile
-    list by our instance label: adopt live Pods, report tracked ones that ended or
-    vanished unseen, delete finished leftovers. Pods without our instance label are
-    never listed (label selector) and never deleted (only names we own are deleted,
-    after a check of the Pod's labels and uid).
-pause / resume
-    not available on Kubernetes (the composition root turns the paused tier off and
-    says so): no-ops, ``is_paused`` is False.
+start waits (up to ``[kubernetes] start_timeout``) until the container runs; a Pod
+whose image cannot be pulled, whose container cannot be created, that its node refuses
+or that is still Pending at the timeout is deleted and the start fails with
+``StartFailed`` (one line, logged once): the work stays pending, the supervisor retries
+with its backoff. stop / kill delete with ``gracePeriodSeconds`` = grace / 1 s
+(``tracked.KILL_GRACE``) and wait until the Pod is gone. Exits come from the watch:
+``exited``, ``oom``, ``evicted``, ``vanished`` (deleted by someone else); ours are
+``stopped`` / ``killed``; finished Pods are deleted once reported. recover / reconcile
+list by our instance label: adopt live Pods, report tracked ones that ended unseen,
+delete finished leftovers. Pods without our label are never listed (label selector)
+nor deleted (only names we own, after a check of labels and uid). pause / resume are
+no-ops: the composition root turns the paused tier off on Kubernetes and says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Callable
 
 from loguru import logger
 
-from orchestrator.config.groups import read_env
 from orchestrator.config.model import KubernetesConfig
 from orchestrator.contract import layout
-from orchestrator.host.uids import give_folder, open_uids
+from orchestrator.host.uids import open_uids
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -64,7 +49,6 @@ from orchestrator.runtime.kubernetes.pods import (
     ENDED,
     RUNNING,
     START_FAILED,
-    PodView,
     classify,
     exit_reason,
     pending_too_long,
@@ -72,63 +56,27 @@ from orchestrator.runtime.kubernetes.pods import (
 from orchestrator.runtime.kubernetes.spec import (
     LABEL_INSTANCE,
     LABEL_SESSION,
-    check_session_folder,
-    group_folder,
     ids_of,
     label_value,
     node_name,
-    pod_manifest,
-    prepare_group_folder,
+    prepare_pod,
     resolve_user,
+)
+from orchestrator.runtime.kubernetes.tracked import (
+    GONE_SLACK,
+    KILL_GRACE,
+    LIVE,
+    POLL,
+    Background,
+    Book,
+    Phase,
+    StartFailed,
+    TrackedPod,
+    until_gone,
+    wait_deleted,
 )
 from orchestrator.runtime.kubernetes.watch import PodWatch
 from orchestrator.support.logonce import LogOnce
-
-KILL_GRACE = 1  # s: the shortest graceful delete (0 is a force delete, see above)
-GONE_SLACK = 30.0  # s beyond the grace to wait for a deleted Pod to disappear
-POLL = 2.0  # s between fallback reads while waiting on a Pod the watch is silent about
-
-
-class StartFailed(RuntimeUnavailable):
-    """The Pod was created but its container could not start (image, scheduling):
-    logged once by the runtime, so callers do not log it again per retry."""
-
-    reported = True
-
-
-class Phase(Enum):
-    STARTING = auto()  # created, start() waits for it to run: its exit waits for the handle
-    RUNNING = auto()
-    STOPPING = auto()  # we deleted it with a grace: its exit is "stopped"
-    KILLING = auto()  # we deleted it with KILL_GRACE: its exit is "killed"
-    DONE = auto()  # its exit was reported (or it was never ours to report)
-
-
-_LIVE = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.KILLING})
-
-
-@dataclass
-class _Pod:
-    handle: AgentHandle
-    name: str
-    phase: Phase = Phase.RUNNING
-    uid: str | None = None  # the Pod object's uid: a later Pod of the same name is another
-    view: PodView = PodView("pending")
-    gone: bool = False  # its DELETED event (or a 404) was seen
-    pending_exit: AgentExit | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def see(self, view: PodView, *, gone: bool = False) -> None:
-        self.view = view
-        self.gone = self.gone or gone
-        self.changed.set()
-
-    async def wait_change(self, timeout: float) -> None:
-        self.changed.clear()
-        try:
-            await asyncio.wait_for(self.changed.wait(), max(0.0, timeout))
-        except asyncio.TimeoutError:
-            pass
 
 
 class KubernetesRuntime:
@@ -150,11 +98,10 @@ class KubernetesRuntime:
         self._uids = open_uids(self.data_dir, uid_range if config.user == "auto" else None)
         self.calls = KubeCalls(config)
         self.labels = {LABEL_INSTANCE: self.instance}
-        self._by_session: dict[str, _Pod] = {}
-        self._by_name: dict[str, _Pod] = {}
+        self._book = Book()
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting: set[str] = set()
-        self._tasks: set[asyncio.Future] = set()
+        self._background = Background()
         self._said = LogOnce()
         self._reconcile_lock = asyncio.Lock()
         self.watch = PodWatch(self.calls, self.labels, self._watch_listed, self._on_event,
@@ -164,11 +111,11 @@ class KubernetesRuntime:
 
     # -- bookkeeping (no I/O) ------------------------------------------------------
     def is_running(self, session_id: str) -> bool:
-        t = self._by_session.get(session_id)
-        return t is not None and t.phase in _LIVE
+        t = self._book.by_session.get(session_id)
+        return t is not None and t.phase in LIVE
 
     def running(self) -> list[AgentHandle]:
-        return [t.handle for t in self._by_session.values() if t.phase in _LIVE]
+        return self._book.running()
 
     def is_paused(self, session_id: str) -> bool:
         return False
@@ -185,29 +132,20 @@ class KubernetesRuntime:
             lock = self._locks[session_id] = asyncio.Lock()
         return lock
 
-    def _track(self, t: _Pod) -> None:
-        self._by_session[t.handle.session_id] = t
-        self._by_name[t.name] = t
-
-    def _untrack(self, t: _Pod) -> None:
-        if self._by_session.get(t.handle.session_id) is t:
-            del self._by_session[t.handle.session_id]
-        if self._by_name.get(t.name) is t:
-            del self._by_name[t.name]
-
-    def _emit(self, t: _Pod, exit_code: int | None, reason: str, *, delete: bool = True) -> None:
+    def _emit(self, t: TrackedPod, exit_code: int | None, reason: str, *,
+              delete: bool = True) -> None:
         """Report the end of ``t`` once, forget it, and (unless the caller does) delete
         its finished Pod in the background."""
         was = t.phase
         if was is Phase.DONE:
             return
         t.phase = Phase.DONE
-        self._untrack(t)
+        self._book.untrack(t)
         event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason)
         logger.info("agent {}/{} Pod {} ended: {} (exit code {})", event.agent_group,
                     event.session_id, t.name, reason, exit_code)
         if delete:  # first: it takes the session's lock before a restart can
-            self._spawn(self._delete_owned(t.handle.session_id, t.name, t.uid, grace=0))
+            self._background.spawn(self._delete_owned(t.handle.session_id, t.name, t.uid, grace=0))
         if was is Phase.STARTING:
             t.pending_exit = event  # delivered after start() returned its handle
         else:
@@ -218,20 +156,6 @@ class KubernetesRuntime:
             self.on_exit(event)
         except Exception:  # noqa: BLE001 - a callback bug must not stop the other exits
             logger.exception("on_exit callback failed for {}", event)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if isinstance(exc, RuntimeUnavailable):
-                logger.debug("kubernetes background task: {}", exc)
-            else:
-                logger.opt(exception=exc).error("kubernetes background task failed")
 
     # -- ownership ---------------------------------------------------------------------
     def _owns(self, pod: dict[str, Any]) -> bool:
@@ -265,27 +189,19 @@ class KubernetesRuntime:
         layout.validate_id(session.agent_group, "agent group")
         layout.validate_id(session.session_id, "session id")
         async with self._lock(session.session_id):
-            t = self._by_session.get(session.session_id)
-            if t is not None and t.phase is not Phase.DONE:
+            t = self._book.live(session.session_id)
+            if t is not None:
                 return t.handle
             self.watch.ensure_started()
             cfg = session.settings.kubernetes if session.settings is not None else self.config
             uid, gid = self._user(session.session_id)
-            folder = check_session_folder(Path(session.folder), self.data_dir)
-            give_folder(folder, uid, gid)
-            group = None
-            where = group_folder(cfg.group_folder, self.data_dir, session.agent_group)
-            if where is not None:  # shared by the group: the data dir owner's, not a session's
-                shared = None if self._uids is not None else uid
-                group = prepare_group_folder(where, folder, self.data_dir, shared,
-                                             None if shared is None else gid)
-            env = read_env(session.settings) if session.settings is not None else {}
-            manifest = pod_manifest(cfg, session, node=self.node, uid=uid, gid=gid,
-                                    folder=folder, group=group, env=env, grace=self.stop_grace)
+            manifest = prepare_pod(cfg, session, self.data_dir, node=self.node, uid=uid,
+                                   gid=gid, per_session_uids=self._uids is not None,
+                                   grace=self.stop_grace)
             name = manifest["metadata"]["name"]
-            t = _Pod(AgentHandle(session.agent_group, session.session_id, name), name,
-                     Phase.STARTING)
-            self._track(t)
+            t = TrackedPod(AgentHandle(session.agent_group, session.session_id, name), name,
+                           Phase.STARTING)
+            self._book.track(t)
             self._starting.add(session.session_id)
             try:
                 adopted = await self._create(t, manifest)
@@ -295,12 +211,12 @@ class KubernetesRuntime:
             except BaseException:
                 if t.phase is Phase.STARTING:
                     t.phase = Phase.DONE
-                    self._untrack(t)
+                    self._book.untrack(t)
                 raise
             finally:
                 self._starting.discard(session.session_id)
 
-    async def _create(self, t: _Pod, manifest: dict[str, Any]) -> AgentHandle | None:
+    async def _create(self, t: TrackedPod, manifest: dict[str, Any]) -> AgentHandle | None:
         """Create the Pod (``t.uid``, ``t.view`` from the answer). A Pod of ours already
         under that name is adopted when alive (its handle returned) or deleted and the
         create retried; one that is not ours is refused."""
@@ -321,7 +237,7 @@ class KubernetesRuntime:
             return None
         return None  # pragma: no cover - the loop returns or raises
 
-    async def _resolve_conflict(self, t: _Pod) -> AgentHandle | None:
+    async def _resolve_conflict(self, t: TrackedPod) -> AgentHandle | None:
         """The Pod name is taken. Ours and alive: adopted (its handle). Ours and over:
         deleted (None: create again). Not ours: refused."""
         existing = await self.calls.get(t.name)
@@ -345,10 +261,10 @@ class KubernetesRuntime:
                         t.handle.agent_group, t.handle.session_id)
             return t.handle
         await self.calls.delete(t.name, 0 if view.state == ENDED else KILL_GRACE)
-        await self._until_gone(t.name, self.stop_grace + GONE_SLACK)
+        await until_gone(self.calls, self.node, t.name, self.stop_grace + GONE_SLACK)
         return None
 
-    async def _until_running(self, t: _Pod, cfg: KubernetesConfig) -> AgentHandle:
+    async def _until_running(self, t: TrackedPod, cfg: KubernetesConfig) -> AgentHandle:
         """Wait until the container runs (the handle), ended already (the handle; its
         exit follows), or the start failed / timed out (Pod deleted, ``StartFailed``)."""
         began = time.monotonic()
@@ -377,16 +293,12 @@ class KubernetesRuntime:
             before = t.view
             await t.wait_change(min(POLL, cfg.start_timeout - waited + 0.05))
             if t.view is before and not t.gone:  # the watch said nothing: look ourselves
-                pod = await self.calls.get(t.name)
-                if pod is None:
-                    t.see(t.view, gone=True)
-                elif (pod.get("metadata") or {}).get("uid") == t.uid:
-                    t.see(classify(pod))
+                await t.refresh(self.calls)
 
-    async def _abandon(self, t: _Pod, failure: str, image: str) -> None:
+    async def _abandon(self, t: TrackedPod, failure: str, image: str) -> None:
         """A start that cannot succeed: delete the Pod, say it once, raise."""
         t.phase = Phase.DONE
-        self._untrack(t)
+        self._book.untrack(t)
         try:
             await self.calls.delete(t.name, 0)
         except RuntimeUnavailable as exc:
@@ -397,15 +309,6 @@ class KubernetesRuntime:
         if self._said.say(key, failure):
             logger.error("{}", line)
         raise StartFailed(line)
-
-    async def _until_gone(self, name: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if await self.calls.get(name) is None:
-                return
-            await asyncio.sleep(0.25)
-        raise RuntimeUnavailable(f"Pod {name} was deleted but is still there after "
-                                 f"{timeout:g}s: is the kubelet on node {self.node} up?")
 
     # -- stop / kill -------------------------------------------------------------------
     async def stop(self, session_id: str, grace: float) -> None:
@@ -418,12 +321,12 @@ class KubernetesRuntime:
         """Delete the session's Pod (tracked, or ours found by label), wait until it is
         gone, report its exit (``stopped`` / ``killed``). Absent = done."""
         async with self._lock(session_id):
-            t = self._by_session.get(session_id)
-            if t is not None and t.phase is not Phase.DONE:
+            t = self._book.live(session_id)
+            if t is not None:
                 if t.phase is Phase.RUNNING:  # else a stop or kill under way keeps its reason
                     t.phase = phase
                 await self.calls.delete(t.name, grace)
-                await self._wait_deleted(t, grace + GONE_SLACK)
+                await wait_deleted(t, self.calls, self.node, grace + GONE_SLACK)
                 self._emit(t, t.view.exit_code, exit_reason(
                     t.view, stopping=t.phase is Phase.STOPPING,
                     killing=t.phase is Phase.KILLING), delete=False)
@@ -435,23 +338,7 @@ class KubernetesRuntime:
                 if not self._owns(pod) or (ids_of(meta) or ("", ""))[1] != session_id:
                     continue
                 await self.calls.delete(meta["name"], grace)
-                await self._until_gone(meta["name"], grace + GONE_SLACK)
-
-    async def _wait_deleted(self, t: _Pod, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not t.gone:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeUnavailable(f"Pod {t.name} was deleted but is still there after "
-                                         f"{timeout:g}s: is the kubelet on node {self.node} up?")
-            before = t.view
-            await t.wait_change(min(POLL, left))
-            if t.view is before and not t.gone:
-                pod = await self.calls.get(t.name)
-                if pod is None or (pod.get("metadata") or {}).get("uid") != t.uid:
-                    t.see(t.view, gone=True)
-                else:
-                    t.see(classify(pod))
+                await until_gone(self.calls, self.node, meta["name"], grace + GONE_SLACK)
 
     # -- watch events, lists --------------------------------------------------------------
     def _on_event(self, kind: str, pod: dict[str, Any]) -> None:
@@ -459,7 +346,7 @@ class KubernetesRuntime:
         if not self._owns(pod):
             return
         meta = pod.get("metadata") or {}
-        t = self._by_name.get(meta.get("name", ""))
+        t = self._book.by_name.get(meta.get("name", ""))
         if t is None or t.phase is Phase.DONE:
             return
         if t.uid is None and kind != "DELETED":
@@ -469,7 +356,7 @@ class KubernetesRuntime:
         t.see(classify(pod), gone=kind == "DELETED")
         self._settle(t)
 
-    def _settle(self, t: _Pod) -> None:
+    def _settle(self, t: TrackedPod) -> None:
         """Report ``t``'s end if its latest view says it ended (RUNNING only: start()
         and stop()/kill() handle their own phases)."""
         if t.phase is not Phase.RUNNING:
@@ -483,7 +370,8 @@ class KubernetesRuntime:
             logger.error("agent {}/{}: {}", t.handle.agent_group, t.handle.session_id,
                          view.message)
             self._emit(t, None, "exited", delete=False)
-            self._spawn(self._delete_owned(t.handle.session_id, t.name, t.uid, KILL_GRACE))
+            self._background.spawn(self._delete_owned(t.handle.session_id, t.name, t.uid,
+                                                      KILL_GRACE))
 
     async def _sync(self, pods: list[dict[str, Any]]) -> None:
         """A full list of our Pods (the watch's, or reconcile's): adopt live ones we do
@@ -494,7 +382,7 @@ class KubernetesRuntime:
             for name, pod in found.items():
                 meta = pod.get("metadata") or {}
                 ids = ids_of(meta)
-                t = self._by_name.get(name)
+                t = self._book.by_name.get(name)
                 if ids is None or (t is not None and t.phase is not Phase.DONE):
                     continue
                 group, session_id = ids
@@ -502,15 +390,15 @@ class KubernetesRuntime:
                     continue
                 view = classify(pod)
                 if view.alive and not meta.get("deletionTimestamp"):
-                    t = _Pod(AgentHandle(group, session_id, name, adopted=True), name,
+                    t = TrackedPod(AgentHandle(group, session_id, name, adopted=True), name,
                              uid=meta.get("uid"), view=view)
-                    self._track(t)
+                    self._book.track(t)
                     logger.info("adopted Pod {} for {}/{}", name, group, session_id)
                 elif view.state in (ENDED, START_FAILED):
                     logger.info("deleting finished Pod {} ({}, exit code {})", name,
                                 view.reason or view.message, view.exit_code)
-                    self._spawn(self._delete_owned(session_id, name, meta.get("uid"), 0))
-            for t in list(self._by_name.values()):
+                    self._background.spawn(self._delete_owned(session_id, name, meta.get("uid"), 0))
+            for t in list(self._book.by_name.values()):
                 if t.phase is not Phase.RUNNING:
                     continue
                 now = found.get(t.name)
@@ -555,10 +443,7 @@ class KubernetesRuntime:
     async def close(self) -> None:
         """Stop watching and release the client; Pods keep running (adopted next time)."""
         await self.watch.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.cancel()
         await self.calls.close()
         if self._uids is not None:
             self._uids.close()

@@ -30,9 +30,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.groups import read_env
 from orchestrator.config.model import KubernetesConfig
 from orchestrator.config.mounts import WORKSPACE, is_under
 from orchestrator.contract import layout
+from orchestrator.host.uids import give_folder
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 
 LABEL_INSTANCE = "orchestrator.instance"
@@ -273,3 +275,21 @@ def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: 
         },
         "spec": spec,
     }
+
+
+def prepare_pod(cfg: KubernetesConfig, session: SessionRef, data_dir: Path, *, node: str,
+                uid: int, gid: int, per_session_uids: bool, grace: float) -> dict[str, Any]:
+    """The I/O edge of a start: check the session folder, give its writable parts to
+    the agent's uid (root only), prepare the group folder (shared by the group: the
+    data dir owner's when every session has its own uid), read the secret files; then
+    the manifest."""
+    folder = check_session_folder(Path(session.folder), data_dir)
+    give_folder(folder, uid, gid)
+    group = None
+    where = group_folder(cfg.group_folder, data_dir, session.agent_group)
+    if where is not None:
+        owner = (None, None) if per_session_uids else (uid, gid)
+        group = prepare_group_folder(where, folder, data_dir, *owner)
+    env = read_env(session.settings) if session.settings is not None else {}
+    return pod_manifest(cfg, session, node=node, uid=uid, gid=gid, folder=folder, group=group,
+                        env=env, grace=grace)

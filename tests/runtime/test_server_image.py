@@ -69,3 +69,18 @@ def test_byte_code_and_hidden_files_are_not_part_of_the_image(tmp_path: Path) ->
     (pkg / ".hidden").write_text("x")
     (pkg / "a.py").write_text("")
     assert si.source_files(pkg) == [Path("orchestrator/a.py")]
+
+
+def test_a_cached_dependency_set_is_copied_without_running_pip(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cached = cache / si.deps_key(["loguru"], "x86_64")
+    (cached / "loguru").mkdir(parents=True)
+    (cached / "loguru" / "__init__.py").write_text("# cached\n")
+    ran = si.install_deps(tmp_path / "deps", ["loguru"], "x86_64", cache=cache)
+    assert ran is False
+    assert (tmp_path / "deps" / "loguru" / "__init__.py").read_text() == "# cached\n"
+
+
+@pytest.mark.parametrize("other", [(["loguru", "x"], "x86_64"), (["loguru"], "aarch64")])
+def test_the_cache_key_is_per_dependency_list_and_platform(other: tuple) -> None:
+    assert si.deps_key(["loguru"], "x86_64") != si.deps_key(*other)

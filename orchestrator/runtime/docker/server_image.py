@@ -19,7 +19,10 @@ get the public ``python:3.11-slim`` as the default base (their Docker pulls it).
 
 Idempotent like the agent image: the image is labelled with a hash over the
 Dockerfile, the base tag, the dependency list and every source file of the
-package; when the tag already carries that hash the build is skipped.
+package; when the tag already carries that hash the build is skipped. The
+installed dependencies are cached on the host per dependency list and platform
+(``deps_cache_root``), so a change of the sources alone does not run pip again;
+``--force`` rebuilds with a fresh install.
 """
 
 from __future__ import annotations
@@ -147,16 +150,34 @@ def image_arch(client: Any) -> str:
     return arch
 
 
-def make_context(ctx: Path, deps: list[str], arch: str, package_dir: Path = PACKAGE_DIR,
-                 dockerfile: Path = DOCKERFILE) -> None:
-    """The build context: Dockerfile, deps/ (site-packages made by the host's pip) and
-    app/orchestrator (the package's sources)."""
-    shutil.copy2(dockerfile, ctx / "Dockerfile")
-    cmd = pip_target_command(ctx / "deps", deps, arch)
+def deps_cache_root() -> Path:
+    """Where installed dependency sets are kept between builds ($XDG_CACHE_HOME or
+    ~/.cache, then orchestrator/server-image-deps)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "orchestrator" / "server-image-deps"
+
+
+def deps_key(deps: list[str], arch: str) -> str:
+    """One installed set per dependency list, interpreter and platform."""
+    raw = "\n".join([PY_VERSION, str(GLIBC_MINOR), arch, *deps])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def install_deps(target: Path, deps: list[str], arch: str, *, cache: Path | None,
+                 refresh: bool = False) -> bool:
+    """deps/ of the context: a copy of the cached set for this key, else pip's install
+    (then cached, replacing older sets). A source-only change thus skips pip. Returns
+    True when pip ran."""
+    cached = cache / deps_key(deps, arch) if cache is not None else None
+    if cached is not None and cached.is_dir() and not refresh:
+        shutil.copytree(cached, target, symlinks=True)
+        logger.info("dependencies from the cache {}", cached)
+        return False
     started = time.monotonic()
     logger.info("installing {} dependencies for CPython {} on manylinux (glibc <= 2.{}) {}",
                 len(deps), PY_VERSION, GLIBC_MINOR, arch)
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(pip_target_command(target, deps, arch), capture_output=True,
+                          text=True, errors="replace")
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines()
                  if "is ignored: it is neither a file nor a directory" not in ln]
@@ -165,8 +186,34 @@ def make_context(ctx: Path, deps: list[str], arch: str, package_dir: Path = PACK
         raise ImageBuildError("pip could not install the image's dependencies (output above): "
                               "check the index is reachable (pip config list)")
     # pip's console scripts carry this host's interpreter in their shebang: useless inside.
-    shutil.rmtree(ctx / "deps" / "bin", ignore_errors=True)
+    shutil.rmtree(target / "bin", ignore_errors=True)
     logger.info("dependencies ready in {:.1f}s", time.monotonic() - started)
+    if cached is not None:
+        _keep(target, cached)
+    return True
+
+
+def _keep(source: Path, cached: Path) -> None:
+    """Store ``source`` as the one cached set (best effort: a cache that cannot be
+    written costs the next build a pip run, nothing else)."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for old in cached.parent.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
+        partial = cached.parent / f".{cached.name}.{os.getpid()}"
+        shutil.copytree(source, partial, symlinks=True)
+        partial.rename(cached)
+    except OSError as exc:
+        logger.warning("cannot cache the dependencies in {} ({})", cached.parent, exc.strerror)
+
+
+def make_context(ctx: Path, deps: list[str], arch: str, *, cache: Path | None = None,
+                 refresh: bool = False, package_dir: Path = PACKAGE_DIR,
+                 dockerfile: Path = DOCKERFILE) -> None:
+    """The build context: Dockerfile, deps/ (site-packages made by the host's pip) and
+    app/orchestrator (the package's sources)."""
+    shutil.copy2(dockerfile, ctx / "Dockerfile")
+    install_deps(ctx / "deps", deps, arch, cache=cache, refresh=refresh)
     root = package_dir.parent
     for rel in source_files(package_dir):
         dest = ctx / "app" / rel
@@ -227,7 +274,7 @@ def build_server_image(tag: str = DEFAULT_TAG, *, base: str = DEFAULT_BASE, forc
         logger.info("building {} on {} (code {})", tag, base, digest[:12])
         with tempfile.TemporaryDirectory(prefix="orch-server-ctx-") as tmp:
             ctx = Path(tmp)
-            make_context(ctx, deps, arch)
+            make_context(ctx, deps, arch, cache=deps_cache_root(), refresh=force)
             image_id = _docker_build(client, ctx, tag, base,
                                      {CODE_LABEL: digest, BASE_LABEL: base})
         image_id = image_id or client.images.get(tag).id
@@ -249,7 +296,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--base", default=DEFAULT_BASE,
                    help=f"base image with python3.11 (default {DEFAULT_BASE}; "
                         f"offline: {LOCAL_BASE})")
-    b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild even when up to date, dependencies freshly from the index")
     b.add_argument("--base-url", default="", help="Docker daemon URL (default: DOCKER_HOST)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:

@@ -19,12 +19,14 @@ ENV PYTHONPATH=/opt/orchestrator/app:/opt/orchestrator/deps \
     HOME=/tmp \
     LANG=C.UTF-8
 
-# Dependencies first: they change less often than the code (Docker reuses the layer).
+# Dependencies first, byte-compiled by the image's own interpreter (the root file system
+# may be read-only at run time): they change less often than the code, so Docker reuses
+# both layers when only the code changed.
 COPY deps /opt/orchestrator/deps
+RUN python3 -m compileall -q /opt/orchestrator/deps
 COPY app /opt/orchestrator/app
-# Byte-compile with the image's own interpreter (the root filesystem may be read-only at
-# run time) and prove the whole program imports.
-RUN python3 -m compileall -q /opt/orchestrator \
+# ... and prove the whole program imports.
+RUN python3 -m compileall -q /opt/orchestrator/app \
  && python3 -c "import orchestrator.cli.commands, orchestrator.cli.compose"
 
 # Non-root by default (uid 10001, no passwd entry needed). Deployments that hand each

@@ -59,6 +59,12 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
                  on_available: Callable[[], None]) -> Runtime:
     """``on_available``: the runtime can start agents again (the Docker daemon is
     back). The local runtime is never unavailable, so it does not take one."""
+    if cfg.runtime.kind == "kubernetes":
+        from orchestrator.runtime.kubernetes.runtime import KubernetesRuntime  # lightkube: lazily
+
+        return KubernetesRuntime(cfg.kubernetes, cfg.data_dir, on_exit, on_available,
+                                 uid_range=parse_range(cfg.runtime.uid_range),
+                                 stop_grace=cfg.runtime.stop_grace)
     if cfg.runtime.kind == "docker":
         from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
 
@@ -68,6 +74,18 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
 
     return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit,
                         uid_range=parse_range(cfg.runtime.uid_range, default=None))
+
+
+def without_paused_tier(cfg: Config) -> Config:
+    """The paused tier (``[lifecycle] pause_idle_after``) needs a runtime that can
+    freeze an agent; Kubernetes cannot (no pause of a Pod's containers through the
+    API). There it is turned off, said once at start: idle agents are stopped instead."""
+    if cfg.runtime.kind != "kubernetes" or cfg.lifecycle.pause_idle_after <= 0:
+        return cfg
+    logger.warning("paused tier not available on Kubernetes; idle agents are stopped instead "
+                   "([lifecycle] pause_idle_after = {:g} is ignored)",
+                   cfg.lifecycle.pause_idle_after)
+    return cfg.replace(lifecycle={"pause_idle_after": 0.0})
 
 
 def _channel_files(cfg: Config) -> tuple[Path, ...]:
@@ -97,6 +115,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                     channel: Channel | None = None, clock: Clock = utcnow,
                     stop_event: asyncio.Event | None = None) -> AsyncIterator[Service]:
     """Build and open everything; leaving the block closes it all, in reverse order."""
+    cfg = without_paused_tier(cfg)
     data_dir = cfg.data_dir
     listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
     async with AsyncExitStack() as stack:

@@ -1,7 +1,8 @@
 """Agent groups as first-class: a group's effective settings, from config records only.
 
 ``[groups.<name>]`` tables in config.toml override, for one agent group, the
-command (local) or image and command (Docker), environment variables (plain, or
+command (local) or image and command (Docker, Kubernetes), resources, placement and
+service account (Kubernetes), environment variables (plain, or
 read from files for secrets), extra mounts, limits, network, the group's agent
 cap and the lifecycle timings. A key left out inherits the global value. The
 tables are ``model.GroupConfig`` records, validated by ``load.load_groups`` and
@@ -33,11 +34,13 @@ from typing import Any
 
 from orchestrator.config.model import (
     GROUP_DOCKER_KEYS,
+    GROUP_KUBERNETES_KEYS,
     GROUP_LIFECYCLE_KEYS,
     Config,
     ConfigError,
     DockerConfig,
     GroupConfig,
+    KubernetesConfig,
     LifecycleConfig,
     RuntimeConfig,
 )
@@ -51,16 +54,20 @@ class AgentSettings:
     """What one group's agents run with, after the overrides."""
 
     group: str
-    kind: str  # local | docker
+    kind: str  # local | docker | kubernetes
     runtime: RuntimeConfig  # effective [runtime] (command)
     docker: DockerConfig  # effective [docker] (image, command, network, limits, mounts)
     lifecycle: LifecycleConfig  # effective timings (host-side rules)
     env: tuple[tuple[str, str], ...] = ()
     env_files: tuple[tuple[str, str], ...] = ()
     max_agents: int | None = None
+    # effective [kubernetes] (image, command, resources, placement, service account)
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @property
     def image(self) -> str | None:
+        if self.kind == "kubernetes":
+            return self.kubernetes.image
         return self.docker.image if self.kind == "docker" else None
 
     def fingerprint(self) -> dict[str, Any]:
@@ -74,6 +81,16 @@ class AgentSettings:
             base.update(image=d.image, command=list(d.command), network=d.network,
                         memory=d.memory, cpus=d.cpus, pids_limit=d.pids_limit,
                         mounts=list(d.mounts), group_folder=d.group_folder)
+        elif self.kind == "kubernetes":
+            k = self.kubernetes
+            base.update(image=k.image, command=list(k.command),
+                        image_pull_policy=k.image_pull_policy, user=k.user,
+                        service_account=k.service_account, runtime_class=k.runtime_class,
+                        node_selector=[list(p) for p in k.node_selector],
+                        tolerations=[[list(p) for p in t] for t in k.tolerations],
+                        cpu_request=k.cpu_request, cpu_limit=k.cpu_limit,
+                        memory_request=k.memory_request, memory_limit=k.memory_limit,
+                        group_folder=k.group_folder)
         else:
             base.update(command=list(self.runtime.command))
         return base
@@ -103,14 +120,17 @@ def resolve(cfg: Config, group: str) -> AgentSettings:
         return {k: getattr(g, k) for k in keys if getattr(g, k) is not None}
 
     docker = dataclasses.replace(cfg.docker, **given(GROUP_DOCKER_KEYS))
+    k8s = dataclasses.replace(cfg.kubernetes, **given(GROUP_KUBERNETES_KEYS))
     runtime = cfg.runtime
-    if g.command is not None:
+    if cfg.runtime.kind == "kubernetes":  # the keys [docker] and [kubernetes] both have
+        k8s = dataclasses.replace(k8s, **given(("image", "command", "group_folder")))
+    elif g.command is not None:
         if cfg.runtime.kind == "docker":
             docker = dataclasses.replace(docker, command=g.command)
         else:
             runtime = dataclasses.replace(runtime, command=g.command)
     return AgentSettings(
-        group=group, kind=cfg.runtime.kind, runtime=runtime, docker=docker,
+        group=group, kind=cfg.runtime.kind, runtime=runtime, docker=docker, kubernetes=k8s,
         lifecycle=dataclasses.replace(cfg.lifecycle, **given(GROUP_LIFECYCLE_KEYS)),
         env=g.env or (), env_files=g.env_files or (), max_agents=g.max_agents)
 

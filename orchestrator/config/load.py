@@ -40,6 +40,10 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 def _check_value(where: str, f: Any, value: Any, base_dir: Path) -> Any:
     meta = f.metadata
     default = f.default
+    if meta.get("shape") == "table":
+        return _check_label_table(where, value)
+    if meta.get("shape") == "tolerations":
+        return _check_tolerations(where, value)
     if isinstance(default, tuple):
         return _check_str_list(where, value)
     if meta.get("auto"):  # "auto" or a whole number in range
@@ -55,6 +59,84 @@ def _check_str_list(where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of strings, got {value!r}")
     return tuple(value)
+
+
+# Kubernetes label keys (optional DNS prefix + name) and values, as the API checks them
+LABEL_NAME = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
+LABEL_KEY = re.compile(r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?"
+                       r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$")
+TOLERATION_KEYS = {"key": str, "operator": str, "value": str, "effect": str,
+                   "tolerationSeconds": int}
+
+
+def _check_label_table(where: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """A table of Kubernetes labels (``node_selector``) as sorted (key, value) pairs."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table of label = \"value\", got {value!r}")
+    for key, v in value.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise ConfigError(f"{where}: {key!r} is not a Kubernetes label key")
+        if not isinstance(v, str) or not LABEL_NAME.fullmatch(v):
+            raise ConfigError(f"{where} {key} must be a label value (up to 63 of A-Z a-z "
+                              f"0-9 . _ -, alphanumeric at both ends), got {v!r}")
+    return tuple(sorted(value.items()))
+
+
+def _check_tolerations(where: str, value: Any) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """A list of toleration tables, each kept as sorted (field, value) pairs."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{where} must be a list of tables, e.g. [{{ key = \"agents\", "
+                          "operator = \"Exists\", effect = \"NoSchedule\" }]")
+    out = []
+    for t in value:
+        for k, v in t.items():
+            kind = TOLERATION_KEYS.get(k)
+            if kind is None:
+                raise ConfigError(f"{where}: unknown toleration field {k!r}: allowed are "
+                                  f"{', '.join(TOLERATION_KEYS)}")
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise ConfigError(f"{where} {k} must be {_TYPE_NAMES[kind]}, got {v!r}")
+        if t.get("operator", "Equal") not in ("Equal", "Exists"):
+            raise ConfigError(f"{where} operator must be 'Equal' or 'Exists', got "
+                              f"{t['operator']!r}")
+        if t.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise ConfigError(f"{where} effect must be 'NoSchedule', 'PreferNoSchedule' or "
+                              f"'NoExecute', got {t['effect']!r}")
+        out.append(tuple(sorted(t.items())))
+    return tuple(out)
+
+
+def _check_kubernetes(k8s: Any) -> None:
+    """The [kubernetes] values the API server would refuse, refused here in one line."""
+    if not DNS_LABEL.fullmatch(k8s.namespace):
+        raise ConfigError(f"[kubernetes] namespace {k8s.namespace!r} is not a DNS-1123 label "
+                          "(lower-case letters, digits and '-', up to 63)")
+    if not k8s.instance or not LABEL_NAME.fullmatch(k8s.instance):
+        raise ConfigError(f"[kubernetes] instance {k8s.instance!r} must be a label value (up "
+                          "to 63 of A-Z a-z 0-9 . _ -, alphanumeric at both ends)")
+    for key in ("service_account", "runtime_class", "node_name"):
+        value = getattr(k8s, key)
+        if value and not DNS_NAME.fullmatch(value):
+            raise ConfigError(f"[kubernetes] {key} {value!r} is not a DNS-1123 name")
+    if not k8s.image:
+        raise ConfigError("[kubernetes] image must not be empty")
+    if not k8s.command:
+        raise ConfigError("[kubernetes] command must be a non-empty list of strings")
+    if k8s.user != "auto" and not re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", k8s.user):
+        raise ConfigError(f"[kubernetes] user {k8s.user!r}: write 'auto' or 'UID:GID' "
+                          "(numbers above 0: agents never run as root)")
+    check_quantities("[kubernetes]", k8s)
+
+
+def check_quantities(where: str, values: Any) -> None:
+    for key in ("cpu_request", "cpu_limit", "memory_request", "memory_limit"):
+        value = getattr(values, key)
+        if value is not None and value != "" and not QUANTITY.fullmatch(value):
+            raise ConfigError(f"{where} {key} {value!r} is not a Kubernetes quantity; "
+                              "write e.g. '500m', '2', '256Mi' or '1Gi'")
 
 
 def _check_auto(where: str, meta: Any, value: Any) -> Any:
@@ -162,6 +244,7 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
         sections["api"] = dataclasses.replace(
             api, token_file=str(data_dir / Path(api.token_file).expanduser()))
     _check_timezone(sections["sessions"].timezone)
+    _check_kubernetes(sections["kubernetes"])
     parse_range(sections["runtime"].uid_range)  # refused here, before anything is opened
     groups = load_groups(data.get("groups", {}), base_dir)
     return Config(data_dir=data_dir, source=source, groups=groups, **sections)
@@ -301,7 +384,16 @@ def _load_group(name: str, raw: Any, base_dir: Path) -> GroupConfig:
     both = {k for k, _ in values.get("env", ())} & {k for k, _ in values.get("env_files", ())}
     if both:
         raise ConfigError(f"{where}: {sorted(both)[0]} is in both env and env_files; keep one")
-    return GroupConfig(name=name, **values)
+    return _check_group_kubernetes(where, GroupConfig(name=name, **values))
+
+
+def _check_group_kubernetes(where: str, group: GroupConfig) -> GroupConfig:
+    check_quantities(where, group)
+    for key in ("service_account", "runtime_class"):
+        value = getattr(group, key)
+        if value and not DNS_NAME.fullmatch(value):
+            raise ConfigError(f"{where} {key} {value!r} is not a DNS-1123 name")
+    return group
 
 
 def load_groups(raw: Any, base_dir: Path) -> tuple[GroupConfig, ...]:

@@ -22,9 +22,12 @@ class ConfigError(UserError, ValueError):
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, path: bool = False, auto: bool = False) -> Any:
+         max: float | None = None, path: bool = False, auto: bool = False,
+         shape: str | None = None) -> Any:
+    """``shape``: "table" (a TOML table of strings, kept as sorted (key, value) pairs) or
+    "tolerations" (a list of Kubernetes toleration tables); None = as the default's type."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path,
-            "auto": auto}
+            "auto": auto, "shape": shape}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,7 +35,9 @@ def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    kind: str = _opt("local", "where agents run", choices=("local", "docker"))
+    kind: str = _opt("local", "where agents run: 'local' processes, 'docker' containers, or "
+                     "'kubernetes' Pods (see [kubernetes])",
+                     choices=("local", "docker", "kubernetes"))
     command: tuple[str, ...] = _opt(
         ["{python}", "-m", "orchestrator.agent"],
         "local runtime: agent command; {python} = this interpreter; --workspace DIR is appended",
@@ -45,9 +50,9 @@ class RuntimeConfig:
     uid_range: str = _opt(
         "auto", "when run as root: each session's agent runs as its own uid (gid the same) "
         "from LOW-HIGH, kept across restarts and never shared, its folder given to that uid "
-        "(0700). 'auto' = 200000-299999 for [runtime] kind = docker, off for local (its "
-        "command must be runnable by those uids: set a range to use it); '' = off, every "
-        "agent runs as one uid ([docker] user). Without root there is always one uid")
+        "(0700). 'auto' = 200000-299999 for [runtime] kind = docker or kubernetes, off for "
+        "local (its command must be runnable by those uids: set a range to use it); '' = off, "
+        "every agent runs as one uid ([docker] user). Without root there is always one uid")
     start_retry_max: float = _opt(
         15.0, "cap (s) of the backoff when an agent cannot be started (e.g. Docker down)",
         min=1, max=3600)
@@ -89,6 +94,46 @@ class DockerConfig:
     precreate: int = _opt(
         0, "containers created ahead for the sessions stopped most recently, so their next "
         "start skips docker create (each shows in docker ps -a); 0 = off", min=0, max=1000)
+
+
+QUANTITY_HELP = "a Kubernetes quantity, e.g. '500m', '1', '256Mi'; '' = none"
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    """``[kubernetes]``: agents as Pods (``[runtime] kind = "kubernetes"``)."""
+
+    namespace: str = _opt("orchestrator-agents", "namespace the agent Pods are created in")
+    kubeconfig: str = _opt("", "path of a kubeconfig file; '' = the in-cluster service account")
+    node_name: str = _opt("", "node the agent Pods are pinned to (it must hold data_dir); '' = "
+                          "the NODE_NAME environment variable, else this host's name")
+    instance: str = _opt("default", "label value that marks this orchestrator's Pods")
+    image: str = _opt("orchestrator-agent:latest", "agent image (on the node: nothing is "
+                      "pulled with IfNotPresent or Never once it is there)")
+    image_pull_policy: str = _opt("IfNotPresent", "imagePullPolicy of the agent container",
+                                  choices=("IfNotPresent", "Never", "Always"))
+    command: tuple[str, ...] = _opt(
+        ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace"], "container command")
+    user: str = _opt("auto", "'auto' = owner of data_dir (or the session's own uid, see "
+                     "[runtime] uid_range), or 'UID:GID'; never root")
+    service_account: str = _opt("", "service account of the agent Pods; '' = none (its token "
+                                "is never mounted either way)")
+    runtime_class: str = _opt("", "runtimeClassName of the agent Pods (e.g. 'gvisor'); '' = none")
+    node_selector: tuple[tuple[str, str], ...] = _opt(
+        [], "nodeSelector labels, e.g. { pool = \"agents\" }", shape="table")
+    tolerations: tuple[tuple[tuple[str, Any], ...], ...] = _opt(
+        [], "tolerations: a list of tables with key, operator, value, effect, "
+        "tolerationSeconds", shape="tolerations")
+    cpu_request: str = _opt("100m", f"CPU request: {QUANTITY_HELP}")
+    cpu_limit: str = _opt("1", f"CPU limit: {QUANTITY_HELP}")
+    memory_request: str = _opt("128Mi", f"memory request: {QUANTITY_HELP}")
+    memory_limit: str = _opt("512Mi", f"memory limit: {QUANTITY_HELP}")
+    group_folder: str = _opt(
+        "", "a group's folder under data_dir, mounted rw at /workspace/agent as in [docker] "
+        "group_folder; {data_dir} and {group} are filled in; empty = none")
+    start_timeout: float = _opt(
+        120.0, "seconds a Pod may stay Pending (unschedulable, image not there) before its "
+        "start counts as failed and the Pod is deleted", min=1, max=86400)
 
 
 @dataclass(frozen=True)
@@ -239,12 +284,24 @@ GROUP_SHARED: dict[str, tuple[type, str]] = {
     "pids_limit": (DockerConfig, "pids_limit"),
     "mounts": (DockerConfig, "mounts"),
     "group_folder": (DockerConfig, "group_folder"),
+    "cpu_request": (KubernetesConfig, "cpu_request"),
+    "cpu_limit": (KubernetesConfig, "cpu_limit"),
+    "memory_request": (KubernetesConfig, "memory_request"),
+    "memory_limit": (KubernetesConfig, "memory_limit"),
+    "node_selector": (KubernetesConfig, "node_selector"),
+    "tolerations": (KubernetesConfig, "tolerations"),
+    "service_account": (KubernetesConfig, "service_account"),
+    "runtime_class": (KubernetesConfig, "runtime_class"),
     "idle_after": (LifecycleConfig, "idle_after"),
     "stop_idle_after": (LifecycleConfig, "stop_idle_after"),
     "ceiling": (LifecycleConfig, "ceiling"),
     "claim_stuck": (LifecycleConfig, "claim_stuck"),
 }
 GROUP_DOCKER_KEYS = ("image", "network", "memory", "cpus", "pids_limit", "mounts", "group_folder")
+# [kubernetes] keys a group may set; image, command and group_folder go to [kubernetes]
+# too when [runtime] kind = "kubernetes" (groups.resolve)
+GROUP_KUBERNETES_KEYS = ("cpu_request", "cpu_limit", "memory_request", "memory_limit",
+                         "node_selector", "tolerations", "service_account", "runtime_class")
 GROUP_LIFECYCLE_KEYS = ("idle_after", "stop_idle_after", "ceiling", "claim_stuck")
 MAX_AGENTS_RANGE = (1, 100_000)
 
@@ -264,6 +321,14 @@ class GroupConfig:
     cpus: float | None = None
     pids_limit: int | None = None
     network: str | None = None
+    cpu_request: str | None = None
+    cpu_limit: str | None = None
+    memory_request: str | None = None
+    memory_limit: str | None = None
+    node_selector: tuple[tuple[str, str], ...] | None = None
+    tolerations: tuple[tuple[tuple[str, Any], ...], ...] | None = None
+    service_account: str | None = None
+    runtime_class: str | None = None
     max_agents: int | None = None
     idle_after: float | None = None
     stop_idle_after: float | None = None
@@ -276,18 +341,29 @@ GROUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GroupConfig) if f.nam
 # (example value, meaning) of each key, for `init`'s commented example and `group show`.
 KEY_HELP: dict[str, tuple[str, str]] = {
     "command": ('["python3", "-m", "support_agent"]',
-                "agent command: replaces [runtime] command (local) or [docker] command"),
-    "image": ('"support-agent:2"', "Docker image of this group's agents"),
+                "agent command: replaces [runtime] command (local), [docker] command or "
+                "[kubernetes] command (by [runtime] kind)"),
+    "image": ('"support-agent:2"', "image of this group's agents ([docker] or [kubernetes], "
+              "by [runtime] kind)"),
     "env": ('{ MODEL = "small" }', "environment variables of its agents"),
     "env_files": ('{ API_KEY = "/run/secrets/support_key" }',
                   "secret variables, read from these files at each start, never logged"),
     "mounts": ('["/srv/kb:/kb:ro"]', "Docker extra mounts, each under [docker] allowed_mounts"),
     "group_folder": ('"/srv/agents/support"',
-                     "[docker] group_folder for this group (mounted at /workspace/agent)"),
+                     "[docker] or [kubernetes] group_folder for this group (at /workspace/agent)"),
     "memory": ('"1g"', "Docker memory limit"),
     "cpus": ("2.0", "Docker CPU limit"),
     "pids_limit": ("512", "Docker max processes in a container"),
     "network": ('"bridge"', "Docker network"),
+    "cpu_request": ('"250m"', "Kubernetes CPU request"),
+    "cpu_limit": ('"2"', "Kubernetes CPU limit"),
+    "memory_request": ('"256Mi"', "Kubernetes memory request"),
+    "memory_limit": ('"1Gi"', "Kubernetes memory limit"),
+    "node_selector": ("{ pool = \"agents\" }", "Kubernetes nodeSelector of its Pods"),
+    "tolerations": ('[{ key = "agents", operator = "Exists", effect = "NoSchedule" }]',
+                    "Kubernetes tolerations of its Pods"),
+    "service_account": ('"support-agent"', "Kubernetes service account (token not mounted)"),
+    "runtime_class": ('"gvisor"', "Kubernetes runtimeClassName of its Pods"),
     "max_agents": ("4", "most agents of this group running at once"),
     "idle_after": ("30.0", "[lifecycle] idle_after for this group"),
     "stop_idle_after": ("300.0", "[lifecycle] stop_idle_after for this group"),
@@ -299,6 +375,7 @@ KEY_HELP: dict[str, tuple[str, str]] = {
 SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "docker": DockerConfig,
+    "kubernetes": KubernetesConfig,
     "lifecycle": LifecycleConfig,
     "watch": WatchConfig,
     "delivery": DeliveryConfig,
@@ -313,6 +390,7 @@ class Config:
     data_dir: Path
     runtime: RuntimeConfig = RuntimeConfig()
     docker: DockerConfig = DockerConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     watch: WatchConfig = WatchConfig()
     delivery: DeliveryConfig = DeliveryConfig()

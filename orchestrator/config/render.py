@@ -31,6 +31,10 @@ def render_example() -> list[str]:
 
 def _default_value(f: Any) -> Any:
     value = f.default
+    if f.metadata.get("shape") == "table":
+        return dict(value)
+    if f.metadata.get("shape") == "tolerations":
+        return [dict(t) for t in value]
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, Path):
@@ -51,7 +55,12 @@ def render_default(data_dir: str = "data") -> str:
         lines += ["", f"[{name}]"]
         for f in fields(cls):
             lines.append(f"# {f.metadata['help']}")
-            lines.append(tomli_w.dumps({f.name: _default_value(f)}).rstrip())
+            value = _default_value(f)
+            if isinstance(value, dict):  # inline, or tomli-w starts a sub-table here
+                pairs = ", ".join(tomli_w.dumps({k: v}).strip() for k, v in value.items())
+                lines.append(f"{f.name} = {{ {pairs} }}" if pairs else f"{f.name} = {{}}")
+            else:
+                lines.append(tomli_w.dumps({f.name: value}).rstrip())
     lines += render_example()
     return "\n".join(lines) + "\n"
 

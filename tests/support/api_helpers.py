@@ -136,6 +136,7 @@ class Receiver:
     behave: Callable[[dict], tuple[int, float, dict]] = lambda body: (200, 0.0, {})
     requests: list[Received] = field(default_factory=list)
     port: int = 0
+    host: str = "127.0.0.1"  # start(host=...): e.g. the docker bridge's gateway address
     _server: uvicorn.Server | None = None
     _task: asyncio.Task | None = None
 
@@ -158,10 +159,11 @@ class Receiver:
     def failures(self) -> list[Received]:
         return [r for r in self.requests if r.json.get("type") == "failure"]
 
-    async def start(self, port: int = 0) -> "Receiver":
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> "Receiver":
+        self.host = host
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
         sock.listen(128)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
@@ -176,7 +178,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"http://{self.host}:{self.port}/hook"
 
     async def stop(self) -> None:
         if self._server is not None:

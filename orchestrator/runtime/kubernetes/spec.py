@@ -1,0 +1,295 @@
+"""What a session's Pod looks like, as pure functions of the config.
+
+No API calls happen here (only the folder checks and the group folder's mkdir/chown
+touch the disk), so every rule is table-tested without a cluster:
+
+- ``pod_name``: DNS-1123, at most 63 characters, unique per (instance, group,
+  session): a sanitized prefix plus a hash of the exact ids;
+- ``label_value`` / ``pod_labels`` / ``pod_annotations``: the same
+  ``orchestrator.*`` keys as the Docker runtime. A Kubernetes label value is at most
+  63 characters of ``[A-Za-z0-9_.-]`` with alphanumeric ends; an id that does not
+  fit (``@``, ``+``, longer ids) is labelled by a hash and kept whole in an
+  annotation, which is what the runtime reads back;
+- ``resolve_user``: the uid/gid the agent runs as (never root);
+- ``pod_manifest``: the Pod (least privilege by default: non-root, read-only root,
+  all capabilities dropped, no privilege escalation, RuntimeDefault seccomp, no
+  service-account token, no host namespaces, ``restartPolicy: Never``), pinned to
+  this orchestrator's node, the session folder a ``hostPath`` at /workspace with
+  its ``inbound.db`` again read-only on top (``subPath``).
+
+Only fields that exist in Kubernetes 1.20 are used (``seccompProfile`` is 1.19+).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config.groups import read_env
+from orchestrator.config.model import KubernetesConfig
+from orchestrator.config.mounts import WORKSPACE, is_under
+from orchestrator.contract import layout
+from orchestrator.host.uids import give_folder
+from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
+
+LABEL_INSTANCE = "orchestrator.instance"
+LABEL_GROUP = "orchestrator.agent_group"
+LABEL_SESSION = "orchestrator.session"
+LABEL_SETTINGS = "orchestrator.settings"  # short hash of the group settings it runs with
+# The exact ids, whatever their characters (labels may hold a hash instead).
+ANNOTATION_GROUP = "orchestrator.agent_group"
+ANNOTATION_SESSION = "orchestrator.session"
+
+CONTAINER = "agent"
+AGENT_DIR = "agent"  # the group folder's mount point, as in the Docker runtime
+FALLBACK_UID = 10001  # when the data dir belongs to root: agents never run as root
+FALLBACK_GID = 10001
+TMP_SIZE = "64Mi"
+
+_LABEL_OK = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+_DNS_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+class FolderRefused(RuntimeUnavailable):
+    """A session or group folder that cannot be given to a Pod (not under data_dir,
+    inbound.db missing or not a regular file): the start fails, the work stays."""
+
+
+def _digest(*parts: str, size: int = 10) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:size]
+
+
+def label_value(value: str) -> str:
+    """``value`` itself when Kubernetes accepts it as a label value, else ``h-`` plus a
+    hash of it (the exact value then lives in an annotation)."""
+    if _LABEL_OK.fullmatch(value):
+        return value
+    return "h-" + _digest(value, size=32)
+
+
+def pod_name(instance: str, agent_group: str, session_id: str) -> str:
+    """``orch-<instance>-<group>-<session>`` lower-cased, other characters as ``-``,
+    cut to fit 63 with a hash of the exact three ids at the end (always: ids that
+    differ only in case or in a replaced character must not share a Pod)."""
+    raw = f"orch-{instance}-{agent_group}-{session_id}".lower()
+    stem = _DNS_BAD.sub("-", raw).strip("-")[:52].rstrip("-")
+    return f"{stem}-{_digest(instance, agent_group, session_id)}"
+
+
+def pod_labels(instance: str, agent_group: str, session_id: str,
+               digest: str | None = None) -> dict[str, str]:
+    labels = {LABEL_INSTANCE: instance, LABEL_GROUP: label_value(agent_group),
+              LABEL_SESSION: label_value(session_id)}
+    if digest is not None:
+        labels[LABEL_SETTINGS] = label_value(digest)
+    return labels
+
+
+def pod_annotations(agent_group: str, session_id: str) -> dict[str, str]:
+    return {ANNOTATION_GROUP: agent_group, ANNOTATION_SESSION: session_id}
+
+
+def ids_of(metadata: dict[str, Any]) -> tuple[str, str] | None:
+    """(agent group, session id) of a Pod of ours from its annotations, checked
+    against its labels (so a Pod whose annotation was edited by hand to name another
+    session is not taken for that session); None when they disagree or are missing."""
+    labels = metadata.get("labels") or {}
+    notes = metadata.get("annotations") or {}
+    group, session = notes.get(ANNOTATION_GROUP), notes.get(ANNOTATION_SESSION)
+    if not isinstance(group, str) or not isinstance(session, str):
+        return None
+    if (labels.get(LABEL_GROUP) != label_value(group)
+            or labels.get(LABEL_SESSION) != label_value(session)):
+        return None
+    return group, session
+
+
+def node_name(configured: str, environ: dict[str, str] | None = None) -> str:
+    """The node agent Pods are pinned to: the config, else ``NODE_NAME`` (the
+    DaemonSet sets it from ``spec.nodeName``), else this host's name."""
+    env = os.environ if environ is None else environ
+    return configured or env.get("NODE_NAME", "") or socket.gethostname().lower()
+
+
+def resolve_user(user: str, data_dir: Path) -> tuple[int, int]:
+    """(uid, gid) of the agent: ``auto`` = the owner of ``data_dir`` (root replaced by
+    the fixed unprivileged 10001), or ``UID[:GID]``. Never 0."""
+    if user == "auto":
+        st = data_dir.stat()
+        uid, gid = st.st_uid, st.st_gid
+    else:
+        match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+        if not match:
+            raise RuntimeUnavailable(f"[kubernetes] user {user!r}: write 'auto' or 'UID:GID'")
+        uid = int(match.group(1))
+        gid = int(match.group(2)) if match.group(2) is not None else uid
+    return (uid or FALLBACK_UID), (gid or FALLBACK_GID)
+
+
+def check_session_folder(folder: Path, data_dir: Path) -> Path:
+    """The session folder, resolved; it must lie under ``data_dir`` and hold a regular
+    ``inbound.db`` (a symlink is refused, not followed)."""
+    real = folder.resolve()
+    if not is_under(real, data_dir.resolve()):
+        raise FolderRefused(f"session folder {folder} is not under data_dir {data_dir}")
+    inbound = real / layout.INBOUND_DB
+    try:
+        st = inbound.lstat()
+    except FileNotFoundError:
+        raise FolderRefused(f"{inbound} does not exist: create the session (inbound.db) "
+                            "before starting it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FolderRefused(f"{inbound} is not a regular file (symlinks are not followed)")
+    return real
+
+
+def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None:
+    """The group's host folder (``{data_dir}``, ``{group}`` filled in), or None."""
+    if not template:
+        return None
+    try:
+        text = template.format(data_dir=str(data_dir), group=agent_group)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise FolderRefused(f"[kubernetes] group_folder {template!r}: only {{data_dir}} and "
+                            f"{{group}} may be filled in ({exc})") from None
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else data_dir / path
+
+
+def prepare_group_folder(folder: Path, session_folder: Path, data_dir: Path,
+                         uid: int | None, gid: int | None) -> tuple[Path, bool]:
+    """Create the group folder (under data_dir, not under sessions/), give it to the
+    agent's uid when we may chown, make the mount point ``agent/`` in the session
+    folder a plain folder. Returns (folder, whether a regular container.json is there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = folder.resolve()
+    if not is_under(real, data_dir.resolve()) or is_under(
+            real, layout.sessions_root(data_dir).resolve()):
+        raise FolderRefused(f"group folder {real} must be under data_dir and not under "
+                            "sessions/")
+    if uid is not None and gid is not None and os.geteuid() == 0:
+        st = real.stat()
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(real, uid, gid)
+    point = session_folder / AGENT_DIR
+    try:
+        if not stat.S_ISDIR(point.lstat().st_mode):
+            point.unlink()
+            point.mkdir()
+    except FileNotFoundError:
+        point.mkdir()
+    try:
+        has_settings = stat.S_ISREG((real / "container.json").lstat().st_mode)
+    except FileNotFoundError:
+        has_settings = False
+    return real, has_settings
+
+
+def resources(cfg: KubernetesConfig) -> dict[str, dict[str, str]]:
+    """requests/limits from the four quantities; an empty one is left out."""
+    out: dict[str, dict[str, str]] = {}
+    for part, cpu, memory in (("requests", cfg.cpu_request, cfg.memory_request),
+                              ("limits", cfg.cpu_limit, cfg.memory_limit)):
+        values = {k: v for k, v in (("cpu", cpu), ("memory", memory)) if v}
+        if values:
+            out[part] = values
+    return out
+
+
+def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: int, gid: int,
+                 folder: Path, group: tuple[Path, bool] | None = None,
+                 env: dict[str, str] | None = None, grace: float = 10.0) -> dict[str, Any]:
+    """The Pod for ``session``. ``cfg`` is the group's effective [kubernetes] settings,
+    ``folder`` the resolved session folder, ``group`` the group folder and whether a
+    ``container.json`` is in it, ``env`` the group's variables (secrets included: the
+    manifest is never logged)."""
+    digest = session.settings.digest if session.settings is not None else None
+    workspace_mounts: list[dict[str, Any]] = [
+        {"name": "workspace", "mountPath": WORKSPACE},
+        {"name": "workspace", "mountPath": f"{WORKSPACE}/{layout.INBOUND_DB}",
+         "subPath": layout.INBOUND_DB, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "workspace", "hostPath": {"path": str(folder), "type": "Directory"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+    ]
+    if group is not None:
+        path, has_settings = group
+        target = f"{WORKSPACE}/{AGENT_DIR}"
+        workspace_mounts.append({"name": "group", "mountPath": target})
+        if has_settings:
+            workspace_mounts.append({"name": "group", "mountPath": f"{target}/container.json",
+                                     "subPath": "container.json", "readOnly": True})
+        volumes.append({"name": "group", "hostPath": {"path": str(path), "type": "Directory"}})
+    variables = {"HOME": "/tmp", **(env or {}), "ORCHESTRATOR_AGENT_GROUP": session.agent_group,
+                 "ORCHESTRATOR_SESSION": session.session_id}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": list(cfg.command),
+        "workingDir": WORKSPACE,
+        "env": [{"name": k, "value": v} for k, v in variables.items()],
+        "volumeMounts": workspace_mounts,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "privileged": False,
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}},
+    }
+    res = resources(cfg)
+    if res:
+        container["resources"] = res
+    spec: dict[str, Any] = {
+        "nodeName": node,
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "hostNetwork": False, "hostPID": False, "hostIPC": False,
+        "terminationGracePeriodSeconds": max(0, int(round(grace))),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if cfg.service_account:
+        spec["serviceAccountName"] = cfg.service_account
+    if cfg.runtime_class:
+        spec["runtimeClassName"] = cfg.runtime_class
+    if cfg.node_selector:
+        spec["nodeSelector"] = dict(cfg.node_selector)
+    if cfg.tolerations:
+        spec["tolerations"] = [dict(t) for t in cfg.tolerations]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": pod_name(cfg.instance, session.agent_group, session.session_id),
+            "namespace": cfg.namespace,
+            "labels": pod_labels(cfg.instance, session.agent_group, session.session_id, digest),
+            "annotations": pod_annotations(session.agent_group, session.session_id),
+        },
+        "spec": spec,
+    }
+
+
+def prepare_pod(cfg: KubernetesConfig, session: SessionRef, data_dir: Path, *, node: str,
+                uid: int, gid: int, per_session_uids: bool, grace: float) -> dict[str, Any]:
+    """The I/O edge of a start: check the session folder, give its writable parts to
+    the agent's uid (root only), prepare the group folder (shared by the group: the
+    data dir owner's when every session has its own uid), read the secret files; then
+    the manifest."""
+    folder = check_session_folder(Path(session.folder), data_dir)
+    give_folder(folder, uid, gid)
+    group = None
+    where = group_folder(cfg.group_folder, data_dir, session.agent_group)
+    if where is not None:
+        owner = (None, None) if per_session_uids else (uid, gid)
+        group = prepare_group_folder(where, folder, data_dir, *owner)
+    env = read_env(session.settings) if session.settings is not None else {}
+    return pod_manifest(cfg, session, node=node, uid=uid, gid=gid, folder=folder, group=group,
+                        env=env, grace=grace)

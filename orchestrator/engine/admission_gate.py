@@ -40,7 +40,14 @@ from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound
 from orchestrator.host.registry import Registry
 from orchestrator.rules import answers
-from orchestrator.rules.admission import Agent, Waiting, may_give_way, plan, resolve_max_agents
+from orchestrator.rules.admission import (
+    Agent,
+    Waiting,
+    gives_way_at,
+    may_give_way,
+    plan,
+    resolve_max_agents,
+)
 from orchestrator.rules.lifecycle import Action, Observation, Verdict, last_work
 from orchestrator.runtime.base import Runtime
 
@@ -105,6 +112,7 @@ class AdmissionGate:
         self._count = {Stage.WAITING: 0, Stage.ADMITTED: 0}
         self._soon: asyncio.Handle | None = None
         self._recheck: asyncio.TimerHandle | None = None
+        self._recheck_at: datetime | None = None  # when the plan runs again by itself
 
     # --- read-only ------------------------------------------------------------------
 
@@ -181,6 +189,8 @@ class AdmissionGate:
                                       f"waiting, max_agents {self.cap})")
             seat.spared = now  # it has work after all: not asked again at once
             self.poke()
+        elif self.queue_length() and self.runtime.is_running(sid):
+            self._may_free_up(t, now)
         if verdict.action is not Action.START:
             self.forget(sid)
             return verdict
@@ -193,6 +203,17 @@ class AdmissionGate:
         if stage is not Stage.WAITING:
             self._enqueue(t, now)  # records its own status reason: "queued: #N in line"
         return replace(verdict, reason="queued", action=Action.NONE, record=None, mute=False)
+
+    def _may_free_up(self, t: Tracked, now: datetime) -> None:
+        """A live agent's pass while work waits: if it may now give way sooner than the
+        plan will next look (its claim has just been answered, say), look now. Without
+        this the plan, which saw it working, would not look again until something else
+        changed, and the queue would wait for the idle rule (minutes) instead of
+        ``make_room_after``."""
+        at = gives_way_at(self._agent(t, now, fresh=True), self.make_room_after)
+        if at is not None and (self._recheck_at is None or at < self._recheck_at
+                               or self._recheck_at <= now):
+            self.poke()
 
     def start_done(self, session_id: str) -> None:
         """The start this session was granted has finished (started or failed)."""
@@ -261,6 +282,7 @@ class AdmissionGate:
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        self._recheck_at = result.recheck_at
         if result.recheck_at is not None:
             delay = max(0.0, (result.recheck_at - now).total_seconds()) + 0.002
             self._recheck = asyncio.get_running_loop().call_later(delay, self.poke)

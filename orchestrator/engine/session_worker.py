@@ -388,12 +388,19 @@ class SessionWorker:
         replies = [answers.Reply(m.in_reply_to, agent_time(_parse_ts(m.timestamp), now))
                    for m in snap.messages
                    if m.seq > t.read.max_seq_seen and answers.is_answer(m.content)]
-        named = {r.in_reply_to for r in replies}
-        unsure = [mid for mid in done if mid not in named]
-        if unsure:  # context-only and system rows need no answer (a named one is answered)
-            keep = inbound.triggering(folder.db(INBOUND_DB), unsure)
-            done = {mid: at for mid, at in done.items() if mid in named or mid in keep}
         ev = t.evidence
+        claimed = {c.message_id for c in ev.claims}
+        named = {r.in_reply_to for r in replies if r.in_reply_to is not None} - claimed
+        if done or named:
+            # Context-only and system rows need no answer, and a reply naming one answers
+            # nothing by it: NanoClaw names the chat's newest row, which after a question
+            # is the system row carrying its answer — the prompt that asked still waits
+            # for this very reply, so the hint is dropped and the reply pairs as unnamed.
+            keep = inbound.triggering(folder.db(INBOUND_DB), set(done) | named)
+            done = {mid: at for mid, at in done.items() if mid in keep}
+            replies = [r if r.in_reply_to is None or r.in_reply_to in keep
+                       or r.in_reply_to in claimed else replace(r, in_reply_to=None)
+                       for r in replies]
         if not done and not replies and not ev.answers.groups and not ev.claims:
             return
         ev.answers = answers.step(ev.answers, now=now, answer_wait=wait,

@@ -10,8 +10,6 @@ real reference agent, local processes or Docker containers:
               after the previous reply (latency, not queueing);
 - ``cold``    no agent: ``stop_idle_after = 0`` stops it ``idle_after`` (0.3 s)
               after each reply, and the next message waits until it is gone;
-- ``coldpre`` ``cold`` with ``[docker] precreate``: the next container was created
-              ahead, so the wake is a ``docker start`` only;
 - ``paused``  ``pause_idle_after`` froze the idle agent (docker pause / SIGSTOP);
               the message thaws it. A first message (not a sample) starts the
               agent, as for ``warm``: until then there is nothing to freeze.
@@ -186,14 +184,11 @@ class RoundTrips:
         lifecycle = {
             "warm": {"idle_after": 30.0, "stop_idle_after": 600.0},
             "cold": {"idle_after": 0.3, "stop_idle_after": 0.0},
-            "coldpre": {"idle_after": 0.3, "stop_idle_after": 0.0},
             "paused": {"idle_after": 0.2, "pause_idle_after": 0.1, "stop_idle_after": 600.0},
         }[kind]
         instance = f"bench{os.getpid()}x{self._n}"
         config = run_dir / "config.toml"
         cfg = self._config(data, runtime, agent, mode, lifecycle, instance)
-        if kind == "coldpre":  # [docker] precreate: the next container created ahead
-            cfg["docker"]["precreate"] = 4
         config.write_text(tomli_w.dumps(cfg))
         registry = Registry(registry_path(data))
         sessions = Sessions(data, registry, 1 << 20)
@@ -219,11 +214,11 @@ class RoundTrips:
                     raise RuntimeError("no reply to the warm-up message; log:\n"
                                        + orch.log_tail(10))
             for _ in range(samples):
-                if kind in ("cold", "coldpre"):
+                if kind == "cold":
                     _wait(lambda: _status(registry, row.id)[0] == "stopped", 20)
-                    # the exit is reported before the process is reaped / the next
-                    # container is created ahead: give that time, as a user's pause would
-                    time.sleep(0.05 if kind == "cold" else 1.0)
+                    # the exit is reported before the process is reaped: give that
+                    # time, as a user's pause would
+                    time.sleep(0.05)
                 elif kind == "paused":
                     _wait(lambda: _status(registry, row.id)[1].startswith("paused"), 20)
                 else:
@@ -308,7 +303,6 @@ class RoundTrips:
         plan = [("warm", "inotify", "events", p.docker_warm),
                 ("warm", "poll1s", "events", 0 if quick else p.docker_warm // 2),
                 ("cold", "inotify", "events", p.docker_cold),
-                ("coldpre", "inotify", "events", p.docker_cold),
                 ("paused", "inotify", "events", p.docker_paused)]
         self._run_plan("docker", plan, out["docker"])
         return out

@@ -54,7 +54,6 @@ ROWS = [
     ("warm round trip, Docker p99", "ms", ("<=", 50), _rt("docker", "warm", "p99"), 1),
     ("cold round trip, local p50", "ms", ("<=", 60), _rt("local", "cold", "p50"), 1),
     ("cold round trip, Docker p50", "ms", ("<=", 600), _rt("docker", "cold", "p50"), 0),
-    ("cold, Docker, created ahead p50", "ms", ("<=", 600), _rt("docker", "coldpre", "p50"), 0),
     ("paused → reply, Docker p50", "ms", ("<=", 60), _rt("docker", "paused", "p50"), 1),
     ("paused → reply, local p50", "ms", None, _rt("local", "paused", "p50"), 1),
     ("idle reference agent CPU", "% core", ("<=", 0.05), _idle_agent, 3),

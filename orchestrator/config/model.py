@@ -91,9 +91,6 @@ class DockerConfig:
         "container.json there); {data_dir} and {group} are filled in, e.g. "
         "'{data_dir}/groups/{group}'; empty = none")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
-    precreate: int = _opt(
-        0, "containers created ahead for the sessions stopped most recently, so their next "
-        "start skips docker create (each shows in docker ps -a); 0 = off", min=0, max=1000)
 
 
 QUANTITY_HELP = "a Kubernetes quantity, e.g. '500m', '1', '256Mi'; '' = none"

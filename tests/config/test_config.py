@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from orchestrator.config import model as config
 from orchestrator.config.load import load_config, read_config
@@ -142,6 +143,23 @@ def test_unknown_key_lists_the_allowed_keys():
     with pytest.raises(ConfigError) as info:
         load_config({"lifecycle": {"idle": 1}}, BASE)
     assert "idle_after" in str(info.value) and "max_tries" in str(info.value)
+
+
+def test_a_removed_key_is_one_warning_and_no_refusal():
+    """[docker] precreate once created containers ahead; a config that still sets it
+    starts as before, told once to delete the line (its other keys still checked)."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    try:
+        cfg = load_config({"docker": {"precreate": 4, "memory": "1g"}}, BASE)
+    finally:
+        logger.remove(sink)
+    assert cfg.docker.memory == "1g" and not hasattr(cfg.docker, "precreate")
+    assert len(lines) == 1 and lines[0].startswith(
+        "[docker] precreate is no longer read and has no effect (") and lines[0].endswith(
+        "delete the line"), lines
+    with pytest.raises(ConfigError, match=r"unknown key \[docker\] precreatee"):
+        load_config({"docker": {"precreate": 4, "precreatee": 1}}, BASE)
 
 
 def test_load_config_touches_no_files(tmp_path, monkeypatch):

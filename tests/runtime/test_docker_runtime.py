@@ -361,47 +361,6 @@ async def test_agent_wakes_on_a_host_write_through_the_read_only_mount(
 
 
 @pytest.mark.docker
-async def test_precreated_container_is_started_instead_of_created(
-        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
-        instance: str) -> None:
-    """[docker] precreate: after a stop the session's next container is created (not
-    started) ahead; the next start starts exactly that one; a reconcile leaves it be;
-    only the most recent ``precreate`` sessions keep one."""
-    folders = [make_session(tmp_path, "g1", f"s{i}") for i in (1, 2)]
-
-    def replies(folder: Path) -> int:
-        with ro_db(folder / "outbound.db") as conn:
-            return conn.execute("SELECT COUNT(*) FROM messages_out").fetchone()[0]
-
-    def states() -> dict[str, str]:
-        return {c.labels[LABEL_SESSION]: c.status for c in labelled(docker_client, instance)}
-
-    rt, _exits = make_runtime(tmp_path, instance, agent_image, precreate=1)
-    try:
-        await rt.start(SessionRef("g1", "s1", folders[0]))
-        await rt.stop("s1", grace=5)
-        await until(lambda: states() == {"s1": "created"}, 20,
-                    "a spare created for s1")
-        [spare] = labelled(docker_client, instance)
-        await rt.reconcile()
-        assert states() == {"s1": "created"}  # a spare is not a dead leftover
-        insert_message(folders[0], "m2", "hello")
-        handle = await rt.start(SessionRef("g1", "s1", folders[0]))
-        assert handle.ident == spare.id  # started, not created
-        await until(lambda: replies(folders[0]) == 1, 30, "reply from the spare")
-        await rt.stop("s1", grace=5)
-        await until(lambda: states() == {"s1": "created"}, 20,
-                    "a new spare for s1")
-        await rt.start(SessionRef("g1", "s2", folders[1]))
-        await rt.stop("s2", grace=5)
-        # capacity 1: s2's spare evicts s1's
-        await until(lambda: states() == {"s2": "created"}, 20,
-                    "only the newest spare is kept")
-    finally:
-        await rt.close()
-
-
-@pytest.mark.docker
 async def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
                                             agent_image: str, instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")

@@ -50,7 +50,7 @@ from typing import Any, Awaitable, Callable
 from docker.types import Mount
 from loguru import logger
 
-from orchestrator.config.groups import AgentSettings, read_env
+from orchestrator.config.groups import read_env
 from orchestrator.config.model import DockerConfig
 from orchestrator.contract import layout
 from orchestrator.host.uids import open_uids
@@ -63,7 +63,6 @@ from orchestrator.runtime.base import (
 )
 from orchestrator.runtime.docker.calls import Conflict, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
-from orchestrator.runtime.docker.spares import Spares
 from orchestrator.runtime.docker.spec import (
     ALIVE_STATES,
     LABEL_GROUP,
@@ -85,15 +84,6 @@ from orchestrator.runtime.docker.spec import (
 def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
     """The group's effective [docker] settings, or the runtime's own without any."""
     return session.settings.docker if session.settings is not None else default
-
-
-def _made_with(session: SessionRef, user: str, mounts: list[Mount]) -> tuple:
-    """What a container is created from, beyond its name: the group's settings, the
-    user, and the mounts as they are on disk now. A spare made from other ones (a new
-    config, a ``container.json`` that appeared since) is not started."""
-    digest = session.settings.digest if session.settings is not None else None
-    return digest, user, tuple(sorted((m["Target"], m.get("Source") or "", bool(m.get("ReadOnly")))
-                                      for m in mounts))
 
 
 def _name(c: dict) -> str:
@@ -181,9 +171,6 @@ class DockerRuntime:
                                     self._after_connect)
         self._reconcile_lock: asyncio.Lock | None = None
         self.reconciles = 0  # completed reconciles (observable in tests)
-        self._spares = Spares(config.precreate)  # created ahead: see docker_spares
-        self._spare_made_with: dict[str, tuple] = {}  # spare id -> _made_with at its create
-        self._group_settings: dict[str, AgentSettings] = {}  # last seen per group
         self._closing = False
         self.listed = False  # see Runtime.listed: set by the first list that succeeds
 
@@ -243,7 +230,7 @@ class DockerRuntime:
         else:
             self._deliver(event)
         if remove:
-            self._spawn(self._remove_then_prepare(t))
+            self._spawn(self._remove_owned(t.container_id))
 
     def _deliver(self, event: AgentExit) -> None:
         try:
@@ -296,8 +283,6 @@ class DockerRuntime:
             if t is not None and not t.done:
                 return t.handle
             self._ensure_events()
-            if session.settings is not None:  # what this group's spares are created with
-                self._group_settings[session.agent_group] = session.settings
             # the group's image, command, limits, network and mounts (groups.resolve)
             config = _config_of(session, self.config)
             user, uid, gid = self._user(session.session_id)
@@ -306,20 +291,8 @@ class DockerRuntime:
                                                                      uid, gid))
             if changed:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
-            spare = self._spares.take(session.session_id)
-            if spare is not None and (self._spare_made_with.pop(spare, None)
-                                      != _made_with(session, user, mounts)):
-                self._spawn(self._remove_owned(spare))  # made with other settings or mounts
-                spare = None
             self._starting.add(session.session_id)
             try:
-                if spare is not None:
-                    try:  # created ahead (docker_spares): only the start is left to do
-                        return await self._start_created(session, spare, container_name(
-                            self.instance, session.agent_group, session.session_id))
-                    except RuntimeUnavailable as exc:
-                        logger.debug("spare container {} unusable ({}); creating one",
-                                     spare[:12], exc)
                 await self.exec.require_image(config.image)
                 created = await self._create(session, user, mounts)
                 if isinstance(created, AgentHandle):
@@ -394,8 +367,7 @@ class DockerRuntime:
 
     async def _mounts(self, session: SessionRef, config: DockerConfig, uid: int | None,
                       gid: int | None) -> list[Mount]:
-        """The session folder, the group's extra mounts and its group folder (if any):
-        the same for a started container and a spare made ahead for it."""
+        """The session folder, the group's extra mounts and its group folder (if any)."""
         mounts = session_mounts(Path(session.folder), self.data_dir) + parse_extra_mounts(config)
         folder = group_folder(config.group_folder, self.data_dir, session.agent_group)
         mode = None
@@ -404,40 +376,6 @@ class DockerRuntime:
         return mounts + await self.exec.offload(lambda: group_mounts(
             folder, Path(session.folder).resolve(), self.data_dir, config.allowed_mounts,
             uid, gid, mode))
-
-    async def _prepare_spare(self, agent_group: str, session_id: str) -> None:
-        """Create (not start) the session's next container ahead (``[docker] precreate``),
-        after its last one was removed; evict the oldest spares beyond the bound."""
-        if self._spares.capacity <= 0 or self._closing or not agent_group:
-            return
-        folder = layout.session_dir(self.data_dir, agent_group, session_id)
-        async with self._lock(session_id):
-            t = self._by_session.get(session_id)
-            if (t is not None and not t.done) or self._spares.has(session_id) or self._closing:
-                return
-            ref = SessionRef(agent_group, session_id, folder,
-                             self._group_settings.get(agent_group))
-            try:
-                user, uid, gid = self._user(session_id)
-                mounts = await self._mounts(ref, _config_of(ref, self.config), uid, gid)
-                created = await self._create(ref, user, mounts)
-            except (RuntimeUnavailable, OSError, ValueError) as exc:  # incl. MountNotAllowed
-                logger.debug("no spare container for {}: {}", session_id, exc)
-                return
-            if isinstance(created, AgentHandle):
-                return  # a live container of ours had the name: adopted, not a spare
-            evicted = self._spares.put(session_id, created)
-            self._spare_made_with[created] = _made_with(ref, user, mounts)
-            for cid in evicted:
-                self._spare_made_with.pop(cid, None)
-        logger.debug("created spare container for {}/{} ({})", agent_group, session_id,
-                     created[:12])
-        for cid in evicted:
-            self._spawn(self._remove_owned(cid))
-
-    async def _remove_then_prepare(self, t: _Tracked) -> None:
-        await self._remove_owned(t.container_id)
-        await self._prepare_spare(t.handle.agent_group, t.handle.session_id)
 
     async def _resolve_name_conflict(self, session: SessionRef, name: str) -> AgentHandle | None:
         """The container name is taken. Ours and alive → adopt it; ours and dead →
@@ -527,7 +465,6 @@ class DockerRuntime:
                 code = await end(t)
                 self._emit(t, code, reason, remove=False)
                 await self._remove_owned(t.container_id)
-                self._spawn(self._prepare_spare(t.handle.agent_group, session_id))
 
     # -- recover --------------------------------------------------------------------
     async def recover(self) -> list[AgentHandle]:
@@ -640,8 +577,6 @@ class DockerRuntime:
                 return []
             by_id = {c["Id"]: c for c in found if self._owns(c.get("Labels"))}
             self.listed = True
-            self._spares.forget_missing(set(by_id))
-            spares = self._spares.ids()
             # ours and alive, but unknown: from before a restart (recover), or one
             # during which the daemon did not answer (a later reconcile)
             adopted = self._adopt_alive([c for cid, c in by_id.items() if cid not in self._by_id])
@@ -659,7 +594,7 @@ class DockerRuntime:
             for cid, c in by_id.items():
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
-                        and session_id not in self._starting and cid not in spares):
+                        and session_id not in self._starting):
                     logger.info("removing dead container {} ({})", _name(c),
                                 c.get("Status", c.get("State")))
                     await self._remove_owned(cid)
@@ -668,8 +603,7 @@ class DockerRuntime:
 
     # -- close ------------------------------------------------------------------------------
     async def close(self) -> None:
-        """Stop following events and release the client; containers keep running
-        (spares too: they are dead containers to the next ``recover``, which removes them)."""
+        """Stop following events and release the client; containers keep running."""
         self._closing = True
         await self._stop_events()
         for task in list(self._tasks):

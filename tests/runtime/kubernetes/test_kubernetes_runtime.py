@@ -260,19 +260,34 @@ async def test_a_name_taken_by_a_foreign_pod_is_refused(tmp_path, kube_cluster, 
         await rt.close()
 
 
-async def test_the_watch_relists_on_410_gone(tmp_path, kube_cluster, kube_namespace, image):
-    """The first watch starts from resourceVersion 1, long compacted away: the API
-    server answers 410 Gone, the watch lists again, and exits are still seen."""
+def server_says_gone(cluster: Cluster, namespace: str) -> bool:
+    """Whether the API server answers a watch from resourceVersion 1 with 410 Gone (a
+    young cluster's watch cache may still hold every event since then and replay them)."""
+    out = cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{namespace}/pods?watch=1"
+                          "&resourceVersion=1&timeoutSeconds=1", check=False, timeout=30)
+    return '"code":410' in out.stdout.replace(" ", "")
+
+
+async def test_a_watch_from_an_old_version_relists_on_410_gone(tmp_path, kube_cluster,
+                                                                 kube_namespace, image):
+    """The first watch starts from resourceVersion 1. Where the API server answers 410
+    Gone, the watch lists again; where it replays history instead, the stale events must
+    not confuse the bookkeeping. Either way the exit is seen once. (The loop's relist on
+    410 is pinned down with a fake stream in test_watch.)"""
     folder = make_session(tmp_path, "g", "s")
     rt, exits, _ = make_runtime(kube_cluster, kube_namespace, tmp_path, image,
                                 first_version="1", command=("sleep", "2"))
     try:
+        gone = await in_thread(server_says_gone, kube_cluster, kube_namespace)
         await rt.recover()
-        await until(lambda: rt.watch.gone >= 1, 30, "a 410 Gone answer")
-        await until(lambda: rt.watch.lists >= 2 and rt.watch.connected, 30, "listed again")
+        if gone:
+            await until(lambda: rt.watch.gone >= 1, 30, "a 410 Gone answer")
+            await until(lambda: rt.watch.lists >= 2, 30, "listed again")
+        await until(lambda: rt.watch.connected, 30, "the watch")
         await rt.start(SessionRef("g", "s", folder))
-        await until(lambda: exits, 60, "the exit, seen by the new watch")
+        await until(lambda: exits, 60, "the exit, seen by the watch")
         assert [(e.reason, e.exit_code) for e in exits] == [("exited", 0)]
+        print(f"API server answered 410 Gone to resourceVersion 1: {gone}")
     finally:
         await rt.close()
 

@@ -39,6 +39,7 @@ from orchestrator.runtime.base import RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 
 API = "api"  # the LogOnce key of "the API server does not answer / refuses us"
+NAMESPACE = "namespace"  # ... of "the namespace is missing" (lists there succeed, empty)
 WATCH_SERVER_TIMEOUT = 240  # s a watch request lasts before lightkube renews it
 
 
@@ -131,8 +132,9 @@ class KubeCalls:
                 pass
 
     # -- error policy -----------------------------------------------------------
-    def _unavailable(self, line: str, exc: BaseException | None = None) -> ApiUnavailable:
-        if self._said.say(API, line):
+    def _unavailable(self, line: str, exc: BaseException | None = None, *,
+                     key: str = API) -> ApiUnavailable:
+        if self._said.say(key, line):
             logger.error("{}", line)
         return ApiUnavailable(line)
 
@@ -165,7 +167,7 @@ class KubeCalls:
         if code == 404 and verb == "create":
             return self._unavailable(
                 f"namespace {self.namespace} does not exist on {self._server}: create it or "
-                "set [kubernetes] namespace", exc)
+                "set [kubernetes] namespace", exc, key=NAMESPACE)
         if code == 409:
             return Conflict(f"{what} in {self.namespace}: {_message(exc)}")
         return RuntimeUnavailable(f"Kubernetes {verb} of {what} in {self.namespace} failed "
@@ -188,6 +190,8 @@ class KubeCalls:
         except (httpx.HTTPError, OSError) as exc:
             raise await self._failed("create", exc, name) from None
         self.mark_available()
+        if self._said.clear(NAMESPACE) is not None:
+            logger.info("namespace {} is there now", self.namespace)
         return pod.to_dict()
 
     async def get(self, name: str) -> dict[str, Any] | None:

@@ -1,25 +1,39 @@
-# The orchestrator itself as a Docker host sidecar: it talks to the host's Docker
-# daemon through the mounted socket and starts one agent container per session.
-# See compose.yaml for how to run it. The agent image is a different image, built
-# on the host once: `orchestrator image build` (or .ci/setup-docker.sh).
-FROM python:3.11-slim
+# The orchestrator itself: the Docker host sidecar (compose.yaml) and the Kubernetes
+# DaemonSet (deploy/kubernetes/). Build it with the project's command, not plain
+# `docker build .` — the command prepares the build context:
+#
+#   python -m orchestrator.runtime.docker.server_image build            # FROM python:3.11-slim
+#   python -m orchestrator.runtime.docker.server_image build --base orchestrator-agent-base:bookworm
+#
+# The context it makes holds this file, deps/ (the [project] dependencies, installed by
+# the host's pip with --target for CPython 3.11 / manylinux, wheels only) and app/ (the
+# orchestrator package's sources). Nothing is fetched while the image builds, so it works
+# from a locally built base without pip or network (CI), and the image carries no pip and
+# no build tools. The agent image is a different image: `orchestrator image build`.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+ENV PYTHONPATH=/opt/orchestrator/app:/opt/orchestrator/deps \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    HOME=/tmp \
+    LANG=C.UTF-8
 
-WORKDIR /src
-COPY pyproject.toml ./
-COPY orchestrator ./orchestrator
-# pyproject names README.md as the long description; tolerate its absence.
-RUN test -f README.md || echo "# orchestrator" > README.md \
- && pip install . \
- && rm -rf /src
+# Dependencies first, byte-compiled by the image's own interpreter (the root file system
+# may be read-only at run time): they change less often than the code, so Docker reuses
+# both layers when only the code changed.
+COPY deps /opt/orchestrator/deps
+RUN python3 -m compileall -q /opt/orchestrator/deps
+COPY app /opt/orchestrator/app
+# ... and prove the whole program imports.
+RUN python3 -m compileall -q /opt/orchestrator/app \
+ && python3 -c "import orchestrator.cli.commands, orchestrator.cli.compose"
 
-# Access to the Docker socket is root-equivalent anyway; the agents themselves run
-# unprivileged (see orchestrator/runtime/docker/runtime.py).
-WORKDIR /
+# Non-root by default (uid 10001, no passwd entry needed). Deployments that hand each
+# session its own uid ([runtime] uid_range) run it as root with few capabilities:
+# compose.yaml and deploy/kubernetes/ say so and why.
+USER 10001:10001
+WORKDIR /tmp
 EXPOSE 8750
-ENTRYPOINT ["orchestrator"]
+ENTRYPOINT ["python3", "-m", "orchestrator"]
 CMD ["run", "--config", "/srv/orchestrator/data/config.toml"]

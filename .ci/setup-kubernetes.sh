@@ -28,6 +28,7 @@ source "$REPO/.ci/kubernetes/common.sh"
 source "$REPO/.ci/kubernetes/build.sh"
 # shellcheck source=kubernetes/start.sh
 source "$REPO/.ci/kubernetes/start.sh"
+k8s_lock
 
 T_ALL=$SECONDS
 T_STEP=$SECONDS
@@ -39,7 +40,7 @@ PKGS=(etcd-server golang-1.19-go containerd runc containernetworking-plugins bus
       openssl dpkg-dev gcc libc6-dev iptables curl)
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
@@ -77,10 +78,23 @@ fi
 done_step
 
 step "4/6 health of a running cluster"
-cluster_healthy() {
+all_running() {
     local p
     for p in "${K8S_PROCS[@]}"; do pid_of "$p" >/dev/null || return 1; done
+}
+answering() {
     [ -s "$ADMIN_KUBECONFIG" ] && _apiserver_ready >/dev/null 2>&1 && _node_ready && _default_sa_ready
+}
+# healthy: every process alive and the cluster answering; a live cluster gets 60 s to answer
+# (a loaded machine may report the node NotReady for a moment) before it is started again
+cluster_healthy() {
+    local t0=$SECONDS
+    while all_running; do
+        answering && return 0
+        (( SECONDS - t0 >= 60 )) && { say "the running cluster did not answer within 60s"; return 1; }
+        sleep 1
+    done
+    return 1
 }
 if cluster_healthy; then
     say "cluster already running and healthy; leaving it as it is"

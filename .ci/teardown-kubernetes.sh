@@ -15,12 +15,23 @@ die() { echo "teardown-kubernetes: ERROR: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0)"
 # shellcheck source=kubernetes/common.sh
 source "$REPO/.ci/kubernetes/common.sh"
+k8s_lock
 
 # 1. the kubelet first, so it does not restart what is being removed
 stop_pid kubelet 15
 
-# 2. CRI containers and sandboxes, through our own containerd while it still runs
+# 2. CRI containers and sandboxes, through our own containerd (started again for this if a
+#    half-started cluster lost it while its containers live on)
 netns=()
+if ! pid_of containerd >/dev/null && [ -s "$K8S_STATE/containerd.toml" ] \
+        && [ -d "$CONTAINERD_ROOT/root" ]; then
+    say "containerd is not running: starting it to remove what it left"
+    mkdir -p "$K8S_PIDS" "$K8S_LOGS"
+    setsid nohup containerd --config "$K8S_STATE/containerd.toml" \
+        >>"$K8S_LOGS/containerd.log" 2>&1 </dev/null 9>&- &
+    echo $! > "$K8S_PIDS/containerd.pid"
+    for _ in $(seq 1 100); do ctr --address "$CONTAINERD_SOCK" version >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 if pid_of containerd >/dev/null; then
     for c in $(ctr_k8s containers ls -q 2>/dev/null); do
         ns=$(ctr_k8s containers info "$c" 2>/dev/null | python3 -c '
@@ -34,7 +45,7 @@ for n in (spec.get("linux") or {}).get("namespaces") or []:
     done
     for c in $(ctr_k8s containers ls -q 2>/dev/null); do
         for _ in $(seq 1 50); do
-            ctr_k8s tasks ls -q 2>/dev/null | grep -qxF "$c" || break
+            ctr_k8s tasks ls -q 2>/dev/null | grep -xF "$c" >/dev/null || break
             ctr_k8s tasks delete -f "$c" >/dev/null 2>&1 && break
             sleep 0.1
         done
@@ -46,7 +57,7 @@ fi
 # 3. containerd; then any shim still serving our socket (found by our socket path, killed by pid)
 stop_pid containerd 15
 for p in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "containerd-shim.* -address $CONTAINERD_SOCK "; then
+    if tr '\0' ' ' 2>/dev/null < "$p/cmdline" | grep -- "containerd-shim.* -address $CONTAINERD_SOCK " >/dev/null; then
         say "killing leftover shim ${p#/proc/}"; kill -KILL "${p#/proc/}" 2>/dev/null
     fi
 done
@@ -54,10 +65,15 @@ done
 # 4. control plane, in reverse start order
 for p in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$p" 15; done
 
-# 5. mounts under the kubelet dir, containerd's root/state (deepest first)
+# 5. mounts: the kubelet dir itself (the kubelet bind-mounts it onto itself, shared) and
+#    everything under it and containerd's root/state, deepest first, stacked ones too
 for prefix in "$KUBELET_DIR" "$CONTAINERD_ROOT" "$K8S_RUN"; do
-    findmnt -rn -o TARGET | grep -F "$prefix/" | sort -r | while read -r m; do
-        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || say "could not unmount $m"
+    for _ in 1 2 3 4 5; do
+        mounts=$(findmnt -rn -o TARGET | awk -v p="$prefix" '$0 == p || index($0, p "/") == 1' | sort -r)
+        [ -n "$mounts" ] || break
+        while read -r m; do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || say "could not unmount $m"
+        done <<< "$mounts"
     done
 done
 
@@ -71,16 +87,26 @@ for ns in "${netns[@]}"; do
 done
 ip link show "$CNI_BRIDGE" >/dev/null 2>&1 && ip link delete "$CNI_BRIDGE" && say "deleted bridge $CNI_BRIDGE"
 rm -rf "$CNI_DATA_DIR"
-while iptables -S FORWARD 2>/dev/null | grep -q -- "--comment $IPT_COMMENT"; do
+while iptables -S FORWARD 2>/dev/null | grep -- "--comment $IPT_COMMENT" >/dev/null; do
     rule=$(iptables -S FORWARD | grep -- "--comment $IPT_COMMENT" | head -n1 | sed 's/^-A /-D /')
     # shellcheck disable=SC2086
     eval iptables $rule || break
 done
 
-# 7. kubepods cgroups (all hierarchies; empty ones only, deepest first)
-for root in /sys/fs/cgroup /sys/fs/cgroup/*; do
+# 7. kubepods cgroups: any process still in one (a container whose shim died) is killed by
+#    its pid, then the cgroups go (all hierarchies, deepest first)
+for procs in $(find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/kubepods.slice -name cgroup.procs 2>/dev/null); do
+    while read -r pid; do
+        [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null && say "killed leftover container process $pid"
+    done < "$procs"
+done
+for root in /sys/fs/cgroup/*; do
     [ -d "$root/kubepods" ] || [ -d "$root/kubepods.slice" ] || continue
-    find "$root/kubepods" "$root/kubepods.slice" -depth -type d -exec rmdir {} + 2>/dev/null
+    for _ in $(seq 1 50); do   # a killed process leaves its cgroup a moment later
+        find "$root/kubepods" "$root/kubepods.slice" -depth -type d -exec rmdir {} + 2>/dev/null
+        [ -d "$root/kubepods" ] || [ -d "$root/kubepods.slice" ] || break
+        sleep 0.1
+    done
     [ -d "$root/kubepods" ] && say "could not remove $root/kubepods (processes left?)"
 done
 
@@ -92,5 +118,6 @@ if [ -s "$SYSCTL_SAVED" ]; then
 fi
 
 # 9. state that must not leak into the next start (certs and the image store stay)
-rm -rf "$K8S_STATE/etcd" "$KUBELET_DIR" "$K8S_RUN" "$K8S_PIDS"
+# --one-file-system: never through a mount that failed to go (a volume of a Pod)
+rm -rf --one-file-system "$K8S_STATE/etcd" "$KUBELET_DIR" "$K8S_RUN" "$K8S_PIDS"
 say "done"

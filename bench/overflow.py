@@ -38,8 +38,9 @@ import tomli_w
 
 from orchestrator.channels.jsonl import read_lines
 from orchestrator.config.load import read_config
-from orchestrator.contract.layout import registry_path
+from orchestrator.contract.layout import INBOUND_DB, OUTBOUND_DB, registry_path
 from orchestrator.host.registry import Registry
+from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.watch.health import queue_limit
 
@@ -55,31 +56,32 @@ def _wait(condition, timeout: float, what: str) -> float:
     return time.monotonic()
 
 
-def _outbound_rows(folders: list[Path]) -> int:
+def _count(data_dir: Path, rows: list, db: str, sql: str) -> int | None:
+    """Sum of ``sql`` over each session's ``db``, read the way every reader that is not
+    the supervisor reads agent-writable files (``SessionDir.reader``: no link followed,
+    no wait on a lock or a FIFO, a query deadline); None if one cannot be read now."""
     total = 0
-    for folder in folders:
+    for row in rows:
         try:
-            conn = sqlite3.connect(f"file:{folder / 'outbound.db'}?mode=ro", uri=True)
-            try:
-                total += conn.execute("SELECT COUNT(*) FROM messages_out").fetchone()[0]
-            finally:
-                conn.close()
-        except sqlite3.Error:
-            pass
+            with SessionDir(data_dir, row.agent_group_id, row.id) as folder:
+                conn = folder.reader(db).connect(readonly=True)
+                try:
+                    total += conn.execute(sql).fetchone()[0]
+                finally:
+                    conn.close()
+        except (OSError, sqlite3.Error):
+            return None
     return total
 
 
-def _settled(inbound_dbs: list[Path]) -> bool:
+def _outbound_rows(data_dir: Path, rows: list) -> int:
+    return _count(data_dir, rows, OUTBOUND_DB, "SELECT COUNT(*) FROM messages_out") or 0
+
+
+def _settled(data_dir: Path, rows: list) -> bool:
     """Every message answered and its ack synced (the orchestrator's last write)."""
-    for db in inbound_dbs:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            if conn.execute("SELECT COUNT(*) FROM messages_in WHERE status != 'completed'"
-                            ).fetchone()[0]:
-                return False
-        finally:
-            conn.close()
-    return True
+    return _count(data_dir, rows, INBOUND_DB,
+                  "SELECT COUNT(*) FROM messages_in WHERE status != 'completed'") == 0
 
 
 def overflow_run(work: Path, *, sessions: int = 10, per_session: int = 200,
@@ -117,7 +119,7 @@ def overflow_run(work: Path, *, sessions: int = 10, per_session: int = 200,
         for row in rows:
             client.write_message(row, {"text": "wake up"}, routing=client.routing_of(row))
         _wait(lambda: delivered() == sessions, 60, "the first reply of every session")
-        _wait(lambda: _settled([f.inbound_db for f in folders]), 60, "every ack synced")
+        _wait(lambda: _settled(cfg.data_dir, rows), 60, "every ack synced")
         routing = [client.routing_of(row) for row in rows]
         time.sleep(1.0)  # let its last writes end: a SIGSTOP inside one would hold the lock
 
@@ -133,7 +135,7 @@ def overflow_run(work: Path, *, sessions: int = 10, per_session: int = 200,
             for row, route in zip(rows, routing, strict=True):
                 client.write_message(row, {"text": f"message {n}"}, routing=route)
         expected = sessions * (per_session + 1)
-        _wait(lambda: _outbound_rows([f.root for f in folders]) == expected, 300,
+        _wait(lambda: _outbound_rows(cfg.data_dir, rows) == expected, 300,
               "every reply written")
         held = time.monotonic() - stopped
 

@@ -7,8 +7,8 @@
 # Layout of $K8S_CACHE (default /var/cache/orchestrator-k8s/v1.20.2):
 #   bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kubectl}
 #   pause.tar        docker-archive of the pause image (imported into containerd)
-#   src/             the patched source tree (kept for a rebuild; removed by
-#                    ORCHESTRATOR_K8S_KEEP_SRC=0 after a successful build)
+#   src/, gopath/, gocache/   the patched tree and Go's build cache (~2 GB), kept so another
+#                    binary of the same tree (kube-proxy, say) builds in a minute or two
 
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 GO119=/usr/lib/go-1.19/bin/go
@@ -22,7 +22,7 @@ k8s_binaries_built() {
 k8s_fetch_source() {
     local src="$K8S_CACHE/src" dl="$K8S_CACHE/download"
     if [ -f "$src/.patched" ]; then say "source tree already unpacked and patched"; return; fi
-    if ! apt-cache showsrc kubernetes 2>/dev/null | grep -q '^Version: .*1\.20\.2'; then
+    if ! apt-cache showsrc kubernetes 2>/dev/null | grep '^Version: .*1\.20\.2' >/dev/null; then
         say "adding a deb-src line for bookworm ($DEB_SRC_FILE)"
         cat > "$DEB_SRC_FILE" <<'SRC'
 Types: deb-src

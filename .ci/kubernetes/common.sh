@@ -30,6 +30,20 @@ KUBELET_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_
 K8S_PROCS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet)
 IPT_COMMENT=orchestrator-k8s
 
+K8S_LOCK=/run/orchestrator-k8s.lock             # one set-up or tear-down at a time
+
+# k8s_lock: hold $K8S_LOCK for the rest of this script (a nested call, the set-up running the
+# tear-down, already holds it through ORCHESTRATOR_K8S_LOCKED)
+k8s_lock() {
+    [ -n "${ORCHESTRATOR_K8S_LOCKED:-}" ] && return 0
+    exec 9>"$K8S_LOCK"
+    if ! flock -n 9; then
+        say "another set-up or tear-down of the test cluster is running; waiting for it (up to 20 min)"
+        flock -w 1200 9 || die "the test cluster lock $K8S_LOCK is still held after 20 min"
+    fi
+    export ORCHESTRATOR_K8S_LOCKED=1
+}
+
 ctr_k8s() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
 kubectl_admin() { "$K8S_BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
 

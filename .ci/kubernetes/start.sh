@@ -112,7 +112,8 @@ _start() {  # _start NAME CMD...: setsid nohup, pid and log recorded
     local name=$1; shift
     say "starting $name (log: $K8S_LOGS/$name.log)"
     echo "==== $(date -u +%FT%TZ) start" >> "$K8S_LOGS/$name.log"
-    setsid nohup "$@" >>"$K8S_LOGS/$name.log" 2>&1 </dev/null &
+    # 9>&-: the daemon must not inherit (and so hold for ever) the set-up lock
+    setsid nohup "$@" >>"$K8S_LOGS/$name.log" 2>&1 </dev/null 9>&- &
     echo $! > "$K8S_PIDS/$name.pid"
 }
 
@@ -204,7 +205,7 @@ k8s_start() {
 # k8s_import_tar WHAT TARBALL REF: import a docker-archive into the cluster's containerd
 k8s_import_tar() {
     local what=$1 tar=$2 ref=$3
-    if ctr_k8s images ls -q | grep -qxF "$ref"; then say "$what image already in containerd"; return; fi
+    if ctr_k8s images ls -q | grep -xF "$ref" >/dev/null; then say "$what image already in containerd"; return; fi
     ctr_k8s images import "$tar" >/dev/null || die "importing $tar into containerd failed"
     say "imported $what image $ref"
 }
@@ -218,7 +219,7 @@ k8s_import_docker() {
     case "$tag" in */*) ref="docker.io/$tag" ;; *) ref="docker.io/library/$tag" ;; esac
     [[ "$tag" == *:* ]] || ref="$ref:latest"
     have=$(ctr_k8s images ls 2>/dev/null | awk -v r="$ref" '$1 == r {print $3}')
-    if [ -n "$have" ] && ctr_k8s content get "$have" 2>/dev/null | grep -qF "${id#sha256:}"; then
+    if [ -n "$have" ] && ctr_k8s content get "$have" 2>/dev/null | grep -F "${id#sha256:}" >/dev/null; then
         say "$tag already in containerd ($id)"; return
     fi
     say "importing Docker image $tag into containerd"

@@ -9,177 +9,46 @@ routes, checks and serialises. Errors are ``{"error": "<one line>"}``.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
-import re
 import sqlite3
 import time
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from loguru import logger
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.api.auth import SAFE_METHODS, HostRule, bearer_ok, request_refusal
-from orchestrator.api.events import EventStore, gap_after
+from orchestrator.api.auth import HostRule, bearer_ok, request_refusal
+from orchestrator.api.checks import (
+    BadRequest,
+    body_refusal,
+    error,
+    last_event_id,
+    loads,
+    parse_message,
+    prefer_wait,
+)
+from orchestrator.api.events import EventStore, Subscription, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
-from orchestrator.api.metrics import Metrics
+from orchestrator.api.message_routes import MessageRoutes
+from orchestrator.api.metrics import Metrics, RequestTimer
 from orchestrator.contract.layout import InvalidId
-from orchestrator.contract.schema import format_due, parse_ts
 from orchestrator.engine.ports import Control
+from orchestrator.engine.requeue import UnknownSession
 from orchestrator.host import status as status_mod
 from orchestrator.host.attachments import AttachmentError
-from orchestrator.host.sessions import MODES, MessageError, MessagingGroup
+from orchestrator.host.sessions import MessageError, MessagingGroup
 
 Handler = Callable[[Request], Awaitable[Response]]
-MESSAGE_FIELDS = {"agent_group", "channel", "platform_id", "thread_id", "mode", "content",
-                  "process_after"}
 KEEPALIVE = 15.0
-MAX_DEPTH = 32  # nesting of a request body (content is read by agents: keep it plain)
-PAST_TOLERANCE = timedelta(seconds=60)  # a client's clock may lag ours a little
-MAX_AHEAD = timedelta(days=100 * 366)
-_EVENT_ID = re.compile(r"[0-9]{1,18}")  # SQLite integers are 64-bit
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def error(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-# --- pure request checks ----------------------------------------------------------------
-
-
-def body_refusal(method: str, content_type: str | None, content_length: str | None,
-                 transfer_encoding: str | None) -> str | None:
-    """Why a request body is refused (415), or None: a body must be JSON. This also
-    shuts out the "simple" cross-site requests a browser sends without asking
-    (text/plain, form-urlencoded, multipart)."""
-    if method.upper() in SAFE_METHODS:
-        return None
-    has_body = transfer_encoding is not None or content_length not in (None, "0")
-    if content_type is None:
-        return ("a request body needs Content-Type: application/json" if has_body else None)
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        return (f"Content-Type {media[:60]!r} is not accepted: send the body as "
-                "application/json")
-    return None
-
-
-def _not_json(name: str) -> Any:
-    raise BadRequest(f"body is not valid JSON: {name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BadRequest(f"body is not valid JSON: {text[:30]} is out of range for a number")
-    return value
-
-
-def depth_of(value: Any, limit: int = MAX_DEPTH) -> int:
-    """How deeply ``value`` nests (a scalar 0, ``[]`` 1), counted up to ``limit + 1``."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            if level > limit:
-                return level
-            stack.extend((child, level + 1)
-                         for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-def loads(body: bytes) -> Any:
-    """A request body as JSON, strictly: no NaN or Infinity (nor 1e999), at most
-    MAX_DEPTH levels deep; BadRequest otherwise."""
-    try:
-        data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
-    except RecursionError:
-        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON ({str(exc)[:200]}); send a JSON object"
-                         ) from None
-    if depth_of(data) > MAX_DEPTH:
-        raise BadRequest(f"body nests deeper than {MAX_DEPTH} levels")
-    return data
-
-
-def due_time(value: Any, now: datetime) -> datetime:
-    """``process_after``: an ISO 8601 time (no offset = UTC) in the future, as
-    ``send --at`` requires (``scheduling.parse_at``), allowing PAST_TOLERANCE for a
-    client's clock; at most MAX_AHEAD ahead (the calendar ends in 9999)."""
-    hint = "process_after must be an ISO 8601 time, e.g. 2030-01-01T09:00:00Z"
-    if not isinstance(value, str) or len(value) > 64:
-        raise BadRequest(hint)
-    try:
-        when = parse_ts(value)
-        due = format_due(when) if when is not None else None  # rounds up: may overflow
-    except (ValueError, OverflowError):
-        raise BadRequest(hint) from None
-    if when is None or due is None:
-        raise BadRequest(hint)
-    if when < now - PAST_TOLERANCE:
-        raise BadRequest(f"process_after {due} UTC is in the past (now {format_due(now)} UTC): "
-                         "give a future time, as for send --at, or leave it out to process "
-                         "the message now")
-    if when > now + MAX_AHEAD:
-        raise BadRequest(f"process_after {due} UTC is more than 100 years ahead")
-    return when
-
-
-def parse_message(body: bytes, default_mode: str, now: datetime | None = None
-                  ) -> dict[str, Any]:
-    """The POST /v1/messages body, checked; BadRequest names the field and the fix."""
-    data = loads(body)
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object with agent_group and content")
-    unknown = sorted(set(data) - MESSAGE_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}: allowed fields are "
-                         f"{', '.join(sorted(MESSAGE_FIELDS))}")
-    out: dict[str, Any] = {}
-    for name, default, required in (("agent_group", None, True), ("channel", "api", False),
-                                    ("platform_id", "default", False),
-                                    ("thread_id", None, False), ("mode", default_mode, False)):
-        value = data.get(name, default)
-        if (value is None and required) or (value is not None and not isinstance(value, str)):
-            raise BadRequest(f"{name} must be a string" + (" (required)" if required else ""))
-        out[name] = value
-    if out["mode"] not in MODES:
-        raise BadRequest(f"mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
-    content = data.get("content")
-    if not isinstance(content, dict):
-        raise BadRequest('content must be a JSON object, e.g. {"text": "hi"}')
-    out["content"] = content
-    process_after = data.get("process_after")
-    out["process_after"] = None if process_after is None else due_time(
-        process_after, now or datetime.now(timezone.utc))
-    return out
-
-
-def last_event_id(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if raw is None or raw == "":
-        return -1  # a new client: live events only
-    if not _EVENT_ID.fullmatch(raw):
-        raise BadRequest("Last-Event-ID must be an event id (a non-negative integer of at "
-                         "most 18 digits)")
-    return int(raw)
 
 
 class Guard:
@@ -220,10 +89,20 @@ class Guard:
         await self.app(scope, receive, send)
 
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 in the API's error shape (not plain text)."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    text = {404: f"no route {request.url.path[:200]!r}: see /openapi.json",
+            405: f"method {request.method} is not allowed on {request.url.path[:200]}"}.get(
+                status, exc.detail if isinstance(exc, HTTPException) else "error")
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    return JSONResponse({"error": text}, status_code=status, headers=headers)
+
+
 # --- the app ------------------------------------------------------------------------------
 
 
-class Api:
+class Api(MessageRoutes):
     def __init__(self, control: Control, token: str | None, events: EventStore,
                  metrics: Metrics, keys: IdempotencyKeys, rule: HostRule | None = None,
                  unix: bool = False) -> None:
@@ -260,7 +139,9 @@ class Api:
     def app(self) -> Starlette:
         metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
-        return Starlette(middleware=[Middleware(Guard, self.rule, self.unix)], routes=[
+        return Starlette(middleware=[Middleware(RequestTimer, self.metrics),
+                                     Middleware(Guard, self.rule, self.unix)],
+                         exception_handlers={HTTPException: http_error}, routes=[
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
@@ -271,6 +152,15 @@ class Api:
             Route("/v1/sessions/{session_id}/stop", self.authed(self.stop_session),
                   methods=["POST"]),
             Route("/v1/events", self.authed(self.stream_events)),
+            Route("/v1/deliveries/retry", self.authed(self.retry_deliveries),
+                  methods=["POST"]),
+            # --- the document and a session's messages (issue 24) ---
+            Route("/openapi.json", self.openapi_doc),
+            Route("/v1/sessions/{session_id}/messages", self.authed(self.list_messages)),
+            Route("/v1/sessions/{session_id}/messages/{message_id}",
+                  self.authed(self.get_message)),
+            Route("/v1/sessions/{session_id}/messages/{message_id}/files/{name}",
+                  self.authed(self.get_file)),
         ])
 
     # --- unauthenticated ------------------------------------------------------------------
@@ -322,21 +212,64 @@ class Api:
     async def post_message(self, request: Request) -> Response:
         body = await self._body(request)
         msg = parse_message(body, self.control.cfg.sessions.default_mode)
+        wait, headers = msg["wait"], {}
+        if wait is None:
+            wait = prefer_wait(request.headers.get("prefer"))
+            if wait is not None:
+                wait = min(wait, self.control.cfg.api.max_wait)
+                headers["Preference-Applied"] = f"wait={wait:g}"
+        if wait is not None:
+            wait = min(wait, self.control.cfg.api.max_wait)
+        # subscribed before the write: a reply cannot come before it, so none is missed
+        sub = self.events.subscribe() if wait is not None else None
+        try:
+            result = await self._submit(request, body, msg)
+            if sub is None or wait is None:
+                return JSONResponse(result, status_code=201)
+            reply = await self._first_reply(sub, result["message_id"], wait)
+        finally:
+            if sub is not None:
+                self.events.unsubscribe(sub)
+        if reply is None:
+            return JSONResponse(result, status_code=202, headers=headers)
+        return JSONResponse({**result, "reply": reply}, status_code=200, headers=headers)
+
+    async def _submit(self, request: Request, body: bytes, msg: dict[str, Any]
+                      ) -> dict[str, Any]:
         key = request.headers.get("idempotency-key")
         if key is None:
-            result = await asyncio.to_thread(self._write, msg, None, None)
-            return JSONResponse(result, status_code=201)
+            return await asyncio.to_thread(self._write, msg, None, None)
         problem = check_key(key)
         if problem:
             raise BadRequest(problem)
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:  # the same key twice at once: the second waits, then replays
-                result = await asyncio.to_thread(self._write, msg, key, fingerprint(body))
+                return await asyncio.to_thread(self._write, msg, key, fingerprint(body))
         finally:
             if not lock.locked():
                 self._key_locks.pop(key, None)
-        return JSONResponse(result, status_code=201)
+
+    async def _first_reply(self, sub: Subscription, message_id: str | None, wait: float
+                           ) -> dict[str, Any] | None:
+        """The first ``reply_delivered`` event answering ``message_id`` within ``wait``
+        seconds (from the event hub the supervisor's watcher feeds; no file is read)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self.closing.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), left)
+            except asyncio.TimeoutError:
+                return None
+            if event is None:
+                return None
+            if event.kind == "reply_delivered" and event.data.get("in_reply_to") == message_id:
+                return {"event_id": event.id, "at": event.at, "kind": event.kind,
+                        **event.data}
+        return None
 
     def _write(self, msg: dict[str, Any], key: str | None, fp: str | None
                ) -> dict[str, str | None]:
@@ -424,48 +357,79 @@ class Api:
                          409)
         return JSONResponse({"session_id": sid, "stopping": True}, status_code=202)
 
+    async def retry_deliveries(self, request: Request) -> Response:
+        """``{"session_id": optional}`` → ``{"retried": N}``: failed replies re-queued
+        with fresh attempts (``engine.requeue``); an empty body means every session."""
+        body = await self._body(request)
+        data = loads(body) if body.strip() else {}
+        if not isinstance(data, dict) or set(data) - {"session_id"}:
+            raise BadRequest('body must be a JSON object with at most "session_id"')
+        sid = data.get("session_id")
+        if sid is not None and not isinstance(sid, str):
+            raise BadRequest(f"session_id must be a string, got {sid!r}")
+        try:
+            retried = await self.control.retry_deliveries(sid)
+        except UnknownSession as exc:
+            return error(str(exc), 404)
+        return JSONResponse({"retried": retried})
+
     async def stream_events(self, request: Request) -> Response:
         after = last_event_id(request)
+        accept = request.headers.get("accept", "").lower()
+        if "application/json" in accept and "text/event-stream" not in accept:
+            return self.events_page(after)
         sub = self.events.subscribe()  # before the replay: nothing falls in between
-        live_from = self.events.last_id()
-
-        async def stream():
-            try:
-                last = after
-                yield "retry: 1000\n\n"
-                if after >= 0:
-                    if gap_after(after, self.events.oldest_id()):
-                        yield ('event: gap\ndata: {"reason": "events after your Last-Event-ID '
-                               'were pruned; re-read /v1/sessions"}\n\n')
-                    while True:
-                        batch = self.events.since(last)
-                        for ev in batch:
-                            last = ev.id
-                            yield ev.sse()
-                        if len(batch) < 1000:
-                            break
-                else:
-                    last = live_from
-                    yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
-                while not self.closing.is_set():
-                    try:
-                        live = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if live is None:
-                        return
-                    if live.id > last:
-                        last = live.id
-                        yield live.sse()
-                    if sub.dropped and sub.queue.empty():
-                        return  # fell behind: the client reconnects and replays the rest
-            finally:
-                self.events.unsubscribe(sub)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(self._stream(after, sub, self.events.last_id()),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
+
+    async def _stream(self, after: int, sub: Subscription, live_from: int
+                      ) -> AsyncIterator[str]:
+        try:
+            last = after
+            yield "retry: 1000\n\n"
+            if after >= 0:
+                if gap_after(after, self.events.oldest_id()):
+                    yield ('event: gap\ndata: {"reason": "events after your Last-Event-ID '
+                           'were pruned; re-read /v1/sessions"}\n\n')
+                while True:
+                    batch = self.events.since(last)
+                    for ev in batch:
+                        last = ev.id
+                        yield ev.sse()
+                    if len(batch) < 1000:
+                        break
+            else:
+                last = live_from
+                yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
+            while not self.closing.is_set():
+                try:
+                    live = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if live is None:
+                    return
+                if live.id > last:
+                    last = live.id
+                    yield live.sse()
+                if sub.dropped and sub.queue.empty():
+                    return  # fell behind: the client reconnects and replays the rest
+        finally:
+            self.events.unsubscribe(sub)
+
+    def events_page(self, after: int) -> Response:
+        """``/v1/events`` asked for as JSON (``Accept: application/json``): the stored
+        events after ``after``, at most 1000, for a client that polls instead of
+        streaming; ``last_event_id`` is where its next call goes on."""
+        if after < 0:  # a new client: nothing yet, and where to go on from
+            return JSONResponse({"events": [], "last_event_id": self.events.last_id(),
+                                 "gap": False})
+        batch = self.events.since(after)
+        return JSONResponse({"events": [ev.record() for ev in batch],
+                             "last_event_id": batch[-1].id if batch else after,
+                             "gap": gap_after(after, self.events.oldest_id())})
 
 
 def _exists(sessions: Any, session: Any, message_id: str | None) -> bool:

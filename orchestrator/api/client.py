@@ -70,10 +70,20 @@ def _call(url: str, token: str | None, method: str, path: str, **kwargs: Any) ->
 
 
 def send(url: str, token: str | None, body: dict[str, Any],
-         idempotency_key: str | None = None) -> dict[str, str]:
+         idempotency_key: str | None = None, wait: float | None = None) -> dict[str, Any]:
+    """POST /v1/messages; with ``wait`` (also in ``body``) the answer may hold the
+    reply, so the read timeout is that much longer."""
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    return _call(url, token, "POST", "/v1/messages", json=body, headers=headers)
+    timeout = TIMEOUT + (wait or 0)
+    return _call(url, token, "POST", "/v1/messages", json=body, headers=headers,
+                 timeout=timeout)
 
 
 def sessions(url: str, token: str | None) -> list[dict[str, Any]]:
     return _call(url, token, "GET", "/v1/sessions")
+
+
+def retry_deliveries(url: str, token: str | None, session_id: str | None) -> dict[str, Any]:
+    """``POST /v1/deliveries/retry``: ``{"retried": N}``."""
+    body = {"session_id": session_id} if session_id else {}
+    return _call(url, token, "POST", "/v1/deliveries/retry", json=body)

@@ -44,10 +44,13 @@ class Event:
     kind: str
     data: dict[str, Any]
 
+    def record(self) -> dict[str, Any]:
+        """The event as its ``data`` line (and ``/v1/events`` as JSON) shows it."""
+        return {"id": self.id, "at": self.at, "kind": self.kind, **self.data}
+
     def sse(self) -> str:
         """One Server-Sent Events message (``data`` is a single JSON line)."""
-        payload = json.dumps({"id": self.id, "at": self.at, "kind": self.kind, **self.data},
-                             ensure_ascii=False, separators=(",", ":"))
+        payload = json.dumps(self.record(), ensure_ascii=False, separators=(",", ":"))
         return f"id: {self.id}\nevent: {self.kind}\ndata: {payload}\n\n"
 
 

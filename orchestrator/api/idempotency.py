@@ -2,7 +2,9 @@
 result and writes nothing again.
 
 Keys live in the registry (``orchestrator.db``, table ``api_idempotency``) for at
-least ``KEEP`` (48 h; the promise is 24 h). A key is written *before* the message,
+least ``KEEP`` (48 h; the promise is 24 h), pruned at start-up and then by the
+writes themselves, at most once per ``PRUNE_EVERY`` (a long-running orchestrator
+would otherwise keep every key it was ever sent). A key is written *before* the message,
 with the message id chosen for it, and marked done after: a crash in between leaves
 a pending key whose retry writes the same message id again — refused by inbound.db's
 primary key if the first write did land — so a retried POST can never write twice.
@@ -13,21 +15,25 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 from loguru import logger
 
 from orchestrator.contract.schema import format_ts
 
 KEEP = timedelta(hours=48)
+PRUNE_EVERY = 600.0  # seconds between prunes, on the write path
 MAX_KEY = 200
 
 DDL = """
 CREATE TABLE IF NOT EXISTS api_idempotency (
     key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, message_id TEXT NOT NULL,
     session_id TEXT, done INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_api_idempotency_created ON api_idempotency(created_at);
 """
 
 
@@ -51,13 +57,15 @@ def fingerprint(body: bytes) -> str:
 
 
 class IdempotencyKeys:
-    def __init__(self, registry_db: Path) -> None:
+    def __init__(self, registry_db: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._conn = sqlite3.connect(str(registry_db), isolation_level=None, timeout=10,
                                      check_same_thread=False)
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._conn.execute("PRAGMA synchronous=NORMAL")  # as the registry (WAL): durable
         self._lock = threading.Lock()  # API requests call in from worker threads
         self._ready = False  # the table exists (durable across crashes, not power loss)
+        self._clock = clock
+        self._pruned_at = clock()
         try:
             self.prune()
         except sqlite3.Error as exc:  # e.g. a full disk at start-up: serve all the same;
@@ -77,6 +85,8 @@ class IdempotencyKeys:
         return Entry(row[0], row[1], row[2], bool(row[3])) if row else None
 
     def begin(self, key: str, fp: str, message_id: str) -> None:
+        if self._clock() - self._pruned_at >= PRUNE_EVERY:
+            self.prune()
         with self._lock:
             self._table()
             self._conn.execute("INSERT OR IGNORE INTO api_idempotency (key, fingerprint,"
@@ -91,6 +101,7 @@ class IdempotencyKeys:
 
     def prune(self) -> None:
         cutoff = format_ts(datetime.now(timezone.utc) - KEEP)
+        self._pruned_at = self._clock()
         with self._lock:
             self._table()
             self._conn.execute("DELETE FROM api_idempotency WHERE created_at < ?", (cutoff,))

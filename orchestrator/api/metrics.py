@@ -1,10 +1,16 @@
 """Prometheus metrics for ``GET /metrics``.
 
 Counters and histograms are fed by the same notifications as the event log
-(``Hub.notify``); gauges (sessions by status, inotify watches, queue length) are
-read when scraped, so they cost nothing between scrapes. Each Supervisor has its
-own CollectorRegistry (tests run several in one process). No session ids as labels:
-a label per session would grow without bound.
+(``Hub.notify``); gauges (sessions by status, inotify watches, queue length) and the
+webhook's response tally are read when scraped, so they cost nothing between
+scrapes. Each Supervisor has its own CollectorRegistry (tests run several in one
+process), with the standard ``process_*`` and ``python_*`` collectors on it.
+
+Labels stay bounded: no session ids; ``agent_group`` only takes the groups the config
+names (``[groups.*]``) plus ``default``, anything else is ``other`` (agents and API
+clients choose group names freely); HTTP requests are labelled by the route's
+template (``/v1/sessions/{session_id}``), never the raw path, ``unmatched`` when no
+route matched.
 """
 
 from __future__ import annotations
@@ -12,17 +18,34 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
 from collections import Counter as Tally
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.contract.session_status import Status
 
 STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested")
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
+WAIT_BUCKETS = (.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+HTTP_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+DEFAULT_GROUP = "default"
+OTHER_GROUP = "other"
+UNMATCHED = "unmatched"
 
 
 def stop_reason(reason: str) -> str:
@@ -59,10 +82,12 @@ def inotify_watches(fdinfo_dir: str = "/proc/self/fdinfo") -> int:
 class _Gauges(Collector):
     def __init__(self, statuses: Callable[[], Iterable[str]],
                  queue_length: Callable[[], int | None],
-                 rescans: Callable[[], dict[str, int]]) -> None:
+                 rescans: Callable[[], dict[str, int]],
+                 webhook_responses: Callable[[], dict[str, int]] | None) -> None:
         self.statuses = statuses
         self.queue_length = queue_length
         self.rescans = rescans
+        self.webhook_responses = webhook_responses
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         rescans = CounterMetricFamily("orchestrator_watch_rescans", "Full rescans of the "
@@ -71,6 +96,14 @@ class _Gauges(Collector):
         for cause in sorted(set(counts) | {"events_lost", "watch_restarted"}):
             rescans.add_metric([_label(cause)], counts.get(cause, 0))
         yield rescans
+        if self.webhook_responses is not None:
+            responses = CounterMetricFamily(
+                "orchestrator_webhook_responses", "Webhook POSTs by the receiver's HTTP "
+                "status code (code=\"error\": no answer: refused, reset, timed out)",
+                labels=["code"])
+            for code, n in sorted(self.webhook_responses().items()):
+                responses.add_metric([code], n)
+            yield responses
         by_status = GaugeMetricFamily("orchestrator_sessions", "Sessions by container status",
                                       labels=["status"])
         counts = Tally(self.statuses())
@@ -85,59 +118,135 @@ class _Gauges(Collector):
                                     "Sessions waiting for an agent slot", value=queued)
 
 
+def group_label(group: str | None, known: frozenset[str]) -> str:
+    """The ``agent_group`` label: a configured group or ``default`` as itself, any other
+    name ``other`` (the label set stays as small as the config)."""
+    return group if group is not None and (group in known or group == DEFAULT_GROUP) \
+        else OTHER_GROUP
+
+
 class Metrics:
     def __init__(self, *, runtime: str, channel: str, version: str,
                  statuses: Callable[[], Iterable[str]],
                  queue_length: Callable[[], int | None] = lambda: None,
-                 rescans: Callable[[], dict[str, int]] = dict) -> None:
+                 rescans: Callable[[], dict[str, int]] = dict,
+                 groups: Iterable[str] = (),
+                 webhook_responses: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(standard)  # process_*, python_info, python_gc_*: this process's
         self.runtime = runtime
         self.channel = channel
+        self.groups = frozenset(groups)
+        labels = sorted(self.groups | {DEFAULT_GROUP, OTHER_GROUP})
         Gauge("orchestrator_build_info", "Build information", ["version", "python"],
               registry=r).labels(version, platform.python_version()).set(1)
         self.starts = Counter("orchestrator_agent_starts", "Agent starts by runtime and result",
-                              ["runtime", "result"], registry=r)
+                              ["runtime", "result", "agent_group"], registry=r)
         self.start_seconds = Histogram("orchestrator_agent_start_duration_seconds",
-                                       "Time to start an agent", ["runtime"],
+                                       "Time to start an agent", ["runtime", "agent_group"],
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.stops = Counter("orchestrator_agent_stops", "Agents stopped, by reason", ["reason"],
-                             registry=r)
+        self.admission_wait = Histogram(
+            "orchestrator_admission_wait_seconds", "From when a session's oldest work became "
+            "due to the start of its agent (queueing behind [runtime] max_agents included)",
+            ["agent_group"], buckets=WAIT_BUCKETS, registry=r)
+        self.stops = Counter("orchestrator_agent_stops", "Agents stopped, by reason",
+                             ["reason", "agent_group"], registry=r)
         self.delivered = Counter("orchestrator_replies_delivered", "Replies delivered",
-                                 ["channel"], registry=r)
-        self.failed = Counter("orchestrator_replies_failed", "Replies given up on", ["channel"],
-                              registry=r)
+                                 ["channel", "agent_group"], registry=r)
+        self.failed = Counter("orchestrator_replies_failed", "Replies given up on",
+                              ["channel", "agent_group"], registry=r)
         self.delay = Histogram("orchestrator_reply_delivery_delay_seconds",
-                               "Reply commit (its timestamp) to delivered", ["channel"],
-                               buckets=LATENCY_BUCKETS, registry=r)
+                               "Reply commit (its timestamp) to delivered",
+                               ["channel", "agent_group"], buckets=LATENCY_BUCKETS, registry=r)
         self.messages_failed = Counter("orchestrator_messages_failed",
-                                       "Inbound messages failed after max_tries", registry=r)
-        for reason in STOP_REASONS:  # present from the start, so rate() sees the first one
-            self.stops.labels(reason)
-        self.delivered.labels(channel)
-        self.failed.labels(channel)
-        r.register(_Gauges(statuses, queue_length, rescans))
+                                       "Inbound messages failed after max_tries",
+                                       ["agent_group"], registry=r)
+        self.http_seconds = Histogram(
+            "orchestrator_http_request_duration_seconds", "HTTP API requests, by route "
+            "template, method and status code (an event stream counts until it ends)",
+            ["route", "method", "code"], buckets=HTTP_BUCKETS, registry=r)
+        for group in labels:  # present from the start, so rate() sees the first one
+            for reason in STOP_REASONS:
+                self.stops.labels(reason, group)
+            self.delivered.labels(channel, group)
+            self.failed.labels(channel, group)
+            self.messages_failed.labels(group)
+        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses))
+
+    def _group(self, data: dict[str, Any]) -> str:
+        return group_label(data.get("agent_group"), self.groups)
 
     def observe(self, kind: str, data: dict[str, Any]) -> None:
+        group = self._group(data)
         if kind == "status":
             stopped = data.get("status") == Status.STOPPED
             if stopped and data.get("old") not in (None, Status.STOPPED):
-                self.stops.labels(stop_reason(data.get("reason") or "")).inc()
+                self.stops.labels(stop_reason(data.get("reason") or ""), group).inc()
         elif kind == "reply_delivered":
-            self.delivered.labels(self.channel).inc()
+            self.delivered.labels(self.channel, group).inc()
             if data.get("delay_seconds") is not None:
-                self.delay.labels(self.channel).observe(max(0.0, data["delay_seconds"]))
+                self.delay.labels(self.channel, group).observe(max(0.0, data["delay_seconds"]))
         elif kind == "reply_failed":
-            self.failed.labels(self.channel).inc()
+            self.failed.labels(self.channel, group).inc()
         elif kind == "message_failed":
-            self.messages_failed.inc()
+            self.messages_failed.labels(group).inc()
         elif kind == "agent_start":
-            self.starts.labels(self.runtime, data["result"]).inc()
+            self.starts.labels(self.runtime, data["result"], group).inc()
             if data["result"] == "ok":
-                self.start_seconds.labels(self.runtime).observe(data["seconds"])
+                self.start_seconds.labels(self.runtime, group).observe(data["seconds"])
+                if data.get("waited") is not None:
+                    self.admission_wait.labels(group).observe(max(0.0, data["waited"]))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the route a request matches (a 405 still names its route);
+    ``unmatched`` for none. Never the raw path: ids in it would grow the label set."""
+    app = scope.get("app")
+    partial = None
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return getattr(route, "path", UNMATCHED)
+        if match is Match.PARTIAL and partial is None:
+            partial = getattr(route, "path", None)
+    return partial or UNMATCHED
+
+
+class RequestTimer:
+    """ASGI middleware: each HTTP request's duration into
+    ``orchestrator_http_request_duration_seconds`` (route template, method, status)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": "500"}  # a handler that raises before answering
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            method = scope.get("method", "GET")
+            self.metrics.http_seconds.labels(
+                route_template(scope), method if method in _METHODS else "other",
+                status["code"]).observe(time.perf_counter() - started)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _label(text: str) -> str:

@@ -439,7 +439,10 @@ class ApiService:
             return
         limits = Limits(self.cfg, connection_cap(self.cfg.max_connections), self.tally)
         protocol = type("GuardedH11", (_GuardedH11,), {"limits": limits})
+        # log_config=None: uvicorn adds no handlers of its own; its loggers go through
+        # loguru's sink (cli.logs.intercept_uvicorn)
         config = uvicorn.Config(self.api.app(), log_level="warning", access_log=False,
+                                log_config=None,
                                 lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE,
                                 proxy_headers=False, server_header=False, http=protocol,
                                 timeout_keep_alive=self.cfg.keepalive_timeout,  # type: ignore[arg-type]

@@ -19,8 +19,9 @@ from typing import Sequence
 
 from orchestrator import version
 from orchestrator.api import client as api_client
+from orchestrator.cli import deliveries as cli_deliveries
 from orchestrator.cli import groups as cli_groups
-from orchestrator.config.load import read_config
+from orchestrator.config.load import read_config, read_config_sources
 from orchestrator.config.model import Config
 from orchestrator.config.render import write_default
 from orchestrator.contract.layout import InvalidId, registry_path
@@ -58,7 +59,7 @@ class UsageError(UserError):
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return read_config(Path(args.config))
+    return read_config(Path(args.config), sets=tuple(getattr(args, "set", None) or ()))
 
 
 def _open(cfg: Config) -> tuple[Registry, Sessions]:
@@ -69,10 +70,26 @@ def _open(cfg: Config) -> tuple[Registry, Sessions]:
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.config)
     write_default(path, force=args.force)
-    print(f"wrote {path}")
     token_file = read_config(path).api.token_file
     if token_file:  # the API token, mode 0600 (kept if it exists)
         ensure_secret(Path(token_file))
+    print(json.dumps({"config": str(path), "token_file": token_file or None}) if args.json
+          else f"wrote {path}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The effective configuration and where each value came from."""
+    from orchestrator.config.show import effective
+
+    rows = effective(*read_config_sources(Path(args.config), sets=tuple(args.set or ())))
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        value = json.dumps(r["value"], ensure_ascii=False)
+        print(f"{r['key'].ljust(width)}  {r['origin']:<7}  {value}")
     return 0
 
 
@@ -121,13 +138,15 @@ def message_text(text: str) -> str:
 def cmd_send(args: argparse.Namespace) -> int:
     remote = _remote(args)
     cfg = remote[2] if remote else _load(args)
+    if args.wait is not None and not remote:
+        remote = _local_api(args, cfg)
     text = message_text(args.text)
     if not text.strip() and not args.attach:
         raise UsageError("TEXT is empty: give the message text, or - to read it from "
                          "standard input")
     if remote and args.every:
         raise UsageError("--every writes a series into the files: run it without --url "
-                         "(on the orchestrator's host)")
+                         "or --wait (on the orchestrator's host)")
     schedule = cli_groups.schedule_of(args, cfg, utcnow())  # --at / --every, checked first
     max_bytes = cfg.sessions.max_attachment_bytes if cfg else 2**40  # else the server checks
     content = _content(args, text, max_bytes)
@@ -138,22 +157,25 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _content(args: argparse.Namespace, text: str, max_bytes: int) -> dict:
-    """The message content from TEXT (plain or ``--json``), ``--sender`` and ``--attach``."""
-    if args.json:
+    """The message content from TEXT (plain or ``--content-json``), ``--sender`` and
+    ``--attach``."""
+    if args.content_json:
         try:
             content = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"--json: TEXT is not valid JSON ({exc.msg}, "
+            raise UsageError(f"--content-json: TEXT is not valid JSON ({exc.msg}, "
                              f"column {exc.colno})") from None
         if not isinstance(content, dict):
-            raise UsageError("--json: TEXT must be a JSON object, e.g. '{\"text\": \"hi\"}'")
+            raise UsageError("--content-json: TEXT must be a JSON object, e.g. "
+                             "'{\"text\": \"hi\"}'")
     else:
         content = {"text": text}
     if args.sender is not None:
         content["sender"] = args.sender  # the name the agent sees (NanoClaw: sender="…")
     if args.attach:
         if not isinstance(content.setdefault("attachments", []), list):
-            raise UsageError("--json: content.attachments must be a list to add --attach files")
+            raise UsageError("--content-json: content.attachments must be a list to add "
+                             "--attach files")
         content["attachments"].extend(_attachment(a, max_bytes) for a in args.attach)
     return content
 
@@ -166,8 +188,50 @@ def _send_remote(args: argparse.Namespace, url: str, token: str | None, content:
         body["mode"] = args.mode
     if schedule.process_after:
         body["process_after"] = schedule.process_after.isoformat()
-    print(api_client.send(url, token, body)["session_id"])
+    if args.wait is not None:
+        body["wait"] = args.wait
+    result = api_client.send(url, token, body, wait=args.wait)
+    reply = result.get("reply")
+    if args.json:
+        print(json.dumps({"session_id": result["session_id"],
+                          "message_id": result["message_id"], "series_id": None,
+                          **({"reply": reply} if args.wait is not None else {})}))
+        return 0
+    print(result["session_id"])
+    if args.wait is not None:
+        if reply is None:
+            print(f"no reply within {args.wait:g}s (message {result['message_id']}); see "
+                  f"GET /v1/sessions/{result['session_id']}/messages", file=sys.stderr)
+        else:
+            print(reply_text(reply))
     return 0
+
+
+def reply_text(reply: dict) -> str:
+    """What ``send --wait`` prints of a reply: its ``content.text``, else its content
+    as JSON (a truncated one: where to read it)."""
+    if reply.get("truncated"):
+        return f"(reply over [api] event_content_bytes: GET {reply.get('url')})"
+    content = reply.get("content")
+    if isinstance(content, dict) and isinstance(content.get("text"), str):
+        return content["text"]
+    return json.dumps(content, ensure_ascii=False)
+
+
+def _local_api(args: argparse.Namespace, cfg: Config | None
+               ) -> tuple[str, str | None, Config | None]:
+    """``send --wait`` without --url: the API of the config's own ``[api] listen``."""
+    from orchestrator.api.auth import parse_listen
+
+    listen = parse_listen(cfg.api.listen) if cfg else None
+    if listen is None or (listen.port == 0 and not listen.path):
+        raise UsageError("--wait waits through the HTTP API: give --url (or set "
+                         "ORCHESTRATOR_URL), or set [api] listen to a fixed address")
+    if listen.host in ("0.0.0.0", "::"):
+        listen = type(listen)(host="127.0.0.1" if listen.host == "0.0.0.0" else "::1",
+                              port=listen.port)
+    token = api_client.resolve_token(args.token_file, cfg.api.token_file if cfg else None)
+    return listen.url(), token, cfg
 
 
 def _send_local(args: argparse.Namespace, cfg: Config, content: dict,
@@ -183,17 +247,23 @@ def _send_local(args: argparse.Namespace, cfg: Config, content: dict,
                                 schedule.recurrence, cfg.sessions.timezone)
         try:
             # the message keeps its own chat, whatever the session's mode (replies go back)
-            sessions.write_message(session, message,
-                                   routing=(args.channel, args.platform, args.thread),
-                                   process_after=schedule.process_after,
-                                   recurrence=schedule.recurrence, series_id=schedule.series_id)
+            mid, _ = sessions.write_message(session, message,
+                                            routing=(args.channel, args.platform,
+                                                     args.thread),
+                                            process_after=schedule.process_after,
+                                            recurrence=schedule.recurrence,
+                                            series_id=schedule.series_id)
         except BaseException:
             if schedule.series_id:
                 registry.cancel_series(schedule.series_id)
             raise
-    print(session.id)
-    if schedule.series_id:
-        print(schedule.series_id)
+    if args.json:
+        print(json.dumps({"session_id": session.id, "message_id": mid,
+                          "series_id": schedule.series_id}))
+    else:
+        print(session.id)
+        if schedule.series_id:
+            print(schedule.series_id)
     if schedule.process_after:
         print(f"due at {format_due(schedule.process_after)} UTC", file=sys.stderr)
     return 0
@@ -209,7 +279,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
             raise UsageError(f"no session {args.session!r}; see `orchestrator status`")
         mid, _ = sessions.write_system_response(session, args.question_id, args.option,
                                                 args.user)
-    print(mid)
+    print(json.dumps({"session_id": session.id, "message_id": mid}) if args.json else mid)
     return 0
 
 
@@ -262,6 +332,16 @@ def cmd_image(args: argparse.Namespace) -> int:
     return image.main(argv)
 
 
+def _wait_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 60:
+        raise argparse.ArgumentTypeError("must be from 0 to 60 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=DESCRIPTION,
                                      epilog=EPILOG,
@@ -270,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="config.toml", metavar="PATH",
                         help="config file (default: ./config.toml)")
+    common.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                        help="override a config key (wins over ORCHESTRATOR_<SECTION>__<KEY> "
+                             "and the file), e.g. --set api.listen=127.0.0.1:9000; repeatable")
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--url", default=None, help="go through the HTTP API at this URL "
                         "(default: $ORCHESTRATOR_URL; unset = the files, no server needed)")
@@ -279,7 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[common], help="write a commented default config")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--json", action="store_true", help="print {config, token_file} as JSON")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("config", help="the effective configuration")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("show", parents=[common],
+                        help="every key, its value and where it came from (default, file, "
+                             "env: ORCHESTRATOR_<SECTION>__<KEY>, cli)")
+    c.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    c.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("send", parents=[common, remote], help="write a message to a session")
     p.add_argument("--group", required=True, help="agent group")
@@ -290,9 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attach", action="append", default=[], metavar="FILE",
                    help="attach a file (repeat for several); the agent finds it in "
                         "inbox/<message id>/")
-    p.add_argument("--json", action="store_true",
+    p.add_argument("--content-json", action="store_true",
                    help='TEXT is the whole message content as a JSON object, e.g. '
-                        '\'{"text": "hi", "priority": 2}\'')
+                        '\'{"text": "hi", "priority": 2}\' (formerly --json)')
+    p.add_argument("--json", action="store_true",
+                   help="print {session_id, message_id, series_id} (and reply) as JSON")
+    p.add_argument("--wait", type=_wait_arg, default=None, metavar="SECONDS",
+                   help="wait up to SECONDS (at most 60) for the first reply and print it; "
+                        "goes through the HTTP API (--url, else [api] listen)")
     cli_groups.add_send_options(p)
     p.add_argument("--sender", default=None, metavar="NAME",
                    help="who wrote the message (content.sender; the agent shows it)")
@@ -305,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question_id", metavar="QUESTION_ID", help="the card's questionId")
     p.add_argument("option", metavar="OPTION", help="the chosen option's value")
     p.add_argument("--user", default="", help="who answered (userId)")
+    p.add_argument("--json", action="store_true",
+                   help="print {session_id, message_id} as JSON")
     p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("status", parents=[common, remote],
@@ -328,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_image)
 
     cli_groups.register(sub, common, _load)
+    cli_deliveries.register(sub, common, remote, _load)
     return parser
 
 

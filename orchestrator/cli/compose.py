@@ -143,8 +143,14 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         metrics = Metrics(runtime=runtime.name, channel=chan.name, version=version(),
                           statuses=lambda: [t.status for t in tracked.values()],
                           queue_length=lambda: gate.queue_length(),
-                          rescans=lambda: dict(watcher.RESCANS))
-        hub = Hub(events, metrics)
+                          rescans=lambda: dict(watcher.RESCANS),
+                          groups=[g.name for g in cfg.groups],
+                          webhook_responses=(lambda: dict(chan.responses))
+                          if isinstance(chan, WebhookChannel) else None)
+        forward = (chan.forward_event if isinstance(chan, WebhookChannel)
+                   and cfg.delivery.events else None)  # [delivery] events: same ids as SSE
+        hub = Hub(events, metrics, forward=forward,
+                  max_content_bytes=cfg.api.event_content_bytes)
 
         statuses = StatusBook(registry, hub.notify)
         gate = open_gate(cfg, tracked, runtime, registry, dirty.mark, statuses.set, clock)

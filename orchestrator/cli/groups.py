@@ -100,12 +100,14 @@ def cmd_destinations(args: argparse.Namespace, cfg: Config) -> int:
             dest = destinations.parse(args.name, channel=args.channel, platform=args.platform,
                                       agent=args.agent, display_name=args.display_name)
             destinations.add(registry, args.group, dest)
-            print(f"added destination {dest.name} to group {args.group} "
+            print(json.dumps({"group": args.group, "added": dest.name}) if args.json else
+                  f"added destination {dest.name} to group {args.group} "
                   "(written into its sessions at their next wake)")
             return 0
         if action == "remove":
             destinations.remove(registry, args.group, args.name)
-            print(f"removed destination {args.name} from group {args.group}")
+            print(json.dumps({"group": args.group, "removed": args.name}) if args.json
+                  else f"removed destination {args.name} from group {args.group}")
             return 0
         rows = sorted(({"name": d.name, "type": d.type, "display_name": d.display_name,
                         "channel_type": d.channel_type, "platform_id": d.platform_id,
@@ -143,7 +145,8 @@ def cmd_series_list(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_series_cancel(args: argparse.Namespace, cfg: Config) -> int:
     with _registry(cfg) as registry:
         _, removed = series.cancel(cfg.data_dir, registry, args.series_id)
-    print(f"cancelled series {args.series_id} ({removed} waiting occurrence(s) removed)")
+    print(json.dumps({"series_id": args.series_id, "removed": removed}) if args.json else
+          f"cancelled series {args.series_id} ({removed} waiting occurrence(s) removed)")
     return 0
 
 
@@ -171,7 +174,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
                         description="GROUP [list] | GROUP add NAME (--channel C --platform P | "
                                     "--agent G) [--display-name D] | GROUP remove NAME")
     p.add_argument("group", metavar="GROUP")
-    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--json", action="store_true", help="print as JSON (list, add, remove)")
     dsub = p.add_subparsers(dest="action", required=False)
     # --config may also come after the action (SUPPRESS: not reset when it does not)
     late = argparse.ArgumentParser(add_help=False)
@@ -196,5 +199,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     bind(p, cmd_series_list)
     p = ssub.add_parser("cancel", parents=[common], help="stop a series")
     p.add_argument("series_id", metavar="SERIES")
+    p.add_argument("--json", action="store_true", help="print {series_id, removed}")
     bind(p, cmd_series_cancel)
 

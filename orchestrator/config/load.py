@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from orchestrator.config import sources
 from orchestrator.config.model import (
     GROUP_KEYS,
     GROUP_SHARED,
@@ -180,11 +182,33 @@ def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
+        if (name, unknown[0]) in RENAMED:
+            raise ConfigError(f"[{name}] {unknown[0]} is no longer read: write "
+                              f"{RENAMED[(name, unknown[0])]}")
         raise ConfigError(
             f"unknown key [{name}] {unknown[0]}: allowed keys are {', '.join(known)}"
         )
     values = {k: _check_value(f"[{name}] {k}", known[k], v, base_dir) for k, v in raw.items()}
     return cls(**values)
+
+
+EVENT_KINDS = ("status", "failure")
+RENAMED = {("delivery", "secret_file"): 'secret_files = ["<file>"] (a list: several keys '
+           'sign at once, for rotation)'}
+
+
+def _secret_files(names: tuple[str, ...], data_dir: Path) -> tuple[str, ...]:
+    if not names or not all(names):
+        raise ConfigError("[delivery] secret_files must list at least one file, e.g. "
+                          '["webhook-secret"]')
+    return tuple(str(data_dir / Path(n).expanduser()) for n in names)
+
+
+def _check_events(kinds: tuple[str, ...]) -> None:
+    for kind in kinds:
+        if kind not in EVENT_KINDS:
+            allowed = ", ".join(repr(k) for k in EVENT_KINDS)
+            raise ConfigError(f"[delivery] events: each must be one of {allowed}, got {kind!r}")
 
 
 def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
@@ -207,7 +231,11 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
     delivery = sections["delivery"]
     sections["delivery"] = dataclasses.replace(
         delivery, path=(data_dir / Path(str(delivery.path)).expanduser()),
-        secret_file=(data_dir / Path(str(delivery.secret_file)).expanduser()))
+        secret_files=_secret_files(delivery.secret_files, data_dir))
+    _check_events(delivery.events)
+    if delivery.events and delivery.channel != "webhook":
+        raise ConfigError(f"[delivery] events is for the webhook channel (channel = "
+                          f"{delivery.channel!r}); remove it, or read GET /v1/events")
     if delivery.channel == "webhook" and not delivery.url.startswith(("http://", "https://")):
         raise ConfigError(f"[delivery] url must be an http:// or https:// URL for the webhook "
                           f"channel, got {delivery.url!r}")
@@ -251,8 +279,32 @@ def _check_timezone(name: str) -> None:
                           "use e.g. 'UTC' or 'Europe/Berlin'") from None
 
 
-def read_config(path: Path) -> Config:
-    """Read and validate a config file; every failure is a one-line ConfigError."""
+def read_config(path: Path, environ: Mapping[str, str] | None = None,
+                sets: tuple[str, ...] = ()) -> Config:
+    """Read and validate a config file with the environment's overrides
+    (``ORCHESTRATOR_<SECTION>__<KEY>``, see ``sources``; ``environ`` defaults to
+    ``os.environ``) and the command line's (``--set``: ``sets``), which win; every
+    failure is a one-line ConfigError."""
+    return read_config_sources(path, environ, sets)[0]
+
+
+def read_config_sources(path: Path, environ: Mapping[str, str] | None = None,
+                        sets: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+    """``read_config`` and where each value came from (``sources.origins``)."""
+    data = _read_toml(path)
+    groups = data.get("groups")
+    names = list(groups) if isinstance(groups, dict) else []
+    values = sources.env_values(os.environ if environ is None else environ, names)
+    values += sources.cli_values(sets, names)  # last: the command line wins
+    try:
+        cfg = load_config(sources.overlay(data, values), path.resolve().parent, source=path)
+    except ConfigError as exc:
+        blamed = sources.blame(exc, values)
+        raise (blamed if blamed is not exc else ConfigError(f"{path}: {exc}")) from None
+    return cfg, sources.origins(data, values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -264,13 +316,9 @@ def read_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte "
                           f"{exc.start})") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    try:
-        return load_config(data, path.resolve().parent, source=path)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # --- [groups.<name>] tables ------------------------------------------------------------

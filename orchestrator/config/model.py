@@ -180,8 +180,12 @@ class DeliveryConfig:
     channel: str = _opt("jsonl", "'log', 'jsonl' or 'webhook'", choices=("log", "jsonl", "webhook"))
     path: Path = _opt("delivered.jsonl", "jsonl channel output, relative to data_dir", path=True)
     url: str = _opt("", "webhook channel: the URL each reply is POSTed to")
-    secret_file: Path = _opt("webhook-secret", "webhook channel: HMAC-SHA256 key, relative to "
-                             "data_dir (created with mode 0600 if missing)", path=True)
+    secret_files: tuple[str, ...] = _opt(
+        ["webhook-secret"], "webhook channel: files each holding one signing key in the "
+        "Standard Webhooks form 'whsec_<base64>', relative to data_dir; every key signs "
+        "each request (one signature each in webhook-signature), so a key is rotated by "
+        "adding the new file first and removing the old one later. The first is created "
+        "(mode 0600) if missing")
     timeout: float = _opt(10.0, "webhook channel: seconds before a POST counts as failed",
                           min=0.1, max=600)
     max_file_bytes: int = _opt(1024 * 1024, "webhook channel: reply files up to this size are "
@@ -191,14 +195,26 @@ class DeliveryConfig:
                                   "bytes; files that do not fit inline are sent as name and "
                                   "size only (data null, omitted says why); at most 4 such "
                                   "bodies are held in memory at once", min=65536, max=2**31)
-    max_attempts: int = _opt(5, "attempts before a reply is recorded failed", min=1, max=1000)
-    retry_base: float = _opt(2.0, "delivery retry backoff: base * 2^attempts seconds",
-                             min=0, max=3600)
+    max_attempts: int = _opt(100, "most attempts before a reply is recorded failed (the "
+                             "retry_horizon usually ends it first)", min=1, max=100_000)
+    retry_base: float = _opt(2.0, "delivery retry backoff: the n-th retry waits a random time "
+                             "(full jitter) up to base * 2^(n-1) seconds, at least base, at "
+                             "most retry_max_delay", min=0, max=3600)
+    retry_max_delay: float = _opt(3600.0, "longest wait between two attempts (s); a "
+                                  "Retry-After is honoured up to this too", min=0.1,
+                                  max=86400)
+    retry_horizon: float = _opt(86400.0, "seconds after a reply was written (or became due) "
+                                "during which failed deliveries are retried; then it is "
+                                "recorded failed", min=0, max=30 * 86400)
     files_wait: float = _opt(60.0, "seconds a reply waits for its outbox/ files before "
                              "that counts as a failed attempt", min=0, max=86400)
     max_content_bytes: int = _opt(1024 * 1024, "largest reply content in bytes; a bigger "
                                   "reply is failed with its reason, never loaded whole",
                                   min=1, max=2**31)
+    events: tuple[str, ...] = _opt(
+        [], "webhook channel: event kinds also POSTed to the url, signed like replies, with "
+        "the ids of GET /v1/events: 'status' (status changes), 'failure' (reply_failed and "
+        "message_failed)")
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,13 @@ class ApiConfig:
         200, "most open API connections (at most half the open-file limit); beyond it the "
         "connection idle longest is closed, or the new one answered 503", min=1,
         max=1_000_000)
+    max_wait: float = _opt(
+        60.0, "most seconds a POST /v1/messages may wait for its reply (its wait field or "
+        "Prefer: wait=N is cut to this)", min=0, max=60)
+    event_content_bytes: int = _opt(
+        64 * 1024, "largest reply content (bytes of its JSON) carried in a /v1/events reply "
+        "event and a waited POST /v1/messages; a bigger one comes as truncated: true and "
+        "the message's URL", min=0, max=2**31)
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ import asyncio
 import errno
 import json
 import os
+import random
 import shutil
 import sqlite3
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Callable
 
 from loguru import logger
 
@@ -56,7 +58,15 @@ from orchestrator.host.safefs import (
     regular_or_refuse,
 )
 from orchestrator.host.treeremove import remove_tree
-from orchestrator.rules.delivery_plan import Plan, ReplyFacts, Step, Trouble, after_failure, plan
+from orchestrator.rules.delivery_plan import (
+    Plan,
+    ReplyFacts,
+    Step,
+    Trouble,
+    after_failure,
+    deliverable_since,
+    plan,
+)
 from orchestrator.rules.lifecycle import earliest
 from orchestrator.support.errors import host_storage_failure
 from orchestrator.support.logonce import LogOnce
@@ -344,6 +354,7 @@ class Deliverer:
     channel: Channel
     cfg: DeliveryConfig
     janitor: OutboxJanitor = field(default=None)  # type: ignore[assignment]
+    rand: Callable[[], float] = random.random  # the backoff's jitter
 
     def __post_init__(self) -> None:
         if self.janitor is None:
@@ -423,7 +434,9 @@ class Deliverer:
                        exc: DeliveryError) -> Plan:
         verdict = after_failure(_trouble(exc), str(exc), attempts,
                                 run.state.waiting_files.get(msg.id), run.now, self.cfg,
-                                retry_after=exc.retry_after)
+                                retry_after=exc.retry_after,
+                                since=deliverable_since(msg.timestamp, msg.deliver_after),
+                                rand=self.rand())
         if verdict.step is Step.WAIT:
             run.state.waiting_files.setdefault(msg.id, run.now)
             logger.debug("reply {} of session {}: {}; waiting", msg.id, run.session_id, exc)

@@ -136,8 +136,8 @@ class StatusBook:
 
 class Control(Protocol):
     """The running engine as the API sees it: its settings and stores, whether it is
-    up, and the one action it offers (stop an agent). Nothing else of the engine's
-    state is reachable from a request handler."""
+    up, and the actions it offers (stop an agent, retry failed deliveries). Nothing
+    else of the engine's state is reachable from a request handler."""
 
     cfg: Config
     sessions: Sessions
@@ -155,4 +155,9 @@ class Control(Protocol):
     def stop_agent(self, session_id: str, reason: str) -> bool | None:
         """Stop a session's agent now: None for an unknown session, False if none runs
         or a start/stop is under way."""
+        ...
+
+    async def retry_deliveries(self, session_id: str | None) -> int:
+        """Re-queue the failed replies of one session (or all) with fresh attempts;
+        returns how many. Raises ``requeue.UnknownSession`` for an unknown id."""
         ...

@@ -563,16 +563,21 @@ class SessionWorker:
                 pid or default[1], thread or default[2]))
 
     def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
-        stamps = {m.id: m.timestamp for m in messages}
+        by_id = {m.id: m for m in messages}
         for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
             for mid in ids:
+                m = by_id.get(mid)
                 try:
-                    committed = schema.parse_ts(stamps.get(mid))  # the agent wrote it
+                    committed = schema.parse_ts(m.timestamp if m else None)  # the agent's
                 except (ValueError, TypeError):
                     committed = None
+                # in_reply_to and the content text: the API's waiters and SSE events (the
+                # hub bounds the content before it is stored)
                 self.notify(kind, {
                     "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
-                    "delay_seconds": (now - committed).total_seconds() if committed else None})
+                    "delay_seconds": (now - committed).total_seconds() if committed else None,
+                    "in_reply_to": m.in_reply_to if m else None,
+                    "content_text": m.content if m else None})
 
     def request_stop(self, t: Tracked, reason: str) -> bool:
         """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
@@ -628,6 +633,7 @@ class SessionWorker:
                 row = self.registry.session(t.session_id)
                 if row is not None:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
+            due_since = self._due_since(t, now)
             settings = self.settings(t.agent_group)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root, settings))
@@ -635,7 +641,8 @@ class SessionWorker:
                 self.registry.record_agent_settings(t.session_id, t.agent_group,
                                                     settings.digest, settings.image)
         except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
-            self.notify("agent_start", {"result": "error", "seconds": 0.0})
+            self.notify("agent_start", {"result": "error", "seconds": 0.0,
+                                        "agent_group": t.agent_group})
             delay = t.start.failed(now, self.cfg.runtime.start_retry_max)
             if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
                 # this session's own obstacle (e.g. a directory where .heartbeat
@@ -654,13 +661,24 @@ class SessionWorker:
         t.start.succeeded()
         t.said.clear("start")
         t.started_at = self.clock()
-        self.notify("agent_start", {"result": "ok",
-                                    "seconds": (t.started_at - now).total_seconds()})
+        self.notify("agent_start", {"result": "ok", "agent_group": t.agent_group,
+                                    "seconds": (t.started_at - now).total_seconds(),
+                                    "waited": (now - due_since).total_seconds()
+                                    if due_since else None})
         t.evidence.agent_started()
         t.read.sigs.pop("hb", None)
         reason = ("adopted the agent already running" if handle.adopted
                   else f"agent started, {t.evidence.due} message(s) due")
         self.statuses.set(t, Status.RUNNING, reason, t.started_at)
+
+    @staticmethod
+    def _due_since(t: Tracked, now: datetime) -> datetime | None:
+        """When the work this start is for became due (the admission wait's start, for
+        the metrics); None when there is none (an answer owed) or it cannot be read."""
+        try:
+            return inbound.oldest_due_at(t.paths.inbound_db, now)
+        except (sqlite3.Error, OSError, ValueError):
+            return None
 
     async def _pause(self, t: Tracked, reason: str) -> None:
         """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three

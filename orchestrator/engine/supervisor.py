@@ -37,7 +37,9 @@ from orchestrator.contract.layout import (
 from orchestrator.contract.schema import utcnow
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.admission_gate import AdmissionGate
+from orchestrator.engine.delivery import DeliveryState
 from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
+from orchestrator.engine.requeue import requeue_failed
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook, unchanged
 from orchestrator.engine.tracked import Flag, Tracked
@@ -115,6 +117,18 @@ class Supervisor:
     def stop_agent(self, session_id: str, reason: str) -> bool | None:
         t = self.tracked.get(session_id)
         return None if t is None else self.worker.request_stop(t, reason)
+
+    async def retry_deliveries(self, session_id: str | None) -> int:
+        """``requeue.requeue_failed`` (off the loop), then each session forgets its
+        delivery memory and gets a pass, which plans the re-queued replies afresh."""
+        done = await asyncio.to_thread(requeue_failed, self.cfg.data_dir, self.registry,
+                                       session_id)
+        for sid in done:
+            t = self.tracked.get(sid)
+            if t is not None:
+                t.delivery = DeliveryState()
+                self.dirty.mark(sid, Flag.OUTBOUND)
+        return sum(len(ids) for ids in done.values())
 
     # --- events in ----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import binascii
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,13 @@ def decode(items: object, max_bytes: int) -> list[Decoded]:
     return [Decoded(n, d.data, d.extra) for n, d in zip(names, decoded, strict=True)]
 
 
+# Attachments are the host's files for one agent to read: nothing for others. The
+# group bits matter only with a uid per session (``host/uids``: the inbox is the
+# host's, in the agent's gid); otherwise the agent runs as the host's own uid.
+ATTACHMENT_DIR_MODE = 0o750
+ATTACHMENT_MODE = 0o640
+
+
 def _open_dir(path: Path, dir_fd: int | None = None) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
@@ -132,15 +140,18 @@ def write_inbox(paths: SessionPaths, message_id: str, files: list[Decoded]) -> l
         try:
             name = None
             try:
-                os.mkdir(staging, 0o755, dir_fd=inbox_fd)
+                os.mkdir(staging, ATTACHMENT_DIR_MODE, dir_fd=inbox_fd)
                 stage_fd = _open_dir(Path(staging), dir_fd=inbox_fd)
-                try:
+                try:  # whatever the umask; the inbox's setgid bit (its agent's gid) is kept
+                    os.fchmod(stage_fd, ATTACHMENT_DIR_MODE
+                              | (os.fstat(inbox_fd).st_mode & stat.S_ISGID))
                     for f in files:
                         name = f.name
-                        fd = os.open(f.name,
-                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                     0o644, dir_fd=stage_fd)
+                        fd = os.open(f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW | os.O_CLOEXEC, ATTACHMENT_MODE,
+                                     dir_fd=stage_fd)
                         with os.fdopen(fd, "wb") as out:
+                            os.fchmod(out.fileno(), ATTACHMENT_MODE)
                             out.write(f.data)
                 finally:
                     os.close(stage_fd)

@@ -11,6 +11,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Callable
 
 
 class SecretFileError(ValueError):
@@ -22,14 +23,16 @@ def _reason(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def ensure_secret(path: Path) -> str:
-    """The secret in ``path``; a new random one (mode 0600) if the file is missing."""
+def ensure_secret(path: Path, new: Callable[[], str] = lambda: secrets.token_urlsafe(32)
+                  ) -> str:
+    """The secret in ``path``; a new random one (mode 0600, made by ``new``) if the file
+    is missing."""
     try:
         return read_secret(path)
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
+    value = new()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:  # created meanwhile (another process): use that one

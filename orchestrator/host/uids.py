@@ -9,6 +9,12 @@ deleted: sessions are not either). The gid is the same number.
 (0700) and what the agent writes (``outbound.db``, ``.heartbeat``, ``outbox/``)
 become the agent's; ``inbound.db`` and ``inbox/`` stay the host's, readable by
 the agent's gid only (0640, 02750: files made in the inbox take its group).
+
+A group folder (``[docker] group_folder``) is shared by the group's sessions, so
+it cannot be one session's: each agent group gets a gid of its own from the same
+range (``group_gid``; kept in the same table under ``group:<name>``, a key no
+session id can take), the folder is ``root:<that gid>`` 02770, and every agent of
+the group runs with it as a supplementary group.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from orchestrator.host.private import DIR_MODE, make_dirs, private_file
 DDL = """CREATE TABLE IF NOT EXISTS session_uids (
     session_id TEXT PRIMARY KEY, uid INTEGER NOT NULL UNIQUE, assigned_at TEXT NOT NULL)"""
 _said_shared = False
+
+
+GROUP_KEY = "group:"  # ':' is not allowed in a session id (layout.validate_id)
 
 
 class NoUidLeft(RuntimeError):
@@ -59,8 +68,16 @@ class SessionUids:
             uid = self._free(c)
             c.execute("INSERT INTO session_uids (session_id, uid, assigned_at) VALUES (?,?,?)",
                       (session_id, uid, format_ts(utcnow())))
-        logger.info("session {} runs as uid {}", session_id, uid)
+        if session_id.startswith(GROUP_KEY):
+            logger.info("agent group {} shares gid {}", session_id[len(GROUP_KEY):], uid)
+        else:
+            logger.info("session {} runs as uid {}", session_id, uid)
         return uid
+
+    def group_gid(self, agent_group: str) -> int:
+        """The gid the agents of one group share (for its group folder); never a
+        session's uid, kept across restarts."""
+        return self.uid_for(GROUP_KEY + layout.validate_id(agent_group, "agent group"))
 
     def _free(self, c: sqlite3.Connection) -> int:
         top = c.execute("SELECT MAX(uid) FROM session_uids WHERE uid BETWEEN ? AND ?",

@@ -11,7 +11,8 @@ row itself (not UTF-8, too big, an id that cannot name a folder) or of its
 files (a traversal name, a symlink, a FIFO, an unreadable ``outbox/<id>/``) is
 permanent and fails the reply at once with its reason; only a failure that
 may pass by itself (the channel is down, a file is not there yet) is retried
-with backoff, up to ``[delivery] max_attempts``.
+with jittered exponential backoff for ``[delivery] retry_horizon`` (at most
+``max_attempts`` times).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from orchestrator.config.model import DeliveryConfig
-from orchestrator.rules.lifecycle import delivery_backoff
+from orchestrator.contract.schema import parse_ts
 
 
 class Step(enum.Enum):
@@ -78,27 +79,61 @@ def files_recheck(waited: float) -> float:
     return min(1.0, max(0.05, waited / 4))
 
 
+def deliverable_since(timestamp: str | None, deliver_after: datetime | None
+                      ) -> datetime | None:
+    """When a reply became deliverable: written (its row's ``timestamp``) or, if later,
+    due (``deliver_after``); where ``[delivery] retry_horizon`` is counted from (a
+    stamp in the future is clamped to now by ``after_failure``)."""
+    try:
+        written = parse_ts(timestamp)
+    except ValueError:
+        written = None
+    if written is None or (deliver_after is not None and deliver_after > written):
+        return deliver_after
+    return written
+
+
+def retry_delay(attempts: int, base: float, cap: float, rand: float) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones: exponential with
+    full jitter (``rand`` in [0, 1) picks a point of ``[0, base * 2^(attempts-1)]``), so
+    many replies that failed together do not all come back at once; never under
+    ``base`` (no hammering), never over ``cap``."""
+    ceiling = min(cap, base * 2.0 ** min(max(0, attempts - 1), 64))
+    return min(cap, max(base, rand * ceiling))
+
+
 def after_failure(trouble: Trouble, reason: str, attempts: int,
                   files_waiting_since: datetime | None, now: datetime,
-                  cfg: DeliveryConfig, retry_after: float | None = None) -> Plan:
+                  cfg: DeliveryConfig, retry_after: float | None = None,
+                  since: datetime | None = None, rand: float = 1.0) -> Plan:
     """After a failed attempt (``attempts`` failed before this one).
 
     Files not there yet are not an attempt for ``files_wait`` seconds after the
     reply was first seen waiting (agents may commit the row first): the reply
     waits without backoff, looked at again after ``files_recheck`` (files written
     into ``outbox/<id>/`` raise no event: the host does not watch below ``outbox/``).
-    ``retry_after``: the receiver asked to wait at least this long (HTTP Retry-After).
+    ``retry_after``: the receiver asked to wait at least this long (HTTP Retry-After,
+    honoured up to ``retry_max_delay``). ``since``: when the reply became deliverable;
+    retries end ``retry_horizon`` after it (our own backoff is cut short to make one
+    last attempt at the horizon), or after ``max_attempts``. ``rand``: the jitter.
     """
     if trouble is Trouble.PERMANENT:
         return Plan(Step.FAIL, reason)
     if trouble is Trouble.FILES_NOT_READY:
-        since = files_waiting_since or now
-        give_up_at = since + timedelta(seconds=cfg.files_wait)
+        since_files = files_waiting_since or now
+        give_up_at = since_files + timedelta(seconds=cfg.files_wait)
         if give_up_at > now:
-            recheck = now + timedelta(seconds=files_recheck((now - since).total_seconds()))
+            recheck = now + timedelta(seconds=files_recheck((now - since_files)
+                                                            .total_seconds()))
             return Plan(Step.WAIT, reason, min(give_up_at, recheck))
     attempts += 1
     if attempts >= cfg.max_attempts:
         return Plan(Step.FAIL, f"giving up after {attempts} attempts: {reason}")
-    delay = max(delivery_backoff(attempts, cfg.retry_base), retry_after or 0.0)
-    return Plan(Step.RETRY, reason, now + timedelta(seconds=delay))
+    end = min(since or now, now) + timedelta(seconds=cfg.retry_horizon)
+    if now >= end:
+        return Plan(Step.FAIL, f"giving up after {attempts} attempts over "
+                    f"[delivery] retry_horizon ({cfg.retry_horizon:g}s): {reason}")
+    own = now + timedelta(seconds=retry_delay(attempts, cfg.retry_base,
+                                              cfg.retry_max_delay, rand))
+    asked = now + timedelta(seconds=min(retry_after or 0.0, cfg.retry_max_delay))
+    return Plan(Step.RETRY, reason, max(min(own, end), asked))

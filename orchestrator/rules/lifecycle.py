@@ -125,9 +125,10 @@ def in_flight(obs: Observation, now: datetime) -> bool:
         obs.answer_due is not None and obs.answer_due > now)
 
 
-def thawed(obs: Observation) -> tuple[datetime, tuple[Claim, ...]]:
-    """The heartbeat time the heartbeat rule counts from, and the claims as the claim
-    rule sees them, with the time the agent spent frozen taken out.
+def thawed(obs: Observation) -> tuple[datetime | None, tuple[Claim, ...]]:
+    """The heartbeat time the heartbeat rule counts from (None: no heartbeat file), and
+    the claims as the claim rule sees them, with the time the agent spent frozen taken
+    out.
 
     A paused agent cannot heartbeat; once thawed, its old heartbeat or a claim it
     wrote just before the freeze would look like a hang. Both count from the thaw
@@ -135,11 +136,11 @@ def thawed(obs: Observation) -> tuple[datetime, tuple[Claim, ...]]:
     claim rule still asks for a *real* heartbeat after the (moved) claim: the thaw
     itself is no sign of life.
     """
-    assert obs.heartbeat_at is not None
     r = obs.resumed_at
     if r is None:
         return obs.heartbeat_at, obs.claims
-    return max(obs.heartbeat_at, r), tuple(
+    beat = max(obs.heartbeat_at, r) if obs.heartbeat_at is not None else None
+    return beat, tuple(
         Claim(c.message_id, max(c.claimed_at, r)) if c.claimed_at else c for c in obs.claims)
 
 
@@ -149,45 +150,46 @@ def stuck_reason(obs: Observation, now: datetime, cfg: LifecycleConfig) -> str |
     - heartbeat older than max(ceiling, declared tool timeout) while it holds a claim
       or runs a tool (an agent with neither is idle, not stuck: the idle rule stops
       it politely);
-    - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat
-      since the claim. No heartbeat file at all means "still starting": not stuck.
-      The age counts from the end of the claim stamp's tick (``claim_tick_end``): the
-      claim may have come that late, and only a heartbeat after it counts, so counting
-      from the stamp itself would leave the agent no time at all to show one (a whole-
-      second stamp, or a millisecond one ending in .000, reached its limit in the very
-      instant its first countable heartbeat could come).
+    - a claim older than max(claim_stuck, declared tool timeout) with no heartbeat since
+      the claim — no heartbeat file at all included: an agent that claims work and never
+      heartbeats would otherwise hold its claim, and its slot, for ever. (Without a claim,
+      no heartbeat file means "still starting": the idle rule, not this one, ends an agent
+      that never shows life.) The age counts from the end of the claim stamp's tick
+      (``claim_tick_end``): the claim may have come that late, and only a heartbeat after
+      it counts, so counting from the stamp itself would leave the agent no time at all to
+      show one (a whole-second stamp, or a millisecond one ending in .000, reached its
+      limit in the very instant its first countable heartbeat could come).
     A paused agent is frozen by us, not hung; after a thaw see ``thawed``.
     """
-    if not obs.alive or obs.heartbeat_at is None or obs.paused:
+    if not obs.alive or obs.paused:
         return None
     beat, claims = thawed(obs)
-    hb_age = (now - beat).total_seconds()
     limit = heartbeat_limit(cfg, obs.tool_timeout)
-    if (claims or obs.tool_running) and hb_age > limit:
-        return f"heartbeat {hb_age:.0f}s old (limit {limit:g}s)"
+    if beat is not None and (claims or obs.tool_running) and (now - beat).total_seconds() > limit:
+        return f"heartbeat {(now - beat).total_seconds():.0f}s old (limit {limit:g}s)"
     climit = claim_limit(cfg, obs.tool_timeout)
     for claim in claims:
         if claim.claimed_at is None or heartbeat_since(obs, claim):
             continue
         age = (now - claim_tick_end(claim.claimed_at)).total_seconds()
         if age > climit:
-            return (f"claim on {claim.message_id} {age:.0f}s old with no heartbeat since"
+            since = "since" if obs.heartbeat_at is not None else "at all"
+            return (f"claim on {claim.message_id} {age:.0f}s old with no heartbeat {since}"
                     f" (limit {climit:g}s)")
     return None
 
 
 def _stuck_deadline(obs: Observation, cfg: LifecycleConfig) -> datetime | None:
     """When ``stuck_reason`` could next become true if nothing else happens."""
-    if not obs.alive or obs.heartbeat_at is None or obs.paused:
-        return None
-    if not obs.claims and not obs.tool_running:
+    if not obs.alive or obs.paused or (not obs.claims and not obs.tool_running):
         return None
     beat, claims = thawed(obs)
-    times = [beat + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
+    times = ([beat + timedelta(seconds=heartbeat_limit(cfg, obs.tool_timeout))]
+             if beat is not None else [])
     climit = timedelta(seconds=claim_limit(cfg, obs.tool_timeout))
     times += [claim_tick_end(c.claimed_at) + climit for c in claims
               if c.claimed_at is not None and not heartbeat_since(obs, c)]
-    return min(times)
+    return min(times) if times else None
 
 
 def earliest(*times: datetime | None) -> datetime | None:

@@ -129,6 +129,18 @@ def test_open_watch_refuses_what_is_not_a_folder(tmp_path: Path) -> None:
 # --- SessionFolder -----------------------------------------------------------------------
 
 
+def blocked_in_select(thread: threading.Thread) -> bool:
+    """The thread sleeps in select/poll, as the kernel reports it (its task's state and
+    wait channel): an observable "it is blocked", not a pause that hopes it is."""
+    task = Path(f"/proc/self/task/{thread.native_id}")
+    try:
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (task / "wchan").read_text()
+    except (OSError, IndexError):
+        return False
+    return state == "S" and ("poll" in wchan or "select" in wchan)
+
+
 def test_wait_for_work_is_woken_by_inotify_not_the_poll(tmp_path: Path) -> None:
     folder = make_folder(tmp_path)
     with SessionFolder(folder, wake="inotify", poll_interval=600, safety_poll=600) as session:
@@ -136,7 +148,8 @@ def test_wait_for_work_is_woken_by_inotify_not_the_poll(tmp_path: Path) -> None:
         got: list = []
         waiter = threading.Thread(target=lambda: got.append(session.wait_for_work(30)))
         waiter.start()
-        time.sleep(0.05)  # let it block (it would also see a row written before)
+        # it is blocked (a row written before would be found without any wake-up)
+        wait_for(lambda: blocked_in_select(waiter), message="the waiter blocked in select")
         t0 = time.monotonic()
         insert(folder, "m2")
         waiter.join(30)

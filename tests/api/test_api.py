@@ -209,7 +209,8 @@ async def test_stop_endpoint_stops_the_agent(tmp_path: Path, reap_agents) -> Non
         assert again.status_code == 409
         assert (await client.post("/v1/sessions/sess-nope/stop")).status_code == 404
         text = (await client.get("/metrics")).text
-        assert 'orchestrator_agent_stops_total{reason="requested"} 1.0' in text
+        assert ('orchestrator_agent_stops_total{agent_group="other",reason="requested"} 1.0'
+                in text)
 
 
 async def test_metrics_after_a_round_trip(tmp_path: Path, reap_agents) -> None:
@@ -220,16 +221,22 @@ async def test_metrics_after_a_round_trip(tmp_path: Path, reap_agents) -> None:
         await until(lambda: replies_to(cfg, created["message_id"]))
         await until(lambda: sup.tracked[created["session_id"]].status == "stopped")
         text = (await client.get("/metrics")).text
-        for line in ('orchestrator_replies_delivered_total{channel="jsonl"} 1.0',
-                     'orchestrator_replies_failed_total{channel="jsonl"} 0.0',
-                     'orchestrator_agent_starts_total{result="ok",runtime="local"} 1.0',
-                     'orchestrator_agent_stops_total{reason="idle"} 1.0',
+        other = 'agent_group="other"'  # "helpers" is not a configured group
+        for line in (f'orchestrator_replies_delivered_total{{{other},channel="jsonl"}} 1.0',
+                     f'orchestrator_replies_failed_total{{{other},channel="jsonl"}} 0.0',
+                     f'orchestrator_agent_starts_total{{{other},result="ok",runtime="local"}} 1.0',
+                     f'orchestrator_agent_stops_total{{{other},reason="idle"}} 1.0',
                      'orchestrator_sessions{status="stopped"} 1.0',
                      'orchestrator_sessions{status="running"} 0.0',
-                     'orchestrator_reply_delivery_delay_seconds_count{channel="jsonl"} 1.0',
-                     'orchestrator_agent_start_duration_seconds_count{runtime="local"} 1.0',
-                     "orchestrator_messages_failed_total 0.0",
+                     f'orchestrator_reply_delivery_delay_seconds_count{{{other},channel="jsonl"}}'
+                     ' 1.0',
+                     f'orchestrator_agent_start_duration_seconds_count{{{other},runtime="local"}}'
+                     ' 1.0',
+                     f'orchestrator_admission_wait_seconds_count{{{other}}} 1.0',
+                     f"orchestrator_messages_failed_total{{{other}}} 0.0",
                      "orchestrator_admission_queue_length 0.0",
+                     'orchestrator_http_request_duration_seconds_count{code="201",method="POST",'
+                     'route="/v1/messages"} 1.0',
                      'orchestrator_watch_rescans_total{cause="events_lost"}'):
             assert line in text, line
         assert "orchestrator_build_info{" in text

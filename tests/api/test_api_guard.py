@@ -1,6 +1,6 @@
 """The pure request rules of the open network, table-tested: Host and Origin
-(``auth.request_refusal``), JSON-only bodies (``app.body_refusal``), strict JSON
-(``app.loads``), ``process_after`` (``app.due_time``) and ``Last-Event-ID``."""
+(``auth.request_refusal``), JSON-only bodies (``checks.body_refusal``), strict JSON
+(``checks.loads``), ``process_after`` (``checks.due_time``) and ``Last-Event-ID``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.api.app import MAX_DEPTH, BadRequest, body_refusal, depth_of, due_time, loads
 from orchestrator.api.auth import (
     HostRule,
     Listen,
@@ -19,6 +18,7 @@ from orchestrator.api.auth import (
     origin_host,
     request_refusal,
 )
+from orchestrator.api.checks import MAX_DEPTH, BadRequest, body_refusal, depth_of, due_time, loads
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 LOOP = Listen(host="127.0.0.1", port=8750)
@@ -31,7 +31,7 @@ UNIX = Listen(path="/run/orch.sock")
     ("localhost", "localhost"), ("LOCALHOST:8750", "localhost"), ("127.0.0.1:1", "127.0.0.1"),
     ("[::1]:8750", "::1"), ("[::1]", "::1"), ("example.com.", "example.com"),
     ("a.localhost", "a.localhost"), ("", None), (":80", None), ("h:x", None), ("[::1", None),
-    ("[::1]x", None), ("::1", None), ("evil.com/x", None), ("a@b", None), ("[]:1", None),
+    ("[::1]x", None), ("[::1]x1", None), ("[::1]]", None), ("::1", None), ("evil.com/x", None), ("a@b", None), ("[]:1", None),
 ])
 def test_host_of(value, expected) -> None:
     assert host_of(value) == expected
@@ -63,6 +63,8 @@ def test_is_loopback_name(host, loopback) -> None:
      HostRule(frozenset({"orch.example.com", "10.0.0.5"}), False, True)),
     (LAN, ("*",), True, HostRule(frozenset({"10.0.0.5"}), True, True)),
     (UNIX, (), False, HostRule(frozenset(), True, False)),
+    (LAN, ("[fe80::1]",), True, HostRule(frozenset({"fe80::1", "10.0.0.5"}), False, True)),
+    (Listen(host="Orch.LAN", port=1), (), True, HostRule(frozenset({"orch.lan"}), False, True)),
 ])
 def test_host_rule(listen, allowed, token, rule) -> None:
     assert host_rule(listen, allowed, token) == rule
@@ -116,6 +118,26 @@ def test_request_refusal(rule, method, host, origin, unix, refused) -> None:
 def test_request_refusal_shortens_a_huge_header() -> None:
     problem = request_refusal(NO_TOKEN, "GET", "x" * 10_000 + ".com", None)
     assert problem is not None and len(problem) < 300
+
+
+NOT_SERVED = "is not served: add it to [api] allowed_hosts"
+LOOPBACK_ONLY = " (with no token, only loopback names such as localhost or 127.0.0.1 are)"
+CROSS_SITE = ("is not allowed: cross-site requests are refused (allowed: loopback names "
+              "and [api] allowed_hosts)")
+
+
+@pytest.mark.parametrize("rule, host, origin, expected", [
+    # the whole line, as the client reads it; a header is shown up to 100 characters
+    (NO_TOKEN, "evil.com", None, f"Host 'evil.com' {NOT_SERVED}{LOOPBACK_ONLY}"),
+    (TOKEN, "evil.com", None, f"Host 'evil.com' {NOT_SERVED}"),
+    (TOKEN, "h" * 100, None, f"Host '{'h' * 100}' {NOT_SERVED}"),
+    (TOKEN, "h" * 101, None, f"Host '{'h' * 100}…' {NOT_SERVED}"),
+    (TOKEN, "localhost", "http://evil.com", f"Origin 'http://evil.com' {CROSS_SITE}"),
+    (TOKEN, "localhost", "http://" + "o" * 93, f"Origin 'http://{'o' * 93}' {CROSS_SITE}"),
+    (TOKEN, "localhost", "http://" + "o" * 94, f"Origin 'http://{'o' * 93}…' {CROSS_SITE}"),
+])
+def test_request_refusal_says_what_and_how_to_fix(rule, host, origin, expected) -> None:
+    assert request_refusal(rule, "POST", host, origin) == expected
 
 
 @pytest.mark.parametrize("method, ctype, length, te, refused", [

@@ -69,3 +69,25 @@ async def test_session_routes_contain_every_hostile_session(tmp_path: Path,
             "POST /v1/messages to a good session", tmp_path)
         assert resp.status_code == 201, resp.text
         assert resp.json()["session_id"] == world.good[1].id
+
+
+async def test_the_messages_route_contains_every_hostile_session(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    """``GET /v1/sessions/{id}/messages`` over every hostile case: each answers in time
+    with the page (what could be read), a 404 (nothing there) or a one-line 409 naming
+    why — never a 500 or a hang — and the good sessions' pages are whole."""
+    cfg = make_config(tmp_path)
+    cases = table(tmp_path)
+    world = build_world(cfg.data_dir, cases)
+    async with api_supervised(cfg) as (_sup, client):
+        for case, row in world.bad.items():
+            resp = await within(client.get(f"/v1/sessions/{row.id}/messages"),
+                                f"GET /v1/sessions/{row.id}/messages ({case})", tmp_path)
+            assert resp.status_code in (200, 404, 409), (case, resp.text)
+            if resp.status_code != 200:
+                assert "\n" not in resp.json()["error"], (case, resp.text)
+        for g in world.good:
+            page = (await within(client.get(f"/v1/sessions/{g.id}/messages"),
+                                 "a good session's messages", tmp_path)).json()
+            assert [m["direction"] for m in page["messages"]] == ["in"], page
+            assert page["messages"][0]["problem"] is None

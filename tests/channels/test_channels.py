@@ -123,7 +123,7 @@ def test_every_channel_has_the_whole_protocol(tmp_path: Path, kind: str) -> None
     (the jsonl and log channels answer at once and hold nothing: no-ops)."""
     channel = make_channel(DeliveryConfig(channel=kind, path=tmp_path / "x.jsonl",
                                           url="http://127.0.0.1:9/hook",
-                                          secret_file=tmp_path / "secret"))
+                                          secret_files=(str(tmp_path / "secret"),)))
     woken: list[str] = []
     channel.bind(woken.append)
     run(channel.aclose())

@@ -1,20 +1,23 @@
 """The webhook channel: pure rules table-tested; then the real thing — the supervisor,
-the reference agent, and a real local HTTP receiver that verifies every signature."""
+the reference agent, and a real local HTTP receiver that verifies every request with
+the Standard Webhooks package from PyPI (``standardwebhooks``), never our own code."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from orchestrator.channels import DeliveryError, PermanentDeliveryError, Reply
+from orchestrator.channels.signing import new_secret, parse_secret, rfc3339, signed_headers
 from orchestrator.channels.webhook import (
     WebhookChannel,
     classify,
@@ -25,12 +28,10 @@ from orchestrator.channels.webhook import (
     plan_files,
     plan_reply,
     reply_body,
-    sign,
-    verify,
 )
 from orchestrator.config.model import DeliveryConfig
 from orchestrator.host.secretfile import read_secret
-from tests.support.api_helpers import Receiver, free_port
+from tests.support.api_helpers import Receiver, free_port, verified
 from tests.support.e2e import Client, make_config, supervised
 from tests.support.helpers import query, until
 
@@ -69,17 +70,71 @@ def test_outcome_of() -> None:
     assert "redirects are not followed" in str(outcome_of(302, None, NOW))
 
 
-def test_sign_and_verify() -> None:
-    secret, body, stamp = b"k3y", b'{"a":1}', str(int(time.time()))
-    sig = sign(secret, stamp, body)
-    assert sig.startswith("v1=") and len(sig) == 3 + 64
-    assert verify(secret, stamp, body, sig)
-    assert not verify(secret, stamp, body + b" ", sig)  # body changed
-    assert not verify(b"other", stamp, body, sig)  # wrong key
-    assert not verify(secret, str(int(stamp) + 1), body, sig)  # stamp changed
-    old = str(int(time.time()) - 3600)
-    assert not verify(secret, old, body, sign(secret, old, body))  # a replay, too old
-    assert not verify(secret, "x", body, sig)
+def _signed(keys: tuple[bytes, ...], body: bytes, stamp: int | None = None,
+            msg_id: str = "out-1") -> dict[str, str]:
+    return signed_headers(keys, msg_id, int(time.time()) if stamp is None else stamp, body)
+
+
+def test_the_standard_webhooks_package_accepts_ours_and_refuses_tampering() -> None:
+    secret = new_secret()
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
+    key = parse_secret(secret, "test")[0]
+    body = b'{"type":"reply","id":"out-1"}'
+    headers = _signed((key,), body)
+    assert headers["webhook-id"] == "out-1"
+    assert headers["webhook-signature"].startswith("v1,")
+    assert verified(secret, body, headers)
+    assert not verified(secret, body + b" ", headers)  # tampered body
+    assert not verified(secret, body.replace(b"out-1", b"out-2"), headers)
+    assert not verified(secret, body, {**headers, "webhook-id": "out-2"})  # id is signed
+    assert not verified(new_secret(), body, headers)  # wrong key
+    stale = _signed((key,), body, stamp=int(time.time()) - 3600)
+    assert not verified(secret, body, stale)  # a replay, too old
+    future = _signed((key,), body, stamp=int(time.time()) + 3600)
+    assert not verified(secret, body, future)
+
+
+def test_every_key_signs_so_either_verifies() -> None:
+    old, new = new_secret(), new_secret()
+    keys = (parse_secret(new, "n")[0], parse_secret(old, "o")[0])
+    body = b"{}"
+    headers = _signed(keys, body)
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    assert verified(new, body, headers) and verified(old, body, headers)
+    assert not verified(new_secret(), body, headers)
+
+
+@pytest.mark.parametrize("text, key, legacy", [
+    ("whsec_" + base64.b64encode(b"k" * 24).decode(), b"k" * 24, False),
+    ("plain-old-secret", b"plain-old-secret", True),  # the form from before: its bytes
+])
+def test_parse_secret(text: str, key: bytes, legacy: bool) -> None:
+    assert parse_secret(text, "f") == (key, legacy)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("whsec_!!!notbase64", "not valid base64"),
+    ("whsec_" + base64.b64encode(b"short").decode(), "at least 16"),
+])
+def test_parse_secret_refuses(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_secret(text, "f")
+
+
+def test_a_legacy_key_verifies_as_whsec_of_its_bytes() -> None:
+    key, _ = parse_secret("plain-old-secret", "f")
+    headers = _signed((key,), b"{}")
+    assert verified("whsec_" + base64.b64encode(b"plain-old-secret").decode(), b"{}", headers)
+
+
+@pytest.mark.parametrize("value, out", [
+    ("2030-01-01 12:00:00.000", "2030-01-01T12:00:00.000Z"),
+    ("2030-01-01 12:00:00", "2030-01-01T12:00:00.000Z"),
+    ("2030-01-01T13:00:00.25+01:00", "2030-01-01T12:00:00.250Z"),
+    ("not a time", "not a time"), (None, None),
+])
+def test_rfc3339(value, out) -> None:
+    assert rfc3339(value) == out
 
 
 def test_files_inline_up_to_the_limit_then_name_and_size_only(tmp_path: Path) -> None:
@@ -178,18 +233,27 @@ def test_reply_body_fields() -> None:
         "type": "reply", "id": "out-1", "session_id": "sess-1", "agent_group": "grp", "seq": 3,
         "kind": "chat", "in_reply_to": "msg-1",
         "routing": {"channel_type": "chat", "platform_id": "room", "thread_id": "t"},
-        "timestamp": "2030-01-01 12:00:00", "content": {"text": "hi"}, "files": [],
+        "timestamp": "2030-01-01T12:00:00.000Z", "content": {"text": "hi"}, "files": [],
         "files_unlisted": 0}
 
 
-def test_secret_file_is_created_0600_and_reused(tmp_path: Path) -> None:
+def test_secret_file_is_created_0600_in_the_whsec_form_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "secret"
     cfg = DeliveryConfig(channel="webhook", url="http://127.0.0.1:1/",
-                         secret_file=tmp_path / "s" / "secret")
+                         secret_files=(str(path),))
     WebhookChannel(cfg)
-    assert (cfg.secret_file.stat().st_mode & 0o777) == 0o600
-    first = read_secret(cfg.secret_file)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    first = read_secret(path)
+    assert first.startswith("whsec_") and len(base64.b64decode(first[6:])) == 32
     WebhookChannel(cfg)
-    assert read_secret(cfg.secret_file) == first and len(first) >= 32
+    assert read_secret(path) == first
+
+
+def test_a_second_key_file_must_exist(tmp_path: Path) -> None:
+    cfg = DeliveryConfig(channel="webhook", url="http://127.0.0.1:1/",
+                         secret_files=(str(tmp_path / "a"), str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="missing.*secret_files lists it"):
+        WebhookChannel(cfg)
 
 
 # --- end to end ---------------------------------------------------------------------------
@@ -200,13 +264,31 @@ def webhook_config(tmp_path: Path, url: str, **delivery):
                                            "retry_base": 0.1, "timeout": 2.0, **delivery})
 
 
+def write_secret(cfg, index: int = 0) -> str:
+    """A key in the ``index``-th configured file (0600), before the orchestrator starts,
+    so the receiver knows it from the first request."""
+    path = Path(cfg.delivery.secret_files[index])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = new_secret()
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
+async def receiving(cfg, behave=None, port: int = 0, index: int = 0) -> Receiver:
+    secret = write_secret(cfg, index)
+    receiver = Receiver(secret) if behave is None else Receiver(secret, behave)
+    return await receiver.start(port)
+
+
+def all_verified(receiver: Receiver) -> None:
+    assert receiver.requests and all(r.signature_ok for r in receiver.requests), \
+        [r.headers for r in receiver.requests if not r.signature_ok]
+
+
 def delivered(cfg, client: Client, row) -> dict[str, str]:
     return dict(query(client.paths(row).inbound_db,
                       "SELECT message_out_id, status FROM delivered"))
-
-
-def secret_of(cfg) -> bytes:
-    return read_secret(cfg.delivery.secret_file).encode()
 
 
 def scripted(*answers: tuple[int, float, dict]):
@@ -223,18 +305,18 @@ def scripted(*answers: tuple[int, float, dict]):
 
 
 async def test_500_then_200_is_delivered_once(tmp_path: Path, reap_agents) -> None:
-    receiver = await Receiver(b"", scripted((500, 0, {}), (200, 0, {}))).start()
+    receiver = await Receiver("", scripted((500, 0, {}), (200, 0, {}))).start()
     cfg = webhook_config(tmp_path, receiver.url)
+    receiver.secret = write_secret(cfg)
     client = Client(cfg)
     async with supervised(cfg):
-        receiver.secret = secret_of(cfg)
         row, mid = client.send("helpers", "hello", files={"n.txt": b"file bytes"})
         await until(lambda: delivered(cfg, client, row), message="delivered row")
         [(out_id, status)] = delivered(cfg, client, row).items()
         assert status == "delivered"
         posts = receiver.replies(out_id)
         assert len(posts) == 2 and all(p.signature_ok for p in posts)
-        assert {p.headers["idempotency-key"] for p in posts} == {out_id}
+        assert {p.headers["webhook-id"] for p in posts} == {out_id}
         body = posts[-1].json
         assert body["in_reply_to"] == mid and body["content"]["text"] == "echo: hello"
         assert body["files"] == [{"name": "n.txt", "size": 10, "data": "ZmlsZSBieXRlcw==",
@@ -243,17 +325,18 @@ async def test_500_then_200_is_delivered_once(tmp_path: Path, reap_agents) -> No
         assert body["routing"]["channel_type"] == "cli"
         assert receiver.failures() == []
     assert len(receiver.replies(out_id)) == 2  # nothing more after the 200
+    all_verified(receiver)
     await receiver.stop()
     client.close()
 
 
 async def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_path: Path,
                                                                    reap_agents) -> None:
-    receiver = await Receiver(b"", scripted((400, 0, {}))).start()
+    receiver = await Receiver("", scripted((400, 0, {}))).start()
     cfg = webhook_config(tmp_path, receiver.url, max_attempts=5)
+    receiver.secret = write_secret(cfg)
     client = Client(cfg)
     async with supervised(cfg):
-        receiver.secret = secret_of(cfg)
         row, _ = client.send("helpers", "hello")
         await until(lambda: delivered(cfg, client, row), message="settled")
         [(out_id, status)] = delivered(cfg, client, row).items()
@@ -266,18 +349,19 @@ async def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_p
         assert failure.json["kind"] == "reply" and failure.json["id"] == out_id
         assert "400" in failure.json["reason"]
         assert failure.json["platform_id"] == "local"  # routed like the reply
-        assert failure.headers["idempotency-key"] == f"failure-reply-{out_id}"
+        assert failure.headers["webhook-id"] == f"failure-reply-{out_id}"
+    all_verified(receiver)
     await receiver.stop()
     client.close()
 
 
 async def test_a_receiver_that_hangs_past_the_timeout_is_retried(tmp_path: Path,
                                                            reap_agents) -> None:
-    receiver = await Receiver(b"", scripted((200, 5.0, {}), (200, 0, {}))).start()
+    receiver = await Receiver("", scripted((200, 5.0, {}), (200, 0, {}))).start()
     cfg = webhook_config(tmp_path, receiver.url, timeout=0.5)
+    receiver.secret = write_secret(cfg)
     client = Client(cfg)
     async with supervised(cfg):
-        receiver.secret = secret_of(cfg)
         row, _ = client.send("helpers", "hello")
         started = time.monotonic()
         await until(lambda: delivered(cfg, client, row), message="delivered")
@@ -286,6 +370,7 @@ async def test_a_receiver_that_hangs_past_the_timeout_is_retried(tmp_path: Path,
         assert status == "delivered" and len(receiver.replies(out_id)) == 2
         err = query(client.registry.path, "SELECT COUNT(*) FROM delivery_attempts")[0][0]
         assert err == 0  # cleared once delivered
+    all_verified(receiver)
     await receiver.stop()
     client.close()
 
@@ -294,6 +379,7 @@ async def test_a_receiver_that_is_down_then_back_gets_the_reply(tmp_path: Path, 
     port = free_port()
     cfg = webhook_config(tmp_path, f"http://127.0.0.1:{port}/hook", max_attempts=20,
                          retry_base=0.05)
+    secret = write_secret(cfg)
     client = Client(cfg)
     async with supervised(cfg):
         row, _ = client.send("helpers", "hello")
@@ -301,26 +387,45 @@ async def test_a_receiver_that_is_down_then_back_gets_the_reply(tmp_path: Path, 
                                    "delivery_attempts")[0][0] or 0) >= 2,
                     message="failed attempts while down")
         assert delivered(cfg, client, row) == {}
-        receiver = await Receiver(secret_of(cfg)).start(port)
+        receiver = await Receiver(secret).start(port)
         await until(lambda: delivered(cfg, client, row), timeout=30, message="delivered")
         [(out_id, status)] = delivered(cfg, client, row).items()
         assert status == "delivered"
         assert len(receiver.replies(out_id)) == 1 and receiver.replies()[0].signature_ok
+    all_verified(receiver)
     await receiver.stop()
     client.close()
 
 
-async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents) -> None:
-    receiver = await Receiver(b"", scripted((429, 0, {"Retry-After": "1"}),
-                                            (200, 0, {}))).start()
+def _in_two_seconds() -> str:
+    return email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2),
+                                       usegmt=True)
+
+
+@pytest.mark.parametrize("retry_after, least", [
+    (lambda: "1", 1.0),  # delta-seconds
+    (_in_two_seconds, 1.0),  # an HTTP date (whole seconds: at least 1 s of the 2)
+], ids=["seconds", "http-date"])
+async def test_429_retry_after_is_honoured(tmp_path: Path, reap_agents, retry_after,
+                                           least: float) -> None:
+    answers = iter([(429, 0.0, "ask"), (200, 0.0, None)])
+
+    def behave(body: dict):
+        if body["type"] != "reply":
+            return 200, 0.0, {}
+        status, delay, ask = next(answers, (200, 0.0, None))
+        return status, delay, ({"Retry-After": retry_after()} if ask else {})
+
+    receiver = await Receiver("", behave).start()
     cfg = webhook_config(tmp_path, receiver.url)
+    receiver.secret = write_secret(cfg)
     client = Client(cfg)
     async with supervised(cfg):
-        receiver.secret = secret_of(cfg)
         row, _ = client.send("helpers", "hello")
         await until(lambda: delivered(cfg, client, row), message="delivered")
     arrivals = [r.at for r in receiver.replies()]
-    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.0
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= least
+    all_verified(receiver)
     await receiver.stop()
     client.close()
 
@@ -330,11 +435,11 @@ async def test_a_slow_receiver_delays_only_its_own_session(tmp_path: Path, reap_
         slow = body.get("routing", {}).get("platform_id") == "slow"
         return 200, 3.0 if slow else 0.0, {}
 
-    receiver = await Receiver(b"", behave).start()
+    receiver = await Receiver("", behave).start()
     cfg = webhook_config(tmp_path, receiver.url, timeout=10)
+    receiver.secret = write_secret(cfg)
     client = Client(cfg)
     async with supervised(cfg):
-        receiver.secret = secret_of(cfg)
         slow_row, _ = client.send("helpers", "slow", platform="slow")
         await until(lambda: receiver.replies(), message="the slow POST under way")
         started = time.monotonic()
@@ -343,5 +448,29 @@ async def test_a_slow_receiver_delays_only_its_own_session(tmp_path: Path, reap_
         assert time.monotonic() - started < 2.5  # not behind the 3 s answer
         assert delivered(cfg, client, slow_row) == {}  # still waiting for its receiver
         await until(lambda: delivered(cfg, client, slow_row), message="slow delivered")
+    all_verified(receiver)
+    await receiver.stop()
+    client.close()
+
+
+async def test_rotation_two_keys_sign_and_a_receiver_knowing_either_accepts(
+        tmp_path: Path, reap_agents) -> None:
+    """``secret_files = [new, old]``: every request carries both signatures, so the
+    receiver moved to the new key accepts, and one still on the old key does too."""
+    receiver = await Receiver("").start()
+    cfg = webhook_config(tmp_path, receiver.url,
+                         secret_files=["webhook-secret-2", "webhook-secret"])
+    new, old = write_secret(cfg, 0), write_secret(cfg, 1)
+    receiver.secret = new  # the receiver knows only the new key
+    client = Client(cfg)
+    async with supervised(cfg):
+        row, _ = client.send("helpers", "hello")
+        await until(lambda: delivered(cfg, client, row), message="delivered")
+    [post] = receiver.replies()
+    assert post.signature_ok
+    assert len(post.headers["webhook-signature"].split(" ")) == 2
+    assert verified(old, post.body, post.headers)  # a receiver still on the old key
+    assert not verified(new_secret(), post.body, post.headers)
+    all_verified(receiver)
     await receiver.stop()
     client.close()

@@ -14,11 +14,12 @@ import os
 from pathlib import Path
 
 from orchestrator.channels import InFlight, Reply
+from orchestrator.channels.signing import new_secret, parse_secret
 from orchestrator.channels.webhook import WebhookChannel
 from orchestrator.config.model import DeliveryConfig
 from tests.support.bounds import LeanReceiver, LoopWatch, MiB
 
-SECRET = "s3cret"
+SECRET = new_secret()
 
 
 def sparse_files(folder: Path, count: int, size: int, prefix: str = "f") -> tuple[str, ...]:
@@ -54,9 +55,9 @@ async def deliver_all(channel: WebhookChannel, replies: list[Reply]) -> None:
 
 
 async def _run(tmp_path: Path, replies: list[Reply], **cfg) -> tuple[LeanReceiver, LoopWatch]:
-    receiver = await LeanReceiver(SECRET.encode()).start()
+    receiver = await LeanReceiver(SECRET).start()
     config = DeliveryConfig(channel="webhook", url=receiver.url, timeout=60, **cfg)
-    channel = WebhookChannel(config, secret=SECRET)
+    channel = WebhookChannel(config, keys=(parse_secret(SECRET, "test")[0],))
     try:
         async with LoopWatch() as watch:
             await deliver_all(channel, replies)

@@ -195,7 +195,7 @@ def test_send_uses_default_mode_from_config(tmp_path, capsys, conf):
 
 
 def test_send_json_content(tmp_path, capsys, conf):
-    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--json",
+    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--content-json",
                        '{"text": "hi", "priority": 2}')
     assert code == 0, err
     (row,) = sessions_of(tmp_path)
@@ -203,7 +203,7 @@ def test_send_json_content(tmp_path, capsys, conf):
 
 
 def test_send_json_with_nan_is_one_line_and_writes_nothing(tmp_path, capsys, conf):
-    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--json",
+    code, _, err = run(capsys, "send", "--config", conf(), "--group", "g", "--content-json",
                        '{"text": "hi", "score": NaN}')
     assert code == 2 and err.count("\n") == 1 and "NaN or Infinity" in err, err
     assert sessions_of(tmp_path) == []
@@ -235,9 +235,9 @@ def test_answer_writes_nanoclaws_question_response(tmp_path, capsys, conf):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--group", "../up", "x"], "invalid agent group"),
-    (["--group", "g", "--json", "{broken"], "--json: TEXT is not valid JSON"),
-    (["--group", "g", "--json", "[1, 2]"], "--json: TEXT must be a JSON object"),
-    (["--group", "g", "--json", '{"attachments": [{"name": "a", "data": "!!"}]}'],
+    (["--group", "g", "--content-json", "{broken"], "--content-json: TEXT is not valid JSON"),
+    (["--group", "g", "--content-json", "[1, 2]"], "--content-json: TEXT must be a JSON object"),
+    (["--group", "g", "--content-json", '{"attachments": [{"name": "a", "data": "!!"}]}'],
      "not valid base64"),
     (["--group", "g", "--attach", "/no/such/file.txt", "x"], "cannot read file"),
 ])
@@ -340,7 +340,7 @@ def test_send_help_explains_every_argument(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "TEXT the message text (UTF-8); - reads it from standard input" in out
     assert "--attach FILE attach a file" in out
-    assert "--json TEXT is the whole message content as a JSON object" in out
+    assert "--content-json TEXT is the whole message content as a JSON object" in out
     assert "'shared' = one per chat" in out and "'per-thread' = one per chat thread" in out
     assert "'agent-shared' = one per agent group" in out
 

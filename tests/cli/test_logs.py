@@ -29,11 +29,12 @@ def test_json_lines_are_flat(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
     first, second, third = (json.loads(line) for line in lines)
-    assert set(first) == {"time", "level", "message"}
+    assert set(first) == {"time", "level", "event", "message"}
     assert (first["level"], first["message"]) == ("INFO", "plain line")
     assert first["time"].endswith("+00:00") and "T" in first["time"]
     assert second == {"time": second["time"], "level": "WARNING", "message": "about a session",
-                      "session": "sess-1", "group": "grp"}
+                      "session": "sess-1", "group": "grp",
+                      "event": "test_logs_test_json_lines_are_flat"}
     assert third["exception"] == "ValueError: boom" and third["level"] == "ERROR"
     assert all(isinstance(v, str) for v in first.values())  # flat: no nested objects
     assert len(lines[0]) < 200  # loguru's own serialize: ~900 bytes a line

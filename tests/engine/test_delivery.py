@@ -57,7 +57,8 @@ class World:
         self.channel = channel
         self.state = DeliveryState()
         self.seq = 1
-        self.deliverer = Deliverer(self.data_dir, self.registry, channel, self.cfg)
+        self.deliverer = Deliverer(self.data_dir, self.registry, channel, self.cfg,
+                                   rand=lambda: 1.0)  # the top of the jitter: exact times
 
     def reply(self, out_id: str, text: str = "hi", *, files: dict[str, bytes] | None = None,
               deliver_after: datetime | None = None) -> str:
@@ -84,7 +85,8 @@ class World:
         self.registry = Registry(registry_path(self.data_dir))
         self.channel = channel
         self.state = DeliveryState()
-        self.deliverer = Deliverer(self.data_dir, self.registry, channel, self.cfg)
+        self.deliverer = Deliverer(self.data_dir, self.registry, channel, self.cfg,
+                                   rand=lambda: 1.0)  # the top of the jitter: exact times
 
     def folder(self) -> SessionDir:
         return SessionDir(self.data_dir, "grp", self.row.id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from orchestrator.host.attachments import AttachmentError, Decoded, safe_name, u
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import MessageError, Sessions
 from tests.support.helpers import query
+from tests.support.mounts import tmpfs
 
 
 def b64(data: bytes) -> str:
@@ -248,18 +251,43 @@ def test_failure_midway_leaves_no_staging(place, monkeypatch):
     assert os.listdir(paths.inbox) == []
 
 
-def test_disk_full_is_a_one_line_error_and_leaves_nothing(fs):
-    """pyfakefs: a real full disk is hard to make; a fake one is exact."""
-    fs.set_disk_usage(10_000)
-    root = Path("/data/sessions/g/s")
-    (root / "inbox").mkdir(parents=True)
-    paths = SessionPaths(root)
-    with pytest.raises(AttachmentError) as info:
-        attachments.write_inbox(paths, "m1", [Decoded("small.txt", b"x" * 10, {}),
-                                              Decoded("huge.bin", b"x" * 50_000, {})])
-    message = str(info.value)
-    assert "\n" not in message and "'huge.bin'" in message and "No space left" in message
-    assert os.listdir(paths.inbox) == []
+def test_disk_full_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    """A real small tmpfs (root; fails under CI without it): the kernel's own ENOSPC, a
+    short write part-way through the second file, not a fake."""
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        root = disk / "sessions" / "g" / "s"
+        (root / "inbox").mkdir(parents=True)
+        paths = SessionPaths(root)
+        free = shutil.disk_usage(disk).free
+        with pytest.raises(AttachmentError) as info:
+            attachments.write_inbox(paths, "m1", [Decoded("small.txt", b"x" * 10, {}),
+                                                  Decoded("huge.bin", b"x" * (1 << 20), {})])
+        message = str(info.value)
+        assert "\n" not in message and "'huge.bin'" in message and "No space left" in message
+        assert os.listdir(paths.inbox) == []
+        assert shutil.disk_usage(disk).free == free  # every byte written was given back
+
+
+def test_a_message_with_an_attachment_on_a_full_disk_leaves_no_row_and_no_files(tmp_path):
+    """The whole path (Sessions.write_message) on a real small tmpfs data dir: the
+    attachment does not fit, the message is refused in one line, nothing is left."""
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        reg = Registry(disk / "data" / "orchestrator.db")
+        try:
+            s = Sessions(disk / "data", reg, max_attachment_bytes=8 << 20)
+            row = s.resolve("g", None, None, "agent-shared")
+            with pytest.raises(MessageError) as info:
+                s.write_message(row, {"text": "see file", "attachments": [
+                    {"name": "big.bin", "data": b64(b"x" * (4 << 20))}]})
+            assert "No space left" in str(info.value) and "'big.bin'" in str(info.value)
+            assert "\n" not in str(info.value)
+            _assert_nothing_written(s, row)
+            # the disk is not left full: a small message with an attachment goes through
+            mid, _ = s.write_message(row, {"text": "small", "attachments": [
+                {"name": "a.txt", "data": b64(b"fits")}]})
+            assert query(s.paths(row).inbound_db, "SELECT id FROM messages_in") == [(mid,)]
+        finally:
+            reg.close()
 
 
 def test_remove_inbox_does_not_follow_a_symlink(place):
@@ -405,3 +433,16 @@ def test_a_sender_cannot_choose_localpath(sess):
     (content,) = query(s.paths(row).inbound_db, "SELECT content FROM messages_in")[0]
     (entry,) = json.loads(content)["attachments"]
     assert (entry["path"], entry["localPath"]) == ("inbox/m2/x.txt", "inbox/m2/x.txt")
+
+
+@pytest.mark.parametrize("setgid", [False, True])
+def test_attachments_are_for_their_agent_only_whatever_the_umask(place, umask_022, setgid):
+    """0640 files in a 0750 folder (no access for others), and an inbox's setgid bit
+    (the agent's gid, with a uid per session) carries over to the message folder."""
+    paths, _ = place
+    if setgid:
+        os.chmod(paths.inbox, 0o2750)
+    attachments.write_inbox(paths, "m1", [Decoded("a.txt", b"hi", {})])
+    folder = paths.inbox / "m1"
+    assert stat.S_IMODE(folder.stat().st_mode) == (0o2750 if setgid else 0o750)
+    assert stat.S_IMODE((folder / "a.txt").stat().st_mode) == 0o640

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from orchestrator.host.destinations import MAX_NAME, Chat, chat_name, project
+from orchestrator.host.destinations import (
+    MAX_NAME,
+    Chat,
+    DestinationError,
+    chat_name,
+    display_name,
+    parse,
+    project,
+)
+from orchestrator.host.inbound import Destination
 
 
 @pytest.mark.parametrize(("chat", "name"), [
@@ -72,3 +83,119 @@ def test_the_sessions_own_chat_comes_first() -> None:
     # its chat set by hand: that destination first
     assert [d.name for d in project(chats, MANUAL, Chat("slack", "C1"))][0] == "team"
     assert [d.name for d in project([], [], None)] == []
+
+
+# --- exact names (the rule is a contract: NanoClaw's rows and the CLI show them) ------------
+
+
+def hashed(*parts: str) -> str:
+    return "~" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+@pytest.mark.parametrize(("chat", "name"), [
+    (Chat("chat", "room 9"), "chat:room_9" + hashed("chat", "room 9", "")),
+    (Chat("x", ""), "x:_" + hashed("x", "", "")),
+    (Chat("s", "C", "a b"), "s:C:a_b" + hashed("s", "C", "a b")),
+    (Chat("x", "y" * 62), "x:" + "y" * 62),  # boundary: exactly 64 characters are kept
+    (Chat("x", "y" * 63), ("x:" + "y" * 63)[:55] + hashed("x", "y" * 63, "")),
+])
+def test_exact_names(chat: Chat, name: str) -> None:
+    assert chat_name(chat) == name and len(name) <= MAX_NAME
+
+
+def test_display_names() -> None:
+    assert display_name(Chat("s", "C")) == "s chat C"
+    assert display_name(Chat("s", "C", "t")) == "s chat C, thread t"
+    assert display_name(Chat("s", "C", "")) == "s chat C, thread "
+
+
+def full(dests) -> list[tuple]:
+    return [(d.name, d.type, d.display_name, d.channel_type, d.platform_id, d.agent_group_id)
+            for d in dests]
+
+
+def test_project_keeps_every_field_and_the_first_row_of_a_name() -> None:
+    manual = [{"name": "one", "type": "channel", "display_name": "First", "channel_type": "m",
+               "platform_id": "1"},
+              {"name": "one", "type": "channel", "display_name": "Again", "channel_type": "m",
+               "platform_id": "9"},
+              {"name": "two", "type": "agent", "agent_group_id": "g3"}]
+    out = full(project([Chat("b", "2", "A"), Chat("b", "2")], manual))
+    assert out == [("one", "channel", "First", "m", "1", None),
+                   ("two", "agent", None, None, None, "g3"),
+                   ("b:2", "channel", "b chat 2", "b", "2", None),  # no thread sorts first
+                   ("b:2:A", "channel", "b chat 2, thread A", "b", "2", None)]
+
+
+def test_a_long_automatic_name_taken_by_hand_is_hashed_to_64_characters() -> None:
+    chat = Chat("x", "y" * 62)
+    manual = [{"name": chat_name(chat), "type": "agent", "agent_group_id": "g"}]
+    [_, auto] = project([chat], manual)
+    assert auto.name == chat_name(chat)[:55] + hashed("x", "y" * 62, "")
+    assert len(auto.name) == MAX_NAME
+
+
+def test_own_chat_set_by_hand_moves_only_its_first_hand_set_row() -> None:
+    manual = [{"name": "helper", "type": "agent", "agent_group_id": "g2"}, *MANUAL[:1],
+              {"name": "team2", "type": "channel", "channel_type": "slack", "platform_id": "C1"},
+              *MANUAL[2:]]
+    names = [d.name for d in project([], manual, Chat("slack", "C1"))]
+    assert names == ["team", "helper", "team2", "cli:local"]
+    names = [d.name for d in project([], MANUAL, Chat("cli", "other"))]
+    assert names == ["cli:local", "team", "helper"]
+
+
+# --- hand-set destinations: parse ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected"), [
+    ("team", {"channel": "slack", "platform": "C1"},
+     Destination("team", "channel", None, "slack", "C1")),
+    ("a" * 64, {"channel": "s", "platform": "p", "display_name": "x" * 256},
+     Destination("a" * 64, "channel", "x" * 256, "s", "p")),
+    ("h.1_-", {"agent": "g2", "display_name": "The helper"},
+     Destination("h.1_-", "agent", "The helper", agent_group_id="g2")),
+    ("t", {"channel": "s", "platform": "a b"}, Destination("t", "channel", None, "s", "a b")),
+])
+def test_parse(name: str, kwargs: dict, expected: Destination) -> None:
+    assert parse(name, **kwargs) == expected
+
+
+BAD_NAME = ("destination name {!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, starting with "
+            "a letter or digit")
+BOTH = "destination d: give either --agent GROUP or --channel and --platform, not both"
+NEITHER = ("destination d: give --channel and --platform (a chat) or --agent GROUP (another "
+           "agent group)")
+
+
+def printable(what: str, value: str) -> str:
+    return f"{what} must be 1-256 printable characters, got {value!r}"
+
+
+@pytest.mark.parametrize(("name", "kwargs", "message"), [
+    ("-x", {"channel": "s", "platform": "p"}, BAD_NAME.format("-x")),
+    ("a" * 65, {"channel": "s", "platform": "p"}, BAD_NAME.format("a" * 65)),
+    ("", {"channel": "s", "platform": "p"}, BAD_NAME.format("")),
+    (5, {"channel": "s", "platform": "p"}, BAD_NAME.format(5)),
+    ("d", {"channel": "s", "platform": "p", "display_name": ""}, printable("--display-name", "")),
+    ("d", {"agent": "g", "display_name": " "}, printable("--display-name", " ")),
+    ("d", {"agent": "g", "display_name": "x" * 257}, printable("--display-name", "x" * 257)),
+    ("d", {"agent": "g", "display_name": "a\x1f"}, printable("--display-name", "a\x1f")),
+    ("d", {"agent": "g", "channel": "s"}, BOTH),
+    ("d", {"agent": "g", "platform": "p"}, BOTH),
+    ("d", {}, NEITHER),
+    ("d", {"channel": "s"}, NEITHER),
+    ("d", {"platform": "p"}, NEITHER),
+    ("d", {"channel": "", "platform": "p"}, printable("--channel", "")),
+    ("d", {"channel": "s", "platform": "a\nb"}, printable("--platform", "a\nb")),
+])
+def test_parse_refuses_in_one_line(name, kwargs: dict, message: str) -> None:
+    with pytest.raises(DestinationError) as info:
+        parse(name, **kwargs)
+    assert str(info.value) == message
+
+
+def test_parse_refuses_a_bad_agent_group() -> None:
+    with pytest.raises(DestinationError, match=r"^--agent: .*agent group") as info:
+        parse("d", agent="../x")
+    assert "\n" not in str(info.value)

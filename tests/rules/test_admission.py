@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from orchestrator.rules import admission
 from orchestrator.rules.admission import (
     Agent,
     Plan,
     Waiting,
     auto_max_agents,
     gives_way_at,
+    host_memory,
     parse_size,
     plan,
     queue_order,
@@ -72,6 +75,21 @@ CASES = [
      {"busy": 0}, ("q",), ()),
     ("group counts starts in flight", [], {"s": "busy"}, [wait("q", 1, "busy")], 5,
      {"busy": 1}, (), ()),
+    ("group cap counts each live agent of the group once",
+     [idle("a", 0, "busy"), idle("b", 0, "busy")], {},
+     [wait("q1", 9, "busy"), wait("q2", 1, "busy")], 0, {"busy": 3}, ("q1",), ()),
+    ("group cap counts each start in flight of the group once", [],
+     {"s1": "busy", "s2": "busy"}, [wait("q1", 9, "busy"), wait("q2", 1, "busy")], 0,
+     {"busy": 3}, ("q1",), ()),
+    ("group cap of an empty group: starts up to exactly the cap", [], {},
+     [wait("q1", 9, "busy"), wait("q2", 5, "busy"), wait("q3", 1, "busy")], 0, {"busy": 2},
+     ("q1", "q2"), ()),
+    ("group cap 1 of an empty group: one starts", [], {},
+     [wait("q1", 9, "busy"), wait("q2", 1, "busy")], 0, {"busy": 1}, ("q1",), ()),
+    ("a queued session that already runs is passed over, not the end of the queue",
+     [idle("a", 0)], {}, [wait("a", 9), wait("q", 1)], 0, {}, ("q",), ()),
+    ("host cap reached exactly: nothing starts", [idle("a", 0)], {"s": "g"},
+     [wait("q", 1)], 2, {}, (), ()),
 ]
 
 
@@ -86,6 +104,14 @@ def test_recheck_when_the_next_agent_becomes_idle_enough() -> None:
     agents = [idle("a", 0.5), idle("b", 1.5), idle("c", 1, claims=1)]
     result = plan(agents, {}, [wait("q", 1)], 3, NOW, 2.0)
     assert result == Plan((), (), ago(1.5) + timedelta(seconds=2))
+
+
+def test_no_recheck_for_an_agent_that_gives_way_exactly_now() -> None:
+    # boundary: its give-way time equals now; it is not stopped (wrong group), and a
+    # recheck "now" would only spin the loop
+    agents = [idle("x", 99, "busy", claims=1), idle("a", 2.0, "calm")]
+    result = plan(agents, {}, [wait("q", 1, "busy")], 0, NOW, 2.0, {"busy": 1})
+    assert result == Plan((), (), None)
 
 
 def test_no_recheck_without_waiting_work() -> None:
@@ -112,7 +138,7 @@ def test_queue_order_is_oldest_due_first() -> None:
 @pytest.mark.parametrize("text,expected", [
     ("512m", 512 << 20), ("2g", 2 << 30), ("2G", 2 << 30), ("1048576", 1 << 20),
     ("64k", 64 << 10), ("1.5g", int(1.5 * (1 << 30))), ("512mb", 512 << 20),
-    ("", None), ("lots", None), ("0", None), ("-1m", None),
+    ("", None), ("lots", None), ("0", None), ("-1m", None), ("1t", 1 << 40), ("1", 1),
 ])
 def test_parse_size(text, expected) -> None:
     assert parse_size(text) == expected
@@ -126,16 +152,66 @@ GIB = 1 << 30
     (4 * GIB, 16, 512 << 20, 6),  # memory-bound: 3 GiB / 512 MiB
     (1 * GIB, 8, 2 * GIB, 1),  # never below one
     (64 * GIB, 8, None, 32),  # no usable limit: 512 MiB assumed
+    (10 * GIB, 16, 512 << 20, 15),  # 3/4 of RAM exactly: 7.5 GiB / 512 MiB (4/5 would be 16)
+    (64 * GIB, 1, 512 << 20, 4),  # one CPU: 4 x 1
+    (64 * GIB, 0, 512 << 20, 4),  # no CPU count: taken as one
 ])
 def test_auto_max_agents(memory, cpus, per_agent, expected) -> None:
-    assert auto_max_agents(memory, cpus, per_agent) == expected
+    cap = auto_max_agents(memory, cpus, per_agent)
+    assert cap == expected and type(cap) is int
 
 
-@pytest.mark.parametrize("setting,cap", [(0, 0), (3, 3)])
-def test_explicit_max_agents_is_taken_as_is(setting, cap) -> None:
-    assert resolve_max_agents(setting, "512m")[0] == cap
+def test_auto_memory_share_is_three_quarters() -> None:
+    assert admission.AUTO_MEMORY_SHARE == 0.75  # README and the "why" line say "3/4 of RAM"
+
+
+@pytest.mark.parametrize("setting,cap,why", [
+    (0, 0, "no cap ([runtime] max_agents = 0)"), (3, 3, "[runtime] max_agents = 3"),
+    (1, 1, "[runtime] max_agents = 1"), ("2", 2, "[runtime] max_agents = 2"),
+])
+def test_explicit_max_agents_is_taken_as_is(setting, cap, why) -> None:
+    assert resolve_max_agents(setting, "512m") == (cap, why)
+
+
+def meminfo_total() -> int:
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        [line] = [ln for ln in fh if ln.startswith("MemTotal:")]
+    number, unit = line.split()[1:3]
+    assert unit == "kB"
+    return int(number) * 1024
+
+
+def test_host_memory_is_memtotal_in_bytes() -> None:
+    assert host_memory() == meminfo_total() > 0
+
+
+def test_host_memory_unreadable_is_zero(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise PermissionError("no /proc here")
+
+    monkeypatch.setattr(admission, "open", refuse, raising=False)
+    assert host_memory() == 0
+
+
+@pytest.mark.parametrize("memory,cpus,agent_memory,cap,why", [
+    (10 * GIB, 16, "1g", 7, "auto: min(4 x 16 CPUs, 3/4 of 10240 MiB RAM / 1g per agent)"),
+    (10 * GIB, 16, "lots", 15,
+     "auto: min(4 x 16 CPUs, 3/4 of 10240 MiB RAM / 512m per agent)"),
+    (64 * GIB, 3, "512m", 12, "auto: min(4 x 3 CPUs, 3/4 of 65536 MiB RAM / 512m per agent)"),
+    (64 * GIB, None, "512m", 4,
+     "auto: min(4 x 1 CPUs, 3/4 of 65536 MiB RAM / 512m per agent)"),
+    # host memory unknown (host_memory() returned 0): CPUs alone, and said so
+    (0, 3, "512m", 12, "auto: 4 x 3 CPUs (host memory unknown)"),
+    (0, None, "512m", 4, "auto: 4 x 1 CPUs (host memory unknown)"),
+])
+def test_auto_max_agents_from_the_host(monkeypatch, memory, cpus, agent_memory, cap,
+                                       why) -> None:
+    monkeypatch.setattr(admission, "host_memory", lambda: memory)
+    monkeypatch.setattr(admission.os, "cpu_count", lambda: cpus)
+    assert resolve_max_agents("auto", agent_memory) == (cap, why)
 
 
 def test_auto_max_agents_reads_the_host() -> None:
     cap, why = resolve_max_agents("auto", "512m")
-    assert cap >= 1 and why.startswith("auto:")
+    expected = auto_max_agents(meminfo_total(), os.cpu_count() or 1, 512 << 20)
+    assert cap == expected and why.startswith("auto: min(")

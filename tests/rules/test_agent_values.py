@@ -38,9 +38,10 @@ def at(seconds: float) -> datetime:
     (FAR_PAST, None, EPOCH),  # the far past is just old
     (datetime(1969, 12, 31, tzinfo=timezone.utc), None, EPOCH),
     (datetime(2026, 3, 1, 11, 0), None, datetime(2026, 3, 1, 11, 0, tzinfo=timezone.utc)),
+    (NOW, at(-30), NOW),  # boundary: exactly now is not the future, previous is not used
 ], ids=["none", "past", "now", "just ahead", "year 9999", "year 9999 seen before",
         "ahead seen before", "previous ahead", "past replaces previous", "year 1",
-        "before 1970", "naive is utc"])
+        "before 1970", "naive is utc", "exactly now"])
 def test_agent_time(value, previous, expected) -> None:
     assert agent_time(value, NOW, previous) == expected
 
@@ -73,6 +74,8 @@ def test_time_from_ns(ns, expected) -> None:
     (None, None),
     (30.0, 30.0),
     (30, 30.0),
+    (1, 1.0),  # boundary: the smallest whole second is a timeout, not "none declared"
+    (0.5, 0.5),
     (86400.0, 86400.0),
     (86400.5, 86400.0),
     ((2**63 - 1) / 1000.0, 86400.0),  # the 2^63-1 ms

@@ -102,8 +102,13 @@ DECIDE_CASES = [
      obs(started=-200, hb=-120, claims=(("m1", -20),)), "running", Action.NONE, 40, "active"),
     ("heartbeat after the claim: the claim rule does not apply",
      obs(started=-200, hb=-10, claims=(("m1", -100),)), "running", Action.NONE, 1790, "active"),
-    ("no kill when no heartbeat file yet (still starting)",
-     obs(started=-4000, claims=(("m1", -3000),)), "running", Action.NONE, None, "active"),
+    ("a claim with no heartbeat file at all is stuck like one with none since",
+     obs(started=-4000, claims=(("m1", -3000),)), "running", Action.KILL, None,
+     "claim on m1 3000s old with no heartbeat at all (limit 60s)"),
+    ("no heartbeat file yet, a young claim: next check when it turns stuck",
+     obs(started=-30, claims=(("m1", -20),)), "running", Action.NONE, 40, "active"),
+    ("no heartbeat file and no claim: still starting, the idle rule applies",
+     obs(started=-10), "running", Action.NONE, 20, "active"),
     ("a claim without a time is never stuck", obs(started=-200, hb=-120, claims=(("m1", None),)),
      "running", Action.NONE, 1680, "active"),
     ("declared tool timeout widens the claim window",
@@ -248,9 +253,12 @@ GATE_CASES = [
      Action.NONE, None, False, True, 4),
     ("a process_after of a stopped session is its only timer", gated(False, timers=(None, 60)),
      Action.NONE, None, False, False, 60),
-    ("no mute without a timer (a busy agent that has not heartbeated yet)",
-     gated(started=-4000, claims=(("m1", -3000),), status="running"), Action.NONE, None,
+    ("no mute without a timer (a tool running, no heartbeat yet, no claim)",
+     gated(started=-4000, tool_running=True, status="running"), Action.NONE, None,
      False, False, None),
+    ("a claim with no heartbeat yet has its timer: muted until it turns stuck",
+     gated(started=-30, claims=(("m1", -20),), status="running"), Action.NONE, None,
+     False, True, 40),
 ]
 
 
@@ -318,7 +326,10 @@ def test_last_work_ignores_heartbeats(observation: Observation, expected: float 
 
 @pytest.mark.parametrize(("observation", "stuck"), [
     (obs(False, hb=-5000), None),  # dead: nothing to kill
-    (obs(started=-5000), None),  # no heartbeat file yet
+    (obs(started=-5000), None),  # no heartbeat file yet, no claim: the idle rule's
+    (obs(started=-5000, claims=(("x", -61),)), "claim on x 61s old with no heartbeat at all"),
+    (obs(started=-5000, claims=(("x", -59),)), None),
+    (obs(started=-5000, claims=(("x", -61),), tool=600), None),  # a declared tool widens it
     (obs(hb=-1800.5), None),  # no claim: idle, not stuck (the idle rule stops it)
     (obs(hb=-1800.5, claims=(("x", -1900),)), "heartbeat"),
     (obs(hb=-100, claims=(("x", -30),)), None),  # claim after hb, but young

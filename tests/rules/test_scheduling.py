@@ -4,6 +4,7 @@ under a fake clock on a real inbound.db (successors written with the completion)
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from orchestrator.contract import schema
 from orchestrator.host import inbound
 from orchestrator.rules import scheduling
+from orchestrator.rules.messages import NewMessage
 from orchestrator.rules.scheduling import (
     ScheduleError,
     check_cron,
@@ -272,3 +274,63 @@ def test_cancel_removes_the_waiting_occurrence_and_stops_the_series(tmp_path: Pa
     assert inbound.cancel_series(db, "ser-o") == (2, 1)
     assert inbound.series_state(db, "ser-o") == {"counts": {"completed": 1}, "next": None,
                                                  "recurring": False}
+
+
+# --- exact values: defaults, messages, every copied field ----------------------------------
+
+
+def test_defaults_are_utc_and_results_are_utc():
+    assert parse_at("2026-03-27T18:00", NOW) == datetime(2026, 3, 27, 18, tzinfo=UTC)
+    assert parse_at("2026-03-27t18:00:00z", NOW) == datetime(2026, 3, 27, 18, tzinfo=UTC)
+    assert parse_at("2026-03-27T18:00:00+02:00", NOW, "Europe/Berlin").tzinfo is UTC
+    assert parse_at("+1m", NOW).tzinfo is UTC
+    assert next_run("0 9 * * *", NOW) == datetime(2026, 3, 28, 9, tzinfo=UTC)
+    assert next_run("0 9 * * *", NOW, "Europe/Berlin").tzinfo is UTC
+    assert scheduling.next_due("0 9 * * *", None, NOW) == datetime(2026, 3, 28, 9, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: parse_at("+10", NOW), "--at '+10': use +N followed by d, h, m and/or s "
+     "(e.g. +10m, +1h30m) or an ISO 8601 time"),
+    (lambda: parse_at("tomorrow", NOW), "--at 'tomorrow': not an ISO 8601 time (e.g. "
+     "2026-12-24T18:00:00Z) nor a relative +10m"),
+    (lambda: check_cron("* * * *"), "--every '* * * *': a cron expression has 5 fields "
+     "(minute hour day month weekday) or 6 (seconds first), e.g. '0 9 * * MON-FRI'"),
+    (lambda: next_run("61 * * * *", NOW),
+     "recurrence '61 * * * *': no next run (Bad minute)"),
+])
+def test_refusals_word_for_word(call, message):
+    with pytest.raises(ScheduleError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_first_run_is_at_if_given_else_the_next_cron_time():
+    at = NOW + timedelta(hours=5)
+    assert scheduling.first_run("0 9 * * *", NOW, at) == at
+    assert scheduling.first_run("0 9 * * *", NOW, None) == datetime(2026, 3, 28, 9, tzinfo=UTC)
+    assert scheduling.first_run("0 9 * * *", NOW, None, "Europe/Berlin") == datetime(
+        2026, 3, 28, 8, tzinfo=UTC)
+
+
+def test_new_series_ids_are_fresh_and_shaped():
+    a, b = scheduling.new_series_id(), scheduling.new_series_id()
+    assert a != b and all(re.fullmatch(r"ser-[0-9a-f]{16}", x) for x in (a, b))
+
+
+def test_successor_id_is_the_series_and_16_hex_digits():
+    assert re.fullmatch(r"ser-1-[0-9a-f]{16}", successor_id("ser-1", "x"))
+
+
+def test_successor_copies_every_field():
+    row = {**ROW, "trigger": 0, "thread_id": "t9", "source_session_id": "s-7", "on_wake": 1}
+    assert successor(row, NOW) == NewMessage(
+        id=successor_id("ser-1", "ser-1-first"), kind="chat", content='{"text": "standup"}',
+        process_after="2026-03-28 09:00:00", trigger=0, platform_id="p", channel_type="c",
+        thread_id="t9", series_id="ser-1", recurrence="0 9 * * *", source_session_id="s-7",
+        on_wake=1)
+    bare = {k: v for k, v in ROW.items() if k not in ("trigger", "thread_id", "on_wake",
+                                                      "platform_id", "channel_type")}
+    nxt = successor({**bare, "on_wake": None}, NOW)
+    assert (nxt.trigger, nxt.thread_id, nxt.on_wake, nxt.platform_id, nxt.channel_type) == (
+        1, None, 0, None, None)

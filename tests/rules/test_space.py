@@ -15,7 +15,7 @@ M = 1 << 20
 
 @pytest.mark.parametrize("used, limit, over", [
     (0, 0, False), (10 * M, 0, False),  # 0 = no quota
-    (M, M, False), (M + 1, M, True), (0, M, False),
+    (M, M, False), (M + 1, M, True), (0, M, False), (2, 1, True), (1, 1, False),
 ])
 def test_over_quota(used: int, limit: int, over: bool) -> None:
     reason = over_quota(used, limit)
@@ -35,6 +35,7 @@ def test_over_quota(used: int, limit: int, over: bool) -> None:
     (0, 10 * M, True, 10 * M, Step.RELEASE, True),  # disk full up to the reserve
     (12 * M, 0, True, 10 * M, Step.NONE, True),  # released, not yet back: still low
     (20 * M, 0, True, 10 * M, Step.TAKE, False),  # space back: take it again
+    (0, 1, True, 1, Step.RELEASE, True),  # boundary: a one-byte reserve is a reserve
 ])
 def test_disk_verdict(free: int, held: int, ever: bool, min_free: int, step: Step,
                       low: bool) -> None:

@@ -53,7 +53,7 @@ from tests.support.docker_fixtures import (
     make_session,
     remove_labelled,
 )
-from tests.support.helpers import ro_db, until
+from tests.support.helpers import needs_root, ro_db, until
 
 AGENT = ["python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2"]
@@ -197,7 +197,7 @@ def test_container_spec_and_host_config_are_least_privilege(tmp_path: Path) -> N
     assert loose["security_opt"] == [] and loose["network_mode"] == "bridge"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+@needs_root("chown")
 def test_prepare_folder_gives_agent_only_its_writable_parts(tmp_path: Path) -> None:
     folder = make_session(tmp_path, "g", "s")
     (folder / layout.OUTBOX / "m1").mkdir()
@@ -405,6 +405,7 @@ async def test_precreated_container_is_started_instead_of_created(
 async def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client: docker.DockerClient,
                                             agent_image: str, instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
+    marker = make_session(tmp_path, "g1", "s2")
 
     rt, exits = make_runtime(tmp_path, instance, agent_image)
     try:
@@ -417,8 +418,12 @@ async def test_docker_kill_reports_killed_quickly(tmp_path: Path, docker_client:
         assert exits == [AgentExit("g1", "s1", 137, "killed")]
         assert not rt.is_running("s1") and rt.running() == []
         await until(lambda: not labelled(docker_client, instance), 10, "container removed")
-        await asyncio.sleep(0.2)  # a late duplicate (die vs kill vs destroy) would show here
-        assert len(exits) == 1
+        # a late duplicate (die vs kill vs destroy) would come before any later event of
+        # the same stream: kill a second agent and wait for its exit to come through
+        second = await rt.start(SessionRef("g1", "s2", marker))
+        await in_thread(docker_client.api.kill, second.ident)
+        await until(lambda: any(e.session_id == "s2" for e in exits), 10, "the later exit")
+        assert [e.session_id for e in exits] == ["s1", "s2"]
     finally:
         await rt.close()
 

@@ -16,7 +16,13 @@ import pytest
 from orchestrator.contract.layout import OUTBOUND_DB, PID_FILE
 from orchestrator.host.sessions import create_folder
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
-from orchestrator.runtime.local.procs import MARKER, marker, process_start_time
+from orchestrator.runtime.local.procs import (
+    MARKER,
+    TOKEN,
+    StartRecords,
+    marker,
+    process_start_time,
+)
 from orchestrator.runtime.local.runtime import (
     AGENT_MAIN,
     PACKAGE_ROOT,
@@ -263,7 +269,9 @@ def test_an_agent_whose_pid_file_was_never_written_is_adopted(tmp_path: Path) ->
     marker in its environment and adopted (not doubled by a second start); its pid
     file is written then."""
     runtime, exits, ref = setup(tmp_path)
-    env = {**os.environ, MARKER: marker(runtime.data_dir, ref.agent_group, ref.session_id)}
+    token = StartRecords(runtime.data_dir).begin(ref.agent_group, ref.session_id)  # before spawn
+    env = {**os.environ, MARKER: marker(runtime.data_dir, ref.agent_group, ref.session_id),
+           TOKEN: token}
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                               stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     child_of_other = subprocess.Popen(  # the marker of another data dir: not ours
@@ -293,6 +301,44 @@ def test_an_agent_whose_pid_file_was_never_written_is_adopted(tmp_path: Path) ->
         assert traversing.poll() is None
     finally:
         for p in (orphan, child_of_other, traversing):
+            p.kill()
+            p.wait()
+
+
+def test_a_process_forging_another_sessions_marker_is_never_adopted(tmp_path: Path) -> None:
+    """An agent's child that calls setsid and sets another session's marker (with its
+    own token, or none) is left alone after a restart: only the token the host recorded
+    for a session makes a process that session's agent. The real agent is adopted."""
+    runtime, exits, ref = setup(tmp_path)
+    group = ref.agent_group
+    create_folder(runtime.data_dir, group, "other")
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = []
+
+    async def body() -> None:
+        handle = await runtime.start(ref)  # the real agent of ref, with its own token
+        with open(f"/proc/{handle.ident}/environ", "rb") as fh:
+            env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+        own_token = env[TOKEN.encode()].decode()
+        other_token = StartRecords(runtime.data_dir).begin(group, "other")  # other's start...
+        for token in (own_token, "", other_token[:-1] + "0"):  # ...forged by ref's child
+            procs.append(subprocess.Popen(sleep, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, env={
+                **os.environ, MARKER: marker(runtime.data_dir, group, "other"), TOKEN: token}))
+        wait_for(lambda: all(process_start_time(p.pid) for p in procs), message="forgers up")
+        await runtime.close()  # the host goes away, leaving agents running
+
+        again = LocalRuntime(runtime.cfg, runtime.data_dir, exits)
+        adopted = await again.recover()
+        assert [(h.session_id, h.ident) for h in adopted] == [(ref.session_id, handle.ident)]
+        await again.kill(ref.session_id)
+        await again.close()
+
+    try:
+        run(body())
+        assert all(p.poll() is None for p in procs)  # never signalled
+    finally:
+        for p in procs:
             p.kill()
             p.wait()
 

@@ -8,7 +8,6 @@ container per session (``docker`` mark), a real local agent process.
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
 import subprocess
 from pathlib import Path
@@ -23,9 +22,10 @@ from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import create_folder
 from orchestrator.host.uids import SessionUids
 from orchestrator.runtime.base import AgentExit, SessionRef
+from tests.support.helpers import needs_root
 
 RANGE = (200000, 200099)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="per-session uids need root")
+root_only = needs_root("per-session uids")
 
 
 def status_uids(text: str) -> list[int]:
@@ -51,7 +51,7 @@ def test_uid_map_is_stable_unique_and_bounded(tmp_path: Path) -> None:
         parse_range("20-10")
 
 
-@needs_root
+@root_only
 def test_local_agent_runs_as_its_sessions_uid(tmp_path: Path, umask_022: None) -> None:
     from orchestrator.runtime.local.runtime import LocalRuntime
 
@@ -91,7 +91,7 @@ def test_local_agent_runs_as_its_sessions_uid(tmp_path: Path, umask_022: None) -
 
 
 @pytest.mark.docker
-@needs_root
+@root_only
 def test_docker_agents_run_as_their_own_uids_and_setuid_is_not_delivered(
         tmp_path: Path, umask_022: None, docker_client, agent_image: str, instance: str) -> None:
     from orchestrator.runtime.docker.runtime import DockerRuntime
@@ -135,3 +135,46 @@ def test_docker_agents_run_as_their_own_uids_and_setuid_is_not_delivered(
         [moved] = move_files(folder, data, "r1", ["tool"])
     assert moved == delivered_root(data) / "r1" / "tool"
     assert stat.S_IMODE(moved.stat().st_mode) == 0o700  # no setuid, nothing for others
+
+
+@root_only
+@pytest.mark.docker
+def test_a_group_folder_is_shared_through_the_groups_own_gid(
+        tmp_path: Path, umask_022: None, docker_client, agent_image: str, instance: str) -> None:
+    """Sessions with uids of their own share the group folder through a gid the group
+    owns (never a session's uid): root:<gid> 02770, and each agent carries that gid."""
+    from orchestrator.runtime.docker.runtime import DockerRuntime
+
+    data = tmp_path / "data"
+    folders = [create_folder(data, "grp", sid).root for sid in ("sess-a", "sess-b")]
+    script = ("id -G > /workspace/outbox/groups.txt; "
+              "cat /workspace/agent/*.txt > /workspace/outbox/seen.txt 2>&1; "
+              "echo from-$ORCHESTRATOR_SESSION > /workspace/agent/$ORCHESTRATOR_SESSION.txt")
+    cfg = DockerConfig(instance=instance, image=agent_image, command=("sh", "-c", script),
+                       network="none", group_folder="{data_dir}/groups/{group}")
+    exits: list[AgentExit] = []
+
+    async def go() -> None:
+        runtime = DockerRuntime(cfg, data, exits.append, uid_range=RANGE)
+        try:
+            for n, folder in enumerate(folders, start=1):  # one after the other
+                await runtime.start(SessionRef("grp", folder.name, folder))
+                for _ in range(600):
+                    if len(exits) == n:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await runtime.close()
+
+    asyncio.run(go())
+    assert len(exits) == 2
+    shared = data / "groups" / "grp"
+    st = shared.stat()
+    gid = st.st_gid
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o2770)
+    session_uids = {folder.stat().st_uid for folder in folders}
+    assert len(session_uids) == 2 and gid not in session_uids and RANGE[0] <= gid <= RANGE[1]
+    for folder in folders:
+        assert str(gid) in (folder / "outbox" / "groups.txt").read_text().split()
+    assert (shared / "sess-a.txt").stat().st_gid == gid  # the setgid folder's group
+    assert (folders[1] / "outbox" / "seen.txt").read_text() == "from-sess-a\n"

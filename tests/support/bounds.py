@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from orchestrator.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from tests.support.api_helpers import Received, Receiver
+from tests.support.api_helpers import Received, Receiver, verified
 
 MiB = 1 << 20
 
@@ -91,8 +90,7 @@ class LeanReceiver(Receiver):
     async def _handle(self, request: Request) -> Response:
         body = await request.body()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        ok = verify(self.secret, headers.get(TIMESTAMP_HEADER.lower(), ""), body,
-                    headers.get(SIGNATURE_HEADER.lower(), ""))
+        ok = verified(self.secret, body, headers)
         self.sizes.append(len(body))
         data = strip_data(json.loads(body))
         del body

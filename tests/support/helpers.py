@@ -7,11 +7,14 @@ never a bare sleep that hopes the other side was fast enough: ``wait_for`` is
 the one way to wait in plain code, ``until`` the one way on an event loop
 (where whatever is observed keeps running meanwhile), ``holds`` the negative
 observation.
+``needs_root`` marks a test that only runs as root: skipped otherwise, but FAILED
+when ``CI`` is set (CI must never silently skip, like Docker tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import sqlite3
@@ -19,10 +22,46 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import pytest
+
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # the repository root (tests/support/helpers.py is two folders below it)
 REPO = Path(__file__).resolve().parents[2]
+
+
+def in_ci() -> bool:
+    """CI is set the way CI services set it (``true``/``1``); ``false``/``0`` is not CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_root(reason: str) -> None:
+    """Inside a test: go on as root; otherwise skip, or FAIL when ``CI`` is set."""
+    if os.geteuid() == 0:
+        return
+    if in_ci():
+        pytest.fail(f"{reason}: needs root (CI is set: root-only tests must run; run the "
+                    "suite as root, e.g. in the CI container)")
+    pytest.skip(f"{reason}: needs root")
+
+
+def needs_root(reason: str) -> Callable[[F], F]:
+    """Decorator form of ``require_root`` (sync and async tests; fixtures unchanged)."""
+    def wrap(test: F) -> F:
+        if inspect.iscoroutinefunction(test):
+            @functools.wraps(test)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                require_root(reason)
+                return await test(*args, **kwargs)
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(test)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            require_root(reason)
+            return test(*args, **kwargs)
+        return run  # type: ignore[return-value]
+    return wrap
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 5.0, interval: float = 0.01,

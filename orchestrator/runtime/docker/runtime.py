@@ -41,6 +41,7 @@ error policy are ``dockerexec``.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from enum import Enum, auto
 from pathlib import Path
@@ -336,6 +337,12 @@ class DockerRuntime:
         uid = self._uids.uid_for(session_id)
         return f"{uid}:{uid}", uid, uid
 
+    def _shared_gids(self, session: SessionRef, config: DockerConfig) -> tuple[int, ...]:
+        """With a uid per session, the gid of the group's shared folder (if it has one)."""
+        if self._uids is None or not config.group_folder:
+            return ()
+        return (self._uids.group_gid(session.agent_group),)
+
     async def _create(self, session: SessionRef, user: str,
                       mounts: list[Mount]) -> str | AgentHandle:
         """``docker create``; the new container's id, or the handle of a live container
@@ -344,7 +351,7 @@ class DockerRuntime:
         config = _config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
         spec = container_spec(config, session, user, env)
-        host_kwargs = host_config_kwargs(config, mounts)
+        host_kwargs = host_config_kwargs(config, mounts, self._shared_gids(session, config))
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -391,11 +398,12 @@ class DockerRuntime:
         the same for a started container and a spare made ahead for it."""
         mounts = session_mounts(Path(session.folder), self.data_dir) + parse_extra_mounts(config)
         folder = group_folder(config.group_folder, self.data_dir, session.agent_group)
-        if self._uids is not None:  # shared by the group's sessions: not one session's uid
-            uid = gid = None
+        mode = None
+        if self._uids is not None and folder is not None:  # shared by the group's sessions:
+            uid, gid, mode = os.geteuid(), self._uids.group_gid(session.agent_group), 0o2770
         return mounts + await self.exec.offload(lambda: group_mounts(
             folder, Path(session.folder).resolve(), self.data_dir, config.allowed_mounts,
-            uid, gid))
+            uid, gid, mode))
 
     async def _prepare_spare(self, agent_group: str, session_id: str) -> None:
         """Create (not start) the session's next container ahead (``[docker] precreate``),

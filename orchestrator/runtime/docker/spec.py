@@ -186,12 +186,13 @@ def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None
 
 def group_mounts(folder: Path | None, session_folder: Path, data_dir: Path,
                  allowed_mounts: tuple[str, ...] = (), uid: int | None = None,
-                 gid: int | None = None) -> list[Mount]:
+                 gid: int | None = None, mode: int | None = None) -> list[Mount]:
     """A group's folder read-write at ``/workspace/agent`` and its ``container.json``
     read-only on top, as NanoClaw's host mounts them, so NanoClaw-built images find
     their settings. Every session of the group shares the folder.
 
-    The folder is created if missing (given to the agent's uid when we may chown)
+    The folder is created if missing (given to ``uid``:``gid`` when we may chown, and
+    set to ``mode`` if given: 02770 for a gid the group's agents share)
     and must lie under ``data_dir`` or an ``[docker] allowed_mounts`` root, outside
     ``sessions/`` (agent-writable). ``container.json`` is mounted only if it is a
     regular file (a symlink is not followed). The mount point ``agent/`` in the
@@ -210,6 +211,8 @@ def group_mounts(folder: Path | None, session_folder: Path, data_dir: Path,
         st = real.stat()
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.chown(real, uid, gid)
+        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(real, mode)
     point = Path(session_folder) / AGENT_DIR
     try:
         st = point.lstat()
@@ -256,9 +259,13 @@ def container_spec(cfg: DockerConfig, session: SessionRef, user: str,
     }
 
 
-def host_config_kwargs(cfg: DockerConfig, mounts: list[Mount]) -> dict[str, Any]:
-    """Arguments for ``APIClient.create_host_config``: mounts, limits, least privilege."""
+def host_config_kwargs(cfg: DockerConfig, mounts: list[Mount],
+                       group_add: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Arguments for ``APIClient.create_host_config``: mounts, limits, least privilege;
+    ``group_add``: supplementary gids (the group folder's shared gid)."""
+    extra = {"group_add": [str(g) for g in group_add]} if group_add else {}
     return {
+        **extra,
         "mounts": mounts,
         "network_mode": cfg.network,
         "cap_drop": list(cfg.cap_drop),

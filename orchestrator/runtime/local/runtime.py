@@ -34,6 +34,8 @@ from orchestrator.runtime.base import (
 )
 from orchestrator.runtime.local.procs import (
     MARKER,
+    TOKEN,
+    StartRecords,
     marked_agents,
     marker,
     process_stopped,
@@ -106,6 +108,7 @@ class LocalRuntime:
         self.on_exit = on_exit
         self._agents: dict[str, _Agent] = {}
         self._uids = open_uids(Path(data_dir), uid_range)  # root and a range: one per session
+        self._records = StartRecords(data_dir)
 
     # --- bookkeeping ------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class LocalRuntime:
         else:
             reason = "exited"
         self._pid_file(agent.ref, None)
+        self._records.end(agent.ref.agent_group, session_id)
         if not agent.exited.done():
             agent.exited.set_result(code)
         self.on_exit(AgentExit(agent.ref.agent_group, agent.ref.session_id, code, reason))
@@ -156,7 +160,10 @@ class LocalRuntime:
         """Adopt the agents started for this data dir that outlived the last run: the
         process-group leaders carrying one of its sessions' markers (``local_procs``)."""
         adopted = []
-        for (group, session_id), pid in sorted(marked_agents(self.data_dir).items()):
+        found = marked_agents(self.data_dir, self._records)
+        for key in set(self._records.recorded()) - set(found):  # their agents are gone
+            self._records.end(*key)
+        for (group, session_id), pid in sorted(found.items()):
             ref = SessionRef(group, session_id, session_paths(self.data_dir, group,
                                                               session_id).root)
             try:
@@ -195,6 +202,7 @@ class LocalRuntime:
         cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, workspace),
                                {**os.environ, **(read_env(settings) if settings else {})})
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
+        env[TOKEN] = self._records.begin(session.agent_group, session.session_id)
         log_dir = self.data_dir / "logs" / session.agent_group
         make_dirs(log_dir)
         try:

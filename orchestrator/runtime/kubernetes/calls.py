@@ -80,9 +80,9 @@ def _message(exc: BaseException) -> str:
     return " ".join(text.split())[:300] or type(exc).__name__
 
 
-def _selector(labels: dict[str, str]) -> dict[str, Any]:
+def _selector(selector: dict[str, str]) -> dict[str, Any]:
     """lightkube's selector type (values may be operators too)."""
-    return dict(labels)
+    return dict(selector)
 
 
 class KubeCalls:
@@ -222,11 +222,14 @@ class KubeCalls:
             raise await self._failed("delete", exc, name) from None
         self.mark_available()
 
-    async def list(self, labels: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
-        """Every Pod carrying ``labels``, and the list's resourceVersion."""
+    async def list(self, labels: dict[str, str], fields: dict[str, str]
+                   ) -> tuple[list[dict[str, Any]], str]:
+        """Every Pod carrying ``labels`` and matching ``fields`` (``spec.nodeName``: see
+        ``spec.pod_selectors``), and the list's resourceVersion."""
         self.calls += 1
         try:
-            found = self.client().list(Pod, namespace=self.namespace, labels=_selector(labels))
+            found = self.client().list(Pod, namespace=self.namespace, labels=_selector(labels),
+                                       fields=_selector(fields))
             items = [pod.to_dict() async for pod in found]
             version = found.resourceVersion
         except RuntimeUnavailable:
@@ -236,12 +239,13 @@ class KubeCalls:
         self.mark_available()
         return items, version
 
-    async def watch(self, labels: dict[str, str], version: str
+    async def watch(self, labels: dict[str, str], fields: dict[str, str], version: str
                     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(event type, Pod) from ``version`` on. Raises ``Gone`` on 410, the
         translated error when the stream fails or drops."""
         self.calls += 1
         stream = self.client().watch(Pod, namespace=self.namespace, labels=_selector(labels),
+                                     fields=_selector(fields),
                                      resource_version=version,
                                      server_timeout=WATCH_SERVER_TIMEOUT,
                                      on_error=on_error_raise)
@@ -258,13 +262,13 @@ class KubeCalls:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def ping(self, labels: dict[str, str]) -> None:
+    async def ping(self, labels: dict[str, str], fields: dict[str, str]) -> None:
         """Raises ``RuntimeUnavailable`` unless our Pods can be listed (``/readyz``): a
         one-item page, with the verb the Role grants anyway (no namespace read)."""
         self.calls += 1
         try:
             found = self.client().list(Pod, namespace=self.namespace, labels=_selector(labels),
-                                       chunk_size=1)
+                                       fields=_selector(fields), chunk_size=1)
             async for _ in found:
                 break
         except RuntimeUnavailable:

@@ -3,8 +3,13 @@
 No API calls happen here (only the folder checks and the group folder's mkdir/chown
 touch the disk), so every rule is table-tested without a cluster:
 
-- ``pod_name``: DNS-1123, at most 63 characters, unique per (instance, group,
+- ``pod_name``: DNS-1123, at most 63 characters, unique per (instance, node, group,
   session): a sanitized prefix plus a hash of the exact ids;
+- ``pod_selectors`` / ``owned``: which Pods are this orchestrator's. The orchestrator
+  runs as a DaemonSet, one per node, all with the same instance label, so "ours" is
+  our instance label AND ``spec.nodeName`` = our node: lists and watches carry both
+  a label and a field selector, and nothing is adopted, reported or deleted that
+  fails ``owned`` (an orchestrator on another node owns it);
 - ``label_value`` / ``pod_labels`` / ``pod_annotations``: the same
   ``orchestrator.*`` keys as the Docker runtime. A Kubernetes label value is at most
   63 characters of ``[A-Za-z0-9_.-]`` with alphanumeric ends; an id that does not
@@ -72,13 +77,41 @@ def label_value(value: str) -> str:
     return "h-" + _digest(value, size=32)
 
 
-def pod_name(instance: str, agent_group: str, session_id: str) -> str:
+def pod_name(instance: str, node: str, agent_group: str, session_id: str) -> str:
     """``orch-<instance>-<group>-<session>`` lower-cased, other characters as ``-``,
-    cut to fit 63 with a hash of the exact three ids at the end (always: ids that
-    differ only in case or in a replaced character must not share a Pod)."""
+    cut to fit 63 with a hash of the exact ids and the node at the end (always: ids
+    that differ only in case or in a replaced character must not share a Pod, nor
+    may two nodes' sessions of the same id: every node has its own data dir)."""
     raw = f"orch-{instance}-{agent_group}-{session_id}".lower()
     stem = _DNS_BAD.sub("-", raw).strip("-")[:52].rstrip("-")
-    return f"{stem}-{_digest(instance, agent_group, session_id)}"
+    return f"{stem}-{_digest(instance, agent_group, session_id, node)}"
+
+
+NODE_FIELD = "spec.nodeName"
+
+
+def pod_selectors(instance: str, node: str, session_id: str | None = None
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """(label selector, field selector) of this orchestrator's Pods, or of one
+    session's: our instance label (and the session's) on our node only."""
+    labels = {LABEL_INSTANCE: instance}
+    if session_id is not None:
+        labels[LABEL_SESSION] = label_value(session_id)
+    return labels, {NODE_FIELD: node}
+
+
+def selector_text(selector: dict[str, str]) -> str:
+    """A selector as the API's query parameter holds it (``k=v,k2=v2``): for logs."""
+    return ",".join(f"{key}={value}" for key, value in selector.items())
+
+
+def owned(pod: dict[str, Any], instance: str, node: str) -> bool:
+    """Whether ``pod`` is this orchestrator's: our instance label and pinned to our
+    node. A Pod of another node's orchestrator (same label) is never ours to adopt,
+    report or delete; neither is one without ``spec.nodeName``."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return (labels.get(LABEL_INSTANCE) == instance
+            and (pod.get("spec") or {}).get("nodeName") == node)
 
 
 def pod_labels(instance: str, agent_group: str, session_id: str,
@@ -268,7 +301,7 @@ def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: 
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "name": pod_name(cfg.instance, session.agent_group, session.session_id),
+            "name": pod_name(cfg.instance, node, session.agent_group, session.session_id),
             "namespace": cfg.namespace,
             "labels": pod_labels(cfg.instance, session.agent_group, session.session_id, digest),
             "annotations": pod_annotations(session.agent_group, session.session_id),

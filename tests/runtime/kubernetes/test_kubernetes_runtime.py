@@ -26,7 +26,7 @@ from orchestrator.config.model import (
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.kubernetes.calls import ApiUnavailable
 from orchestrator.runtime.kubernetes.runtime import KubernetesRuntime, StartFailed
-from orchestrator.runtime.kubernetes.spec import LABEL_INSTANCE, pod_name
+from orchestrator.runtime.kubernetes.spec import LABEL_INSTANCE, pod_manifest, pod_name
 from tests.support.docker_fixtures import in_thread, insert_message, make_session
 from tests.support.helpers import holds, ro_db, until
 from tests.support.kube import Cluster
@@ -239,12 +239,61 @@ async def test_recover_adopts_live_pods_deletes_finished_and_never_touches_forei
         await rt.close()
 
 
+async def test_a_pod_of_ours_on_another_node_is_never_adopted_reported_or_deleted(
+        tmp_path, kube_cluster, kube_namespace, image):
+    """One DaemonSet, one instance label: the orchestrator on node B must leave node A's
+    Pods alone. A Pod with our label, group and session but bound to another node (it
+    stays Pending: that node does not exist, the API accepts it) is invisible to us,
+    while our own Pod of the same session id runs beside it."""
+    folder = make_session(tmp_path, "g", "s")
+    rt, exits, instance = make_runtime(kube_cluster, kube_namespace, tmp_path, image)
+    theirs = pod_manifest(rt.config, SessionRef("g", "s", folder), node="elsewhere",
+                          uid=10001, gid=10001, folder=folder)
+    name = theirs["metadata"]["name"]
+    await in_thread(kube_cluster.apply, theirs, kube_namespace)
+
+    def untouched() -> bool:
+        pod = kube_cluster.get("pod", name, kube_namespace)
+        return (pod is not None and pod["spec"]["nodeName"] == "elsewhere"
+                and not pod["metadata"].get("deletionTimestamp"))
+
+    try:
+        assert await rt.recover() == [] and rt.listed
+        await until(lambda: rt.watch.connected, 30, "the watch")
+        handle = await rt.start(SessionRef("g", "s", folder))  # same session id, our node
+        assert handle.ident != name
+        # a change to their Pod: no watch event reaches us (field selector)
+        await in_thread(kube_cluster.kubectl, "annotate", "pod", "-n", kube_namespace, name,
+                        "touched=1")
+        await rt.reconcile()
+        await rt.stop("s", 1)
+        assert [(e.session_id, e.reason) for e in exits] == [("s", "stopped")]
+        await rt.stop("s", 1)  # nothing of ours left; theirs is not ours to stop
+        await rt.reconcile()
+        assert rt.running() == [] and len(exits) == 1
+        assert await in_thread(untouched)
+        rt2, exits2, _ = make_runtime(kube_cluster, kube_namespace, tmp_path, image,
+                                      instance=instance)
+        try:
+            assert await rt2.recover() == []
+            await rt2.reconcile()
+            await holds(lambda: rt2.running() == [] and exits2 == [], 1.0)
+            assert await in_thread(untouched)
+        finally:
+            await rt2.close()
+    finally:
+        await rt.close()
+        # no kubelet will ever confirm a graceful delete on a node that does not exist
+        await in_thread(kube_cluster.kubectl, "delete", "pod", "-n", kube_namespace, name,
+                        "--grace-period=0", "--force", "--ignore-not-found")
+
+
 async def test_a_name_taken_by_a_foreign_pod_is_refused(tmp_path, kube_cluster, kube_namespace,
                                                         image):
     folder = make_session(tmp_path, "g", "s")
     rt, exits, instance = make_runtime(kube_cluster, kube_namespace, tmp_path, image)
     squatter = {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod_name(instance, "g", "s")},
+                "metadata": {"name": pod_name(instance, kube_cluster.node_name, "g", "s")},
                 "spec": {"nodeName": kube_cluster.node_name, "restartPolicy": "Never",
                          "containers": [{"name": "c", "image": image,
                                          "imagePullPolicy": "Never",

@@ -13,6 +13,7 @@ import asyncio
 from typing import Any, AsyncIterator
 
 from orchestrator.runtime.kubernetes.calls import ApiUnavailable, Gone
+from orchestrator.runtime.kubernetes.spec import pod_selectors
 from orchestrator.runtime.kubernetes.watch import PodWatch
 from tests.support.helpers import until
 
@@ -27,12 +28,15 @@ class FakeCalls:
         self.watched_from: list[str] = []
         self.lists = 0
 
-    async def list(self, labels: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
+    async def list(self, labels: dict[str, str], fields: dict[str, str]
+                   ) -> tuple[list[dict[str, Any]], str]:
+        assert fields == {"spec.nodeName": "n"}  # every list is of our node's Pods
         self.lists += 1
         return [{"metadata": {"name": f"p{self.lists}"}}], str(self.lists * 10)
 
-    async def watch(self, labels: dict[str, str], version: str
+    async def watch(self, labels: dict[str, str], fields: dict[str, str], version: str
                     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        assert fields == {"spec.nodeName": "n"}
         self.watched_from.append(version)
         step = self.script.pop(0) if self.script else None
         if step is not None:
@@ -50,7 +54,7 @@ async def test_gone_relists_at_once_and_a_dropped_stream_after_a_backoff():
     async def on_list(pods: list[dict[str, Any]]) -> None:
         listed.append([p["metadata"]["name"] for p in pods])
 
-    watch = PodWatch(calls, {"orchestrator.instance": "i"}, on_list,  # type: ignore[arg-type]
+    watch = PodWatch(calls, pod_selectors("i", "n"), on_list,  # type: ignore[arg-type]
                      lambda kind, pod: events.append((kind, pod["metadata"]["name"])),
                      first_version="1")
     watch.ensure_started()

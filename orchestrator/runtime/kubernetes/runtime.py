@@ -37,7 +37,6 @@ from loguru import logger
 
 from orchestrator.config.model import KubernetesConfig
 from orchestrator.contract import layout
-from orchestrator.host.uids import open_uids
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -45,6 +44,7 @@ from orchestrator.runtime.base import (
     RuntimeUnavailable,
     SessionRef,
 )
+from orchestrator.runtime.identity import AgentIds
 from orchestrator.runtime.kubernetes.calls import Conflict, KubeCalls
 from orchestrator.runtime.kubernetes.pods import (
     ENDED,
@@ -61,7 +61,6 @@ from orchestrator.runtime.kubernetes.spec import (
     owned,
     pod_selectors,
     prepare_pod,
-    resolve_user,
     selector_text,
 )
 from orchestrator.runtime.kubernetes.tracked import (
@@ -97,7 +96,7 @@ class KubernetesRuntime:
         self.instance = config.instance
         self.node = node or node_name(config.node_name)
         self.stop_grace = stop_grace
-        self._uids = open_uids(self.data_dir, uid_range if config.user == "auto" else None)
+        self._ids = AgentIds(self.data_dir, config.user, uid_range)  # see runtime.identity
         self.calls = KubeCalls(config)
         self.selectors = pod_selectors(self.instance, self.node)
         self._book = Book()
@@ -180,12 +179,6 @@ class KubernetesRuntime:
             await self.calls.delete(name, grace)
 
     # -- start --------------------------------------------------------------------------
-    def _user(self, session_id: str) -> tuple[int, int]:
-        if self._uids is None:
-            return resolve_user(self.config.user, self.data_dir)
-        uid = self._uids.uid_for(session_id)
-        return uid, uid
-
     async def start(self, session: SessionRef) -> AgentHandle:
         layout.validate_id(session.agent_group, "agent group")
         layout.validate_id(session.session_id, "session id")
@@ -195,9 +188,7 @@ class KubernetesRuntime:
                 return t.handle
             self.watch.ensure_started()
             cfg = session.settings.kubernetes if session.settings is not None else self.config
-            uid, gid = self._user(session.session_id)
-            manifest = prepare_pod(cfg, session, self.data_dir, node=self.node, uid=uid,
-                                   gid=gid, per_session_uids=self._uids is not None,
+            manifest = prepare_pod(cfg, session, self.data_dir, node=self.node, ids=self._ids,
                                    grace=self.stop_grace)
             name = manifest["metadata"]["name"]
             t = TrackedPod(AgentHandle(session.agent_group, session.session_id, name), name,
@@ -450,5 +441,4 @@ class KubernetesRuntime:
         await self.watch.stop()
         await self._background.cancel()
         await self.calls.close()
-        if self._uids is not None:
-            self._uids.close()
+        self._ids.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ from orchestrator.runtime.kubernetes.calls import ApiUnavailable
 from orchestrator.runtime.kubernetes.runtime import KubernetesRuntime, StartFailed
 from orchestrator.runtime.kubernetes.spec import LABEL_INSTANCE, pod_manifest, pod_name
 from tests.support.docker_fixtures import in_thread, insert_message, make_session
-from tests.support.helpers import holds, ro_db, until
+from tests.support.helpers import holds, needs_root, ro_db, until
 from tests.support.kube import Cluster
 
 pytestmark = pytest.mark.kubernetes
 
+UID_RANGE = (200100, 200199)
 AGENT = ("python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2")
 
@@ -47,6 +49,7 @@ def make_runtime(cluster: Cluster, namespace: str, data_dir: Path, image: str,
                  **overrides: Any) -> tuple[KubernetesRuntime, list[AgentExit], str]:
     instance = overrides.pop("instance", f"t{uuid.uuid4().hex[:8]}")
     first_version = overrides.pop("first_version", None)
+    uid_range = overrides.pop("uid_range", None)
     values: dict[str, Any] = {
         "namespace": namespace, "kubeconfig": str(cluster.kubeconfig),
         "node_name": cluster.node_name, "instance": instance, "image": image,
@@ -55,7 +58,7 @@ def make_runtime(cluster: Cluster, namespace: str, data_dir: Path, image: str,
     values.update(overrides)
     exits: list[AgentExit] = []
     rt = KubernetesRuntime(KubernetesConfig(**values), data_dir, exits.append, stop_grace=2.0,
-                           first_version=first_version)
+                           first_version=first_version, uid_range=uid_range)
     return rt, exits, instance
 
 
@@ -286,6 +289,42 @@ async def test_a_pod_of_ours_on_another_node_is_never_adopted_reported_or_delete
         # no kubelet will ever confirm a graceful delete on a node that does not exist
         await in_thread(kube_cluster.kubectl, "delete", "pod", "-n", kube_namespace, name,
                         "--grace-period=0", "--force", "--ignore-not-found")
+
+
+@needs_root("per-session uids")
+async def test_sessions_with_uids_of_their_own_share_the_group_folder_through_its_gid(
+        tmp_path, kube_cluster, kube_namespace, image, umask_022):
+    """runtime.identity's rule, as Docker applies it: with a uid per session the group
+    folder is root:<the group's gid> 02770 and each Pod carries that gid in
+    supplementalGroups, so two sessions of one group (two uids) both write it and read
+    each other's files."""
+    data = tmp_path / "data"
+    folders = [make_session(data, "grp", sid) for sid in ("sess-a", "sess-b")]
+    script = ("id -G > /workspace/outbox/groups.txt; "
+              "cat /workspace/agent/*.txt > /workspace/outbox/seen.txt 2>&1; "
+              "echo from-$ORCHESTRATOR_SESSION > /workspace/agent/$ORCHESTRATOR_SESSION.txt")
+    rt, exits, _ = make_runtime(kube_cluster, kube_namespace, data, image,
+                                uid_range=UID_RANGE, command=("sh", "-c", script),
+                                group_folder="{data_dir}/groups/{group}")
+    try:
+        for n, folder in enumerate(folders, start=1):  # one after the other
+            await rt.start(SessionRef("grp", folder.name, folder))
+            await until(lambda n=n: len(exits) == n, 90, f"agent {n} ended")
+    finally:
+        await rt.close()
+    assert [(e.reason, e.exit_code) for e in exits] == [("exited", 0), ("exited", 0)]
+    shared = data / "groups" / "grp"
+    st = shared.stat()
+    gid = st.st_gid
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o2770)
+    session_uids = {folder.stat().st_uid for folder in folders}
+    assert len(session_uids) == 2 and gid not in session_uids
+    assert UID_RANGE[0] <= gid <= UID_RANGE[1]
+    for folder in folders:
+        assert str(gid) in (folder / "outbox" / "groups.txt").read_text().split()
+    assert (shared / "sess-a.txt").stat().st_gid == gid  # the setgid folder's group
+    assert (shared / "sess-b.txt").stat().st_uid == folders[1].stat().st_uid
+    assert (folders[1] / "outbox" / "seen.txt").read_text() == "from-sess-a\n"
 
 
 async def test_a_name_taken_by_a_foreign_pod_is_refused(tmp_path, kube_cluster, kube_namespace,

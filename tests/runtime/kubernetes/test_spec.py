@@ -11,7 +11,8 @@ from lightkube.core.selector import build_selector
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
 from orchestrator.config.model import KubernetesConfig
-from orchestrator.runtime.base import SessionRef
+from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
+from orchestrator.runtime.identity import FALLBACK_GID, FALLBACK_UID, AgentIds
 from orchestrator.runtime.kubernetes import spec
 from orchestrator.runtime.kubernetes.spec import (
     ANNOTATION_SESSION,
@@ -136,18 +137,37 @@ def test_without_either_the_node_is_the_host_name():
 
 @pytest.mark.parametrize("user, owner, expected", [
     ("auto", (1000, 1000), (1000, 1000)),
-    ("auto", (0, 0), (spec.FALLBACK_UID, spec.FALLBACK_GID)),  # never root
-    ("auto", (1000, 0), (1000, spec.FALLBACK_GID)),
+    ("auto", (0, 0), (FALLBACK_UID, FALLBACK_GID)),  # never root
+    ("auto", (1000, 0), (1000, FALLBACK_GID)),
     ("2000:3000", (0, 0), (2000, 3000)),
     ("2000", (0, 0), (2000, 2000)),
+    ("0:0", (1000, 1000), (FALLBACK_UID, FALLBACK_GID)),  # a Pod never as root (runAsNonRoot)
 ])
-def test_the_agent_user(tmp_path, monkeypatch, user, owner, expected):
+def test_the_agent_user(tmp_path, user, owner, expected):
+    """The one rule of runtime.identity (Docker's too), then numeric and never 0."""
     import os
 
     if os.geteuid() != 0 and owner != (os.geteuid(), os.getegid()):
         pytest.skip("chown needs root")  # the rule itself is the same either way
     os.chown(tmp_path, *owner)
-    assert spec.resolve_user(user, tmp_path) == expected
+    assert spec.pod_user(*AgentIds(tmp_path, user, None).user_of("s")) == expected
+
+
+def test_a_user_name_is_refused_in_one_line():
+    with pytest.raises(RuntimeUnavailable, match=r"\[kubernetes\] user 'nobody': write 'auto'"):
+        spec.pod_user("nobody", None, None)
+
+
+@pytest.mark.parametrize("groups, expected", [
+    ((), None),  # one uid for every agent: the group folder is that uid's
+    ((200005,), [200005]),  # a uid per session: the group's gid, shared through the folder
+])
+def test_the_group_folder_gid_is_a_supplemental_group(tmp_path, groups, expected):
+    k8s, session = _session(tmp_path)
+    m = pod_manifest(k8s, session, node="n", uid=200001, gid=200001, folder=tmp_path,
+                     group=(tmp_path / "g", False), groups=groups)
+    assert m["spec"]["securityContext"].get("supplementalGroups") == expected
+    assert m["spec"]["securityContext"]["runAsGroup"] == 200001
 
 
 def _session(tmp_path: Path, **group: object) -> tuple[KubernetesConfig, SessionRef]:

@@ -22,6 +22,7 @@ repository's files as they are.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -137,8 +138,7 @@ def test_the_daemonset_runs_the_orchestrator_on_each_nodes_data_dir() -> None:
     # 0400, where the config reads them
     secret_volume = next(v for v in spec["volumes"] if "secret" in v)
     assert secret_volume["secret"]["defaultMode"] == 0o400
-    for key in ("token_file", "secret_file"):
-        path = config["api" if key == "token_file" else "delivery"][key]
+    for path in (config["api"]["token_file"], *config["delivery"]["secret_files"]):
         assert mounts[path]["name"] == secret_volume["name"] and mounts[path]["subPath"]
     port = container["ports"][0]
     assert config["api"]["listen"] == f"0.0.0.0:{port['containerPort']}"
@@ -311,8 +311,9 @@ async def test_the_daemonset_from_the_manifests_answers_a_message_end_to_end(
         agent_image: str) -> None:
     ns, instance, port = kube_namespace, f"t{uuid.uuid4().hex[:8]}", free_port()
     data_dir = DATA_ROOT / ns / "data"
-    token, hook_secret = secrets.token_hex(24), secrets.token_hex(24)
-    receiver = await Receiver(hook_secret.encode()).start()
+    token = secrets.token_hex(24)
+    hook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()  # as README
+    receiver = await Receiver(hook_secret).start()
     started = time.monotonic()
     try:
         for tag in (orchestrator_image, agent_image):

@@ -214,7 +214,7 @@ def test_an_image_that_is_not_there_keeps_the_work(tmp_path, kube_cluster, kube_
         async with supervised(cfg) as sup:
             row = session(sup, "waiting")
             mid = send(sup, row, "still here?")
-            await until(lambda: sup.tracked[row.id].start.failures >= 2, 90,
+            await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start.failures >= 2, 90,
                         "two failed starts (retried with backoff)")
             assert message_row(sup, row, mid) == {"status": "pending", "tries": 0}
             assert await in_thread(our_pods, kube_cluster, kube_namespace,

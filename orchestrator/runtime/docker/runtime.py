@@ -41,7 +41,6 @@ error policy are ``dockerexec``.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from enum import Enum, auto
 from pathlib import Path
@@ -53,7 +52,6 @@ from loguru import logger
 from orchestrator.config.groups import read_env
 from orchestrator.config.model import DockerConfig
 from orchestrator.contract import layout
-from orchestrator.host.uids import open_uids
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -71,14 +69,13 @@ from orchestrator.runtime.docker.spec import (
     container_name,
     container_spec,
     exit_reason,
-    group_folder,
     group_mounts,
     host_config_kwargs,
     parse_extra_mounts,
     prepare_folder,
-    resolve_user,
     session_mounts,
 )
+from orchestrator.runtime.identity import AgentIds, group_folder
 
 
 def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
@@ -155,8 +152,8 @@ class DockerRuntime:
                  uid_range: tuple[int, int] | None = None):
         self.config = config
         self.data_dir = Path(data_dir)
-        # one uid per session (root, [runtime] uid_range, [docker] user = auto)
-        self._uids = open_uids(self.data_dir, uid_range if config.user == "auto" else None)
+        # one uid per session (root, [runtime] uid_range, [docker] user = auto): identity
+        self._ids = AgentIds(self.data_dir, config.user, uid_range)
         self.on_exit = on_exit
         self.on_available = on_available
         self.instance = config.instance
@@ -303,18 +300,8 @@ class DockerRuntime:
                 self._starting.discard(session.session_id)
 
     def _user(self, session_id: str) -> tuple[str, int | None, int | None]:
-        """(docker --user, uid, gid): the session's own uid (``uids``), else the one
-        uid every agent runs as (``resolve_user``)."""
-        if self._uids is None:
-            return resolve_user(self.config.user, self.data_dir)
-        uid = self._uids.uid_for(session_id)
-        return f"{uid}:{uid}", uid, uid
-
-    def _shared_gids(self, session: SessionRef, config: DockerConfig) -> tuple[int, ...]:
-        """With a uid per session, the gid of the group's shared folder (if it has one)."""
-        if self._uids is None or not config.group_folder:
-            return ()
-        return (self._uids.group_gid(session.agent_group),)
+        """(docker --user, uid, gid): ``identity.AgentIds.user_of``."""
+        return self._ids.user_of(session_id)
 
     async def _create(self, session: SessionRef, user: str,
                       mounts: list[Mount]) -> str | AgentHandle:
@@ -324,7 +311,8 @@ class DockerRuntime:
         config = _config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
         spec = container_spec(config, session, user, env)
-        host_kwargs = host_config_kwargs(config, mounts, self._shared_gids(session, config))
+        host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
+            session.agent_group, bool(config.group_folder)))
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -371,8 +359,8 @@ class DockerRuntime:
         mounts = session_mounts(Path(session.folder), self.data_dir) + parse_extra_mounts(config)
         folder = group_folder(config.group_folder, self.data_dir, session.agent_group)
         mode = None
-        if self._uids is not None and folder is not None:  # shared by the group's sessions:
-            uid, gid, mode = os.geteuid(), self._uids.group_gid(session.agent_group), 0o2770
+        if folder is not None:  # the agents' uid, or with a uid per session root:<gid> 02770
+            uid, gid, mode = self._ids.group_owner(session.agent_group, uid, gid)
         return mounts + await self.exec.offload(lambda: group_mounts(
             folder, Path(session.folder).resolve(), self.data_dir, config.allowed_mounts,
             uid, gid, mode))
@@ -611,8 +599,7 @@ class DockerRuntime:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.exec.close()
-        if self._uids is not None:
-            self._uids.close()
+        self._ids.close()
 
     async def _stop_events(self) -> None:
         await self._events.stop()

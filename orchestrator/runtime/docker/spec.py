@@ -8,8 +8,8 @@ chown touch the disk), so every rule is tested without an engine:
 - ``session_mounts`` (the session folder rw at /workspace, its inbound.db ro on
   top) and ``parse_extra_mounts`` (``[docker] mounts``, only from under
   ``allowed_mounts``: the checks are ``config.mounts``', shared with ``preflight``);
-- ``resolve_user`` / ``prepare_folder``: which uid the agent runs as (never
-  root) and the parts of the folder it is given;
+- ``prepare_folder``: the parts of the folder the agent is given (which uid it runs
+  as, and the group folder's rule, are ``runtime.identity``'s, shared with Kubernetes);
 - ``container_spec`` / ``host_config_kwargs``: the create and host-config
   arguments (least privilege: cap_drop, no-new-privileges, read-only root, limits);
 - ``exit_reason``: exited | killed | oom | stopped from what Docker reported.
@@ -36,25 +36,30 @@ from orchestrator.config.mounts import (
 from orchestrator.contract import layout
 from orchestrator.host.uids import give_folder
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
+from orchestrator.runtime.identity import (  # noqa: F401 - FALLBACK_*, group_folder and
+    AGENT_DIR,  # resolve_user are this module's names too (callers, tests)
+    FALLBACK_GID,
+    FALLBACK_UID,
+    FolderRefused,
+    group_folder,
+    prepare_group_folder,
+    resolve_user,
+)
 
 LABEL_INSTANCE = "orchestrator.instance"
 LABEL_GROUP = "orchestrator.agent_group"
 LABEL_SESSION = "orchestrator.session"
 LABEL_SETTINGS = "orchestrator.settings"  # short hash of the group settings it runs with
 
-AGENT_DIR = "agent"  # NanoClaw-built images read /workspace/agent/container.json
-# Used when the data dir belongs to root: agents never run as root.
-FALLBACK_UID = 10001
-FALLBACK_GID = 10001
 TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
 ALIVE_STATES = frozenset({"running", "paused", "restarting"})
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]")
 
 
-class MountRefused(RuntimeUnavailable, MountNotAllowed):
-    """A mount (extra, group or session folder) the config does not allow, found as
-    an agent starts: a ``MountNotAllowed`` that fails the start like any runtime
-    outage (the work stays pending)."""
+# A mount (extra, group or session folder) the config does not allow, found as an
+# agent starts: a ``MountNotAllowed`` that fails the start like any runtime outage
+# (the work stays pending). One class with the Kubernetes runtime's refusals.
+MountRefused = FolderRefused
 
 
 def container_name(instance: str, agent_group: str, session_id: str) -> str:
@@ -79,31 +84,6 @@ def parse_extra_mounts(config: DockerConfig) -> list[Mount]:
         raise MountRefused(str(exc)) from None
     return [Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
             for m in checked]
-
-
-def resolve_user(user: str, data_dir: Path) -> tuple[str, int | None, int | None]:
-    """(docker --user value, uid, gid); uid/gid None when given by name.
-
-    ``auto``: the owner of ``data_dir``, so files the agent writes belong to the
-    same account as the rest of the data. If that owner is root, agents run as
-    the fixed unprivileged ``FALLBACK_UID:FALLBACK_GID`` (10001) instead — never
-    as root — and the agent-writable parts of each session folder are chowned to
-    it before start (see ``prepare_folder``). A root group is replaced likewise.
-    """
-    if user == "auto":
-        st = data_dir.stat()
-        uid, gid = st.st_uid, st.st_gid
-        if uid == 0:
-            uid, gid = FALLBACK_UID, FALLBACK_GID
-        elif gid == 0:
-            gid = FALLBACK_GID
-        return f"{uid}:{gid}", uid, gid
-    match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
-    if match:
-        uid = int(match.group(1))
-        gid = int(match.group(2)) if match.group(2) is not None else uid
-        return f"{uid}:{gid}", uid, gid
-    return user, None, None
 
 
 def prepare_folder(folder: Path, uid: int | None, gid: int | None) -> list[Path]:
@@ -166,70 +146,25 @@ def session_mounts(folder: Path, data_dir: Path) -> list[Mount]:
     ]
 
 
-def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None:
-    """The host folder ``[docker] group_folder`` names for a group (None: no mount).
-
-    ``{data_dir}`` and ``{group}`` are filled in; a relative result is relative to
-    ``data_dir``. (Per-group settings may hand ``group_mounts`` a folder of their own.)
-    """
-    if not template:
-        return None
-    layout.validate_id(agent_group, "agent group")
-    try:
-        text = template.format(data_dir=str(data_dir), group=agent_group)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise MountRefused(f"[docker] group_folder {template!r}: only {{data_dir}} and "
-                              f"{{group}} may be filled in ({exc})") from None
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else data_dir / path
-
-
 def group_mounts(folder: Path | None, session_folder: Path, data_dir: Path,
                  allowed_mounts: tuple[str, ...] = (), uid: int | None = None,
                  gid: int | None = None, mode: int | None = None) -> list[Mount]:
     """A group's folder read-write at ``/workspace/agent`` and its ``container.json``
     read-only on top, as NanoClaw's host mounts them, so NanoClaw-built images find
-    their settings. Every session of the group shares the folder.
-
-    The folder is created if missing (given to ``uid``:``gid`` when we may chown, and
-    set to ``mode`` if given: 02770 for a gid the group's agents share)
-    and must lie under ``data_dir`` or an ``[docker] allowed_mounts`` root, outside
-    ``sessions/`` (agent-writable). ``container.json`` is mounted only if it is a
-    regular file (a symlink is not followed). The mount point ``agent/`` in the
-    session folder is made a plain folder first: the agent may have put anything there.
+    their settings. Every session of the group shares the folder; where it may lie and
+    whose it is are ``identity.prepare_group_folder``'s (shared with Kubernetes), with
+    ``[docker] allowed_mounts`` roots allowed besides ``data_dir``.
     """
     if folder is None:
         return []
-    folder.mkdir(parents=True, exist_ok=True)
-    real = folder.resolve()
-    roots = [data_dir.resolve()] + [Path(a).expanduser().resolve() for a in allowed_mounts]
-    if not any(is_under(real, root) for root in roots) or is_under(
-            real, layout.sessions_root(data_dir).resolve()):
-        raise MountRefused(f"group folder {real} must be under data_dir or [docker] "
-                              "allowed_mounts, and not under sessions/")
-    if uid is not None and gid is not None and os.geteuid() == 0:
-        st = real.stat()
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(real, uid, gid)
-        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
-            os.chmod(real, mode)
-    point = Path(session_folder) / AGENT_DIR
-    try:
-        st = point.lstat()
-        if not stat.S_ISDIR(st.st_mode):
-            point.unlink()
-            point.mkdir()
-    except FileNotFoundError:
-        point.mkdir()
+    real, has_settings = prepare_group_folder(folder, session_folder, data_dir,
+                                              allowed_mounts, uid, gid, mode,
+                                              allowed_key="[docker] allowed_mounts")
     target = f"{WORKSPACE}/{AGENT_DIR}"
     mounts = [Mount(target=target, source=str(real), type="bind", read_only=False)]
-    settings = real / "container.json"
-    try:
-        if stat.S_ISREG(settings.lstat().st_mode):
-            mounts.append(Mount(target=f"{target}/container.json", source=str(settings),
-                                type="bind", read_only=True))
-    except FileNotFoundError:
-        pass
+    if has_settings:
+        mounts.append(Mount(target=f"{target}/container.json",
+                            source=str(real / "container.json"), type="bind", read_only=True))
     return mounts
 
 

@@ -39,6 +39,7 @@ from orchestrator.runtime.base import RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 
 API = "api"  # the LogOnce key of "the API server does not answer / refuses us"
+NAMESPACE = "namespace"  # ... of "the namespace is missing" (lists there succeed, empty)
 WATCH_SERVER_TIMEOUT = 240  # s a watch request lasts before lightkube renews it
 
 
@@ -79,9 +80,9 @@ def _message(exc: BaseException) -> str:
     return " ".join(text.split())[:300] or type(exc).__name__
 
 
-def _selector(labels: dict[str, str]) -> dict[str, Any]:
+def _selector(selector: dict[str, str]) -> dict[str, Any]:
     """lightkube's selector type (values may be operators too)."""
-    return dict(labels)
+    return dict(selector)
 
 
 class KubeCalls:
@@ -131,8 +132,9 @@ class KubeCalls:
                 pass
 
     # -- error policy -----------------------------------------------------------
-    def _unavailable(self, line: str, exc: BaseException | None = None) -> ApiUnavailable:
-        if self._said.say(API, line):
+    def _unavailable(self, line: str, exc: BaseException | None = None, *,
+                     key: str = API) -> ApiUnavailable:
+        if self._said.say(key, line):
             logger.error("{}", line)
         return ApiUnavailable(line)
 
@@ -165,7 +167,7 @@ class KubeCalls:
         if code == 404 and verb == "create":
             return self._unavailable(
                 f"namespace {self.namespace} does not exist on {self._server}: create it or "
-                "set [kubernetes] namespace", exc)
+                "set [kubernetes] namespace", exc, key=NAMESPACE)
         if code == 409:
             return Conflict(f"{what} in {self.namespace}: {_message(exc)}")
         return RuntimeUnavailable(f"Kubernetes {verb} of {what} in {self.namespace} failed "
@@ -188,6 +190,8 @@ class KubeCalls:
         except (httpx.HTTPError, OSError) as exc:
             raise await self._failed("create", exc, name) from None
         self.mark_available()
+        if self._said.clear(NAMESPACE) is not None:
+            logger.info("namespace {} is there now", self.namespace)
         return pod.to_dict()
 
     async def get(self, name: str) -> dict[str, Any] | None:
@@ -218,11 +222,14 @@ class KubeCalls:
             raise await self._failed("delete", exc, name) from None
         self.mark_available()
 
-    async def list(self, labels: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
-        """Every Pod carrying ``labels``, and the list's resourceVersion."""
+    async def list(self, labels: dict[str, str], fields: dict[str, str]
+                   ) -> tuple[list[dict[str, Any]], str]:
+        """Every Pod carrying ``labels`` and matching ``fields`` (``spec.nodeName``: see
+        ``spec.pod_selectors``), and the list's resourceVersion."""
         self.calls += 1
         try:
-            found = self.client().list(Pod, namespace=self.namespace, labels=_selector(labels))
+            found = self.client().list(Pod, namespace=self.namespace, labels=_selector(labels),
+                                       fields=_selector(fields))
             items = [pod.to_dict() async for pod in found]
             version = found.resourceVersion
         except RuntimeUnavailable:
@@ -232,12 +239,13 @@ class KubeCalls:
         self.mark_available()
         return items, version
 
-    async def watch(self, labels: dict[str, str], version: str
+    async def watch(self, labels: dict[str, str], fields: dict[str, str], version: str
                     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(event type, Pod) from ``version`` on. Raises ``Gone`` on 410, the
         translated error when the stream fails or drops."""
         self.calls += 1
         stream = self.client().watch(Pod, namespace=self.namespace, labels=_selector(labels),
+                                     fields=_selector(fields),
                                      resource_version=version,
                                      server_timeout=WATCH_SERVER_TIMEOUT,
                                      on_error=on_error_raise)
@@ -254,13 +262,13 @@ class KubeCalls:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def ping(self, labels: dict[str, str]) -> None:
+    async def ping(self, labels: dict[str, str], fields: dict[str, str]) -> None:
         """Raises ``RuntimeUnavailable`` unless our Pods can be listed (``/readyz``): a
         one-item page, with the verb the Role grants anyway (no namespace read)."""
         self.calls += 1
         try:
             found = self.client().list(Pod, namespace=self.namespace, labels=_selector(labels),
-                                       chunk_size=1)
+                                       fields=_selector(fields), chunk_size=1)
             async for _ in found:
                 break
         except RuntimeUnavailable:

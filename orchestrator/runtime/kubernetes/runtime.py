@@ -19,10 +19,11 @@ with its backoff. stop / kill delete with ``gracePeriodSeconds`` = grace / 1 s
 (``tracked.KILL_GRACE``) and wait until the Pod is gone. Exits come from the watch:
 ``exited``, ``oom``, ``evicted``, ``vanished`` (deleted by someone else); ours are
 ``stopped`` / ``killed``; finished Pods are deleted once reported. recover / reconcile
-list by our instance label: adopt live Pods, report tracked ones that ended unseen,
-delete finished leftovers. Pods without our label are never listed (label selector)
-nor deleted (only names we own, after a check of labels and uid). pause / resume are
-no-ops: the composition root turns the paused tier off on Kubernetes and says so.
+list ours: adopt live Pods, report tracked ones that ended unseen, delete finished
+leftovers. "Ours" = our instance label AND our node (``spec.owned``): one orchestrator
+runs per node, all with one instance label, so every list and watch has the field
+selector ``spec.nodeName=<node>`` too, and deletes go by names we own after a check of
+label, node and uid. pause / resume are no-ops (the composition root turns it off).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from loguru import logger
 
 from orchestrator.config.model import KubernetesConfig
 from orchestrator.contract import layout
-from orchestrator.host.uids import open_uids
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -44,6 +44,7 @@ from orchestrator.runtime.base import (
     RuntimeUnavailable,
     SessionRef,
 )
+from orchestrator.runtime.identity import AgentIds
 from orchestrator.runtime.kubernetes.calls import Conflict, KubeCalls
 from orchestrator.runtime.kubernetes.pods import (
     ENDED,
@@ -55,12 +56,12 @@ from orchestrator.runtime.kubernetes.pods import (
 )
 from orchestrator.runtime.kubernetes.spec import (
     LABEL_INSTANCE,
-    LABEL_SESSION,
     ids_of,
-    label_value,
     node_name,
+    owned,
+    pod_selectors,
     prepare_pod,
-    resolve_user,
+    selector_text,
 )
 from orchestrator.runtime.kubernetes.tracked import (
     GONE_SLACK,
@@ -95,16 +96,16 @@ class KubernetesRuntime:
         self.instance = config.instance
         self.node = node or node_name(config.node_name)
         self.stop_grace = stop_grace
-        self._uids = open_uids(self.data_dir, uid_range if config.user == "auto" else None)
+        self._ids = AgentIds(self.data_dir, config.user, uid_range)  # see runtime.identity
         self.calls = KubeCalls(config)
-        self.labels = {LABEL_INSTANCE: self.instance}
+        self.selectors = pod_selectors(self.instance, self.node)
         self._book = Book()
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting: set[str] = set()
         self._background = Background()
         self._said = LogOnce()
         self._reconcile_lock = asyncio.Lock()
-        self.watch = PodWatch(self.calls, self.labels, self._watch_listed, self._on_event,
+        self.watch = PodWatch(self.calls, self.selectors, self._watch_listed, self._on_event,
                               first_version=first_version)
         self.reconciles = 0
         self.listed = False  # see Runtime.listed: set by the first list that succeeds
@@ -159,8 +160,7 @@ class KubernetesRuntime:
 
     # -- ownership ---------------------------------------------------------------------
     def _owns(self, pod: dict[str, Any]) -> bool:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        return labels.get(LABEL_INSTANCE) == self.instance
+        return owned(pod, self.instance, self.node)
 
     async def _delete_owned(self, session_id: str, name: str, uid: str | None,
                             grace: int) -> None:
@@ -171,20 +171,14 @@ class KubernetesRuntime:
             if pod is None:
                 return
             if not self._owns(pod):
-                logger.error("refusing to delete Pod {}: it lacks label {}={}", name,
-                             LABEL_INSTANCE, self.instance)
+                logger.error("refusing to delete Pod {}: it lacks label {}={} or is not on "
+                             "node {}", name, LABEL_INSTANCE, self.instance, self.node)
                 return
             if uid is not None and (pod.get("metadata") or {}).get("uid") != uid:
                 return  # a newer Pod of the session has the name now
             await self.calls.delete(name, grace)
 
     # -- start --------------------------------------------------------------------------
-    def _user(self, session_id: str) -> tuple[int, int]:
-        if self._uids is None:
-            return resolve_user(self.config.user, self.data_dir)
-        uid = self._uids.uid_for(session_id)
-        return uid, uid
-
     async def start(self, session: SessionRef) -> AgentHandle:
         layout.validate_id(session.agent_group, "agent group")
         layout.validate_id(session.session_id, "session id")
@@ -194,9 +188,7 @@ class KubernetesRuntime:
                 return t.handle
             self.watch.ensure_started()
             cfg = session.settings.kubernetes if session.settings is not None else self.config
-            uid, gid = self._user(session.session_id)
-            manifest = prepare_pod(cfg, session, self.data_dir, node=self.node, uid=uid,
-                                   gid=gid, per_session_uids=self._uids is not None,
+            manifest = prepare_pod(cfg, session, self.data_dir, node=self.node, ids=self._ids,
                                    grace=self.stop_grace)
             name = manifest["metadata"]["name"]
             t = TrackedPod(AgentHandle(session.agent_group, session.session_id, name), name,
@@ -249,7 +241,8 @@ class KubernetesRuntime:
             raise RuntimeUnavailable(
                 f"Pod name {t.name} in namespace {self.calls.namespace} is taken by a "
                 f"Pod this orchestrator does not own (no {LABEL_INSTANCE}="
-                f"{self.instance} label for this session): delete or rename it")
+                f"{self.instance} label for this session on node {self.node}): delete or "
+                "rename it")
         view = classify(existing)
         meta = existing.get("metadata") or {}
         if view.alive and not meta.get("deletionTimestamp"):
@@ -331,8 +324,8 @@ class KubernetesRuntime:
                     t.view, stopping=t.phase is Phase.STOPPING,
                     killing=t.phase is Phase.KILLING), delete=False)
                 return
-            pods, _ = await self.calls.list({**self.labels,
-                                             LABEL_SESSION: label_value(session_id)})
+            pods, _ = await self.calls.list(*pod_selectors(self.instance, self.node,
+                                                           session_id))
             for pod in pods:
                 meta = pod.get("metadata") or {}
                 if not self._owns(pod) or (ids_of(meta) or ("", ""))[1] != session_id:
@@ -424,26 +417,28 @@ class KubernetesRuntime:
         """Adopt this instance's live Pods, delete its finished ones; then follow them.
         Raises (``listed`` stays False) when the API server does not answer; the watch's
         first list adopts them later."""
+        labels, fields = self.selectors
+        logger.info("following Pods in namespace {} with labels {} and fields {}",
+                    self.calls.namespace, selector_text(labels), selector_text(fields))
         self.watch.ensure_started()
-        pods, _ = await self.calls.list(self.labels)
+        pods, _ = await self.calls.list(labels, fields)
         await self._sync(pods)
         return self.running()
 
     async def reconcile(self) -> None:
         try:
-            pods, _ = await self.calls.list(self.labels)
+            pods, _ = await self.calls.list(*self.selectors)
         except RuntimeUnavailable as exc:
             logger.debug("reconcile skipped: {}", exc)
             return
         await self._sync(pods)
 
     async def ping(self) -> None:
-        await self.calls.ping(self.labels)
+        await self.calls.ping(*self.selectors)
 
     async def close(self) -> None:
         """Stop watching and release the client; Pods keep running (adopted next time)."""
         await self.watch.stop()
         await self._background.cancel()
         await self.calls.close()
-        if self._uids is not None:
-            self._uids.close()
+        self._ids.close()

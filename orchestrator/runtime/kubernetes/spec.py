@@ -3,14 +3,20 @@
 No API calls happen here (only the folder checks and the group folder's mkdir/chown
 touch the disk), so every rule is table-tested without a cluster:
 
-- ``pod_name``: DNS-1123, at most 63 characters, unique per (instance, group,
+- ``pod_name``: DNS-1123, at most 63 characters, unique per (instance, node, group,
   session): a sanitized prefix plus a hash of the exact ids;
+- ``pod_selectors`` / ``owned``: which Pods are this orchestrator's. The orchestrator
+  runs as a DaemonSet, one per node, all with the same instance label, so "ours" is
+  our instance label AND ``spec.nodeName`` = our node: lists and watches carry both
+  a label and a field selector, and nothing is adopted, reported or deleted that
+  fails ``owned`` (an orchestrator on another node owns it);
 - ``label_value`` / ``pod_labels`` / ``pod_annotations``: the same
   ``orchestrator.*`` keys as the Docker runtime. A Kubernetes label value is at most
   63 characters of ``[A-Za-z0-9_.-]`` with alphanumeric ends; an id that does not
   fit (``@``, ``+``, longer ids) is labelled by a hash and kept whole in an
   annotation, which is what the runtime reads back;
-- ``resolve_user``: the uid/gid the agent runs as (never root);
+- ``pod_user``: the uid/gid the agent runs as (``runtime.identity``'s rule, shared
+  with Docker; numeric and never root here);
 - ``pod_manifest``: the Pod (least privilege by default: non-root, read-only root,
   all capabilities dropped, no privilege escalation, RuntimeDefault seccomp, no
   service-account token, no host namespaces, ``restartPolicy: Never``), pinned to
@@ -36,6 +42,15 @@ from orchestrator.config.mounts import WORKSPACE, is_under
 from orchestrator.contract import layout
 from orchestrator.host.uids import give_folder
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
+from orchestrator.runtime.identity import (
+    AGENT_DIR,
+    FALLBACK_GID,
+    FALLBACK_UID,
+    AgentIds,
+    FolderRefused,
+    group_folder,
+    prepare_group_folder,
+)
 
 LABEL_INSTANCE = "orchestrator.instance"
 LABEL_GROUP = "orchestrator.agent_group"
@@ -46,18 +61,10 @@ ANNOTATION_GROUP = "orchestrator.agent_group"
 ANNOTATION_SESSION = "orchestrator.session"
 
 CONTAINER = "agent"
-AGENT_DIR = "agent"  # the group folder's mount point, as in the Docker runtime
-FALLBACK_UID = 10001  # when the data dir belongs to root: agents never run as root
-FALLBACK_GID = 10001
 TMP_SIZE = "64Mi"
 
 _LABEL_OK = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 _DNS_BAD = re.compile(r"[^a-z0-9-]+")
-
-
-class FolderRefused(RuntimeUnavailable):
-    """A session or group folder that cannot be given to a Pod (not under data_dir,
-    inbound.db missing or not a regular file): the start fails, the work stays."""
 
 
 def _digest(*parts: str, size: int = 10) -> str:
@@ -72,13 +79,41 @@ def label_value(value: str) -> str:
     return "h-" + _digest(value, size=32)
 
 
-def pod_name(instance: str, agent_group: str, session_id: str) -> str:
+def pod_name(instance: str, node: str, agent_group: str, session_id: str) -> str:
     """``orch-<instance>-<group>-<session>`` lower-cased, other characters as ``-``,
-    cut to fit 63 with a hash of the exact three ids at the end (always: ids that
-    differ only in case or in a replaced character must not share a Pod)."""
+    cut to fit 63 with a hash of the exact ids and the node at the end (always: ids
+    that differ only in case or in a replaced character must not share a Pod, nor
+    may two nodes' sessions of the same id: every node has its own data dir)."""
     raw = f"orch-{instance}-{agent_group}-{session_id}".lower()
     stem = _DNS_BAD.sub("-", raw).strip("-")[:52].rstrip("-")
-    return f"{stem}-{_digest(instance, agent_group, session_id)}"
+    return f"{stem}-{_digest(instance, agent_group, session_id, node)}"
+
+
+NODE_FIELD = "spec.nodeName"
+
+
+def pod_selectors(instance: str, node: str, session_id: str | None = None
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """(label selector, field selector) of this orchestrator's Pods, or of one
+    session's: our instance label (and the session's) on our node only."""
+    labels = {LABEL_INSTANCE: instance}
+    if session_id is not None:
+        labels[LABEL_SESSION] = label_value(session_id)
+    return labels, {NODE_FIELD: node}
+
+
+def selector_text(selector: dict[str, str]) -> str:
+    """A selector as the API's query parameter holds it (``k=v,k2=v2``): for logs."""
+    return ",".join(f"{key}={value}" for key, value in selector.items())
+
+
+def owned(pod: dict[str, Any], instance: str, node: str) -> bool:
+    """Whether ``pod`` is this orchestrator's: our instance label and pinned to our
+    node. A Pod of another node's orchestrator (same label) is never ours to adopt,
+    report or delete; neither is one without ``spec.nodeName``."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return (labels.get(LABEL_INSTANCE) == instance
+            and (pod.get("spec") or {}).get("nodeName") == node)
 
 
 def pod_labels(instance: str, agent_group: str, session_id: str,
@@ -116,18 +151,12 @@ def node_name(configured: str, environ: dict[str, str] | None = None) -> str:
     return configured or env.get("NODE_NAME", "") or socket.gethostname().lower()
 
 
-def resolve_user(user: str, data_dir: Path) -> tuple[int, int]:
-    """(uid, gid) of the agent: ``auto`` = the owner of ``data_dir`` (root replaced by
-    the fixed unprivileged 10001), or ``UID[:GID]``. Never 0."""
-    if user == "auto":
-        st = data_dir.stat()
-        uid, gid = st.st_uid, st.st_gid
-    else:
-        match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
-        if not match:
-            raise RuntimeUnavailable(f"[kubernetes] user {user!r}: write 'auto' or 'UID:GID'")
-        uid = int(match.group(1))
-        gid = int(match.group(2)) if match.group(2) is not None else uid
+def pod_user(user: str, uid: int | None, gid: int | None) -> tuple[int, int]:
+    """``runAsUser`` / ``runAsGroup`` from ``identity.AgentIds.user_of``: numeric (a
+    Pod takes no user names) and never 0 (``runAsNonRoot``: root becomes 10001)."""
+    if uid is None or gid is None:
+        raise RuntimeUnavailable(f"[kubernetes] user {user!r}: write 'auto' or 'UID:GID' "
+                                 "(a Pod runs as numeric ids)")
     return (uid or FALLBACK_UID), (gid or FALLBACK_GID)
 
 
@@ -148,48 +177,6 @@ def check_session_folder(folder: Path, data_dir: Path) -> Path:
     return real
 
 
-def group_folder(template: str, data_dir: Path, agent_group: str) -> Path | None:
-    """The group's host folder (``{data_dir}``, ``{group}`` filled in), or None."""
-    if not template:
-        return None
-    try:
-        text = template.format(data_dir=str(data_dir), group=agent_group)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise FolderRefused(f"[kubernetes] group_folder {template!r}: only {{data_dir}} and "
-                            f"{{group}} may be filled in ({exc})") from None
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else data_dir / path
-
-
-def prepare_group_folder(folder: Path, session_folder: Path, data_dir: Path,
-                         uid: int | None, gid: int | None) -> tuple[Path, bool]:
-    """Create the group folder (under data_dir, not under sessions/), give it to the
-    agent's uid when we may chown, make the mount point ``agent/`` in the session
-    folder a plain folder. Returns (folder, whether a regular container.json is there)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    real = folder.resolve()
-    if not is_under(real, data_dir.resolve()) or is_under(
-            real, layout.sessions_root(data_dir).resolve()):
-        raise FolderRefused(f"group folder {real} must be under data_dir and not under "
-                            "sessions/")
-    if uid is not None and gid is not None and os.geteuid() == 0:
-        st = real.stat()
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(real, uid, gid)
-    point = session_folder / AGENT_DIR
-    try:
-        if not stat.S_ISDIR(point.lstat().st_mode):
-            point.unlink()
-            point.mkdir()
-    except FileNotFoundError:
-        point.mkdir()
-    try:
-        has_settings = stat.S_ISREG((real / "container.json").lstat().st_mode)
-    except FileNotFoundError:
-        has_settings = False
-    return real, has_settings
-
-
 def resources(cfg: KubernetesConfig) -> dict[str, dict[str, str]]:
     """requests/limits from the four quantities; an empty one is left out."""
     out: dict[str, dict[str, str]] = {}
@@ -203,11 +190,12 @@ def resources(cfg: KubernetesConfig) -> dict[str, dict[str, str]]:
 
 def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: int, gid: int,
                  folder: Path, group: tuple[Path, bool] | None = None,
-                 env: dict[str, str] | None = None, grace: float = 10.0) -> dict[str, Any]:
+                 env: dict[str, str] | None = None, grace: float = 10.0,
+                 groups: tuple[int, ...] = ()) -> dict[str, Any]:
     """The Pod for ``session``. ``cfg`` is the group's effective [kubernetes] settings,
     ``folder`` the resolved session folder, ``group`` the group folder and whether a
     ``container.json`` is in it, ``env`` the group's variables (secrets included: the
-    manifest is never logged)."""
+    manifest is never logged), ``groups`` supplementary gids (the group folder's)."""
     digest = session.settings.digest if session.settings is not None else None
     workspace_mounts: list[dict[str, Any]] = [
         {"name": "workspace", "mountPath": WORKSPACE},
@@ -253,7 +241,8 @@ def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: 
         "hostNetwork": False, "hostPID": False, "hostIPC": False,
         "terminationGracePeriodSeconds": max(0, int(round(grace))),
         "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                            **({"supplementalGroups": list(groups)} if groups else {})},
         "containers": [container],
         "volumes": volumes,
     }
@@ -268,7 +257,7 @@ def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: 
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "name": pod_name(cfg.instance, session.agent_group, session.session_id),
+            "name": pod_name(cfg.instance, node, session.agent_group, session.session_id),
             "namespace": cfg.namespace,
             "labels": pod_labels(cfg.instance, session.agent_group, session.session_id, digest),
             "annotations": pod_annotations(session.agent_group, session.session_id),
@@ -278,18 +267,21 @@ def pod_manifest(cfg: KubernetesConfig, session: SessionRef, *, node: str, uid: 
 
 
 def prepare_pod(cfg: KubernetesConfig, session: SessionRef, data_dir: Path, *, node: str,
-                uid: int, gid: int, per_session_uids: bool, grace: float) -> dict[str, Any]:
-    """The I/O edge of a start: check the session folder, give its writable parts to
-    the agent's uid (root only), prepare the group folder (shared by the group: the
-    data dir owner's when every session has its own uid), read the secret files; then
-    the manifest."""
+                ids: AgentIds, grace: float) -> dict[str, Any]:
+    """The I/O edge of a start: the agent's ids (``identity``: the session's own uid or
+    the one for all), check the session folder, give its writable parts to that uid
+    (root only), prepare the group folder (``identity``'s rule: with a uid per session
+    it is root:<the group's gid> 02770 and every Pod of the group carries that gid in
+    ``supplementalGroups``), read the secret files; then the manifest."""
+    uid, gid = pod_user(*ids.user_of(session.session_id))
     folder = check_session_folder(Path(session.folder), data_dir)
     give_folder(folder, uid, gid)
     group = None
-    where = group_folder(cfg.group_folder, data_dir, session.agent_group)
+    where = group_folder(cfg.group_folder, data_dir, session.agent_group, "kubernetes")
     if where is not None:
-        owner = (None, None) if per_session_uids else (uid, gid)
-        group = prepare_group_folder(where, folder, data_dir, *owner)
+        owner = ids.group_owner(session.agent_group, uid, gid)
+        group = prepare_group_folder(where, folder, data_dir, (), *owner)
     env = read_env(session.settings) if session.settings is not None else {}
     return pod_manifest(cfg, session, node=node, uid=uid, gid=gid, folder=folder, group=group,
-                        env=env, grace=grace)
+                        env=env, grace=grace,
+                        groups=ids.shared_gids(session.agent_group, where is not None))

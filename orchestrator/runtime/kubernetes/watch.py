@@ -1,10 +1,11 @@
 """List-then-watch the Pods of one instance in one namespace, the Kubernetes way.
 
-    PodWatch(calls, labels, on_list, on_event)
+    PodWatch(calls, (labels, fields), on_list, on_event)
 
 One asyncio task (lightkube is async: no thread). Each round:
 
-1. **list** the Pods carrying our instance label; ``on_list(pods)`` (the runtime
+1. **list** the Pods carrying our instance label on our node (a label and a field
+   selector: ``spec.pod_selectors``); ``on_list(pods)`` (the runtime
    reconciles its bookkeeping against it: exits missed, Pods to adopt);
 2. **watch** from the list's ``resourceVersion``; every event goes to
    ``on_event(type, pod)`` (``ADDED`` / ``MODIFIED`` / ``DELETED``). lightkube renews
@@ -38,10 +39,11 @@ OnEvent = Callable[[str, dict[str, Any]], None]
 class PodWatch:
     """The list-then-watch task of one runtime. ``ensure_started`` / ``stop``."""
 
-    def __init__(self, calls: KubeCalls, labels: dict[str, str], on_list: OnList,
-                 on_event: OnEvent, *, first_version: str | None = None) -> None:
+    def __init__(self, calls: KubeCalls, selectors: tuple[dict[str, str], dict[str, str]],
+                 on_list: OnList, on_event: OnEvent, *,
+                 first_version: str | None = None) -> None:
         self.calls = calls
-        self.labels = labels
+        self.labels, self.fields = selectors
         self.on_list = on_list
         self.on_event = on_event
         self.first_version = first_version
@@ -109,7 +111,7 @@ class PodWatch:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _list(self) -> str:
-        pods, version = await self.calls.list(self.labels)
+        pods, version = await self.calls.list(self.labels, self.fields)
         await self.on_list(pods)
         self.lists += 1
         self._listed.set()
@@ -121,7 +123,7 @@ class PodWatch:
 
     async def _follow(self, version: str) -> None:
         self.connected = True
-        async for kind, pod in self.calls.watch(self.labels, version):
+        async for kind, pod in self.calls.watch(self.labels, self.fields, version):
             self.version = ((pod.get("metadata") or {}).get("resourceVersion")
                             or self.version)
             if kind in ("ADDED", "MODIFIED", "DELETED"):

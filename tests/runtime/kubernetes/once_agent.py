@@ -36,8 +36,7 @@ def main() -> int:
     with SessionFolder(args.workspace) as session:
         while True:
             for msg in session.wait_for_work(timeout=0.2):
-                session.claim(msg)
-                session.heartbeat()
+                session.claim(msg)  # and no heartbeat after it before the test words
                 text = str(msg.body().get("text", ""))
                 for word in ("hog", "hang"):
                     marker = os.path.join(args.workspace, f".{word}-once")
@@ -48,6 +47,7 @@ def main() -> int:
                             hog()
                         while True:
                             time.sleep(3600)
+                session.heartbeat()
                 session.reply(msg, f"echo: {text}")
             session.heartbeat()
 

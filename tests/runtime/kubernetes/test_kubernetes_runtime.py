@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,14 @@ from orchestrator.config.model import (
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.kubernetes.calls import ApiUnavailable
 from orchestrator.runtime.kubernetes.runtime import KubernetesRuntime, StartFailed
-from orchestrator.runtime.kubernetes.spec import LABEL_INSTANCE, pod_name
+from orchestrator.runtime.kubernetes.spec import LABEL_INSTANCE, pod_manifest, pod_name
 from tests.support.docker_fixtures import in_thread, insert_message, make_session
-from tests.support.helpers import holds, ro_db, until
+from tests.support.helpers import holds, needs_root, ro_db, until
 from tests.support.kube import Cluster
 
 pytestmark = pytest.mark.kubernetes
 
+UID_RANGE = (200100, 200199)
 AGENT = ("python3", "-m", "orchestrator.agent", "--workspace", "/workspace",
          "--poll-interval", "0.05", "--heartbeat-interval", "0.2")
 
@@ -47,6 +49,7 @@ def make_runtime(cluster: Cluster, namespace: str, data_dir: Path, image: str,
                  **overrides: Any) -> tuple[KubernetesRuntime, list[AgentExit], str]:
     instance = overrides.pop("instance", f"t{uuid.uuid4().hex[:8]}")
     first_version = overrides.pop("first_version", None)
+    uid_range = overrides.pop("uid_range", None)
     values: dict[str, Any] = {
         "namespace": namespace, "kubeconfig": str(cluster.kubeconfig),
         "node_name": cluster.node_name, "instance": instance, "image": image,
@@ -55,7 +58,7 @@ def make_runtime(cluster: Cluster, namespace: str, data_dir: Path, image: str,
     values.update(overrides)
     exits: list[AgentExit] = []
     rt = KubernetesRuntime(KubernetesConfig(**values), data_dir, exits.append, stop_grace=2.0,
-                           first_version=first_version)
+                           first_version=first_version, uid_range=uid_range)
     return rt, exits, instance
 
 
@@ -239,12 +242,97 @@ async def test_recover_adopts_live_pods_deletes_finished_and_never_touches_forei
         await rt.close()
 
 
+async def test_a_pod_of_ours_on_another_node_is_never_adopted_reported_or_deleted(
+        tmp_path, kube_cluster, kube_namespace, image):
+    """One DaemonSet, one instance label: the orchestrator on node B must leave node A's
+    Pods alone. A Pod with our label, group and session but bound to another node (it
+    stays Pending: that node does not exist, the API accepts it) is invisible to us,
+    while our own Pod of the same session id runs beside it."""
+    folder = make_session(tmp_path, "g", "s")
+    rt, exits, instance = make_runtime(kube_cluster, kube_namespace, tmp_path, image)
+    theirs = pod_manifest(rt.config, SessionRef("g", "s", folder), node="elsewhere",
+                          uid=10001, gid=10001, folder=folder)
+    name = theirs["metadata"]["name"]
+    await in_thread(kube_cluster.apply, theirs, kube_namespace)
+
+    def untouched() -> bool:
+        pod = kube_cluster.get("pod", name, kube_namespace)
+        return (pod is not None and pod["spec"]["nodeName"] == "elsewhere"
+                and not pod["metadata"].get("deletionTimestamp"))
+
+    try:
+        assert await rt.recover() == [] and rt.listed
+        await until(lambda: rt.watch.connected, 30, "the watch")
+        handle = await rt.start(SessionRef("g", "s", folder))  # same session id, our node
+        assert handle.ident != name
+        # a change to their Pod: no watch event reaches us (field selector)
+        await in_thread(kube_cluster.kubectl, "annotate", "pod", "-n", kube_namespace, name,
+                        "touched=1")
+        await rt.reconcile()
+        await rt.stop("s", 1)
+        assert [(e.session_id, e.reason) for e in exits] == [("s", "stopped")]
+        await rt.stop("s", 1)  # nothing of ours left; theirs is not ours to stop
+        await rt.reconcile()
+        assert rt.running() == [] and len(exits) == 1
+        assert await in_thread(untouched)
+        rt2, exits2, _ = make_runtime(kube_cluster, kube_namespace, tmp_path, image,
+                                      instance=instance)
+        try:
+            assert await rt2.recover() == []
+            await rt2.reconcile()
+            await holds(lambda: rt2.running() == [] and exits2 == [], 1.0)
+            assert await in_thread(untouched)
+        finally:
+            await rt2.close()
+    finally:
+        await rt.close()
+        # no kubelet will ever confirm a graceful delete on a node that does not exist
+        await in_thread(kube_cluster.kubectl, "delete", "pod", "-n", kube_namespace, name,
+                        "--grace-period=0", "--force", "--ignore-not-found")
+
+
+@needs_root("per-session uids")
+async def test_sessions_with_uids_of_their_own_share_the_group_folder_through_its_gid(
+        tmp_path, kube_cluster, kube_namespace, image, umask_022):
+    """runtime.identity's rule, as Docker applies it: with a uid per session the group
+    folder is root:<the group's gid> 02770 and each Pod carries that gid in
+    supplementalGroups, so two sessions of one group (two uids) both write it and read
+    each other's files."""
+    data = tmp_path / "data"
+    folders = [make_session(data, "grp", sid) for sid in ("sess-a", "sess-b")]
+    script = ("id -G > /workspace/outbox/groups.txt; "
+              "cat /workspace/agent/*.txt > /workspace/outbox/seen.txt 2>&1; "
+              "echo from-$ORCHESTRATOR_SESSION > /workspace/agent/$ORCHESTRATOR_SESSION.txt")
+    rt, exits, _ = make_runtime(kube_cluster, kube_namespace, data, image,
+                                uid_range=UID_RANGE, command=("sh", "-c", script),
+                                group_folder="{data_dir}/groups/{group}")
+    try:
+        for n, folder in enumerate(folders, start=1):  # one after the other
+            await rt.start(SessionRef("grp", folder.name, folder))
+            await until(lambda n=n: len(exits) == n, 90, f"agent {n} ended")
+    finally:
+        await rt.close()
+    assert [(e.reason, e.exit_code) for e in exits] == [("exited", 0), ("exited", 0)]
+    shared = data / "groups" / "grp"
+    st = shared.stat()
+    gid = st.st_gid
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o2770)
+    session_uids = {folder.stat().st_uid for folder in folders}
+    assert len(session_uids) == 2 and gid not in session_uids
+    assert UID_RANGE[0] <= gid <= UID_RANGE[1]
+    for folder in folders:
+        assert str(gid) in (folder / "outbox" / "groups.txt").read_text().split()
+    assert (shared / "sess-a.txt").stat().st_gid == gid  # the setgid folder's group
+    assert (shared / "sess-b.txt").stat().st_uid == folders[1].stat().st_uid
+    assert (folders[1] / "outbox" / "seen.txt").read_text() == "from-sess-a\n"
+
+
 async def test_a_name_taken_by_a_foreign_pod_is_refused(tmp_path, kube_cluster, kube_namespace,
                                                         image):
     folder = make_session(tmp_path, "g", "s")
     rt, exits, instance = make_runtime(kube_cluster, kube_namespace, tmp_path, image)
     squatter = {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod_name(instance, "g", "s")},
+                "metadata": {"name": pod_name(instance, kube_cluster.node_name, "g", "s")},
                 "spec": {"nodeName": kube_cluster.node_name, "restartPolicy": "Never",
                          "containers": [{"name": "c", "image": image,
                                          "imagePullPolicy": "Never",
@@ -260,19 +348,34 @@ async def test_a_name_taken_by_a_foreign_pod_is_refused(tmp_path, kube_cluster, 
         await rt.close()
 
 
-async def test_the_watch_relists_on_410_gone(tmp_path, kube_cluster, kube_namespace, image):
-    """The first watch starts from resourceVersion 1, long compacted away: the API
-    server answers 410 Gone, the watch lists again, and exits are still seen."""
+def server_says_gone(cluster: Cluster, namespace: str) -> bool:
+    """Whether the API server answers a watch from resourceVersion 1 with 410 Gone (a
+    young cluster's watch cache may still hold every event since then and replay them)."""
+    out = cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{namespace}/pods?watch=1"
+                          "&resourceVersion=1&timeoutSeconds=1", check=False, timeout=30)
+    return '"code":410' in out.stdout.replace(" ", "")
+
+
+async def test_a_watch_from_an_old_version_relists_on_410_gone(tmp_path, kube_cluster,
+                                                                 kube_namespace, image):
+    """The first watch starts from resourceVersion 1. Where the API server answers 410
+    Gone, the watch lists again; where it replays history instead, the stale events must
+    not confuse the bookkeeping. Either way the exit is seen once. (The loop's relist on
+    410 is pinned down with a fake stream in test_watch.)"""
     folder = make_session(tmp_path, "g", "s")
     rt, exits, _ = make_runtime(kube_cluster, kube_namespace, tmp_path, image,
                                 first_version="1", command=("sleep", "2"))
     try:
+        gone = await in_thread(server_says_gone, kube_cluster, kube_namespace)
         await rt.recover()
-        await until(lambda: rt.watch.gone >= 1, 30, "a 410 Gone answer")
-        await until(lambda: rt.watch.lists >= 2 and rt.watch.connected, 30, "listed again")
+        if gone:
+            await until(lambda: rt.watch.gone >= 1, 30, "a 410 Gone answer")
+            await until(lambda: rt.watch.lists >= 2, 30, "listed again")
+        await until(lambda: rt.watch.connected, 30, "the watch")
         await rt.start(SessionRef("g", "s", folder))
-        await until(lambda: exits, 60, "the exit, seen by the new watch")
+        await until(lambda: exits, 60, "the exit, seen by the watch")
         assert [(e.reason, e.exit_code) for e in exits] == [("exited", 0)]
+        print(f"API server answered 410 Gone to resourceVersion 1: {gone}")
     finally:
         await rt.close()
 

@@ -6,11 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
+from lightkube.core.selector import build_selector
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
 from orchestrator.config.model import KubernetesConfig
-from orchestrator.runtime.base import SessionRef
+from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
+from orchestrator.runtime.identity import FALLBACK_GID, FALLBACK_UID, AgentIds
 from orchestrator.runtime.kubernetes import spec
 from orchestrator.runtime.kubernetes.spec import (
     ANNOTATION_SESSION,
@@ -20,8 +22,11 @@ from orchestrator.runtime.kubernetes.spec import (
     LABEL_SETTINGS,
     ids_of,
     label_value,
+    owned,
     pod_manifest,
     pod_name,
+    pod_selectors,
+    selector_text,
 )
 
 DNS_1123 = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -58,17 +63,19 @@ def test_ids_that_do_not_fit_a_label_get_different_hashes():
     ("a.b", "g_1", "x+y"),
 ])
 def test_pod_names_are_dns_1123_and_at_most_63(instance, group, session):
-    name = pod_name(instance, group, session)
+    name = pod_name(instance, "node-" + "n" * 200, group, session)
     assert DNS_1123.fullmatch(name) and len(name) <= 63
     assert name.startswith("orch-")
 
 
 @pytest.mark.parametrize("a, b", [
-    (("default", "g", "s"), ("default", "g", "S")),  # case only
-    (("default", "g", "a@b"), ("default", "g", "a+b")),  # replaced characters
-    (("default", "g", "s" * 100 + "1"), ("default", "g", "s" * 100 + "2")),  # cut off
-    (("default", "g-h", "s"), ("default", "g", "h-s")),  # where the dash falls
-    (("one", "g", "s"), ("two", "g", "s")),  # instances
+    (("default", "n", "g", "s"), ("default", "n", "g", "S")),  # case only
+    (("default", "n", "g", "a@b"), ("default", "n", "g", "a+b")),  # replaced characters
+    (("default", "n", "g", "s" * 100 + "1"), ("default", "n", "g", "s" * 100 + "2")),  # cut
+    (("default", "n", "g-h", "s"), ("default", "n", "g", "h-s")),  # where the dash falls
+    (("one", "n", "g", "s"), ("two", "n", "g", "s")),  # instances
+    # one DaemonSet, one instance label: two nodes' sessions of one id are two Pods
+    (("default", "node-a", "g", "s"), ("default", "node-b", "g", "s")),
 ])
 def test_pod_names_differ_per_session(a, b):
     assert pod_name(*a) != pod_name(*b)
@@ -89,6 +96,33 @@ def test_ids_are_read_from_annotations_checked_against_labels(labels, notes, exp
     assert ids_of({"labels": labels, "annotations": notes}) == expected
 
 
+@pytest.mark.parametrize("session, labels", [
+    (None, "orchestrator.instance=default"),
+    ("s1", "orchestrator.instance=default,orchestrator.session=s1"),
+    ("a@b", f"orchestrator.instance=default,orchestrator.session={label_value('a@b')}"),
+])
+def test_lists_and_watches_select_our_label_on_our_node(session, labels):
+    label_sel, field_sel = pod_selectors("default", "node-a", session)
+    assert selector_text(label_sel) == labels
+    assert selector_text(field_sel) == "spec.nodeName=node-a"
+    # what lightkube puts in the query is the same text
+    assert build_selector(label_sel) == labels
+    assert build_selector(field_sel, for_fields=True) == "spec.nodeName=node-a"
+
+
+@pytest.mark.parametrize("labels, node, mine", [
+    ({LABEL_INSTANCE: "default"}, "node-a", True),
+    ({LABEL_INSTANCE: "default"}, "node-b", False),  # the orchestrator on node-b owns it
+    ({LABEL_INSTANCE: "default"}, None, False),  # not bound to a node: nobody's to take
+    ({LABEL_INSTANCE: "other"}, "node-a", False),  # another instance on our node
+    ({}, "node-a", False),  # no label at all
+])
+def test_a_pod_is_ours_only_with_our_label_on_our_node(labels, node, mine):
+    pod = {"metadata": {"name": "p", "labels": labels},
+           "spec": {} if node is None else {"nodeName": node}}
+    assert owned(pod, "default", "node-a") is mine
+
+
 @pytest.mark.parametrize("configured, env, expected", [
     ("node-a", {"NODE_NAME": "node-b"}, "node-a"),
     ("", {"NODE_NAME": "node-b"}, "node-b"),
@@ -103,18 +137,37 @@ def test_without_either_the_node_is_the_host_name():
 
 @pytest.mark.parametrize("user, owner, expected", [
     ("auto", (1000, 1000), (1000, 1000)),
-    ("auto", (0, 0), (spec.FALLBACK_UID, spec.FALLBACK_GID)),  # never root
-    ("auto", (1000, 0), (1000, spec.FALLBACK_GID)),
+    ("auto", (0, 0), (FALLBACK_UID, FALLBACK_GID)),  # never root
+    ("auto", (1000, 0), (1000, FALLBACK_GID)),
     ("2000:3000", (0, 0), (2000, 3000)),
     ("2000", (0, 0), (2000, 2000)),
+    ("0:0", (1000, 1000), (FALLBACK_UID, FALLBACK_GID)),  # a Pod never as root (runAsNonRoot)
 ])
-def test_the_agent_user(tmp_path, monkeypatch, user, owner, expected):
+def test_the_agent_user(tmp_path, user, owner, expected):
+    """The one rule of runtime.identity (Docker's too), then numeric and never 0."""
     import os
 
     if os.geteuid() != 0 and owner != (os.geteuid(), os.getegid()):
         pytest.skip("chown needs root")  # the rule itself is the same either way
     os.chown(tmp_path, *owner)
-    assert spec.resolve_user(user, tmp_path) == expected
+    assert spec.pod_user(*AgentIds(tmp_path, user, None).user_of("s")) == expected
+
+
+def test_a_user_name_is_refused_in_one_line():
+    with pytest.raises(RuntimeUnavailable, match=r"\[kubernetes\] user 'nobody': write 'auto'"):
+        spec.pod_user("nobody", None, None)
+
+
+@pytest.mark.parametrize("groups, expected", [
+    ((), None),  # one uid for every agent: the group folder is that uid's
+    ((200005,), [200005]),  # a uid per session: the group's gid, shared through the folder
+])
+def test_the_group_folder_gid_is_a_supplemental_group(tmp_path, groups, expected):
+    k8s, session = _session(tmp_path)
+    m = pod_manifest(k8s, session, node="n", uid=200001, gid=200001, folder=tmp_path,
+                     group=(tmp_path / "g", False), groups=groups)
+    assert m["spec"]["securityContext"].get("supplementalGroups") == expected
+    assert m["spec"]["securityContext"]["runAsGroup"] == 200001
 
 
 def _session(tmp_path: Path, **group: object) -> tuple[KubernetesConfig, SessionRef]:

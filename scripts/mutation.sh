@@ -20,12 +20,15 @@ rm -rf mutants  # a fresh run: no result is reused from an older tree
 start=$(date +%s)
 PYTHONPATH="$PWD" nice -n 19 "$VENV_BIN/mutmut" run --max-children 2 >/dev/null
 elapsed=$(( $(date +%s) - start ))
-"$VENV_BIN/mutmut" results --all true | "$VENV_BIN/python" -c '
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+"$VENV_BIN/mutmut" results --all true >"$results"
+"$VENV_BIN/python" - "$MIN" "$elapsed" "$results" <<'PY'
 import collections, re, sys
 minimum, elapsed = float(sys.argv[1]), int(sys.argv[2])
 counts = collections.defaultdict(collections.Counter)
 survivors = []
-for line in sys.stdin:
+for line in open(sys.argv[3], encoding="utf-8"):
     m = re.match(r"\s*(orchestrator\.\w+\.\w+)\.(\S+)__mutmut_\d+: (.+)", line)
     if not m:
         continue
@@ -34,18 +37,18 @@ for line in sys.stdin:
     if status != "killed":
         survivors.append(line.split(":")[0].strip() + " (" + status + ")")
 total = collections.Counter()
-print(f"{\"module\":40} {\"mutants\":>8} {\"killed\":>8} {\"score\":>7}")
+print(f"{'module':40} {'mutants':>8} {'killed':>8} {'score':>7}")
 for module in sorted(counts):
     c = counts[module]
     n = sum(c.values())
     total.update(c)
-    print(f"{module:40} {n:8} {c[\"killed\"]:8} {100 * c[\"killed\"] / n:6.1f}%")
+    print(f"{module:40} {n:8} {c['killed']:8} {100 * c['killed'] / n:6.1f}%")
 n = sum(total.values())
 score = 100 * total["killed"] / n
-print(f"{\"overall\":40} {n:8} {total[\"killed\"]:8} {score:6.1f}%")
-print(f"not killed: {dict((k, v) for k, v in total.items() if k != \"killed\")}")
+print(f"{'overall':40} {n:8} {total['killed']:8} {score:6.1f}%")
+print(f"not killed: {dict((k, v) for k, v in total.items() if k != 'killed')}")
 for s in survivors:
     print("  survivor:", s)
 print(f"run time: {elapsed} s")
 sys.exit(0 if score >= minimum else 1)
-' "$MIN" "$elapsed"
+PY

@@ -41,6 +41,7 @@ def test_host_of(value, expected) -> None:
     ("http://localhost:8750", "localhost"), ("https://orch.example.com", "orch.example.com"),
     ("null", None), ("file://", None), ("http://", None), ("ftp://x", None),
     ("http://x/path", None), ("HTTP://[::1]:1", "::1"),
+    ("http://[a/b]", None),  # a path inside brackets: host_of alone would take "a/b"
 ])
 def test_origin_host(value, expected) -> None:
     assert origin_host(value) == expected

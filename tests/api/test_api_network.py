@@ -22,7 +22,7 @@ import tomli_w
 from orchestrator.config.model import Config
 from tests.support.api_helpers import api_supervised, message, token_of
 from tests.support.e2e import config_dict, make_config, serving
-from tests.support.helpers import REPO, wait_for
+from tests.support.helpers import REPO, until, wait_for
 from tests.support.rawnet import RawPool, address, dribble, request
 
 SLACK = 1.5  # s: scheduling on a shared CI core
@@ -129,7 +129,14 @@ async def test_over_the_cap_with_every_connection_busy_a_new_one_gets_503(
         [extra] = await pool.open()
         await extra.until_closed(SLACK)
         assert extra.status_line() == "HTTP/1.1 503 Service Unavailable"
-        await asyncio.sleep(1.0)  # past both deadlines: a streaming response is not cut
+        # A streaming response is not cut: once both deadlines have passed (the server's
+        # timers run on this loop, so they fire first), one more refused connection is
+        # a round trip after them — a stream they had closed would be at EOF by then.
+        passed = time.monotonic() + cfg.api.header_timeout + cfg.api.body_timeout
+        await until(lambda: time.monotonic() > passed, message="both deadlines passed")
+        [late] = await pool.open()
+        await late.until_closed(SLACK)
+        assert late.status_line() == "HTTP/1.1 503 Service Unavailable"
         assert not any(raw.reader.at_eof() for raw in streams)
         for raw in streams:
             raw.close()

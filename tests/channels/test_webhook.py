@@ -4,7 +4,6 @@ the Standard Webhooks package from PyPI (``standardwebhooks``), never our own co
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.utils
 import hashlib
@@ -342,9 +341,18 @@ async def test_400_fails_at_once_and_a_failure_record_goes_to_the_same_url(tmp_p
         [(out_id, status)] = delivered(cfg, client, row).items()
         assert status == "failed"
         await until(lambda: receiver.failures(), message="the failure record")
-        await asyncio.sleep(0.5)  # retry_base is 0.1 s: a retry would have come by now
+        # The window has passed once the session has had a later delivery pass after
+        # the first retry would have been due (retry_base 0.1 s): a second message, sent
+        # then, has its reply posted by a pass that would try an unsettled earlier
+        # reply first (seq order). Its POST and failure record prove that pass ran.
+        failed_at = time.monotonic()
+        await until(lambda: time.monotonic() - failed_at > cfg.delivery.retry_base,
+                    message="the first retry's due time")
+        client.send("helpers", "again")
+        await until(lambda: any(f.json["id"] != out_id for f in receiver.failures()),
+                    message="the later pass (the second reply's failure record)")
         assert len(receiver.replies(out_id)) == 1
-        [failure] = receiver.failures()
+        failure = receiver.failures()[0]
         assert failure.signature_ok
         assert failure.json["kind"] == "reply" and failure.json["id"] == out_id
         assert "400" in failure.json["reason"]

@@ -908,6 +908,12 @@ def test_batched_replies_are_delivered_exactly_once_across_sigkill(tmp_path: Pat
         wait_for(lambda: len(replies(cfg)) > before or proc.proc.poll() is not None,
                  timeout=30, interval=0.001, message="the first line of the round")
         assert proc.end(signal.SIGKILL) == -signal.SIGKILL
+        # the window this test is about: replies on the channel whose record the kill
+        # cut off (a kill before the first line or after the commit tests nothing)
+        sent = {r["message_id"] for r in replies(cfg)[before:]}  # by this process
+        recorded = {i for p in folders
+                    for (i,) in query(p.inbound_db, "SELECT message_out_id FROM delivered")}
+        assert sent - recorded, f"round {rnd}: the kill missed the batch ({len(sent)} sent)"
     final = OrchestratorProcess(config_file, tmp_path / "final.log")
     try:
         final.wait_up()

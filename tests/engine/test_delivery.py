@@ -9,7 +9,6 @@ the deliverer does with a failure. One test runs the whole supervisor.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from tests.support.e2e import Client, make_config, run, supervised
 from tests.support.fakes import FakeChannel
-from tests.support.helpers import query, until
+from tests.support.helpers import holds, query, until
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 ROUTING = ("chat", "room-1", None)
@@ -520,8 +519,14 @@ def test_supervisor_on_a_full_disk_loses_and_duplicates_nothing(tmp_path: Path,
                 filler = fill(root)
                 await until(lambda: any("cannot append" in s or "full" in s for s in seen),
                             timeout=10, message="deliveries failing on the full disk")
-                await asyncio.sleep(2.0)  # several retry rounds on the full disk
-                assert len(delivered_rows()) < total
+                # every session has tried its late replies on the full disk (each says so
+                # once per outage) — not just "some time has passed" — then three more
+                # retry periods (0.5 s on a full disk) go by without a delivery
+                await until(lambda: all(any(r.id in s and "replies wait" in s for s in seen)
+                                        for r in rows), timeout=15,
+                            message="every session's late replies tried on the full disk")
+                await holds(lambda: len(delivered_rows()) == sessions * early, 1.5,
+                            message="nothing delivered while the disk is full")
                 filler.unlink()
                 freed = time.monotonic()
                 await until(lambda: len(delivered_rows()) == total, timeout=10,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -10,12 +11,16 @@ from orchestrator.host.destinations import (
     MAX_NAME,
     Chat,
     DestinationError,
+    add,
     chat_name,
     display_name,
     parse,
     project,
+    projected,
+    remove,
 )
 from orchestrator.host.inbound import Destination
+from orchestrator.host.registry import Registry
 
 
 @pytest.mark.parametrize(("chat", "name"), [
@@ -196,6 +201,24 @@ def test_parse_refuses_in_one_line(name, kwargs: dict, message: str) -> None:
 
 
 def test_parse_refuses_a_bad_agent_group() -> None:
-    with pytest.raises(DestinationError, match=r"^--agent: .*agent group") as info:
+    with pytest.raises(DestinationError) as info:
         parse("d", agent="../x")
-    assert "\n" not in str(info.value)
+    assert str(info.value) == (
+        "--agent: invalid agent group '../x': use 1-128 characters from A-Z a-z 0-9 . _ @ + -,"
+        " starting with a letter or digit, without '..'")
+
+
+def test_add_and_remove_refuse_in_one_line(tmp_path: Path) -> None:
+    """A real registry: a second destination of the same name, and removing one that
+    was never added by hand, are refused with the fix named."""
+    with Registry(tmp_path / "orchestrator.db") as registry:
+        add(registry, "ops", parse("team", channel="slack", platform="C1"))
+        with pytest.raises(DestinationError) as again:
+            add(registry, "ops", parse("team", channel="mail", platform="x@example.org"))
+        assert str(again.value) == "group ops already has a destination team; remove it first"
+        with pytest.raises(DestinationError) as missing:
+            remove(registry, "ops", "nope")
+        assert str(missing.value) == ("group ops has no destination 'nope' added by hand; "
+                                      "see: orchestrator group destinations ops list")
+        remove(registry, "ops", "team")
+        assert [d.name for d, _ in projected(registry, "ops")] == []

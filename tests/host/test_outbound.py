@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import signal
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -153,20 +156,38 @@ def test_outbound_error_is_not_a_sqlite_error():
     assert not issubclass(OutboundError, sqlite3.Error)
 
 
-def test_read_opens_read_only(db, monkeypatch):
-    """Every read goes through a mode=ro connection, so it can never become a writer."""
-    calls = []
-    real = schema.opened
+AGENT_KILLED_MID_WRITE = r"""
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA cache_size=1")  # spill changed pages into the file before commit
+conn.execute("BEGIN IMMEDIATE")
+for i in range(200):
+    conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
+                 " VALUES (?, ?, '2024-06-01 12:00:00', 'chat', hex(randomblob(2000)))",
+                 (f"half-{i}", 100 + 2 * i))
+os.kill(os.getpid(), signal.SIGKILL)  # the agent dies mid-write
+"""
 
-    def spy(path, *, readonly=False):
-        calls.append(readonly)
-        return real(path, readonly=readonly)
 
-    monkeypatch.setattr(schema, "opened", spy)
+def test_reads_never_write_the_agents_file_not_even_a_rollback(db):
+    """Every read is a read-only connection, so it can never become a writer: an agent
+    killed mid-write leaves a hot journal, and the host's reads leave it to the agent's
+    own next open (a busy read, tried again later) instead of rolling the agent's file
+    back themselves. A read-write connection would roll it back and read on."""
     add_reply(db, "o1", 1)
-    outbound.read(db)
-    outbound.max_seq(db)
-    assert calls == [True, True]
+    proc = subprocess.run([sys.executable, "-c", AGENT_KILLED_MID_WRITE, str(db)])
+    assert proc.returncode == -signal.SIGKILL
+    journal = db.with_name("outbound.db-journal")
+    before = (db.read_bytes(), journal.read_bytes())
+    assert before[1]  # a hot journal
+    for call in (outbound.read, outbound.max_seq):
+        with pytest.raises(sqlite3.OperationalError) as info:
+            call(db)
+        assert schema.is_busy(info.value), info.value
+    assert (db.read_bytes(), journal.read_bytes()) == before  # not a byte written
+    agent_sql(db, "SELECT count(*) FROM messages_out")  # its next open rolls it back
+    assert [m.id for m in outbound.read(db).messages] == ["o1"]
+    assert outbound.max_seq(db) == 1
 
 
 def test_read_only_connection_refuses_writes_and_leaves_the_file_untouched(db):

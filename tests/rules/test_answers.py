@@ -69,6 +69,24 @@ CASES = [
      [((), {"old": -700}, [])], []),
     ("an ack stamped in the future counts from when the host saw it",
      [((), {"m": 10_000}, [])], ["m"]),
+    # --- boundaries and rows the mutation run asked for ----------------------------------
+    ("a claim with no stamp dates from when the host saw it",
+     [({"m1": None}, {}, []), ((), {"m1": 5}, [("m1", 5)])], []),
+    ("an ack with no stamp dates from when the host saw it", [((), {"m": None}, [])], ["m"]),
+    ("history is skipped, not the end: a fresh ack after it still waits",
+     [((), {"old": -700, "new": 5}, [])], ["new"]),
+    ("reply first, then its ack and a follow-up's in one read: the follow-up waits",
+     [(("m1",), {}, []), (("m1",), {}, [("m1", 2)]), ((), {"m1": 3, "f1": 3}, [])], ["f1"]),
+    ("two replies naming nothing pay two claims, not the first one twice",
+     [(("m1", "m2"), {}, []), (("m1", "m2"), {}, [(None, 2)]), (("m1", "m2"), {}, [(None, 3)]),
+      ((), {"m1": 4, "m2": 4}, [])], []),
+    ("a reply paying a claim does not end the read: the next reply answers a group",
+     [((), {"f": 1}, []), (("m1",), {}, [("m1", 2), (None, 3)])], []),
+    ("a reply naming nothing pays the claim seen first, not the smallest id",
+     [(("b",), {}, []), (("b", "a"), {}, []), (("b", "a"), {}, [(None, 2)]),
+      (("a",), {"b": 3}, []), ((), {"a": 4}, [])], ["a"]),
+    ("a paid claim is remembered after it leaves processing, until its ack",
+     [(("m1",), {}, []), (("m1",), {}, [("m1", 2)]), ((), {}, []), ((), {"m1": 3}, [])], []),
 ]
 
 
@@ -96,7 +114,33 @@ def test_a_group_expires_after_answer_wait_and_is_reported_once() -> None:
 
 def test_forget_keeps_nothing_but_the_read_count() -> None:
     state = run_reads([(("c",), {"a": 1}, [])])
-    assert answers.forget(state) == Answers(reads=state.reads)
+    assert state.reads == 1
+    assert answers.forget(state) == Answers(reads=1)
+    assert run_reads([((), {}, [])] * 3).reads == 3
+
+
+def test_an_ack_exactly_answer_wait_old_is_history_not_an_expiry() -> None:
+    """Skipped on the way in, so it is never reported as given up on."""
+    state = run_reads([((), {"old": 100 - WAIT}, [])])
+    assert (state.groups, state.expired) == ((), frozenset())
+
+
+def test_a_waiting_group_is_not_reported_expired() -> None:
+    assert run_reads([((), {"a": 10}, [])]).expired == frozenset()
+
+
+def test_a_group_stops_waiting_exactly_answer_wait_after_its_ack() -> None:
+    state = run_reads([((), {"a": 10}, [])])
+    assert answers.awaiting(state, at(10 + WAIT - 0.001), WAIT) == ["a"]
+    assert answers.awaiting(state, at(10 + WAIT), WAIT) == []
+
+
+def test_a_paid_claim_is_settled_by_its_ack() -> None:
+    """Reply first, ack after: the ack uses the payment up (nothing prepaid is left)."""
+    state = run_reads([(("m1",), {}, []), (("m1",), {}, [("m1", 2)])])
+    assert state.prepaid == frozenset({"m1"})
+    state = run_reads([(("m1",), {}, []), (("m1",), {}, [("m1", 2)]), ((), {"m1": 3}, [])])
+    assert (state.prepaid, state.groups) == (frozenset(), ())
 
 
 def test_memory_is_bounded_for_an_agent_that_never_replies() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -119,6 +120,11 @@ def test_retry_after_lengthens_the_backoff_never_shortens_it() -> None:
 def test_retry_delay_is_exponential_with_full_jitter(attempts: int, rand: float,
                                                      delay: float) -> None:
     assert retry_delay(attempts, 2.0, 3600.0, rand) == delay
+
+
+def test_retry_delay_exponent_stops_at_64_without_a_cap() -> None:
+    """No OverflowError (2.0 ** 1025 raises) whatever the attempt count; 2^64 is the end."""
+    assert retry_delay(10_000, 1.0, math.inf, 1.0) == 2.0 ** 64
 
 
 HORIZON = DeliveryConfig(retry_base=2.0, max_attempts=1000, retry_horizon=3600.0,

@@ -26,6 +26,7 @@ from orchestrator.rules.lifecycle import (
     heartbeat_limit,
     last_activity,
     last_work,
+    pause_deadline,
     start_backoff,
     stuck_reason,
 )
@@ -62,8 +63,11 @@ DECIDE_CASES = [
      "waiting to retry start"),
     ("start once the block has passed", obs(False, due=1, blocked=-0.001), "stopped",
      Action.START, None, "1 message(s) due"),
-    ("a dead agent's stale heartbeat changes nothing", obs(False, hb=-5000, claims=(("m", -4000),)),
-     "stopped", Action.NONE, None, "no agent"),
+    ("start exactly when the block ends", obs(False, due=1, blocked=0), "stopped",
+     Action.START, None, "1 message(s) due"),
+    ("a dead agent's stale heartbeat changes nothing: its claim is given back",
+     obs(False, hb=-5000, claims=(("m", -4000),)), "stopped", Action.NONE, None,
+     "1 claim(s) held with no agent running"),
     # --- running --------------------------------------------------------------------
     ("fresh start, no heartbeat yet: running until idle_after", obs(started=-10),
      "running", Action.NONE, 20, "active"),
@@ -111,6 +115,11 @@ DECIDE_CASES = [
      obs(started=-10), "running", Action.NONE, 20, "active"),
     ("a claim without a time is never stuck", obs(started=-200, hb=-120, claims=(("m1", None),)),
      "running", Action.NONE, 1680, "active"),
+    ("... and does not hide a stuck claim after it",
+     obs(started=-200, hb=-100, claims=(("a", None), ("x", -61))), "running", Action.KILL,
+     None, "claim on x 61s old with no heartbeat since (limit 60s)"),
+    ("a claim exactly claim_stuck old is not yet stuck (its deadline is now)",
+     obs(started=-200, hb=-120, claims=(("m1", -60),)), "running", Action.NONE, 0, "active"),
     ("declared tool timeout widens the claim window",
      obs(started=-500, hb=-400, claims=(("m1", -300),), tool=600), "running", Action.NONE, 300,
      "active"),
@@ -143,6 +152,14 @@ DECIDE_CASES = [
     ("tool cleared and no answer awaited: idle as before",
      obs(started=-100, hb=-40, tool_running=False, answer=None), "idle", Action.NONE, 290,
      "no heartbeat"),
+    ("an answer window ending exactly now is over: idle",
+     obs(started=-100, hb=-40, answer=0), "idle", Action.NONE, 290, "no heartbeat"),
+    ("an answer window that has ended is no next check", obs(started=-1, answer=-5),
+     "running", Action.NONE, 29, "active"),
+    ("an answer window ending exactly now is no next check", obs(started=-1, answer=0),
+     "running", Action.NONE, 29, "active"),
+    ("due work for a live agent that is not paused: nothing to resume",
+     obs(started=-10, due=1), "running", Action.NONE, 20, "active"),
 ]
 
 
@@ -153,7 +170,7 @@ def test_decide(case: str, observation: Observation, status: str, action: Action
     verdict = decide(observation, NOW, CFG)
     assert (verdict.status, verdict.action) == (status, action), verdict
     assert verdict.next_check == at(next_check), verdict
-    assert reason in verdict.reason, verdict
+    assert verdict.reason.startswith(reason), verdict
 
 
 def test_idle_verdict_carries_idle_since() -> None:
@@ -212,6 +229,9 @@ GATE_CASES = [
     ("op running: no kill, no mute", gated(started=-200, hb=-120, claims=(("m1", -61),),
                                            op=True, status="running"),
      Action.NONE, None, False, False, None),
+    ("op running: the other timers still join the next check",
+     gated(started=-1, op=True, status="running", timers=(4,)), Action.NONE, None, False,
+     False, 4),
     # --- the back-off gate after a failed stop/kill ---------------------------------------
     ("failed kill: not retried before the gate, which is the next check (the gate's pass"
      " re-reads the heartbeat, so muting meanwhile loses nothing)",
@@ -220,8 +240,13 @@ GATE_CASES = [
     ("failed kill: retried once the gate has passed",
      gated(started=-200, hb=-120, claims=(("m1", -61),), blocked_ops=-1, status="running"),
      Action.KILL, None, False, False, None),
+    ("failed kill: retried exactly when the gate ends",
+     gated(started=-200, hb=-120, claims=(("m1", -61),), blocked_ops=0, status="running"),
+     Action.KILL, None, False, False, None),
     ("the gate holds a start too", gated(False, due=1, blocked_ops=3),
      Action.NONE, None, False, False, 3),
+    ("the gate joins the next check; a sooner timer still comes first",
+     gated(False, due=1, blocked_ops=3, timers=(2,)), Action.NONE, None, False, False, 2),
     ("the gate does not hold what is no op", gated(started=-10, blocked_ops=3,
                                                    status="running"),
      Action.NONE, None, False, True, 20),
@@ -236,6 +261,8 @@ GATE_CASES = [
      gated(False, answer=300), Action.NONE, None, True, False, None),
     ("... unless the answer window is over: the silence was the answer",
      gated(False, answer=-1), Action.NONE, None, False, False, None),
+    ("... over exactly now too", gated(False, answer=0), Action.NONE, None, False, False,
+     None),
     ("... and not before the runtime has listed its agents",
      gated(False, answer=300, listed=False), Action.NONE, None, False, False, None),
     # --- starts that keep failing ---------------------------------------------------------
@@ -273,9 +300,20 @@ def test_decide_gates(case: str, observation: Observation, action: Action,
         assert verdict.record is None, verdict
     else:
         assert verdict.record is not None and verdict.record[0] == record[0], verdict
-        assert record[1] in verdict.record[1], verdict
+        assert verdict.record[1].startswith(record[1]), verdict
     assert (verdict.reset_claims, verdict.mute) == (reset, mute), verdict
     assert verdict.next_check == at(next_check), verdict
+
+
+@pytest.mark.parametrize(("observation", "reason"), [
+    (gated(False, claims=(("m1", -5), ("m2", -3)), due=1),
+     "2 claim(s) held with no agent running"),
+    (gated(False, claims=(("m1", -5),), answer=300), "1 claim(s) held with no agent running"),
+    (gated(False, answer=300), "acked message(s) not answered held with no agent running"),
+])
+def test_what_is_given_back_is_named(observation: Observation, reason: str) -> None:
+    verdict = decide(observation, NOW, CFG)
+    assert verdict.reset_claims and verdict.reason == reason
 
 
 def test_failed_starts_name_the_count() -> None:
@@ -302,6 +340,12 @@ def test_limits(tool: float | None, heartbeat: float, claim: float) -> None:
     assert claim_limit(CFG, tool) == claim
 
 
+@pytest.mark.parametrize("tool", [None, 0])
+def test_limits_below_a_second_are_kept_without_a_tool(tool: float | None) -> None:
+    short = LifecycleConfig(ceiling=0.5, claim_stuck=0.25)  # the config allows 0.1
+    assert (heartbeat_limit(short, tool), claim_limit(short, tool)) == (0.5, 0.25)
+
+
 @pytest.mark.parametrize(("observation", "expected"), [
     (obs(), None),
     (obs(started=-50), -50),
@@ -326,6 +370,8 @@ def test_last_work_ignores_heartbeats(observation: Observation, expected: float 
 
 @pytest.mark.parametrize(("observation", "stuck"), [
     (obs(False, hb=-5000), None),  # dead: nothing to kill
+    (obs(False, hb=-5000, claims=(("x", -4000),)), None),  # dead with claims: given back
+    (replace(obs(hb=-5000, claims=(("x", -4000),)), paused=True), None),  # frozen by us
     (obs(started=-5000), None),  # no heartbeat file yet, no claim: the idle rule's
     (obs(started=-5000, claims=(("x", -61),)), "claim on x 61s old with no heartbeat at all"),
     (obs(started=-5000, claims=(("x", -59),)), None),
@@ -409,6 +455,10 @@ def test_start_backoff(failures: int, base: float, cap: float, delay: float) -> 
     assert start_backoff(failures, base, cap) == delay
 
 
+def test_start_backoff_defaults_are_one_second_doubling_to_a_minute() -> None:
+    assert [start_backoff(n) for n in (1, 2, 6, 7, 30)] == [1.0, 2.0, 32.0, 60.0, 60.0]
+
+
 @pytest.mark.parametrize(("attempts", "base", "delay"), [
     (0, 2.0, 2.0),
     (1, 2.0, 2.0),  # after the first failure: base
@@ -445,7 +495,7 @@ PAUSE_CASES = [
      "idle", Action.STOP, None, "idle for 370s"),
     ("paused with a claim (claimed as it froze): resume, never kill",
      pobs(started=-9000, hb=-5000, claims=(("m1", -4000),), paused=True),
-     "running", Action.RESUME, None, "resuming"),
+     "running", Action.RESUME, None, "claim held by a paused agent: resuming"),
     ("frozen time is no hang: an old heartbeat counts from the thaw",
      pobs(started=-9000, hb=-5000, claims=(("m1", -1),), resumed=-2),
      "running", Action.NONE, 59, "active"),
@@ -455,6 +505,22 @@ PAUSE_CASES = [
     ("after the thaw the usual windows apply",
      pobs(started=-9000, hb=-5000, claims=(("m1", -4000),), resumed=-61),
      "running", Action.KILL, None, "claim on m1 61s old"),
+    ("after the thaw the heartbeat ceiling applies to a running tool",
+     pobs(started=-9000, hb=-5000, tool_running=True, resumed=-1801),
+     "running", Action.KILL, None, "heartbeat 1801s old (limit 1800s)"),
+    ("thawed with no heartbeat file: the claim counts from the thaw",
+     pobs(started=-100, claims=(("m1", -50),), resumed=-5), "running", Action.NONE, 55,
+     "active"),
+    ("thawed with a claim that has no time: the heartbeat ceiling is the timer",
+     pobs(started=-100, hb=-1, claims=(("m1", None),), resumed=-5), "running", Action.NONE,
+     1799, "active"),
+    ("paused with a tool running: no stuck timer while frozen",
+     pobs(started=-100, hb=-10, tool_running=True, paused=True), "running", Action.NONE,
+     None, "active"),
+    ("paused before it was idle, work due: resume",
+     pobs(started=-10, paused=True, due=1), "running", Action.RESUME, 20, "active"),
+    ("paused before it was idle, nothing due: stays paused",
+     pobs(started=-10, paused=True), "running", Action.NONE, 20, "active"),
 ]
 
 
@@ -465,7 +531,33 @@ def test_decide_paused_tier(case: str, observation: Observation, status: str, ac
     verdict = decide(observation, NOW, PCFG)
     assert (verdict.status, verdict.action) == (status, action), verdict
     assert verdict.next_check == at(next_check), verdict
-    assert reason in verdict.reason, verdict
+    assert verdict.reason.startswith(reason), verdict
+
+
+@pytest.mark.parametrize(("observation", "detail"), [
+    (pobs(started=-200, hb=-90), {"idle_since": at(-60)}),  # paused now
+    (pobs(started=-200, hb=-100, paused=True), {"idle_since": at(-70), "paused": True}),
+    (pobs(started=-200, hb=-100, paused=True, due=1), {"idle_since": at(-70)}),  # resumed
+])
+def test_paused_tier_verdicts_keep_the_idle_spell(observation: Observation,
+                                                  detail: dict) -> None:
+    """The worker remembers ``idle_since`` from the detail: a pause or a resume must
+    not restart the idle spell (the stop would move), and "paused" marks the state."""
+    assert decide(observation, NOW, PCFG).detail == detail
+
+
+@pytest.mark.parametrize(("pause_after", "stop_after", "due", "expected"), [
+    (60.0, 300.0, 0, 60),
+    (0.5, 300.0, 0, 0.5),  # under a second is still on (0 = off)
+    (0.0, 300.0, 0, None),
+    (60.0, 300.0, 1, None),  # work due: no pause
+    (300.0, 300.0, 0, None),  # at the stop exactly: the stop comes first
+    (400.0, 300.0, 0, None),  # after the stop
+])
+def test_pause_deadline(pause_after: float, stop_after: float, due: int,
+                        expected: float | None) -> None:
+    cfg = LifecycleConfig(pause_idle_after=pause_after, stop_idle_after=stop_after)
+    assert pause_deadline(NOW, at(stop_after), due, cfg) == at(expected)
 
 
 def test_no_pause_when_the_stop_comes_first() -> None:

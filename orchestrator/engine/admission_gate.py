@@ -109,6 +109,7 @@ class AdmissionGate:
         self.set_status = set_status
         self.clock = clock
         self.seats: dict[str, Seat] = {}  # no seat: Stage.NONE, nothing to remember
+        self.evaluations = 0  # plans looked at (observable: a plan that decides nothing)
         self._count = {Stage.WAITING: 0, Stage.ADMITTED: 0}
         self._soon: asyncio.Handle | None = None
         self._recheck: asyncio.TimerHandle | None = None
@@ -255,6 +256,7 @@ class AdmissionGate:
 
     def _evaluate(self) -> None:
         self._soon = None
+        self.evaluations += 1
         if not self.queue_length() or self._unknown():  # runtime_available() pokes again
             return
         now = self.clock()

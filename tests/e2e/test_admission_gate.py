@@ -7,7 +7,6 @@ orchestrator's own bookkeeping.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
@@ -125,6 +124,13 @@ def gate_with(tmp_path: Path, runtime: LiveRuntime, cap: int):
     return gate, track, marked, statuses, registry
 
 
+async def planned(gate: AdmissionGate) -> None:
+    """Until the plan poked by the last change has run (it is scheduled, not called):
+    a "nothing changed" check after it then says something."""
+    seen = gate.evaluations
+    await until(lambda: gate.evaluations > seen, 5, "the plan ran")
+
+
 START = Verdict("stopped", "1 message(s) due", Action.START)
 QUIET = Verdict("idle", "no heartbeat", Action.NONE)
 
@@ -144,18 +150,18 @@ async def test_gate_queues_past_the_cap_and_a_claim_declines_to_make_room(tmp_pa
     assert statuses == [("waits", "queued: #1 in line, 2 of max_agents 3 running")]
     assert registry.session("waits").queued_since is not None
     assert gate.stats().queued == 1 and gate.queue_length() == 1
-    await asyncio.sleep(0)  # the plan: "busy" has been quiet longest
+    await planned(gate)  # the plan: "busy" has been quiet longest
     assert gate.asked_to_make_room() == {"busy"} and marked == ["busy"]
     busy.evidence.claims = (Claim("m1", now),)  # ... but claimed a message meanwhile
     assert gate.review(busy, Verdict("running", "active"), now).action is Action.NONE
-    await asyncio.sleep(0)  # so the next plan asks the other one
+    await planned(gate)  # so the next plan asks the other one
     assert gate.asked_to_make_room() == {"quiet"} and marked == ["busy", "quiet"]
     stop = gate.review(quiet, QUIET, now)
     assert stop.action is Action.STOP and stop.reason.startswith("making room")
     gate.start_done("first")  # its start finished: not "starting" any more
     gate.runtime.ids.discard("quiet")  # the stop took effect
     gate.agent_exited("quiet")
-    await asyncio.sleep(0)
+    await planned(gate)
     assert gate.granted == {"waits": "g"} and marked[-1] == "waits"
     assert registry.session("waits").queued_since is None
     assert gate.review(gate.tracked["waits"], START, now) is START
@@ -185,7 +191,7 @@ async def test_what_keeps_a_slot_when_work_waits(tmp_path: Path, evidence: dict,
         setattr(holder.evidence, key, value)
     held = gate.review(track("waits"), START, now)
     assert held.reason == "queued"
-    await asyncio.sleep(0)
+    await planned(gate)
     assert (gate.asked_to_make_room() == {"holder"}) is gives_way
     if gives_way:
         stop = gate.review(holder, QUIET, now)
@@ -198,11 +204,11 @@ async def test_a_grant_that_never_starts_gives_its_slot_back(tmp_path: Path) -> 
     gate, track, marked, _, registry = gate_with(tmp_path, LiveRuntime(), 1)
     assert gate.review(track("stuck"), START, now) is START  # its start never comes
     assert gate.review(track("next"), START, now).reason == "queued"
-    await asyncio.sleep(0)
+    await planned(gate)
     assert gate.granted == {"stuck": "g"} and marked == []  # the slot is still held
     gate.seats["stuck"].since = now - timedelta(seconds=61)
     gate.poke()
-    await asyncio.sleep(0)
+    await planned(gate)
     assert gate.granted == {"next": "g"} and marked == ["next"]
     registry.close()
 
@@ -216,11 +222,11 @@ async def test_nothing_starts_under_a_cap_until_the_runtime_has_listed_its_agent
     runtime.listed = False
     gate, track, marked, _, registry = gate_with(tmp_path, runtime, 2)
     assert gate.review(track("a"), START, now).reason == "queued"
-    await asyncio.sleep(0)
+    await planned(gate)
     assert gate.granted == {} and marked == []
     runtime.listed = True  # the runtime listed its agents: none survived
     gate.runtime_available()
-    await asyncio.sleep(0)
+    await planned(gate)
     assert gate.granted == {"a": "g"} and marked == ["a"]
     registry.close()
 

@@ -136,11 +136,12 @@ class Api(MessageRoutes):
                 return error(f"internal error: {type(exc).__name__}: {exc}", 500)
         return wrapped
 
-    def app(self) -> Starlette:
+    def app(self, extra: tuple[Middleware, ...] = ()) -> Starlette:
+        """``extra``: middleware after the Guard (``[cluster]``: the shard router)."""
         metrics = (self.authed(self.metrics_page) if self.control.cfg.api.metrics_auth
                    else self.metrics_page)
         return Starlette(middleware=[Middleware(RequestTimer, self.metrics),
-                                     Middleware(Guard, self.rule, self.unix)],
+                                     Middleware(Guard, self.rule, self.unix), *extra],
                          exception_handlers={HTTPException: http_error}, routes=[
             Route("/", self.index),
             Route("/healthz", self.healthz),

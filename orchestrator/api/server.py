@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import h11
 import uvicorn
 from loguru import logger
+from starlette.middleware import Middleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from orchestrator.api.app import Api
@@ -48,6 +49,7 @@ from orchestrator.api.auth import ApiConfigError, Listen, host_rule, parse_liste
 from orchestrator.api.events import EventStore
 from orchestrator.api.idempotency import IdempotencyKeys
 from orchestrator.api.metrics import Metrics
+from orchestrator.api.peers import Peers
 from orchestrator.config.model import ApiConfig, Config
 from orchestrator.engine.ports import Control
 from orchestrator.host.secretfile import SecretFileError, ensure_secret
@@ -411,8 +413,10 @@ class ApiService:
     keys) are opened and closed by the composition root; ``close`` ends the server."""
 
     def __init__(self, control: Control, listen: Listen | None, token: str | None,
-                 events: EventStore, metrics: Metrics, keys: IdempotencyKeys) -> None:
+                 events: EventStore, metrics: Metrics, keys: IdempotencyKeys,
+                 peers: Peers | None = None) -> None:
         self.listen = listen
+        self.peers = peers  # [cluster]: the other shards (the router in front of the routes)
         self.events = events
         self.metrics = metrics
         self.cfg = control.cfg.api
@@ -441,7 +445,7 @@ class ApiService:
         protocol = type("GuardedH11", (_GuardedH11,), {"limits": limits})
         # log_config=None: uvicorn adds no handlers of its own; its loggers go through
         # loguru's sink (cli.logs.intercept_uvicorn)
-        config = uvicorn.Config(self.api.app(), log_level="warning", access_log=False,
+        config = uvicorn.Config(self.api.app(self._router()), log_level="warning", access_log=False,
                                 log_config=None,
                                 lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE,
                                 proxy_headers=False, server_header=False, http=protocol,
@@ -453,6 +457,16 @@ class ApiService:
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         logger.info("API listening on {} (at most {} connections)", self.url,
                     limits.max_connections)
+
+    def _router(self) -> tuple[Middleware, ...]:
+        if self.peers is None:
+            return ()
+        from orchestrator.api.shard_router import ShardRouter, local_lookups
+
+        holds, has_session = local_lookups(self.api.control.registry)
+        return (Middleware(ShardRouter, self.peers, self.api.token,
+                           self.api.control.cfg.sessions.default_mode, self.api.max_body,
+                           holds, has_session),)
 
     async def close(self) -> None:
         self.api.closing.set()

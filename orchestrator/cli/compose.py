@@ -28,6 +28,7 @@ from orchestrator.api.events import EventStore
 from orchestrator.api.hub import Hub
 from orchestrator.api.idempotency import IdempotencyKeys
 from orchestrator.api.metrics import Metrics
+from orchestrator.api.peers import Membership, Peers, StaticMembers
 from orchestrator.channels import Channel
 from orchestrator.channels.jsonl import JsonlChannel
 from orchestrator.channels.log import LogChannel
@@ -102,6 +103,39 @@ def make_channel(cfg: DeliveryConfig) -> Channel:
     return LogChannel()
 
 
+def make_peers(cfg: Config, token: str | None) -> Peers | None:
+    """``[cluster]`` (issue 23): the other shards, or None for a single orchestrator."""
+    from orchestrator.api.auth import ApiConfigError
+    from orchestrator.config.cluster import parse_member
+    from orchestrator.host.secretfile import SecretFileError, ensure_secret
+
+    cluster = cfg.cluster
+    if not cluster.shard and cluster.discovery != "kubernetes":
+        return None
+    if not cfg.api.listen:
+        raise ApiConfigError("[cluster] needs the API: set [api] listen (the shards call "
+                             "each other through it)")
+    try:
+        secret = ensure_secret(Path(cluster.secret_file)) if cluster.secret_file else token
+    except SecretFileError as exc:
+        raise ApiConfigError(f"[cluster] secret_file: {exc}") from None
+    if not secret:
+        raise ApiConfigError("[cluster] needs a shared secret between shards: set [cluster] "
+                             "secret_file (or [api] token_file, the default)")
+    shard = cluster.shard
+    membership: Membership
+    if cluster.discovery == "kubernetes":
+        from orchestrator.runtime.kubernetes.members import KubeMembers, node_name
+
+        shard = shard or node_name(cfg.kubernetes)
+        membership = KubeMembers(cfg.kubernetes, cluster)
+    else:
+        membership = StaticMembers([parse_member(m) for m in cluster.members])
+    return Peers(shard, membership, secret, timeout=cluster.peer_timeout,
+                 probe_interval=cluster.probe_interval, retry_after=cluster.retry_after,
+                 forward_timeout=cfg.api.max_wait + cluster.peer_timeout + 5)
+
+
 @dataclass(frozen=True)
 class Service:
     """The assembled orchestrator: the engine, and the API in front of it."""
@@ -118,6 +152,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
     cfg = without_paused_tier(cfg)
     data_dir = cfg.data_dir
     listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
+    peers = make_peers(cfg, token)
     async with AsyncExitStack() as stack:
         stack.callback(lock_data_dir(data_dir).release)
         make_dirs(sessions_root(data_dir))
@@ -166,7 +201,10 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                          stop_event=stop_event or asyncio.Event())
         chan.bind(lambda sid: dirty.mark(sid, Flag.OUTBOUND))  # an outcome known → a pass
 
-        api = api_server.ApiService(sup, listen, token, events, metrics, keys)
+        if peers is not None:
+            stack.push_async_callback(peers.close)
+            await peers.start()
+        api = api_server.ApiService(sup, listen, token, events, metrics, keys, peers)
         stack.push_async_callback(api.close)
         await api.start()
         yield Service(sup, api)

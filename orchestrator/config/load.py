@@ -254,11 +254,35 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
     if api.token_file:
         sections["api"] = dataclasses.replace(
             api, token_file=str(data_dir / Path(api.token_file).expanduser()))
+    sections["cluster"] = _check_cluster(sections["cluster"], data_dir)
     _check_timezone(sections["sessions"].timezone)
     _check_kubernetes(sections["kubernetes"])
     parse_range(sections["runtime"].uid_range)  # refused here, before anything is opened
     groups = load_groups(data.get("groups", {}), base_dir)
     return Config(data_dir=data_dir, source=source, groups=groups, **sections)
+
+
+def _check_cluster(cluster: Any, data_dir: Path) -> Any:
+    """[cluster]: members parse, the shard is one of them (static), secret_file
+    resolved against data_dir."""
+    from orchestrator.config.cluster import MEMBER_ID, parse_member
+
+    if cluster.shard and not MEMBER_ID.fullmatch(cluster.shard):
+        raise ConfigError(f"[cluster] shard {cluster.shard!r}: letters, digits, '.', '_', '-'")
+    if cluster.shard and cluster.discovery == "static":
+        try:
+            ids = [parse_member(m).id for m in cluster.members]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"[cluster] members: an id is listed twice ({', '.join(ids)})")
+        if cluster.shard not in ids:
+            raise ConfigError(f"[cluster] shard {cluster.shard!r} is not in [cluster] members "
+                              f"({', '.join(ids) or 'none'}): list every shard, this one too")
+    if cluster.secret_file:
+        cluster = dataclasses.replace(
+            cluster, secret_file=str(data_dir / Path(cluster.secret_file).expanduser()))
+    return cluster
 
 
 DEFAULT_RANGE = (200000, 299999)

@@ -266,6 +266,37 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several orchestrators (shards) serving one API (issue 23). Off
+    unless ``shard`` is set: a single orchestrator, as before."""
+
+    shard: str = _opt("", "this shard's id among the members ('' = no cluster: a single "
+                      "orchestrator); with discovery = 'kubernetes', '' = the node name")
+    members: tuple[str, ...] = _opt(
+        [], "static membership: every shard as 'ID=http://HOST:PORT', this one included, "
+        "e.g. ['a=http://10.0.0.1:8750', 'b=http://10.0.0.2:8750']")
+    discovery: str = _opt("static", "'static' ([cluster] members) or 'kubernetes' (the "
+                          "orchestrator Pods carrying pod_label, watched)",
+                          choices=("static", "kubernetes"))
+    pod_label: str = _opt("app.kubernetes.io/name=orchestrator",
+                          "label selector of the orchestrator Pods (discovery = 'kubernetes')")
+    pod_namespace: str = _opt("", "namespace of the orchestrator Pods; '' = POD_NAMESPACE, "
+                              "else [kubernetes] namespace")
+    api_port: int = _opt(8750, "API port of the other shards' Pods (discovery = "
+                         "'kubernetes')", min=1, max=65535)
+    secret_file: str = _opt("", "shared secret of shard-to-shard calls, relative to "
+                            "data_dir; '' = the API token ([api] token_file)")
+    peer_timeout: float = _opt(3.0, "seconds a shard waits for another (connect, and "
+                               "every question but a forwarded request's answer)",
+                               min=0.05, max=60)
+    probe_interval: float = _opt(2.0, "seconds between GET /readyz probes of the other "
+                                 "shards (a failed one marks the shard down)",
+                                 min=0.05, max=600)
+    retry_after: int = _opt(5, "Retry-After seconds of a 503 for a down shard's "
+                            "conversation", min=1, max=3600)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _opt("INFO", "log level",
                       choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"))
@@ -378,6 +409,7 @@ SECTIONS: dict[str, type] = {
     "delivery": DeliveryConfig,
     "sessions": SessionsConfig,
     "api": ApiConfig,
+    "cluster": ClusterConfig,
     "log": LogConfig,
 }
 
@@ -393,6 +425,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     sessions: SessionsConfig = SessionsConfig()
     api: ApiConfig = ApiConfig()
+    cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
     groups: tuple[GroupConfig, ...] = ()  # sorted by name: [groups.<name>] overrides
     source: Path | None = None

@@ -1,0 +1,194 @@
+"""What a client reads across every shard (issue 23): ``GET /v1/sessions`` merged and
+paged, and ``GET /v1/events`` as one stream of every shard's events.
+
+**Sessions**: every member (this one included, through the same peer call) is asked
+at once, each bounded by a timeout; the rows (each with a ``shard`` field) are sorted
+by session id. ``limit`` and ``cursor`` page them: the cursor is the last session
+id of a page, which is a position in every shard's list at once (ids are unique
+across shards), so a page is "every shard's rows after it". The body stays the
+single-orchestrator shape (a JSON list); ``X-Next-Cursor`` names the next page and
+``X-Unavailable-Shards`` the shards that did not answer (their rows are missing).
+
+**Events**: one reader task per member streams its ``/v1/events`` (peer-authenticated)
+into one bounded queue; each event goes out with ``shard`` added to its data and an
+SSE ``id`` that is the composite cursor (``rules.placement.encode_cursor``: the last
+event id of every shard). A client that reconnects with it as ``Last-Event-ID``
+resumes every shard where it left off — a shard that was down is read again from
+where it stopped (or from its start if this stream never reached it), so a stream
+read across a shard's crash misses nothing. A member that cannot be reached is
+retried every second; ``event: shard_unavailable`` says so once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, AsyncIterator
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from orchestrator.api.checks import error
+from orchestrator.api.peers import Peers
+from orchestrator.config.cluster import Member
+from orchestrator.rules.placement import decode_cursor, encode_cursor, start_position
+
+KEEPALIVE = 15.0
+RECONNECT = 1.0
+LIST_READ_TIMEOUT = 60.0
+QUEUE_MAX = 10_000
+
+
+# --- GET /v1/sessions -----------------------------------------------------------------
+
+
+async def _rows_of(peers: Peers, member: Member, params: dict[str, str]
+                   ) -> tuple[int, Any] | None:
+    try:
+        resp = await peers.client.get(f"{member.url}/v1/sessions", params=params,
+                                      headers=peers.headers(),
+                                      timeout=httpx.Timeout(peers.timeout,
+                                                            read=LIST_READ_TIMEOUT))
+    except httpx.HTTPError as exc:
+        peers.note(member.id, False, f"GET /v1/sessions: {type(exc).__name__}")
+        return None
+    peers.note(member.id, True)
+    return resp.status_code, resp.json()
+
+
+async def merged_sessions(peers: Peers, request: Request) -> Response:
+    raw_limit = request.query_params.get("limit")
+    if raw_limit is not None and (not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100_000):
+        return error("limit must be a whole number from 1 to 100000", 400)
+    cursor = request.query_params.get("cursor") or ""
+    params = {k: v for k, v in request.query_params.items() if k not in ("limit", "cursor")}
+    members = peers.members()
+    answers = await asyncio.gather(*(_rows_of(peers, m, params) for m in members))
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for member, answer in zip(members, answers, strict=True):
+        if answer is None:
+            missing.append(member.id)
+            continue
+        status, body = answer
+        if status != 200:
+            if member.id == peers.self_id:
+                return JSONResponse(body, status_code=status)
+            missing.append(member.id)
+            continue
+        for row in body:
+            row["shard"] = member.id
+            peers.session_cache[row["session_id"]] = member.id
+            rows.append(row)
+    rows.sort(key=lambda r: r["session_id"])
+    if cursor:
+        rows = [r for r in rows if r["session_id"] > cursor]
+    headers = {}
+    if raw_limit is not None and len(rows) > int(raw_limit):
+        rows = rows[:int(raw_limit)]
+        headers["X-Next-Cursor"] = rows[-1]["session_id"]
+    if missing:
+        headers["X-Unavailable-Shards"] = ",".join(sorted(missing))
+    return JSONResponse(rows, headers=headers)
+
+
+# --- GET /v1/events -------------------------------------------------------------------
+
+
+async def sse_messages(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, str]]:
+    """The messages of an SSE stream: {"id", "event", "data"} (comments and ``retry``
+    skipped)."""
+    msg: dict[str, str] = {}
+    async for line in lines:
+        if line == "":
+            if "data" in msg or "id" in msg:
+                yield msg
+            msg = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name in ("id", "event"):
+            msg[name] = value
+        elif name == "data":
+            msg["data"] = msg["data"] + "\n" + value if "data" in msg else value
+
+
+async def _read_shard(peers: Peers, member: Member, position: int,
+                      queue: asyncio.Queue[tuple[str, int | None, dict[str, str]]]) -> None:
+    """Stream one member's events into ``queue`` for as long as the client reads."""
+    reported = False
+    while True:
+        headers = {**peers.headers(), "accept": "text/event-stream"}
+        if position >= 0:
+            headers["last-event-id"] = str(position)
+        try:
+            async with peers.client.stream("GET", f"{member.url}/v1/events", headers=headers,
+                                           timeout=httpx.Timeout(peers.timeout, read=None)
+                                           ) as resp:
+                if resp.status_code != 200:
+                    raise httpx.HTTPStatusError("not 200", request=resp.request, response=resp)
+                peers.note(member.id, True)
+                reported = False
+                async for msg in sse_messages(resp.aiter_lines()):
+                    ident = msg.get("id")
+                    if ident is not None and ident.isdigit():
+                        position = int(ident)
+                    await queue.put((member.id, position if ident else None, msg))
+        except (httpx.HTTPError, ValueError) as exc:
+            if not reported:
+                peers.note(member.id, False, f"GET /v1/events: {type(exc).__name__}")
+                reported = True
+                await queue.put((member.id, None, {"event": "shard_unavailable",
+                                                   "data": "{}"}))
+            if position < 0:
+                position = 0  # never reached: when it is back, read all of it
+        await asyncio.sleep(RECONNECT)
+
+
+def merged_events(peers: Peers, request: Request) -> Response:
+    header = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    cursor = decode_cursor(header)
+    if header and cursor is None and not header.isdigit():
+        return error("Last-Event-ID must be a cursor of this cluster's /v1/events "
+                     "(c1:SHARD=ID,...)", 400)
+    return StreamingResponse(_merged(peers, cursor), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _merged(peers: Peers, cursor: dict[str, int] | None) -> AsyncIterator[str]:
+    queue: asyncio.Queue[tuple[str, int | None, dict[str, str]]] = asyncio.Queue(QUEUE_MAX)
+    members = peers.members()
+    positions = {m.id: start_position(cursor, m.id) for m in members}
+    tasks = [asyncio.create_task(_read_shard(peers, m, positions[m.id], queue),
+                                 name=f"events-{m.id}") for m in members]
+    try:
+        yield "retry: 1000\n\n"
+        while True:
+            try:
+                shard, position, msg = await asyncio.wait_for(queue.get(), KEEPALIVE)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if position is not None:
+                positions[shard] = position
+            known = {k: v for k, v in positions.items() if v >= 0}
+            try:
+                data = json.loads(msg.get("data") or "{}")
+            except ValueError:
+                data = {}
+            if not isinstance(data, dict):
+                data = {"data": data}
+            data["shard"] = shard
+            line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+            ident = f"id: {encode_cursor(known)}\n" if position is not None else ""
+            yield f"{ident}event: {msg.get('event', 'message')}\ndata: {line}\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

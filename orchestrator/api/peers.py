@@ -192,7 +192,18 @@ class Peers:
         return holder, unknown
 
     async def find_conversation(self, parts: dict[str, Any]) -> tuple[str | None, set[str]]:
-        return await self.find(HOLDS_PATH, {k: v for k, v in parts.items() if v is not None})
+        return await self.find(HOLDS_PATH, self._params(parts))
+
+    async def ask_conversation(self, ident: str, parts: dict[str, Any]) -> bool | None:
+        """Ask one member (even one thought down: its answer revives it)."""
+        member = self.member(ident)
+        if member is None:
+            return None
+        return await self._ask(member, HOLDS_PATH, self._params(parts))
+
+    @staticmethod
+    def _params(parts: dict[str, Any]) -> dict[str, str]:
+        return {k: v for k, v in parts.items() if v is not None}
 
     async def find_session(self, session_id: str) -> tuple[str | None, set[str]]:
         cached = self.session_cache.get(session_id)

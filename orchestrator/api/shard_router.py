@@ -191,16 +191,24 @@ class ShardRouter:
             await self.app(scope, receive, send)
             return
         holder, unknown = await self.peers.find_conversation(parts)
-        if holder is None:
-            ids = [m.id for m in self.peers.members()]
-            placed = place(key_of(parts), ids, unknown)
-            if placed.blocked_by is not None:
-                member = self.peers.member(placed.blocked_by)
-                await unavailable(placed.blocked_by, member.url if member else None,
+        while holder is None:
+            placed = place(key_of(parts), [m.id for m in self.peers.members()], unknown)
+            blocked = placed.blocked_by
+            if blocked is None:
+                holder = placed.owner
+                break
+            # the one member that matters here is asked again (it may be back since
+            # the last probe): it holds it, or it does not and placement goes on
+            answer = await self.peers.ask_conversation(blocked, parts)
+            if answer is None:
+                member = self.peers.member(blocked)
+                await unavailable(blocked, member.url if member else None,
                                   self.peers.retry_after, "this conversation")(
                                       scope, receive, send)
                 return
-            holder = placed.owner
+            unknown.discard(blocked)
+            if answer:
+                holder = blocked
         if holder is None or holder == self.peers.self_id:
             await self.app(scope, receive, send)
             return

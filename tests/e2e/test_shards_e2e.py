@@ -1,0 +1,239 @@
+"""Many orchestrators, one service (issue 23), on one machine: real ``orchestrator run``
+processes with their own data dirs and ports, static membership, one API token.
+
+One run, in phases (the same conversations throughout; ``SHARDS_CONVERSATIONS``
+conversations, 300 by default, each gets 5 messages POSTed to random shards with
+Idempotency-Keys):
+
+1. three shards a, b, c: messages 1–2 of every conversation; the sessions spread
+   within ±20 % of even;
+2. shard c SIGKILLed: message 3 of every conversation — the ones c may hold get
+   ``503`` + ``Retry-After`` naming c, every other one is written (its latency is
+   compared with phase 1's); c restarted, the refused ones are retried with the
+   same keys and written;
+3. a fourth shard d added (a, b, c restarted one by one with the new member list):
+   messages 4–5 of every conversation, and new conversations, some of which land on d.
+
+Then, from the shards' own files: every conversation in exactly one session on one
+shard, 5 messages each, none lost, none twice. An event stream read from shard a
+(resumed with its composite cursor through every restart, from any live shard) has
+seen every event of every shard's ``events.db``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+from loguru import logger
+
+from tests.support.helpers import wait_for
+from tests.support.shards import TOKEN, ShardSet
+
+N = int(os.environ.get("SHARDS_CONVERSATIONS", "300"))
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WORKERS = 8
+
+
+def body(i: int, j: int) -> dict[str, Any]:
+    return {"agent_group": "g", "platform_id": f"chat-{i}", "content": {"text": f"m{j}"}}
+
+
+class Sender:
+    """POSTs with Idempotency-Keys ``c<i>-m<j>`` to random shards of ``up``."""
+
+    def __init__(self, shards: ShardSet) -> None:
+        self.shards = shards
+        self.client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64))
+        self.rng = random.Random(23)
+
+    def post(self, i: int, j: int, up: list[str]) -> tuple[int, dict, dict, float]:
+        url = self.shards.url(self.rng.choice(up)) + "/v1/messages"
+        began = time.monotonic()
+        resp = self.client.post(url, json=body(i, j), headers={**AUTH,
+                                                              "Idempotency-Key": f"c{i}-m{j}"})
+        return resp.status_code, resp.json(), dict(resp.headers), time.monotonic() - began
+
+    def round(self, pairs: list[tuple[int, int]], up: list[str]
+              ) -> dict[tuple[int, int], tuple[int, dict, dict, float]]:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            results = list(pool.map(lambda p: self.post(*p, up), pairs))
+        return dict(zip(pairs, results, strict=True))
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else values[0]
+
+
+class EventReader(threading.Thread):
+    """Reads the merged ``/v1/events`` of one shard; on any break it reconnects to a
+    live shard with the last composite id it saw (``Last-Event-ID``)."""
+
+    def __init__(self, shards: ShardSet, up: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.shards = shards
+        self.up = up  # the test keeps it current
+        self.seen: dict[str, set[int]] = {}
+        self.cursor: str | None = None
+        self.reconnects = 0
+        self.stopping = threading.Event()
+        self.first = threading.Event()
+
+    def run(self) -> None:
+        target = "a"
+        while not self.stopping.is_set():
+            headers = {**AUTH, "Accept": "text/event-stream"}
+            if self.cursor:
+                headers["Last-Event-ID"] = self.cursor
+            try:
+                with httpx.stream("GET", self.shards.url(target) + "/v1/events",
+                                  headers=headers, timeout=httpx.Timeout(5, read=20)) as resp:
+                    self.first.set()
+                    self._read(resp)
+            except httpx.HTTPError:
+                pass
+            self.reconnects += 1
+            time.sleep(0.2)
+            target = random.choice(self.up)
+
+    def _read(self, resp: httpx.Response) -> None:
+        ident = None
+        for line in resp.iter_lines():
+            if self.stopping.is_set():
+                return
+            if line.startswith("id: "):
+                ident = line[4:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if "id" in data and "shard" in data:
+                    self.seen.setdefault(data["shard"], set()).add(data["id"])
+                if ident:
+                    self.cursor = ident
+                ident = None
+
+
+def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) -> None:
+    shards = ShardSet(tmp_path, ["a", "b", "c"])
+    up = ["a", "b", "c"]
+    reader = EventReader(shards, up)
+    sender = Sender(shards)
+    try:
+        for name in up:
+            shards.start(name)
+        shards.wait_up(*up)
+        reader.start()
+        assert reader.first.wait(30)
+
+        # --- phase 1: three shards --------------------------------------------------
+        began = time.monotonic()
+        first = sender.round([(i, j) for j in (1, 2) for i in range(N)], up)
+        took = time.monotonic() - began
+        assert Counter(r[0] for r in first.values()) == {201: 2 * N}, \
+            Counter(r[0] for r in first.values())
+        baseline = p99([r[3] for r in first.values()])
+        owner = {}
+        for name in up:
+            for platform, _ in shards.sessions(name).values():
+                owner[int(platform.split("-")[1])] = name
+        spread = Counter(owner.values())
+        assert len(owner) == N
+        tolerance = 0.2 if N >= 300 else 0.6  # ±20 % is the claim at 300; a quick run is noisy
+        for n in spread.values():
+            assert abs(n - N / 3) <= tolerance * N / 3, spread
+
+        # --- phase 2: c killed -------------------------------------------------------
+        shards.kill("c")
+        up.remove("c")
+        wait_for(lambda: all(_down_seen(shards, n, "c") for n in up), timeout=10,
+                 message="a and b see c down")
+        second = sender.round([(i, 3) for i in range(N)], up)
+        refused = sorted(i for (i, _), r in second.items() if r[0] == 503)
+        for i in refused:
+            status, data, headers, _ = second[(i, 3)]
+            assert headers.get("retry-after") == "1", headers
+            assert data["shard"] == "c" and "shard c" in data["error"], data
+        assert set(refused) == {i for i, o in owner.items() if o == "c"}
+        others = [r for (i, _), r in second.items() if owner[i] != "c"]
+        assert all(r[0] == 201 for r in others)
+        during = p99([r[3] for r in others])
+        shards.start("c")
+        shards.wait_up("c")
+        up.append("c")
+        wait_for(lambda: not any(_down_seen(shards, n, "c") for n in ("a", "b")), timeout=10,
+                 message="a and b see c back")
+        retried = sender.round([(i, 3) for i in refused], up)
+        assert all(r[0] == 201 for r in retried.values()), Counter(
+            r[0] for r in retried.values())
+
+        # --- phase 3: a fourth shard -------------------------------------------------
+        shards.set_members(["a", "b", "c", "d"])
+        shards.start("d")
+        shards.wait_up("d")
+        up.append("d")
+        for name in ("a", "b", "c"):  # one by one: the others keep serving
+            up.remove(name)
+            shards.stop(name)
+            shards.start(name)
+            shards.wait_up(name)
+            up.append(name)
+        fresh = list(range(N, N + N // 3))
+        third = sender.round([(i, j) for j in (4, 5) for i in range(N)]
+                             + [(i, j) for j in range(1, 6) for i in fresh], up)
+        assert Counter(r[0] for r in third.values()) == {201: len(third)}
+        replayed = sender.round([(i, 1) for i in range(0, N, 7)], up)  # same keys again
+        assert all(r[0] == 201 for r in replayed.values())
+
+        # --- the files: one session per conversation, every message once ------------
+        where: dict[int, list[tuple[str, str]]] = {}
+        messages: dict[int, list[str]] = {}
+        for name in shards.members:
+            for sid, (platform, ids) in shards.sessions(name).items():
+                i = int(platform.split("-")[1])
+                where.setdefault(i, []).append((name, sid))
+                messages.setdefault(i, []).extend(ids)
+        split = {i: w for i, w in where.items() if len(w) != 1}
+        assert split == {}, f"conversations split over sessions: {list(split.items())[:5]}"
+        assert sorted(where) == list(range(N + len(fresh)))
+        wrong = {i: len(m) for i, m in messages.items() if len(m) != 5 or len(set(m)) != 5}
+        assert wrong == {}, f"lost or duplicated messages: {list(wrong.items())[:5]}"
+        new_on_d = sum(1 for i in fresh if where[i][0][0] == "d")
+        assert 0 < new_on_d <= 0.5 * len(fresh), new_on_d  # about a quarter
+        moved = [i for i in range(N) if where[i][0][0] != owner[i]]
+        assert moved == []
+
+        # --- the event stream across the kill and the restarts ----------------------
+        def caught_up() -> bool:
+            return all(set(shards.event_ids(n)) <= reader.seen.get(n, set())
+                       for n in shards.members)
+
+        wait_for(caught_up, timeout=60, interval=0.5, message="the stream saw every event: "
+                 + ", ".join(f"{n}: {len(set(shards.event_ids(n)) - reader.seen.get(n, set()))}"
+                             " missing" for n in shards.members))
+        logger.info("shards e2e: N={} phase 1 {:.1f}s ({} POSTs), p99 {:.3f}s, p99 during the "
+                    "kill {:.3f}s, refused {}, stream reconnects {}, new on d {}/{}", N, took,
+                    2 * N, baseline, during, len(refused), reader.reconnects, new_on_d,
+                    len(fresh))
+        print(f"\nN={N} phase1={took:.1f}s p99={baseline * 1000:.0f}ms "
+              f"p99_during_kill={during * 1000:.0f}ms refused={len(refused)} "
+              f"spread={dict(spread)} new_on_d={new_on_d}/{len(fresh)} "
+              f"stream_reconnects={reader.reconnects}")
+    finally:
+        reader.stopping.set()
+        sender.client.close()
+        shards.stop_all()
+
+
+def _down_seen(shards: ShardSet, name: str, peer: str) -> bool:
+    """Whether shard ``name`` has logged ``peer`` as unreachable more recently than
+    reachable (its log is the only outside view of its liveness table)."""
+    text = shards.procs[name].text()
+    return text.rfind(f"shard {peer} is unreachable") > text.rfind(f"shard {peer} is reachable")

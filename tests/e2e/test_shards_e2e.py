@@ -7,12 +7,13 @@ Idempotency-Keys):
 
 1. three shards a, b, c: messages 1–2 of every conversation; the sessions spread
    within ±20 % of even;
-2. shard c SIGKILLed: message 3 of every conversation — the ones c may hold get
-   ``503`` + ``Retry-After`` naming c, every other one is written (its latency is
-   compared with phase 1's); c restarted, the refused ones are retried with the
-   same keys and written;
-3. a fourth shard d added (a, b, c restarted one by one with the new member list):
-   messages 4–5 of every conversation, and new conversations, some of which land on d.
+2. message 3 of every conversation, all shards up (the latency to compare with);
+3. shard c SIGKILLed: message 4 of every conversation — the ones c may hold get
+   ``503`` + ``Retry-After`` naming c, every other one is written (its p99 within
+   20 % of phase 2's, plus 50 ms of slack for a shared machine); c restarted, the
+   refused ones are retried with the same keys and written;
+4. a fourth shard d added (a, b, c restarted one by one with the new member list):
+   message 5 of every conversation, and new conversations, some of which land on d.
 
 Then, from the shards' own files: every conversation in exactly one session on one
 shard, 5 messages each, none lost, none twice. An event stream read from shard a
@@ -139,7 +140,6 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         took = time.monotonic() - began
         assert Counter(r[0] for r in first.values()) == {201: 2 * N}, \
             Counter(r[0] for r in first.values())
-        baseline = p99([r[3] for r in first.values()])
         owner = {}
         for name in up:
             for platform, _ in shards.sessions(name).values():
@@ -150,31 +150,38 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         for n in spread.values():
             assert abs(n - N / 3) <= tolerance * N / 3, spread
 
-        # --- phase 2: c killed -------------------------------------------------------
+        # --- phase 2: message 3 with every shard up (the latency to compare with) -----
+        steady = sender.round([(i, 3) for i in range(N)], up)
+        assert Counter(r[0] for r in steady.values()) == {201: N}
+        baseline = p99([r[3] for (i, _), r in steady.items() if owner[i] != "c"])
+
+        # --- phase 3: c killed: message 4 ---------------------------------------------
         shards.kill("c")
         up.remove("c")
         wait_for(lambda: all(_down_seen(shards, n, "c") for n in up), timeout=10,
                  message="a and b see c down")
-        second = sender.round([(i, 3) for i in range(N)], up)
+        second = sender.round([(i, 4) for i in range(N)], up)
         refused = sorted(i for (i, _), r in second.items() if r[0] == 503)
         for i in refused:
-            status, data, headers, _ = second[(i, 3)]
+            status, data, headers, _ = second[(i, 4)]
             assert headers.get("retry-after") == "1", headers
             assert data["shard"] == "c" and "shard c" in data["error"], data
         assert set(refused) == {i for i, o in owner.items() if o == "c"}
         others = [r for (i, _), r in second.items() if owner[i] != "c"]
         assert all(r[0] == 201 for r in others)
         during = p99([r[3] for r in others])
+        # others unaffected: within 20 % (plus 50 ms for a shared, loaded CI machine)
+        assert during <= 1.2 * baseline + 0.05, (during, baseline)
         shards.start("c")
         shards.wait_up("c")
         up.append("c")
         wait_for(lambda: not any(_down_seen(shards, n, "c") for n in ("a", "b")), timeout=10,
                  message="a and b see c back")
-        retried = sender.round([(i, 3) for i in refused], up)
+        retried = sender.round([(i, 4) for i in refused], up)
         assert all(r[0] == 201 for r in retried.values()), Counter(
             r[0] for r in retried.values())
 
-        # --- phase 3: a fourth shard -------------------------------------------------
+        # --- phase 4: a fourth shard -------------------------------------------------
         shards.set_members(["a", "b", "c", "d"])
         shards.start("d")
         shards.wait_up("d")
@@ -186,7 +193,7 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
             shards.wait_up(name)
             up.append(name)
         fresh = list(range(N, N + N // 3))
-        third = sender.round([(i, j) for j in (4, 5) for i in range(N)]
+        third = sender.round([(i, 5) for i in range(N)]
                              + [(i, j) for j in range(1, 6) for i in fresh], up)
         assert Counter(r[0] for r in third.values()) == {201: len(third)}
         replayed = sender.round([(i, 1) for i in range(0, N, 7)], up)  # same keys again
@@ -222,7 +229,7 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
                     "kill {:.3f}s, refused {}, stream reconnects {}, new on d {}/{}", N, took,
                     2 * N, baseline, during, len(refused), reader.reconnects, new_on_d,
                     len(fresh))
-        print(f"\nN={N} phase1={took:.1f}s p99={baseline * 1000:.0f}ms "
+        print(f"\nN={N} phase1={took:.1f}s p99_steady={baseline * 1000:.0f}ms "
               f"p99_during_kill={during * 1000:.0f}ms refused={len(refused)} "
               f"spread={dict(spread)} new_on_d={new_on_d}/{len(fresh)} "
               f"stream_reconnects={reader.reconnects}")

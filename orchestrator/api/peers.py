@@ -73,8 +73,9 @@ class Peers:
 
     def __init__(self, self_id: str, membership: Membership, secret: str, *,
                  timeout: float, probe_interval: float, retry_after: int,
-                 forward_timeout: float = 70.0) -> None:
+                 forward_timeout: float = 70.0, drain: tuple[str, ...] = ()) -> None:
         self.self_id = self_id
+        self.drain = frozenset(drain)  # members that take no new conversation
         self.membership = membership
         self.secret = secret
         self.timeout = timeout

@@ -192,7 +192,8 @@ class ShardRouter:
             return
         holder, unknown = await self.peers.find_conversation(parts)
         while holder is None:
-            placed = place(key_of(parts), [m.id for m in self.peers.members()], unknown)
+            placed = place(key_of(parts), [m.id for m in self.peers.members()], unknown,
+                           self.peers.drain)
             blocked = placed.blocked_by
             if blocked is None:
                 holder = placed.owner

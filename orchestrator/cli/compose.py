@@ -133,7 +133,8 @@ def make_peers(cfg: Config, token: str | None) -> Peers | None:
         membership = StaticMembers([parse_member(m) for m in cluster.members])
     return Peers(shard, membership, secret, timeout=cluster.peer_timeout,
                  probe_interval=cluster.probe_interval, retry_after=cluster.retry_after,
-                 forward_timeout=cfg.api.max_wait + cluster.peer_timeout + 5)
+                 forward_timeout=cfg.api.max_wait + cluster.peer_timeout + 5,
+                 drain=cluster.drain)
 
 
 @dataclass(frozen=True)

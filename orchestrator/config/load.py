@@ -279,6 +279,11 @@ def _check_cluster(cluster: Any, data_dir: Path) -> Any:
         if cluster.shard not in ids:
             raise ConfigError(f"[cluster] shard {cluster.shard!r} is not in [cluster] members "
                               f"({', '.join(ids) or 'none'}): list every shard, this one too")
+    if cluster.discovery == "kubernetes" and not all(
+            k.strip() and sep for k, sep, _ in (p.partition("=")
+                                                for p in cluster.pod_label.split(","))):
+        raise ConfigError(f"[cluster] pod_label {cluster.pod_label!r}: write "
+                          "'KEY=VALUE[,KEY=VALUE]'")
     if cluster.secret_file:
         cluster = dataclasses.replace(
             cluster, secret_file=str(data_dir / Path(cluster.secret_file).expanduser()))

@@ -294,6 +294,8 @@ class ClusterConfig:
                                  min=0.05, max=600)
     retry_after: int = _opt(5, "Retry-After seconds of a 503 for a down shard's "
                             "conversation", min=1, max=3600)
+    drain: tuple[str, ...] = _opt([], "ids of shards that take no new conversation (their "
+                                  "own keep being served); the same list on every shard")
 
 
 @dataclass(frozen=True)

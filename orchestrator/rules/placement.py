@@ -67,13 +67,16 @@ class Placement:
     blocked_by: str | None = None
 
 
-def place(key: str, member_ids: list[str] | tuple[str, ...], down: set[str] | frozenset[str]
-          ) -> Placement:
+def place(key: str, member_ids: list[str] | tuple[str, ...], down: set[str] | frozenset[str],
+          draining: set[str] | frozenset[str] = frozenset()) -> Placement:
     """The owner of a conversation that no live member holds. A down member ranked
-    above the first live one may hold it: blocked, never placed elsewhere."""
+    above the first live one may hold it: blocked, never placed elsewhere. A draining
+    member takes no new conversation but still blocks while down (it may hold it)."""
     for member in ranking(key, member_ids):
         if member in down:
             return Placement(None, blocked_by=member)
+        if member in draining:
+            continue
         return Placement(member)
     return Placement(None)
 

@@ -56,6 +56,17 @@ def test_down_member_rule(ranked, down, expected):
     assert place(key, ranked, down) == expected
 
 
+@pytest.mark.parametrize("ranked, down, draining, expected", [
+    (["a", "b", "c"], set(), {"a"}, Placement("b")),           # skipped for new ones
+    (["a", "b", "c"], {"a"}, {"a"}, Placement(None, "a")),     # down, it may hold it
+    (["a", "b", "c"], set(), {"a", "b"}, Placement("c")),
+    (["a", "b", "c"], {"c"}, {"a"}, Placement("b")),
+])
+def test_draining_member_takes_nothing_new(ranked, down, draining, expected):
+    key = next(k for k in KEYS if ranking(k, ["a", "b", "c"]) == ranked)
+    assert place(key, ranked, down, draining) == expected
+
+
 @pytest.mark.parametrize("mode, chat, expected_same", [
     ("shared", (("api", "p", "t1"), ("api", "p", "t2")), True),     # thread ignored
     ("per-thread", (("api", "p", "t1"), ("api", "p", "t2")), False),

@@ -35,6 +35,7 @@ FORWARDED_BY = "x-orchestrator-forwarded-by"
 PEER_AUTH = "x-orchestrator-peer-auth"
 HOLDS_PATH = "/cluster/v1/holds"
 HAS_SESSION_PATH = "/cluster/v1/has-session"
+CACHE_MAX = 100_000
 
 
 class Membership(Protocol):
@@ -86,6 +87,9 @@ class Peers:
         self._seen: dict[str, list[float | None]] = {}  # id -> [last_ok, last_fail]
         self._was_down: set[str] = set()
         self.session_cache: dict[str, str] = {}  # session id -> shard id
+        # conversation key -> the shard holding it (conversations never move, so an
+        # entry stays true; a forward to a shard that is down is a 503 either way)
+        self.conversation_cache: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     # --- who and whether ---------------------------------------------------------------
@@ -206,11 +210,16 @@ class Peers:
     def _params(parts: dict[str, Any]) -> dict[str, str]:
         return {k: v for k, v in parts.items() if v is not None}
 
+    def remember(self, cache: dict[str, str], key: str, shard: str) -> None:
+        if len(cache) >= CACHE_MAX:
+            cache.pop(next(iter(cache)))  # the oldest entry
+        cache[key] = shard
+
     async def find_session(self, session_id: str) -> tuple[str | None, set[str]]:
         cached = self.session_cache.get(session_id)
         if cached is not None and self.member(cached) is not None:
             return cached, set()
         holder, unknown = await self.find(HAS_SESSION_PATH, {"id": session_id})
         if holder is not None:
-            self.session_cache[session_id] = holder
+            self.remember(self.session_cache, session_id, holder)
         return holder, unknown

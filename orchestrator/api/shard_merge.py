@@ -80,7 +80,7 @@ async def merged_sessions(peers: Peers, request: Request) -> Response:
             continue
         for row in body:
             row["shard"] = member.id
-            peers.session_cache[row["session_id"]] = member.id
+            peers.remember(peers.session_cache, row["session_id"], member.id)
             rows.append(row)
     rows.sort(key=lambda r: r["session_id"])
     if cursor:

@@ -190,9 +190,14 @@ class ShardRouter:
         if here:
             await self.app(scope, receive, send)
             return
+        key = key_of(parts)
+        cached = self.peers.conversation_cache.get(key)
+        if cached is not None and self.peers.member(cached) is not None:
+            await (await self.forward(request, cached, body))(scope, receive, send)
+            return
         holder, unknown = await self.peers.find_conversation(parts)
         while holder is None:
-            placed = place(key_of(parts), [m.id for m in self.peers.members()], unknown,
+            placed = place(key, [m.id for m in self.peers.members()], unknown,
                            self.peers.drain)
             blocked = placed.blocked_by
             if blocked is None:
@@ -213,6 +218,7 @@ class ShardRouter:
         if holder is None or holder == self.peers.self_id:
             await self.app(scope, receive, send)
             return
+        self.peers.remember(self.peers.conversation_cache, key, holder)
         await (await self.forward(request, holder, body))(scope, receive, send)
 
     # --- /v1/sessions/{id}/... ---------------------------------------------------------

@@ -16,9 +16,9 @@ Pure decisions, table-tested (tests/rules/test_placement.py):
   a new conversation's owner at the same instant, which is exactly what must not
   happen; an even spread is what HRW gives, and a full shard queues (admission).
 - ``place``: the owner of a conversation no live member holds. If a *down* member
-  ranks above the first live one, that down member may hold the conversation (it
-  was placed there while up), so the answer is "unavailable, retry" naming it —
-  never a second session elsewhere.
+  may hold the conversation (``possible_holders``: it was the owner under the
+  membership of some earlier time, the members listed in the order they joined),
+  the answer is "unavailable, retry" naming it — never a second session elsewhere.
 - ``is_down``: a member's liveness from its last successful and failed contact.
 - ``encode_cursor`` / ``decode_cursor``: the composite event cursor of a merged
   ``/v1/events`` stream (the last event id of every shard, in one SSE ``id``).
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 from orchestrator.config.cluster import MEMBER_ID, Member, parse_member
 
-__all__ = ["MEMBER_ID", "Member", "parse_member", "Placement", "conversation_key", "decode_cursor",
-           "encode_cursor", "is_down", "place", "ranking", "score", "start_position"]
+__all__ = ["MEMBER_ID", "Member", "parse_member", "Placement", "conversation_key",
+           "decode_cursor", "encode_cursor", "is_down", "place", "possible_holders", "ranking",
+           "score", "start_position"]
 
 CURSOR_PREFIX = "c1:"
 
@@ -67,17 +68,35 @@ class Placement:
     blocked_by: str | None = None
 
 
+def possible_holders(key: str, member_ids: list[str] | tuple[str, ...],
+                     draining: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Every member that may hold ``key``'s conversation, given that ``member_ids`` is
+    in the order the members joined. A conversation is only ever placed on the first
+    non-draining member of the ranking over the members *of that time* (``place``
+    refuses while any possible holder is down), so its holder is that member for some
+    prefix of the list: the first non-draining of each prefix's ranking (and the
+    draining ones ranked above it, which may have held it before they were drained)."""
+    out: list[str] = []
+    for n in range(1, len(member_ids) + 1):
+        for member in ranking(key, member_ids[:n]):
+            if member not in out:
+                out.append(member)
+            if member not in draining:
+                break
+    return out
+
+
 def place(key: str, member_ids: list[str] | tuple[str, ...], down: set[str] | frozenset[str],
           draining: set[str] | frozenset[str] = frozenset()) -> Placement:
-    """The owner of a conversation that no live member holds. A down member ranked
-    above the first live one may hold it: blocked, never placed elsewhere. A draining
-    member takes no new conversation but still blocks while down (it may hold it)."""
-    for member in ranking(key, member_ids):
+    """The owner of a conversation that no live member holds: the first non-draining
+    member of the ranking. Blocked (``blocked_by``) while a possible holder of it is
+    down — it may hold the conversation — so it is never placed a second time."""
+    for member in possible_holders(key, member_ids, draining):
         if member in down:
             return Placement(None, blocked_by=member)
-        if member in draining:
-            continue
-        return Placement(member)
+    for member in ranking(key, member_ids):
+        if member not in draining:
+            return Placement(member)
     return Placement(None)
 
 

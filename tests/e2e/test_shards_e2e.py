@@ -12,8 +12,11 @@ Idempotency-Keys):
    ``503`` + ``Retry-After`` naming c, every other one is written (its p99 within
    20 % of phase 2's, plus 50 ms of slack for a shared machine); c restarted, the
    refused ones are retried with the same keys and written;
-4. a fourth shard d added (a, b, c restarted one by one with the new member list):
-   message 5 of every conversation, and new conversations, some of which land on d.
+4. a fourth shard d added (a, b, c restarted one by one with the new member list);
+5. shard b SIGKILLed: message 5 of every conversation — exactly b's conversations are
+   refused, those among them that now rank d first included (b holds them: they
+   are never placed on d); b restarted, the refused ones retried; then new
+   conversations, some of which land on d.
 
 Then, from the shards' own files: every conversation in exactly one session on one
 shard, 5 messages each, none lost, none twice. An event stream read from shard a
@@ -192,9 +195,27 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
             shards.start(name)
             shards.wait_up(name)
             up.append(name)
+        # --- phase 5: b killed with d a member: message 5 ----------------------------
+        # conversations b holds that now rank d first must still wait for b, never
+        # be placed on d
+        moved_to_d = [i for i, o in owner.items() if o == "b" and _ranks_first(i, "d")]
+        shards.kill("b")
+        up.remove("b")
+        wait_for(lambda: all(_down_seen(shards, n, "b") for n in up), timeout=10,
+                 message="the others see b down")
+        fifth = sender.round([(i, 5) for i in range(N)], up)
+        refused_b = {i for (i, _), r in fifth.items() if r[0] == 503}
+        assert refused_b == {i for i, o in owner.items() if o == "b"}
+        assert set(moved_to_d) <= refused_b
+        assert all(r[0] == 201 for (i, _), r in fifth.items() if i not in refused_b)
+        shards.start("b")
+        shards.wait_up("b")
+        up.append("b")
+        retried = sender.round([(i, 5) for i in sorted(refused_b)], up)
+        assert all(r[0] == 201 for r in retried.values())
+
         fresh = list(range(N, N + N // 3))
-        third = sender.round([(i, 5) for i in range(N)]
-                             + [(i, j) for j in range(1, 6) for i in fresh], up)
+        third = sender.round([(i, j) for j in range(1, 6) for i in fresh], up)
         assert Counter(r[0] for r in third.values()) == {201: len(third)}
         replayed = sender.round([(i, 1) for i in range(0, N, 7)], up)  # same keys again
         assert all(r[0] == 201 for r in replayed.values())
@@ -237,6 +258,15 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         reader.stopping.set()
         sender.client.close()
         shards.stop_all()
+
+
+def _ranks_first(i: int, shard: str) -> bool:
+    from orchestrator.api.shard_router import conversation_of, key_of
+    from orchestrator.rules.placement import ranking
+
+    parts = conversation_of(json.dumps(body(i, 0)).encode(), "shared")
+    assert parts is not None
+    return ranking(key_of(parts), ["a", "b", "c", "d"])[0] == shard
 
 
 def _down_seen(shards: ShardSet, name: str, peer: str) -> bool:

@@ -15,6 +15,7 @@ from orchestrator.rules.placement import (
     is_down,
     parse_member,
     place,
+    possible_holders,
     ranking,
     start_position,
 )
@@ -54,6 +55,22 @@ def test_a_fourth_member_takes_about_a_quarter_and_moves_nothing_else():
 def test_down_member_rule(ranked, down, expected):
     key = next(k for k in KEYS if ranking(k, ["a", "b", "c"]) == ranked) if ranked else "k"
     assert place(key, ranked, down) == expected
+
+
+def test_a_holder_from_before_a_member_joined_still_blocks_while_down():
+    """d joined last: a conversation c got before d came now ranks d first; with c down
+    it must not be placed on d (c holds it), and with c up it is c that is asked."""
+    moved = [k for k in KEYS if ranking(k, ["a", "b", "c"])[0] == "c"
+             and ranking(k, ["a", "b", "c", "d"])[0] == "d"]
+    assert moved
+    for key in moved:
+        assert possible_holders(key, ["a", "b", "c", "d"]) == ["c", "d"] or \
+            set(possible_holders(key, ["a", "b", "c", "d"])) >= {"c", "d"}
+        assert place(key, ["a", "b", "c", "d"], {"c"}) == Placement(None, "c")
+        assert place(key, ["a", "b", "c", "d"], set()) == Placement("d")
+    untouched = [k for k in KEYS if ranking(k, ["a", "b", "c", "d"])[0] == "a"]
+    for key in untouched:  # a was first for these all along: b, c, d down do not matter
+        assert place(key, ["a", "b", "c", "d"], {"b", "c", "d"}) == Placement("a")
 
 
 @pytest.mark.parametrize("ranked, down, draining, expected", [

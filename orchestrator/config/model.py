@@ -274,7 +274,8 @@ class ClusterConfig:
                       "orchestrator); with discovery = 'kubernetes', '' = the node name")
     members: tuple[str, ...] = _opt(
         [], "static membership: every shard as 'ID=http://HOST:PORT', this one included, "
-        "e.g. ['a=http://10.0.0.1:8750', 'b=http://10.0.0.2:8750']")
+        "in the order they joined (append a new one: placement relies on it), e.g. "
+        "['a=http://10.0.0.1:8750', 'b=http://10.0.0.2:8750']")
     discovery: str = _opt("static", "'static' ([cluster] members) or 'kubernetes' (the "
                           "orchestrator Pods carrying pod_label, watched)",
                           choices=("static", "kubernetes"))

@@ -140,7 +140,7 @@ class ShardRouter:
                          send: Send) -> None:
         if not self.peers.peer_ok(request.headers.get(PEER_AUTH)):
             logger.warning("refused a shard-to-shard call to {} claiming to come from {!r}: "
-                           "wrong or missing cluster secret ([cluster] secret_file must be "
+                           "wrong or missing cluster secret ([cluster] peer_token_file must be "
                            "the same on every shard)", scope["path"],
                            request.headers.get(FORWARDED_BY, "")[:64])
             await error("wrong or missing X-Orchestrator-Peer-Auth (the cluster secret)",

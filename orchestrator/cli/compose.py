@@ -116,9 +116,9 @@ def make_peers(cfg: Config, token: str | None) -> Peers | None:
         raise ApiConfigError("[cluster] needs the API: set [api] listen (the shards call "
                              "each other through it)")
     try:
-        secret = ensure_secret(Path(cluster.secret_file)) if cluster.secret_file else token
+        secret = ensure_secret(Path(cluster.peer_token_file)) if cluster.peer_token_file else token
     except SecretFileError as exc:
-        raise ApiConfigError(f"[cluster] secret_file: {exc}") from None
+        raise ApiConfigError(f"[cluster] peer_token_file: {exc}") from None
     if not secret:
         raise ApiConfigError("[cluster] needs a shared secret between shards: set [cluster] "
                              "secret_file (or [api] token_file, the default)")

@@ -263,7 +263,7 @@ def load_config(data: dict[str, Any], base_dir: Path, source: Path | None = None
 
 
 def _check_cluster(cluster: Any, data_dir: Path) -> Any:
-    """[cluster]: members parse, the shard is one of them (static), secret_file
+    """[cluster]: members parse, the shard is one of them (static), peer_token_file
     resolved against data_dir."""
     from orchestrator.config.cluster import MEMBER_ID, parse_member
 
@@ -284,9 +284,9 @@ def _check_cluster(cluster: Any, data_dir: Path) -> Any:
                                                 for p in cluster.pod_label.split(","))):
         raise ConfigError(f"[cluster] pod_label {cluster.pod_label!r}: write "
                           "'KEY=VALUE[,KEY=VALUE]'")
-    if cluster.secret_file:
+    if cluster.peer_token_file:
         cluster = dataclasses.replace(
-            cluster, secret_file=str(data_dir / Path(cluster.secret_file).expanduser()))
+            cluster, peer_token_file=str(data_dir / Path(cluster.peer_token_file).expanduser()))
     return cluster
 
 

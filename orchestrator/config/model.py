@@ -285,7 +285,7 @@ class ClusterConfig:
                               "else [kubernetes] namespace")
     api_port: int = _opt(8750, "API port of the other shards' Pods (discovery = "
                          "'kubernetes')", min=1, max=65535)
-    secret_file: str = _opt("", "shared secret of shard-to-shard calls, relative to "
+    peer_token_file: str = _opt("", "shared secret of shard-to-shard calls, relative to "
                             "data_dir; '' = the API token ([api] token_file)")
     peer_timeout: float = _opt(3.0, "seconds a shard waits for another (connect, and "
                                "every question but a forwarded request's answer)",

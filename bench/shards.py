@@ -170,7 +170,7 @@ def main() -> int:
         for n in shards.members:
             shards.start(n)
         try:
-            shards.wait_up(*shards.members)
+            shards.wait_up(*shards.members, timeout=600)
             with httpx.Client(timeout=120) as client:
                 result = {"sessions_per_shard": args.sessions,
                           "forward": forward(shards, client, args.conversations, args.rounds)}

@@ -10,6 +10,8 @@ registry and every session's inbound.db (read-only, as the supervisor would).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import sqlite3
@@ -19,7 +21,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from tests.support.e2e import OrchestratorProcess, config_dict
+from tests.support.e2e import OrchestratorProcess, config_dict, processes_mentioning
 from tests.support.helpers import wait_for
 
 TOKEN = "shard-test-token-0123456789abcdef"
@@ -71,10 +73,13 @@ class ShardSet:
         log = folder / f"run-{len(list(folder.glob('run-*.log')))}.log"
         self.procs[name] = OrchestratorProcess(folder / "config.toml", log)
 
-    def wait_up(self, *names: str) -> None:
+    def wait_up(self, *names: str, timeout: float = 30) -> None:
         for name in names:
-            self.procs[name].wait_up()
-            wait_for(lambda n=name: self._ready(n), timeout=30, message=f"shard {name} ready")
+            proc = self.procs[name]
+            wait_for(lambda p=proc: "orchestrator up" in p.text() or p.proc.poll() is not None,
+                     timeout=timeout, message=f"shard {name} start-up")
+            assert proc.proc.poll() is None, proc.text()
+            wait_for(lambda n=name: self._ready(n), timeout=timeout, message=f"shard {name} ready")
 
     def _ready(self, name: str) -> bool:
         try:
@@ -91,12 +96,16 @@ class ShardSet:
         self.procs[name].end(signal.SIGTERM, timeout=60)
 
     def stop_all(self) -> None:
+        """Every shard stopped, and the agents a SIGKILLed one left behind too."""
         for proc in self.procs.values():
             if proc.proc.poll() is None:
                 try:
                     proc.end(signal.SIGTERM, timeout=60)
                 except AssertionError:
                     pass
+        for pid in processes_mentioning(f"--workspace {self.root}/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def data_dir(self, name: str) -> Path:
         return self.root / name / "data"

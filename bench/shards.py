@@ -122,14 +122,17 @@ class Stream(threading.Thread):
         self.open = threading.Event()
 
     def run(self) -> None:
-        with httpx.stream("GET", self.url + "/v1/events", headers={
-                **self.headers, "Accept": "text/event-stream"}, timeout=None) as resp:
-            self.open.set()
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    data = json.loads(line[6:])
-                    if "id" in data:
-                        self.seen[(data.get("shard", "b"), data["id"])] = time.monotonic()
+        try:
+            with httpx.stream("GET", self.url + "/v1/events", headers={
+                    **self.headers, "Accept": "text/event-stream"}, timeout=None) as resp:
+                self.open.set()
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if "id" in data:
+                            self.seen[(data.get("shard", "b"), data["id"])] = time.monotonic()
+        except httpx.HTTPError:
+            pass  # the shards stopped at the end of the run
 
 
 def events(shards: ShardSet, client: httpx.Client, messages: int) -> dict[str, Any]:

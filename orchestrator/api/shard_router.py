@@ -16,7 +16,9 @@ A request from a client (no ``X-Orchestrator-Forwarded-By``):
   while a shard that could hold it is down.
 - ``GET /v1/sessions`` and ``GET /v1/events`` (a stream): merged from every shard
   (``api.shard_merge``).
-- anything else (``/v1/deliveries/retry``, ``/metrics``, health) stays local.
+- ``POST /v1/deliveries/retry``: one session's goes to its shard; without a session
+  id every shard retries its own and the counts are summed.
+- anything else (``/metrics``, health, the JSON form of ``/v1/events``) stays local.
 
 A request from a peer (``X-Orchestrator-Forwarded-By`` set) must carry the cluster
 secret (``X-Orchestrator-Peer-Auth``; else 401) and is answered here, never
@@ -126,6 +128,8 @@ class ShardRouter:
             await merged_events(self.peers, request)(scope, receive, send)
         elif path.startswith(SESSION_PREFIX):
             await self._session_route(request, scope, receive, send)
+        elif path == "/v1/deliveries/retry" and method == "POST":
+            await self._retry(request, scope, send)
         else:
             await self.app(scope, receive, send)
 
@@ -242,6 +246,56 @@ class ShardRouter:
             return
         body = await request.body() if scope["method"] not in ("GET", "HEAD") else b""
         await (await self.forward(request, holder, body))(scope, receive, send)
+
+    # --- POST /v1/deliveries/retry ------------------------------------------------------
+
+    async def _retry(self, request: Request, scope: Scope, send: Send) -> None:
+        """One session's: to the shard holding it. Every session's (no id): every shard,
+        the counts summed (a shard that does not answer is named in ``unavailable``)."""
+        body = await request.body()
+        receive = _replay(body)
+        try:
+            data = json.loads(body) if body.strip() else {}
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            await self.app(scope, receive, send)  # its 400
+            return
+        sid = data.get("session_id")
+        if isinstance(sid, str):
+            if await asyncio.to_thread(self.has_session_local, sid):
+                await self.app(scope, receive, send)
+                return
+            holder, unknown = await self.peers.find_session(sid)
+            if holder is None and unknown:
+                shard = sorted(unknown)[0]
+                member = self.peers.member(shard)
+                await unavailable(shard, member.url if member else None,
+                                  self.peers.retry_after, f"session {sid[:80]}")(
+                                      scope, receive, send)
+            elif holder is None:
+                await self.app(scope, receive, send)  # its 404
+            else:
+                await (await self.forward(request, holder, body))(scope, receive, send)
+            return
+        if sid is not None:
+            await self.app(scope, receive, send)  # its 400
+            return
+        members = self.peers.members()
+
+        async def one(url: str) -> int | None:
+            try:
+                resp = await self.peers.client.post(url + "/v1/deliveries/retry", json={},
+                                                    headers=self.peers.headers())
+            except httpx.HTTPError:
+                return None
+            return int(resp.json().get("retried", 0)) if resp.status_code == 200 else None
+
+        counts = await asyncio.gather(*(one(m.url) for m in members))
+        missing = sorted(m.id for m, n in zip(members, counts, strict=True) if n is None)
+        await JSONResponse({"retried": sum(n or 0 for n in counts),
+                            **({"unavailable": missing} if missing else {})})(
+                                scope, receive, send)
 
     # --- forwarding --------------------------------------------------------------------
 

@@ -87,6 +87,14 @@ def test_two_shards(two: ShardSet) -> None:
         assert client.get(a + "/v1/sessions/sess-0000000000000000",
                           headers=AUTH).status_code == 404
 
+        # failed deliveries: one session's on its shard, everyone's summed
+        retry = client.post(a + "/v1/deliveries/retry", headers=AUTH, json={"session_id": sid})
+        assert retry.status_code == 200 and retry.headers["x-orchestrator-shard"] == "b"
+        assert client.post(a + "/v1/deliveries/retry", headers=AUTH,
+                           json={}).json() == {"retried": 0}
+        assert client.post(a + "/v1/deliveries/retry", headers=AUTH, json={
+            "session_id": "sess-0000000000000000"}).status_code == 404
+
         # wrong client token: refused here, never forwarded
         assert client.post(a + "/v1/messages", headers={"Authorization": "Bearer x"},
                            json={"agent_group": "g", "content": {"text": "x"}}).status_code == 401

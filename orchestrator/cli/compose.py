@@ -121,7 +121,7 @@ def make_peers(cfg: Config, token: str | None) -> Peers | None:
         raise ApiConfigError(f"[cluster] peer_token_file: {exc}") from None
     if not secret:
         raise ApiConfigError("[cluster] needs a shared secret between shards: set [cluster] "
-                             "secret_file (or [api] token_file, the default)")
+                             "peer_token_file (or [api] token_file, the default)")
     shard = cluster.shard
     membership: Membership
     if cluster.discovery == "kubernetes":

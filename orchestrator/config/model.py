@@ -279,7 +279,8 @@ class ClusterConfig:
     discovery: str = _opt("static", "'static' ([cluster] members) or 'kubernetes' (the "
                           "orchestrator Pods carrying pod_label, watched)",
                           choices=("static", "kubernetes"))
-    pod_label: str = _opt("app.kubernetes.io/name=orchestrator",
+    pod_label: str = _opt("app.kubernetes.io/name=orchestrator,"
+                          "app.kubernetes.io/component=supervisor",
                           "label selector of the orchestrator Pods (discovery = 'kubernetes')")
     pod_namespace: str = _opt("", "namespace of the orchestrator Pods; '' = POD_NAMESPACE, "
                               "else [kubernetes] namespace")

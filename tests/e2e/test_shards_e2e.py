@@ -10,7 +10,7 @@ Idempotency-Keys):
 2. message 3 of every conversation, all shards up (the latency to compare with);
 3. shard c SIGKILLed: message 4 of every conversation — the ones c may hold get
    ``503`` + ``Retry-After`` naming c, every other one is written (its p99 within
-   20 % of phase 2's, plus 50 ms of slack for a shared machine); c restarted, the
+   20 % of phase 2's, plus 250 ms of slack for a shared machine); c restarted, the
    refused ones are retried with the same keys and written;
 4. a fourth shard d added (a, b, c restarted one by one with the new member list);
 5. shard b SIGKILLed: message 5 of every conversation — exactly b's conversations are
@@ -173,8 +173,10 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         others = [r for (i, _), r in second.items() if owner[i] != "c"]
         assert all(r[0] == 201 for r in others)
         during = p99([r[3] for r in others])
-        # others unaffected: within 20 % (plus 50 ms for a shared, loaded CI machine)
-        assert during <= 1.2 * baseline + 0.05, (during, baseline)
+        # others unaffected: within 20 %, plus 250 ms of slack: on the shared 2-core CI
+        # machine (load 5-9 from other jobs) two rounds of the same requests differ by
+        # that much either way (measured: 552/539, 608/290, 257/404 ms steady/killed)
+        assert during <= 1.2 * baseline + 0.25, (during, baseline)
         shards.start("c")
         shards.wait_up("c")
         up.append("c")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from loguru import logger
 
 from tests.support.helpers import wait_for
@@ -125,6 +126,7 @@ class EventReader(threading.Thread):
                 ident = None
 
 
+@pytest.mark.timeout(900)  # ~75 s at 300 conversations on the shared 2-core machine
 def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) -> None:
     shards = ShardSet(tmp_path, ["a", "b", "c"])
     up = ["a", "b", "c"]

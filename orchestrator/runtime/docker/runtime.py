@@ -71,6 +71,7 @@ from orchestrator.runtime.docker.spec import (
     LABEL_SESSION,
     container_name,
     container_spec,
+    egress_mounts,
     exit_reason,
     group_folder,
     group_mounts,
@@ -308,7 +309,8 @@ class DockerRuntime:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
             spare = self._spares.take(session.session_id)
             if spare is not None and (self._spare_made_with.pop(spare, None)
-                                      != _made_with(session, user, mounts)):
+                                      != _made_with(session, user, mounts)
+                                      or session.egress is not None):  # its token: new
                 self._spawn(self._remove_owned(spare))  # made with other settings or mounts
                 spare = None
             self._starting.add(session.session_id)
@@ -350,8 +352,13 @@ class DockerRuntime:
         files read now (``SecretUnreadable`` is an OSError)."""
         config = _config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
+        if session.egress is not None:  # the gateway's token and CA: never a key
+            env.update(session.egress.env)
+            mounts = mounts + egress_mounts(session)
         spec = container_spec(config, session, user, env)
         host_kwargs = host_config_kwargs(config, mounts, self._shared_gids(session, config))
+        if session.egress is not None and session.egress.network:
+            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -417,6 +424,8 @@ class DockerRuntime:
                 return
             ref = SessionRef(agent_group, session_id, folder,
                              self._group_settings.get(agent_group))
+            if ref.settings is not None and ref.settings.egress:
+                return  # its agent needs a gateway token minted at its start: no spare
             try:
                 user, uid, gid = self._user(session_id)
                 mounts = await self._mounts(ref, _config_of(ref, self.config), uid, gid)

@@ -25,6 +25,7 @@ import contextlib
 import ssl
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 import httpx
@@ -102,7 +103,7 @@ async def refuse(h: h11.Connection, writer: asyncio.StreamWriter, refusal: Refus
         headers.append(("proxy-authenticate", 'Basic realm="orchestrator egress gateway"'))
     try:
         await send(writer, h.send(h11.Response(status_code=refusal.status, headers=headers,
-                                               reason=b"")))
+                                               reason=phrase(refusal.status))))
         await send(writer, h.send(h11.Data(data=body)))
         await send(writer, h.send(h11.EndOfMessage()))
     except h11.LocalProtocolError:
@@ -137,7 +138,8 @@ async def forward(client: httpx.AsyncClient, h: h11.Connection,
     try:
         out = rules.response_headers(text_headers(response.headers.raw))
         await send(writer, h.send(h11.Response(status_code=response.status_code,
-                                               headers=out, reason=b"")))
+                                               headers=out,
+                                               reason=response.reason_phrase.encode())))
         async for chunk in response.aiter_raw():
             await send(writer, h.send(h11.Data(data=chunk)))
         await send(writer, h.send(h11.EndOfMessage()))
@@ -175,6 +177,13 @@ async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hos
         with contextlib.suppress(OSError, ssl.SSLError):
             await up_writer.wait_closed()
     return True
+
+
+def phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def now() -> float:

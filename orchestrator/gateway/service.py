@@ -155,7 +155,7 @@ class Gateway:
         token = self.book.mint(agent_group, session_id)
         ca_file = rules.CA_MOUNT if self.kind == "docker" else str(self.ca.bundle)
         env = rules.agent_env(host=door.host, port=door.port, token=token, ca_file=ca_file,
-                              creds=door.creds)
+                              creds=door.creds, egress=door.egress)
         return AgentEgress(env=tuple(sorted(env.items())), network=self.network,
                            ca_file=str(self.ca.bundle))
 
@@ -278,7 +278,8 @@ class Gateway:
             return
         host, port = hostport
         cred = rules.credential_for(door.creds, host)
-        await proxy.send(writer, h.send(h11.Response(status_code=200, headers=[], reason=b"")))
+        await proxy.send(writer, h.send(h11.Response(status_code=200, headers=[],
+                                                     reason=b"Connection established")))
         first, _ = h.trailing_data
         if cred is None:
             self.count(door.group, "tunnel")

@@ -210,8 +210,14 @@ def split_hostport(text: str, default_port: int) -> tuple[str, int] | None:
     return host.lower().strip("[]"), int(port)
 
 
+def upstream_port(egress: Iterable[str], host: str) -> int:
+    """The port of a credential's host on the egress list (443 when several or none)."""
+    ports = {int(e.rpartition(":")[2]) for e in egress if e.rpartition(":")[0] == host}
+    return ports.pop() if len(ports) == 1 else 443
+
+
 def agent_env(*, host: str, port: int, token: str, ca_file: str,
-              creds: Sequence[EgressCredential]) -> dict[str, str]:
+              creds: Sequence[EgressCredential], egress: Iterable[str] = ()) -> dict[str, str]:
     """The variables an agent of a group with egress is started with: the proxy (token
     as the password), the CA bundle, and per credential its base URL and the token as
     the placeholder key its SDK sends. No key is ever among them."""
@@ -221,7 +227,9 @@ def agent_env(*, host: str, port: int, token: str, ca_file: str,
     env.update({name: ca_file for name in CA_ENV})
     for cred in creds:
         if cred.base_url_env:
-            env[cred.base_url_env] = f"http://{host}:{port}/{cred.host}"
+            up = upstream_port(egress, cred.host)
+            where = cred.host if up == 443 else f"{cred.host}:{up}"
+            env[cred.base_url_env] = f"http://{host}:{port}/{where}"
         if cred.key_env:
             env[cred.key_env] = token
     return env

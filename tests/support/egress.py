@@ -123,6 +123,26 @@ try:
 except Exception as exc:
     say(error=f"{type(exc).__name__}: {exc}")
 say(environ=dict(os.environ))
+if len(sys.argv) > 3:  # stay up a while: a test looks inside the running agent
+    time.sleep(float(sys.argv[3]))
+'''
+
+# run inside an agent container: which addresses answer (each "ok" or the error)
+PROBE_SCRIPT = r'''
+import json, socket, sys
+out = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, int(port)))
+        out[target] = "ok"
+    except OSError as exc:
+        out[target] = type(exc).__name__
+    finally:
+        s.close()
+print(json.dumps(out))
 '''
 
 

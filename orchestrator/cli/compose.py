@@ -166,7 +166,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
             cfg, registry, sessions, runtime, deliverer, clock, dirty.mark,
             statuses=statuses, admission=gate, notify=hub.notify,
             after_pass=lambda t: book.note(t, runtime.is_running(t.session_id)),
-            egress=gateway if gateway.active else None)
+            egress=gateway if gateway.doors else None)  # enabled = false: such starts fail
         sup = Supervisor(cfg, tracked, registry, sessions, runtime, inbox, dirty, statuses,
                          worker, gate, book, clock,
                          stop_event=stop_event or asyncio.Event())

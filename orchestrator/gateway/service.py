@@ -30,7 +30,7 @@ import httpx
 from loguru import logger
 
 from orchestrator.config.groups import MAX_SECRET_BYTES, resolve
-from orchestrator.config.model import Config, EgressCredential
+from orchestrator.config.model import Config, ConfigError, EgressCredential
 from orchestrator.gateway import proxy
 from orchestrator.gateway.ca import Authority
 from orchestrator.gateway.proxy import Closed, Conn, GroupDoor, header, refuse, text_headers
@@ -101,6 +101,10 @@ class Gateway:
         return ctx
 
     async def start(self) -> None:
+        if self.doors and self.kind == "kubernetes":  # refused before anything listens
+            raise ConfigError(f"[groups.{next(iter(self.doors))}] egress: the egress gateway "
+                              "serves the local and docker runtimes, not kubernetes yet; "
+                              "remove egress or use [runtime] kind = \"docker\"")
         if not self.active:
             if self.doors:
                 logger.warning("[gateway] enabled = false: agents of groups with egress ({}) "

@@ -14,8 +14,8 @@ import pytest
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import Config
-from orchestrator.gateway.service import Gateway
+from orchestrator.config.model import Config, ConfigError
+from orchestrator.gateway.service import EgressRefused, Gateway
 from orchestrator.runtime.base import AgentExit, SessionRef
 from orchestrator.runtime.local.runtime import LocalRuntime
 from tests.support.docker_fixtures import make_session
@@ -234,3 +234,22 @@ async def test_tokens_survive_a_restart_for_adopted_agents_only(tmp_path, api):
         assert second.book.check(gone)[0].value == "revoked"
     finally:
         await second.close()
+
+
+async def test_egress_with_kubernetes_is_refused_in_one_line(tmp_path, api):
+    cfg = egress_config(tmp_path, api, free_port_pair())
+    cfg = cfg.replace(runtime={"kind": "kubernetes"})
+    with pytest.raises(ConfigError, match=r"^\[groups.alpha\] egress: the egress gateway "
+                       r"serves the local and docker runtimes, not kubernetes yet"):
+        await Gateway(cfg).start()
+
+
+async def test_disabled_gateway_refuses_the_start_of_a_group_with_egress(tmp_path, api):
+    gw = Gateway(egress_config(tmp_path, api, free_port_pair(), enabled=False))
+    await gw.start()
+    try:
+        assert gw.admit("other", "s-1") is None  # a group without egress is not concerned
+        with pytest.raises(EgressRefused, match="gateway is not running"):
+            gw.admit("alpha", "s-2")
+    finally:
+        await gw.close()

@@ -20,7 +20,7 @@ from orchestrator.gateway.service import Gateway, network_name
 from orchestrator.rules.egress import CA_MOUNT
 from orchestrator.runtime.base import AgentExit, SessionRef
 from orchestrator.runtime.docker.runtime import DockerRuntime
-from tests.support.docker_fixtures import in_thread, make_session
+from tests.support.docker_fixtures import in_thread, make_session, remove_labelled
 from tests.support.egress import (
     AGENT_SCRIPT,
     CHUNKS,
@@ -140,11 +140,9 @@ def test_docker_agent_reaches_the_model_api_only_through_the_gateway(
 
     try:
         seen = asyncio.run(main())
-    finally:
-        try:
-            docker_client.api.remove_network(network_name(cfg))
-        except docker.errors.APIError:
-            pass
+    finally:  # this test's containers first (after a failure they may still be attached)
+        remove_labelled(docker_client, f"orchestrator.instance={instance}")
+        docker_client.api.remove_network(network_name(cfg))
     check_agents(seen, cfg, api)
     check_network(seen, cfg)
     assert {e.reason for e in exits} == {"stopped"}

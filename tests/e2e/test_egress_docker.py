@@ -1,7 +1,9 @@
 """The egress gateway with a real Docker agent: the container joins the orchestrator's
 internal network (no route out) instead of a general one, reaches the fake model API
 only through the gateway, gets the streamed answer, and the key is nowhere it (or
-``docker inspect``) can look. Fails, never skips, when CI is set and no engine answers."""
+``docker inspect``) can look; from inside, an off-list host, another group's token and
+a stopped session's token are refused. Fails, never skips, when CI is set and no
+engine answers."""
 
 from __future__ import annotations
 
@@ -102,10 +104,21 @@ def test_docker_agent_reaches_the_model_api_only_through_the_gateway(
             return docker_client.api.exec_start(res["Id"]).decode()
         return await in_thread(go)
 
+    async def ask(cid: str, host: str, port: int, request: bytes) -> str:
+        """From inside the agent's container: send ``request`` to the gateway, read all."""
+        return await run_in(cid, ["python3", "-c", (
+            "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])),5);"
+            "s.sendall(sys.argv[3].encode()); f=s.makefile('rb'); print(f.read().decode())"),
+            host, str(port), request.decode()])
+
     async def main() -> dict[str, Any]:
         gw = Gateway(cfg, upstream_verify=api.client_context())
         await gw.start()
-        rt = DockerRuntime(cfg.docker, cfg.data_dir, exits.append)
+        def on_exit(ev: AgentExit) -> None:  # as the supervisor's: the token is revoked
+            exits.append(ev)
+            gw.revoke(ev.session_id)
+
+        rt = DockerRuntime(cfg.docker, cfg.data_dir, on_exit)
         seen: dict[str, Any] = {"gateway": gw}
         try:
             for g, folder in folders.items():
@@ -124,15 +137,19 @@ def test_docker_agent_reaches_the_model_api_only_through_the_gateway(
             cid = seen["proxy-inspect"]["Id"]
             seen["probe"] = json.loads(await run_in(cid, ["python3", "-c", PROBE_SCRIPT,
                                                           *targets]))
-            refused = connect_request("evil.example.com:443", token).decode()
-            seen["refused"] = await run_in(cid, ["python3", "-c", (
-                "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])),5);"
-                "s.sendall(sys.argv[3].encode()); f=s.makefile('rb'); print(f.read().decode())"),
-                door.host, str(door.port), refused])
+            target = f"localhost:{api.port}"
+            base_token = dict(gw.admit("base", "s-base").env)["ANTHROPIC_API_KEY"]
+            seen["refused"] = await ask(cid, door.host, door.port,
+                                        connect_request("evil.example.com:443", token))
+            seen["other-group"] = await ask(cid, door.host, door.port,
+                                            connect_request(target, base_token))
             seen["network"] = await in_thread(docker_client.api.inspect_network,
                                               network_name(cfg))
-            for g in folders:
-                await rt.stop(f"s-{g}", grace=2)
+            await rt.stop("s-base", grace=2)
+            base_door = gw.doors["base"]
+            seen["stopped"] = await ask(cid, base_door.host, base_door.port,
+                                        connect_request(target, base_token))
+            await rt.stop("s-proxy", grace=2)
             return seen
         finally:
             await rt.close()
@@ -188,3 +205,7 @@ def check_network(seen: dict[str, Any], cfg: Any) -> None:
     assert all(v != "ok" for v in probe.values()), probe
     head, _, body = seen["refused"].partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 403") and "[groups.proxy] egress" in body
+    # a token of another group's session, and of a stopped session
+    assert seen["other-group"].startswith("HTTP/1.1 403")
+    assert "not one of agent group 'proxy'" in seen["other-group"]
+    assert seen["stopped"].startswith("HTTP/1.1 407") and "revoked" in seen["stopped"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Sequence
@@ -201,13 +202,23 @@ def base_url_target(path: str) -> tuple[str, str] | None:
     return first.lower(), "/" + rest if sep else "/"
 
 
+HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9_-]{0,61}"
+                       r"[a-z0-9])?)*\.?$")
+
+
 def split_hostport(text: str, default_port: int) -> tuple[str, int] | None:
+    """``host[:port]`` from an agent -> (host, port); None unless the host is a plain
+    DNS name or IPv4 address: anything else (``@``, ``#``, ``%``, brackets, spaces)
+    could make the URL built from it point somewhere the allowlist never saw."""
     host, sep, port = text.rpartition(":")
     if not sep:
-        return (text.lower(), default_port) if text else None
-    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        host, port = text, str(default_port)
+    if not port.isdigit() or not 0 < int(port) < 65536:
         return None
-    return host.lower().strip("[]"), int(port)
+    host = host.lower()
+    if len(host) > 253 or not HOST_NAME.fullmatch(host):
+        return None
+    return host.rstrip("."), int(port)
 
 
 def upstream_port(egress: Iterable[str], host: str) -> int:

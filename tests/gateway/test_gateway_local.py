@@ -253,3 +253,19 @@ async def test_disabled_gateway_refuses_the_start_of_a_group_with_egress(tmp_pat
             gw.admit("alpha", "s-2")
     finally:
         await gw.close()
+
+
+@pytest.mark.parametrize("target", [
+    "/evil.com@localhost:{port}/v1/messages",
+    "/localhost:{port}#@evil.com/v1/messages",
+    "/localhost%3a{port}/v1/messages",
+    "http://x@localhost:{port}/v1/messages",
+])
+async def test_a_hostile_target_is_refused_not_sent_anywhere(gateway, api, target):
+    token = dict(gateway.admit("alpha", "s-hostile").env)["ANTHROPIC_API_KEY"]
+    request = (f"POST {target.format(port=api.port)} HTTP/1.1\r\nHost: gw\r\n"
+               f"x-api-key: {token}\r\nProxy-Authorization: {_basic(token)}\r\n"
+               "Content-Length: 0\r\n\r\n").encode()
+    answer = await asyncio.to_thread(raw_request, *door(gateway, "alpha"), request)
+    assert answer.split(b" ", 2)[1] in (b"400", b"403"), answer[:200]
+    assert not api.requests

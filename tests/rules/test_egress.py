@@ -183,6 +183,18 @@ def test_base_url_target(path, expected):
     ("host:abc", 443, None),
     (":443", 443, None),
     ("", 443, None),
+    ("127.0.0.1:8443", 443, ("127.0.0.1", 8443)),
+    ("api.anthropic.com.:443", 443, ("api.anthropic.com", 443)),
+    # hostile: each would make the upstream URL name another host than the one checked
+    ("evil.com#.example.com", 443, None),
+    ("evil.com#.example.com:443", 443, None),
+    ("x@evil.com", 443, None),
+    ("evil.com%2f.example.com", 443, None),
+    ("evil.com\\.example.com", 443, None),
+    ("[::1]:443", 443, None),
+    ("a b.example.com", 443, None),
+    ("-a.example.com", 443, None),
+    ("a" * 254, 443, None),
 ])
 def test_split_hostport(text, default, expected):
     assert rules.split_hostport(text, default) == expected

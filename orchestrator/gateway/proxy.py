@@ -129,7 +129,7 @@ async def read_body(h: h11.Connection, reader: asyncio.StreamReader, limit: int
 
 
 async def forward(client: httpx.AsyncClient, h: h11.Connection,
-                  writer: asyncio.StreamWriter, method: str, url: str,
+                  writer: asyncio.StreamWriter, method: str, url: httpx.URL,
                   headers: list[tuple[str, str]], body: bytes) -> int:
     """Send one request upstream and stream its answer back; the upstream's status,
     or raises ``httpx.HTTPError`` before anything was sent to the agent."""

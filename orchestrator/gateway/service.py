@@ -68,6 +68,13 @@ def read_secret(path: str) -> str:
     return text
 
 
+def upstream_url(scheme: str, host: str, port: int, path: str) -> httpx.URL:
+    """The upstream URL from checked parts: the host is the one the allowlist saw
+    (``split_hostport``), the path (starting with ``/``) only ever its path and query."""
+    raw = path.encode("latin-1")
+    return httpx.URL(scheme=scheme, host=host, port=port, raw_path=raw)
+
+
 class Gateway:
     def __init__(self, cfg: Config, *, upstream_verify: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
@@ -292,6 +299,13 @@ class Gateway:
             return
         if first:
             return  # the agent spoke before our 200: not TLS we can take over
+        await self._intercept(conn, reader, writer, host, port, cred)
+
+    async def _intercept(self, conn: Conn, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, host: str, port: int,
+                         cred: EgressCredential) -> None:
+        """TLS terminated with our CA's leaf for ``host``; each request inside sent on
+        to ``https://host:port`` with the key."""
         assert self.ca is not None
         await writer.start_tls(self.ca.context_for(host))
         inner = h11.Connection(h11.SERVER)
@@ -299,7 +313,13 @@ class Gateway:
             ev = await proxy.next_event(inner, reader)
             if not isinstance(ev, h11.Request):
                 return
-            url = f"https://{host}:{port}{ev.target.decode('latin-1')}"
+            path = ev.target.decode("latin-1")
+            if not path.startswith("/"):  # "@evil.com/x" would make evil.com the URL's host
+                await self._refuse(conn, inner, writer, Refusal(
+                    400, "inside a tunnel, a request's target must be a path (/...)",
+                    "bad_request"))
+                return
+            url = upstream_url("https", host, port, path)
             ok = await self._send_on(conn, inner, reader, writer, ev.method.decode("latin-1"),
                                      url, text_headers(ev.headers), cred, checked=True)
             if not ok:
@@ -337,12 +357,12 @@ class Gateway:
             refusal = self._refused_host(door, *hostport)
         if refusal is not None or hostport is None:
             return await self._refuse(conn, h, writer, refusal or Refusal(400, "", "bad_request"))
-        url = f"{scheme}://{hostport[0]}:{hostport[1]}{path}"
+        url = upstream_url(scheme, hostport[0], hostport[1], path)
         return await self._send_on(conn, h, reader, writer, method, url, headers, cred,
                                    checked=False)
 
     async def _send_on(self, conn: Conn, h: h11.Connection, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, method: str, url: str,
+                       writer: asyncio.StreamWriter, method: str, url: httpx.URL,
                        headers: list[tuple[str, str]], cred: EgressCredential | None, *,
                        checked: bool) -> bool:
         """Limits, the key read now, the request sent on and its answer streamed back.
@@ -373,7 +393,7 @@ class Gateway:
             if h.our_state is not h11.SEND_RESPONSE:
                 raise Closed("upstream failed mid-answer") from None
             return await self._refuse(conn, h, writer, Refusal(
-                502, f"upstream {httpx.URL(url).host} failed: {type(exc).__name__}",
+                502, f"upstream {url.host} failed: {type(exc).__name__}",
                 "upstream_error"))
         self.count(conn.door.group, "ok" if status < 400 else f"upstream_{status // 100}xx")
         return h.our_state is h11.DONE and h.their_state is h11.DONE

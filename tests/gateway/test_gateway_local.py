@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import sys
 from pathlib import Path
 from typing import AsyncIterator
@@ -268,4 +269,37 @@ async def test_a_hostile_target_is_refused_not_sent_anywhere(gateway, api, targe
                "Content-Length: 0\r\n\r\n").encode()
     answer = await asyncio.to_thread(raw_request, *door(gateway, "alpha"), request)
     assert answer.split(b" ", 2)[1] in (b"400", b"403"), answer[:200]
+    assert not api.requests
+
+
+def _inside_tunnel(gw_host: str, gw_port: int, api_port: int, token: str, ca: str,
+                   request: bytes) -> bytes:
+    """CONNECT, TLS with the gateway's leaf (trusting its CA bundle), one raw request."""
+    import socket
+    import ssl
+
+    sock = socket.create_connection((gw_host, gw_port), timeout=10)
+    sock.sendall(connect_request(f"localhost:{api_port}", token))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    tls = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname="localhost")
+    with tls:
+        tls.sendall(request)
+        parts = []
+        with contextlib.suppress(ssl.SSLError):  # the gateway closes after its answer
+            while chunk := tls.recv(65536):
+                parts.append(chunk)
+        return b"".join(parts)
+
+
+async def test_inside_a_tunnel_only_a_path_is_sent_on(gateway, api):
+    env = dict(gateway.admit("alpha", "s-tunnel").env)
+    token = env["ANTHROPIC_API_KEY"]
+    hostile = (f"POST @127.0.0.1:{api.port}/v1/messages HTTP/1.1\r\nHost: x\r\n"
+               "Content-Length: 0\r\n\r\n").encode()
+    answer = await asyncio.to_thread(_inside_tunnel, *door(gateway, "alpha"), api.port, token,
+                                     env["SSL_CERT_FILE"], hostile)
+    assert answer.startswith(b"HTTP/1.1 400") and b"must be a path" in answer
     assert not api.requests

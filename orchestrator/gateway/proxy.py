@@ -110,11 +110,13 @@ async def refuse(h: h11.Connection, writer: asyncio.StreamWriter, refusal: Refus
         pass
 
 
-async def read_body(h: h11.Connection, reader: asyncio.StreamReader, limit: int
-                    ) -> bytes | None:
+async def read_body(h: h11.Connection, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter, limit: int) -> bytes | None:
     """The request's body; None when it is larger than ``limit``."""
     parts: list[bytes] = []
     size = 0
+    if h.they_are_waiting_for_100_continue:
+        await send(writer, h.send(h11.InformationalResponse(status_code=100, headers=[])))
     while True:
         ev = await next_event(h, reader)
         if isinstance(ev, h11.Data):

@@ -38,6 +38,9 @@ from orchestrator.gateway.tokens import TokenBook
 from orchestrator.rules import egress as rules
 from orchestrator.rules.egress import AgentEgress, Refusal
 
+MAX_OPEN = 2048  # agent connections open at once, all groups (each is a file descriptor)
+MAX_LOGGED = 4096  # refused hosts remembered for the once-an-hour log line
+
 
 @dataclass
 class SessionUse:
@@ -187,6 +190,11 @@ class Gateway:
     def _refused_host(self, door: GroupDoor, host: str, port: int) -> Refusal:
         refusal = rules.host_refusal(door.group, host, port)
         key, now = (door.group, f"{host}:{port}"), proxy.now()
+        if len(self._logged) >= MAX_LOGGED:  # an agent trying endless names: forget old ones
+            self._logged = {k: t for k, t in self._logged.items()
+                            if not rules.should_log(t, now)}
+            if len(self._logged) >= MAX_LOGGED:
+                self._logged.clear()
         if rules.should_log(self._logged.get(key), now):
             self._logged[key] = now
             logger.warning("egress gateway: {} (logged once an hour)", refusal.reason)
@@ -215,13 +223,20 @@ class Gateway:
         assert conn.session_id is not None
         use = self._uses.setdefault(conn.session_id, SessionUse())
         now = proxy.now()
-        use.times = rules.within_minute(use.times, now) + [now]
-        return rules.limit_verdict(self.limits, recent_requests=len(use.times))
+        use.times = rules.within_minute(use.times, now)
+        refusal = rules.limit_verdict(self.limits, recent_requests=len(use.times) + 1)
+        if refusal is None:  # refused ones are not counted: the list stays bounded
+            use.times.append(now)
+        return refusal
 
     # --- connections -------------------------------------------------------------------
 
     async def _connection(self, door: GroupDoor, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= MAX_OPEN:  # before any token is seen: a bound on fds
+            self.count(door.group, "overloaded")
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -369,7 +384,7 @@ class Gateway:
         ``checked``: inside an intercepted CONNECT, whose token is re-checked here."""
         refusal = self._auth(conn, conn.token) if checked else None
         refusal = refusal or self._rate(conn)
-        body = await proxy.read_body(h, reader, self.limits.body_bytes)
+        body = await proxy.read_body(h, reader, writer, self.limits.body_bytes)
         if body is None:
             refusal = refusal or rules.limit_verdict(self.limits,
                                                      body_bytes=self.limits.body_bytes + 1)

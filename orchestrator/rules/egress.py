@@ -36,7 +36,7 @@ LOG_EVERY = 3600.0  # seconds between two log lines for the same refused host of
 # hop-by-hop headers (RFC 9110 7.6.1) and the proxy's own: never sent on
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection",
                         "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade",
-                        "host", "content-length"})
+                        "host", "content-length", "expect"})  # the body is read whole first
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,8 @@ class _Gauges(Collector):
             egress = CounterMetricFamily(
                 "orchestrator_egress_requests", "Egress gateway requests and refusals, by "
                 "agent group and result (ok, tunnel, host_refused, no_token, bad_token, "
-                "revoked_token, other_group, limited, too_large, upstream_error, ...)",
+                "revoked_token, other_group, limited, too_large, bad_request, no_key, "
+                "upstream_error, upstream_4xx, upstream_5xx, overloaded)",
                 labels=["agent_group", "result"])
             for (group, result), n in sorted(self.egress().items()):
                 egress.add_metric([group, result], n)

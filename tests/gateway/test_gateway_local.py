@@ -303,3 +303,34 @@ async def test_inside_a_tunnel_only_a_path_is_sent_on(gateway, api):
                                      env["SSL_CERT_FILE"], hostile)
     assert answer.startswith(b"HTTP/1.1 400") and b"must be a path" in answer
     assert not api.requests
+
+
+async def test_max_connections_per_session(tmp_path, api):
+    import socket
+
+    cfg = egress_config(tmp_path, api, free_port_pair(), max_connections=1)
+    gw = Gateway(cfg, upstream_verify=api.client_context())
+    await gw.start()
+    try:
+        token = dict(gw.admit("alpha", "s-conns").env)["ANTHROPIC_API_KEY"]
+        host, port = door(gw, "alpha")
+
+        def first_held() -> socket.socket:
+            sock = socket.create_connection((host, port), timeout=10)
+            sock.sendall(connect_request(f"localhost:{api.port}", token))
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            return sock
+
+        held = await asyncio.to_thread(first_held)
+        try:
+            answer = await asyncio.to_thread(raw_request, host, port,
+                                             connect_request(f"localhost:{api.port}", token))
+            assert answer.startswith(b"HTTP/1.1 429") and b"max_connections" in answer
+        finally:
+            held.close()
+        await until(lambda: gw._uses["s-conns"].open == 0, message="the held one counted off")
+        answer = await asyncio.to_thread(raw_request, host, port, connect_request(
+            "evil.example.com:443", token))
+        assert answer.startswith(b"HTTP/1.1 403")  # a new connection is let in again
+    finally:
+        await gw.close()

@@ -83,7 +83,9 @@ class _Gauges(Collector):
     def __init__(self, statuses: Callable[[], Iterable[str]],
                  queue_length: Callable[[], int | None],
                  rescans: Callable[[], dict[str, int]],
-                 webhook_responses: Callable[[], dict[str, int]] | None) -> None:
+                 webhook_responses: Callable[[], dict[str, int]] | None,
+                 egress: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
+        self.egress = egress
         self.statuses = statuses
         self.queue_length = queue_length
         self.rescans = rescans
@@ -104,6 +106,16 @@ class _Gauges(Collector):
             for code, n in sorted(self.webhook_responses().items()):
                 responses.add_metric([code], n)
             yield responses
+        if self.egress is not None:
+            egress = CounterMetricFamily(
+                "orchestrator_egress_requests", "Egress gateway requests and refusals, by "
+                "agent group and result (ok, tunnel, host_refused, no_token, bad_token, "
+                "revoked_token, other_group, limited, too_large, bad_request, no_key, "
+                "upstream_error, upstream_4xx, upstream_5xx, overloaded)",
+                labels=["agent_group", "result"])
+            for (group, result), n in sorted(self.egress().items()):
+                egress.add_metric([group, result], n)
+            yield egress
         by_status = GaugeMetricFamily("orchestrator_sessions", "Sessions by container status",
                                       labels=["status"])
         counts = Tally(self.statuses())
@@ -131,7 +143,8 @@ class Metrics:
                  queue_length: Callable[[], int | None] = lambda: None,
                  rescans: Callable[[], dict[str, int]] = dict,
                  groups: Iterable[str] = (),
-                 webhook_responses: Callable[[], dict[str, int]] | None = None) -> None:
+                 webhook_responses: Callable[[], dict[str, int]] | None = None,
+                 egress: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -173,7 +186,7 @@ class Metrics:
             self.delivered.labels(channel, group)
             self.failed.labels(channel, group)
             self.messages_failed.labels(group)
-        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses))
+        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses, egress))
 
     def _group(self, data: dict[str, Any]) -> str:
         return group_label(data.get("agent_group"), self.groups)

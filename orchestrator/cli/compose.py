@@ -43,6 +43,7 @@ from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.gateway.service import Gateway
 from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
@@ -132,6 +133,9 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         inbox = RuntimeInbox(dirty)
         runtime = runtime_factory(cfg, inbox.exited, inbox.available)
         stack.push_async_callback(runtime.close)
+        gateway = Gateway(cfg)  # the egress gateway: listens only if a group has egress
+        stack.push_async_callback(gateway.close)
+        await gateway.start()
 
         tracked: dict[str, Tracked] = {}
         events = EventStore(data_dir / "events.db")
@@ -146,7 +150,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           rescans=lambda: dict(watcher.RESCANS),
                           groups=[g.name for g in cfg.groups],
                           webhook_responses=(lambda: dict(chan.responses))
-                          if isinstance(chan, WebhookChannel) else None)
+                          if isinstance(chan, WebhookChannel) else None,
+                          egress=(lambda: dict(gateway.counts)) if gateway.active else None)
         forward = (chan.forward_event if isinstance(chan, WebhookChannel)
                    and cfg.delivery.events else None)  # [delivery] events: same ids as SSE
         hub = Hub(events, metrics, forward=forward,
@@ -160,7 +165,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         worker = SessionWorker(
             cfg, registry, sessions, runtime, deliverer, clock, dirty.mark,
             statuses=statuses, admission=gate, notify=hub.notify,
-            after_pass=lambda t: book.note(t, runtime.is_running(t.session_id)))
+            after_pass=lambda t: book.note(t, runtime.is_running(t.session_id)),
+            egress=gateway if gateway.doors else None)  # enabled = false: such starts fail
         sup = Supervisor(cfg, tracked, registry, sessions, runtime, inbox, dirty, statuses,
                          worker, gate, book, clock,
                          stop_event=stop_event or asyncio.Event())

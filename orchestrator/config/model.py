@@ -272,6 +272,41 @@ class LogConfig:
     json: bool = _opt(False, "one JSON object per log line")
 
 
+@dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: the egress gateway of groups with ``egress`` (README, Egress gateway)."""
+
+    enabled: bool = _opt(True, "run the egress gateway when some group sets egress; false = "
+                         "such groups are refused at start")
+    host: str = _opt("", "address the gateway listens on; '' = 127.0.0.1 (local runtime) or "
+                     "the gateway address of the internal network (docker)")
+    port: int = _opt(8760, "first port: each group with egress has its own listener, at port "
+                     "+ its index among those groups in name order", min=1, max=65535)
+    network: str = _opt("", "docker: the internal network (no route out) agents with egress "
+                        "join instead of [docker] network; '' = orch-<[docker] instance>-egress")
+    max_requests_per_minute: int = _opt(600, "requests one session may make per minute "
+                                        "(more: 429)", min=1, max=1_000_000)
+    max_body_bytes: int = _opt(32 * 1024 * 1024, "largest request body an agent may send "
+                               "(more: 413)", min=1024, max=2**31)
+    max_connections: int = _opt(32, "connections one session may hold open at once (more: "
+                                "429)", min=1, max=100_000)
+    upstream_ca_file: str = _opt("", "PEM file of CA certificates trusted for upstreams "
+                                 "besides the system's (an internal model gateway); '' = "
+                                 "the system's only")
+
+
+@dataclass(frozen=True)
+class EgressCredential:
+    """One ``[[groups.<name>.egress_credentials]]`` entry: a key the gateway injects."""
+
+    host: str
+    header: str
+    secret_file: str
+    prefix: str = ""
+    base_url_env: str = ""
+    key_env: str = ""
+
+
 # group key -> (section record, field) whose metadata (type, range, choices) it shares
 GROUP_SHARED: dict[str, tuple[type, str]] = {
     "image": (DockerConfig, "image"),
@@ -331,6 +366,8 @@ class GroupConfig:
     stop_idle_after: float | None = None
     ceiling: float | None = None
     claim_stuck: float | None = None
+    egress: tuple[str, ...] | None = None
+    egress_credentials: tuple[EgressCredential, ...] | None = None
 
 
 GROUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GroupConfig) if f.name != "name")
@@ -366,6 +403,17 @@ KEY_HELP: dict[str, tuple[str, str]] = {
     "stop_idle_after": ("300.0", "[lifecycle] stop_idle_after for this group"),
     "ceiling": ("1800.0", "[lifecycle] ceiling for this group"),
     "claim_stuck": ("60.0", "[lifecycle] claim_stuck for this group"),
+    "egress": ('["api.anthropic.com:443"]',
+               "HOST:PORT its agents may reach through the egress gateway ([gateway]); "
+               "'*.example.com:443' matches subdomains; unset = no gateway for this group"),
+    "egress_credentials": (
+        '[{ host = "api.anthropic.com", header = "x-api-key", secret_file = '
+        '"/run/secrets/anthropic", base_url_env = "ANTHROPIC_BASE_URL", key_env = '
+        '"ANTHROPIC_API_KEY" }]',
+        "keys the gateway injects per upstream (the agent never sees them): header, "
+        "secret_file, optional prefix (e.g. 'Bearer '), base_url_env (a variable set to "
+        "the gateway's base URL for this host) and key_env (a variable set to the "
+        "session's gateway token, the placeholder the SDK sends)"),
 }
 
 
@@ -379,6 +427,7 @@ SECTIONS: dict[str, type] = {
     "sessions": SessionsConfig,
     "api": ApiConfig,
     "log": LogConfig,
+    "gateway": GatewayConfig,
 }
 
 
@@ -394,6 +443,7 @@ class Config:
     sessions: SessionsConfig = SessionsConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
+    gateway: GatewayConfig = GatewayConfig()
     groups: tuple[GroupConfig, ...] = ()  # sorted by name: [groups.<name>] overrides
     source: Path | None = None
 

@@ -34,7 +34,16 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer, DeliveryState
-from orchestrator.engine.ports import Admission, Mark, Notify, StatusBook, Unlimited, notify_nobody
+from orchestrator.engine.ports import (
+    Admission,
+    EgressPort,
+    Mark,
+    NoEgress,
+    Notify,
+    StatusBook,
+    Unlimited,
+    notify_nobody,
+)
 from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound, outbound
@@ -96,8 +105,10 @@ class SessionWorker:
                  deliverer: Deliverer, clock: Callable[[], datetime], mark: Mark, *,
                  statuses: StatusBook | None = None, admission: Admission | None = None,
                  notify: Notify = notify_nobody,
-                 after_pass: Callable[[Tracked], None] = lambda t: None) -> None:
+                 after_pass: Callable[[Tracked], None] = lambda t: None,
+                 egress: EgressPort | None = None) -> None:
         self.cfg = cfg
+        self.egress = egress or NoEgress()  # the gateway's token for each start
         self.registry = registry
         self.sessions = sessions
         self.runtime = runtime
@@ -642,8 +653,9 @@ class SessionWorker:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
             due_since = self._due_since(t, now)
             settings = self.settings(t.agent_group)
+            egress = self.egress.admit(t.agent_group, t.session_id)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
-                                                         t.paths.root, settings))
+                                                         t.paths.root, settings, egress))
             if not handle.adopted:
                 self.registry.record_agent_settings(t.session_id, t.agent_group,
                                                     settings.digest, settings.image)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from orchestrator.config.groups import AgentSettings
+from orchestrator.rules.egress import AgentEgress
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -37,6 +38,8 @@ class SessionRef:
     folder: Path
     # the group's effective settings (groups.resolve); None = the runtime's own config
     settings: AgentSettings | None = None
+    # the egress gateway's token, variables, network and CA (None: the group has no egress)
+    egress: AgentEgress | None = None
 
 
 @dataclass(frozen=True, slots=True)

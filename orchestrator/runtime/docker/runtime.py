@@ -68,6 +68,7 @@ from orchestrator.runtime.docker.spec import (
     LABEL_SESSION,
     container_name,
     container_spec,
+    egress_mounts,
     exit_reason,
     group_mounts,
     host_config_kwargs,
@@ -310,9 +311,14 @@ class DockerRuntime:
         files read now (``SecretUnreadable`` is an OSError)."""
         config = _config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
+        if session.egress is not None:  # the gateway's token and CA: never a key
+            env.update(session.egress.env)
+            mounts = mounts + egress_mounts(session)
         spec = container_spec(config, session, user, env)
         host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
             session.agent_group, bool(config.group_folder)))
+        if session.egress is not None and session.egress.network:
+            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)

@@ -200,7 +200,8 @@ class LocalRuntime:
             give_folder(Path(session.folder), uid, uid)  # it starts in it (cwd, set as root)
         workspace = Path(".") if uid is not None else session.folder
         cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, workspace),
-                               {**os.environ, **(read_env(settings) if settings else {})})
+                               {**os.environ, **(read_env(settings) if settings else {}),
+                                **dict(session.egress.env if session.egress else ())})
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         env[TOKEN] = self._records.begin(session.agent_group, session.session_id)
         log_dir = self.data_dir / "logs" / session.agent_group

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.contract.session_status import Status
 
-STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested")
+STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested", "max_run")
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
 WAIT_BUCKETS = (.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 HTTP_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
@@ -50,6 +50,8 @@ UNMATCHED = "unmatched"
 
 def stop_reason(reason: str) -> str:
     """A status change's reason (``set_status``) → the stop reason label."""
+    if reason.startswith(("stopped: max_run", "killed: max_run")):
+        return "max_run"
     if reason.startswith("stopped: idle"):
         return "idle"
     if reason.startswith("killed: heartbeat"):

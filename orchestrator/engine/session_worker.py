@@ -521,7 +521,8 @@ class SessionWorker:
             self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
         elif verdict.action is Action.KILL:
             (logger.debug if "op" in t.said else logger.warning)(
-                "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
+                "session {}: killing {}agent: {}", t.session_id,
+                "" if verdict.reason.startswith("max_run") else "stuck ", verdict.reason)
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
         elif verdict.action is Action.PAUSE:

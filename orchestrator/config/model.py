@@ -239,6 +239,13 @@ class SessionsConfig:
         "system (held as the file data_dir/space-reserve and given up when the disk is "
         "full); below it the session using the most space is stopped; 0 = no reserve",
         min=0, max=2**50)
+    max_agent_log_bytes: int = _opt(
+        1024 * 1024, "each agent run's output (stdout and stderr) is kept on the host under "
+        "data_dir/logs/<group>/<session>/run-<N>.log, cut to its last this many bytes",
+        min=4096, max=2**40)
+    agent_log_runs: int = _opt(
+        10, "runs whose output is kept per session; the oldest goes when a new one starts",
+        min=1, max=100_000)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from loguru import logger
 from orchestrator.config.groups import read_env
 from orchestrator.config.model import RuntimeConfig
 from orchestrator.contract.layout import PID_FILE, session_paths
-from orchestrator.host.private import FILE_MODE, make_dirs
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.uids import give_folder, open_uids
 from orchestrator.runtime.base import (
@@ -102,9 +102,12 @@ class LocalRuntime:
     listed = True  # /proc is always readable: nothing is ever unknown
 
     def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback, *,
-                 uid_range: tuple[int, int] | None = None) -> None:
+                 uid_range: tuple[int, int] | None = None,
+                 agent_logs: AgentLogs | None = None) -> None:
         self.cfg = cfg
         self.data_dir = data_dir
+        # each run's stdout and stderr: logs/<group>/<session>/run-<N>.log (agent_logs)
+        self.logs = agent_logs or AgentLogs(Path(data_dir))
         self.on_exit = on_exit
         self._agents: dict[str, _Agent] = {}
         self._uids = open_uids(Path(data_dir), uid_range)  # root and a range: one per session
@@ -203,11 +206,9 @@ class LocalRuntime:
                                {**os.environ, **(read_env(settings) if settings else {})})
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         env[TOKEN] = self._records.begin(session.agent_group, session.session_id)
-        log_dir = self.data_dir / "logs" / session.agent_group
-        make_dirs(log_dir)
+        _run, log_fd = self.logs.begin(session.agent_group, session.session_id)
         try:
-            with open(os.open(log_dir / f"{session.session_id}.log", os.O_WRONLY | os.O_APPEND
-                              | os.O_CREAT | os.O_CLOEXEC, FILE_MODE), "ab") as log:
+            with open(log_fd, "ab") as log:
                 popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, close_fds=True, env=env,
@@ -225,7 +226,18 @@ class LocalRuntime:
         return None  # processes on this host: nothing to be unreachable
 
     async def reconcile(self) -> None:
-        """Nothing to do: a pidfd cannot miss its process's exit."""
+        """A pidfd cannot miss its process's exit; what is left is the running agents'
+        logs, which they write themselves: each is trimmed once past its cap."""
+        owned = [(a.ref.agent_group, a.ref.session_id) for a in self._agents.values()]
+        if owned:
+            await asyncio.to_thread(self._cap_logs, owned)
+
+    def _cap_logs(self, owned: list[tuple[str, str]]) -> None:
+        for group, session_id in owned:
+            try:
+                self.logs.cap(group, session_id)
+            except OSError as exc:  # the log is a nicety: never the agent's end
+                logger.debug("session {}: its log not trimmed ({})", session_id, exc)
 
     def _signal(self, agent: _Agent, sig: int) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from orchestrator.contract.schema import format_ts, parse_ts, transaction, utcnow
 from orchestrator.contract.session_status import Status, sql_list
 from orchestrator.host.private import make_dirs, private_file
+from orchestrator.host.schema_version import Migration, add_column, check, migrate, script
 from orchestrator.support.errors import storage, storage_error
 
 CONTAINER_STATUSES = tuple(Status)
@@ -91,15 +92,14 @@ class SessionRow:
     queued_since: datetime | None = None  # waiting for an agent slot, due since then
 
 
-def _add_columns(conn: sqlite3.Connection) -> None:
-    """Columns newer than the file: added, never a destructive migration."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
-    if "queued_since" not in have:
-        try:
-            conn.execute("ALTER TABLE sessions ADD COLUMN queued_since TEXT")
-        except sqlite3.OperationalError as exc:  # another process added it meanwhile
-            if "duplicate column" not in str(exc):
-                raise
+# The registry's schema versions, in order (``schema_version``): migration k takes the
+# file to version k (PRAGMA user_version). Append only; never change one that shipped.
+# Each also holds on a file from before versions (version 0, some columns there).
+MIGRATIONS: tuple[Migration, ...] = (
+    script(DDL),  # 1: the tables as they were when versions began
+    lambda c: add_column(c, "sessions", "queued_since", "TEXT"),  # 2: admission queue
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def _session(row: sqlite3.Row) -> SessionRow:
@@ -136,8 +136,7 @@ class Registry:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=10000")
-                conn.executescript(DDL)
-                _add_columns(conn)
+                migrate(conn, path, MIGRATIONS)  # a newer file: SchemaTooNew, left alone
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -167,10 +166,13 @@ class Registry:
                                        check_same_thread=False)
                 conn.row_factory = sqlite3.Row
                 conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+                check(conn, path, MIGRATIONS)  # read with the columns it has, or refused
                 return cls(path, _conn=conn)
-            except sqlite3.Error as exc:
+            except BaseException as exc:
                 if conn is not None:
                     conn.close()
+                if not isinstance(exc, sqlite3.Error):
+                    raise
                 last = exc
                 if "no such table" in str(exc):
                     return None  # created but never used: no sessions

@@ -93,6 +93,16 @@ SESSION = obj({
     "queue_position": nullable("integer"), "queued_for": nullable("number"),
     "settings": nullable("string"), "image": nullable("string"),
     "settings_current": nullable("boolean"),
+    "usage": {"type": ["object", "null"], "description": "what its agent runs used (None "
+              "before the first ended; a value the runtime cannot tell is null)",
+              "properties": {
+                  "runs": {"type": "integer"}, "wall_seconds": nullable("number"),
+                  "cpu_seconds": nullable("number"), "peak_memory_bytes": nullable("integer"),
+                  "last_run": {"type": "object", "properties": {
+                      "started_at": nullable("string"), "ended_at": {"type": "string"},
+                      "wall_seconds": nullable("number"), "cpu_seconds": nullable("number"),
+                      "peak_memory_bytes": nullable("integer"),
+                      "exit_reason": {"type": "string"}}}}},
     "routing": ROUTING,
     "created_at": nullable("string"),
 })

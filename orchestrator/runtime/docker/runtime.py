@@ -159,7 +159,8 @@ class DockerRuntime:
         self.data_dir = Path(data_dir)
         # each container's output, collected before it is removed (``_keep_logs``)
         self.logs = agent_logs or AgentLogs(self.data_dir)
-        self._removing: set[str] = set()  # containers whose output is being kept
+        # containers being removed by us (their output kept first): id -> done
+        self._removing: dict[str, asyncio.Future] = {}
         # one uid per session (root, [runtime] uid_range, [docker] user = auto)
         self._uids = open_uids(self.data_dir, uid_range if config.user == "auto" else None)
         self.on_exit = on_exit
@@ -278,15 +279,17 @@ class DockerRuntime:
         info = await self._inspect_owned(container_id)
         if info is None:
             return
-        if container_id in self._removing:  # an exit and a reconcile may both remove it:
-            await self.exec.remove(container_id)  # its output is kept once
-            return
-        self._removing.add(container_id)
+        pending = self._removing.get(container_id)
+        if pending is not None:  # an exit and a reconcile may both remove it: the second
+            await asyncio.shield(pending)  # waits for the first (its output kept once,
+            return  # and not cut off by a removal while it is read)
+        done = self._removing[container_id] = asyncio.get_running_loop().create_future()
         try:
             await self._keep_logs(container_id, info)
             await self.exec.remove(container_id)
         finally:
-            self._removing.discard(container_id)
+            del self._removing[container_id]
+            done.set_result(None)
 
     async def _keep_logs(self, container_id: str, info: dict) -> None:
         """Every removal of ours passes here: the container's output (its last

@@ -62,6 +62,10 @@ def cmd_logs(args: argparse.Namespace, load: Callable[[argparse.Namespace], Conf
             runs = ", ".join(str(r) for r in store.runs(group, args.session)) or "none"
             raise LogsError(f"session {args.session} has no run {args.run} kept "
                             f"(runs kept: {runs})")
+        if args.json and not args.follow:
+            print(json.dumps({"session_id": args.session, "agent_group": group, "run": None,
+                              "runs": [], "size": 0, "text": ""}))
+            return 0
         if not args.follow:
             print(f"orchestrator: session {args.session}: no agent output kept yet",
                   file=sys.stderr)

@@ -3,13 +3,17 @@ as it starts, a file trimmed to its cap read again from its start; escaped outpu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import tomli_w
 
+from orchestrator.cli import commands as cli
 from orchestrator.cli.session_logs import follow
 from orchestrator.host.agent_logs import AgentLogs
+from tests.support.e2e import Client, make_config
 
 
 def test_follow_prints_new_output_and_switches_to_each_new_run(
@@ -60,3 +64,19 @@ def test_follow_reads_a_trimmed_file_from_its_start(tmp_path: Path,
     out, _ = capsys.readouterr()
     # the trimmed file again from its start (its cut mark), then what came after
     assert out.startswith("[orchestrator: ") and out.endswith("xxtail\n"), out[:80]
+
+
+def test_a_session_with_no_output_kept_yet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = make_config(tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(tomli_w.dumps({"data_dir": str(cfg.data_dir)}))
+    client = Client(cfg)
+    row = client.session("quiet")
+    client.close()
+    assert cli.main(["logs", row.id, "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no agent output kept yet" in err
+    assert cli.main(["logs", row.id, "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "session_id": row.id, "agent_group": "quiet", "run": None, "runs": [], "size": 0,
+        "text": ""}

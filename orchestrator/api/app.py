@@ -161,6 +161,7 @@ class Api(MessageRoutes):
                   self.authed(self.get_message)),
             Route("/v1/sessions/{session_id}/messages/{message_id}/files/{name}",
                   self.authed(self.get_file)),
+            Route("/v1/sessions/{session_id}/logs", self.authed(self.get_logs)),
         ])
 
     # --- unauthenticated ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from orchestrator.engine.startup_state import StateBook
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.engine.tracked import Flag, Tracked
 from orchestrator.gateway.service import Gateway
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
@@ -70,11 +71,13 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
         from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
 
         return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available,
-                             uid_range=parse_range(cfg.runtime.uid_range))
+                             uid_range=parse_range(cfg.runtime.uid_range),
+                             agent_logs=AgentLogs.of(cfg))
     from orchestrator.runtime.local.runtime import LocalRuntime
 
     return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit,
-                        uid_range=parse_range(cfg.runtime.uid_range, default=None))
+                        uid_range=parse_range(cfg.runtime.uid_range, default=None),
+                        agent_logs=AgentLogs.of(cfg))
 
 
 def without_paused_tier(cfg: Config) -> Config:

@@ -66,7 +66,7 @@ from orchestrator.rules.lifecycle import (
     decide,
     last_activity,
 )
-from orchestrator.runtime.base import Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef, Usage
 from orchestrator.support.errors import host_storage_failure
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
@@ -433,11 +433,27 @@ class SessionWorker:
         code = f", exit code {ev.exit_code}" if ev.exit_code not in (None, 0) else ""
         reason = t.ending_reason or f"agent {ev.reason}{code}"
         t.ending_reason = None
+        self._record_run(t, ev, reason, now)
         t.started_at = None
         t.evidence.idle_since = None
         t.ops.succeeded()  # the agent a failed stop/kill was for has gone
         t.said.clear("op")
         self.statuses.set(t, Status.STOPPED, reason, now)
+
+    def _record_run(self, t: Tracked, ev: AgentExit, reason: str, now: datetime) -> None:
+        """What the run that just ended used (its runtime's ``Usage``, wall time from its
+        start or adoption) goes to the registry and the metrics. A record that cannot
+        be written (a full disk) is logged and dropped: it never holds up the exit."""
+        usage = ev.usage or Usage()
+        try:
+            self.registry.record_run(t.session_id, t.agent_group, t.started_at, now, reason,
+                                     usage.cpu_seconds, usage.peak_memory_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("session {}: its run's usage not recorded ({})", t.session_id, exc)
+        self.notify("agent_run", {
+            "session_id": t.session_id, "agent_group": t.agent_group, "reason": reason,
+            "wall_seconds": (now - t.started_at).total_seconds() if t.started_at else None,
+            "cpu_seconds": usage.cpu_seconds, "peak_memory_bytes": usage.peak_memory_bytes})
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """No agent runs, yet messages are claimed or acked unanswered: the agent died
@@ -532,7 +548,8 @@ class SessionWorker:
             self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
         elif verdict.action is Action.KILL:
             (logger.debug if "op" in t.said else logger.warning)(
-                "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
+                "session {}: killing {}agent: {}", t.session_id,
+                "" if verdict.reason.startswith("max_run") else "stuck ", verdict.reason)
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
         elif verdict.action is Action.PAUSE:

@@ -17,6 +17,7 @@ from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
 from orchestrator.config.model import Config, ConfigError
 from orchestrator.gateway.service import EgressRefused, Gateway
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.runtime.base import AgentExit, SessionRef
 from orchestrator.runtime.local.runtime import LocalRuntime
 from tests.support.docker_fixtures import make_session
@@ -88,8 +89,9 @@ async def run_agent(gw: Gateway, tmp_path: Path, mode: str, session_id: str,
     await runtime.start(SessionRef("alpha", session_id, folder, settings, egress))
     await until(lambda: exits, timeout=30, message="the agent script did not finish")
     await runtime.close()
-    log = cfg.data_dir / "logs" / "alpha" / f"{session_id}.log"
-    return parse_agent_output(log.read_text())
+    log = AgentLogs(cfg.data_dir).read("alpha", session_id)  # the run's kept output
+    assert log is not None, "the agent's run left no output"
+    return parse_agent_output(log.data.decode())
 
 
 def assert_streamed(result: dict, api: FakeModelApi) -> None:

@@ -124,13 +124,14 @@ class Gateway:
         self.ca = await asyncio.to_thread(Authority, self.folder)
         self.book = TokenBook(self.folder / "tokens.json")
         host = self.cfg.gateway.host or "127.0.0.1"
+        bridge = None
         if self.kind == "docker":
             from orchestrator.gateway.network import ensure_network
 
             self.network = network_name(self.cfg)
-            address = await asyncio.to_thread(ensure_network, self.cfg.docker.base_url,
-                                              self.network, self.cfg.docker.instance)
-            host = self.cfg.gateway.host or address
+            bridge = await asyncio.to_thread(ensure_network, self.cfg.docker.base_url,
+                                             self.network, self.cfg.docker.instance)
+            host = self.cfg.gateway.host or bridge.address
         self.client = httpx.AsyncClient(
             verify=self.verify_context(), trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(connect=15.0, read=600.0, write=60.0, pool=15.0),
@@ -142,6 +143,13 @@ class Gateway:
                 reuse_address=True)
             logger.info("egress gateway for group {} listening on {}:{}", door.group, host,
                         door.port)
+        if bridge is not None:  # the host answers the internal network at these ports only
+            from orchestrator.gateway.network import confine
+
+            why = await asyncio.to_thread(confine, bridge, [d.port for d in self.doors.values()],
+                                          self.cfg.docker.instance)
+            if why is not None:
+                logger.warning(why)
 
     async def close(self) -> None:
         for door in self.doors.values():

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import pytest
 
 from orchestrator.config import groups
 from orchestrator.config.load import load_config
+from orchestrator.gateway.network import chain_name
 from orchestrator.gateway.service import Gateway, network_name
 from orchestrator.rules.egress import CA_MOUNT
 from orchestrator.runtime.base import AgentExit, SessionRef
@@ -35,6 +39,30 @@ from tests.support.egress import (
 )
 
 LINGER = "120"  # seconds the agent stays up after its call, for the looks inside
+
+
+@pytest.fixture
+def open_listener():
+    """A host service listening on all addresses, as an SSH daemon or a database would:
+    the internal network must not reach it (``network.confine``)."""
+    sock = socket.create_server(("0.0.0.0", 0))
+    sock.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            conn.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    sock.close()
 
 
 @pytest.fixture
@@ -68,6 +96,16 @@ def _config(tmp_path: Path, instance: str, image: str, api: FakeModelApi) -> Any
     }, tmp_path)
 
 
+def drop_confinement(instance: str, interface: str) -> None:
+    """The network's iptables chain and its jump go with the network (the orchestrator
+    keeps both: agents of an earlier run may still be attached)."""
+    if os.geteuid() != 0:
+        return
+    chain = chain_name(instance, interface)
+    for args in (["-D", "INPUT", "-i", interface, "-j", chain], ["-F", chain], ["-X", chain]):
+        subprocess.run(["iptables", "-w", *args], capture_output=True, check=False)
+
+
 def _files_under(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
@@ -82,7 +120,7 @@ def _files_under(paths: list[str]) -> list[Path]:
 @pytest.mark.docker
 def test_docker_agent_reaches_the_model_api_only_through_the_gateway(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str, instance: str,
-        api: FakeModelApi) -> None:
+        api: FakeModelApi, open_listener: int) -> None:
     cfg = _config(tmp_path, instance, agent_image, api)
     folders = {g: make_session(cfg.data_dir, g, f"s-{g}") for g in ("proxy", "base")}
     exits: list[AgentExit] = []
@@ -133,6 +171,7 @@ def test_docker_agent_reaches_the_model_api_only_through_the_gateway(
             door = gw.doors["proxy"]
             token = dict(gw.admit("proxy", "s-proxy").env)["ANTHROPIC_API_KEY"]
             targets = [f"{door.host}:{door.port}", f"{door.host}:{api.port}",
+                       f"{door.host}:{open_listener}",
                        f"127.0.0.1:{api.port}", "192.0.2.1:443", "1.1.1.1:443"]
             cid = seen["proxy-inspect"]["Id"]
             seen["probe"] = json.loads(await run_in(cid, ["python3", "-c", PROBE_SCRIPT,
@@ -159,9 +198,14 @@ def test_docker_agent_reaches_the_model_api_only_through_the_gateway(
         seen = asyncio.run(main())
     finally:  # this test's containers first (after a failure they may still be attached)
         remove_labelled(docker_client, f"orchestrator.instance={instance}")
+        net = docker_client.api.inspect_network(network_name(cfg))
+        drop_confinement(instance, f"br-{net['Id'][:12]}")
         docker_client.api.remove_network(network_name(cfg))
     check_agents(seen, cfg, api)
     check_network(seen, cfg)
+    # the host's own open service was there, on every address but the bridge's
+    with socket.create_connection(("127.0.0.1", open_listener), 5):
+        pass
     assert {e.reason for e in exits} == {"stopped"}
 
 
@@ -198,7 +242,8 @@ def check_network(seen: dict[str, Any], cfg: Any) -> None:
     assert seen["network"]["Internal"] is True
     assert seen["network"]["Labels"]["orchestrator.instance"] == cfg.docker.instance
     # only the gateway's door answers: not a loopback-only listener of the host (the
-    # fake API itself), not the outside, not another host address's port
+    # fake API itself), not a host service listening on all addresses (confined by
+    # iptables: the test runs as root), not the outside
     probe = seen["probe"]
     door = gw.doors["proxy"]
     assert probe.pop(f"{door.host}:{door.port}") == "ok", probe

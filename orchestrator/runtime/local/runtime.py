@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -86,12 +87,11 @@ def quick_start(configured: tuple[str, ...] | list[str], cmd: list[str],
 
 
 def own_rss() -> int:
-    """This process's resident size now (bytes; 0 if /proc cannot say)."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    """This process's peak resident size so far (bytes): what a child forked now
+    inherits as its own ``ru_maxrss`` floor (the kernel copies the parent's high-water
+    mark with the memory map and keeps it across ``exec``) — not its size now, which
+    may be far smaller after a large allocation was freed."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _wait(agent: "_Agent") -> tuple[int | None, Usage | None]:
@@ -100,8 +100,8 @@ def _wait(agent: "_Agent") -> tuple[int | None, Usage | None]:
     largest of them). An adopted agent is not our child: no usage (None).
 
     The peak has a floor: a forked child starts as a copy of this process, and Linux
-    carries that copy's resident size into the child's ``ru_maxrss`` across its
-    ``exec``. So a peak at or below this process's size when it was spawned says
+    carries this process's high-water resident size into the child's ``ru_maxrss``
+    across its ``exec``. So a peak at or below that mark when it was spawned says
     nothing about the agent: it is recorded as unknown (None), a larger one is the
     agent's own."""
     assert agent.popen is not None
@@ -131,7 +131,7 @@ class _Agent:
         default_factory=lambda: asyncio.get_running_loop().create_future())
     ending: str | None = None  # "stopped" | "killed" when we asked for it
     paused: bool = False  # SIGSTOPped by us (or found stopped when adopted)
-    spawn_rss: int = 0  # our resident size when we spawned it (see ``_wait``)
+    spawn_rss: int = 0  # our peak resident size when we spawned it (see ``_wait``)
 
 
 class LocalRuntime:

@@ -9,15 +9,21 @@ agent would:
   sentinel the XSS test checks stays untouched;
 - ``ask``: a question card whose title, question and options are markup;
 - ``fail``: the message is acked ``failed`` (a failed message for the session view);
+- ``badreply``: a reply whose ``outbox/<id>`` is a symlink: the host gives up on it
+  for good (a failed reply, for the retry action);
 - ``slow``: works for 60 s with a heartbeat (an agent to stop from the page).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-from orchestrator.agent.sessionlib import SessionFolder
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from orchestrator.agent.decide import new_out_id  # noqa: E402 - after the path
+from orchestrator.agent.sessionlib import SessionFolder  # noqa: E402
 
 PWN = "window.__pwned=1"
 HOSTILE_TEXT = (f'<img src=x onerror="{PWN}"> <script>{PWN}</script> '
@@ -48,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                     session.reply(msg, HOSTILE_TEXT, files={HOSTILE_FILE: b"<svg/>"})
                 elif text == "ask":
                     session.reply(msg, CARD)
+                elif text == "badreply":
+                    out_id = new_out_id()
+                    os.symlink("/", session.outbox_dir(out_id))
+                    session.reply(msg, {"text": "broken", "files": ["x"]}, out_id=out_id)
                 elif text == "fail":
                     session.ack(msg, "failed")
                 elif text == "slow":

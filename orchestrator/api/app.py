@@ -330,13 +330,17 @@ class Api(MessageRoutes, console.ConsoleRoutes):
             self.keys.finish(key, session.id)
         return {"session_id": session.id, "message_id": mid}
 
-    def _rows(self, only: set[str] | None = None) -> list[dict[str, Any]]:
+    def _rows(self, only: set[str] | None = None, every: list | None = None
+              ) -> list[dict[str, Any]]:
         """``status --json`` rows plus routing and activity times (worker thread);
-        ``only``: just these sessions' files are read (a page of the list)."""
+        ``only``: just these sessions' files are read (a page of the list); ``every``:
+        ``registry.sessions()`` if just read."""
         control = self.control
-        by_id = {s.id: s for s in control.registry.sessions()}
+        every = control.registry.sessions() if every is None else every
+        by_id = {s.id: s for s in every}
         out = []
-        for row in status_mod.collect(control.cfg.data_dir, control.registry, only=only):
+        for row in status_mod.collect(control.cfg.data_dir, control.registry, only=only,
+                                      sessions=every):
             item = asdict(row)
             s = by_id.get(row.session_id)
             ct, pid, thread = control.sessions.routing_of(s) if s else (None, None, None)
@@ -353,9 +357,10 @@ class Api(MessageRoutes, console.ConsoleRoutes):
 
         def paged() -> tuple[list[dict[str, Any]], int]:
             registry = self.control.registry
-            chosen, total = console.select(registry.sessions(), registry.routes(), params)
+            every = registry.sessions()
+            chosen, total = console.select(every, registry.routes(), params)
             order = {s.id: i for i, s in enumerate(chosen)}
-            rows = self._rows(set(order))
+            rows = self._rows(set(order), every)
             return sorted(rows, key=lambda r: order[r["session_id"]]), total
 
         rows, total = await asyncio.to_thread(paged)

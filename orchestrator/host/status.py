@@ -121,12 +121,13 @@ def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float
 
 
 def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None,
-            only: set[str] | None = None) -> list[StatusRow]:
-    """Every session's row; ``only``: just these sessions' (their folders alone read)."""
+            only: set[str] | None = None, sessions: list | None = None) -> list[StatusRow]:
+    """Every session's row; ``only``: just these sessions' (their folders alone read);
+    ``sessions``: ``registry.sessions()`` when the caller has just read it."""
     rows = []
     started = registry.agent_settings()
     routes = registry.routes()
-    sessions = registry.sessions()
+    sessions = registry.sessions() if sessions is None else sessions
     queued = queue_positions(sessions, datetime.now(timezone.utc))
     for s in sessions:
         if only is not None and s.id not in only:

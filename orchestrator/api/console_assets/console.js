@@ -8,7 +8,7 @@
 const KEY = "orchestrator-api-token";
 const PAGE = 50;
 const state = {offset: 0, total: 0, rows: new Map(), lastId: null, view: null,
-               fleetTimer: null, refreshTimer: null, sessionId: null};
+               fleetTimer: null, refreshTimer: null, sessionId: null, streams: 0};
 
 // --- helpers -----------------------------------------------------------------------------
 
@@ -443,7 +443,8 @@ function route() {
     document.getElementById("view-" + v).hidden = v !== view;
   }
   const fail = e => setConn("error: " + e.message, "down");
-  if (view === "fleet") { loadFleet().catch(fail); loadSessions().catch(fail); }
+  // the list first (what an operator looks for), then the tiles and plots
+  if (view === "fleet") loadSessions().catch(fail).then(() => loadFleet().catch(fail));
   else if (view === "session") showSession(state.sessionId).catch(fail);
   else showGroups().catch(fail);
 }
@@ -473,6 +474,7 @@ function onEvent(ev) {
 async function stream() {
   const headers = state.lastId === null ? {} : {"Last-Event-ID": String(state.lastId)};
   const resp = await api("/v1/events", {headers: headers});
+  state.streams += 1;
   setConn("live", "live");
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
@@ -497,7 +499,8 @@ async function stream() {
       }
       if (ev.id !== null) state.lastId = Number(ev.id);
       if (!ev.data) continue;
-      if (ev.event === "gap" || ev.event === "hello") { route(); continue; }
+      // a new stream after a drop: what was missed is re-read (the first one: shown)
+      if (ev.event === "gap" || (ev.event === "hello" && state.streams > 1)) { route(); continue; }
       try { ev.data = JSON.parse(ev.data); } catch (e) { continue; }
       onEvent(ev);
     }

@@ -139,6 +139,20 @@ def test_fleet_view_and_sessions_list(tmp_path: Path, browser, reap_agents) -> N
             assert await page(js, browser, "return window.__same_page") == 1
             await page(screenshot, browser, "console-fleet", tmp_path)
 
+            # a narrow window: nothing wider than it (tables scroll inside their box)
+            await page(browser.set_window_size, 400, 800)
+            await wait_in_browser(lambda: js(browser, "return window.innerWidth <= 400"),
+                                  "the narrow window")
+            for where in ("#/", f"#/session/{a['session_id']}", "#/groups"):
+                await page(js, browser, "location.hash = arguments[0];", where)
+                await wait_in_browser(lambda: js(
+                    browser, "const v = document.querySelector('main > section:not([hidden])');"
+                    " return v && v.childElementCount > 0 && v.textContent.length > 20;"),
+                    f"{where} in a narrow window")
+                wide = await page(js, browser, "return document.documentElement.scrollWidth"
+                                  " - window.innerWidth;")
+                assert wide <= 0, f"{where}: {wide}px wider than the window"
+
     run(body(), timeout=150)
 
 

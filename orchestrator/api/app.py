@@ -353,17 +353,9 @@ class Api(MessageRoutes, console.ConsoleRoutes):
         """Every row as before; with ``q``, ``status``, ``sort``, ``limit``, ``offset``
         (console.page_params) filtered and paged on the registry first, so only the
         page's session folders are read. ``X-Total-Count``: rows matched in all."""
-        params = console.page_params(request.query_params)
-
-        def paged() -> tuple[list[dict[str, Any]], int]:
-            registry = self.control.registry
-            every = registry.sessions()
-            chosen, total = console.select(every, registry.routes(), params)
-            order = {s.id: i for i, s in enumerate(chosen)}
-            rows = self._rows(set(order), every)
-            return sorted(rows, key=lambda r: order[r["session_id"]]), total
-
-        rows, total = await asyncio.to_thread(paged)
+        rows, total = await asyncio.to_thread(console.paged_rows, self.control.registry,
+                                              console.page_params(request.query_params),
+                                              self._rows)
         return JSONResponse(rows, headers={"X-Total-Count": str(total)})
 
     async def get_session(self, request: Request) -> Response:

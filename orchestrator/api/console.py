@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -133,6 +133,18 @@ def select(sessions: list[SessionRow], routes: dict[str, tuple[str | None, str |
         found.reverse()
     end = None if p["limit"] is None else p["offset"] + p["limit"]
     return found[p["offset"]:end], len(found)
+
+
+def paged_rows(registry: Any, params: dict[str, Any],
+               rows: Callable[[set[str], list[SessionRow]], list[dict[str, Any]]]
+               ) -> tuple[list[dict[str, Any]], int]:
+    """(the page's ``GET /v1/sessions`` rows in order, rows matched in all): the
+    registry read once, the page chosen from it, then only the page's folders read by
+    ``rows`` (``Api._rows``). Runs in a worker thread."""
+    every = registry.sessions()
+    chosen, total = select(every, registry.routes(), params)
+    order = {s.id: i for i, s in enumerate(chosen)}
+    return sorted(rows(set(order), every), key=lambda r: order[r["session_id"]]), total
 
 
 def runs(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@
 const KEY = "orchestrator-api-token";
 const PAGE = 50;
 const state = {offset: 0, total: 0, rows: new Map(), lastId: null, view: null,
-               fleetTimer: null, refreshTimer: null, sessionId: null, streams: 0};
+               fleetTimer: null, refreshTimer: null, sessionId: null, streams: 0,
+               touched: new Set()};
 
 // --- helpers -----------------------------------------------------------------------------
 
@@ -461,11 +462,15 @@ function onEvent(ev) {
     }
     refreshRow(d.session_id).catch(() => {});
   }
-  if (state.refreshTimer) return;
+  if (d.session_id) state.touched.add(d.session_id);
+  if (state.refreshTimer) return;  // one re-read a second, of all that came meanwhile
   state.refreshTimer = setTimeout(() => {
+    const touched = state.touched;
     state.refreshTimer = null;
-    if (state.view === "fleet") loadFleet().catch(() => {});
-    else if (state.view === "session" && d.session_id === state.sessionId) {
+    state.touched = new Set();
+    // the list too: a new session, or one that now matches the filter, shows up
+    if (state.view === "fleet") loadSessions().then(loadFleet).catch(() => {});
+    else if (state.view === "session" && touched.has(state.sessionId)) {
       showSession(state.sessionId).catch(() => {});
     }
   }, 1000);

@@ -8,7 +8,7 @@
 const KEY = "orchestrator-api-token";
 const PAGE = 50;
 const state = {offset: 0, total: 0, rows: new Map(), lastId: null, view: null,
-               fleetTimer: null, refreshTimer: null, sessionId: null, streams: 0,
+               fleetTimer: null, refreshTimer: null, sessionId: null, streams: 0, said: null,
                touched: new Set()};
 
 // --- helpers -----------------------------------------------------------------------------
@@ -100,6 +100,8 @@ function ago(iso) {
 function say(node, text, bad) {
   node.textContent = text;
   node.className = "say" + (bad ? " bad" : "");
+  // an action's answer stays when its session's view is re-drawn (it is, right after)
+  if (node.id === "action-result") state.said = {id: state.sessionId, text: text, bad: bad};
 }
 
 // --- fleet: tiles and plots --------------------------------------------------------------
@@ -315,6 +317,10 @@ function table(headers, rows) {
 async function showSession(id) {
   const view = document.getElementById("view-session");
   const out = el("div", {class: "say", id: "action-result"});
+  if (state.said && state.said.id === id) {
+    out.textContent = state.said.text;
+    if (state.said.bad) out.className = "say bad";
+  }
   const [s, page, tl, series] = await Promise.all([
     getJson("/v1/sessions/" + sid(id)),
     getJson("/v1/sessions/" + sid(id) + "/messages?limit=200"),

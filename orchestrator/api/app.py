@@ -164,6 +164,7 @@ class Api(MessageRoutes, console.ConsoleRoutes):
                   self.authed(self.get_message)),
             Route("/v1/sessions/{session_id}/messages/{message_id}/files/{name}",
                   self.authed(self.get_file)),
+            Route("/v1/sessions/{session_id}/logs", self.authed(self.get_logs)),
             # --- the operator's console (issue 27): api/console.py ---
             Route("/console/{name}", self.console_asset),
             Route("/v1/fleet", self.authed(self.fleet)),

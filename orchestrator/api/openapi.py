@@ -94,6 +94,16 @@ SESSION = obj({
     "queue_position": nullable("integer"), "queued_for": nullable("number"),
     "settings": nullable("string"), "image": nullable("string"),
     "settings_current": nullable("boolean"),
+    "usage": {"type": ["object", "null"], "description": "what its agent runs used (None "
+              "before the first ended; a value the runtime cannot tell is null)",
+              "properties": {
+                  "runs": {"type": "integer"}, "wall_seconds": nullable("number"),
+                  "cpu_seconds": nullable("number"), "peak_memory_bytes": nullable("integer"),
+                  "last_run": {"type": "object", "properties": {
+                      "started_at": nullable("string"), "ended_at": {"type": "string"},
+                      "wall_seconds": nullable("number"), "cpu_seconds": nullable("number"),
+                      "peak_memory_bytes": nullable("integer"),
+                      "exit_reason": {"type": "string"}}}}},
     "routing": ROUTING,
     "created_at": nullable("string"),
 })
@@ -297,6 +307,25 @@ def paths() -> dict[str, Any]:
             *AUTHED, "409", parameters=[SID, MID, {
                 "name": "name", "in": "path", "required": True,
                 "schema": {"type": "string"}}])},
+        "/v1/sessions/{session_id}/logs": {"get": op(
+            "getAgentLogs", "one agent run's kept output (stdout and stderr), its last "
+            "[sessions] max_agent_log_bytes at most", {
+                "200": {"description": "the run's output as the agent wrote it (never "
+                        "interpreted: escape control characters before showing it)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                        "headers": {
+                            "X-Agent-Log-Run": {"schema": {"type": "string"},
+                                                "description": "the run shown"},
+                            "X-Agent-Log-Runs": {"schema": {"type": "string"},
+                                                 "description": "every kept run, "
+                                                 "comma-separated, oldest first"},
+                            "X-Agent-Log-Size": {"schema": {"type": "string"},
+                                                 "description": "the run file's size "
+                                                 "(bytes; the body is its end)"}}}},
+            *AUTHED, "409", parameters=[SID, {
+                "name": "run", "in": "query", "schema": {
+                    "type": "integer", "minimum": 0, "maximum": 999_999_999},
+                "description": "the run (default: the newest)"}])},
         # POST /v1/deliveries/retry: the webhook channel's route (branch webhooks)
         "/v1/deliveries/retry": {"post": op(
             "retryDeliveries", "re-queue failed replies with fresh attempts (all sessions, "

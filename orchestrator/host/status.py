@@ -57,6 +57,10 @@ class StatusRow:
     settings: str | None = None
     image: str | None = None
     settings_current: bool | None = None
+    # what its agent runs used (issue 26.4): runs, totals (wall_seconds, cpu_seconds; the
+    # highest peak_memory_bytes) and last_run {started_at, ended_at, wall_seconds,
+    # cpu_seconds, peak_memory_bytes, exit_reason}; None before its first run ended
+    usage: dict[str, Any] | None = None
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -126,6 +130,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None,
     ``sessions``: ``registry.sessions()`` when the caller has just read it."""
     rows = []
     started = registry.agent_settings()
+    usage = registry.run_usage()
     routes = registry.routes()
     sessions = registry.sessions() if sessions is None else sessions
     queued = queue_positions(sessions, datetime.now(timezone.utc))
@@ -146,7 +151,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None,
                               channel_type=channel_type, platform_id=platform_id,
                               thread_id=thread_id, queue_position=position, queued_for=waited,
                               settings=run.get("digest"), image=run.get("image"),
-                              settings_current=current))
+                              settings_current=current, usage=usage.get(s.id)))
     return rows
 
 

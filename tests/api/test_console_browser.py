@@ -267,6 +267,10 @@ def test_agent_markup_is_shown_as_text(tmp_path: Path, browser, reap_agents) -> 
             await wait_in_browser(lambda: console_agent.HOSTILE_TEXT in texts_of(
                 browser, "#conversation .msg .text"), "the hostile reply as text")
             assert console_agent.HOSTILE_FILE in await page(texts_of, browser, "a.file")
+            # the agent's own output (its log tail): text, the escape shown, not obeyed
+            shown = console_agent.HOSTILE_LOG.replace("\x1b", "\\x1b")
+            await wait_in_browser(lambda: shown in (text_of(browser, "#agent-log") or ""),
+                                  "the agent's log tail as text")
             card = console_agent.CARD
             assert await page(text_of, browser, "#questions .card .title") == card["title"]
             assert await page(text_of, browser, "#questions .card .q") == card["question"]

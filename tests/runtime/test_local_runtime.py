@@ -91,14 +91,14 @@ async def test_start_writes_pid_file_and_stop_is_polite(tmp_path: Path, reap_age
     assert read_pid_file(ref.folder / PID_FILE) == (pid, process_start_time(pid))
     assert os.getpgid(pid) == pid  # its own process group: stop/kill reach its children
     assert await runtime.start(ref) == handle  # starting twice does not double it
-    # the agent's log goes to <data_dir>/logs/<group>/<session>.log
+    # the agent's log goes to <data_dir>/logs/<group>/<session>/run-<N>.log
     await until(lambda: (ref.folder / ".heartbeat").exists(), message="agent up")
     await runtime.stop("sess-1", grace=5)
     ev = await exits.wait()
     assert ev == AgentExit("grp", "sess-1", 0, "stopped")
     assert not runtime.is_running("sess-1") and runtime.running() == []
     assert not (ref.folder / PID_FILE).exists()
-    log = runtime.data_dir / "logs" / "grp" / "sess-1.log"
+    log = runtime.data_dir / "logs" / "grp" / "sess-1" / "run-1.log"
     assert "stopping on signal" in log.read_text()
     await runtime.stop("sess-1", grace=5)  # absent = done
     await runtime.kill("sess-1")

@@ -29,6 +29,7 @@ PWN = "window.__pwned=1"
 HOSTILE_TEXT = (f'<img src=x onerror="{PWN}"> <script>{PWN}</script> '
                 f'<b onmouseover="{PWN}">bold?</b>')
 HOSTILE_FILE = f'"><svg onload="{PWN}">'
+HOSTILE_LOG = f"log: {HOSTILE_TEXT} \x1b[31mred\x1b[0m"  # markup and a terminal escape
 CARD = {"type": "ask_question", "questionId": "q-markup-1",
         "title": f'<img src=x onerror="{PWN}">Pick',
         "question": f"<script>{PWN}</script>yes or no?",
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 text = str(body.get("text", ""))
                 if text == "hostile":
+                    print(HOSTILE_LOG, file=sys.stderr, flush=True)  # its log, too
                     session.reply(msg, HOSTILE_TEXT, files={HOSTILE_FILE: b"<svg/>"})
                 elif text == "ask":
                     session.reply(msg, CARD)

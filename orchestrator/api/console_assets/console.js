@@ -208,6 +208,7 @@ function renderRow(r, tr) {
   cell(tr, "num pending", r.pending);
   cell(tr, "num failed", r.failed);
   cell(tr, "active", ago(r.last_active || r.last_heartbeat));
+  cell(tr, "usage", usage(r.usage));
   return tr;
 }
 
@@ -315,6 +316,7 @@ function table(headers, rows) {
 }
 
 async function showSession(id) {
+  const logTail = el("pre", {id: "agent-log", class: "log"});
   const view = document.getElementById("view-session");
   const out = el("div", {class: "say", id: "action-result"});
   if (state.said && state.said.id === id) {
@@ -400,11 +402,36 @@ async function showSession(id) {
     table(["at", "from", "to", "reason"],
           tl.changes.slice().reverse().map(c => [c.at, c.old, c.new, c.reason])),
     el("h3", {}, "series"), seriesTable(series, () => showSession(id)),
-    // HOOK(operate): the tail of the agent log goes here once GET
-    // /v1/sessions/{id}/logs exists (branch operate): fetch it and append each line
-    // with el("div", {}, line) — text, never markup.
-    el("div", {id: "agent-log-hook", hidden: ""}));
+    el("h3", {}, "agent log ", el("span", {class: "muted"}, "(newest run, its last lines)")),
+    logTail);
+  loadLogTail(id, logTail).catch(e => logTail.replaceChildren(
+    el("p", {class: "muted"}, "no log: " + e.message)));
   window.__consoleSession = {id: id, at: performance.now()};
+}
+
+async function loadLogTail(id, into) {
+  // the agent's own output (GET /v1/sessions/{id}/logs): text, never markup; the
+  // last 200 lines of the newest run, control characters shown as escapes
+  const resp = await api("/v1/sessions/" + sid(id) + "/logs");
+  const text = await resp.text();
+  const lines = text.split("\n").slice(-200).map(l => l.replace(
+    /[\u0000-\u0008\u000b-\u001f\u007f]/g,
+    c => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0")));
+  into.textContent = lines.join("\n") || "(empty)";
+}
+
+function amount(value, unit, digits) {
+  return value == null ? "? " + unit : value.toFixed(digits) + " " + unit;
+}
+
+function usage(u) {
+  // what the session's agent runs used (unknown values: "?"): the last run, then totals
+  if (!u || !u.last_run) return null;
+  const l = u.last_run;
+  const mib = b => b == null ? null : b / 1048576;
+  return amount(l.wall_seconds, "s", 1) + ", " + amount(l.cpu_seconds, "CPU-s", 2) + ", " +
+    amount(mib(l.peak_memory_bytes), "MiB", 0) + " (" + l.exit_reason + ") · " +
+    u.runs + (u.runs === 1 ? " run, " : " runs, ") + amount(u.cpu_seconds, "CPU-s", 2);
 }
 
 function seriesTable(series, after) {

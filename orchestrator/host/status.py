@@ -124,14 +124,19 @@ def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float
             for i, (since, sid) in enumerate(waiting)}
 
 
-def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> list[StatusRow]:
+def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None,
+            only: set[str] | None = None, sessions: list | None = None) -> list[StatusRow]:
+    """Every session's row; ``only``: just these sessions' (their folders alone read);
+    ``sessions``: ``registry.sessions()`` when the caller has just read it."""
     rows = []
     started = registry.agent_settings()
     usage = registry.run_usage()
     routes = registry.routes()
-    sessions = registry.sessions()
+    sessions = registry.sessions() if sessions is None else sessions
     queued = queue_positions(sessions, datetime.now(timezone.utc))
     for s in sessions:
+        if only is not None and s.id not in only:
+            continue
         counts, heartbeat, error = read_session(data_dir, s.agent_group_id, s.id,
                                                 s.last_heartbeat)
         run = started.get(s.id, {})

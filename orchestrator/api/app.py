@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator.api import console
 from orchestrator.api.auth import HostRule, bearer_ok, request_refusal
 from orchestrator.api.checks import (
     BadRequest,
@@ -37,6 +38,7 @@ from orchestrator.api.checks import (
     prefer_wait,
 )
 from orchestrator.api.events import EventStore, Subscription, gap_after
+from orchestrator.api.history import History
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.message_routes import MessageRoutes
 from orchestrator.api.metrics import Metrics, RequestTimer
@@ -102,7 +104,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 # --- the app ------------------------------------------------------------------------------
 
 
-class Api(MessageRoutes):
+class Api(MessageRoutes, console.ConsoleRoutes):
     def __init__(self, control: Control, token: str | None, events: EventStore,
                  metrics: Metrics, keys: IdempotencyKeys, rule: HostRule | None = None,
                  unix: bool = False) -> None:
@@ -117,6 +119,7 @@ class Api(MessageRoutes):
         self._key_locks: dict[str, asyncio.Lock] = {}
         self.closing = asyncio.Event()
         self.started = time.monotonic()
+        self.history = History(metrics)  # the console's last hour (started by the server)
 
     def authed(self, handler: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
@@ -162,17 +165,28 @@ class Api(MessageRoutes):
                   self.authed(self.get_message)),
             Route("/v1/sessions/{session_id}/messages/{message_id}/files/{name}",
                   self.authed(self.get_file)),
+            Route("/v1/sessions/{session_id}/logs", self.authed(self.get_logs)),
+            # --- the operator's console (issue 27): api/console.py ---
+            Route("/console/{name}", self.console_asset),
+            Route("/v1/fleet", self.authed(self.fleet)),
+            Route("/v1/groups", self.authed(self.list_groups)),
+            Route("/v1/series", self.authed(self.list_series)),
+            Route("/v1/series/{series_id}/cancel", self.authed(self.cancel_series),
+                  methods=["POST"]),
+            Route("/v1/sessions/{session_id}/timeline", self.authed(self.timeline)),
+            Route("/v1/sessions/{session_id}/answer", self.authed(self.answer),
+                  methods=["POST"]),
         ])
 
     # --- unauthenticated ------------------------------------------------------------------
 
     async def index(self, request: Request) -> Response:
         page = resources.files("orchestrator.api").joinpath("static/status.html").read_text(
-            encoding="utf-8")
+            encoding="utf-8")  # the console: its script and style are /console/* files
         return HTMLResponse(page, headers={"Cache-Control": "no-store",
-                                           "Content-Security-Policy": "default-src 'self'; "
-                                           "script-src 'unsafe-inline'; style-src "
-                                           "'unsafe-inline'"})
+                                           "Content-Security-Policy": console.CSP,
+                                           "X-Content-Type-Options": "nosniff",
+                                           "Referrer-Policy": "no-referrer"})
 
     async def healthz(self, request: Request) -> Response:
         limit = 2 * self.control.cfg.watch.sweep_interval
@@ -318,12 +332,17 @@ class Api(MessageRoutes):
             self.keys.finish(key, session.id)
         return {"session_id": session.id, "message_id": mid}
 
-    def _rows(self) -> list[dict[str, Any]]:
-        """``status --json`` rows plus routing and activity times (worker thread)."""
+    def _rows(self, only: set[str] | None = None, every: list | None = None
+              ) -> list[dict[str, Any]]:
+        """``status --json`` rows plus routing and activity times (worker thread);
+        ``only``: just these sessions' files are read (a page of the list); ``every``:
+        ``registry.sessions()`` if just read."""
         control = self.control
-        by_id = {s.id: s for s in control.registry.sessions()}
+        every = control.registry.sessions() if every is None else every
+        by_id = {s.id: s for s in every}
         out = []
-        for row in status_mod.collect(control.cfg.data_dir, control.registry):
+        for row in status_mod.collect(control.cfg.data_dir, control.registry, only=only,
+                                      sessions=every):
             item = asdict(row)
             s = by_id.get(row.session_id)
             ct, pid, thread = control.sessions.routing_of(s) if s else (None, None, None)
@@ -333,12 +352,13 @@ class Api(MessageRoutes):
         return out
 
     async def list_sessions(self, request: Request) -> Response:
-        group = request.query_params.get("agent_group")
-        status = request.query_params.get("status")
-        rows = await asyncio.to_thread(self._rows)
-        rows = [r for r in rows if (group is None or r["agent_group"] == group)
-                and (status is None or r["container_status"] == status)]
-        return JSONResponse(rows)
+        """Every row as before; with ``q``, ``status``, ``sort``, ``limit``, ``offset``
+        (console.page_params) filtered and paged on the registry first, so only the
+        page's session folders are read. ``X-Total-Count``: rows matched in all."""
+        rows, total = await asyncio.to_thread(console.paged_rows, self.control.registry,
+                                              console.page_params(request.query_params),
+                                              self._rows)
+        return JSONResponse(rows, headers={"X-Total-Count": str(total)})
 
     async def get_session(self, request: Request) -> Response:
         sid = request.path_params["session_id"]

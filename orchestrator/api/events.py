@@ -26,6 +26,7 @@ from loguru import logger
 
 from orchestrator.contract.schema import format_ts
 from orchestrator.host.private import make_dirs, private_file
+from orchestrator.host.schema_version import Migration, migrate, script
 
 QUEUE_MAX = 10_000
 PRUNE_EVERY = 1000
@@ -35,6 +36,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, kind TEXT NOT NULL,
     data TEXT NOT NULL);
 """
+
+# the event store's schema versions (host.schema_version): append only
+MIGRATIONS: tuple[Migration, ...] = (script(DDL),)  # 1: the events table
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +90,8 @@ class EventStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(DDL)
-        except sqlite3.Error:
+            migrate(conn, path or ":memory:", MIGRATIONS)  # newer: SchemaTooNew, refused
+        except BaseException:
             conn.close()
             raise
         return conn

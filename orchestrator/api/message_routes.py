@@ -22,6 +22,7 @@ from orchestrator.api.hub import file_entries
 from orchestrator.contract.layout import InvalidId, validate_id
 from orchestrator.engine.ports import Control
 from orchestrator.host import messages
+from orchestrator.host.agent_logs import AgentLogs
 
 
 class MessageRoutes:
@@ -112,3 +113,27 @@ class MessageRoutes:
                                           + quote(name, safe=""),
                                           "X-Content-Type-Options": "nosniff",
                                           "Cache-Control": "no-store"})
+
+    async def get_logs(self, request: Request) -> Response:
+        """``GET /v1/sessions/{id}/logs[?run=N]``: one run's kept output (default the
+        newest), its last ``[sessions] max_agent_log_bytes`` at most, as the agent wrote
+        it (text/plain, never interpreted; ``nosniff``). X-Agent-Log-Run names the run,
+        X-Agent-Log-Runs every kept one, X-Agent-Log-Size the file's whole size."""
+        sid = request.path_params["session_id"]
+        raw = request.query_params.get("run")
+        if raw is not None and not (raw.isdigit() and len(raw) <= 9):
+            raise BadRequest("run must be a whole number (a run of GET .../logs: "
+                             "X-Agent-Log-Runs)")
+        session = await self._session(sid)
+        store = AgentLogs.of(self.control.cfg)
+        found = await asyncio.to_thread(self._read, f"session {sid}", store.read,
+                                        session.agent_group_id, sid,
+                                        int(raw) if raw is not None else None)
+        if found is None:
+            raise BadRequest(f"session {sid} has no kept agent output"
+                             + (f" of run {int(raw)}" if raw is not None else ""), 404)
+        return Response(found.data, media_type="text/plain; charset=utf-8", headers={
+            "X-Agent-Log-Run": str(found.run),
+            "X-Agent-Log-Runs": ",".join(str(r) for r in found.runs),
+            "X-Agent-Log-Size": str(found.size),
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})

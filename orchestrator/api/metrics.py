@@ -39,9 +39,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.contract.session_status import Status
 
-STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested")
+STOP_REASONS = ("idle", "ceiling", "claim_stuck", "crash", "shutdown", "requested", "max_run")
 LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)
 WAIT_BUCKETS = (.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+MEMORY_BUCKETS = tuple(float(2 ** n) for n in range(20, 36, 2))  # 1 MiB … 32 GiB
 HTTP_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 DEFAULT_GROUP = "default"
 OTHER_GROUP = "other"
@@ -50,6 +51,8 @@ UNMATCHED = "unmatched"
 
 def stop_reason(reason: str) -> str:
     """A status change's reason (``set_status``) → the stop reason label."""
+    if reason.startswith(("stopped: max_run", "killed: max_run")):
+        return "max_run"
     if reason.startswith("stopped: idle"):
         return "idle"
     if reason.startswith("killed: heartbeat"):
@@ -83,7 +86,9 @@ class _Gauges(Collector):
     def __init__(self, statuses: Callable[[], Iterable[str]],
                  queue_length: Callable[[], int | None],
                  rescans: Callable[[], dict[str, int]],
-                 webhook_responses: Callable[[], dict[str, int]] | None) -> None:
+                 webhook_responses: Callable[[], dict[str, int]] | None,
+                 egress: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
+        self.egress = egress
         self.statuses = statuses
         self.queue_length = queue_length
         self.rescans = rescans
@@ -104,6 +109,16 @@ class _Gauges(Collector):
             for code, n in sorted(self.webhook_responses().items()):
                 responses.add_metric([code], n)
             yield responses
+        if self.egress is not None:
+            egress = CounterMetricFamily(
+                "orchestrator_egress_requests", "Egress gateway requests and refusals, by "
+                "agent group and result (ok, tunnel, host_refused, no_token, bad_token, "
+                "revoked_token, other_group, limited, too_large, bad_request, no_key, "
+                "upstream_error, upstream_4xx, upstream_5xx, overloaded)",
+                labels=["agent_group", "result"])
+            for (group, result), n in sorted(self.egress().items()):
+                egress.add_metric([group, result], n)
+            yield egress
         by_status = GaugeMetricFamily("orchestrator_sessions", "Sessions by container status",
                                       labels=["status"])
         counts = Tally(self.statuses())
@@ -131,7 +146,8 @@ class Metrics:
                  queue_length: Callable[[], int | None] = lambda: None,
                  rescans: Callable[[], dict[str, int]] = dict,
                  groups: Iterable[str] = (),
-                 webhook_responses: Callable[[], dict[str, int]] | None = None) -> None:
+                 webhook_responses: Callable[[], dict[str, int]] | None = None,
+                 egress: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -163,6 +179,14 @@ class Metrics:
         self.messages_failed = Counter("orchestrator_messages_failed",
                                        "Inbound messages failed after max_tries",
                                        ["agent_group"], registry=r)
+        self.run_cpu = Counter("orchestrator_agent_cpu_seconds", "CPU seconds (user + system) "
+                               "of ended agent runs", ["agent_group"], registry=r)
+        self.run_peak = Histogram("orchestrator_agent_peak_memory_bytes", "Peak resident "
+                                  "memory of each ended agent run", ["agent_group"],
+                                  buckets=MEMORY_BUCKETS, registry=r)
+        self.run_wall = Histogram("orchestrator_agent_run_seconds", "Wall time of each ended "
+                                  "agent run (from its start or adoption)", ["agent_group"],
+                                  buckets=WAIT_BUCKETS, registry=r)
         self.http_seconds = Histogram(
             "orchestrator_http_request_duration_seconds", "HTTP API requests, by route "
             "template, method and status code (an event stream counts until it ends)",
@@ -173,7 +197,7 @@ class Metrics:
             self.delivered.labels(channel, group)
             self.failed.labels(channel, group)
             self.messages_failed.labels(group)
-        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses))
+        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses, egress))
 
     def _group(self, data: dict[str, Any]) -> str:
         return group_label(data.get("agent_group"), self.groups)
@@ -192,12 +216,23 @@ class Metrics:
             self.failed.labels(self.channel, group).inc()
         elif kind == "message_failed":
             self.messages_failed.labels(group).inc()
+        elif kind == "agent_run":
+            self._run_usage(group, data)
         elif kind == "agent_start":
             self.starts.labels(self.runtime, data["result"], group).inc()
             if data["result"] == "ok":
                 self.start_seconds.labels(self.runtime, group).observe(data["seconds"])
                 if data.get("waited") is not None:
                     self.admission_wait.labels(group).observe(max(0.0, data["waited"]))
+
+    def _run_usage(self, group: str, data: dict[str, Any]) -> None:
+        """One agent run ended: what it used (a value its runtime does not know is None)."""
+        if data.get("cpu_seconds") is not None:
+            self.run_cpu.labels(group).inc(max(0.0, data["cpu_seconds"]))
+        if data.get("peak_memory_bytes") is not None:
+            self.run_peak.labels(group).observe(max(0, data["peak_memory_bytes"]))
+        if data.get("wall_seconds") is not None:
+            self.run_wall.labels(group).observe(max(0.0, data["wall_seconds"]))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 from orchestrator import version
+from orchestrator.api import openapi_console
 from orchestrator.api.checks import MAX_WAIT
 from orchestrator.api.openapi_webhooks import WEBHOOK_SCHEMAS, webhooks
 from orchestrator.contract.session_status import Status
@@ -93,6 +94,16 @@ SESSION = obj({
     "queue_position": nullable("integer"), "queued_for": nullable("number"),
     "settings": nullable("string"), "image": nullable("string"),
     "settings_current": nullable("boolean"),
+    "usage": {"type": ["object", "null"], "description": "what its agent runs used (None "
+              "before the first ended; a value the runtime cannot tell is null)",
+              "properties": {
+                  "runs": {"type": "integer"}, "wall_seconds": nullable("number"),
+                  "cpu_seconds": nullable("number"), "peak_memory_bytes": nullable("integer"),
+                  "last_run": {"type": "object", "properties": {
+                      "started_at": nullable("string"), "ended_at": {"type": "string"},
+                      "wall_seconds": nullable("number"), "cpu_seconds": nullable("number"),
+                      "peak_memory_bytes": nullable("integer"),
+                      "exit_reason": {"type": "string"}}}}},
     "routing": ROUTING,
     "created_at": nullable("string"),
 })
@@ -224,7 +235,8 @@ def paths() -> dict[str, Any]:
                    "healthy")
     ready = json_body(obj({"ok": {"const": True}, "runtime": {"type": "string"}}), "ready")
     return {
-        "/": {"get": op("statusPage", "the status page (HTML, no token: it asks for one)", {
+        "/": {"get": op("statusPage", "the operator's console (HTML, no token: it asks for "
+                        "one; its data comes from the routes below)", {
             "200": {"description": "HTML", "content": {"text/html": {"schema": {
                 "type": "string"}}}}}, "403", security=OPEN)},
         "/healthz": {"get": op("healthz", "liveness: the reconcile sweep runs", {"200": ok},
@@ -258,11 +270,13 @@ def paths() -> dict[str, Any]:
             requestBody={"required": True, "content": {"application/json": {
                 "schema": ref("NewMessage")}}})},
         "/v1/sessions": {"get": op(
-            "listSessions", "every session, as status --json plus routing", {
-                "200": json_body({"type": "array", "items": ref("Session")}, "rows")},
+            "listSessions", "every session, as status --json plus routing (filtered, "
+            "sorted and paged on request)", {
+                "200": json_body({"type": "array", "items": ref("Session")}, "rows",
+                                 **openapi_console.TOTAL)},
             *AUTHED, parameters=[
                 {"name": "agent_group", "in": "query", "schema": {"type": "string"}},
-                {"name": "status", "in": "query", "schema": {"type": "string"}}])},
+                openapi_console.STATUS_QUERY, *openapi_console.SESSION_QUERY])},
         "/v1/sessions/{session_id}": {"get": op(
             "getSession", "one session", {"200": json_body(ref("Session"), "its row")},
             *AUTHED, parameters=[SID])},
@@ -293,6 +307,25 @@ def paths() -> dict[str, Any]:
             *AUTHED, "409", parameters=[SID, MID, {
                 "name": "name", "in": "path", "required": True,
                 "schema": {"type": "string"}}])},
+        "/v1/sessions/{session_id}/logs": {"get": op(
+            "getAgentLogs", "one agent run's kept output (stdout and stderr), its last "
+            "[sessions] max_agent_log_bytes at most", {
+                "200": {"description": "the run's output as the agent wrote it (never "
+                        "interpreted: escape control characters before showing it)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                        "headers": {
+                            "X-Agent-Log-Run": {"schema": {"type": "string"},
+                                                "description": "the run shown"},
+                            "X-Agent-Log-Runs": {"schema": {"type": "string"},
+                                                 "description": "every kept run, "
+                                                 "comma-separated, oldest first"},
+                            "X-Agent-Log-Size": {"schema": {"type": "string"},
+                                                 "description": "the run file's size "
+                                                 "(bytes; the body is its end)"}}}},
+            *AUTHED, "409", parameters=[SID, {
+                "name": "run", "in": "query", "schema": {
+                    "type": "integer", "minimum": 0, "maximum": 999_999_999},
+                "description": "the run (default: the newest)"}])},
         # POST /v1/deliveries/retry: the webhook channel's route (branch webhooks)
         "/v1/deliveries/retry": {"post": op(
             "retryDeliveries", "re-queue failed replies with fresh attempts (all sessions, "
@@ -323,6 +356,7 @@ def paths() -> dict[str, Any]:
                 {"name": "last_event_id", "in": "query", "schema": {
                     "type": "string", "pattern": "^([0-9]{1,18})?$"},
                  "description": "as the header (EventSource cannot set headers)"}])},
+        **openapi_console.paths(),  # the operator's console (issue 27)
     }
 
 
@@ -339,7 +373,7 @@ def _document() -> dict[str, Any]:
                                      "Last-Event-ID next time"},
                    "gap": {"type": "boolean", "description": "events after yours were "
                            "pruned: re-read /v1/sessions"}}),
-               **WEBHOOK_SCHEMAS}
+               **WEBHOOK_SCHEMAS, **openapi_console.SCHEMAS}
     return {
         "openapi": "3.1.0",
         "info": {"title": "orchestrator API", "version": version(),

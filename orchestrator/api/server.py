@@ -441,6 +441,7 @@ class ApiService:
     async def start(self) -> None:
         if self._sock is None:
             return
+        self.api.history.start()  # the console's plots: one sample every 10 s
         limits = Limits(self.cfg, connection_cap(self.cfg.max_connections), self.tally)
         protocol = type("GuardedH11", (_GuardedH11,), {"limits": limits})
         # log_config=None: uvicorn adds no handlers of its own; its loggers go through
@@ -470,6 +471,7 @@ class ApiService:
 
     async def close(self) -> None:
         self.api.closing.set()
+        await self.api.history.stop()
         self.events.end_streams()
         if self._server is not None and self._task is not None:
             self._server.stop()

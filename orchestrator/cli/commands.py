@@ -19,8 +19,10 @@ from typing import Sequence
 
 from orchestrator import version
 from orchestrator.api import client as api_client
+from orchestrator.cli import backup as cli_backup
 from orchestrator.cli import deliveries as cli_deliveries
 from orchestrator.cli import groups as cli_groups
+from orchestrator.cli import session_logs as cli_session_logs
 from orchestrator.config.load import read_config, read_config_sources
 from orchestrator.config.model import Config
 from orchestrator.config.render import write_default
@@ -428,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_groups.register(sub, common, _load)
     cli_deliveries.register(sub, common, remote, _load)
+    cli_session_logs.register(sub, common, _load)
+    cli_backup.register(sub, common, _load)
     return parser
 
 

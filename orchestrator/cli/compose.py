@@ -44,6 +44,8 @@ from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook
 from orchestrator.engine.supervisor import Supervisor
 from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.gateway.service import Gateway
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
@@ -70,11 +72,13 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
         from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
 
         return DockerRuntime(cfg.docker, cfg.data_dir, on_exit, on_available,
-                             uid_range=parse_range(cfg.runtime.uid_range))
+                             uid_range=parse_range(cfg.runtime.uid_range),
+                             agent_logs=AgentLogs.of(cfg))
     from orchestrator.runtime.local.runtime import LocalRuntime
 
     return LocalRuntime(cfg.runtime, cfg.data_dir, on_exit,
-                        uid_range=parse_range(cfg.runtime.uid_range, default=None))
+                        uid_range=parse_range(cfg.runtime.uid_range, default=None),
+                        agent_logs=AgentLogs.of(cfg))
 
 
 def without_paused_tier(cfg: Config) -> Config:
@@ -168,6 +172,9 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         inbox = RuntimeInbox(dirty)
         runtime = runtime_factory(cfg, inbox.exited, inbox.available)
         stack.push_async_callback(runtime.close)
+        gateway = Gateway(cfg)  # the egress gateway: listens only if a group has egress
+        stack.push_async_callback(gateway.close)
+        await gateway.start()
 
         tracked: dict[str, Tracked] = {}
         events = EventStore(data_dir / "events.db")
@@ -182,7 +189,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           rescans=lambda: dict(watcher.RESCANS),
                           groups=[g.name for g in cfg.groups],
                           webhook_responses=(lambda: dict(chan.responses))
-                          if isinstance(chan, WebhookChannel) else None)
+                          if isinstance(chan, WebhookChannel) else None,
+                          egress=(lambda: dict(gateway.counts)) if gateway.active else None)
         forward = (chan.forward_event if isinstance(chan, WebhookChannel)
                    and cfg.delivery.events else None)  # [delivery] events: same ids as SSE
         hub = Hub(events, metrics, forward=forward,
@@ -196,7 +204,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         worker = SessionWorker(
             cfg, registry, sessions, runtime, deliverer, clock, dirty.mark,
             statuses=statuses, admission=gate, notify=hub.notify,
-            after_pass=lambda t: book.note(t, runtime.is_running(t.session_id)))
+            after_pass=lambda t: book.note(t, runtime.is_running(t.session_id)),
+            egress=gateway if gateway.doors else None)  # enabled = false: such starts fail
         sup = Supervisor(cfg, tracked, registry, sessions, runtime, inbox, dirty, statuses,
                          worker, gate, book, clock,
                          stop_event=stop_event or asyncio.Event())

@@ -39,6 +39,7 @@ from orchestrator.config.model import (
     Config,
     ConfigError,
     DockerConfig,
+    EgressCredential,
     GroupConfig,
     KubernetesConfig,
     LifecycleConfig,
@@ -63,6 +64,9 @@ class AgentSettings:
     max_agents: int | None = None
     # effective [kubernetes] (image, command, resources, placement, service account)
     kubernetes: KubernetesConfig = KubernetesConfig()
+    # the egress gateway: "host:port" its agents may reach, the keys injected per host
+    egress: tuple[str, ...] = ()
+    egress_credentials: tuple[EgressCredential, ...] = ()
 
     @property
     def image(self) -> str | None:
@@ -76,6 +80,10 @@ class AgentSettings:
         Secret files count by path, never by content."""
         base: dict[str, Any] = {"kind": self.kind, "env": [list(p) for p in self.env],
                                 "env_files": [list(p) for p in self.env_files]}
+        if self.egress or self.egress_credentials:  # by path, never the key itself
+            base.update(egress=list(self.egress),
+                        egress_credentials=[dataclasses.asdict(c)
+                                            for c in self.egress_credentials])
         if self.kind == "docker":
             d = self.docker
             base.update(image=d.image, command=list(d.command), network=d.network,
@@ -132,7 +140,8 @@ def resolve(cfg: Config, group: str) -> AgentSettings:
     return AgentSettings(
         group=group, kind=cfg.runtime.kind, runtime=runtime, docker=docker, kubernetes=k8s,
         lifecycle=dataclasses.replace(cfg.lifecycle, **given(GROUP_LIFECYCLE_KEYS)),
-        env=g.env or (), env_files=g.env_files or (), max_agents=g.max_agents)
+        env=g.env or (), env_files=g.env_files or (), max_agents=g.max_agents,
+        egress=g.egress or (), egress_credentials=g.egress_credentials or ())
 
 
 class SecretUnreadable(OSError):

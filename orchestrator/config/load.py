@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from loguru import logger
 
 from orchestrator.config import sources
+from orchestrator.config.egress import check_egress_hosts, egress_value
 from orchestrator.config.model import (
     GROUP_KEYS,
     GROUP_SHARED,
@@ -418,12 +419,15 @@ def _load_group(name: str, raw: Any, base_dir: Path) -> GroupConfig:
                 raise ConfigError(f"{where} max_agents must be an integer between {lo} and "
                                   f"{hi}, got {value!r}")
             values[key] = value
+        elif key in ("egress", "egress_credentials"):
+            values[key] = egress_value(f"{where} {key}", key, value, base_dir)
         else:  # env / env_files
             values[key] = _env_table(f"{where} {key}", value, paths=key == "env_files",
                                      base_dir=base_dir)
     both = {k for k, _ in values.get("env", ())} & {k for k, _ in values.get("env_files", ())}
     if both:
         raise ConfigError(f"{where}: {sorted(both)[0]} is in both env and env_files; keep one")
+    check_egress_hosts(where, values.get("egress") or (), values.get("egress_credentials") or ())
     return _check_group_kubernetes(where, GroupConfig(name=name, **values))
 
 
@@ -441,3 +445,4 @@ def load_groups(raw: Any, base_dir: Path) -> tuple[GroupConfig, ...]:
     if not isinstance(raw, dict):
         raise ConfigError(f"[groups] must be a table of [groups.<name>] tables, got {raw!r}")
     return tuple(_load_group(name, raw[name], base_dir) for name in sorted(raw))
+

@@ -156,6 +156,14 @@ class LifecycleConfig:
     answer_wait: float = _opt(
         600.0, "seconds an acked message may wait for its reply, keeping the agent busy; "
         "if the agent stops or dies first, the message is retried", min=0, max=7 * 86400)
+    max_run: float = _opt(
+        0.0, "lifetime of one agent run (s, from its start or adoption): past it the agent is "
+        "stopped at its next idle moment (no claim, no answer owed, nothing due) and killed "
+        "max_run_grace s later if it never has one (its work is then retried, tries + 1); "
+        "0 = no limit", min=0, max=365 * 86400)
+    max_run_grace: float = _opt(
+        300.0, "seconds past max_run an agent that never becomes idle may go on before it is "
+        "killed", min=0, max=7 * 86400)
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,13 @@ class SessionsConfig:
         "system (held as the file data_dir/space-reserve and given up when the disk is "
         "full); below it the session using the most space is stopped; 0 = no reserve",
         min=0, max=2**50)
+    max_agent_log_bytes: int = _opt(
+        1024 * 1024, "each agent run's output (stdout and stderr) is kept on the host under "
+        "data_dir/logs/<group>/<session>/run-<N>.log, cut to its last this many bytes",
+        min=4096, max=2**40)
+    agent_log_runs: int = _opt(
+        10, "runs whose output is kept per session; the oldest goes when a new one starts",
+        min=1, max=100_000)
 
 
 @dataclass(frozen=True)
@@ -307,6 +322,41 @@ class LogConfig:
     json: bool = _opt(False, "one JSON object per log line")
 
 
+@dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: the egress gateway of groups with ``egress`` (README, Egress gateway)."""
+
+    enabled: bool = _opt(True, "run the egress gateway when some group sets egress; false = "
+                         "such groups are refused at start")
+    host: str = _opt("", "address the gateway listens on; '' = 127.0.0.1 (local runtime) or "
+                     "the gateway address of the internal network (docker)")
+    port: int = _opt(8760, "first port: each group with egress has its own listener, at port "
+                     "+ its index among those groups in name order", min=1, max=65535)
+    network: str = _opt("", "docker: the internal network (no route out) agents with egress "
+                        "join instead of [docker] network; '' = orch-<[docker] instance>-egress")
+    max_requests_per_minute: int = _opt(600, "requests one session may make per minute "
+                                        "(more: 429)", min=1, max=1_000_000)
+    max_body_bytes: int = _opt(32 * 1024 * 1024, "largest request body an agent may send "
+                               "(more: 413)", min=1024, max=2**31)
+    max_connections: int = _opt(32, "connections one session may hold open at once (more: "
+                                "429)", min=1, max=100_000)
+    upstream_ca_file: str = _opt("", "PEM file of CA certificates trusted for upstreams "
+                                 "besides the system's (an internal model gateway); '' = "
+                                 "the system's only")
+
+
+@dataclass(frozen=True)
+class EgressCredential:
+    """One ``[[groups.<name>.egress_credentials]]`` entry: a key the gateway injects."""
+
+    host: str
+    header: str
+    secret_file: str
+    prefix: str = ""
+    base_url_env: str = ""
+    key_env: str = ""
+
+
 # group key -> (section record, field) whose metadata (type, range, choices) it shares
 GROUP_SHARED: dict[str, tuple[type, str]] = {
     "image": (DockerConfig, "image"),
@@ -328,13 +378,16 @@ GROUP_SHARED: dict[str, tuple[type, str]] = {
     "stop_idle_after": (LifecycleConfig, "stop_idle_after"),
     "ceiling": (LifecycleConfig, "ceiling"),
     "claim_stuck": (LifecycleConfig, "claim_stuck"),
+    "max_run": (LifecycleConfig, "max_run"),
+    "max_run_grace": (LifecycleConfig, "max_run_grace"),
 }
 GROUP_DOCKER_KEYS = ("image", "network", "memory", "cpus", "pids_limit", "mounts", "group_folder")
 # [kubernetes] keys a group may set; image, command and group_folder go to [kubernetes]
 # too when [runtime] kind = "kubernetes" (groups.resolve)
 GROUP_KUBERNETES_KEYS = ("cpu_request", "cpu_limit", "memory_request", "memory_limit",
                          "node_selector", "tolerations", "service_account", "runtime_class")
-GROUP_LIFECYCLE_KEYS = ("idle_after", "stop_idle_after", "ceiling", "claim_stuck")
+GROUP_LIFECYCLE_KEYS = ("idle_after", "stop_idle_after", "ceiling", "claim_stuck", "max_run",
+                        "max_run_grace")
 MAX_AGENTS_RANGE = (1, 100_000)
 
 
@@ -366,6 +419,10 @@ class GroupConfig:
     stop_idle_after: float | None = None
     ceiling: float | None = None
     claim_stuck: float | None = None
+    egress: tuple[str, ...] | None = None
+    egress_credentials: tuple[EgressCredential, ...] | None = None
+    max_run: float | None = None
+    max_run_grace: float | None = None
 
 
 GROUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GroupConfig) if f.name != "name")
@@ -401,6 +458,19 @@ KEY_HELP: dict[str, tuple[str, str]] = {
     "stop_idle_after": ("300.0", "[lifecycle] stop_idle_after for this group"),
     "ceiling": ("1800.0", "[lifecycle] ceiling for this group"),
     "claim_stuck": ("60.0", "[lifecycle] claim_stuck for this group"),
+    "egress": ('["api.anthropic.com:443"]',
+               "HOST:PORT its agents may reach through the egress gateway ([gateway]); "
+               "'*.example.com:443' matches subdomains; unset = no gateway for this group"),
+    "egress_credentials": (
+        '[{ host = "api.anthropic.com", header = "x-api-key", secret_file = '
+        '"/run/secrets/anthropic", base_url_env = "ANTHROPIC_BASE_URL", key_env = '
+        '"ANTHROPIC_API_KEY" }]',
+        "keys the gateway injects per upstream (the agent never sees them): header, "
+        "secret_file, optional prefix (e.g. 'Bearer '), base_url_env (a variable set to "
+        "the gateway's base URL for this host) and key_env (a variable set to the "
+        "session's gateway token, the placeholder the SDK sends)"),
+    "max_run": ("86400.0", "[lifecycle] max_run for this group (0 = no limit)"),
+    "max_run_grace": ("300.0", "[lifecycle] max_run_grace for this group"),
 }
 
 
@@ -415,6 +485,7 @@ SECTIONS: dict[str, type] = {
     "api": ApiConfig,
     "cluster": ClusterConfig,
     "log": LogConfig,
+    "gateway": GatewayConfig,
 }
 
 
@@ -431,6 +502,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
+    gateway: GatewayConfig = GatewayConfig()
     groups: tuple[GroupConfig, ...] = ()  # sorted by name: [groups.<name>] overrides
     source: Path | None = None
 

@@ -9,6 +9,7 @@ there, and this output is pasted into issues.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ def plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return [plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)  # an egress credential: its secret file's path
     return value
 
 

@@ -15,6 +15,8 @@ that use them, then hands them to constructors:
 - ``Admission``: the two methods of the admission gate that the worker uses.
 - ``Notify``: where notifications go (the API's hub: metrics and the event log).
 - ``Control``: what the API may ask of the running engine (the supervisor is one).
+- ``EgressPort``: the egress gateway's tokens, minted at an agent's start and revoked
+  at its exit (the gateway is one; ``NoEgress`` when none runs).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import Sessions
+from orchestrator.rules.egress import AgentEgress
 from orchestrator.rules.lifecycle import Verdict
 from orchestrator.runtime.base import AgentExit
 
@@ -161,3 +164,33 @@ class Control(Protocol):
         """Re-queue the failed replies of one session (or all) with fresh attempts;
         returns how many. Raises ``requeue.UnknownSession`` for an unknown id."""
         ...
+
+
+class EgressPort(Protocol):
+    """The egress gateway as the engine sees it (README, Egress gateway)."""
+
+    def admit(self, agent_group: str, session_id: str) -> AgentEgress | None:
+        """The token, variables and network of an agent about to start (None: its group
+        has no egress). Raises when the group has egress but no gateway runs."""
+        ...
+
+    def revoke(self, session_id: str) -> None:
+        """The session's agent ended: its token is refused from now on."""
+        ...
+
+    def keep_only(self, session_ids: set[str]) -> None:
+        """After the runtime's recover: forget every token but the adopted agents'."""
+        ...
+
+
+class NoEgress:
+    """No gateway: no group is given one."""
+
+    def admit(self, agent_group: str, session_id: str) -> AgentEgress | None:
+        return None
+
+    def revoke(self, session_id: str) -> None:
+        return None
+
+    def keep_only(self, session_ids: set[str]) -> None:
+        return None

@@ -34,7 +34,16 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer, DeliveryState
-from orchestrator.engine.ports import Admission, Mark, Notify, StatusBook, Unlimited, notify_nobody
+from orchestrator.engine.ports import (
+    Admission,
+    EgressPort,
+    Mark,
+    NoEgress,
+    Notify,
+    StatusBook,
+    Unlimited,
+    notify_nobody,
+)
 from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host import inbound, outbound
@@ -57,7 +66,7 @@ from orchestrator.rules.lifecycle import (
     decide,
     last_activity,
 )
-from orchestrator.runtime.base import Runtime, RuntimeUnavailable, SessionRef
+from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef, Usage
 from orchestrator.support.errors import host_storage_failure
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
@@ -96,8 +105,10 @@ class SessionWorker:
                  deliverer: Deliverer, clock: Callable[[], datetime], mark: Mark, *,
                  statuses: StatusBook | None = None, admission: Admission | None = None,
                  notify: Notify = notify_nobody,
-                 after_pass: Callable[[Tracked], None] = lambda t: None) -> None:
+                 after_pass: Callable[[Tracked], None] = lambda t: None,
+                 egress: EgressPort | None = None) -> None:
         self.cfg = cfg
+        self.egress = egress or NoEgress()  # the gateway's token for each start
         self.registry = registry
         self.sessions = sessions
         self.runtime = runtime
@@ -422,11 +433,27 @@ class SessionWorker:
         code = f", exit code {ev.exit_code}" if ev.exit_code not in (None, 0) else ""
         reason = t.ending_reason or f"agent {ev.reason}{code}"
         t.ending_reason = None
+        self._record_run(t, ev, reason, now)
         t.started_at = None
         t.evidence.idle_since = None
         t.ops.succeeded()  # the agent a failed stop/kill was for has gone
         t.said.clear("op")
         self.statuses.set(t, Status.STOPPED, reason, now)
+
+    def _record_run(self, t: Tracked, ev: AgentExit, reason: str, now: datetime) -> None:
+        """What the run that just ended used (its runtime's ``Usage``, wall time from its
+        start or adoption) goes to the registry and the metrics. A record that cannot
+        be written (a full disk) is logged and dropped: it never holds up the exit."""
+        usage = ev.usage or Usage()
+        try:
+            self.registry.record_run(t.session_id, t.agent_group, t.started_at, now, reason,
+                                     usage.cpu_seconds, usage.peak_memory_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("session {}: its run's usage not recorded ({})", t.session_id, exc)
+        self.notify("agent_run", {
+            "session_id": t.session_id, "agent_group": t.agent_group, "reason": reason,
+            "wall_seconds": (now - t.started_at).total_seconds() if t.started_at else None,
+            "cpu_seconds": usage.cpu_seconds, "peak_memory_bytes": usage.peak_memory_bytes})
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         """No agent runs, yet messages are claimed or acked unanswered: the agent died
@@ -521,7 +548,8 @@ class SessionWorker:
             self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
         elif verdict.action is Action.KILL:
             (logger.debug if "op" in t.said else logger.warning)(
-                "session {}: killing stuck agent: {}", t.session_id, verdict.reason)
+                "session {}: killing {}agent: {}", t.session_id,
+                "" if verdict.reason.startswith("max_run") else "stuck ", verdict.reason)
             t.ending_reason = f"killed: {verdict.reason}"
             self._run_op(t, self.runtime.kill(t.session_id))
         elif verdict.action is Action.PAUSE:
@@ -642,8 +670,9 @@ class SessionWorker:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
             due_since = self._due_since(t, now)
             settings = self.settings(t.agent_group)
+            egress = self.egress.admit(t.agent_group, t.session_id)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
-                                                         t.paths.root, settings))
+                                                         t.paths.root, settings, egress))
             if not handle.adopted:
                 self.registry.record_agent_settings(t.session_id, t.agent_group,
                                                     settings.digest, settings.image)

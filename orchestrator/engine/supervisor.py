@@ -141,6 +141,7 @@ class Supervisor:
             self._on_runtime_available()
 
     def _on_exit(self, ev: AgentExit) -> None:
+        self.worker.egress.revoke(ev.session_id)  # its gateway token is refused from now
         t = self.tracked.get(ev.session_id)
         if t is not None:
             t.exit = ev
@@ -358,6 +359,7 @@ class Supervisor:
         """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
         try:
             adopted = {h.session_id: h for h in await self.runtime.recover()}
+            self.worker.egress.keep_only(set(adopted))  # tokens of agents gone meanwhile
             unknown = None
         except Exception as exc:  # noqa: BLE001 - e.g. Docker down: adopt when it is back
             if not (isinstance(exc, RuntimeUnavailable) and exc.reported):  # said once already

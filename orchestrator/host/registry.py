@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from orchestrator.contract.schema import format_ts, parse_ts, transaction, utcnow
 from orchestrator.contract.session_status import Status, sql_list
 from orchestrator.host.private import make_dirs, private_file
+from orchestrator.host.schema_version import Migration, add_column, check, migrate, script
 from orchestrator.support.errors import storage, storage_error
 
 CONTAINER_STATUSES = tuple(Status)
@@ -75,6 +76,14 @@ CREATE TABLE IF NOT EXISTS series (
     cancelled_at TEXT);
 """
 
+RUNS_DDL = """
+CREATE TABLE IF NOT EXISTS agent_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL,
+    agent_group_id TEXT NOT NULL, started_at TEXT, ended_at TEXT NOT NULL,
+    wall_seconds REAL, cpu_seconds REAL, peak_memory_bytes INTEGER, exit_reason TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_agent_runs_session ON agent_runs(session_id);
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class SessionRow:
@@ -91,15 +100,15 @@ class SessionRow:
     queued_since: datetime | None = None  # waiting for an agent slot, due since then
 
 
-def _add_columns(conn: sqlite3.Connection) -> None:
-    """Columns newer than the file: added, never a destructive migration."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
-    if "queued_since" not in have:
-        try:
-            conn.execute("ALTER TABLE sessions ADD COLUMN queued_since TEXT")
-        except sqlite3.OperationalError as exc:  # another process added it meanwhile
-            if "duplicate column" not in str(exc):
-                raise
+# The registry's schema versions, in order (``schema_version``): migration k takes the
+# file to version k (PRAGMA user_version). Append only; never change one that shipped.
+# Each also holds on a file from before versions (version 0, some columns there).
+MIGRATIONS: tuple[Migration, ...] = (
+    script(DDL),  # 1: the tables as they were when versions began
+    lambda c: add_column(c, "sessions", "queued_since", "TEXT"),  # 2: admission queue
+    script(RUNS_DDL),  # 3: what each agent run used (issue 26.4)
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def _session(row: sqlite3.Row) -> SessionRow:
@@ -136,8 +145,7 @@ class Registry:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=10000")
-                conn.executescript(DDL)
-                _add_columns(conn)
+                migrate(conn, path, MIGRATIONS)  # a newer file: SchemaTooNew, left alone
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -167,10 +175,13 @@ class Registry:
                                        check_same_thread=False)
                 conn.row_factory = sqlite3.Row
                 conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+                check(conn, path, MIGRATIONS)  # read with the columns it has, or refused
                 return cls(path, _conn=conn)
-            except sqlite3.Error as exc:
+            except BaseException as exc:
                 if conn is not None:
                     conn.close()
+                if not isinstance(exc, sqlite3.Error):
+                    raise
                 last = exc
                 if "no such table" in str(exc):
                     return None  # created but never used: no sessions
@@ -527,6 +538,47 @@ class Registry:
             if "no such table" in str(exc):
                 return {}
             raise
+
+    # --- what each agent run used (issue 26.4) -----------------------------------------
+
+    def record_run(self, session_id: str, agent_group_id: str, started_at: datetime | None,
+                   ended_at: datetime, exit_reason: str, cpu_seconds: float | None,
+                   peak_memory_bytes: int | None) -> None:
+        wall = (ended_at - started_at).total_seconds() if started_at else None
+        with self._tx() as c:
+            c.execute("INSERT INTO agent_runs (session_id, agent_group_id, started_at,"
+                      " ended_at, wall_seconds, cpu_seconds, peak_memory_bytes, exit_reason)"
+                      " VALUES (?,?,?,?,?,?,?,?)",
+                      (session_id, agent_group_id, format_ts(started_at) if started_at
+                       else None, format_ts(ended_at), wall, cpu_seconds, peak_memory_bytes,
+                       exit_reason))
+
+    def run_usage(self) -> dict[str, dict]:
+        """session id → its last run (``last_*``) and its totals over every run."""
+        try:
+            with self._lock:
+                totals = self._conn.execute(
+                    "SELECT session_id, COUNT(*), SUM(wall_seconds), SUM(cpu_seconds),"
+                    " MAX(peak_memory_bytes), MAX(id) FROM agent_runs GROUP BY session_id"
+                ).fetchall()
+                last = {r["id"]: r for r in self._conn.execute(
+                    "SELECT * FROM agent_runs WHERE id IN (SELECT MAX(id) FROM agent_runs"
+                    " GROUP BY session_id)")}
+        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
+            if "no such table" in str(exc):
+                return {}
+            raise
+        out = {}
+        for sid, runs, wall, cpu, peak, last_id in totals:
+            row = last[last_id]
+            out[sid] = {"runs": runs, "wall_seconds": wall, "cpu_seconds": cpu,
+                        "peak_memory_bytes": peak, "last_run": {
+                            "started_at": row["started_at"], "ended_at": row["ended_at"],
+                            "wall_seconds": row["wall_seconds"],
+                            "cpu_seconds": row["cpu_seconds"],
+                            "peak_memory_bytes": row["peak_memory_bytes"],
+                            "exit_reason": row["exit_reason"]}}
+        return out
 
     # --- recurring series -------------------------------------------------------------
 

@@ -57,6 +57,10 @@ class StatusRow:
     settings: str | None = None
     image: str | None = None
     settings_current: bool | None = None
+    # what its agent runs used (issue 26.4): runs, totals (wall_seconds, cpu_seconds; the
+    # highest peak_memory_bytes) and last_run {started_at, ended_at, wall_seconds,
+    # cpu_seconds, peak_memory_bytes, exit_reason}; None before its first run ended
+    usage: dict[str, Any] | None = None
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -120,13 +124,19 @@ def queue_positions(sessions: list, now: datetime) -> dict[str, tuple[int, float
             for i, (since, sid) in enumerate(waiting)}
 
 
-def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> list[StatusRow]:
+def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None,
+            only: set[str] | None = None, sessions: list | None = None) -> list[StatusRow]:
+    """Every session's row; ``only``: just these sessions' (their folders alone read);
+    ``sessions``: ``registry.sessions()`` when the caller has just read it."""
     rows = []
     started = registry.agent_settings()
+    usage = registry.run_usage()
     routes = registry.routes()
-    sessions = registry.sessions()
+    sessions = registry.sessions() if sessions is None else sessions
     queued = queue_positions(sessions, datetime.now(timezone.utc))
     for s in sessions:
+        if only is not None and s.id not in only:
+            continue
         counts, heartbeat, error = read_session(data_dir, s.agent_group_id, s.id,
                                                 s.last_heartbeat)
         run = started.get(s.id, {})
@@ -141,7 +151,7 @@ def collect(data_dir: Path, registry: Registry, cfg: "Config | None" = None) -> 
                               channel_type=channel_type, platform_id=platform_id,
                               thread_id=thread_id, queue_position=position, queued_for=waited,
                               settings=run.get("digest"), image=run.get("image"),
-                              settings_current=current))
+                              settings_current=current, usage=usage.get(s.id)))
     return rows
 
 

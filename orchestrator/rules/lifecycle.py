@@ -246,6 +246,52 @@ def decide(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
 
 
 def judge(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
+    """What the evidence says (``evidence``), then the agent's lifetime (``lifetime``)."""
+    return lifetime(obs, now, cfg, evidence(obs, now, cfg))
+
+
+def run_deadlines(obs: Observation, cfg: LifecycleConfig) -> tuple[datetime, datetime] | None:
+    """When a live agent's run reaches ``max_run`` (stopped at its next idle moment from
+    then) and when its grace ends (killed); None without a limit or a known start."""
+    if cfg.max_run <= 0 or not obs.alive or obs.started_at is None:
+        return None
+    stop_at = obs.started_at + timedelta(seconds=cfg.max_run)
+    return stop_at, stop_at + timedelta(seconds=cfg.max_run_grace)
+
+
+def lifetime(obs: Observation, now: datetime, cfg: LifecycleConfig, base: Verdict) -> Verdict:
+    """``[lifecycle] max_run`` over the evidence's verdict ``base``.
+
+    Before ``max_run`` nothing changes but the next check (the moment it is reached).
+    From ``max_run`` on (the boundary included) the agent is stopped politely at its
+    first idle moment — no claim, no running tool, no answer owed, nothing due: the
+    same evidence that lets the idle rule stop it, so no work is cut off. From
+    ``max_run + max_run_grace`` on it is killed whatever it does, and its claims and
+    unanswered acks are given back (tries + 1, backoff) exactly as after a stuck kill.
+    A kill the evidence already asks for (stuck, over its space) keeps its own reason.
+    The reasons start with ``max_run`` (``status``, events, the stop-reason metric).
+    """
+    ends = run_deadlines(obs, cfg)
+    if ends is None or base.action is Action.KILL:
+        return base
+    stop_at, kill_at = ends
+    if now < stop_at:
+        return replace(base, next_check=earliest(base.next_check, stop_at))
+    assert obs.started_at is not None  # (run_deadlines needs it)
+    ran = (now - obs.started_at).total_seconds()
+    if now >= kill_at:
+        return replace(base, status=Status.RUNNING, action=Action.KILL, next_check=None,
+                       reason=f"max_run: ran {ran:.0f}s (max_run {cfg.max_run:g}s) and was not "
+                              f"idle within max_run_grace ({cfg.max_run_grace:g}s)")
+    if not in_flight(obs, now) and obs.due == 0:
+        return replace(base, action=Action.STOP, next_check=None,
+                       reason=f"max_run: ran {ran:.0f}s (max_run {cfg.max_run:g}s)")
+    # busy (so neither an idle stop nor a pause is asked for): the end of its work brings
+    # a pass (a reply or an ack is an outbound.db commit, new work an inbound.db one)
+    return replace(base, next_check=earliest(base.next_check, kill_at))
+
+
+def evidence(obs: Observation, now: datetime, cfg: LifecycleConfig) -> Verdict:
     """What the evidence says. Order matters: stuck beats idle, idle beats running."""
     if not obs.alive:
         if obs.due > 0:

@@ -8,11 +8,12 @@ for containers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
 from orchestrator.config.groups import AgentSettings
+from orchestrator.rules.egress import AgentEgress
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -37,6 +38,8 @@ class SessionRef:
     folder: Path
     # the group's effective settings (groups.resolve); None = the runtime's own config
     settings: AgentSettings | None = None
+    # the egress gateway's token, variables, network and CA (None: the group has no egress)
+    egress: AgentEgress | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,14 @@ class AgentHandle:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """What one agent run used, as far as its runtime could tell (None: unknown)."""
+
+    cpu_seconds: float | None = None  # user + system, the run's processes together
+    peak_memory_bytes: int | None = None  # the high-water mark of its resident memory
+
+
+@dataclass(frozen=True, slots=True)
 class AgentExit:
     """An agent ended. ``reason``: exited | killed | oom | stopped | vanished."""
 
@@ -57,6 +68,9 @@ class AgentExit:
     session_id: str
     exit_code: int | None
     reason: str
+    # what the run used (local: its own child's rusage; others: not yet); not part of
+    # the exit's identity
+    usage: Usage | None = field(default=None, compare=False)
 
 
 ExitCallback = Callable[[AgentExit], None]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from orchestrator.api.events import EventStore, gap_after
+from orchestrator.api.events import SCHEMA_VERSION, EventStore, gap_after
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
+from orchestrator.host.schema_version import SchemaTooNew
 
 
 def test_ids_only_grow_across_a_reopen(tmp_path: Path) -> None:
@@ -85,3 +87,22 @@ def test_idempotency_keys_persist_and_replay(tmp_path: Path) -> None:
     again.prune()
     assert again.get("k") is None
     again.close()
+
+
+def test_the_event_store_carries_its_schema_version_and_refuses_a_newer_one(
+        tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    old = sqlite3.connect(path)  # from before versions: the table and a row, version 0
+    old.executescript("CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT "
+                      "NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL);"
+                      "INSERT INTO events (at, kind, data) VALUES ('t', 'status', '{}');")
+    old.close()
+    store = EventStore(path)
+    assert [e.kind for e in store.since(0)] == ["status"]
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew, match="events.db: schema version 2 is newer than this "
+                       "orchestrator knows \\(1\\)"):
+        EventStore(path)

@@ -16,6 +16,9 @@ from orchestrator.api.metrics import Metrics, group_label, inotify_watches, stop
     ("agent exited, exit code 1", "crash"),
     ("agent killed by signal 9", "crash"),
     ("no agent running", "crash"),
+    ("stopped: max_run: ran 3600s (max_run 3600s)", "max_run"),
+    ("killed: max_run: ran 3900s (max_run 3600s) and was not idle within max_run_grace (300s)",
+     "max_run"),
 ])
 def test_stop_reason(reason: str, label: str) -> None:
     assert stop_reason(reason) == label

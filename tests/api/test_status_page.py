@@ -97,6 +97,12 @@ def test_status_page_shows_a_session_and_updates_live(tmp_path: Path, browser,
             await wait_in_browser(lambda: status_cell(browser, sid) == "stopped",
                                   "the status cell turning 'stopped'")
             assert await page(browser.execute_script, "return window.__same_page") == 1
+            # the run that ended: what it used, and the session's totals
+            await wait_in_browser(lambda: "· 1 run, " in (text_of(browser, f"#row-{sid} "
+                                                                     "td.usage") or ""),
+                                  "the usage cell of the ended run")
+            used = await page(text_of, browser, f"#row-{sid} td.usage")
+            assert "CPU-s" in used and "(stopped: requested through the API)" in used, used
 
             # the token was asked for once: a reload shows the table without a prompt
             await page(browser.refresh)

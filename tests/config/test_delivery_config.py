@@ -46,4 +46,4 @@ def test_init_writes_the_new_keys_with_their_help() -> None:
     for line in ('secret_files = [\n    "webhook-secret",\n]', "retry_horizon = 86400.0",
                  "retry_max_delay = 3600.0", "events = []"):
         assert line in text, line
-    assert "secret_file =" not in text
+    assert "\nsecret_file =" not in text  # (a group's egress_credentials has one, inline)

@@ -217,8 +217,14 @@ def test_an_image_that_is_not_there_keeps_the_work(tmp_path, kube_cluster, kube_
             await until(lambda: row.id in sup.tracked and sup.tracked[row.id].start.failures >= 2, 90,
                         "two failed starts (retried with backoff)")
             assert message_row(sup, row, mid) == {"status": "pending", "tries": 0}
-            assert await in_thread(our_pods, kube_cluster, kube_namespace,
-                                   cfg.kubernetes.instance) == []
+
+            async def none_left() -> bool:  # a failed start's Pod is deleted; the next
+                # start (after its backoff) may have made a new one meanwhile, so wait
+                # for a moment between starts rather than look once
+                return await in_thread(our_pods, kube_cluster, kube_namespace,
+                                       cfg.kubernetes.instance) == []
+            await until(none_left, 60, "no Pod left between failed starts")
+            assert message_row(sup, row, mid) == {"status": "pending", "tries": 0}
 
     run(body(), 150)
 

@@ -205,7 +205,10 @@ def test_a_reply_listing_thousands_of_files_moves_them_off_the_loop(tmp_path: Pa
                     folder=folder, agent_group="grp", session_id=world.row.id,
                     state=world.state, messages=messages, routing=("chat", "room-1", None),
                     now=NOW)
-        assert watch.max_lag < 0.1, watch.max_lag
+        # on the loop the 20 000 moves held it 0.94 s; off it, the worst tick is a few
+        # ms on a quiet machine and stayed under 0.2 s on a loaded one (load ~5 on 2
+        # cores): 0.4 s tells the two apart without failing on a busy CI host
+        assert watch.max_lag < 0.4, watch.max_lag
         return result.delivered
 
     assert run(go()) == ["r-many"]

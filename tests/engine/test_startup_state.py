@@ -154,7 +154,8 @@ def test_a_registry_from_before_opens_with_an_empty_table(tmp_path: Path) -> Non
     path = tmp_path / "orchestrator.db"
     Registry(path).close()
     with sqlite3.connect(path) as conn:
-        conn.execute("DROP TABLE session_state")  # as the previous version left it
+        conn.execute("DROP TABLE session_state")  # as the previous version left it:
+        conn.execute("PRAGMA user_version = 0")  # no such table, no schema version
     reg = Registry(path)
     assert reg.saved_states() == {}
     reg.save_states({"s": TEXT})

@@ -115,7 +115,8 @@ def test_render_json_round_trips():
                      "completed": 2, "last_heartbeat": None, "last_active": None,
                      "error": None, "channel_type": None, "platform_id": None,
                      "thread_id": None, "queue_position": None, "queued_for": None,
-                     "settings": None, "image": None, "settings_current": None}]
+                     "settings": None, "image": None, "settings_current": None,
+                     "usage": None}]
     assert json.loads(status.render_json([])) == []
 
 

@@ -564,3 +564,66 @@ def test_no_pause_when_the_stop_comes_first() -> None:
     cfg = LifecycleConfig(pause_idle_after=300.0, stop_idle_after=300.0)
     verdict = decide(obs(started=-200, hb=-100), NOW, cfg)
     assert (verdict.action, verdict.next_check) == (Action.NONE, at(230))
+
+
+# --- [lifecycle] max_run: the lifetime of one run ------------------------------------------
+
+LIFE = LifecycleConfig(max_run=3600, max_run_grace=300)
+
+# status, action, next_check (relative s or None), reason (substring)
+MAX_RUN_CASES = [
+    ("off (0): an old busy agent runs on", LifecycleConfig(),
+     obs(started=-100_000, hb=-1, claims=(("m", -5),)), "running", Action.NONE, 1799, "active"),
+    ("before max_run: next check at max_run", LIFE, obs(started=-100, hb=-1),
+     "running", Action.NONE, 29, "active"),
+    ("before max_run, idle: next check is max_run if that comes before the stop", LIFE,
+     obs(started=-3500, hb=-40), "idle", Action.NONE, 100, "no heartbeat"),
+    ("a hair before max_run, idle: not yet", LIFE, obs(started=-3599.999, hb=-40),
+     "idle", Action.NONE, 0.001, "no heartbeat"),
+    ("exactly at max_run and idle: stopped politely", LIFE, obs(started=-3600, hb=-40),
+     "idle", Action.STOP, None, "max_run: ran 3600s (max_run 3600s)"),
+    ("at max_run, recently active but holding nothing: stopped (an idle moment)", LIFE,
+     obs(started=-3600, hb=-1, reply=-1), "running", Action.STOP, None, "max_run: ran 3600s"),
+    ("past max_run with a claim: runs on, next check at the grace's end", LIFE,
+     obs(started=-3700, hb=-1, claims=(("m", -5),)), "running", Action.NONE, 200, "active"),
+    ("past max_run with a running tool: runs on", LIFE,
+     obs(started=-3700, hb=-1, tool_running=True), "running", Action.NONE, 200, "active"),
+    ("past max_run with an answer owed: runs on until the answer or the grace", LIFE,
+     obs(started=-3700, hb=-1, answer=60), "running", Action.NONE, 60, "active"),
+    ("past max_run with work due: runs on (it is about to claim it)", LIFE,
+     obs(started=-3700, hb=-400, due=1), "idle", Action.NONE, 200, "no heartbeat"),
+    ("a hair before the grace's end, busy: not yet", LIFE,
+     obs(started=-3899.999, hb=-1, claims=(("m", -5),)), "running", Action.NONE, 0.001, "active"),
+    ("exactly at max_run + grace, busy: killed", LIFE,
+     obs(started=-3900, hb=-1, claims=(("m", -5),)), "running", Action.KILL, None,
+     "max_run: ran 3900s (max_run 3600s) and was not idle within max_run_grace (300s)"),
+    ("past the grace, idle: a polite stop is not enough any more, killed", LIFE,
+     obs(started=-5000, hb=-40), "running", Action.KILL, None, "max_run: ran 5000s"),
+    ("stuck past max_run: the stuck reason is kept", LIFE,
+     obs(started=-5000, hb=-1900, claims=(("m", -1950),)), "running", Action.KILL, None,
+     "heartbeat 1900s old"),
+    ("past max_run and over its idle stop: the lifetime is the reason", LIFE,
+     obs(started=-3800, hb=-400), "idle", Action.STOP, None, "max_run: ran 3800s"),
+    ("zero grace: killed at max_run if busy", LifecycleConfig(max_run=60, max_run_grace=0),
+     obs(started=-60, hb=-1, claims=(("m", -5),)), "running", Action.KILL, None, "max_run"),
+    ("no agent: no lifetime", LIFE, obs(False, started=-5000), "stopped", Action.NONE, None,
+     "no agent"),
+    ("start unknown: no lifetime", LIFE, obs(hb=-1), "running", Action.NONE, 29, "active"),
+]
+
+
+@pytest.mark.parametrize(("case", "cfg", "observation", "status", "action", "next_check",
+                          "reason"), MAX_RUN_CASES, ids=[c[0] for c in MAX_RUN_CASES])
+def test_max_run(case: str, cfg: LifecycleConfig, observation: Observation, status: str,
+                 action: Action, next_check: float | None, reason: str) -> None:
+    verdict = decide(observation, NOW, cfg)
+    assert (verdict.status, verdict.action) == (status, action), verdict
+    assert verdict.next_check == at(next_check), verdict
+    assert reason in verdict.reason, verdict
+
+
+def test_max_run_stops_a_paused_agent() -> None:
+    """A frozen agent past its lifetime holds nothing: stopped, not thawed first."""
+    o = replace(obs(started=-3700, hb=-400, idle_since=-370), paused=True)
+    verdict = decide(o, NOW, LIFE)
+    assert (verdict.action, verdict.reason) == (Action.STOP, "max_run: ran 3700s (max_run 3600s)")

@@ -91,14 +91,14 @@ async def test_start_writes_pid_file_and_stop_is_polite(tmp_path: Path, reap_age
     assert read_pid_file(ref.folder / PID_FILE) == (pid, process_start_time(pid))
     assert os.getpgid(pid) == pid  # its own process group: stop/kill reach its children
     assert await runtime.start(ref) == handle  # starting twice does not double it
-    # the agent's log goes to <data_dir>/logs/<group>/<session>.log
+    # the agent's log goes to <data_dir>/logs/<group>/<session>/run-<N>.log
     await until(lambda: (ref.folder / ".heartbeat").exists(), message="agent up")
     await runtime.stop("sess-1", grace=5)
     ev = await exits.wait()
     assert ev == AgentExit("grp", "sess-1", 0, "stopped")
     assert not runtime.is_running("sess-1") and runtime.running() == []
     assert not (ref.folder / PID_FILE).exists()
-    log = runtime.data_dir / "logs" / "grp" / "sess-1.log"
+    log = runtime.data_dir / "logs" / "grp" / "sess-1" / "run-1.log"
     assert "stopping on signal" in log.read_text()
     await runtime.stop("sess-1", grace=5)  # absent = done
     await runtime.kill("sess-1")
@@ -372,3 +372,31 @@ def test_process_start_time_and_pid_file_parsing(tmp_path: Path) -> None:
         pid_file.write_text(bad)
         assert read_pid_file(pid_file) is None
     assert read_pid_file(tmp_path / "missing") is None
+
+
+FLOOR_SCRIPT = '''
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from orchestrator.runtime.local.runtime import own_rss
+block = bytearray(300 * 1024 * 1024)
+for i in range(0, len(block), 4096):  # resident, then given back: size small, mark high
+    block[i] = 1
+del block
+floor = own_rss()
+child = subprocess.Popen(["/bin/true"])
+_pid, _status, ru = os.wait4(child.pid, 0)
+print(floor, ru.ru_maxrss * 1024)
+'''
+
+
+def test_the_peak_floor_is_the_high_water_mark_a_child_inherits() -> None:
+    """A forked agent's ru_maxrss starts at its parent's high-water size (the kernel
+    copies it with the memory map and keeps it across exec), not at the parent's size
+    now: the floor under which a peak says nothing about the agent is that mark. With
+    the size now (300 MB allocated and freed first) a do-nothing child would show ~300 MB
+    of 'its own' peak."""
+    out = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, str(Path(__file__).parents[2])],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    floor, child = (int(v) for v in out.split())
+    assert floor >= 300 * 1024 * 1024, floor
+    assert child <= floor, (floor, child)

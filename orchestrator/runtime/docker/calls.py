@@ -271,6 +271,37 @@ class DockerExec:
 
         return await self.call("wait", _wait, missing_ok=True)
 
+    async def logs(self, container: str, max_bytes: int, *, tail_lines: int = 100_000,
+                   read_cap: int = 16) -> tuple[bytes, int] | None:
+        """A finished container's output (stdout and stderr as they came): its last
+        ``max_bytes`` and the number of bytes before them that were cut; None when it is
+        gone. Bounded: at most ``tail_lines`` lines and ``read_cap × max_bytes`` bytes
+        are read (a flood beyond that keeps what was read)."""
+
+        def _logs(api: APIClient) -> tuple[bytes, int]:
+            stream = api.logs(container, stdout=True, stderr=True, stream=True, follow=False,
+                              tail=tail_lines)
+            kept, cut, read = bytearray(), 0, 0
+            try:
+                for chunk in stream:
+                    kept += chunk
+                    read += len(chunk)
+                    if len(kept) > 2 * max_bytes:
+                        cut += len(kept) - max_bytes
+                        del kept[:len(kept) - max_bytes]
+                    if read > read_cap * max_bytes:
+                        break
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+            if len(kept) > max_bytes:
+                cut += len(kept) - max_bytes
+                del kept[:len(kept) - max_bytes]
+            return bytes(kept), cut
+
+        return await self.call("logs", _logs, missing_ok=True)
+
     async def remove(self, container: str, settle: float = 10.0) -> None:
         """Remove; gone on return. A removal already in progress elsewhere (409) is
         waited for (up to ``settle`` s), so callers can rely on the container being gone."""

@@ -52,6 +52,7 @@ from loguru import logger
 from orchestrator.config.groups import read_env
 from orchestrator.config.model import DockerConfig
 from orchestrator.contract import layout
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
@@ -68,6 +69,7 @@ from orchestrator.runtime.docker.spec import (
     LABEL_SESSION,
     container_name,
     container_spec,
+    egress_mounts,
     exit_reason,
     group_mounts,
     host_config_kwargs,
@@ -149,11 +151,16 @@ class DockerRuntime:
 
     def __init__(self, config: DockerConfig, data_dir: Path, on_exit: ExitCallback,
                  on_available: Callable[[], None] | None = None, *,
-                 uid_range: tuple[int, int] | None = None):
+                 uid_range: tuple[int, int] | None = None,
+                 agent_logs: AgentLogs | None = None):
         self.config = config
         self.data_dir = Path(data_dir)
         # one uid per session (root, [runtime] uid_range, [docker] user = auto): identity
         self._ids = AgentIds(self.data_dir, config.user, uid_range)
+        # each container's output, collected before it is removed (``_keep_logs``)
+        self.logs = agent_logs or AgentLogs(self.data_dir)
+        # containers being removed by us (their output kept first): id -> done
+        self._removing: dict[str, asyncio.Future] = {}
         self.on_exit = on_exit
         self.on_available = on_available
         self.instance = config.instance
@@ -267,8 +274,41 @@ class DockerRuntime:
         return info
 
     async def _remove_owned(self, container_id: str) -> None:
-        if await self._inspect_owned(container_id) is not None:
+        info = await self._inspect_owned(container_id)
+        if info is None:
+            return
+        pending = self._removing.get(container_id)
+        if pending is not None:  # an exit and a reconcile may both remove it: the second
+            await asyncio.shield(pending)  # waits for the first (its output kept once,
+            return  # and not cut off by a removal while it is read)
+        done = self._removing[container_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._keep_logs(container_id, info)
             await self.exec.remove(container_id)
+        finally:
+            del self._removing[container_id]
+            done.set_result(None)
+
+    async def _keep_logs(self, container_id: str, info: dict) -> None:
+        """Every removal of ours passes here: the container's output (its last
+        ``[sessions] max_agent_log_bytes``) becomes its session's next run log
+        (``agent_logs``) first — a container that exited 1 right at start included.
+        Read and written in the docker pool, never on the loop; a failure is one line
+        and the removal goes on. A run that printed nothing leaves no file."""
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        group, session_id = labels.get(LABEL_GROUP), labels.get(LABEL_SESSION)
+        if not group or not session_id:
+            return
+        try:
+            got = await self.exec.logs(container_id, self.logs.max_bytes)
+            if got is None or not (got[0] or got[1]):
+                return
+            run = await self.exec.offload(lambda: self.logs.keep(group, session_id, *got))
+        except (RuntimeUnavailable, OSError, ValueError) as exc:
+            logger.warning("agent {}/{}: output of container {} not kept: {}", group,
+                           session_id, container_id[:12], exc)
+            return
+        logger.debug("agent {}/{}: output kept as run {}", group, session_id, run)
 
     # -- start ----------------------------------------------------------------
     async def start(self, session: SessionRef) -> AgentHandle:
@@ -310,9 +350,14 @@ class DockerRuntime:
         files read now (``SecretUnreadable`` is an OSError)."""
         config = _config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
+        if session.egress is not None:  # the gateway's token and CA: never a key
+            env.update(session.egress.env)
+            mounts = mounts + egress_mounts(session)
         spec = container_spec(config, session, user, env)
         host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
             session.agent_group, bool(config.group_folder)))
+        if session.egress is not None and session.egress.network:
+            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)

@@ -35,6 +35,7 @@ from orchestrator.config.mounts import (
 )
 from orchestrator.contract import layout
 from orchestrator.host.uids import give_folder
+from orchestrator.rules.egress import CA_MOUNT
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 from orchestrator.runtime.identity import (  # noqa: F401 - FALLBACK_*, group_folder and
     AGENT_DIR,  # resolve_user are this module's names too (callers, tests)
@@ -213,3 +214,11 @@ def host_config_kwargs(cfg: DockerConfig, mounts: list[Mount],
         "init": True,
         "auto_remove": False,
     }
+
+
+def egress_mounts(session: SessionRef) -> list[Mount]:
+    """The egress gateway's CA bundle (system CAs + the orchestrator's), read-only at
+    ``CA_MOUNT``, for an agent of a group with egress (README, Egress gateway)."""
+    if session.egress is None or not session.egress.ca_file:
+        return []
+    return [Mount(target=CA_MOUNT, source=session.egress.ca_file, type="bind", read_only=True)]

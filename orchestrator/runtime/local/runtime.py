@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from loguru import logger
 from orchestrator.config.groups import read_env
 from orchestrator.config.model import RuntimeConfig
 from orchestrator.contract.layout import PID_FILE, session_paths
-from orchestrator.host.private import FILE_MODE, make_dirs
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.uids import give_folder, open_uids
 from orchestrator.runtime.base import (
@@ -31,6 +32,7 @@ from orchestrator.runtime.base import (
     ExitCallback,
     RuntimeUnavailable,
     SessionRef,
+    Usage,
 )
 from orchestrator.runtime.local.procs import (
     MARKER,
@@ -84,6 +86,40 @@ def quick_start(configured: tuple[str, ...] | list[str], cmd: list[str],
             {**env, "PYTHONPATH": PACKAGE_ROOT + (os.pathsep + path if path else "")})
 
 
+def own_rss() -> int:
+    """This process's peak resident size so far (bytes): what a child forked now
+    inherits as its own ``ru_maxrss`` floor (the kernel copies the parent's high-water
+    mark with the memory map and keeps it across ``exec``) — not its size now, which
+    may be far smaller after a large allocation was freed."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _wait(agent: "_Agent") -> tuple[int | None, Usage | None]:
+    """Reap our own child with its resource usage (``wait4``): CPU seconds (user +
+    system, its waited-for descendants included) and its peak resident memory (the
+    largest of them). An adopted agent is not our child: no usage (None).
+
+    The peak has a floor: a forked child starts as a copy of this process, and Linux
+    carries this process's high-water resident size into the child's ``ru_maxrss``
+    across its ``exec``. So a peak at or below that mark when it was spawned says
+    nothing about the agent: it is recorded as unknown (None), a larger one is the
+    agent's own."""
+    assert agent.popen is not None
+    try:
+        _pid, status, ru = os.wait4(agent.pid, 0)
+    except ChildProcessError:  # reaped elsewhere meanwhile: the code, if Popen has it
+        return agent.popen.poll(), None
+    code = os.waitstatus_to_exitcode(status)
+    agent.popen.returncode = code  # (Popen would otherwise wait for it again)
+    peak = ru.ru_maxrss * 1024  # Linux: KiB
+    floor = agent.spawn_rss + SPAWN_RSS_MARGIN
+    return code, Usage(cpu_seconds=round(ru.ru_utime + ru.ru_stime, 3),
+                       peak_memory_bytes=peak if peak > floor else None)
+
+
+SPAWN_RSS_MARGIN = 4 * 1024 * 1024  # our size may have grown a little before the fork
+
+
 @dataclass
 class _Agent:
     ref: SessionRef
@@ -95,6 +131,7 @@ class _Agent:
         default_factory=lambda: asyncio.get_running_loop().create_future())
     ending: str | None = None  # "stopped" | "killed" when we asked for it
     paused: bool = False  # SIGSTOPped by us (or found stopped when adopted)
+    spawn_rss: int = 0  # our peak resident size when we spawned it (see ``_wait``)
 
 
 class LocalRuntime:
@@ -102,9 +139,12 @@ class LocalRuntime:
     listed = True  # /proc is always readable: nothing is ever unknown
 
     def __init__(self, cfg: RuntimeConfig, data_dir: Path, on_exit: ExitCallback, *,
-                 uid_range: tuple[int, int] | None = None) -> None:
+                 uid_range: tuple[int, int] | None = None,
+                 agent_logs: AgentLogs | None = None) -> None:
         self.cfg = cfg
         self.data_dir = data_dir
+        # each run's stdout and stderr: logs/<group>/<session>/run-<N>.log (agent_logs)
+        self.logs = agent_logs or AgentLogs(Path(data_dir))
         self.on_exit = on_exit
         self._agents: dict[str, _Agent] = {}
         self._uids = open_uids(Path(data_dir), uid_range)  # root and a range: one per session
@@ -141,7 +181,7 @@ class LocalRuntime:
         loop = asyncio.get_running_loop()
         loop.remove_reader(agent.pidfd)
         os.close(agent.pidfd)
-        code = agent.popen.wait() if agent.popen is not None else None
+        code, usage = _wait(agent) if agent.popen is not None else (None, None)
         if agent.ending:
             reason = agent.ending
         elif code is not None and code < 0:
@@ -152,7 +192,8 @@ class LocalRuntime:
         self._records.end(agent.ref.agent_group, session_id)
         if not agent.exited.done():
             agent.exited.set_result(code)
-        self.on_exit(AgentExit(agent.ref.agent_group, agent.ref.session_id, code, reason))
+        self.on_exit(AgentExit(agent.ref.agent_group, agent.ref.session_id, code, reason,
+                               usage))
 
     # --- protocol ---------------------------------------------------------------
 
@@ -200,14 +241,14 @@ class LocalRuntime:
             give_folder(Path(session.folder), uid, uid)  # it starts in it (cwd, set as root)
         workspace = Path(".") if uid is not None else session.folder
         cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, workspace),
-                               {**os.environ, **(read_env(settings) if settings else {})})
+                               {**os.environ, **(read_env(settings) if settings else {}),
+                                **dict(session.egress.env if session.egress else ())})
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         env[TOKEN] = self._records.begin(session.agent_group, session.session_id)
-        log_dir = self.data_dir / "logs" / session.agent_group
-        make_dirs(log_dir)
+        _run, log_fd = self.logs.begin(session.agent_group, session.session_id)
+        spawn_rss = own_rss()
         try:
-            with open(os.open(log_dir / f"{session.session_id}.log", os.O_WRONLY | os.O_APPEND
-                              | os.O_CREAT | os.O_CLOEXEC, FILE_MODE), "ab") as log:
+            with open(log_fd, "ab") as log:
                 popen = subprocess.Popen(cmd, cwd=session.folder, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, close_fds=True, env=env,
@@ -218,6 +259,7 @@ class LocalRuntime:
                 f"cannot start agent command {cmd[0]!r} ({exc.strerror}); "
                 "fix [runtime] command in the config") from None
         agent = self._watch(session, popen.pid, popen, adopted=False)
+        agent.spawn_rss = spawn_rss
         self._pid_file(session, popen.pid)
         return self._handle(agent)
 
@@ -225,7 +267,18 @@ class LocalRuntime:
         return None  # processes on this host: nothing to be unreachable
 
     async def reconcile(self) -> None:
-        """Nothing to do: a pidfd cannot miss its process's exit."""
+        """A pidfd cannot miss its process's exit; what is left is the running agents'
+        logs, which they write themselves: each is trimmed once past its cap."""
+        owned = [(a.ref.agent_group, a.ref.session_id) for a in self._agents.values()]
+        if owned:
+            await asyncio.to_thread(self._cap_logs, owned)
+
+    def _cap_logs(self, owned: list[tuple[str, str]]) -> None:
+        for group, session_id in owned:
+            try:
+                self.logs.cap(group, session_id)
+            except OSError as exc:  # the log is a nicety: never the agent's end
+                logger.debug("session {}: its log not trimmed ({})", session_id, exc)
 
     def _signal(self, agent: _Agent, sig: int) -> None:
         try:

@@ -113,6 +113,10 @@ SESSION_QUERY = [
      "description": "page size (default: every row)"},
     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
                                                  "maximum": 1000000000, "default": 0}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"},
+     "description": "with [cluster]: the merged list of every shard, by session id, "
+                    "after this id (the previous page's X-Next-Cursor); each row then "
+                    "names its shard"},
 ]
 STATUS_QUERY = {"name": "status", "in": "query", "schema": {"type": "string", "enum": [
     "running", "idle", "paused", "stopped", "queued"]},

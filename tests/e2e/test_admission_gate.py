@@ -448,9 +448,14 @@ def test_docker_cap_of_two_with_six_sessions_and_a_sigkill(
             wait_for(lambda: len(replies(cfg)) >= len(mids), timeout=120, interval=0.1,
                      message="every message answered after the restart")
             # the claim-holder is still the one container it was: never stopped for room
+            # (its "agent started" record may be lost with the SIGKILL that came right
+            # after: then the restart's adoption is its only record, and no stop)
             hang = client.statuses(rows[0].id)
             assert not any("making room" in r for _, r in hang), hang
-            assert sum(1 for _, r in hang if r.startswith("agent started")) == 1, hang
+            ran = [i for i, (st, _) in enumerate(hang) if st == "running"]
+            assert ran, hang  # started, or (its record lost) adopted after the restart
+            assert not any(st == "stopped" for st, _ in hang[ran[0]:]), hang  # never since
+            assert sum(1 for _, r in hang if r.startswith("agent started")) <= 1, hang
         finally:
             assert second.end(signal.SIGTERM) == 0, second.text()
         peak = census.peak

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -87,11 +86,20 @@ def quick_start(configured: tuple[str, ...] | list[str], cmd: list[str],
 
 
 def own_rss() -> int:
-    """This process's peak resident size so far (bytes): what a child forked now
-    inherits as its own ``ru_maxrss`` floor (the kernel copies the parent's high-water
-    mark with the memory map and keeps it across ``exec``) — not its size now, which
-    may be far smaller after a large allocation was freed."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's memory map's high-water resident size (``VmHWM``, bytes; 0 if
+    /proc cannot say): what a child forked now inherits as the floor of its own
+    ``ru_maxrss`` (the kernel copies the mark with the map and keeps it across
+    ``exec``). Not the size now, which may be far smaller after a large allocation was
+    freed; and not our own ``ru_maxrss``, which also holds the mark *our* parent passed
+    us (a test runner's, say) and which no child of ours inherits."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _wait(agent: "_Agent") -> tuple[int | None, Usage | None]:

@@ -107,6 +107,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     script(DDL),  # 1: the tables as they were when versions began
     lambda c: add_column(c, "sessions", "queued_since", "TEXT"),  # 2: admission queue
     script(RUNS_DDL),  # 3: what each agent run used (issue 26.4)
+    # 4: a session's status log read by its id (the console's timeline, status) without
+    # a scan of every session's changes
+    script("CREATE INDEX IF NOT EXISTS idx_status_changes_session"
+           " ON status_changes(session_id, id);"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

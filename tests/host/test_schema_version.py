@@ -141,3 +141,15 @@ def test_a_newer_registry_is_refused_and_left_alone(tmp_path: Path) -> None:
     with pytest.raises(SchemaTooNew):
         Registry.reader(path)
     assert path.read_bytes() == before  # nothing migrated, nothing written
+
+
+def test_a_sessions_status_log_is_read_through_its_index(tmp_path: Path) -> None:
+    """Migration 4: the timeline of one session among many is an index search, not a
+    scan of every session's changes (the plan SQLite chooses says so)."""
+    reg = Registry(tmp_path / "orchestrator.db")
+    reg.close()
+    with sqlite3.connect(tmp_path / "orchestrator.db") as conn:
+        plan = " ".join(str(r[-1]) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT at, old, new, reason FROM status_changes"
+            " WHERE session_id=? ORDER BY id", ("s",)))
+    assert "USING INDEX idx_status_changes_session" in plan, plan

@@ -9,6 +9,7 @@ for containers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -58,6 +59,24 @@ class Usage:
 
     cpu_seconds: float | None = None  # user + system, the run's processes together
     peak_memory_bytes: int | None = None  # the high-water mark of its resident memory
+    # its own start to its end as the runtime saw them (Docker: State.StartedAt to the
+    # die event; Kubernetes: the container's startedAt to finishedAt); None: not known
+    wall_seconds: float | None = None
+
+
+def wall_between(started: str | None, finished: str | None) -> float | None:
+    """Seconds between two RFC 3339 timestamps (Docker's nanoseconds are cut to micro);
+    None when either is missing, unset (Docker's year 1) or unreadable, or the end is
+    before the start."""
+    try:
+        a = datetime.fromisoformat(started) if started else None
+        b = datetime.fromisoformat(finished) if finished else None
+    except ValueError:
+        return None
+    if a is None or b is None or a.year < 2 or b.year < 2 or a.tzinfo is None \
+            or b.tzinfo is None or b < a:
+        return None
+    return round((b - a).total_seconds(), 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +87,8 @@ class AgentExit:
     session_id: str
     exit_code: int | None
     reason: str
-    # what the run used (local: its own child's rusage; others: not yet); not part of
-    # the exit's identity
+    # what the run used (local: its child's rusage; docker: its cgroup, sampled;
+    # kubernetes: wall time only); not part of the exit's identity
     usage: Usage | None = field(default=None, compare=False)
 
 

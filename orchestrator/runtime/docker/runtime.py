@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -77,12 +78,22 @@ from orchestrator.runtime.docker.spec import (
     prepare_folder,
     session_mounts,
 )
+from orchestrator.runtime.docker.usage import UsageMeter
 from orchestrator.runtime.identity import AgentIds, group_folder
 
 
 def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
     """The group's effective [docker] settings, or the runtime's own without any."""
     return session.settings.docker if session.settings is not None else default
+
+
+def _event_time(event: dict) -> str | None:
+    """An event's time (``timeNano``) as RFC 3339, for a run's wall time."""
+    try:
+        ns = int(event["timeNano"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat()
 
 
 def _name(c: dict) -> str:
@@ -122,6 +133,7 @@ class _Tracked:
     kill_signal: str | None = None  # the signal of Docker's last ``kill`` event
     pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
     paused: bool = False  # docker pause (by us, or found paused when adopted)
+    finished: str | None = None  # State.FinishedAt, when a stop looked (its wall time)
 
     def move(self, to: Phase) -> bool:
         """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""
@@ -165,6 +177,8 @@ class DockerRuntime:
         self.on_available = on_available
         self.instance = config.instance
         self.exec = DockerExec(config.base_url)
+        # each running container's CPU and peak memory, read from its cgroup (usage.py)
+        self.usage = UsageMeter(self.exec)
         self._by_session: dict[str, _Tracked] = {}
         self._by_id: dict[str, _Tracked] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -208,25 +222,29 @@ class DockerRuntime:
     def _track(self, t: _Tracked) -> None:
         self._by_session[t.handle.session_id] = t
         self._by_id[t.container_id] = t
+        self.usage.watch(t.container_id)
 
     def _untrack(self, t: _Tracked) -> None:
         if self._by_session.get(t.handle.session_id) is t:
             del self._by_session[t.handle.session_id]
         if self._by_id.get(t.container_id) is t:
             del self._by_id[t.container_id]
+            self.usage.forget(t.container_id)
         lock = self._locks.get(t.handle.session_id)
         if lock is not None and not lock.locked():
             del self._locks[t.handle.session_id]
 
-    def _emit(self, t: _Tracked, exit_code: int | None, reason: str, *, remove: bool = True
-              ) -> None:
-        """Report the end of ``t`` once, then forget it and (in the background, unless
+    def _emit(self, t: _Tracked, exit_code: int | None, reason: str, *, remove: bool = True,
+              finished: str | None = None) -> None:
+        """Report the end of ``t`` once (with its usage: the meter's last reading; its
+        end ``finished``, default now), then forget it and (in the background, unless
         the caller does it) remove its container."""
         was = t.phase
         if not t.move(Phase.DONE):
             return
+        usage = self.usage.take(t.container_id, finished)
         self._untrack(t)
-        event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason)
+        event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason, usage)
         logger.info("agent {}/{} container {} ended: {} (exit code {})", event.agent_group,
                     event.session_id, t.name, reason, exit_code)
         if was is Phase.STARTING:
@@ -468,8 +486,10 @@ class DockerRuntime:
             t.move(Phase.STOPPING)
             if t.paused:  # a frozen agent cannot act on SIGTERM: thaw it first
                 await self._thaw(t)
+            await self.usage.sample([t.container_id])  # its last reading before the signal
             await self.exec.stop(t.container_id, grace)
             info = await self.exec.inspect(t.container_id)
+            t.finished = ((info or {}).get("State") or {}).get("FinishedAt")
             return ((info or {}).get("State") or {}).get("ExitCode")
 
         await self._end(session_id, end, "stopped")
@@ -479,6 +499,7 @@ class DockerRuntime:
             t.move(Phase.KILLING)
             if t.paused:
                 await self._thaw(t)
+            await self.usage.sample([t.container_id])
             await self.exec.kill(t.container_id)
             return await self.exec.wait(t.container_id, timeout=10)
 
@@ -496,7 +517,7 @@ class DockerRuntime:
                         self._emit(t, None, "vanished")
                     continue
                 code = await end(t)
-                self._emit(t, code, reason, remove=False)
+                self._emit(t, code, reason, remove=False, finished=t.finished)
                 await self._remove_owned(t.container_id)
 
     # -- recover --------------------------------------------------------------------
@@ -578,7 +599,8 @@ class DockerRuntime:
                 code = None
             # stop()/kill() remove the container themselves, after their own wait.
             self._emit(t, code, t.exit_reason(code),
-                       remove=t.phase not in (Phase.STOPPING, Phase.KILLING))
+                       remove=t.phase not in (Phase.STOPPING, Phase.KILLING),
+                       finished=_event_time(event))
         elif action == "destroy":
             self._emit(t, None, "vanished")
 
@@ -623,7 +645,8 @@ class DockerRuntime:
                     info = await self.exec.inspect(t.container_id) or {}
                     state = info.get("State") or {}
                     code = state.get("ExitCode")
-                    self._emit(t, code, t.exit_reason(code, oom=bool(state.get("OOMKilled"))))
+                    self._emit(t, code, t.exit_reason(code, oom=bool(state.get("OOMKilled"))),
+                               finished=state.get("FinishedAt"))
             for cid, c in by_id.items():
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
@@ -639,6 +662,7 @@ class DockerRuntime:
         """Stop following events and release the client; containers keep running."""
         self._closing = True
         await self._stop_events()
+        await self.usage.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -67,7 +67,7 @@ def make_runtime(cfg: Config, on_exit: Callable[[AgentExit], None],
 
         return KubernetesRuntime(cfg.kubernetes, cfg.data_dir, on_exit, on_available,
                                  uid_range=parse_range(cfg.runtime.uid_range),
-                                 stop_grace=cfg.runtime.stop_grace)
+                                 stop_grace=cfg.runtime.stop_grace, agent_logs=AgentLogs.of(cfg))
     if cfg.runtime.kind == "docker":
         from orchestrator.runtime.docker.runtime import DockerRuntime  # docker-py: on demand
 

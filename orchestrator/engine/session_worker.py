@@ -441,18 +441,21 @@ class SessionWorker:
         self.statuses.set(t, Status.STOPPED, reason, now)
 
     def _record_run(self, t: Tracked, ev: AgentExit, reason: str, now: datetime) -> None:
-        """What the run that just ended used (its runtime's ``Usage``, wall time from its
-        start or adoption) goes to the registry and the metrics. A record that cannot
-        be written (a full disk) is logged and dropped: it never holds up the exit."""
+        """What the run that just ended used (its runtime's ``Usage``; wall time the
+        runtime's own, else from its start or adoption) goes to the registry and the
+        metrics. A record that cannot be written (a full disk) is logged and dropped: it
+        never holds up the exit."""
         usage = ev.usage or Usage()
         try:
             self.registry.record_run(t.session_id, t.agent_group, t.started_at, now, reason,
-                                     usage.cpu_seconds, usage.peak_memory_bytes)
+                                     usage.cpu_seconds, usage.peak_memory_bytes,
+                                     wall_seconds=usage.wall_seconds)
         except (sqlite3.Error, OSError) as exc:
             logger.warning("session {}: its run's usage not recorded ({})", t.session_id, exc)
         self.notify("agent_run", {
             "session_id": t.session_id, "agent_group": t.agent_group, "reason": reason,
-            "wall_seconds": (now - t.started_at).total_seconds() if t.started_at else None,
+            "wall_seconds": usage.wall_seconds if usage.wall_seconds is not None else
+            (now - t.started_at).total_seconds() if t.started_at else None,
             "cpu_seconds": usage.cpu_seconds, "peak_memory_bytes": usage.peak_memory_bytes})
 
     async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:

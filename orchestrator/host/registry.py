@@ -547,8 +547,11 @@ class Registry:
 
     def record_run(self, session_id: str, agent_group_id: str, started_at: datetime | None,
                    ended_at: datetime, exit_reason: str, cpu_seconds: float | None,
-                   peak_memory_bytes: int | None) -> None:
-        wall = (ended_at - started_at).total_seconds() if started_at else None
+                   peak_memory_bytes: int | None, wall_seconds: float | None = None) -> None:
+        """``wall_seconds``: the runtime's own (a container's start to end), else from
+        ``started_at`` to ``ended_at``."""
+        wall = wall_seconds if wall_seconds is not None else (
+            (ended_at - started_at).total_seconds() if started_at else None)
         with self._tx() as c:
             c.execute("INSERT INTO agent_runs (session_id, agent_group_id, started_at,"
                       " ended_at, wall_seconds, cpu_seconds, peak_memory_bytes, exit_reason)"

@@ -215,8 +215,12 @@ class UsageMeter:
     def watch(self, cid: str) -> None:
         """Start metering a container (started or adopted); the loop runs while any is."""
         self._meters.setdefault(cid, _Meter(cid))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # bookkeeping outside a loop (a test of the event path)
+            return
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
 
     def forget(self, cid: str) -> None:
         self._meters.pop(cid, None)

@@ -262,6 +262,24 @@ class KubeCalls:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    async def log(self, name: str, *, container: str) -> AsyncIterator[bytes]:
+        """A Pod's container output, followed until the container ends (``pods/log``
+        get): one line at a time, as UTF-8 (bad bytes replaced). A container that never
+        ran (HTTP 400) or a Pod that is gone (404) yields nothing."""
+        self.calls += 1
+        try:
+            stream = self.client().log(name, namespace=self.namespace, container=container,
+                                       follow=True)
+            async for line in stream:
+                self.mark_available()
+                yield line.encode("utf-8", "replace")
+        except RuntimeUnavailable:
+            raise
+        except (httpx.HTTPError, OSError) as exc:
+            if status_code(exc) in (400, 404):
+                return
+            raise await self._failed("get", exc, f"{name}/log") from None
+
     async def ping(self, labels: dict[str, str], fields: dict[str, str]) -> None:
         """Raises ``RuntimeUnavailable`` unless our Pods can be listed (``/readyz``): a
         one-item page, with the verb the Role grants anyway (no namespace read)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.runtime.base import wall_between
 from orchestrator.runtime.kubernetes.spec import CONTAINER
 
 PENDING = "pending"
@@ -50,6 +51,8 @@ class PodView:
     exit_code: int | None = None
     reason: str = ""
     message: str = ""
+    # an ended container's own run: its startedAt to its finishedAt (None: not told)
+    wall_seconds: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -81,6 +84,15 @@ def _terminated(cs: dict[str, Any] | None) -> dict[str, Any] | None:
     return (cs.get("state") or {}).get("terminated")
 
 
+def _wall(term: dict[str, Any] | None) -> float | None:
+    """A terminated container's wall time, from the kubelet's startedAt/finishedAt."""
+    if term is None:
+        return None
+    started, finished = term.get("startedAt"), term.get("finishedAt")
+    return wall_between(started if isinstance(started, str) else None,
+                        finished if isinstance(finished, str) else None)
+
+
 def classify(pod: dict[str, Any]) -> PodView:
     """The state of one Pod of ours (see the module docstring)."""
     meta = pod.get("metadata") or {}
@@ -91,7 +103,8 @@ def classify(pod: dict[str, Any]) -> PodView:
     term = _terminated(cs)
     if status.get("reason") == "Evicted":
         code = term.get("exitCode") if term else None
-        return PodView(ENDED, code, "evicted", _one_line(status.get("message")))
+        return PodView(ENDED, code, "evicted", _one_line(status.get("message")),
+                       _wall(term))
     if term is not None:
         code = term.get("exitCode")
         if term.get("reason") == "OOMKilled":
@@ -100,7 +113,8 @@ def classify(pod: dict[str, Any]) -> PodView:
             reason = "vanished"
         else:
             reason = "exited"
-        return PodView(ENDED, code if isinstance(code, int) else None, reason)
+        return PodView(ENDED, code if isinstance(code, int) else None, reason,
+                       wall_seconds=_wall(term))
     waiting = ((cs or {}).get("state") or {}).get("waiting") or {}
     why = waiting.get("reason") or ""
     if why in PULL_REASONS:

@@ -37,15 +37,18 @@ from loguru import logger
 
 from orchestrator.config.model import KubernetesConfig
 from orchestrator.contract import layout
+from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.runtime.base import (
     AgentExit,
     AgentHandle,
     ExitCallback,
     RuntimeUnavailable,
     SessionRef,
+    Usage,
 )
 from orchestrator.runtime.identity import AgentIds
 from orchestrator.runtime.kubernetes.calls import Conflict, KubeCalls
+from orchestrator.runtime.kubernetes.logs import PodLogs
 from orchestrator.runtime.kubernetes.pods import (
     ENDED,
     RUNNING,
@@ -88,7 +91,8 @@ class KubernetesRuntime:
     def __init__(self, config: KubernetesConfig, data_dir: Path, on_exit: ExitCallback,
                  on_available: Callable[[], None] | None = None, *,
                  uid_range: tuple[int, int] | None = None, stop_grace: float = 10.0,
-                 node: str | None = None, first_version: str | None = None) -> None:
+                 node: str | None = None, first_version: str | None = None,
+                 agent_logs: AgentLogs | None = None) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
         self.on_exit = on_exit
@@ -98,6 +102,8 @@ class KubernetesRuntime:
         self.stop_grace = stop_grace
         self._ids = AgentIds(self.data_dir, config.user, uid_range)  # see runtime.identity
         self.calls = KubeCalls(config)
+        # each Pod's output, kept before it is deleted (``logs``)
+        self.logs = PodLogs(self.calls, agent_logs or AgentLogs(self.data_dir))
         self.selectors = pod_selectors(self.instance, self.node)
         self._book = Book()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -142,11 +148,14 @@ class KubernetesRuntime:
             return
         t.phase = Phase.DONE
         self._book.untrack(t)
-        event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason)
+        wall = t.view.wall_seconds  # the container's own start to finish (the kubelet's)
+        event = AgentExit(t.handle.agent_group, t.handle.session_id, exit_code, reason,
+                          None if wall is None else Usage(wall_seconds=wall))
         logger.info("agent {}/{} Pod {} ended: {} (exit code {})", event.agent_group,
                     event.session_id, t.name, reason, exit_code)
         if delete:  # first: it takes the session's lock before a restart can
-            self._background.spawn(self._delete_owned(t.handle.session_id, t.name, t.uid, grace=0))
+            self._background.spawn(self._delete_owned(t.handle.session_id, t.name, t.uid, grace=0,
+                                                      keep_log=True))
         if was is Phase.STARTING:
             t.pending_exit = event  # delivered after start() returned its handle
         else:
@@ -163,9 +172,11 @@ class KubernetesRuntime:
         return owned(pod, self.instance, self.node)
 
     async def _delete_owned(self, session_id: str, name: str, uid: str | None,
-                            grace: int) -> None:
+                            grace: int, *, keep_log: bool = False) -> None:
         """Delete Pod ``name`` if it is still the one we mean (our label, same uid),
-        under the session's lock so a restarted session's new Pod is never hit."""
+        under the session's lock so a restarted session's new Pod is never hit.
+        ``keep_log``: its output is kept first, unless a delete is under way already
+        (whoever started that kept it: one run, one file)."""
         async with self._lock(session_id):
             pod = await self.calls.get(name)
             if pod is None:
@@ -174,8 +185,12 @@ class KubernetesRuntime:
                 logger.error("refusing to delete Pod {}: it lacks label {}={} or is not on "
                              "node {}", name, LABEL_INSTANCE, self.instance, self.node)
                 return
-            if uid is not None and (pod.get("metadata") or {}).get("uid") != uid:
+            meta = pod.get("metadata") or {}
+            if uid is not None and meta.get("uid") != uid:
                 return  # a newer Pod of the session has the name now
+            ids = ids_of(meta)
+            if keep_log and ids is not None and not meta.get("deletionTimestamp"):
+                await self.logs.keep(ids[0], session_id, name)
             await self.calls.delete(name, grace)
 
     # -- start --------------------------------------------------------------------------
@@ -318,8 +333,8 @@ class KubernetesRuntime:
             if t is not None:
                 if t.phase is Phase.RUNNING:  # else a stop or kill under way keeps its reason
                     t.phase = phase
-                await self.calls.delete(t.name, grace)
-                await wait_deleted(t, self.calls, self.node, grace + GONE_SLACK)
+                await self.logs.around(t.handle.agent_group, session_id, t.name,
+                                       grace + GONE_SLACK, self._delete_tracked(t, grace))
                 self._emit(t, t.view.exit_code, exit_reason(
                     t.view, stopping=t.phase is Phase.STOPPING,
                     killing=t.phase is Phase.KILLING), delete=False)
@@ -328,10 +343,19 @@ class KubernetesRuntime:
                                                            session_id))
             for pod in pods:
                 meta = pod.get("metadata") or {}
-                if not self._owns(pod) or (ids_of(meta) or ("", ""))[1] != session_id:
+                ids = ids_of(meta)
+                if not self._owns(pod) or ids is None or ids[1] != session_id:
                     continue
-                await self.calls.delete(meta["name"], grace)
-                await until_gone(self.calls, self.node, meta["name"], grace + GONE_SLACK)
+                await self.logs.around(ids[0], session_id, meta["name"], grace + GONE_SLACK,
+                                       self._delete_named(meta["name"], grace))
+
+    async def _delete_tracked(self, t: TrackedPod, grace: int) -> None:
+        await self.calls.delete(t.name, grace)
+        await wait_deleted(t, self.calls, self.node, grace + GONE_SLACK)
+
+    async def _delete_named(self, name: str, grace: int) -> None:
+        await self.calls.delete(name, grace)
+        await until_gone(self.calls, self.node, name, grace + GONE_SLACK)
 
     # -- watch events, lists --------------------------------------------------------------
     def _on_event(self, kind: str, pod: dict[str, Any]) -> None:
@@ -390,7 +414,8 @@ class KubernetesRuntime:
                 elif view.state in (ENDED, START_FAILED):
                     logger.info("deleting finished Pod {} ({}, exit code {})", name,
                                 view.reason or view.message, view.exit_code)
-                    self._background.spawn(self._delete_owned(session_id, name, meta.get("uid"), 0))
+                    self._background.spawn(self._delete_owned(session_id, name, meta.get("uid"), 0,
+                                                              keep_log=view.state == ENDED))
             for t in list(self._book.by_name.values()):
                 if t.phase is not Phase.RUNNING:
                     continue

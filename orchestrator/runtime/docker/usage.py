@@ -276,7 +276,10 @@ class UsageMeter:
     async def _run(self) -> None:
         while self._meters:
             began = time.monotonic()
-            await self.sample()
+            try:
+                await self.sample()
+            except Exception:  # noqa: BLE001 - a reading's bug must not end the metering
+                logger.exception("usage round failed")
             self.rounds += 1
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
 

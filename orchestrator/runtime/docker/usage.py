@@ -240,9 +240,7 @@ class UsageMeter:
         does not answer skips the round; the last readings stand."""
         meters = [m for cid, m in list(self._meters.items()) if cids is None or cid in cids]
         try:
-            for m in meters:
-                if m.pid is None:
-                    await self._inspect(m)
+            await asyncio.gather(*(self._inspect(m) for m in meters if m.pid is None))
             located = [m for m in meters if not m.via_stats]
             for m, s in zip(located, await self.exec.offload(
                     lambda: _read_all(located, self.proc)), strict=True):

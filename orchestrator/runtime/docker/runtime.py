@@ -61,7 +61,7 @@ from orchestrator.runtime.base import (
     RuntimeUnavailable,
     SessionRef,
 )
-from orchestrator.runtime.docker.calls import Conflict, DockerExec
+from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
 from orchestrator.runtime.docker.spec import (
     ALIVE_STATES,
@@ -312,7 +312,9 @@ class DockerRuntime:
         ``[sessions] max_agent_log_bytes``) becomes its session's next run log
         (``agent_logs``) first — a container that exited 1 right at start included.
         Read and written in the docker pool, never on the loop; a failure is one line
-        and the removal goes on. A run that printed nothing leaves no file."""
+        and the removal goes on, but a daemon that went away (its outage said once)
+        raises: the container stays, and the reconcile after the daemon is back keeps
+        its output and removes it. A run that printed nothing leaves no file."""
         labels = (info.get("Config") or {}).get("Labels") or {}
         group, session_id = labels.get(LABEL_GROUP), labels.get(LABEL_SESSION)
         if not group or not session_id:
@@ -322,6 +324,8 @@ class DockerRuntime:
             if got is None or not (got[0] or got[1]):
                 return
             run = await self.exec.offload(lambda: self.logs.keep(group, session_id, *got))
+        except DaemonUnreachable:
+            raise  # (said once) no removal either: the reconcile once it is back keeps it
         except (RuntimeUnavailable, OSError, ValueError) as exc:
             logger.warning("agent {}/{}: output of container {} not kept: {}", group,
                            session_id, container_id[:12], exc)

@@ -3,7 +3,7 @@ runs an agent container that burns one CPU for 2 s and touches 200 MB before it
 becomes the reference agent and answers; it is stopped when idle, and the registry
 holds its run — CPU ≥ 1.5 s and peak ≥ 200 MB from the container's cgroup (read while
 it ran: ``runtime/docker/usage.py``), its wall time and exit reason — shown by
-``status`` as for a local agent."""
+``status`` and counted by the per-group metrics as for a local agent."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from orchestrator.contract.layout import registry_path
 from orchestrator.host import status
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import MessagingGroup
+from tests.e2e.test_run_usage import metric
+from tests.support.api_helpers import token_of
+from tests.support.docker_fixtures import in_thread
 from tests.support.e2e import replies_to, run, serving
 from tests.support.helpers import until
 
@@ -62,9 +65,14 @@ def test_cpu_and_peak_memory_of_a_docker_run_are_recorded(
             await until(lambda: replies_to(cfg, mid), 90, "the reply")
             usage = await until(lambda: sup.registry.run_usage().get(row.id), 30,
                                 "the run recorded (stopped when idle)")
-            return row.id, usage
+            url, token = service.api.url, token_of(cfg)
+            cpu = await in_thread(metric, url, token, "orchestrator_agent_cpu_seconds_total",
+                                  "other")  # a group the config does not name
+            peaks = await in_thread(metric, url, token,
+                                    "orchestrator_agent_peak_memory_bytes_count", "other")
+            return row.id, usage, cpu, peaks
 
-    sid, usage = run(body(), timeout=150)
+    sid, usage, cpu, peaks = run(body(), timeout=150)
     last = usage["last_run"]
     print(f"docker run usage: {last}")
     assert usage["runs"] == 1, usage
@@ -72,6 +80,7 @@ def test_cpu_and_peak_memory_of_a_docker_run_are_recorded(
     assert last["peak_memory_bytes"] >= 200 * MIB, last
     assert last["wall_seconds"] >= 2.0, last
     assert last["exit_reason"].startswith("stopped: idle"), last
+    assert cpu is not None and cpu >= 1.5 and peaks == 1  # the per-group metrics
     with Registry(registry_path(cfg.data_dir)) as registry:
         [shown] = [r for r in status.collect(cfg.data_dir, registry) if r.session_id == sid]
     assert shown.usage == usage

@@ -20,6 +20,7 @@ from orchestrator.runtime.docker.usage import (
     SAMPLE_INTERVAL,
     CgroupFiles,
     Sample,
+    UsageMeter,
     cpu_stat_seconds,
     locate,
     read_cgroup,
@@ -168,10 +169,15 @@ async def test_a_container_that_ends_by_itself_reports_its_cpu_and_peak(
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("source", ["cgroup", "stats"])
 async def test_a_stopped_container_reports_its_cpu_and_peak(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
-        instance: str) -> None:
+        instance: str, source: str) -> None:
+    """``stats``: the cgroup files not visible (no /proc where the meter looks, as for an
+    orchestrator in a container of its own): the stats API's readings instead."""
     rt, exits = heavy_runtime(tmp_path, instance, agent_image, "time.sleep(600)\n")
+    if source == "stats":
+        rt.usage = UsageMeter(rt.exec, proc=tmp_path / "no-proc")
     folder = make_session(tmp_path / "data", "g", "s2")
     try:
         await rt.start(SessionRef("g", "s2", folder))

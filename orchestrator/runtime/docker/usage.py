@@ -239,6 +239,8 @@ class UsageMeter:
         """One round now (all, or just ``cids``: before a stop or kill). A daemon that
         does not answer skips the round; the last readings stand."""
         meters = [m for cid, m in list(self._meters.items()) if cids is None or cid in cids]
+        if not meters:
+            return
         try:
             await asyncio.gather(*(self._inspect(m) for m in meters if m.pid is None))
             located = [m for m in meters if not m.via_stats]
@@ -272,14 +274,17 @@ class UsageMeter:
             m.add(s)
 
     async def _run(self) -> None:
+        """A round each ``interval``; the first one ``interval`` after a start, not
+        beside its ``docker start`` (a cold start is not slowed by an inspect)."""
+        began = time.monotonic()
         while self._meters:
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
             began = time.monotonic()
             try:
                 await self.sample()
             except Exception:  # noqa: BLE001 - a reading's bug must not end the metering
                 logger.exception("usage round failed")
             self.rounds += 1
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
 
     async def close(self) -> None:
         task, self._task = self._task, None

@@ -13,7 +13,6 @@ adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -189,6 +188,17 @@ class Agent:
             self.heartbeat()
         return True
 
+    def _needs_claim(self, message: decide.Inbound) -> bool:
+        """Whether answering takes long enough to say so with a claim first (contract
+        §6.3). An instant echo does not: its reply and ``completed`` ack are one
+        commit anyway, and a separate claim commit (4 fsyncs, ~3 ms) would only delay
+        the reply — and, coming ~2 ms before it, hold the host's batch open until the
+        reply's commit. Work, attachments to copy, --hang-on and --crash-on claim."""
+        options = self.options
+        return bool(options.work_seconds > 0 or message.attachments
+                    or (options.hang_on is not None and options.hang_on in message.text)
+                    or (options.crash_on is not None and options.crash_on in message.text))
+
     def handle(self, msg: Message) -> bool:
         """Process one message; False when the agent must stop (signal or --hang-on)."""
         session = self.session
@@ -197,14 +207,14 @@ class Agent:
             self.heartbeat()
             log(f"{msg.id} seq={msg.seq} context only -> completed")
             return True
-        session.claim(msg)
         try:
             message = decide.parse_content(msg.content)
         except decide.MalformedContent as exc:
-            out_id = session.reply(msg, json.loads(decide.error_content(str(exc))),
-                                   status="failed")
+            out_id = session.reply(msg, {"text": f"error: {exc}"}, status="failed")
             log(f"{msg.id} seq={msg.seq} -> {out_id} failed: {exc}")
             return True
+        if self._needs_claim(message):
+            session.claim(msg)
         if self.options.hang_on is not None and self.options.hang_on in message.text:
             log(f"{msg.id} seq={msg.seq} claimed; hanging (--hang-on)")
             self.stop.wait()  # no heartbeat since the claim: the host's claim rule applies
@@ -221,9 +231,8 @@ class Agent:
         try:
             files, refused = (copy_attachments(session.workspace, message.attachments, dest)
                               if dest is not None else ([], []))
-            content = json.loads(decide.reply_content(decide.reply_text(message.text),
-                                                      files, refused))
-            session.reply(msg, content, out_id=out_id)
+            session.reply(msg, decide.reply_body(decide.reply_text(message.text), files,
+                                                 refused), out_id=out_id)
         except BaseException:
             if dest is not None:
                 remove_tree(dest, ignore_errors=True)
@@ -243,8 +252,7 @@ class Agent:
             return self.handle(msg)
         except Exception as exc:  # noqa: BLE001 - one bad message must not kill the loop
             log(f"{msg.id} error: {exc!r}")
-            self.session.reply(msg, json.loads(decide.error_content(repr(exc))),
-                               status="failed")
+            self.session.reply(msg, {"text": f"error: {exc!r}"}, status="failed")
             return True
 
     # --- loop ---------------------------------------------------------------

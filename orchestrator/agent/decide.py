@@ -192,9 +192,9 @@ def reply_text(text: str) -> str:
     return f"echo: {text}"
 
 
-def reply_content(text: str, files: list[str] | None = None,
-                  refused: list[str] | None = None) -> str:
-    """The outbound ``content`` JSON: ``{"text": ..., "files": [...], "refused": [...]}``.
+def reply_body(text: str, files: list[str] | None = None,
+               refused: list[str] | None = None) -> dict[str, Any]:
+    """The outbound content as an object: ``{"text": ..., "files": [...], "refused": [...]}``.
 
     ``files`` (names inside ``outbox/<out_id>/``) and ``refused`` (attachments
     not copied, with the reason) are present only when non-empty.
@@ -204,9 +204,11 @@ def reply_content(text: str, files: list[str] | None = None,
         body["files"] = list(files)
     if refused:
         body["refused"] = list(refused)
-    return json.dumps(body, ensure_ascii=False)
+    return body
 
 
-def error_content(error: str) -> str:
-    """The reply to a message the agent could not understand."""
-    return json.dumps({"text": f"error: {error}"}, ensure_ascii=False)
+def reply_content(text: str, files: list[str] | None = None,
+                  refused: list[str] | None = None) -> str:
+    """``reply_body`` as the JSON text of the ``content`` column."""
+    return json.dumps(reply_body(text, files, refused), ensure_ascii=False)
+

@@ -13,8 +13,8 @@ adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 
 from __future__ import annotations
 
+import _signal  # the plain functions and ints, without ``signal``'s enums (see beat.py)
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -326,8 +326,8 @@ def _install_signal_handlers(stop: threading.Event, wake: Callable[[], None]) ->
         stop.set()
         wake()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
+    for signum in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None, early_signals: list[int] | None = None) -> int:

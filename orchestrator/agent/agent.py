@@ -13,7 +13,8 @@ adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 
 from __future__ import annotations
 
-import _signal  # the plain functions and ints, without ``signal``'s enums (see beat.py)
+# the plain functions and ints, without ``signal``'s enums (see beat.py)
+import _signal  # type: ignore[import-not-found]
 import os
 import sqlite3
 import sys

@@ -8,7 +8,8 @@ one whose start-up outlasts ``idle_after`` as idle, so the sooner the better.
 
 from __future__ import annotations
 
-import _signal  # not ``signal``: that one builds its enums (``enum``: ~3 ms of a start)
+# not ``signal``: that one builds its enums (``enum``: ~3 ms of a start)
+import _signal  # type: ignore[import-not-found]
 import os
 
 HEARTBEAT = ".heartbeat"

@@ -18,12 +18,20 @@ from __future__ import annotations
 _WHITESPACE = " \t\n\r"
 _CONSTANTS = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
 
+TYPE_CHECKING = False  # typing stays off the agent's cold start
+if TYPE_CHECKING:
+    from typing import Any
+
+_make_scanner: Any = None
+_make_encoder: Any = None
+_encode_str: Any = None
 try:
-    from _json import encode_basestring as _encode_str
-    from _json import make_encoder as _make_encoder
-    from _json import make_scanner as _make_scanner
+    import _json
+
+    _make_scanner, _make_encoder = _json.make_scanner, _json.make_encoder
+    _encode_str = _json.encode_basestring
 except ImportError:  # pragma: no cover - CPython always has _json
-    _make_scanner = _make_encoder = _encode_str = None
+    pass
 
 
 class _Context:

@@ -258,10 +258,11 @@ class Agent:
 
     # --- loop ---------------------------------------------------------------
 
-    def _wait_logged(self, timeout: float | None) -> list[Message]:
+    def _wait_logged(self, timeout: float | None, handled: bool = False) -> list[Message]:
         """wait_for_work(), but a DB that is locked or still being created is retried
         quietly: the same error is logged once, not on every look. The first time
-        nothing is due, the watch is set up (and said) before the wait."""
+        nothing is due, the watch is set up (and said) before the wait. ``handled``:
+        every row of the last look was answered (``SessionFolder.wait_for_work``)."""
         try:
             if not self._watching:
                 rows = self.session.pending()[0]
@@ -272,7 +273,7 @@ class Agent:
                 how = ("inotify" if self.session.watching
                        else f"polling every {self.options.poll_interval:g}s")
                 log(f"waking on {how}")
-            rows = self.session.wait_for_work(timeout)
+            rows = self.session.wait_for_work(timeout, handled=handled)
         except sqlite3.Error as exc:
             if str(exc) != self._last_error:
                 log(f"cannot read work yet: {exc}")
@@ -294,14 +295,17 @@ class Agent:
             threading.Thread(target=self._beat_while_idle, args=(self.options.idle_heartbeat,),
                              daemon=True, name="idle-heartbeat").start()
         last_work = time.monotonic()
+        handled = False
         try:
             while not self.stop.is_set():
                 timeout = None
                 if self.options.exit_when_idle is not None:
                     timeout = max(0.0, last_work + self.options.exit_when_idle - time.monotonic())
-                rows = self._wait_logged(timeout)
+                rows = self._wait_logged(timeout, handled)
+                handled = bool(rows)
                 for row in rows:
                     if self.stop.is_set() or not self._handle_safely(row):
+                        handled = False
                         break
                 if rows:
                     last_work = time.monotonic()

@@ -126,6 +126,7 @@ class SessionFolder:
         self.safety_poll = safety_poll
         self._watch: inotify.FolderWatch | None = None
         self._watch_tried = False
+        self._upcoming: datetime | None = None  # next process_after when work was last returned
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     @property
@@ -242,14 +243,27 @@ class SessionFolder:
 
     # --- waiting -------------------------------------------------------------------
 
-    def wait_for_work(self, timeout: float | None = None) -> list[Message]:
+    def wait_for_work(self, timeout: float | None = None, *,
+                      handled: bool = False) -> list[Message]:
         """The messages to handle now; blocks until there are some, ``timeout`` s
-        pass, or ``interrupt()`` is called (then an empty list)."""
+        pass, or ``interrupt()`` is called (then an empty list).
+
+        ``handled``: every message the previous call returned has been answered or
+        acked since. With the inotify watch the first look then waits for a change of
+        inbound.db instead of reading at once: a host commit since that call left its
+        event queued, so nothing is missed, and the read no longer runs beside the
+        host's delivery of the answers just written (it follows that delivery's own
+        commit). The next ``process_after`` of that call still bounds the wait."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        look = not (handled and self._watch is not None)
+        upcoming = self._upcoming
         while True:
-            due, upcoming = self.pending()
-            if due:
-                return due
+            if look:
+                due, upcoming = self.pending()
+                if due:
+                    self._upcoming = upcoming
+                    return due
+            look = True
             if self.wake != "poll" and not self._watch_tried:
                 self.start_watch()  # recover(watch=False): watch now, then look again
                 continue

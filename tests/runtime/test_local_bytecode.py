@@ -88,10 +88,13 @@ def test_an_agent_start_compiles_and_writes_nothing(tmp_path: Path, into_package
     assert files_under(root, data) == written  # the start wrote no byte code
 
     again = bytecode.prepare(package, data, own_uid_agents=True, into_package=into_package)
-    assert again == bytecode.Bytecode(got.root, 0, got.compiled)  # a restart: stats only
+    if into_package:
+        assert again == bytecode.Bytecode(None, 0, got.compiled)  # a restart: stats only
+    else:  # the copy's byte code is made afresh at each runtime start
+        assert again == bytecode.Bytecode(got.root, got.compiled, 0)
 
 
-def test_a_changed_source_is_copied_and_compiled_again(tmp_path: Path) -> None:
+def test_the_copy_follows_the_package_byte_for_byte(tmp_path: Path) -> None:
     root = fresh_copy(tmp_path)
     package = str(root / "orchestrator")
     first = bytecode.prepare(package, tmp_path, own_uid_agents=True, into_package=False)
@@ -99,11 +102,17 @@ def test_a_changed_source_is_copied_and_compiled_again(tmp_path: Path) -> None:
     beat = root / "orchestrator" / "agent" / "beat.py"
     beat.write_text(beat.read_text() + "\n# changed\n")
     (root / "orchestrator" / "agent" / "files.py").unlink()
-    again = bytecode.prepare(package, tmp_path, own_uid_agents=True, into_package=False)
-    assert again == bytecode.Bytecode(first.root, 1, first.compiled - 2)
     copy = Path(first.root) / "orchestrator" / "agent"
+    # an edit of the copy that keeps its size and mtime is undone too
+    decide = copy / "decide.py"
+    st = decide.stat()
+    decide.write_bytes(decide.read_bytes().replace(b"echo: ", b"evil: "))
+    os.utime(decide, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = bytecode.prepare(package, tmp_path, own_uid_agents=True, into_package=False)
+    assert again == bytecode.Bytecode(first.root, first.compiled - 1, 0)
     assert (copy / "beat.py").read_text().endswith("# changed\n")
     assert not (copy / "files.py").exists()  # gone from the package, gone from the copy
+    assert b"evil: " not in decide.read_bytes()
 
 
 def test_agents_of_another_uid_run_from_the_package(tmp_path: Path) -> None:

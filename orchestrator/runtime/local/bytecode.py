@@ -21,9 +21,11 @@ built (``prepare``), and starts every reference agent with
   cannot read a private folder: then a package without current byte code is said
   once, with the fix (``python -m compileall``).
 
-Files that are already current (a copy with its source's size and mtime, a
-``.pyc`` whose header holds them) are left alone, so a restart costs a few ``stat``
-calls per module.
+In the package, ``.pyc`` files that are already current (their header holds the
+source's mtime and size) are left alone, so a restart costs a ``stat`` per module.
+The data dir's copy is checked byte for byte against the package and compiled
+afresh at each start of the runtime (13 small files, ~25 ms): an agent of the
+host's uid could have edited it.
 """
 
 from __future__ import annotations
@@ -92,14 +94,15 @@ def is_current(source: str, pyc: str) -> bool:
             and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
 
 
-def compile_all(root: str, sources: list[str]) -> tuple[int, int]:
+def compile_all(root: str, sources: list[str], *, force: bool = False) -> tuple[int, int]:
     """(compiled, already current) for ``sources`` (relative to ``root``) into their
-    ``__pycache__``; OSError when one cannot be written."""
+    ``__pycache__``; OSError when one cannot be written. ``force``: compile even what
+    looks current (the data dir's copy: its byte code is never trusted across runs)."""
     compiled = current = 0
     for rel in sources:
         source = os.path.join(root, rel)
         pyc = importlib.util.cache_from_source(source)
-        if is_current(source, pyc):
+        if not force and is_current(source, pyc):
             current += 1
             continue
         try:
@@ -111,22 +114,24 @@ def compile_all(root: str, sources: list[str]) -> tuple[int, int]:
     return compiled, current
 
 
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+def _same_bytes(a: str, b: str) -> bool:
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except FileNotFoundError:
+        return False
 
 
 def mirror(parent: str, sources: list[str], dest: str) -> None:
     """Copy ``sources`` (relative to ``parent``) under ``dest`` where the copy is missing
-    or differs in size or mtime (copy2 keeps the mtime the byte code is checked
-    against); ``.py`` files there that are no longer sources are removed."""
+    or its bytes differ (copy2 keeps the mtime the byte code is checked against);
+    ``.py`` files there that are no longer sources are removed. Bytes, not size and
+    mtime: an agent of the host's uid could edit a copy and keep both."""
     wanted = set(sources)
     for rel in sources:
         src, dst = os.path.join(parent, rel), os.path.join(dest, rel)
-        try:
-            if _same_file(os.stat(src), os.stat(dst)):
-                continue
-        except FileNotFoundError:
-            pass
+        if _same_bytes(src, dst):
+            continue
         make_dirs(Path(dst).parent)
         tmp = dst + ".tmp"
         shutil.copy2(src, tmp)
@@ -167,7 +172,7 @@ def prepare(package_dir: str, data_dir: Path, own_uid_agents: bool, *,
     root = str(make_dirs(Path(data_dir) / CODE_DIR))
     try:
         mirror(parent, sources, root)
-        compiled, current = compile_all(root, sources)
+        compiled, current = compile_all(root, sources, force=True)
     except OSError as exc:
         logger.warning("the reference agent's byte code could not be written to {} ({}): "
                        "each start compiles its modules (~25 ms)", root, exc)

@@ -324,7 +324,10 @@ def test_a_process_forging_another_sessions_marker_is_never_adopted(tmp_path: Pa
             env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
         own_token = env[TOKEN.encode()].decode()
         other_token = StartRecords(runtime.data_dir).begin(group, "other")  # other's start...
-        for token in (own_token, "", other_token[:-1] + "0"):  # ...forged by ref's child
+        # ...forged by ref's child (the last forgery differs in its last digit: "0"
+        # when the real token ended in another one, else "1")
+        forged = other_token[:-1] + ("1" if other_token.endswith("0") else "0")
+        for token in (own_token, "", forged):
             procs.append(subprocess.Popen(sleep, stdin=subprocess.DEVNULL,
                                           start_new_session=True, env={
                 **os.environ, MARKER: marker(runtime.data_dir, group, "other"), TOKEN: token}))

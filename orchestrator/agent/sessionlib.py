@@ -47,14 +47,13 @@ NanoClaw's, polling once a second) keeps working: the host needs nothing more.
 from __future__ import annotations
 
 import os
-import select
 import sqlite3
 import time
 from collections import namedtuple
 
 from orchestrator.agent import beat, jsontext
 from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
-from orchestrator.contract import inotify, schema
+from orchestrator.contract import schema
 
 TYPE_CHECKING = False  # typing and dataclasses stay off the agent's cold start (~8 ms)
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any, Mapping
 
-    from orchestrator.contract import layout
+    from orchestrator.contract import inotify, layout
 
 # The contract's file names (``contract.layout``'s, checked equal by tests/agent): not
 # imported from there, because layout imports ``re`` and ``enum`` (~4 ms of a start).
@@ -164,8 +163,9 @@ class SessionFolder:
             raise SystemExit(f"refusing to use {outbox}: it is a symlink")
         self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
         _mkdir(outbox)
-        schema.init_outbound(self._outbound)
+        # schema.init_outbound's work and the clean-up in one connection and transaction
         with schema.opened(self._outbound) as conn, schema.transaction(conn):
+            schema.ensure_schema(conn, schema.OUTBOUND_TABLES, schema.OUTBOUND_EXTRA)
             dropped = conn.execute(
                 "DELETE FROM processing_ack WHERE status = 'processing'").rowcount
             written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
@@ -185,6 +185,8 @@ class SessionFolder:
         if self.wake == "poll" or self._watch_tried:
             return
         self._watch_tried = True
+        from orchestrator.contract import inotify  # with select and struct: after the reply
+
         self._watch = inotify.open_watch(self.root, _WAKE_NAMES)
         if self._watch is None and self.wake == "inotify":
             raise OSError(f"inotify is not available on {self.root}")
@@ -281,6 +283,8 @@ class SessionFolder:
         """Sleep until inbound.db changes (True), ``timeout`` s pass (False) or
         ``interrupt()`` (None). Without inotify it just sleeps (a poll). Events about
         other files of the folder (the agent's own writes) are read and slept through."""
+        import select  # a C module of its own: not on the way to a cold start's reply
+
         fds = [self._wake_r] + ([self._watch.fd] if self._watch is not None else [])
         deadline = time.monotonic() + max(0.0, timeout)
         while True:

@@ -214,7 +214,8 @@ class Agent:
             out_id = session.reply(msg, {"text": f"error: {exc}"}, status="failed")
             log(f"{msg.id} seq={msg.seq} -> {out_id} failed: {exc}")
             return True
-        if self._needs_claim(message):
+        claimed = self._needs_claim(message)
+        if claimed:
             session.claim(msg)
         if self.options.hang_on is not None and self.options.hang_on in message.text:
             log(f"{msg.id} seq={msg.seq} claimed; hanging (--hang-on)")
@@ -238,7 +239,8 @@ class Agent:
             if dest is not None:
                 remove_tree(dest, ignore_errors=True)
             raise
-        self.heartbeat()
+        if claimed:  # an instant echo touched .heartbeat just before its reply: a second
+            self.heartbeat()  # touch would only hold the host's watch batch open longer
         extra = f" files={len(files)}" + (f" refused={len(refused)}" if refused else "")
         log(f"{msg.id} seq={msg.seq} -> {out_id} completed{extra}")
         return True

@@ -13,6 +13,16 @@ real reference agent, local processes or Docker containers:
 - ``paused``  ``pause_idle_after`` froze the idle agent (docker pause / SIGSTOP);
               the message thaws it. A first message (not a sample) starts the
               agent, as for ``warm``: until then there is nothing to freeze.
+- ``cold-nopyc`` a ``cold`` run of an orchestrator started from a fresh copy of
+              the package (no ``__pycache__`` anywhere) under
+              ``PYTHONDONTWRITEBYTECODE=1``: an install where byte code is never
+              written. The local runtime compiles the agent's modules once, into
+              ``<data_dir>/agent-code/`` (``runtime.local.bytecode``); before that,
+              every agent start compiled them.
+- ``new``     a brand-new session's first reply: ``POST /v1/messages`` through the
+              API (a Unix socket) for a chat never seen before, timed from the
+              request's first byte → the reply's line; the session, its folder and
+              its agent (container created and started) are all made on the way.
 
 Agents: ``inotify`` (the reference agent as it now is), ``poll1s`` (the same
 agent told to poll every second, as NanoClaw's agents do) and ``poll100ms``
@@ -67,13 +77,21 @@ class RTParams:
     docker_cold: int
     docker_paused: int
     agent_idle_seconds: float
+    docker_new: int = 3
     timeout: float = 30.0
 
 
 RT_QUICK = RTParams(warm=10, cold=4, paused=5, docker_warm=6, docker_cold=3, docker_paused=5,
-                    agent_idle_seconds=3.0)
+                    agent_idle_seconds=3.0, docker_new=3)
 RT_FULL = RTParams(warm=60, cold=15, paused=20, docker_warm=30, docker_cold=10,
-                   docker_paused=20, agent_idle_seconds=30.0)
+                   docker_paused=20, agent_idle_seconds=30.0, docker_new=10)
+LIFECYCLES = {
+    "warm": {"idle_after": 30.0, "stop_idle_after": 600.0},
+    "cold": {"idle_after": 0.3, "stop_idle_after": 0.0},
+    "cold-nopyc": {"idle_after": 0.3, "stop_idle_after": 0.0},
+    "paused": {"idle_after": 0.2, "pause_idle_after": 0.1, "stop_idle_after": 600.0},
+    "new": {"idle_after": 0.3, "stop_idle_after": 0.0},
+}
 
 
 def compile_package() -> bool:
@@ -82,6 +100,73 @@ def compile_package() -> bool:
     import orchestrator
 
     return bool(compileall.compile_dir(os.path.dirname(orchestrator.__file__), quiet=1))
+
+
+def fresh_package(dest: Path) -> Path:
+    """A copy of the ``orchestrator`` package under ``dest`` without any byte code (a
+    fresh checkout); returns ``dest``, the folder to put first on PYTHONPATH."""
+    import shutil
+
+    import orchestrator
+
+    shutil.copytree(os.path.dirname(orchestrator.__file__), dest / "orchestrator",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+class FreshOrchestrator(proc.Orchestrator):
+    """``bench.host`` importing the orchestrator from ``package_root`` (``-P``: not from
+    the bench's own checkout) with ``PYTHONDONTWRITEBYTECODE=1``."""
+
+    package_root: Path | None = None
+
+    def start(self) -> None:
+        import subprocess
+
+        assert self.package_root is not None
+        argv = proc.py("-P", "-m", "bench.host", "--config", str(self.config),
+                       "--ready-file", str(self.ready_file))
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONPATH": os.pathsep.join([str(self.package_root), str(proc.REPO)])}
+        self.t_spawn = time.time()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, cwd=proc.REPO, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=env)
+        proc._children.append(self.proc)
+        self.ps = psutil.Process(self.proc.pid)
+
+
+class ApiClient:
+    """``POST /v1/messages`` over the orchestrator's Unix socket (http.client)."""
+
+    def __init__(self, sock: Path, token_file: Path) -> None:
+        self.sock = sock
+        self.token_file = token_file
+
+    def post_message(self, body: dict, timeout: float) -> dict:
+        import http.client
+        import socket
+
+        class Conn(http.client.HTTPConnection):
+            def connect(conn) -> None:  # noqa: N805 - http.client's own signature
+                conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.sock.settimeout(timeout)
+                conn.sock.connect(str(self.sock))
+
+        token = self.token_file.read_text().strip()
+        conn = Conn("localhost", timeout=timeout)
+        try:
+            conn.request("POST", "/v1/messages", body=json.dumps(body),
+                         headers={"Authorization": f"Bearer {token}",
+                                  "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 201:
+                raise RuntimeError(f"POST /v1/messages: {resp.status} {data[:200]!r}")
+            return json.loads(data)
+        finally:
+            conn.close()
 
 
 def docker_image() -> str:
@@ -155,7 +240,7 @@ class RoundTrips:
     # --- one orchestrator with one session ---------------------------------------------
 
     def _config(self, data: Path, runtime: str, agent: str, mode: str, lifecycle: dict,
-                instance: str) -> dict:
+                instance: str, kind: str = "warm") -> dict:
         args = AGENTS[agent]
         cfg = {
             "data_dir": str(data),
@@ -166,8 +251,9 @@ class RoundTrips:
             "delivery": {"channel": "jsonl", "path": "delivered.jsonl"},
             "log": {"level": "INFO"},
             # no API, as in the other runs (bench/fixture.py): its default port is shared
-            # by every orchestrator on the host, and a second bench there failed to start
-            "api": {"listen": ""},
+            # by every orchestrator on the host, and a second bench there failed to start;
+            # a brand-new session's run needs it: a Unix socket of its own
+            "api": {"listen": f"unix:{data / 'api.sock'}" if kind == "new" else ""},
         }
         if runtime == "docker":
             cfg["docker"] = {"image": docker_image(), "instance": instance, "network": "none",
@@ -176,25 +262,25 @@ class RoundTrips:
         return cfg
 
     def measure(self, *, runtime: str, agent: str, mode: str, kind: str, samples: int) -> dict:
-        """``kind``: warm | cold | paused (see the module docstring)."""
+        """``kind``: warm | cold | cold-nopyc | paused | new (see the module docstring)."""
         self._n += 1
         run_dir = self.bench.tmp / f"rt{self._n:02d}-{runtime}-{kind}-{agent}-{mode}"
         data = run_dir / "data"
         data.mkdir(parents=True)
-        lifecycle = {
-            "warm": {"idle_after": 30.0, "stop_idle_after": 600.0},
-            "cold": {"idle_after": 0.3, "stop_idle_after": 0.0},
-            "paused": {"idle_after": 0.2, "pause_idle_after": 0.1, "stop_idle_after": 600.0},
-        }[kind]
+        lifecycle = LIFECYCLES[kind]
         instance = f"bench{os.getpid()}x{self._n}"
         config = run_dir / "config.toml"
-        cfg = self._config(data, runtime, agent, mode, lifecycle, instance)
+        cfg = self._config(data, runtime, agent, mode, lifecycle, instance, kind)
         config.write_text(tomli_w.dumps(cfg))
         registry = Registry(registry_path(data))
         sessions = Sessions(data, registry, 1 << 20)
         row = sessions.resolve(GROUP, MessagingGroup("bench", "chat-1"), None, "shared")
         routing = sessions.routing_of(row)
         orch = proc.Orchestrator(run_dir, config)
+        if kind == "cold-nopyc":
+            orch = FreshOrchestrator(run_dir, config)
+            orch.package_root = fresh_package(run_dir / "fresh")
+        api = ApiClient(data / "api.sock", data / "api-token")
         watch = ReplyWatch(data / "delivered.jsonl")
         lat: list[float] = []
         missed = 0
@@ -209,12 +295,31 @@ class RoundTrips:
                 t1 = watch.wait(mid, self.p.timeout)
                 return None if t1 is None else 1000.0 * (t1 - t0)
 
+            chats = iter(range(2, 1 << 30))
+            last: list[str] = []  # the newest session's id
+
+            def post_new() -> float | None:
+                """A chat never seen: a new session, folder and agent on the way."""
+                t0 = time.time()
+                got = api.post_message({"agent_group": GROUP, "channel": "bench",
+                                        "platform_id": f"chat-{next(chats)}",
+                                        "content": {"text": "ping"}}, self.p.timeout)
+                last[:] = [got["session_id"]]
+                t1 = watch.wait(got["message_id"], self.p.timeout)
+                return None if t1 is None else 1000.0 * (t1 - t0)
+
             if kind in ("warm", "paused"):  # the first message starts the agent; not a
                 if send() is None:  # sample (a paused one must have run to be frozen)
                     raise RuntimeError("no reply to the warm-up message; log:\n"
                                        + orch.log_tail(10))
+            if kind == "new":  # the API's first answer costs imports: not a sample
+                if post_new() is None:
+                    raise RuntimeError("no reply to the first new session; log:\n"
+                                       + orch.log_tail(10))
             for _ in range(samples):
-                if kind == "cold":
+                if kind == "new":  # the one before is gone: no stop runs beside the start
+                    _wait(lambda: _status(registry, last[0])[0] == "stopped", 20)
+                elif kind in ("cold", "cold-nopyc"):
                     _wait(lambda: _status(registry, row.id)[0] == "stopped", 20)
                     # the exit is reported before the process is reaped: give that
                     # time, as a user's pause would
@@ -223,7 +328,7 @@ class RoundTrips:
                     _wait(lambda: _status(registry, row.id)[1].startswith("paused"), 20)
                 else:
                     time.sleep(random.uniform(0.05, 0.15))
-                ms = send()
+                ms = post_new() if kind == "new" else send()
                 if ms is None:
                     missed += 1
                 else:
@@ -294,6 +399,8 @@ class RoundTrips:
                 ("warm", "poll100ms", "events", 0 if quick else p.warm),
                 ("warm", "inotify", "poll", p.warm // 3 if quick else p.warm // 2),
                 ("cold", "inotify", "events", p.cold),
+                ("cold-nopyc", "inotify", "events", p.cold),
+                ("new", "inotify", "events", 0 if quick else p.cold),
                 ("cold", "poll1s", "events", 0 if quick else p.cold),
                 ("paused", "inotify", "events", p.paused)]
         self._run_plan("local", plan, out["local"])
@@ -303,7 +410,8 @@ class RoundTrips:
         plan = [("warm", "inotify", "events", p.docker_warm),
                 ("warm", "poll1s", "events", 0 if quick else p.docker_warm // 2),
                 ("cold", "inotify", "events", p.docker_cold),
-                ("paused", "inotify", "events", p.docker_paused)]
+                ("paused", "inotify", "events", p.docker_paused),
+                ("new", "inotify", "events", p.docker_new)]
         self._run_plan("docker", plan, out["docker"])
         return out
 

@@ -13,9 +13,9 @@ adds the CLI and the echo (docs/contract.md §2, invariants 1-4).
 
 from __future__ import annotations
 
-import json
+# the plain functions and ints, without ``signal``'s enums (see beat.py)
+import _signal  # type: ignore[import-not-found]
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -189,6 +189,17 @@ class Agent:
             self.heartbeat()
         return True
 
+    def _needs_claim(self, message: decide.Inbound) -> bool:
+        """Whether answering takes long enough to say so with a claim first (contract
+        §6.3). An instant echo does not: its reply and ``completed`` ack are one
+        commit anyway, and a separate claim commit (4 fsyncs, ~3 ms) would only delay
+        the reply — and, coming ~2 ms before it, hold the host's batch open until the
+        reply's commit. Work, attachments to copy, --hang-on and --crash-on claim."""
+        options = self.options
+        return bool(options.work_seconds > 0 or message.attachments
+                    or (options.hang_on is not None and options.hang_on in message.text)
+                    or (options.crash_on is not None and options.crash_on in message.text))
+
     def handle(self, msg: Message) -> bool:
         """Process one message; False when the agent must stop (signal or --hang-on)."""
         session = self.session
@@ -197,14 +208,15 @@ class Agent:
             self.heartbeat()
             log(f"{msg.id} seq={msg.seq} context only -> completed")
             return True
-        session.claim(msg)
         try:
             message = decide.parse_content(msg.content)
         except decide.MalformedContent as exc:
-            out_id = session.reply(msg, json.loads(decide.error_content(str(exc))),
-                                   status="failed")
+            out_id = session.reply(msg, {"text": f"error: {exc}"}, status="failed")
             log(f"{msg.id} seq={msg.seq} -> {out_id} failed: {exc}")
             return True
+        claimed = self._needs_claim(message)
+        if claimed:
+            session.claim(msg)
         if self.options.hang_on is not None and self.options.hang_on in message.text:
             log(f"{msg.id} seq={msg.seq} claimed; hanging (--hang-on)")
             self.stop.wait()  # no heartbeat since the claim: the host's claim rule applies
@@ -221,14 +233,14 @@ class Agent:
         try:
             files, refused = (copy_attachments(session.workspace, message.attachments, dest)
                               if dest is not None else ([], []))
-            content = json.loads(decide.reply_content(decide.reply_text(message.text),
-                                                      files, refused))
-            session.reply(msg, content, out_id=out_id)
+            session.reply(msg, decide.reply_body(decide.reply_text(message.text), files,
+                                                 refused), out_id=out_id)
         except BaseException:
             if dest is not None:
                 remove_tree(dest, ignore_errors=True)
             raise
-        self.heartbeat()
+        if claimed:  # an instant echo touched .heartbeat just before its reply: a second
+            self.heartbeat()  # touch would only hold the host's watch batch open longer
         extra = f" files={len(files)}" + (f" refused={len(refused)}" if refused else "")
         log(f"{msg.id} seq={msg.seq} -> {out_id} completed{extra}")
         return True
@@ -243,16 +255,16 @@ class Agent:
             return self.handle(msg)
         except Exception as exc:  # noqa: BLE001 - one bad message must not kill the loop
             log(f"{msg.id} error: {exc!r}")
-            self.session.reply(msg, json.loads(decide.error_content(repr(exc))),
-                               status="failed")
+            self.session.reply(msg, {"text": f"error: {exc!r}"}, status="failed")
             return True
 
     # --- loop ---------------------------------------------------------------
 
-    def _wait_logged(self, timeout: float | None) -> list[Message]:
+    def _wait_logged(self, timeout: float | None, handled: bool = False) -> list[Message]:
         """wait_for_work(), but a DB that is locked or still being created is retried
         quietly: the same error is logged once, not on every look. The first time
-        nothing is due, the watch is set up (and said) before the wait."""
+        nothing is due, the watch is set up (and said) before the wait. ``handled``:
+        every row of the last look was answered (``SessionFolder.wait_for_work``)."""
         try:
             if not self._watching:
                 rows = self.session.pending()[0]
@@ -263,7 +275,7 @@ class Agent:
                 how = ("inotify" if self.session.watching
                        else f"polling every {self.options.poll_interval:g}s")
                 log(f"waking on {how}")
-            rows = self.session.wait_for_work(timeout)
+            rows = self.session.wait_for_work(timeout, handled=handled)
         except sqlite3.Error as exc:
             if str(exc) != self._last_error:
                 log(f"cannot read work yet: {exc}")
@@ -285,14 +297,17 @@ class Agent:
             threading.Thread(target=self._beat_while_idle, args=(self.options.idle_heartbeat,),
                              daemon=True, name="idle-heartbeat").start()
         last_work = time.monotonic()
+        handled = False
         try:
             while not self.stop.is_set():
                 timeout = None
                 if self.options.exit_when_idle is not None:
                     timeout = max(0.0, last_work + self.options.exit_when_idle - time.monotonic())
-                rows = self._wait_logged(timeout)
+                rows = self._wait_logged(timeout, handled)
+                handled = bool(rows)
                 for row in rows:
                     if self.stop.is_set() or not self._handle_safely(row):
+                        handled = False
                         break
                 if rows:
                     last_work = time.monotonic()
@@ -318,8 +333,8 @@ def _install_signal_handlers(stop: threading.Event, wake: Callable[[], None]) ->
         stop.set()
         wake()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
+    for signum in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None, early_signals: list[int] | None = None) -> int:

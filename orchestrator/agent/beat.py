@@ -8,8 +8,9 @@ one whose start-up outlasts ``idle_after`` as idle, so the sooner the better.
 
 from __future__ import annotations
 
+# not ``signal``: that one builds its enums (``enum``: ~3 ms of a start)
+import _signal  # type: ignore[import-not-found]
 import os
-import signal
 
 HEARTBEAT = ".heartbeat"
 
@@ -58,6 +59,6 @@ def hold_signals() -> list[int]:
     stops politely if one came): without this, a stop sent right after the early
     heartbeat would kill the agent by the default action instead."""
     held: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda n, _frame: held.append(n))
+    for signum in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(signum, lambda n, _frame: held.append(n))
     return held

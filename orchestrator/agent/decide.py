@@ -8,11 +8,11 @@ sleeps. Stdlib-only: this runs inside a container that has nothing but python3.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import namedtuple
 
-from orchestrator.contract import layout, schema
+from orchestrator.agent import jsontext
+from orchestrator.contract import schema
 
 TYPE_CHECKING = False  # no typing / dataclasses at run time: they are ~8 ms of a cold start
 if TYPE_CHECKING:
@@ -109,8 +109,8 @@ def next_odd_seq(*maxima: int | None) -> int:
 
 def new_out_id() -> str:
     """A fresh outbound message id; it names ``outbox/<id>/`` so it must be a safe id."""
-    return layout.validate_id("out-" + os.urandom(16).hex(), "message id")  # uuid4().hex's shape,
-    # without importing uuid (and platform) at every agent start
+    return "out-" + os.urandom(16).hex()  # uuid4().hex's shape, without importing uuid
+    # (and platform) at every agent start; a safe id (layout.validate_id: test_agent)
 
 
 # --- what the message says --------------------------------------------------
@@ -154,7 +154,7 @@ def parse_content(raw: object) -> Inbound:
     if not isinstance(raw, (str, bytes)):
         raise MalformedContent(f"content is {type(raw).__name__}, not JSON text")
     try:
-        data = json.loads(raw)
+        data = jsontext.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedContent(f"content is not JSON: {exc}") from None
     if isinstance(data, str):
@@ -192,9 +192,9 @@ def reply_text(text: str) -> str:
     return f"echo: {text}"
 
 
-def reply_content(text: str, files: list[str] | None = None,
-                  refused: list[str] | None = None) -> str:
-    """The outbound ``content`` JSON: ``{"text": ..., "files": [...], "refused": [...]}``.
+def reply_body(text: str, files: list[str] | None = None,
+               refused: list[str] | None = None) -> dict[str, Any]:
+    """The outbound content as an object: ``{"text": ..., "files": [...], "refused": [...]}``.
 
     ``files`` (names inside ``outbox/<out_id>/``) and ``refused`` (attachments
     not copied, with the reason) are present only when non-empty.
@@ -204,9 +204,11 @@ def reply_content(text: str, files: list[str] | None = None,
         body["files"] = list(files)
     if refused:
         body["refused"] = list(refused)
-    return json.dumps(body, ensure_ascii=False)
+    return body
 
 
-def error_content(error: str) -> str:
-    """The reply to a message the agent could not understand."""
-    return json.dumps({"text": f"error: {error}"}, ensure_ascii=False)
+def reply_content(text: str, files: list[str] | None = None,
+                  refused: list[str] | None = None) -> str:
+    """``reply_body`` as the JSON text of the ``content`` column."""
+    return jsontext.dumps(reply_body(text, files, refused))
+

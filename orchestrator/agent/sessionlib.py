@@ -46,16 +46,14 @@ NanoClaw's, polling once a second) keeps working: the host needs nothing more.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import sqlite3
 import time
 from collections import namedtuple
 
-from orchestrator.agent import beat
+from orchestrator.agent import beat, jsontext
 from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
-from orchestrator.contract import inotify, layout, schema
+from orchestrator.contract import schema
 
 TYPE_CHECKING = False  # typing and dataclasses stay off the agent's cold start (~8 ms)
 if TYPE_CHECKING:
@@ -63,8 +61,18 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any, Mapping
 
+    from orchestrator.contract import inotify, layout
+
+# The contract's file names (``contract.layout``'s, checked equal by tests/agent): not
+# imported from there, because layout imports ``re`` and ``enum`` (~4 ms of a start).
+INBOUND_DB = "inbound.db"
+OUTBOUND_DB = "outbound.db"
+OUTBOX = "outbox"
+HEARTBEAT = beat.HEARTBEAT
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@+-")
+
 _IN_CHUNK = 500  # bound parameters per IN (...) query, well under SQLite's limit
-_WAKE_NAMES = frozenset({layout.INBOUND_DB, layout.INBOUND_DB + "-journal"})
+_WAKE_NAMES = frozenset({INBOUND_DB, INBOUND_DB + "-journal"})
 WAKE_MODES = ("auto", "inotify", "poll")
 
 
@@ -86,7 +94,7 @@ class Message(namedtuple("Message", "id seq kind trigger process_after platform_
     def body(self) -> dict:
         """``content`` parsed: a JSON object as a dict, a JSON string as {"text": ...};
         ValueError for anything else (answer it with ``reply(..., status="failed")``)."""
-        data = json.loads(self.content)
+        data = jsontext.loads(self.content)
         if isinstance(data, str):
             return {"text": data}
         if not isinstance(data, dict):
@@ -109,14 +117,15 @@ class SessionFolder:
         # the resolved workspace as a string: the agent's own path work is os.path,
         # because pathlib (with urllib.parse and ipaddress) is ~4 ms of a cold start
         self.root = os.path.realpath(os.fspath(workspace))
-        self._outbound = os.path.join(self.root, layout.OUTBOUND_DB)
-        self._inbound = os.path.join(self.root, layout.INBOUND_DB)
-        self._outbox = os.path.join(self.root, layout.OUTBOX)
+        self._outbound = os.path.join(self.root, OUTBOUND_DB)
+        self._inbound = os.path.join(self.root, INBOUND_DB)
+        self._outbox = os.path.join(self.root, OUTBOX)
         self.wake = wake
         self.poll_interval = poll_interval
         self.safety_poll = safety_poll
         self._watch: inotify.FolderWatch | None = None
         self._watch_tried = False
+        self._upcoming: datetime | None = None  # next process_after when work was last returned
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     @property
@@ -129,6 +138,8 @@ class SessionFolder:
     @property
     def paths(self) -> layout.SessionPaths:
         """The contract's file names in the folder, as Paths."""
+        from orchestrator.contract import layout
+
         return layout.SessionPaths(self.workspace)
 
     # --- set-up and recovery ------------------------------------------------------
@@ -152,8 +163,9 @@ class SessionFolder:
             raise SystemExit(f"refusing to use {outbox}: it is a symlink")
         self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
         _mkdir(outbox)
-        schema.init_outbound(self._outbound)
+        # schema.init_outbound's work and the clean-up in one connection and transaction
         with schema.opened(self._outbound) as conn, schema.transaction(conn):
+            schema.ensure_schema(conn, schema.OUTBOUND_TABLES, schema.OUTBOUND_EXTRA)
             dropped = conn.execute(
                 "DELETE FROM processing_ack WHERE status = 'processing'").rowcount
             written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
@@ -173,6 +185,8 @@ class SessionFolder:
         if self.wake == "poll" or self._watch_tried:
             return
         self._watch_tried = True
+        from orchestrator.contract import inotify  # with select and struct: after the reply
+
         self._watch = inotify.open_watch(self.root, _WAKE_NAMES)
         if self._watch is None and self.wake == "inotify":
             raise OSError(f"inotify is not available on {self.root}")
@@ -195,7 +209,7 @@ class SessionFolder:
 
     def heartbeat(self) -> None:
         """Create ``.heartbeat`` if missing and bump its mtime, never through a symlink."""
-        beat.touch(os.path.join(self.root, layout.HEARTBEAT))
+        beat.touch(os.path.join(self.root, HEARTBEAT))
 
     # --- reading -------------------------------------------------------------------
 
@@ -231,14 +245,27 @@ class SessionFolder:
 
     # --- waiting -------------------------------------------------------------------
 
-    def wait_for_work(self, timeout: float | None = None) -> list[Message]:
+    def wait_for_work(self, timeout: float | None = None, *,
+                      handled: bool = False) -> list[Message]:
         """The messages to handle now; blocks until there are some, ``timeout`` s
-        pass, or ``interrupt()`` is called (then an empty list)."""
+        pass, or ``interrupt()`` is called (then an empty list).
+
+        ``handled``: every message the previous call returned has been answered or
+        acked since. With the inotify watch the first look then waits for a change of
+        inbound.db instead of reading at once: a host commit since that call left its
+        event queued, so nothing is missed, and the read no longer runs beside the
+        host's delivery of the answers just written (it follows that delivery's own
+        commit). The next ``process_after`` of that call still bounds the wait."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        look = not (handled and self._watch is not None)
+        upcoming = self._upcoming
         while True:
-            due, upcoming = self.pending()
-            if due:
-                return due
+            if look:
+                due, upcoming = self.pending()
+                if due:
+                    self._upcoming = upcoming
+                    return due
+            look = True
             if self.wake != "poll" and not self._watch_tried:
                 self.start_watch()  # recover(watch=False): watch now, then look again
                 continue
@@ -256,6 +283,8 @@ class SessionFolder:
         """Sleep until inbound.db changes (True), ``timeout`` s pass (False) or
         ``interrupt()`` (None). Without inotify it just sleeps (a poll). Events about
         other files of the folder (the agent's own writes) are read and slept through."""
+        import select  # a C module of its own: not on the way to a cold start's reply
+
         fds = [self._wake_r] + ([self._watch.fd] if self._watch is not None else [])
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
@@ -307,7 +336,7 @@ class SessionFolder:
 
     def outbox_dir(self, out_id: str) -> Path:
         """``outbox/<out_id>/``: where a reply's files go before its row is written."""
-        return self.paths.outbox_dir(layout.validate_id(out_id, "message id"))
+        return self.paths.outbox_dir(safe_id(out_id))
 
     def reply(self, msg: Message, content: str | Mapping[str, Any], *,
               files: Mapping[str, bytes] | None = None, status: str = "completed",
@@ -318,7 +347,7 @@ class SessionFolder:
         already placed there by the caller (pass ``out_id``) are listed by the caller."""
         out_id = out_id or new_out_id()
         body: dict[str, Any] = {"text": content} if isinstance(content, str) else dict(content)
-        dest = os.path.join(self._outbox, layout.validate_id(out_id, "message id"))
+        dest = os.path.join(self._outbox, safe_id(out_id))
         try:
             if files:
                 _mkdir(dest)
@@ -330,7 +359,7 @@ class SessionFolder:
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(data)
                 body["files"] = list(body.get("files") or []) + list(files)
-            self._write_reply(msg, out_id, json.dumps(body, ensure_ascii=False), status)
+            self._write_reply(msg, out_id, jsontext.dumps(body), status)
         except BaseException:
             remove_tree(dest, ignore_errors=True)
             raise
@@ -349,6 +378,18 @@ class SessionFolder:
                  msg.thread_id, content))
             self._set_ack(conn, msg.id, status)
         return seq
+
+
+def safe_id(value: str) -> str:
+    """``value`` if ``layout.validate_id`` accepts it as a message id: the agent's own
+    ``out-<hex>`` ids are checked without ``re``; anything else (an ``out_id`` a
+    caller chose) goes to ``layout.validate_id``, which raises ``InvalidId``."""
+    if (isinstance(value, str) and 0 < len(value) <= 128 and value[0].isascii()
+            and value[0].isalnum() and ".." not in value and _ID_CHARS.issuperset(value)):
+        return value
+    from orchestrator.contract import layout
+
+    return layout.validate_id(value, "message id")
 
 
 def _mkdir(path: str) -> None:

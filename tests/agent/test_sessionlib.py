@@ -299,3 +299,23 @@ def test_the_early_heartbeat_touches_only_a_real_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "target").exists()
     assert (tmp_path / "elsewhere" / ".heartbeat").is_file()
     assert not (tmp_path / "elsewhere" / ".heartbeat").is_symlink()
+
+
+def test_handled_waits_for_a_change_and_misses_nothing(tmp_path: Path) -> None:
+    """``wait_for_work(handled=True)``: after answering, the agent waits for the next
+    commit instead of reading at once; a commit made while it answered is found at
+    once (its event was queued), and a message due later still bounds the wait."""
+    folder = make_folder(tmp_path)
+    insert(folder, "m2")
+    insert(folder, "m4", process_after=schema.after(1.5))
+    with SessionFolder(folder, wake="inotify", poll_interval=600, safety_poll=600) as session:
+        assert [m.id for m in session.wait_for_work(30)] == ["m2"]
+        insert(folder, "m6")  # arrives while m2 is answered
+        session.reply(session.pending()[0][0], "done")
+        t0 = time.monotonic()
+        assert [m.id for m in session.wait_for_work(30, handled=True)] == ["m6"]
+        assert time.monotonic() - t0 < 1  # the queued event, not a poll
+        session.reply(session.pending()[0][0], "done")
+        got = session.wait_for_work(30, handled=True)  # nothing new: m4's time ends the wait
+        assert [m.id for m in got] == ["m4"]
+        assert time.monotonic() - t0 < 5  # long before the 600 s safety poll

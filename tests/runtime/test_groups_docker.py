@@ -15,7 +15,7 @@ from orchestrator.config import groups
 from orchestrator.config.load import load_config
 from orchestrator.runtime.base import AgentExit, SessionRef
 from orchestrator.runtime.docker.runtime import DockerRuntime
-from orchestrator.runtime.docker.spec import LABEL_SETTINGS
+from orchestrator.runtime.docker.spec import LABEL_SETTINGS, quick_command
 from tests.support.docker_fixtures import in_thread, insert_message, make_session
 from tests.support.helpers import query, until
 
@@ -82,7 +82,10 @@ def test_two_groups_side_by_side_with_their_own_image_env_and_limits(
     a, b = info["alpha"], info["beta"]
     assert a["State"]["Running"] and b["State"]["Running"]  # side by side
     assert (a["Config"]["Image"], b["Config"]["Image"]) == (agent_image, second_tag)
-    assert a["Config"]["Cmd"] == AGENT and b["Config"]["Cmd"] == AGENT + ["--work-seconds", "0.1"]
+    # the reference agent, started the quick way the image's label allows (quick_command)
+    labels = {g: (i["Config"].get("Labels") or {}) for g, i in info.items()}
+    assert a["Config"]["Cmd"] == quick_command(AGENT, labels["alpha"])
+    assert b["Config"]["Cmd"] == quick_command(AGENT + ["--work-seconds", "0.1"], labels["beta"])
     env = {g: dict(e.split("=", 1) for e in i["Config"]["Env"]) for g, i in info.items()}
     assert (env["alpha"]["ROLE"], env["beta"]["ROLE"]) == ("alpha", "beta")
     assert env["beta"]["TOKEN"] == SECRET and "TOKEN" not in env["alpha"]

@@ -190,8 +190,11 @@ async def test_reference_agent_starts_without_site_and_ignores_its_folder(
     insert_message(ref.folder, "m2", "hello")
 
     handle = await runtime.start(ref)
+    # it runs from the package, or from the data dir's compiled copy (bytecode.prepare)
+    code = runtime.bytecode.root if runtime.bytecode and runtime.bytecode.root else PACKAGE_ROOT
+    fast = [PY, "-S", "-P", os.path.join(code, "orchestrator", "agent", "__main__.py")]
     with open(f"/proc/{handle.ident}/cmdline", "rb") as fh:
-        assert fh.read().split(b"\0")[:4] == [os.fsencode(part) for part in FAST]
+        assert fh.read().split(b"\0")[:4] == [os.fsencode(part) for part in fast]
     await until(lambda: query(ref.folder / OUTBOUND_DB,
                               "SELECT 1 FROM messages_out WHERE in_reply_to = 'm2'"), 20, "reply")
     assert not (ref.folder / "planted-ran").exists()
@@ -321,7 +324,10 @@ def test_a_process_forging_another_sessions_marker_is_never_adopted(tmp_path: Pa
             env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
         own_token = env[TOKEN.encode()].decode()
         other_token = StartRecords(runtime.data_dir).begin(group, "other")  # other's start...
-        for token in (own_token, "", other_token[:-1] + "0"):  # ...forged by ref's child
+        # ...forged by ref's child (the last forgery differs in its last digit: "0"
+        # when the real token ended in another one, else "1")
+        forged = other_token[:-1] + ("1" if other_token.endswith("0") else "0")
+        for token in (own_token, "", forged):
             procs.append(subprocess.Popen(sleep, stdin=subprocess.DEVNULL,
                                           start_new_session=True, env={
                 **os.environ, MARKER: marker(runtime.data_dir, group, "other"), TOKEN: token}))

@@ -352,8 +352,9 @@ class DockerRuntime:
                 logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
             self._starting.add(session.session_id)
             try:
-                await self.exec.require_image(config.image)
-                created = await self._create(session, user, mounts)
+                image = await self.exec.require_image(config.image)
+                created = await self._create(session, user, mounts,
+                                             (image or {}).get("Config", {}).get("Labels"))
                 if isinstance(created, AgentHandle):
                     return created
                 return await self._start_created(session, created, container_name(
@@ -365,8 +366,8 @@ class DockerRuntime:
         """(docker --user, uid, gid): ``identity.AgentIds.user_of``."""
         return self._ids.user_of(session_id)
 
-    async def _create(self, session: SessionRef, user: str,
-                      mounts: list[Mount]) -> str | AgentHandle:
+    async def _create(self, session: SessionRef, user: str, mounts: list[Mount],
+                      image_labels: dict[str, str] | None = None) -> str | AgentHandle:
         """``docker create``; the new container's id, or the handle of a live container
         of ours that already had the name (adopted). The group's settings, its secret
         files read now (``SecretUnreadable`` is an OSError)."""
@@ -375,7 +376,7 @@ class DockerRuntime:
         if session.egress is not None:  # the gateway's token and CA: never a key
             env.update(session.egress.env)
             mounts = mounts + egress_mounts(session)
-        spec = container_spec(config, session, user, env)
+        spec = container_spec(config, session, user, env, image_labels)
         host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
             session.agent_group, bool(config.group_folder)))
         if session.egress is not None and session.egress.network:

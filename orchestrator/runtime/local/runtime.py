@@ -33,6 +33,8 @@ from orchestrator.runtime.base import (
     SessionRef,
     Usage,
 )
+from orchestrator.runtime.local.bytecode import Bytecode
+from orchestrator.runtime.local.bytecode import prepare as prepare_bytecode
 from orchestrator.runtime.local.procs import (
     MARKER,
     TOKEN,
@@ -57,7 +59,8 @@ def read_pid_file(path: Path) -> tuple[int, str] | None:
 REFERENCE_AGENT = ("{python}", "-m", "orchestrator.agent")
 # where ``orchestrator`` is importable from: the folder holding the package
 PACKAGE_ROOT = str(Path(os.path.abspath(__file__)).parents[3])
-AGENT_MAIN = os.path.join(PACKAGE_ROOT, "orchestrator", "agent", "__main__.py")
+AGENT_MAIN_REL = os.path.join("orchestrator", "agent", "__main__.py")
+AGENT_MAIN = os.path.join(PACKAGE_ROOT, AGENT_MAIN_REL)
 
 
 def build_command(cfg: RuntimeConfig, folder: Path) -> list[str]:
@@ -66,7 +69,8 @@ def build_command(cfg: RuntimeConfig, folder: Path) -> list[str]:
 
 
 def quick_start(configured: tuple[str, ...] | list[str], cmd: list[str],
-                env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+                env: dict[str, str], bytecode: Bytecode | None = None
+                ) -> tuple[list[str], dict[str, str]]:
     """The command and environment that start the reference agent quickly.
 
     ``{python} -m orchestrator.agent ARGS`` becomes ``{python} -S -P
@@ -77,12 +81,18 @@ def quick_start(configured: tuple[str, ...] | list[str], cmd: list[str],
     agent has no use for. ``-P`` keeps the session folder (the agent's cwd, which the
     agent writes) off ``sys.path``, so nothing there can stand in for the agent's own
     modules. Any other command is left alone, and so is a group's PYTHONPATH (after ours).
+    ``bytecode``: where the host compiled the agent's modules (``bytecode.prepare``: the
+    package, or a copy in the data dir); the agent runs from there and never writes
+    byte code itself.
     """
     if tuple(configured[:3]) != REFERENCE_AGENT:
         return cmd, env
     path = env.get("PYTHONPATH")
-    return ([cmd[0], "-S", "-P", AGENT_MAIN, *cmd[3:]],
-            {**env, "PYTHONPATH": PACKAGE_ROOT + (os.pathsep + path if path else "")})
+    root = bytecode.root if bytecode is not None and bytecode.root else PACKAGE_ROOT
+    main = os.path.join(root, AGENT_MAIN_REL)
+    return ([cmd[0], "-S", "-P", main, *cmd[3:]],
+            {**env, **(bytecode.env() if bytecode is not None else {}),
+             "PYTHONPATH": root + (os.pathsep + path if path else "")})
 
 
 def own_rss() -> int:
@@ -157,6 +167,21 @@ class LocalRuntime:
         self._agents: dict[str, _Agent] = {}
         self._uids = open_uids(Path(data_dir), uid_range)  # root and a range: one per session
         self._records = StartRecords(data_dir)
+        # the reference agent's modules compiled now, not at each of its starts
+        self.bytecode: Bytecode | None = None
+        self._bytecode_tried = False
+        if tuple(cfg.command[:3]) == REFERENCE_AGENT:
+            self._agent_bytecode()
+
+    def _agent_bytecode(self) -> Bytecode | None:
+        """``bytecode.prepare``'s result, prepared once: when the runtime is built if its
+        command is the reference agent, else at the first start of a group's that is."""
+        if not self._bytecode_tried:
+            self._bytecode_tried = True
+            self.bytecode = prepare_bytecode(os.path.join(PACKAGE_ROOT, "orchestrator"),
+                                             Path(self.data_dir),
+                                             own_uid_agents=self._uids is None)
+        return self.bytecode
 
     # --- bookkeeping ------------------------------------------------------------
 
@@ -250,7 +275,8 @@ class LocalRuntime:
         workspace = Path(".") if uid is not None else session.folder
         cmd, env = quick_start(runtime_cfg.command, build_command(runtime_cfg, workspace),
                                {**os.environ, **(read_env(settings) if settings else {}),
-                                **dict(session.egress.env if session.egress else ())})
+                                **dict(session.egress.env if session.egress else ())},
+                               self._agent_bytecode())
         env[MARKER] = marker(self.data_dir, session.agent_group, session.session_id)
         env[TOKEN] = self._records.begin(session.agent_group, session.session_id)
         _run, log_fd = self.logs.begin(session.agent_group, session.session_id)

@@ -131,6 +131,10 @@ def make_peers(cfg: Config, token: str | None) -> Peers | None:
     if cluster.discovery == "kubernetes":
         from orchestrator.runtime.kubernetes.members import KubeMembers, node_name
 
+        if cluster.shard_ids == "pod" and not shard:
+            raise ApiConfigError("[cluster] shard_ids = 'pod' needs this Pod's name as [cluster] "
+                                 "shard: set ORCHESTRATOR_CLUSTER__SHARD from the Downward API "
+                                 "(fieldRef metadata.name)")
         shard = shard or node_name(cfg.kubernetes)
         membership = KubeMembers(cfg.kubernetes, cluster)
     else:

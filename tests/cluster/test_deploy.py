@@ -41,15 +41,12 @@ import yaml
 from loguru import logger
 
 from orchestrator.config.load import load_config
-from orchestrator.runtime.docker.image import ImageBuildError
-from orchestrator.runtime.docker.server_image import LOCAL_BASE, build_server_image
 from tests.support.api_helpers import Receiver, free_port
-from tests.support.docker_fixtures import in_thread, unavailable
+from tests.support.docker_fixtures import in_thread
 from tests.support.helpers import REPO, until
 from tests.support.kube import Cluster
 
 MANIFESTS = REPO / "deploy" / "kubernetes"
-IMAGE = "orchestrator:latest"
 SA = "orchestrator"
 DATA_ROOT = Path("/var/lib/orchestrator-test")  # a folder per test under it, removed after
 LABEL_INSTANCE = "orchestrator.instance"
@@ -269,15 +266,6 @@ def test_the_service_account_may_do_exactly_the_listed_verbs(
 # --- the DaemonSet end to end ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def orchestrator_image() -> str:
-    try:
-        build_server_image(IMAGE, base=LOCAL_BASE)
-    except ImageBuildError as exc:
-        unavailable(f"cannot build {IMAGE}: {exc}")
-    return IMAGE
-
-
 def daemonset_ready(cluster: Cluster, namespace: str) -> bool:
     ds = cluster.get("daemonset", "orchestrator", namespace) or {}
     status = ds.get("status") or {}
@@ -316,7 +304,7 @@ async def test_the_daemonset_from_the_manifests_answers_a_message_end_to_end(
     receiver = await Receiver(hook_secret).start()
     started = time.monotonic()
     try:
-        for tag in (orchestrator_image, agent_image):
+        for tag in (orchestrator_image, agent_image):  # orchestrator_image: conftest.py
             await in_thread(kube_cluster.import_image, tag)
         t_import = time.monotonic() - started
         # the README's command, with this test's values

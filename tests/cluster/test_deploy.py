@@ -148,7 +148,8 @@ def test_the_daemonset_runs_the_orchestrator_on_each_nodes_data_dir() -> None:
 
 
 def overlay(docs: list[dict[str, Any]], *, namespace: str, data_dir: Path, port: int,
-            instance: str, agent_image: str, hook: str) -> list[dict[str, Any]]:
+            instance: str, agent_image: str, hook: str,
+            server_image: str = "orchestrator:latest") -> list[dict[str, Any]]:
     """The manifests for this test (see the module doc for each change and why)."""
     out: list[dict[str, Any]] = []
     for doc in copy.deepcopy(docs):
@@ -170,6 +171,7 @@ def overlay(docs: list[dict[str, Any]], *, namespace: str, data_dir: Path, port:
             spec = doc["spec"]["template"]["spec"]
             spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
             (container,) = spec["containers"]
+            container["image"] = server_image  # the tag conftest.py built
             container["imagePullPolicy"] = "Never"
             container["env"] += [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
                                  {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]
@@ -314,7 +316,7 @@ async def test_the_daemonset_from_the_manifests_answers_a_message_end_to_end(
         applied = time.monotonic()
         apply(kube_cluster, overlay(manifests(), namespace=ns, data_dir=data_dir, port=port,
                                     instance=instance, agent_image=agent_image,
-                                    hook=receiver.url))
+                                    hook=receiver.url, server_image=orchestrator_image))
         await until(lambda: in_thread(daemonset_ready, kube_cluster, ns), 120,
                     "the orchestrator DaemonSet ready (/readyz)")
         t_ready = time.monotonic() - applied

@@ -164,7 +164,8 @@ async def test_two_shards_on_one_node_answer_each_others_chats(
                              f"--from-literal=api-token={token}",
                              f"--from-literal=webhook-secret={hook_secret}")
         docs = overlay(manifests(), namespace=ns, data_dir=root / "unused", port=ports["orch-a"],
-                       instance="unused", agent_image=agent_image, hook=receiver.url)
+                       instance="unused", agent_image=agent_image, hook=receiver.url,
+                       server_image=orchestrator_image)
         config_map = one(docs, "ConfigMap")
         config_map["data"]["config.toml"] = cluster_config(config_map["data"]["config.toml"])
         daemonset = one(docs, "DaemonSet")

@@ -204,11 +204,11 @@ async def test_two_shards_on_one_node_answer_each_others_chats(
                 sid = got["session_id"]
                 assert sid in await in_thread(pods_of, kube_cluster, ns, owner)
                 assert (data[owner] / "sessions" / GROUP / sid).is_dir()
-                assert not any(data[s].glob(f"sessions/*/{sid}") for s in SHARDS if s != owner)
+                assert not [f for s in SHARDS if s != owner for f in data[s].glob(f"sessions/*/{sid}")]
                 for s in SHARDS:  # the same session through either shard
                     r = await api.get(f"{url[s]}/v1/sessions/{sid}")
                     assert r.status_code == 200, r.text
-                    assert r.json()["id"] == sid
+                    assert r.json()["session_id"] == sid
                     if s != owner:
                         assert r.headers.get("x-orchestrator-shard") == owner
             t_replies = time.monotonic() - sent

@@ -109,6 +109,12 @@ class Peers:
         last_ok, last_fail = self._seen.get(ident, [None, None])
         return is_down(last_ok, last_fail)
 
+    def failed_last(self, ident: str) -> bool:
+        """Whether the last contact with ``ident`` failed (a member never contacted yet
+        has not failed: it is tried)."""
+        last_ok, last_fail = self._seen.get(ident, [None, None])
+        return last_fail is not None and is_down(last_ok, last_fail)
+
     def down(self) -> set[str]:
         return {m.id for m in self.others() if self.is_down(m.id)}
 

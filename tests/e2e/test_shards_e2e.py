@@ -7,11 +7,12 @@ Idempotency-Keys):
 
 1. three shards a, b, c: messages 1–2 of every conversation; the sessions spread
    within ±20 % of even;
-2. message 3 of every conversation, all shards up (the latency to compare with);
-3. shard c SIGKILLed: message 4 of every conversation — the ones c may hold get
-   ``503`` + ``Retry-After`` naming c, every other one is written (its p99 within
-   20 % of phase 2's, plus 250 ms of slack for a shared machine); c restarted, the
-   refused ones are retried with the same keys and written;
+2. message 3 of every conversation, all shards up: first a and b's conversations,
+   POSTed to a or b (the latency to compare with), then c's;
+3. shard c SIGKILLed: message 4 of every conversation — a and b's, POSTed to a or b
+   as before, are all written, their p99 within 20 % of phase 2's (plus a 30 ms
+   floor); c's get ``503`` + ``Retry-After`` naming c; c restarted, the refused ones
+   are retried with the same keys and written;
 4. a fourth shard d added (a, b, c restarted one by one with the new member list);
 5. shard b SIGKILLed: message 5 of every conversation — exactly b's conversations are
    refused, those among them that now rank d first included (b holds them: they
@@ -156,29 +157,42 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
             assert abs(n - N / 3) <= tolerance * N / 3, spread
 
         # --- phase 2: message 3 with every shard up (the latency to compare with) -----
-        steady = sender.round([(i, 3) for i in range(N)], up)
+        # The latency rounds carry the same load on a and b with and without c: the
+        # chats a and b hold, POSTed to a or b. (A round of every chat would not: with c
+        # dead its third answer 503 at once, so the same eight senders press a and b
+        # harder than with c up, taking a third of the requests — a load shift the
+        # kill does not cause in a service whose clients keep their own pace.)
+        kept = [i for i in range(N) if owner[i] != "c"]
+        on_c = [i for i in range(N) if owner[i] == "c"]
+        steady = sender.round([(i, 3) for i in kept], ["a", "b"])
+        steady.update(sender.round([(i, 3) for i in on_c], up))
         assert Counter(r[0] for r in steady.values()) == {201: N}
-        baseline = p99([r[3] for (i, _), r in steady.items() if owner[i] != "c"])
+        baseline = p99([steady[(i, 3)][3] for i in kept])
 
         # --- phase 3: c killed: message 4 ---------------------------------------------
         shards.kill("c")
         up.remove("c")
         wait_for(lambda: all(_down_seen(shards, n, "c") for n in up), timeout=10,
                  message="a and b see c down")
-        second = sender.round([(i, 4) for i in range(N)], up)
+        second = sender.round([(i, 4) for i in kept], up)
+        others = list(second.values())
+        second.update(sender.round([(i, 4) for i in on_c], up))
         refused = sorted(i for (i, _), r in second.items() if r[0] == 503)
         for i in refused:
             status, data, headers, _ = second[(i, 4)]
             assert headers.get("retry-after") == "1", headers
             assert data["shard"] == "c" and "shard c" in data["error"], data
-        assert set(refused) == {i for i, o in owner.items() if o == "c"}
-        others = [r for (i, _), r in second.items() if owner[i] != "c"]
+        assert refused == on_c
         assert all(r[0] == 201 for r in others)
         during = p99([r[3] for r in others])
-        # others unaffected: within 20 %, plus 250 ms of slack: on the shared 2-core CI
-        # machine (load 5-9 from other jobs) two rounds of the same requests differ by
-        # that much either way (measured: 552/539, 608/290, 257/404 ms steady/killed)
-        assert during <= 1.2 * baseline + 0.25, (during, baseline)
+        medians = [statistics.median(steady[(i, 3)][3] for i in kept),
+                   statistics.median(r[3] for r in others)]
+        # others unaffected: their p99 within 20 % of the round before the kill (the
+        # same requests, one message later). Nothing of theirs waits on c (their holder
+        # is known, cached or asked of live shards only; a known-down shard is never
+        # dialled, see api.shard_router.forward); 30 ms of floor is the scheduling noise
+        # of a shared 2-core machine at a p99 near 100 ms.
+        assert during <= 1.2 * baseline + 0.03, (during, baseline, medians)
         shards.start("c")
         shards.wait_up("c")
         up.append("c")
@@ -255,7 +269,8 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
                     2 * N, baseline, during, len(refused), reader.reconnects, new_on_d,
                     len(fresh))
         print(f"\nN={N} phase1={took:.1f}s p99_steady={baseline * 1000:.0f}ms "
-              f"p99_during_kill={during * 1000:.0f}ms refused={len(refused)} "
+              f"p99_during_kill={during * 1000:.0f}ms p50s={medians[0] * 1000:.0f}/"
+              f"{medians[1] * 1000:.0f}ms refused={len(refused)} "
               f"spread={dict(spread)} new_on_d={new_on_d}/{len(fresh)} "
               f"stream_reconnects={reader.reconnects}")
     finally:

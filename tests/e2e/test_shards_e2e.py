@@ -13,7 +13,8 @@ Idempotency-Keys):
    as before, are all written, their p99 within 20 % of phase 2's (plus a 30 ms
    floor); c's get ``503`` + ``Retry-After`` naming c; c restarted, the refused ones
    are retried with the same keys and written;
-4. a fourth shard d added (a, b, c restarted one by one with the new member list);
+4. a fourth shard d added: a restarted with the new member list, b and c reload it
+   on SIGHUP (no restart);
 5. shard b SIGKILLed: message 5 of every conversation — exactly b's conversations are
    refused, those among them that now rank d first included (b holds them: they
    are never placed on d); b restarted, the refused ones retried; then new
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import statistics
 import threading
 import time
@@ -207,12 +209,18 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         shards.start("d")
         shards.wait_up("d")
         up.append("d")
-        for name in ("a", "b", "c"):  # one by one: the others keep serving
-            up.remove(name)
-            shards.stop(name)
-            shards.start(name)
-            shards.wait_up(name)
-            up.append(name)
+        # a restarted with the new list; b and c reload it on SIGHUP, serving on
+        up.remove("a")
+        shards.stop("a")
+        shards.start("a")
+        shards.wait_up("a")
+        up.append("a")
+        for name in ("b", "c"):
+            shards.procs[name].proc.send_signal(signal.SIGHUP)
+            wait_for(lambda n=name: "SIGHUP: cluster members now a=" in shards.procs[n].text(),
+                     timeout=10, message=f"{name} reloaded the members")
+        wait_for(lambda: not any(_down_seen(shards, n, "d") for n in ("a", "b", "c")),
+                 timeout=10, message="every shard reaches d")
         # --- phase 5: b killed with d a member: message 5 ----------------------------
         # conversations b holds that now rank d first must still wait for b, never
         # be placed on d

@@ -10,9 +10,11 @@ Idempotency-Keys):
 2. message 3 of every conversation, all shards up: first a and b's conversations,
    POSTed to a or b (the latency to compare with), then c's;
 3. shard c SIGKILLed: message 4 of every conversation — a and b's, POSTed to a or b
-   as before, are all written, their p99 within 20 % of phase 2's (plus a 30 ms
-   floor); c's get ``503`` + ``Retry-After`` naming c; c restarted, the refused ones
-   are retried with the same keys and written;
+   as before, are all written, with nothing asked of c's address (a listener there
+   that never answers, as a vanished node); c's get ``503`` + ``Retry-After`` naming
+   c; c restarted, the refused ones are retried with the same keys and written, and
+   message 6 of a and b's chats POSTed as in phase 2: the p99 during the kill within
+   20 % of the worse of the two rounds without it (plus a 30 ms floor);
 4. a fourth shard d added: a restarted with the new member list, b and c reload it
    on SIGHUP (no restart);
 5. shard b SIGKILLed: message 5 of every conversation — exactly b's conversations are
@@ -21,7 +23,7 @@ Idempotency-Keys):
    conversations, some of which land on d.
 
 Then, from the shards' own files: every conversation in exactly one session on one
-shard, 5 messages each, none lost, none twice. An event stream read from shard a
+shard, 5 messages each (6 for a and b's), none lost, none twice. An event stream read from shard a
 (resumed with its composite cursor through every restart, from any live shard) has
 seen every event of every shard's ``events.db``.
 """
@@ -197,14 +199,6 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         assert refused == on_c
         assert all(r[0] == 201 for r in others)
         during = p99([r[3] for r in others])
-        medians = [statistics.median(steady[(i, 3)][3] for i in kept),
-                   statistics.median(r[3] for r in others)]
-        # others unaffected: their p99 within 20 % of the round before the kill (the
-        # same requests, one message later). Nothing of theirs waits on c (checked
-        # above: their holder is cached or asked of live shards only, and a known-down
-        # shard is never dialled, api.shard_router.forward); 30 ms of floor for the
-        # scheduling noise of a shared 2-core machine.
-        assert during <= 1.2 * baseline + 0.03, (during, baseline, medians)
         shards.start("c")
         shards.wait_up("c")
         up.append("c")
@@ -213,6 +207,23 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         retried = sender.round([(i, 4) for i in refused], up)
         assert all(r[0] == 201 for r in retried.values()), Counter(
             r[0] for r in retried.values())
+        # the same round once more with c back (message 6 of a and b's chats): the
+        # rounds without the kill before and after it bracket the one during it in
+        # time, so the shared machine's drift (other jobs starting and stopping) is
+        # in the comparison's baseline rather than blamed on the kill
+        after = sender.round([(i, 6) for i in kept], ["a", "b"])
+        assert Counter(r[0] for r in after.values()) == {201: len(kept)}
+        p99s = [baseline, during, p99([r[3] for r in after.values()])]
+        baseline = max(p99s[0], p99s[2])
+        medians = [statistics.median(steady[(i, 3)][3] for i in kept),
+                   statistics.median(r[3] for r in others),
+                   statistics.median(r[3] for r in after.values())]
+        # others unaffected: their p99 within 20 % of the rounds without the kill.
+        # Nothing of theirs waits on c (checked above: their holder is cached or asked
+        # of live shards only, and a known-down shard is never dialled,
+        # api.shard_router.forward); 30 ms of floor for the scheduling noise of a
+        # shared 2-core machine.
+        assert during <= 1.2 * baseline + 0.03, (during, baseline, medians)
 
         # --- phase 4: a fourth shard -------------------------------------------------
         shards.set_members(["a", "b", "c", "d"])
@@ -267,7 +278,9 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         split = {i: w for i, w in where.items() if len(w) != 1}
         assert split == {}, f"conversations split over sessions: {list(split.items())[:5]}"
         assert sorted(where) == list(range(N + len(fresh)))
-        wrong = {i: len(m) for i, m in messages.items() if len(m) != 5 or len(set(m)) != 5}
+        count = {i: 6 if i in kept else 5 for i in messages}  # message 6: a and b's
+        wrong = {i: len(m) for i, m in messages.items()
+                 if len(m) != count[i] or len(set(m)) != count[i]}
         assert wrong == {}, f"lost or duplicated messages: {list(wrong.items())[:5]}"
         new_on_d = sum(1 for i in fresh if where[i][0][0] == "d")
         assert 0 < new_on_d <= 0.5 * len(fresh), new_on_d  # about a quarter
@@ -286,9 +299,9 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
                     "kill {:.3f}s, refused {}, stream reconnects {}, new on d {}/{}", N, took,
                     2 * N, baseline, during, len(refused), reader.reconnects, new_on_d,
                     len(fresh))
-        print(f"\nN={N} phase1={took:.1f}s p99_steady={baseline * 1000:.0f}ms "
-              f"p99_during_kill={during * 1000:.0f}ms p50s={medians[0] * 1000:.0f}/"
-              f"{medians[1] * 1000:.0f}ms refused={len(refused)} "
+        print(f"\nN={N} phase1={took:.1f}s p99 before/during/after the kill "
+              f"{'/'.join(f'{x * 1000:.0f}' for x in p99s)}ms, p50 "
+              f"{'/'.join(f'{x * 1000:.0f}' for x in medians)}ms refused={len(refused)} "
               f"spread={dict(spread)} new_on_d={new_on_d}/{len(fresh)} "
               f"stream_reconnects={reader.reconnects}")
     finally:

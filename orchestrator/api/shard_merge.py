@@ -20,7 +20,9 @@ event id of every shard). A client that reconnects with it as ``Last-Event-ID``
 resumes every shard where it left off — a shard that was down is read again from
 where it stopped (or from its start if this stream never reached it), so a stream
 read across a shard's crash misses nothing. A member that cannot be reached is
-retried every second; ``event: shard_unavailable`` says so once per outage.
+retried every second; ``event: shard_unavailable`` says so once per outage. A
+member that joins while a stream is open (a Pod seen, a SIGHUP reload) is read from
+its start within ``MEMBERS_CHECK``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 from starlette.requests import Request
@@ -41,6 +43,7 @@ from orchestrator.config.cluster import Member
 from orchestrator.rules.placement import decode_cursor, encode_cursor, start_position
 
 KEEPALIVE = 15.0
+MEMBERS_CHECK = 1.0  # s: how soon an open stream starts reading a member that joined
 RECONNECT = 1.0
 LIST_READ_TIMEOUT = 60.0
 QUEUE_MAX = 10_000
@@ -203,33 +206,59 @@ def merged_events(peers: Peers, request: Request) -> Response:
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
+def _event_text(shard: str, msg: dict[str, str], positions: dict[str, int] | None) -> str:
+    """One shard's event as the merged stream sends it: ``shard`` in its data, and (when
+    it had an id) the composite cursor of every shard's position as its id."""
+    try:
+        data = json.loads(msg.get("data") or "{}")
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {"data": data}
+    data["shard"] = shard
+    line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    ident = ""
+    if positions is not None:
+        ident = f"id: {encode_cursor({k: v for k, v in positions.items() if v >= 0})}\n"
+    return f"{ident}event: {msg.get('event', 'message')}\ndata: {line}\n\n"
+
+
 async def _merged(peers: Peers, cursor: dict[str, int] | None) -> AsyncIterator[str]:
     queue: asyncio.Queue[tuple[str, int | None, dict[str, str]]] = asyncio.Queue(QUEUE_MAX)
-    members = peers.members()
-    positions = {m.id: start_position(cursor, m.id) for m in members}
-    tasks = [asyncio.create_task(_read_shard(peers, m, positions[m.id], queue),
-                                 name=f"events-{m.id}") for m in members]
+    positions: dict[str, int] = {}
+    tasks: list[asyncio.Task] = []
+
+    def join_new(start: Callable[[str], int]) -> None:
+        """A reader for every member this stream does not read yet (all of them at
+        first; later the ones that joined: from their start, as a cursor that does not
+        name a member does)."""
+        for member in peers.members():
+            if member.id not in positions:
+                positions[member.id] = start(member.id)
+                tasks.append(asyncio.create_task(
+                    _read_shard(peers, member, positions[member.id], queue),
+                    name=f"events-{member.id}"))
+
+    join_new(lambda ident: start_position(cursor, ident))
+    quiet = 0.0
     try:
         yield "retry: 1000\n\n"
         while True:
             try:
-                shard, position, msg = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                shard, position, msg = await asyncio.wait_for(queue.get(), MEMBERS_CHECK)
             except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
+                join_new(lambda ident: 0)
+                quiet += MEMBERS_CHECK
+                if quiet >= KEEPALIVE:
+                    quiet = 0.0
+                    yield ": keep-alive\n\n"
                 continue
+            quiet = 0.0
+            if len(positions) != len(peers.members()):
+                join_new(lambda ident: 0)
             if position is not None:
                 positions[shard] = position
-            known = {k: v for k, v in positions.items() if v >= 0}
-            try:
-                data = json.loads(msg.get("data") or "{}")
-            except ValueError:
-                data = {}
-            if not isinstance(data, dict):
-                data = {"data": data}
-            data["shard"] = shard
-            line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-            ident = f"id: {encode_cursor(known)}\n" if position is not None else ""
-            yield f"{ident}event: {msg.get('event', 'message')}\ndata: {line}\n\n"
+            yield _event_text(shard, msg, positions if position is not None else None)
     finally:
         for task in tasks:
             task.cancel()

@@ -352,13 +352,14 @@ class Api(MessageRoutes, console.ConsoleRoutes):
         return out
 
     async def list_sessions(self, request: Request) -> Response:
-        """Every row as before; with ``q``, ``status``, ``sort``, ``limit``, ``offset``
-        (console.page_params) filtered and paged on the registry first, so only the
-        page's session folders are read. ``X-Total-Count``: rows matched in all."""
-        rows, total = await asyncio.to_thread(console.paged_rows, self.control.registry,
-                                              console.page_params(request.query_params),
-                                              self._rows)
-        return JSONResponse(rows, headers={"X-Total-Count": str(total)})
+        """Every row as before; with ``q``, ``status``, ``sort``, ``limit``, ``cursor``
+        or ``offset`` (console.page_params) filtered and paged on the registry first, so
+        only the page's session folders are read. ``X-Total-Count``: rows matched in
+        all; ``X-Next-Cursor``: the next page's cursor."""
+        rows, headers = await asyncio.to_thread(console.paged_rows, self.control.registry,
+                                                console.page_params(request.query_params),
+                                                self._rows)
+        return JSONResponse(rows, headers=headers)
 
     async def get_session(self, request: Request) -> Response:
         sid = request.path_params["session_id"]

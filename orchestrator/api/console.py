@@ -9,14 +9,22 @@ card (``POST /v1/sessions/{id}/answer``), the series (``GET /v1/series``,
 (``GET /v1/groups``, secrets by path only). A mixin of ``app.Api``; registry and
 session-file work runs in a worker thread, as in ``app``.
 
-The sessions list is paged on the server (``sessions_page``): filter and sort on the
+The sessions list is paged on the server (``paged_rows``): filter and sort on the
 registry's columns only (one SQL read, no session folder opened), then read the
-files of the page's rows alone, so 10 000 sessions cost one page's reads.
+files of the page's rows alone, so 10 000 sessions cost one page's reads. Pages go
+by a **cursor** (``page_cursor``: the last row's sort key, opaque to clients; the
+next page's is ``X-Next-Cursor``), which works the same on one orchestrator and on
+the merged list of every shard (``api.shard_merge``: each shard's page after the
+cursor, merged by the same key) — an offset cannot be merged. ``offset`` still works
+on one orchestrator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 from datetime import datetime
 from importlib import resources
 from typing import Any, Callable
@@ -96,12 +104,52 @@ def sort_key(sort: str, s: SessionRow, route: tuple[str | None, str | None, str 
     return (value is None, value if value is not None else 0, s.id)
 
 
+def row_key(sort: str | None, s: SessionRow,
+            route: tuple[str | None, str | None, str | None]) -> list[Any]:
+    """A row's place in the list as JSON-able values (what a cursor holds): the sort's
+    key, or without one the registry's order (group, creation time, id)."""
+    if sort is None:
+        return [s.agent_group_id, s.created_at.isoformat() if s.created_at else "", s.id]
+    return list(sort_key(sort, s, route))
+
+
+def page_cursor(key: list[Any]) -> str:
+    """A row key as an opaque, URL-safe cursor."""
+    raw = json.dumps(key, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def cursor_key(text: str) -> list[Any]:
+    """The row key of a cursor; BadRequest for one this server did not give."""
+    try:
+        key = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, binascii.Error):
+        key = None
+    if not isinstance(key, list) or len(key) != 3 or not isinstance(key[2], str):
+        raise BadRequest("cursor must be the X-Next-Cursor of the previous page "
+                         f"(got {text[:40]!r})")
+    return key
+
+
+def after(key: list[Any], cursor: list[Any], order: str) -> bool:
+    """Whether a row with ``key`` comes after ``cursor`` in the list's order (a cursor of
+    another sort never compares: BadRequest)."""
+    try:
+        return key > cursor if order == "asc" else key < cursor
+    except TypeError:
+        raise BadRequest("cursor is from a list with another sort: start again without "
+                         "it") from None
+
+
 def page_params(params: Any) -> dict[str, Any]:
     """The list's query parameters, checked: one line naming the wrong one."""
     out: dict[str, Any] = {"q": params.get("q") or None, "status": params.get("status"),
                            "group": params.get("agent_group"),
                            "sort": params.get("sort"), "order": params.get("order", "asc"),
-                           "limit": None, "offset": 0}
+                           "limit": None, "offset": 0, "cursor": None,
+                           "with_cursor": "cursor" in params}
+    if params.get("cursor"):
+        out["cursor"] = cursor_key(params["cursor"])
     if out["status"] is not None and out["status"] not in STATUS_FILTERS:
         raise BadRequest(f"status must be one of {', '.join(STATUS_FILTERS)}, "
                          f"got {out['status'][:40]!r}")
@@ -121,30 +169,49 @@ def page_params(params: Any) -> dict[str, Any]:
 
 def select(sessions: list[SessionRow], routes: dict[str, tuple[str | None, str | None,
                                                                str | None]],
-           p: dict[str, Any]) -> tuple[list[SessionRow], int]:
-    """(the page's sessions, how many matched in all). Pure."""
-    found = [s for s in sessions
-             if matches(s, routes.get(s.id, (None, None, None)), p["q"], p["status"],
-                        p["group"])]
+           p: dict[str, Any]) -> tuple[list[SessionRow], int, bool]:
+    """(the page's sessions, how many matched in all, whether rows follow the page).
+    Pure."""
+    def route(s: SessionRow) -> tuple[str | None, str | None, str | None]:
+        return routes.get(s.id, (None, None, None))
+
+    found = [s for s in sessions if matches(s, route(s), p["q"], p["status"], p["group"])]
     if p["sort"] is not None:
-        found.sort(key=lambda s: sort_key(p["sort"], s, routes.get(s.id, (None, None, None))),
+        found.sort(key=lambda s: sort_key(p["sort"], s, route(s)),
                    reverse=p["order"] == "desc")
     elif p["order"] == "desc":
         found.reverse()
+    rest = found
+    if p.get("cursor") is not None:
+        rest = [s for s in found
+                if after(row_key(p["sort"], s, route(s)), p["cursor"], p["order"])]
     end = None if p["limit"] is None else p["offset"] + p["limit"]
-    return found[p["offset"]:end], len(found)
+    return rest[p["offset"]:end], len(found), end is not None and len(rest) > end
 
 
 def paged_rows(registry: Any, params: dict[str, Any],
                rows: Callable[[set[str], list[SessionRow]], list[dict[str, Any]]]
-               ) -> tuple[list[dict[str, Any]], int]:
-    """(the page's ``GET /v1/sessions`` rows in order, rows matched in all): the
-    registry read once, the page chosen from it, then only the page's folders read by
-    ``rows`` (``Api._rows``). Runs in a worker thread."""
+               ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(the page's ``GET /v1/sessions`` rows in order, the headers: ``X-Total-Count``
+    rows matched in all, ``X-Next-Cursor`` when more follow): the registry read once,
+    the page chosen from it, then only the page's folders read by ``rows``
+    (``Api._rows``). With ``cursor`` in the query (even empty: the first page) each row
+    carries its own ``cursor`` too (what the shards' merge orders by). Runs in a worker
+    thread."""
     every = registry.sessions()
-    chosen, total = select(every, registry.routes(), params)
+    routes = registry.routes()
+    chosen, total, more = select(every, routes, params)
     order = {s.id: i for i, s in enumerate(chosen)}
-    return sorted(rows(set(order), every), key=lambda r: order[r["session_id"]]), total
+    keys = {s.id: page_cursor(row_key(params["sort"], s, routes.get(s.id, (None, None, None))))
+            for s in chosen}
+    out = sorted(rows(set(order), every), key=lambda r: order[r["session_id"]])
+    if params.get("with_cursor"):
+        for row in out:
+            row["cursor"] = keys[row["session_id"]]
+    headers = {"X-Total-Count": str(total)}
+    if more and chosen:
+        headers["X-Next-Cursor"] = keys[chosen[-1].id]
+    return out, headers
 
 
 def runs(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -107,6 +107,12 @@ SESSION = obj({
     "routing": ROUTING,
     "created_at": nullable("string"),
 })
+# GET /v1/sessions rows may carry two more: their paging cursor (with ?cursor=) and,
+# merged across [cluster] shards, the shard holding them
+SESSION["properties"].update(
+    cursor={"type": "string", "description": "this row's place in the list's sort (with "
+            "?cursor=): a cursor for the rows after it"},
+    shard={"type": "string", "description": "with [cluster]: the shard holding it"})
 
 MESSAGE_IN = obj({
     "agent_group": {"type": "string", "description": "agent group ([groups.<name>] or any "

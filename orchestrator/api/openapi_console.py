@@ -114,16 +114,19 @@ SESSION_QUERY = [
     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
                                                  "maximum": 1000000000, "default": 0}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"},
-     "description": "with [cluster]: the merged list of every shard, by session id, "
-                    "after this id (the previous page's X-Next-Cursor); each row then "
-                    "names its shard"},
+     "description": "the previous page's X-Next-Cursor (opaque: the last row's place in "
+                    "this sort); empty = the first page. With it each row carries its own "
+                    "cursor. Pages the same on one orchestrator and across [cluster] "
+                    "shards (there each row also names its shard); offset does not"},
 ]
 STATUS_QUERY = {"name": "status", "in": "query", "schema": {"type": "string", "enum": [
     "running", "idle", "paused", "stopped", "queued"]},
     "description": "a container status, or paused (idle, frozen) / queued (stopped, "
                    "waiting for a slot)"}
 TOTAL = {"X-Total-Count": {"schema": {"type": "integer"},
-                           "description": "rows matched before paging"}}
+                           "description": "rows matched before paging"},
+         "X-Next-Cursor": {"schema": {"type": "string"},
+                           "description": "the next page's cursor; absent on the last page"}}
 
 
 def paths() -> dict[str, Any]:

@@ -2,7 +2,8 @@
 the one HTTP client every shard-to-shard call goes through (issue 23).
 
 - **Membership** is behind a small protocol (``Membership``: ``members()`` and a
-  change callback): ``StaticMembers`` from ``[cluster] members``, or the Kubernetes
+  change callback): ``StaticMembers`` from ``[cluster] members`` (reloaded on
+  SIGHUP: members appended, URLs changed), or the Kubernetes
   one (``runtime.kubernetes.members``: the orchestrator Pods, list-then-watch).
 - **Liveness** of a member is the outcome of the last contact with it — a peer call
   or the periodic ``GET /readyz`` probe (``[cluster] probe_interval``), each bounded
@@ -22,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import signal
 import time
 from typing import Any, Callable, Protocol
 
 import httpx
 from loguru import logger
 
-from orchestrator.config.cluster import Member
+from orchestrator.config.cluster import Member, reload_problem
 from orchestrator.rules.placement import is_down
 
 FORWARDED_BY = "x-orchestrator-forwarded-by"
@@ -51,22 +53,58 @@ class Membership(Protocol):
 
 
 class StaticMembers:
-    """``[cluster] members`` (a change needs a restart with the new list)."""
+    """``[cluster] members``. With ``reread`` (the composition root's: the config file
+    read again, environment overrides included), SIGHUP reloads the list: appended
+    members and changed URLs are taken (``config.cluster.reload_problem``), anything
+    else is refused with one log line and the old list kept."""
 
-    def __init__(self, members: list[Member]) -> None:
+    def __init__(self, members: list[Member],
+                 reread: Callable[[], list[Member]] | None = None, self_id: str = "") -> None:
         self._members = list(members)
+        self._reread = reread
+        self._self_id = self_id
+        self._callbacks: list[Callable[[], None]] = []
+        self._hooked = False
 
     def members(self) -> list[Member]:
         return list(self._members)
 
     def on_change(self, callback: Callable[[], None]) -> None:
-        pass  # never changes
+        self._callbacks.append(callback)
 
     async def start(self) -> None:
-        pass
+        if self._reread is not None and hasattr(signal, "SIGHUP"):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+            self._hooked = True
 
     async def close(self) -> None:
-        pass
+        if self._hooked:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._hooked = False
+
+    def reload(self) -> bool:
+        """Read the list again; True if it changed."""
+        if self._reread is None:
+            return False
+        try:
+            new = self._reread()
+        except Exception as exc:  # noqa: BLE001 - a bad file must not end the shard
+            logger.error("SIGHUP: [cluster] members not reloaded: {}; the old list stays", exc)
+            return False
+        problem = reload_problem(self._members, new, self._self_id)
+        if problem is not None:
+            logger.error("SIGHUP: [cluster] members not reloaded: {}; the old list stays "
+                         "(fix the config file and send SIGHUP again)", problem)
+            return False
+        if new == self._members:
+            logger.info("SIGHUP: [cluster] members unchanged")
+            return False
+        self._members = list(new)
+        logger.info("SIGHUP: cluster members now {}",
+                    ", ".join(f"{m.id}={m.url}" for m in new))
+        for callback in self._callbacks:
+            callback()
+        return True
 
 
 class Peers:
@@ -91,6 +129,7 @@ class Peers:
         # entry stays true; a forward to a shard that is down is a 503 either way)
         self.conversation_cache: dict[str, str] = {}
         self._task: asyncio.Task | None = None
+        self._probes: set[asyncio.Task] = set()
 
     # --- who and whether ---------------------------------------------------------------
 
@@ -108,6 +147,12 @@ class Peers:
             return False
         last_ok, last_fail = self._seen.get(ident, [None, None])
         return is_down(last_ok, last_fail)
+
+    def failed_last(self, ident: str) -> bool:
+        """Whether the last contact with ``ident`` failed (a member never contacted yet
+        has not failed: it is tried)."""
+        last_ok, last_fail = self._seen.get(ident, [None, None])
+        return last_fail is not None and is_down(last_ok, last_fail)
 
     def down(self) -> set[str]:
         return {m.id for m in self.others() if self.is_down(m.id)}
@@ -136,15 +181,23 @@ class Peers:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout), trust_env=False,
             limits=httpx.Limits(max_connections=400, max_keepalive_connections=100))
+        self.membership.on_change(self._changed)
         await self.membership.start()
         await self.probe_all()
         self._task = asyncio.create_task(self._probe_loop(), name="shard-probe")
 
+    def _changed(self) -> None:
+        """A new member is probed now, not at the next round (until then it counts as
+        down: never reached)."""
+        task = asyncio.get_running_loop().create_task(self.probe_all(), name="shard-probe-new")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in [*self._probes, *([self._task] if self._task else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self.membership.close()
         await self.client.aclose()
 

@@ -2,12 +2,16 @@
 paged, and ``GET /v1/events`` as one stream of every shard's events.
 
 **Sessions**: every member (this one included, through the same peer call) is asked
-at once, each bounded by a timeout; the rows (each with a ``shard`` field) are sorted
-by session id. ``limit`` and ``cursor`` page them: the cursor is the last session
-id of a page, which is a position in every shard's list at once (ids are unique
-across shards), so a page is "every shard's rows after it". The body stays the
-single-orchestrator shape (a JSON list); ``X-Next-Cursor`` names the next page and
-``X-Unavailable-Shards`` the shards that did not answer (their rows are missing).
+at once, each bounded by a timeout, with the client's filter, sort and ``cursor``;
+each shard answers its first ``limit`` rows after the cursor, each row carrying its
+own cursor (``api.console.page_cursor``: its sort key, ending in the session id, so
+unique across shards and one position in every shard's list at once). The rows
+(each with a ``shard`` field) are merged by that key and the first ``limit`` are the
+page — the same page one orchestrator holding every session would give. The body
+stays the single-orchestrator shape (a JSON list); ``X-Total-Count`` is the sum,
+``X-Next-Cursor`` names the next page and ``X-Unavailable-Shards`` the shards that did
+not answer (their rows are missing). ``offset`` works for the first ``MAX_PAGE`` rows
+(every shard is asked for ``offset + limit``); beyond, page with the cursor.
 
 **Events**: one reader task per member streams its ``/v1/events`` (peer-authenticated)
 into one bounded queue; each event goes out with ``shard`` added to its data and an
@@ -16,7 +20,9 @@ event id of every shard). A client that reconnects with it as ``Last-Event-ID``
 resumes every shard where it left off — a shard that was down is read again from
 where it stopped (or from its start if this stream never reached it), so a stream
 read across a shard's crash misses nothing. A member that cannot be reached is
-retried every second; ``event: shard_unavailable`` says so once per outage.
+retried every second; ``event: shard_unavailable`` says so once per outage. A
+member that joins while a stream is open (a Pod seen, a SIGHUP reload) is read from
+its start within ``MEMBERS_CHECK``.
 """
 
 from __future__ import annotations
@@ -24,18 +30,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from orchestrator.api.checks import error
+from orchestrator.api.checks import BadRequest, error
+from orchestrator.api.console import MAX_PAGE, cursor_key
 from orchestrator.api.peers import Peers
 from orchestrator.config.cluster import Member
 from orchestrator.rules.placement import decode_cursor, encode_cursor, start_position
 
 KEEPALIVE = 15.0
+MEMBERS_CHECK = 1.0  # s: how soon an open stream starts reading a member that joined
 RECONNECT = 1.0
 LIST_READ_TIMEOUT = 60.0
 QUEUE_MAX = 10_000
@@ -45,7 +53,7 @@ QUEUE_MAX = 10_000
 
 
 async def _rows_of(peers: Peers, member: Member, params: dict[str, str]
-                   ) -> tuple[int, Any] | None:
+                   ) -> tuple[int, Any, httpx.Headers] | None:
     try:
         resp = await peers.client.get(f"{member.url}/v1/sessions", params=params,
                                       headers=peers.headers(),
@@ -55,40 +63,79 @@ async def _rows_of(peers: Peers, member: Member, params: dict[str, str]
         peers.note(member.id, False, f"GET /v1/sessions: {type(exc).__name__}")
         return None
     peers.note(member.id, True)
-    return resp.status_code, resp.json()
+    return resp.status_code, resp.json(), resp.headers
+
+
+def _number(params: dict[str, str], name: str, low: int, high: int) -> int | None:
+    raw = params.pop(name, None)
+    if raw is None:
+        return None
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+def shard_params(query: dict[str, str]) -> tuple[dict[str, str], int | None, int]:
+    """(what every shard is asked, the page's limit, its offset); BadRequest naming the
+    wrong parameter. Every shard is asked for its first ``offset + limit`` rows after
+    the cursor (the page is among them), each row with its cursor."""
+    params = dict(query)
+    limit = _number(params, "limit", 1, MAX_PAGE)
+    offset = _number(params, "offset", 0, MAX_PAGE) or 0
+    if params.get("cursor"):
+        cursor_key(params["cursor"])  # checked here; every shard applies it
+    if limit is not None:
+        if offset + limit > MAX_PAGE:
+            raise BadRequest(f"offset + limit over {MAX_PAGE}: page the merged list with "
+                             "cursor (X-Next-Cursor), not offset")
+        params["limit"] = str(offset + limit)
+    elif offset:
+        raise BadRequest("offset needs limit")
+    params["cursor"] = params.get("cursor", "")
+    return params, limit, offset
+
+
+def row_order(row: dict[str, Any]) -> list[Any]:
+    """A merged row's key: its cursor's (a shard of an older version gives none: by id)."""
+    try:
+        return cursor_key(str(row.get("cursor", "")))
+    except BadRequest:
+        return [False, row["session_id"], row["session_id"]]
 
 
 async def merged_sessions(peers: Peers, request: Request) -> Response:
-    raw_limit = request.query_params.get("limit")
-    if raw_limit is not None and (not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100_000):
-        return error("limit must be a whole number from 1 to 100000", 400)
-    cursor = request.query_params.get("cursor") or ""
-    params = {k: v for k, v in request.query_params.items() if k not in ("limit", "cursor")}
+    try:
+        params, limit, offset = shard_params(dict(request.query_params))
+    except BadRequest as exc:
+        return error(str(exc), 400)
     members = peers.members()
     answers = await asyncio.gather(*(_rows_of(peers, m, params) for m in members))
     rows: list[dict[str, Any]] = []
     missing = []
+    total, more = 0, False
     for member, answer in zip(members, answers, strict=True):
-        if answer is None:
+        if answer is None or answer[0] != 200:
+            if answer is not None and member.id == peers.self_id:
+                return JSONResponse(answer[1], status_code=answer[0])  # its 400
             missing.append(member.id)
             continue
-        status, body = answer
-        if status != 200:
-            if member.id == peers.self_id:
-                return JSONResponse(body, status_code=status)
-            missing.append(member.id)
-            continue
+        _, body, got = answer
+        total += int(got.get("x-total-count") or len(body))
+        more = more or "x-next-cursor" in got
         for row in body:
             row["shard"] = member.id
             peers.remember(peers.session_cache, row["session_id"], member.id)
             rows.append(row)
-    rows.sort(key=lambda r: r["session_id"])
-    if cursor:
-        rows = [r for r in rows if r["session_id"] > cursor]
-    headers = {}
-    if raw_limit is not None and len(rows) > int(raw_limit):
-        rows = rows[:int(raw_limit)]
-        headers["X-Next-Cursor"] = rows[-1]["session_id"]
+    try:
+        rows.sort(key=row_order, reverse=params.get("order") == "desc")
+    except TypeError:
+        return error("the shards disagree about the rows' order (different versions?)", 502)
+    headers = {"X-Total-Count": str(total)}
+    if limit is not None:
+        more = more or len(rows) > offset + limit
+        rows = rows[offset:offset + limit]
+        if more and rows:
+            headers["X-Next-Cursor"] = rows[-1]["cursor"]
     if missing:
         headers["X-Unavailable-Shards"] = ",".join(sorted(missing))
     return JSONResponse(rows, headers=headers)
@@ -159,33 +206,59 @@ def merged_events(peers: Peers, request: Request) -> Response:
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
+def _event_text(shard: str, msg: dict[str, str], positions: dict[str, int] | None) -> str:
+    """One shard's event as the merged stream sends it: ``shard`` in its data, and (when
+    it had an id) the composite cursor of every shard's position as its id."""
+    try:
+        data = json.loads(msg.get("data") or "{}")
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {"data": data}
+    data["shard"] = shard
+    line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    ident = ""
+    if positions is not None:
+        ident = f"id: {encode_cursor({k: v for k, v in positions.items() if v >= 0})}\n"
+    return f"{ident}event: {msg.get('event', 'message')}\ndata: {line}\n\n"
+
+
 async def _merged(peers: Peers, cursor: dict[str, int] | None) -> AsyncIterator[str]:
     queue: asyncio.Queue[tuple[str, int | None, dict[str, str]]] = asyncio.Queue(QUEUE_MAX)
-    members = peers.members()
-    positions = {m.id: start_position(cursor, m.id) for m in members}
-    tasks = [asyncio.create_task(_read_shard(peers, m, positions[m.id], queue),
-                                 name=f"events-{m.id}") for m in members]
+    positions: dict[str, int] = {}
+    tasks: list[asyncio.Task] = []
+
+    def join_new(start: Callable[[str], int]) -> None:
+        """A reader for every member this stream does not read yet (all of them at
+        first; later the ones that joined: from their start, as a cursor that does not
+        name a member does)."""
+        for member in peers.members():
+            if member.id not in positions:
+                positions[member.id] = start(member.id)
+                tasks.append(asyncio.create_task(
+                    _read_shard(peers, member, positions[member.id], queue),
+                    name=f"events-{member.id}"))
+
+    join_new(lambda ident: start_position(cursor, ident))
+    quiet = 0.0
     try:
         yield "retry: 1000\n\n"
         while True:
             try:
-                shard, position, msg = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                shard, position, msg = await asyncio.wait_for(queue.get(), MEMBERS_CHECK)
             except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
+                join_new(lambda ident: 0)
+                quiet += MEMBERS_CHECK
+                if quiet >= KEEPALIVE:
+                    quiet = 0.0
+                    yield ": keep-alive\n\n"
                 continue
+            quiet = 0.0
+            if len(positions) != len(peers.members()):
+                join_new(lambda ident: 0)
             if position is not None:
                 positions[shard] = position
-            known = {k: v for k, v in positions.items() if v >= 0}
-            try:
-                data = json.loads(msg.get("data") or "{}")
-            except ValueError:
-                data = {}
-            if not isinstance(data, dict):
-                data = {"data": data}
-            data["shard"] = shard
-            line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-            ident = f"id: {encode_cursor(known)}\n" if position is not None else ""
-            yield f"{ident}event: {msg.get('event', 'message')}\ndata: {line}\n\n"
+            yield _event_text(shard, msg, positions if position is not None else None)
     finally:
         for task in tasks:
             task.cancel()

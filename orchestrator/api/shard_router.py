@@ -301,10 +301,15 @@ class ShardRouter:
 
     async def forward(self, request: Request, shard: str, body: bytes) -> Response:
         """The request as sent, to ``shard``; its status, headers and body streamed back.
-        Unreachable: 503 + Retry-After naming it."""
+        Unreachable: 503 + Retry-After naming it — at once while its last contact failed
+        (the probe, every ``probe_interval``, says when it is back): a dead node is not
+        dialled, and waited for up to ``peer_timeout``, once per request for it."""
         member = self.peers.member(shard)
         if member is None:
             return error(f"shard {shard} is no longer a member; retry", 503)
+        if self.peers.failed_last(shard):
+            return unavailable(shard, member.url, self.peers.retry_after,
+                               "this request's conversation")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         headers.update(self.peers.headers())
         url = member.url + request.url.path
@@ -316,10 +321,10 @@ class ShardRouter:
         try:
             resp = await self.peers.client.send(req, stream=True)
         except httpx.HTTPError as exc:
+            # (its cached sessions stay: a session never moves, and a down shard's
+            # are refused above without a call)
             self.peers.note(shard, False, f"{request.method} {request.url.path}: "
                             f"{type(exc).__name__}")
-            self.peers.session_cache = {k: v for k, v in self.peers.session_cache.items()
-                                        if v != shard}
             return unavailable(shard, member.url, self.peers.retry_after,
                                "this request's conversation")
         self.peers.note(shard, True)

@@ -317,7 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     preflight(cfg)
     setup_logging(cfg.log, json=True if args.json_logs else None)
-    return run(cfg)
+    return run(cfg, reread=lambda: _load(args))  # SIGHUP: [cluster] members again
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

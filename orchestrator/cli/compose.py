@@ -107,10 +107,12 @@ def make_channel(cfg: DeliveryConfig) -> Channel:
     return LogChannel()
 
 
-def make_peers(cfg: Config, token: str | None) -> Peers | None:
-    """``[cluster]`` (issue 23): the other shards, or None for a single orchestrator."""
+def make_peers(cfg: Config, token: str | None,
+               reread: Callable[[], Config] | None = None) -> Peers | None:
+    """``[cluster]`` (issue 23): the other shards, or None for a single orchestrator.
+    ``reread``: the config read again, for SIGHUP's reload of static members."""
     from orchestrator.api.auth import ApiConfigError
-    from orchestrator.config.cluster import parse_member
+    from orchestrator.config.cluster import Member, parse_member
     from orchestrator.host.secretfile import SecretFileError, ensure_secret
 
     cluster = cfg.cluster
@@ -131,10 +133,19 @@ def make_peers(cfg: Config, token: str | None) -> Peers | None:
     if cluster.discovery == "kubernetes":
         from orchestrator.runtime.kubernetes.members import KubeMembers, node_name
 
+        if cluster.shard_ids == "pod" and not shard:
+            raise ApiConfigError("[cluster] shard_ids = 'pod' needs this Pod's name as [cluster] "
+                                 "shard: set ORCHESTRATOR_CLUSTER__SHARD from the Downward API "
+                                 "(fieldRef metadata.name)")
         shard = shard or node_name(cfg.kubernetes)
         membership = KubeMembers(cfg.kubernetes, cluster)
     else:
-        membership = StaticMembers([parse_member(m) for m in cluster.members])
+        def members() -> list[Member]:
+            assert reread is not None
+            return [parse_member(m) for m in reread().cluster.members]
+
+        membership = StaticMembers([parse_member(m) for m in cluster.members],
+                                   members if reread else None, shard)
     return Peers(shard, membership, secret, timeout=cluster.peer_timeout,
                  probe_interval=cluster.probe_interval, retry_after=cluster.retry_after,
                  forward_timeout=cfg.api.max_wait + cluster.peer_timeout + 5,
@@ -152,12 +163,13 @@ class Service:
 @asynccontextmanager
 async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runtime,
                     channel: Channel | None = None, clock: Clock = utcnow,
-                    stop_event: asyncio.Event | None = None) -> AsyncIterator[Service]:
+                    stop_event: asyncio.Event | None = None,
+                    reread: Callable[[], Config] | None = None) -> AsyncIterator[Service]:
     """Build and open everything; leaving the block closes it all, in reverse order."""
     cfg = without_paused_tier(cfg)
     data_dir = cfg.data_dir
     listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
-    peers = make_peers(cfg, token)
+    peers = make_peers(cfg, token, reread)
     async with AsyncExitStack() as stack:
         stack.callback(lock_data_dir(data_dir).release)
         make_dirs(sessions_root(data_dir))
@@ -221,13 +233,14 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
     logger.info("orchestrator stopped")
 
 
-async def serve(cfg: Config, stop_event: asyncio.Event) -> None:
+async def serve(cfg: Config, stop_event: asyncio.Event,
+                reread: Callable[[], Config] | None = None) -> None:
     """Serve until ``stop_event`` is set."""
-    async with assembled(cfg, stop_event=stop_event) as service:
+    async with assembled(cfg, stop_event=stop_event, reread=reread) as service:
         await service.supervisor.serve()
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, reread: Callable[[], Config] | None = None) -> int:
     """``orchestrator run``: serve until SIGINT/SIGTERM. AlreadyRunning, ApiConfigError
     and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``)."""
 
@@ -236,7 +249,7 @@ def run(cfg: Config) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         with capture_signals(stop):
-            await serve(cfg, stop)
+            await serve(cfg, stop, reread)
         return 0
 
     return asyncio.run(main())

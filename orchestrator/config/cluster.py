@@ -1,4 +1,5 @@
-"""``[cluster] members`` entries: a shard's id and its API base URL (issue 23).
+"""``[cluster] members`` entries: a shard's id and its API base URL (issue 23), and
+the rule for a new list read on SIGHUP (``reload_problem``).
 
 Here, below ``rules``, because the config validates them when it loads and the
 placement rules (``rules.placement``) and the API's router use the same record.
@@ -28,3 +29,19 @@ def parse_member(text: str) -> Member:
         raise ValueError(f"[cluster] members: {text[:100]!r} is not 'ID=http://HOST:PORT' "
                          "(ID: letters, digits, '.', '_', '-')")
     return Member(ident, url)
+
+
+def reload_problem(old: list[Member], new: list[Member], self_id: str) -> str | None:
+    """Why a re-read ``[cluster] members`` list cannot replace ``old`` (None: it can).
+    Members may only be appended, in order, and a member's URL may change: placement
+    reads the list as the order the shards joined (``rules.placement.possible_holders``),
+    and a removed member's conversations would be placed afresh elsewhere (a split)."""
+    ids = [m.id for m in new]
+    if len(set(ids)) != len(ids):
+        return "a shard id is listed twice"
+    if self_id not in ids:
+        return f"this shard ({self_id}) is not in the list"
+    if ids[:len(old)] != [m.id for m in old]:
+        return (f"the list must start with the current members in their order "
+                f"({', '.join(m.id for m in old)}): members are only ever appended")
+    return None

@@ -294,6 +294,11 @@ class ClusterConfig:
     discovery: str = _opt("static", "'static' ([cluster] members) or 'kubernetes' (the "
                           "orchestrator Pods carrying pod_label, watched)",
                           choices=("static", "kubernetes"))
+    shard_ids: str = _opt("node", "discovery = 'kubernetes': a shard's id is its 'node' name (one "
+                          "orchestrator per node) or its 'pod' name (several per node, each "
+                          "with its own data dir and [kubernetes] instance; shard = the Pod's "
+                          "name, e.g. ORCHESTRATOR_CLUSTER__SHARD from the Downward API)",
+                          choices=("node", "pod"))
     pod_label: str = _opt("app.kubernetes.io/name=orchestrator,"
                           "app.kubernetes.io/component=supervisor",
                           "label selector of the orchestrator Pods (discovery = 'kubernetes')")

@@ -11,7 +11,15 @@ from datetime import datetime, timezone
 import pytest
 
 from orchestrator.api.checks import BadRequest
-from orchestrator.api.console import matches, page_params, runs, select, state_of
+from orchestrator.api.console import (
+    matches,
+    page_cursor,
+    page_params,
+    row_key,
+    runs,
+    select,
+    state_of,
+)
 from orchestrator.api.history import Raw, Sample, quantile, step, totals
 from orchestrator.host.registry import SessionRow
 
@@ -127,8 +135,42 @@ SESSIONS = [row("s3", active=5), row("s1", active=None), row("s2", active=9)]
     (params(offset="9"), [], 3),
 ])
 def test_select_filters_sorts_and_pages(p, want_ids, want_total) -> None:
-    chosen, total = select(SESSIONS, {}, p)
+    chosen, total, _ = select(SESSIONS, {}, p)
     assert [s.id for s in chosen] == want_ids and total == want_total
+
+
+@pytest.mark.parametrize("sort, order", [
+    (None, "asc"), (None, "desc"), ("session_id", "asc"), ("session_id", "desc"),
+    ("last_active", "asc"), ("last_active", "desc"), ("chat", "asc"),
+])
+def test_cursor_pages_walk_the_whole_list_once(sort, order) -> None:
+    """Page after page by X-Next-Cursor: every row once, in the order of one big page."""
+    rows = [row(f"s{i}", group=f"g{i % 2}", active=(i * 7) % 5 or None) for i in range(7)]
+    rows.sort(key=lambda s: row_key(None, s, (None, None, None)))  # the registry's order
+    every, _, _ = select(rows, {}, params(**({"sort": sort} if sort else {}), order=order))
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        p = params(**({"sort": sort} if sort else {}), order=order, limit="3", cursor=cursor)
+        chosen, total, more = select(rows, {}, p)
+        seen += [s.id for s in chosen]
+        assert total == 7
+        if not more:
+            break
+        cursor = page_cursor(row_key(sort, chosen[-1], (None, None, None)))
+    assert seen == [s.id for s in every]
+
+
+@pytest.mark.parametrize("cursor", ["x", "bm90IGpzb24", page_cursor([1, 2])])
+def test_a_cursor_not_given_by_the_server_is_refused(cursor) -> None:
+    with pytest.raises(BadRequest, match="cursor"):
+        params(cursor=cursor)
+
+
+def test_a_cursor_of_another_sort_is_refused() -> None:
+    by_group = page_cursor(row_key(None, SESSIONS[0], (None, None, None)))
+    with pytest.raises(BadRequest, match="another sort"):
+        select(SESSIONS, {}, params(sort="last_active", cursor=by_group))
 
 
 @pytest.mark.parametrize("bad, names", [

@@ -126,15 +126,23 @@ def test_two_shards(two: ShardSet) -> None:
         expected = set(two.sessions("a")) | set(two.sessions("b"))
         assert {r["session_id"] for r in everything} == expected
         assert {r["shard"] for r in everything} == {"a", "b"}
-        pages, cursor = [], None
-        while True:
-            page = client.get(a + "/v1/sessions", headers=AUTH,
-                              params={"limit": 3, **({"cursor": cursor} if cursor else {})})
-            pages.extend(r["session_id"] for r in page.json())
-            cursor = page.headers.get("x-next-cursor")
-            if cursor is None:
-                break
-        assert pages == sorted(expected)
+        for sort, want in (
+                ({}, [r["session_id"] for r in everything]),  # the single-shard order
+                ({"sort": "session_id"}, sorted(expected)),
+                ({"sort": "session_id", "order": "desc"}, sorted(expected, reverse=True))):
+            pages, cursor = [], None
+            while True:
+                page = client.get(a + "/v1/sessions", headers=AUTH, params={
+                    "limit": 3, **sort, **({"cursor": cursor} if cursor else {})})
+                assert page.headers["x-total-count"] == str(len(expected))
+                pages.extend(r["session_id"] for r in page.json())
+                cursor = page.headers.get("x-next-cursor")
+                if cursor is None:
+                    break
+            assert pages == want, sort
+        offset = client.get(a + "/v1/sessions", headers=AUTH,
+                            params={"limit": 3, "offset": 3, "sort": "session_id"})
+        assert [r["session_id"] for r in offset.json()] == sorted(expected)[3:6]
 
         # b down: its sessions answer 503 naming it, the list says it is missing
         two.kill("b")

@@ -56,3 +56,9 @@ def test_config_refusals(tmp_path: Path, cluster: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config({"cluster": cluster}, tmp_path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shard_ids_by_pod_need_the_pods_name(tmp_path: Path) -> None:
+    cfg = load_config({"cluster": {"discovery": "kubernetes", "shard_ids": "pod"}}, tmp_path)
+    with pytest.raises(ApiConfigError, match="ORCHESTRATOR_CLUSTER__SHARD"):
+        make_peers(cfg, "token")

@@ -41,15 +41,12 @@ import yaml
 from loguru import logger
 
 from orchestrator.config.load import load_config
-from orchestrator.runtime.docker.image import ImageBuildError
-from orchestrator.runtime.docker.server_image import LOCAL_BASE, build_server_image
 from tests.support.api_helpers import Receiver, free_port
-from tests.support.docker_fixtures import in_thread, unavailable
+from tests.support.docker_fixtures import in_thread
 from tests.support.helpers import REPO, until
 from tests.support.kube import Cluster
 
 MANIFESTS = REPO / "deploy" / "kubernetes"
-IMAGE = "orchestrator:latest"
 SA = "orchestrator"
 DATA_ROOT = Path("/var/lib/orchestrator-test")  # a folder per test under it, removed after
 LABEL_INSTANCE = "orchestrator.instance"
@@ -151,7 +148,8 @@ def test_the_daemonset_runs_the_orchestrator_on_each_nodes_data_dir() -> None:
 
 
 def overlay(docs: list[dict[str, Any]], *, namespace: str, data_dir: Path, port: int,
-            instance: str, agent_image: str, hook: str) -> list[dict[str, Any]]:
+            instance: str, agent_image: str, hook: str,
+            server_image: str = "orchestrator:latest") -> list[dict[str, Any]]:
     """The manifests for this test (see the module doc for each change and why)."""
     out: list[dict[str, Any]] = []
     for doc in copy.deepcopy(docs):
@@ -173,6 +171,7 @@ def overlay(docs: list[dict[str, Any]], *, namespace: str, data_dir: Path, port:
             spec = doc["spec"]["template"]["spec"]
             spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
             (container,) = spec["containers"]
+            container["image"] = server_image  # the tag conftest.py built
             container["imagePullPolicy"] = "Never"
             container["env"] += [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
                                  {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]
@@ -269,15 +268,6 @@ def test_the_service_account_may_do_exactly_the_listed_verbs(
 # --- the DaemonSet end to end ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def orchestrator_image() -> str:
-    try:
-        build_server_image(IMAGE, base=LOCAL_BASE)
-    except ImageBuildError as exc:
-        unavailable(f"cannot build {IMAGE}: {exc}")
-    return IMAGE
-
-
 def daemonset_ready(cluster: Cluster, namespace: str) -> bool:
     ds = cluster.get("daemonset", "orchestrator", namespace) or {}
     status = ds.get("status") or {}
@@ -316,7 +306,7 @@ async def test_the_daemonset_from_the_manifests_answers_a_message_end_to_end(
     receiver = await Receiver(hook_secret).start()
     started = time.monotonic()
     try:
-        for tag in (orchestrator_image, agent_image):
+        for tag in (orchestrator_image, agent_image):  # orchestrator_image: conftest.py
             await in_thread(kube_cluster.import_image, tag)
         t_import = time.monotonic() - started
         # the README's command, with this test's values
@@ -326,7 +316,7 @@ async def test_the_daemonset_from_the_manifests_answers_a_message_end_to_end(
         applied = time.monotonic()
         apply(kube_cluster, overlay(manifests(), namespace=ns, data_dir=data_dir, port=port,
                                     instance=instance, agent_image=agent_image,
-                                    hook=receiver.url))
+                                    hook=receiver.url, server_image=orchestrator_image))
         await until(lambda: in_thread(daemonset_ready, kube_cluster, ns), 120,
                     "the orchestrator DaemonSet ready (/readyz)")
         t_ready = time.monotonic() - applied

@@ -7,19 +7,23 @@ Idempotency-Keys):
 
 1. three shards a, b, c: messages 1–2 of every conversation; the sessions spread
    within ±20 % of even;
-2. message 3 of every conversation, all shards up (the latency to compare with);
-3. shard c SIGKILLed: message 4 of every conversation — the ones c may hold get
-   ``503`` + ``Retry-After`` naming c, every other one is written (its p99 within
-   20 % of phase 2's, plus 250 ms of slack for a shared machine); c restarted, the
-   refused ones are retried with the same keys and written;
-4. a fourth shard d added (a, b, c restarted one by one with the new member list);
+2. message 3 of every conversation, all shards up: first a and b's conversations,
+   POSTed to a or b (the latency to compare with), then c's;
+3. shard c SIGKILLed: message 4 of every conversation — a and b's, POSTed to a or b
+   as before, are all written, with nothing asked of c's address (a listener there
+   that never answers, as a vanished node); c's get ``503`` + ``Retry-After`` naming
+   c; c restarted, the refused ones are retried with the same keys and written, and
+   message 6 of a and b's chats POSTed as in phase 2: the p99 during the kill within
+   20 % of the worse of the two rounds without it (plus a 30 ms floor);
+4. a fourth shard d added: a restarted with the new member list, b and c reload it
+   on SIGHUP (no restart);
 5. shard b SIGKILLed: message 5 of every conversation — exactly b's conversations are
    refused, those among them that now rank d first included (b holds them: they
    are never placed on d); b restarted, the refused ones retried; then new
    conversations, some of which land on d.
 
 Then, from the shards' own files: every conversation in exactly one session on one
-shard, 5 messages each, none lost, none twice. An event stream read from shard a
+shard, 5 messages each (6 for a and b's), none lost, none twice. An event stream read from shard a
 (resumed with its composite cursor through every restart, from any live shard) has
 seen every event of every shard's ``events.db``.
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
 import statistics
 import threading
 import time
@@ -156,29 +162,43 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
             assert abs(n - N / 3) <= tolerance * N / 3, spread
 
         # --- phase 2: message 3 with every shard up (the latency to compare with) -----
-        steady = sender.round([(i, 3) for i in range(N)], up)
+        # The latency rounds carry the same load on a and b with and without c: the
+        # chats a and b hold, POSTed to a or b. (A round of every chat would not: with c
+        # dead its third answer 503 at once, so the same eight senders press a and b
+        # harder than with c up, taking a third of the requests — a load shift the
+        # kill does not cause in a service whose clients keep their own pace.)
+        kept = [i for i in range(N) if owner[i] != "c"]
+        on_c = [i for i in range(N) if owner[i] == "c"]
+        steady = sender.round([(i, 3) for i in kept], ["a", "b"])
+        steady.update(sender.round([(i, 3) for i in on_c], up))
         assert Counter(r[0] for r in steady.values()) == {201: N}
-        baseline = p99([r[3] for (i, _), r in steady.items() if owner[i] != "c"])
+        baseline = p99([steady[(i, 3)][3] for i in kept])
 
         # --- phase 3: c killed: message 4 ---------------------------------------------
         shards.kill("c")
         up.remove("c")
+        # c's address now takes connections and never answers, as a node that is gone
+        # (its packets dropped) does: anything that waited on c would wait peer_timeout
+        hole = BlackHole(shards.ports["c"])
         wait_for(lambda: all(_down_seen(shards, n, "c") for n in up), timeout=10,
                  message="a and b see c down")
-        second = sender.round([(i, 4) for i in range(N)], up)
+        hole.requests.clear()
+        second = sender.round([(i, 4) for i in kept], up)
+        others = list(second.values())
+        # what a and b asked c meanwhile: their probes and the event stream, nothing
+        # for a request
+        assert {r for r in hole.requests if not r.startswith(("GET /readyz ",
+                                                              "GET /v1/events"))} == set()
+        second.update(sender.round([(i, 4) for i in on_c], up))
+        hole.close()
         refused = sorted(i for (i, _), r in second.items() if r[0] == 503)
         for i in refused:
             status, data, headers, _ = second[(i, 4)]
             assert headers.get("retry-after") == "1", headers
             assert data["shard"] == "c" and "shard c" in data["error"], data
-        assert set(refused) == {i for i, o in owner.items() if o == "c"}
-        others = [r for (i, _), r in second.items() if owner[i] != "c"]
+        assert refused == on_c
         assert all(r[0] == 201 for r in others)
         during = p99([r[3] for r in others])
-        # others unaffected: within 20 %, plus 250 ms of slack: on the shared 2-core CI
-        # machine (load 5-9 from other jobs) two rounds of the same requests differ by
-        # that much either way (measured: 552/539, 608/290, 257/404 ms steady/killed)
-        assert during <= 1.2 * baseline + 0.25, (during, baseline)
         shards.start("c")
         shards.wait_up("c")
         up.append("c")
@@ -187,18 +207,41 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         retried = sender.round([(i, 4) for i in refused], up)
         assert all(r[0] == 201 for r in retried.values()), Counter(
             r[0] for r in retried.values())
+        # the same round once more with c back (message 6 of a and b's chats): the
+        # rounds without the kill before and after it bracket the one during it in
+        # time, so the shared machine's drift (other jobs starting and stopping) is
+        # in the comparison's baseline rather than blamed on the kill
+        after = sender.round([(i, 6) for i in kept], ["a", "b"])
+        assert Counter(r[0] for r in after.values()) == {201: len(kept)}
+        p99s = [baseline, during, p99([r[3] for r in after.values()])]
+        baseline = max(p99s[0], p99s[2])
+        medians = [statistics.median(steady[(i, 3)][3] for i in kept),
+                   statistics.median(r[3] for r in others),
+                   statistics.median(r[3] for r in after.values())]
+        # others unaffected: their p99 within 20 % of the rounds without the kill.
+        # Nothing of theirs waits on c (checked above: their holder is cached or asked
+        # of live shards only, and a known-down shard is never dialled,
+        # api.shard_router.forward); 30 ms of floor for the scheduling noise of a
+        # shared 2-core machine.
+        assert during <= 1.2 * baseline + 0.03, (during, baseline, medians)
 
         # --- phase 4: a fourth shard -------------------------------------------------
         shards.set_members(["a", "b", "c", "d"])
         shards.start("d")
         shards.wait_up("d")
         up.append("d")
-        for name in ("a", "b", "c"):  # one by one: the others keep serving
-            up.remove(name)
-            shards.stop(name)
-            shards.start(name)
-            shards.wait_up(name)
-            up.append(name)
+        # a restarted with the new list; b and c reload it on SIGHUP, serving on
+        up.remove("a")
+        shards.stop("a")
+        shards.start("a")
+        shards.wait_up("a")
+        up.append("a")
+        for name in ("b", "c"):
+            shards.procs[name].proc.send_signal(signal.SIGHUP)
+            wait_for(lambda n=name: "SIGHUP: cluster members now a=" in shards.procs[n].text(),
+                     timeout=10, message=f"{name} reloaded the members")
+        wait_for(lambda: not any(_down_seen(shards, n, "d") for n in ("a", "b", "c")),
+                 timeout=10, message="every shard reaches d")
         # --- phase 5: b killed with d a member: message 5 ----------------------------
         # conversations b holds that now rank d first must still wait for b, never
         # be placed on d
@@ -235,7 +278,9 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
         split = {i: w for i, w in where.items() if len(w) != 1}
         assert split == {}, f"conversations split over sessions: {list(split.items())[:5]}"
         assert sorted(where) == list(range(N + len(fresh)))
-        wrong = {i: len(m) for i, m in messages.items() if len(m) != 5 or len(set(m)) != 5}
+        count = {i: 6 if i in kept else 5 for i in messages}  # message 6: a and b's
+        wrong = {i: len(m) for i, m in messages.items()
+                 if len(m) != count[i] or len(set(m)) != count[i]}
         assert wrong == {}, f"lost or duplicated messages: {list(wrong.items())[:5]}"
         new_on_d = sum(1 for i in fresh if where[i][0][0] == "d")
         assert 0 < new_on_d <= 0.5 * len(fresh), new_on_d  # about a quarter
@@ -254,14 +299,49 @@ def test_shards_place_forward_survive_a_kill_and_a_new_member(tmp_path: Path) ->
                     "kill {:.3f}s, refused {}, stream reconnects {}, new on d {}/{}", N, took,
                     2 * N, baseline, during, len(refused), reader.reconnects, new_on_d,
                     len(fresh))
-        print(f"\nN={N} phase1={took:.1f}s p99_steady={baseline * 1000:.0f}ms "
-              f"p99_during_kill={during * 1000:.0f}ms refused={len(refused)} "
+        print(f"\nN={N} phase1={took:.1f}s p99 before/during/after the kill "
+              f"{'/'.join(f'{x * 1000:.0f}' for x in p99s)}ms, p50 "
+              f"{'/'.join(f'{x * 1000:.0f}' for x in medians)}ms refused={len(refused)} "
               f"spread={dict(spread)} new_on_d={new_on_d}/{len(fresh)} "
               f"stream_reconnects={reader.reconnects}")
     finally:
         reader.stopping.set()
         sender.client.close()
         shards.stop_all()
+
+
+class BlackHole:
+    """A listener on a dead shard's port that accepts and never answers; it records
+    each connection's request line."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self.sock.settimeout(0.2)
+        self.conns: list[socket.socket] = []
+        self.requests: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(1)
+            try:
+                first = conn.recv(4096).split(b"\r\n", 1)[0]
+            except OSError:
+                first = b""
+            self.requests.append(first.decode(errors="replace"))
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        for conn in [*self.conns, self.sock]:
+            conn.close()
 
 
 def _ranks_first(i: int, shard: str) -> bool:

@@ -7,7 +7,10 @@
 // never innerHTML. Views: #/ (fleet + sessions), #/session/<id>, #/groups.
 const KEY = "orchestrator-api-token";
 const PAGE = 50;
-const state = {offset: 0, total: 0, rows: new Map(), lastId: null, view: null,
+// cursors: where each page shown so far starts ("" = the first); next: the server's
+// X-Next-Cursor (null on the last page). Cursor pages are the same on one
+// orchestrator and on the merged list of every shard (an offset is not).
+const state = {cursors: [""], next: null, total: 0, rows: new Map(), lastId: null, view: null,
                fleetTimer: null, refreshTimer: null, sessionId: null, streams: 0, said: null,
                touched: new Set()};
 
@@ -178,7 +181,7 @@ async function loadFleet() {
 // --- sessions list (paged on the server) --------------------------------------------------
 
 function query() {
-  const p = new URLSearchParams({limit: PAGE, offset: state.offset});
+  const p = new URLSearchParams({limit: PAGE, cursor: state.cursors[state.cursors.length - 1]});
   const q = document.getElementById("q").value.trim();
   const st = document.getElementById("status-filter").value;
   const sort = document.getElementById("sort").value;
@@ -217,6 +220,8 @@ async function loadSessions() {
   const resp = await api("/v1/sessions?" + query());
   const rows = await resp.json();
   state.total = Number(resp.headers.get("X-Total-Count") || rows.length);
+  state.next = resp.headers.get("X-Next-Cursor");
+  const first = (state.cursors.length - 1) * PAGE;
   const body = document.querySelector("#sessions tbody");
   state.rows = new Map();
   body.replaceChildren(...rows.map(r => {
@@ -226,12 +231,13 @@ async function loadSessions() {
   }));
   document.getElementById("empty").hidden = rows.length > 0;
   document.getElementById("total").textContent = "(" + state.total + ")";
-  const last = Math.min(state.total, state.offset + rows.length);
+  const last = first + rows.length;
   document.getElementById("page-info").textContent =
-    state.total ? (state.offset + 1) + "–" + last + " of " + state.total : "";
-  document.getElementById("prev").disabled = state.offset === 0;
-  document.getElementById("next").disabled = last >= state.total;
+    rows.length ? (first + 1) + "–" + last + " of " + state.total : "";
+  document.getElementById("prev").disabled = state.cursors.length === 1;
+  document.getElementById("next").disabled = !state.next;
   window.__consoleListed = {query: query(), rows: rows.length, total: state.total,
+                            first: first + 1, ids: rows.map(r => r.session_id),
                             ms: performance.now() - started, at: performance.now()};
 }
 
@@ -560,7 +566,7 @@ async function live() {
 function main() {
   token();
   let typing = null;
-  const reload = () => { state.offset = 0; loadSessions().catch(e => setConn(e.message, "down")); };
+  const reload = () => { state.cursors = [""]; loadSessions().catch(e => setConn(e.message, "down")); };
   document.getElementById("q").addEventListener("input", () => {
     clearTimeout(typing);
     typing = setTimeout(reload, 250);
@@ -570,10 +576,13 @@ function main() {
   }
   document.getElementById("filters").addEventListener("submit", ev => { ev.preventDefault(); reload(); });
   document.getElementById("prev").addEventListener("click", () => {
-    state.offset = Math.max(0, state.offset - PAGE); loadSessions().catch(() => {});
+    if (state.cursors.length > 1) state.cursors.pop();
+    loadSessions().catch(() => {});
   });
   document.getElementById("next").addEventListener("click", () => {
-    state.offset += PAGE; loadSessions().catch(() => {});
+    if (!state.next) return;
+    state.cursors.push(state.next);
+    loadSessions().catch(() => {});
   });
   window.addEventListener("hashchange", route);
   state.fleetTimer = setInterval(() => {

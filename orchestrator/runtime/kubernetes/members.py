@@ -2,11 +2,20 @@
 the orchestrator Pods carrying ``[cluster] pod_label``, found with the same
 list-then-watch as the agent Pods (``watch.PodWatch`` over ``calls.KubeCalls``).
 
-A member's id is its node's name (an orchestrator owns the session folders on its
-node's disk, so the node is the stable identity across Pod restarts); its URL is the
-Pod's IP and ``[cluster] api_port``. A Pod counts once it is Running with an IP and
-not being deleted; two on one node (a rolling update) → the newest. Satisfies
-``api.peers.Membership`` (structurally: the runtime layer does not import the API).
+A member's id (``[cluster] shard_ids``) is its node's name (``"node"``: one
+orchestrator per node, a DaemonSet — the node holds its session folders, so the node
+is the stable identity across Pod restarts) or its Pod's name (``"pod"``: several per
+node, e.g. a StatefulSet whose Pods keep their names and each has its own data dir);
+its URL is the Pod's IP and its container port named ``api`` (``[cluster] api_port``
+without one). A Pod counts once it is Running with an IP and not being deleted; two
+with one id (a rolling update) → the newest.
+
+Members are **remembered**: a shard whose Pod is deleted or not running stays a member
+(its last URL; the liveness probe finds it down), because it may hold conversations —
+dropping it would let another shard place them afresh (a split). The list keeps the
+order the members were first seen (the first list by creation time), which is what
+``rules.placement.possible_holders`` needs. Satisfies ``api.peers.Membership``
+(structurally: the runtime layer does not import the API).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from orchestrator.config.cluster import Member
+from orchestrator.config.cluster import MEMBER_ID, Member
 from orchestrator.config.model import ClusterConfig, KubernetesConfig
 from orchestrator.runtime.kubernetes.calls import KubeCalls
 from orchestrator.runtime.kubernetes.spec import node_name as _node_name
@@ -40,21 +49,49 @@ def label_selector(text: str) -> dict[str, str]:
     return out
 
 
-def members_of(pods: list[dict[str, Any]], port: int) -> list[Member]:
-    """The live orchestrator Pods as members, one per node (the newest), by id."""
+def member_id(pod: dict[str, Any], ids: str) -> str | None:
+    """The shard id of an orchestrator Pod: its node's name (``ids = "node"``) or its own
+    name (``"pod"``); None if it has none yet (not scheduled) or it is not a valid id."""
+    name = ((pod.get("spec") or {}).get("nodeName") if ids == "node"
+            else (pod.get("metadata") or {}).get("name"))
+    return name if isinstance(name, str) and MEMBER_ID.fullmatch(name) else None
+
+
+def api_port(pod: dict[str, Any], default: int) -> int:
+    """The Pod's container port named ``api``, else ``default`` (``[cluster] api_port``):
+    two orchestrators on one node's network (``hostNetwork``) listen on two ports."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "api" and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return default
+
+
+def members_of(pods: list[dict[str, Any]], port: int, ids: str = "node") -> list[Member]:
+    """The live orchestrator Pods as members, one per id (the newest), the oldest first
+    (then by id)."""
     best: dict[str, tuple[str, Member]] = {}
     for pod in pods:
-        meta, spec, status = (pod.get("metadata") or {}, pod.get("spec") or {},
-                              pod.get("status") or {})
-        node, ip = spec.get("nodeName"), status.get("podIP")
-        if not node or not ip or status.get("phase") != "Running" \
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        ident, ip = member_id(pod, ids), status.get("podIP")
+        scheduled = (pod.get("spec") or {}).get("nodeName")
+        if not ident or not ip or not scheduled or status.get("phase") != "Running" \
                 or meta.get("deletionTimestamp"):
             continue
         host = f"[{ip}]" if ":" in ip else ip
         created = str(meta.get("creationTimestamp") or "")
-        if node not in best or created > best[node][0]:
-            best[node] = (created, Member(node, f"http://{host}:{port}"))
-    return [best[k][1] for k in sorted(best)]
+        if ident not in best or created > best[ident][0]:
+            best[ident] = (created, Member(ident, f"http://{host}:{api_port(pod, port)}"))
+    return [m for _, m in sorted(best.values(), key=lambda cm: (cm[0], cm[1].id))]
+
+
+def remembered(known: list[Member], live: list[Member]) -> list[Member]:
+    """``known`` with every live member's current URL, and the new ones appended in the
+    order given: a member whose Pod went away keeps its place and last URL."""
+    urls = {m.id: m.url for m in live}
+    out = [Member(m.id, urls.get(m.id, m.url)) for m in known]
+    seen = {m.id for m in known}
+    return out + [m for m in live if m.id not in seen]
 
 
 class KubeMembers:
@@ -62,6 +99,7 @@ class KubeMembers:
         namespace = cluster.pod_namespace or os.environ.get("POD_NAMESPACE") or kube.namespace
         self.calls = KubeCalls(dataclasses.replace(kube, namespace=namespace))
         self.port = cluster.api_port
+        self.ids = cluster.shard_ids
         self._pods: dict[str, dict[str, Any]] = {}
         self._members: list[Member] = []
         self._callbacks: list[Callable[[], None]] = []
@@ -69,7 +107,12 @@ class KubeMembers:
                               self._listed, self._event)
 
     def members(self) -> list[Member]:
+        """Every shard seen since this orchestrator started, in that order."""
         return list(self._members)
+
+    def live(self) -> list[str]:
+        """The ids of the members whose Pod runs now (the rest are remembered)."""
+        return [m.id for m in members_of(list(self._pods.values()), self.port, self.ids)]
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
@@ -97,11 +140,14 @@ class KubeMembers:
         self._update()
 
     def _update(self) -> None:
-        members = members_of(list(self._pods.values()), self.port)
+        live = members_of(list(self._pods.values()), self.port, self.ids)
+        members = remembered(self._members, live)
         if members == self._members:
             return
-        logger.info("cluster members: {}", ", ".join(f"{m.id}={m.url}" for m in members)
-                    or "none")
+        running = {m.id for m in live}
+        logger.info("cluster members: {}", ", ".join(
+            f"{m.id}={m.url}" + ("" if m.id in running else " (no running Pod)")
+            for m in members) or "none")
         self._members = members
         for callback in self._callbacks:
             callback()

@@ -122,6 +122,14 @@ class EventStore:
         self._conn.execute("DELETE FROM events WHERE at < ? OR id <= "
                            "(SELECT COALESCE(MAX(id), 0) FROM events) - ?", (cutoff, self.keep))
 
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Retention removed these sessions: their events go too (one scan per batch)."""
+        if not session_ids:
+            return
+        marks = ",".join("?" * len(session_ids))
+        self._conn.execute(f"DELETE FROM events WHERE json_extract(data, '$.session_id')"
+                           f" IN ({marks})", session_ids)
+
     # --- reading ------------------------------------------------------------------------
 
     def since(self, last_id: int, limit: int = 1000) -> list[Event]:

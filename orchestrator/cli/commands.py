@@ -23,6 +23,7 @@ from orchestrator.cli import backup as cli_backup
 from orchestrator.cli import deliveries as cli_deliveries
 from orchestrator.cli import groups as cli_groups
 from orchestrator.cli import session_logs as cli_session_logs
+from orchestrator.cli import sessions_admin as cli_sessions_admin
 from orchestrator.config.load import read_config, read_config_sources
 from orchestrator.config.model import Config
 from orchestrator.config.render import write_default
@@ -432,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_deliveries.register(sub, common, remote, _load)
     cli_session_logs.register(sub, common, _load)
     cli_backup.register(sub, common, _load)
+    cli_sessions_admin.register(sub, common, remote, _load)
     return parser
 
 

@@ -87,9 +87,14 @@ def pending_count(registry: Registry) -> int:
 
 
 def finish(registry: Registry, session_ids: list[str]) -> None:
-    """The removals are complete: their journal rows go (one transaction for a batch)."""
+    """The removals are complete: their journal rows go, and the API's idempotency keys
+    that point at them (same file, ``api.idempotency``), in one transaction."""
+    ids = [(s,) for s in session_ids]
     with registry.transaction() as c:
-        c.executemany("DELETE FROM removals WHERE session_id=?", [(s,) for s in session_ids])
+        c.executemany("DELETE FROM removals WHERE session_id=?", ids)
+        if c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND"
+                     " name='api_idempotency'").fetchone():
+            c.executemany("DELETE FROM api_idempotency WHERE session_id=?", ids)
 
 
 def undo(registry: Registry, p: Pending) -> None:

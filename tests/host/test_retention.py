@@ -11,11 +11,12 @@ import pytest
 
 from orchestrator.config.model import RetentionConfig
 from orchestrator.contract.layout import session_dir, session_paths
-from orchestrator.host import inbound, removals, session_archive
+from orchestrator.host import removals, session_archive
 from orchestrator.host.registry import Registry
 from orchestrator.host.retention import Retention, RetentionError, prune_delivered
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.rules.retention import Action
+from tests.support.retention import settled_session
 
 
 @pytest.fixture
@@ -24,21 +25,6 @@ def env(tmp_path: Path):
     reg = Registry(data / "orchestrator.db")
     yield Sessions(data, reg, max_attachment_bytes=1024), reg, data
     reg.close()
-
-
-def settled_session(sessions: Sessions, reg: Registry, data: Path, platform: str = "p") -> str:
-    """A session with one message answered and its reply delivered: nothing pending."""
-    s = sessions.resolve("g", MessagingGroup("cli", platform), None, "shared")
-    mid, _ = sessions.write_message(s, {"text": "hello"})
-    paths = session_paths(data, "g", s.id)
-    with sqlite3.connect(paths.inbound_db) as c:
-        c.execute("UPDATE messages_in SET status='completed' WHERE id=?", (mid,))
-    with sqlite3.connect(paths.outbound_db) as c:
-        c.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content)"
-                  " VALUES ('out-1', 3, '2026-01-01 00:00:00', 'chat', '{\"text\":\"hi\"}')")
-    inbound.record_delivery(paths.inbound_db, "out-1", "delivered")
-    reg.set_container_status(s.id, "stopped", "test")
-    return s.id
 
 
 def test_archive_then_restore_brings_back_folder_and_rows(env) -> None:

@@ -153,9 +153,8 @@ class Api(MessageRoutes, console.ConsoleRoutes, SessionAdminRoutes):
             Route("/metrics", metrics),
             Route("/v1/messages", self.authed(self.post_message), methods=["POST"]),
             Route("/v1/sessions", self.authed(self.list_sessions)),
-            Route("/v1/sessions/{session_id}", self.authed(self.get_session)),
-            Route("/v1/sessions/{session_id}", self.authed(self.delete_session),
-                  methods=["DELETE"]),  # api/session_admin.py (retention)
+            Route("/v1/sessions/{session_id}", self.authed(self.one_session),
+                  methods=["GET", "DELETE"]),  # one route: its 405 lists both methods
             Route("/v1/sessions/{session_id}/stop", self.authed(self.stop_session),
                   methods=["POST"]),
             Route("/v1/events", self.authed(self.stream_events)),
@@ -362,6 +361,12 @@ class Api(MessageRoutes, console.ConsoleRoutes, SessionAdminRoutes):
                                               console.page_params(request.query_params),
                                               self._rows)
         return JSONResponse(rows, headers={"X-Total-Count": str(total)})
+
+    async def one_session(self, request: Request) -> Response:
+        """GET: its row; DELETE: archived or deleted (``api/session_admin.py``)."""
+        if request.method == "DELETE":
+            return await self.delete_session(request)
+        return await self.get_session(request)
 
     async def get_session(self, request: Request) -> Response:
         sid = request.path_params["session_id"]

@@ -72,6 +72,27 @@ def archive_dir(data_dir: Path, cfg: RetentionConfig) -> Path:
     return data_dir / (cfg.archive_dir or "archive")
 
 
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One removal asked for: by the sweep (``periodic``, with its group's ``settings``:
+    (archive_after, delete_after)) or by hand (``force``)."""
+
+    session_id: str
+    action: rules.Action
+    running: bool = False
+    force: bool = False
+    periodic: bool = False
+    settings: tuple[float, float] = (0.0, 0.0)
+
+
+def remove_batch(data_dir: Path, cfg: RetentionConfig, items: list[Item]) -> list[Outcome]:
+    """``Retention.remove_many`` on a registry connection of its own: what the engine's
+    retention worker process runs (``engine.retention``), so that the sweep's CPU work
+    never competes with the event loop for the interpreter lock."""
+    with Registry(data_dir / "orchestrator.db") as registry:
+        return Retention(data_dir, registry, cfg).remove_many(items)
+
+
 class Retention:
     """The removal steps over one data dir; thread-safe as the registry is (each step is
     its own transaction), so the engine runs them in a worker thread."""
@@ -82,7 +103,7 @@ class Retention:
         self.archives = archive_dir(data_dir, cfg)
         self.removing = data_dir / REMOVING
 
-    # --- one session ---------------------------------------------------------------
+    # --- removals ---------------------------------------------------------------------
 
     def remove(self, session_id: str, action: rules.Action, *, running: bool = False,
                force: bool = False, periodic: bool = False, settings: tuple[float, float]
@@ -90,29 +111,55 @@ class Retention:
         """Archive or delete one session, or keep it (the rules say why). ``periodic``:
         the sweep's decision (``rules.due`` with ``settings`` = (archive_after,
         delete_after)); otherwise a removal by hand (``rules.by_hand``)."""
-        validate_id(session_id, "session id")
-        p = removals.begin(self.registry, session_id, action.value)
-        if p is None:
-            return Outcome(session_id, "missing", "no such session")
-        moved = self._move_out(p)
-        facts = read_facts(moved, running, idle_seconds(p.rows, time.time()))
-        refusal: rules.Refusal | None
-        if periodic:
-            keep = rules.due(facts, *settings) is rules.Action.KEEP
-            refusal = rules.Refusal("not due any more") if keep else None
-        else:
-            refusal = rules.by_hand(facts, force=force)
-        if refusal is not None:
-            self._undo(p)
-            return Outcome(session_id, "kept", refusal.reason)
-        where = None
-        if action is rules.Action.ARCHIVE:
-            dest = session_archive.archive_path(self.archives, p.agent_group_id, session_id)
-            self._archive(moved, dest, p.rows)
-            where = str(dest)
-        self._remove_moved(session_id)
-        removals.finish(self.registry, [session_id])
-        return Outcome(session_id, "archived" if where else "deleted", archive=where)
+        return self.remove_many([Item(session_id, action, running, force, periodic,
+                                      settings)])[0]
+
+    def remove_many(self, items: list[Item]) -> list[Outcome]:
+        """Several removals, their slow steps shared: the archives of the batch are
+        written, then synced (the file system's journal commits them together: one
+        wait instead of one per archive), then renamed to their final names; the moved
+        folders are removed; the journal rows go in one transaction."""
+        started: list[tuple[Item, removals.Pending, Path]] = []
+        out: dict[str, Outcome] = {}
+        for item in items:
+            validate_id(item.session_id, "session id")
+            p = removals.begin(self.registry, item.session_id, item.action.value)
+            if p is None:
+                out[item.session_id] = Outcome(item.session_id, "missing", "no such session")
+                continue
+            moved = self._move_out(p)
+            refusal = self._refusal(item, p, moved)
+            if refusal is not None:
+                self._undo(p)
+                out[item.session_id] = Outcome(item.session_id, "kept", refusal.reason)
+                continue
+            started.append((item, p, moved))
+        parts = []
+        for item, p, moved in started:
+            if item.action is rules.Action.ARCHIVE:
+                dest = session_archive.archive_path(self.archives, p.agent_group_id,
+                                                    p.session_id)
+                parts.append((self._archive(moved, dest, p.rows), dest))
+        session_archive.commit(parts)  # synced, then renamed: complete or absent
+        for _, p, _ in started:
+            self._remove_moved(p.session_id)
+        removals.finish(self.registry, [p.session_id for _, p, _ in started])
+        for item, p, _ in started:
+            archived = item.action is rules.Action.ARCHIVE
+            where = session_archive.archive_path(self.archives, p.agent_group_id,
+                                                 p.session_id) if archived else None
+            out[item.session_id] = Outcome(item.session_id,
+                                           "archived" if archived else "deleted",
+                                           archive=str(where) if where else None)
+        return [out[item.session_id] for item in items]
+
+    @staticmethod
+    def _refusal(item: Item, p: removals.Pending, moved: Path) -> rules.Refusal | None:
+        facts = read_facts(moved, item.running, idle_seconds(p.rows, time.time()))
+        if item.periodic:
+            keep = rules.due(facts, *item.settings) is rules.Action.KEEP
+            return rules.Refusal("not due any more") if keep else None
+        return rules.by_hand(facts, force=item.force)
 
     def _move_out(self, p: removals.Pending) -> Path:
         src = session_dir(self.data_dir, p.agent_group_id, p.session_id)
@@ -124,13 +171,14 @@ class Retention:
             pass  # moved already (a resumed removal), or a session without a folder
         return dest
 
-    def _archive(self, moved: Path, dest: Path, rows: dict) -> None:
+    def _archive(self, moved: Path, dest: Path, rows: dict) -> Path:
+        """The archive written as ``<dest>.part`` (not synced yet); returns that path."""
         try:
             fd = open_dir(str(moved), None, str(moved))  # never through a link
         except FileNotFoundError:  # no folder: the archive holds the rows only
             fd = os.open(_empty_dir(self.removing), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            session_archive.write_archive(fd, dest, rows)
+            return session_archive.write_part(fd, dest, rows)[0]
         finally:
             os.close(fd)
 

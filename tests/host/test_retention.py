@@ -13,7 +13,7 @@ from orchestrator.config.model import RetentionConfig
 from orchestrator.contract.layout import session_dir, session_paths
 from orchestrator.host import removals, session_archive
 from orchestrator.host.registry import Registry
-from orchestrator.host.retention import Retention, RetentionError, prune_delivered
+from orchestrator.host.retention import Item, Retention, RetentionError, prune_delivered
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.rules.retention import Action
 from tests.support.retention import settled_session
@@ -94,11 +94,13 @@ def test_recover_undoes_a_removal_cut_before_its_archive(env) -> None:
     sessions, reg, data = env
     sid = settled_session(sessions, reg, data)
     ret = Retention(data, reg, RetentionConfig())
-    p = removals.begin(reg, sid, "archive")  # what a crash right after the move leaves
+    p = removals.begin(reg, sid, "archive")  # what a crash mid-archive leaves
     assert p is not None
-    ret._move_out(p)
-    assert reg.session(sid) is None
+    moved = ret._move_out(p)
+    part = ret._archive(moved, session_archive.archive_path(ret.archives, "g", sid), p.rows)
+    assert part.name.endswith(".tar.gz.part") and reg.session(sid) is None
     assert ret.recover() == (0, 1)
+    assert not part.exists()
     assert session_dir(data, "g", sid).is_dir() and reg.session(sid) is not None
 
 
@@ -109,7 +111,8 @@ def test_recover_finishes_a_removal_whose_archive_is_complete(env) -> None:
     p = removals.begin(reg, sid, "archive")
     assert p is not None
     moved = ret._move_out(p)
-    ret._archive(moved, session_archive.archive_path(ret.archives, "g", sid), p.rows)
+    dest = session_archive.archive_path(ret.archives, "g", sid)
+    session_archive.commit([(ret._archive(moved, dest, p.rows), dest)])
     assert ret.recover() == (1, 0)
     assert not moved.exists() and reg.session(sid) is None and removals.pending(reg) == []
     ret.restore(sid)
@@ -127,3 +130,17 @@ def test_old_delivered_files_are_pruned(tmp_path: Path) -> None:
     assert sorted(os.listdir(root)) == ["new"]
     assert prune_delivered(tmp_path, 0, now=1_000_000) == 0
 
+
+
+def test_a_batch_archives_deletes_and_keeps_each_as_its_facts_say(env) -> None:
+    sessions, reg, data = env
+    a = settled_session(sessions, reg, data, platform="a")
+    b = settled_session(sessions, reg, data, platform="b")
+    busy = sessions.resolve("g", MessagingGroup("cli", "busy"), None, "shared")
+    sessions.write_message(busy, {"text": "pending"})
+    ret = Retention(data, reg, RetentionConfig())
+    out = ret.remove_many([Item(a, Action.ARCHIVE), Item(busy.id, Action.ARCHIVE),
+                           Item(b, Action.DELETE), Item("sess-none", Action.DELETE)])
+    assert [o.action for o in out] == ["archived", "kept", "deleted", "missing"]
+    assert reg.session(busy.id) is not None and session_dir(data, "g", busy.id).is_dir()
+    assert removals.pending(reg) == [] and not list(ret.archives.rglob("*.part"))

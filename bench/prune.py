@@ -104,13 +104,14 @@ def latencies(writer_out: Path, folders: list[Path]) -> list[tuple[float, float]
 
 
 def run_prune(tmp: Path, n: int = 10_000, active: int = 20, rate: float = 20.0,
-              baseline_s: float = 25.0, action: str = "archive", say=print) -> dict:
+              baseline_s: float = 25.0, action: str = "archive", say=print,
+              extra: dict | None = None) -> dict:
     data = tmp / "prune-data"
     old, folders, built = build(data, n, active)
     say(f"prune: {n} old stopped sessions + {active} active built in {built:.1f}s")
     key = "archive_after" if action == "archive" else "delete_after"
     cfg = fixture.config_dict(data, "events", 1.0)
-    cfg["retention"] = {key: 86400.0, "sweep_interval": baseline_s, "batch": 50}
+    cfg["retention"] = {key: 86400.0, "sweep_interval": baseline_s, "batch": 50, **(extra or {})}
     config = tmp / "prune.toml"
     config.write_text(tomli_w.dumps(cfg))
     agents = tmp / "prune-agents.txt"
@@ -162,7 +163,7 @@ def run_prune(tmp: Path, n: int = 10_000, active: int = 20, rate: float = 20.0,
     ratio = (d["p99_ms"] / b["p99_ms"]) if b["p99_ms"] and d["p99_ms"] else None
     left = sum(1 for sid in old if (sessions_root(data) / fixture.GROUP / sid).exists())
     result = {
-        "sessions": n, "active": active, "rate_per_s": rate, "action": action,
+        "sessions": n, "active": active, "retention": cfg["retention"], "rate_per_s": rate, "action": action,
         "removed": removed, "kept": kept, "busy": busy, "left_on_disk": left,
         "prune_seconds": seconds,
         "throughput_sessions_per_s": round(removed / seconds, 1) if seconds else None,
@@ -186,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--baseline", type=float, default=25.0)
     ap.add_argument("--action", choices=("archive", "delete"), default="archive")
+    ap.add_argument("--duty", type=float, default=None, help="[retention] duty (default: the "
+                    "orchestrator's)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="orch-prune-"))
     try:
         result = run_prune(tmp, args.sessions, args.active, args.rate, args.baseline,
-                           args.action)
+                           args.action, extra={"duty": args.duty} if args.duty else None)
     finally:
         proc.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)

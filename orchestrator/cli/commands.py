@@ -304,10 +304,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         with registry:
             rows = status.collect(cfg.data_dir, registry, cfg)
     print(status.render_json(rows) if args.json else status.render_table(rows))
+    if not args.json:
+        _archived_line(cfg)
     warning = status.environment_warning(cfg.data_dir)
     if warning:  # status itself only reads, so it works; say what will not
         print(f"orchestrator: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _archived_line(cfg: Config) -> None:
+    """One line under the table: how many sessions are archived (retention), if any."""
+    from orchestrator.host.retention import archive_dir
+
+    root = archive_dir(cfg.data_dir, cfg.retention)
+    try:
+        count = sum(1 for _ in root.glob("*/*.tar.gz"))
+    except OSError:
+        return
+    if count:
+        print(f"{count} archived session{'' if count == 1 else 's'} in {root} "
+              "(orchestrator sessions restore ID)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -43,6 +43,8 @@ def test_archive_restore_and_a_refusal_with_one_line(setup, capsys) -> None:
     assert lines[0].startswith(f"{done}: archived (") and lines[0].endswith(".tar.gz)")
     assert lines[1].startswith(f"{busy}: not removed: it has 1 pending message;")
     assert not session_dir(data, "g", done).exists() and session_dir(data, "g", busy).is_dir()
+    code, out, _ = run(capsys, "status", "--config", str(config))
+    assert code == 0 and out.splitlines()[-1].startswith("1 archived session in ")
 
     code, out, _ = run(capsys, "sessions", "restore", done, "--config", str(config), "--json")
     assert code == 0 and json.loads(out)["action"] == "restored"

@@ -163,7 +163,8 @@ def run_prune(tmp: Path, n: int = 10_000, active: int = 20, rate: float = 20.0,
     ratio = (d["p99_ms"] / b["p99_ms"]) if b["p99_ms"] and d["p99_ms"] else None
     left = sum(1 for sid in old if (sessions_root(data) / fixture.GROUP / sid).exists())
     result = {
-        "sessions": n, "active": active, "retention": cfg["retention"], "rate_per_s": rate, "action": action,
+        "sessions": n, "active": active, "retention": cfg["retention"], "rate_per_s": rate,
+        "action": action,
         "removed": removed, "kept": kept, "busy": busy, "left_on_disk": left,
         "prune_seconds": seconds,
         "throughput_sessions_per_s": round(removed / seconds, 1) if seconds else None,

@@ -32,6 +32,7 @@ import os
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -117,13 +118,13 @@ class Retirement:
 
     def __init__(self, cfg: Config, host: Host, runtime: Runtime, retention: Retention,
                  *, notify: Notify = notify_nobody,
-                 on_removed: Callable[[list[str]], None] = lambda sids: None) -> None:
+                 on_removed: Callable[[list[str]], object] = lambda sids: None) -> None:
         self.cfg = cfg
         self.host = host
         self.runtime = runtime
         self.retention = retention
         self.notify = notify
-        self.on_removed = on_removed  # the API's stores forget the sessions (events)
+        self.on_removed = on_removed  # the API's event log forgets them (worker thread)
         self.counts = {"archived": 0, "deleted": 0}
         self.last: dict[str, Any] = {}  # the last sweep: for status and the bench
         self._pool: ProcessPoolExecutor | None = None
@@ -184,6 +185,7 @@ class Retirement:
         found = await asyncio.to_thread(candidates, self.cfg, self.retention.registry,
                                         time.time())
         done = {"archived": 0, "deleted": 0, "kept": 0, "skipped": 0}
+        gone: list[str] = []
         for i in range(0, len(found), r.batch):
             if self.host.stop_event.is_set():
                 break
@@ -195,14 +197,14 @@ class Retirement:
             for c, outcome in zip(batch, outcomes, strict=True):
                 self._settle(c, outcome, "retention")
                 done[outcome.action if outcome.action in done else "kept"] += 1
-            removed = [c.session_id for c, o in zip(batch, outcomes, strict=True)
-                       if o.action in ("archived", "deleted")]
-            if removed:
-                self.on_removed(removed)
+            gone += [c.session_id for c, o in zip(batch, outcomes, strict=True)
+                     if o.action in ("archived", "deleted")]
             try:  # the rest: live sessions have the disk and the CPU (``duty``)
                 await asyncio.wait_for(self.host.stop_event.wait(), rest)
             except asyncio.TimeoutError:
                 pass
+        if gone:  # one pass over the event log for the whole sweep
+            await asyncio.to_thread(self.on_removed, gone)
         seconds = time.monotonic() - started
         self.last = {**done, "delivered_files": files, "candidates": len(found),
                      "seconds": round(seconds, 3), "at": format_ts(utcnow())}
@@ -225,6 +227,8 @@ class Retirement:
                                               self.cfg.data_dir, self.cfg.retention, items)
         except Exception as exc:  # noqa: BLE001 - e.g. one hostile folder: one by one below
             logger.warning("retention: a batch failed ({}); removing one at a time", exc)
+            if isinstance(exc, BrokenProcessPool):  # the worker died: a new one
+                self._pool = None
         out = []
         for item in items:
             try:
@@ -233,6 +237,8 @@ class Retirement:
                                                   [item])
             except Exception as exc:  # noqa: BLE001 - this session's trouble only
                 logger.error("retention: session {}: {}", item.session_id, exc)
+                if isinstance(exc, BrokenProcessPool):
+                    self._pool = None
                 await asyncio.to_thread(self.retention.recover)  # undo its half
                 out.append(Outcome(item.session_id, "kept", str(exc)))
         return out
@@ -264,5 +270,5 @@ class Retirement:
             raise
         self._settle(c, outcome, "hand")
         if outcome.action in ("archived", "deleted"):
-            self.on_removed([session_id])
+            await asyncio.to_thread(self.on_removed, [session_id])
         return outcome

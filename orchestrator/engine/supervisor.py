@@ -101,7 +101,7 @@ class Supervisor:
     # retention (issue 26.1): the host's removal steps, and who forgets removed sessions
     # (the API's event log); None = no retention sweep, removals by hand refused
     retention: Retention | None = None
-    on_removed: Callable[[list[str]], None] = lambda sids: None
+    on_removed: Callable[[list[str]], object] = lambda sids: None
 
     def __post_init__(self) -> None:
         self.retiring: set[str] = set()  # being archived or deleted: never tracked again

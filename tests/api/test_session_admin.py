@@ -22,6 +22,13 @@ async def test_delete_stops_the_agent_archives_and_a_restore_answers_again(
         sid = created["session_id"]
         await until(lambda: replies_to(cfg, created["message_id"]))
         assert sup.runtime.is_running(sid)
+
+        async def events_of(session_id: str) -> list:
+            page = (await client.get("/v1/events?last_event_id=0",
+                                     headers={"Accept": "application/json"})).json()
+            return [e for e in page["events"] if e.get("session_id") == session_id]
+
+        assert await events_of(sid)  # its status changes and its reply
         resp = await client.delete(f"/v1/sessions/{sid}", params={"archive": "true"})
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -30,6 +37,7 @@ async def test_delete_stops_the_agent_archives_and_a_restore_answers_again(
         assert not session_dir(cfg.data_dir, "helpers", sid).exists()
         assert (await client.get(f"/v1/sessions/{sid}")).status_code == 404
         assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 404
+        assert await events_of(sid) == []  # forgotten with it
         metrics = (await client.get("/metrics")).text
         [line] = [ln for ln in metrics.splitlines()
                   if ln.startswith('orchestrator_sessions_removed_total{action="archived"')]

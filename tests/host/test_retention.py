@@ -144,3 +144,19 @@ def test_a_batch_archives_deletes_and_keeps_each_as_its_facts_say(env) -> None:
     assert [o.action for o in out] == ["archived", "kept", "deleted", "missing"]
     assert reg.session(busy.id) is not None and session_dir(data, "g", busy.id).is_dir()
     assert removals.pending(reg) == [] and not list(ret.archives.rglob("*.part"))
+
+
+def test_a_removed_sessions_idempotency_keys_go_with_it(env) -> None:
+    """The API's table (``api.idempotency``) lives in the registry file."""
+    sessions, reg, data = env
+    sid = settled_session(sessions, reg, data)
+    with reg.transaction() as c:
+        c.execute("CREATE TABLE api_idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT"
+                  " NULL, message_id TEXT NOT NULL, session_id TEXT, done INTEGER NOT NULL"
+                  " DEFAULT 0, created_at TEXT NOT NULL)")
+        c.execute("INSERT INTO api_idempotency (key, fingerprint, message_id, session_id,"
+                  " done, created_at) VALUES ('k1', 'f', 'm', ?, 1, 'now'), ('k2', 'f', 'm',"
+                  " 'other', 1, 'now')", (sid,))
+    Retention(data, reg, RetentionConfig()).remove(sid, Action.DELETE)
+    with reg.transaction() as c:
+        assert [r[0] for r in c.execute("SELECT key FROM api_idempotency")] == ["k2"]

@@ -339,7 +339,7 @@ class RetentionConfig:
                                  min=1, max=86400)
     batch: int = _opt(50, "sessions removed per step of a sweep before the loop yields "
                       "(other sessions' work goes first)", min=1, max=10_000)
-    duty: float = _opt(0.5, "share of the time a sweep works: after a step that took t "
+    duty: float = _opt(0.25, "share of the time a sweep works: after a step that took t "
                        "seconds it rests t * (1/duty - 1), so live sessions keep the disk "
                        "and CPU it would take; 1 = no rest", min=0.01, max=1)
 

@@ -111,7 +111,7 @@ def run_prune(tmp: Path, n: int = 10_000, active: int = 20, rate: float = 20.0,
     say(f"prune: {n} old stopped sessions + {active} active built in {built:.1f}s")
     key = "archive_after" if action == "archive" else "delete_after"
     cfg = fixture.config_dict(data, "events", 1.0)
-    cfg["retention"] = {key: 86400.0, "sweep_interval": baseline_s, "batch": 50, **(extra or {})}
+    cfg["retention"] = {key: 86400.0, "sweep_interval": baseline_s, **(extra or {})}
     config = tmp / "prune.toml"
     config.write_text(tomli_w.dumps(cfg))
     agents = tmp / "prune-agents.txt"
@@ -195,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--action", choices=("archive", "delete"), default="archive")
     ap.add_argument("--duty", type=float, default=None, help="[retention] duty (default: the "
                     "orchestrator's)")
+    ap.add_argument("--batch", type=int, default=None, help="[retention] batch (default: the "
+                    "orchestrator's)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="orch-prune-"))
     try:
         result = run_prune(tmp, args.sessions, args.active, args.rate, args.baseline,
-                           args.action, extra={"duty": args.duty} if args.duty else None)
+                           args.action, extra={k: v for k, v in (("duty", args.duty), ("batch", args.batch))
+                                  if v is not None} or None)
     finally:
         proc.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)

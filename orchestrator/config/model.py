@@ -337,7 +337,7 @@ class RetentionConfig:
                             "<data_dir>/archive")
     sweep_interval: float = _opt(600.0, "seconds between two retention sweeps of `run`",
                                  min=1, max=86400)
-    batch: int = _opt(50, "sessions removed per step of a sweep before the loop yields "
+    batch: int = _opt(10, "sessions removed per step of a sweep before the loop yields "
                       "(other sessions' work goes first)", min=1, max=10_000)
     duty: float = _opt(0.25, "share of the time a sweep works: after a step that took t "
                        "seconds it rests t * (1/duty - 1), so live sessions keep the disk "

@@ -14,7 +14,7 @@ from orchestrator.config.model import ConfigError
 def test_defaults_are_off() -> None:
     r = load_config({}, Path("/")).retention
     assert (r.archive_after, r.delete_after, r.delivered_max_age) == (0, 0, 0)
-    assert r.archive_dir == "" and r.batch == 50 and r.duty == 0.25
+    assert r.archive_dir == "" and r.batch == 10 and r.duty == 0.25
 
 
 def test_a_group_overrides_the_global_thresholds() -> None:

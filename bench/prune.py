@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="orch-prune-"))
+    extra = {k: v for k, v in (("duty", args.duty), ("batch", args.batch)) if v is not None}
     try:
         result = run_prune(tmp, args.sessions, args.active, args.rate, args.baseline,
-                           args.action, extra={k: v for k, v in (("duty", args.duty), ("batch", args.batch))
-                                  if v is not None} or None)
+                           args.action, extra=extra or None)
     finally:
         proc.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,8 @@ from bench import fixture, machine, proc, report, roundtrip, rt_report
 from bench.scale import run_scale
 from bench.scenarios import FULL, QUICK, Bench
 
-RUNS = ("idle", "latency1", "latency1000", "agents", "lockers", "budget", "roundtrip", "scale")
+RUNS = ("idle", "latency1", "latency1000", "agents", "lockers", "budget", "roundtrip", "scale",
+        "prune")
 
 
 def _interrupt(signum, _frame):
@@ -143,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                 bench._guard(mode, f"scale_{args.scale}", lambda: run_scale(
                     bench, args.scale, mode, idle_s, 40 if args.quick else 200,
                     20.0 if args.quick else 25.0))
+        if (only is None and not args.quick) or (only is not None and "prune" in only):
+            # 10 000 sessions archived beside live ones: minutes, so never in --quick
+            from bench.prune import run_prune
+
+            try:
+                bench.extra["prune"] = run_prune(tmp, 10_000, say=bench.say)
+            except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the rest
+                bench.say(f"  !! prune failed: {exc}")
+                bench.extra["prune"] = {"error": f"{type(exc).__name__}: {exc}"}
         complete = True
     except KeyboardInterrupt:
         bench.say("interrupted: stopping child processes and removing temp files")

@@ -42,6 +42,7 @@ from orchestrator.api.history import History
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.message_routes import MessageRoutes
 from orchestrator.api.metrics import Metrics, RequestTimer
+from orchestrator.api.session_admin import SessionAdminRoutes
 from orchestrator.contract.layout import InvalidId
 from orchestrator.engine.ports import Control
 from orchestrator.engine.requeue import UnknownSession
@@ -104,7 +105,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 # --- the app ------------------------------------------------------------------------------
 
 
-class Api(MessageRoutes, console.ConsoleRoutes):
+class Api(MessageRoutes, console.ConsoleRoutes, SessionAdminRoutes):
     def __init__(self, control: Control, token: str | None, events: EventStore,
                  metrics: Metrics, keys: IdempotencyKeys, rule: HostRule | None = None,
                  unix: bool = False) -> None:
@@ -152,7 +153,8 @@ class Api(MessageRoutes, console.ConsoleRoutes):
             Route("/metrics", metrics),
             Route("/v1/messages", self.authed(self.post_message), methods=["POST"]),
             Route("/v1/sessions", self.authed(self.list_sessions)),
-            Route("/v1/sessions/{session_id}", self.authed(self.get_session)),
+            Route("/v1/sessions/{session_id}", self.authed(self.one_session),
+                  methods=["GET", "DELETE"]),  # one route: its 405 lists both methods
             Route("/v1/sessions/{session_id}/stop", self.authed(self.stop_session),
                   methods=["POST"]),
             Route("/v1/events", self.authed(self.stream_events)),
@@ -360,6 +362,12 @@ class Api(MessageRoutes, console.ConsoleRoutes):
                                                 console.page_params(request.query_params),
                                                 self._rows)
         return JSONResponse(rows, headers=headers)
+
+    async def one_session(self, request: Request) -> Response:
+        """GET: its row; DELETE: archived or deleted (``api/session_admin.py``)."""
+        if request.method == "DELETE":
+            return await self.delete_session(request)
+        return await self.get_session(request)
 
     async def get_session(self, request: Request) -> Response:
         sid = request.path_params["session_id"]

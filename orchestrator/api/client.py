@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -87,3 +88,11 @@ def retry_deliveries(url: str, token: str | None, session_id: str | None) -> dic
     """``POST /v1/deliveries/retry``: ``{"retried": N}``."""
     body = {"session_id": session_id} if session_id else {}
     return _call(url, token, "POST", "/v1/deliveries/retry", json=body)
+
+
+def remove_session(url: str, token: str | None, session_id: str, *, archive: bool,
+                   force: bool) -> dict[str, Any]:
+    """``DELETE /v1/sessions/{id}``: ``{"session_id", "action", "archive"}``."""
+    params = {"archive": str(archive).lower(), "force": str(force).lower()}
+    return _call(url, token, "DELETE", f"/v1/sessions/{quote(session_id, safe='')}",
+                 params=params)

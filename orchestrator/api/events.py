@@ -122,6 +122,23 @@ class EventStore:
         self._conn.execute("DELETE FROM events WHERE at < ? OR id <= "
                            "(SELECT COALESCE(MAX(id), 0) FROM events) - ?", (cutoff, self.keep))
 
+    def forget_sessions(self, session_ids: list[str], chunk: int = 5000) -> int:
+        """Retention removed these sessions: their events go too. Called in a worker
+        thread, a ``chunk`` of ids at a time (each a few ms on the shared connection), so
+        the loop's appends wait at most one chunk. Returns how many went."""
+        if not session_ids:
+            return 0
+        marks = ",".join("?" * len(session_ids))
+        low, high = self._conn.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
+        removed = 0
+        for start in range(low or 0, (high or -1) + 1, chunk):
+            cur = self._conn.execute(
+                f"DELETE FROM events WHERE id >= ? AND id < ? AND"
+                f" json_extract(data, '$.session_id') IN ({marks})",
+                (start, start + chunk, *session_ids))
+            removed += cur.rowcount
+        return removed
+
     # --- reading ------------------------------------------------------------------------
 
     def since(self, last_id: int, limit: int = 1000) -> list[Event]:

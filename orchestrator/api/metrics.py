@@ -187,6 +187,9 @@ class Metrics:
         self.run_wall = Histogram("orchestrator_agent_run_seconds", "Wall time of each ended "
                                   "agent run (from its start or adoption)", ["agent_group"],
                                   buckets=WAIT_BUCKETS, registry=r)
+        self.removed = Counter("orchestrator_sessions_removed", "Sessions archived or "
+                               "deleted by retention or by hand", ["action", "agent_group"],
+                               registry=r)
         self.http_seconds = Histogram(
             "orchestrator_http_request_duration_seconds", "HTTP API requests, by route "
             "template, method and status code (an event stream counts until it ends)",
@@ -218,6 +221,8 @@ class Metrics:
             self.messages_failed.labels(group).inc()
         elif kind == "agent_run":
             self._run_usage(group, data)
+        elif kind == "session_removed":
+            self.removed.labels(data["action"], group).inc()
         elif kind == "agent_start":
             self.starts.labels(self.runtime, data["result"], group).inc()
             if data["result"] == "ok":

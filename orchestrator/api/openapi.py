@@ -285,7 +285,22 @@ def paths() -> dict[str, Any]:
                 openapi_console.STATUS_QUERY, *openapi_console.SESSION_QUERY])},
         "/v1/sessions/{session_id}": {"get": op(
             "getSession", "one session", {"200": json_body(ref("Session"), "its row")},
-            *AUTHED, parameters=[SID])},
+            *AUTHED, parameters=[SID]), "delete": op(
+            "deleteSession", "archive (archive=true) or delete the session: its agent is "
+            "stopped first; refused (409) while it has pending messages or undelivered "
+            "replies unless force=true (they are lost). `orchestrator sessions restore ID` "
+            "puts an archived one back", {
+                "200": json_body(obj({
+                    "session_id": {"type": "string"},
+                    "action": {"type": "string", "enum": ["archived", "deleted"]},
+                    "archive": nullable("string", description="the archive file (archived)")}),
+                    "removed")},
+            *AUTHED, "409", parameters=[
+                SID,
+                {"name": "archive", "in": "query", "schema": {"type": "boolean",
+                                                              "default": False}},
+                {"name": "force", "in": "query", "schema": {"type": "boolean",
+                                                            "default": False}}])},
         "/v1/sessions/{session_id}/stop": {"post": op(
             "stopSession", "stop the session's agent now (due work starts it again)", {
                 "202": json_body(obj({"session_id": {"type": "string"},

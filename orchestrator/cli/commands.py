@@ -23,6 +23,7 @@ from orchestrator.cli import backup as cli_backup
 from orchestrator.cli import deliveries as cli_deliveries
 from orchestrator.cli import groups as cli_groups
 from orchestrator.cli import session_logs as cli_session_logs
+from orchestrator.cli import sessions_admin as cli_sessions_admin
 from orchestrator.config.load import read_config, read_config_sources
 from orchestrator.config.model import Config
 from orchestrator.config.render import write_default
@@ -303,10 +304,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         with registry:
             rows = status.collect(cfg.data_dir, registry, cfg)
     print(status.render_json(rows) if args.json else status.render_table(rows))
+    if not args.json:
+        _archived_line(cfg)
     warning = status.environment_warning(cfg.data_dir)
     if warning:  # status itself only reads, so it works; say what will not
         print(f"orchestrator: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _archived_line(cfg: Config) -> None:
+    """One line under the table: how many sessions are archived (retention), if any."""
+    from orchestrator.host.retention import archive_dir
+
+    root = archive_dir(cfg.data_dir, cfg.retention)
+    try:
+        count = sum(1 for _ in root.glob("*/*.tar.gz"))
+    except OSError:
+        return
+    if count:
+        print(f"{count} archived session{'' if count == 1 else 's'} in {root} "
+              "(orchestrator sessions restore ID)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -432,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_deliveries.register(sub, common, remote, _load)
     cli_session_logs.register(sub, common, _load)
     cli_backup.register(sub, common, _load)
+    cli_sessions_admin.register(sub, common, remote, _load)
     return parser
 
 

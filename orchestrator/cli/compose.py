@@ -49,6 +49,7 @@ from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
+from orchestrator.host.retention import Retention
 from orchestrator.host.sessions import Sessions
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.signals import capture_signals
@@ -175,6 +176,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         make_dirs(sessions_root(data_dir))
         tighten_data_dir(data_dir, _channel_files(cfg))
         registry = stack.enter_context(Registry(registry_path(data_dir)))
+        retention = Retention(data_dir, registry, cfg.retention)
+        retention.recover()  # removals a crash cut short: finished or undone, first
         sessions = Sessions(data_dir, registry, cfg.sessions.max_attachment_bytes)
 
         chan = channel or make_channel(cfg.delivery)
@@ -220,7 +223,8 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
             egress=gateway if gateway.doors else None)  # enabled = false: such starts fail
         sup = Supervisor(cfg, tracked, registry, sessions, runtime, inbox, dirty, statuses,
                          worker, gate, book, clock,
-                         stop_event=stop_event or asyncio.Event())
+                         stop_event=stop_event or asyncio.Event(), retention=retention,
+                         on_removed=events.forget_sessions)
         chan.bind(lambda sid: dirty.mark(sid, Flag.OUTBOUND))  # an outcome known → a pass
 
         if peers is not None:

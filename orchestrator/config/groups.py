@@ -36,6 +36,7 @@ from orchestrator.config.model import (
     GROUP_DOCKER_KEYS,
     GROUP_KUBERNETES_KEYS,
     GROUP_LIFECYCLE_KEYS,
+    GROUP_RETENTION_KEYS,
     Config,
     ConfigError,
     DockerConfig,
@@ -43,6 +44,7 @@ from orchestrator.config.model import (
     GroupConfig,
     KubernetesConfig,
     LifecycleConfig,
+    RetentionConfig,
     RuntimeConfig,
 )
 from orchestrator.config.mounts import MountNotAllowed, extra_mounts
@@ -67,6 +69,7 @@ class AgentSettings:
     # the egress gateway: "host:port" its agents may reach, the keys injected per host
     egress: tuple[str, ...] = ()
     egress_credentials: tuple[EgressCredential, ...] = ()
+    retention: RetentionConfig = RetentionConfig()  # effective archive_after, delete_after
 
     @property
     def image(self) -> str | None:
@@ -141,7 +144,8 @@ def resolve(cfg: Config, group: str) -> AgentSettings:
         group=group, kind=cfg.runtime.kind, runtime=runtime, docker=docker, kubernetes=k8s,
         lifecycle=dataclasses.replace(cfg.lifecycle, **given(GROUP_LIFECYCLE_KEYS)),
         env=g.env or (), env_files=g.env_files or (), max_agents=g.max_agents,
-        egress=g.egress or (), egress_credentials=g.egress_credentials or ())
+        egress=g.egress or (), egress_credentials=g.egress_credentials or (),
+        retention=dataclasses.replace(cfg.retention, **given(GROUP_RETENTION_KEYS)))
 
 
 class SecretUnreadable(OSError):

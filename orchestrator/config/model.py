@@ -321,6 +321,35 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]`` (issue 26.1): what is archived, deleted or pruned, and when.
+
+    "Inactive" is measured on a *stopped* session only (no agent, nothing pending,
+    every reply settled: ``rules.retention``), from its last activity (the newer of
+    its last reply, heartbeat and creation). ``archive_after`` and ``delete_after``
+    may be set per group (``[groups.<name>]``)."""
+
+    archive_after: float = _opt(0.0, "seconds a stopped session may stay inactive before it "
+                                "is archived (one compressed file under archive_dir, "
+                                "restorable); 0 = never", min=0, max=10 * 365 * 86400)
+    delete_after: float = _opt(0.0, "seconds a stopped session may stay inactive before it "
+                               "is deleted (its folder and registry rows, no archive); 0 = "
+                               "never; when both are set the shorter one applies",
+                               min=0, max=10 * 365 * 86400)
+    delivered_max_age: float = _opt(0.0, "seconds a delivered reply file (delivered/<id>/) "
+                                    "is kept; 0 = forever", min=0, max=10 * 365 * 86400)
+    archive_dir: str = _opt("", "where archives go, relative to data_dir; '' = "
+                            "<data_dir>/archive")
+    sweep_interval: float = _opt(600.0, "seconds between two retention sweeps of `run`",
+                                 min=1, max=86400)
+    batch: int = _opt(10, "sessions removed per step of a sweep before the loop yields "
+                      "(other sessions' work goes first)", min=1, max=10_000)
+    duty: float = _opt(0.25, "share of the time a sweep works: after a step that took t "
+                       "seconds it rests t * (1/duty - 1), so live sessions keep the disk "
+                       "and CPU it would take; 1 = no rest", min=0.01, max=1)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _opt("INFO", "log level",
                       choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"))
@@ -385,6 +414,8 @@ GROUP_SHARED: dict[str, tuple[type, str]] = {
     "claim_stuck": (LifecycleConfig, "claim_stuck"),
     "max_run": (LifecycleConfig, "max_run"),
     "max_run_grace": (LifecycleConfig, "max_run_grace"),
+    "archive_after": (RetentionConfig, "archive_after"),
+    "delete_after": (RetentionConfig, "delete_after"),
 }
 GROUP_DOCKER_KEYS = ("image", "network", "memory", "cpus", "pids_limit", "mounts", "group_folder")
 # [kubernetes] keys a group may set; image, command and group_folder go to [kubernetes]
@@ -393,6 +424,7 @@ GROUP_KUBERNETES_KEYS = ("cpu_request", "cpu_limit", "memory_request", "memory_l
                          "node_selector", "tolerations", "service_account", "runtime_class")
 GROUP_LIFECYCLE_KEYS = ("idle_after", "stop_idle_after", "ceiling", "claim_stuck", "max_run",
                         "max_run_grace")
+GROUP_RETENTION_KEYS = ("archive_after", "delete_after")
 MAX_AGENTS_RANGE = (1, 100_000)
 
 
@@ -428,6 +460,8 @@ class GroupConfig:
     egress_credentials: tuple[EgressCredential, ...] | None = None
     max_run: float | None = None
     max_run_grace: float | None = None
+    archive_after: float | None = None
+    delete_after: float | None = None
 
 
 GROUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(GroupConfig) if f.name != "name")
@@ -476,6 +510,8 @@ KEY_HELP: dict[str, tuple[str, str]] = {
         "session's gateway token, the placeholder the SDK sends)"),
     "max_run": ("86400.0", "[lifecycle] max_run for this group (0 = no limit)"),
     "max_run_grace": ("300.0", "[lifecycle] max_run_grace for this group"),
+    "archive_after": ("604800.0", "[retention] archive_after for this group (0 = never)"),
+    "delete_after": ("2592000.0", "[retention] delete_after for this group (0 = never)"),
 }
 
 
@@ -491,6 +527,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "log": LogConfig,
     "gateway": GatewayConfig,
+    "retention": RetentionConfig,
 }
 
 
@@ -508,6 +545,7 @@ class Config:
     cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
     gateway: GatewayConfig = GatewayConfig()
+    retention: RetentionConfig = RetentionConfig()
     groups: tuple[GroupConfig, ...] = ()  # sorted by name: [groups.<name>] overrides
     source: Path | None = None
 

@@ -32,6 +32,7 @@ from orchestrator.config.model import Config
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.tracked import Flag, Flags, Tracked
 from orchestrator.host.registry import Registry
+from orchestrator.host.retention import Outcome
 from orchestrator.host.sessions import Sessions
 from orchestrator.rules.egress import AgentEgress
 from orchestrator.rules.lifecycle import Verdict
@@ -163,6 +164,11 @@ class Control(Protocol):
     async def retry_deliveries(self, session_id: str | None) -> int:
         """Re-queue the failed replies of one session (or all) with fresh attempts;
         returns how many. Raises ``requeue.UnknownSession`` for an unknown id."""
+        ...
+
+    async def remove_session(self, session_id: str, action: str, force: bool) -> Outcome:
+        """Archive (``action="archive"``) or delete a session, its agent stopped first;
+        ``Outcome.action`` says what happened ("kept" with a reason, "missing")."""
         ...
 
 

@@ -40,12 +40,15 @@ from orchestrator.engine.admission_gate import AdmissionGate
 from orchestrator.engine.delivery import DeliveryState
 from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
 from orchestrator.engine.requeue import requeue_failed
+from orchestrator.engine.retention import Retirement
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook, unchanged
 from orchestrator.engine.tracked import Flag, Tracked
 from orchestrator.host.registry import Registry
+from orchestrator.host.retention import Outcome, Retention
 from orchestrator.host.safefs import Refused, SessionDir, open_group
 from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
+from orchestrator.rules.retention import Action as RetentionAction
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 from orchestrator.support.ticker import ticks
@@ -95,8 +98,17 @@ class Supervisor:
     clock: Clock = utcnow
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # retention (issue 26.1): the host's removal steps, and who forgets removed sessions
+    # (the API's event log); None = no retention sweep, removals by hand refused
+    retention: Retention | None = None
+    on_removed: Callable[[list[str]], object] = lambda sids: None
 
     def __post_init__(self) -> None:
+        self.retiring: set[str] = set()  # being archived or deleted: never tracked again
+        self.in_pass: str | None = None  # the session whose pass the work loop is in
+        self.retirement = None if self.retention is None else Retirement(
+            self.cfg, self, self.runtime, self.retention, notify=self.worker.notify,
+            on_removed=self.on_removed)
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
@@ -129,6 +141,30 @@ class Supervisor:
                 t.delivery = DeliveryState()
                 self.dirty.mark(sid, Flag.OUTBOUND)
         return sum(len(ids) for ids in done.values())
+
+    async def remove_session(self, session_id: str, action: str, force: bool) -> Outcome:
+        """Archive or delete a session now (``DELETE /v1/sessions/{id}``)."""
+        if self.retirement is None:
+            return Outcome(session_id, "kept", "retention is not set up")
+        return await self.retirement.remove(session_id, RetentionAction(action), force=force)
+
+    def detach_session(self, session_id: str) -> None:
+        """Retention takes the session: no more passes, no timer, never re-registered
+        from disk or the registry while it is in ``retiring``."""
+        self.retiring.add(session_id)
+        t = self.tracked.pop(session_id, None)
+        self.dirty.drop(session_id)
+        if session_id in self._unreconciled:  # its start-up pass will never run
+            self._unreconciled.discard(session_id)
+            if not self._unreconciled:
+                self.ready.set()
+        if t is not None:
+            t.timer.cancel()
+
+    def reattach_session(self, agent_group: str, session_id: str) -> None:
+        """Retention kept it after all (or it was restored): tracked again, a full pass."""
+        self.retiring.discard(session_id)
+        self._track_from_disk(agent_group, session_id)
 
     # --- events in ----------------------------------------------------------------
 
@@ -197,6 +233,8 @@ class Supervisor:
             validate_id(session_id, "session id")
         except InvalidId:
             return False
+        if session_id in self.retiring:
+            return False
         row = self.registry.session(session_id)
         if row is None:
             if not self._real_session_folder(agent_group, session_id):
@@ -235,7 +273,7 @@ class Supervisor:
 
     def _discover(self) -> None:
         for session_id, agent_group, container_status in self.registry.session_index():
-            if session_id not in self.tracked:
+            if session_id not in self.tracked and session_id not in self.retiring:
                 t = self._track(agent_group, session_id)
                 t.status = Status(container_status)
                 self.dirty.mark(session_id, Flag.FULL)
@@ -294,7 +332,11 @@ class Supervisor:
                 sid, flags = self.dirty.pop()
                 t = self.tracked.get(sid)
                 if t is not None:
-                    await self.worker.process(t, flags)
+                    self.in_pass = sid
+                    try:
+                        await self.worker.process(t, flags)
+                    finally:
+                        self.in_pass = None
                     if flags & Flag.FORCE:
                         self._unreconciled.discard(sid)
                         if not self._unreconciled:
@@ -425,6 +467,8 @@ class Supervisor:
                            WATCH_START_TIMEOUT)
         await self._reconcile_at_start()
         self._tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
+        if self.retirement is not None:
+            self._tasks.append(asyncio.create_task(self.retirement.run(), name="retention"))
         self._worker = asyncio.create_task(self._work(), name="work")
         self.dirty.wake.set()
 

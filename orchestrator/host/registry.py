@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +85,18 @@ CREATE INDEX IF NOT EXISTS idx_agent_runs_session ON agent_runs(session_id);
 """
 
 
+# One row per session being archived or deleted (``host.removals``): written, with the
+# session's registry rows, in the transaction that takes those rows out of ``sessions``;
+# removed when the removal is complete. A row left by a crash is finished or undone at
+# the next start (``host.retention.recover``).
+REMOVALS_DDL = """
+CREATE TABLE IF NOT EXISTS removals (
+    session_id TEXT PRIMARY KEY, agent_group_id TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('archive', 'delete')),
+    rows TEXT NOT NULL, started_at TEXT NOT NULL);
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRow:
     id: str
@@ -111,6 +123,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     # a scan of every session's changes
     script("CREATE INDEX IF NOT EXISTS idx_status_changes_session"
            " ON status_changes(session_id, id);"),
+    script(REMOVALS_DDL),  # 5: retention's journal of archives and deletions (issue 26.1)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -195,6 +208,11 @@ class Registry:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock, transaction(self._conn) as c:
             yield c
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One transaction on the registry's connection, for the host modules that keep
+        their own tables in it (``host.removals``)."""
+        return self._tx()
 
     def close(self) -> None:
         self._conn.close()

@@ -153,3 +153,27 @@ def test_a_sessions_status_log_is_read_through_its_index(tmp_path: Path) -> None
             "EXPLAIN QUERY PLAN SELECT at, old, new, reason FROM status_changes"
             " WHERE session_id=? ORDER BY id", ("s",)))
     assert "USING INDEX idx_status_changes_session" in plan, plan
+
+
+def test_a_version_4_registry_gains_the_removals_journal_with_its_rows(tmp_path: Path) -> None:
+    """Migration 5 (retention's journal): a registry written at version 4 keeps its
+    sessions and gains ``removals``, which a removal then uses."""
+    from orchestrator.host import removals
+
+    path = registry_path(tmp_path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in registry_mod.MIGRATIONS[:4]:
+        step(conn)
+    conn.executescript(OLD_SESSIONS.split("CREATE TABLE sessions")[1].split(";", 1)[1]
+                       .replace("INSERT INTO agent_groups", "INSERT OR IGNORE INTO agent_groups"))
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    assert "removals" not in {r[0] for r in sqlite3.connect(path).execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    with Registry(path) as reg:
+        assert user_version(path) == SCHEMA_VERSION == 5
+        assert reg.session("sess-old") is not None
+        assert removals.begin(reg, "sess-old", "delete") is not None
+        assert reg.session("sess-old") is None and len(removals.pending(reg)) == 1
+    assert table_columns(path, "removals") == ["session_id", "agent_group_id", "action",
+                                               "rows", "started_at"]

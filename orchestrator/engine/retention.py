@@ -1,0 +1,274 @@
+"""Retention in the running engine: the periodic sweep and removals by hand (issue 26.1).
+
+The sweep's disk work (journal, move, archive, tree removal: ``host.retention``) runs in
+a worker *process* (one, started at the first sweep, ``nice`` 10, killed by the kernel
+if the orchestrator dies: ``PR_SET_PDEATHSIG``), a batch of ``[retention] batch``
+sessions per call, the loop yielding between batches. A thread would do the same I/O,
+but its Python work (tar headers, the tree walk) holds the interpreter lock: each
+time the loop thread wants it back it waits up to the switch interval (5 ms), many times
+per reply; measured, a thread-run prune multiplied other sessions' reply p99 by ~10.
+A process shares nothing with the loop but the files and SQLite's locks. Only the
+bookkeeping that must not interleave with the supervisor runs on the loop:
+
+- ``detach``: a session is taken out of ``tracked`` (no more passes, its timer
+  cancelled, its dirty mark dropped) and put in the supervisor's ``retiring`` set, so
+  neither a watch event nor a discovery registers it again while its folder and rows
+  move. A session with a pass under way, a pending mark, an operation (start, stop) or
+  an agent is not detached: it is looked at again next sweep.
+- ``reattach``: a session the host kept after all (work arrived) is tracked again with
+  a full pass, as a session found on disk.
+
+A removal by hand (``DELETE /v1/sessions/{id}``) stops a running agent first through
+the worker (``request_stop``, as ``POST /v1/sessions/{id}/stop``), waits for it to be
+gone, then removes as above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from loguru import logger
+
+from orchestrator.config import groups
+from orchestrator.config.model import Config
+from orchestrator.contract.schema import format_ts, utcnow
+from orchestrator.contract.session_status import Status
+from orchestrator.engine.ports import Notify, notify_nobody
+from orchestrator.engine.tracked import Tracked
+from orchestrator.host.registry import Registry
+from orchestrator.host.retention import Item, Outcome, Retention, prune_delivered, remove_batch
+from orchestrator.rules import retention as rules
+from orchestrator.runtime.base import Runtime
+from orchestrator.support.ticker import ticks
+
+STOP_WAIT_EXTRA = 10.0  # s beyond stop_grace a removal by hand waits for the agent to go
+PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent: int) -> None:
+    """In the worker process: die with the orchestrator (a removal left running after a
+    SIGKILL would race the next start's ``recover``), and yield the CPU to it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's pipe closing ends it
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+    os.nice(10)
+
+
+class Host(Protocol):
+    """What retention needs of the supervisor."""
+
+    tracked: dict[str, Tracked]
+    retiring: set[str]
+    in_pass: str | None
+    ready: asyncio.Event
+    stop_event: asyncio.Event
+
+    def detach_session(self, session_id: str) -> None: ...
+
+    def reattach_session(self, agent_group: str, session_id: str) -> None: ...
+
+    def stop_agent(self, session_id: str, reason: str) -> bool | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    session_id: str
+    agent_group: str
+    action: rules.Action
+    settings: tuple[float, float]  # (archive_after, delete_after) of its group
+
+
+def candidates(cfg: Config, registry: Registry, now: float) -> list[Candidate]:
+    """Stopped, unqueued sessions inactive past their group's threshold, oldest first
+    (the facts in their folders are checked at removal)."""
+    out: list[tuple[float, Candidate]] = []
+    rules_of: dict[str, tuple[float, float]] = {}
+    for s in registry.sessions():
+        if s.container_status != Status.STOPPED or s.queued_since is not None:
+            continue
+        settings = rules_of.get(s.agent_group_id)
+        if settings is None:
+            r = groups.resolve(cfg, s.agent_group_id).retention
+            settings = rules_of[s.agent_group_id] = (r.archive_after, r.delete_after)
+        rule = rules.threshold(*settings)
+        if rule is None:
+            continue
+        times = [t.timestamp() for t in (s.last_active, s.last_heartbeat, s.created_at) if t]
+        last = max(times) if times else 0.0
+        if now - last >= rule[0]:
+            out.append((last, Candidate(s.id, s.agent_group_id, rule[1], settings)))
+    out.sort(key=lambda p: p[0])
+    return [c for _, c in out]
+
+
+class Retirement:
+    """The sweep task and removals by hand over one running engine."""
+
+    def __init__(self, cfg: Config, host: Host, runtime: Runtime, retention: Retention,
+                 *, notify: Notify = notify_nobody,
+                 on_removed: Callable[[list[str]], object] = lambda sids: None) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.runtime = runtime
+        self.retention = retention
+        self.notify = notify
+        self.on_removed = on_removed  # the API's event log forgets them (worker thread)
+        self.counts = {"archived": 0, "deleted": 0}
+        self.last: dict[str, Any] = {}  # the last sweep: for status and the bench
+        self._pool: ProcessPoolExecutor | None = None
+
+    # --- detach / reattach (on the loop) -------------------------------------------
+
+    def _busy(self, sid: str) -> bool:
+        t = self.host.tracked.get(sid)
+        if self.runtime.is_running(sid) or self.host.in_pass == sid:
+            return True
+        return t is not None and (t.status != Status.STOPPED or t.op_running())
+
+    def _detach(self, c: Candidate) -> bool:
+        if self._busy(c.session_id) or c.session_id in self.host.retiring:
+            return False
+        self.host.detach_session(c.session_id)
+        return True
+
+    def _settle(self, c: Candidate, outcome: Outcome, by: str) -> None:
+        self.host.retiring.discard(c.session_id)
+        if outcome.action == "kept":
+            self.host.reattach_session(c.agent_group, c.session_id)
+            return
+        if outcome.action in self.counts:
+            self.counts[outcome.action] += 1
+            self.notify("session_removed", {"session_id": c.session_id,
+                                            "agent_group": c.agent_group,
+                                            "action": outcome.action, "by": by})
+
+    # --- the sweep -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Every ``sweep_interval``, once the start-up passes are done."""
+        await self.host.ready.wait()
+        try:
+            async for _ in ticks(self.cfg.retention.sweep_interval, self.host.stop_event):
+                try:
+                    await self.sweep()
+                except Exception as exc:  # noqa: BLE001 - a failing sweep must not end the task
+                    logger.opt(exception=exc).error("retention sweep failed: {}", exc)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _worker(self) -> ProcessPoolExecutor:
+        if self._pool is None:  # spawned, not forked: the loop's threads stay here
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(os.getpid(),))
+        return self._pool
+
+    async def sweep(self) -> dict[str, Any]:
+        """One sweep: delivered files, then every due session, a batch per thread hop."""
+        started = time.monotonic()
+        r = self.cfg.retention
+        files = await asyncio.to_thread(prune_delivered, self.cfg.data_dir,
+                                        r.delivered_max_age)
+        found = await asyncio.to_thread(candidates, self.cfg, self.retention.registry,
+                                        time.time())
+        done = {"archived": 0, "deleted": 0, "kept": 0, "skipped": 0}
+        gone: list[str] = []
+        for i in range(0, len(found), r.batch):
+            if self.host.stop_event.is_set():
+                break
+            batch = [c for c in found[i:i + r.batch] if self._detach(c)]
+            done["skipped"] += len(found[i:i + r.batch]) - len(batch)
+            step = time.monotonic()
+            outcomes = await self._remove_all(batch)
+            rest = (time.monotonic() - step) * (1 / r.duty - 1)
+            for c, outcome in zip(batch, outcomes, strict=True):
+                self._settle(c, outcome, "retention")
+                done[outcome.action if outcome.action in done else "kept"] += 1
+            gone += [c.session_id for c, o in zip(batch, outcomes, strict=True)
+                     if o.action in ("archived", "deleted")]
+            try:  # the rest: live sessions have the disk and the CPU (``duty``)
+                await asyncio.wait_for(self.host.stop_event.wait(), rest)
+            except asyncio.TimeoutError:
+                pass
+        if gone:  # one pass over the event log for the whole sweep
+            await asyncio.to_thread(self.on_removed, gone)
+        seconds = time.monotonic() - started
+        self.last = {**done, "delivered_files": files, "candidates": len(found),
+                     "seconds": round(seconds, 3), "at": format_ts(utcnow())}
+        if found or files:
+            logger.info("retention: {} archived, {} deleted, {} kept, {} busy, {} delivered "
+                        "files removed in {:.1f}s", done["archived"], done["deleted"],
+                        done["kept"], done["skipped"], files, seconds)
+        return self.last
+
+    async def _remove_all(self, batch: list[Candidate]) -> list[Outcome]:
+        """The batch in the worker process; if it fails as a whole, one at a time (a
+        session's own trouble is then its own: the rest go on)."""
+        if not batch:
+            return []
+        items = [Item(c.session_id, c.action, periodic=True, settings=c.settings)
+                 for c in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._worker(), remove_batch,
+                                              self.cfg.data_dir, self.cfg.retention, items)
+        except Exception as exc:  # noqa: BLE001 - e.g. one hostile folder: one by one below
+            logger.warning("retention: a batch failed ({}); removing one at a time", exc)
+            if isinstance(exc, BrokenProcessPool):  # the worker died: a new one
+                self._pool = None
+        out = []
+        for item in items:
+            try:
+                out += await loop.run_in_executor(self._worker(), remove_batch,
+                                                  self.cfg.data_dir, self.cfg.retention,
+                                                  [item])
+            except Exception as exc:  # noqa: BLE001 - this session's trouble only
+                logger.error("retention: session {}: {}", item.session_id, exc)
+                if isinstance(exc, BrokenProcessPool):
+                    self._pool = None
+                await asyncio.to_thread(self.retention.recover)  # undo its half
+                out.append(Outcome(item.session_id, "kept", str(exc)))
+        return out
+
+    # --- by hand ---------------------------------------------------------------------
+
+    async def remove(self, session_id: str, action: rules.Action, *,
+                     force: bool = False) -> Outcome:
+        """``DELETE /v1/sessions/{id}``: stop its agent if one runs, then remove it (or
+        say why not: ``Outcome.action == "kept"``, ``"missing"``)."""
+        row = await asyncio.to_thread(self.retention.registry.session, session_id)
+        if row is None:
+            return Outcome(session_id, "missing", "no such session")
+        c = Candidate(session_id, row.agent_group_id, action, (0.0, 0.0))
+        deadline = time.monotonic() + self.cfg.runtime.stop_grace + STOP_WAIT_EXTRA
+        while self._busy(session_id) or session_id in self.host.retiring:
+            if self.runtime.is_running(session_id):
+                self.host.stop_agent(session_id, "session removed")
+            if time.monotonic() > deadline:
+                return Outcome(session_id, "kept", "its agent did not stop in time; try again")
+            await asyncio.sleep(0.05)
+        self._detach(c)
+        try:
+            outcome = await asyncio.to_thread(self.retention.remove, session_id, action,
+                                              force=force)
+        except BaseException:
+            self.host.retiring.discard(session_id)
+            self.host.reattach_session(c.agent_group, session_id)
+            raise
+        self._settle(c, outcome, "hand")
+        if outcome.action in ("archived", "deleted"):
+            await asyncio.to_thread(self.on_removed, [session_id])
+        return outcome

@@ -193,8 +193,11 @@ async def test_reference_agent_starts_without_site_and_ignores_its_folder(
     # it runs from the package, or from the data dir's compiled copy (bytecode.prepare)
     code = runtime.bytecode.root if runtime.bytecode and runtime.bytecode.root else PACKAGE_ROOT
     fast = [PY, "-S", "-P", os.path.join(code, "orchestrator", "agent", "__main__.py")]
-    with open(f"/proc/{handle.ident}/cmdline", "rb") as fh:
-        assert fh.read().split(b"\0")[:4] == [os.fsencode(part) for part in fast]
+    # Popen returns once exec has begun; the new image's arguments are in place a
+    # moment later (an empty cmdline until then)
+    cmdline = Path(f"/proc/{handle.ident}/cmdline")
+    await until(lambda: cmdline.read_bytes(), 10, "the agent's command line")
+    assert cmdline.read_bytes().split(b"\0")[:4] == [os.fsencode(part) for part in fast]
     await until(lambda: query(ref.folder / OUTBOUND_DB,
                               "SELECT 1 FROM messages_out WHERE in_reply_to = 'm2'"), 20, "reply")
     assert not (ref.folder / "planted-ran").exists()

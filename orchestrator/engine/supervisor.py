@@ -49,7 +49,7 @@ from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_st
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 from orchestrator.support.ticker import ticks
-from orchestrator.watch import watcher
+from orchestrator.watch import budget, watcher
 
 Clock = Callable[[], datetime]
 
@@ -304,13 +304,13 @@ class Supervisor:
 
     async def _watch(self) -> None:
         root = sessions_root(self.cfg.data_dir)
-        mode, warning = watcher.choose_mode(self.cfg.watch, watcher.count_dirs(root),
-                                            watcher.watch_budget())
-        if warning:
-            logger.warning(warning)
+        mode = watcher.choose_mode(self.cfg.watch)
+        value, known = watcher.watch_budget(), watcher.watch_limit()
+        limit = None if value is None else budget.Limit(
+            value, known.name if known is not None else budget.LIMIT_FILES[0][0])
         self.watch_mode = mode
         async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
-                                           self._watching, mode, self.worker.muted):
+                                           self._watching, mode, self.worker.muted, limit):
             self._on_activity(batch)
 
     async def _sweep(self) -> None:

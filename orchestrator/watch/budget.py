@@ -16,6 +16,8 @@ status``, and named once at start with the sysctl to raise (``warning``).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +91,38 @@ def poll_round(polled: int, rate: float, interval: float) -> float:
     if polled <= 0:
         return interval
     return max(interval, polled / rate)
+
+
+STATE_FILE = "watch-state.json"  # in the data dir: what ``orchestrator status`` shows
+
+
+def write_state(data_dir: Path, *, watches: int, polled: int, warning: str | None) -> None:
+    """Say what the watch holds for ``orchestrator status`` (another process), atomically;
+    a failure (read-only data dir) only costs that line."""
+    path = data_dir / STATE_FILE
+    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"pid": os.getpid(), "watches": watches,
+                                   "polled_sessions": polled, "warning": warning}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def read_state(data_dir: Path) -> dict | None:
+    """What the running host last wrote (None: no host runs, or it said nothing)."""
+    try:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def status_line(state: dict | None) -> str | None:
+    """The line ``orchestrator status`` prints when sessions are polled."""
+    if not state or not state.get("polled_sessions"):
+        return None
+    return (f"{state['polled_sessions']} sessions are past the inotify watch budget and "
+            f"polled (slower replies); {state.get('watches', 0)} watches held. "
+            + (state.get("warning") or ""))

@@ -149,18 +149,31 @@ def short_budget_warning(notify: object, limit: budget.Limit | None,
 
 
 def _announce_budget(notify: object, limits: tuple[budget.Limit | None, int | None],
-                     post: Callable[[WatchMessage], None]) -> None:
-    """A new watch: its counts for the metrics, and the warning if it polls sessions."""
-    _note_state(notify)
+                     post: Callable[[WatchMessage], None], data_dir: Path) -> str | None:
+    """A new watch: its counts for the metrics and ``status``, and the warning if it
+    polls sessions (returned: ``_note_state`` repeats it in the status file)."""
     short = short_budget_warning(notify, *limits)
     if short is not None:
         post(Short(short))
+    _note_state(notify, data_dir, short, force=True)
+    return short
 
 
-def _note_state(notify: object) -> None:
+_written: dict[str, float] = {"at": 0.0, "polled": -1}
+STATE_EVERY = 5.0  # s: the status file is rewritten at most this often
+
+
+def _note_state(notify: object, data_dir: Path, warning: str | None,
+                force: bool = False) -> None:
     counts = getattr(notify, "counts", None)
-    if counts is not None:
-        WATCH_STATE["watches"], WATCH_STATE["polled_sessions"] = counts()
+    if counts is None:
+        return
+    WATCH_STATE["watches"], WATCH_STATE["polled_sessions"] = watches, polled = counts()
+    now = time.monotonic()
+    if force or (polled != _written["polled"] and now - _written["at"] >= STATE_EVERY):
+        _written["at"], _written["polled"] = now, polled
+        budget.write_state(data_dir, watches=watches, polled=polled,
+                           warning=warning if polled else None)
 
 
 PROBE = ".orchestrator-watch-probe"
@@ -303,7 +316,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
             queue = watch_health.queue_limit()  # what the new instance gets
             notify = notifier(root)
             with notify:
-                _announce_budget(notify, limits, post)
+                short = _announce_budget(notify, limits, post, root.parent)
                 gate = watch_health.Gate(halt, root, notify.fd, queue, cfg.sweep_interval,
                                          notify.watched_inodes)
                 last_change = time.monotonic()
@@ -324,7 +337,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                     rescan = episodes.step(sign, now)
                     if rescan is not None:
                         post(Lost(*rescan))
-                    _note_state(notify)
+                    _note_state(notify, root.parent, short)
                     if raw == "timeout":
                         continue
                     if isinstance(raw, str):  # "stop" (halt or restart) or "signal"

@@ -30,7 +30,6 @@ from orchestrator.contract.layout import (
     INBOUND_DB,
     InvalidId,
     Kind,
-    session_paths,
     sessions_root,
     validate_id,
 )
@@ -42,7 +41,7 @@ from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
 from orchestrator.engine.requeue import requeue_failed
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook, unchanged
-from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.engine.tracked import Flag, LazyPaths, Tracked
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import Refused, SessionDir, open_group
 from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
@@ -108,6 +107,7 @@ class Supervisor:
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
         self._tasks: list[asyncio.Task] = []  # watch, sweep
+        self._cycle: list[str] = []  # the sweep's order over one dormant cycle
         self._worker: asyncio.Task | None = None
 
     # --- what the API may ask (``ports.Control``) -----------------------------------
@@ -186,8 +186,8 @@ class Supervisor:
     def _track(self, agent_group: str, session_id: str) -> Tracked:
         t = self.tracked.get(session_id)
         if t is None:
-            paths = session_paths(self.cfg.data_dir, agent_group, session_id)
-            t = Tracked(agent_group, session_id, paths)
+            t = Tracked(agent_group, session_id,
+                        LazyPaths(self.cfg.data_dir, agent_group, session_id))
             self.tracked[session_id] = t
         return t
 
@@ -336,11 +336,17 @@ class Supervisor:
                     await self.runtime.reconcile()
                 except Exception as exc:  # noqa: BLE001 - it logs its own outages; keep sweeping
                     logger.debug("runtime reconcile failed: {}", exc)
-                self._discover()
                 round_no += 1
-                order = self._sweep_order(round_no % rounds, rounds)
+                turn = round_no % rounds
+                if turn == 0 or not self._healthy():  # new folders and registry rows:
+                    self._discover()  # (watched, their events track them at once)
+                order = self._sweep_order(turn, rounds)
             self._sweep_slice(order[part::slices])
             self.book.save()
+
+    def _healthy(self) -> bool:
+        """inotify is in place (an overflow or a lost watch rescans every session)."""
+        return self.watch_mode == "events" and self._watching.is_set()
 
     def _sweep_order(self, turn: int, rounds: int) -> list[str]:
         """The sessions this round sweeps: every one that is not dormant, and the
@@ -348,12 +354,14 @@ class Supervisor:
         may skip, ``startup_state``) has nothing to do until an event says otherwise,
         so while inotify is in place and healthy (a loss sign rescans every session at
         once) its sweep is drift correction only: 100 000 sessions swept every 30 s
-        were ~8 % of a core."""
-        if rounds <= 1 or self.watch_mode != "events" or not self._watching.is_set():
+        were ~8 % of a core. Set operations, not a loop per session."""
+        if rounds <= 1 or not self._healthy():
             return list(self.tracked)
-        saved = self.book.saved
-        return [sid for i, sid in enumerate(self.tracked)
-                if i % rounds == turn or sid not in saved]
+        if turn == 0 or len(self._cycle) != len(self.tracked):
+            self._cycle = list(self.tracked)  # each long cycle's order (sessions come, go)
+        part = self._cycle[turn::rounds]
+        live = self.tracked.keys() - self.book.saved.keys()
+        return part + list(live.difference(part)) if live else part
 
     def _sweep_slice(self, sids: list[str]) -> None:
         """Each group folder is opened once per slice (``safefs.open_group``); a swept

@@ -317,7 +317,9 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
             notify = notifier(root)
             with notify:
                 short = _announce_budget(notify, limits, post, root.parent)
-                gate = watch_health.Gate(halt, root, notify.fd, queue, cfg.sweep_interval,
+                # (a walk of every session folder: once per dormant cycle, not per sweep)
+                gate = watch_health.Gate(halt, root, notify.fd, queue,
+                                         max(cfg.sweep_interval, cfg.dormant_sweep_interval),
                                          notify.watched_inodes)
                 last_change = time.monotonic()
                 episodes = watch_health.Episodes()

@@ -126,10 +126,11 @@ def _rm_watch(fd: int, inode: int) -> None:
     raise AssertionError(f"inode {inode} is not watched")
 
 
-def test_an_unwatched_session_folder_is_watched_again_within_one_sweep(tmp_path: Path) -> None:
+def test_an_unwatched_session_folder_is_watched_again_within_one_dormant_cycle(
+        tmp_path: Path) -> None:
     root, folder = _tree(tmp_path)
     other = create_folder(tmp_path / "data", "grp", "sess-2").root  # stays watched
-    cfg = WatchConfig(sweep_interval=0.5)
+    cfg = WatchConfig(sweep_interval=0.5, dormant_sweep_interval=0.5)
     warnings: list[str] = []
     made: list[Path] = []
     sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")

@@ -499,7 +499,7 @@ class SessionWorker:
                 statuses=("completed",)))
             outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
             t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-            t.read.synced_acks.difference_update(unanswered)
+            t.read.synced_acks = t.read.synced_acks - set(unanswered)
         for mid, status in result.items():
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,

@@ -79,6 +79,7 @@ def over_budget(bench, run: Run, replies: int, rate: float) -> dict:
     n = run.n
     # budget.usable(pretended) ≈ the root, the group and 60 % of the sessions
     pretended = max(int((0.6 * n + 2) / 0.95) + 1, int(0.6 * n) + 2 + budget.RESERVE_MIN)
+    run.orch.ready_file.unlink(missing_ok=True)  # the last run's: not this one's "ready"
     run.orch = Orchestrator(run.dir, run.orch.config, None, pretended)
     run.info = {}
     bench.say(f"  over budget: pretending a watch limit of {pretended} for {n} sessions")

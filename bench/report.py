@@ -7,7 +7,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, "==": operator.eq}
+OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt,
+       "==": operator.eq}
 
 
 @dataclass(frozen=True)

@@ -339,10 +339,14 @@ class FolderWatch:
         group, _, name = session.rpartition("/")
         self._appeared(group, 1, name)
 
-    def _poll_due(self, changes: set[tuple[Change, str]]) -> None:
-        if len(self.polled):
-            for session in self.polled.due(changes):
-                self._promote(session)
+    def _poll_due(self, changes: set[tuple[Change, str]]) -> bool:
+        """Look at the polled sessions whose turn it is; whether any changed."""
+        if not len(self.polled):
+            return False
+        changed = self.polled.due(changes)
+        for session in changed:
+            self._promote(session)
+        return bool(changed)
 
     def _open(self, path: str) -> int | None:
         """A watched folder, opened from the root one component at a time (no links)."""
@@ -461,9 +465,11 @@ class FolderWatch:
                 ready = self._poll.poll(wait)
             except InterruptedError:
                 ready = []
-            self._poll_due(changes)
+            # a step without anything new ends the batch (only new changes extend it)
+            fresh = self._poll_due(changes)
+            fresh = bool(ready) and self._read(changes) or fresh
             now = time.monotonic()
-            if (ready and self._read(changes) or changes) and changes:
+            if fresh and changes:
                 first = first if first is not None else now
                 if (now - first) * 1000 < debounce_ms:
                     continue  # more may follow within a step

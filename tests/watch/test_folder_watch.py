@@ -228,3 +228,18 @@ def test_a_root_that_cannot_be_watched_leaves_no_descriptor(tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError):
         FolderWatch(tmp_path / "missing")
     assert watch_health.inotify_fds() == before
+
+
+def test_a_batch_ends_one_step_after_the_last_change_not_at_the_debounce(
+        tmp_path: Path) -> None:
+    """(A step with nothing new ends the batch: holding it to ``debounce_ms`` added
+    ~20 ms to every reply.)"""
+    import time
+
+    root, folder = _tree(tmp_path)
+    with _watch(root) as watch:
+        (folder / ".heartbeat").touch()
+        t0 = time.monotonic()
+        got = watch.watch(debounce_ms=3000, step_ms=5, timeout_ms=0, stop_event=None)
+        assert isinstance(got, set) and got
+        assert time.monotonic() - t0 < 1.5

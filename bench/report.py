@@ -7,7 +7,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, "==": operator.eq}
+OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt,
+       "==": operator.eq}
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,23 @@ def verdict(summary: list[dict], issue13: list[dict], errors: list[str]) -> tupl
             + (f"; errors in {', '.join(errors)}" if errors else ""))
     return line, 1 if failed or errors else 0
 
+
+
+def target_row(goal: str, unit: str, target: tuple[str, float] | None, value: Any) -> dict:
+    """One goal of a run: what it must be, what it was, whether that passes."""
+    return {"goal": goal, "unit": unit,
+            "target": f"{target[0]} {target[1]:g}" if target else None,
+            "measured": _num(value), "pass": _passes(target, value)}
+
+
+def target_table(rows: list[dict], digits: int = 2) -> str:
+    """``target_row`` rows as an aligned table."""
+    head = ("goal", "unit", "target", "measured", "pass")
+    body = [(r["goal"], r["unit"], r["target"] or "—", _fmt(r["measured"], digits),
+             _ok(r["pass"])) for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    align = ["<", "<", "<", ">", "^"]
+    lines = ["  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths, strict=True))
+             for cells in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ measured under the same conditions):
                     outbound.db and touch it (every touch an event, every event a
                     pass that meets the lock): one agent must not stall the others.
 - ``budget``        (events only) a pretended watch budget below the tree size:
-                    the orchestrator must fall back to polling, say so, and still deliver.
+                    the sessions past it are polled; say so, and still deliver.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from bench import collect, fixture, proc
 from bench.proc import Orchestrator
 from orchestrator.contract import schema
 from orchestrator.contract.layout import registry_path, sessions_root
+from orchestrator.watch import budget as watch_budget
 from orchestrator.watch import watcher
 
 
@@ -525,10 +526,10 @@ class Bench:
         return info
 
     def run_budget(self) -> dict:
-        """Watch budget too small: fall back to polling, warn, keep delivering."""
+        """Watch budget too small: the sessions past it are polled; warn, keep delivering."""
         n = 100
-        dirs = 1 + 1 + 3 * n
-        budget = dirs // 2
+        dirs = 1 + 1 + n
+        budget = watch_budget.RESERVE_MIN + 2 + n // 2  # half the sessions polled
         self.say(f"[events] watch budget demo: {n} sessions ≈ {dirs} folders, pretending "
                  f"max_user_watches={budget}")
         run = self.new_run("budget", n, "events", agents=True, watch_budget=budget)

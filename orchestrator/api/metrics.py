@@ -87,8 +87,10 @@ class _Gauges(Collector):
                  queue_length: Callable[[], int | None],
                  rescans: Callable[[], dict[str, int]],
                  webhook_responses: Callable[[], dict[str, int]] | None,
-                 egress: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
+                 egress: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 watch_state: Callable[[], dict[str, int]] = dict) -> None:
         self.egress = egress
+        self.watch_state = watch_state
         self.statuses = statuses
         self.queue_length = queue_length
         self.rescans = rescans
@@ -101,6 +103,13 @@ class _Gauges(Collector):
         for cause in sorted(set(counts) | {"events_lost", "watch_restarted"}):
             rescans.add_metric([_label(cause)], counts.get(cause, 0))
         yield rescans
+        state = self.watch_state()
+        yield GaugeMetricFamily("orchestrator_watch_polled_sessions", "Session folders past "
+                                "the inotify watch budget, polled instead of watched (0: "
+                                "every one is watched; see README, 'inotify limits')",
+                                value=state.get("polled_sessions", 0))
+        yield GaugeMetricFamily("orchestrator_watch_inotify_watches", "inotify watches this "
+                                "process holds", value=state.get("watches", 0))
         if self.webhook_responses is not None:
             responses = CounterMetricFamily(
                 "orchestrator_webhook_responses", "Webhook POSTs by the receiver's HTTP "
@@ -147,7 +156,8 @@ class Metrics:
                  rescans: Callable[[], dict[str, int]] = dict,
                  groups: Iterable[str] = (),
                  webhook_responses: Callable[[], dict[str, int]] | None = None,
-                 egress: Callable[[], dict[tuple[str, str], int]] | None = None) -> None:
+                 egress: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 watch_state: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
@@ -200,7 +210,8 @@ class Metrics:
             self.delivered.labels(channel, group)
             self.failed.labels(channel, group)
             self.messages_failed.labels(group)
-        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses, egress))
+        r.register(_Gauges(statuses, queue_length, rescans, webhook_responses, egress,
+                           watch_state))
 
     def _group(self, data: dict[str, Any]) -> str:
         return group_label(data.get("agent_group"), self.groups)

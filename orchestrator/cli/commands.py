@@ -288,6 +288,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.host import status
+    from orchestrator.watch import budget as watch_budget
 
     remote = _remote(args)
     if remote:
@@ -309,6 +310,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     warning = status.environment_warning(cfg.data_dir)
     if warning:  # status itself only reads, so it works; say what will not
         print(f"orchestrator: warning: {warning}", file=sys.stderr)
+    polled = watch_budget.status_line(watch_budget.read_state(cfg.data_dir))
+    if polled:  # (stderr in both forms: the --json list stays what it was)
+        print(f"orchestrator: warning: {polled}", file=sys.stderr)
     return 0
 
 

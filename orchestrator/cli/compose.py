@@ -202,6 +202,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           statuses=lambda: [t.status for t in tracked.values()],
                           queue_length=lambda: gate.queue_length(),
                           rescans=lambda: dict(watcher.RESCANS),
+                          watch_state=lambda: dict(watcher.WATCH_STATE),
                           groups=[g.name for g in cfg.groups],
                           webhook_responses=(lambda: dict(chan.responses))
                           if isinstance(chan, WebhookChannel) else None,

@@ -172,6 +172,10 @@ class WatchConfig:
                      choices=("events", "poll"))
     poll_interval: float = _opt(1.0, "poll mode: seconds between scans", min=0.05, max=3600)
     sweep_interval: float = _opt(30.0, "seconds between full reconcile sweeps", min=0.05, max=86400)
+    dormant_sweep_interval: float = _opt(
+        600.0, "events mode, while inotify reports no loss: seconds between two sweeps of "
+        "a dormant session (stopped, settled, nothing due); the others are swept every "
+        "sweep_interval", min=0.05, max=86400)
     debounce_ms: int = _opt(50, "events mode: longest batch of changes (ms)", min=1, max=10000)
     step_ms: int = _opt(3, "events mode: quiet time that ends a batch (ms)", min=1, max=1000)
     quiet_step_ms: int = _opt(20, "events mode: the step once quiet_after s pass with no "

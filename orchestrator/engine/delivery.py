@@ -74,7 +74,7 @@ from orchestrator.support.logonce import LogOnce
 Routing = tuple[str | None, str | None, str | None]  # the session's default route
 
 
-@dataclass
+@dataclass(slots=True)
 class DeliveryState:
     """Per-session memory; losing it (restart, a replaced file) only costs one full read."""
 

@@ -76,22 +76,41 @@ class Dirty:
 
     def __init__(self) -> None:
         self.flags: dict[str, Flags] = {}
+        # the start-up passes: taken after every other mark, so an event during a long
+        # start-up backlog (100 000 first passes) is served in milliseconds, not after it
+        self.backlog: dict[str, Flags] = {}
         self.wake = asyncio.Event()
 
     def mark(self, session_id: str, flags: Flags) -> None:
-        self.flags[session_id] = self.flags.get(session_id, Flag.NONE) | flags
+        queued = self.backlog.pop(session_id, Flag.NONE) if self.backlog else Flag.NONE
+        self.flags[session_id] = self.flags.get(session_id, Flag.NONE) | flags | queued
         self.wake.set()
 
+    def queue_backlog(self, session_id: str, flags: Flags) -> None:
+        """A pass owed but not urgent (the start-up reconcile): after the marked ones."""
+        if session_id in self.flags:
+            self.flags[session_id] |= flags
+        else:
+            self.backlog[session_id] = self.backlog.get(session_id, Flag.NONE) | flags
+        self.wake.set()
+
+    def pending(self) -> bool:
+        return bool(self.flags or self.backlog)
+
     def pop(self) -> tuple[str, Flags]:
-        """The session marked longest ago, and its flags (only while ``flags``)."""
-        sid = next(iter(self.flags))
-        return sid, self.flags.pop(sid)
+        """The session marked longest ago, and its flags (only while ``pending``); the
+        backlog once nothing else is marked."""
+        queue = self.flags or self.backlog
+        sid = next(iter(queue))
+        return sid, queue.pop(sid)
 
     def drop(self, session_id: str) -> None:
         self.flags.pop(session_id, None)
+        self.backlog.pop(session_id, None)
 
     def clear(self) -> None:
         self.flags.clear()
+        self.backlog.clear()
 
 
 class RuntimeInbox:

@@ -198,6 +198,7 @@ class SessionWorker:
         self._schedule(t, now + timedelta(seconds=self.cfg.watch.sweep_interval), now)
 
     async def _pass(self, t: Tracked, folder: SessionDir, flags: Flags, now: datetime) -> None:
+        written = flags & (Flag.OUTBOX | Flag.OUTBOUND)  # an event said so (not a full pass)
         if flags & (Flag.FULL | Flag.FORCE):
             flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
         elif flags & Flag.SWEEP:
@@ -211,8 +212,8 @@ class SessionWorker:
         alive = self.runtime.is_running(t.session_id)
         if flags & (Flag.OUTBOX | Flag.OUTBOUND | Flag.SWEEP | Flag.FULL):  # off the loop,
             # rate-limited; a folder just written is walked even if its agent has gone
-            self.space.look(t.agent_group, t.session_id,
-                            alive or bool(flags & (Flag.OUTBOX | Flag.OUTBOUND)))
+            # (not every folder at a start-up: a start measures its session anyway)
+            self.space.look(t.agent_group, t.session_id, alive or bool(written))
         if self._inbound_matters(t, flags, alive):
             self._read_inbound(t, folder, now)
         await self._decide(t, folder, now)
@@ -501,7 +502,7 @@ class SessionWorker:
                 statuses=("completed",)))
             outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
             t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-            t.read.synced_acks.difference_update(unanswered)
+            t.read.synced_acks = t.read.synced_acks - set(unanswered)
         for mid, status in result.items():
             if status == "failed":
                 logger.error("message {} of session {} failed after {} tries", mid,

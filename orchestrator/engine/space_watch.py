@@ -102,8 +102,10 @@ class SpaceWatch:
         task.add_done_callback(self._tasks.discard)
 
     async def _walk(self, agent_group: str, session_id: str) -> None:
-        before = {sid: self.over(sid) is not None for sid in (session_id, biggest(self.usage))
-                  if sid}
+        # the biggest session matters only on a low disk: not a sort of every session's
+        # usage per walk (that made a 10 000-session start-up quadratic, 12 CPU-s)
+        top = biggest(self.usage) if self.low else None
+        before = {sid: self.over(sid) is not None for sid in (session_id, top) if sid}
         try:
             usage = await asyncio.to_thread(self._measure, agent_group, session_id)
         except OSError as exc:  # the pass says what is wrong with the folder
@@ -113,7 +115,7 @@ class SpaceWatch:
             self._walking.discard(session_id)
         if session_id and usage is not None:
             self._record(session_id, usage)
-        top = biggest(self.usage)
+        top = biggest(self.usage) if self.low else None
         for sid in {*before, *([top] if top else [])}:
             if (self.over(sid) is not None) != before.get(sid, False):
                 self.mark(sid, self.flag)

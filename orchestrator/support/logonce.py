@@ -21,22 +21,26 @@ class LogOnce:
     __slots__ = ("_said",)
 
     def __init__(self) -> None:
-        self._said: dict[Hashable, str] = {}
+        # made at the first ``say``: 100 000 tracked sessions hold two of these each,
+        # nearly all never say anything (an empty dict each was ~12 MB)
+        self._said: dict[Hashable, str] | None = None
 
     def say(self, key: Hashable, message: str) -> bool:
         """Remember ``message`` for ``key``; whether it is new (log it) or a repeat."""
-        if self._said.get(key) == message:
+        if self._said is None:
+            self._said = {}
+        elif self._said.get(key) == message:
             return False
         self._said[key] = message
         return True
 
     def clear(self, key: Hashable) -> str | None:
         """The trouble of ``key`` is over: what had been said, or None if nothing was."""
-        return self._said.pop(key, None)
+        return None if self._said is None else self._said.pop(key, None)
 
     def last(self, key: Hashable) -> str | None:
         """What was last said for ``key`` and not cleared since."""
-        return self._said.get(key)
+        return None if self._said is None else self._said.get(key)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._said
+        return self._said is not None and key in self._said

@@ -17,7 +17,16 @@ knows by name: the sessions root, each agent group, each session folder and its
 - a folder that appears at one of those levels (a new group, session or outbox)
   is watched as its event is read, before the batch reaches the loop, so the pass
   that event causes sees everything written before the watch existed;
-- nothing below ``outbox/`` and no other folder of a session is ever watched.
+- nothing below ``outbox/`` and no other folder of a session is ever watched;
+- a session's ``outbox/`` is watched only once the session shows activity (any event
+  in its folder: a heartbeat, a commit, the host's own delivery record), before that
+  event reaches the loop: a dormant session costs one watch, not two (100 000
+  sessions: ~100 000 watches). An outbox file written before its watch existed is
+  seen by the pass that event causes, as for a new folder;
+- ``limit`` watches at most (``budget.usable``; the kernel's ENOSPC counts too): the
+  session folders past it are polled (``polled.PolledSessions``), and one that shows
+  activity there is promoted to a watch, taking the place of the outbox watch or
+  session watch that went longest without an event.
 
 ``FolderWatch`` is the ``watcher.Notifier`` the watch thread drives
 (``watch(debounce_ms, step_ms, timeout_ms, stop_event)`` returning a set of
@@ -55,10 +64,12 @@ from orchestrator.contract.inotify import (
 from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.changes import Change
+from orchestrator.watch.polled import PolledSessions
 
 IN_MOVED_FROM = 0x00000040
 IN_ISDIR = 0x40000000
 IN_EXCL_UNLINK = 0x04000000
+IN_DONT_FOLLOW = 0x02000000
 
 MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
         | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
@@ -68,7 +79,12 @@ _READ = 64 * 1024
 # While nothing has changed, how often ``watch`` wakes up to ask its stop event (the
 # first change ends the wait at once, so this costs no latency, only wake-ups).
 IDLE_WAKE_MS = 100
+POLL_RATE = 4000.0  # polled sessions looked at per second, at most (2 lstat calls each)
+POLL_INTERVAL = 1.0  # and none more often than once a second
 
+
+class _Full(Exception):
+    """No watch can be added: this instance's limit, or the kernel's (ENOSPC)."""
 
 
 class StopEvent(Protocol):
@@ -95,19 +111,35 @@ def watched_level(depth: int, name: str) -> bool:
 class FolderWatch:
     """inotify on the sessions root, its groups, sessions and their ``outbox/``."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
+                 poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL) -> None:
         self.root = os.path.normpath(root)
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
         self._add = libc.inotify_add_watch
+        self._rm = libc.inotify_rm_watch
         self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
             code = ctypes.get_errno()
+            if code == errno.EMFILE:
+                raise OSError(code, "inotify_init1: this user has all the inotify instances "
+                              "the kernel allows; raise fs.inotify.max_user_instances "
+                              "(e.g. 'sysctl -w fs.inotify.max_user_instances=1024')")
             raise OSError(code, f"inotify_init1: {os.strerror(code)}")
+        self.limit = limit  # most watches this instance adds (None: until ENOSPC)
+        self.kernel_refused = False  # ENOSPC below ``limit``: other programs hold the rest
         self.paths: dict[int, tuple[str, int]] = {}  # wd → (path, depth)
         self.inodes: dict[int, int] = {}  # wd → the watched folder's inode
+        self._by_inode: dict[int, int] = {}  # inode → wd
+        self.sessions: dict[str, int] = {}  # session path → wd, least recently active first
+        self.outboxes: dict[str, int] = {}  # session path → its outbox/'s wd, oldest first
+        self.polled = PolledSessions(poll_rate, poll_interval)
+        self._no_outbox: set[str] = set()  # sessions whose outbox/ is missing or unwatchable
         self.lost: str | None = None
+        self._walking = True  # a walk fills up; a session found later makes room
+        self._first_walk = True  # sessions found by the first walk: outbox/ once active
+        self._known: set[str] = set()  # during a walk again: the folders covered before
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
         try:  # a root that cannot be opened, a used-up budget: no descriptor left behind
@@ -119,28 +151,98 @@ class FolderWatch:
         except BaseException:
             self.close()
             raise
+        self._walking = self._first_walk = False
 
     # --- watches ------------------------------------------------------------------------
 
     def _watch(self, dir_fd: int, path: str, depth: int) -> bool:
+        """Watch the folder open as ``dir_fd``; False if it cannot be (e.g. EACCES:
+        watch_health finds it unwatched and says so); ``_Full`` past the budget."""
+        if self.limit is not None and len(self.paths) >= self.limit:
+            ino = os.fstat(dir_fd).st_ino
+            wd = self._by_inode.get(ino)
+            if wd is not None and self.paths.get(wd, ("",))[0] == path:
+                return True  # watched already (a walk again after an overflow)
+            if self._walking or not self._make_room(depth):
+                raise _Full
         wd = self._add(self.fd, f"/proc/self/fd/{dir_fd}".encode(), MASK)
         if wd < 0:
             code = ctypes.get_errno()
             if code == errno.ENOSPC:
-                raise OSError(code, "the inotify watch budget (max_user_watches) is used up")
-            return False  # e.g. EACCES: watch_health finds it unwatched and says so
+                self.kernel_refused = True
+                if self._walking or not self._make_room(depth):
+                    raise _Full
+                wd = self._add(self.fd, f"/proc/self/fd/{dir_fd}".encode(), MASK)
+                if wd < 0:
+                    raise _Full
+            else:
+                return False
+        ino = os.fstat(dir_fd).st_ino
         self.paths[wd] = (path, depth)
-        self.inodes[wd] = os.fstat(dir_fd).st_ino
+        self.inodes[wd] = ino
+        self._by_inode[ino] = wd
+        if depth == 2:
+            self.sessions[path] = wd
+            self.polled.remove(path)
+        elif depth == 3:
+            parent = path.rsplit("/", 1)[0]
+            self.outboxes[parent] = wd
+            self._no_outbox.discard(parent)
+        return True
+
+    def _unwatch(self, wd: int) -> None:
+        self._rm(self.fd, wd)
+        self._forget(wd)
+
+    def _forget(self, wd: int) -> None:
+        path, depth = self.paths.pop(wd, ("", 0))
+        ino = self.inodes.pop(wd, None)
+        if ino is not None and self._by_inode.get(ino) == wd:
+            del self._by_inode[ino]
+        if depth == 2 and self.sessions.get(path) == wd:
+            del self.sessions[path]
+            self._no_outbox.discard(path)
+        elif depth == 3:
+            parent = path.rsplit("/", 1)[0]
+            if self.outboxes.get(parent) == wd:
+                del self.outboxes[parent]
+
+    def _make_room(self, depth: int) -> bool:
+        """Free one watch for a folder at ``depth`` (a session, its outbox): the outbox
+        watch, else (for a session) the session watch, that went longest without an
+        event. An evicted session is polled from here on (its baseline first)."""
+        if self.outboxes:
+            self._unwatch(next(iter(self.outboxes.values())))
+            return True
+        if depth != 2 or len(self.sessions) < 2:
+            return False
+        path, wd = next(iter(self.sessions.items()))
+        self.polled.add(path, self.inodes.get(wd, 0))
+        self._unwatch(wd)
         return True
 
     def _walk(self, dir_fd: int, path: str, depth: int, found: list[str]) -> None:
         """Watch the folder open as ``dir_fd``, then the folders below it the host
         watches; ``found`` collects the paths of the folders below it."""
-        if not self._watch(dir_fd, path, depth):
+        try:
+            if not self._watch(dir_fd, path, depth):
+                return
+        except _Full:
+            if depth == 2:  # a session past the budget: polled
+                self.polled.add(path, os.fstat(dir_fd).st_ino)
+            elif depth == 3:  # its outbox: the sweep looks at a reply waiting for files
+                self._no_outbox.add(path.rsplit("/", 1)[0])
+            elif depth < 2:  # (a group past it: its sessions are found by the sweep)
+                self._poll_below(dir_fd, path, depth)
             return
-        if depth >= 2:  # a session folder: only its outbox/, never a list of what is in it
-            if depth == 2:  # (an agent's million files would cost every start)
+        if depth >= 2:  # a session folder: never a list of what is in it (an agent's
+            # million files); its outbox/ now if it is new (``send`` just made it), else
+            # once it shows activity (``_active``)
+            if depth == 2 and not self._first_walk and path not in self._known:
                 self._enter(dir_fd, path, depth, OUTBOX, found)
+            return
+        if depth == 1 and self._first_walk:  # the start-up walk: sessions in one call each
+            self._sessions_at_start(dir_fd, path, found)
             return
         try:
             entries = [e.name for e in os.scandir(dir_fd)
@@ -150,6 +252,48 @@ class FolderWatch:
         for name in entries:
             if watched_level(depth + 1, name):
                 self._enter(dir_fd, path, depth, name, found)
+
+    def _sessions_at_start(self, group_fd: int, group: str, found: list[str]) -> None:
+        """Each session folder of a group at start-up, by one ``inotify_add_watch``
+        through the group's descriptor with ``IN_DONT_FOLLOW`` (a link in its place is
+        not followed; ``IN_ONLYDIR`` refuses a non-folder), its inode from the listing:
+        100 000 sessions were 400 000 calls (open, add, fstat, close). A folder swapped
+        between the listing and the add has another inode than noted: the health check
+        finds it unwatched and restarts the watch."""
+        try:
+            entries = [(e.name, e.inode()) for e in os.scandir(group_fd)
+                       if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        base = f"/proc/self/fd/{group_fd}/"
+        for name, ino in entries:
+            path = f"{group}/{name}"
+            found.append(path)
+            if self.limit is not None and len(self.paths) >= self.limit:
+                self.polled.add(path, ino)
+                continue
+            wd = self._add(self.fd, (base + name).encode(), MASK | IN_DONT_FOLLOW)
+            if wd < 0:
+                if ctypes.get_errno() == errno.ENOSPC:
+                    self.kernel_refused = True
+                    self.limit = len(self.paths)
+                    self.polled.add(path, ino)
+                continue  # a link, gone, EACCES: watch_health says so
+            self.paths[wd] = (path, 2)
+            self.inodes[wd] = ino
+            self._by_inode[ino] = wd
+            self.sessions[path] = wd
+
+    def _poll_below(self, dir_fd: int, path: str, depth: int) -> None:
+        """A group (or root) that got no watch: poll the sessions in it."""
+        try:
+            entries = [(e.name, e.inode()) for e in os.scandir(dir_fd)
+                       if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for name, ino in entries:
+            if depth == 1:
+                self.polled.add(f"{path}/{name}", ino)
 
     def _enter(self, parent_fd: int, parent: str, depth: int, name: str,
                found: list[str]) -> None:
@@ -172,12 +316,37 @@ class FolderWatch:
         if parent_fd is None:
             return found
         try:
-            wd = self._add(self.fd, f"/proc/self/fd/{parent_fd}".encode(), MASK)
-            if self.paths.get(wd, (None,))[0] == parent:  # still the folder we watch there
+            wd = self._by_inode.get(os.fstat(parent_fd).st_ino)
+            if wd is not None and self.paths.get(wd, (None,))[0] == parent:  # still ours
                 self._enter(parent_fd, parent, depth, name, found)
         finally:
             os.close(parent_fd)
         return found
+
+    def _active(self, session: str, wd: int) -> None:
+        """An event in a watched session folder: it is the most recently active, and
+        its ``outbox/`` gets a watch if it has none (before the batch reaches the loop,
+        so the pass sees what was written there before)."""
+        del self.sessions[session]
+        self.sessions[session] = wd
+        if session not in self.outboxes and session not in self._no_outbox:
+            self._appeared(session, 2, OUTBOX)
+            if session not in self.outboxes:
+                self._no_outbox.add(session)  # its creation is an event: watched then
+
+    def _promote(self, session: str) -> None:
+        """A polled session changed: give it a watch (``_make_room``), if it can have one."""
+        group, _, name = session.rpartition("/")
+        self._appeared(group, 1, name)
+
+    def _poll_due(self, changes: set[tuple[Change, str]]) -> bool:
+        """Look at the polled sessions whose turn it is; whether any changed."""
+        if not len(self.polled):
+            return False
+        changed = self.polled.due(changes)
+        for session in changed:
+            self._promote(session)
+        return bool(changed)
 
     def _open(self, path: str) -> int | None:
         """A watched folder, opened from the root one component at a time (no links)."""
@@ -229,8 +398,7 @@ class FolderWatch:
             if where is None:
                 continue
             if mask & IN_IGNORED:  # the folder is gone (or unmounted): so is its watch
-                del self.paths[wd]
-                self.inodes.pop(wd, None)
+                self._forget(wd)
                 continue
             path, depth = where
             if mask & (IN_DELETE_SELF | IN_MOVE_SELF) or not name:
@@ -243,25 +411,35 @@ class FolderWatch:
             if change == ADDED and mask & IN_ISDIR and watched_level(depth + 1, name):
                 for sub in self._appeared(path, depth, name):
                     changes.add((ADDED, sub))
+            elif depth == 2 and path in self.sessions:
+                self._active(path, wd)
 
     def _rewalk(self, changes: set[tuple[Change, str]]) -> None:
         """Watch every folder that should be (an existing watch is kept: same inode,
-        same descriptor); the ones newly watched are reported as added."""
-        before = {path for path, _ in self.paths.values()}
+        same descriptor; no watch is taken from another folder); the ones newly
+        watched or polled are reported as added."""
+        before = {path for path, _ in self.paths.values()} | set(self.polled.marks)
         found: list[str] = []
         root_fd = self._open(self.root)
         if root_fd is None:
             return
+        self._walking, self._known = True, before
         try:
             self._walk(root_fd, self.root, 0, found)
         finally:
+            self._walking, self._known = False, set()
             os.close(root_fd)
         changes.update((ADDED, path) for path in found if path not in before)
 
     def watched_inodes(self) -> set[int]:
-        """The inodes this instance watches, from its own exact bookkeeping (the
-        kernel's list in /proc/self/fdinfo says the same, at ~50 ms per 20 000)."""
-        return set(self.inodes.values())
+        """The inodes this instance covers: those it watches, from its own exact
+        bookkeeping (the kernel's list in /proc/self/fdinfo says the same, at ~50 ms
+        per 20 000), and the session folders it polls."""
+        return set(self.inodes.values()) | set(self.polled.inodes.values())
+
+    def counts(self) -> tuple[int, int]:
+        """(watches held, session folders polled)."""
+        return len(self.paths), len(self.polled)
 
     def take_lost(self) -> str | None:
         """Why events were lost since the last call (a queue overflow), or None."""
@@ -287,8 +465,11 @@ class FolderWatch:
                 ready = self._poll.poll(wait)
             except InterruptedError:
                 ready = []
+            # a step without anything new ends the batch (only new changes extend it)
+            fresh = self._poll_due(changes)
+            fresh = bool(ready) and self._read(changes) or fresh
             now = time.monotonic()
-            if ready and self._read(changes) and changes:
+            if fresh and changes:
                 first = first if first is not None else now
                 if (now - first) * 1000 < debounce_ms:
                     continue  # more may follow within a step

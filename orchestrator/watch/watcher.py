@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import os
 import threading
 import time
@@ -50,11 +51,10 @@ from orchestrator.contract.layout import (
 from orchestrator.host.filesig import file_signature
 from orchestrator.host.private import make_dirs
 from orchestrator.support.ticker import ticks
+from orchestrator.watch import budget
 from orchestrator.watch import health as watch_health
 from orchestrator.watch.changes import Change
 from orchestrator.watch.folder_watch import FolderWatch, StopEvent
-
-MAX_WATCHES_FILE = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,35 +102,78 @@ def only_muted_heartbeats(prefix: str, raw: set[tuple[Change, str]],
 
 
 def count_dirs(root: Path) -> int:
-    """The watches ``folder_watch`` needs: the root, each group, each session and its
-    ``outbox/`` (counted as one per session), without looking inside any session
-    folder: how many folders an agent makes there is not the host's cost, and walking
-    them would let one agent slow every start."""
-    folders = watch_health.session_folders(root)
-    return len(folders) + sum(1 for name in folders.values() if "/" in name)
+    """The watches ``folder_watch`` needs for a tree at rest: the root, each group and
+    each session (a session's ``outbox/`` is watched only once it shows activity),
+    without looking inside any session folder: how many folders an agent makes there
+    is not the host's cost, and walking them would let one agent slow every start."""
+    return len(watch_health.session_folders(root))
+
+
+def watch_limit() -> budget.Limit | None:
+    """The kernel's watch limit for this process, and the sysctl that sets it."""
+    return budget.read_limit()
 
 
 def watch_budget() -> int | None:
-    try:
-        return int(MAX_WATCHES_FILE.read_text())
-    except (OSError, ValueError):
+    """The watch limit's value (the bench pretends a smaller one by replacing this)."""
+    limit = watch_limit()
+    return limit.value if limit is not None else None
+
+
+def choose_mode(cfg: WatchConfig) -> str:
+    """Events unless configured otherwise. (A watch budget too small for the tree no
+    longer turns the whole host to polling: the sessions past it are polled alone,
+    ``folder_watch``.)"""
+    return "poll" if cfg.mode == "poll" else "events"
+
+
+# What the watch holds now, for /metrics and the status file: set by the watch thread.
+WATCH_STATE: dict[str, int] = {"watches": 0, "polled_sessions": 0}
+
+
+def short_budget_warning(notify: object, limit: budget.Limit | None,
+                         allowed: int | None) -> str | None:
+    """The start-up line when ``notify`` (a ``FolderWatch``) polls sessions past the
+    budget, else None (a stand-in notifier has no budget)."""
+    polled = getattr(notify, "polled", None)
+    sessions = getattr(notify, "sessions", None)
+    if polled is None or sessions is None or not len(polled):
         return None
+    paths = getattr(notify, "paths", {})
+    groups = sum(1 for _, depth in paths.values() if depth == 1)
+    return budget.warning(sessions=len(sessions) + len(polled), groups=groups,
+                          polled=len(polled), limit=limit, allowed=allowed,
+                          kernel_refused=bool(getattr(notify, "kernel_refused", False)),
+                          poll_round=budget.poll_round(len(polled), polled.rate,
+                                                       polled.interval))
 
 
-def choose_mode(cfg: WatchConfig, dirs: int, budget: int | None) -> tuple[str, str | None]:
-    """Events unless configured otherwise or the watch budget cannot cover the tree.
+def _announce_budget(notify: object, limits: tuple[budget.Limit | None, int | None],
+                     post: Callable[[WatchMessage], None], data_dir: Path) -> str | None:
+    """A new watch: its counts for the metrics and ``status``, and the warning if it
+    polls sessions (returned: ``_note_state`` repeats it in the status file)."""
+    short = short_budget_warning(notify, *limits)
+    if short is not None:
+        post(Short(short))
+    _note_state(notify, data_dir, short, force=True)
+    return short
 
-    Returns (mode, warning). Half the budget is the line: other programs of the
-    same user need watches too, and the tree grows while we run.
-    """
-    if cfg.mode == "poll":
-        return "poll", None
-    if budget is not None and dirs > budget // 2:
-        return "poll", (f"inotify watch budget too small: {dirs} folders to watch, "
-                        f"fs.inotify.max_user_watches={budget}; polling every "
-                        f"{cfg.poll_interval:g}s instead (raise the limit with "
-                        f"'sysctl fs.inotify.max_user_watches={max(dirs * 4, 65536)}')")
-    return "events", None
+
+_written: dict[str, float] = {"at": 0.0, "polled": -1}
+STATE_EVERY = 5.0  # s: the status file is rewritten at most this often
+
+
+def _note_state(notify: object, data_dir: Path, warning: str | None,
+                force: bool = False) -> None:
+    counts = getattr(notify, "counts", None)
+    if counts is None:
+        return
+    WATCH_STATE["watches"], WATCH_STATE["polled_sessions"] = watches, polled = counts()
+    now = time.monotonic()
+    if force or (polled != _written["polled"] and now - _written["at"] >= STATE_EVERY):
+        _written["at"], _written["polled"] = now, polled
+        budget.write_state(data_dir, watches=watches, polled=polled,
+                           warning=warning if polled else None)
 
 
 PROBE = ".orchestrator-watch-probe"
@@ -205,11 +248,18 @@ class Restarting:
 
 
 @dataclass(frozen=True, slots=True)
+class Short:
+    """The watch budget does not cover every session: the line to say (once)."""
+
+    warning: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The thread is done (halted)."""
 
 
-WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Finished
+WatchMessage = Started | Ended | Failed | Changes | Lost | Restarting | Short | Finished
 
 
 class Notifier(Protocol):
@@ -243,7 +293,8 @@ NotifierFactory = Callable[[Path], Notifier]  # the sessions root → a running 
 
 def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                   post: Callable[[WatchMessage], None], muted: Container[str],
-                  notifier: NotifierFactory = FolderWatch) -> None:
+                  notifier: NotifierFactory = FolderWatch,
+                  limits: tuple[budget.Limit | None, int | None] = (None, None)) -> None:
     """The inotify watch (``folder_watch.FolderWatch``) in one long-lived thread.
 
     A worker-thread call per batch (watchfiles' ``awatch``) was a third of the
@@ -265,7 +316,10 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
             queue = watch_health.queue_limit()  # what the new instance gets
             notify = notifier(root)
             with notify:
-                gate = watch_health.Gate(halt, root, notify.fd, queue, cfg.sweep_interval,
+                short = _announce_budget(notify, limits, post, root.parent)
+                # (a walk of every session folder: once per dormant cycle, not per sweep)
+                gate = watch_health.Gate(halt, root, notify.fd, queue,
+                                         max(cfg.sweep_interval, cfg.dormant_sweep_interval),
                                          notify.watched_inodes)
                 last_change = time.monotonic()
                 episodes = watch_health.Episodes()
@@ -285,6 +339,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                     rescan = episodes.step(sign, now)
                     if rescan is not None:
                         post(Lost(*rescan))
+                    _note_state(notify, root.parent, short)
                     if raw == "timeout":
                         continue
                     if isinstance(raw, str):  # "stop" (halt or restart) or "signal"
@@ -319,6 +374,7 @@ class _LoopSide:
     restarts: int = 0
     restarted_for: str | None = None
     watching: bool = False  # the probe's event came back since the last (re)start
+    short_said: bool = False  # the budget warning, once per process
     poker: asyncio.Task | None = None
 
     def take(self, message: WatchMessage) -> list[list[Activity]] | None:
@@ -346,6 +402,9 @@ class _LoopSide:
                     root, reason)
                 RESCANS["events_lost"] += 1
                 return [[RESCAN]]
+            case Short(warning=warning):
+                (logger.debug if self.short_said else logger.warning)(warning)
+                self.short_said = True
             case Changes(batch=batch, probed=probed):
                 return self._changes(batch, probed)
         return []
@@ -368,7 +427,8 @@ class _LoopSide:
 
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event, muted: Container[str] = frozenset(),
-                          notifier: NotifierFactory = FolderWatch
+                          notifier: NotifierFactory | None = None,
+                          limit: budget.Limit | None = None
                           ) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
@@ -377,7 +437,13 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     back: only then is ``started`` set (the supervisor reconciles after it), and
     after a restart we ask for a rescan, as we do on any sign of lost events.
     ``notifier``: makes the ``Notifier`` (``FolderWatch``; tests pass a stand-in).
+    ``limit``: the kernel's watch limit; the watch uses ``budget.usable`` of it and
+    polls the sessions past that.
     """
+    allowed = budget.usable(limit.value if limit is not None else None)
+    if notifier is None:
+        notifier = functools.partial(FolderWatch, limit=allowed,
+                                     poll_interval=cfg.poll_interval)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
     halt = threading.Event()
@@ -395,7 +461,8 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     side = _LoopSide(root, started)
     stopper = asyncio.create_task(halt_on_stop())
     thread = threading.Thread(target=_watch_thread,
-                              args=(root, cfg, halt, post, muted, notifier),
+                              args=(root, cfg, halt, post, muted, notifier,
+                                    (limit, allowed)),
                               name="folder-watch", daemon=True)
     thread.start()
     try:
@@ -456,6 +523,8 @@ async def poll_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
 
 def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.Event,
-            mode: str, muted: Container[str] = frozenset()) -> AsyncIterator[list[Activity]]:
-    source = inotify_batches if mode == "events" else poll_batches
-    return source(root, cfg, stop, started, muted)
+            mode: str, muted: Container[str] = frozenset(),
+            limit: budget.Limit | None = None) -> AsyncIterator[list[Activity]]:
+    if mode == "events":
+        return inotify_batches(root, cfg, stop, started, muted, limit=limit)
+    return poll_batches(root, cfg, stop, started, muted)

@@ -79,12 +79,20 @@ def test_watched_level(depth: int, name: str, watched: bool) -> None:
 
 
 def test_watches_the_root_groups_sessions_and_outboxes_only(tmp_path: Path) -> None:
+    """A session present at start costs one watch; its outbox/ gets one at its first
+    event, before that event is returned (a dormant session: 1 watch, not 2)."""
     root, folder = _tree(tmp_path)
     (folder / "outbox" / "r-1").mkdir()
     with _watch(root) as watch:
+        assert watched_folders(watch) == [str(root), str(root / "grp"), str(folder)]
+        assert len(watch_health.watched_inodes(watch.fd)) == 3
+        (folder / ".heartbeat").touch()
+        _collect(watch, lambda g: (ADDED, str(folder / ".heartbeat")) in g)
         assert watched_folders(watch) == [str(root), str(root / "grp"), str(folder),
                                           str(folder / "outbox")]
         assert len(watch_health.watched_inodes(watch.fd)) == 4
+        (folder / "outbox" / "r-2").mkdir()
+        _collect(watch, lambda g: (ADDED, str(folder / "outbox" / "r-2")) in g)
 
 
 def test_a_link_to_a_folder_present_at_start_is_not_followed(tmp_path: Path) -> None:
@@ -95,10 +103,14 @@ def test_a_link_to_a_folder_present_at_start_is_not_followed(tmp_path: Path) -> 
     (folder / "outbox" / "r-1").mkdir()
     (folder / "outbox" / "r-1" / "y").symlink_to(outside)
     with _watch(root) as watch:
-        assert len(watch_health.watched_inodes(watch.fd)) == 4
+        assert len(watch_health.watched_inodes(watch.fd)) == 3
         (outside / "d0" / "touched").write_text("x")
         (folder / ".heartbeat").touch()
         got = _collect(watch, lambda g: any(p.endswith(".heartbeat") for _, p in g))
+        assert len(watch_health.watched_inodes(watch.fd)) == 4  # + its outbox/, no more
+        (outside / "d1" / "touched").write_text("x")
+        (folder / "outbox" / "r-3").mkdir()
+        got |= _collect(watch, lambda g: any(p.endswith("r-3") for _, p in g))
     assert not any("touched" in p for _, p in got), got
 
 
@@ -108,6 +120,8 @@ def test_a_folder_renamed_in_with_links_inside_adds_no_watch_outside(tmp_path: P
     root, folder = _tree(tmp_path)
     outside = _outside(tmp_path)
     with _watch(root) as watch:
+        (folder / ".heartbeat").touch()  # active: its outbox/ is watched
+        _collect(watch, lambda g: (ADDED, str(folder / ".heartbeat")) in g)
         staged = tmp_path / "staged"
         staged.mkdir()
         (staged / "x").symlink_to(outside)
@@ -131,11 +145,11 @@ def test_a_link_in_place_of_a_session_folder_is_not_watched(tmp_path: Path) -> N
     (root / "grp" / "sess-linked").symlink_to(outside)
     (root / "linked-group").symlink_to(outside)
     with _watch(root) as watch:
-        assert len(watch_health.watched_inodes(watch.fd)) == 4
+        assert len(watch_health.watched_inodes(watch.fd)) == 3
         (root / "grp" / "sess-late").symlink_to(outside)
         (outside / "d1" / "touched").write_text("x")
         got = _collect(watch, lambda g: (ADDED, str(root / "grp" / "sess-late")) in g)
-        assert len(watch_health.watched_inodes(watch.fd)) == 4
+        assert len(watch_health.watched_inodes(watch.fd)) == 3
     assert not any("touched" in p for _, p in got)
 
 
@@ -214,3 +228,18 @@ def test_a_root_that_cannot_be_watched_leaves_no_descriptor(tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError):
         FolderWatch(tmp_path / "missing")
     assert watch_health.inotify_fds() == before
+
+
+def test_a_batch_ends_one_step_after_the_last_change_not_at_the_debounce(
+        tmp_path: Path) -> None:
+    """(A step with nothing new ends the batch: holding it to ``debounce_ms`` added
+    ~20 ms to every reply.)"""
+    import time
+
+    root, folder = _tree(tmp_path)
+    with _watch(root) as watch:
+        (folder / ".heartbeat").touch()
+        t0 = time.monotonic()
+        got = watch.watch(debounce_ms=3000, step_ms=5, timeout_ms=0, stop_event=None)
+        assert isinstance(got, set) and got
+        assert time.monotonic() - t0 < 1.5

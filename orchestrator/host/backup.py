@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator.contract.layout import REGISTRY_DB
-from orchestrator.host.private import make_dirs, private_file
+from orchestrator.host.private import make_dirs, private_file, sync_dir
 from orchestrator.host.schema_version import version_of
 from orchestrator.support.errors import UserError
 
@@ -79,7 +79,7 @@ def backup(data_dir: Path, dest: Path, *, version: str = "") -> list[Copied]:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, dest / MANIFEST)
-    _sync_dir(dest)
+    sync_dir(dest)
     return copied
 
 
@@ -126,9 +126,3 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -51,6 +51,15 @@ def make_dirs(path: Path) -> Path:
     return Path(path)
 
 
+def sync_dir(path: Path) -> None:
+    """fsync a folder the host wrote: a rename or a new file in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _set_mode(path: Path, mode: int) -> bool:
     """chmod a folder or regular file we own to ``mode`` (never through a link);
     True if it changed."""

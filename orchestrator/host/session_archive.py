@@ -29,7 +29,7 @@ from typing import Any
 
 from loguru import logger
 
-from orchestrator.host.private import make_dirs
+from orchestrator.host.private import make_dirs, sync_dir
 from orchestrator.host.safefs import Refused, open_dir
 
 MAX_DEPTH = 256
@@ -76,7 +76,7 @@ def commit(parts: list[tuple[Path, Path]]) -> None:
     for part, dest in parts:
         os.replace(part, dest)
     for folder in {dest.parent for _, dest in parts}:
-        _sync_dir(folder)
+        sync_dir(folder)
 
 
 def write_archive(folder_fd: int, dest: Path, rows: dict[str, Any]) -> int:
@@ -156,14 +156,6 @@ def _info(path: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
 def _names(fd: int) -> list[str]:
     with os.scandir(fd) as it:
         return sorted((e.name for e in it), reverse=True)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_rows(archive: Path) -> dict[str, Any]:

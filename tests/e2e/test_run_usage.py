@@ -19,21 +19,8 @@ import tomli_w
 from orchestrator.config.load import load_config
 from orchestrator.host import status
 from tests.support.e2e import Client, OrchestratorProcess, config_dict, replies_to
+from tests.support.heavy_agent import HEAVY, MIB
 from tests.support.helpers import until
-
-HEAVY = '''
-import os, sys, time
-end = time.process_time() + 2.0
-while time.process_time() < end:  # one CPU, busy, for 2 s
-    pass
-block = bytearray(200 * 1024 * 1024)
-for i in range(0, len(block), 4096):  # touched: resident, not just reserved
-    block[i] = 1
-del block
-os.execv(sys.executable, [sys.executable, "-m", "orchestrator.agent", *sys.argv[1:]])
-'''
-
-MIB = 1024 * 1024
 
 
 def start(tmp_path: Path, **kwargs) -> tuple[OrchestratorProcess, Client, str]:

@@ -22,20 +22,8 @@ from tests.e2e.test_run_usage import metric
 from tests.support.api_helpers import token_of
 from tests.support.docker_fixtures import in_thread
 from tests.support.e2e import replies_to, run, serving
+from tests.support.heavy_agent import HEAVY, MIB
 from tests.support.helpers import until
-
-MIB = 1024 * 1024
-HEAVY = '''
-import os, sys, time
-end = time.process_time() + 2.0
-while time.process_time() < end:  # one CPU, busy, for 2 s
-    pass
-block = bytearray(200 * 1024 * 1024)
-for i in range(0, len(block), 4096):  # touched: resident, not just reserved
-    block[i] = 1
-del block
-os.execv(sys.executable, [sys.executable, "-m", "orchestrator.agent", *sys.argv[1:]])
-'''
 
 
 def docker_cfg(tmp_path: Path, instance: str, image: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from orchestrator.config.load import load_config
 from tests.support.api_helpers import Receiver, free_port
 from tests.support.docker_fixtures import in_thread
 from tests.support.helpers import REPO, until
-from tests.support.kube import Cluster
+from tests.support.kube import Cluster, use_data_dir
 
 MANIFESTS = REPO / "deploy" / "kubernetes"
 SA = "orchestrator"
@@ -176,12 +176,7 @@ def overlay(docs: list[dict[str, Any]], *, namespace: str, data_dir: Path, port:
             container["env"] += [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
                                  {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]
             container["ports"][0]["containerPort"] = port
-            data = next(v for v in spec["volumes"] if "hostPath" in v)
-            old = data["hostPath"]["path"]
-            data["hostPath"]["path"] = str(data_dir)
-            for mount in container["volumeMounts"]:
-                if mount["mountPath"] == old:
-                    mount["mountPath"] = str(data_dir)
+            use_data_dir(spec, container, data_dir)
         out.append(doc)
     return out
 

@@ -52,7 +52,7 @@ from tests.cluster.test_deploy import LABEL_INSTANCE, apply, manifests, one, ove
 from tests.support.api_helpers import Receiver, free_port
 from tests.support.docker_fixtures import in_thread
 from tests.support.helpers import until
-from tests.support.kube import Cluster, condition_true
+from tests.support.kube import Cluster, condition_true, use_data_dir
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(600)]
 
@@ -88,12 +88,7 @@ def shard_pod(daemonset: dict[str, Any], name: str, data_dir: Path, port: int
         {"name": "ORCHESTRATOR_API__LISTEN", "value": f"0.0.0.0:{port}"},
     ]
     container["ports"][0]["containerPort"] = port
-    data = next(v for v in spec["volumes"] if "hostPath" in v)
-    old = data["hostPath"]["path"]
-    data["hostPath"]["path"] = str(data_dir)
-    for mount in container["volumeMounts"]:
-        if mount["mountPath"] == old:
-            mount["mountPath"] = str(data_dir)
+    use_data_dir(spec, container, data_dir)
     spec["restartPolicy"] = "Always"
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": daemonset["metadata"]["namespace"],

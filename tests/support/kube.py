@@ -56,6 +56,17 @@ def containerd_ref(tag: str) -> str:
     return f"{name}:{version}"
 
 
+def use_data_dir(spec: dict[str, Any], container: dict[str, Any], data_dir: Path) -> None:
+    """Point a deploy manifest's Pod spec at ``data_dir``: its hostPath data volume and
+    the container's mount of it (a test's own data dir on the node)."""
+    data = next(v for v in spec["volumes"] if "hostPath" in v)
+    old = data["hostPath"]["path"]
+    data["hostPath"]["path"] = str(data_dir)
+    for mount in container["volumeMounts"]:
+        if mount["mountPath"] == old:
+            mount["mountPath"] = str(data_dir)
+
+
 def pod_phase_settled(pod: dict[str, Any], phases: Iterable[str]) -> bool:
     """True when the Pod reached one of ``phases`` (``Running``, ``Succeeded``, ``Failed``)."""
     return (pod.get("status") or {}).get("phase") in set(phases)

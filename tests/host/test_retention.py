@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.model import RetentionConfig
-from orchestrator.contract.layout import session_dir, session_paths
+from orchestrator.contract import schema
+from orchestrator.contract.layout import INBOUND_DB, OUTBOUND_DB, session_dir, session_paths
 from orchestrator.host import removals, session_archive
 from orchestrator.host.registry import Registry
-from orchestrator.host.retention import Item, Retention, RetentionError, prune_delivered
+from orchestrator.host.retention import (
+    Item,
+    Retention,
+    RetentionError,
+    prune_delivered,
+    read_facts,
+)
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.rules.retention import Action
 from tests.support.retention import settled_session
@@ -160,3 +167,59 @@ def test_a_removed_sessions_idempotency_keys_go_with_it(env) -> None:
     Retention(data, reg, RetentionConfig()).remove(sid, Action.DELETE)
     with reg.transaction() as c:
         assert [r[0] for r in c.execute("SELECT key FROM api_idempotency")] == ["k2"]
+
+
+# --- what an agent left in the folder: the facts a removal reads ----------------------
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not a database " * 100)
+
+
+def _undelivered_reply(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                     "VALUES ('x', 1, '2026-01-01 00:00:00', 'chat', '{}')")
+    conn.close()
+
+
+def _symlink_to_outside(path: Path) -> None:
+    outside = path.parent.parent / "outside.db"
+    schema.init_outbound(outside)
+    _undelivered_reply(outside)  # counted if the link were followed (the row above)
+    path.unlink()
+    os.symlink(outside, path)
+
+
+@pytest.mark.parametrize("which,spoil,facts", [
+    ("inbound", _garbage, (1, 0)),  # unreadable counts as work: never removed unforced
+    ("outbound", _garbage, (1, 0)),
+    ("inbound", Path.unlink, (0, 0)),  # missing: nothing pending in it
+    ("outbound", Path.unlink, (0, 0)),
+    ("outbound", _undelivered_reply, (0, 1)),  # the real thing, for contrast
+    ("outbound", _symlink_to_outside, (0, 0)),  # a link is never opened
+])
+def test_facts_of_a_spoiled_folder(tmp_path: Path, which: str, spoil, facts) -> None:
+    folder = tmp_path / "s" / "sess"
+    folder.mkdir(parents=True)
+    schema.init_inbound(folder / INBOUND_DB)
+    schema.init_outbound(folder / OUTBOUND_DB)
+    spoil(folder / (INBOUND_DB if which == "inbound" else OUTBOUND_DB))
+    got = read_facts(folder, False, 0.0)
+    assert (got.pending_inbound, got.undelivered) == facts
+
+
+def test_facts_of_a_locked_database_count_as_work(tmp_path: Path) -> None:
+    folder = tmp_path / "sess"
+    folder.mkdir()
+    schema.init_inbound(folder / INBOUND_DB)
+    schema.init_outbound(folder / OUTBOUND_DB)
+    holder = sqlite3.connect(folder / INBOUND_DB, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # an agent holding its database
+    try:
+        assert read_facts(folder, False, 0.0).pending_inbound >= 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert read_facts(folder, False, 0.0).pending_inbound == 0

@@ -87,7 +87,7 @@ def _through_api(args: argparse.Namespace, cfg: Config | None, ids: list[str], a
     return out
 
 
-def _print(outcomes: list[Outcome], as_json: bool) -> int:
+def _print(outcomes: list[Outcome], as_json: bool, refused_as: str = "not removed") -> int:
     refused = False
     for o in outcomes:
         ok = o.action in ("archived", "deleted", "restored")
@@ -98,7 +98,7 @@ def _print(outcomes: list[Outcome], as_json: bool) -> int:
         elif ok:
             print(f"{o.session_id}: {o.action}" + (f" ({o.archive})" if o.archive else ""))
         else:
-            print(f"{o.session_id}: not removed: {o.reason}")
+            print(f"{o.session_id}: {refused_as}: {o.reason}")
     return EXIT_REFUSED if refused else 0
 
 
@@ -123,7 +123,7 @@ def cmd_restore(args: argparse.Namespace, load: Callable[[argparse.Namespace], C
                 outcomes.append(retention.restore(sid))
             except RetentionError as exc:
                 outcomes.append(Outcome(sid, "kept", str(exc)))
-    return _print(outcomes, args.json)
+    return _print(outcomes, args.json, "not restored")
 
 
 def _maybe(load: Callable[[argparse.Namespace], Config], args: argparse.Namespace

@@ -67,6 +67,18 @@ def suggested(sessions: int, groups: int) -> int:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """What a watch past its budget holds (``FolderWatch.shortfall``): the facts of the
+    start-up line."""
+
+    sessions: int  # session folders, watched and polled
+    groups: int
+    polled: int  # sessions past the budget
+    kernel_refused: bool  # ENOSPC below the limit: other programs hold the rest
+    poll_round: float  # seconds between two looks at one polled session
+
+
 def warning(*, sessions: int, groups: int, polled: int, limit: Limit | None,
             allowed: int | None, kernel_refused: bool, poll_round: float) -> str | None:
     """The one line said at start when sessions are past the budget (None: none is)."""

@@ -63,6 +63,7 @@ from orchestrator.contract.inotify import (
 )
 from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
+from orchestrator.watch.budget import Shortfall, poll_round
 from orchestrator.watch.changes import Change
 from orchestrator.watch.polled import PolledSessions
 
@@ -440,6 +441,16 @@ class FolderWatch:
     def counts(self) -> tuple[int, int]:
         """(watches held, session folders polled)."""
         return len(self.paths), len(self.polled)
+
+    def shortfall(self) -> Shortfall | None:
+        """The facts of the over-budget line, None while no session is polled."""
+        if not len(self.polled):
+            return None
+        groups = sum(1 for _, depth in self.paths.values() if depth == 1)
+        return Shortfall(sessions=len(self.sessions) + len(self.polled), groups=groups,
+                         polled=len(self.polled), kernel_refused=self.kernel_refused,
+                         poll_round=poll_round(len(self.polled), self.polled.rate,
+                                               self.polled.interval))
 
     def take_lost(self) -> str | None:
         """Why events were lost since the last call (a queue overflow), or None."""

@@ -131,49 +131,15 @@ def choose_mode(cfg: WatchConfig) -> str:
 WATCH_STATE: dict[str, int] = {"watches": 0, "polled_sessions": 0}
 
 
-def short_budget_warning(notify: object, limit: budget.Limit | None,
+def short_budget_warning(shortfall: budget.Shortfall | None, limit: budget.Limit | None,
                          allowed: int | None) -> str | None:
-    """The start-up line when ``notify`` (a ``FolderWatch``) polls sessions past the
-    budget, else None (a stand-in notifier has no budget)."""
-    polled = getattr(notify, "polled", None)
-    sessions = getattr(notify, "sessions", None)
-    if polled is None or sessions is None or not len(polled):
+    """The start-up line when the watch polls sessions past the budget, else None."""
+    if shortfall is None:
         return None
-    paths = getattr(notify, "paths", {})
-    groups = sum(1 for _, depth in paths.values() if depth == 1)
-    return budget.warning(sessions=len(sessions) + len(polled), groups=groups,
-                          polled=len(polled), limit=limit, allowed=allowed,
-                          kernel_refused=bool(getattr(notify, "kernel_refused", False)),
-                          poll_round=budget.poll_round(len(polled), polled.rate,
-                                                       polled.interval))
-
-
-def _announce_budget(notify: object, limits: tuple[budget.Limit | None, int | None],
-                     post: Callable[[WatchMessage], None], data_dir: Path) -> str | None:
-    """A new watch: its counts for the metrics and ``status``, and the warning if it
-    polls sessions (returned: ``_note_state`` repeats it in the status file)."""
-    short = short_budget_warning(notify, *limits)
-    if short is not None:
-        post(Short(short))
-    _note_state(notify, data_dir, short, force=True)
-    return short
-
-
-_written: dict[str, float] = {"at": 0.0, "polled": -1}
-STATE_EVERY = 5.0  # s: the status file is rewritten at most this often
-
-
-def _note_state(notify: object, data_dir: Path, warning: str | None,
-                force: bool = False) -> None:
-    counts = getattr(notify, "counts", None)
-    if counts is None:
-        return
-    WATCH_STATE["watches"], WATCH_STATE["polled_sessions"] = watches, polled = counts()
-    now = time.monotonic()
-    if force or (polled != _written["polled"] and now - _written["at"] >= STATE_EVERY):
-        _written["at"], _written["polled"] = now, polled
-        budget.write_state(data_dir, watches=watches, polled=polled,
-                           warning=warning if polled else None)
+    return budget.warning(sessions=shortfall.sessions, groups=shortfall.groups,
+                          polled=shortfall.polled, limit=limit, allowed=allowed,
+                          kernel_refused=shortfall.kernel_refused,
+                          poll_round=shortfall.poll_round)
 
 
 PROBE = ".orchestrator-watch-probe"
@@ -283,9 +249,50 @@ class Notifier(Protocol):
         """Why events were lost since the last call (e.g. a queue overflow), or None."""
         ...
 
+    def counts(self) -> tuple[int, int]:
+        """(watches held, session folders polled): read at every step, so cheap."""
+        ...
+
+    def shortfall(self) -> budget.Shortfall | None:
+        """The facts of the over-budget line, None while no session is polled."""
+        ...
+
     def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+STATE_EVERY = 5.0  # s: the status file is rewritten at most this often
+
+
+class StateNote:
+    """What the watch holds, kept current for /metrics (``WATCH_STATE``) and
+    ``orchestrator status`` (the status file: rewritten when the polled count changed,
+    at most every ``STATE_EVERY`` s). One per watch thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.at = 0.0
+        self.polled = -1
+
+    def note(self, notify: Notifier, warning: str | None, force: bool = False) -> None:
+        watches, polled = notify.counts()
+        WATCH_STATE["watches"], WATCH_STATE["polled_sessions"] = watches, polled
+        now = time.monotonic()
+        if force or (polled != self.polled and now - self.at >= STATE_EVERY):
+            self.at, self.polled = now, polled
+            budget.write_state(self.data_dir, watches=watches, polled=polled,
+                               warning=warning if polled else None)
+
+    def announce(self, notify: Notifier, limits: tuple[budget.Limit | None, int | None],
+                 post: Callable[[WatchMessage], None]) -> str | None:
+        """A new watch: its counts, and the warning if it polls sessions (returned:
+        ``note`` repeats it in the status file)."""
+        short = short_budget_warning(notify.shortfall(), *limits)
+        if short is not None:
+            post(Short(short))
+        self.note(notify, short, force=True)
+        return short
 
 
 NotifierFactory = Callable[[Path], Notifier]  # the sessions root → a running watch on it
@@ -309,6 +316,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
     probe = os.path.normpath(os.path.join(root, PROBE))
     prefix = os.path.join(str(root), "")
     failures = 0
+    state = StateNote(root.parent)
     while not halt.is_set():
         make_dirs(root)
         post(Started())
@@ -316,7 +324,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
             queue = watch_health.queue_limit()  # what the new instance gets
             notify = notifier(root)
             with notify:
-                short = _announce_budget(notify, limits, post, root.parent)
+                short = state.announce(notify, limits, post)
                 # (a walk of every session folder: once per dormant cycle, not per sweep)
                 gate = watch_health.Gate(halt, root, notify.fd, queue,
                                          max(cfg.sweep_interval, cfg.dormant_sweep_interval),
@@ -339,7 +347,7 @@ def _watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                     rescan = episodes.step(sign, now)
                     if rescan is not None:
                         post(Lost(*rescan))
-                    _note_state(notify, root.parent, short)
+                    state.note(notify, short)
                     if raw == "timeout":
                         continue
                     if isinstance(raw, str):  # "stop" (halt or restart) or "signal"

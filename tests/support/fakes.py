@@ -202,6 +202,12 @@ class FakeNotify:
     def take_lost(self) -> str | None:
         return None
 
+    def counts(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def shortfall(self) -> None:
+        return None
+
     def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int, stop_event) -> object:
         deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
         while not self.script:

@@ -187,7 +187,8 @@ def test_the_stand_in_has_the_notifiers_shape() -> None:
     # the thread makes it from the root alone (the budget is bound in beforehand)
     assert list(inspect.signature(FakeNotify.__init__).parameters)[:2] == \
         list(inspect.signature(FolderWatch.__init__).parameters)[:2]
-    for name in ("watched_inodes", "take_lost", "__enter__", "__exit__"):
+    for name in ("watched_inodes", "take_lost", "counts", "shortfall", "__enter__",
+                 "__exit__"):
         assert callable(getattr(FakeNotify, name)) and callable(getattr(FolderWatch, name))
 
 

@@ -43,7 +43,7 @@ import os
 import select
 import struct
 import time
-from typing import Protocol
+from typing import Container, Protocol
 
 from orchestrator.contract.inotify import (
     IN_ATTRIB,
@@ -61,7 +61,7 @@ from orchestrator.contract.inotify import (
     IN_Q_OVERFLOW,
     _libc,
 )
-from orchestrator.contract.layout import OUTBOX
+from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, INBOX, OUTBOUND_DB, OUTBOX
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.budget import Shortfall, poll_round
 from orchestrator.watch.changes import Change
@@ -76,6 +76,15 @@ MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | I
         | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
 ADDED, MODIFIED, DELETED = Change.added, Change.modified, Change.deleted
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
+# The entries of a session folder whose events the host acts on (``layout.classify``
+# gives every other name there Kind.OTHER, which no pass reads).
+SESSION_ENTRIES = frozenset({HEARTBEAT, OUTBOUND_DB, INBOUND_DB, OUTBOX, INBOX})
+NAMES_KEPT = 4096  # raw names remembered decoded (an agent's many names: decoded each time)
+# an event without a name to report: the queue overflowed, a watched folder itself went
+_NOT_NAMED = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
+# an event that is more than a write to a file already there (``FolderWatch._parse``)
+_NOT_A_WRITE = (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF
+                | IN_MOVE_SELF | IN_IGNORED | IN_Q_OVERFLOW)
 _READ = 64 * 1024
 # While nothing has changed, how often ``watch`` wakes up to ask its stop event (the
 # first change ends the wait at once, so this costs no latency, only wake-ups).
@@ -109,12 +118,33 @@ def watched_level(depth: int, name: str) -> bool:
     return depth in (1, 2) or (depth == 3 and name == OUTBOX)
 
 
+def read_pause(gap_ms: int, step_ms: int, debounce_ms: int, first: float | None,
+               read_at: float, now: float) -> float | None:
+    """Seconds to sleep before the next read of the queue, or None: wait for an event
+    (``poll``). While a batch is open (``first``: when it began) the next read comes a
+    step after the last one (``read_at``), never past the batch's ``debounce_ms``;
+    outside one (events read, all of them dropped: muted heartbeats), ``gap_ms`` after
+    it. So a burst costs a wake-up per step instead of one per event, and after a quiet
+    ``gap_ms`` the first event is read at once."""
+    if first is None:
+        wait = read_at + gap_ms / 1000 - now
+        return wait if wait > 0 else None
+    until = min(read_at + step_ms / 1000, first + debounce_ms / 1000)
+    return max(0.0, until - now)
+
+
 class FolderWatch:
     """inotify on the sessions root, its groups, sessions and their ``outbox/``."""
 
     def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
-                 poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL,
+                 muted: Container[str] = frozenset(), read_gap_ms: int = 3) -> None:
         self.root = os.path.normpath(root)
+        self.read_gap_ms = read_gap_ms  # reads at most this often outside a batch
+        # session ids whose ``.heartbeat`` events are dropped as they are read (owned by
+        # the session worker, see ``watcher``): such a touch never opens a batch, so it
+        # costs one wake-up and no step of waiting for more
+        self.muted = muted
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
@@ -138,6 +168,9 @@ class FolderWatch:
         self.polled = PolledSessions(poll_rate, poll_interval)
         self._no_outbox: set[str] = set()  # sessions whose outbox/ is missing or unwatchable
         self.lost: str | None = None
+        self._read_at = -1e9  # when events were last read (``read_pause``)
+        self._written: set[tuple[int, bytes]] = set()  # writes seen in this batch (``_parse``)
+        self._names: dict[bytes, str] = {}  # an event's raw name → the name (``_parse``)
         self._walking = True  # a walk fills up; a session found later makes room
         self._first_walk = True  # sessions found by the first walk: outbox/ once active
         self._known: set[str] = set()  # during a walk again: the folders covered before
@@ -382,38 +415,82 @@ class FolderWatch:
             if not buf:
                 return got
             got = True
+            self._read_at = time.monotonic()
             self._parse(buf, changes)
 
     def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> None:
+        """The events of one read into ``changes``, as cheaply as a busy session allows
+        (a commit is a run of ~8 events):
+
+        - in a session folder only the entries the host reads are reported (its
+          databases, heartbeat, ``outbox/``, ``inbox/``: ``SESSION_ENTRIES``); the
+          rest (SQLite's journals, an agent's scratch files) classify as nothing
+          (``layout.classify``) and are skipped here;
+        - a muted session's heartbeat is dropped (``_muted_beat``);
+        - a write is reported once per ``(watch, name)`` and batch (``_written``);
+          creations, removals and renames always go the whole way (a folder created
+          again is another folder to watch);
+        - names are decoded once (``_names``, bounded)."""
         offset = 0
-        while offset + _HEADER.size <= len(buf):
+        written, names, paths = self._written, self._names, self.paths
+        size = _HEADER.size
+        while offset + size <= len(buf):
             wd, mask, _cookie, length = _HEADER.unpack_from(buf, offset)
-            offset += _HEADER.size
-            name = buf[offset:offset + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+            offset += size
+            raw = buf[offset:offset + length]
             offset += length
-            if mask & IN_Q_OVERFLOW:  # a new folder's event may be among the lost: walk again
-                self.lost = "the kernel's inotify queue overflowed"
-                self._rewalk(changes)
+            if mask & _NOT_NAMED:
+                self._unnamed(wd, mask, changes)
                 continue
-            where = self.paths.get(wd)
-            if where is None:
+            where = paths.get(wd)
+            if where is None or not length:
                 continue
-            if mask & IN_IGNORED:  # the folder is gone (or unmounted): so is its watch
-                self._forget(wd)
-                continue
+            name = names.get(raw) or self._name(raw)
             path, depth = where
-            if mask & (IN_DELETE_SELF | IN_MOVE_SELF) or not name:
-                continue  # its parent reports it (deleted, renamed) by name
-            change = change_of(mask)
-            if change is None:
+            if depth == 2 and (name not in SESSION_ENTRIES
+                               or name == HEARTBEAT and self._muted_beat(path, wd)):
                 continue
-            full = f"{path}/{name}"
-            changes.add((change, full))
-            if change == ADDED and mask & IN_ISDIR and watched_level(depth + 1, name):
-                for sub in self._appeared(path, depth, name):
-                    changes.add((ADDED, sub))
-            elif depth == 2 and path in self.sessions:
-                self._active(path, wd)
+            if not mask & _NOT_A_WRITE:
+                if (wd, raw) in written:
+                    continue
+                written.add((wd, raw))
+            self._record(changes, mask, wd, path, depth, name)
+
+    def _unnamed(self, wd: int, mask: int, changes: set[tuple[Change, str]]) -> None:
+        """An event about the queue or a watched folder itself."""
+        if mask & IN_Q_OVERFLOW:  # a new folder's event may be among the lost: walk again
+            self.lost = "the kernel's inotify queue overflowed"
+            self._rewalk(changes)
+        elif mask & IN_IGNORED:  # the folder is gone (or unmounted): so is its watch
+            self._forget(wd)
+        # (IN_DELETE_SELF, IN_MOVE_SELF: its parent reports it, deleted or renamed, by name)
+
+    def _name(self, raw: bytes) -> str:
+        name = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if len(self._names) < NAMES_KEPT:
+            self._names[raw] = name
+        return name
+
+    def _muted_beat(self, session: str, wd: int) -> bool:
+        """A heartbeat of a muted session: dropped, but still activity (its outbox/ gets
+        a watch)."""
+        if session[session.rfind("/") + 1:] not in self.muted:
+            return False
+        if session in self.sessions:
+            self._active(session, wd)
+        return True
+
+    def _record(self, changes: set[tuple[Change, str]], mask: int, wd: int, path: str,
+                depth: int, name: str) -> None:
+        change = change_of(mask)
+        if change is None or not name:
+            return
+        changes.add((change, f"{path}/{name}"))
+        if change == ADDED and mask & IN_ISDIR and watched_level(depth + 1, name):
+            for sub in self._appeared(path, depth, name):
+                changes.add((ADDED, sub))
+        elif depth == 2 and path in self.sessions:
+            self._active(path, wd)
 
     def _rewalk(self, changes: set[tuple[Change, str]]) -> None:
         """Watch every folder that should be (an existing watch is kept: same inode,
@@ -462,23 +539,37 @@ class FolderWatch:
         """Wait for changes: a batch ends ``step_ms`` after the
         last change and at most ``debounce_ms`` after the first; "timeout" after
         ``timeout_ms`` (0: never) without any; "stop" once ``stop_event`` is set
-        (asked once per step, which is what ``watch_health.Gate`` relies on)."""
+        (asked once per step, which is what ``watch_health.Gate`` relies on).
+
+        One read per step at most (``read_pause``): a commit is ~8 events (the
+        journal's create, writes, close and delete, the database's writes, the
+        heartbeat's touch), and a wake-up per event was most of the watch's cost under
+        load (each takes the GIL from the loop). What arrives during the pause is read
+        at its end in one ``read``; the first event after a quiet step still wakes the
+        thread at once."""
         changes: set[tuple[Change, str]] = set()
+        self._written.clear()
         start = time.monotonic()
         first: float | None = None
         while True:
             if stop_event is not None and stop_event.is_set():
                 return "stop"
-            wait = step_ms if first is not None else max(step_ms, IDLE_WAKE_MS)
-            if timeout_ms:
-                wait = min(wait, max(0, timeout_ms - int((time.monotonic() - start) * 1000)))
-            try:
-                ready = self._poll.poll(wait)
-            except InterruptedError:
-                ready = []
+            pause = read_pause(self.read_gap_ms, step_ms, debounce_ms, first, self._read_at,
+                               time.monotonic())
+            if pause is not None:
+                time.sleep(pause)
+                ready = True  # (a read of an empty queue is one EAGAIN)
+            else:
+                wait = max(step_ms, IDLE_WAKE_MS)
+                if timeout_ms:
+                    wait = min(wait, max(0, timeout_ms - int((time.monotonic() - start) * 1000)))
+                try:
+                    ready = bool(self._poll.poll(wait))
+                except InterruptedError:
+                    ready = False
             # a step without anything new ends the batch (only new changes extend it)
             fresh = self._poll_due(changes)
-            fresh = bool(ready) and self._read(changes) or fresh
+            fresh = ready and self._read(changes) or fresh
             now = time.monotonic()
             if fresh and changes:
                 first = first if first is not None else now

@@ -46,6 +46,7 @@ from orchestrator.contract.layout import (
     OUTBOUND_DB,
     OUTBOX,
     Kind,
+    PathInfo,
     classify,
 )
 from orchestrator.host.filesig import file_signature
@@ -72,14 +73,23 @@ RESCANS: collections.Counter[str] = collections.Counter()  # by cause, for /metr
 def to_activities(root: Path, changes: set[tuple[Change, str]]) -> list[Activity]:
     """Classify one batch; unrelated paths (journals, agent scratch files) drop out."""
     out: dict[tuple, Activity] = {}
+    base = os.fspath(root)
     for change, path in changes:
-        info = classify(root, path)
+        info = _classified(base, path)
         if info is None or info.kind is Kind.OTHER:
             continue
-        act = Activity(info.agent_group, info.session_id, info.kind,
-                       added=change == Change.added)
-        out.setdefault((act.agent_group, act.session_id, act.kind, act.added), act)
+        key = (info.agent_group, info.session_id, info.kind, change == Change.added)
+        if key not in out:
+            out[key] = Activity(*key)
     return list(out.values())
+
+
+@functools.lru_cache(maxsize=16384)
+def _classified(root: str, path: str) -> PathInfo | None:
+    """``classify``, remembered: the same few paths per session (its databases, their
+    journals, its heartbeat) come in every batch, and classifying them again was most
+    of the watch thread's work per reply. Bounded: an agent's names cannot grow it."""
+    return classify(root, path)
 
 
 def unmuted(batch: list[Activity], muted: Container[str]) -> list[Activity]:
@@ -451,7 +461,8 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     allowed = budget.usable(limit.value if limit is not None else None)
     if notifier is None:
         notifier = functools.partial(FolderWatch, limit=allowed,
-                                     poll_interval=cfg.poll_interval)
+                                     poll_interval=cfg.poll_interval, muted=muted,
+                                     read_gap_ms=cfg.step_ms)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
     halt = threading.Event()

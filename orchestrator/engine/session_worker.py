@@ -14,6 +14,10 @@ the watch thread drops its heartbeats; the next pass (that timer at the latest)
 takes it out and re-reads the heartbeat file before deciding anything. A touch
 dropped while muted happened before that re-read, so nothing is missed — and
 100 agents heartbeating at 1 Hz no longer wake the event loop 100 times a second.
+Likewise an event-driven pass over a muted session that would read nothing new is
+skipped (``_quiet``): ``inbound.db`` alone (mostly the host's own delivery records),
+or ``outbound.db`` with no commit since its last complete read (``host.commit_mark``:
+SQLite's file change counter, one ``pread``).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from orchestrator.engine.ports import (
 )
 from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
 from orchestrator.engine.tracked import Flag, Flags, Tracked
-from orchestrator.host import inbound, outbound
+from orchestrator.host import commit_mark, inbound, outbound
 from orchestrator.host.outbound import OutboundError
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, Refused, SessionDir
@@ -120,6 +124,8 @@ class SessionWorker:
         self.notify = notify
         self.after_pass = after_pass
         self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
+        # a muted session's outbound.db as its last complete read found it (``_quiet``)
+        self._marks: dict[str, commit_mark.Mark] = {}
         self._ops: set[asyncio.Task] = set()
         self._settings: dict[str, AgentSettings] = {}
         self.space = SpaceWatch(cfg, mark, Flag.TIMER)  # quota and reserve (space_watch)
@@ -151,6 +157,8 @@ class SessionWorker:
             t.restored = False  # (a rescan's stat-gated SWEEP stays cheap: 10 000 of them)
             flags |= Flag.FULL
         if t.session_id in self.muted:  # unmute first, then read: no touch falls between
+            if self._quiet(t, flags):
+                return
             self.muted.discard(t.session_id)
             flags |= Flag.HEARTBEAT
         try:
@@ -192,6 +200,31 @@ class SessionWorker:
             logger.error("session {}/{}: {}{}", t.agent_group, t.session_id, message,
                          "; leaving it alone" if isinstance(exc, Refused) else "")
         self._again_at_sweep(t, now)
+
+    def _quiet(self, t: Tracked, flags: Flags) -> bool:
+        """Whether an event-driven pass over a muted session (its agent runs, a timer is
+        set, nothing short of that timer or a write can change its verdict) would read
+        nothing new, so it is skipped and the session stays muted:
+
+        - ``inbound.db`` alone: a running agent picks its messages up itself, and most
+          of these events are the host's own delivery records (``_inbound_matters``);
+        - ``outbound.db``: no commit since its last complete read (``commit_mark``: a
+          commit is a run of events that a batch can cut in two, and the second half
+          asked for a read that found nothing).
+
+        Anything else (a timer, an exit, ``outbox/``, a sweep) takes the whole pass."""
+        if flags & ~(Flag.OUTBOUND | Flag.INBOUND) or not self.runtime.is_running(t.session_id):
+            return False
+        if not flags & Flag.OUTBOUND:
+            return True
+        before = self._marks.get(t.session_id)
+        if before is None:
+            return False
+        try:
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+                return commit_mark.unchanged(before, commit_mark.mark(folder.fd, OUTBOUND_DB))
+        except OSError:  # the pass says what is wrong
+            return False
 
     def _again_at_sweep(self, t: Tracked, now: datetime) -> None:
         t.read.sigs.clear()  # re-read everything on the next sweep, not just what changes
@@ -321,6 +354,8 @@ class SessionWorker:
             t.read.registry_touched = now
 
     async def _read_outbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
+        self._marks.pop(t.session_id, None)  # kept again only once this read is complete
+        mark = commit_mark.mark(folder.fd, OUTBOUND_DB)  # before the read (``_quiet``)
         t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
         acks_seen = t.read.acks_seen
         snap = outbound.read(folder.db(OUTBOUND_DB), after_seq=t.delivery.watermark,
@@ -368,6 +403,9 @@ class SessionWorker:
             self._notify_replies(t, snap.messages, result, now)
         if result.delivered or final:
             self._touch_registry(t, now, force=True)
+        if mark is not None and not snap.rewound and commit_mark.unchanged(
+                mark, commit_mark.mark(folder.fd, OUTBOUND_DB)):  # no commit during the read
+            self._marks[t.session_id] = mark
 
     def _sanitised(self, t: Tracked, snap: outbound.Snapshot,
                    now: datetime) -> outbound.Snapshot:
@@ -565,6 +603,8 @@ class SessionWorker:
         self._schedule(t, verdict.next_check, now)
         if verdict.mute:
             self.muted.add(t.session_id)
+        else:  # kept for muted sessions only (running agents): ``_quiet``
+            self._marks.pop(t.session_id, None)
 
     async def _fail_due(self, t: Tracked, folder: SessionDir, reason: str,
                         now: datetime) -> None:

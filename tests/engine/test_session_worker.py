@@ -7,6 +7,7 @@ The rules it applies are table-tested in test_lifecycle.py.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import sqlite3
@@ -23,6 +24,7 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import Deliverer
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.host import outbound
 from orchestrator.host.safefs import open_group
 from orchestrator.runtime.base import AgentExit, RuntimeUnavailable
 from tests.support.e2e import Client, failures, make_config, replies_to, run, supervised
@@ -444,3 +446,49 @@ async def test_hostile_values_never_fail_a_pass_and_the_stuck_rules_still_fire(
         assert await kills_at(kill_at + 1), f"{name}: not killed by {kill_at + 1}s"
     finally:
         b.close()
+
+
+def _agent_reply(bench: Bench, seq: int) -> None:
+    """What an agent does to reply: one commit of one row to its outbound.db."""
+    with schema.opened(bench.t.paths.outbound_db) as conn, schema.transaction(conn):
+        conn.execute("INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, content)"
+                     " VALUES (?, ?, NULL, ?, 'chat', ?)",
+                     (f"r{seq}", seq, schema.now_ts(), json.dumps({"text": "hi"})))
+
+
+async def test_a_muted_session_is_read_again_only_after_a_commit(
+        bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event-driven pass over a muted session (its agent runs, a timer is set) that
+    would read nothing new is skipped: outbound.db with no commit since its last
+    complete read (the file change counter), inbound.db alone (the agent reads it
+    itself). A commit is read at once; a sweep, a timer or an exit always pass."""
+    reads: list[int] = []
+    real_read = outbound.read
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(outbound, "read", counted)
+    bench.client.send("grp", "hello")
+    t, sid = bench.t, bench.t.session_id
+    await bench.worker.process(t, Flag.FULL)
+    await bench.settle()  # the agent started
+    await bench.worker.process(t, Flag.TIMER)
+    assert sid in bench.worker.muted
+    n = len(reads)
+    for flags in (Flag.OUTBOUND, Flag.INBOUND, Flag.OUTBOUND | Flag.INBOUND):
+        await bench.worker.process(t, flags)  # (e.g. the second half of a commit's events)
+        assert (len(reads), sid in bench.worker.muted) == (n, True)
+    _agent_reply(bench, 101)
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert len(reads) == n + 1 and t.read.max_seq_seen == 101
+    assert sid in bench.worker.muted  # muted again by that pass, its read kept
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert len(reads) == n + 1
+    for flags in (Flag.SWEEP | Flag.OUTBOUND, Flag.TIMER, Flag.OUTBOX):
+        await bench.worker.process(t, flags)
+    assert len(reads) == n + 4
+    bench.runtime.alive.discard(sid)  # gone, no exit event yet: every pass reads
+    await bench.worker.process(t, Flag.INBOUND)
+    assert sid not in bench.worker.muted

@@ -72,6 +72,7 @@ from orchestrator.rules.lifecycle import (
 )
 from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef, Usage
 from orchestrator.support.errors import host_storage_failure
+from orchestrator.watch.muted import Muted
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
@@ -123,7 +124,7 @@ class SessionWorker:
         self.admission = admission or Unlimited()
         self.notify = notify
         self.after_pass = after_pass
-        self.muted: set[str] = set()  # read by the watch thread (set ops are atomic)
+        self.muted = Muted()  # read by the watch thread (set ops are atomic)
         # a muted session's outbound.db as its last complete read found it (``_quiet``)
         self._marks: dict[str, commit_mark.Mark] = {}
         self._ops: set[asyncio.Task] = set()

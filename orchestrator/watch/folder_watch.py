@@ -65,6 +65,7 @@ from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, INBOX, OUTBOUND_
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.budget import Shortfall, poll_round
 from orchestrator.watch.changes import Change
+from orchestrator.watch.muted import Muted
 from orchestrator.watch.polled import PolledSessions
 
 IN_MOVED_FROM = 0x00000040
@@ -74,6 +75,11 @@ IN_DONT_FOLLOW = 0x02000000
 
 MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
         | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
+# A muted session's folder (``quiet``): no attribute changes or closes, so its agent's
+# heartbeat touches (a utime, a close) wake nobody; a commit is still IN_MODIFY, a
+# file or folder made, removed or renamed still reported.
+QUIET_MASK = MASK & ~(IN_ATTRIB | IN_CLOSE_WRITE)
+UNMUTED_EVERY = 0.02  # s: how often the watch looks for unmuted sessions, at most
 ADDED, MODIFIED, DELETED = Change.added, Change.modified, Change.deleted
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 # The entries of a session folder whose events the host acts on (``layout.classify``
@@ -145,6 +151,10 @@ class FolderWatch:
         # the session worker, see ``watcher``): such a touch never opens a batch, so it
         # costs one wake-up and no step of waiting for more
         self.muted = muted
+        # heartbeats not even asked for while muted: needs to hear of unmutes (``Muted``)
+        self._mutes = muted if isinstance(muted, Muted) else None
+        self._quieted: dict[str, str] = {}  # session id → its folder, watched with QUIET_MASK
+        self._unmuted_at = 0.0
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
@@ -218,6 +228,7 @@ class FolderWatch:
         if depth == 2:
             self.sessions[path] = wd
             self.polled.remove(path)
+            self._quieted.pop(path[path.rfind("/") + 1:], None)  # (MASK again)
         elif depth == 3:
             parent = path.rsplit("/", 1)[0]
             self.outboxes[parent] = wd
@@ -236,6 +247,7 @@ class FolderWatch:
         if depth == 2 and self.sessions.get(path) == wd:
             del self.sessions[path]
             self._no_outbox.discard(path)
+            self._quieted.pop(path[path.rfind("/") + 1:], None)
         elif depth == 3:
             parent = path.rsplit("/", 1)[0]
             if self.outboxes.get(parent) == wd:
@@ -473,12 +485,56 @@ class FolderWatch:
 
     def _muted_beat(self, session: str, wd: int) -> bool:
         """A heartbeat of a muted session: dropped, but still activity (its outbox/ gets
-        a watch)."""
-        if session[session.rfind("/") + 1:] not in self.muted:
+        a watch); and the next ones are not even asked for (``_quiet``)."""
+        sid = session[session.rfind("/") + 1:]
+        if sid not in self.muted:
             return False
         if session in self.sessions:
             self._active(session, wd)
+            if self._mutes is not None and sid not in self._quieted \
+                    and self._set_mask(session, wd, QUIET_MASK):
+                self._quieted[sid] = session
         return True
+
+    def _set_mask(self, session: str, wd: int, mask: int) -> bool:
+        """Replace the mask of the watch ``wd`` on ``session`` (opened again without
+        following a link; the very folder watched, by its inode, or nothing is done)."""
+        fd = self._open(session)
+        if fd is None:
+            return False
+        try:
+            if os.fstat(fd).st_ino != self.inodes.get(wd):
+                return False
+            return self._add(self.fd, f"/proc/self/fd/{fd}".encode(), mask) == wd
+        finally:
+            os.close(fd)
+
+    def _unmuted(self, changes: set[tuple[Change, str]]) -> bool:
+        """Sessions unmuted since the last look, still unmuted: their folder's watch
+        asks for heartbeats again, and a heartbeat is reported for each (a touch made
+        while the watch did not ask for it is not lost: the pass it causes reads the
+        file). One muted again meanwhile stays quiet. Whether anything was reported."""
+        mutes = self._mutes
+        if mutes is None or not mutes.has_left():
+            return False
+        now = time.monotonic()
+        if now < self._unmuted_at:
+            return False
+        self._unmuted_at = now + UNMUTED_EVERY
+        found = False
+        for sid in mutes.take_left():
+            session = self._quieted.pop(sid, None)
+            if session is None:
+                continue
+            if sid in mutes:
+                self._quieted[sid] = session
+                continue
+            wd = self.sessions.get(session)
+            if wd is not None:
+                self._set_mask(session, wd, MASK)
+            changes.add((MODIFIED, f"{session}/{HEARTBEAT}"))
+            found = True
+        return found
 
     def _record(self, changes: set[tuple[Change, str]], mask: int, wd: int, path: str,
                 depth: int, name: str) -> None:
@@ -569,6 +625,7 @@ class FolderWatch:
                     ready = False
             # a step without anything new ends the batch (only new changes extend it)
             fresh = self._poll_due(changes)
+            fresh = self._unmuted(changes) or fresh
             fresh = ready and self._read(changes) or fresh
             now = time.monotonic()
             if fresh and changes:

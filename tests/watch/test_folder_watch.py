@@ -15,6 +15,7 @@ from orchestrator.watch.folder_watch import (
     MODIFIED,
     FolderWatch,
     change_of,
+    read_pause,
     watched_folders,
     watched_level,
 )
@@ -243,3 +244,44 @@ def test_a_batch_ends_one_step_after_the_last_change_not_at_the_debounce(
         got = watch.watch(debounce_ms=3000, step_ms=5, timeout_ms=0, stop_event=None)
         assert isinstance(got, set) and got
         assert time.monotonic() - t0 < 1.5
+
+
+@pytest.mark.parametrize("first, read_at, now, expected", [
+    # no batch open, nothing read for a gap: wait for the kernel (poll), read at once
+    (None, -1e9, 10.0, None),
+    (None, 9.990, 10.0, None),  # 10 ms ago: past the 3 ms gap
+    (None, 9.999, 10.0, 0.002),  # events read 1 ms ago (all dropped): 2 ms more
+    # a batch open since 10.000: the next read a step (5 ms) after the last one ...
+    (10.000, 10.001, 10.002, 0.004),
+    (10.000, 10.010, 10.010, 0.005),
+    (10.000, 10.030, 10.031, 0.004),
+    # ... never past the batch's debounce (50 ms after its first event)
+    (10.000, 10.048, 10.048, 0.002),
+    (10.000, 10.049, 10.060, 0.0),  # late already: read at once
+])
+def test_read_pause(first: float | None, read_at: float, now: float,
+                    expected: float | None) -> None:
+    got = read_pause(3, 5, 50, first, read_at, now)
+    assert got == expected if expected is None else got == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_burst_of_writes_is_one_change_and_scratch_files_none(tmp_path: Path) -> None:
+    """A session folder's journal and scratch files are not reported (no pass reads
+    them), and a file written many times in a batch is one change."""
+    root = tmp_path / "sessions"
+    folder = root / "grp" / "sess-1"
+    folder.mkdir(parents=True)
+    with FolderWatch(root) as watch:
+        with open(folder / "outbound.db", "wb") as fh:
+            for _ in range(50):
+                fh.write(b"x")
+                fh.flush()
+        for name in ("outbound.db-journal", "scratch.txt"):
+            (folder / name).write_bytes(b"y")
+            os.unlink(folder / name)
+        got: set = set()
+        wait_for(lambda: (got.update(r) if isinstance(
+            r := watch.watch(debounce_ms=50, step_ms=5, timeout_ms=50, stop_event=None), set)
+            else None) or (2, f"{folder}/outbound.db") in got, timeout=5, interval=0,
+            message="the write")
+        assert all(p == f"{folder}/outbound.db" for _, p in got), got

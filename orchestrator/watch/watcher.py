@@ -20,9 +20,10 @@ Neither is trusted for correctness: inotify drops events silently on queue
 overflow or when the watch budget runs out. The supervisor's reconcile sweep
 re-checks everything from disk; these events only make it fast.
 
-``muted`` (owned by the session worker) names sessions whose heartbeats are
-dropped here, in the watch thread, before they cost the event loop anything:
-see ``SessionWorker`` for why that is safe.
+``muted`` (owned by the session worker, a ``watch.muted.Muted``) names sessions whose
+heartbeats are dropped here, in the watch thread, before they cost the event loop
+anything: see ``SessionWorker`` for why that is safe. ``folder_watch`` drops them as it
+reads them and then stops asking the kernel for them until the session is unmuted.
 """
 
 from __future__ import annotations

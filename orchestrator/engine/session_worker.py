@@ -125,8 +125,9 @@ class SessionWorker:
         self.notify = notify
         self.after_pass = after_pass
         self.muted = Muted()  # read by the watch thread (set ops are atomic)
-        # a muted session's outbound.db as its last complete read found it (``_quiet``)
-        self._marks: dict[str, commit_mark.Mark] = {}
+        # a muted session's outbound.db as its last complete read found it, and the
+        # delivery memory that read left (``_quiet``)
+        self._marks: dict[str, tuple[commit_mark.Mark, DeliveryState]] = {}
         self._ops: set[asyncio.Task] = set()
         self._settings: dict[str, AgentSettings] = {}
         self.space = SpaceWatch(cfg, mark, Flag.TIMER)  # quota and reserve (space_watch)
@@ -211,19 +212,24 @@ class SessionWorker:
           of these events are the host's own delivery records (``_inbound_matters``);
         - ``outbound.db``: no commit since its last complete read (``commit_mark``: a
           commit is a run of events that a batch can cut in two, and the second half
-          asked for a read that found nothing).
+          asked for a read that found nothing), and that read left every reply settled
+          in the same delivery memory (not a reply waiting for its files or for a
+          channel's outcome — whose arrival asks for a pass by this very flag — nor a
+          memory reset to deliver again).
 
         Anything else (a timer, an exit, ``outbox/``, a sweep) takes the whole pass."""
         if flags & ~(Flag.OUTBOUND | Flag.INBOUND) or not self.runtime.is_running(t.session_id):
             return False
         if not flags & Flag.OUTBOUND:
             return True
-        before = self._marks.get(t.session_id)
-        if before is None:
+        kept = self._marks.get(t.session_id)
+        state = t.delivery
+        if kept is None or kept[1] is not state or state.waiting_files \
+                or state.watermark < t.read.max_seq_seen:
             return False
         try:
             with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
-                return commit_mark.unchanged(before, commit_mark.mark(folder.fd, OUTBOUND_DB))
+                return commit_mark.unchanged(kept[0], commit_mark.mark(folder.fd, OUTBOUND_DB))
         except OSError:  # the pass says what is wrong
             return False
 
@@ -406,7 +412,7 @@ class SessionWorker:
             self._touch_registry(t, now, force=True)
         if mark is not None and not snap.rewound and commit_mark.unchanged(
                 mark, commit_mark.mark(folder.fd, OUTBOUND_DB)):  # no commit during the read
-            self._marks[t.session_id] = mark
+            self._marks[t.session_id] = (mark, t.delivery)
 
     def _sanitised(self, t: Tracked, snap: outbound.Snapshot,
                    now: datetime) -> outbound.Snapshot:

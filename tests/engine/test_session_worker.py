@@ -21,7 +21,7 @@ from orchestrator.cli.compose import make_channel
 from orchestrator.contract import schema
 from orchestrator.contract.layout import sessions_root
 from orchestrator.contract.session_status import Status
-from orchestrator.engine.delivery import Deliverer
+from orchestrator.engine.delivery import Deliverer, DeliveryState
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.tracked import Flag, Tracked
 from orchestrator.host import outbound
@@ -486,9 +486,12 @@ async def test_a_muted_session_is_read_again_only_after_a_commit(
     assert sid in bench.worker.muted  # muted again by that pass, its read kept
     await bench.worker.process(t, Flag.OUTBOUND)
     assert len(reads) == n + 1
+    t.delivery = DeliveryState()  # its delivery memory reset (retry_deliveries): read
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert len(reads) == n + 2
     for flags in (Flag.SWEEP | Flag.OUTBOUND, Flag.TIMER, Flag.OUTBOX):
         await bench.worker.process(t, flags)
-    assert len(reads) == n + 4
+    assert len(reads) == n + 5
     bench.runtime.alive.discard(sid)  # gone, no exit event yet: every pass reads
     await bench.worker.process(t, Flag.INBOUND)
     assert sid not in bench.worker.muted

@@ -80,6 +80,10 @@ MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | I
 # file or folder made, removed or renamed still reported.
 QUIET_MASK = MASK & ~(IN_ATTRIB | IN_CLOSE_WRITE)
 UNMUTED_EVERY = 0.02  # s: how often the watch looks for unmuted sessions, at most
+# s: how long a session stays unmuted before its watch asks for heartbeats again: a pass
+# unmutes its session and (usually) mutes it again a few ms later, and a watch changed
+# and changed back for each pass cost more than the heartbeats it saved
+UNMUTED_FOR = 0.05
 ADDED, MODIFIED, DELETED = Change.added, Change.modified, Change.deleted
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 # The entries of a session folder whose events the host acts on (``layout.classify``
@@ -155,6 +159,7 @@ class FolderWatch:
         self._mutes = muted if isinstance(muted, Muted) else None
         self._quieted: dict[str, str] = {}  # session id → its folder, watched with QUIET_MASK
         self._unmuted_at = 0.0
+        self._unmuted_since: dict[str, float] = {}  # quiet sessions seen unmuted, since
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "inotify is not available")
@@ -510,24 +515,29 @@ class FolderWatch:
             os.close(fd)
 
     def _unmuted(self, changes: set[tuple[Change, str]]) -> bool:
-        """Sessions unmuted since the last look, still unmuted: their folder's watch
-        asks for heartbeats again, and a heartbeat is reported for each (a touch made
-        while the watch did not ask for it is not lost: the pass it causes reads the
-        file). One muted again meanwhile stays quiet. Whether anything was reported."""
+        """Quiet sessions unmuted for ``UNMUTED_FOR`` s and still unmuted: their
+        folder's watch asks for heartbeats again, and a heartbeat is reported for each
+        (a touch made while the watch did not ask for it is not lost: the pass it
+        causes reads the file). One muted again by then stays quiet (its pass read the
+        heartbeat after the unmute). Whether anything was reported."""
         mutes = self._mutes
-        if mutes is None or not mutes.has_left():
+        if mutes is None or not (self._unmuted_since or mutes.has_left()):
             return False
         now = time.monotonic()
         if now < self._unmuted_at:
             return False
         self._unmuted_at = now + UNMUTED_EVERY
-        found = False
+        since = self._unmuted_since
         for sid in mutes.take_left():
+            if sid in self._quieted:
+                since.setdefault(sid, now)
+        found = False
+        for sid in [sid for sid, at in since.items() if now - at >= UNMUTED_FOR]:
+            del since[sid]
+            if sid in mutes:
+                continue
             session = self._quieted.pop(sid, None)
             if session is None:
-                continue
-            if sid in mutes:
-                self._quieted[sid] = session
                 continue
             wd = self.sessions.get(session)
             if wd is not None:

@@ -126,11 +126,16 @@ def overflow_run(work: Path, *, sessions: int = 10, per_session: int = 200,
         os.kill(proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
         scratch = [folders[0].root / "scratch-a", folders[0].root / "scratch-b"]
-        for path in scratch:
-            path.touch()
-        flood = queue_limit() + 1000  # alternate files: the kernel merges only repeats
-        for i in range(flood):
-            os.utime(scratch[i % 2])
+        # writes (IN_MODIFY), not touches: a running agent's folder is watched without
+        # IN_ATTRIB while it is muted (folder_watch.QUIET_MASK), so touches queue nothing
+        fds = [os.open(path, os.O_WRONLY | os.O_CREAT, 0o644) for path in scratch]
+        try:
+            flood = queue_limit() + 1000  # alternate files: the kernel merges only repeats
+            for i in range(flood):
+                os.pwrite(fds[i % 2], b"x", 0)
+        finally:
+            for fd in fds:
+                os.close(fd)
         for n in range(per_session):
             for row, route in zip(rows, routing, strict=True):
                 client.write_message(row, {"text": f"message {n}"}, routing=route)

@@ -55,7 +55,7 @@ import psutil
 import tomli_w
 
 from bench import collect, proc
-from bench.inotify import IN_MODIFY, Inotify
+from bench.inotify import IN_DELETE, IN_MODIFY, Inotify
 from orchestrator.contract.layout import registry_path
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import MessagingGroup, Sessions
@@ -174,21 +174,38 @@ def docker_image() -> str:
             or "orchestrator-agent:latest")
 
 
-class ReplyWatch:
-    """Lines appended to the jsonl channel file, stamped when inotify reports them."""
+# milestones of one round trip, seen as inotify events in the session folder (no agent
+# or host change needed): name -> (file, event mask, which occurrence after the commit)
+IN_ATTRIB, IN_CREATE, IN_MOVED_TO = 0x4, 0x100, 0x80
+STEPS = ("spawned", "woke", "reply_begin", "reply_commit", "delivered")
 
-    def __init__(self, jsonl: Path) -> None:
+
+class ReplyWatch:
+    """Lines appended to the jsonl channel file, stamped when inotify reports them; with
+    ``folder``, also the session folder's events, for a breakdown of each round trip
+    (``breakdown``): when the host wrote the agent's ``.agent.pid`` (local start), the
+    agent's first ``.heartbeat`` touch (a cold start's early beat: the interpreter runs;
+    warm: it has read the message), and the reply's commit (``outbound.db-journal``
+    created, then deleted: SQLite's ``journal_mode=DELETE``)."""
+
+    def __init__(self, jsonl: Path, folder: Path | None = None) -> None:
         jsonl.touch()
         self.jsonl = jsonl
         self.ino = Inotify()
-        self.ino.add(jsonl, IN_MODIFY)
+        self.jsonl_wd = self.ino.add(jsonl, IN_MODIFY)
         self.fh = open(jsonl, "rb")
         self.fh.seek(0, os.SEEK_END)
         self.buf = b""
         self.seen: dict[str, float] = {}
+        self.events: list[tuple[float, str, int]] = []  # (time, name, mask) in the folder
+        if folder is not None:
+            self.ino.add(folder, IN_ATTRIB | IN_CREATE | IN_DELETE | IN_MOVED_TO)
 
-    def _read(self) -> None:
+    def _read(self, events: list) -> None:
         now = time.time()
+        for ev in events:
+            if ev.wd != self.jsonl_wd and ev.name:
+                self.events.append((now, ev.name, ev.mask))
         self.buf += self.fh.read()
         *lines, self.buf = self.buf.split(b"\n")
         for line in lines:
@@ -205,13 +222,57 @@ class ReplyWatch:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            self.ino.read(min(left, 0.5))
-            self._read()
+            self._read(self.ino.read(min(left, 0.5)))
         return self.seen[message_id]
+
+    def drain(self) -> None:
+        """Read what is queued and forget the folder's events: a new round trip starts."""
+        self._read(self.ino.read(0))
+        self.events.clear()
+
+    def breakdown(self, t0: float, t1: float) -> dict[str, float]:
+        """ms after ``t0`` (the message's commit) of each milestone seen before ``t1``
+        (the delivered line): ``spawned``, ``woke``, ``reply_begin``, ``reply_commit``,
+        ``delivered`` (a missing one is left out). The events are dropped after."""
+        evs = [(t, name, mask) for t, name, mask in self.events if t0 <= t <= t1]
+        self.events = [e for e in self.events if e[0] > t1]
+        out: dict[str, float] = {}
+
+        def first(name: str, mask: int) -> float | None:
+            return next((t for t, n, m in evs if n == name and m & mask), None)
+
+        spawned = first(".agent.pid", IN_MOVED_TO)
+        woke = first(".heartbeat", IN_ATTRIB | IN_CREATE)
+        commits = [t for t, n, m in evs if n == "outbound.db-journal" and m & IN_DELETE]
+        commit = commits[-1] if commits else None
+        begins = [t for t, n, m in evs if n == "outbound.db-journal" and m & IN_CREATE
+                  and (commit is None or t <= commit)]
+        for key, t in (("spawned", spawned), ("woke", woke),
+                       ("reply_begin", begins[-1] if begins else None),
+                       ("reply_commit", commit), ("delivered", t1)):
+            if t is not None:
+                out[key] = 1000.0 * (t - t0)
+        return out
 
     def close(self) -> None:
         self.ino.close()
         self.fh.close()
+
+
+def summarize_steps(samples: list[dict[str, float]]) -> dict[str, dict]:
+    """p50 / max (ms after the commit) of each milestone over the samples that saw it."""
+    out: dict[str, dict] = {}
+    for key in STEPS:
+        vals = [s[key] for s in samples if key in s]
+        if vals:
+            r = collect.summarize_ms([v / 1000.0 for v in vals])
+            out[key] = {"n": r["n"], "p50": round(r["p50"], 2), "max": round(r["max"], 2)}
+    return out
+
+
+def steps_line(steps: dict[str, dict]) -> str:
+    """``woke 3.1 → reply_commit 6.0 → delivered 9.2`` (p50 ms after the commit)."""
+    return " → ".join(f"{k} {v['p50']:.1f}" for k, v in steps.items())
 
 
 def _status(registry: Registry, session_id: str) -> tuple[str, str]:
@@ -281,8 +342,10 @@ class RoundTrips:
             orch = FreshOrchestrator(run_dir, config)
             orch.package_root = fresh_package(run_dir / "fresh")
         api = ApiClient(data / "api.sock", data / "api-token")
-        watch = ReplyWatch(data / "delivered.jsonl")
+        watch = ReplyWatch(data / "delivered.jsonl",
+                           None if kind == "new" else sessions.paths(row).root)
         lat: list[float] = []
+        steps: list[dict[str, float]] = []
         missed = 0
         load = proc.MachineLoad()
         try:
@@ -290,10 +353,14 @@ class RoundTrips:
             orch.wait_ready(60)
 
             def send() -> float | None:
+                watch.drain()
                 mid, _ = sessions.write_message(row, {"text": "ping"}, routing=routing)
                 t0 = time.time()
                 t1 = watch.wait(mid, self.p.timeout)
-                return None if t1 is None else 1000.0 * (t1 - t0)
+                if t1 is None:
+                    return None
+                steps.append(watch.breakdown(t0, t1))
+                return 1000.0 * (t1 - t0)
 
             chats = iter(range(2, 1 << 30))
             last: list[str] = []  # the newest session's id
@@ -312,6 +379,7 @@ class RoundTrips:
                 if send() is None:  # sample (a paused one must have run to be frozen)
                     raise RuntimeError("no reply to the warm-up message; log:\n"
                                        + orch.log_tail(10))
+                steps.clear()
             if kind == "new":  # the API's first answer costs imports: not a sample
                 if post_new() is None:
                     raise RuntimeError("no reply to the first new session; log:\n"
@@ -345,13 +413,15 @@ class RoundTrips:
         res = {"runtime": runtime, "agent": agent, "mode": mode, "kind": kind,
                "samples": len(lat), "missed": missed, "latency_ms": collect.summarize_ms(
                    [ms / 1000.0 for ms in lat]), "machine_load": machine,
-               "log": orch.log_levels()}
+               "steps_ms": summarize_steps(steps), "log": orch.log_levels()}
         r = res["latency_ms"]
         self.say(f"  {runtime:6} {kind:6} agent {agent:9} watch {mode:6}: "
                  + (f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f}, max {r['max']:.1f} "
                     f"(n={r['n']}{f', missed {missed}' if missed else ''})" if r.get("n")
                     else f"no reply ({missed} missed)")
                  + self.bench._load_note(machine))
+        if res["steps_ms"]:
+            self.say(f"    p50 ms after the commit: {steps_line(res['steps_ms'])}")
         return res
 
     # --- one idle agent alone ----------------------------------------------------------

@@ -109,6 +109,37 @@ def watched_level(depth: int, name: str) -> bool:
     return depth in (1, 2) or (depth == 3 and name == OUTBOX)
 
 
+# a session database's rollback journal: its deletion is the end of a commit
+COMMIT_ENDS = frozenset({"inbound.db-journal", "outbound.db-journal"})
+LONE_COMMIT_MAX = 12  # changes; a reply's commit with a heartbeat is ~5
+
+
+def lone_commit(root: str, changes: set[tuple[Change, str]]) -> bool:
+    """Whether a batch is one session's finished commit and nothing else: every change
+    is in that one session's folder (or its outbox/) and a journal of it was deleted
+    (``journal_mode=DELETE`` ends each commit so: contract §2). Such a batch ends at
+    once instead of a step later (issue 28: ~3 ms of every round trip, twice in a cold
+    one: the message's commit that starts the agent, the reply's that is delivered).
+    Changes of several sessions keep the step, so a busy host still gets few,
+    large batches."""
+    if len(changes) > LONE_COMMIT_MAX:
+        return False
+    prefix = root + "/"
+    session: tuple[str, str] | None = None
+    committed = False
+    for change, path in changes:
+        parts = path[len(prefix):].split("/", 3)
+        if len(parts) < 3 or not path.startswith(prefix):
+            return False  # a group or the root itself changed
+        if session is None:
+            session = (parts[0], parts[1])
+        elif session != (parts[0], parts[1]):
+            return False
+        committed = committed or (len(parts) == 3 and change == DELETED
+                                  and parts[2] in COMMIT_ENDS)
+    return committed
+
+
 class FolderWatch:
     """inotify on the sessions root, its groups, sessions and their ``outbox/``."""
 
@@ -482,7 +513,7 @@ class FolderWatch:
             now = time.monotonic()
             if fresh and changes:
                 first = first if first is not None else now
-                if (now - first) * 1000 < debounce_ms:
+                if (now - first) * 1000 < debounce_ms and not lone_commit(self.root, changes):
                     continue  # more may follow within a step
             if changes:
                 return changes

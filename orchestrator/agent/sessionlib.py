@@ -25,9 +25,10 @@ What each call does, and why:
   watch needs, is ~3 ms of a start) and misses nothing, since that wait reads
   inbound.db again once the watch is there.
 - ``wait_for_work()``: the due, triggered, unacked messages in seq order; blocks
-  until there are some. It sleeps on inotify on the session folder (the host's
-  inbound.db commits wake it within a millisecond, through a read-only bind mount
-  too), re-reads every ``safety_poll`` s anyway (network and Docker Desktop shares
+  until there are some. It sleeps on inotify on the session folder (the end of each
+  host commit of inbound.db wakes it within a millisecond, through a read-only bind
+  mount too; a commit still in progress does not: ``decide.commit_ended``),
+  re-reads every ``safety_poll`` s anyway (network and Docker Desktop shares
   raise no event), wakes at the next ``process_after``, and polls every
   ``poll_interval`` where inotify is missing.
 - ``claim`` / ``ack``: ``processing_ack`` rows. A claimed message stays yours:
@@ -52,7 +53,13 @@ import time
 from collections import namedtuple
 
 from orchestrator.agent import beat, jsontext
-from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
+from orchestrator.agent.decide import (
+    commit_ended,
+    new_out_id,
+    next_due,
+    next_odd_seq,
+    select_work,
+)
 from orchestrator.contract import schema
 
 TYPE_CHECKING = False  # typing and dataclasses stay off the agent's cold start (~8 ms)
@@ -297,8 +304,27 @@ class SessionFolder:
                 return None
             if not ready:
                 return False
-            if self._watch is not None and self._watch.drain():
+            if self._watch is not None and self._drain_watch():
                 return True
+
+    def _drain_watch(self) -> bool:
+        """Read every queued event without blocking; True if one ends a write of
+        inbound.db (``decide.commit_ended``; a commit's first events are slept through:
+        the look that follows its end finds the rows, not the host's lock)."""
+        from orchestrator.contract.inotify import parse_events
+
+        assert self._watch is not None
+        hit = False
+        while True:
+            try:
+                buf = os.read(self._watch.fd, 64 * 1024)
+            except BlockingIOError:
+                return hit
+            except InterruptedError:
+                continue
+            if not buf:
+                return hit
+            hit = hit or any(commit_ended(mask, name) for mask, name in parse_events(buf))
 
     def interrupt(self) -> None:
         """Wake a blocked ``wait_for_work`` (safe from a signal handler or a thread)."""

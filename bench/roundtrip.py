@@ -177,7 +177,7 @@ def docker_image() -> str:
 # milestones of one round trip, seen as inotify events in the session folder (no agent
 # or host change needed): name -> (file, event mask, which occurrence after the commit)
 IN_ATTRIB, IN_CREATE, IN_MOVED_TO = 0x4, 0x100, 0x80
-STEPS = ("spawned", "woke", "reply_begin", "reply_commit", "delivered")
+STEPS = ("spawned", "woke", "reply_begin", "reply_commit", "delivered", "host_delivery")
 
 
 class ReplyWatch:
@@ -233,7 +233,8 @@ class ReplyWatch:
     def breakdown(self, t0: float, t1: float) -> dict[str, float]:
         """ms after ``t0`` (the message's commit) of each milestone seen before ``t1``
         (the delivered line): ``spawned``, ``woke``, ``reply_begin``, ``reply_commit``,
-        ``delivered`` (a missing one is left out). The events are dropped after."""
+        ``delivered`` (a missing one is left out), and ``host_delivery``: ms from the
+        reply's commit to its line. The events are dropped after."""
         evs = [(t, name, mask) for t, name, mask in self.events if t0 <= t <= t1]
         self.events = [e for e in self.events if e[0] > t1]
         out: dict[str, float] = {}
@@ -252,6 +253,8 @@ class ReplyWatch:
                        ("reply_commit", commit), ("delivered", t1)):
             if t is not None:
                 out[key] = 1000.0 * (t - t0)
+        if commit is not None:  # the host's share: the reply's commit → its line
+            out["host_delivery"] = 1000.0 * (t1 - commit)
         return out
 
     def close(self) -> None:
@@ -271,8 +274,11 @@ def summarize_steps(samples: list[dict[str, float]]) -> dict[str, dict]:
 
 
 def steps_line(steps: dict[str, dict]) -> str:
-    """``woke 3.1 → reply_commit 6.0 → delivered 9.2`` (p50 ms after the commit)."""
-    return " → ".join(f"{k} {v['p50']:.1f}" for k, v in steps.items())
+    """``woke 3.1 → reply_commit 6.0 → delivered 9.2 (host 3.2)`` (p50 ms after the
+    commit; the host's share: reply commit → line)."""
+    host = steps.get("host_delivery")
+    return (" → ".join(f"{k} {v['p50']:.1f}" for k, v in steps.items() if k != "host_delivery")
+            + (f" (host: reply commit → line {host['p50']:.1f})" if host else ""))
 
 
 def _status(registry: Registry, session_id: str) -> tuple[str, str]:

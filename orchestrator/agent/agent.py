@@ -22,7 +22,6 @@ import time
 from collections import namedtuple
 
 from orchestrator.agent import decide
-from orchestrator.agent.files import copy_attachments
 from orchestrator.agent.sessionlib import WAKE_MODES, Message, SessionFolder, remove_tree
 
 TYPE_CHECKING = False  # no typing, dataclasses or argparse on the cold start path (see parse_args)
@@ -263,8 +262,13 @@ class Agent:
         out_id = decide.new_out_id()
         dest = session.outbox_dir(out_id) if message.attachments else None
         try:
-            files, refused = (copy_attachments(session.workspace, message.attachments, dest)
-                              if dest is not None else ([], []))
+            files: list[str] = []
+            refused: list[str] = []
+            if dest is not None:  # files.py is imported for attachments only, not by an echo
+                from orchestrator.agent.files import copy_attachments
+
+                files, refused = copy_attachments(session.workspace, message.attachments,
+                                                  dest)
             session.reply(msg, decide.reply_body(decide.reply_text(message.text), files,
                                                  refused), out_id=out_id)
         except BaseException:

@@ -109,35 +109,47 @@ def watched_level(depth: int, name: str) -> bool:
     return depth in (1, 2) or (depth == 3 and name == OUTBOX)
 
 
-# a session database's rollback journal: its deletion is the end of a commit
+# a session database's rollback journal: made when a write begins, deleted at its commit
 COMMIT_ENDS = frozenset({"inbound.db-journal", "outbound.db-journal"})
 LONE_COMMIT_MAX = 12  # changes; a reply's commit with a heartbeat is ~5
+COMMITTED, OPEN = "committed", "open"
 
 
-def lone_commit(root: str, changes: set[tuple[Change, str]]) -> bool:
-    """Whether a batch is one session's finished commit and nothing else: every change
-    is in that one session's folder (or its outbox/) and a journal of it was deleted
-    (``journal_mode=DELETE`` ends each commit so: contract §2). Such a batch ends at
-    once instead of a step later (issue 28: ~3 ms of every round trip, twice in a cold
-    one: the message's commit that starts the agent, the reply's that is delivered).
-    Changes of several sessions keep the step, so a busy host still gets few,
-    large batches."""
+def commit_state(root: str, changes: set[tuple[Change, str]]) -> str | None:
+    """Where a batch of ONE session's changes stands with a commit of its databases:
+    ``COMMITTED`` (a journal was deleted: a write is over, ``journal_mode=DELETE``,
+    contract §2), ``OPEN`` (a journal was made or written but not deleted yet: a
+    write is under way), else None, and always None for a batch that also holds
+    another session's changes, a group's or the root's, or more than
+    ``LONE_COMMIT_MAX`` changes.
+
+    Why (issue 28): a batch ends a quiet step (3 ms) after its last change. A
+    committed one now ends at once: ~3 ms of every round trip, twice in a cold one
+    (the message's commit that starts the agent, the reply's that is delivered). An
+    open one waits for its commit (up to the debounce) instead of ending in the
+    fsync's quiet: a pass then would read the rows before the write, and the host
+    made two or three passes per commit on a loaded machine. Several sessions keep
+    the step, so a busy host still gets few, large batches, and nobody waits for
+    another session's commit."""
     if len(changes) > LONE_COMMIT_MAX:
-        return False
+        return None
     prefix = root + "/"
     session: tuple[str, str] | None = None
-    committed = False
+    ended = begun = False
     for change, path in changes:
         parts = path[len(prefix):].split("/", 3)
         if len(parts) < 3 or not path.startswith(prefix):
-            return False  # a group or the root itself changed
+            return None  # a group or the root itself changed
         if session is None:
             session = (parts[0], parts[1])
         elif session != (parts[0], parts[1]):
-            return False
-        committed = committed or (len(parts) == 3 and change == DELETED
-                                  and parts[2] in COMMIT_ENDS)
-    return committed
+            return None
+        if len(parts) == 3 and parts[2] in COMMIT_ENDS:
+            if change == DELETED:
+                ended = True
+            else:
+                begun = True
+    return COMMITTED if ended else OPEN if begun else None
 
 
 class FolderWatch:
@@ -511,10 +523,12 @@ class FolderWatch:
             fresh = self._poll_due(changes)
             fresh = bool(ready) and self._read(changes) or fresh
             now = time.monotonic()
-            if fresh and changes:
+            if changes:
                 first = first if first is not None else now
-                if (now - first) * 1000 < debounce_ms and not lone_commit(self.root, changes):
-                    continue  # more may follow within a step
+                if (now - first) * 1000 < debounce_ms:
+                    state = commit_state(self.root, changes)
+                    if (fresh and state != COMMITTED) or state == OPEN:
+                        continue  # more may follow within a step, or an open commit's end
             if changes:
                 return changes
             if self.lost is not None:

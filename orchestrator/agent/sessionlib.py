@@ -170,15 +170,19 @@ class SessionFolder:
             raise SystemExit(f"refusing to use {outbox}: it is a symlink")
         self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
         _mkdir(outbox)
+        # reply folders left in outbox/ (the host removes each once delivered): only
+        # these ids are looked up, not every reply the session ever wrote
+        folders = [entry for entry in os.scandir(outbox)
+                   if entry.name.startswith("out-") and entry.is_dir(follow_symlinks=False)]
         # schema.init_outbound's work and the clean-up in one connection and transaction
         with schema.opened(self._outbound) as conn, schema.transaction(conn):
             schema.ensure_schema(conn, schema.OUTBOUND_TABLES, schema.OUTBOUND_EXTRA)
             dropped = conn.execute(
                 "DELETE FROM processing_ack WHERE status = 'processing'").rowcount
-            written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
-        for entry in os.scandir(outbox):
-            if (entry.name.startswith("out-") and entry.name not in written
-                    and entry.is_dir(follow_symlinks=False)):
+            written = _present(conn, "SELECT id FROM messages_out WHERE id IN ({})",
+                               [entry.name for entry in folders])
+        for entry in folders:
+            if entry.name not in written:
                 remove_tree(entry.path, ignore_errors=True)
         if watch:
             self.start_watch()
@@ -241,14 +245,9 @@ class SessionFolder:
         return due, next_due(rows, acked, now)
 
     def _acked_ids(self, ids: list[str]) -> set[str]:
-        acked: set[str] = set()
         with schema.opened(self._outbound) as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start:start + _IN_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                acked.update(row[0] for row in conn.execute(
-                    f"SELECT message_id FROM processing_ack WHERE message_id IN ({marks})", chunk))
-        return acked
+            return _present(conn, "SELECT message_id FROM processing_ack "
+                                  "WHERE message_id IN ({})", ids)
 
     # --- waiting -------------------------------------------------------------------
 
@@ -404,6 +403,17 @@ class SessionFolder:
                  msg.thread_id, content))
             self._set_ack(conn, msg.id, status)
         return seq
+
+
+def _present(conn: sqlite3.Connection, sql: str, ids: list[str]) -> set[str]:
+    """The first column of ``sql`` (its ``{}`` an IN list) over ``ids``, ``_IN_CHUNK``
+    parameters a query; no query at all for no ids."""
+    found: set[str] = set()
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start:start + _IN_CHUNK]
+        found.update(row[0] for row in conn.execute(sql.format(",".join("?" * len(chunk))),
+                                                    chunk))
+    return found
 
 
 def safe_id(value: str) -> str:

@@ -252,6 +252,25 @@ def test_interrupt_ends_the_wait_and_poll_mode_polls(tmp_path: Path) -> None:
         SessionFolder(folder, wake="sometimes")
 
 
+def test_recover_looks_up_only_the_folders_left_in_outbox(tmp_path: Path) -> None:
+    """Reply folders still in outbox/ whose row was written stay, the others go; more
+    folders than one query's parameters (chunked), among many more written rows."""
+    folder = make_folder(tmp_path)
+    schema.init_outbound(folder / layout.OUTBOUND_DB)
+    with schema.opened(folder / layout.OUTBOUND_DB) as conn, schema.transaction(conn):
+        conn.executemany("INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                         "VALUES (?, ?, 'now', 'chat', '{}')",
+                         [(f"out-{i}", 2 * i + 1) for i in range(0, 3000, 2)])
+    for i in range(1200):
+        (folder / "outbox" / f"out-{i}").mkdir(parents=True)
+    (folder / "outbox" / "keep.txt").write_text("not a reply folder")
+    with SessionFolder(folder, wake="poll"):
+        pass
+    left = sorted(int(p.name[4:]) for p in (folder / "outbox").glob("out-*"))
+    assert left == list(range(0, 1200, 2))
+    assert (folder / "outbox" / "keep.txt").exists()
+
+
 def test_claim_reply_with_files_and_recover(tmp_path: Path) -> None:
     folder = make_folder(tmp_path)
     insert(folder, "m2", "one")

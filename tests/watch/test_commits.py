@@ -1,7 +1,8 @@
-"""A batch of one session's changes that ends a commit ends at once, and one with a
-commit under way waits for its end (issue 28): the reply's commit is delivered, and
-the message's commit starts its agent, a step sooner, and a slow fsync no longer
-splits one commit into two or three passes."""
+"""watch/commits.py, as folder_watch uses it: a batch of one session's changes that
+ends a commit ends at once, and one with a commit under way waits for its end
+(issue 28): the reply's commit is delivered, and the message's commit starts its
+agent, a step sooner, and a slow fsync no longer splits one commit into two or three
+passes."""
 
 from __future__ import annotations
 
@@ -13,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.watch.changes import Change
-from orchestrator.watch.folder_watch import (
-    COMMITTED,
-    LONE_COMMIT_MAX,
-    OPEN,
-    FolderWatch,
-    commit_state,
-)
+from orchestrator.watch.commits import COMMITTED, LONE_COMMIT_MAX, OPEN, commit_state
+from orchestrator.watch.folder_watch import FolderWatch
 
 ROOT = "/data/sessions"
 S1 = f"{ROOT}/grp/sess-1"

@@ -461,7 +461,9 @@ class FolderWatch:
     def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int,
               stop_event: StopEvent | None) -> set[tuple[Change, str]] | str:
         """Wait for changes: a batch ends ``step_ms`` after the
-        last change and at most ``debounce_ms`` after the first; "timeout" after
+        last change and at most ``debounce_ms`` after the first (one session's batch:
+        at once when a commit ends, not before a commit under way ends: ``commits``);
+        "timeout" after
         ``timeout_ms`` (0: never) without any; "stop" once ``stop_event`` is set
         (asked once per step, which is what ``watch_health.Gate`` relies on)."""
         changes: set[tuple[Change, str]] = set()

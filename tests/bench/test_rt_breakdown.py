@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bench import rt_report
-from bench.roundtrip import ReplyWatch, steps_line, summarize_steps
+from bench.rt_trace import ReplyWatch, steps_line, summarize_steps
 
 
 def _commit(db: Path) -> None:

@@ -41,9 +41,8 @@ error policy are ``dockerexec``.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
 from datetime import datetime, timezone
-from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -63,6 +62,7 @@ from orchestrator.runtime.base import (
 )
 from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
+from orchestrator.runtime.docker.netns import NetnsPool, joins
 from orchestrator.runtime.docker.spec import (
     ALIVE_STATES,
     LABEL_GROUP,
@@ -71,13 +71,13 @@ from orchestrator.runtime.docker.spec import (
     container_name,
     container_spec,
     egress_mounts,
-    exit_reason,
     group_mounts,
     host_config_kwargs,
     parse_extra_mounts,
     prepare_folder,
     session_mounts,
 )
+from orchestrator.runtime.docker.tracked import Phase, _Tracked
 from orchestrator.runtime.docker.usage import UsageMeter
 from orchestrator.runtime.identity import AgentIds, group_folder
 
@@ -99,61 +99,6 @@ def _event_time(event: dict) -> str | None:
 def _name(c: dict) -> str:
     """A container's name from a list entry."""
     return ((c.get("Names") or ["?"])[0]).lstrip("/")
-
-
-class Phase(Enum):
-    """Where one container of ours is in its life, as far as this runtime knows."""
-
-    STARTING = auto()  # ``docker start`` under way: an exit now waits for the handle
-    RUNNING = auto()
-    STOPPING = auto()  # we asked it to stop: its exit is "stopped"
-    KILLING = auto()  # we killed it: its exit is "killed"
-    DONE = auto()  # its exit was reported (or it was never ours to report: a listed one)
-
-
-# The only moves there are; any other asked for leaves the phase as it is. A stop that
-# failed half-way and a kill after it (or the other way round) end as "stopped".
-_MOVES: dict[Phase, frozenset[Phase]] = {
-    Phase.STARTING: frozenset({Phase.RUNNING, Phase.DONE}),
-    Phase.RUNNING: frozenset({Phase.STOPPING, Phase.KILLING, Phase.DONE}),
-    Phase.STOPPING: frozenset({Phase.DONE}),
-    Phase.KILLING: frozenset({Phase.STOPPING, Phase.DONE}),  # a stop's reason wins
-    Phase.DONE: frozenset(),
-}
-_LIVE = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.KILLING})  # what is_running means
-
-
-@dataclass
-class _Tracked:
-    handle: AgentHandle
-    container_id: str
-    name: str
-    phase: Phase = Phase.RUNNING
-    oom: bool = False  # Docker said so (an ``oom`` event): a fact about the exit, not a phase
-    kill_signal: str | None = None  # the signal of Docker's last ``kill`` event
-    pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
-    paused: bool = False  # docker pause (by us, or found paused when adopted)
-    finished: str | None = None  # State.FinishedAt, when a stop looked (its wall time)
-
-    def move(self, to: Phase) -> bool:
-        """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""
-        if to not in _MOVES[self.phase]:
-            return False
-        self.phase = to
-        return True
-
-    @property
-    def live(self) -> bool:
-        return self.phase in _LIVE
-
-    @property
-    def done(self) -> bool:
-        return self.phase is Phase.DONE
-
-    def exit_reason(self, exit_code: int | None, *, oom: bool = False) -> str:
-        return exit_reason(exit_code, stopping=self.phase is Phase.STOPPING,
-                           killing=self.phase is Phase.KILLING, oom=self.oom or oom,
-                           kill_signal=self.kill_signal)
 
 
 class DockerRuntime:
@@ -179,6 +124,8 @@ class DockerRuntime:
         self.exec = DockerExec(config.base_url)
         # each running container's CPU and peak memory, read from its cgroup (usage.py)
         self.usage = UsageMeter(self.exec)
+        # network namespaces made ahead of demand: half of a plain start (netns.py)
+        self._netns = NetnsPool(self.exec, self.instance, config.image, config.netns_pool)
         self._by_session: dict[str, _Tracked] = {}
         self._by_id: dict[str, _Tracked] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -337,6 +284,7 @@ class DockerRuntime:
         layout.validate_id(session.agent_group, "agent group")
         layout.validate_id(session.session_id, "session id")
         self._bind_loop()
+        began = time.monotonic()
         async with self._lock(session.session_id):
             t = self._by_session.get(session.session_id)
             if t is not None and not t.done:
@@ -353,24 +301,53 @@ class DockerRuntime:
             self._starting.add(session.session_id)
             try:
                 image = await self.exec.require_image(config.image)
-                created = await self._create(session, user, mounts,
-                                             (image or {}).get("Config", {}).get("Labels"))
-                if isinstance(created, AgentHandle):
-                    return created
-                return await self._start_created(session, created, container_name(
-                    self.instance, session.agent_group, session.session_id))
+                labels = (image or {}).get("Config", {}).get("Labels")
+                holder = self._netns.take() if self._joins_netns(session, config) else None
+                try:
+                    return await self._create_and_start(session, user, mounts, labels, holder,
+                                                        began)
+                except RuntimeUnavailable as exc:
+                    if holder is None or isinstance(exc, DaemonUnreachable):
+                        raise
+                    # its holder was gone (removed by hand, OOM): the plain way, once
+                    logger.debug("agent {}/{} did not start in netns holder {} ({}): "
+                                 "starting it with a namespace of its own",
+                                 session.agent_group, session.session_id, holder[:12], exc)
+                    holder = None
+                    return await self._create_and_start(session, user, mounts, labels, None,
+                                                        began)
+                finally:
+                    self._netns.spent(holder)
             finally:
                 self._starting.discard(session.session_id)
+
+    def _joins_netns(self, session: SessionRef, config: DockerConfig) -> bool:
+        """Whether this agent's namespace may come from the pool: only where it would be
+        a loopback-only one of its own anyway (network "none", no egress)."""
+        self._netns.fill()
+        return config.network == "none" and session.egress is None
+
+    async def _create_and_start(self, session: SessionRef, user: str, mounts: list[Mount],
+                                labels: dict[str, str] | None, holder: str | None,
+                                began: float) -> AgentHandle:
+        created = await self._create(session, user, mounts, labels, joins(holder))
+        if isinstance(created, AgentHandle):
+            return created
+        return await self._start_created(session, created, container_name(
+            self.instance, session.agent_group, session.session_id), began,
+            "a netns made ahead" if holder else "a netns of its own")
 
     def _user(self, session_id: str) -> tuple[str, int | None, int | None]:
         """(docker --user, uid, gid): ``identity.AgentIds.user_of``."""
         return self._ids.user_of(session_id)
 
     async def _create(self, session: SessionRef, user: str, mounts: list[Mount],
-                      image_labels: dict[str, str] | None = None) -> str | AgentHandle:
+                      image_labels: dict[str, str] | None = None,
+                      network_mode: str | None = None) -> str | AgentHandle:
         """``docker create``; the new container's id, or the handle of a live container
         of ours that already had the name (adopted). The group's settings, its secret
-        files read now (``SecretUnreadable`` is an OSError)."""
+        files read now (``SecretUnreadable`` is an OSError). ``network_mode``: a
+        netns holder's (``netns.joins``) instead of the group's network."""
         config = _config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
         if session.egress is not None:  # the gateway's token and CA: never a key
@@ -381,6 +358,8 @@ class DockerRuntime:
             session.agent_group, bool(config.group_folder)))
         if session.egress is not None and session.egress.network:
             host_kwargs["network_mode"] = session.egress.network  # internal: no route out
+        if network_mode is not None:
+            host_kwargs["network_mode"] = network_mode
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -398,11 +377,15 @@ class DockerRuntime:
         assert created is not None
         return created["Id"]
 
-    async def _start_created(self, session: SessionRef, cid: str, name: str) -> AgentHandle:
-        """``docker start`` of a created container; on failure it is removed."""
+    async def _start_created(self, session: SessionRef, cid: str, name: str,
+                             began: float | None = None, how: str = "a netns of its own"
+                             ) -> AgentHandle:
+        """``docker start`` of a created container; on failure it is removed. Its log
+        line says how long the start took (from ``began``) and ``docker start`` in it."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
         t = _Tracked(handle, cid, name, Phase.STARTING)
         self._track(t)
+        called = time.monotonic()
         try:
             await self.exec.call("start", lambda api: api.start(cid))
         except RuntimeUnavailable:
@@ -414,8 +397,10 @@ class DockerRuntime:
                 pass  # daemon down: reconcile / recover removes it later
             raise
         t.move(Phase.RUNNING)  # unless it already ended (DONE, with its pending exit)
-        logger.info("started agent {}/{} in container {} ({})", session.agent_group,
-                    session.session_id, name, cid[:12])
+        done = time.monotonic()
+        logger.info("started agent {}/{} in container {} ({}) in {:.0f} ms (docker start {:.0f} "
+                    "ms, {})", session.agent_group, session.session_id, name, cid[:12],
+                    1000 * (done - (began or called)), 1000 * (done - called), how)
         if t.pending_exit is not None:
             # It already ended; report that after the caller has its handle.
             asyncio.get_running_loop().call_soon(self._deliver, t.pending_exit)
@@ -535,6 +520,7 @@ class DockerRuntime:
         """
         self._bind_loop()
         self._ensure_events()
+        self._netns.fill()
         adopted = await self._reconcile(strict=True)
         # A container that died between the list and its adoption had its die event
         # ignored (it was not ours yet): one more look closes that window.
@@ -667,6 +653,7 @@ class DockerRuntime:
         """Stop following events and release the client; containers keep running."""
         self._closing = True
         await self._stop_events()
+        await self._netns.close()
         await self.usage.close()
         for task in list(self._tasks):
             task.cancel()

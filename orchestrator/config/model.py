@@ -95,6 +95,10 @@ class DockerConfig:
         2, "network namespaces made ahead of demand (tiny 'sleep' containers of the image, "
         "loopback only), each given to one agent of a group with network 'none' as it starts: "
         "~100 ms off a cold start; 0 = off", min=0, max=64)
+    prepared_containers: int = _opt(
+        4, "sessions whose next container is created (not started) as soon as their agent "
+        "stopped, most recent first, so a new message only waits for docker start; 0 = off",
+        min=0, max=256)
 
 
 QUANTITY_HELP = "a Kubernetes quantity, e.g. '500m', '1', '256Mi'; '' = none"

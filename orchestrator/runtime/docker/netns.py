@@ -3,6 +3,7 @@
     NetnsPool(exec: DockerExec, instance: str, image: str, size: int)
     pool.fill()                 # (re)fill in the background, up to ``size``
     pool.take() -> str | None   # a started holder's id, or None: none ready
+    await pool.make()           # one started now (for a container created ahead)
     pool.spent(holder_id)       # the agent that joined it has started: remove it (later)
     await pool.close()          # remove the ones still ready
 
@@ -96,6 +97,15 @@ class NetnsPool:
         holder = self.ready.pop(0) if self.ready else None
         self._after(REFILL_DELAY, self.fill)
         return holder
+
+    async def make(self) -> str | None:
+        """A holder started now for a caller that is itself off the hot path (a
+        container created ahead, ``spares.py``): the ready ones stay for new sessions."""
+        if not self.on:
+            return None
+        if not self._swept:
+            await self._sweep()
+        return await self._start_one()
 
     def spent(self, holder_id: str | None, delay: float = SPENT_DELAY) -> None:
         """The agent that joined ``holder_id`` has started (or failed to): remove it."""
@@ -191,15 +201,19 @@ class NetnsPool:
         self._later.add(handle)
 
     async def close(self) -> None:
-        """Remove the holders still ready and those waiting to be removed; stop filling."""
+        """Stop filling and remove every holder of this instance: the ready ones, the
+        spent ones, and one a fill had under way (awaited, not cancelled: its create
+        would finish in the docker pool all the same and leave it behind)."""
         self._closing = True
         tasks = []
         for item in list(self._later):
-            item.cancel()
             if isinstance(item, asyncio.Task):
                 tasks.append(item)
+            else:
+                item.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        ready, self.ready = self.ready + sorted(self._spent), []
-        if ready:
-            await asyncio.gather(*(self._remove(h) for h in ready), return_exceptions=True)
+            await asyncio.wait(tasks, timeout=10)
+        self.ready = []
+        self._spent.clear()
+        self._swept = False
+        await self._sweep()

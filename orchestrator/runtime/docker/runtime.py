@@ -63,6 +63,7 @@ from orchestrator.runtime.base import (
 from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
 from orchestrator.runtime.docker.netns import NetnsPool, joins
+from orchestrator.runtime.docker.spares import Spare, Spares, spare_key, wants_spare
 from orchestrator.runtime.docker.spec import (
     ALIVE_STATES,
     LABEL_GROUP,
@@ -126,6 +127,9 @@ class DockerRuntime:
         self.usage = UsageMeter(self.exec)
         # network namespaces made ahead of demand: half of a plain start (netns.py)
         self._netns = NetnsPool(self.exec, self.instance, config.image, config.netns_pool)
+        # sessions' next containers, created ahead of demand after a good end (spares.py)
+        self._spares = Spares(config.prepared_containers)
+        self._preparing: set[asyncio.Future] = set()
         self._by_session: dict[str, _Tracked] = {}
         self._by_id: dict[str, _Tracked] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -200,6 +204,7 @@ class DockerRuntime:
             self._deliver(event)
         if remove:
             self._spawn(self._remove_owned(t.container_id))
+        self._want_next(t, reason, exit_code)
 
     def _deliver(self, event: AgentExit) -> None:
         try:
@@ -302,6 +307,11 @@ class DockerRuntime:
             try:
                 image = await self.exec.require_image(config.image)
                 labels = (image or {}).get("Config", {}).get("Labels")
+                spare = self._spares.take(session.session_id)
+                if spare is not None:
+                    handle = await self._start_spare(session, user, mounts, image, spare, began)
+                    if handle is not None:
+                        return handle
                 holder = self._netns.take() if self._joins_netns(session, config) else None
                 try:
                     return await self._create_and_start(session, user, mounts, labels, holder,
@@ -320,6 +330,80 @@ class DockerRuntime:
                     self._netns.spent(holder)
             finally:
                 self._starting.discard(session.session_id)
+
+    async def _start_spare(self, session: SessionRef, user: str, mounts: list[Mount],
+                           image: dict, spare: Spare, began: float) -> AgentHandle | None:
+        """Start the session's container created ahead (``spares.py``) if it is exactly
+        what would be created now; else (or if it does not start) remove it: None."""
+        labels = (image or {}).get("Config", {}).get("Labels")
+        spec, host_kwargs = self._build(session, user, mounts, labels, joins(spare.holder))
+        if spare_key(spec, host_kwargs, str(image.get("Id"))) == spare.key:
+            try:
+                return await self._start_created(session, spare.container_id, spec["name"],
+                                                 began, "created ahead")
+            except DaemonUnreachable:
+                raise
+            except RuntimeUnavailable as exc:  # removed by _start_created: the plain way
+                logger.debug("agent {}/{}: its container created ahead did not start ({})",
+                             session.agent_group, session.session_id, exc)
+            finally:
+                self._netns.spent(spare.holder)
+            return None
+        logger.debug("agent {}/{}: its container created ahead is out of date (settings, "
+                     "image or uid changed): creating a new one", session.agent_group,
+                     session.session_id)
+        await self._drop_spare(spare)
+        return None
+
+    async def _drop_spare(self, spare: Spare) -> None:
+        """Remove a spare container and its holder (nothing ran in it: no output)."""
+        self._netns.spent(spare.holder, 0)
+        try:
+            info = await self._inspect_owned(spare.container_id)
+            if info is not None:
+                await self.exec.remove(spare.container_id)
+        except RuntimeUnavailable as exc:
+            logger.debug("container {} created ahead not removed: {}", spare.container_id[:12],
+                         exc)
+
+    def _want_next(self, t: _Tracked, reason: str, exit_code: int | None) -> None:
+        """After a good end, create the session's next container ahead (``spares.py``)."""
+        ref = t.ref
+        if (ref is None or not self._spares.on or self._closing or ref.egress is not None
+                or not wants_spare(reason, exit_code)):
+            return
+        task = asyncio.ensure_future(self._prepare_next(ref, t.container_id))
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
+        task.add_done_callback(self._task_done)
+
+    async def _prepare_next(self, session: SessionRef, old_id: str) -> None:
+        await self._remove_owned(old_id)  # its name is the next one's (and its output kept)
+        config = _config_of(session, self.config)
+        # its namespace first, outside the lock: a start meanwhile does not wait for it
+        holder = await self._netns.make() if self._joins_netns(session, config) else None
+        try:
+            async with self._lock(session.session_id):
+                if (self._closing or self.is_running(session.session_id)
+                        or session.session_id in self._starting):
+                    return
+                user, uid, gid = self._user(session.session_id)
+                mounts = await self._mounts(session, config, uid, gid)
+                image = await self.exec.require_image(config.image)
+                labels = (image or {}).get("Config", {}).get("Labels")
+                spec, host_kwargs = self._build(session, user, mounts, labels, joins(holder))
+                created = await self.exec.call("create ahead", lambda api: api.create_container(
+                    host_config=api.create_host_config(**host_kwargs), **spec),
+                    image=config.image)
+                key = spare_key(spec, host_kwargs, str(image.get("Id")))
+                spare = Spare(session.session_id, created["Id"], holder, key)
+                holder = None  # the spare's now
+                for old in self._spares.put(spare):
+                    await self._drop_spare(old)
+        except (RuntimeUnavailable, OSError) as exc:
+            logger.debug("session {}: no container created ahead: {}", session.session_id, exc)
+        finally:
+            self._netns.spent(holder, 0)
 
     def _joins_netns(self, session: SessionRef, config: DockerConfig) -> bool:
         """Whether this agent's namespace may come from the pool: only where it would be
@@ -348,18 +432,8 @@ class DockerRuntime:
         of ours that already had the name (adopted). The group's settings, its secret
         files read now (``SecretUnreadable`` is an OSError). ``network_mode``: a
         netns holder's (``netns.joins``) instead of the group's network."""
+        spec, host_kwargs = self._build(session, user, mounts, image_labels, network_mode)
         config = _config_of(session, self.config)
-        env = read_env(session.settings) if session.settings is not None else {}
-        if session.egress is not None:  # the gateway's token and CA: never a key
-            env.update(session.egress.env)
-            mounts = mounts + egress_mounts(session)
-        spec = container_spec(config, session, user, env, image_labels)
-        host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
-            session.agent_group, bool(config.group_folder)))
-        if session.egress is not None and session.egress.network:
-            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
-        if network_mode is not None:
-            host_kwargs["network_mode"] = network_mode
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -377,13 +451,31 @@ class DockerRuntime:
         assert created is not None
         return created["Id"]
 
+    def _build(self, session: SessionRef, user: str, mounts: list[Mount],
+               image_labels: dict[str, str] | None, network_mode: str | None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The create and host-config arguments of a session's container (``spec.py``)."""
+        config = _config_of(session, self.config)
+        env = read_env(session.settings) if session.settings is not None else {}
+        if session.egress is not None:  # the gateway's token and CA: never a key
+            env.update(session.egress.env)
+            mounts = mounts + egress_mounts(session)
+        spec = container_spec(config, session, user, env, image_labels)
+        host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
+            session.agent_group, bool(config.group_folder)))
+        if session.egress is not None and session.egress.network:
+            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
+        if network_mode is not None:
+            host_kwargs["network_mode"] = network_mode
+        return spec, host_kwargs
+
     async def _start_created(self, session: SessionRef, cid: str, name: str,
                              began: float | None = None, how: str = "a netns of its own"
                              ) -> AgentHandle:
         """``docker start`` of a created container; on failure it is removed. Its log
         line says how long the start took (from ``began``) and ``docker start`` in it."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
-        t = _Tracked(handle, cid, name, Phase.STARTING)
+        t = _Tracked(handle, cid, name, Phase.STARTING, ref=session)
         self._track(t)
         called = time.monotonic()
         try:
@@ -449,7 +541,8 @@ class DockerRuntime:
         out = []
         for c in found:
             labels = c.get("Labels") or {}
-            if not self._owns(labels) or labels.get(LABEL_SESSION) != session_id:
+            if (not self._owns(labels) or labels.get(LABEL_SESSION) != session_id
+                    or self._spares.owns(c["Id"])):
                 continue
             handle = AgentHandle(labels.get(LABEL_GROUP, ""), session_id, c["Id"], adopted=True)
             out.append(_Tracked(handle, c["Id"], _name(c), Phase.DONE))  # untracked: no AgentExit
@@ -641,7 +734,7 @@ class DockerRuntime:
             for cid, c in by_id.items():
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
-                        and session_id not in self._starting):
+                        and session_id not in self._starting and not self._spares.owns(cid)):
                     logger.info("removing dead container {} ({})", _name(c),
                                 c.get("Status", c.get("State")))
                     await self._remove_owned(cid)
@@ -653,6 +746,10 @@ class DockerRuntime:
         """Stop following events and release the client; containers keep running."""
         self._closing = True
         await self._stop_events()
+        if self._preparing:  # a create under way finishes (else it would be left behind)
+            await asyncio.wait(set(self._preparing), timeout=10)
+        for spare in self._spares.drain():
+            await self._drop_spare(spare)
         await self._netns.close()
         await self.usage.close()
         for task in list(self._tasks):

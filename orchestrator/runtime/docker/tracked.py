@@ -2,7 +2,7 @@
 
 ``Phase`` and its moves (``_MOVES``: any other move asked for leaves the phase as it
 is) and ``_Tracked``, the runtime's record of one container: its handle, its phase,
-and the facts Docker told about its end.
+the facts Docker told about its end, and what it was started for.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from orchestrator.runtime.base import AgentExit, AgentHandle
+from orchestrator.runtime.base import AgentExit, AgentHandle, SessionRef
 from orchestrator.runtime.docker.spec import exit_reason
 
 
@@ -47,6 +47,7 @@ class _Tracked:
     pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
     paused: bool = False  # docker pause (by us, or found paused when adopted)
     finished: str | None = None  # State.FinishedAt, when a stop looked (its wall time)
+    ref: SessionRef | None = None  # what it was started for (its next container: spares.py)
 
     def move(self, to: Phase) -> bool:
         """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""

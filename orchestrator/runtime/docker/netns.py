@@ -5,6 +5,7 @@
     pool.take() -> str | None   # a started holder's id, or None: none ready
     await pool.make()           # one started now (for a container created ahead)
     pool.spent(holder_id)       # the agent that joined it has started: remove it (later)
+    await pool.recheck()        # after a reconnect: drop the ones that no longer run
     await pool.close()          # remove the ones still ready
 
 Why: measured on this host (Docker 20.10, runc 1.1, cgroup v1, 2 cores), half of a
@@ -106,6 +107,22 @@ class NetnsPool:
         if not self._swept:
             await self._sweep()
         return await self._start_one()
+
+    async def recheck(self) -> None:
+        """After the event stream (re)connected: keep only the ready holders that still
+        run (a daemon restart ended them all) and fill up again."""
+        if not self.ready:
+            return self.fill()
+        try:
+            found = await self.exec.call("list netns holders", lambda api: api.containers(
+                filters={"label": f"{LABEL_NETNS}={self.instance}", "status": "running"}))
+        except RuntimeUnavailable:
+            return None
+        running = {c["Id"] for c in found or []}
+        for holder in [h for h in self.ready if h not in running]:
+            self.ready.remove(holder)
+            self.spent(holder, 0)
+        return self.fill()
 
     def spent(self, holder_id: str | None, delay: float = SPENT_DELAY) -> None:
         """The agent that joined ``holder_id`` has started (or failed to): remove it."""

@@ -62,6 +62,7 @@ from orchestrator.runtime.base import (
 )
 from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
+from orchestrator.runtime.docker.freezer import Freezer
 from orchestrator.runtime.docker.netns import NetnsPool, joins
 from orchestrator.runtime.docker.spares import Spare, Spares, spare_key, wants_spare
 from orchestrator.runtime.docker.spec import (
@@ -129,6 +130,8 @@ class DockerRuntime:
         self._netns = NetnsPool(self.exec, self.instance, config.image, config.netns_pool)
         # sessions' next containers, created ahead of demand after a good end (spares.py)
         self._spares = Spares(config.prepared_containers)
+        # idle agents frozen through their cgroup, not docker pause (freezer.py)
+        self._freezer = Freezer(self.exec)
         self._preparing: set[asyncio.Future] = set()
         self._by_session: dict[str, _Tracked] = {}
         self._by_id: dict[str, _Tracked] = {}
@@ -181,6 +184,7 @@ class DockerRuntime:
         if self._by_id.get(t.container_id) is t:
             del self._by_id[t.container_id]
             self.usage.forget(t.container_id)
+            self._freezer.forget(t.container_id)
         lock = self._locks.get(t.handle.session_id)
         if lock is not None and not lock.locked():
             del self._locks[t.handle.session_id]
@@ -202,9 +206,9 @@ class DockerRuntime:
             t.pending_exit = event  # delivered after start() returned its handle
         else:
             self._deliver(event)
-        if remove:
-            self._spawn(self._remove_owned(t.container_id))
-        self._want_next(t, reason, exit_code)
+        removal = self._remove_owned(t.container_id) if remove else None
+        if not self._want_next(t, reason, exit_code, removal) and removal is not None:
+            self._spawn(removal)
 
     def _deliver(self, event: AgentExit) -> None:
         try:
@@ -366,19 +370,27 @@ class DockerRuntime:
             logger.debug("container {} created ahead not removed: {}", spare.container_id[:12],
                          exc)
 
-    def _want_next(self, t: _Tracked, reason: str, exit_code: int | None) -> None:
-        """After a good end, create the session's next container ahead (``spares.py``)."""
+    def _want_next(self, t: _Tracked, reason: str, exit_code: int | None,
+                   removal: Awaitable[None] | None) -> bool:
+        """After a good end, create the session's next container ahead (``spares.py``),
+        after ``removal`` of the old one (its name is the next one's; a stop or kill
+        removes it under the session's lock, which the creation waits for); whether it
+        took ``removal`` over."""
         ref = t.ref
         if (ref is None or not self._spares.on or self._closing or ref.egress is not None
-                or not wants_spare(reason, exit_code)):
-            return
-        task = asyncio.ensure_future(self._prepare_next(ref, t.container_id))
+                or not wants_spare(reason, exit_code) or self.exec.available is False):
+            return False
+        task = asyncio.ensure_future(self._prepare_next(ref, removal))
         self._preparing.add(task)
         task.add_done_callback(self._preparing.discard)
         task.add_done_callback(self._task_done)
+        return True
 
-    async def _prepare_next(self, session: SessionRef, old_id: str) -> None:
-        await self._remove_owned(old_id)  # its name is the next one's (and its output kept)
+    async def _prepare_next(self, session: SessionRef, removal: Awaitable[None] | None) -> None:
+        if removal is not None:
+            await removal  # raises while the daemon is away: then nothing is made ahead
+        if self._closing or self.exec.available is False:
+            return
         config = _config_of(session, self.config)
         # its namespace first, outside the lock: a start meanwhile does not wait for it
         holder = await self._netns.make() if self._joins_netns(session, config) else None
@@ -549,10 +561,16 @@ class DockerRuntime:
         return out
 
     async def pause(self, session_id: str) -> None:
-        """``docker pause``: the container's cgroup is frozen, its memory kept."""
+        """Freeze the container's cgroup, its memory kept: through its freezer file
+        (``freezer.py``; thawed in ~1 ms) unless ``[docker] pause_with = "docker"`` or
+        that file is out of reach here, else ``docker pause``."""
         t = self._by_session.get(session_id)
         if t is not None and t.live and not t.paused:
-            await self.exec.pause(t.container_id)
+            if self.config.pause_with == "cgroup" and await self._freezer.freeze(
+                    t.container_id):
+                t.frozen = True
+            else:
+                await self.exec.pause(t.container_id)
             t.paused = True
 
     async def resume(self, session_id: str) -> None:
@@ -561,8 +579,9 @@ class DockerRuntime:
             await self._thaw(t)
 
     async def _thaw(self, t: _Tracked) -> None:
-        await self.exec.unpause(t.container_id)
-        t.paused = False
+        if not (t.frozen and self._freezer.thaw(t.container_id)):
+            await self.exec.unpause(t.container_id)  # docker's pause (or its freezer is gone)
+        t.paused = t.frozen = False
 
     async def stop(self, session_id: str, grace: float) -> None:
         async def end(t: _Tracked) -> int | None:
@@ -654,6 +673,9 @@ class DockerRuntime:
         self._spawn(self._reconnected())
 
     async def _reconnected(self) -> None:
+        await self._netns.recheck()  # a daemon restart ends the holders: not handed out
+        for spare in self._spares.drain():  # (and the containers created ahead joined them)
+            await self._drop_spare(spare)
         await self.reconcile()
         if self.on_available is not None:
             try:
@@ -739,7 +761,18 @@ class DockerRuntime:
                                 c.get("Status", c.get("State")))
                     await self._remove_owned(cid)
             self.reconciles += 1
-            return adopted
+        await self._frozen_ones(adopted)
+        return adopted
+
+    async def _frozen_ones(self, handles: list[AgentHandle]) -> None:
+        """Adopted containers Docker calls running may be frozen through their cgroup
+        (``freezer.py``, by the orchestrator before its restart): they are paused."""
+        for h in handles:
+            t = self._by_session.get(h.session_id)
+            if t is not None and not t.paused and await self._freezer.is_frozen(t.container_id):
+                t.paused = t.frozen = True
+                logger.info("container {} of {}/{} is frozen: adopted as paused", t.name,
+                            h.agent_group, h.session_id)
 
     # -- close ------------------------------------------------------------------------------
     async def close(self) -> None:

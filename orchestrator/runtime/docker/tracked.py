@@ -46,6 +46,7 @@ class _Tracked:
     kill_signal: str | None = None  # the signal of Docker's last ``kill`` event
     pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
     paused: bool = False  # docker pause (by us, or found paused when adopted)
+    frozen: bool = False  # paused through its cgroup's freezer (freezer.py), not docker's
     finished: str | None = None  # State.FinishedAt, when a stop looked (its wall time)
     ref: SessionRef | None = None  # what it was started for (its next container: spares.py)
 

@@ -32,10 +32,16 @@ loop: from the ``die`` event (exit code from ``Actor.Attributes.exitCode``), fro
 listening). Containers are created without ``auto_remove`` so the exit code
 survives; the runtime removes each container once its exit is handled.
 
+Ahead of demand (``ahead.py``): network namespaces (``netns.py``: an agent of a
+network-"none" group joins one made before it was asked for — half of a plain
+``docker start``), a session's next container created after a good end (``spares.py``:
+a cold start is then only ``docker start``), and idle agents frozen through their
+cgroup's freezer (``freezer.py``: thawed by one write, not ``docker unpause``).
+
 This module is the bookkeeping (which container belongs to which session, who
-reports its end). What a container looks like is ``docker_spec`` (pure); the
-event-stream thread is ``docker_events``; blocking docker-py calls and their
-error policy are ``dockerexec``.
+reports its end). What a container looks like is ``spec.py`` (pure); the
+event-stream thread is ``events.py``; blocking docker-py calls and their
+error policy are ``calls.py``; a container's phases are ``tracked.py``.
 """
 
 from __future__ import annotations
@@ -60,11 +66,12 @@ from orchestrator.runtime.base import (
     RuntimeUnavailable,
     SessionRef,
 )
+from orchestrator.runtime.docker.ahead import AheadMixin, _config_of
 from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
 from orchestrator.runtime.docker.freezer import Freezer
 from orchestrator.runtime.docker.netns import NetnsPool, joins
-from orchestrator.runtime.docker.spares import Spare, Spares, spare_key, wants_spare
+from orchestrator.runtime.docker.spares import Spares
 from orchestrator.runtime.docker.spec import (
     ALIVE_STATES,
     LABEL_GROUP,
@@ -84,11 +91,6 @@ from orchestrator.runtime.docker.usage import UsageMeter
 from orchestrator.runtime.identity import AgentIds, group_folder
 
 
-def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
-    """The group's effective [docker] settings, or the runtime's own without any."""
-    return session.settings.docker if session.settings is not None else default
-
-
 def _event_time(event: dict) -> str | None:
     """An event's time (``timeNano``) as RFC 3339, for a run's wall time."""
     try:
@@ -103,7 +105,7 @@ def _name(c: dict) -> str:
     return ((c.get("Names") or ["?"])[0]).lstrip("/")
 
 
-class DockerRuntime:
+class DockerRuntime(AheadMixin):
     """The Runtime protocol (base.py) on a Docker engine. See the module docstring."""
 
     name = "docker"
@@ -334,94 +336,6 @@ class DockerRuntime:
                     self._netns.spent(holder)
             finally:
                 self._starting.discard(session.session_id)
-
-    async def _start_spare(self, session: SessionRef, user: str, mounts: list[Mount],
-                           image: dict, spare: Spare, began: float) -> AgentHandle | None:
-        """Start the session's container created ahead (``spares.py``) if it is exactly
-        what would be created now; else (or if it does not start) remove it: None."""
-        labels = (image or {}).get("Config", {}).get("Labels")
-        spec, host_kwargs = self._build(session, user, mounts, labels, joins(spare.holder))
-        if spare_key(spec, host_kwargs, str(image.get("Id"))) == spare.key:
-            try:
-                return await self._start_created(session, spare.container_id, spec["name"],
-                                                 began, "created ahead")
-            except DaemonUnreachable:
-                raise
-            except RuntimeUnavailable as exc:  # removed by _start_created: the plain way
-                logger.debug("agent {}/{}: its container created ahead did not start ({})",
-                             session.agent_group, session.session_id, exc)
-            finally:
-                self._netns.spent(spare.holder)
-            return None
-        logger.debug("agent {}/{}: its container created ahead is out of date (settings, "
-                     "image or uid changed): creating a new one", session.agent_group,
-                     session.session_id)
-        await self._drop_spare(spare)
-        return None
-
-    async def _drop_spare(self, spare: Spare) -> None:
-        """Remove a spare container and its holder (nothing ran in it: no output)."""
-        self._netns.spent(spare.holder, 0)
-        try:
-            info = await self._inspect_owned(spare.container_id)
-            if info is not None:
-                await self.exec.remove(spare.container_id)
-        except RuntimeUnavailable as exc:
-            logger.debug("container {} created ahead not removed: {}", spare.container_id[:12],
-                         exc)
-
-    def _want_next(self, t: _Tracked, reason: str, exit_code: int | None,
-                   removal: Awaitable[None] | None) -> bool:
-        """After a good end, create the session's next container ahead (``spares.py``),
-        after ``removal`` of the old one (its name is the next one's; a stop or kill
-        removes it under the session's lock, which the creation waits for); whether it
-        took ``removal`` over."""
-        ref = t.ref
-        if (ref is None or not self._spares.on or self._closing or ref.egress is not None
-                or not wants_spare(reason, exit_code) or self.exec.available is False):
-            return False
-        task = asyncio.ensure_future(self._prepare_next(ref, removal))
-        self._preparing.add(task)
-        task.add_done_callback(self._preparing.discard)
-        task.add_done_callback(self._task_done)
-        return True
-
-    async def _prepare_next(self, session: SessionRef, removal: Awaitable[None] | None) -> None:
-        if removal is not None:
-            await removal  # raises while the daemon is away: then nothing is made ahead
-        if self._closing or self.exec.available is False:
-            return
-        config = _config_of(session, self.config)
-        # its namespace first, outside the lock: a start meanwhile does not wait for it
-        holder = await self._netns.make() if self._joins_netns(session, config) else None
-        try:
-            async with self._lock(session.session_id):
-                if (self._closing or self.is_running(session.session_id)
-                        or session.session_id in self._starting):
-                    return
-                user, uid, gid = self._user(session.session_id)
-                mounts = await self._mounts(session, config, uid, gid)
-                image = await self.exec.require_image(config.image)
-                labels = (image or {}).get("Config", {}).get("Labels")
-                spec, host_kwargs = self._build(session, user, mounts, labels, joins(holder))
-                created = await self.exec.call("create ahead", lambda api: api.create_container(
-                    host_config=api.create_host_config(**host_kwargs), **spec),
-                    image=config.image)
-                key = spare_key(spec, host_kwargs, str(image.get("Id")))
-                spare = Spare(session.session_id, created["Id"], holder, key)
-                holder = None  # the spare's now
-                for old in self._spares.put(spare):
-                    await self._drop_spare(old)
-        except (RuntimeUnavailable, OSError) as exc:
-            logger.debug("session {}: no container created ahead: {}", session.session_id, exc)
-        finally:
-            self._netns.spent(holder, 0)
-
-    def _joins_netns(self, session: SessionRef, config: DockerConfig) -> bool:
-        """Whether this agent's namespace may come from the pool: only where it would be
-        a loopback-only one of its own anyway (network "none", no egress)."""
-        self._netns.fill()
-        return config.network == "none" and session.egress is None
 
     async def _create_and_start(self, session: SessionRef, user: str, mounts: list[Mount],
                                 labels: dict[str, str] | None, holder: str | None,
@@ -763,16 +677,6 @@ class DockerRuntime:
             self.reconciles += 1
         await self._frozen_ones(adopted)
         return adopted
-
-    async def _frozen_ones(self, handles: list[AgentHandle]) -> None:
-        """Adopted containers Docker calls running may be frozen through their cgroup
-        (``freezer.py``, by the orchestrator before its restart): they are paused."""
-        for h in handles:
-            t = self._by_session.get(h.session_id)
-            if t is not None and not t.paused and await self._freezer.is_frozen(t.container_id):
-                t.paused = t.frozen = True
-                logger.info("container {} of {}/{} is frozen: adopted as paused", t.name,
-                            h.agent_group, h.session_id)
 
     # -- close ------------------------------------------------------------------------------
     async def close(self) -> None:

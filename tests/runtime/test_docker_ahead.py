@@ -118,7 +118,7 @@ def _replied(folder: Path, message_id: str) -> bool:
 
 
 @pytest.mark.docker
-async def test_an_agent_joins_a_namespace_made_ahead_and_then_has_it_alone(
+async def test_an_agent_joins_a_namespace_made_ahead_kept_for_its_session(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
         instance: str) -> None:
     folder = make_session(tmp_path, "g1", "s1")
@@ -132,19 +132,40 @@ async def test_an_agent_joins_a_namespace_made_ahead_and_then_has_it_alone(
         info = await in_thread(docker_client.api.inspect_container, handle.ident)
         assert info["HostConfig"]["NetworkMode"] == f"container:{holder}"
         await until(lambda: _replied(folder, "m2"), 30, "the agent's reply")
-        # the holder is removed once the agent started; the namespace stays the agent's
-        await until(lambda: holder not in [c.id for c in _holders(docker_client, instance)],
-                    15, "the spent holder removed")
         res = await in_thread(lambda: docker_client.api.exec_create(
             handle.ident, ["cat", "/proc/net/dev"]))
         out = (await in_thread(docker_client.api.exec_start, res["Id"])).decode()
         assert [line.split(":")[0].strip() for line in out.splitlines()[2:]] == ["lo"]
+        # the holder stays the session's while its agent runs (and the pool fills up)
+        await until(lambda: len(_holders(docker_client, instance)) == 2, 30, "pool refilled")
+        assert holder in [c.id for c in _holders(docker_client, instance)]
+        # a namespace outlives its holder: removed by hand, the agent goes on
+        await in_thread(lambda: docker_client.api.remove_container(holder, force=True))
         insert_message(folder, "m4", "still there?")
         await until(lambda: _replied(folder, "m4"), 30, "a reply after its holder went")
         await rt.stop("s1", grace=5)
     finally:
         await rt.close()
     assert _holders(docker_client, instance) == [] and _ours(docker_client, instance) == []
+
+
+@pytest.mark.docker
+async def test_a_holder_nothing_will_join_is_removed(
+        tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
+        instance: str) -> None:
+    """No container ahead (prepared_containers = 0): the stop ends the holder's use."""
+    folder = make_session(tmp_path, "g1", "s1")
+    rt, _ = make_runtime(tmp_path, instance, agent_image, netns_pool=1)
+    try:
+        rt._netns.fill()
+        await until(lambda: rt._netns.ready, 30, "a holder made ahead")
+        holder = rt._netns.ready[0]
+        await rt.start(SessionRef("g1", "s1", folder))
+        await rt.stop("s1", grace=5)
+        await until(lambda: holder not in [c.id for c in _holders(docker_client, instance)],
+                    15, "its holder removed after the stop")
+    finally:
+        await rt.close()
 
 
 @pytest.mark.docker
@@ -183,11 +204,17 @@ async def test_a_stopped_session_next_container_is_created_ahead_and_started(
         return [c for c in _ours(docker_client, instance) if c.status == "created"]
 
     try:
+        rt._netns.fill()
+        await until(lambda: rt._netns.ready, 30, "a holder made ahead")
         first = await rt.start(ref)
+        first_network = (await in_thread(docker_client.api.inspect_container, first.ident)
+                         )["HostConfig"]["NetworkMode"]
         await until(lambda: _replied(folder, "m2"), 30, "the first reply")
         await rt.stop("s1", grace=5)
         spare = (await until(lambda: in_thread(created), 30, "the next container created"))[0]
         assert spare.id != first.ident and not rt.is_running("s1")
+        # the same namespace as its first run: a cold cycle makes none
+        assert spare.attrs["HostConfig"]["NetworkMode"] == first_network
         await rt.reconcile()  # a created container of ours is not a dead leftover
         assert [c.id for c in await in_thread(created)] == [spare.id]
         assert (spare.attrs["HostConfig"]["NetworkMode"] or "").startswith("container:")

@@ -58,8 +58,8 @@ class AheadMixin:
         async def _mounts(self, session: SessionRef, config: DockerConfig, uid: int | None,
                           gid: int | None) -> list[Mount]: ...
         async def _start_created(self, session: SessionRef, cid: str, name: str,
-                                 began: float | None = None, how: str = "a netns of its own"
-                                 ) -> AgentHandle: ...
+                                 began: float | None = None, how: str = "a netns of its own",
+                                 holder: str | None = None) -> AgentHandle: ...
 
     async def _start_spare(self, session: SessionRef, user: str, mounts: list[Mount],
                            image: dict, spare: Spare, began: float) -> AgentHandle | None:
@@ -67,17 +67,18 @@ class AheadMixin:
         what would be created now; else (or if it does not start) remove it: None."""
         labels = (image or {}).get("Config", {}).get("Labels")
         spec, host_kwargs = self._build(session, user, mounts, labels, joins(spare.holder))
-        if spare_key(spec, host_kwargs, str(image.get("Id"))) == spare.key:
+        may_join = spare.holder is None or self._joins_netns(session, _config_of(session,
+                                                                                 self.config))
+        if may_join and spare_key(spec, host_kwargs, str(image.get("Id"))) == spare.key:
             try:
                 return await self._start_created(session, spare.container_id, spec["name"],
-                                                 began, "created ahead")
-            except DaemonUnreachable:
-                raise
+                                                 began, "created ahead", spare.holder)
             except RuntimeUnavailable as exc:  # removed by _start_created: the plain way
+                self._netns.spent(spare.holder)
+                if isinstance(exc, DaemonUnreachable):
+                    raise
                 logger.debug("agent {}/{}: its container created ahead did not start ({})",
                              session.agent_group, session.session_id, exc)
-            finally:
-                self._netns.spent(spare.holder)
             return None
         logger.debug("agent {}/{}: its container created ahead is out of date (settings, "
                      "image or uid changed): creating a new one", session.agent_group,
@@ -87,7 +88,7 @@ class AheadMixin:
 
     async def _drop_spare(self, spare: Spare) -> None:
         """Remove a spare container and its holder (nothing ran in it: no output)."""
-        self._netns.spent(spare.holder, 0)
+        self._netns.spent(spare.holder)
         try:
             info = await self._inspect_owned(spare.container_id)
             if info is not None:
@@ -106,21 +107,28 @@ class AheadMixin:
         if (ref is None or not self._spares.on or self._closing or ref.egress is not None
                 or not wants_spare(reason, exit_code) or self.exec.available is False):
             return False
-        task = asyncio.ensure_future(self._prepare_next(ref, removal))
+        task = asyncio.ensure_future(self._prepare_next(ref, removal, t.holder))
         self._preparing.add(task)
         task.add_done_callback(self._preparing.discard)
         task.add_done_callback(self._task_done)
         return True
 
-    async def _prepare_next(self, session: SessionRef, removal: Awaitable[None] | None) -> None:
-        if removal is not None:
-            await removal  # raises while the daemon is away: then nothing is made ahead
-        if self._closing or self.exec.available is False:
-            return
-        config = _config_of(session, self.config)
-        # its namespace first, outside the lock: a start meanwhile does not wait for it
-        holder = await self._netns.make() if self._joins_netns(session, config) else None
+    async def _prepare_next(self, session: SessionRef, removal: Awaitable[None] | None,
+                            holder: str | None) -> None:
+        """Create the session's next container, joined to the namespace its last one had
+        (``holder``: kept for the session, so a cold cycle makes no namespace at all) or,
+        for an adopted one, one from the pool; with none, a namespace of its own at start."""
         try:
+            if removal is not None:
+                await removal  # raises while the daemon is away: then nothing is made ahead
+            if self._closing or self.exec.available is False:
+                return
+            config = _config_of(session, self.config)
+            if not self._joins_netns(session, config):  # its network is not "none" now
+                self._netns.spent(holder)
+                holder = None
+            elif holder is None:
+                holder = self._netns.take()
             async with self._lock(session.session_id):
                 if (self._closing or self.is_running(session.session_id)
                         or session.session_id in self._starting):
@@ -141,7 +149,7 @@ class AheadMixin:
         except (RuntimeUnavailable, OSError) as exc:
             logger.debug("session {}: no container created ahead: {}", session.session_id, exc)
         finally:
-            self._netns.spent(holder, 0)
+            self._netns.spent(holder)
 
     def _joins_netns(self, session: SessionRef, config: DockerConfig) -> bool:
         """Whether this agent's namespace may come from the pool: only where it would be

@@ -3,8 +3,7 @@
     NetnsPool(exec: DockerExec, instance: str, image: str, size: int)
     pool.fill()                 # (re)fill in the background, up to ``size``
     pool.take() -> str | None   # a started holder's id, or None: none ready
-    await pool.make()           # one started now (for a container created ahead)
-    pool.spent(holder_id)       # the agent that joined it has started: remove it (later)
+    pool.spent(holder_id)       # nothing will join it any more: remove it (shortly)
     await pool.recheck()        # after a reconnect: drop the ones that no longer run
     await pool.close()          # remove the ones still ready
 
@@ -19,12 +18,16 @@ So the namespace is made before a message asks for it: a holder is a container o
 the runtime's image running ``sleep infinity`` with ``network_mode="none"`` (loopback
 only), as nobody (65534), every capability dropped, no-new-privileges, a read-only
 root, 16 MB and 4 pids. An agent container of a group with ``network = "none"`` (and
-no egress) is created with ``network_mode="container:<holder>"`` instead; once it has
-started the holder is removed: the namespace lives on as long as the agent's
-processes are in it, and is then the agent's alone. So every agent still gets a
-namespace of its own, nobody else's sockets in it (a holder is never given to two
-agents, and none is handed from one session to another), and nothing changes for an
-agent but who made its loopback.
+no egress) is created with ``network_mode="container:<holder>"`` instead. The holder
+then belongs to that session (``ahead.py``): its next container, created ahead after
+the agent stopped (``spares.py``), joins the same one, so a session's cold cycle makes
+no namespace at all; it is removed when the session has no container coming (an end
+that wants none, its spare dropped or out of date, the runtime closing). A namespace
+outlives its holder as long as processes are in it. So every agent still has a
+namespace of its own session's — never one another session had, nobody else's sockets
+in it (a holder is never handed from one session to another; the successive runs of
+one session are the only ones to share it, one after the other) — and nothing changes
+for an agent but who made its loopback.
 
 Holders carry ``orchestrator.netns=<instance>`` — not the instance label, so no list,
 event or reconcile of agent containers ever sees them, and a removal re-checks that
@@ -48,7 +51,7 @@ from orchestrator.runtime.docker.calls import DaemonUnreachable, DockerExec
 LABEL_NETNS = "orchestrator.netns"  # value: the instance whose holder it is
 HOLDER_USER = "65534:65534"
 HOLDER_COMMAND = ("sleep", "infinity")
-SPENT_DELAY = 1.0  # s after an agent's start before its holder is removed (off the hot path)
+SPENT_DELAY = 1.0  # s before a holder nothing will join is removed (off any hot path)
 REFILL_DELAY = 0.5  # s before a taken holder is replaced (not beside the start it served)
 
 
@@ -99,15 +102,6 @@ class NetnsPool:
         self._after(REFILL_DELAY, self.fill)
         return holder
 
-    async def make(self) -> str | None:
-        """A holder started now for a caller that is itself off the hot path (a
-        container created ahead, ``spares.py``): the ready ones stay for new sessions."""
-        if not self.on:
-            return None
-        if not self._swept:
-            await self._sweep()
-        return await self._start_one()
-
     async def recheck(self) -> None:
         """After the event stream (re)connected: keep only the ready holders that still
         run (a daemon restart ended them all) and fill up again."""
@@ -125,7 +119,7 @@ class NetnsPool:
         return self.fill()
 
     def spent(self, holder_id: str | None, delay: float = SPENT_DELAY) -> None:
-        """The agent that joined ``holder_id`` has started (or failed to): remove it."""
+        """Nothing will join ``holder_id`` any more: remove it (after ``delay``)."""
         if holder_id:
             self._spent.add(holder_id)
             self._after(delay, lambda: self._spawn(self._remove(holder_id)))

@@ -209,8 +209,10 @@ class DockerRuntime(AheadMixin):
         else:
             self._deliver(event)
         removal = self._remove_owned(t.container_id) if remove else None
-        if not self._want_next(t, reason, exit_code, removal) and removal is not None:
-            self._spawn(removal)
+        if not self._want_next(t, reason, exit_code, removal):
+            if removal is not None:
+                self._spawn(removal)
+            self._netns.spent(t.holder)  # nothing runs in its namespace any more
 
     def _deliver(self, event: AgentExit) -> None:
         try:
@@ -320,20 +322,21 @@ class DockerRuntime(AheadMixin):
                         return handle
                 holder = self._netns.take() if self._joins_netns(session, config) else None
                 try:
-                    return await self._create_and_start(session, user, mounts, labels, holder,
-                                                        began)
+                    handle = await self._create_and_start(session, user, mounts, labels,
+                                                          holder, began)
                 except RuntimeUnavailable as exc:
+                    self._netns.spent(holder)
                     if holder is None or isinstance(exc, DaemonUnreachable):
                         raise
                     # its holder was gone (removed by hand, OOM): the plain way, once
                     logger.debug("agent {}/{} did not start in netns holder {} ({}): "
                                  "starting it with a namespace of its own",
                                  session.agent_group, session.session_id, holder[:12], exc)
-                    holder = None
                     return await self._create_and_start(session, user, mounts, labels, None,
                                                         began)
-                finally:
+                if handle.adopted:  # a live container of ours had the name: not joined
                     self._netns.spent(holder)
+                return handle
             finally:
                 self._starting.discard(session.session_id)
 
@@ -345,7 +348,7 @@ class DockerRuntime(AheadMixin):
             return created
         return await self._start_created(session, created, container_name(
             self.instance, session.agent_group, session.session_id), began,
-            "a netns made ahead" if holder else "a netns of its own")
+            "a netns made ahead" if holder else "a netns of its own", holder)
 
     def _user(self, session_id: str) -> tuple[str, int | None, int | None]:
         """(docker --user, uid, gid): ``identity.AgentIds.user_of``."""
@@ -396,12 +399,13 @@ class DockerRuntime(AheadMixin):
         return spec, host_kwargs
 
     async def _start_created(self, session: SessionRef, cid: str, name: str,
-                             began: float | None = None, how: str = "a netns of its own"
-                             ) -> AgentHandle:
-        """``docker start`` of a created container; on failure it is removed. Its log
-        line says how long the start took (from ``began``) and ``docker start`` in it."""
+                             began: float | None = None, how: str = "a netns of its own",
+                             holder: str | None = None) -> AgentHandle:
+        """``docker start`` of a created container; on failure it is removed (its netns
+        ``holder`` is the caller's then; once started, the session's: ``ahead.py``). Its
+        log line says how long the start took (from ``began``) and ``docker start`` in it."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
-        t = _Tracked(handle, cid, name, Phase.STARTING, ref=session)
+        t = _Tracked(handle, cid, name, Phase.STARTING, ref=session, holder=holder)
         self._track(t)
         called = time.monotonic()
         try:

@@ -49,6 +49,7 @@ class _Tracked:
     frozen: bool = False  # paused through its cgroup's freezer (freezer.py), not docker's
     finished: str | None = None  # State.FinishedAt, when a stop looked (its wall time)
     ref: SessionRef | None = None  # what it was started for (its next container: spares.py)
+    holder: str | None = None  # the netns holder it joined, kept for the session (netns.py)
 
     def move(self, to: Phase) -> bool:
         """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""

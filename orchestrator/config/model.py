@@ -93,8 +93,8 @@ class DockerConfig:
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
     netns_pool: int = _opt(
         2, "network namespaces made ahead of demand (tiny 'sleep' containers of the image, "
-        "loopback only), each given to one agent of a group with network 'none' as it starts: "
-        "~100 ms off a cold start; 0 = off", min=0, max=64)
+        "loopback only), each joined by a new agent of a group with network 'none' and kept "
+        "for its session's next runs: ~100 ms off a cold start; 0 = off", min=0, max=64)
     pause_with: str = _opt(
         "cgroup", "how an idle agent is frozen ([lifecycle] pause_idle_after): 'cgroup' "
         "writes its cgroup's freezer (thawed in ~1 ms; docker ps still says Up; 'docker' "

@@ -11,8 +11,8 @@ waited for ``docker create`` (and the image inspect before it) on top of ``docke
 start``; measured ~20-25 ms of a cold round trip on this host. So when an agent ends
 well (``wants_spare``: stopped, or exited 0) the runtime creates the session's next
 container right after the old one is removed — with the session's last settings and,
-where the group allows it, a network namespace from the pool (``netns.py``) — and the
-next ``start`` only starts it.
+where the group allows it, the network namespace its last agent had (``netns.py``:
+kept for the session) — and the next ``start`` only starts it.
 
 A spare is used only if it is what ``start`` would create now: ``spare_key`` hashes
 the create arguments (image, command, user, environment — secrets included, the hash

@@ -27,7 +27,7 @@ from orchestrator.runtime.docker.spares import Spare, Spares, spare_key, wants_s
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
 from tests.runtime.test_docker_runtime import make_runtime
 from tests.support.docker_fixtures import in_thread, insert_message, make_session
-from tests.support.helpers import ro_db, until
+from tests.support.helpers import holds, ro_db, until
 
 # --- pure rules --------------------------------------------------------------------------------
 
@@ -61,6 +61,17 @@ def test_spares_keep_the_newest_within_the_limit(limit: int, puts: list[str], ke
                                                          str(i)))]
     assert out == removed
     assert sorted(s.session_id for s in spares.drain()) == kept
+
+
+def test_a_session_started_twice_is_returning_and_only_recent_ones_count() -> None:
+    spares = Spares(4, remember=2)
+    spares.started("a")
+    assert not spares.returning("a")
+    spares.started("a")
+    assert spares.returning("a") and not spares.returning("b")
+    spares.started("b")
+    spares.started("c")  # "a" is the oldest of three: forgotten
+    assert not spares.returning("a")
 
 
 def test_a_spare_is_taken_once_and_known_by_its_container() -> None:
@@ -204,12 +215,18 @@ async def test_a_stopped_session_next_container_is_created_ahead_and_started(
         return [c for c in _ours(docker_client, instance) if c.status == "created"]
 
     try:
+        # a session's first end makes nothing ahead: it has not come back yet
+        await rt.start(ref)
+        await until(lambda: _replied(folder, "m2"), 30, "the first reply")
+        await rt.stop("s1", grace=5)
+        await holds(lambda: not created(), 1.0, "nothing created ahead", interval=0.1)
         rt._netns.fill()
         await until(lambda: rt._netns.ready, 30, "a holder made ahead")
+        insert_message(folder, "m2b", "back")
         first = await rt.start(ref)
         first_network = (await in_thread(docker_client.api.inspect_container, first.ident)
                          )["HostConfig"]["NetworkMode"]
-        await until(lambda: _replied(folder, "m2"), 30, "the first reply")
+        await until(lambda: _replied(folder, "m2b"), 30, "the reply of its second run")
         await rt.stop("s1", grace=5)
         spare = (await until(lambda: in_thread(created), 30, "the next container created"))[0]
         assert spare.id != first.ident and not rt.is_running("s1")
@@ -235,7 +252,7 @@ async def test_a_stopped_session_next_container_is_created_ahead_and_started(
         await until(lambda: _replied(folder, "m6"), 30, "the reply from a new container")
         await rt.stop("s1", grace=5)
         await until(lambda: in_thread(created), 30, "a next container again")
-        assert [e.reason for e in exits] == ["stopped"] * 3
+        assert [e.reason for e in exits] == ["stopped"] * 4
     finally:
         await rt.close()
     # closing removes the containers created ahead and every holder

@@ -105,7 +105,8 @@ class AheadMixin:
         took ``removal`` over."""
         ref = t.ref
         if (ref is None or not self._spares.on or self._closing or ref.egress is not None
-                or not wants_spare(reason, exit_code) or self.exec.available is False):
+                or not wants_spare(reason, exit_code) or self.exec.available is False
+                or not self._spares.returning(ref.session_id)):
             return False
         task = asyncio.ensure_future(self._prepare_next(ref, removal, t.holder))
         self._preparing.add(task)

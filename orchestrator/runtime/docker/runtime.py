@@ -419,6 +419,7 @@ class DockerRuntime(AheadMixin):
                 pass  # daemon down: reconcile / recover removes it later
             raise
         t.move(Phase.RUNNING)  # unless it already ended (DONE, with its pending exit)
+        self._spares.started(session.session_id)
         done = time.monotonic()
         logger.info("started agent {}/{} in container {} ({}) in {:.0f} ms (docker start {:.0f} "
                     "ms, {})", session.agent_group, session.session_id, name, cid[:12],

@@ -4,12 +4,17 @@
     spares.put(Spare(...)) -> evicted   # the ones that no longer fit (or were replaced)
     spares.take(session_id) -> Spare | None
     spares.owns(container_id)           # reconcile and stop leave these alone
+    spares.started(session_id)          # count a start: a session started twice returns
+    spares.returning(session_id)
     spare_key(spec, host_kwargs, image_id)
 
 Why: after a session's agent stopped (idle, ``stop_idle_after``) its next message
 waited for ``docker create`` (and the image inspect before it) on top of ``docker
 start``; measured ~20-25 ms of a cold round trip on this host. So when an agent ends
-well (``wants_spare``: stopped, or exited 0) the runtime creates the session's next
+well (``wants_spare``: stopped, or exited 0) and its session has been started before
+(``returning``: the first end of a session says nothing about whether it comes back —
+measured: a spare made for every new session's first stop, never used, was background
+work that collided with the next new session's start) the runtime creates the next
 container right after the old one is removed — with the session's last settings and,
 where the group allows it, the network namespace its last agent had (``netns.py``:
 kept for the session) — and the next ``start`` only starts it.
@@ -60,9 +65,21 @@ def wants_spare(reason: str, exit_code: int | None) -> bool:
 class Spares:
     """The created, not yet started, containers of at most ``limit`` sessions."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, remember: int = 4096) -> None:
         self.limit = max(0, limit)
         self._by_session: OrderedDict[str, Spare] = OrderedDict()
+        self._remember = remember
+        self._starts: OrderedDict[str, int] = OrderedDict()  # recent sessions' start counts
+
+    def started(self, session_id: str) -> None:
+        """Count one start of ``session_id`` (the ``remember`` most recent sessions)."""
+        self._starts[session_id] = self._starts.pop(session_id, 0) + 1
+        while len(self._starts) > self._remember:
+            self._starts.popitem(last=False)
+
+    def returning(self, session_id: str) -> bool:
+        """Whether ``session_id`` was started more than once (recently)."""
+        return self._starts.get(session_id, 0) > 1
 
     @property
     def on(self) -> bool:

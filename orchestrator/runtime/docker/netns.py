@@ -23,11 +23,11 @@ then belongs to that session (``ahead.py``): its next container, created ahead a
 the agent stopped (``spares.py``), joins the same one, so a session's cold cycle makes
 no namespace at all; it is removed when the session has no container coming (an end
 that wants none, its spare dropped or out of date, the runtime closing). A namespace
-outlives its holder as long as processes are in it. So every agent still has a
-namespace of its own session's — never one another session had, nobody else's sockets
-in it (a holder is never handed from one session to another; the successive runs of
-one session are the only ones to share it, one after the other) — and nothing changes
-for an agent but who made its loopback.
+outlives its holder as long as processes are in it. So every agent's namespace is
+its session's own — never one another session had, nobody else's sockets in it (a
+holder is never handed from one session to another; the successive runs of one session
+are the only ones to share it, one after the other) — and nothing changes for an agent
+but who made its loopback.
 
 Holders carry ``orchestrator.netns=<instance>`` — not the instance label, so no list,
 event or reconcile of agent containers ever sees them, and a removal re-checks that

@@ -65,6 +65,7 @@ from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, INBOX, OUTBOUND_
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.budget import Shortfall, poll_round
 from orchestrator.watch.changes import Change
+from orchestrator.watch.commits import COMMIT_ENDS, COMMITTED, OPEN, commit_state
 from orchestrator.watch.muted import Muted
 from orchestrator.watch.polled import PolledSessions
 
@@ -87,8 +88,9 @@ UNMUTED_FOR = 0.05
 ADDED, MODIFIED, DELETED = Change.added, Change.modified, Change.deleted
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 # The entries of a session folder whose events the host acts on (``layout.classify``
-# gives every other name there Kind.OTHER, which no pass reads).
-SESSION_ENTRIES = frozenset({HEARTBEAT, OUTBOUND_DB, INBOUND_DB, OUTBOX, INBOX})
+# gives every other name there Kind.OTHER, which no pass reads), and the databases'
+# journals, which tell where a batch stands with a commit (``commits``).
+SESSION_ENTRIES = frozenset({HEARTBEAT, OUTBOUND_DB, INBOUND_DB, OUTBOX, INBOX}) | COMMIT_ENDS
 NAMES_KEPT = 4096  # raw names remembered decoded (an agent's many names: decoded each time)
 # an event without a name to report: the queue overflowed, a watched folder itself went
 _NOT_NAMED = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
@@ -440,9 +442,9 @@ class FolderWatch:
         (a commit is a run of ~8 events):
 
         - in a session folder only the entries the host reads are reported (its
-          databases, heartbeat, ``outbox/``, ``inbox/``: ``SESSION_ENTRIES``); the
-          rest (SQLite's journals, an agent's scratch files) classify as nothing
-          (``layout.classify``) and are skipped here;
+          databases, heartbeat, ``outbox/``, ``inbox/``, and the databases' journals
+          for ``commits``: ``SESSION_ENTRIES``); the rest (an agent's scratch files)
+          classify as nothing (``layout.classify``) and are skipped here;
         - a muted session's heartbeat is dropped (``_muted_beat``);
         - a write is reported once per ``(watch, name)`` and batch (``_written``);
           creations, removals and renames always go the whole way (a folder created
@@ -603,7 +605,9 @@ class FolderWatch:
     def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int,
               stop_event: StopEvent | None) -> set[tuple[Change, str]] | str:
         """Wait for changes: a batch ends ``step_ms`` after the
-        last change and at most ``debounce_ms`` after the first; "timeout" after
+        last change and at most ``debounce_ms`` after the first (one session's batch:
+        at once when a commit ends, not before a commit under way ends: ``commits``);
+        "timeout" after
         ``timeout_ms`` (0: never) without any; "stop" once ``stop_event`` is set
         (asked once per step, which is what ``watch_health.Gate`` relies on).
 
@@ -617,11 +621,12 @@ class FolderWatch:
         self._written.clear()
         start = time.monotonic()
         first: float | None = None
+        looked = start  # the last look at the queue in this batch
         while True:
             if stop_event is not None and stop_event.is_set():
                 return "stop"
-            pause = read_pause(self.read_gap_ms, step_ms, debounce_ms, first, self._read_at,
-                               time.monotonic())
+            pause = read_pause(self.read_gap_ms, step_ms, debounce_ms, first,
+                               self._read_at if first is None else looked, time.monotonic())
             if pause is not None:
                 time.sleep(pause)
                 ready = True  # (a read of an empty queue is one EAGAIN)
@@ -637,11 +642,13 @@ class FolderWatch:
             fresh = self._poll_due(changes)
             fresh = self._unmuted(changes) or fresh
             fresh = ready and self._read(changes) or fresh
-            now = time.monotonic()
-            if fresh and changes:
+            now = looked = time.monotonic()
+            if changes:
                 first = first if first is not None else now
                 if (now - first) * 1000 < debounce_ms:
-                    continue  # more may follow within a step
+                    state = commit_state(self.root, changes)
+                    if (fresh and state != COMMITTED) or state == OPEN:
+                        continue  # more may follow within a step, or an open commit's end
             if changes:
                 return changes
             if self.lost is not None:

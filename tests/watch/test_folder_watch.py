@@ -266,8 +266,8 @@ def test_read_pause(first: float | None, read_at: float, now: float,
 
 
 def test_a_burst_of_writes_is_one_change_and_scratch_files_none(tmp_path: Path) -> None:
-    """A session folder's journal and scratch files are not reported (no pass reads
-    them), and a file written many times in a batch is one change."""
+    """A session folder's scratch files are not reported (no pass reads them), and a
+    file written many times in a batch is one change."""
     root = tmp_path / "sessions"
     folder = root / "grp" / "sess-1"
     folder.mkdir(parents=True)
@@ -276,7 +276,7 @@ def test_a_burst_of_writes_is_one_change_and_scratch_files_none(tmp_path: Path) 
             for _ in range(50):
                 fh.write(b"x")
                 fh.flush()
-        for name in ("outbound.db-journal", "scratch.txt"):
+        for name in ("scratch.txt", "outbound.db-wal"):
             (folder / name).write_bytes(b"y")
             os.unlink(folder / name)
         got: set = set()

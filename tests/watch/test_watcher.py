@@ -98,8 +98,7 @@ async def test_real_batches_are_classified(tmp_path: Path) -> None:
     assert (Change.modified, str(folder / ".heartbeat")) in batch
     assert to_activities(root, batch) == [Activity("grp", "sess-1", Kind.HEARTBEAT)]
 
-    # one SQLite commit on outbound.db → OUTBOUND_DB; the -journal files drop out (in the
-    # watch already: no pass reads them)
+    # one SQLite commit on outbound.db → OUTBOUND_DB; the -journal files drop out
     mark = n
     with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
         conn.execute("INSERT INTO session_state (key, value, updated_at) VALUES"
@@ -107,9 +106,9 @@ async def test_real_batches_are_classified(tmp_path: Path) -> None:
     n, batch = await rec.next_with(
         lambda b: (Change.modified, str(folder / "outbound.db")) in b, n)
     raw = set().union(*rec.batches[mark:n])
-    assert not any(p.endswith("outbound.db-journal") for _, p in raw)
+    assert any(p.endswith("outbound.db-journal") for _, p in raw)  # it was there...
     acts = [a for b in rec.batches[mark:n] for a in to_activities(root, b)]
-    assert set(acts) == {Activity("grp", "sess-1", Kind.OUTBOUND_DB)}
+    assert set(acts) == {Activity("grp", "sess-1", Kind.OUTBOUND_DB)}  # ...and dropped
 
     # an outbox folder for a reply → OUTBOX (added). What is written into a brand-new
     # folder right away may go unreported (field notes): the supervisor reads the

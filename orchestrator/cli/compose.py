@@ -35,7 +35,8 @@ from orchestrator.channels.jsonl import JsonlChannel
 from orchestrator.channels.log import LogChannel
 from orchestrator.channels.webhook import WebhookChannel
 from orchestrator.config.load import parse_range
-from orchestrator.config.model import Config, DeliveryConfig
+from orchestrator.config.model import Config
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.schema import utcnow
 from orchestrator.engine.admission_gate import open_gate

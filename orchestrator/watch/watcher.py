@@ -40,7 +40,7 @@ from typing import AsyncIterator, Callable, Container, Protocol, Self
 
 from loguru import logger
 
-from orchestrator.config.model import WatchConfig
+from orchestrator.config.sections import WatchConfig
 from orchestrator.contract.layout import (
     HEARTBEAT,
     INBOUND_DB,

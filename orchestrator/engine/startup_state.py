@@ -123,7 +123,8 @@ def start_pass_reason(saved: str | None, now: str | None, adopted: bool,
     return None
 
 
-def recheck(group_fd: int, session_id: str, row: str) -> str | None:
+def recheck(group_fd: int, session_id: str, row: str,
+            st: os.stat_result | None = None) -> str | None:
     """The session's row as its folder is now if nothing changed since ``row`` was
     saved (the same row, or with a new stamp), None if something did or the folder
     cannot be checked (a link, missing, unreadable). ``group_fd``: its group folder
@@ -138,11 +139,13 @@ def recheck(group_fd: int, session_id: str, row: str) -> str | None:
     three files are compared one by one, and a match gives the row the new stamp.
     A write that needs no journal (``journal_mode=OFF``, against the contract) is
     not seen here: the sweep compares the files themselves (``changed``).
+    ``st``: the folder's ``lstat``, if the caller has it.
     """
-    try:
-        st = os.stat(session_id, dir_fd=group_fd, follow_symlinks=False)
-    except OSError:
-        return None
+    if st is None:
+        try:
+            st = os.stat(session_id, dir_fd=group_fd, follow_symlinks=False)
+        except OSError:
+            return None
     if not S_ISDIR(st.st_mode):
         return None
     files, stamp = split_row(row)
@@ -186,6 +189,7 @@ def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]]
     changed on disk or cannot be checked (they need their full pass), and the rows
     that are unchanged but got a new stamp (to save, so the next start needs one
     ``stat`` for them)."""
+    lstat = os.stat
     groups: dict[str, list[str]] = {}
     for sid, (group, _) in rows.items():
         groups.setdefault(group, []).append(sid)
@@ -200,7 +204,16 @@ def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]]
         try:
             for sid in sids:
                 row = rows[sid][1]
-                now = recheck(fd, sid, row)
+                try:
+                    st = lstat(sid, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    moved.add(sid)
+                    continue
+                if (row.endswith(f"|{st.st_mtime_ns}:{st.st_ctime_ns}")  # the common case,
+                        and row.startswith(f"{st.st_dev}:{st.st_ino}|-|")  # by string ops:
+                        and S_ISDIR(st.st_mode)):  # no heartbeat, and the stamp as saved
+                    continue
+                now = recheck(fd, sid, row, st)
                 if now is None:
                     moved.add(sid)
                 elif now != row:
@@ -250,9 +263,17 @@ class StateBook:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.saved: dict[str, str] = registry.saved_states()
+        self._saved: dict[str, str] | None = None
         self._pending: dict[str, str | None] = {}
         self._said = LogOnce()
+
+    @property
+    def saved(self) -> dict[str, str]:
+        """The rows as saved (read when first asked: at start-up that is once the
+        watch thread has begun its walk, which it overlaps)."""
+        if self._saved is None:
+            self._saved = self.registry.saved_states()
+        return self._saved
 
     def note(self, t: Tracked, alive: bool) -> None:
         """After a pass: remember the row to write (or to delete), if it changed."""

@@ -141,6 +141,7 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
+        self._index_version: int | None = None  # registry data_version of the last index read
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
         self._tasks: list[asyncio.Task] = []  # watch, sweep
@@ -306,14 +307,25 @@ class Supervisor:
         if self._refused.say((agent_group, session_id), "refused"):
             logger.warning("{}; leaving it alone", why)
 
-    def _discover(self, at_start: bool = False) -> None:
-        """Track the registry's sessions and the folders found on disk that are not
-        tracked yet. ``at_start``: a session the last run saved as settled
+    def _discover(self, at_start: bool = False, folders: bool = True) -> None:
+        """Track the registry's sessions and the folders found on disk (``folders``)
+        that are not tracked yet. ``at_start``: a session the last run saved as settled
         (``startup_state``) is kept as a dormant row, unchecked and unmarked, for
-        ``_reconcile_at_start`` to check against the disk."""
-        saved = self.book.saved if at_start else {}
+        ``_reconcile_at_start`` to check against the disk; and the registry is read
+        again only if another process wrote it since the last read (its
+        ``data_version``: 100 000 rows are ~0.2 s; this process's own new sessions
+        are tracked as they are made, or found by their folders)."""
+        version = self.registry.data_version()
+        if not (at_start and version == self._index_version):
+            self._index_version = version
+            self._track_index(self.book.saved if at_start else {})
+        if folders:
+            self._register_found(self._unseen_folders())
+
+    def _track_index(self, saved: dict[str, str]) -> None:
+        live, dormant, retiring = self.tracked.keys(), self.rows.dormant, self.retiring
         for session_id, agent_group, container_status in self.registry.session_index():
-            if session_id in self.tracked or session_id in self.retiring:
+            if session_id in live or session_id in dormant or session_id in retiring:
                 continue
             row = saved.get(session_id)
             if row is not None and start_pass_reason(row, row, False,
@@ -323,7 +335,6 @@ class Supervisor:
             t = self._track(agent_group, session_id)
             t.status = Status(container_status)
             self.dirty.mark(session_id, Flag.FULL)
-        self._register_found(self._unseen_folders())
 
     def _unseen_folders(self) -> list[tuple[str, str]]:
         """(group, session) of the folders on disk not tracked yet; listed before any is
@@ -335,6 +346,7 @@ class Supervisor:
         except OSError:
             return []
         unseen: list[tuple[str, str]] = []
+        live, dormant = self.tracked.keys(), self.rows.dormant  # (no call per name)
         for g in groups:
             if g.is_symlink():  # never listed through: refused, said once
                 self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
@@ -343,8 +355,8 @@ class Supervisor:
                 for s in os.scandir(g.path):
                     if s.name.startswith(STAGING_PREFIX):
                         remove_stale_staging(s)  # left by a `send` killed mid-build
-                    elif s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
-                                                         or s.is_symlink()):
+                    elif s.name not in dormant and s.name not in live and (
+                            s.is_dir(follow_symlinks=False) or s.is_symlink()):
                         unseen.append((g.name, s.name))
             except OSError:
                 continue
@@ -560,7 +572,8 @@ class Supervisor:
 
     async def _start(self) -> None:
         await asyncio.sleep(0)  # the watch thread starts adding its watches …
-        self._discover(at_start=True)  # … while the sessions are listed (again after it)
+        self._discover(at_start=True, folders=False)  # … while the sessions are listed
+        # (again after it, with the folders on disk: late ones)
         try:
             await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
         except asyncio.TimeoutError:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,18 +27,20 @@ from orchestrator.engine.delivery import DeliveryState
 from orchestrator.engine.startup_state import (
     StateBook,
     changed,
-    restore,
     files_text,
     recheck,
+    restore,
     settled,
     start_pass_reason,
     state_text,
 )
 from orchestrator.engine.tracked import FRESH_NS, Tracked, TrackedMap, trusted_stamp
+from orchestrator.host import inbound
 from orchestrator.host.filesig import file_signature
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.rules.lifecycle import Claim
+from orchestrator.rules.messages import NewMessage
 from tests.support.e2e import Client, make_config, replies, replies_to, supervised
 from tests.support.helpers import until
 
@@ -384,4 +387,69 @@ async def test_a_missing_or_stale_row_means_a_full_pass(tmp_path: Path) -> None:
     # that full pass saved them again: the next start skips all three
     async with supervised(cfg) as sup:
         assert all(sup.tracked[r.id].restored for r in rows.values())
+    client.close()
+
+
+def _send_without_journal(db: Path, mid: str, text: str) -> None:
+    """A message committed the way the contract forbids (``journal_mode=MEMORY``: no
+    ``-journal`` file comes and goes), so the session folder's times stay."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=MEMORY")
+        conn.execute("BEGIN IMMEDIATE")
+        inbound._insert(conn, NewMessage(id=mid, kind="chat", content=json.dumps({"text": text}),
+                                         channel_type="cli", platform_id="local"), None)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def _aged(folders: list[Path]) -> None:
+    """Until no folder changed for ``FRESH_NS``."""
+    await until(lambda: all(time.time_ns() - max(_times(f)) >= FRESH_NS for f in folders),
+                timeout=10, message="the folders left alone long enough to stamp")
+
+
+def _times(folder: Path) -> tuple[int, int]:
+    st = os.lstat(folder)
+    return st.st_mtime_ns, st.st_ctime_ns
+
+
+async def test_a_message_written_while_down_to_a_dormant_session(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    """Whether or not the folder's mtime moved: a message sent while the host was down
+    is answered. Put back by hand, the mtime hides nothing (the ctime still moved: a
+    full pass at start-up); written without a journal, the folder's times stay, the
+    start-up check keeps it dormant, and the sweep — which compares the databases
+    themselves — finds the message."""
+    cfg = make_config(tmp_path, watch={"sweep_interval": 0.2, "dormant_sweep_interval": 0.8})
+    client = Client(cfg)
+    rows = {n: client.session(n) for n in ("put_back", "no_journal", "quiet")}
+    paths = {n: client.paths(r) for n, r in rows.items()}
+    for p in paths.values():
+        schema.init_outbound(p.outbound_db)
+    await _first_run(cfg, client, rows)
+    # the stamps a pass saves are of folders left alone for a while (``trusted_stamp``)
+    await _aged([p.root for p in paths.values()])
+    async with supervised(cfg):  # its start-up check saves each row with the stamp seen
+        pass
+    assert all(not row.endswith("|-") for row in client.registry.saved_states().values())
+
+    folder = paths["put_back"].root
+    st = os.lstat(folder)
+    _, sent = client.send("put_back", "sent while down, the folder's mtime put back")
+    os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _times(folder)[0] == st.st_mtime_ns and _times(folder)[1] != st.st_ctime_ns
+    before = _times(paths["no_journal"].root)
+    _send_without_journal(paths["no_journal"].inbound_db, "m-no-journal", "no journal")
+    assert _times(paths["no_journal"].root) == before
+
+    async with supervised(cfg) as sup:
+        dormant = set(sup.rows.dormant)
+        assert rows["put_back"].id not in dormant
+        assert {rows["no_journal"].id, rows["quiet"].id} <= dormant
+        await until(lambda: replies_to(cfg, sent), message="the message answered")
+        await until(lambda: replies_to(cfg, "m-no-journal"),
+                    message="the journal-less message found by the sweep, answered")
+        assert rows["quiet"].id in sup.rows.dormant  # swept, unchanged: never woken
     client.close()

@@ -76,6 +76,7 @@ _KIND_FLAGS = {
 WATCH_START_TIMEOUT = 10.0
 SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
+RESCAN_SLICE = 1000  # dormant rows compared with the disk between two turns of the loop
 
 
 FREEZE_FROM = 10_000  # tracked sessions: below it a full collection is a few ms
@@ -142,6 +143,8 @@ class Supervisor:
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
         self._index_version: int | None = None  # registry data_version of the last index read
+        self._checked = False  # the start-up check of the dormant rows is done
+        self._rescan: asyncio.Task | None = None  # dormant rows compared after a loss sign
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
         self._tasks: list[asyncio.Task] = []  # watch, sweep
@@ -234,7 +237,7 @@ class Supervisor:
                 self._discover()
                 for sid in list(self.tracked.keys()):
                     self.dirty.mark(sid, Flag.SWEEP)
-                self._sweep_slice(list(self.rows.dormant))  # stat-gated, none woken
+                self._rescan_dormant()
                 continue
             if act.session_id is None:
                 if act.added:  # a new agent group folder: its sessions may be unreported
@@ -445,6 +448,23 @@ class Supervisor:
             self._sweep_slice(order[part::slices])
             self.book.save()
 
+    def _rescan_dormant(self) -> None:
+        """The dormant rows after a loss sign: compared with the disk in slices
+        (``_sweep_slice``: stat-gated, only a changed one wakes), the loop free between
+        two (100 000 in one go held it ~1.5 s). Before the start-up check, that check
+        is the rescan: it runs with the watch in place."""
+        if not self._checked:
+            return
+        if self._rescan is not None:
+            self._rescan.cancel()  # begun again: what it had not reached, and the rest
+        self._rescan = asyncio.create_task(self._rescan_slices(list(self.rows.dormant)),
+                                           name="rescan")
+
+    async def _rescan_slices(self, sids: list[str]) -> None:
+        for k in range(0, len(sids), RESCAN_SLICE):
+            self._sweep_slice(sids[k:k + RESCAN_SLICE])
+            await asyncio.sleep(0)
+
     def _healthy(self) -> bool:
         """inotify is in place (an overflow or a lost watch rescans every session)."""
         return self.watch_mode == "events" and self._watching.is_set()
@@ -550,6 +570,7 @@ class Supervisor:
             self.book.refresh(sid, row)
         for sid in dormant.keys() & self.dirty.flags.keys():
             self.dirty.drop(sid)
+        self._checked = True
         return set(dormant)
 
     def _wake_unrestored(self, session_id: str) -> Tracked:
@@ -594,9 +615,10 @@ class Supervisor:
     async def _stop_tasks(self) -> None:
         """Watch and sweep first; then the work loop, between two sessions' passes."""
         self.stop_event.set()
-        for task in self._tasks:
+        tasks = self._tasks + ([self._rescan] if self._rescan is not None else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.dirty.clear()
         self.dirty.wake.set()
         await asyncio.sleep(0)

@@ -338,7 +338,7 @@ class Supervisor:
                 group = groups.get(agent_group)
                 if group is None:
                     group = groups[agent_group] = sys.intern(agent_group)
-                dormant[session_id] = (group, row)
+                self.rows.rest(session_id, group, row)
                 continue
             t = self._track(agent_group, session_id)
             t.status = Status(container_status)

@@ -55,7 +55,7 @@ import psutil
 import tomli_w
 
 from bench import collect, proc
-from bench.inotify import IN_MODIFY, Inotify
+from bench.rt_trace import ReplyWatch, steps_line, summarize_steps
 from orchestrator.contract.layout import registry_path
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import MessagingGroup, Sessions
@@ -174,46 +174,6 @@ def docker_image() -> str:
             or "orchestrator-agent:latest")
 
 
-class ReplyWatch:
-    """Lines appended to the jsonl channel file, stamped when inotify reports them."""
-
-    def __init__(self, jsonl: Path) -> None:
-        jsonl.touch()
-        self.jsonl = jsonl
-        self.ino = Inotify()
-        self.ino.add(jsonl, IN_MODIFY)
-        self.fh = open(jsonl, "rb")
-        self.fh.seek(0, os.SEEK_END)
-        self.buf = b""
-        self.seen: dict[str, float] = {}
-
-    def _read(self) -> None:
-        now = time.time()
-        self.buf += self.fh.read()
-        *lines, self.buf = self.buf.split(b"\n")
-        for line in lines:
-            try:
-                reply_to = json.loads(line).get("in_reply_to")
-            except ValueError:
-                continue
-            if reply_to:
-                self.seen.setdefault(reply_to, now)
-
-    def wait(self, message_id: str, timeout: float) -> float | None:
-        deadline = time.monotonic() + timeout
-        while message_id not in self.seen:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.ino.read(min(left, 0.5))
-            self._read()
-        return self.seen[message_id]
-
-    def close(self) -> None:
-        self.ino.close()
-        self.fh.close()
-
-
 def _status(registry: Registry, session_id: str) -> tuple[str, str]:
     row = registry.session(session_id)
     return (row.container_status, row.status_reason or "") if row else ("?", "")
@@ -281,8 +241,10 @@ class RoundTrips:
             orch = FreshOrchestrator(run_dir, config)
             orch.package_root = fresh_package(run_dir / "fresh")
         api = ApiClient(data / "api.sock", data / "api-token")
-        watch = ReplyWatch(data / "delivered.jsonl")
+        watch = ReplyWatch(data / "delivered.jsonl",
+                           None if kind == "new" else sessions.paths(row).root)
         lat: list[float] = []
+        steps: list[dict[str, float]] = []
         missed = 0
         load = proc.MachineLoad()
         try:
@@ -290,10 +252,14 @@ class RoundTrips:
             orch.wait_ready(60)
 
             def send() -> float | None:
+                watch.drain()
                 mid, _ = sessions.write_message(row, {"text": "ping"}, routing=routing)
                 t0 = time.time()
                 t1 = watch.wait(mid, self.p.timeout)
-                return None if t1 is None else 1000.0 * (t1 - t0)
+                if t1 is None:
+                    return None
+                steps.append(watch.breakdown(t0, t1))
+                return 1000.0 * (t1 - t0)
 
             chats = iter(range(2, 1 << 30))
             last: list[str] = []  # the newest session's id
@@ -312,6 +278,7 @@ class RoundTrips:
                 if send() is None:  # sample (a paused one must have run to be frozen)
                     raise RuntimeError("no reply to the warm-up message; log:\n"
                                        + orch.log_tail(10))
+                steps.clear()
             if kind == "new":  # the API's first answer costs imports: not a sample
                 if post_new() is None:
                     raise RuntimeError("no reply to the first new session; log:\n"
@@ -345,13 +312,15 @@ class RoundTrips:
         res = {"runtime": runtime, "agent": agent, "mode": mode, "kind": kind,
                "samples": len(lat), "missed": missed, "latency_ms": collect.summarize_ms(
                    [ms / 1000.0 for ms in lat]), "machine_load": machine,
-               "log": orch.log_levels()}
+               "steps_ms": summarize_steps(steps), "log": orch.log_levels()}
         r = res["latency_ms"]
         self.say(f"  {runtime:6} {kind:6} agent {agent:9} watch {mode:6}: "
                  + (f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f}, max {r['max']:.1f} "
                     f"(n={r['n']}{f', missed {missed}' if missed else ''})" if r.get("n")
                     else f"no reply ({missed} missed)")
                  + self.bench._load_note(machine))
+        if res["steps_ms"]:
+            self.say(f"    p50 ms after the commit: {steps_line(res['steps_ms'])}")
         return res
 
     # --- one idle agent alone ----------------------------------------------------------

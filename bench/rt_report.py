@@ -23,6 +23,15 @@ def _rt(section: str, kind: str, stat: str):
     return get
 
 
+def _step(section: str, kind: str, step: str):
+    """p50 ms after the message's commit of one milestone (``roundtrip.STEPS``)."""
+    def get(doc: dict, col: str) -> Any:
+        agent, mode = ("inotify", "poll") if col == "mode=poll" else (col, "events")
+        return _dig(doc, "roundtrip", section, f"{kind}_{agent}_{mode}", "steps_ms", step,
+                    "p50")
+    return get
+
+
 def _idle_agent(doc: dict, col: str) -> Any:
     return None if col == "mode=poll" else _dig(doc, "roundtrip", "agent_idle_cpu", col,
                                                 "core_pct")
@@ -62,6 +71,22 @@ ROWS = [  # the round-trip targets are issue 28's
     ("new session (POST) → first reply, Docker p50", "ms", ("<=", 250),
      _rt("docker", "new", "p50"), 0),
     ("new session (POST) → first reply, local p50", "ms", None, _rt("local", "new", "p50"), 0),
+    # where a round trip's time goes (ms after the message's commit, p50; no targets)
+    ("  warm local: agent read the message (.heartbeat)", "ms", None,
+     _step("local", "warm", "woke"), 1),
+    ("  warm local: reply committed", "ms", None, _step("local", "warm", "reply_commit"), 1),
+    ("  warm local: host, reply commit → line", "ms", None,
+     _step("local", "warm", "host_delivery"), 1),
+    ("  warm Docker: reply committed", "ms", None, _step("docker", "warm", "reply_commit"), 1),
+    ("  warm Docker: host, reply commit → line", "ms", None,
+     _step("docker", "warm", "host_delivery"), 1),
+    ("  cold local: agent spawned (.agent.pid)", "ms", None,
+     _step("local", "cold", "spawned"), 1),
+    ("  cold local: interpreter up (first .heartbeat)", "ms", None,
+     _step("local", "cold", "woke"), 1),
+    ("  cold local: reply committed", "ms", None, _step("local", "cold", "reply_commit"), 1),
+    ("  cold local: host, reply commit → line", "ms", None,
+     _step("local", "cold", "host_delivery"), 1),
     ("idle reference agent CPU", "% core", ("<=", 0.05), _idle_agent, 3),
     ("throughput, flat out", "replies/min", (">=", 60000),
      _main("agents_100", "throughput", "delivered_per_min"), 0),

@@ -109,6 +109,7 @@ def instance(docker_client: docker.DockerClient) -> Iterator[str]:
     value = f"t{uuid.uuid4().hex[:10]}"
     yield value
     remove_labelled(docker_client, f"{LABEL_INSTANCE}={value}")
+    remove_labelled(docker_client, f"orchestrator.netns={value}")  # its netns holders
 
 
 @pytest.fixture

@@ -18,19 +18,50 @@ import _signal  # type: ignore[import-not-found]
 import os
 import sqlite3
 import sys
-import threading
 import time
 from collections import namedtuple
 
 from orchestrator.agent import decide
-from orchestrator.agent.files import copy_attachments
 from orchestrator.agent.sessionlib import WAKE_MODES, Message, SessionFolder, remove_tree
 
 TYPE_CHECKING = False  # no typing, dataclasses or argparse on the cold start path (see parse_args)
 if TYPE_CHECKING:
+    import threading
     from typing import Callable, Sequence
 
 EXIT_CRASH = 3
+
+
+class StopFlag:
+    """``threading.Event``'s ``set``/``is_set``/``wait``, with ``threading`` imported
+    only by the first ``wait``: a plain echo never waits on it (the signal handler sets
+    it and wakes the session's own select), and ``threading`` (with ``_weakrefset``)
+    is ~2 ms of every cold start (issue 28). Safe from a signal handler: ``set``
+    raises the flag before it touches the event, and ``wait`` makes the event before
+    it reads the flag, so a signal between the two is never lost."""
+
+    __slots__ = ("_flag", "_event")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        if self._event is not None:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._event is None:
+            import threading
+
+            self._event = threading.Event()
+        if self._flag:
+            self._event.set()
+        return self._event.wait(timeout)
 
 
 def log(message: str) -> None:
@@ -160,12 +191,12 @@ class Agent:
     """One agent on one session folder, built on ``sessionlib`` (the contract) with
     only the echo and the test behaviours here. ``stop`` is set by SIGTERM/SIGINT."""
 
-    def __init__(self, options: Options, stop: threading.Event | None = None) -> None:
+    def __init__(self, options: Options, stop: StopFlag | None = None) -> None:
         self.options = options
         self.session = SessionFolder(options.workspace, wake=options.wake,
                                      poll_interval=options.poll_interval,
                                      safety_poll=options.safety_poll)
-        self.stop = stop or threading.Event()
+        self.stop = stop or StopFlag()
         self._last_error: str | None = None
         self._watching = False  # start_watch() done (see _wait_logged)
 
@@ -231,8 +262,13 @@ class Agent:
         out_id = decide.new_out_id()
         dest = session.outbox_dir(out_id) if message.attachments else None
         try:
-            files, refused = (copy_attachments(session.workspace, message.attachments, dest)
-                              if dest is not None else ([], []))
+            files: list[str] = []
+            refused: list[str] = []
+            if dest is not None:  # files.py is imported for attachments only, not by an echo
+                from orchestrator.agent.files import copy_attachments
+
+                files, refused = copy_attachments(session.workspace, message.attachments,
+                                                  dest)
             session.reply(msg, decide.reply_body(decide.reply_text(message.text), files,
                                                  refused), out_id=out_id)
         except BaseException:
@@ -294,6 +330,8 @@ class Agent:
         self.start()
         log(f"started on {self.session.root}")
         if self.options.idle_heartbeat is not None:
+            import threading
+
             threading.Thread(target=self._beat_while_idle, args=(self.options.idle_heartbeat,),
                              daemon=True, name="idle-heartbeat").start()
         last_work = time.monotonic()
@@ -323,25 +361,27 @@ class Agent:
         return 0
 
 
-def _install_signal_handlers(stop: threading.Event, wake: Callable[[], None]) -> None:
+def _install_signal_handlers(stop: StopFlag, wake: Callable[[], None]) -> None:
     """SIGTERM/SIGINT only set a flag and wake the wait: the current write finishes,
-    then the loop exits."""
-    if threading.current_thread() is not threading.main_thread():
-        return
+    then the loop exits. Not from another thread (``main`` run by a test): only the
+    main thread may set handlers, so there the caller's defaults stay."""
 
     def handler(_signum: int, _frame: object) -> None:
         stop.set()
         wake()
 
     for signum in (_signal.SIGTERM, _signal.SIGINT):
-        _signal.signal(signum, handler)
+        try:
+            _signal.signal(signum, handler)
+        except ValueError:  # "signal only works in main thread": not ours to change
+            return
 
 
 def main(argv: list[str] | None = None, early_signals: list[int] | None = None) -> int:
     """Entry point of ``python -m orchestrator.agent``; returns the exit code.
     ``early_signals``: SIGTERM/SIGINT received before this (see beat.hold_signals)."""
     options = parse_args(argv)
-    stop = threading.Event()
+    stop = StopFlag()
     agent = Agent(options, stop)
     _install_signal_handlers(stop, agent.session.interrupt)
     if early_signals:

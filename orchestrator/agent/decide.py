@@ -113,6 +113,39 @@ def new_out_id() -> str:
     # (and platform) at every agent start; a safe id (layout.validate_id: test_agent)
 
 
+# --- when to look -------------------------------------------------------------
+
+# inotify masks (``contract.inotify``'s values; not imported from there: it imports
+# ``select`` and ``struct``, which a cold start defers until its reply is written)
+IN_MODIFY = 0x00000002
+IN_DELETE = 0x00000200
+_LOST = 0x00004000 | 0x00008000 | 0x00000400 | 0x00000800  # overflow, ignored, self gone
+INBOUND_DB = "inbound.db"
+INBOUND_JOURNAL = INBOUND_DB + "-journal"
+
+
+def commit_ended(mask: int, name: str) -> bool:
+    """Whether one inotify event of the session folder says a write of inbound.db is
+    over, so a look now finds whatever it committed.
+
+    The host writes with ``journal_mode=DELETE`` and open-write-close (contract §2):
+    a commit creates ``inbound.db-journal``, writes it, modifies ``inbound.db`` and
+    deletes the journal, then the host closes the file. A look at the journal's
+    creation or at a modification of the database comes too early: it finds the old
+    rows, or the host's exclusive lock, and SQLite's busy handler sleeps 1 ms and up
+    before it reads (issue 28: the warm round trip). So those events are slept
+    through; the journal's deletion, the database's close after writing, its
+    creation or replacement, and losing track (an overflow, the folder gone) wake.
+    """
+    if mask & _LOST:
+        return True
+    if name == INBOUND_JOURNAL:
+        return bool(mask & IN_DELETE)
+    if name == INBOUND_DB:
+        return not mask & IN_MODIFY
+    return False
+
+
 # --- what the message says --------------------------------------------------
 
 

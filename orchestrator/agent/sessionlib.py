@@ -25,9 +25,10 @@ What each call does, and why:
   watch needs, is ~3 ms of a start) and misses nothing, since that wait reads
   inbound.db again once the watch is there.
 - ``wait_for_work()``: the due, triggered, unacked messages in seq order; blocks
-  until there are some. It sleeps on inotify on the session folder (the host's
-  inbound.db commits wake it within a millisecond, through a read-only bind mount
-  too), re-reads every ``safety_poll`` s anyway (network and Docker Desktop shares
+  until there are some. It sleeps on inotify on the session folder (the end of each
+  host commit of inbound.db wakes it within a millisecond, through a read-only bind
+  mount too; a commit still in progress does not: ``decide.commit_ended``),
+  re-reads every ``safety_poll`` s anyway (network and Docker Desktop shares
   raise no event), wakes at the next ``process_after``, and polls every
   ``poll_interval`` where inotify is missing.
 - ``claim`` / ``ack``: ``processing_ack`` rows. A claimed message stays yours:
@@ -52,7 +53,13 @@ import time
 from collections import namedtuple
 
 from orchestrator.agent import beat, jsontext
-from orchestrator.agent.decide import new_out_id, next_due, next_odd_seq, select_work
+from orchestrator.agent.decide import (
+    commit_ended,
+    new_out_id,
+    next_due,
+    next_odd_seq,
+    select_work,
+)
 from orchestrator.contract import schema
 
 TYPE_CHECKING = False  # typing and dataclasses stay off the agent's cold start (~8 ms)
@@ -163,15 +170,19 @@ class SessionFolder:
             raise SystemExit(f"refusing to use {outbox}: it is a symlink")
         self.heartbeat()  # alive as early as possible: the host's idle clock runs from start
         _mkdir(outbox)
+        # reply folders left in outbox/ (the host removes each once delivered): only
+        # these ids are looked up, not every reply the session ever wrote
+        folders = [entry for entry in os.scandir(outbox)
+                   if entry.name.startswith("out-") and entry.is_dir(follow_symlinks=False)]
         # schema.init_outbound's work and the clean-up in one connection and transaction
         with schema.opened(self._outbound) as conn, schema.transaction(conn):
             schema.ensure_schema(conn, schema.OUTBOUND_TABLES, schema.OUTBOUND_EXTRA)
             dropped = conn.execute(
                 "DELETE FROM processing_ack WHERE status = 'processing'").rowcount
-            written = {row[0] for row in conn.execute("SELECT id FROM messages_out")}
-        for entry in os.scandir(outbox):
-            if (entry.name.startswith("out-") and entry.name not in written
-                    and entry.is_dir(follow_symlinks=False)):
+            written = _present(conn, "SELECT id FROM messages_out WHERE id IN ({})",
+                               [entry.name for entry in folders])
+        for entry in folders:
+            if entry.name not in written:
                 remove_tree(entry.path, ignore_errors=True)
         if watch:
             self.start_watch()
@@ -234,14 +245,9 @@ class SessionFolder:
         return due, next_due(rows, acked, now)
 
     def _acked_ids(self, ids: list[str]) -> set[str]:
-        acked: set[str] = set()
         with schema.opened(self._outbound) as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start:start + _IN_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                acked.update(row[0] for row in conn.execute(
-                    f"SELECT message_id FROM processing_ack WHERE message_id IN ({marks})", chunk))
-        return acked
+            return _present(conn, "SELECT message_id FROM processing_ack "
+                                  "WHERE message_id IN ({})", ids)
 
     # --- waiting -------------------------------------------------------------------
 
@@ -297,8 +303,27 @@ class SessionFolder:
                 return None
             if not ready:
                 return False
-            if self._watch is not None and self._watch.drain():
+            if self._watch is not None and self._drain_watch():
                 return True
+
+    def _drain_watch(self) -> bool:
+        """Read every queued event without blocking; True if one ends a write of
+        inbound.db (``decide.commit_ended``; a commit's first events are slept through:
+        the look that follows its end finds the rows, not the host's lock)."""
+        from orchestrator.contract.inotify import parse_events
+
+        assert self._watch is not None
+        hit = False
+        while True:
+            try:
+                buf = os.read(self._watch.fd, 64 * 1024)
+            except BlockingIOError:
+                return hit
+            except InterruptedError:
+                continue
+            if not buf:
+                return hit
+            hit = hit or any(commit_ended(mask, name) for mask, name in parse_events(buf))
 
     def interrupt(self) -> None:
         """Wake a blocked ``wait_for_work`` (safe from a signal handler or a thread)."""
@@ -378,6 +403,17 @@ class SessionFolder:
                  msg.thread_id, content))
             self._set_ack(conn, msg.id, status)
         return seq
+
+
+def _present(conn: sqlite3.Connection, sql: str, ids: list[str]) -> set[str]:
+    """The first column of ``sql`` (its ``{}`` an IN list) over ``ids``, ``_IN_CHUNK``
+    parameters a query; no query at all for no ids."""
+    found: set[str] = set()
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start:start + _IN_CHUNK]
+        found.update(row[0] for row in conn.execute(sql.format(",".join("?" * len(chunk))),
+                                                    chunk))
+    return found
 
 
 def safe_id(value: str) -> str:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from loguru import logger
 from starlette.applications import Starlette
@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -32,12 +32,12 @@ from orchestrator.api.checks import (
     BadRequest,
     body_refusal,
     error,
-    last_event_id,
     loads,
     parse_message,
     prefer_wait,
 )
-from orchestrator.api.events import EventStore, Subscription, gap_after
+from orchestrator.api.event_routes import EventRoutes
+from orchestrator.api.events import EventStore, Subscription
 from orchestrator.api.history import History
 from orchestrator.api.idempotency import IdempotencyKeys, check_key, fingerprint
 from orchestrator.api.message_routes import MessageRoutes
@@ -51,7 +51,6 @@ from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.sessions import MessageError, MessagingGroup
 
 Handler = Callable[[Request], Awaitable[Response]]
-KEEPALIVE = 15.0
 
 
 class Guard:
@@ -105,7 +104,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 # --- the app ------------------------------------------------------------------------------
 
 
-class Api(MessageRoutes, console.ConsoleRoutes, SessionAdminRoutes):
+class Api(MessageRoutes, EventRoutes, console.ConsoleRoutes, SessionAdminRoutes):
     def __init__(self, control: Control, token: str | None, events: EventStore,
                  metrics: Metrics, keys: IdempotencyKeys, rule: HostRule | None = None,
                  unix: bool = False) -> None:
@@ -402,64 +401,6 @@ class Api(MessageRoutes, console.ConsoleRoutes, SessionAdminRoutes):
         except UnknownSession as exc:
             return error(str(exc), 404)
         return JSONResponse({"retried": retried})
-
-    async def stream_events(self, request: Request) -> Response:
-        after = last_event_id(request)
-        accept = request.headers.get("accept", "").lower()
-        if "application/json" in accept and "text/event-stream" not in accept:
-            return self.events_page(after)
-        sub = self.events.subscribe()  # before the replay: nothing falls in between
-        return StreamingResponse(self._stream(after, sub, self.events.last_id()),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store",
-                                          "X-Accel-Buffering": "no"})
-
-    async def _stream(self, after: int, sub: Subscription, live_from: int
-                      ) -> AsyncIterator[str]:
-        try:
-            last = after
-            yield "retry: 1000\n\n"
-            if after >= 0:
-                if gap_after(after, self.events.oldest_id()):
-                    yield ('event: gap\ndata: {"reason": "events after your Last-Event-ID '
-                           'were pruned; re-read /v1/sessions"}\n\n')
-                while True:
-                    batch = self.events.since(last)
-                    for ev in batch:
-                        last = ev.id
-                        yield ev.sse()
-                    if len(batch) < 1000:
-                        break
-            else:
-                last = live_from
-                yield f"id: {last}\nevent: hello\ndata: {{}}\n\n"
-            while not self.closing.is_set():
-                try:
-                    live = await asyncio.wait_for(sub.queue.get(), KEEPALIVE)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                if live is None:
-                    return
-                if live.id > last:
-                    last = live.id
-                    yield live.sse()
-                if sub.dropped and sub.queue.empty():
-                    return  # fell behind: the client reconnects and replays the rest
-        finally:
-            self.events.unsubscribe(sub)
-
-    def events_page(self, after: int) -> Response:
-        """``/v1/events`` asked for as JSON (``Accept: application/json``): the stored
-        events after ``after``, at most 1000, for a client that polls instead of
-        streaming; ``last_event_id`` is where its next call goes on."""
-        if after < 0:  # a new client: nothing yet, and where to go on from
-            return JSONResponse({"events": [], "last_event_id": self.events.last_id(),
-                                 "gap": False})
-        batch = self.events.since(after)
-        return JSONResponse({"events": [ev.record() for ev in batch],
-                             "last_event_id": batch[-1].id if batch else after,
-                             "gap": gap_after(after, self.events.oldest_id())})
 
 
 def _exists(sessions: Any, session: Any, message_id: str | None) -> bool:

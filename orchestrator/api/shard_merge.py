@@ -38,11 +38,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from orchestrator.api.checks import BadRequest, error
 from orchestrator.api.console import MAX_PAGE, cursor_key
+from orchestrator.api.event_routes import KEEPALIVE
 from orchestrator.api.peers import Peers
 from orchestrator.config.cluster import Member
 from orchestrator.rules.placement import decode_cursor, encode_cursor, start_position
 
-KEEPALIVE = 15.0
 MEMBERS_CHECK = 1.0  # s: how soon an open stream starts reading a member that joined
 RECONNECT = 1.0
 LIST_READ_TIMEOUT = 60.0

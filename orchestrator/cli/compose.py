@@ -24,6 +24,7 @@ from loguru import logger
 
 from orchestrator import version
 from orchestrator.api import server as api_server
+from orchestrator.api.connections import raise_nofile_limit
 from orchestrator.api.events import EventStore
 from orchestrator.api.hub import Hub
 from orchestrator.api.idempotency import IdempotencyKeys
@@ -249,7 +250,7 @@ def run(cfg: Config, reread: Callable[[], Config] | None = None) -> int:
     """``orchestrator run``: serve until SIGINT/SIGTERM. AlreadyRunning, ApiConfigError
     and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``)."""
 
-    api_server.raise_nofile_limit()  # connections, agent pipes and SQLite files are all fds
+    raise_nofile_limit()  # connections, agent pipes and SQLite files are all fds
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -203,8 +203,9 @@ def _load_section(name: str, cls: type, raw: Any, base_dir: Path) -> Any:
 
 EVENT_KINDS = ("status", "failure")
 # keys that once were read and now do nothing: a warning, never a refusal to start
-REMOVED = {("docker", "precreate"): "containers are no longer created ahead: docker "
-           "create is ~15 ms of a ~250 ms cold start, below the noise of its round trip"}
+REMOVED = {("docker", "precreate"): "a session's next container is created ahead by "
+           "[docker] prepared_containers now (after its agent stopped, with a network "
+           "namespace made ahead)"}
 RENAMED = {("delivery", "secret_file"): 'secret_files = ["<file>"] (a list: several keys '
            'sign at once, for rotation)'}
 

@@ -91,6 +91,19 @@ class DockerConfig:
         "container.json there); {data_dir} and {group} are filled in, e.g. "
         "'{data_dir}/groups/{group}'; empty = none")
     base_url: str = _opt("", "Docker daemon URL; empty = DOCKER_HOST or the local socket")
+    netns_pool: int = _opt(
+        2, "network namespaces made ahead of demand (tiny 'sleep' containers of the image, "
+        "loopback only), each joined by a new agent of a group with network 'none' and kept "
+        "for its session's next runs: ~100 ms off a cold start; 0 = off", min=0, max=64)
+    pause_with: str = _opt(
+        "cgroup", "how an idle agent is frozen ([lifecycle] pause_idle_after): 'cgroup' "
+        "writes its cgroup's freezer (thawed in ~1 ms; docker ps still says Up; 'docker' "
+        "where the file is out of reach), 'docker' = docker pause / unpause (~10-25 ms)",
+        choices=("cgroup", "docker"))
+    prepared_containers: int = _opt(
+        4, "sessions whose next container is created (not started) as soon as their agent "
+        "stopped, most recent first, so a new message only waits for docker start; 0 = off",
+        min=0, max=256)
 
 
 QUANTITY_HELP = "a Kubernetes quantity, e.g. '500m', '1', '256Mi'; '' = none"

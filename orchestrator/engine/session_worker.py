@@ -673,11 +673,11 @@ class SessionWorker:
                 row = self.registry.session(t.session_id)
                 if row is not None:
                     self.sessions.write_routing(row, folder.db(INBOUND_DB))
-            due_since = self._due_since(t, now)
             settings = self.settings(t.agent_group)
             egress = self.egress.admit(t.agent_group, t.session_id)
             handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
                                                          t.paths.root, settings, egress))
+            due_since = self._due_since(t, now)  # a metric: read after the spawn, not before
             if not handle.adopted:
                 self.registry.record_agent_settings(t.session_id, t.agent_group,
                                                     settings.digest, settings.image)

@@ -77,6 +77,7 @@ WATCH_START_TIMEOUT = 10.0
 SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
 RESCAN_SLICE = 1000  # dormant rows compared with the disk between two turns of the loop
+SHUTDOWN_SLACK = 10.0  # s beyond stop_grace that shutdown waits for one agent's stop
 
 
 FREEZE_FROM = 10_000  # tracked sessions: below it a full collection is a few ms
@@ -632,9 +633,8 @@ class Supervisor:
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:
             logger.info("stopping {} agents", len(running))
-            results = await asyncio.gather(
-                *(self.runtime.stop(h.session_id, self.cfg.runtime.stop_grace)
-                  for h in running), return_exceptions=True)
+            results = await asyncio.gather(*(self._stop_at_shutdown(h.session_id)
+                                             for h in running), return_exceptions=True)
             now = self.clock()
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:  # e.g. Docker down: their status stays; recover() sorts them out
@@ -648,3 +648,17 @@ class Supervisor:
             logger.info("leaving {} agents running; they are re-adopted on restart",
                         len(running))
         self.worker.cancel_timers(self.tracked.values())
+
+    async def _stop_at_shutdown(self, session_id: str) -> None:
+        """One agent's stop, bounded: its grace plus ``SHUTDOWN_SLACK``. A runtime that
+        does not confirm the end in time (a kubelet slow to report a deleted Pod, a
+        Docker daemon that hangs) must not hold the whole shutdown past the deadline a
+        service manager gives it; the agent was told to stop, and what is left of it is
+        found and settled by the next start."""
+        limit = self.cfg.runtime.stop_grace + SHUTDOWN_SLACK
+        try:
+            await asyncio.wait_for(self.runtime.stop(session_id, self.cfg.runtime.stop_grace),
+                                   limit)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the agent of {session_id} was still stopping after "
+                               f"{limit:g}s") from None

@@ -65,6 +65,7 @@ from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.budget import Shortfall, poll_round
 from orchestrator.watch.changes import Change
+from orchestrator.watch.commits import COMMITTED, OPEN, commit_state
 from orchestrator.watch.polled import PolledSessions
 
 IN_MOVED_FROM = 0x00000040
@@ -460,7 +461,9 @@ class FolderWatch:
     def watch(self, *, debounce_ms: int, step_ms: int, timeout_ms: int,
               stop_event: StopEvent | None) -> set[tuple[Change, str]] | str:
         """Wait for changes: a batch ends ``step_ms`` after the
-        last change and at most ``debounce_ms`` after the first; "timeout" after
+        last change and at most ``debounce_ms`` after the first (one session's batch:
+        at once when a commit ends, not before a commit under way ends: ``commits``);
+        "timeout" after
         ``timeout_ms`` (0: never) without any; "stop" once ``stop_event`` is set
         (asked once per step, which is what ``watch_health.Gate`` relies on)."""
         changes: set[tuple[Change, str]] = set()
@@ -480,10 +483,12 @@ class FolderWatch:
             fresh = self._poll_due(changes)
             fresh = bool(ready) and self._read(changes) or fresh
             now = time.monotonic()
-            if fresh and changes:
+            if changes:
                 first = first if first is not None else now
                 if (now - first) * 1000 < debounce_ms:
-                    continue  # more may follow within a step
+                    state = commit_state(self.root, changes)
+                    if (fresh and state != COMMITTED) or state == OPEN:
+                        continue  # more may follow within a step, or an open commit's end
             if changes:
                 return changes
             if self.lost is not None:

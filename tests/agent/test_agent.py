@@ -347,9 +347,10 @@ def test_quick_parse_leaves_anything_unusual_to_argparse(argv: list[str]) -> Non
 # ctypes comes later, once the first due work is answered: SessionFolder.start_watch)
 # (re, enum and json: ~6 ms together, issue 28; orchestrator.contract.layout imports re)
 COLD_START_FORBIDDEN = {"argparse", "ctypes", "dataclasses", "enum", "inspect", "json",
-                        "loguru", "orchestrator.contract.inotify", "orchestrator.contract.layout",
-                        "pathlib", "re", "select", "shutil", "signal", "struct", "typing",
-                        "uuid"}
+                        "loguru", "orchestrator.agent.files", "orchestrator.contract.inotify",
+                        "orchestrator.contract.layout",
+                        "pathlib", "re", "select", "shutil", "signal", "struct", "threading",
+                        "typing", "uuid"}
 
 
 def test_agent_cold_start_imports_nothing_heavy(session: Session) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agent.decide import next_due
+from orchestrator.agent.decide import commit_ended, next_due
 from orchestrator.agent.sessionlib import SessionFolder
 from orchestrator.contract import inotify, layout, schema
 from tests.support.helpers import REPO, wait_for
@@ -69,6 +69,27 @@ def test_which_events_wake(mask: int, name: str, expected: bool) -> None:
     assert inotify.wakes(mask, name, names) is expected
 
 
+@pytest.mark.parametrize("mask,name,expected", [
+    (inotify.IN_DELETE, "inbound.db-journal", True),  # the host's commit is over
+    (inotify.IN_CREATE, "inbound.db-journal", False),  # a commit begins: too early
+    (inotify.IN_MODIFY, "inbound.db-journal", False),
+    (inotify.IN_MODIFY, "inbound.db", False),  # its pages, under the host's lock
+    (inotify.IN_CLOSE_WRITE, "inbound.db", True),  # the host closed it after writing
+    (inotify.IN_MOVED_TO, "inbound.db", True),  # replaced
+    (inotify.IN_CREATE, "inbound.db", True),
+    (inotify.IN_ATTRIB, "inbound.db", True),
+    (inotify.IN_MODIFY, "outbound.db", False),  # the agent's own writes
+    (inotify.IN_DELETE, "outbound.db-journal", False),
+    (inotify.IN_ATTRIB, ".heartbeat", False),
+    (inotify.IN_Q_OVERFLOW, "", True),  # events lost: look
+    (inotify.IN_DELETE_SELF, "", True),
+    (inotify.IN_MOVE_SELF, "", True),
+    (inotify.IN_IGNORED, "", True),
+])
+def test_which_events_end_a_commit(mask: int, name: str, expected: bool) -> None:
+    assert commit_ended(mask, name) is expected
+
+
 def test_parse_events_reads_packed_structs() -> None:
     def event(mask: int, name: bytes) -> bytes:
         padded = name + b"\0" * (16 - len(name)) if name else b""
@@ -116,6 +137,27 @@ def test_folder_watch_wakes_on_inbound_commits_only(tmp_path: Path) -> None:
         assert watch.wait(0.05) is False  # one commit = one wake-up: the burst was drained
     finally:
         watch.close()
+
+
+def test_a_commit_in_progress_does_not_wake_its_end_does(tmp_path: Path) -> None:
+    """The agent sleeps through a host transaction's first events (its look would find
+    the old rows or the host's lock) and wakes at its commit, which it then reads."""
+    folder = make_folder(tmp_path)
+    with SessionFolder(folder, wake="inotify", safety_poll=600) as session:
+        assert session.watching
+        conn = sqlite3.connect(folder / layout.INBOUND_DB, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) "
+                         "VALUES ('m2', 2, 'chat', ?, '{\"text\": \"hi\"}')",
+                         (schema.now_ts(),))
+            assert (folder / "inbound.db-journal").exists()  # the host is mid-commit
+            assert session.wait_for_change(0.3) is False
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        assert session.wait_for_change(5.0) is True
+        assert [m.id for m in session.pending()[0]] == ["m2"]
 
 
 def test_open_watch_refuses_what_is_not_a_folder(tmp_path: Path) -> None:
@@ -208,6 +250,25 @@ def test_interrupt_ends_the_wait_and_poll_mode_polls(tmp_path: Path) -> None:
         assert [m.id for m in session.wait_for_work(5)] == ["m2"]
     with pytest.raises(ValueError, match="wake must be one of"):
         SessionFolder(folder, wake="sometimes")
+
+
+def test_recover_looks_up_only_the_folders_left_in_outbox(tmp_path: Path) -> None:
+    """Reply folders still in outbox/ whose row was written stay, the others go; more
+    folders than one query's parameters (chunked), among many more written rows."""
+    folder = make_folder(tmp_path)
+    schema.init_outbound(folder / layout.OUTBOUND_DB)
+    with schema.opened(folder / layout.OUTBOUND_DB) as conn, schema.transaction(conn):
+        conn.executemany("INSERT INTO messages_out (id, seq, timestamp, kind, content) "
+                         "VALUES (?, ?, 'now', 'chat', '{}')",
+                         [(f"out-{i}", 2 * i + 1) for i in range(0, 3000, 2)])
+    for i in range(1200):
+        (folder / "outbox" / f"out-{i}").mkdir(parents=True)
+    (folder / "outbox" / "keep.txt").write_text("not a reply folder")
+    with SessionFolder(folder, wake="poll"):
+        pass
+    left = sorted(int(p.name[4:]) for p in (folder / "outbox").glob("out-*"))
+    assert left == list(range(0, 1200, 2))
+    assert (folder / "outbox" / "keep.txt").exists()
 
 
 def test_claim_reply_with_files_and_recover(tmp_path: Path) -> None:

@@ -58,8 +58,10 @@ def docker_config(tmp_path: Path, instance: str, image: str, *, agent_args: list
         "data_dir": str(tmp_path / "data"),
         "runtime": {"kind": "docker", "on_shutdown": "stop", "stop_grace": 2.0,
                     "start_retry_max": 2.0},
+        # no next container created ahead after a stop (test_docker_ahead.py has them):
+        # these tests count the containers a stop leaves
         "docker": {"instance": instance, "image": image, "network": "none",
-                   "command": AGENT + list(agent_args)},
+                   "command": AGENT + list(agent_args), "prepared_containers": 0},
         "lifecycle": {"idle_after": 0.5, "stop_idle_after": 0.5, "claim_stuck": 30.0,
                       "backoff_base": 0.2, "max_tries": 3},
         "watch": {"sweep_interval": 5.0},
@@ -652,18 +654,28 @@ def test_daemon_down_at_start_up_keeps_claims_and_adopts_when_back(
 # --- the paused tier ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pause_with", ["cgroup", "docker"])
 async def test_paused_container_resumed_by_work_then_stopped_after_stop_idle_after(
         tmp_path: Path, docker_client: docker.DockerClient, agent_image: str,
-        instance: str) -> None:
-    """docker pause after pause_idle_after; a message thaws the same container (no new
-    one) and is answered; the paused container is still stopped at stop_idle_after."""
+        instance: str, pause_with: str) -> None:
+    """Frozen after pause_idle_after (through its cgroup's freezer, the default: Docker
+    calls it running; ``pause_with = "docker"``: docker pause); a message thaws the same
+    container (no new one) and is answered; the paused container is still stopped at
+    stop_idle_after."""
     cfg = docker_config(tmp_path, instance, agent_image,
                         lifecycle={"idle_after": 0.3, "pause_idle_after": 0.3,
-                                   "stop_idle_after": 5.0})
+                                   "stop_idle_after": 5.0},
+                        docker={"pause_with": pause_with})
 
     async def state(cid: str) -> str:
         info = await in_thread(docker_client.api.inspect_container, cid)
-        return info["State"]["Status"]
+        if pause_with == "docker":
+            return info["State"]["Status"]
+        freezer = Path(f"/sys/fs/cgroup/freezer/docker/{cid}/freezer.state")
+        if freezer.exists():  # cgroup v1, cgroupfs driver (this test host)
+            return "paused" if freezer.read_text().strip() == "FROZEN" else "running"
+        return "paused" if info["State"]["Status"] == "running" and sup.runtime.is_paused(
+            row.id) else info["State"]["Status"]
 
     async with supervised(cfg) as sup:
         row = session(sup, "helpers")

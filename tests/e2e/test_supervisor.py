@@ -7,6 +7,7 @@ a deadline (``helpers.until``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from loguru import logger
 
 from orchestrator.cli import commands as cli
 from orchestrator.cli.compose import assembled, make_runtime
@@ -26,6 +28,7 @@ from orchestrator.config.load import read_config
 from orchestrator.contract import schema
 from orchestrator.contract.layout import delivered_root
 from orchestrator.contract.schema import parse_ts, utcnow
+from orchestrator.engine import supervisor as supervisor_module
 from orchestrator.engine.tracked import Flag
 from orchestrator.host.data_lock import AlreadyRunning
 from orchestrator.runtime.local.runtime import read_pid_file
@@ -44,7 +47,7 @@ from tests.support.e2e import (
     run,
     supervised,
 )
-from tests.support.fakes import OutageRuntime
+from tests.support.fakes import OutageRuntime, StuckStopRuntime
 from tests.support.helpers import query, until, wait_for
 
 
@@ -627,6 +630,43 @@ async def test_runtime_back_retries_put_off_starts_at_once(tmp_path: Path, reap_
     assert started["new"] == "running"
     assert parse_ts(started["at"]) < put_off_until, (started, put_off_until)
     assert sup.tracked[row.id].start.failures == 0
+    client.close()
+
+
+async def test_shutdown_is_bounded_when_a_runtime_never_confirms_a_stop(
+        tmp_path: Path, reap_agents, monkeypatch) -> None:
+    """``on_shutdown = "stop"`` with one agent whose end the runtime never confirms (a
+    loaded kubelet kept a deleted Pod for over 30 s in CI): the shutdown still ends
+    after that agent's grace plus the slack, the other agent is stopped and says so,
+    and the stuck one is named in one warning line."""
+    monkeypatch.setattr(supervisor_module, "SHUTDOWN_SLACK", 1.0)
+    cfg = make_config(tmp_path, runtime={"stop_grace": 0.5},
+                      lifecycle={"idle_after": 30.0, "stop_idle_after": 60.0})
+    runtimes: list[StuckStopRuntime] = []
+
+    def factory(c, on_exit, on_available) -> StuckStopRuntime:
+        runtimes.append(StuckStopRuntime(make_runtime(c, on_exit, on_available)))
+        return runtimes[-1]
+
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    client = Client(cfg)
+    try:
+        async with supervised(cfg, runtime_factory=factory):
+            (stuck, m1), (fine, m2) = (client.send("stuck", "one"), client.send("fine", "two"))
+            await until(lambda: replies_to(cfg, m1) and replies_to(cfg, m2),
+                        message="both agents answered")
+            runtimes[0].stuck.add(stuck.id)
+            stopping = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - stopping
+    finally:
+        logger.remove(sink)
+    assert took < 0.5 + 1.0 + 5.0, took  # grace + slack, and far below the 30 s of before
+    assert any(w.startswith("could not stop 1 of 2 agents (the agent of "
+                            f"{stuck.id} was still stopping after 1.5s)") for w in warnings), \
+        warnings
+    assert client.registry.session(fine.id).status_reason == "stopped at orchestrator shutdown"
+    assert client.registry.session(stuck.id).status != "stopped"  # the next start settles it
     client.close()
 
 

@@ -90,8 +90,11 @@ def test_two_groups_side_by_side_with_their_own_image_env_and_limits(
     assert (env["alpha"]["ROLE"], env["beta"]["ROLE"]) == ("alpha", "beta")
     assert env["beta"]["TOKEN"] == SECRET and "TOKEN" not in env["alpha"]
     assert env["beta"]["ORCHESTRATOR_AGENT_GROUP"] == "beta"
+    # network "none": a namespace of its own, or one made ahead (netns.py) it joined
     limits = {g: (i["HostConfig"]["Memory"], i["HostConfig"]["NanoCpus"],
-                  i["HostConfig"]["PidsLimit"], i["HostConfig"]["NetworkMode"])
+                  i["HostConfig"]["PidsLimit"],
+                  "none" if i["HostConfig"]["NetworkMode"].startswith("container:")
+                  else i["HostConfig"]["NetworkMode"])
               for g, i in info.items()}
     assert limits == {"alpha": (256 * 2**20, 500_000_000, 64, "none"),
                       "beta": (384 * 2**20, 1_500_000_000, 128, "none")}

@@ -11,7 +11,8 @@ import resource
 import sys
 
 from orchestrator.api.auth import Listen
-from orchestrator.api.server import Tally, bind, quiet_loop
+from orchestrator.api.connections import Tally, quiet_loop
+from orchestrator.api.server import bind
 
 
 async def main(seconds: float) -> None:

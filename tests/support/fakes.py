@@ -9,6 +9,7 @@ that test.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,23 @@ class OutageRuntime:
     def back(self) -> None:
         self.down = False
         self.on_available()
+
+
+class StuckStopRuntime:
+    """A real LocalRuntime whose stop never returns for the sessions in ``stuck``: a
+    kubelet or a daemon that never confirms an agent's end (the agent keeps running;
+    ``reap_agents`` ends it after the test)."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner, self.stuck = inner, set[str]()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def stop(self, session_id: str, grace: float) -> None:
+        if session_id in self.stuck:
+            await asyncio.Event().wait()
+        await self.inner.stop(session_id, grace)
 
 
 # --- the rest ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import commands as cli
+from orchestrator.cli import send as cli_send
 from orchestrator.config.model import ConfigError
 from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.registry import Registry
@@ -59,7 +60,7 @@ def world(tmp_path, capsys):
 
 # --- the error classes ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", [ConfigError, MessageError, AttachmentError, cli.UsageError,
+@pytest.mark.parametrize("cls", [ConfigError, MessageError, AttachmentError, cli_send.SendError,
                                  errors.StorageError])
 def test_input_errors_share_one_base(cls):
     assert issubclass(cls, errors.UserError)

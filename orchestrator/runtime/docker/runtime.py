@@ -32,18 +32,23 @@ loop: from the ``die`` event (exit code from ``Actor.Attributes.exitCode``), fro
 listening). Containers are created without ``auto_remove`` so the exit code
 survives; the runtime removes each container once its exit is handled.
 
+Ahead of demand (``ahead.py``): network namespaces (``netns.py``: an agent of a
+network-"none" group joins one made before it was asked for — half of a plain
+``docker start``), a session's next container created after a good end (``spares.py``:
+a cold start is then only ``docker start``), and idle agents frozen through their
+cgroup's freezer (``freezer.py``: thawed by one write, not ``docker unpause``).
+
 This module is the bookkeeping (which container belongs to which session, who
-reports its end). What a container looks like is ``docker_spec`` (pure); the
-event-stream thread is ``docker_events``; blocking docker-py calls and their
-error policy are ``dockerexec``.
+reports its end). What a container looks like is ``spec.py`` (pure); the
+event-stream thread is ``events.py``; blocking docker-py calls and their
+error policy are ``calls.py``; a container's phases are ``tracked.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
 from datetime import datetime, timezone
-from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -61,8 +66,12 @@ from orchestrator.runtime.base import (
     RuntimeUnavailable,
     SessionRef,
 )
+from orchestrator.runtime.docker.ahead import AheadMixin, _config_of
 from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
+from orchestrator.runtime.docker.freezer import Freezer
+from orchestrator.runtime.docker.netns import NetnsPool, joins
+from orchestrator.runtime.docker.spares import Spares
 from orchestrator.runtime.docker.spec import (
     ALIVE_STATES,
     LABEL_GROUP,
@@ -71,20 +80,15 @@ from orchestrator.runtime.docker.spec import (
     container_name,
     container_spec,
     egress_mounts,
-    exit_reason,
     group_mounts,
     host_config_kwargs,
     parse_extra_mounts,
     prepare_folder,
     session_mounts,
 )
+from orchestrator.runtime.docker.tracked import Phase, _Tracked
 from orchestrator.runtime.docker.usage import UsageMeter
 from orchestrator.runtime.identity import AgentIds, group_folder
-
-
-def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
-    """The group's effective [docker] settings, or the runtime's own without any."""
-    return session.settings.docker if session.settings is not None else default
 
 
 def _event_time(event: dict) -> str | None:
@@ -101,62 +105,7 @@ def _name(c: dict) -> str:
     return ((c.get("Names") or ["?"])[0]).lstrip("/")
 
 
-class Phase(Enum):
-    """Where one container of ours is in its life, as far as this runtime knows."""
-
-    STARTING = auto()  # ``docker start`` under way: an exit now waits for the handle
-    RUNNING = auto()
-    STOPPING = auto()  # we asked it to stop: its exit is "stopped"
-    KILLING = auto()  # we killed it: its exit is "killed"
-    DONE = auto()  # its exit was reported (or it was never ours to report: a listed one)
-
-
-# The only moves there are; any other asked for leaves the phase as it is. A stop that
-# failed half-way and a kill after it (or the other way round) end as "stopped".
-_MOVES: dict[Phase, frozenset[Phase]] = {
-    Phase.STARTING: frozenset({Phase.RUNNING, Phase.DONE}),
-    Phase.RUNNING: frozenset({Phase.STOPPING, Phase.KILLING, Phase.DONE}),
-    Phase.STOPPING: frozenset({Phase.DONE}),
-    Phase.KILLING: frozenset({Phase.STOPPING, Phase.DONE}),  # a stop's reason wins
-    Phase.DONE: frozenset(),
-}
-_LIVE = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.KILLING})  # what is_running means
-
-
-@dataclass
-class _Tracked:
-    handle: AgentHandle
-    container_id: str
-    name: str
-    phase: Phase = Phase.RUNNING
-    oom: bool = False  # Docker said so (an ``oom`` event): a fact about the exit, not a phase
-    kill_signal: str | None = None  # the signal of Docker's last ``kill`` event
-    pending_exit: AgentExit | None = None  # ended while STARTING: reported after start()
-    paused: bool = False  # docker pause (by us, or found paused when adopted)
-    finished: str | None = None  # State.FinishedAt, when a stop looked (its wall time)
-
-    def move(self, to: Phase) -> bool:
-        """Go to ``to`` if that is a move there is (see ``_MOVES``); whether it moved."""
-        if to not in _MOVES[self.phase]:
-            return False
-        self.phase = to
-        return True
-
-    @property
-    def live(self) -> bool:
-        return self.phase in _LIVE
-
-    @property
-    def done(self) -> bool:
-        return self.phase is Phase.DONE
-
-    def exit_reason(self, exit_code: int | None, *, oom: bool = False) -> str:
-        return exit_reason(exit_code, stopping=self.phase is Phase.STOPPING,
-                           killing=self.phase is Phase.KILLING, oom=self.oom or oom,
-                           kill_signal=self.kill_signal)
-
-
-class DockerRuntime:
+class DockerRuntime(AheadMixin):
     """The Runtime protocol (base.py) on a Docker engine. See the module docstring."""
 
     name = "docker"
@@ -179,6 +128,13 @@ class DockerRuntime:
         self.exec = DockerExec(config.base_url)
         # each running container's CPU and peak memory, read from its cgroup (usage.py)
         self.usage = UsageMeter(self.exec)
+        # network namespaces made ahead of demand: half of a plain start (netns.py)
+        self._netns = NetnsPool(self.exec, self.instance, config.image, config.netns_pool)
+        # sessions' next containers, created ahead of demand after a good end (spares.py)
+        self._spares = Spares(config.prepared_containers)
+        # idle agents frozen through their cgroup, not docker pause (freezer.py)
+        self._freezer = Freezer(self.exec)
+        self._preparing: set[asyncio.Future] = set()
         self._by_session: dict[str, _Tracked] = {}
         self._by_id: dict[str, _Tracked] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -230,6 +186,7 @@ class DockerRuntime:
         if self._by_id.get(t.container_id) is t:
             del self._by_id[t.container_id]
             self.usage.forget(t.container_id)
+            self._freezer.forget(t.container_id)
         lock = self._locks.get(t.handle.session_id)
         if lock is not None and not lock.locked():
             del self._locks[t.handle.session_id]
@@ -251,8 +208,11 @@ class DockerRuntime:
             t.pending_exit = event  # delivered after start() returned its handle
         else:
             self._deliver(event)
-        if remove:
-            self._spawn(self._remove_owned(t.container_id))
+        removal = self._remove_owned(t.container_id) if remove else None
+        if not self._want_next(t, reason, exit_code, removal):
+            if removal is not None:
+                self._spawn(removal)
+            self._netns.spent(t.holder)  # nothing runs in its namespace any more
 
     def _deliver(self, event: AgentExit) -> None:
         try:
@@ -337,6 +297,7 @@ class DockerRuntime:
         layout.validate_id(session.agent_group, "agent group")
         layout.validate_id(session.session_id, "session id")
         self._bind_loop()
+        began = time.monotonic()
         async with self._lock(session.session_id):
             t = self._by_session.get(session.session_id)
             if t is not None and not t.done:
@@ -353,34 +314,55 @@ class DockerRuntime:
             self._starting.add(session.session_id)
             try:
                 image = await self.exec.require_image(config.image)
-                created = await self._create(session, user, mounts,
-                                             (image or {}).get("Config", {}).get("Labels"))
-                if isinstance(created, AgentHandle):
-                    return created
-                return await self._start_created(session, created, container_name(
-                    self.instance, session.agent_group, session.session_id))
+                labels = (image or {}).get("Config", {}).get("Labels")
+                spare = self._spares.take(session.session_id)
+                if spare is not None:
+                    handle = await self._start_spare(session, user, mounts, image, spare, began)
+                    if handle is not None:
+                        return handle
+                holder = self._netns.take() if self._joins_netns(session, config) else None
+                try:
+                    handle = await self._create_and_start(session, user, mounts, labels,
+                                                          holder, began)
+                except RuntimeUnavailable as exc:
+                    self._netns.spent(holder)
+                    if holder is None or isinstance(exc, DaemonUnreachable):
+                        raise
+                    # its holder was gone (removed by hand, OOM): the plain way, once
+                    logger.debug("agent {}/{} did not start in netns holder {} ({}): "
+                                 "starting it with a namespace of its own",
+                                 session.agent_group, session.session_id, holder[:12], exc)
+                    return await self._create_and_start(session, user, mounts, labels, None,
+                                                        began)
+                if handle.adopted:  # a live container of ours had the name: not joined
+                    self._netns.spent(holder)
+                return handle
             finally:
                 self._starting.discard(session.session_id)
+
+    async def _create_and_start(self, session: SessionRef, user: str, mounts: list[Mount],
+                                labels: dict[str, str] | None, holder: str | None,
+                                began: float) -> AgentHandle:
+        created = await self._create(session, user, mounts, labels, joins(holder))
+        if isinstance(created, AgentHandle):
+            return created
+        return await self._start_created(session, created, container_name(
+            self.instance, session.agent_group, session.session_id), began,
+            "a netns made ahead" if holder else "a netns of its own", holder)
 
     def _user(self, session_id: str) -> tuple[str, int | None, int | None]:
         """(docker --user, uid, gid): ``identity.AgentIds.user_of``."""
         return self._ids.user_of(session_id)
 
     async def _create(self, session: SessionRef, user: str, mounts: list[Mount],
-                      image_labels: dict[str, str] | None = None) -> str | AgentHandle:
+                      image_labels: dict[str, str] | None = None,
+                      network_mode: str | None = None) -> str | AgentHandle:
         """``docker create``; the new container's id, or the handle of a live container
         of ours that already had the name (adopted). The group's settings, its secret
-        files read now (``SecretUnreadable`` is an OSError)."""
+        files read now (``SecretUnreadable`` is an OSError). ``network_mode``: a
+        netns holder's (``netns.joins``) instead of the group's network."""
+        spec, host_kwargs = self._build(session, user, mounts, image_labels, network_mode)
         config = _config_of(session, self.config)
-        env = read_env(session.settings) if session.settings is not None else {}
-        if session.egress is not None:  # the gateway's token and CA: never a key
-            env.update(session.egress.env)
-            mounts = mounts + egress_mounts(session)
-        spec = container_spec(config, session, user, env, image_labels)
-        host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
-            session.agent_group, bool(config.group_folder)))
-        if session.egress is not None and session.egress.network:
-            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -398,11 +380,34 @@ class DockerRuntime:
         assert created is not None
         return created["Id"]
 
-    async def _start_created(self, session: SessionRef, cid: str, name: str) -> AgentHandle:
-        """``docker start`` of a created container; on failure it is removed."""
+    def _build(self, session: SessionRef, user: str, mounts: list[Mount],
+               image_labels: dict[str, str] | None, network_mode: str | None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The create and host-config arguments of a session's container (``spec.py``)."""
+        config = _config_of(session, self.config)
+        env = read_env(session.settings) if session.settings is not None else {}
+        if session.egress is not None:  # the gateway's token and CA: never a key
+            env.update(session.egress.env)
+            mounts = mounts + egress_mounts(session)
+        spec = container_spec(config, session, user, env, image_labels)
+        host_kwargs = host_config_kwargs(config, mounts, self._ids.shared_gids(
+            session.agent_group, bool(config.group_folder)))
+        if session.egress is not None and session.egress.network:
+            host_kwargs["network_mode"] = session.egress.network  # internal: no route out
+        if network_mode is not None:
+            host_kwargs["network_mode"] = network_mode
+        return spec, host_kwargs
+
+    async def _start_created(self, session: SessionRef, cid: str, name: str,
+                             began: float | None = None, how: str = "a netns of its own",
+                             holder: str | None = None) -> AgentHandle:
+        """``docker start`` of a created container; on failure it is removed (its netns
+        ``holder`` is the caller's then; once started, the session's: ``ahead.py``). Its
+        log line says how long the start took (from ``began``) and ``docker start`` in it."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
-        t = _Tracked(handle, cid, name, Phase.STARTING)
+        t = _Tracked(handle, cid, name, Phase.STARTING, ref=session, holder=holder)
         self._track(t)
+        called = time.monotonic()
         try:
             await self.exec.call("start", lambda api: api.start(cid))
         except RuntimeUnavailable:
@@ -414,8 +419,11 @@ class DockerRuntime:
                 pass  # daemon down: reconcile / recover removes it later
             raise
         t.move(Phase.RUNNING)  # unless it already ended (DONE, with its pending exit)
-        logger.info("started agent {}/{} in container {} ({})", session.agent_group,
-                    session.session_id, name, cid[:12])
+        self._spares.started(session.session_id)
+        done = time.monotonic()
+        logger.info("started agent {}/{} in container {} ({}) in {:.0f} ms (docker start {:.0f} "
+                    "ms, {})", session.agent_group, session.session_id, name, cid[:12],
+                    1000 * (done - (began or called)), 1000 * (done - called), how)
         if t.pending_exit is not None:
             # It already ended; report that after the caller has its handle.
             asyncio.get_running_loop().call_soon(self._deliver, t.pending_exit)
@@ -464,17 +472,24 @@ class DockerRuntime:
         out = []
         for c in found:
             labels = c.get("Labels") or {}
-            if not self._owns(labels) or labels.get(LABEL_SESSION) != session_id:
+            if (not self._owns(labels) or labels.get(LABEL_SESSION) != session_id
+                    or self._spares.owns(c["Id"])):
                 continue
             handle = AgentHandle(labels.get(LABEL_GROUP, ""), session_id, c["Id"], adopted=True)
             out.append(_Tracked(handle, c["Id"], _name(c), Phase.DONE))  # untracked: no AgentExit
         return out
 
     async def pause(self, session_id: str) -> None:
-        """``docker pause``: the container's cgroup is frozen, its memory kept."""
+        """Freeze the container's cgroup, its memory kept: through its freezer file
+        (``freezer.py``; thawed in ~1 ms) unless ``[docker] pause_with = "docker"`` or
+        that file is out of reach here, else ``docker pause``."""
         t = self._by_session.get(session_id)
         if t is not None and t.live and not t.paused:
-            await self.exec.pause(t.container_id)
+            if self.config.pause_with == "cgroup" and await self._freezer.freeze(
+                    t.container_id):
+                t.frozen = True
+            else:
+                await self.exec.pause(t.container_id)
             t.paused = True
 
     async def resume(self, session_id: str) -> None:
@@ -483,8 +498,9 @@ class DockerRuntime:
             await self._thaw(t)
 
     async def _thaw(self, t: _Tracked) -> None:
-        await self.exec.unpause(t.container_id)
-        t.paused = False
+        if not (t.frozen and self._freezer.thaw(t.container_id)):
+            await self.exec.unpause(t.container_id)  # docker's pause (or its freezer is gone)
+        t.paused = t.frozen = False
 
     async def stop(self, session_id: str, grace: float) -> None:
         async def end(t: _Tracked) -> int | None:
@@ -535,6 +551,7 @@ class DockerRuntime:
         """
         self._bind_loop()
         self._ensure_events()
+        self._netns.fill()
         adopted = await self._reconcile(strict=True)
         # A container that died between the list and its adoption had its die event
         # ignored (it was not ours yet): one more look closes that window.
@@ -575,6 +592,9 @@ class DockerRuntime:
         self._spawn(self._reconnected())
 
     async def _reconnected(self) -> None:
+        await self._netns.recheck()  # a daemon restart ends the holders: not handed out
+        for spare in self._spares.drain():  # (and the containers created ahead joined them)
+            await self._drop_spare(spare)
         await self.reconcile()
         if self.on_available is not None:
             try:
@@ -655,18 +675,24 @@ class DockerRuntime:
             for cid, c in by_id.items():
                 session_id = (c.get("Labels") or {}).get(LABEL_SESSION)
                 if (cid not in self._by_id and c.get("State") not in ALIVE_STATES
-                        and session_id not in self._starting):
+                        and session_id not in self._starting and not self._spares.owns(cid)):
                     logger.info("removing dead container {} ({})", _name(c),
                                 c.get("Status", c.get("State")))
                     await self._remove_owned(cid)
             self.reconciles += 1
-            return adopted
+        await self._frozen_ones(adopted)
+        return adopted
 
     # -- close ------------------------------------------------------------------------------
     async def close(self) -> None:
         """Stop following events and release the client; containers keep running."""
         self._closing = True
         await self._stop_events()
+        if self._preparing:  # a create under way finishes (else it would be left behind)
+            await asyncio.wait(set(self._preparing), timeout=10)
+        for spare in self._spares.drain():
+            await self._drop_spare(spare)
+        await self._netns.close()
         await self.usage.close()
         for task in list(self._tasks):
             task.cancel()

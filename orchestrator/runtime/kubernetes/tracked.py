@@ -5,6 +5,7 @@
     Phase        STARTING -> RUNNING -> STOPPING | KILLING -> DONE
     Book         which Pod belongs to which session (by session id, by name)
     wait_deleted / until_gone   after a delete: wait until the Pod is really gone
+                 (an ended one's object removed at once: ``clear_ended``)
 
 A Pod's name is the same for every start of a session (``spec.pod_name``), so the
 uid tells one Pod from the next: an event or a read about another uid is not about
@@ -25,7 +26,7 @@ from loguru import logger
 
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable
 from orchestrator.runtime.kubernetes.calls import KubeCalls
-from orchestrator.runtime.kubernetes.pods import PENDING, PodView, classify
+from orchestrator.runtime.kubernetes.pods import ENDED, PENDING, PodView, classify
 
 # s: the shortest graceful delete. 0 would be a *force* delete: the API object goes at
 # once while the kubelet may still run the container, so "gone" would not mean "dead".
@@ -145,12 +146,17 @@ def _still_there(name: str, timeout: float, node: str) -> RuntimeUnavailable:
 
 
 async def wait_deleted(t: TrackedPod, calls: KubeCalls, node: str, timeout: float) -> None:
-    """After deleting ``t``'s Pod: until it is gone (its last view kept in ``t.view``)."""
+    """After deleting ``t``'s Pod: until it is gone (its last view kept in ``t.view``).
+    Once its container has ended, the object is removed at once (``clear_ended``)."""
     deadline = time.monotonic() + timeout
+    cleared = False
     while not t.gone:
         left = deadline - time.monotonic()
         if left <= 0:
             raise _still_there(t.name, timeout, node)
+        if t.view.state == ENDED and not cleared:
+            await clear_ended(calls, t.name)
+            cleared = True
         before = t.view
         await t.wait_change(min(POLL, left))
         if t.view is before and not t.gone:
@@ -158,10 +164,28 @@ async def wait_deleted(t: TrackedPod, calls: KubeCalls, node: str, timeout: floa
 
 
 async def until_gone(calls: KubeCalls, node: str, name: str, timeout: float) -> None:
-    """After deleting an untracked Pod by name: until a read finds none."""
+    """After deleting an untracked Pod by name: until a read finds none (an ended one
+    removed at once, as in ``wait_deleted``)."""
     deadline = time.monotonic() + timeout
+    cleared = False
     while time.monotonic() < deadline:
-        if await calls.get(name) is None:
+        pod = await calls.get(name)
+        if pod is None:
             return
+        if not cleared and classify(pod).state == ENDED:
+            await clear_ended(calls, name)
+            cleared = True
+            continue
         await asyncio.sleep(0.25)
     raise _still_there(name, timeout, node)
+
+
+async def clear_ended(calls: KubeCalls, name: str) -> None:
+    """Remove the object of a deleted Pod whose container has ended (grace 0).
+
+    After the container ends, the kubelet keeps the object until it has reclaimed the
+    Pod's volumes and cgroups, which took more than 30 s on a loaded node; nothing of
+    the agent runs any more, so waiting for that only held up a stop (and the
+    orchestrator's shutdown). A grace of 0 is safe here and only here: it is the
+    *running* container that a force delete would leave behind (see ``KILL_GRACE``)."""
+    await calls.delete(name, 0)

@@ -66,7 +66,7 @@ from orchestrator.runtime.base import (
     RuntimeUnavailable,
     SessionRef,
 )
-from orchestrator.runtime.docker.ahead import AheadMixin, _config_of
+from orchestrator.runtime.docker.ahead import AheadMixin, config_of
 from orchestrator.runtime.docker.calls import Conflict, DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.events import DockerEvents
 from orchestrator.runtime.docker.freezer import Freezer
@@ -86,7 +86,7 @@ from orchestrator.runtime.docker.spec import (
     prepare_folder,
     session_mounts,
 )
-from orchestrator.runtime.docker.tracked import Phase, _Tracked
+from orchestrator.runtime.docker.tracked import Phase, Tracked
 from orchestrator.runtime.docker.usage import UsageMeter
 from orchestrator.runtime.identity import AgentIds, group_folder
 
@@ -135,8 +135,8 @@ class DockerRuntime(AheadMixin):
         # idle agents frozen through their cgroup, not docker pause (freezer.py)
         self._freezer = Freezer(self.exec)
         self._preparing: set[asyncio.Future] = set()
-        self._by_session: dict[str, _Tracked] = {}
-        self._by_id: dict[str, _Tracked] = {}
+        self._by_session: dict[str, Tracked] = {}
+        self._by_id: dict[str, Tracked] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting: set[str] = set()
         self._tasks: set[asyncio.Future] = set()
@@ -175,12 +175,12 @@ class DockerRuntime(AheadMixin):
             lock = self._locks[session_id] = asyncio.Lock()
         return lock
 
-    def _track(self, t: _Tracked) -> None:
+    def _track(self, t: Tracked) -> None:
         self._by_session[t.handle.session_id] = t
         self._by_id[t.container_id] = t
         self.usage.watch(t.container_id)
 
-    def _untrack(self, t: _Tracked) -> None:
+    def _untrack(self, t: Tracked) -> None:
         if self._by_session.get(t.handle.session_id) is t:
             del self._by_session[t.handle.session_id]
         if self._by_id.get(t.container_id) is t:
@@ -191,7 +191,7 @@ class DockerRuntime(AheadMixin):
         if lock is not None and not lock.locked():
             del self._locks[t.handle.session_id]
 
-    def _emit(self, t: _Tracked, exit_code: int | None, reason: str, *, remove: bool = True,
+    def _emit(self, t: Tracked, exit_code: int | None, reason: str, *, remove: bool = True,
               finished: str | None = None) -> None:
         """Report the end of ``t`` once (with its usage: the meter's last reading; its
         end ``finished``, default now), then forget it and (in the background, unless
@@ -304,7 +304,7 @@ class DockerRuntime(AheadMixin):
                 return t.handle
             self._ensure_events()
             # the group's image, command, limits, network and mounts (groups.resolve)
-            config = _config_of(session, self.config)
+            config = config_of(session, self.config)
             user, uid, gid = self._user(session.session_id)
             mounts = await self._mounts(session, config, uid, gid)
             changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
@@ -362,7 +362,7 @@ class DockerRuntime(AheadMixin):
         files read now (``SecretUnreadable`` is an OSError). ``network_mode``: a
         netns holder's (``netns.joins``) instead of the group's network."""
         spec, host_kwargs = self._build(session, user, mounts, image_labels, network_mode)
-        config = _config_of(session, self.config)
+        config = config_of(session, self.config)
 
         def _create(api: Any) -> dict:
             return api.create_container(host_config=api.create_host_config(**host_kwargs), **spec)
@@ -384,7 +384,7 @@ class DockerRuntime(AheadMixin):
                image_labels: dict[str, str] | None, network_mode: str | None
                ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The create and host-config arguments of a session's container (``spec.py``)."""
-        config = _config_of(session, self.config)
+        config = config_of(session, self.config)
         env = read_env(session.settings) if session.settings is not None else {}
         if session.egress is not None:  # the gateway's token and CA: never a key
             env.update(session.egress.env)
@@ -405,7 +405,7 @@ class DockerRuntime(AheadMixin):
         ``holder`` is the caller's then; once started, the session's: ``ahead.py``). Its
         log line says how long the start took (from ``began``) and ``docker start`` in it."""
         handle = AgentHandle(session.agent_group, session.session_id, cid)
-        t = _Tracked(handle, cid, name, Phase.STARTING, ref=session, holder=holder)
+        t = Tracked(handle, cid, name, Phase.STARTING, ref=session, holder=holder)
         self._track(t)
         called = time.monotonic()
         try:
@@ -454,7 +454,7 @@ class DockerRuntime(AheadMixin):
                 f"(no {LABEL_INSTANCE}={self.instance} label): rename or remove it")
         if (info.get("State") or {}).get("Status") in ALIVE_STATES:
             handle = AgentHandle(session.agent_group, session.session_id, info["Id"], adopted=True)
-            self._track(_Tracked(handle, info["Id"], name))
+            self._track(Tracked(handle, info["Id"], name))
             logger.info("adopted running container {} for {}/{}", name, session.agent_group,
                         session.session_id)
             return handle
@@ -462,7 +462,7 @@ class DockerRuntime(AheadMixin):
         return None
 
     # -- stop / kill ------------------------------------------------------------------
-    async def _targets(self, session_id: str) -> list[_Tracked]:
+    async def _targets(self, session_id: str) -> list[Tracked]:
         """The tracked container for ``session_id``, or labelled ones found by listing."""
         t = self._by_session.get(session_id)
         if t is not None and not t.done:
@@ -476,7 +476,7 @@ class DockerRuntime(AheadMixin):
                     or self._spares.owns(c["Id"])):
                 continue
             handle = AgentHandle(labels.get(LABEL_GROUP, ""), session_id, c["Id"], adopted=True)
-            out.append(_Tracked(handle, c["Id"], _name(c), Phase.DONE))  # untracked: no AgentExit
+            out.append(Tracked(handle, c["Id"], _name(c), Phase.DONE))  # untracked: no AgentExit
         return out
 
     async def pause(self, session_id: str) -> None:
@@ -497,13 +497,13 @@ class DockerRuntime(AheadMixin):
         if t is not None and not t.done and t.paused:
             await self._thaw(t)
 
-    async def _thaw(self, t: _Tracked) -> None:
+    async def _thaw(self, t: Tracked) -> None:
         if not (t.frozen and self._freezer.thaw(t.container_id)):
             await self.exec.unpause(t.container_id)  # docker's pause (or its freezer is gone)
         t.paused = t.frozen = False
 
     async def stop(self, session_id: str, grace: float) -> None:
-        async def end(t: _Tracked) -> int | None:
+        async def end(t: Tracked) -> int | None:
             t.move(Phase.STOPPING)
             if t.paused:  # a frozen agent cannot act on SIGTERM: thaw it first
                 await self._thaw(t)
@@ -516,7 +516,7 @@ class DockerRuntime(AheadMixin):
         await self._end(session_id, end, "stopped")
 
     async def kill(self, session_id: str) -> None:
-        async def end(t: _Tracked) -> int | None:
+        async def end(t: Tracked) -> int | None:
             t.move(Phase.KILLING)
             if t.paused:
                 await self._thaw(t)
@@ -526,7 +526,7 @@ class DockerRuntime(AheadMixin):
 
         await self._end(session_id, end, "killed")
 
-    async def _end(self, session_id: str, end: Callable[[_Tracked], Awaitable[int | None]],
+    async def _end(self, session_id: str, end: Callable[[Tracked], Awaitable[int | None]],
                    reason: str) -> None:
         """Stop or kill every owned container of a session, report its exit, remove it.
         A container that is already gone is done (reported once as vanished)."""
@@ -570,8 +570,8 @@ class DockerRuntime(AheadMixin):
                 continue
             t = self._by_session.get(session_id)
             if t is None or t.done:
-                t = _Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"],
-                             _name(c), paused=c.get("State") == "paused")
+                t = Tracked(AgentHandle(group, session_id, c["Id"], adopted=True), c["Id"],
+                            _name(c), paused=c.get("State") == "paused")
                 self._track(t)
                 logger.info("adopted container {} for {}/{}", t.name, group, session_id)
             handles.append(t.handle)

@@ -28,7 +28,7 @@ from orchestrator.contract import layout
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.docker import image as image_mod
 from orchestrator.runtime.docker.calls import Conflict, DockerExec
-from orchestrator.runtime.docker.runtime import DockerRuntime, Phase, _Tracked
+from orchestrator.runtime.docker.runtime import DockerRuntime
 from orchestrator.runtime.docker.spec import (
     FALLBACK_UID,
     LABEL_GROUP,
@@ -46,6 +46,7 @@ from orchestrator.runtime.docker.spec import (
     resolve_user,
     session_mounts,
 )
+from orchestrator.runtime.docker.tracked import Phase, Tracked
 from tests.support.docker_fixtures import (
     PrivateDockerd,
     in_thread,
@@ -684,7 +685,7 @@ _ALLOWED = {(Phase.STARTING, Phase.RUNNING), (Phase.STARTING, Phase.DONE),
 @pytest.mark.parametrize("start", _ALL_PHASES)
 @pytest.mark.parametrize("to", _ALL_PHASES)
 def test_a_container_phase_moves_only_where_it_may(start: Phase, to: Phase) -> None:
-    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", start)
+    t = Tracked(AgentHandle("g", "s", "c"), "c", "n", start)
     moved = t.move(to)
     assert moved == ((start, to) in _ALLOWED)
     assert t.phase is (to if moved else start)
@@ -704,7 +705,7 @@ def test_a_container_phase_moves_only_where_it_may(start: Phase, to: Phase) -> N
 ])
 def test_a_container_exit_reason_follows_its_phase(steps, code, oom, signal_, reason,
                                                    live) -> None:
-    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", oom=oom, kill_signal=signal_)
+    t = Tracked(AgentHandle("g", "s", "c"), "c", "n", oom=oom, kill_signal=signal_)
     for step in steps:
         t.move(step)
     assert t.exit_reason(code) == reason
@@ -712,7 +713,7 @@ def test_a_container_exit_reason_follows_its_phase(steps, code, oom, signal_, re
 
 
 def test_a_starting_container_is_not_running_yet() -> None:
-    t = _Tracked(AgentHandle("g", "s", "c"), "c", "n", Phase.STARTING)
+    t = Tracked(AgentHandle("g", "s", "c"), "c", "n", Phase.STARTING)
     assert not t.live and not t.done
     assert t.move(Phase.DONE) and not t.move(Phase.RUNNING)  # ended before start() returned
 
@@ -744,7 +745,7 @@ def test_a_die_event_reports_the_exit_once_by_phase(tmp_path: Path, asked, event
     """The event path alone (no engine): what we asked for and what Docker said decide
     the reason; a second ``die`` for the same container reports nothing."""
     rt, exits = make_runtime(tmp_path, "inst", "img")
-    t = _Tracked(AgentHandle("g", "s", "cid"), "cid", "n")
+    t = Tracked(AgentHandle("g", "s", "cid"), "cid", "n")
     if asked is not None:
         t.move(asked)
     rt._track(t)

@@ -23,13 +23,13 @@ from orchestrator.runtime.docker.calls import DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.freezer import Freezer
 from orchestrator.runtime.docker.netns import NetnsPool, joins
 from orchestrator.runtime.docker.spares import Spare, Spares, spare_key, wants_spare
-from orchestrator.runtime.docker.tracked import _Tracked
+from orchestrator.runtime.docker.tracked import Tracked
 
 if TYPE_CHECKING:
     from docker.types import Mount
 
 
-def _config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
+def config_of(session: SessionRef, default: DockerConfig) -> DockerConfig:
     """The group's effective [docker] settings, or the runtime's own without any."""
     return session.settings.docker if session.settings is not None else default
 
@@ -44,7 +44,7 @@ class AheadMixin:
     _preparing: set[asyncio.Future]
     _closing: bool
     _starting: set[str]
-    _by_session: dict[str, _Tracked]
+    _by_session: dict[str, Tracked]
 
     if TYPE_CHECKING:
         def _lock(self, session_id: str) -> asyncio.Lock: ...
@@ -67,8 +67,8 @@ class AheadMixin:
         what would be created now; else (or if it does not start) remove it: None."""
         labels = (image or {}).get("Config", {}).get("Labels")
         spec, host_kwargs = self._build(session, user, mounts, labels, joins(spare.holder))
-        may_join = spare.holder is None or self._joins_netns(session, _config_of(session,
-                                                                                 self.config))
+        may_join = spare.holder is None or self._joins_netns(session, config_of(session,
+                                                                                self.config))
         if may_join and spare_key(spec, host_kwargs, str(image.get("Id"))) == spare.key:
             try:
                 return await self._start_created(session, spare.container_id, spec["name"],
@@ -97,7 +97,7 @@ class AheadMixin:
             logger.debug("container {} created ahead not removed: {}", spare.container_id[:12],
                          exc)
 
-    def _want_next(self, t: _Tracked, reason: str, exit_code: int | None,
+    def _want_next(self, t: Tracked, reason: str, exit_code: int | None,
                    removal: Awaitable[None] | None) -> bool:
         """After a good end, create the session's next container ahead (``spares.py``),
         after ``removal`` of the old one (its name is the next one's; a stop or kill
@@ -124,7 +124,7 @@ class AheadMixin:
                 await removal  # raises while the daemon is away: then nothing is made ahead
             if self._closing or self.exec.available is False:
                 return
-            config = _config_of(session, self.config)
+            config = config_of(session, self.config)
             if not self._joins_netns(session, config):  # its network is not "none" now
                 self._netns.spent(holder)
                 holder = None

@@ -1,7 +1,7 @@
 """Where one container of ours is in its life, as the Docker runtime knows it.
 
 ``Phase`` and its moves (``_MOVES``: any other move asked for leaves the phase as it
-is) and ``_Tracked``, the runtime's record of one container: its handle, its phase,
+is) and ``Tracked``, the runtime's record of one container: its handle, its phase,
 the facts Docker told about its end, and what it was started for.
 """
 
@@ -37,7 +37,7 @@ _LIVE = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.KILLING})  # what is_run
 
 
 @dataclass
-class _Tracked:
+class Tracked:
     handle: AgentHandle
     container_id: str
     name: str

@@ -53,6 +53,7 @@ from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 from orchestrator.support.ticker import ticks
 from orchestrator.watch import budget, watcher
+from orchestrator.watch.activity import RESCAN, Activity
 
 Clock = Callable[[], datetime]
 
@@ -214,9 +215,9 @@ class Supervisor:
             if unblocked or self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
                 self.dirty.mark(t.session_id, Flag.TIMER)
 
-    def _on_activity(self, batch: list[watcher.Activity]) -> None:
+    def _on_activity(self, batch: list[Activity]) -> None:
         for act in batch:
-            if act == watcher.RESCAN:  # events may have been lost: a sweep, now
+            if act == RESCAN:  # events may have been lost: a sweep, now
                 self._discover()
                 for sid in self.tracked:
                     self.dirty.mark(sid, Flag.SWEEP)

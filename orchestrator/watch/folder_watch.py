@@ -1,7 +1,7 @@
 """The host's inotify watch, reading side: the events of the folders ``watch_table``
 watches, as batches of ``(Change, path)``.
 
-``FolderWatch`` is the ``watcher.Notifier`` the watch thread drives
+``FolderWatch`` is the ``inotify_thread.Notifier`` the watch thread drives
 (``watch(debounce_ms, step_ms, timeout_ms, stop_event)`` returning a set of
 ``(Change, path)``, "timeout" or "stop"; a context manager; tests script a
 stand-in). A queue overflow (``IN_Q_OVERFLOW``) is reported (``take_lost``), not

@@ -31,7 +31,7 @@ import h11
 from loguru import logger
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from orchestrator.config.model import ApiConfig
+from orchestrator.config.sections import ApiConfig
 
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_EXHAUSTED = "socket.accept() out of system resource"  # asyncio's message

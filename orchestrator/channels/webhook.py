@@ -53,7 +53,7 @@ from orchestrator.channels.webhook_files import (
     read_inline,
     stat_files,
 )
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.rules.delivery_plan import retry_delay
 
 __all__ = ["WebhookChannel", "classify", "encode_reply", "file_entries", "outcome_of",

@@ -35,7 +35,8 @@ from orchestrator.channels.jsonl import JsonlChannel
 from orchestrator.channels.log import LogChannel
 from orchestrator.channels.webhook import WebhookChannel
 from orchestrator.config.load import parse_range
-from orchestrator.config.model import Config, DeliveryConfig
+from orchestrator.config.model import Config
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.schema import utcnow
 from orchestrator.engine.admission_gate import open_gate
@@ -44,7 +45,7 @@ from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
 from orchestrator.engine.session_worker import SessionWorker
 from orchestrator.engine.startup_state import StateBook
 from orchestrator.engine.supervisor import Supervisor
-from orchestrator.engine.tracked import Flag, Tracked
+from orchestrator.engine.tracked import Flag, TrackedMap
 from orchestrator.gateway.service import Gateway
 from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.data_lock import lock_data_dir
@@ -192,7 +193,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         stack.push_async_callback(gateway.close)
         await gateway.start()
 
-        tracked: dict[str, Tracked] = {}
+        tracked = TrackedMap()  # Tracked records, and dormant rows until touched
         events = EventStore(data_dir / "events.db")
         stack.callback(events.close)
         keys = IdempotencyKeys(registry_path(data_dir))
@@ -200,7 +201,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         # the gauges are read at scrape time, when the gate below exists (the gate
         # writes statuses, which the hub counts: it cannot come first)
         metrics = Metrics(runtime=runtime.name, channel=chan.name, version=version(),
-                          statuses=lambda: [t.status for t in tracked.values()],
+                          statuses=tracked.statuses,
                           queue_length=lambda: gate.queue_length(),
                           rescans=lambda: dict(watcher.RESCANS),
                           watch_state=lambda: dict(inotify_thread.WATCH_STATE),

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from loguru import logger
 
-from orchestrator.config.model import LogConfig
+from orchestrator.config.sections import LogConfig
 
 CONTEXT_KEYS = ("session", "group")
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config.model import ConfigError, EgressCredential
+from orchestrator.config.sections import ConfigError, EgressCredential
 
 # as load.ENV_NAME / RESERVED_ENV_PREFIX (load imports this module)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -38,16 +38,18 @@ from orchestrator.config.model import (
     GROUP_LIFECYCLE_KEYS,
     GROUP_RETENTION_KEYS,
     Config,
+    GroupConfig,
+)
+from orchestrator.config.mounts import MountNotAllowed, extra_mounts
+from orchestrator.config.sections import (
     ConfigError,
     DockerConfig,
     EgressCredential,
-    GroupConfig,
     KubernetesConfig,
     LifecycleConfig,
     RetentionConfig,
     RuntimeConfig,
 )
-from orchestrator.config.mounts import MountNotAllowed, extra_mounts
 
 MAX_SECRET_BYTES = 64 * 1024
 

@@ -28,9 +28,9 @@ from orchestrator.config.model import (
     MAX_AGENTS_RANGE,
     SECTIONS,
     Config,
-    ConfigError,
     GroupConfig,
 )
+from orchestrator.config.sections import ConfigError
 from orchestrator.contract.layout import InvalidId, validate_id
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

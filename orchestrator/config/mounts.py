@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from orchestrator.config.model import DockerConfig
+from orchestrator.config.sections import DockerConfig
 
 WORKSPACE = "/workspace"  # the session folder inside the container: no extra mount there
 

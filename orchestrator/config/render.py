@@ -14,7 +14,8 @@ from typing import Any
 
 import tomli_w
 
-from orchestrator.config.model import GROUP_KEYS, KEY_HELP, SECTIONS, ConfigError
+from orchestrator.config.model import GROUP_KEYS, KEY_HELP, SECTIONS
+from orchestrator.config.sections import ConfigError
 
 
 def render_example() -> list[str]:

@@ -30,7 +30,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from orchestrator.config.model import GROUP_KEYS, GROUP_SHARED, SECTIONS, ConfigError
+from orchestrator.config.model import GROUP_KEYS, GROUP_SHARED, SECTIONS
+from orchestrator.config.sections import ConfigError
 
 PREFIX = "ORCHESTRATOR_"
 DATA_DIR_VAR = "ORCHESTRATOR_DATA_DIR"

@@ -40,7 +40,7 @@ from orchestrator.channels import (
     Reply,
     StorageFull,
 )
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.contract.layout import INBOUND_DB, OUTBOX, InvalidId, delivered_root, validate_id
 from orchestrator.engine.outbox_janitor import INLINE_OPS, OutboxJanitor
 from orchestrator.host import inbound

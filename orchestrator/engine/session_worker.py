@@ -49,7 +49,7 @@ from orchestrator.engine.ports import (
     notify_nobody,
 )
 from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
-from orchestrator.engine.tracked import Flag, Flags, Tracked
+from orchestrator.engine.tracked import Flag, Flags, Tracked, trusted_stamp
 from orchestrator.host import commit_mark, inbound, outbound
 from orchestrator.host.outbound import OutboundError
 from orchestrator.host.registry import Registry
@@ -241,6 +241,7 @@ class SessionWorker:
         written = flags & (Flag.OUTBOX | Flag.OUTBOUND)  # an event said so (not a full pass)
         if flags & (Flag.FULL | Flag.FORCE):
             flags |= Flag.HEARTBEAT | Flag.OUTBOUND | Flag.INBOUND
+            t.read.stamp = trusted_stamp(folder.times)  # all three are read below
         elif flags & Flag.SWEEP:
             flags |= self._changed_on_disk(t, folder)
         if flags & Flag.HEARTBEAT:

@@ -19,6 +19,7 @@ import asyncio
 import gc
 import os
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,8 +43,14 @@ from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
 from orchestrator.engine.requeue import requeue_failed
 from orchestrator.engine.retention import Retirement
 from orchestrator.engine.session_worker import SessionWorker
-from orchestrator.engine.startup_state import StateBook, unchanged
-from orchestrator.engine.tracked import Flag, LazyPaths, Tracked
+from orchestrator.engine.startup_state import (
+    StateBook,
+    changed,
+    start_pass_reason,
+    unchanged,
+    waker,
+)
+from orchestrator.engine.tracked import Flag, LazyPaths, Tracked, TrackedMap
 from orchestrator.host.registry import Registry
 from orchestrator.host.retention import Outcome, Retention
 from orchestrator.host.safefs import Refused, SessionDir, open_group
@@ -70,6 +77,7 @@ _KIND_FLAGS = {
 WATCH_START_TIMEOUT = 10.0
 SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
+RESCAN_SLICE = 1000  # dormant rows compared with the disk between two turns of the loop
 SHUTDOWN_SLACK = 10.0  # s beyond stop_grace that shutdown waits for one agent's stop
 
 
@@ -105,7 +113,7 @@ class Supervisor:
     (``orchestrator.cli.compose``), which also opens and closes them."""
 
     cfg: Config
-    tracked: dict[str, Tracked]  # shared with the gate and the metrics
+    tracked: dict[str, Tracked]  # a TrackedMap, shared with the gate and the metrics
     registry: Registry
     sessions: Sessions
     runtime: Runtime
@@ -124,6 +132,10 @@ class Supervisor:
     on_removed: Callable[[list[str]], object] = lambda sids: None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tracked, TrackedMap):
+            raise TypeError("Supervisor.tracked must be a TrackedMap (cli.compose builds one)")
+        self.rows: TrackedMap = self.tracked  # the same map, with its dormant rows
+        self.rows.wake = waker(self.cfg.data_dir)  # a dormant row, touched
         self.retiring: set[str] = set()  # being archived or deleted: never tracked again
         self.in_pass: str | None = None  # the session whose pass the work loop is in
         self.retirement = None if self.retention is None else Retirement(
@@ -132,6 +144,9 @@ class Supervisor:
         self.watch_mode: str | None = None
         self._unreconciled: set[str] = set()
         self._watching = asyncio.Event()
+        self._index_version: int | None = None  # registry data_version of the last index read
+        self._checked = False  # the start-up check of the dormant rows is done
+        self._rescan: asyncio.Task | None = None  # dormant rows compared after a loss sign
         self.last_sweep: float | None = None
         self._refused = LogOnce()  # linked folders (agent group, session id), said once
         self._tasks: list[asyncio.Task] = []  # watch, sweep
@@ -210,17 +225,21 @@ class Supervisor:
         put off now, not when each session's backoff ends, and look again at every
         session whose agent the reconcile found alive or gone."""
         self.admission.runtime_available()
-        for t in self.tracked.values():
+        for t in list(self.tracked.values()):
             unblocked = self.worker.unblock(t)
             if unblocked or self.runtime.is_running(t.session_id) != (t.status != Status.STOPPED):
                 self.dirty.mark(t.session_id, Flag.TIMER)
+        for sid in list(self.rows.dormant):  # stopped, nothing to unblock
+            if self.runtime.is_running(sid):
+                self.dirty.mark(sid, Flag.TIMER)
 
     def _on_activity(self, batch: list[Activity]) -> None:
         for act in batch:
             if act == RESCAN:  # events may have been lost: a sweep, now
                 self._discover()
-                for sid in self.tracked:
+                for sid in list(self.tracked.keys()):
                     self.dirty.mark(sid, Flag.SWEEP)
+                self._rescan_dormant()
                 continue
             if act.session_id is None:
                 if act.added:  # a new agent group folder: its sessions may be unreported
@@ -238,6 +257,7 @@ class Supervisor:
     def _track(self, agent_group: str, session_id: str) -> Tracked:
         t = self.tracked.get(session_id)
         if t is None:
+            agent_group = sys.intern(agent_group)  # one string per group, not per session
             t = Tracked(agent_group, session_id,
                         LazyPaths(self.cfg.data_dir, agent_group, session_id))
             self.tracked[session_id] = t
@@ -292,13 +312,39 @@ class Supervisor:
         if self._refused.say((agent_group, session_id), "refused"):
             logger.warning("{}; leaving it alone", why)
 
-    def _discover(self) -> None:
+    def _discover(self, at_start: bool = False, folders: bool = True) -> None:
+        """Track the registry's sessions and the folders found on disk (``folders``)
+        that are not tracked yet. ``at_start``: a session the last run saved as settled
+        (``startup_state``) is kept as a dormant row, unchecked and unmarked, for
+        ``_reconcile_at_start`` to check against the disk; and the registry is read
+        again only if another process wrote it since the last read (its
+        ``data_version``: 100 000 rows are ~0.2 s; this process's own new sessions
+        are tracked as they are made, or found by their folders)."""
+        version = self.registry.data_version()
+        if not (at_start and version == self._index_version):
+            self._index_version = version
+            self._track_index(self.book.saved if at_start else {})
+        if folders:
+            self._register_found(self._unseen_folders())
+
+    def _track_index(self, saved: dict[str, str]) -> None:
+        """(100 000 rows: no call per row but what is needed; one string per group.)"""
+        live, dormant, retiring = self.tracked.keys(), self.rows.dormant, self.retiring
+        groups: dict[str, str] = {}
         for session_id, agent_group, container_status in self.registry.session_index():
-            if session_id not in self.tracked and session_id not in self.retiring:
-                t = self._track(agent_group, session_id)
-                t.status = Status(container_status)
-                self.dirty.mark(session_id, Flag.FULL)
-        self._register_found(self._unseen_folders())
+            if session_id in live or session_id in dormant or session_id in retiring:
+                continue
+            row = saved.get(session_id)
+            if row is not None and start_pass_reason(row, row, False,
+                                                     container_status) is None:
+                group = groups.get(agent_group)
+                if group is None:
+                    group = groups[agent_group] = sys.intern(agent_group)
+                self.rows.rest(session_id, group, row)
+                continue
+            t = self._track(agent_group, session_id)
+            t.status = Status(container_status)
+            self.dirty.mark(session_id, Flag.FULL)
 
     def _unseen_folders(self) -> list[tuple[str, str]]:
         """(group, session) of the folders on disk not tracked yet; listed before any is
@@ -310,6 +356,7 @@ class Supervisor:
         except OSError:
             return []
         unseen: list[tuple[str, str]] = []
+        live, dormant = self.tracked.keys(), self.rows.dormant  # (no call per name)
         for g in groups:
             if g.is_symlink():  # never listed through: refused, said once
                 self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
@@ -318,8 +365,8 @@ class Supervisor:
                 for s in os.scandir(g.path):
                     if s.name.startswith(STAGING_PREFIX):
                         remove_stale_staging(s)  # left by a `send` killed mid-build
-                    elif s.name not in self.tracked and (s.is_dir(follow_symlinks=False)
-                                                         or s.is_symlink()):
+                    elif s.name not in dormant and s.name not in live and (
+                            s.is_dir(follow_symlinks=False) or s.is_symlink()):
                         unseen.append((g.name, s.name))
             except OSError:
                 continue
@@ -403,6 +450,23 @@ class Supervisor:
             self._sweep_slice(order[part::slices])
             self.book.save()
 
+    def _rescan_dormant(self) -> None:
+        """The dormant rows after a loss sign: compared with the disk in slices
+        (``_sweep_slice``: stat-gated, only a changed one wakes), the loop free between
+        two (100 000 in one go held it ~1.5 s). Before the start-up check, that check
+        is the rescan: it runs with the watch in place."""
+        if not self._checked:
+            return
+        if self._rescan is not None:
+            self._rescan.cancel()  # begun again: what it had not reached, and the rest
+        self._rescan = asyncio.create_task(self._rescan_slices(list(self.rows.dormant)),
+                                           name="rescan")
+
+    async def _rescan_slices(self, sids: list[str]) -> None:
+        for k in range(0, len(sids), RESCAN_SLICE):
+            self._sweep_slice(sids[k:k + RESCAN_SLICE])
+            await asyncio.sleep(0)
+
     def _healthy(self) -> bool:
         """inotify is in place (an overflow or a lost watch rescans every session)."""
         return self.watch_mode == "events" and self._watching.is_set()
@@ -425,19 +489,32 @@ class Supervisor:
     def _sweep_slice(self, sids: list[str]) -> None:
         """Each group folder is opened once per slice (``safefs.open_group``); a swept
         session costs an ``lstat`` of its folder and two or three ``stat`` calls through
-        it (``safefs.FolderStat``), no ``open``."""
+        it (``safefs.FolderStat``), no ``open``. A dormant one is compared with its
+        saved row (``startup_state.changed``), not woken unless that differs."""
         group_fds: dict[str, int | None] = {}
+
+        def group_fd(group: str) -> int | None:
+            if group not in group_fds:
+                try:
+                    group_fds[group] = open_group(self.cfg.data_dir, group)
+                except OSError:  # a linked group too: the pass says what is wrong
+                    group_fds[group] = None
+            return group_fds[group]
+
+        dormant = self.rows.dormant
         try:
             for sid in sids:
+                rest = dormant.get(sid)
+                if rest is not None:
+                    fd, running = group_fd(rest[0]), self.runtime.is_running(sid)
+                    self.worker.space.look(rest[0], sid, running)
+                    if running or fd is None or changed(fd, sid, rest[1]):
+                        self.dirty.mark(sid, Flag.SWEEP)
+                    continue
                 t = self.tracked.get(sid)
                 if t is None:
                     continue
-                if t.agent_group not in group_fds:
-                    try:
-                        group_fds[t.agent_group] = open_group(self.cfg.data_dir, t.agent_group)
-                    except OSError:  # a linked group too: the pass says what is wrong
-                        group_fds[t.agent_group] = None
-                if flags := self.worker.sweep_flags(t, group_fds[t.agent_group]):
+                if flags := self.worker.sweep_flags(t, group_fd(t.agent_group)):
                     self.dirty.mark(sid, flags)
         finally:
             for fd in group_fds.values():
@@ -456,18 +533,19 @@ class Supervisor:
             logger.info("agents from before the restart are adopted once the runtime "
                         "answers; their claims are kept until then")
             adopted, unknown = {}, "runtime unavailable at start-up"
-        self._discover()
+        self._discover(at_start=True)
         now = self.clock()
-        before = {sid: t.status for sid, t in self.tracked.items()}
-        for sid, t in self.tracked.items():
-            if sid in adopted:
+        for sid in adopted.keys() & self.rows.dormant.keys():
+            self._wake_unrestored(sid)  # its agent survived: a full pass, as a new one
+        for sid, t in list(self.tracked.items()):  # the awake ones: no dormant row is
+            if sid in adopted:  # adopted or other than stopped (``_discover``)
                 t.started_at = now
                 self.statuses.set(t, Status.RUNNING, "adopted after restart", now)
             elif t.status != Status.STOPPED:
                 self.statuses.set(t, Status.STOPPED, unknown or "no agent found at start-up",
                                        now)
-        skipped = self._skip_unchanged(adopted, before)
-        self._unreconciled = set(self.tracked) - skipped
+        skipped = self._skip_unchanged()
+        self._unreconciled = set(self.tracked.keys())
         for sid in self._unreconciled:
             # (``_discover``'s FULL mark goes into it: an event from now on comes first)
             self.dirty.queue_backlog(sid, self.dirty.flags.pop(sid, Flag.NONE)
@@ -479,16 +557,29 @@ class Supervisor:
                     "agents, runtime {}, data {}", len(self.tracked), len(skipped), len(adopted),
                     self.runtime.name, self.cfg.data_dir)
 
-    def _skip_unchanged(self, adopted: dict, before: dict[str, Status]) -> set[str]:
+    def _skip_unchanged(self) -> set[str]:
         """The sessions whose start-up pass can be skipped (``startup_state``): settled
-        when the last run saved them, and nothing on disk changed since. Runs after the
-        watch is up, with no ``await`` from the check to the end: a later change has its
-        event. ``_discover``'s mark goes; an earlier event's change was seen by the check."""
-        skipped = unchanged(self.cfg.data_dir, self.tracked, self.book.saved,
-                            set(adopted), before)
-        for sid in skipped:
+        when the last run saved them (dormant rows), and nothing on disk changed since;
+        the others wake for their full pass. Runs after the watch is up, with no
+        ``await`` from the check to the end: a later change has its event. An earlier
+        event's mark goes: its change was seen by the check."""
+        dormant = self.rows.dormant
+        moved, fresh = unchanged(self.cfg.data_dir, dormant)
+        for sid in moved:
+            self._wake_unrestored(sid)
+        for sid, row in fresh.items():  # unchanged; saved with the stamp seen now
+            dormant[sid] = (dormant[sid][0], row)
+            self.book.refresh(sid, row)
+        for sid in dormant.keys() & self.dirty.flags.keys():
             self.dirty.drop(sid)
-        return skipped
+        self._checked = True
+        return set(dormant)
+
+    def _wake_unrestored(self, session_id: str) -> Tracked:
+        """A dormant session as a new ``Tracked`` (nothing read yet, stopped): one that
+        changed on disk or whose agent was adopted gets its full pass from scratch."""
+        group, _ = self.rows.dormant.pop(session_id)
+        return self._track(group, session_id)
 
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then stop what this started: the engine's
@@ -509,7 +600,8 @@ class Supervisor:
 
     async def _start(self) -> None:
         await asyncio.sleep(0)  # the watch thread starts adding its watches …
-        self._discover()  # … while the sessions are listed (again after it, for late ones)
+        self._discover(at_start=True, folders=False)  # … while the sessions are listed
+        # (again after it, with the folders on disk: late ones)
         try:
             await asyncio.wait_for(self._watching.wait(), WATCH_START_TIMEOUT)
         except asyncio.TimeoutError:
@@ -525,9 +617,10 @@ class Supervisor:
     async def _stop_tasks(self) -> None:
         """Watch and sweep first; then the work loop, between two sessions' passes."""
         self.stop_event.set()
-        for task in self._tasks:
+        tasks = self._tasks + ([self._rescan] if self._rescan is not None else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.dirty.clear()
         self.dirty.wake.set()
         await asyncio.sleep(0)

@@ -30,7 +30,7 @@ from http import HTTPStatus
 import h11
 import httpx
 
-from orchestrator.config.model import EgressCredential
+from orchestrator.config.sections import EgressCredential
 from orchestrator.rules import egress as rules
 from orchestrator.rules.egress import Refusal
 

@@ -30,7 +30,8 @@ import httpx
 from loguru import logger
 
 from orchestrator.config.groups import MAX_SECRET_BYTES, resolve
-from orchestrator.config.model import Config, ConfigError, EgressCredential
+from orchestrator.config.model import Config
+from orchestrator.config.sections import ConfigError, EgressCredential
 from orchestrator.gateway import proxy
 from orchestrator.gateway.ca import Authority
 from orchestrator.gateway.proxy import Closed, Conn, GroupDoor, header, refuse, text_headers

@@ -407,6 +407,12 @@ class Registry:
             return self._conn.execute(
                 "SELECT id, agent_group_id, container_status FROM sessions").fetchall()
 
+    def data_version(self) -> int:
+        """SQLite's ``data_version``: it moves when another connection (another process:
+        ``send``, ``sessions restore``) commits, never for this one's own commits."""
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
     def saved_states(self) -> dict[str, str]:
         """session id → the start-up state saved after its last settled pass
         (``orchestrator.engine.startup_state``)."""

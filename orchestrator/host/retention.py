@@ -35,7 +35,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from orchestrator.config.model import RetentionConfig
+from orchestrator.config.sections import RetentionConfig
 from orchestrator.contract.layout import (
     INBOUND_DB,
     OUTBOUND_DB,

@@ -135,6 +135,7 @@ class SessionDir:
             os.close(group)
         st = os.fstat(self.fd)
         self.identity = (st.st_dev, st.st_ino)
+        self.times = (st.st_mtime_ns, st.st_ctime_ns)  # as opened: before any file is read
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.contract.schema import parse_ts
 
 

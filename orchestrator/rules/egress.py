@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Sequence
 
-from orchestrator.config.model import EgressCredential
+from orchestrator.config.sections import EgressCredential
 
 CA_MOUNT = "/etc/orchestrator/ca-bundle.pem"  # where a container finds the CA bundle (ro)
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")

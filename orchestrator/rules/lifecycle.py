@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from orchestrator.config.model import LifecycleConfig
+from orchestrator.config.sections import LifecycleConfig
 from orchestrator.contract.session_status import Status
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Container, Protocol, Self
 
-from orchestrator.config.model import WatchConfig
+from orchestrator.config.sections import WatchConfig
 from orchestrator.host.private import make_dirs
 from orchestrator.watch import budget
 from orchestrator.watch import health as watch_health

@@ -43,7 +43,7 @@ from typing import AsyncIterator, Container
 
 from loguru import logger
 
-from orchestrator.config.model import WatchConfig
+from orchestrator.config.sections import WatchConfig
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, OUTBOUND_DB, OUTBOX, Kind
 from orchestrator.host.filesig import file_signature
 from orchestrator.support.ticker import ticks

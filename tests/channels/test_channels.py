@@ -12,7 +12,7 @@ from orchestrator.channels import DeliveryError, Failure, Reply, StorageFull
 from orchestrator.channels.jsonl import JsonlChannel, read_ids, read_lines
 from orchestrator.channels.log import LogChannel
 from orchestrator.cli.compose import make_channel
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from tests.support.e2e import run
 
 

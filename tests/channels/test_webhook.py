@@ -28,7 +28,7 @@ from orchestrator.channels.webhook import (
     plan_reply,
     reply_body,
 )
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.host.secretfile import read_secret
 from tests.support.api_helpers import Receiver, free_port, verified
 from tests.support.e2e import Client, make_config, supervised

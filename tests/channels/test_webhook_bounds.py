@@ -16,7 +16,7 @@ from pathlib import Path
 from orchestrator.channels import InFlight, Reply
 from orchestrator.channels.signing import new_secret, parse_secret
 from orchestrator.channels.webhook import WebhookChannel
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from tests.support.bounds import LeanReceiver, LoopWatch, MiB
 
 SECRET = new_secret()

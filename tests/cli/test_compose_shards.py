@@ -10,7 +10,7 @@ import pytest
 from orchestrator.api.auth import ApiConfigError
 from orchestrator.cli.compose import make_peers
 from orchestrator.config.load import load_config
-from orchestrator.config.model import ConfigError
+from orchestrator.config.sections import ConfigError
 
 MEMBERS = ["a=http://127.0.0.1:8750", "b=http://127.0.0.1:8751"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.cli.logs import json_sink, setup_logging
-from orchestrator.config.model import LogConfig
+from orchestrator.config.sections import LogConfig
 from tests.support.e2e import Client, make_config, replies, run, supervised
 from tests.support.helpers import until
 

@@ -17,7 +17,7 @@ import tomli_w
 from loguru import logger
 
 from orchestrator.cli.logs import event_name, setup_logging
-from orchestrator.config.model import LogConfig
+from orchestrator.config.sections import LogConfig
 from tests.support.api_helpers import free_port
 from tests.support.e2e import config_dict
 from tests.support.helpers import wait_for

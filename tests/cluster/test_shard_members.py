@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config.model import ClusterConfig, KubernetesConfig
+from orchestrator.config.sections import ClusterConfig, KubernetesConfig
 from orchestrator.runtime.kubernetes.members import KubeMembers
 from tests.support.helpers import until
 from tests.support.kube import Cluster

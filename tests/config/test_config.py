@@ -11,8 +11,9 @@ from loguru import logger
 
 from orchestrator.config import model as config
 from orchestrator.config.load import load_config, read_config
-from orchestrator.config.model import Config, ConfigError
+from orchestrator.config.model import Config
 from orchestrator.config.render import render_default, write_default
+from orchestrator.config.sections import ConfigError
 from tests.support.helpers import REPO
 
 BASE = Path("/base/dir")

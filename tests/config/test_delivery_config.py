@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.load import load_config
-from orchestrator.config.model import ConfigError
 from orchestrator.config.render import render_default
+from orchestrator.config.sections import ConfigError
 
 
 def test_defaults_and_paths(tmp_path: Path) -> None:

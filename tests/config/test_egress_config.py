@@ -10,8 +10,8 @@ import pytest
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import ConfigError, EgressCredential
 from orchestrator.config.render import render_default
+from orchestrator.config.sections import ConfigError, EgressCredential
 from orchestrator.config.show import effective
 
 BASE = Path("/etc/orch")

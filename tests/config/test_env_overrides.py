@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.cli import commands as cli
 from orchestrator.config.load import read_config, read_config_sources
-from orchestrator.config.model import ConfigError
+from orchestrator.config.sections import ConfigError
 from orchestrator.config.sources import env_values
 
 FILE = """\

@@ -11,8 +11,9 @@ import pytest
 from orchestrator.config import groups
 from orchestrator.config.groups import SecretUnreadable, read_env, resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import GROUP_KEYS, ConfigError, GroupConfig
+from orchestrator.config.model import GROUP_KEYS, GroupConfig
 from orchestrator.config.render import render_default
+from orchestrator.config.sections import ConfigError
 
 BASE = Path("/base/dir")
 

@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import ConfigError, KubernetesConfig
 from orchestrator.config.render import render_default
+from orchestrator.config.sections import ConfigError, KubernetesConfig
 
 BASE = Path("/base/dir")
 

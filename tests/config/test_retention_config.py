@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import ConfigError
+from orchestrator.config.sections import ConfigError
 
 
 def test_defaults_are_off() -> None:

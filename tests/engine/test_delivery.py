@@ -20,7 +20,7 @@ from loguru import logger
 
 from orchestrator.channels import Reply
 from orchestrator.channels.jsonl import JsonlChannel, read_lines
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.contract import schema
 from orchestrator.contract.layout import SessionPaths, delivered_root, registry_path
 from orchestrator.engine.delivery import Deliverer, DeliveryState, move_files

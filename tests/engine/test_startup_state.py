@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,15 +26,22 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
 from orchestrator.engine.startup_state import (
     StateBook,
-    scan_group,
+    changed,
+    files_text,
+    recheck,
+    restore,
     settled,
     start_pass_reason,
     state_text,
 )
-from orchestrator.engine.tracked import Tracked
+from orchestrator.engine.tracked import FRESH_NS, Tracked, TrackedMap, trusted_stamp
+from orchestrator.host import inbound
+from orchestrator.host.filesig import file_signature
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.rules.lifecycle import Claim
+from orchestrator.rules.messages import NewMessage
+from orchestrator.watch.activity import RESCAN
 from tests.support.e2e import Client, make_config, replies, replies_to, supervised
 from tests.support.helpers import until
 
@@ -163,7 +171,131 @@ def test_a_registry_from_before_opens_with_an_empty_table(tmp_path: Path) -> Non
     reg.close()
 
 
-def test_scan_sees_files_by_inode_and_never_through_a_link(tmp_path: Path) -> None:
+def _row_now(folder: Path, stamped: bool = True) -> str:
+    """The row a full pass of ``folder`` would save now (its stamp trusted: old enough)."""
+    st = os.lstat(folder)
+    sigs = {k: file_signature(folder / name) for k, name in
+            (("hb", ".heartbeat"), ("out", "outbound.db"), ("in", "inbound.db"))}
+    stamp = (st.st_mtime_ns, st.st_ctime_ns) if stamped else None
+    return state_text((st.st_dev, st.st_ino), sigs, stamp)
+
+
+@pytest.mark.parametrize("age_ns, trusted", [
+    (FRESH_NS, True), (10 * FRESH_NS, True), (FRESH_NS - 1, False), (0, False), (-5, False)])
+def test_a_stamp_is_trusted_once_old_enough(age_ns: int, trusted: bool) -> None:
+    now = 5_000_000_000_000
+    times = (now - age_ns - 7, now - age_ns)  # the later of the two decides
+    assert (trusted_stamp(times, now) is not None) is trusted
+
+
+def _commit(db: Path, journal: str) -> None:
+    """One write to a session database, as a writer with ``journal_mode`` does it."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(f"PRAGMA journal_mode={journal}")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _touch_later(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+
+@pytest.mark.parametrize("change, verdict", [
+    # (what happened to the folder while the host was down, what the start-up check says)
+    ("nothing", "same row"),
+    ("heartbeat touched", "changed"),  # in place: the folder's times stay
+    ("heartbeat created", "changed"),
+    ("commit, journal", "changed"),  # the -journal came and went: folder times moved
+    ("commit, journal, folder mtime put back", "changed"),  # its ctime still moved
+    ("scratch file came and went", "new stamp"),  # the files are as saved
+    ("row without a stamp", "new stamp"),  # (saved by an older version: four fields)
+    ("commit without a journal", "same row"),  # against the contract: left to the sweep
+    ("folder replaced", "changed"),
+])
+def test_recheck(tmp_path: Path, change: str, verdict: str) -> None:
+    group = tmp_path / "sessions" / "g"
+    folder = group / "s"
+    folder.mkdir(parents=True)
+    _commit(folder / "inbound.db", "DELETE")
+    _commit(folder / "outbound.db", "DELETE")
+    if change == "heartbeat touched":
+        (folder / ".heartbeat").touch()
+    row = _row_now(folder)
+    if change == "row without a stamp":
+        row = files_text(*_split_row(row))
+    st = os.lstat(folder)
+    if change == "heartbeat touched":
+        _touch_later(folder / ".heartbeat")
+    elif change == "heartbeat created":
+        (folder / ".heartbeat").touch()
+    elif change.startswith("commit, journal"):
+        _commit(folder / "inbound.db", "DELETE")
+        if "put back" in change:
+            os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif change == "scratch file came and went":
+        (folder / "scratch").touch()
+        (folder / "scratch").unlink()
+    elif change == "commit without a journal":
+        _commit(folder / "inbound.db", "MEMORY")
+    elif change == "folder replaced":
+        shutil.copytree(folder, group / "s2")
+        shutil.rmtree(folder)
+        (group / "s2").rename(folder)
+    fd = open_group(tmp_path, "g")
+    try:
+        now = recheck(fd, "s", row)
+        swept = changed(fd, "s", row)
+    finally:
+        os.close(fd)
+    got = ("changed" if now is None else "same row" if now == row else "new stamp")
+    assert got == verdict
+    if verdict == "new stamp":  # the same files; a stamp this fresh is not trusted yet
+        assert now == files_text(*_split_row(row)) + "|-"
+    # the sweep compares the databases themselves: a commit without a journal too
+    assert swept is (change not in ("nothing", "scratch file came and went",
+                                    "row without a stamp", "heartbeat touched",
+                                    "heartbeat created"))
+
+
+def _split_row(row: str) -> tuple[tuple[int, int], dict]:
+    t = restore(Tracked("g", "s", None), row)  # type: ignore[arg-type]
+    assert t.read.identity is not None
+    return t.read.identity[0], t.read.sigs
+
+
+def test_a_dormant_row_wakes_when_touched_and_only_then() -> None:
+    woken: list[str] = []
+
+    def wake(group: str, sid: str, row: str) -> Tracked:
+        woken.append(sid)
+        return restore(Tracked(group, sid, None), row)  # type: ignore[arg-type]
+
+    m = TrackedMap()
+    m.wake = wake
+    m["awake"] = Tracked("g", "awake", None)  # type: ignore[arg-type]
+    m.rest("d1", "g", TEXT)
+    m.rest("d2", "g", "garbage")
+    assert len(m) == 3 and "d1" in m and "nope" not in m and sorted(m) == ["awake", "d1", "d2"]
+    assert list(m.keys()) == ["awake"] and m.statuses() == ["stopped"] * 3
+    assert woken == []  # none of that woke anything
+    t = m["d1"]
+    assert woken == ["d1"] and t.restored and t.read.sigs == SIGS
+    assert t.read.identity == ((7, 8), 3, 6) and m.get("d1") is t and "d1" not in m.dormant
+    fresh = m.get("d2")  # a row that does not parse: a new Tracked, read from scratch
+    assert fresh is not None and not fresh.restored and fresh.read.identity is None
+    assert m.get("nope") is None and m.pop("nope") is None
+    m.rest("d3", "g", TEXT)
+    assert m.pop("d3") is None and "d3" not in m and woken == ["d1", "d2"]
+    with pytest.raises(KeyError):
+        m["d3"]
+
+
+def test_recheck_sees_files_by_inode_and_never_through_a_link(tmp_path: Path) -> None:
     group = tmp_path / "sessions" / "g"
     (group / "s1").mkdir(parents=True)
     (group / "s1" / "inbound.db").write_bytes(b"x" * 10)
@@ -172,20 +304,15 @@ def test_scan_sees_files_by_inode_and_never_through_a_link(tmp_path: Path) -> No
     (group / "linked").symlink_to(tmp_path / "elsewhere")
     fd = open_group(tmp_path, "g")
     try:
-        first = scan_group(fd, "g", ["s1", "linked", "missing"])
-        assert set(first) == {"s1"}
-        assert first["s1"].sigs["hb"] is None and first["s1"].sigs["out"] is None
+        row = _row_now(group / "s1")
+        assert recheck(fd, "s1", row) == row
+        assert recheck(fd, "linked", _row_now(tmp_path / "elsewhere")) is None
+        assert recheck(fd, "missing", row) is None
         # replaced by a copy with the same bytes and mtime: only the inode differs
-        old = group / "s1" / "inbound.db"
-        st = old.stat()
-        shutil.copyfile(old, group / "s1" / "new")
-        os.utime(group / "s1" / "new", ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.replace(group / "s1" / "new", old)
-        second = scan_group(fd, "g", ["s1"])
+        _replace_keeping_size_and_mtime(group / "s1" / "inbound.db")
+        assert recheck(fd, "s1", row) is None
     finally:
         os.close(fd)
-    assert second["s1"].sigs["in"][:2] == first["s1"].sigs["in"][:2]
-    assert second["s1"].text() != first["s1"].text()
 
 
 # --- real restarts ------------------------------------------------------------------------
@@ -261,4 +388,73 @@ async def test_a_missing_or_stale_row_means_a_full_pass(tmp_path: Path) -> None:
     # that full pass saved them again: the next start skips all three
     async with supervised(cfg) as sup:
         assert all(sup.tracked[r.id].restored for r in rows.values())
+    client.close()
+
+
+def _send_without_journal(db: Path, mid: str, text: str) -> None:
+    """A message committed the way the contract forbids (``journal_mode=MEMORY``: no
+    ``-journal`` file comes and goes), so the session folder's times stay."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=MEMORY")
+        conn.execute("BEGIN IMMEDIATE")
+        inbound._insert(conn, NewMessage(id=mid, kind="chat", content=json.dumps({"text": text}),
+                                         channel_type="cli", platform_id="local"), None)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def _aged(folders: list[Path]) -> None:
+    """Until no folder changed for ``FRESH_NS``."""
+    await until(lambda: all(time.time_ns() - max(_times(f)) >= FRESH_NS for f in folders),
+                timeout=10, message="the folders left alone long enough to stamp")
+
+
+def _times(folder: Path) -> tuple[int, int]:
+    st = os.lstat(folder)
+    return st.st_mtime_ns, st.st_ctime_ns
+
+
+async def test_a_message_written_while_down_to_a_dormant_session(tmp_path: Path,
+                                                                 reap_agents) -> None:
+    """Whether or not the folder's mtime moved: a message sent while the host was down
+    is answered. Put back by hand, the mtime hides nothing (the ctime still moved: a
+    full pass at start-up); written without a journal, the folder's times stay, the
+    start-up check keeps it dormant, and the sweep — which compares the databases
+    themselves — finds the message."""
+    cfg = make_config(tmp_path, watch={"sweep_interval": 0.2, "dormant_sweep_interval": 0.8})
+    client = Client(cfg)
+    rows = {n: client.session(n) for n in ("put_back", "no_journal", "quiet")}
+    paths = {n: client.paths(r) for n, r in rows.items()}
+    for p in paths.values():
+        schema.init_outbound(p.outbound_db)
+    await _first_run(cfg, client, rows)
+    # the stamps a pass saves are of folders left alone for a while (``trusted_stamp``)
+    await _aged([p.root for p in paths.values()])
+    async with supervised(cfg):  # its start-up check saves each row with the stamp seen
+        pass
+    assert all(not row.endswith("|-") for row in client.registry.saved_states().values())
+
+    folder = paths["put_back"].root
+    st = os.lstat(folder)
+    _, sent = client.send("put_back", "sent while down, the folder's mtime put back")
+    os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _times(folder)[0] == st.st_mtime_ns and _times(folder)[1] != st.st_ctime_ns
+    before = _times(paths["no_journal"].root)
+    _send_without_journal(paths["no_journal"].inbound_db, "m-no-journal", "no journal")
+    assert _times(paths["no_journal"].root) == before
+
+    async with supervised(cfg) as sup:
+        dormant = set(sup.rows.dormant)
+        assert rows["put_back"].id not in dormant
+        assert {rows["no_journal"].id, rows["quiet"].id} <= dormant
+        await until(lambda: replies_to(cfg, sent), message="the message answered")
+        await until(lambda: replies_to(cfg, "m-no-journal"),
+                    message="the journal-less message found by the sweep, answered")
+        assert rows["quiet"].id in sup.rows.dormant  # swept, unchanged: never woken
+        sup._on_activity([RESCAN])  # a loss sign: the rows compared, in slices
+        await until(lambda: sup._rescan is not None and sup._rescan.done(),
+                    message="the dormant rows rescanned")
+        assert rows["quiet"].id in sup.rows.dormant
     client.close()

@@ -15,7 +15,8 @@ import pytest
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import Config, ConfigError
+from orchestrator.config.model import Config
+from orchestrator.config.sections import ConfigError
 from orchestrator.gateway.service import EgressRefused, Gateway
 from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.runtime.base import AgentExit, SessionRef

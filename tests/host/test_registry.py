@@ -338,3 +338,22 @@ def test_group_chats_are_recorded_once_and_include_the_sessions_own(tmp_path):
     assert reg.group_chats("h") == [("cli", "local", None)]
     assert reg.group_chats("nobody") == []
     reg.close()
+
+
+def test_data_version_moves_for_another_process_s_commit_only(tmp_path):
+    """The supervisor reads the session index again at start-up only if another
+    process (``send``) wrote the registry since its last read."""
+    reg = Registry(tmp_path / "orchestrator.db")
+    try:
+        first = reg.data_version()
+        session(reg, new_id="own")  # this connection's own commit
+        assert reg.data_version() == first
+        other = Registry(tmp_path / "orchestrator.db")
+        try:
+            session(other, key="k2", new_id="theirs")
+        finally:
+            other.close()
+        assert reg.data_version() != first
+        assert {row[0] for row in reg.session_index()} == {"own", "theirs"}
+    finally:
+        reg.close()

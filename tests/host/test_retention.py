@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.model import RetentionConfig
+from orchestrator.config.sections import RetentionConfig
 from orchestrator.contract import schema
 from orchestrator.contract.layout import INBOUND_DB, OUTBOUND_DB, session_dir, session_paths
 from orchestrator.host import removals, session_archive

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.config.model import DeliveryConfig
+from orchestrator.config.sections import DeliveryConfig
 from orchestrator.rules.delivery_plan import (
     Plan,
     ReplyFacts,

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from orchestrator.config.model import EgressCredential
+from orchestrator.config.sections import EgressCredential
 from orchestrator.rules import egress as rules
 from orchestrator.rules.egress import Limits, TokenState
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from orchestrator.config.model import LifecycleConfig
+from orchestrator.config.sections import LifecycleConfig
 from orchestrator.contract.schema import parse_ts
 from orchestrator.rules.lifecycle import (
     Action,

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from orchestrator.config.model import LifecycleConfig
+from orchestrator.config.sections import LifecycleConfig
 from orchestrator.rules.lifecycle import Action, Observation, judge
 from orchestrator.rules.space import Disk, Step, biggest, disk_verdict, over_quota
 

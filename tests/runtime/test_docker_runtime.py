@@ -22,8 +22,8 @@ import pytest
 import requests
 from loguru import logger
 
-from orchestrator.config.model import DockerConfig
 from orchestrator.config.mounts import MountNotAllowed
+from orchestrator.config.sections import DockerConfig
 from orchestrator.contract import layout
 from orchestrator.runtime.base import AgentExit, AgentHandle, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.docker import image as image_mod

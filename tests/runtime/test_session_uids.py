@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.load import parse_range
-from orchestrator.config.model import DockerConfig, RuntimeConfig
+from orchestrator.config.sections import DockerConfig, RuntimeConfig
 from orchestrator.contract.layout import delivered_root
 from orchestrator.engine.delivery import move_files
 from orchestrator.host.safefs import SessionDir

@@ -20,7 +20,7 @@ import pytest
 
 from orchestrator.cli import commands as cli
 from orchestrator.cli import send as cli_send
-from orchestrator.config.model import ConfigError
+from orchestrator.config.sections import ConfigError
 from orchestrator.host.attachments import AttachmentError
 from orchestrator.host.registry import Registry
 from orchestrator.host.sessions import MessageError

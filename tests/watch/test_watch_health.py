@@ -15,7 +15,7 @@ import pytest
 from loguru import logger
 
 from bench.overflow import overflow_run
-from orchestrator.config.model import WatchConfig
+from orchestrator.config.sections import WatchConfig
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder
 from orchestrator.watch import health as watch_health

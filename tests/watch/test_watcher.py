@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.model import WatchConfig
+from orchestrator.config.sections import WatchConfig
 from orchestrator.contract import schema
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable
 
 from loguru import logger
 
-from orchestrator.config.model import DockerConfig
+from orchestrator.config.sections import DockerConfig
 from orchestrator.runtime.base import AgentHandle, RuntimeUnavailable, SessionRef
 from orchestrator.runtime.docker.calls import DaemonUnreachable, DockerExec
 from orchestrator.runtime.docker.freezer import Freezer

@@ -56,7 +56,7 @@ from docker.types import Mount
 from loguru import logger
 
 from orchestrator.config.groups import read_env
-from orchestrator.config.model import DockerConfig
+from orchestrator.config.sections import DockerConfig
 from orchestrator.contract import layout
 from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.runtime.base import (

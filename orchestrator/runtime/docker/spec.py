@@ -26,13 +26,13 @@ from typing import Any
 
 from docker.types import Mount
 
-from orchestrator.config.model import DockerConfig
 from orchestrator.config.mounts import (
     WORKSPACE,
     MountNotAllowed,
     extra_mounts,
     is_under,
 )
+from orchestrator.config.sections import DockerConfig
 from orchestrator.contract import layout
 from orchestrator.host.uids import give_folder
 from orchestrator.rules.egress import CA_MOUNT

@@ -34,7 +34,7 @@ from lightkube.resources.core_v1 import Pod
 from lightkube.types import on_error_raise
 from loguru import logger
 
-from orchestrator.config.model import KubernetesConfig
+from orchestrator.config.sections import KubernetesConfig
 from orchestrator.runtime.base import RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from loguru import logger
 
 from orchestrator.config.cluster import MEMBER_ID, Member
-from orchestrator.config.model import ClusterConfig, KubernetesConfig
+from orchestrator.config.sections import ClusterConfig, KubernetesConfig
 from orchestrator.runtime.kubernetes.calls import KubeCalls
 from orchestrator.runtime.kubernetes.spec import node_name as _node_name
 from orchestrator.runtime.kubernetes.watch import PodWatch

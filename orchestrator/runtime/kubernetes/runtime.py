@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from orchestrator.config.model import KubernetesConfig
+from orchestrator.config.sections import KubernetesConfig
 from orchestrator.contract import layout
 from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.runtime.base import (

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.groups import read_env
-from orchestrator.config.model import KubernetesConfig
 from orchestrator.config.mounts import WORKSPACE, is_under
+from orchestrator.config.sections import KubernetesConfig
 from orchestrator.contract import layout
 from orchestrator.host.uids import give_folder
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef

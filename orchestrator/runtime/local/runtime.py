@@ -20,7 +20,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.config.groups import read_env
-from orchestrator.config.model import RuntimeConfig
+from orchestrator.config.sections import RuntimeConfig
 from orchestrator.contract.layout import PID_FILE, session_paths
 from orchestrator.host.agent_logs import AgentLogs
 from orchestrator.host.safefs import SessionDir

@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator.config.model import DockerConfig
+from orchestrator.config.sections import DockerConfig
 from orchestrator.runtime.base import AgentExit, SessionRef, Usage, wall_between
 from orchestrator.runtime.docker.runtime import DockerRuntime
 from orchestrator.runtime.docker.usage import (

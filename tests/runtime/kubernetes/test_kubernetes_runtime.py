@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from orchestrator.config.groups import AgentSettings
-from orchestrator.config.model import (
+from orchestrator.config.sections import (
     DockerConfig,
     KubernetesConfig,
     LifecycleConfig,

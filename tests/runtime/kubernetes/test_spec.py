@@ -10,7 +10,7 @@ from lightkube.core.selector import build_selector
 
 from orchestrator.config.groups import resolve
 from orchestrator.config.load import load_config
-from orchestrator.config.model import KubernetesConfig
+from orchestrator.config.sections import KubernetesConfig
 from orchestrator.runtime.base import RuntimeUnavailable, SessionRef
 from orchestrator.runtime.identity import FALLBACK_GID, FALLBACK_UID, AgentIds
 from orchestrator.runtime.kubernetes import spec

@@ -55,7 +55,7 @@ from orchestrator.host.retention import Retention
 from orchestrator.host.sessions import Sessions
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.signals import capture_signals
-from orchestrator.watch import watcher
+from orchestrator.watch import inotify_thread, watcher
 
 Clock = Callable[[], datetime]
 RuntimeFactory = Callable[[Config, Callable[[AgentExit], None], Callable[[], None]], Runtime]
@@ -204,7 +204,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                           statuses=tracked.statuses,
                           queue_length=lambda: gate.queue_length(),
                           rescans=lambda: dict(watcher.RESCANS),
-                          watch_state=lambda: dict(watcher.WATCH_STATE),
+                          watch_state=lambda: dict(inotify_thread.WATCH_STATE),
                           groups=[g.name for g in cfg.groups],
                           webhook_responses=(lambda: dict(chan.responses))
                           if isinstance(chan, WebhookChannel) else None,

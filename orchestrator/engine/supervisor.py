@@ -60,6 +60,7 @@ from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
 from orchestrator.support.ticker import ticks
 from orchestrator.watch import budget, watcher
+from orchestrator.watch.activity import RESCAN, Activity
 
 Clock = Callable[[], datetime]
 
@@ -232,9 +233,9 @@ class Supervisor:
             if self.runtime.is_running(sid):
                 self.dirty.mark(sid, Flag.TIMER)
 
-    def _on_activity(self, batch: list[watcher.Activity]) -> None:
+    def _on_activity(self, batch: list[Activity]) -> None:
         for act in batch:
-            if act == watcher.RESCAN:  # events may have been lost: a sweep, now
+            if act == RESCAN:  # events may have been lost: a sweep, now
                 self._discover()
                 for sid in list(self.tracked.keys()):
                     self.dirty.mark(sid, Flag.SWEEP)

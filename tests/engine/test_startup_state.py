@@ -41,7 +41,7 @@ from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.rules.lifecycle import Claim
 from orchestrator.rules.messages import NewMessage
-from orchestrator.watch import watcher
+from orchestrator.watch.activity import RESCAN
 from tests.support.e2e import Client, make_config, replies, replies_to, supervised
 from tests.support.helpers import until
 
@@ -453,7 +453,7 @@ async def test_a_message_written_while_down_to_a_dormant_session(tmp_path: Path,
         await until(lambda: replies_to(cfg, "m-no-journal"),
                     message="the journal-less message found by the sweep, answered")
         assert rows["quiet"].id in sup.rows.dormant  # swept, unchanged: never woken
-        sup._on_activity([watcher.RESCAN])  # a loss sign: the rows compared, in slices
+        sup._on_activity([RESCAN])  # a loss sign: the rows compared, in slices
         await until(lambda: sup._rescan is not None and sup._rescan.done(),
                     message="the dormant rows rescanned")
         assert rows["quiet"].id in sup.rows.dormant

@@ -201,7 +201,7 @@ class StuckStopRuntime:
 
 
 class FakeNotify:
-    """Stands in for ``FolderWatch`` (a ``watcher.Notifier``): scripted ``watch``
+    """Stands in for ``FolderWatch`` (an ``inotify_thread.Notifier``): scripted ``watch``
     results (a set of changes, a result string, or an exception to raise), no inotify
     instance of its own. Each instance takes the next script; once a script is used
     up it waits for the stop event, as the real one does."""

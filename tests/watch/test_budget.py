@@ -9,8 +9,9 @@ import pytest
 
 from orchestrator.watch import budget
 from orchestrator.watch.changes import Change
-from orchestrator.watch.folder_watch import FolderWatch, watched_folders
+from orchestrator.watch.folder_watch import FolderWatch
 from orchestrator.watch.polled import GONE, PolledSessions, changes_between, mark_of
+from orchestrator.watch.watch_table import watched_folders
 from tests.support.helpers import wait_for
 
 

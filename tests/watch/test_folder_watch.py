@@ -1,4 +1,4 @@
-"""The host's inotify watch (orchestrator.watch.folder_watch): real inotify on real folders."""
+"""The host's inotify watch (watch.folder_watch, watch_table): real inotify on real folders."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from orchestrator.watch.folder_watch import (
     FolderWatch,
     change_of,
     read_pause,
-    watched_folders,
-    watched_level,
 )
+from orchestrator.watch.watch_table import watched_folders, watched_level
 from tests.support.helpers import wait_for
 
 

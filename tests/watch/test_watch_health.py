@@ -1,6 +1,6 @@
 """Lost inotify events: the signs (pure, as a table), the kernel's view of our own
 instance (real inotify), and the watcher's restart-and-rescan path driven branch by
-branch with a stand-in notifier (a scripted ``watcher.Notifier``)."""
+branch with a stand-in notifier (a scripted ``inotify_thread.Notifier``)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from orchestrator.config.sections import WatchConfig
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder
 from orchestrator.watch import health as watch_health
+from orchestrator.watch.activity import RESCAN, Activity
 from orchestrator.watch.folder_watch import FolderWatch
-from orchestrator.watch.watcher import PROBE, RESCAN, Activity, inotify_batches
+from orchestrator.watch.inotify_thread import PROBE
+from orchestrator.watch.watcher import inotify_batches
 from tests.support.e2e import run
 from tests.support.fakes import FakeNotify
 from tests.support.helpers import until, wait_for

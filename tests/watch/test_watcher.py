@@ -15,20 +15,22 @@ from orchestrator.config.sections import WatchConfig
 from orchestrator.contract import schema
 from orchestrator.contract.layout import Kind
 from orchestrator.host.sessions import create_folder
-from orchestrator.watch.changes import Change
-from orchestrator.watch.folder_watch import FolderWatch
-from orchestrator.watch.watcher import (
+from orchestrator.watch.activity import (
     RESCAN,
     Activity,
+    only_muted_heartbeats,
+    to_activities,
+    unmuted,
+)
+from orchestrator.watch.changes import Change
+from orchestrator.watch.folder_watch import FolderWatch
+from orchestrator.watch.inotify_thread import watch_step
+from orchestrator.watch.watcher import (
     batches,
     choose_mode,
     count_dirs,
-    only_muted_heartbeats,
     poll_once,
-    to_activities,
-    unmuted,
     watch_budget,
-    watch_step,
 )
 from tests.support.helpers import until
 

@@ -59,18 +59,31 @@ def _snapshot(c: sqlite3.Connection, session_id: str) -> dict[str, Any]:
 def begin(registry: Registry, session_id: str, action: str) -> Pending | None:
     """Journal the removal and take the session's rows out, in one transaction. None if
     the session is not in the registry (already removed, or never there)."""
+    return begin_many(registry, [(session_id, action)])[0]
+
+
+def begin_many(registry: Registry, asked: list[tuple[str, str]]) -> list[Pending | None]:
+    """``begin`` for a batch of (session id, action), all in **one** transaction: one
+    write lock and one WAL commit for the batch, not one per session (live sessions'
+    registry writes wait for that lock). Each session is still journalled whole or not
+    at all: the journal row and the row deletes commit together."""
+    out: list[Pending | None] = []
+    now = format_ts(utcnow())
     with registry.transaction() as c:
-        snap = _snapshot(c, session_id)
-        if not snap["sessions"]:
-            return None
-        group = snap["sessions"][0]["agent_group_id"]
-        c.execute("INSERT INTO removals (session_id, agent_group_id, action, rows, started_at)"
-                  " VALUES (?,?,?,?,?)", (session_id, group, action,
-                                          json.dumps(snap, separators=(",", ":")),
-                                          format_ts(utcnow())))
-        for table in KEPT_TABLES + DROPPED_TABLES:
-            c.execute(f"DELETE FROM {table} WHERE {_key(table)}=?", (session_id,))
-    return Pending(session_id, group, action, snap)
+        for session_id, action in asked:
+            snap = _snapshot(c, session_id)
+            if not snap["sessions"]:
+                out.append(None)
+                continue
+            group = snap["sessions"][0]["agent_group_id"]
+            c.execute("INSERT INTO removals (session_id, agent_group_id, action, rows,"
+                      " started_at) VALUES (?,?,?,?,?)",
+                      (session_id, group, action, json.dumps(snap, separators=(",", ":")),
+                       now))
+            for table in KEPT_TABLES + DROPPED_TABLES:
+                c.execute(f"DELETE FROM {table} WHERE {_key(table)}=?", (session_id,))
+            out.append(Pending(session_id, group, action, snap))
+    return out
 
 
 def pending(registry: Registry) -> list[Pending]:

@@ -253,7 +253,8 @@ class Retention(FileSteps):
                 removals.undo(self.registry, w.pending)
                 out[w.item.session_id] = Outcome(w.item.session_id, "kept", reason)
         done = [w for w, reason in zip(work, kept, strict=True) if reason is None]
-        removals.finish(self.registry, [w.pending.session_id for w in done])
+        if done:  # (an empty one would still take the registry's write lock)
+            removals.finish(self.registry, [w.pending.session_id for w in done])
         for w in done:
             archived = w.item.action is rules.Action.ARCHIVE
             where = session_archive.archive_path(self.archives, w.pending.agent_group_id,

@@ -200,10 +200,14 @@ def test_begin_many_journals_a_batch_in_one_transaction(env) -> None:
     b = settled_session(sessions, reg, data, platform="b")
     commits = []
     reg._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
-    begun = removals.begin_many(reg, [(a, "archive"), ("sess-none", "delete"), (b, "delete")])
+    begun = removals.begin_many(reg, [(a, "archive"), ("sess-none", "delete"), (b, "delete"),
+                                      (a, "delete")])
     reg._conn.set_trace_callback(None)
-    assert [p.session_id if p else None for p in begun] == [a, None, b]
+    assert [p.session_id if p else None for p in begun] == [a, None, b, None]
     assert len(commits) == 1
+    first = begun[0]
+    assert first is not None and first.rows["sessions"][0]["id"] == a
+    assert first.rows["messaging_group"] == ["cli", "a"]  # the chat, for a restore
     assert {p.session_id: p.action for p in removals.pending(reg)} == {a: "archive",
                                                                        b: "delete"}
 

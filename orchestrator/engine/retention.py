@@ -14,7 +14,9 @@ stay in this process, in a thread, on the engine's own registry connection. Meas
 (strace of the loop thread): when the niced worker wrote them, the loop's registry
 writes (``touch``) met SQLite's lock held by a process the scheduler had set aside and
 slept in SQLite's busy handler (1, 2, 5, 10, 20 ms steps: 25 ms at p90), only while a
-batch ran; a lock between threads of one process is handed over at once. Only the
+batch ran. Here the registry's lock is one between threads of one process (handed over
+at once, held by a thread at full priority) and is held for a few statements per batch
+(``removals.begin_many``, ``finish``). Only the
 bookkeeping that must not interleave with the supervisor runs on the loop:
 
 - ``detach``: a session is taken out of ``tracked`` (no more passes, its timer

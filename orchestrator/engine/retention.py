@@ -1,8 +1,8 @@
 """Retention in the running engine: the periodic sweep and removals by hand (issue 26.1).
 
 The sweep's file work (move, facts, archive, tree removal: ``host.retention.FileSteps``)
-runs in a worker *process* (one, started at the first sweep, ``nice`` 10 and I/O class
-idle, killed by the kernel if the orchestrator dies: ``PR_SET_PDEATHSIG``), a batch of
+runs in a worker *process* (one, started at the first sweep, ``nice`` 10 from the moment
+it is spawned, killed by the kernel if the orchestrator dies: ``PR_SET_PDEATHSIG``), a batch of
 ``[retention] batch`` sessions per call, the loop resting between batches (``duty``).
 A thread would do the same I/O, but its Python work (tar headers, the tree walk) holds
 the interpreter lock: each time the loop thread wants it back it waits up to the switch
@@ -39,9 +39,7 @@ import ctypes
 import multiprocessing
 import multiprocessing.context
 import os
-import platform
 import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -70,8 +68,6 @@ from orchestrator.support.ticker import ticks
 
 STOP_WAIT_EXTRA = 10.0  # s beyond stop_grace a removal by hand waits for the agent to go
 PR_SET_PDEATHSIG = 1
-IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "i686": 289}  # ioprio_set's syscall number
-IOPRIO_WHO_PROCESS, IOPRIO_CLASS_IDLE, IOPRIO_CLASS_SHIFT = 1, 3, 13
 WORKER_NICE = 10
 
 
@@ -89,31 +85,18 @@ def _worker_init(parent: int) -> None:
 
 
 def lower_priority(pid: int) -> None:
-    """Give the CPU and the disk to everything else first: ``nice`` 10 and I/O class idle
-    (``ioprio_set``, what ``ionice -c3`` does). ``pid`` 0: this process. Not
-    ``SCHED_IDLE``: tried, a prune on a host whose other programs kept both cores busy
-    ran at 7 sessions/s instead of ~30 (it only ran when a core was idle)."""
+    """Give the CPU to everything else first: ``nice`` 10. ``pid`` 0: this process.
+    Not ``SCHED_IDLE``: tried, a prune on a host whose other programs kept both cores
+    busy ran at 7 sessions/s instead of ~30 (it only ran when a core was idle). Not the
+    idle I/O class either (``ionice -c3``): the worker's renames and unlinks join the
+    file system journal's transaction that the live sessions' fsyncs commit, and
+    idle-class writes that transaction must wait for would hold those fsyncs back (the
+    bench run with it was not better)."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, max(WORKER_NICE,
                                                  os.getpriority(os.PRIO_PROCESS, pid)))
     except OSError as exc:  # gone already, or a kernel without it: not worth failing for
         logger.debug("retention worker priority: {}", exc)
-    io_idle(pid)
-
-
-def io_idle(pid: int = 0) -> bool:
-    """Put a process in the idle I/O scheduling class (``ioprio_set``): a scheduler that
-    knows classes (BFQ, mq-deadline) serves its requests when no one else's wait. True
-    if the kernel took it; elsewhere (not Linux, an unknown architecture) a no-op."""
-    nr = IOPRIO_SET.get(platform.machine())
-    if nr is None or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(nr, IOPRIO_WHO_PROCESS, pid,
-                            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 class _LowProcess(multiprocessing.context.SpawnProcess):

@@ -1,13 +1,22 @@
 """Retention in the running engine: the periodic sweep and removals by hand (issue 26.1).
 
-The sweep's disk work (journal, move, archive, tree removal: ``host.retention``) runs in
-a worker *process* (one, started at the first sweep, ``nice`` 10, killed by the kernel
-if the orchestrator dies: ``PR_SET_PDEATHSIG``), a batch of ``[retention] batch``
-sessions per call, the loop yielding between batches. A thread would do the same I/O,
-but its Python work (tar headers, the tree walk) holds the interpreter lock: each
-time the loop thread wants it back it waits up to the switch interval (5 ms), many times
-per reply; measured, a thread-run prune multiplied other sessions' reply p99 by ~10.
-A process shares nothing with the loop but the files and SQLite's locks. Only the
+The sweep's file work (move, facts, archive, tree removal: ``host.retention.FileSteps``)
+runs in a worker *process* (one, started at the first sweep, ``nice`` 10 from the moment
+it is spawned, killed by the kernel if the orchestrator dies: ``PR_SET_PDEATHSIG``), a batch of
+``[retention] batch`` sessions per call, the loop resting between batches (``duty``).
+A thread would do the same I/O, but its Python work (tar headers, the tree walk) holds
+the interpreter lock: each time the loop thread wants it back it waits up to the switch
+interval (5 ms), many times per reply; measured, a thread-run prune multiplied other
+sessions' reply p99 by ~10.
+
+The journal's registry transactions (``begin``: one per batch, ``end``: one per batch)
+stay in this process, in a thread, on the engine's own registry connection. Measured
+(strace of the loop thread): when the niced worker wrote them, the loop's registry
+writes (``touch``) met SQLite's lock held by a process the scheduler had set aside and
+slept in SQLite's busy handler (1, 2, 5, 10, 20 ms steps: 25 ms at p90), only while a
+batch ran. Here the registry's lock is one between threads of one process (handed over
+at once, held by a thread at full priority) and is held for a few statements per batch
+(``removals.begin_many``, ``finish``). Only the
 bookkeeping that must not interleave with the supervisor runs on the loop:
 
 - ``detach``: a session is taken out of ``tracked`` (no more passes, its timer
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import time
@@ -45,25 +55,63 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.ports import Notify, notify_nobody
 from orchestrator.engine.tracked import Tracked
 from orchestrator.host.registry import Registry
-from orchestrator.host.retention import Item, Outcome, Retention, prune_delivered, remove_batch
+from orchestrator.host.retention import (
+    Item,
+    Outcome,
+    Retention,
+    prune_delivered,
+    remove_files,
+)
 from orchestrator.rules import retention as rules
 from orchestrator.runtime.base import Runtime
 from orchestrator.support.ticker import ticks
 
 STOP_WAIT_EXTRA = 10.0  # s beyond stop_grace a removal by hand waits for the agent to go
 PR_SET_PDEATHSIG = 1
+WORKER_NICE = 10
 
 
 def _worker_init(parent: int) -> None:
     """In the worker process: die with the orchestrator (a removal left running after a
-    SIGKILL would race the next start's ``recover``), and yield the CPU to it."""
+    SIGKILL would race the next start's ``recover``); its priorities were lowered by
+    the parent already (``_LowProcess``), again here where that could not be done."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the parent's pipe closing ends it
         pass
     if os.getppid() != parent:  # the parent died before the prctl
         os._exit(1)
-    os.nice(10)
+    lower_priority(0)
+
+
+def lower_priority(pid: int) -> None:
+    """Give the CPU to everything else first: ``nice`` 10. ``pid`` 0: this process.
+    Not ``SCHED_IDLE``: tried, a prune on a host whose other programs kept both cores
+    busy ran at 7 sessions/s instead of ~30 (it only ran when a core was idle). Not the
+    idle I/O class either (``ionice -c3``): the worker's renames and unlinks join the
+    file system journal's transaction that the live sessions' fsyncs commit, and
+    idle-class writes that transaction must wait for would hold those fsyncs back (the
+    bench run with it was not better)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, max(WORKER_NICE,
+                                                 os.getpriority(os.PRIO_PROCESS, pid)))
+    except OSError as exc:  # gone already, or a kernel without it: not worth failing for
+        logger.debug("retention worker priority: {}", exc)
+
+
+class _LowProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker whose priorities are lowered the moment it exists, by the
+    parent: a spawned child first imports the orchestrator (a second of CPU) before it
+    runs any code of ours, and that burst would otherwise compete at full priority."""
+
+    def start(self) -> None:
+        super().start()
+        if self.pid is not None:
+            lower_priority(self.pid)
+
+
+class _LowContext(multiprocessing.context.SpawnContext):
+    Process = _LowProcess
 
 
 class Host(Protocol):
@@ -172,7 +220,7 @@ class Retirement:
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:  # spawned, not forked: the loop's threads stay here
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                max_workers=1, mp_context=_LowContext(),
                 initializer=_worker_init, initargs=(os.getpid(),))
         return self._pool
 
@@ -215,33 +263,42 @@ class Retirement:
         return self.last
 
     async def _remove_all(self, batch: list[Candidate]) -> list[Outcome]:
-        """The batch in the worker process; if it fails as a whole, one at a time (a
-        session's own trouble is then its own: the rest go on)."""
+        """The batch's journal rows begun and ended here (a thread of this process: the
+        registry's lock is then a lock between threads, handed over at once, never
+        SQLite's busy wait on a niced process that may hold it while it is not
+        scheduled), its file steps in the worker process. If the file steps fail as a
+        whole: ``recover`` (finish or undo each), then one at a time (a session's own
+        trouble is then its own: the rest go on)."""
         if not batch:
             return []
         items = [Item(c.session_id, c.action, periodic=True, settings=c.settings)
                  for c in batch]
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._worker(), remove_batch,
-                                              self.cfg.data_dir, self.cfg.retention, items)
+            return await self._remove_items(items)
         except Exception as exc:  # noqa: BLE001 - e.g. one hostile folder: one by one below
             logger.warning("retention: a batch failed ({}); removing one at a time", exc)
-            if isinstance(exc, BrokenProcessPool):  # the worker died: a new one
-                self._pool = None
+            await asyncio.to_thread(self.retention.recover)
         out = []
         for item in items:
             try:
-                out += await loop.run_in_executor(self._worker(), remove_batch,
-                                                  self.cfg.data_dir, self.cfg.retention,
-                                                  [item])
+                out += await self._remove_items([item])
             except Exception as exc:  # noqa: BLE001 - this session's trouble only
                 logger.error("retention: session {}: {}", item.session_id, exc)
-                if isinstance(exc, BrokenProcessPool):
-                    self._pool = None
                 await asyncio.to_thread(self.retention.recover)  # undo its half
                 out.append(Outcome(item.session_id, "kept", str(exc)))
         return out
+
+    async def _remove_items(self, items: list[Item]) -> list[Outcome]:
+        work, out = await asyncio.to_thread(self.retention.begin, items)
+        kept: list[str | None] = []
+        if work:
+            try:
+                kept = await asyncio.get_running_loop().run_in_executor(
+                    self._worker(), remove_files, self.cfg.data_dir, self.cfg.retention, work)
+            except BrokenProcessPool:  # the worker died: a new one next time
+                self._pool = None
+                raise
+        return await asyncio.to_thread(self.retention.end, items, work, kept, out)
 
     # --- by hand ---------------------------------------------------------------------
 

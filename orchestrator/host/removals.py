@@ -42,35 +42,56 @@ def _key(table: str) -> str:
     return "id" if table == "sessions" else "session_id"
 
 
-def _snapshot(c: sqlite3.Connection, session_id: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"format": 1}
-    for table in KEPT_TABLES:
-        rows = c.execute(f"SELECT * FROM {table} WHERE {_key(table)}=?",
-                         (session_id,)).fetchall()
-        out[table] = [dict(r) for r in rows]
-    mg = out["sessions"][0]["messaging_group_id"] if out["sessions"] else None
-    if mg:
-        row = c.execute("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
-                        (mg,)).fetchone()
-        out["messaging_group"] = [row[0], row[1]] if row else None
-    return out
-
-
 def begin(registry: Registry, session_id: str, action: str) -> Pending | None:
     """Journal the removal and take the session's rows out, in one transaction. None if
     the session is not in the registry (already removed, or never there)."""
+    return begin_many(registry, [(session_id, action)])[0]
+
+
+def begin_many(registry: Registry, asked: list[tuple[str, str]]) -> list[Pending | None]:
+    """``begin`` for a batch of (session id, action), all in **one** transaction and a
+    few statements per table for the whole batch (not per session): the registry's
+    write lock, which live sessions' writes wait for, is held for a handful of
+    statements. Each session is still journalled whole or not at all: the journal row
+    and the row deletes commit together."""
+    ids = list(dict.fromkeys(sid for sid, _ in asked))
+    marks = ",".join("?" * len(ids))
+    now = format_ts(utcnow())
     with registry.transaction() as c:
-        snap = _snapshot(c, session_id)
-        if not snap["sessions"]:
-            return None
-        group = snap["sessions"][0]["agent_group_id"]
-        c.execute("INSERT INTO removals (session_id, agent_group_id, action, rows, started_at)"
-                  " VALUES (?,?,?,?,?)", (session_id, group, action,
-                                          json.dumps(snap, separators=(",", ":")),
-                                          format_ts(utcnow())))
-        for table in KEPT_TABLES + DROPPED_TABLES:
-            c.execute(f"DELETE FROM {table} WHERE {_key(table)}=?", (session_id,))
-    return Pending(session_id, group, action, snap)
+        snaps: dict[str, dict[str, Any]] = {sid: {"format": 1} for sid in ids}
+        for table in KEPT_TABLES:
+            for snap in snaps.values():
+                snap[table] = []
+            for r in c.execute(f"SELECT * FROM {table} WHERE {_key(table)} IN ({marks})",
+                               ids):
+                snaps[r[_key(table)]][table].append(dict(r))
+        chats = {r[0]: [r[1], r[2]] for r in c.execute(
+            "SELECT id, channel_type, platform_id FROM messaging_groups WHERE id IN"
+            " (SELECT messaging_group_id FROM sessions WHERE id IN (" + marks + "))", ids)}
+        found = [sid for sid in ids if snaps[sid]["sessions"]]
+        for sid in found:
+            mg = snaps[sid]["sessions"][0]["messaging_group_id"]
+            if mg:
+                snaps[sid]["messaging_group"] = chats.get(mg)
+        actions = dict(reversed(asked))  # the first action asked for an id
+        c.executemany("INSERT INTO removals (session_id, agent_group_id, action, rows,"
+                      " started_at) VALUES (?,?,?,?,?)",
+                      [(sid, snaps[sid]["sessions"][0]["agent_group_id"], actions[sid],
+                        json.dumps(snaps[sid], separators=(",", ":")), now) for sid in found])
+        if found:
+            fmarks = ",".join("?" * len(found))
+            for table in KEPT_TABLES + DROPPED_TABLES:
+                c.execute(f"DELETE FROM {table} WHERE {_key(table)} IN ({fmarks})", found)
+    out: list[Pending | None] = []
+    first = set()
+    for sid, _ in asked:
+        snap = snaps[sid]
+        if not snap["sessions"] or sid in first:
+            out.append(None)  # not there (or asked twice: the first one takes it)
+            continue
+        first.add(sid)
+        out.append(Pending(sid, snap["sessions"][0]["agent_group_id"], actions[sid], snap))
+    return out
 
 
 def pending(registry: Registry) -> list[Pending]:

@@ -11,6 +11,12 @@ move into it in one transaction), then idempotent steps on the files:
    a link, any depth);
 4. the journal row goes (``removals.finish``), with the session's idempotency keys.
 
+The registry steps (``Retention.begin``: the journal rows of a batch in one
+transaction; ``Retention.end``: rows back for the kept, journal rows of the done gone,
+one transaction) and the file steps (``FileSteps.run``: never opens the registry) are
+apart, so the engine runs the file steps in its niced worker process and keeps every
+registry write in its own process (``engine.retention``).
+
 ``recover`` (at every start, and before a CLI removal) looks at each journal row left by
 a crash: a delete whose folder was moved, or an archive whose file is complete, is
 finished; anything earlier is undone (folder moved back, rows put back). So a SIGKILL
@@ -85,55 +91,49 @@ class Item:
     settings: tuple[float, float] = (0.0, 0.0)
 
 
-def remove_batch(data_dir: Path, cfg: RetentionConfig, items: list[Item]) -> list[Outcome]:
-    """``Retention.remove_many`` on a registry connection of its own: what the engine's
-    retention worker process runs (``engine.retention``), so that the sweep's CPU work
-    never competes with the event loop for the interpreter lock."""
-    with Registry(data_dir / "orchestrator.db") as registry:
-        return Retention(data_dir, registry, cfg).remove_many(items)
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One begun removal handed to the file steps (``FileSteps.run``): picklable, so
+    the engine's worker process can take it."""
+
+    item: Item
+    pending: removals.Pending
 
 
-class Retention:
-    """The removal steps over one data dir; thread-safe as the registry is (each step is
-    its own transaction), so the engine runs them in a worker thread."""
+def remove_files(data_dir: Path, cfg: RetentionConfig, work: list[Work]) -> list[str | None]:
+    """``FileSteps.run``: what the engine's retention worker process runs
+    (``engine.retention``), so that the sweep's CPU work never competes with the event
+    loop for the interpreter lock. It never opens the registry: the journal's
+    transactions stay in the orchestrator's process (see ``Retention.remove_many``)."""
+    return FileSteps(data_dir, cfg).run(work)
 
-    def __init__(self, data_dir: Path, registry: Registry, cfg: RetentionConfig) -> None:
+
+class FileSteps:
+    """The removal steps on files only (move out, facts, archive, tree removal): no
+    registry, so they can run in a process of their own."""
+
+    def __init__(self, data_dir: Path, cfg: RetentionConfig) -> None:
         self.data_dir = data_dir
-        self.registry = registry
         self.archives = archive_dir(data_dir, cfg)
         self.removing = data_dir / REMOVING
 
-    # --- removals ---------------------------------------------------------------------
-
-    def remove(self, session_id: str, action: rules.Action, *, running: bool = False,
-               force: bool = False, periodic: bool = False, settings: tuple[float, float]
-               = (0.0, 0.0)) -> Outcome:
-        """Archive or delete one session, or keep it (the rules say why). ``periodic``:
-        the sweep's decision (``rules.due`` with ``settings`` = (archive_after,
-        delete_after)); otherwise a removal by hand (``rules.by_hand``)."""
-        return self.remove_many([Item(session_id, action, running, force, periodic,
-                                      settings)])[0]
-
-    def remove_many(self, items: list[Item]) -> list[Outcome]:
-        """Several removals, their slow steps shared: the archives of the batch are
-        written, then synced (the file system's journal commits them together: one
-        wait instead of one per archive), then renamed to their final names; the moved
-        folders are removed; the journal rows go in one transaction."""
+    def run(self, work: list[Work]) -> list[str | None]:
+        """The file steps of begun removals, their slow steps shared: the archives of
+        the batch are written, then synced (the file system's journal commits them
+        together), then renamed to their final names; the moved folders are removed.
+        Per removal: None (done: its journal row may go) or why it was kept (its folder
+        is back in place: its rows must go back, ``removals.undo``)."""
+        out: list[str | None] = []
         started: list[tuple[Item, removals.Pending, Path]] = []
-        out: dict[str, Outcome] = {}
-        for item in items:
-            validate_id(item.session_id, "session id")
-            p = removals.begin(self.registry, item.session_id, item.action.value)
-            if p is None:
-                out[item.session_id] = Outcome(item.session_id, "missing", "no such session")
-                continue
-            moved = self._move_out(p)
-            refusal = self._refusal(item, p, moved)
+        for w in work:
+            moved = self._move_out(w.pending)
+            refusal = self._refusal(w.item, w.pending, moved)
             if refusal is not None:
-                self._undo(p)
-                out[item.session_id] = Outcome(item.session_id, "kept", refusal.reason)
+                self._undo_files(w.pending)
+                out.append(refusal.reason)
                 continue
-            started.append((item, p, moved))
+            out.append(None)
+            started.append((w.item, w.pending, moved))
         parts = []
         for item, p, moved in started:
             if item.action is rules.Action.ARCHIVE:
@@ -143,15 +143,7 @@ class Retention:
         session_archive.commit(parts)  # synced, then renamed: complete or absent
         for _, p, _ in started:
             self._remove_moved(p.session_id)
-        removals.finish(self.registry, [p.session_id for _, p, _ in started])
-        for item, p, _ in started:
-            archived = item.action is rules.Action.ARCHIVE
-            where = session_archive.archive_path(self.archives, p.agent_group_id,
-                                                 p.session_id) if archived else None
-            out[item.session_id] = Outcome(item.session_id,
-                                           "archived" if archived else "deleted",
-                                           archive=str(where) if where else None)
-        return [out[item.session_id] for item in items]
+        return out
 
     @staticmethod
     def _refusal(item: Item, p: removals.Pending, moved: Path) -> rules.Refusal | None:
@@ -196,7 +188,9 @@ class Retention:
         finally:
             os.close(fd)
 
-    def _undo(self, p: removals.Pending) -> None:
+    def _undo_files(self, p: removals.Pending) -> None:
+        """The folder back in place, a half-written archive gone (the rows: the
+        caller's, ``removals.undo``)."""
         moved = self.removing / p.session_id
         final = session_dir(self.data_dir, p.agent_group_id, p.session_id)
         if moved.exists() and not os.path.lexists(final):
@@ -205,6 +199,73 @@ class Retention:
         part = part.with_name(part.name + ".part")
         if part.exists():
             part.unlink()
+
+
+class Retention(FileSteps):
+    """The removal steps over one data dir with its registry; thread-safe as the
+    registry is (each step is its own transaction), so the engine runs the journal's
+    steps in a thread and the file steps in its worker process."""
+
+    def __init__(self, data_dir: Path, registry: Registry, cfg: RetentionConfig) -> None:
+        super().__init__(data_dir, cfg)
+        self.registry = registry
+
+    # --- removals ---------------------------------------------------------------------
+
+    def remove(self, session_id: str, action: rules.Action, *, running: bool = False,
+               force: bool = False, periodic: bool = False, settings: tuple[float, float]
+               = (0.0, 0.0)) -> Outcome:
+        """Archive or delete one session, or keep it (the rules say why). ``periodic``:
+        the sweep's decision (``rules.due`` with ``settings`` = (archive_after,
+        delete_after)); otherwise a removal by hand (``rules.by_hand``)."""
+        return self.remove_many([Item(session_id, action, running, force, periodic,
+                                      settings)])[0]
+
+    def remove_many(self, items: list[Item]) -> list[Outcome]:
+        """Several removals in three steps, which the engine runs apart: ``begin``
+        (the journal rows, one transaction), the file steps (``FileSteps.run``; the
+        engine's worker process), ``end`` (rows back for the kept ones, the journal
+        rows of the done ones gone: one transaction)."""
+        work, out = self.begin(items)
+        return self.end(items, work, self.run(work), out)
+
+    def begin(self, items: list[Item]) -> tuple[list[Work], dict[str, Outcome]]:
+        """The journal rows of a batch in one registry transaction: the removals to
+        carry out, and the outcome of those that cannot start (no such session)."""
+        for item in items:
+            validate_id(item.session_id, "session id")
+        begun = removals.begin_many(self.registry, [(i.session_id, i.action.value)
+                                                    for i in items])
+        work, out = [], {}
+        for item, p in zip(items, begun, strict=True):
+            if p is None:
+                out[item.session_id] = Outcome(item.session_id, "missing", "no such session")
+            else:
+                work.append(Work(item, p))
+        return work, out
+
+    def end(self, items: list[Item], work: list[Work], kept: list[str | None],
+            out: dict[str, Outcome]) -> list[Outcome]:
+        """After the file steps: a kept session's rows go back, the done ones' journal
+        rows go (the last step of a removal); the outcomes in ``items``' order."""
+        for w, reason in zip(work, kept, strict=True):
+            if reason is not None:
+                removals.undo(self.registry, w.pending)
+                out[w.item.session_id] = Outcome(w.item.session_id, "kept", reason)
+        done = [w for w, reason in zip(work, kept, strict=True) if reason is None]
+        if done:  # (an empty one would still take the registry's write lock)
+            removals.finish(self.registry, [w.pending.session_id for w in done])
+        for w in done:
+            archived = w.item.action is rules.Action.ARCHIVE
+            where = session_archive.archive_path(self.archives, w.pending.agent_group_id,
+                                                 w.pending.session_id) if archived else None
+            out[w.item.session_id] = Outcome(w.item.session_id,
+                                             "archived" if archived else "deleted",
+                                             archive=str(where) if where else None)
+        return [out[item.session_id] for item in items]
+
+    def _undo(self, p: removals.Pending) -> None:
+        self._undo_files(p)
         removals.undo(self.registry, p)
 
     # --- after a crash ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from orchestrator.host.retention import (
     RetentionError,
     prune_delivered,
     read_facts,
+    remove_files,
 )
 from orchestrator.host.sessions import MessagingGroup, Sessions
 from orchestrator.rules.retention import Action
@@ -151,6 +152,64 @@ def test_a_batch_archives_deletes_and_keeps_each_as_its_facts_say(env) -> None:
     assert [o.action for o in out] == ["archived", "kept", "deleted", "missing"]
     assert reg.session(busy.id) is not None and session_dir(data, "g", busy.id).is_dir()
     assert removals.pending(reg) == [] and not list(ret.archives.rglob("*.part"))
+
+
+def test_the_file_steps_never_touch_the_registry_and_end_settles_the_journal(env) -> None:
+    """The engine runs ``begin``/``end`` in its own process and ``remove_files`` in its
+    worker process: the journal holds the batch from ``begin`` until ``end``, and the
+    file steps work with the registry write-locked by someone else."""
+    sessions, reg, data = env
+    a = settled_session(sessions, reg, data, platform="a")
+    busy = sessions.resolve("g", MessagingGroup("cli", "busy"), None, "shared")
+    sessions.write_message(busy, {"text": "pending"})
+    ret = Retention(data, reg, RetentionConfig())
+    items = [Item(a, Action.ARCHIVE), Item(busy.id, Action.ARCHIVE),
+             Item("sess-none", Action.DELETE)]
+    work, out = ret.begin(items)
+    assert [w.item.session_id for w in work] == [a, busy.id]
+    assert {p.session_id for p in removals.pending(reg)} == {a, busy.id}
+    assert reg.session(a) is None and reg.session(busy.id) is None  # out in one commit
+    with reg.transaction():  # another writer holds the registry throughout
+        kept = remove_files(data, RetentionConfig(), work)
+    assert kept[0] is None and kept[1] is not None  # the pending message keeps it
+    assert session_dir(data, "g", busy.id).is_dir()  # its folder is back already
+    outcomes = ret.end(items, work, kept, out)
+    assert [o.action for o in outcomes] == ["archived", "kept", "missing"]
+    assert removals.pending(reg) == [] and reg.session(busy.id) is not None
+
+
+def test_a_crash_between_the_file_steps_and_end_is_finished_or_undone(env) -> None:
+    """SIGKILL after the worker's file steps, before ``end``: ``recover`` finishes the
+    done removal and puts the kept session's rows back."""
+    sessions, reg, data = env
+    a = settled_session(sessions, reg, data, platform="a")
+    busy = sessions.resolve("g", MessagingGroup("cli", "busy"), None, "shared")
+    sessions.write_message(busy, {"text": "pending"})
+    ret = Retention(data, reg, RetentionConfig())
+    work, _ = ret.begin([Item(a, Action.ARCHIVE), Item(busy.id, Action.ARCHIVE)])
+    remove_files(data, RetentionConfig(), work)
+    assert ret.recover() == (1, 1)
+    assert reg.session(a) is None and ret.find_archive(a) is not None
+    assert reg.session(busy.id) is not None and session_dir(data, "g", busy.id).is_dir()
+    assert removals.pending(reg) == []
+
+
+def test_begin_many_journals_a_batch_in_one_transaction(env) -> None:
+    sessions, reg, data = env
+    a = settled_session(sessions, reg, data, platform="a")
+    b = settled_session(sessions, reg, data, platform="b")
+    commits = []
+    reg._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    begun = removals.begin_many(reg, [(a, "archive"), ("sess-none", "delete"), (b, "delete"),
+                                      (a, "delete")])
+    reg._conn.set_trace_callback(None)
+    assert [p.session_id if p else None for p in begun] == [a, None, b, None]
+    assert len(commits) == 1
+    first = begun[0]
+    assert first is not None and first.rows["sessions"][0]["id"] == a
+    assert first.rows["messaging_group"] == ["cli", "a"]  # the chat, for a restore
+    assert {p.session_id: p.action for p in removals.pending(reg)} == {a: "archive",
+                                                                       b: "delete"}
 
 
 def test_a_removed_sessions_idempotency_keys_go_with_it(env) -> None:

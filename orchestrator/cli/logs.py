@@ -37,13 +37,25 @@ def snake(text: str) -> str:
     return _NOT_SNAKE.sub("_", text.lower()).strip("_") or "log"
 
 
+# Modules split out of another keep its name in ``event``: the names are a contract
+# (docs/log-events.md, held by tests/cli/test_log_event_names.py), not the code's layout.
+MOVED: dict[str, str] = {
+    "orchestrator.api.connections": "server",
+    "orchestrator.runtime.docker.start": "runtime",
+    "orchestrator.runtime.docker.reconcile": "runtime",
+    "orchestrator.runtime.kubernetes.ending": "runtime",
+}
+
+
 def event_name(record: dict[str, Any]) -> str:
     """The ``event`` of a log record: its bound ``event`` (made snake_case), else its
-    module's last part and function (``<module>`` at a module's top level)."""
+    module's last part (or the name it had before a split, ``MOVED``) and function
+    (``<module>`` at a module's top level)."""
     bound = record["extra"].get("event")
     if bound:
         return snake(str(bound))
-    module = (record.get("name") or "").rsplit(".", 1)[-1]
+    name = record.get("name") or ""
+    module = MOVED.get(name) or name.rsplit(".", 1)[-1]
     function = record.get("function") or ""
     return snake(f"{module}_{function}" if function and function != "<module>" else module)
 

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from orchestrator.contract.schema import format_ts, parse_ts, utcnow
 
@@ -27,7 +27,9 @@ class SessionRecordsMixin:
     # Registry's, used here (see registry.py)
     _conn: sqlite3.Connection
     _lock: threading.RLock
-    _tx: Callable[[], AbstractContextManager[sqlite3.Connection]]
+
+    if TYPE_CHECKING:
+        def _tx(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
     # --- start-up states (``orchestrator.engine.startup_state``) ----------------------
 

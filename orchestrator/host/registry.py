@@ -4,6 +4,11 @@ It knows agent groups, messaging groups, destinations and sessions, and keeps
 what must survive an orchestrator restart: each session's container status with
 its last reason, a log of status changes, and persistent delivery attempt counts
 (a retry counter kept in memory resets on restart and retries forever).
+
+This module holds the connection and the rows that say which sessions and groups
+exist; the schema and its migrations are in ``registry_schema``, the per-session
+records (start-up states, delivery attempts, agent settings, runs, series) in
+``registry_records``.
 """
 
 from __future__ import annotations
@@ -19,82 +24,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from orchestrator.contract.schema import format_ts, parse_ts, transaction, utcnow
-from orchestrator.contract.session_status import Status, sql_list
+from orchestrator.contract.session_status import Status
 from orchestrator.host.private import make_dirs, private_file
-from orchestrator.host.schema_version import Migration, add_column, check, migrate, script
+from orchestrator.host.registry_records import SessionRecordsMixin
+from orchestrator.host.registry_schema import MIGRATIONS
+from orchestrator.host.schema_version import check, migrate
 from orchestrator.support.errors import storage, storage_error
 
 CONTAINER_STATUSES = tuple(Status)
-
-DDL = f"""
-CREATE TABLE IF NOT EXISTS agent_groups (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messaging_groups (
-    id TEXT PRIMARY KEY, channel_type TEXT NOT NULL, platform_id TEXT NOT NULL,
-    created_at TEXT NOT NULL, UNIQUE (channel_type, platform_id));
-CREATE TABLE IF NOT EXISTS destinations (
-    agent_group_id TEXT NOT NULL, name TEXT NOT NULL, display_name TEXT, type TEXT NOT NULL,
-    channel_type TEXT, platform_id TEXT, target_agent_group_id TEXT,
-    PRIMARY KEY (agent_group_id, name));
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    agent_group_id TEXT NOT NULL REFERENCES agent_groups(id),
-    messaging_group_id TEXT REFERENCES messaging_groups(id),
-    thread_id TEXT,
-    resolution_key TEXT NOT NULL UNIQUE,
-    status TEXT NOT NULL DEFAULT 'active',
-    container_status TEXT NOT NULL DEFAULT '{Status.STOPPED.value}'
-        CHECK (container_status IN ({sql_list()})),
-    status_reason TEXT,
-    last_active TEXT,
-    last_heartbeat TEXT,
-    created_at TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_sessions_group ON sessions(agent_group_id);
-CREATE TABLE IF NOT EXISTS status_changes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, at TEXT NOT NULL,
-    old TEXT, new TEXT NOT NULL, reason TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS group_chats (
-    agent_group_id TEXT NOT NULL, channel_type TEXT NOT NULL, platform_id TEXT NOT NULL,
-    thread_id TEXT NOT NULL DEFAULT '', first_seen TEXT NOT NULL,
-    PRIMARY KEY (agent_group_id, channel_type, platform_id, thread_id));
-CREATE TABLE IF NOT EXISTS delivery_attempts (
-    session_id TEXT NOT NULL, message_out_id TEXT NOT NULL, attempts INTEGER NOT NULL,
-    next_attempt_at TEXT, last_error TEXT, PRIMARY KEY (session_id, message_out_id));
-CREATE TABLE IF NOT EXISTS manual_destinations (
-    agent_group_id TEXT NOT NULL, name TEXT NOT NULL, display_name TEXT, type TEXT NOT NULL
-        CHECK (type IN ('channel', 'agent')),
-    channel_type TEXT, platform_id TEXT, target_agent_group_id TEXT, created_at TEXT NOT NULL,
-    PRIMARY KEY (agent_group_id, name));
-CREATE TABLE IF NOT EXISTS agent_settings (
-    session_id TEXT PRIMARY KEY, agent_group_id TEXT NOT NULL, digest TEXT NOT NULL,
-    image TEXT, started_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS session_state (
-    session_id TEXT PRIMARY KEY, state TEXT NOT NULL, saved_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS series (
-    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, agent_group_id TEXT NOT NULL,
-    recurrence TEXT NOT NULL, timezone TEXT NOT NULL, created_at TEXT NOT NULL,
-    cancelled_at TEXT);
-"""
-
-RUNS_DDL = """
-CREATE TABLE IF NOT EXISTS agent_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL,
-    agent_group_id TEXT NOT NULL, started_at TEXT, ended_at TEXT NOT NULL,
-    wall_seconds REAL, cpu_seconds REAL, peak_memory_bytes INTEGER, exit_reason TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_agent_runs_session ON agent_runs(session_id);
-"""
-
-
-# One row per session being archived or deleted (``host.removals``): written, with the
-# session's registry rows, in the transaction that takes those rows out of ``sessions``;
-# removed when the removal is complete. A row left by a crash is finished or undone at
-# the next start (``host.retention.recover``).
-REMOVALS_DDL = """
-CREATE TABLE IF NOT EXISTS removals (
-    session_id TEXT PRIMARY KEY, agent_group_id TEXT NOT NULL,
-    action TEXT NOT NULL CHECK (action IN ('archive', 'delete')),
-    rows TEXT NOT NULL, started_at TEXT NOT NULL);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,22 +49,6 @@ class SessionRow:
     queued_since: datetime | None = None  # waiting for an agent slot, due since then
 
 
-# The registry's schema versions, in order (``schema_version``): migration k takes the
-# file to version k (PRAGMA user_version). Append only; never change one that shipped.
-# Each also holds on a file from before versions (version 0, some columns there).
-MIGRATIONS: tuple[Migration, ...] = (
-    script(DDL),  # 1: the tables as they were when versions began
-    lambda c: add_column(c, "sessions", "queued_since", "TEXT"),  # 2: admission queue
-    script(RUNS_DDL),  # 3: what each agent run used (issue 26.4)
-    # 4: a session's status log read by its id (the console's timeline, status) without
-    # a scan of every session's changes
-    script("CREATE INDEX IF NOT EXISTS idx_status_changes_session"
-           " ON status_changes(session_id, id);"),
-    script(REMOVALS_DDL),  # 5: retention's journal of archives and deletions (issue 26.1)
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
 def _session(row: sqlite3.Row) -> SessionRow:
     return SessionRow(
         row["id"], row["agent_group_id"], row["messaging_group_id"], row["thread_id"],
@@ -136,7 +57,7 @@ def _session(row: sqlite3.Row) -> SessionRow:
         parse_ts(row["queued_since"]) if "queued_since" in row.keys() else None)
 
 
-class Registry:
+class Registry(SessionRecordsMixin):
     """One connection per Registry; each method is one short transaction.
 
     The connection may be used from several threads (``check_same_thread=False``),
@@ -413,22 +334,6 @@ class Registry:
         with self._lock:
             return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
-    def saved_states(self) -> dict[str, str]:
-        """session id → the start-up state saved after its last settled pass
-        (``orchestrator.engine.startup_state``)."""
-        with self._lock:
-            return dict(self._conn.execute("SELECT session_id, state FROM session_state"))
-
-    def save_states(self, rows: dict[str, str | None]) -> None:
-        """Many sessions' start-up states in one transaction (None removes the row)."""
-        now = format_ts(utcnow())
-        with self._tx() as c:
-            c.executemany("DELETE FROM session_state WHERE session_id=?",
-                          [(sid,) for sid, text in rows.items() if text is None])
-            c.executemany("INSERT OR REPLACE INTO session_state (session_id, state, saved_at)"
-                          " VALUES (?,?,?)",
-                          [(sid, text, now) for sid, text in rows.items() if text is not None])
-
     def sessions(self) -> list[SessionRow]:
         with self._lock:
             return [_session(r) for r in self._conn.execute(
@@ -482,39 +387,6 @@ class Registry:
                 "SELECT at, old, new, reason FROM status_changes WHERE session_id=? ORDER BY id",
                 (session_id,))]
 
-    # --- delivery attempts --------------------------------------------------------
-
-    def delivery_attempt(self, session_id: str, out_id: str) -> tuple[int, datetime | None]:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT attempts, next_attempt_at FROM delivery_attempts WHERE session_id=? AND"
-                " message_out_id=?", (session_id, out_id)).fetchone()
-        return (row[0], parse_ts(row[1])) if row else (0, None)
-
-    def delivery_attempts(self, session_id: str) -> dict[str, tuple[int, datetime | None]]:
-        """Every reply of the session with failed attempts (usually none): one query per
-        pass instead of one per reply."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT message_out_id, attempts, next_attempt_at FROM delivery_attempts"
-                " WHERE session_id=?", (session_id,)).fetchall()
-        return {r[0]: (r[1], parse_ts(r[2])) for r in rows}
-
-    def record_attempt_failure(self, session_id: str, out_id: str, attempts: int,
-                               next_at: datetime | None, error: str) -> None:
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO delivery_attempts (session_id, message_out_id, attempts,"
-                " next_attempt_at, last_error) VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET"
-                " attempts=excluded.attempts, next_attempt_at=excluded.next_attempt_at,"
-                " last_error=excluded.last_error",
-                (session_id, out_id, attempts, format_ts(next_at) if next_at else None, error))
-
-    def clear_attempts(self, session_id: str, out_id: str) -> None:
-        with self._tx() as c:
-            c.execute("DELETE FROM delivery_attempts WHERE session_id=? AND message_out_id=?",
-                      (session_id, out_id))
-
     # --- manual destinations (``orchestrator group destinations``) ------------------
     # Their own table: automatic ones (per chat) live elsewhere; both are merged when
     # a wake projects them into inbound.db (``Sessions.write_routing``).
@@ -544,98 +416,3 @@ class Registry:
                 "SELECT agent_group_id, name, display_name, type, channel_type, platform_id,"
                 " target_agent_group_id FROM manual_destinations WHERE agent_group_id=?"
                 " ORDER BY name", (agent_group_id,))]
-
-    # --- which settings an agent was started with -----------------------------------
-
-    def record_agent_settings(self, session_id: str, agent_group_id: str, digest: str,
-                              image: str | None, now: datetime | None = None) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO agent_settings (session_id, agent_group_id, digest, image,"
-                      " started_at) VALUES (?,?,?,?,?) ON CONFLICT(session_id) DO UPDATE SET"
-                      " agent_group_id=excluded.agent_group_id, digest=excluded.digest,"
-                      " image=excluded.image, started_at=excluded.started_at",
-                      (session_id, agent_group_id, digest, image, format_ts(now or utcnow())))
-
-    def agent_settings(self) -> dict[str, dict]:
-        """session id → {digest, image, started_at} of its last started agent."""
-        try:
-            with self._lock:
-                return {r["session_id"]: dict(r) for r in self._conn.execute(
-                    "SELECT session_id, digest, image, started_at FROM agent_settings")}
-        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
-            if "no such table" in str(exc):
-                return {}
-            raise
-
-    # --- what each agent run used (issue 26.4) -----------------------------------------
-
-    def record_run(self, session_id: str, agent_group_id: str, started_at: datetime | None,
-                   ended_at: datetime, exit_reason: str, cpu_seconds: float | None,
-                   peak_memory_bytes: int | None, wall_seconds: float | None = None) -> None:
-        """``wall_seconds``: the runtime's own (a container's start to end), else from
-        ``started_at`` to ``ended_at``."""
-        wall = wall_seconds if wall_seconds is not None else (
-            (ended_at - started_at).total_seconds() if started_at else None)
-        with self._tx() as c:
-            c.execute("INSERT INTO agent_runs (session_id, agent_group_id, started_at,"
-                      " ended_at, wall_seconds, cpu_seconds, peak_memory_bytes, exit_reason)"
-                      " VALUES (?,?,?,?,?,?,?,?)",
-                      (session_id, agent_group_id, format_ts(started_at) if started_at
-                       else None, format_ts(ended_at), wall, cpu_seconds, peak_memory_bytes,
-                       exit_reason))
-
-    def run_usage(self) -> dict[str, dict]:
-        """session id → its last run (``last_*``) and its totals over every run."""
-        try:
-            with self._lock:
-                totals = self._conn.execute(
-                    "SELECT session_id, COUNT(*), SUM(wall_seconds), SUM(cpu_seconds),"
-                    " MAX(peak_memory_bytes), MAX(id) FROM agent_runs GROUP BY session_id"
-                ).fetchall()
-                last = {r["id"]: r for r in self._conn.execute(
-                    "SELECT * FROM agent_runs WHERE id IN (SELECT MAX(id) FROM agent_runs"
-                    " GROUP BY session_id)")}
-        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
-            if "no such table" in str(exc):
-                return {}
-            raise
-        out = {}
-        for sid, runs, wall, cpu, peak, last_id in totals:
-            row = last[last_id]
-            out[sid] = {"runs": runs, "wall_seconds": wall, "cpu_seconds": cpu,
-                        "peak_memory_bytes": peak, "last_run": {
-                            "started_at": row["started_at"], "ended_at": row["ended_at"],
-                            "wall_seconds": row["wall_seconds"],
-                            "cpu_seconds": row["cpu_seconds"],
-                            "peak_memory_bytes": row["peak_memory_bytes"],
-                            "exit_reason": row["exit_reason"]}}
-        return out
-
-    # --- recurring series -------------------------------------------------------------
-
-    def add_series(self, series_id: str, session_id: str, agent_group_id: str,
-                   recurrence: str, timezone: str) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO series (id, session_id, agent_group_id, recurrence, timezone,"
-                      " created_at) VALUES (?,?,?,?,?,?)",
-                      (series_id, session_id, agent_group_id, recurrence, timezone,
-                       format_ts(utcnow())))
-
-    def series(self, series_id: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM series"
-        args: tuple = ()
-        if series_id is not None:
-            sql, args = sql + " WHERE id=?", (series_id,)
-        try:
-            with self._lock:
-                return [dict(r) for r in self._conn.execute(sql + " ORDER BY created_at, id",
-                                                            args)]
-        except sqlite3.OperationalError as exc:  # a read-only open of an older registry
-            if "no such table" in str(exc):
-                return []
-            raise
-
-    def cancel_series(self, series_id: str, now: datetime | None = None) -> None:
-        with self._tx() as c:
-            c.execute("UPDATE series SET cancelled_at=? WHERE id=? AND cancelled_at IS NULL",
-                      (format_ts(now or utcnow()), series_id))

@@ -14,7 +14,8 @@ import tomli_w
 from orchestrator.api.events import EventStore
 from orchestrator.cli import commands as cli
 from orchestrator.contract.layout import registry_path
-from orchestrator.host.registry import SCHEMA_VERSION, Registry
+from orchestrator.host.registry import Registry
+from orchestrator.host.registry_schema import SCHEMA_VERSION
 from tests.support.helpers import journal_mode, query
 
 

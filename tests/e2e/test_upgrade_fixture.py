@@ -22,7 +22,7 @@ from pathlib import Path
 from orchestrator.api.events import SCHEMA_VERSION as EVENTS_VERSION
 from orchestrator.contract.layout import registry_path
 from orchestrator.host.agent_logs import AgentLogs
-from orchestrator.host.registry import SCHEMA_VERSION
+from orchestrator.host.registry_schema import SCHEMA_VERSION
 from tests.support.e2e import Client, make_config, replies, supervised
 from tests.support.helpers import query, until
 

@@ -23,7 +23,8 @@ from orchestrator.channels.jsonl import JsonlChannel, read_lines
 from orchestrator.config.sections import DeliveryConfig
 from orchestrator.contract import schema
 from orchestrator.contract.layout import SessionPaths, delivered_root, registry_path
-from orchestrator.engine.delivery import Deliverer, DeliveryState, move_files
+from orchestrator.engine.delivery import Deliverer, DeliveryState
+from orchestrator.engine.reply_files import move_files
 from orchestrator.host import outbound
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import SessionDir

@@ -16,7 +16,7 @@ from orchestrator.api.events import EventStore
 from orchestrator.channels.base import Reply
 from orchestrator.channels.jsonl import JsonlChannel
 from orchestrator.contract.layout import delivered_root, registry_path, sessions_root
-from orchestrator.engine.delivery import move_files
+from orchestrator.engine.reply_files import move_files
 from orchestrator.host.data_lock import lock_data_dir
 from orchestrator.host.private import tighten_data_dir
 from orchestrator.host.registry import Registry

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.contract.layout import registry_path
-from orchestrator.host import registry as registry_mod
-from orchestrator.host.registry import SCHEMA_VERSION, Registry
+from orchestrator.host import registry_schema
+from orchestrator.host.registry import Registry
+from orchestrator.host.registry_schema import SCHEMA_VERSION
 from orchestrator.host.schema_version import SchemaTooNew, migrate, version_of
 from tests.support.helpers import table_columns
 
@@ -116,7 +117,7 @@ def test_a_registry_from_before_versions_is_migrated_with_its_rows(tmp_path: Pat
     with Registry(path) as reg:
         row = reg.session("sess-old")
         assert row is not None and row.status_reason == "kept"
-    assert user_version(path) == SCHEMA_VERSION == len(registry_mod.MIGRATIONS)
+    assert user_version(path) == SCHEMA_VERSION == len(registry_schema.MIGRATIONS)
     assert "queued_since" in table_columns(path, "sessions")
     assert "series" in {r[0] for r in sqlite3.connect(path).execute(
         "SELECT name FROM sqlite_master WHERE type='table'")}
@@ -162,7 +163,7 @@ def test_a_version_4_registry_gains_the_removals_journal_with_its_rows(tmp_path:
 
     path = registry_path(tmp_path)
     conn = sqlite3.connect(path, isolation_level=None)
-    for step in registry_mod.MIGRATIONS[:4]:
+    for step in registry_schema.MIGRATIONS[:4]:
         step(conn)
     conn.executescript(OLD_SESSIONS.split("CREATE TABLE sessions")[1].split(";", 1)[1]
                        .replace("INSERT INTO agent_groups", "INSERT OR IGNORE INTO agent_groups"))

@@ -17,7 +17,7 @@ import pytest
 from orchestrator.config.load import parse_range
 from orchestrator.config.sections import DockerConfig, RuntimeConfig
 from orchestrator.contract.layout import delivered_root
-from orchestrator.engine.delivery import move_files
+from orchestrator.engine.reply_files import move_files
 from orchestrator.host.safefs import SessionDir
 from orchestrator.host.sessions import create_folder
 from orchestrator.host.uids import SessionUids

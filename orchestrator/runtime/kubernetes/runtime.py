@@ -8,8 +8,8 @@ The orchestrator runs on the node that holds the data dir (a DaemonSet Pod); eac
 agent Pod is pinned there (``nodeName``) and gets its session folder as a
 ``hostPath``. What a Pod looks like is ``spec`` (pure); what its status means is
 ``pods`` (pure); API calls and their error policy are ``calls``; the list-then-watch
-task is ``watch``. This module is the bookkeeping: which Pod belongs to which
-session, and who reports its end, exactly once, on the event loop.
+task is ``watch``; a stop or kill is ``ending``. This module is the bookkeeping: which
+Pod belongs to which session, and who reports its end, exactly once, on the event loop.
 
 start waits (up to ``[kubernetes] start_timeout``) until the container runs; a Pod
 whose image cannot be pulled, whose container cannot be created, that its node refuses
@@ -48,6 +48,7 @@ from orchestrator.runtime.base import (
 )
 from orchestrator.runtime.identity import AgentIds
 from orchestrator.runtime.kubernetes.calls import Conflict, KubeCalls
+from orchestrator.runtime.kubernetes.ending import EndMixin
 from orchestrator.runtime.kubernetes.logs import PodLogs
 from orchestrator.runtime.kubernetes.pods import (
     ENDED,
@@ -77,13 +78,12 @@ from orchestrator.runtime.kubernetes.tracked import (
     StartFailed,
     TrackedPod,
     until_gone,
-    wait_deleted,
 )
 from orchestrator.runtime.kubernetes.watch import PodWatch
 from orchestrator.support.logonce import LogOnce
 
 
-class KubernetesRuntime:
+class KubernetesRuntime(EndMixin):
     """The Runtime protocol (base.py) on a Kubernetes cluster. See the module docstring."""
 
     name = "kubernetes"
@@ -317,45 +317,6 @@ class KubernetesRuntime:
         if self._said.say(key, failure):
             logger.error("{}", line)
         raise StartFailed(line)
-
-    # -- stop / kill -------------------------------------------------------------------
-    async def stop(self, session_id: str, grace: float) -> None:
-        await self._end(session_id, Phase.STOPPING, max(KILL_GRACE, int(round(grace))))
-
-    async def kill(self, session_id: str) -> None:
-        await self._end(session_id, Phase.KILLING, KILL_GRACE)
-
-    async def _end(self, session_id: str, phase: Phase, grace: int) -> None:
-        """Delete the session's Pod (tracked, or ours found by label), wait until it is
-        gone, report its exit (``stopped`` / ``killed``). Absent = done."""
-        async with self._lock(session_id):
-            t = self._book.live(session_id)
-            if t is not None:
-                if t.phase is Phase.RUNNING:  # else a stop or kill under way keeps its reason
-                    t.phase = phase
-                await self.logs.around(t.handle.agent_group, session_id, t.name,
-                                       grace + GONE_SLACK, self._delete_tracked(t, grace))
-                self._emit(t, t.view.exit_code, exit_reason(
-                    t.view, stopping=t.phase is Phase.STOPPING,
-                    killing=t.phase is Phase.KILLING), delete=False)
-                return
-            pods, _ = await self.calls.list(*pod_selectors(self.instance, self.node,
-                                                           session_id))
-            for pod in pods:
-                meta = pod.get("metadata") or {}
-                ids = ids_of(meta)
-                if not self._owns(pod) or ids is None or ids[1] != session_id:
-                    continue
-                await self.logs.around(ids[0], session_id, meta["name"], grace + GONE_SLACK,
-                                       self._delete_named(meta["name"], grace))
-
-    async def _delete_tracked(self, t: TrackedPod, grace: int) -> None:
-        await self.calls.delete(t.name, grace)
-        await wait_deleted(t, self.calls, self.node, grace + GONE_SLACK)
-
-    async def _delete_named(self, name: str, grace: int) -> None:
-        await self.calls.delete(name, grace)
-        await until_gone(self.calls, self.node, name, grace + GONE_SLACK)
 
     # -- watch events, lists --------------------------------------------------------------
     def _on_event(self, kind: str, pod: dict[str, Any]) -> None:

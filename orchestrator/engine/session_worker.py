@@ -18,19 +18,21 @@ Likewise an event-driven pass over a muted session that would read nothing new i
 skipped (``_quiet``): ``inbound.db`` alone (mostly the host's own delivery records),
 or ``outbound.db`` with no commit since its last complete read (``host.commit_mark``:
 SQLite's file change counter, one ``pread``).
+
+What a pass reads is in ``session_reads.py``, an exit and the work it leaves in
+``session_exit.py``, the runtime operations in ``session_ops.py`` (mixins of
+``SessionWorker``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
 from loguru import logger
 
-from orchestrator.channels import Failure
 from orchestrator.config import groups
 from orchestrator.config.groups import AgentSettings
 from orchestrator.config.model import Config
@@ -48,33 +50,26 @@ from orchestrator.engine.ports import (
     Unlimited,
     notify_nobody,
 )
-from orchestrator.engine.space_watch import SpaceRefused, SpaceWatch
+from orchestrator.engine.session_exit import ExitMixin
+from orchestrator.engine.session_ops import OpsMixin
+from orchestrator.engine.session_reads import ReadsMixin
+from orchestrator.engine.space_watch import SpaceWatch
 from orchestrator.engine.tracked import Flag, Flags, Tracked, trusted_stamp
-from orchestrator.host import commit_mark, inbound, outbound
+from orchestrator.host import commit_mark, inbound
 from orchestrator.host.outbound import OutboundError
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, Refused, SessionDir
 from orchestrator.host.sessions import Sessions
 from orchestrator.rules import answers, scheduling
-from orchestrator.rules.agent_values import (
-    agent_time,
-    claim_time,
-    time_from_ns,
-    timeout_seconds,
-)
 from orchestrator.rules.lifecycle import (
     Action,
-    Claim,
     Observation,
     Verdict,
     decide,
-    last_activity,
 )
-from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable, SessionRef, Usage
-from orchestrator.support.errors import host_storage_failure
+from orchestrator.runtime.base import Runtime
 from orchestrator.watch.muted import Muted
 
-REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
 BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
 
@@ -84,21 +79,8 @@ _WATCHED = (("hb", HEARTBEAT, Flag.HEARTBEAT), ("out", OUTBOUND_DB, Flag.OUTBOUN
             ("in", INBOUND_DB, Flag.INBOUND))
 _QUIET = _WATCHED[1:]
 
-def _ids(ids: list[str], shown: int = 20) -> str:
-    if len(ids) == 1:
-        return f"reply {ids[0]}"
-    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
-    return f"{len(ids)} replies: {', '.join(ids[:shown])}{more}"
 
-
-def _parse_ts(value: str | None) -> datetime | None:
-    try:
-        return schema.parse_ts(value)
-    except (ValueError, TypeError):
-        return None
-
-
-class SessionWorker:
+class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
     """Runs one pass over one session (``process``); the supervisor calls it.
 
     ``statuses`` writes status changes; ``admission`` may turn a start into a wait
@@ -339,224 +321,6 @@ class SessionWorker:
             flags |= Flag.OUTBOX
         return flags
 
-    def _read_heartbeat(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        """The .heartbeat mtime, as ``agent_values.agent_time`` allows: an mtime in the
-        future reads as the time it was first seen, and the same file (signature) reads
-        the same on every pass, so it ages and the stuck rules still apply."""
-        sig = folder.signature(HEARTBEAT)
-        t.read.sigs["hb"] = sig
-        ev = t.evidence
-        previous = ev.heartbeat_at if sig == ev.heartbeat_sig else None
-        ev.heartbeat_at = agent_time(time_from_ns(sig[0]), now, previous) if sig else None
-        ev.heartbeat_sig = sig
-        self._touch_registry(t, now)
-
-    def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
-        """Heartbeats can come at 10 Hz from 100 agents: the registry hears every 5 s."""
-        touched = t.read.registry_touched
-        if not force and touched and now - touched < REGISTRY_TOUCH_EVERY:
-            return
-        active = last_activity(self._observe(t))
-        if t.evidence.heartbeat_at or active:
-            self.registry.touch(t.session_id, heartbeat=t.evidence.heartbeat_at, active=active)
-            t.read.registry_touched = now
-
-    async def _read_outbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        self._marks.pop(t.session_id, None)  # kept again only once this read is complete
-        mark = commit_mark.mark(folder.fd, OUTBOUND_DB)  # before the read (``_quiet``)
-        t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-        acks_seen = t.read.acks_seen
-        snap = outbound.read(folder.db(OUTBOUND_DB), after_seq=t.delivery.watermark,
-                             acks_since=schema.format_ts(acks_seen) if acks_seen else None,
-                             max_content_bytes=self.cfg.delivery.max_content_bytes,
-                             anchor=t.delivery.anchor)
-        snap = self._sanitised(t, snap, now)
-        if snap.rewound:
-            self._forget(t, "outbound.db rewritten (the last settled row is gone)")
-            t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-        settled = {mid: a.status for mid, a in snap.acks.items()
-                   if a.status in ("completed", "failed")}
-        final = {mid: st for mid, st in settled.items() if mid not in t.read.synced_acks}
-        ev = t.evidence
-        ev.claims = tuple(Claim(mid, a.status_changed) for mid, a in snap.acks.items()
-                          if a.status == "processing")
-        ev.tool_timeout = (snap.tool.declared_timeout  # clamped by _sanitised
-                           if snap.tool and snap.tool.current_tool else None)
-        ev.tool_running = bool(snap.tool and snap.tool.current_tool)
-        self._track_answers(t, folder, snap, final, now)
-        if snap.messages and snap.messages[-1].seq > t.read.max_seq_seen:
-            t.read.max_seq_seen = snap.messages[-1].seq
-            ev.last_reply_at = now
-        if t.routing is None:
-            row = self.registry.session(t.session_id)
-            t.routing = self.sessions.routing_of(row) if row else (None, None, None)
-        # The acks' mirror goes into the replies' own record commit (an agent writes a
-        # reply and its 'completed' ack in one commit; one fsync settles both).
-        result = await self.deliverer.run_pass(
-            folder=folder, agent_group=t.agent_group, session_id=t.session_id,
-            state=t.delivery, messages=snap.messages, routing=t.routing, now=now,
-            acks=final, follow_up=self._successor(now))
-        # Only once the sync is written: acks older than ``acks_seen`` are never read
-        # again, so moving it first would lose an ack whose sync failed.
-        stamps = [a.status_changed for a in snap.acks.values() if a.status_changed]
-        if stamps:
-            newest = max(stamps)
-            seen = t.read.acks_seen
-            t.read.acks_seen = newest if seen is None else max(seen, newest)
-        t.read.synced_acks = set(settled)
-        t.delivery_due = result.next_due
-        if result.delivered:  # one line per pass, however many replies it delivered
-            logger.info("delivered {} of session {}", _ids(result.delivered), t.session_id)
-        if result.delivered or result.failed:
-            self._notify_replies(t, snap.messages, result, now)
-        if result.delivered or final:
-            self._touch_registry(t, now, force=True)
-        if mark is not None and not snap.rewound and commit_mark.unchanged(
-                mark, commit_mark.mark(folder.fd, OUTBOUND_DB)):  # no commit during the read
-            self._marks[t.session_id] = (mark, t.delivery)
-
-    def _sanitised(self, t: Tracked, snap: outbound.Snapshot,
-                   now: datetime) -> outbound.Snapshot:
-        """The agent's numbers and times in this read, clamped (``agent_values``) before
-        any rule sees them: ack stamps never later than now; a claim's stamp in the
-        future, or none usable, keeps the time the claim was first read at (so it ages
-        and the claim rule applies); the declared tool timeout within (0, [lifecycle]
-        max_tool_timeout] or none. The one place these values come in."""
-        before = {c.message_id: c.claimed_at for c in t.evidence.claims}
-
-        def stamp(a: outbound.Ack) -> datetime | None:
-            clamp = claim_time if a.status == "processing" else agent_time
-            return clamp(a.status_changed, now, before.get(a.message_id))
-
-        acks = {mid: replace(a, status_changed=stamp(a)) for mid, a in snap.acks.items()}
-        tool = snap.tool
-        if tool is not None:
-            ceiling = self.settings(t.agent_group).lifecycle.max_tool_timeout
-            tool = replace(tool, declared_timeout=timeout_seconds(tool.declared_timeout, ceiling),
-                           started_at=agent_time(tool.started_at, now))
-        return replace(snap, acks=acks, tool=tool)
-
-    def _track_answers(self, t: Tracked, folder: SessionDir, snap: outbound.Snapshot,
-                       final: dict[str, str], now: datetime) -> None:
-        """Fold this read into the acked-but-unanswered state (see ``answers``)."""
-        wait = self.cfg.lifecycle.answer_wait
-        horizon = now - timedelta(seconds=wait)
-        done = {mid: snap.acks[mid].status_changed for mid, st in final.items()
-                if st == "completed" and (snap.acks[mid].status_changed or now) > horizon}
-        replies = [answers.Reply(m.in_reply_to, agent_time(_parse_ts(m.timestamp), now))
-                   for m in snap.messages
-                   if m.seq > t.read.max_seq_seen and answers.is_answer(m.content)]
-        ev = t.evidence
-        claimed = {c.message_id for c in ev.claims}
-        named = {r.in_reply_to for r in replies if r.in_reply_to is not None} - claimed
-        if done or named:
-            # Context-only and system rows need no answer, and a reply naming one answers
-            # nothing by it: NanoClaw names the chat's newest row, which after a question
-            # is the system row carrying its answer — the prompt that asked still waits
-            # for this very reply, so the hint is dropped and the reply pairs as unnamed.
-            keep = inbound.triggering(folder.db(INBOUND_DB), set(done) | named)
-            done = {mid: at for mid, at in done.items() if mid in keep}
-            replies = [r if r.in_reply_to is None or r.in_reply_to in keep
-                       or r.in_reply_to in claimed else replace(r, in_reply_to=None)
-                       for r in replies]
-        if not done and not replies and not ev.answers.groups and not ev.claims:
-            return
-        ev.answers = answers.step(ev.answers, now=now, answer_wait=wait,
-                                  claims={c.message_id: c.claimed_at for c in ev.claims},
-                                  completed=done, replies=replies)
-        if ev.answers.expired:
-            logger.warning("session {}: no reply to {} within answer_wait ({:g}s): taken as "
-                           "answered by silence", t.session_id, ", ".join(sorted(
-                               ev.answers.expired)), wait)
-
-    def _read_inbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        t.read.sigs["in"] = folder.signature(INBOUND_DB)
-        t.evidence.counted(*inbound.due_state(folder.db(INBOUND_DB), now))
-
-    def _on_exit(self, t: Tracked, now: datetime) -> None:
-        ev, t.exit = t.exit, None
-        if ev is None:  # (the pass only calls it for an exit)
-            return
-        code = f", exit code {ev.exit_code}" if ev.exit_code not in (None, 0) else ""
-        reason = t.ending_reason or f"agent {ev.reason}{code}"
-        t.ending_reason = None
-        self._record_run(t, ev, reason, now)
-        t.started_at = None
-        t.evidence.idle_since = None
-        t.ops.succeeded()  # the agent a failed stop/kill was for has gone
-        t.said.clear("op")
-        self.statuses.set(t, Status.STOPPED, reason, now)
-
-    def _record_run(self, t: Tracked, ev: AgentExit, reason: str, now: datetime) -> None:
-        """What the run that just ended used (its runtime's ``Usage``; wall time the
-        runtime's own, else from its start or adoption) goes to the registry and the
-        metrics. A record that cannot be written (a full disk) is logged and dropped: it
-        never holds up the exit."""
-        usage = ev.usage or Usage()
-        try:
-            self.registry.record_run(t.session_id, t.agent_group, t.started_at, now, reason,
-                                     usage.cpu_seconds, usage.peak_memory_bytes,
-                                     wall_seconds=usage.wall_seconds)
-        except (sqlite3.Error, OSError) as exc:
-            logger.warning("session {}: its run's usage not recorded ({})", t.session_id, exc)
-        self.notify("agent_run", {
-            "session_id": t.session_id, "agent_group": t.agent_group, "reason": reason,
-            "wall_seconds": usage.wall_seconds if usage.wall_seconds is not None else
-            (now - t.started_at).total_seconds() if t.started_at else None,
-            "cpu_seconds": usage.cpu_seconds, "peak_memory_bytes": usage.peak_memory_bytes})
-
-    async def _reset_orphan_claims(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
-        """No agent runs, yet messages are claimed or acked unanswered: the agent died
-        mid-message.
-
-        Give the work back (tries+1, backoff) or fail it at max_tries, and clear the
-        stale acks — the host may write outbound.db only while no agent runs.
-        """
-        lc = self.settings(t.agent_group).lifecycle
-        unanswered = answers.awaiting(t.evidence.answers, now, lc.answer_wait)
-        claimed = [c.message_id for c in t.evidence.claims]
-        # Those that will fail are told to the channel before any write: a crash in
-        # between tells it again (it knows what it has), and never loses the record.
-        doomed = (inbound.claims_to_fail(folder.db(INBOUND_DB), claimed, max_tries=lc.max_tries)
-                  + inbound.claims_to_fail(folder.db(INBOUND_DB), unanswered,
-                                           max_tries=lc.max_tries, statuses=("completed",)))
-        await self._report_failed(t, folder, doomed, f"failed after {lc.max_tries} tries: the "
-                                  "agent ended while working on it each time")
-        # Acks first: a crash between the two writes then leaves the message pending
-        # with its old tries (retried once more), not counted twice on the next start.
-        try:
-            outbound.clear_processing_claims(folder.db(OUTBOUND_DB))
-            t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-            result = inbound.reset_claims(folder.db(INBOUND_DB), claimed,
-                                          max_tries=lc.max_tries, backoff_base=lc.backoff_base,
-                                          now=now, follow_up=self._successor(now))
-        except (OSError, sqlite3.Error) as exc:
-            if host_storage_failure(exc):  # the try is not on disk: count it in memory
-                t.start.failed(now, self.cfg.runtime.start_retry_max)
-                t.start.own_error("the agent ended while working and its try could not be "
-                                  f"recorded ({exc})")
-            raise
-        t.evidence.claims = ()
-        # Acked ``completed`` but not answered when the agent went: retried like a
-        # claim. The row is reopened before its ack is deleted: a crash in between
-        # leaves an ack the next read mirrors back and this rule reopens again.
-        t.evidence.answers = answers.forget(t.evidence.answers)
-        if unanswered:
-            result.update(inbound.reset_claims(
-                folder.db(INBOUND_DB), unanswered, max_tries=lc.max_tries,
-                backoff_base=lc.backoff_base, now=now, follow_up=self._successor(now),
-                statuses=("completed",)))
-            outbound.clear_acks(folder.db(OUTBOUND_DB), unanswered)
-            t.read.sigs["out"] = folder.signature(OUTBOUND_DB)
-            t.read.synced_acks = t.read.synced_acks - set(unanswered)
-        for mid, status in result.items():
-            if status == "failed":
-                logger.error("message {} of session {} failed after {} tries", mid,
-                             t.session_id, lc.max_tries)
-            else:
-                logger.warning("message {} of session {} given back for retry", mid,
-                               t.session_id)
-
     # --- decisions and actions ----------------------------------------------------------
 
     def _observe(self, t: Tracked) -> Observation:
@@ -614,181 +378,6 @@ class SessionWorker:
         else:  # kept for muted sessions only (running agents): ``_quiet``
             self._marks.pop(t.session_id, None)
 
-    async def _fail_due(self, t: Tracked, folder: SessionDir, reason: str,
-                        now: datetime) -> None:
-        """The agent cannot be started (every try failed for this session's own
-        reason): its due messages fail now instead of waiting forever. The count
-        starts again, so a new message gets its own tries — and starts as soon as
-        the obstacle on disk is gone."""
-        why = f"{reason}: {t.start.error}" if t.start.error else reason
-        due = inbound.due_ids(folder.db(INBOUND_DB), now)
-        # told to the channel before the write: a crash in between tells it again
-        await self._report_failed(t, folder, due, why)
-        failed = inbound.fail_messages(folder.db(INBOUND_DB), due, now, self._successor(now))
-        t.start.succeeded()
-        t.said.clear("start")
-        t.evidence.counted(*inbound.due_state(folder.db(INBOUND_DB), now))
-        for mid in failed:
-            logger.error("message {} of session {} failed: {}", mid, t.session_id, why)
-
-    async def _report_failed(self, t: Tracked, folder: SessionDir, message_ids: list[str],
-                             reason: str) -> None:
-        """One failure record on the channel per inbound message that ended ``failed``
-        (after max_tries, or because its agent can never start), routed to the chat the
-        message came from, so a chat front end can tell its user."""
-        if not message_ids:
-            return
-        routes = inbound.message_routes(folder.db(INBOUND_DB), message_ids)
-        default = t.routing or (None, None, None)
-        for mid in message_ids:
-            self.notify("message_failed", {"session_id": t.session_id,
-                                           "agent_group": t.agent_group, "message_id": mid,
-                                           "reason": reason})
-            ct, pid, thread = routes.get(mid, (None, None, None))
-            await self.deliverer.report(Failure(
-                "message", mid, t.session_id, t.agent_group, reason, ct or default[0],
-                pid or default[1], thread or default[2]))
-
-    def _notify_replies(self, t: Tracked, messages: list, result, now: datetime) -> None:
-        by_id = {m.id: m for m in messages}
-        for kind, ids in (("reply_delivered", result.delivered), ("reply_failed", result.failed)):
-            for mid in ids:
-                m = by_id.get(mid)
-                try:
-                    committed = schema.parse_ts(m.timestamp if m else None)  # the agent's
-                except (ValueError, TypeError):
-                    committed = None
-                # in_reply_to and the content text: the API's waiters and SSE events (the
-                # hub bounds the content before it is stored)
-                self.notify(kind, {
-                    "session_id": t.session_id, "agent_group": t.agent_group, "message_id": mid,
-                    "delay_seconds": (now - committed).total_seconds() if committed else None,
-                    "in_reply_to": m.in_reply_to if m else None,
-                    "content_text": m.content if m else None})
-
-    def request_stop(self, t: Tracked, reason: str) -> bool:
-        """Stop the agent now (``POST /v1/sessions/{id}/stop``); False if none runs or an
-        operation is already under way. Due work wakes it again, as after any stop."""
-        if not self.runtime.is_running(t.session_id) or t.op_running():
-            return False
-        t.ending_reason = f"stopped: {reason}"
-        self._run_op(t, self.runtime.stop(t.session_id, self.cfg.runtime.stop_grace))
-        return True
-
-    def _run_op(self, t: Tracked, coro) -> None:
-        async def wrapped() -> None:
-            try:
-                await coro
-            except Exception as exc:  # noqa: BLE001 - any failure of the op: back off, retry
-                # Back off before the next op on this session (see _decide). An outage
-                # the runtime has already reported (``reported``, e.g. the Docker daemon
-                # is down) is not logged again per session.
-                delay = t.ops.failed(self.clock(), self.cfg.runtime.start_retry_max)
-                quiet = not t.said.say("op", "failing") or (
-                    isinstance(exc, RuntimeUnavailable) and exc.reported)
-                (logger.debug if quiet else logger.error)(
-                    "session {}: runtime operation failed: {} (retrying in {:g}s)",
-                    t.session_id, exc, delay)
-            else:
-                t.ops.succeeded()
-                t.said.clear("op")
-            finally:
-                self.mark(t.session_id, Flag.TIMER)
-
-        t.op = asyncio.create_task(wrapped(), name=f"op-{t.session_id}")
-        self._ops.add(t.op)
-        t.op.add_done_callback(self._ops.discard)
-
-    async def _start_admitted(self, t: Tracked) -> None:
-        try:
-            await self._start(t)
-        finally:  # started or not, the slot it held while starting is the runtime's now
-            self.admission.start_done(t.session_id)
-
-    async def _start(self, t: Tracked) -> None:
-        now = self.clock()
-        try:
-            refused = await self.space.refusal(t.agent_group, t.session_id)
-            if refused:  # counts as its own failure below: max_tries ends its work
-                raise SpaceRefused(refused)
-            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
-                folder.unlink(HEARTBEAT)  # a stale heartbeat is not liveness
-                # no agent runs, so the host may write outbound.db: create it or add the
-                # columns an older one lacks (``send`` leaves an existing one alone)
-                schema.init_outbound(folder.db(OUTBOUND_DB, create=True))
-                outbound.clear_tool_state(folder.db(OUTBOUND_DB))  # a dead agent's tool is over
-                row = self.registry.session(t.session_id)
-                if row is not None:
-                    self.sessions.write_routing(row, folder.db(INBOUND_DB))
-            settings = self.settings(t.agent_group)
-            egress = self.egress.admit(t.agent_group, t.session_id)
-            handle = await self.runtime.start(SessionRef(t.agent_group, t.session_id,
-                                                         t.paths.root, settings, egress))
-            due_since = self._due_since(t, now)  # a metric: read after the spawn, not before
-            if not handle.adopted:
-                self.registry.record_agent_settings(t.session_id, t.agent_group,
-                                                    settings.digest, settings.image)
-        except Exception as exc:  # noqa: BLE001 - the next pass decides what a failure means
-            self.notify("agent_start", {"result": "error", "seconds": 0.0,
-                                        "agent_group": t.agent_group})
-            delay = t.start.failed(now, self.cfg.runtime.start_retry_max)
-            if not isinstance(exc, RuntimeUnavailable) and not host_storage_failure(exc):
-                # this session's own obstacle (e.g. a directory where .heartbeat
-                # belongs), not an outage of the runtime: it counts towards max_tries
-                t.start.own_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            # once per session; not at all for an outage the runtime already reported
-            loud = t.said.say("start", "failing") and not (
-                isinstance(exc, RuntimeUnavailable) and exc.reported)
-            log = logger.error if loud else logger.debug
-            log("session {}: cannot start agent: {} (work stays pending; retrying in {:g}s)",
-                t.session_id, exc, delay)
-            return
-        if t.start.failures:
-            logger.info("session {}: agent started after {} failed attempts", t.session_id,
-                        t.start.failures)
-        t.start.succeeded()
-        t.said.clear("start")
-        t.started_at = self.clock()
-        self.notify("agent_start", {"result": "ok", "agent_group": t.agent_group,
-                                    "seconds": (t.started_at - now).total_seconds(),
-                                    "waited": (now - due_since).total_seconds()
-                                    if due_since else None})
-        t.evidence.agent_started()
-        t.read.sigs.pop("hb", None)
-        reason = ("adopted the agent already running" if handle.adopted
-                  else f"agent started, {t.evidence.due} message(s) due")
-        self.statuses.set(t, Status.RUNNING, reason, t.started_at)
-
-    @staticmethod
-    def _due_since(t: Tracked, now: datetime) -> datetime | None:
-        """When the work this start is for became due (the admission wait's start, for
-        the metrics); None when there is none (an answer owed) or it cannot be read."""
-        try:
-            return inbound.oldest_due_at(t.paths.inbound_db, now)
-        except (sqlite3.Error, OSError, ValueError):
-            return None
-
-    async def _pause(self, t: Tracked, reason: str) -> None:
-        """Freeze an idle agent. Paused is a detail of ``idle`` (the contract's three
-        statuses stay), recorded as the status reason: ``paused after …``."""
-        await self.runtime.pause(t.session_id)
-        self.statuses.set(t, t.status, reason, self.clock())
-
-    async def _resume(self, t: Tracked, reason: str) -> None:
-        await self.runtime.resume(t.session_id)
-        t.evidence.resumed_at = self.clock()
-        self.statuses.set(t, t.status, reason, t.evidence.resumed_at)
-
-    @staticmethod
-    def unblock(t: Tracked) -> bool:
-        """Lift the backoff of failed starts/ops (the runtime says it is back).
-
-        The failure counts stay: if the runtime fails again at once, the next
-        delay is still the longer one, so a flapping daemon cannot cause a hot loop.
-        """
-        lifted = t.start.unblock()
-        return t.ops.unblock() or lifted
-
     # --- timers -------------------------------------------------------------------
 
     def _schedule(self, t: Tracked, when: datetime | None, now: datetime) -> None:
@@ -803,8 +392,3 @@ class SessionWorker:
     def cancel_timers(tracked: Iterable[Tracked]) -> None:
         for t in tracked:
             t.timer.cancel()
-
-    async def drain_ops(self, timeout: float) -> None:
-        if self._ops:
-            await asyncio.wait(list(self._ops), timeout=timeout)
-        await self.space.drain(timeout)

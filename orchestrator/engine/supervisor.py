@@ -11,16 +11,14 @@ from disk every ``sweep_interval`` (stat-gated, so an idle sweep over 1000
 sessions is a few thousand ``stat`` calls), so a missed event costs at most one
 sweep. Timers fire at exact due times (idle, stop, stuck, ``process_after``,
 ``deliver_after``, retries).
+
+Which sessions are tracked, and the start-up reconcile, are in ``discovery.py``; the
+sweep in ``sweep.py`` (mixins of ``Supervisor``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import os
-import stat
-import sys
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
@@ -28,37 +26,25 @@ from typing import Callable
 from loguru import logger
 
 from orchestrator.config.model import Config
-from orchestrator.contract.layout import (
-    INBOUND_DB,
-    InvalidId,
-    Kind,
-    sessions_root,
-    validate_id,
-)
+from orchestrator.contract.layout import Kind, sessions_root
 from orchestrator.contract.schema import utcnow
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.admission_gate import AdmissionGate
 from orchestrator.engine.delivery import DeliveryState
+from orchestrator.engine.discovery import DiscoveryMixin, settle_heap
 from orchestrator.engine.ports import Dirty, RuntimeInbox, StatusBook
 from orchestrator.engine.requeue import requeue_failed
 from orchestrator.engine.retention import Retirement
 from orchestrator.engine.session_worker import SessionWorker
-from orchestrator.engine.startup_state import (
-    StateBook,
-    changed,
-    start_pass_reason,
-    unchanged,
-    waker,
-)
-from orchestrator.engine.tracked import Flag, LazyPaths, Tracked, TrackedMap
+from orchestrator.engine.startup_state import StateBook, waker
+from orchestrator.engine.sweep import SweepMixin
+from orchestrator.engine.tracked import Flag, Tracked, TrackedMap
 from orchestrator.host.registry import Registry
 from orchestrator.host.retention import Outcome, Retention
-from orchestrator.host.safefs import Refused, SessionDir, open_group
-from orchestrator.host.sessions import STAGING_PREFIX, Sessions, remove_stale_staging
+from orchestrator.host.sessions import Sessions
 from orchestrator.rules.retention import Action as RetentionAction
-from orchestrator.runtime.base import AgentExit, Runtime, RuntimeUnavailable
+from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.logonce import LogOnce
-from orchestrator.support.ticker import ticks
 from orchestrator.watch import budget, watcher
 from orchestrator.watch.activity import RESCAN, Activity
 
@@ -75,40 +61,11 @@ _KIND_FLAGS = {
 
 
 WATCH_START_TIMEOUT = 10.0
-SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
-PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
-RESCAN_SLICE = 1000  # dormant rows compared with the disk between two turns of the loop
 SHUTDOWN_SLACK = 10.0  # s beyond stop_grace that shutdown waits for one agent's stop
 
 
-FREEZE_FROM = 10_000  # tracked sessions: below it a full collection is a few ms
-
-
-def settle_heap(sessions: int) -> None:
-    """What start-up built (100 000 tracked sessions: ~1 M objects) lives as long as
-    the process: moved out of the cyclic garbage collector's reach (``gc.freeze``), so
-    that no full collection walks it again (~250 ms each, a pause in every reply that
-    meets one). No collection first: that would be the very pause, at start-up; what
-    start-up left for garbage is freed by reference counting, not by cycles."""
-    if sessions >= FREEZE_FROM:
-        gc.freeze()
-
-
-def dormant_rounds(interval: float, dormant_interval: float) -> int:
-    """In how many sweep rounds every dormant session is swept once (1: each round)."""
-    return max(1, round(dormant_interval / interval))
-
-
-def sweep_plan(interval: float, tick: float = SWEEP_TICK) -> tuple[float, int]:
-    """(seconds between slices, number of slices) so that every session is swept
-    once per ``interval``, one slice about every ``tick`` seconds."""
-    slices = max(1, round(interval / tick))
-    return interval / slices, slices
-
-
-
 @dataclass
-class Supervisor:
+class Supervisor(DiscoveryMixin, SweepMixin):
     """Startup → main loop → shutdown, over collaborators built by the composition root
     (``orchestrator.cli.compose``), which also opens and closes them."""
 
@@ -252,143 +209,6 @@ class Supervisor:
             if flags:
                 self.dirty.mark(act.session_id, flags)
 
-    # --- discovery ----------------------------------------------------------------
-
-    def _track(self, agent_group: str, session_id: str) -> Tracked:
-        t = self.tracked.get(session_id)
-        if t is None:
-            agent_group = sys.intern(agent_group)  # one string per group, not per session
-            t = Tracked(agent_group, session_id,
-                        LazyPaths(self.cfg.data_dir, agent_group, session_id))
-            self.tracked[session_id] = t
-        return t
-
-    def _track_from_disk(self, agent_group: str, session_id: str,
-                         found: list[str] | None = None) -> bool:
-        """A session folder we have not seen: created by ``send`` in another process,
-        or mounted in by someone else. Register it if it looks like a session. With
-        ``found`` (``_discover``), the registration is appended there and logged at
-        DEBUG: the caller says it once with a count."""
-        try:
-            validate_id(agent_group, "agent group")
-            validate_id(session_id, "session id")
-        except InvalidId:
-            return False
-        if session_id in self.retiring:
-            return False
-        row = self.registry.session(session_id)
-        if row is None:
-            if not self._real_session_folder(agent_group, session_id):
-                return False
-            row, created = self.registry.adopt_folder(agent_group, session_id)
-            if created:  # not a `send` that was committing it just then
-                where = f"{agent_group}/{session_id}"
-                if found is None:
-                    logger.info("registered session folder {} found on disk", where)
-                else:
-                    found.append(where)
-                    logger.debug("registered session folder {} found on disk", where)
-        if row.agent_group_id != agent_group:
-            return False
-        t = self._track(agent_group, session_id)
-        t.status = Status(row.container_status)
-        self.dirty.mark(session_id, Flag.FULL)
-        return True
-
-    def _real_session_folder(self, agent_group: str, session_id: str) -> bool:
-        """A folder reached without following a link, holding a regular inbound.db.
-        A linked one is refused, logged once, and never registered."""
-        try:
-            with SessionDir(self.cfg.data_dir, agent_group, session_id) as folder:
-                st = folder.lstat(INBOUND_DB)
-                return st is not None and stat.S_ISREG(st.st_mode)
-        except Refused as exc:
-            self._refuse(agent_group, session_id, exc.strerror or str(exc))
-            return False
-        except OSError:
-            return False
-
-    def _refuse(self, agent_group: str, session_id: str | None, why: str) -> None:
-        if self._refused.say((agent_group, session_id), "refused"):
-            logger.warning("{}; leaving it alone", why)
-
-    def _discover(self, at_start: bool = False, folders: bool = True) -> None:
-        """Track the registry's sessions and the folders found on disk (``folders``)
-        that are not tracked yet. ``at_start``: a session the last run saved as settled
-        (``startup_state``) is kept as a dormant row, unchecked and unmarked, for
-        ``_reconcile_at_start`` to check against the disk; and the registry is read
-        again only if another process wrote it since the last read (its
-        ``data_version``: 100 000 rows are ~0.2 s; this process's own new sessions
-        are tracked as they are made, or found by their folders)."""
-        version = self.registry.data_version()
-        if not (at_start and version == self._index_version):
-            self._index_version = version
-            self._track_index(self.book.saved if at_start else {})
-        if folders:
-            self._register_found(self._unseen_folders())
-
-    def _track_index(self, saved: dict[str, str]) -> None:
-        """(100 000 rows: no call per row but what is needed; one string per group.)"""
-        live, dormant, retiring = self.tracked.keys(), self.rows.dormant, self.retiring
-        groups: dict[str, str] = {}
-        for session_id, agent_group, container_status in self.registry.session_index():
-            if session_id in live or session_id in dormant or session_id in retiring:
-                continue
-            row = saved.get(session_id)
-            if row is not None and start_pass_reason(row, row, False,
-                                                     container_status) is None:
-                group = groups.get(agent_group)
-                if group is None:
-                    group = groups[agent_group] = sys.intern(agent_group)
-                self.rows.rest(session_id, group, row)
-                continue
-            t = self._track(agent_group, session_id)
-            t.status = Status(container_status)
-            self.dirty.mark(session_id, Flag.FULL)
-
-    def _unseen_folders(self) -> list[tuple[str, str]]:
-        """(group, session) of the folders on disk not tracked yet; listed before any is
-        registered, so that progress can say "of how many"."""
-        root = sessions_root(self.cfg.data_dir)
-        try:
-            groups = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
-                      or e.is_symlink()]
-        except OSError:
-            return []
-        unseen: list[tuple[str, str]] = []
-        live, dormant = self.tracked.keys(), self.rows.dormant  # (no call per name)
-        for g in groups:
-            if g.is_symlink():  # never listed through: refused, said once
-                self._refuse(g.name, None, f"sessions/{g.name} is a symlink")
-                continue
-            try:
-                for s in os.scandir(g.path):
-                    if s.name.startswith(STAGING_PREFIX):
-                        remove_stale_staging(s)  # left by a `send` killed mid-build
-                    elif s.name not in dormant and s.name not in live and (
-                            s.is_dir(follow_symlinks=False) or s.is_symlink()):
-                        unseen.append((g.name, s.name))
-            except OSError:
-                continue
-        return unseen
-
-    def _register_found(self, unseen: list[tuple[str, str]]) -> None:
-        """Register each as found on disk: one INFO line with the count (each one at
-        DEBUG), and progress every few seconds on a long start-up."""
-        found: list[str] = []
-        said = time.monotonic()
-        for n, (group, sid) in enumerate(unseen, 1):
-            if sid not in self.tracked:
-                self._track_from_disk(group, sid, found)
-            if time.monotonic() - said >= PROGRESS_EVERY and n < len(unseen):
-                said = time.monotonic()
-                logger.info("checking session folders found on disk: {} of {}", n, len(unseen))
-        if len(found) == 1:
-            logger.info("registered session folder {} found on disk", found[0])
-        elif found:
-            logger.info("registered {} session folders found on disk (each at DEBUG)",
-                        len(found))
-
     # --- the loop -----------------------------------------------------------------
 
     async def _work(self) -> None:
@@ -423,163 +243,6 @@ class Supervisor:
         async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
                                            self._watching, mode, self.worker.muted, limit):
             self._on_activity(batch)
-
-    async def _sweep(self) -> None:
-        """Every session once per ``sweep_interval``, a slice per tick (see ``sweep_plan``):
-        10 000 sessions no longer arrive as one lump of passes. Only sessions whose
-        files changed on disk since their last pass (3 ``stat`` calls), whose last pass
-        failed or whose status disagrees with the runtime get a pass at all."""
-        tick, slices = sweep_plan(self.cfg.watch.sweep_interval)
-        rounds = dormant_rounds(self.cfg.watch.sweep_interval,
-                                self.cfg.watch.dormant_sweep_interval)
-        order: list[str] = []
-        round_no = -1
-        async for k in ticks(tick, self.stop_event):
-            self.last_sweep = time.monotonic()  # /healthz: the loop is sweeping
-            part = k % slices
-            if part == 0 or not order:  # a new round: the runtime, new folders, the order
-                try:
-                    await self.runtime.reconcile()
-                except Exception as exc:  # noqa: BLE001 - it logs its own outages; keep sweeping
-                    logger.debug("runtime reconcile failed: {}", exc)
-                round_no += 1
-                turn = round_no % rounds
-                if turn == 0 or not self._healthy():  # new folders and registry rows:
-                    self._discover()  # (watched, their events track them at once)
-                order = self._sweep_order(turn, rounds)
-            self._sweep_slice(order[part::slices])
-            self.book.save()
-
-    def _rescan_dormant(self) -> None:
-        """The dormant rows after a loss sign: compared with the disk in slices
-        (``_sweep_slice``: stat-gated, only a changed one wakes), the loop free between
-        two (100 000 in one go held it ~1.5 s). Before the start-up check, that check
-        is the rescan: it runs with the watch in place."""
-        if not self._checked:
-            return
-        if self._rescan is not None:
-            self._rescan.cancel()  # begun again: what it had not reached, and the rest
-        self._rescan = asyncio.create_task(self._rescan_slices(list(self.rows.dormant)),
-                                           name="rescan")
-
-    async def _rescan_slices(self, sids: list[str]) -> None:
-        for k in range(0, len(sids), RESCAN_SLICE):
-            self._sweep_slice(sids[k:k + RESCAN_SLICE])
-            await asyncio.sleep(0)
-
-    def _healthy(self) -> bool:
-        """inotify is in place (an overflow or a lost watch rescans every session)."""
-        return self.watch_mode == "events" and self._watching.is_set()
-
-    def _sweep_order(self, turn: int, rounds: int) -> list[str]:
-        """The sessions this round sweeps: every one that is not dormant, and the
-        dormant ones whose ``turn`` it is. A dormant session (settled: what a restart
-        may skip, ``startup_state``) has nothing to do until an event says otherwise,
-        so while inotify is in place and healthy (a loss sign rescans every session at
-        once) its sweep is drift correction only: 100 000 sessions swept every 30 s
-        were ~8 % of a core. Set operations, not a loop per session."""
-        if rounds <= 1 or not self._healthy():
-            return list(self.tracked)
-        if turn == 0 or len(self._cycle) != len(self.tracked):
-            self._cycle = list(self.tracked)  # each long cycle's order (sessions come, go)
-        part = self._cycle[turn::rounds]
-        live = self.tracked.keys() - self.book.saved.keys()
-        return part + list(live.difference(part)) if live else part
-
-    def _sweep_slice(self, sids: list[str]) -> None:
-        """Each group folder is opened once per slice (``safefs.open_group``); a swept
-        session costs an ``lstat`` of its folder and two or three ``stat`` calls through
-        it (``safefs.FolderStat``), no ``open``. A dormant one is compared with its
-        saved row (``startup_state.changed``), not woken unless that differs."""
-        group_fds: dict[str, int | None] = {}
-
-        def group_fd(group: str) -> int | None:
-            if group not in group_fds:
-                try:
-                    group_fds[group] = open_group(self.cfg.data_dir, group)
-                except OSError:  # a linked group too: the pass says what is wrong
-                    group_fds[group] = None
-            return group_fds[group]
-
-        dormant = self.rows.dormant
-        try:
-            for sid in sids:
-                rest = dormant.get(sid)
-                if rest is not None:
-                    fd, running = group_fd(rest[0]), self.runtime.is_running(sid)
-                    self.worker.space.look(rest[0], sid, running)
-                    if running or fd is None or changed(fd, sid, rest[1]):
-                        self.dirty.mark(sid, Flag.SWEEP)
-                    continue
-                t = self.tracked.get(sid)
-                if t is None:
-                    continue
-                if flags := self.worker.sweep_flags(t, group_fd(t.agent_group)):
-                    self.dirty.mark(sid, flags)
-        finally:
-            for fd in group_fds.values():
-                if fd is not None:
-                    os.close(fd)
-
-    async def _reconcile_at_start(self) -> None:
-        """Adopt surviving agents, fix statuses that outlived us, queue a full pass each."""
-        try:
-            adopted = {h.session_id: h for h in await self.runtime.recover()}
-            self.worker.egress.keep_only(set(adopted))  # tokens of agents gone meanwhile
-            unknown = None
-        except Exception as exc:  # noqa: BLE001 - e.g. Docker down: adopt when it is back
-            if not (isinstance(exc, RuntimeUnavailable) and exc.reported):  # said once already
-                logger.error("could not list existing agents: {}", exc)
-            logger.info("agents from before the restart are adopted once the runtime "
-                        "answers; their claims are kept until then")
-            adopted, unknown = {}, "runtime unavailable at start-up"
-        self._discover(at_start=True)
-        now = self.clock()
-        for sid in adopted.keys() & self.rows.dormant.keys():
-            self._wake_unrestored(sid)  # its agent survived: a full pass, as a new one
-        for sid, t in list(self.tracked.items()):  # the awake ones: no dormant row is
-            if sid in adopted:  # adopted or other than stopped (``_discover``)
-                t.started_at = now
-                self.statuses.set(t, Status.RUNNING, "adopted after restart", now)
-            elif t.status != Status.STOPPED:
-                self.statuses.set(t, Status.STOPPED, unknown or "no agent found at start-up",
-                                       now)
-        skipped = self._skip_unchanged()
-        self._unreconciled = set(self.tracked.keys())
-        for sid in self._unreconciled:
-            # (``_discover``'s FULL mark goes into it: an event from now on comes first)
-            self.dirty.queue_backlog(sid, self.dirty.flags.pop(sid, Flag.NONE)
-                                     | Flag.FULL | Flag.FORCE)
-        if not self._unreconciled:
-            self.ready.set()
-        settle_heap(len(self.tracked))
-        logger.info("orchestrator up: {} sessions ({} unchanged since the last run), {} adopted "
-                    "agents, runtime {}, data {}", len(self.tracked), len(skipped), len(adopted),
-                    self.runtime.name, self.cfg.data_dir)
-
-    def _skip_unchanged(self) -> set[str]:
-        """The sessions whose start-up pass can be skipped (``startup_state``): settled
-        when the last run saved them (dormant rows), and nothing on disk changed since;
-        the others wake for their full pass. Runs after the watch is up, with no
-        ``await`` from the check to the end: a later change has its event. An earlier
-        event's mark goes: its change was seen by the check."""
-        dormant = self.rows.dormant
-        moved, fresh = unchanged(self.cfg.data_dir, dormant)
-        for sid in moved:
-            self._wake_unrestored(sid)
-        for sid, row in fresh.items():  # unchanged; saved with the stamp seen now
-            dormant[sid] = (dormant[sid][0], row)
-            self.book.refresh(sid, row)
-        for sid in dormant.keys() & self.dirty.flags.keys():
-            self.dirty.drop(sid)
-        self._checked = True
-        return set(dormant)
-
-    def _wake_unrestored(self, session_id: str) -> Tracked:
-        """A dormant session as a new ``Tracked`` (nothing read yet, stopped): one that
-        changed on disk or whose agent was adopted gets its full pass from scratch."""
-        group, _ = self.rows.dormant.pop(session_id)
-        return self._track(group, session_id)
 
     async def serve(self) -> None:
         """Run until ``stop_event`` is set, then stop what this started: the engine's

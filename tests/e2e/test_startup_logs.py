@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator.contract.layout import sessions_root
-from orchestrator.engine import supervisor as supervisor_module
+from orchestrator.engine import discovery
 from orchestrator.host.sessions import create_folder
 from tests.support.e2e import make_config, supervised
 
@@ -51,7 +51,7 @@ async def test_a_first_start_over_1000_folders_says_it_once(tmp_path: Path) -> N
 
 async def test_a_long_start_up_shows_progress(tmp_path: Path, monkeypatch) -> None:
     folders_without_rows(tmp_path, 50)
-    monkeypatch.setattr(supervisor_module, "PROGRESS_EVERY", 0.0)  # every folder is "long"
+    monkeypatch.setattr(discovery, "PROGRESS_EVERY", 0.0)  # every folder is "long"
     lines, tracked = await start_and_collect(tmp_path)
     assert tracked == 50
     progress = [x for x in lines if x.startswith("INFO checking session folders found on disk:")]

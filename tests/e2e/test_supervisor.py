@@ -895,7 +895,7 @@ async def test_claim_stamped_in_whole_seconds_still_triggers_the_claim_rule(
 ])
 def test_sweep_plan_spreads_a_round_over_ticks(interval: float, tick: float,
                                                slices: int) -> None:
-    from orchestrator.engine.supervisor import sweep_plan
+    from orchestrator.engine.sweep import sweep_plan
     assert sweep_plan(interval) == (pytest.approx(tick), slices)
 
 

@@ -1,5 +1,5 @@
 """The sweep at scale: dormant sessions swept once per dormant cycle, start-up passes
-behind event marks (orchestrator.engine.supervisor, .ports.Dirty)."""
+behind event marks (orchestrator.engine.sweep, .ports.Dirty)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from orchestrator.engine.ports import Dirty
-from orchestrator.engine.supervisor import dormant_rounds
+from orchestrator.engine.sweep import dormant_rounds
 from orchestrator.engine.tracked import Flag
 
 

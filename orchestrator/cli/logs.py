@@ -41,6 +41,11 @@ def snake(text: str) -> str:
 # (docs/log-events.md, held by tests/cli/test_log_event_names.py), not the code's layout.
 MOVED: dict[str, str] = {
     "orchestrator.api.connections": "server",
+    "orchestrator.engine.discovery": "supervisor",
+    "orchestrator.engine.sweep": "supervisor",
+    "orchestrator.engine.session_ops": "session_worker",
+    "orchestrator.engine.session_exit": "session_worker",
+    "orchestrator.engine.session_reads": "session_worker",
     "orchestrator.runtime.docker.start": "runtime",
     "orchestrator.runtime.docker.reconcile": "runtime",
     "orchestrator.runtime.kubernetes.ending": "runtime",

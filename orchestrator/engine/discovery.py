@@ -23,7 +23,7 @@ import time
 from datetime import datetime
 from typing import Callable
 
-from loguru import logger as root_logger
+from loguru import logger
 
 from orchestrator.config.model import Config
 from orchestrator.contract.layout import INBOUND_DB, InvalidId, sessions_root, validate_id
@@ -37,11 +37,6 @@ from orchestrator.host.safefs import Refused, SessionDir
 from orchestrator.host.sessions import STAGING_PREFIX, remove_stale_staging
 from orchestrator.runtime.base import Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
-
-# logged as the module this code was split from: the JSON log's ``event``
-# (``<module>_<function>``, cli/logs.py) stays the name operators filter on
-logger = root_logger.patch(
-    lambda record: record.update({"name": "orchestrator.engine.supervisor"}))
 
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
 

@@ -16,7 +16,7 @@ import sqlite3
 from datetime import datetime
 from typing import TYPE_CHECKING, Callable
 
-from loguru import logger as root_logger
+from loguru import logger
 
 from orchestrator.channels import Failure
 from orchestrator.config.groups import AgentSettings
@@ -32,11 +32,6 @@ from orchestrator.host.safefs import SessionDir
 from orchestrator.rules import answers
 from orchestrator.runtime.base import AgentExit, Usage
 from orchestrator.support.errors import host_storage_failure
-
-# logged as the module this code was split from: the JSON log's ``event``
-# (``<module>_<function>``, cli/logs.py) stays the name operators filter on
-logger = root_logger.patch(
-    lambda record: record.update({"name": "orchestrator.engine.session_worker"}))
 
 
 class ExitMixin:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Callable
 
-from loguru import logger as root_logger
+from loguru import logger
 
 from orchestrator.config.groups import AgentSettings
 from orchestrator.config.model import Config
@@ -37,11 +37,6 @@ from orchestrator.rules.agent_values import (
     timeout_seconds,
 )
 from orchestrator.rules.lifecycle import Claim, Observation, last_activity
-
-# logged as the module this code was split from: the JSON log's ``event``
-# (``<module>_<function>``, cli/logs.py) stays the name operators filter on
-logger = root_logger.patch(
-    lambda record: record.update({"name": "orchestrator.engine.session_worker"}))
 
 REGISTRY_TOUCH_EVERY = timedelta(seconds=5)
 

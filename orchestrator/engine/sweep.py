@@ -18,7 +18,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from loguru import logger as root_logger
+from loguru import logger
 
 from orchestrator.config.model import Config
 from orchestrator.engine.ports import Dirty
@@ -28,11 +28,6 @@ from orchestrator.engine.tracked import Flag, Tracked, TrackedMap
 from orchestrator.host.safefs import open_group
 from orchestrator.runtime.base import Runtime
 from orchestrator.support.ticker import ticks
-
-# logged as the module this code was split from: the JSON log's ``event``
-# (``<module>_<function>``, cli/logs.py) stays the name operators filter on
-logger = root_logger.patch(
-    lambda record: record.update({"name": "orchestrator.engine.supervisor"}))
 
 SWEEP_TICK = 1.0  # seconds between two slices of the reconcile sweep
 RESCAN_SLICE = 1000  # dormant rows compared with the disk between two turns of the loop

@@ -57,7 +57,7 @@ def _attachment(path_text: str, max_bytes: int) -> dict:
         size = path.stat().st_size
         if size > max_bytes:
             raise SendError(f"--attach {path}: {size} bytes is over the {max_bytes}-byte limit "
-                             "([sessions] max_attachment_bytes)")
+                            "([sessions] max_attachment_bytes)")
         data = path.read_bytes()
     except OSError as exc:
         raise SendError(f"--attach {path}: cannot read file ({exc.strerror})") from None
@@ -73,13 +73,13 @@ def message_text(text: str) -> str:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SendError(f"TEXT (standard input) is not UTF-8 (byte {exc.start}); "
-                             "convert it first, e.g. with iconv -t UTF-8") from None
+                            "convert it first, e.g. with iconv -t UTF-8") from None
     else:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # argv bytes Python could not decode (surrogateescape)
             raise SendError("TEXT is not valid UTF-8; convert it (e.g. iconv -t UTF-8) or "
-                             "check your terminal's locale (LANG)") from None
+                            "check your terminal's locale (LANG)") from None
     return text
 
 
@@ -112,10 +112,10 @@ def _content(args: argparse.Namespace, text: str, max_bytes: int) -> dict:
             content = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SendError(f"--content-json: TEXT is not valid JSON ({exc.msg}, "
-                             f"column {exc.colno})") from None
+                            f"column {exc.colno})") from None
         if not isinstance(content, dict):
             raise SendError("--content-json: TEXT must be a JSON object, e.g. "
-                             "'{\"text\": \"hi\"}'")
+                            "'{\"text\": \"hi\"}'")
     else:
         content = {"text": text}
     if args.sender is not None:
@@ -123,7 +123,7 @@ def _content(args: argparse.Namespace, text: str, max_bytes: int) -> dict:
     if args.attach:
         if not isinstance(content.setdefault("attachments", []), list):
             raise SendError("--content-json: content.attachments must be a list to add "
-                             "--attach files")
+                            "--attach files")
         content["attachments"].extend(_attachment(a, max_bytes) for a in args.attach)
     return content
 

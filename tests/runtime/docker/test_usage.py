@@ -27,9 +27,9 @@ from orchestrator.runtime.docker.usage import (
     stats_sample,
 )
 from tests.support.docker_fixtures import make_session
+from tests.support.heavy_agent import BURN, MIB
 from tests.support.helpers import until
 
-MIB = 1024 * 1024
 CID = "aa0208e75a43"
 
 V1_MOUNTS = """\
@@ -123,17 +123,10 @@ def test_read_cgroup_v1_v2_and_gone(tmp_path: Path) -> None:
 
 # --- against the real engine ------------------------------------------------------------
 
-HEAVY = """
-import time
-end = time.process_time() + 2.0
-while time.process_time() < end:  # one CPU, busy, for 2 s
-    pass
-block = bytearray(200 * 1024 * 1024)
-for i in range(0, len(block), 4096):  # touched: resident, not just reserved
-    block[i] = 1
-time.sleep(2 * SAMPLE_INTERVAL)  # held past a reading: the last 0.5 s of a run is unseen
+HEAVY = "import time\n" + BURN + f"""\
+time.sleep({2 * SAMPLE_INTERVAL})  # held past a reading: the last 0.5 s of a run is unseen
 print('done', flush=True)
-""".replace("SAMPLE_INTERVAL", str(SAMPLE_INTERVAL))
+"""
 
 
 def heavy_runtime(tmp_path: Path, instance: str, image: str, then: str

@@ -81,7 +81,7 @@ class RTParams:
     timeout: float = 30.0
 
 
-RT_QUICK = RTParams(warm=10, cold=4, paused=5, docker_warm=6, docker_cold=3, docker_paused=5,
+RT_QUICK = RTParams(warm=10, cold=4, paused=5, docker_warm=6, docker_cold=5, docker_paused=5,
                     agent_idle_seconds=3.0, docker_new=3)
 RT_FULL = RTParams(warm=60, cold=15, paused=20, docker_warm=30, docker_cold=10,
                    docker_paused=20, agent_idle_seconds=30.0, docker_new=10)

@@ -101,7 +101,7 @@ def test_a_spare_key_changes_with_anything_it_was_created_with(change) -> None:
 def test_a_netns_holder_is_least_privilege() -> None:
     host = holder_host_config()
     assert host["network_mode"] == "none" and host["cap_drop"] == ["ALL"]
-    assert host["read_only"] and host["security_opt"] == ["no-new-privileges:true"]
+    assert host["read_only"] and host["security_opt"] == ["no-new-privileges=true"]
     assert host["pids_limit"] <= 4 and host["mem_limit"] == "16m"
     spec = holder_spec("i1", "img")
     assert spec["user"] == "65534:65534" and spec["labels"] == {LABEL_NETNS: "i1"}

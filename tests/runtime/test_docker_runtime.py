@@ -193,7 +193,7 @@ def test_container_spec_and_host_config_are_least_privilege(tmp_path: Path) -> N
     assert spec["working_dir"] == "/workspace"
     hc = host_config_kwargs(cfg, [])
     assert hc["network_mode"] == "none" and hc["cap_drop"] == ["ALL"]
-    assert hc["security_opt"] == ["no-new-privileges:true"] and hc["read_only"] is True
+    assert hc["security_opt"] == ["no-new-privileges=true"] and hc["read_only"] is True
     assert hc["mem_limit"] == "256m" and hc["nano_cpus"] == 500_000_000
     assert hc["pids_limit"] == 64 and hc["init"] is True and hc["auto_remove"] is False
     assert "privileged" not in hc and "cap_add" not in hc

@@ -64,7 +64,7 @@ def holder_spec(instance: str, image: str) -> dict[str, Any]:
 def holder_host_config() -> dict[str, Any]:
     """Least privilege for a process that only sleeps: loopback only, nothing else."""
     return {"network_mode": "none", "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges:true"], "read_only": True,
+            "security_opt": ["no-new-privileges=true"], "read_only": True,
             "mem_limit": "16m", "pids_limit": 4, "nano_cpus": 50_000_000,
             "init": False, "auto_remove": False}
 

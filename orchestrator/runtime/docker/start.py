@@ -87,14 +87,18 @@ class StartMixin:
             # the group's image, command, limits, network and mounts (groups.resolve)
             config = config_of(session, self.config)
             user, uid, gid = self._user(session.session_id)
-            mounts = await self._mounts(session, config, uid, gid)
-            changed = await self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
-                                                                     uid, gid))
-            if changed:
-                logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder, user)
             self._starting.add(session.session_id)
             try:
-                image = await self.exec.require_image(config.image)
+                # three independent round trips to the pool (each a thread hop, the image
+                # a daemon call): side by side, the start waits for the slowest only
+                mounts, changed, image = await asyncio.gather(
+                    self._mounts(session, config, uid, gid),
+                    self.exec.offload(lambda: prepare_folder(Path(session.folder).resolve(),
+                                                             uid, gid)),
+                    self.exec.require_image(config.image))
+                if changed:
+                    logger.debug("gave {} path(s) in {} to {}", len(changed), session.folder,
+                                 user)
                 labels = (image or {}).get("Config", {}).get("Labels")
                 spare = self._spares.take(session.session_id)
                 if spare is not None:

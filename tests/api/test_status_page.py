@@ -8,45 +8,19 @@ see .ci/run)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.support.api_helpers import api_supervised, message, token_of, url_of
+from tests.support.browser import chromium
 from tests.support.e2e import make_config, replies_to, run
 from tests.support.helpers import until
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture
 def browser(tmp_path: Path):
-    if not (CHROMIUM and DRIVER):
-        message_ = "chromium and chromium-driver are needed (apt-get install chromium " \
-                   "chromium-driver)"
-        if IN_CI:
-            pytest.fail(message_)
-        pytest.skip(message_)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    yield from chromium(tmp_path)
 
 
 def text_of(driver, selector: str) -> str | None:

@@ -15,16 +15,17 @@ from orchestrator.watch.changes import Change
 # a session database's rollback journal: made when a write begins, deleted at its commit
 COMMIT_ENDS = frozenset({"inbound.db-journal", "outbound.db-journal"})
 LONE_COMMIT_MAX = 12  # changes; a reply's commit with a heartbeat is ~5
-COMMITTED, OPEN, BUSY = "committed", "open", "busy"
-# how many times the step may double while a busy batch keeps growing: 3 → 6 → 12 ms
-MAX_STRETCH = 2
+COMMITTED, OPEN = "committed", "open"
+# a batch this big (changes) that still grows is a busy host's: its step may double …
+STRETCH_FROM = 32
+MAX_STRETCH = 2  # … twice at most: 3 → 6 → 12 ms between reads
 
 
 def commit_state(root: str, changes: set[tuple[Change, str]]) -> str | None:
     """Where a batch of ONE session's changes stands with a commit of its databases:
     ``COMMITTED`` (a journal was deleted: a write is over, ``journal_mode=DELETE``,
     contract §2), ``OPEN`` (a journal was made or written but not deleted yet: a
-    write is under way), else None; ``BUSY`` for a batch that also holds
+    write is under way), else None, and always None for a batch that also holds
     another session's changes, a group's or the root's, or more than
     ``LONE_COMMIT_MAX`` changes.
 
@@ -37,18 +38,18 @@ def commit_state(root: str, changes: set[tuple[Change, str]]) -> str | None:
     the step, so a busy host still gets few, large batches, and nobody waits for
     another session's commit."""
     if len(changes) > LONE_COMMIT_MAX:
-        return BUSY
+        return None
     prefix = root + "/"
     session: tuple[str, str] | None = None
     ended = begun = False
     for change, path in changes:
         parts = path[len(prefix):].split("/", 3)
         if len(parts) < 3 or not path.startswith(prefix):
-            return BUSY  # a group or the root itself changed
+            return None  # a group or the root itself changed
         if session is None:
             session = (parts[0], parts[1])
         elif session != (parts[0], parts[1]):
-            return BUSY
+            return None
         if len(parts) == 3 and parts[2] in COMMIT_ENDS:
             if change == Change.deleted:
                 ended = True
@@ -57,18 +58,20 @@ def commit_state(root: str, changes: set[tuple[Change, str]]) -> str | None:
     return COMMITTED if ended else OPEN if begun else None
 
 
-def stretch_after(stretch: int, state: str | None, fresh: bool) -> int:
-    """How many times the step is doubled before the next read of an open batch.
+def stretch_after(stretch: int, size: int, fresh: bool) -> int:
+    """How many times the step is doubled before the next read of an open batch of
+    ``size`` changes (``fresh``: the last read added some).
 
-    Why (issue 28): a ``BUSY`` batch (several sessions, or many changes) ends a quiet
-    step after its last change or at the debounce. Under a steady load the quiet step
-    never comes: every step read a few new events and the batch ran to the debounce
-    anyway, at one wake-up of the watch thread per step (each taking the GIL from the
-    loop) — most of what events mode cost per reply more than poll mode. So each read
-    that finds a busy batch still growing doubles the step, up to ``MAX_STRETCH``
-    doublings: ~6 reads per 50 ms batch instead of ~17; the end of a burst is seen at
-    most 12 ms (not 3) after its last change. A lone session's batch (a round trip)
-    never stretches: it ends at its commit (``commit_state``)."""
-    if state == BUSY and fresh:
+    Why (issue 28): under a steady load from many sessions a batch never sees its
+    quiet step and runs to the debounce anyway, at one wake-up of the watch thread
+    per step; each takes the GIL from the loop, and the loop's own work then costs
+    ~10 % more CPU (measured: a thread waking every 3 ms beside a busy one). So a
+    batch of ``STRETCH_FROM`` changes or more (6+ commits: at 100 sessions writing
+    flat out it gets there within a step or two) that keeps growing doubles its step,
+    up to ``MAX_STRETCH`` times: ~6 reads per 50 ms batch instead of ~17, and the end
+    of such a burst is seen at most 12 ms (not 3) after its last change. A round
+    trip's batch (one session, a few changes: ``commit_state``) and a paced load's
+    (a commit or two per step) never stretch."""
+    if fresh and size >= STRETCH_FROM:
         return min(stretch + 1, MAX_STRETCH)
     return stretch

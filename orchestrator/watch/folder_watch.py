@@ -285,7 +285,7 @@ class FolderWatch(WatchTable):
         heartbeat's touch), and a wake-up per event was most of the watch's cost under
         load (each takes the GIL from the loop). What arrives during the pause is read
         at its end in one ``read``; the first event after a quiet step still wakes the
-        thread at once. A batch of several sessions that keeps growing reads less often
+        thread at once. A big batch that keeps growing (a busy host) reads less often
         (``commits.stretch_after``: the step doubles, twice at most)."""
         changes: set[tuple[Change, str]] = set()
         self._written.clear()
@@ -319,7 +319,7 @@ class FolderWatch(WatchTable):
                 first = first if first is not None else now
                 if (now - first) * 1000 < debounce_ms:
                     state = commit_state(self.root, changes)
-                    stretch = stretch_after(stretch, state, fresh)
+                    stretch = stretch_after(stretch, len(changes), fresh)
                     if (fresh and state != COMMITTED) or state == OPEN:
                         continue  # more may follow within a step, or an open commit's end
             if changes:

@@ -15,11 +15,11 @@ import pytest
 
 from orchestrator.watch.changes import Change
 from orchestrator.watch.commits import (
-    BUSY,
     COMMITTED,
     LONE_COMMIT_MAX,
     MAX_STRETCH,
     OPEN,
+    STRETCH_FROM,
     commit_state,
     stretch_after,
 )
@@ -45,32 +45,30 @@ REPLY = {(M, f"{S1}/.heartbeat"), (A, f"{S1}/outbound.db-journal"),
     ({(M, f"{S1}/outbound.db")}, None),
     ({(D, f"{S1}/outbox/outbound.db-journal")}, None),  # a file in outbox/ is no journal
     ({(D, f"{S1}/outbound.db")}, None),  # the database itself removed: no commit
-    (REPLY | {(M, f"{S2}/.heartbeat")}, BUSY),  # two sessions: the step coalesces them
-    ({(A, f"{S1}/outbound.db-journal"), (M, f"{S2}/.heartbeat")}, BUSY),  # nor waits
-    (REPLY | {(A, f"{ROOT}/grp/sess-3")}, BUSY),  # a new session folder
-    (REPLY | {(A, f"{ROOT}/grp2")}, BUSY),  # a new group
-    ({(D, "/data/sessionsX/grp/sess-1/outbound.db-journal")}, BUSY),  # not under root
+    (REPLY | {(M, f"{S2}/.heartbeat")}, None),  # two sessions: the step coalesces them
+    ({(A, f"{S1}/outbound.db-journal"), (M, f"{S2}/.heartbeat")}, None),  # nor waits
+    (REPLY | {(A, f"{ROOT}/grp/sess-3")}, None),  # a new session folder
+    (REPLY | {(A, f"{ROOT}/grp2")}, None),  # a new group
+    ({(D, "/data/sessionsX/grp/sess-1/outbound.db-journal")}, None),  # not under root
     ({(M, f"{S1}/f{i}") for i in range(LONE_COMMIT_MAX)}
-     | {(D, f"{S1}/outbound.db-journal")}, BUSY),  # a big batch keeps the step
+     | {(D, f"{S1}/outbound.db-journal")}, None),  # a big batch keeps the step
     (set(), None),
 ])
 def test_commit_state(changes: set[tuple[Change, str]], state: str | None) -> None:
     assert commit_state(ROOT, changes) == state
 
 
-@pytest.mark.parametrize(("stretch", "state", "fresh", "after"), [
-    (0, BUSY, True, 1),  # several sessions, still growing: the next read a step later
-    (1, BUSY, True, 2),
-    (MAX_STRETCH, BUSY, True, MAX_STRETCH),  # never more than 12 ms between reads
-    (1, BUSY, False, 1),  # nothing new: the batch ends anyway (``watch``)
-    (0, None, True, 0),  # one session, no commit (a heartbeat): the short step
-    (0, OPEN, True, 0),  # a round trip's commit under way: its end is seen at once
-    (0, COMMITTED, True, 0),
-    (0, OPEN, False, 0),
+@pytest.mark.parametrize(("stretch", "size", "fresh", "after"), [
+    (0, STRETCH_FROM, True, 1),  # a busy host's batch, still growing: reads less often
+    (1, 200, True, 2),
+    (MAX_STRETCH, 500, True, MAX_STRETCH),  # never more than 12 ms between reads
+    (1, 200, False, 1),  # nothing new: the batch ends anyway (``FolderWatch.watch``)
+    (0, STRETCH_FROM - 1, True, 0),  # a paced load's batch: a commit or two per step
+    (0, len(REPLY), True, 0),  # a round trip's: ends at its commit, never stretched
+    (0, 1, True, 0),
 ])
-def test_stretch_after(stretch: int, state: str | None, fresh: bool, after: int) -> None:
-    """Only a busy batch (several sessions) that keeps growing reads less often."""
-    assert stretch_after(stretch, state, fresh) == after
+def test_stretch_after(stretch: int, size: int, fresh: bool, after: int) -> None:
+    assert stretch_after(stretch, size, fresh) == after
 
 
 def _tree(tmp_path: Path) -> tuple[Path, Path]:

@@ -60,7 +60,7 @@ def commit_state(root: str, changes: set[tuple[Change, str]]) -> str | None:
 
 def stretch_after(stretch: int, size: int, fresh: bool) -> int:
     """How many times the step is doubled before the next read of an open batch of
-    ``size`` changes (``fresh``: the last read added some).
+    ``size`` changes (``fresh``: the last read found events).
 
     Why (issue 28): under a steady load from many sessions a batch never sees its
     quiet step and runs to the debounce anyway, at one wake-up of the watch thread

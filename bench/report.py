@@ -88,6 +88,13 @@ def rows(sizes: tuple[int, ...], agents: int) -> list[Row]:
         Row("throughput_all_s", "throughput: time to deliver all", "s",
             lambda r: _dig(r, f"agents_{agents}", "throughput", "first_commit_to_last_recorded_s"),
             None, 2),
+        # what sets the figure: the writers' own speed on a shared machine, and the
+        # orchestrator's CPU per reply (issue 28: events must cost no more than poll)
+        Row("throughput_writer_per_s", "throughput: writers' commits", "replies/s",
+            lambda r: _dig(r, f"agents_{agents}", "throughput", "writer_rate_per_s"), None, 0),
+        Row("throughput_cpu_ms", "throughput: orchestrator CPU per reply", "ms",
+            lambda r: _dig(r, f"agents_{agents}", "throughput", "orchestrator_cpu",
+                           "cpu_ms_per_reply"), None, 3),
         Row("throughput_lost", "throughput: lost (incl. failed)", "replies", _lost, ("==", 0), 0),
         Row("throughput_dup", "throughput: duplicated", "replies",
             lambda r: _dig(r, f"agents_{agents}", "throughput", "duplicates_on_channel"),

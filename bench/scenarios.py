@@ -334,6 +334,7 @@ class Bench:
         self._quiet()
         prof = self._profile(run, name, expected + 2)
         load = proc.MachineLoad()
+        th0 = run.orch.thread_cpu()
         (u0, s0), t0 = run.orch.cpu_split(), time.time()
         procs = [proc.spawn(proc.py("-m", "bench.agents", "replies", "--sessions",
                                     str(sessions_file), "--count", str(count), "--rate",
@@ -349,6 +350,7 @@ class Bench:
         drain_s = self._drain(col, prefix, len(commits),
                               self.p.drain_seconds if rate else self.p.throughput_timeout)
         (u1, s1), t1 = run.orch.cpu_split(), time.time()
+        th1 = run.orch.thread_cpu()
         machine_load = load.stop()
         col.finish()
         profile = prof() if prof else None
@@ -398,7 +400,8 @@ class Bench:
                                  "cpu_system_s": s1 - s0,
                                  "core_pct": 100.0 * (u1 - u0 + s1 - s0) / (t1 - t0),
                                  "cpu_ms_per_reply": 1000.0 * (u1 - u0 + s1 - s0)
-                                 / max(1, len(commits))},
+                                 / max(1, len(commits)),
+                                 "threads_cpu_s": _thread_deltas(th0, th1)},
             "machine_load": machine_load,
         }
         if commits and recorded:

@@ -33,7 +33,13 @@ from orchestrator.contract.inotify import (
 )
 from orchestrator.contract.layout import HEARTBEAT, INBOUND_DB, INBOX, OUTBOUND_DB, OUTBOX
 from orchestrator.watch.changes import Change
-from orchestrator.watch.commits import COMMIT_ENDS, COMMITTED, OPEN, commit_state
+from orchestrator.watch.commits import (
+    COMMIT_ENDS,
+    COMMITTED,
+    OPEN,
+    commit_state,
+    stretch_after,
+)
 from orchestrator.watch.muted import Muted
 from orchestrator.watch.watch_table import (
     IN_MOVED_FROM,
@@ -68,6 +74,7 @@ _NOT_NAMED = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 _NOT_A_WRITE = (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF
                 | IN_MOVE_SELF | IN_IGNORED | IN_Q_OVERFLOW)
 _READ = 64 * 1024
+_DRAINED = _READ - _HEADER.size - 256  # a read this short emptied the queue (NAME_MAX 255)
 # While nothing has changed, how often ``watch`` wakes up to ask its stop event (the
 # first change ends the wait at once, so this costs no latency, only wake-ups).
 IDLE_WAKE_MS = 100
@@ -121,6 +128,7 @@ class FolderWatch(WatchTable):
         self.lost: str | None = None
         self._read_at = -1e9  # when events were last read (``read_pause``)
         self._written: set[tuple[int, bytes]] = set()  # writes seen in this batch (``_parse``)
+        self._activated: set[str] = set()  # sessions marked active in this batch (``_record``)
         self._names: dict[bytes, str] = {}  # an event's raw name → the name (``_parse``)
         super().__init__(root, limit, poll_rate, poll_interval)
         self._poll = select.poll()
@@ -143,6 +151,8 @@ class FolderWatch(WatchTable):
             got = True
             self._read_at = time.monotonic()
             self._parse(buf, changes)
+            if len(buf) < _DRAINED:  # the next event would have fitted: none was queued
+                return got
 
     def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> None:
         """The events of one read into ``changes``, as cheaply as a busy session allows
@@ -165,6 +175,9 @@ class FolderWatch(WatchTable):
             offset += size
             raw = buf[offset:offset + length]
             offset += length
+            plain = not mask & _NOT_A_WRITE
+            if plain and (wd, raw) in written:
+                continue  # (first: most events of a busy session are these)
             if mask & _NOT_NAMED:
                 self._unnamed(wd, mask, changes)
                 continue
@@ -176,9 +189,7 @@ class FolderWatch(WatchTable):
             if depth == 2 and (name not in SESSION_ENTRIES
                                or name == HEARTBEAT and self._muted_beat(path, wd)):
                 continue
-            if not mask & _NOT_A_WRITE:
-                if (wd, raw) in written:
-                    continue
+            if plain:
                 written.add((wd, raw))
             self._record(changes, mask, wd, path, depth, name)
 
@@ -251,7 +262,8 @@ class FolderWatch(WatchTable):
         if change == ADDED and mask & IN_ISDIR and watched_level(depth + 1, name):
             for sub in self._appeared(path, depth, name):
                 changes.add((ADDED, sub))
-        elif depth == 2 and path in self.sessions:
+        elif depth == 2 and path not in self._activated and path in self.sessions:
+            self._activated.add(path)  # once per batch: a commit is several events
             self._active(path, wd)
 
     def take_lost(self) -> str | None:
@@ -273,16 +285,19 @@ class FolderWatch(WatchTable):
         heartbeat's touch), and a wake-up per event was most of the watch's cost under
         load (each takes the GIL from the loop). What arrives during the pause is read
         at its end in one ``read``; the first event after a quiet step still wakes the
-        thread at once."""
+        thread at once. A big batch that keeps growing (a busy host) reads less often
+        (``commits.stretch_after``: the step doubles, twice at most)."""
         changes: set[tuple[Change, str]] = set()
         self._written.clear()
+        self._activated.clear()
         start = time.monotonic()
         first: float | None = None
         looked = start  # the last look at the queue in this batch
+        stretch = 0  # the step's doublings in this batch (``commits.stretch_after``)
         while True:
             if stop_event is not None and stop_event.is_set():
                 return "stop"
-            pause = read_pause(self.read_gap_ms, step_ms, debounce_ms, first,
+            pause = read_pause(self.read_gap_ms, step_ms << stretch, debounce_ms, first,
                                self._read_at if first is None else looked, time.monotonic())
             if pause is not None:
                 time.sleep(pause)
@@ -304,6 +319,7 @@ class FolderWatch(WatchTable):
                 first = first if first is not None else now
                 if (now - first) * 1000 < debounce_ms:
                     state = commit_state(self.root, changes)
+                    stretch = stretch_after(stretch, len(changes), fresh)
                     if (fresh and state != COMMITTED) or state == OPEN:
                         continue  # more may follow within a step, or an open commit's end
             if changes:

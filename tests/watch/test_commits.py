@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from orchestrator.watch.changes import Change
-from orchestrator.watch.commits import COMMITTED, LONE_COMMIT_MAX, OPEN, commit_state
+from orchestrator.watch.commits import (
+    COMMITTED,
+    LONE_COMMIT_MAX,
+    MAX_STRETCH,
+    OPEN,
+    STRETCH_FROM,
+    commit_state,
+    stretch_after,
+)
 from orchestrator.watch.folder_watch import FolderWatch
 
 ROOT = "/data/sessions"
@@ -48,6 +56,19 @@ REPLY = {(M, f"{S1}/.heartbeat"), (A, f"{S1}/outbound.db-journal"),
 ])
 def test_commit_state(changes: set[tuple[Change, str]], state: str | None) -> None:
     assert commit_state(ROOT, changes) == state
+
+
+@pytest.mark.parametrize(("stretch", "size", "fresh", "after"), [
+    (0, STRETCH_FROM, True, 1),  # a busy host's batch, still growing: reads less often
+    (1, 200, True, 2),
+    (MAX_STRETCH, 500, True, MAX_STRETCH),  # never more than 12 ms between reads
+    (1, 200, False, 1),  # nothing new: the batch ends anyway (``FolderWatch.watch``)
+    (0, STRETCH_FROM - 1, True, 0),  # a paced load's batch: a commit or two per step
+    (0, len(REPLY), True, 0),  # a round trip's: ends at its commit, never stretched
+    (0, 1, True, 0),
+])
+def test_stretch_after(stretch: int, size: int, fresh: bool, after: int) -> None:
+    assert stretch_after(stretch, size, fresh) == after
 
 
 def _tree(tmp_path: Path) -> tuple[Path, Path]:

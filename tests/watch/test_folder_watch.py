@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +287,49 @@ def test_a_burst_of_writes_is_one_change_and_scratch_files_none(tmp_path: Path) 
             else None) or (2, f"{folder}/outbound.db") in got, timeout=5, interval=0,
             message="the write")
         assert all(p == f"{folder}/outbound.db" for _, p in got), got
+
+
+class _CountingWatch(FolderWatch):
+    """FolderWatch that counts its reads of the queue (each one is a wake-up)."""
+
+    reads = 0
+
+    def _read(self, changes: set) -> bool:
+        self.reads += 1
+        return super()._read(changes)
+
+
+def test_a_busy_batch_reads_less_often_as_it_grows(tmp_path: Path) -> None:
+    """Many sessions writing without a pause (a busy host): the batch runs to its
+    debounce either way, and reads the queue every 3, 6, then 12 ms
+    (``commits.stretch_after``), not every 3 ms. A writer process keeps 40 sessions
+    busy for longer than the batch lasts."""
+    root = tmp_path / "sessions"
+    folders = [root / "grp" / f"sess-{i}" for i in range(40)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        (folder / "outbound.db").write_bytes(b"")
+    script = ("import os, sys, time\n"
+              "end = time.monotonic() + 3\n"
+              "paths = sys.argv[1:]\n"
+              "while time.monotonic() < end:\n"
+              "    for p in paths:\n"
+              "        os.utime(p)\n"
+              "    time.sleep(0.0005)\n")
+    with _CountingWatch(root) as watch:
+        writer = subprocess.Popen([sys.executable, "-c", script,
+                                   *(str(f / "outbound.db") for f in folders)])
+        try:
+            first = watch.watch(debounce_ms=100, step_ms=3, timeout_ms=2000, stop_event=None)
+            assert isinstance(first, set) and first  # (the writer's first touches)
+            watch.reads = 0
+            t0 = time.monotonic()
+            got = watch.watch(debounce_ms=100, step_ms=3, timeout_ms=2000, stop_event=None)
+            took = time.monotonic() - t0
+        finally:
+            writer.kill()
+            writer.wait()
+    assert isinstance(got, set) and len({p for _, p in got}) == 40
+    if took >= 0.09:  # the batch ran to its debounce: the writer kept it growing
+        # every 3 ms: ~33 reads; stretched: 3, 6, 12, 12, … ms: ~10
+        assert watch.reads <= 16, watch.reads

@@ -111,7 +111,7 @@ def run_replies(folders: list[str], count: int, rate: float, prefix: str, out: P
         for conn in conns.values():
             conn.close()
         t_end = time.time()
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_name(out.name + ".tmp")  # one per writer (Tx.writer0 → Tx.writer0.tmp)
         with open(tmp, "w") as fh:
             fh.write(json.dumps({"written": written, "t_start": t_start, "t_end": t_end}) + "\n")
             fh.writelines(rows)
@@ -141,7 +141,7 @@ def run_heartbeat(folders: list[str], hz: float, seconds: float, out: Path) -> i
         if delay > 0:
             time.sleep(delay)
     elapsed = time.time() - t_start
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(out.name + ".tmp")  # one per writer (Tx.writer0 → Tx.writer0.tmp)
     tmp.write_text(json.dumps({"touches": k, "seconds": elapsed, "sessions": n, "hz": hz,
                                "achieved_hz_per_agent": k / n / elapsed if elapsed else 0.0,
                                "max_lateness_s": late}) + "\n")
@@ -157,7 +157,7 @@ def run_lock(folders: list[str], hz: float, seconds: float, out: Path) -> int:
                                    timeout=10)
             conn.execute("BEGIN EXCLUSIVE")
             conns.append(conn)
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_name(out.name + ".tmp")  # one per writer (Tx.writer0 → Tx.writer0.tmp)
         tmp.write_text(json.dumps({"locked": len(conns), "t": time.time()}) + "\n")
         os.replace(tmp, out)
         deadline = time.time() + seconds

@@ -37,6 +37,7 @@ from orchestrator.host.safefs import Refused, SessionDir
 from orchestrator.host.sessions import STAGING_PREFIX, remove_stale_staging
 from orchestrator.runtime.base import Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
+from orchestrator.watch.head_start import HeadStart
 
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
 
@@ -64,6 +65,7 @@ class DiscoveryMixin:
     statuses: StatusBook
     worker: SessionWorker
     book: StateBook
+    head_start: HeadStart | None
     clock: Callable[[], datetime]
     ready: asyncio.Event
     retiring: set[str]
@@ -248,16 +250,21 @@ class DiscoveryMixin:
         when the last run saved them (dormant rows), and nothing on disk changed since;
         the others wake for their full pass. Runs after the watch is up, with no
         ``await`` from the check to the end: a later change has its event. An earlier
-        event's mark goes: its change was seen by the check."""
+        event's mark goes: its change was seen by the check. Except where the check
+        used the ``lstat`` the watch built ahead took after adding the folder's watch
+        (``head_start``): there a mark may be a later change's, and it stays (a pass)."""
         dormant = self.rows.dormant
-        moved, fresh = unchanged(self.cfg.data_dir, dormant)
+        seen = self.head_start.seen() if self.head_start is not None else {}
+        moved, fresh = unchanged(self.cfg.data_dir, dormant, seen)
         for sid in moved:
             self._wake_unrestored(sid)
         for sid, row in fresh.items():  # unchanged; saved with the stamp seen now
             dormant[sid] = (dormant[sid][0], row)
             self.book.refresh(sid, row)
         for sid in dormant.keys() & self.dirty.flags.keys():
-            self.dirty.drop(sid)
+            group = seen.get(dormant[sid][0])
+            if group is None or sid not in group[1]:
+                self.dirty.drop(sid)
         self._checked = True
         return set(dormant)
 

@@ -126,6 +126,12 @@ class FolderWatch(WatchTable):
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
 
+    def hear(self, muted: Container[str]) -> None:
+        """Take ``muted`` now (a watch built before the worker that owns it:
+        ``head_start``; nothing is muted before the first pass)."""
+        self.muted = muted
+        self._mutes = muted if isinstance(muted, Muted) else None
+
     # --- events -------------------------------------------------------------------------
 
     def _read(self, changes: set[tuple[Change, str]]) -> bool:

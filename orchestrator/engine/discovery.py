@@ -30,7 +30,7 @@ from orchestrator.contract.layout import INBOUND_DB, InvalidId, sessions_root, v
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.ports import Dirty, StatusBook
 from orchestrator.engine.session_worker import SessionWorker
-from orchestrator.engine.startup_state import StateBook, start_pass_reason, unchanged
+from orchestrator.engine.startup_state import StateBook, unchanged
 from orchestrator.engine.tracked import Flag, LazyPaths, Tracked, TrackedMap
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import Refused, SessionDir
@@ -148,19 +148,22 @@ class DiscoveryMixin:
             self._register_found(self._unseen_folders())
 
     def _track_index(self, saved: dict[str, str]) -> None:
-        """(100 000 rows: no call per row but what is needed; one string per group.)"""
+        """(100 000 rows: no call per row but what is needed; one string per group. A
+        saved row is checked against the disk later: here it stands for the disk, and
+        ``start_pass_reason(row, row, False, status)`` is None exactly when the status
+        is ``stopped``, compared inline.)"""
         live, dormant, retiring = self.tracked.keys(), self.rows.dormant, self.retiring
         groups: dict[str, str] = {}
+        stopped = Status.STOPPED.value
         for session_id, agent_group, container_status in self.registry.session_index():
             if session_id in live or session_id in dormant or session_id in retiring:
                 continue
             row = saved.get(session_id)
-            if row is not None and start_pass_reason(row, row, False,
-                                                     container_status) is None:
+            if row is not None and container_status == stopped:
                 group = groups.get(agent_group)
                 if group is None:
                     group = groups[agent_group] = sys.intern(agent_group)
-                self.rows.rest(session_id, group, row)
+                dormant[session_id] = (group, row)  # (``TrackedMap.rest``)
                 continue
             t = self._track(agent_group, session_id)
             t.status = Status(container_status)

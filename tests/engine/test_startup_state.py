@@ -72,6 +72,12 @@ def test_start_pass_reason(saved, now, adopted, before, reason) -> None:
     assert start_pass_reason(saved, now, adopted, before) == reason
 
 
+@pytest.mark.parametrize("status", [s.value for s in Status])
+def test_a_saved_row_alone_is_skipped_exactly_when_stopped(status: str) -> None:
+    """What ``discovery._track_index`` compares inline, row by row."""
+    assert (start_pass_reason(TEXT, TEXT, False, status) is None) == (status == "stopped")
+
+
 def _settled_tracked(**changes) -> Tracked:
     t = Tracked("g", "s", None)  # type: ignore[arg-type]  (paths are not read)
     t.read.identity = ((7, 8), 3, 6)

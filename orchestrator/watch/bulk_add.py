@@ -72,13 +72,15 @@ def add_in_child(inotify_fd: int, group_fd: int, names: list[str], mask: int,
     st_mode, st_mtime_ns, st_ctime_ns (0: no ``lstat``); past ``room`` adds, -ENOSPC.
     (Flat, 48 bytes a session: 100 000 tuples of ints would be ~25 MB.) None: the
     child failed, nothing is known (add them here)."""
+    if not sys.executable:  # (an embedded interpreter: no program to run)
+        return None
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", "-c", CHILD, str(inotify_fd), str(group_fd),
              str(mask), str(room)],
             input=b"\0".join(os.fsencode(n) for n in names), capture_output=True,
             pass_fds=(inotify_fd, group_fd), timeout=TIMEOUT, check=False)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, ValueError, subprocess.SubprocessError):
         return None
     values = array.array("q")
     if done.returncode != 0 or len(done.stdout) != len(names) * FIELDS * values.itemsize:

@@ -62,7 +62,8 @@ class HeadStart:
         cfg = self._cfg
         try:
             self._watch = FolderWatch(self.root, limit=self.limits[1],
-                                      poll_interval=cfg.poll_interval, read_gap_ms=cfg.step_ms)
+                                      poll_interval=cfg.poll_interval, read_gap_ms=cfg.step_ms,
+                                      keep_seen=True)
         except Exception as exc:  # noqa: BLE001 - the watch thread builds one and says why
             logger.debug("{}: the early watch could not be built ({}); building it at start",
                          self.root, exc)

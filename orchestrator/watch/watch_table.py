@@ -88,8 +88,10 @@ class WatchTable:
     which folder each is on, added by a walk without links, within ``limit``."""
 
     def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
-                 poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL,
+                 keep_seen: bool = False) -> None:
         self.root = os.path.normpath(root)
+        self._keep_seen = keep_seen  # fill ``seen`` (someone will take it: ``head_start``)
         # session id → its folder, whose watch has another mask (``_set_mask``: a muted
         # session's, ``folder_watch``); a new watch on it has MASK again
         self._quieted: dict[str, str] = {}
@@ -279,7 +281,8 @@ class WatchTable:
         if values is None:
             return False
         seen: dict[str, int] = {}  # session name → its record's offset in ``values``
-        self.seen[group] = (values, seen)
+        if self._keep_seen:
+            self.seen[group] = (values, seen)
         paths, inodes, by_inode, sessions = self.paths, self.inodes, self._by_inode, self.sessions
         at = -FIELDS
         for name, ino in entries:

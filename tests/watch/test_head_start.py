@@ -47,7 +47,7 @@ def test_a_big_groups_sessions_are_watched_by_a_child(tmp_path: Path,
                                                       small_child_groups: None) -> None:
     root = _tree(tmp_path)
     group = root / "g"
-    with FolderWatch(root) as watch:
+    with FolderWatch(root, keep_seen=True) as watch:
         assert watched_folders(watch) == sorted(
             [str(root), str(group)] + [str(group / n) for n in SESSIONS])
         assert set(watch.seen[str(group)][1]) == set(SESSIONS)
@@ -70,16 +70,22 @@ def test_a_big_groups_sessions_are_watched_by_a_child(tmp_path: Path,
 def test_past_the_budget_the_child_stops_and_the_rest_is_polled(
         tmp_path: Path, small_child_groups: None) -> None:
     root = _tree(tmp_path)
-    with FolderWatch(root, limit=4) as watch:  # the root, the group, two sessions
+    with FolderWatch(root, limit=4, keep_seen=True) as watch:  # the root, the group, two
         assert watch.counts() == (4, 3)
         assert len(watch.seen[str(root / "g")][1]) == 2
+
+
+def test_the_lstats_are_kept_only_for_who_takes_them(tmp_path: Path,
+                                                     small_child_groups: None) -> None:
+    with FolderWatch(_tree(tmp_path)) as watch:  # (~15 MB at 100 000 sessions)
+        assert len(watch.sessions) == len(SESSIONS) and watch.seen == {}
 
 
 def test_a_failed_child_leaves_the_adds_to_the_walk(tmp_path: Path, small_child_groups: None,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     root = _tree(tmp_path)
     monkeypatch.setattr(watch_table, "add_in_child", lambda *args: None)
-    with FolderWatch(root) as watch:
+    with FolderWatch(root, keep_seen=True) as watch:
         assert len(watched_folders(watch)) == 2 + len(SESSIONS)
         assert watch.seen == {}
 

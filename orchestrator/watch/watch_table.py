@@ -41,6 +41,7 @@ import array
 import ctypes
 import errno
 import os
+from itertools import repeat
 
 from orchestrator.contract.inotify import (
     IN_ATTRIB,
@@ -284,6 +285,20 @@ class WatchTable:
         if self._keep_seen:
             self.seen[group] = (values, seen)
         paths, inodes, by_inode, sessions = self.paths, self.inodes, self._by_inode, self.sessions
+        wds = values[0::FIELDS]
+        if (min(wds, default=0) >= 0 and 0 not in values[2::FIELDS]
+                and (self.limit is None or len(paths) + len(wds) <= self.limit)):
+            # the common case, every add and lstat done: recorded by C loops (100 000
+            # sessions: ~0.1 s instead of ~0.35 s of the GIL, which the imports need)
+            names, inos = [n for n, _ in entries], [i for _, i in entries]
+            where = [f"{group}/{n}" for n in names]
+            paths.update(zip(wds, zip(where, repeat(2), strict=False), strict=True))
+            inodes.update(zip(wds, inos, strict=True))
+            by_inode.update(zip(inos, wds, strict=True))
+            sessions.update(zip(where, wds, strict=True))
+            seen.update(zip(names, range(0, len(values), FIELDS), strict=True))
+            found += where
+            return True
         at = -FIELDS
         for name, ino in entries:
             at += FIELDS

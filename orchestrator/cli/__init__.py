@@ -2,9 +2,10 @@
 
 The only layer that names concrete runtimes, channels and the API server.
 ``orchestrator.cli:main`` is the console script (and the image's entry point).
-``main`` is imported when called: importing ``orchestrator.cli.compose`` (the
-composition root, which ``bench.host`` and tests import directly) does not pay for
-every subcommand's parser and client (~0.35 s, issue 28's restart).
+``main`` is imported when called: importing ``orchestrator.cli.compose`` or
+``orchestrator.cli.logs`` directly (``bench.host``, tests) does not import every
+subcommand's parser and client first (~0.35 s, before ``bench.host`` can begin its
+``watch.head_start``).
 """
 
 from __future__ import annotations

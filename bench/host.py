@@ -31,15 +31,14 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import TYPE_CHECKING, Callable  # noqa: E402
 
 from loguru import logger  # noqa: E402
 
-from orchestrator.cli.compose import assembled, make_runtime  # noqa: E402
 from orchestrator.cli.logs import setup_logging  # noqa: E402
 from orchestrator.config.load import read_config  # noqa: E402
 from orchestrator.config.model import Config  # noqa: E402
-from orchestrator.engine.supervisor import Supervisor  # noqa: E402
+from orchestrator.contract.layout import sessions_root  # noqa: E402
 from orchestrator.host.data_lock import AlreadyRunning  # noqa: E402
 from orchestrator.runtime.base import (  # noqa: E402
     AgentExit,
@@ -49,6 +48,10 @@ from orchestrator.runtime.base import (  # noqa: E402
 )
 from orchestrator.support.signals import capture_signals  # noqa: E402
 from orchestrator.watch import watcher  # noqa: E402
+from orchestrator.watch.head_start import HeadStart  # noqa: E402
+
+if TYPE_CHECKING:
+    from orchestrator.engine.supervisor import Supervisor
 
 
 class SyntheticRuntime:
@@ -170,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch_budget is not None:
         budget = args.watch_budget
         watcher.watch_budget = lambda: budget
+    # as ``orchestrator run`` (cli.commands.cmd_run): the watches are added while the
+    # composition root is imported and everything is built
+    head = HeadStart.begin(sessions_root(cfg.data_dir), cfg.watch, watcher.limits())
+    from orchestrator.cli.compose import assembled, make_runtime
 
     synthetic: list[SyntheticRuntime] = []
     if args.agents_file:
@@ -206,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         with capture_signals(stop):
             times["serve"] = time.time()
             try:
-                async with assembled(cfg, runtime_factory=factory, stop_event=stop) as service:
+                async with assembled(cfg, runtime_factory=factory, stop_event=stop,
+                                     head_start=head) as service:
                     reporter = asyncio.create_task(report(service.supervisor))
                     try:
                         await service.supervisor.serve()

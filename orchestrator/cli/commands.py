@@ -125,14 +125,20 @@ def _archived_line(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.cli.compose import run
     from orchestrator.cli.logs import setup_logging
     from orchestrator.config.groups import preflight
+    from orchestrator.contract.layout import sessions_root
+    from orchestrator.watch import watcher
+    from orchestrator.watch.head_start import HeadStart
 
     cfg = _load(args)
     preflight(cfg)
     setup_logging(cfg.log, json=True if args.json_logs else None)
-    return run(cfg, reread=lambda: _load(args))  # SIGHUP: [cluster] members again
+    # the watches are added while the rest is imported and built (issue 28's restart)
+    head = HeadStart.begin(sessions_root(cfg.data_dir), cfg.watch, watcher.limits())
+    from orchestrator.cli.compose import run
+
+    return run(cfg, reread=lambda: _load(args), head_start=head)  # SIGHUP: [cluster] again
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

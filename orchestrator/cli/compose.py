@@ -56,6 +56,7 @@ from orchestrator.host.sessions import Sessions
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.signals import capture_signals
 from orchestrator.watch import inotify_thread, watcher
+from orchestrator.watch.head_start import HeadStart
 
 Clock = Callable[[], datetime]
 RuntimeFactory = Callable[[Config, Callable[[AgentExit], None], Callable[[], None]], Runtime]
@@ -167,13 +168,18 @@ class Service:
 async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runtime,
                     channel: Channel | None = None, clock: Clock = utcnow,
                     stop_event: asyncio.Event | None = None,
-                    reread: Callable[[], Config] | None = None) -> AsyncIterator[Service]:
-    """Build and open everything; leaving the block closes it all, in reverse order."""
+                    reread: Callable[[], Config] | None = None,
+                    head_start: HeadStart | None = None) -> AsyncIterator[Service]:
+    """Build and open everything; leaving the block closes it all, in reverse order.
+    ``head_start``: the first inotify watch, being built since the configuration was
+    read (``watch.head_start``); the supervisor's watch takes it."""
     cfg = without_paused_tier(cfg)
     data_dir = cfg.data_dir
-    listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
-    peers = make_peers(cfg, token, reread)
     async with AsyncExitStack() as stack:
+        if head_start is not None:  # (a no-op once the watch took it)
+            stack.callback(head_start.close)
+        listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
+        peers = make_peers(cfg, token, reread)
         stack.callback(lock_data_dir(data_dir).release)
         make_dirs(sessions_root(data_dir))
         tighten_data_dir(data_dir, _channel_files(cfg))
@@ -227,7 +233,7 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
         sup = Supervisor(cfg, tracked, registry, sessions, runtime, inbox, dirty, statuses,
                          worker, gate, book, clock,
                          stop_event=stop_event or asyncio.Event(), retention=retention,
-                         on_removed=events.forget_sessions)
+                         on_removed=events.forget_sessions, head_start=head_start)
         chan.bind(lambda sid: dirty.mark(sid, Flag.OUTBOUND))  # an outcome known → a pass
 
         if peers is not None:
@@ -241,22 +247,26 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
 
 
 async def serve(cfg: Config, stop_event: asyncio.Event,
-                reread: Callable[[], Config] | None = None) -> None:
+                reread: Callable[[], Config] | None = None,
+                head_start: HeadStart | None = None) -> None:
     """Serve until ``stop_event`` is set."""
-    async with assembled(cfg, stop_event=stop_event, reread=reread) as service:
+    async with assembled(cfg, stop_event=stop_event, reread=reread,
+                         head_start=head_start) as service:
         await service.supervisor.serve()
 
 
-def run(cfg: Config, reread: Callable[[], Config] | None = None) -> int:
+def run(cfg: Config, reread: Callable[[], Config] | None = None,
+        head_start: HeadStart | None = None) -> int:
     """``orchestrator run``: serve until SIGINT/SIGTERM. AlreadyRunning, ApiConfigError
-    and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``)."""
+    and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``).
+    ``head_start``: see ``assembled``."""
 
     raise_nofile_limit()  # connections, agent pipes and SQLite files are all fds
 
     async def main() -> int:
         stop = asyncio.Event()
         with capture_signals(stop):
-            await serve(cfg, stop, reread)
+            await serve(cfg, stop, reread, head_start)
         return 0
 
     return asyncio.run(main())

@@ -30,13 +30,14 @@ from orchestrator.contract.layout import INBOUND_DB, InvalidId, sessions_root, v
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.ports import Dirty, StatusBook
 from orchestrator.engine.session_worker import SessionWorker
-from orchestrator.engine.startup_state import StateBook, start_pass_reason, unchanged
+from orchestrator.engine.startup_state import StateBook, unchanged
 from orchestrator.engine.tracked import Flag, LazyPaths, Tracked, TrackedMap
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import Refused, SessionDir
 from orchestrator.host.sessions import STAGING_PREFIX, remove_stale_staging
 from orchestrator.runtime.base import Runtime, RuntimeUnavailable
 from orchestrator.support.logonce import LogOnce
+from orchestrator.watch.head_start import HeadStart
 
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a long start-up step
 
@@ -64,6 +65,7 @@ class DiscoveryMixin:
     statuses: StatusBook
     worker: SessionWorker
     book: StateBook
+    head_start: HeadStart | None
     clock: Callable[[], datetime]
     ready: asyncio.Event
     retiring: set[str]
@@ -146,19 +148,22 @@ class DiscoveryMixin:
             self._register_found(self._unseen_folders())
 
     def _track_index(self, saved: dict[str, str]) -> None:
-        """(100 000 rows: no call per row but what is needed; one string per group.)"""
+        """(100 000 rows: no call per row but what is needed; one string per group. A
+        saved row is checked against the disk later: here it stands for the disk, and
+        ``start_pass_reason(row, row, False, status)`` is None exactly when the status
+        is ``stopped``, compared inline.)"""
         live, dormant, retiring = self.tracked.keys(), self.rows.dormant, self.retiring
         groups: dict[str, str] = {}
+        stopped = Status.STOPPED.value
         for session_id, agent_group, container_status in self.registry.session_index():
             if session_id in live or session_id in dormant or session_id in retiring:
                 continue
             row = saved.get(session_id)
-            if row is not None and start_pass_reason(row, row, False,
-                                                     container_status) is None:
+            if row is not None and container_status == stopped:
                 group = groups.get(agent_group)
                 if group is None:
                     group = groups[agent_group] = sys.intern(agent_group)
-                self.rows.rest(session_id, group, row)
+                dormant[session_id] = (group, row)  # (``TrackedMap.rest``)
                 continue
             t = self._track(agent_group, session_id)
             t.status = Status(container_status)
@@ -248,16 +253,21 @@ class DiscoveryMixin:
         when the last run saved them (dormant rows), and nothing on disk changed since;
         the others wake for their full pass. Runs after the watch is up, with no
         ``await`` from the check to the end: a later change has its event. An earlier
-        event's mark goes: its change was seen by the check."""
+        event's mark goes: its change was seen by the check. Except where the check
+        used the ``lstat`` the watch built ahead took after adding the folder's watch
+        (``head_start``): there a mark may be a later change's, and it stays (a pass)."""
         dormant = self.rows.dormant
-        moved, fresh = unchanged(self.cfg.data_dir, dormant)
+        seen = self.head_start.seen() if self.head_start is not None else {}
+        moved, fresh = unchanged(self.cfg.data_dir, dormant, seen)
         for sid in moved:
             self._wake_unrestored(sid)
         for sid, row in fresh.items():  # unchanged; saved with the stamp seen now
             dormant[sid] = (dormant[sid][0], row)
             self.book.refresh(sid, row)
         for sid in dormant.keys() & self.dirty.flags.keys():
-            self.dirty.drop(sid)
+            group = seen.get(dormant[sid][0])
+            if group is None or sid not in group[1]:
+                self.dirty.drop(sid)
         self._checked = True
         return set(dormant)
 

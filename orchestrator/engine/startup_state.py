@@ -38,7 +38,7 @@ import os
 import sqlite3
 from pathlib import Path
 from stat import S_ISDIR
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from loguru import logger
 
@@ -49,6 +49,7 @@ from orchestrator.host.filesig import Signature, file_signature
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.support.logonce import LogOnce
+from orchestrator.watch.head_start import Seen
 
 SIG_KEYS = (("hb", HEARTBEAT), ("out", OUTBOUND_DB), ("in", INBOUND_DB))
 NO_STAMP = "-"
@@ -124,7 +125,7 @@ def start_pass_reason(saved: str | None, now: str | None, adopted: bool,
 
 
 def recheck(group_fd: int, session_id: str, row: str,
-            st: os.stat_result | None = None) -> str | None:
+            st: os.stat_result | _Seen | None = None) -> str | None:
     """The session's row as its folder is now if nothing changed since ``row`` was
     saved (the same row, or with a new stamp), None if something did or the folder
     cannot be checked (a link, missing, unreadable). ``group_fd``: its group folder
@@ -183,13 +184,28 @@ def changed(group_fd: int, session_id: str, row: str) -> bool:
             or _sig_text(file_signature(prefix + INBOUND_DB, group_fd)) != parts[3])
 
 
-def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]]
-              ) -> tuple[set[str], dict[str, str]]:
+class _Seen(NamedTuple):
+    """A folder's ``lstat`` as the watch took it (``recheck`` reads these fields)."""
+
+    st_dev: int
+    st_ino: int
+    st_mode: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]],
+              seen: Mapping[str, Seen] | None = None) -> tuple[set[str], dict[str, str]]:
     """Of the dormant ``rows`` (session → (agent group, saved row)): the sessions that
     changed on disk or cannot be checked (they need their full pass), and the rows
     that are unchanged but got a new stamp (to save, so the next start needs one
-    ``stat`` for them)."""
+    ``stat`` for them).
+
+    ``seen`` (agent group → (records, session → offset), ``watch.head_start``): the
+    folder's ``lstat`` the watch took just after adding its watch, used instead of
+    one now (a change after it has its event: the caller keeps its mark)."""
     lstat = os.stat
+    seen = seen or {}
     groups: dict[str, list[str]] = {}
     for sid, (group, _) in rows.items():
         groups.setdefault(group, []).append(sid)
@@ -201,14 +217,24 @@ def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]]
         except OSError:  # gone, or a link (refused): their passes say so
             moved.update(sids)
             continue
+        values, index = seen.get(group, (None, {}))
         try:
             for sid in sids:
                 row = rows[sid][1]
-                try:
-                    st = lstat(sid, dir_fd=fd, follow_symlinks=False)
-                except OSError:
-                    moved.add(sid)
-                    continue
+                at = index.get(sid)
+                if at is not None:
+                    assert values is not None
+                    dev, ino, mode, mtime, ctime = values[at + 1:at + 6]
+                    if (row.endswith(f"|{mtime}:{ctime}") and S_ISDIR(mode)
+                            and row.startswith(f"{dev}:{ino}|-|")):  # (as below)
+                        continue
+                    st: os.stat_result | _Seen = _Seen(dev, ino, mode, mtime, ctime)
+                else:
+                    try:
+                        st = lstat(sid, dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        moved.add(sid)
+                        continue
                 if (row.endswith(f"|{st.st_mtime_ns}:{st.st_ctime_ns}")  # the common case,
                         and row.startswith(f"{st.st_dev}:{st.st_ino}|-|")  # by string ops:
                         and S_ISDIR(st.st_mode)):  # no heartbeat, and the stamp as saved

@@ -45,8 +45,9 @@ from orchestrator.host.sessions import Sessions
 from orchestrator.rules.retention import Action as RetentionAction
 from orchestrator.runtime.base import AgentExit, Runtime
 from orchestrator.support.logonce import LogOnce
-from orchestrator.watch import budget, watcher
+from orchestrator.watch import watcher
 from orchestrator.watch.activity import RESCAN, Activity
+from orchestrator.watch.head_start import HeadStart
 
 Clock = Callable[[], datetime]
 
@@ -87,6 +88,9 @@ class Supervisor(DiscoveryMixin, SweepMixin):
     # (the API's event log); None = no retention sweep, removals by hand refused
     retention: Retention | None = None
     on_removed: Callable[[list[str]], object] = lambda sids: None
+    # the first inotify watch, built while the process was still being assembled
+    # (``watch.head_start``; None: the watch thread builds it)
+    head_start: HeadStart | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tracked, TrackedMap):
@@ -236,12 +240,12 @@ class Supervisor(DiscoveryMixin, SweepMixin):
     async def _watch(self) -> None:
         root = sessions_root(self.cfg.data_dir)
         mode = watcher.choose_mode(self.cfg.watch)
-        value, known = watcher.watch_budget(), watcher.watch_limit()
-        limit = None if value is None else budget.Limit(
-            value, known.name if known is not None else budget.LIMIT_FILES[0][0])
+        head = self.head_start
+        limit = head.limits[0] if head is not None else watcher.limits()[0]
         self.watch_mode = mode
         async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
-                                           self._watching, mode, self.worker.muted, limit):
+                                           self._watching, mode, self.worker.muted, limit,
+                                           head):
             self._on_activity(batch)
 
     async def serve(self) -> None:

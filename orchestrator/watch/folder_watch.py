@@ -115,7 +115,8 @@ class FolderWatch(WatchTable):
 
     def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
                  poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL,
-                 muted: Container[str] = frozenset(), read_gap_ms: int = 3) -> None:
+                 muted: Container[str] = frozenset(), read_gap_ms: int = 3,
+                 keep_seen: bool = False) -> None:
         self.read_gap_ms = read_gap_ms  # reads at most this often outside a batch
         # session ids whose ``.heartbeat`` events are dropped as they are read (owned by
         # the session worker, see ``watcher``): such a touch never opens a batch, so it
@@ -130,9 +131,15 @@ class FolderWatch(WatchTable):
         self._written: set[tuple[int, bytes]] = set()  # writes seen in this batch (``_parse``)
         self._activated: set[str] = set()  # sessions marked active in this batch (``_record``)
         self._names: dict[bytes, str] = {}  # an event's raw name → the name (``_parse``)
-        super().__init__(root, limit, poll_rate, poll_interval)
+        super().__init__(root, limit, poll_rate, poll_interval, keep_seen)
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
+
+    def hear(self, muted: Container[str]) -> None:
+        """Take ``muted`` now (a watch built before the worker that owns it:
+        ``head_start``; nothing is muted before the first pass)."""
+        self.muted = muted
+        self._mutes = muted if isinstance(muted, Muted) else None
 
     # --- events -------------------------------------------------------------------------
 

@@ -180,14 +180,15 @@ class Gate:
     restart (``is_set`` then says True and ``watch`` returns "stop")."""
 
     def __init__(self, halt: threading.Event, root: Path, fd: int | None, queue: int,
-                 verify_every: float, watched: Callable[[], set[int] | None]) -> None:
+                 verify_every: float, watched: Callable[[], set[int] | None],
+                 first_in: float = 0.0) -> None:
         self.halt, self.root, self.fd, self.queue = halt, root, fd, queue
         self.watched = watched  # the notifier's own list of the inodes it watches
         self.verify_every = verify_every
         self.last = time.monotonic()
         self.sign: str | None = None
         self.restart: str | None = None
-        self.verify_at = self.last  # at once: what did the walk at start leave out?
+        self.verify_at = self.last + first_in  # soon: what did the walk at start leave out?
         self.suspects: dict[int, str] = {}
         self._buf = array.array("i", [0])
         self._pending_limit = queue * MIN_EVENT_BYTES // 2  # as in ``loss_sign``

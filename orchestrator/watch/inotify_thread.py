@@ -40,6 +40,10 @@ def short_budget_warning(shortfall: budget.Shortfall | None, limit: budget.Limit
 
 
 PROBE = ".orchestrator-watch-probe"
+# s after a (re)start before the watched inodes are first compared with the folders
+# (``watch_health.Gate``): 100 000 sessions are ~0.1 s of walking, which delayed the
+# probe's event, and so the start-up reconcile, when it came first
+FIRST_VERIFY_IN = 3.0
 
 
 def watch_step(quiet_for: float, cfg: WatchConfig) -> tuple[int, int, int]:
@@ -218,7 +222,7 @@ def watch_thread(root: Path, cfg: WatchConfig, halt: threading.Event,
                 # (a walk of every session folder: once per dormant cycle, not per sweep)
                 gate = watch_health.Gate(halt, root, notify.fd, queue,
                                          max(cfg.sweep_interval, cfg.dormant_sweep_interval),
-                                         notify.watched_inodes)
+                                         notify.watched_inodes, FIRST_VERIFY_IN)
                 last_change = time.monotonic()
                 episodes = watch_health.Episodes()
                 while True:

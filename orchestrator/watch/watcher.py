@@ -51,6 +51,7 @@ from orchestrator.watch import budget
 from orchestrator.watch import health as watch_health
 from orchestrator.watch.activity import RESCAN, Activity, unmuted
 from orchestrator.watch.folder_watch import FolderWatch
+from orchestrator.watch.head_start import HeadStart
 from orchestrator.watch.inotify_thread import (
     PROBE,
     Changes,
@@ -86,6 +87,15 @@ def watch_budget() -> int | None:
     """The watch limit's value (the bench pretends a smaller one by replacing this)."""
     limit = watch_limit()
     return limit.value if limit is not None else None
+
+
+def limits() -> tuple[budget.Limit | None, int | None]:
+    """The kernel's watch limit (the value ``watch_budget`` gives: the bench pretends
+    one), and the part of it the watch uses (``budget.usable``)."""
+    value, known = watch_budget(), watch_limit()
+    limit = None if value is None else budget.Limit(
+        value, known.name if known is not None else budget.LIMIT_FILES[0][0])
+    return limit, budget.usable(limit.value if limit is not None else None)
 
 
 def choose_mode(cfg: WatchConfig) -> str:
@@ -263,7 +273,18 @@ async def poll_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
 def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.Event,
             mode: str, muted: Container[str] = frozenset(),
-            limit: budget.Limit | None = None) -> AsyncIterator[list[Activity]]:
+            limit: budget.Limit | None = None,
+            head: HeadStart | None = None) -> AsyncIterator[list[Activity]]:
+    """``head``: the first watch, built ahead (``head_start``; events mode only)."""
     if mode == "events":
-        return inotify_batches(root, cfg, stop, started, muted, limit=limit)
+        notifier = None
+        if head is not None:
+            allowed = budget.usable(limit.value if limit is not None else None)
+            build = functools.partial(FolderWatch, limit=allowed,
+                                      poll_interval=cfg.poll_interval, muted=muted,
+                                      read_gap_ms=cfg.step_ms)
+
+            def notifier(at: Path) -> FolderWatch:
+                return head.take(at, muted) or build(at)
+        return inotify_batches(root, cfg, stop, started, muted, notifier=notifier, limit=limit)
     return poll_batches(root, cfg, stop, started, muted)

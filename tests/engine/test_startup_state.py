@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.contract import schema
-from orchestrator.contract.layout import registry_path
+from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
 from orchestrator.engine.startup_state import (
@@ -41,7 +41,9 @@ from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.rules.lifecycle import Claim
 from orchestrator.rules.messages import NewMessage
+from orchestrator.watch import watch_table, watcher
 from orchestrator.watch.activity import RESCAN
+from orchestrator.watch.head_start import HeadStart
 from tests.support.e2e import Client, make_config, replies, replies_to, supervised
 from tests.support.helpers import until
 
@@ -68,6 +70,12 @@ TEXT = state_text((7, 8), SIGS)
 ])
 def test_start_pass_reason(saved, now, adopted, before, reason) -> None:
     assert start_pass_reason(saved, now, adopted, before) == reason
+
+
+@pytest.mark.parametrize("status", [s.value for s in Status])
+def test_a_saved_row_alone_is_skipped_exactly_when_stopped(status: str) -> None:
+    """What ``discovery._track_index`` compares inline, row by row."""
+    assert (start_pass_reason(TEXT, TEXT, False, status) is None) == (status == "stopped")
 
 
 def _settled_tracked(**changes) -> Tracked:
@@ -457,4 +465,33 @@ async def test_a_message_written_while_down_to_a_dormant_session(tmp_path: Path,
         await until(lambda: sup._rescan is not None and sup._rescan.done(),
                     message="the dormant rows rescanned")
         assert rows["quiet"].id in sup.rows.dormant
+    client.close()
+
+
+async def test_a_change_after_the_head_start_took_its_lstat_is_not_missed(
+        tmp_path: Path, reap_agents, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch built ahead (``watch.head_start``) took each folder's ``lstat`` just
+    after its watch; the start-up check trusts it, so a message sent after that
+    ``lstat`` and before the check is known only by its event: its mark must stay
+    (a pass) and not go as one the check has seen."""
+    monkeypatch.setattr(watch_table, "CHILD_FROM", 1)  # every group's adds in the child
+    cfg = make_config(tmp_path)
+    client = Client(cfg)
+    rows = {n: client.session(n) for n in ("late", "quiet")}
+    for r in rows.values():
+        schema.init_outbound(client.paths(r).outbound_db)
+    await _first_run(cfg, client, rows)
+    await _aged([client.paths(r).root for r in rows.values()])
+    async with supervised(cfg):  # rows saved with their folders' stamps: one lstat each
+        pass
+    assert all(not row.endswith("|-") for row in client.registry.saved_states().values())
+
+    root = sessions_root(cfg.data_dir)
+    head = HeadStart.begin(root, cfg.watch, watcher.limits())
+    assert head is not None
+    head._thread.join()  # every watch added and every folder's lstat taken
+    _, sent = client.send("late", "sent after the head start's lstat")
+    async with supervised(cfg, head_start=head) as sup:
+        await until(lambda: replies_to(cfg, sent), message="the late message answered")
+        assert rows["quiet"].id in sup.rows.dormant  # checked by its lstat: still dormant
     client.close()

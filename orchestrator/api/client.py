@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-
 from orchestrator.host.secretfile import SecretFileError, read_secret
+
+if TYPE_CHECKING:
+    import httpx
 
 TIMEOUT = 30.0
 
@@ -47,6 +48,9 @@ def resolve_token(token_file: str | None, config_token_file: str | None) -> str 
 
 
 def _client(url: str, token: str | None) -> httpx.Client:
+    import httpx  # here: the command line imports this module for every command,
+    # ``run`` included, whose start-up walk (``watch.head_start``) begins after it
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if url.startswith("unix:"):
         return httpx.Client(transport=httpx.HTTPTransport(uds=url[len("unix:"):]),
@@ -55,6 +59,8 @@ def _client(url: str, token: str | None) -> httpx.Client:
 
 
 def _call(url: str, token: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
     try:
         with _client(url, token) as client:
             resp = client.request(method, path, **kwargs)

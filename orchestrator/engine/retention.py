@@ -67,6 +67,10 @@ from orchestrator.runtime.base import Runtime
 from orchestrator.support.ticker import ticks
 
 STOP_WAIT_EXTRA = 10.0  # s beyond stop_grace a removal by hand waits for the agent to go
+# s a removed session stays in ``retiring`` after its removal: the watch thread drops
+# its folder's events by that set (``FolderWatch.retiring``), and the last of them (its
+# files' removal) may be read after the batch is settled on a busy host
+RETIRED_GRACE = 2.0
 PR_SET_PDEATHSIG = 1
 WORKER_NICE = 10
 
@@ -192,10 +196,12 @@ class Retirement:
         return True
 
     def _settle(self, c: Candidate, outcome: Outcome, by: str) -> None:
-        self.host.retiring.discard(c.session_id)
         if outcome.action == "kept":
+            self.host.retiring.discard(c.session_id)
             self.host.reattach_session(c.agent_group, c.session_id)
             return
+        asyncio.get_running_loop().call_later(RETIRED_GRACE, self.host.retiring.discard,
+                                              c.session_id)
         if outcome.action in self.counts:
             self.counts[outcome.action] += 1
             self.notify("session_removed", {"session_id": c.session_id,

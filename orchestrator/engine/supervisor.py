@@ -241,7 +241,8 @@ class Supervisor(DiscoveryMixin, SweepMixin):
             value, known.name if known is not None else budget.LIMIT_FILES[0][0])
         self.watch_mode = mode
         async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
-                                           self._watching, mode, self.worker.muted, limit):
+                                           self._watching, mode, self.worker.muted, limit,
+                                           self.retiring):
             self._on_activity(batch)
 
     async def serve(self) -> None:

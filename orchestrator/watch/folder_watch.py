@@ -7,7 +7,9 @@ watches, as batches of ``(Change, path)``.
 stand-in). A queue overflow (``IN_Q_OVERFLOW``) is reported (``take_lost``), not
 dropped, and the watched inodes come from its own bookkeeping (``watched_inodes``).
 It reads and parses the queue, drops (and then stops asking for) the heartbeats of
-muted sessions, and ends a batch; which folders hold a watch (the walk, the budget, a
+muted sessions, drops the events of *retiring* sessions (retention is moving and
+removing their folders: their departures from a group folder and every event of their
+own folder, ~8 per session), and ends a batch; which folders hold a watch (the walk, the budget, a
 new folder's watch) is ``watch_table.WatchTable``'s, which it builds on.
 """
 
@@ -64,6 +66,8 @@ SESSION_ENTRIES = frozenset({HEARTBEAT, OUTBOUND_DB, INBOUND_DB, OUTBOX, INBOX})
 NAMES_KEPT = 4096  # raw names remembered decoded (an agent's many names: decoded each time)
 # an event without a name to report: the queue overflowed, a watched folder itself went
 _NOT_NAMED = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
+# a folder leaving its parent (a retiring session's, dropped: ``FolderWatch._parse``)
+_DEPARTURE = IN_DELETE | IN_MOVED_FROM
 # an event that is more than a write to a file already there (``FolderWatch._parse``)
 _NOT_A_WRITE = (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF
                 | IN_MOVE_SELF | IN_IGNORED | IN_Q_OVERFLOW)
@@ -108,8 +112,16 @@ class FolderWatch(WatchTable):
 
     def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
                  poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL,
-                 muted: Container[str] = frozenset(), read_gap_ms: int = 3) -> None:
+                 muted: Container[str] = frozenset(), read_gap_ms: int = 3,
+                 retiring: Container[str] = frozenset()) -> None:
         self.read_gap_ms = read_gap_ms  # reads at most this often outside a batch
+        # session ids retention is taking away (the supervisor's ``retiring``, read
+        # here, changed by the loop): their folders' events are dropped as they are
+        # read and do not hold a batch open. A prune's removals are a stream of them,
+        # and mixed into a live session's batch they kept it open until its debounce
+        # (bench/prune.py: such batches were held 19 ms at p50, 50 ms at p99, against
+        # 3 ms for the others; issue 26)
+        self.retiring = retiring
         # session ids whose ``.heartbeat`` events are dropped as they are read (owned by
         # the session worker, see ``watcher``): such a touch never opens a batch, so it
         # costs one wake-up and no step of waiting for more
@@ -129,7 +141,8 @@ class FolderWatch(WatchTable):
     # --- events -------------------------------------------------------------------------
 
     def _read(self, changes: set[tuple[Change, str]]) -> bool:
-        """Read what is queued into ``changes``; True if anything was read."""
+        """Read what is queued into ``changes``; True if anything was read other than a
+        retiring session's events or a watch's own end (``_parse``)."""
         got = False
         while True:
             try:
@@ -140,11 +153,10 @@ class FolderWatch(WatchTable):
                 continue
             if not buf:
                 return got
-            got = True
             self._read_at = time.monotonic()
-            self._parse(buf, changes)
+            got = self._parse(buf, changes) or got
 
-    def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> None:
+    def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> bool:
         """The events of one read into ``changes``, as cheaply as a busy session allows
         (a commit is a run of ~8 events):
 
@@ -156,10 +168,16 @@ class FolderWatch(WatchTable):
         - a write is reported once per ``(watch, name)`` and batch (``_written``);
           creations, removals and renames always go the whole way (a folder created
           again is another folder to watch);
-        - names are decoded once (``_names``, bounded)."""
+        - names are decoded once (``_names``, bounded);
+        - a retiring session's events are dropped (``_retiring``).
+
+        Whether anything was read that may extend a batch: not a retiring session's
+        event, nor a watch's own end (``IN_IGNORED``, ``IN_DELETE_SELF``: its parent
+        reports the folder by name)."""
         offset = 0
-        written, names, paths = self._written, self._names, self.paths
+        written, names, paths, retiring = self._written, self._names, self.paths, self.retiring
         size = _HEADER.size
+        fresh = False
         while offset + size <= len(buf):
             wd, mask, _cookie, length = _HEADER.unpack_from(buf, offset)
             offset += size
@@ -167,12 +185,16 @@ class FolderWatch(WatchTable):
             offset += length
             if mask & _NOT_NAMED:
                 self._unnamed(wd, mask, changes)
+                fresh = fresh or bool(mask & IN_Q_OVERFLOW)
                 continue
             where = paths.get(wd)
             if where is None or not length:
                 continue
             name = names.get(raw) or self._name(raw)
             path, depth = where
+            if retiring and self._retiring(path, depth, name, mask):
+                continue
+            fresh = True
             if depth == 2 and (name not in SESSION_ENTRIES
                                or name == HEARTBEAT and self._muted_beat(path, wd)):
                 continue
@@ -181,6 +203,22 @@ class FolderWatch(WatchTable):
                     continue
                 written.add((wd, raw))
             self._record(changes, mask, wd, path, depth, name)
+        return fresh
+
+    def _retiring(self, path: str, depth: int, name: str, mask: int) -> bool:
+        """An event of a session retention is taking away: its folder leaving its
+        group (moved out, removed), or anything in its folder or its ``outbox/`` (the
+        folder's watch follows it out of the tree and reports its removal file by
+        file). Its arrival in a group is kept: a session retention keeps after all is
+        moved back, and that folder needs its watch again (``_record``)."""
+        if depth == 1:
+            return bool(mask & _DEPARTURE) and name in self.retiring
+        if depth == 2:
+            return path[path.rfind("/") + 1:] in self.retiring
+        if depth == 3:
+            session = path[:path.rfind("/")]
+            return session[session.rfind("/") + 1:] in self.retiring
+        return False
 
     def _unnamed(self, wd: int, mask: int, changes: set[tuple[Change, str]]) -> None:
         """An event about the queue or a watched folder itself."""

@@ -226,10 +226,10 @@ def targets(result: dict) -> list[dict]:
     return [
         report.target_row("prune throughput", "sessions/s", (">=", TARGET_THROUGHPUT),
                           result["throughput_sessions_per_s"]),
-        report.target_row("other sessions' reply p99 without the prune", "ms", None,
-                          b["p99_ms"]),
-        report.target_row("other sessions' reply p99 during the prune", "ms", None,
-                          d["p99_ms"]),
+        report.target_row(f"other sessions' reply p99 without the prune (n={b['n']})", "ms",
+                          None, b["p99_ms"]),
+        report.target_row(f"other sessions' reply p99 during the prune (n={d['n']})", "ms",
+                          None, d["p99_ms"]),
         report.target_row("p99 during / without", "x", ("<=", TARGET_RATIO),
                           result["p99_ratio"]),
     ]

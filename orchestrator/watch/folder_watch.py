@@ -9,8 +9,8 @@ dropped, and the watched inodes come from its own bookkeeping (``watched_inodes`
 It reads and parses the queue, drops (and then stops asking for) the heartbeats of
 muted sessions, drops the events of *retiring* sessions (retention is moving and
 removing their folders: their departures from a group folder and every event of their
-own folder, ~8 per session), and ends a batch; which folders hold a watch (the walk, the budget, a
-new folder's watch) is ``watch_table.WatchTable``'s, which it builds on.
+own folder, ~8 per session), and ends a batch; which folders hold a watch (the walk,
+the budget, a new folder's watch) is ``watch_table.WatchTable``'s, which it builds on.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ class FolderWatch(WatchTable):
         # (bench/prune.py: such batches were held 19 ms at p50, 50 ms at p99, against
         # 3 ms for the others; issue 26)
         self.retiring = retiring
+        self.kept = False  # the last reads kept an event (``_parse``): a batch goes on
         # session ids whose ``.heartbeat`` events are dropped as they are read (owned by
         # the session worker, see ``watcher``): such a touch never opens a batch, so it
         # costs one wake-up and no step of waiting for more
@@ -141,8 +142,7 @@ class FolderWatch(WatchTable):
     # --- events -------------------------------------------------------------------------
 
     def _read(self, changes: set[tuple[Change, str]]) -> bool:
-        """Read what is queued into ``changes``; True if anything was read other than a
-        retiring session's events or a watch's own end (``_parse``)."""
+        """Read what is queued into ``changes``; True if anything was read."""
         got = False
         while True:
             try:
@@ -153,10 +153,11 @@ class FolderWatch(WatchTable):
                 continue
             if not buf:
                 return got
+            got = True
             self._read_at = time.monotonic()
-            got = self._parse(buf, changes) or got
+            self._parse(buf, changes)
 
-    def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> bool:
+    def _parse(self, buf: bytes, changes: set[tuple[Change, str]]) -> None:
         """The events of one read into ``changes``, as cheaply as a busy session allows
         (a commit is a run of ~8 events):
 
@@ -171,13 +172,12 @@ class FolderWatch(WatchTable):
         - names are decoded once (``_names``, bounded);
         - a retiring session's events are dropped (``_retiring``).
 
-        Whether anything was read that may extend a batch: not a retiring session's
-        event, nor a watch's own end (``IN_IGNORED``, ``IN_DELETE_SELF``: its parent
-        reports the folder by name)."""
+        ``kept`` says whether anything was read that may hold a batch open: not a
+        retiring session's event, nor a watch's own end (``IN_IGNORED``,
+        ``IN_DELETE_SELF``: its parent reports the folder by name)."""
         offset = 0
         written, names, paths, retiring = self._written, self._names, self.paths, self.retiring
         size = _HEADER.size
-        fresh = False
         while offset + size <= len(buf):
             wd, mask, _cookie, length = _HEADER.unpack_from(buf, offset)
             offset += size
@@ -185,7 +185,6 @@ class FolderWatch(WatchTable):
             offset += length
             if mask & _NOT_NAMED:
                 self._unnamed(wd, mask, changes)
-                fresh = fresh or bool(mask & IN_Q_OVERFLOW)
                 continue
             where = paths.get(wd)
             if where is None or not length:
@@ -194,7 +193,7 @@ class FolderWatch(WatchTable):
             path, depth = where
             if retiring and self._retiring(path, depth, name, mask):
                 continue
-            fresh = True
+            self.kept = True
             if depth == 2 and (name not in SESSION_ENTRIES
                                or name == HEARTBEAT and self._muted_beat(path, wd)):
                 continue
@@ -203,7 +202,6 @@ class FolderWatch(WatchTable):
                     continue
                 written.add((wd, raw))
             self._record(changes, mask, wd, path, depth, name)
-        return fresh
 
     def _retiring(self, path: str, depth: int, name: str, mask: int) -> bool:
         """An event of a session retention is taking away: its folder leaving its
@@ -223,6 +221,7 @@ class FolderWatch(WatchTable):
     def _unnamed(self, wd: int, mask: int, changes: set[tuple[Change, str]]) -> None:
         """An event about the queue or a watched folder itself."""
         if mask & IN_Q_OVERFLOW:  # a new folder's event may be among the lost: walk again
+            self.kept = True
             self.lost = "the kernel's inotify queue overflowed"
             self._rewalk(changes)
         elif mask & IN_IGNORED:  # the folder is gone (or unmounted): so is its watch
@@ -336,7 +335,8 @@ class FolderWatch(WatchTable):
             # a step without anything new ends the batch (only new changes extend it)
             fresh = self._poll_due(changes)
             fresh = self._unmuted(changes) or fresh
-            fresh = ready and self._read(changes) or fresh
+            self.kept = False
+            fresh = ready and self._read(changes) and self.kept or fresh
             now = looked = time.monotonic()
             if changes:
                 first = first if first is not None else now

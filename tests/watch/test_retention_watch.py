@@ -136,9 +136,9 @@ def _event(wd: int, mask: int, name: str = "") -> bytes:
 
 
 def test_a_retiring_sessions_events_do_not_hold_a_batch_open(tmp_path: Path) -> None:
-    """``_parse`` says whether what it read may extend an open batch: a live session's
-    write does; a retiring session's events, and a watch's own end, do not (a prune's
-    stream of them held live replies' batches to the debounce)."""
+    """``_parse`` says whether what it read may hold an open batch (``kept``): a live
+    session's write does; a retiring session's events, and a watch's own end, do not
+    (a prune's stream of them held live replies' batches to the debounce)."""
     root, old, live, _removing = _tree(tmp_path)
     with FolderWatch(root, retiring={"old-1"}) as watch:
         old_wd, live_wd = watch.sessions[str(old)], watch.sessions[str(live)]
@@ -147,7 +147,10 @@ def test_a_retiring_sessions_events_do_not_hold_a_batch_open(tmp_path: Path) -> 
         gone = (_event(group_wd, IN_MOVED_FROM | IN_ISDIR, "old-1")
                 + _event(old_wd, IN_DELETE, "inbound.db")
                 + _event(old_wd, IN_DELETE_SELF) + _event(old_wd, IN_IGNORED))
-        assert watch._parse(gone, changes) is False
+        watch.kept = False
+        watch._parse(gone, changes)
+        assert watch.kept is False
         assert changes == set() and old_wd not in watch.paths
-        assert watch._parse(_event(live_wd, IN_MODIFY, "outbound.db"), changes) is True
+        watch._parse(_event(live_wd, IN_MODIFY, "outbound.db"), changes)
+        assert watch.kept is True
         assert changes == {(Change.modified, f"{live}/outbound.db")}

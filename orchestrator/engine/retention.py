@@ -28,8 +28,17 @@ and 53 ms at p99, the others 3.3 and 19 ms; that was the replies' p99 tail. So t
 watch thread drops a retiring session's events (``FolderWatch.retiring``: the
 supervisor's ``retiring`` set) and they hold no batch open; a removed session stays in
 ``retiring`` ``RETIRED_GRACE`` s longer for the events read after its batch settled.
-Not the disk: the loop's ``fdatasync`` calls (strace, same run) were 2.9 ms at p99
-during the prune and 3.1 ms without it. Only the
+The rest of the tail was 20 ms exactly: a reply's commit ended (its journal deleted:
+the batch ends, ``watch.commits``), the pass found the writer still holding its lock,
+and the session worker's first busy retry came 20 ms later (no event follows). That
+happened ~2 times as often during a prune (3000-session runs: 13 busy streaks in
+66 s of prune against 6 in 77 s without; 33/81 s against 25/108 s on a busier host;
+why, not traced: likely the worker keeping a core busy, so that the watch and loop
+threads wake on the writer's core between its commit and its unlock), and it was the
+p99 once more than 1 % of the replies hit it; the first retry is now 2 ms
+(``session_worker.BUSY_RETRY_FIRST``). Not the disk: the loop's ``fdatasync`` calls
+(strace, a 2000-session prune) were 2.9 ms at p99 during the prune and 3.1 ms
+without it. Only the
 bookkeeping that must not interleave with the supervisor runs on the loop:
 
 - ``detach``: a session is taken out of ``tracked`` (no more passes, its timer

@@ -31,8 +31,8 @@ supervisor's ``retiring`` set) and they hold no batch open; a removed session st
 The rest of the tail was 20 ms exactly: a reply's commit ended (its journal deleted:
 the batch ends, ``watch.commits``), the pass found the writer still holding its lock,
 and the session worker's first busy retry came 20 ms later (no event follows). That
-happened ~2 times as often during a prune (3000-session runs: 13 busy streaks in
-66 s of prune against 6 in 77 s without; 33/81 s against 25/108 s on a busier host;
+happened 2-5 times as often during a prune (busy streaks: 36 in 181 s of a 10 000-
+session prune against 8 in 192 s without; 13/66 s against 6/77 s for 3000 sessions;
 why, not traced: likely the worker keeping a core busy, so that the watch and loop
 threads wake on the writer's core between its commit and its unlock), and it was the
 p99 once more than 1 % of the replies hit it; the first retry is now 2 ms

@@ -16,7 +16,29 @@ writes (``touch``) met SQLite's lock held by a process the scheduler had set asi
 slept in SQLite's busy handler (1, 2, 5, 10, 20 ms steps: 25 ms at p90), only while a
 batch ran. Here the registry's lock is one between threads of one process (handed over
 at once, held by a thread at full priority) and is held for a few statements per batch
-(``removals.begin_many``, ``finish``). Only the
+(``removals.begin_many``, ``finish``).
+
+The watch: each removal is ~8 inotify events (its group's ``IN_MOVED_FROM``, then the
+moved folder's own watch, which follows it out of the tree, reporting each file's
+removal and its end). Mixed into a live session's batch they made it a batch of
+several sessions (no early end at a commit: ``watch.commits``) that every next removal
+kept open until the debounce (50 ms). Measured (watch batches timed, a 2000-session
+prune on a shared host): live batches holding removal events were held 17.5 ms at p50
+and 53 ms at p99, the others 3.3 and 19 ms; that was the replies' p99 tail. So the
+watch thread drops a retiring session's events (``FolderWatch.retiring``: the
+supervisor's ``retiring`` set) and they hold no batch open; a removed session stays in
+``retiring`` ``RETIRED_GRACE`` s longer for the events read after its batch settled.
+The rest of the tail was 20 ms exactly: a reply's commit ended (its journal deleted:
+the batch ends, ``watch.commits``), the pass found the writer still holding its lock,
+and the session worker's first busy retry came 20 ms later (no event follows). That
+happened 2-5 times as often during a prune (busy streaks: 36 in 181 s of a 10 000-
+session prune against 8 in 192 s without; 13/66 s against 6/77 s for 3000 sessions;
+why, not traced: likely the worker keeping a core busy, so that the watch and loop
+threads wake on the writer's core between its commit and its unlock), and it was the
+p99 once more than 1 % of the replies hit it; the first retry is now 2 ms
+(``session_worker.BUSY_RETRY_FIRST``). Not the disk: the loop's ``fdatasync`` calls
+(strace, a 2000-session prune) were 2.9 ms at p99 during the prune and 3.1 ms
+without it. Only the
 bookkeeping that must not interleave with the supervisor runs on the loop:
 
 - ``detach``: a session is taken out of ``tracked`` (no more passes, its timer
@@ -67,6 +89,10 @@ from orchestrator.runtime.base import Runtime
 from orchestrator.support.ticker import ticks
 
 STOP_WAIT_EXTRA = 10.0  # s beyond stop_grace a removal by hand waits for the agent to go
+# s a removed session stays in ``retiring`` after its removal: the watch thread drops
+# its folder's events by that set (``FolderWatch.retiring``), and the last of them (its
+# files' removal) may be read after the batch is settled on a busy host
+RETIRED_GRACE = 2.0
 PR_SET_PDEATHSIG = 1
 WORKER_NICE = 10
 
@@ -192,10 +218,12 @@ class Retirement:
         return True
 
     def _settle(self, c: Candidate, outcome: Outcome, by: str) -> None:
-        self.host.retiring.discard(c.session_id)
         if outcome.action == "kept":
+            self.host.retiring.discard(c.session_id)
             self.host.reattach_session(c.agent_group, c.session_id)
             return
+        asyncio.get_running_loop().call_later(RETIRED_GRACE, self.host.retiring.discard,
+                                              c.session_id)
         if outcome.action in self.counts:
             self.counts[outcome.action] += 1
             self.notify("session_removed", {"session_id": c.session_id,

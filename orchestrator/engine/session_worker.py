@@ -70,7 +70,10 @@ from orchestrator.rules.lifecycle import (
 from orchestrator.runtime.base import Runtime
 from orchestrator.watch.muted import Muted
 
-BUSY_RETRY_FIRST = 0.02  # s; a busy database is retried shortly, backing off to …
+# s; a busy database is retried shortly, backing off to … (2 ms, not 20: a pass started
+# by a commit's end often finds the writer still holding its lock for a moment, and no
+# event follows; a 20 ms first retry was the replies' p99 during a prune, issue 26)
+BUSY_RETRY_FIRST = 0.002
 BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
 
 

@@ -245,7 +245,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
         self.watch_mode = mode
         async for batch in watcher.batches(root, self.cfg.watch, self.stop_event,
                                            self._watching, mode, self.worker.muted, limit,
-                                           head):
+                                           head, self.retiring):
             self._on_activity(batch)
 
     async def serve(self) -> None:

@@ -7,8 +7,10 @@ watches, as batches of ``(Change, path)``.
 stand-in). A queue overflow (``IN_Q_OVERFLOW``) is reported (``take_lost``), not
 dropped, and the watched inodes come from its own bookkeeping (``watched_inodes``).
 It reads and parses the queue, drops (and then stops asking for) the heartbeats of
-muted sessions, and ends a batch; which folders hold a watch (the walk, the budget, a
-new folder's watch) is ``watch_table.WatchTable``'s, which it builds on.
+muted sessions, drops the events of *retiring* sessions (retention is moving and
+removing their folders: their departures from a group folder and every event of their
+own folder, ~8 per session), and ends a batch; which folders hold a watch (the walk,
+the budget, a new folder's watch) is ``watch_table.WatchTable``'s, which it builds on.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ SESSION_ENTRIES = frozenset({HEARTBEAT, OUTBOUND_DB, INBOUND_DB, OUTBOX, INBOX})
 NAMES_KEPT = 4096  # raw names remembered decoded (an agent's many names: decoded each time)
 # an event without a name to report: the queue overflowed, a watched folder itself went
 _NOT_NAMED = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
+# a folder leaving its parent (a retiring session's, dropped: ``FolderWatch._parse``)
+_DEPARTURE = IN_DELETE | IN_MOVED_FROM
 # an event that is more than a write to a file already there (``FolderWatch._parse``)
 _NOT_A_WRITE = (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF
                 | IN_MOVE_SELF | IN_IGNORED | IN_Q_OVERFLOW)
@@ -116,8 +120,16 @@ class FolderWatch(WatchTable):
     def __init__(self, root: str | os.PathLike[str], limit: int | None = None,
                  poll_rate: float = POLL_RATE, poll_interval: float = POLL_INTERVAL,
                  muted: Container[str] = frozenset(), read_gap_ms: int = 3,
-                 keep_seen: bool = False) -> None:
+                 keep_seen: bool = False, retiring: Container[str] = frozenset()) -> None:
         self.read_gap_ms = read_gap_ms  # reads at most this often outside a batch
+        # session ids retention is taking away (the supervisor's ``retiring``, read
+        # here, changed by the loop): their folders' events are dropped as they are
+        # read and do not hold a batch open. A prune's removals are a stream of them,
+        # and mixed into a live session's batch they kept it open until its debounce
+        # (bench/prune.py: such batches were held 19 ms at p50, 50 ms at p99, against
+        # 3 ms for the others; issue 26)
+        self.retiring = retiring
+        self.kept = False  # the last reads kept an event (``_parse``): a batch goes on
         # session ids whose ``.heartbeat`` events are dropped as they are read (owned by
         # the session worker, see ``watcher``): such a touch never opens a batch, so it
         # costs one wake-up and no step of waiting for more
@@ -135,10 +147,12 @@ class FolderWatch(WatchTable):
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
 
-    def hear(self, muted: Container[str]) -> None:
-        """Take ``muted`` now (a watch built before the worker that owns it:
-        ``head_start``; nothing is muted before the first pass)."""
+    def hear(self, muted: Container[str], retiring: Container[str] = frozenset()) -> None:
+        """Take ``muted`` and ``retiring`` now (a watch built before the worker and the
+        supervisor that own them: ``head_start``; nothing is muted before the first pass,
+        nothing retires before the first sweep)."""
         self.muted = muted
+        self.retiring = retiring
         self._mutes = muted if isinstance(muted, Muted) else None
 
     # --- events -------------------------------------------------------------------------
@@ -173,9 +187,14 @@ class FolderWatch(WatchTable):
         - a write is reported once per ``(watch, name)`` and batch (``_written``);
           creations, removals and renames always go the whole way (a folder created
           again is another folder to watch);
-        - names are decoded once (``_names``, bounded)."""
+        - names are decoded once (``_names``, bounded);
+        - a retiring session's events are dropped (``_retiring``).
+
+        ``kept`` says whether anything was read that may hold a batch open: not a
+        retiring session's event, nor a watch's own end (``IN_IGNORED``,
+        ``IN_DELETE_SELF``: its parent reports the folder by name)."""
         offset = 0
-        written, names, paths = self._written, self._names, self.paths
+        written, names, paths, retiring = self._written, self._names, self.paths, self.retiring
         size = _HEADER.size
         while offset + size <= len(buf):
             wd, mask, _cookie, length = _HEADER.unpack_from(buf, offset)
@@ -193,6 +212,9 @@ class FolderWatch(WatchTable):
                 continue
             name = names.get(raw) or self._name(raw)
             path, depth = where
+            if retiring and self._retiring(path, depth, name, mask):
+                continue
+            self.kept = True
             if depth == 2 and (name not in SESSION_ENTRIES
                                or name == HEARTBEAT and self._muted_beat(path, wd)):
                 continue
@@ -200,9 +222,25 @@ class FolderWatch(WatchTable):
                 written.add((wd, raw))
             self._record(changes, mask, wd, path, depth, name)
 
+    def _retiring(self, path: str, depth: int, name: str, mask: int) -> bool:
+        """An event of a session retention is taking away: its folder leaving its
+        group (moved out, removed), or anything in its folder or its ``outbox/`` (the
+        folder's watch follows it out of the tree and reports its removal file by
+        file). Its arrival in a group is kept: a session retention keeps after all is
+        moved back, and that folder needs its watch again (``_record``)."""
+        if depth == 1:
+            return bool(mask & _DEPARTURE) and name in self.retiring
+        if depth == 2:
+            return path[path.rfind("/") + 1:] in self.retiring
+        if depth == 3:
+            session = path[:path.rfind("/")]
+            return session[session.rfind("/") + 1:] in self.retiring
+        return False
+
     def _unnamed(self, wd: int, mask: int, changes: set[tuple[Change, str]]) -> None:
         """An event about the queue or a watched folder itself."""
         if mask & IN_Q_OVERFLOW:  # a new folder's event may be among the lost: walk again
+            self.kept = True
             self.lost = "the kernel's inotify queue overflowed"
             self._rewalk(changes)
         elif mask & IN_IGNORED:  # the folder is gone (or unmounted): so is its watch
@@ -320,7 +358,8 @@ class FolderWatch(WatchTable):
             # a step without anything new ends the batch (only new changes extend it)
             fresh = self._poll_due(changes)
             fresh = self._unmuted(changes) or fresh
-            fresh = ready and self._read(changes) or fresh
+            self.kept = False
+            fresh = ready and self._read(changes) and self.kept or fresh
             now = looked = time.monotonic()
             if changes:
                 first = first if first is not None else now

@@ -68,16 +68,18 @@ class HeadStart:
             logger.debug("{}: the early watch could not be built ({}); building it at start",
                          self.root, exc)
 
-    def take(self, root: Path, muted: Container[str]) -> FolderWatch | None:
+    def take(self, root: Path, muted: Container[str],
+             retiring: Container[str] = frozenset()) -> FolderWatch | None:
         """The watch built ahead (once, for ``root``; waits for the walk to end), given
-        the worker's ``muted`` set; None: build one now."""
+        the worker's ``muted`` set and the supervisor's ``retiring`` one; None: build
+        one now."""
         if self._taken or Path(root) != Path(self.root):
             return None
         self._taken = True
         self._thread.join()
         watch, self._watch = self._watch, None
         if watch is not None:
-            watch.hear(muted)
+            watch.hear(muted, retiring)
         self._taken_watch = watch
         return watch
 

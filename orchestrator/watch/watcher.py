@@ -176,7 +176,8 @@ class _LoopSide:
 async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event, muted: Container[str] = frozenset(),
                           notifier: NotifierFactory | None = None,
-                          limit: budget.Limit | None = None
+                          limit: budget.Limit | None = None,
+                          retiring: Container[str] = frozenset()
                           ) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
@@ -186,13 +187,14 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     after a restart we ask for a rescan, as we do on any sign of lost events.
     ``notifier``: makes the ``Notifier`` (``FolderWatch``; tests pass a stand-in).
     ``limit``: the kernel's watch limit; the watch uses ``budget.usable`` of it and
-    polls the sessions past that.
+    polls the sessions past that. ``retiring``: session ids whose folders' events are
+    dropped in the watch thread (``FolderWatch.retiring``).
     """
     allowed = budget.usable(limit.value if limit is not None else None)
     if notifier is None:
         notifier = functools.partial(FolderWatch, limit=allowed,
                                      poll_interval=cfg.poll_interval, muted=muted,
-                                     read_gap_ms=cfg.step_ms)
+                                     read_gap_ms=cfg.step_ms, retiring=retiring)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
     halt = threading.Event()
@@ -273,8 +275,8 @@ async def poll_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
 
 def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.Event,
             mode: str, muted: Container[str] = frozenset(),
-            limit: budget.Limit | None = None,
-            head: HeadStart | None = None) -> AsyncIterator[list[Activity]]:
+            limit: budget.Limit | None = None, head: HeadStart | None = None,
+            retiring: Container[str] = frozenset()) -> AsyncIterator[list[Activity]]:
     """``head``: the first watch, built ahead (``head_start``; events mode only)."""
     if mode == "events":
         notifier = None
@@ -282,9 +284,10 @@ def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.
             allowed = budget.usable(limit.value if limit is not None else None)
             build = functools.partial(FolderWatch, limit=allowed,
                                       poll_interval=cfg.poll_interval, muted=muted,
-                                      read_gap_ms=cfg.step_ms)
+                                      read_gap_ms=cfg.step_ms, retiring=retiring)
 
             def notifier(at: Path) -> FolderWatch:
-                return head.take(at, muted) or build(at)
-        return inotify_batches(root, cfg, stop, started, muted, notifier=notifier, limit=limit)
+                return head.take(at, muted, retiring) or build(at)
+        return inotify_batches(root, cfg, stop, started, muted, notifier=notifier, limit=limit,
+                               retiring=retiring)
     return poll_batches(root, cfg, stop, started, muted)

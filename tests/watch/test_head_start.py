@@ -95,9 +95,10 @@ def test_the_head_start_is_taken_once_and_its_lstats_given_once(
     root = _tree(tmp_path)
     head = HeadStart.begin(root, WatchConfig(), (None, None))
     assert head is not None
-    muted = Muted()
-    watch = head.take(root, muted)
+    muted, retiring = Muted(), {"sess-x"}
+    watch = head.take(root, muted, retiring)
     assert watch is not None and watch.muted is muted and watch._mutes is muted
+    assert watch.retiring is retiring  # a prune's removals are dropped by this watch too
     try:
         assert head.take(root, muted) is None  # a restarted watch builds its own
         seen = head.seen()

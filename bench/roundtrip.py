@@ -404,15 +404,18 @@ class RoundTrips:
 
 
 def _remove_labelled(instance: str) -> None:
-    """Remove the containers of this bench run's own instance label (nobody else's)."""
+    """Remove the containers of this bench run's own instance (nobody else's): its
+    agents (the instance label) and its network-namespace holders (``orchestrator.netns``
+    = the instance: an orchestrator killed mid-run leaves them, and only a later run of
+    the same instance would sweep them)."""
     try:
         import docker
 
         client = docker.from_env()
-        for c in client.containers.list(all=True, filters={
-                "label": f"orchestrator.instance={instance}"}):
-            if c.labels.get("orchestrator.instance") == instance:
-                c.remove(force=True)
+        for label in ("orchestrator.instance", "orchestrator.netns"):
+            for c in client.containers.list(all=True, filters={"label": f"{label}={instance}"}):
+                if c.labels.get(label) == instance:
+                    c.remove(force=True)
         client.close()
     except Exception:  # noqa: BLE001 - best effort; the label says whose they are
         pass

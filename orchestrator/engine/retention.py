@@ -153,6 +153,8 @@ class Host(Protocol):
 
     def reattach_session(self, agent_group: str, session_id: str) -> None: ...
 
+    def retired(self, agent_group: str, session_id: str) -> None: ...
+
     def stop_agent(self, session_id: str, reason: str) -> bool | None: ...
 
 
@@ -222,8 +224,8 @@ class Retirement:
             self.host.retiring.discard(c.session_id)
             self.host.reattach_session(c.agent_group, c.session_id)
             return
-        asyncio.get_running_loop().call_later(RETIRED_GRACE, self.host.retiring.discard,
-                                              c.session_id)
+        asyncio.get_running_loop().call_later(RETIRED_GRACE, self.host.retired,
+                                              c.agent_group, c.session_id)
         if outcome.action in self.counts:
             self.counts[outcome.action] += 1
             self.notify("session_removed", {"session_id": c.session_id,

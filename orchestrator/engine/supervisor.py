@@ -158,6 +158,15 @@ class Supervisor(DiscoveryMixin, SweepMixin):
         if t is not None:
             t.timer.cancel()
 
+    def retired(self, agent_group: str, session_id: str) -> None:
+        """``RETIRED_GRACE`` after its removal: out of ``retiring``. Its folder's events
+        were dropped meanwhile, so a session restored (or made again with that id) in
+        those seconds would go unseen until a sweep: it is looked for once now (a
+        removed one has neither a registry row nor a folder: nothing happens)."""
+        self.retiring.discard(session_id)
+        if session_id not in self.tracked:
+            self._track_from_disk(agent_group, session_id)
+
     def reattach_session(self, agent_group: str, session_id: str) -> None:
         """Retention kept it after all (or it was restored): tracked again, a full pass."""
         self.retiring.discard(session_id)

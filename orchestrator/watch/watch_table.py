@@ -262,14 +262,22 @@ class WatchTable:
             wd = self._add(self.fd, (base + name).encode(), MASK | IN_DONT_FOLLOW)
             if wd < 0:
                 if ctypes.get_errno() == errno.ENOSPC:
-                    self.kernel_refused = True
-                    self.limit = len(self.paths)
-                    self.polled.add(path, ino)
+                    self._kernel_full(path, ino)
                 continue  # a link, gone, EACCES: watch_health says so
-            self.paths[wd] = (path, 2)
-            self.inodes[wd] = ino
-            self._by_inode[ino] = wd
-            self.sessions[path] = wd
+            self._session_watched(wd, path, ino)
+
+    def _kernel_full(self, path: str, ino: int) -> None:
+        """The kernel refused a session's watch (ENOSPC): the budget is what is held
+        now, and this session and the rest are polled."""
+        self.kernel_refused = True
+        self.limit = len(self.paths)
+        self.polled.add(path, ino)
+
+    def _session_watched(self, wd: int, path: str, ino: int) -> None:
+        self.paths[wd] = (path, 2)
+        self.inodes[wd] = ino
+        self._by_inode[ino] = wd
+        self.sessions[path] = wd
 
     def _sessions_by_child(self, group_fd: int, group: str, entries: list[tuple[str, int]],
                            found: list[str]) -> bool:
@@ -306,18 +314,14 @@ class WatchTable:
             found.append(path)
             wd = values[at]
             if wd < 0 or (self.limit is not None and len(paths) >= self.limit):
-                if wd == -errno.ENOSPC or wd >= 0:
-                    if wd == -errno.ENOSPC and len(paths) < (self.limit or 1 << 62):
-                        self.kernel_refused = True
-                        self.limit = len(paths)
+                if wd == -errno.ENOSPC and len(paths) < (self.limit or 1 << 62):
+                    self._kernel_full(path, ino)
+                elif wd == -errno.ENOSPC or wd >= 0:
                     if wd >= 0:  # (past a limit lowered meanwhile: not ours to keep)
                         self._rm(self.fd, wd)
                     self.polled.add(path, ino)
                 continue  # a link, gone, EACCES: watch_health says so
-            paths[wd] = (path, 2)
-            inodes[wd] = ino
-            by_inode[ino] = wd
-            sessions[path] = wd
+            self._session_watched(wd, path, ino)
             if values[at + 2]:
                 seen[name] = at
         return True

@@ -59,6 +59,7 @@ from orchestrator.watch.inotify_thread import (
     Failed,
     Finished,
     Lost,
+    Notifier,
     NotifierFactory,
     Restarting,
     Short,
@@ -177,8 +178,8 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
                           started: asyncio.Event, muted: Container[str] = frozenset(),
                           notifier: NotifierFactory | None = None,
                           limit: budget.Limit | None = None,
-                          retiring: Container[str] = frozenset()
-                          ) -> AsyncIterator[list[Activity]]:
+                          retiring: Container[str] = frozenset(),
+                          head: HeadStart | None = None) -> AsyncIterator[list[Activity]]:
     """Recursive inotify on ``root``; the watch is restarted if it ends or fails.
 
     The loop cannot see when the thread's watches are in place, and a file written
@@ -188,13 +189,19 @@ async def inotify_batches(root: Path, cfg: WatchConfig, stop: asyncio.Event,
     ``notifier``: makes the ``Notifier`` (``FolderWatch``; tests pass a stand-in).
     ``limit``: the kernel's watch limit; the watch uses ``budget.usable`` of it and
     polls the sessions past that. ``retiring``: session ids whose folders' events are
-    dropped in the watch thread (``FolderWatch.retiring``).
+    dropped in the watch thread (``FolderWatch.retiring``). ``head``: the first watch,
+    built ahead (``head_start``), taken by the first start of the watch thread.
     """
     allowed = budget.usable(limit.value if limit is not None else None)
     if notifier is None:
         notifier = functools.partial(FolderWatch, limit=allowed,
                                      poll_interval=cfg.poll_interval, muted=muted,
                                      read_gap_ms=cfg.step_ms, retiring=retiring)
+    if head is not None:
+        build, taken = notifier, head
+
+        def notifier(at: Path) -> Notifier:
+            return taken.take(at, muted, retiring) or build(at)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[WatchMessage] = asyncio.Queue()
     halt = threading.Event()
@@ -279,15 +286,6 @@ def batches(root: Path, cfg: WatchConfig, stop: asyncio.Event, started: asyncio.
             retiring: Container[str] = frozenset()) -> AsyncIterator[list[Activity]]:
     """``head``: the first watch, built ahead (``head_start``; events mode only)."""
     if mode == "events":
-        notifier = None
-        if head is not None:
-            allowed = budget.usable(limit.value if limit is not None else None)
-            build = functools.partial(FolderWatch, limit=allowed,
-                                      poll_interval=cfg.poll_interval, muted=muted,
-                                      read_gap_ms=cfg.step_ms, retiring=retiring)
-
-            def notifier(at: Path) -> FolderWatch:
-                return head.take(at, muted, retiring) or build(at)
-        return inotify_batches(root, cfg, stop, started, muted, notifier=notifier, limit=limit,
-                               retiring=retiring)
+        return inotify_batches(root, cfg, stop, started, muted, limit=limit,
+                               retiring=retiring, head=head)
     return poll_batches(root, cfg, stop, started, muted)

@@ -9,7 +9,12 @@ real reference agent, local processes or Docker containers:
 - ``warm``    the agent is running and idle; messages one at a time, each
               after the previous reply (latency, not queueing);
 - ``cold``    no agent: ``stop_idle_after = 0`` stops it ``idle_after`` (0.3 s)
-              after each reply, and the next message waits until it is gone;
+              after each reply, and the next message waits until it is gone. A
+              first message (not a sample) starts the session's first agent: a
+              cold start is a returning session's (its agent idled out), a
+              session's very first agent is ``new``'s figure — with Docker it is
+              also a container made from nothing, where a returning session's
+              start uses the one made for it ahead (``runtime/docker/spares.py``);
 - ``paused``  ``pause_idle_after`` froze the idle agent (docker pause / SIGSTOP);
               the message thaws it. A first message (not a sample) starts the
               agent, as for ``warm``: until then there is nothing to freeze.
@@ -274,8 +279,9 @@ class RoundTrips:
                 t1 = watch.wait(got["message_id"], self.p.timeout)
                 return None if t1 is None else 1000.0 * (t1 - t0)
 
-            if kind in ("warm", "paused"):  # the first message starts the agent; not a
-                if send() is None:  # sample (a paused one must have run to be frozen)
+            if kind in ("warm", "paused", "cold"):  # the first message starts the agent;
+                if send() is None:  # not a sample (a paused one must have run to be frozen,
+                    # a cold one is a returning session's: see the module docstring)
                     raise RuntimeError("no reply to the warm-up message; log:\n"
                                        + orch.log_tail(10))
                 steps.clear()

@@ -50,14 +50,21 @@ def next_even_seq(current_max: int | None) -> int:
     return m + 2 if m % 2 == 0 else m + 1
 
 
-def insert_message(path: DbFile, msg: NewMessage, now: datetime | None = None) -> int:
+def insert_message(path: DbFile, msg: NewMessage, now: datetime | None = None, *,
+                   destinations: Iterable[Destination] | None = None) -> int:
     """Insert with the next even seq; returns the seq.
 
     ``series_id`` defaults to the message's own id, as NanoClaw's host sets it: a
-    recurring message's later occurrences carry the first one's id.
+    recurring message's later occurrences carry the first one's id. ``destinations``:
+    the table rewritten in the same transaction, before the row (a chat new to the
+    group: its destination is there before the message that names it; one commit,
+    where two were 4 more fsyncs on a brand-new session's way to its first answer).
     """
     json.loads(msg.content)  # the contract says JSON; refuse anything else before writing
+    rows = None if destinations is None else _destination_rows(destinations)
     with opened(path) as conn, transaction(conn):
+        if rows is not None:
+            _replace_destinations(conn, rows)
         return _insert(conn, msg, now)
 
 
@@ -353,6 +360,12 @@ _UPSERT_ROUTING = (
     " platform_id=excluded.platform_id, thread_id=excluded.thread_id")
 
 
+def set_routing(conn: Any, routing: tuple[str | None, str | None, str | None]) -> None:
+    """The session's default reply route (``session_routing``'s one row), inside the
+    caller's transaction."""
+    conn.execute(_UPSERT_ROUTING, tuple(routing))
+
+
 def _destination_rows(destinations: Iterable[Destination]) -> list[tuple]:
     return [(d.name, d.display_name, d.type, d.channel_type, d.platform_id, d.agent_group_id)
             for d in destinations]
@@ -387,7 +400,7 @@ def sync_routing(path: DbFile, routing: tuple[str | None, str | None, str | None
         current = conn.execute("SELECT channel_type, platform_id, thread_id FROM session_routing"
                                " WHERE id = 1").fetchone()
         if current is None or tuple(current) != tuple(routing):
-            conn.execute(_UPSERT_ROUTING, tuple(routing))
+            set_routing(conn, routing)
             changed = True
         have = [tuple(r) for r in conn.execute(
             "SELECT name, display_name, type, channel_type, platform_id, agent_group_id"

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from loguru import logger
 
@@ -91,10 +91,15 @@ def staging_dir(final: Path) -> Path:
     return final.with_name(f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
 
 
-def build_folder(final: Path) -> Path:
+Routing = tuple[str | None, str | None, str | None]  # (channel_type, platform_id, thread_id)
+
+
+def build_folder(final: Path, routing: Routing | None = None) -> Path:
     """Build a complete session folder (both DBs, ``inbox/``, ``outbox/``) under a
     hidden temporary name beside ``final``; returns that name. Nothing is left
-    behind on failure: the one-line StorageError names the folder and the cause."""
+    behind on failure: the one-line StorageError names the folder and the cause.
+    ``routing``: the session's default reply route, written with the schema (the
+    first wake's ``write_routing`` then finds it there and writes nothing)."""
     with storage(final.parent, "create the agent group folder"):
         make_dirs(final.parent)
     tmp = staging_dir(final)
@@ -104,17 +109,51 @@ def build_folder(final: Path) -> Path:
             staged = SessionPaths(tmp)
             staged.inbox.mkdir(DIR_MODE)
             staged.outbox.mkdir(DIR_MODE)
-            inbound.init(staged.inbound_db)
-            schema.init_outbound(staged.outbound_db)
+            _new_db(staged.inbound_db, schema.INBOUND_TABLES, schema.INBOUND_EXTRA,
+                    None if routing is None else lambda conn: inbound.set_routing(conn, routing))
+            _new_db(staged.outbound_db, schema.OUTBOUND_TABLES, schema.OUTBOUND_EXTRA)
             # explicit: mkdir's and SQLite's modes are masked by the umask (0755/0644)
             for path, mode in ((tmp, DIR_MODE), (staged.inbox, DIR_MODE),
                                (staged.outbox, DIR_MODE), (staged.inbound_db, FILE_MODE),
                                (staged.outbound_db, FILE_MODE)):
                 os.chmod(path, mode)
+            _fsync(tmp)  # its entries, before the rename publishes it
     except BaseException:
         discard(tmp)
         raise
     return tmp
+
+
+def _new_db(path: Path, tables: dict[str, list[tuple[str, str]]], extra: list[str],
+            fill: Callable[[sqlite3.Connection], None] | None = None) -> None:
+    """A new DB in a staging folder, written without a rollback journal and synced once.
+
+    Why: nobody can open it before the folder is renamed into place, and a failure
+    discards the whole folder, so the journal protects nothing here; with it, each
+    DB was a journaled commit of 4 fsyncs (measured: a folder's creation 7.5 → 4.8 ms
+    p50 without, on this host's disk). ``journal_mode`` other than WAL is not stored
+    in the file: every later connection writes with ``journal_mode=DELETE`` as the
+    contract says (``schema.connect``)."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("BEGIN")
+        schema.ensure_schema(conn, tables, extra)
+        if fill is not None:
+            fill(conn)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def discard(tmp: Path) -> None:
@@ -252,12 +291,14 @@ class Sessions:
                 return found
         sid = new_id("sess")
         final = session_paths(self.data_dir, agent_group, sid).root
-        tmp = build_folder(final)
+        # its default route as ``routing_of`` will read it back (no chat: none)
+        thread_id = thread if mode == "per-thread" else None
+        tmp = build_folder(final, (*chat, thread_id) if chat else (None, None, thread_id))
         try:
             with storage(registry_path(self.data_dir), "record the new session"):
                 session, created = self.registry.create_session(
                     agent_group_id=agent_group, chat=chat,
-                    thread_id=thread if mode == "per-thread" else None,
+                    thread_id=thread_id,
                     key=lambda mg: resolution_key(mode, agent_group, mg, thread), new_id=sid,
                     place=lambda: os.rename(tmp, final), unplace=lambda: os.rename(final, tmp))
         finally:
@@ -294,17 +335,18 @@ class Sessions:
         channel_type, platform_id, thread_id = routing
         try:
             with inbound_of(self.data_dir, session.agent_group_id, session.id) as db:
-                if channel_type and platform_id and self.registry.record_chat(
-                        session.agent_group_id, channel_type, platform_id,
-                        thread_id if session.thread_id is not None else None):
-                    # a chat new to the group: its destination is there before the
-                    # message, so a running agent can answer it (``from`` names it)
-                    self.write_destinations(session, db)
+                # a chat new to the group: its destination is there before the message
+                # (in its transaction), so a running agent can answer it (``from`` names it)
+                new_chat = bool(channel_type and platform_id and self.registry.record_chat(
+                    session.agent_group_id, channel_type, platform_id,
+                    thread_id if session.thread_id is not None else None))
                 seq = inbound.insert_message(db, inbound.NewMessage(
                     id=mid, kind=kind, content=compact_json(stored),
                     process_after=schema.format_due(process_after) if process_after else None,
                     trigger=trigger, channel_type=channel_type, platform_id=platform_id,
-                    thread_id=thread_id, recurrence=recurrence, series_id=series_id))
+                    thread_id=thread_id, recurrence=recurrence, series_id=series_id),
+                    destinations=self._destinations(session, self.routing_of(session))
+                    if new_chat else None)
         except sqlite3.IntegrityError:
             if files:  # only what this call wrote: never another message's inbox
                 attachments.remove_inbox(paths, mid)

@@ -444,3 +444,37 @@ def test_non_finite_numbers_are_refused_before_anything_is_written(tmp_path: Pat
     would make the row unreadable JSON for every agent."""
     with pytest.raises(MessageError, match="NaN or Infinity"):
         sessions_mod.prepare_message(content, 1 << 20)
+
+
+@pytest.mark.parametrize("mode, chat, thread", [
+    ("shared", MessagingGroup("slack", "C1"), "t1"),
+    ("per-thread", MessagingGroup("slack", "C1"), "t1"),
+    ("agent-shared", None, None),
+])
+def test_a_new_sessions_first_wake_finds_its_route_written(env, mode, chat, thread):
+    """The folder is built with its default route, and the first message brings the
+    chat's destination: the wake that follows (``write_routing``) has nothing to write
+    (each write there was a journaled commit on a new session's way to its answer)."""
+    s, _, _ = env
+    row = s.resolve("g", chat, thread, mode)
+    db = s.paths(row).inbound_db
+    route = inbound.read_routing(db)
+    assert route is not None
+    assert (route["channel_type"], route["platform_id"], route["thread_id"]) == s.routing_of(row)
+    s.write_message(row, {"text": "hi"}, routing=s.routing_of(row))
+    routing = s.routing_of(row)
+    assert inbound.sync_routing(db, routing, s._destinations(row, routing)) is False
+    assert query(db, "SELECT COUNT(*) FROM messages_in") == [(1,)]
+
+
+def test_a_new_folders_databases_are_whole_and_journal_free(tmp_path):
+    """Built without a rollback journal (nobody sees them before the rename): whole,
+    no journal file left, and every later connection writes with ``DELETE``."""
+    paths = sessions_mod.create_folder(tmp_path, "g", "s1")
+    for db in (paths.inbound_db, paths.outbound_db):
+        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+        assert not db.with_name(db.name + "-journal").exists()
+        with closing(schema.connect(db)) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert sorted(p.name for p in paths.root.iterdir()) == [
+        "inbound.db", "inbox", "outbound.db", "outbox"]

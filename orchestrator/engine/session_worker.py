@@ -75,6 +75,7 @@ from orchestrator.watch.muted import Muted
 # event follows; a 20 ms first retry was the replies' p99 during a prune, issue 26)
 BUSY_RETRY_FIRST = 0.002
 BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
+BUSY_SAY_AFTER = 9  # retries: 2+4+…+256 ms ≈ 0.5 s locked before an info line says so
 
 
 # what a stat-gated look compares with the last pass: (key in sigs, file, flag)
@@ -245,13 +246,19 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
         await self._decide(t, folder, now)
 
     def _busy(self, t: Tracked, now: datetime) -> None:
-        """A database of this session is locked (by its agent, or a reader of inbound.db):
-        nothing waited for it; the pass runs again shortly, backing off. Said once."""
+        """A database of this session is locked (by its agent, a reader of inbound.db, or
+        a ``send`` / API write: a new session's first pass often meets its first
+        message's commit): nothing waited for it; the pass runs again shortly, backing
+        off. Said once at debug level; at info once the lock has lasted ``BUSY_SAY_AFTER``
+        retries (~0.5 s), the only streaks an operator needs to hear of."""
         t.read.busy += 1
         delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2 ** (t.read.busy - 1))
         if t.read.busy == 1:
-            logger.info("session {}: a database is busy (locked by its agent); retrying "
-                        "shortly", t.session_id)
+            logger.debug("session {}: a database is busy (locked by its agent or another "
+                         "writer); retrying shortly", t.session_id)
+        elif t.read.busy == BUSY_SAY_AFTER:
+            logger.info("session {}: a database is busy for {} tries now (locked by its agent "
+                        "or another writer); still retrying", t.session_id, t.read.busy)
         self._schedule(t, now + timedelta(seconds=delay), now)
 
     def _replaced(self, t: Tracked, folder: SessionDir) -> bool:

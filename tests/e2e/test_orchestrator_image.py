@@ -17,6 +17,7 @@ network mode was the other choice; it would skip exactly the parts compose sets 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 import time
@@ -122,7 +123,13 @@ def write_config(tmp_path: Path, instance: str, agent_image: str, hook: str) -> 
 
 
 def gateway(client: docker.DockerClient) -> str:
-    return client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    """The default bridge's gateway address (the host, seen from a container). Some
+    engines leave ``Gateway`` out of the bridge's IPAM config (seen with Debian's
+    20.10 on a fresh machine): the bridge then has its subnet's first address."""
+    config = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    if config.get("Gateway"):
+        return config["Gateway"]
+    return str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
 
 
 async def ready(api: httpx.AsyncClient) -> bool:

@@ -18,6 +18,7 @@ so in one line and goes on.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -62,14 +63,30 @@ def ensure_network(base_url: str, name: str, instance: str) -> Bridge:
                 "[gateway] network to another name")
         device = ((info.get("Options") or {}).get("com.docker.network.bridge.name")
                   or f"br-{str(info.get('Id', ''))[:12]}")
-        for pool in (info.get("IPAM") or {}).get("Config") or []:
-            if pool.get("Gateway"):
-                return Bridge(str(pool["Gateway"]).split("/")[0], device)
-        raise NetworkRefused(f"Docker network {name} has no gateway address")
+        address = bridge_address((info.get("IPAM") or {}).get("Config") or [])
+        if address is None:
+            raise NetworkRefused(f"Docker network {name} has no gateway address")
+        return Bridge(address, device)
     except DockerException as exc:
         raise NetworkRefused(f"egress gateway: network {name}: {exc}") from None
     finally:
         client.close()
+
+
+def bridge_address(pools: list[dict]) -> str | None:
+    """The host's address on a bridge network, from its IPAM pools: the ``Gateway``
+    given, else the first address of the ``Subnet`` (what Docker gives a bridge with
+    none set; Debian's dockerd 20.10 was seen leaving ``Gateway`` out of the default
+    bridge's config on a fresh machine)."""
+    for pool in pools:
+        if pool.get("Gateway"):
+            return str(pool["Gateway"]).split("/")[0]
+    for pool in pools:
+        try:
+            return str(next(ipaddress.ip_network(str(pool.get("Subnet")), strict=False).hosts()))
+        except (ValueError, StopIteration):
+            continue
+    return None
 
 
 def chain_name(instance: str, interface: str) -> str:

@@ -17,7 +17,6 @@ network mode was the other choice; it would skip exactly the parts compose sets 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
 import time
@@ -32,6 +31,7 @@ import tomli_w
 import yaml
 from loguru import logger
 
+from orchestrator.gateway.network import bridge_address
 from orchestrator.runtime.docker.image import ImageBuildError
 from orchestrator.runtime.docker.server_image import LOCAL_BASE, build_server_image
 from orchestrator.runtime.docker.spec import LABEL_INSTANCE
@@ -123,13 +123,10 @@ def write_config(tmp_path: Path, instance: str, agent_image: str, hook: str) -> 
 
 
 def gateway(client: docker.DockerClient) -> str:
-    """The default bridge's gateway address (the host, seen from a container). Some
-    engines leave ``Gateway`` out of the bridge's IPAM config (seen with Debian's
-    20.10 on a fresh machine): the bridge then has its subnet's first address."""
-    config = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
-    if config.get("Gateway"):
-        return config["Gateway"]
-    return str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+    """The default bridge's address on the host (what a container reaches it at)."""
+    address = bridge_address(client.networks.get("bridge").attrs["IPAM"]["Config"])
+    assert address is not None
+    return address
 
 
 async def ready(api: httpx.AsyncClient) -> bool:

@@ -39,6 +39,7 @@ from orchestrator.host import inbound
 from orchestrator.host.filesig import file_signature
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
+from orchestrator.host.sessions import create_folder
 from orchestrator.rules.lifecycle import Claim
 from orchestrator.rules.messages import NewMessage
 from orchestrator.watch import watch_table, watcher
@@ -494,4 +495,32 @@ async def test_a_change_after_the_head_start_took_its_lstat_is_not_missed(
     async with supervised(cfg, head_start=head) as sup:
         await until(lambda: replies_to(cfg, sent), message="the late message answered")
         assert rows["quiet"].id in sup.rows.dormant  # checked by its lstat: still dormant
+    client.close()
+
+
+async def test_folders_made_before_and_after_the_childs_listing_are_both_registered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up's look for folders nobody registered (a ``send`` in another
+    process, a folder mounted in) takes a big group's names from the head start's
+    child (``HeadStart.listed``) instead of listing it again: one made before that
+    listing is in it, one made after has its event (the group was watched first)."""
+    monkeypatch.setattr(watch_table, "CHILD_FROM", 1)  # every group's adds in the child
+    cfg = make_config(tmp_path)
+    client = Client(cfg)
+    row = client.session("quiet")
+    await _first_run(cfg, client, {"quiet": row})
+    create_folder(cfg.data_dir, row.agent_group_id, "mounted-before")
+    head = HeadStart.begin(sessions_root(cfg.data_dir), cfg.watch, watcher.limits())
+    assert head is not None
+    head._thread.join()  # the group listed by the child, every watch added
+    create_folder(cfg.data_dir, row.agent_group_id, "mounted-after")
+    given: list[dict] = []
+    listed = head.listed
+    monkeypatch.setattr(head, "listed", lambda: given.append(listed()) or given[-1])
+    async with supervised(cfg, head_start=head) as sup:
+        await until(lambda: {"mounted-before", "mounted-after"} <= set(sup.tracked),
+                    message="both folders registered")
+        assert row.id in sup.rows.dormant
+    assert given and "mounted-before" in given[0][row.agent_group_id]
+    assert "mounted-after" not in given[0][row.agent_group_id]
     client.close()

@@ -30,7 +30,8 @@ from orchestrator.config.sections import WatchConfig
 from orchestrator.watch import budget
 from orchestrator.watch.folder_watch import FolderWatch
 
-Seen = tuple[array.array, dict[str, int]]  # ``WatchTable.seen``'s, for one group
+# ``WatchTable.seen``'s, for one group
+Seen = tuple[array.array, dict[str, int], tuple[list[str], list[str]]]
 
 
 class HeadStart:

@@ -121,9 +121,11 @@ class WatchTable:
         self._walking = True  # a walk fills up; a session found later makes room
         self._first_walk = True  # sessions found by the first walk: outbox/ once active
         self._known: set[str] = set()  # during a walk again: the folders covered before
-        # group path → (``bulk_add`` records, session name → its offset there): each
-        # session folder's lstat just after its watch was added (the start-up check's)
-        self.seen: dict[str, tuple[array.array, dict[str, int]]] = {}
+        # group path → (``bulk_add`` records, session name → its offset there, the same
+        # lstats as text: ``Listing.idents``, ``Listing.times``): each session folder's
+        # lstat just after its watch was added (the start-up check's)
+        self.seen: dict[str, tuple[array.array, dict[str, int],
+                                   tuple[list[str], list[str]]]] = {}
         # group path → the names its child's listing found (session folders, links): the
         # start-up's look for folders not registered yet needs no listing of its own
         self.listed: dict[str, list[str]] = {}
@@ -298,7 +300,7 @@ class WatchTable:
         names, values = got.names, got.values
         seen: dict[str, int] = {}  # session name → its record's offset in ``values``
         if self._keep_seen:
-            self.seen[group] = (values, seen)
+            self.seen[group] = (values, seen, (got.idents, got.times))
             self.listed[group] = names + got.links
         paths, inodes, by_inode, sessions = self.paths, self.inodes, self._by_inode, self.sessions
         wds = values[0::FIELDS]

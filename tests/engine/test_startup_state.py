@@ -10,6 +10,7 @@ skipped; a missing or stale saved row means a full pass.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
 from orchestrator.engine.startup_state import (
     StateBook,
+    as_saved,
     changed,
     files_text,
     recheck,
@@ -524,3 +526,27 @@ async def test_folders_made_before_and_after_the_childs_listing_are_both_registe
     assert given and "mounted-before" in given[0][row.agent_group_id]
     assert "mounted-after" not in given[0][row.agent_group_id]
     client.close()
+
+
+def _records(*modes: int) -> array.array:
+    out = array.array("q")
+    for mode in modes:
+        out.extend((1, 0, 0, mode, 0, 0, 0))
+    return out
+
+
+@pytest.mark.parametrize("row, values, texts, sure", [
+    ("7:8|-|o|i|5:6", _records(0o40755), (["7:8"], ["5:6"]), {"s"}),
+    ("7:8|1:2:3|o|i|5:6", _records(0o40755), (["7:8"], ["5:6"]), set()),  # a heartbeat
+    ("7:8|-|o|i|5:7", _records(0o40755), (["7:8"], ["5:6"]), set()),  # its stamp moved
+    ("7:9|-|o|i|5:6", _records(0o40755), (["7:8"], ["5:6"]), set()),  # another folder
+    ("7:8|-|o|i|-", _records(0o40755), (["7:8"], ["5:6"]), set()),  # no stamp saved
+    ("7:8|-|o|i|5:6", _records(0o100644), (["7:8"], ["5:6"]), set()),  # not a folder
+    ("7:8|-|o|i|5:6", _records(0o40755), ([], []), set()),  # no texts: by itself
+    ("7:8|-|o|i|5:6", _records(0o40755, 0o40755), (["7:8"], ["5:6"]), set()),  # not whole
+])
+def test_a_whole_group_is_compared_with_the_childs_lstats_at_once(
+        row: str, values: array.array, texts: tuple, sure: set) -> None:
+    assert as_saved({"s": ("g", row)}, values, {"s": 0}, texts) == sure
+    # a session that is not dormant is never taken for one
+    assert as_saved({}, values, {"s": 0}, texts) == set()

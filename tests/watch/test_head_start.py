@@ -39,7 +39,7 @@ def _tree(tmp_path: Path) -> Path:
 
 
 def _lstat_as_seen(watch: FolderWatch, group: Path, name: str) -> tuple[int, ...]:
-    values, index = watch.seen[str(group)]
+    values, index, _ = watch.seen[str(group)]
     return tuple(values[index[name] + 1:index[name] + 6])  # (the lstat fields)
 
 
@@ -54,6 +54,10 @@ def test_a_big_groups_sessions_are_watched_by_a_child(tmp_path: Path,
         st = os.lstat(group / "s2")
         assert _lstat_as_seen(watch, group, "s2") == (
             st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+        values, index, (idents, times) = watch.seen[str(group)]
+        at = list(index).index("s2")
+        assert (idents[at], times[at]) == (f"{st.st_dev}:{st.st_ino}",
+                                           f"{st.st_mtime_ns}:{st.st_ctime_ns}")
         # the child's watches are the parent's: their events arrive here
         (group / "s3" / ".heartbeat").write_bytes(b"")
         got: set = set()
@@ -137,19 +141,24 @@ def test_a_big_group_is_told_by_its_link_count(nlink: int, big: bool) -> None:
     assert big_group(st) is big
 
 
-def _answer(names: list[bytes], links: list[bytes], values: list[int]) -> bytes:
+def _answer(names: list[bytes], links: list[bytes], values: list[int],
+            texts: list[bytes] | None = None) -> bytes:
     import array
 
     blob = b"\0".join(names + links)
-    return (array.array("q", (len(names), len(links), len(blob))).tobytes() + blob
-            + array.array("q", values).tobytes())
+    text = b"\0".join(texts if texts is not None else [b"1:2\x003:4"] * len(names))
+    return (array.array("q", (len(names), len(links), len(blob), len(text))).tobytes()
+            + blob + array.array("q", values).tobytes() + text)
 
 
 @pytest.mark.parametrize("code, answer, expect", [
-    (0, _answer([b"s1", b"s2"], [b"l"], list(range(14))), (["s1", "s2"], ["l"], 14)),
-    (0, _answer([], [], []), ([], [], 0)),
-    (0, _answer([], [b"l"], []), ([], ["l"], 0)),
-    (0, _answer([b"s\xff"], [], list(range(7))), (["s\udcff"], [], 7)),  # as os.scandir
+    (0, _answer([b"s1", b"s2"], [b"l"], list(range(14)), [b"1:2\x003:4", b"\0"]),
+     (["s1", "s2"], ["l"], 14, ["1:2", ""], ["3:4", ""])),
+    (0, _answer([], [], []), ([], [], 0, [], [])),
+    (0, _answer([], [b"l"], []), ([], ["l"], 0, [], [])),
+    (0, _answer([b"s\xff"], [], list(range(7))),
+     (["s\udcff"], [], 7, ["1:2"], ["3:4"])),  # (a name as os.scandir gives it)
+    (0, _answer([b"s1"], [], list(range(7)), [b"1:2"]), None),  # one text short
     (0, _answer([b"s1"], [], list(range(6))), None),  # cut short
     (1, _answer([b"s1"], [], list(range(7))), None),  # the child failed
     (0, b"\0" * 10, None),
@@ -161,7 +170,7 @@ def test_the_childs_answer_is_taken_whole_or_not_at_all(code: int, answer: bytes
         assert got is None
     else:
         assert isinstance(got, Listing)
-        assert (got.names, got.links, len(got.values)) == expect
+        assert (got.names, got.links, len(got.values), got.idents, got.times) == expect
 
 
 def test_a_closed_head_watch_gives_no_lstats(tmp_path: Path, small_child_groups: None) -> None:

@@ -125,6 +125,9 @@ def _archived_line(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import gc
+
+    gc.disable()  # until start-up is done (``engine.discovery.settle_heap`` turns it on)
     from orchestrator.cli.logs import setup_logging
     from orchestrator.config.groups import preflight
     from orchestrator.contract.layout import sessions_root

@@ -25,6 +25,7 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
+from orchestrator.engine.discovery import FREEZE_FROM, settle_heap
 from orchestrator.engine.startup_state import (
     StateBook,
     as_saved,
@@ -550,3 +551,20 @@ def test_a_whole_group_is_compared_with_the_childs_lstats_at_once(
     assert as_saved({"s": ("g", row)}, values, {"s": 0}, texts) == sure
     # a session that is not dormant is never taken for one
     assert as_saved({}, values, {"s": 0}, texts) == set()
+
+
+@pytest.mark.parametrize("sessions, frozen", [(10, False), (FREEZE_FROM, True)])
+def test_start_up_ends_with_the_collector_on(sessions: int, frozen: bool) -> None:
+    """``orchestrator run`` turns the cyclic collector off at entry: the end of start-up
+    turns it on again, after freezing what start-up built where that is much."""
+    import gc
+
+    before = gc.get_freeze_count()
+    gc.disable()
+    try:
+        settle_heap(sessions)
+        assert gc.isenabled()
+        assert (gc.get_freeze_count() > before) is frozen or before > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -230,10 +230,10 @@ def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]],
     ``stat`` for them).
 
     ``seen`` (agent group → (records, session → offset, the lstats as text),
-    ``watch.head_start``): the
-    folder's ``lstat`` the watch took just after adding its watch, used instead of
-    one now (a change after it has its event: the caller keeps its mark); first for
-    the whole group at once (``as_saved``), then by itself where that says nothing."""
+    ``watch.head_start``): the folder's ``lstat`` the watch took just after adding its
+    watch, used instead of one now (a change after it has its event: the caller keeps
+    its mark); first for the whole group at once (``as_saved``), then by itself where
+    that says nothing."""
     lstat = os.stat
     seen = seen or {}
     groups: dict[str, list[str]] = {}

@@ -26,6 +26,10 @@ import time
 
 T_ENTRY = time.time()
 
+import gc  # noqa: E402
+
+gc.disable()  # as ``orchestrator run``: until start-up is done (``settle_heap``)
+
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402

@@ -125,6 +125,16 @@ def _archived_line(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import gc
+
+    gc.disable()  # until start-up is done (``engine.discovery.settle_heap`` turns it on)
+    try:
+        return _run(args)
+    finally:
+        gc.enable()  # (a start-up that failed first: on again all the same)
+
+
+def _run(args: argparse.Namespace) -> int:
     from orchestrator.cli.logs import setup_logging
     from orchestrator.config.groups import preflight
     from orchestrator.contract.layout import sessions_root

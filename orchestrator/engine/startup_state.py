@@ -34,8 +34,11 @@ dormant session's databases themselves (``changed``).
 
 from __future__ import annotations
 
+import array
 import os
 import sqlite3
+from itertools import compress, repeat
+from operator import add, and_, itemgetter
 from pathlib import Path
 from stat import S_ISDIR
 from typing import Mapping, NamedTuple
@@ -49,6 +52,7 @@ from orchestrator.host.filesig import Signature, file_signature
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
 from orchestrator.support.logonce import LogOnce
+from orchestrator.watch.bulk_add import FIELDS
 from orchestrator.watch.head_start import Seen
 
 SIG_KEYS = (("hb", HEARTBEAT), ("out", OUTBOUND_DB), ("in", INBOUND_DB))
@@ -194,6 +198,30 @@ class _Seen(NamedTuple):
     st_ctime_ns: int
 
 
+def as_saved(rows: Mapping[str, tuple[str, str]], values: array.array,
+             index: Mapping[str, int], texts: tuple[list[str], list[str]]) -> set[str]:
+    """The common case of the check below for a whole group at once: the sessions
+    whose row has no heartbeat and starts with their folder's ``dev:ino`` and ends
+    with its ``mtime:ctime`` as the head start's child gave them (``bulk_add``: every
+    folder recorded, in order). By C loops: 100 000 sessions ~0.1 s, against ~0.3 s
+    formatting two strings each here, the last step of a restart. Empty where the
+    records are not whole or one is not a folder's (each is then checked by itself)."""
+    idents, times = texts
+    n = len(index)
+    if (not n or len(idents) != n or n * FIELDS != len(values)
+            or any(not S_ISDIR(mode) for mode in set(values[3::FIELDS]))
+            or list(index.values()) != list(range(0, len(values), FIELDS))):
+        return set()
+    names = list(index)
+    try:
+        saved = list(map(itemgetter(1), map(rows.__getitem__, names)))  # (all dormant)
+    except KeyError:
+        saved = [row[1] if (row := rows.get(name)) else "" for name in names]
+    heads = map(str.startswith, saved, map(add, idents, repeat("|-|")))
+    tails = map(str.endswith, saved, map(add, repeat("|"), times))
+    return set(compress(names, map(and_, heads, tails)))
+
+
 def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]],
               seen: Mapping[str, Seen] | None = None) -> tuple[set[str], dict[str, str]]:
     """Of the dormant ``rows`` (session → (agent group, saved row)): the sessions that
@@ -201,9 +229,11 @@ def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]],
     that are unchanged but got a new stamp (to save, so the next start needs one
     ``stat`` for them).
 
-    ``seen`` (agent group → (records, session → offset), ``watch.head_start``): the
-    folder's ``lstat`` the watch took just after adding its watch, used instead of
-    one now (a change after it has its event: the caller keeps its mark)."""
+    ``seen`` (agent group → (records, session → offset, the lstats as text),
+    ``watch.head_start``): the folder's ``lstat`` the watch took just after adding its
+    watch, used instead of one now (a change after it has its event: the caller keeps
+    its mark); first for the whole group at once (``as_saved``), then by itself where
+    that says nothing."""
     lstat = os.stat
     seen = seen or {}
     groups: dict[str, list[str]] = {}
@@ -217,7 +247,10 @@ def unchanged(data_dir: Path, rows: Mapping[str, tuple[str, str]],
         except OSError:  # gone, or a link (refused): their passes say so
             moved.update(sids)
             continue
-        values, index = seen.get(group, (None, {}))
+        values, index, texts = seen.get(group, (None, {}, ([], [])))
+        if values is not None:
+            sure = as_saved(rows, values, index, texts)
+            sids = [sid for sid in sids if sid not in sure] if sure else sids
         try:
             for sid in sids:
                 row = rows[sid][1]

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import ssl
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import h11
 import httpx
@@ -33,11 +34,13 @@ from orchestrator.config.groups import MAX_SECRET_BYTES, resolve
 from orchestrator.config.model import Config
 from orchestrator.config.sections import ConfigError, EgressCredential
 from orchestrator.gateway import proxy
-from orchestrator.gateway.ca import Authority
 from orchestrator.gateway.proxy import Closed, Conn, GroupDoor, header, refuse, text_headers
 from orchestrator.gateway.tokens import TokenBook
 from orchestrator.rules import egress as rules
 from orchestrator.rules.egress import AgentEgress, Refusal
+
+if TYPE_CHECKING:
+    from orchestrator.gateway.ca import Authority
 
 MAX_OPEN = 2048  # agent connections open at once, all groups (each is a file descriptor)
 MAX_LOGGED = 4096  # refused hosts remembered for the once-an-hour log line
@@ -122,6 +125,10 @@ class Gateway:
                                "will not start", ", ".join(self.doors))
             return
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # (imported here: ``cryptography`` is ~60 ms of every start, a restart's critical
+        # path at 100 000 sessions, and only a group with egress needs it)
+        from orchestrator.gateway.ca import Authority
+
         self.ca = await asyncio.to_thread(Authority, self.folder)
         self.book = TokenBook(self.folder / "tokens.json")
         host = self.cfg.gateway.host or "127.0.0.1"

@@ -30,7 +30,8 @@ from orchestrator.config.sections import WatchConfig
 from orchestrator.watch import budget
 from orchestrator.watch.folder_watch import FolderWatch
 
-Seen = tuple[array.array, dict[str, int]]  # ``WatchTable.seen``'s, for one group
+# ``WatchTable.seen``'s, for one group
+Seen = tuple[array.array, dict[str, int], tuple[list[str], list[str]]]
 
 
 class HeadStart:
@@ -42,7 +43,7 @@ class HeadStart:
         self.limits = limit
         self._cfg = cfg
         self._watch: FolderWatch | None = None
-        self._taken_watch: FolderWatch | None = None  # for ``seen``
+        self._taken_watch: FolderWatch | None = None  # for ``seen``, ``listed``
         self._taken = False
         self._thread = threading.Thread(target=self._build, name="folder-watch-start",
                                         daemon=True)
@@ -88,11 +89,30 @@ class HeadStart:
         taken just after its watch was added (``bulk_add``), if the watch built ahead
         was taken and still runs (a restarted watch's folders were unwatched for a
         while: they are ``lstat``-ed now). Given once, then forgotten (~10 MB)."""
-        watch, self._taken_watch = self._taken_watch, None
-        if watch is None or watch.fd < 0:
+        watch = self._running()
+        if watch is None:
             return {}
         seen, watch.seen = watch.seen, {}
+        self._taken_watch = None if not watch.listed else watch
         return {os.path.basename(group): records for group, records in seen.items()}
+
+    def listed(self) -> dict[str, list[str]]:
+        """Agent group → the names in its folder (session folders and links), as the
+        child listed them after the group's watch was added, if the watch built ahead
+        was taken and still runs: a folder made since has its event. Given once."""
+        watch = self._running()
+        if watch is None:
+            return {}
+        listed, watch.listed = watch.listed, {}
+        self._taken_watch = None if not watch.seen else watch
+        return {os.path.basename(group): names for group, names in listed.items()}
+
+    def _running(self) -> FolderWatch | None:
+        watch = self._taken_watch
+        if watch is None or watch.fd < 0:
+            self._taken_watch = None
+            return None
+        return watch
 
     def close(self) -> None:
         """Never taken (start-up failed first): its walk ended and its watches closed."""

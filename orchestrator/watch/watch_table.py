@@ -60,7 +60,7 @@ from orchestrator.contract.inotify import (
 from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.budget import Shortfall, poll_round
-from orchestrator.watch.bulk_add import CHILD_FROM, FIELDS, add_in_child
+from orchestrator.watch.bulk_add import CHILD_FROM, FIELDS, add_in_child, big_group
 from orchestrator.watch.changes import Change
 from orchestrator.watch.polled import PolledSessions
 
@@ -121,9 +121,14 @@ class WatchTable:
         self._walking = True  # a walk fills up; a session found later makes room
         self._first_walk = True  # sessions found by the first walk: outbox/ once active
         self._known: set[str] = set()  # during a walk again: the folders covered before
-        # group path → (``bulk_add`` records, session name → its offset there): each
-        # session folder's lstat just after its watch was added (the start-up check's)
-        self.seen: dict[str, tuple[array.array, dict[str, int]]] = {}
+        # group path → (``bulk_add`` records, session name → its offset there, the same
+        # lstats as text: ``Listing.idents``, ``Listing.times``): each session folder's
+        # lstat just after its watch was added (the start-up check's)
+        self.seen: dict[str, tuple[array.array, dict[str, int],
+                                   tuple[list[str], list[str]]]] = {}
+        # group path → the names its child's listing found (session folders, links): the
+        # start-up's look for folders not registered yet needs no listing of its own
+        self.listed: dict[str, list[str]] = {}
         try:  # a root that cannot be opened, a used-up budget: no descriptor left behind
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -243,14 +248,18 @@ class WatchTable:
         not followed; ``IN_ONLYDIR`` refuses a non-folder), its inode from the listing:
         100 000 sessions were 400 000 calls (open, add, fstat, close). A folder swapped
         between the listing and the add has another inode than noted: the health check
-        finds it unwatched and restarts the watch."""
+        finds it unwatched and restarts the watch. A big group (``bulk_add.big_group``,
+        told by its link count before any listing) is listed and added by a child."""
+        tried = big_group(os.fstat(group_fd))
+        if tried and self._sessions_by_child(group_fd, group, found):
+            return
         try:
             entries = [(e.name, e.inode()) for e in os.scandir(group_fd)
                        if e.is_dir(follow_symlinks=False)]
         except OSError:
             return
-        if len(entries) >= CHILD_FROM and self._sessions_by_child(group_fd, group, entries,
-                                                                   found):
+        if not tried and len(entries) >= CHILD_FROM and self._sessions_by_child(
+                group_fd, group, found):
             return
         base = f"/proc/self/fd/{group_fd}/"
         for name, ino in entries:
@@ -279,26 +288,27 @@ class WatchTable:
         self._by_inode[ino] = wd
         self.sessions[path] = wd
 
-    def _sessions_by_child(self, group_fd: int, group: str, entries: list[tuple[str, int]],
-                           found: list[str]) -> bool:
-        """``_sessions_at_start`` for a big group, its adds in a child process
-        (``bulk_add``); the ``lstat`` it took after each add is kept in ``seen``.
-        False: the child failed (nothing recorded; the caller adds them)."""
+    def _sessions_by_child(self, group_fd: int, group: str, found: list[str]) -> bool:
+        """``_sessions_at_start`` for a big group, its listing and adds in a child
+        process (``bulk_add``); the ``lstat`` it took after each add is kept in
+        ``seen``, its listing in ``listed``. False: the child failed (nothing recorded;
+        the caller lists and adds them)."""
         room = (1 << 62) if self.limit is None else max(0, self.limit - len(self.paths))
-        values = add_in_child(self.fd, group_fd, [name for name, _ in entries],
-                              MASK | IN_DONT_FOLLOW, room)
-        if values is None:
+        got = add_in_child(self.fd, group_fd, MASK | IN_DONT_FOLLOW, room)
+        if got is None:
             return False
+        names, values = got.names, got.values
         seen: dict[str, int] = {}  # session name → its record's offset in ``values``
         if self._keep_seen:
-            self.seen[group] = (values, seen)
+            self.seen[group] = (values, seen, (got.idents, got.times))
+            self.listed[group] = names + got.links
         paths, inodes, by_inode, sessions = self.paths, self.inodes, self._by_inode, self.sessions
         wds = values[0::FIELDS]
         if (min(wds, default=0) >= 0 and 0 not in values[2::FIELDS]
                 and (self.limit is None or len(paths) + len(wds) <= self.limit)):
             # the common case, every add and lstat done: recorded by C loops (100 000
             # sessions: ~0.1 s instead of ~0.35 s of the GIL, which the imports need)
-            names, inos = [n for n, _ in entries], [i for _, i in entries]
+            inos = values[FIELDS - 1::FIELDS]
             where = [f"{group}/{n}" for n in names]
             paths.update(zip(wds, zip(where, repeat(2), strict=False), strict=True))
             inodes.update(zip(wds, inos, strict=True))
@@ -308,8 +318,9 @@ class WatchTable:
             found += where
             return True
         at = -FIELDS
-        for name, ino in entries:
+        for name in names:
             at += FIELDS
+            ino = values[at + FIELDS - 1]
             path = f"{group}/{name}"
             found.append(path)
             wd = values[at]

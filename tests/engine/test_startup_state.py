@@ -10,6 +10,7 @@ skipped; a missing or stale saved row means a full pass.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import shutil
@@ -24,8 +25,10 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import registry_path, sessions_root
 from orchestrator.contract.session_status import Status
 from orchestrator.engine.delivery import DeliveryState
+from orchestrator.engine.discovery import FREEZE_FROM, settle_heap
 from orchestrator.engine.startup_state import (
     StateBook,
+    as_saved,
     changed,
     files_text,
     recheck,
@@ -39,6 +42,7 @@ from orchestrator.host import inbound
 from orchestrator.host.filesig import file_signature
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_group
+from orchestrator.host.sessions import create_folder
 from orchestrator.rules.lifecycle import Claim
 from orchestrator.rules.messages import NewMessage
 from orchestrator.watch import watch_table, watcher
@@ -495,3 +499,72 @@ async def test_a_change_after_the_head_start_took_its_lstat_is_not_missed(
         await until(lambda: replies_to(cfg, sent), message="the late message answered")
         assert rows["quiet"].id in sup.rows.dormant  # checked by its lstat: still dormant
     client.close()
+
+
+async def test_folders_made_before_and_after_the_childs_listing_are_both_registered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up's look for folders nobody registered (a ``send`` in another
+    process, a folder mounted in) takes a big group's names from the head start's
+    child (``HeadStart.listed``) instead of listing it again: one made before that
+    listing is in it, one made after has its event (the group was watched first)."""
+    monkeypatch.setattr(watch_table, "CHILD_FROM", 1)  # every group's adds in the child
+    cfg = make_config(tmp_path)
+    client = Client(cfg)
+    row = client.session("quiet")
+    await _first_run(cfg, client, {"quiet": row})
+    create_folder(cfg.data_dir, row.agent_group_id, "mounted-before")
+    head = HeadStart.begin(sessions_root(cfg.data_dir), cfg.watch, watcher.limits())
+    assert head is not None
+    head._thread.join()  # the group listed by the child, every watch added
+    create_folder(cfg.data_dir, row.agent_group_id, "mounted-after")
+    given: list[dict] = []
+    listed = head.listed
+    monkeypatch.setattr(head, "listed", lambda: given.append(listed()) or given[-1])
+    async with supervised(cfg, head_start=head) as sup:
+        await until(lambda: {"mounted-before", "mounted-after"} <= set(sup.tracked),
+                    message="both folders registered")
+        assert row.id in sup.rows.dormant
+    assert given and "mounted-before" in given[0][row.agent_group_id]
+    assert "mounted-after" not in given[0][row.agent_group_id]
+    client.close()
+
+
+def _records(*modes: int) -> array.array:
+    out = array.array("q")
+    for mode in modes:
+        out.extend((1, 0, 0, mode, 0, 0, 0))
+    return out
+
+
+@pytest.mark.parametrize("row, values, texts, sure", [
+    ("7:8|-|o|i|5:6", _records(0o40755), (["7:8"], ["5:6"]), {"s"}),
+    ("7:8|1:2:3|o|i|5:6", _records(0o40755), (["7:8"], ["5:6"]), set()),  # a heartbeat
+    ("7:8|-|o|i|5:7", _records(0o40755), (["7:8"], ["5:6"]), set()),  # its stamp moved
+    ("7:9|-|o|i|5:6", _records(0o40755), (["7:8"], ["5:6"]), set()),  # another folder
+    ("7:8|-|o|i|-", _records(0o40755), (["7:8"], ["5:6"]), set()),  # no stamp saved
+    ("7:8|-|o|i|5:6", _records(0o100644), (["7:8"], ["5:6"]), set()),  # not a folder
+    ("7:8|-|o|i|5:6", _records(0o40755), ([], []), set()),  # no texts: by itself
+    ("7:8|-|o|i|5:6", _records(0o40755, 0o40755), (["7:8"], ["5:6"]), set()),  # not whole
+])
+def test_a_whole_group_is_compared_with_the_childs_lstats_at_once(
+        row: str, values: array.array, texts: tuple, sure: set) -> None:
+    assert as_saved({"s": ("g", row)}, values, {"s": 0}, texts) == sure
+    # a session that is not dormant is never taken for one
+    assert as_saved({}, values, {"s": 0}, texts) == set()
+
+
+@pytest.mark.parametrize("sessions, frozen", [(10, False), (FREEZE_FROM, True)])
+def test_start_up_ends_with_the_collector_on(sessions: int, frozen: bool) -> None:
+    """``orchestrator run`` turns the cyclic collector off at entry: the end of start-up
+    turns it on again, after freezing what start-up built where that is much."""
+    import gc
+
+    before = gc.get_freeze_count()
+    gc.disable()
+    try:
+        settle_heap(sessions)
+        assert gc.isenabled()
+        assert (gc.get_freeze_count() > before) is frozen or before > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()

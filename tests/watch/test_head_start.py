@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.config.sections import WatchConfig
 from orchestrator.watch import watch_table
-from orchestrator.watch.bulk_add import FIELDS
+from orchestrator.watch.bulk_add import Listing, big_group, parse_answer
 from orchestrator.watch.folder_watch import MODIFIED, FolderWatch
 from orchestrator.watch.head_start import HeadStart
 from orchestrator.watch.muted import Muted
@@ -39,8 +39,8 @@ def _tree(tmp_path: Path) -> Path:
 
 
 def _lstat_as_seen(watch: FolderWatch, group: Path, name: str) -> tuple[int, ...]:
-    values, index = watch.seen[str(group)]
-    return tuple(values[index[name] + 1:index[name] + FIELDS])
+    values, index, _ = watch.seen[str(group)]
+    return tuple(values[index[name] + 1:index[name] + 6])  # (the lstat fields)
 
 
 def test_a_big_groups_sessions_are_watched_by_a_child(tmp_path: Path,
@@ -54,6 +54,10 @@ def test_a_big_groups_sessions_are_watched_by_a_child(tmp_path: Path,
         st = os.lstat(group / "s2")
         assert _lstat_as_seen(watch, group, "s2") == (
             st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+        values, index, (idents, times) = watch.seen[str(group)]
+        at = list(index).index("s2")
+        assert (idents[at], times[at]) == (f"{st.st_dev}:{st.st_ino}",
+                                           f"{st.st_mtime_ns}:{st.st_ctime_ns}")
         # the child's watches are the parent's: their events arrive here
         (group / "s3" / ".heartbeat").write_bytes(b"")
         got: set = set()
@@ -109,6 +113,66 @@ def test_the_head_start_is_taken_once_and_its_lstats_given_once(
     head.close()
 
 
+def test_the_childs_listing_is_given_once_with_the_links(tmp_path: Path,
+                                                         small_child_groups: None) -> None:
+    """The start-up's look for unregistered folders uses it instead of a listing."""
+    root = _tree(tmp_path)
+    head = HeadStart.begin(root, WatchConfig(), (None, None))
+    assert head is not None
+    watch = head.take(root, frozenset())
+    assert watch is not None
+    try:
+        listed = head.listed()
+        assert set(listed) == {"g"} and sorted(listed["g"]) == sorted(SESSIONS + ["linked"])
+        assert head.listed() == {}
+        assert set(head.seen()["g"][1]) == set(SESSIONS)  # (either order)
+    finally:
+        watch.close()
+
+
+@pytest.mark.parametrize("nlink, big", [
+    (2, False),  # empty
+    (2 + 1999, False),
+    (2 + 2000, True),
+    (1, True),  # not counted (btrfs; ext4 past 65 000 subfolders): the child lists it
+])
+def test_a_big_group_is_told_by_its_link_count(nlink: int, big: bool) -> None:
+    st = os.stat_result((0o40755, 1, 1, nlink, 0, 0, 4096, 0, 0, 0))
+    assert big_group(st) is big
+
+
+def _answer(names: list[bytes], links: list[bytes], values: list[int],
+            texts: list[bytes] | None = None) -> bytes:
+    import array
+
+    blob = b"\0".join(names + links)
+    text = b"\0".join(texts if texts is not None else [b"1:2\x003:4"] * len(names))
+    return (array.array("q", (len(names), len(links), len(blob), len(text))).tobytes()
+            + blob + array.array("q", values).tobytes() + text)
+
+
+@pytest.mark.parametrize("code, answer, expect", [
+    (0, _answer([b"s1", b"s2"], [b"l"], list(range(14)), [b"1:2\x003:4", b"\0"]),
+     (["s1", "s2"], ["l"], 14, ["1:2", ""], ["3:4", ""])),
+    (0, _answer([], [], []), ([], [], 0, [], [])),
+    (0, _answer([], [b"l"], []), ([], ["l"], 0, [], [])),
+    (0, _answer([b"s\xff"], [], list(range(7))),
+     (["s\udcff"], [], 7, ["1:2"], ["3:4"])),  # (a name as os.scandir gives it)
+    (0, _answer([b"s1"], [], list(range(7)), [b"1:2"]), None),  # one text short
+    (0, _answer([b"s1"], [], list(range(6))), None),  # cut short
+    (1, _answer([b"s1"], [], list(range(7))), None),  # the child failed
+    (0, b"\0" * 10, None),
+])
+def test_the_childs_answer_is_taken_whole_or_not_at_all(code: int, answer: bytes,
+                                                        expect: tuple | None) -> None:
+    got = parse_answer(code, answer)
+    if expect is None:
+        assert got is None
+    else:
+        assert isinstance(got, Listing)
+        assert (got.names, got.links, len(got.values), got.idents, got.times) == expect
+
+
 def test_a_closed_head_watch_gives_no_lstats(tmp_path: Path, small_child_groups: None) -> None:
     """The watch restarted before the check: its folders were unwatched a while."""
     root = _tree(tmp_path)
@@ -118,6 +182,7 @@ def test_a_closed_head_watch_gives_no_lstats(tmp_path: Path, small_child_groups:
     assert watch is not None
     watch.close()
     assert head.seen() == {}
+    assert head.listed() == {}
 
 
 def test_an_untaken_head_start_is_closed(tmp_path: Path) -> None:

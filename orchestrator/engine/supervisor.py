@@ -151,6 +151,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
         self.retiring.add(session_id)
         t = self.tracked.pop(session_id, None)
         self.dirty.drop(session_id)
+        self.worker.forget(session_id)  # its kept connections: closed before the removal
         if session_id in self._unreconciled:  # its start-up pass will never run
             self._unreconciled.discard(session_id)
             if not self._unreconciled:
@@ -306,6 +307,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
 
     async def _shutdown(self) -> None:
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
+        self.worker.kept.close()
         self.book.save()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:

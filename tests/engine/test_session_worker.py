@@ -495,3 +495,31 @@ async def test_a_muted_session_is_read_again_only_after_a_commit(
     bench.runtime.alive.discard(sid)  # gone, no exit event yet: every pass reads
     await bench.worker.process(t, Flag.INBOUND)
     assert sid not in bench.worker.muted
+
+
+async def test_a_busy_session_keeps_its_connections_and_a_removal_closes_them(
+        bench: Bench) -> None:
+    """Passes over a running agent's replies reuse one outbound.db and one inbound.db
+    connection (``kept_dbs``), every reply is recorded once, and the session leaving
+    (retention's ``detach_session``) closes them."""
+    bench.client.send("grp", "hello")
+    t, sid = bench.t, bench.t.session_id
+    await bench.worker.process(t, Flag.FULL)
+    await bench.settle()  # the agent started
+    opened = bench.worker.kept.opened
+    for seq in range(101, 111, 2):
+        _agent_reply(bench, seq)
+        await bench.worker.process(t, Flag.OUTBOUND)
+    assert bench.worker.kept.opened == opened and len(bench.worker.kept) == 1
+    delivered = query(t.paths.inbound_db, "SELECT message_out_id FROM delivered ORDER BY 1")
+    assert [r[0] for r in delivered] == [f"r{s}" for s in range(101, 111, 2)]
+    t.paths.outbound_db.unlink()  # the agent recreates its file: a new connection
+    schema.init_outbound(t.paths.outbound_db)
+    _agent_reply(bench, 201)
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert bench.worker.kept.opened == opened + 1
+    assert query(t.paths.inbound_db, "SELECT count(*) FROM delivered") == [(6,)]
+    before = len(os.listdir("/proc/self/fd"))
+    bench.worker.forget(sid)
+    assert len(bench.worker.kept) == 0
+    assert len(os.listdir("/proc/self/fd")) == before - 3  # the folder, both databases

@@ -116,6 +116,7 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
         # delivery memory that read left (``_quiet``)
         self._marks: dict[str, tuple[commit_mark.Mark, DeliveryState]] = {}
         self.kept = KeptDbs()  # the busiest sessions' database connections (kept_dbs)
+        self._touches: dict[str, tuple[datetime | None, datetime | None]] = {}
         self._ops: set[asyncio.Task] = set()
         self._settings: dict[str, AgentSettings] = {}
         self.space = SpaceWatch(cfg, mark, Flag.TIMER)  # quota and reserve (space_watch)

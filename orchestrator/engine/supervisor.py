@@ -308,6 +308,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
     async def _shutdown(self) -> None:
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
         self.worker.kept.close()
+        self.worker.flush_touches()
         self.book.save()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:

@@ -523,3 +523,21 @@ async def test_a_busy_session_keeps_its_connections_and_a_removal_closes_them(
     bench.worker.forget(sid)
     assert len(bench.worker.kept) == 0
     assert len(os.listdir("/proc/self/fd")) == before - 3  # the folder, both databases
+
+
+async def test_a_replys_activity_reaches_the_registry_at_the_next_flush(bench: Bench) -> None:
+    """The registry's activity times are written in one transaction per flush (the
+    sweep's tick), not by each pass: a delivered reply's pass leaves them pending."""
+    bench.client.send("grp", "hello")
+    t, sid = bench.t, bench.t.session_id
+    await bench.worker.process(t, Flag.FULL)
+    await bench.settle()
+    bench.worker.flush_touches()
+    before = bench.client.registry.session(sid).last_active
+    _agent_reply(bench, 101)
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert bench.client.registry.session(sid).last_active == before
+    bench.worker.flush_touches()
+    after = bench.client.registry.session(sid).last_active
+    assert after is not None and (before is None or after > before)
+    bench.worker.flush_touches()  # nothing pending: nothing written

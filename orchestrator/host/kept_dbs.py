@@ -5,16 +5,19 @@ reply's ``outbound.db`` read, the delivery record's ``inbound.db`` commit), and 
 open is a ``connect``, a ``verify`` of the file SQLite reached, a ``PRAGMA`` and a
 parse of the schema by its first statement, then a close: about half of a pass's
 CPU when it finds one reply. In events mode a busy session's pass finds one reply,
-in poll mode several, so events mode paid these opens per reply. Measured with a
-real pass over a real session folder (``bench.passcost``): the pass took 2.9 ms of
-CPU with fresh connections, see ``SessionWorker`` for the figure with kept ones.
+in poll mode several, so events mode paid these opens per reply. Measured with the
+real pass over a real session folder (``python -m bench.passcost``, sizes alternated,
+two code versions alternated, load ~5 on 2 cores): a one-reply pass took 2.8–3.6 ms
+of CPU with fresh connections, 1.9–2.3 ms with kept ones.
 
 What is kept, per session folder: a duplicate of the folder's descriptor (SQLite
 names its files through ``/proc/self/fd/<it>``, so it must stay the very folder it
 was opened in), ``outbound.db`` read-only (the agent's file: the host never writes it
 through a kept connection) and ``inbound.db`` read-write (the host's file; its reads
-go through the same connection). Nothing else: not a session's start or its hostile
-corners, only the pass (``SessionDir(kept=...)`` and ``SessionDir.db``).
+go through the same connection, so they wait on a lock as long as the host's writes
+do, ``safefs.HOST_WRITE_BUSY_MS``, where a fresh read-only open waited not at all).
+Nothing else: not a session's start nor any reader, only the pass
+(``SessionDir(kept=...)`` and ``SessionDir.db``).
 
 The folder is the agent's, so a kept connection is trusted again on each use only
 after the checks a fresh open makes (``SafeDb.connect``), done on the folder that pass

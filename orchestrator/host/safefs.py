@@ -65,6 +65,8 @@ READ_DEADLINE = 2.0
 # blocks SQLite's open forever) refuses the database before SQLite is called.
 SIDE_FILES = ("-journal", "-wal", "-shm")
 
+KEPT_CACHE_KIB = 128  # SQLite's page cache of a connection kept between passes
+
 
 class Refused(OSError):
     """A name under ``sessions/`` is a symlink or not the kind of file the contract says.
@@ -290,8 +292,16 @@ class SafeDb:
     def _open_kept(self, dir_fd: int) -> tuple[sqlite3.Connection, os.stat_result]:
         """A connection for ``kept_dbs`` (``checked`` just now), named through its own
         duplicate of the folder's descriptor: read-only for outbound.db, read-write for
-        inbound.db (whose hot journal it rolls back itself)."""
-        return self._open(dir_fd, self.name != INBOUND_DB, False)
+        inbound.db (whose hot journal it rolls back itself). Its page cache is small
+        (``KEPT_CACHE_KIB``): a pass reads a few pages, and 256 kept connections with
+        SQLite's default 2 MiB each could hold 512 MiB after reads of big files."""
+        conn, st = self._open(dir_fd, self.name != INBOUND_DB, False)
+        try:
+            conn.execute(f"PRAGMA cache_size=-{KEPT_CACHE_KIB}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, st
 
     def _open(self, dir_fd: int, readonly: bool,
               create: bool) -> tuple[sqlite3.Connection, os.stat_result]:

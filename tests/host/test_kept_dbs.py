@@ -15,7 +15,7 @@ from orchestrator.contract import schema
 from orchestrator.contract.layout import sessions_root
 from orchestrator.host import inbound, outbound
 from orchestrator.host.kept_dbs import KeptDbs, keeps
-from orchestrator.host.safefs import Refused, SessionDir
+from orchestrator.host.safefs import KEPT_CACHE_KIB, Refused, SessionDir
 
 
 def folder_of(data: Path, sid: str = "s1") -> Path:
@@ -74,6 +74,9 @@ def test_a_kept_connection_is_reused_and_sees_every_commit(data: Path) -> None:
         inbound.settle(folder.db("inbound.db"), [("r1", "delivered", None)], {})
         assert inbound.delivered_ids(folder.db("inbound.db"), ["r1", "r3"]) == {"r1"}
     assert kept.opened == 2 and len(kept) == 1
+    with SessionDir(data, "grp", "s1", kept=kept) as folder:  # a small page cache each
+        with schema.opened(folder.db("outbound.db"), readonly=True) as conn:
+            assert conn.execute("PRAGMA cache_size").fetchone()[0] == -KEPT_CACHE_KIB
     kept.close()
 
 

@@ -97,6 +97,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
             raise TypeError("Supervisor.tracked must be a TrackedMap (cli.compose builds one)")
         self.rows: TrackedMap = self.tracked  # the same map, with its dormant rows
         self.rows.wake = waker(self.cfg.data_dir)  # a dormant row, touched
+        self.worker.muted.reading = self.dirty.reading  # read by the watch thread
         self.retiring: set[str] = set()  # being archived or deleted: never tracked again
         self.in_pass: str | None = None  # the session whose pass the work loop is in
         self.retirement = None if self.retention is None else Retirement(

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 TYPE_CHECKING = False  # the agent's cold start loads neither typing nor pathlib
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Iterator, Protocol, TypeAlias
+    from typing import Callable, Iterator, Protocol, TypeAlias
 
     class Opener(Protocol):
         """A database file that opens itself (the host's ``safefs.SafeDb``)."""
@@ -190,17 +190,30 @@ def opened(path: DbFile, *, readonly: bool = False) -> Iterator[sqlite3.Connecti
     """Open, use, and always close: no long-lived handles on a shared file.
 
     ``path`` may also be an object with ``connect(readonly)`` (the host's
-    ``safefs.SafeDb``: a file in a session folder, opened without following links).
+    ``safefs.SafeDb``: a file in a session folder, opened without following links),
+    and then with ``release(conn, failed)`` instead of the close: the host keeps the
+    connections of its busiest sessions open between passes (``host.kept_dbs``), and
+    drops one that failed.
     """
     opener = getattr(path, "connect", None)
+    release: Callable[[sqlite3.Connection, bool], None] | None = None
     if opener is not None:
         conn = opener(readonly)
+        release = getattr(path, "release", None)
     else:  # no connect(): a plain path (mypy cannot narrow the union by getattr)
         conn = connect(path, readonly=readonly)  # type: ignore[arg-type]
     try:
         yield conn
-    finally:
+    except BaseException:
+        if release is None:
+            conn.close()
+        else:
+            release(conn, True)
+        raise
+    if release is None:
         conn.close()
+    else:
+        release(conn, False)
 
 
 def is_busy(exc: BaseException) -> bool:

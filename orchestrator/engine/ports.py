@@ -80,10 +80,16 @@ class Dirty:
         # start-up backlog (100 000 first passes) is served in milliseconds, not after it
         self.backlog: dict[str, Flags] = {}
         self.wake = asyncio.Event()
+        # the marked sessions whose pass will read outbound.db: the watch thread drops
+        # their outbound.db writes until that pass begins (``watch.muted.Muted.reading``,
+        # the same set: the supervisor hands it over)
+        self.reading: set[str] = set()
 
     def mark(self, session_id: str, flags: Flags) -> None:
         queued = self.backlog.pop(session_id, Flag.NONE) if self.backlog else Flag.NONE
         self.flags[session_id] = self.flags.get(session_id, Flag.NONE) | flags | queued
+        if flags & Flag.OUTBOUND:
+            self.reading.add(session_id)
         self.wake.set()
 
     def queue_backlog(self, session_id: str, flags: Flags) -> None:
@@ -102,15 +108,18 @@ class Dirty:
         backlog once nothing else is marked."""
         queue = self.flags or self.backlog
         sid = next(iter(queue))
+        self.reading.discard(sid)  # its pass begins: commits from now on are events again
         return sid, queue.pop(sid)
 
     def drop(self, session_id: str) -> None:
         self.flags.pop(session_id, None)
         self.backlog.pop(session_id, None)
+        self.reading.discard(session_id)
 
     def clear(self) -> None:
         self.flags.clear()
         self.backlog.clear()
+        self.reading.clear()
 
 
 class RuntimeInbox:

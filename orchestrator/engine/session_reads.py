@@ -7,11 +7,12 @@
 - ``inbound.db``: the due work count.
 
 A mixin only to keep ``session_worker.py`` about the pass and its decisions; it has
-no state of its own (``SessionWorker.__init__`` makes ``_marks``).
+no state of its own (``SessionWorker.__init__`` makes ``_marks`` and ``_touches``).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Callable
@@ -62,6 +63,8 @@ class ReadsMixin:
     deliverer: Deliverer
     notify: Notify
     _marks: dict[str, tuple[commit_mark.Mark, DeliveryState]]
+    # session → (last activity, heartbeat) for the registry, written by ``flush_touches``
+    _touches: dict[str, tuple[datetime | None, datetime | None]]
 
     if TYPE_CHECKING:
         def settings(self, agent_group: str) -> AgentSettings: ...
@@ -83,14 +86,31 @@ class ReadsMixin:
         self._touch_registry(t, now)
 
     def _touch_registry(self, t: Tracked, now: datetime, force: bool = False) -> None:
-        """Heartbeats can come at 10 Hz from 100 agents: the registry hears every 5 s."""
+        """Heartbeats can come at 10 Hz from 100 agents: the registry hears every 5 s,
+        and a reply's activity (``force``) at the next ``flush_touches``."""
         touched = t.read.registry_touched
         if not force and touched and now - touched < REGISTRY_TOUCH_EVERY:
             return
         active = last_activity(self._observe(t))
         if t.evidence.heartbeat_at or active:
-            self.registry.touch(t.session_id, heartbeat=t.evidence.heartbeat_at, active=active)
+            self._touches[t.session_id] = (active, t.evidence.heartbeat_at)
             t.read.registry_touched = now
+
+    def flush_touches(self) -> None:
+        """The registry's ``last_active``/``last_heartbeat`` of the sessions passed since
+        the last flush, in one transaction (the sweep's tick: once a second, and at
+        shutdown). Why: a pass that delivered a reply wrote its own registry
+        transaction, ~0.1 ms of each one-reply pass; the times are for ``status``, the
+        console and retention (days), which a second's delay does not change."""
+        if not self._touches:
+            return
+        rows = [(sid, a, h) for sid, (a, h) in self._touches.items()]
+        self._touches.clear()
+        try:
+            self.registry.touch_many(rows)
+        except sqlite3.Error as exc:  # a full disk: the next touches try again
+            logger.warning("could not record the activity of {} sessions in the registry: {}",
+                           len(rows), exc)
 
     async def _read_outbound(self, t: Tracked, folder: SessionDir, now: datetime) -> None:
         self._marks.pop(t.session_id, None)  # kept again only once this read is complete

@@ -56,6 +56,7 @@ from orchestrator.engine.session_reads import ReadsMixin
 from orchestrator.engine.space_watch import SpaceWatch
 from orchestrator.engine.tracked import Flag, Flags, Tracked, trusted_stamp
 from orchestrator.host import commit_mark, inbound
+from orchestrator.host.kept_dbs import KeptDbs
 from orchestrator.host.outbound import OutboundError
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import FolderStat, Refused, SessionDir
@@ -114,6 +115,8 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
         # a muted session's outbound.db as its last complete read found it, and the
         # delivery memory that read left (``_quiet``)
         self._marks: dict[str, tuple[commit_mark.Mark, DeliveryState]] = {}
+        self.kept = KeptDbs()  # the busiest sessions' database connections (kept_dbs)
+        self._touches: dict[str, tuple[datetime | None, datetime | None]] = {}
         self._ops: set[asyncio.Task] = set()
         self._settings: dict[str, AgentSettings] = {}
         self.space = SpaceWatch(cfg, mark, Flag.TIMER)  # quota and reserve (space_watch)
@@ -144,15 +147,21 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
         if t.restored and flags != Flag.SWEEP:  # skipped at start-up, nothing read yet;
             t.restored = False  # (a rescan's stat-gated SWEEP stays cheap: 10 000 of them)
             flags |= Flag.FULL
-        if t.session_id in self.muted:  # unmute first, then read: no touch falls between
-            if self._quiet(t, flags):
-                return
-            self.muted.discard(t.session_id)
-            flags |= Flag.HEARTBEAT
+        muted = t.session_id in self.muted
+        quiet = self._quiet(t, flags) if muted else False
+        if quiet:
+            return
         try:
             # the folder by descriptor, reached without following a link: every file of
-            # this pass is opened relative to it (safefs); a linked folder is Refused
-            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
+            # this pass is opened relative to it (safefs); a linked folder is Refused.
+            # (Opened once: the commit mark of a quiet pass is read through it too.)
+            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id,
+                            kept=self.kept) as folder:
+                if quiet is None and self._unchanged(t, folder):
+                    return
+                if muted:  # unmute first, then read: no touch falls between
+                    self.muted.discard(t.session_id)
+                    flags |= Flag.HEARTBEAT
                 if self._replaced(t, folder):
                     flags |= Flag.FULL
                 await self._pass(t, folder, flags, now)
@@ -162,8 +171,10 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
             if t.said.clear("pass") is not None:
                 logger.info("session {}: readable again", t.session_id)
         except (OutboundError, sqlite3.Error, OSError) as exc:
+            self.muted.discard(t.session_id)  # (the folder could not even be opened)
             self._unreadable(t, exc, now)
         except Exception as exc:  # noqa: BLE001 - a bug or a hostile folder: kept to this session
+            self.muted.discard(t.session_id)
             # (the supervisor runs every pass on one worker task; letting this escape
             # would silently stop delivery and lifecycle for every session)
             message = f"{type(exc).__name__}: {exc}"
@@ -189,7 +200,7 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
                          "; leaving it alone" if isinstance(exc, Refused) else "")
         self._again_at_sweep(t, now)
 
-    def _quiet(self, t: Tracked, flags: Flags) -> bool:
+    def _quiet(self, t: Tracked, flags: Flags) -> bool | None:
         """Whether an event-driven pass over a muted session (its agent runs, a timer is
         set, nothing short of that timer or a write can change its verdict) would read
         nothing new, so it is skipped and the session stays muted:
@@ -203,7 +214,8 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
           channel's outcome — whose arrival asks for a pass by this very flag — nor a
           memory reset to deliver again).
 
-        Anything else (a timer, an exit, ``outbox/``, a sweep) takes the whole pass."""
+        Anything else (a timer, an exit, ``outbox/``, a sweep) takes the whole pass.
+        None: skipped only if ``_unchanged`` (the folder open) says no commit came."""
         if flags & ~(Flag.OUTBOUND | Flag.INBOUND) or not self.runtime.is_running(t.session_id):
             return False
         if not flags & Flag.OUTBOUND:
@@ -213,11 +225,13 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
         if kept is None or kept[1] is not state or state.waiting_files \
                 or state.watermark < t.read.max_seq_seen:
             return False
-        try:
-            with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id) as folder:
-                return commit_mark.unchanged(kept[0], commit_mark.mark(folder.fd, OUTBOUND_DB))
-        except OSError:  # the pass says what is wrong
-            return False
+        return None
+
+    def _unchanged(self, t: Tracked, folder: SessionDir) -> bool:
+        """No commit to outbound.db since its last complete read (``_quiet``)."""
+        kept = self._marks.get(t.session_id)
+        return kept is not None and commit_mark.unchanged(
+            kept[0], commit_mark.mark(folder.fd, OUTBOUND_DB))
 
     def _again_at_sweep(self, t: Tracked, now: datetime) -> None:
         t.read.sigs.clear()  # re-read everything on the next sweep, not just what changes
@@ -397,6 +411,10 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
     def _fire(self, t: Tracked) -> None:
         t.timer.fired()
         self.mark(t.session_id, Flag.TIMER)
+
+    def forget(self, session_id: str) -> None:
+        """A session leaves (retention): its kept connections are closed now."""
+        self.kept.drop_session(session_id)
 
     @staticmethod
     def cancel_timers(tracked: Iterable[Tracked]) -> None:

@@ -97,6 +97,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
             raise TypeError("Supervisor.tracked must be a TrackedMap (cli.compose builds one)")
         self.rows: TrackedMap = self.tracked  # the same map, with its dormant rows
         self.rows.wake = waker(self.cfg.data_dir)  # a dormant row, touched
+        self.worker.muted.reading = self.dirty.reading  # read by the watch thread
         self.retiring: set[str] = set()  # being archived or deleted: never tracked again
         self.in_pass: str | None = None  # the session whose pass the work loop is in
         self.retirement = None if self.retention is None else Retirement(
@@ -151,6 +152,7 @@ class Supervisor(DiscoveryMixin, SweepMixin):
         self.retiring.add(session_id)
         t = self.tracked.pop(session_id, None)
         self.dirty.drop(session_id)
+        self.worker.forget(session_id)  # its kept connections: closed before the removal
         if session_id in self._unreconciled:  # its start-up pass will never run
             self._unreconciled.discard(session_id)
             if not self._unreconciled:
@@ -306,6 +308,8 @@ class Supervisor(DiscoveryMixin, SweepMixin):
 
     async def _shutdown(self) -> None:
         await self.worker.drain_ops(timeout=self.cfg.runtime.stop_grace + 5)
+        self.worker.kept.close()
+        self.worker.flush_touches()
         self.book.save()
         running = self.runtime.running()
         if self.cfg.runtime.on_shutdown == "stop" and running:

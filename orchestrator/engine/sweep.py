@@ -77,6 +77,8 @@ class SweepMixin:
         round_no = -1
         async for k in ticks(tick, self.stop_event):
             self.last_sweep = time.monotonic()  # /healthz: the loop is sweeping
+            self.worker.kept.close_idle()  # connections of sessions no longer busy
+            self.worker.flush_touches()  # the registry's activity times of this second
             part = k % slices
             if part == 0 or not order:  # a new round: the runtime, new folders, the order
                 try:

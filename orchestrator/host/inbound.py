@@ -1,8 +1,10 @@
 """Host-side operations on a session's inbound.db (the host is its only writer).
 
-Every function opens the file, does one transaction, and closes it again: the
-agent reads this file through a bind mount with its own connections, and a
-long-lived host handle is how a reader ends up seeing stale pages.
+Every function does one transaction on the file it is given. A path is opened and
+closed again around it; a session's pass hands its ``safefs.SafeDb``, whose
+connection may be kept open between passes (``host.kept_dbs``: checked against the
+folder on every use, no lock held between transactions; in rollback-journal mode
+SQLite re-validates its cached pages by the file change counter at each one).
 """
 
 from __future__ import annotations

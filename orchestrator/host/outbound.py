@@ -1,6 +1,7 @@
 """Host-side reads of a session's outbound.db (the agent is its only writer).
 
-Opened read-only (URI ``mode=ro``) per read. A missing file means "the agent
+Opened read-only (URI ``mode=ro``); a pass's read may use a connection kept open
+between passes (``host.kept_dbs``). A missing file means "the agent
 has written nothing yet"; a file that is not an outbound DB (corrupt, foreign,
 half-copied) raises OutboundError with one line naming the file and the fix, so
 the supervisor can log it and carry on with the other sessions.

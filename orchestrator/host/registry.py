@@ -381,6 +381,16 @@ class Registry(SessionRecordsMixin):
             with self._tx() as c:
                 c.execute(f"UPDATE sessions SET {', '.join(sets)} WHERE id=?", (*args, session_id))
 
+    def touch_many(self, rows: list[tuple[str, datetime | None, datetime | None]]) -> None:
+        """``touch`` of several sessions, ``(session_id, active, heartbeat)`` (None: that
+        column kept), in one transaction: the worker's touches of a second."""
+        args = [(format_ts(a) if a else None, format_ts(h) if h else None, sid)
+                for sid, a, h in rows if a is not None or h is not None]
+        if args:
+            with self._tx() as c:
+                c.executemany("UPDATE sessions SET last_active=COALESCE(?, last_active),"
+                              " last_heartbeat=COALESCE(?, last_heartbeat) WHERE id=?", args)
+
     def status_changes(self, session_id: str) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self._conn.execute(

@@ -32,10 +32,14 @@ import sqlite3
 import stat
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from orchestrator.contract.layout import INBOUND_DB, sessions_root
 from orchestrator.host.filesig import Signature, file_signature
+from orchestrator.host.kept_dbs import keeps
+
+if TYPE_CHECKING:
+    from orchestrator.host.kept_dbs import KeptDbs
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -60,6 +64,8 @@ READ_DEADLINE = 2.0
 # back, a WAL database's -wal and -shm always): one that is not a regular file (a FIFO
 # blocks SQLite's open forever) refuses the database before SQLite is called.
 SIDE_FILES = ("-journal", "-wal", "-shm")
+
+KEPT_CACHE_KIB = 128  # SQLite's page cache of a connection kept between passes
 
 
 class Refused(OSError):
@@ -123,11 +129,15 @@ class SessionDir:
     """One session folder, opened from the sessions root without following links.
 
     Cheap (three ``openat`` calls): opened per pass and closed at its end, so a
-    folder swapped for a link between passes is refused by the next pass.
+    folder swapped for a link between passes is refused by the next pass. ``kept``:
+    the pass's own databases are served by connections kept between passes
+    (``kept_dbs``: checked again against this very folder on each use).
     """
 
-    def __init__(self, data_dir: Path, agent_group: str, session_id: str) -> None:
+    def __init__(self, data_dir: Path, agent_group: str, session_id: str,
+                 kept: KeptDbs | None = None) -> None:
         self.where = f"sessions/{agent_group}/{session_id}"
+        self.kept = kept
         group = open_group(data_dir, agent_group)
         try:
             self.fd = open_dir(session_id, group, self.where)
@@ -228,6 +238,7 @@ class SafeDb:
         self.busy_ms = busy_ms
         self.create = create  # only the host's own files, and outbound.db while no agent runs
         self.deadline = deadline  # seconds from the open after which queries are interrupted
+        self._kept: list[sqlite3.Connection] = []  # handed out by ``folder.kept``
 
     def __fspath__(self) -> str:
         return f"{self.folder.where}/{self.name}"
@@ -239,11 +250,36 @@ class SafeDb:
         return self.folder.lstat(self.name) is not None
 
     def connect(self, readonly: bool) -> sqlite3.Connection:
-        where = self.__fspath__()
+        kept = self.folder.kept
+        if kept is not None and self.deadline is None \
+                and keeps(self.name, readonly, self.busy_ms, self.create):
+            conn = kept.connection(self, self._open_kept)
+            self._kept.append(conn)
+            return conn
         create = self.create and not readonly
-        st = self.folder.lstat(self.name)
+        st = self.checked()
         if st is None and not create:
-            raise sqlite3.OperationalError(f"{where}: no such file")
+            raise sqlite3.OperationalError(f"{self}: no such file")
+        if readonly and self.name == INBOUND_DB and self._hot_journal():
+            self._roll_back()
+        return self._open(self.folder.fd, readonly, create)[0]
+
+    def release(self, conn: sqlite3.Connection, failed: bool) -> None:
+        """The end of a use (``schema.opened``): a kept connection goes back to
+        ``folder.kept`` (dropped if the use failed), any other is closed."""
+        if self._kept and conn is self._kept[-1]:
+            self._kept.pop()
+            if self.folder.kept is not None:
+                self.folder.kept.release(self, conn, failed)
+                return
+        conn.close()
+
+    def checked(self) -> os.stat_result | None:
+        """``lstat`` of the file (None: absent), Refused unless it is a regular file
+        with one link, or while a file SQLite opens beside it by name is not a
+        regular file: what every open, and every use of a kept one, checks first."""
+        where = self.__fspath__()
+        st = self.folder.lstat(self.name)
         if st is not None:
             regular_or_refuse(st, where)
         for suffix in SIDE_FILES:
@@ -251,14 +287,31 @@ class SafeDb:
             if side is not None and not stat.S_ISREG(side.st_mode):
                 raise Refused(errno.EINVAL, f"{where}{suffix} is {_kind(side.st_mode)}, not a "
                               f"regular file; refusing to open {self.name} beside it")
-        if readonly and self.name == INBOUND_DB and self._hot_journal():
-            self._roll_back()
+        return st
+
+    def _open_kept(self, dir_fd: int) -> tuple[sqlite3.Connection, os.stat_result]:
+        """A connection for ``kept_dbs`` (``checked`` just now), named through its own
+        duplicate of the folder's descriptor: read-only for outbound.db, read-write for
+        inbound.db (whose hot journal it rolls back itself). Its page cache is small
+        (``KEPT_CACHE_KIB``): a pass reads a few pages, and 256 kept connections with
+        SQLite's default 2 MiB each could hold 512 MiB after reads of big files."""
+        conn, st = self._open(dir_fd, self.name != INBOUND_DB, False)
+        try:
+            conn.execute(f"PRAGMA cache_size=-{KEPT_CACHE_KIB}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, st
+
+    def _open(self, dir_fd: int, readonly: bool,
+              create: bool) -> tuple[sqlite3.Connection, os.stat_result]:
+        where = self.__fspath__()
         mode = "ro" if readonly else ("rwc" if create else "rw")
-        uri = f"file:/proc/self/fd/{self.folder.fd}/{self.name}?mode={mode}"
+        uri = f"file:/proc/self/fd/{dir_fd}/{self.name}?mode={mode}"
         busy_ms = self.busy_ms if readonly else max(self.busy_ms, HOST_WRITE_BUSY_MS)
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_ms / 1000.0)
         try:
-            verify(conn, self.folder.fd, self.name, where)
+            st = verify(conn, dir_fd, self.name, where)
             if not readonly:
                 conn.execute("PRAGMA journal_mode=DELETE")
             if self.deadline is not None:
@@ -268,8 +321,7 @@ class SafeDb:
             conn.close()
             raise
         conn.row_factory = sqlite3.Row
-        return conn
-
+        return conn, st
 
     def _hot_journal(self) -> bool:
         st = self.folder.lstat(self.name + "-journal")
@@ -341,14 +393,15 @@ _file_fd = _load_file_fd()
 VERIFIED_OPEN = _file_fd is not None
 
 
-def verify(conn: sqlite3.Connection, dir_fd: int, name: str, where: str) -> None:
-    """The file SQLite holds must be ``name`` in the folder ``dir_fd``, regular, one link."""
+def verify(conn: sqlite3.Connection, dir_fd: int, name: str, where: str) -> os.stat_result:
+    """The file SQLite holds must be ``name`` in the folder ``dir_fd``, regular, one link;
+    returns its ``lstat``."""
     current = lstat_at(dir_fd, name)
     if current is None:
         raise Refused(errno.ENOENT, f"{where} vanished while being opened")
     regular_or_refuse(current, where)
     if _file_fd is None:
-        return  # no way to ask SQLite: the lstat before and after is all we have
+        return current  # no way to ask SQLite: the lstat before and after is all we have
     fd = _file_fd(conn)
     if fd is None or fd < 0:
         raise Refused(errno.EBADF, f"{where}: cannot tell which file SQLite opened")
@@ -356,3 +409,4 @@ def verify(conn: sqlite3.Connection, dir_fd: int, name: str, where: str) -> None
     if not os.path.samestat(opened, current):
         raise Refused(errno.EXDEV, f"{where} was swapped while being opened; refusing the "
                       "file SQLite reached")
+    return current

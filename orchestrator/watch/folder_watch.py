@@ -69,6 +69,15 @@ _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 # gives every other name there Kind.OTHER, which no pass reads), and the databases'
 # journals, which tell where a batch stands with a commit (``commits``).
 SESSION_ENTRIES = frozenset({HEARTBEAT, OUTBOUND_DB, INBOUND_DB, OUTBOX, INBOX}) | COMMIT_ENDS
+# The databases' writes and journals, dropped as they are read when no pass needs
+# them (``FolderWatch._needless``): inbound.db's of a muted session (its agent runs and
+# reads its messages itself, so a pass for them alone is skipped anyway,
+# ``SessionWorker._quiet``; nearly all are the host's own delivery records, ~4 events
+# per pass that delivered), outbound.db's of a session whose queued pass will read it
+# (``Muted.reading``). Each cost the watch thread a classification and the loop a
+# mark, or a pass begun to be skipped. (A database itself made, removed or renamed
+# over still goes the whole way.)
+DB_WRITES = frozenset({INBOUND_DB, OUTBOUND_DB}) | COMMIT_ENDS
 NAMES_KEPT = 4096  # raw names remembered decoded (an agent's many names: decoded each time)
 # an event without a name to report: the queue overflowed, a watched folder itself went
 _NOT_NAMED = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
@@ -183,7 +192,8 @@ class FolderWatch(WatchTable):
           databases, heartbeat, ``outbox/``, ``inbox/``, and the databases' journals
           for ``commits``: ``SESSION_ENTRIES``); the rest (an agent's scratch files)
           classify as nothing (``layout.classify``) and are skipped here;
-        - a muted session's heartbeat is dropped (``_muted_beat``);
+        - a muted session's heartbeat is dropped (``_muted_beat``), and so are the
+          database writes no pass needs (``DB_WRITES``, ``_needless``);
         - a write is reported once per ``(watch, name)`` and batch (``_written``);
           creations, removals and renames always go the whole way (a folder created
           again is another folder to watch);
@@ -216,7 +226,9 @@ class FolderWatch(WatchTable):
                 continue
             self.kept = True
             if depth == 2 and (name not in SESSION_ENTRIES
-                               or name == HEARTBEAT and self._muted_beat(path, wd)):
+                               or name == HEARTBEAT and self._muted_beat(path, wd)
+                               or name in DB_WRITES and (plain or name in COMMIT_ENDS)
+                               and self._needless(path, name)):
                 continue
             if plain:
                 written.add((wd, raw))
@@ -265,6 +277,15 @@ class FolderWatch(WatchTable):
                     and self._set_mask(session, wd, QUIET_MASK):
                 self._quieted[sid] = session
         return True
+
+    def _needless(self, session: str, name: str) -> bool:
+        """A write to a session's database (or its journal) that no pass needs
+        (``DB_WRITES``): inbound.db's of a muted session, outbound.db's of one whose
+        queued pass will read it."""
+        sid = session[session.rfind("/") + 1:]
+        if name[0] == "i":  # inbound.db, inbound.db-journal
+            return sid in self.muted
+        return self._mutes is not None and sid in self._mutes.reading
 
     def _unmuted(self, changes: set[tuple[Change, str]]) -> bool:
         """Quiet sessions unmuted for ``UNMUTED_FOR`` s and still unmuted: their

@@ -495,3 +495,49 @@ async def test_a_muted_session_is_read_again_only_after_a_commit(
     bench.runtime.alive.discard(sid)  # gone, no exit event yet: every pass reads
     await bench.worker.process(t, Flag.INBOUND)
     assert sid not in bench.worker.muted
+
+
+async def test_a_busy_session_keeps_its_connections_and_a_removal_closes_them(
+        bench: Bench) -> None:
+    """Passes over a running agent's replies reuse one outbound.db and one inbound.db
+    connection (``kept_dbs``), every reply is recorded once, and the session leaving
+    (retention's ``detach_session``) closes them."""
+    bench.client.send("grp", "hello")
+    t, sid = bench.t, bench.t.session_id
+    await bench.worker.process(t, Flag.FULL)
+    await bench.settle()  # the agent started
+    opened = bench.worker.kept.opened
+    for seq in range(101, 111, 2):
+        _agent_reply(bench, seq)
+        await bench.worker.process(t, Flag.OUTBOUND)
+    assert bench.worker.kept.opened == opened and len(bench.worker.kept) == 1
+    delivered = query(t.paths.inbound_db, "SELECT message_out_id FROM delivered ORDER BY 1")
+    assert [r[0] for r in delivered] == [f"r{s}" for s in range(101, 111, 2)]
+    t.paths.outbound_db.unlink()  # the agent recreates its file: a new connection
+    schema.init_outbound(t.paths.outbound_db)
+    _agent_reply(bench, 201)
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert bench.worker.kept.opened == opened + 1
+    assert query(t.paths.inbound_db, "SELECT count(*) FROM delivered") == [(6,)]
+    before = len(os.listdir("/proc/self/fd"))
+    bench.worker.forget(sid)
+    assert len(bench.worker.kept) == 0
+    assert len(os.listdir("/proc/self/fd")) == before - 3  # the folder, both databases
+
+
+async def test_a_replys_activity_reaches_the_registry_at_the_next_flush(bench: Bench) -> None:
+    """The registry's activity times are written in one transaction per flush (the
+    sweep's tick), not by each pass: a delivered reply's pass leaves them pending."""
+    bench.client.send("grp", "hello")
+    t, sid = bench.t, bench.t.session_id
+    await bench.worker.process(t, Flag.FULL)
+    await bench.settle()
+    bench.worker.flush_touches()
+    before = bench.client.registry.session(sid).last_active
+    _agent_reply(bench, 101)
+    await bench.worker.process(t, Flag.OUTBOUND)
+    assert bench.client.registry.session(sid).last_active == before
+    bench.worker.flush_touches()
+    after = bench.client.registry.session(sid).last_active
+    assert after is not None and (before is None or after > before)
+    bench.worker.flush_touches()  # nothing pending: nothing written

@@ -73,3 +73,23 @@ async def test_dormant_sessions_are_swept_on_their_turn_the_others_every_round(
             assert broken in order
             seen += [sid for sid in order if sid != broken]
         assert sorted(seen) == sorted(row.id for row in rows[1:])
+
+
+@pytest.mark.parametrize("flags, reading", [
+    (Flag.OUTBOUND, True), (Flag.OUTBOUND | Flag.HEARTBEAT, True),
+    (Flag.INBOUND, False), (Flag.TIMER, False), (Flag.SWEEP, False),
+])
+def test_a_mark_that_reads_outbound_is_in_reading_until_its_pass(flags, reading) -> None:
+    """``Dirty.reading`` (the watch drops those sessions' outbound.db events): a mark
+    with OUTBOUND puts the session in it; its pop (the pass begins), a drop and a
+    clear take it out."""
+    dirty = Dirty()
+    dirty.mark("s", flags)
+    assert ("s" in dirty.reading) is reading
+    dirty.mark("t", Flag.OUTBOUND)
+    assert dirty.pop()[0] == "s" and "s" not in dirty.reading and "t" in dirty.reading
+    dirty.drop("t")
+    assert dirty.reading == set()
+    dirty.mark("u", Flag.OUTBOUND)
+    dirty.clear()
+    assert dirty.reading == set()

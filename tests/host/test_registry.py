@@ -119,6 +119,18 @@ def test_touch_updates_times(reg):
     assert row.last_heartbeat == NOW + timedelta(seconds=1)
 
 
+def test_touch_many_sets_what_each_row_gives_in_one_go(reg):
+    session(reg)
+    reg.touch("s-1", active=NOW, heartbeat=NOW)
+    later = NOW + timedelta(seconds=5)
+    reg.touch_many([("s-1", None, later), ("gone", later, later)])  # (no row: nothing)
+    row = reg.session("s-1")
+    assert (row.last_active, row.last_heartbeat) == (NOW, later)  # None keeps the column
+    reg.touch_many([("s-1", later, None), ("s-1", None, None)])
+    row = reg.session("s-1")
+    assert (row.last_active, row.last_heartbeat) == (later, later)
+
+
 def test_destinations_are_replaced_per_group(reg):
     reg.ensure_agent_group("g")
     reg.ensure_agent_group("h")

@@ -66,3 +66,85 @@ def test_a_muted_session_is_watched_quietly_until_unmuted(tmp_path: Path) -> Non
         os.utime(beat)
         wait_for(lambda: (Change.modified, str(beat)) in _batch(watch), timeout=5,
                  interval=0, message="a touch once unmuted")
+
+
+def test_a_muted_sessions_inbound_writes_are_dropped(tmp_path: Path) -> None:
+    """The host's own delivery records (a commit to inbound.db: its journal made,
+    written, deleted, the database written) of a muted session wake nobody; its
+    outbound.db commits do; inbound.db made anew is still reported; unmuted, every
+    inbound.db write is reported again."""
+    from orchestrator.contract import schema
+
+    root = tmp_path / "sessions"
+    folder = root / "grp" / "sess-1"
+    folder.mkdir(parents=True)
+    schema.init_inbound(folder / "inbound.db")
+    schema.init_outbound(folder / "outbound.db")
+    muted = Muted()
+    muted.add("sess-1")
+
+    def commit(name: str) -> None:
+        with schema.opened(folder / name) as conn, schema.transaction(conn):
+            conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+            conn.execute("INSERT INTO t VALUES (1)")
+
+    def seen(name: str) -> set:
+        got: set = set()
+        wait_for(lambda: (got.update(_batch(watch)) or
+                          (Change.modified, f"{folder}/{name}") in got),
+                 timeout=5, interval=0, message=f"{name} written")
+        return got
+
+    with FolderWatch(root, muted=muted) as watch:
+        commit("inbound.db")
+        commit("outbound.db")  # read after the inbound commit: it was read and dropped
+        got = seen("outbound.db")
+        assert not {p for _, p in got if "inbound.db" in p}, got
+        (folder / "inbound.db").rename(folder / "old.db")
+        (folder / "old.db").rename(folder / "inbound.db")  # made anew: reported
+        wait_for(lambda: (got.update(_batch(watch)) or
+                          (Change.added, f"{folder}/inbound.db") in got),
+                 timeout=5, interval=0, message="inbound.db made anew")
+        muted.discard("sess-1")
+        commit("inbound.db")
+        got = seen("inbound.db")
+        assert (Change.deleted, f"{folder}/inbound.db-journal") in got
+
+
+def test_a_session_whose_queued_pass_reads_outbound_has_its_commits_dropped(
+        tmp_path: Path) -> None:
+    """``Muted.reading`` (a pass is queued that will read outbound.db): its outbound.db
+    writes and journal are dropped as they are read; once its pass begins (out of the
+    set) a commit is reported again, and outbound.db made anew always is."""
+    from orchestrator.contract import schema
+
+    root = tmp_path / "sessions"
+    folder = root / "grp" / "sess-1"
+    folder.mkdir(parents=True)
+    schema.init_outbound(folder / "outbound.db")
+    muted = Muted()
+    muted.reading.add("sess-1")
+
+    def commit() -> None:
+        with schema.opened(folder / "outbound.db") as conn, schema.transaction(conn):
+            conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+            conn.execute("INSERT INTO t VALUES (1)")
+
+    with FolderWatch(root, muted=muted) as watch:
+        commit()
+        (folder / "inbox").mkdir()  # read after the commit: the commit was dropped
+        got: set = set()
+        wait_for(lambda: (got.update(_batch(watch)) or
+                          (Change.added, f"{folder}/inbox") in got),
+                 timeout=5, interval=0, message="inbox/ made")
+        assert not {p for _, p in got if "outbound.db" in p}, got
+        (folder / "outbound.db").rename(folder / "old.db")
+        (folder / "old.db").rename(folder / "outbound.db")
+        wait_for(lambda: (got.update(_batch(watch)) or
+                          (Change.added, f"{folder}/outbound.db") in got),
+                 timeout=5, interval=0, message="outbound.db made anew")
+        muted.reading.discard("sess-1")  # its pass began
+        commit()
+        wait_for(lambda: (got.update(_batch(watch)) or
+                          (Change.deleted, f"{folder}/outbound.db-journal") in got),
+                 timeout=5, interval=0, message="the commit after the pass began")

@@ -30,6 +30,7 @@ from orchestrator.contract.inotify import (
     IN_IGNORED,
     IN_MODIFY,
     IN_MOVE_SELF,
+    IN_MOVED_FROM,
     IN_MOVED_TO,
     IN_Q_OVERFLOW,
 )
@@ -43,9 +44,8 @@ from orchestrator.watch.commits import (
     stretch_after,
 )
 from orchestrator.watch.muted import Muted
+from orchestrator.watch.start_walk import MASK
 from orchestrator.watch.watch_table import (
-    IN_MOVED_FROM,
-    MASK,
     POLL_INTERVAL,
     POLL_RATE,
     WatchTable,

@@ -41,41 +41,17 @@ import array
 import ctypes
 import errno
 import os
-from itertools import repeat
 
-from orchestrator.contract.inotify import (
-    IN_ATTRIB,
-    IN_CLOEXEC,
-    IN_CLOSE_WRITE,
-    IN_CREATE,
-    IN_DELETE,
-    IN_DELETE_SELF,
-    IN_MODIFY,
-    IN_MOVE_SELF,
-    IN_MOVED_TO,
-    IN_NONBLOCK,
-    IN_ONLYDIR,
-    _libc,
-)
+from orchestrator.contract.inotify import IN_CLOEXEC, IN_NONBLOCK, _libc
 from orchestrator.contract.layout import OUTBOX
 from orchestrator.host.safefs import open_dir
 from orchestrator.watch.budget import Shortfall, poll_round
-from orchestrator.watch.bulk_add import CHILD_FROM, FIELDS, add_in_child, big_group
 from orchestrator.watch.changes import Change
 from orchestrator.watch.polled import PolledSessions
+from orchestrator.watch.start_walk import MASK, Full, StartWalk
 
-IN_MOVED_FROM = 0x00000040
-IN_EXCL_UNLINK = 0x04000000
-IN_DONT_FOLLOW = 0x02000000
-
-MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
-        | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
 POLL_RATE = 4000.0  # polled sessions looked at per second, at most (2 lstat calls each)
 POLL_INTERVAL = 1.0  # and none more often than once a second
-
-
-class _Full(Exception):
-    """No watch can be added: this instance's limit, or the kernel's (ENOSPC)."""
 
 
 def watched_level(depth: int, name: str) -> bool:
@@ -84,7 +60,7 @@ def watched_level(depth: int, name: str) -> bool:
     return depth in (1, 2) or (depth == 3 and name == OUTBOX)
 
 
-class WatchTable:
+class WatchTable(StartWalk):
     """The watches on the sessions root, its groups, sessions and their ``outbox/``:
     which folder each is on, added by a walk without links, within ``limit``."""
 
@@ -144,24 +120,24 @@ class WatchTable:
 
     def _watch(self, dir_fd: int, path: str, depth: int) -> bool:
         """Watch the folder open as ``dir_fd``; False if it cannot be (e.g. EACCES:
-        watch_health finds it unwatched and says so); ``_Full`` past the budget."""
+        watch_health finds it unwatched and says so); ``Full`` past the budget."""
         if self.limit is not None and len(self.paths) >= self.limit:
             ino = os.fstat(dir_fd).st_ino
             wd = self._by_inode.get(ino)
             if wd is not None and self.paths.get(wd, ("",))[0] == path:
                 return True  # watched already (a walk again after an overflow)
             if self._walking or not self._make_room(depth):
-                raise _Full
+                raise Full
         wd = self._add(self.fd, f"/proc/self/fd/{dir_fd}".encode(), MASK)
         if wd < 0:
             code = ctypes.get_errno()
             if code == errno.ENOSPC:
                 self.kernel_refused = True
                 if self._walking or not self._make_room(depth):
-                    raise _Full
+                    raise Full
                 wd = self._add(self.fd, f"/proc/self/fd/{dir_fd}".encode(), MASK)
                 if wd < 0:
-                    raise _Full
+                    raise Full
             else:
                 return False
         ino = os.fstat(dir_fd).st_ino
@@ -216,7 +192,7 @@ class WatchTable:
         try:
             if not self._watch(dir_fd, path, depth):
                 return
-        except _Full:
+        except Full:
             if depth == 2:  # a session past the budget: polled
                 self.polled.add(path, os.fstat(dir_fd).st_ino)
             elif depth == 3:  # its outbox: the sweep looks at a reply waiting for files
@@ -241,101 +217,6 @@ class WatchTable:
         for name in entries:
             if watched_level(depth + 1, name):
                 self._enter(dir_fd, path, depth, name, found)
-
-    def _sessions_at_start(self, group_fd: int, group: str, found: list[str]) -> None:
-        """Each session folder of a group at start-up, by one ``inotify_add_watch``
-        through the group's descriptor with ``IN_DONT_FOLLOW`` (a link in its place is
-        not followed; ``IN_ONLYDIR`` refuses a non-folder), its inode from the listing:
-        100 000 sessions were 400 000 calls (open, add, fstat, close). A folder swapped
-        between the listing and the add has another inode than noted: the health check
-        finds it unwatched and restarts the watch. A big group (``bulk_add.big_group``,
-        told by its link count before any listing) is listed and added by a child."""
-        tried = big_group(os.fstat(group_fd))
-        if tried and self._sessions_by_child(group_fd, group, found):
-            return
-        try:
-            entries = [(e.name, e.inode()) for e in os.scandir(group_fd)
-                       if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            return
-        if not tried and len(entries) >= CHILD_FROM and self._sessions_by_child(
-                group_fd, group, found):
-            return
-        base = f"/proc/self/fd/{group_fd}/"
-        for name, ino in entries:
-            path = f"{group}/{name}"
-            found.append(path)
-            if self.limit is not None and len(self.paths) >= self.limit:
-                self.polled.add(path, ino)
-                continue
-            wd = self._add(self.fd, (base + name).encode(), MASK | IN_DONT_FOLLOW)
-            if wd < 0:
-                if ctypes.get_errno() == errno.ENOSPC:
-                    self._kernel_full(path, ino)
-                continue  # a link, gone, EACCES: watch_health says so
-            self._session_watched(wd, path, ino)
-
-    def _kernel_full(self, path: str, ino: int) -> None:
-        """The kernel refused a session's watch (ENOSPC): the budget is what is held
-        now, and this session and the rest are polled."""
-        self.kernel_refused = True
-        self.limit = len(self.paths)
-        self.polled.add(path, ino)
-
-    def _session_watched(self, wd: int, path: str, ino: int) -> None:
-        self.paths[wd] = (path, 2)
-        self.inodes[wd] = ino
-        self._by_inode[ino] = wd
-        self.sessions[path] = wd
-
-    def _sessions_by_child(self, group_fd: int, group: str, found: list[str]) -> bool:
-        """``_sessions_at_start`` for a big group, its listing and adds in a child
-        process (``bulk_add``); the ``lstat`` it took after each add is kept in
-        ``seen``, its listing in ``listed``. False: the child failed (nothing recorded;
-        the caller lists and adds them)."""
-        room = (1 << 62) if self.limit is None else max(0, self.limit - len(self.paths))
-        got = add_in_child(self.fd, group_fd, MASK | IN_DONT_FOLLOW, room)
-        if got is None:
-            return False
-        names, values = got.names, got.values
-        seen: dict[str, int] = {}  # session name → its record's offset in ``values``
-        if self._keep_seen:
-            self.seen[group] = (values, seen, (got.idents, got.times))
-            self.listed[group] = names + got.links
-        paths, inodes, by_inode, sessions = self.paths, self.inodes, self._by_inode, self.sessions
-        wds = values[0::FIELDS]
-        if (min(wds, default=0) >= 0 and 0 not in values[2::FIELDS]
-                and (self.limit is None or len(paths) + len(wds) <= self.limit)):
-            # the common case, every add and lstat done: recorded by C loops (100 000
-            # sessions: ~0.1 s instead of ~0.35 s of the GIL, which the imports need)
-            inos = values[FIELDS - 1::FIELDS]
-            where = [f"{group}/{n}" for n in names]
-            paths.update(zip(wds, zip(where, repeat(2), strict=False), strict=True))
-            inodes.update(zip(wds, inos, strict=True))
-            by_inode.update(zip(inos, wds, strict=True))
-            sessions.update(zip(where, wds, strict=True))
-            seen.update(zip(names, range(0, len(values), FIELDS), strict=True))
-            found += where
-            return True
-        at = -FIELDS
-        for name in names:
-            at += FIELDS
-            ino = values[at + FIELDS - 1]
-            path = f"{group}/{name}"
-            found.append(path)
-            wd = values[at]
-            if wd < 0 or (self.limit is not None and len(paths) >= self.limit):
-                if wd == -errno.ENOSPC and len(paths) < (self.limit or 1 << 62):
-                    self._kernel_full(path, ino)
-                elif wd == -errno.ENOSPC or wd >= 0:
-                    if wd >= 0:  # (past a limit lowered meanwhile: not ours to keep)
-                        self._rm(self.fd, wd)
-                    self.polled.add(path, ino)
-                continue  # a link, gone, EACCES: watch_health says so
-            self._session_watched(wd, path, ino)
-            if values[at + 2]:
-                seen[name] = at
-        return True
 
     def _poll_below(self, dir_fd: int, path: str, depth: int) -> None:
         """A group (or root) that got no watch: poll the sessions in it."""

@@ -45,7 +45,7 @@ from orchestrator.host.safefs import open_group
 from orchestrator.host.sessions import create_folder
 from orchestrator.rules.lifecycle import Claim
 from orchestrator.rules.messages import NewMessage
-from orchestrator.watch import watch_table, watcher
+from orchestrator.watch import start_walk, watcher
 from orchestrator.watch.activity import RESCAN
 from orchestrator.watch.head_start import HeadStart
 from tests.support.e2e import Client, make_config, replies, replies_to, supervised
@@ -478,7 +478,7 @@ async def test_a_change_after_the_head_start_took_its_lstat_is_not_missed(
     after its watch; the start-up check trusts it, so a message sent after that
     ``lstat`` and before the check is known only by its event: its mark must stay
     (a pass) and not go as one the check has seen."""
-    monkeypatch.setattr(watch_table, "CHILD_FROM", 1)  # every group's adds in the child
+    monkeypatch.setattr(start_walk, "CHILD_FROM", 1)  # every group's adds in the child
     cfg = make_config(tmp_path)
     client = Client(cfg)
     rows = {n: client.session(n) for n in ("late", "quiet")}
@@ -507,7 +507,7 @@ async def test_folders_made_before_and_after_the_childs_listing_are_both_registe
     process, a folder mounted in) takes a big group's names from the head start's
     child (``HeadStart.listed``) instead of listing it again: one made before that
     listing is in it, one made after has its event (the group was watched first)."""
-    monkeypatch.setattr(watch_table, "CHILD_FROM", 1)  # every group's adds in the child
+    monkeypatch.setattr(start_walk, "CHILD_FROM", 1)  # every group's adds in the child
     cfg = make_config(tmp_path)
     client = Client(cfg)
     row = client.session("quiet")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.sections import WatchConfig
-from orchestrator.watch import watch_table
+from orchestrator.watch import start_walk
 from orchestrator.watch.bulk_add import Listing, big_group, parse_answer
 from orchestrator.watch.folder_watch import MODIFIED, FolderWatch
 from orchestrator.watch.head_start import HeadStart
@@ -24,7 +24,7 @@ SESSIONS = [f"s{i}" for i in range(5)]
 @pytest.fixture
 def small_child_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups of 3 sessions or more go to the child (2000 in production)."""
-    monkeypatch.setattr(watch_table, "CHILD_FROM", 3)
+    monkeypatch.setattr(start_walk, "CHILD_FROM", 3)
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -88,7 +88,7 @@ def test_the_lstats_are_kept_only_for_who_takes_them(tmp_path: Path,
 def test_a_failed_child_leaves_the_adds_to_the_walk(tmp_path: Path, small_child_groups: None,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     root = _tree(tmp_path)
-    monkeypatch.setattr(watch_table, "add_in_child", lambda *args: None)
+    monkeypatch.setattr(start_walk, "add_in_child", lambda *args: None)
     with FolderWatch(root, keep_seen=True) as watch:
         assert len(watched_folders(watch)) == 2 + len(SESSIONS)
         assert watch.seen == {}

@@ -18,11 +18,11 @@ from orchestrator.contract.inotify import (
     IN_DELETE_SELF,
     IN_IGNORED,
     IN_MODIFY,
+    IN_MOVED_FROM,
     IN_MOVED_TO,
 )
 from orchestrator.watch.changes import Change
 from orchestrator.watch.folder_watch import IN_ISDIR, FolderWatch
-from orchestrator.watch.watch_table import IN_MOVED_FROM
 from tests.support.helpers import wait_for
 
 

@@ -138,17 +138,25 @@ def _run(args: argparse.Namespace) -> int:
     from orchestrator.cli.logs import setup_logging
     from orchestrator.config.groups import preflight
     from orchestrator.contract.layout import sessions_root
+    from orchestrator.host.data_lock import lock_data_dir
     from orchestrator.watch import watcher
     from orchestrator.watch.head_start import HeadStart
 
     cfg = _load(args)
     preflight(cfg)
     setup_logging(cfg.log, json=True if args.json_logs else None)
-    # the watches are added while the rest is imported and built (issue 28's restart)
-    head = HeadStart.begin(sessions_root(cfg.data_dir), cfg.watch, watcher.limits())
-    from orchestrator.cli.compose import run
-
-    return run(cfg, reread=lambda: _load(args), head_start=head)  # SIGHUP: [cluster] again
+    # before the walk: a second ``run`` on this data dir is refused at once, not after
+    # adding a watch per session (~1 s and 100 000 of the user's watches at 100 000)
+    lock = lock_data_dir(cfg.data_dir)
+    try:
+        # the watches are added while the rest is imported and built (issue 28's restart)
+        head = HeadStart.begin(sessions_root(cfg.data_dir), cfg.watch, watcher.limits())
+        from orchestrator.cli.compose import run
+    except BaseException:
+        lock.release()
+        raise
+    return run(cfg, reread=lambda: _load(args), head_start=head,  # SIGHUP: [cluster] again
+               data_lock=lock)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ from orchestrator.engine.supervisor import Supervisor
 from orchestrator.engine.tracked import Flag, TrackedMap
 from orchestrator.gateway.service import Gateway
 from orchestrator.host.agent_logs import AgentLogs
-from orchestrator.host.data_lock import lock_data_dir
+from orchestrator.host.data_lock import DataDirLock, lock_data_dir
 from orchestrator.host.private import make_dirs, tighten_data_dir
 from orchestrator.host.registry import Registry
 from orchestrator.host.retention import Retention
@@ -169,18 +169,24 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
                     channel: Channel | None = None, clock: Clock = utcnow,
                     stop_event: asyncio.Event | None = None,
                     reread: Callable[[], Config] | None = None,
-                    head_start: HeadStart | None = None) -> AsyncIterator[Service]:
+                    head_start: HeadStart | None = None,
+                    data_lock: DataDirLock | None = None) -> AsyncIterator[Service]:
     """Build and open everything; leaving the block closes it all, in reverse order.
     ``head_start``: the first inotify watch, being built since the configuration was
-    read (``watch.head_start``); the supervisor's watch takes it."""
+    read (``watch.head_start``); the supervisor's watch takes it. ``data_lock``: the
+    data dir's lock when the caller took it already (``cmd_run``, before that watch);
+    released with the rest."""
     cfg = without_paused_tier(cfg)
     data_dir = cfg.data_dir
     async with AsyncExitStack() as stack:
+        if data_lock is not None:
+            stack.callback(data_lock.release)
         if head_start is not None:  # (a no-op once the watch took it)
             stack.callback(head_start.close)
         listen, token = api_server.preflight(cfg)  # refused here: nothing opened yet
         peers = make_peers(cfg, token, reread)
-        stack.callback(lock_data_dir(data_dir).release)
+        if data_lock is None:
+            stack.callback(lock_data_dir(data_dir).release)
         make_dirs(sessions_root(data_dir))
         tighten_data_dir(data_dir, _channel_files(cfg))
         registry = stack.enter_context(Registry(registry_path(data_dir)))
@@ -248,25 +254,26 @@ async def assembled(cfg: Config, *, runtime_factory: RuntimeFactory = make_runti
 
 async def serve(cfg: Config, stop_event: asyncio.Event,
                 reread: Callable[[], Config] | None = None,
-                head_start: HeadStart | None = None) -> None:
+                head_start: HeadStart | None = None,
+                data_lock: DataDirLock | None = None) -> None:
     """Serve until ``stop_event`` is set."""
     async with assembled(cfg, stop_event=stop_event, reread=reread,
-                         head_start=head_start) as service:
+                         head_start=head_start, data_lock=data_lock) as service:
         await service.supervisor.serve()
 
 
 def run(cfg: Config, reread: Callable[[], Config] | None = None,
-        head_start: HeadStart | None = None) -> int:
+        head_start: HeadStart | None = None, data_lock: DataDirLock | None = None) -> int:
     """``orchestrator run``: serve until SIGINT/SIGTERM. AlreadyRunning, ApiConfigError
     and other ``UserError``s leave as themselves: one line and exit 2 (``commands.main``).
-    ``head_start``: see ``assembled``."""
+    ``head_start``, ``data_lock``: see ``assembled``."""
 
     raise_nofile_limit()  # connections, agent pipes and SQLite files are all fds
 
     async def main() -> int:
         stop = asyncio.Event()
         with capture_signals(stop):
-            await serve(cfg, stop, reread, head_start)
+            await serve(cfg, stop, reread, head_start, data_lock)
         return 0
 
     return asyncio.run(main())

@@ -19,8 +19,6 @@ agent's link pointing out of its folder) is skipped and counted, not fatal.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import io
 import json
 import os
@@ -66,54 +64,41 @@ def write_part(folder_fd: int, dest: Path, rows: dict[str, Any]) -> tuple[Path, 
 
 
 def commit(parts: list[tuple[Path, Path]]) -> None:
-    """Sync the ``(part, dest)`` files, then rename each to ``dest`` and sync the
-    folders: an archive under its final name is whole, even after a power cut.
+    """Sync each ``(part, dest)``'s file, then rename it to ``dest`` and sync the folders:
+    an archive under its final name is whole, even after a power cut.
 
-    The parts are synced by one ``syncfs`` of their file system where there is one
-    (Linux), not one ``fsync`` each: every ``fsync`` ends with a flush of the disk's
-    write cache, which the live sessions' own commits (each an ``fsync``, on the event
-    loop) queue behind. Measured (kernel trace of a 3000-session prune, ext4 on a
-    virtio disk): the worker made 3289 ``fsync`` calls (2.8 % of the prune's time), and
-    24 % of the loop's ``fsync`` calls slower than 10 ms overlapped one, against 3.7 %
-    of the others. ``syncfs`` writes what else is dirty on that file system too (mostly
-    the batch's own removals' metadata, written at once instead of by the flusher in
-    bursts later), then flushes once."""
-    if not parts:
-        return
-    if not _syncfs(parts[0][0].parent):  # not Linux: one fsync each
-        for part, _ in parts:
-            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    The writeback of every part is started first (``_write_back``), so that their
+    blocks are all allocated in the file system journal's running transaction and the
+    first ``fsync`` commits them all: the others then find their inode committed and
+    wait for nothing more. Synced one by one instead, each part's blocks were allocated
+    by its own ``fsync``, one journal commit per archive (10 per batch), and every live
+    session's commit that came during one of them waited for it."""
+    _write_back([part for part, _ in parts])
+    for part, _ in parts:
+        fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     for part, dest in parts:
         os.replace(part, dest)
     for folder in {dest.parent for _, dest in parts}:
         sync_dir(folder)
 
 
-def _syncfs(folder: Path) -> bool:
-    """``syncfs`` of the file system holding ``folder``; False where there is none."""
-    fn = getattr(_libc(), "syncfs", None)
-    if fn is None:
-        return False
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if fn(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(folder))
-    finally:
-        os.close(fd)
-    return True
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+def _write_back(paths: list[Path]) -> None:
+    """Start the writeback of ``paths`` without waiting for it (``POSIX_FADV_DONTNEED``
+    on Linux: the dirty pages are written out and, once clean, dropped from the page
+    cache, where an archive nobody reads would only push out live sessions' pages)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # not Linux: each fsync does it
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def write_archive(folder_fd: int, dest: Path, rows: dict[str, Any]) -> int:

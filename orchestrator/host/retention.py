@@ -51,7 +51,6 @@ from orchestrator.contract.layout import (
 )
 from orchestrator.contract.schema import parse_ts
 from orchestrator.host import removals, session_archive
-from orchestrator.host.private import sync_dir
 from orchestrator.host.registry import Registry
 from orchestrator.host.safefs import open_dir
 from orchestrator.host.sessions import STAGING_PREFIX
@@ -144,22 +143,7 @@ class FileSteps:
         session_archive.commit(parts)  # synced, then renamed: complete or absent
         for _, p, _ in started:
             self._remove_moved(p.session_id)
-        if started:
-            self._sync_removals()
         return out
-
-    def _sync_removals(self) -> None:
-        """Commit the batch's unlinks to the file system's journal now, in this process
-        (an ``fsync`` of ``.removing``: its entries went in the journal's running
-        transaction, so that transaction is committed). Left to the next ``fsync`` of
-        anyone, the commit of a batch's renames and unlinks (and, on a file system
-        mounted with ``discard``, the trimming of the freed blocks, done synchronously
-        in that commit) fell on the next live session's commit and its reply waited
-        for it. Not a durability step: ``recover`` finishes an uncommitted removal."""
-        try:
-            sync_dir(self.removing)
-        except FileNotFoundError:
-            pass
 
     @staticmethod
     def _refusal(item: Item, p: removals.Pending, moved: Path) -> rules.Refusal | None:

@@ -65,15 +65,8 @@ def write_part(folder_fd: int, dest: Path, rows: dict[str, Any]) -> tuple[Path, 
 
 def commit(parts: list[tuple[Path, Path]]) -> None:
     """Sync each ``(part, dest)``'s file, then rename it to ``dest`` and sync the folders:
-    an archive under its final name is whole, even after a power cut.
-
-    The writeback of every part is started first (``_write_back``), so that their
-    blocks are all allocated in the file system journal's running transaction and the
-    first ``fsync`` commits them all: the others then find their inode committed and
-    wait for nothing more. Synced one by one instead, each part's blocks were allocated
-    by its own ``fsync``, one journal commit per archive (10 per batch), and every live
-    session's commit that came during one of them waited for it."""
-    _write_back([part for part, _ in parts])
+    an archive under its final name is whole, even after a power cut. All files are
+    written before the first sync, so one journal commit carries most of them."""
     for part, _ in parts:
         fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -84,21 +77,6 @@ def commit(parts: list[tuple[Path, Path]]) -> None:
         os.replace(part, dest)
     for folder in {dest.parent for _, dest in parts}:
         sync_dir(folder)
-
-
-def _write_back(paths: list[Path]) -> None:
-    """Start the writeback of ``paths`` without waiting for it (``POSIX_FADV_DONTNEED``
-    on Linux: the dirty pages are written out and, once clean, dropped from the page
-    cache, where an archive nobody reads would only push out live sessions' pages)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:  # not Linux: each fsync does it
-        return
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def write_archive(folder_fd: int, dest: Path, rows: dict[str, Any]) -> int:

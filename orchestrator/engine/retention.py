@@ -43,9 +43,9 @@ a shared 2-core host whose ext4 has no journal): the loop thread's run-queue wai
 were the same during the prune and without it (p99 3.7 ms both); its ``fsync`` calls
 (the inbound.db commits, made on the loop: a slow one holds every session's reply)
 were 8.0 ms at p99 during against 6.9 ms without, with 13 over 30 ms against 3 (up
-to 259 ms, on a host busy with a build). The slow ones went with the worker's own ``fsync`` calls (one per
-archive, each ending in a flush of the disk's write cache): 24 % of the loop's
-``fsync`` calls over 10 ms overlapped one, against 3.7 % of the others, while the
+to 259 ms, on a host busy with a build). The slow ones went with the worker's own
+``fsync`` calls (one per archive, each ending in a flush of the disk's write cache):
+24 % of the loop's ``fsync`` calls over 10 ms overlapped one, against 3.7 % of the others, while the
 worker spent 2.8 % of the prune in them. Its discards (``-o discard``: five per
 session, in its unlinks) did not go with them. One ``syncfs`` per batch instead of
 an ``fsync`` per archive (one flush, not eleven) was worse (commit p99 41.5 ms

@@ -36,9 +36,32 @@ session prune against 8 in 192 s without; 13/66 s against 6/77 s for 3000 sessio
 why, not traced: likely the worker keeping a core busy, so that the watch and loop
 threads wake on the writer's core between its commit and its unlock), and it was the
 p99 once more than 1 % of the replies hit it; the first retry is now 2 ms
-(``session_worker.BUSY_RETRY_FIRST``). Not the disk: the loop's ``fdatasync`` calls
-(strace, a 2000-session prune) were 2.9 ms at p99 during the prune and 3.1 ms
-without it. Only the
+(``session_worker.BUSY_RETRY_FIRST``). The disk was the next suspect, not confirmed.
+Kernel trace (tracefs: ``sched_wakeup``/``sched_switch`` of the orchestrator's threads,
+``ext4_sync_file_enter``/``exit`` of every process involved; a 3000-session prune on
+a shared 2-core host whose ext4 has no journal): the loop thread's run-queue waits
+were the same during the prune and without it (p99 3.7 ms both); its ``fsync`` calls
+(the inbound.db commits, made on the loop: a slow one holds every session's reply)
+were 8.0 ms at p99 during against 6.9 ms without, with 13 over 30 ms against 3 (up
+to 259 ms, on a host busy with a build). The slow ones went with the worker's own
+``fsync`` calls (one per archive, each ending in a flush of the disk's write cache):
+24 % of the loop's ``fsync`` calls over 10 ms overlapped one, against 3.7 % of the others, while the
+worker spent 2.8 % of the prune in them. Its discards (``-o discard``: five per
+session, in its unlinks) did not go with them. One ``syncfs`` per batch instead of
+an ``fsync`` per archive (one flush, not eleven) was worse (commit p99 41.5 ms
+against 37.2, the step 112 ms against 84: it writes everyone's dirty data), so the
+archives keep their ``fsync`` each. Neither did an ``fsync`` of ``.removing`` after
+each batch (its unlinks written at once, not left to the next live commit): p99 of a
+live SQLite committer beside the real file steps, slots of 3-6 s alternating, three
+runs, with/without it: 28.7/37.2, 35.0/31.4, 23.3/24.8 ms (idle: 28.6, 31.3, 24.6),
+so it is not done. That same bench found the file steps hardly moving such a
+committer's p99 at all on this host. And a quieter traced run (3000 sessions, load
+1-2.6; replies' p99 5.2 ms without the prune, 8.8 during) had the loop thread's
+``fsync`` calls (p99 4.5 ms during, 4.9 without; over 5 ms: 0.6 a second in both)
+and its ``futex`` waits (the interpreter lock, the registry's lock: p99 2.4 against
+2.6 ms) no worse during the prune. What is left of the prune's effect is then not
+the loop waiting on the disk or on a lock; next to time: the watch thread's batches
+of removal events and the loop's own CPU time for the sweep's bookkeeping. Only the
 bookkeeping that must not interleave with the supervisor runs on the loop:
 
 - ``detach``: a session is taken out of ``tracked`` (no more passes, its timer

@@ -8,14 +8,19 @@ CPU when it finds one reply. In events mode a busy session's pass finds one repl
 in poll mode several, so events mode paid these opens per reply. Measured with the
 real pass over a real session folder (``python -m bench.passcost``, sizes alternated,
 two code versions alternated, load ~5 on 2 cores): a one-reply pass took 2.8–3.6 ms
-of CPU with fresh connections, 1.9–2.3 ms with kept ones.
+of CPU with fresh connections, 1.9–2.3 ms with kept ones (then with ``inbound.db``
+kept read-write; its write now opens afresh, see below).
 
 What is kept, per session folder: a duplicate of the folder's descriptor (SQLite
 names its files through ``/proc/self/fd/<it>``, so it must stay the very folder it
-was opened in), ``outbound.db`` read-only (the agent's file: the host never writes it
-through a kept connection) and ``inbound.db`` read-write (the host's file; its reads
-go through the same connection, so they wait on a lock as long as the host's writes
-do, ``safefs.HOST_WRITE_BUSY_MS``, where a fresh read-only open waited not at all).
+was opened in), and ``outbound.db`` and ``inbound.db`` connections, both read-only
+(the pass's reads; its writes to ``inbound.db``, the delivery records, open afresh).
+Never read-write: closing a descriptor opened for writing raises ``IN_CLOSE_WRITE``
+for the file, which the host's own watch reads as a change of an idle session. When
+``inbound.db`` was kept read-write, every eviction (more than ``sessions`` folders
+passed: a first start, a sweep at 1 000 sessions) and every idle close caused a pass,
+which kept the session again and evicted another: measured, a first start of 1 000
+sessions took 60 s at 100 % of a core and never went idle (the quick bench's idle row).
 Nothing else: not a session's start nor any reader, only the pass
 (``SessionDir(kept=...)`` and ``SessionDir.db``).
 
@@ -70,18 +75,15 @@ class DbLike(Protocol):  # what is used of ``safefs.SafeDb``
 
     def checked(self) -> os.stat_result | None: ...
 
-# name → whether its kept connection is read-only
-KEPT_MODES = {OUTBOUND_DB: True, INBOUND_DB: False}
+KEPT_NAMES = frozenset({OUTBOUND_DB, INBOUND_DB})  # kept read-only (see the module)
 KEPT_SESSIONS = 128  # folders with connections open at once: 3 descriptors each
 KEPT_IDLE = 10.0  # s without a pass before a folder's connections are closed
 
 
 def keeps(name: str, readonly: bool, busy_ms: int, create: bool) -> bool:
     """Whether a request for ``name`` may be served by a kept connection: the pass's
-    own plain opens only (no create, no wait of the caller's choice), and never a
-    write to the agent's ``outbound.db``."""
-    mode = KEPT_MODES.get(name)
-    return mode is not None and not create and busy_ms == 0 and (readonly or not mode)
+    own plain reads only (no write, no create, no wait of the caller's choice)."""
+    return name in KEPT_NAMES and readonly and not create and busy_ms == 0
 
 
 @dataclass(slots=True)

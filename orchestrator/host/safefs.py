@@ -252,7 +252,10 @@ class SafeDb:
     def connect(self, readonly: bool) -> sqlite3.Connection:
         kept = self.folder.kept
         if kept is not None and self.deadline is None \
-                and keeps(self.name, readonly, self.busy_ms, self.create):
+                and keeps(self.name, readonly, self.busy_ms, self.create) \
+                and not (self.name == INBOUND_DB and self._hot_journal()):
+            # (a hot journal: a fresh open below rolls it back, which a read-only
+            # connection cannot)
             conn = kept.connection(self, self._open_kept)
             self._kept.append(conn)
             return conn
@@ -290,12 +293,13 @@ class SafeDb:
         return st
 
     def _open_kept(self, dir_fd: int) -> tuple[sqlite3.Connection, os.stat_result]:
-        """A connection for ``kept_dbs`` (``checked`` just now), named through its own
-        duplicate of the folder's descriptor: read-only for outbound.db, read-write for
-        inbound.db (whose hot journal it rolls back itself). Its page cache is small
-        (``KEPT_CACHE_KIB``): a pass reads a few pages, and 256 kept connections with
-        SQLite's default 2 MiB each could hold 512 MiB after reads of big files."""
-        conn, st = self._open(dir_fd, self.name != INBOUND_DB, False)
+        """A read-only connection for ``kept_dbs`` (``checked`` just now), named through
+        its own duplicate of the folder's descriptor (read-only: a descriptor opened for
+        writing raises ``IN_CLOSE_WRITE`` at its close, a change for the host's watch;
+        see ``kept_dbs``). Its page cache is small (``KEPT_CACHE_KIB``): a pass reads a
+        few pages, and 256 kept connections with SQLite's default 2 MiB each could hold
+        512 MiB after reads of big files."""
+        conn, st = self._open(dir_fd, True, False)
         try:
             conn.execute(f"PRAGMA cache_size=-{KEPT_CACHE_KIB}")
         except BaseException:

@@ -52,8 +52,8 @@ def read_ids(data: Path, kept: KeptDbs, sid: str = "s1") -> list[str]:
 @pytest.mark.parametrize("name, readonly, busy_ms, create, kept", [
     ("outbound.db", True, 0, False, True),
     ("outbound.db", False, 0, False, False),  # a write to the agent's file: never kept
-    ("inbound.db", True, 0, False, True),  # served by the read-write one
-    ("inbound.db", False, 0, False, True),
+    ("inbound.db", True, 0, False, True),
+    ("inbound.db", False, 0, False, False),  # a write: opened afresh (see the test below)
     ("inbound.db", False, 0, True, False),  # a create
     ("inbound.db", False, 50, False, False),  # a wait of the caller's choice
     (".heartbeat", True, 0, False, False),
@@ -193,3 +193,40 @@ def test_idle_folders_are_closed_and_the_number_is_bounded(data: Path) -> None:
     read_ids(data, kept, "s1")
     kept.drop_session("s1")
     assert len(kept) == 0 and len(os.listdir("/proc/self/fd")) == before
+
+
+def test_kept_connections_closing_raise_no_event_in_the_folder(data: Path) -> None:
+    """Both files are kept read-only: closing them (an eviction, an idle close) raises
+    no ``IN_CLOSE_WRITE`` or ``IN_MODIFY``, which the host's watch would take for a
+    change of an idle session. With ``inbound.db`` kept read-write each close was one:
+    its pass kept the session again and evicted another, for ever (a first start of
+    1 000 sessions: 60 s at 100 % of a core, never idle)."""
+    import ctypes
+
+    from orchestrator.contract.inotify import (
+        IN_CLOSE_WRITE,
+        IN_MODIFY,
+        IN_NONBLOCK,
+        _libc,
+        parse_events,
+    )
+
+    libc = _libc()
+    assert libc is not None
+    fd = libc.inotify_init1(IN_NONBLOCK)
+    try:
+        assert libc.inotify_add_watch(fd, str(folder_of(data)).encode(),
+                                      IN_CLOSE_WRITE | IN_MODIFY) >= 0, ctypes.get_errno()
+        kept = KeptDbs()
+        with SessionDir(data, "grp", "s1", kept=kept) as folder:
+            outbound.read(folder.db("outbound.db"))
+            inbound.due_state(folder.db("inbound.db"), schema.utcnow())
+        assert kept.opened == 2
+        kept.close()  # what an eviction or an idle close does
+        try:
+            events = parse_events(os.read(fd, 65536))
+        except BlockingIOError:
+            events = []
+        assert events == []
+    finally:
+        os.close(fd)

@@ -76,6 +76,7 @@ from orchestrator.watch.muted import Muted
 # event follows; a 20 ms first retry was the replies' p99 during a prune, issue 26)
 BUSY_RETRY_FIRST = 0.002
 BUSY_RETRY_MAX = 1.0  # … at most this (its own commit's inotify event comes sooner)
+KEEPS = Flag.OUTBOUND | Flag.OUTBOX  # a pass for these keeps its connections (kept_dbs)
 BUSY_SAY_AFTER = 9  # retries: 2+4+…+256 ms ≈ 0.5 s locked before an info line says so
 
 
@@ -155,8 +156,11 @@ class SessionWorker(ReadsMixin, ExitMixin, OpsMixin):
             # the folder by descriptor, reached without following a link: every file of
             # this pass is opened relative to it (safefs); a linked folder is Refused.
             # (Opened once: the commit mark of a quiet pass is read through it too.)
+            # Connections are kept for a pass an agent's write caused, not for full or
+            # sweep passes: a first start's pass over each of 100 000 sessions kept
+            # every one's and evicted another's (242 CPU-s until all were passed).
             with SessionDir(self.cfg.data_dir, t.agent_group, t.session_id,
-                            kept=self.kept) as folder:
+                            kept=self.kept if flags & KEEPS else None) as folder:
                 if quiet is None and self._unchanged(t, folder):
                     return
                 if muted:  # unmute first, then read: no touch falls between

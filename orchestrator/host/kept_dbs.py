@@ -21,8 +21,10 @@ for the file, which the host's own watch reads as a change of an idle session. W
 passed: a first start, a sweep at 1 000 sessions) and every idle close caused a pass,
 which kept the session again and evicted another: measured, a first start of 1 000
 sessions took 60 s at 100 % of a core and never went idle (the quick bench's idle row).
-Nothing else: not a session's start nor any reader, only the pass
-(``SessionDir(kept=...)`` and ``SessionDir.db``).
+Nothing else: not a session's start nor any reader, only a pass an agent's write
+caused (``SessionWorker``'s ``KEEPS``: not a full or sweep pass, or a first start
+would keep each session's connections and evict another's; ``SessionDir(kept=...)``
+and ``SessionDir.db``).
 
 The folder is the agent's, so a kept connection is trusted again on each use only
 after the checks a fresh open makes (``SafeDb.connect``), done on the folder that pass
